@@ -1,0 +1,44 @@
+"""Small helpers the asset modules share: metadata rendering and reading back cutouts."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import dagster as dg
+import numpy as np
+
+OWNERS = ["team:lens-finding"]
+
+
+def png_markdown(path: Path, *, alt: str) -> dg.MetadataValue:
+    """A PNG inlined in markdown so the Dagster UI shows it in the materialization's metadata."""
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{data})\n\n`{path}`")
+
+
+def counts_markdown(counts: Mapping[str, int], *, key: str, value: str = "count") -> dg.MetadataValue:
+    rows = "\n".join(f"| {k} | {v} |" for k, v in counts.items())
+    return dg.MetadataValue.md(f"| {key} | {value} |\n|---|---|\n{rows}\n")
+
+
+def sha256_of_strings(items: Iterable[str]) -> str:
+    h = hashlib.sha256()
+    for s in items:
+        h.update(s.encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def gallery_from_files(paths: list[Path], names: list[str], titles: list[str], survey, out: Path) -> Path:
+    """Read cutouts through the FITS contract and draw them, in nanomaggies, as a colour gallery."""
+    from lens_assets.science.fits_contract import read_cutout
+    from lens_assets.science.plots import cutout_gallery
+
+    images = []
+    for p, name in zip(paths, names):
+        c = read_cutout(Path(p).read_bytes(), name=name, survey=survey)
+        images.append(c.image * c.nmgy_per_unit[:, None, None].astype(np.float32))
+    return cutout_gallery(images, survey.band_names, titles, out)

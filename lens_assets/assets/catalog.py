@@ -1,0 +1,133 @@
+"""Asset group `ingestion`: the validated cutout catalog and its quarantine table."""
+
+
+import dagster as dg
+from dagster_pandera import pandera_schema_to_dagster_type
+from pydantic import Field
+
+from lens_assets.assets._common import OWNERS, counts_markdown, sha256_of_strings
+from lens_assets.assets.simulation import simulated_cutouts
+from lens_assets.partitions import survey_partitions
+from lens_assets.resources.storage import LocalStorage
+from lens_assets.science.ingest import find_fits, ingest_files
+from lens_assets.science.schemas import catalog_schema, quarantine_schema
+from lens_assets.science.surveys import get_survey
+
+INGEST_CODE_VERSION = "ingest-1"
+LABEL_FRACTION_RANGE = (0.05, 0.95)
+
+CHECKS = [
+    dg.AssetCheckSpec("catalog_matches_schema", asset="cutout_catalog",
+                      description="catalog validates against the pandera schema v2 of its survey"),
+    dg.AssetCheckSpec("every_file_accounted_for", asset="cutout_catalog",
+                      description="n_files == n_ingested + n_quarantined, and no file appears twice"),
+    dg.AssetCheckSpec("label_balance_and_provenance", asset="cutout_catalog",
+                      description=f"lens fraction of labeled rows within {LABEL_FRACTION_RANGE}; "
+                                  "counts per label source (warns, does not block)"),
+]
+
+
+class CatalogConfig(dg.Config):
+    workers: int = Field(default=0, description="processes reading files; 0 = every core")
+
+
+def catalog_paths(storage: LocalStorage, survey: str) -> tuple:
+    return (storage.path("catalog", survey, "cutout_catalog.parquet"),
+            storage.path("catalog", survey, "quarantine.parquet"))
+
+
+@dg.asset(
+    partitions_def=survey_partitions,
+    group_name="ingestion",
+    kinds={"python", "pandas", "parquet"},
+    owners=OWNERS,
+    code_version=INGEST_CODE_VERSION,
+    deps=[simulated_cutouts],
+    check_specs=CHECKS,
+)
+def cutout_catalog(context: dg.AssetExecutionContext, config: CatalogConfig,
+                   storage: LocalStorage) -> dg.MaterializeResult:
+    """Validated catalog of every cutout under raw/<survey>/ (metadata schema v2), one row per object.
+
+    Fluxes in nanomaggies, magnitudes AB, sizes in arcsec. Files that break the
+    FITS contract go to the quarantine table with a reason code, never dropped.
+    """
+    survey = get_survey(context.partition_key)
+    raw = storage.path("raw", survey.name)
+    files = find_fits(raw)
+    if not files:
+        raise dg.Failure(f"no FITS files under {raw}: materialize simulated_cutouts for {survey.name} "
+                         f"or put inbox-contract files there")
+    result = ingest_files(files, survey, root=storage.root_path, workers=config.workers)
+    catalog, quarantine = result.catalog, result.quarantine
+    schema = catalog_schema(survey)
+    cat_path, q_path = catalog_paths(storage, survey.name)
+    storage.write_parquet(quarantine, *q_path.relative_to(storage.root_path).parts)
+    storage.write_parquet(catalog, *cat_path.relative_to(storage.root_path).parts)
+    context.log.info(f"ingested {len(catalog)} of {result.n_files} files ({len(quarantine)} quarantined) "
+                     f"at {result.files_per_s:.0f} files/s")
+
+    checks = [_schema_check(catalog, quarantine, schema),
+              _accounting_check(result.n_files, catalog, quarantine),
+              _balance_check(catalog)]
+    reasons = quarantine["reason"].value_counts().sort_index()
+    labeled = catalog[catalog["label"] >= 0]
+    metadata = {
+        "path": dg.MetadataValue.path(str(cat_path)),
+        "quarantine_path": dg.MetadataValue.path(str(q_path)),
+        "n_files": result.n_files,
+        "n_ingested": len(catalog),
+        "n_quarantined": len(quarantine),
+        "quarantine_reasons": counts_markdown({k: int(v) for k, v in reasons.items()}, key="reason"),
+        "quarantine_preview": dg.MetadataValue.md(quarantine.head(20)[["source_file", "reason", "message"]]
+                                                  .to_markdown(index=False) if len(quarantine) else "none"),
+        "n_lenses": int((catalog["label"] == 1).sum()),
+        "n_nonlenses": int((catalog["label"] == 0).sum()),
+        "n_unlabeled": int((catalog["label"] == -1).sum()),
+        "lens_fraction": float(labeled["label"].mean()) if len(labeled) else float("nan"),
+        "files_per_s": float(result.files_per_s),
+        "dagster/row_count": len(catalog),
+        "dagster/column_schema": pandera_schema_to_dagster_type(schema).metadata["schema"].value,
+    }
+    version = sha256_of_strings(sorted(catalog["source_sha256"]) + sorted(quarantine["source_sha256"])
+                                + [INGEST_CODE_VERSION])
+    return dg.MaterializeResult(metadata=metadata, check_results=checks,
+                                data_version=dg.DataVersion(version[:16]))
+
+
+def _schema_check(catalog, quarantine, schema) -> dg.AssetCheckResult:
+    import pandera.errors
+
+    try:
+        schema.validate(catalog, lazy=True)
+        quarantine_schema().validate(quarantine, lazy=True)
+        return dg.AssetCheckResult(check_name="catalog_matches_schema", passed=True,
+                                   metadata={"schema": schema.name, "n_columns": len(schema.columns)})
+    except pandera.errors.SchemaErrors as err:
+        cases = err.failure_cases.head(20)
+        return dg.AssetCheckResult(check_name="catalog_matches_schema", passed=False,
+                                   metadata={"n_failures": len(err.failure_cases),
+                                             "failures": dg.MetadataValue.md(cases.to_markdown(index=False))})
+
+
+def _accounting_check(n_files: int, catalog, quarantine) -> dg.AssetCheckResult:
+    files = list(catalog["source_file"]) + list(quarantine["source_file"])
+    passed = n_files == len(catalog) + len(quarantine) and len(set(files)) == len(files)
+    return dg.AssetCheckResult(check_name="every_file_accounted_for", passed=passed,
+                               metadata={"n_files": n_files, "n_ingested": len(catalog),
+                                         "n_quarantined": len(quarantine)})
+
+
+def _balance_check(catalog) -> dg.AssetCheckResult:
+    labeled = catalog[catalog["label"] >= 0]
+    fraction = float(labeled["label"].mean()) if len(labeled) else float("nan")
+    lo, hi = LABEL_FRACTION_RANGE
+    provenance = catalog.groupby("label_source").agg(
+        n=("objid", "size"), lenses=("label", lambda s: int((s == 1).sum())),
+        usable=("usable_for_training", "sum"), mean_confidence=("label_confidence", "mean")).reset_index()
+    return dg.AssetCheckResult(
+        check_name="label_balance_and_provenance", passed=bool(lo <= fraction <= hi),
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={"lens_fraction": fraction, "n_labeled": len(labeled),
+                  "n_usable_for_training": int(catalog["usable_for_training"].sum()),
+                  "provenance": dg.MetadataValue.md(provenance.to_markdown(index=False))})

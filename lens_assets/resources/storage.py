@@ -1,0 +1,65 @@
+"""Storage resource: where every asset's files live (``LENS_DATA_ROOT``, default ``data/``)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import dagster as dg
+
+DEFAULT_DATA_ROOT = "data"
+
+
+def default_data_root() -> str:
+    return os.environ.get("LENS_DATA_ROOT") or DEFAULT_DATA_ROOT
+
+
+class LocalStorage(dg.ConfigurableResource):
+    """Files under a local directory ``root`` (relative paths resolve against the working directory).
+
+    Layout: ``raw/<survey>/<drop>/`` inbox-contract FITS (simulated drops are
+    ``sim-<seed>``), ``catalog/<survey>/`` catalog and quarantine tables,
+    ``tmp/`` staging for atomic replacement.
+    """
+
+    root: str = DEFAULT_DATA_ROOT
+
+    @property
+    def root_path(self) -> Path:
+        return Path(self.root).expanduser().resolve()
+
+    def path(self, *parts: str) -> Path:
+        return self.root_path.joinpath(*parts)
+
+    def relative(self, path: Path) -> str:
+        return str(Path(path).resolve().relative_to(self.root_path))
+
+    def staging_dir(self, name: str) -> Path:
+        """A fresh empty directory on the same filesystem, for building a directory before publishing it."""
+        d = self.path("tmp", f"{name}-{uuid.uuid4().hex[:12]}")
+        d.mkdir(parents=True)
+        return d
+
+    def publish_dir(self, staged: Path, *parts: str) -> Path:
+        """Replace the directory ``parts`` with ``staged`` so readers never see a half-written one."""
+        dest = self.path(*parts)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        old = None
+        if dest.exists():
+            old = self.path("tmp", f"old-{uuid.uuid4().hex[:12]}")
+            os.replace(dest, old)
+        os.replace(staged, dest)
+        if old is not None:
+            shutil.rmtree(old)
+        return dest
+
+    def write_parquet(self, df, *parts: str) -> Path:
+        """Write ``df`` to ``parts`` via a temporary name and an atomic rename."""
+        dest = self.path(*parts)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
+        df.to_parquet(tmp, index=False)
+        os.replace(tmp, dest)
+        return dest

@@ -1,0 +1,368 @@
+"""The survey cutout FITS contract (DESIGN.md, "inbox contract"): writing and validated reading.
+
+One file per object. Primary header: ``OBJID``, ``RA``, ``DEC`` (deg, ICRS),
+``SURVEY``; optional ``Z_PHOT``, ``Z_SPEC``, ``Z_ERR``; labeled data adds ``LENS``,
+``LABELSRC``, ``LABELCNF``, ``FLUXRAT``, ``THETA_E``. Per band ``b``: ``IMAGE_<b>``
+(2-D float, header ``BAND``, ``BUNIT``, ``MAGZP`` when ``BUNIT`` is ``count/s`` or
+``adu``, ``PIXSCALE`` or a celestial WCS, optional ``PSFFWHM``), optional ``VAR_<b>``
+and ``PSF_<b>``.
+
+:func:`read_cutout` turns bytes into a :class:`Cutout` or raises
+:class:`QuarantineError` with a reason code from :data:`QUARANTINE_REASONS` and a
+message naming the file, the field and the value.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from .psf import measure_fwhm_px
+from .surveys import SurveySpec
+
+__all__ = [
+    "BandHDUs",
+    "Cutout",
+    "QuarantineError",
+    "QUARANTINE_REASONS",
+    "LABEL_SOURCE_PREFIXES",
+    "BAND_FLAGS",
+    "write_cutout",
+    "write_simulated_cutout",
+    "read_cutout",
+    "nanomaggies_per_unit",
+]
+
+FITS_BLOCK = 2880
+MAX_NAN_FRACTION = 0.5
+
+QUARANTINE_REASONS: Mapping[str, str] = {
+    "unreadable": "not a FITS file, or astropy cannot parse it",
+    "truncated": "the file ends before its headers say it should",
+    "missing_header": "a required primary-header keyword is absent",
+    "bad_header_value": "a header keyword has a value outside its allowed set or range",
+    "survey_mismatch": "SURVEY differs from the survey the file was ingested for",
+    "no_image_hdu": "no IMAGE_<band> extension",
+    "no_known_band": "IMAGE_<band> extensions exist but none is a band of the survey",
+    "not_2d": "an image is not 2-D",
+    "not_square": "an image is not square",
+    "shape_mismatch": "bands, variance or PSF images disagree in shape",
+    "too_small": "smaller than the survey's cutout size",
+    "mostly_nan": "more than half of a band's pixels are NaN",
+    "negative_variance": "a VAR_<band> pixel is negative",
+    "missing_magzp": "BUNIT count/s or adu without MAGZP",
+    "bad_bunit": "BUNIT is not one of nanomaggy, count/s, adu",
+    "missing_pixscale": "neither PIXSCALE nor a celestial WCS",
+    "pixscale_mismatch": "bands differ in pixel scale by more than 1%",
+    "bad_psf": "PSF_<band> is not an odd, square, finite image with positive sum",
+    "duplicate_objid": "OBJID already ingested from another file",
+}
+
+LABEL_SOURCE_PREFIXES = ("sim:", "obs:", "weak:", "pretrain:")
+BAND_FLAGS = ("missing", "nan_masked", "var_derived", "fwhm_from_psf", "fwhm_nominal")
+FLUX_UNITS = ("nanomaggy", "count/s", "adu")
+
+
+class QuarantineError(Exception):
+    """A file that cannot enter the catalog: ``reason`` is a key of QUARANTINE_REASONS."""
+
+    def __init__(self, reason: str, message: str, *, objid: str = ""):
+        if reason not in QUARANTINE_REASONS:  # pragma: no cover - programming error
+            raise ValueError(f"unknown quarantine reason {reason!r}")
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.objid = objid
+
+
+# --------------------------------------------------------------------------- writing
+
+
+@dataclass
+class BandHDUs:
+    """What a band contributes to a file: image, optional variance and PSF, extra header cards."""
+
+    image: np.ndarray
+    header: dict
+    variance: np.ndarray | None = None
+    psf: np.ndarray | None = None
+
+
+def write_cutout(path: Path, primary: dict, bands: Mapping[str, BandHDUs], *, overwrite: bool = True) -> None:
+    """Write one inbox-contract file (float32 images) to ``path``."""
+    from astropy.io import fits
+
+    hdus = [fits.PrimaryHDU(header=fits.Header(list(primary.items())))]
+    for band, b in bands.items():
+        hdr = fits.Header([("BAND", band), *b.header.items()])
+        hdus.append(fits.ImageHDU(np.asarray(b.image, dtype=np.float32), header=hdr, name=f"IMAGE_{band}"))
+        if b.variance is not None:
+            hdus.append(fits.ImageHDU(np.asarray(b.variance, dtype=np.float32), name=f"VAR_{band}",
+                                      header=fits.Header([("BAND", band), ("BUNIT", _var_unit(b.header))])))
+        if b.psf is not None:
+            hdus.append(fits.ImageHDU(np.asarray(b.psf, dtype=np.float32), name=f"PSF_{band}",
+                                      header=fits.Header([("BAND", band)])))
+    fits.HDUList(hdus).writeto(path, overwrite=overwrite)
+
+
+def _var_unit(header: dict) -> str:
+    unit = header.get("BUNIT", "")
+    return f"({unit})**2" if unit else ""
+
+
+def write_simulated_cutout(path: Path, cutout, *, survey: SurveySpec, family, seed: int) -> None:
+    """Write a :class:`~.simulation.RenderedCutout` with its truth in the headers."""
+    s = cutout.system
+    primary = {
+        "OBJID": s.objid, "RA": round(s.ra_deg, 7), "DEC": round(s.dec_deg, 7), "SURVEY": survey.name,
+        "INSTRUME": survey.instrument,
+        "Z_SPEC": round(s.z_lens, 5), "Z_SRC": round(s.z_source, 5),
+        "LENS": bool(s.is_lens), "LABELSRC": "sim:lenstronomy", "LABELCNF": 1.0,
+        "FLUXRAT": round(cutout.flux_ratio, 6), "THETA_E": round(s.theta_e_arcsec, 5),
+        "REFBAND": survey.band(survey.reference_band).name,
+        "SIMFAM": family.name, "SIMFAMH": family.sha256[:16], "SIMSEED": int(seed), "SIMKIND": s.kind,
+        "SERSICN": round(s.galaxy["n"], 4), "RHALF": round(s.galaxy["r_eff"], 5),
+        "AXRATIO": round(s.galaxy["q"], 4), "PA_DEG": round(s.galaxy["pa"], 3),
+        "PSFPROF": s.psf_profile, "EXPSCALE": round(s.exposure_scale, 4),
+    }
+    if s.psf_profile == "moffat":
+        primary["MOFFATB"] = round(s.moffat_beta, 4)
+    bands = {}
+    for i, band in enumerate(cutout.bands):
+        bands[band] = BandHDUs(
+            image=cutout.image[i], variance=cutout.variance[i], psf=cutout.psf[i],
+            header={"BUNIT": "count/s", "MAGZP": cutout.zero_points[i], "PIXSCALE": survey.pixel_scale_arcsec,
+                    "PSFFWHM": round(s.psf_fwhm_arcsec[band], 5)})
+    write_cutout(path, primary, bands)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass
+class Cutout:
+    """A validated cutout: arrays in the survey's band order, in the file's units."""
+
+    name: str
+    objid: str
+    ra: float
+    dec: float
+    survey: str
+    primary: dict
+    bands: tuple[str, ...]
+    image: np.ndarray  # (bands, H, W) float32; NaN pixels set to 0 and masked
+    variance: np.ndarray  # (bands, H, W) float32
+    nan_mask: np.ndarray  # (bands, H, W) bool
+    psf: list  # per band: 2-D array or None
+    psf_fwhm_arcsec: np.ndarray  # (bands,)
+    nmgy_per_unit: np.ndarray  # (bands,) multiply the image by this for nanomaggies
+    pixel_scale_arcsec: float
+    band_flags: dict = field(default_factory=dict)  # band -> list of BAND_FLAGS
+    ignored_bands: tuple[str, ...] = ()
+    notes: list = field(default_factory=list)
+
+    @property
+    def present(self) -> np.ndarray:
+        return np.array(["missing" not in self.band_flags.get(b, ()) for b in self.bands])
+
+
+def nanomaggies_per_unit(bunit: str, magzp: float | None, *, where: str) -> float:
+    """Factor that converts an image in ``bunit`` to nanomaggies (AB zero point 22.5)."""
+    unit = bunit.strip().lower()
+    if unit in ("nanomaggy", "nanomaggies", "nmgy"):
+        return 1.0
+    if unit in ("count/s", "counts/s", "adu"):
+        if magzp is None:
+            raise QuarantineError("missing_magzp", f"{where}: BUNIT {bunit!r} needs MAGZP, which is absent")
+        return 10.0 ** (-0.4 * (float(magzp) - 22.5))
+    raise QuarantineError("bad_bunit", f"{where}: BUNIT {bunit!r} is not one of {list(FLUX_UNITS)}")
+
+
+def _open(data: bytes, name: str):
+    from astropy.io import fits
+
+    if not data.startswith(b"SIMPLE  ="):
+        raise QuarantineError("unreadable", f"{name}: not a FITS file (first bytes {data[:16]!r})")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            hdul = fits.open(io.BytesIO(data), memmap=False, lazy_load_hdus=False)
+            arrays = {h.name: (h.header, None if h.data is None else np.array(h.data)) for h in hdul}
+            primary = dict(hdul[0].header)
+        except Exception as err:  # astropy raises many types for corrupt input; report the message
+            reason = "truncated" if len(data) % FITS_BLOCK else "unreadable"
+            raise QuarantineError(reason, f"{name}: astropy cannot read it ({type(err).__name__}: {err})") from None
+    msgs = [str(w.message) for w in caught]
+    if len(data) % FITS_BLOCK or any("truncated" in m for m in msgs):
+        raise QuarantineError("truncated", f"{name}: file length {len(data)} bytes is not a whole number of "
+                                           f"{FITS_BLOCK}-byte FITS blocks; it was cut short")
+    return primary, arrays
+
+
+def _number(primary: dict, key: str, name: str, *, default=None, low=-math.inf, high=math.inf) -> float:
+    value = primary.get(key, default)
+    if value is None:
+        raise QuarantineError("missing_header", f"{name}: primary header lacks {key}")
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise QuarantineError("bad_header_value", f"{name}: {key} = {value!r} is not a number") from None
+    if not (low <= v <= high) or math.isnan(v):
+        raise QuarantineError("bad_header_value", f"{name}: {key} = {value!r} is outside [{low}, {high}]")
+    return v
+
+
+def _pixel_scale(header, name: str, band: str) -> float:
+    if "PIXSCALE" in header:
+        return _number(dict(header), "PIXSCALE", f"{name}: IMAGE_{band}", low=1e-6, high=3600.0)
+    from astropy.wcs import WCS
+    from astropy.wcs.utils import proj_plane_pixel_scales
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            wcs = WCS(header)
+        except Exception:
+            wcs = None
+    if wcs is None or not wcs.has_celestial:
+        raise QuarantineError("missing_pixscale", f"{name}: IMAGE_{band} has neither PIXSCALE nor a celestial WCS")
+    scales = proj_plane_pixel_scales(wcs.celestial) * 3600.0
+    return float(np.sqrt(scales[0] * scales[1]))
+
+
+def read_cutout(data: bytes, *, name: str, survey: SurveySpec) -> Cutout:
+    """Validate one file's bytes against the contract for ``survey``.
+
+    ``name`` is how errors name the file (e.g. ``raw/des/sim-0/x.fits``).
+    Raises :class:`QuarantineError`; returns a :class:`Cutout` otherwise.
+    """
+    primary, arrays = _open(data, name)
+    objid = primary.get("OBJID")
+    if objid is None or str(objid).strip() == "":
+        raise QuarantineError("missing_header", f"{name}: primary header lacks OBJID")
+    objid = str(objid).strip()
+    try:
+        for key in ("RA", "DEC", "SURVEY"):
+            if key not in primary:
+                raise QuarantineError("missing_header", f"{name}: primary header lacks {key}")
+        ra = _number(primary, "RA", name, low=0.0, high=360.0) % 360.0
+        dec = _number(primary, "DEC", name, low=-90.0, high=90.0)
+        if str(primary["SURVEY"]).strip().lower() != survey.name:
+            raise QuarantineError("survey_mismatch",
+                                  f"{name}: SURVEY = {primary['SURVEY']!r} but this is the {survey.name} survey")
+        return _read_bands(primary, arrays, name=name, survey=survey, objid=objid, ra=ra, dec=dec)
+    except QuarantineError as err:
+        err.objid = objid
+        raise
+
+
+def _read_bands(primary, arrays, *, name, survey: SurveySpec, objid, ra, dec) -> Cutout:
+    image_ext = {k[len("IMAGE_"):]: v for k, v in arrays.items() if k.startswith("IMAGE_")}
+    if not image_ext:
+        raise QuarantineError("no_image_hdu", f"{name}: no IMAGE_<band> extension (extensions: {list(arrays)})")
+    found: dict[str, tuple] = {}
+    ignored = []
+    for ext, (hdr, arr) in image_ext.items():
+        band_name = str(hdr.get("BAND", ext))
+        if survey.has_band(band_name):
+            found[survey.canonical_band(band_name)] = (ext, hdr, arr)
+        else:
+            ignored.append(band_name)
+    if not found:
+        raise QuarantineError("no_known_band", f"{name}: bands {sorted(ignored)} are not {survey.name} bands "
+                                               f"{list(survey.band_names)}")
+    shape = None
+    for band, (ext, hdr, arr) in found.items():
+        if arr is None or arr.ndim != 2:
+            raise QuarantineError("not_2d", f"{name}: IMAGE_{band} has shape "
+                                            f"{None if arr is None else arr.shape}; cutouts must be 2-D")
+        if arr.shape[0] != arr.shape[1]:
+            raise QuarantineError("not_square", f"{name}: IMAGE_{band} has shape {arr.shape}; cutouts must be square")
+        if shape is not None and arr.shape != shape:
+            raise QuarantineError("shape_mismatch", f"{name}: IMAGE_{band} has shape {arr.shape}, "
+                                                    f"other bands {shape}")
+        shape = arr.shape
+    if shape[0] < survey.cutout_size_px:
+        raise QuarantineError("too_small", f"{name}: images are {shape[0]}x{shape[1]} px, smaller than the "
+                                           f"{survey.name} cutout size {survey.cutout_size_px} px")
+    nb = survey.n_bands
+    image = np.zeros((nb, *shape), dtype=np.float32)
+    variance = np.zeros((nb, *shape), dtype=np.float32)
+    nan_mask = np.zeros((nb, *shape), dtype=bool)
+    psfs: list = [None] * nb
+    fwhm = np.zeros(nb)
+    scale = np.ones(nb)
+    flags: dict[str, list] = {}
+    pixel_scales = []
+    for i, band in enumerate(survey.band_names):
+        spec = survey.band(band)
+        if band not in found:
+            flags[band] = ["missing"]
+            fwhm[i] = spec.seeing_fwhm_arcsec
+            continue
+        ext, hdr, arr = found[band]
+        bflags: list[str] = []
+        where = f"{name}: IMAGE_{ext}"
+        arr = arr.astype(np.float32, copy=True)
+        bad = ~np.isfinite(arr)
+        if bad.mean() > MAX_NAN_FRACTION:
+            raise QuarantineError("mostly_nan", f"{where} is {bad.mean():.0%} NaN (more than "
+                                                f"{MAX_NAN_FRACTION:.0%})")
+        if bad.any():
+            arr[bad] = 0.0
+            bflags.append("nan_masked")
+        magzp = hdr.get("MAGZP")
+        scale[i] = nanomaggies_per_unit(str(hdr.get("BUNIT", "")), magzp, where=where)
+        pixel_scales.append(_pixel_scale(hdr, name, ext))
+        var_entry = arrays.get(f"VAR_{ext}")
+        if var_entry is not None and var_entry[1] is not None:
+            var = var_entry[1].astype(np.float32, copy=True)
+            if var.shape != shape:
+                raise QuarantineError("shape_mismatch", f"{name}: VAR_{ext} has shape {var.shape}, "
+                                                        f"IMAGE_{ext} {shape}")
+            vbad = ~np.isfinite(var)
+            if (var[~vbad] < 0).any():
+                raise QuarantineError("negative_variance", f"{name}: VAR_{ext} has {(var[~vbad] < 0).sum()} "
+                                                           f"negative pixels (min {var[~vbad].min():.3g})")
+            bad |= vbad
+            var[bad] = 0.0
+            if vbad.any() and "nan_masked" not in bflags:
+                bflags.append("nan_masked")
+        else:
+            good = arr[~bad]
+            sigma = 1.4826 * np.median(np.abs(good - np.median(good)))
+            var = np.full(shape, sigma**2, dtype=np.float32)
+            bflags.append("var_derived")
+        psf_entry = arrays.get(f"PSF_{ext}")
+        psf = None
+        if psf_entry is not None and psf_entry[1] is not None:
+            psf = psf_entry[1].astype(np.float64)
+            if (psf.ndim != 2 or psf.shape[0] != psf.shape[1] or psf.shape[0] % 2 == 0
+                    or not np.isfinite(psf).all() or psf.sum() <= 0):
+                raise QuarantineError("bad_psf", f"{name}: PSF_{ext} has shape {psf.shape}; it must be an odd "
+                                                 f"square finite image with positive sum")
+            psf = psf / psf.sum()
+        if "PSFFWHM" in hdr:
+            fwhm[i] = _number(dict(hdr), "PSFFWHM", where, low=1e-4, high=60.0)
+        elif psf is not None:
+            fwhm[i] = measure_fwhm_px(psf) * pixel_scales[-1]
+            bflags.append("fwhm_from_psf")
+        else:
+            fwhm[i] = spec.seeing_fwhm_arcsec
+            bflags.append("fwhm_nominal")
+        image[i], variance[i], nan_mask[i], psfs[i] = arr, var, bad, psf
+        if bflags:
+            flags[band] = bflags
+    if max(pixel_scales) > 1.01 * min(pixel_scales):
+        raise QuarantineError("pixscale_mismatch", f"{name}: band pixel scales {pixel_scales} arcsec differ by "
+                                                   f"more than 1%")
+    return Cutout(name=name, objid=objid, ra=ra, dec=dec, survey=survey.name, primary=primary,
+                  bands=survey.band_names, image=image, variance=variance, nan_mask=nan_mask, psf=psfs,
+                  psf_fwhm_arcsec=fwhm, nmgy_per_unit=scale, pixel_scale_arcsec=float(np.median(pixel_scales)),
+                  band_flags=flags, ignored_bands=tuple(sorted(ignored)))

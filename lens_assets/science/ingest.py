@@ -1,0 +1,193 @@
+"""Ingest inbox-contract FITS files into the cutout catalog (metadata schema v2) and a quarantine table.
+
+Every file is either a catalog row or a quarantine row with a reason code and a
+message: ``n_files == n_ingested + n_quarantined`` always.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from .fits_contract import LABEL_SOURCE_PREFIXES, Cutout, QuarantineError, read_cutout
+from .parallel import parallel_map
+from .surveys import SurveySpec, get_survey
+
+__all__ = ["IngestResult", "ingest_files", "find_fits", "catalog_row", "QUARANTINE_COLUMNS", "SCHEMA_VERSION",
+           "WEAK_CONFIDENCE_MAX"]
+
+SCHEMA_VERSION = "2.0"
+WEAK_CONFIDENCE_MAX = 0.49
+MISSING = -1.0
+QUARANTINE_COLUMNS = ["objid", "source_file", "source_sha256", "reason", "message", "survey"]
+
+
+@dataclass
+class IngestResult:
+    catalog: pd.DataFrame
+    quarantine: pd.DataFrame
+    n_files: int
+    seconds: float
+
+    @property
+    def files_per_s(self) -> float:
+        return self.n_files / self.seconds if self.seconds > 0 else float("nan")
+
+
+def find_fits(root: Path) -> list[Path]:
+    """Every ``*.fits`` (any case) below ``root``, sorted: the order ingest sees them in."""
+    root = Path(root)
+    if not root.exists():
+        return []
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in (".fits", ".fit"))
+
+
+def _header_float(primary: dict, key: str, name: str, *, low=-math.inf, high=math.inf) -> float:
+    if key not in primary or primary[key] is None:
+        return MISSING
+    try:
+        v = float(primary[key])
+    except (TypeError, ValueError):
+        raise QuarantineError("bad_header_value", f"{name}: {key} = {primary[key]!r} is not a number") from None
+    if not (low <= v <= high):
+        raise QuarantineError("bad_header_value", f"{name}: {key} = {v} is outside [{low}, {high}]")
+    return v
+
+
+def _labels(c: Cutout) -> dict:
+    p, name = c.primary, c.name
+    notes = []
+    if "LENS" not in p:
+        return {"label": -1, "label_source": "none", "label_confidence": 0.0, "usable_for_training": False,
+                "notes": notes}
+    lens = p["LENS"]
+    if isinstance(lens, (bool, np.bool_)) or lens in (0, 1):
+        label = int(bool(lens))
+    else:
+        raise QuarantineError("bad_header_value", f"{name}: LENS = {lens!r} is not a boolean")
+    src = str(p.get("LABELSRC", "")).strip()
+    if not src.startswith(LABEL_SOURCE_PREFIXES):
+        raise QuarantineError("bad_header_value", f"{name}: LABELSRC = {src!r} does not start with one of "
+                                                  f"{list(LABEL_SOURCE_PREFIXES)}")
+    conf = _header_float(p, "LABELCNF", name, low=0.0, high=1.0)
+    if conf == MISSING:
+        conf = 1.0 if src.startswith(("sim:", "obs:")) else 0.25
+        notes.append(f"LABELCNF absent: {conf} assumed for {src.split(':')[0]} labels")
+    if src.startswith("weak:") and conf > WEAK_CONFIDENCE_MAX:
+        notes.append(f"weak label confidence {conf} capped at {WEAK_CONFIDENCE_MAX}")
+        conf = WEAK_CONFIDENCE_MAX
+    return {"label": label, "label_source": src, "label_confidence": conf,
+            "usable_for_training": not src.startswith("pretrain:"), "notes": notes}
+
+
+def catalog_row(c: Cutout, *, sha256: str, survey: SurveySpec) -> dict:
+    """One catalog row (schema v2) from a validated cutout."""
+    p, name = c.primary, c.name
+    labels = _labels(c)
+    ref = c.bands.index(survey.band(survey.reference_band).name)
+    present = c.present
+    row = {
+        "objid": c.objid,
+        "survey": survey.name,
+        "instrument": str(p.get("INSTRUME", survey.instrument)),
+        "ra": c.ra,
+        "dec": c.dec,
+        "label": labels["label"],
+        "label_source": labels["label_source"],
+        "label_confidence": labels["label_confidence"],
+        "usable_for_training": labels["usable_for_training"],
+        "flux_ratio": _header_float(p, "FLUXRAT", name, low=0.0, high=1.0),
+        "theta_e": _header_float(p, "THETA_E", name, low=0.0, high=100.0),
+        "z_phot": _header_float(p, "Z_PHOT", name, low=0.0, high=20.0),
+        "z_spec": _header_float(p, "Z_SPEC", name, low=0.0, high=20.0),
+        "z_err": _header_float(p, "Z_ERR", name, low=0.0, high=20.0),
+        "sim_family": str(p.get("SIMFAM", "")),
+        "sim_kind": str(p.get("SIMKIND", "")),
+        "bands": ",".join(c.bands),
+        "n_bands_present": int(present.sum()),
+        "band_flags": ";".join(f"{b}:{'|'.join(f)}" for b, f in c.band_flags.items()),
+        "ignored_bands": ",".join(c.ignored_bands),
+        "pixel_scale": c.pixel_scale_arcsec,
+        "cutout_px": int(c.image.shape[-1]),
+        "seeing": float(c.psf_fwhm_arcsec[ref]),
+        "psf_fwhm": float(np.median(c.psf_fwhm_arcsec[present])) if present.any() else float("nan"),
+        "n_nan_pixels": int(c.nan_mask.sum()),
+        "variance_map_available": not any("var_derived" in f or "missing" in f for f in c.band_flags.values()),
+        "psf_image_available": all(c.psf[i] is not None for i in range(len(c.bands)) if present[i]),
+        "psf_matched": False,
+        "sersic_n": _header_float(p, "SERSICN", name, low=0.1, high=20.0),
+        "r_half_arcsec": _header_float(p, "RHALF", name, low=0.0, high=1000.0),
+        "axis_ratio": _header_float(p, "AXRATIO", name, low=0.0, high=1.0),
+        "position_angle_deg": _header_float(p, "PA_DEG", name, low=-360.0, high=360.0),
+        "schema_version": SCHEMA_VERSION,
+        "source_file": name,
+        "source_sha256": sha256,
+    }
+    flux = c.image.sum(axis=(1, 2), dtype=np.float64) * c.nmgy_per_unit
+    var = c.variance.sum(axis=(1, 2), dtype=np.float64) * c.nmgy_per_unit**2
+    for i, b in enumerate(c.bands):
+        row[f"flux_{b}"] = float(flux[i]) if present[i] else float("nan")
+        row[f"mag_{b}"] = 22.5 - 2.5 * math.log10(flux[i]) if present[i] and flux[i] > 0 else float("nan")
+        row[f"psf_fwhm_{b}"] = float(c.psf_fwhm_arcsec[i])
+    row["snr"] = float(flux[ref] / math.sqrt(var[ref])) if present[ref] and var[ref] > 0 else float("nan")
+    row["notes"] = "; ".join(labels["notes"] + ([f"ignored bands {list(c.ignored_bands)}"] if c.ignored_bands
+                                                else []))
+    return row
+
+
+def _ingest_one(args) -> tuple[dict | None, dict | None]:
+    path, name, survey_name = args
+    survey = get_survey(survey_name)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        return None, {"objid": "", "source_file": name, "source_sha256": "", "reason": "unreadable",
+                      "message": f"{name}: cannot be read ({err.strerror or err})", "survey": survey_name}
+    sha = hashlib.sha256(data).hexdigest()
+    try:
+        cutout = read_cutout(data, name=name, survey=survey)
+        return catalog_row(cutout, sha256=sha, survey=survey), None
+    except QuarantineError as err:
+        return None, {"objid": err.objid, "source_file": name, "source_sha256": sha, "reason": err.reason,
+                      "message": err.message, "survey": survey_name}
+
+
+def ingest_files(paths: Sequence[Path], survey: SurveySpec, *, root: Path, workers: int = 1,
+                 progress: bool = True) -> IngestResult:
+    """Ingest ``paths`` (named relative to ``root`` in the tables) for ``survey``.
+
+    Files are read in parallel; a later file repeating an OBJID is quarantined as
+    ``duplicate_objid`` naming the first (files are taken in sorted order).
+    """
+    root = Path(root)
+    paths = sorted(Path(p) for p in paths)
+    names = [str(p.relative_to(root)) if p.is_relative_to(root) else str(p) for p in paths]
+    t0 = time.perf_counter()
+    results = parallel_map(_ingest_one, [(str(p), n, survey.name) for p, n in zip(paths, names)],
+                           workers=workers, progress=progress, desc=f"ingest {survey.name}", unit="file")
+    rows, quarantined = [], []
+    first_file: dict[str, str] = {}
+    for row, q in results:
+        if q is not None:
+            quarantined.append(q)
+        elif row["objid"] in first_file:
+            quarantined.append({"objid": row["objid"], "source_file": row["source_file"],
+                                "source_sha256": row["source_sha256"], "reason": "duplicate_objid",
+                                "message": f"{row['source_file']}: OBJID {row['objid']!r} was already ingested "
+                                           f"from {first_file[row['objid']]}", "survey": survey.name})
+        else:
+            first_file[row["objid"]] = row["source_file"]
+            rows.append(row)
+    seconds = time.perf_counter() - t0
+    from .schemas import catalog_columns
+
+    catalog = pd.DataFrame(rows, columns=catalog_columns(survey))
+    quarantine = pd.DataFrame(quarantined, columns=QUARANTINE_COLUMNS)
+    return IngestResult(catalog=catalog, quarantine=quarantine, n_files=len(paths), seconds=seconds)

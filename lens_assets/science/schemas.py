@@ -1,0 +1,98 @@
+"""pandera schemas of the cutout catalog (metadata schema v2) and the quarantine table."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import pandera.pandas as pa
+
+from .fits_contract import QUARANTINE_REASONS
+from .surveys import SURVEY_NAMES, SurveySpec
+
+__all__ = ["catalog_schema", "catalog_columns", "quarantine_schema"]
+
+_HEX64 = r"^[0-9a-f]{64}$"
+
+
+def _missing_or(low: float, high: float) -> pa.Check:
+    """-1 marks a missing value; anything else must lie in [low, high]."""
+    return pa.Check(lambda s: (s == -1.0) | s.between(low, high), element_wise=False,
+                    error=f"-1 (missing) or within [{low}, {high}]")
+
+
+def _base_columns() -> dict[str, pa.Column]:
+    f, i, s, b = float, int, str, bool
+    return {
+        "objid": pa.Column(s, unique=True, checks=pa.Check.str_length(min_value=1)),
+        "survey": pa.Column(s, pa.Check.isin(SURVEY_NAMES)),
+        "instrument": pa.Column(s),
+        "ra": pa.Column(f, pa.Check.in_range(0.0, 360.0, include_max=False), description="deg, ICRS"),
+        "dec": pa.Column(f, pa.Check.in_range(-90.0, 90.0), description="deg, ICRS"),
+        "label": pa.Column(i, pa.Check.isin([-1, 0, 1]), description="1 lens, 0 non-lens, -1 unlabeled"),
+        "label_source": pa.Column(s, pa.Check.str_matches(r"^(none|sim:|obs:|weak:|pretrain:)")),
+        "label_confidence": pa.Column(f, pa.Check.in_range(0.0, 1.0)),
+        "usable_for_training": pa.Column(b),
+        "flux_ratio": pa.Column(f, _missing_or(0.0, 1.0), description="lensed-source flux / total flux"),
+        "theta_e": pa.Column(f, _missing_or(0.0, 100.0), description="Einstein radius, arcsec"),
+        "z_phot": pa.Column(f, _missing_or(0.0, 20.0)),
+        "z_spec": pa.Column(f, _missing_or(0.0, 20.0)),
+        "z_err": pa.Column(f, _missing_or(0.0, 20.0)),
+        "sim_family": pa.Column(s),
+        "sim_kind": pa.Column(s),
+        "bands": pa.Column(s),
+        "n_bands_present": pa.Column(i, pa.Check.ge(1)),
+        "band_flags": pa.Column(s, description="band:flag|flag;... for flagged bands"),
+        "ignored_bands": pa.Column(s),
+        "pixel_scale": pa.Column(f, pa.Check.gt(0.0), description="arcsec/px"),
+        "cutout_px": pa.Column(i, pa.Check.gt(0)),
+        "seeing": pa.Column(f, pa.Check.gt(0.0), description="PSF FWHM in the reference band, arcsec"),
+        "psf_fwhm": pa.Column(f, pa.Check.gt(0.0), description="median PSF FWHM over present bands, arcsec"),
+        "n_nan_pixels": pa.Column(i, pa.Check.ge(0)),
+        "variance_map_available": pa.Column(b),
+        "psf_image_available": pa.Column(b),
+        "psf_matched": pa.Column(b),
+        "sersic_n": pa.Column(f, _missing_or(0.1, 20.0)),
+        "r_half_arcsec": pa.Column(f, _missing_or(0.0, 1000.0)),
+        "axis_ratio": pa.Column(f, _missing_or(0.0, 1.0)),
+        "position_angle_deg": pa.Column(f, _missing_or(-360.0, 360.0)),
+        "schema_version": pa.Column(s, pa.Check.eq("2.0")),
+        "source_file": pa.Column(s, pa.Check.str_length(min_value=1)),
+        "source_sha256": pa.Column(s, pa.Check.str_matches(_HEX64)),
+    }
+
+
+@lru_cache(maxsize=None)
+def catalog_schema(survey: SurveySpec) -> pa.DataFrameSchema:
+    """The catalog schema for ``survey``: the v2 columns plus flux/mag/PSF FWHM per band."""
+    cols = _base_columns()
+    for band in survey.band_names:
+        cols[f"flux_{band}"] = pa.Column(float, nullable=True, description=f"{band} total flux, nanomaggies")
+        cols[f"mag_{band}"] = pa.Column(float, nullable=True, description=f"{band} AB magnitude")
+        cols[f"psf_fwhm_{band}"] = pa.Column(float, pa.Check.gt(0.0), description=f"{band} PSF FWHM, arcsec")
+    cols["snr"] = pa.Column(float, nullable=True, description="reference-band flux / its noise")
+    cols["notes"] = pa.Column(str)
+    checks = [
+        pa.Check(lambda df: ~(df["label_source"].str.startswith("pretrain:") & df["usable_for_training"]),
+                 error="pretrain:* rows must not be usable for supervised training"),
+        pa.Check(lambda df: ~df["label_source"].str.startswith("weak:") | (df["label_confidence"] < 0.5),
+                 error="weak:* labels carry confidence < 0.5"),
+    ]
+    return pa.DataFrameSchema(cols, checks=checks, strict=True, ordered=True, coerce=False,
+                              name=f"cutout_catalog_{survey.name}")
+
+
+def catalog_columns(survey: SurveySpec) -> list[str]:
+    return list(catalog_schema(survey).columns)
+
+
+@lru_cache(maxsize=None)
+def quarantine_schema() -> pa.DataFrameSchema:
+    s = str
+    return pa.DataFrameSchema({
+        "objid": pa.Column(s),
+        "source_file": pa.Column(s, pa.Check.str_length(min_value=1)),
+        "source_sha256": pa.Column(s, pa.Check.str_matches(r"^([0-9a-f]{64})?$")),
+        "reason": pa.Column(s, pa.Check.isin(list(QUARANTINE_REASONS))),
+        "message": pa.Column(s, pa.Check.str_length(min_value=1)),
+        "survey": pa.Column(s, pa.Check.isin(SURVEY_NAMES)),
+    }, strict=True, ordered=True, name="cutout_quarantine")

@@ -1,0 +1,519 @@
+"""lenstronomy simulations of galaxy-galaxy lenses and of hard non-lenses.
+
+Two steps, both plain functions:
+
+* :func:`draw_system` draws one system's parameters from a :class:`~.families.Family`
+  for a survey: the lens (SIE + external shear), its light (elliptical Sersic),
+  the source (Sersic with optional star-forming clumps, or a quasar with host),
+  or, for a non-lens, the same galaxy with a hard-negative decoration
+  (companions, a merger, a knotty ring, spiral arms, a chance alignment).
+* :func:`render_system` draws it in every band of the survey with lenstronomy's
+  ``ImageModel`` (per-band pixel PSF, Gaussian or Moffat with per-object seeing),
+  adds sky + Poisson + read noise with lenstronomy's ``SingleBand`` noise model,
+  and returns images in e-/s, their variance and the truth.
+
+Colors: each component has f_nu ~ lambda^beta, so its magnitude in band b is
+``m_ref - 2.5 beta log10(lambda_b / lambda_ref)``.
+
+:func:`simulate_to_directory` writes a whole population as inbox-contract FITS,
+deterministically for (survey, family, seed) and in parallel over processes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .families import Family
+from .surveys import SurveySpec
+
+__all__ = [
+    "LightComponent",
+    "PointComponent",
+    "System",
+    "RenderedCutout",
+    "draw_system",
+    "render_system",
+    "lenstronomy_band_setup",
+    "psf_kernel",
+    "object_rng",
+    "objid_for",
+    "simulate_one",
+    "simulate_to_directory",
+    "SUPERSAMPLING",
+]
+
+SUPERSAMPLING = 2  # lenstronomy supersampling factor for extended profiles
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+@dataclass(frozen=True)
+class LightComponent:
+    """An extended light profile (lenstronomy name and shape kwargs without ``amp``)."""
+
+    profile: str  # 'SERSIC_ELLIPSE' or 'GAUSSIAN'
+    shape: dict
+    mag_ref: float  # AB in the survey's reference band
+    color_beta: float
+    lensed: bool
+
+
+@dataclass(frozen=True)
+class PointComponent:
+    """Point images (lensed quasar images or a star), with |magnification| per image."""
+
+    ra: tuple[float, ...]
+    dec: tuple[float, ...]
+    magnification: tuple[float, ...]
+    mag_ref: float
+    color_beta: float
+    lensed: bool
+
+
+@dataclass(frozen=True)
+class System:
+    """Everything needed to render one cutout, and its truth."""
+
+    objid: str
+    is_lens: bool
+    kind: str  # 'extended' | 'quasar' for lenses, a negative type otherwise
+    theta_e_arcsec: float
+    kwargs_lens: tuple[dict, ...]
+    components: tuple[LightComponent, ...]
+    points: tuple[PointComponent, ...]
+    psf_profile: str
+    psf_fwhm_arcsec: dict  # band -> FWHM
+    moffat_beta: float
+    exposure_scale: float
+    z_lens: float
+    z_source: float
+    ra_deg: float
+    dec_deg: float
+    galaxy: dict = field(default_factory=dict)  # the lens/main galaxy's Sersic truth
+
+
+def object_rng(survey: str, family: str, seed: int, index: int) -> np.random.Generator:
+    """Generator for object ``index``: the same for a (survey, family, seed) on any machine."""
+    key = [int(seed), int(index), zlib.crc32(survey.encode()), zlib.crc32(family.encode())]
+    return np.random.default_rng(np.random.SeedSequence(key))
+
+
+def objid_for(survey: str, family: str, seed: int, index: int) -> str:
+    return f"sim-{survey}-{family}-s{seed}-{index:06d}"
+
+
+def _ellipticity(q: float, phi_deg: float) -> tuple[float, float]:
+    from lenstronomy.Util.param_util import phi_q2_ellipticity
+
+    e1, e2 = phi_q2_ellipticity(math.radians(phi_deg), q)
+    return float(e1), float(e2)
+
+
+def _sersic(center: tuple[float, float], *, n: float, r_eff: float, q: float, pa: float) -> dict:
+    e1, e2 = _ellipticity(q, pa)
+    return {"R_sersic": r_eff, "n_sersic": n, "e1": e1, "e2": e2, "center_x": center[0], "center_y": center[1]}
+
+
+def _polar(r: float, angle: float) -> tuple[float, float]:
+    return r * math.cos(angle), r * math.sin(angle)
+
+
+def draw_system(family: Family, survey: SurveySpec, rng: np.random.Generator, *, objid: str,
+                force_lens: bool | None = None) -> System:
+    """Draw one system of ``family`` as observed by ``survey``."""
+    d = family.draw
+    is_lens = bool(rng.uniform() < family.lens_fraction) if force_lens is None else force_lens
+
+    # the main galaxy: the same population for lenses and non-lenses
+    q_mass = d("lens", "axis_ratio", rng)
+    pa = d("lens", "position_angle_deg", rng)
+    q_light = float(np.clip(q_mass + d("lens_light", "axis_ratio_scatter", rng), 0.2, 1.0))
+    galaxy = {"n": d("lens_light", "sersic_n", rng), "r_eff": d("lens_light", "r_eff_arcsec", rng),
+              "q": q_light, "pa": pa % 180.0}
+    gal_mag = d("lens_light", "mag", rng)
+    gal_beta = d("lens_light", "color_beta", rng)
+    components = [LightComponent("SERSIC_ELLIPSE", _sersic((0.0, 0.0), n=galaxy["n"], r_eff=galaxy["r_eff"],
+                                                           q=galaxy["q"], pa=galaxy["pa"]),
+                                 gal_mag, gal_beta, lensed=False)]
+    points: list[PointComponent] = []
+    z_lens = d("lens", "redshift", rng)
+    theta_e = d("lens", "theta_e_arcsec", rng)
+    z_source = -1.0
+    kwargs_lens: tuple[dict, ...] = ()
+
+    if is_lens:
+        from lenstronomy.Util.param_util import shear_polar2cartesian
+
+        e1, e2 = _ellipticity(q_mass, pa)
+        g1, g2 = shear_polar2cartesian(math.radians(d("lens", "shear_angle_deg", rng)), d("lens", "shear", rng))
+        kwargs_lens = ({"theta_E": theta_e, "e1": e1, "e2": e2, "center_x": 0.0, "center_y": 0.0},
+                       {"gamma1": float(g1), "gamma2": float(g2), "ra_0": 0.0, "dec_0": 0.0})
+        z_source = max(d("source", "redshift", rng), z_lens + 0.1)
+        beta = d("source", "max_offset", rng) * theta_e * math.sqrt(rng.uniform())
+        src = _polar(beta, rng.uniform(0, 2 * math.pi))
+        kind = d("source", "kind", rng)
+        src_beta = d("source", "color_beta", rng)
+        if kind == "quasar":
+            qso_mag = d("quasar", "mag", rng)
+            host_mag = qso_mag + d("quasar", "host_mag_offset", rng)
+            components.append(LightComponent("SERSIC_ELLIPSE", _sersic(
+                src, n=d("source", "sersic_n", rng), r_eff=d("source", "r_eff_arcsec", rng),
+                q=d("source", "axis_ratio", rng), pa=rng.uniform(0, 180)), host_mag, src_beta, lensed=True))
+            points.append(_lensed_points(kwargs_lens, src, qso_mag, d("quasar", "color_beta", rng), survey))
+        else:
+            src_mag = d("source", "mag", rng)
+            clumpy = rng.uniform() < d("source", "clumpy_fraction", rng)
+            r_eff = d("source", "r_eff_arcsec", rng)
+            f_clumps = d("source", "clump_flux_fraction", rng) if clumpy else 0.0
+            components.append(LightComponent("SERSIC_ELLIPSE", _sersic(
+                src, n=d("source", "sersic_n", rng), r_eff=r_eff, q=d("source", "axis_ratio", rng),
+                pa=rng.uniform(0, 180)), src_mag - 2.5 * math.log10(1.0 - f_clumps), src_beta, lensed=True))
+            if clumpy:
+                n_clumps = d("source", "n_clumps", rng)
+                shares = rng.dirichlet(np.ones(n_clumps)) * f_clumps
+                for share in shares:
+                    offset = rng.normal(0.0, r_eff, size=2)
+                    components.append(LightComponent(
+                        "GAUSSIAN", {"sigma": d("source", "clump_sigma_arcsec", rng),
+                                     "center_x": src[0] + offset[0], "center_y": src[1] + offset[1]},
+                        src_mag - 2.5 * math.log10(share),
+                        src_beta + d("source", "clump_color_beta_offset", rng), lensed=True))
+    else:
+        kind = family.draw_negative_type(rng)
+        theta_e = 0.0
+        _decorate_negative(kind, family, rng, components, points, gal_mag, galaxy)
+
+    fwhm = _draw_seeing(family, survey, rng)
+    profile = d("psf", "profile", rng)
+    moffat_beta = d("psf", "moffat_beta", rng)
+    ra = rng.uniform(0.0, 360.0)
+    lo, hi = (math.sin(math.radians(x)) for x in survey.dec_range_deg)
+    dec = math.degrees(math.asin(rng.uniform(lo, hi)))
+    return System(objid=objid, is_lens=is_lens, kind=kind, theta_e_arcsec=theta_e, kwargs_lens=kwargs_lens,
+                  components=tuple(components), points=tuple(points), psf_profile=profile,
+                  psf_fwhm_arcsec=fwhm, moffat_beta=moffat_beta,
+                  exposure_scale=d("noise", "exposure_scale", rng), z_lens=z_lens, z_source=z_source,
+                  ra_deg=ra, dec_deg=dec, galaxy=galaxy)
+
+
+def _draw_seeing(family: Family, survey: SurveySpec, rng: np.random.Generator) -> dict:
+    common = rng.normal(0.0, survey.seeing_scatter * family.draw("psf", "seeing_scatter_scale", rng))
+    jitter = family.draw("psf", "band_jitter", rng)
+    return {b.name: b.seeing_fwhm_arcsec * math.exp(common + rng.normal(0.0, jitter)) for b in survey.bands}
+
+
+def _lensed_points(kwargs_lens, src, mag, beta, survey: SurveySpec) -> PointComponent:
+    from lenstronomy.LensModel.lens_model import LensModel
+    from lenstronomy.LensModel.Solver.lens_equation_solver import LensEquationSolver
+
+    lens_model = LensModel(["SIE", "SHEAR"])
+    solver = LensEquationSolver(lens_model)
+    x, y = solver.image_position_from_source(
+        src[0], src[1], list(kwargs_lens), min_distance=survey.pixel_scale_arcsec / 4,
+        search_window=survey.cutout_size_arcsec, precision_limit=1e-10, num_iter_max=100)
+    mu = np.abs(lens_model.magnification(x, y, list(kwargs_lens)))
+    return PointComponent(tuple(map(float, x)), tuple(map(float, y)), tuple(map(float, mu)), mag, beta, lensed=True)
+
+
+def _decorate_negative(kind: str, family: Family, rng, components: list, points: list, gal_mag: float,
+                       galaxy: dict) -> None:
+    """Add the unlensed structure that makes a non-lens look lens-like."""
+    d = family.draw
+    h = "hard_negatives"
+    if kind == "plain":
+        return
+    if kind == "companions":
+        for _ in range(d(h, "companion_count", rng)):
+            c = _polar(d(h, "companion_distance_arcsec", rng), rng.uniform(0, 2 * math.pi))
+            components.append(LightComponent("SERSIC_ELLIPSE", _sersic(
+                c, n=1.0, r_eff=d(h, "companion_r_eff_arcsec", rng), q=rng.uniform(0.4, 1.0),
+                pa=rng.uniform(0, 180)), gal_mag + d(h, "companion_mag_offset", rng),
+                d(h, "companion_color_beta", rng), lensed=False))
+    elif kind == "merger":
+        angle = rng.uniform(0, 2 * math.pi)
+        c = _polar(d(h, "merger_distance_arcsec", rng), angle)
+        tangential = math.degrees(angle) + 90.0 + rng.normal(0, 20)
+        components.append(LightComponent("SERSIC_ELLIPSE", _sersic(
+            c, n=rng.uniform(1.0, 4.0), r_eff=galaxy["r_eff"] * rng.uniform(0.5, 1.2),
+            q=d(h, "merger_axis_ratio", rng), pa=tangential % 180.0), gal_mag + d(h, "merger_mag_offset", rng),
+            d(h, "merger_color_beta", rng), lensed=False))
+    elif kind == "ring":
+        radius, q = d(h, "ring_radius_arcsec", rng), d(h, "ring_axis_ratio", rng)
+        n_knots = d(h, "ring_n_knots", rng)
+        phi = rng.uniform(0, math.pi)
+        angles = np.sort(rng.uniform(0, 2 * math.pi, n_knots))
+        _add_knots(components, family, rng, radius * np.cos(angles), radius * q * np.sin(angles), phi,
+                   gal_mag, d(h, "ring_flux_fraction", rng), d(h, "ring_color_beta", rng))
+    elif kind == "spiral":
+        n_knots = d(h, "spiral_n_knots", rng)
+        pitch = math.radians(d(h, "spiral_pitch_deg", rng))
+        r0 = max(0.3, 0.5 * galaxy["r_eff"])
+        t = rng.uniform(0, 1.5 * math.pi, n_knots)
+        arm = rng.integers(0, 2, n_knots) * math.pi
+        r = np.minimum(r0 * np.exp(t * math.tan(pitch)), 3.5)
+        _add_knots(components, family, rng, r * np.cos(t + arm), r * np.sin(t + arm), rng.uniform(0, math.pi),
+                   gal_mag, d(h, "spiral_flux_fraction", rng), d(h, "spiral_color_beta", rng))
+    elif kind == "chance_alignment":
+        c = _polar(d(h, "chance_distance_arcsec", rng), rng.uniform(0, 2 * math.pi))
+        mag = d(h, "chance_mag", rng)
+        if rng.uniform() < d(h, "chance_star_fraction", rng):
+            points.append(PointComponent((c[0],), (c[1],), (1.0,), mag, float(rng.normal(1.0, 0.8)), lensed=False))
+        else:
+            components.append(LightComponent("SERSIC_ELLIPSE", _sersic(
+                c, n=1.0, r_eff=d(h, "companion_r_eff_arcsec", rng), q=rng.uniform(0.2, 0.7),
+                pa=rng.uniform(0, 180)), mag, d(h, "companion_color_beta", rng), lensed=False))
+    else:  # pragma: no cover - families.load_family validates the type names
+        raise ValueError(f"unknown negative type {kind!r}")
+
+
+def _add_knots(components, family, rng, x, y, rot, gal_mag, flux_fraction, color_beta) -> None:
+    c, s = math.cos(rot), math.sin(rot)
+    shares = rng.dirichlet(np.ones(len(x))) * flux_fraction
+    for xi, yi, share in zip(x, y, shares):
+        components.append(LightComponent(
+            "GAUSSIAN", {"sigma": family.draw("hard_negatives", "knot_sigma_arcsec", rng),
+                         "center_x": float(c * xi - s * yi), "center_y": float(s * xi + c * yi)},
+            gal_mag - 2.5 * math.log10(share), color_beta, lensed=False))
+
+
+# --------------------------------------------------------------------------- PSF
+
+
+def psf_kernel(profile: str, fwhm_px: float, *, moffat_beta: float = 3.0, size: int | None = None,
+               max_size: int | None = None, oversample: int = 5) -> np.ndarray:
+    """A normalized, pixel-integrated Gaussian or Moffat PSF image of odd size.
+
+    The default size covers 3 FWHM (Gaussian) or 5 FWHM (Moffat) on each side,
+    at least 11 px and at most ``max_size``.
+    """
+    if profile not in ("gaussian", "moffat"):
+        raise ValueError(f"psf profile {profile!r} is not one of ['gaussian', 'moffat']")
+    if fwhm_px <= 0:
+        raise ValueError(f"psf FWHM must be positive, got {fwhm_px} px")
+    if size is None:
+        half = math.ceil((3.0 if profile == "gaussian" else 5.0) * fwhm_px)
+        size = max(11, 2 * half + 1)
+        if max_size is not None:
+            size = min(size, max_size if max_size % 2 else max_size - 1)
+    if size % 2 == 0:
+        raise ValueError(f"psf size must be odd, got {size}")
+    half = size // 2
+    sub = (np.arange(size * oversample) + 0.5) / oversample - half - 0.5
+    xx, yy = np.meshgrid(sub, sub)
+    r2 = xx**2 + yy**2
+    if profile == "gaussian":
+        sigma = fwhm_px / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+        fine = np.exp(-0.5 * r2 / sigma**2)
+    else:
+        alpha = fwhm_px / (2.0 * math.sqrt(2.0 ** (1.0 / moffat_beta) - 1.0))
+        fine = (1.0 + r2 / alpha**2) ** (-moffat_beta)
+    kernel = fine.reshape(size, oversample, size, oversample).sum(axis=(1, 3))
+    return kernel / kernel.sum()
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+@dataclass
+class RenderedCutout:
+    """One simulated cutout: per-band arrays (bands, H, W) in e-/s and the truth."""
+
+    system: System
+    bands: tuple[str, ...]
+    image: np.ndarray  # noisy
+    variance: np.ndarray
+    lensed: np.ndarray  # noiseless lensed light (source + quasar images)
+    unlensed: np.ndarray  # noiseless unlensed light (galaxy + decorations)
+    psf: tuple[np.ndarray, ...]
+    zero_points: tuple[float, ...]
+    flux_ratio: float  # lensed / total in the reference band, on the noiseless image
+
+    @property
+    def noiseless(self) -> np.ndarray:
+        return self.lensed + self.unlensed
+
+
+def _band_mag(mag_ref: float, beta: float, wavelength: float, ref_wavelength: float) -> float:
+    return mag_ref - 2.5 * beta * math.log10(wavelength / ref_wavelength)
+
+
+_GRID_CACHE: dict = {}
+_UNIT_FLUX_CACHE: dict = {}
+
+
+def _data_class(survey: SurveySpec):
+    from lenstronomy.Data.imaging_data import ImageData
+    from lenstronomy.Util.simulation_util import data_configure_simple
+
+    key = (survey.name, survey.cutout_size_px, survey.pixel_scale_arcsec)
+    if key not in _GRID_CACHE:
+        kw = data_configure_simple(survey.cutout_size_px, survey.pixel_scale_arcsec, inverse=True)
+        _GRID_CACHE[key] = ImageData(**kw)
+    return _GRID_CACHE[key]
+
+
+def _unit_flux(component: LightComponent) -> float:
+    """Total flux of the profile at amp = 1 (GAUSSIAN's amp already is its total flux)."""
+    if component.profile == "GAUSSIAN":
+        return 1.0
+    from lenstronomy.LightModel.light_model import LightModel
+
+    kw = dict(component.shape, amp=1.0)
+    return float(LightModel([component.profile]).total_flux([kw])[0])
+
+
+def lenstronomy_band_setup(system: System, survey: SurveySpec, band: str) -> dict:
+    """The lenstronomy classes and kwargs that draw ``system`` in ``band``.
+
+    Returns ``image_model`` and ``kwargs_lens``, ``kwargs_source``,
+    ``kwargs_lens_light``, ``kwargs_ps`` (what ``ImageModel.image`` takes), the PSF
+    kernel and the band's zero point.
+    """
+    from lenstronomy.ImSim.image_model import ImageModel
+    from lenstronomy.LensModel.lens_model import LensModel
+    from lenstronomy.LightModel.light_model import LightModel
+    from lenstronomy.PointSource.point_source import PointSource
+    from lenstronomy.Data.psf import PSF
+
+    spec = survey.band(band)
+    ref = survey.band(survey.reference_band)
+    zp = spec.magnitude_zero_point
+    fwhm_px = system.psf_fwhm_arcsec[spec.name] / survey.pixel_scale_arcsec
+    kernel = psf_kernel(system.psf_profile, fwhm_px, moffat_beta=system.moffat_beta,
+                        max_size=survey.cutout_size_px - 1)
+
+    def amp_kwargs(components):
+        out = []
+        for c in components:
+            flux = 10 ** (-0.4 * (_band_mag(c.mag_ref, c.color_beta, spec.wavelength_nm, ref.wavelength_nm) - zp))
+            out.append(dict(c.shape, amp=flux / _unit_flux(c)))
+        return out
+
+    source = [c for c in system.components if c.lensed]
+    light = [c for c in system.components if not c.lensed]
+    lens_model = LensModel(["SIE", "SHEAR"]) if system.kwargs_lens else None
+    kwargs_ps, ps_types = [], []
+    for p in system.points:
+        flux = 10 ** (-0.4 * (_band_mag(p.mag_ref, p.color_beta, spec.wavelength_nm, ref.wavelength_nm) - zp))
+        ps_types.append("LENSED_POSITION" if p.lensed else "UNLENSED")
+        kwargs_ps.append({"ra_image": np.array(p.ra), "dec_image": np.array(p.dec),
+                          "point_amp": flux * np.array(p.magnification)})
+    image_model = ImageModel(
+        _data_class(survey),
+        PSF(psf_type="PIXEL", kernel_point_source=kernel),
+        lens_model_class=lens_model,
+        source_model_class=LightModel([c.profile for c in source]) if source else None,
+        lens_light_model_class=LightModel([c.profile for c in light]) if light else None,
+        point_source_class=PointSource(ps_types, lens_model=lens_model) if ps_types else None,
+        kwargs_numerics={"supersampling_factor": SUPERSAMPLING},
+    )
+    return {"image_model": image_model, "kwargs_lens": list(system.kwargs_lens) or None,
+            "kwargs_source": amp_kwargs(source) or None, "kwargs_lens_light": amp_kwargs(light) or None,
+            "kwargs_ps": kwargs_ps or None, "psf": kernel, "zero_point": zp}
+
+
+def render_system(system: System, survey: SurveySpec, rng: np.random.Generator) -> RenderedCutout:
+    """Draw ``system`` in every band, noiseless and with survey noise."""
+    from lenstronomy.SimulationAPI.observation_api import SingleBand
+
+    n = survey.cutout_size_px
+    nb = survey.n_bands
+    lensed = np.zeros((nb, n, n))
+    unlensed = np.zeros((nb, n, n))
+    variance = np.zeros((nb, n, n))
+    psfs, zps = [], []
+    for i, band in enumerate(survey.band_names):
+        s = lenstronomy_band_setup(system, survey, band)
+        im = s["image_model"]
+        if s["kwargs_source"]:
+            lensed[i] += im.source_surface_brightness(s["kwargs_source"], s["kwargs_lens"])
+        if s["kwargs_lens_light"]:
+            unlensed[i] += im.lens_surface_brightness(s["kwargs_lens_light"])
+        if s["kwargs_ps"]:
+            target = lensed if system.is_lens else unlensed
+            target[i] += im.point_source(s["kwargs_ps"], s["kwargs_lens"])
+        noise = SingleBand(**survey.kwargs_single_band(band, exposure_scale=system.exposure_scale))
+        variance[i] = noise.estimate_noise(lensed[i] + unlensed[i]) ** 2
+        psfs.append(s["psf"])
+        zps.append(s["zero_point"])
+    image = lensed + unlensed + rng.standard_normal(lensed.shape) * np.sqrt(variance)
+    r = survey.band_names.index(survey.band(survey.reference_band).name)
+    total = float(lensed[r].sum() + unlensed[r].sum())
+    flux_ratio = float(lensed[r].sum() / total) if total > 0 else 0.0
+    return RenderedCutout(system=system, bands=survey.band_names, image=image, variance=variance,
+                          lensed=lensed, unlensed=unlensed, psf=tuple(psfs), zero_points=tuple(zps),
+                          flux_ratio=flux_ratio)
+
+
+# --------------------------------------------------------------------------- populations
+
+
+def simulate_one(survey: SurveySpec, family: Family, seed: int, index: int) -> RenderedCutout:
+    """Object ``index`` of the (survey, family, seed) population."""
+    rng = object_rng(survey.name, family.name, seed, index)
+    system = draw_system(family, survey, rng, objid=objid_for(survey.name, family.name, seed, index))
+    return render_system(system, survey, rng)
+
+
+def _simulate_and_write(args) -> dict:
+    from .fits_contract import write_simulated_cutout
+
+    survey, family, seed, index, out_dir = args
+    cutout = simulate_one(survey, family, seed, index)
+    path = Path(out_dir) / f"{cutout.system.objid}.fits"
+    write_simulated_cutout(path, cutout, survey=survey, family=family, seed=seed)
+    s = cutout.system
+    return {"objid": s.objid, "file": path.name, "label": int(s.is_lens), "kind": s.kind,
+            "flux_ratio": cutout.flux_ratio, "theta_e": s.theta_e_arcsec,
+            "seeing_ref": s.psf_fwhm_arcsec[survey.band(survey.reference_band).name]}
+
+
+def simulate_to_directory(survey: SurveySpec, family: Family, *, n_cutouts: int, seed: int, out_dir: Path,
+                          workers: int = 1, progress: bool = True, start_index: int = 0):
+    """Simulate ``n_cutouts`` objects and write each as ``<objid>.fits`` in ``out_dir``.
+
+    Returns ``(truth, seconds)``: a DataFrame with one row per object (objid,
+    file, label, kind, flux_ratio, theta_e, seeing_ref) and the wall time.
+    """
+    import pandas as pd
+
+    from .parallel import parallel_map
+
+    if n_cutouts < 1:
+        raise ValueError(f"n_cutouts must be >= 1, got {n_cutouts}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tasks = [(survey, family, seed, i, str(out_dir)) for i in range(start_index, start_index + n_cutouts)]
+    t0 = time.perf_counter()
+    rows = parallel_map(_simulate_and_write, tasks, workers=workers, progress=progress,
+                        desc=f"simulate {survey.name}/{family.name}", unit="cutout")
+    return pd.DataFrame(rows), time.perf_counter() - t0
+
+
+def summarize_truth(truth, survey: SurveySpec) -> dict:
+    """Counts and the hard share of a simulated population (for asset metadata)."""
+    lenses = truth[truth["label"] == 1]
+    out = {
+        "n_cutouts": int(len(truth)),
+        "n_lenses": int(len(lenses)),
+        "n_nonlenses": int((truth["label"] == 0).sum()),
+        "by_kind": {k: int(v) for k, v in truth["kind"].value_counts().sort_index().items()},
+    }
+    if len(lenses):
+        out["lens_share_flux_ratio_lt_0.1"] = float((lenses["flux_ratio"] < 0.1).mean())
+        out["lens_share_theta_e_below_seeing"] = float((lenses["theta_e"] < lenses["seeing_ref"]).mean())
+    return out
+
+
+def systems_for(survey: SurveySpec, family: Family, seed: int, indices: Sequence[int]) -> list[System]:
+    """Draw (without rendering) the systems of a population: for benchmarks and inspection."""
+    return [draw_system(family, survey, object_rng(survey.name, family.name, seed, i),
+                        objid=objid_for(survey.name, family.name, seed, i)) for i in indices]
