@@ -4,13 +4,11 @@ import dagster as dg
 
 from lens_assets.assets.catalog import cutout_catalog
 from lens_assets.assets.simulation import simulated_cutouts
-from lens_assets.partitions import survey_partitions
 from lens_assets.resources.storage import LocalStorage, default_data_root
 
 survey_pipeline = dg.define_asset_job(
     "survey_pipeline",
     selection=dg.AssetSelection.assets(simulated_cutouts, cutout_catalog),
-    partitions_def=survey_partitions,
     description="Simulate a survey's training cutouts and build its validated catalog.",
 )
 

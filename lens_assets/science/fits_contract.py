@@ -41,6 +41,7 @@ __all__ = [
 
 FITS_BLOCK = 2880
 MAX_NAN_FRACTION = 0.5
+MAGZP_RANGE = (10.0, 45.0)  # AB zero points of real instruments in count/s or adu lie well inside this
 
 QUARANTINE_REASONS: Mapping[str, str] = {
     "unreadable": "not a FITS file, or astropy cannot parse it",
@@ -94,21 +95,66 @@ class BandHDUs:
     psf: np.ndarray | None = None
 
 
-def write_cutout(path: Path, primary: dict, bands: Mapping[str, BandHDUs], *, overwrite: bool = True) -> None:
-    """Write one inbox-contract file (float32 images) to ``path``."""
-    from astropy.io import fits
+_KEYWORD_CHARS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 
-    hdus = [fits.PrimaryHDU(header=fits.Header(list(primary.items())))]
+
+def _card(key: str, value) -> bytes:
+    """One 80-byte fixed-format FITS card (FITS 4.0 section 4.2) for a str, bool, int or float value."""
+    if len(key) > 8 or not set(key) <= _KEYWORD_CHARS:
+        raise ValueError(f"FITS keyword {key!r} must be at most 8 characters of A-Z 0-9 _ -")
+    if isinstance(value, (bool, np.bool_)):
+        text = f"{'T' if value else 'F':>20}"
+    elif isinstance(value, (int, np.integer)):
+        text = f"{int(value):>20d}"
+    elif isinstance(value, (float, np.floating)):
+        v = float(value)
+        if not math.isfinite(v):
+            raise ValueError(f"FITS keyword {key}: value {v} is not finite")
+        s = repr(v).upper()  # shortest text that round-trips; over 20 characters it is free-format
+        text = f"{s:>20}"
+    elif isinstance(value, str):
+        text = "'" + value.replace("'", "''").ljust(8) + "'"
+        if len(text) > 70 or not value.isascii():
+            raise ValueError(f"FITS keyword {key}: string {value!r} is longer than 68 ASCII characters")
+    else:
+        raise TypeError(f"FITS keyword {key}: unsupported value type {type(value).__name__}")
+    return f"{key:<8}= {text}".ljust(80).encode("ascii")
+
+
+def _header_block(cards: list[tuple[str, object]]) -> bytes:
+    raw = b"".join(_card(k, v) for k, v in cards) + b"END".ljust(80)
+    return raw + b" " * (-len(raw) % FITS_BLOCK)
+
+
+def _image_hdu(name: str, data: np.ndarray, cards: list[tuple[str, object]]) -> bytes:
+    arr = np.ascontiguousarray(data, dtype=">f4")
+    if arr.ndim != 2:
+        raise ValueError(f"{name}: image must be 2-D, got shape {arr.shape}")
+    head = [("XTENSION", "IMAGE"), ("BITPIX", -32), ("NAXIS", 2), ("NAXIS1", arr.shape[1]),
+            ("NAXIS2", arr.shape[0]), ("PCOUNT", 0), ("GCOUNT", 1), ("EXTNAME", name)]
+    body = arr.tobytes()
+    return _header_block(head + cards) + body + b"\0" * (-len(body) % FITS_BLOCK)
+
+
+def write_cutout(path: Path, primary: dict, bands: Mapping[str, BandHDUs], *, overwrite: bool = True) -> None:
+    """Write one inbox-contract file (float32 images, big-endian) to ``path``.
+
+    The file is standard FITS (astropy reads and verifies it); it is assembled
+    directly because astropy's per-card validation costs more than drawing the
+    cutout with lenstronomy.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists and overwrite is False")
+    parts = [_header_block([("SIMPLE", True), ("BITPIX", 8), ("NAXIS", 0), ("EXTEND", True),
+                            *primary.items()])]
     for band, b in bands.items():
-        hdr = fits.Header([("BAND", band), *b.header.items()])
-        hdus.append(fits.ImageHDU(np.asarray(b.image, dtype=np.float32), header=hdr, name=f"IMAGE_{band}"))
+        parts.append(_image_hdu(f"IMAGE_{band}", b.image, [("BAND", band), *b.header.items()]))
         if b.variance is not None:
-            hdus.append(fits.ImageHDU(np.asarray(b.variance, dtype=np.float32), name=f"VAR_{band}",
-                                      header=fits.Header([("BAND", band), ("BUNIT", _var_unit(b.header))])))
+            parts.append(_image_hdu(f"VAR_{band}", b.variance, [("BAND", band), ("BUNIT", _var_unit(b.header))]))
         if b.psf is not None:
-            hdus.append(fits.ImageHDU(np.asarray(b.psf, dtype=np.float32), name=f"PSF_{band}",
-                                      header=fits.Header([("BAND", band)])))
-    fits.HDUList(hdus).writeto(path, overwrite=overwrite)
+            parts.append(_image_hdu(f"PSF_{band}", b.psf, [("BAND", band)]))
+    path.write_bytes(b"".join(parts))
 
 
 def _var_unit(header: dict) -> str:
@@ -180,7 +226,8 @@ def nanomaggies_per_unit(bunit: str, magzp: float | None, *, where: str) -> floa
     if unit in ("count/s", "counts/s", "adu"):
         if magzp is None:
             raise QuarantineError("missing_magzp", f"{where}: BUNIT {bunit!r} needs MAGZP, which is absent")
-        return 10.0 ** (-0.4 * (float(magzp) - 22.5))
+        zp = _number({"MAGZP": magzp}, "MAGZP", where, low=MAGZP_RANGE[0], high=MAGZP_RANGE[1])
+        return 10.0 ** (-0.4 * (zp - 22.5))
     raise QuarantineError("bad_bunit", f"{where}: BUNIT {bunit!r} is not one of {list(FLUX_UNITS)}")
 
 
@@ -193,16 +240,24 @@ def _open(data: bytes, name: str):
         warnings.simplefilter("always")
         try:
             hdul = fits.open(io.BytesIO(data), memmap=False, lazy_load_hdus=False)
-            arrays = {h.name: (h.header, None if h.data is None else np.array(h.data)) for h in hdul}
+            arrays = {h.name.upper(): (h.header, None if h.data is None else np.array(h.data)) for h in hdul}
             primary = dict(hdul[0].header)
         except Exception as err:  # astropy raises many types for corrupt input; report the message
-            reason = "truncated" if len(data) % FITS_BLOCK else "unreadable"
-            raise QuarantineError(reason, f"{name}: astropy cannot read it ({type(err).__name__}: {err})") from None
-    msgs = [str(w.message) for w in caught]
-    if len(data) % FITS_BLOCK or any("truncated" in m for m in msgs):
-        raise QuarantineError("truncated", f"{name}: file length {len(data)} bytes is not a whole number of "
-                                           f"{FITS_BLOCK}-byte FITS blocks; it was cut short")
+            if _cut_short(data, caught):
+                raise QuarantineError("truncated", f"{name}: file length {len(data)} bytes is shorter than its "
+                                                   f"headers say; it was cut short ({type(err).__name__}: "
+                                                   f"{err})") from None
+            raise QuarantineError("unreadable", f"{name}: astropy cannot read it ({type(err).__name__}: "
+                                                f"{err})") from None
+    if _cut_short(data, caught):
+        raise QuarantineError("truncated", f"{name}: file length {len(data)} bytes is shorter than its headers "
+                                           f"say (or not a whole number of {FITS_BLOCK}-byte blocks); it was "
+                                           f"cut short")
     return primary, arrays
+
+
+def _cut_short(data: bytes, caught) -> bool:
+    return len(data) % FITS_BLOCK != 0 or any("truncated" in str(w.message) for w in caught)
 
 
 def _number(primary: dict, key: str, name: str, *, default=None, low=-math.inf, high=math.inf) -> float:
@@ -218,16 +273,16 @@ def _number(primary: dict, key: str, name: str, *, default=None, low=-math.inf, 
     return v
 
 
-def _pixel_scale(header, name: str, band: str) -> float:
+def _pixel_scale(header: dict, name: str, band: str) -> float:
     if "PIXSCALE" in header:
-        return _number(dict(header), "PIXSCALE", f"{name}: IMAGE_{band}", low=1e-6, high=3600.0)
+        return _number(header, "PIXSCALE", f"{name}: IMAGE_{band}", low=1e-6, high=3600.0)
     from astropy.wcs import WCS
     from astropy.wcs.utils import proj_plane_pixel_scales
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            wcs = WCS(header)
+            wcs = WCS(header["_header"])
         except Exception:
             wcs = None
     if wcs is None or not wcs.has_celestial:
@@ -268,7 +323,9 @@ def _read_bands(primary, arrays, *, name, survey: SurveySpec, objid, ra, dec) ->
         raise QuarantineError("no_image_hdu", f"{name}: no IMAGE_<band> extension (extensions: {list(arrays)})")
     found: dict[str, tuple] = {}
     ignored = []
-    for ext, (hdr, arr) in image_ext.items():
+    for ext, (header, arr) in image_ext.items():
+        hdr = dict(header)  # parse each card once: astropy's per-access parsing dominates read time
+        hdr["_header"] = header
         band_name = str(hdr.get("BAND", ext))
         if survey.has_band(band_name):
             found[survey.canonical_band(band_name)] = (ext, hdr, arr)
@@ -308,7 +365,7 @@ def _read_bands(primary, arrays, *, name, survey: SurveySpec, objid, ra, dec) ->
             continue
         ext, hdr, arr = found[band]
         bflags: list[str] = []
-        where = f"{name}: IMAGE_{ext}"
+        where = f"{name}: IMAGE_{band}"
         arr = arr.astype(np.float32, copy=True)
         bad = ~np.isfinite(arr)
         if bad.mean() > MAX_NAN_FRACTION:
@@ -319,18 +376,22 @@ def _read_bands(primary, arrays, *, name, survey: SurveySpec, objid, ra, dec) ->
             bflags.append("nan_masked")
         magzp = hdr.get("MAGZP")
         scale[i] = nanomaggies_per_unit(str(hdr.get("BUNIT", "")), magzp, where=where)
-        pixel_scales.append(_pixel_scale(hdr, name, ext))
+        pixel_scales.append(_pixel_scale(hdr, name, band))
         var_entry = arrays.get(f"VAR_{ext}")
         if var_entry is not None and var_entry[1] is not None:
             var = var_entry[1].astype(np.float32, copy=True)
             if var.shape != shape:
-                raise QuarantineError("shape_mismatch", f"{name}: VAR_{ext} has shape {var.shape}, "
-                                                        f"IMAGE_{ext} {shape}")
+                raise QuarantineError("shape_mismatch", f"{name}: VAR_{band} has shape {var.shape}, "
+                                                        f"IMAGE_{band} {shape}")
             vbad = ~np.isfinite(var)
             if (var[~vbad] < 0).any():
-                raise QuarantineError("negative_variance", f"{name}: VAR_{ext} has {(var[~vbad] < 0).sum()} "
+                raise QuarantineError("negative_variance", f"{name}: VAR_{band} has {(var[~vbad] < 0).sum()} "
                                                            f"negative pixels (min {var[~vbad].min():.3g})")
             bad |= vbad
+            if bad.mean() > MAX_NAN_FRACTION:
+                raise QuarantineError("mostly_nan", f"{where} with VAR_{band} is {bad.mean():.0%} NaN (more "
+                                                    f"than {MAX_NAN_FRACTION:.0%})")
+            arr[bad] = 0.0
             var[bad] = 0.0
             if vbad.any() and "nan_masked" not in bflags:
                 bflags.append("nan_masked")
@@ -345,11 +406,11 @@ def _read_bands(primary, arrays, *, name, survey: SurveySpec, objid, ra, dec) ->
             psf = psf_entry[1].astype(np.float64)
             if (psf.ndim != 2 or psf.shape[0] != psf.shape[1] or psf.shape[0] % 2 == 0
                     or not np.isfinite(psf).all() or psf.sum() <= 0):
-                raise QuarantineError("bad_psf", f"{name}: PSF_{ext} has shape {psf.shape}; it must be an odd "
+                raise QuarantineError("bad_psf", f"{name}: PSF_{band} has shape {psf.shape}; it must be an odd "
                                                  f"square finite image with positive sum")
             psf = psf / psf.sum()
         if "PSFFWHM" in hdr:
-            fwhm[i] = _number(dict(hdr), "PSFFWHM", where, low=1e-4, high=60.0)
+            fwhm[i] = _number(hdr, "PSFFWHM", where, low=1e-4, high=60.0)
         elif psf is not None:
             fwhm[i] = measure_fwhm_px(psf) * pixel_scales[-1]
             bflags.append("fwhm_from_psf")

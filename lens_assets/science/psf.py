@@ -9,17 +9,22 @@ from scipy import ndimage
 
 __all__ = ["measure_fwhm_px"]
 
+_PIXEL_FWHM2 = (2.0 * math.sqrt(2.0 * math.log(2.0))) ** 2 / 12.0  # a 1-px box has variance 1/12
 
-def measure_fwhm_px(psf: np.ndarray, *, upsample: int = 4) -> float:
-    """FWHM in pixels of a centred PSF image, from the area above half maximum.
 
-    ``FWHM = 2 sqrt(A / pi)`` for the area ``A`` where the (bilinearly
-    upsampled) image is at least half its peak: exact for a circular profile of
-    any shape, the geometric mean of the axes for an elliptical one.
+def measure_fwhm_px(psf: np.ndarray, *, upsample: int = 8) -> float:
+    """FWHM in pixels of a centred, pixel-integrated PSF image.
+
+    The image is upsampled with a cubic spline; the area ``A`` at or above half
+    the peak gives ``FWHM = 2 sqrt(A / pi)`` (exact for any circular profile),
+    and the pixel response is removed in quadrature (exact for a Gaussian core:
+    a 1-px box adds variance 1/12). Within 1% for Gaussians of 2-6 px FWHM and
+    2% for Moffat profiles of 3 px or more.
     """
     psf = np.asarray(psf, dtype=float)
     if psf.ndim != 2 or not np.isfinite(psf).all() or psf.max() <= 0:
         raise ValueError(f"PSF image must be a finite 2-D array with a positive peak; got shape {psf.shape}")
-    fine = ndimage.zoom(psf, upsample, order=1, grid_mode=False)
+    fine = ndimage.zoom(psf, upsample, order=3, grid_mode=True, mode="grid-constant")
     area_px = np.count_nonzero(fine >= 0.5 * fine.max()) / upsample**2
-    return 2.0 * math.sqrt(area_px / math.pi)
+    observed2 = 4.0 * area_px / math.pi
+    return math.sqrt(max(observed2 - _PIXEL_FWHM2, 0.0))

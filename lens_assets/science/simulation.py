@@ -76,6 +76,7 @@ class PointComponent:
     mag_ref: float
     color_beta: float
     lensed: bool
+    source_xy: tuple[float, float] | None = None  # unlensed position of a lensed point source
 
 
 @dataclass(frozen=True)
@@ -220,7 +221,9 @@ def _lensed_points(kwargs_lens, src, mag, beta, survey: SurveySpec) -> PointComp
         src[0], src[1], list(kwargs_lens), min_distance=survey.pixel_scale_arcsec / 4,
         search_window=survey.cutout_size_arcsec, precision_limit=1e-10, num_iter_max=100)
     mu = np.abs(lens_model.magnification(x, y, list(kwargs_lens)))
-    return PointComponent(tuple(map(float, x)), tuple(map(float, y)), tuple(map(float, mu)), mag, beta, lensed=True)
+    keep = np.hypot(x - kwargs_lens[0]["center_x"], y - kwargs_lens[0]["center_y"]) > 1e-6  # no image at the SIE's singular core
+    return PointComponent(tuple(map(float, x[keep])), tuple(map(float, y[keep])), tuple(map(float, mu[keep])), mag,
+                          beta, lensed=True, source_xy=(float(src[0]), float(src[1])))
 
 
 def _decorate_negative(kind: str, family: Family, rng, components: list, points: list, gal_mag: float,
@@ -288,11 +291,12 @@ def _add_knots(components, family, rng, x, y, rot, gal_mag, flux_fraction, color
 
 
 def psf_kernel(profile: str, fwhm_px: float, *, moffat_beta: float = 3.0, size: int | None = None,
-               max_size: int | None = None, oversample: int = 5) -> np.ndarray:
+               max_size: int | None = None, oversample: int = 3) -> np.ndarray:
     """A normalized, pixel-integrated Gaussian or Moffat PSF image of odd size.
 
     The default size covers 3 FWHM (Gaussian) or 5 FWHM (Moffat) on each side,
-    at least 11 px and at most ``max_size``.
+    at least 11 px and at most ``max_size``. Gaussian pixels are integrated
+    exactly (erf); Moffat pixels on an ``oversample`` x ``oversample`` grid.
     """
     if profile not in ("gaussian", "moffat"):
         raise ValueError(f"psf profile {profile!r} is not one of ['gaussian', 'moffat']")
@@ -306,16 +310,19 @@ def psf_kernel(profile: str, fwhm_px: float, *, moffat_beta: float = 3.0, size: 
     if size % 2 == 0:
         raise ValueError(f"psf size must be odd, got {size}")
     half = size // 2
-    sub = (np.arange(size * oversample) + 0.5) / oversample - half - 0.5
-    xx, yy = np.meshgrid(sub, sub)
-    r2 = xx**2 + yy**2
-    if profile == "gaussian":
+    if profile == "gaussian":  # separable: exact pixel integrals from erf
+        from scipy.special import erf
+
         sigma = fwhm_px / (2.0 * math.sqrt(2.0 * math.log(2.0)))
-        fine = np.exp(-0.5 * r2 / sigma**2)
+        edges = (np.arange(size + 1) - half - 0.5) / (math.sqrt(2.0) * sigma)
+        line = np.diff(erf(edges))
+        kernel = np.outer(line, line)
     else:
+        sub = (np.arange(size * oversample) + 0.5) / oversample - half - 0.5
+        r2 = sub[:, None] ** 2 + sub[None, :] ** 2
         alpha = fwhm_px / (2.0 * math.sqrt(2.0 ** (1.0 / moffat_beta) - 1.0))
         fine = (1.0 + r2 / alpha**2) ** (-moffat_beta)
-    kernel = fine.reshape(size, oversample, size, oversample).sum(axis=(1, 3))
+        kernel = fine.reshape(size, oversample, size, oversample).sum(axis=(1, 3))
     return kernel / kernel.sum()
 
 
@@ -360,22 +367,31 @@ def _data_class(survey: SurveySpec):
     return _GRID_CACHE[key]
 
 
+_SERSIC_MODEL = None
+
+
 def _unit_flux(component: LightComponent) -> float:
     """Total flux of the profile at amp = 1 (GAUSSIAN's amp already is its total flux)."""
+    global _SERSIC_MODEL
     if component.profile == "GAUSSIAN":
         return 1.0
-    from lenstronomy.LightModel.light_model import LightModel
+    if component.profile != "SERSIC_ELLIPSE":  # pragma: no cover - draw_system makes only these two
+        raise ValueError(f"no unit flux for profile {component.profile!r}")
+    if _SERSIC_MODEL is None:
+        from lenstronomy.LightModel.light_model import LightModel
 
-    kw = dict(component.shape, amp=1.0)
-    return float(LightModel([component.profile]).total_flux([kw])[0])
+        _SERSIC_MODEL = LightModel(["SERSIC_ELLIPSE"])
+    return float(_SERSIC_MODEL.total_flux([dict(component.shape, amp=1.0)])[0])
 
 
-def lenstronomy_band_setup(system: System, survey: SurveySpec, band: str) -> dict:
+def lenstronomy_band_setup(system: System, survey: SurveySpec, band: str, *,
+                           unit_fluxes: Sequence[float] | None = None) -> dict:
     """The lenstronomy classes and kwargs that draw ``system`` in ``band``.
 
     Returns ``image_model`` and ``kwargs_lens``, ``kwargs_source``,
     ``kwargs_lens_light``, ``kwargs_ps`` (what ``ImageModel.image`` takes), the PSF
-    kernel and the band's zero point.
+    kernel, the band's zero point, and the lenstronomy model lists (``*_list``)
+    so the same image can be drawn with lenstronomy alone.
     """
     from lenstronomy.ImSim.image_model import ImageModel
     from lenstronomy.LensModel.lens_model import LensModel
@@ -390,11 +406,15 @@ def lenstronomy_band_setup(system: System, survey: SurveySpec, band: str) -> dic
     kernel = psf_kernel(system.psf_profile, fwhm_px, moffat_beta=system.moffat_beta,
                         max_size=survey.cutout_size_px - 1)
 
+    if unit_fluxes is None:
+        unit_fluxes = [_unit_flux(c) for c in system.components]
+    unit = dict(zip(map(id, system.components), unit_fluxes))
+
     def amp_kwargs(components):
         out = []
         for c in components:
             flux = 10 ** (-0.4 * (_band_mag(c.mag_ref, c.color_beta, spec.wavelength_nm, ref.wavelength_nm) - zp))
-            out.append(dict(c.shape, amp=flux / _unit_flux(c)))
+            out.append(dict(c.shape, amp=flux / unit[id(c)]))
         return out
 
     source = [c for c in system.components if c.lensed]
@@ -417,7 +437,11 @@ def lenstronomy_band_setup(system: System, survey: SurveySpec, band: str) -> dic
     )
     return {"image_model": image_model, "kwargs_lens": list(system.kwargs_lens) or None,
             "kwargs_source": amp_kwargs(source) or None, "kwargs_lens_light": amp_kwargs(light) or None,
-            "kwargs_ps": kwargs_ps or None, "psf": kernel, "zero_point": zp}
+            "kwargs_ps": kwargs_ps or None, "psf": kernel, "zero_point": zp,
+            "lens_model_list": ["SIE", "SHEAR"] if lens_model else None,
+            "source_light_model_list": [c.profile for c in source] or None,
+            "lens_light_model_list": [c.profile for c in light] or None,
+            "point_source_type_list": ps_types or None}
 
 
 def render_system(system: System, survey: SurveySpec, rng: np.random.Generator) -> RenderedCutout:
@@ -430,8 +454,9 @@ def render_system(system: System, survey: SurveySpec, rng: np.random.Generator) 
     unlensed = np.zeros((nb, n, n))
     variance = np.zeros((nb, n, n))
     psfs, zps = [], []
+    unit_fluxes = [_unit_flux(c) for c in system.components]  # band-independent
     for i, band in enumerate(survey.band_names):
-        s = lenstronomy_band_setup(system, survey, band)
+        s = lenstronomy_band_setup(system, survey, band, unit_fluxes=unit_fluxes)
         im = s["image_model"]
         if s["kwargs_source"]:
             lensed[i] += im.source_surface_brightness(s["kwargs_source"], s["kwargs_lens"])

@@ -1,0 +1,80 @@
+"""Ingest throughput: `ingest_files` against a bare astropy open-and-read loop over the same files.
+
+    python benchmarks/bench_ingest.py [--survey des] [--n 1000]
+
+* bare astropy: ``fits.open`` each file and read every HDU's data, one process.
+* ingest, 1 worker: validation, quarantine rules, sha256, measurements, catalog rows.
+* ingest, all cores: the same over a process pool.
+Figures: ingest(1) / bare (target >= 0.7) and ingest(all) / ingest(1) (scaling).
+The files are simulated first (untimed) and read once before timing so every
+variant sees a warm page cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _util import cores, report, timed  # noqa: E402
+
+from lens_assets.science.families import load_family  # noqa: E402
+from lens_assets.science.ingest import find_fits, ingest_files  # noqa: E402
+from lens_assets.science.simulation import simulate_to_directory  # noqa: E402
+from lens_assets.science.surveys import get_survey  # noqa: E402
+
+
+def bare_astropy(paths):
+    from astropy.io import fits
+
+    total = 0.0
+    for p in paths:
+        with fits.open(p, memmap=False) as hdul:
+            for hdu in hdul:
+                if hdu.data is not None:
+                    total += float(hdu.data[0, 0])
+    return total
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--survey", default="des")
+    ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args(argv)
+    survey = get_survey(args.survey)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        simulate_to_directory(survey, load_family("baseline"), n_cutouts=args.n, seed=11,
+                              out_dir=root / "raw" / survey.name / "sim-11", workers=0, progress=False)
+        paths = find_fits(root / "raw" / survey.name)
+        size_mb = sum(p.stat().st_size for p in paths) / 1e6
+        bare_astropy(paths)  # warm the page cache and imports
+        ingest_files(paths[:20], survey, root=root, workers=1, progress=False)
+        t_bare = min(timed(bare_astropy, paths)[1] for _ in range(args.repeats))
+        t_one = min(timed(ingest_files, paths, survey, root=root, workers=1, progress=False)[1]
+                    for _ in range(args.repeats))
+        results = [timed(ingest_files, paths, survey, root=root, workers=0, progress=False)
+                   for _ in range(args.repeats)]
+        t_all = min(t for _, t in results)
+        assert len(results[0][0].catalog) == len(paths)
+    n, c = len(paths), cores()
+    rec = {"survey": survey.name, "n_files": n, "mb": size_mb, "cores": c,
+           "bare_files_per_s": n / t_bare, "ingest_1_files_per_s": n / t_one, "ingest_all_files_per_s": n / t_all,
+           "ingest_1_over_bare": t_bare / t_one, "scaling": t_one / t_all}
+    report("ingest", [
+        ("files", f"{n} {survey.name} cutouts, {survey.n_bands} bands x (image, var, psf), {size_mb:.0f} MB"),
+        ("bare astropy open+read (1 core)", f"{rec['bare_files_per_s']:.0f} files/s"),
+        ("ingest_files, 1 worker", f"{rec['ingest_1_files_per_s']:.0f} files/s  -> "
+                                   f"{rec['ingest_1_over_bare']:.2f}x bare (target >= 0.7x)"),
+        (f"ingest_files, {c} workers", f"{rec['ingest_all_files_per_s']:.0f} files/s  -> "
+                                       f"{rec['scaling']:.2f}x one worker"),
+    ], rec)
+    return rec
+
+
+if __name__ == "__main__":
+    main()

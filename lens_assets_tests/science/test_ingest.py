@@ -1,0 +1,577 @@
+"""The FITS inbox contract (read_cutout) and ingestion into the catalog / quarantine tables."""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lens_assets.science.families import load_family
+from lens_assets.science.fits_contract import (QUARANTINE_REASONS, BandHDUs, QuarantineError, read_cutout,
+                                               write_cutout, write_simulated_cutout)
+from lens_assets.science.ingest import find_fits, ingest_files
+from lens_assets.science.schemas import catalog_schema, quarantine_schema
+from lens_assets.science.simulation import simulate_one
+from lens_assets.science.surveys import get_survey
+
+# --------------------------------------------------------------------------- helpers
+
+DES = get_survey("des")
+BANDS = DES.band_names  # g r i z Y
+SIZE = DES.cutout_size_px  # 64
+PIX = 0.263
+FWHM_TO_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
+DROP = object()  # an override value meaning "remove this header card / band"
+DEFAULT = object()
+
+
+def gaussian_psf(size: int = 11, sigma_px: float = 1.5) -> np.ndarray:
+    """A centred, normalized, odd-sized square Gaussian PSF image."""
+    y, x = np.mgrid[:size, :size] - (size - 1) / 2
+    psf = np.exp(-(x**2 + y**2) / (2 * sigma_px**2))
+    return (psf / psf.sum()).astype(np.float32)
+
+
+def synthetic_image(seed: int, size: int = SIZE, *, noise: float = 1.0) -> np.ndarray:
+    """Gaussian noise plus a centred Gaussian blob (positive total flux)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[:size, :size] - (size - 1) / 2
+    blob = 50.0 * np.exp(-(x**2 + y**2) / (2 * 3.0**2))
+    return (blob + rng.normal(0.0, noise, (size, size))).astype(np.float32)
+
+
+def band_hdus(*, seed: int = 0, size: int = SIZE, image=DEFAULT, variance=DEFAULT, psf=DEFAULT,
+              header: dict | None = None) -> BandHDUs:
+    """One valid des band (nanomaggy, PIXSCALE, PSFFWHM, VAR and PSF); ``header`` values of DROP remove cards.
+
+    ``variance=None`` / ``psf=None`` leave those extensions out.
+    """
+    img = synthetic_image(seed, size) if image is DEFAULT else image
+    hdr = {"BUNIT": "nanomaggy", "PIXSCALE": PIX, "PSFFWHM": 1.0}
+    for key, value in (header or {}).items():
+        if value is DROP:
+            hdr.pop(key, None)
+        else:
+            hdr[key] = value
+    var = np.ones(np.shape(img), dtype=np.float32) if variance is DEFAULT else variance
+    return BandHDUs(image=img, header=hdr, variance=var, psf=gaussian_psf() if psf is DEFAULT else psf)
+
+
+def make_file(path: Path, *, objid: str = "obj-0", seed: int = 0, primary: dict | None = None,
+              bands: dict | None = None, **band_kwargs) -> bytes:
+    """Write a valid des inbox file to ``path`` and return its bytes.
+
+    ``primary`` updates the primary header (DROP removes a card); ``bands`` maps a band name
+    to a :class:`BandHDUs` (replacing or adding it) or to DROP (removing it); ``band_kwargs``
+    go to :func:`band_hdus` for every default band.
+    """
+    prim = {"OBJID": objid, "RA": 10.0 + 0.01 * seed, "DEC": -20.0, "SURVEY": "des"}
+    for key, value in (primary or {}).items():
+        if value is DROP:
+            prim.pop(key, None)
+        else:
+            prim[key] = value
+    all_bands = {b: band_hdus(seed=1000 * seed + i, **band_kwargs) for i, b in enumerate(BANDS)}
+    for band, value in (bands or {}).items():
+        if value is DROP:
+            all_bands.pop(band, None)
+        else:
+            all_bands[band] = value
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_cutout(path, prim, all_bands)
+    return path.read_bytes()
+
+
+def read(data: bytes, name: str = "inbox/des/test.fits"):
+    return read_cutout(data, name=name, survey=DES)
+
+
+def idx(band: str) -> int:
+    return BANDS.index(band)
+
+
+@pytest.fixture(scope="module")
+def simulated():
+    """Three simulated des cutouts of the baseline family (the first call builds lenstronomy's setup)."""
+    family = load_family("baseline")
+    return family, [simulate_one(DES, family, 7, i) for i in range(3)]
+
+
+# --------------------------------------------------------------------------- 1. round trip
+
+
+def test_round_trip_preserves_arrays_units_and_geometry(tmp_path):
+    rng = np.random.default_rng(42)
+    images = {b: rng.normal(100.0, 5.0, (SIZE, SIZE)).astype(np.float32) for b in BANDS}
+    variances = {b: rng.uniform(1.0, 9.0, (SIZE, SIZE)).astype(np.float32) for b in BANDS}
+    psfs = {b: gaussian_psf(11, 1.2 + 0.1 * i) for i, b in enumerate(BANDS)}
+    fwhms = {b: 0.9 + 0.05 * i for i, b in enumerate(BANDS)}
+    bands = {b: BandHDUs(image=images[b], variance=variances[b], psf=psfs[b],
+                         header={"BUNIT": "count/s", "MAGZP": 30.0, "PIXSCALE": PIX, "PSFFWHM": fwhms[b]})
+             for b in BANDS}
+    path = tmp_path / "rt.fits"
+    write_cutout(path, {"OBJID": "rt-1", "RA": 359.5, "DEC": -45.25, "SURVEY": "des"}, bands)
+
+    c = read_cutout(path.read_bytes(), name="rt.fits", survey=DES)
+
+    assert c.objid == "rt-1" and c.ra == 359.5 and c.dec == -45.25 and c.survey == "des"
+    assert c.bands == ("g", "r", "i", "z", "Y")
+    assert c.image.shape == c.variance.shape == (5, SIZE, SIZE)
+    for i, b in enumerate(BANDS):
+        np.testing.assert_array_equal(c.image[i], images[b])
+        np.testing.assert_array_equal(c.variance[i], variances[b])
+        assert c.psf[i].shape == (11, 11)
+        np.testing.assert_allclose(c.psf[i], psfs[b] / psfs[b].sum(dtype=np.float64), rtol=1e-6, atol=1e-9)
+        assert c.psf[i].sum() == pytest.approx(1.0, abs=1e-12)
+    # 10**(-0.4 * (30 - 22.5)) = 10**-3: a count/s image with ZP 30 is 1/1000 nanomaggy per unit
+    np.testing.assert_allclose(c.nmgy_per_unit, [1e-3] * 5, rtol=1e-12)
+    assert c.pixel_scale_arcsec == pytest.approx(PIX, abs=1e-12)
+    np.testing.assert_allclose(c.psf_fwhm_arcsec, [fwhms[b] for b in BANDS], rtol=1e-6)
+    assert not c.nan_mask.any()
+    assert c.band_flags == {} and c.ignored_bands == ()
+    assert c.present.all()
+
+
+def test_simulated_cutout_round_trips_with_truth(tmp_path, simulated):
+    family, cutouts = simulated
+    for k, sim in enumerate(cutouts):
+        path = tmp_path / f"sim-{k}.fits"
+        write_simulated_cutout(path, sim, survey=DES, family=family, seed=7)
+        c = read_cutout(path.read_bytes(), name=path.name, survey=DES)
+        s = sim.system
+        assert c.objid == s.objid
+        assert c.primary["LENS"] is bool(s.is_lens)
+        assert c.primary["FLUXRAT"] == pytest.approx(sim.flux_ratio, abs=1e-6)
+        assert c.primary["THETA_E"] == pytest.approx(s.theta_e_arcsec, abs=1e-5)
+        assert c.primary["LABELSRC"] == "sim:lenstronomy"
+        np.testing.assert_allclose(c.image, sim.image.astype(np.float32), rtol=1e-6)
+        np.testing.assert_allclose(c.variance, sim.variance.astype(np.float32), rtol=1e-6)
+        for i in range(len(BANDS)):
+            np.testing.assert_allclose(c.psf[i], sim.psf[i] / sim.psf[i].sum(), rtol=1e-5, atol=1e-8)
+        np.testing.assert_allclose(c.nmgy_per_unit, [10 ** (-0.4 * (zp - 22.5)) for zp in sim.zero_points],
+                                   rtol=1e-12)
+        np.testing.assert_allclose(c.psf_fwhm_arcsec, [s.psf_fwhm_arcsec[b] for b in BANDS], atol=1e-5)
+        assert c.pixel_scale_arcsec == pytest.approx(DES.pixel_scale_arcsec)
+        assert c.band_flags == {}
+
+
+# --------------------------------------------------------------------------- 2. quarantine reasons
+# Each builder returns (file bytes, fragments the message must contain besides the file name).
+
+
+def _unreadable(tmp):
+    data = np.random.default_rng(3).bytes(6000)
+    return data, ["not a FITS file", repr(data[:16])]
+
+
+def _truncated(tmp):
+    full = make_file(tmp / "full.fits")
+    data = full[:-3000]
+    return data, []
+
+
+def _truncated_padding(tmp):
+    # only padding of the last block is missing: astropy reads it, the length check catches it
+    full = make_file(tmp / "full.fits")
+    data = full[:-100]
+    return data, [f"file length {len(data)} bytes"]
+
+
+def _missing_objid(tmp):
+    return make_file(tmp / "f.fits", primary={"OBJID": DROP}), ["OBJID"]
+
+
+def _missing_ra(tmp):
+    return make_file(tmp / "f.fits", primary={"RA": DROP}), ["lacks RA"]
+
+
+def _bad_dec(tmp):
+    return make_file(tmp / "f.fits", primary={"DEC": 123}), ["DEC = 123"]
+
+
+def _survey_mismatch(tmp):
+    return make_file(tmp / "f.fits", primary={"SURVEY": "hsc"}), ["SURVEY = 'hsc'", "des"]
+
+
+def _no_image_hdu(tmp):
+    path = tmp / "f.fits"
+    write_cutout(path, {"OBJID": "obj-0", "RA": 10.0, "DEC": -20.0, "SURVEY": "des"}, {})
+    return path.read_bytes(), ["no IMAGE_<band> extension", "PRIMARY"]
+
+
+def _no_known_band(tmp):
+    bands = {b: DROP for b in BANDS} | {"F999": band_hdus()}
+    return make_file(tmp / "f.fits", bands=bands), ["F999"]
+
+
+def _not_2d(tmp):
+    # write_cutout refuses a 3-D image, so replace the r image of a valid file with astropy
+    from astropy.io import fits
+
+    make_file(tmp / "f.fits")
+    with fits.open(tmp / "f.fits") as hdul:
+        hdul["IMAGE_r"].data = np.zeros((3, SIZE, SIZE), dtype=np.float32)
+        hdul.writeto(tmp / "cube.fits")
+    return (tmp / "cube.fits").read_bytes(), ["IMAGE_r", "(3, 64, 64)"]
+
+
+def _not_square(tmp):
+    img = np.zeros((64, 63), dtype=np.float32)
+    return make_file(tmp / "f.fits", bands={"r": band_hdus(image=img)}), ["IMAGE_r", "(64, 63)"]
+
+
+def _shape_mismatch_bands(tmp):
+    img = synthetic_image(5, 70)
+    return make_file(tmp / "f.fits", bands={"r": band_hdus(image=img)}), ["IMAGE_r", "(70, 70)", "(64, 64)"]
+
+
+def _shape_mismatch_var(tmp):
+    var = np.ones((66, 66), dtype=np.float32)
+    return make_file(tmp / "f.fits", bands={"r": band_hdus(variance=var)}), ["VAR_r", "(66, 66)"]
+
+
+def _too_small(tmp):
+    return make_file(tmp / "f.fits", size=32), ["32x32", "64"]
+
+
+def _mostly_nan(tmp):
+    img = synthetic_image(1)
+    img[:40, :] = np.nan  # 62.5 %
+    return make_file(tmp / "f.fits", bands={"r": band_hdus(image=img)}), ["IMAGE_r", "62%"]
+
+
+def _negative_variance(tmp):
+    var = np.ones((SIZE, SIZE), dtype=np.float32)
+    var[3, 4] = -2.5
+    return make_file(tmp / "f.fits", bands={"r": band_hdus(variance=var)}), ["VAR_r", "1 negative", "-2.5"]
+
+
+def _missing_magzp(tmp):
+    return (make_file(tmp / "f.fits", bands={"r": band_hdus(header={"BUNIT": "count/s"})}),
+            ["IMAGE_r", "'count/s'", "MAGZP"])
+
+
+def _bad_bunit(tmp):
+    return make_file(tmp / "f.fits", bands={"r": band_hdus(header={"BUNIT": "Jy"})}), ["IMAGE_r", "'Jy'"]
+
+
+def _missing_pixscale(tmp):
+    return make_file(tmp / "f.fits", bands={"r": band_hdus(header={"PIXSCALE": DROP})}), ["IMAGE_r",
+                                                                                         "PIXSCALE"]
+
+
+def _pixscale_mismatch(tmp):
+    return make_file(tmp / "f.fits", bands={"r": band_hdus(header={"PIXSCALE": 0.3})}), ["0.263", "0.3"]
+
+
+def _bad_psf(tmp):
+    return make_file(tmp / "f.fits", bands={"r": band_hdus(psf=gaussian_psf(10))}), ["PSF_r", "(10, 10)"]
+
+
+QUARANTINE_CASES = [
+    # (case id, reason, builder, match pattern)
+    ("unreadable", "unreadable", _unreadable, r"not a FITS file"),
+    ("truncated", "truncated", _truncated, r"astropy cannot read it|cut short"),
+    ("truncated-padding", "truncated", _truncated_padding, r"cut short"),
+    ("missing_header-objid", "missing_header", _missing_objid, r"primary header lacks OBJID"),
+    ("missing_header-ra", "missing_header", _missing_ra, r"primary header lacks RA"),
+    ("bad_header_value", "bad_header_value", _bad_dec, r"DEC = 123 is outside"),
+    ("survey_mismatch", "survey_mismatch", _survey_mismatch, r"SURVEY = 'hsc' but this is the des survey"),
+    ("no_image_hdu", "no_image_hdu", _no_image_hdu, r"no IMAGE_<band> extension"),
+    ("no_known_band", "no_known_band", _no_known_band, r"bands \['F999'\] are not des bands"),
+    ("not_2d", "not_2d", _not_2d, r"must be 2-D"),
+    ("not_square", "not_square", _not_square, r"\(64, 63\); cutouts must be square"),
+    ("shape_mismatch", "shape_mismatch", _shape_mismatch_bands, r"IMAGE_r has shape \(70, 70\)"),
+    ("shape_mismatch-var", "shape_mismatch", _shape_mismatch_var, r"VAR_r has shape \(66, 66\)"),
+    ("too_small", "too_small", _too_small, r"smaller than the des cutout size 64 px"),
+    ("mostly_nan", "mostly_nan", _mostly_nan, r"NaN \(more than 50%\)"),
+    ("negative_variance", "negative_variance", _negative_variance, r"negative pixels"),
+    ("missing_magzp", "missing_magzp", _missing_magzp, r"needs MAGZP"),
+    ("bad_bunit", "bad_bunit", _bad_bunit, r"BUNIT 'Jy' is not one of"),
+    ("missing_pixscale", "missing_pixscale", _missing_pixscale, r"neither PIXSCALE nor a celestial WCS"),
+    ("pixscale_mismatch", "pixscale_mismatch", _pixscale_mismatch, r"differ by more than 1%"),
+    ("bad_psf", "bad_psf", _bad_psf, r"odd square finite image"),
+]
+
+
+@pytest.mark.parametrize("reason,build,pattern", [pytest.param(r, b, p, id=i) for i, r, b, p in QUARANTINE_CASES])
+def test_read_cutout_quarantines(tmp_path, reason, build, pattern):
+    data, fragments = build(tmp_path)
+    name = f"inbox/des/case-{reason}.fits"
+    with pytest.raises(QuarantineError, match=pattern) as err:
+        read_cutout(data, name=name, survey=DES)
+    assert err.value.reason == reason
+    assert err.value.message == str(err.value)
+    assert err.value.message.startswith(f"{name}: ")
+    for fragment in fragments:  # extension names may be upper-cased, so compare case-insensitively
+        assert fragment.lower() in err.value.message.lower()
+    # once the primary header is read, the error carries the OBJID for the quarantine table
+    if reason not in ("unreadable", "truncated") and "OBJID" not in fragments:
+        assert err.value.objid == "obj-0"
+
+
+def test_every_reason_read_cutout_can_raise_has_a_case():
+    covered = {reason for _, reason, _, _ in QUARANTINE_CASES}
+    # duplicate_objid needs two files: ingest_files decides it (test_hundred_files_ten_broken)
+    assert covered == set(QUARANTINE_REASONS) - {"duplicate_objid"}
+
+
+def test_block_aligned_truncation_is_truncated(tmp_path):
+    full = make_file(tmp_path / "full.fits")
+    with pytest.raises(QuarantineError) as err:
+        read(full[:-2880])
+    assert err.value.reason == "truncated", err.value.message
+
+
+@pytest.mark.parametrize("magzp", ["thirty", -1000.0, 1000.0], ids=["non_numeric", "overflow", "underflow"])
+def test_bad_magzp_is_quarantined_not_fatal(tmp_path, magzp):
+    make_file(tmp_path / "a_good.fits", objid="good")
+    make_file(tmp_path / "b_bad.fits", objid="bad",
+              bands={"r": band_hdus(header={"BUNIT": "count/s", "MAGZP": magzp})})
+    result = ingest_files(find_fits(tmp_path), DES, root=tmp_path, workers=1, progress=False)
+    assert len(result.catalog) == 1 and len(result.quarantine) == 1
+    q = result.quarantine.iloc[0]
+    assert q["reason"] == "bad_header_value"
+    assert "b_bad.fits: IMAGE_r" in q["message"] and "MAGZP" in q["message"]
+    assert result.quarantine["reason"].iloc[0] == "bad_header_value"
+
+
+# --------------------------------------------------------------------------- 3. accepted with flags
+
+
+def test_partial_nans_are_zeroed_masked_and_flagged(tmp_path):
+    img = synthetic_image(9)
+    bad = np.zeros_like(img, dtype=bool)
+    bad[10:20, 5:30] = True  # 250 px, 6 %
+    bad[50, 50] = True
+    img[bad] = np.nan
+    c = read(make_file(tmp_path / "f.fits", bands={"r": band_hdus(image=img)}))
+    r = idx("r")
+    np.testing.assert_array_equal(c.nan_mask[r], bad)
+    assert (c.image[r][bad] == 0).all()
+    np.testing.assert_array_equal(c.image[r][~bad], img[~bad])
+    assert (c.variance[r][bad] == 0).all() and (c.variance[r][~bad] == 1).all()
+    assert c.band_flags == {"r": ["nan_masked"]}
+    assert not c.nan_mask[[i for i in range(5) if i != r]].any()
+    assert np.isfinite(c.image).all()
+
+
+def test_missing_band_is_zero_filled_and_flagged(tmp_path):
+    c = read(make_file(tmp_path / "f.fits", bands={"z": DROP}))
+    z = idx("z")
+    assert c.band_flags == {"z": ["missing"]}
+    assert (c.image[z] == 0).all() and (c.variance[z] == 0).all()
+    assert c.psf[z] is None
+    assert c.psf_fwhm_arcsec[z] == pytest.approx(DES.band("z").seeing_fwhm_arcsec)
+    np.testing.assert_array_equal(c.present, [b != "z" for b in BANDS])
+    assert (c.image[idx("g")] != 0).any()
+
+
+def test_unknown_band_is_ignored_and_reported(tmp_path):
+    c = read(make_file(tmp_path / "f.fits", bands={"F999": band_hdus(seed=99)}))
+    assert c.ignored_bands == ("F999",)
+    assert c.bands == BANDS and c.image.shape[0] == 5
+    assert c.band_flags == {}
+
+
+def test_missing_variance_is_derived_from_sky_noise(tmp_path):
+    rng = np.random.default_rng(0)
+    noise = rng.normal(0.0, 2.0, (SIZE, SIZE)).astype(np.float32)
+    c = read(make_file(tmp_path / "f.fits", bands={"i": band_hdus(image=noise, variance=None)}))
+    i = idx("i")
+    assert c.band_flags == {"i": ["var_derived"]}
+    assert np.ptp(c.variance[i]) == 0  # one value everywhere
+    assert c.variance[i][0, 0] == pytest.approx(4.0, rel=0.10)
+
+
+@pytest.mark.parametrize("size,sigma_px", [(11, 1.5), (21, 2.0)])
+def test_missing_fwhm_is_measured_from_psf(tmp_path, size, sigma_px):
+    psf = gaussian_psf(size, sigma_px)
+    c = read(make_file(tmp_path / "f.fits", bands={"g": band_hdus(psf=psf, header={"PSFFWHM": DROP})}))
+    g = idx("g")
+    assert c.band_flags == {"g": ["fwhm_from_psf"]}
+    assert c.psf_fwhm_arcsec[g] == pytest.approx(FWHM_TO_SIGMA * sigma_px * PIX, rel=0.05)
+    assert c.psf_fwhm_arcsec[idx("r")] == 1.0  # header value where present
+
+
+def test_missing_fwhm_and_psf_uses_nominal_seeing(tmp_path):
+    c = read(make_file(tmp_path / "f.fits", bands={"Y": band_hdus(psf=None, header={"PSFFWHM": DROP})}))
+    y = idx("Y")
+    assert c.band_flags == {"Y": ["fwhm_nominal"]}
+    assert c.psf_fwhm_arcsec[y] == DES.band("Y").seeing_fwhm_arcsec
+    assert c.psf[y] is None
+
+
+WCS_CD = {"CTYPE1": "RA---TAN", "CTYPE2": "DEC--TAN", "CRVAL1": 10.0, "CRVAL2": -20.0, "CRPIX1": 32.5,
+          "CRPIX2": 32.5, "CD1_1": -PIX / 3600, "CD1_2": 0.0, "CD2_1": 0.0, "CD2_2": PIX / 3600}
+WCS_CDELT = {"CTYPE1": "RA---TAN", "CTYPE2": "DEC--TAN", "CRVAL1": 10.0, "CRVAL2": -20.0, "CRPIX1": 32.5,
+             "CRPIX2": 32.5, "CDELT1": -PIX / 3600, "CDELT2": PIX / 3600}
+
+
+@pytest.mark.parametrize("wcs", [WCS_CD, WCS_CDELT], ids=["cd_matrix", "cdelt"])
+def test_wcs_gives_pixel_scale(tmp_path, wcs):
+    c = read(make_file(tmp_path / "f.fits", header={"PIXSCALE": DROP, **wcs}))
+    assert c.pixel_scale_arcsec == pytest.approx(PIX, abs=1e-6)
+
+
+@pytest.mark.parametrize("bunit,magzp,factor", [("nanomaggy", None, 1.0), ("count/s", 22.5, 1.0),
+                                                ("adu", 25.0, 0.1), ("count/s", 30.0, 1e-3)])
+def test_flux_unit_factor(tmp_path, bunit, magzp, factor):
+    header = {"BUNIT": bunit} | ({"MAGZP": magzp} if magzp is not None else {})
+    c = read(make_file(tmp_path / "f.fits", header=header))
+    np.testing.assert_allclose(c.nmgy_per_unit, [factor] * 5, rtol=1e-12)
+
+
+# --------------------------------------------------------------------------- 4. provenance
+
+
+def test_label_provenance(tmp_path):
+    inbox = tmp_path / "inbox"
+    make_file(inbox / "a_pretrain.fits", objid="pre", seed=1,
+              primary={"LENS": True, "LABELSRC": "pretrain:galaxiesml", "LABELCNF": 0.8})
+    make_file(inbox / "b_weak.fits", objid="weak", seed=2,
+              primary={"LENS": True, "LABELSRC": "weak:gzoo", "LABELCNF": 0.9})
+    make_file(inbox / "c_unlabeled.fits", objid="none", seed=3)
+    make_file(inbox / "d_sim.fits", objid="sim", seed=4,
+              primary={"LENS": False, "LABELSRC": "sim:lenstronomy", "LABELCNF": 1.0})
+    result = ingest_files(find_fits(inbox), DES, root=tmp_path, workers=1, progress=False)
+    assert result.quarantine.empty
+    cat = catalog_schema(DES).validate(result.catalog, lazy=True).set_index("objid")
+
+    assert cat.loc["pre", "usable_for_training"] == False  # noqa: E712 (numpy bool)
+    assert cat.loc["pre", "label"] == 1 and cat.loc["pre", "label_source"] == "pretrain:galaxiesml"
+
+    assert cat.loc["weak", "label_confidence"] < 0.5
+    assert cat.loc["weak", "usable_for_training"] == True  # noqa: E712
+    assert re.search(r"weak label confidence 0\.9 capped", cat.loc["weak", "notes"])
+
+    assert cat.loc["none", "label"] == -1 and cat.loc["none", "label_source"] == "none"
+    assert cat.loc["none", "usable_for_training"] == False  # noqa: E712
+
+    assert cat.loc["sim", "label"] == 0 and cat.loc["sim", "label_confidence"] == 1.0
+    assert cat.loc["sim", "usable_for_training"] == True and cat.loc["sim", "notes"] == ""  # noqa: E712
+
+
+def test_catalog_row_reports_flags_and_ignored_bands(tmp_path):
+    inbox = tmp_path / "inbox"
+    make_file(inbox / "f.fits", objid="flags", bands={"z": DROP, "F999": band_hdus(seed=5),
+                                                     "g": band_hdus(variance=None)})
+    result = ingest_files(find_fits(inbox), DES, root=tmp_path, workers=1, progress=False)
+    row = catalog_schema(DES).validate(result.catalog).iloc[0]
+    assert row["n_bands_present"] == 4
+    assert row["band_flags"] == "g:var_derived;z:missing"
+    assert row["ignored_bands"] == "F999" and "F999" in row["notes"]
+    assert row["variance_map_available"] == False  # noqa: E712
+    assert math.isnan(row["flux_z"]) and row["flux_g"] > 0
+
+
+# --------------------------------------------------------------------------- 5. headline
+
+
+def _write_inbox(inbox: Path, simulated) -> dict[str, str]:
+    """90 valid files and 10 broken ones in ``inbox``; returns {broken file name: expected reason}."""
+    family, sims = simulated
+    for k, sim in enumerate(sims):
+        write_simulated_cutout(inbox / f"good_{k:03d}.fits", sim, survey=DES, family=family, seed=7)
+    for k in range(len(sims), 90):
+        make_file(inbox / f"good_{k:03d}.fits", objid=f"good-{k:03d}", seed=k)
+
+    broken = {}
+    (inbox / "bad_unreadable.fits").write_bytes(np.random.default_rng(0).bytes(5000))
+    broken["bad_unreadable.fits"] = "unreadable"
+    data = make_file(inbox / "bad_truncated.fits", objid="bad-trunc", seed=101)
+    (inbox / "bad_truncated.fits").write_bytes(data[:-3000])
+    broken["bad_truncated.fits"] = "truncated"
+    make_file(inbox / "bad_no_objid.fits", seed=102, primary={"OBJID": DROP})
+    broken["bad_no_objid.fits"] = "missing_header"
+    make_file(inbox / "bad_dec.fits", objid="bad-dec", seed=103, primary={"DEC": 123})
+    broken["bad_dec.fits"] = "bad_header_value"
+    make_file(inbox / "bad_survey.fits", objid="bad-survey", seed=104, primary={"SURVEY": "hsc"})
+    broken["bad_survey.fits"] = "survey_mismatch"
+    make_file(inbox / "bad_not_square.fits", objid="bad-square", seed=105,
+              bands={"i": band_hdus(image=np.zeros((64, 63), np.float32))})
+    broken["bad_not_square.fits"] = "not_square"
+    make_file(inbox / "bad_small.fits", objid="bad-small", seed=106, size=32)
+    broken["bad_small.fits"] = "too_small"
+    nan_img = synthetic_image(107)
+    nan_img[::, :48] = np.nan
+    make_file(inbox / "bad_nan.fits", objid="bad-nan", seed=107, bands={"g": band_hdus(image=nan_img)})
+    broken["bad_nan.fits"] = "mostly_nan"
+    make_file(inbox / "bad_bunit.fits", objid="bad-bunit", seed=108, header={"BUNIT": "Jy"})
+    broken["bad_bunit.fits"] = "bad_bunit"
+    shutil.copyfile(inbox / "good_050.fits", inbox / "zz_copy_of_good_050.fits")
+    broken["zz_copy_of_good_050.fits"] = "duplicate_objid"
+    return broken
+
+
+def _sorted(df: pd.DataFrame, key: str) -> pd.DataFrame:
+    return df.sort_values(key).reset_index(drop=True)
+
+
+def test_hundred_files_ten_broken(tmp_path, simulated):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    broken = _write_inbox(inbox, simulated)
+    paths = find_fits(inbox)
+    assert len(paths) == 100
+
+    result = ingest_files(paths, DES, root=tmp_path, workers=1, progress=False)
+    cat, quar = result.catalog, result.quarantine
+
+    assert result.n_files == 100 == len(cat) + len(quar)
+    assert len(cat) == 90 and len(quar) == 10
+    assert quar["reason"].nunique() == 10
+    assert dict(zip(quar["source_file"], quar["reason"])) == {f"inbox/{n}": r for n, r in broken.items()}
+    assert (quar["message"].str.len() > 0).all()
+    for _, q in quar.iterrows():
+        assert q["source_file"] in q["message"]
+    dup = quar.set_index("reason").loc["duplicate_objid"]
+    assert dup["objid"] == "good-050" and "inbox/good_050.fits" in dup["message"]
+
+    catalog_schema(DES).validate(cat, lazy=True)
+    quarantine_schema().validate(quar, lazy=True)
+
+    family, sims = simulated
+    expected_ids = {s.system.objid for s in sims} | {f"good-{k:03d}" for k in range(len(sims), 90)}
+    assert set(cat["objid"]) == expected_ids
+    assert set(cat["source_file"]) == {f"inbox/good_{k:03d}.fits" for k in range(90)}
+    for table in (cat, quar):
+        for name in table["source_file"]:
+            assert not Path(name).is_absolute() and (tmp_path / name).is_file()
+    labeled = cat.set_index("objid").loc[[s.system.objid for s in sims]]
+    assert list(labeled["label"]) == [int(s.system.is_lens) for s in sims]
+    assert (labeled["label_source"] == "sim:lenstronomy").all()
+
+    parallel = ingest_files(paths, DES, root=tmp_path, workers=2, progress=False)
+    assert parallel.n_files == 100
+    pd.testing.assert_frame_equal(_sorted(parallel.catalog, "objid"), _sorted(cat, "objid"))
+    pd.testing.assert_frame_equal(_sorted(parallel.quarantine, "source_file"), _sorted(quar, "source_file"))
+
+
+def test_written_files_are_standard_fits_that_astropy_verifies(tmp_path):
+    from astropy.io import fits
+
+    make_file(tmp_path / "a.fits", primary={"NOTE": "it's", "BIGNUM": 1.2345678901234567e300, "N": -3, "OK": False})
+    with fits.open(tmp_path / "a.fits") as hdul:
+        hdul.verify("exception")
+        head = hdul[0].header
+        assert (head["NOTE"], head["BIGNUM"], head["N"], head["OK"]) == ("it's", 1.2345678901234567e300, -3, False)
+        assert [h.name for h in hdul][:4] == ["PRIMARY", "IMAGE_g", "VAR_g", "PSF_g"]  # band case kept
+        assert hdul["IMAGE_G"].data.dtype.kind == "f" and hdul["IMAGE_G"].data.dtype.itemsize == 4
+
+
+@pytest.mark.parametrize("primary,match", [
+    ({"TOOLONGKEY": 1}, r"FITS keyword 'TOOLONGKEY' must be at most 8 characters"),
+    ({"NOTE": "x" * 80}, r"FITS keyword NOTE: string 'x+' is longer than 68 ASCII characters"),
+    ({"BAD": float("nan")}, r"FITS keyword BAD: value nan is not finite"),
+    ({"OBJ": [1, 2]}, r"FITS keyword OBJ: unsupported value type list"),
+])
+def test_writer_rejects_what_fits_cannot_hold(tmp_path, primary, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        make_file(tmp_path / "a.fits", primary=primary)

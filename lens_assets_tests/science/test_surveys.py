@@ -1,0 +1,95 @@
+import pytest
+
+from lens_assets.science.surveys import (SURVEY_NAMES, SURVEYS, get_survey, limiting_magnitude,
+                                         zero_point_from_depth)
+
+
+def _lenstronomy_presets():
+    from lenstronomy.SimulationAPI.ObservationConfig.DES import DES
+    from lenstronomy.SimulationAPI.ObservationConfig.Euclid import Euclid
+    from lenstronomy.SimulationAPI.ObservationConfig.HST import HST
+    from lenstronomy.SimulationAPI.ObservationConfig.LSST import LSST
+
+    for b in "grizY":
+        yield "des", b, DES(band=b, coadd_years=3).kwargs_single_band()
+    for b in "ugrizy":
+        yield "lsst", b, LSST(band=b, coadd_years=10).kwargs_single_band()
+    for b in ("VIS", "Y", "J", "H"):
+        yield "euclid", b, Euclid(band=b).kwargs_single_band()
+    yield "hst", "F160W", HST(band="WFC3_F160W", psf_type="GAUSSIAN").kwargs_single_band()
+
+
+@pytest.mark.parametrize("survey,band,preset", list(_lenstronomy_presets()),
+                         ids=lambda x: x if isinstance(x, str) else "")
+def test_registry_agrees_with_lenstronomy(survey, band, preset):
+    b = get_survey(survey).band(band)
+    assert b.seeing_fwhm_arcsec == preset["seeing"]
+    assert b.magnitude_zero_point == preset["magnitude_zero_point"]
+    assert b.sky_brightness == preset["sky_brightness"]
+    assert b.exposure_time_s == preset["exposure_time"]
+    assert b.num_exposures == preset["num_exposures"]
+    assert b.read_noise_e == preset["read_noise"]
+    assert b.ccd_gain == preset["ccd_gain"]
+    assert b.native_pixel_scale_arcsec == preset["pixel_scale"]
+
+
+def test_ground_survey_grid_is_lenstronomy_pixel_scale():
+    from lenstronomy.SimulationAPI.ObservationConfig.DES import DES
+    from lenstronomy.SimulationAPI.ObservationConfig.LSST import LSST
+
+    assert get_survey("des").pixel_scale_arcsec == DES().kwargs_single_band()["pixel_scale"]
+    assert get_survey("lsst").pixel_scale_arcsec == LSST().kwargs_single_band()["pixel_scale"]
+
+
+@pytest.mark.parametrize("survey,depths", [
+    ("hsc", {"g": 26.5, "r": 26.1, "i": 25.9, "z": 25.1, "y": 24.4}),
+    ("kids", {"u": 24.2, "g": 25.1, "r": 25.0, "i": 23.7}),
+    ("sdss", {"u": 22.0, "g": 22.2, "r": 22.2, "i": 21.3, "z": 20.5}),
+])
+def test_written_out_surveys_reproduce_their_cited_depths(survey, depths):
+    s = get_survey(survey)
+    for band, depth in depths.items():
+        assert limiting_magnitude(s.band(band), s.pixel_scale_arcsec) == pytest.approx(depth, abs=0.01)
+
+
+def test_zero_point_and_depth_are_inverse():
+    b = get_survey("des").band("r")
+    m5 = limiting_magnitude(b, 0.263)
+    zp = zero_point_from_depth(m5, sky_brightness=b.sky_brightness, seeing_fwhm_arcsec=b.seeing_fwhm_arcsec,
+                               pixel_scale_arcsec=0.263, exposure_time_s=b.exposure_time_s,
+                               num_exposures=b.num_exposures, read_noise_e=b.read_noise_e)
+    assert zp == pytest.approx(b.magnitude_zero_point, abs=1e-6)
+
+
+def test_deeper_exposure_reaches_fainter():
+    b = get_survey("des").band("r")
+    from dataclasses import replace
+
+    deeper = replace(b, num_exposures=b.num_exposures * 4)  # 4x the time: ~0.75 mag deeper when sky-limited
+    assert limiting_magnitude(deeper, 0.263) - limiting_magnitude(b, 0.263) == pytest.approx(0.753, abs=0.05)
+
+
+def test_hst_has_f814w_and_f160w_and_every_survey_is_sane():
+    assert get_survey("hst").band_names == ("F814W", "F160W")
+    assert set(SURVEYS) == set(SURVEY_NAMES) == {"des", "hsc", "lsst", "euclid", "hst", "kids", "sdss"}
+    for s in SURVEYS.values():
+        assert s.has_band(s.reference_band)
+        assert s.cutout_size_arcsec > 6.0, s.name
+        assert all(b.seeing_fwhm_arcsec > 0 and b.wavelength_nm > 0 for b in s.bands)
+        assert list(b.wavelength_nm for b in s.bands) == sorted(b.wavelength_nm for b in s.bands), s.name
+
+
+def test_lookups_are_case_insensitive_and_errors_list_the_valid_values():
+    assert get_survey("DES").band("y").name == "Y"
+    with pytest.raises(KeyError, match=r"unknown survey 'ztf'; valid surveys are \['des', 'hsc'"):
+        get_survey("ztf")
+    with pytest.raises(KeyError, match=r"survey des has no band 'F814W'; its bands are \['g', 'r', 'i', 'z', 'Y'\]"):
+        get_survey("des").band("F814W")
+
+
+def test_registry_is_frozen():
+    s = get_survey("des")
+    with pytest.raises(Exception):
+        s.pixel_scale_arcsec = 1.0
+    with pytest.raises(TypeError):
+        SURVEYS["des"] = s
