@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,9 @@ QUARANTINE_REASONS: Mapping[str, str] = {
 LABEL_SOURCE_PREFIXES = ("sim:", "obs:", "weak:", "pretrain:")
 BAND_FLAGS = ("missing", "nan_masked", "var_derived", "fwhm_from_psf", "fwhm_nominal")
 FLUX_UNITS = ("nanomaggy", "count/s", "adu")
+PRIMARY_KEYWORDS = ("OBJID", "RA", "DEC", "SURVEY", "INSTRUME", "Z_PHOT", "Z_SPEC", "Z_ERR", "LENS", "LABELSRC",
+                    "LABELCNF", "FLUXRAT", "THETA_E", "SIMFAM", "SIMKIND", "SERSICN", "RHALF", "AXRATIO", "PA_DEG")
+BAND_KEYWORDS = ("BAND", "BUNIT", "MAGZP", "PIXSCALE", "PSFFWHM")
 
 
 class QuarantineError(Exception):
@@ -240,8 +244,8 @@ def _open(data: bytes, name: str):
         warnings.simplefilter("always")
         try:
             hdul = fits.open(io.BytesIO(data), memmap=False, lazy_load_hdus=False)
-            arrays = {h.name.upper(): (h.header, None if h.data is None else np.array(h.data)) for h in hdul}
-            primary = dict(hdul[0].header)
+            arrays = {h.name.upper(): (h, h.data) for h in hdul}  # arrays are copied once, to float32
+            primary = _cards(hdul[0], data, PRIMARY_KEYWORDS)
         except Exception as err:  # astropy raises many types for corrupt input; report the message
             if _cut_short(data, caught):
                 raise QuarantineError("truncated", f"{name}: file length {len(data)} bytes is shorter than its "
@@ -254,6 +258,62 @@ def _open(data: bytes, name: str):
                                            f"say (or not a whole number of {FITS_BLOCK}-byte blocks); it was "
                                            f"cut short")
     return primary, arrays
+
+
+_INT = re.compile(r"^[+-]?\d+$")
+_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([ED][+-]?\d+)?$")
+
+
+def _card_value(card: str):
+    """Value of one 80-character card image: FITS fixed/free format for str, bool, int and float.
+
+    Anything else (complex values, odd layouts) is handed to astropy's parser.
+    """
+    text = card[10:]
+    stripped = text.lstrip()
+    if stripped.startswith("'"):
+        out, i = [], 1
+        while i < len(stripped):
+            ch = stripped[i]
+            if ch == "'":
+                if stripped[i + 1:i + 2] == "'":
+                    out.append("'")
+                    i += 2
+                    continue
+                return "".join(out).rstrip()
+            out.append(ch)
+            i += 1
+    else:
+        token = stripped.split("/", 1)[0].strip()
+        if token in ("T", "F"):
+            return token == "T"
+        if _INT.match(token):
+            return int(token)
+        if _FLOAT.match(token.upper()):
+            return float(token.upper().replace("D", "E"))
+    from astropy.io import fits
+
+    return fits.Card.fromstring(card).value
+
+
+def _cards(hdu, raw: bytes, keywords: tuple[str, ...]) -> dict:
+    """The values of ``keywords`` in ``hdu``'s header, parsed from the file's own card images.
+
+    astropy re-parses a card's value on every access, and that dominates reading
+    a cutout; the contract's keywords are plain values, read straight from the
+    header block (``fileinfo`` gives its byte range).
+    """
+    info = hdu.fileinfo()
+    block = raw[info["hdrLoc"]:info["datLoc"]].decode("ascii", errors="replace")
+    wanted, out = set(keywords), {}
+    for i in range(0, len(block) - 79, 80):
+        card = block[i:i + 80]
+        key = card[:8].rstrip()
+        if key == "END":
+            break
+        if key in wanted and card[8:10] == "= " and key not in out:
+            out[key] = _card_value(card)
+    return out
 
 
 def _cut_short(data: bytes, caught) -> bool:
@@ -311,21 +371,21 @@ def read_cutout(data: bytes, *, name: str, survey: SurveySpec) -> Cutout:
         if str(primary["SURVEY"]).strip().lower() != survey.name:
             raise QuarantineError("survey_mismatch",
                                   f"{name}: SURVEY = {primary['SURVEY']!r} but this is the {survey.name} survey")
-        return _read_bands(primary, arrays, name=name, survey=survey, objid=objid, ra=ra, dec=dec)
+        return _read_bands(primary, arrays, data, name=name, survey=survey, objid=objid, ra=ra, dec=dec)
     except QuarantineError as err:
         err.objid = objid
         raise
 
 
-def _read_bands(primary, arrays, *, name, survey: SurveySpec, objid, ra, dec) -> Cutout:
+def _read_bands(primary, arrays, raw: bytes, *, name, survey: SurveySpec, objid, ra, dec) -> Cutout:
     image_ext = {k[len("IMAGE_"):]: v for k, v in arrays.items() if k.startswith("IMAGE_")}
     if not image_ext:
         raise QuarantineError("no_image_hdu", f"{name}: no IMAGE_<band> extension (extensions: {list(arrays)})")
     found: dict[str, tuple] = {}
     ignored = []
-    for ext, (header, arr) in image_ext.items():
-        hdr = dict(header)  # parse each card once: astropy's per-access parsing dominates read time
-        hdr["_header"] = header
+    for ext, (hdu, arr) in image_ext.items():
+        hdr = _cards(hdu, raw, BAND_KEYWORDS)
+        hdr["_header"] = hdu.header
         band_name = str(hdr.get("BAND", ext))
         if survey.has_band(band_name):
             found[survey.canonical_band(band_name)] = (ext, hdr, arr)

@@ -575,3 +575,27 @@ def test_written_files_are_standard_fits_that_astropy_verifies(tmp_path):
 def test_writer_rejects_what_fits_cannot_hold(tmp_path, primary, match):
     with pytest.raises((ValueError, TypeError), match=match):
         make_file(tmp_path / "a.fits", primary=primary)
+
+
+def test_header_values_read_from_card_images_match_astropy(tmp_path):
+    """The fast card reader agrees with astropy on every value form a producer may write."""
+    import io
+
+    from astropy.io import fits
+
+    from lens_assets.science.fits_contract import _cards
+
+    cards = [("OBJID", "o'brien  x"), ("RA", 1.5), ("DEC", -3.25e-7), ("SURVEY", ""), ("LENS", False),
+             ("LABELCNF", 1), ("FLUXRAT", 0.25), ("THETA_E", 2.0), ("Z_SPEC", 1e-3), ("SIMKIND", "ring")]
+    header = fits.Header(cards)
+    header.append(fits.Card.fromstring("Z_PHOT  =              1.5D-02 / photometric redshift, D exponent"))
+    header.append(fits.Card.fromstring("Z_ERR   = (1, 2)"))  # complex: handed to astropy
+    buf = io.BytesIO()
+    fits.HDUList([fits.PrimaryHDU(header=header)]).writeto(buf)
+    raw = buf.getvalue()
+    with fits.open(io.BytesIO(raw)) as hdul:
+        keys = tuple(k for k, _ in cards) + ("Z_PHOT", "Z_ERR", "ABSENT")
+        ours = _cards(hdul[0], raw, keys)
+        assert ours == {k: hdul[0].header[k] for k in keys if k in hdul[0].header}
+    assert ours["OBJID"] == "o'brien  x" and ours["Z_PHOT"] == 0.015 and ours["LENS"] is False
+    assert "ABSENT" not in ours
