@@ -23,7 +23,8 @@ def main(argv=None) -> int:
 
     instance = dg.DagsterInstance.get()
     job = defs.resolve_job_def("survey_pipeline")
-    run_config = {"ops": {"simulated_cutouts": {"config": {"n_cutouts": args.n_cutouts, "seed": args.seed}}}}
+    run_config = {"ops": {"simulated_cutouts": {"config": {"n_cutouts": args.n_cutouts, "seed": args.seed}}},
+                  "loggers": {"console": {"config": {"log_level": "INFO"}}}}
     result = job.execute_in_process(partition_key=args.survey, instance=instance, run_config=run_config,
                                     raise_on_error=False)
     if not result.success:

@@ -1,6 +1,8 @@
 """Asset group `ingestion`: the validated cutout catalog and its quarantine table."""
 
 
+import warnings
+
 import dagster as dg
 from dagster_pandera import pandera_schema_to_dagster_type
 from pydantic import Field
@@ -87,12 +89,19 @@ def cutout_catalog(context: dg.AssetExecutionContext, config: CatalogConfig,
         "lens_fraction": float(labeled["label"].mean()) if len(labeled) else float("nan"),
         "files_per_s": float(result.files_per_s),
         "dagster/row_count": len(catalog),
-        "dagster/column_schema": pandera_schema_to_dagster_type(schema).metadata["schema"].value,
+        "dagster/column_schema": _column_schema(schema),
     }
     version = sha256_of_strings(sorted(catalog["source_sha256"]) + sorted(quarantine["source_sha256"])
                                 + [INGEST_CODE_VERSION])
     return dg.MaterializeResult(metadata=metadata, check_results=checks,
                                 data_version=dg.DataVersion(version[:16]))
+
+
+def _column_schema(schema) -> dg.TableSchema:
+    """The pandera schema as the Dagster table schema the UI shows (dagster-pandera's conversion)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dg.BetaWarning)
+        return pandera_schema_to_dagster_type(schema).metadata["schema"].value
 
 
 def _schema_check(catalog, quarantine, schema) -> dg.AssetCheckResult:

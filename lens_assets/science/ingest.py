@@ -169,6 +169,8 @@ def ingest_files(paths: Sequence[Path], survey: SurveySpec, *, root: Path, worke
     root = Path(root)
     paths = sorted(Path(p) for p in paths)
     names = [str(p.relative_to(root)) if p.is_relative_to(root) else str(p) for p in paths]
+    import astropy.io.fits  # noqa: F401  (imported once here, inherited by forked workers)
+
     t0 = time.perf_counter()
     results = parallel_map(_ingest_one, [(str(p), n, survey.name) for p, n in zip(paths, names)],
                            workers=workers, progress=progress, desc=f"ingest {survey.name}", unit="file")

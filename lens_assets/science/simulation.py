@@ -516,11 +516,21 @@ def simulate_to_directory(survey: SurveySpec, family: Family, *, n_cutouts: int,
         raise ValueError(f"n_cutouts must be >= 1, got {n_cutouts}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    _warm_up(survey)  # forked workers inherit lenstronomy's imports and the pixel grid
     tasks = [(survey, family, seed, i, str(out_dir)) for i in range(start_index, start_index + n_cutouts)]
     t0 = time.perf_counter()
     rows = parallel_map(_simulate_and_write, tasks, workers=workers, progress=progress,
                         desc=f"simulate {survey.name}/{family.name}", unit="cutout")
     return pd.DataFrame(rows), time.perf_counter() - t0
+
+
+def _warm_up(survey: SurveySpec) -> None:
+    import lenstronomy.ImSim.image_model  # noqa: F401
+    import lenstronomy.LensModel.Solver.lens_equation_solver  # noqa: F401
+    import lenstronomy.PointSource.point_source  # noqa: F401
+    import lenstronomy.SimulationAPI.observation_api  # noqa: F401
+
+    _data_class(survey)
 
 
 def summarize_truth(truth, survey: SurveySpec) -> dict:
