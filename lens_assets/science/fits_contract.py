@@ -42,6 +42,7 @@ __all__ = [
 
 FITS_BLOCK = 2880
 MAX_NAN_FRACTION = 0.5
+RESAMPLE_TOLERANCE = 0.01  # pixel scales within 1% of the survey's are used as they are
 MAGZP_RANGE = (10.0, 45.0)  # AB zero points of real instruments in count/s or adu lie well inside this
 
 QUARANTINE_REASONS: Mapping[str, str] = {
@@ -320,6 +321,12 @@ def _cut_short(data: bytes, caught) -> bool:
     return len(data) % FITS_BLOCK != 0 or any("truncated" in str(w.message) for w in caught)
 
 
+def size_on_survey_grid(size_px: int, pixel_scale_arcsec: float, survey: SurveySpec) -> int:
+    """Pixels a cutout spans on the survey's grid (resampled only past RESAMPLE_TOLERANCE)."""
+    ratio = pixel_scale_arcsec / survey.pixel_scale_arcsec
+    return size_px if abs(ratio - 1.0) <= RESAMPLE_TOLERANCE else int(math.floor(size_px * ratio + 1e-9))
+
+
 def _number(primary: dict, key: str, name: str, *, default=None, low=-math.inf, high=math.inf) -> float:
     value = primary.get(key, default)
     if value is None:
@@ -405,9 +412,6 @@ def _read_bands(primary, arrays, raw: bytes, *, name, survey: SurveySpec, objid,
             raise QuarantineError("shape_mismatch", f"{name}: IMAGE_{band} has shape {arr.shape}, "
                                                     f"other bands {shape}")
         shape = arr.shape
-    if shape[0] < survey.cutout_size_px:
-        raise QuarantineError("too_small", f"{name}: images are {shape[0]}x{shape[1]} px, smaller than the "
-                                           f"{survey.name} cutout size {survey.cutout_size_px} px")
     nb = survey.n_bands
     image = np.zeros((nb, *shape), dtype=np.float32)
     variance = np.zeros((nb, *shape), dtype=np.float32)
@@ -483,7 +487,13 @@ def _read_bands(primary, arrays, raw: bytes, *, name, survey: SurveySpec, objid,
     if max(pixel_scales) > 1.01 * min(pixel_scales):
         raise QuarantineError("pixscale_mismatch", f"{name}: band pixel scales {pixel_scales} arcsec differ by "
                                                    f"more than 1%")
+    pix = float(np.median(pixel_scales))
+    on_grid = size_on_survey_grid(shape[0], pix, survey)
+    if on_grid < survey.cutout_size_px:
+        raise QuarantineError("too_small", f"{name}: images are {shape[0]}x{shape[1]} px at {pix:g}\"/px "
+                                           f"({on_grid} px on the {survey.name} grid), smaller than the "
+                                           f"{survey.name} cutout size {survey.cutout_size_px} px")
     return Cutout(name=name, objid=objid, ra=ra, dec=dec, survey=survey.name, primary=primary,
                   bands=survey.band_names, image=image, variance=variance, nan_mask=nan_mask, psf=psfs,
-                  psf_fwhm_arcsec=fwhm, nmgy_per_unit=scale, pixel_scale_arcsec=float(np.median(pixel_scales)),
+                  psf_fwhm_arcsec=fwhm, nmgy_per_unit=scale, pixel_scale_arcsec=pix,
                   band_flags=flags, ignored_bands=tuple(sorted(ignored)))

@@ -55,3 +55,43 @@ def parallel_map(fn: Callable[[T], R], items: Sequence[T] | Iterable[T], *, work
             return out
     finally:
         bar.close()
+
+
+def bounded_imap(fn: Callable[[T], R], items: Sequence[T], *, workers: int = 1, max_in_flight: int | None = None,
+                 progress: bool = True, desc: str = "", unit: str = "it", weights: Sequence[int] | None = None):
+    """Yield ``fn(x)`` in order with at most ``max_in_flight`` results pending: memory stays bounded.
+
+    ``weights`` (e.g. rows per task) advance the progress bar instead of one per task.
+    """
+    from collections import deque
+
+    items = list(items)
+    weights = list(weights) if weights is not None else [1] * len(items)
+    workers = min(resolve_workers(workers), max(1, len(items)))
+    bar = tqdm(total=sum(weights), desc=desc, unit=unit, disable=not progress, file=sys.stderr, mininterval=1.0,
+               dynamic_ncols=True)
+    try:
+        if workers == 1:
+            for x, wgt in zip(items, weights):
+                yield fn(x)
+                bar.update(wgt)
+            return
+        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+        limit = max_in_flight or 2 * workers
+        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(method)) as pool:
+            pending: deque = deque()
+            it = iter(zip(items, weights))
+            for x, wgt in it:
+                pending.append((pool.submit(fn, x), wgt))
+                if len(pending) >= limit:
+                    break
+            while pending:
+                fut, wgt = pending.popleft()
+                result = fut.result()
+                nxt = next(it, None)
+                if nxt is not None:
+                    pending.append((pool.submit(fn, nxt[0]), nxt[1]))
+                yield result
+                bar.update(wgt)
+    finally:
+        bar.close()

@@ -31,6 +31,7 @@ from typing import Sequence
 import numpy as np
 
 from .families import Family
+from .psf import psf_kernel  # noqa: F401  (re-exported: simulation draws PSFs)
 from .surveys import SurveySpec
 
 __all__ = [
@@ -285,45 +286,6 @@ def _add_knots(components, family, rng, x, y, rot, gal_mag, flux_fraction, color
             "GAUSSIAN", {"sigma": family.draw("hard_negatives", "knot_sigma_arcsec", rng),
                          "center_x": float(c * xi - s * yi), "center_y": float(s * xi + c * yi)},
             gal_mag - 2.5 * math.log10(share), color_beta, lensed=False))
-
-
-# --------------------------------------------------------------------------- PSF
-
-
-def psf_kernel(profile: str, fwhm_px: float, *, moffat_beta: float = 3.0, size: int | None = None,
-               max_size: int | None = None, oversample: int = 3) -> np.ndarray:
-    """A normalized, pixel-integrated Gaussian or Moffat PSF image of odd size.
-
-    The default size covers 3 FWHM (Gaussian) or 5 FWHM (Moffat) on each side,
-    at least 11 px and at most ``max_size``. Gaussian pixels are integrated
-    exactly (erf); Moffat pixels on an ``oversample`` x ``oversample`` grid.
-    """
-    if profile not in ("gaussian", "moffat"):
-        raise ValueError(f"psf profile {profile!r} is not one of ['gaussian', 'moffat']")
-    if fwhm_px <= 0:
-        raise ValueError(f"psf FWHM must be positive, got {fwhm_px} px")
-    if size is None:
-        half = math.ceil((3.0 if profile == "gaussian" else 5.0) * fwhm_px)
-        size = max(11, 2 * half + 1)
-        if max_size is not None:
-            size = min(size, max_size if max_size % 2 else max_size - 1)
-    if size % 2 == 0:
-        raise ValueError(f"psf size must be odd, got {size}")
-    half = size // 2
-    if profile == "gaussian":  # separable: exact pixel integrals from erf
-        from scipy.special import erf
-
-        sigma = fwhm_px / (2.0 * math.sqrt(2.0 * math.log(2.0)))
-        edges = (np.arange(size + 1) - half - 0.5) / (math.sqrt(2.0) * sigma)
-        line = np.diff(erf(edges))
-        kernel = np.outer(line, line)
-    else:
-        sub = (np.arange(size * oversample) + 0.5) / oversample - half - 0.5
-        r2 = sub[:, None] ** 2 + sub[None, :] ** 2
-        alpha = fwhm_px / (2.0 * math.sqrt(2.0 ** (1.0 / moffat_beta) - 1.0))
-        fine = (1.0 + r2 / alpha**2) ** (-moffat_beta)
-        kernel = fine.reshape(size, oversample, size, oversample).sum(axis=(1, 3))
-    return kernel / kernel.sum()
 
 
 # --------------------------------------------------------------------------- rendering

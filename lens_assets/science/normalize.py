@@ -1,0 +1,92 @@
+"""Flux normalization: nanomaggies, flux-conserving resampling to the survey grid, centre crop.
+
+No min-max scaling and no 8-bit anywhere: images stay float32 in nanomaggies so
+faint arcs keep their dynamic range. Every function returns new arrays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .fits_contract import RESAMPLE_TOLERANCE, Cutout, size_on_survey_grid
+from .surveys import SurveySpec
+
+__all__ = ["overlap_matrix", "resample_flux", "center_crop", "NormalizedCutout", "normalize_cutout",
+           "RESAMPLE_TOLERANCE"]
+
+
+def overlap_matrix(n_in: int, scale_in: float, n_out: int, scale_out: float) -> np.ndarray:
+    """(n_out, n_in) fraction of each input pixel falling in each output pixel, grids centred on each other.
+
+    Rows sum to the output pixel's coverage in input pixels; columns sum to 1
+    where the output grid covers the input pixel, so ``W @ x`` conserves flux.
+    """
+    edges_in = (np.arange(n_in + 1) - n_in / 2) * scale_in
+    edges_out = (np.arange(n_out + 1) - n_out / 2) * scale_out
+    lo = np.maximum(edges_out[:-1, None], edges_in[None, :-1])
+    hi = np.minimum(edges_out[1:, None], edges_in[None, 1:])
+    return np.clip(hi - lo, 0.0, None) / scale_in
+
+
+def resample_flux(image: np.ndarray, scale_in: float, scale_out: float, *, variance: np.ndarray | None = None,
+                  out_size: int | None = None):
+    """Resample the last two axes from ``scale_in`` to ``scale_out`` arcsec/px by exact area overlap.
+
+    Total flux inside the common footprint is conserved (pixels are treated as
+    uniform boxes). Variance goes through the squared weights (pixels are
+    independent before resampling). Returns ``(image, variance)``.
+    """
+    h, w = image.shape[-2:]
+    if out_size is None:
+        out_size = int(np.floor(h * scale_in / scale_out))
+    wy = overlap_matrix(h, scale_in, out_size, scale_out)
+    wx = overlap_matrix(w, scale_in, out_size, scale_out)
+    out = np.einsum("yi,...ij,xj->...yx", wy, np.asarray(image, dtype=np.float64), wx)
+    var = None
+    if variance is not None:
+        var = np.einsum("yi,...ij,xj->...yx", wy**2, np.asarray(variance, dtype=np.float64), wx**2)
+    return out, var
+
+
+def center_crop(array: np.ndarray, size: int) -> np.ndarray:
+    """The central ``size`` x ``size`` of the last two axes (a view)."""
+    h, w = array.shape[-2:]
+    if h < size or w < size:
+        raise ValueError(f"cannot crop {h}x{w} to {size}x{size}")
+    y, x = (h - size) // 2, (w - size) // 2
+    return array[..., y:y + size, x:x + size]
+
+
+@dataclass
+class NormalizedCutout:
+    """A cutout in nanomaggies on the survey's pixel grid (not yet cropped: PSF matching needs the margin)."""
+
+    image: np.ndarray  # (B, H, W) float64, nanomaggies
+    variance: np.ndarray  # (B, H, W) float64, nanomaggies^2
+    psf: list  # per band: PSF image on the survey grid, or None
+    resampled: bool
+
+
+def normalize_cutout(c: Cutout, survey: SurveySpec) -> NormalizedCutout:
+    """Convert to nanomaggies and, if the pixel scale differs by more than 1%, resample to the survey's."""
+    scale = c.nmgy_per_unit[:, None, None]
+    image = c.image.astype(np.float64) * scale
+    variance = c.variance.astype(np.float64) * scale**2
+    psfs = list(c.psf)
+    resampled = abs(c.pixel_scale_arcsec / survey.pixel_scale_arcsec - 1.0) > RESAMPLE_TOLERANCE
+    if resampled:
+        image, variance = resample_flux(image, c.pixel_scale_arcsec, survey.pixel_scale_arcsec, variance=variance,
+                                        out_size=size_on_survey_grid(c.image.shape[-1], c.pixel_scale_arcsec, survey))
+        new_psfs = []
+        for p in psfs:
+            if p is None:
+                new_psfs.append(None)
+                continue
+            size = int(np.floor(p.shape[0] * c.pixel_scale_arcsec / survey.pixel_scale_arcsec))
+            size -= 1 - size % 2  # odd
+            rp, _ = resample_flux(p, c.pixel_scale_arcsec, survey.pixel_scale_arcsec, out_size=max(size, 3))
+            new_psfs.append(rp / rp.sum())
+        psfs = new_psfs
+    return NormalizedCutout(image=image, variance=variance, psf=psfs, resampled=resampled)

@@ -1,0 +1,255 @@
+"""PSF-matched, flux-normalized HDF5 shards, built streaming with bounded memory.
+
+Each shard ``shard-NNNNN.h5`` holds ``images`` (N, bands, H, W) float32 in
+nanomaggies, ``variance`` (same, nanomaggies^2), ``band_flags`` (N, bands) uint8
+(bits in :data:`FLAG_BITS`), ``objid``, the labels, and the per-row PSF table
+(``fwhm_before``, ``fwhm_after``, ``residual`` in arcsec, ``psf_matched``).
+A shard is written under a temporary name and renamed when complete;
+``manifest.json`` lists files, row counts and sha256, and its own sha256 is the
+data version. ``rows.parquet`` is the per-row table of all shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .fits_contract import read_cutout
+from .normalize import center_crop, normalize_cutout
+from .parallel import bounded_imap
+from .psf import homogenize, target_fwhm_arcsec
+from .surveys import SurveySpec, get_survey
+
+__all__ = ["ShardSettings", "FLAG_BITS", "build_shards", "process_batch", "shard_settings", "read_manifest",
+           "SHARD_FORMAT_VERSION"]
+
+SHARD_FORMAT_VERSION = "1"
+FLAG_BITS = {"missing": 1, "nan_masked": 2, "var_derived": 4, "fwhm_from_psf": 8, "fwhm_nominal": 16,
+             "psf_broader_than_target": 32, "resampled": 64}
+LABEL_COLUMNS = ("label", "label_confidence", "flux_ratio", "theta_e")
+
+
+@dataclass(frozen=True)
+class ShardSettings:
+    """How a survey's shards are made: the target PSF, the kernel support and the shard layout."""
+
+    survey: str
+    target_fwhm_arcsec: float
+    kernel_size: int
+    cutout_size_px: int
+    rows_per_shard: int = 4096
+    batch_size: int = 256
+    compression: str = "lzf"
+
+
+def shard_settings(survey: SurveySpec, *, target_fwhm_arcsec: float | None = None, percentile: float = 90.0,
+                   rows_per_shard: int = 4096, batch_size: int = 256, compression: str = "lzf") -> ShardSettings:
+    """Defaults: target = the broadest band's nominal FWHM at the ``percentile`` of the survey's seeing
+    scatter; kernel support = 3 target FWHM each side (odd, at most the cutout size minus one)."""
+    if compression not in ("lzf", "gzip", "none"):
+        raise ValueError(f"compression {compression!r} is not one of ['lzf', 'gzip', 'none']")
+    if target_fwhm_arcsec is None:
+        target_fwhm_arcsec = target_fwhm_arcsec_default(survey, percentile=percentile)
+    if target_fwhm_arcsec <= 0:
+        raise ValueError(f"target_fwhm_arcsec must be positive, got {target_fwhm_arcsec}")
+    fwhm_px = target_fwhm_arcsec / survey.pixel_scale_arcsec
+    k = max(11, 2 * int(np.ceil(3.0 * fwhm_px)) + 1)
+    k = min(k, survey.cutout_size_px - 1 if survey.cutout_size_px % 2 == 0 else survey.cutout_size_px)
+    return ShardSettings(survey=survey.name, target_fwhm_arcsec=float(target_fwhm_arcsec), kernel_size=k,
+                         cutout_size_px=survey.cutout_size_px, rows_per_shard=rows_per_shard,
+                         batch_size=batch_size, compression=compression)
+
+
+def target_fwhm_arcsec_default(survey: SurveySpec, *, percentile: float = 90.0) -> float:
+    return target_fwhm_arcsec([b.seeing_fwhm_arcsec for b in survey.bands], survey.seeing_scatter,
+                              percentile=percentile)
+
+
+def _flag_bits(band_flags: dict, bands, *, broader: np.ndarray, resampled: bool) -> np.ndarray:
+    bits = np.zeros(len(bands), dtype=np.uint8)
+    for i, b in enumerate(bands):
+        for f in band_flags.get(b, ()):
+            bits[i] |= FLAG_BITS[f]
+        if broader[i]:
+            bits[i] |= FLAG_BITS["psf_broader_than_target"]
+        if resampled:
+            bits[i] |= FLAG_BITS["resampled"]
+    return bits
+
+
+def process_batch(args) -> dict:
+    """Read, normalize, PSF-match and crop a batch of catalog rows (runs in a worker process)."""
+    rows, root, settings = args
+    survey = get_survey(settings.survey)
+    size, margin = settings.cutout_size_px, settings.kernel_size // 2
+    work = size + 2 * margin  # matched with a margin so the crop has no edge effects where data exist
+    groups: dict[int, list] = {}
+    for j, row in enumerate(rows):
+        data = (Path(root) / row["source_file"]).read_bytes()
+        sha = hashlib.sha256(data).hexdigest()
+        if sha != row["source_sha256"]:
+            raise ValueError(f"{row['source_file']}: sha256 {sha[:12]}… differs from the catalog's "
+                             f"{row['source_sha256'][:12]}…; the file changed after cataloging: re-materialize "
+                             f"cutout_catalog")
+        c = read_cutout(data, name=row["source_file"], survey=survey)
+        norm = normalize_cutout(c, survey)
+        side = min(norm.image.shape[-1], work)
+        groups.setdefault(side, []).append((j, c, norm))
+    n, nb = len(rows), survey.n_bands
+    out = {"image": np.zeros((n, nb, size, size), np.float32), "variance": np.zeros((n, nb, size, size), np.float32),
+           "band_flags": np.zeros((n, nb), np.uint8), "fwhm_before": np.zeros((n, nb), np.float32),
+           "fwhm_after": np.zeros((n, nb), np.float32), "residual": np.zeros((n, nb), np.float32),
+           "psf_matched": np.zeros((n, nb), bool)}
+    for side, members in groups.items():
+        imgs = np.stack([center_crop(m[2].image, side) for m in members])
+        vars_ = np.stack([center_crop(m[2].variance, side) for m in members])
+        res = homogenize(imgs, vars_, [m[2].psf for m in members], np.stack([m[1].psf_fwhm_arcsec for m in members]),
+                         np.stack([m[1].present for m in members]), pixel_scale_arcsec=survey.pixel_scale_arcsec,
+                         target_fwhm=settings.target_fwhm_arcsec, kernel_size=settings.kernel_size)
+        for k, (j, c, norm) in enumerate(members):
+            out["image"][j] = center_crop(res.image[k], size)
+            out["variance"][j] = center_crop(res.variance[k], size)
+            out["fwhm_before"][j] = res.fwhm_before[k]
+            out["fwhm_after"][j] = res.fwhm_after[k]
+            out["residual"][j] = res.residual[k]
+            out["psf_matched"][j] = res.matched[k]
+            out["band_flags"][j] = _flag_bits(c.band_flags, c.bands, broader=res.residual[k] > 0,
+                                              resampled=norm.resampled)
+    out["objid"] = np.array([r["objid"] for r in rows], dtype=object)
+    for col in LABEL_COLUMNS:
+        out[col] = np.array([r[col] for r in rows], dtype=np.float32 if col != "label" else np.int8)
+    return out
+
+
+class _ShardWriter:
+    """Appends batches to shard files of ``rows_per_shard`` rows; each is renamed into place when full."""
+
+    def __init__(self, out_dir: Path, settings: ShardSettings, bands: tuple[str, ...]):
+        self.out_dir, self.settings, self.bands = Path(out_dir), settings, bands
+        self.shards: list[dict] = []
+        self.rows: list[pd.DataFrame] = []
+        self._file = None
+        self._n = 0
+
+    def _open(self):
+        import h5py
+
+        name = f"shard-{len(self.shards):05d}.h5"
+        self._path = self.out_dir / name
+        self._tmp = self.out_dir / f".{name}.tmp"
+        self._file = h5py.File(self._tmp, "w")
+        s, nb = self.settings.cutout_size_px, len(self.bands)
+        comp = None if self.settings.compression == "none" else self.settings.compression
+        for key, shape, dtype in (("images", (nb, s, s), "f4"), ("variance", (nb, s, s), "f4"),
+                                  ("band_flags", (nb,), "u1"), ("fwhm_before", (nb,), "f4"),
+                                  ("fwhm_after", (nb,), "f4"), ("residual", (nb,), "f4"),
+                                  ("psf_matched", (nb,), "?"), ("label", (), "i1"),
+                                  ("label_confidence", (), "f4"), ("flux_ratio", (), "f4"), ("theta_e", (), "f4")):
+            chunks = (1, *shape) if key in ("images", "variance") else (min(1024, self.settings.rows_per_shard),
+                                                                        *shape)
+            self._file.create_dataset(key, shape=(0, *shape), maxshape=(None, *shape), dtype=dtype,
+                                      chunks=chunks, compression=comp, shuffle=comp is not None)
+        self._file.create_dataset("objid", shape=(0,), maxshape=(None,), dtype=h5py.string_dtype(),
+                                  chunks=(1024,))
+        attrs = self._file.attrs
+        attrs["survey"], attrs["bands"] = self.settings.survey, ",".join(self.bands)
+        attrs["target_fwhm_arcsec"] = self.settings.target_fwhm_arcsec
+        attrs["units"] = "images: nanomaggies; variance: nanomaggies^2; fwhm: arcsec"
+        attrs["format_version"] = SHARD_FORMAT_VERSION
+        self._n = 0
+
+    def append(self, batch: dict) -> None:
+        start = 0
+        total = len(batch["objid"])
+        while start < total:
+            if self._file is None:
+                self._open()
+            take = min(total - start, self.settings.rows_per_shard - self._n)
+            sl = slice(start, start + take)
+            for key in ("images", "variance", "band_flags", "fwhm_before", "fwhm_after", "residual", "psf_matched",
+                        "objid", *LABEL_COLUMNS):
+                src = batch["image" if key == "images" else key][sl]
+                ds = self._file[key]
+                ds.resize(self._n + take, axis=0)
+                ds[self._n:self._n + take] = src
+            self.rows.append(pd.DataFrame({
+                "objid": batch["objid"][sl].astype(str), "shard": self._path.name,
+                "index": np.arange(self._n, self._n + take),
+                **{f"fwhm_before_{b}": batch["fwhm_before"][sl, i] for i, b in enumerate(self.bands)},
+                **{f"psf_matched_{b}": batch["psf_matched"][sl, i] for i, b in enumerate(self.bands)},
+                "max_residual": batch["residual"][sl].max(axis=1),
+                "label": batch["label"][sl]}))
+            self._n += take
+            start += take
+            if self._n == self.settings.rows_per_shard:
+                self._close()
+
+    def _close(self) -> None:
+        if self._file is None:
+            return
+        self._file.close()
+        self._file = None
+        sha = hashlib.sha256(self._tmp.read_bytes()).hexdigest()
+        os.replace(self._tmp, self._path)
+        self.shards.append({"file": self._path.name, "rows": int(self._n), "sha256": sha})
+
+    def finish(self) -> None:
+        self._close()
+
+
+def build_shards(catalog: pd.DataFrame, survey: SurveySpec, *, root: Path, out_dir: Path,
+                 settings: ShardSettings, workers: int = 1, progress: bool = True) -> dict:
+    """Write PSF-matched shards of ``catalog``'s rows to ``out_dir``; return the manifest (also written).
+
+    Memory is bounded by the batch size times the batches in flight, not by the
+    catalog's length.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    need = ["objid", "source_file", "source_sha256", *LABEL_COLUMNS]
+    missing = [c for c in need if c not in catalog.columns]
+    if missing:
+        raise ValueError(f"catalog lacks columns {missing}")
+    records = catalog[need].to_dict("records")
+    bs = settings.batch_size
+    tasks = [(records[i:i + bs], str(root), settings) for i in range(0, len(records), bs)]
+    import astropy.io.fits  # noqa: F401  (imported before forking)
+    import photutils.psf_matching  # noqa: F401
+
+    writer = _ShardWriter(out_dir, settings, survey.band_names)
+    t0 = time.perf_counter()
+    n_matched = n_broader = 0
+    for batch in bounded_imap(process_batch, tasks, workers=workers, progress=progress, unit="cutout",
+                              desc=f"shards {survey.name}", weights=[len(t[0]) for t in tasks]):
+        n_matched += int(batch["psf_matched"].sum())
+        n_broader += int((batch["residual"] > 0).sum())
+        writer.append(batch)
+    writer.finish()
+    seconds = time.perf_counter() - t0
+    rows = pd.concat(writer.rows, ignore_index=True) if writer.rows else pd.DataFrame()
+    rows.to_parquet(out_dir / "rows.parquet", index=False)
+    manifest = {
+        "survey": survey.name, "bands": list(survey.band_names), "cutout_size_px": settings.cutout_size_px,
+        "pixel_scale_arcsec": survey.pixel_scale_arcsec, "settings": asdict(settings),
+        "format_version": SHARD_FORMAT_VERSION, "n_rows": int(len(records)), "shards": writer.shards,
+        "n_band_matched": n_matched, "n_band_broader_than_target": n_broader, "seconds": seconds,
+        "rows_table": "rows.parquet",
+    }
+    text = json.dumps({k: v for k, v in manifest.items() if k != "seconds"}, indent=2, sort_keys=True)
+    manifest["sha256"] = hashlib.sha256(text.encode()).hexdigest()
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return manifest
+
+
+def read_manifest(shard_dir: Path) -> dict:
+    path = Path(shard_dir) / "manifest.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: materialize psf_matched_shards first")
+    return json.loads(path.read_text())
