@@ -3,17 +3,18 @@
 import dagster as dg
 
 from lens_assets.assets.catalog import cutout_catalog
+from lens_assets.assets.shards import dataset_splits, psf_matched_shards
 from lens_assets.assets.simulation import simulated_cutouts
 from lens_assets.resources.storage import LocalStorage, default_data_root
 
 survey_pipeline = dg.define_asset_job(
     "survey_pipeline",
-    selection=dg.AssetSelection.assets(simulated_cutouts, cutout_catalog),
-    description="Simulate a survey's training cutouts and build its validated catalog.",
+    selection=dg.AssetSelection.assets(simulated_cutouts, cutout_catalog, psf_matched_shards, dataset_splits),
+    description="Simulate a survey's training cutouts, build its validated catalog, PSF-matched shards and splits.",
 )
 
 defs = dg.Definitions(
-    assets=[simulated_cutouts, cutout_catalog],
+    assets=[simulated_cutouts, cutout_catalog, psf_matched_shards, dataset_splits],
     jobs=[survey_pipeline],
     resources={"storage": LocalStorage(root=default_data_root())},
 )

@@ -44,8 +44,17 @@ def main(argv=None) -> int:
     print(f"  catalog           : {cat['n_ingested']} rows -> {cat['path']}")
     print(f"  quarantine        : {cat['n_quarantined']} rows -> {cat['quarantine_path']}")
     print(f"  files             : {cat['n_files']} read at {cat['files_per_s']:.0f} files/s")
+    if "psf_matched_shards" in meta:
+        sh = meta["psf_matched_shards"]
+        print(f"  shards            : {sh['n_rows']} cutouts in {sh['n_shards']} shard(s), PSF-matched to "
+              f"{sh['target_fwhm_arcsec']:.2f}\" FWHM at {sh['cutouts_per_s']:.0f} cutouts/s -> {sh['path']}")
+    if "dataset_splits" in meta:
+        sp = meta["dataset_splits"]
+        print(f"  splits            : train {sp['n_train']} / val {sp['n_val']} / test {sp['n_test']}, lens "
+              f"fractions {sp['lens_fraction_train']:.3f} / {sp['lens_fraction_val']:.3f} / "
+              f"{sp['lens_fraction_test']:.3f} -> {sp['path']}")
     for c in checks:
-        print(f"  check {c.check_name:<28}: {'passed' if c.passed else 'FAILED'}")
+        print(f"  check {c.asset_key.to_user_string() + '.' + c.check_name:<48}: {'passed' if c.passed else 'FAILED'}")
     print("Open the UI with `make dev` (http://127.0.0.1:3000) to see the assets, their lineage and this run.")
     return 0
 

@@ -218,7 +218,10 @@ def build_shards(catalog: pd.DataFrame, survey: SurveySpec, *, root: Path, out_d
     if missing:
         raise ValueError(f"catalog lacks columns {missing}")
     records = catalog[need].to_dict("records")
-    bs = settings.batch_size
+    from .parallel import resolve_workers
+
+    # small catalogs still give every worker several tasks; large ones use the configured batch size
+    bs = max(16, min(settings.batch_size, -(-len(records) // (4 * resolve_workers(workers)))))
     tasks = [(records[i:i + bs], str(root), settings) for i in range(0, len(records), bs)]
     import astropy.io.fits  # noqa: F401  (imported before forking)
     import photutils.psf_matching  # noqa: F401
@@ -253,3 +256,37 @@ def read_manifest(shard_dir: Path) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: materialize psf_matched_shards first")
     return json.loads(path.read_text())
+
+
+def matched_psf_fwhm(catalog: pd.DataFrame, survey: SurveySpec, *, root: Path, settings: ShardSettings,
+                     max_objects: int = 64, seed: int = 0) -> pd.DataFrame:
+    """Send a sample of the catalog's PSF images through the shard builder's own matching and measure them.
+
+    Returns one row per (object, band) that was matched from a PSF image: the
+    measured FWHM of the matched PSF, the target and the relative error.
+    """
+    from .psf import measure_fwhm_px
+
+    with_psf = catalog[catalog["psf_image_available"]]
+    sample = with_psf.sample(n=min(max_objects, len(with_psf)), random_state=seed) if len(with_psf) else with_psf
+    k = settings.kernel_size
+    canvas = 2 * k + 1
+    out = []
+    for row in sample.itertuples():
+        c = read_cutout((Path(root) / row.source_file).read_bytes(), name=row.source_file, survey=survey)
+        norm = normalize_cutout(c, survey)
+        planes = np.zeros((1, survey.n_bands, canvas, canvas))
+        for b, p in enumerate(norm.psf):
+            if p is not None:
+                s = min(p.shape[0], canvas)
+                planes[0, b] += np.pad(center_crop(p, s), (canvas - s) // 2)
+        res = homogenize(planes, planes, [norm.psf], c.psf_fwhm_arcsec[None], c.present[None],
+                         pixel_scale_arcsec=survey.pixel_scale_arcsec, target_fwhm=settings.target_fwhm_arcsec,
+                         kernel_size=k)
+        for b, band in enumerate(survey.band_names):
+            if res.matched[0, b] and res.kernel_source[0, b] == "psf_image":
+                fwhm = measure_fwhm_px(res.image[0, b]) * survey.pixel_scale_arcsec
+                out.append({"objid": row.objid, "band": band, "fwhm_before": float(c.psf_fwhm_arcsec[b]),
+                            "fwhm_matched": fwhm, "target": settings.target_fwhm_arcsec,
+                            "rel_error": fwhm / settings.target_fwhm_arcsec - 1.0})
+    return pd.DataFrame(out, columns=["objid", "band", "fwhm_before", "fwhm_matched", "target", "rel_error"])

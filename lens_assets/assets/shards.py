@@ -1,0 +1,184 @@
+"""Asset group `datasets`: PSF-matched HDF5 shards and leak-free train/val/test splits."""
+
+import json
+
+import dagster as dg
+import pandas as pd
+from pydantic import Field
+
+from lens_assets.assets._common import OWNERS, png_markdown
+from lens_assets.assets.catalog import catalog_paths, cutout_catalog
+from lens_assets.partitions import survey_partitions
+from lens_assets.resources.storage import LocalStorage
+from lens_assets.science.shards import SHARD_FORMAT_VERSION, build_shards, matched_psf_fwhm, shard_settings
+from lens_assets.science.splits import SPLITS, balance_table, make_splits, split_checks
+from lens_assets.science.surveys import get_survey
+
+SHARDS_CODE_VERSION = f"shards-{SHARD_FORMAT_VERSION}"
+SPLITS_CODE_VERSION = "splits-1"
+FWHM_TOLERANCE = 0.03
+
+
+class ShardConfig(dg.Config):
+    target_fwhm_arcsec: float | None = Field(
+        default=None, description="target PSF FWHM; default: broadest band's nominal seeing at `percentile`")
+    percentile: float = Field(default=90.0, gt=0, lt=100, description="seeing percentile of the default target")
+    rows_per_shard: int = Field(default=4096, ge=1)
+    batch_size: int = Field(default=256, ge=1, description="cutouts per worker task (bounds memory)")
+    compression: str = Field(default="lzf", description="one of lzf, gzip, none")
+    workers: int = Field(default=0, description="processes; 0 = every core")
+
+
+def shard_dir(storage: LocalStorage, survey: str):
+    return storage.path("shards", survey)
+
+
+@dg.asset(
+    partitions_def=survey_partitions,
+    group_name="datasets",
+    kinds={"python", "hdf5"},
+    owners=OWNERS,
+    code_version=SHARDS_CODE_VERSION,
+    deps=[cutout_catalog],
+    check_specs=[dg.AssetCheckSpec("matched_fwhm_within_3pct", asset="psf_matched_shards",
+                                   description="measured FWHM of matched PSFs (a sample) within 3% of the target")],
+)
+def psf_matched_shards(context: dg.AssetExecutionContext, config: ShardConfig,
+                       storage: LocalStorage) -> dg.MaterializeResult:
+    """PSF-matched cutouts in HDF5 shards: (N, bands, H, W) float32 in nanomaggies at the survey's pixel scale.
+
+    Every band is convolved to one Gaussian target PSF per survey (photutils
+    matching kernels from the PSF images, analytic for Gaussian PSFs), variance
+    propagated; bands already broader than the target are kept and flagged.
+    `manifest.json` lists the shards with their sha256; its hash is the data version.
+    """
+    survey = get_survey(context.partition_key)
+    cat_path, _ = catalog_paths(storage, survey.name)
+    if not cat_path.exists():
+        raise dg.Failure(f"{cat_path} does not exist: materialize cutout_catalog for {survey.name} first")
+    catalog = pd.read_parquet(cat_path)
+    settings = shard_settings(survey, target_fwhm_arcsec=config.target_fwhm_arcsec, percentile=config.percentile,
+                              rows_per_shard=config.rows_per_shard, batch_size=config.batch_size,
+                              compression=config.compression)
+    staged = storage.staging_dir(f"shards-{survey.name}")
+    manifest = build_shards(catalog, survey, root=storage.root_path, out_dir=staged, settings=settings,
+                            workers=config.workers)
+    dest = storage.publish_dir(staged, "shards", survey.name)
+    rate = manifest["n_rows"] / manifest["seconds"] if manifest["seconds"] > 0 else float("nan")
+    context.log.info(f"wrote {manifest['n_rows']} cutouts in {len(manifest['shards'])} shards to {dest} "
+                     f"at {rate:.0f} cutouts/s; target FWHM {settings.target_fwhm_arcsec:.3f}\"")
+
+    fwhm = matched_psf_fwhm(catalog, survey, root=storage.root_path, settings=settings)
+    worst = float(fwhm["rel_error"].abs().max()) if len(fwhm) else 0.0
+    check = dg.AssetCheckResult(
+        check_name="matched_fwhm_within_3pct", passed=bool(worst <= FWHM_TOLERANCE),
+        metadata={"n_measured": len(fwhm), "max_abs_rel_error": worst,
+                  "median_rel_error": float(fwhm["rel_error"].median()) if len(fwhm) else 0.0,
+                  "target_fwhm_arcsec": settings.target_fwhm_arcsec})
+    n_planes = manifest["n_rows"] * survey.n_bands
+    metadata = {
+        "path": dg.MetadataValue.path(str(dest)),
+        "manifest": dg.MetadataValue.path(str(dest / "manifest.json")),
+        "manifest_sha256": manifest["sha256"],
+        "n_rows": manifest["n_rows"],
+        "n_shards": len(manifest["shards"]),
+        "shards": dg.MetadataValue.md("| file | rows | sha256 |\n|---|---|---|\n" + "\n".join(
+            f"| {s['file']} | {s['rows']} | `{s['sha256'][:16]}…` |" for s in manifest["shards"])),
+        "target_fwhm_arcsec": settings.target_fwhm_arcsec,
+        "kernel_size_px": settings.kernel_size,
+        "band_fraction_matched": manifest["n_band_matched"] / n_planes if n_planes else 0.0,
+        "band_fraction_broader_than_target": manifest["n_band_broader_than_target"] / n_planes if n_planes else 0.0,
+        "cutouts_per_s": rate,
+        "bytes": int(sum((dest / s["file"]).stat().st_size for s in manifest["shards"])),
+        "dagster/row_count": manifest["n_rows"],
+    }
+    return dg.MaterializeResult(metadata=metadata, check_results=[check],
+                                data_version=dg.DataVersion(manifest["sha256"][:16]))
+
+
+class SplitConfig(dg.Config):
+    seed: int = Field(default=0, ge=0)
+    fractions: list[float] = Field(default=[0.70, 0.15, 0.15], description="train, val, test")
+    link_arcsec: float = Field(default=10.0, gt=0, description="objects closer than this share a sky group")
+    n_bins: int = Field(default=3, ge=1, description="quantile bins per continuous factor")
+    min_groups_per_stratum: int = Field(default=10, ge=1, description="smaller strata are merged")
+    exclude_families: list[str] = Field(default=["heldout"], description="simulation families kept out of splits")
+    label_fraction_tolerance: float = Field(default=0.02, ge=0)
+
+
+SPLIT_CHECKS = [
+    dg.AssetCheckSpec("label_fractions_agree", asset="dataset_splits",
+                      description="lens fractions of train/val/test within ±2% of each other (or one object's "
+                                  "share of the smallest split)"),
+    dg.AssetCheckSpec("no_objid_in_two_splits", asset="dataset_splits"),
+    dg.AssetCheckSpec("no_sky_group_across_splits", asset="dataset_splits"),
+]
+
+
+@dg.asset(
+    partitions_def=survey_partitions,
+    group_name="datasets",
+    kinds={"python", "parquet"},
+    owners=OWNERS,
+    code_version=SPLITS_CODE_VERSION,
+    deps=[cutout_catalog, psf_matched_shards],
+    check_specs=SPLIT_CHECKS,
+)
+def dataset_splits(context: dg.AssetExecutionContext, config: SplitConfig,
+                   storage: LocalStorage) -> dg.MaterializeResult:
+    """Train/val/test assignment (70/15/15) of the shards' labeled rows, stratified and grouped on the sky.
+
+    One row per object: `objid`, `split`, `sky_group`, `stratum`. pretrain:*,
+    unlabeled and held-out-family rows are left out and counted.
+    """
+    survey = get_survey(context.partition_key)
+    cat_path, _ = catalog_paths(storage, survey.name)
+    rows_path = shard_dir(storage, survey.name) / "rows.parquet"
+    if not rows_path.exists():
+        raise dg.Failure(f"{rows_path} does not exist: materialize psf_matched_shards for {survey.name} first")
+    catalog = pd.read_parquet(cat_path)
+    in_shards = set(pd.read_parquet(rows_path, columns=["objid"])["objid"])
+    catalog = catalog[catalog["objid"].isin(in_shards)]
+    ref = survey.band(survey.reference_band).name
+    result = make_splits(catalog, reference_band=ref, fractions=tuple(config.fractions), seed=config.seed,
+                         link_arcsec=config.link_arcsec, n_bins=config.n_bins,
+                         min_groups_per_stratum=config.min_groups_per_stratum,
+                         exclude_families=tuple(config.exclude_families))
+    table = result.table
+    out = storage.write_parquet(table, "splits", survey.name, "dataset_splits.parquet")
+    checks = split_checks(table, tolerance=config.label_fraction_tolerance)
+    balance = balance_table(table, catalog, reference_band=ref, n_bins=config.n_bins)
+    merged_levels = pd.Series([m[0].count("|") - m[1].count("|") for m in result.merged]).value_counts()
+    context.log.info(f"splits {checks['counts']} with lens fractions {checks['label_fraction']}; "
+                     f"excluded {result.excluded}; {len(result.merged)} small strata merged")
+    summary = pd.DataFrame({"split": list(SPLITS), "n": [checks["counts"][s] for s in SPLITS],
+                            "lens_fraction": [checks["label_fraction"][s] for s in SPLITS]})
+    metadata = {
+        "path": dg.MetadataValue.path(str(out)),
+        **{f"n_{s}": checks["counts"][s] for s in SPLITS},
+        **{f"lens_fraction_{s}": checks["label_fraction"][s] for s in SPLITS},
+        "splits": dg.MetadataValue.md(summary.to_markdown(index=False)),
+        "excluded": dg.MetadataValue.json(result.excluded),
+        "n_strata": int(table["stratum"].nunique()),
+        "n_strata_merged": len(result.merged),
+        "merged": dg.MetadataValue.md(
+            "small strata merged by dropping factors (in order psf_fwhm, pixel_scale, magnitude, redshift, "
+            f"seeing, survey, label): {json.dumps({int(k): int(v) for k, v in merged_levels.items()})} "
+            "(factors dropped: count)" if len(result.merged) else "none"),
+        "balance": dg.MetadataValue.md(balance.to_markdown(index=False, floatfmt=".3f")),
+        "n_sky_groups": int(table["sky_group"].nunique()),
+        "dagster/row_count": len(table),
+    }
+    results = [
+        dg.AssetCheckResult(check_name="label_fractions_agree", passed=checks["label_fractions_agree"],
+                            metadata={"spread": checks["label_fraction_spread"],
+                                      "allowed": checks["label_fraction_allowed"]}),
+        dg.AssetCheckResult(check_name="no_objid_in_two_splits", passed=checks["objids_in_two_splits"] == 0,
+                            metadata={"n": checks["objids_in_two_splits"]}),
+        dg.AssetCheckResult(check_name="no_sky_group_across_splits", passed=checks["sky_groups_across_splits"] == 0,
+                            metadata={"n": checks["sky_groups_across_splits"]}),
+    ]
+    from lens_assets.assets._common import sha256_of_strings
+
+    version = sha256_of_strings(table["objid"] + ":" + table["split"])
+    return dg.MaterializeResult(metadata=metadata, check_results=results, data_version=dg.DataVersion(version[:16]))

@@ -1,0 +1,181 @@
+"""Stratified, sky-grouped train/val/test splits.
+
+* Objects closer on the sky than a linking length share a group
+  (friends-of-friends), and a group never spans two splits, so duplicate or
+  neighbouring observations cannot leak between train and test.
+* Groups are stratified on seven factors: redshift, magnitude, seeing, PSF FWHM,
+  pixel scale, survey, label. A stratum with too few groups to split is merged
+  into a coarser one by dropping factors from the least important end
+  (:data:`MERGE_ORDER`), never crashing; what merged is reported.
+* ``pretrain:*`` rows, unlabeled rows and held-out simulation families never
+  enter the supervised splits; they are counted by reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["SPLITS", "FACTORS", "MERGE_ORDER", "SplitResult", "sky_groups", "stratify_factors", "make_splits",
+           "balance_table", "split_checks"]
+
+SPLITS = ("train", "val", "test")
+FACTORS = ("redshift", "magnitude", "seeing", "psf_fwhm", "pixel_scale", "survey", "label")
+# dropped first to last when a stratum is too small; label is the last to go
+MERGE_ORDER = ("psf_fwhm", "pixel_scale", "magnitude", "redshift", "seeing", "survey", "label")
+
+
+@dataclass
+class SplitResult:
+    table: pd.DataFrame  # objid, split, sky_group, stratum, stratum_level
+    excluded: dict  # reason -> count
+    merged: list = field(default_factory=list)  # (original stratum, merged into, n groups)
+
+
+def sky_groups(ra_deg: np.ndarray, dec_deg: np.ndarray, *, link_arcsec: float) -> np.ndarray:
+    """Friends-of-friends group id per object: chains of pairs closer than ``link_arcsec`` share an id."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+    from scipy.spatial import cKDTree
+
+    ra, dec = np.radians(np.asarray(ra_deg, float)), np.radians(np.asarray(dec_deg, float))
+    xyz = np.column_stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)])
+    chord = 2.0 * np.sin(np.radians(link_arcsec / 3600.0) / 2.0)
+    pairs = cKDTree(xyz).query_pairs(chord, output_type="ndarray")
+    n = len(xyz)
+    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n)) if len(pairs) else \
+        coo_matrix((n, n))
+    _, labels = connected_components(graph, directed=False)
+    return labels
+
+
+def _quantile_bins(values: pd.Series, n_bins: int) -> pd.Series:
+    """Quantile bin index of each value; -1 (missing) and NaN are their own bin 'na'."""
+    v = pd.to_numeric(values, errors="coerce").astype(float)
+    missing = v.isna() | (v == -1.0)
+    out = pd.Series("na", index=values.index, dtype=object)
+    if (~missing).sum() >= n_bins:
+        ranks = v[~missing].rank(method="first")
+        out[~missing] = pd.qcut(ranks, n_bins, labels=False).astype(int).astype(str)
+    elif (~missing).any():
+        out[~missing] = "0"
+    return out
+
+
+def stratify_factors(catalog: pd.DataFrame, *, reference_band: str, n_bins: int = 3) -> pd.DataFrame:
+    """The seven stratification factors of each row, as strings (binned where continuous)."""
+    z = catalog["z_spec"].where(catalog["z_spec"] >= 0, catalog["z_phot"])
+    return pd.DataFrame({
+        "redshift": _quantile_bins(z, n_bins),
+        "magnitude": _quantile_bins(catalog[f"mag_{reference_band}"], n_bins),
+        "seeing": _quantile_bins(catalog["seeing"], n_bins),
+        "psf_fwhm": _quantile_bins(catalog["psf_fwhm"], n_bins),
+        "pixel_scale": catalog["pixel_scale"].round(3).astype(str),
+        "survey": catalog["survey"].astype(str),
+        "label": catalog["label"].astype(int).astype(str),
+    }, index=catalog.index)
+
+
+def _key(row_factors: pd.DataFrame, level: int) -> pd.Series:
+    """Stratum key keeping the first ``level`` factors of FACTORS minus the dropped ones."""
+    keep = [f for f in FACTORS if f not in MERGE_ORDER[:len(FACTORS) - level]]
+    if not keep:
+        return pd.Series("all", index=row_factors.index)
+    return row_factors[keep].astype(str).agg("|".join, axis=1).map(lambda s: s)
+
+
+def make_splits(catalog: pd.DataFrame, *, reference_band: str, fractions=(0.70, 0.15, 0.15), seed: int = 0,
+                link_arcsec: float = 10.0, n_bins: int = 3, min_groups_per_stratum: int = 10,
+                exclude_families: tuple[str, ...] = ("heldout",)) -> SplitResult:
+    """Assign every eligible catalog row to train/val/test; see the module docstring."""
+    if len(fractions) != 3 or abs(sum(fractions) - 1.0) > 1e-9 or min(fractions) <= 0:
+        raise ValueError(f"fractions must be three positive numbers summing to 1, got {fractions}")
+    excluded = {
+        "pretrain": catalog["label_source"].str.startswith("pretrain:"),
+        "unlabeled": catalog["label"] < 0,
+        "heldout_family": catalog["sim_family"].isin(exclude_families),
+    }
+    drop = np.zeros(len(catalog), bool)
+    counts = {}
+    for reason, mask in excluded.items():
+        mask = mask.to_numpy() & ~drop
+        counts[reason] = int(mask.sum())
+        drop |= mask
+    cat = catalog.loc[~drop].sort_values("objid").reset_index(drop=True)
+    if cat.empty:
+        raise ValueError("no catalog rows are eligible for supervised splits "
+                         f"(excluded: {counts})")
+    groups = sky_groups(cat["ra"].to_numpy(), cat["dec"].to_numpy(), link_arcsec=link_arcsec)
+    factors = stratify_factors(cat, reference_band=reference_band, n_bins=n_bins)
+    first = pd.Series(np.arange(len(cat))).groupby(groups).transform("min").to_numpy()
+    group_factors = factors.iloc[first].reset_index(drop=True)  # a group takes its first member's stratum
+
+    level = np.full(len(cat), len(FACTORS))
+    key = _key(group_factors, len(FACTORS))
+    merged = []
+    for lvl in range(len(FACTORS), 0, -1):
+        n_groups = pd.Series(groups).groupby(key.to_numpy()).nunique()
+        small = key.isin(n_groups[n_groups < min_groups_per_stratum].index) & (level == lvl)
+        if not small.any():
+            continue
+        coarser = _key(group_factors, lvl - 1)
+        for old, new in sorted(set(zip(key[small], coarser[small]))):
+            merged.append((old, new, int(n_groups[old])))
+        key = key.where(~small, coarser)
+        level = np.where(small, lvl - 1, level)
+
+    rng = np.random.default_rng(seed)
+    split_of_group: dict[int, str] = {}
+    sizes = pd.Series(groups).value_counts()
+    targets = np.asarray(fractions)
+    for stratum in sorted(key.unique()):
+        members = np.unique(groups[(key == stratum).to_numpy()])
+        order = rng.permutation(members)
+        assigned = np.zeros(3)
+        for g in order:
+            n = sizes[g]
+            deficit = targets * (assigned.sum() + n) - assigned
+            s = int(np.argmax(deficit))
+            assigned[s] += n
+            split_of_group[int(g)] = SPLITS[s]
+    table = pd.DataFrame({"objid": cat["objid"], "split": [split_of_group[int(g)] for g in groups],
+                          "sky_group": groups, "stratum": key.to_numpy(), "stratum_level": level,
+                          "label": cat["label"].astype(int)})
+    return SplitResult(table=table, excluded=counts, merged=merged)
+
+
+def balance_table(table: pd.DataFrame, catalog: pd.DataFrame, *, reference_band: str, n_bins: int = 3) -> pd.DataFrame:
+    """Share of each split's rows in each bin of each factor (rows: factor/bin, columns: splits)."""
+    cat = catalog.set_index("objid").loc[table["objid"]].reset_index()
+    f = stratify_factors(cat, reference_band=reference_band, n_bins=n_bins)
+    rows = []
+    for factor in FACTORS:
+        shares = pd.crosstab(f[factor].to_numpy(), table["split"].to_numpy(), normalize="columns")
+        for b, r in shares.iterrows():
+            rows.append({"factor": factor, "bin": b, **{s: float(r.get(s, 0.0)) for s in SPLITS}})
+    return pd.DataFrame(rows)
+
+
+def split_checks(table: pd.DataFrame, *, tolerance: float = 0.02) -> dict:
+    """The three split invariants: label fractions agree, no objid or sky group in two splits.
+
+    The label-fraction tolerance is ``tolerance`` or one object's share of the
+    smallest split, whichever is larger (a split of 40 objects cannot be closer
+    than 1/40).
+    """
+    counts = table["split"].value_counts()
+    fractions = table.groupby("split")["label"].mean()
+    spread = float(fractions.max() - fractions.min()) if len(fractions) else 0.0
+    allowed = max(tolerance, 1.0 / max(1, int(counts.min()))) if len(counts) else tolerance
+    objid_splits = table.groupby("objid")["split"].nunique()
+    group_splits = table.groupby("sky_group")["split"].nunique()
+    return {
+        "label_fraction": {s: float(fractions.get(s, float("nan"))) for s in SPLITS},
+        "label_fraction_spread": spread, "label_fraction_allowed": allowed,
+        "label_fractions_agree": bool(spread <= allowed),
+        "objids_in_two_splits": int((objid_splits > 1).sum()),
+        "sky_groups_across_splits": int((group_splits > 1).sum()),
+        "counts": {s: int(counts.get(s, 0)) for s in SPLITS},
+    }
