@@ -9,7 +9,7 @@ from lens_assets.definitions import defs
 from lens_assets.science.surveys import SURVEY_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
-CONTRACT_KEYS = {"simulated_cutouts", "cutout_catalog"}
+CONTRACT_KEYS = {"simulated_cutouts", "cutout_catalog", "psf_matched_shards", "dataset_splits"}
 
 
 def test_definitions_load_with_the_contract_asset_keys_groups_and_owners():
@@ -19,6 +19,7 @@ def test_definitions_load_with_the_contract_asset_keys_groups_and_owners():
     specs = {s.key.to_user_string(): s for s in defs.resolve_all_asset_specs()}
     assert specs["simulated_cutouts"].group_name == "simulation"
     assert specs["cutout_catalog"].group_name == "ingestion"
+    assert specs["psf_matched_shards"].group_name == specs["dataset_splits"].group_name == "datasets"
     for key in CONTRACT_KEYS:
         spec = specs[key]
         assert spec.owners == ["team:lens-finding"]
@@ -28,7 +29,10 @@ def test_definitions_load_with_the_contract_asset_keys_groups_and_owners():
         assert spec.code_version
     assert dg.AssetKey("simulated_cutouts") in {d.asset_key for d in specs["cutout_catalog"].deps}
     checks = {c.name for c in defs.resolve_asset_graph().asset_check_keys}
-    assert checks == {"catalog_matches_schema", "every_file_accounted_for", "label_balance_and_provenance"}
+    assert checks == {"catalog_matches_schema", "every_file_accounted_for", "label_balance_and_provenance",
+                      "matched_fwhm_within_3pct", "label_fractions_agree", "no_objid_in_two_splits",
+                      "no_sky_group_across_splits"}
+    assert dg.AssetKey("psf_matched_shards") in {d.asset_key for d in specs["dataset_splits"].deps}
     assert defs.resolve_job_def("survey_pipeline").partitions_def.get_partition_keys() == list(SURVEY_NAMES)
 
 

@@ -93,3 +93,25 @@ def test_heldout_family_goes_to_its_own_drop_and_is_labeled_in_the_catalog(stora
 def test_unknown_family_is_a_clear_error(storage):
     with pytest.raises(Exception, match=r"unknown simulation family 'nope'; valid families are"):
         _materialize(storage, family="nope")
+
+
+def test_whole_pipeline_to_splits_on_a_tiny_survey(storage):
+    from lens_assets.assets.shards import dataset_splits, psf_matched_shards
+
+    run_config = {"ops": {"simulated_cutouts": {"config": {"n_cutouts": 24, "seed": 3, "workers": 1}},
+                          "cutout_catalog": {"config": {"workers": 1}},
+                          "psf_matched_shards": {"config": {"workers": 1, "rows_per_shard": 10}},
+                          "dataset_splits": {"config": {"min_groups_per_stratum": 3}}}}
+    result = dg.materialize([simulated_cutouts, cutout_catalog, psf_matched_shards, dataset_splits],
+                            partition_key="sdss", resources={"storage": storage}, run_config=run_config,
+                            instance=dg.DagsterInstance.ephemeral())
+    assert result.success
+    shards = _metadata(result, "psf_matched_shards")
+    assert (shards["n_rows"], shards["n_shards"]) == (24, 3)
+    splits = _metadata(result, "dataset_splits")
+    assert splits["n_train"] + splits["n_val"] + splits["n_test"] == 24
+    table = pd.read_parquet(splits["path"])
+    assert set(table["split"]) <= {"train", "val", "test"} and table["objid"].is_unique
+    checks = _checks(result)
+    assert checks["matched_fwhm_within_3pct"] is True
+    assert checks["no_objid_in_two_splits"] is True and checks["no_sky_group_across_splits"] is True
