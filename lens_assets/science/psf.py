@@ -155,16 +155,20 @@ def matching_kernels(source_psfs: np.ndarray, target_psf: np.ndarray, *, window:
                          f"{tgt.shape}")
     src = src / src.sum(axis=(1, 2), keepdims=True)
     tgt = tgt / tgt.sum()
-    s_otf = np.fft.fft2(src)
-    t_otf = np.fft.fft2(tgt)
+    k = tgt.shape[0]
+    # real FFTs: for real PSFs and a point-symmetric window the ratio is Hermitian, so the half plane
+    # carries all of it and irfft2 returns what photutils' real(ifft2(...)) does
+    s_otf = sfft.rfft2(src)
+    t_otf = sfft.rfft2(tgt)
     amp = np.abs(s_otf)
+    # photutils thresholds against the maximum over the full plane, which the half plane contains
     mask = amp > regularization * amp.max(axis=(1, 2), keepdims=True)
     ratio = np.zeros_like(s_otf)
     np.divide(np.broadcast_to(t_otf, s_otf.shape), s_otf, out=ratio, where=mask)
     if window is not None:
         w = np.fft.ifftshift(np.asarray(window(tgt.shape), dtype=float))  # DC-centred window to FFT layout
-        ratio *= w
-    kernels = np.real(np.fft.fftshift(np.fft.ifft2(ratio), axes=(1, 2)))
+        ratio *= w[:, :k // 2 + 1]
+    kernels = np.fft.fftshift(sfft.irfft2(ratio, s=(k, k)), axes=(1, 2))
     sums = kernels.sum(axis=(1, 2), keepdims=True)
     if (sums < 1e-30).any():
         raise ValueError("a matching kernel sums to zero: the regularization threshold is too high")

@@ -1,0 +1,100 @@
+"""Training data from PSF-matched shards: a torch Dataset that reads whole batches from HDF5.
+
+Rows are addressed by (shard, index) from the shards' ``rows.parquet``; a
+split's rows come from ``dataset_splits``. ``__getitems__`` reads a batch with
+one sorted fancy-index read per shard (what the DataLoader calls with
+automatic batching), so throughput is bounded by decompression, not by
+per-row HDF5 calls. Each worker process opens its own file handles.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["ShardDataset", "collate"]
+
+
+class ShardDataset:
+    """(image, variance, label, label_confidence) per row, images in nanomaggies.
+
+    ``objids`` (optional) restricts and orders the rows, e.g. one split.
+    """
+
+    def __init__(self, shard_dir: str | Path, objids=None):
+        self.shard_dir = Path(shard_dir)
+        rows = pd.read_parquet(self.shard_dir / "rows.parquet", columns=["objid", "shard", "index"])
+        if objids is not None:
+            rows = rows.set_index("objid").loc[list(objids)].reset_index()
+        self.objid = rows["objid"].to_numpy()
+        self.shard_names = sorted(rows["shard"].unique())
+        shard_no = {s: i for i, s in enumerate(self.shard_names)}
+        self.shard = rows["shard"].map(shard_no).to_numpy()
+        self.index = rows["index"].to_numpy()
+        self._files = None
+
+    def __len__(self) -> int:
+        return len(self.objid)
+
+    def _open(self):
+        import h5py
+
+        if self._files is None:
+            self._files = [h5py.File(self.shard_dir / s, "r") for s in self.shard_names]
+            # per-row scalars are small: read them once
+            self._labels = [(f["label"][:].astype(np.float32), f["label_confidence"][:]) for f in self._files]
+            self._arrays = [(f["images"], f["variance"]) for f in self._files]
+        return self._files
+
+    def __getitems__(self, rows: list[int]) -> dict:
+        files = self._open()
+        rows = np.asarray(rows)
+        n = len(rows)
+        f0 = files[0]
+        out = {"image": np.empty((n, *f0["images"].shape[1:]), np.float32),
+               "variance": np.empty((n, *f0["variance"].shape[1:]), np.float32),
+               "label": np.empty(n, np.float32), "label_confidence": np.empty(n, np.float32)}
+        shard, index = self.shard[rows], self.index[rows]
+        order = np.lexsort((index, shard))  # read each shard front to back
+        # read_direct of contiguous runs: h5py's fancy indexing builds a point selection and is ~15x slower
+        start = 0
+        while start < n:
+            end = start + 1
+            s, first = shard[order[start]], index[order[start]]
+            while end < n and shard[order[end]] == s and index[order[end]] == first + (end - start):
+                end += 1
+            dest = order[start:end]
+            images, variance = self._arrays[s]
+            src = np.s_[first:first + end - start]
+            if end - start == 1 or (np.diff(dest) == 1).all():
+                sl = np.s_[dest[0]:dest[0] + len(dest)]
+                images.read_direct(out["image"], src, sl)
+                variance.read_direct(out["variance"], src, sl)
+            else:
+                out["image"][dest] = images[src]
+                out["variance"][dest] = variance[src]
+            start = end
+        for s in np.unique(shard):
+            m = shard == s
+            out["label"][m] = self._labels[s][0][index[m]]
+            out["label_confidence"][m] = self._labels[s][1][index[m]]
+        return out
+
+    def __getitem__(self, row: int) -> dict:
+        return {k: v[0] for k, v in self.__getitems__([row]).items()}
+
+    def __getstate__(self):  # file handles do not cross process boundaries
+        state = dict(self.__dict__)
+        state["_files"] = None
+        state.pop("_labels", None)
+        state.pop("_arrays", None)
+        return state
+
+
+def collate(batch: dict):
+    """DataLoader ``collate_fn`` for batches from ``__getitems__``: numpy to torch, no copies."""
+    import torch
+
+    return {k: torch.from_numpy(v) for k, v in batch.items()}

@@ -1,0 +1,47 @@
+import pytest
+import torch
+
+from lens_assets.ml.backbones import BACKBONES, count_parameters, create_backbone, load_weights, smallest_backbone
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_every_backbone_takes_the_survey_bands_and_cutout_size(name):
+    model = create_backbone(name, in_chans=5, img_size=64)
+    out = model(torch.randn(2, 5, 64, 64))
+    assert out.shape == (2, 1)
+    assert {"cnn", "vit"} == {s.family for s in BACKBONES.values()}
+
+
+def test_vit_uses_8px_patches_on_small_cutouts():
+    model = create_backbone("vit_tiny_p8", in_chans=4, img_size=48)
+    assert model.patch_embed.patch_size == (8, 8) and model.patch_embed.num_patches == 36
+
+
+def test_unknown_backbone_lists_the_registry():
+    with pytest.raises(KeyError, match=r"unknown backbone 'vgg'; registered backbones are \['resnet10t'"):
+        create_backbone("vgg", in_chans=5, img_size=64)
+
+
+@pytest.mark.parametrize("fmt", ["pt", "safetensors"])
+def test_local_weights_load_and_mismatches_are_refused(tmp_path, fmt):
+    src = create_backbone("resnet10t", in_chans=5, img_size=64)
+    path = tmp_path / f"w.{fmt}"
+    if fmt == "pt":
+        torch.save(src.state_dict(), path)
+    else:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
+    dst = create_backbone("resnet10t", in_chans=5, img_size=64, weights_path=path)
+    x = torch.randn(1, 5, 64, 64)
+    src.eval(), dst.eval()
+    assert torch.equal(src(x), dst(x))
+    other = create_backbone("resnet18", in_chans=5, img_size=64)
+    with pytest.raises((ValueError, RuntimeError)):
+        load_weights(other, path)
+
+
+def test_smallest_backbone_has_the_fewest_parameters():
+    name = smallest_backbone(in_chans=5, img_size=64)
+    sizes = {n: count_parameters(create_backbone(n, in_chans=5, img_size=64)) for n in BACKBONES}
+    assert sizes[name] == min(sizes.values())
