@@ -89,7 +89,9 @@ def process_batch(args) -> dict:
     rows, root, settings = args
     survey = get_survey(settings.survey)
     size, margin = settings.cutout_size_px, settings.kernel_size // 2
-    work = size + 2 * margin  # matched with a margin so the crop has no edge effects where data exist
+    # match on up to `margin` extra pixels around the cutout where the file has them, so the crop sees no
+    # edge effect; a file exactly the cutout size is matched with zeros beyond its edges
+    work = size + 2 * margin
     groups: dict[int, list] = {}
     for j, row in enumerate(rows):
         data = (Path(root) / row["source_file"]).read_bytes()
@@ -128,13 +130,24 @@ def process_batch(args) -> dict:
     return out
 
 
-class _ShardWriter:
-    """Appends batches to shard files of ``rows_per_shard`` rows; each is renamed into place when full."""
+SMALL_DATASETS = (("band_flags", "u1"), ("fwhm_before", "f4"), ("fwhm_after", "f4"), ("residual", "f4"),
+                  ("psf_matched", "?"), ("label", "i1"), ("label_confidence", "f4"), ("flux_ratio", "f4"),
+                  ("theta_e", "f4"))
 
-    def __init__(self, out_dir: Path, settings: ShardSettings, bands: tuple[str, ...]):
+
+class _ShardWriter:
+    """Writes batches into shard files of ``rows_per_shard`` rows; each is renamed into place when full.
+
+    Datasets are created at their final size and the per-row scalars are written
+    once when a shard closes, so a shard's bytes do not depend on how its rows
+    were batched (the sha256 is a data version).
+    """
+
+    def __init__(self, out_dir: Path, settings: ShardSettings, bands: tuple[str, ...], n_total: int):
         self.out_dir, self.settings, self.bands = Path(out_dir), settings, bands
         self.shards: list[dict] = []
         self.rows: list[pd.DataFrame] = []
+        self._remaining = n_total
         self._file = None
         self._n = 0
 
@@ -144,20 +157,15 @@ class _ShardWriter:
         name = f"shard-{len(self.shards):05d}.h5"
         self._path = self.out_dir / name
         self._tmp = self.out_dir / f".{name}.tmp"
+        self._size = min(self.settings.rows_per_shard, self._remaining)
         self._file = h5py.File(self._tmp, "w")
         s, nb = self.settings.cutout_size_px, len(self.bands)
         comp = None if self.settings.compression == "none" else self.settings.compression
-        for key, shape, dtype in (("images", (nb, s, s), "f4"), ("variance", (nb, s, s), "f4"),
-                                  ("band_flags", (nb,), "u1"), ("fwhm_before", (nb,), "f4"),
-                                  ("fwhm_after", (nb,), "f4"), ("residual", (nb,), "f4"),
-                                  ("psf_matched", (nb,), "?"), ("label", (), "i1"),
-                                  ("label_confidence", (), "f4"), ("flux_ratio", (), "f4"), ("theta_e", (), "f4")):
-            chunks = (1, *shape) if key in ("images", "variance") else (min(1024, self.settings.rows_per_shard),
-                                                                        *shape)
-            self._file.create_dataset(key, shape=(0, *shape), maxshape=(None, *shape), dtype=dtype,
-                                      chunks=chunks, compression=comp, shuffle=comp is not None)
-        self._file.create_dataset("objid", shape=(0,), maxshape=(None,), dtype=h5py.string_dtype(),
-                                  chunks=(1024,))
+        for key in ("images", "variance"):
+            self._file.create_dataset(key, shape=(self._size, nb, s, s), dtype="f4", chunks=(1, nb, s, s),
+                                      compression=comp, shuffle=comp is not None)
+        self._small: dict[str, list] = {k: [] for k, _ in SMALL_DATASETS}
+        self._small["objid"] = []
         attrs = self._file.attrs
         attrs["survey"], attrs["bands"] = self.settings.survey, ",".join(self.bands)
         attrs["target_fwhm_arcsec"] = self.settings.target_fwhm_arcsec
@@ -171,14 +179,12 @@ class _ShardWriter:
         while start < total:
             if self._file is None:
                 self._open()
-            take = min(total - start, self.settings.rows_per_shard - self._n)
+            take = min(total - start, self._size - self._n)
             sl = slice(start, start + take)
-            for key in ("images", "variance", "band_flags", "fwhm_before", "fwhm_after", "residual", "psf_matched",
-                        "objid", *LABEL_COLUMNS):
-                src = batch["image" if key == "images" else key][sl]
-                ds = self._file[key]
-                ds.resize(self._n + take, axis=0)
-                ds[self._n:self._n + take] = src
+            self._file["images"][self._n:self._n + take] = batch["image"][sl]
+            self._file["variance"][self._n:self._n + take] = batch["variance"][sl]
+            for key in self._small:
+                self._small[key].append(batch[key][sl])
             self.rows.append(pd.DataFrame({
                 "objid": batch["objid"][sl].astype(str), "shard": self._path.name,
                 "index": np.arange(self._n, self._n + take),
@@ -187,13 +193,22 @@ class _ShardWriter:
                 "max_residual": batch["residual"][sl].max(axis=1),
                 "label": batch["label"][sl]}))
             self._n += take
+            self._remaining -= take
             start += take
-            if self._n == self.settings.rows_per_shard:
+            if self._n == self._size:
                 self._close()
 
     def _close(self) -> None:
+        import h5py
+
         if self._file is None:
             return
+        s = min(1024, self._size)
+        for key, dtype in SMALL_DATASETS:
+            data = np.concatenate(self._small[key])
+            self._file.create_dataset(key, data=data.astype(dtype), chunks=(s, *data.shape[1:]))
+        self._file.create_dataset("objid", data=np.concatenate(self._small["objid"]).astype(object),
+                                  dtype=h5py.string_dtype(), chunks=(s,))
         self._file.close()
         self._file = None
         sha = hashlib.sha256(self._tmp.read_bytes()).hexdigest()
@@ -218,15 +233,13 @@ def build_shards(catalog: pd.DataFrame, survey: SurveySpec, *, root: Path, out_d
     if missing:
         raise ValueError(f"catalog lacks columns {missing}")
     records = catalog[need].to_dict("records")
-    from .parallel import resolve_workers
-
-    # small catalogs still give every worker several tasks; large ones use the configured batch size
-    bs = max(16, min(settings.batch_size, -(-len(records) // (4 * resolve_workers(workers)))))
+    # small catalogs still make several tasks; the size depends on the catalog only, never on `workers`
+    bs = max(16, min(settings.batch_size, -(-len(records) // 8)))
     tasks = [(records[i:i + bs], str(root), settings) for i in range(0, len(records), bs)]
     import astropy.io.fits  # noqa: F401  (imported before forking)
     import photutils.psf_matching  # noqa: F401
 
-    writer = _ShardWriter(out_dir, settings, survey.band_names)
+    writer = _ShardWriter(out_dir, settings, survey.band_names, len(records))
     t0 = time.perf_counter()
     n_matched = n_broader = 0
     for batch in bounded_imap(process_batch, tasks, workers=workers, progress=progress, unit="cutout",

@@ -207,10 +207,6 @@ def test_same_shards_with_one_or_two_workers(built):
                                   pd.read_parquet(out / "rows.parquet"))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG shards.py:224: build_shards sizes batches as ceil(n / (4*workers)) "
-                                       "(>= 16), and the HDF5 bytes depend on the append pattern, so the same "
-                                       "72 rows give different shard sha256s / data version with 1 and 2 "
-                                       "workers although every dataset is identical")
 def test_data_version_independent_of_workers_for_larger_catalogs(sim):
     root, catalog = sim
     big = repeated(catalog, 3)  # 72 rows: batches of 18 with one worker, 16 with two

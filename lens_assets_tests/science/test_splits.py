@@ -164,9 +164,6 @@ def test_custom_fractions_are_respected():
         assert abs(share[split] - target) <= 0.02, share.to_dict()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG splits.py:133-140: greedy allocation restarts per stratum and breaks "
-                                       "val/test ties with argmax (val first), so every 10-group stratum gets "
-                                       "7/2/1 groups: overall 70/20/10 instead of 70/15/15")
 def test_fractions_hold_when_every_stratum_has_ten_groups():
     # 100 strata of exactly min_groups_per_stratum (10) groups: continuous factors missing ('na'),
     # one pixel scale per stratum, so nothing is merged
@@ -246,9 +243,6 @@ def test_label_fractions_close_to_the_catalogs():
     assert checks["label_fraction_allowed"] == pytest.approx(0.02)  # the smallest split has > 50 rows
 
 
-@pytest.mark.xfail(strict=True, reason="BUG splits.py:133-140: per-stratum greedy with argmax tie-break favours "
-                                       "val over test; lens strata are smaller, so val gets more lenses than "
-                                       "test and the label-fraction spread exceeds split_checks' 2% (0.024)")
 def test_label_fractions_agree_per_split_checks():
     cat = make_catalog(3000, seed=0, lens_fraction=0.3)
     result = make_splits(cat, reference_band=REF, seed=0)
