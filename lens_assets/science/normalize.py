@@ -63,17 +63,17 @@ def center_crop(array: np.ndarray, size: int) -> np.ndarray:
 class NormalizedCutout:
     """A cutout in nanomaggies on the survey's pixel grid (not yet cropped: PSF matching needs the margin)."""
 
-    image: np.ndarray  # (B, H, W) float64, nanomaggies
-    variance: np.ndarray  # (B, H, W) float64, nanomaggies^2
+    image: np.ndarray  # (B, H, W) float32 (float64 when resampled), nanomaggies
+    variance: np.ndarray  # (B, H, W) nanomaggies^2
     psf: list  # per band: PSF image on the survey grid, or None
     resampled: bool
 
 
 def normalize_cutout(c: Cutout, survey: SurveySpec) -> NormalizedCutout:
     """Convert to nanomaggies and, if the pixel scale differs by more than 1%, resample to the survey's."""
-    scale = c.nmgy_per_unit[:, None, None]
-    image = c.image.astype(np.float64) * scale
-    variance = c.variance.astype(np.float64) * scale**2
+    scale = c.nmgy_per_unit[:, None, None].astype(np.float32)
+    image = c.image * scale  # float32, new arrays
+    variance = c.variance * scale**2
     psfs = list(c.psf)
     resampled = abs(c.pixel_scale_arcsec / survey.pixel_scale_arcsec - 1.0) > RESAMPLE_TOLERANCE
     if resampled:

@@ -232,6 +232,18 @@ def _fit_psf(psf: np.ndarray, size: int) -> np.ndarray:
     return psf / psf.sum()
 
 
+def _place_psf(out: np.ndarray, psf: np.ndarray) -> None:
+    """Write ``psf`` centred into ``out`` (odd square), cropping or zero-padding, normalized."""
+    k, size = psf.shape[0], out.shape[0]
+    if k >= size:
+        c = (k - size) // 2
+        out[...] = psf[c:c + size, c:c + size]
+    else:
+        p = (size - k) // 2
+        out[p:p + k, p:p + k] = psf
+    out /= out.sum()
+
+
 def homogenize(images: np.ndarray, variances: np.ndarray, psfs: Sequence[Sequence[np.ndarray | None]],
                fwhm_arcsec: np.ndarray, present: np.ndarray, *, pixel_scale_arcsec: float,
                target_fwhm: float, kernel_size: int, window: Callable | str | None = "auto",
@@ -257,7 +269,9 @@ def homogenize(images: np.ndarray, variances: np.ndarray, psfs: Sequence[Sequenc
     from_image = [(i, b) for i in range(n) for b in range(nb) if matched[i, b] and psfs[i][b] is not None]
     if from_image:
         target = psf_kernel("gaussian", target_px, size=kernel_size)
-        stack = np.stack([_fit_psf(np.asarray(psfs[i][b], dtype=float), kernel_size) for i, b in from_image])
+        stack = np.zeros((len(from_image), kernel_size, kernel_size))
+        for j, (i, b) in enumerate(from_image):
+            _place_psf(stack[j], psfs[i][b])
         made = matching_kernels(stack, target, window=_resolve_window(window, target_px))
         for (i, b), kern in zip(from_image, made):
             kernels[i, b] = kern
