@@ -26,6 +26,7 @@ __all__ = ["psf_kernel", "measure_fwhm_px", "gaussian_sigma_kernel", "matching_k
 
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 _PIXEL_FWHM2 = FWHM_PER_SIGMA**2 / 12.0  # a 1-px box has variance 1/12
+FFT_CHUNK = 64  # planes per batched FFT
 
 
 def psf_kernel(profile: str, fwhm_px: float, *, moffat_beta: float = 3.0, size: int | None = None,
@@ -189,10 +190,13 @@ def fft_convolve(planes: np.ndarray, kernels: np.ndarray, *, workers: int = 1) -
     k = kernels.shape[-1]
     m = k // 2
     ph, pw = sfft.next_fast_len(h + m, real=True), sfft.next_fast_len(w + m, real=True)
-    fp = sfft.rfft2(planes.astype(dtype, copy=False), s=(ph, pw), workers=workers)
-    fp *= sfft.rfft2(kernels.astype(dtype, copy=False), s=(ph, pw), workers=workers)
-    full = sfft.irfft2(fp, s=(ph, pw), workers=workers)
-    return full[:, m:m + h, m:m + w]
+    out = np.empty((n, h, w), dtype=dtype)
+    for i in range(0, n, FFT_CHUNK):  # chunks whose transforms stay in cache: ~2x faster than one big batch
+        sl = slice(i, i + FFT_CHUNK)
+        fp = sfft.rfft2(planes[sl].astype(dtype, copy=False), s=(ph, pw), workers=workers)
+        fp *= sfft.rfft2(kernels[sl].astype(dtype, copy=False), s=(ph, pw), workers=workers)
+        out[sl] = sfft.irfft2(fp, s=(ph, pw), workers=workers)[:, m:m + h, m:m + w]
+    return out
 
 
 def match_psf(image: np.ndarray, source_psf: np.ndarray, target_psf: np.ndarray, *,
@@ -259,8 +263,24 @@ def homogenize(images: np.ndarray, variances: np.ndarray, psfs: Sequence[Sequenc
     n, nb, h, w = images.shape
     if kernel_size % 2 == 0:
         raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+    target_px = target_fwhm / pixel_scale_arcsec
+    target = psf_kernel("gaussian", target_px, size=kernel_size)
+    win = _resolve_window(window, target_px)
     fwhm = np.asarray(fwhm_arcsec, dtype=float)
     present = np.asarray(present, dtype=bool)
+    step = max(1, 5 * FFT_CHUNK // nb)  # objects per chunk, so the working arrays stay in cache
+    parts = [_homogenize_chunk(images[i:i + step], variances[i:i + step], psfs[i:i + step], fwhm[i:i + step],
+                               present[i:i + step], pixel_scale_arcsec=pixel_scale_arcsec, target_fwhm=target_fwhm,
+                               target=target, window=win, workers=workers) for i in range(0, n, step)]
+    return HomogenizedBatch(**{f: np.concatenate([getattr(p, f) for p in parts])
+                               for f in HomogenizedBatch.__dataclass_fields__})
+
+
+def _homogenize_chunk(images, variances, psfs, fwhm, present, *, pixel_scale_arcsec, target_fwhm, target, window,
+                      workers) -> HomogenizedBatch:
+    images = np.asarray(images)
+    n, nb, h, w = images.shape
+    kernel_size = target.shape[0]
     matched = present & (fwhm < target_fwhm)
     kernels = np.zeros((n, nb, kernel_size, kernel_size))
     kernels[:, :, kernel_size // 2, kernel_size // 2] = 1.0
@@ -268,11 +288,10 @@ def homogenize(images: np.ndarray, variances: np.ndarray, psfs: Sequence[Sequenc
     target_px = target_fwhm / pixel_scale_arcsec
     from_image = [(i, b) for i in range(n) for b in range(nb) if matched[i, b] and psfs[i][b] is not None]
     if from_image:
-        target = psf_kernel("gaussian", target_px, size=kernel_size)
         stack = np.zeros((len(from_image), kernel_size, kernel_size))
         for j, (i, b) in enumerate(from_image):
             _place_psf(stack[j], psfs[i][b])
-        made = matching_kernels(stack, target, window=_resolve_window(window, target_px))
+        made = matching_kernels(stack, target, window=window)
         for (i, b), kern in zip(from_image, made):
             kernels[i, b] = kern
             source[i, b] = "psf_image"
