@@ -176,7 +176,8 @@ def matching_kernels(source_psfs: np.ndarray, target_psf: np.ndarray, *, window:
     return kernels / sums
 
 
-def fft_convolve(planes: np.ndarray, kernels: np.ndarray, *, workers: int = 1) -> np.ndarray:
+def fft_convolve(planes: np.ndarray, kernels: np.ndarray, *, workers: int = 1,
+                 out: np.ndarray | None = None) -> np.ndarray:
     """Convolve (n, H, W) planes with centred (n, K, K) kernels; same-size output, zeros outside (no wrap-around).
 
     The FFT grid only needs ``H + K // 2`` (not ``H + K - 1``): the same-size
@@ -190,7 +191,8 @@ def fft_convolve(planes: np.ndarray, kernels: np.ndarray, *, workers: int = 1) -
     k = kernels.shape[-1]
     m = k // 2
     ph, pw = sfft.next_fast_len(h + m, real=True), sfft.next_fast_len(w + m, real=True)
-    out = np.empty((n, h, w), dtype=dtype)
+    if out is None:
+        out = np.empty((n, h, w), dtype=dtype)
     for i in range(0, n, FFT_CHUNK):  # chunks whose transforms stay in cache: ~2x faster than one big batch
         sl = slice(i, i + FFT_CHUNK)
         fp = sfft.rfft2(planes[sl].astype(dtype, copy=False), s=(ph, pw), workers=workers)
@@ -269,20 +271,26 @@ def homogenize(images: np.ndarray, variances: np.ndarray, psfs: Sequence[Sequenc
     fwhm = np.asarray(fwhm_arcsec, dtype=float)
     present = np.asarray(present, dtype=bool)
     step = max(1, 5 * FFT_CHUNK // nb)  # objects per chunk, so the working arrays stay in cache
-    parts = [_homogenize_chunk(images[i:i + step], variances[i:i + step], psfs[i:i + step], fwhm[i:i + step],
-                               present[i:i + step], pixel_scale_arcsec=pixel_scale_arcsec, target_fwhm=target_fwhm,
-                               target=target, window=win, workers=workers) for i in range(0, n, step)]
-    return HomogenizedBatch(**{f: np.concatenate([getattr(p, f) for p in parts])
-                               for f in HomogenizedBatch.__dataclass_fields__})
+    out = HomogenizedBatch(image=np.empty(images.shape, np.float32), variance=np.empty(images.shape, np.float32),
+                           fwhm_before=fwhm, fwhm_after=np.empty((n, nb)), matched=np.empty((n, nb), bool),
+                           residual=np.empty((n, nb)), kernel_source=np.empty((n, nb), dtype=object))
+    for i in range(0, n, step):
+        part = _homogenize_chunk(images[i:i + step], variances[i:i + step], psfs[i:i + step], fwhm[i:i + step],
+                                 present[i:i + step], pixel_scale_arcsec=pixel_scale_arcsec, target_fwhm=target_fwhm,
+                                 target=target, window=win, workers=workers, out_image=out.image[i:i + step],
+                                 out_variance=out.variance[i:i + step])
+        for f in ("fwhm_after", "matched", "residual", "kernel_source"):
+            getattr(out, f)[i:i + step] = getattr(part, f)
+    return out
 
 
 def _homogenize_chunk(images, variances, psfs, fwhm, present, *, pixel_scale_arcsec, target_fwhm, target, window,
-                      workers) -> HomogenizedBatch:
+                      workers, out_image, out_variance) -> HomogenizedBatch:
     images = np.asarray(images)
     n, nb, h, w = images.shape
     kernel_size = target.shape[0]
     matched = present & (fwhm < target_fwhm)
-    kernels = np.zeros((n, nb, kernel_size, kernel_size))
+    kernels = np.zeros((n, nb, kernel_size, kernel_size), np.float32)  # convolution runs in single precision
     kernels[:, :, kernel_size // 2, kernel_size // 2] = 1.0
     source = np.full((n, nb), "none", dtype=object)
     target_px = target_fwhm / pixel_scale_arcsec
@@ -302,15 +310,21 @@ def _homogenize_chunk(images, variances, psfs, fwhm, present, *, pixel_scale_arc
                 sigma_k = gaussian_sigma_kernel(fwhm[i, b] / pixel_scale_arcsec / FWHM_PER_SIGMA, sigma_t)
                 kernels[i, b] = _sampled_gaussian(sigma_k, kernel_size)
                 source[i, b] = "gaussian"
-    out_img = images.astype(np.float32, copy=True)
-    out_var = np.asarray(variances).astype(np.float32, copy=True)
-    idx = np.nonzero(matched.reshape(-1))[0]
-    if len(idx):
-        flat_k = kernels.reshape(-1, kernel_size, kernel_size)[idx].astype(np.float32)
-        flat_img, flat_var = out_img.reshape(-1, h, w), out_var.reshape(-1, h, w)
-        flat_img[idx] = fft_convolve(flat_img[idx], flat_k, workers=workers)
-        flat_var[idx] = fft_convolve(flat_var[idx], flat_k**2, workers=workers)
+    variances = np.asarray(variances)
+    out_image[~matched] = images[~matched]
+    out_variance[~matched] = variances[~matched]
+    flat_m = matched.reshape(-1)
+    if flat_m.all():  # the usual case: convolve straight into the output, no gathers
+        flat_k = kernels.reshape(-1, kernel_size, kernel_size)
+        fft_convolve(images.reshape(-1, h, w), flat_k, workers=workers, out=out_image.reshape(-1, h, w))
+        fft_convolve(variances.reshape(-1, h, w), flat_k**2, workers=workers, out=out_variance.reshape(-1, h, w))
+    elif flat_m.any():
+        idx = np.nonzero(flat_m)[0]
+        flat_k = kernels.reshape(-1, kernel_size, kernel_size)[idx]
+        out_image.reshape(-1, h, w)[idx] = fft_convolve(images.reshape(-1, h, w)[idx], flat_k, workers=workers)
+        out_variance.reshape(-1, h, w)[idx] = fft_convolve(variances.reshape(-1, h, w)[idx], flat_k**2,
+                                                           workers=workers)
     after = np.where(matched, target_fwhm, fwhm)
     residual = np.where(present & ~matched, fwhm - target_fwhm, 0.0)
-    return HomogenizedBatch(image=out_img, variance=out_var, fwhm_before=fwhm, fwhm_after=after,
+    return HomogenizedBatch(image=out_image, variance=out_variance, fwhm_before=fwhm, fwhm_after=after,
                             matched=matched, residual=residual, kernel_source=source)
