@@ -36,7 +36,7 @@ from lens_assets.science.fits_contract import read_cutout  # noqa: E402
 from lens_assets.science.ingest import find_fits, ingest_files  # noqa: E402
 from lens_assets.science.normalize import center_crop, normalize_cutout  # noqa: E402
 from lens_assets.science.parallel import parallel_map  # noqa: E402
-from lens_assets.science.psf import _fit_psf, homogenize, psf_kernel  # noqa: E402
+from lens_assets.science.psf import _place_psf, homogenize, psf_kernel  # noqa: E402
 from lens_assets.science.shards import build_shards, shard_settings  # noqa: E402
 from lens_assets.science.simulation import simulate_to_directory  # noqa: E402
 from lens_assets.science.surveys import get_survey  # noqa: E402
@@ -72,7 +72,9 @@ def naive(cutouts, settings):
         for b in range(SURVEY.n_bands):
             image = c.image[b] * c.nmgy_per_unit[b]
             var = c.variance[b] * c.nmgy_per_unit[b] ** 2
-            kernel = make_kernel(_fit_psf(c.psf[b], k), target)
+            psf = np.zeros((k, k))
+            _place_psf(psf, c.psf[b])  # the same centred, normalized K x K PSF the batched path uses
+            kernel = make_kernel(psf, target)
             convolve_fft(image, kernel, normalize_kernel=False, boundary="fill")
             convolve_fft(var, kernel**2, normalize_kernel=False, boundary="fill")
 

@@ -226,18 +226,6 @@ class HomogenizedBatch:
     kernel_source: np.ndarray  # (n, B) 'psf_image' | 'gaussian' | 'none'
 
 
-def _fit_psf(psf: np.ndarray, size: int) -> np.ndarray:
-    """Centre-crop or zero-pad an odd square PSF to ``size`` and normalize it."""
-    k = psf.shape[0]
-    if k > size:
-        c = (k - size) // 2
-        psf = psf[c:c + size, c:c + size]
-    elif k < size:
-        p = (size - k) // 2
-        psf = np.pad(psf, p)
-    return psf / psf.sum()
-
-
 def _place_psf(out: np.ndarray, psf: np.ndarray) -> None:
     """Write ``psf`` centred into ``out`` (odd square), cropping or zero-padding, normalized."""
     k, size = psf.shape[0], out.shape[0]
