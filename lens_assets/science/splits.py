@@ -130,21 +130,25 @@ def make_splits(catalog: pd.DataFrame, *, reference_band: str, fractions=(0.70, 
     split_of_group: dict[int, str] = {}
     sizes = pd.Series(groups).value_counts()
     targets = np.asarray(fractions)
-    overall = np.zeros(3)  # carried across strata so rounding leftovers cancel instead of piling up in one split
+    # carried across strata, per label, so rounding leftovers cancel instead of piling up in one split
+    overall: dict[int, np.ndarray] = {}
+    group_label = pd.Series(cat["label"].to_numpy()).groupby(groups).first()
     for stratum in sorted(key.unique()):
         members = np.unique(groups[(key == stratum).to_numpy()])
         order = rng.permutation(members)
         assigned = np.zeros(3)
         for g in order:
             n = sizes[g]
+            seen = overall.setdefault(int(group_label[g]), np.zeros(3))
             deficit = targets * (assigned.sum() + n) - assigned
-            global_deficit = targets * (overall.sum() + n) - overall
-            # largest deficit in the stratum; ties by the overall deficit, then at random
-            best = np.flatnonzero(np.isclose(deficit, deficit.max()))
-            best = best[np.isclose(global_deficit[best], global_deficit[best].max())]
+            label_deficit = targets * (seen.sum() + n) - seen
+            # the split furthest behind its share, in this stratum and over all strata of this label together;
+            # ties at random
+            score = deficit + label_deficit
+            best = np.flatnonzero(np.isclose(score, score.max()))
             s = int(best[0] if len(best) == 1 else rng.choice(best))
             assigned[s] += n
-            overall[s] += n
+            seen[s] += n
             split_of_group[int(g)] = SPLITS[s]
     table = pd.DataFrame({"objid": cat["objid"], "split": [split_of_group[int(g)] for g in groups],
                           "sky_group": groups, "stratum": key.to_numpy(), "stratum_level": level,
