@@ -1,0 +1,123 @@
+"""Bologna Lens Finding Challenge metrics (Metcalf et al. 2019) and calibration error.
+
+Definitions (DESIGN.md):
+
+* TPR0: fraction of lenses scored strictly above the highest non-lens score.
+* TPR10: fraction of lenses scored strictly above the 10th-highest non-lens score
+  (fewer than ten false positives). It depends on how many non-lenses there are:
+  report ``n_nonlenses`` beside it. With fewer than ten non-lenses every
+  threshold makes fewer than ten false positives, so TPR10 is 1.
+* ``tpr_at_fpr(0.1)``: the highest TPR with FPR <= 0.1 (an operating point, not TPR10).
+* ECE: 15 equal-mass bins of calibrated probability.
+* FNR per lensed-flux-ratio bin (< 0.1, 0.1-0.3, >= 0.3) at the TPR10 threshold.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["threshold_at_n_false_positives", "tpr_at_n_false_positives", "tpr0", "tpr10", "tpr_at_fpr", "expected_calibration_error",
+           "fnr_by_bins", "FLUX_RATIO_BINS", "bologna_metrics"]
+
+FLUX_RATIO_BINS = (("lt_0.1", 0.0, 0.1), ("0.1_0.3", 0.1, 0.3), ("ge_0.3", 0.3, np.inf))
+
+
+def _split(labels, scores):
+    y = np.asarray(labels)
+    s = np.asarray(scores, dtype=float)
+    if y.shape != s.shape or y.ndim != 1:
+        raise ValueError(f"labels and scores must be 1-D of one length, got {y.shape} and {s.shape}")
+    if not np.isin(y, (0, 1)).all():
+        bad = sorted(v.item() for v in np.unique(y) if v not in (0, 1))
+        raise ValueError(f"labels must be 0 or 1, got values {bad[:5]}")
+    if not np.isfinite(s).all():
+        raise ValueError("scores must be finite")
+    pos, neg = s[y == 1], s[y == 0]
+    if len(pos) == 0:
+        raise ValueError("no lenses (label 1) among the labels")
+    return pos, neg
+
+
+def threshold_at_n_false_positives(labels, scores, n: int) -> float:
+    """The score a lens must strictly exceed to be found with fewer than ``n + 1`` false positives:
+    the (n+1)-th highest non-lens score (``-inf`` when there are at most ``n`` non-lenses)."""
+    _, neg = _split(labels, scores)
+    if len(neg) <= n:
+        return -np.inf
+    return float(np.sort(neg)[::-1][n])
+
+
+def tpr_at_n_false_positives(labels, scores, n: int) -> float:
+    """Fraction of lenses scored strictly above the (n+1)-th highest non-lens score."""
+    pos, _ = _split(labels, scores)
+    return float(np.mean(pos > threshold_at_n_false_positives(labels, scores, n)))
+
+
+def tpr0(labels, scores) -> float:
+    return tpr_at_n_false_positives(labels, scores, 0)
+
+
+def tpr10(labels, scores) -> float:
+    """Lenses found before the tenth false positive: strictly above the 10th-highest non-lens."""
+    return tpr_at_n_false_positives(labels, scores, 9)
+
+
+def tpr_at_fpr(labels, scores, max_fpr: float) -> float:
+    """Highest TPR over thresholds whose FPR is at most ``max_fpr`` (scikit-learn's ROC curve)."""
+    from sklearn.metrics import roc_curve
+
+    _split(labels, scores)
+    fpr, tpr, _ = roc_curve(labels, scores)
+    return float(tpr[fpr <= max_fpr].max())
+
+
+def expected_calibration_error(labels, probs, *, n_bins: int = 15) -> float:
+    """ECE with equal-mass bins: sum over bins of (bin share) x |observed lens rate - mean probability|."""
+    y = np.asarray(labels, dtype=float)
+    p = np.asarray(probs, dtype=float)
+    if ((p < 0) | (p > 1)).any():
+        raise ValueError("probabilities must lie in [0, 1]")
+    order = np.argsort(p, kind="stable")
+    ece = 0.0
+    for idx in np.array_split(order, min(n_bins, len(p))):
+        if len(idx):
+            ece += len(idx) / len(p) * abs(y[idx].mean() - p[idx].mean())
+    return float(ece)
+
+
+def fnr_by_bins(labels, scores, values, bins, *, threshold: float) -> dict:
+    """False-negative rate of lenses in each ``(name, low, high)`` bin of ``values`` at ``threshold``
+    (a lens is found when its score is strictly above it), with the bin's lens count."""
+    y = np.asarray(labels)
+    s = np.asarray(scores, dtype=float)
+    v = np.asarray(values, dtype=float)
+    out = {}
+    for name, lo, hi in bins:
+        m = (y == 1) & (v >= lo) & (v < hi)
+        out[name] = {"n_lenses": int(m.sum()),
+                     "fnr": float(np.mean(s[m] <= threshold)) if m.any() else float("nan")}
+    return out
+
+
+def bologna_metrics(labels, scores, *, flux_ratio=None, probs=None) -> dict:
+    """The report's headline figures (metadata keys as in DESIGN.md)."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    pos, neg = _split(labels, scores)
+    out = {
+        "auroc": float(roc_auc_score(labels, scores)),
+        "auprc": float(average_precision_score(labels, scores)),
+        "tpr0": tpr0(labels, scores),
+        "tpr10": tpr10(labels, scores),
+        "tpr_at_fpr_0.1": tpr_at_fpr(labels, scores, 0.1),
+        "tpr_at_fpr_0.001": tpr_at_fpr(labels, scores, 1e-3),
+        "n_test_lenses": float(len(pos)),
+        "n_test_nonlenses": float(len(neg)),
+    }
+    if probs is not None:
+        out["ece"] = expected_calibration_error(labels, probs)
+    if flux_ratio is not None:
+        thr = threshold_at_n_false_positives(labels, scores, 9)
+        for name, v in fnr_by_bins(labels, scores, flux_ratio, FLUX_RATIO_BINS, threshold=thr).items():
+            out[f"fnr_flux_ratio_{name}"] = v["fnr"]
+    return out

@@ -1,0 +1,79 @@
+import numpy as np
+import pytest
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+from lens_assets.science.metrics import (FLUX_RATIO_BINS, bologna_metrics, expected_calibration_error, fnr_by_bins,
+                                         threshold_at_n_false_positives, tpr0, tpr10, tpr_at_fpr)
+
+
+def test_tpr0_on_six_scores_with_a_tie():
+    labels = [1, 1, 1, 0, 0, 0]
+    scores = [0.9, 0.8, 0.7, 0.8, 0.3, 0.1]
+    # highest non-lens 0.8; only 0.9 is strictly above (the lens tied at 0.8 does not count)
+    assert tpr0(labels, scores) == pytest.approx(1 / 3)
+
+
+def test_tpr10_counts_lenses_strictly_above_the_tenth_highest_nonlens():
+    neg = np.arange(20, dtype=float)  # 0..19: tenth highest is 10
+    pos = np.array([10.0, 10.5, 12.0, 25.0, 3.0])
+    labels = np.r_[np.ones(5), np.zeros(20)].astype(int)
+    scores = np.r_[pos, neg]
+    assert threshold_at_n_false_positives(labels, scores, 9) == 10.0
+    assert tpr10(labels, scores) == pytest.approx(3 / 5)  # 10.5, 12, 25; the lens at 10.0 ties
+    assert tpr0(labels, scores) == pytest.approx(1 / 5)  # only 25 beats 19
+
+
+def test_tpr10_with_fewer_than_ten_nonlenses_is_one():
+    assert tpr10([1, 0, 0], [0.1, 0.5, 0.9]) == 1.0
+
+
+def test_tpr_at_fpr_is_the_best_tpr_within_the_fpr_budget_and_not_tpr10():
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.ones(300), np.zeros(700)].astype(int)
+    scores = np.r_[rng.normal(1.5, 1, 300), rng.normal(0, 1, 700)]
+    fpr, tpr, _ = roc_curve(labels, scores)
+    assert tpr_at_fpr(labels, scores, 0.1) == tpr[fpr <= 0.1].max()
+    assert tpr_at_fpr(labels, scores, 0.1) != tpr10(labels, scores)
+
+
+def test_bologna_metrics_agree_with_scikit_learn():
+    rng = np.random.default_rng(1)
+    labels = np.r_[np.ones(200), np.zeros(800)].astype(int)
+    scores = np.round(np.r_[rng.normal(2, 1, 200), rng.normal(0, 1, 800)], 1)  # rounded: many ties
+    m = bologna_metrics(labels, scores)
+    assert m["auroc"] == pytest.approx(roc_auc_score(labels, scores))
+    assert m["auprc"] == pytest.approx(average_precision_score(labels, scores))
+    assert (m["n_test_lenses"], m["n_test_nonlenses"]) == (200.0, 800.0)
+    assert m["tpr0"] <= m["tpr10"] <= 1.0
+
+
+def test_ece_with_equal_mass_bins_by_hand():
+    # 4 bins of 2 (n_bins >= n falls back to one bin per prediction when asked for more than there are)
+    labels = [0, 0, 1, 0, 1, 1, 1, 1]
+    probs = [0.1, 0.1, 0.4, 0.4, 0.6, 0.6, 0.9, 0.9]
+    # bins: (0.1,0.1)->|0-0.1|=0.1; (0.4,0.4)->|0.5-0.4|=0.1; (0.6,0.6)->|1-0.6|=0.4; (0.9,0.9)->|1-0.9|=0.1
+    assert expected_calibration_error(labels, probs, n_bins=4) == pytest.approx((0.1 + 0.1 + 0.4 + 0.1) / 4)
+    rng = np.random.default_rng(2)
+    p = rng.uniform(size=200_000)
+    assert expected_calibration_error(rng.uniform(size=p.size) < p, p) < 0.005  # calibrated by construction
+
+
+def test_fnr_by_flux_ratio_bins_at_a_threshold():
+    labels = [1, 1, 1, 1, 0]
+    scores = [0.2, 0.9, 0.6, 0.4, 0.5]
+    flux = [0.05, 0.05, 0.2, 0.5, 0.0]
+    out = fnr_by_bins(labels, scores, flux, FLUX_RATIO_BINS, threshold=0.5)
+    assert out["lt_0.1"] == {"n_lenses": 2, "fnr": 0.5}
+    assert out["0.1_0.3"] == {"n_lenses": 1, "fnr": 0.0}
+    assert out["ge_0.3"] == {"n_lenses": 1, "fnr": 1.0}
+
+
+@pytest.mark.parametrize("labels,scores,match", [
+    ([1, 0], [0.5], r"labels and scores must be 1-D of one length"),
+    ([1, 2], [0.5, 0.1], r"labels must be 0 or 1, got values \[2\]"),
+    ([0, 0], [0.5, 0.1], r"no lenses \(label 1\) among the labels"),
+    ([1, 0], [np.nan, 0.1], r"scores must be finite"),
+])
+def test_bad_inputs_are_clear_errors(labels, scores, match):
+    with pytest.raises(ValueError, match=match):
+        tpr0(labels, scores)
