@@ -60,10 +60,10 @@ def psf_matched_shards(context: dg.AssetExecutionContext, config: ShardConfig,
     settings = shard_settings(survey, target_fwhm_arcsec=config.target_fwhm_arcsec, percentile=config.percentile,
                               rows_per_shard=config.rows_per_shard, batch_size=config.batch_size,
                               compression=config.compression)
-    staged = storage.staging_dir(f"shards-{survey.name}")
-    manifest = build_shards(catalog, survey, root=storage.root_path, out_dir=staged, settings=settings,
-                            workers=config.workers)
-    dest = storage.publish_dir(staged, "shards", survey.name)
+    with storage.staged_dir(f"shards-{survey.name}") as staged:
+        manifest = build_shards(catalog, survey, root=storage.root_path, out_dir=staged, settings=settings,
+                                workers=config.workers)
+        dest = storage.publish_dir(staged, "shards", survey.name)
     rate = manifest["n_rows"] / manifest["seconds"] if manifest["seconds"] > 0 else float("nan")
     context.log.info(f"wrote {manifest['n_rows']} cutouts in {len(manifest['shards'])} shards to {dest} "
                      f"at {rate:.0f} cutouts/s; target FWHM {settings.target_fwhm_arcsec:.3f}\"")

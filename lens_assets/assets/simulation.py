@@ -45,10 +45,10 @@ def simulated_cutouts(context: dg.AssetExecutionContext, config: SimulationConfi
     survey = get_survey(context.partition_key)
     family = load_family(config.family)
     drop = simulation_drop(family.name, config.seed)
-    staged = storage.staging_dir(f"{survey.name}-{drop}")
-    truth, seconds = simulate_to_directory(survey, family, n_cutouts=config.n_cutouts, seed=config.seed,
-                                           out_dir=staged, workers=config.workers)
-    dest = storage.publish_dir(staged, "raw", survey.name, drop)
+    with storage.staged_dir(f"{survey.name}-{drop}") as staged:
+        truth, seconds = simulate_to_directory(survey, family, n_cutouts=config.n_cutouts, seed=config.seed,
+                                               out_dir=staged, workers=config.workers)
+        dest = storage.publish_dir(staged, "raw", survey.name, drop)
     summary = summarize_truth(truth, survey)
     context.log.info(f"simulated {len(truth)} {survey.name} cutouts ({family.name}, seed {config.seed}) "
                      f"in {seconds:.1f}s into {dest}")

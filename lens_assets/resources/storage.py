@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import dagster as dg
@@ -41,6 +42,16 @@ class LocalStorage(dg.ConfigurableResource):
         d = self.path("tmp", f"{name}-{uuid.uuid4().hex[:12]}")
         d.mkdir(parents=True)
         return d
+
+    @contextmanager
+    def staged_dir(self, name: str):
+        """A staging directory that is removed if the block raises (nothing half-built is left in tmp/)."""
+        staged = self.staging_dir(name)
+        try:
+            yield staged
+        except BaseException:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise
 
     def publish_dir(self, staged: Path, *parts: str) -> Path:
         """Replace the directory ``parts`` with ``staged`` so readers never see a half-written one."""

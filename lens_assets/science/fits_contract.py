@@ -350,9 +350,10 @@ def _pixel_scale(header: dict, name: str, band: str) -> float:
         warnings.simplefilter("ignore")
         try:
             wcs = WCS(header["_header"])
-        except Exception:
-            wcs = None
-    if wcs is None or not wcs.has_celestial:
+        except Exception as err:  # astropy.wcs raises several types for malformed keywords
+            raise QuarantineError("missing_pixscale", f"{name}: IMAGE_{band} has no PIXSCALE and its WCS cannot be "
+                                                      f"read ({type(err).__name__}: {err})") from None
+    if not wcs.has_celestial:
         raise QuarantineError("missing_pixscale", f"{name}: IMAGE_{band} has neither PIXSCALE nor a celestial WCS")
     scales = proj_plane_pixel_scales(wcs.celestial) * 3600.0
     return float(np.sqrt(scales[0] * scales[1]))

@@ -115,3 +115,17 @@ def test_whole_pipeline_to_splits_on_a_tiny_survey(storage):
     checks = _checks(result)
     assert checks["matched_fwhm_within_3pct"] is True
     assert checks["no_objid_in_two_splits"] is True and checks["no_sky_group_across_splits"] is True
+
+
+def test_a_failed_shard_build_leaves_nothing_half_built(storage):
+    from lens_assets.assets.shards import psf_matched_shards
+
+    _materialize(storage, n=6)
+    victim = next(storage.path("raw", "sdss", "sim-1").glob("*.fits"))
+    victim.write_bytes(victim.read_bytes()[:-2880] + b"\0" * 2880)  # changed after cataloging
+    with pytest.raises(Exception, match="changed after cataloging"):
+        dg.materialize([psf_matched_shards, cutout_catalog.to_source_asset()], partition_key="sdss",
+                       resources={"storage": storage}, instance=dg.DagsterInstance.ephemeral(),
+                       run_config={"ops": {"psf_matched_shards": {"config": {"workers": 1}}}})
+    assert not storage.path("shards", "sdss").exists()
+    assert list(storage.path("tmp").iterdir()) == []
