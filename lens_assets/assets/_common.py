@@ -13,6 +13,13 @@ import numpy as np
 OWNERS = ["team:lens-finding"]
 
 
+def survey_asset(**kwargs):
+    """``dg.asset`` partitioned per survey and owned by the lens-finding team, as every asset here is."""
+    from lens_assets.partitions import survey_partitions
+
+    return dg.asset(partitions_def=survey_partitions, owners=OWNERS, **kwargs)
+
+
 def png_markdown(path: Path, *, alt: str) -> dg.MetadataValue:
     """A PNG inlined in markdown so the Dagster UI shows it in the materialization's metadata."""
     data = base64.b64encode(Path(path).read_bytes()).decode()

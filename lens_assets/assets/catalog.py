@@ -7,9 +7,8 @@ import dagster as dg
 from dagster_pandera import pandera_schema_to_dagster_type
 from pydantic import Field
 
-from lens_assets.assets._common import OWNERS, counts_markdown, sha256_of_strings
+from lens_assets.assets._common import counts_markdown, sha256_of_strings, survey_asset
 from lens_assets.assets.simulation import simulated_cutouts
-from lens_assets.partitions import survey_partitions
 from lens_assets.resources.storage import LocalStorage
 from lens_assets.science.ingest import find_fits, ingest_files
 from lens_assets.science.schemas import catalog_schema, quarantine_schema
@@ -38,11 +37,9 @@ def catalog_paths(storage: LocalStorage, survey: str) -> tuple:
             storage.path("catalog", survey, "quarantine.parquet"))
 
 
-@dg.asset(
-    partitions_def=survey_partitions,
+@survey_asset(
     group_name="ingestion",
     kinds={"python", "pandas", "parquet"},
-    owners=OWNERS,
     code_version=INGEST_CODE_VERSION,
     deps=[simulated_cutouts],
     check_specs=CHECKS,

@@ -6,9 +6,8 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
-from lens_assets.assets._common import OWNERS, png_markdown
+from lens_assets.assets._common import sha256_of_strings, survey_asset
 from lens_assets.assets.catalog import catalog_paths, cutout_catalog
-from lens_assets.partitions import survey_partitions
 from lens_assets.resources.storage import LocalStorage
 from lens_assets.science.shards import SHARD_FORMAT_VERSION, build_shards, matched_psf_fwhm, shard_settings
 from lens_assets.science.splits import SPLITS, balance_table, make_splits, split_checks
@@ -33,11 +32,9 @@ def shard_dir(storage: LocalStorage, survey: str):
     return storage.path("shards", survey)
 
 
-@dg.asset(
-    partitions_def=survey_partitions,
+@survey_asset(
     group_name="datasets",
     kinds={"python", "hdf5"},
-    owners=OWNERS,
     code_version=SHARDS_CODE_VERSION,
     deps=[cutout_catalog],
     check_specs=[dg.AssetCheckSpec("matched_fwhm_within_3pct", asset="psf_matched_shards",
@@ -115,11 +112,9 @@ SPLIT_CHECKS = [
 ]
 
 
-@dg.asset(
-    partitions_def=survey_partitions,
+@survey_asset(
     group_name="datasets",
     kinds={"python", "parquet"},
-    owners=OWNERS,
     code_version=SPLITS_CODE_VERSION,
     deps=[cutout_catalog, psf_matched_shards],
     check_specs=SPLIT_CHECKS,
@@ -178,7 +173,5 @@ def dataset_splits(context: dg.AssetExecutionContext, config: SplitConfig,
         dg.AssetCheckResult(check_name="no_sky_group_across_splits", passed=checks["sky_groups_across_splits"] == 0,
                             metadata={"n": checks["sky_groups_across_splits"]}),
     ]
-    from lens_assets.assets._common import sha256_of_strings
-
     version = sha256_of_strings(table["objid"] + ":" + table["split"])
     return dg.MaterializeResult(metadata=metadata, check_results=results, data_version=dg.DataVersion(version[:16]))

@@ -4,8 +4,8 @@
 import dagster as dg
 from pydantic import Field
 
-from lens_assets.assets._common import OWNERS, counts_markdown, gallery_from_files, png_markdown, sha256_of_strings
-from lens_assets.partitions import survey_partitions
+from lens_assets.assets._common import (counts_markdown, gallery_from_files, png_markdown, sha256_of_strings,
+                                        survey_asset)
 from lens_assets.resources.storage import LocalStorage
 from lens_assets.science.families import available_families, load_family
 from lens_assets.science.simulation import simulate_to_directory, summarize_truth
@@ -27,11 +27,9 @@ def simulation_drop(family: str, seed: int) -> str:
     return f"sim-{seed}" if family == "baseline" else f"sim-{family}-{seed}"
 
 
-@dg.asset(
-    partitions_def=survey_partitions,
+@survey_asset(
     group_name="simulation",
     kinds={"python", "fits"},
-    owners=OWNERS,
     code_version=SIMULATION_CODE_VERSION,
 )
 def simulated_cutouts(context: dg.AssetExecutionContext, config: SimulationConfig,
