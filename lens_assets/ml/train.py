@@ -1,0 +1,118 @@
+"""Train one ensemble member from shards and splits: plain Lightning, resumable.
+
+    python -m lens_assets.ml.train --shards data/shards/des --splits data/splits/des/dataset_splits.parquet \\
+        --out runs/des/resnet10t --backbone resnet10t --epochs 10
+
+A checkpoint is written every epoch (``last.ckpt`` plus the best by validation
+AUROC); when ``out`` already holds ``last.ckpt`` training resumes from it, so a
+run killed mid-training continues where it stopped. CSV logs go to
+``out/logs/version_N`` (one per start, so a resumed run keeps the earlier log).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+__all__ = ["TrainSettings", "train"]
+
+
+@dataclass
+class TrainSettings:
+    backbone: str = "resnet10t"
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    seed: int = 0
+    num_workers: int = 0
+    patience: int = 5
+    augment: bool = True
+    accelerator: str = "auto"
+    progress: bool = True
+
+
+def _loaders(shard_dir: Path, splits_path: Path, s: TrainSettings):
+    import pandas as pd
+    import torch
+
+    from .data import ShardDataset, collate
+
+    splits = pd.read_parquet(splits_path)
+    data = {name: ShardDataset(shard_dir, objids=splits.loc[splits["split"] == name, "objid"])
+            for name in ("train", "val")}
+    for name, ds in data.items():
+        if len(ds) == 0:
+            raise ValueError(f"{splits_path}: the {name} split is empty")
+    gen = torch.Generator().manual_seed(s.seed)
+    train = torch.utils.data.DataLoader(data["train"], batch_size=s.batch_size, shuffle=True, generator=gen,
+                                        num_workers=s.num_workers, collate_fn=collate, drop_last=False)
+    val = torch.utils.data.DataLoader(data["val"], batch_size=s.batch_size, shuffle=False,
+                                      num_workers=s.num_workers, collate_fn=collate)
+    return train, val, data["train"]
+
+
+def train(shard_dir: str | Path, splits_path: str | Path, out_dir: str | Path, settings: TrainSettings) -> dict:
+    """Fit (or resume) one model; returns a summary with the best checkpoint and its validation AUROC."""
+    import h5py
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    from .module import LensClassifier
+
+    shard_dir, splits_path, out_dir = Path(shard_dir), Path(splits_path), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(settings.seed, workers=True)
+    train_loader, val_loader, train_ds = _loaders(shard_dir, splits_path, settings)
+    with h5py.File(shard_dir / train_ds.shard_names[0]) as f:
+        in_chans, img_size = f["images"].shape[1], f["images"].shape[-1]
+    model = LensClassifier(backbone=settings.backbone, in_chans=in_chans, img_size=img_size, lr=settings.lr,
+                           weight_decay=settings.weight_decay, max_epochs=settings.epochs, augment=settings.augment)
+    gpu = torch.cuda.is_available() and settings.accelerator in ("auto", "gpu", "cuda")
+    checkpoint = ModelCheckpoint(dirpath=out_dir, filename="best", monitor="val_auroc", mode="max", save_last=True,
+                                 every_n_epochs=1)
+    trainer = L.Trainer(
+        max_epochs=settings.epochs, accelerator="gpu" if gpu else "cpu", devices=1,
+        precision="bf16-mixed" if gpu else "32-true", deterministic=not gpu,
+        callbacks=[checkpoint, EarlyStopping(monitor="val_auroc", mode="max", patience=settings.patience)],
+        logger=CSVLogger(out_dir, name="logs"), enable_progress_bar=settings.progress,  # a new version per (re)start
+        log_every_n_steps=1, enable_model_summary=False)
+    last = out_dir / "last.ckpt"
+    resumed_after_epochs = None
+    if last.exists():  # Lightning stores the 0-based epoch that had just finished
+        resumed_after_epochs = int(torch.load(last, map_location="cpu", weights_only=True)["epoch"]) + 1
+    trainer.fit(model, train_loader, val_loader, ckpt_path=str(last) if last.exists() else None)
+    summary = {
+        "best_checkpoint": str(checkpoint.best_model_path), "last_checkpoint": str(last),
+        "best_val_auroc": float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else None,
+        "epochs_run": int(trainer.current_epoch), "global_step": int(trainer.global_step),
+        "resumed_after_epochs": resumed_after_epochs, "device": "cuda" if gpu else "cpu",
+        "n_train": len(train_ds), "settings": asdict(settings),
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shards", required=True)
+    ap.add_argument("--splits", required=True)
+    ap.add_argument("--out", required=True)
+    for field, default in asdict(TrainSettings()).items():
+        kind = type(default)
+        if kind is bool:
+            ap.add_argument(f"--{field.replace('_', '-')}", type=lambda v: v.lower() in ("1", "true", "yes"),
+                            default=default)
+        else:
+            ap.add_argument(f"--{field.replace('_', '-')}", type=kind, default=default)
+    args = vars(ap.parse_args(argv))
+    settings = TrainSettings(**{k: args[k] for k in asdict(TrainSettings())})
+    print(json.dumps(train(args["shards"], args["splits"], args["out"], settings), indent=2))
+
+
+if __name__ == "__main__":
+    main()

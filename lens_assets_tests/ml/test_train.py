@@ -1,0 +1,77 @@
+"""Training runs as plain Lightning on tiny shards and resumes from its last checkpoint."""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from lens_assets.ml.module import augment, scale_input
+from lens_assets.ml.train import TrainSettings, train
+from lens_assets.science.families import load_family
+from lens_assets.science.ingest import find_fits, ingest_files
+from lens_assets.science.shards import build_shards, shard_settings
+from lens_assets.science.simulation import simulate_to_directory
+from lens_assets.science.splits import make_splits
+from lens_assets.science.surveys import get_survey
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    survey = get_survey("sdss")
+    simulate_to_directory(survey, load_family("baseline"), n_cutouts=32, seed=4, out_dir=root / "raw/sdss/sim-4",
+                          workers=1, progress=False)
+    catalog = ingest_files(find_fits(root / "raw/sdss"), survey, root=root, workers=1, progress=False).catalog
+    build_shards(catalog, survey, root=root, out_dir=root / "shards", settings=shard_settings(survey), workers=1,
+                 progress=False)
+    splits = make_splits(catalog, reference_band="r", seed=0, min_groups_per_stratum=3).table
+    splits.to_parquet(root / "splits.parquet")
+    return root
+
+
+def test_scale_input_is_asinh_in_noise_units_and_keeps_colours_when_faint():
+    image = torch.tensor([[[[0.01]], [[0.02]]]])  # two bands, one pixel, faint
+    variance = torch.full_like(image, 1.0)
+    x = scale_input(image, variance)
+    assert torch.allclose(x, torch.asinh(image))
+    assert x[0, 1, 0, 0] / x[0, 0, 0, 0] == pytest.approx(2.0, rel=1e-3)
+
+
+def test_augmentation_preserves_flux_and_colours_and_adds_noise_from_the_variance():
+    g = torch.Generator().manual_seed(0)
+    image = torch.zeros(4, 3, 32, 32)
+    image[:, :, 12:20, 12:20] = torch.tensor([1.0, 2.0, 3.0])[:, None, None]
+    variance = torch.zeros_like(image)  # no noise: only geometry acts
+    out, _ = augment(image, variance, generator=g)
+    flux = out.sum(dim=(2, 3))
+    assert torch.allclose(flux, image.sum(dim=(2, 3)), rtol=1e-4)  # bilinear sub-pixel shift keeps flux
+    assert torch.allclose(flux / flux[:, :1], torch.tensor([1.0, 2.0, 3.0]).expand(4, 3), rtol=1e-4)
+    noisy, var_out = augment(torch.zeros(256, 1, 16, 16), torch.ones(256, 1, 16, 16), generator=g,
+                             max_shift_px=0.0)
+    assert 0.0 < noisy.std() < 0.5 and (var_out >= 1).all()
+
+
+def test_training_writes_checkpoints_logs_and_resumes_after_an_interruption(data):
+    out = data / "run"
+    settings = TrainSettings(backbone="resnet10t", epochs=1, batch_size=8, progress=False, patience=10)
+    first = train(data / "shards", data / "splits.parquet", out, settings)
+    assert (out / "last.ckpt").exists() and (out / "best.ckpt").exists()
+    assert first["resumed_after_epochs"] is None and 0.0 <= first["best_val_auroc"] <= 1.0
+    metrics = pd.read_csv(out / "logs" / "version_0" / "metrics.csv")
+    assert {"train_loss", "val_loss", "val_auroc"} <= set(metrics.columns)
+    # a later run with more epochs (as a retry after a kill would be) continues from last.ckpt
+    second = train(data / "shards", data / "splits.parquet", out, TrainSettings(**{**settings.__dict__, "epochs": 2}))
+    assert second["resumed_after_epochs"] == 1
+    assert (out / "logs" / "version_1" / "metrics.csv").exists() and metrics.equals(
+        pd.read_csv(out / "logs" / "version_0" / "metrics.csv"))  # the first run's log is kept
+    assert second["global_step"] > first["global_step"]
+    assert json.loads((out / "summary.json").read_text())["epochs_run"] == 2
+
+
+def test_empty_split_is_a_clear_error(data, tmp_path):
+    splits = pd.read_parquet(data / "splits.parquet")
+    splits.loc[splits["split"] == "val", "split"] = "test"
+    splits.to_parquet(tmp_path / "s.parquet")
+    with pytest.raises(ValueError, match=r"s.parquet: the val split is empty"):
+        train(data / "shards", tmp_path / "s.parquet", tmp_path / "run", TrainSettings(epochs=1, progress=False))
