@@ -9,7 +9,7 @@ from lens_assets.definitions import defs
 from lens_assets.science.surveys import SURVEY_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
-CONTRACT_KEYS = {"simulated_cutouts", "cutout_catalog", "psf_matched_shards", "dataset_splits"}
+CONTRACT_KEYS = {"simulated_cutouts", "cutout_catalog", "psf_matched_shards", "dataset_splits", "lens_classifier"}
 
 
 def test_definitions_load_with_the_contract_asset_keys_groups_and_owners():
@@ -20,6 +20,7 @@ def test_definitions_load_with_the_contract_asset_keys_groups_and_owners():
     assert specs["simulated_cutouts"].group_name == "simulation"
     assert specs["cutout_catalog"].group_name == "ingestion"
     assert specs["psf_matched_shards"].group_name == specs["dataset_splits"].group_name == "datasets"
+    assert specs["lens_classifier"].group_name == "training"
     for key in CONTRACT_KEYS:
         spec = specs[key]
         assert spec.owners == ["team:lens-finding"]

@@ -3,7 +3,9 @@
     python -m lens_assets.ml.train --shards data/shards/des --splits data/splits/des/dataset_splits.parquet \\
         --out runs/des/resnet10t --backbone resnet10t --epochs 10
 
-A checkpoint is written every epoch (``last.ckpt`` plus the best by validation
+Launched by Dagster Pipes (the ``lens_classifier`` asset) it reads its settings
+from the Pipes extras and reports its summary as a custom message. A checkpoint
+is written every epoch (``last.ckpt`` plus the best by validation
 AUROC); when ``out`` already holds ``last.ckpt`` training resumes from it, so a
 run killed mid-training continues where it stopped. CSV logs go to
 ``out/logs/version_N`` (one per start, so a resumed run keeps the earlier log).
@@ -85,16 +87,53 @@ def train(shard_dir: str | Path, splits_path: str | Path, out_dir: str | Path, s
     resumed_after_epochs = None
     if last.exists():  # Lightning stores the 0-based epoch that had just finished
         resumed_after_epochs = int(torch.load(last, map_location="cpu", weights_only=True)["epoch"]) + 1
+    import resource
+    import time
+
+    start_epoch = resumed_after_epochs or 0
+    t0 = time.perf_counter()
     trainer.fit(model, train_loader, val_loader, ckpt_path=str(last) if last.exists() else None)
+    seconds = time.perf_counter() - t0
+    epochs_now = max(0, int(trainer.current_epoch) - start_epoch)
     summary = {
         "best_checkpoint": str(checkpoint.best_model_path), "last_checkpoint": str(last),
         "best_val_auroc": float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else None,
         "epochs_run": int(trainer.current_epoch), "global_step": int(trainer.global_step),
         "resumed_after_epochs": resumed_after_epochs, "device": "cuda" if gpu else "cpu",
-        "n_train": len(train_ds), "settings": asdict(settings),
+        "n_train": len(train_ds), "settings": asdict(settings), "seconds": seconds,
+        "train_img_per_s": len(train_ds) * epochs_now / seconds if seconds > 0 else 0.0,
+        "peak_memory_mb": (torch.cuda.max_memory_allocated() / 2**20 if gpu
+                           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "val_auroc_by_epoch": _val_auroc_by_epoch(Path(trainer.logger.log_dir) / "metrics.csv"),
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _val_auroc_by_epoch(metrics_csv: Path) -> list:
+    import pandas as pd
+
+    if not metrics_csv.exists():
+        return []
+    m = pd.read_csv(metrics_csv)
+    if "val_auroc" not in m:
+        return []
+    m = m.dropna(subset=["val_auroc"])
+    return [{"epoch": int(e), "val_auroc": float(a)} for e, a in zip(m["epoch"], m["val_auroc"])]
+
+
+def pipes_main() -> None:
+    """Run under Dagster Pipes: settings arrive as extras, the summary goes back as a custom message."""
+    from dagster_pipes import open_dagster_pipes
+
+    with open_dagster_pipes() as pipes:
+        ex = pipes.extras
+        settings = TrainSettings(**{**ex.get("settings", {}), "progress": False})
+        pipes.log.info(f"training {settings.backbone} for {settings.epochs} epochs into {ex['out_dir']}")
+        summary = train(ex["shard_dir"], ex["splits_path"], ex["out_dir"], settings)
+        pipes.log.info(f"best val AUROC {summary['best_val_auroc']} at {summary['train_img_per_s']:.0f} img/s "
+                       f"on {summary['device']}")
+        pipes.report_custom_message(summary)
 
 
 def main(argv=None) -> None:
@@ -114,5 +153,13 @@ def main(argv=None) -> None:
     print(json.dumps(train(args["shards"], args["splits"], args["out"], settings), indent=2))
 
 
+def launched_by_pipes() -> bool:
+    import os
+
+    from dagster_pipes import DAGSTER_PIPES_CONTEXT_ENV_VAR
+
+    return bool(os.environ.get(DAGSTER_PIPES_CONTEXT_ENV_VAR))
+
+
 if __name__ == "__main__":
-    main()
+    pipes_main() if launched_by_pipes() else main()

@@ -1,0 +1,71 @@
+"""Asset group `training`: the per-survey ensemble, one Pipes training job per member."""
+
+import hashlib
+
+import dagster as dg
+from pydantic import Field
+
+from lens_assets.assets._common import sha256_of_strings, survey_asset
+from lens_assets.assets.shards import dataset_splits, psf_matched_shards
+from lens_assets.resources.launchers import TrainingLauncher
+from lens_assets.resources.storage import LocalStorage
+from lens_assets.science.surveys import get_survey
+
+TRAINING_CODE_VERSION = "train-1"
+
+
+class TrainConfig(dg.Config):
+    members: list[str] = Field(default=["resnet10t", "vit_tiny_p8"], description="backbones, one job each")
+    epochs: int = Field(default=10, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    seed: int = Field(default=0, ge=0)
+    patience: int = Field(default=5, ge=1, description="epochs without a better validation AUROC before stopping")
+
+
+@survey_asset(
+    group_name="training",
+    kinds={"python", "pytorch"},
+    code_version=TRAINING_CODE_VERSION,
+    deps=[psf_matched_shards, dataset_splits],
+    pool="gpu",
+)
+def lens_classifier(context: dg.AssetExecutionContext, config: TrainConfig, storage: LocalStorage,
+                    launcher: TrainingLauncher) -> dg.MaterializeResult:
+    """Ensemble of timm lens classifiers for the survey, one checkpoint per member (models/<survey>/<member>/).
+
+    Each member is trained by its own job (`python -m lens_assets.ml.train` under
+    Dagster Pipes); a retried run resumes each member from its last checkpoint.
+    """
+    survey = get_survey(context.partition_key)
+    shard_dir = storage.path("shards", survey.name)
+    splits = storage.path("splits", survey.name, "dataset_splits.parquet")
+    if not splits.exists():
+        raise dg.Failure(f"{splits} does not exist: materialize dataset_splits for {survey.name} first")
+    metadata: dict = {}
+    hashes = []
+    for member in config.members:
+        out = storage.path("models", survey.name, member)
+        extras = {"shard_dir": str(shard_dir), "splits_path": str(splits), "out_dir": str(out),
+                  "settings": {"backbone": member, "epochs": config.epochs, "batch_size": config.batch_size,
+                               "lr": config.lr, "seed": config.seed, "patience": config.patience}}
+        messages = launcher.launch(context, extras=extras)
+        if not messages:
+            raise dg.Failure(f"training job for {member} reported no summary")
+        s = messages[-1]
+        best = s["best_checkpoint"] or s["last_checkpoint"]
+        sha = hashlib.sha256(open(best, "rb").read()).hexdigest()
+        hashes.append(f"{member}:{sha}")
+        metadata.update({
+            f"{member}/best_val_auroc": s["best_val_auroc"],
+            f"{member}/checkpoint": dg.MetadataValue.path(best),
+            f"{member}/checkpoint_sha256": sha,
+            f"{member}/epochs_run": s["epochs_run"],
+            f"{member}/resumed_after_epochs": s["resumed_after_epochs"] if s["resumed_after_epochs"] else 0,
+            f"{member}/train_img_per_s": s["train_img_per_s"],
+            f"{member}/device": s["device"],
+            f"{member}/peak_memory_mb": s["peak_memory_mb"],
+            f"{member}/val_auroc_by_epoch": dg.MetadataValue.json(s["val_auroc_by_epoch"]),
+        })
+    metadata["members"] = ",".join(config.members)
+    return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(sha256_of_strings(hashes)[:16]))
