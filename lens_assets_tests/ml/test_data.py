@@ -3,24 +3,14 @@ import numpy as np
 import pytest
 
 from lens_assets.ml.data import ShardDataset, collate
-from lens_assets.science.families import load_family
-from lens_assets.science.ingest import find_fits, ingest_files
-from lens_assets.science.shards import build_shards, shard_settings
-from lens_assets.science.simulation import simulate_to_directory
-from lens_assets.science.surveys import get_survey
+from lens_assets_tests.helpers import make_sdss_shards
 
 
 @pytest.fixture(scope="module")
 def shard_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
-    survey = get_survey("sdss")
-    simulate_to_directory(survey, load_family("baseline"), n_cutouts=20, seed=9, out_dir=root / "raw/sdss/sim-9",
-                          workers=1, progress=False)
-    catalog = ingest_files(find_fits(root / "raw/sdss"), survey, root=root, workers=1, progress=False).catalog
-    out = root / "shards"
-    build_shards(catalog, survey, root=root, out_dir=out, settings=shard_settings(survey, rows_per_shard=7),
-                 workers=1, progress=False)
-    return out
+    make_sdss_shards(root, n=20, seed=9, rows_per_shard=7)
+    return root / "shards"
 
 
 def _direct(shard_dir, ds, row):

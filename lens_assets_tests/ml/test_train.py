@@ -8,25 +8,16 @@ import torch
 
 from lens_assets.ml.module import augment, scale_input
 from lens_assets.ml.train import TrainSettings, train
-from lens_assets.science.families import load_family
-from lens_assets.science.ingest import find_fits, ingest_files
-from lens_assets.science.shards import build_shards, shard_settings
-from lens_assets.science.simulation import simulate_to_directory
 from lens_assets.science.splits import make_splits
-from lens_assets.science.surveys import get_survey
+from lens_assets_tests.helpers import make_sdss_shards
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
-    survey = get_survey("sdss")
-    simulate_to_directory(survey, load_family("baseline"), n_cutouts=32, seed=4, out_dir=root / "raw/sdss/sim-4",
-                          workers=1, progress=False)
-    catalog = ingest_files(find_fits(root / "raw/sdss"), survey, root=root, workers=1, progress=False).catalog
-    build_shards(catalog, survey, root=root, out_dir=root / "shards", settings=shard_settings(survey), workers=1,
-                 progress=False)
-    splits = make_splits(catalog, reference_band="r", seed=0, min_groups_per_stratum=3).table
-    splits.to_parquet(root / "splits.parquet")
+    catalog = make_sdss_shards(root, n=32, seed=4)
+    make_splits(catalog, reference_band="r", seed=0, min_groups_per_stratum=3).table.to_parquet(
+        root / "splits.parquet")
     return root
 
 
