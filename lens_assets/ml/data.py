@@ -49,10 +49,9 @@ class ShardDataset:
         return self._files
 
     def __getitems__(self, rows: list[int]) -> dict:
-        files = self._open()
+        f0 = self._open()[0]
         rows = np.asarray(rows)
         n = len(rows)
-        f0 = files[0]
         out = {"image": np.empty((n, *f0["images"].shape[1:]), np.float32),
                "variance": np.empty((n, *f0["variance"].shape[1:]), np.float32),
                "label": np.empty(n, np.float32), "label_confidence": np.empty(n, np.float32)}

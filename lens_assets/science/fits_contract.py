@@ -403,7 +403,7 @@ def _read_bands(primary, arrays, raw: bytes, *, name, survey: SurveySpec, objid,
         raise QuarantineError("no_known_band", f"{name}: bands {sorted(ignored)} are not {survey.name} bands "
                                                f"{list(survey.band_names)}")
     shape = None
-    for band, (ext, hdr, arr) in found.items():
+    for band, (_, _, arr) in found.items():
         if arr is None or arr.ndim != 2:
             raise QuarantineError("not_2d", f"{name}: IMAGE_{band} has shape "
                                             f"{None if arr is None else arr.shape}; cutouts must be 2-D")

@@ -26,6 +26,12 @@ def resolve_workers(workers: int) -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _pool(workers: int) -> ProcessPoolExecutor:
+    """Forked workers on Linux (they start without re-importing the science stack), spawned elsewhere."""
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(method))
+
+
 def parallel_map(fn: Callable[[T], R], items: Sequence[T] | Iterable[T], *, workers: int = 1,
                  progress: bool = True, desc: str = "", unit: str = "it", chunksize: int | None = None) -> list[R]:
     """``[fn(x) for x in items]`` over ``workers`` processes, in order, with a tqdm bar.
@@ -45,9 +51,8 @@ def parallel_map(fn: Callable[[T], R], items: Sequence[T] | Iterable[T], *, work
                 out.append(fn(x))
                 bar.update(1)
             return out
-        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
         chunksize = chunksize or max(1, min(16, len(items) // (workers * 8) or 1))
-        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(method)) as pool:
+        with _pool(workers) as pool:
             out = []
             for r in pool.map(fn, items, chunksize=chunksize):
                 out.append(r)
@@ -76,9 +81,8 @@ def bounded_imap(fn: Callable[[T], R], items: Sequence[T], *, workers: int = 1, 
                 yield fn(x)
                 bar.update(wgt)
             return
-        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
         limit = max_in_flight or 2 * workers
-        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(method)) as pool:
+        with _pool(workers) as pool:
             pending: deque = deque()
             it = iter(zip(items, weights))
             for x, wgt in it:
