@@ -1,32 +1,46 @@
-"""`make demo`: run the survey pipeline for one survey on the local Dagster instance and say what it made.
+"""`make demo`: run the whole graph for one survey on the local Dagster instance and say what it made.
 
-    python -m lens_assets.demo [--survey des] [--n-cutouts 300] [--seed 0]
+    python -m lens_assets.demo [--survey des] [--profile demo|full] [--n-cutouts N] [--epochs N] [--seed 0]
+
+Profiles (``lens_assets.profiles``): ``demo`` takes a few minutes on 2 CPU
+cores; ``full`` is the quality run (64k cutouts, 12 epochs; hours on a CPU).
 
 Runs are recorded in $DAGSTER_HOME (SQLite), so `make dev` shows them in the UI.
 """
 
 import argparse
 import sys
+import time
 
 import dagster as dg
 
 from lens_assets.definitions import defs
+from lens_assets.profiles import PROFILES, run_config
 from lens_assets.science.surveys import SURVEY_NAMES
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--survey", default="des", choices=SURVEY_NAMES)
-    parser.add_argument("--n-cutouts", type=int, default=300)
+    parser.add_argument("--profile", default="demo", choices=sorted(PROFILES))
+    parser.add_argument("--n-cutouts", type=int, default=None, help="override the profile's simulation size")
+    parser.add_argument("--epochs", type=int, default=None, help="override the profile's training epochs")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
     instance = dg.DagsterInstance.get()
     job = defs.resolve_job_def("survey_pipeline")
-    run_config = {"ops": {"simulated_cutouts": {"config": {"n_cutouts": args.n_cutouts, "seed": args.seed}}},
-                  "loggers": {"console": {"config": {"log_level": "INFO"}}}}
-    result = job.execute_in_process(partition_key=args.survey, instance=instance, run_config=run_config,
+    overrides = {}
+    if args.n_cutouts is not None:
+        overrides["simulated_cutouts"] = {"n_cutouts": args.n_cutouts}
+    if args.epochs is not None:
+        overrides["lens_classifier"] = {"epochs": args.epochs}
+    config = {**run_config(args.profile, seed=args.seed, overrides=overrides),
+              "loggers": {"console": {"config": {"log_level": "INFO"}}}}
+    t0 = time.perf_counter()
+    result = job.execute_in_process(partition_key=args.survey, instance=instance, run_config=config,
                                     raise_on_error=False)
+    wall = time.perf_counter() - t0
     if not result.success:
         print(f"survey_pipeline failed for {args.survey}; see the run {result.run_id} in the UI (make dev)",
               file=sys.stderr)
@@ -38,7 +52,8 @@ def main(argv=None) -> int:
     sim, cat = meta["simulated_cutouts"], meta["cutout_catalog"]
     checks = [e.event_specific_data for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
     print()
-    print(f"lens_assets demo: survey {args.survey}, run {result.run_id}")
+    print(f"lens_assets demo: survey {args.survey}, profile {args.profile}, run {result.run_id}, "
+          f"{wall / 60:.1f} min")
     print(f"  simulated cutouts : {sim['n_cutouts']} ({sim['n_lenses']} lenses, {sim['n_nonlenses']} non-lenses) "
           f"at {sim['cutouts_per_s']:.1f}/s in {sim['path']}")
     print(f"  catalog           : {cat['n_ingested']} rows -> {cat['path']}")
@@ -53,6 +68,26 @@ def main(argv=None) -> int:
         print(f"  splits            : train {sp['n_train']} / val {sp['n_val']} / test {sp['n_test']}, lens "
               f"fractions {sp['lens_fraction_train']:.3f} / {sp['lens_fraction_val']:.3f} / "
               f"{sp['lens_fraction_test']:.3f} -> {sp['path']}")
+    if "lens_classifier" in meta:
+        lc = meta["lens_classifier"]
+        for m in lc["members"].split(","):
+            print(f"  model {m:<12}: best val AUROC {lc[f'{m}/best_val_auroc']:.4f} after {lc[f'{m}/epochs_run']} "
+                  f"epochs at {lc[f'{m}/train_img_per_s']:.0f} img/s on {lc[f'{m}/device']} -> "
+                  f"{lc[f'{m}/checkpoint']}")
+    if "score_calibrator" in meta:
+        sc = meta["score_calibrator"]
+        print(f"  calibrator        : {sc['method']} after {sc['fusion']} fusion, validation ECE "
+              f"{sc['ece_before']:.4f} -> {sc['ece_after']:.4f} -> {sc['path']}")
+    if "bologna_report" in meta:
+        r = meta["bologna_report"]
+        print(f"  Bologna report    : test AUROC {r['auroc']:.4f}  AUPRC {r['auprc']:.4f}  TPR0 {r['tpr0']:.3f}  "
+              f"TPR10 {r['tpr10']:.3f} (n_nonlenses {r['n_test_nonlenses']:.0f}, lenses {r['n_test_lenses']:.0f})")
+        print(f"                      TPR@FPR0.1 {r['tpr_at_fpr_0.1']:.3f}  ECE {r['ece']:.4f}  FNR(flux ratio<0.1) "
+              f"{r['fnr_flux_ratio_lt_0.1']:.3f}")
+        print(f"                      held-out family: AUROC {r['heldout_auroc']:.4f}  TPR0 {r['heldout_tpr0']:.3f}  "
+              f"TPR10 {r['heldout_tpr10']:.3f}  (AUROC gap {r['heldout_auroc_gap']:+.4f})")
+        print(f"  report            : {r['report_path']} (and report.json, roc.png, score_histograms.png, "
+              "reliability.png beside it)")
     for c in checks:
         print(f"  check {c.asset_key.to_user_string() + '.' + c.check_name:<48}: {'passed' if c.passed else 'FAILED'}")
     print("Open the UI with `make dev` (http://127.0.0.1:3000) to see the assets, their lineage and this run.")

@@ -23,6 +23,39 @@ class TrainConfig(dg.Config):
     patience: int = Field(default=5, ge=1, description="epochs without a better validation AUROC before stopping")
 
 
+def ensemble_path(storage: LocalStorage, survey: str):
+    return storage.path("models", survey, "ensemble.json")
+
+
+def write_ensemble(storage: LocalStorage, survey: str, ensemble: dict):
+    """``models/<survey>/ensemble.json``: the members scoring uses, checkpoints relative to the data root."""
+    import json
+
+    path = ensemble_path(storage, survey)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(ensemble, indent=2))
+    tmp.replace(path)
+    return path
+
+
+def read_ensemble(storage: LocalStorage, survey: str) -> dict:
+    """The ensemble manifest; each member's checkpoint is checked against its recorded sha256."""
+    import json
+
+    path = ensemble_path(storage, survey)
+    if not path.exists():
+        raise dg.Failure(f"{path} does not exist: materialize lens_classifier for {survey} first")
+    ensemble = json.loads(path.read_text())
+    for m in ensemble["members"]:
+        ckpt = storage.path(m["checkpoint"])
+        sha = hashlib.sha256(ckpt.read_bytes()).hexdigest() if ckpt.exists() else "missing"
+        if sha != m["sha256"]:
+            raise dg.Failure(f"{ckpt}: sha256 {sha[:16]} differs from {m['sha256'][:16]} in {path}; "
+                             "re-materialize lens_classifier")
+        m["path"] = str(ckpt)
+    return ensemble
+
+
 @survey_asset(
     group_name="training",
     kinds={"python", "pytorch"},
@@ -68,4 +101,8 @@ def lens_classifier(context: dg.AssetExecutionContext, config: TrainConfig, stor
             f"{member}/val_auroc_by_epoch": dg.MetadataValue.json(s["val_auroc_by_epoch"]),
         })
     metadata["members"] = ",".join(config.members)
+    ensemble = {"survey": survey.name, "members": [
+        {"name": m, "checkpoint": storage.relative(metadata[f"{m}/checkpoint"].value),
+         "sha256": metadata[f"{m}/checkpoint_sha256"]} for m in config.members]}
+    metadata["ensemble"] = dg.MetadataValue.path(str(write_ensemble(storage, survey.name, ensemble)))
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(sha256_of_strings(hashes)[:16]))

@@ -9,6 +9,8 @@ is written every epoch (``last.ckpt`` plus the best by validation
 AUROC); when ``out`` already holds ``last.ckpt`` training resumes from it, so a
 run killed mid-training continues where it stopped. CSV logs go to
 ``out/logs/version_N`` (one per start, so a resumed run keeps the earlier log).
+``out/run.json`` records a fingerprint of the shards, splits and settings; a
+checkpoint left by a run with another fingerprint is discarded, not resumed.
 """
 
 from __future__ import annotations
@@ -85,6 +87,12 @@ def train(shard_dir: str | Path, splits_path: str | Path, out_dir: str | Path, s
         log_every_n_steps=1, enable_model_summary=False)
     last = out_dir / "last.ckpt"
     resumed_after_epochs = None
+    fingerprint = run_fingerprint(shard_dir, splits_path, settings)
+    stale = _previous_fingerprint(out_dir) not in (None, fingerprint)
+    if stale:  # other data or settings: a checkpoint of another run must not be resumed
+        for old in (last, out_dir / "best.ckpt"):
+            old.unlink(missing_ok=True)
+    (out_dir / "run.json").write_text(json.dumps({"fingerprint": fingerprint, "settings": asdict(settings)}, indent=2))
     if last.exists():  # Lightning stores the 0-based epoch that had just finished
         resumed_after_epochs = int(torch.load(last, map_location="cpu", weights_only=True)["epoch"]) + 1
     import resource
@@ -100,6 +108,7 @@ def train(shard_dir: str | Path, splits_path: str | Path, out_dir: str | Path, s
         "best_val_auroc": float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else None,
         "epochs_run": int(trainer.current_epoch), "global_step": int(trainer.global_step),
         "resumed_after_epochs": resumed_after_epochs, "device": "cuda" if gpu else "cpu",
+        "fingerprint": fingerprint, "restarted_stale_run": stale,
         "n_train": len(train_ds), "settings": asdict(settings), "seconds": seconds,
         "train_img_per_s": len(train_ds) * epochs_now / seconds if seconds > 0 else 0.0,
         "peak_memory_mb": (torch.cuda.max_memory_allocated() / 2**20 if gpu
@@ -108,6 +117,30 @@ def train(shard_dir: str | Path, splits_path: str | Path, out_dir: str | Path, s
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+# settings that change what is trained (not how long, how fast or how verbosely): a run may be extended
+_FINGERPRINT_EXCLUDES = ("num_workers", "progress", "accelerator", "epochs", "patience")
+
+
+def run_fingerprint(shard_dir: Path, splits_path: Path, settings: TrainSettings) -> str:
+    """sha256 of the shard manifest, the splits file and the settings: a run may only resume its own checkpoint."""
+    import hashlib
+
+    h = hashlib.sha256()
+    manifest = Path(shard_dir) / "manifest.json"
+    h.update(manifest.read_bytes() if manifest.exists() else b"no manifest")
+    h.update(Path(splits_path).read_bytes())
+    h.update(json.dumps({k: v for k, v in asdict(settings).items() if k not in _FINGERPRINT_EXCLUDES},
+                        sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def _previous_fingerprint(out_dir: Path) -> str | None:
+    try:
+        return json.loads((out_dir / "run.json").read_text())["fingerprint"]
+    except (FileNotFoundError, KeyError, ValueError):
+        return None
 
 
 def _val_auroc_by_epoch(metrics_csv: Path) -> list:

@@ -9,7 +9,7 @@ a survey's expected prevalence.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 from scipy.optimize import minimize_scalar
@@ -43,7 +43,8 @@ class Calibrator:
 
     method: str
     temperature: float = 1.0
-    isotonic: object = None
+    isotonic_x: list | None = None  # scikit-learn's IsotonicRegression thresholds: a piecewise-linear map
+    isotonic_y: list | None = None
     train_prevalence: float | None = None
     target_prevalence: float | None = None
     cv_nll: dict | None = None
@@ -52,11 +53,24 @@ class Calibrator:
         z = np.asarray(logits, dtype=float)
         if self.method == "temperature":
             p = expit(z / self.temperature)
-        else:
-            p = self.isotonic.predict(z)
+        else:  # what IsotonicRegression(out_of_bounds="clip").predict computes
+            p = np.interp(z, self.isotonic_x, self.isotonic_y)
         if self.target_prevalence is not None:
             p = prior_shift(p, self.train_prevalence, self.target_prevalence)
         return np.clip(p, 0.0, 1.0)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able fields (what ``score_calibrator`` writes to disk)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Calibrator":
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"calibrator fields {sorted(unknown)} are not known; expected {[f.name for f in fields(cls)]}")
+        if d.get("method") not in METHODS:
+            raise ValueError(f"calibrator method {d.get('method')!r} is not one of {list(METHODS)}")
+        return cls(**d)
 
 
 def _fit(method: str, z, y) -> Calibrator:
@@ -65,7 +79,7 @@ def _fit(method: str, z, y) -> Calibrator:
     from sklearn.isotonic import IsotonicRegression
 
     iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(z, y)
-    return Calibrator("isotonic", isotonic=iso)
+    return Calibrator("isotonic", isotonic_x=iso.X_thresholds_.tolist(), isotonic_y=iso.y_thresholds_.tolist())
 
 
 def fit_calibrator(logits, labels, *, method: str = "auto", n_folds: int = 5, seed: int = 0,

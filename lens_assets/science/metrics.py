@@ -17,9 +17,11 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["threshold_at_n_false_positives", "tpr_at_n_false_positives", "tpr0", "tpr10", "tpr_at_fpr", "expected_calibration_error",
-           "fnr_by_bins", "FLUX_RATIO_BINS", "bologna_metrics"]
+           "fnr_by_bins", "FLUX_RATIO_BINS", "THETA_E_BINS", "bologna_metrics"]
 
 FLUX_RATIO_BINS = (("lt_0.1", 0.0, 0.1), ("0.1_0.3", 0.1, 0.3), ("ge_0.3", 0.3, np.inf))
+# Einstein radius (arcsec): below ~0.8" a ground-based survey's seeing hides the arcs
+THETA_E_BINS = (("lt_0.8", 0.0, 0.8), ("0.8_1.2", 0.8, 1.2), ("1.2_2", 1.2, 2.0), ("ge_2", 2.0, np.inf))
 
 
 def _split(labels, scores):
@@ -99,8 +101,12 @@ def fnr_by_bins(labels, scores, values, bins, *, threshold: float) -> dict:
     return out
 
 
-def bologna_metrics(labels, scores, *, flux_ratio=None, probs=None) -> dict:
-    """The report's headline figures (metadata keys as in DESIGN.md)."""
+def bologna_metrics(labels, scores, *, flux_ratio=None, theta_e=None, probs=None) -> dict:
+    """The report's headline figures (metadata keys as in DESIGN.md).
+
+    Ranking figures use ``scores``; ECE uses ``probs``. FNR per flux-ratio bin and
+    recall per θE bin (``recall_theta_e_<bin>``) are taken at the TPR10 threshold.
+    """
     from sklearn.metrics import average_precision_score, roc_auc_score
 
     pos, neg = _split(labels, scores)
@@ -120,4 +126,10 @@ def bologna_metrics(labels, scores, *, flux_ratio=None, probs=None) -> dict:
         thr = threshold_at_n_false_positives(labels, scores, 9)
         for name, v in fnr_by_bins(labels, scores, flux_ratio, FLUX_RATIO_BINS, threshold=thr).items():
             out[f"fnr_flux_ratio_{name}"] = v["fnr"]
+            out[f"n_lenses_flux_ratio_{name}"] = float(v["n_lenses"])
+    if theta_e is not None:
+        thr = threshold_at_n_false_positives(labels, scores, 9)
+        for name, v in fnr_by_bins(labels, scores, theta_e, THETA_E_BINS, threshold=thr).items():
+            out[f"recall_theta_e_{name}"] = 1.0 - v["fnr"]
+            out[f"n_lenses_theta_e_{name}"] = float(v["n_lenses"])
     return out

@@ -7,7 +7,8 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["rgb_indices", "color_composite", "cutout_gallery"]
+__all__ = ["rgb_indices", "color_composite", "cutout_gallery", "roc_plot", "score_histograms", "reliability_plot",
+           "reliability_bins"]
 
 
 def rgb_indices(bands: Sequence[str]) -> tuple[int, int, int]:
@@ -63,3 +64,92 @@ def cutout_gallery(cutouts: Sequence[np.ndarray], bands: Sequence[str], titles: 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    fig.clf()
+    _pyplot().close(fig)
+    return path
+
+
+def roc_plot(curves: dict, path: Path) -> Path:
+    """ROC curves, FPR on a log axis (the low-FPR end is where lens searches live).
+
+    ``curves``: name -> (labels, scores).
+    """
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.6, 4.0))
+    for name, (y, s) in curves.items():
+        fpr, tpr, _ = roc_curve(y, s)
+        n_neg = int((np.asarray(y) == 0).sum())
+        ax.step(np.maximum(fpr, 1.0 / max(n_neg, 1) / 2), tpr, where="post",
+                label=f"{name} (AUROC {roc_auc_score(y, s):.3f}, {n_neg} non-lenses)")
+    ax.set_xscale("log")
+    ax.set_xlabel("false-positive rate")
+    ax.set_ylabel("true-positive rate")
+    ax.set_ylim(0, 1.01)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    return _save(fig, path)
+
+
+def score_histograms(panels: dict, path: Path, *, xlabel: str = "ensemble logit") -> Path:
+    """Score distributions of lenses and non-lenses, one panel per ``name -> (labels, scores)``."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.2), squeeze=False)
+    for ax, (name, (y, s)) in zip(axes.flat, panels.items()):
+        y, s = np.asarray(y), np.asarray(s, dtype=float)
+        bins = np.linspace(s.min(), s.max(), 41) if s.max() > s.min() else 10
+        ax.hist(s[y == 0], bins=bins, histtype="step", color="tab:gray", label=f"non-lenses ({(y == 0).sum()})")
+        ax.hist(s[y == 1], bins=bins, histtype="step", color="tab:blue", label=f"lenses ({(y == 1).sum()})")
+        ax.set_yscale("log")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel(xlabel)
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def reliability_bins(labels, probs, *, n_bins: int = 15):
+    """(mean probability, observed lens rate, count) in equal-mass bins, as ECE uses them."""
+    y, p = np.asarray(labels, dtype=float), np.asarray(probs, dtype=float)
+    order = np.argsort(p, kind="stable")
+    chunks = [c for c in np.array_split(order, min(n_bins, len(p))) if len(c)]
+    return (np.array([p[c].mean() for c in chunks]), np.array([y[c].mean() for c in chunks]),
+            np.array([len(c) for c in chunks]))
+
+
+def reliability_plot(curves: dict, path: Path, *, n_bins: int = 15) -> Path:
+    """Reliability diagram (equal-mass bins): observed lens rate against mean predicted probability.
+
+    ``curves``: name -> (labels, probabilities), e.g. before and after calibration.
+    """
+    from lens_assets.science.metrics import expected_calibration_error
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.2, 4.0))
+    ax.plot([0, 1], [0, 1], color="k", lw=0.8, ls="--", label="perfect")
+    for name, (y, p) in curves.items():
+        mp, rate, _ = reliability_bins(y, p, n_bins=n_bins)
+        ax.plot(mp, rate, marker="o", ms=3, label=f"{name} (ECE {expected_calibration_error(y, p):.3f})")
+    ax.set_xlabel("mean predicted lens probability")
+    ax.set_ylabel("observed lens fraction")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
+    return _save(fig, path)

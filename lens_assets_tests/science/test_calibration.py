@@ -55,3 +55,22 @@ def test_option_errors():
         fit_calibrator([0.0, 1.0], [1, 1])
     with pytest.raises(ValueError, match=r"target_prevalence must be in \(0, 1\), got 1.5"):
         fit_calibrator([0.0, 1.0, 2.0, 3.0], [0, 1, 0, 1], method="temperature", target_prevalence=1.5)
+
+
+def test_isotonic_map_equals_scikit_learn_and_round_trips_through_json():
+    import json
+
+    from sklearn.isotonic import IsotonicRegression
+
+    from lens_assets.science.calibration import Calibrator
+
+    z, y = _overconfident(3000, 2.0, seed=5)
+    cal = fit_calibrator(z, y, method="isotonic", target_prevalence=0.05)
+    iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(z, y)
+    grid = np.linspace(-40, 40, 2001)
+    back = Calibrator.from_dict(json.loads(json.dumps(cal.to_dict())))
+    np.testing.assert_allclose(back.predict(grid), prior_shift(iso.predict(grid), y.mean(), 0.05), atol=1e-12)
+    temp = fit_calibrator(z, y, method="temperature")
+    np.testing.assert_array_equal(Calibrator.from_dict(temp.to_dict()).predict(grid), temp.predict(grid))
+    with pytest.raises(ValueError, match=r"calibrator fields \['platt_a'\] are not known"):
+        Calibrator.from_dict({**temp.to_dict(), "platt_a": 1.0})

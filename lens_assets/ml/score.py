@@ -1,0 +1,131 @@
+"""Score cutouts with a trained ensemble: member logits, then a fused logit.
+
+    members = load_members([".../resnet10t/best.ckpt", ".../vit_tiny_p8/best.ckpt"])
+    logits = member_logits(members, ShardDataset(shard_dir, objids=...))  # (n, n_members)
+    fused = Fusion.mean(len(members))(logits)
+
+Checkpoints are Lightning checkpoints read with ``torch.load(weights_only=True)``
+(plain tensors and hyperparameters, no pickled code). Every member sees the
+same batch, read once; on a GPU the forward runs in bf16 autocast. Memory is
+bounded by the batch size, whatever the number of rows.
+
+Fusion is the mean of the members' logits, or a logistic regression of the
+label on the member logits fit on the validation split (weights plus bias);
+calibration (``science.calibration``) follows it either way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["load_member", "load_members", "member_logits", "Fusion", "fit_fusion", "FUSION_METHODS"]
+
+FUSION_METHODS = ("mean", "val_weights")
+
+
+def load_member(checkpoint: str | Path, *, device: str = "cpu"):
+    """A ``LensClassifier`` in eval mode from a Lightning checkpoint (``weights_only=True``)."""
+    import torch
+
+    from .module import LensClassifier
+
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    try:
+        hp, state = ckpt["hyper_parameters"], ckpt["state_dict"]
+    except (KeyError, TypeError):
+        raise ValueError(f"{checkpoint}: not a LensClassifier checkpoint (no hyper_parameters/state_dict)") from None
+    model = LensClassifier(**hp)
+    model.load_state_dict(state)
+    return model.eval().to(device)
+
+
+def load_members(checkpoints, *, device: str = "cpu") -> list:
+    return [load_member(c, device=device) for c in checkpoints]
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def member_logits(members: list, dataset, *, batch_size: int = 256, num_workers: int = 0,
+                  device: str | None = None, progress: bool = False) -> np.ndarray:
+    """Logits of every member for every row of ``dataset`` (a ``ShardDataset``), shape (n, n_members)."""
+    import torch
+
+    from .data import collate
+
+    device = device or default_device()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                         collate_fn=collate)
+    out = np.empty((len(dataset), len(members)), np.float32)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else _null()
+    if progress:
+        from tqdm.auto import tqdm
+
+        loader = tqdm(loader, desc="score", unit="batch")
+    start = 0
+    with torch.inference_mode(), autocast:
+        for batch in loader:
+            image = batch["image"].to(device, non_blocking=True)
+            variance = batch["variance"].to(device, non_blocking=True)
+            n = len(image)
+            for j, m in enumerate(members):
+                out[start:start + n, j] = m(image, variance).float().cpu().numpy()
+            start += n
+    return out
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@dataclass
+class Fusion:
+    """fused logit = bias + sum_j weights[j] * logit_j."""
+
+    method: str
+    weights: list
+    bias: float = 0.0
+
+    @classmethod
+    def mean(cls, n_members: int) -> "Fusion":
+        return cls("mean", [1.0 / n_members] * n_members, 0.0)
+
+    def __call__(self, logits) -> np.ndarray:
+        z = np.asarray(logits, dtype=float)
+        if z.ndim != 2 or z.shape[1] != len(self.weights):
+            raise ValueError(f"expected logits of shape (n, {len(self.weights)}), got {z.shape}")
+        return z @ np.asarray(self.weights, dtype=float) + self.bias
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Fusion":
+        return cls(d["method"], [float(w) for w in d["weights"]], float(d["bias"]))
+
+
+def fit_fusion(logits, labels, *, method: str = "mean") -> Fusion:
+    """``mean`` of member logits, or ``val_weights``: an L2-regularized logistic regression of the labels
+    on the member logits (fit on the validation split)."""
+    z = np.asarray(logits, dtype=float)
+    if method == "mean":
+        return Fusion.mean(z.shape[1])
+    if method != "val_weights":
+        raise ValueError(f"fusion method {method!r} is not one of {list(FUSION_METHODS)}")
+    from sklearn.linear_model import LogisticRegression
+
+    y = np.asarray(labels, dtype=int)
+    if len(np.unique(y)) != 2:
+        raise ValueError("fitting fusion weights needs both lenses and non-lenses in the validation labels")
+    lr = LogisticRegression(C=1.0).fit(z, y)
+    return Fusion("val_weights", [float(w) for w in lr.coef_[0]], float(lr.intercept_[0]))
