@@ -130,31 +130,45 @@ def memory_section(root: Path, sizes: list[int]) -> dict:
     return out
 
 
-def loader_section(root: Path, n_rows: int = 4096, batch: int = 64) -> dict:
-    import torch
-
-    from lens_assets.ml.backbones import create_backbone, smallest_backbone
-    from lens_assets.ml.data import ShardDataset, collate
-
+def replicated_shards(root: Path, n_rows: int, name: str = "loader_shards") -> Path:
+    """Shards of ``n_rows`` rows cycling over the catalog in ``root`` (objids made unique)."""
     import pandas as pd
 
     cat = pd.read_parquet(root / "catalog.parquet")
     reps = -(-n_rows // len(cat))
     big = pd.concat([cat] * reps, ignore_index=True).iloc[:n_rows].copy()
     big["objid"] = [f"{o}-r{i}" for i, o in enumerate(big["objid"])]
-    shard_dir = root / "loader_shards"
+    shard_dir = root / name
     build_shards(big, SURVEY, root=root, out_dir=shard_dir, settings=shard_settings(SURVEY), workers=0,
                  progress=False)
+    return shard_dir
+
+
+def loader_rates(shard_dir: Path, batch: int = 64, workers=(0, 2)) -> dict:
+    """Samples/s of a shuffled DataLoader over the shards, per worker count."""
+    import torch
+
+    from lens_assets.ml.data import ShardDataset, collate
+
     ds = ShardDataset(shard_dir)
     rates = {}
-    for workers in (0, 2):
-        loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers,
+    for w in workers:
+        loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=w,
                                              collate_fn=collate, persistent_workers=False)
         t = time.perf_counter()
         seen = 0
         for b in loader:
             seen += len(b["label"])
-        rates[workers] = seen / (time.perf_counter() - t)
+        rates[w] = seen / (time.perf_counter() - t)
+    return rates
+
+
+def loader_section(root: Path, n_rows: int = 4096, batch: int = 64) -> dict:
+    import torch
+
+    from lens_assets.ml.backbones import create_backbone, smallest_backbone
+
+    rates = loader_rates(replicated_shards(root, n_rows), batch)
     name = smallest_backbone(in_chans=SURVEY.n_bands, img_size=SURVEY.cutout_size_px)
     torch.set_num_threads(cores())
     model = create_backbone(name, in_chans=SURVEY.n_bands, img_size=SURVEY.cutout_size_px)

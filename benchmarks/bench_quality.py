@@ -1,0 +1,96 @@
+"""The quality run: a profile of the whole graph on one survey, its Bologna figures and its wall time.
+
+    .venv/bin/python benchmarks/bench_quality.py --profile full --survey des --root /data/lens_full
+    .venv/bin/python benchmarks/bench_quality.py --profile full --from lens_classifier --epochs 6   # reuse data
+
+Materializes ``simulated_cutouts`` ... ``bologna_report`` (or the part from
+``--from`` on, reusing what is already under ``--root``) with the profile's run
+config, then prints the report's headline figures beside the profile's gates
+and the wall time of each asset. Results go to ``benchmarks/results/quality_<profile>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _util import report  # noqa: E402
+
+
+def main(argv=None) -> dict:
+    import dagster as dg
+
+    from lens_assets.definitions import ASSETS, training_launcher
+    from lens_assets.profiles import PROFILES, run_config
+    from lens_assets.resources.storage import LocalStorage
+
+    names = [a.key.to_user_string() for a in ASSETS]
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", default="full", choices=sorted(PROFILES))
+    ap.add_argument("--survey", default="des")
+    ap.add_argument("--root", default="data_quality", help="data root (LENS_DATA_ROOT) of the run")
+    ap.add_argument("--from", dest="start", default=names[0], choices=names,
+                    help="first asset to materialize; earlier ones are reused from --root")
+    ap.add_argument("--epochs", type=int, default=None, help="override the profile's epochs")
+    ap.add_argument("--members", default=None, help="override the profile's members (comma-separated)")
+    args = ap.parse_args(argv)
+
+    overrides = {}
+    if args.epochs is not None:
+        overrides.setdefault("lens_classifier", {})["epochs"] = args.epochs
+    if args.members:
+        overrides.setdefault("lens_classifier", {})["members"] = args.members.split(",")
+    selected = ASSETS[names.index(args.start):]
+    keys = {a.key.to_user_string() for a in selected}
+    config = run_config(args.profile, overrides=overrides)
+    config["ops"] = {k: v for k, v in config["ops"].items() if k in keys}
+    resources = {"storage": LocalStorage(root=args.root), "launcher": training_launcher()}
+    times, metadata = {}, {}
+    t_all = time.perf_counter()
+    for asset in selected:  # one at a time, so each asset's wall time is its own
+        name = asset.key.to_user_string()
+        t0 = time.perf_counter()
+        result = dg.materialize([asset], partition_key=args.survey, resources=resources,
+                                run_config={"ops": {k: v for k, v in config["ops"].items() if k == name}})
+        times[name] = time.perf_counter() - t0
+        for mat in result.asset_materializations_for_node(name):
+            metadata[name] = {k: v.value for k, v in mat.metadata.items() if not k.endswith(("gallery", "roc",
+                              "reliability", "score_histograms", "balance", "shards", "splits", "merged", "by_kind"))}
+        print(f"{name}: {times[name]:.0f} s", flush=True)
+    wall = time.perf_counter() - t_all
+    r = metadata["bologna_report"]
+    gates = PROFILES[args.profile]["bologna_report"]
+    rows = [
+        ("profile", f"{args.profile} on {args.survey} (overrides {overrides or 'none'}), data root {args.root}"),
+        ("AUROC", f"{r['auroc']:.4f} (gate >= {gates['min_auroc']})"),
+        ("AUPRC", f"{r['auprc']:.4f}"),
+        ("TPR0", f"{r['tpr0']:.4f}"),
+        ("TPR10", f"{r['tpr10']:.4f} with {r['n_test_nonlenses']:.0f} test non-lenses, {r['n_test_lenses']:.0f} "
+                  f"lenses (gate >= {gates['min_tpr10']})"),
+        ("TPR at FPR 0.1 / 1e-3", f"{r['tpr_at_fpr_0.1']:.4f} / {r['tpr_at_fpr_0.001']:.4f}"),
+        ("ECE (calibrated, test)", f"{r['ece']:.4f} (gate <= {gates['max_ece']})"),
+        ("FNR by flux ratio", "  ".join(f"{b}: {r[f'fnr_flux_ratio_{b}']:.3f}" for b in ("lt_0.1", "0.1_0.3", "ge_0.3"))
+         + " (gate for lt_0.1 <= 0.3)"),
+        ("held-out family", f"AUROC {r['heldout_auroc']:.4f} (gate >= 0.95), TPR0 {r['heldout_tpr0']:.4f}, "
+                            f"TPR10 {r['heldout_tpr10']:.4f}; AUROC gap {r['heldout_auroc_gap']:+.4f}"),
+        ("report", str(r["report_path"])),
+        ("wall time", f"{wall / 60:.1f} min: " + ", ".join(f"{k} {v / 60:.1f}" for k, v in times.items())),
+    ]
+    if "lens_classifier" in metadata:
+        lc = metadata["lens_classifier"]
+        for m in lc["members"].split(","):
+            rows.append((f"member {m}", f"best val AUROC {lc[f'{m}/best_val_auroc']:.4f}, "
+                                        f"{lc[f'{m}/epochs_run']} epochs at {lc[f'{m}/train_img_per_s']:.0f} img/s "
+                                        f"on {lc[f'{m}/device']}"))
+    record = {"profile": args.profile, "survey": args.survey, "overrides": overrides, "seconds": times,
+              "wall_s": wall, "metadata": metadata}
+    report(f"quality_{args.profile}", rows, record)
+    return record
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""Training and scoring throughput per ensemble member, against the bare model on the same batches.
+
+    python benchmarks/bench_training.py [--rows 2048] [--members resnet10t,vit_tiny_p8]
+
+Per member, on this machine (GPU when torch sees one, else CPU):
+
+1. Bare training step: forward + backward + AdamW on one preloaded batch of 64
+   (no data loading, no augmentation, no Lightning): the ceiling.
+2. ``train()`` for one epoch (Lightning, shard loader, photometry-preserving
+   augmentation, validation, checkpoints): img/s and its ratio to the bare step.
+3. Data loader headroom: loader samples/s (0 and 2 workers) over the training img/s.
+4. Scoring: ``member_logits`` over every row (reading shards, asinh scaling,
+   batches of 256) against the raw ``model.net`` forward on the same rows
+   already in memory as one preloaded tensor per batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _util import cores, report  # noqa: E402
+from bench_shards import SURVEY, loader_rates, replicated_shards  # noqa: E402
+
+from lens_assets.science.families import load_family  # noqa: E402
+from lens_assets.science.ingest import find_fits, ingest_files  # noqa: E402
+from lens_assets.science.simulation import simulate_to_directory  # noqa: E402
+
+
+def bare_step_rate(model, batch: int, device: str, steps: int = 6) -> float:
+    import torch
+
+    x = torch.randn(batch, SURVEY.n_bands, SURVEY.cutout_size_px, SURVEY.cutout_size_px, device=device)
+    y = torch.rand(batch, device=device)
+    v = torch.ones_like(x)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def step():
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x, v), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    step()
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return steps * batch / (time.perf_counter() - t)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def scoring_rates(checkpoint: Path, shard_dir: Path, device: str, batch: int = 256) -> dict:
+    """``member_logits`` img/s against the raw network forward on the same rows, preloaded."""
+    import torch
+
+    from lens_assets.ml.data import ShardDataset
+    from lens_assets.ml.module import scale_input
+    from lens_assets.ml.score import load_member, member_logits
+
+    model = load_member(checkpoint, device=device)
+    ds = ShardDataset(shard_dir)
+    member_logits([model], ds, batch_size=batch, device=device)  # warm-up
+    t = time.perf_counter()
+    ours = member_logits([model], ds, batch_size=batch, device=device)
+    ours_s = time.perf_counter() - t
+    batches = [ds.__getitems__(list(range(i, min(i + batch, len(ds))))) for i in range(0, len(ds), batch)]
+    inputs = [scale_input(torch.from_numpy(b["image"]), torch.from_numpy(b["variance"])).to(device)
+              for b in batches]
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast(
+        "cpu", enabled=False)
+    with torch.inference_mode(), autocast:
+        model.net(inputs[0])
+        _sync(device)
+        t = time.perf_counter()
+        raw = [model.net(x).float().cpu() for x in inputs]
+        _sync(device)
+        raw_s = time.perf_counter() - t
+    raw = torch.cat(raw).squeeze(1).numpy()
+    return {"score_img_per_s": len(ds) / ours_s, "raw_forward_img_per_s": len(ds) / raw_s,
+            "ratio": raw_s / ours_s, "max_abs_logit_diff": float(abs(raw - ours[:, 0]).max())}
+
+
+def main(argv=None) -> dict:
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from lens_assets.ml.backbones import create_backbone
+    from lens_assets.ml.module import LensClassifier
+    from lens_assets.ml.score import default_device
+    from lens_assets.ml.train import TrainSettings, train
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=2048, help="training rows (cycling over --files simulated files)")
+    ap.add_argument("--files", type=int, default=512)
+    ap.add_argument("--members", default="resnet10t,vit_tiny_p8")
+    args = ap.parse_args(argv)
+    device = default_device()
+    torch.set_num_threads(cores())
+    out = {"device": device, "rows": args.rows, "members": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        simulate_to_directory(SURVEY, load_family("baseline"), n_cutouts=args.files, seed=7,
+                              out_dir=root / "raw" / SURVEY.name / "sim-7", workers=0, progress=False)
+        res = ingest_files(find_fits(root / "raw" / SURVEY.name), SURVEY, root=root, workers=0, progress=False)
+        res.catalog.to_parquet(root / "catalog.parquet")
+        shard_dir = replicated_shards(root, args.rows)
+        rows = pd.read_parquet(shard_dir / "rows.parquet", columns=["objid"])
+        rng = np.random.default_rng(0)
+        rows["split"] = np.where(rng.uniform(size=len(rows)) < 0.9, "train", "val")
+        rows.to_parquet(root / "splits.parquet")
+        n_train = int((rows["split"] == "train").sum())
+        loader = loader_rates(shard_dir)
+        for name in args.members.split(","):
+            model = LensClassifier(backbone=name, in_chans=SURVEY.n_bands, img_size=SURVEY.cutout_size_px).to(device)
+            bare = bare_step_rate(model, 64, device)
+            s = train(shard_dir, root / "splits.parquet", root / "runs" / name,
+                      TrainSettings(backbone=name, epochs=1, batch_size=64, progress=False))
+            rec = {"bare_step_img_per_s": bare, "train_img_per_s": s["train_img_per_s"],
+                   "train_vs_bare": s["train_img_per_s"] / bare,
+                   "loader_headroom": max(loader.values()) / s["train_img_per_s"],
+                   "params": sum(p.numel() for p in create_backbone(name, in_chans=SURVEY.n_bands,
+                                                                    img_size=SURVEY.cutout_size_px).parameters()),
+                   **scoring_rates(Path(s["best_checkpoint"]), shard_dir, device)}
+            out["members"][name] = rec
+    out["loader_img_per_s"] = loader
+    rows_out = [("device", f"{device} ({cores()} cores), DES 5x64x64, {args.rows} rows ({n_train} train)"),
+                ("data loader", f"{loader[0]:.0f} img/s (0 workers), {loader[2]:.0f} img/s (2 workers)")]
+    for name, r in out["members"].items():
+        rows_out += [
+            (f"{name} bare step", f"{r['bare_step_img_per_s']:.0f} img/s (fwd+bwd+AdamW, batch 64, "
+                                  f"{r['params'] / 1e6:.2f} M params)"),
+            (f"{name} train()", f"{r['train_img_per_s']:.0f} img/s = {r['train_vs_bare']:.2f}x bare "
+                                "(Lightning + loader + augmentation + validation)"),
+            (f"{name} loader headroom", f"{r['loader_headroom']:.1f}x its training rate (target >= 5x)"),
+            (f"{name} scoring", f"{r['score_img_per_s']:.0f} img/s vs raw forward {r['raw_forward_img_per_s']:.0f} "
+                                f"img/s -> {r['ratio']:.2f}x (max |logit diff| {r['max_abs_logit_diff']:.1e})"),
+        ]
+    report("training", rows_out, out)
+    return out
+
+
+if __name__ == "__main__":
+    main()
