@@ -32,11 +32,16 @@ def load_member(checkpoint: str | Path, *, device: str = "cpu"):
 
     from .module import LensClassifier
 
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
     try:
-        hp, state = ckpt["hyper_parameters"], ckpt["state_dict"]
-    except (KeyError, TypeError):
-        raise ValueError(f"{checkpoint}: not a LensClassifier checkpoint (no hyper_parameters/state_dict)") from None
+        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except OSError:  # missing or unreadable: the OS error names the file
+        raise
+    except Exception as err:  # not a torch file or a truncated one (torch raises several kinds)
+        raise ValueError(f"{checkpoint}: not a LensClassifier checkpoint (torch cannot read it: "
+                         f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from err
+    if not (isinstance(ckpt, dict) and "hyper_parameters" in ckpt and "state_dict" in ckpt):
+        raise ValueError(f"{checkpoint}: not a LensClassifier checkpoint (no hyper_parameters/state_dict)")
+    hp, state = ckpt["hyper_parameters"], ckpt["state_dict"]
     model = LensClassifier(**hp)
     model.load_state_dict(state)
     return model.eval().to(device)

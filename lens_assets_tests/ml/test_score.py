@@ -1,0 +1,180 @@
+"""Ensemble scoring: member checkpoints, batched member logits and the fusion of member logits."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+
+from lens_assets.ml.data import ShardDataset, collate
+from lens_assets.ml.module import LensClassifier
+from lens_assets.ml.score import FUSION_METHODS, Fusion, fit_fusion, load_member, load_members, member_logits
+from lens_assets.ml.train import TrainSettings, train
+from lens_assets.science.splits import make_splits
+from lens_assets_tests.helpers import make_sdss_shards
+
+
+def _member_data(n=300, seed=0):
+    """Logits of three members of different quality and the labels they were drawn from."""
+    rng = np.random.default_rng(seed)
+    y = (rng.uniform(size=n) < 0.4).astype(int)
+    signal = np.where(y == 1, 1.0, -1.0)
+    z = np.stack([signal * s + rng.normal(0, 1, n) for s in (2.0, 1.0, 0.3)], axis=1)
+    return z, y
+
+
+# --- fusion -----------------------------------------------------------------------------------------
+
+
+def test_val_weights_fusion_is_scikit_learns_logistic_regression_on_the_member_logits():
+    z, y = _member_data()
+    fusion = fit_fusion(z, y, method="val_weights")
+    lr = LogisticRegression(C=1.0).fit(z, y)
+    assert fusion.method == "val_weights"
+    np.testing.assert_allclose(fusion.weights, lr.coef_[0], rtol=1e-6)
+    assert fusion.bias == pytest.approx(lr.intercept_[0], rel=1e-6)
+    # the fused logit is the regression's decision function, so sigmoid(fused) is its probability
+    np.testing.assert_allclose(fusion(z), lr.decision_function(z), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(1 / (1 + np.exp(-fusion(z))), lr.predict_proba(z)[:, 1], rtol=1e-9)
+    # the better member (larger separation) gets the larger weight
+    assert fusion.weights[0] > fusion.weights[1] > fusion.weights[2]
+
+
+def test_mean_fusion_is_the_arithmetic_mean_of_member_logits():
+    z = np.array([[1.0, 2.0, 6.0], [-3.0, 0.0, 0.0], [0.5, 0.5, 0.5]])
+    fused = Fusion.mean(3)(z)
+    np.testing.assert_allclose(fused, [3.0, -1.0, 0.5])
+    np.testing.assert_allclose(fused, z.mean(axis=1))
+    fitted = fit_fusion(z, [1, 0, 1], method="mean")  # "mean" ignores the labels
+    assert fitted == Fusion.mean(3) and fitted.bias == 0.0
+
+
+def test_fusion_round_trips_through_a_plain_dict():
+    z, y = _member_data(seed=1)
+    for fusion in (fit_fusion(z, y, method="val_weights"), Fusion.mean(3)):
+        d = fusion.to_dict()
+        assert set(d) == {"method", "weights", "bias"}
+        back = Fusion.from_dict(d)
+        assert back == fusion
+        np.testing.assert_array_equal(back(z), fusion(z))
+
+
+@pytest.mark.parametrize("logits,match", [
+    (np.zeros((4, 2)), r"expected logits of shape \(n, 3\), got \(4, 2\)"),
+    (np.zeros(3), r"expected logits of shape \(n, 3\), got \(3,\)"),
+    (np.zeros((2, 3, 1)), r"expected logits of shape \(n, 3\), got \(2, 3, 1\)"),
+])
+def test_fusion_of_logits_of_the_wrong_shape_is_a_clear_error(logits, match):
+    with pytest.raises(ValueError, match=match):
+        Fusion.mean(3)(logits)
+
+
+def test_unknown_fusion_method_is_a_clear_error_listing_the_methods():
+    z, y = _member_data(n=20)
+    with pytest.raises(ValueError, match=r"fusion method 'median' is not one of \['mean', 'val_weights'\]"):
+        fit_fusion(z, y, method="median")
+    assert FUSION_METHODS == ("mean", "val_weights")
+
+
+def test_val_weights_fusion_needs_both_classes():
+    z, _ = _member_data(n=20)
+    with pytest.raises(ValueError, match=r"needs both lenses and non-lenses"):
+        fit_fusion(z, np.ones(20, int), method="val_weights")
+
+
+# --- checkpoints and member logits ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """32 SDSS cutouts in shards and one resnet10t member trained for one epoch on them."""
+    root = tmp_path_factory.mktemp("score")
+    catalog = make_sdss_shards(root, n=32, seed=6, rows_per_shard=12)  # three shards: batches cross shard files
+    make_splits(catalog, reference_band="r", seed=0, min_groups_per_stratum=3).table.to_parquet(
+        root / "splits.parquet")
+    summary = train(root / "shards", root / "splits.parquet", root / "run",
+                    TrainSettings(backbone="resnet10t", epochs=1, batch_size=8, progress=False, patience=10))
+    return root, summary["best_checkpoint"]
+
+
+def _direct_logits(model, dataset):
+    """The model applied to every row of ``dataset`` in one batch, without member_logits."""
+    batch = collate(dataset.__getitems__(list(range(len(dataset)))))
+    with torch.inference_mode():
+        return model(batch["image"], batch["variance"]).float().numpy()
+
+
+def test_load_member_restores_the_trained_network_in_eval_mode(trained):
+    _, ckpt = trained
+    model = load_member(ckpt)
+    assert isinstance(model, LensClassifier) and not model.training
+    assert model.hparams.backbone == "resnet10t"
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    restored = model.state_dict()
+    assert set(restored) == set(state)
+    for k, v in state.items():
+        assert torch.equal(restored[k], v), k
+
+
+@pytest.mark.parametrize("batch_size", [7, 5, 64])
+def test_member_logits_equal_the_model_applied_directly_whatever_the_batch_size(trained, batch_size):
+    root, ckpt = trained
+    dataset = ShardDataset(root / "shards")
+    assert len(dataset) == 32 and (batch_size >= 32 or 32 % batch_size != 0)
+    model = load_member(ckpt)
+    direct = _direct_logits(model, dataset)
+    out = member_logits([model], dataset, batch_size=batch_size, device="cpu")
+    assert out.shape == (32, 1) and out.dtype == np.float32
+    assert torch.allclose(torch.from_numpy(out[:, 0]), torch.from_numpy(direct), rtol=1e-5, atol=1e-5)
+
+
+def test_member_logits_have_one_column_per_member_in_order_and_rows_in_objid_order(trained, tmp_path):
+    root, ckpt = trained
+    trained_model = load_member(ckpt)
+    torch.manual_seed(123)  # a second member: same architecture, other weights, saved as a checkpoint
+    other = LensClassifier(**trained_model.hparams)
+    other_ckpt = tmp_path / "other.ckpt"
+    torch.save({"hyper_parameters": dict(trained_model.hparams), "state_dict": other.state_dict()}, other_ckpt)
+    members = load_members([ckpt, other_ckpt])
+
+    objids = pd.read_parquet(root / "shards" / "rows.parquet")["objid"].tolist()[::-1][:23]  # reversed subset
+    dataset = ShardDataset(root / "shards", objids=objids)
+    assert list(dataset.objid) == objids
+    out = member_logits(members, dataset, batch_size=7, device="cpu")
+    assert out.shape == (23, 2)
+    expected = np.stack([_direct_logits(m, dataset) for m in members], axis=1)
+    assert torch.allclose(torch.from_numpy(out), torch.from_numpy(expected), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(out[:, 0], out[:, 1])  # the columns really are different members
+    swapped = member_logits(members[::-1], dataset, batch_size=7, device="cpu")
+    np.testing.assert_allclose(swapped, out[:, ::-1], rtol=1e-5, atol=1e-5)
+    # row i is objid i: scoring one object alone gives its row
+    alone = member_logits(members, ShardDataset(root / "shards", objids=[objids[9]]), batch_size=7, device="cpu")
+    np.testing.assert_allclose(alone[0], out[9], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("content", [
+    {"a": torch.zeros(1)},
+    {"hyper_parameters": {"backbone": "resnet10t"}},  # no state_dict
+    torch.zeros(3),
+    [1, 2],
+])
+def test_a_file_that_is_not_a_lightning_checkpoint_is_a_clear_error_naming_it(tmp_path, content):
+    path = tmp_path / "weights.pt"
+    torch.save(content, path)
+    with pytest.raises(ValueError, match=rf"{path}: not a LensClassifier checkpoint"):
+        load_member(path)
+
+
+@pytest.mark.parametrize("kind", ["text", "truncated"])
+def test_a_file_torch_cannot_read_is_a_clear_error_naming_it(trained, tmp_path, kind):
+    _, ckpt = trained
+    path = tmp_path / "member.ckpt"
+    data = open(ckpt, "rb").read()
+    path.write_bytes(b"this is a text file, not a checkpoint" if kind == "text" else data[:len(data) // 2])
+    with pytest.raises(ValueError, match=rf"{path}: not a LensClassifier checkpoint \(torch cannot read it"):
+        load_member(path)
+
+
+def test_a_missing_checkpoint_is_the_os_error_naming_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="absent.ckpt"):
+        load_member(tmp_path / "absent.ckpt")
