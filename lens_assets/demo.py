@@ -3,7 +3,7 @@
     python -m lens_assets.demo [--survey des] [--profile demo|full] [--n-cutouts N] [--epochs N] [--seed 0]
 
 Profiles (``lens_assets.profiles``): ``demo`` takes a few minutes on 2 CPU
-cores; ``full`` is the quality run (64k cutouts, 12 epochs; hours on a CPU).
+cores; ``full`` is the quality run (72k cutouts, 12 epochs; hours on a CPU).
 
 Runs are recorded in $DAGSTER_HOME (SQLite), so `make dev` shows them in the UI.
 """

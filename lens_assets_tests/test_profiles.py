@@ -1,0 +1,70 @@
+"""Run-config profiles: they are valid configs of survey_pipeline and the full one is big enough for TPR10."""
+
+import math
+
+import pytest
+from dagster import DagsterInvalidConfigError, validate_run_config
+
+from lens_assets.assets.evaluation import CalibratorConfig, ReportConfig
+from lens_assets.assets.shards import SplitConfig
+from lens_assets.assets.simulation import SimulationConfig
+from lens_assets.assets.training import TrainConfig
+from lens_assets.definitions import defs
+from lens_assets.profiles import PROFILES, run_config
+from lens_assets.science.families import load_family
+
+CONFIG_CLASSES = {"simulated_cutouts": SimulationConfig, "dataset_splits": SplitConfig,
+                  "lens_classifier": TrainConfig, "score_calibrator": CalibratorConfig, "bologna_report": ReportConfig}
+
+
+@pytest.mark.parametrize("profile", ["demo", "full"])
+def test_profile_is_a_valid_run_config_of_survey_pipeline(profile):
+    job = defs.resolve_job_def("survey_pipeline")
+    config = run_config(profile, seed=3)
+    resolved = validate_run_config(job, config)
+    for op, fields in PROFILES[profile].items():
+        for field, value in fields.items():
+            assert resolved["ops"][op]["config"][field] == value, (op, field)
+    assert resolved["ops"]["simulated_cutouts"]["config"]["seed"] == 3
+    # the schema does not carry the pydantic bounds (ge, le, gt): the config classes check them
+    for op, cfg in config["ops"].items():
+        CONFIG_CLASSES[op](**cfg["config"])
+
+
+def test_a_run_config_with_a_misspelt_field_is_rejected_by_the_schema():
+    job = defs.resolve_job_def("survey_pipeline")
+    with pytest.raises(DagsterInvalidConfigError, match=r'unexpected config entry "epoch"'):
+        validate_run_config(job, run_config("demo", overrides={"lens_classifier": {"epoch": 2}}))
+
+
+def test_overrides_replace_fields_and_keep_the_others():
+    base = run_config("demo")["ops"]
+    out = run_config("demo", overrides={"lens_classifier": {"epochs": 1, "members": ["resnet10t"]},
+                                        "dataset_splits": {"seed": 7}})["ops"]
+    assert out["lens_classifier"]["config"] == {**base["lens_classifier"]["config"], "epochs": 1,
+                                                "members": ["resnet10t"]}
+    assert out["dataset_splits"] == {"config": {"seed": 7}}  # an op the profile does not set is added
+    assert out["simulated_cutouts"] == base["simulated_cutouts"]
+    assert PROFILES["demo"]["lens_classifier"]["epochs"] != 1  # the profile itself is not modified
+    assert run_config("demo") == {"ops": base}
+    validate_run_config(defs.resolve_job_def("survey_pipeline"), {"ops": out})
+
+
+def test_unknown_profile_is_a_key_error_listing_the_profiles():
+    with pytest.raises(KeyError, match=r"unknown profile 'quick'; profiles are \['demo', 'full'\]"):
+        run_config("quick")
+
+
+def test_full_profile_has_at_least_5000_test_nonlenses():
+    sim = SimulationConfig(**run_config("full")["ops"]["simulated_cutouts"]["config"])
+    splits = SplitConfig(**run_config("full")["ops"].get("dataset_splits", {}).get("config", {}))
+    test_fraction = splits.fractions[2]
+    assert test_fraction == pytest.approx(0.15)
+    family = load_family(sim.family)
+    assert "heldout" in splits.exclude_families  # held-out objects are not in the test split: only n_cutouts count
+    p_nonlens = 1.0 - family.lens_fraction
+    # non-lenses are Binomial(n, 1 - lens_fraction); the splits stratify by label, so the test split holds
+    # test_fraction of them: ask for 5,000 three standard deviations below the expectation
+    mean = sim.n_cutouts * p_nonlens * test_fraction
+    sd = test_fraction * math.sqrt(sim.n_cutouts * p_nonlens * (1 - p_nonlens))
+    assert mean - 3 * sd >= 5000, (sim.n_cutouts, family.lens_fraction, mean, sd)
