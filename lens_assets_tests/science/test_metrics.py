@@ -77,3 +77,35 @@ def test_fnr_by_flux_ratio_bins_at_a_threshold():
 def test_bad_inputs_are_clear_errors(labels, scores, match):
     with pytest.raises(ValueError, match=match):
         tpr0(labels, scores)
+
+
+def test_recall_by_einstein_radius_bins_at_the_tpr10_threshold_by_hand():
+    from lens_assets.science.metrics import THETA_E_BINS
+
+    assert [b[0] for b in THETA_E_BINS] == ["lt_0.8", "0.8_1.2", "1.2_2", "ge_2"]
+    # twelve non-lenses scored 1..12: the 10th-highest is 3, so a lens is found when its score is > 3
+    neg_scores = np.arange(1.0, 13.0)
+    neg_theta = np.full(12, 1.0)  # a non-lens's θE (here inside a bin) never counts
+    lenses = [  # (θE arcsec, score)
+        (0.5, 2.0), (0.7, 3.0), (0.79, 3.5),  # lt_0.8: missed, tied at the threshold (missed), found -> 1/3
+        (0.8, 10.0), (1.0, 1.0),  # 0.8_1.2 (0.8 is its lower edge): found, missed -> 1/2
+        (1.2, 4.0), (1.5, 20.0), (1.99, 13.0), (1.6, 0.5),  # 1.2_2: found, found, found, missed -> 3/4
+        (2.0, 2.5),  # ge_2 (2.0 is its lower edge): missed -> 0/1
+        (np.nan, 50.0),  # unknown θE: found, but in no bin
+    ]
+    theta = np.r_[[t for t, _ in lenses], neg_theta]
+    scores = np.r_[[s for _, s in lenses], neg_scores]
+    labels = np.r_[np.ones(len(lenses)), np.zeros(12)].astype(int)
+    m = bologna_metrics(labels, scores, theta_e=theta)
+    expected = {"lt_0.8": (3, 1 / 3), "0.8_1.2": (2, 1 / 2), "1.2_2": (4, 3 / 4), "ge_2": (1, 0.0)}
+    for name, (n, recall) in expected.items():
+        assert m[f"n_lenses_theta_e_{name}"] == n, name
+        assert m[f"recall_theta_e_{name}"] == pytest.approx(recall), name
+    assert m["tpr10"] == pytest.approx(6 / 11)  # the five found in bins and the one with unknown θE
+    assert "fnr_flux_ratio_lt_0.1" not in m  # flux-ratio bins only when flux ratios are given
+
+    # without the lens at θE 2.0 the ge_2 bin is empty: no lenses, recall undefined (NaN), not 0 or 1
+    keep = theta != 2.0
+    m = bologna_metrics(labels[keep], scores[keep], theta_e=theta[keep])
+    assert m["n_lenses_theta_e_ge_2"] == 0 and np.isnan(m["recall_theta_e_ge_2"])
+    assert m["recall_theta_e_1.2_2"] == pytest.approx(3 / 4)
