@@ -1,6 +1,7 @@
 """Asset group `training`: the per-survey ensemble, one Pipes training job per member."""
 
 import hashlib
+from pathlib import Path
 
 import dagster as dg
 from pydantic import Field
@@ -87,7 +88,7 @@ def lens_classifier(context: dg.AssetExecutionContext, config: TrainConfig, stor
             raise dg.Failure(f"training job for {member} reported no summary")
         s = messages[-1]
         best = s["best_checkpoint"] or s["last_checkpoint"]
-        sha = hashlib.sha256(open(best, "rb").read()).hexdigest()
+        sha = hashlib.sha256(Path(best).read_bytes()).hexdigest()
         hashes.append(f"{member}:{sha}")
         metadata.update({
             f"{member}/best_val_auroc": s["best_val_auroc"],
@@ -97,6 +98,7 @@ def lens_classifier(context: dg.AssetExecutionContext, config: TrainConfig, stor
             f"{member}/resumed_after_epochs": s["resumed_after_epochs"] if s["resumed_after_epochs"] else 0,
             f"{member}/train_img_per_s": s["train_img_per_s"],
             f"{member}/device": s["device"],
+            f"{member}/batch_size": s["batch_size"],
             f"{member}/peak_memory_mb": s["peak_memory_mb"],
             f"{member}/val_auroc_by_epoch": dg.MetadataValue.json(s["val_auroc_by_epoch"]),
         })

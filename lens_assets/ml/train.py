@@ -11,6 +11,10 @@ run killed mid-training continues where it stopped. CSV logs go to
 ``out/logs/version_N`` (one per start, so a resumed run keeps the earlier log).
 ``out/run.json`` records a fingerprint of the shards, splits and settings; a
 checkpoint left by a run with another fingerprint is discarded, not resumed.
+
+On a GPU the batch size comes from a forward-only memory probe
+(:mod:`lens_assets.ml.memory`, capped at ``max_batch_size``) before the trainer
+starts; ``batch_size`` is the batch size on the CPU.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ __all__ = ["TrainSettings", "train"]
 class TrainSettings:
     backbone: str = "resnet10t"
     epochs: int = 10
-    batch_size: int = 64
+    batch_size: int = 64  # on the CPU; on a GPU the memory probe chooses it
+    max_batch_size: int = 1024  # cap of the GPU memory probe
     lr: float = 1e-3
     weight_decay: float = 0.05
     seed: int = 0
@@ -38,7 +43,7 @@ class TrainSettings:
     progress: bool = True
 
 
-def _loaders(shard_dir: Path, splits_path: Path, s: TrainSettings):
+def _loaders(shard_dir: Path, splits_path: Path, s: TrainSettings, batch_size: int):
     import pandas as pd
     import torch
 
@@ -51,9 +56,9 @@ def _loaders(shard_dir: Path, splits_path: Path, s: TrainSettings):
         if len(ds) == 0:
             raise ValueError(f"{splits_path}: the {name} split is empty")
     gen = torch.Generator().manual_seed(s.seed)
-    train = torch.utils.data.DataLoader(data["train"], batch_size=s.batch_size, shuffle=True, generator=gen,
+    train = torch.utils.data.DataLoader(data["train"], batch_size=batch_size, shuffle=True, generator=gen,
                                         num_workers=s.num_workers, collate_fn=collate, drop_last=False)
-    val = torch.utils.data.DataLoader(data["val"], batch_size=s.batch_size, shuffle=False,
+    val = torch.utils.data.DataLoader(data["val"], batch_size=batch_size, shuffle=False,
                                       num_workers=s.num_workers, collate_fn=collate)
     return train, val, data["train"]
 
@@ -71,12 +76,21 @@ def train(shard_dir: str | Path, splits_path: str | Path, out_dir: str | Path, s
     shard_dir, splits_path, out_dir = Path(shard_dir), Path(splits_path), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(settings.seed, workers=True)
-    train_loader, val_loader, train_ds = _loaders(shard_dir, splits_path, settings)
+    train_loader, val_loader, train_ds = _loaders(shard_dir, splits_path, settings, settings.batch_size)
     with h5py.File(shard_dir / train_ds.shard_names[0]) as f:
         in_chans, img_size = f["images"].shape[1], f["images"].shape[-1]
     model = LensClassifier(backbone=settings.backbone, in_chans=in_chans, img_size=img_size, lr=settings.lr,
                            weight_decay=settings.weight_decay, max_epochs=settings.epochs, augment=settings.augment)
     gpu = torch.cuda.is_available() and settings.accelerator in ("auto", "gpu", "cuda")
+    probe = None
+    batch_size = settings.batch_size
+    if gpu:  # forward-only memory probe on the device, then the loaders again with its batch size
+        from .memory import probe_batch_size
+
+        probe = probe_batch_size(model, (in_chans, img_size, img_size), device="cuda",
+                                 max_batch=settings.max_batch_size)
+        batch_size = probe["batch_size"]
+        train_loader, val_loader, train_ds = _loaders(shard_dir, splits_path, settings, batch_size)
     checkpoint = ModelCheckpoint(dirpath=out_dir, filename="best", monitor="val_auroc", mode="max", save_last=True,
                                  every_n_epochs=1)
     trainer = L.Trainer(
@@ -110,6 +124,7 @@ def train(shard_dir: str | Path, splits_path: str | Path, out_dir: str | Path, s
         "resumed_after_epochs": resumed_after_epochs, "device": "cuda" if gpu else "cpu",
         "fingerprint": fingerprint, "restarted_stale_run": stale,
         "n_train": len(train_ds), "settings": asdict(settings), "seconds": seconds,
+        "batch_size": batch_size, "batch_size_probe": probe,
         "train_img_per_s": len(train_ds) * epochs_now / seconds if seconds > 0 else 0.0,
         "peak_memory_mb": (torch.cuda.max_memory_allocated() / 2**20 if gpu
                            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
@@ -120,7 +135,8 @@ def train(shard_dir: str | Path, splits_path: str | Path, out_dir: str | Path, s
 
 
 # settings that change what is trained (not how long, how fast or how verbosely): a run may be extended
-_FINGERPRINT_EXCLUDES = ("num_workers", "progress", "accelerator", "epochs", "patience")
+# max_batch_size only caps the GPU batch size, which the memory probe picks from the free memory at each start
+_FINGERPRINT_EXCLUDES = ("num_workers", "progress", "accelerator", "epochs", "patience", "max_batch_size")
 
 
 def run_fingerprint(shard_dir: Path, splits_path: Path, settings: TrainSettings) -> str:
