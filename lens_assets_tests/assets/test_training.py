@@ -1,15 +1,25 @@
 """lens_classifier launches training through Dagster Pipes (a real subprocess) and resumes on re-materialization."""
 
 import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import dagster as dg
 import pytest
+import torch
 
 from lens_assets.assets.catalog import cutout_catalog
 from lens_assets.assets.shards import dataset_splits, psf_matched_shards
 from lens_assets.assets.simulation import simulated_cutouts
 from lens_assets.assets.training import lens_classifier
 from lens_assets.resources.launchers import EcsLauncher, LocalSubprocessLauncher
+from lens_assets.resources.storage import LocalStorage
 
 
 def _meta(result):
@@ -17,28 +27,88 @@ def _meta(result):
     return {k: v.value for k, v in mat.metadata.items()}
 
 
-def test_training_job_runs_under_pipes_and_resumes(storage):
-    resources = {"storage": storage, "launcher": LocalSubprocessLauncher()}
+@pytest.fixture(scope="module")
+def tiny_inputs(tmp_path_factory):
+    """A data root with shards and splits of 24 simulated SDSS cutouts, built once for this module."""
+    storage = LocalStorage(root=str(tmp_path_factory.mktemp("inputs") / "data"))
     dg.materialize([simulated_cutouts, cutout_catalog, psf_matched_shards, dataset_splits], partition_key="sdss",
-                   resources=resources, instance=dg.DagsterInstance.ephemeral(),
+                   resources={"storage": storage}, instance=dg.DagsterInstance.ephemeral(),
                    run_config={"ops": {"simulated_cutouts": {"config": {"n_cutouts": 24, "seed": 3, "workers": 1}},
                                        "dataset_splits": {"config": {"min_groups_per_stratum": 3}}}})
+    return storage.root_path
+
+
+def _copy_inputs(tiny_inputs, storage):
+    """The shards and splits lens_classifier reads (they hold no absolute paths)."""
+    for sub in ("shards", "splits"):
+        shutil.copytree(tiny_inputs / sub, storage.path(sub))
+
+
+def _train(resources, cfg):
     sources = [a.to_source_asset() for a in (psf_matched_shards, dataset_splits)]
+    return dg.materialize([lens_classifier, *sources], partition_key="sdss", resources=resources,
+                          instance=dg.DagsterInstance.ephemeral(),
+                          run_config={"ops": {"lens_classifier": {"config": cfg}}})
+
+
+def test_training_job_runs_under_pipes_and_resumes(storage, tiny_inputs):
+    resources = {"storage": storage, "launcher": LocalSubprocessLauncher()}
+    _copy_inputs(tiny_inputs, storage)
 
     def run(epochs):
-        cfg = {"members": ["resnet10t"], "epochs": epochs, "batch_size": 8, "patience": 10}
-        return dg.materialize([lens_classifier, *sources], partition_key="sdss", resources=resources,
-                              instance=dg.DagsterInstance.ephemeral(),
-                              run_config={"ops": {"lens_classifier": {"config": cfg}}})
+        return _train(resources, {"members": ["resnet10t"], "epochs": epochs, "batch_size": 8, "patience": 10})
 
     first = _meta(run(1))
     ckpt = first["resnet10t/checkpoint"]
-    assert hashlib.sha256(open(ckpt, "rb").read()).hexdigest() == first["resnet10t/checkpoint_sha256"]
+    assert hashlib.sha256(Path(ckpt).read_bytes()).hexdigest() == first["resnet10t/checkpoint_sha256"]
     assert 0.0 <= first["resnet10t/best_val_auroc"] <= 1.0 and first["resnet10t/device"] == "cpu"
     assert first["resnet10t/train_img_per_s"] > 0 and first["resnet10t/resumed_after_epochs"] == 0
-    assert len(first["resnet10t/val_auroc_by_epoch"]) == 1
+    assert len(first["resnet10t/val_auroc_by_epoch"]) == 1 and first["resnet10t/batch_size"] == 8
     second = _meta(run(2))  # a retry with the same member continues from its last checkpoint
     assert second["resnet10t/resumed_after_epochs"] == 1 and second["resnet10t/epochs_run"] == 2
+
+
+# materializes lens_classifier in a process of its own (argv: storage root, config as JSON)
+_MATERIALIZE = """
+import json, sys
+import dagster as dg
+from lens_assets.assets.shards import dataset_splits, psf_matched_shards
+from lens_assets.assets.training import lens_classifier
+from lens_assets.resources.launchers import LocalSubprocessLauncher
+from lens_assets.resources.storage import LocalStorage
+dg.materialize([lens_classifier, psf_matched_shards.to_source_asset(), dataset_splits.to_source_asset()],
+               partition_key="sdss", instance=dg.DagsterInstance.ephemeral(),
+               resources={"storage": LocalStorage(root=sys.argv[1]), "launcher": LocalSubprocessLauncher()},
+               run_config={"ops": {"lens_classifier": {"config": json.loads(sys.argv[2])}}})
+"""
+
+
+def test_killed_training_resumes_from_its_checkpoint_on_rematerialization(storage, tiny_inputs, tmp_path):
+    resources = {"storage": storage, "launcher": LocalSubprocessLauncher()}
+    _copy_inputs(tiny_inputs, storage)
+    cfg = {"members": ["resnet10t"], "epochs": 30, "batch_size": 8, "patience": 30}
+    member_dir = storage.path("models", "sdss", "resnet10t")
+    last = member_dir / "last.ckpt"
+    log = tmp_path / "killed_run.log"
+    with open(log, "wb") as out:  # a session of its own: its process group is Dagster and the Pipes training job
+        proc = subprocess.Popen([sys.executable, "-c", _MATERIALIZE, storage.root, json.dumps(cfg)],
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert last.exists(), f"no last.ckpt (exit code {proc.poll()}):\n{log.read_text()[-3000:]}"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it was killed"
+    k = int(torch.load(last, map_location="cpu", weights_only=True)["epoch"]) + 1  # epochs finished before the kill
+    assert 1 <= k < 30
+    resumed = _meta(_train(resources, {**cfg, "epochs": k + 2}))
+    assert resumed["resnet10t/resumed_after_epochs"] == k and resumed["resnet10t/epochs_run"] == k + 2
+    assert len(resumed["resnet10t/val_auroc_by_epoch"]) == 2  # this start's log holds only its own epochs
+    assert sorted(p.name for p in (member_dir / "logs").iterdir()) == ["version_0", "version_1"]
 
 
 def test_ecs_launcher_requests_a_gpu_task_running_the_training_module():

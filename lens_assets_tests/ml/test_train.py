@@ -66,3 +66,35 @@ def test_empty_split_is_a_clear_error(data, tmp_path):
     splits.to_parquet(tmp_path / "s.parquet")
     with pytest.raises(ValueError, match=r"s.parquet: the val split is empty"):
         train(data / "shards", tmp_path / "s.parquet", tmp_path / "run", TrainSettings(epochs=1, progress=False))
+
+
+def test_a_checkpoint_of_another_run_is_not_resumed(data, tmp_path):
+    out = tmp_path / "run"
+    splits = data / "splits.parquet"
+    settings = TrainSettings(backbone="resnet10t", epochs=1, batch_size=8, progress=False, patience=10)
+    first = train(data / "shards", splits, out, settings)
+    assert first["restarted_stale_run"] is False and first["resumed_after_epochs"] is None
+    if not torch.cuda.is_available():
+        assert first["batch_size"] == 8 and first["batch_size_probe"] is None
+    # another learning rate: the checkpoint is discarded and training starts from scratch
+    other_lr = train(data / "shards", splits, out, TrainSettings(**{**settings.__dict__, "lr": 5e-4, "epochs": 2}))
+    assert other_lr["restarted_stale_run"] is True and other_lr["resumed_after_epochs"] is None
+    assert other_lr["fingerprint"] != first["fingerprint"] and other_lr["epochs_run"] == 2
+    # other splits (one training cutout moved to test), same settings: discarded again
+    table = pd.read_parquet(splits)
+    table.loc[table.index[table["split"] == "train"][0], "split"] = "test"
+    table.to_parquet(tmp_path / "other_splits.parquet")
+    settings_2 = TrainSettings(**{**settings.__dict__, "lr": 5e-4, "epochs": 2})
+    other_splits = train(data / "shards", tmp_path / "other_splits.parquet", out, settings_2)
+    assert other_splits["restarted_stale_run"] is True and other_splits["resumed_after_epochs"] is None
+    assert other_splits["global_step"] == 2 * -(-other_splits["n_train"] // 8)  # two epochs from scratch
+    assert json.loads((out / "run.json").read_text())["fingerprint"] == other_splits["fingerprint"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_the_batch_size_comes_from_the_memory_probe(data, tmp_path):
+    settings = TrainSettings(backbone="resnet10t", epochs=1, batch_size=8, max_batch_size=64, progress=False)
+    s = train(data / "shards", data / "splits.parquet", tmp_path / "run", settings)
+    assert s["device"] == "cuda" and s["batch_size_probe"] is not None
+    assert s["batch_size"] == s["batch_size_probe"]["batch_size"] <= 64
+    assert s["global_step"] == -(-s["n_train"] // s["batch_size"])
