@@ -1,5 +1,7 @@
 """Ensemble scoring: member checkpoints, batched member logits and the fusion of member logits."""
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -169,7 +171,7 @@ def test_a_file_that_is_not_a_lightning_checkpoint_is_a_clear_error_naming_it(tm
 def test_a_file_torch_cannot_read_is_a_clear_error_naming_it(trained, tmp_path, kind):
     _, ckpt = trained
     path = tmp_path / "member.ckpt"
-    data = open(ckpt, "rb").read()
+    data = Path(ckpt).read_bytes()
     path.write_bytes(b"this is a text file, not a checkpoint" if kind == "text" else data[:len(data) // 2])
     with pytest.raises(ValueError, match=rf"{path}: not a LensClassifier checkpoint \(torch cannot read it"):
         load_member(path)

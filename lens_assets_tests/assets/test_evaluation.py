@@ -1,0 +1,258 @@
+"""The whole graph on a tiny SDSS survey: ensemble scores, the calibrator and the Bologna report.
+
+One materialization (module fixture) feeds every test; the report figures are
+recomputed here from the scores table with scikit-learn and numpy.
+"""
+
+import hashlib
+import json
+from itertools import pairwise
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+from lens_assets.assets.evaluation import bologna_report, load_scoring, score_calibrator
+from lens_assets.definitions import ASSETS
+from lens_assets.resources.launchers import LocalSubprocessLauncher
+from lens_assets.resources.storage import LocalStorage
+from lens_assets.science.calibration import Calibrator
+
+SURVEY = "sdss"
+MEMBER = "resnet10t"
+N_HELDOUT = 60
+PERMISSIVE = {"min_auroc": 0.0, "min_tpr10": 0.0, "max_ece": 1.0}
+DESIGN_KEYS = ("auroc", "auprc", "tpr0", "tpr10", "tpr_at_fpr_0.1", "ece", "fnr_flux_ratio_lt_0.1",
+               "n_test_lenses", "n_test_nonlenses", "heldout_auroc", "heldout_tpr0", "heldout_tpr10")
+CHECKS = {"auroc_at_least_gate", "tpr10_at_least_gate", "ece_at_most_gate"}
+
+
+def _metadata(result, key):
+    (mat,) = result.asset_materializations_for_node(key)
+    return {k: v.value for k, v in mat.metadata.items()}
+
+
+def _checks(result):
+    """bologna_report's checks: name -> passed."""
+    return {e.event_specific_data.check_name: e.event_specific_data.passed
+            for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"
+            and e.event_specific_data.asset_key == dg.AssetKey("bologna_report")}
+
+
+@pytest.fixture(scope="module")
+def graph(tmp_path_factory):
+    storage = LocalStorage(root=str(tmp_path_factory.mktemp("evaluation") / "data"))
+    run_config = {"ops": {
+        "simulated_cutouts": {"config": {"n_cutouts": 200, "n_heldout": N_HELDOUT, "seed": 5, "workers": 1}},
+        "cutout_catalog": {"config": {"workers": 1}},
+        "psf_matched_shards": {"config": {"workers": 1}},
+        "dataset_splits": {"config": {"min_groups_per_stratum": 3}},
+        "lens_classifier": {"config": {"members": [MEMBER], "epochs": 1, "batch_size": 32, "patience": 2}},
+        "score_calibrator": {"config": {"batch_size": 48}},
+        "bologna_report": {"config": PERMISSIVE},
+    }}
+    result = dg.materialize(ASSETS, partition_key=SURVEY, run_config=run_config,
+                            resources={"storage": storage, "launcher": LocalSubprocessLauncher()},
+                            instance=dg.DagsterInstance.ephemeral())
+    assert result.success
+    return storage, result
+
+
+def _report_only(storage, gates):
+    return dg.materialize([bologna_report], partition_key=SURVEY, resources={"storage": storage},
+                          run_config={"ops": {"bologna_report": {"config": gates}}},
+                          instance=dg.DagsterInstance.ephemeral())
+
+
+def _scores(storage):
+    return pd.read_parquet(storage.path("scores", SURVEY, "ensemble_logits.parquet"))
+
+
+def _tpr_above(y, s, n_false_positives):
+    """Fraction of lenses strictly above the (n+1)-th highest non-lens (every lens if there are fewer)."""
+    neg = np.sort(s[y == 0])[::-1]
+    thr = neg[n_false_positives] if len(neg) > n_false_positives else -np.inf
+    return float(np.mean(s[y == 1] > thr)), thr
+
+
+def _ece(y, p, n_bins=15):
+    """Equal-mass bins by rank: bin k holds ranks [k n / B, (k + 1) n / B) as numpy's array_split lays them."""
+    order = np.argsort(p, kind="stable")
+    y, p, n = y[order].astype(float), p[order], len(p)
+    sizes = [n // n_bins + (1 if k < n % n_bins else 0) for k in range(n_bins)]
+    edges = np.cumsum([0, *sizes])
+    return sum((hi - lo) / n * abs(y[lo:hi].mean() - p[lo:hi].mean()) for lo, hi in pairwise(edges))
+
+
+def test_report_metadata_has_every_design_key_as_a_float_and_the_report_files(graph):
+    storage, result = graph
+    meta = _metadata(result, "bologna_report")
+    for key in DESIGN_KEYS:
+        assert isinstance(meta[key], float), key
+    out_dir = storage.path("reports", SURVEY, "bologna")
+    assert Path(meta["report_path"]) == out_dir / "report.md"
+    for name in ("report.json", "report.md", "roc.png", "score_histograms.png", "reliability.png"):
+        assert (out_dir / name).stat().st_size > 0, name
+    for name in ("roc.png", "score_histograms.png", "reliability.png"):
+        assert (out_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    report = json.loads((out_dir / "report.json").read_text())
+    for key in DESIGN_KEYS[:9]:
+        assert report["in_distribution"][key] == pytest.approx(meta[key], nan_ok=True), key
+    assert report["heldout"]["auroc"] == pytest.approx(meta["heldout_auroc"])
+    assert report["gates"] == PERMISSIVE
+    md = (out_dir / "report.md").read_text()
+    assert md.startswith(f"# Bologna report: {SURVEY}") and "![ROC](roc.png)" in md
+
+
+def test_report_figures_equal_metrics_recomputed_from_the_scores(graph):
+    storage, result = graph
+    meta = _metadata(result, "bologna_report")
+    scores = _scores(storage)
+    test = scores[scores["split"] == "test"]
+    y, s, p = test["label"].to_numpy(), test["logit"].to_numpy(), test["probability"].to_numpy()
+    assert 0 < y.sum() < len(y)
+    assert meta["auroc"] == pytest.approx(roc_auc_score(y, s))
+    assert meta["auprc"] == pytest.approx(average_precision_score(y, s))
+    tpr0, _ = _tpr_above(y, s, 0)
+    tpr10, thr10 = _tpr_above(y, s, 9)
+    assert (meta["tpr0"], meta["tpr10"]) == (pytest.approx(tpr0), pytest.approx(tpr10))
+    fpr, tpr, _ = roc_curve(y, s)
+    assert meta["tpr_at_fpr_0.1"] == pytest.approx(tpr[fpr <= 0.1].max())
+    assert meta["ece"] == pytest.approx(_ece(y, p))  # on calibrated probabilities, not the logit
+    faint = (y == 1) & (test["flux_ratio"].to_numpy() >= 0) & (test["flux_ratio"].to_numpy() < 0.1)
+    fnr = float(np.mean(s[faint] <= thr10)) if faint.any() else float("nan")
+    assert meta["fnr_flux_ratio_lt_0.1"] == pytest.approx(fnr, nan_ok=True)
+    assert (meta["n_test_lenses"], meta["n_test_nonlenses"]) == (float(y.sum()), float((y == 0).sum()))
+
+    held = scores[scores["split"] == "heldout"]
+    hy, hs = held["label"].to_numpy(), held["logit"].to_numpy()
+    assert 0 < hy.sum() < len(hy)
+    assert meta["heldout_auroc"] == pytest.approx(roc_auc_score(hy, hs))
+    assert meta["heldout_tpr0"] == pytest.approx(_tpr_above(hy, hs, 0)[0])
+    assert meta["heldout_tpr10"] == pytest.approx(_tpr_above(hy, hs, 9)[0])
+
+
+def test_test_rows_are_the_test_split_and_heldout_rows_the_heldout_family(graph):
+    storage, result = graph
+    meta = _metadata(result, "bologna_report")
+    scores = _scores(storage)
+    splits = pd.read_parquet(storage.path("splits", SURVEY, "dataset_splits.parquet"))
+    catalog = pd.read_parquet(storage.path("catalog", SURVEY, "cutout_catalog.parquet"))
+    test_ids = set(splits.loc[splits["split"] == "test", "objid"])
+    assert meta["n_test_lenses"] + meta["n_test_nonlenses"] == len(test_ids)
+    assert set(scores.loc[scores["split"] == "test", "objid"]) == test_ids
+    assert set(scores.loc[scores["split"] == "val", "objid"]) == set(splits.loc[splits["split"] == "val", "objid"])
+    heldout_ids = set(catalog.loc[catalog["sim_family"] == "heldout", "objid"])
+    assert len(heldout_ids) == N_HELDOUT
+    assert set(scores.loc[scores["split"] == "heldout", "objid"]) == heldout_ids
+    assert heldout_ids.isdisjoint(splits["objid"])
+    assert scores["objid"].is_unique and set(scores["split"]) == {"val", "test", "heldout"}
+    assert (scores.loc[scores["split"] == "heldout", "sim_family"] == "heldout").all()
+    assert (scores.loc[scores["split"] != "heldout", "sim_family"] == "baseline").all()
+
+
+def test_checks_follow_the_gates(graph):
+    storage, result = graph
+    assert _checks(result) == dict.fromkeys(CHECKS, True)  # permissive gates
+    meta = _metadata(result, "bologna_report")
+    auroc, tpr10, ece = meta["auroc"], meta["tpr10"], meta["ece"]
+    assert auroc < 1.0 and tpr10 < 1.0 and ece > 0.0  # so that each gate can be missed
+    # gates at the measured values pass (>= and <=); just beyond them fail, each check on its own gate
+    first = _report_only(storage, {"min_auroc": float(np.nextafter(auroc, 2)), "min_tpr10": tpr10, "max_ece": ece})
+    assert _checks(first) == {"auroc_at_least_gate": False, "tpr10_at_least_gate": True, "ece_at_most_gate": True}
+    second = _report_only(storage, {"min_auroc": auroc, "min_tpr10": float(np.nextafter(tpr10, 2)),
+                                    "max_ece": float(np.nextafter(ece, -1))})
+    assert _checks(second) == {"auroc_at_least_gate": True, "tpr10_at_least_gate": False, "ece_at_most_gate": False}
+    assert _metadata(second, "bologna_report")["auroc"] == auroc  # the same scores: the same figures
+    gates = json.loads(storage.path("reports", SURVEY, "bologna", "report.json").read_text())["gates"]
+    assert gates["min_auroc"] == auroc
+    assert _checks(_report_only(storage, PERMISSIVE)) == dict.fromkeys(CHECKS, True)  # leave the report as it was
+
+
+def test_calibrator_json_reproduces_the_probabilities_in_the_scores(graph):
+    storage, result = graph
+    doc = json.loads(storage.path("calibrators", SURVEY, "calibrator.json").read_text())
+    meta = _metadata(result, "score_calibrator")
+    assert Path(meta["path"]) == storage.path("calibrators", SURVEY, "calibrator.json")
+    scores = _scores(storage)
+    cal = Calibrator.from_dict(doc["calibrator"])
+    assert cal.method == meta["method"]
+    np.testing.assert_allclose(cal.predict(scores["logit"].to_numpy()), scores["probability"].to_numpy(),
+                               rtol=0, atol=1e-12)
+    assert scores["probability"].between(0.0, 1.0).all()
+    # mean fusion of one member: the fused logit is the member's logit
+    assert doc["fusion"] == {"method": "mean", "weights": [1.0], "bias": 0.0}
+    np.testing.assert_allclose(scores["logit"], scores[f"logit_{MEMBER}"].astype(float), rtol=0, atol=0)
+    assert doc["n_val"] == meta["n_val"] == int((scores["split"] == "val").sum())
+    assert cal.train_prevalence == pytest.approx(scores.loc[scores["split"] == "val", "label"].mean())
+    assert all("path" not in m for m in doc["members"])  # no machine-specific absolute paths in the document
+
+
+def test_load_scoring_gives_what_score_calibrator_used(graph):
+    storage, _ = graph
+    ensemble, fusion, cal, doc = load_scoring(storage, SURVEY)
+    scores = _scores(storage)
+    fused = fusion(scores[[f"logit_{MEMBER}"]].to_numpy())
+    np.testing.assert_allclose(fused, scores["logit"], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(cal.predict(fused), scores["probability"], rtol=0, atol=1e-12)
+    assert [m["name"] for m in ensemble["members"]] == [m["name"] for m in doc["members"]] == [MEMBER]
+    assert Path(ensemble["members"][0]["path"]) == storage.path("models", SURVEY, MEMBER, "best.ckpt")
+
+
+def test_ensemble_json_lists_members_with_checkpoints_relative_to_the_storage_root(graph):
+    storage, result = graph
+    ensemble = json.loads(storage.path("models", SURVEY, "ensemble.json").read_text())
+    assert ensemble["survey"] == SURVEY
+    assert [m["name"] for m in ensemble["members"]] == [MEMBER]
+    (member,) = ensemble["members"]
+    assert member["checkpoint"] == f"models/{SURVEY}/{MEMBER}/best.ckpt"
+    assert not Path(member["checkpoint"]).is_absolute()
+    ckpt = storage.path(member["checkpoint"])
+    assert member["sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert member["sha256"] == _metadata(result, "lens_classifier")[f"{MEMBER}/checkpoint_sha256"]
+
+
+def test_load_scoring_fails_when_a_checkpoint_changed_after_calibration(graph):
+    storage, _ = graph
+    ckpt = storage.path("models", SURVEY, MEMBER, "best.ckpt")
+    original = ckpt.read_bytes()
+    changed = bytearray(original)
+    changed[len(changed) // 2] ^= 0xFF
+    try:
+        ckpt.write_bytes(bytes(changed))
+        with pytest.raises(dg.Failure, match=rf"{ckpt}: sha256 [0-9a-f]{{16}} differs from [0-9a-f]{{16}} in "
+                                             rf".*ensemble.json; re-materialize lens_classifier"):
+            load_scoring(storage, SURVEY)
+    finally:
+        ckpt.write_bytes(original)
+    load_scoring(storage, SURVEY)  # restored: loads again
+
+
+def test_load_scoring_fails_when_the_calibrator_was_fit_for_other_checkpoints(graph):
+    storage, _ = graph
+    path = storage.path("calibrators", SURVEY, "calibrator.json")
+    original = path.read_text()
+    doc = json.loads(original)
+    doc["members"][0]["sha256"] = "0" * 64  # as if lens_classifier had been retrained since
+    try:
+        path.write_text(json.dumps(doc))
+        with pytest.raises(dg.Failure, match=rf"{path} was fit for other checkpoints than models/{SURVEY}/"
+                                             "ensemble.json lists: re-materialize score_calibrator"):
+            load_scoring(storage, SURVEY)
+    finally:
+        path.write_text(original)
+
+
+def test_report_without_scores_is_a_clear_failure(storage):
+    with pytest.raises(dg.Failure, match=rf"ensemble_logits.parquet does not exist: materialize score_calibrator "
+                                         rf"for {SURVEY} first"):
+        _report_only(storage, PERMISSIVE)
+
+
+def test_score_calibrator_without_an_ensemble_is_a_clear_failure(storage):
+    with pytest.raises(dg.Failure, match=rf"ensemble.json does not exist: materialize lens_classifier for {SURVEY}"):
+        dg.materialize([score_calibrator], partition_key=SURVEY, resources={"storage": storage},
+                       instance=dg.DagsterInstance.ephemeral())
