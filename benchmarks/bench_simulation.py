@@ -99,7 +99,7 @@ def main(argv=None) -> dict:
     _, t_floor = timed(image_floor, setups)
     _, t_wrap = timed(lambda: [simulate_one(survey, family, seed, i) for i in range(args.n)])
     with tempfile.TemporaryDirectory() as tmp:
-        _, t_write = timed(lambda: [_simulate_and_write((survey, family, seed, i, tmp)) for i in range(args.n)])
+        _, t_write = timed(lambda: [_simulate_and_write((survey, family, seed, i, tmp, True)) for i in range(args.n)])
     with tempfile.TemporaryDirectory() as tmp:
         _, t1 = simulate_to_directory(survey, family, n_cutouts=args.n_parallel, seed=seed, out_dir=Path(tmp) / "a",
                                       workers=1, progress=False)

@@ -4,11 +4,13 @@ import dagster as dg
 
 from lens_assets.assets.catalog import cutout_catalog
 from lens_assets.assets.evaluation import bologna_report, score_calibrator
+from lens_assets.assets.scoring import candidate_scores
 from lens_assets.assets.shards import dataset_splits, psf_matched_shards
 from lens_assets.assets.simulation import simulated_cutouts
 from lens_assets.assets.training import lens_classifier
 from lens_assets.resources.launchers import EcsLauncher, LocalSubprocessLauncher
 from lens_assets.resources.storage import LocalStorage, default_data_root
+from lens_assets.sensors.inbox import rescore_nightly, rescore_on_model_change, score_drops_job, survey_inbox_sensor
 
 ASSETS = [simulated_cutouts, cutout_catalog, psf_matched_shards, dataset_splits, lens_classifier, score_calibrator,
           bologna_report]
@@ -32,8 +34,25 @@ def training_launcher():
     raise ValueError(f"LENS_LAUNCHER={kind!r} is not one of ['local', 'ecs']")
 
 
+def storage_from_env() -> LocalStorage:
+    """``LENS_DATA_ROOT``: a local folder (default ``data/``), or ``s3://bucket/prefix`` with a local cache in
+    ``LENS_CACHE_DIR`` (default ``.lens_cache/``) and ``LENS_S3_ENDPOINT_URL`` for S3-compatible servers."""
+    import os
+
+    root = default_data_root()
+    if root.startswith("s3://"):
+        from lens_assets.resources.s3_storage import S3Storage, parse_s3_url
+
+        bucket, prefix = parse_s3_url(root)
+        cache = os.path.join(os.environ.get("LENS_CACHE_DIR") or ".lens_cache", bucket, prefix)
+        return S3Storage(root=cache, url_root=root, endpoint_url=os.environ.get("LENS_S3_ENDPOINT_URL") or None)
+    return LocalStorage(root=root)
+
+
 defs = dg.Definitions(
-    assets=ASSETS,
-    jobs=[survey_pipeline],
-    resources={"storage": LocalStorage(root=default_data_root()), "launcher": training_launcher()},
+    assets=[*ASSETS, candidate_scores],
+    jobs=[survey_pipeline, score_drops_job],
+    sensors=[survey_inbox_sensor, rescore_on_model_change],
+    schedules=[rescore_nightly],
+    resources={"storage": storage_from_env(), "launcher": training_launcher()},
 )

@@ -26,6 +26,8 @@ def main(argv=None) -> int:
     parser.add_argument("--n-cutouts", type=int, default=None, help="override the profile's simulation size")
     parser.add_argument("--epochs", type=int, default=None, help="override the profile's training epochs")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--drop-size", type=int, default=200, help="cutouts in the unlabeled inbox drop scored at "
+                        "the end (0: none)")
     args = parser.parse_args(argv)
 
     instance = dg.DagsterInstance.get()
@@ -90,7 +92,51 @@ def main(argv=None) -> int:
               "reliability.png beside it)")
     for c in checks:
         print(f"  check {c.asset_key.to_user_string() + '.' + c.check_name:<48}: {'passed' if c.passed else 'FAILED'}")
-    print("Open the UI with `make dev` (http://127.0.0.1:3000) to see the assets, their lineage and this run.")
+    if args.drop_size:
+        if score_demo_drop(instance, args.survey, n=args.drop_size, seed=args.seed) != 0:
+            return 1
+    print("Open the UI with `make dev` (http://127.0.0.1:3000) to see the assets, their lineage and this run; "
+          "leave it running and the inbox sensor scores every new drop under inbox/<survey>/<drop>/.")
+    return 0
+
+
+def score_demo_drop(instance, survey: str, *, n: int, seed: int) -> int:
+    """Drop unlabeled simulated cutouts into the inbox, run one tick of the inbox sensor and the scoring runs it
+    asks for (as `dagster dev` would), and show the ranked candidates."""
+    from lens_assets.assets.scoring import candidate_table
+    from lens_assets.inbox import simulate_drop
+    from lens_assets.sensors.inbox import SENSOR_NAME, survey_inbox_sensor
+
+    storage = defs.resources["storage"]
+    drop = f"demo-{time.strftime('%Y%m%dT%H%M%S')}"
+    truth = simulate_drop(storage, survey, drop, n=n, seed=100_000 + seed)
+    print(f"\ninbox drop {storage.url('inbox', survey, drop)}: {n} unlabeled cutouts, _COMPLETE written")
+    tick = survey_inbox_sensor(dg.build_sensor_context(instance=instance, resources={"storage": storage}))
+    for req in tick.dynamic_partitions_requests:
+        instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
+    print(f"survey_inbox_sensor: {len(tick.run_requests)} run request(s): "
+          f"{', '.join(r.run_key for r in tick.run_requests)}")
+    job = defs.resolve_job_def("score_drops")
+    for req in tick.run_requests:
+        result = job.execute_in_process(partition_key=str(req.partition_key), instance=instance, raise_on_error=False,
+                                        tags={**req.tags, "dagster/sensor_name": SENSOR_NAME,
+                                              "dagster/run_key": req.run_key})
+        if not result.success:
+            print(f"scoring {req.run_key} failed; see the run {result.run_id} in the UI", file=sys.stderr)
+            return 1
+    table = candidate_table(storage, survey, drop)
+    lens = dict(zip(truth["objid"], truth["label"]))
+    top = table.head(10)
+    print(f"candidate_scores {drop}|{survey}: {len(table)} scored -> "
+          f"{storage.url('candidates', survey, drop, 'candidate_scores.parquet')}")
+    print(f"  model {table['model_version'].iloc[0]}, calibrator {table['calibrator_version'].iloc[0]}, "
+          f"trained on shards {table['training_manifest_sha256'].iloc[0][:16]}")
+    print("  rank  score   objid                              (simulation truth, not in the files)")
+    for r in top.itertuples():
+        print(f"  {r.rank:>4}  {r.score:.3f}   {r.objid:<34} {'lens' if lens.get(r.objid) == 1 else 'non-lens'}")
+    k = len(top)
+    print(f"  {sum(lens.get(o) == 1 for o in top['objid'])} of the top {k} are simulated lenses; the drop has "
+          f"{int(truth['label'].sum())} lenses in {len(truth)}")
     return 0
 
 

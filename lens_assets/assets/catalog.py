@@ -52,7 +52,7 @@ def cutout_catalog(context: dg.AssetExecutionContext, config: CatalogConfig,
     FITS contract go to the quarantine table with a reason code, never dropped.
     """
     survey = get_survey(context.partition_key)
-    raw = storage.path("raw", survey.name)
+    raw = storage.pull("raw", survey.name)
     files = find_fits(raw)
     if not files:
         raise dg.Failure(f"no FITS files under {raw}: materialize simulated_cutouts for {survey.name} "

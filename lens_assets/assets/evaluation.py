@@ -51,6 +51,7 @@ def load_scoring(storage: LocalStorage, survey: str):
     from lens_assets.ml.score import Fusion
 
     path = calibrator_path(storage, survey)
+    storage.pull(*path.relative_to(storage.root_path).parts)
     if not path.exists():
         raise dg.Failure(f"{path} does not exist: materialize score_calibrator for {survey} first")
     doc = json.loads(path.read_text())
@@ -62,6 +63,8 @@ def load_scoring(storage: LocalStorage, survey: str):
 
 
 def _rows_to_score(storage: LocalStorage, survey: str, heldout_families) -> pd.DataFrame:
+    for parts in (("splits", survey), ("catalog", survey), ("shards", survey)):
+        storage.pull(*parts)
     splits = pd.read_parquet(storage.path("splits", survey, "dataset_splits.parquet"), columns=["objid", "split"])
     cat_path, _ = catalog_paths(storage, survey)
     catalog = pd.read_parquet(cat_path, columns=["objid", "label", "flux_ratio", "theta_e", "sim_family",
@@ -128,12 +131,11 @@ def score_calibrator(context: dg.AssetExecutionContext, config: CalibratorConfig
            "ece_val_before": ece_before, "ece_val_after": ece_after}
     for m in doc["members"]:
         m.pop("path", None)
-    path = calibrator_path(storage, survey.name)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(doc, indent=2)
-    path.write_text(text)
+    path = storage.write_text(text, "calibrators", survey.name, "calibrator.json")
     plot = reliability_plot({"sigmoid(fused logit)": (y_val, before), f"calibrated ({cal.method})": (y_val, after)},
                             storage.path("reports", survey.name, "calibration_reliability_val.png"))
+    storage.push("reports", survey.name, "calibration_reliability_val.png")
     context.log.info(f"calibrator {cal.method} (fusion {fusion.method}) on {val.sum()} validation rows: "
                      f"ECE {ece_before:.4f} -> {ece_after:.4f}; scored {len(rows)} rows at "
                      f"{len(rows) / seconds:.0f}/s on {device}")
@@ -245,6 +247,8 @@ def bologna_report(context: dg.AssetExecutionContext, config: ReportConfig,
 
     survey = get_survey(context.partition_key)
     path = scores_path(storage, survey.name)
+    storage.pull("scores", survey.name)
+    storage.pull("calibrators", survey.name)
     if not path.exists():
         raise dg.Failure(f"{path} does not exist: materialize score_calibrator for {survey.name} first")
     scores = pd.read_parquet(path)
@@ -270,6 +274,7 @@ def bologna_report(context: dg.AssetExecutionContext, config: ReportConfig,
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=float))
     md = out_dir / "report.md"
     md.write_text(report_markdown(survey.name, figures, calibrator))
+    storage.push("reports", survey.name, "bologna")
     context.log.info(f"{survey.name}: AUROC {ind['auroc']:.4f}, TPR0 {ind['tpr0']:.3f}, TPR10 {ind['tpr10']:.3f} "
                      f"({ind['n_test_nonlenses']:.0f} non-lenses), ECE {ind['ece']:.4f}; held-out AUROC "
                      f"{held.get('auroc', float('nan')):.4f}; report {md}")

@@ -51,9 +51,11 @@ def psf_matched_shards(context: dg.AssetExecutionContext, config: ShardConfig,
     """
     survey = get_survey(context.partition_key)
     cat_path, _ = catalog_paths(storage, survey.name)
+    storage.pull(*cat_path.relative_to(storage.root_path).parts)
     if not cat_path.exists():
         raise dg.Failure(f"{cat_path} does not exist: materialize cutout_catalog for {survey.name} first")
     catalog = pd.read_parquet(cat_path)
+    storage.pull("raw", survey.name)
     settings = shard_settings(survey, target_fwhm_arcsec=config.target_fwhm_arcsec, percentile=config.percentile,
                               rows_per_shard=config.rows_per_shard, batch_size=config.batch_size,
                               compression=config.compression)
@@ -129,6 +131,8 @@ def dataset_splits(context: dg.AssetExecutionContext, config: SplitConfig,
     survey = get_survey(context.partition_key)
     cat_path, _ = catalog_paths(storage, survey.name)
     rows_path = shard_dir(storage, survey.name) / "rows.parquet"
+    storage.pull("catalog", survey.name)
+    storage.pull("shards", survey.name, "rows.parquet")
     if not rows_path.exists():
         raise dg.Failure(f"{rows_path} does not exist: materialize psf_matched_shards for {survey.name} first")
     catalog = pd.read_parquet(cat_path)

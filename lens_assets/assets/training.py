@@ -1,6 +1,7 @@
 """Asset group `training`: the per-survey ensemble, one Pipes training job per member."""
 
 import hashlib
+import json
 from pathlib import Path
 
 import dagster as dg
@@ -30,20 +31,30 @@ def ensemble_path(storage: LocalStorage, survey: str):
 
 def write_ensemble(storage: LocalStorage, survey: str, ensemble: dict):
     """``models/<survey>/ensemble.json``: the members scoring uses, checkpoints relative to the data root."""
-    import json
-
     path = ensemble_path(storage, survey)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(ensemble, indent=2))
-    tmp.replace(path)
-    return path
+    return storage.write_text(json.dumps(ensemble, indent=2), *path.relative_to(storage.root_path).parts)
+
+
+def training_lineage(storage: LocalStorage, survey: str) -> dict:
+    """What the ensemble was trained on: the shard manifest, the splits file and the simulation families."""
+    import pandas as pd
+
+    from lens_assets.science.families import available_families, load_family
+
+    manifest = json.loads(storage.path("shards", survey, "manifest.json").read_text())
+    splits = storage.path("splits", survey, "dataset_splits.parquet")
+    catalog = storage.pull("catalog", survey, "cutout_catalog.parquet")
+    families = sorted(set(pd.read_parquet(catalog, columns=["sim_family"])["sim_family"]) - {""})
+    return {"shards_manifest_sha256": manifest["sha256"], "target_fwhm_arcsec": manifest["settings"]["target_fwhm_arcsec"],
+            "shard_settings": manifest["settings"], "splits_sha256": hashlib.sha256(splits.read_bytes()).hexdigest(),
+            "simulation_families": {f: load_family(f).sha256 if f in available_families() else "unknown"
+                                    for f in families}}
 
 
 def read_ensemble(storage: LocalStorage, survey: str) -> dict:
     """The ensemble manifest; each member's checkpoint is checked against its recorded sha256."""
-    import json
-
     path = ensemble_path(storage, survey)
+    storage.pull("models", survey)
     if not path.exists():
         raise dg.Failure(f"{path} does not exist: materialize lens_classifier for {survey} first")
     ensemble = json.loads(path.read_text())
@@ -73,7 +84,8 @@ def lens_classifier(context: dg.AssetExecutionContext, config: TrainConfig, stor
     """
     survey = get_survey(context.partition_key)
     shard_dir = storage.path("shards", survey.name)
-    splits = storage.path("splits", survey.name, "dataset_splits.parquet")
+    splits = storage.pull("splits", survey.name, "dataset_splits.parquet")
+    storage.pull("shards", survey.name)
     if not splits.exists():
         raise dg.Failure(f"{splits} does not exist: materialize dataset_splits for {survey.name} first")
     metadata: dict = {}
@@ -87,6 +99,7 @@ def lens_classifier(context: dg.AssetExecutionContext, config: TrainConfig, stor
         if not messages:
             raise dg.Failure(f"training job for {member} reported no summary")
         s = messages[-1]
+        storage.push("models", survey.name, member)
         best = s["best_checkpoint"] or s["last_checkpoint"]
         sha = hashlib.sha256(Path(best).read_bytes()).hexdigest()
         hashes.append(f"{member}:{sha}")
@@ -103,8 +116,9 @@ def lens_classifier(context: dg.AssetExecutionContext, config: TrainConfig, stor
             f"{member}/val_auroc_by_epoch": dg.MetadataValue.json(s["val_auroc_by_epoch"]),
         })
     metadata["members"] = ",".join(config.members)
-    ensemble = {"survey": survey.name, "members": [
+    ensemble = {"survey": survey.name, "version": sha256_of_strings(hashes)[:16], "members": [
         {"name": m, "checkpoint": storage.relative(metadata[f"{m}/checkpoint"].value),
-         "sha256": metadata[f"{m}/checkpoint_sha256"]} for m in config.members]}
+         "sha256": metadata[f"{m}/checkpoint_sha256"]} for m in config.members],
+        **training_lineage(storage, survey.name)}
     metadata["ensemble"] = dg.MetadataValue.path(str(write_ensemble(storage, survey.name, ensemble)))
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(sha256_of_strings(hashes)[:16]))

@@ -1,4 +1,11 @@
-"""Storage resource: where every asset's files live (``LENS_DATA_ROOT``, default ``data/``)."""
+"""Storage resource: where every asset's files live (``LENS_DATA_ROOT``, default ``data/``).
+
+Assets read and write local paths (``storage.path(...)``): h5py, parquet and
+astropy need files. ``pull`` makes a local copy current before reading and
+``push`` publishes after writing; both are no-ops here, and ``S3Storage``
+(``resources/s3_storage.py``, chosen when ``LENS_DATA_ROOT`` is ``s3://...``)
+implements them against a bucket with this directory as its cache.
+"""
 
 from __future__ import annotations
 
@@ -37,6 +44,37 @@ class LocalStorage(dg.ConfigurableResource):
     def relative(self, path: Path) -> str:
         return str(Path(path).resolve().relative_to(self.root_path))
 
+    def url(self, *parts: str) -> str:
+        """Where ``parts`` lives for people and lineage: a local path here, ``s3://...`` on S3."""
+        return str(self.path(*parts))
+
+    def pull(self, *parts: str) -> Path:
+        """Make the local copy of the file or folder ``parts`` current; returns its local path."""
+        return self.path(*parts)
+
+    def push(self, *parts: str) -> None:
+        """Publish the local file or folder ``parts`` (a folder is mirrored: what is gone locally goes)."""
+
+    def list_dirs(self, *parts: str) -> list[str]:
+        """Names of the folders directly under ``parts`` (sorted; empty when it does not exist)."""
+        base = self.path(*parts)
+        if not base.is_dir():
+            return []
+        return sorted(e.name for e in os.scandir(base) if e.is_dir() and not e.name.startswith("."))
+
+    def exists(self, *parts: str) -> bool:
+        return self.path(*parts).exists()
+
+    def write_text(self, text: str, *parts: str) -> Path:
+        """Write ``text`` to ``parts`` atomically and publish it."""
+        dest = self.path(*parts)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, dest)
+        self.push(*parts)
+        return dest
+
     def staging_dir(self, name: str) -> Path:
         """A fresh empty directory on the same filesystem, for building a directory before publishing it."""
         d = self.path("tmp", f"{name}-{uuid.uuid4().hex[:12]}")
@@ -64,6 +102,7 @@ class LocalStorage(dg.ConfigurableResource):
         os.replace(staged, dest)
         if old is not None:
             shutil.rmtree(old)
+        self.push(*parts)
         return dest
 
     def write_parquet(self, df, *parts: str) -> Path:
@@ -73,4 +112,5 @@ class LocalStorage(dg.ConfigurableResource):
         tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
         df.to_parquet(tmp, index=False)
         os.replace(tmp, dest)
+        self.push(*parts)
         return dest

@@ -167,8 +167,14 @@ def _var_unit(header: dict) -> str:
     return f"({unit})**2" if unit else ""
 
 
-def write_simulated_cutout(path: Path, cutout, *, survey: SurveySpec, family, seed: int) -> None:
-    """Write a :class:`~.simulation.RenderedCutout` with its truth in the headers."""
+TRUTH_KEYS = ("Z_SRC", "LENS", "LABELSRC", "LABELCNF", "FLUXRAT", "THETA_E", "SIMFAM", "SIMFAMH", "SIMSEED",
+              "SIMKIND", "SERSICN", "RHALF", "AXRATIO", "PA_DEG", "PSFPROF", "EXPSCALE", "MOFFATB")
+
+
+def write_simulated_cutout(path: Path, cutout, *, survey: SurveySpec, family, seed: int,
+                           labeled: bool = True) -> None:
+    """Write a :class:`~.simulation.RenderedCutout` with its truth in the headers
+    (``labeled=False``: without, as an unlabeled survey drop would come)."""
     s = cutout.system
     primary = {
         "OBJID": s.objid, "RA": round(s.ra_deg, 7), "DEC": round(s.dec_deg, 7), "SURVEY": survey.name,
@@ -184,6 +190,8 @@ def write_simulated_cutout(path: Path, cutout, *, survey: SurveySpec, family, se
     }
     if s.psf_profile == "moffat":
         primary["MOFFATB"] = round(s.moffat_beta, 4)
+    if not labeled:
+        primary = {k: v for k, v in primary.items() if k not in TRUTH_KEYS}
     bands = {}
     for i, band in enumerate(cutout.bands):
         bands[band] = BandHDUs(

@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 
 __all__ = ["rgb_indices", "color_composite", "cutout_gallery", "roc_plot", "score_histograms", "reliability_plot",
-           "reliability_bins"]
+           "reliability_bins", "value_histogram"]
 
 
 def rgb_indices(bands: Sequence[str]) -> tuple[int, int, int]:
@@ -152,4 +152,18 @@ def reliability_plot(curves: dict, path: Path, *, n_bins: int = 15) -> Path:
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left")
+    return _save(fig, path)
+
+
+def value_histogram(values, path: Path, *, xlabel: str, title: str = "", bins: int = 40) -> Path:
+    """One histogram (log counts), e.g. the calibrated scores of a survey drop."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.6, 3.2))
+    v = np.asarray(values, dtype=float)
+    ax.hist(v, bins=np.linspace(0, 1, bins + 1) if v.size and v.min() >= 0 and v.max() <= 1 else bins,
+            color="tab:blue", histtype="stepfilled", alpha=0.7)
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("objects")
+    ax.set_title(title, fontsize=9)
     return _save(fig, path)

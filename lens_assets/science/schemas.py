@@ -9,7 +9,7 @@ import pandera.pandas as pa
 from .fits_contract import QUARANTINE_REASONS
 from .surveys import SURVEY_NAMES, SurveySpec
 
-__all__ = ["catalog_schema", "catalog_columns", "quarantine_schema"]
+__all__ = ["catalog_schema", "catalog_columns", "quarantine_schema", "candidate_schema"]
 
 _HEX64 = r"^[0-9a-f]{64}$"
 
@@ -96,3 +96,30 @@ def quarantine_schema() -> pa.DataFrameSchema:
         "message": pa.Column(s, pa.Check.str_length(min_value=1)),
         "survey": pa.Column(s, pa.Check.isin(SURVEY_NAMES)),
     }, strict=True, ordered=True, name="cutout_quarantine")
+
+
+@lru_cache(maxsize=None)
+def candidate_schema() -> pa.DataFrameSchema:
+    """The ranked candidate table of one drop (DESIGN.md: ``candidate_scores``)."""
+    s, f, i = str, float, int
+    hex_ = pa.Check.str_matches(r"^[0-9a-f]+$")
+    return pa.DataFrameSchema({
+        "objid": pa.Column(s, unique=True),
+        "score": pa.Column(f, pa.Check.in_range(0.0, 1.0), description="calibrated lens probability"),
+        "rank": pa.Column(i, pa.Check.ge(1), unique=True, description="1 = most lens-like (by fused logit)"),
+        "logit": pa.Column(f, description="fused ensemble logit"),
+        "source_file": pa.Column(s, pa.Check.str_length(min_value=1)),
+        "source_sha256": pa.Column(s, pa.Check.str_matches(r"^[0-9a-f]{64}$")),
+        "survey": pa.Column(s, pa.Check.isin(SURVEY_NAMES)),
+        "drop": pa.Column(s, pa.Check.str_length(min_value=1)),
+        "model_version": pa.Column(s, hex_, description="ensemble version: hash of the checkpoints' sha256"),
+        "calibrator_version": pa.Column(s, hex_, description="sha256 prefix of calibrator.json"),
+        "training_manifest_sha256": pa.Column(s, hex_, description="shard manifest the ensemble was trained on"),
+        "code_version": pa.Column(s),
+        "psf_matched_bands": pa.Column(i, pa.Check.ge(0)),
+        "band_flag_bits": pa.Column(i, pa.Check.ge(0), description="OR of the bands' shard flag bits"),
+        "band_flags": pa.Column(s),
+        "psf_fwhm": pa.Column(f, pa.Check.gt(0.0), description="median PSF FWHM before matching, arcsec"),
+        "n_nan_pixels": pa.Column(i, pa.Check.ge(0)),
+        "ra": pa.Column(f), "dec": pa.Column(f),
+    }, strict=False, name="candidate_scores")

@@ -453,10 +453,10 @@ def simulate_one(survey: SurveySpec, family: Family, seed: int, index: int) -> R
 def _simulate_and_write(args) -> dict:
     from .fits_contract import write_simulated_cutout
 
-    survey, family, seed, index, out_dir = args
+    survey, family, seed, index, out_dir, labeled = args
     cutout = simulate_one(survey, family, seed, index)
     path = Path(out_dir) / f"{cutout.system.objid}.fits"
-    write_simulated_cutout(path, cutout, survey=survey, family=family, seed=seed)
+    write_simulated_cutout(path, cutout, survey=survey, family=family, seed=seed, labeled=labeled)
     s = cutout.system
     return {"objid": s.objid, "file": path.name, "label": int(s.is_lens), "kind": s.kind,
             "flux_ratio": cutout.flux_ratio, "theta_e": s.theta_e_arcsec,
@@ -464,8 +464,9 @@ def _simulate_and_write(args) -> dict:
 
 
 def simulate_to_directory(survey: SurveySpec, family: Family, *, n_cutouts: int, seed: int, out_dir: Path,
-                          workers: int = 1, progress: bool = True, start_index: int = 0):
-    """Simulate ``n_cutouts`` objects and write each as ``<objid>.fits`` in ``out_dir``.
+                          workers: int = 1, progress: bool = True, start_index: int = 0, labeled: bool = True):
+    """Simulate ``n_cutouts`` objects and write each as ``<objid>.fits`` in ``out_dir``
+    (``labeled=False`` leaves the truth out of the files, as in an unlabeled survey drop).
 
     Returns ``(truth, seconds)``: a DataFrame with one row per object (objid,
     file, label, kind, flux_ratio, theta_e, seeing_ref) and the wall time.
@@ -479,7 +480,7 @@ def simulate_to_directory(survey: SurveySpec, family: Family, *, n_cutouts: int,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _warm_up(survey)  # forked workers inherit lenstronomy's imports and the pixel grid
-    tasks = [(survey, family, seed, i, str(out_dir)) for i in range(start_index, start_index + n_cutouts)]
+    tasks = [(survey, family, seed, i, str(out_dir), labeled) for i in range(start_index, start_index + n_cutouts)]
     t0 = time.perf_counter()
     rows = parallel_map(_simulate_and_write, tasks, workers=workers, progress=progress,
                         desc=f"simulate {survey.name}/{family.name}", unit="cutout")

@@ -1,0 +1,140 @@
+"""Asset group `scoring`: ranked lens candidates of each survey drop in the inbox."""
+
+import hashlib
+import time
+
+import dagster as dg
+import pandas as pd
+from pydantic import Field
+
+from lens_assets.assets._common import OWNERS, counts_markdown, gallery_from_files, png_markdown
+from lens_assets.assets.evaluation import load_scoring, score_calibrator
+from lens_assets.assets.training import lens_classifier
+from lens_assets.partitions import scoring_partitions
+from lens_assets.resources.storage import LocalStorage
+from lens_assets.science.ingest import find_fits, ingest_files
+from lens_assets.science.schemas import candidate_schema
+from lens_assets.science.surveys import get_survey
+
+SCORING_CODE_VERSION = "score-1"
+COMPLETE_MARKER = "_COMPLETE"
+
+_per_survey = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="survey")
+
+# re-score every drop of a survey when its model or calibrator changes; new drops are the sensor's
+RESCORE_ON_NEW_MODEL = (dg.AutomationCondition.any_deps_updated() & ~dg.AutomationCondition.missing()
+                        & ~dg.AutomationCondition.any_deps_in_progress()
+                        & ~dg.AutomationCondition.in_progress()).with_label("rescore when the model changes")
+
+
+class ScoringConfig(dg.Config):
+    batch_size: int = Field(default=256, ge=1, description="cutouts per batch (bounds memory)")
+    workers: int = Field(default=0, description="processes reading and PSF-matching files; 0 = every core")
+    gallery_size: int = Field(default=12, ge=0, description="top candidates shown in the gallery")
+
+
+def candidates_dir(storage: LocalStorage, survey: str, drop: str):
+    return storage.path("candidates", survey, drop)
+
+
+@dg.asset(
+    partitions_def=scoring_partitions,
+    owners=OWNERS,
+    group_name="scoring",
+    kinds={"python", "pytorch", "parquet"},
+    code_version=SCORING_CODE_VERSION,
+    deps=[dg.AssetDep(lens_classifier, partition_mapping=_per_survey),
+          dg.AssetDep(score_calibrator, partition_mapping=_per_survey)],
+    automation_condition=RESCORE_ON_NEW_MODEL,
+)
+def candidate_scores(context: dg.AssetExecutionContext, config: ScoringConfig,
+                     storage: LocalStorage) -> dg.MaterializeResult:
+    """Ranked lens candidates of one survey drop: calibrated lens probability per cutout (Parquet).
+
+    Every file of `inbox/<survey>/<drop>/` is ingested with the catalog's rules
+    (bad files are quarantined with a reason), PSF-matched and normalized as the
+    survey's training shards were, scored by the current ensemble and calibrated.
+    Each row carries its file's sha256 and the model, calibrator, training-data
+    and code versions that produced its score.
+    """
+    keys = context.partition_key.keys_by_dimension
+    survey, drop = get_survey(keys["survey"]), keys["drop"]
+    if not storage.exists("inbox", survey.name, drop, COMPLETE_MARKER):
+        raise dg.Failure(f"{storage.url('inbox', survey.name, drop)} has no {COMPLETE_MARKER} marker: the drop is "
+                         "not complete")
+    drop_dir = storage.pull("inbox", survey.name, drop)
+    files = find_fits(drop_dir)
+    ensemble, fusion, calibrator, doc = load_scoring(storage, survey.name)
+    from lens_assets.ml.score import default_device, load_members, score_catalog
+    from lens_assets.science.shards import ShardSettings
+
+    t0 = time.perf_counter()
+    ingest = ingest_files(files, survey, root=storage.root_path, workers=config.workers)
+    catalog, quarantine = ingest.catalog, ingest.quarantine
+    device = default_device()
+    members = load_members([m["path"] for m in ensemble["members"]], device=device)
+    scored = score_catalog(catalog, survey, root=storage.root_path, settings=ShardSettings(**ensemble["shard_settings"]),
+                           members=members, fusion=fusion, calibrator=calibrator, batch_size=config.batch_size,
+                           workers=config.workers, device=device)
+    seconds = time.perf_counter() - t0
+    calibrator_version = hashlib.sha256(storage.path("calibrators", survey.name, "calibrator.json").read_bytes()
+                                        ).hexdigest()[:16]
+    table = scored.rename(columns={f"logit_{j}": f"logit_{m['name']}" for j, m in enumerate(ensemble["members"])})
+    for col in ("source_file", "source_sha256", "ra", "dec", "band_flags", "psf_fwhm", "n_nan_pixels", "snr"):
+        table[col] = catalog[col].to_numpy()
+    table["survey"], table["drop"] = survey.name, drop
+    table["model_version"] = ensemble["version"]
+    table["calibrator_version"] = calibrator_version
+    table["training_manifest_sha256"] = ensemble["shards_manifest_sha256"]
+    table["code_version"] = SCORING_CODE_VERSION
+    table = table.sort_values(["logit", "objid"], ascending=[False, True], kind="stable").reset_index(drop=True)
+    table.insert(2, "rank", range(1, len(table) + 1))
+    table = candidate_schema().validate(table)
+    out = storage.write_parquet(table, "candidates", survey.name, drop, "candidate_scores.parquet")
+    storage.write_parquet(quarantine, "candidates", survey.name, drop, "quarantine.parquet")
+    context.log.info(f"{survey.name}/{drop}: scored {len(table)} of {len(files)} files ({len(quarantine)} "
+                     f"quarantined) at {len(files) / seconds:.0f} files/s on {device}; model {ensemble['version']}")
+
+    from lens_assets.science.plots import value_histogram
+
+    report_dir = candidates_dir(storage, survey.name, drop)
+    metadata = {
+        "path": dg.MetadataValue.path(storage.url("candidates", survey.name, drop, "candidate_scores.parquet")),
+        "quarantine_path": dg.MetadataValue.path(storage.url("candidates", survey.name, drop, "quarantine.parquet")),
+        "n_files": len(files),
+        "n_scored": len(table),
+        "n_quarantined": len(quarantine),
+        "quarantine_reasons": counts_markdown(quarantine["reason"].value_counts().to_dict(), key="reason"),
+        "model_version": ensemble["version"],
+        "calibrator_version": calibrator_version,
+        "calibrator_method": calibrator.method,
+        "training_manifest_sha256": ensemble["shards_manifest_sha256"],
+        "simulation_families": dg.MetadataValue.json(ensemble.get("simulation_families", {})),
+        "inbox": dg.MetadataValue.path(storage.url("inbox", survey.name, drop)),
+        "files_per_s": len(files) / seconds if seconds > 0 else float("nan"),
+        "device": device,
+        "dagster/row_count": len(table),
+    }
+    if len(table):
+        metadata["n_score_above_0.5"] = int((table["score"] > 0.5).sum())
+        metadata["top_candidates"] = dg.MetadataValue.md(
+            table.head(10)[["rank", "objid", "score", "logit", "source_file"]].to_markdown(index=False, floatfmt=".4f"))
+        hist = value_histogram(table["score"], report_dir / "score_histogram.png", xlabel="calibrated lens probability",
+                               title=f"{survey.name} / {drop}: {len(table)} cutouts")
+        metadata["score_histogram"] = png_markdown(hist, alt="score histogram")
+        if config.gallery_size:
+            top = table.head(config.gallery_size)
+            gallery = gallery_from_files([storage.path(f) for f in top["source_file"]], list(top["source_file"]),
+                                         [f"#{r} p={p:.2f}" for r, p in zip(top["rank"], top["score"])], survey,
+                                         report_dir / "top_candidates.png")
+            metadata["top_candidates_gallery"] = png_markdown(gallery, alt="top candidates")
+        storage.push("candidates", survey.name, drop, "score_histogram.png")
+        if config.gallery_size:
+            storage.push("candidates", survey.name, drop, "top_candidates.png")
+    version = hashlib.sha256(out.read_bytes()).hexdigest()[:16]
+    return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(version))
+
+
+def candidate_table(storage: LocalStorage, survey: str, drop: str) -> pd.DataFrame:
+    """The ranked candidates of a drop (pulled from the store when it is remote)."""
+    return pd.read_parquet(storage.pull("candidates", survey, drop, "candidate_scores.parquet"))

@@ -1,0 +1,50 @@
+"""The inbox contract for producers: ``inbox/<survey>/<drop>/`` with ``_COMPLETE`` written last.
+
+    from lens_assets.inbox import simulate_drop
+    simulate_drop(storage, "des", "2026-11-21-demo", n=200, seed=7)   # an unlabeled simulated drop
+
+A real producer copies its ``<objid>.fits`` files into the drop folder and then
+creates the empty ``_COMPLETE`` file; until then ``survey_inbox_sensor`` waits.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+
+from lens_assets.assets.scoring import COMPLETE_MARKER
+from lens_assets.resources.storage import LocalStorage
+
+__all__ = ["publish_drop", "simulate_drop", "COMPLETE_MARKER"]
+
+
+def publish_drop(storage: LocalStorage, survey: str, drop: str, files: list[Path]) -> Path:
+    """Copy ``files`` into ``inbox/<survey>/<drop>/`` and write ``_COMPLETE`` after the last one."""
+    dest = storage.path("inbox", survey, drop)
+    if storage.exists("inbox", survey, drop, COMPLETE_MARKER):
+        raise FileExistsError(f"{storage.url('inbox', survey, drop)} is already complete; a drop is written once")
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        shutil.copyfile(f, dest / Path(f).name)
+    storage.push("inbox", survey, drop)
+    (dest / COMPLETE_MARKER).touch()
+    storage.push("inbox", survey, drop, COMPLETE_MARKER)
+    return dest
+
+
+def simulate_drop(storage: LocalStorage, survey: str, drop: str, *, n: int, seed: int, family: str = "baseline",
+                  workers: int = 0, progress: bool = False) -> pd.DataFrame:
+    """Publish ``n`` simulated cutouts without their truth as an inbox drop; returns the truth (for checking)."""
+    import tempfile
+
+    from lens_assets.science.families import load_family
+    from lens_assets.science.simulation import simulate_to_directory
+    from lens_assets.science.surveys import get_survey
+
+    with tempfile.TemporaryDirectory(dir=storage.root_path if storage.root_path.exists() else None) as tmp:
+        truth, _ = simulate_to_directory(get_survey(survey), load_family(family), n_cutouts=n, seed=seed,
+                                         out_dir=Path(tmp), workers=workers, progress=progress, labeled=False)
+        publish_drop(storage, survey, drop, sorted(Path(tmp).glob("*.fits")))
+    return truth

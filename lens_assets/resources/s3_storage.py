@@ -1,0 +1,136 @@
+"""S3 storage: the bucket is the truth, a local directory its cache (``LENS_DATA_ROOT=s3://bucket/prefix``).
+
+Works with AWS S3 and S3-compatible servers (MinIO, moto, Ceph) through
+``endpoint_url``. ``pull`` downloads what changed (by ETag) and removes local
+files the bucket no longer has; ``push`` uploads and, for a folder, deletes
+objects that are gone locally, so a published folder in the bucket is exactly
+the local one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from pydantic import Field, PrivateAttr
+
+from lens_assets.resources.storage import LocalStorage
+
+__all__ = ["S3Storage", "parse_s3_url"]
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """``s3://bucket/some/prefix`` -> (``bucket``, ``some/prefix``)."""
+    if not url.startswith("s3://") or len(url) <= 5:
+        raise ValueError(f"LENS_DATA_ROOT={url!r} is not an s3://bucket[/prefix] URL")
+    bucket, _, prefix = url[5:].partition("/")
+    return bucket, prefix.strip("/")
+
+
+class S3Storage(LocalStorage):
+    """Files in ``url`` (``s3://bucket/prefix``), cached under ``root``."""
+
+    url_root: str = Field(description="s3://bucket/prefix")
+    endpoint_url: str | None = Field(default=None, description="S3-compatible server; None for AWS")
+    region_name: str | None = None
+    _client = PrivateAttr(default=None)
+
+    @property
+    def bucket(self) -> str:
+        return parse_s3_url(self.url_root)[0]
+
+    def key(self, *parts: str) -> str:
+        prefix = parse_s3_url(self.url_root)[1]
+        return "/".join(p.strip("/") for p in (prefix, *parts) if p)
+
+    def url(self, *parts: str) -> str:
+        return f"s3://{self.bucket}/{self.key(*parts)}"
+
+    @property
+    def client(self):
+        if self._client is None:
+            import boto3
+
+            self._client = boto3.client("s3", endpoint_url=self.endpoint_url, region_name=self.region_name)
+        return self._client
+
+    # ETags of what was pulled or pushed, so unchanged objects are not downloaded again
+    def _etag_path(self, key: str) -> Path:
+        return self.root_path / ".s3etags" / (key.replace("/", "%2F") + ".json")
+
+    def _etag(self, key: str) -> str | None:
+        try:
+            return json.loads(self._etag_path(key).read_text())["etag"]
+        except (FileNotFoundError, ValueError, KeyError):
+            return None
+
+    def _set_etag(self, key: str, etag: str) -> None:
+        p = self._etag_path(key)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps({"etag": etag}))
+
+    def _objects(self, prefix: str):
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+        for page in pages:
+            yield from page.get("Contents", [])
+
+    def _download(self, key: str, etag: str, dest: Path) -> None:
+        if dest.exists() and self._etag(key) == etag:
+            return
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.part")
+        self.client.download_file(self.bucket, key, str(tmp))
+        os.replace(tmp, dest)
+        self._set_etag(key, etag)
+
+    def pull(self, *parts: str) -> Path:
+        local = self.path(*parts)
+        key = self.key(*parts)
+        listed = {o["Key"]: o["ETag"] for o in self._objects(key)}
+        if key in listed:  # one object
+            self._download(key, listed[key], local)
+            return local
+        inside = {k: e for k, e in listed.items() if k.startswith(key + "/")}
+        for k, etag in inside.items():
+            self._download(k, etag, self.root_path / k[len(self.key()):].lstrip("/"))
+        if local.is_dir():
+            wanted = {self.root_path / k[len(self.key()):].lstrip("/") for k in inside}
+            for f in [p for p in local.rglob("*") if p.is_file()]:
+                if f not in wanted:
+                    f.unlink()
+        return local
+
+    def push(self, *parts: str) -> None:
+        local = self.path(*parts)
+        key = self.key(*parts)
+        if local.is_file():
+            self.client.upload_file(str(local), self.bucket, key)
+            self._set_etag(key, self.client.head_object(Bucket=self.bucket, Key=key)["ETag"])
+            return
+        if not local.is_dir():
+            raise FileNotFoundError(f"{local}: nothing to push to {self.url(*parts)}")
+        remote = {o["Key"] for o in self._objects(key + "/")}
+        pushed = set()
+        for f in sorted(p for p in local.rglob("*") if p.is_file()):
+            k = key + "/" + f.relative_to(local).as_posix()
+            self.client.upload_file(str(f), self.bucket, k)
+            pushed.add(k)
+        gone = sorted(remote - pushed)
+        for i in range(0, len(gone), 1000):
+            self.client.delete_objects(Bucket=self.bucket,
+                                       Delete={"Objects": [{"Key": k} for k in gone[i:i + 1000]]})
+
+    def list_dirs(self, *parts: str) -> list[str]:
+        prefix = self.key(*parts) + "/"
+        names = []
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix,
+                                                                       Delimiter="/")
+        for page in pages:
+            names += [c["Prefix"][len(prefix):].rstrip("/") for c in page.get("CommonPrefixes", [])]
+        return sorted(n for n in names if n and not n.startswith("."))
+
+    def exists(self, *parts: str) -> bool:
+        key = self.key(*parts)
+        resp = self.client.list_objects_v2(Bucket=self.bucket, Prefix=key, MaxKeys=1)
+        return any(o["Key"] == key or o["Key"].startswith(key + "/") for o in resp.get("Contents", []))
