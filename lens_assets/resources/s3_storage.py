@@ -131,6 +131,11 @@ class S3Storage(LocalStorage):
         return sorted(n for n in names if n and not n.startswith("."))
 
     def exists(self, *parts: str) -> bool:
+        """True for an object ``parts`` or a folder with at least one object under ``parts/``."""
         key = self.key(*parts)
-        resp = self.client.list_objects_v2(Bucket=self.bucket, Prefix=key, MaxKeys=1)
-        return any(o["Key"] == key or o["Key"].startswith(key + "/") for o in resp.get("Contents", []))
+        for prefix in (key, key + "/"):
+            resp = self.client.list_objects_v2(Bucket=self.bucket, Prefix=prefix, MaxKeys=1)
+            hit = resp.get("Contents", [])
+            if hit and (hit[0]["Key"] == key or hit[0]["Key"].startswith(key + "/")):
+                return True
+        return False
