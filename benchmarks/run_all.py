@@ -8,6 +8,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import bench_ingest  # noqa: E402
 import bench_shards  # noqa: E402
 import bench_simulation  # noqa: E402
+import bench_scoring  # noqa: E402
 import bench_training  # noqa: E402
 
 if __name__ == "__main__":
@@ -15,3 +16,4 @@ if __name__ == "__main__":
     bench_ingest.main([])
     bench_shards.main([])
     bench_training.main([])
+    bench_scoring.main([])

@@ -1,0 +1,156 @@
+"""Scoring a survey drop end to end against its stages alone, and the inbox sensor's tick time.
+
+    python benchmarks/bench_scoring.py [--n 1024] [--drops 1000]
+
+1. One simulated DES drop (``--n`` unlabeled cutouts). Each stage is timed alone on
+   the same drop in this run: FITS read + validation (``ingest_files``), read +
+   PSF matching + normalization (``process_batch``), the ensemble forward on
+   preloaded arrays (two members), fusion + calibration, the Parquet write. End to
+   end is what ``candidate_scores`` runs: ingest, then ``score_catalog`` (files read
+   and matched by worker processes while this process runs the models), fusion,
+   calibration, write. Target: end to end >= 70% of the slowest stage's rate.
+   The members have random weights: throughput does not depend on training.
+2. ``survey_inbox_sensor`` ticks with ``--drops`` complete drops present: the first
+   tick (none handled yet, 100 requested), a steady tick (all handled), and a tick
+   over as many incomplete drops. Target: <= 5 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _util import cores, report  # noqa: E402
+
+
+def drop_section(root: Path, n: int, batch: int = 256) -> dict:
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from lens_assets.inbox import simulate_drop
+    from lens_assets.ml.module import LensClassifier
+    from lens_assets.ml.score import Fusion, default_device, logits_of_batch, score_catalog
+    from lens_assets.resources.storage import LocalStorage
+    from lens_assets.science.calibration import Calibrator
+    from lens_assets.science.ingest import find_fits, ingest_files
+    from lens_assets.science.parallel import bounded_imap
+    from lens_assets.science.shards import process_batch, shard_settings
+    from lens_assets.science.surveys import get_survey
+
+    survey = get_survey("des")
+    storage = LocalStorage(root=str(root))
+    simulate_drop(storage, "des", "bench", n=n, seed=424242)
+    files = find_fits(storage.path("inbox", "des", "bench"))
+    device = default_device()
+    torch.manual_seed(0)
+    members = [LensClassifier(backbone=b, in_chans=survey.n_bands, img_size=survey.cutout_size_px).eval().to(device)
+               for b in ("resnet10t", "vit_tiny_p8")]
+    fusion, cal = Fusion.mean(2), Calibrator("temperature", temperature=1.7)
+    settings = shard_settings(survey)
+    out = {"n": len(files), "device": device}
+
+    def rate(fn):
+        t = time.perf_counter()
+        res = fn()
+        return res, len(files) / (time.perf_counter() - t)
+
+    ingest_files(files[:32], survey, root=storage.root_path, workers=0, progress=False)  # warm caches and pools
+    ing, out["ingest_per_s"] = rate(lambda: ingest_files(files, survey, root=storage.root_path, workers=0,
+                                                          progress=False))
+    records = ing.catalog.to_dict("records")
+    tasks = [(records[i:i + batch], str(storage.root_path), settings) for i in range(0, len(records), batch)]
+    batches, out["match_per_s"] = rate(lambda: list(bounded_imap(process_batch, tasks, workers=0, progress=False)))
+    logits_of_batch(members, batches[0]["image"][:8], batches[0]["variance"][:8], device=device)
+    logits, out["model_per_s"] = rate(lambda: np.concatenate(
+        [logits_of_batch(members, b["image"], b["variance"], device=device) for b in batches]))
+    _, out["calibrate_per_s"] = rate(lambda: cal.predict(fusion(logits)))
+    table = pd.DataFrame({"objid": ing.catalog["objid"], "logit": fusion(logits), "score": cal.predict(fusion(logits))})
+    _, out["write_per_s"] = rate(lambda: table.to_parquet(root / "bench.parquet", index=False))
+
+    def end_to_end():
+        res = ingest_files(files, survey, root=storage.root_path, workers=0, progress=False)
+        scored = score_catalog(res.catalog, survey, root=storage.root_path, settings=settings, members=members,
+                               fusion=fusion, calibrator=cal, batch_size=batch, workers=0, device=device,
+                               progress=False)
+        scored.to_parquet(root / "e2e.parquet", index=False)
+        return scored
+
+    scored, out["end_to_end_per_s"] = rate(end_to_end)
+    out["max_abs_logit_diff_vs_stages"] = float(np.abs(scored["logit"].to_numpy() - fusion(logits)).max())
+    stages = {k: v for k, v in out.items() if k.endswith("_per_s") and k != "end_to_end_per_s"}
+    out["slowest_stage"] = min(stages, key=stages.get)
+    # stages run one after another in one process: their combined rate is the harmonic sum
+    out["sequential_stages_per_s"] = 1.0 / sum(1.0 / v for v in stages.values())
+    out["ratio_to_slowest"] = out["end_to_end_per_s"] / stages[out["slowest_stage"]]
+    return out
+
+
+def sensor_section(root: Path, n_drops: int) -> dict:
+    import dagster as dg
+
+    from lens_assets.resources.storage import LocalStorage
+    from lens_assets.sensors.inbox import inbox_tick
+
+    storage = LocalStorage(root=str(root / "sensor"))
+    for i in range(n_drops):
+        d = storage.path("inbox", "des", f"drop-{i:05d}")
+        d.mkdir(parents=True)
+        (d / f"obj{i}.fits").write_bytes(b"")
+        (d / "_COMPLETE").touch()
+        inc = storage.path("inbox", "hsc", f"partial-{i:05d}")
+        inc.mkdir(parents=True)
+        (inc / f"obj{i}.fits").write_bytes(b"")
+    instance = dg.DagsterInstance.ephemeral()
+    t = time.perf_counter()
+    first = inbox_tick(storage, instance, None, limit=100)
+    first_s = time.perf_counter() - t
+    import json
+
+    handled = json.dumps({"handled": [f"des|drop-{i:05d}" for i in range(n_drops)]})
+    t = time.perf_counter()
+    steady = inbox_tick(storage, instance, handled, limit=100)
+    steady_s = time.perf_counter() - t
+    return {"drops": n_drops, "incomplete_drops": n_drops, "first_tick_s": first_s,
+            "first_tick_requests": len(first.run_requests), "steady_tick_s": steady_s,
+            "steady_tick_requests": len(steady.run_requests)}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=1024, help="cutouts in the drop")
+    ap.add_argument("--drops", type=int, default=1000, help="drops present for the sensor ticks")
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        drop = drop_section(Path(tmp), args.n)
+        sensor = sensor_section(Path(tmp), args.drops)
+    rows = [
+        ("drop", f"{drop['n']} DES 5-band 64x64 cutouts, 2 members (resnet10t, vit_tiny_p8) on {drop['device']}, "
+                 f"{cores()} cores"),
+        ("FITS read + validate", f"{drop['ingest_per_s']:.0f} cutouts/s"),
+        ("read + PSF match + normalize", f"{drop['match_per_s']:.0f} cutouts/s"),
+        ("ensemble forward (preloaded)", f"{drop['model_per_s']:.0f} cutouts/s"),
+        ("fusion + calibration", f"{drop['calibrate_per_s']:.0f} cutouts/s"),
+        ("Parquet write", f"{drop['write_per_s']:.0f} cutouts/s"),
+        ("stages one after another", f"{drop['sequential_stages_per_s']:.0f} cutouts/s"),
+        ("end to end", f"{drop['end_to_end_per_s']:.0f} cutouts/s = {drop['ratio_to_slowest']:.2f}x the slowest "
+                       f"stage ({drop['slowest_stage']}; target >= 0.70); max |logit diff| vs stages "
+                       f"{drop['max_abs_logit_diff_vs_stages']:.1e}"),
+        ("sensor, first tick", f"{sensor['first_tick_s']:.3f} s with {sensor['drops']} complete + "
+                               f"{sensor['incomplete_drops']} incomplete drops ({sensor['first_tick_requests']} "
+                               "requested; target <= 5 s)"),
+        ("sensor, steady tick", f"{sensor['steady_tick_s']:.3f} s (all handled, {sensor['steady_tick_requests']} "
+                                "requested)"),
+    ]
+    rec = {"drop": drop, "sensor": sensor}
+    report("scoring", rows, rec)
+    return rec
+
+
+if __name__ == "__main__":
+    main()
