@@ -22,9 +22,9 @@ __all__ = ["S3Storage", "parse_s3_url"]
 
 def parse_s3_url(url: str) -> tuple[str, str]:
     """``s3://bucket/some/prefix`` -> (``bucket``, ``some/prefix``)."""
-    if not url.startswith("s3://") or len(url) <= 5:
+    bucket, _, prefix = url[5:].partition("/") if url.startswith("s3://") else ("", "", "")
+    if not bucket:  # also s3:// and s3:///prefix
         raise ValueError(f"LENS_DATA_ROOT={url!r} is not an s3://bucket[/prefix] URL")
-    bucket, _, prefix = url[5:].partition("/")
     return bucket, prefix.strip("/")
 
 
@@ -116,6 +116,10 @@ class S3Storage(LocalStorage):
             k = key + "/" + f.relative_to(local).as_posix()
             self.client.upload_file(str(f), self.bucket, k)
             pushed.add(k)
+        # record what was uploaded, so pulling the folder back into this cache downloads nothing
+        for o in self._objects(key + "/"):
+            if o["Key"] in pushed:
+                self._set_etag(o["Key"], o["ETag"])
         gone = sorted(remote - pushed)
         for i in range(0, len(gone), 1000):
             self.client.delete_objects(Bucket=self.bucket,
