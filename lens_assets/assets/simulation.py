@@ -73,6 +73,7 @@ def simulated_cutouts(context: dg.AssetExecutionContext, config: SimulationConfi
         [dest / f for f in shown["file"]], [storage.relative(dest / f) for f in shown["file"]],
         [f"{k} fr={fr:.2f}" if lab else k for k, fr, lab in zip(shown["kind"], shown["flux_ratio"], shown["label"])],
         survey, storage.path("reports", survey.name, f"simulated_{drop}_gallery.png"))
+    storage.push("reports", survey.name, f"simulated_{drop}_gallery.png")
     metadata = {
         "path": dg.MetadataValue.path(str(dest)),
         "family": family.name,
