@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from lens_assets.assets.scoring import COMPLETE_MARKER
+from lens_assets.partitions import drop_name_problem
 from lens_assets.resources.storage import LocalStorage
 
 __all__ = ["publish_drop", "simulate_drop", "COMPLETE_MARKER"]
@@ -22,6 +23,9 @@ __all__ = ["publish_drop", "simulate_drop", "COMPLETE_MARKER"]
 
 def publish_drop(storage: LocalStorage, survey: str, drop: str, files: list[Path]) -> Path:
     """Copy ``files`` into ``inbox/<survey>/<drop>/`` and write ``_COMPLETE`` after the last one."""
+    problem = drop_name_problem(drop)
+    if problem:
+        raise ValueError(f"{storage.url('inbox', survey)}: {problem}")
     dest = storage.path("inbox", survey, drop)
     if storage.exists("inbox", survey, drop, COMPLETE_MARKER):
         raise FileExistsError(f"{storage.url('inbox', survey, drop)} is already complete; a drop is written once")

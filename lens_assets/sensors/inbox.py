@@ -11,7 +11,9 @@ Idempotent: the cursor holds the handled (survey, drop) pairs; when it is
 lost (reset, new deployment) it is rebuilt from the run keys of this sensor's
 runs, and Dagster never launches a run key twice, so a drop is neither run
 twice nor missed. Incomplete drops wait; folders for an unknown survey are
-logged once per tick and skipped.
+logged once per tick and skipped, and so are drop folders whose name cannot be
+a partition key (``drop_name_problem``: a ``|`` would make ``<drop>|<survey>``
+unparseable and fail every tick, holding back every other drop).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import os
 import dagster as dg
 
 from lens_assets.assets.scoring import COMPLETE_MARKER, candidate_scores
-from lens_assets.partitions import drop_partitions, scoring_key
+from lens_assets.partitions import drop_name_problem, drop_partitions, scoring_key
 from lens_assets.resources.storage import LocalStorage
 from lens_assets.science.surveys import SURVEY_NAMES
 
@@ -67,6 +69,11 @@ def inbox_tick(storage, instance: dg.DagsterInstance, cursor: str | None, *, lim
             if len(new) >= limit:
                 break
             if run_key(survey, drop) in handled:
+                continue
+            problem = drop_name_problem(drop)
+            if problem:
+                if log:
+                    log.warning(f"{storage.url('inbox', survey, drop)}: {problem}; the drop is skipped (rename it)")
                 continue
             if storage.exists("inbox", survey, drop, COMPLETE_MARKER):
                 new.append((survey, drop))

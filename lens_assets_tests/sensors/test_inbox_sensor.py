@@ -1,0 +1,277 @@
+"""survey_inbox_sensor and rescore_nightly on a LocalStorage in tmp_path and an ephemeral instance.
+
+Drops are empty folders published with the producer API (``publish_drop`` writes
+``_COMPLETE`` last): the sensor looks at folders and markers, never at the files.
+Dynamic-partition requests are applied to the instance between ticks as the
+sensor daemon does (``build_sensor_context`` evaluates, it does not apply).
+"""
+
+import json
+import re
+
+import dagster as dg
+import pytest
+
+from lens_assets.assets.scoring import COMPLETE_MARKER, candidate_scores
+from lens_assets.inbox import publish_drop
+from lens_assets.partitions import drop_partitions, scoring_partitions
+from lens_assets.resources.storage import LocalStorage
+from lens_assets.sensors.inbox import (
+    SENSOR_NAME,
+    max_drops_per_tick,
+    rescore_nightly,
+    score_drops_job,
+    survey_inbox_sensor,
+)
+
+ENV = "LENS_INBOX_MAX_DROPS_PER_TICK"
+
+
+@pytest.fixture
+def instance():
+    with dg.DagsterInstance.ephemeral() as inst:
+        yield inst
+
+
+@pytest.fixture(autouse=True)
+def _default_limit(monkeypatch):
+    monkeypatch.delenv(ENV, raising=False)
+
+
+def tick(storage: LocalStorage, instance, cursor=None) -> dg.SensorResult:
+    with dg.build_sensor_context(instance=instance, cursor=cursor, resources={"storage": storage}) as context:
+        return survey_inbox_sensor(context)
+
+
+def apply(instance, result: dg.SensorResult) -> None:
+    """What the daemon does with a tick's dynamic-partition requests."""
+    for req in result.dynamic_partitions_requests:
+        instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
+
+
+def run_keys(result: dg.SensorResult) -> list[str]:
+    return [r.run_key for r in result.run_requests]
+
+
+def added(result: dg.SensorResult) -> list[str]:
+    assert all(r.partitions_def_name == drop_partitions.name for r in result.dynamic_partitions_requests)
+    return [k for r in result.dynamic_partitions_requests for k in r.partition_keys]
+
+
+def assert_partitions_of_candidate_scores(instance, result: dg.SensorResult):
+    """Each requested key reads back as its (drop, survey) and is a partition once the add requests are applied
+    (what the daemon checks before it launches a run)."""
+    apply(instance, result)
+    with dg.partition_loading_context(dynamic_partitions_store=instance):
+        for req in result.run_requests:
+            survey, drop = req.run_key.split("|", 1)
+            parsed = scoring_partitions.get_partition_key_from_str(str(req.partition_key))
+            assert parsed.keys_by_dimension == {"drop": drop, "survey": survey}
+            assert scoring_partitions.has_partition_key(str(req.partition_key))
+
+
+def incomplete_drop(storage: LocalStorage, survey: str, drop: str):
+    d = storage.path("inbox", survey, drop)
+    d.mkdir(parents=True)
+    (d / "a.fits").write_bytes(b"partial")  # a producer still copying
+    return d
+
+
+def test_a_new_complete_drop_gives_one_run_request_and_registers_its_partition(storage, instance):
+    publish_drop(storage, "des", "2026-11-21", [])
+    result = tick(storage, instance)
+    (req,) = result.run_requests
+    assert req.run_key == "des|2026-11-21"
+    assert str(req.partition_key) == "2026-11-21|des"
+    assert req.partition_key.keys_by_dimension == {"drop": "2026-11-21", "survey": "des"}
+    assert req.asset_selection == [candidate_scores.key]
+    assert req.tags["lens/survey"] == "des" and req.tags["lens/drop"] == "2026-11-21"
+    (add,) = result.dynamic_partitions_requests
+    assert isinstance(add, dg.AddDynamicPartitionsRequest)
+    assert (add.partitions_def_name, list(add.partition_keys)) == ("drops", ["2026-11-21"])
+    assert json.loads(result.cursor) == {"handled": ["des|2026-11-21"]}
+    assert_partitions_of_candidate_scores(instance, result)
+
+
+def test_a_tick_with_the_returned_cursor_requests_nothing_again(storage, instance):
+    publish_drop(storage, "des", "d1", [])
+    first = tick(storage, instance)
+    apply(instance, first)
+    second = tick(storage, instance, first.cursor)
+    assert second.run_requests == [] and second.dynamic_partitions_requests == []
+    # a later drop is still picked up with that cursor, and only it
+    publish_drop(storage, "des", "d2", [])
+    third = tick(storage, instance, second.cursor)
+    assert run_keys(third) == ["des|d2"] and added(third) == ["d2"]
+
+
+def _run_as_the_sensor_daemon_would(storage, instance, req: dg.RunRequest):
+    """Launch the requested run with the tags the daemon puts on sensor runs (as lens_assets.demo does).
+
+    No model exists in this storage, so the run fails in candidate_scores; it is recorded with its run key
+    all the same, and Dagster does not launch a run key twice whatever became of the run.
+    """
+    job = dg.Definitions(assets=[candidate_scores], jobs=[score_drops_job],
+                         resources={"storage": storage}).resolve_job_def(score_drops_job.name)
+    return job.execute_in_process(partition_key=str(req.partition_key), instance=instance, raise_on_error=False,
+                                  tags={**req.tags, "dagster/sensor_name": SENSOR_NAME,
+                                        "dagster/run_key": req.run_key})
+
+
+def test_a_lost_cursor_is_rebuilt_from_the_sensors_runs(storage, instance):
+    publish_drop(storage, "des", "d1", [])
+    first = tick(storage, instance)
+    apply(instance, first)
+    (req,) = first.run_requests
+    run = _run_as_the_sensor_daemon_would(storage, instance, req)
+    assert instance.get_run_by_id(run.run_id).tags["dagster/run_key"] == "des|d1"
+
+    reset = tick(storage, instance, cursor=None)
+    assert reset.run_requests == [] and reset.dynamic_partitions_requests == []
+    assert json.loads(reset.cursor) == {"handled": ["des|d1"]}
+
+    # a drop that arrived meanwhile is requested; only runs of this sensor count as handled
+    publish_drop(storage, "des", "d2", [])
+    publish_drop(storage, "sdss", "d3", [])
+    other = dg.Definitions(assets=[candidate_scores], jobs=[score_drops_job], resources={"storage": storage})
+    instance.add_dynamic_partitions("drops", ["d3"])
+    other.resolve_job_def(score_drops_job.name).execute_in_process(
+        partition_key="d3|sdss", instance=instance, raise_on_error=False,
+        tags={"dagster/sensor_name": "some_other_sensor", "dagster/run_key": "sdss|d3"})
+    again = tick(storage, instance, cursor=None)
+    assert run_keys(again) == ["des|d2", "sdss|d3"]
+    assert added(again) == ["d2"]  # d3 is registered already
+
+
+def test_an_incomplete_drop_waits_for_its_marker(storage, instance):
+    d = incomplete_drop(storage, "hsc", "d1")
+    first = tick(storage, instance)
+    assert first.run_requests == [] and first.dynamic_partitions_requests == []
+    second = tick(storage, instance, first.cursor)
+    assert second.run_requests == []
+    (d / COMPLETE_MARKER).touch()
+    third = tick(storage, instance, second.cursor)
+    assert run_keys(third) == ["hsc|d1"] and added(third) == ["d1"]
+    apply(instance, third)
+    assert tick(storage, instance, third.cursor).run_requests == []
+
+
+def test_an_unknown_survey_folder_is_skipped_and_logged_while_known_ones_are_requested(storage, instance, capfd):
+    publish_drop(storage, "nosuchsurvey", "d1", [])
+    publish_drop(storage, "kids", "d1", [])
+    result = tick(storage, instance)
+    assert run_keys(result) == ["kids|d1"]
+    assert added(result) == ["d1"]
+    assert "nosuchsurvey|d1" not in json.loads(result.cursor)["handled"]
+    err = capfd.readouterr().err
+    assert re.search(r"WARNING - .*inbox/nosuchsurvey: 'nosuchsurvey' is not a known survey .*its drops are "
+                     r"skipped", err), err
+    assert err.count("is not a known survey") == 1
+    # skipped again next tick (logged again), never requested
+    again = tick(storage, instance, result.cursor)
+    assert again.run_requests == []
+    assert "'nosuchsurvey' is not a known survey" in capfd.readouterr().err
+
+
+def test_a_drop_whose_name_cannot_be_a_partition_key_is_skipped_and_logged(storage, instance, capfd):
+    # "a|b|des" would not split back into (drop, survey): the daemon rejected the whole tick, every tick
+    for name in ("a|b", "x,y", "ok"):
+        d = storage.path("inbox", "des", name)
+        d.mkdir(parents=True)
+        (d / COMPLETE_MARKER).touch()
+    result = tick(storage, instance)
+    assert run_keys(result) == ["des|ok"] and added(result) == ["ok"]
+    assert json.loads(result.cursor) == {"handled": ["des|ok"]}
+    assert_partitions_of_candidate_scores(instance, result)
+    err = capfd.readouterr().err
+    assert re.search(r"WARNING - .*inbox/des/a\|b: drop name 'a\|b' contains '\|'.*the drop is skipped", err), err
+    assert re.search(r"WARNING - .*inbox/des/x,y: drop name 'x,y' contains ','", err), err
+
+
+def test_publish_drop_refuses_a_name_that_cannot_be_a_partition_key(storage):
+    for name, char in (("a|b", r"\|"), ("2026...11", r"\.\.\."), ("tab\there", r"\\t"), ("", None)):
+        match = rf"inbox/des: drop name .* contains '{char}'" if char else r"inbox/des: a drop name cannot be empty"
+        with pytest.raises(ValueError, match=match):
+            publish_drop(storage, "des", name, [])
+    assert storage.list_dirs("inbox", "des") == []
+
+
+def test_many_drops_are_spread_over_ticks_by_the_per_tick_limit(storage, instance, monkeypatch):
+    monkeypatch.setenv(ENV, "10")
+    expected = set()
+    for i in range(25):
+        survey = ("des", "lsst")[i % 2]
+        publish_drop(storage, survey, f"drop-{i:02d}", [])
+        expected.add(f"{survey}|drop-{i:02d}")
+    cursor, sizes, seen, registered = None, [], [], []
+    for _ in range(4):
+        result = tick(storage, instance, cursor)
+        apply(instance, result)
+        sizes.append(len(result.run_requests))
+        seen += run_keys(result)
+        registered += added(result)
+        cursor = result.cursor
+    assert sizes == [10, 10, 5, 0]
+    assert len(seen) == len(set(seen)) == 25 and set(seen) == expected
+    assert sorted(registered) == sorted(instance.get_dynamic_partitions("drops")) == [f"drop-{i:02d}"
+                                                                                       for i in range(25)]
+
+
+def test_the_same_drop_name_under_two_surveys_gives_two_runs_and_one_partition(storage, instance):
+    publish_drop(storage, "des", "2026-11-21", [])
+    publish_drop(storage, "euclid", "2026-11-21", [])
+    result = tick(storage, instance)
+    assert run_keys(result) == ["des|2026-11-21", "euclid|2026-11-21"]
+    assert sorted(str(r.partition_key) for r in result.run_requests) == ["2026-11-21|des", "2026-11-21|euclid"]
+    assert added(result) == ["2026-11-21"]
+    apply(instance, result)
+    # the name registered by one survey is not registered again for a third
+    publish_drop(storage, "hst", "2026-11-21", [])
+    later = tick(storage, instance, result.cursor)
+    assert run_keys(later) == ["hst|2026-11-21"] and later.dynamic_partitions_requests == []
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("ten", r"LENS_INBOX_MAX_DROPS_PER_TICK='ten' is not an integer"),
+    ("2.5", r"LENS_INBOX_MAX_DROPS_PER_TICK='2.5' is not an integer"),
+    ("", r"LENS_INBOX_MAX_DROPS_PER_TICK='' is not an integer"),
+    ("0", r"LENS_INBOX_MAX_DROPS_PER_TICK must be at least 1, got 0"),
+    ("-3", r"LENS_INBOX_MAX_DROPS_PER_TICK must be at least 1, got -3"),
+])
+def test_a_bad_per_tick_limit_is_a_clear_error(storage, instance, monkeypatch, value, message):
+    monkeypatch.setenv(ENV, value)
+    with pytest.raises(ValueError, match=message):
+        max_drops_per_tick()
+    publish_drop(storage, "des", "d1", [])
+    with pytest.raises(ValueError, match=message):
+        tick(storage, instance)
+
+
+def test_the_per_tick_limit_defaults_to_100_and_reads_the_environment(monkeypatch):
+    assert max_drops_per_tick() == 100
+    monkeypatch.setenv(ENV, " 7 ")
+    assert max_drops_per_tick() == 7
+
+
+def nightly(storage: LocalStorage, instance) -> list:
+    with dg.build_schedule_context(instance=instance, resources={"storage": storage}) as context:
+        return list(rescore_nightly(context))
+
+
+def test_rescore_nightly_requests_every_registered_complete_drop(storage):
+    publish_drop(storage, "des", "d1", [])
+    publish_drop(storage, "sdss", "d1", [])
+    publish_drop(storage, "des", "d2", [])
+    publish_drop(storage, "des", "not-registered", [])  # complete, but the sensor has not registered it yet
+    incomplete_drop(storage, "hsc", "d2")  # registered (by des/d2) but incomplete here
+    publish_drop(storage, "nosuchsurvey", "d1", [])
+    # build_schedule_context needs a persistent instance (an ephemeral one has no instance ref)
+    with dg.instance_for_test() as instance:
+        assert nightly(storage, instance) == []  # nothing registered: nothing to re-score
+        instance.add_dynamic_partitions("drops", ["d1", "d2"])
+        requests = nightly(storage, instance)
+    assert all(isinstance(r, dg.RunRequest) for r in requests)
+    assert sorted(str(r.partition_key) for r in requests) == ["d1|des", "d1|sdss", "d2|des"]
+    for r in requests:
+        drop, survey = str(r.partition_key).split("|")
+        assert r.tags == {"lens/survey": survey, "lens/drop": drop, "lens/reason": "nightly"}
