@@ -1,0 +1,254 @@
+"""candidate_scores end to end on a tiny SDSS survey: an inbox drop goes through the sensor and is scored.
+
+One module fixture trains and calibrates a one-member ensemble on 100 simulated
+cutouts (the graph as in test_evaluation, without the report), publishes an
+unlabeled drop of 40 cutouts plus three broken files, runs one tick of
+survey_inbox_sensor and materializes the partition it asks for. The tests check
+the table against an independent recomputation (score_catalog on the same
+files, lineage hashed from the files here). The automation-condition test needs
+no model: materializations are reported to an ephemeral instance.
+"""
+
+import hashlib
+import json
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import pytest
+from astropy.io import fits
+
+from lens_assets.assets.scoring import COMPLETE_MARKER, candidate_scores
+from lens_assets.definitions import ASSETS
+from lens_assets.inbox import publish_drop, simulate_drop
+from lens_assets.resources.launchers import LocalSubprocessLauncher
+from lens_assets.resources.storage import LocalStorage
+from lens_assets.sensors.inbox import survey_inbox_sensor
+
+SURVEY = "sdss"
+MEMBER = "resnet10t"
+DROP = "2026-11-21-night"
+N_DROP = 40
+BROKEN = {"truncated.fits": "truncated", "x.fits": "unreadable", "wrong_survey.fits": "survey_mismatch"}
+SCORING_CONFIG = {"ops": {"candidate_scores": {"config": {"workers": 1, "batch_size": 16}}}}
+
+
+@pytest.fixture(scope="module")
+def model_storage(tmp_path_factory):
+    """A trained and calibrated one-member SDSS ensemble (no report: scoring does not need it)."""
+    storage = LocalStorage(root=str(tmp_path_factory.mktemp("scoring") / "data"))
+    run_config = {"ops": {
+        "simulated_cutouts": {"config": {"n_cutouts": 100, "n_heldout": 0, "seed": 5, "workers": 1}},
+        "cutout_catalog": {"config": {"workers": 1}},
+        "psf_matched_shards": {"config": {"workers": 1}},
+        "dataset_splits": {"config": {"min_groups_per_stratum": 3}},
+        "lens_classifier": {"config": {"members": [MEMBER], "epochs": 1, "batch_size": 32, "patience": 2}},
+        "score_calibrator": {"config": {"batch_size": 48}},
+    }}
+    upto_calibrator = [a for a in ASSETS if a.key != dg.AssetKey("bologna_report")]
+    result = dg.materialize(upto_calibrator, partition_key=SURVEY, run_config=run_config,
+                            resources={"storage": storage, "launcher": LocalSubprocessLauncher()},
+                            instance=dg.DagsterInstance.ephemeral())
+    assert result.success
+    return storage
+
+
+def _broken_files(good: Path, out: Path) -> list[Path]:
+    data = good.read_bytes()
+    (out / "truncated.fits").write_bytes(data[: len(data) // 2])  # headers say more data than there is
+    (out / "x.fits").write_text("objid,ra,dec\n1,2,3\n")  # not FITS at all
+    with fits.open(good) as hdul:
+        hdul[0].header["SURVEY"] = "des"
+        hdul[0].header["OBJID"] = "wrong-survey-1"
+        hdul.writeto(out / "wrong_survey.fits")
+    return [out / name for name in BROKEN]
+
+
+@pytest.fixture(scope="module")
+def scored(model_storage, tmp_path_factory):
+    """The drop published, one sensor tick, its partition registered and candidate_scores materialized."""
+    storage = model_storage
+    staging = LocalStorage(root=str(tmp_path_factory.mktemp("producer")))
+    truth = simulate_drop(staging, SURVEY, "staged", n=N_DROP, seed=321, workers=1)
+    good = sorted(staging.path("inbox", SURVEY, "staged").glob("*.fits"))
+    broken = _broken_files(good[0], tmp_path_factory.mktemp("broken"))
+    publish_drop(storage, SURVEY, DROP, [*good, *broken])  # _COMPLETE after the last file
+
+    instance = dg.DagsterInstance.ephemeral()
+    with dg.build_sensor_context(instance=instance, resources={"storage": storage}) as context:
+        tick = survey_inbox_sensor(context)
+    (req,) = tick.run_requests
+    (add,) = tick.dynamic_partitions_requests
+    instance.add_dynamic_partitions(add.partitions_def_name, list(add.partition_keys))
+    result = dg.materialize([candidate_scores], partition_key=str(req.partition_key), instance=instance,
+                            resources={"storage": storage}, run_config=SCORING_CONFIG, tags=req.tags)
+    assert result.success
+    (mat,) = result.asset_materializations_for_node("candidate_scores")
+    meta = {k: v.value for k, v in mat.metadata.items()}
+    table = pd.read_parquet(meta["path"])
+    return {"storage": storage, "instance": instance, "request": req, "materialization": mat, "meta": meta,
+            "table": table, "truth": truth, "good": [p.name for p in good]}
+
+
+def test_the_sensor_requests_the_drop_and_the_run_materializes_that_partition(scored):
+    req, mat, instance = scored["request"], scored["materialization"], scored["instance"]
+    assert req.run_key == f"{SURVEY}|{DROP}" and str(req.partition_key) == f"{DROP}|{SURVEY}"
+    assert mat.partition == f"{DROP}|{SURVEY}"
+    assert instance.get_dynamic_partitions("drops") == [DROP]
+    assert instance.get_materialized_partitions(candidate_scores.key) == {f"{DROP}|{SURVEY}"}
+    storage = scored["storage"]
+    assert Path(scored["meta"]["path"]) == storage.path("candidates", SURVEY, DROP, "candidate_scores.parquet")
+
+
+def test_every_good_file_is_scored_once_and_the_broken_ones_are_quarantined_with_reasons(scored):
+    storage, table, meta = scored["storage"], scored["table"], scored["meta"]
+    drop_dir = storage.path("inbox", SURVEY, DROP)
+    n_fits = len(list(drop_dir.glob("*.fits")))
+    assert n_fits == N_DROP + len(BROKEN)
+    assert meta["n_files"] == n_fits
+    assert meta["n_scored"] + meta["n_quarantined"] == n_fits
+    assert (meta["n_scored"], meta["n_quarantined"]) == (N_DROP, len(BROKEN))
+    assert len(table) == meta["dagster/row_count"] == N_DROP
+    assert sorted(table["objid"]) == sorted(scored["truth"]["objid"])
+    assert sorted(Path(f).name for f in table["source_file"]) == scored["good"]
+    assert table["objid"].is_unique and table["source_file"].is_unique
+    quarantine = pd.read_parquet(meta["quarantine_path"])
+    assert dict(zip(quarantine["source_file"].map(lambda f: Path(f).name), quarantine["reason"])) == BROKEN
+    assert (quarantine["message"].str.len() > 0).all()
+    for reason in BROKEN.values():
+        assert f"| {reason} | 1 |" in meta["quarantine_reasons"]
+
+
+def test_scores_are_probabilities_and_rank_follows_the_fused_logit(scored):
+    table = scored["table"]
+    assert table["score"].between(0.0, 1.0).all()
+    assert list(table["rank"]) == list(range(1, len(table) + 1))
+    assert (np.diff(table["logit"].to_numpy()) <= 0).all()  # rank 1 has the highest logit
+    # the calibrator is monotone: a higher logit never gets a lower probability
+    assert (np.diff(table["score"].to_numpy()) <= 1e-12).all()
+    assert scored["meta"]["n_score_above_0.5"] == int((table["score"] > 0.5).sum())
+
+
+def test_each_row_carries_the_lineage_of_its_score(scored):
+    storage, table, meta = scored["storage"], scored["table"], scored["meta"]
+    for col in ("objid", "score", "rank", "source_file", "source_sha256", "model_version", "calibrator_version",
+                "training_manifest_sha256"):
+        assert col in table.columns, col
+    for f, sha in zip(table["source_file"], table["source_sha256"]):
+        assert sha == hashlib.sha256(storage.path(f).read_bytes()).hexdigest(), f
+    ensemble = json.loads(storage.path("models", SURVEY, "ensemble.json").read_text())
+    calibrator_bytes = storage.path("calibrators", SURVEY, "calibrator.json").read_bytes()
+    manifest = json.loads(storage.path("shards", SURVEY, "manifest.json").read_text())
+    content = {k: v for k, v in manifest.items() if k not in ("sha256", "seconds")}
+    manifest_sha = hashlib.sha256(json.dumps(content, indent=2, sort_keys=True).encode()).hexdigest()
+    assert manifest["sha256"] == manifest_sha
+    expected = {"model_version": ensemble["version"],
+                "calibrator_version": hashlib.sha256(calibrator_bytes).hexdigest()[:16],
+                "training_manifest_sha256": manifest_sha, "survey": SURVEY, "drop": DROP}
+    for col, value in expected.items():
+        assert set(table[col]) == {value}, col
+    for col in ("model_version", "calibrator_version", "training_manifest_sha256"):
+        assert meta[col] == expected[col], col
+
+
+def test_scores_equal_score_catalog_on_the_same_files(scored):
+    from lens_assets.ml.score import Fusion, load_members, score_catalog
+    from lens_assets.science.calibration import Calibrator
+    from lens_assets.science.ingest import ingest_files
+    from lens_assets.science.shards import ShardSettings
+    from lens_assets.science.surveys import get_survey
+
+    storage, table = scored["storage"], scored["table"]
+    survey = get_survey(SURVEY)
+    files = [storage.path("inbox", SURVEY, DROP, name) for name in scored["good"]]
+    catalog = ingest_files(files, survey, root=storage.root_path, workers=1, progress=False).catalog
+    ensemble = json.loads(storage.path("models", SURVEY, "ensemble.json").read_text())
+    doc = json.loads(storage.path("calibrators", SURVEY, "calibrator.json").read_text())
+    members = load_members([storage.path(m["checkpoint"]) for m in ensemble["members"]], device="cpu")
+    direct = score_catalog(catalog, survey, root=storage.root_path, settings=ShardSettings(**ensemble["shard_settings"]),
+                           members=members, fusion=Fusion.from_dict(doc["fusion"]),
+                           calibrator=Calibrator.from_dict(doc["calibrator"]), batch_size=7, workers=1, device="cpu",
+                           progress=False)
+    merged = table.merge(direct, on="objid", suffixes=("", "_direct"), validate="one_to_one")
+    assert len(merged) == N_DROP
+    np.testing.assert_allclose(merged["logit"], merged["logit_direct"], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(merged[f"logit_{MEMBER}"], merged["logit_0"], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(merged["score"], merged["score_direct"], rtol=0, atol=1e-6)
+    # ranks follow the direct logits wherever float noise cannot swap them
+    got_rank = table.set_index("objid").loc[direct["objid"], "rank"].to_numpy()
+    logit = direct["logit"].to_numpy()
+    clearly_above = logit[:, None] > logit[None, :] + 1e-4
+    assert clearly_above.sum() > N_DROP  # not a vacuous check
+    assert (got_rank[:, None] < got_rank[None, :])[clearly_above].all()
+
+
+def test_metadata_has_the_score_histogram_and_the_top_candidates_gallery(scored):
+    storage, meta, table = scored["storage"], scored["meta"], scored["table"]
+    out = storage.path("candidates", SURVEY, DROP)
+    for key, name, alt in (("score_histogram", "score_histogram.png", "score histogram"),
+                           ("top_candidates_gallery", "top_candidates.png", "top candidates")):
+        assert meta[key].startswith(f"![{alt}](data:image/png;base64,"), key
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert f"`{out / name}`" in meta[key]
+    top = meta["top_candidates"]
+    assert top.index(table["objid"].iloc[0]) < top.index(table["objid"].iloc[1])
+
+
+def test_an_incomplete_drop_is_a_failure_naming_the_drop(storage):
+    d = storage.path("inbox", SURVEY, "half-copied")
+    d.mkdir(parents=True)
+    (d / "a.fits").write_bytes(b"SIMPLE  =                    T")
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("drops", ["half-copied"])
+    with pytest.raises(dg.Failure, match=rf"{d} has no {COMPLETE_MARKER} marker: the drop is not complete"):
+        dg.materialize([candidate_scores], partition_key=f"half-copied|{SURVEY}", instance=instance,
+                       resources={"storage": storage}, run_config=SCORING_CONFIG)
+    result = dg.materialize([candidate_scores], partition_key=f"half-copied|{SURVEY}", instance=instance,
+                            resources={"storage": storage}, run_config=SCORING_CONFIG, raise_on_error=False)
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert f"inbox/{SURVEY}/half-copied has no _COMPLETE marker" in failure.event_specific_data.error.message
+    assert not storage.path("candidates", SURVEY, "half-copied").exists()
+
+
+def test_candidate_scores_is_rescored_when_its_surveys_calibrator_changes_but_not_for_a_new_drop():
+    from lens_assets.definitions import defs
+
+    instance = dg.DagsterInstance.ephemeral()
+    selection = dg.AssetSelection.assets(candidate_scores)
+
+    def materialized(key, partition):
+        instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=key, partition=partition))
+
+    def evaluate(cursor):
+        result = dg.evaluate_automation_conditions(defs=defs, instance=instance, asset_selection=selection,
+                                                   cursor=cursor)
+        return result, {str(k) for k in result.get_requested_partitions(candidate_scores.key)}
+
+    for survey in ("sdss", "des"):
+        materialized("lens_classifier", survey)
+        materialized("score_calibrator", survey)
+    instance.add_dynamic_partitions("drops", ["d1", "d2"])
+    for key in ("d1|sdss", "d2|sdss", "d1|des"):
+        materialized("candidate_scores", key)
+    result, requested = evaluate(None)
+    assert requested == set()
+
+    instance.add_dynamic_partitions("drops", ["d3"])  # a new drop: the sensor's job, not the condition's
+    result, requested = evaluate(result.cursor)
+    assert requested == set()
+
+    materialized("score_calibrator", "sdss")  # recalibrated: every scored sdss drop, and only those
+    result, requested = evaluate(result.cursor)
+    assert requested == {"d1|sdss", "d2|sdss"}
+    result, requested = evaluate(result.cursor)
+    assert requested == set()  # once per change
+
+    materialized("lens_classifier", "des")  # retrained: des drops
+    result, requested = evaluate(result.cursor)
+    assert requested == {"d1|des"}
+
+    materialized("candidate_scores", "d3|sdss")  # the sensor's run of the new drop changes nothing upstream
+    result, requested = evaluate(result.cursor)
+    assert requested == set()
