@@ -10,9 +10,13 @@ from lens_assets.science.schemas import catalog_schema, quarantine_schema
 from lens_assets.science.surveys import get_survey
 
 
-def _materialize(storage, *, survey="sdss", n=8, seed=1, family="baseline", assets=None, instance=None):
-    run_config = {"ops": {"simulated_cutouts": {"config": {"n_cutouts": n, "seed": seed, "family": family,
-                                                           "workers": 1}},
+def _materialize(storage, *, survey="sdss", n=8, seed=1, family="baseline", assets=None, instance=None,
+                 n_heldout=0):
+    """``n_heldout=None`` leaves the asset's default (n // 5); most tests here want the training drop alone."""
+    sim = {"n_cutouts": n, "seed": seed, "family": family, "workers": 1}
+    if n_heldout is not None:
+        sim["n_heldout"] = n_heldout
+    run_config = {"ops": {"simulated_cutouts": {"config": sim},
                           "cutout_catalog": {"config": {"workers": 1}}}}
     assets = assets or [simulated_cutouts, cutout_catalog]
     if len(assets) == 1 and assets[0] is cutout_catalog:
@@ -34,21 +38,26 @@ def _checks(result):
 
 
 def test_simulation_and_catalog_materialize_on_a_tiny_survey(storage):
-    result = _materialize(storage, n=8)
+    result = _materialize(storage, n=8, n_heldout=None)
     assert result.success
     sim = _metadata(result, "simulated_cutouts")
     assert sim["n_cutouts"] == 8 and sim["n_lenses"] + sim["n_nonlenses"] == 8
     files = sorted(storage.path("raw", "sdss", "sim-1").glob("*.fits"))
     assert len(files) == 8
     assert storage.path("reports", "sdss", "simulated_sim-1_gallery.png").stat().st_size > 1000
+    # the held-out family is simulated beside it: n_cutouts // 5 objects by default
+    heldout = sorted(storage.path("raw", "sdss", "sim-heldout-1").glob("*.fits"))
+    assert sim["n_heldout"] == len(heldout) == 1 and sim["heldout_family"] == "heldout"
 
     cat = _metadata(result, "cutout_catalog")
-    assert (cat["n_files"], cat["n_ingested"], cat["n_quarantined"]) == (8, 8, 0)
+    assert (cat["n_files"], cat["n_ingested"], cat["n_quarantined"]) == (9, 9, 0)
     catalog = pd.read_parquet(cat["path"])
     catalog_schema(get_survey("sdss")).validate(catalog)
-    assert set(catalog["source_file"]) == {f"raw/sdss/sim-1/{f.name}" for f in files}
+    assert set(catalog["source_file"]) == ({f"raw/sdss/sim-1/{f.name}" for f in files}
+                                           | {f"raw/sdss/sim-heldout-1/{f.name}" for f in heldout})
     assert (catalog["label_source"] == "sim:lenstronomy").all()
-    assert catalog["label"].sum() == sim["n_lenses"]
+    assert catalog.loc[catalog["sim_family"] == "baseline", "label"].sum() == sim["n_lenses"]
+    assert (catalog["sim_family"] == "heldout").sum() == 1
     assert _checks(result) == {"catalog_matches_schema": True, "every_file_accounted_for": True,
                                "label_balance_and_provenance": True}
 
@@ -98,7 +107,7 @@ def test_unknown_family_is_a_clear_error(storage):
 def test_whole_pipeline_to_splits_on_a_tiny_survey(storage):
     from lens_assets.assets.shards import dataset_splits, psf_matched_shards
 
-    run_config = {"ops": {"simulated_cutouts": {"config": {"n_cutouts": 24, "seed": 3, "workers": 1}},
+    run_config = {"ops": {"simulated_cutouts": {"config": {"n_cutouts": 24, "n_heldout": 0, "seed": 3, "workers": 1}},
                           "cutout_catalog": {"config": {"workers": 1}},
                           "psf_matched_shards": {"config": {"workers": 1, "rows_per_shard": 10}},
                           "dataset_splits": {"config": {"min_groups_per_stratum": 3}}}}
