@@ -9,7 +9,8 @@ from lens_assets.definitions import defs
 from lens_assets.science.surveys import SURVEY_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
-CONTRACT_KEYS = {"simulated_cutouts", "cutout_catalog", "psf_matched_shards", "dataset_splits", "lens_classifier"}
+CONTRACT_KEYS = {"simulated_cutouts", "cutout_catalog", "psf_matched_shards", "dataset_splits", "lens_classifier",
+                 "score_calibrator", "bologna_report", "candidate_scores"}
 
 
 def test_definitions_load_with_the_contract_asset_keys_groups_and_owners():
@@ -21,7 +22,9 @@ def test_definitions_load_with_the_contract_asset_keys_groups_and_owners():
     assert specs["cutout_catalog"].group_name == "ingestion"
     assert specs["psf_matched_shards"].group_name == specs["dataset_splits"].group_name == "datasets"
     assert specs["lens_classifier"].group_name == "training"
-    for key in CONTRACT_KEYS:
+    assert specs["score_calibrator"].group_name == specs["bologna_report"].group_name == "evaluation"
+    assert specs["candidate_scores"].group_name == "scoring"
+    for key in CONTRACT_KEYS - {"candidate_scores"}:
         spec = specs[key]
         assert spec.owners == ["team:lens-finding"]
         assert spec.kinds and "python" in spec.kinds
@@ -32,9 +35,17 @@ def test_definitions_load_with_the_contract_asset_keys_groups_and_owners():
     checks = {c.name for c in defs.resolve_asset_graph().asset_check_keys}
     assert checks == {"catalog_matches_schema", "every_file_accounted_for", "label_balance_and_provenance",
                       "matched_fwhm_within_3pct", "label_fractions_agree", "no_objid_in_two_splits",
-                      "no_sky_group_across_splits"}
+                      "no_sky_group_across_splits", "auroc_at_least_gate", "tpr10_at_least_gate",
+                      "ece_at_most_gate"}
     assert dg.AssetKey("psf_matched_shards") in {d.asset_key for d in specs["dataset_splits"].deps}
     assert defs.resolve_job_def("survey_pipeline").partitions_def.get_partition_keys() == list(SURVEY_NAMES)
+    scoring = specs["candidate_scores"]
+    assert scoring.owners == ["team:lens-finding"] and scoring.code_version and "python" in scoring.kinds
+    assert isinstance(scoring.partitions_def, dg.MultiPartitionsDefinition)
+    assert {d.name for d in scoring.partitions_def.partitions_defs} == {"drop", "survey"}
+    assert {d.asset_key for d in scoring.deps} == {dg.AssetKey("lens_classifier"), dg.AssetKey("score_calibrator")}
+    assert scoring.automation_condition is not None
+    assert defs.resolve_sensor_def("survey_inbox_sensor") and defs.resolve_schedule_def("rescore_nightly")
 
 
 def test_dagster_definitions_validate_passes(tmp_path):

@@ -44,11 +44,13 @@ def training_lineage(storage: LocalStorage, survey: str) -> dict:
     manifest = json.loads(storage.path("shards", survey, "manifest.json").read_text())
     splits = storage.path("splits", survey, "dataset_splits.parquet")
     catalog = storage.pull("catalog", survey, "cutout_catalog.parquet")
-    families = sorted(set(pd.read_parquet(catalog, columns=["sim_family"])["sim_family"]) - {""})
-    return {"shards_manifest_sha256": manifest["sha256"], "target_fwhm_arcsec": manifest["settings"]["target_fwhm_arcsec"],
-            "shard_settings": manifest["settings"], "splits_sha256": hashlib.sha256(splits.read_bytes()).hexdigest(),
-            "simulation_families": {f: load_family(f).sha256 if f in available_families() else "unknown"
-                                    for f in families}}
+    families = (sorted(set(pd.read_parquet(catalog, columns=["sim_family"])["sim_family"]) - {""})
+                if catalog.exists() else [])  # shards and splits can be given without their catalog
+    known = available_families()
+    return {"shards_manifest_sha256": manifest["sha256"],
+            "target_fwhm_arcsec": manifest["settings"]["target_fwhm_arcsec"], "shard_settings": manifest["settings"],
+            "splits_sha256": hashlib.sha256(splits.read_bytes()).hexdigest(),
+            "simulation_families": {f: load_family(f).sha256 if f in known else "unknown" for f in families}}
 
 
 def read_ensemble(storage: LocalStorage, survey: str) -> dict:
