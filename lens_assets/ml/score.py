@@ -68,20 +68,16 @@ def member_logits(members: list, dataset, *, batch_size: int = 256, num_workers:
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                                          collate_fn=collate)
     out = np.empty((len(dataset), len(members)), np.float32)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else _null()
     if progress:
         from tqdm.auto import tqdm
 
         loader = tqdm(loader, desc="score", unit="batch")
     start = 0
-    with torch.inference_mode(), autocast:
-        for batch in loader:
-            image = batch["image"].to(device, non_blocking=True)
-            variance = batch["variance"].to(device, non_blocking=True)
-            n = len(image)
-            for j, m in enumerate(members):
-                out[start:start + n, j] = m(image, variance).float().cpu().numpy()
-            start += n
+    for batch in loader:
+        n = len(batch["image"])
+        out[start:start + n] = logits_of_batch(members, batch["image"].numpy(), batch["variance"].numpy(),
+                                               device=device)
+        start += n
     return out
 
 
