@@ -37,6 +37,7 @@ def main(argv=None) -> dict:
                     help="first asset to materialize; earlier ones are reused from --root")
     ap.add_argument("--epochs", type=int, default=None, help="override the profile's epochs")
     ap.add_argument("--members", default=None, help="override the profile's members (comma-separated)")
+    ap.add_argument("--fusion", default=None, choices=["mean", "val_weights"], help="override the fusion")
     args = ap.parse_args(argv)
 
     overrides = {}
@@ -44,6 +45,8 @@ def main(argv=None) -> dict:
         overrides.setdefault("lens_classifier", {})["epochs"] = args.epochs
     if args.members:
         overrides.setdefault("lens_classifier", {})["members"] = args.members.split(",")
+    if args.fusion:
+        overrides.setdefault("score_calibrator", {})["fusion"] = args.fusion
     selected = ASSETS[names.index(args.start):]
     keys = {a.key.to_user_string() for a in selected}
     config = run_config(args.profile, overrides=overrides)
