@@ -107,20 +107,27 @@ def train(shard_dir: str | Path, splits_path: str | Path, out_dir: str | Path, s
         for old in (last, out_dir / "best.ckpt"):
             old.unlink(missing_ok=True)
     (out_dir / "run.json").write_text(json.dumps({"fingerprint": fingerprint, "settings": asdict(settings)}, indent=2))
-    if last.exists():  # Lightning stores the 0-based epoch that had just finished
-        resumed_after_epochs = int(torch.load(last, map_location="cpu", weights_only=True)["epoch"]) + 1
+    saved = torch.load(last, map_location="cpu", weights_only=True) if last.exists() else None
+    if saved is not None:  # Lightning stores the 0-based epoch that had just finished
+        resumed_after_epochs = int(saved["epoch"]) + 1
     import resource
     import time
 
     start_epoch = resumed_after_epochs or 0
     t0 = time.perf_counter()
-    trainer.fit(model, train_loader, val_loader, ckpt_path=str(last) if last.exists() else None)
+    if start_epoch >= settings.epochs:  # already trained this long: nothing to fit (Lightning refuses to)
+        best_path, best_score = _best_in_checkpoint(saved)
+        epochs_done, global_step = start_epoch, int(saved["global_step"])
+    else:
+        trainer.fit(model, train_loader, val_loader, ckpt_path=str(last) if last.exists() else None)
+        best_path, best_score = checkpoint.best_model_path, checkpoint.best_model_score
+        epochs_done, global_step = int(trainer.current_epoch), int(trainer.global_step)
     seconds = time.perf_counter() - t0
-    epochs_now = max(0, int(trainer.current_epoch) - start_epoch)
+    epochs_now = max(0, epochs_done - start_epoch)
     summary = {
-        "best_checkpoint": str(checkpoint.best_model_path), "last_checkpoint": str(last),
-        "best_val_auroc": float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else None,
-        "epochs_run": int(trainer.current_epoch), "global_step": int(trainer.global_step),
+        "best_checkpoint": str(best_path), "last_checkpoint": str(last),
+        "best_val_auroc": float(best_score) if best_score is not None else None,
+        "epochs_run": epochs_done, "global_step": global_step,
         "resumed_after_epochs": resumed_after_epochs, "device": "cuda" if gpu else "cpu",
         "fingerprint": fingerprint, "restarted_stale_run": stale,
         "n_train": len(train_ds), "settings": asdict(settings), "seconds": seconds,
@@ -128,7 +135,7 @@ def train(shard_dir: str | Path, splits_path: str | Path, out_dir: str | Path, s
         "train_img_per_s": len(train_ds) * epochs_now / seconds if seconds > 0 else 0.0,
         "peak_memory_mb": (torch.cuda.max_memory_allocated() / 2**20 if gpu
                            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-        "val_auroc_by_epoch": _val_auroc_by_epoch(Path(trainer.logger.log_dir) / "metrics.csv"),
+        "val_auroc_by_epoch": _val_auroc_by_epoch(out_dir / "logs"),
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -159,16 +166,28 @@ def _previous_fingerprint(out_dir: Path) -> str | None:
         return None
 
 
-def _val_auroc_by_epoch(metrics_csv: Path) -> list:
+def _best_in_checkpoint(saved: dict) -> tuple:
+    """(best checkpoint path, best validation AUROC) as the ModelCheckpoint callback saved them."""
+    for key, state in saved.get("callbacks", {}).items():
+        if str(key).startswith("ModelCheckpoint") and "best_model_path" in state:
+            score = state.get("best_model_score")
+            return state["best_model_path"], (float(score) if score is not None else None)
+    return "", None
+
+
+def _val_auroc_by_epoch(logs_dir: Path) -> list:
+    """Validation AUROC per epoch over every (re)start's CSV log; a later start's value for an epoch wins."""
     import pandas as pd
 
-    if not metrics_csv.exists():
-        return []
-    m = pd.read_csv(metrics_csv)
-    if "val_auroc" not in m:
-        return []
-    m = m.dropna(subset=["val_auroc"])
-    return [{"epoch": int(e), "val_auroc": float(a)} for e, a in zip(m["epoch"], m["val_auroc"])]
+    by_epoch: dict = {}
+    versions = sorted(Path(logs_dir).glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1]))
+    for metrics_csv in versions:
+        m = pd.read_csv(metrics_csv)
+        if "val_auroc" not in m:
+            continue
+        m = m.dropna(subset=["val_auroc"])
+        by_epoch.update({int(e): float(a) for e, a in zip(m["epoch"], m["val_auroc"])})
+    return [{"epoch": e, "val_auroc": a} for e, a in sorted(by_epoch.items())]
 
 
 def pipes_main() -> None:

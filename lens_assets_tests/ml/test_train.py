@@ -58,6 +58,16 @@ def test_training_writes_checkpoints_logs_and_resumes_after_an_interruption(data
         pd.read_csv(out / "logs" / "version_0" / "metrics.csv"))  # the first run's log is kept
     assert second["global_step"] > first["global_step"]
     assert json.loads((out / "summary.json").read_text())["epochs_run"] == 2
+    assert [e["epoch"] for e in second["val_auroc_by_epoch"]] == [0, 1]  # both starts' logs
+    # asking for fewer epochs than are done trains nothing and reports the run as it stands
+    checkpoint_bytes = (out / "last.ckpt").read_bytes()
+    third = train(data / "shards", data / "splits.parquet", out, TrainSettings(**{**settings.__dict__, "epochs": 1}))
+    assert third["resumed_after_epochs"] == 2 and third["epochs_run"] == 2
+    assert third["global_step"] == second["global_step"] and third["train_img_per_s"] == 0.0
+    assert third["best_checkpoint"] == second["best_checkpoint"]
+    assert third["best_val_auroc"] == pytest.approx(second["best_val_auroc"])
+    assert (out / "last.ckpt").read_bytes() == checkpoint_bytes
+    assert third["val_auroc_by_epoch"] == second["val_auroc_by_epoch"]
 
 
 def test_empty_split_is_a_clear_error(data, tmp_path):
