@@ -21,6 +21,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _util import report  # noqa: E402
 
 
+# metadata holding inlined PNGs or long markdown tables: left out of the JSON record
+FIGURES = {"gallery", "roc", "reliability", "score_histograms", "balance", "shards", "splits", "merged", "by_kind"}
+
+
 def main(argv=None) -> dict:
     import dagster as dg
 
@@ -61,8 +65,7 @@ def main(argv=None) -> dict:
                                 run_config={"ops": {k: v for k, v in config["ops"].items() if k == name}})
         times[name] = time.perf_counter() - t0
         for mat in result.asset_materializations_for_node(name):
-            metadata[name] = {k: v.value for k, v in mat.metadata.items() if not k.endswith(("gallery", "roc",
-                              "reliability", "score_histograms", "balance", "shards", "splits", "merged", "by_kind"))}
+            metadata[name] = {k: v.value for k, v in mat.metadata.items() if k not in FIGURES}
         print(f"{name}: {times[name]:.0f} s", flush=True)
     wall = time.perf_counter() - t_all
     r = metadata["bologna_report"]
