@@ -119,6 +119,7 @@ def score_demo_drop(instance, survey: str, *, n: int, seed: int) -> int:
     job = defs.resolve_job_def("score_drops")
     for req in tick.run_requests:
         result = job.execute_in_process(partition_key=str(req.partition_key), instance=instance, raise_on_error=False,
+                                        run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
                                         tags={**req.tags, "dagster/sensor_name": SENSOR_NAME,
                                               "dagster/run_key": req.run_key})
         if not result.success:
