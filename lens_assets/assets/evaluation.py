@@ -46,15 +46,24 @@ def calibrator_path(storage: LocalStorage, survey: str):
     return storage.path("calibrators", survey, "calibrator.json")
 
 
+def calibrator_version(text: str) -> str:
+    """sha256 prefix of ``calibrator.json``: score_calibrator's data version and the candidates' column."""
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def load_scoring(storage: LocalStorage, survey: str):
-    """(ensemble manifest, Fusion, Calibrator, calibrator document) for scoring new data."""
+    """(ensemble manifest, Fusion, Calibrator, calibrator document) for scoring new data; the document's
+    ``version`` is its :func:`calibrator_version`."""
     from lens_assets.ml.score import Fusion
 
     path = calibrator_path(storage, survey)
     storage.pull(*path.relative_to(storage.root_path).parts)
     if not path.exists():
         raise dg.Failure(f"{path} does not exist: materialize score_calibrator for {survey} first")
-    doc = json.loads(path.read_text())
+    text = path.read_text()
+    doc = {**json.loads(text), "version": calibrator_version(text)}
     ensemble = read_ensemble(storage, survey)
     if [m["sha256"] for m in ensemble["members"]] != [m["sha256"] for m in doc["members"]]:
         raise dg.Failure(f"{path} was fit for other checkpoints than models/{survey}/ensemble.json lists: "
@@ -157,7 +166,7 @@ def score_calibrator(context: dg.AssetExecutionContext, config: CalibratorConfig
         "device": device,
         "reliability": png_markdown(plot, alt="reliability diagram on the validation split"),
     }
-    return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(sha256_of_strings([text])[:16]))
+    return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(calibrator_version(text)))
 
 
 class ReportConfig(dg.Config):

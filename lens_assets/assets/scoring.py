@@ -77,8 +77,7 @@ def candidate_scores(context: dg.AssetExecutionContext, config: ScoringConfig,
                            members=members, fusion=fusion, calibrator=calibrator, batch_size=config.batch_size,
                            workers=config.workers, device=device)
     seconds = time.perf_counter() - t0
-    calibrator_version = hashlib.sha256(storage.path("calibrators", survey.name, "calibrator.json").read_bytes()
-                                        ).hexdigest()[:16]
+    calibrator_version = doc["version"]  # also score_calibrator's data version
     table = scored.rename(columns={f"logit_{j}": f"logit_{m['name']}" for j, m in enumerate(ensemble["members"])})
     for col in ("source_file", "source_sha256", "ra", "dec", "band_flags", "psf_fwhm", "n_nan_pixels", "snr"):
         table[col] = catalog[col].to_numpy()

@@ -51,6 +51,10 @@ def model_storage(tmp_path_factory):
                             resources={"storage": storage, "launcher": LocalSubprocessLauncher()},
                             instance=dg.DagsterInstance.ephemeral())
     assert result.success
+    # score_calibrator's data version is the calibrator_version that candidate rows carry (checked below)
+    calibrator_mat = result.asset_materializations_for_node("score_calibrator")[0]
+    calibrator_bytes = storage.path("calibrators", SURVEY, "calibrator.json").read_bytes()
+    assert calibrator_mat.tags["dagster/data_version"] == hashlib.sha256(calibrator_bytes).hexdigest()[:16]
     return storage
 
 
