@@ -16,6 +16,7 @@ calibration (``science.calibration``) follows it either way.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -81,14 +82,6 @@ def member_logits(members: list, dataset, *, batch_size: int = 256, num_workers:
     return out
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 @dataclass
 class Fusion:
     """fused logit = bias + sum_j weights[j] * logit_j."""
@@ -138,7 +131,7 @@ def logits_of_batch(members: list, image, variance, *, device: str) -> np.ndarra
 
     x = torch.from_numpy(np.ascontiguousarray(image)).to(device, non_blocking=True)
     v = torch.from_numpy(np.ascontiguousarray(variance)).to(device, non_blocking=True)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else _null()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
     with torch.inference_mode(), autocast:
         return np.stack([m(x, v).float().cpu().numpy() for m in members], axis=1)
 
