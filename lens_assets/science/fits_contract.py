@@ -244,11 +244,111 @@ def nanomaggies_per_unit(bunit: str, magzp: float | None, *, where: str) -> floa
     raise QuarantineError("bad_bunit", f"{where}: BUNIT {bunit!r} is not one of {list(FLUX_UNITS)}")
 
 
-def _open(data: bytes, name: str):
-    from astropy.io import fits
+class _PlainHDU:
+    """One uncompressed, unscaled image HDU located by :func:`_scan_plain_hdus` (the parts of astropy's
+    ``ImageHDU`` the reader uses: ``fileinfo()`` and a ``header`` parsed on demand)."""
 
+    __slots__ = ("_raw", "_info")
+
+    def __init__(self, raw: bytes, hdr_loc: int, dat_loc: int):
+        self._raw, self._info = raw, {"hdrLoc": hdr_loc, "datLoc": dat_loc}
+
+    def fileinfo(self) -> dict:
+        return self._info
+
+    @property
+    def header(self):
+        from astropy.io import fits
+
+        return fits.Header.fromstring(self._raw[self._info["hdrLoc"]:self._info["datLoc"]].decode("ascii"))
+
+
+_STRUCTURE_KEYS = ("SIMPLE", "XTENSION", "BITPIX", "NAXIS", "PCOUNT", "GCOUNT", "GROUPS", "EXTNAME")
+_SCALING_KEYS = ("BSCALE", "BZERO", "BLANK", "ZIMAGE", "THEAP")
+_BITPIX_DTYPE = {8: "u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8"}
+
+
+def _scan_plain_hdus(data: bytes) -> tuple[_PlainHDU, dict] | None:
+    """``(primary HDU, {EXTNAME: (hdu, array)})`` for a file made only of plain image HDUs, read straight
+    from the bytes.
+
+    astropy builds a full ``Header`` and HDU object per extension and that is most
+    of the cost of reading a 16-extension cutout. Files of uncompressed images
+    without scaling keywords (``BSCALE``, ``BZERO``, ``BLANK``) are laid out
+    exactly by the FITS standard: 2880-byte header blocks up to ``END``, then
+    ``|BITPIX|/8 * prod(NAXISn)`` big-endian bytes padded to a block. Anything
+    else (tables, random groups, compressed or scaled images, a length that is
+    not whole blocks) returns ``None`` and the caller uses astropy, which also
+    words the error for a broken file. Arrays are read-only views of ``data``.
+    """
+    if len(data) % FITS_BLOCK:
+        return None
+    out: dict = {}
+    primary = None
+    pos, first = 0, True
+    while pos < len(data):
+        keys: dict[str, str] = {}
+        hdr_loc, end = pos, None
+        while end is None:
+            if pos + FITS_BLOCK > len(data):
+                return None
+            block = data[pos:pos + FITS_BLOCK].decode("ascii", errors="replace")
+            pos += FITS_BLOCK
+            for i in range(0, FITS_BLOCK, 80):
+                card = block[i:i + 80]
+                key = card[:8].rstrip()
+                if key == "END":
+                    end = pos
+                    break
+                if card[8:10] == "= " and (key in _STRUCTURE_KEYS or key.startswith("NAXIS") or key in _SCALING_KEYS):
+                    if key in keys:
+                        return None  # a repeated structural keyword: let astropy decide what it means
+                    keys[key] = card
+        if any(k in keys for k in _SCALING_KEYS):
+            return None
+        try:
+            if first:
+                if _card_value(keys["SIMPLE"]) is not True or "GROUPS" in keys:
+                    return None
+            elif _card_value(keys["XTENSION"]) != "IMAGE" or _card_value(keys.get("PCOUNT", "PCOUNT  = 0")) != 0 \
+                    or _card_value(keys.get("GCOUNT", "GCOUNT  = 1")) != 1:
+                return None
+            dtype = _BITPIX_DTYPE.get(_card_value(keys["BITPIX"]))
+            naxis = _card_value(keys["NAXIS"])
+            shape = tuple(_card_value(keys[f"NAXIS{j}"]) for j in range(naxis, 0, -1))
+            name = _card_value(keys["EXTNAME"]) if "EXTNAME" in keys else ("PRIMARY" if first else "")
+        except (KeyError, TypeError, ValueError):
+            return None
+        if dtype is None or not all(isinstance(n, int) and n >= 0 for n in shape) or not isinstance(name, str) \
+                or name != name.strip():
+            return None
+        count = int(np.prod(shape)) if shape else 0
+        nbytes = count * np.dtype(dtype).itemsize
+        if end + nbytes > len(data):
+            return None
+        arr = np.frombuffer(data, dtype=dtype, count=count, offset=end).reshape(shape) if count else None
+        hdu = _PlainHDU(data, hdr_loc, end)
+        primary = primary or hdu
+        out[name.upper()] = (hdu, arr)
+        pos = end + -(-nbytes // FITS_BLOCK) * FITS_BLOCK
+        first = False
+    return primary, out
+
+
+def _open(data: bytes, name: str):
     if not data.startswith(b"SIMPLE  ="):
         raise QuarantineError("unreadable", f"{name}: not a FITS file (first bytes {data[:16]!r})")
+    plain = _scan_plain_hdus(data)
+    if plain is not None:
+        return _cards(plain[0], data, PRIMARY_KEYWORDS), plain[1]
+    return _open_with_astropy(data, name)
+
+
+def _open_with_astropy(data: bytes, name: str):
+    """Any FITS file astropy reads (scaled or compressed images, tables beside the images); its
+    exceptions and warnings become the quarantine reason of a broken file."""
+    from astropy.io import fits
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -357,7 +457,7 @@ def _pixel_scale(header: dict, name: str, band: str) -> float:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            wcs = WCS(header["_header"])
+            wcs = WCS(header["_hdu"].header)
         except Exception as err:  # astropy.wcs raises several types for malformed keywords
             raise QuarantineError("missing_pixscale", f"{name}: IMAGE_{band} has no PIXSCALE and its WCS cannot be "
                                                       f"read ({type(err).__name__}: {err})") from None
@@ -401,7 +501,7 @@ def _read_bands(primary, arrays, raw: bytes, *, name, survey: SurveySpec, objid,
     ignored = []
     for ext, (hdu, arr) in image_ext.items():
         hdr = _cards(hdu, raw, BAND_KEYWORDS)
-        hdr["_header"] = hdu.header
+        hdr["_hdu"] = hdu  # its full header is parsed only when a WCS is needed
         band_name = str(hdr.get("BAND", ext))
         if survey.has_band(band_name):
             found[survey.canonical_band(band_name)] = (ext, hdr, arr)

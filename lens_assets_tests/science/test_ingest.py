@@ -599,3 +599,101 @@ def test_header_values_read_from_card_images_match_astropy(tmp_path):
         assert ours == {k: hdul[0].header[k] for k in keys if k in hdul[0].header}
     assert ours["OBJID"] == "o'brien  x" and ours["Z_PHOT"] == 0.015 and ours["LENS"] is False
     assert "ABSENT" not in ours
+
+
+# --------------------------------------------------------------------------- plain-image fast path vs astropy
+
+
+def _astropy_file(hdus) -> bytes:
+    import io
+
+    from astropy.io import fits
+
+    buf = io.BytesIO()
+    fits.HDUList(hdus).writeto(buf)
+    return buf.getvalue()
+
+
+def _assert_same_reading(raw: bytes):
+    """read_cutout through the plain-HDU scanner equals read_cutout with astropy opening the file."""
+    from lens_assets.science import fits_contract as fc
+
+    fast = read(raw)
+    plain = fc._scan_plain_hdus(raw)
+    assert plain is not None
+    orig = fc._scan_plain_hdus
+    try:
+        fc._scan_plain_hdus = lambda data: None
+        slow = read(raw)
+    finally:
+        fc._scan_plain_hdus = orig
+    assert fast.primary == slow.primary and fast.band_flags == slow.band_flags
+    for attr in ("image", "variance", "nan_mask", "psf_fwhm_arcsec", "nmgy_per_unit"):
+        np.testing.assert_array_equal(getattr(fast, attr), getattr(slow, attr), err_msg=attr)
+    for a, b in zip(fast.psf, slow.psf):
+        assert (a is None and b is None) or np.array_equal(a, b)
+    assert fast.pixel_scale_arcsec == slow.pixel_scale_arcsec
+
+
+def test_plain_files_read_without_astropy_objects_equal_astropy(tmp_path, simulated):
+    family, cutouts = simulated
+    write_simulated_cutout(tmp_path / "sim.fits", cutouts[0], survey=DES, family=family, seed=7)
+    _assert_same_reading((tmp_path / "sim.fits").read_bytes())
+    _assert_same_reading(make_file(tmp_path / "nan.fits", image=np.where(np.eye(SIZE) > 0, np.nan,
+                                                                         synthetic_image(3)).astype(np.float32)))
+    _assert_same_reading(make_file(tmp_path / "wcs.fits", header={"PIXSCALE": DROP, **WCS_CD}))
+    _assert_same_reading(make_file(tmp_path / "nopsf.fits", psf=None, variance=None, header={"PSFFWHM": DROP}))
+
+
+def test_plain_reader_takes_integer_and_double_images_as_astropy_does():
+    from astropy.io import fits
+
+    rng = np.random.default_rng(0)
+    hdus = [fits.PrimaryHDU(header=fits.Header([("OBJID", "int-1"), ("RA", 1.0), ("DEC", 2.0), ("SURVEY", "des")]))]
+    dtypes = {"g": np.int16, "r": np.int32, "i": np.float64, "z": np.uint8, "Y": np.int64}
+    for b, dt in dtypes.items():
+        img = (rng.normal(50, 10, (SIZE, SIZE)).clip(0, 250)).astype(dt)
+        hdus.append(fits.ImageHDU(img, header=fits.Header([("BAND", b), ("BUNIT", "adu"), ("MAGZP", 30.0),
+                                                           ("PIXSCALE", PIX), ("PSFFWHM", 1.1)]), name=f"IMAGE_{b}"))
+    raw = _astropy_file(hdus)
+    _assert_same_reading(raw)
+    c = read(raw)
+    assert c.image.dtype == np.float32 and c.band_flags["g"] == ["var_derived"]
+
+
+@pytest.mark.parametrize("variant", ["bzero", "bscale", "table", "compressed", "groups_like_primary_extname"])
+def test_files_outside_the_plain_subset_are_left_to_astropy(variant):
+    from astropy.io import fits
+
+    from lens_assets.science.fits_contract import _scan_plain_hdus
+
+    prim = fits.Header([("OBJID", "x"), ("RA", 1.0), ("DEC", 2.0), ("SURVEY", "des")])
+    band = fits.Header([("BAND", "g"), ("BUNIT", "adu"), ("MAGZP", 30.0), ("PIXSCALE", PIX)])
+    img = np.arange(SIZE * SIZE, dtype=np.float32).reshape(SIZE, SIZE)
+    if variant == "bzero":  # unsigned 16-bit images are stored as int16 with BZERO = 32768
+        hdus = [fits.PrimaryHDU(header=prim), fits.ImageHDU(img.astype(np.uint16), header=band, name="IMAGE_g")]
+    elif variant == "bscale":
+        hdu = fits.ImageHDU(img, header=band, name="IMAGE_g")
+        hdu.scale("int16", bscale=0.5)
+        hdus = [fits.PrimaryHDU(header=prim), hdu]
+    elif variant == "table":
+        hdus = [fits.PrimaryHDU(header=prim), fits.ImageHDU(img, header=band, name="IMAGE_g"),
+                fits.BinTableHDU.from_columns([fits.Column(name="a", format="E", array=np.ones(3))], name="EXTRA")]
+    elif variant == "compressed":
+        hdus = [fits.PrimaryHDU(header=prim), fits.CompImageHDU(img, header=band, name="IMAGE_g")]
+    else:
+        prim["EXTNAME"] = " PRIM"  # a leading blank is significant in FITS strings: astropy decides the name
+        hdus = [fits.PrimaryHDU(header=prim), fits.ImageHDU(img, header=band, name="IMAGE_g")]
+    raw = _astropy_file(hdus)
+    assert _scan_plain_hdus(raw) is None
+    c = read(raw)  # read through astropy: values as astropy gives them
+    ref = fits.open(__import__("io").BytesIO(raw))["IMAGE_g"].data.astype(np.float32) * 10 ** (-0.4 * 7.5)
+    np.testing.assert_allclose(c.image[idx("g")] * c.nmgy_per_unit[idx("g")], ref, rtol=1e-6)
+
+
+def test_plain_reader_views_do_not_leak_into_the_cutout(tmp_path):
+    """The scanner's arrays are read-only views of the file's bytes; the cutout's arrays are writable copies."""
+    raw = make_file(tmp_path / "a.fits")
+    c = read(raw)
+    c.image[0, 0, 0] = 123.0
+    assert read(raw).image[0, 0, 0] != 123.0
