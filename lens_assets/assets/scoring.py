@@ -1,7 +1,6 @@
 """Asset group `scoring`: ranked lens candidates of each survey drop in the inbox."""
 
 import hashlib
-import time
 
 import dagster as dg
 import pandas as pd
@@ -12,7 +11,7 @@ from lens_assets.assets.evaluation import load_scoring, score_calibrator
 from lens_assets.assets.training import lens_classifier
 from lens_assets.partitions import scoring_partitions
 from lens_assets.resources.storage import LocalStorage
-from lens_assets.science.ingest import find_fits, ingest_files
+from lens_assets.science.ingest import find_fits
 from lens_assets.science.schemas import candidate_schema
 from lens_assets.science.surveys import get_survey
 
@@ -65,18 +64,16 @@ def candidate_scores(context: dg.AssetExecutionContext, config: ScoringConfig,
     drop_dir = storage.pull("inbox", survey.name, drop)
     files = find_fits(drop_dir)
     ensemble, fusion, calibrator, doc = load_scoring(storage, survey.name)
-    from lens_assets.ml.score import default_device, load_members, score_catalog
+    from lens_assets.ml.score import default_device, load_members, score_files
     from lens_assets.science.shards import ShardSettings
 
     device = default_device()
     members = load_members([m["path"] for m in ensemble["members"]], device=device)
-    t0 = time.perf_counter()  # the drop's throughput: reading, matching, scoring (not loading the models)
-    ingest = ingest_files(files, survey, root=storage.root_path, workers=config.workers)
-    catalog, quarantine = ingest.catalog, ingest.quarantine
-    scored = score_catalog(catalog, survey, root=storage.root_path, settings=ShardSettings(**ensemble["shard_settings"]),
-                           members=members, fusion=fusion, calibrator=calibrator, batch_size=config.batch_size,
-                           workers=config.workers, device=device)
-    seconds = time.perf_counter() - t0
+    # each file is read once: validated (quarantined with a reason if bad), matched, scored, calibrated
+    result = score_files(files, survey, root=storage.root_path, settings=ShardSettings(**ensemble["shard_settings"]),
+                         members=members, fusion=fusion, calibrator=calibrator, batch_size=config.batch_size,
+                         workers=config.workers, device=device)
+    catalog, quarantine, scored, seconds = result.catalog, result.quarantine, result.scores, result.seconds
     calibrator_version = doc["version"]  # also score_calibrator's data version
     table = scored.rename(columns={f"logit_{j}": f"logit_{m['name']}" for j, m in enumerate(ensemble["members"])})
     for col in ("source_file", "source_sha256", "ra", "dec", "band_flags", "psf_fwhm", "n_nan_pixels", "snr"):

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["load_member", "load_members", "member_logits", "Fusion", "fit_fusion", "FUSION_METHODS"]
+__all__ = ["load_member", "load_members", "member_logits", "Fusion", "fit_fusion", "FUSION_METHODS",
+           "score_files", "ScoredFiles"]
 
 FUSION_METHODS = ("mean", "val_weights")
 
@@ -136,47 +137,99 @@ def logits_of_batch(members: list, image, variance, *, device: str) -> np.ndarra
         return np.stack([m(x, v).float().cpu().numpy() for m in members], axis=1)
 
 
-def score_catalog(catalog, survey, *, root: str | Path, settings, members: list, fusion: "Fusion", calibrator,
-                  batch_size: int = 256, workers: int = 0, device: str | None = None,
-                  progress: bool = True):
-    """Score cataloged cutouts end to end: read each file, PSF-match and normalize it as the training
-    shards were (``settings``, the shards' ``ShardSettings``), run every member, fuse, calibrate.
+def read_and_match(args) -> tuple[list, dict]:
+    """Worker: read and validate a batch of files (the catalog's ingest rules) and PSF-match the good ones.
+
+    Returns the per-file outcomes in order, ``(catalog row, quarantine row)`` with
+    one of them ``None``, and the shard arrays (``match_batch``) of the good files.
+    """
+    from lens_assets.science.ingest import read_one
+    from lens_assets.science.shards import match_batch
+    from lens_assets.science.surveys import get_survey
+
+    paths, names, settings = args
+    survey = get_survey(settings.survey)
+    outcomes, rows, cutouts = [], [], []
+    for path, name in zip(paths, names):
+        row, q, cutout = read_one(path, name, survey)
+        outcomes.append((row, q))
+        if cutout is not None:
+            rows.append(row)
+            cutouts.append(cutout)
+    return outcomes, match_batch(rows, cutouts, settings)
+
+
+@dataclass
+class ScoredFiles:
+    """``scores``: one row per catalog row (``objid``, ``logit`` fused, ``logit_<j>`` per member, ``score``
+    calibrated, ``psf_matched_bands``, ``band_flag_bits``); ``catalog`` and ``quarantine`` as ``ingest_files``
+    makes them (``len(catalog) + len(quarantine) == n_files``)."""
+
+    scores: "object"
+    catalog: "object"
+    quarantine: "object"
+    n_files: int
+    seconds: float
+
+
+def score_files(paths, survey, *, root: str | Path, settings, members: list, fusion: "Fusion", calibrator,
+                batch_size: int = 256, workers: int = 0, device: str | None = None,
+                progress: bool = True) -> ScoredFiles:
+    """Score FITS files end to end, reading each file once: validate it with the catalog's ingest rules
+    (a bad file is quarantined with its reason, a repeated OBJID as ``duplicate_objid``), PSF-match and
+    normalize it as the training shards were (``settings``, the shards' ``ShardSettings``), run every
+    member, fuse, calibrate.
 
     Files are read and matched by ``workers`` processes in batches of ``batch_size``
     while this process runs the models; at most a few batches are in flight, so
-    memory does not grow with the catalog. Returns one row per catalog row, in
-    order: ``objid``, ``logit`` (fused), ``logit_<j>`` per member, ``score``
-    (calibrated probability), ``psf_matched_bands``, ``band_flag_bits``.
+    memory does not grow with the number of files.
     """
+    import time
+
     import pandas as pd
 
+    from lens_assets.science.ingest import FirstObjid, catalog_frame, quarantine_frame, relative_names
     from lens_assets.science.parallel import bounded_imap
-    from lens_assets.science.shards import LABEL_COLUMNS, process_batch
 
     device = device or default_device()
-    need = ["objid", "source_file", "source_sha256", *LABEL_COLUMNS]
-    missing = [c for c in need if c not in catalog.columns]
-    if missing:
-        raise ValueError(f"catalog lacks columns {missing}")
-    records = catalog[need].to_dict("records")
-    tasks = [(records[i:i + batch_size], str(root), settings) for i in range(0, len(records), batch_size)]
-    logits = np.empty((len(records), len(members)), np.float32)
-    matched = np.empty(len(records), np.int64)
-    flags = np.empty(len(records), np.int64)
-    start = 0
-    for batch in bounded_imap(process_batch, tasks, workers=workers, progress=progress, unit="cutout",
-                              desc="score", weights=[len(t[0]) for t in tasks]):
-        n = len(batch["objid"])
-        logits[start:start + n] = logits_of_batch(members, batch["image"], batch["variance"], device=device)
-        matched[start:start + n] = batch["psf_matched"].sum(axis=1)
-        bits = batch["band_flags"].astype(np.int64)
-        flags[start:start + n] = np.bitwise_or.reduce(bits, axis=1) if bits.shape[1] else 0
-        start += n
-    fused = fusion(logits) if len(records) else np.empty(0)
-    out = pd.DataFrame({"objid": catalog["objid"].to_numpy(), "logit": fused})
+    t0 = time.perf_counter()
+    paths, names = relative_names(paths, root)
+    tasks = [([str(p) for p in paths[i:i + batch_size]], names[i:i + batch_size], settings)
+             for i in range(0, len(paths), batch_size)]
+    import astropy.io.fits  # noqa: F401  (imported before forking)
+    import photutils.psf_matching  # noqa: F401
+
+    seen = FirstObjid(survey.name)
+    rows, quarantined, logits, matched, flags = [], [], [], [], []
+    for outcomes, batch in bounded_imap(read_and_match, tasks, workers=workers, progress=progress, unit="file",
+                                        desc=f"score {survey.name}", weights=[len(t[0]) for t in tasks]):
+        keep, k = [], 0
+        for row, q in outcomes:
+            if row is None:
+                quarantined.append(q)
+                continue
+            dup = seen.duplicate(row)
+            if dup is None:
+                rows.append(row)
+                keep.append(k)
+            else:
+                quarantined.append(dup)
+            k += 1
+        if not keep:
+            continue
+        keep = np.asarray(keep) if len(keep) < k else slice(None)
+        logits.append(logits_of_batch(members, batch["image"][keep], batch["variance"][keep], device=device))
+        matched.append(batch["psf_matched"][keep].sum(axis=1))
+        bits = batch["band_flags"][keep].astype(np.int64)
+        flags.append(np.bitwise_or.reduce(bits, axis=1) if bits.shape[1] else np.zeros(len(bits), np.int64))
+    catalog = catalog_frame(rows, survey)
+    z = np.concatenate(logits) if logits else np.empty((0, len(members)), np.float32)
+    fused = fusion(z) if len(z) else np.empty(0)
+    scores = pd.DataFrame({"objid": catalog["objid"].to_numpy(), "logit": fused})
     for j in range(len(members)):
-        out[f"logit_{j}"] = logits[:, j]
-    out["score"] = calibrator.predict(fused) if len(records) else np.empty(0)
-    out["psf_matched_bands"] = matched
-    out["band_flag_bits"] = flags
-    return out
+        scores[f"logit_{j}"] = z[:, j]
+    scores["score"] = calibrator.predict(fused) if len(z) else np.empty(0)
+    scores["psf_matched_bands"] = np.concatenate(matched) if matched else np.empty(0, np.int64)
+    scores["band_flag_bits"] = np.concatenate(flags) if flags else np.empty(0, np.int64)
+    return ScoredFiles(scores=scores, catalog=catalog, quarantine=quarantine_frame(quarantined), n_files=len(paths),
+                       seconds=time.perf_counter() - t0)

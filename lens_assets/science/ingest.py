@@ -20,8 +20,8 @@ from .fits_contract import LABEL_SOURCE_PREFIXES, Cutout, QuarantineError, read_
 from .parallel import parallel_map
 from .surveys import SurveySpec, get_survey
 
-__all__ = ["IngestResult", "ingest_files", "find_fits", "catalog_row", "QUARANTINE_COLUMNS", "SCHEMA_VERSION",
-           "WEAK_CONFIDENCE_MAX"]
+__all__ = ["IngestResult", "ingest_files", "read_one", "FirstObjid", "find_fits", "catalog_row", "catalog_frame",
+           "quarantine_frame", "QUARANTINE_COLUMNS", "SCHEMA_VERSION", "WEAK_CONFIDENCE_MAX"]
 
 SCHEMA_VERSION = "2.0"
 WEAK_CONFIDENCE_MAX = 0.49
@@ -142,21 +142,50 @@ def catalog_row(c: Cutout, *, sha256: str, survey: SurveySpec) -> dict:
     return row
 
 
-def _ingest_one(args) -> tuple[dict | None, dict | None]:
-    path, name, survey_name = args
-    survey = get_survey(survey_name)
+def read_one(path: str | Path, name: str, survey: SurveySpec) -> tuple[dict | None, dict | None, Cutout | None]:
+    """Read and validate one file: ``(catalog row, None, cutout)`` or ``(None, quarantine row, None)``."""
     try:
         data = Path(path).read_bytes()
     except OSError as err:
         return None, {"objid": "", "source_file": name, "source_sha256": "", "reason": "unreadable",
-                      "message": f"{name}: cannot be read ({err.strerror or err})", "survey": survey_name}
+                      "message": f"{name}: cannot be read ({err.strerror or err})", "survey": survey.name}, None
     sha = hashlib.sha256(data).hexdigest()
     try:
         cutout = read_cutout(data, name=name, survey=survey)
-        return catalog_row(cutout, sha256=sha, survey=survey), None
+        return catalog_row(cutout, sha256=sha, survey=survey), None, cutout
     except QuarantineError as err:
         return None, {"objid": err.objid, "source_file": name, "source_sha256": sha, "reason": err.reason,
-                      "message": err.message, "survey": survey_name}
+                      "message": err.message, "survey": survey.name}, None
+
+
+def _ingest_one(args) -> tuple[dict | None, dict | None]:
+    path, name, survey_name = args
+    row, q, _ = read_one(path, name, get_survey(survey_name))
+    return row, q
+
+
+class FirstObjid:
+    """The duplicate rule: the first file (in sorted order) with an OBJID wins; a later one is quarantined
+    as ``duplicate_objid`` naming the first."""
+
+    def __init__(self, survey: str):
+        self.survey, self.first_file = survey, {}
+
+    def duplicate(self, row: dict) -> dict | None:
+        """The quarantine row when ``row`` repeats an OBJID already seen; otherwise registers it."""
+        first = self.first_file.setdefault(row["objid"], row["source_file"])
+        if first == row["source_file"]:
+            return None
+        return {"objid": row["objid"], "source_file": row["source_file"], "source_sha256": row["source_sha256"],
+                "reason": "duplicate_objid", "message": f"{row['source_file']}: OBJID {row['objid']!r} was already "
+                                                        f"ingested from {first}", "survey": self.survey}
+
+
+def relative_names(paths: Sequence[Path], root: Path) -> tuple[list[Path], list[str]]:
+    """``paths`` sorted, and how the tables name them: relative to ``root`` when below it."""
+    root = Path(root)
+    paths = sorted(Path(p) for p in paths)
+    return paths, [str(p.relative_to(root)) if p.is_relative_to(root) else str(p) for p in paths]
 
 
 def ingest_files(paths: Sequence[Path], survey: SurveySpec, *, root: Path, workers: int = 1,
@@ -166,30 +195,31 @@ def ingest_files(paths: Sequence[Path], survey: SurveySpec, *, root: Path, worke
     Files are read in parallel; a later file repeating an OBJID is quarantined as
     ``duplicate_objid`` naming the first (files are taken in sorted order).
     """
-    root = Path(root)
-    paths = sorted(Path(p) for p in paths)
-    names = [str(p.relative_to(root)) if p.is_relative_to(root) else str(p) for p in paths]
+    paths, names = relative_names(paths, root)
     import astropy.io.fits  # noqa: F401  (imported once here, inherited by forked workers)
 
     t0 = time.perf_counter()
     results = parallel_map(_ingest_one, [(str(p), n, survey.name) for p, n in zip(paths, names)],
                            workers=workers, progress=progress, desc=f"ingest {survey.name}", unit="file")
     rows, quarantined = [], []
-    first_file: dict[str, str] = {}
+    seen = FirstObjid(survey.name)
     for row, q in results:
+        q = q if q is not None else seen.duplicate(row)
         if q is not None:
             quarantined.append(q)
-        elif row["objid"] in first_file:
-            quarantined.append({"objid": row["objid"], "source_file": row["source_file"],
-                                "source_sha256": row["source_sha256"], "reason": "duplicate_objid",
-                                "message": f"{row['source_file']}: OBJID {row['objid']!r} was already ingested "
-                                           f"from {first_file[row['objid']]}", "survey": survey.name})
         else:
-            first_file[row["objid"]] = row["source_file"]
             rows.append(row)
     seconds = time.perf_counter() - t0
+    return IngestResult(catalog=catalog_frame(rows, survey), quarantine=quarantine_frame(quarantined),
+                        n_files=len(paths), seconds=seconds)
+
+
+def catalog_frame(rows: list[dict], survey: SurveySpec) -> pd.DataFrame:
     from .schemas import catalog_columns
 
-    catalog = pd.DataFrame(rows, columns=catalog_columns(survey))
-    quarantine = pd.DataFrame(quarantined, columns=QUARANTINE_COLUMNS)
-    return IngestResult(catalog=catalog, quarantine=quarantine, n_files=len(paths), seconds=seconds)
+    return pd.DataFrame(rows, columns=catalog_columns(survey))
+
+
+def quarantine_frame(rows: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=QUARANTINE_COLUMNS)
+

@@ -27,7 +27,7 @@ from .parallel import bounded_imap
 from .psf import homogenize, target_fwhm_arcsec
 from .surveys import SurveySpec, get_survey
 
-__all__ = ["ShardSettings", "FLAG_BITS", "build_shards", "process_batch", "shard_settings", "read_manifest",
+__all__ = ["ShardSettings", "FLAG_BITS", "build_shards", "process_batch", "match_batch", "shard_settings", "read_manifest",
            "SHARD_FORMAT_VERSION"]
 
 SHARD_FORMAT_VERSION = "1"
@@ -88,19 +88,28 @@ def process_batch(args) -> dict:
     """Read, normalize, PSF-match and crop a batch of catalog rows (runs in a worker process)."""
     rows, root, settings = args
     survey = get_survey(settings.survey)
-    size, margin = settings.cutout_size_px, settings.kernel_size // 2
-    # match on up to `margin` extra pixels around the cutout where the file has them, so the crop sees no
-    # edge effect; a file exactly the cutout size is matched with zeros beyond its edges
-    work = size + 2 * margin
-    groups: dict[int, list] = {}
-    for j, row in enumerate(rows):
+    cutouts = []
+    for row in rows:
         data = (Path(root) / row["source_file"]).read_bytes()
         sha = hashlib.sha256(data).hexdigest()
         if sha != row["source_sha256"]:
             raise ValueError(f"{row['source_file']}: sha256 {sha[:12]}… differs from the catalog's "
                              f"{row['source_sha256'][:12]}…; the file changed after cataloging: re-materialize "
                              f"cutout_catalog")
-        c = read_cutout(data, name=row["source_file"], survey=survey)
+        cutouts.append(read_cutout(data, name=row["source_file"], survey=survey))
+    return match_batch(rows, cutouts, settings)
+
+
+def match_batch(rows: list[dict], cutouts: list, settings: ShardSettings) -> dict:
+    """Normalize, PSF-match and crop cutouts already read: the arrays of a shard batch, one row per cutout
+    (``rows`` give ``objid`` and the label columns)."""
+    survey = get_survey(settings.survey)
+    size, margin = settings.cutout_size_px, settings.kernel_size // 2
+    # match on up to `margin` extra pixels around the cutout where the file has them, so the crop sees no
+    # edge effect; a file exactly the cutout size is matched with zeros beyond its edges
+    work = size + 2 * margin
+    groups: dict[int, list] = {}
+    for j, c in enumerate(cutouts):
         norm = normalize_cutout(c, survey)
         side = min(norm.image.shape[-1], work)
         groups.setdefault(side, []).append((j, c, norm))

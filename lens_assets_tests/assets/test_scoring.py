@@ -2,10 +2,10 @@
 
 One module fixture trains and calibrates a one-member ensemble on 100 simulated
 cutouts (the graph as in test_evaluation, without the report), publishes an
-unlabeled drop of 40 cutouts plus three broken files, runs one tick of
+unlabeled drop of 40 cutouts plus three broken files and a duplicate, runs one tick of
 survey_inbox_sensor and materializes the partition it asks for. The tests check
-the table against an independent recomputation (score_catalog on the same
-files, lineage hashed from the files here). The automation-condition test needs
+the table against an independent recomputation (the shard pipeline's stages on
+the same files, lineage hashed from the files here). The automation-condition test needs
 no model: materializations are reported to an ephemeral instance.
 """
 
@@ -31,6 +31,7 @@ MEMBER = "resnet10t"
 DROP = "2026-11-21-night"
 N_DROP = 40
 BROKEN = {"truncated.fits": "truncated", "x.fits": "unreadable", "wrong_survey.fits": "survey_mismatch"}
+DUPLICATE_OF = 5  # a copy of the 6th good file, named to sort right after it (mid-batch): duplicate_objid
 SCORING_CONFIG = {"ops": {"candidate_scores": {"config": {"workers": 1, "batch_size": 16}}}}
 
 
@@ -58,7 +59,11 @@ def model_storage(tmp_path_factory):
     return storage
 
 
-def _broken_files(good: Path, out: Path) -> list[Path]:
+def _broken_files(good: list[Path], out: Path) -> list[Path]:
+    """The BROKEN files, and a copy of ``good[DUPLICATE_OF]`` under another name (same OBJID)."""
+    dup = out / f"{good[DUPLICATE_OF].stem}_copy.fits"  # "_" sorts after ".fits": the original comes first
+    dup.write_bytes(good[DUPLICATE_OF].read_bytes())
+    good = good[0]
     data = good.read_bytes()
     (out / "truncated.fits").write_bytes(data[: len(data) // 2])  # headers say more data than there is
     (out / "x.fits").write_text("objid,ra,dec\n1,2,3\n")  # not FITS at all
@@ -66,7 +71,7 @@ def _broken_files(good: Path, out: Path) -> list[Path]:
         hdul[0].header["SURVEY"] = "des"
         hdul[0].header["OBJID"] = "wrong-survey-1"
         hdul.writeto(out / "wrong_survey.fits")
-    return [out / name for name in BROKEN]
+    return [out / name for name in BROKEN] + [dup]
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +81,8 @@ def scored(model_storage, tmp_path_factory):
     staging = LocalStorage(root=str(tmp_path_factory.mktemp("producer")))
     truth = simulate_drop(staging, SURVEY, "staged", n=N_DROP, seed=321, workers=1)
     good = sorted(staging.path("inbox", SURVEY, "staged").glob("*.fits"))
-    broken = _broken_files(good[0], tmp_path_factory.mktemp("broken"))
+    broken = _broken_files(good, tmp_path_factory.mktemp("broken"))
+    quarantined = {**BROKEN, broken[-1].name: "duplicate_objid"}
     publish_drop(storage, SURVEY, DROP, [*good, *broken])  # _COMPLETE after the last file
 
     instance = dg.DagsterInstance.ephemeral()
@@ -92,7 +98,7 @@ def scored(model_storage, tmp_path_factory):
     meta = {k: v.value for k, v in mat.metadata.items()}
     table = pd.read_parquet(meta["path"])
     return {"storage": storage, "instance": instance, "request": req, "materialization": mat, "meta": meta,
-            "table": table, "truth": truth, "good": [p.name for p in good]}
+            "table": table, "truth": truth, "good": [p.name for p in good], "quarantined": quarantined}
 
 
 def test_the_sensor_requests_the_drop_and_the_run_materializes_that_partition(scored):
@@ -109,18 +115,21 @@ def test_every_good_file_is_scored_once_and_the_broken_ones_are_quarantined_with
     storage, table, meta = scored["storage"], scored["table"], scored["meta"]
     drop_dir = storage.path("inbox", SURVEY, DROP)
     n_fits = len(list(drop_dir.glob("*.fits")))
-    assert n_fits == N_DROP + len(BROKEN)
+    quarantined = scored["quarantined"]
+    assert n_fits == N_DROP + len(quarantined)
     assert meta["n_files"] == n_fits
     assert meta["n_scored"] + meta["n_quarantined"] == n_fits
-    assert (meta["n_scored"], meta["n_quarantined"]) == (N_DROP, len(BROKEN))
+    assert (meta["n_scored"], meta["n_quarantined"]) == (N_DROP, len(quarantined))
     assert len(table) == meta["dagster/row_count"] == N_DROP
     assert sorted(table["objid"]) == sorted(scored["truth"]["objid"])
     assert sorted(Path(f).name for f in table["source_file"]) == scored["good"]
     assert table["objid"].is_unique and table["source_file"].is_unique
     quarantine = pd.read_parquet(meta["quarantine_path"])
-    assert dict(zip(quarantine["source_file"].map(lambda f: Path(f).name), quarantine["reason"])) == BROKEN
+    assert dict(zip(quarantine["source_file"].map(lambda f: Path(f).name), quarantine["reason"])) == quarantined
     assert (quarantine["message"].str.len() > 0).all()
-    for reason in BROKEN.values():
+    dup = quarantine[quarantine["reason"] == "duplicate_objid"]
+    assert dup["message"].str.contains(scored["good"][DUPLICATE_OF], regex=False).all()
+    for reason in quarantined.values():
         assert f"| {reason} | 1 |" in meta["quarantine_reasons"]
 
 
@@ -156,11 +165,14 @@ def test_each_row_carries_the_lineage_of_its_score(scored):
         assert meta[col] == expected[col], col
 
 
-def test_scores_equal_score_catalog_on_the_same_files(scored):
-    from lens_assets.ml.score import Fusion, load_members, score_catalog
+def test_scores_equal_the_shard_pipeline_stage_by_stage(scored):
+    """The single-read scorer against the training path's stages run one by one on the same files:
+    ingest_files (catalog), process_batch (reads the files again and matches them as the shards were),
+    each member's forward, the fusion and the calibrator."""
+    from lens_assets.ml.score import Fusion, load_members, logits_of_batch
     from lens_assets.science.calibration import Calibrator
     from lens_assets.science.ingest import ingest_files
-    from lens_assets.science.shards import ShardSettings
+    from lens_assets.science.shards import ShardSettings, process_batch
     from lens_assets.science.surveys import get_survey
 
     storage, table = scored["storage"], scored["table"]
@@ -170,10 +182,13 @@ def test_scores_equal_score_catalog_on_the_same_files(scored):
     ensemble = json.loads(storage.path("models", SURVEY, "ensemble.json").read_text())
     doc = json.loads(storage.path("calibrators", SURVEY, "calibrator.json").read_text())
     members = load_members([storage.path(m["checkpoint"]) for m in ensemble["members"]], device="cpu")
-    direct = score_catalog(catalog, survey, root=storage.root_path, settings=ShardSettings(**ensemble["shard_settings"]),
-                           members=members, fusion=Fusion.from_dict(doc["fusion"]),
-                           calibrator=Calibrator.from_dict(doc["calibrator"]), batch_size=7, workers=1, device="cpu",
-                           progress=False)
+    records = catalog.to_dict("records")
+    settings = ShardSettings(**ensemble["shard_settings"])
+    batches = [process_batch((records[i:i + 7], str(storage.root_path), settings)) for i in range(0, len(records), 7)]
+    logits = np.concatenate([logits_of_batch(members, b["image"], b["variance"], device="cpu") for b in batches])
+    fused = Fusion.from_dict(doc["fusion"])(logits)
+    direct = pd.DataFrame({"objid": catalog["objid"], "logit": fused, "logit_0": logits[:, 0],
+                           "score": Calibrator.from_dict(doc["calibrator"]).predict(fused)})
     merged = table.merge(direct, on="objid", suffixes=("", "_direct"), validate="one_to_one")
     assert len(merged) == N_DROP
     np.testing.assert_allclose(merged["logit"], merged["logit_direct"], rtol=0, atol=1e-5)
