@@ -10,6 +10,7 @@ import bench_shards  # noqa: E402
 import bench_simulation  # noqa: E402
 import bench_scoring  # noqa: E402
 import bench_training  # noqa: E402
+import noise_floor  # noqa: E402
 
 if __name__ == "__main__":
     bench_simulation.main([])
@@ -17,3 +18,4 @@ if __name__ == "__main__":
     bench_shards.main([])
     bench_training.main([])
     bench_scoring.main([])
+    noise_floor.main([])

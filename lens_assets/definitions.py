@@ -23,7 +23,8 @@ survey_pipeline = dg.define_asset_job(
 )
 
 def training_launcher():
-    """``LENS_LAUNCHER=ecs`` (with ``LENS_ECS_CLUSTER``, ``LENS_ECS_TASK_DEFINITION``) in deployment; local otherwise."""
+    """``LENS_LAUNCHER=ecs`` (with ``LENS_ECS_CLUSTER``, ``LENS_ECS_TASK_DEFINITION``) in deployment; local
+    otherwise."""
     import os
 
     kind = os.environ.get("LENS_LAUNCHER", "local")

@@ -22,7 +22,7 @@ from lens_assets.science.calibration import Calibrator, fit_calibrator
 from lens_assets.science.metrics import bologna_metrics, expected_calibration_error
 from lens_assets.science.surveys import get_survey
 
-EVALUATION_CODE_VERSION = "eval-1"
+EVALUATION_CODE_VERSION = "eval-2"
 SCORED_SPLITS = ("val", "test", "heldout")
 
 
@@ -76,8 +76,11 @@ def _rows_to_score(storage: LocalStorage, survey: str, heldout_families) -> pd.D
         storage.pull(*parts)
     splits = pd.read_parquet(storage.path("splits", survey, "dataset_splits.parquet"), columns=["objid", "split"])
     cat_path, _ = catalog_paths(storage, survey)
-    catalog = pd.read_parquet(cat_path, columns=["objid", "label", "flux_ratio", "theta_e", "sim_family",
-                                                 "sim_kind", "source_file", "source_sha256"])
+    import pyarrow.parquet as pq
+
+    truth = [c for c in ("flux_ratio", "theta_e", "arc_snr") if c in pq.read_schema(cat_path).names]
+    catalog = pd.read_parquet(cat_path, columns=["objid", "label", *truth, "sim_family", "sim_kind", "source_file",
+                                                 "source_sha256"])
     in_shards = set(pd.read_parquet(shard_dir(storage, survey) / "rows.parquet", columns=["objid"])["objid"])
     held = catalog[catalog["sim_family"].isin(heldout_families) & catalog["objid"].isin(in_shards)
                    & catalog["label"].isin([0, 1])]
@@ -194,10 +197,9 @@ def report_figures(scores: pd.DataFrame) -> dict:
         part = scores[scores["split"] == split]
         if part.empty or part["label"].nunique() < 2:
             continue
-        fr = part["flux_ratio"].where(part["flux_ratio"] >= 0, np.nan)
-        te = part["theta_e"].where(part["theta_e"] >= 0, np.nan)
-        out[name] = bologna_metrics(part["label"].to_numpy(), part["logit"].to_numpy(),
-                                    flux_ratio=fr.to_numpy(), theta_e=te.to_numpy(),
+        truth = {k: part[k].where(part[k] >= 0, np.nan).to_numpy()  # -1: not known
+                 for k in ("flux_ratio", "theta_e", "arc_snr") if k in part}
+        out[name] = bologna_metrics(part["label"].to_numpy(), part["logit"].to_numpy(), **truth,
                                     probs=part["probability"].to_numpy())
     return out
 
@@ -214,20 +216,30 @@ def report_markdown(survey: str, figures: dict, calibrator: dict) -> str:
         gap = "" if k.startswith("n_") else f"{a - b:+.4f}"
         fmt = (lambda v: f"{v:.0f}") if k.startswith("n_") else (lambda v: f"{v:.4f}")
         lines.append(f"| {k} | {fmt(a)} | {fmt(b)} | {gap} |")
+    nan = float("nan")
     lines += ["", "## False-negative rate by lensed-flux ratio (at the TPR10 threshold)", "",
-              "| flux ratio | test FNR | test lenses | held-out FNR | held-out lenses |", "|---|---|---|---|---|"]
+              "The noise floor is the FNR of an observer who knew each lens's arcs exactly (matched filter, "
+              "from the simulated arc S/N) at the same number of false positives: no finder can go below it.", "",
+              "| flux ratio | test FNR | noise floor | test lenses | held-out FNR | noise floor | held-out lenses |",
+              "|---|---|---|---|---|---|---|"]
     for b, label in (("lt_0.1", "< 0.1"), ("0.1_0.3", "0.1–0.3"), ("ge_0.3", "≥ 0.3")):
-        lines.append(f"| {label} | {ind[f'fnr_flux_ratio_{b}']:.3f} | {ind[f'n_lenses_flux_ratio_{b}']:.0f} | "
-                     f"{held.get(f'fnr_flux_ratio_{b}', float('nan')):.3f} | "
+        lines.append(f"| {label} | {ind[f'fnr_flux_ratio_{b}']:.3f} | "
+                     f"{ind.get(f'noise_limited_fnr_flux_ratio_{b}', nan):.3f} | "
+                     f"{ind[f'n_lenses_flux_ratio_{b}']:.0f} | {held.get(f'fnr_flux_ratio_{b}', nan):.3f} | "
+                     f"{held.get(f'noise_limited_fnr_flux_ratio_{b}', nan):.3f} | "
                      f"{held.get(f'n_lenses_flux_ratio_{b}', 0):.0f} |")
-    lines += ["", "## Recall by Einstein radius (at the TPR10 threshold)", "",
-              "| θE (arcsec) | test recall | test lenses | held-out recall | held-out lenses |",
-              "|---|---|---|---|---|"]
-    for b in [k.removeprefix("recall_theta_e_") for k in ind if k.startswith("recall_theta_e_")]:
-        lines.append(f"| {b.replace('_', '–').replace('lt–', '< ').replace('ge–', '≥ ')} | "
-                     f"{ind[f'recall_theta_e_{b}']:.3f} | {ind[f'n_lenses_theta_e_{b}']:.0f} | "
-                     f"{held.get(f'recall_theta_e_{b}', float('nan')):.3f} | "
-                     f"{held.get(f'n_lenses_theta_e_{b}', 0):.0f} |")
+    for title, key, unit in (("Einstein radius", "theta_e", "θE (arcsec)"),
+                             ("arc S/N (matched filter, from the simulation)", "arc_snr", "arc S/N")):
+        bins = [k.removeprefix(f"recall_{key}_") for k in ind if k.startswith(f"recall_{key}_")]
+        if not bins:
+            continue
+        lines += ["", f"## Recall by {title} (at the TPR10 threshold)", "",
+                  f"| {unit} | test recall | test lenses | held-out recall | held-out lenses |",
+                  "|---|---|---|---|---|"]
+        for b in bins:
+            lines.append(f"| {b.replace('_', '–').replace('lt–', '< ').replace('ge–', '≥ ')} | "
+                         f"{ind[f'recall_{key}_{b}']:.3f} | {ind[f'n_lenses_{key}_{b}']:.0f} | "
+                         f"{held.get(f'recall_{key}_{b}', nan):.3f} | {held.get(f'n_lenses_{key}_{b}', 0):.0f} |")
     lines += ["", f"Calibrator: {calibrator['calibrator']['method']} after {calibrator['fusion']['method']} fusion "
               f"of {', '.join(m['name'] for m in calibrator['members'])}; fit on {calibrator['n_val']} validation "
               "rows.", "", "![ROC](roc.png)", "", "![scores](score_histograms.png)", "",
@@ -293,7 +305,7 @@ def bologna_report(context: dg.AssetExecutionContext, config: ReportConfig,
     metadata["heldout_auroc_gap"] = float(ind["auroc"] - held.get("auroc", float("nan")))
     metadata["n_heldout_nonlenses"] = float(held.get("n_test_nonlenses", 0.0))
     for k, v in ind.items():
-        if k.startswith(("fnr_flux_ratio_", "recall_theta_e_")):
+        if k.startswith(("fnr_flux_ratio_", "noise_limited_fnr_flux_ratio_", "recall_theta_e_", "recall_arc_snr_")):
             metadata[k] = float(v)
     metadata.update({
         "report_path": dg.MetadataValue.path(str(md)),

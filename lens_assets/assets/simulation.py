@@ -11,7 +11,7 @@ from lens_assets.science.families import available_families, load_family
 from lens_assets.science.simulation import simulate_to_directory, summarize_truth
 from lens_assets.science.surveys import get_survey
 
-SIMULATION_CODE_VERSION = "sim-1"
+SIMULATION_CODE_VERSION = "sim-2"
 
 
 class SimulationConfig(dg.Config):

@@ -67,7 +67,8 @@ class Calibrator:
     def from_dict(cls, d: dict) -> "Calibrator":
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
-            raise ValueError(f"calibrator fields {sorted(unknown)} are not known; expected {[f.name for f in fields(cls)]}")
+            raise ValueError(f"calibrator fields {sorted(unknown)} are not known; "
+                             f"expected {[f.name for f in fields(cls)]}")
         if d.get("method") not in METHODS:
             raise ValueError(f"calibrator method {d.get('method')!r} is not one of {list(METHODS)}")
         return cls(**d)

@@ -2,7 +2,8 @@
 
 One file per object. Primary header: ``OBJID``, ``RA``, ``DEC`` (deg, ICRS),
 ``SURVEY``; optional ``Z_PHOT``, ``Z_SPEC``, ``Z_ERR``; labeled data adds ``LENS``,
-``LABELSRC``, ``LABELCNF``, ``FLUXRAT``, ``THETA_E``. Per band ``b``: ``IMAGE_<b>``
+``LABELSRC``, ``LABELCNF``, ``FLUXRAT``, ``THETA_E`` (simulations also write
+``ARCSNR``, the lensed light's matched-filter S/N). Per band ``b``: ``IMAGE_<b>``
 (2-D float, header ``BAND``, ``BUNIT``, ``MAGZP`` when ``BUNIT`` is ``count/s`` or
 ``adu``, ``PIXSCALE`` or a celestial WCS, optional ``PSFFWHM``), optional ``VAR_<b>``
 and ``PSF_<b>``.
@@ -71,7 +72,8 @@ LABEL_SOURCE_PREFIXES = ("sim:", "obs:", "weak:", "pretrain:")
 BAND_FLAGS = ("missing", "nan_masked", "var_derived", "fwhm_from_psf", "fwhm_nominal")
 FLUX_UNITS = ("nanomaggy", "count/s", "adu")
 PRIMARY_KEYWORDS = ("OBJID", "RA", "DEC", "SURVEY", "INSTRUME", "Z_PHOT", "Z_SPEC", "Z_ERR", "LENS", "LABELSRC",
-                    "LABELCNF", "FLUXRAT", "THETA_E", "SIMFAM", "SIMKIND", "SERSICN", "RHALF", "AXRATIO", "PA_DEG")
+                    "LABELCNF", "FLUXRAT", "THETA_E", "ARCSNR", "SIMFAM", "SIMKIND", "SERSICN", "RHALF", "AXRATIO",
+                    "PA_DEG")
 BAND_KEYWORDS = ("BAND", "BUNIT", "MAGZP", "PIXSCALE", "PSFFWHM")
 
 
@@ -167,8 +169,8 @@ def _var_unit(header: dict) -> str:
     return f"({unit})**2" if unit else ""
 
 
-TRUTH_KEYS = ("Z_SRC", "LENS", "LABELSRC", "LABELCNF", "FLUXRAT", "THETA_E", "SIMFAM", "SIMFAMH", "SIMSEED",
-              "SIMKIND", "SERSICN", "RHALF", "AXRATIO", "PA_DEG", "PSFPROF", "EXPSCALE", "MOFFATB")
+TRUTH_KEYS = ("Z_SRC", "LENS", "LABELSRC", "LABELCNF", "FLUXRAT", "THETA_E", "ARCSNR", "SIMFAM", "SIMFAMH",
+              "SIMSEED", "SIMKIND", "SERSICN", "RHALF", "AXRATIO", "PA_DEG", "PSFPROF", "EXPSCALE", "MOFFATB")
 
 
 def write_simulated_cutout(path: Path, cutout, *, survey: SurveySpec, family, seed: int,
@@ -182,6 +184,7 @@ def write_simulated_cutout(path: Path, cutout, *, survey: SurveySpec, family, se
         "Z_SPEC": round(s.z_lens, 5), "Z_SRC": round(s.z_source, 5),
         "LENS": bool(s.is_lens), "LABELSRC": "sim:lenstronomy", "LABELCNF": 1.0,
         "FLUXRAT": round(cutout.flux_ratio, 6), "THETA_E": round(s.theta_e_arcsec, 5),
+        "ARCSNR": round(cutout.arc_snr, 4),
         "REFBAND": survey.band(survey.reference_band).name,
         "SIMFAM": family.name, "SIMFAMH": family.sha256[:16], "SIMSEED": int(seed), "SIMKIND": s.kind,
         "SERSICN": round(s.galaxy["n"], 4), "RHALF": round(s.galaxy["r_eff"], 5),

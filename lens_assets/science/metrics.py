@@ -10,18 +10,27 @@ Definitions (DESIGN.md):
 * ``tpr_at_fpr(0.1)``: the highest TPR with FPR <= 0.1 (an operating point, not TPR10).
 * ECE: 15 equal-mass bins of calibrated probability.
 * FNR per lensed-flux-ratio bin (< 0.1, 0.1-0.3, >= 0.3) at the TPR10 threshold.
+
+Where the simulation's truth gives each lens's arc S/N (the matched-filter S/N of
+its noiseless lensed light), :func:`noise_limited_fnr` is the FNR that an observer
+who knew every arc exactly would have at the same number of false positives: the
+floor set by the noise, below which no classifier can go.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["threshold_at_n_false_positives", "tpr_at_n_false_positives", "tpr0", "tpr10", "tpr_at_fpr", "expected_calibration_error",
-           "fnr_by_bins", "FLUX_RATIO_BINS", "THETA_E_BINS", "bologna_metrics"]
+__all__ = ["threshold_at_n_false_positives", "tpr_at_n_false_positives", "tpr0", "tpr10", "tpr_at_fpr",
+           "expected_calibration_error", "fnr_by_bins", "noise_limited_fnr", "FLUX_RATIO_BINS", "THETA_E_BINS",
+           "ARC_SNR_BINS", "bologna_metrics"]
 
 FLUX_RATIO_BINS = (("lt_0.1", 0.0, 0.1), ("0.1_0.3", 0.1, 0.3), ("ge_0.3", 0.3, np.inf))
 # Einstein radius (arcsec): below ~0.8" a ground-based survey's seeing hides the arcs
 THETA_E_BINS = (("lt_0.8", 0.0, 0.8), ("0.8_1.2", 0.8, 1.2), ("1.2_2", 1.2, 2.0), ("ge_2", 2.0, np.inf))
+# matched-filter S/N of the lensed light: below ~3 the arcs are in the noise for any detector
+ARC_SNR_BINS = (("lt_3", 0.0, 3.0), ("3_5", 3.0, 5.0), ("5_10", 5.0, 10.0), ("10_30", 10.0, 30.0),
+                ("ge_30", 30.0, np.inf))
 
 
 def _split(labels, scores):
@@ -101,11 +110,33 @@ def fnr_by_bins(labels, scores, values, bins, *, threshold: float) -> dict:
     return out
 
 
-def bologna_metrics(labels, scores, *, flux_ratio=None, theta_e=None, probs=None) -> dict:
+def noise_limited_fnr(arc_snr, *, n_nonlenses: int, n_false_positives: int = 9) -> np.ndarray:
+    """Per lens, the chance that an observer who knew its noiseless lensed light exactly misses it at the
+    threshold that lets ``n_false_positives`` of ``n_nonlenses`` through (TPR10: 9, i.e. fewer than ten).
+
+    That observer's statistic (the matched filter) is N(0, 1) on a cutout without
+    the arcs and N(arc_snr, 1) with them, so the threshold is
+    ``z = Φ⁻¹(1 - (n_false_positives + 1) / n_nonlenses)`` and the miss probability
+    ``Φ(z - arc_snr)``. It is a floor: a real finder does not know where the arcs
+    are or what they look like, and hard negatives look like arcs.
+    """
+    from scipy.stats import norm
+
+    if n_nonlenses <= n_false_positives:
+        return np.zeros(np.shape(arc_snr))
+    z = norm.isf((n_false_positives + 1) / n_nonlenses)
+    return norm.cdf(z - np.asarray(arc_snr, dtype=float))
+
+
+def bologna_metrics(labels, scores, *, flux_ratio=None, theta_e=None, arc_snr=None, probs=None) -> dict:
     """The report's headline figures (metadata keys as in DESIGN.md).
 
     Ranking figures use ``scores``; ECE uses ``probs``. FNR per flux-ratio bin and
     recall per θE bin (``recall_theta_e_<bin>``) are taken at the TPR10 threshold.
+    With ``arc_snr`` (NaN where unknown): recall per arc-S/N bin
+    (``recall_arc_snr_<bin>``) and, per flux-ratio bin, the noise-limited FNR floor
+    (``noise_limited_fnr_flux_ratio_<bin>``, :func:`noise_limited_fnr`) over lenses
+    whose arc S/N is known.
     """
     from sklearn.metrics import average_precision_score, roc_auc_score
 
@@ -132,4 +163,15 @@ def bologna_metrics(labels, scores, *, flux_ratio=None, theta_e=None, probs=None
         for name, v in fnr_by_bins(labels, scores, theta_e, THETA_E_BINS, threshold=thr).items():
             out[f"recall_theta_e_{name}"] = 1.0 - v["fnr"]
             out[f"n_lenses_theta_e_{name}"] = float(v["n_lenses"])
+    if arc_snr is not None:
+        thr = threshold_at_n_false_positives(labels, scores, 9)
+        for name, v in fnr_by_bins(labels, scores, arc_snr, ARC_SNR_BINS, threshold=thr).items():
+            out[f"recall_arc_snr_{name}"] = 1.0 - v["fnr"]
+            out[f"n_lenses_arc_snr_{name}"] = float(v["n_lenses"])
+        if flux_ratio is not None:
+            y, snr, fr = np.asarray(labels), np.asarray(arc_snr, dtype=float), np.asarray(flux_ratio, dtype=float)
+            floor = noise_limited_fnr(snr, n_nonlenses=len(neg))
+            for name, lo, hi in FLUX_RATIO_BINS:
+                m = (y == 1) & (fr >= lo) & (fr < hi) & np.isfinite(snr)
+                out[f"noise_limited_fnr_flux_ratio_{name}"] = float(floor[m].mean()) if m.any() else float("nan")
     return out

@@ -34,6 +34,8 @@ def _base_columns() -> dict[str, pa.Column]:
         "usable_for_training": pa.Column(b),
         "flux_ratio": pa.Column(f, _missing_or(0.0, 1.0), description="lensed-source flux / total flux"),
         "theta_e": pa.Column(f, _missing_or(0.0, 100.0), description="Einstein radius, arcsec"),
+        "arc_snr": pa.Column(f, _missing_or(0.0, 1e9), description="matched-filter S/N of the lensed light "
+                                                                   "(simulations; -1 unknown)"),
         "z_phot": pa.Column(f, _missing_or(0.0, 20.0)),
         "z_spec": pa.Column(f, _missing_or(0.0, 20.0)),
         "z_err": pa.Column(f, _missing_or(0.0, 20.0)),

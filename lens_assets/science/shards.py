@@ -27,8 +27,8 @@ from .parallel import bounded_imap
 from .psf import homogenize, target_fwhm_arcsec
 from .surveys import SurveySpec, get_survey
 
-__all__ = ["ShardSettings", "FLAG_BITS", "build_shards", "process_batch", "match_batch", "shard_settings", "read_manifest",
-           "SHARD_FORMAT_VERSION"]
+__all__ = ["ShardSettings", "FLAG_BITS", "build_shards", "process_batch", "match_batch", "shard_settings",
+           "read_manifest", "SHARD_FORMAT_VERSION"]
 
 SHARD_FORMAT_VERSION = "1"
 FLAG_BITS = {"missing": 1, "nan_masked": 2, "var_derived": 4, "fwhm_from_psf": 8, "fwhm_nominal": 16,

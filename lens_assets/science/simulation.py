@@ -222,7 +222,8 @@ def _lensed_points(kwargs_lens, src, mag, beta, survey: SurveySpec) -> PointComp
         src[0], src[1], list(kwargs_lens), min_distance=survey.pixel_scale_arcsec / 4,
         search_window=survey.cutout_size_arcsec, precision_limit=1e-10, num_iter_max=100)
     mu = np.abs(lens_model.magnification(x, y, list(kwargs_lens)))
-    keep = np.hypot(x - kwargs_lens[0]["center_x"], y - kwargs_lens[0]["center_y"]) > 1e-6  # no image at the SIE's singular core
+    # no image at the SIE's singular core
+    keep = np.hypot(x - kwargs_lens[0]["center_x"], y - kwargs_lens[0]["center_y"]) > 1e-6
     return PointComponent(tuple(map(float, x[keep])), tuple(map(float, y[keep])), tuple(map(float, mu[keep])), mag,
                           beta, lensed=True, source_xy=(float(src[0]), float(src[1])))
 
@@ -308,6 +309,17 @@ class RenderedCutout:
     @property
     def noiseless(self) -> np.ndarray:
         return self.lensed + self.unlensed
+
+    @property
+    def arc_snr(self) -> float:
+        """Matched-filter S/N of the lensed light: ``sqrt(sum(lensed**2 / variance))`` over bands and pixels.
+
+        The S/N with which an observer who knew the noiseless arcs (or quasar
+        images) exactly could tell this cutout from the same one without them; no
+        classifier does better. 0 for a non-lens.
+        """
+        good = self.variance > 0
+        return float(np.sqrt(np.sum(self.lensed[good] ** 2 / self.variance[good])))
 
 
 def _band_mag(mag_ref: float, beta: float, wavelength: float, ref_wavelength: float) -> float:
@@ -459,7 +471,7 @@ def _simulate_and_write(args) -> dict:
     write_simulated_cutout(path, cutout, survey=survey, family=family, seed=seed, labeled=labeled)
     s = cutout.system
     return {"objid": s.objid, "file": path.name, "label": int(s.is_lens), "kind": s.kind,
-            "flux_ratio": cutout.flux_ratio, "theta_e": s.theta_e_arcsec,
+            "flux_ratio": cutout.flux_ratio, "theta_e": s.theta_e_arcsec, "arc_snr": cutout.arc_snr,
             "seeing_ref": s.psf_fwhm_arcsec[survey.band(survey.reference_band).name]}
 
 

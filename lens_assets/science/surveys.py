@@ -210,7 +210,8 @@ def _build_registry() -> dict[str, SurveySpec]:
                         for b, w in zip(("VIS", "Y", "J", "H"), (715.0, 1081.0, 1367.0, 1772.0))),
             pixel_scale_arcsec=0.101, cutout_size_px=100, reference_band="VIS", seeing_scatter=0.03,
             dec_range_deg=(-80.0, 80.0),
-            source="lenstronomy ObservationConfig.Euclid (6-year wide survey); Euclid Collaboration: Mellier et al. 2024",
+            source="lenstronomy ObservationConfig.Euclid (6-year wide survey); "
+                   "Euclid Collaboration: Mellier et al. 2024",
         ),
         SurveySpec(
             name="hst", instrument="ACS/WFC+WFC3/IR",

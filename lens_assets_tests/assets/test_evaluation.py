@@ -20,6 +20,7 @@ from lens_assets.definitions import ASSETS
 from lens_assets.resources.launchers import LocalSubprocessLauncher
 from lens_assets.resources.storage import LocalStorage
 from lens_assets.science.calibration import Calibrator
+from lens_assets.science.metrics import FLUX_RATIO_BINS
 
 SURVEY = "sdss"
 MEMBER = "resnet10t"
@@ -126,6 +127,20 @@ def test_report_figures_equal_metrics_recomputed_from_the_scores(graph):
     fnr = float(np.mean(s[faint] <= thr10)) if faint.any() else float("nan")
     assert meta["fnr_flux_ratio_lt_0.1"] == pytest.approx(fnr, nan_ok=True)
     assert (meta["n_test_lenses"], meta["n_test_nonlenses"]) == (float(y.sum()), float((y == 0).sum()))
+    # the noise floor: matched-filter misses at the TPR10 false-alarm rate, from each lens's simulated arc S/N
+    from scipy.stats import norm
+
+    snr, fr = test["arc_snr"].to_numpy(), test["flux_ratio"].to_numpy()
+    assert (snr[y == 1] > 0).all() and (snr[y == 0] == 0).all()
+    z = norm.isf(10 / (y == 0).sum())
+    for name, lo, hi in FLUX_RATIO_BINS:
+        m = (y == 1) & (fr >= lo) & (fr < hi)
+        floor = float(norm.cdf(z - snr[m]).mean()) if m.any() else float("nan")
+        assert meta[f"noise_limited_fnr_flux_ratio_{name}"] == pytest.approx(floor, nan_ok=True), name
+    strong = (y == 1) & (snr >= 10) & (snr < 30)
+    assert meta["recall_arc_snr_10_30"] == pytest.approx(
+        float(np.mean(s[strong] > thr10)) if strong.any() else float("nan"), nan_ok=True)
+    assert "noise floor" in (storage.path("reports", SURVEY, "bologna", "report.md")).read_text()
 
     held = scores[scores["split"] == "heldout"]
     hy, hs = held["label"].to_numpy(), held["logit"].to_numpy()

@@ -149,6 +149,10 @@ def test_simulated_cutout_round_trips_with_truth(tmp_path, simulated):
         assert c.primary["LENS"] is bool(s.is_lens)
         assert c.primary["FLUXRAT"] == pytest.approx(sim.flux_ratio, abs=1e-6)
         assert c.primary["THETA_E"] == pytest.approx(s.theta_e_arcsec, abs=1e-5)
+        assert c.primary["ARCSNR"] == pytest.approx(sim.arc_snr, abs=1e-4)
+        from lens_assets.science.ingest import catalog_row
+
+        assert catalog_row(c, sha256="0" * 64, survey=DES)["arc_snr"] == c.primary["ARCSNR"]
         assert c.primary["LABELSRC"] == "sim:lenstronomy"
         np.testing.assert_allclose(c.image, sim.image.astype(np.float32), rtol=1e-6)
         np.testing.assert_allclose(c.variance, sim.variance.astype(np.float32), rtol=1e-6)

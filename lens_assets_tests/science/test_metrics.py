@@ -109,3 +109,48 @@ def test_recall_by_einstein_radius_bins_at_the_tpr10_threshold_by_hand():
     m = bologna_metrics(labels[keep], scores[keep], theta_e=theta[keep])
     assert m["n_lenses_theta_e_ge_2"] == 0 and np.isnan(m["recall_theta_e_ge_2"])
     assert m["recall_theta_e_1.2_2"] == pytest.approx(3 / 4)
+
+
+def test_noise_limited_fnr_is_the_matched_filter_miss_rate_at_the_tpr10_false_alarm_rate():
+    from scipy.stats import norm
+
+    from lens_assets.science.metrics import noise_limited_fnr
+
+    # 1000 non-lenses, 9 false positives allowed: the threshold is the 1% upper tail, z = 2.3263
+    z = 2.3263478740408408
+    got = noise_limited_fnr([0.0, z, z + 1.6448536269514722, 30.0], n_nonlenses=1000)
+    np.testing.assert_allclose(got, [0.99, 0.5, 0.05, 0.0], atol=1e-9)
+    # an independent check: a lens with S/N 3 against N(0,1) noise cutouts, by simulation
+    rng = np.random.default_rng(0)
+    null = rng.standard_normal(200_000)
+    thr = np.quantile(null, 1 - 10 / 1000)
+    assert np.mean(3.0 + rng.standard_normal(200_000) <= thr) == pytest.approx(
+        noise_limited_fnr([3.0], n_nonlenses=1000)[0], abs=0.005)
+    assert noise_limited_fnr([1.0, 2.0], n_nonlenses=9).tolist() == [0.0, 0.0]  # no threshold below 10 non-lenses
+    assert norm.cdf(z - 0.0) == pytest.approx(0.99)
+
+
+def test_recall_by_arc_snr_and_the_noise_floor_per_flux_bin_by_hand():
+    from lens_assets.science.metrics import ARC_SNR_BINS, noise_limited_fnr
+
+    assert [b[0] for b in ARC_SNR_BINS] == ["lt_3", "3_5", "5_10", "10_30", "ge_30"]
+    neg_scores = np.arange(1.0, 13.0)  # the 10th-highest is 3: a lens is found when its score is > 3
+    lenses = [  # (arc S/N, flux ratio, score)
+        (1.0, 0.05, 2.0), (2.5, 0.05, 9.0),  # lt_3: missed, found -> 1/2
+        (4.0, 0.2, 1.0),  # 3_5: missed -> 0
+        (7.0, 0.5, 20.0), (50.0, 0.5, 30.0),  # 5_10 found; ge_30 found
+        (np.nan, 0.05, 40.0),  # unknown S/N: in no S/N bin, not in the floor
+    ]
+    snr = np.r_[[a for a, _, _ in lenses], np.zeros(12)]
+    fr = np.r_[[f for _, f, _ in lenses], np.full(12, np.nan)]
+    scores = np.r_[[s for _, _, s in lenses], neg_scores]
+    labels = np.r_[np.ones(len(lenses)), np.zeros(12)].astype(int)
+    m = bologna_metrics(labels, scores, flux_ratio=fr, arc_snr=snr)
+    assert (m["recall_arc_snr_lt_3"], m["n_lenses_arc_snr_lt_3"]) == (0.5, 2)
+    assert (m["recall_arc_snr_3_5"], m["recall_arc_snr_5_10"], m["recall_arc_snr_ge_30"]) == (0.0, 1.0, 1.0)
+    assert m["n_lenses_arc_snr_10_30"] == 0 and np.isnan(m["recall_arc_snr_10_30"])
+    floor = noise_limited_fnr([1.0, 2.5, 4.0, 7.0, 50.0], n_nonlenses=12)
+    assert m["noise_limited_fnr_flux_ratio_lt_0.1"] == pytest.approx(floor[:2].mean())
+    assert m["noise_limited_fnr_flux_ratio_0.1_0.3"] == pytest.approx(floor[2])
+    assert m["noise_limited_fnr_flux_ratio_ge_0.3"] == pytest.approx(floor[3:].mean())
+    assert "noise_limited_fnr_flux_ratio_lt_0.1" not in bologna_metrics(labels, scores, flux_ratio=fr)

@@ -72,6 +72,27 @@ def test_flux_ratio_is_lensed_over_total_on_the_noiseless_image(survey_name, ind
     assert 0.0 < cutout.flux_ratio < 1.0
 
 
+def test_arc_snr_is_the_mean_of_the_matched_filter_statistic_over_noise_draws():
+    """arc_snr is what a matched filter for the known arcs measures: over noise realizations of the same
+    cutout, T = sum((image - unlensed) * lensed / var) / sqrt(sum(lensed**2 / var)) has mean arc_snr and
+    standard deviation 1 (and mean 0 on the same cutout without the arcs)."""
+    from lens_assets.science.simulation import draw_system
+
+    survey = get_survey("des")
+    rng = np.random.default_rng(3)
+    cutout = render_system(draw_system(BASELINE, survey, rng, objid="t", force_lens=True), survey, rng)
+    w = cutout.lensed / cutout.variance
+    norm = np.sqrt(np.sum(cutout.lensed * w))
+    draws = np.random.default_rng(0).standard_normal((400, *cutout.lensed.shape)) * np.sqrt(cutout.variance)
+    with_arcs = np.einsum("nbyx,byx->n", cutout.lensed + draws, w) / norm
+    without = np.einsum("nbyx,byx->n", draws, w) / norm
+    assert with_arcs.mean() == pytest.approx(cutout.arc_snr, abs=4 * 1 / np.sqrt(400))
+    assert with_arcs.std() == pytest.approx(1.0, abs=0.1) and abs(without.mean()) < 4 / np.sqrt(400)
+    assert cutout.arc_snr > 0
+    assert simulate_one(survey, BASELINE, seed=5, index=next(
+        i for i in range(50) if not simulate_one(survey, BASELINE, seed=5, index=i).system.is_lens)).arc_snr == 0.0
+
+
 @pytest.mark.parametrize("survey_name", ["des", "sdss"])
 def test_noiseless_image_is_lenstronomys_image_in_every_band(survey_name):
     survey = get_survey(survey_name)
