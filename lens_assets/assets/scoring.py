@@ -18,6 +18,9 @@ from lens_assets.science.surveys import get_survey
 SCORING_CODE_VERSION = "score-1"
 COMPLETE_MARKER = "_COMPLETE"
 
+# a survey's model feeds every (drop, survey) partition of that survey. Dagster (1.13) resolves this mapping by
+# matching the upstream partitions def against the dimensions, so "survey" documents the intent and is the only
+# dimension that can match (test_candidate_scores_is_rescored_... checks the behaviour)
 _per_survey = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="survey")
 
 # re-score every drop of a survey when its model or calibrator changes; new drops are the sensor's
