@@ -122,8 +122,9 @@ class S3Storage(LocalStorage):
                 self._set_etag(o["Key"], o["ETag"])
         gone = sorted(remote - pushed)
         for i in range(0, len(gone), 1000):
-            self.client.delete_objects(Bucket=self.bucket,
-                                       Delete={"Objects": [{"Key": k} for k in gone[i:i + 1000]]})
+            resp = self.client.delete_objects(Bucket=self.bucket,
+                                              Delete={"Objects": [{"Key": k} for k in gone[i:i + 1000]]})
+            check_deleted(resp, self.bucket)
 
     def list_dirs(self, *parts: str) -> list[str]:
         prefix = self.key(*parts) + "/"
@@ -143,3 +144,13 @@ class S3Storage(LocalStorage):
             if hit and (hit[0]["Key"] == key or hit[0]["Key"].startswith(key + "/")):
                 return True
         return False
+
+
+def check_deleted(response: dict, bucket: str) -> None:
+    """``delete_objects`` answers 200 even when some keys were not deleted: raise naming them."""
+    errors = response.get("Errors") or []
+    if errors:
+        shown = "; ".join(f"s3://{bucket}/{e.get('Key')}: {e.get('Code')} {e.get('Message', '')}".rstrip()
+                          for e in errors[:5])
+        raise OSError(f"{len(errors)} stale object(s) could not be deleted while mirroring: {shown}"
+                      + (" …" if len(errors) > 5 else ""))

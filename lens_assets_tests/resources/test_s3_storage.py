@@ -468,3 +468,14 @@ def test_simulated_cutouts_and_cutout_catalog_round_trip_through_the_bucket(make
     in_bucket = pd.read_parquet(io.BytesIO(
         bucket.get_object(Bucket=BUCKET, Key=f"{prefix}/catalog/sdss/cutout_catalog.parquet")["Body"].read()))
     pd.testing.assert_frame_equal(in_bucket, second)
+
+
+def test_a_partly_failed_delete_is_an_error_naming_the_keys():
+    """delete_objects returns HTTP 200 with per-key Errors (e.g. AccessDenied): the mirror must not pass."""
+    from lens_assets.resources.s3_storage import check_deleted
+
+    check_deleted({"Deleted": [{"Key": "a"}]}, "b")  # all deleted: nothing raised
+    errors = [{"Key": f"p/k{i}", "Code": "AccessDenied", "Message": "Access Denied"} for i in range(7)]
+    with pytest.raises(OSError, match=r"7 stale object\(s\) could not be deleted.*s3://b/p/k0: AccessDenied "
+                                      r"Access Denied.*…$"):
+        check_deleted({"Deleted": [], "Errors": errors}, "b")
