@@ -20,8 +20,8 @@ from .fits_contract import LABEL_SOURCE_PREFIXES, Cutout, QuarantineError, read_
 from .parallel import parallel_map
 from .surveys import SurveySpec, get_survey
 
-__all__ = ["IngestResult", "ingest_files", "read_one", "FirstObjid", "find_fits", "catalog_row", "catalog_frame",
-           "quarantine_frame", "QUARANTINE_COLUMNS", "SCHEMA_VERSION", "WEAK_CONFIDENCE_MAX"]
+__all__ = ["IngestResult", "ingest_files", "read_one", "FirstObjid", "relative_names", "find_fits", "catalog_row",
+           "catalog_frame", "quarantine_frame", "QUARANTINE_COLUMNS", "SCHEMA_VERSION", "WEAK_CONFIDENCE_MAX"]
 
 SCHEMA_VERSION = "2.0"
 WEAK_CONFIDENCE_MAX = 0.49
