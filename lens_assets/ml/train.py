@@ -23,6 +23,7 @@ import argparse
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 __all__ = ["TrainSettings", "train"]
 
@@ -63,8 +64,14 @@ def _loaders(shard_dir: Path, splits_path: Path, s: TrainSettings, batch_size: i
     return train, val, data["train"]
 
 
-def train(shard_dir: str | Path, splits_path: str | Path, out_dir: str | Path, settings: TrainSettings) -> dict:
-    """Fit (or resume) one model; returns a summary with the best checkpoint and its validation AUROC."""
+def train(shard_dir: str | Path, splits_path: str | Path, out_dir: str | Path, settings: TrainSettings, *,
+          after_epoch: Callable[[], None] | None = None) -> dict:
+    """Fit (or resume) one model; returns a summary with the best checkpoint and its validation AUROC.
+
+    ``after_epoch`` is called at the start of every epoch after the first of this
+    start, once the previous epoch's checkpoints are on disk (a job whose disk does
+    not outlive it copies them to the store there, so a retry can resume).
+    """
     import h5py
     import lightning as L
     import torch
@@ -72,6 +79,19 @@ def train(shard_dir: str | Path, splits_path: str | Path, out_dir: str | Path, s
     from lightning.pytorch.loggers import CSVLogger
 
     from .module import LensClassifier
+
+    class _AfterEpoch(L.Callback):
+        """Calls ``fn`` when an epoch after this start's first begins: Lightning saves checkpoints after its
+        other callbacks, so the previous epoch's are complete by then."""
+
+        def __init__(self, fn):
+            self.fn, self.first = fn, None
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            if self.first is None:
+                self.first = trainer.current_epoch
+            else:
+                self.fn()
 
     shard_dir, splits_path, out_dir = Path(shard_dir), Path(splits_path), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -91,12 +111,16 @@ def train(shard_dir: str | Path, splits_path: str | Path, out_dir: str | Path, s
                                  max_batch=settings.max_batch_size)
         batch_size = probe["batch_size"]
         train_loader, val_loader, train_ds = _loaders(shard_dir, splits_path, settings, batch_size)
-    checkpoint = ModelCheckpoint(dirpath=out_dir, filename="best", monitor="val_auroc", mode="max", save_last=True,
+    checkpoint = ModelCheckpoint(dirpath=out_dir, filename="best", monitor="val_auroc", mode="max", save_top_k=1,
                                  every_n_epochs=1)
+    # last.ckpt after every epoch, improved or not (ModelCheckpoint's own save_last only follows a saved best)
+    latest = ModelCheckpoint(dirpath=out_dir, filename="last", monitor=None, save_top_k=1, every_n_epochs=1,
+                             enable_version_counter=False)
     trainer = L.Trainer(
         max_epochs=settings.epochs, accelerator="gpu" if gpu else "cpu", devices=1,
         precision="bf16-mixed" if gpu else "32-true", deterministic=not gpu,
-        callbacks=[checkpoint, EarlyStopping(monitor="val_auroc", mode="max", patience=settings.patience)],
+        callbacks=[checkpoint, latest, EarlyStopping(monitor="val_auroc", mode="max", patience=settings.patience),
+                   *([_AfterEpoch(after_epoch)] if after_epoch else [])],
         logger=CSVLogger(out_dir, name="logs"), enable_progress_bar=settings.progress,  # a new version per (re)start
         log_every_n_steps=1, enable_model_summary=False)
     last = out_dir / "last.ckpt"
@@ -169,7 +193,8 @@ def _previous_fingerprint(out_dir: Path) -> str | None:
 def _best_in_checkpoint(saved: dict) -> tuple:
     """(best checkpoint path, best validation AUROC) as the ModelCheckpoint callback saved them."""
     for key, state in saved.get("callbacks", {}).items():
-        if str(key).startswith("ModelCheckpoint") and "best_model_path" in state:
+        if str(key).startswith("ModelCheckpoint") and "'monitor': 'val_auroc'" in str(key) \
+                and "best_model_path" in state:
             score = state.get("best_model_score")
             return state["best_model_path"], (float(score) if score is not None else None)
     return "", None
@@ -190,15 +215,26 @@ def _val_auroc_by_epoch(logs_dir: Path) -> list:
     return [{"epoch": e, "val_auroc": a} for e, a in sorted(by_epoch.items())]
 
 
-def pipes_main() -> None:
-    """Run under Dagster Pipes: settings arrive as extras, the summary goes back as a custom message."""
+def pipes_main(sync_factory: Callable[[dict], Any] | None = None) -> None:
+    """Run under Dagster Pipes: settings arrive as extras, the summary goes back as a custom message.
+
+    ``sync_factory(extras)``, for a job whose disk is not the orchestrator's, gives an
+    object with ``pull_inputs() -> (shard_dir, splits_path, out_dir)`` (the out dir
+    with any checkpoints to resume from) and ``push_outputs()`` (called after every
+    epoch and at the end); without it the extras' paths are used as they are.
+    """
     from dagster_pipes import open_dagster_pipes
 
     with open_dagster_pipes() as pipes:
         ex = pipes.extras
         settings = TrainSettings(**{**ex.get("settings", {}), "progress": False})
-        pipes.log.info(f"training {settings.backbone} for {settings.epochs} epochs into {ex['out_dir']}")
-        summary = train(ex["shard_dir"], ex["splits_path"], ex["out_dir"], settings)
+        sync = sync_factory(ex) if sync_factory else None
+        shard_dir, splits_path, out_dir = (sync.pull_inputs() if sync else
+                                           (ex["shard_dir"], ex["splits_path"], ex["out_dir"]))
+        pipes.log.info(f"training {settings.backbone} for {settings.epochs} epochs into {out_dir}")
+        summary = train(shard_dir, splits_path, out_dir, settings, after_epoch=sync.push_outputs if sync else None)
+        if sync:
+            sync.push_outputs()
         pipes.log.info(f"best val AUROC {summary['best_val_auroc']} at {summary['train_img_per_s']:.0f} img/s "
                        f"on {summary['device']}")
         pipes.report_custom_message(summary)

@@ -70,6 +70,21 @@ def test_training_writes_checkpoints_logs_and_resumes_after_an_interruption(data
     assert third["val_auroc_by_epoch"] == second["val_auroc_by_epoch"]
 
 
+def test_last_checkpoint_is_written_every_epoch_even_when_validation_does_not_improve(data, tmp_path):
+    """lr = 0: only batch-norm statistics move, and validation AUROC stops improving (here it reaches 1.0 at
+    epoch 1 and stays). last.ckpt must still be each epoch's (a retry resumes where the kill happened);
+    best.ckpt stays at the first epoch with the highest AUROC."""
+    out = tmp_path / "flat"
+    settings = TrainSettings(backbone="resnet10t", epochs=3, batch_size=8, lr=0.0, progress=False, patience=10)
+    s = train(data / "shards", data / "splits.parquet", out, settings)
+    aurocs = [e["val_auroc"] for e in s["val_auroc_by_epoch"]]
+    assert len(aurocs) == 3 and aurocs[2] <= max(aurocs[:2])  # the premise: the last epoch did not improve
+    assert torch.load(out / "last.ckpt", weights_only=True)["epoch"] == 2
+    assert torch.load(out / "best.ckpt", weights_only=True)["epoch"] == aurocs.index(max(aurocs))
+    again = train(data / "shards", data / "splits.parquet", out, TrainSettings(**{**settings.__dict__, "epochs": 4}))
+    assert again["resumed_after_epochs"] == 3 and again["epochs_run"] == 4
+
+
 def test_empty_split_is_a_clear_error(data, tmp_path):
     splits = pd.read_parquet(data / "splits.parquet")
     splits.loc[splits["split"] == "val", "split"] = "test"
