@@ -70,6 +70,19 @@ def read_ensemble(storage: LocalStorage, survey: str) -> dict:
     return ensemble
 
 
+def remote_store(storage: LocalStorage, launcher: TrainingLauncher) -> dict | None:
+    """For a launcher whose jobs do not see this cache: the S3 store they sync with (a clear failure when
+    the storage is local, which such a job cannot reach)."""
+    if launcher.shares_filesystem:
+        return None
+    from lens_assets.resources.s3_storage import S3Storage
+
+    if not isinstance(storage, S3Storage):
+        raise dg.Failure(f"{type(launcher).__name__} runs training where {storage.url()} cannot be read: set "
+                         "LENS_DATA_ROOT=s3://bucket/prefix so the job can pull the shards and push its checkpoints")
+    return {"url_root": storage.url_root, "endpoint_url": storage.endpoint_url, "region_name": storage.region_name}
+
+
 @survey_asset(
     group_name="training",
     kinds={"python", "pytorch"},
@@ -90,6 +103,7 @@ def lens_classifier(context: dg.AssetExecutionContext, config: TrainConfig, stor
     storage.pull("shards", survey.name)
     if not splits.exists():
         raise dg.Failure(f"{splits} does not exist: materialize dataset_splits for {survey.name} first")
+    store = remote_store(storage, launcher)
     metadata: dict = {}
     hashes = []
     for member in config.members:
@@ -97,12 +111,20 @@ def lens_classifier(context: dg.AssetExecutionContext, config: TrainConfig, stor
         extras = {"shard_dir": str(shard_dir), "splits_path": str(splits), "out_dir": str(out),
                   "settings": {"backbone": member, "epochs": config.epochs, "batch_size": config.batch_size,
                                "lr": config.lr, "seed": config.seed, "patience": config.patience}}
+        if store:  # a job elsewhere: where the store is and the keys of what it reads and writes
+            extras["storage"] = store
+            extras["keys"] = {"shards": ["shards", survey.name], "splits": ["splits", survey.name,
+                                                                            "dataset_splits.parquet"],
+                              "out": ["models", survey.name, member]}
         messages = launcher.launch(context, extras=extras)
         if not messages:
             raise dg.Failure(f"training job for {member} reported no summary")
         s = messages[-1]
-        storage.push("models", survey.name, member)
-        best = s["best_checkpoint"] or s["last_checkpoint"]
+        if store:
+            storage.pull("models", survey.name, member)  # what the job pushed
+        else:
+            storage.push("models", survey.name, member)
+        best = str(out / Path(s["best_checkpoint"] or s["last_checkpoint"]).name)  # the job's paths may be its own
         sha = hashlib.sha256(Path(best).read_bytes()).hexdigest()
         hashes.append(f"{member}:{sha}")
         metadata.update({

@@ -116,7 +116,7 @@ def test_ecs_launcher_requests_a_gpu_task_running_the_training_module():
     launcher = EcsLauncher(cluster="lens", task_definition="train:3", subnets=["subnet-1"], gpu_count=1)
     params = launcher.run_task_params()
     (container,) = params["overrides"]["containerOverrides"]
-    assert container["command"] == ["python", "-m", "lens_assets.ml.train"]
+    assert container["command"] == ["python", "-m", "lens_assets.resources.train_remote"]  # syncs with S3
     assert container["resourceRequirements"] == [{"type": "GPU", "value": "1"}]
     assert params["cluster"] == "lens" and params["taskDefinition"] == "train:3"
     assert params["networkConfiguration"]["awsvpcConfiguration"]["subnets"] == ["subnet-1"]

@@ -4,7 +4,9 @@ Nothing is patched: boto3 talks to ``http://127.0.0.1:<port>`` through ``endpoin
 and every check on the bucket lists it with a separate boto3 client.
 """
 
+import hashlib
 import io
+import json
 import os
 import shutil
 import socket
@@ -479,3 +481,61 @@ def test_a_partly_failed_delete_is_an_error_naming_the_keys():
     with pytest.raises(OSError, match=r"7 stale object\(s\) could not be deleted.*s3://b/p/k0: AccessDenied "
                                       r"Access Denied.*…$"):
         check_deleted({"Deleted": [], "Errors": errors}, "b")
+
+
+def test_a_training_job_on_another_disk_pulls_its_inputs_and_pushes_checkpoints_it_resumes_from(
+        make_storage, bucket, prefix, tmp_path):
+    """The ECS data path on one machine: the job runs the remote entry point with a cache of its own, pulls
+    shards and splits from the bucket, pushes its checkpoints there, and a retry on a fresh disk resumes."""
+    import shutil
+
+    from lens_assets.assets.catalog import cutout_catalog
+    from lens_assets.assets.shards import dataset_splits, psf_matched_shards
+    from lens_assets.assets.simulation import simulated_cutouts
+    from lens_assets.assets.training import lens_classifier
+    from lens_assets.resources.launchers import LocalSubprocessLauncher
+
+    storage = make_storage("orchestrator")
+    job_cache = tmp_path / "job-disk"
+    launcher = LocalSubprocessLauncher(shares_filesystem=False, env={"LENS_CACHE_DIR": str(job_cache)})
+
+    def run(assets, epochs):
+        ops = {"simulated_cutouts": {"config": {"n_cutouts": 60, "n_heldout": 0, "seed": 2, "workers": 1}},
+               "cutout_catalog": {"config": {"workers": 1}}, "psf_matched_shards": {"config": {"workers": 1}},
+               "dataset_splits": {"config": {"min_groups_per_stratum": 2}},
+               "lens_classifier": {"config": {"members": ["resnet10t"], "epochs": epochs, "batch_size": 16,
+                                              "patience": 5}}}
+        result = dg.materialize(assets, partition_key="sdss", resources={"storage": storage, "launcher": launcher},
+                                run_config={"ops": {k: v for k, v in ops.items() if k in {
+                                    a.key.path[-1] for a in assets if isinstance(a, dg.AssetsDefinition)}}},
+                                instance=dg.DagsterInstance.ephemeral(), raise_on_error=True)
+        (mat,) = result.asset_materializations_for_node("lens_classifier")
+        return {k: v.value for k, v in mat.metadata.items()}
+
+    graph = [simulated_cutouts, cutout_catalog, psf_matched_shards, dataset_splits]
+    meta = run([*graph, lens_classifier], epochs=2)
+    assert meta["resnet10t/epochs_run"] == 2 and meta["resnet10t/resumed_after_epochs"] == 0
+    job_store = job_cache / "store"
+    assert (job_store / "shards" / "sdss" / "manifest.json").read_bytes() == \
+        storage.path("shards", "sdss", "manifest.json").read_bytes()  # pulled from the bucket into its own disk
+    remote = _keys(bucket, f"{prefix}/models/sdss/resnet10t/")
+    assert {"best.ckpt", "last.ckpt", "run.json"} <= set(remote)
+    ensemble = json.loads(storage.path("models", "sdss", "ensemble.json").read_text())
+    (member,) = ensemble["members"]
+    assert member["checkpoint"] == "models/sdss/resnet10t/best.ckpt"
+    assert hashlib.sha256(remote["best.ckpt"]).hexdigest() == member["sha256"] == meta["resnet10t/checkpoint_sha256"]
+    assert storage.path(member["checkpoint"]).read_bytes() == remote["best.ckpt"]  # pulled back to the orchestrator
+
+    shutil.rmtree(job_cache)  # the retried task lands on a fresh disk: only the bucket remembers
+    meta = run([*[a.to_source_asset() for a in graph], lens_classifier], epochs=3)
+    assert meta["resnet10t/resumed_after_epochs"] == 2 and meta["resnet10t/epochs_run"] == 3
+
+
+def test_a_launcher_on_another_disk_with_local_storage_is_a_clear_failure(tmp_path):
+    from lens_assets.assets.training import remote_store
+    from lens_assets.resources.launchers import EcsLauncher
+    from lens_assets.resources.storage import LocalStorage
+
+    with pytest.raises(dg.Failure, match=r"EcsLauncher runs training where .* cannot be read: set "
+                                         r"LENS_DATA_ROOT=s3://bucket/prefix"):
+        remote_store(LocalStorage(root=str(tmp_path)), EcsLauncher(cluster="c", task_definition="t"))
