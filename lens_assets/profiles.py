@@ -22,7 +22,9 @@ PROFILES: dict[str, dict] = {
                             "lr": 2e-3, "patience": 4},
         # a 4-epoch ViT on 1.3k cutouts is still weak: weight the members by the validation split
         "score_calibrator": {"fusion": "val_weights"},
-        "bologna_report": {"min_auroc": 0.75, "min_tpr10": 0.0, "max_ece": 0.1},
+        # ECE on 270 test rows is mostly sampling noise: with 15 bins of 18 rows a perfectly calibrated model
+        # scores 0.07-0.09 on average and 0.10-0.12 at the 95th percentile (simulated); demo runs gave 0.055-0.094
+        "bologna_report": {"min_auroc": 0.75, "min_tpr10": 0.0, "max_ece": 0.15},
     },
     # The quality run: >= 5,000 test non-lenses for TPR10 (72,000 x 15% test x 50% non-lenses = 5,400);
     # gates are the release targets.
