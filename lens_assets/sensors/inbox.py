@@ -7,7 +7,8 @@ the complete new ones as ``drops`` partitions and requests one
 all in one ``SensorResult``. At most ``LENS_INBOX_MAX_DROPS_PER_TICK`` (default
 100) drops are taken per tick; the rest wait for the next.
 
-Idempotent: the cursor holds the handled (survey, drop) pairs; when it is
+Idempotent: the cursor holds the handled (survey, drop) pairs still in the
+inbox (so it is bounded by what the inbox holds); when it is
 lost (reset, new deployment) it is rebuilt from the run keys of this sensor's
 runs, and Dagster never launches a run key twice, so a drop is neither run
 twice nor missed. Incomplete drops wait; folders for an unknown survey are
@@ -58,6 +59,7 @@ def inbox_tick(storage, instance: dg.DagsterInstance, cursor: str | None, *, lim
     handled = set(json.loads(cursor)["handled"]) if cursor else _handled_from_runs(instance)
     registered = set(instance.get_dynamic_partitions(drop_partitions.name))
     new: list[tuple[str, str]] = []
+    present: set[str] = set()
     waiting = 0
     for survey in storage.list_dirs("inbox"):
         if survey not in SURVEY_NAMES:
@@ -65,7 +67,9 @@ def inbox_tick(storage, instance: dg.DagsterInstance, cursor: str | None, *, lim
                 log.warning(f"{storage.url('inbox', survey)}: {survey!r} is not a known survey "
                             f"({list(SURVEY_NAMES)}); its drops are skipped")
             continue
-        for drop in storage.list_dirs("inbox", survey):
+        drops = storage.list_dirs("inbox", survey)
+        present.update(run_key(survey, d) for d in drops)
+        for drop in drops:
             if len(new) >= limit:
                 break
             if run_key(survey, drop) in handled:
@@ -83,7 +87,9 @@ def inbox_tick(storage, instance: dg.DagsterInstance, cursor: str | None, *, lim
     requests = [dg.RunRequest(run_key=run_key(s, d), partition_key=scoring_key(s, d),
                               asset_selection=[candidate_scores.key], tags={"lens/survey": s, "lens/drop": d})
                 for s, d in new]
-    handled |= {run_key(s, d) for s, d in new}
+    # the cursor keeps the drops still in the inbox: it does not grow with every drop ever seen (a removed
+    # drop that comes back under the same name is not run again either way: Dagster keeps its run key)
+    handled = (handled & present) | {run_key(s, d) for s, d in new}
     if log:
         log.info(f"{len(new)} new complete drop(s) (limit {limit} per tick), {waiting} incomplete waiting, "
                  f"{len(to_register)} partition(s) registered")

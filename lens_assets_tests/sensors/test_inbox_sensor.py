@@ -105,6 +105,22 @@ def test_a_tick_with_the_returned_cursor_requests_nothing_again(storage, instanc
     assert run_keys(third) == ["des|d2"] and added(third) == ["d2"]
 
 
+def test_the_cursor_forgets_drops_removed_from_the_inbox_and_keeps_the_rest(storage, instance):
+    """The cursor is bounded by what the inbox holds, not by every drop ever seen."""
+    import shutil
+
+    for d in ("d1", "d2", "d3"):
+        publish_drop(storage, "des", d, [])
+    first = tick(storage, instance)
+    apply(instance, first)
+    assert json.loads(first.cursor) == {"handled": ["des|d1", "des|d2", "des|d3"]}
+    shutil.rmtree(storage.path("inbox", "des", "d2"))  # archived by the operator
+    incomplete_drop(storage, "des", "d4")
+    second = tick(storage, instance, first.cursor)
+    assert second.run_requests == []  # d1 and d3 are still handled, d4 waits
+    assert json.loads(second.cursor) == {"handled": ["des|d1", "des|d3"]}
+
+
 def _run_as_the_sensor_daemon_would(storage, instance, req: dg.RunRequest):
     """Launch the requested run with the tags the daemon puts on sensor runs (as lens_assets.demo does).
 
