@@ -94,5 +94,27 @@ class LensClassifier(L.LightningModule):
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.hparams.max_epochs))
+        # cosine decay to 0 over this run's epochs. A LambdaLR keeps only its epoch in a checkpoint (not the
+        # length, as CosineAnnealingLR does), so a run resumed with more epochs decays over the new length
+        # instead of climbing back up the cosine after the first start's end
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+    def on_train_start(self):
+        for config in self.trainer.lr_scheduler_configs:  # restored from a checkpoint when resuming
+            self.apply_schedule(config.scheduler)
+
+    @staticmethod
+    def apply_schedule(sched) -> None:
+        """Set the optimizer's learning rates to the schedule's at its current epoch: a resumed run restores the
+        optimizer with the rate of its first start's schedule, which a longer run must not keep for an epoch."""
+        for group, lr in zip(sched.optimizer.param_groups, [f(sched.last_epoch) * b for f, b in
+                                                             zip(sched.lr_lambdas, sched.base_lrs)]):
+            group["lr"] = lr
+
+    def lr_factor(self, epoch: int) -> float:
+        """Learning rate over its initial value after ``epoch`` epochs: 0.5 (1 + cos(pi epoch / max_epochs))."""
+        import math
+
+        total = max(1, self.hparams.max_epochs)
+        return 0.5 * (1.0 + math.cos(math.pi * min(epoch, total) / total))

@@ -123,3 +123,32 @@ def test_on_a_gpu_the_batch_size_comes_from_the_memory_probe(data, tmp_path):
     assert s["device"] == "cuda" and s["batch_size_probe"] is not None
     assert s["batch_size"] == s["batch_size_probe"]["batch_size"] <= 64
     assert s["global_step"] == -(-s["n_train"] // s["batch_size"])
+
+
+def test_the_cosine_schedule_follows_the_current_run_length_after_a_resume():
+    """CosineAnnealingLR stored its length in the checkpoint, so a run extended from 4 to 8 epochs climbed back
+    up the cosine after epoch 4. The schedule's state now holds only the epoch: the new length applies."""
+    import math
+
+    from lens_assets.ml.module import LensClassifier
+
+    def lrs(model, steps, state=None):
+        cfg = model.configure_optimizers()
+        opt, sched = cfg["optimizer"], cfg["lr_scheduler"]["scheduler"]
+        if state is not None:  # as Lightning resumes: scheduler state restored, then on_train_start
+            sched.load_state_dict(state)
+            model.apply_schedule(sched)
+        out = []
+        for _ in range(steps):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out, sched.state_dict()
+
+    first = LensClassifier(backbone="resnet10t", in_chans=1, img_size=16, lr=1e-3, max_epochs=4)
+    got, state = lrs(first, 2)
+    assert got == pytest.approx([1e-3, 1e-3 * 0.5 * (1 + math.cos(math.pi / 4))])
+    extended = LensClassifier(backbone="resnet10t", in_chans=1, img_size=16, lr=1e-3, max_epochs=8)
+    got, _ = lrs(extended, 6, state)  # epochs 2..7 of an 8-epoch run
+    assert got == pytest.approx([1e-3 * 0.5 * (1 + math.cos(math.pi * e / 8)) for e in range(2, 8)])
+    assert all(a > b for a, b in zip(got, got[1:]))  # decreasing all the way, no climb after epoch 4
