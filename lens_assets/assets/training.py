@@ -100,10 +100,13 @@ def lens_classifier(context: dg.AssetExecutionContext, config: TrainConfig, stor
     survey = get_survey(context.partition_key)
     shard_dir = storage.path("shards", survey.name)
     splits = storage.pull("splits", survey.name, "dataset_splits.parquet")
-    storage.pull("shards", survey.name)
     if not splits.exists():
         raise dg.Failure(f"{splits} does not exist: materialize dataset_splits for {survey.name} first")
     store = remote_store(storage, launcher)
+    if store:  # the job pulls the shards itself; the lineage here needs only their manifest
+        storage.pull("shards", survey.name, "manifest.json")
+    else:
+        storage.pull("shards", survey.name)
     metadata: dict = {}
     hashes = []
     for member in config.members:

@@ -499,7 +499,7 @@ def test_a_training_job_on_another_disk_pulls_its_inputs_and_pushes_checkpoints_
     job_cache = tmp_path / "job-disk"
     launcher = LocalSubprocessLauncher(shares_filesystem=False, env={"LENS_CACHE_DIR": str(job_cache)})
 
-    def run(assets, epochs):
+    def run(assets, epochs, storage=storage):
         ops = {"simulated_cutouts": {"config": {"n_cutouts": 60, "n_heldout": 0, "seed": 2, "workers": 1}},
                "cutout_catalog": {"config": {"workers": 1}}, "psf_matched_shards": {"config": {"workers": 1}},
                "dataset_splits": {"config": {"min_groups_per_stratum": 2}},
@@ -527,8 +527,12 @@ def test_a_training_job_on_another_disk_pulls_its_inputs_and_pushes_checkpoints_
     assert storage.path(member["checkpoint"]).read_bytes() == remote["best.ckpt"]  # pulled back to the orchestrator
 
     shutil.rmtree(job_cache)  # the retried task lands on a fresh disk: only the bucket remembers
-    meta = run([*[a.to_source_asset() for a in graph], lens_classifier], epochs=3)
+    fresh = make_storage("orchestrator-2")  # and so does the orchestrator
+    meta = run([*[a.to_source_asset() for a in graph], lens_classifier], epochs=3, storage=fresh)
     assert meta["resnet10t/resumed_after_epochs"] == 2 and meta["resnet10t/epochs_run"] == 3
+    # the orchestrator pulled only the shard manifest (for the lineage), not the shards the job trains on
+    assert sorted(p.name for p in fresh.path("shards", "sdss").iterdir()) == ["manifest.json"]
+    assert any(p.suffix == ".h5" for p in (job_cache / "store" / "shards" / "sdss").iterdir())
 
 
 def test_a_launcher_on_another_disk_with_local_storage_is_a_clear_failure(tmp_path):
