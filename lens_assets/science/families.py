@@ -3,8 +3,11 @@
 A family is a TOML file under ``science/families/`` (or any path) whose leaves are
 priors: a plain number is a constant, a table with ``dist`` names a distribution.
 ``load_family("baseline")`` reads the packaged file; ``load_family(path)`` reads a
-user's own. The sections and keys a family must have are those of
-``families/baseline.toml``; an unknown or missing key is an error naming it.
+user's own. A family's ``population`` says how scenes are drawn: ``priors``
+(the default: independent priors per parameter, the sections and keys of
+``families/baseline.toml``) or ``physical`` (the sky's relations in
+:mod:`.population`, the sections and keys of ``families/physical.toml``); an
+unknown or missing key is an error naming it.
 """
 
 from __future__ import annotations
@@ -23,7 +26,14 @@ __all__ = ["Prior", "Family", "load_family", "available_families", "FAMILY_DIR",
 FAMILY_DIR = Path(__file__).parent / "families"
 DISTRIBUTIONS = ("uniform", "loguniform", "normal", "randint", "choice")
 NEGATIVE_TYPES = ("plain", "companions", "merger", "ring", "spiral", "chance_alignment")
-_REQUIRED_SECTIONS = ("lens", "lens_light", "source", "quasar", "psf", "noise", "negatives", "hard_negatives")
+PHYSICAL_NEGATIVE_TYPES = ("twin", "companion_blob", "blue_core", "binary_nucleus", "star_beside", "ring", "spiral")
+POPULATIONS = {  # population -> (reference file, sections, non-lens types)
+    "priors": ("baseline.toml", ("lens", "lens_light", "source", "quasar", "psf", "noise", "negatives",
+                                 "hard_negatives"), NEGATIVE_TYPES),
+    "physical": ("physical.toml", ("cosmology", "deflector", "lens_light", "source", "quasar", "selection",
+                                   "environment", "psf", "noise", "observation", "negatives", "mimics"),
+                 PHYSICAL_NEGATIVE_TYPES),
+}
 
 
 @dataclass(frozen=True)
@@ -100,6 +110,7 @@ class Family:
     sections: Mapping[str, Mapping[str, Prior]]
     negative_weights: Mapping[str, float]
     sha256: str
+    population: str = "priors"
 
     def prior(self, section: str, key: str) -> Prior:
         try:
@@ -120,9 +131,10 @@ def available_families() -> list[str]:
     return sorted(p.stem for p in FAMILY_DIR.glob("*.toml"))
 
 
-def _reference_keys() -> dict[str, set[str]]:
-    ref = tomllib.loads((FAMILY_DIR / "baseline.toml").read_text())
-    return {s: set(ref[s]) for s in _REQUIRED_SECTIONS}
+def _reference_keys(population: str) -> dict[str, set[str]]:
+    file, sections, _ = POPULATIONS[population]
+    ref = tomllib.loads((FAMILY_DIR / file).read_text())
+    return {s: set(ref[s]) for s in sections}
 
 
 def load_family(name_or_path: str | Path) -> Family:
@@ -139,14 +151,18 @@ def load_family(name_or_path: str | Path) -> Family:
     except tomllib.TOMLDecodeError as err:
         raise ValueError(f"{path}: not valid TOML: {err}") from None
     where = path.name
-    for key in ("name", "lens_fraction", *_REQUIRED_SECTIONS):
+    population = raw.get("population", "priors")
+    if population not in POPULATIONS:
+        raise ValueError(f"{where}: population {population!r} is not one of {sorted(POPULATIONS)}")
+    _, required, negative_types = POPULATIONS[population]
+    for key in ("name", "lens_fraction", *required):
         if key not in raw:
             raise ValueError(f"{where}: missing {key!r}")
     if not 0.0 <= raw["lens_fraction"] <= 1.0:
         raise ValueError(f"{where}: lens_fraction must be in [0, 1], got {raw['lens_fraction']}")
-    ref = _reference_keys()
+    ref = _reference_keys(population)
     sections: dict[str, dict[str, Prior]] = {}
-    for section in _REQUIRED_SECTIONS:
+    for section in required:
         if section == "negatives":
             continue
         got = set(raw[section])
@@ -155,13 +171,13 @@ def load_family(name_or_path: str | Path) -> Family:
                              f"and lacks {sorted(ref[section] - got)}")
         sections[section] = {k: Prior.parse(v, where=f"{where} [{section}] {k}") for k, v in raw[section].items()}
     neg = raw["negatives"]
-    unknown = set(neg) - set(NEGATIVE_TYPES)
+    unknown = set(neg) - set(negative_types)
     if unknown:
-        raise ValueError(f"{where}: [negatives] has unknown types {sorted(unknown)}; valid are {list(NEGATIVE_TYPES)}")
-    weights = {t: float(neg.get(t, 0.0)) for t in NEGATIVE_TYPES}
+        raise ValueError(f"{where}: [negatives] has unknown types {sorted(unknown)}; valid are {list(negative_types)}")
+    weights = {t: float(neg.get(t, 0.0)) for t in negative_types}
     if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
         raise ValueError(f"{where}: [negatives] weights must be >= 0 with a positive sum, got {weights}")
     return Family(name=str(raw["name"]), description=str(raw.get("description", "")),
                   lens_fraction=float(raw["lens_fraction"]), sections=sections,
                   negative_weights={k: v for k, v in weights.items() if v > 0},
-                  sha256=hashlib.sha256(raw_bytes).hexdigest())
+                  sha256=hashlib.sha256(raw_bytes).hexdigest(), population=population)

@@ -73,7 +73,7 @@ BAND_FLAGS = ("missing", "nan_masked", "var_derived", "fwhm_from_psf", "fwhm_nom
 FLUX_UNITS = ("nanomaggy", "count/s", "adu")
 PRIMARY_KEYWORDS = ("OBJID", "RA", "DEC", "SURVEY", "INSTRUME", "Z_PHOT", "Z_SPEC", "Z_ERR", "LENS", "LABELSRC",
                     "LABELCNF", "FLUXRAT", "THETA_E", "ARCSNR", "SIMFAM", "SIMKIND", "SERSICN", "RHALF", "AXRATIO",
-                    "PA_DEG")
+                    "PA_DEG", "PAIRID")
 BAND_KEYWORDS = ("BAND", "BUNIT", "MAGZP", "PIXSCALE", "PSFFWHM")
 
 
@@ -170,7 +170,8 @@ def _var_unit(header: dict) -> str:
 
 
 TRUTH_KEYS = ("Z_SRC", "LENS", "LABELSRC", "LABELCNF", "FLUXRAT", "THETA_E", "ARCSNR", "SIMFAM", "SIMFAMH",
-              "SIMSEED", "SIMKIND", "SERSICN", "RHALF", "AXRATIO", "PA_DEG", "PSFPROF", "EXPSCALE", "MOFFATB")
+              "SIMSEED", "SIMKIND", "SERSICN", "RHALF", "AXRATIO", "PA_DEG", "PSFPROF", "EXPSCALE", "MOFFATB",
+              "PAIRID")
 
 
 def write_simulated_cutout(path: Path, cutout, *, survey: SurveySpec, family, seed: int,
@@ -191,16 +192,27 @@ def write_simulated_cutout(path: Path, cutout, *, survey: SurveySpec, family, se
         "AXRATIO": round(s.galaxy["q"], 4), "PA_DEG": round(s.galaxy["pa"], 3),
         "PSFPROF": s.psf_profile, "EXPSCALE": round(s.exposure_scale, 4),
     }
-    if s.psf_profile == "moffat":
+    if s.psf_profile in ("moffat", "core_wings"):
         primary["MOFFATB"] = round(s.moffat_beta, 4)
+    if s.pair_id:
+        primary["PAIRID"] = s.pair_id
     if not labeled:
         primary = {k: v for k, v in primary.items() if k not in TRUTH_KEYS}
+    obs = getattr(s, "observation", None) or {}
+    zp_error = obs.get("zero_point_error_mag", {})
+    keep_variance = obs.get("write_variance", True)
+    crop = obs.get("crop_px", 0)
+    n = cutout.image.shape[-1]
+    lo = (n - crop) // 2 if crop else 0
+    sl = np.s_[lo:lo + crop, lo:lo + crop] if crop else np.s_[:, :]
     bands = {}
     for i, band in enumerate(cutout.bands):
+        # the file states the zero point with the survey's calibration error (the data are in the true one)
         bands[band] = BandHDUs(
-            image=cutout.image[i], variance=cutout.variance[i], psf=cutout.psf[i],
-            header={"BUNIT": "count/s", "MAGZP": cutout.zero_points[i], "PIXSCALE": survey.pixel_scale_arcsec,
-                    "PSFFWHM": round(s.psf_fwhm_arcsec[band], 5)})
+            image=cutout.image[i][sl], variance=cutout.variance[i][sl] if keep_variance else None,
+            psf=cutout.psf[i],
+            header={"BUNIT": "count/s", "MAGZP": round(cutout.zero_points[i] + zp_error.get(band, 0.0), 5),
+                    "PIXSCALE": survey.pixel_scale_arcsec, "PSFFWHM": round(s.psf_fwhm_arcsec[band], 5)})
     write_cutout(path, primary, bands)
 
 

@@ -29,18 +29,33 @@ _PIXEL_FWHM2 = FWHM_PER_SIGMA**2 / 12.0  # a 1-px box has variance 1/12
 FFT_CHUNK = 64  # planes per batched FFT
 
 
+PSF_PROFILES = ("gaussian", "moffat", "core_wings")
+CORE_WINGS_FRACTION = 0.15  # share of the light in the wings of a core_wings PSF
+CORE_WINGS_SCALE = 2.0  # wings FWHM / core FWHM
+
+
 def psf_kernel(profile: str, fwhm_px: float, *, moffat_beta: float = 3.0, size: int | None = None,
                max_size: int | None = None, oversample: int = 3) -> np.ndarray:
-    """A normalized, pixel-integrated Gaussian or Moffat PSF image of odd size.
+    """A normalized, pixel-integrated Gaussian, Moffat or core-plus-wings PSF image of odd size.
 
     The default size covers 3 FWHM (Gaussian) or 5 FWHM (Moffat) on each side,
     at least 11 px and at most ``max_size``. Gaussian pixels are integrated
     exactly (erf); Moffat pixels on an ``oversample`` x ``oversample`` grid.
+    ``core_wings`` is a Gaussian core of ``fwhm_px`` holding ``1 - CORE_WINGS_FRACTION``
+    of the light plus Moffat wings (``moffat_beta``) of ``CORE_WINGS_SCALE`` times that FWHM.
     """
-    if profile not in ("gaussian", "moffat"):
-        raise ValueError(f"psf profile {profile!r} is not one of ['gaussian', 'moffat']")
+    if profile not in PSF_PROFILES:
+        raise ValueError(f"psf profile {profile!r} is not one of {list(PSF_PROFILES)}")
     if fwhm_px <= 0:
         raise ValueError(f"psf FWHM must be positive, got {fwhm_px} px")
+    if profile == "core_wings":
+        if size is None:
+            size = psf_kernel("moffat", CORE_WINGS_SCALE * fwhm_px, moffat_beta=moffat_beta, max_size=max_size).shape[0]
+        core = psf_kernel("gaussian", fwhm_px, size=size)
+        wings = psf_kernel("moffat", CORE_WINGS_SCALE * fwhm_px, moffat_beta=moffat_beta, size=size,
+                           oversample=oversample)
+        kernel = (1.0 - CORE_WINGS_FRACTION) * core + CORE_WINGS_FRACTION * wings
+        return kernel / kernel.sum()
     if size is None:
         half = math.ceil((3.0 if profile == "gaussian" else 5.0) * fwhm_px)
         size = max(11, 2 * half + 1)

@@ -47,6 +47,8 @@ __all__ = [
     "objid_for",
     "simulate_one",
     "simulate_to_directory",
+    "simulate_pairs_to_directory",
+    "LENSING_ONLY",
     "SUPERSAMPLING",
 ]
 
@@ -100,6 +102,10 @@ class System:
     ra_deg: float
     dec_deg: float
     galaxy: dict = field(default_factory=dict)  # the lens/main galaxy's Sersic truth
+    # how the survey's data differ from the nominal (physical families): per-band zero-point error and
+    # misregistration, background gradient, sky and read-noise scales, variance map withheld, smaller cutout
+    observation: dict = field(default_factory=dict)
+    pair_id: str = ""  # a lens and its twin (the same scene without deflection) share one
 
 
 def object_rng(survey: str, family: str, seed: int, index: int) -> np.random.Generator:
@@ -133,6 +139,12 @@ def draw_system(family: Family, survey: SurveySpec, rng: np.random.Generator, *,
     """Draw one system of ``family`` as observed by ``survey``."""
     d = family.draw
     is_lens = bool(rng.uniform() < family.lens_fraction) if force_lens is None else force_lens
+    if family.population == "physical":
+        from .population import build_system, draw_scene
+
+        role = "lens" if is_lens else family.draw_negative_type(rng)
+        scene = draw_scene(family, survey, rng)
+        return build_system(scene, role, family, survey, rng, objid=objid, **_sky_position(survey, rng))
 
     # the main galaxy: the same population for lenses and non-lenses
     q_mass = d("lens", "axis_ratio", rng)
@@ -196,14 +208,20 @@ def draw_system(family: Family, survey: SurveySpec, rng: np.random.Generator, *,
     fwhm = _draw_seeing(family, survey, rng)
     profile = d("psf", "profile", rng)
     moffat_beta = d("psf", "moffat_beta", rng)
-    ra = rng.uniform(0.0, 360.0)
-    lo, hi = (math.sin(math.radians(x)) for x in survey.dec_range_deg)
-    dec = math.degrees(math.asin(rng.uniform(lo, hi)))
+    pos = _sky_position(survey, rng)
+    ra, dec = pos["ra_deg"], pos["dec_deg"]
     return System(objid=objid, is_lens=is_lens, kind=kind, theta_e_arcsec=theta_e, kwargs_lens=kwargs_lens,
                   components=tuple(components), points=tuple(points), psf_profile=profile,
                   psf_fwhm_arcsec=fwhm, moffat_beta=moffat_beta,
                   exposure_scale=d("noise", "exposure_scale", rng), z_lens=z_lens, z_source=z_source,
                   ra_deg=ra, dec_deg=dec, galaxy=galaxy)
+
+
+def _sky_position(survey: SurveySpec, rng: np.random.Generator) -> dict:
+    """Uniform on the sphere within the survey's declination range."""
+    ra = rng.uniform(0.0, 360.0)
+    lo, hi = (math.sin(math.radians(x)) for x in survey.dec_range_deg)
+    return {"ra_deg": float(ra), "dec_deg": math.degrees(math.asin(rng.uniform(lo, hi)))}
 
 
 def _draw_seeing(family: Family, survey: SurveySpec, rng: np.random.Generator) -> dict:
@@ -418,6 +436,17 @@ def lenstronomy_band_setup(system: System, survey: SurveySpec, band: str, *,
             "point_source_type_list": ps_types or None}
 
 
+def _noise_kwargs(survey: SurveySpec, band: str, system: System) -> dict:
+    """lenstronomy ``SingleBand`` kwargs of ``band`` with the object's exposure, sky and read-noise scales."""
+    kw = survey.kwargs_single_band(band, exposure_scale=system.exposure_scale)
+    obs = system.observation
+    if obs.get("sky_scale"):
+        kw["sky_brightness"] = kw["sky_brightness"] - 2.5 * math.log10(obs["sky_scale"])
+    if obs.get("read_noise_scale"):
+        kw["read_noise"] = kw["read_noise"] * obs["read_noise_scale"]
+    return kw
+
+
 def render_system(system: System, survey: SurveySpec, rng: np.random.Generator) -> RenderedCutout:
     """Draw ``system`` in every band, noiseless and with survey noise."""
     from lenstronomy.SimulationAPI.observation_api import SingleBand
@@ -429,6 +458,7 @@ def render_system(system: System, survey: SurveySpec, rng: np.random.Generator) 
     variance = np.zeros((nb, n, n))
     psfs, zps = [], []
     unit_fluxes = [_unit_flux(c) for c in system.components]  # band-independent
+    obs = system.observation
     for i, band in enumerate(survey.band_names):
         s = lenstronomy_band_setup(system, survey, band, unit_fluxes=unit_fluxes)
         im = s["image_model"]
@@ -439,11 +469,23 @@ def render_system(system: System, survey: SurveySpec, rng: np.random.Generator) 
         if s["kwargs_ps"]:
             target = lensed if system.is_lens else unlensed
             target[i] += im.point_source(s["kwargs_ps"], s["kwargs_lens"])
-        noise = SingleBand(**survey.kwargs_single_band(band, exposure_scale=system.exposure_scale))
+        if obs.get("shift_px"):  # the band's sub-pixel misregistration, on the noiseless light
+            from scipy.ndimage import shift
+
+            dx, dy = obs["shift_px"][band]
+            lensed[i] = shift(lensed[i], (dy, dx), order=1, mode="constant")
+            unlensed[i] = shift(unlensed[i], (dy, dx), order=1, mode="constant")
+        noise = SingleBand(**_noise_kwargs(survey, band, system))
         variance[i] = noise.estimate_noise(lensed[i] + unlensed[i]) ** 2
         psfs.append(s["psf"])
         zps.append(s["zero_point"])
     image = lensed + unlensed + rng.standard_normal(lensed.shape) * np.sqrt(variance)
+    if obs.get("gradient_sigma"):  # a residual background plane, in units of each band's sky noise
+        ramp = (np.arange(n) - (n - 1) / 2) / n
+        a = obs["gradient_angle"]
+        plane = math.cos(a) * ramp[None, :] + math.sin(a) * ramp[:, None]
+        sky_sigma = np.sqrt(variance.min(axis=(1, 2)))
+        image = image + obs["gradient_sigma"] * sky_sigma[:, None, None] * plane[None]
     r = survey.band_names.index(survey.band(survey.reference_band).name)
     total = float(lensed[r].sum() + unlensed[r].sum())
     flux_ratio = float(lensed[r].sum() / total) if total > 0 else 0.0
@@ -497,6 +539,60 @@ def simulate_to_directory(survey: SurveySpec, family: Family, *, n_cutouts: int,
     rows = parallel_map(_simulate_and_write, tasks, workers=workers, progress=progress,
                         desc=f"simulate {survey.name}/{family.name}", unit="cutout")
     return pd.DataFrame(rows), time.perf_counter() - t0
+
+
+LENSING_ONLY = "lensing_only"  # SIMFAM of the lens/twin pairs: the same scene with and without deflection
+
+
+def _simulate_pair_and_write(args) -> list[dict]:
+    from dataclasses import replace
+
+    from .fits_contract import write_simulated_cutout
+    from .population import build_system, draw_scene
+
+    survey, family, seed, index, out_dir = args
+    rng = object_rng(survey.name, f"{family.name}-{LENSING_ONLY}", seed, index)
+    scene = draw_scene(family, survey, rng)
+    base = objid_for(survey.name, LENSING_ONLY, seed, index)
+    pos = _sky_position(survey, rng)
+    pair_family = replace(family, name=LENSING_ONLY)  # files say SIMFAM lensing_only, SIMFAMH the family's hash
+    rows = []
+    for role in ("lens", "twin"):
+        system = replace(build_system(scene, role, family, survey, rng, objid=f"{base}-{role}", **pos), pair_id=base)
+        cutout = render_system(system, survey, rng)
+        path = Path(out_dir) / f"{system.objid}.fits"
+        write_simulated_cutout(path, cutout, survey=survey, family=pair_family, seed=seed)
+        rows.append({"objid": system.objid, "file": path.name, "label": int(system.is_lens), "kind": system.kind,
+                     "flux_ratio": cutout.flux_ratio, "theta_e": system.theta_e_arcsec, "arc_snr": cutout.arc_snr,
+                     "seeing_ref": system.psf_fwhm_arcsec[survey.band(survey.reference_band).name],
+                     "pair_id": base})
+    return rows
+
+
+def simulate_pairs_to_directory(survey: SurveySpec, family: Family, *, n_pairs: int, seed: int, out_dir: Path,
+                                workers: int = 1, progress: bool = True):
+    """``n_pairs`` lens/twin pairs of a physical ``family``: each scene once lensed and once with the deflection
+    switched off (its source unlensed, as bright as its images), the two files sharing ``PAIRID`` and
+    ``SIMFAM = "lensing_only"``. What separates a pair is lensing alone: the finder's AUROC on them is the
+    lensing-only AUROC. Returns ``(truth, seconds)`` like :func:`simulate_to_directory`, two rows a pair.
+    """
+    import pandas as pd
+
+    from .parallel import parallel_map
+
+    if family.population != "physical":
+        raise ValueError(f"family {family.name}: lens/twin pairs need a physical family (population = 'physical'), "
+                         f"got population {family.population!r}")
+    if n_pairs < 1:
+        raise ValueError(f"n_pairs must be >= 1, got {n_pairs}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _warm_up(survey)
+    t0 = time.perf_counter()
+    pairs = parallel_map(_simulate_pair_and_write, [(survey, family, seed, i, str(out_dir)) for i in range(n_pairs)],
+                         workers=workers, progress=progress, desc=f"simulate {survey.name}/{LENSING_ONLY}",
+                         unit="pair")
+    return pd.DataFrame([r for pair in pairs for r in pair]), time.perf_counter() - t0
 
 
 def _warm_up(survey: SurveySpec) -> None:

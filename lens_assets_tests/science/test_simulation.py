@@ -143,7 +143,7 @@ def test_psf_kernel_is_normalized_odd_and_has_its_fwhm(profile, fwhm, beta):
 
 
 def test_psf_kernel_rejects_bad_options():
-    with pytest.raises(ValueError, match=r"psf profile 'airy' is not one of \['gaussian', 'moffat'\]"):
+    with pytest.raises(ValueError, match=r"psf profile 'airy' is not one of \['gaussian', 'moffat', 'core_wings'\]"):
         psf_kernel("airy", 3.0)
     with pytest.raises(ValueError, match="psf FWHM must be positive, got -1"):
         psf_kernel("gaussian", -1)

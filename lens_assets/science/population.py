@@ -1,0 +1,443 @@
+"""A physical lens population: scenes drawn from the sky's relations, lenses and non-lenses alike.
+
+A *scene* is a deflector galaxy, a background source behind it and the
+environment around them, drawn so that the joint distribution of Einstein
+radius, deflector brightness, source brightness and flux ratio follows the
+sky's (for ``population = "physical"`` families, ``families/physical.toml``):
+
+* Velocity dispersion σ from the early-type velocity-dispersion function of
+  Choi, Park & Vogeley (2007, ApJ 658, 884), ``φ(σ) ∝ (σ/σ*)^α exp(-(σ/σ*)^β) / σ``,
+  weighted by the lensing cross-section (∝ θE² ∝ σ⁴).
+* Redshifts jointly: the source's from ``p(z) ∝ z² exp(-(z/z0)^1.5)`` (faint
+  galaxy counts), the deflector's from the comoving volume ``dV/dz`` (no
+  evolution in the number density) times the cross-section's ``(D_ls/D_s)²``;
+  the source redshift is weighted by the optical depth that this gives
+  (Turner, Ostriker & Gott 1984). Distances from ``astropy.cosmology``.
+* θE of the singular isothermal sphere, ``4π (σ/c)² D_ls / D_s``.
+* Deflector light: Faber–Jackson (``L ∝ σ⁴``) for M_r with scatter, the
+  early-type size–luminosity relation of Shen et al. (2003, MNRAS 343, 978)
+  for its half-light radius, and a red sequence whose observed-frame slope
+  reddens with redshift (the 4000 Å break moving through the bands).
+  Apparent magnitudes carry the power-law K-correction of the family's
+  colour model (``f_ν ∝ λ^β``).
+* Sources from number counts ``dN/dm ∝ 10^(0.3 m)``, with sizes from the
+  size–luminosity–redshift relation of star-forming galaxies of Shibuya et al.
+  (2015, ApJS 219, 15).
+* Selection as in Collett (2015, ApJ 811, 20): a scene is kept only when the
+  survey could see its lensing (arc S/N, total magnification, θE against the
+  seeing). Non-lenses are drawn from the same selected scenes, so the galaxy,
+  source and environment populations are the same for both classes.
+
+Non-lenses (``build_system``): a *twin* is the same scene with the deflection
+switched off, the source at its unlensed position with its flux matched to the
+lensed flux (so the total light and colour agree with the lens; only the
+distortion differs); the other types put lens-like unlensed structure (compact
+blobs, a blue core, a star, a ring or spiral of knots) with the lensed
+source's flux and colour beside the deflector, or give it a second nucleus.
+Every scene gets the same environment (neighbours, satellites, stars).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+
+import numpy as np
+
+from .families import Family
+from .surveys import SurveySpec
+
+__all__ = ["Scene", "draw_scene", "build_system", "theta_e_sis_arcsec", "lensed_source_check",
+           "redshift_tables", "C_KMS"]
+
+C_KMS = 299_792.458
+RAD_TO_ARCSEC = 180.0 / math.pi * 3600.0
+
+
+def theta_e_sis_arcsec(sigma_kms, dls_over_ds):
+    """Einstein radius of a singular isothermal sphere: ``4π (σ/c)² D_ls/D_s``, in arcsec."""
+    return 4.0 * math.pi * (np.asarray(sigma_kms) / C_KMS) ** 2 * np.asarray(dls_over_ds) * RAD_TO_ARCSEC
+
+
+@lru_cache(maxsize=8)
+def _cosmology(h0: float, om0: float):
+    from astropy.cosmology import FlatLambdaCDM
+
+    return FlatLambdaCDM(H0=h0, Om0=om0)
+
+
+@dataclass(frozen=True)
+class RedshiftTables:
+    """Grids for the joint (z_l, z_s) draw and the distances each scene needs."""
+
+    zl: np.ndarray
+    zs: np.ndarray
+    weight: np.ndarray  # (nl, ns): dV/dz_l (D_ls/D_s)^2, 0 where z_l >= z_s
+    p_zs: np.ndarray  # (ns,) normalized
+    dls_over_ds: np.ndarray  # (nl, ns)
+    da_l_kpc: np.ndarray  # (nl,) angular diameter distance
+    da_s_kpc: np.ndarray  # (ns,)
+    dm_l: np.ndarray  # (nl,) distance modulus
+    dm_s: np.ndarray  # (ns,)
+
+
+@lru_cache(maxsize=8)
+def redshift_tables(h0: float, om0: float, zl_min: float, zl_max: float, zs_min: float, zs_max: float,
+                    z0: float) -> RedshiftTables:
+    """The (z_l, z_s) weights of the lensing optical depth on a grid (computed once per cosmology)."""
+    cosmo = _cosmology(h0, om0)
+    zl = np.linspace(zl_min, zl_max, 221)
+    zs = np.linspace(zs_min, zs_max, 171)
+    da_l = cosmo.angular_diameter_distance(zl).to("kpc").value
+    da_s = cosmo.angular_diameter_distance(zs).to("kpc").value
+    behind = zl[:, None] < zs[None, :] - 0.05
+    # D_ls = (D_M(z_s) - D_M(z_l)) / (1 + z_s) in a flat universe (Hogg 1999, eq. 19)
+    dm_l, dm_s = cosmo.comoving_transverse_distance(zl).to("kpc").value, cosmo.comoving_transverse_distance(zs).to(
+        "kpc").value
+    dls = (dm_s[None, :] - dm_l[:, None]) / (1.0 + zs[None, :])
+    ratio = np.where(behind, dls / da_s[None, :], 0.0)
+    dvdz = cosmo.differential_comoving_volume(zl).value
+    weight = dvdz[:, None] * ratio**2
+    p_zs = zs**2 * np.exp(-((zs / z0) ** 1.5)) * weight.sum(axis=0)
+    return RedshiftTables(zl=zl, zs=zs, weight=weight, p_zs=p_zs / p_zs.sum(), dls_over_ds=ratio,
+                          da_l_kpc=da_l, da_s_kpc=da_s, dm_l=cosmo.distmod(zl).value, dm_s=cosmo.distmod(zs).value)
+
+
+@lru_cache(maxsize=8)
+def _sigma_cdf(sigma_star: float, alpha: float, beta: float, lo: float, hi: float):
+    s = np.linspace(lo, hi, 2001)
+    x = s / sigma_star
+    pdf = x**alpha * np.exp(-(x**beta)) / s * s**4  # VDF times the cross-section
+    cdf = np.concatenate([[0.0], np.cumsum(0.5 * (pdf[1:] + pdf[:-1]) * np.diff(s))])
+    return s, cdf / cdf[-1]
+
+
+def _power_law_mag(rng, slope: float, lo: float, hi: float) -> float:
+    """A magnitude from dN/dm ∝ 10^(slope m) on [lo, hi] (inverse CDF)."""
+    a, b = 10 ** (slope * lo), 10 ** (slope * hi)
+    return float(math.log10(a + rng.uniform() * (b - a)) / slope)
+
+
+def _observed_mag(abs_mag: float, distmod: float, z: float, beta: float, wavelength_nm: float,
+                  rest_wavelength_nm: float) -> float:
+    """Apparent AB magnitude at ``wavelength_nm`` of an object with ``f_ν ∝ λ^β`` whose absolute magnitude is
+    ``abs_mag`` at ``rest_wavelength_nm``: ``M + DM − 2.5 log10(1+z) − 2.5 β log10(λ_obs / ((1+z) λ_rest))``."""
+    return (abs_mag + distmod - 2.5 * math.log10(1.0 + z)
+            - 2.5 * beta * math.log10(wavelength_nm / ((1.0 + z) * rest_wavelength_nm)))
+
+
+@dataclass
+class Scene:
+    """A deflector, its lensing, a source, the environment and the observing conditions of one object."""
+
+    sigma_kms: float
+    z_lens: float
+    z_source: float
+    theta_e_arcsec: float
+    kwargs_lens: tuple
+    galaxy: dict  # Sersic truth of the deflector's light (n, r_eff, q, pa)
+    galaxy_mag: float
+    galaxy_beta: float
+    source_kind: str  # 'extended' | 'quasar'
+    source_xy: tuple
+    source_components: list  # LightComponent, lensed=True
+    quasar: dict | None  # mag, beta (lensed point source), None for an extended source
+    magnification: float  # total of the extended source (or the quasar host)
+    arc_snr_ref: float  # quick reference-band S/N of the lensed source light (selection)
+    environment: list  # LightComponent / PointComponent, unlensed
+    psf_profile: str
+    psf_fwhm_arcsec: dict
+    moffat_beta: float
+    exposure_scale: float
+    observation: dict = field(default_factory=dict)
+    tries: int = 1
+
+    @property
+    def arc_mag(self) -> float:
+        """Reference-band magnitude of the lensed source light (its unlensed magnitude brightened by μ)."""
+        if self.quasar is not None:
+            return self.quasar["mag"] - 2.5 * math.log10(self.magnification)
+        flux = sum(10 ** (-0.4 * c.mag_ref) for c in self.source_components)
+        return -2.5 * math.log10(flux * self.magnification)
+
+    @property
+    def source_beta(self) -> float:
+        return self.quasar["beta"] if self.quasar is not None else self.source_components[0].color_beta
+
+
+def _seeing(family: Family, survey: SurveySpec, rng) -> dict:
+    common = rng.normal(0.0, survey.seeing_scatter * family.draw("psf", "seeing_scatter_scale", rng))
+    jitter = family.draw("psf", "band_jitter", rng)
+    return {b.name: b.seeing_fwhm_arcsec * math.exp(common + rng.normal(0.0, jitter)) for b in survey.bands}
+
+
+def _environment(family: Family, rng, galaxy_mag: float) -> list:
+    from .simulation import LightComponent, PointComponent, _polar, _sersic
+
+    d = family.draw
+    e = "environment"
+    out: list = []
+    for _ in range(d(e, "n_neighbours", rng)):
+        c = _polar(d(e, "neighbour_distance_arcsec", rng), rng.uniform(0, 2 * math.pi))
+        out.append(LightComponent("SERSIC_ELLIPSE", _sersic(c, n=rng.uniform(0.8, 4.0),
+                                                            r_eff=d(e, "neighbour_r_eff_arcsec", rng),
+                                                            q=rng.uniform(0.3, 1.0), pa=rng.uniform(0, 180)),
+                                  d(e, "neighbour_mag", rng), d(e, "neighbour_color_beta", rng), lensed=False))
+    if rng.uniform() < d(e, "satellite_fraction", rng):
+        c = _polar(d(e, "satellite_distance_arcsec", rng), rng.uniform(0, 2 * math.pi))
+        out.append(LightComponent("SERSIC_ELLIPSE", _sersic(c, n=rng.uniform(1.0, 4.0),
+                                                            r_eff=d(e, "satellite_r_eff_arcsec", rng),
+                                                            q=rng.uniform(0.4, 1.0), pa=rng.uniform(0, 180)),
+                                  galaxy_mag + d(e, "satellite_mag_offset", rng), d(e, "satellite_color_beta", rng),
+                                  lensed=False))
+    if rng.uniform() < d(e, "star_fraction", rng):
+        c = _polar(d(e, "star_distance_arcsec", rng), rng.uniform(0, 2 * math.pi))
+        out.append(PointComponent((c[0],), (c[1],), (1.0,), d(e, "star_mag", rng), d(e, "star_color_beta", rng),
+                                  lensed=False))
+    return out
+
+
+def _observation(family: Family, survey: SurveySpec, rng) -> dict:
+    d = family.draw
+    o = "observation"
+    shift = d(o, "misregistration_px", rng)
+    out = {
+        "zero_point_error_mag": {b: float(d(o, "zero_point_error_mag", rng)) for b in survey.band_names},
+        "shift_px": {b: (float(rng.uniform(-shift, shift)), float(rng.uniform(-shift, shift)))
+                     for b in survey.band_names},
+        "gradient_sigma": float(d(o, "background_gradient_sigma", rng)),
+        "gradient_angle": float(rng.uniform(0, 2 * math.pi)),
+        "write_variance": bool(rng.uniform() >= d(o, "variance_withheld_fraction", rng)),
+        "sky_scale": float(d("noise", "sky_scale", rng)),
+        "read_noise_scale": float(d("noise", "read_noise_scale", rng)),
+        "crop_px": 0,
+    }
+    if rng.uniform() < d(o, "small_cutout_fraction", rng):
+        out["crop_px"] = int(round(survey.cutout_size_px * d(o, "small_cutout_scale", rng)))
+    return out
+
+
+def lensed_source_check(kwargs_lens, components, *, survey: SurveySpec, fwhm_arcsec: float,
+                        exposure_scale: float = 1.0, supersample: int = 2) -> tuple[float, float]:
+    """(total magnification, reference-band S/N) of lensed extended light, quickly, for the selection.
+
+    Ray-shoots a supersampled grid through the lens, sums the source's surface
+    brightness (magnification = lensed flux on the stamp / unlensed flux),
+    smooths the binned image with a Gaussian of the seeing and computes the
+    matched-filter S/N against the survey's sky, read and source noise.
+    """
+    from lenstronomy.LensModel.lens_model import LensModel
+    from lenstronomy.LightModel.light_model import LightModel
+    from lenstronomy.SimulationAPI.observation_api import SingleBand
+    from scipy.ndimage import gaussian_filter
+
+    from .simulation import _unit_flux
+
+    n, pix = survey.cutout_size_px, survey.pixel_scale_arcsec
+    coords = (np.arange(n * supersample) + 0.5) / supersample * pix - n * pix / 2
+    x, y = np.meshgrid(coords, coords)
+    bx, by = LensModel(["SIE", "SHEAR"]).ray_shooting(x.ravel(), y.ravel(), list(kwargs_lens))
+    ref = survey.band(survey.reference_band)
+    zp = ref.magnitude_zero_point
+    total = np.zeros(x.size)
+    unlensed = 0.0
+    for c in components:
+        flux = 10 ** (-0.4 * (c.mag_ref - zp))  # e-/s
+        amp = flux / _unit_flux(c)
+        total += LightModel([c.profile]).surface_brightness(bx, by, [dict(c.shape, amp=amp)])
+        unlensed += flux
+    img = total.reshape(n, supersample, n, supersample).sum(axis=(1, 3)) * (pix / supersample) ** 2
+    mu = float(img.sum() / unlensed) if unlensed > 0 else 0.0
+    sigma_px = fwhm_arcsec / pix / 2.3548
+    img = gaussian_filter(img, sigma_px, mode="constant")
+    noise = SingleBand(**survey.kwargs_single_band(ref.name, exposure_scale=exposure_scale))
+    var = noise.estimate_noise(img) ** 2
+    return mu, float(np.sqrt(np.sum(img**2 / var)))
+
+
+def draw_scene(family: Family, survey: SurveySpec, rng: np.random.Generator) -> Scene:
+    """Draw a scene the survey could see as a lens (redrawn until the selection keeps it)."""
+    from .simulation import LightComponent, _sersic, _polar
+
+    d = family.draw
+    cos = family.sections["cosmology"]
+    dfl = "deflector"
+    tables = redshift_tables(float(cos["H0"].sample(rng)), float(cos["Om0"].sample(rng)),
+                             d(dfl, "z_min", rng), d(dfl, "z_max", rng), d("source", "z_min", rng),
+                             d("source", "z_max", rng), d("source", "z0", rng))
+    s_grid, s_cdf = _sigma_cdf(d(dfl, "vdf_sigma_star_kms", rng), d(dfl, "vdf_alpha", rng), d(dfl, "vdf_beta", rng),
+                               d(dfl, "sigma_min_kms", rng), d(dfl, "sigma_max_kms", rng))
+    sel = "selection"
+    ref = survey.band(survey.reference_band)
+    max_tries = int(d(sel, "max_tries", rng))
+    for tries in range(1, max_tries + 1):
+        fwhm = _seeing(family, survey, rng)
+        sigma = float(np.interp(rng.uniform(), s_cdf, s_grid))
+        j = int(rng.choice(len(tables.zs), p=tables.p_zs))
+        w = tables.weight[:, j]
+        i = int(rng.choice(len(tables.zl), p=w / w.sum()))
+        z_l, z_s = float(tables.zl[i]), float(tables.zs[j])
+        theta_e = float(theta_e_sis_arcsec(sigma, tables.dls_over_ds[i, j]))
+        if not (d(sel, "min_theta_e_over_fwhm", rng) * fwhm[ref.name] <= theta_e <= d(sel, "max_theta_e_arcsec", rng)):
+            continue
+        # deflector light
+        ll = "lens_light"
+        m_abs = d(ll, "fj_mag_at_200", rng) - 10.0 * math.log10(sigma / 200.0) + rng.normal(0, d(ll, "fj_scatter_mag", rng))
+        beta_l = d(ll, "color_beta_at_z0", rng) + d(ll, "color_beta_per_z", rng) * z_l + rng.normal(
+            0, d(ll, "color_beta_scatter", rng))
+        gal_mag = _observed_mag(m_abs, tables.dm_l[i], z_l, beta_l, ref.wavelength_nm, d(ll, "rest_wavelength_nm", rng))
+        r_kpc = 10 ** (-0.4 * d(ll, "size_a", rng) * m_abs + d(ll, "size_b", rng)) * math.exp(
+            rng.normal(0, d(ll, "size_ln_scatter", rng)))
+        r_eff = float(np.clip(r_kpc / tables.da_l_kpc[i] * RAD_TO_ARCSEC, 0.1, 6.0))
+        q_mass = d(dfl, "axis_ratio", rng)
+        pa = d(dfl, "position_angle_deg", rng)
+        galaxy = {"n": d(ll, "sersic_n", rng), "r_eff": r_eff,
+                  "q": float(np.clip(q_mass + d(ll, "axis_ratio_scatter", rng), 0.2, 1.0)),
+                  "pa": (pa + d(ll, "position_angle_scatter_deg", rng)) % 180.0}
+        from lenstronomy.Util.param_util import shear_polar2cartesian
+
+        from .simulation import _ellipticity
+
+        e1, e2 = _ellipticity(q_mass, pa)
+        g1, g2 = shear_polar2cartesian(math.radians(d(dfl, "shear_angle_deg", rng)), d(dfl, "shear", rng))
+        kwargs_lens = ({"theta_E": theta_e, "e1": e1, "e2": e2, "center_x": 0.0, "center_y": 0.0},
+                       {"gamma1": float(g1), "gamma2": float(g2), "ra_0": 0.0, "dec_0": 0.0})
+        # source
+        src = "source"
+        b = d(src, "max_offset", rng) * theta_e * math.sqrt(rng.uniform())
+        xy = _polar(b, rng.uniform(0, 2 * math.pi))
+        beta_s = d(src, "color_beta", rng)
+        src_mag = _power_law_mag(rng, d(src, "count_slope", rng), d(src, "mag_min", rng), d(src, "mag_max", rng))
+        # size from the size-luminosity-redshift relation (flat f_nu: M_UV ~ m - DM + 2.5 log10(1+z))
+        m_uv = src_mag - tables.dm_s[j] + 2.5 * math.log10(1.0 + z_s)
+        lum = 10 ** (-0.4 * (m_uv - d(src, "m_uv_star", rng)))
+        re_kpc = (d(src, "r_l_star_kpc", rng) * (1.0 + z_s) ** (-d(src, "size_z_slope", rng))
+                  * lum ** d(src, "size_l_slope", rng) * math.exp(rng.normal(0, d(src, "size_ln_scatter", rng))))
+        re_src = float(np.clip(re_kpc / tables.da_s_kpc[j] * RAD_TO_ARCSEC, 0.03, 1.5))
+        clumpy = rng.uniform() < d(src, "clumpy_fraction", rng)
+        f_clumps = d(src, "clump_flux_fraction", rng) if clumpy else 0.0
+        comps = [LightComponent("SERSIC_ELLIPSE", _sersic(xy, n=d(src, "sersic_n", rng), r_eff=re_src,
+                                                          q=d(src, "axis_ratio", rng), pa=rng.uniform(0, 180)),
+                                src_mag - 2.5 * math.log10(1.0 - f_clumps), beta_s, lensed=True)]
+        if clumpy:
+            shares = rng.dirichlet(np.ones(d(src, "n_clumps", rng))) * f_clumps
+            for share in shares:
+                off = rng.normal(0.0, re_src, size=2)
+                comps.append(LightComponent("GAUSSIAN", {"sigma": d(src, "clump_sigma_arcsec", rng),
+                                                         "center_x": xy[0] + off[0], "center_y": xy[1] + off[1]},
+                                            src_mag - 2.5 * math.log10(share),
+                                            beta_s + d(src, "clump_color_beta_offset", rng), lensed=True))
+        exposure = d("noise", "exposure_scale", rng)
+        mu, snr = lensed_source_check(kwargs_lens, comps, survey=survey, fwhm_arcsec=fwhm[ref.name],
+                                      exposure_scale=exposure)
+        if mu < d(sel, "min_magnification", rng) or snr < d(sel, "min_arc_snr", rng):
+            continue
+        # a share of the selected sources host a quasar (drawn after the selection, so the share is the prior's)
+        kind, quasar = d(src, "kind", rng), None
+        if kind == "quasar":
+            q_mag = d("quasar", "mag", rng)
+            quasar = {"mag": q_mag, "beta": d("quasar", "color_beta", rng)}
+            host = q_mag + d("quasar", "host_mag_offset", rng)
+            comps = [replace(c, mag_ref=c.mag_ref + host - src_mag) for c in comps[:1]]
+        profile = d("psf", "profile", rng)
+        return Scene(sigma_kms=sigma, z_lens=z_l, z_source=z_s, theta_e_arcsec=theta_e, kwargs_lens=kwargs_lens,
+                     galaxy=galaxy, galaxy_mag=gal_mag, galaxy_beta=beta_l, source_kind=kind, source_xy=xy,
+                     source_components=comps, quasar=quasar, magnification=mu, arc_snr_ref=snr,
+                     environment=_environment(family, rng, gal_mag), psf_profile=profile, psf_fwhm_arcsec=fwhm,
+                     moffat_beta=d("psf", "moffat_beta", rng), exposure_scale=exposure,
+                     observation=_observation(family, survey, rng), tries=tries)
+    raise RuntimeError(f"family {family.name}: no scene passed the selection in {max_tries} tries on {survey.name} "
+                       f"(check [selection] against the survey's depth and seeing)")
+
+
+def _knots(family: Family, rng, x, y, rot: float, mag: float, beta: float) -> list:
+    from .simulation import LightComponent
+
+    c, s = math.cos(rot), math.sin(rot)
+    shares = rng.dirichlet(np.ones(len(x)))
+    return [LightComponent("GAUSSIAN", {"sigma": family.draw("mimics", "knot_sigma_arcsec", rng),
+                                        "center_x": float(c * xi - s * yi), "center_y": float(s * xi + c * yi)},
+                           mag - 2.5 * math.log10(share), beta, lensed=False) for xi, yi, share in zip(x, y, shares)]
+
+
+def build_system(scene: Scene, role: str, family: Family, survey: SurveySpec, rng: np.random.Generator, *,
+                 objid: str, ra_deg: float, dec_deg: float):
+    """The :class:`~.simulation.System` of ``scene`` as a lens (``role='lens'``) or as a non-lens type."""
+    from .simulation import LightComponent, PointComponent, System, _lensed_points, _polar, _sersic
+
+    g = scene.galaxy
+    main = LightComponent("SERSIC_ELLIPSE", _sersic((0.0, 0.0), n=g["n"], r_eff=g["r_eff"], q=g["q"], pa=g["pa"]),
+                          scene.galaxy_mag, scene.galaxy_beta, lensed=False)
+    comps: list = [main]
+    points: list = []
+    env_c = [c for c in scene.environment if isinstance(c, LightComponent)]
+    env_p = [p for p in scene.environment if isinstance(p, PointComponent)]
+    theta_e, kwargs_lens, z_source = scene.theta_e_arcsec, scene.kwargs_lens, scene.z_source
+    mu = scene.magnification
+    d = family.draw
+    m = "mimics"
+    if role == "lens":
+        kind = scene.source_kind
+        comps += scene.source_components
+        if scene.quasar is not None:
+            points.append(_lensed_points(kwargs_lens, scene.source_xy, scene.quasar["mag"], scene.quasar["beta"],
+                                         survey))
+    else:
+        kind = role
+        arc_mag, arc_beta = scene.arc_mag, scene.source_beta
+        if role == "twin":  # the source unlensed at its own position, as bright as its images together
+            comps += [replace(c, mag_ref=c.mag_ref - 2.5 * math.log10(mu), lensed=False)
+                      for c in scene.source_components]
+            if scene.quasar is not None:
+                points.append(PointComponent((scene.source_xy[0],), (scene.source_xy[1],), (1.0,), arc_mag,
+                                             arc_beta, lensed=False))
+        elif role == "companion_blob":
+            n_blobs = d(m, "blob_split", rng)
+            for share in rng.dirichlet(np.ones(n_blobs)):
+                c = _polar(d(m, "blob_distance_over_theta_e", rng) * theta_e, rng.uniform(0, 2 * math.pi))
+                comps.append(LightComponent("SERSIC_ELLIPSE", _sersic(
+                    c, n=rng.uniform(0.5, 2.0), r_eff=float(np.clip(scene.source_components[0].shape["R_sersic"]
+                                                                    * rng.uniform(1.0, 2.5), 0.04, 0.6)),
+                    q=rng.uniform(0.3, 1.0), pa=rng.uniform(0, 180)), arc_mag - 2.5 * math.log10(share), arc_beta,
+                    lensed=False))
+        elif role == "blue_core":
+            off = rng.normal(0.0, 0.05, size=2)
+            comps.append(LightComponent("SERSIC_ELLIPSE", _sersic(
+                (float(off[0]), float(off[1])), n=rng.uniform(0.5, 1.5),
+                r_eff=float(np.clip(0.3 * g["r_eff"] * rng.uniform(0.3, 1.0), 0.05, 1.0)), q=rng.uniform(0.5, 1.0),
+                pa=rng.uniform(0, 180)), arc_mag, arc_beta, lensed=False))
+        elif role == "binary_nucleus":
+            c = _polar(d(m, "binary_separation_arcsec", rng), rng.uniform(0, 2 * math.pi))
+            comps.append(LightComponent("SERSIC_ELLIPSE", _sersic(
+                c, n=rng.uniform(2.0, 4.0), r_eff=float(np.clip(g["r_eff"] * rng.uniform(0.15, 0.4), 0.05, 2.0)),
+                q=rng.uniform(0.6, 1.0), pa=rng.uniform(0, 180)),
+                scene.galaxy_mag - 2.5 * math.log10(d(m, "binary_flux_ratio", rng)),
+                scene.galaxy_beta + rng.normal(0, 0.2), lensed=False))
+        elif role == "star_beside":
+            c = _polar(d(m, "star_distance_over_theta_e", rng) * theta_e, rng.uniform(0, 2 * math.pi))
+            points.append(PointComponent((c[0],), (c[1],), (1.0,), arc_mag, float(rng.normal(0.5, 0.8)),
+                                         lensed=False))
+        elif role == "ring":
+            radius = d(m, "ring_radius_over_theta_e", rng) * theta_e
+            n = d(m, "ring_n_knots", rng)
+            angles = np.sort(rng.uniform(0, 2 * math.pi, n))
+            comps += _knots(family, rng, radius * np.cos(angles), radius * d(m, "ring_axis_ratio", rng)
+                            * np.sin(angles), rng.uniform(0, math.pi), arc_mag, arc_beta)
+        elif role == "spiral":
+            n = d(m, "spiral_n_knots", rng)
+            pitch = math.radians(d(m, "spiral_pitch_deg", rng))
+            r0 = max(0.3, 0.5 * g["r_eff"])
+            t = rng.uniform(0, 1.5 * math.pi, n)
+            arm = rng.integers(0, 2, n) * math.pi
+            r = np.minimum(r0 * np.exp(t * math.tan(pitch)), 1.8 * theta_e + 0.5)
+            comps += _knots(family, rng, r * np.cos(t + arm), r * np.sin(t + arm), rng.uniform(0, math.pi),
+                            arc_mag, arc_beta)
+        else:
+            raise ValueError(f"unknown non-lens type {role!r}")
+        theta_e, kwargs_lens, z_source = 0.0, (), -1.0
+    return System(objid=objid, is_lens=role == "lens", kind=kind, theta_e_arcsec=theta_e, kwargs_lens=kwargs_lens,
+                  components=tuple(comps + env_c), points=tuple(points + env_p), psf_profile=scene.psf_profile,
+                  psf_fwhm_arcsec=scene.psf_fwhm_arcsec, moffat_beta=scene.moffat_beta,
+                  exposure_scale=scene.exposure_scale, z_lens=scene.z_lens, z_source=z_source, ra_deg=ra_deg,
+                  dec_deg=dec_deg, galaxy=g, observation=scene.observation)
