@@ -14,7 +14,7 @@ from lens_assets.science.ingest import find_fits, ingest_files
 from lens_assets.science.schemas import catalog_schema, quarantine_schema
 from lens_assets.science.surveys import get_survey
 
-INGEST_CODE_VERSION = "ingest-2"
+INGEST_CODE_VERSION = "ingest-3"
 LABEL_FRACTION_RANGE = (0.05, 0.95)
 
 CHECKS = [

@@ -111,6 +111,7 @@ def catalog_row(c: Cutout, *, sha256: str, survey: SurveySpec) -> dict:
         "z_err": _header_float(p, "Z_ERR", name, low=0.0, high=20.0),
         "sim_family": str(p.get("SIMFAM", "")),
         "sim_kind": str(p.get("SIMKIND", "")),
+        "pair_id": str(p.get("PAIRID", "")).strip(),
         "bands": ",".join(c.bands),
         "n_bands_present": int(present.sum()),
         "band_flags": ";".join(f"{b}:{'|'.join(f)}" for b, f in c.band_flags.items()),

@@ -41,6 +41,8 @@ def _base_columns() -> dict[str, pa.Column]:
         "z_err": pa.Column(f, _missing_or(0.0, 20.0)),
         "sim_family": pa.Column(s),
         "sim_kind": pa.Column(s),
+        "pair_id": pa.Column(s, description="PAIRID: shared by a lens and its twin rendered without deflection "
+                                            "(simulated lensing_only pairs); empty otherwise"),
         "bands": pa.Column(s),
         "n_bands_present": pa.Column(i, pa.Check.ge(1)),
         "band_flags": pa.Column(s, description="band:flag|flag;... for flagged bands"),

@@ -241,7 +241,13 @@ def _shape_mismatch_var(tmp):
 
 
 def _too_small(tmp):
-    return make_file(tmp / "f.fits", size=32), ["32x32", "64"]
+    return make_file(tmp / "f.fits", size=32), ["32x32", "8.42\"", "min_cutout_arcsec = 10\"", "64 px"]
+
+
+def _no_sky_noise(tmp):
+    flat = np.full((SIZE, SIZE), 3.0, dtype=np.float32)
+    return (make_file(tmp / "f.fits", bands={"g": band_hdus(image=flat, variance=None)}),
+            ["IMAGE_g", "no VAR_g", "constant", "value 3"])
 
 
 def _mostly_nan(tmp):
@@ -293,7 +299,9 @@ QUARANTINE_CASES = [
     ("not_square", "not_square", _not_square, r"\(64, 63\); cutouts must be square"),
     ("shape_mismatch", "shape_mismatch", _shape_mismatch_bands, r"IMAGE_r has shape \(70, 70\)"),
     ("shape_mismatch-var", "shape_mismatch", _shape_mismatch_var, r"VAR_r has shape \(66, 66\)"),
-    ("too_small", "too_small", _too_small, r"smaller than the des cutout size 64 px"),
+    ("too_small", "too_small", _too_small, r"32x32 px at 0\.263\"/px = 8\.42\" across, less than the des "
+                                           r"minimum min_cutout_arcsec = 10\""),
+    ("no_sky_noise", "no_sky_noise", _no_sky_noise, r"IMAGE_g has no VAR_g and its sky noise cannot be measured"),
     ("mostly_nan", "mostly_nan", _mostly_nan, r"NaN \(more than 50%\)"),
     ("negative_variance", "negative_variance", _negative_variance, r"negative pixels"),
     ("missing_magzp", "missing_magzp", _missing_magzp, r"needs MAGZP"),
@@ -389,9 +397,9 @@ def test_missing_variance_is_derived_from_sky_noise(tmp_path):
     noise = rng.normal(0.0, 2.0, (SIZE, SIZE)).astype(np.float32)
     c = read(make_file(tmp_path / "f.fits", bands={"i": band_hdus(image=noise, variance=None)}))
     i = idx("i")
-    assert c.band_flags == {"i": ["var_derived"]}
+    assert c.band_flags == {"i": ["var_derived", "var_sky_only"]}  # no GAIN card: sky only
     assert np.ptp(c.variance[i]) == 0  # one value everywhere
-    assert c.variance[i][0, 0] == pytest.approx(4.0, rel=0.10)
+    assert c.variance[i][0, 0] == pytest.approx(4.0, rel=0.06)
 
 
 @pytest.mark.parametrize("size,sigma_px", [(11, 1.5), (21, 2.0)])
@@ -469,7 +477,7 @@ def test_catalog_row_reports_flags_and_ignored_bands(tmp_path):
     result = ingest_files(find_fits(inbox), DES, root=tmp_path, workers=1, progress=False)
     row = catalog_schema(DES).validate(result.catalog).iloc[0]
     assert row["n_bands_present"] == 4
-    assert row["band_flags"] == "g:var_derived;z:missing"
+    assert row["band_flags"] == "g:var_derived|var_sky_only;z:missing"
     assert row["ignored_bands"] == "F999" and "F999" in row["notes"]
     assert row["variance_map_available"] == False  # noqa: E712
     assert math.isnan(row["flux_z"]) and row["flux_g"] > 0
@@ -662,7 +670,7 @@ def test_plain_reader_takes_integer_and_double_images_as_astropy_does():
     raw = _astropy_file(hdus)
     _assert_same_reading(raw)
     c = read(raw)
-    assert c.image.dtype == np.float32 and c.band_flags["g"] == ["var_derived"]
+    assert c.image.dtype == np.float32 and c.band_flags["g"] == ["var_derived", "var_sky_only"]
 
 
 @pytest.mark.parametrize("variant", ["bzero", "bscale", "table", "compressed", "groups_like_primary_extname"])
@@ -701,3 +709,30 @@ def test_plain_reader_views_do_not_leak_into_the_cutout(tmp_path):
     c = read(raw)
     c.image[0, 0, 0] = 123.0
     assert read(raw).image[0, 0, 0] != 123.0
+
+
+def test_pair_id_comes_from_pairid_and_is_empty_without_it(tmp_path):
+    from lens_assets.science.ingest import catalog_row
+
+    make_file(tmp_path / "a.fits", objid="plain", seed=1)
+    c = read_cutout((tmp_path / "a.fits").read_bytes(), name="a.fits", survey=DES)
+    assert catalog_row(c, sha256="0" * 64, survey=DES)["pair_id"] == ""
+    c.primary["PAIRID"] = " p-0007 "  # a lens/twin pair's shared id, as the contract hands it on
+    assert catalog_row(c, sha256="0" * 64, survey=DES)["pair_id"] == "p-0007"
+    cat = catalog_schema(DES).validate(ingest_files([tmp_path / "a.fits"], DES, root=tmp_path, workers=1,
+                                                    progress=False).catalog)
+    assert cat["pair_id"].tolist() == [""]
+
+
+def _contract_reads_pairid() -> bool:
+    from lens_assets.science.fits_contract import PRIMARY_KEYWORDS
+
+    return "PAIRID" in PRIMARY_KEYWORDS
+
+
+@pytest.mark.xfail(not _contract_reads_pairid(), strict=True,
+                   reason="fits_contract.PRIMARY_KEYWORDS does not list PAIRID yet (input-path engineer)")
+def test_pairid_in_a_file_reaches_the_catalog(tmp_path):
+    make_file(tmp_path / "b.fits", objid="lens", seed=2, primary={"PAIRID": "p-0007", "SIMFAM": "lensing_only"})
+    cat = ingest_files([tmp_path / "b.fits"], DES, root=tmp_path, workers=1, progress=False).catalog
+    assert cat.loc[0, "pair_id"] == "p-0007" and cat.loc[0, "sim_family"] == "lensing_only"
