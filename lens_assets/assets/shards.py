@@ -101,7 +101,9 @@ class SplitConfig(dg.Config):
     link_arcsec: float = Field(default=10.0, gt=0, description="objects closer than this share a sky group")
     n_bins: int = Field(default=3, ge=1, description="quantile bins per continuous factor")
     min_groups_per_stratum: int = Field(default=10, ge=1, description="smaller strata are merged")
-    exclude_families: list[str] = Field(default=["heldout"], description="simulation families kept out of splits")
+    exclude_families: list[str] = Field(default=["heldout", "lensing_only", "galsim"],
+                                        description="simulation families kept out of splits (held-out families, "
+                                        "the lens/twin pairs)")
     label_fraction_tolerance: float = Field(default=0.02, ge=0)
 
 
