@@ -8,22 +8,37 @@ from lens_assets.assets._common import (counts_markdown, gallery_from_files, png
                                         survey_asset)
 from lens_assets.resources.storage import LocalStorage
 from lens_assets.science.families import available_families, load_family
-from lens_assets.science.simulation import simulate_to_directory, summarize_truth
+from lens_assets.science.simulation import (LENSING_ONLY, simulate_pairs_to_directory, simulate_to_directory,
+                                            summarize_truth)
 from lens_assets.science.surveys import get_survey
 
-SIMULATION_CODE_VERSION = "sim-2"
+SIMULATION_CODE_VERSION = "sim-3"
 
 
 class SimulationConfig(dg.Config):
     n_cutouts: int = Field(default=500, ge=1, description="objects to simulate")
     seed: int = Field(default=0, ge=0, description="population seed; a (survey, family, seed) is reproducible")
-    family: str = Field(default="baseline",
+    family: str = Field(default="physical",
                         description=f"simulation family: one of {available_families()} or a path to a .toml")
     heldout_family: str = Field(default="heldout", description="family simulated alongside for robustness "
                                 "scoring (kept out of the splits, scored by bologna_report)")
-    n_heldout: int | None = Field(default=None, ge=0, description="held-out-family objects; default n_cutouts // 5, "
-                                  "0 for none")
+    more_heldout_families: list[str] = Field(
+        default=[], description="further held-out families, each with n_heldout objects (e.g. 'galsim', rendered by "
+        "other code than lenstronomy)")
+    n_heldout: int | None = Field(default=None, ge=0, description="objects per held-out family; default "
+                                  "n_cutouts // 5, 0 for none")
+    n_pairs: int | None = Field(default=None, ge=0, description="lens/twin pairs of the (physical) training family "
+                                "for the lensing-only AUROC, kept out of the splits; default n_cutouts // 10, 0 for none")
     workers: int = Field(default=0, description="processes; 0 = every core")
+
+
+def simulate_family(survey, family, **kwargs):
+    """``simulate_to_directory`` with the family's own renderer (lenstronomy, or GalSim for ``renderer = galsim``)."""
+    if getattr(family, "renderer", "lenstronomy") == "galsim":
+        from lens_assets.ml.render_galsim import simulate_galsim_to_directory
+
+        return simulate_galsim_to_directory(survey, family, **kwargs)
+    return simulate_to_directory(survey, family, **kwargs)
 
 
 def simulation_drop(family: str, seed: int) -> str:
@@ -40,32 +55,50 @@ def simulated_cutouts(context: dg.AssetExecutionContext, config: SimulationConfi
                       storage: LocalStorage) -> dg.MaterializeResult:
     """Simulated lens and non-lens cutouts as inbox-contract FITS, images in e-/s with MAGZP (AB).
 
-    SIE + shear lenses with Sersic or clumpy sources or lensed quasars, and hard
-    non-lenses, drawn with the survey's bands, pixel scale, seeing and noise;
-    written to ``raw/<survey>/sim-<seed>/`` with the truth in the headers. A
-    held-out family (different source morphology, PSF profile, colours, noise
-    and negatives) is simulated beside it into ``raw/<survey>/sim-<family>-<seed>/``:
-    the splits leave it out and ``bologna_report`` scores it for robustness.
+    The default family (``physical``) draws scenes from the sky's relations
+    (velocity-dispersion function, cosmology, Faber–Jackson, size relations,
+    number counts, a detectability selection) and makes its non-lenses from the
+    same scenes: twins with the deflection switched off and lens-like unlensed
+    structure of the arcs' flux and colour, with one environment for both
+    classes. Written to ``raw/<survey>/sim-<family>-<seed>/`` with the truth in
+    the headers. Beside it: held-out families (``raw/<survey>/sim-<family>-<seed>/``,
+    kept out of the splits and scored by ``bologna_report``, one of them rendered
+    by other code than lenstronomy) and lens/twin pairs of the training family
+    (``sim-lensing_only-<seed>``) for the lensing-only AUROC.
     """
     survey = get_survey(context.partition_key)
     family = load_family(config.family)
     n_heldout = config.n_cutouts // 5 if config.n_heldout is None else config.n_heldout
+    n_pairs = config.n_cutouts // 10 if config.n_pairs is None else config.n_pairs
+    if n_pairs and family.population != "physical":
+        context.log.warning(f"family {family.name} is not physical: no lens/twin pairs (n_pairs ignored)")
+        n_pairs = 0
     runs = [(family, config.n_cutouts)]
+    heldout = []
     if n_heldout:
-        heldout = load_family(config.heldout_family)
-        if heldout.name == family.name:
-            raise dg.Failure(f"heldout_family {heldout.name!r} is the training family: choose a different one")
-        runs.append((heldout, n_heldout))
+        for name in dict.fromkeys([config.heldout_family, *config.more_heldout_families]):
+            fam = load_family(name)
+            if fam.name == family.name:
+                raise dg.Failure(f"held-out family {fam.name!r} is the training family: choose a different one")
+            heldout.append(fam)
+            runs.append((fam, n_heldout))
     made = {}
     for fam, n in runs:
         drop = simulation_drop(fam.name, config.seed)
         with storage.staged_dir(f"{survey.name}-{drop}") as staged:
-            truth, seconds = simulate_to_directory(survey, fam, n_cutouts=n, seed=config.seed, out_dir=staged,
-                                                   workers=config.workers)
+            truth, seconds = simulate_family(survey, fam, n_cutouts=n, seed=config.seed, out_dir=staged,
+                                             workers=config.workers)
             dest = storage.publish_dir(staged, "raw", survey.name, drop)
         context.log.info(f"simulated {len(truth)} {survey.name} cutouts ({fam.name}, seed {config.seed}) "
                          f"in {seconds:.1f}s into {dest}")
         made[fam.name] = (drop, dest, truth, seconds)
+    if n_pairs:
+        drop = simulation_drop(LENSING_ONLY, config.seed)
+        with storage.staged_dir(f"{survey.name}-{drop}") as staged:
+            pairs, p_seconds = simulate_pairs_to_directory(survey, family, n_pairs=n_pairs, seed=config.seed,
+                                                           out_dir=staged, workers=config.workers)
+            pairs_dest = storage.publish_dir(staged, "raw", survey.name, drop)
+        context.log.info(f"simulated {n_pairs} lens/twin pairs of {family.name} in {p_seconds:.1f}s into {pairs_dest}")
     drop, dest, truth, seconds = made[family.name]
     summary = summarize_truth(truth, survey)
     shown = truth.groupby("label", group_keys=False).head(9).sort_values("label", ascending=False)
@@ -87,13 +120,22 @@ def simulated_cutouts(context: dg.AssetExecutionContext, config: SimulationConfi
         "gallery": png_markdown(gallery, alt="simulated cutouts"),
         "n_heldout": n_heldout,
     }
-    if n_heldout:
-        h_drop, h_dest, h_truth, _ = made[heldout.name]
-        metadata.update({"heldout_family": heldout.name, "heldout_family_sha256": heldout.sha256,
-                         "heldout_path": dg.MetadataValue.path(str(h_dest))})
+    if heldout:
+        first = heldout[0]
+        metadata.update({"heldout_family": first.name, "heldout_family_sha256": first.sha256,
+                         "heldout_path": dg.MetadataValue.path(str(made[first.name][1]))})
+        for fam in heldout[1:]:
+            metadata[f"heldout_{fam.name}_path"] = dg.MetadataValue.path(str(made[fam.name][1]))
+            metadata[f"heldout_{fam.name}_family_sha256"] = fam.sha256
+        metadata["heldout_families"] = ",".join(f.name for f in heldout)
+    metadata["n_pairs"] = n_pairs
+    if n_pairs:
+        metadata["pairs_path"] = dg.MetadataValue.path(str(pairs_dest))
+    metadata["seconds_by_family"] = dg.MetadataValue.json(
+        {**{k: round(v[3], 1) for k, v in made.items()}, **({LENSING_ONLY: round(p_seconds, 1)} if n_pairs else {})})
     for k in ("lens_share_flux_ratio_lt_0.1", "lens_share_theta_e_below_seeing"):
         if k in summary:
             metadata[k] = summary[k]
     version = sha256_of_strings([survey.name, str(config.seed), SIMULATION_CODE_VERSION,
-                                 *(f"{f.name}:{f.sha256}:{n}" for f, n in runs)])
+                                 *(f"{f.name}:{f.sha256}:{n}" for f, n in runs), f"pairs:{n_pairs}"])
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(version[:16]))

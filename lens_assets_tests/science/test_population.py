@@ -1,0 +1,162 @@
+"""The physical population: relations checked against hand-derived values and astropy, twins, pairs."""
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from lens_assets.science import population as pop
+from lens_assets.science.families import load_family
+from lens_assets.science.fits_contract import read_cutout
+from lens_assets.science.simulation import (LENSING_ONLY, object_rng, render_system, simulate_one,
+                                            simulate_pairs_to_directory)
+from lens_assets.science.surveys import get_survey
+
+PHYSICAL = load_family("physical")
+LSST = get_survey("lsst")  # deep and sharp: scenes pass the selection in few tries
+DES = get_survey("des")
+
+
+def test_sis_einstein_radius_by_hand():
+    # 4 pi (200 / 299792.458)^2 * 0.5 rad = 2.79640e-6 rad = 0.576798 arcsec
+    assert pop.theta_e_sis_arcsec(200.0, 0.5) == pytest.approx(0.576798, rel=1e-5)
+    # theta_E grows as sigma^2
+    assert pop.theta_e_sis_arcsec(400.0, 0.5) == pytest.approx(4 * pop.theta_e_sis_arcsec(200.0, 0.5))
+
+
+def test_redshift_tables_distances_match_astropy():
+    from astropy.cosmology import FlatLambdaCDM
+
+    t = pop.redshift_tables(70.0, 0.3, 0.1, 1.2, 0.6, 4.0, 1.0)
+    cosmo = FlatLambdaCDM(H0=70.0, Om0=0.3)
+    for i, j in ((10, 50), (100, 120), (40, 5)):
+        zl, zs = t.zl[i], t.zs[j]
+        if zl >= zs - 0.05:
+            assert t.dls_over_ds[i, j] == 0.0 and t.weight[i, j] == 0.0
+            continue
+        ref = (cosmo.angular_diameter_distance_z1z2(zl, zs) / cosmo.angular_diameter_distance(zs)).value
+        assert t.dls_over_ds[i, j] == pytest.approx(ref, rel=1e-6)
+    assert t.p_zs.sum() == pytest.approx(1.0)
+
+
+def test_velocity_dispersions_follow_the_lensing_weighted_vdf():
+    grid, cdf = pop._sigma_cdf(161.0, 2.32, 2.67, 150.0, 400.0)
+    x = grid / 161.0
+    pdf = x**2.32 * np.exp(-(x**2.67)) / grid
+    weighted_mean = np.trapezoid(grid * pdf * grid**4, grid) / np.trapezoid(pdf * grid**4, grid)
+    plain_mean = np.trapezoid(grid * pdf, grid) / np.trapezoid(pdf, grid)
+    draws = np.interp(np.random.default_rng(0).uniform(size=20000), cdf, grid)
+    assert draws.mean() == pytest.approx(weighted_mean, rel=0.01)
+    assert weighted_mean > plain_mean + 20  # the cross-section favours massive deflectors
+
+
+def test_observed_magnitude_of_a_flat_spectrum_is_the_bandwidth_term_alone():
+    # f_nu flat (beta = 0): m = M + DM - 2.5 log10(1 + z) whatever the bands
+    assert pop._observed_mag(-21.0, 42.0, 1.0, 0.0, 800.0, 620.0) == pytest.approx(-21.0 + 42.0 - 2.5 * math.log10(2))
+    # a red spectrum (beta > 0) observed redward of its rest band is brighter than the flat one
+    assert pop._observed_mag(-21.0, 42.0, 0.1, 2.0, 800.0, 620.0) < pop._observed_mag(-21.0, 42.0, 0.1, 0.0, 800.0,
+                                                                                        620.0)
+
+
+def test_power_law_counts_by_hand():
+    rng = np.random.default_rng(1)
+    m = np.array([pop._power_law_mag(rng, 0.3, 20.0, 26.0) for _ in range(20000)])
+    # dN/dm ~ 10^(0.3 m): the share in the faintest magnitude is (10^(1.8)-10^(1.5)) / (10^(1.8)-1)
+    expected = (10**1.8 - 10**1.5) / (10**1.8 - 1)
+    assert ((m > 25.0).mean()) == pytest.approx(expected, abs=0.01)
+    assert m.min() >= 20.0 and m.max() <= 26.0
+
+
+def test_every_scene_passes_the_selection():
+    sel = PHYSICAL.sections["selection"]
+    for i in range(15):
+        rng = object_rng("lsst", "physical", 0, i)
+        s = pop.draw_scene(PHYSICAL, LSST, rng)
+        fwhm = s.psf_fwhm_arcsec[LSST.reference_band]
+        assert s.magnification >= sel["min_magnification"].sample(rng)
+        assert s.arc_snr_ref >= sel["min_arc_snr"].sample(rng)
+        assert sel["min_theta_e_over_fwhm"].sample(rng) * fwhm <= s.theta_e_arcsec <= 3.0
+        assert s.z_source > s.z_lens + 0.05
+
+
+def test_a_twin_is_its_lens_without_deflection_and_as_bright():
+    for i in range(6):
+        rng = object_rng("des", "physical", 3, i)
+        scene = pop.draw_scene(PHYSICAL, DES, rng)
+        pos = {"ra_deg": 10.0, "dec_deg": -20.0}
+        lens = pop.build_system(scene, "lens", PHYSICAL, DES, rng, objid="a", **pos)
+        twin = pop.build_system(scene, "twin", PHYSICAL, DES, rng, objid="b", **pos)
+        assert lens.is_lens and not twin.is_lens and twin.kind == "twin" and twin.kwargs_lens == ()
+        assert twin.galaxy == lens.galaxy and twin.psf_fwhm_arcsec == lens.psf_fwhm_arcsec
+        assert not any(c.lensed for c in twin.components) and not any(p.lensed for p in twin.points)
+        if scene.quasar is not None:
+            continue
+        a, b = render_system(lens, DES, np.random.default_rng(0)), render_system(twin, DES, np.random.default_rng(0))
+        r = DES.band_names.index(DES.reference_band)
+        # same total light (to the flux the stamp's edge and the magnification grid lose)
+        assert b.noiseless[r].sum() == pytest.approx(a.noiseless[r].sum(), rel=0.03)
+        assert a.flux_ratio > 0 and b.flux_ratio == 0.0 and b.arc_snr == 0.0
+
+
+def test_non_lens_types_all_render():
+    rng = object_rng("lsst", "physical", 0, 99)
+    scene = pop.draw_scene(PHYSICAL, LSST, rng)
+    for role in PHYSICAL.negative_weights:
+        s = pop.build_system(scene, role, PHYSICAL, LSST, rng, objid=role, ra_deg=1.0, dec_deg=1.0)
+        assert not s.is_lens and s.kind == role and s.theta_e_arcsec == 0.0
+        assert np.isfinite(render_system(s, LSST, rng).image).all()
+    with pytest.raises(ValueError, match=r"unknown non-lens type 'cloud'"):
+        pop.build_system(scene, "cloud", PHYSICAL, LSST, rng, objid="x", ra_deg=1.0, dec_deg=1.0)
+
+
+def test_quasar_share_among_lenses_is_the_prior():
+    kinds = [pop.draw_scene(PHYSICAL, LSST, object_rng("lsst", "physical", 5, i)).source_kind for i in range(150)]
+    assert 0.03 <= kinds.count("quasar") / len(kinds) <= 0.2  # prior 0.1
+
+
+def test_population_is_deterministic():
+    a, b = simulate_one(LSST, PHYSICAL, 4, 7), simulate_one(LSST, PHYSICAL, 4, 7)
+    assert np.array_equal(a.image, b.image) and a.system.kind == b.system.kind
+
+
+def test_pairs_share_a_scene_and_are_read_as_the_contract_says(tmp_path):
+    truth, _ = simulate_pairs_to_directory(LSST, PHYSICAL, n_pairs=2, seed=0, out_dir=tmp_path, progress=False)
+    assert len(truth) == 4 and list(truth["label"]) == [1, 0, 1, 0]
+    assert truth.groupby("pair_id")["label"].sum().tolist() == [1, 1]
+    for pid, group in truth.groupby("pair_id"):
+        cutouts = [read_cutout((tmp_path / f).read_bytes(), name=f, survey=LSST) for f in group["file"]]
+        assert {c.primary["PAIRID"] for c in cutouts} == {pid}
+        assert {c.primary["SIMFAM"] for c in cutouts} == {LENSING_ONLY}
+        assert cutouts[0].ra == cutouts[1].ra and cutouts[0].dec == cutouts[1].dec
+
+
+def test_pairs_need_a_physical_family(tmp_path):
+    with pytest.raises(ValueError, match=r"lens/twin pairs need a physical family"):
+        simulate_pairs_to_directory(LSST, load_family("baseline"), n_pairs=1, seed=0, out_dir=tmp_path)
+
+
+def test_unknown_population_is_an_error(tmp_path):
+    text = (pop.__file__.replace("population.py", "families/physical.toml"))
+    bad = tmp_path / "bad.toml"
+    bad.write_text(open(text).read().replace('population = "physical"', 'population = "galactic"'))
+    with pytest.raises(ValueError, match=r"population 'galactic' is not one of \['physical', 'priors'\]"):
+        load_family(bad)
+
+
+def test_withheld_variance_and_zero_point_error_reach_the_file(tmp_path):
+    from lens_assets.science.fits_contract import write_simulated_cutout
+
+    c = simulate_one(LSST, PHYSICAL, 0, 3)
+    obs = dict(c.system.observation, write_variance=False,
+               zero_point_error_mag={b: 0.05 for b in LSST.band_names})
+    c.system = replace(c.system, observation=obs)
+    path = tmp_path / "x.fits"
+    write_simulated_cutout(path, c, survey=LSST, family=PHYSICAL, seed=0)
+    read = read_cutout(path.read_bytes(), name="x.fits", survey=LSST)
+    assert all("var_derived" in read.band_flags[b] for b in LSST.band_names)
+    # the file states MAGZP + 0.05: ingest's flux scale is 10^(0.4 * 0.05) times the true one
+    from astropy.io import fits
+
+    with fits.open(path) as hdul:
+        assert hdul[f"IMAGE_{LSST.band_names[0]}"].header["MAGZP"] == pytest.approx(c.zero_points[0] + 0.05, abs=1e-5)
