@@ -5,8 +5,23 @@ One file per object. Primary header: ``OBJID``, ``RA``, ``DEC`` (deg, ICRS),
 ``LABELSRC``, ``LABELCNF``, ``FLUXRAT``, ``THETA_E`` (simulations also write
 ``ARCSNR``, the lensed light's matched-filter S/N). Per band ``b``: ``IMAGE_<b>``
 (2-D float, header ``BAND``, ``BUNIT``, ``MAGZP`` when ``BUNIT`` is ``count/s`` or
-``adu``, ``PIXSCALE`` or a celestial WCS, optional ``PSFFWHM``), optional ``VAR_<b>``
+``adu``, ``PIXSCALE`` or a celestial WCS, optional ``PSFFWHM``, optional ``GAIN`` in
+electrons per image unit, also read from the primary header), optional ``VAR_<b>``
 and ``PSF_<b>``.
+
+A band without ``VAR_<b>`` gets a variance from its sky pixels
+(:func:`.noise.sky_noise`: sources masked, sigma-clipped), flagged ``var_derived``
+and either ``var_poisson`` (``GAIN`` given: sky plus the sources' Poisson term) or
+``var_sky_only`` (no gain: sky variance everywhere, which underestimates the noise
+on bright sources); ``var_sky_unmasked`` when sources left under 10% of the
+pixels as sky and the estimate used them all.
+
+Sizes: a cutout must cover the survey's ``min_cutout_arcsec`` (else ``too_small``).
+One smaller than the survey grid (``cutout_size_px`` at ``pixel_scale_arcsec``) is
+read as it is and flagged ``padded`` in every band; :func:`.normalize.normalize_cutout`
+pads it with zero image and zero variance (the contract's "no data", as for a missing
+band) after resampling. One at least :data:`CROP_FLAG_RATIO` times the grid is flagged
+``cropped`` (the shard builder keeps its centre).
 
 :func:`read_cutout` turns bytes into a :class:`Cutout` or raises
 :class:`QuarantineError` with a reason code from :data:`QUARANTINE_REASONS` and a
@@ -25,6 +40,7 @@ from typing import Mapping
 
 import numpy as np
 
+from .noise import derived_variance, sky_noise
 from .psf import measure_fwhm_px
 from .surveys import SurveySpec
 
@@ -35,6 +51,7 @@ __all__ = [
     "QUARANTINE_REASONS",
     "LABEL_SOURCE_PREFIXES",
     "BAND_FLAGS",
+    "CROP_FLAG_RATIO",
     "write_cutout",
     "write_simulated_cutout",
     "read_cutout",
@@ -45,6 +62,9 @@ FITS_BLOCK = 2880
 MAX_NAN_FRACTION = 0.5
 RESAMPLE_TOLERANCE = 0.01  # pixel scales within 1% of the survey's are used as they are
 MAGZP_RANGE = (10.0, 45.0)  # AB zero points of real instruments in count/s or adu lie well inside this
+GAIN_RANGE = (1e-6, 1e12)  # electrons per image unit (count/s images: gain x exposure time)
+CROP_FLAG_RATIO = 1.25  # on-grid side >= 1.25 x the grid: over a third of the file's area is cropped away
+SIZE_TOLERANCE_ARCSEC = 1e-6
 
 QUARANTINE_REASONS: Mapping[str, str] = {
     "unreadable": "not a FITS file, or astropy cannot parse it",
@@ -57,7 +77,7 @@ QUARANTINE_REASONS: Mapping[str, str] = {
     "not_2d": "an image is not 2-D",
     "not_square": "an image is not square",
     "shape_mismatch": "bands, variance or PSF images disagree in shape",
-    "too_small": "smaller than the survey's cutout size",
+    "too_small": "covers less sky than the survey's min_cutout_arcsec",
     "mostly_nan": "more than half of a band's pixels are NaN",
     "negative_variance": "a VAR_<band> pixel is negative",
     "missing_magzp": "BUNIT count/s or adu without MAGZP",
@@ -66,15 +86,17 @@ QUARANTINE_REASONS: Mapping[str, str] = {
     "pixscale_mismatch": "bands differ in pixel scale by more than 1%",
     "bad_psf": "PSF_<band> is not an odd, square, finite image with positive sum",
     "duplicate_objid": "OBJID already ingested from another file",
+    "no_sky_noise": "a band without VAR_<band> has constant pixels: no noise to derive a variance from",
 }
 
 LABEL_SOURCE_PREFIXES = ("sim:", "obs:", "weak:", "pretrain:")
-BAND_FLAGS = ("missing", "nan_masked", "var_derived", "fwhm_from_psf", "fwhm_nominal")
+BAND_FLAGS = ("missing", "nan_masked", "var_derived", "fwhm_from_psf", "fwhm_nominal",
+              "var_sky_only", "var_poisson", "var_sky_unmasked", "padded", "cropped")
 FLUX_UNITS = ("nanomaggy", "count/s", "adu")
 PRIMARY_KEYWORDS = ("OBJID", "RA", "DEC", "SURVEY", "INSTRUME", "Z_PHOT", "Z_SPEC", "Z_ERR", "LENS", "LABELSRC",
                     "LABELCNF", "FLUXRAT", "THETA_E", "ARCSNR", "SIMFAM", "SIMKIND", "SERSICN", "RHALF", "AXRATIO",
-                    "PA_DEG", "PAIRID")
-BAND_KEYWORDS = ("BAND", "BUNIT", "MAGZP", "PIXSCALE", "PSFFWHM")
+                    "PA_DEG", "GAIN", "PAIRID")
+BAND_KEYWORDS = ("BAND", "BUNIT", "MAGZP", "PIXSCALE", "PSFFWHM", "GAIN")
 
 
 class QuarantineError(Exception):
@@ -584,10 +606,19 @@ def _read_bands(primary, arrays, raw: bytes, *, name, survey: SurveySpec, objid,
             if vbad.any() and "nan_masked" not in bflags:
                 bflags.append("nan_masked")
         else:
-            good = arr[~bad]
-            sigma = 1.4826 * np.median(np.abs(good - np.median(good)))
-            var = np.full(shape, sigma**2, dtype=np.float32)
+            try:
+                sky = sky_noise(arr, mask=bad)
+            except ValueError as err:
+                raise QuarantineError("no_sky_noise", f"{where} has no VAR_{band} and its sky noise cannot be "
+                                                      f"measured: {err}") from None
+            gain = hdr.get("GAIN", primary.get("GAIN"))
+            if gain is not None:
+                gain = _number({"GAIN": gain}, "GAIN", where, low=GAIN_RANGE[0], high=GAIN_RANGE[1])
+            var = derived_variance(arr, sky, gain_e_per_unit=gain)
             bflags.append("var_derived")
+            bflags.append("var_poisson" if gain is not None else "var_sky_only")
+            if not sky.source_masked:
+                bflags.append("var_sky_unmasked")
         psf_entry = arrays.get(f"PSF_{ext}")
         psf = None
         if psf_entry is not None and psf_entry[1] is not None:
@@ -612,11 +643,20 @@ def _read_bands(primary, arrays, raw: bytes, *, name, survey: SurveySpec, objid,
         raise QuarantineError("pixscale_mismatch", f"{name}: band pixel scales {pixel_scales} arcsec differ by "
                                                    f"more than 1%")
     pix = float(np.median(pixel_scales))
+    side_arcsec = shape[0] * pix
+    if side_arcsec < survey.min_cutout_arcsec - SIZE_TOLERANCE_ARCSEC:
+        raise QuarantineError("too_small", f"{name}: images are {shape[0]}x{shape[1]} px at {pix:g}\"/px = "
+                                           f"{side_arcsec:.2f}\" across, less than the {survey.name} minimum "
+                                           f"min_cutout_arcsec = {survey.min_cutout_arcsec:g}\" (its grid is "
+                                           f"{survey.cutout_size_px} px = {survey.cutout_size_arcsec:.2f}\"; "
+                                           f"cutouts from the minimum up are padded)")
     on_grid = size_on_survey_grid(shape[0], pix, survey)
-    if on_grid < survey.cutout_size_px:
-        raise QuarantineError("too_small", f"{name}: images are {shape[0]}x{shape[1]} px at {pix:g}\"/px "
-                                           f"({on_grid} px on the {survey.name} grid), smaller than the "
-                                           f"{survey.name} cutout size {survey.cutout_size_px} px")
+    geometry = ("padded" if on_grid < survey.cutout_size_px
+                else "cropped" if on_grid >= CROP_FLAG_RATIO * survey.cutout_size_px else None)
+    if geometry is not None:
+        for band in survey.band_names:
+            flags.setdefault(band, []).append(geometry)
+        flags = {b: flags[b] for b in survey.band_names if b in flags}  # band order, as without geometry
     return Cutout(name=name, objid=objid, ra=ra, dec=dec, survey=survey.name, primary=primary,
                   bands=survey.band_names, image=image, variance=variance, nan_mask=nan_mask, psf=psfs,
                   psf_fwhm_arcsec=fwhm, nmgy_per_unit=scale, pixel_scale_arcsec=pix,

@@ -1,4 +1,13 @@
-"""Flux normalization: nanomaggies, flux-conserving resampling to the survey grid, centre crop.
+"""Flux normalization: nanomaggies, flux-conserving resampling to the survey grid, centre pad and crop.
+
+A cutout smaller than the survey grid (it still covers ``min_cutout_arcsec``, or
+the reader would have refused it) is resampled first and then centre-padded to
+``cutout_size_px`` with zero image and zero variance: zero variance is the
+contract's "no data", as for a missing band or a NaN pixel with a variance map.
+PSF matching then convolves zeros beyond the footprint (linear convolution, no
+wrap-around), so after matching the padding is non-zero only within the kernel
+radius of the footprint's edge, where the PSF spreads the real pixels' flux and
+variance.
 
 No min-max scaling and no 8-bit anywhere: images stay float32 in nanomaggies so
 faint arcs keep their dynamic range. Every function returns new arrays.
@@ -13,7 +22,7 @@ import numpy as np
 from .fits_contract import RESAMPLE_TOLERANCE, Cutout, size_on_survey_grid
 from .surveys import SurveySpec
 
-__all__ = ["overlap_matrix", "resample_flux", "center_crop", "NormalizedCutout", "normalize_cutout",
+__all__ = ["overlap_matrix", "resample_flux", "center_crop", "center_pad", "NormalizedCutout", "normalize_cutout",
            "RESAMPLE_TOLERANCE"]
 
 
@@ -59,6 +68,21 @@ def center_crop(array: np.ndarray, size: int) -> np.ndarray:
     return array[..., y:y + size, x:x + size]
 
 
+def center_pad(array: np.ndarray, size: int) -> np.ndarray:
+    """A new array whose last two axes are ``size`` x ``size`` with ``array`` in the centre and zeros around.
+
+    The offset is ``(size - h) // 2``, the same rounding as :func:`center_crop`, so
+    ``center_crop(center_pad(a, s), a.shape[-1])`` is ``a``.
+    """
+    h, w = array.shape[-2:]
+    if h > size or w > size:
+        raise ValueError(f"cannot pad {h}x{w} to {size}x{size}")
+    out = np.zeros((*array.shape[:-2], size, size), dtype=array.dtype)
+    y, x = (size - h) // 2, (size - w) // 2
+    out[..., y:y + h, x:x + w] = array
+    return out
+
+
 @dataclass
 class NormalizedCutout:
     """A cutout in nanomaggies on the survey's pixel grid (not yet cropped: PSF matching needs the margin)."""
@@ -67,10 +91,13 @@ class NormalizedCutout:
     variance: np.ndarray  # (B, H, W) nanomaggies^2
     psf: list  # per band: PSF image on the survey grid, or None
     resampled: bool
+    padded: bool = False  # centre-padded with zeros (image and variance) to the survey's cutout size
+    footprint_px: int = 0  # side of the file's data on the survey grid (before padding)
 
 
 def normalize_cutout(c: Cutout, survey: SurveySpec) -> NormalizedCutout:
-    """Convert to nanomaggies and, if the pixel scale differs by more than 1%, resample to the survey's."""
+    """Convert to nanomaggies; if the pixel scale differs by more than 1%, resample to the survey's; if the
+    result is smaller than the survey's cutout size, centre-pad it with zeros (image and variance) to it."""
     scale = c.nmgy_per_unit[:, None, None].astype(np.float32)
     image = c.image * scale  # float32, new arrays
     variance = c.variance * scale**2
@@ -89,4 +116,9 @@ def normalize_cutout(c: Cutout, survey: SurveySpec) -> NormalizedCutout:
             rp, _ = resample_flux(p, c.pixel_scale_arcsec, survey.pixel_scale_arcsec, out_size=max(size, 3))
             new_psfs.append(rp / rp.sum())
         psfs = new_psfs
-    return NormalizedCutout(image=image, variance=variance, psf=psfs, resampled=resampled)
+    footprint = int(image.shape[-1])
+    padded = footprint < survey.cutout_size_px
+    if padded:
+        image, variance = center_pad(image, survey.cutout_size_px), center_pad(variance, survey.cutout_size_px)
+    return NormalizedCutout(image=image, variance=variance, psf=psfs, resampled=resampled, padded=padded,
+                            footprint_px=footprint)

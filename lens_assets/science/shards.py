@@ -1,9 +1,12 @@
 """PSF-matched, flux-normalized HDF5 shards, built streaming with bounded memory.
 
 Each shard ``shard-NNNNN.h5`` holds ``images`` (N, bands, H, W) float32 in
-nanomaggies, ``variance`` (same, nanomaggies^2), ``band_flags`` (N, bands) uint8
-(bits in :data:`FLAG_BITS`), ``objid``, the labels, and the per-row PSF table
-(``fwhm_before``, ``fwhm_after``, ``residual`` in arcsec, ``psf_matched``).
+nanomaggies, ``variance`` (same, nanomaggies^2), ``band_flags`` (N, bands) uint16
+(bits in :data:`FLAG_BITS`), ``footprint_px`` (N,) the side of the file's data on
+the survey grid (smaller than the cutout when the row is ``padded``: the data are
+the centred ``footprint_px`` square, zeros around before PSF matching), ``objid``,
+the labels, and the per-row PSF table (``fwhm_before``, ``fwhm_after``,
+``residual`` in arcsec, ``psf_matched``).
 A shard is written under a temporary name and renamed when complete;
 ``manifest.json`` lists files, row counts and sha256, and its own sha256 is the
 data version. ``rows.parquet`` is the per-row table of all shards.
@@ -21,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .fits_contract import read_cutout
+from .fits_contract import BAND_FLAGS, read_cutout
 from .normalize import center_crop, normalize_cutout
 from .parallel import bounded_imap
 from .psf import homogenize, target_fwhm_arcsec
@@ -30,9 +33,11 @@ from .surveys import SurveySpec, get_survey
 __all__ = ["ShardSettings", "FLAG_BITS", "build_shards", "process_batch", "match_batch", "shard_settings",
            "read_manifest", "SHARD_FORMAT_VERSION"]
 
-SHARD_FORMAT_VERSION = "1"
+SHARD_FORMAT_VERSION = "2"  # 2: band_flags uint16 with the padding, cropping and noise-estimate bits; footprint_px
 FLAG_BITS = {"missing": 1, "nan_masked": 2, "var_derived": 4, "fwhm_from_psf": 8, "fwhm_nominal": 16,
-             "psf_broader_than_target": 32, "resampled": 64}
+             "psf_broader_than_target": 32, "resampled": 64, "padded": 128, "cropped": 256, "var_sky_only": 512,
+             "var_poisson": 1024, "var_sky_unmasked": 2048}
+assert set(BAND_FLAGS) <= set(FLAG_BITS), set(BAND_FLAGS) - set(FLAG_BITS)
 LABEL_COLUMNS = ("label", "label_confidence", "flux_ratio", "theta_e")
 
 
@@ -73,7 +78,7 @@ def target_fwhm_arcsec_default(survey: SurveySpec, *, percentile: float = 90.0) 
 
 
 def _flag_bits(band_flags: dict, bands, *, broader: np.ndarray, resampled: bool) -> np.ndarray:
-    bits = np.zeros(len(bands), dtype=np.uint8)
+    bits = np.zeros(len(bands), dtype=np.uint16)
     for i, b in enumerate(bands):
         for f in band_flags.get(b, ()):
             bits[i] |= FLAG_BITS[f]
@@ -106,7 +111,8 @@ def match_batch(rows: list[dict], cutouts: list, settings: ShardSettings) -> dic
     survey = get_survey(settings.survey)
     size, margin = settings.cutout_size_px, settings.kernel_size // 2
     # match on up to `margin` extra pixels around the cutout where the file has them, so the crop sees no
-    # edge effect; a file exactly the cutout size is matched with zeros beyond its edges
+    # edge effect; a file exactly the cutout size is matched with zeros beyond its edges, and so is a padded
+    # one (normalize_cutout padded it to `size` with zero image and variance)
     work = size + 2 * margin
     groups: dict[int, list] = {}
     for j, c in enumerate(cutouts):
@@ -115,7 +121,8 @@ def match_batch(rows: list[dict], cutouts: list, settings: ShardSettings) -> dic
         groups.setdefault(side, []).append((j, c, norm))
     n, nb = len(rows), survey.n_bands
     out = {"image": np.zeros((n, nb, size, size), np.float32), "variance": np.zeros((n, nb, size, size), np.float32),
-           "band_flags": np.zeros((n, nb), np.uint8), "fwhm_before": np.zeros((n, nb), np.float32),
+           "band_flags": np.zeros((n, nb), np.uint16), "footprint_px": np.zeros(n, np.int16),
+           "fwhm_before": np.zeros((n, nb), np.float32),
            "fwhm_after": np.zeros((n, nb), np.float32), "residual": np.zeros((n, nb), np.float32),
            "psf_matched": np.zeros((n, nb), bool)}
     for side, members in groups.items():
@@ -131,6 +138,7 @@ def match_batch(rows: list[dict], cutouts: list, settings: ShardSettings) -> dic
             out["fwhm_after"][j] = res.fwhm_after[k]
             out["residual"][j] = res.residual[k]
             out["psf_matched"][j] = res.matched[k]
+            out["footprint_px"][j] = min(norm.footprint_px, size)
             out["band_flags"][j] = _flag_bits(c.band_flags, c.bands, broader=res.residual[k] > 0,
                                               resampled=norm.resampled)
     out["objid"] = np.array([r["objid"] for r in rows], dtype=object)
@@ -139,7 +147,8 @@ def match_batch(rows: list[dict], cutouts: list, settings: ShardSettings) -> dic
     return out
 
 
-SMALL_DATASETS = (("band_flags", "u1"), ("fwhm_before", "f4"), ("fwhm_after", "f4"), ("residual", "f4"),
+SMALL_DATASETS = (("band_flags", "u2"), ("footprint_px", "i2"), ("fwhm_before", "f4"), ("fwhm_after", "f4"),
+                  ("residual", "f4"),
                   ("psf_matched", "?"), ("label", "i1"), ("label_confidence", "f4"), ("flux_ratio", "f4"),
                   ("theta_e", "f4"))
 
@@ -200,6 +209,7 @@ class _ShardWriter:
                 **{f"fwhm_before_{b}": batch["fwhm_before"][sl, i] for i, b in enumerate(self.bands)},
                 **{f"psf_matched_{b}": batch["psf_matched"][sl, i] for i, b in enumerate(self.bands)},
                 "max_residual": batch["residual"][sl].max(axis=1),
+                "footprint_px": batch["footprint_px"][sl],
                 "label": batch["label"][sl]}))
             self._n += take
             self._remaining -= take

@@ -11,6 +11,31 @@ Every band of a survey is drawn on the survey's common pixel grid
 (``pixel_scale_arcsec``); a band whose native pixel differs (Euclid NISP, HST
 F160W) keeps its native value in ``native_pixel_scale_arcsec`` for reference.
 
+Cutout sizes: the model sees ``cutout_size_px`` at ``pixel_scale_arcsec`` (the
+grid). Real cutouts come in their own sizes; ``min_cutout_arcsec`` is the side the
+finder needs, ``2 x (max theta_E + 2 x FWHM)`` with the reference band's nominal
+FWHM, rounded up to 0.5": a lens's counter-image or arc lies at up to ``theta_E``
+from the centre (plus the impact parameter, which is below ``theta_E`` for a
+multiply imaged source), and two FWHM beyond it the PSF-smeared arc has faded to
+~1/16 of its peak in every direction. ``max theta_E`` is 3.0" for ground-based
+and Euclid surveys (the simulation families' upper bound, and the largest
+galaxy-scale Einstein radii found in DES/HSC/KiDS searches) and 1.5" for HST
+(SLACS, BELLS and COSMOS galaxy-scale lenses lie at 0.5-1.8", Bolton et al. 2008,
+ApJ 682, 964; Faure et al. 2008, ApJS 176, 19). A cutout covering at least that
+is padded to the grid (flagged ``padded``); a smaller one is refused:
+
+====== ====== ===== ======== ====== ========================
+survey grid px  "/px  grid "   min "  = 2 x (thetaE + 2 FWHM)
+====== ====== ===== ======== ====== ========================
+des    64     0.263 16.83    10.0   2 x (3.0 + 2 x 0.88)
+lsst   64     0.2   12.8     9.0    2 x (3.0 + 2 x 0.71)
+euclid 100    0.101 10.1     7.0    2 x (3.0 + 2 x 0.16)
+hst    160    0.05  8.0      3.5    2 x (1.5 + 2 x 0.10)
+hsc    64     0.168 10.75    8.5    2 x (3.0 + 2 x 0.58)
+kids   64     0.2   12.8     9.0    2 x (3.0 + 2 x 0.68)
+sdss   48     0.396 19.01    11.5   2 x (3.0 + 2 x 1.32)
+====== ====== ===== ======== ====== ========================
+
 Units are in the names: ``*_arcsec``, ``*_nm``, ``*_s``, ``*_e`` (electrons),
 magnitudes are AB, sky brightness is AB mag per square arcsecond.
 """
@@ -30,6 +55,7 @@ __all__ = [
     "SURVEYS",
     "SURVEY_NAMES",
     "get_survey",
+    "min_cutout_arcsec_for",
     "limiting_magnitude",
     "zero_point_from_depth",
 ]
@@ -57,7 +83,12 @@ class BandSpec:
 
 @dataclass(frozen=True)
 class SurveySpec:
-    """A survey preset: its bands, pixel grid, cutout size, seeing scatter and sky footprint."""
+    """A survey preset: its bands, pixel grid, cutout size, seeing scatter and sky footprint.
+
+    ``min_cutout_arcsec``: the smallest cutout side the finder accepts (module
+    docstring: ``2 x (max theta_E + 2 x FWHM)``); ``None`` means the full grid
+    (``cutout_size_arcsec``). Cutouts between it and the grid are padded.
+    """
 
     name: str
     instrument: str
@@ -68,6 +99,7 @@ class SurveySpec:
     seeing_scatter: float  # 1-sigma of ln(FWHM / nominal FWHM) between objects
     dec_range_deg: tuple[float, float]
     source: str
+    min_cutout_arcsec: float | None = None
     _by_lower: Mapping[str, BandSpec] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -75,6 +107,11 @@ class SurveySpec:
         if self.reference_band.lower() not in by_lower:
             raise ValueError(f"survey {self.name}: reference band {self.reference_band!r} not in its bands")
         object.__setattr__(self, "_by_lower", by_lower)
+        if self.min_cutout_arcsec is None:
+            object.__setattr__(self, "min_cutout_arcsec", self.cutout_size_arcsec)
+        if not 0.0 < self.min_cutout_arcsec <= self.cutout_size_arcsec + 1e-9:
+            raise ValueError(f"survey {self.name}: min_cutout_arcsec {self.min_cutout_arcsec} must be in "
+                             f"(0, cutout_size_arcsec = {self.cutout_size_arcsec:.3f}]")
 
     @property
     def band_names(self) -> tuple[str, ...]:
@@ -117,6 +154,22 @@ class SurveySpec:
             "seeing": b.seeing_fwhm_arcsec,
             "psf_type": "GAUSSIAN",
         }
+
+
+def min_cutout_arcsec_for(max_theta_e_arcsec: float, fwhm_arcsec: float, *, n_fwhm: float = 2.0) -> float:
+    """``2 x (max_theta_e + n_fwhm x FWHM)`` rounded up to 0.5": the cutout side a finder needs."""
+    side = 2.0 * (max_theta_e_arcsec + n_fwhm * fwhm_arcsec)
+    return math.ceil(side * 2.0 - 1e-9) / 2.0
+
+
+def _with_minimum(survey: SurveySpec, *, max_theta_e_arcsec: float) -> SurveySpec:
+    from dataclasses import replace
+
+    fwhm = survey.band(survey.reference_band).seeing_fwhm_arcsec
+    return replace(survey, min_cutout_arcsec=min_cutout_arcsec_for(max_theta_e_arcsec, fwhm))
+
+
+MAX_THETA_E_ARCSEC = {"des": 3.0, "lsst": 3.0, "euclid": 3.0, "hst": 1.5, "hsc": 3.0, "kids": 3.0, "sdss": 3.0}
 
 
 # --------------------------------------------------------------------------- depth <-> zero point
@@ -284,7 +337,7 @@ def _build_registry() -> dict[str, SurveySpec]:
             source="York et al. 2000 AJ 120 1579; Abazajian et al. 2009 ApJS 182 543",
         ),
     ]
-    return {s.name: s for s in surveys}
+    return {s.name: _with_minimum(s, max_theta_e_arcsec=MAX_THETA_E_ARCSEC[s.name]) for s in surveys}
 
 
 SURVEYS: Mapping[str, SurveySpec] = MappingProxyType(_build_registry())

@@ -402,6 +402,60 @@ def test_missing_variance_is_derived_from_sky_noise(tmp_path):
     assert c.variance[i][0, 0] == pytest.approx(4.0, rel=0.06)
 
 
+def test_missing_variance_is_sky_noise_not_biased_by_the_galaxy(tmp_path):
+    rng = np.random.default_rng(1)
+    y, x = np.mgrid[:SIZE, :SIZE] - (SIZE - 1) / 2
+    galaxy = 200.0 * np.exp(-(x**2 + y**2) / (2 * 5.3**2))  # above 1 sigma = 2 over ~20% of the stamp
+    image = (galaxy + rng.normal(0.0, 2.0, (SIZE, SIZE))).astype(np.float32)
+    c = read(make_file(tmp_path / "f.fits", bands={"r": band_hdus(image=image, variance=None)}))
+    assert c.variance[idx("r")][0, 0] == pytest.approx(4.0, rel=0.10)  # the old whole-stamp MAD gave ~7
+
+
+def test_missing_variance_with_gain_adds_the_poisson_term(tmp_path):
+    img = synthetic_image(3, noise=2.0)  # a 50-unit blob on sigma-2 noise
+    c = read(make_file(tmp_path / "f.fits", bands={"g": band_hdus(image=img, variance=None, header={"GAIN": 5.0})}))
+    g = idx("g")
+    assert c.band_flags == {"g": ["var_derived", "var_poisson"]}
+    sky = c.variance[g].min()  # pixels at or below the sky level carry the sky variance alone
+    assert sky == pytest.approx(4.0, rel=0.10) and (c.variance[g] == sky).mean() > 0.45
+    centre = SIZE // 2
+    # 5 e-/unit: a pixel ~50 units above the sky holds ~250 e-, variance 250 e-^2 = 10 units^2 on top of the sky
+    assert c.variance[g][centre, centre] - sky == pytest.approx(max(img[centre, centre], 0) / 5.0, rel=0.02)
+
+
+def test_gain_from_the_primary_header_is_used(tmp_path):
+    c = read(make_file(tmp_path / "f.fits", primary={"GAIN": 2.0}, bands={"g": band_hdus(variance=None)}))
+    assert c.band_flags == {"g": ["var_derived", "var_poisson"]}
+
+
+def test_bad_gain_is_a_bad_header_value(tmp_path):
+    data = make_file(tmp_path / "f.fits", bands={"g": band_hdus(variance=None, header={"GAIN": -3.0})})
+    with pytest.raises(QuarantineError, match=r"inbox/des/test\.fits: IMAGE_g: GAIN = -3\.0 is outside") as err:
+        read(data)
+    assert err.value.reason == "bad_header_value"
+
+
+def test_gain_is_not_read_where_a_variance_map_is_given(tmp_path):
+    c = read(make_file(tmp_path / "f.fits", bands={"g": band_hdus(header={"GAIN": -3.0})}))
+    assert c.band_flags == {} and (c.variance == 1).all()
+
+
+@pytest.mark.parametrize("size,flags", [(39, ["padded"]), (63, ["padded"]), (64, None), (79, None),
+                                        (80, ["cropped"]), (100, ["cropped"])])
+def test_size_flags_against_the_des_grid(tmp_path, size, flags):
+    # des: grid 64 px = 16.8", minimum 10" = 38.02 px (38 px is 9.99"); cropped from 1.25 x 64 = 80 px
+    c = read(make_file(tmp_path / "f.fits", size=size))
+    assert c.image.shape == (5, size, size)  # the reader keeps the file's size; normalize_cutout pads
+    assert c.band_flags == ({} if flags is None else {b: flags for b in BANDS})
+
+
+def test_just_under_the_minimum_is_too_small(tmp_path):
+    with pytest.raises(QuarantineError, match=r"38x38 px at 0\.263\"/px = 9\.99\" across, less than the des "
+                                              r"minimum min_cutout_arcsec = 10\"") as err:
+        read(make_file(tmp_path / "f.fits", size=38))
+    assert err.value.reason == "too_small"
+
+
 @pytest.mark.parametrize("size,sigma_px", [(11, 1.5), (21, 2.0)])
 def test_missing_fwhm_is_measured_from_psf(tmp_path, size, sigma_px):
     psf = gaussian_psf(size, sigma_px)

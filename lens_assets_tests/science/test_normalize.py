@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from lens_assets.science.normalize import center_crop, overlap_matrix, resample_flux
+from lens_assets.science.normalize import center_crop, center_pad, overlap_matrix, resample_flux
 
 
 def test_overlap_matrix_is_exact_area_overlap():
@@ -57,3 +57,21 @@ def test_normalize_cutout_converts_to_nanomaggies_and_resamples_a_finer_grid(tmp
     to_nmgy = 10 ** (-0.4 * (30.0 - 22.5))
     assert n.image[0].sum() == pytest.approx(blob.sum(dtype=float) * to_nmgy, rel=1e-4)
     assert all(p.shape[0] % 2 == 1 and p.sum() == pytest.approx(1.0) for p in n.psf)
+
+
+@pytest.mark.parametrize("h,size", [(48, 64), (47, 64), (76, 160), (64, 64)])
+def test_center_pad_is_the_inverse_of_center_crop(h, size):
+    a = np.arange(2 * h * h, dtype=np.float32).reshape(2, h, h) + 1
+    before = a.copy()
+    p = center_pad(a, size)
+    assert p.shape == (2, size, size) and p.dtype == a.dtype
+    np.testing.assert_array_equal(center_crop(p, h), a)
+    assert p.sum() == a.sum() and (p != 0).sum() == a.size  # zeros around, nothing else
+    np.testing.assert_array_equal(a, before)
+    p[0, 0, 0] = -1  # a new array, not a view
+    np.testing.assert_array_equal(a, before)
+
+
+def test_center_pad_refuses_to_shrink():
+    with pytest.raises(ValueError, match=r"cannot pad 65x65 to 64x64"):
+        center_pad(np.zeros((65, 65)), 64)

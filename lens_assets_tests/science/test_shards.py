@@ -23,7 +23,7 @@ from lens_assets.science.families import load_family
 from lens_assets.science.fits_contract import BandHDUs, read_cutout, write_cutout
 from lens_assets.science.ingest import find_fits, ingest_files
 from lens_assets.science.psf import measure_fwhm_px, psf_kernel
-from lens_assets.science.shards import (FLAG_BITS, SHARD_FORMAT_VERSION, build_shards, matched_psf_fwhm,
+from lens_assets.science.shards import (FLAG_BITS, SHARD_FORMAT_VERSION, build_shards, match_batch, matched_psf_fwhm,
                                         read_manifest, shard_settings)
 from lens_assets.science.simulation import simulate_to_directory
 from lens_assets.science.surveys import get_survey
@@ -150,7 +150,8 @@ def test_hdf5_datasets(built):
                 assert ds.shape == (rows, 5, SIZE, SIZE) and ds.dtype == np.float32
                 assert ds.chunks == (1, 5, SIZE, SIZE)
                 assert ds.compression == "lzf" and ds.shuffle
-            assert f["band_flags"].shape == (rows, 5) and f["band_flags"].dtype == np.uint8
+            assert f["band_flags"].shape == (rows, 5) and f["band_flags"].dtype == np.uint16
+            assert f["footprint_px"].shape == (rows,) and (f["footprint_px"][:] == SIZE).all()  # none padded
             for key in ("fwhm_before", "fwhm_after", "residual"):
                 assert f[key].shape == (rows, 5) and f[key].dtype == np.float32
             assert f["psf_matched"].dtype == bool
@@ -482,3 +483,157 @@ def test_many_rows_in_small_batches(sim, tmp_path):
     # the same file gives the same shard row wherever it falls in the batches
     for k in range(1, 10):
         np.testing.assert_array_equal(d["images"][k * N_SIM:(k + 1) * N_SIM], d["images"][:N_SIM])
+
+
+# --------------------------------------------------------------------------- 9. cutouts in their own sizes
+
+HST = get_survey("hst")
+DES = get_survey("des")
+HST_NATIVE = 0.04  # arcsec/px of the HST test files; the hst grid is 160 px at 0.05"/px
+NO_LABEL = {"label": -1, "label_confidence": 0.0, "flux_ratio": -1.0, "theta_e": -1.0}
+
+
+def _own_size_file(path: Path, survey, size: int, pixel_scale: float, *, bands, psf_fwhm_arcsec: float,
+                   seed: int = 0, total_nmgy: float = 100.0, noise: float = 0.001) -> bytes:
+    """A centred Gaussian galaxy (FWHM 3 x the PSF) of ``total_nmgy`` per band, uniform variance noise**2,
+    a Gaussian PSF image: ``size`` px at ``pixel_scale``."""
+    rng = np.random.default_rng(seed)
+    hdus = {}
+    for band in bands:
+        observed_px = math.hypot(3 * psf_fwhm_arcsec, psf_fwhm_arcsec) / pixel_scale
+        image = _pixel_gaussian(size, observed_px, total_nmgy) + rng.normal(0.0, noise, (size, size))
+        hdus[band] = BandHDUs(image=image.astype(np.float32), variance=np.full((size, size), noise**2, np.float32),
+                              psf=psf_kernel("gaussian", psf_fwhm_arcsec / pixel_scale, size=25).astype(np.float32),
+                              header={"BUNIT": "nanomaggy", "PIXSCALE": pixel_scale, "PSFFWHM": psf_fwhm_arcsec})
+    write_cutout(path, {"OBJID": path.stem, "RA": 150.0, "DEC": 2.0, "SURVEY": survey.name}, hdus)
+    return path.read_bytes()
+
+
+def _row(objid: str) -> dict:
+    return {"objid": objid, **NO_LABEL}
+
+
+def _unpadded_match(norm, c, survey, settings):
+    """What PSF matching gives on the footprint alone (zeros beyond its edges by construction)."""
+    from lens_assets.science.normalize import center_crop as crop
+    from lens_assets.science.psf import homogenize
+
+    f = norm.footprint_px
+    return homogenize(crop(norm.image, f)[None], crop(norm.variance, f)[None], [norm.psf], c.psf_fwhm_arcsec[None],
+                      c.present[None], pixel_scale_arcsec=survey.pixel_scale_arcsec,
+                      target_fwhm=settings.target_fwhm_arcsec, kernel_size=settings.kernel_size)
+
+
+def test_hst_96px_at_004_one_band_is_resampled_and_padded_to_160(tmp_path):
+    from lens_assets.science.normalize import normalize_cutout
+
+    data = _own_size_file(tmp_path / "hst96.fits", HST, 96, HST_NATIVE, bands=["F814W"], psf_fwhm_arcsec=0.09)
+    c = read_cutout(data, name="inbox/hst/hst96.fits", survey=HST)
+    assert c.image.shape == (2, 96, 96) and c.pixel_scale_arcsec == pytest.approx(HST_NATIVE)
+    assert c.band_flags == {"F814W": ["padded"], "F160W": ["missing", "padded"]}
+    settings = shard_settings(HST)
+    out = match_batch([_row(c.objid)], [c], settings)
+    assert out["image"].shape == out["variance"].shape == (1, 2, 160, 160)
+    foot = int(96 * HST_NATIVE / HST.pixel_scale_arcsec)  # 76 px of 0.05" (3.80" of the file's 3.84")
+    assert out["footprint_px"][0] == foot == 76
+    bits = out["band_flags"][0]
+    for flag in ("padded", "resampled"):
+        assert (bits & FLAG_BITS[flag] != 0).all(), flag
+    assert bits[1] & FLAG_BITS["missing"] and not bits[0] & FLAG_BITS["missing"]
+    assert out["psf_matched"][0].tolist() == [True, False]
+    image, var = out["image"][0, 0], out["variance"][0, 0]
+    assert np.isfinite(image).all() and np.isfinite(var).all() and (var >= -1e-6 * var.max()).all()  # FFT round-off
+    # flux in nanomaggies is kept through resampling, padding and PSF matching (a compact, centred galaxy)
+    assert image.sum(dtype=np.float64) == pytest.approx(100.0, rel=0.01)
+    # padding is zero beyond the kernel's reach of the footprint; inside, it is what matching the footprint
+    # alone gives (the zeros add nothing, and nothing wraps around)
+    lo = (160 - foot) // 2
+    reach = settings.kernel_size // 2
+    outside = np.ones((160, 160), bool)
+    outside[lo - reach:lo + foot + reach, lo - reach:lo + foot + reach] = False
+    assert np.abs(image[outside]).max() <= 1e-6 * image.max() and np.abs(var[outside]).max() <= 1e-6 * var.max()
+    norm = normalize_cutout(c, HST)
+    assert norm.padded and norm.footprint_px == foot and norm.image.shape == (2, 160, 160)
+    alone = _unpadded_match(norm, c, HST, settings)
+    np.testing.assert_allclose(image[lo:lo + foot, lo:lo + foot], alone.image[0, 0], atol=1e-6 * image.max())
+    np.testing.assert_allclose(var[lo:lo + foot, lo:lo + foot], alone.variance[0, 0], atol=1e-6 * var.max())
+    # the matched variance falls off towards the padded edge (zeros convolved in), it never rises or rings
+    # (resampling 0.04 -> 0.05"/px leaves a 4-px periodic pattern in it: compare over whole periods)
+    centre = var[lo + reach:lo + foot - reach, lo + reach:lo + foot - reach]
+    assert var.max() <= centre.max() * (1 + 1e-4)
+    cols = slice(lo + reach, lo + reach + 48)
+    assert var[lo, cols].mean() < var[lo + reach:lo + reach + 4, cols].mean()  # lower at the edge (narrow kernel)
+    assert (out["image"][0, 1] == 0).all() and (out["variance"][0, 1] == 0).all()  # the missing band
+
+
+def test_hst_40px_is_too_small_naming_size_and_minimum(tmp_path):
+    from lens_assets.science.fits_contract import QuarantineError
+
+    data = _own_size_file(tmp_path / "hst40.fits", HST, 40, HST_NATIVE, bands=["F814W"], psf_fwhm_arcsec=0.09)
+    with pytest.raises(QuarantineError, match=r"inbox/hst/hst40\.fits: images are 40x40 px at 0\.04\"/px = 1\.60\" "
+                                              r"across, less than the hst minimum min_cutout_arcsec = 3\.5\"") as err:
+        read_cutout(data, name="inbox/hst/hst40.fits", survey=HST)
+    assert err.value.reason == "too_small" and err.value.objid == "hst40"
+
+
+def test_des_48px_is_padded_to_64(tmp_path):
+    data = _own_size_file(tmp_path / "des48.fits", DES, 48, DES.pixel_scale_arcsec, bands=DES.band_names,
+                          psf_fwhm_arcsec=1.0)
+    c = read_cutout(data, name="des48.fits", survey=DES)
+    assert 48 * DES.pixel_scale_arcsec == pytest.approx(12.62, abs=0.01)
+    assert 48 * DES.pixel_scale_arcsec >= DES.min_cutout_arcsec == 10.0
+    assert c.band_flags == {b: ["padded"] for b in DES.band_names}
+    settings = shard_settings(DES)
+    out = match_batch([_row(c.objid)], [c], settings)
+    assert out["image"].shape == (1, 5, 64, 64) and out["footprint_px"][0] == 48
+    assert (out["band_flags"][0] == FLAG_BITS["padded"]).all()  # not resampled: 0.263"/px already
+    np.testing.assert_allclose(out["image"][0].sum(axis=(1, 2)), 100.0, rtol=0.01)
+    from lens_assets.science.normalize import normalize_cutout
+
+    norm = normalize_cutout(c, DES)
+    alone = _unpadded_match(norm, c, DES, settings)
+    np.testing.assert_allclose(out["image"][0][:, 8:56, 8:56], alone.image[0], atol=1e-6 * out["image"].max())
+    np.testing.assert_allclose(out["variance"][0][:, 8:56, 8:56], alone.variance[0], atol=1e-6 * out["variance"].max())
+
+
+def test_des_100px_is_cropped_to_64_and_flagged(tmp_path):
+    data = _own_size_file(tmp_path / "des100.fits", DES, 100, DES.pixel_scale_arcsec, bands=DES.band_names,
+                          psf_fwhm_arcsec=1.0)
+    c = read_cutout(data, name="des100.fits", survey=DES)
+    assert c.image.shape == (5, 100, 100) and c.band_flags == {b: ["cropped"] for b in DES.band_names}
+    out = match_batch([_row(c.objid)], [c], shard_settings(DES))
+    assert out["image"].shape == (1, 5, 64, 64) and out["footprint_px"][0] == 64
+    assert (out["band_flags"][0] == FLAG_BITS["cropped"]).all()
+    # the crop is the centre: the galaxy (FWHM 3.2") is inside, its flux kept to 1%
+    np.testing.assert_allclose(out["image"][0].sum(axis=(1, 2)), 100.0, rtol=0.01)
+    # 66 px (1.03x the grid) loses only the matching margin: not flagged
+    small = _own_size_file(tmp_path / "des66.fits", DES, 66, DES.pixel_scale_arcsec, bands=DES.band_names,
+                           psf_fwhm_arcsec=1.0)
+    assert read_cutout(small, name="des66.fits", survey=DES).band_flags == {}
+
+
+def test_own_size_hst_drop_every_file_processed_or_quarantined(tmp_path):
+    inbox = tmp_path / "inbox/hst/drop-1"
+    inbox.mkdir(parents=True)
+    for size, scale in ((96, HST_NATIVE), (140, HST_NATIVE), (200, HST_NATIVE), (160, 0.05), (40, HST_NATIVE),
+                        (80, 0.05)):
+        _own_size_file(inbox / f"s{size}-{scale}.fits", HST, size, scale, bands=["F814W"], psf_fwhm_arcsec=0.09)
+    (inbox / "broken.fits").write_bytes(b"not fits")
+    result = ingest_files(find_fits(inbox), HST, root=tmp_path, workers=1, progress=False)
+    assert result.n_files == 7 == len(result.catalog) + len(result.quarantine)
+    assert sorted(result.quarantine["reason"]) == ["too_small", "unreadable"]
+    assert result.quarantine.set_index("reason").loc["too_small", "source_file"].endswith("s40-0.04.fits")
+    cat = result.catalog.set_index("objid")
+    # 96 and 140 px at 0.04" are 76 and 112 px on the grid, 80 px at 0.05" is 4.0": padded; 200 px at 0.04"
+    # is exactly the 8" grid, 160 px at 0.05" is the grid
+    padded = cat["band_flags"].str.contains("padded")
+    assert sorted(cat.index[padded]) == ["s140-0.04", "s80-0.05", "s96-0.04"]
+    assert not cat["band_flags"].str.contains("cropped").any()
+    settings = shard_settings(HST)
+    manifest = build_shards(result.catalog, HST, root=tmp_path, out_dir=tmp_path / "shards", settings=settings,
+                            workers=1, progress=False)
+    assert manifest["n_rows"] == 5
+    d = read_shards(tmp_path / "shards", manifest)
+    assert d["images"].shape == (5, 2, 160, 160)
+    foot = dict(zip(pd.read_parquet(tmp_path / "shards/rows.parquet")["objid"], d["footprint_px"]))
+    assert foot == {"s96-0.04": 76, "s140-0.04": 112, "s200-0.04": 160, "s160-0.05": 160, "s80-0.05": 80}

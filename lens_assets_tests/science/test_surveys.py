@@ -1,7 +1,7 @@
 import pytest
 
 from lens_assets.science.surveys import (SURVEY_NAMES, SURVEYS, get_survey, limiting_magnitude,
-                                         zero_point_from_depth)
+                                         min_cutout_arcsec_for, zero_point_from_depth)
 
 
 def _lenstronomy_presets():
@@ -93,3 +93,26 @@ def test_registry_is_frozen():
         s.pixel_scale_arcsec = 1.0
     with pytest.raises(TypeError):
         SURVEYS["des"] = s
+
+
+@pytest.mark.parametrize("survey,minimum", [("des", 10.0), ("lsst", 9.0), ("euclid", 7.0), ("hst", 3.5),
+                                            ("hsc", 8.5), ("kids", 9.0), ("sdss", 11.5)])
+def test_min_cutout_arcsec_table(survey, minimum):
+    s = get_survey(survey)
+    assert s.min_cutout_arcsec == minimum  # the module docstring's table
+    assert s.min_cutout_arcsec < s.cutout_size_arcsec
+
+
+def test_min_cutout_arcsec_rule():
+    assert min_cutout_arcsec_for(3.0, 0.88) == 10.0  # 2 x (3.0 + 1.76) = 9.52, rounded up to 0.5"
+    assert min_cutout_arcsec_for(1.5, 0.10) == 3.5  # 2 x (1.5 + 0.2) = 3.4
+    assert min_cutout_arcsec_for(1.5, 0.125) == 3.5  # exactly 3.5 stays
+
+
+def test_min_cutout_arcsec_defaults_to_the_grid_and_is_checked():
+    from dataclasses import replace
+
+    s = get_survey("des")
+    assert replace(s, min_cutout_arcsec=None).min_cutout_arcsec == s.cutout_size_arcsec
+    with pytest.raises(ValueError, match=r"survey des: min_cutout_arcsec 20.0 must be in \(0, cutout_size_arcsec"):
+        replace(s, min_cutout_arcsec=20.0)
