@@ -3,7 +3,7 @@
 import dagster as dg
 
 from lens_assets.assets.catalog import cutout_catalog
-from lens_assets.assets.evaluation import bologna_report, score_calibrator
+from lens_assets.assets.evaluation import bologna_report, score_calibrator, shortcut_audit
 from lens_assets.assets.scoring import candidate_scores
 from lens_assets.assets.shards import dataset_splits, psf_matched_shards
 from lens_assets.assets.simulation import simulated_cutouts
@@ -12,8 +12,8 @@ from lens_assets.resources.launchers import EcsLauncher, LocalSubprocessLauncher
 from lens_assets.resources.storage import LocalStorage, default_data_root
 from lens_assets.sensors.inbox import rescore_nightly, rescore_on_model_change, score_drops_job, survey_inbox_sensor
 
-ASSETS = [simulated_cutouts, cutout_catalog, psf_matched_shards, dataset_splits, lens_classifier, score_calibrator,
-          bologna_report]
+ASSETS = [simulated_cutouts, cutout_catalog, psf_matched_shards, dataset_splits, shortcut_audit, lens_classifier,
+          score_calibrator, bologna_report]
 
 survey_pipeline = dg.define_asset_job(
     "survey_pipeline",

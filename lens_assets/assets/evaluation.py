@@ -1,9 +1,13 @@
-"""Asset group `evaluation`: the ensemble's calibrator and the Bologna report.
+"""Asset group `evaluation`: the shortcut audit, the ensemble's calibrator and the Bologna report.
 
-``score_calibrator`` scores the validation and test splits and the held-out
-simulation family once with every ensemble member (``scores/<survey>/ensemble_logits.parquet``),
-fuses the members' logits and fits the calibrator on the validation split.
-``bologna_report`` reads those scores: nothing is scored twice.
+``shortcut_audit`` runs before training: an XGBoost classifier on lensing-agnostic
+summary statistics of the shards (``science/shortcut.py``) says whether the
+labels can be read off without any lensing. ``score_calibrator`` scores the
+validation and test splits, every held-out simulation family and the
+lensing-only lens/twin pairs once with every ensemble member
+(``scores/<survey>/ensemble_logits.parquet``), fuses the members' logits and fits
+the calibrator on the validation split. ``bologna_report`` reads those scores and
+the audit: nothing is scored twice.
 """
 
 import json
@@ -19,11 +23,15 @@ from lens_assets.assets.shards import dataset_splits, psf_matched_shards, shard_
 from lens_assets.assets.training import lens_classifier, read_ensemble
 from lens_assets.resources.storage import LocalStorage
 from lens_assets.science.calibration import Calibrator, fit_calibrator
-from lens_assets.science.metrics import bologna_metrics, expected_calibration_error
+from lens_assets.science.metrics import (bologna_metrics, bootstrap_interval, expected_calibration_error,
+                                         paired_win_rate)
 from lens_assets.science.surveys import get_survey
 
-EVALUATION_CODE_VERSION = "eval-2"
-SCORED_SPLITS = ("val", "test", "heldout")
+EVALUATION_CODE_VERSION = "eval-3"
+SHORTCUT_CODE_VERSION = "shortcut-1"
+SCORED_SPLITS = ("val", "test", "heldout", "lensing_only")
+LENSING_ONLY = "lensing_only"  # SIMFAM of the lens/twin pairs: one scene with and without deflection
+DEFAULT_HELDOUT_FAMILIES = ["heldout", "galsim"]
 
 
 class CalibratorConfig(dg.Config):
@@ -33,8 +41,9 @@ class CalibratorConfig(dg.Config):
     target_prevalence: float | None = Field(
         default=None, gt=0, lt=1, description="expected lens prevalence of the survey: shifts calibrated "
         "probabilities from the training prevalence by Bayes' rule (Saerens et al. 2002); None keeps it")
-    heldout_families: list[str] = Field(default=["heldout"], description="simulation families scored for "
-                                        "robustness (they are kept out of the splits)")
+    heldout_families: list[str] = Field(default=DEFAULT_HELDOUT_FAMILIES, description="simulation families "
+                                        "scored for robustness (kept out of the splits); absent ones are "
+                                        "reported as having no objects")
     batch_size: int = Field(default=256, ge=1)
 
 
@@ -71,21 +80,174 @@ def load_scoring(storage: LocalStorage, survey: str):
     return ensemble, Fusion.from_dict(doc["fusion"]), Calibrator.from_dict(doc["calibrator"]), doc
 
 
+class ShortcutConfig(dg.Config):
+    max_shortcut_auroc: float = Field(default=0.65, ge=0, le=1, description="gate of the shortcut check: test "
+                                      "AUROC of a classifier on lensing-agnostic statistics")
+    heldout_families: list[str] = Field(default=DEFAULT_HELDOUT_FAMILIES, description="held-out simulation "
+                                        "families scored beside the test split (and the lensing_only pairs)")
+    max_train_rows: int | None = Field(default=None, ge=10, description="cap on training rows (a stratified "
+                                       "sample); None uses the whole train split")
+    batch_size: int = Field(default=512, ge=1, description="cutouts read and summarized at a time (bounds memory)")
+    seed: int = Field(default=0, ge=0)
+
+
+SHORTCUT_CHECKS = [dg.AssetCheckSpec(
+    "shortcut_auroc_at_most_gate", asset="shortcut_audit", blocking=False,
+    description="test AUROC of XGBoost on lensing-agnostic statistics ≤ max_shortcut_auroc (not blocking: the "
+                "report shows the figure beside the classifier's)")]
+
+
+def shortcut_path(storage: LocalStorage, survey: str):
+    return storage.path("reports", survey, "shortcut", "shortcut.json")
+
+
+def shard_features(shard_path, objids, *, pixel_scale_arcsec: float, bands, batch_size: int) -> pd.DataFrame:
+    """:func:`~lens_assets.science.shortcut.summary_statistics` of the shard rows ``objids`` (in that order),
+    read ``batch_size`` at a time in shard order."""
+    from lens_assets.ml.data import ShardDataset
+    from lens_assets.science.shortcut import feature_names, summary_statistics
+
+    objids = list(objids)
+    if not objids:
+        return pd.DataFrame(columns=feature_names(bands), dtype=float)
+    ds = ShardDataset(shard_path, objids=objids)
+    order = np.lexsort((ds.index, ds.shard))  # contiguous reads
+    parts = []
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        batch = ds.__getitems__(rows.tolist())
+        parts.append(summary_statistics(batch["image"], batch["variance"], pixel_scale_arcsec=pixel_scale_arcsec,
+                                        bands=bands).set_index(pd.Index(rows)))
+    return pd.concat(parts).sort_index().reset_index(drop=True)
+
+
+@survey_asset(
+    group_name="evaluation",
+    kinds={"python", "xgboost"},
+    code_version=SHORTCUT_CODE_VERSION,
+    deps=[psf_matched_shards, dataset_splits],
+    check_specs=SHORTCUT_CHECKS,
+)
+def shortcut_audit(context: dg.AssetExecutionContext, config: ShortcutConfig,
+                   storage: LocalStorage) -> dg.MaterializeResult:
+    """AUROC of a classifier that knows nothing of lensing: XGBoost on summary statistics of the PSF-matched
+    cutouts (fluxes and colours, central colour, concentration, size, ellipticity, asymmetry, peaks).
+
+    Trained on the train split, scored on the test split, every held-out family and
+    the lensing-only pairs. Near 0.5: the labels cannot be read off such cues; near
+    1: the simulator gives its lenses a shortcut a network can learn instead of
+    lensing. Runs before training. Writes `reports/<survey>/shortcut/shortcut.json`,
+    `features.parquet` and `importance.png`.
+    """
+    import time
+
+    from lens_assets.science.shards import read_manifest
+    from lens_assets.science.shortcut import importance_plot, shortcut_auroc
+
+    survey = get_survey(context.partition_key)
+    for parts in (("splits", survey.name), ("catalog", survey.name), ("shards", survey.name)):
+        storage.pull(*parts)
+    split_path = storage.path("splits", survey.name, "dataset_splits.parquet")
+    if not split_path.exists():
+        raise dg.Failure(f"{split_path} does not exist: materialize dataset_splits for {survey.name} first")
+    shards = shard_dir(storage, survey.name)
+    manifest = read_manifest(shards)
+    splits = pd.read_parquet(split_path, columns=["objid", "split"])
+    cat_path, _ = catalog_paths(storage, survey.name)
+    catalog = pd.read_parquet(cat_path, columns=["objid", "label", "sim_family"])
+    rows = splits[splits["split"].isin(["train", "test"])].merge(catalog, on="objid", how="left")
+    in_shards = set(pd.read_parquet(shards / "rows.parquet", columns=["objid"])["objid"])
+    usable = catalog[catalog["objid"].isin(in_shards) & catalog["label"].isin([0, 1])]
+    families = [f for f in config.heldout_families if f != LENSING_ONLY] + [LENSING_ONLY]
+    extra = usable[usable["sim_family"].isin(families)].rename(columns={"sim_family": "split"})
+    rows = pd.concat([rows[["objid", "split", "label"]], extra[["objid", "split", "label"]]], ignore_index=True)
+    train = rows[rows["split"] == "train"]
+    if config.max_train_rows is not None and len(train) > config.max_train_rows:
+        frac = config.max_train_rows / len(train)
+        train = train.groupby("label", group_keys=False).sample(frac=frac, random_state=config.seed)
+        rows = pd.concat([train, rows[rows["split"] != "train"]], ignore_index=True)
+    t0 = time.perf_counter()
+    features = shard_features(shards, rows["objid"], pixel_scale_arcsec=manifest["pixel_scale_arcsec"],
+                              bands=manifest["bands"], batch_size=config.batch_size)
+    t_features = time.perf_counter() - t0
+    split = rows["split"].to_numpy()
+    label = rows["label"].to_numpy().astype(int)
+    eval_names = ["test", *families]
+    try:
+        result = shortcut_auroc(features[split == "train"], label[split == "train"],
+                                {name: (features[split == name], label[split == name]) for name in eval_names},
+                                seed=config.seed)
+    except ValueError as err:
+        raise dg.Failure(f"{split_path}: train split: {err}") from None
+    seconds = time.perf_counter() - t0
+    out_dir = storage.path("reports", survey.name, "shortcut")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = pd.concat([rows.reset_index(drop=True), features], axis=1)
+    table.to_parquet(out_dir / "features.parquet", index=False)
+    doc = {"survey": survey.name, **result, "families": families, "seconds_features": t_features,
+           "seconds": seconds, "n_rows": len(rows), "gate": {"max_shortcut_auroc": config.max_shortcut_auroc}}
+    (out_dir / "shortcut.json").write_text(json.dumps(doc, indent=2, default=float))
+    plot = importance_plot(result["feature_importance"], out_dir / "importance.png",
+                           title=f"{survey.name}: shortcut classifier, test AUROC {result['auroc']['test']:.3f}")
+    storage.push("reports", survey.name, "shortcut")
+    auroc = result["auroc"]
+    context.log.info(f"{survey.name}: shortcut AUROC {auroc['test']:.3f} on the test split from "
+                     f"{len(features.columns)} lensing-agnostic statistics of {len(rows)} cutouts in {seconds:.1f} s")
+
+    def cell(name):
+        n1, n0 = result["n_lenses"][name], result["n_nonlenses"][name]
+        if n1 + n0 == 0:
+            return "no objects", 0, 0
+        return ("one class only" if np.isnan(auroc[name]) else f"{auroc[name]:.3f}"), n1, n0
+
+    md = ["| set | shortcut AUROC | lenses | non-lenses |", "|---|---|---|---|"]
+    md += ["| {} | {} | {} | {} |".format(name, *cell(name)) for name in eval_names]
+    top = sorted(result["feature_importance"].items(), key=lambda kv: -kv[1])[:5]
+    metadata = {
+        "summary": dg.MetadataValue.md("\n".join(md) + "\n\nmost used statistics: "
+                                       + ", ".join(f"{k} ({v:.2f})" for k, v in top)),
+        "shortcut_auroc": float(auroc["test"]),
+        "heldout_shortcut_auroc": float(auroc[families[0]]) if len(families) > 1 else float("nan"),
+        **{f"heldout_{f}_shortcut_auroc": float(auroc[f]) for f in families if f != LENSING_ONLY},
+        "lensing_only_shortcut_auroc": float(auroc[LENSING_ONLY]),
+        "n_train": result["n_train"],
+        "n_features": len(features.columns),
+        "seconds": seconds,
+        "rows_per_s": len(rows) / t_features if t_features > 0 else float("nan"),
+        "path": dg.MetadataValue.path(str(out_dir / "shortcut.json")),
+        "feature_importance": dg.MetadataValue.json(result["feature_importance"]),
+        "importance": png_markdown(plot, alt="shortcut classifier feature importance (gain)"),
+    }
+    check = dg.AssetCheckResult(
+        check_name="shortcut_auroc_at_most_gate", passed=bool(auroc["test"] <= config.max_shortcut_auroc),
+        metadata={"shortcut_auroc": float(auroc["test"]), "gate": config.max_shortcut_auroc,
+                  "top_statistics": ", ".join(k for k, _ in top)})
+    version = sha256_of_strings([json.dumps({k: doc[k] for k in ("auroc", "feature_importance")}, default=float)])
+    return dg.MaterializeResult(metadata=metadata, check_results=[check], data_version=dg.DataVersion(version[:16]))
+
+
 def _rows_to_score(storage: LocalStorage, survey: str, heldout_families) -> pd.DataFrame:
+    """val/test rows of the splits, labeled rows of each held-out family (split ``heldout``, with their
+    ``sim_family``) and of the lensing-only pairs (split ``lensing_only``, with their ``pair_id``)."""
     for parts in (("splits", survey), ("catalog", survey), ("shards", survey)):
         storage.pull(*parts)
     splits = pd.read_parquet(storage.path("splits", survey, "dataset_splits.parquet"), columns=["objid", "split"])
     cat_path, _ = catalog_paths(storage, survey)
     import pyarrow.parquet as pq
 
-    truth = [c for c in ("flux_ratio", "theta_e", "arc_snr") if c in pq.read_schema(cat_path).names]
+    names = pq.read_schema(cat_path).names
+    truth = [c for c in ("flux_ratio", "theta_e", "arc_snr", "pair_id") if c in names]
     catalog = pd.read_parquet(cat_path, columns=["objid", "label", *truth, "sim_family", "sim_kind", "source_file",
                                                  "source_sha256"])
+    if "pair_id" not in catalog:  # a catalog ingested before PAIRID was read
+        catalog["pair_id"] = ""
     in_shards = set(pd.read_parquet(shard_dir(storage, survey) / "rows.parquet", columns=["objid"])["objid"])
-    held = catalog[catalog["sim_family"].isin(heldout_families) & catalog["objid"].isin(in_shards)
-                   & catalog["label"].isin([0, 1])]
+    usable = catalog["objid"].isin(in_shards) & catalog["label"].isin([0, 1])
+    held = catalog[catalog["sim_family"].isin([f for f in heldout_families if f != LENSING_ONLY]) & usable]
+    pairs = catalog[(catalog["sim_family"] == LENSING_ONLY) & usable]
     rows = pd.concat([splits[splits["split"].isin(["val", "test"])],
-                      pd.DataFrame({"objid": held["objid"], "split": "heldout"})], ignore_index=True)
+                      pd.DataFrame({"objid": held["objid"], "split": "heldout"}),
+                      pd.DataFrame({"objid": pairs["objid"], "split": LENSING_ONLY})], ignore_index=True)
     if rows["objid"].duplicated().any():
         raise dg.Failure(f"objects both in the splits and in a held-out family: "
                          f"{rows.loc[rows['objid'].duplicated(), 'objid'].head(5).tolist()}")
@@ -105,7 +267,8 @@ def score_calibrator(context: dg.AssetExecutionContext, config: CalibratorConfig
     Temperature scaling and isotonic regression are both fit; the lower
     cross-validated NLL wins (`method=auto`). Writes `calibrators/<survey>/calibrator.json`
     (fusion weights, calibrator, member checkpoints) and the scores of the
-    val/test/held-out rows that `bologna_report` evaluates.
+    val/test rows, of every held-out family and of the lensing-only lens/twin
+    pairs, which `bologna_report` evaluates.
     """
     from scipy.special import expit
 
@@ -140,7 +303,8 @@ def score_calibrator(context: dg.AssetExecutionContext, config: CalibratorConfig
     ece_before, ece_after = expected_calibration_error(y_val, before), expected_calibration_error(y_val, after)
     doc = {"survey": survey.name, "members": ensemble["members"], "fusion": fusion.to_dict(),
            "calibrator": cal.to_dict(), "fit_on": "val", "n_val": int(val.sum()),
-           "ece_val_before": ece_before, "ece_val_after": ece_after}
+           "ece_val_before": ece_before, "ece_val_after": ece_after,
+           "heldout_families": [f for f in config.heldout_families if f != LENSING_ONLY]}
     for m in doc["members"]:
         m.pop("path", None)
     text = json.dumps(doc, indent=2)
@@ -165,6 +329,7 @@ def score_calibrator(context: dg.AssetExecutionContext, config: CalibratorConfig
         "ece_after": ece_after,
         "n_val": int(val.sum()),
         "n_scored": len(rows),
+        **{f"n_{split}": int((rows["split"] == split).sum()) for split in ("test", "heldout", LENSING_ONLY)},
         "scoring_img_per_s": len(rows) / seconds if seconds > 0 else float("nan"),
         "device": device,
         "reliability": png_markdown(plot, alt="reliability diagram on the validation split"),
@@ -176,37 +341,121 @@ class ReportConfig(dg.Config):
     min_auroc: float = Field(default=0.99, ge=0, le=1, description="gate of the auroc check")
     min_tpr10: float = Field(default=0.6, ge=0, le=1, description="gate of the tpr10 check")
     max_ece: float = Field(default=0.02, ge=0, le=1, description="gate of the ece check")
+    min_heldout_auroc: float = Field(default=0.95, ge=0, le=1, description="gate of every held-out family's AUROC")
+    min_lensing_only_auroc: float = Field(default=0.95, ge=0, le=1, description="gate of the lens/twin AUROC")
+    max_fnr_flux_ratio_lt_0_1: float = Field(default=0.3, ge=0, le=1, description="gate of the test FNR of lenses "
+                                             "with lensed-flux ratio < 0.1 (at the TPR10 threshold)")
+    n_boot: int = Field(default=1000, ge=1, description="bootstrap resamples of the 95% intervals")
 
 
 REPORT_CHECKS = [
     dg.AssetCheckSpec("auroc_at_least_gate", asset="bologna_report", description="test AUROC ≥ min_auroc"),
     dg.AssetCheckSpec("tpr10_at_least_gate", asset="bologna_report", description="test TPR10 ≥ min_tpr10"),
     dg.AssetCheckSpec("ece_at_most_gate", asset="bologna_report", description="test ECE (calibrated) ≤ max_ece"),
+    dg.AssetCheckSpec("heldout_auroc_at_least_gate", asset="bologna_report",
+                      description="AUROC of every held-out family with objects ≥ min_heldout_auroc (fails when "
+                                  "none has objects)"),
+    dg.AssetCheckSpec("lensing_only_auroc_at_least_gate", asset="bologna_report",
+                      description="AUROC of lens vs twin members of the lensing-only pairs ≥ min_lensing_only_auroc "
+                                  "(fails without pairs)"),
+    dg.AssetCheckSpec("fnr_flux_ratio_lt_0_1_at_most_gate", asset="bologna_report",
+                      description="test FNR of lenses with flux ratio < 0.1 ≤ max_fnr_flux_ratio_lt_0_1 (fails "
+                                  "without such lenses)"),
 ]
 HEADLINE = ("auroc", "auprc", "tpr0", "tpr10", "tpr_at_fpr_0.1", "ece", "fnr_flux_ratio_lt_0.1")
+CI_METRICS = ("auroc", "tpr0", "tpr10")
+NO_OBJECTS = "no objects"
 
 
-def report_figures(scores: pd.DataFrame) -> dict:
-    """Metrics of the test split (``in_distribution``) and of the held-out family (``heldout``).
+def _figures(part: pd.DataFrame) -> dict:
+    truth = {k: part[k].where(part[k] >= 0, np.nan).to_numpy()  # -1: not known
+             for k in ("flux_ratio", "theta_e", "arc_snr") if k in part}
+    return bologna_metrics(part["label"].to_numpy(), part["logit"].to_numpy(), **truth,
+                           probs=part["probability"].to_numpy())
+
+
+def report_figures(scores: pd.DataFrame, *, heldout_families=("heldout",), n_boot: int = 0, seed: int = 0) -> dict:
+    """Metrics of the test split (``in_distribution``), of each held-out family (``families``: family ->
+    figures, empty when it has no lenses and non-lenses), of the first family with objects (``heldout``) and of
+    the lensing-only pairs (``lensing_only``: :func:`paired_win_rate`).
 
     Ranking figures use the fused logit (calibration is monotone, and isotonic
-    plateaus would only add ties); ECE uses the calibrated probability.
+    plateaus would only add ties); ECE uses the calibrated probability. With
+    ``n_boot``: stratified bootstrap 95% intervals ``<metric>_ci_low/high`` of AUROC, TPR0 and TPR10.
     """
-    out = {}
-    for name, split in (("in_distribution", "test"), ("heldout", "heldout")):
-        part = scores[scores["split"] == split]
-        if part.empty or part["label"].nunique() < 2:
-            continue
-        truth = {k: part[k].where(part[k] >= 0, np.nan).to_numpy()  # -1: not known
-                 for k in ("flux_ratio", "theta_e", "arc_snr") if k in part}
-        out[name] = bologna_metrics(part["label"].to_numpy(), part["logit"].to_numpy(), **truth,
-                                    probs=part["probability"].to_numpy())
+    def with_ci(part):
+        fig = _figures(part)
+        for m in CI_METRICS if n_boot else ():
+            fig[f"{m}_ci_low"], fig[f"{m}_ci_high"] = bootstrap_interval(
+                part["label"].to_numpy(), part["logit"].to_numpy(), m, n_boot=n_boot, seed=seed)
+        return fig
+
+    def evaluable(part):
+        return not part.empty and part["label"].nunique() == 2
+
+    out = {"families": {}}
+    test = scores[scores["split"] == "test"]
+    if evaluable(test):
+        out["in_distribution"] = with_ci(test)
+    held = scores[scores["split"] == "heldout"]
+    family = held["sim_family"] if "sim_family" in held else pd.Series("heldout", index=held.index)
+    for f in [*heldout_families, *sorted(set(family) - set(heldout_families))]:
+        part = held[family == f]
+        out["families"][f] = with_ci(part) if evaluable(part) else {}
+    out["heldout"] = next((v for v in out["families"].values() if v), {})
+    pairs = scores[scores["split"] == LENSING_ONLY]
+    lo = {"n_pairs": 0.0, "win_rate": float("nan"), "auroc": float("nan"), "n_rows_not_in_complete_pairs": 0.0}
+    if not pairs.empty:
+        pid = pairs["pair_id"].fillna("") if "pair_id" in pairs else pd.Series("", index=pairs.index)
+        lo = paired_win_rate(pid.to_numpy(), pairs["label"].to_numpy(), pairs["logit"].to_numpy())
+        by_pair = pairs["label"].groupby(pid)
+        complete = pairs[(pid != "") & (by_pair.transform("size") == 2) & (by_pair.transform("sum") == 1)]
+        if n_boot and lo["n_pairs"] > 0 and complete["label"].nunique() == 2:
+            lo["auroc_ci_low"], lo["auroc_ci_high"] = bootstrap_interval(
+                complete["label"].to_numpy(), complete["logit"].to_numpy(), "auroc", n_boot=n_boot, seed=seed)
+    out["lensing_only"] = lo
     return out
 
 
-def report_markdown(survey: str, figures: dict, calibrator: dict) -> str:
+def _fmt(v, lo=None, hi=None) -> str:
+    if v is None or not np.isfinite(v):
+        return NO_OBJECTS
+    text = f"{v:.3f}"
+    if lo is not None and hi is not None and np.isfinite(lo) and np.isfinite(hi):
+        text += f" [{lo:.3f}, {hi:.3f}]"
+    return text
+
+
+def summary_table(figures: dict, shortcut: dict | None) -> str:
+    """The report's leading table: rows are figures, columns the test split and each held-out family; three
+    decimals, ``[lo, hi]`` bootstrap 95% intervals where computed, "no objects" for an empty set or bin."""
+    cols = [("test", figures.get("in_distribution", {}))] + list(figures["families"].items())
+    sc = (shortcut or {}).get("auroc", {})
+    lo = figures["lensing_only"]
+    rows = [("AUROC", "auroc"), ("AUPRC", "auprc"), ("TPR0", "tpr0"), ("TPR10", "tpr10"), ("ECE", "ece"),
+            ("FNR (flux ratio < 0.1)", "fnr_flux_ratio_lt_0.1")]
+    head = "| figure | " + " | ".join(f"{'test split' if n == 'test' else f'held-out: {n}'}" for n, _ in cols)
+    lines = [head + " |", "|---" * (len(cols) + 1) + "|"]
+    for title, key in rows:
+        cells = [_fmt(f.get(key), f.get(f"{key}_ci_low"), f.get(f"{key}_ci_high")) if f else NO_OBJECTS
+                 for _, f in cols]
+        lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    pairs = (f"{_fmt(lo['auroc'], lo.get('auroc_ci_low'), lo.get('auroc_ci_high'))} (win rate "
+             f"{lo['win_rate']:.3f}, {lo['n_pairs']:.0f} pairs)" if lo["n_pairs"] else NO_OBJECTS)
+    lines.append("| lensing-only AUROC (lens vs twin pairs) | " + " | ".join([pairs] + ["—"] * (len(cols) - 1)) + " |")
+    if shortcut is None:
+        cells = ["not run (materialize shortcut_audit)"] * len(cols)
+    else:
+        cells = [_fmt(sc.get(n, float("nan"))) for n, _ in cols]
+    lines.append("| shortcut AUROC (lensing-agnostic statistics) | " + " | ".join(cells) + " |")
+    n = " · ".join(f"{name}: {f.get('n_test_lenses', 0):.0f} lenses / {f.get('n_test_nonlenses', 0):.0f} "
+                   "non-lenses" for name, f in cols)
+    return "\n".join(lines) + f"\n\n{n}. Intervals: stratified bootstrap 95%. Lensing-only: one set of pairs.\n"
+
+
+def report_markdown(survey: str, figures: dict, calibrator: dict, shortcut: dict | None = None) -> str:
     ind, held = figures["in_distribution"], figures.get("heldout", {})
-    lines = [f"# Bologna report: {survey}", "",
+    lines = [f"# Bologna report: {survey}", "", summary_table(figures, shortcut), "",
              "Ranking figures on the fused ensemble logit; ECE on calibrated probabilities (15 equal-mass bins).",
              "TPR0/TPR10: fraction of lenses scored strictly above the highest / 10th-highest non-lens.", "",
              "| figure | test (in-distribution) | held-out family | gap |", "|---|---|---|---|"]
@@ -247,20 +496,30 @@ def report_markdown(survey: str, figures: dict, calibrator: dict) -> str:
     return "\n".join(lines)
 
 
+def read_shortcut(storage: LocalStorage, survey: str) -> dict | None:
+    """shortcut_audit's ``shortcut.json``, or None when the audit has not run."""
+    path = shortcut_path(storage, survey)
+    storage.pull(*path.relative_to(storage.root_path).parts)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 @survey_asset(
     group_name="evaluation",
     kinds={"python", "markdown"},
     code_version=EVALUATION_CODE_VERSION,
-    deps=[score_calibrator],
+    deps=[score_calibrator, shortcut_audit],
     check_specs=REPORT_CHECKS,
 )
 def bologna_report(context: dg.AssetExecutionContext, config: ReportConfig,
                    storage: LocalStorage) -> dg.MaterializeResult:
-    """Bologna Lens Finding Challenge figures on the test split and on a held-out simulation family.
+    """Bologna Lens Finding Challenge figures on the test split, each held-out simulation family and the
+    lensing-only lens/twin pairs, beside the shortcut audit's AUROC.
 
-    AUROC, AUPRC, TPR0, TPR10 (with the number of non-lenses), TPR at FPR 0.1 and
-    1e-3, ECE, FNR per lensed-flux-ratio bin and recall per θE bin; ROC, score
-    histograms and reliability diagram. Writes `reports/<survey>/bologna/report.json` and `report.md`.
+    AUROC, AUPRC, TPR0, TPR10 (with the number of non-lenses; AUROC, TPR0 and TPR10
+    with stratified bootstrap 95% intervals), TPR at FPR 0.1 and 1e-3, ECE, FNR
+    per lensed-flux-ratio bin and recall per θE bin; lensing-only AUROC and paired
+    win rate; ROC, score histograms and reliability diagram. Writes
+    `reports/<survey>/bologna/report.json` and `report.md` (led by the summary table).
     """
     from scipy.special import expit
 
@@ -274,13 +533,18 @@ def bologna_report(context: dg.AssetExecutionContext, config: ReportConfig,
         raise dg.Failure(f"{path} does not exist: materialize score_calibrator for {survey.name} first")
     scores = pd.read_parquet(path)
     calibrator = json.loads(calibrator_path(storage, survey.name).read_text())
-    figures = report_figures(scores)
+    families = calibrator.get("heldout_families", ["heldout"])
+    figures = report_figures(scores, heldout_families=families, n_boot=config.n_boot)
     if "in_distribution" not in figures:
         raise dg.Failure(f"{path}: the test split needs lenses and non-lenses to be evaluated")
-    ind, held = figures["in_distribution"], figures.get("heldout", {})
+    shortcut = read_shortcut(storage, survey.name)
+    ind, held, pairs = figures["in_distribution"], figures["heldout"], figures["lensing_only"]
     out_dir = storage.path("reports", survey.name, "bologna")
     out_dir.mkdir(parents=True, exist_ok=True)
-    parts = {"test": scores[scores["split"] == "test"], "held-out family": scores[scores["split"] == "heldout"]}
+    held_rows = scores[scores["split"] == "heldout"]
+    parts = {"test": scores[scores["split"] == "test"],
+             **{f"held-out: {f}": held_rows[held_rows["sim_family"] == f] for f, v in figures["families"].items()
+                if v}}
     parts = {k: (v["label"].to_numpy(), v) for k, v in parts.items() if v["label"].nunique() == 2}
     roc = roc_plot({k: (y, v["logit"].to_numpy()) for k, (y, v) in parts.items()}, out_dir / "roc.png")
     hist = score_histograms({k: (y, v["logit"].to_numpy()) for k, (y, v) in parts.items()},
@@ -288,22 +552,42 @@ def bologna_report(context: dg.AssetExecutionContext, config: ReportConfig,
     y, t = parts["test"]
     rel = reliability_plot({"test, sigmoid(fused logit)": (y, expit(t["logit"].to_numpy())),
                             "test, calibrated": (y, t["probability"].to_numpy())}, out_dir / "reliability.png")
-    report = {"survey": survey.name, "in_distribution": ind, "heldout": held,
+    gates = {k: getattr(config, k) for k in ("min_auroc", "min_tpr10", "max_ece", "min_heldout_auroc",
+                                             "min_lensing_only_auroc", "max_fnr_flux_ratio_lt_0_1")}
+    report = {"survey": survey.name, "in_distribution": ind, "heldout": held, "families": figures["families"],
+              "lensing_only": pairs, "shortcut": shortcut and {k: shortcut[k] for k in ("auroc", "n_lenses",
+                                                                                       "n_nonlenses")},
               "gap": {k: ind[k] - held[k] for k in ("auroc", "tpr0", "tpr10") if k in held},
-              "calibrator": calibrator, "scores_path": str(path),
-              "gates": {"min_auroc": config.min_auroc, "min_tpr10": config.min_tpr10, "max_ece": config.max_ece}}
+              "calibrator": calibrator, "scores_path": str(path), "gates": gates}
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=float))
     md = out_dir / "report.md"
-    md.write_text(report_markdown(survey.name, figures, calibrator))
+    md.write_text(report_markdown(survey.name, figures, calibrator, shortcut))
     storage.push("reports", survey.name, "bologna")
+    nan = float("nan")
     context.log.info(f"{survey.name}: AUROC {ind['auroc']:.4f}, TPR0 {ind['tpr0']:.3f}, TPR10 {ind['tpr10']:.3f} "
                      f"({ind['n_test_nonlenses']:.0f} non-lenses), ECE {ind['ece']:.4f}; held-out AUROC "
-                     f"{held.get('auroc', float('nan')):.4f}; report {md}")
-    metadata = {k: float(ind[k]) for k in (*HEADLINE, "tpr_at_fpr_0.001", "n_test_lenses", "n_test_nonlenses")}
+                     f"{held.get('auroc', nan):.4f}; lensing-only AUROC {pairs['auroc']:.4f} over "
+                     f"{pairs['n_pairs']:.0f} pairs; report {md}")
+    # Dagster shows metadata in insertion order: the summary table leads the page
+    metadata = {"summary": dg.MetadataValue.md(summary_table(figures, shortcut))}
+    metadata.update({k: float(ind.get(k, nan)) for k in (*HEADLINE, "tpr_at_fpr_0.001", "n_test_lenses",
+                                                          "n_test_nonlenses")})
+    for k in CI_METRICS:
+        metadata[f"{k}_ci_low"], metadata[f"{k}_ci_high"] = float(ind[f"{k}_ci_low"]), float(ind[f"{k}_ci_high"])
     for k in ("auroc", "tpr0", "tpr10"):
-        metadata[f"heldout_{k}"] = float(held.get(k, float("nan")))
-    metadata["heldout_auroc_gap"] = float(ind["auroc"] - held.get("auroc", float("nan")))
+        metadata[f"heldout_{k}"] = float(held.get(k, nan))
+    metadata["heldout_auroc_gap"] = float(ind["auroc"] - held.get("auroc", nan))
     metadata["n_heldout_nonlenses"] = float(held.get("n_test_nonlenses", 0.0))
+    for f, fig in figures["families"].items():
+        for k in ("auroc", "tpr0", "tpr10"):
+            metadata[f"heldout_{f}_{k}"] = float(fig.get(k, nan))
+    metadata["lensing_only_auroc"] = float(pairs["auroc"])
+    metadata["lensing_only_win_rate"] = float(pairs["win_rate"])
+    metadata["n_lensing_only_pairs"] = float(pairs["n_pairs"])
+    sc = (shortcut or {}).get("auroc", {})
+    metadata["shortcut_auroc"] = float(sc.get("test", nan))
+    for f in figures["families"]:
+        metadata[f"heldout_{f}_shortcut_auroc"] = float(sc.get(f, nan))
     for k, v in ind.items():
         if k.startswith(("fnr_flux_ratio_", "noise_limited_fnr_flux_ratio_", "recall_theta_e_", "recall_arc_snr_")):
             metadata[k] = float(v)
@@ -314,6 +598,8 @@ def bologna_report(context: dg.AssetExecutionContext, config: ReportConfig,
         "score_histograms": png_markdown(hist, alt="score histograms"),
         "reliability": png_markdown(rel, alt="reliability diagram"),
     })
+    evaluated = {f: fig["auroc"] for f, fig in figures["families"].items() if fig}
+    fnr = ind.get("fnr_flux_ratio_lt_0.1", nan)
     checks = [
         dg.AssetCheckResult(check_name="auroc_at_least_gate", passed=bool(ind["auroc"] >= config.min_auroc),
                             metadata={"auroc": ind["auroc"], "gate": config.min_auroc}),
@@ -322,7 +608,23 @@ def bologna_report(context: dg.AssetExecutionContext, config: ReportConfig,
                                       "n_test_nonlenses": ind["n_test_nonlenses"]}),
         dg.AssetCheckResult(check_name="ece_at_most_gate", passed=bool(ind["ece"] <= config.max_ece),
                             metadata={"ece": ind["ece"], "gate": config.max_ece}),
+        dg.AssetCheckResult(
+            check_name="heldout_auroc_at_least_gate",
+            passed=bool(evaluated) and all(v >= config.min_heldout_auroc for v in evaluated.values()),
+            metadata={"gate": config.min_heldout_auroc, "auroc": dg.MetadataValue.json(evaluated),
+                      NO_OBJECTS.replace(" ", "_"): ", ".join(f for f, v in figures["families"].items() if not v)
+                      or "none"}),
+        dg.AssetCheckResult(
+            check_name="lensing_only_auroc_at_least_gate",
+            passed=bool(pairs["n_pairs"] > 0 and pairs["auroc"] >= config.min_lensing_only_auroc),
+            metadata={"lensing_only_auroc": pairs["auroc"], "gate": config.min_lensing_only_auroc,
+                      "n_pairs": pairs["n_pairs"], "win_rate": pairs["win_rate"]}),
+        dg.AssetCheckResult(
+            check_name="fnr_flux_ratio_lt_0_1_at_most_gate",
+            passed=bool(np.isfinite(fnr) and fnr <= config.max_fnr_flux_ratio_lt_0_1),
+            metadata={"fnr_flux_ratio_lt_0.1": fnr, "gate": config.max_fnr_flux_ratio_lt_0_1,
+                      "n_lenses": ind.get("n_lenses_flux_ratio_lt_0.1", 0.0)}),
     ]
     version = sha256_of_strings([json.dumps(report["in_distribution"], default=float), calibrator_path(
-        storage, survey.name).read_text()])
+        storage, survey.name).read_text(), json.dumps(report["shortcut"], default=float)])
     return dg.MaterializeResult(metadata=metadata, check_results=checks, data_version=dg.DataVersion(version[:16]))

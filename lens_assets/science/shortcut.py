@@ -21,7 +21,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-__all__ = ["summary_statistics", "shortcut_auroc", "asinh_colour", "feature_names"]
+__all__ = ["summary_statistics", "shortcut_auroc", "asinh_colour", "feature_names", "importance_plot"]
 
 _POGSON = 2.5 / np.log(10.0)
 MAX_PEAKS = 16  # brightest peaks per object kept for the separation
@@ -222,3 +222,19 @@ def shortcut_auroc(train_X: pd.DataFrame, train_y, eval_sets: Mapping[str, tuple
     out["n_train"] = int(len(X))
     out["best_iteration"] = int(getattr(model, "best_iteration", n_estimators - 1))
     return out
+
+
+def importance_plot(importance: Mapping[str, float], path, *, title: str = ""):
+    """Horizontal bars of the shortcut classifier's feature importances (gain share), largest on top; PNG at
+    ``path``. matplotlib is imported only here."""
+    from .plots import _pyplot, _save
+
+    items = sorted(importance.items(), key=lambda kv: kv[1])
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 0.22 * len(items) + 1.0))
+    ax.barh([k for k, _ in items], [v for _, v in items], color="tab:orange")
+    ax.set_xlabel("share of total gain")
+    ax.tick_params(axis="y", labelsize=7)
+    if title:
+        ax.set_title(title, fontsize=8)
+    return _save(fig, path)

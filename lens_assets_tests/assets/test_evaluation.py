@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from lens_assets.assets.evaluation import bologna_report, load_scoring, score_calibrator
+from lens_assets.assets.evaluation import SCORED_SPLITS, bologna_report, load_scoring, score_calibrator
 from lens_assets.definitions import ASSETS
 from lens_assets.resources.launchers import LocalSubprocessLauncher
 from lens_assets.resources.storage import LocalStorage
@@ -25,10 +25,12 @@ from lens_assets.science.metrics import FLUX_RATIO_BINS
 SURVEY = "sdss"
 MEMBER = "resnet10t"
 N_HELDOUT = 60
-PERMISSIVE = {"min_auroc": 0.0, "min_tpr10": 0.0, "max_ece": 1.0}
+PERMISSIVE = {"min_auroc": 0.0, "min_tpr10": 0.0, "max_ece": 1.0, "min_heldout_auroc": 0.0,
+              "min_lensing_only_auroc": 0.0, "max_fnr_flux_ratio_lt_0_1": 1.0}
 DESIGN_KEYS = ("auroc", "auprc", "tpr0", "tpr10", "tpr_at_fpr_0.1", "ece", "fnr_flux_ratio_lt_0.1",
                "n_test_lenses", "n_test_nonlenses", "heldout_auroc", "heldout_tpr0", "heldout_tpr10")
 CHECKS = {"auroc_at_least_gate", "tpr10_at_least_gate", "ece_at_most_gate"}
+NEW_CHECKS = {"heldout_auroc_at_least_gate", "lensing_only_auroc_at_least_gate", "fnr_flux_ratio_lt_0_1_at_most_gate"}
 
 
 def _metadata(result, key):
@@ -36,11 +38,11 @@ def _metadata(result, key):
     return {k: v.value for k, v in mat.metadata.items()}
 
 
-def _checks(result):
-    """bologna_report's checks: name -> passed."""
+def _checks(result, names=CHECKS, asset="bologna_report"):
+    """``asset``'s checks among ``names``: name -> passed."""
     return {e.event_specific_data.check_name: e.event_specific_data.passed
             for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"
-            and e.event_specific_data.asset_key == dg.AssetKey("bologna_report")}
+            and e.event_specific_data.asset_key == dg.AssetKey(asset) and e.event_specific_data.check_name in names}
 
 
 @pytest.fixture(scope="module")
@@ -164,14 +166,17 @@ def test_test_rows_are_the_test_split_and_heldout_rows_the_heldout_family(graph)
     assert len(heldout_ids) == N_HELDOUT
     assert set(scores.loc[scores["split"] == "heldout", "objid"]) == heldout_ids
     assert heldout_ids.isdisjoint(splits["objid"])
-    assert scores["objid"].is_unique and set(scores["split"]) == {"val", "test", "heldout"}
+    assert scores["objid"].is_unique and {"val", "test", "heldout"} <= set(scores["split"]) <= set(SCORED_SPLITS)
     assert (scores.loc[scores["split"] == "heldout", "sim_family"] == "heldout").all()
-    assert (scores.loc[scores["split"] != "heldout", "sim_family"] == "baseline").all()
+    pairs = scores["split"] == "lensing_only"
+    assert (scores.loc[pairs, "sim_family"] == "lensing_only").all()
+    training_family = scores.loc[scores["split"].isin(["val", "test"]), "sim_family"]
+    assert training_family.nunique() == 1 and training_family.iloc[0] not in ("heldout", "galsim", "lensing_only")
 
 
 def test_checks_follow_the_gates(graph):
     storage, result = graph
-    assert _checks(result) == dict.fromkeys(CHECKS, True)  # permissive gates
+    assert _checks(result) == dict.fromkeys(CHECKS, True)  # permissive gates (the original three; new ones below)
     meta = _metadata(result, "bologna_report")
     auroc, tpr10, ece = meta["auroc"], meta["tpr10"], meta["ece"]
     assert auroc < 1.0 and tpr10 < 1.0 and ece > 0.0  # so that each gate can be missed
@@ -270,4 +275,160 @@ def test_report_without_scores_is_a_clear_failure(storage):
 def test_score_calibrator_without_an_ensemble_is_a_clear_failure(storage):
     with pytest.raises(dg.Failure, match=rf"ensemble.json does not exist: materialize lens_classifier for {SURVEY}"):
         dg.materialize([score_calibrator], partition_key=SURVEY, resources={"storage": storage},
+                       instance=dg.DagsterInstance.ephemeral())
+
+
+# ---------------------------------------------------------------- shortcut audit, held-out families, pairs, summary
+
+
+def test_shortcut_audit_scores_the_test_split_and_each_heldout_family_from_the_train_split(graph):
+    storage, result = graph
+    meta = _metadata(result, "shortcut_audit")
+    doc = json.loads(storage.path("reports", SURVEY, "shortcut", "shortcut.json").read_text())
+    assert 0.0 <= meta["shortcut_auroc"] <= 1.0 and meta["shortcut_auroc"] == pytest.approx(doc["auroc"]["test"])
+    assert meta["heldout_shortcut_auroc"] == pytest.approx(doc["auroc"]["heldout"])
+    assert meta["heldout_heldout_shortcut_auroc"] == meta["heldout_shortcut_auroc"]
+    assert np.isnan(meta["heldout_galsim_shortcut_auroc"])
+    assert meta["lensing_only_shortcut_auroc"] == pytest.approx(doc["auroc"]["lensing_only"], nan_ok=True)
+    assert list(meta)[0] == "summary" and "| galsim | no objects | 0 | 0 |" in meta["summary"]
+    splits = pd.read_parquet(storage.path("splits", SURVEY, "dataset_splits.parquet"))
+    features = pd.read_parquet(storage.path("reports", SURVEY, "shortcut", "features.parquet"))
+    assert doc["n_train"] == (splits["split"] == "train").sum()
+    assert set(features.loc[features["split"] == "test", "objid"]) == set(splits.loc[splits["split"] == "test",
+                                                                                       "objid"])
+    assert (features["split"] == "heldout").sum() == N_HELDOUT == doc["n_lenses"]["heldout"] + doc["n_nonlenses"][
+        "heldout"]
+    assert sum(doc["feature_importance"].values()) == pytest.approx(1.0)
+    png = storage.path("reports", SURVEY, "shortcut", "importance.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    checks = _checks(result, {"shortcut_auroc_at_most_gate"}, asset="shortcut_audit")
+    assert checks == {"shortcut_auroc_at_most_gate": meta["shortcut_auroc"] <= 0.65}
+    # the report reads the audit
+    assert _metadata(result, "bologna_report")["shortcut_auroc"] == pytest.approx(meta["shortcut_auroc"])
+
+
+def test_shortcut_audit_gate_follows_its_config(graph):
+    storage, _ = graph
+    auroc = json.loads(storage.path("reports", SURVEY, "shortcut", "shortcut.json").read_text())["auroc"]["test"]
+    for gate, passed in ((auroc, True), (float(np.nextafter(auroc, -1)), False)):
+        from lens_assets.assets.evaluation import shortcut_audit
+
+        run = dg.materialize([shortcut_audit], partition_key=SURVEY, resources={"storage": storage},
+                             run_config={"ops": {"shortcut_audit": {"config": {"max_shortcut_auroc": gate}}}},
+                             instance=dg.DagsterInstance.ephemeral())
+        assert _checks(run, {"shortcut_auroc_at_most_gate"}, asset="shortcut_audit") == {
+            "shortcut_auroc_at_most_gate": passed}
+        assert _metadata(run, "shortcut_audit")["shortcut_auroc"] == auroc  # seeded: the same figure
+
+
+def test_report_leads_with_the_summary_table_and_says_no_objects_for_an_absent_family(graph):
+    storage, result = graph
+    meta = _metadata(result, "bologna_report")
+    assert list(meta)[0] == "summary"
+    table = meta["summary"]
+    lines = table.splitlines()
+    assert lines[0] == "| figure | test split | held-out: heldout | held-out: galsim |"
+    auroc_row = next(line for line in lines if line.startswith("| AUROC |")).split(" | ")
+    assert auroc_row[1] == f"{meta['auroc']:.3f} [{meta['auroc_ci_low']:.3f}, {meta['auroc_ci_high']:.3f}]"
+    assert auroc_row[2].startswith(f"{meta['heldout_auroc']:.3f} [") and auroc_row[3] == "no objects |"
+    for name in ("AUPRC", "TPR0", "TPR10", "ECE", "FNR (flux ratio < 0.1)", "lensing-only AUROC", "shortcut AUROC"):
+        assert any(line.startswith(f"| {name}") for line in lines), name
+    assert "nan" not in table
+    md = storage.path("reports", SURVEY, "bologna", "report.md").read_text()
+    assert md.startswith(f"# Bologna report: {SURVEY}\n\n{table}")
+
+
+def test_report_has_every_heldout_family_and_bootstrap_intervals_around_the_point_estimates(graph):
+    storage, result = graph
+    meta = _metadata(result, "bologna_report")
+    for k in ("auroc", "tpr0", "tpr10"):
+        assert meta[f"heldout_heldout_{k}"] == meta[f"heldout_{k}"]
+        assert np.isnan(meta[f"heldout_galsim_{k}"])
+        assert meta[f"{k}_ci_low"] <= meta[k] <= meta[f"{k}_ci_high"], k
+    from lens_assets.science.metrics import paired_win_rate
+
+    pairs = _scores(storage).query("split == 'lensing_only'")
+    want = paired_win_rate(pairs["pair_id"], pairs["label"], pairs["logit"]) if len(pairs) else {
+        "auroc": float("nan"), "n_pairs": 0.0}
+    assert meta["lensing_only_auroc"] == pytest.approx(want["auroc"], nan_ok=True)
+    assert meta["n_lensing_only_pairs"] == want["n_pairs"]
+    doc = json.loads(storage.path("calibrators", SURVEY, "calibrator.json").read_text())
+    assert doc["heldout_families"] == ["heldout", "galsim"]
+    assert _checks(result, NEW_CHECKS) == {"heldout_auroc_at_least_gate": True,
+                                           # without pairs the lensing-only gate cannot pass
+                                           "lensing_only_auroc_at_least_gate": want["n_pairs"] > 0,
+                                           "fnr_flux_ratio_lt_0_1_at_most_gate":
+                                               not np.isnan(meta["fnr_flux_ratio_lt_0.1"])}
+
+
+def test_new_gates_pass_at_the_measured_values_and_fail_just_beyond(graph):
+    storage, result = graph
+    meta = _metadata(result, "bologna_report")
+    held, fnr = meta["heldout_auroc"], meta["fnr_flux_ratio_lt_0.1"]
+    if np.isnan(fnr):
+        pytest.skip("no test lens with flux ratio < 0.1 in this fixture")
+    at = _report_only(storage, {**PERMISSIVE, "min_heldout_auroc": held, "max_fnr_flux_ratio_lt_0_1": fnr})
+    assert _checks(at, NEW_CHECKS - {"lensing_only_auroc_at_least_gate"}) == dict.fromkeys(
+        NEW_CHECKS - {"lensing_only_auroc_at_least_gate"}, True)
+    beyond = _report_only(storage, {**PERMISSIVE, "min_heldout_auroc": float(np.nextafter(held, 2)),
+                                    "max_fnr_flux_ratio_lt_0_1": float(np.nextafter(fnr, -1))})
+    assert _checks(beyond, NEW_CHECKS - {"lensing_only_auroc_at_least_gate"}) == dict.fromkeys(
+        NEW_CHECKS - {"lensing_only_auroc_at_least_gate"}, False)
+    _report_only(storage, PERMISSIVE)
+
+
+def test_lensing_only_pairs_give_the_auroc_and_win_rate_of_lenses_over_their_twins(graph):
+    storage, _ = graph
+    path = storage.path("scores", SURVEY, "ensemble_logits.parquet")
+    original = path.read_bytes()
+    scores = pd.read_parquet(path)
+    test = scores[scores["split"] == "test"]
+    rng = np.random.default_rng(0)
+    n = 30
+    lens_logit, twin_logit = rng.normal(2.0, 1.0, n), rng.normal(0.0, 1.0, n)
+    pairs = pd.concat([test.iloc[:1]] * (2 * n), ignore_index=True).assign(
+        objid=[f"pair-{i}-{m}" for m in ("lens", "twin") for i in range(n)], split="lensing_only",
+        sim_family="lensing_only", pair_id=[f"p{i}" for _ in range(2) for i in range(n)],
+        label=np.repeat([1, 0], n), logit=np.r_[lens_logit, twin_logit], flux_ratio=-1.0)
+    try:
+        kept = scores[scores["split"] != "lensing_only"].assign(pair_id="")  # only the synthetic pairs
+        pd.concat([kept, pairs], ignore_index=True).to_parquet(path, index=False)
+        run = _report_only(storage, {**PERMISSIVE, "min_lensing_only_auroc": 0.5})
+        meta = _metadata(run, "bologna_report")
+        assert meta["lensing_only_auroc"] == pytest.approx(roc_auc_score(np.repeat([1, 0], n),
+                                                                         np.r_[lens_logit, twin_logit]))
+        assert meta["lensing_only_win_rate"] == pytest.approx(np.mean(lens_logit > twin_logit))
+        assert meta["n_lensing_only_pairs"] == n
+        assert meta["auroc"] == pytest.approx(roc_auc_score(test["label"], test["logit"]))  # test split unchanged
+        row = next(line for line in meta["summary"].splitlines() if line.startswith("| lensing-only AUROC"))
+        assert f"{meta['lensing_only_auroc']:.3f} [" in row and f"{n} pairs" in row
+        assert _checks(run, {"lensing_only_auroc_at_least_gate"}) == {"lensing_only_auroc_at_least_gate": True}
+        strict = _report_only(storage, {**PERMISSIVE, "min_lensing_only_auroc": 1.0})
+        assert _checks(strict, {"lensing_only_auroc_at_least_gate"}) == {"lensing_only_auroc_at_least_gate": False}
+    finally:
+        path.write_bytes(original)
+        _report_only(storage, PERMISSIVE)
+
+
+def test_report_without_a_shortcut_audit_says_not_run(graph):
+    storage, _ = graph
+    path = storage.path("reports", SURVEY, "shortcut", "shortcut.json")
+    original = path.read_bytes()
+    try:
+        path.unlink()
+        meta = _metadata(_report_only(storage, PERMISSIVE), "bologna_report")
+        assert np.isnan(meta["shortcut_auroc"])
+        assert ("| shortcut AUROC (lensing-agnostic statistics) | not run (materialize shortcut_audit)"
+                in meta["summary"])
+    finally:
+        path.write_bytes(original)
+        _report_only(storage, PERMISSIVE)
+
+
+def test_shortcut_audit_without_splits_is_a_clear_failure(storage):
+    from lens_assets.assets.evaluation import shortcut_audit
+
+    with pytest.raises(dg.Failure, match=rf"dataset_splits.parquet does not exist: materialize dataset_splits for "
+                                         rf"{SURVEY} first"):
+        dg.materialize([shortcut_audit], partition_key=SURVEY, resources={"storage": storage},
                        instance=dg.DagsterInstance.ephemeral())
