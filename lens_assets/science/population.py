@@ -214,7 +214,9 @@ def _observation(family: Family, survey: SurveySpec, rng) -> dict:
         "crop_px": 0,
     }
     if rng.uniform() < d(o, "small_cutout_fraction", rng):
-        out["crop_px"] = int(round(survey.cutout_size_px * d(o, "small_cutout_scale", rng)))
+        # never below the area the finder needs (ingest refuses those as too_small)
+        floor = math.ceil((survey.min_cutout_arcsec or survey.cutout_size_arcsec) / survey.pixel_scale_arcsec)
+        out["crop_px"] = max(floor, int(round(survey.cutout_size_px * d(o, "small_cutout_scale", rng))))
     return out
 
 

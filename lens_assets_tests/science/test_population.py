@@ -160,3 +160,15 @@ def test_withheld_variance_and_zero_point_error_reach_the_file(tmp_path):
 
     with fits.open(path) as hdul:
         assert hdul[f"IMAGE_{LSST.band_names[0]}"].header["MAGZP"] == pytest.approx(c.zero_points[0] + 0.05, abs=1e-5)
+
+
+def test_small_cutouts_are_padded_back_at_ingest(tmp_path):
+    from lens_assets.science.fits_contract import write_simulated_cutout
+
+    c = simulate_one(DES, PHYSICAL, 0, 5)
+    c.system = replace(c.system, observation=dict(c.system.observation, crop_px=48))
+    path = tmp_path / "small.fits"
+    write_simulated_cutout(path, c, survey=DES, family=PHYSICAL, seed=0)
+    read = read_cutout(path.read_bytes(), name="small.fits", survey=DES)
+    assert read.image.shape[-1] == 48  # the file's own size; the shards pad it to the 64 px grid
+    assert 48 * DES.pixel_scale_arcsec >= DES.min_cutout_arcsec
