@@ -15,7 +15,7 @@ from lens_assets.science.ingest import find_fits
 from lens_assets.science.schemas import candidate_schema
 from lens_assets.science.surveys import get_survey
 
-SCORING_CODE_VERSION = "score-1"
+SCORING_CODE_VERSION = "score-2"
 COMPLETE_MARKER = "_COMPLETE"
 
 # a survey's model feeds every (drop, survey) partition of that survey. Dagster (1.13) resolves this mapping by
