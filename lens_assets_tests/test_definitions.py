@@ -36,7 +36,12 @@ def test_definitions_load_with_the_contract_asset_keys_groups_and_owners():
     assert checks == {"catalog_matches_schema", "every_file_accounted_for", "label_balance_and_provenance",
                       "matched_fwhm_within_3pct", "label_fractions_agree", "no_objid_in_two_splits",
                       "no_sky_group_across_splits", "auroc_at_least_gate", "tpr10_at_least_gate",
-                      "ece_at_most_gate"}
+                      "ece_at_most_gate", "heldout_auroc_at_least_gate", "lensing_only_auroc_at_least_gate",
+                      "fnr_flux_ratio_lt_0_1_at_most_gate", "shortcut_auroc_at_most_gate"}
+    assert specs["shortcut_audit"].group_name == "evaluation"
+    assert {d.asset_key for d in specs["shortcut_audit"].deps} == {dg.AssetKey("psf_matched_shards"),
+                                                                   dg.AssetKey("dataset_splits")}  # not the model
+    assert dg.AssetKey("shortcut_audit") in {d.asset_key for d in specs["bologna_report"].deps}
     assert dg.AssetKey("psf_matched_shards") in {d.asset_key for d in specs["dataset_splits"].deps}
     assert defs.resolve_job_def("survey_pipeline").partitions_def.get_partition_keys() == list(SURVEY_NAMES)
     scoring = specs["candidate_scores"]

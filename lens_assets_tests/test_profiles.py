@@ -5,7 +5,7 @@ import math
 import pytest
 from dagster import DagsterInvalidConfigError, validate_run_config
 
-from lens_assets.assets.evaluation import CalibratorConfig, ReportConfig
+from lens_assets.assets.evaluation import CalibratorConfig, ReportConfig, ShortcutConfig
 from lens_assets.assets.shards import SplitConfig
 from lens_assets.assets.simulation import SimulationConfig
 from lens_assets.assets.training import TrainConfig
@@ -14,7 +14,8 @@ from lens_assets.profiles import PROFILES, run_config
 from lens_assets.science.families import load_family
 
 CONFIG_CLASSES = {"simulated_cutouts": SimulationConfig, "dataset_splits": SplitConfig,
-                  "lens_classifier": TrainConfig, "score_calibrator": CalibratorConfig, "bologna_report": ReportConfig}
+                  "lens_classifier": TrainConfig, "score_calibrator": CalibratorConfig, "bologna_report": ReportConfig,
+                  "shortcut_audit": ShortcutConfig}
 
 
 @pytest.mark.parametrize("profile", ["demo", "full"])
