@@ -34,10 +34,10 @@ class SimulationConfig(dg.Config):
 
 def simulate_family(survey, family, **kwargs):
     """``simulate_to_directory`` with the family's own renderer (lenstronomy, or GalSim for ``renderer = galsim``)."""
-    if getattr(family, "renderer", "lenstronomy") == "galsim":
-        from lens_assets.ml.render_galsim import simulate_galsim_to_directory
+    if family.renderer == "galsim":
+        from lens_assets.ml.render_galsim import load_galsim_family, simulate_galsim_to_directory
 
-        return simulate_galsim_to_directory(survey, family, **kwargs)
+        return simulate_galsim_to_directory(survey, load_galsim_family(family.path), **kwargs)
     return simulate_to_directory(survey, family, **kwargs)
 
 

@@ -27,6 +27,7 @@ FAMILY_DIR = Path(__file__).parent / "families"
 DISTRIBUTIONS = ("uniform", "loguniform", "normal", "randint", "choice")
 NEGATIVE_TYPES = ("plain", "companions", "merger", "ring", "spiral", "chance_alignment")
 PHYSICAL_NEGATIVE_TYPES = ("twin", "companion_blob", "blue_core", "binary_nucleus", "star_beside", "ring", "spiral")
+RENDERERS = ("lenstronomy", "galsim")
 POPULATIONS = {  # population -> (reference file, sections, non-lens types)
     "priors": ("baseline.toml", ("lens", "lens_light", "source", "quasar", "psf", "noise", "negatives",
                                  "hard_negatives"), NEGATIVE_TYPES),
@@ -111,6 +112,8 @@ class Family:
     negative_weights: Mapping[str, float]
     sha256: str
     population: str = "priors"
+    renderer: str = "lenstronomy"  # 'galsim': rendered by lens_assets.ml.render_galsim from its own priors
+    path: str = ""  # the TOML file it was read from
 
     def prior(self, section: str, key: str) -> Prior:
         try:
@@ -151,6 +154,17 @@ def load_family(name_or_path: str | Path) -> Family:
     except tomllib.TOMLDecodeError as err:
         raise ValueError(f"{path}: not valid TOML: {err}") from None
     where = path.name
+    renderer = raw.get("renderer", "lenstronomy")
+    if renderer not in RENDERERS:
+        raise ValueError(f"{where}: renderer {renderer!r} is not one of {list(RENDERERS)}")
+    if renderer != "lenstronomy":  # another code's priors: its renderer reads and validates them
+        for key in ("name", "lens_fraction"):
+            if key not in raw:
+                raise ValueError(f"{where}: missing {key!r}")
+        return Family(name=str(raw["name"]), description=str(raw.get("description", "")),
+                      lens_fraction=float(raw["lens_fraction"]), sections={}, negative_weights={},
+                      sha256=hashlib.sha256(raw_bytes).hexdigest(), population="", renderer=renderer,
+                      path=str(path))
     population = raw.get("population", "priors")
     if population not in POPULATIONS:
         raise ValueError(f"{where}: population {population!r} is not one of {sorted(POPULATIONS)}")
@@ -180,4 +194,4 @@ def load_family(name_or_path: str | Path) -> Family:
     return Family(name=str(raw["name"]), description=str(raw.get("description", "")),
                   lens_fraction=float(raw["lens_fraction"]), sections=sections,
                   negative_weights={k: v for k, v in weights.items() if v > 0},
-                  sha256=hashlib.sha256(raw_bytes).hexdigest(), population=population)
+                  sha256=hashlib.sha256(raw_bytes).hexdigest(), population=population, path=str(path))
