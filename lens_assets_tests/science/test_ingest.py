@@ -778,14 +778,6 @@ def test_pair_id_comes_from_pairid_and_is_empty_without_it(tmp_path):
     assert cat["pair_id"].tolist() == [""]
 
 
-def _contract_reads_pairid() -> bool:
-    from lens_assets.science.fits_contract import PRIMARY_KEYWORDS
-
-    return "PAIRID" in PRIMARY_KEYWORDS
-
-
-@pytest.mark.xfail(not _contract_reads_pairid(), strict=True,
-                   reason="fits_contract.PRIMARY_KEYWORDS does not list PAIRID yet (input-path engineer)")
 def test_pairid_in_a_file_reaches_the_catalog(tmp_path):
     make_file(tmp_path / "b.fits", objid="lens", seed=2, primary={"PAIRID": "p-0007", "SIMFAM": "lensing_only"})
     cat = ingest_files([tmp_path / "b.fits"], DES, root=tmp_path, workers=1, progress=False).catalog
