@@ -90,6 +90,8 @@ def main(argv=None) -> int:
               f"TPR10 {r['heldout_tpr10']:.3f}  (AUROC gap {r['heldout_auroc_gap']:+.4f})")
         print(f"  report            : {r['report_path']} (and report.json, roc.png, score_histograms.png, "
               "reliability.png beside it)")
+        if "summary" in r:  # test split and every held-out family, lensing-only and shortcut figures
+            print("\n" + "\n".join("    " + line for line in str(r["summary"]).splitlines()) + "\n")
     for c in checks:
         print(f"  check {c.asset_key.to_user_string() + '.' + c.check_name:<48}: {'passed' if c.passed else 'FAILED'}")
     if args.drop_size:

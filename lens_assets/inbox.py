@@ -38,7 +38,7 @@ def publish_drop(storage: LocalStorage, survey: str, drop: str, files: list[Path
     return dest
 
 
-def simulate_drop(storage: LocalStorage, survey: str, drop: str, *, n: int, seed: int, family: str = "baseline",
+def simulate_drop(storage: LocalStorage, survey: str, drop: str, *, n: int, seed: int, family: str = "physical",
                   workers: int = 0, progress: bool = False) -> pd.DataFrame:
     """Publish ``n`` simulated cutouts without their truth as an inbox drop; returns the truth (for checking)."""
     import tempfile
