@@ -29,6 +29,9 @@ class SimulationConfig(dg.Config):
                                   "n_cutouts // 5, 0 for none")
     n_pairs: int | None = Field(default=None, ge=0, description="lens/twin pairs of the (physical) training family "
                                 "for the lensing-only AUROC, kept out of the splits; default n_cutouts // 10, 0 for none")
+    pairs_family: str | None = Field(default=None, description="physical family the lens/twin pairs are drawn from; "
+                                     "default the training family (set it to compare training families on the "
+                                     "same pairs)")
     workers: int = Field(default=0, description="processes; 0 = every core")
 
 
@@ -70,8 +73,9 @@ def simulated_cutouts(context: dg.AssetExecutionContext, config: SimulationConfi
     family = load_family(config.family)
     n_heldout = config.n_cutouts // 5 if config.n_heldout is None else config.n_heldout
     n_pairs = config.n_cutouts // 10 if config.n_pairs is None else config.n_pairs
-    if n_pairs and family.population != "physical":
-        context.log.warning(f"family {family.name} is not physical: no lens/twin pairs (n_pairs ignored)")
+    pairs_family = load_family(config.pairs_family) if config.pairs_family else family
+    if n_pairs and pairs_family.population != "physical":
+        context.log.warning(f"family {pairs_family.name} is not physical: no lens/twin pairs (n_pairs ignored)")
         n_pairs = 0
     runs = [(family, config.n_cutouts)]
     heldout = []
@@ -95,10 +99,11 @@ def simulated_cutouts(context: dg.AssetExecutionContext, config: SimulationConfi
     if n_pairs:
         drop = simulation_drop(LENSING_ONLY, config.seed)
         with storage.staged_dir(f"{survey.name}-{drop}") as staged:
-            pairs, p_seconds = simulate_pairs_to_directory(survey, family, n_pairs=n_pairs, seed=config.seed,
+            pairs, p_seconds = simulate_pairs_to_directory(survey, pairs_family, n_pairs=n_pairs, seed=config.seed,
                                                            out_dir=staged, workers=config.workers)
             pairs_dest = storage.publish_dir(staged, "raw", survey.name, drop)
-        context.log.info(f"simulated {n_pairs} lens/twin pairs of {family.name} in {p_seconds:.1f}s into {pairs_dest}")
+        context.log.info(f"simulated {n_pairs} lens/twin pairs of {pairs_family.name} in {p_seconds:.1f}s into "
+                         f"{pairs_dest}")
     drop, dest, truth, seconds = made[family.name]
     summary = summarize_truth(truth, survey)
     shown = truth.groupby("label", group_keys=False).head(9).sort_values("label", ascending=False)
@@ -137,5 +142,5 @@ def simulated_cutouts(context: dg.AssetExecutionContext, config: SimulationConfi
         if k in summary:
             metadata[k] = summary[k]
     version = sha256_of_strings([survey.name, str(config.seed), SIMULATION_CODE_VERSION,
-                                 *(f"{f.name}:{f.sha256}:{n}" for f, n in runs), f"pairs:{n_pairs}"])
+                                 *(f"{f.name}:{f.sha256}:{n}" for f, n in runs), f"pairs:{pairs_family.sha256}:{n_pairs}"])
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(version[:16]))
