@@ -327,6 +327,9 @@ def _homogenize_chunk(images, variances, psfs, fwhm, present, *, pixel_scale_arc
         out_image.reshape(-1, h, w)[idx] = fft_convolve(images.reshape(-1, h, w)[idx], flat_k, workers=workers)
         out_variance.reshape(-1, h, w)[idx] = fft_convolve(variances.reshape(-1, h, w)[idx], flat_k**2,
                                                            workers=workers)
+    # variance (x) kernel^2 is non-negative; the FFT leaves round-off of either sign where the variance is 0
+    # (padding, masked pixels): clip it so a matched variance never goes negative
+    np.maximum(out_variance, 0.0, out=out_variance)
     after = np.where(matched, target_fwhm, fwhm)
     residual = np.where(present & ~matched, fwhm - target_fwhm, 0.0)
     return HomogenizedBatch(image=out_image, variance=out_variance, fwhm_before=fwhm, fwhm_after=after,

@@ -131,3 +131,18 @@ def test_option_errors_are_clear():
                   window="hann")
     with pytest.raises(ValueError, match=r"source PSFs must be \(n, K, K\) and the target \(K, K\) with K odd"):
         matching_kernels(np.ones((2, 9, 9)), np.ones((11, 11)))
+
+
+def test_matched_variance_is_never_negative_next_to_zero_variance_padding():
+    from lens_assets.science.psf import homogenize, psf_kernel
+
+    rng = np.random.default_rng(0)
+    img = rng.normal(size=(2, 1, 48, 48)).astype(np.float32)
+    var = np.ones_like(img)
+    var[:, :, :, :10] = 0.0  # zero-padded columns, as ingest pads small cutouts
+    img[:, :, :, :10] = 0.0
+    psfs = [[psf_kernel("gaussian", 2.0)], [psf_kernel("gaussian", 2.5)]]
+    out = homogenize(img, var, psfs, np.array([[2.0], [2.5]]) * 0.2, np.ones((2, 1), bool), pixel_scale_arcsec=0.2,
+                     target_fwhm=0.8, kernel_size=21)
+    assert (out.variance >= 0).all()
+    assert out.variance[:, :, :, 30:].min() > 0  # real pixels keep a (smoothed, smaller) variance
