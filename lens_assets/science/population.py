@@ -48,7 +48,7 @@ import numpy as np
 from .families import Family
 from .surveys import SurveySpec
 
-__all__ = ["Scene", "draw_scene", "build_system", "theta_e_sis_arcsec", "lensed_source_check",
+__all__ = ["Scene", "draw_scene", "build_system", "population_system", "pair_layout", "theta_e_sis_arcsec", "lensed_source_check",
            "redshift_tables", "C_KMS"]
 
 C_KMS = 299_792.458
@@ -469,3 +469,63 @@ def build_system(scene: Scene, role: str, family: Family, survey: SurveySpec, rn
                   psf_fwhm_arcsec=scene.psf_fwhm_arcsec, moffat_beta=scene.moffat_beta,
                   exposure_scale=scene.exposure_scale, z_lens=scene.z_lens, z_source=z_source, ra_deg=ra_deg,
                   dec_deg=dec_deg, galaxy=g, observation=scene.observation)
+
+
+def pair_layout(family: Family) -> tuple[float, float, dict]:
+    """How a physical population is laid out in blocks of two objects so that its twins are paired.
+
+    A twin is the non-lens made of a lens's own scene, so twins come with their lenses: a block is a
+    *pair* (object ``2b`` the lens, ``2b + 1`` its twin) with probability ``q = 2 (1 - L) t``, where ``L`` is
+    the lens fraction and ``t`` the twins' share of the non-lens weights; otherwise its two objects are
+    drawn independently, a lens with probability ``(L - (1 - L) t) / (1 - q)`` or one of the other
+    non-lens types. Overall, lenses are ``L`` of the objects and twins ``(1 - L) t``, as the family says.
+    Returns ``(q, lens probability in independent blocks, the other non-lens weights)``.
+    """
+    lens_fraction = family.lens_fraction
+    weights = dict(family.negative_weights)
+    twin = weights.pop("twin", 0.0)
+    total = twin + sum(weights.values())
+    t = twin / total if total > 0 else 0.0
+    q = 2.0 * (1.0 - lens_fraction) * t
+    if q > 1.0 or lens_fraction < (1.0 - lens_fraction) * t:
+        raise ValueError(f"family {family.name}: twins are {t:.2f} of the non-lenses and lenses {lens_fraction:.2f} "
+                         "of the objects; every twin needs its lens, so (1 - lens_fraction) * twin share must be "
+                         "at most lens_fraction")
+    p_lens = (lens_fraction - (1.0 - lens_fraction) * t) / (1.0 - q) if q < 1.0 else 1.0
+    if not weights and p_lens < 1.0:
+        raise ValueError(f"family {family.name}: non-lenses other than twins are needed for the unpaired objects")
+    return q, p_lens, weights
+
+
+def _block_rng(survey: str, family: str, seed: int, block: int) -> np.random.Generator:
+    import zlib
+
+    key = [int(seed), int(block), zlib.crc32(survey.encode()), zlib.crc32(family.encode()), 2]
+    return np.random.default_rng(np.random.SeedSequence(key))
+
+
+def population_system(family: Family, survey: SurveySpec, seed: int, index: int, *, objid: str, rng):
+    """Object ``index`` of a physical population: a lens, its paired twin, or an unpaired object.
+
+    ``rng`` is the object's own generator (its noise and decorations); the block's generator draws what the
+    two objects of a pair share (the scene and the sky position). See :func:`pair_layout`.
+    """
+    from .simulation import _sky_position, objid_for
+
+    q, p_lens, weights = pair_layout(family)
+    block = index // 2
+    brng = _block_rng(survey.name, family.name, seed, block)
+    if brng.uniform() < q:  # a lens and its twin: one scene, one position
+        scene = draw_scene(family, survey, brng)
+        pos = _sky_position(survey, brng)
+        role = "lens" if index % 2 == 0 else "twin"
+        system = build_system(scene, role, family, survey, rng, objid=objid, **pos)
+        return replace(system, pair_id=f"{objid_for(survey.name, family.name, seed, 2 * block)}-pair")
+    if rng.uniform() < p_lens:
+        role = "lens"
+    else:
+        names = list(weights)
+        w = np.array([weights[n] for n in names])
+        role = names[int(rng.choice(len(names), p=w / w.sum()))]
+    scene = draw_scene(family, survey, rng)
+    return build_system(scene, role, family, survey, rng, objid=objid, **_sky_position(survey, rng))

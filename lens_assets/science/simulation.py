@@ -497,10 +497,20 @@ def render_system(system: System, survey: SurveySpec, rng: np.random.Generator) 
 # --------------------------------------------------------------------------- populations
 
 
+def _member(survey: SurveySpec, family: Family, seed: int, index: int) -> tuple[System, np.random.Generator]:
+    """Object ``index`` of the (survey, family, seed) population, and its generator (for its noise)."""
+    rng = object_rng(survey.name, family.name, seed, index)
+    objid = objid_for(survey.name, family.name, seed, index)
+    if family.population == "physical":  # twins are paired with their lenses
+        from .population import population_system
+
+        return population_system(family, survey, seed, index, objid=objid, rng=rng), rng
+    return draw_system(family, survey, rng, objid=objid), rng
+
+
 def simulate_one(survey: SurveySpec, family: Family, seed: int, index: int) -> RenderedCutout:
     """Object ``index`` of the (survey, family, seed) population."""
-    rng = object_rng(survey.name, family.name, seed, index)
-    system = draw_system(family, survey, rng, objid=objid_for(survey.name, family.name, seed, index))
+    system, rng = _member(survey, family, seed, index)
     return render_system(system, survey, rng)
 
 
@@ -621,5 +631,4 @@ def summarize_truth(truth, survey: SurveySpec) -> dict:
 
 def systems_for(survey: SurveySpec, family: Family, seed: int, indices: Sequence[int]) -> list[System]:
     """Draw (without rendering) the systems of a population: for benchmarks and inspection."""
-    return [draw_system(family, survey, object_rng(survey.name, family.name, seed, i),
-                        objid=objid_for(survey.name, family.name, seed, i)) for i in indices]
+    return [_member(survey, family, seed, i)[0] for i in indices]

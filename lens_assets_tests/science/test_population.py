@@ -172,3 +172,28 @@ def test_small_cutouts_are_padded_back_at_ingest(tmp_path):
     read = read_cutout(path.read_bytes(), name="small.fits", survey=DES)
     assert read.image.shape[-1] == 48  # the file's own size; the shards pad it to the 64 px grid
     assert 48 * DES.pixel_scale_arcsec >= DES.min_cutout_arcsec
+
+
+def test_training_twins_are_paired_with_their_lenses():
+    from lens_assets.science.simulation import systems_for
+
+    q, p_lens, weights = pop.pair_layout(PHYSICAL)
+    # lens fraction 0.5, twins 0.4 of the non-lens weights: pair blocks 2 * 0.5 * 0.4 = 0.4 of the blocks,
+    # lenses in the other blocks (0.5 - 0.2) / 0.6 = 0.5
+    assert q == pytest.approx(0.4) and p_lens == pytest.approx(0.5) and "twin" not in weights
+    systems = systems_for(LSST, PHYSICAL, 2, range(40))
+    twins = [i for i, s in enumerate(systems) if s.kind == "twin"]
+    assert twins and all(i % 2 == 1 for i in twins)
+    for i in twins:
+        lens, twin = systems[i - 1], systems[i]
+        assert lens.is_lens and lens.pair_id == twin.pair_id != ""
+        assert (lens.ra_deg, lens.dec_deg) == (twin.ra_deg, twin.dec_deg)  # one sky group: one split
+        assert lens.galaxy == twin.galaxy and lens.z_lens == twin.z_lens
+
+
+def test_pair_layout_refuses_more_twins_than_lenses(tmp_path):
+    text = open(pop.__file__.replace("population.py", "families/physical.toml")).read()
+    bad = tmp_path / "many_twins.toml"
+    bad.write_text(text.replace("lens_fraction = 0.5", "lens_fraction = 0.2").replace("twin = 0.40", "twin = 5.0"))
+    with pytest.raises(ValueError, match=r"every twin needs its lens"):
+        pop.pair_layout(load_family(bad))
