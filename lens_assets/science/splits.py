@@ -25,6 +25,7 @@ SPLITS = ("train", "val", "test")
 FACTORS = ("redshift", "magnitude", "seeing", "psf_fwhm", "pixel_scale", "survey", "label")
 # dropped first to last when a stratum is too small; label is the last to go
 MERGE_ORDER = ("psf_fwhm", "pixel_scale", "magnitude", "redshift", "seeing", "survey", "label")
+MIXED_LABEL = 2  # the label class of a sky group with both lenses and non-lenses
 
 
 @dataclass
@@ -111,6 +112,12 @@ def make_splits(catalog: pd.DataFrame, *, reference_band: str, fractions=(0.70, 
     factors = stratify_factors(cat, reference_band=reference_band, n_bins=n_bins)
     first = pd.Series(np.arange(len(cat))).groupby(groups).transform("min").to_numpy()
     group_factors = factors.iloc[first].reset_index(drop=True)  # a group takes its first member's stratum
+    # a group holding lenses and non-lenses (a lens and its twin share a sky position) is its own label class,
+    # so such groups are spread over the splits among themselves and every split keeps the lens fraction
+    by_group = pd.Series(cat["label"].to_numpy()).groupby(groups)
+    mixed = (by_group.min() != by_group.max())
+    group_label = by_group.first().where(~mixed, MIXED_LABEL)
+    group_factors.loc[mixed.reindex(groups).to_numpy(), "label"] = "mixed"
 
     level = np.full(len(cat), len(FACTORS))
     key = _key(group_factors, len(FACTORS))
@@ -132,7 +139,6 @@ def make_splits(catalog: pd.DataFrame, *, reference_band: str, fractions=(0.70, 
     targets = np.asarray(fractions)
     # carried across strata, per label, so rounding leftovers cancel instead of piling up in one split
     overall: dict[int, np.ndarray] = {}
-    group_label = pd.Series(cat["label"].to_numpy()).groupby(groups).first()
     for stratum in sorted(key.unique()):
         members = np.unique(groups[(key == stratum).to_numpy()])
         order = rng.permutation(members)

@@ -243,6 +243,22 @@ def test_label_fractions_close_to_the_catalogs():
     assert checks["label_fraction_allowed"] == pytest.approx(0.02)  # the smallest split has > 50 rows
 
 
+def test_lens_twin_pairs_keep_every_split_at_the_catalogs_lens_fraction():
+    # a physical population: 40% of the objects are a lens and its twin at one sky position, the rest single
+    singles = make_catalog(1800, seed=3, lens_fraction=0.5)
+    lens = make_catalog(600, seed=4, lens_fraction=1.0, prefix="pair-lens")
+    twin = lens.copy()
+    twin["objid"] = [o.replace("pair-lens", "pair-twin") for o in lens["objid"]]
+    twin["label"] = 0
+    cat = pd.concat([singles, lens, twin], ignore_index=True)
+    result = make_splits(cat, reference_band=REF, seed=0)
+    s = split_of(result)
+    assert (s[lens["objid"]].to_numpy() == s[twin["objid"]].to_numpy()).all()  # a pair never straddles splits
+    fractions = _lens_fraction_by_split(result)
+    assert fractions.max() - fractions.min() <= 0.02, fractions.to_dict()
+    assert split_checks(result.table)["label_fractions_agree"]
+
+
 def test_label_fractions_agree_per_split_checks():
     cat = make_catalog(3000, seed=0, lens_fraction=0.3)
     result = make_splits(cat, reference_band=REF, seed=0)
