@@ -14,7 +14,7 @@ from lens_assets.science.splits import SPLITS, balance_table, make_splits, split
 from lens_assets.science.surveys import get_survey
 
 SHARDS_CODE_VERSION = f"shards-{SHARD_FORMAT_VERSION}"
-SPLITS_CODE_VERSION = "splits-1"
+SPLITS_CODE_VERSION = "splits-2"
 FWHM_TOLERANCE = 0.03
 
 
