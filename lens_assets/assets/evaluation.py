@@ -25,12 +25,12 @@ from lens_assets.resources.storage import LocalStorage
 from lens_assets.science.calibration import Calibrator, fit_calibrator
 from lens_assets.science.metrics import (bologna_metrics, bootstrap_interval, expected_calibration_error,
                                          paired_win_rate)
+from lens_assets.science.simulation import LENSING_ONLY  # SIMFAM of the lens/twin pairs
 from lens_assets.science.surveys import get_survey
 
 EVALUATION_CODE_VERSION = "eval-3"
 SHORTCUT_CODE_VERSION = "shortcut-1"
-SCORED_SPLITS = ("val", "test", "heldout", "lensing_only")
-LENSING_ONLY = "lensing_only"  # SIMFAM of the lens/twin pairs: one scene with and without deflection
+SCORED_SPLITS = ("val", "test", "heldout", LENSING_ONLY)
 DEFAULT_HELDOUT_FAMILIES = ["heldout", "galsim"]
 
 
