@@ -65,7 +65,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from lens_assets.science.families import FAMILY_DIR, Prior
+from lens_assets.science.families import FAMILY_DIR, Prior, PriorDraws
 from lens_assets.science.surveys import SurveySpec
 
 __all__ = [
@@ -127,7 +127,7 @@ _CHOICES = {("source", "kind"): SOURCE_KINDS, ("psf", "profile"): PSF_PROFILES}
 
 
 @dataclass(frozen=True)
-class GalsimFamily:
+class GalsimFamily(PriorDraws):
     """The priors of the GalSim/caustics family (``renderer = "galsim"``), read by :func:`load_galsim_family`."""
 
     name: str
@@ -139,20 +139,6 @@ class GalsimFamily:
     path: str
     renderer: str = RENDERER
     population: str = RENDERER
-
-    def prior(self, section: str, key: str) -> Prior:
-        try:
-            return self.sections[section][key]
-        except KeyError:
-            raise KeyError(f"family {self.name}: no prior [{section}] {key}") from None
-
-    def draw(self, section: str, key: str, rng: np.random.Generator):
-        return self.prior(section, key).sample(rng)
-
-    def draw_negative_type(self, rng: np.random.Generator) -> str:
-        names = list(self.negative_weights)
-        w = np.array([self.negative_weights[n] for n in names], dtype=float)
-        return names[int(rng.choice(len(names), p=w / w.sum()))]
 
 
 def load_galsim_family(name_or_path: str | Path) -> GalsimFamily:

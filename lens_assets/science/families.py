@@ -21,7 +21,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-__all__ = ["Prior", "Family", "load_family", "available_families", "FAMILY_DIR", "NEGATIVE_TYPES"]
+__all__ = ["Prior", "PriorDraws", "Family", "load_family", "available_families", "FAMILY_DIR", "NEGATIVE_TYPES"]
 
 FAMILY_DIR = Path(__file__).parent / "families"
 DISTRIBUTIONS = ("uniform", "loguniform", "normal", "randint", "choice")
@@ -101,19 +101,9 @@ class Prior:
         raise TypeError(f"{self.where}: a choice prior has no mean")
 
 
-@dataclass(frozen=True)
-class Family:
-    """A named simulation family: sections of priors plus the non-lens type weights."""
-
-    name: str
-    description: str
-    lens_fraction: float
-    sections: Mapping[str, Mapping[str, Prior]]
-    negative_weights: Mapping[str, float]
-    sha256: str
-    population: str = "priors"
-    renderer: str = "lenstronomy"  # 'galsim': rendered by lens_assets.ml.render_galsim from its own priors
-    path: str = ""  # the TOML file it was read from
+class PriorDraws:
+    """Drawing from a family's ``sections`` of priors and its ``negative_weights`` (shared by every renderer's
+    family type)."""
 
     def prior(self, section: str, key: str) -> Prior:
         try:
@@ -128,6 +118,22 @@ class Family:
         names = list(self.negative_weights)
         w = np.array([self.negative_weights[n] for n in names], dtype=float)
         return names[int(rng.choice(len(names), p=w / w.sum()))]
+
+
+@dataclass(frozen=True)
+class Family(PriorDraws):
+    """A named simulation family: sections of priors plus the non-lens type weights."""
+
+    name: str
+    description: str
+    lens_fraction: float
+    sections: Mapping[str, Mapping[str, Prior]]
+    negative_weights: Mapping[str, float]
+    sha256: str
+    population: str = "priors"
+    renderer: str = "lenstronomy"  # 'galsim': rendered by lens_assets.ml.render_galsim from its own priors
+    path: str = ""  # the TOML file it was read from
+
 
 
 def available_families() -> list[str]:

@@ -379,20 +379,11 @@ def draw_scene(family: Family, survey: SurveySpec, rng: np.random.Generator) -> 
                        f"(check [selection] against the survey's depth and seeing)")
 
 
-def _knots(family: Family, rng, x, y, rot: float, mag: float, beta: float) -> list:
-    from .simulation import LightComponent
-
-    c, s = math.cos(rot), math.sin(rot)
-    shares = rng.dirichlet(np.ones(len(x)))
-    return [LightComponent("GAUSSIAN", {"sigma": family.draw("mimics", "knot_sigma_arcsec", rng),
-                                        "center_x": float(c * xi - s * yi), "center_y": float(s * xi + c * yi)},
-                           mag - 2.5 * math.log10(share), beta, lensed=False) for xi, yi, share in zip(x, y, shares)]
-
-
 def build_system(scene: Scene, role: str, family: Family, survey: SurveySpec, rng: np.random.Generator, *,
                  objid: str, ra_deg: float, dec_deg: float):
     """The :class:`~.simulation.System` of ``scene`` as a lens (``role='lens'``) or as a non-lens type."""
-    from .simulation import LightComponent, PointComponent, System, _lensed_points, _polar, _sersic
+    from .simulation import (LightComponent, PointComponent, System, _add_knots, _lensed_points, _polar, _sersic,
+                             spiral_knot_positions)
 
     g = scene.galaxy
     main = LightComponent("SERSIC_ELLIPSE", _sersic((0.0, 0.0), n=g["n"], r_eff=g["r_eff"], q=g["q"], pa=g["pa"]),
@@ -450,17 +441,14 @@ def build_system(scene: Scene, role: str, family: Family, survey: SurveySpec, rn
             radius = d(m, "ring_radius_over_theta_e", rng) * theta_e
             n = d(m, "ring_n_knots", rng)
             angles = np.sort(rng.uniform(0, 2 * math.pi, n))
-            comps += _knots(family, rng, radius * np.cos(angles), radius * d(m, "ring_axis_ratio", rng)
-                            * np.sin(angles), rng.uniform(0, math.pi), arc_mag, arc_beta)
+            _add_knots(comps, family, rng, radius * np.cos(angles), radius * d(m, "ring_axis_ratio", rng)
+                       * np.sin(angles), rng.uniform(0, math.pi), arc_mag, 1.0, arc_beta, section=m)
         elif role == "spiral":
             n = d(m, "spiral_n_knots", rng)
             pitch = math.radians(d(m, "spiral_pitch_deg", rng))
-            r0 = max(0.3, 0.5 * g["r_eff"])
-            t = rng.uniform(0, 1.5 * math.pi, n)
-            arm = rng.integers(0, 2, n) * math.pi
-            r = np.minimum(r0 * np.exp(t * math.tan(pitch)), 1.8 * theta_e + 0.5)
-            comps += _knots(family, rng, r * np.cos(t + arm), r * np.sin(t + arm), rng.uniform(0, math.pi),
-                            arc_mag, arc_beta)
+            x, y = spiral_knot_positions(rng, n, pitch_rad=pitch, r0_arcsec=max(0.3, 0.5 * g["r_eff"]),
+                                         r_max_arcsec=1.8 * theta_e + 0.5)
+            _add_knots(comps, family, rng, x, y, rng.uniform(0, math.pi), arc_mag, 1.0, arc_beta, section=m)
         else:
             raise ValueError(f"unknown non-lens type {role!r}")
         theta_e, kwargs_lens, z_source = 0.0, (), -1.0

@@ -278,11 +278,9 @@ def _decorate_negative(kind: str, family: Family, rng, components: list, points:
     elif kind == "spiral":
         n_knots = d(h, "spiral_n_knots", rng)
         pitch = math.radians(d(h, "spiral_pitch_deg", rng))
-        r0 = max(0.3, 0.5 * galaxy["r_eff"])
-        t = rng.uniform(0, 1.5 * math.pi, n_knots)
-        arm = rng.integers(0, 2, n_knots) * math.pi
-        r = np.minimum(r0 * np.exp(t * math.tan(pitch)), 3.5)
-        _add_knots(components, family, rng, r * np.cos(t + arm), r * np.sin(t + arm), rng.uniform(0, math.pi),
+        x, y = spiral_knot_positions(rng, n_knots, pitch_rad=pitch, r0_arcsec=max(0.3, 0.5 * galaxy["r_eff"]),
+                                     r_max_arcsec=3.5)
+        _add_knots(components, family, rng, x, y, rng.uniform(0, math.pi),
                    gal_mag, d(h, "spiral_flux_fraction", rng), d(h, "spiral_color_beta", rng))
     elif kind == "chance_alignment":
         c = _polar(d(h, "chance_distance_arcsec", rng), rng.uniform(0, 2 * math.pi))
@@ -297,12 +295,22 @@ def _decorate_negative(kind: str, family: Family, rng, components: list, points:
         raise ValueError(f"unknown negative type {kind!r}")
 
 
-def _add_knots(components, family, rng, x, y, rot, gal_mag, flux_fraction, color_beta) -> None:
+def spiral_knot_positions(rng, n_knots: int, *, pitch_rad: float, r0_arcsec: float, r_max_arcsec: float):
+    """(x, y) in arcsec of ``n_knots`` knots along two logarithmic arms ``r = r0 exp(t tan(pitch))``."""
+    t = rng.uniform(0, 1.5 * math.pi, n_knots)
+    arm = rng.integers(0, 2, n_knots) * math.pi
+    r = np.minimum(r0_arcsec * np.exp(t * math.tan(pitch_rad)), r_max_arcsec)
+    return r * np.cos(t + arm), r * np.sin(t + arm)
+
+
+def _add_knots(components, family, rng, x, y, rot, gal_mag, flux_fraction, color_beta, *,
+               section: str = "hard_negatives") -> None:
+    """Gaussian knots at (x, y) rotated by ``rot``, sharing ``flux_fraction`` of a ``gal_mag`` object's flux."""
     c, s = math.cos(rot), math.sin(rot)
     shares = rng.dirichlet(np.ones(len(x))) * flux_fraction
     for xi, yi, share in zip(x, y, shares):
         components.append(LightComponent(
-            "GAUSSIAN", {"sigma": family.draw("hard_negatives", "knot_sigma_arcsec", rng),
+            "GAUSSIAN", {"sigma": family.draw(section, "knot_sigma_arcsec", rng),
                          "center_x": float(c * xi - s * yi), "center_y": float(s * xi + c * yi)},
             gal_mag - 2.5 * math.log10(share), color_beta, lensed=False))
 
