@@ -124,7 +124,7 @@ def run_lever(lever: str, args, work: Path) -> dict:
            "fnr_flux_ratio_lt_0.1": r["fnr_flux_ratio_lt_0.1"], "n_test_nonlenses": r["n_test_nonlenses"],
            "heldout_auroc": r["heldout_auroc"], "lensing_only_auroc": r.get("lensing_only_auroc", float("nan")),
            "shortcut_auroc": meta["shortcut_audit"]["shortcut_auroc"],
-           "train_s": lc.get(f"{member}/seconds", float("nan"))}
+           "train_img_per_s": lc.get(f"{member}/train_img_per_s", float("nan"))}
     for fam in args.heldout:
         row[f"heldout_{fam}_auroc"] = r.get(f"heldout_{fam}_auroc", float("nan"))
     return row
