@@ -116,7 +116,9 @@ def test_whole_pipeline_to_splits_on_a_tiny_survey(storage):
                             instance=dg.DagsterInstance.ephemeral())
     assert result.success
     shards = _metadata(result, "psf_matched_shards")
-    assert (shards["n_rows"], shards["n_shards"]) == (24, 3)
+    # 24 physical cutouts and 24 // 10 = 2 lens/twin pairs (4 cutouts, kept out of the splits for the
+    # lensing-only AUROC)
+    assert (shards["n_rows"], shards["n_shards"]) == (28, 3)
     splits = _metadata(result, "dataset_splits")
     assert splits["n_train"] + splits["n_val"] + splits["n_test"] == 24
     table = pd.read_parquet(splits["path"])

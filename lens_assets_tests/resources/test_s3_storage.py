@@ -449,7 +449,7 @@ def test_simulated_cutouts_and_cutout_catalog_round_trip_through_the_bucket(make
     assert result.success
     remote = _keys(bucket, f"{prefix}/")
     fits = sorted(k for k in remote if k.startswith("raw/sdss/") and k.endswith(".fits"))
-    assert len([k for k in fits if k.startswith("raw/sdss/sim-1/")]) == 6
+    assert len([k for k in fits if k.startswith("raw/sdss/sim-physical-1/")]) == 6
     assert len([k for k in fits if k.startswith("raw/sdss/sim-heldout-1/")]) == 1  # n_cutouts // 5
     for k in fits:
         assert writer.path(k).read_bytes() == remote[k]
