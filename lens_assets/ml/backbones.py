@@ -1,8 +1,11 @@
 """Backbone registry over timm: small-cutout settings, ``in_chans`` = the survey's bands.
 
 ``pretrained=False`` by default (no downloads at run time); ``weights_path``
-loads a local state dict (``torch.load(..., weights_only=True)``) or a
-safetensors file, adapting the first convolution to the number of bands.
+loads a local state dict (``torch.load(..., weights_only=True)``), a Lightning
+checkpoint of a member (``state_dict`` keys prefixed ``net.``) or a safetensors
+file, adapting the first convolution to the number of bands (timm's
+``adapt_input_conv``: 3-channel ImageNet-style weights into a 5-band model) and
+leaving out a classifier of another number of classes.
 """
 
 from __future__ import annotations
@@ -10,24 +13,51 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["BackboneSpec", "BACKBONES", "create_backbone", "smallest_backbone", "count_parameters"]
+__all__ = ["BackboneSpec", "BACKBONES", "create_backbone", "smallest_backbone", "count_parameters", "load_weights",
+           "FAMILIES"]
+
+FAMILIES = ("cnn", "hybrid", "vit")  # hybrid: convolutional stem and stages with attention or token mixers
 
 
 @dataclass(frozen=True)
 class BackboneSpec:
     name: str
     timm_name: str
-    family: str  # 'cnn' | 'vit'
+    family: str  # one of FAMILIES
     kwargs: dict = field(default_factory=dict)  # extra timm.create_model arguments (given the cutout size)
     needs_img_size: bool = False
+    channels_last: bool = True  # train and score in channels_last (oneDNN's preferred layout for convolutions)
+
+
+def _spec(name, family, timm_name=None, channels_last=True, **kwargs):
+    return BackboneSpec(name, timm_name or name, family, kwargs, channels_last=channels_last)
 
 
 BACKBONES = {
-    "resnet10t": BackboneSpec("resnet10t", "resnet10t", "cnn"),
-    "resnet18": BackboneSpec("resnet18", "resnet18", "cnn"),
-    # 8 px patches: a 64 px cutout is 8x8 tokens (16 px patches would leave 4x4)
-    "vit_tiny_p8": BackboneSpec("vit_tiny_p8", "vit_tiny_patch16_224", "vit", {"patch_size": 8}, needs_img_size=True),
+    "resnet10t": _spec("resnet10t", "cnn"),
+    "resnet18": _spec("resnet18", "cnn"),
+    "convnext_atto": _spec("convnext_atto", "cnn"),
+    "convnext_femto": _spec("convnext_femto", "cnn"),
+    "efficientnet_b0": _spec("efficientnet_b0", "cnn"),
+    "mobilenetv3_small_100": _spec("mobilenetv3_small_100", "cnn"),
+    "regnetx_002": _spec("regnetx_002", "cnn"),
+    # channels_last off: with torch 2.15 on the CPU its deterministic backward in channels_last corrupts the heap
+    # (segfault or "corrupted size vs. prev_size", fp32 and bf16 alike); contiguous it trains fine
+    "fastvit_t8": _spec("fastvit_t8", "hybrid", channels_last=False),
+    "mobilevitv2_050": _spec("mobilevitv2_050", "hybrid"),
+    "efficientvit_b0": _spec("efficientvit_b0", "hybrid"),
+    # 8 px patches: a 64 px cutout is 8x8 tokens (16 px patches would leave 4x4). Kept so that earlier
+    # ensembles still load; it is 3x slower than resnet10t on a CPU and no longer a default member
+    "vit_tiny_p8": BackboneSpec("vit_tiny_p8", "vit_tiny_patch16_224", "vit", {"patch_size": 8}, needs_img_size=True,
+                                channels_last=False),
 }
+
+
+def get_spec(name: str) -> BackboneSpec:
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise KeyError(f"unknown backbone {name!r}; registered backbones are {sorted(BACKBONES)}") from None
 
 
 def create_backbone(name: str, *, in_chans: int, img_size: int, num_classes: int = 1, pretrained: bool = False,
@@ -35,36 +65,78 @@ def create_backbone(name: str, *, in_chans: int, img_size: int, num_classes: int
     """A timm model for ``in_chans`` bands of ``img_size`` px cutouts; the error lists the registry."""
     import timm
 
-    try:
-        spec = BACKBONES[name]
-    except KeyError:
-        raise KeyError(f"unknown backbone {name!r}; registered backbones are {sorted(BACKBONES)}") from None
+    spec = get_spec(name)
     kwargs = dict(spec.kwargs)
     if spec.needs_img_size:
         kwargs["img_size"] = img_size
     model = timm.create_model(spec.timm_name, pretrained=pretrained, in_chans=in_chans, num_classes=num_classes,
                               **kwargs)
-    if weights_path is not None:
+    if weights_path:
         load_weights(model, weights_path)
     return model
 
 
-def load_weights(model, path: str | Path) -> None:
-    """Load a local checkpoint (state dict or safetensors) into ``model``; shapes must match."""
+def _read_state(path: Path) -> dict:
     import torch
 
-    path = Path(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
-    else:
+        return load_file(str(path))
+    try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or [m for m in missing if not m.startswith(("fc.", "head.", "classifier."))]:
-        raise ValueError(f"{path}: checkpoint does not fit the model (missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]})")
+    except OSError:
+        raise
+    except Exception as err:  # not a torch file, or one that needs pickled code (refused: weights only)
+        raise ValueError(f"{path}: torch cannot read it as weights ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''})") from err
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # a Lightning checkpoint
+    if not isinstance(state, dict) or not all(hasattr(v, "shape") for v in state.values()):
+        raise ValueError(f"{path}: not a state dict of tensors")
+    if any(k.startswith("net.") for k in state):  # a LensClassifier member: its backbone's weights
+        state = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
+    return state
+
+
+def load_weights(model, path: str | Path) -> dict:
+    """Load a local checkpoint into ``model``; returns what was adapted and left out.
+
+    A 4-D weight whose input channels differ (the first convolution of a model
+    with another number of bands) is adapted with timm's ``adapt_input_conv``;
+    a classifier of another shape is left at its initialization. Any other
+    difference (another architecture) is a ``ValueError`` naming the file.
+    """
+    import torch
+    from timm.models import adapt_input_conv
+
+    path = Path(path)
+    state = dict(_read_state(path))
+    own = model.state_dict()
+    classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+    head = {f"{n}." for n, m in model.named_modules() if classifier is not None and m is classifier}
+    adapted, dropped, wrong = [], [], []
+    for k, v in list(state.items()):
+        if k not in own or own[k].shape == v.shape:
+            continue
+        mine = own[k]
+        if (v.ndim == 4 and mine.ndim == 4 and v.shape[0] == mine.shape[0] and v.shape[2:] == mine.shape[2:]
+                and v.shape[1] != mine.shape[1]):
+            state[k] = adapt_input_conv(mine.shape[1], v.to(torch.float32)).to(mine.dtype)
+            adapted.append(k)
+        elif any(k.startswith(h) for h in head):
+            del state[k]
+            dropped.append(k)
+        else:
+            wrong.append(f"{k} {tuple(v.shape)} vs {tuple(mine.shape)}")
+    missing, unexpected = model.load_state_dict(state, strict=False) if not wrong else ([], [])
+    missing = [m for m in missing if not any(m.startswith(h) for h in head)]
+    if wrong or unexpected or missing:
+        raise ValueError(f"{path}: checkpoint does not fit the {type(model).__name__} model (another architecture?"
+                         f"{' shapes ' + ', '.join(wrong[:3]) if wrong else ''}"
+                         f"{'; missing ' + str(missing[:5]) if missing else ''}"
+                         f"{'; unexpected ' + str(unexpected[:5]) if unexpected else ''})")
+    return {"adapted": adapted, "left_out": dropped}
 
 
 def count_parameters(model) -> int:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lens_assets.ml.backbones import BACKBONES, count_parameters, create_backbone, load_weights, smallest_backbone
+from lens_assets.ml.backbones import BACKBONES, FAMILIES, count_parameters, create_backbone, load_weights, smallest_backbone
 
 
 @pytest.mark.parametrize("name", sorted(BACKBONES))
@@ -9,7 +9,7 @@ def test_every_backbone_takes_the_survey_bands_and_cutout_size(name):
     model = create_backbone(name, in_chans=5, img_size=64)
     out = model(torch.randn(2, 5, 64, 64))
     assert out.shape == (2, 1)
-    assert {"cnn", "vit"} == {s.family for s in BACKBONES.values()}
+    assert {s.family for s in BACKBONES.values()} == set(FAMILIES)
 
 
 def test_vit_uses_8px_patches_on_small_cutouts():
@@ -18,7 +18,7 @@ def test_vit_uses_8px_patches_on_small_cutouts():
 
 
 def test_unknown_backbone_lists_the_registry():
-    with pytest.raises(KeyError, match=r"unknown backbone 'vgg'; registered backbones are \['resnet10t'"):
+    with pytest.raises(KeyError, match=r"unknown backbone 'vgg'; registered backbones are \[.*'resnet10t'"):
         create_backbone("vgg", in_chans=5, img_size=64)
 
 
@@ -45,3 +45,38 @@ def test_smallest_backbone_has_the_fewest_parameters():
     name = smallest_backbone(in_chans=5, img_size=64)
     sizes = {n: count_parameters(create_backbone(n, in_chans=5, img_size=64)) for n in BACKBONES}
     assert sizes[name] == min(sizes.values())
+
+
+def test_three_channel_weights_load_into_a_five_band_model_with_the_first_conv_adapted(tmp_path):
+    from timm.models import adapt_input_conv
+
+    rgb = create_backbone("resnet10t", in_chans=3, img_size=64, num_classes=1000)  # ImageNet-style
+    path = tmp_path / "rgb.pt"
+    torch.save(rgb.state_dict(), path)
+    model = create_backbone("resnet10t", in_chans=5, img_size=64, weights_path=path)
+    expected = adapt_input_conv(5, rgb.state_dict()["conv1.0.weight"])
+    assert torch.equal(model.state_dict()["conv1.0.weight"], expected)
+    assert torch.equal(model.state_dict()["layer1.0.conv1.weight"], rgb.state_dict()["layer1.0.conv1.weight"])
+    assert model.fc.out_features == 1  # the 1000-class head is left at its initialization
+
+
+def test_a_lightning_checkpoint_of_a_member_loads_as_backbone_weights(tmp_path):
+    from lens_assets.ml.module import LensClassifier
+
+    member = LensClassifier(backbone="resnet10t", in_chans=5, img_size=64, film=True)
+    path = tmp_path / "member.ckpt"
+    torch.save({"state_dict": member.state_dict(), "hyper_parameters": dict(member.hparams), "epoch": 0}, path)
+    model = create_backbone("resnet10t", in_chans=5, img_size=64, weights_path=path)
+    for k, v in member.net.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_weights_of_another_architecture_are_a_clear_error_naming_the_file(tmp_path):
+    path = tmp_path / "r18.pt"
+    torch.save(create_backbone("resnet18", in_chans=5, img_size=64).state_dict(), path)
+    with pytest.raises(ValueError, match=rf"{path}: checkpoint does not fit the ResNet model"):
+        create_backbone("resnet10t", in_chans=5, img_size=64, weights_path=path)
+    path = tmp_path / "vit.pt"
+    torch.save(create_backbone("vit_tiny_p8", in_chans=5, img_size=64).state_dict(), path)
+    with pytest.raises(ValueError, match=rf"{path}: checkpoint does not fit"):
+        create_backbone("resnet10t", in_chans=5, img_size=64, weights_path=path)
