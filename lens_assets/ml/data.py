@@ -18,7 +18,11 @@ __all__ = ["ShardDataset", "collate"]
 
 
 class ShardDataset:
-    """(image, variance, label, label_confidence) per row, images in nanomaggies.
+    """(image, variance, label, label_confidence, fwhm_before, band_flags) per row, images in nanomaggies.
+
+    ``fwhm_before`` (bands,) is the PSF FWHM before matching in arcsec and
+    ``band_flags`` (bands,) the shards' flag bits: the observing conditions a
+    FiLM member is conditioned on (with the noise level from ``variance``).
 
     ``objids`` (optional) restricts and orders the rows, e.g. one split.
     """
@@ -45,6 +49,8 @@ class ShardDataset:
             self._files = [h5py.File(self.shard_dir / s, "r") for s in self.shard_names]
             # per-row scalars are small: read them once
             self._labels = [(f["label"][:].astype(np.float32), f["label_confidence"][:]) for f in self._files]
+            self._conditions = [(f["fwhm_before"][:].astype(np.float32), f["band_flags"][:].astype(np.int32))
+                                for f in self._files]
             self._arrays = [(f["images"], f["variance"]) for f in self._files]
         return self._files
 
@@ -54,7 +60,9 @@ class ShardDataset:
         n = len(rows)
         out = {"image": np.empty((n, *f0["images"].shape[1:]), np.float32),
                "variance": np.empty((n, *f0["variance"].shape[1:]), np.float32),
-               "label": np.empty(n, np.float32), "label_confidence": np.empty(n, np.float32)}
+               "label": np.empty(n, np.float32), "label_confidence": np.empty(n, np.float32),
+               "fwhm_before": np.empty((n, f0["images"].shape[1]), np.float32),
+               "band_flags": np.empty((n, f0["images"].shape[1]), np.int32)}
         shard, index = self.shard[rows], self.index[rows]
         order = np.lexsort((index, shard))  # read each shard front to back
         # read_direct of contiguous runs: h5py's fancy indexing builds a point selection and is ~15x slower
@@ -79,6 +87,8 @@ class ShardDataset:
             m = shard == s
             out["label"][m] = self._labels[s][0][index[m]]
             out["label_confidence"][m] = self._labels[s][1][index[m]]
+            out["fwhm_before"][m] = self._conditions[s][0][index[m]]
+            out["band_flags"][m] = self._conditions[s][1][index[m]]
         return out
 
     def __getitem__(self, row: int) -> dict:
@@ -89,6 +99,7 @@ class ShardDataset:
         state["_files"] = None
         state.pop("_labels", None)
         state.pop("_arrays", None)
+        state.pop("_conditions", None)
         return state
 
 

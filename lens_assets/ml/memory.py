@@ -79,10 +79,14 @@ def probe_batch_size(model, sample_shape, *, device, max_batch: int = 1024, frac
         for b in PROBE_BATCHES:
             image = torch.randn((b, *sample_shape), device=device, generator=gen)
             variance = torch.ones_like(image)
+            extra = ()
+            if getattr(model, "needs_conditions", False):  # a FiLM member: FWHM and band flags per band
+                extra = (torch.ones(b, sample_shape[0], device=device),
+                         torch.zeros(b, sample_shape[0], dtype=torch.int32, device=device))
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
             with torch.enable_grad(), torch.autocast(device_type="cuda", dtype=dtype):
-                out = model(image, variance)
+                out = model(image, variance, *extra)
             torch.cuda.synchronize(device)
             peaks.append(torch.cuda.max_memory_allocated(device) - base)  # inputs + kept activations
             del out, image, variance

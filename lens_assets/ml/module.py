@@ -17,13 +17,52 @@ import torch.nn.functional as F
 
 from .backbones import create_backbone
 
-__all__ = ["LensClassifier", "scale_input", "augment"]
+__all__ = ["LensClassifier", "scale_input", "median_measured_variance", "augment", "observing_conditions", "FiLM"]
+
+
+def median_measured_variance(variance: torch.Tensor, start_dim: int) -> torch.Tensor:
+    """Median of ``variance`` over the dimensions from ``start_dim`` on, counting only pixels with variance > 0.
+
+    Padding (outside a cutout's footprint) and a missing band carry variance 0:
+    counted, they would pull the median towards 0 and blow up the scaled image.
+    A slice with no measured pixel gives 0.
+    """
+    v = variance.to(torch.float32).flatten(start_dim)
+    v = torch.where(v > 0, v, torch.full_like(v, float("nan")))
+    return torch.nan_to_num(v.nanmedian(dim=-1).values, nan=0.0)
 
 
 def scale_input(image: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
-    """``asinh(image / s)`` with ``s`` the cutout's median per-pixel noise over all bands."""
-    s = torch.sqrt(variance.flatten(1).median(dim=1).values.clamp_min(1e-20))
+    """``asinh(image / s)`` with ``s`` the cutout's median per-pixel noise over all bands (measured pixels only)."""
+    s = torch.sqrt(median_measured_variance(variance, 1).clamp_min(1e-20)).to(image.dtype)
     return torch.asinh(image / s[:, None, None, None])
+
+
+def observing_conditions(variance: torch.Tensor, fwhm_before: torch.Tensor, band_flags: torch.Tensor) -> torch.Tensor:
+    """Per-cutout conditions (n, 3 * bands): PSF FWHM before matching (arcsec), log10 of the median per-pixel
+    noise (nanomaggies; from the variance map of the shard) and 1 for a present band, 0 for a missing one.
+
+    A missing band (``band_flags`` bit 1) has its FWHM and noise set to 0, so only its flag speaks.
+    """
+    present = ((band_flags.to(torch.int64) & 1) == 0).to(torch.float32)
+    noise = torch.sqrt(median_measured_variance(variance, 2).clamp_min(1e-12))
+    log_noise = torch.log10(noise) * present
+    return torch.cat([fwhm_before.to(torch.float32) * present, log_noise, present], dim=1)
+
+
+class FiLM(torch.nn.Module):
+    """Per-channel ``features * (1 + gamma(c)) + beta(c)`` from conditions ``c``; zero-initialized output layer."""
+
+    def __init__(self, n_conditions: int, n_features: int, hidden: int = 64):
+        super().__init__()
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(n_conditions, hidden), torch.nn.GELU(),
+                                       torch.nn.Linear(hidden, 2 * n_features))
+        torch.nn.init.zeros_(self.mlp[-1].weight)
+        torch.nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self, features: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
+        gamma, beta = self.mlp(conditions.to(features.dtype)).chunk(2, dim=1)
+        return features * (1 + gamma) + beta
 
 
 def augment(image: torch.Tensor, variance: torch.Tensor, *, generator: torch.Generator | None = None,
@@ -54,15 +93,49 @@ class LensClassifier(L.LightningModule):
     """A timm backbone with one logit: P(lens) = sigmoid(logit)."""
 
     def __init__(self, *, backbone: str = "resnet10t", in_chans: int = 5, img_size: int = 64, lr: float = 1e-3,
-                 weight_decay: float = 0.05, max_epochs: int = 10, augment: bool = True):
+                 weight_decay: float = 0.05, max_epochs: int = 10, augment: bool = True, film: bool = False,
+                 weights_path: str | None = None):
         super().__init__()
-        self.save_hyperparameters()
-        self.net = create_backbone(backbone, in_chans=in_chans, img_size=img_size, num_classes=1)
+        # weights_path only initializes a new run: a checkpoint holds the weights, and a scorer need not see the file
+        self.save_hyperparameters(ignore=["weights_path"])
+        self.net = create_backbone(backbone, in_chans=in_chans, img_size=img_size, num_classes=1,
+                                   weights_path=weights_path or None)
+        self.film = FiLM(3 * in_chans, self.net.get_classifier().in_features) if film else None
+        self.memory_format = torch.contiguous_format  # channels_last is set by train() and the scorer
         self._val_scores: list = []
         self._val_labels: list = []
 
-    def forward(self, image: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
-        return self.net(scale_input(image, variance)).squeeze(1)
+    @property
+    def needs_conditions(self) -> bool:
+        return self.film is not None
+
+    def use_channels_last(self) -> "LensClassifier":
+        """channels_last weights and inputs, for convolutional backbones (a ViT is left as it is)."""
+        from .backbones import get_spec
+
+        if get_spec(self.hparams.backbone).channels_last:
+            self.memory_format = torch.channels_last
+            self.to(memory_format=torch.channels_last)
+        return self
+
+    def forward(self, image: torch.Tensor, variance: torch.Tensor, fwhm_before: torch.Tensor | None = None,
+                band_flags: torch.Tensor | None = None) -> torch.Tensor:
+        x = scale_input(image, variance).contiguous(memory_format=self.memory_format)
+        if self.film is None:
+            return self.net(x).squeeze(1)
+        if fwhm_before is None or band_flags is None:
+            raise ValueError(f"a FiLM member ({self.hparams.backbone}) needs fwhm_before and band_flags with the "
+                             "images (the shards' per-row PSF table)")
+        features = self.net.forward_head(self.net.forward_features(x), pre_logits=True)
+        features = self.film(features, observing_conditions(variance, fwhm_before, band_flags))
+        return self.net.get_classifier()(features).squeeze(1)
+
+    def _forward_batch(self, batch, image=None, variance=None):
+        image = batch["image"] if image is None else image
+        variance = batch["variance"] if variance is None else variance
+        if self.film is None:
+            return self(image, variance)
+        return self(image, variance, batch["fwhm_before"], batch["band_flags"])
 
     def _loss(self, batch, logits):
         return F.binary_cross_entropy_with_logits(logits, batch["label"], weight=batch["label_confidence"])
@@ -71,12 +144,12 @@ class LensClassifier(L.LightningModule):
         image, variance = batch["image"], batch["variance"]
         if self.hparams.augment:
             image, variance = augment(image, variance)
-        loss = self._loss(batch, self(image, variance))
+        loss = self._loss(batch, self._forward_batch(batch, image, variance))
         self.log("train_loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(image))
         return loss
 
     def validation_step(self, batch, batch_idx):
-        logits = self(batch["image"], batch["variance"])
+        logits = self._forward_batch(batch)
         self.log("val_loss", self._loss(batch, logits), prog_bar=True, batch_size=len(logits))
         self._val_scores.append(logits.detach().float().cpu())
         self._val_labels.append(batch["label"].detach().cpu())

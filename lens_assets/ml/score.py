@@ -6,8 +6,11 @@
 
 Checkpoints are Lightning checkpoints read with ``torch.load(weights_only=True)``
 (plain tensors and hyperparameters, no pickled code). Every member sees the
-same batch, read once; on a GPU the forward runs in bf16 autocast. Memory is
-bounded by the batch size, whatever the number of rows.
+same batch, read once; on a GPU and on a CPU with native bf16 the forward runs
+in bf16 autocast (``precision="auto"``; ``"32-true"`` forces float32), CNN
+members in ``channels_last``, under ``inference_mode``; logits come back as
+float32. Memory is bounded by the batch size, whatever the number of rows.
+FiLM members also take each row's ``fwhm_before`` and ``band_flags``.
 
 Fusion is the mean of the members' logits, or a logistic regression of the
 label on the member logits fit on the validation split (weights plus bias);
@@ -16,7 +19,6 @@ calibration (``science.calibration``) follows it either way.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -46,7 +48,7 @@ def load_member(checkpoint: str | Path, *, device: str = "cpu"):
     hp, state = ckpt["hyper_parameters"], ckpt["state_dict"]
     model = LensClassifier(**hp)
     model.load_state_dict(state)
-    return model.eval().to(device)
+    return model.eval().to(device).use_channels_last()
 
 
 def load_members(checkpoints, *, device: str = "cpu") -> list:
@@ -60,7 +62,7 @@ def default_device() -> str:
 
 
 def member_logits(members: list, dataset, *, batch_size: int = 256, num_workers: int = 0,
-                  device: str | None = None, progress: bool = False) -> np.ndarray:
+                  device: str | None = None, progress: bool = False, precision: str = "auto") -> np.ndarray:
     """Logits of every member for every row of ``dataset`` (a ``ShardDataset``), shape (n, n_members)."""
     import torch
 
@@ -78,7 +80,9 @@ def member_logits(members: list, dataset, *, batch_size: int = 256, num_workers:
     for batch in loader:
         n = len(batch["image"])
         out[start:start + n] = logits_of_batch(members, batch["image"].numpy(), batch["variance"].numpy(),
-                                               device=device)
+                                               device=device, precision=precision,
+                                               fwhm_before=batch["fwhm_before"].numpy(),
+                                               band_flags=batch["band_flags"].numpy())
         start += n
     return out
 
@@ -126,15 +130,27 @@ def fit_fusion(logits, labels, *, method: str = "mean") -> Fusion:
     return Fusion("val_weights", [float(w) for w in lr.coef_[0]], float(lr.intercept_[0]))
 
 
-def logits_of_batch(members: list, image, variance, *, device: str) -> np.ndarray:
-    """Member logits (n, n_members) of one in-memory batch of nanomaggie images and variances."""
+def logits_of_batch(members: list, image, variance, *, device: str, precision: str = "auto", fwhm_before=None,
+                    band_flags=None) -> np.ndarray:
+    """Member logits (n, n_members), float32, of one in-memory batch of nanomaggie images and variances.
+
+    ``fwhm_before`` and ``band_flags`` (n, bands) are needed by FiLM members only.
+    """
     import torch
+
+    from .precision import bf16_autocast
 
     x = torch.from_numpy(np.ascontiguousarray(image)).to(device, non_blocking=True)
     v = torch.from_numpy(np.ascontiguousarray(variance)).to(device, non_blocking=True)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
-    with torch.inference_mode(), autocast:
-        return np.stack([m(x, v).float().cpu().numpy() for m in members], axis=1)
+    extra = ()
+    if any(getattr(m, "needs_conditions", False) for m in members):
+        if fwhm_before is None or band_flags is None:
+            raise ValueError("a FiLM member needs fwhm_before and band_flags with the images")
+        extra = (torch.from_numpy(np.ascontiguousarray(fwhm_before)).to(device),
+                 torch.from_numpy(np.ascontiguousarray(band_flags)).to(device))
+    with torch.inference_mode(), bf16_autocast(device, precision):
+        return np.stack([m(x, v, *(extra if getattr(m, "needs_conditions", False) else ())).float().cpu().numpy()
+                         for m in members], axis=1)
 
 
 def read_and_match(args) -> tuple[list, dict]:
@@ -174,7 +190,7 @@ class ScoredFiles:
 
 def score_files(paths, survey, *, root: str | Path, settings, members: list, fusion: "Fusion", calibrator,
                 batch_size: int = 256, workers: int = 0, device: str | None = None,
-                progress: bool = True) -> ScoredFiles:
+                progress: bool = True, precision: str = "auto") -> ScoredFiles:
     """Score FITS files end to end, reading each file once: validate it with the catalog's ingest rules
     (a bad file is quarantined with its reason, a repeated OBJID as ``duplicate_objid``), PSF-match and
     normalize it as the training shards were (``settings``, the shards' ``ShardSettings``), run every
@@ -218,7 +234,9 @@ def score_files(paths, survey, *, root: str | Path, settings, members: list, fus
         if not keep:
             continue
         keep = np.asarray(keep) if len(keep) < k else slice(None)
-        logits.append(logits_of_batch(members, batch["image"][keep], batch["variance"][keep], device=device))
+        logits.append(logits_of_batch(members, batch["image"][keep], batch["variance"][keep], device=device,
+                                      precision=precision, fwhm_before=batch["fwhm_before"][keep],
+                                      band_flags=batch["band_flags"][keep]))
         matched.append(batch["psf_matched"][keep].sum(axis=1))
         bits = batch["band_flags"][keep].astype(np.int64)
         flags.append(np.bitwise_or.reduce(bits, axis=1) if bits.shape[1] else np.zeros(len(bits), np.int64))

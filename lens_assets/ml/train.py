@@ -15,6 +15,17 @@ checkpoint left by a run with another fingerprint is discarded, not resumed.
 On a GPU the batch size comes from a forward-only memory probe
 (:mod:`lens_assets.ml.memory`, capped at ``max_batch_size``) before the trainer
 starts; ``batch_size`` is the batch size on the CPU.
+
+CPU first: ``precision="auto"`` trains in ``bf16-mixed`` on a GPU and on a CPU
+with native bf16 (:func:`lens_assets.ml.precision.cpu_bf16_supported`), in
+``32-true`` otherwise; CNNs train in ``channels_last``; torch uses one thread
+per core of the process's CPU affinity. ``deterministic=True`` stays on the
+CPU in either precision (the CPU bf16 kernels have no non-deterministic
+variant Lightning or torch would refuse; runs repeat bit for bit).
+
+Two-stage training: ``weights_path`` initializes the backbone from a local
+file (a state dict, safetensors, or another member's Lightning checkpoint),
+its first convolution adapted to the number of bands.
 """
 
 from __future__ import annotations
@@ -42,6 +53,16 @@ class TrainSettings:
     augment: bool = True
     accelerator: str = "auto"
     progress: bool = True
+    precision: str = "auto"  # "auto" | "bf16-mixed" | "32-true" (auto: bf16 on a GPU or a bf16 CPU)
+    film: bool = False  # FiLM conditioning of the pooled features on the observing conditions
+    weights_path: str = ""  # initial backbone weights (a local file), "" for a random initialization
+    max_minutes: float = 0.0  # wall-clock budget of this start (Lightning max_time), 0 for none
+
+    def __post_init__(self):
+        from .precision import PRECISIONS
+
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r} is not one of {list(PRECISIONS)}")
 
 
 def _loaders(shard_dir: Path, splits_path: Path, s: TrainSettings, batch_size: int):
@@ -79,6 +100,7 @@ def train(shard_dir: str | Path, splits_path: str | Path, out_dir: str | Path, s
     from lightning.pytorch.loggers import CSVLogger
 
     from .module import LensClassifier
+    from .precision import available_cores, resolve_precision
 
     class _AfterEpoch(L.Callback):
         """Calls ``fn`` when an epoch after this start's first begins: Lightning saves checkpoints after its
@@ -95,13 +117,19 @@ def train(shard_dir: str | Path, splits_path: str | Path, out_dir: str | Path, s
 
     shard_dir, splits_path, out_dir = Path(shard_dir), Path(splits_path), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    threads = available_cores()
+    torch.set_num_threads(threads)
     L.seed_everything(settings.seed, workers=True)
     train_loader, val_loader, train_ds = _loaders(shard_dir, splits_path, settings, settings.batch_size)
     with h5py.File(shard_dir / train_ds.shard_names[0]) as f:
         in_chans, img_size = f["images"].shape[1], f["images"].shape[-1]
     model = LensClassifier(backbone=settings.backbone, in_chans=in_chans, img_size=img_size, lr=settings.lr,
-                           weight_decay=settings.weight_decay, max_epochs=settings.epochs, augment=settings.augment)
+                           weight_decay=settings.weight_decay, max_epochs=settings.epochs, augment=settings.augment,
+                           film=settings.film, weights_path=settings.weights_path or None)
     gpu = torch.cuda.is_available() and settings.accelerator in ("auto", "gpu", "cuda")
+    precision = resolve_precision(settings.precision, gpu=gpu)
+    model.use_channels_last()
+    channels_last = model.memory_format == torch.channels_last
     probe = None
     batch_size = settings.batch_size
     if gpu:  # forward-only memory probe on the device, then the loaders again with its batch size
@@ -118,7 +146,8 @@ def train(shard_dir: str | Path, splits_path: str | Path, out_dir: str | Path, s
                              enable_version_counter=False)
     trainer = L.Trainer(
         max_epochs=settings.epochs, accelerator="gpu" if gpu else "cpu", devices=1,
-        precision="bf16-mixed" if gpu else "32-true", deterministic=not gpu,
+        max_time={"seconds": settings.max_minutes * 60} if settings.max_minutes > 0 else None,
+        precision=precision, deterministic=not gpu,
         callbacks=[checkpoint, latest, EarlyStopping(monitor="val_auroc", mode="max", patience=settings.patience),
                    *([_AfterEpoch(after_epoch)] if after_epoch else [])],
         logger=CSVLogger(out_dir, name="logs"), enable_progress_bar=settings.progress,  # a new version per (re)start
@@ -156,6 +185,8 @@ def train(shard_dir: str | Path, splits_path: str | Path, out_dir: str | Path, s
         "fingerprint": fingerprint, "restarted_stale_run": stale,
         "n_train": len(train_ds), "settings": asdict(settings), "seconds": seconds,
         "batch_size": batch_size, "batch_size_probe": probe,
+        "precision": precision, "threads": threads, "channels_last": channels_last, "film": settings.film,
+        "weights_path": settings.weights_path,
         "train_img_per_s": len(train_ds) * epochs_now / seconds if seconds > 0 else 0.0,
         "peak_memory_mb": (torch.cuda.max_memory_allocated() / 2**20 if gpu
                            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
@@ -167,7 +198,8 @@ def train(shard_dir: str | Path, splits_path: str | Path, out_dir: str | Path, s
 
 # settings that change what is trained (not how long, how fast or how verbosely): a run may be extended
 # max_batch_size only caps the GPU batch size, which the memory probe picks from the free memory at each start
-_FINGERPRINT_EXCLUDES = ("num_workers", "progress", "accelerator", "epochs", "patience", "max_batch_size")
+_FINGERPRINT_EXCLUDES = ("num_workers", "progress", "accelerator", "epochs", "patience", "max_batch_size",
+                         "max_minutes")
 
 
 def run_fingerprint(shard_dir: Path, splits_path: Path, settings: TrainSettings) -> str:

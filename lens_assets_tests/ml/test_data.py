@@ -57,3 +57,21 @@ def test_dataloader_with_workers_yields_every_row_once(shard_dir):
     expected = ds.__getitems__(list(range(20)))
     assert sorted(torch.cat(images).tolist()) == pytest.approx(sorted(expected["image"].sum(axis=(1, 2, 3)).tolist()),
                                                      rel=1e-5)  # float32 sums in another order
+
+
+def test_conditions_keep_every_band_flag_bit(shard_dir, tmp_path):
+    """band_flags are uint16 in shard format 2 (bits up to 2048): the batch carries them whole, with fwhm_before."""
+    import shutil
+
+    copy = tmp_path / "shards"
+    shutil.copytree(shard_dir, copy)
+    name = sorted(p.name for p in copy.glob("*.h5"))[0]
+    with h5py.File(copy / name, "r+") as f:
+        assert f["band_flags"].dtype == np.uint16
+        f["band_flags"][0, :] = [2048 | 1, 1024, 256, 0, 4]
+        fwhm = f["fwhm_before"][0]
+    ds = ShardDataset(copy)
+    row = next(i for i in range(len(ds)) if ds.shard_names[ds.shard[i]] == name and ds.index[i] == 0)
+    batch = ds.__getitems__([row])
+    assert batch["band_flags"][0].tolist() == [2049, 1024, 256, 0, 4]
+    np.testing.assert_array_equal(batch["fwhm_before"][0], fwhm)

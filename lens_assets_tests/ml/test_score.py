@@ -10,6 +10,7 @@ from sklearn.linear_model import LogisticRegression
 
 from lens_assets.ml.data import ShardDataset, collate
 from lens_assets.ml.module import LensClassifier
+from lens_assets.ml.precision import cpu_bf16_supported
 from lens_assets.ml.score import FUSION_METHODS, Fusion, fit_fusion, load_member, load_members, member_logits
 from lens_assets.ml.train import TrainSettings, train
 from lens_assets.science.splits import make_splits
@@ -125,7 +126,7 @@ def test_member_logits_equal_the_model_applied_directly_whatever_the_batch_size(
     assert len(dataset) == 32 and (batch_size >= 32 or 32 % batch_size != 0)
     model = load_member(ckpt)
     direct = _direct_logits(model, dataset)
-    out = member_logits([model], dataset, batch_size=batch_size, device="cpu")
+    out = member_logits([model], dataset, batch_size=batch_size, device="cpu", precision="32-true")
     assert out.shape == (32, 1) and out.dtype == np.float32
     assert torch.allclose(torch.from_numpy(out[:, 0]), torch.from_numpy(direct), rtol=1e-5, atol=1e-5)
 
@@ -142,15 +143,16 @@ def test_member_logits_have_one_column_per_member_in_order_and_rows_in_objid_ord
     objids = pd.read_parquet(root / "shards" / "rows.parquet")["objid"].tolist()[::-1][:23]  # reversed subset
     dataset = ShardDataset(root / "shards", objids=objids)
     assert list(dataset.objid) == objids
-    out = member_logits(members, dataset, batch_size=7, device="cpu")
+    out = member_logits(members, dataset, batch_size=7, device="cpu", precision="32-true")
     assert out.shape == (23, 2)
     expected = np.stack([_direct_logits(m, dataset) for m in members], axis=1)
     assert torch.allclose(torch.from_numpy(out), torch.from_numpy(expected), rtol=1e-5, atol=1e-5)
     assert not np.allclose(out[:, 0], out[:, 1])  # the columns really are different members
-    swapped = member_logits(members[::-1], dataset, batch_size=7, device="cpu")
+    swapped = member_logits(members[::-1], dataset, batch_size=7, device="cpu", precision="32-true")
     np.testing.assert_allclose(swapped, out[:, ::-1], rtol=1e-5, atol=1e-5)
     # row i is objid i: scoring one object alone gives its row
-    alone = member_logits(members, ShardDataset(root / "shards", objids=[objids[9]]), batch_size=7, device="cpu")
+    alone = member_logits(members, ShardDataset(root / "shards", objids=[objids[9]]), batch_size=7, device="cpu",
+                          precision="32-true")
     np.testing.assert_allclose(alone[0], out[9], rtol=1e-5, atol=1e-5)
 
 
@@ -180,3 +182,32 @@ def test_a_file_torch_cannot_read_is_a_clear_error_naming_it(trained, tmp_path, 
 def test_a_missing_checkpoint_is_the_os_error_naming_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="absent.ckpt"):
         load_member(tmp_path / "absent.ckpt")
+
+
+def test_bf16_scoring_is_close_to_float32_and_ranks_alike(trained):
+    """bf16 autocast (the CPU default where the CPU has native bf16; forced here, so it runs on any CPU) against
+    float32 on the same member and rows: logits within a small absolute bound, returned as float32, ranked alike."""
+    from scipy.stats import spearmanr
+    from sklearn.metrics import roc_auc_score
+
+    root, ckpt = trained
+    dataset = ShardDataset(root / "shards")
+    model = load_member(ckpt)
+    assert model.memory_format == torch.channels_last  # a CNN member scores in channels_last
+    fp32 = member_logits([model], dataset, batch_size=16, device="cpu", precision="32-true")[:, 0]
+    bf16 = member_logits([model], dataset, batch_size=16, device="cpu", precision="bf16-mixed")[:, 0]
+    assert bf16.dtype == np.float32 and not np.array_equal(bf16, fp32)  # bf16 really ran
+    scale = max(1.0, float(np.abs(fp32).max()))
+    assert np.abs(bf16 - fp32).max() <= 0.05 * scale
+    assert spearmanr(bf16, fp32).statistic > 0.98
+    labels = dataset.__getitems__(list(range(len(dataset))))["label"]
+    # 32 rows: one swapped lens/non-lens pair moves the AUROC by 1/256
+    assert abs(roc_auc_score(labels, bf16) - roc_auc_score(labels, fp32)) <= 2 / 256 + 1e-9
+    auto = member_logits([model], dataset, batch_size=16, device="cpu")[:, 0]
+    np.testing.assert_array_equal(auto, bf16 if cpu_bf16_supported() else fp32)  # "auto" follows the CPU
+
+
+def test_unknown_scoring_precision_is_a_clear_error(trained):
+    root, ckpt = trained
+    with pytest.raises(ValueError, match=r"precision 'fp16' is not one of \['auto', 'bf16-mixed', '32-true'\]"):
+        member_logits([load_member(ckpt)], ShardDataset(root / "shards"), device="cpu", precision="fp16")

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -27,6 +28,20 @@ def test_scale_input_is_asinh_in_noise_units_and_keeps_colours_when_faint():
     x = scale_input(image, variance)
     assert torch.allclose(x, torch.asinh(image))
     assert x[0, 1, 0, 0] / x[0, 0, 0, 0] == pytest.approx(2.0, rel=1e-3)
+
+
+def test_scale_input_ignores_padding_and_missing_bands_with_zero_variance():
+    """A cutout padded to the grid (or with a missing band) has variance 0 outside its footprint: the noise
+    scale is the median of the measured pixels, so the scaled image is the same as that of the unpadded one."""
+    image = torch.full((1, 2, 4, 4), 0.3)
+    variance = torch.full_like(image, 0.04)  # noise 0.2
+    padded = variance.clone()
+    padded[:, 1] = 0.0  # the second band missing
+    padded[:, 0, :, 3] = 0.0  # and a padded column in the first
+    x = scale_input(image, padded)
+    assert torch.allclose(x, torch.asinh(image / 0.2))
+    assert torch.allclose(x, scale_input(image, variance))
+    assert torch.isfinite(scale_input(image, torch.zeros_like(image))).all()  # no measured pixel: clamped, finite
 
 
 def test_augmentation_preserves_flux_and_colours_and_adds_noise_from_the_variance():
@@ -152,3 +167,116 @@ def test_the_cosine_schedule_follows_the_current_run_length_after_a_resume():
     got, _ = lrs(extended, 6, state)  # epochs 2..7 of an 8-epoch run
     assert got == pytest.approx([1e-3 * 0.5 * (1 + math.cos(math.pi * e / 8)) for e in range(2, 8)])
     assert all(a > b for a, b in zip(got, got[1:]))  # decreasing all the way, no climb after epoch 4
+
+
+# --- CPU precision, threads and memory format -------------------------------------------------------------
+
+
+def test_cpu_training_reports_its_precision_threads_and_memory_format(data, tmp_path):
+    import os
+
+    from lens_assets.ml.precision import cpu_bf16_supported
+
+    s = train(data / "shards", data / "splits.parquet", tmp_path / "run",
+              TrainSettings(backbone="resnet10t", epochs=1, batch_size=16, progress=False))
+    if not torch.cuda.is_available():
+        assert s["precision"] == ("bf16-mixed" if cpu_bf16_supported() else "32-true")
+    assert s["threads"] == len(os.sched_getaffinity(0)) == torch.get_num_threads()
+    assert s["channels_last"] is True and s["film"] is False
+    forced = train(data / "shards", data / "splits.parquet", tmp_path / "fp32",
+                   TrainSettings(backbone="resnet10t", epochs=1, batch_size=16, progress=False, precision="32-true"))
+    assert forced["precision"] == "32-true"
+
+
+def test_unknown_precision_is_a_clear_error_listing_the_valid_ones():
+    with pytest.raises(ValueError, match=r"precision 'fp16' is not one of \['auto', 'bf16-mixed', '32-true'\]"):
+        TrainSettings(precision="fp16")
+
+
+# --- FiLM conditioning on the observing conditions --------------------------------------------------------
+
+
+def _film_batch(n=6, bands=3, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    image = torch.randn(n, bands, size, size, generator=g) * 0.1
+    variance = torch.rand(n, bands, size, size, generator=g) * 0.02 + 0.005
+    fwhm = torch.rand(n, bands, generator=g) + 0.8
+    flags = torch.zeros(n, bands, dtype=torch.uint8)
+    flags[0, 1] = 1  # a missing band
+    return image, variance, fwhm, flags
+
+
+def test_observing_conditions_are_fwhm_log_noise_and_band_presence():
+    from lens_assets.ml.module import observing_conditions
+
+    variance = torch.full((1, 2, 4, 4), 1e-4)  # noise 0.01 nanomaggies: log10 = -2
+    c = observing_conditions(variance, torch.tensor([[1.2, 0.9]]), torch.tensor([[0, 1]], dtype=torch.uint8))
+    assert torch.allclose(c, torch.tensor([[1.2, 0.0, -2.0, 0.0, 1.0, 0.0]]))  # band 2 missing: only its flag
+    padded = variance.clone()
+    padded[..., :2] = 0.0  # half the cutout outside the footprint: the noise is that of the measured pixels
+    high_bits = torch.tensor([[1024, 1 | 2048]], dtype=torch.int32)  # shard format 2 flags above 8 bits
+    assert torch.allclose(observing_conditions(padded, torch.tensor([[1.2, 0.9]]), high_bits), c)
+
+
+def test_film_with_a_zero_final_layer_is_the_unconditioned_model_at_init():
+    from lens_assets.ml.module import LensClassifier
+
+    torch.manual_seed(0)
+    plain = LensClassifier(backbone="resnet10t", in_chans=3, img_size=32).eval()
+    torch.manual_seed(0)
+    film = LensClassifier(backbone="resnet10t", in_chans=3, img_size=32, film=True).eval()
+    film.net.load_state_dict(plain.net.state_dict())
+    image, variance, fwhm, flags = _film_batch()
+    with torch.no_grad():
+        assert torch.allclose(film(image, variance, fwhm, flags), plain(image, variance), atol=1e-6)
+        assert torch.equal(film(image, variance, fwhm, flags), film(image, variance, fwhm * 2, flags))
+    with pytest.raises(ValueError, match=r"a FiLM member \(resnet10t\) needs fwhm_before and band_flags"):
+        film(image, variance)
+
+
+def test_after_a_training_step_the_conditions_change_the_output():
+    from lens_assets.ml.module import LensClassifier
+
+    torch.manual_seed(1)
+    model = LensClassifier(backbone="resnet10t", in_chans=3, img_size=32, film=True, augment=False)
+    image, variance, fwhm, flags = _film_batch()
+    batch = {"image": image, "variance": variance, "fwhm_before": fwhm, "band_flags": flags,
+             "label": torch.tensor([1.0, 0, 1, 0, 1, 0]), "label_confidence": torch.ones(6)}
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    loss = model._loss(batch, model._forward_batch(batch))
+    loss.backward()
+    opt.step()
+    model.eval()
+    with torch.no_grad():
+        a = model(image, variance, fwhm, flags)
+        b = model(image, variance, fwhm * 2, flags)
+    assert not torch.allclose(a, b)
+
+
+def test_a_film_member_trains_from_shards_and_scores(data, tmp_path):
+    from lens_assets.ml.data import ShardDataset
+    from lens_assets.ml.score import load_member, member_logits
+
+    s = train(data / "shards", data / "splits.parquet", tmp_path / "film",
+              TrainSettings(backbone="resnet10t", epochs=1, batch_size=16, progress=False, film=True))
+    assert s["film"] is True
+    member = load_member(s["best_checkpoint"])
+    assert member.needs_conditions
+    z = member_logits([member], ShardDataset(data / "shards"), device="cpu")
+    assert z.shape == (32, 1) and np.isfinite(z).all()
+
+
+# --- two-stage training: initial weights ------------------------------------------------------------------
+
+
+def test_weights_path_initializes_training_and_stays_out_of_the_checkpoint(data, tmp_path):
+    first = train(data / "shards", data / "splits.parquet", tmp_path / "stage1",
+                  TrainSettings(backbone="resnet10t", epochs=1, batch_size=16, progress=False))
+    s = train(data / "shards", data / "splits.parquet", tmp_path / "stage2",
+              TrainSettings(backbone="resnet10t", epochs=1, batch_size=16, lr=0.0, progress=False,
+                            weights_path=first["best_checkpoint"], augment=False))
+    assert s["weights_path"] == first["best_checkpoint"]
+    a = torch.load(first["best_checkpoint"], weights_only=True)["state_dict"]
+    b = torch.load(s["best_checkpoint"], weights_only=True)
+    assert "weights_path" not in b["hyper_parameters"]
+    assert torch.equal(a["net.conv1.0.weight"], b["state_dict"]["net.conv1.0.weight"])  # lr 0: the loaded ones
