@@ -31,8 +31,8 @@ PROFILES: dict[str, dict] = {
     # gates are the release targets.
     "full": {
         "simulated_cutouts": {"n_cutouts": 72000, "n_heldout": 8000, "more_heldout_families": ["galsim"]},
-        "lens_classifier": {"members": ["resnet10t", "vit_tiny_p8"], "epochs": 12, "batch_size": 128,
-                            "lr": 2e-3, "patience": 4},
+        # resnet10t alone: the vit_tiny_p8 member stayed near chance on the CPU budget (README, Training)
+        "lens_classifier": {"members": ["resnet10t"], "epochs": 10, "batch_size": 128, "lr": 2e-3, "patience": 4},
         "bologna_report": {"min_auroc": 0.99, "min_tpr10": 0.6, "max_ece": 0.02, "min_heldout_auroc": 0.95,
                            "min_lensing_only_auroc": 0.95, "max_fnr_flux_ratio_lt_0_1": 0.3},
         "shortcut_audit": {"max_shortcut_auroc": 0.65},

@@ -13,16 +13,23 @@ from lens_assets.resources.launchers import TrainingLauncher
 from lens_assets.resources.storage import LocalStorage
 from lens_assets.science.surveys import get_survey
 
-TRAINING_CODE_VERSION = "train-1"
+TRAINING_CODE_VERSION = "train-2"  # 2: bf16 on bf16 CPUs, channels_last, noise scale over measured pixels
 
 
 class TrainConfig(dg.Config):
-    members: list[str] = Field(default=["resnet10t", "vit_tiny_p8"], description="backbones, one job each")
+    members: list[str] = Field(default=["resnet10t"], description="backbones (lens_assets.ml.backbones.BACKBONES), "
+                               "one job each")
     epochs: int = Field(default=10, ge=1)
     batch_size: int = Field(default=64, ge=1)
     lr: float = Field(default=1e-3, gt=0)
     seed: int = Field(default=0, ge=0)
     patience: int = Field(default=5, ge=1, description="epochs without a better validation AUROC before stopping")
+    precision: str = Field(default="auto", description="'auto' (bf16-mixed on a GPU or a CPU with native bf16, "
+                           "else 32-true), 'bf16-mixed' or '32-true'")
+    film: bool = Field(default=False, description="condition each member's pooled features on the observing "
+                       "conditions (PSF FWHM before matching, noise, band presence) with FiLM")
+    weights_path: str = Field(default="", description="initial backbone weights, a file the training job can read "
+                              "(state dict, safetensors or another member's checkpoint); '' for random weights")
 
 
 def ensemble_path(storage: LocalStorage, survey: str):
@@ -97,7 +104,17 @@ def lens_classifier(context: dg.AssetExecutionContext, config: TrainConfig, stor
     Each member is trained by its own job (`python -m lens_assets.ml.train` under
     Dagster Pipes); a retried run resumes each member from its last checkpoint.
     """
+    from lens_assets.ml.backbones import BACKBONES
+    from lens_assets.ml.precision import PRECISIONS
+
     survey = get_survey(context.partition_key)
+    unknown = [m for m in config.members if m not in BACKBONES]
+    if unknown or config.precision not in PRECISIONS:
+        raise dg.Failure(f"lens_classifier config: {'members ' + str(unknown) if unknown else ''}"
+                         f"{' precision ' + repr(config.precision) if config.precision not in PRECISIONS else ''} "
+                         f"not known; backbones are {sorted(BACKBONES)}, precisions {list(PRECISIONS)}")
+    if config.weights_path and launcher.shares_filesystem and not Path(config.weights_path).is_file():
+        raise dg.Failure(f"lens_classifier config weights_path: {config.weights_path} is not a file")
     shard_dir = storage.path("shards", survey.name)
     splits = storage.pull("splits", survey.name, "dataset_splits.parquet")
     if not splits.exists():
@@ -113,7 +130,9 @@ def lens_classifier(context: dg.AssetExecutionContext, config: TrainConfig, stor
         out = storage.path("models", survey.name, member)
         extras = {"shard_dir": str(shard_dir), "splits_path": str(splits), "out_dir": str(out),
                   "settings": {"backbone": member, "epochs": config.epochs, "batch_size": config.batch_size,
-                               "lr": config.lr, "seed": config.seed, "patience": config.patience}}
+                               "lr": config.lr, "seed": config.seed, "patience": config.patience,
+                               "precision": config.precision, "film": config.film,
+                               "weights_path": config.weights_path}}
         if store:  # a job elsewhere: where the store is and the keys of what it reads and writes
             extras["storage"] = store
             extras["keys"] = {"shards": ["shards", survey.name], "splits": ["splits", survey.name,
@@ -138,6 +157,7 @@ def lens_classifier(context: dg.AssetExecutionContext, config: TrainConfig, stor
             f"{member}/resumed_after_epochs": s["resumed_after_epochs"] if s["resumed_after_epochs"] else 0,
             f"{member}/train_img_per_s": s["train_img_per_s"],
             f"{member}/device": s["device"],
+            f"{member}/precision": s.get("precision", ""),
             f"{member}/batch_size": s["batch_size"],
             f"{member}/peak_memory_mb": s["peak_memory_mb"],
             f"{member}/val_auroc_by_epoch": dg.MetadataValue.json(s["val_auroc_by_epoch"]),

@@ -68,6 +68,33 @@ def test_training_job_runs_under_pipes_and_resumes(storage, tiny_inputs):
     assert second["resnet10t/resumed_after_epochs"] == 1 and second["resnet10t/epochs_run"] == 2
 
 
+def test_film_precision_and_initial_weights_reach_the_training_job(storage, tiny_inputs, tmp_path):
+    """The asset's config is the job's: a FiLM member in float32, initialized from another member's checkpoint."""
+    _copy_inputs(tiny_inputs, storage)
+    resources = {"storage": storage, "launcher": LocalSubprocessLauncher()}
+    first = _meta(_train(resources, {"members": ["resnet10t"], "epochs": 1, "batch_size": 8}))
+    init = tmp_path / "stage1.ckpt"
+    shutil.copy(first["resnet10t/checkpoint"], init)
+    second = _meta(_train(resources, {"members": ["resnet10t"], "epochs": 1, "batch_size": 8, "film": True,
+                                      "precision": "32-true", "weights_path": str(init)}))
+    assert second["resnet10t/precision"] == "32-true" and second["resnet10t/resumed_after_epochs"] == 0
+    ckpt = torch.load(second["resnet10t/checkpoint"], map_location="cpu", weights_only=True)
+    assert ckpt["hyper_parameters"]["film"] is True and any(k.startswith("film.") for k in ckpt["state_dict"])
+    summary = json.loads((Path(second["resnet10t/checkpoint"]).parent / "summary.json").read_text())
+    assert summary["weights_path"] == str(init) and summary["film"] is True
+
+
+@pytest.mark.parametrize("cfg, message", [
+    ({"members": ["resnet10t", "nope"]}, r"members \['nope'\] not known; backbones are \["),
+    ({"precision": "fp16"}, r"precision 'fp16' not known; .*precisions \['auto', 'bf16-mixed', '32-true'\]"),
+    ({"weights_path": "/nonexistent/w.pt"}, r"weights_path: /nonexistent/w.pt is not a file"),
+])
+def test_bad_training_config_fails_before_any_job_starts(storage, tiny_inputs, cfg, message):
+    _copy_inputs(tiny_inputs, storage)
+    with pytest.raises(dg.Failure, match=message):
+        _train({"storage": storage, "launcher": LocalSubprocessLauncher()}, cfg)
+
+
 # materializes lens_classifier in a process of its own (argv: storage root, config as JSON)
 _MATERIALIZE = """
 import json, sys
