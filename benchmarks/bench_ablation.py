@@ -23,6 +23,12 @@ Levers (a family file written from ``physical.toml`` with one section changed):
 * ``no_environment``: physical without neighbours, satellites and stars.
 * ``no_observation``: physical without the randomized observing conditions (zero-point error,
   misregistration, gradients, withheld variance maps, small cutouts, sky/read-noise scales, core+wings PSFs).
+
+Training levers (the physical population, the member changed):
+
+* ``film``: the member with FiLM conditioning on the observing conditions (``film: true``).
+* ``member=<backbone>``: another backbone in place of ``--members`` (e.g. ``member=regnetx_002``), at the
+  same epochs; the wall time and training img/s say what it costs.
 """
 
 from __future__ import annotations
@@ -39,6 +45,20 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _util import report  # noqa: E402
 
 LEVERS = ("physical", "baseline", "no_twins", "no_environment", "no_observation")
+TRAINING_LEVERS = ("film", "member=<backbone>")  # the physical population, another training choice
+
+
+def training_overrides(lever: str) -> dict:
+    """``lens_classifier`` config of a training lever (empty for a population lever)."""
+    if lever == "film":
+        return {"film": True}
+    if lever.startswith("member="):
+        from lens_assets.ml.backbones import get_spec
+
+        name = lever.split("=", 1)[1]
+        get_spec(name)  # an unknown backbone is an error listing the registry
+        return {"members": [name]}
+    return {}
 
 
 def _edit(text: str, section: str, key: str, value: str) -> str:
@@ -62,6 +82,8 @@ def family_file(lever: str, out_dir: Path) -> str:
 
     if lever in ("physical", "baseline"):
         return lever
+    if training_overrides(lever):
+        return "physical"
     text = (FAMILY_DIR / "physical.toml").read_text()
     text = text.replace('name = "physical"', f'name = "physical_{lever}"', 1)
     if lever == "no_twins":
@@ -80,7 +102,7 @@ def family_file(lever: str, out_dir: Path) -> str:
         text = _edit(text, "psf", "profile", '{ dist = "choice", values = ["gaussian", "moffat"], p = [0.5, 0.5] }')
         text = _edit(text, "psf", "seeing_scatter_scale", "1.0")
     else:
-        raise ValueError(f"unknown lever {lever!r}; levers are {list(LEVERS)}")
+        raise ValueError(f"unknown lever {lever!r}; levers are {list(LEVERS) + list(TRAINING_LEVERS)}")
     path = out_dir / f"physical_{lever}.toml"
     path.write_text(text)
     return str(path)
@@ -97,7 +119,8 @@ def run_lever(lever: str, args, work: Path) -> dict:
     ov = {"simulated_cutouts": {"n_cutouts": args.n_cutouts, "n_heldout": args.n_heldout, "family": family,
                                 "more_heldout_families": args.heldout, "n_pairs": args.n_pairs,
                                 "pairs_family": "physical"},
-          "lens_classifier": {"members": args.members, "epochs": args.epochs},
+          "lens_classifier": {"members": args.members, "epochs": args.epochs,
+                              **training_overrides(lever)},
           "score_calibrator": {"fusion": "mean", "heldout_families": ["heldout", *args.heldout]},
           "shortcut_audit": {"heldout_families": ["heldout", *args.heldout]}}
     config = run_config("demo", seed=args.seed, overrides=ov)
@@ -119,7 +142,7 @@ def run_lever(lever: str, args, work: Path) -> dict:
             mat = event.event_specific_data.materialization
             meta[mat.asset_key.to_user_string()] = {k: v.value for k, v in mat.metadata.items()}
     r, lc = meta["bologna_report"], meta["lens_classifier"]
-    member = args.members[0]
+    member = lc["members"].split(",")[0]
     row = {"lever": lever, "family": family, "wall_s": wall, "auroc": r["auroc"], "tpr10": r["tpr10"],
            "fnr_flux_ratio_lt_0.1": r["fnr_flux_ratio_lt_0.1"], "n_test_nonlenses": r["n_test_nonlenses"],
            "heldout_auroc": r["heldout_auroc"], "lensing_only_auroc": r.get("lensing_only_auroc", float("nan")),
