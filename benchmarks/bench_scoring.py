@@ -5,7 +5,8 @@
 1. One simulated DES drop (``--n`` unlabeled cutouts). Each stage is timed alone on
    the same drop in this run, each with every core: FITS read + validation
    (``ingest_files``), PSF matching + normalization of cutouts already read
-   (``match_batch``), the ensemble forward on preloaded arrays (two members),
+   (``match_batch``), the ensemble forward on preloaded arrays (``--members``, default
+   ``lens_classifier``'s; bf16 autocast where the CPU has native bf16, ``channels_last`` CNNs),
    fusion + calibration, the Parquet write. End to end is what ``candidate_scores``
    runs: ``score_files`` (each file read once, validated and matched by worker
    processes while this process runs the models), fusion, calibration, write.
@@ -41,7 +42,7 @@ def _match_preread(args):
     return match_batch(rows, _PREREAD[lo:hi], settings)
 
 
-def drop_section(root: Path, n: int, batch: int = 256, repeats: int = 3) -> dict:
+def drop_section(root: Path, n: int, batch: int = 256, repeats: int = 3, member_names=("resnet10t",)) -> dict:
     import numpy as np
     import pandas as pd
     import torch
@@ -55,6 +56,7 @@ def drop_section(root: Path, n: int, batch: int = 256, repeats: int = 3) -> dict
     from lens_assets.science.parallel import bounded_imap
     from lens_assets.science.shards import shard_settings
     from lens_assets.science.surveys import get_survey
+    from lens_assets.ml.precision import resolve_precision
 
     survey = get_survey("des")
     storage = LocalStorage(root=str(root))
@@ -63,10 +65,11 @@ def drop_section(root: Path, n: int, batch: int = 256, repeats: int = 3) -> dict
     device = default_device()
     torch.manual_seed(0)
     members = [LensClassifier(backbone=b, in_chans=survey.n_bands, img_size=survey.cutout_size_px).eval().to(device)
-               for b in ("resnet10t", "vit_tiny_p8")]
-    fusion, cal = Fusion.mean(2), Calibrator("temperature", temperature=1.7)
+               .use_channels_last() for b in member_names]
+    fusion, cal = Fusion.mean(len(members)), Calibrator("temperature", temperature=1.7)
     settings = shard_settings(survey)
-    out = {"n": len(files), "device": device}
+    out = {"n": len(files), "device": device, "members": list(member_names),
+           "precision": resolve_precision("auto", gpu=device.startswith("cuda"))}
 
     def rate(fn):
         t = time.perf_counter()
@@ -150,13 +153,18 @@ def main(argv=None) -> dict:
     ap.add_argument("--n", type=int, default=1024, help="cutouts in the drop")
     ap.add_argument("--drops", type=int, default=1000, help="drops present for the sensor ticks")
     ap.add_argument("--repeats", type=int, default=3, help="rounds of every stage and end to end (medians)")
+    ap.add_argument("--members", default=None, help="backbones, comma-separated (default: lens_classifier's)")
     args = ap.parse_args(argv)
+    if args.members is None:
+        from lens_assets.assets.training import TrainConfig
+
+        args.members = ",".join(TrainConfig.model_fields["members"].default)
     with tempfile.TemporaryDirectory() as tmp:
-        drop = drop_section(Path(tmp), args.n, repeats=args.repeats)
+        drop = drop_section(Path(tmp), args.n, repeats=args.repeats, member_names=args.members.split(","))
         sensor = sensor_section(Path(tmp), args.drops)
     rows = [
-        ("drop", f"{drop['n']} DES 5-band 64x64 cutouts, 2 members (resnet10t, vit_tiny_p8) on {drop['device']}, "
-                 f"{cores()} cores"),
+        ("drop", f"{drop['n']} DES 5-band 64x64 cutouts, {len(drop['members'])} member(s) "
+                 f"({', '.join(drop['members'])}) in {drop['precision']} on {drop['device']}, {cores()} cores"),
         ("FITS read + validate", f"{drop['ingest_per_s']:.0f} cutouts/s"),
         ("PSF match + normalize (read before)", f"{drop['match_per_s']:.0f} cutouts/s"),
         ("ensemble forward (preloaded)", f"{drop['model_per_s']:.0f} cutouts/s"),
