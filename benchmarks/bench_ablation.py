@@ -169,6 +169,9 @@ def main(argv=None) -> list[dict]:
     args.members = args.members.split(",")
     args.heldout = [f for f in args.heldout.split(",") if f]
     levers = args.levers.split(",")
+    unknown = [lv for lv in levers if lv not in LEVERS and not training_overrides(lv)]  # before hours of runs
+    if unknown:
+        raise SystemExit(f"unknown lever(s) {unknown}; levers are {list(LEVERS) + list(TRAINING_LEVERS)}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)

@@ -110,10 +110,15 @@ def lens_classifier(context: dg.AssetExecutionContext, config: TrainConfig, stor
     survey = get_survey(context.partition_key)
     unknown = [m for m in config.members if m not in BACKBONES]
     if unknown or config.precision not in PRECISIONS:
-        raise dg.Failure(f"lens_classifier config: {'members ' + str(unknown) if unknown else ''}"
-                         f"{' precision ' + repr(config.precision) if config.precision not in PRECISIONS else ''} "
-                         f"not known; backbones are {sorted(BACKBONES)}, precisions {list(PRECISIONS)}")
-    if config.weights_path and launcher.shares_filesystem and not Path(config.weights_path).is_file():
+        bad = ([f"members {unknown}"] if unknown else []) + (
+            [f"precision {config.precision!r}"] if config.precision not in PRECISIONS else [])
+        raise dg.Failure(f"lens_classifier config: {' and '.join(bad)} not known; backbones are "
+                         f"{sorted(BACKBONES)}, precisions {list(PRECISIONS)}")
+    if config.weights_path and not launcher.shares_filesystem:
+        raise dg.Failure(f"lens_classifier config weights_path: {type(launcher).__name__} runs the job where "
+                         f"{config.weights_path} cannot be read; train with weights_path on a launcher that "
+                         "shares this filesystem")
+    if config.weights_path and not Path(config.weights_path).is_file():
         raise dg.Failure(f"lens_classifier config weights_path: {config.weights_path} is not a file")
     shard_dir = storage.path("shards", survey.name)
     splits = storage.pull("splits", survey.name, "dataset_splits.parquet")
@@ -158,6 +163,8 @@ def lens_classifier(context: dg.AssetExecutionContext, config: TrainConfig, stor
             f"{member}/train_img_per_s": s["train_img_per_s"],
             f"{member}/device": s["device"],
             f"{member}/precision": s.get("precision", ""),
+            f"{member}/film": bool(s.get("film", False)),
+            f"{member}/weights_path": s.get("weights_path", ""),
             f"{member}/batch_size": s["batch_size"],
             f"{member}/peak_memory_mb": s["peak_memory_mb"],
             f"{member}/val_auroc_by_epoch": dg.MetadataValue.json(s["val_auroc_by_epoch"]),

@@ -99,6 +99,15 @@ def _read_state(path: Path) -> dict:
     return state
 
 
+def _adapt_first_conv(in_chans: int, weight, timm_adapt):
+    """The first convolution's weight for ``in_chans`` bands: timm's ``adapt_input_conv`` for 3-channel (RGB)
+    weights; from any other band count, the mean over the source bands in every target band, scaled by
+    source/target bands, so a flat input of the same value per band gives the same response."""
+    if weight.shape[1] == 3:
+        return timm_adapt(in_chans, weight)
+    return weight.mean(dim=1, keepdim=True).repeat(1, in_chans, 1, 1) * (weight.shape[1] / in_chans)
+
+
 def load_weights(model, path: str | Path) -> dict:
     """Load a local checkpoint into ``model``; returns what was adapted and left out.
 
@@ -115,14 +124,16 @@ def load_weights(model, path: str | Path) -> dict:
     own = model.state_dict()
     classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
     head = {f"{n}." for n, m in model.named_modules() if classifier is not None and m is classifier}
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    first = cfg.get("first_conv") if isinstance(cfg.get("first_conv"), str) else None
     adapted, dropped, wrong = [], [], []
     for k, v in list(state.items()):
         if k not in own or own[k].shape == v.shape:
             continue
         mine = own[k]
         if (v.ndim == 4 and mine.ndim == 4 and v.shape[0] == mine.shape[0] and v.shape[2:] == mine.shape[2:]
-                and v.shape[1] != mine.shape[1]):
-            state[k] = adapt_input_conv(mine.shape[1], v.to(torch.float32)).to(mine.dtype)
+                and v.shape[1] != mine.shape[1] and (first is None or k == f"{first}.weight")):
+            state[k] = _adapt_first_conv(mine.shape[1], v.to(torch.float32), adapt_input_conv).to(mine.dtype)
             adapted.append(k)
         elif any(k.startswith(h) for h in head):
             del state[k]

@@ -85,7 +85,8 @@ def probe_batch_size(model, sample_shape, *, device, max_batch: int = 1024, frac
                          torch.zeros(b, sample_shape[0], dtype=torch.int32, device=device))
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
-            with torch.enable_grad(), torch.autocast(device_type="cuda", dtype=dtype):
+            with torch.enable_grad(), torch.autocast(device_type="cuda", dtype=dtype,
+                                                     enabled=dtype != torch.float32):
                 out = model(image, variance, *extra)
             torch.cuda.synchronize(device)
             peaks.append(torch.cuda.max_memory_allocated(device) - base)  # inputs + kept activations

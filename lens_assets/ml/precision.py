@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import os
 
-__all__ = ["PRECISIONS", "cpu_bf16_supported", "resolve_precision", "available_cores", "bf16_autocast"]
+__all__ = ["PRECISIONS", "cpu_bf16_supported", "cpu_flags", "resolve_precision", "available_cores", "bf16_autocast"]
 
 PRECISIONS = ("auto", "bf16-mixed", "32-true")
 
@@ -28,9 +28,24 @@ def cpu_bf16_supported() -> bool:
     import torch
 
     try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        onednn = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a torch build without the mkldnn ops
         return False
+    flags = cpu_flags()
+    # oneDNN also says yes on plain AVX512 CPUs, where it emulates bf16: require the native instructions
+    return onednn and (flags is None or bool(flags & {"avx512_bf16", "amx_bf16"}))
+
+
+def cpu_flags() -> set | None:
+    """The CPU's feature flags from /proc/cpuinfo (Linux), None where they cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
 
 
 def resolve_precision(precision: str, *, gpu: bool) -> str:

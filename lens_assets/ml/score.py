@@ -145,7 +145,8 @@ def logits_of_batch(members: list, image, variance, *, device: str, precision: s
     extra = ()
     if any(getattr(m, "needs_conditions", False) for m in members):
         if fwhm_before is None or band_flags is None:
-            raise ValueError("a FiLM member needs fwhm_before and band_flags with the images")
+            film = [m.hparams.backbone for m in members if getattr(m, "needs_conditions", False)]
+            raise ValueError(f"FiLM member(s) {film} need fwhm_before and band_flags with the images")
         extra = (torch.from_numpy(np.ascontiguousarray(fwhm_before)).to(device),
                  torch.from_numpy(np.ascontiguousarray(band_flags)).to(device))
     with torch.inference_mode(), bf16_autocast(device, precision):

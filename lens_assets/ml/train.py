@@ -56,7 +56,7 @@ class TrainSettings:
     precision: str = "auto"  # "auto" | "bf16-mixed" | "32-true" (auto: bf16 on a GPU or a bf16 CPU)
     film: bool = False  # FiLM conditioning of the pooled features on the observing conditions
     weights_path: str = ""  # initial backbone weights (a local file), "" for a random initialization
-    max_minutes: float = 0.0  # wall-clock budget of this start (Lightning max_time), 0 for none
+    max_minutes: float = 0.0  # wall-clock budget (Lightning max_time, counted over resumed starts too), 0 for none
 
     def __post_init__(self):
         from .precision import PRECISIONS
@@ -136,7 +136,8 @@ def train(shard_dir: str | Path, splits_path: str | Path, out_dir: str | Path, s
         from .memory import probe_batch_size
 
         probe = probe_batch_size(model, (in_chans, img_size, img_size), device="cuda",
-                                 max_batch=settings.max_batch_size)
+                                 max_batch=settings.max_batch_size,
+                                 dtype=torch.bfloat16 if precision == "bf16-mixed" else torch.float32)
         batch_size = probe["batch_size"]
         train_loader, val_loader, train_ds = _loaders(shard_dir, splits_path, settings, batch_size)
     checkpoint = ModelCheckpoint(dirpath=out_dir, filename="best", monitor="val_auroc", mode="max", save_top_k=1,

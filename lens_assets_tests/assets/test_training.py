@@ -159,3 +159,13 @@ def test_unknown_launcher_kind_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("LENS_LAUNCHER", "slurm")
     with pytest.raises(ValueError, match=r"LENS_LAUNCHER='slurm' is not one of \['local', 'ecs'\]"):
         training_launcher()
+
+
+def test_weights_path_on_a_launcher_that_does_not_share_the_disk_is_refused(storage, tiny_inputs, tmp_path):
+    _copy_inputs(tiny_inputs, storage)
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"x")
+    launcher = LocalSubprocessLauncher(shares_filesystem=False)
+    with pytest.raises(dg.Failure, match=r"weights_path: LocalSubprocessLauncher runs the job where .*w.pt cannot be "
+                                         r"read"):
+        _train({"storage": storage, "launcher": launcher}, {"weights_path": str(weights)})

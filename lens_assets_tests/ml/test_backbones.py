@@ -80,3 +80,21 @@ def test_weights_of_another_architecture_are_a_clear_error_naming_the_file(tmp_p
     torch.save(create_backbone("vit_tiny_p8", in_chans=5, img_size=64).state_dict(), path)
     with pytest.raises(ValueError, match=rf"{path}: checkpoint does not fit"):
         create_backbone("resnet10t", in_chans=5, img_size=64, weights_path=path)
+
+
+def test_weights_of_another_band_count_load_into_the_first_convolution(tmp_path):
+    """A 5-band member's weights into a 6-band (LSST) model: the first convolution is the band mean in every
+    band, scaled 5/6, so a flat image gives the same first-layer response; everything else loads unchanged."""
+    src = create_backbone("resnet10t", in_chans=5, img_size=48)
+    path = tmp_path / "five.pt"
+    torch.save(src.state_dict(), path)
+    dst = create_backbone("resnet10t", in_chans=6, img_size=48)
+    info = load_weights(dst, path)
+    first = dst.pretrained_cfg["first_conv"] + ".weight"
+    assert info["adapted"] == [first]
+    w5, w6 = src.state_dict()[first], dst.state_dict()[first]
+    torch.testing.assert_close(w6, w5.mean(dim=1, keepdim=True).repeat(1, 6, 1, 1) * 5 / 6)
+    flat5, flat6 = torch.full((1, 5, 9, 9), 0.7), torch.full((1, 6, 9, 9), 0.7)
+    torch.testing.assert_close(torch.nn.functional.conv2d(flat6, w6), torch.nn.functional.conv2d(flat5, w5))
+    key = next(k for k in src.state_dict() if k.endswith("weight") and k != first and src.state_dict()[k].ndim == 4)
+    torch.testing.assert_close(dst.state_dict()[key], src.state_dict()[key])
