@@ -17,7 +17,7 @@ TRAINING_CODE_VERSION = "train-2"  # 2: bf16 on bf16 CPUs, channels_last, noise 
 
 
 class TrainConfig(dg.Config):
-    members: list[str] = Field(default=["resnet10t"], description="backbones (lens_assets.ml.backbones.BACKBONES), "
+    members: list[str] = Field(default=["regnetx_002"], description="backbones (lens_assets.ml.backbones.BACKBONES), "
                                "one job each")
     epochs: int = Field(default=10, ge=1)
     batch_size: int = Field(default=64, ge=1)
