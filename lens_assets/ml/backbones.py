@@ -99,25 +99,26 @@ def _read_state(path: Path) -> dict:
     return state
 
 
-def _adapt_first_conv(in_chans: int, weight, timm_adapt):
+def _adapt_first_conv(in_chans: int, weight):
     """The first convolution's weight for ``in_chans`` bands: timm's ``adapt_input_conv`` for 3-channel (RGB)
     weights; from any other band count, the mean over the source bands in every target band, scaled by
     source/target bands, so a flat input of the same value per band gives the same response."""
     if weight.shape[1] == 3:
-        return timm_adapt(in_chans, weight)
+        from timm.models import adapt_input_conv
+
+        return adapt_input_conv(in_chans, weight)
     return weight.mean(dim=1, keepdim=True).repeat(1, in_chans, 1, 1) * (weight.shape[1] / in_chans)
 
 
 def load_weights(model, path: str | Path) -> dict:
     """Load a local checkpoint into ``model``; returns what was adapted and left out.
 
-    A 4-D weight whose input channels differ (the first convolution of a model
-    with another number of bands) is adapted with timm's ``adapt_input_conv``;
+    The first convolution's weight, where its input channels differ (a model
+    with another number of bands), is adapted (``_adapt_first_conv``);
     a classifier of another shape is left at its initialization. Any other
     difference (another architecture) is a ``ValueError`` naming the file.
     """
     import torch
-    from timm.models import adapt_input_conv
 
     path = Path(path)
     state = dict(_read_state(path))
@@ -133,7 +134,7 @@ def load_weights(model, path: str | Path) -> dict:
         mine = own[k]
         if (v.ndim == 4 and mine.ndim == 4 and v.shape[0] == mine.shape[0] and v.shape[2:] == mine.shape[2:]
                 and v.shape[1] != mine.shape[1] and (first is None or k == f"{first}.weight")):
-            state[k] = _adapt_first_conv(mine.shape[1], v.to(torch.float32), adapt_input_conv).to(mine.dtype)
+            state[k] = _adapt_first_conv(mine.shape[1], v.to(torch.float32)).to(mine.dtype)
             adapted.append(k)
         elif any(k.startswith(h) for h in head):
             del state[k]
