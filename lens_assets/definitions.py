@@ -4,6 +4,7 @@ import dagster as dg
 
 from lens_assets.assets.catalog import cutout_catalog
 from lens_assets.assets.evaluation import bologna_report, score_calibrator, shortcut_audit
+from lens_assets.assets.promotion import promoted_model
 from lens_assets.assets.scoring import candidate_scores
 from lens_assets.assets.shards import dataset_splits, psf_matched_shards
 from lens_assets.assets.simulation import simulated_cutouts
@@ -13,13 +14,18 @@ from lens_assets.resources.storage import LocalStorage, default_data_root
 from lens_assets.sensors.inbox import rescore_nightly, rescore_on_model_change, score_drops_job, survey_inbox_sensor
 
 ASSETS = [simulated_cutouts, cutout_catalog, psf_matched_shards, dataset_splits, shortcut_audit, lens_classifier,
-          score_calibrator, bologna_report]
+          score_calibrator, bologna_report, promoted_model]
+
+MAX_PIPELINE_RUNTIME_S = 12 * 3600  # the full profile takes under 2 h on 2 CPU cores
 
 survey_pipeline = dg.define_asset_job(
     "survey_pipeline",
     selection=dg.AssetSelection.assets(*ASSETS),
+    # run monitoring (dagster.yaml) cancels a run past this; override per run in the launchpad's tags
+    tags={"dagster/max_runtime": str(MAX_PIPELINE_RUNTIME_S)},
     description="The whole graph for one survey: simulate, catalog, PSF-matched shards, splits, train the "
-                "ensemble (Pipes jobs), calibrate and write the Bologna report. Run configs: lens_assets.profiles.",
+                "ensemble (Pipes jobs), calibrate, write the Bologna report and, when every gate passes, promote "
+                "the ensemble for scoring new drops. Run configs: lens_assets.profiles.",
 )
 
 def training_launcher():

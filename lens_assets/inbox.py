@@ -1,7 +1,9 @@
-"""The inbox contract for producers: ``inbox/<survey>/<drop>/`` with ``_COMPLETE`` written last.
+"""The inbox contract for producers and consumers: ``inbox/<survey>/<drop>/`` with ``_COMPLETE`` written last,
+and the ranked candidates that come back in ``candidates/<survey>/<drop>/``.
 
-    from lens_assets.inbox import simulate_drop
+    from lens_assets.inbox import candidate_table, simulate_drop
     simulate_drop(storage, "des", "2026-11-21-demo", n=200, seed=7)   # an unlabeled simulated drop
+    candidate_table(storage, "des", "2026-11-21-demo")               # once candidate_scores has run
 
 A real producer copies its ``<objid>.fits`` files into the drop folder and then
 creates the empty ``_COMPLETE`` file; until then ``survey_inbox_sensor`` waits.
@@ -14,11 +16,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from lens_assets.assets.scoring import COMPLETE_MARKER
 from lens_assets.partitions import drop_name_problem
 from lens_assets.resources.storage import LocalStorage
 
-__all__ = ["publish_drop", "simulate_drop", "COMPLETE_MARKER"]
+__all__ = ["publish_drop", "simulate_drop", "candidate_table", "COMPLETE_MARKER"]
+
+COMPLETE_MARKER = "_COMPLETE"
 
 
 def publish_drop(storage: LocalStorage, survey: str, drop: str, files: list[Path]) -> Path:
@@ -52,3 +55,8 @@ def simulate_drop(storage: LocalStorage, survey: str, drop: str, *, n: int, seed
                                          out_dir=Path(tmp), workers=workers, progress=progress, labeled=False)
         publish_drop(storage, survey, drop, sorted(Path(tmp).glob("*.fits")))
     return truth
+
+
+def candidate_table(storage: LocalStorage, survey: str, drop: str) -> pd.DataFrame:
+    """The ranked candidates of a drop (pulled from the store when it is remote)."""
+    return pd.read_parquet(storage.pull("candidates", survey, drop, "candidate_scores.parquet"))

@@ -18,3 +18,13 @@ def make_sdss_shards(root: Path, *, n: int, seed: int, rows_per_shard: int = 409
     build_shards(catalog, survey, root=root, out_dir=root / "shards",
                  settings=shard_settings(survey, rows_per_shard=rows_per_shard), workers=1, progress=False)
     return catalog
+
+
+def write_promotion(storage, survey: str, version: str) -> None:
+    """A ``promoted/<survey>/promotion.json`` naming ``version``, as promoted_model writes it (no checkpoints:
+    for tests of what reads only the version, such as the inbox sensor)."""
+    import json
+
+    path = storage.path("promoted", survey, "promotion.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"survey": survey, "version": version}))

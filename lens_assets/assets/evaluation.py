@@ -20,7 +20,8 @@ from pydantic import Field
 from lens_assets.assets._common import png_markdown, sha256_of_strings, survey_asset
 from lens_assets.assets.catalog import catalog_paths
 from lens_assets.assets.shards import dataset_splits, psf_matched_shards, shard_dir
-from lens_assets.assets.training import lens_classifier, read_ensemble
+from lens_assets.assets.training import lens_classifier
+from lens_assets.model_registry import calibrator_path, calibrator_version, load_scoring, read_ensemble  # noqa: F401
 from lens_assets.resources.storage import LocalStorage
 from lens_assets.science.calibration import Calibrator, fit_calibrator
 from lens_assets.science.metrics import (bologna_metrics, bootstrap_interval, expected_calibration_error,
@@ -49,35 +50,6 @@ class CalibratorConfig(dg.Config):
 
 def scores_path(storage: LocalStorage, survey: str):
     return storage.path("scores", survey, "ensemble_logits.parquet")
-
-
-def calibrator_path(storage: LocalStorage, survey: str):
-    return storage.path("calibrators", survey, "calibrator.json")
-
-
-def calibrator_version(text: str) -> str:
-    """sha256 prefix of ``calibrator.json``: score_calibrator's data version and the candidates' column."""
-    import hashlib
-
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def load_scoring(storage: LocalStorage, survey: str):
-    """(ensemble manifest, Fusion, Calibrator, calibrator document) for scoring new data; the document's
-    ``version`` is its :func:`calibrator_version`."""
-    from lens_assets.ml.score import Fusion
-
-    path = calibrator_path(storage, survey)
-    storage.pull(*path.relative_to(storage.root_path).parts)
-    if not path.exists():
-        raise dg.Failure(f"{path} does not exist: materialize score_calibrator for {survey} first")
-    text = path.read_text()
-    doc = {**json.loads(text), "version": calibrator_version(text)}
-    ensemble = read_ensemble(storage, survey)
-    if [m["sha256"] for m in ensemble["members"]] != [m["sha256"] for m in doc["members"]]:
-        raise dg.Failure(f"{path} was fit for other checkpoints than models/{survey}/ensemble.json lists: "
-                         "re-materialize score_calibrator")
-    return ensemble, Fusion.from_dict(doc["fusion"]), Calibrator.from_dict(doc["calibrator"]), doc
 
 
 class ShortcutConfig(dg.Config):
@@ -341,27 +313,30 @@ class ReportConfig(dg.Config):
     min_auroc: float = Field(default=0.99, ge=0, le=1, description="gate of the auroc check")
     min_tpr10: float = Field(default=0.6, ge=0, le=1, description="gate of the tpr10 check")
     max_ece: float = Field(default=0.02, ge=0, le=1, description="gate of the ece check")
-    min_heldout_auroc: float = Field(default=0.95, ge=0, le=1, description="gate of every held-out family's AUROC")
-    min_lensing_only_auroc: float = Field(default=0.95, ge=0, le=1, description="gate of the lens/twin AUROC")
-    max_fnr_flux_ratio_lt_0_1: float = Field(default=0.3, ge=0, le=1, description="gate of the test FNR of lenses "
-                                             "with lensed-flux ratio < 0.1 (at the TPR10 threshold)")
+    # these three fail when there is nothing to measure; None says on purpose that the figure is not a gate
+    min_heldout_auroc: float | None = Field(default=0.95, ge=0, le=1, description="gate of every held-out family's "
+                                            "AUROC; None: not gated")
+    min_lensing_only_auroc: float | None = Field(default=0.95, ge=0, le=1, description="gate of the lens/twin AUROC; "
+                                                 "None: not gated")
+    max_fnr_flux_ratio_lt_0_1: float | None = Field(default=0.3, ge=0, le=1, description="gate of the test FNR of "
+                                                    "lenses with lensed-flux ratio < 0.1 (at the TPR10 threshold); "
+                                                    "None: not gated")
     n_boot: int = Field(default=1000, ge=1, description="bootstrap resamples of the 95% intervals")
 
 
-REPORT_CHECKS = [
-    dg.AssetCheckSpec("auroc_at_least_gate", asset="bologna_report", description="test AUROC ≥ min_auroc"),
-    dg.AssetCheckSpec("tpr10_at_least_gate", asset="bologna_report", description="test TPR10 ≥ min_tpr10"),
-    dg.AssetCheckSpec("ece_at_most_gate", asset="bologna_report", description="test ECE (calibrated) ≤ max_ece"),
-    dg.AssetCheckSpec("heldout_auroc_at_least_gate", asset="bologna_report",
-                      description="AUROC of every held-out family with objects ≥ min_heldout_auroc (fails when "
-                                  "none has objects)"),
-    dg.AssetCheckSpec("lensing_only_auroc_at_least_gate", asset="bologna_report",
-                      description="AUROC of lens vs twin members of the lensing-only pairs ≥ min_lensing_only_auroc "
-                                  "(fails without pairs)"),
-    dg.AssetCheckSpec("fnr_flux_ratio_lt_0_1_at_most_gate", asset="bologna_report",
-                      description="test FNR of lenses with flux ratio < 0.1 ≤ max_fnr_flux_ratio_lt_0_1 (fails "
-                                  "without such lenses)"),
-]
+# blocking: a failed gate fails the run after the report is written, and promoted_model (downstream) does not run,
+# so the ensemble is never promoted to score new data
+REPORT_CHECKS = [dg.AssetCheckSpec(name, asset="bologna_report", blocking=True, description=text) for name, text in (
+    ("auroc_at_least_gate", "test AUROC ≥ min_auroc"),
+    ("tpr10_at_least_gate", "test TPR10 ≥ min_tpr10"),
+    ("ece_at_most_gate", "test ECE (calibrated) ≤ max_ece"),
+    ("heldout_auroc_at_least_gate", "AUROC of every held-out family with objects ≥ min_heldout_auroc (fails when "
+                                    "none has objects)"),
+    ("lensing_only_auroc_at_least_gate", "AUROC of lens vs twin members of the lensing-only pairs ≥ "
+                                         "min_lensing_only_auroc (fails without pairs)"),
+    ("fnr_flux_ratio_lt_0_1_at_most_gate", "test FNR of lenses with flux ratio < 0.1 ≤ max_fnr_flux_ratio_lt_0_1 "
+                                           "(fails without such lenses)"),
+)]
 HEADLINE = ("auroc", "auprc", "tpr0", "tpr10", "tpr_at_fpr_0.1", "ece", "fnr_flux_ratio_lt_0.1")
 CI_METRICS = ("auroc", "tpr0", "tpr10")
 NO_OBJECTS = "no objects"
@@ -532,7 +507,8 @@ def bologna_report(context: dg.AssetExecutionContext, config: ReportConfig,
     if not path.exists():
         raise dg.Failure(f"{path} does not exist: materialize score_calibrator for {survey.name} first")
     scores = pd.read_parquet(path)
-    calibrator = json.loads(calibrator_path(storage, survey.name).read_text())
+    calibrator_text = calibrator_path(storage, survey.name).read_text()
+    calibrator = json.loads(calibrator_text)
     families = calibrator.get("heldout_families", ["heldout"])
     figures = report_figures(scores, heldout_families=families, n_boot=config.n_boot)
     if "in_distribution" not in figures:
@@ -559,10 +535,7 @@ def bologna_report(context: dg.AssetExecutionContext, config: ReportConfig,
                                                                                        "n_nonlenses")},
               "gap": {k: ind[k] - held[k] for k in ("auroc", "tpr0", "tpr10") if k in held},
               "calibrator": calibrator, "scores_path": str(path), "gates": gates}
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=float))
     md = out_dir / "report.md"
-    md.write_text(report_markdown(survey.name, figures, calibrator, shortcut))
-    storage.push("reports", survey.name, "bologna")
     nan = float("nan")
     context.log.info(f"{survey.name}: AUROC {ind['auroc']:.4f}, TPR0 {ind['tpr0']:.3f}, TPR10 {ind['tpr10']:.3f} "
                      f"({ind['n_test_nonlenses']:.0f} non-lenses), ECE {ind['ece']:.4f}; held-out AUROC "
@@ -610,21 +583,41 @@ def bologna_report(context: dg.AssetExecutionContext, config: ReportConfig,
                             metadata={"ece": ind["ece"], "gate": config.max_ece}),
         dg.AssetCheckResult(
             check_name="heldout_auroc_at_least_gate",
-            passed=bool(evaluated) and all(v >= config.min_heldout_auroc for v in evaluated.values()),
-            metadata={"gate": config.min_heldout_auroc, "auroc": dg.MetadataValue.json(evaluated),
+            passed=config.min_heldout_auroc is None or (
+                bool(evaluated) and all(v >= config.min_heldout_auroc for v in evaluated.values())),
+            metadata={"auroc": dg.MetadataValue.json(evaluated), "gate": _gate(config.min_heldout_auroc),
                       NO_OBJECTS.replace(" ", "_"): ", ".join(f for f, v in figures["families"].items() if not v)
                       or "none"}),
         dg.AssetCheckResult(
             check_name="lensing_only_auroc_at_least_gate",
-            passed=bool(pairs["n_pairs"] > 0 and pairs["auroc"] >= config.min_lensing_only_auroc),
-            metadata={"lensing_only_auroc": pairs["auroc"], "gate": config.min_lensing_only_auroc,
+            passed=config.min_lensing_only_auroc is None or bool(
+                pairs["n_pairs"] > 0 and pairs["auroc"] >= config.min_lensing_only_auroc),
+            metadata={"lensing_only_auroc": pairs["auroc"], "gate": _gate(config.min_lensing_only_auroc),
                       "n_pairs": pairs["n_pairs"], "win_rate": pairs["win_rate"]}),
         dg.AssetCheckResult(
             check_name="fnr_flux_ratio_lt_0_1_at_most_gate",
-            passed=bool(np.isfinite(fnr) and fnr <= config.max_fnr_flux_ratio_lt_0_1),
-            metadata={"fnr_flux_ratio_lt_0.1": fnr, "gate": config.max_fnr_flux_ratio_lt_0_1,
+            passed=config.max_fnr_flux_ratio_lt_0_1 is None or bool(
+                np.isfinite(fnr) and fnr <= config.max_fnr_flux_ratio_lt_0_1),
+            metadata={"fnr_flux_ratio_lt_0.1": fnr, "gate": _gate(config.max_fnr_flux_ratio_lt_0_1),
                       "n_lenses": ind.get("n_lenses_flux_ratio_lt_0.1", 0.0)}),
     ]
-    version = sha256_of_strings([json.dumps(report["in_distribution"], default=float), calibrator_path(
-        storage, survey.name).read_text(), json.dumps(report["shortcut"], default=float)])
-    return dg.MaterializeResult(metadata=metadata, check_results=checks, data_version=dg.DataVersion(version[:16]))
+    version = sha256_of_strings([json.dumps(report["in_distribution"], default=float), calibrator_text,
+                                 json.dumps(report["shortcut"], default=float)])[:16]
+    # what promoted_model reads: which calibrator (and so which checkpoints) was judged, and how each gate went
+    report.update({"version": version, "calibrator_version": calibrator_version(calibrator_text),
+                   "checks": {c.check_name: {"passed": c.passed, "value": _gate_value(c), "gate": c.metadata["gate"].value}
+                              for c in checks}})
+    storage.write_text(json.dumps(report, indent=2, default=float), "reports", survey.name, "bologna", "report.json")
+    md.write_text(report_markdown(survey.name, figures, calibrator, shortcut))
+    storage.push("reports", survey.name, "bologna")
+    return dg.MaterializeResult(metadata=metadata, check_results=checks, data_version=dg.DataVersion(version))
+
+
+def _gate(threshold: float | None):
+    return "not gated" if threshold is None else threshold
+
+
+def _gate_value(check: dg.AssetCheckResult):
+    """The figure a gate check compared (its first metadata entry), as a plain value."""
+    value = next(iter(check.metadata.values())).value
+    return value if isinstance(value, (int, float)) else json.loads(json.dumps(value, default=float))

@@ -1,29 +1,28 @@
 """Asset group `scoring`: ranked lens candidates of each survey drop in the inbox."""
 
-import hashlib
-
 import dagster as dg
 import pandas as pd
 from pydantic import Field
 
 from lens_assets.assets._common import OWNERS, counts_markdown, gallery_from_files, png_markdown
-from lens_assets.assets.evaluation import load_scoring, score_calibrator
-from lens_assets.assets.training import lens_classifier
+from lens_assets.assets.promotion import promoted_model
+from lens_assets.inbox import COMPLETE_MARKER, candidate_table  # noqa: F401 (re-exported)
+from lens_assets.model_registry import file_sha256, load_promoted, no_retry
 from lens_assets.partitions import scoring_partitions
 from lens_assets.resources.storage import LocalStorage
 from lens_assets.science.ingest import find_fits
 from lens_assets.science.schemas import candidate_schema
 from lens_assets.science.surveys import get_survey
 
-SCORING_CODE_VERSION = "score-2"
-COMPLETE_MARKER = "_COMPLETE"
+SCORING_CODE_VERSION = "score-3"  # 3: scored by the promoted pair only
 
-# a survey's model feeds every (drop, survey) partition of that survey. Dagster (1.13) resolves this mapping by
+# a survey's promoted model feeds every (drop, survey) partition of that survey. Dagster (1.13) resolves this mapping by
 # matching the upstream partitions def against the dimensions, so "survey" documents the intent and is the only
 # dimension that can match (test_candidate_scores_is_rescored_... checks the behaviour)
 _per_survey = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="survey")
 
-# re-score every drop of a survey when its model or calibrator changes; new drops are the sensor's
+# re-score every drop of a survey when a new model is promoted (never on a retrained or recalibrated one before it
+# passes the report's gates); new drops, and drops whose run failed, are the sensor's
 RESCORE_ON_NEW_MODEL = (dg.AutomationCondition.any_deps_updated() & ~dg.AutomationCondition.missing()
                         & ~dg.AutomationCondition.any_deps_in_progress()
                         & ~dg.AutomationCondition.in_progress()).with_label("rescore when the model changes")
@@ -45,9 +44,11 @@ def candidates_dir(storage: LocalStorage, survey: str, drop: str):
     group_name="scoring",
     kinds={"python", "pytorch", "parquet"},
     code_version=SCORING_CODE_VERSION,
-    deps=[dg.AssetDep(lens_classifier, partition_mapping=_per_survey),
-          dg.AssetDep(score_calibrator, partition_mapping=_per_survey)],
+    deps=[dg.AssetDep(promoted_model, partition_mapping=_per_survey)],
     automation_condition=RESCORE_ON_NEW_MODEL,
+    # a transient failure (a worker killed for memory, a store that timed out) is retried within the run; the
+    # table is written under a temporary name and renamed, so a retry never finds half of one
+    retry_policy=dg.RetryPolicy(max_retries=2, delay=30, backoff=dg.Backoff.EXPONENTIAL),
 )
 def candidate_scores(context: dg.AssetExecutionContext, config: ScoringConfig,
                      storage: LocalStorage) -> dg.MaterializeResult:
@@ -55,18 +56,19 @@ def candidate_scores(context: dg.AssetExecutionContext, config: ScoringConfig,
 
     Every file of `inbox/<survey>/<drop>/` is ingested with the catalog's rules
     (bad files are quarantined with a reason), PSF-matched and normalized as the
-    survey's training shards were, scored by the current ensemble and calibrated.
+    survey's training shards were, scored by the survey's promoted ensemble and
+    calibrator (promoted_model: a pair whose Bologna report passed its gates).
     Each row carries its file's sha256 and the model, calibrator, training-data
     and code versions that produced its score.
     """
     keys = context.partition_key.keys_by_dimension
     survey, drop = get_survey(keys["survey"]), keys["drop"]
     if not storage.exists("inbox", survey.name, drop, COMPLETE_MARKER):
-        raise dg.Failure(f"{storage.url('inbox', survey.name, drop)} has no {COMPLETE_MARKER} marker: the drop is "
+        raise no_retry(f"{storage.url('inbox', survey.name, drop)} has no {COMPLETE_MARKER} marker: the drop is "
                          "not complete")
     drop_dir = storage.pull("inbox", survey.name, drop)
     files = find_fits(drop_dir)
-    ensemble, fusion, calibrator, doc = load_scoring(storage, survey.name)
+    ensemble, fusion, calibrator, doc = load_promoted(storage, survey.name)
     from lens_assets.ml.score import default_device, load_members, score_files
     from lens_assets.science.shards import ShardSettings
 
@@ -130,10 +132,5 @@ def candidate_scores(context: dg.AssetExecutionContext, config: ScoringConfig,
         storage.push("candidates", survey.name, drop, "score_histogram.png")
         if config.gallery_size:
             storage.push("candidates", survey.name, drop, "top_candidates.png")
-    version = hashlib.sha256(out.read_bytes()).hexdigest()[:16]
+    version = file_sha256(out)[:16]
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(version))
-
-
-def candidate_table(storage: LocalStorage, survey: str, drop: str) -> pd.DataFrame:
-    """The ranked candidates of a drop (pulled from the store when it is remote)."""
-    return pd.read_parquet(storage.pull("candidates", survey, drop, "candidate_scores.parquet"))

@@ -1,6 +1,5 @@
 """Asset group `training`: the per-survey ensemble, one Pipes training job per member."""
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -9,6 +8,7 @@ from pydantic import Field
 
 from lens_assets.assets._common import sha256_of_strings, survey_asset
 from lens_assets.assets.shards import dataset_splits, psf_matched_shards
+from lens_assets.model_registry import ensemble_path, file_sha256, no_retry, read_ensemble  # noqa: F401 (re-exported)
 from lens_assets.resources.launchers import TrainingLauncher
 from lens_assets.resources.storage import LocalStorage
 from lens_assets.science.surveys import get_survey
@@ -32,10 +32,6 @@ class TrainConfig(dg.Config):
                               "(state dict, safetensors or another member's checkpoint); '' for random weights")
 
 
-def ensemble_path(storage: LocalStorage, survey: str):
-    return storage.path("models", survey, "ensemble.json")
-
-
 def write_ensemble(storage: LocalStorage, survey: str, ensemble: dict):
     """``models/<survey>/ensemble.json``: the members scoring uses, checkpoints relative to the data root."""
     path = ensemble_path(storage, survey)
@@ -56,25 +52,8 @@ def training_lineage(storage: LocalStorage, survey: str) -> dict:
     known = available_families()
     return {"shards_manifest_sha256": manifest["sha256"],
             "target_fwhm_arcsec": manifest["settings"]["target_fwhm_arcsec"], "shard_settings": manifest["settings"],
-            "splits_sha256": hashlib.sha256(splits.read_bytes()).hexdigest(),
+            "splits_sha256": file_sha256(splits),
             "simulation_families": {f: load_family(f).sha256 if f in known else "unknown" for f in families}}
-
-
-def read_ensemble(storage: LocalStorage, survey: str) -> dict:
-    """The ensemble manifest; each member's checkpoint is checked against its recorded sha256."""
-    path = ensemble_path(storage, survey)
-    storage.pull("models", survey)
-    if not path.exists():
-        raise dg.Failure(f"{path} does not exist: materialize lens_classifier for {survey} first")
-    ensemble = json.loads(path.read_text())
-    for m in ensemble["members"]:
-        ckpt = storage.path(m["checkpoint"])
-        sha = hashlib.sha256(ckpt.read_bytes()).hexdigest() if ckpt.exists() else "missing"
-        if sha != m["sha256"]:
-            raise dg.Failure(f"{ckpt}: sha256 {sha[:16]} differs from {m['sha256'][:16]} in {path}; "
-                             "re-materialize lens_classifier")
-        m["path"] = str(ckpt)
-    return ensemble
 
 
 def remote_store(storage: LocalStorage, launcher: TrainingLauncher) -> dict | None:
@@ -85,7 +64,7 @@ def remote_store(storage: LocalStorage, launcher: TrainingLauncher) -> dict | No
     from lens_assets.resources.s3_storage import S3Storage
 
     if not isinstance(storage, S3Storage):
-        raise dg.Failure(f"{type(launcher).__name__} runs training where {storage.url()} cannot be read: set "
+        raise no_retry(f"{type(launcher).__name__} runs training where {storage.url()} cannot be read: set "
                          "LENS_DATA_ROOT=s3://bucket/prefix so the job can pull the shards and push its checkpoints")
     return {"url_root": storage.url_root, "endpoint_url": storage.endpoint_url, "region_name": storage.region_name}
 
@@ -96,6 +75,8 @@ def remote_store(storage: LocalStorage, launcher: TrainingLauncher) -> dict | No
     code_version=TRAINING_CODE_VERSION,
     deps=[psf_matched_shards, dataset_splits],
     pool="gpu",
+    # a job that died (spot GPU reclaimed, out of memory) is started again and resumes from its last checkpoint
+    retry_policy=dg.RetryPolicy(max_retries=1, delay=60),
 )
 def lens_classifier(context: dg.AssetExecutionContext, config: TrainConfig, storage: LocalStorage,
                     launcher: TrainingLauncher) -> dg.MaterializeResult:
@@ -112,18 +93,18 @@ def lens_classifier(context: dg.AssetExecutionContext, config: TrainConfig, stor
     if unknown or config.precision not in PRECISIONS:
         bad = ([f"members {unknown}"] if unknown else []) + (
             [f"precision {config.precision!r}"] if config.precision not in PRECISIONS else [])
-        raise dg.Failure(f"lens_classifier config: {' and '.join(bad)} not known; backbones are "
+        raise no_retry(f"lens_classifier config: {' and '.join(bad)} not known; backbones are "
                          f"{sorted(BACKBONES)}, precisions {list(PRECISIONS)}")
     if config.weights_path and not launcher.shares_filesystem:
-        raise dg.Failure(f"lens_classifier config weights_path: {type(launcher).__name__} runs the job where "
+        raise no_retry(f"lens_classifier config weights_path: {type(launcher).__name__} runs the job where "
                          f"{config.weights_path} cannot be read; train with weights_path on a launcher that "
                          "shares this filesystem")
     if config.weights_path and not Path(config.weights_path).is_file():
-        raise dg.Failure(f"lens_classifier config weights_path: {config.weights_path} is not a file")
+        raise no_retry(f"lens_classifier config weights_path: {config.weights_path} is not a file")
     shard_dir = storage.path("shards", survey.name)
     splits = storage.pull("splits", survey.name, "dataset_splits.parquet")
     if not splits.exists():
-        raise dg.Failure(f"{splits} does not exist: materialize dataset_splits for {survey.name} first")
+        raise no_retry(f"{splits} does not exist: materialize dataset_splits for {survey.name} first")
     store = remote_store(storage, launcher)
     if store:  # the job pulls the shards itself; the lineage here needs only their manifest
         storage.pull("shards", survey.name, "manifest.json")
@@ -152,7 +133,7 @@ def lens_classifier(context: dg.AssetExecutionContext, config: TrainConfig, stor
         else:
             storage.push("models", survey.name, member)
         best = str(out / Path(s["best_checkpoint"] or s["last_checkpoint"]).name)  # the job's paths may be its own
-        sha = hashlib.sha256(Path(best).read_bytes()).hexdigest()
+        sha = file_sha256(Path(best))
         hashes.append(f"{member}:{sha}")
         metadata.update({
             f"{member}/best_val_auroc": s["best_val_auroc"],

@@ -7,6 +7,18 @@ the complete new ones as ``drops`` partitions and requests one
 all in one ``SensorResult``. At most ``LENS_INBOX_MAX_DROPS_PER_TICK`` (default
 100) drops are taken per tick; the rest wait for the next.
 
+Only a survey with a promoted model (``promoted_model``: its report passed
+every gate) has its drops requested; until then they wait, so a drop that
+arrives before the first promotion is scored after it.
+
+A drop whose run failed (a killed worker, a store that timed out) and that has
+no candidate table is requested again as ``<survey>|<drop>|retry-<n>``, either
+once a different model has been promoted since the failed run or after a
+backoff (``LENS_INBOX_RETRY_BACKOFF_S``, default 600 s, doubling per attempt),
+at most ``LENS_INBOX_MAX_RETRIES`` (default 3) times; then it is logged as given
+up. The attempt number is the number of failed runs of the drop, so a retry
+requested twice is one run key, launched once.
+
 Idempotent: the cursor holds the handled (survey, drop) pairs still in the
 inbox (so it is bounded by what the inbox holds); when it is
 lost (reset, new deployment) it is rebuilt from the run keys of this sensor's
@@ -21,37 +33,105 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import dagster as dg
 
-from lens_assets.assets.scoring import COMPLETE_MARKER, candidate_scores
+from lens_assets.assets.scoring import candidate_scores
+from lens_assets.inbox import COMPLETE_MARKER
+from lens_assets.model_registry import promoted_version
 from lens_assets.partitions import drop_name_problem, drop_partitions, scoring_key
 from lens_assets.resources.storage import LocalStorage
 from lens_assets.science.surveys import SURVEY_NAMES
 
 SENSOR_NAME = "survey_inbox_sensor"
 DEFAULT_MAX_DROPS_PER_TICK = 100
+DEFAULT_MAX_RETRIES = 3
+DEFAULT_RETRY_BACKOFF_S = 600
+MODEL_TAG = "lens/promoted_version"  # on each requested run: the promoted pair it was meant to use
+FAILED = [dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED]
 
 
-def max_drops_per_tick() -> int:
-    value = os.environ.get("LENS_INBOX_MAX_DROPS_PER_TICK", str(DEFAULT_MAX_DROPS_PER_TICK))
+def _env_int(name: str, default: int, *, minimum: int) -> int:
+    value = os.environ.get(name, str(default))
     try:
         n = int(value)
     except ValueError:
-        raise ValueError(f"LENS_INBOX_MAX_DROPS_PER_TICK={value!r} is not an integer") from None
-    if n < 1:
-        raise ValueError(f"LENS_INBOX_MAX_DROPS_PER_TICK must be at least 1, got {n}")
+        raise ValueError(f"{name}={value!r} is not an integer") from None
+    if n < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {n}")
     return n
+
+
+def max_drops_per_tick() -> int:
+    return _env_int("LENS_INBOX_MAX_DROPS_PER_TICK", DEFAULT_MAX_DROPS_PER_TICK, minimum=1)
+
+
+def max_retries() -> int:
+    return _env_int("LENS_INBOX_MAX_RETRIES", DEFAULT_MAX_RETRIES, minimum=0)
+
+
+def retry_backoff_s() -> int:
+    return _env_int("LENS_INBOX_RETRY_BACKOFF_S", DEFAULT_RETRY_BACKOFF_S, minimum=0)
 
 
 def run_key(survey: str, drop: str) -> str:
     return f"{survey}|{drop}"
 
 
+def drop_of_run_key(key: str) -> str:
+    """``<survey>|<drop>`` of a run key of this sensor (a retry's ends in ``|retry-<n>``)."""
+    return "|".join(key.split("|")[:2])
+
+
 def _handled_from_runs(instance: dg.DagsterInstance) -> set[str]:
-    """Run keys of every run this sensor requested (used when the cursor is empty)."""
+    """Drops of every run this sensor requested (used when the cursor is empty)."""
     runs = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/sensor_name": SENSOR_NAME}))
-    return {r.tags["dagster/run_key"] for r in runs if "dagster/run_key" in r.tags}
+    return {drop_of_run_key(r.tags["dagster/run_key"]) for r in runs if "dagster/run_key" in r.tags}
+
+
+def _failed_runs(instance: dg.DagsterInstance) -> dict[str, list]:
+    """drop -> run records of this sensor's failed or cancelled runs of it, newest first."""
+    out: dict[str, list] = {}
+    for rec in instance.get_run_records(filters=dg.RunsFilter(tags={"dagster/sensor_name": SENSOR_NAME},
+                                                              statuses=FAILED)):
+        key = rec.dagster_run.tags.get("dagster/run_key")
+        if key:
+            out.setdefault(drop_of_run_key(key), []).append(rec)
+    return out
+
+
+def _retries(instance, handled: set[str], models: dict[str, str | None], *, limit: int, log=None) -> list:
+    """(survey, drop, attempt, reason) for the handled drops whose last run failed and that have no table yet."""
+    failed = _failed_runs(instance) if limit > 0 else {}
+    if not failed:
+        return []
+    materialized = instance.get_materialized_partitions(candidate_scores.key)
+    now, backoff, most = time.time(), retry_backoff_s(), max_retries()
+    out = []
+    for key in sorted(handled & set(failed)):
+        survey, drop = key.split("|", 1)
+        if scoring_key(survey, drop) in materialized or models.get(survey) is None:
+            continue
+        runs = failed[key]
+        attempt = len(runs)  # the retry after n failed runs is retry-n: requesting it twice launches it once
+        if attempt > most:
+            if log:
+                log.warning(f"{key}: gave up after {attempt} failed runs (LENS_INBOX_MAX_RETRIES={most}); "
+                            f"latest {runs[0].dagster_run.run_id}")
+            continue
+        latest = runs[0]
+        ended = latest.end_time or latest.update_timestamp.timestamp()
+        if latest.dagster_run.tags.get(MODEL_TAG) != models[survey]:
+            reason = "a new model was promoted since the failed run"
+        elif now - ended >= backoff * 2 ** (attempt - 1):
+            reason = f"{backoff * 2 ** (attempt - 1)} s since the failed run"
+        else:
+            continue
+        out.append((survey, drop, attempt, reason))
+        if len(out) >= limit:
+            break
+    return out
 
 
 def inbox_tick(storage, instance: dg.DagsterInstance, cursor: str | None, *, limit: int, log=None) -> dg.SensorResult:
@@ -60,7 +140,8 @@ def inbox_tick(storage, instance: dg.DagsterInstance, cursor: str | None, *, lim
     registered = set(instance.get_dynamic_partitions(drop_partitions.name))
     new: list[tuple[str, str]] = []
     present: set[str] = set()
-    waiting = 0
+    waiting = no_model = 0
+    models: dict[str, str | None] = {}
     for survey in storage.list_dirs("inbox"):
         if survey not in SURVEY_NAMES:
             if log:
@@ -69,6 +150,7 @@ def inbox_tick(storage, instance: dg.DagsterInstance, cursor: str | None, *, lim
             continue
         drops = storage.list_dirs("inbox", survey)
         present.update(run_key(survey, d) for d in drops)
+        models[survey] = promoted_version(storage, survey)
         for drop in drops:
             if len(new) >= limit:
                 break
@@ -79,20 +161,31 @@ def inbox_tick(storage, instance: dg.DagsterInstance, cursor: str | None, *, lim
                 if log:
                     log.warning(f"{storage.url('inbox', survey, drop)}: {problem}; the drop is skipped (rename it)")
                 continue
-            if storage.exists("inbox", survey, drop, COMPLETE_MARKER):
-                new.append((survey, drop))
-            else:
+            if not storage.exists("inbox", survey, drop, COMPLETE_MARKER):
                 waiting += 1
+            elif models[survey] is None:
+                no_model += 1  # not handled: requested on the first tick after a model is promoted
+            else:
+                new.append((survey, drop))
+    retries = _retries(instance, handled & present, models, limit=max(0, limit - len(new)), log=log)
     to_register = sorted({d for _, d in new} - registered)
     requests = [dg.RunRequest(run_key=run_key(s, d), partition_key=scoring_key(s, d),
-                              asset_selection=[candidate_scores.key], tags={"lens/survey": s, "lens/drop": d})
+                              asset_selection=[candidate_scores.key],
+                              tags={"lens/survey": s, "lens/drop": d, MODEL_TAG: models[s]})
                 for s, d in new]
+    requests += [dg.RunRequest(run_key=f"{run_key(s, d)}|retry-{n}", partition_key=scoring_key(s, d),
+                               asset_selection=[candidate_scores.key],
+                               tags={"lens/survey": s, "lens/drop": d, MODEL_TAG: models[s], "lens/attempt": str(n + 1)})
+                 for s, d, n, _ in retries]
     # the cursor keeps the drops still in the inbox: it does not grow with every drop ever seen (a removed
     # drop that comes back under the same name is not run again either way: Dagster keeps its run key)
     handled = (handled & present) | {run_key(s, d) for s, d in new}
     if log:
-        log.info(f"{len(new)} new complete drop(s) (limit {limit} per tick), {waiting} incomplete waiting, "
-                 f"{len(to_register)} partition(s) registered")
+        log.info(f"{len(new)} new complete drop(s) (limit {limit} per tick), {len(retries)} retried, {waiting} "
+                 f"incomplete waiting, {no_model} waiting for a promoted model, {len(to_register)} partition(s) "
+                 "registered")
+        for s, d, n, reason in retries:
+            log.info(f"{run_key(s, d)}: retry {n} ({reason})")
     return dg.SensorResult(
         run_requests=requests,
         dynamic_partitions_requests=[drop_partitions.build_add_request(to_register)] if to_register else [],

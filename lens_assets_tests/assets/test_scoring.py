@@ -1,7 +1,7 @@
 """candidate_scores end to end on a tiny SDSS survey: an inbox drop goes through the sensor and is scored.
 
-One module fixture trains and calibrates a one-member ensemble on 100 simulated
-cutouts (the graph as in test_evaluation, without the report), publishes an
+One module fixture trains, calibrates, reports on and promotes a one-member
+ensemble on 100 simulated cutouts (gates set to pass), publishes an
 unlabeled drop of 40 cutouts plus three broken files and a duplicate, runs one tick of
 survey_inbox_sensor and materializes the partition it asks for. The tests check
 the table against an independent recomputation (the shard pipeline's stages on
@@ -33,11 +33,13 @@ N_DROP = 40
 BROKEN = {"truncated.fits": "truncated", "x.fits": "unreadable", "wrong_survey.fits": "survey_mismatch"}
 DUPLICATE_OF = 5  # a copy of the 6th good file, named to sort right after it (mid-batch): duplicate_objid
 SCORING_CONFIG = {"ops": {"candidate_scores": {"config": {"workers": 1, "batch_size": 16}}}}
+PASSING_GATES = {"min_auroc": 0.0, "min_tpr10": 0.0, "max_ece": 1.0, "min_heldout_auroc": None,
+                 "min_lensing_only_auroc": None, "max_fnr_flux_ratio_lt_0_1": None, "n_boot": 10}
 
 
 @pytest.fixture(scope="module")
 def model_storage(tmp_path_factory):
-    """A trained and calibrated one-member SDSS ensemble (no report: scoring does not need it)."""
+    """A trained, calibrated and promoted one-member SDSS ensemble (the report's gates set to let it through)."""
     storage = LocalStorage(root=str(tmp_path_factory.mktemp("scoring") / "data"))
     run_config = {"ops": {
         "simulated_cutouts": {"config": {"n_cutouts": 100, "n_heldout": 0, "seed": 5, "workers": 1}},
@@ -45,10 +47,11 @@ def model_storage(tmp_path_factory):
         "psf_matched_shards": {"config": {"workers": 1}},
         "dataset_splits": {"config": {"min_groups_per_stratum": 3}},
         "lens_classifier": {"config": {"members": [MEMBER], "epochs": 1, "batch_size": 32, "patience": 2}},
-        "score_calibrator": {"config": {"batch_size": 48}},
+        "score_calibrator": {"config": {"batch_size": 48, "heldout_families": []}},
+        "bologna_report": {"config": PASSING_GATES},
     }}
-    upto_calibrator = [a for a in ASSETS if a.key != dg.AssetKey("bologna_report")]
-    result = dg.materialize(upto_calibrator, partition_key=SURVEY, run_config=run_config,
+    graph = [a for a in ASSETS if a.key != dg.AssetKey("shortcut_audit")]
+    result = dg.materialize(graph, partition_key=SURVEY, run_config=run_config,
                             resources={"storage": storage, "launcher": LocalSubprocessLauncher()},
                             instance=dg.DagsterInstance.ephemeral())
     assert result.success
@@ -150,8 +153,8 @@ def test_each_row_carries_the_lineage_of_its_score(scored):
         assert col in table.columns, col
     for f, sha in zip(table["source_file"], table["source_sha256"]):
         assert sha == hashlib.sha256(storage.path(f).read_bytes()).hexdigest(), f
-    ensemble = json.loads(storage.path("models", SURVEY, "ensemble.json").read_text())
-    calibrator_bytes = storage.path("calibrators", SURVEY, "calibrator.json").read_bytes()
+    ensemble = json.loads(storage.path("promoted", SURVEY, "ensemble.json").read_text())
+    calibrator_bytes = storage.path("promoted", SURVEY, "calibrator.json").read_bytes()
     manifest = json.loads(storage.path("shards", SURVEY, "manifest.json").read_text())
     content = {k: v for k, v in manifest.items() if k not in ("sha256", "seconds")}
     manifest_sha = hashlib.sha256(json.dumps(content, indent=2, sort_keys=True).encode()).hexdigest()
@@ -179,8 +182,8 @@ def test_scores_equal_the_shard_pipeline_stage_by_stage(scored):
     survey = get_survey(SURVEY)
     files = [storage.path("inbox", SURVEY, DROP, name) for name in scored["good"]]
     catalog = ingest_files(files, survey, root=storage.root_path, workers=1, progress=False).catalog
-    ensemble = json.loads(storage.path("models", SURVEY, "ensemble.json").read_text())
-    doc = json.loads(storage.path("calibrators", SURVEY, "calibrator.json").read_text())
+    ensemble = json.loads(storage.path("promoted", SURVEY, "ensemble.json").read_text())
+    doc = json.loads(storage.path("promoted", SURVEY, "calibrator.json").read_text())
     members = load_members([storage.path(m["checkpoint"]) for m in ensemble["members"]], device="cpu")
     records = catalog.to_dict("records")
     settings = ShardSettings(**ensemble["shard_settings"])
@@ -231,7 +234,57 @@ def test_an_incomplete_drop_is_a_failure_naming_the_drop(storage):
     assert not storage.path("candidates", SURVEY, "half-copied").exists()
 
 
-def test_candidate_scores_is_rescored_when_its_surveys_calibrator_changes_but_not_for_a_new_drop():
+def test_a_model_whose_report_fails_a_gate_is_never_promoted_nor_used_for_a_new_drop(scored):
+    """Recalibrated (another calibrator method) and reported with a gate it cannot meet: the run fails at the
+    report's blocking check, promoted_model does not run (nor does it on its own), and the next drop the sensor
+    sends is scored with the pair promoted before."""
+    from lens_assets.assets.promotion import promoted_model
+
+    storage, instance = scored["storage"], scored["instance"]
+    before = json.loads(storage.path("promoted", SURVEY, "promotion.json").read_text())
+    old_cal = json.loads(storage.path("calibrators", SURVEY, "calibrator.json").read_text())
+    method = "temperature" if old_cal["calibrator"]["method"] != "temperature" else "isotonic"
+    from lens_assets.assets.evaluation import bologna_report, score_calibrator
+
+    run_config = {"ops": {"score_calibrator": {"config": {"batch_size": 48, "heldout_families": [],
+                                                          "method": method}},
+                          "bologna_report": {"config": {**PASSING_GATES, "min_auroc": 1.0}}}}
+    result = dg.materialize([score_calibrator, bologna_report, promoted_model], partition_key=SURVEY,
+                            instance=instance, resources={"storage": storage}, run_config=run_config,
+                            raise_on_error=False, selection=[score_calibrator, bologna_report, promoted_model])
+    assert not result.success
+    failures = {e.step_key: e.event_specific_data.error.message for e in result.all_events
+                if e.event_type_value == "STEP_FAILURE"}
+    assert list(failures) == ["bologna_report"] and "auroc_at_least_gate" in failures["bologna_report"]
+    assert result.asset_materializations_for_node("promoted_model") == []
+    new_cal = storage.path("calibrators", SURVEY, "calibrator.json").read_bytes()
+    assert hashlib.sha256(new_cal).hexdigest()[:16] != before["calibrator_version"]  # a new pair exists
+
+    alone = dg.materialize([promoted_model], partition_key=SURVEY, instance=instance,
+                           resources={"storage": storage}, raise_on_error=False)
+    (failure,) = [e for e in alone.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert "is not promoted: auroc_at_least_gate failed" in failure.event_specific_data.error.message
+    assert json.loads(storage.path("promoted", SURVEY, "promotion.json").read_text()) == before
+
+    staging = LocalStorage(root=str(storage.root_path.parent / "producer-2"))
+    simulate_drop(staging, SURVEY, "staged", n=6, seed=99, workers=1)
+    publish_drop(storage, SURVEY, "after-failed-gate", sorted(staging.path("inbox", SURVEY, "staged").glob("*.fits")))
+    with dg.build_sensor_context(instance=instance, cursor=None, resources={"storage": storage}) as context:
+        tick = survey_inbox_sensor(context)
+    (req,) = [r for r in tick.run_requests if r.tags["lens/drop"] == "after-failed-gate"]
+    assert req.tags["lens/promoted_version"] == before["version"]
+    for add in tick.dynamic_partitions_requests:
+        instance.add_dynamic_partitions(add.partitions_def_name, list(add.partition_keys))
+    scored_run = dg.materialize([candidate_scores], partition_key=str(req.partition_key), instance=instance,
+                                resources={"storage": storage}, run_config=SCORING_CONFIG, tags=req.tags)
+    assert scored_run.success
+    table = pd.read_parquet(storage.path("candidates", SURVEY, "after-failed-gate", "candidate_scores.parquet"))
+    assert len(table) == 6
+    assert set(table["calibrator_version"]) == {before["calibrator_version"]}
+    assert set(table["model_version"]) == {before["model_version"]}
+
+
+def test_candidate_scores_is_rescored_when_its_survey_promotes_a_model_and_never_on_an_unvetted_one():
     from lens_assets.definitions import defs
 
     instance = dg.DagsterInstance.ephemeral()
@@ -246,8 +299,7 @@ def test_candidate_scores_is_rescored_when_its_surveys_calibrator_changes_but_no
         return result, {str(k) for k in result.get_requested_partitions(candidate_scores.key)}
 
     for survey in ("sdss", "des"):
-        materialized("lens_classifier", survey)
-        materialized("score_calibrator", survey)
+        materialized("promoted_model", survey)
     instance.add_dynamic_partitions("drops", ["d1", "d2"])
     for key in ("d1|sdss", "d2|sdss", "d1|des"):
         materialized("candidate_scores", key)
@@ -258,13 +310,19 @@ def test_candidate_scores_is_rescored_when_its_surveys_calibrator_changes_but_no
     result, requested = evaluate(result.cursor)
     assert requested == set()
 
-    materialized("score_calibrator", "sdss")  # recalibrated: every scored sdss drop, and only those
+    # retrained and recalibrated, and a report written (whose gates may have failed): nothing is re-scored
+    for key in ("lens_classifier", "score_calibrator", "bologna_report"):
+        materialized(key, "sdss")
+    result, requested = evaluate(result.cursor)
+    assert requested == set()
+
+    materialized("promoted_model", "sdss")  # promoted: every scored sdss drop, and only those
     result, requested = evaluate(result.cursor)
     assert requested == {"d1|sdss", "d2|sdss"}
     result, requested = evaluate(result.cursor)
-    assert requested == set()  # once per change
+    assert requested == set()  # once per promotion
 
-    materialized("lens_classifier", "des")  # retrained: des drops
+    materialized("promoted_model", "des")
     result, requested = evaluate(result.cursor)
     assert requested == {"d1|des"}
 

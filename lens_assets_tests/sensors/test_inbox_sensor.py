@@ -4,6 +4,8 @@ Drops are empty folders published with the producer API (``publish_drop`` writes
 ``_COMPLETE`` last): the sensor looks at folders and markers, never at the files.
 Dynamic-partition requests are applied to the instance between ticks as the
 sensor daemon does (``build_sensor_context`` evaluates, it does not apply).
+Every survey has a promoted model unless a test says otherwise (the sensor
+requests nothing for a survey without one).
 """
 
 import json
@@ -14,6 +16,7 @@ import pytest
 
 from lens_assets.assets.scoring import COMPLETE_MARKER, candidate_scores
 from lens_assets.inbox import publish_drop
+from lens_assets_tests.helpers import write_promotion
 from lens_assets.partitions import drop_partitions, scoring_partitions
 from lens_assets.resources.storage import LocalStorage
 from lens_assets.sensors.inbox import (
@@ -35,7 +38,16 @@ def instance():
 
 @pytest.fixture(autouse=True)
 def _default_limit(monkeypatch):
-    monkeypatch.delenv(ENV, raising=False)
+    for name in (ENV, "LENS_INBOX_MAX_RETRIES", "LENS_INBOX_RETRY_BACKOFF_S"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _promoted(storage):
+    from lens_assets.science.surveys import SURVEY_NAMES
+
+    for survey in SURVEY_NAMES:
+        write_promotion(storage, survey, "v1")
 
 
 def tick(storage: LocalStorage, instance, cursor=None) -> dg.SensorResult:
@@ -124,7 +136,7 @@ def test_the_cursor_forgets_drops_removed_from_the_inbox_and_keeps_the_rest(stor
 def _run_as_the_sensor_daemon_would(storage, instance, req: dg.RunRequest):
     """Launch the requested run with the tags the daemon puts on sensor runs (as lens_assets.demo does).
 
-    No model exists in this storage, so the run fails in candidate_scores; it is recorded with its run key
+    No model files exist in this storage (only the promotion record), so the run fails in candidate_scores; it is recorded with its run key
     all the same, and Dagster does not launch a run key twice whatever became of the run.
     """
     job = dg.Definitions(assets=[candidate_scores], jobs=[score_drops_job],
@@ -291,3 +303,86 @@ def test_rescore_nightly_requests_every_registered_complete_drop(storage):
     for r in requests:
         drop, survey = str(r.partition_key).split("|")
         assert r.tags == {"lens/survey": survey, "lens/drop": drop, "lens/reason": "nightly"}
+
+
+def test_drops_of_a_survey_without_a_promoted_model_wait_and_are_requested_after_the_first_promotion(
+        storage, instance, capfd):
+    import shutil
+
+    shutil.rmtree(storage.path("promoted", "hsc"))
+    publish_drop(storage, "hsc", "early", [])
+    publish_drop(storage, "des", "d1", [])
+    first = tick(storage, instance)
+    assert run_keys(first) == ["des|d1"]  # hsc waits; des has a model
+    assert json.loads(first.cursor) == {"handled": ["des|d1"]}
+    assert "1 waiting for a promoted model" in capfd.readouterr().err
+    apply(instance, first)
+    write_promotion(storage, "hsc", "h1")
+    second = tick(storage, instance, first.cursor)
+    assert run_keys(second) == ["hsc|early"] and added(second) == ["early"]
+    assert second.run_requests[0].tags["lens/promoted_version"] == "h1"
+
+
+def _fail_run(storage, instance, req):
+    run = _run_as_the_sensor_daemon_would(storage, instance, req)
+    assert not run.success
+    return run
+
+
+def test_a_failed_drop_is_retried_after_a_promotion_or_the_backoff_and_given_up_after_the_limit(
+        storage, instance, monkeypatch, capfd):
+    publish_drop(storage, "des", "d1", [])
+    first = tick(storage, instance)
+    apply(instance, first)
+    (req,) = first.run_requests
+    assert req.tags["lens/promoted_version"] == "v1"
+    _fail_run(storage, instance, req)
+
+    waiting = tick(storage, instance, first.cursor)
+    assert waiting.run_requests == []  # same model, within the 600 s backoff
+
+    monkeypatch.setenv("LENS_INBOX_RETRY_BACKOFF_S", "0")
+    retry = tick(storage, instance, waiting.cursor)
+    assert run_keys(retry) == ["des|d1|retry-1"]
+    assert str(retry.run_requests[0].partition_key) == "d1|des"
+    assert run_keys(tick(storage, instance, retry.cursor)) == ["des|d1|retry-1"]  # one run key: launched once
+    _fail_run(storage, instance, retry.run_requests[0])
+
+    monkeypatch.setenv("LENS_INBOX_RETRY_BACKOFF_S", "3600")
+    assert tick(storage, instance, retry.cursor).run_requests == []
+    write_promotion(storage, "des", "v2")  # a new model: retried without waiting for the backoff
+    after_promotion = tick(storage, instance, retry.cursor)
+    assert run_keys(after_promotion) == ["des|d1|retry-2"]
+    assert after_promotion.run_requests[0].tags["lens/promoted_version"] == "v2"
+    _fail_run(storage, instance, after_promotion.run_requests[0])
+
+    monkeypatch.setenv("LENS_INBOX_MAX_RETRIES", "2")
+    monkeypatch.setenv("LENS_INBOX_RETRY_BACKOFF_S", "0")
+    capfd.readouterr()
+    given_up = tick(storage, instance, after_promotion.cursor)
+    assert given_up.run_requests == []
+    assert "des|d1: gave up after 3 failed runs" in capfd.readouterr().err
+    # the lost cursor is rebuilt from the retries' run keys too: nothing new is requested
+    assert json.loads(tick(storage, instance, None).cursor) == {"handled": ["des|d1"]}
+
+
+def test_a_drop_with_a_candidate_table_is_not_retried_after_an_earlier_failed_run(storage, instance, monkeypatch):
+    monkeypatch.setenv("LENS_INBOX_RETRY_BACKOFF_S", "0")
+    publish_drop(storage, "des", "d1", [])
+    first = tick(storage, instance)
+    apply(instance, first)
+    _fail_run(storage, instance, first.run_requests[0])
+    instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=candidate_scores.key, partition="d1|des"))
+    assert tick(storage, instance, first.cursor).run_requests == []
+
+
+@pytest.mark.parametrize("name,value,message", [("LENS_INBOX_MAX_RETRIES", "-1", "at least 0"),
+                                                ("LENS_INBOX_RETRY_BACKOFF_S", "soon", "is not an integer")])
+def test_bad_retry_settings_are_clear_errors(storage, instance, monkeypatch, name, value, message):
+    monkeypatch.setenv(name, value)
+    publish_drop(storage, "des", "d1", [])
+    first = tick(storage, instance)
+    apply(instance, first)
+    _fail_run(storage, instance, first.run_requests[0])
+    with pytest.raises(ValueError, match=f"{name}.*{message}"):
+        tick(storage, instance, first.cursor)

@@ -1,0 +1,181 @@
+"""Which ensemble and calibrator score a survey's data: the trained, the calibrated and the promoted one.
+
+``lens_classifier`` writes ``models/<survey>/ensemble.json`` (members and their
+checkpoints), ``score_calibrator`` writes ``calibrators/<survey>/calibrator.json``
+(fit for those checkpoints), ``bologna_report`` evaluates the pair against its
+gates, and ``promoted_model`` copies a pair whose report passed every gate to
+``promoted/<survey>/``. Scoring new data (``candidate_scores``) reads only the
+promoted copy, so retraining or recalibrating never changes what scores a drop
+until the new pair has been vetted: a model that fails a gate is never used.
+
+``promoted/<survey>/`` holds ``ensemble.json`` (checkpoint paths pointing at the
+copies beside it), ``calibrator.json`` (byte for byte, so its version is the one
+the report evaluated), ``<member>.ckpt`` and ``promotion.json`` (versions, the
+gates with their figures, the report run). It is replaced as one folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+import dagster as dg
+
+from lens_assets.resources.storage import LocalStorage
+
+PROMOTION_FILE = "promotion.json"
+
+
+def no_retry(message: str) -> dg.Failure:
+    """A failure that running the step again cannot mend (missing or mismatched inputs): retry policies skip it."""
+    return dg.Failure(message, allow_retries=False)
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in blocks (checkpoints need not fit in memory twice)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def ensemble_path(storage: LocalStorage, survey: str) -> Path:
+    return storage.path("models", survey, "ensemble.json")
+
+
+def calibrator_path(storage: LocalStorage, survey: str) -> Path:
+    return storage.path("calibrators", survey, "calibrator.json")
+
+
+def calibrator_version(text: str) -> str:
+    """sha256 prefix of ``calibrator.json``: score_calibrator's data version and the candidates' column."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _checked_members(storage: LocalStorage, ensemble: dict, source: Path) -> dict:
+    """``ensemble`` with each member's local checkpoint ``path``, after checking it against its sha256."""
+    for m in ensemble["members"]:
+        ckpt = storage.path(m["checkpoint"])
+        sha = file_sha256(ckpt) if ckpt.exists() else "missing"
+        if sha != m["sha256"]:
+            raise no_retry(f"{ckpt}: sha256 {sha[:16]} differs from {m['sha256'][:16]} in {source}; "
+                           "re-materialize lens_classifier")
+        m["path"] = str(ckpt)
+    return ensemble
+
+
+def read_ensemble(storage: LocalStorage, survey: str) -> dict:
+    """The trained ensemble manifest; each member's checkpoint is checked against its recorded sha256."""
+    path = ensemble_path(storage, survey)
+    storage.pull("models", survey)
+    if not path.exists():
+        raise no_retry(f"{path} does not exist: materialize lens_classifier for {survey} first")
+    return _checked_members(storage, json.loads(path.read_text()), path)
+
+
+def read_calibrator(storage: LocalStorage, survey: str) -> tuple[str, dict]:
+    """(text, document) of the survey's current ``calibrator.json``; the document's ``version`` is its
+    :func:`calibrator_version`."""
+    path = calibrator_path(storage, survey)
+    storage.pull(*path.relative_to(storage.root_path).parts)
+    if not path.exists():
+        raise no_retry(f"{path} does not exist: materialize score_calibrator for {survey} first")
+    text = path.read_text()
+    return text, {**json.loads(text), "version": calibrator_version(text)}
+
+
+def _matched(ensemble: dict, doc: dict, ensemble_file: Path, calibrator_file: Path) -> None:
+    if [m["sha256"] for m in ensemble["members"]] != [m["sha256"] for m in doc["members"]]:
+        raise no_retry(f"{calibrator_file} was fit for other checkpoints than {ensemble_file} lists: "
+                       "re-materialize score_calibrator")
+
+
+def _scoring_objects(ensemble: dict, doc: dict):
+    from lens_assets.ml.score import Fusion
+    from lens_assets.science.calibration import Calibrator
+
+    return ensemble, Fusion.from_dict(doc["fusion"]), Calibrator.from_dict(doc["calibrator"]), doc
+
+
+def load_scoring(storage: LocalStorage, survey: str):
+    """(ensemble manifest, Fusion, Calibrator, calibrator document) of the latest trained and calibrated pair,
+    vetted or not (``score_calibrator`` and ``bologna_report`` evaluate it; new data uses :func:`load_promoted`)."""
+    _, doc = read_calibrator(storage, survey)
+    ensemble = read_ensemble(storage, survey)
+    _matched(ensemble, doc, ensemble_path(storage, survey), calibrator_path(storage, survey))
+    return _scoring_objects(ensemble, doc)
+
+
+def promoted_dir(storage: LocalStorage, survey: str) -> Path:
+    return storage.path("promoted", survey)
+
+
+def read_promotion(storage: LocalStorage, survey: str) -> dict | None:
+    """``promoted/<survey>/promotion.json``, or None when no model of the survey has been promoted."""
+    path = storage.pull("promoted", survey, PROMOTION_FILE)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def promoted_version(storage: LocalStorage, survey: str) -> str | None:
+    """``<model_version>-<calibrator_version>`` of the promoted pair, or None."""
+    doc = read_promotion(storage, survey)
+    return doc["version"] if doc else None
+
+
+def load_promoted(storage: LocalStorage, survey: str):
+    """(ensemble manifest, Fusion, Calibrator, calibrator document) of the survey's promoted pair: the only one
+    new data is scored with. A clear failure when nothing has been promoted."""
+    storage.pull("promoted", survey)
+    folder = promoted_dir(storage, survey)
+    if not (folder / PROMOTION_FILE).exists():
+        raise no_retry(f"{folder} holds no promoted model: no ensemble of {survey} has passed bologna_report's "
+                       "gates yet (materialize bologna_report, then promoted_model)")
+    missing = [n for n in ("ensemble.json", "calibrator.json") if not (folder / n).exists()]
+    if missing:
+        raise no_retry(f"{folder} lacks {', '.join(missing)}: materialize promoted_model for {survey} again")
+    text = (folder / "calibrator.json").read_text()
+    doc = {**json.loads(text), "version": calibrator_version(text)}
+    ensemble = _checked_members(storage, json.loads((folder / "ensemble.json").read_text()), folder / "ensemble.json")
+    _matched(ensemble, doc, folder / "ensemble.json", folder / "calibrator.json")
+    return _scoring_objects(ensemble, doc)
+
+
+def promote(storage: LocalStorage, survey: str, *, report: dict, run_id: str) -> dict:
+    """Copy the survey's current ensemble and calibrator to ``promoted/<survey>/`` after checking that ``report``
+    (``bologna_report``'s report.json) evaluated exactly this pair and passed every gate; returns the promotion
+    document. The previous promotion stays in place when anything is refused."""
+    text, doc = read_calibrator(storage, survey)
+    ensemble = read_ensemble(storage, survey)
+    _matched(ensemble, doc, ensemble_path(storage, survey), calibrator_path(storage, survey))
+    evaluated = report.get("calibrator_version")
+    if evaluated != doc["version"]:
+        raise no_retry(f"reports/{survey}/bologna/report.json evaluated calibrator {evaluated}, but the current "
+                       f"calibrators/{survey}/calibrator.json is {doc['version']}: re-materialize bologna_report")
+    checks = report.get("checks") or {}
+    if not checks:
+        raise no_retry(f"reports/{survey}/bologna/report.json records no gate results: re-materialize "
+                       "bologna_report")
+    failed = {k: v for k, v in checks.items() if not v["passed"]}
+    if failed:
+        raise no_retry(f"ensemble {ensemble['version']} with calibrator {doc['version']} is not promoted: "
+                       + "; ".join(f"{k} failed ({v['value']} against gate {v['gate']})" for k, v in failed.items()))
+    previous = read_promotion(storage, survey)
+    members = []
+    with storage.staged_dir(f"promoted-{survey}") as staged:
+        for m in ensemble["members"]:
+            name = f"{m['name']}.ckpt"
+            shutil.copyfile(m["path"], staged / name)
+            members.append({**{k: v for k, v in m.items() if k != "path"}, "trained_checkpoint": m["checkpoint"],
+                            "checkpoint": str(Path("promoted", survey, name))})
+        (staged / "ensemble.json").write_text(json.dumps({**{k: v for k, v in ensemble.items() if k != "members"},
+                                                          "members": members}, indent=2))
+        (staged / "calibrator.json").write_text(text)
+        promotion = {"survey": survey, "version": f"{ensemble['version']}-{doc['version']}",
+                     "model_version": ensemble["version"], "calibrator_version": doc["version"],
+                     "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "run_id": run_id,
+                     "report_version": report.get("version", ""), "checks": checks,
+                     "previous_version": previous["version"] if previous else None}
+        (staged / PROMOTION_FILE).write_text(json.dumps(promotion, indent=2, default=float))
+    storage.publish_dir(staged, "promoted", survey)
+    return promotion
