@@ -22,6 +22,7 @@ from lens_assets.assets.catalog import catalog_paths
 from lens_assets.assets.shards import dataset_splits, psf_matched_shards, shard_dir
 from lens_assets.assets.training import lens_classifier, read_ensemble
 from lens_assets.resources.storage import LocalStorage
+from lens_assets.science.fileio import atomic_path, write_text_atomic
 from lens_assets.science.calibration import Calibrator, fit_calibrator
 from lens_assets.science.metrics import (bologna_metrics, bootstrap_interval, expected_calibration_error,
                                          paired_win_rate)
@@ -183,10 +184,11 @@ def shortcut_audit(context: dg.AssetExecutionContext, config: ShortcutConfig,
     out_dir = storage.path("reports", survey.name, "shortcut")
     out_dir.mkdir(parents=True, exist_ok=True)
     table = pd.concat([rows.reset_index(drop=True), features], axis=1)
-    table.to_parquet(out_dir / "features.parquet", index=False)
+    with atomic_path(out_dir / "features.parquet") as tmp:
+        table.to_parquet(tmp, index=False)
     doc = {"survey": survey.name, **result, "families": families, "seconds_features": t_features,
            "seconds": seconds, "n_rows": len(rows), "gate": {"max_shortcut_auroc": config.max_shortcut_auroc}}
-    (out_dir / "shortcut.json").write_text(json.dumps(doc, indent=2, default=float))
+    write_text_atomic(out_dir / "shortcut.json", json.dumps(doc, indent=2, default=float))
     plot = importance_plot(result["feature_importance"], out_dir / "importance.png",
                            title=f"{survey.name}: shortcut classifier, test AUROC {result['auroc']['test']:.3f}")
     storage.push("reports", survey.name, "shortcut")
@@ -559,9 +561,8 @@ def bologna_report(context: dg.AssetExecutionContext, config: ReportConfig,
                                                                                        "n_nonlenses")},
               "gap": {k: ind[k] - held[k] for k in ("auroc", "tpr0", "tpr10") if k in held},
               "calibrator": calibrator, "scores_path": str(path), "gates": gates}
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=float))
-    md = out_dir / "report.md"
-    md.write_text(report_markdown(survey.name, figures, calibrator, shortcut))
+    write_text_atomic(out_dir / "report.json", json.dumps(report, indent=2, default=float))
+    md = write_text_atomic(out_dir / "report.md", report_markdown(survey.name, figures, calibrator, shortcut))
     storage.push("reports", survey.name, "bologna")
     nan = float("nan")
     context.log.info(f"{survey.name}: AUROC {ind['auroc']:.4f}, TPR0 {ind['tpr0']:.3f}, TPR10 {ind['tpr10']:.3f} "

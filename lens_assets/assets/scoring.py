@@ -1,6 +1,5 @@
 """Asset group `scoring`: ranked lens candidates of each survey drop in the inbox."""
 
-import hashlib
 
 import dagster as dg
 import pandas as pd
@@ -11,6 +10,7 @@ from lens_assets.assets.evaluation import load_scoring, score_calibrator
 from lens_assets.assets.training import lens_classifier
 from lens_assets.partitions import scoring_partitions
 from lens_assets.resources.storage import LocalStorage
+from lens_assets.science.fileio import sha256_file
 from lens_assets.science.ingest import find_fits
 from lens_assets.science.schemas import candidate_schema
 from lens_assets.science.surveys import get_survey
@@ -130,7 +130,7 @@ def candidate_scores(context: dg.AssetExecutionContext, config: ScoringConfig,
         storage.push("candidates", survey.name, drop, "score_histogram.png")
         if config.gallery_size:
             storage.push("candidates", survey.name, drop, "top_candidates.png")
-    version = hashlib.sha256(out.read_bytes()).hexdigest()[:16]
+    version = sha256_file(out)[:16]
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(version))
 
 

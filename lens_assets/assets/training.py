@@ -1,6 +1,5 @@
 """Asset group `training`: the per-survey ensemble, one Pipes training job per member."""
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -11,6 +10,7 @@ from lens_assets.assets._common import sha256_of_strings, survey_asset
 from lens_assets.assets.shards import dataset_splits, psf_matched_shards
 from lens_assets.resources.launchers import TrainingLauncher
 from lens_assets.resources.storage import LocalStorage
+from lens_assets.science.fileio import sha256_file
 from lens_assets.science.surveys import get_survey
 
 TRAINING_CODE_VERSION = "train-2"  # 2: bf16 on bf16 CPUs, channels_last, noise scale over measured pixels
@@ -56,7 +56,7 @@ def training_lineage(storage: LocalStorage, survey: str) -> dict:
     known = available_families()
     return {"shards_manifest_sha256": manifest["sha256"],
             "target_fwhm_arcsec": manifest["settings"]["target_fwhm_arcsec"], "shard_settings": manifest["settings"],
-            "splits_sha256": hashlib.sha256(splits.read_bytes()).hexdigest(),
+            "splits_sha256": sha256_file(splits),
             "simulation_families": {f: load_family(f).sha256 if f in known else "unknown" for f in families}}
 
 
@@ -69,7 +69,7 @@ def read_ensemble(storage: LocalStorage, survey: str) -> dict:
     ensemble = json.loads(path.read_text())
     for m in ensemble["members"]:
         ckpt = storage.path(m["checkpoint"])
-        sha = hashlib.sha256(ckpt.read_bytes()).hexdigest() if ckpt.exists() else "missing"
+        sha = sha256_file(ckpt) if ckpt.exists() else "missing"
         if sha != m["sha256"]:
             raise dg.Failure(f"{ckpt}: sha256 {sha[:16]} differs from {m['sha256'][:16]} in {path}; "
                              "re-materialize lens_classifier")
@@ -152,7 +152,7 @@ def lens_classifier(context: dg.AssetExecutionContext, config: TrainConfig, stor
         else:
             storage.push("models", survey.name, member)
         best = str(out / Path(s["best_checkpoint"] or s["last_checkpoint"]).name)  # the job's paths may be its own
-        sha = hashlib.sha256(Path(best).read_bytes()).hexdigest()
+        sha = sha256_file(best)
         hashes.append(f"{member}:{sha}")
         metadata.update({
             f"{member}/best_val_auroc": s["best_val_auroc"],
