@@ -8,8 +8,11 @@
 * ingest without variance, 1 worker: the same files rewritten without their
   ``VAR_<b>`` extensions, so every band's variance is derived from its sky pixels
   (science/noise.py); what that costs per file is reported beside the plain rate.
-Figures: ingest(1) / bare (target >= 0.7), ingest(all) / ingest(1) (scaling) and
-ingest without variance / with.
+* pool start-up: ingest of one file per core over a fresh pool (``workers=0``), the
+  first pool of the process apart from the later ones (a forkserver starts once
+  per process), median of ``--startup-repeats``.
+Figures: ingest(1) / bare (target >= 0.7), ingest(all) / ingest(1) (scaling),
+ingest without variance / with, and the pool start-up medians.
 The files are simulated first (untimed) and read once before timing so every
 variant sees a warm page cache.
 """
@@ -17,6 +20,7 @@ variant sees a warm page cache.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -25,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from _util import cores, report, timed  # noqa: E402
 
+from lens_assets.science import parallel  # noqa: E402
 from lens_assets.science.families import load_family  # noqa: E402
 from lens_assets.science.ingest import find_fits, ingest_files  # noqa: E402
 from lens_assets.science.simulation import simulate_to_directory  # noqa: E402
@@ -62,6 +67,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--survey", default="des")
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--startup-repeats", type=int, default=7)
     args = ap.parse_args(argv)
     survey = get_survey(args.survey)
     with tempfile.TemporaryDirectory() as tmp:
@@ -72,6 +78,9 @@ def main(argv=None) -> dict:
         size_mb = sum(p.stat().st_size for p in paths) / 1e6
         bare_astropy(paths)  # warm the page cache and imports
         ingest_files(paths[:20], survey, root=root, workers=1, progress=False)
+        few = paths[:cores()]  # one file per worker: the time is the pool's start-up and one task each
+        startup = [timed(ingest_files, few, survey, root=root, workers=0, progress=False)[1]
+                   for _ in range(1 + args.startup_repeats)]
         t_bare = min(timed(bare_astropy, paths)[1] for _ in range(args.repeats))
         t_one = min(timed(ingest_files, paths, survey, root=root, workers=1, progress=False)[1]
                     for _ in range(args.repeats))
@@ -91,7 +100,10 @@ def main(argv=None) -> dict:
            "bare_files_per_s": n / t_bare, "ingest_1_files_per_s": n / t_one, "ingest_all_files_per_s": n / t_all,
            "ingest_1_over_bare": t_bare / t_one, "scaling": t_one / t_all,
            "ingest_1_novar_files_per_s": n / t_novar, "novar_ms_per_file": 1e3 * (t_novar - t_one) / n,
-           "novar_over_var": t_one / t_novar}
+           "novar_over_var": t_one / t_novar,
+           "pool_start_method": getattr(parallel, "START_METHOD", "fork"),
+           "pool_first_startup_s": startup[0], "pool_startup_median_s": statistics.median(startup[1:]),
+           "ingest_all_median_s": statistics.median(t for _, t in results)}
     report("ingest", [
         ("files", f"{n} {survey.name} cutouts, {survey.n_bands} bands x (image, var, psf), {size_mb:.0f} MB"),
         ("bare astropy open+read (1 core)", f"{rec['bare_files_per_s']:.0f} files/s"),
@@ -103,6 +115,9 @@ def main(argv=None) -> dict:
                                                   f"{rec['novar_over_var']:.2f}x with variance, "
                                                   f"+{rec['novar_ms_per_file']:.2f} ms/file for {survey.n_bands} "
                                                   f"sky-noise estimates"),
+        (f"pool start-up ({rec['pool_start_method']}, {c} files)",
+         f"first {rec['pool_first_startup_s'] * 1e3:.0f} ms, then median {rec['pool_startup_median_s'] * 1e3:.0f} ms "
+         f"({args.startup_repeats} pools)"),
     ], rec)
     return rec
 

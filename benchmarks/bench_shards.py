@@ -57,9 +57,9 @@ def ours(cutouts, settings):
 
 
 def _ours_chunk(args):
-    lo, hi, settings = args
-    ours(_CUTOUTS[lo:hi], settings)
-    return hi - lo
+    cutouts, settings = args  # the cutouts travel with the task: pool workers do not share this process's globals
+    ours(cutouts, settings)
+    return len(cutouts)
 
 
 def naive(cutouts, settings):
@@ -90,7 +90,7 @@ def matching_section(root: Path, n: int, total: int = 2048) -> dict:
     t_one = min(timed(ours, _CUTOUTS, settings)[1] for _ in range(2))
     c = cores()
     step = 256
-    tasks = [(i, min(i + step, len(_CUTOUTS)), settings) for i in range(0, len(_CUTOUTS), step)]
+    tasks = [(_CUTOUTS[i:i + step], settings) for i in range(0, len(_CUTOUTS), step)]
     t_all = min(timed(parallel_map, _ours_chunk, tasks, workers=0, progress=False)[1] for _ in range(2))
     n_naive = min(64, len(distinct))
     _, t_naive = timed(naive, _CUTOUTS[:n_naive], settings)

@@ -25,6 +25,7 @@ from pathlib import Path
 import dagster as dg
 
 from lens_assets.resources.storage import LocalStorage
+from lens_assets.science.fileio import sha256_file
 
 PROMOTION_FILE = "promotion.json"
 
@@ -32,12 +33,6 @@ PROMOTION_FILE = "promotion.json"
 def no_retry(message: str) -> dg.Failure:
     """A failure that running the step again cannot mend (missing or mismatched inputs): retry policies skip it."""
     return dg.Failure(message, allow_retries=False)
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, read in blocks (checkpoints need not fit in memory twice)."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def ensemble_path(storage: LocalStorage, survey: str) -> Path:
@@ -57,7 +52,7 @@ def _checked_members(storage: LocalStorage, ensemble: dict, source: Path) -> dic
     """``ensemble`` with each member's local checkpoint ``path``, after checking it against its sha256."""
     for m in ensemble["members"]:
         ckpt = storage.path(m["checkpoint"])
-        sha = file_sha256(ckpt) if ckpt.exists() else "missing"
+        sha = sha256_file(ckpt) if ckpt.exists() else "missing"
         if sha != m["sha256"]:
             raise no_retry(f"{ckpt}: sha256 {sha[:16]} differs from {m['sha256'][:16]} in {source}; "
                            "re-materialize lens_classifier")

@@ -21,9 +21,10 @@ from lens_assets.assets._common import png_markdown, sha256_of_strings, survey_a
 from lens_assets.assets.catalog import catalog_paths
 from lens_assets.assets.shards import dataset_splits, psf_matched_shards, shard_dir
 from lens_assets.assets.training import lens_classifier
-from lens_assets.model_registry import calibrator_path, calibrator_version, load_scoring, read_ensemble  # noqa: F401
+from lens_assets.model_registry import calibrator_path, calibrator_version, read_ensemble
 from lens_assets.resources.storage import LocalStorage
-from lens_assets.science.calibration import Calibrator, fit_calibrator
+from lens_assets.science.fileio import atomic_path, write_text_atomic
+from lens_assets.science.calibration import fit_calibrator
 from lens_assets.science.metrics import (bologna_metrics, bootstrap_interval, expected_calibration_error,
                                          paired_win_rate)
 from lens_assets.science.simulation import LENSING_ONLY  # SIMFAM of the lens/twin pairs
@@ -155,10 +156,11 @@ def shortcut_audit(context: dg.AssetExecutionContext, config: ShortcutConfig,
     out_dir = storage.path("reports", survey.name, "shortcut")
     out_dir.mkdir(parents=True, exist_ok=True)
     table = pd.concat([rows.reset_index(drop=True), features], axis=1)
-    table.to_parquet(out_dir / "features.parquet", index=False)
+    with atomic_path(out_dir / "features.parquet") as tmp:
+        table.to_parquet(tmp, index=False)
     doc = {"survey": survey.name, **result, "families": families, "seconds_features": t_features,
            "seconds": seconds, "n_rows": len(rows), "gate": {"max_shortcut_auroc": config.max_shortcut_auroc}}
-    (out_dir / "shortcut.json").write_text(json.dumps(doc, indent=2, default=float))
+    write_text_atomic(out_dir / "shortcut.json", json.dumps(doc, indent=2, default=float))
     plot = importance_plot(result["feature_importance"], out_dir / "importance.png",
                            title=f"{survey.name}: shortcut classifier, test AUROC {result['auroc']['test']:.3f}")
     storage.push("reports", survey.name, "shortcut")
@@ -608,7 +610,7 @@ def bologna_report(context: dg.AssetExecutionContext, config: ReportConfig,
                    "checks": {c.check_name: {"passed": c.passed, "value": _gate_value(c), "gate": c.metadata["gate"].value}
                               for c in checks}})
     storage.write_text(json.dumps(report, indent=2, default=float), "reports", survey.name, "bologna", "report.json")
-    md.write_text(report_markdown(survey.name, figures, calibrator, shortcut))
+    write_text_atomic(md, report_markdown(survey.name, figures, calibrator, shortcut))
     storage.push("reports", survey.name, "bologna")
     return dg.MaterializeResult(metadata=metadata, check_results=checks, data_version=dg.DataVersion(version))
 

@@ -1,15 +1,15 @@
 """Asset group `scoring`: ranked lens candidates of each survey drop in the inbox."""
 
 import dagster as dg
-import pandas as pd
 from pydantic import Field
 
 from lens_assets.assets._common import OWNERS, counts_markdown, gallery_from_files, png_markdown
 from lens_assets.assets.promotion import promoted_model
-from lens_assets.inbox import COMPLETE_MARKER, candidate_table  # noqa: F401 (re-exported)
-from lens_assets.model_registry import file_sha256, load_promoted, no_retry
+from lens_assets.inbox import COMPLETE_MARKER
+from lens_assets.model_registry import load_promoted, no_retry
 from lens_assets.partitions import scoring_partitions
 from lens_assets.resources.storage import LocalStorage
+from lens_assets.science.fileio import sha256_file
 from lens_assets.science.ingest import find_fits
 from lens_assets.science.schemas import candidate_schema
 from lens_assets.science.surveys import get_survey
@@ -132,5 +132,5 @@ def candidate_scores(context: dg.AssetExecutionContext, config: ScoringConfig,
         storage.push("candidates", survey.name, drop, "score_histogram.png")
         if config.gallery_size:
             storage.push("candidates", survey.name, drop, "top_candidates.png")
-    version = file_sha256(out)[:16]
+    version = sha256_file(out)[:16]
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(version))

@@ -8,9 +8,10 @@ from pydantic import Field
 
 from lens_assets.assets._common import sha256_of_strings, survey_asset
 from lens_assets.assets.shards import dataset_splits, psf_matched_shards
-from lens_assets.model_registry import ensemble_path, file_sha256, no_retry, read_ensemble  # noqa: F401 (re-exported)
+from lens_assets.model_registry import ensemble_path, no_retry
 from lens_assets.resources.launchers import TrainingLauncher
 from lens_assets.resources.storage import LocalStorage
+from lens_assets.science.fileio import sha256_file
 from lens_assets.science.surveys import get_survey
 
 TRAINING_CODE_VERSION = "train-2"  # 2: bf16 on bf16 CPUs, channels_last, noise scale over measured pixels
@@ -52,7 +53,7 @@ def training_lineage(storage: LocalStorage, survey: str) -> dict:
     known = available_families()
     return {"shards_manifest_sha256": manifest["sha256"],
             "target_fwhm_arcsec": manifest["settings"]["target_fwhm_arcsec"], "shard_settings": manifest["settings"],
-            "splits_sha256": file_sha256(splits),
+            "splits_sha256": sha256_file(splits),
             "simulation_families": {f: load_family(f).sha256 if f in known else "unknown" for f in families}}
 
 
@@ -133,7 +134,7 @@ def lens_classifier(context: dg.AssetExecutionContext, config: TrainConfig, stor
         else:
             storage.push("models", survey.name, member)
         best = str(out / Path(s["best_checkpoint"] or s["last_checkpoint"]).name)  # the job's paths may be its own
-        sha = file_sha256(Path(best))
+        sha = sha256_file(Path(best))
         hashes.append(f"{member}:{sha}")
         metadata.update({
             f"{member}/best_val_auroc": s["best_val_auroc"],

@@ -877,7 +877,7 @@ def simulate_galsim_to_directory(survey: SurveySpec, family: GalsimFamily, *, n_
                          f"(load it with load_galsim_family)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _warm_up()  # forked workers inherit torch, caustics and galsim
+    _warm_up()  # imports (pool workers, started by a forkserver, import them on their first task)
     tasks = [(survey, family, seed, i, str(out_dir), labeled) for i in range(start_index, start_index + n_cutouts)]
     t0 = time.perf_counter()
     rows = parallel_map(_simulate_and_write, tasks, workers=workers, progress=progress,

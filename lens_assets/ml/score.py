@@ -213,7 +213,7 @@ def score_files(paths, survey, *, root: str | Path, settings, members: list, fus
     paths, names = relative_names(paths, root)
     tasks = [([str(p) for p in paths[i:i + batch_size]], names[i:i + batch_size], settings)
              for i in range(0, len(paths), batch_size)]
-    import astropy.io.fits  # noqa: F401  (imported before forking)
+    import astropy.io.fits  # noqa: F401  (one-worker path; pool workers: the forkserver preload)
     import photutils.psf_matching  # noqa: F401
 
     seen = FirstObjid(survey.name)

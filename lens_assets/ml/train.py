@@ -10,7 +10,10 @@ AUROC); when ``out`` already holds ``last.ckpt`` training resumes from it, so a
 run killed mid-training continues where it stopped. CSV logs go to
 ``out/logs/version_N`` (one per start, so a resumed run keeps the earlier log).
 ``out/run.json`` records a fingerprint of the shards, splits and settings; a
-checkpoint left by a run with another fingerprint is discarded, not resumed.
+checkpoint left by a run with another fingerprint is discarded, not resumed, and
+so is one whose ``run.json`` is missing or unreadable (its origin is unknown: a
+warning names the file and the error). A discarded run's logs go with it, so the
+new run's ``val_auroc_by_epoch`` holds only its own epochs.
 
 On a GPU the batch size comes from a forward-only memory probe
 (:mod:`lens_assets.ml.memory`, capped at ``max_batch_size``) before the trainer
@@ -99,6 +102,8 @@ def train(shard_dir: str | Path, splits_path: str | Path, out_dir: str | Path, s
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
+    from lens_assets.science.fileio import write_json_atomic
+
     from .module import LensClassifier
     from .precision import available_cores, resolve_precision
 
@@ -140,6 +145,9 @@ def train(shard_dir: str | Path, splits_path: str | Path, out_dir: str | Path, s
                                  dtype=torch.bfloat16 if precision == "bf16-mixed" else torch.float32)
         batch_size = probe["batch_size"]
         train_loader, val_loader, train_ds = _loaders(shard_dir, splits_path, settings, batch_size)
+    fingerprint = run_fingerprint(shard_dir, splits_path, settings)
+    stale = _discard_stale_run(out_dir, fingerprint)  # before the logger picks its version folder
+    write_json_atomic(out_dir / "run.json", {"fingerprint": fingerprint, "settings": asdict(settings)})
     checkpoint = ModelCheckpoint(dirpath=out_dir, filename="best", monitor="val_auroc", mode="max", save_top_k=1,
                                  every_n_epochs=1)
     # last.ckpt after every epoch, improved or not (ModelCheckpoint's own save_last only follows a saved best)
@@ -155,12 +163,6 @@ def train(shard_dir: str | Path, splits_path: str | Path, out_dir: str | Path, s
         log_every_n_steps=1, enable_model_summary=False)
     last = out_dir / "last.ckpt"
     resumed_after_epochs = None
-    fingerprint = run_fingerprint(shard_dir, splits_path, settings)
-    stale = _previous_fingerprint(out_dir) not in (None, fingerprint)
-    if stale:  # other data or settings: a checkpoint of another run must not be resumed
-        for old in (last, out_dir / "best.ckpt"):
-            old.unlink(missing_ok=True)
-    (out_dir / "run.json").write_text(json.dumps({"fingerprint": fingerprint, "settings": asdict(settings)}, indent=2))
     saved = torch.load(last, map_location="cpu", weights_only=True) if last.exists() else None
     if saved is not None:  # Lightning stores the 0-based epoch that had just finished
         resumed_after_epochs = int(saved["epoch"]) + 1
@@ -193,7 +195,7 @@ def train(shard_dir: str | Path, splits_path: str | Path, out_dir: str | Path, s
                            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "val_auroc_by_epoch": _val_auroc_by_epoch(out_dir / "logs"),
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json_atomic(out_dir / "summary.json", summary)
     return summary
 
 
@@ -207,20 +209,64 @@ def run_fingerprint(shard_dir: Path, splits_path: Path, settings: TrainSettings)
     """sha256 of the shard manifest, the splits file and the settings: a run may only resume its own checkpoint."""
     import hashlib
 
+    from lens_assets.science.fileio import update_from_file
+
     h = hashlib.sha256()
     manifest = Path(shard_dir) / "manifest.json"
-    h.update(manifest.read_bytes() if manifest.exists() else b"no manifest")
-    h.update(Path(splits_path).read_bytes())
+    if manifest.exists():
+        update_from_file(h, manifest)
+    else:
+        h.update(b"no manifest")
+    update_from_file(h, splits_path)
     h.update(json.dumps({k: v for k, v in asdict(settings).items() if k not in _FINGERPRINT_EXCLUDES},
                         sort_keys=True).encode())
     return h.hexdigest()
 
 
 def _previous_fingerprint(out_dir: Path) -> str | None:
+    """The fingerprint in ``out_dir/run.json``; None when there is no run.json. A run.json that cannot be read
+    or has no string ``fingerprint`` raises ``ValueError`` naming the file, the field and what was found."""
+    path = out_dir / "run.json"
     try:
-        return json.loads((out_dir / "run.json").read_text())["fingerprint"]
-    except (FileNotFoundError, KeyError, ValueError):
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
         return None
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"{path}: unreadable ({type(err).__name__}: {err})") from None
+    value = doc.get("fingerprint") if isinstance(doc, dict) else None
+    if not isinstance(value, str) or not value:
+        shown = doc.get("fingerprint", "missing") if isinstance(doc, dict) else f"a {type(doc).__name__}"
+        raise ValueError(f"{path}: fingerprint is {shown!r}; expected the run's sha256 hex string")
+    return value
+
+
+def _discard_stale_run(out_dir: Path, fingerprint: str) -> bool:
+    """Remove the checkpoints and logs of a previous run that is not this one; True when one was removed.
+
+    Stale: ``run.json`` names another fingerprint, or it is unreadable, or it is
+    missing beside checkpoints or logs (a checkpoint of unknown origin is never
+    resumed). The logs go too, so epochs of the old run do not show up in this one's.
+    """
+    import logging
+    import shutil
+
+    leftovers = sorted(out_dir.glob("*.ckpt")) + ([out_dir / "logs"] if (out_dir / "logs").exists() else [])
+    try:
+        previous = _previous_fingerprint(out_dir)
+    except ValueError as err:
+        logging.getLogger(__name__).warning(f"{err}; treating the previous run as stale: its checkpoints and logs "
+                                            "are discarded and training starts from scratch")
+        stale = True
+    else:
+        if previous is None and leftovers:
+            logging.getLogger(__name__).warning(
+                f"{out_dir / 'run.json'}: missing beside {', '.join(p.name for p in leftovers)}; checkpoints of "
+                "unknown origin are discarded and training starts from scratch")
+        stale = previous != fingerprint and (previous is not None or bool(leftovers))
+    if stale:
+        for old in leftovers:
+            shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
+    return stale
 
 
 def _best_in_checkpoint(saved: dict) -> tuple:

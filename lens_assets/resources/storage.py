@@ -12,10 +12,13 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
 import dagster as dg
+
+from lens_assets.science.fileio import atomic_path, exchange_dirs, write_text_atomic
 
 DEFAULT_DATA_ROOT = "data"
 
@@ -67,11 +70,7 @@ class LocalStorage(dg.ConfigurableResource):
 
     def write_text(self, text: str, *parts: str) -> Path:
         """Write ``text`` to ``parts`` atomically and publish it."""
-        dest = self.path(*parts)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, dest)
+        dest = write_text_atomic(self.path(*parts), text)
         self.push(*parts)
         return dest
 
@@ -92,25 +91,39 @@ class LocalStorage(dg.ConfigurableResource):
             raise
 
     def publish_dir(self, staged: Path, *parts: str) -> Path:
-        """Replace the directory ``parts`` with ``staged`` so readers never see a half-written one."""
+        """Replace the directory ``parts`` with ``staged``: a reader sees the old folder or the new one, never
+        a half-written one and never none.
+
+        A new folder is one ``os.replace``; an existing one is swapped with ``staged``
+        in one ``renameat2(RENAME_EXCHANGE)`` (Linux), after which ``staged`` holds the
+        old folder and is removed. The path stays the same real directory, so paths
+        stored relative to the data root keep working (a versioned folder behind a
+        symlink would change what ``resolve()`` gives). Where the exchange is not
+        supported the old folder is renamed aside first, leaving a moment without
+        one; that is warned about.
+        """
         dest = self.path(*parts)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        old = None
-        if dest.exists():
-            old = self.path("tmp", f"old-{uuid.uuid4().hex[:12]}")
-            os.replace(dest, old)
-        os.replace(staged, dest)
-        if old is not None:
-            shutil.rmtree(old)
+        if not dest.exists():
+            os.replace(staged, dest)
+        else:
+            try:
+                exchange_dirs(staged, dest)
+                shutil.rmtree(staged)  # the old folder now
+            except NotImplementedError as err:
+                warnings.warn(f"{dest}: {err}; replacing it by renaming the old folder aside, which leaves a "
+                              "moment where it does not exist", RuntimeWarning, stacklevel=2)
+                old = self.path("tmp", f"old-{uuid.uuid4().hex[:12]}")
+                os.replace(dest, old)
+                os.replace(staged, dest)
+                shutil.rmtree(old)
         self.push(*parts)
         return dest
 
     def write_parquet(self, df, *parts: str) -> Path:
         """Write ``df`` to ``parts`` via a temporary name and an atomic rename."""
         dest = self.path(*parts)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
-        df.to_parquet(tmp, index=False)
-        os.replace(tmp, dest)
+        with atomic_path(dest) as tmp:
+            df.to_parquet(tmp, index=False)
         self.push(*parts)
         return dest

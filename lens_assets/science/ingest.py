@@ -151,7 +151,7 @@ def read_one(path: str | Path, name: str, survey: SurveySpec) -> tuple[dict | No
     except OSError as err:
         return None, {"objid": "", "source_file": name, "source_sha256": "", "reason": "unreadable",
                       "message": f"{name}: cannot be read ({err.strerror or err})", "survey": survey.name}, None
-    sha = hashlib.sha256(data).hexdigest()
+    sha = hashlib.sha256(data).hexdigest()  # the bytes are parsed next anyway: no second read
     try:
         cutout = read_cutout(data, name=name, survey=survey)
         return catalog_row(cutout, sha256=sha, survey=survey), None, cutout
@@ -198,7 +198,7 @@ def ingest_files(paths: Sequence[Path], survey: SurveySpec, *, root: Path, worke
     ``duplicate_objid`` naming the first (files are taken in sorted order).
     """
     paths, names = relative_names(paths, root)
-    import astropy.io.fits  # noqa: F401  (imported once here, inherited by forked workers)
+    import astropy.io.fits  # noqa: F401  (imported once here for the one-worker path)
 
     t0 = time.perf_counter()
     results = parallel_map(_ingest_one, [(str(p), n, survey.name) for p, n in zip(paths, names)],

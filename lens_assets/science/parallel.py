@@ -26,10 +26,27 @@ def resolve_workers(workers: int) -> int:
         return max(1, os.cpu_count() or 1)
 
 
+# Workers come from a forkserver: a single-threaded server process, started once per interpreter with the
+# science stack imported, forks each worker. Forking the caller itself is unsafe here: a Dagster step process
+# runs threads (and scoring has torch's thread pools initialised), and a fork copies locks held by threads
+# that do not exist in the child, which can deadlock it. ``spawn`` where there is no forkserver (not POSIX).
+START_METHOD = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+# imported once by the forkserver, so forked workers start with them (an import that fails is skipped)
+PRELOAD = ("numpy", "scipy.signal", "astropy.io.fits", "photutils.psf_matching", "lens_assets.science.ingest",
+           "lens_assets.science.shards")
+
+
+def _context():
+    ctx = mp.get_context(START_METHOD)
+    if START_METHOD == "forkserver":
+        ctx.set_forkserver_preload(list(PRELOAD))  # takes effect when the server starts (the first pool)
+    return ctx
+
+
 def _pool(workers: int) -> ProcessPoolExecutor:
-    """Forked workers on Linux (they start without re-importing the science stack), spawned elsewhere."""
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(method))
+    """A pool of ``workers`` processes started by :data:`START_METHOD`; ``fn`` and its items must pickle
+    (module-level functions, plain data)."""
+    return ProcessPoolExecutor(max_workers=workers, mp_context=_context())
 
 
 def parallel_map(fn: Callable[[T], R], items: Sequence[T] | Iterable[T], *, workers: int = 1,
@@ -37,7 +54,7 @@ def parallel_map(fn: Callable[[T], R], items: Sequence[T] | Iterable[T], *, work
     """``[fn(x) for x in items]`` over ``workers`` processes, in order, with a tqdm bar.
 
     One worker runs in this process (no pool start-up). Worker processes are
-    forked on Linux so they start without re-importing the science stack.
+    forked by a forkserver that has the science stack imported (:data:`START_METHOD`).
     An exception in ``fn`` propagates; nothing is skipped.
     """
     items = list(items)

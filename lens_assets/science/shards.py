@@ -9,7 +9,9 @@ the labels, and the per-row PSF table (``fwhm_before``, ``fwhm_after``,
 ``residual`` in arcsec, ``psf_matched``).
 A shard is written under a temporary name and renamed when complete;
 ``manifest.json`` lists files, row counts and sha256, and its own sha256 is the
-data version. ``rows.parquet`` is the per-row table of all shards.
+data version. ``rows.parquet`` is the per-row table of all shards. Every file
+is renamed into place complete (:mod:`.fileio`), ``manifest.json`` last, so a
+folder whose manifest exists holds every file it names.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .fileio import atomic_path, sha256_file, write_text_atomic
 from .fits_contract import BAND_FLAGS, read_cutout
 from .normalize import center_crop, normalize_cutout
 from .parallel import bounded_imap
@@ -95,6 +98,7 @@ def process_batch(args) -> dict:
     survey = get_survey(settings.survey)
     cutouts = []
     for row in rows:
+        # the bytes are parsed below, so hashing them in memory costs no second read (a cutout is ~100 kB)
         data = (Path(root) / row["source_file"]).read_bytes()
         sha = hashlib.sha256(data).hexdigest()
         if sha != row["source_sha256"]:
@@ -230,7 +234,9 @@ class _ShardWriter:
                                   dtype=h5py.string_dtype(), chunks=(s,))
         self._file.close()
         self._file = None
-        sha = hashlib.sha256(self._tmp.read_bytes()).hexdigest()
+        sha = sha256_file(self._tmp)  # streamed: a full shard is ~1 GB
+        with open(self._tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(self._tmp, self._path)
         self.shards.append({"file": self._path.name, "rows": int(self._n), "sha256": sha})
 
@@ -255,7 +261,7 @@ def build_shards(catalog: pd.DataFrame, survey: SurveySpec, *, root: Path, out_d
     # small catalogs still make several tasks; the size depends on the catalog only, never on `workers`
     bs = max(16, min(settings.batch_size, -(-len(records) // 8)))
     tasks = [(records[i:i + bs], str(root), settings) for i in range(0, len(records), bs)]
-    import astropy.io.fits  # noqa: F401  (imported before forking)
+    import astropy.io.fits  # noqa: F401  (one-worker path; pool workers: the forkserver preload)
     import photutils.psf_matching  # noqa: F401
 
     writer = _ShardWriter(out_dir, settings, survey.band_names, len(records))
@@ -269,17 +275,18 @@ def build_shards(catalog: pd.DataFrame, survey: SurveySpec, *, root: Path, out_d
     writer.finish()
     seconds = time.perf_counter() - t0
     rows = pd.concat(writer.rows, ignore_index=True) if writer.rows else pd.DataFrame()
-    rows.to_parquet(out_dir / "rows.parquet", index=False)
+    with atomic_path(out_dir / "rows.parquet") as tmp:
+        rows.to_parquet(tmp, index=False)
     manifest = {
         "survey": survey.name, "bands": list(survey.band_names), "cutout_size_px": settings.cutout_size_px,
         "pixel_scale_arcsec": survey.pixel_scale_arcsec, "settings": asdict(settings),
         "format_version": SHARD_FORMAT_VERSION, "n_rows": int(len(records)), "shards": writer.shards,
         "n_band_matched": n_matched, "n_band_broader_than_target": n_broader, "seconds": seconds,
-        "rows_table": "rows.parquet",
+        "rows_table": "rows.parquet", "rows_table_sha256": sha256_file(out_dir / "rows.parquet"),
     }
     text = json.dumps({k: v for k, v in manifest.items() if k != "seconds"}, indent=2, sort_keys=True)
     manifest["sha256"] = hashlib.sha256(text.encode()).hexdigest()
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    write_text_atomic(out_dir / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True))  # last
     return manifest
 
 

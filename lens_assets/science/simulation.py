@@ -551,7 +551,7 @@ def simulate_to_directory(survey: SurveySpec, family: Family, *, n_cutouts: int,
         raise ValueError(f"n_cutouts must be >= 1, got {n_cutouts}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _warm_up(survey)  # forked workers inherit lenstronomy's imports and the pixel grid
+    _warm_up(survey)  # imports and the pixel grid (pool workers, started by a forkserver, do it themselves)
     tasks = [(survey, family, seed, i, str(out_dir), labeled) for i in range(start_index, start_index + n_cutouts)]
     t0 = time.perf_counter()
     rows = parallel_map(_simulate_and_write, tasks, workers=workers, progress=progress,

@@ -15,7 +15,8 @@ import pandas as pd
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from lens_assets.assets.evaluation import SCORED_SPLITS, bologna_report, load_scoring, score_calibrator
+from lens_assets.assets.evaluation import SCORED_SPLITS, bologna_report, score_calibrator
+from lens_assets.model_registry import load_scoring
 from lens_assets.definitions import ASSETS
 from lens_assets.resources.launchers import LocalSubprocessLauncher
 from lens_assets.resources.storage import LocalStorage

@@ -19,7 +19,8 @@ import pandas as pd
 import pytest
 from astropy.io import fits
 
-from lens_assets.assets.scoring import COMPLETE_MARKER, candidate_scores
+from lens_assets.assets.scoring import candidate_scores
+from lens_assets.inbox import COMPLETE_MARKER
 from lens_assets.definitions import ASSETS
 from lens_assets.inbox import publish_drop, simulate_drop
 from lens_assets.resources.launchers import LocalSubprocessLauncher

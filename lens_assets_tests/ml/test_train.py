@@ -1,6 +1,7 @@
 """Training runs as plain Lightning on tiny shards and resumes from its last checkpoint."""
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -280,3 +281,73 @@ def test_weights_path_initializes_training_and_stays_out_of_the_checkpoint(data,
     b = torch.load(s["best_checkpoint"], weights_only=True)
     assert "weights_path" not in b["hyper_parameters"]
     assert torch.equal(a["net.conv1.0.weight"], b["state_dict"]["net.conv1.0.weight"])  # lr 0: the loaded ones
+
+
+@pytest.mark.parametrize("run_json", ['{"fingerprint": "abc', None], ids=["truncated", "missing"])
+def test_a_checkpoint_whose_run_json_is_unreadable_or_missing_is_not_resumed(data, tmp_path, caplog, run_json):
+    """A checkpoint of unknown origin (its run.json corrupt or gone) is discarded with a warning naming the file
+    and what was wrong, never resumed."""
+    out = tmp_path / "run"
+    settings = TrainSettings(backbone="resnet10t", epochs=1, batch_size=8, progress=False, patience=10)
+    train(data / "shards", data / "splits.parquet", out, settings)
+    if run_json is None:
+        (out / "run.json").unlink()
+    else:
+        (out / "run.json").write_text(run_json)
+    with caplog.at_level("WARNING", logger="lens_assets.ml.train"):
+        again = train(data / "shards", data / "splits.parquet", out, TrainSettings(**{**settings.__dict__,
+                                                                                      "epochs": 2}))
+    assert again["restarted_stale_run"] is True and again["resumed_after_epochs"] is None
+    assert again["global_step"] == 2 * -(-again["n_train"] // 8)  # two epochs from scratch
+    expected = (r"run\.json: missing beside best\.ckpt, last\.ckpt, logs" if run_json is None
+                else r"run\.json: unreadable \(JSONDecodeError")
+    assert any(re.search(str(out) + "/" + expected, r.getMessage()) for r in caplog.records), \
+        [r.getMessage() for r in caplog.records]
+    assert json.loads((out / "run.json").read_text())["fingerprint"] == again["fingerprint"]
+
+
+def test_a_stale_restart_starts_a_clean_log_so_old_epochs_do_not_leak_into_the_new_run(data, tmp_path):
+    out = tmp_path / "run"
+    settings = TrainSettings(backbone="resnet10t", epochs=2, batch_size=8, progress=False, patience=10)
+    first = train(data / "shards", data / "splits.parquet", out, settings)
+    assert [e["epoch"] for e in first["val_auroc_by_epoch"]] == [0, 1]
+    other = train(data / "shards", data / "splits.parquet", out,
+                  TrainSettings(**{**settings.__dict__, "lr": 5e-4, "epochs": 1}))
+    assert other["restarted_stale_run"] is True
+    assert [e["epoch"] for e in other["val_auroc_by_epoch"]] == [0]  # not the old run's epoch 1
+    assert sorted(p.name for p in (out / "logs").iterdir()) == ["version_0"]
+
+
+def test_run_and_summary_json_are_replaced_whole_when_the_writer_dies_mid_write(data, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    settings = TrainSettings(backbone="resnet10t", epochs=1, batch_size=8, progress=False, patience=10)
+    first = train(data / "shards", data / "splits.parquet", out, settings)
+    from pathlib import Path
+
+    real = Path.write_text
+
+    def dies_half_way_through_summary(self, text, *args, **kwargs):
+        if self.name.endswith(".tmp") and "summary.json" in self.name or self.name == "summary.json":
+            real(self, text[: len(text) // 2], *args, **kwargs)
+            raise OSError(f"{self}: disk full")
+        return real(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", dies_half_way_through_summary)
+    with pytest.raises(OSError, match="disk full"):
+        train(data / "shards", data / "splits.parquet", out, TrainSettings(**{**settings.__dict__, "epochs": 2}))
+    assert json.loads((out / "summary.json").read_text())["epochs_run"] == first["epochs_run"] == 1
+    assert json.loads((out / "run.json").read_text())["fingerprint"] == first["fingerprint"]
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("text, match", [('[1, 2]', r"run\.json: fingerprint is 'a list'; expected"),
+                                         ('{"settings": {}}', r"run\.json: fingerprint is 'missing'; expected"),
+                                         ('{"fingerprint": 3}', r"run\.json: fingerprint is 3; expected"),
+                                         (b"\xff\xfe", r"run\.json: unreadable \(UnicodeDecodeError")])
+def test_an_unreadable_run_json_is_an_error_naming_file_field_and_value(tmp_path, text, match):
+    from lens_assets.ml.train import _previous_fingerprint
+
+    (tmp_path / "run.json").write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ValueError, match=match):
+        _previous_fingerprint(tmp_path)
+    assert _previous_fingerprint(tmp_path / "nothing-here") is None

@@ -4,10 +4,12 @@ Nothing is patched: boto3 talks to ``http://127.0.0.1:<port>`` through ``endpoin
 and every check on the bucket lists it with a separate boto3 client.
 """
 
+import contextlib
 import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -21,7 +23,7 @@ import dagster as dg
 import pandas as pd
 import pytest
 
-from lens_assets.resources.s3_storage import S3Storage, parse_s3_url
+from lens_assets.resources.s3_storage import ChecksumMismatch, S3Storage, parse_s3_url
 
 BUCKET = "lens-test"
 MOTO_SERVER = Path(sys.executable).with_name("moto_server")
@@ -543,3 +545,125 @@ def test_a_launcher_on_another_disk_with_local_storage_is_a_clear_failure(tmp_pa
     with pytest.raises(dg.Failure, match=r"EcsLauncher runs training where .* cannot be read: set "
                                          r"LENS_DATA_ROOT=s3://bucket/prefix"):
         remote_store(LocalStorage(root=str(tmp_path)), EcsLauncher(cluster="c", task_definition="t"))
+
+
+# ---------------------------------------------------------------- publish order, kills mid-publish, verified pulls
+
+def _shard_folder(folder: Path, version: str, n_shards: int) -> dict[str, bytes]:
+    """A shard-like folder: ``shard-NNNNN.h5`` data files, ``rows.parquet`` and a ``manifest.json`` with their
+    sha256 (as build_shards writes it); returns every file's bytes."""
+    files = {f"shard-{i:05d}.h5": f"{version} shard {i}".encode() * 100 for i in range(n_shards)}
+    files["rows.parquet"] = f"{version} rows".encode()
+    manifest = {"version": version, "rows_table": "rows.parquet",
+                "rows_table_sha256": hashlib.sha256(files["rows.parquet"]).hexdigest(), "shards": [{"file": k, "rows": 1, "sha256": hashlib.sha256(v).hexdigest()}
+                           for k, v in files.items() if k.endswith(".h5")]}
+    files["manifest.json"] = json.dumps(manifest).encode()
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return files
+
+
+def _bucket_state_is_consistent(bucket, prefix: str, folder: str) -> None:
+    """The manifest in the bucket names only objects that are there."""
+    objects = _keys(bucket, f"{prefix}/{folder}/")
+    if "manifest.json" in objects:
+        named = [e["file"] for e in json.loads(objects["manifest.json"])["shards"]]
+        assert set(named) <= set(objects), f"manifest names missing objects {sorted(set(named) - set(objects))}"
+
+
+class _Killed(BaseException):
+    """Stands for the process dying: nothing after it runs (no cleanup catches a BaseException here)."""
+
+
+def test_a_folder_publish_uploads_data_first_and_the_manifest_last_then_deletes_stale_objects(make_storage, bucket,
+                                                                                               prefix):
+    s = make_storage()
+    calls = []
+    client = s.client
+    real_upload, real_delete = client.upload_file, client.delete_objects
+    client.upload_file = lambda f, b, k, **kw: (calls.append(("put", k.rsplit("/", 1)[-1])),
+                                                real_upload(f, b, k, **kw))[1]
+    client.delete_objects = lambda **kw: (calls.append(("delete", len(kw["Delete"]["Objects"]))),
+                                          real_delete(**kw))[1]
+    with s.staged_dir("v1") as staged:
+        _shard_folder(staged, "v1", 3)
+        s.publish_dir(staged, "shards", "sdss")
+    with s.staged_dir("v2") as staged:
+        _shard_folder(staged, "v2", 1)
+        calls.clear()
+        s.publish_dir(staged, "shards", "sdss")
+    assert calls == [("put", "rows.parquet"), ("put", "shard-00000.h5"), ("put", "manifest.json"), ("delete", 2)]
+    _bucket_state_is_consistent(bucket, prefix, "shards/sdss")
+
+
+@pytest.mark.parametrize("kill_after", range(6))
+def test_a_publish_killed_mid_way_leaves_the_old_version_or_a_clear_error_never_a_half_published_one(
+        make_storage, bucket, prefix, kill_after):
+    """v1 (3 shards) is replaced by v2 (2 shards); the publisher dies after ``kill_after`` S3 calls (4 uploads,
+    then the delete of the stale shard; 5: not killed). The bucket's manifest never names a missing object, and
+    a fresh cache pulls a complete version (each file matching its manifest) or fails naming the object, never
+    taking a bad file as good."""
+    s = make_storage()
+    with s.staged_dir("v1") as staged:
+        v1 = _shard_folder(staged, "v1", 3)
+        s.publish_dir(staged, "shards", "sdss")
+    counter = {"n": 0}
+    client = s.client
+    real_upload, real_delete = client.upload_file, client.delete_objects
+
+    def counted(real):
+        def call(*args, **kwargs):
+            if counter["n"] == kill_after:
+                raise _Killed()
+            counter["n"] += 1
+            return real(*args, **kwargs)
+        return call
+
+    client.upload_file, client.delete_objects = counted(real_upload), counted(real_delete)
+    with pytest.raises(_Killed) if kill_after < 5 else contextlib.nullcontext():
+        with s.staged_dir("v2") as staged:
+            v2 = _shard_folder(staged, "v2", 2)
+            s.publish_dir(staged, "shards", "sdss")
+    _bucket_state_is_consistent(bucket, prefix, "shards/sdss")
+    reader = make_storage(f"reader-{kill_after}")
+    try:
+        local = reader.pull("shards", "sdss")
+    except ChecksumMismatch as err:  # v1's manifest, a shard already overwritten by v2
+        assert re.search(r"s3://lens-test/.*/shards/sdss/(shard-0000\d\.h5|rows\.parquet): sha256 [0-9a-f]{64}, but "
+                         r"s3://.*/manifest\.json expects [0-9a-f]{64}", str(err)), str(err)
+        assert not reader.path("shards", "sdss", "manifest.json").exists()  # nothing taken as good
+        return
+    got = {p.name: p.read_bytes() for p in local.iterdir() if p.is_file()}
+    version = json.loads(got["manifest.json"])["version"]
+    expected = {"v1": v1, "v2": v2}[version]
+    assert {k: v for k, v in got.items() if k in expected} == expected  # a whole version, nothing mixed
+    assert version == ("v2" if kill_after >= 4 else "v1")  # the manifest is the 4th call
+
+
+def test_a_pulled_shard_whose_sha256_differs_from_the_manifest_is_an_error_naming_it_and_is_not_kept(
+        make_storage, bucket, prefix):
+    s = make_storage()
+    with s.staged_dir("v1") as staged:
+        files = _shard_folder(staged, "v1", 2)
+        s.publish_dir(staged, "shards", "sdss")
+    reader = make_storage("reader")
+    reader.pull("shards", "sdss")
+    good = reader.path("shards", "sdss", "shard-00001.h5").read_bytes()
+    assert good == files["shard-00001.h5"]
+    _put(bucket, prefix, "shards/sdss/shard-00001.h5", b"truncated")
+    expected = hashlib.sha256(files["shard-00001.h5"]).hexdigest()
+    got = hashlib.sha256(b"truncated").hexdigest()
+    with pytest.raises(ChecksumMismatch, match=rf"s3://{BUCKET}/{prefix}/shards/sdss/shard-00001\.h5: sha256 {got}, "
+                                               rf"but s3://{BUCKET}/{prefix}/shards/sdss/manifest\.json expects "
+                                               rf"{expected}"):
+        reader.pull("shards", "sdss")
+    folder = reader.path("shards", "sdss")
+    assert (folder / "shard-00001.h5").read_bytes() == good  # the cached good copy stays, the bad one is gone
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "rows.parquet", "shard-00000.h5",
+                                                         "shard-00001.h5"]
+    fresh = make_storage("fresh")
+    with pytest.raises(ChecksumMismatch, match=r"shard-00001\.h5: sha256"):
+        fresh.pull("shards", "sdss")
+    assert not fresh.path("shards", "sdss", "shard-00001.h5").exists()
+    assert not fresh.path("shards", "sdss", "manifest.json").exists()

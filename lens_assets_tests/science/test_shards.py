@@ -637,3 +637,26 @@ def test_own_size_hst_drop_every_file_processed_or_quarantined(tmp_path):
     assert d["images"].shape == (5, 2, 160, 160)
     foot = dict(zip(pd.read_parquet(tmp_path / "shards/rows.parquet")["objid"], d["footprint_px"]))
     assert foot == {"s96-0.04": 76, "s140-0.04": 112, "s200-0.04": 160, "s160-0.05": 160, "s80-0.05": 80}
+
+
+def test_shards_are_hashed_streaming_not_read_whole_and_the_rows_table_is_in_the_manifest(sim, tmp_path,
+                                                                                          monkeypatch):
+    """A full shard is ~1 GB: its sha256 is computed in chunks, never from ``read_bytes()`` of the whole file.
+    The rows table's sha256 is in the manifest too, so a reader can check every file the manifest names."""
+    root, catalog = sim
+    real = Path.read_bytes
+
+    def no_whole_shard(self):
+        if self.suffix in (".h5", ".tmp", ".parquet"):
+            raise AssertionError(f"{self.name} read whole into memory")
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", no_whole_shard)
+    out = tmp_path / "shards"
+    manifest = build_shards(catalog, SDSS, root=root, out_dir=out, settings=shard_settings(SDSS, rows_per_shard=10),
+                            workers=1, progress=False)
+    monkeypatch.undo()
+    assert [e["sha256"] for e in manifest["shards"]] == [sha256(out / e["file"]) for e in manifest["shards"]]
+    assert manifest["rows_table_sha256"] == sha256(out / "rows.parquet")
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "rows.parquet", "shard-00000.h5",
+                                                     "shard-00001.h5", "shard-00002.h5"]

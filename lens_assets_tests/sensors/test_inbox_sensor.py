@@ -14,7 +14,8 @@ import re
 import dagster as dg
 import pytest
 
-from lens_assets.assets.scoring import COMPLETE_MARKER, candidate_scores
+from lens_assets.assets.scoring import candidate_scores
+from lens_assets.inbox import COMPLETE_MARKER
 from lens_assets.inbox import publish_drop
 from lens_assets_tests.helpers import write_promotion
 from lens_assets.partitions import drop_partitions, scoring_partitions
