@@ -27,7 +27,7 @@ SURVEY = "sdss"
 MEMBER = "resnet10t"
 N_HELDOUT = 60
 PERMISSIVE = {"min_auroc": 0.0, "min_tpr10": 0.0, "max_ece": 1.0, "min_heldout_auroc": 0.0,
-              "min_lensing_only_auroc": 0.0, "max_fnr_flux_ratio_lt_0_1": 1.0}
+              "min_lensing_only_auroc": 0.0, "max_fnr_flux_ratio_lt_0_1": None}  # None: not gated (tiny test split)
 DESIGN_KEYS = ("auroc", "auprc", "tpr0", "tpr10", "tpr_at_fpr_0.1", "ece", "fnr_flux_ratio_lt_0.1",
                "n_test_lenses", "n_test_nonlenses", "heldout_auroc", "heldout_tpr0", "heldout_tpr10")
 CHECKS = {"auroc_at_least_gate", "tpr10_at_least_gate", "ece_at_most_gate"}
@@ -68,7 +68,7 @@ def graph(tmp_path_factory):
 def _report_only(storage, gates):
     return dg.materialize([bologna_report], partition_key=SURVEY, resources={"storage": storage},
                           run_config={"ops": {"bologna_report": {"config": gates}}},
-                          instance=dg.DagsterInstance.ephemeral())
+                          instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)  # gates are blocking
 
 
 def _scores(storage):
@@ -260,7 +260,7 @@ def test_load_scoring_fails_when_the_calibrator_was_fit_for_other_checkpoints(gr
     doc["members"][0]["sha256"] = "0" * 64  # as if lens_classifier had been retrained since
     try:
         path.write_text(json.dumps(doc))
-        with pytest.raises(dg.Failure, match=rf"{path} was fit for other checkpoints than models/{SURVEY}/"
+        with pytest.raises(dg.Failure, match=rf"{path} was fit for other checkpoints than \S*models/{SURVEY}/"
                                              "ensemble.json lists: re-materialize score_calibrator"):
             load_scoring(storage, SURVEY)
     finally:
