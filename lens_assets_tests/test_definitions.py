@@ -48,7 +48,9 @@ def test_definitions_load_with_the_contract_asset_keys_groups_and_owners():
     assert scoring.owners == ["team:lens-finding"] and scoring.code_version and "python" in scoring.kinds
     assert isinstance(scoring.partitions_def, dg.MultiPartitionsDefinition)
     assert {d.name for d in scoring.partitions_def.partitions_defs} == {"drop", "survey"}
-    assert {d.asset_key for d in scoring.deps} == {dg.AssetKey("lens_classifier"), dg.AssetKey("score_calibrator")}
+    assert {d.asset_key for d in scoring.deps} == {dg.AssetKey("promoted_model")}  # only a vetted model scores
+    assert specs["promoted_model"].group_name == "release"
+    assert {d.asset_key for d in specs["promoted_model"].deps} == {dg.AssetKey("bologna_report")}
     assert scoring.automation_condition is not None
     assert defs.resolve_sensor_def("survey_inbox_sensor") and defs.resolve_schedule_def("rescore_nightly")
 

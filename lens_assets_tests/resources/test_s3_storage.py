@@ -392,12 +392,16 @@ def test_a_complete_s3_drop_gives_one_run_request_and_an_incomplete_one_none(mak
     producer.push("inbox", "sdss", "2026-11-21-b")
     assert len(_keys(bucket, f"{prefix}/inbox/sdss/2026-11-21-b/")) == 2
 
-    sensor_side = make_storage("sensor")  # the sensor sees only the bucket
+    import json
+
+    producer.write_text(json.dumps({"survey": "sdss", "version": "v1"}), "promoted", "sdss", "promotion.json")
+    sensor_side = make_storage("sensor")  # the sensor sees only the bucket (the promotion record included)
     instance = dg.DagsterInstance.ephemeral()
     result = inbox_tick(sensor_side, instance, None, limit=10)
     assert [(r.run_key, r.partition_key) for r in result.run_requests] == \
         [("sdss|2026-11-21-a", scoring_key("sdss", "2026-11-21-a"))]
-    assert result.run_requests[0].tags == {"lens/survey": "sdss", "lens/drop": "2026-11-21-a"}
+    assert result.run_requests[0].tags == {"lens/survey": "sdss", "lens/drop": "2026-11-21-a",
+                                           "lens/promoted_version": "v1"}
     assert [r.partition_keys for r in result.dynamic_partitions_requests] == [["2026-11-21-a"]]
     assert not sensor_side.path("inbox").exists()
 
