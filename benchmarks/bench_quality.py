@@ -29,6 +29,7 @@ def main(argv=None) -> dict:
     import dagster as dg
 
     from lens_assets.definitions import ASSETS, training_launcher
+    from lens_assets.demo import only_gates_failed
     from lens_assets.profiles import PROFILES, run_config
     from lens_assets.resources.storage import LocalStorage
 
@@ -61,12 +62,18 @@ def main(argv=None) -> dict:
     for asset in selected:  # one at a time, so each asset's wall time is its own
         name = asset.key.to_user_string()
         t0 = time.perf_counter()
-        result = dg.materialize([asset], partition_key=args.survey, resources=resources,
+        result = dg.materialize([asset], partition_key=args.survey, resources=resources, raise_on_error=False,
                                 run_config={"ops": {k: v for k, v in config["ops"].items() if k == name}})
         times[name] = time.perf_counter() - t0
+        if not result.success and not only_gates_failed(result):
+            raise RuntimeError(f"{name} failed: " + "; ".join(str(e.event_specific_data.error)[:400] for e in
+                                                          result.all_events if e.event_type_value == "STEP_FAILURE"))
         for mat in result.asset_materializations_for_node(name):
             metadata[name] = {k: v.value for k, v in mat.metadata.items() if k not in FIGURES}
         print(f"{name}: {times[name]:.0f} s", flush=True)
+        if not result.success:  # the report's gates failed: nothing to promote, every figure is written
+            print("bologna_report: a release gate failed; promoted_model is not run", flush=True)
+            break
     wall = time.perf_counter() - t_all
     r = metadata["bologna_report"]
     gates = PROFILES[args.profile]["bologna_report"]

@@ -119,12 +119,16 @@ def drop_section(root: Path, n: int, batch: int = 256, repeats: int = 3, member_
 
 
 def sensor_section(root: Path, n_drops: int) -> dict:
+    import json
+
     import dagster as dg
 
     from lens_assets.resources.storage import LocalStorage
     from lens_assets.sensors.inbox import inbox_tick
 
     storage = LocalStorage(root=str(root / "sensor"))
+    # des has a promoted model (its drops are requested), hsc's drops are incomplete
+    storage.write_text(json.dumps({"survey": "des", "version": "bench"}), "promoted", "des", "promotion.json")
     for i in range(n_drops):
         d = storage.path("inbox", "des", f"drop-{i:05d}")
         d.mkdir(parents=True)
@@ -137,7 +141,6 @@ def sensor_section(root: Path, n_drops: int) -> dict:
     t = time.perf_counter()
     first = inbox_tick(storage, instance, None, limit=100)
     first_s = time.perf_counter() - t
-    import json
 
     handled = json.dumps({"handled": [f"des|drop-{i:05d}" for i in range(n_drops)]})
     t = time.perf_counter()

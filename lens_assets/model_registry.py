@@ -69,15 +69,10 @@ def read_ensemble(storage: LocalStorage, survey: str) -> dict:
     return _checked_members(storage, json.loads(path.read_text()), path)
 
 
-def read_calibrator(storage: LocalStorage, survey: str) -> tuple[str, dict]:
-    """(text, document) of the survey's current ``calibrator.json``; the document's ``version`` is its
-    :func:`calibrator_version`."""
-    path = calibrator_path(storage, survey)
-    storage.pull(*path.relative_to(storage.root_path).parts)
-    if not path.exists():
-        raise no_retry(f"{path} does not exist: materialize score_calibrator for {survey} first")
+def _calibrator_doc(path: Path) -> dict:
+    """A ``calibrator.json`` with its :func:`calibrator_version` as ``version``."""
     text = path.read_text()
-    return text, {**json.loads(text), "version": calibrator_version(text)}
+    return {**json.loads(text), "version": calibrator_version(text)}
 
 
 def _matched(ensemble: dict, doc: dict, ensemble_file: Path, calibrator_file: Path) -> None:
@@ -95,8 +90,13 @@ def _scoring_objects(ensemble: dict, doc: dict):
 
 def load_scoring(storage: LocalStorage, survey: str):
     """(ensemble manifest, Fusion, Calibrator, calibrator document) of the latest trained and calibrated pair,
-    vetted or not (``score_calibrator`` and ``bologna_report`` evaluate it; new data uses :func:`load_promoted`)."""
-    _, doc = read_calibrator(storage, survey)
+    vetted or not, after checking the calibrator was fit for these checkpoints (what :func:`promote` judges; new
+    data uses :func:`load_promoted`)."""
+    path = calibrator_path(storage, survey)
+    storage.pull(*path.relative_to(storage.root_path).parts)
+    if not path.exists():
+        raise no_retry(f"{path} does not exist: materialize score_calibrator for {survey} first")
+    doc = _calibrator_doc(path)
     ensemble = read_ensemble(storage, survey)
     _matched(ensemble, doc, ensemble_path(storage, survey), calibrator_path(storage, survey))
     return _scoring_objects(ensemble, doc)
@@ -129,8 +129,7 @@ def load_promoted(storage: LocalStorage, survey: str):
     missing = [n for n in ("ensemble.json", "calibrator.json") if not (folder / n).exists()]
     if missing:
         raise no_retry(f"{folder} lacks {', '.join(missing)}: materialize promoted_model for {survey} again")
-    text = (folder / "calibrator.json").read_text()
-    doc = {**json.loads(text), "version": calibrator_version(text)}
+    doc = _calibrator_doc(folder / "calibrator.json")
     ensemble = _checked_members(storage, json.loads((folder / "ensemble.json").read_text()), folder / "ensemble.json")
     _matched(ensemble, doc, folder / "ensemble.json", folder / "calibrator.json")
     return _scoring_objects(ensemble, doc)
@@ -140,9 +139,7 @@ def promote(storage: LocalStorage, survey: str, *, report: dict, run_id: str) ->
     """Copy the survey's current ensemble and calibrator to ``promoted/<survey>/`` after checking that ``report``
     (``bologna_report``'s report.json) evaluated exactly this pair and passed every gate; returns the promotion
     document. The previous promotion stays in place when anything is refused."""
-    text, doc = read_calibrator(storage, survey)
-    ensemble = read_ensemble(storage, survey)
-    _matched(ensemble, doc, ensemble_path(storage, survey), calibrator_path(storage, survey))
+    ensemble, _, _, doc = load_scoring(storage, survey)
     evaluated = report.get("calibrator_version")
     if evaluated != doc["version"]:
         raise no_retry(f"reports/{survey}/bologna/report.json evaluated calibrator {evaluated}, but the current "
@@ -165,7 +162,10 @@ def promote(storage: LocalStorage, survey: str, *, report: dict, run_id: str) ->
                             "checkpoint": str(Path("promoted", survey, name))})
         (staged / "ensemble.json").write_text(json.dumps({**{k: v for k, v in ensemble.items() if k != "members"},
                                                           "members": members}, indent=2))
-        (staged / "calibrator.json").write_text(text)
+        shutil.copyfile(calibrator_path(storage, survey), staged / "calibrator.json")
+        if _calibrator_doc(staged / "calibrator.json")["version"] != doc["version"]:
+            raise no_retry(f"{calibrator_path(storage, survey)} changed while it was being promoted: materialize "
+                           "promoted_model again")
         promotion = {"survey": survey, "version": f"{ensemble['version']}-{doc['version']}",
                      "model_version": ensemble["version"], "calibrator_version": doc["version"],
                      "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "run_id": run_id,

@@ -609,7 +609,7 @@ def bologna_report(context: dg.AssetExecutionContext, config: ReportConfig,
     report.update({"version": version, "calibrator_version": calibrator_version(calibrator_text),
                    "checks": {c.check_name: {"passed": c.passed, "value": _gate_value(c), "gate": c.metadata["gate"].value}
                               for c in checks}})
-    storage.write_text(json.dumps(report, indent=2, default=float), "reports", survey.name, "bologna", "report.json")
+    write_text_atomic(out_dir / "report.json", json.dumps(report, indent=2, default=float))  # pushed with the folder
     write_text_atomic(md, report_markdown(survey.name, figures, calibrator, shortcut))
     storage.push("reports", survey.name, "bologna")
     return dg.MaterializeResult(metadata=metadata, check_results=checks, data_version=dg.DataVersion(version))
