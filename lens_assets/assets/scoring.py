@@ -91,14 +91,18 @@ def candidate_scores(context: dg.AssetExecutionContext, config: ScoringConfig,
     table = table.sort_values(["logit", "objid"], ascending=[False, True], kind="stable").reset_index(drop=True)
     table.insert(2, "rank", range(1, len(table) + 1))
     table = candidate_schema().validate(table)
-    out = storage.write_parquet(table, "candidates", survey.name, drop, "candidate_scores.parquet")
-    storage.write_parquet(quarantine, "candidates", survey.name, drop, "quarantine.parquet")
     context.log.info(f"{survey.name}/{drop}: scored {len(table)} of {len(files)} files ({len(quarantine)} "
                      f"quarantined) at {len(files) / seconds:.0f} files/s on {device}; model {ensemble['version']}")
+    # the drop's folder (table, quarantine, plots) is built aside and published in one step: a run killed at any
+    # point leaves the previous complete folder or none, and its retry starts over
+    with storage.staged_dir(f"candidates-{survey.name}-{drop}") as staged:
+        table.to_parquet(staged / "candidate_scores.parquet", index=False)
+        quarantine.to_parquet(staged / "quarantine.parquet", index=False)
+        plots = _candidate_plots(table, staged, survey=survey, drop=drop, storage=storage,
+                                 gallery_size=config.gallery_size)
+        version = sha256_file(staged / "candidate_scores.parquet")[:16]
+        report_dir = storage.publish_dir(staged, "candidates", survey.name, drop)
 
-    from lens_assets.science.plots import value_histogram
-
-    report_dir = candidates_dir(storage, survey.name, drop)
     metadata = {
         "path": dg.MetadataValue.path(storage.url("candidates", survey.name, drop, "candidate_scores.parquet")),
         "quarantine_path": dg.MetadataValue.path(storage.url("candidates", survey.name, drop, "quarantine.parquet")),
@@ -120,17 +124,24 @@ def candidate_scores(context: dg.AssetExecutionContext, config: ScoringConfig,
         metadata["n_score_above_0.5"] = int((table["score"] > 0.5).sum())
         metadata["top_candidates"] = dg.MetadataValue.md(
             table.head(10)[["rank", "objid", "score", "logit", "source_file"]].to_markdown(index=False, floatfmt=".4f"))
-        hist = value_histogram(table["score"], report_dir / "score_histogram.png", xlabel="calibrated lens probability",
-                               title=f"{survey.name} / {drop}: {len(table)} cutouts")
-        metadata["score_histogram"] = png_markdown(hist, alt="score histogram")
-        if config.gallery_size:
-            top = table.head(config.gallery_size)
-            gallery = gallery_from_files([storage.path(f) for f in top["source_file"]], list(top["source_file"]),
-                                         [f"#{r} p={p:.2f}" for r, p in zip(top["rank"], top["score"])], survey,
-                                         report_dir / "top_candidates.png")
-            metadata["top_candidates_gallery"] = png_markdown(gallery, alt="top candidates")
-        storage.push("candidates", survey.name, drop, "score_histogram.png")
-        if config.gallery_size:
-            storage.push("candidates", survey.name, drop, "top_candidates.png")
-    version = sha256_file(out)[:16]
+    alts = {"score_histogram": "score histogram", "top_candidates_gallery": "top candidates"}
+    metadata.update({key: png_markdown(report_dir / name, alt=alts[key]) for key, name in plots.items()})
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(version))
+
+
+def _candidate_plots(table, out, *, survey, drop: str, storage: LocalStorage, gallery_size: int) -> dict:
+    """The drop's score histogram and top-candidate gallery in ``out``: {metadata key: file name}."""
+    if not len(table):
+        return {}
+    from lens_assets.science.plots import value_histogram
+
+    value_histogram(table["score"], out / "score_histogram.png", xlabel="calibrated lens probability",
+                    title=f"{survey.name} / {drop}: {len(table)} cutouts")
+    plots = {"score_histogram": "score_histogram.png"}
+    if gallery_size:
+        top = table.head(gallery_size)
+        gallery_from_files([storage.path(f) for f in top["source_file"]], list(top["source_file"]),
+                           [f"#{r} p={p:.2f}" for r, p in zip(top["rank"], top["score"])], survey,
+                           out / "top_candidates.png")
+        plots["top_candidates_gallery"] = "top_candidates.png"
+    return plots

@@ -331,3 +331,71 @@ def test_candidate_scores_is_rescored_when_its_survey_promotes_a_model_and_never
     materialized("candidate_scores", "d3|sdss")  # the sensor's run of the new drop changes nothing upstream
     result, requested = evaluate(result.cursor)
     assert requested == set()
+
+
+_KILLED_SCORING_RUN = """
+import os, signal, sys
+import dagster as dg
+import lens_assets.science.plots as plots
+from lens_assets.assets.scoring import candidate_scores
+from lens_assets.partitions import drop_partitions, scoring_key
+from lens_assets.resources.storage import LocalStorage
+
+def killed(*args, **kwargs):  # the step dies (SIGKILL: no cleanup runs) once both tables are written
+    os.kill(os.getpid(), signal.SIGKILL)
+
+plots.value_histogram = killed
+root, survey, drop = sys.argv[1:4]
+instance = dg.DagsterInstance.ephemeral()
+instance.add_dynamic_partitions(drop_partitions.name, [drop])
+dg.materialize([candidate_scores], partition_key=str(scoring_key(survey, drop)), instance=instance,
+               resources={"storage": LocalStorage(root=root)},
+               run_config={"ops": {"candidate_scores": {"config": {"workers": 1, "batch_size": 16}}}})
+"""
+
+
+def test_a_scoring_run_killed_mid_way_leaves_the_last_complete_table_and_its_retry_writes_one(model_storage):
+    """A re-scoring run SIGKILLed after writing its new tables: readers still see the previous complete folder
+    (byte for byte); re-executing the partition (what run_retries does) writes one complete table of every file."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+
+    from lens_assets.partitions import drop_partitions, scoring_key
+
+    storage, drop = model_storage, "killed-night"
+    staging = LocalStorage(root=str(storage.root_path.parent / "producer-killed"))
+    simulate_drop(staging, SURVEY, "staged", n=12, seed=77, workers=1)
+    files = sorted(staging.path("inbox", SURVEY, "staged").glob("*.fits"))
+    publish_drop(storage, SURVEY, drop, files[:8])
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(drop_partitions.name, [drop])
+
+    def score():
+        result = dg.materialize([candidate_scores], partition_key=str(scoring_key(SURVEY, drop)), instance=instance,
+                                resources={"storage": storage}, run_config=SCORING_CONFIG)
+        assert result.success
+        return {p.name: p.read_bytes() for p in storage.path("candidates", SURVEY, drop).iterdir()}
+
+    first = score()
+    assert {"candidate_scores.parquet", "quarantine.parquet", "score_histogram.png"} <= set(first)
+    for f in files[8:]:  # the re-scoring run has more to write than the folder readers see now
+        shutil.copy(f, storage.path("inbox", SURVEY, drop, f.name))
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", _KILLED_SCORING_RUN, str(storage.root_path), SURVEY, drop],
+                          cwd=repo, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    after_kill = {p.name: p.read_bytes() for p in storage.path("candidates", SURVEY, drop).iterdir()}
+    assert after_kill == first
+    # the killed run got as far as writing both tables (under tmp/, where no reader looks)
+    leftovers = [p for p in storage.path("tmp").glob(f"candidates-{SURVEY}-{drop}-*") if p.is_dir()]
+    assert leftovers and (leftovers[0] / "candidate_scores.parquet").exists()
+
+    retried = score()
+    table = pd.read_parquet(storage.path("candidates", SURVEY, drop, "candidate_scores.parquet"))
+    quarantine = pd.read_parquet(storage.path("candidates", SURVEY, drop, "quarantine.parquet"))
+    assert len(table) + len(quarantine) == len(files) and len(quarantine) == 0
+    assert sorted(Path(f).name for f in table["source_file"]) == [p.name for p in files]
+    assert list(table["rank"]) == list(range(1, len(files) + 1))
+    assert {"candidate_scores.parquet", "quarantine.parquet", "score_histogram.png"} <= set(retried)
