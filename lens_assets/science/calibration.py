@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
-from scipy.optimize import minimize, minimize_scalar
+from scipy.optimize import minimize_scalar
 from scipy.special import expit
 
 __all__ = ["Calibrator", "fit_temperature", "fit_platt", "fit_calibrator", "cross_fit", "prior_shift", "nll",
@@ -46,9 +46,10 @@ def fit_temperature(logits, labels) -> float:
 def fit_platt(logits, labels) -> tuple[float, float]:
     """(a, b) minimizing the mean NLL of sigmoid(a * logit + b): unpenalized logistic regression on one feature.
 
-    Newton-type minimization with the exact gradient and Hessian (the loss is
-    convex); ``a`` is kept in [0, e^5] (the temperature's range, and a calibrator
-    never reverses the ranking), so perfectly separated labels give a finite fit.
+    Newton's method with the exact gradient and Hessian and a backtracking line
+    search (the loss is convex, so it converges in a few steps); ``a`` is kept in
+    [0, e^5] (the temperature's range, and a calibrator never reverses the
+    ranking), so perfectly separated labels give a finite fit.
     """
     z = np.asarray(logits, dtype=float)
     y = np.asarray(labels, dtype=float)
@@ -56,11 +57,27 @@ def fit_platt(logits, labels) -> tuple[float, float]:
 
     def loss(ab):
         s = x @ ab
-        return float(np.mean(np.logaddexp(0.0, s) - y * s)), x.T @ (expit(s) - y) / len(z)
+        return float(np.mean(np.logaddexp(0.0, s) - y * s)), x.T @ (expit(s) - y) / len(z), s
 
-    res = minimize(loss, np.array([1.0, 0.0]), jac=True, method="L-BFGS-B", bounds=[(0.0, np.exp(5.0)), (None, None)],
-                   options={"ftol": 1e-15, "gtol": 1e-12, "maxiter": 1000})
-    return float(res.x[0]), float(res.x[1])
+    ab = np.array([1.0, 0.0])
+    f, g, s = loss(ab)
+    for _ in range(200):
+        p = expit(s)
+        hess = (x * (p * (1.0 - p))[:, None]).T @ x / len(z) + 1e-12 * np.eye(2)
+        step = np.linalg.solve(hess, g)
+        t = 1.0
+        while True:
+            new = ab - t * step
+            new[0] = np.clip(new[0], 0.0, np.exp(5.0))
+            f_new, g_new, s_new = loss(new)
+            if f_new <= f + 1e-4 * g @ (new - ab) or t < 1e-12:
+                break
+            t /= 2.0
+        done = np.abs(new - ab).max() < 1e-12 * (1.0 + np.abs(ab).max())
+        ab, f, g, s = new, f_new, g_new, s_new
+        if done:
+            break
+    return float(ab[0]), float(ab[1])
 
 
 @dataclass
