@@ -228,7 +228,8 @@ def assign_val_roles(table: pd.DataFrame, *, calibrate_fraction: float = 0.5) ->
     each label class of groups (non-lens, lens, mixed) the groups are taken in the
     order of a hash of their ``sky_group`` id and each goes to the half furthest
     behind its share of rows, in that class and over all val rows together (as
-    :func:`make_splits` assigns splits); ties go by the group's hash. So the halves
+    :func:`make_splits` assigns splits); a tie goes to "stop", so a val split of one
+    sky group still leaves training something to early-stop on. So the halves
     keep the val split's lens fraction, and each holds lenses and non-lenses
     whenever the val split has two sky groups with lenses and two with non-lenses.
     """
@@ -252,11 +253,10 @@ def assign_val_roles(table: pd.DataFrame, *, calibrate_fraction: float = 0.5) ->
         in_class = group_class.to_numpy() == cls
         order = np.argsort(keys[in_class], kind="stable")
         assigned = np.zeros(2)
-        for g, key in zip(groups[in_class][order], keys[in_class][order]):
+        for g in groups[in_class][order]:
             n = sizes[g]
             score = targets * (assigned.sum() + n) - assigned + targets * (overall.sum() + n) - overall
-            best = np.flatnonzero(np.isclose(score, score.max()))
-            r = int(best[0] if len(best) == 1 else best[int(key) % len(best)])
+            r = int(np.flatnonzero(np.isclose(score, score.max()))[0])
             assigned[r] += n
             overall[r] += n
             role_of_group[g] = VAL_ROLES[r]

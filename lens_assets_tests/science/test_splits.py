@@ -501,3 +501,9 @@ def test_val_roles_of_a_table_without_the_column_are_computed_and_bad_roles_are_
     with pytest.raises(ValueError, match=rf"s.parquet: val_role is 'fit' for val row '{bad.loc[first_val, 'objid']}' "
                                          r"\(1 such rows\); val rows need one of \['stop', 'calibrate'\]"):
         val_roles(bad, source="s.parquet")
+
+
+def test_a_val_split_of_one_sky_group_is_the_stop_half():
+    table = pd.DataFrame({"objid": ["a", "b", "c"], "split": ["train", "val", "val"], "sky_group": [0, 7, 7],
+                          "label": [1, 1, 0]})
+    assert list(assign_val_roles(table)) == ["", "stop", "stop"]  # training keeps rows to early-stop on
