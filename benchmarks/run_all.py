@@ -5,6 +5,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import bench_calibration  # noqa: E402
 import bench_ingest  # noqa: E402
 import bench_shards  # noqa: E402
 import bench_simulation  # noqa: E402
@@ -18,4 +19,5 @@ if __name__ == "__main__":
     bench_shards.main([])
     bench_training.main([])
     bench_scoring.main([])
+    bench_calibration.main([])
     noise_floor.main([])

@@ -90,8 +90,9 @@ def main(argv=None) -> int:
                   f"{lc[f'{m}/checkpoint']}")
     if "score_calibrator" in meta:
         sc = meta["score_calibrator"]
-        print(f"  calibrator        : {sc['method']} after {sc['fusion']} fusion, validation ECE "
-              f"{sc['ece_before']:.4f} -> {sc['ece_after']:.4f} -> {sc['path']}")
+        print(f"  calibrator        : {sc['method']} after {sc['fusion']} fusion, cross-fitted ECE "
+              f"{sc['ece_cal_crossfit_before']:.4f} -> {sc['ece_cal_crossfit_after']:.4f} on the "
+              f"{sc['n_calibrate']} calibration rows -> {sc['path']}")
     if "bologna_report" in meta:
         r = meta["bologna_report"]
         print(f"  Bologna report    : test AUROC {r['auroc']:.4f}  AUPRC {r['auprc']:.4f}  TPR0 {r['tpr0']:.3f}  "

@@ -6,7 +6,8 @@ labels can be read off without any lensing. ``score_calibrator`` scores the
 validation and test splits, every held-out simulation family and the
 lensing-only lens/twin pairs once with every ensemble member
 (``scores/<survey>/ensemble_logits.parquet``), fuses the members' logits and fits
-the calibrator on the validation split. ``bologna_report`` reads those scores and
+the fusion weights and the calibrator on the validation split's ``calibrate`` half
+(the members early-stopped on its ``stop`` half). ``bologna_report`` reads those scores and
 the audit: nothing is scored twice.
 """
 
@@ -24,22 +25,26 @@ from lens_assets.assets.training import lens_classifier
 from lens_assets.model_registry import calibrator_path, calibrator_version, read_ensemble
 from lens_assets.resources.storage import LocalStorage
 from lens_assets.science.fileio import atomic_path, write_text_atomic
-from lens_assets.science.calibration import fit_calibrator
+from lens_assets.science.calibration import cross_fit, fit_calibrator
 from lens_assets.science.metrics import (bologna_metrics, bootstrap_interval, expected_calibration_error,
                                          paired_win_rate)
 from lens_assets.science.simulation import LENSING_ONLY  # SIMFAM of the lens/twin pairs
+from lens_assets.science.splits import require_both_labels, val_roles
 from lens_assets.science.surveys import get_survey
 
-EVALUATION_CODE_VERSION = "eval-3"
+EVALUATION_CODE_VERSION = "eval-4"  # eval-4: fit on the val split's calibrate half, cross-fitted ECE
 SHORTCUT_CODE_VERSION = "shortcut-1"
 SCORED_SPLITS = ("val", "test", "heldout", LENSING_ONLY)
 DEFAULT_HELDOUT_FAMILIES = ["heldout", "galsim"]
 
 
 class CalibratorConfig(dg.Config):
-    method: str = Field(default="auto", description="temperature, isotonic, or auto (lower cross-validated NLL)")
+    method: str = Field(default="auto", description="temperature, platt, isotonic, or auto (lowest "
+                        "cross-validated NLL)")
     fusion: str = Field(default="mean", description="mean (of member logits) or val_weights (logistic "
-                        "regression on the validation split)")
+                        "regression on the validation split's calibrate half)")
+    n_folds: int = Field(default=5, ge=2, description="folds (by sky group) of the cross-validated choice and of "
+                         "the cross-fitted ECE within the calibrate half")
     target_prevalence: float | None = Field(
         default=None, gt=0, lt=1, description="expected lens prevalence of the survey: shifts calibrated "
         "probabilities from the training prevalence by Bayes' rule (Saerens et al. 2002); None keeps it")
@@ -201,11 +206,15 @@ def shortcut_audit(context: dg.AssetExecutionContext, config: ShortcutConfig,
 
 
 def _rows_to_score(storage: LocalStorage, survey: str, heldout_families) -> pd.DataFrame:
-    """val/test rows of the splits, labeled rows of each held-out family (split ``heldout``, with their
-    ``sim_family``) and of the lensing-only pairs (split ``lensing_only``, with their ``pair_id``)."""
+    """val/test rows of the splits (with their ``val_role`` and ``sky_group``), labeled rows of each held-out
+    family (split ``heldout``, with their ``sim_family``) and of the lensing-only pairs (split ``lensing_only``,
+    with their ``pair_id``); rows outside the splits have ``val_role`` "" and ``sky_group`` -1."""
     for parts in (("splits", survey), ("catalog", survey), ("shards", survey)):
         storage.pull(*parts)
-    splits = pd.read_parquet(storage.path("splits", survey, "dataset_splits.parquet"), columns=["objid", "split"])
+    splits_file = storage.path("splits", survey, "dataset_splits.parquet")
+    splits = pd.read_parquet(splits_file)
+    splits = pd.DataFrame({"objid": splits["objid"], "split": splits["split"], "sky_group": splits["sky_group"],
+                           "val_role": val_roles(splits, source=str(splits_file))})
     cat_path, _ = catalog_paths(storage, survey)
     import pyarrow.parquet as pq
 
@@ -222,6 +231,8 @@ def _rows_to_score(storage: LocalStorage, survey: str, heldout_families) -> pd.D
     rows = pd.concat([splits[splits["split"].isin(["val", "test"])],
                       pd.DataFrame({"objid": held["objid"], "split": "heldout"}),
                       pd.DataFrame({"objid": pairs["objid"], "split": LENSING_ONLY})], ignore_index=True)
+    rows["val_role"] = rows["val_role"].fillna("")
+    rows["sky_group"] = rows["sky_group"].fillna(-1).astype(int)
     if rows["objid"].duplicated().any():
         raise dg.Failure(f"objects both in the splits and in a held-out family: "
                          f"{rows.loc[rows['objid'].duplicated(), 'objid'].head(5).tolist()}")
@@ -236,13 +247,22 @@ def _rows_to_score(storage: LocalStorage, survey: str, heldout_families) -> pd.D
 )
 def score_calibrator(context: dg.AssetExecutionContext, config: CalibratorConfig,
                      storage: LocalStorage) -> dg.MaterializeResult:
-    """Fused ensemble logits mapped to calibrated lens probabilities, fit on the validation split.
+    """Fused ensemble logits mapped to calibrated lens probabilities, fit on the validation split's calibrate half.
 
-    Temperature scaling and isotonic regression are both fit; the lower
-    cross-validated NLL wins (`method=auto`). Writes `calibrators/<survey>/calibrator.json`
+    The members early-stopped and chose checkpoints on the val split's `stop`
+    half; fusion weights and calibrator are fit on its `calibrate` half only.
+    Temperature, Platt and isotonic scaling are fit; the lowest cross-validated
+    NLL wins (`method=auto`, folds by sky group). Writes `calibrators/<survey>/calibrator.json`
     (fusion weights, calibrator, member checkpoints) and the scores of the
     val/test rows, of every held-out family and of the lensing-only lens/twin
     pairs, which `bologna_report` evaluates.
+
+    ECE figures: `ece_cal_crossfit_before/after` are out of sample (fusion and
+    calibrator, of the method chosen on the whole half, refit on the other
+    sky-group folds of the calibrate half: each row is predicted by a fit that did
+    not see it). `ece_before/after` (`ece_val_before/after`
+    in calibrator.json) are in-sample, on the rows the calibrator was fit to, and
+    so optimistic; the test-split ECE of `bologna_report` is out of sample too.
     """
     from scipy.special import expit
 
@@ -253,6 +273,13 @@ def score_calibrator(context: dg.AssetExecutionContext, config: CalibratorConfig
     survey = get_survey(context.partition_key)
     ensemble = read_ensemble(storage, survey.name)
     rows = _rows_to_score(storage, survey.name, config.heldout_families)
+    fit_rows = (rows["val_role"] == "calibrate").to_numpy()
+    y_fit, groups = rows.loc[fit_rows, "label"].to_numpy(), rows.loc[fit_rows, "sky_group"].to_numpy()
+    try:
+        require_both_labels(y_fit, what=f"splits/{survey.name}/dataset_splits.parquet: the val split's calibrate "
+                                        "half")
+    except ValueError as err:
+        raise dg.Failure(str(err)) from None
     device = default_device()
     members = load_members([m["path"] for m in ensemble["members"]], device=device)
     names = [m["name"] for m in ensemble["members"]]
@@ -262,51 +289,79 @@ def score_calibrator(context: dg.AssetExecutionContext, config: CalibratorConfig
     logits = member_logits(members, ShardDataset(shard_dir(storage, survey.name), objids=rows["objid"]),
                            batch_size=config.batch_size, device=device)
     seconds = time.perf_counter() - t0
-    val = (rows["split"] == "val").to_numpy()
-    y_val = rows.loc[val, "label"].to_numpy()
-    fusion = fit_fusion(logits[val], y_val, method=config.fusion)
+    fusion = fit_fusion(logits[fit_rows], y_fit, method=config.fusion)
     fused = fusion(logits)
-    cal = fit_calibrator(fused[val], y_val, method=config.method, target_prevalence=config.target_prevalence)
+    cal = fit_calibrator(fused[fit_rows], y_fit, method=config.method, n_folds=config.n_folds, groups=groups,
+                         target_prevalence=config.target_prevalence)
     for j, name in enumerate(names):
         rows[f"logit_{name}"] = logits[:, j]
     rows["logit"] = fused
     rows["probability"] = cal.predict(fused)
     out = storage.write_parquet(rows, "scores", survey.name, "ensemble_logits.parquet")
 
-    before, after = expit(fused[val]), rows.loc[val, "probability"].to_numpy()
-    ece_before, ece_after = expected_calibration_error(y_val, before), expected_calibration_error(y_val, after)
+    before, after = expit(fused[fit_rows]), rows.loc[fit_rows, "probability"].to_numpy()
+    ece_before, ece_after = expected_calibration_error(y_fit, before), expected_calibration_error(y_fit, after)
+    # out of sample: fusion and calibrator (the method chosen above) refit on the other folds, by sky group
+    crossfit = {}
+    for stage in ("before", "after"):
+        def fit(x, y, stage=stage):
+            f = fit_fusion(x, y, method=config.fusion)
+            if stage == "before":
+                return lambda x_new: expit(f(x_new))
+            c = fit_calibrator(f(x), y, method=cal.method, target_prevalence=config.target_prevalence)
+            return lambda x_new: c.predict(f(x_new))
+
+        try:
+            oof = cross_fit(fit, logits[fit_rows], y_fit, groups, n_folds=config.n_folds)
+        except ValueError as err:
+            raise dg.Failure(f"splits/{survey.name}/dataset_splits.parquet: the val split's calibrate half: "
+                             f"{err}") from None
+        crossfit[stage] = expected_calibration_error(y_fit, oof)
+    n_stop = int(((rows["split"] == "val") & (rows["val_role"] == "stop")).sum())
     doc = {"survey": survey.name, "members": ensemble["members"], "fusion": fusion.to_dict(),
-           "calibrator": cal.to_dict(), "fit_on": "val", "n_val": int(val.sum()),
-           "ece_val_before": ece_before, "ece_val_after": ece_after,
+           "calibrator": cal.to_dict(), "fit_on": "val:calibrate", "n_val": int((rows["split"] == "val").sum()),
+           "n_calibrate": int(fit_rows.sum()), "n_val_stop": n_stop,
+           "ece_val_before": ece_before, "ece_val_after": ece_after,  # in-sample: on the rows fit to
+           "ece_cal_crossfit_before": crossfit["before"], "ece_cal_crossfit_after": crossfit["after"],
            "heldout_families": [f for f in config.heldout_families if f != LENSING_ONLY]}
     for m in doc["members"]:
         m.pop("path", None)
     text = json.dumps(doc, indent=2)
     path = storage.write_text(text, "calibrators", survey.name, "calibrator.json")
-    plot = reliability_plot({"sigmoid(fused logit)": (y_val, before), f"calibrated ({cal.method})": (y_val, after)},
+    plot = reliability_plot({"sigmoid(fused logit)": (y_fit, before), f"calibrated ({cal.method})": (y_fit, after)},
                             storage.path("reports", survey.name, "calibration_reliability_val.png"))
     storage.push("reports", survey.name, "calibration_reliability_val.png")
-    context.log.info(f"calibrator {cal.method} (fusion {fusion.method}) on {val.sum()} validation rows: "
-                     f"ECE {ece_before:.4f} -> {ece_after:.4f}; scored {len(rows)} rows at "
+    context.log.info(f"calibrator {cal.method} (fusion {fusion.method}) on {fit_rows.sum()} rows of the val split's "
+                     f"calibrate half: cross-fitted ECE {crossfit['before']:.4f} -> {crossfit['after']:.4f} "
+                     f"(in-sample {ece_before:.4f} -> {ece_after:.4f}); scored {len(rows)} rows at "
                      f"{len(rows) / seconds:.0f}/s on {device}")
+    ece_table = pd.DataFrame({"ECE (calibrate half)": ["cross-fitted (out of sample)", "in-sample (rows fit to)"],
+                              "sigmoid(fused logit)": [crossfit["before"], ece_before],
+                              f"calibrated ({cal.method})": [crossfit["after"], ece_after]})
     metadata = {
         "path": dg.MetadataValue.path(str(path)),
         "scores_path": dg.MetadataValue.path(str(out)),
         "method": cal.method,
         "temperature": cal.temperature if cal.method == "temperature" else float("nan"),
+        **{k: getattr(cal, k) if cal.method == "platt" else float("nan") for k in ("platt_a", "platt_b")},
         "cv_nll": dg.MetadataValue.json(cal.cv_nll or {}),
         "fusion": fusion.method,
         "fusion_weights": dg.MetadataValue.json(dict(zip(names, fusion.weights))),
         "target_prevalence": config.target_prevalence if config.target_prevalence is not None else float("nan"),
         "train_prevalence": cal.train_prevalence,
-        "ece_before": ece_before,
+        "ece_cal_crossfit_before": crossfit["before"],
+        "ece_cal_crossfit_after": crossfit["after"],
+        "ece_before": ece_before,  # in-sample, see the docstring
         "ece_after": ece_after,
-        "n_val": int(val.sum()),
+        "ece": dg.MetadataValue.md(ece_table.to_markdown(index=False, floatfmt=".4f")),
+        "n_val": int((rows["split"] == "val").sum()),
+        "n_calibrate": int(fit_rows.sum()),
+        "n_val_stop": n_stop,
         "n_scored": len(rows),
         **{f"n_{split}": int((rows["split"] == split).sum()) for split in ("test", "heldout", LENSING_ONLY)},
         "scoring_img_per_s": len(rows) / seconds if seconds > 0 else float("nan"),
         "device": device,
-        "reliability": png_markdown(plot, alt="reliability diagram on the validation split"),
+        "reliability": png_markdown(plot, alt="reliability diagram on the val split's calibrate half (in-sample)"),
     }
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(calibrator_version(text)))
 
@@ -467,10 +522,20 @@ def report_markdown(survey: str, figures: dict, calibrator: dict, shortcut: dict
                          f"{ind[f'recall_{key}_{b}']:.3f} | {ind[f'n_lenses_{key}_{b}']:.0f} | "
                          f"{held.get(f'recall_{key}_{b}', nan):.3f} | {held.get(f'n_lenses_{key}_{b}', 0):.0f} |")
     lines += ["", f"Calibrator: {calibrator['calibrator']['method']} after {calibrator['fusion']['method']} fusion "
-              f"of {', '.join(m['name'] for m in calibrator['members'])}; fit on {calibrator['n_val']} validation "
-              "rows.", "", "![ROC](roc.png)", "", "![scores](score_histograms.png)", "",
+              f"of {', '.join(m['name'] for m in calibrator['members'])}; {_fit_rows_text(calibrator)}", "", "![ROC](roc.png)", "", "![scores](score_histograms.png)", "",
               "![reliability](reliability.png)", ""]
     return "\n".join(lines)
+
+
+def _fit_rows_text(calibrator: dict) -> str:
+    """Which rows the calibrator was fit on, and its out-of-sample ECE when calibrator.json has it (a file written
+    before the val split had halves has only ``n_val``)."""
+    if "n_calibrate" not in calibrator:
+        return f"fit on {calibrator['n_val']} validation rows."
+    return (f"fit on the {calibrator['n_calibrate']} rows of the validation split's calibrate half (the members "
+            f"early-stopped on the other {calibrator['n_val_stop']}); cross-fitted ECE on that half "
+            f"{calibrator['ece_cal_crossfit_before']:.4f} before, {calibrator['ece_cal_crossfit_after']:.4f} after "
+            "calibration.")
 
 
 def read_shortcut(storage: LocalStorage, survey: str) -> dict | None:

@@ -10,11 +10,12 @@ from lens_assets.assets._common import sha256_of_strings, survey_asset
 from lens_assets.assets.catalog import catalog_paths, cutout_catalog
 from lens_assets.resources.storage import LocalStorage
 from lens_assets.science.shards import SHARD_FORMAT_VERSION, build_shards, matched_psf_fwhm, shard_settings
-from lens_assets.science.splits import SPLITS, balance_table, make_splits, split_checks
+from lens_assets.science.splits import (SPLITS, VAL_ROLES, balance_table, make_splits, split_checks,
+                                        val_role_checks)
 from lens_assets.science.surveys import get_survey
 
 SHARDS_CODE_VERSION = f"shards-{SHARD_FORMAT_VERSION}"
-SPLITS_CODE_VERSION = "splits-2"
+SPLITS_CODE_VERSION = "splits-3"  # splits-3: val_role halves of the val split
 FWHM_TOLERANCE = 0.03
 
 
@@ -113,6 +114,9 @@ SPLIT_CHECKS = [
                                   "share of the smallest split)"),
     dg.AssetCheckSpec("no_objid_in_two_splits", asset="dataset_splits"),
     dg.AssetCheckSpec("no_sky_group_across_splits", asset="dataset_splits"),
+    dg.AssetCheckSpec("val_halves_hold_both_labels", asset="dataset_splits",
+                      description="the val split's stop half (early stopping) and calibrate half (fusion weights, "
+                                  "calibrator) each hold lenses and non-lenses"),
 ]
 
 
@@ -127,8 +131,10 @@ def dataset_splits(context: dg.AssetExecutionContext, config: SplitConfig,
                    storage: LocalStorage) -> dg.MaterializeResult:
     """Train/val/test assignment (70/15/15) of the shards' labeled rows, stratified and grouped on the sky.
 
-    One row per object: `objid`, `split`, `sky_group`, `stratum`. pretrain:*,
-    unlabeled and held-out-family rows are left out and counted.
+    One row per object: `objid`, `split`, `sky_group`, `stratum`, `label`, and
+    `val_role` ("stop": early stopping and checkpoint choice; "calibrate": fusion
+    weights and calibrator; "" outside the val split; sky groups kept whole).
+    pretrain:*, unlabeled and held-out-family rows are left out and counted.
     """
     survey = get_survey(context.partition_key)
     cat_path, _ = catalog_paths(storage, survey.name)
@@ -149,15 +155,19 @@ def dataset_splits(context: dg.AssetExecutionContext, config: SplitConfig,
     out = storage.write_parquet(table, "splits", survey.name, "dataset_splits.parquet")
     checks = split_checks(table, tolerance=config.label_fraction_tolerance)
     balance = balance_table(table, catalog, reference_band=ref, n_bins=config.n_bins)
+    halves = val_role_checks(table, source=str(out))
     merged_levels = pd.Series([m[0].count("|") - m[1].count("|") for m in result.merged]).value_counts()
     context.log.info(f"splits {checks['counts']} with lens fractions {checks['label_fraction']}; "
-                     f"excluded {result.excluded}; {len(result.merged)} small strata merged")
+                     f"excluded {result.excluded}; {len(result.merged)} small strata merged; val halves "
+                     f"{ {r: halves[r] for r in VAL_ROLES} }")
     summary = pd.DataFrame({"split": list(SPLITS), "n": [checks["counts"][s] for s in SPLITS],
                             "lens_fraction": [checks["label_fraction"][s] for s in SPLITS]})
     metadata = {
         "path": dg.MetadataValue.path(str(out)),
         **{f"n_{s}": checks["counts"][s] for s in SPLITS},
         **{f"lens_fraction_{s}": checks["label_fraction"][s] for s in SPLITS},
+        **{f"n_val_{r}": halves[r]["n"] for r in VAL_ROLES},
+        **{f"lens_fraction_val_{r}": halves[r]["lens_fraction"] for r in VAL_ROLES},
         "splits": dg.MetadataValue.md(summary.to_markdown(index=False)),
         "excluded": dg.MetadataValue.json(result.excluded),
         "n_strata": int(table["stratum"].nunique()),
@@ -178,6 +188,9 @@ def dataset_splits(context: dg.AssetExecutionContext, config: SplitConfig,
                             metadata={"n": checks["objids_in_two_splits"]}),
         dg.AssetCheckResult(check_name="no_sky_group_across_splits", passed=checks["sky_groups_across_splits"] == 0,
                             metadata={"n": checks["sky_groups_across_splits"]}),
+        dg.AssetCheckResult(check_name="val_halves_hold_both_labels", passed=halves["both_labels_in_each_half"],
+                            metadata={f"n_lenses_{r}": halves[r]["n_lenses"] for r in VAL_ROLES}
+                            | {f"n_{r}": halves[r]["n"] for r in VAL_ROLES}),
     ]
-    version = sha256_of_strings(table["objid"] + ":" + table["split"])
+    version = sha256_of_strings(table["objid"] + ":" + table["split"] + ":" + table["val_role"])
     return dg.MaterializeResult(metadata=metadata, check_results=results, data_version=dg.DataVersion(version[:16]))

@@ -1,7 +1,9 @@
 """Training data from PSF-matched shards: a torch Dataset that reads whole batches from HDF5.
 
 Rows are addressed by (shard, index) from the shards' ``rows.parquet``; a
-split's rows come from ``dataset_splits``. ``__getitems__`` reads a batch with
+split's rows come from ``dataset_splits`` (:func:`training_datasets`: the
+train split, and the validation split's ``stop`` half for early stopping and
+checkpoint choice; its ``calibrate`` half is left to the calibrator). ``__getitems__`` reads a batch with
 one sorted fancy-index read per shard (what the DataLoader calls with
 automatic batching), so throughput is bounded by decompression, not by
 per-row HDF5 calls. Each worker process opens its own file handles.
@@ -14,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-__all__ = ["ShardDataset", "collate"]
+__all__ = ["ShardDataset", "collate", "training_datasets"]
 
 
 class ShardDataset:
@@ -108,3 +110,30 @@ def collate(batch: dict):
     import torch
 
     return {k: torch.from_numpy(v) for k, v in batch.items()}
+
+
+def training_datasets(shard_dir: str | Path, splits_path: str | Path) -> dict:
+    """``{"train": ..., "val": ...}`` ShardDatasets: the train split, and the rows of the val split whose
+    ``val_role`` is ``stop`` (what early stopping and checkpoint choice see; the ``calibrate`` rows are kept
+    out so the calibrator is fit on rows the model was not selected on).
+
+    An empty train split or stop half is a ``ValueError`` naming the file; a stop half without lenses or
+    without non-lenses is a warning (validation AUROC is then undefined and reads 0.5).
+    """
+    import logging
+
+    from lens_assets.science.splits import require_both_labels, val_roles
+
+    splits = pd.read_parquet(splits_path)
+    roles = val_roles(splits, source=str(splits_path))
+    rows = {"train": splits["split"] == "train", "val": (splits["split"] == "val") & (roles == "stop")}
+    for empty, what in ((~rows["train"].any(), "the train split is empty"),
+                        (~(splits["split"] == "val").any(), "the val split is empty"),
+                        (~rows["val"].any(), "the val split's stop half is empty")):
+        if empty:
+            raise ValueError(f"{splits_path}: {what}")
+    try:
+        require_both_labels(splits.loc[rows["val"], "label"], what=f"{splits_path}: the val split's stop half")
+    except ValueError as err:
+        logging.getLogger(__name__).warning(f"{err}; early stopping and checkpoint choice see a constant AUROC")
+    return {name: ShardDataset(shard_dir, objids=splits.loc[mask, "objid"]) for name, mask in rows.items()}

@@ -5,9 +5,10 @@
 
 Launched by Dagster Pipes (the ``lens_classifier`` asset) it reads its settings
 from the Pipes extras and reports its summary as a custom message. A checkpoint
-is written every epoch (``last.ckpt`` plus the best by validation
-AUROC); when ``out`` already holds ``last.ckpt`` training resumes from it, so a
-run killed mid-training continues where it stopped. CSV logs go to
+is written every epoch (``last.ckpt`` plus the best by validation AUROC, on the
+validation split's ``stop`` half only: its ``calibrate`` half is the
+calibrator's, see :func:`lens_assets.ml.data.training_datasets`); when ``out``
+already holds ``last.ckpt`` training resumes from it, so a run killed mid-training continues where it stopped. CSV logs go to
 ``out/logs/version_N`` (one per start, so a resumed run keeps the earlier log).
 ``out/run.json`` records a fingerprint of the shards, splits and settings; a
 checkpoint left by a run with another fingerprint is discarded, not resumed, and
@@ -69,17 +70,11 @@ class TrainSettings:
 
 
 def _loaders(shard_dir: Path, splits_path: Path, s: TrainSettings, batch_size: int):
-    import pandas as pd
     import torch
 
-    from .data import ShardDataset, collate
+    from .data import collate, training_datasets
 
-    splits = pd.read_parquet(splits_path)
-    data = {name: ShardDataset(shard_dir, objids=splits.loc[splits["split"] == name, "objid"])
-            for name in ("train", "val")}
-    for name, ds in data.items():
-        if len(ds) == 0:
-            raise ValueError(f"{splits_path}: the {name} split is empty")
+    data = training_datasets(shard_dir, splits_path)
     gen = torch.Generator().manual_seed(s.seed)
     train = torch.utils.data.DataLoader(data["train"], batch_size=batch_size, shuffle=True, generator=gen,
                                         num_workers=s.num_workers, collate_fn=collate, drop_last=False)
@@ -186,7 +181,7 @@ def train(shard_dir: str | Path, splits_path: str | Path, out_dir: str | Path, s
         "epochs_run": epochs_done, "global_step": global_step,
         "resumed_after_epochs": resumed_after_epochs, "device": "cuda" if gpu else "cpu",
         "fingerprint": fingerprint, "restarted_stale_run": stale,
-        "n_train": len(train_ds), "settings": asdict(settings), "seconds": seconds,
+        "n_train": len(train_ds), "n_val_stop": len(val_loader.dataset), "settings": asdict(settings), "seconds": seconds,
         "batch_size": batch_size, "batch_size_probe": probe,
         "precision": precision, "threads": threads, "channels_last": channels_last, "film": settings.film,
         "weights_path": settings.weights_path,

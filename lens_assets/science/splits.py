@@ -9,6 +9,12 @@
   (:data:`MERGE_ORDER`), never crashing; what merged is reported.
 * ``pretrain:*`` rows, unlabeled rows and held-out simulation families never
   enter the supervised splits; they are counted by reason.
+* The validation split has two halves (column ``val_role``, :data:`VAL_ROLES`):
+  ``stop`` rows serve early stopping and checkpoint choice, ``calibrate`` rows
+  fit the fusion weights and the calibrator, so calibration is fit on data the
+  members were not selected on. Sky groups stay whole; the assignment is a
+  function of the table alone (:func:`assign_val_roles`), so a table written
+  before the column existed gets the same halves.
 """
 
 from __future__ import annotations
@@ -19,18 +25,20 @@ import numpy as np
 import pandas as pd
 
 __all__ = ["SPLITS", "FACTORS", "MERGE_ORDER", "SplitResult", "sky_groups", "stratify_factors", "make_splits",
-           "balance_table", "split_checks"]
+           "balance_table", "split_checks", "VAL_ROLES", "assign_val_roles", "val_roles", "val_role_checks",
+           "require_both_labels"]
 
 SPLITS = ("train", "val", "test")
 FACTORS = ("redshift", "magnitude", "seeing", "psf_fwhm", "pixel_scale", "survey", "label")
 # dropped first to last when a stratum is too small; label is the last to go
 MERGE_ORDER = ("psf_fwhm", "pixel_scale", "magnitude", "redshift", "seeing", "survey", "label")
 MIXED_LABEL = 2  # the label class of a sky group with both lenses and non-lenses
+VAL_ROLES = ("stop", "calibrate")  # halves of the val split: early stopping / checkpoint choice, fusion + calibration
 
 
 @dataclass
 class SplitResult:
-    table: pd.DataFrame  # objid, split, sky_group, stratum, stratum_level
+    table: pd.DataFrame  # objid, split, sky_group, stratum, stratum_level, label, val_role
     excluded: dict  # reason -> count
     merged: list = field(default_factory=list)  # (original stratum, merged into, n groups)
 
@@ -159,6 +167,7 @@ def make_splits(catalog: pd.DataFrame, *, reference_band: str, fractions=(0.70, 
     table = pd.DataFrame({"objid": cat["objid"], "split": [split_of_group[int(g)] for g in groups],
                           "sky_group": groups, "stratum": key.to_numpy(), "stratum_level": level,
                           "label": cat["label"].astype(int)})
+    table["val_role"] = assign_val_roles(table)
     return SplitResult(table=table, excluded=counts, merged=merged)
 
 
@@ -195,3 +204,101 @@ def split_checks(table: pd.DataFrame, *, tolerance: float = 0.02) -> dict:
         "sky_groups_across_splits": int((group_splits > 1).sum()),
         "counts": {s: int(counts.get(s, 0)) for s in SPLITS},
     }
+
+
+def _group_label_class(table: pd.DataFrame) -> pd.Series:
+    """Per sky group: 0 (non-lenses only), 1 (lenses only) or MIXED_LABEL (both)."""
+    by_group = table.groupby("sky_group")["label"]
+    lo, hi = by_group.min(), by_group.max()
+    return lo.where(lo == hi, MIXED_LABEL).astype(int)
+
+
+def _stable_hash(values) -> np.ndarray:
+    """A uint64 per value from sha256 of its string form: the same in every process and on every machine."""
+    import hashlib
+
+    return np.array([int.from_bytes(hashlib.sha256(str(v).encode()).digest()[:8], "big") for v in values],
+                    dtype=np.uint64)
+
+
+def assign_val_roles(table: pd.DataFrame, *, calibrate_fraction: float = 0.5) -> pd.Series:
+    """``val_role`` of each row of a splits table: "stop" or "calibrate" on val rows, "" elsewhere.
+
+    Reads ``split``, ``sky_group`` and ``label``. A sky group is never divided. Within
+    each label class of groups (non-lens, lens, mixed) the groups are taken in the
+    order of a hash of their ``sky_group`` id and each goes to the half furthest
+    behind its share of rows, in that class and over all val rows together (as
+    :func:`make_splits` assigns splits); a tie goes to "stop", so a val split of one
+    sky group still leaves training something to early-stop on. So the halves
+    keep the val split's lens fraction, and each holds lenses and non-lenses
+    whenever the val split has two sky groups with lenses and two with non-lenses.
+    """
+    if not 0.0 < calibrate_fraction < 1.0:
+        raise ValueError(f"calibrate_fraction must be in (0, 1), got {calibrate_fraction}")
+    missing = [c for c in ("split", "sky_group", "label") if c not in table]
+    if missing:
+        raise ValueError(f"a splits table needs columns {missing} to assign val_role; it has {list(table.columns)}")
+    roles = pd.Series("", index=table.index, dtype=object)
+    val = table[table["split"] == "val"]
+    if val.empty:
+        return roles
+    group_class = _group_label_class(val)
+    sizes = val.groupby("sky_group").size()
+    groups = group_class.index.to_numpy()
+    keys = _stable_hash(groups)
+    targets = np.array([1.0 - calibrate_fraction, calibrate_fraction])
+    overall = np.zeros(2)
+    role_of_group = {}
+    for cls in sorted(group_class.unique()):
+        in_class = group_class.to_numpy() == cls
+        order = np.argsort(keys[in_class], kind="stable")
+        assigned = np.zeros(2)
+        for g in groups[in_class][order]:
+            n = sizes[g]
+            score = targets * (assigned.sum() + n) - assigned + targets * (overall.sum() + n) - overall
+            r = int(np.flatnonzero(np.isclose(score, score.max()))[0])
+            assigned[r] += n
+            overall[r] += n
+            role_of_group[g] = VAL_ROLES[r]
+    roles[val.index] = val["sky_group"].map(role_of_group).to_numpy()
+    return roles
+
+
+def val_roles(table: pd.DataFrame, *, source: str) -> pd.Series:
+    """The table's ``val_role`` column, checked; computed by :func:`assign_val_roles` when a table written before
+    the column existed lacks it (a warning says so). ``source`` names the table in messages."""
+    import logging
+
+    if "val_role" not in table:
+        logging.getLogger(__name__).warning(
+            f"{source}: no val_role column (a splits table from before the validation split had halves); "
+            "computing it from sky_group and label as dataset_splits does")
+        return assign_val_roles(table)
+    roles = table["val_role"].fillna("").astype(str)
+    bad = (table["split"] == "val") & ~roles.isin(VAL_ROLES)
+    if bad.any():
+        first = table.loc[bad].iloc[0]
+        raise ValueError(f"{source}: val_role is {roles[bad].iloc[0]!r} for val row {first['objid']!r} "
+                         f"({int(bad.sum())} such rows); val rows need one of {list(VAL_ROLES)}")
+    return roles
+
+
+def require_both_labels(labels, *, what: str) -> None:
+    """ValueError naming ``what`` unless ``labels`` hold lenses (1) and non-lenses (0)."""
+    y = np.asarray(labels, dtype=int)
+    n_lenses = int((y == 1).sum())
+    if n_lenses == 0 or n_lenses == len(y):
+        raise ValueError(f"{what} has {n_lenses} lenses and {len(y) - n_lenses} non-lenses; it needs both "
+                         "(enlarge the validation split: more objects or a larger val fraction)")
+
+
+def val_role_checks(table: pd.DataFrame, *, source: str = "splits table") -> dict:
+    """Rows, lenses and lens fraction of each half of the val split, and whether both halves hold both labels."""
+    roles = val_roles(table, source=source)
+    out = {}
+    for role in VAL_ROLES:
+        y = table.loc[(table["split"] == "val") & (roles == role), "label"]
+        out[role] = {"n": int(len(y)), "n_lenses": int((y == 1).sum()),
+                     "lens_fraction": float(y.mean()) if len(y) else float("nan")}
+    out["both_labels_in_each_half"] = all(0 < out[r]["n_lenses"] < out[r]["n"] for r in VAL_ROLES)
+    return out

@@ -75,3 +75,47 @@ def test_conditions_keep_every_band_flag_bit(shard_dir, tmp_path):
     batch = ds.__getitems__([row])
     assert batch["band_flags"][0].tolist() == [2049, 1024, 256, 0, 4]
     np.testing.assert_array_equal(batch["fwhm_before"][0], fwhm)
+
+
+def _splits_table(shard_dir, labels):
+    """20 rows: 8 train, 8 val (4 sky groups in each half, a lens and a non-lens in each), 4 test."""
+    import pandas as pd
+
+    objids = list(ShardDataset(shard_dir).objid)
+    return pd.DataFrame({"objid": objids, "split": ["train"] * 8 + ["val"] * 8 + ["test"] * 4,
+                         "sky_group": list(range(8)) + [8, 8, 9, 9, 10, 10, 11, 11] + list(range(12, 16)),
+                         "label": labels,
+                         "val_role": [""] * 8 + ["stop", "stop", "calibrate", "calibrate"] * 2 + [""] * 4})
+
+
+def test_training_validation_rows_are_the_stop_half_of_the_val_split(shard_dir, tmp_path, caplog):
+    from lens_assets.ml.data import training_datasets
+    from lens_assets.science.splits import assign_val_roles
+
+    labels = [1, 0] * 4 + [1, 1, 0, 0, 0, 0, 1, 1] + [0, 1, 0, 1]
+    table = _splits_table(shard_dir, labels)
+    table.to_parquet(tmp_path / "splits.parquet")
+    data = training_datasets(shard_dir, tmp_path / "splits.parquet")
+    assert list(data["val"].objid) == list(table.loc[table["val_role"] == "stop", "objid"])
+    assert list(data["train"].objid) == list(table.loc[table["split"] == "train", "objid"])
+    # a table written before val_role existed: the halves are computed as dataset_splits computes them
+    table.drop(columns="val_role").to_parquet(tmp_path / "old.parquet")
+    with caplog.at_level("WARNING"):
+        old = training_datasets(shard_dir, tmp_path / "old.parquet")
+    assert "old.parquet: no val_role column" in caplog.text
+    stop = assign_val_roles(table) == "stop"
+    assert 0 < stop.sum() < 8 and list(old["val"].objid) == list(table.loc[stop, "objid"])
+
+
+def test_an_empty_stop_half_is_an_error_and_a_one_label_stop_half_a_warning(shard_dir, tmp_path, caplog):
+    from lens_assets.ml.data import training_datasets
+
+    table = _splits_table(shard_dir, [1, 0] * 4 + [0, 0, 1, 0, 0, 0, 1, 1] + [0, 1, 0, 1])
+    table.to_parquet(tmp_path / "one_label.parquet")
+    with caplog.at_level("WARNING"):
+        training_datasets(shard_dir, tmp_path / "one_label.parquet")
+    assert "one_label.parquet: the val split's stop half has 0 lenses and 4 non-lenses" in caplog.text
+    table["val_role"] = table["val_role"].replace("stop", "calibrate")
+    table.to_parquet(tmp_path / "no_stop.parquet")
+    with pytest.raises(ValueError, match=r"no_stop.parquet: the val split's stop half is empty"):
+        training_datasets(shard_dir, tmp_path / "no_stop.parquet")

@@ -8,12 +8,15 @@ unless a test puts them there.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pandas as pd
 import pytest
 
-from lens_assets.science.splits import (FACTORS, MERGE_ORDER, SPLITS, balance_table, make_splits, sky_groups,
-                                        split_checks, stratify_factors)
+from lens_assets.science.splits import (FACTORS, MERGE_ORDER, SPLITS, VAL_ROLES, assign_val_roles, balance_table,
+                                        make_splits, require_both_labels, sky_groups, split_checks, stratify_factors,
+                                        val_role_checks, val_roles)
 
 REF = "r"
 ARCSEC = 1.0 / 3600.0
@@ -411,3 +414,96 @@ def test_balance_table_shares_sum_to_one():
     # stratified: every factor's bins have similar shares in every split
     for split in ("val", "test"):
         assert (bal[split] - bal["train"]).abs().max() < 0.06
+
+
+# --------------------------------------------------------------------------- 7. halves of the val split
+
+
+def _realistic_table():
+    return _realistic_table_once().copy()
+
+
+@functools.lru_cache(maxsize=1)
+def _realistic_table_once():
+    """Singles, duplicate observations and lens/twin pairs at one sky position, split as dataset_splits does."""
+    singles = with_pairs(make_catalog(1600, seed=30, lens_fraction=0.4), 150, seed=31)
+    lens = make_catalog(200, seed=32, lens_fraction=1.0, prefix="pair-lens")
+    twin = lens.copy()
+    twin["objid"] = [o.replace("pair-lens", "pair-twin") for o in lens["objid"]]
+    twin["label"] = 0
+    return make_splits(pd.concat([singles, lens, twin], ignore_index=True), reference_band=REF, seed=0).table
+
+
+def test_val_roles_split_the_val_split_in_halves_that_keep_sky_groups_whole_and_both_labels():
+    table = _realistic_table()
+    val = table["split"] == "val"
+    assert (table.loc[~val, "val_role"] == "").all() and table.loc[val, "val_role"].isin(VAL_ROLES).all()
+    assert (table[val].groupby("sky_group")["val_role"].nunique() == 1).all()
+    pairs = table[table["objid"].str.startswith(("pair-", "dup-"))].groupby("sky_group")["val_role"].nunique()
+    assert (pairs == 1).all()
+    share = table.loc[val, "val_role"].value_counts(normalize=True)
+    assert share["stop"] == pytest.approx(0.5, abs=0.02) and share["calibrate"] == pytest.approx(0.5, abs=0.02)
+    checks = val_role_checks(table)
+    assert checks["both_labels_in_each_half"]
+    assert min(checks[r]["n_lenses"] for r in VAL_ROLES) > 50
+    assert abs(checks["stop"]["lens_fraction"] - checks["calibrate"]["lens_fraction"]) <= 0.02, checks
+    assert split_checks(table)["label_fractions_agree"]  # the three splits still agree
+
+
+def test_val_roles_are_a_function_of_the_table_alone():
+    table = _realistic_table()
+    shuffled = table.drop(columns="val_role").sample(frac=1.0, random_state=3)
+    pd.testing.assert_series_equal(assign_val_roles(shuffled).sort_index(), table["val_role"], check_names=False)
+    # another process with another str-hash seed agrees (Python's own hash() of a string would not)
+    import subprocess
+    import sys
+
+    code = ("import sys, pandas as pd; from lens_assets.science.splits import assign_val_roles; "
+            "t = pd.read_json(sys.stdin); print(''.join(r[0] if r else '-' for r in assign_val_roles(t)))")
+    here = "".join(r[0] if r else "-" for r in table["val_role"])
+    for seed in ("1", "2"):
+        out = subprocess.run([sys.executable, "-c", code], input=table[["split", "sky_group", "label"]].to_json(),
+                             capture_output=True, text=True, env={**__import__("os").environ, "PYTHONHASHSEED": seed},
+                             check=True).stdout.strip()
+        assert out == here
+
+
+def test_val_roles_calibrate_fraction_and_its_error():
+    table = _realistic_table().drop(columns="val_role")
+    roles = assign_val_roles(table, calibrate_fraction=0.25)
+    assert (roles[table["split"] == "val"] == "calibrate").mean() == pytest.approx(0.25, abs=0.02)
+    with pytest.raises(ValueError, match=r"calibrate_fraction must be in \(0, 1\), got 1.0"):
+        assign_val_roles(table, calibrate_fraction=1.0)
+    with pytest.raises(ValueError, match=r"needs columns \['sky_group'\] to assign val_role"):
+        assign_val_roles(table.drop(columns="sky_group"))
+
+
+def test_a_tiny_val_split_is_reported_when_a_half_lacks_a_label():
+    table = pd.DataFrame({"objid": ["a", "b", "c", "d"], "split": ["train", "val", "val", "val"],
+                          "sky_group": [0, 1, 2, 3], "label": [1, 1, 0, 0]})
+    checks = val_role_checks(table)
+    assert checks["stop"]["n"] + checks["calibrate"]["n"] == 3 and min(checks[r]["n"] for r in VAL_ROLES) == 1
+    assert not checks["both_labels_in_each_half"]  # one lens: one half has none
+    with pytest.raises(ValueError, match=r"t.parquet: the val split's calibrate half has 0 lenses and 1 non-lenses; "
+                                         r"it needs both"):
+        require_both_labels([0], what="t.parquet: the val split's calibrate half")
+
+
+def test_val_roles_of_a_table_without_the_column_are_computed_and_bad_roles_are_errors(caplog):
+    table = _realistic_table()
+    with caplog.at_level("WARNING"):
+        roles = val_roles(table.drop(columns="val_role"), source="old/dataset_splits.parquet")
+    assert "old/dataset_splits.parquet: no val_role column" in caplog.text
+    pd.testing.assert_series_equal(roles, table["val_role"], check_names=False)
+    bad = table.copy()
+    first_val = bad.index[bad["split"] == "val"][0]
+    bad.loc[first_val, "val_role"] = "fit"
+    with pytest.raises(ValueError, match=rf"s.parquet: val_role is 'fit' for val row '{bad.loc[first_val, 'objid']}' "
+                                         r"\(1 such rows\); val rows need one of \['stop', 'calibrate'\]"):
+        val_roles(bad, source="s.parquet")
+
+
+def test_a_val_split_of_one_sky_group_is_the_stop_half():
+    table = pd.DataFrame({"objid": ["a", "b", "c"], "split": ["train", "val", "val"], "sky_group": [0, 7, 7],
+                          "label": [1, 1, 0]})
+    assert list(assign_val_roles(table)) == ["", "stop", "stop"]  # training keeps rows to early-stop on
