@@ -208,7 +208,10 @@ def test_calibrator_json_reproduces_the_probabilities_in_the_scores(graph):
     assert doc["fusion"] == {"method": "mean", "weights": [1.0], "bias": 0.0}
     np.testing.assert_allclose(scores["logit"], scores[f"logit_{MEMBER}"].astype(float), rtol=0, atol=0)
     assert doc["n_val"] == meta["n_val"] == int((scores["split"] == "val").sum())
-    assert cal.train_prevalence == pytest.approx(scores.loc[scores["split"] == "val", "label"].mean())
+    # fit on the calibrate half of the val split only (the stop half early-stopped the members)
+    calibrate = scores["val_role"] == "calibrate"
+    assert doc["n_calibrate"] == int(calibrate.sum()) > 0 and set(scores.loc[calibrate, "split"]) == {"val"}
+    assert cal.train_prevalence == pytest.approx(scores.loc[calibrate, "label"].mean())
     assert all("path" not in m for m in doc["members"])  # no machine-specific absolute paths in the document
 
 
