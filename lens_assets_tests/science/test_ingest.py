@@ -682,17 +682,17 @@ def _astropy_file(hdus) -> bytes:
 
 def _assert_same_reading(raw: bytes):
     """read_cutout through the plain-HDU scanner equals read_cutout with astropy opening the file."""
-    from lens_assets.science import fits_contract as fc
+    from lens_assets.science import fits_reader
 
     fast = read(raw)
-    plain = fc._scan_plain_hdus(raw)
+    plain = fits_reader._scan_plain_hdus(raw)
     assert plain is not None
-    orig = fc._scan_plain_hdus
+    orig = fits_reader._scan_plain_hdus
     try:
-        fc._scan_plain_hdus = lambda data: None
+        fits_reader._scan_plain_hdus = lambda data: None
         slow = read(raw)
     finally:
-        fc._scan_plain_hdus = orig
+        fits_reader._scan_plain_hdus = orig
     assert fast.primary == slow.primary and fast.band_flags == slow.band_flags
     for attr in ("image", "variance", "nan_mask", "psf_fwhm_arcsec", "nmgy_per_unit"):
         np.testing.assert_array_equal(getattr(fast, attr), getattr(slow, attr), err_msg=attr)
