@@ -23,7 +23,8 @@ __all__ = ["Cutout", "QuarantineError", "QUARANTINE_REASONS", "LABEL_SOURCE_PREF
            "CROP_FLAG_RATIO", "nanomaggies_per_unit", "size_on_survey_grid", "validate_cutout"]
 
 FITS_BLOCK = 2880
-MAX_NAN_FRACTION = 0.5
+MAX_NAN_FRACTION = 0.5  # of a band's pixels that may be non-finite (NaN, +inf or -inf)
+PIXSCALE_RANGE = (1e-6, 3600.0)  # arcsec/px, from PIXSCALE or a celestial WCS
 RESAMPLE_TOLERANCE = 0.01  # pixel scales within 1% of the survey's are used as they are
 MAGZP_RANGE = (10.0, 45.0)  # AB zero points of real instruments in count/s or adu lie well inside this
 GAIN_RANGE = (1e-6, 1e12)  # electrons per image unit (count/s images: gain x exposure time)
@@ -42,7 +43,7 @@ QUARANTINE_REASONS: Mapping[str, str] = {
     "not_square": "an image is not square",
     "shape_mismatch": "bands, variance or PSF images disagree in shape",
     "too_small": "covers less sky than the survey's min_cutout_arcsec",
-    "mostly_nan": "more than half of a band's pixels are NaN",
+    "mostly_nan": "more than half of a band's pixels are non-finite (NaN or +/-inf)",
     "negative_variance": "a VAR_<band> pixel is negative",
     "missing_magzp": "BUNIT count/s or adu without MAGZP",
     "bad_bunit": "BUNIT is not one of nanomaggy, count/s, adu",
@@ -51,6 +52,8 @@ QUARANTINE_REASONS: Mapping[str, str] = {
     "bad_psf": "PSF_<band> is not an odd, square, finite image with positive sum",
     "duplicate_objid": "OBJID already ingested from another file",
     "no_sky_noise": "a band without VAR_<band> has constant pixels: no noise to derive a variance from",
+    "duplicate_extension": "two HDUs share an EXTNAME, or two IMAGE_<band> extensions hold the same band",
+    "duplicate_keyword": "a contract keyword is given more than once in one header",
 }
 
 LABEL_SOURCE_PREFIXES = ("sim:", "obs:", "weak:", "pretrain:")
@@ -136,7 +139,7 @@ def _number(primary: dict, key: str, name: str, *, default=None, low=-math.inf, 
 
 def _pixel_scale(header: dict, name: str, band: str) -> float:
     if "PIXSCALE" in header:
-        return _number(header, "PIXSCALE", f"{name}: IMAGE_{band}", low=1e-6, high=3600.0)
+        return _number(header, "PIXSCALE", f"{name}: IMAGE_{band}", low=PIXSCALE_RANGE[0], high=PIXSCALE_RANGE[1])
     from astropy.wcs import WCS
     from astropy.wcs.utils import proj_plane_pixel_scales
 
@@ -149,8 +152,18 @@ def _pixel_scale(header: dict, name: str, band: str) -> float:
                                                       f"read ({type(err).__name__}: {err})") from None
     if not wcs.has_celestial:
         raise QuarantineError("missing_pixscale", f"{name}: IMAGE_{band} has neither PIXSCALE nor a celestial WCS")
-    scales = proj_plane_pixel_scales(wcs.celestial) * 3600.0
-    return float(np.sqrt(scales[0] * scales[1]))
+    with np.errstate(all="ignore"):
+        scales = proj_plane_pixel_scales(wcs.celestial) * 3600.0
+        scale = float(np.sqrt(scales[0] * scales[1]))
+    return _number({"WCS pixel scale": scale}, "WCS pixel scale", f"{name}: IMAGE_{band}", low=PIXSCALE_RANGE[0],
+                   high=PIXSCALE_RANGE[1])
+
+
+def _non_finite(values: np.ndarray, bad: np.ndarray) -> str:
+    """How much of an image is non-finite, and of which kind (``bad`` marks the pixels not used)."""
+    n_nan, n_pos, n_neg = int(np.isnan(values).sum()), int(np.isposinf(values).sum()), int(np.isneginf(values).sum())
+    return (f"{bad.mean():.0%} non-finite ({n_nan} NaN, {n_pos} +inf, {n_neg} -inf of {bad.size} pixels; "
+            f"more than {MAX_NAN_FRACTION:.0%} non-finite)")
 
 
 def validate_cutout(primary: dict, arrays: Mapping[str, tuple], *, name: str, survey: SurveySpec,
@@ -192,7 +205,11 @@ def _read_bands(primary, arrays, band_header, *, name, survey: SurveySpec, objid
         hdr["_hdu"] = hdu  # its full header is parsed only when a WCS is needed
         band_name = str(hdr.get("BAND", ext))
         if survey.has_band(band_name):
-            found[survey.canonical_band(band_name)] = (ext, hdr, arr)
+            band = survey.canonical_band(band_name)
+            if band in found:
+                raise QuarantineError("duplicate_extension", f"{name}: IMAGE_{found[band][0]} and IMAGE_{ext} both "
+                                                             f"hold band {band!r}; which one is the data is ambiguous")
+            found[band] = (ext, hdr, arr)
         else:
             ignored.append(band_name)
     if not found:
@@ -230,8 +247,7 @@ def _read_bands(primary, arrays, band_header, *, name, survey: SurveySpec, objid
         arr = arr.astype(np.float32, copy=True)
         bad = ~np.isfinite(arr)
         if bad.mean() > MAX_NAN_FRACTION:
-            raise QuarantineError("mostly_nan", f"{where} is {bad.mean():.0%} NaN (more than "
-                                                f"{MAX_NAN_FRACTION:.0%})")
+            raise QuarantineError("mostly_nan", f"{where} is {_non_finite(arr, bad)}")
         if bad.any():
             arr[bad] = 0.0
             bflags.append("nan_masked")
@@ -250,8 +266,7 @@ def _read_bands(primary, arrays, band_header, *, name, survey: SurveySpec, objid
                                                            f"negative pixels (min {var[~vbad].min():.3g})")
             bad |= vbad
             if bad.mean() > MAX_NAN_FRACTION:
-                raise QuarantineError("mostly_nan", f"{where} with VAR_{band} is {bad.mean():.0%} NaN (more "
-                                                    f"than {MAX_NAN_FRACTION:.0%})")
+                raise QuarantineError("mostly_nan", f"{where} with VAR_{band} is {_non_finite(var, bad)}")
             arr[bad] = 0.0
             var[bad] = 0.0
             if vbad.any() and "nan_masked" not in bflags:

@@ -284,6 +284,32 @@ def _bad_psf(tmp):
     return make_file(tmp / "f.fits", bands={"r": band_hdus(psf=gaussian_psf(10))}), ["PSF_r", "(10, 10)"]
 
 
+def _astropy_edit(tmp, edit) -> bytes:
+    """A valid file rewritten by astropy after ``edit(hdul)``."""
+    import io
+
+    from astropy.io import fits
+
+    with fits.open(io.BytesIO(make_file(tmp / "f.fits"))) as hdul:
+        edit(hdul)
+        buf = io.BytesIO()
+        hdul.writeto(buf)
+    return buf.getvalue()
+
+
+def _duplicate_extension(tmp):
+    from astropy.io import fits
+
+    def add_second_r(hdul):
+        hdul.append(fits.ImageHDU(np.full((SIZE, SIZE), 1e6, np.float32), header=hdul["IMAGE_r"].header.copy(),
+                                  name="IMAGE_r"))
+    return _astropy_edit(tmp, add_second_r), ["IMAGE_R", "HDUs"]
+
+
+def _duplicate_keyword(tmp):
+    return _astropy_edit(tmp, lambda hdul: hdul[0].header.append(("RA", 11.0))), ["RA", "primary header"]
+
+
 QUARANTINE_CASES = [
     # (case id, reason, builder, match pattern)
     ("unreadable", "unreadable", _unreadable, r"not a FITS file"),
@@ -302,13 +328,16 @@ QUARANTINE_CASES = [
     ("too_small", "too_small", _too_small, r"32x32 px at 0\.263\"/px = 8\.42\" across, less than the des "
                                            r"minimum min_cutout_arcsec = 10\""),
     ("no_sky_noise", "no_sky_noise", _no_sky_noise, r"IMAGE_g has no VAR_g and its sky noise cannot be measured"),
-    ("mostly_nan", "mostly_nan", _mostly_nan, r"NaN \(more than 50%\)"),
+    ("mostly_nan", "mostly_nan", _mostly_nan, r"62% non-finite \(2560 NaN, 0 \+inf, 0 -inf of 4096 pixels; "
+                                               r"more than 50% non-finite\)"),
     ("negative_variance", "negative_variance", _negative_variance, r"negative pixels"),
     ("missing_magzp", "missing_magzp", _missing_magzp, r"needs MAGZP"),
     ("bad_bunit", "bad_bunit", _bad_bunit, r"BUNIT 'Jy' is not one of"),
     ("missing_pixscale", "missing_pixscale", _missing_pixscale, r"neither PIXSCALE nor a celestial WCS"),
     ("pixscale_mismatch", "pixscale_mismatch", _pixscale_mismatch, r"differ by more than 1%"),
     ("bad_psf", "bad_psf", _bad_psf, r"odd square finite image"),
+    ("duplicate_extension", "duplicate_extension", _duplicate_extension, r"HDUs 4 and 16 are both named 'IMAGE_R'"),
+    ("duplicate_keyword", "duplicate_keyword", _duplicate_keyword, r"primary header: RA is given more than once"),
 ]
 
 
