@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -211,3 +212,126 @@ def test_fast_path_false_reads_through_astropy_and_agrees_on_a_plain_file():
     assert fast.primary == slow.primary and fast.objid == slow.objid == "o'brien"
     np.testing.assert_array_equal(fast.image, slow.image)
     assert math.isclose(fast.primary["Z_PHOT"], 0.015)
+
+
+# --------------------------------------------------------------------------- differential fuzz: fast path vs astropy
+
+from hypothesis import HealthCheck, event, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from lens_assets.science.fits_contract import BAND_KEYWORDS, PRIMARY_KEYWORDS  # noqa: E402
+
+# keywords astropy manages itself (structure, scaling, the extension name) are not drawn
+_MANAGED = {"SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "EXTEND", "XTENSION", "PCOUNT", "GCOUNT", "EXTNAME",
+            "EXTVER", "EXTLEVEL", "GROUPS", "BSCALE", "BZERO", "BLANK", "END", "CONTINUE", "HIERARCH", "COMMENT",
+            "HISTORY", "ZIMAGE", "THEAP", "CHECKSUM", "DATASUM"}
+_PRINTABLE = st.characters(min_codepoint=0x20, max_codepoint=0x7E)
+_contract_key = st.sampled_from(sorted(set(PRIMARY_KEYWORDS) | set(BAND_KEYWORDS)))
+_free_key = st.from_regex(r"[A-Z][A-Z0-9_-]{0,7}", fullmatch=True).filter(lambda k: k not in _MANAGED)
+_string = st.one_of(st.text(_PRINTABLE, max_size=12), st.text(_PRINTABLE, min_size=60, max_size=140),
+                    st.sampled_from(["o'brien", "''", "a/b", "&", "x&", "AXIS.1: 1", " lead", "trail   "]))
+_number = st.one_of(st.integers(-10**12, 10**12), st.booleans(),
+                    st.floats(allow_nan=False, allow_infinity=False, width=64),
+                    st.floats(-1e3, 1e3, allow_nan=False))
+
+
+@st.composite
+def _card(draw):
+    """One header card astropy writes: a plain keyword (maybe a contract one) with a str/int/float/bool value,
+    a D-exponent float, a HIERARCH keyword, or a COMMENT/HISTORY/blank card."""
+    kind = draw(st.sampled_from(["plain"] * 4 + ["contract", "d_float", "d_float", "hierarch", "hierarch",
+                                                 "commentary", "commentary"]))
+    if kind == "commentary":
+        return fits.Card(draw(st.sampled_from(["COMMENT", "HISTORY", ""])), draw(st.text(_PRINTABLE, max_size=90)))
+    value = draw(st.one_of(_string, _number))
+    if kind == "d_float":
+        mant, exp = draw(st.floats(-99.0, 99.0, allow_nan=False)), draw(st.integers(-30, 30))
+        return fits.Card.fromstring(f"{draw(_free_key):<8}= {f'{mant:.6f}D{exp:+03d}':>20} / D exponent")
+    if kind == "hierarch":
+        name = draw(st.one_of(_contract_key, st.from_regex(r"[A-Za-z][A-Za-z0-9 ]{8,20}[A-Za-z0-9]", fullmatch=True)))
+        return fits.Card(f"HIERARCH {name}", value if not isinstance(value, str) else value[:40])
+    return fits.Card(draw(_contract_key if kind == "contract" else _free_key), value)
+
+
+@st.composite
+def _cutout_file(draw) -> bytes:
+    """A des cutout written by astropy with drawn extra cards in every header and small drawn images."""
+    size = draw(st.sampled_from([40, 48, 64, 24]))  # 24 px is under min_cutout_arcsec: too_small
+    seed = draw(st.integers(0, 2**16))
+    rng = np.random.default_rng(seed)
+    primary = fits.Header([("OBJID", draw(st.one_of(st.text(_PRINTABLE, min_size=1, max_size=100),
+                                                       st.integers(0, 10**9)))),
+                           ("RA", draw(st.one_of(st.floats(0.0, 360.0), st.floats(-10.0, 370.0)))),
+                           ("DEC", draw(st.one_of(st.floats(-90.0, 90.0), st.floats(-95.0, 95.0)))),
+                           ("SURVEY", draw(st.sampled_from(["des"] * 8 + ["DES ", "hsc"])))])
+    for card in draw(st.lists(_card(), max_size=8)):
+        primary.append(card, useblanks=False, bottom=True)
+    hdus = [fits.PrimaryHDU(header=primary)]
+    bands = draw(st.lists(st.sampled_from(list(DES.band_names)), min_size=1, max_size=5, unique=True))
+    for band in bands:
+        dtype = draw(st.sampled_from([np.float32, np.float32, np.float64, np.int16, np.int32]))
+        image = rng.normal(100.0, 10.0, (size, size))
+        if draw(st.integers(0, 3)) == 0:
+            image.flat[rng.choice(image.size, draw(st.integers(1, image.size)), replace=False)] = \
+                draw(st.sampled_from([np.nan, np.inf, -np.inf]))
+        if np.dtype(dtype).kind == "i":
+            image = np.nan_to_num(image, nan=0.0, posinf=0.0, neginf=0.0)
+        header = fits.Header([("BAND", band),
+                              ("BUNIT", draw(st.sampled_from(["nanomaggy"] * 8 + ["count/s", "Jy"]))),
+                              ("MAGZP", 30.0), ("PIXSCALE", draw(st.sampled_from([PIX] * 12 + [0.3])))])
+        for card in draw(st.lists(_card(), max_size=4)):
+            header.append(card, useblanks=False, bottom=True)
+        hdus.append(fits.ImageHDU(image.astype(dtype), header=header, name=f"IMAGE_{band}"))
+        if draw(st.booleans()):
+            hdus.append(fits.ImageHDU(np.ones((size, size), np.float32), name=f"VAR_{band}"))
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # HIERARCH and long-string notes
+        fits.HDUList(hdus).writeto(buf, output_verify="ignore")
+    return _FitsBytes(buf.getvalue())
+
+
+class _FitsBytes(bytes):
+    """A drawn file; a failing example prints its header cards, not its pixels."""
+
+    def __repr__(self) -> str:
+        with fits.open(io.BytesIO(self)) as hdul:
+            return "<FITS file; headers:\n" + "\n---\n".join(h.header.tostring(sep="\n").rstrip() for h in hdul) + ">"
+
+
+def _outcome(raw: bytes, *, fast_path: bool):
+    try:
+        return read(raw, fast_path=fast_path)
+    except QuarantineError as err:
+        return err
+
+
+def _assert_agrees_with_astropy(c, raw: bytes):
+    """The cutout's OBJID, position and pixels are astropy's."""
+    with fits.open(io.BytesIO(raw)) as hdul:
+        assert c.objid == str(hdul[0].header["OBJID"]).strip()
+        assert c.ra == float(hdul[0].header["RA"]) % 360.0 and c.dec == float(hdul[0].header["DEC"])
+        for k, band in enumerate(c.bands):
+            if "missing" in c.band_flags.get(band, ()):
+                continue
+            ref = hdul[f"IMAGE_{band}"].data.astype(np.float32)
+            ok = ~c.nan_mask[k]
+            np.testing.assert_array_equal(c.image[k][ok], ref[ok])
+            assert not np.isfinite(ref[c.nan_mask[k]]).any() or f"VAR_{band}" in hdul
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(_cutout_file())
+def test_fast_path_agrees_with_astropy_or_both_quarantine(raw):
+    fast, slow = _outcome(raw, fast_path=True), _outcome(raw, fast_path=False)  # any other exception fails
+    event(f"scanner {'took' if _scan_plain_hdus(raw) is not None else 'left'} it; "
+          f"{fast.reason if isinstance(fast, QuarantineError) else 'read'}")
+    if isinstance(fast, QuarantineError) or isinstance(slow, QuarantineError):
+        assert isinstance(fast, QuarantineError) and isinstance(slow, QuarantineError), (fast, slow)
+        assert (fast.reason, fast.objid) == (slow.reason, slow.objid), (fast.message, slow.message)
+        return
+    assert fast.objid == slow.objid and fast.primary == slow.primary
+    assert fast.band_flags == slow.band_flags and fast.pixel_scale_arcsec == slow.pixel_scale_arcsec
+    for attr in ("image", "variance", "nan_mask", "psf_fwhm_arcsec", "nmgy_per_unit"):
+        np.testing.assert_array_equal(getattr(fast, attr), getattr(slow, attr), err_msg=attr)
+    _assert_agrees_with_astropy(fast, raw)
