@@ -169,9 +169,23 @@ def _open_with_astropy(data: bytes, name: str):
         raise QuarantineError("truncated", f"{name}: file length {len(data)} bytes is shorter than its headers "
                                            f"say (or not a whole number of {FITS_BLOCK}-byte blocks); it was "
                                            f"cut short")
+    if any("non-ASCII characters" in str(w.message) for w in caught):
+        offset, byte = _first_non_ascii(data, hdul)
+        raise QuarantineError("non_ascii_header", f"{name}: a header holds non-ASCII byte 0x{byte:02x} at offset "
+                                                  f"{offset}; FITS headers are ASCII (astropy would read it as '?')")
     primary = _header_values(hdul[0].header, PRIMARY_KEYWORDS, where=f"{name}: primary header")
     _check_unique_names([ext for ext, _ in hdus], name, objid=_objid_text(primary))
     return primary, arrays, lambda hdu: _header_values(hdu.header, BAND_KEYWORDS, where=f"{name}: {hdu.name}")
+
+
+def _first_non_ascii(data: bytes, hdul) -> tuple[int, int]:
+    """``(offset, byte)`` of the first byte over 0x7f in a header of ``hdul``."""
+    for h in hdul:
+        info = h.fileinfo()
+        match = re.search(rb"[\x80-\xff]", data[info["hdrLoc"]:info["datLoc"]])
+        if match:
+            return info["hdrLoc"] + match.start(), match.group()[0]
+    return -1, 0  # pragma: no cover - astropy warned, so some header holds one
 
 
 def _check_unique_names(names: list[str], name: str, *, objid: str) -> None:

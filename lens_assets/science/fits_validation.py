@@ -54,6 +54,7 @@ QUARANTINE_REASONS: Mapping[str, str] = {
     "no_sky_noise": "a band without VAR_<band> has constant pixels: no noise to derive a variance from",
     "duplicate_extension": "two HDUs share an EXTNAME, or two IMAGE_<band> extensions hold the same band",
     "duplicate_keyword": "a contract keyword is given more than once in one header",
+    "non_ascii_header": "a header holds bytes over 0x7f (FITS headers are ASCII text)",
 }
 
 LABEL_SOURCE_PREFIXES = ("sim:", "obs:", "weak:", "pretrain:")

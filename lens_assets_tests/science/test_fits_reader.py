@@ -195,6 +195,15 @@ def test_a_wcs_pixel_scale_outside_the_pixscale_range_is_bad_header_value():
     assert err.value.reason == "bad_header_value"
 
 
+def test_a_non_ascii_header_byte_is_quarantined_not_read_as_a_question_mark():
+    raw = bytearray(astropy_file({"OBJID": "obj-1"}))
+    raw[raw.index(b"'obj-1") + 5] = 0xB1  # astropy would read OBJID 'obj-?'
+    assert _astropy_value(bytes(raw), "OBJID") == "obj-?"
+    with pytest.raises(QuarantineError, match=r"x\.fits: a header holds non-ASCII byte 0xb1 at offset \d+") as err:
+        read(bytes(raw))
+    assert err.value.reason == "non_ascii_header"
+
+
 def test_absurd_axis_lengths_do_not_overflow_the_scanner():
     raw = astropy_file({})
     i = raw.index(b"NAXIS1  =", 2880)

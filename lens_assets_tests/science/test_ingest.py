@@ -310,6 +310,12 @@ def _duplicate_keyword(tmp):
     return _astropy_edit(tmp, lambda hdul: hdul[0].header.append(("RA", 11.0))), ["RA", "primary header"]
 
 
+def _non_ascii_header(tmp):
+    data = bytearray(make_file(tmp / "f.fits"))
+    data[data.index(b"'obj-0") + 2] = 0xE9  # 'oéj-0': astropy would read it as 'o?j-0'
+    return bytes(data), ["0xe9", "ASCII"]
+
+
 QUARANTINE_CASES = [
     # (case id, reason, builder, match pattern)
     ("unreadable", "unreadable", _unreadable, r"not a FITS file"),
@@ -338,6 +344,7 @@ QUARANTINE_CASES = [
     ("bad_psf", "bad_psf", _bad_psf, r"odd square finite image"),
     ("duplicate_extension", "duplicate_extension", _duplicate_extension, r"HDUs 4 and 16 are both named 'IMAGE_R'"),
     ("duplicate_keyword", "duplicate_keyword", _duplicate_keyword, r"primary header: RA is given more than once"),
+    ("non_ascii_header", "non_ascii_header", _non_ascii_header, r"non-ASCII byte 0xe9 at offset 332"),
 ]
 
 
@@ -353,7 +360,7 @@ def test_read_cutout_quarantines(tmp_path, reason, build, pattern):
     for fragment in fragments:  # extension names may be upper-cased, so compare case-insensitively
         assert fragment.lower() in err.value.message.lower()
     # once the primary header is read, the error carries the OBJID for the quarantine table
-    if reason not in ("unreadable", "truncated") and "OBJID" not in fragments:
+    if reason not in ("unreadable", "truncated", "non_ascii_header") and "OBJID" not in fragments:
         assert err.value.objid == "obj-0"
 
 
