@@ -281,18 +281,20 @@ def _header_values(header, keywords: tuple[str, ...], *, where: str) -> dict:
     joined, ``HIERARCH`` and lower-case keywords matched as astropy matches them, strings that look like
     record-valued cards kept as strings); a keyword given twice is ``duplicate_keyword``."""
     wanted, out, repeated = set(keywords), {}, []
-    for card in header.cards:
-        key = str(card.rawkeyword).upper()
-        if key not in wanted:
-            continue
-        if key in out:
-            repeated.append(key)
-            continue
-        try:
-            out[key] = _defined(card.rawvalue)
-        except Exception as err:  # astropy raises VerifyError for an unparsable value
-            raise QuarantineError("bad_header_value", f"{where}: {key} card {str(card.image).rstrip()!r} cannot "
-                                                      f"be parsed ({type(err).__name__}: {err})") from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # astropy's notes on non-standard cards: the values decide
+        for card in header.cards:
+            key = str(card.rawkeyword).upper()
+            if key not in wanted:
+                continue
+            if key in out:
+                repeated.append(key)
+                continue
+            try:
+                out[key] = _defined(card.rawvalue)
+            except Exception as err:  # astropy raises VerifyError for an unparsable value
+                raise QuarantineError("bad_header_value", f"{where}: {key} card {str(card.image).rstrip()!r} "
+                                                          f"cannot be parsed ({type(err).__name__}: {err})") from None
     return _unique(out, repeated, where)
 
 

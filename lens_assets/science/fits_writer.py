@@ -17,7 +17,7 @@ import numpy as np
 from .fits_validation import FITS_BLOCK
 from .surveys import SurveySpec
 
-__all__ = ["BandHDUs", "write_cutout", "write_simulated_cutout", "TRUTH_KEYS"]
+__all__ = ["BandHDUs", "write_cutout", "cutout_bytes", "write_simulated_cutout", "TRUTH_KEYS"]
 
 
 @dataclass
@@ -72,15 +72,20 @@ def _image_hdu(name: str, data: np.ndarray, cards: list[tuple[str, object]]) -> 
 
 
 def write_cutout(path: Path, primary: dict, bands: Mapping[str, BandHDUs], *, overwrite: bool = True) -> None:
-    """Write one inbox-contract file (float32 images, big-endian) to ``path``.
+    """Write one inbox-contract file (float32 images, big-endian) to ``path``: :func:`cutout_bytes`."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists and overwrite is False")
+    path.write_bytes(cutout_bytes(primary, bands))
+
+
+def cutout_bytes(primary: dict, bands: Mapping[str, BandHDUs]) -> bytes:
+    """The bytes of one inbox-contract file.
 
     The file is standard FITS (astropy reads and verifies it); it is assembled
     directly because astropy's per-card validation costs more than drawing the
     cutout with lenstronomy.
     """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists and overwrite is False")
     parts = [_header_block([("SIMPLE", True), ("BITPIX", 8), ("NAXIS", 0), ("EXTEND", True),
                             *primary.items()])]
     for band, b in bands.items():
@@ -89,7 +94,7 @@ def write_cutout(path: Path, primary: dict, bands: Mapping[str, BandHDUs], *, ov
             parts.append(_image_hdu(f"VAR_{band}", b.variance, [("BAND", band), ("BUNIT", _var_unit(b.header))]))
         if b.psf is not None:
             parts.append(_image_hdu(f"PSF_{band}", b.psf, [("BAND", band)]))
-    path.write_bytes(b"".join(parts))
+    return b"".join(parts)
 
 
 def _var_unit(header: dict) -> str:
