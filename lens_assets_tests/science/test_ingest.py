@@ -284,6 +284,38 @@ def _bad_psf(tmp):
     return make_file(tmp / "f.fits", bands={"r": band_hdus(psf=gaussian_psf(10))}), ["PSF_r", "(10, 10)"]
 
 
+def _astropy_edit(tmp, edit) -> bytes:
+    """A valid file rewritten by astropy after ``edit(hdul)``."""
+    import io
+
+    from astropy.io import fits
+
+    with fits.open(io.BytesIO(make_file(tmp / "f.fits"))) as hdul:
+        edit(hdul)
+        buf = io.BytesIO()
+        hdul.writeto(buf)
+    return buf.getvalue()
+
+
+def _duplicate_extension(tmp):
+    from astropy.io import fits
+
+    def add_second_r(hdul):
+        hdul.append(fits.ImageHDU(np.full((SIZE, SIZE), 1e6, np.float32), header=hdul["IMAGE_r"].header.copy(),
+                                  name="IMAGE_r"))
+    return _astropy_edit(tmp, add_second_r), ["IMAGE_R", "HDUs"]
+
+
+def _duplicate_keyword(tmp):
+    return _astropy_edit(tmp, lambda hdul: hdul[0].header.append(("RA", 11.0))), ["RA", "primary header"]
+
+
+def _non_ascii_header(tmp):
+    data = bytearray(make_file(tmp / "f.fits"))
+    data[data.index(b"'obj-0") + 2] = 0xE9  # 'oéj-0': astropy would read it as 'o?j-0'
+    return bytes(data), ["0xe9", "ASCII"]
+
+
 QUARANTINE_CASES = [
     # (case id, reason, builder, match pattern)
     ("unreadable", "unreadable", _unreadable, r"not a FITS file"),
@@ -302,13 +334,17 @@ QUARANTINE_CASES = [
     ("too_small", "too_small", _too_small, r"32x32 px at 0\.263\"/px = 8\.42\" across, less than the des "
                                            r"minimum min_cutout_arcsec = 10\""),
     ("no_sky_noise", "no_sky_noise", _no_sky_noise, r"IMAGE_g has no VAR_g and its sky noise cannot be measured"),
-    ("mostly_nan", "mostly_nan", _mostly_nan, r"NaN \(more than 50%\)"),
+    ("mostly_nan", "mostly_nan", _mostly_nan, r"62% non-finite \(2560 NaN, 0 \+inf, 0 -inf of 4096 pixels; "
+                                               r"more than 50% non-finite\)"),
     ("negative_variance", "negative_variance", _negative_variance, r"negative pixels"),
     ("missing_magzp", "missing_magzp", _missing_magzp, r"needs MAGZP"),
     ("bad_bunit", "bad_bunit", _bad_bunit, r"BUNIT 'Jy' is not one of"),
     ("missing_pixscale", "missing_pixscale", _missing_pixscale, r"neither PIXSCALE nor a celestial WCS"),
     ("pixscale_mismatch", "pixscale_mismatch", _pixscale_mismatch, r"differ by more than 1%"),
     ("bad_psf", "bad_psf", _bad_psf, r"odd square finite image"),
+    ("duplicate_extension", "duplicate_extension", _duplicate_extension, r"HDUs 4 and 16 are both named 'IMAGE_R'"),
+    ("duplicate_keyword", "duplicate_keyword", _duplicate_keyword, r"primary header: RA is given more than once"),
+    ("non_ascii_header", "non_ascii_header", _non_ascii_header, r"non-ASCII byte 0xe9 at offset 332"),
 ]
 
 
@@ -324,7 +360,7 @@ def test_read_cutout_quarantines(tmp_path, reason, build, pattern):
     for fragment in fragments:  # extension names may be upper-cased, so compare case-insensitively
         assert fragment.lower() in err.value.message.lower()
     # once the primary header is read, the error carries the OBJID for the quarantine table
-    if reason not in ("unreadable", "truncated") and "OBJID" not in fragments:
+    if reason not in ("unreadable", "truncated", "non_ascii_header") and "OBJID" not in fragments:
         assert err.value.objid == "obj-0"
 
 
@@ -682,17 +718,11 @@ def _astropy_file(hdus) -> bytes:
 
 def _assert_same_reading(raw: bytes):
     """read_cutout through the plain-HDU scanner equals read_cutout with astropy opening the file."""
-    from lens_assets.science import fits_contract as fc
+    from lens_assets.science.fits_reader import _scan_plain_hdus
 
     fast = read(raw)
-    plain = fc._scan_plain_hdus(raw)
-    assert plain is not None
-    orig = fc._scan_plain_hdus
-    try:
-        fc._scan_plain_hdus = lambda data: None
-        slow = read(raw)
-    finally:
-        fc._scan_plain_hdus = orig
+    assert _scan_plain_hdus(raw) is not None
+    slow = read_cutout(raw, name="inbox/des/test.fits", survey=DES, fast_path=False)
     assert fast.primary == slow.primary and fast.band_flags == slow.band_flags
     for attr in ("image", "variance", "nan_mask", "psf_fwhm_arcsec", "nmgy_per_unit"):
         np.testing.assert_array_equal(getattr(fast, attr), getattr(slow, attr), err_msg=attr)

@@ -1,0 +1,331 @@
+"""Reading survey cutout FITS files: bytes to header values and arrays, then :func:`.fits_validation.validate_cutout`.
+
+Files made only of plain image HDUs are parsed straight from their bytes
+(:func:`_scan_plain_hdus`, :func:`_cards`); anything else is opened with astropy,
+whose errors and warnings become the quarantine reason of a broken file.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+import warnings
+
+import numpy as np
+
+from .fits_validation import (BAND_KEYWORDS, FITS_BLOCK, PRIMARY_KEYWORDS, Cutout, QuarantineError,
+                              validate_cutout)
+from .surveys import SurveySpec
+
+__all__ = ["read_cutout"]
+
+
+class _PlainHDU:
+    """One uncompressed, unscaled image HDU located by :func:`_scan_plain_hdus` (the parts of astropy's
+    ``ImageHDU`` the reader uses: ``fileinfo()`` and a ``header`` parsed on demand)."""
+
+    __slots__ = ("_raw", "_info", "name")
+
+    def __init__(self, raw: bytes, hdr_loc: int, dat_loc: int, name: str = ""):
+        self._raw, self._info, self.name = raw, {"hdrLoc": hdr_loc, "datLoc": dat_loc}, name
+
+    def fileinfo(self) -> dict:
+        return self._info
+
+    @property
+    def header(self):
+        from astropy.io import fits
+
+        return fits.Header.fromstring(self._raw[self._info["hdrLoc"]:self._info["datLoc"]].decode("ascii"))
+
+
+_STRUCTURE_KEYS = ("SIMPLE", "XTENSION", "BITPIX", "NAXIS", "PCOUNT", "GCOUNT", "GROUPS", "EXTNAME")
+_SCALING_KEYS = ("BSCALE", "BZERO", "BLANK", "ZIMAGE", "THEAP")
+_BITPIX_DTYPE = {8: "u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8"}
+# cards a plain header may hold before END: a standard keyword (left-justified in columns 1-8, value
+# indicator in 9-10) or a commentary card; printable ASCII throughout
+_PLAIN_CARDS = re.compile(r"(?:(?!CONTINUE|HIERARCH)(?=[A-Z0-9_-]{1,8} *= )[A-Z0-9_ -]{8}= [ -~]{70}"
+                          r"|(?:COMMENT |HISTORY | {8})[ -~]{72})*")
+_END_CARD = "END" + " " * 77
+
+
+def _scan_plain_hdus(data: bytes) -> tuple[_PlainHDU, dict] | None:
+    """``(primary HDU, {EXTNAME: (hdu, array)})`` for a file made only of plain image HDUs with plain
+    headers, read straight from the bytes.
+
+    astropy builds a full ``Header`` and HDU object per extension and that is most
+    of the cost of reading a 16-extension cutout. Files of uncompressed images
+    without scaling keywords (``BSCALE``, ``BZERO``, ``BLANK``) are laid out
+    exactly by the FITS standard: 2880-byte header blocks up to ``END``, then
+    ``|BITPIX|/8 * prod(NAXISn)`` big-endian bytes padded to a block.
+
+    A header is plain when every card before ``END`` is a commentary card
+    (``COMMENT``, ``HISTORY``, blank keyword) or a standard keyword (``A-Z 0-9 _ -``,
+    left-justified) with the value indicator ``= `` in columns 9-10; the ``END``
+    card is ``END`` and blanks, and blank cards fill the rest of its block; every
+    byte is printable ASCII. Anything else returns ``None`` and the caller uses
+    astropy, which also words the error for a broken file: tables, random groups,
+    compressed or scaled images, a length that is not whole blocks, ``CONTINUE``
+    long strings, ``HIERARCH`` keywords, lower-case or misplaced keywords, odd
+    ``END`` padding, non-ASCII bytes, a repeated structural keyword or two
+    extensions with the same ``EXTNAME``. Arrays are read-only views of ``data``.
+    """
+    if len(data) % FITS_BLOCK:
+        return None
+    out: dict = {}
+    primary = None
+    pos, first = 0, True
+    while pos < len(data):
+        keys: dict[str, str] = {}
+        hdr_loc, end = pos, None
+        while end is None:
+            if pos + FITS_BLOCK > len(data):
+                return None
+            try:
+                block = data[pos:pos + FITS_BLOCK].decode("ascii")
+            except UnicodeDecodeError:
+                return None
+            pos += FITS_BLOCK
+            n_cards = FITS_BLOCK
+            for i in range(0, FITS_BLOCK, 80):
+                card = block[i:i + 80]
+                key = card[:8].rstrip()
+                if key == "END":
+                    if card != _END_CARD or block[i + 80:].strip():
+                        return None  # END with text after it, or cards after END: let astropy decide
+                    end, n_cards = pos, i
+                    break
+                if card[8:10] == "= " and (key in _STRUCTURE_KEYS or key.startswith("NAXIS") or key in _SCALING_KEYS):
+                    if key in keys:
+                        return None  # a repeated structural keyword: let astropy decide what it means
+                    keys[key] = card
+            if not _PLAIN_CARDS.fullmatch(block, 0, n_cards):
+                return None  # CONTINUE, HIERARCH, no value indicator, a non-standard keyword, control bytes
+        if any(k in keys for k in _SCALING_KEYS):
+            return None
+        try:
+            if first:
+                if _card_value(keys["SIMPLE"]) is not True or "GROUPS" in keys:
+                    return None
+            elif _card_value(keys["XTENSION"]) != "IMAGE" or _card_value(keys.get("PCOUNT", "PCOUNT  = 0")) != 0 \
+                    or _card_value(keys.get("GCOUNT", "GCOUNT  = 1")) != 1:
+                return None
+            dtype = _BITPIX_DTYPE.get(_card_value(keys["BITPIX"]))
+            naxis = _card_value(keys["NAXIS"])
+            if not isinstance(naxis, int) or not 0 <= naxis <= 999:
+                return None
+            shape = tuple(_card_value(keys[f"NAXIS{j}"]) for j in range(naxis, 0, -1))
+            name = _card_value(keys["EXTNAME"]) if "EXTNAME" in keys else ("PRIMARY" if first else "")
+        except (KeyError, TypeError, ValueError, QuarantineError):
+            return None
+        if dtype is None or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape) \
+                or not isinstance(name, str) or name != name.strip() or (name and name.upper() in out):
+            return None
+        count = math.prod(shape) if shape else 0  # Python integers: no overflow on absurd NAXISn
+        nbytes = count * np.dtype(dtype).itemsize
+        if end + nbytes > len(data):
+            return None
+        arr = np.frombuffer(data, dtype=dtype, count=count, offset=end).reshape(shape) if count else None
+        hdu = _PlainHDU(data, hdr_loc, end, name)
+        primary = primary or hdu
+        out[name.upper()] = (hdu, arr)
+        pos = end + -(-nbytes // FITS_BLOCK) * FITS_BLOCK
+        first = False
+    return primary, out
+
+
+def _open(data: bytes, name: str, *, fast_path: bool = True):
+    """``(primary values, {EXTNAME: (hdu, array)}, band_header)``; ``band_header(hdu)`` gives the values of
+    :data:`BAND_KEYWORDS` in an image extension's header."""
+    if not data.startswith(b"SIMPLE  ="):
+        raise QuarantineError("unreadable", f"{name}: not a FITS file (first bytes {data[:16]!r})")
+    plain = _scan_plain_hdus(data) if fast_path else None
+    if plain is not None:
+        primary = _cards(plain[0], data, PRIMARY_KEYWORDS, where=f"{name}: primary header")
+        return primary, plain[1], lambda hdu: _cards(hdu, data, BAND_KEYWORDS, where=f"{name}: {hdu.name}")
+    return _open_with_astropy(data, name)
+
+
+def _open_with_astropy(data: bytes, name: str):
+    """Any FITS file astropy reads (scaled or compressed images, tables beside the images, long strings,
+    ``HIERARCH`` keywords); its exceptions and warnings become the quarantine reason of a broken file."""
+    from astropy.io import fits
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            hdul = fits.open(io.BytesIO(data), memmap=False, lazy_load_hdus=False)
+            hdus = [(h.name.upper(), h) for h in hdul]
+            arrays = {ext: (h, h.data) for ext, h in hdus}  # arrays are copied once, to float32
+        except Exception as err:  # astropy raises many types for corrupt input; report the message
+            if _cut_short(data, caught):
+                raise QuarantineError("truncated", f"{name}: file length {len(data)} bytes is shorter than its "
+                                                   f"headers say; it was cut short ({type(err).__name__}: "
+                                                   f"{err})") from None
+            raise QuarantineError("unreadable", f"{name}: astropy cannot read it ({type(err).__name__}: "
+                                                f"{err})") from None
+    if _cut_short(data, caught):
+        raise QuarantineError("truncated", f"{name}: file length {len(data)} bytes is shorter than its headers "
+                                           f"say (or not a whole number of {FITS_BLOCK}-byte blocks); it was "
+                                           f"cut short")
+    if any("non-ASCII characters" in str(w.message) for w in caught):
+        offset, byte = _first_non_ascii(data, hdul)
+        raise QuarantineError("non_ascii_header", f"{name}: a header holds non-ASCII byte 0x{byte:02x} at offset "
+                                                  f"{offset}; FITS headers are ASCII (astropy would read it as '?')")
+    primary = _header_values(hdul[0].header, PRIMARY_KEYWORDS, where=f"{name}: primary header")
+    _check_unique_names([ext for ext, _ in hdus], name, objid=_objid_text(primary))
+    return primary, arrays, lambda hdu: _header_values(hdu.header, BAND_KEYWORDS, where=f"{name}: {hdu.name}")
+
+
+def _first_non_ascii(data: bytes, hdul) -> tuple[int, int]:
+    """``(offset, byte)`` of the first byte over 0x7f in a header of ``hdul``."""
+    for h in hdul:
+        info = h.fileinfo()
+        match = re.search(rb"[\x80-\xff]", data[info["hdrLoc"]:info["datLoc"]])
+        if match:
+            return info["hdrLoc"] + match.start(), match.group()[0]
+    return -1, 0  # pragma: no cover - astropy warned, so some header holds one
+
+
+def _check_unique_names(names: list[str], name: str, *, objid: str) -> None:
+    seen: dict[str, int] = {}
+    for i, ext in enumerate(names):
+        if ext and ext in seen:
+            raise QuarantineError("duplicate_extension", f"{name}: HDUs {seen[ext]} and {i} are both named "
+                                                         f"{ext!r}; which one holds the data is ambiguous",
+                                  objid=objid)
+        seen.setdefault(ext, i)
+
+
+_INT = re.compile(r"^[+-]?\d+$")
+_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([ED][+-]?\d+)?$")
+
+
+def _card_value(card: str):
+    """Value of one 80-character card image: FITS fixed/free format for str, bool, int and float.
+
+    Anything else (complex values, text after a closing quote, odd layouts) is handed to
+    astropy's parser; a value it cannot parse either is ``bad_header_value``, and an
+    undefined value (nothing after ``= ``) is ``None``, as astropy's ``Header`` gives it.
+    """
+    text = card[10:]
+    stripped = text.lstrip()
+    if stripped.startswith("'"):
+        out, i = [], 1
+        while i < len(stripped):
+            ch = stripped[i]
+            if ch == "'":
+                if stripped[i + 1:i + 2] == "'":
+                    out.append("'")
+                    i += 2
+                    continue
+                rest = stripped[i + 1:].lstrip()
+                if rest == "" or rest.startswith("/"):
+                    return "".join(out).rstrip()
+                break  # text after the closing quote: astropy decides what the string is
+            out.append(ch)
+            i += 1
+    else:
+        token = stripped.split("/", 1)[0].strip()
+        if token in ("T", "F"):
+            return token == "T"
+        if _INT.match(token):
+            return int(token)
+        if _FLOAT.match(token.upper()):
+            return float(token.upper().replace("D", "E"))
+    from astropy.io import fits
+
+    try:
+        return _defined(fits.Card.fromstring(card).value)
+    except Exception as err:  # astropy raises VerifyError (and others) for an unparsable value
+        raise QuarantineError("bad_header_value", f"card {card.rstrip()!r} cannot be parsed "
+                                                  f"({type(err).__name__}: {err})") from None
+
+
+def _defined(value):
+    from astropy.io import fits
+
+    return None if isinstance(value, fits.card.Undefined) else value
+
+
+def _cards(hdu, raw: bytes, keywords: tuple[str, ...], *, where: str = "header") -> dict:
+    """The values of ``keywords`` in ``hdu``'s header, parsed from the file's own card images.
+
+    astropy re-parses a card's value on every access, and that dominates reading
+    a cutout; the contract's keywords are plain values, read straight from the
+    header block (``fileinfo`` gives its byte range). A keyword given twice is
+    ``duplicate_keyword``; ``where`` names the header in errors.
+    """
+    info = hdu.fileinfo()
+    block = raw[info["hdrLoc"]:info["datLoc"]].decode("ascii", errors="replace")
+    wanted, out, repeated = set(keywords), {}, []
+    for i in range(0, len(block) - 79, 80):
+        card = block[i:i + 80]
+        key = card[:8].rstrip()
+        if key == "END":
+            break
+        if key in wanted and card[8:10] == "= ":
+            if key in out:
+                repeated.append(key)
+                continue
+            try:
+                out[key] = _card_value(card)
+            except QuarantineError as err:
+                raise QuarantineError(err.reason, f"{where}: {key}: {err.message}") from None
+    return _unique(out, repeated, where)
+
+
+def _header_values(header, keywords: tuple[str, ...], *, where: str) -> dict:
+    """The values of ``keywords`` in an astropy ``Header``, as its cards hold them (``CONTINUE`` strings
+    joined, ``HIERARCH`` and lower-case keywords matched as astropy matches them, strings that look like
+    record-valued cards kept as strings); a keyword given twice is ``duplicate_keyword``."""
+    wanted, out, repeated = set(keywords), {}, []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # astropy's notes on non-standard cards: the values decide
+        for card in header.cards:
+            key = str(card.rawkeyword).upper()
+            if key not in wanted:
+                continue
+            if key in out:
+                repeated.append(key)
+                continue
+            try:
+                out[key] = _defined(card.rawvalue)
+            except Exception as err:  # astropy raises VerifyError for an unparsable value
+                raise QuarantineError("bad_header_value", f"{where}: {key} card {str(card.image).rstrip()!r} "
+                                                          f"cannot be parsed ({type(err).__name__}: {err})") from None
+    return _unique(out, repeated, where)
+
+
+def _unique(values: dict, repeated: list[str], where: str) -> dict:
+    """``values`` when no keyword was repeated; otherwise ``duplicate_keyword`` (carrying the OBJID when
+    that is not the repeated one)."""
+    if not repeated:
+        return values
+    objid = "" if "OBJID" in repeated else _objid_text(values)
+    raise QuarantineError("duplicate_keyword", f"{where}: {', '.join(sorted(set(repeated)))} "
+                                               f"{'is' if len(set(repeated)) == 1 else 'are'} given more than once; "
+                                               f"which value holds is ambiguous", objid=objid)
+
+
+def _objid_text(primary: dict) -> str:
+    """The OBJID as the catalog writes it ("" when absent), for errors raised before validation."""
+    value = primary.get("OBJID")
+    return "" if value is None else str(value).strip()
+
+
+def _cut_short(data: bytes, caught) -> bool:
+    return len(data) % FITS_BLOCK != 0 or any("truncated" in str(w.message) for w in caught)
+
+
+def read_cutout(data: bytes, *, name: str, survey: SurveySpec, fast_path: bool = True) -> Cutout:
+    """Validate one file's bytes against the contract for ``survey``.
+
+    ``name`` is how errors name the file (e.g. ``raw/des/sim-0/x.fits``).
+    Raises :class:`QuarantineError`; returns a :class:`Cutout` otherwise.
+    ``fast_path=False`` opens every file with astropy (the reference the
+    plain-HDU scanner is tested against).
+    """
+    primary, arrays, band_header = _open(data, name, fast_path=fast_path)
+    return validate_cutout(primary, arrays, name=name, survey=survey, band_header=band_header)
