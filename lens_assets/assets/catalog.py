@@ -17,10 +17,12 @@ from lens_assets.science.surveys import get_survey
 INGEST_CODE_VERSION = "ingest-3"
 LABEL_FRACTION_RANGE = (0.05, 0.95)
 
+# blocking: a catalog that breaks its schema or loses a file fails the run, so shards are never built from it
 CHECKS = [
-    dg.AssetCheckSpec("catalog_matches_schema", asset="cutout_catalog",
-                      description="catalog validates against the pandera schema v2 of its survey"),
-    dg.AssetCheckSpec("every_file_accounted_for", asset="cutout_catalog",
+    dg.AssetCheckSpec("catalog_matches_schema", asset="cutout_catalog", blocking=True,
+                      description="catalog (and quarantine table) validate against the pandera schema v2 of "
+                                  "the survey"),
+    dg.AssetCheckSpec("every_file_accounted_for", asset="cutout_catalog", blocking=True,
                       description="n_files == n_ingested + n_quarantined, and no file appears twice"),
     dg.AssetCheckSpec("label_balance_and_provenance", asset="cutout_catalog",
                       description=f"lens fraction of labeled rows within {LABEL_FRACTION_RANGE}; "

@@ -15,6 +15,9 @@
   members were not selected on. Sky groups stay whole; the assignment is a
   function of the table alone (:func:`assign_val_roles`), so a table written
   before the column existed gets the same halves.
+* :func:`cross_split_pairs` checks a split table for leaks from its positions
+  and ``split`` column alone (a KD-tree search for cross-split pairs within the
+  linking length), so it does not trust the grouping that made the splits.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ import numpy as np
 import pandas as pd
 
 __all__ = ["SPLITS", "FACTORS", "MERGE_ORDER", "SplitResult", "sky_groups", "stratify_factors", "make_splits",
-           "balance_table", "split_checks", "VAL_ROLES", "assign_val_roles", "val_roles", "val_role_checks",
-           "require_both_labels"]
+__all__ = ["SPLITS", "FACTORS", "MERGE_ORDER", "SplitResult", "sky_groups", "stratify_factors", "make_splits",
+           "balance_table", "split_checks", "cross_split_pairs", "VAL_ROLES", "assign_val_roles", "val_roles",
+           "val_role_checks", "require_both_labels"]
 
 SPLITS = ("train", "val", "test")
 FACTORS = ("redshift", "magnitude", "seeing", "psf_fwhm", "pixel_scale", "survey", "label")
@@ -43,21 +47,62 @@ class SplitResult:
     merged: list = field(default_factory=list)  # (original stratum, merged into, n groups)
 
 
-def sky_groups(ra_deg: np.ndarray, dec_deg: np.ndarray, *, link_arcsec: float) -> np.ndarray:
-    """Friends-of-friends group id per object: chains of pairs closer than ``link_arcsec`` share an id."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
+def _close_pairs(ra_deg, dec_deg, *, link_arcsec: float) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs (i < j) of objects at most ``link_arcsec`` apart on the sphere, and their separations (arcsec).
+
+    Positions become unit vectors; the angular link maps to the chord 2 sin(θ/2), so a KD-tree radius query is
+    exact on the sphere (no RA wrap at 0/360, no cos δ squeeze near the poles).
+    """
     from scipy.spatial import cKDTree
 
     ra, dec = np.radians(np.asarray(ra_deg, float)), np.radians(np.asarray(dec_deg, float))
     xyz = np.column_stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)])
     chord = 2.0 * np.sin(np.radians(link_arcsec / 3600.0) / 2.0)
-    pairs = cKDTree(xyz).query_pairs(chord, output_type="ndarray")
-    n = len(xyz)
-    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n)) if len(pairs) else \
-        coo_matrix((n, n))
+    pairs = cKDTree(xyz).query_pairs(chord, output_type="ndarray").reshape(-1, 2)
+    d = np.linalg.norm(xyz[pairs[:, 0]] - xyz[pairs[:, 1]], axis=1)
+    return pairs, np.degrees(2.0 * np.arcsin(np.clip(d / 2.0, 0.0, 1.0))) * 3600.0
+
+
+def sky_groups(ra_deg: np.ndarray, dec_deg: np.ndarray, *, link_arcsec: float) -> np.ndarray:
+    """Friends-of-friends group id per object: chains of pairs closer than ``link_arcsec`` share an id."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    pairs, _ = _close_pairs(ra_deg, dec_deg, link_arcsec=link_arcsec)
+    n = len(np.asarray(ra_deg))
+    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
     _, labels = connected_components(graph, directed=False)
     return labels
+
+
+def cross_split_pairs(table: pd.DataFrame, *, link_arcsec: float, n_examples: int = 5) -> dict:
+    """Leaks found from positions and the ``split`` column alone, independently of ``sky_group``.
+
+    ``table`` has one row per split row: ``objid``, ``split``, ``ra``, ``dec`` (deg). Every pair of rows at most
+    ``link_arcsec`` apart whose splits differ is a leak: the criterion that links a sky group, so splits made
+    from a correct grouping have none, and a sky group spans two splits exactly when one of its links does
+    (an objid with rows in two splits is one too, at separation 0). Returns ``n_pairs``,
+    ``min_separation_arcsec`` (of the cross-split pairs; NaN without any) and ``examples`` (the
+    ``n_examples`` closest pairs).
+    """
+    missing = [c for c in ("objid", "split", "ra", "dec") if c not in table.columns]
+    if missing:
+        raise ValueError(f"cross_split_pairs needs columns {missing}; the table has {list(table.columns)}")
+    bad = table[~(np.isfinite(table["ra"]) & np.isfinite(table["dec"]))]
+    if len(bad):
+        raise ValueError(f"cross_split_pairs: {len(bad)} rows have no finite ra/dec, e.g. objid "
+                         f"{bad['objid'].iloc[0]!r} (ra={bad['ra'].iloc[0]}, dec={bad['dec'].iloc[0]})")
+    pairs, sep = _close_pairs(table["ra"].to_numpy(), table["dec"].to_numpy(), link_arcsec=link_arcsec)
+    split = table["split"].to_numpy()
+    cross = split[pairs[:, 0]] != split[pairs[:, 1]]
+    pairs, sep = pairs[cross], sep[cross]
+    order = np.argsort(sep, kind="stable")[:n_examples]
+    objid = table["objid"].to_numpy()
+    examples = [{"objid_a": str(objid[i]), "split_a": str(split[i]), "objid_b": str(objid[j]),
+                 "split_b": str(split[j]), "separation_arcsec": float(s)}
+                for (i, j), s in zip(pairs[order], sep[order])]
+    return {"n_pairs": int(len(pairs)), "min_separation_arcsec": float(sep.min()) if len(sep) else float("nan"),
+            "examples": examples}
 
 
 def _quantile_bins(values: pd.Series, n_bins: int) -> pd.Series:

@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 
 from lens_assets.science.splits import (FACTORS, MERGE_ORDER, SPLITS, VAL_ROLES, assign_val_roles, balance_table,
-                                        make_splits, require_both_labels, sky_groups, split_checks, stratify_factors,
-                                        val_role_checks, val_roles)
+                                        cross_split_pairs, make_splits, require_both_labels, sky_groups, split_checks,
+                                        stratify_factors, val_role_checks, val_roles)
 
 REF = "r"
 ARCSEC = 1.0 / 3600.0
@@ -221,6 +221,96 @@ def test_split_checks_detect_leaks():
     assert checks["objids_in_two_splits"] == 1
     assert checks["sky_groups_across_splits"] == 2
     assert checks["counts"] == {"train": 2, "val": 1, "test": 1}
+
+
+def _with_positions(table, catalog):
+    return table.merge(catalog[["objid", "ra", "dec"]], on="objid", how="left", validate="many_to_one")
+
+
+def _clustered_sky(seed: int) -> pd.DataFrame:
+    """Rows with random splits: a uniform sky, a patch straddling RA = 0/360 and caps at both poles, the
+    patches dense enough (80 points within ~70") that many pairs fall on either side of a 6" link."""
+    rng = np.random.default_rng(seed)
+    n = 80
+    ra = np.concatenate([rng.uniform(0.0, 360.0, n), np.mod(rng.uniform(-0.006, 0.006, n), 360.0),
+                         rng.uniform(0.0, 360.0, 2 * n)])
+    dec = np.concatenate([np.degrees(np.arcsin(rng.uniform(-1.0, 1.0, n))), rng.uniform(-0.006, 0.006, n),
+                          90.0 - rng.uniform(0.0, 0.02, n), -90.0 + rng.uniform(0.0, 0.02, n)])
+    return pd.DataFrame({"objid": [f"o{i:04d}" for i in range(len(ra))], "ra": ra, "dec": dec,
+                         "split": rng.choice(SPLITS, len(ra))})
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_cross_split_pairs_equal_a_brute_force_count_with_astropy(seed):
+    from astropy import units as u
+    from astropy.coordinates import SkyCoord
+
+    table = _clustered_sky(seed)
+    link = 6.0
+    coords = SkyCoord(table["ra"].to_numpy() * u.deg, table["dec"].to_numpy() * u.deg)
+    sep = coords[:, None].separation(coords[None, :]).arcsec  # every pair, O(n^2)
+    i, j = np.triu_indices(len(table), k=1)
+    split = table["split"].to_numpy()
+    leak = (sep[i, j] <= link) & (split[i] != split[j])
+    expected = {(table["objid"][a], table["objid"][b]): sep[a, b] for a, b in zip(i[leak], j[leak])}
+    # the data hold leaks across RA = 0/360 and across the poles (RAs far apart), and near misses beyond the link
+    ra, dec = table["ra"].to_numpy(), table["dec"].to_numpy()
+    far_in_ra = np.abs(ra[i[leak]] - ra[j[leak]]) > 90.0
+    assert (far_in_ra & (np.abs(dec[i[leak]]) < 1.0)).sum() > 0 and (far_in_ra & (dec[i[leak]] > 89.9)).sum() > 0
+    assert (far_in_ra & (dec[i[leak]] < -89.9)).sum() > 0
+    assert ((sep[i, j] > link) & (sep[i, j] < 3 * link)).sum() > len(expected)
+
+    found = cross_split_pairs(table, link_arcsec=link, n_examples=10**6)
+    assert found["n_pairs"] == len(expected)
+    got = {(e["objid_a"], e["objid_b"]): e["separation_arcsec"] for e in found["examples"]}
+    assert got.keys() == expected.keys()
+    for key, value in got.items():
+        assert value == pytest.approx(expected[key], abs=1e-6), key
+    assert found["min_separation_arcsec"] == pytest.approx(min(expected.values()), abs=1e-6)
+    assert [e["separation_arcsec"] for e in found["examples"]] == sorted(got.values())  # closest first
+    assert len(cross_split_pairs(table, link_arcsec=link)["examples"]) == 5
+
+
+def test_correct_splits_have_no_cross_split_pairs():
+    cat = with_pairs(make_catalog(400, seed=3), 60, sep_arcsec=4.0)
+    table = make_splits(cat, reference_band=REF, seed=1).table
+    found = cross_split_pairs(_with_positions(table, cat), link_arcsec=10.0)
+    assert found["n_pairs"] == 0 and found["examples"] == [] and np.isnan(found["min_separation_arcsec"])
+
+
+@pytest.mark.parametrize("relabel_group", [False, True], ids=["sky_group_kept", "sky_group_relabelled"])
+def test_cross_split_pairs_catch_a_tampered_split_whatever_sky_group_says(relabel_group):
+    cat = with_pairs(make_catalog(400, seed=3), 60, sep_arcsec=4.0)
+    table = make_splits(cat, reference_band=REF, seed=1).table
+    ib = table.index[table["objid"] == "dup-0007-b"][0]
+    split_a = table.loc[table["objid"] == "dup-0007-a", "split"].item()
+    table.at[ib, "split"] = next(s for s in SPLITS if s != split_a)
+    if relabel_group:
+        table.at[ib, "sky_group"] = table["sky_group"].max() + 1
+    # the grouping's own column sees the leak only while it still says the two share a group
+    assert split_checks(table)["sky_groups_across_splits"] == (0 if relabel_group else 1)
+    found = cross_split_pairs(_with_positions(table, cat), link_arcsec=10.0)
+    assert found["n_pairs"] == 1 and found["min_separation_arcsec"] == pytest.approx(4.0, abs=1e-6)
+    (example,) = found["examples"]
+    assert {example["objid_a"], example["objid_b"]} == {"dup-0007-a", "dup-0007-b"}
+    assert {example["split_a"], example["split_b"]} == {split_a, table.at[ib, "split"]}
+    # pairs farther apart than the link are no leak
+    assert cross_split_pairs(_with_positions(table, cat), link_arcsec=3.0)["n_pairs"] == 0
+
+
+def test_cross_split_pairs_count_an_objid_in_two_splits_at_zero_separation():
+    table = pd.DataFrame({"objid": ["a", "a", "b"], "split": ["train", "test", "train"],
+                          "ra": [10.0, 10.0, 50.0], "dec": [5.0, 5.0, 5.0]})
+    found = cross_split_pairs(table, link_arcsec=10.0)
+    assert found["n_pairs"] == 1 and found["min_separation_arcsec"] == 0.0
+
+
+def test_cross_split_pairs_reject_missing_columns_and_positions():
+    with pytest.raises(ValueError, match=r"cross_split_pairs needs columns \['ra', 'dec'\]"):
+        cross_split_pairs(pd.DataFrame({"objid": ["a"], "split": ["train"]}), link_arcsec=10.0)
+    table = pd.DataFrame({"objid": ["a", "b"], "split": ["train", "val"], "ra": [1.0, np.nan], "dec": [0.0, 0.0]})
+    with pytest.raises(ValueError, match=r"1 rows have no finite ra/dec, e.g. objid 'b' \(ra=nan, dec=0.0\)"):
+        cross_split_pairs(table, link_arcsec=10.0)
 
 
 # --------------------------------------------------------------------------- 4. label balance
