@@ -28,7 +28,6 @@ import numpy as np
 import pandas as pd
 
 __all__ = ["SPLITS", "FACTORS", "MERGE_ORDER", "SplitResult", "sky_groups", "stratify_factors", "make_splits",
-__all__ = ["SPLITS", "FACTORS", "MERGE_ORDER", "SplitResult", "sky_groups", "stratify_factors", "make_splits",
            "balance_table", "split_checks", "cross_split_pairs", "VAL_ROLES", "assign_val_roles", "val_roles",
            "val_role_checks", "require_both_labels"]
 

@@ -173,10 +173,11 @@ def _leak(*, relabel_group: bool, duplicate_row: bool):
         ia, ib = table.index[table["objid"] == a][0], table.index[table["objid"] == b][0]
         assert table.at[ia, "sky_group"] == table.at[ib, "sky_group"]  # the real splitter linked them
         other = next(s for s in ("train", "val", "test") if s != table.at[ia, "split"])
+        role = "stop" if other == "val" else ""  # a val row belongs to one of the val split's halves
         if duplicate_row:  # a second row of a, in another split
-            table = pd.concat([table, table.loc[[ia]].assign(split=other)], ignore_index=True)
+            table = pd.concat([table, table.loc[[ia]].assign(split=other, val_role=role)], ignore_index=True)
         else:
-            table.at[ib, "split"] = other
+            table.loc[ib, ["split", "val_role"]] = [other, role]
             if relabel_group:  # and the sky_group column made to agree with the leak
                 table.at[ib, "sky_group"] = table["sky_group"].max() + 1
         return dataclasses.replace(result, table=table)
