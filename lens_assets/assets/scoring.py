@@ -3,9 +3,9 @@
 import dagster as dg
 from pydantic import Field
 
+from lens_assets import layout
 from lens_assets.assets._common import OWNERS, counts_markdown, gallery_from_files, png_markdown
 from lens_assets.assets.promotion import promoted_model
-from lens_assets.inbox import COMPLETE_MARKER
 from lens_assets.model_registry import load_promoted, no_retry
 from lens_assets.partitions import scoring_partitions
 from lens_assets.resources.storage import LocalStorage
@@ -34,10 +34,6 @@ class ScoringConfig(dg.Config):
     gallery_size: int = Field(default=12, ge=0, description="top candidates shown in the gallery")
 
 
-def candidates_dir(storage: LocalStorage, survey: str, drop: str):
-    return storage.path("candidates", survey, drop)
-
-
 @dg.asset(
     partitions_def=scoring_partitions,
     owners=OWNERS,
@@ -63,10 +59,10 @@ def candidate_scores(context: dg.AssetExecutionContext, config: ScoringConfig,
     """
     keys = context.partition_key.keys_by_dimension
     survey, drop = get_survey(keys["survey"]), keys["drop"]
-    if not storage.exists("inbox", survey.name, drop, COMPLETE_MARKER):
-        raise no_retry(f"{storage.url('inbox', survey.name, drop)} has no {COMPLETE_MARKER} marker: the drop is "
-                         "not complete")
-    drop_dir = storage.pull("inbox", survey.name, drop)
+    if not storage.exists(*layout.complete_marker(survey.name, drop)):
+        raise no_retry(f"{storage.url(*layout.inbox_drop(survey.name, drop))} has no {layout.COMPLETE_MARKER} marker: "
+                       "the drop is not complete")
+    drop_dir = storage.pull(*layout.inbox_drop(survey.name, drop))
     files = find_fits(drop_dir)
     ensemble, fusion, calibrator, doc = load_promoted(storage, survey.name)
     from lens_assets.ml.score import default_device, load_members, score_files
@@ -91,17 +87,16 @@ def candidate_scores(context: dg.AssetExecutionContext, config: ScoringConfig,
     table = table.sort_values(["logit", "objid"], ascending=[False, True], kind="stable").reset_index(drop=True)
     table.insert(2, "rank", range(1, len(table) + 1))
     table = candidate_schema().validate(table)
-    out = storage.write_parquet(table, "candidates", survey.name, drop, "candidate_scores.parquet")
-    storage.write_parquet(quarantine, "candidates", survey.name, drop, "quarantine.parquet")
+    out = storage.write_parquet(table, *layout.candidate_table(survey.name, drop))
+    storage.write_parquet(quarantine, *layout.candidate_quarantine(survey.name, drop))
     context.log.info(f"{survey.name}/{drop}: scored {len(table)} of {len(files)} files ({len(quarantine)} "
                      f"quarantined) at {len(files) / seconds:.0f} files/s on {device}; model {ensemble['version']}")
 
     from lens_assets.science.plots import value_histogram
 
-    report_dir = candidates_dir(storage, survey.name, drop)
     metadata = {
-        "path": dg.MetadataValue.path(storage.url("candidates", survey.name, drop, "candidate_scores.parquet")),
-        "quarantine_path": dg.MetadataValue.path(storage.url("candidates", survey.name, drop, "quarantine.parquet")),
+        "path": dg.MetadataValue.path(storage.url(*layout.candidate_table(survey.name, drop))),
+        "quarantine_path": dg.MetadataValue.path(storage.url(*layout.candidate_quarantine(survey.name, drop))),
         "n_files": len(files),
         "n_scored": len(table),
         "n_quarantined": len(quarantine),
@@ -111,7 +106,7 @@ def candidate_scores(context: dg.AssetExecutionContext, config: ScoringConfig,
         "calibrator_method": calibrator.method,
         "training_manifest_sha256": ensemble["shards_manifest_sha256"],
         "simulation_families": dg.MetadataValue.json(ensemble.get("simulation_families", {})),
-        "inbox": dg.MetadataValue.path(storage.url("inbox", survey.name, drop)),
+        "inbox": dg.MetadataValue.path(storage.url(*layout.inbox_drop(survey.name, drop))),
         "files_per_s": len(files) / seconds if seconds > 0 else float("nan"),
         "device": device,
         "dagster/row_count": len(table),
@@ -120,17 +115,18 @@ def candidate_scores(context: dg.AssetExecutionContext, config: ScoringConfig,
         metadata["n_score_above_0.5"] = int((table["score"] > 0.5).sum())
         metadata["top_candidates"] = dg.MetadataValue.md(
             table.head(10)[["rank", "objid", "score", "logit", "source_file"]].to_markdown(index=False, floatfmt=".4f"))
-        hist = value_histogram(table["score"], report_dir / "score_histogram.png", xlabel="calibrated lens probability",
+        hist = value_histogram(table["score"], storage.path(*layout.candidate_histogram(survey.name, drop)),
+                               xlabel="calibrated lens probability",
                                title=f"{survey.name} / {drop}: {len(table)} cutouts")
         metadata["score_histogram"] = png_markdown(hist, alt="score histogram")
         if config.gallery_size:
             top = table.head(config.gallery_size)
             gallery = gallery_from_files([storage.path(f) for f in top["source_file"]], list(top["source_file"]),
                                          [f"#{r} p={p:.2f}" for r, p in zip(top["rank"], top["score"])], survey,
-                                         report_dir / "top_candidates.png")
+                                         storage.path(*layout.candidate_gallery(survey.name, drop)))
             metadata["top_candidates_gallery"] = png_markdown(gallery, alt="top candidates")
-        storage.push("candidates", survey.name, drop, "score_histogram.png")
+        storage.push(*layout.candidate_histogram(survey.name, drop))
         if config.gallery_size:
-            storage.push("candidates", survey.name, drop, "top_candidates.png")
+            storage.push(*layout.candidate_gallery(survey.name, drop))
     version = sha256_file(out)[:16]
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(version))
