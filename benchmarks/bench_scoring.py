@@ -31,6 +31,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from _util import cores, report  # noqa: E402
 
+from lens_assets import layout  # noqa: E402
+
 
 _PREREAD: list = []  # cutouts read before the matching stage is timed; forked workers inherit them
 
@@ -61,7 +63,7 @@ def drop_section(root: Path, n: int, batch: int = 256, repeats: int = 3, member_
     survey = get_survey("des")
     storage = LocalStorage(root=str(root))
     simulate_drop(storage, "des", "bench", n=n, seed=424242)
-    files = find_fits(storage.path("inbox", "des", "bench"))
+    files = find_fits(storage.path(*layout.inbox_drop("des", "bench")))
     device = default_device()
     torch.manual_seed(0)
     members = [LensClassifier(backbone=b, in_chans=survey.n_bands, img_size=survey.cutout_size_px).eval().to(device)
@@ -128,13 +130,13 @@ def sensor_section(root: Path, n_drops: int) -> dict:
 
     storage = LocalStorage(root=str(root / "sensor"))
     # des has a promoted model (its drops are requested), hsc's drops are incomplete
-    storage.write_text(json.dumps({"survey": "des", "version": "bench"}), "promoted", "des", "promotion.json")
+    storage.write_text(json.dumps({"survey": "des", "version": "bench"}), *layout.promotion_doc("des"))
     for i in range(n_drops):
-        d = storage.path("inbox", "des", f"drop-{i:05d}")
+        d = storage.path(*layout.inbox_drop("des", f"drop-{i:05d}"))
         d.mkdir(parents=True)
         (d / f"obj{i}.fits").write_bytes(b"")
-        (d / "_COMPLETE").touch()
-        inc = storage.path("inbox", "hsc", f"partial-{i:05d}")
+        storage.path(*layout.complete_marker("des", f"drop-{i:05d}")).touch()
+        inc = storage.path(*layout.inbox_drop("hsc", f"partial-{i:05d}"))
         inc.mkdir(parents=True)
         (inc / f"obj{i}.fits").write_bytes(b"")
     instance = dg.DagsterInstance.ephemeral()

@@ -14,6 +14,7 @@ import time
 
 import dagster as dg
 
+from lens_assets import layout
 from lens_assets.definitions import defs
 from lens_assets.profiles import PROFILES, run_config
 from lens_assets.science.surveys import SURVEY_NAMES
@@ -133,7 +134,7 @@ def score_demo_drop(instance, survey: str, *, n: int, seed: int) -> int:
     storage = defs.resources["storage"]
     drop = f"demo-{time.strftime('%Y%m%dT%H%M%S')}"
     truth = simulate_drop(storage, survey, drop, n=n, seed=100_000 + seed)
-    print(f"\ninbox drop {storage.url('inbox', survey, drop)}: {n} unlabeled cutouts, _COMPLETE written")
+    print(f"\ninbox drop {storage.url(*layout.inbox_drop(survey, drop))}: {n} unlabeled cutouts, _COMPLETE written")
     tick = survey_inbox_sensor(dg.build_sensor_context(instance=instance, resources={"storage": storage}))
     for req in tick.dynamic_partitions_requests:
         instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
@@ -152,7 +153,7 @@ def score_demo_drop(instance, survey: str, *, n: int, seed: int) -> int:
     lens = dict(zip(truth["objid"], truth["label"]))
     top = table.head(10)
     print(f"candidate_scores {drop}|{survey}: {len(table)} scored -> "
-          f"{storage.url('candidates', survey, drop, 'candidate_scores.parquet')}")
+          f"{storage.url(*layout.candidate_table(survey, drop))}")
     print(f"  model {table['model_version'].iloc[0]}, calibrator {table['calibrator_version'].iloc[0]}, "
           f"trained on shards {table['training_manifest_sha256'].iloc[0][:16]}")
     print("  rank  score   objid                              (simulation truth, not in the files)")

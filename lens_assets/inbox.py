@@ -16,28 +16,30 @@ from pathlib import Path
 
 import pandas as pd
 
+from lens_assets import layout
+from lens_assets.layout import COMPLETE_MARKER
 from lens_assets.partitions import drop_name_problem
 from lens_assets.resources.storage import LocalStorage
 
 __all__ = ["publish_drop", "simulate_drop", "candidate_table", "COMPLETE_MARKER"]
-
-COMPLETE_MARKER = "_COMPLETE"
 
 
 def publish_drop(storage: LocalStorage, survey: str, drop: str, files: list[Path]) -> Path:
     """Copy ``files`` into ``inbox/<survey>/<drop>/`` and write ``_COMPLETE`` after the last one."""
     problem = drop_name_problem(drop)
     if problem:
-        raise ValueError(f"{storage.url('inbox', survey)}: {problem}")
-    dest = storage.path("inbox", survey, drop)
-    if storage.exists("inbox", survey, drop, COMPLETE_MARKER):
-        raise FileExistsError(f"{storage.url('inbox', survey, drop)} is already complete; a drop is written once")
+        raise ValueError(f"{storage.url(*layout.inbox_survey(survey))}: {problem}")
+    dest = storage.path(*layout.inbox_drop(survey, drop))
+    marker = layout.complete_marker(survey, drop)
+    if storage.exists(*marker):
+        raise FileExistsError(f"{storage.url(*layout.inbox_drop(survey, drop))} is already complete; a drop is "
+                              "written once")
     dest.mkdir(parents=True, exist_ok=True)
     for f in files:
         shutil.copyfile(f, dest / Path(f).name)
-    storage.push("inbox", survey, drop)
-    (dest / COMPLETE_MARKER).touch()
-    storage.push("inbox", survey, drop, COMPLETE_MARKER)
+    storage.push(*layout.inbox_drop(survey, drop))
+    storage.path(*marker).touch()
+    storage.push(*marker)
     return dest
 
 
@@ -59,4 +61,4 @@ def simulate_drop(storage: LocalStorage, survey: str, drop: str, *, n: int, seed
 
 def candidate_table(storage: LocalStorage, survey: str, drop: str) -> pd.DataFrame:
     """The ranked candidates of a drop (pulled from the store when it is remote)."""
-    return pd.read_parquet(storage.pull("candidates", survey, drop, "candidate_scores.parquet"))
+    return pd.read_parquet(storage.pull(*layout.candidate_table(survey, drop)))

@@ -24,23 +24,14 @@ from pathlib import Path
 
 import dagster as dg
 
+from lens_assets import layout
 from lens_assets.resources.storage import LocalStorage
 from lens_assets.science.fileio import sha256_file
-
-PROMOTION_FILE = "promotion.json"
 
 
 def no_retry(message: str) -> dg.Failure:
     """A failure that running the step again cannot mend (missing or mismatched inputs): retry policies skip it."""
     return dg.Failure(message, allow_retries=False)
-
-
-def ensemble_path(storage: LocalStorage, survey: str) -> Path:
-    return storage.path("models", survey, "ensemble.json")
-
-
-def calibrator_path(storage: LocalStorage, survey: str) -> Path:
-    return storage.path("calibrators", survey, "calibrator.json")
 
 
 def calibrator_version(text: str) -> str:
@@ -62,8 +53,8 @@ def _checked_members(storage: LocalStorage, ensemble: dict, source: Path) -> dic
 
 def read_ensemble(storage: LocalStorage, survey: str) -> dict:
     """The trained ensemble manifest; each member's checkpoint is checked against its recorded sha256."""
-    path = ensemble_path(storage, survey)
-    storage.pull("models", survey)
+    storage.pull(*layout.models_dir(survey))
+    path = storage.path(*layout.ensemble_manifest(survey))
     if not path.exists():
         raise no_retry(f"{path} does not exist: materialize lens_classifier for {survey} first")
     return _checked_members(storage, json.loads(path.read_text()), path)
@@ -92,23 +83,18 @@ def load_scoring(storage: LocalStorage, survey: str):
     """(ensemble manifest, Fusion, Calibrator, calibrator document) of the latest trained and calibrated pair,
     vetted or not, after checking the calibrator was fit for these checkpoints (what :func:`promote` judges; new
     data uses :func:`load_promoted`)."""
-    path = calibrator_path(storage, survey)
-    storage.pull(*path.relative_to(storage.root_path).parts)
+    path = storage.pull(*layout.calibrator_doc(survey))
     if not path.exists():
         raise no_retry(f"{path} does not exist: materialize score_calibrator for {survey} first")
     doc = _calibrator_doc(path)
     ensemble = read_ensemble(storage, survey)
-    _matched(ensemble, doc, ensemble_path(storage, survey), calibrator_path(storage, survey))
+    _matched(ensemble, doc, storage.path(*layout.ensemble_manifest(survey)), path)
     return _scoring_objects(ensemble, doc)
-
-
-def promoted_dir(storage: LocalStorage, survey: str) -> Path:
-    return storage.path("promoted", survey)
 
 
 def read_promotion(storage: LocalStorage, survey: str) -> dict | None:
     """``promoted/<survey>/promotion.json``, or None when no model of the survey has been promoted."""
-    path = storage.pull("promoted", survey, PROMOTION_FILE)
+    path = storage.pull(*layout.promotion_doc(survey))
     return json.loads(path.read_text()) if path.exists() else None
 
 
@@ -121,17 +107,18 @@ def promoted_version(storage: LocalStorage, survey: str) -> str | None:
 def load_promoted(storage: LocalStorage, survey: str):
     """(ensemble manifest, Fusion, Calibrator, calibrator document) of the survey's promoted pair: the only one
     new data is scored with. A clear failure when nothing has been promoted."""
-    storage.pull("promoted", survey)
-    folder = promoted_dir(storage, survey)
-    if not (folder / PROMOTION_FILE).exists():
+    folder = storage.pull(*layout.promoted_dir(survey))
+    ens_file = storage.path(*layout.promoted_ensemble(survey))
+    cal_file = storage.path(*layout.promoted_calibrator(survey))
+    if not storage.path(*layout.promotion_doc(survey)).exists():
         raise no_retry(f"{folder} holds no promoted model: no ensemble of {survey} has passed bologna_report's "
                        "gates yet (materialize bologna_report, then promoted_model)")
-    missing = [n for n in ("ensemble.json", "calibrator.json") if not (folder / n).exists()]
+    missing = [f.name for f in (ens_file, cal_file) if not f.exists()]
     if missing:
         raise no_retry(f"{folder} lacks {', '.join(missing)}: materialize promoted_model for {survey} again")
-    doc = _calibrator_doc(folder / "calibrator.json")
-    ensemble = _checked_members(storage, json.loads((folder / "ensemble.json").read_text()), folder / "ensemble.json")
-    _matched(ensemble, doc, folder / "ensemble.json", folder / "calibrator.json")
+    doc = _calibrator_doc(cal_file)
+    ensemble = _checked_members(storage, json.loads(ens_file.read_text()), ens_file)
+    _matched(ensemble, doc, ens_file, cal_file)
     return _scoring_objects(ensemble, doc)
 
 
@@ -142,11 +129,12 @@ def promote(storage: LocalStorage, survey: str, *, report: dict, run_id: str) ->
     ensemble, _, _, doc = load_scoring(storage, survey)
     evaluated = report.get("calibrator_version")
     if evaluated != doc["version"]:
-        raise no_retry(f"reports/{survey}/bologna/report.json evaluated calibrator {evaluated}, but the current "
-                       f"calibrators/{survey}/calibrator.json is {doc['version']}: re-materialize bologna_report")
+        raise no_retry(f"{layout.relative(layout.report_json(survey))} evaluated calibrator {evaluated}, but the "
+                       f"current {layout.relative(layout.calibrator_doc(survey))} is {doc['version']}: re-materialize "
+                       "bologna_report")
     checks = report.get("checks") or {}
     if not checks:
-        raise no_retry(f"reports/{survey}/bologna/report.json records no gate results: re-materialize "
+        raise no_retry(f"{layout.relative(layout.report_json(survey))} records no gate results: re-materialize "
                        "bologna_report")
     failed = {k: v for k, v in checks.items() if not v["passed"]}
     if failed:
@@ -154,23 +142,27 @@ def promote(storage: LocalStorage, survey: str, *, report: dict, run_id: str) ->
                        + "; ".join(f"{k} failed ({v['value']} against gate {v['gate']})" for k, v in failed.items()))
     previous = read_promotion(storage, survey)
     members = []
+    calibrator_file = storage.path(*layout.calibrator_doc(survey))
     with storage.staged_dir(f"promoted-{survey}") as staged:
+        def staged_path(parts):  # where a file of promoted/<survey>/ is in the folder that replaces it
+            return staged.joinpath(*parts[len(layout.promoted_dir(survey)):])
+
         for m in ensemble["members"]:
-            name = f"{m['name']}.ckpt"
-            shutil.copyfile(m["path"], staged / name)
+            ckpt = layout.promoted_checkpoint(survey, m["name"])
+            shutil.copyfile(m["path"], staged_path(ckpt))
             members.append({**{k: v for k, v in m.items() if k != "path"}, "trained_checkpoint": m["checkpoint"],
-                            "checkpoint": str(Path("promoted", survey, name))})
-        (staged / "ensemble.json").write_text(json.dumps({**{k: v for k, v in ensemble.items() if k != "members"},
-                                                          "members": members}, indent=2))
-        shutil.copyfile(calibrator_path(storage, survey), staged / "calibrator.json")
-        if _calibrator_doc(staged / "calibrator.json")["version"] != doc["version"]:
-            raise no_retry(f"{calibrator_path(storage, survey)} changed while it was being promoted: materialize "
-                           "promoted_model again")
+                            "checkpoint": layout.relative(ckpt)})
+        promoted = {**{k: v for k, v in ensemble.items() if k != "members"}, "members": members}
+        staged_path(layout.promoted_ensemble(survey)).write_text(json.dumps(promoted, indent=2))
+        copied = staged_path(layout.promoted_calibrator(survey))
+        shutil.copyfile(calibrator_file, copied)
+        if _calibrator_doc(copied)["version"] != doc["version"]:
+            raise no_retry(f"{calibrator_file} changed while it was being promoted: materialize promoted_model again")
         promotion = {"survey": survey, "version": f"{ensemble['version']}-{doc['version']}",
                      "model_version": ensemble["version"], "calibrator_version": doc["version"],
                      "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "run_id": run_id,
                      "report_version": report.get("version", ""), "checks": checks,
                      "previous_version": previous["version"] if previous else None}
-        (staged / PROMOTION_FILE).write_text(json.dumps(promotion, indent=2, default=float))
-    storage.publish_dir(staged, "promoted", survey)
+        staged_path(layout.promotion_doc(survey)).write_text(json.dumps(promotion, indent=2, default=float))
+    storage.publish_dir(staged, *layout.promoted_dir(survey))
     return promotion

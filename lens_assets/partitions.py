@@ -1,4 +1,4 @@
-"""Partition definitions shared by the assets (DESIGN.md: one `survey` partition per survey)."""
+"""Partition definitions shared by the assets (docs/design.md: one `survey` partition per survey)."""
 
 import dagster as dg
 

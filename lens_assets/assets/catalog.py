@@ -7,6 +7,7 @@ import dagster as dg
 from dagster_pandera import pandera_schema_to_dagster_type
 from pydantic import Field
 
+from lens_assets import layout
 from lens_assets.assets._common import counts_markdown, sha256_of_strings, survey_asset
 from lens_assets.assets.simulation import simulated_cutouts
 from lens_assets.resources.storage import LocalStorage
@@ -34,11 +35,6 @@ class CatalogConfig(dg.Config):
     workers: int = Field(default=0, description="processes reading files; 0 = every core")
 
 
-def catalog_paths(storage: LocalStorage, survey: str) -> tuple:
-    return (storage.path("catalog", survey, "cutout_catalog.parquet"),
-            storage.path("catalog", survey, "quarantine.parquet"))
-
-
 @survey_asset(
     group_name="ingestion",
     kinds={"python", "pandas", "parquet"},
@@ -54,7 +50,7 @@ def cutout_catalog(context: dg.AssetExecutionContext, config: CatalogConfig,
     FITS contract go to the quarantine table with a reason code, never dropped.
     """
     survey = get_survey(context.partition_key)
-    raw = storage.pull("raw", survey.name)
+    raw = storage.pull(*layout.raw_survey(survey.name))
     files = find_fits(raw)
     if not files:
         raise dg.Failure(f"no FITS files under {raw}: materialize simulated_cutouts for {survey.name} "
@@ -62,9 +58,8 @@ def cutout_catalog(context: dg.AssetExecutionContext, config: CatalogConfig,
     result = ingest_files(files, survey, root=storage.root_path, workers=config.workers)
     catalog, quarantine = result.catalog, result.quarantine
     schema = catalog_schema(survey)
-    cat_path, q_path = catalog_paths(storage, survey.name)
-    storage.write_parquet(quarantine, *q_path.relative_to(storage.root_path).parts)
-    storage.write_parquet(catalog, *cat_path.relative_to(storage.root_path).parts)
+    q_path = storage.write_parquet(quarantine, *layout.quarantine_table(survey.name))
+    cat_path = storage.write_parquet(catalog, *layout.catalog_table(survey.name))
     context.log.info(f"ingested {len(catalog)} of {result.n_files} files ({len(quarantine)} quarantined) "
                      f"at {result.files_per_s:.0f} files/s")
 

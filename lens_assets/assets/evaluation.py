@@ -18,11 +18,11 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
+from lens_assets import layout
 from lens_assets.assets._common import png_markdown, sha256_of_strings, survey_asset
-from lens_assets.assets.catalog import catalog_paths
-from lens_assets.assets.shards import dataset_splits, psf_matched_shards, shard_dir
+from lens_assets.assets.shards import dataset_splits, psf_matched_shards
 from lens_assets.assets.training import lens_classifier
-from lens_assets.model_registry import calibrator_path, calibrator_version, read_ensemble
+from lens_assets.model_registry import calibrator_version, read_ensemble
 from lens_assets.resources.storage import LocalStorage
 from lens_assets.science.fileio import atomic_path, write_text_atomic
 from lens_assets.science.calibration import cross_fit, fit_calibrator
@@ -54,10 +54,6 @@ class CalibratorConfig(dg.Config):
     batch_size: int = Field(default=256, ge=1)
 
 
-def scores_path(storage: LocalStorage, survey: str):
-    return storage.path("scores", survey, "ensemble_logits.parquet")
-
-
 class ShortcutConfig(dg.Config):
     max_shortcut_auroc: float = Field(default=0.65, ge=0, le=1, description="gate of the shortcut check: test "
                                       "AUROC of a classifier on lensing-agnostic statistics")
@@ -73,10 +69,6 @@ SHORTCUT_CHECKS = [dg.AssetCheckSpec(
     "shortcut_auroc_at_most_gate", asset="shortcut_audit", blocking=False,
     description="test AUROC of XGBoost on lensing-agnostic statistics ≤ max_shortcut_auroc (not blocking: the "
                 "report shows the figure beside the classifier's)")]
-
-
-def shortcut_path(storage: LocalStorage, survey: str):
-    return storage.path("reports", survey, "shortcut", "shortcut.json")
 
 
 def shard_features(shard_path, objids, *, pixel_scale_arcsec: float, bands, batch_size: int) -> pd.DataFrame:
@@ -123,18 +115,18 @@ def shortcut_audit(context: dg.AssetExecutionContext, config: ShortcutConfig,
     from lens_assets.science.shortcut import importance_plot, shortcut_auroc
 
     survey = get_survey(context.partition_key)
-    for parts in (("splits", survey.name), ("catalog", survey.name), ("shards", survey.name)):
+    for parts in (layout.splits_dir(survey.name), layout.catalog_dir(survey.name), layout.shards_dir(survey.name)):
         storage.pull(*parts)
-    split_path = storage.path("splits", survey.name, "dataset_splits.parquet")
+    split_path = storage.path(*layout.splits_table(survey.name))
     if not split_path.exists():
         raise dg.Failure(f"{split_path} does not exist: materialize dataset_splits for {survey.name} first")
-    shards = shard_dir(storage, survey.name)
+    shards = storage.path(*layout.shards_dir(survey.name))
     manifest = read_manifest(shards)
     splits = pd.read_parquet(split_path, columns=["objid", "split"])
-    cat_path, _ = catalog_paths(storage, survey.name)
-    catalog = pd.read_parquet(cat_path, columns=["objid", "label", "sim_family"])
+    catalog = pd.read_parquet(storage.path(*layout.catalog_table(survey.name)),
+                              columns=["objid", "label", "sim_family"])
     rows = splits[splits["split"].isin(["train", "test"])].merge(catalog, on="objid", how="left")
-    in_shards = set(pd.read_parquet(shards / "rows.parquet", columns=["objid"])["objid"])
+    in_shards = set(pd.read_parquet(storage.path(*layout.shards_rows(survey.name)), columns=["objid"])["objid"])
     usable = catalog[catalog["objid"].isin(in_shards) & catalog["label"].isin([0, 1])]
     families = [f for f in config.heldout_families if f != LENSING_ONLY] + [LENSING_ONLY]
     extra = usable[usable["sim_family"].isin(families)].rename(columns={"sim_family": "split"})
@@ -158,17 +150,17 @@ def shortcut_audit(context: dg.AssetExecutionContext, config: ShortcutConfig,
     except ValueError as err:
         raise dg.Failure(f"{split_path}: train split: {err}") from None
     seconds = time.perf_counter() - t0
-    out_dir = storage.path("reports", survey.name, "shortcut")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    storage.path(*layout.shortcut_dir(survey.name)).mkdir(parents=True, exist_ok=True)
     table = pd.concat([rows.reset_index(drop=True), features], axis=1)
-    with atomic_path(out_dir / "features.parquet") as tmp:
+    with atomic_path(storage.path(*layout.shortcut_features(survey.name))) as tmp:
         table.to_parquet(tmp, index=False)
     doc = {"survey": survey.name, **result, "families": families, "seconds_features": t_features,
            "seconds": seconds, "n_rows": len(rows), "gate": {"max_shortcut_auroc": config.max_shortcut_auroc}}
-    write_text_atomic(out_dir / "shortcut.json", json.dumps(doc, indent=2, default=float))
-    plot = importance_plot(result["feature_importance"], out_dir / "importance.png",
+    doc_path = write_text_atomic(storage.path(*layout.shortcut_doc(survey.name)),
+                                 json.dumps(doc, indent=2, default=float))
+    plot = importance_plot(result["feature_importance"], storage.path(*layout.shortcut_importance(survey.name)),
                            title=f"{survey.name}: shortcut classifier, test AUROC {result['auroc']['test']:.3f}")
-    storage.push("reports", survey.name, "shortcut")
+    storage.push(*layout.shortcut_dir(survey.name))
     auroc = result["auroc"]
     context.log.info(f"{survey.name}: shortcut AUROC {auroc['test']:.3f} on the test split from "
                      f"{len(features.columns)} lensing-agnostic statistics of {len(rows)} cutouts in {seconds:.1f} s")
@@ -193,7 +185,7 @@ def shortcut_audit(context: dg.AssetExecutionContext, config: ShortcutConfig,
         "n_features": len(features.columns),
         "seconds": seconds,
         "rows_per_s": len(rows) / t_features if t_features > 0 else float("nan"),
-        "path": dg.MetadataValue.path(str(out_dir / "shortcut.json")),
+        "path": dg.MetadataValue.path(str(doc_path)),
         "feature_importance": dg.MetadataValue.json(result["feature_importance"]),
         "importance": png_markdown(plot, alt="shortcut classifier feature importance (gain)"),
     }
@@ -209,13 +201,13 @@ def _rows_to_score(storage: LocalStorage, survey: str, heldout_families) -> pd.D
     """val/test rows of the splits (with their ``val_role`` and ``sky_group``), labeled rows of each held-out
     family (split ``heldout``, with their ``sim_family``) and of the lensing-only pairs (split ``lensing_only``,
     with their ``pair_id``); rows outside the splits have ``val_role`` "" and ``sky_group`` -1."""
-    for parts in (("splits", survey), ("catalog", survey), ("shards", survey)):
+    for parts in (layout.splits_dir(survey), layout.catalog_dir(survey), layout.shards_dir(survey)):
         storage.pull(*parts)
-    splits_file = storage.path("splits", survey, "dataset_splits.parquet")
+    splits_file = storage.path(*layout.splits_table(survey))
     splits = pd.read_parquet(splits_file)
     splits = pd.DataFrame({"objid": splits["objid"], "split": splits["split"], "sky_group": splits["sky_group"],
                            "val_role": val_roles(splits, source=str(splits_file))})
-    cat_path, _ = catalog_paths(storage, survey)
+    cat_path = storage.path(*layout.catalog_table(survey))
     import pyarrow.parquet as pq
 
     names = pq.read_schema(cat_path).names
@@ -224,7 +216,7 @@ def _rows_to_score(storage: LocalStorage, survey: str, heldout_families) -> pd.D
                                                  "source_sha256"])
     if "pair_id" not in catalog:  # a catalog ingested before PAIRID was read
         catalog["pair_id"] = ""
-    in_shards = set(pd.read_parquet(shard_dir(storage, survey) / "rows.parquet", columns=["objid"])["objid"])
+    in_shards = set(pd.read_parquet(storage.path(*layout.shards_rows(survey)), columns=["objid"])["objid"])
     usable = catalog["objid"].isin(in_shards) & catalog["label"].isin([0, 1])
     held = catalog[catalog["sim_family"].isin([f for f in heldout_families if f != LENSING_ONLY]) & usable]
     pairs = catalog[(catalog["sim_family"] == LENSING_ONLY) & usable]
@@ -286,7 +278,7 @@ def score_calibrator(context: dg.AssetExecutionContext, config: CalibratorConfig
     import time
 
     t0 = time.perf_counter()
-    logits = member_logits(members, ShardDataset(shard_dir(storage, survey.name), objids=rows["objid"]),
+    logits = member_logits(members, ShardDataset(storage.path(*layout.shards_dir(survey.name)), objids=rows["objid"]),
                            batch_size=config.batch_size, device=device)
     seconds = time.perf_counter() - t0
     fusion = fit_fusion(logits[fit_rows], y_fit, method=config.fusion)
@@ -297,7 +289,7 @@ def score_calibrator(context: dg.AssetExecutionContext, config: CalibratorConfig
         rows[f"logit_{name}"] = logits[:, j]
     rows["logit"] = fused
     rows["probability"] = cal.predict(fused)
-    out = storage.write_parquet(rows, "scores", survey.name, "ensemble_logits.parquet")
+    out = storage.write_parquet(rows, *layout.ensemble_scores(survey.name))
 
     before, after = expit(fused[fit_rows]), rows.loc[fit_rows, "probability"].to_numpy()
     ece_before, ece_after = expected_calibration_error(y_fit, before), expected_calibration_error(y_fit, after)
@@ -327,10 +319,10 @@ def score_calibrator(context: dg.AssetExecutionContext, config: CalibratorConfig
     for m in doc["members"]:
         m.pop("path", None)
     text = json.dumps(doc, indent=2)
-    path = storage.write_text(text, "calibrators", survey.name, "calibrator.json")
+    path = storage.write_text(text, *layout.calibrator_doc(survey.name))
     plot = reliability_plot({"sigmoid(fused logit)": (y_fit, before), f"calibrated ({cal.method})": (y_fit, after)},
-                            storage.path("reports", survey.name, "calibration_reliability_val.png"))
-    storage.push("reports", survey.name, "calibration_reliability_val.png")
+                            storage.path(*layout.calibration_reliability(survey.name)))
+    storage.push(*layout.calibration_reliability(survey.name))
     context.log.info(f"calibrator {cal.method} (fusion {fusion.method}) on {fit_rows.sum()} rows of the val split's "
                      f"calibrate half: cross-fitted ECE {crossfit['before']:.4f} -> {crossfit['after']:.4f} "
                      f"(in-sample {ece_before:.4f} -> {ece_after:.4f}); scored {len(rows)} rows at "
@@ -540,8 +532,7 @@ def _fit_rows_text(calibrator: dict) -> str:
 
 def read_shortcut(storage: LocalStorage, survey: str) -> dict | None:
     """shortcut_audit's ``shortcut.json``, or None when the audit has not run."""
-    path = shortcut_path(storage, survey)
-    storage.pull(*path.relative_to(storage.root_path).parts)
+    path = storage.pull(*layout.shortcut_doc(survey))
     return json.loads(path.read_text()) if path.exists() else None
 
 
@@ -568,13 +559,13 @@ def bologna_report(context: dg.AssetExecutionContext, config: ReportConfig,
     from lens_assets.science.plots import reliability_plot, roc_plot, score_histograms
 
     survey = get_survey(context.partition_key)
-    path = scores_path(storage, survey.name)
-    storage.pull("scores", survey.name)
-    storage.pull("calibrators", survey.name)
+    storage.pull(*layout.scores_dir(survey.name))
+    storage.pull(*layout.calibrators_dir(survey.name))
+    path = storage.path(*layout.ensemble_scores(survey.name))
     if not path.exists():
         raise dg.Failure(f"{path} does not exist: materialize score_calibrator for {survey.name} first")
     scores = pd.read_parquet(path)
-    calibrator_text = calibrator_path(storage, survey.name).read_text()
+    calibrator_text = storage.path(*layout.calibrator_doc(survey.name)).read_text()
     calibrator = json.loads(calibrator_text)
     families = calibrator.get("heldout_families", ["heldout"])
     figures = report_figures(scores, heldout_families=families, n_boot=config.n_boot)
@@ -582,19 +573,20 @@ def bologna_report(context: dg.AssetExecutionContext, config: ReportConfig,
         raise dg.Failure(f"{path}: the test split needs lenses and non-lenses to be evaluated")
     shortcut = read_shortcut(storage, survey.name)
     ind, held, pairs = figures["in_distribution"], figures["heldout"], figures["lensing_only"]
-    out_dir = storage.path("reports", survey.name, "bologna")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    storage.path(*layout.report_dir(survey.name)).mkdir(parents=True, exist_ok=True)
     held_rows = scores[scores["split"] == "heldout"]
     parts = {"test": scores[scores["split"] == "test"],
              **{f"held-out: {f}": held_rows[held_rows["sim_family"] == f] for f, v in figures["families"].items()
                 if v}}
     parts = {k: (v["label"].to_numpy(), v) for k, v in parts.items() if v["label"].nunique() == 2}
-    roc = roc_plot({k: (y, v["logit"].to_numpy()) for k, (y, v) in parts.items()}, out_dir / "roc.png")
+    roc = roc_plot({k: (y, v["logit"].to_numpy()) for k, (y, v) in parts.items()},
+                   storage.path(*layout.report_roc(survey.name)))
     hist = score_histograms({k: (y, v["logit"].to_numpy()) for k, (y, v) in parts.items()},
-                            out_dir / "score_histograms.png")
+                            storage.path(*layout.report_score_histograms(survey.name)))
     y, t = parts["test"]
     rel = reliability_plot({"test, sigmoid(fused logit)": (y, expit(t["logit"].to_numpy())),
-                            "test, calibrated": (y, t["probability"].to_numpy())}, out_dir / "reliability.png")
+                            "test, calibrated": (y, t["probability"].to_numpy())},
+                           storage.path(*layout.report_reliability(survey.name)))
     gates = {k: getattr(config, k) for k in ("min_auroc", "min_tpr10", "max_ece", "min_heldout_auroc",
                                              "min_lensing_only_auroc", "max_fnr_flux_ratio_lt_0_1")}
     report = {"survey": survey.name, "in_distribution": ind, "heldout": held, "families": figures["families"],
@@ -602,7 +594,8 @@ def bologna_report(context: dg.AssetExecutionContext, config: ReportConfig,
                                                                                        "n_nonlenses")},
               "gap": {k: ind[k] - held[k] for k in ("auroc", "tpr0", "tpr10") if k in held},
               "calibrator": calibrator, "scores_path": str(path), "gates": gates}
-    md = out_dir / "report.md"
+    md = storage.path(*layout.report_md(survey.name))
+    report_json = storage.path(*layout.report_json(survey.name))
     nan = float("nan")
     context.log.info(f"{survey.name}: AUROC {ind['auroc']:.4f}, TPR0 {ind['tpr0']:.3f}, TPR10 {ind['tpr10']:.3f} "
                      f"({ind['n_test_nonlenses']:.0f} non-lenses), ECE {ind['ece']:.4f}; held-out AUROC "
@@ -633,7 +626,7 @@ def bologna_report(context: dg.AssetExecutionContext, config: ReportConfig,
             metadata[k] = float(v)
     metadata.update({
         "report_path": dg.MetadataValue.path(str(md)),
-        "report_json": dg.MetadataValue.path(str(out_dir / "report.json")),
+        "report_json": dg.MetadataValue.path(str(report_json)),
         "roc": png_markdown(roc, alt="ROC"),
         "score_histograms": png_markdown(hist, alt="score histograms"),
         "reliability": png_markdown(rel, alt="reliability diagram"),
@@ -674,9 +667,9 @@ def bologna_report(context: dg.AssetExecutionContext, config: ReportConfig,
     report.update({"version": version, "calibrator_version": calibrator_version(calibrator_text),
                    "checks": {c.check_name: {"passed": c.passed, "value": _gate_value(c), "gate": c.metadata["gate"].value}
                               for c in checks}})
-    write_text_atomic(out_dir / "report.json", json.dumps(report, indent=2, default=float))  # pushed with the folder
+    write_text_atomic(report_json, json.dumps(report, indent=2, default=float))  # pushed with the folder
     write_text_atomic(md, report_markdown(survey.name, figures, calibrator, shortcut))
-    storage.push("reports", survey.name, "bologna")
+    storage.push(*layout.report_dir(survey.name))
     return dg.MaterializeResult(metadata=metadata, check_results=checks, data_version=dg.DataVersion(version))
 
 

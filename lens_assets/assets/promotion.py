@@ -2,9 +2,10 @@
 
 import dagster as dg
 
+from lens_assets import layout
 from lens_assets.assets._common import survey_asset
 from lens_assets.assets.evaluation import bologna_report
-from lens_assets.model_registry import no_retry, promote, promoted_dir
+from lens_assets.model_registry import no_retry, promote
 from lens_assets.resources.storage import LocalStorage
 from lens_assets.science.surveys import get_survey
 
@@ -32,7 +33,7 @@ def promoted_model(context: dg.AssetExecutionContext, storage: LocalStorage) -> 
     import json
 
     survey = get_survey(context.partition_key)
-    path = storage.pull("reports", survey.name, "bologna", "report.json")
+    path = storage.pull(*layout.report_json(survey.name))
     if not path.exists():
         raise no_retry(f"{path} does not exist: materialize bologna_report for {survey.name} first")
     report = json.loads(path.read_text())
@@ -52,7 +53,6 @@ def promoted_model(context: dg.AssetExecutionContext, storage: LocalStorage) -> 
         "promoted_version": promotion["version"],
         "previous_version": promotion["previous_version"] or "",
         "promoted_at": promotion["promoted_at"],
-        "path": dg.MetadataValue.path(storage.url(*promoted_dir(storage, survey.name).relative_to(
-            storage.root_path).parts)),
+        "path": dg.MetadataValue.path(storage.url(*layout.promoted_dir(survey.name))),
     }
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(promotion["version"]))

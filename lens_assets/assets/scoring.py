@@ -3,9 +3,9 @@
 import dagster as dg
 from pydantic import Field
 
+from lens_assets import layout
 from lens_assets.assets._common import OWNERS, counts_markdown, gallery_from_files, png_markdown
 from lens_assets.assets.promotion import promoted_model
-from lens_assets.inbox import COMPLETE_MARKER
 from lens_assets.model_registry import load_promoted, no_retry
 from lens_assets.partitions import scoring_partitions
 from lens_assets.resources.storage import LocalStorage
@@ -34,10 +34,6 @@ class ScoringConfig(dg.Config):
     gallery_size: int = Field(default=12, ge=0, description="top candidates shown in the gallery")
 
 
-def candidates_dir(storage: LocalStorage, survey: str, drop: str):
-    return storage.path("candidates", survey, drop)
-
-
 @dg.asset(
     partitions_def=scoring_partitions,
     owners=OWNERS,
@@ -63,10 +59,10 @@ def candidate_scores(context: dg.AssetExecutionContext, config: ScoringConfig,
     """
     keys = context.partition_key.keys_by_dimension
     survey, drop = get_survey(keys["survey"]), keys["drop"]
-    if not storage.exists("inbox", survey.name, drop, COMPLETE_MARKER):
-        raise no_retry(f"{storage.url('inbox', survey.name, drop)} has no {COMPLETE_MARKER} marker: the drop is "
-                         "not complete")
-    drop_dir = storage.pull("inbox", survey.name, drop)
+    if not storage.exists(*layout.complete_marker(survey.name, drop)):
+        raise no_retry(f"{storage.url(*layout.inbox_drop(survey.name, drop))} has no {layout.COMPLETE_MARKER} marker: "
+                       "the drop is not complete")
+    drop_dir = storage.pull(*layout.inbox_drop(survey.name, drop))
     files = find_fits(drop_dir)
     ensemble, fusion, calibrator, doc = load_promoted(storage, survey.name)
     from lens_assets.ml.score import default_device, load_members, score_files
@@ -96,16 +92,16 @@ def candidate_scores(context: dg.AssetExecutionContext, config: ScoringConfig,
     # the drop's folder (table, quarantine, plots) is built aside and published in one step: a run killed at any
     # point leaves the previous complete folder or none, and its retry starts over
     with storage.staged_dir(f"candidates-{survey.name}-{drop}") as staged:
-        table.to_parquet(staged / "candidate_scores.parquet", index=False)
-        quarantine.to_parquet(staged / "quarantine.parquet", index=False)
+        table.to_parquet(staged / layout.candidate_table(survey.name, drop)[-1], index=False)
+        quarantine.to_parquet(staged / layout.candidate_quarantine(survey.name, drop)[-1], index=False)
         plots = _candidate_plots(table, staged, survey=survey, drop=drop, storage=storage,
                                  gallery_size=config.gallery_size)
-        version = sha256_file(staged / "candidate_scores.parquet")[:16]
-        report_dir = storage.publish_dir(staged, "candidates", survey.name, drop)
+        version = sha256_file(staged / layout.candidate_table(survey.name, drop)[-1])[:16]
+        report_dir = storage.publish_dir(staged, *layout.candidates_dir(survey.name, drop))
 
     metadata = {
-        "path": dg.MetadataValue.path(storage.url("candidates", survey.name, drop, "candidate_scores.parquet")),
-        "quarantine_path": dg.MetadataValue.path(storage.url("candidates", survey.name, drop, "quarantine.parquet")),
+        "path": dg.MetadataValue.path(storage.url(*layout.candidate_table(survey.name, drop))),
+        "quarantine_path": dg.MetadataValue.path(storage.url(*layout.candidate_quarantine(survey.name, drop))),
         "n_files": len(files),
         "n_scored": len(table),
         "n_quarantined": len(quarantine),
@@ -115,7 +111,7 @@ def candidate_scores(context: dg.AssetExecutionContext, config: ScoringConfig,
         "calibrator_method": calibrator.method,
         "training_manifest_sha256": ensemble["shards_manifest_sha256"],
         "simulation_families": dg.MetadataValue.json(ensemble.get("simulation_families", {})),
-        "inbox": dg.MetadataValue.path(storage.url("inbox", survey.name, drop)),
+        "inbox": dg.MetadataValue.path(storage.url(*layout.inbox_drop(survey.name, drop))),
         "files_per_s": len(files) / seconds if seconds > 0 else float("nan"),
         "device": device,
         "dagster/row_count": len(table),
@@ -135,13 +131,14 @@ def _candidate_plots(table, out, *, survey, drop: str, storage: LocalStorage, ga
         return {}
     from lens_assets.science.plots import value_histogram
 
-    value_histogram(table["score"], out / "score_histogram.png", xlabel="calibrated lens probability",
+    histogram = layout.candidate_histogram(survey.name, drop)[-1]
+    value_histogram(table["score"], out / histogram, xlabel="calibrated lens probability",
                     title=f"{survey.name} / {drop}: {len(table)} cutouts")
-    plots = {"score_histogram": "score_histogram.png"}
+    plots = {"score_histogram": histogram}
     if gallery_size:
         top = table.head(gallery_size)
         gallery_from_files([storage.path(f) for f in top["source_file"]], list(top["source_file"]),
                            [f"#{r} p={p:.2f}" for r, p in zip(top["rank"], top["score"])], survey,
-                           out / "top_candidates.png")
-        plots["top_candidates_gallery"] = "top_candidates.png"
+                           out / layout.candidate_gallery(survey.name, drop)[-1])
+        plots["top_candidates_gallery"] = layout.candidate_gallery(survey.name, drop)[-1]
     return plots

@@ -6,8 +6,9 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
+from lens_assets import layout
 from lens_assets.assets._common import sha256_of_strings, survey_asset
-from lens_assets.assets.catalog import catalog_paths, cutout_catalog
+from lens_assets.assets.catalog import cutout_catalog
 from lens_assets.resources.storage import LocalStorage
 from lens_assets.science.shards import SHARD_FORMAT_VERSION, build_shards, matched_psf_fwhm, shard_settings
 from lens_assets.science.splits import (SPLITS, VAL_ROLES, balance_table, cross_split_pairs, make_splits,
@@ -27,10 +28,6 @@ class ShardConfig(dg.Config):
     batch_size: int = Field(default=256, ge=1, description="cutouts per worker task (bounds memory)")
     compression: str = Field(default="lzf", description="one of lzf, gzip, none")
     workers: int = Field(default=0, description="processes; 0 = every core")
-
-
-def shard_dir(storage: LocalStorage, survey: str):
-    return storage.path("shards", survey)
 
 
 @survey_asset(
@@ -56,19 +53,18 @@ def psf_matched_shards(context: dg.AssetExecutionContext, config: ShardConfig,
     `manifest.json` lists the shards with their sha256; its hash is the data version.
     """
     survey = get_survey(context.partition_key)
-    cat_path, _ = catalog_paths(storage, survey.name)
-    storage.pull(*cat_path.relative_to(storage.root_path).parts)
+    cat_path = storage.pull(*layout.catalog_table(survey.name))
     if not cat_path.exists():
         raise dg.Failure(f"{cat_path} does not exist: materialize cutout_catalog for {survey.name} first")
     catalog = pd.read_parquet(cat_path)
-    storage.pull("raw", survey.name)
+    storage.pull(*layout.raw_survey(survey.name))
     settings = shard_settings(survey, target_fwhm_arcsec=config.target_fwhm_arcsec, percentile=config.percentile,
                               rows_per_shard=config.rows_per_shard, batch_size=config.batch_size,
                               compression=config.compression)
     with storage.staged_dir(f"shards-{survey.name}") as staged:
         manifest = build_shards(catalog, survey, root=storage.root_path, out_dir=staged, settings=settings,
                                 workers=config.workers)
-        dest = storage.publish_dir(staged, "shards", survey.name)
+        dest = storage.publish_dir(staged, *layout.shards_dir(survey.name))
     rate = manifest["n_rows"] / manifest["seconds"] if manifest["seconds"] > 0 else float("nan")
     context.log.info(f"wrote {manifest['n_rows']} cutouts in {len(manifest['shards'])} shards to {dest} "
                      f"at {rate:.0f} cutouts/s; target FWHM {settings.target_fwhm_arcsec:.3f}\"")
@@ -79,7 +75,7 @@ def psf_matched_shards(context: dg.AssetExecutionContext, config: ShardConfig,
     n_planes = manifest["n_rows"] * survey.n_bands
     metadata = {
         "path": dg.MetadataValue.path(str(dest)),
-        "manifest": dg.MetadataValue.path(str(dest / "manifest.json")),
+        "manifest": dg.MetadataValue.path(str(storage.path(*layout.shards_manifest(survey.name)))),
         "manifest_sha256": manifest["sha256"],
         "n_rows": manifest["n_rows"],
         "n_shards": len(manifest["shards"]),
@@ -161,10 +157,8 @@ def dataset_splits(context: dg.AssetExecutionContext, config: SplitConfig,
     pretrain:*, unlabeled and held-out-family rows are left out and counted.
     """
     survey = get_survey(context.partition_key)
-    cat_path, _ = catalog_paths(storage, survey.name)
-    rows_path = shard_dir(storage, survey.name) / "rows.parquet"
-    storage.pull("catalog", survey.name)
-    storage.pull("shards", survey.name, "rows.parquet")
+    cat_path = storage.pull(*layout.catalog_table(survey.name))
+    rows_path = storage.pull(*layout.shards_rows(survey.name))
     if not rows_path.exists():
         raise dg.Failure(f"{rows_path} does not exist: materialize psf_matched_shards for {survey.name} first")
     catalog = pd.read_parquet(cat_path)
@@ -176,7 +170,7 @@ def dataset_splits(context: dg.AssetExecutionContext, config: SplitConfig,
                          min_groups_per_stratum=config.min_groups_per_stratum,
                          exclude_families=tuple(config.exclude_families))
     table = result.table
-    out = storage.write_parquet(table, "splits", survey.name, "dataset_splits.parquet")
+    out = storage.write_parquet(table, *layout.splits_table(survey.name))
     checks = split_checks(table, tolerance=config.label_fraction_tolerance)
     positions = table[["objid", "split"]].merge(catalog[["objid", "ra", "dec"]], on="objid", how="left",
                                                 validate="many_to_one")

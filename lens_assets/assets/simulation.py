@@ -4,6 +4,7 @@
 import dagster as dg
 from pydantic import Field
 
+from lens_assets import layout
 from lens_assets.assets._common import (counts_markdown, gallery_from_files, png_markdown, sha256_of_strings,
                                         survey_asset)
 from lens_assets.resources.storage import LocalStorage
@@ -42,11 +43,6 @@ def simulate_family(survey, family, **kwargs):
 
         return simulate_galsim_to_directory(survey, load_galsim_family(family.path), **kwargs)
     return simulate_to_directory(survey, family, **kwargs)
-
-
-def simulation_drop(family: str, seed: int) -> str:
-    """The drop folder under ``raw/<survey>/``: ``sim-<seed>`` for baseline, ``sim-<family>-<seed>`` otherwise."""
-    return f"sim-{seed}" if family == "baseline" else f"sim-{family}-{seed}"
 
 
 @survey_asset(
@@ -88,20 +84,20 @@ def simulated_cutouts(context: dg.AssetExecutionContext, config: SimulationConfi
             runs.append((fam, n_heldout))
     made = {}
     for fam, n in runs:
-        drop = simulation_drop(fam.name, config.seed)
+        drop = layout.simulation_drop(fam.name, config.seed)
         with storage.staged_dir(f"{survey.name}-{drop}") as staged:
             truth, seconds = simulate_family(survey, fam, n_cutouts=n, seed=config.seed, out_dir=staged,
                                              workers=config.workers)
-            dest = storage.publish_dir(staged, "raw", survey.name, drop)
+            dest = storage.publish_dir(staged, *layout.raw_drop(survey.name, drop))
         context.log.info(f"simulated {len(truth)} {survey.name} cutouts ({fam.name}, seed {config.seed}) "
                          f"in {seconds:.1f}s into {dest}")
         made[fam.name] = (drop, dest, truth, seconds)
     if n_pairs:
-        drop = simulation_drop(LENSING_ONLY, config.seed)
+        drop = layout.simulation_drop(LENSING_ONLY, config.seed)
         with storage.staged_dir(f"{survey.name}-{drop}") as staged:
             pairs, p_seconds = simulate_pairs_to_directory(survey, pairs_family, n_pairs=n_pairs, seed=config.seed,
                                                            out_dir=staged, workers=config.workers)
-            pairs_dest = storage.publish_dir(staged, "raw", survey.name, drop)
+            pairs_dest = storage.publish_dir(staged, *layout.raw_drop(survey.name, drop))
         context.log.info(f"simulated {n_pairs} lens/twin pairs of {pairs_family.name} in {p_seconds:.1f}s into "
                          f"{pairs_dest}")
     drop, dest, truth, seconds = made[family.name]
@@ -110,8 +106,8 @@ def simulated_cutouts(context: dg.AssetExecutionContext, config: SimulationConfi
     gallery = gallery_from_files(
         [dest / f for f in shown["file"]], [storage.relative(dest / f) for f in shown["file"]],
         [f"{k} fr={fr:.2f}" if lab else k for k, fr, lab in zip(shown["kind"], shown["flux_ratio"], shown["label"])],
-        survey, storage.path("reports", survey.name, f"simulated_{drop}_gallery.png"))
-    storage.push("reports", survey.name, f"simulated_{drop}_gallery.png")
+        survey, storage.path(*layout.simulated_gallery(survey.name, drop)))
+    storage.push(*layout.simulated_gallery(survey.name, drop))
     metadata = {
         "path": dg.MetadataValue.path(str(dest)),
         "family": family.name,

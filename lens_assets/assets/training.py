@@ -6,9 +6,10 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
+from lens_assets import layout
 from lens_assets.assets._common import sha256_of_strings, survey_asset
 from lens_assets.assets.shards import dataset_splits, psf_matched_shards
-from lens_assets.model_registry import ensemble_path, no_retry
+from lens_assets.model_registry import no_retry
 from lens_assets.resources.launchers import TrainingLauncher
 from lens_assets.resources.storage import LocalStorage
 from lens_assets.science.fileio import sha256_file
@@ -35,8 +36,7 @@ class TrainConfig(dg.Config):
 
 def write_ensemble(storage: LocalStorage, survey: str, ensemble: dict):
     """``models/<survey>/ensemble.json``: the members scoring uses, checkpoints relative to the data root."""
-    path = ensemble_path(storage, survey)
-    return storage.write_text(json.dumps(ensemble, indent=2), *path.relative_to(storage.root_path).parts)
+    return storage.write_text(json.dumps(ensemble, indent=2), *layout.ensemble_manifest(survey))
 
 
 def training_lineage(storage: LocalStorage, survey: str) -> dict:
@@ -45,9 +45,9 @@ def training_lineage(storage: LocalStorage, survey: str) -> dict:
 
     from lens_assets.science.families import available_families, load_family
 
-    manifest = json.loads(storage.path("shards", survey, "manifest.json").read_text())
-    splits = storage.path("splits", survey, "dataset_splits.parquet")
-    catalog = storage.pull("catalog", survey, "cutout_catalog.parquet")
+    manifest = json.loads(storage.path(*layout.shards_manifest(survey)).read_text())
+    splits = storage.path(*layout.splits_table(survey))
+    catalog = storage.pull(*layout.catalog_table(survey))
     families = (sorted(set(pd.read_parquet(catalog, columns=["sim_family"])["sim_family"]) - {""})
                 if catalog.exists() else [])  # shards and splits can be given without their catalog
     known = available_families()
@@ -102,19 +102,19 @@ def lens_classifier(context: dg.AssetExecutionContext, config: TrainConfig, stor
                          "shares this filesystem")
     if config.weights_path and not Path(config.weights_path).is_file():
         raise no_retry(f"lens_classifier config weights_path: {config.weights_path} is not a file")
-    shard_dir = storage.path("shards", survey.name)
-    splits = storage.pull("splits", survey.name, "dataset_splits.parquet")
+    shard_dir = storage.path(*layout.shards_dir(survey.name))
+    splits = storage.pull(*layout.splits_table(survey.name))
     if not splits.exists():
         raise no_retry(f"{splits} does not exist: materialize dataset_splits for {survey.name} first")
     store = remote_store(storage, launcher)
     if store:  # the job pulls the shards itself; the lineage here needs only their manifest
-        storage.pull("shards", survey.name, "manifest.json")
+        storage.pull(*layout.shards_manifest(survey.name))
     else:
-        storage.pull("shards", survey.name)
+        storage.pull(*layout.shards_dir(survey.name))
     metadata: dict = {}
     hashes = []
     for member in config.members:
-        out = storage.path("models", survey.name, member)
+        out = storage.path(*layout.member_dir(survey.name, member))
         extras = {"shard_dir": str(shard_dir), "splits_path": str(splits), "out_dir": str(out),
                   "settings": {"backbone": member, "epochs": config.epochs, "batch_size": config.batch_size,
                                "lr": config.lr, "seed": config.seed, "patience": config.patience,
@@ -122,17 +122,17 @@ def lens_classifier(context: dg.AssetExecutionContext, config: TrainConfig, stor
                                "weights_path": config.weights_path}}
         if store:  # a job elsewhere: where the store is and the keys of what it reads and writes
             extras["storage"] = store
-            extras["keys"] = {"shards": ["shards", survey.name], "splits": ["splits", survey.name,
-                                                                            "dataset_splits.parquet"],
-                              "out": ["models", survey.name, member]}
+            extras["keys"] = {"shards": list(layout.shards_dir(survey.name)),
+                              "splits": list(layout.splits_table(survey.name)),
+                              "out": list(layout.member_dir(survey.name, member))}
         messages = launcher.launch(context, extras=extras)
         if not messages:
             raise dg.Failure(f"training job for {member} reported no summary")
         s = messages[-1]
         if store:
-            storage.pull("models", survey.name, member)  # what the job pushed
+            storage.pull(*layout.member_dir(survey.name, member))  # what the job pushed
         else:
-            storage.push("models", survey.name, member)
+            storage.push(*layout.member_dir(survey.name, member))
         best = str(out / Path(s["best_checkpoint"] or s["last_checkpoint"]).name)  # the job's paths may be its own
         sha = sha256_file(Path(best))
         hashes.append(f"{member}:{sha}")

@@ -31,7 +31,9 @@ class ShardDataset:
 
     def __init__(self, shard_dir: str | Path, objids=None):
         self.shard_dir = Path(shard_dir)
-        rows = pd.read_parquet(self.shard_dir / "rows.parquet", columns=["objid", "shard", "index"])
+        from lens_assets.science.shards import ROWS_FILE
+
+        rows = pd.read_parquet(self.shard_dir / ROWS_FILE, columns=["objid", "shard", "index"])
         if objids is not None:
             rows = rows.set_index("objid").loc[list(objids)].reset_index()
         self.objid = rows["objid"].to_numpy()

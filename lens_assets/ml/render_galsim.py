@@ -1,7 +1,7 @@
 """A held-out simulation family rendered by other code than lenstronomy: GalSim and caustics.
 
 It is here in the ML layer, not in ``science/``, because the ray tracing uses caustics,
-which runs on PyTorch, and DESIGN.md keeps torch out of the science layer
+which runs on PyTorch, and docs/design.md keeps torch out of the science layer
 (``lens_assets_tests/test_layers.py`` checks every import, also those inside functions).
 It reads the family file (``science/families/galsim.toml``), the survey registry and
 the FITS contract from the science layer and writes the same inbox-contract files

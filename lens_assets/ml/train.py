@@ -205,9 +205,10 @@ def run_fingerprint(shard_dir: Path, splits_path: Path, settings: TrainSettings)
     import hashlib
 
     from lens_assets.science.fileio import update_from_file
+    from lens_assets.science.shards import MANIFEST_FILE
 
     h = hashlib.sha256()
-    manifest = Path(shard_dir) / "manifest.json"
+    manifest = Path(shard_dir) / MANIFEST_FILE
     if manifest.exists():
         update_from_file(h, manifest)
     else:

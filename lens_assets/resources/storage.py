@@ -1,6 +1,8 @@
-"""Storage resource: where every asset's files live (``LENS_DATA_ROOT``, default ``data/``).
+"""Storage resource: the mechanics of the files under ``LENS_DATA_ROOT`` (default ``data/``).
 
-Assets read and write local paths (``storage.path(...)``): h5py, parquet and
+Which path each asset's files have is :mod:`lens_assets.layout`'s business: it
+gives the parts (``layout.catalog_table("des")``) that every method here takes.
+Assets read and write local paths (``storage.path(*parts)``): h5py, parquet and
 astropy need files. ``pull`` makes a local copy current before reading and
 ``push`` publishes after writing; both are no-ops here, and ``S3Storage``
 (``resources/s3_storage.py``, chosen when ``LENS_DATA_ROOT`` is ``s3://...``)
@@ -30,9 +32,8 @@ def default_data_root() -> str:
 class LocalStorage(dg.ConfigurableResource):
     """Files under a local directory ``root`` (relative paths resolve against the working directory).
 
-    Layout: ``raw/<survey>/<drop>/`` inbox-contract FITS (simulated drops are
-    ``sim-<seed>``), ``catalog/<survey>/`` catalog and quarantine tables,
-    ``tmp/`` staging for atomic replacement.
+    Paths are given as parts relative to the root (:mod:`lens_assets.layout` names
+    them); ``tmp/`` holds the staging folders of atomic replacement.
     """
 
     root: str = DEFAULT_DATA_ROOT

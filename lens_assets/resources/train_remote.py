@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from lens_assets.resources.s3_storage import S3Storage
+from lens_assets.science.shards import MANIFEST_FILE
 
 
 class S3Sync:
@@ -35,7 +36,7 @@ class S3Sync:
     def pull_inputs(self) -> tuple[Path, Path, Path]:
         shards = self.storage.pull(*self.keys["shards"])
         splits = self.storage.pull(*self.keys["splits"])
-        for what, path in (("shards", shards / "manifest.json"), ("splits", splits)):
+        for what, path in (("shards", shards / MANIFEST_FILE), ("splits", splits)):
             if not path.exists():
                 raise FileNotFoundError(f"{self.storage.url(*self.keys[what])}: not in the store")
         out = self.storage.pull(*self.keys["out"])  # checkpoints of an earlier attempt, if any

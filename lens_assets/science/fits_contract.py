@@ -1,4 +1,4 @@
-"""The survey cutout FITS contract (DESIGN.md, "inbox contract"): writing and validated reading.
+"""The survey cutout FITS contract (docs/fits_inbox_contract.md): writing and validated reading.
 
 One file per object. Primary header: ``OBJID``, ``RA``, ``DEC`` (deg, ICRS),
 ``SURVEY``; optional ``Z_PHOT``, ``Z_SPEC``, ``Z_ERR``; labeled data adds ``LENS``,

@@ -1,6 +1,6 @@
 """Bologna Lens Finding Challenge metrics (Metcalf et al. 2019) and calibration error.
 
-Definitions (DESIGN.md):
+Definitions (docs/metrics.md):
 
 * TPR0: fraction of lenses scored strictly above the highest non-lens score.
 * TPR10: fraction of lenses scored strictly above the 10th-highest non-lens score
@@ -129,7 +129,7 @@ def noise_limited_fnr(arc_snr, *, n_nonlenses: int, n_false_positives: int = 9) 
 
 
 def bologna_metrics(labels, scores, *, flux_ratio=None, theta_e=None, arc_snr=None, probs=None) -> dict:
-    """The report's headline figures (metadata keys as in DESIGN.md).
+    """The report's headline figures (report.json and metadata keys: docs/metrics.md).
 
     Ranking figures use ``scores``; ECE uses ``probs``. FNR per flux-ratio bin and
     recall per θE bin (``recall_theta_e_<bin>``) are taken at the TPR10 threshold.

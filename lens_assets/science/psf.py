@@ -4,7 +4,7 @@
 * :func:`measure_fwhm_px` measures a PSF image's FWHM.
 * :func:`matching_kernels` makes photutils matching kernels (``make_kernel``'s
   Fourier ratio with a window) for a whole batch of source PSFs at once.
-* :func:`match_psf` convolves one image to a target PSF (DESIGN.md style example 1);
+* :func:`match_psf` convolves one image to a target PSF (docs/design.md, style example 1);
   :func:`homogenize` does it for (objects, bands) batches with variance propagation.
 
 All convolutions are linear (zero-padded FFT): nothing wraps around the edges.

@@ -104,7 +104,7 @@ def quarantine_schema() -> pa.DataFrameSchema:
 
 @lru_cache(maxsize=None)
 def candidate_schema() -> pa.DataFrameSchema:
-    """The ranked candidate table of one drop (DESIGN.md: ``candidate_scores``)."""
+    """The ranked candidate table of one drop (docs/assets.md: ``candidate_scores``)."""
     s, f, i = str, float, int
     hex_ = pa.Check.str_matches(r"^[0-9a-f]+$")
     return pa.DataFrameSchema({

@@ -34,8 +34,10 @@ from .psf import homogenize, target_fwhm_arcsec
 from .surveys import SurveySpec, get_survey
 
 __all__ = ["ShardSettings", "FLAG_BITS", "build_shards", "process_batch", "match_batch", "shard_settings",
-           "read_manifest", "SHARD_FORMAT_VERSION"]
+           "read_manifest", "SHARD_FORMAT_VERSION", "MANIFEST_FILE", "ROWS_FILE"]
 
+MANIFEST_FILE = "manifest.json"  # in every shard folder, renamed into place last
+ROWS_FILE = "rows.parquet"  # objid -> shard, index, per-band PSF facts
 SHARD_FORMAT_VERSION = "2"  # 2: band_flags uint16 with the padding, cropping and noise-estimate bits; footprint_px
 FLAG_BITS = {"missing": 1, "nan_masked": 2, "var_derived": 4, "fwhm_from_psf": 8, "fwhm_nominal": 16,
              "psf_broader_than_target": 32, "resampled": 64, "padded": 128, "cropped": 256, "var_sky_only": 512,
@@ -275,23 +277,23 @@ def build_shards(catalog: pd.DataFrame, survey: SurveySpec, *, root: Path, out_d
     writer.finish()
     seconds = time.perf_counter() - t0
     rows = pd.concat(writer.rows, ignore_index=True) if writer.rows else pd.DataFrame()
-    with atomic_path(out_dir / "rows.parquet") as tmp:
+    with atomic_path(out_dir / ROWS_FILE) as tmp:
         rows.to_parquet(tmp, index=False)
     manifest = {
         "survey": survey.name, "bands": list(survey.band_names), "cutout_size_px": settings.cutout_size_px,
         "pixel_scale_arcsec": survey.pixel_scale_arcsec, "settings": asdict(settings),
         "format_version": SHARD_FORMAT_VERSION, "n_rows": int(len(records)), "shards": writer.shards,
         "n_band_matched": n_matched, "n_band_broader_than_target": n_broader, "seconds": seconds,
-        "rows_table": "rows.parquet", "rows_table_sha256": sha256_file(out_dir / "rows.parquet"),
+        "rows_table": ROWS_FILE, "rows_table_sha256": sha256_file(out_dir / ROWS_FILE),
     }
     text = json.dumps({k: v for k, v in manifest.items() if k != "seconds"}, indent=2, sort_keys=True)
     manifest["sha256"] = hashlib.sha256(text.encode()).hexdigest()
-    write_text_atomic(out_dir / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True))  # last
+    write_text_atomic(out_dir / MANIFEST_FILE, json.dumps(manifest, indent=2, sort_keys=True))  # last
     return manifest
 
 
 def read_manifest(shard_dir: Path) -> dict:
-    path = Path(shard_dir) / "manifest.json"
+    path = Path(shard_dir) / MANIFEST_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: materialize psf_matched_shards first")
     return json.loads(path.read_text())

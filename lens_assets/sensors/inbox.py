@@ -37,8 +37,8 @@ import time
 
 import dagster as dg
 
+from lens_assets import layout
 from lens_assets.assets.scoring import candidate_scores
-from lens_assets.inbox import COMPLETE_MARKER
 from lens_assets.model_registry import promoted_version
 from lens_assets.partitions import drop_name_problem, drop_partitions, scoring_key
 from lens_assets.resources.storage import LocalStorage
@@ -142,13 +142,13 @@ def inbox_tick(storage, instance: dg.DagsterInstance, cursor: str | None, *, lim
     present: set[str] = set()
     waiting = no_model = 0
     models: dict[str, str | None] = {}
-    for survey in storage.list_dirs("inbox"):
+    for survey in storage.list_dirs(*layout.inbox_root()):
         if survey not in SURVEY_NAMES:
             if log:
-                log.warning(f"{storage.url('inbox', survey)}: {survey!r} is not a known survey "
+                log.warning(f"{storage.url(*layout.inbox_survey(survey))}: {survey!r} is not a known survey "
                             f"({list(SURVEY_NAMES)}); its drops are skipped")
             continue
-        drops = storage.list_dirs("inbox", survey)
+        drops = storage.list_dirs(*layout.inbox_survey(survey))
         present.update(run_key(survey, d) for d in drops)
         models[survey] = promoted_version(storage, survey)
         for drop in drops:
@@ -159,9 +159,9 @@ def inbox_tick(storage, instance: dg.DagsterInstance, cursor: str | None, *, lim
             problem = drop_name_problem(drop)
             if problem:
                 if log:
-                    log.warning(f"{storage.url('inbox', survey, drop)}: {problem}; the drop is skipped (rename it)")
+                    log.warning(f"{storage.url(*layout.inbox_drop(survey, drop))}: {problem}; the drop is skipped (rename it)")
                 continue
-            if not storage.exists("inbox", survey, drop, COMPLETE_MARKER):
+            if not storage.exists(*layout.complete_marker(survey, drop)):
                 waiting += 1
             elif models[survey] is None:
                 no_model += 1  # not handled: requested on the first tick after a model is promoted
@@ -209,11 +209,11 @@ score_drops_job = dg.define_asset_job("score_drops", selection=[candidate_scores
              description="Optional: re-score every registered drop each night (03:00 UTC).")
 def rescore_nightly(context: dg.ScheduleEvaluationContext, storage: LocalStorage):
     registered = set(context.instance.get_dynamic_partitions(drop_partitions.name))
-    for survey in storage.list_dirs("inbox"):
+    for survey in storage.list_dirs(*layout.inbox_root()):
         if survey not in SURVEY_NAMES:
             continue
-        for drop in storage.list_dirs("inbox", survey):
-            if drop in registered and storage.exists("inbox", survey, drop, COMPLETE_MARKER):
+        for drop in storage.list_dirs(*layout.inbox_survey(survey)):
+            if drop in registered and storage.exists(*layout.complete_marker(survey, drop)):
                 yield dg.RunRequest(partition_key=scoring_key(survey, drop),
                                     tags={"lens/survey": survey, "lens/drop": drop, "lens/reason": "nightly"})
 

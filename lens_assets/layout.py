@@ -1,0 +1,248 @@
+"""The storage layout: where every asset's files live under the storage root (``LENS_DATA_ROOT``).
+
+This module only names things. Each function returns the *parts* of a path
+relative to the root, a tuple of strings, which is what the storage resource
+takes (``resources/storage.py``, ``resources/s3_storage.py``: local or S3,
+pull/push, atomic publish)::
+
+    from lens_assets import layout
+    storage.pull(*layout.catalog_table("des"))          # make the local copy current (S3: download)
+    path = storage.path(*layout.catalog_table("des"))   # the local file: <root>/catalog/des/cutout_catalog.parquet
+    storage.url(*layout.inbox_drop("des", "night-1"))   # for people and lineage: a path, or s3://...
+
+Assets, sensors, the model registry, the producer API (``inbox.py``), the demo
+and the benchmarks ask here instead of spelling paths, so the layout is changed
+in one place; ``docs/data_layout.md`` lists every path with its writer and
+readers (``lens_assets_tests/test_layout.py`` keeps the two in step).
+
+The names inside a shard folder (``manifest.json``, ``rows.parquet``, the
+``shard-NNNNN.h5`` files) belong to the shard format in
+:mod:`lens_assets.science.shards`, which the training and scoring code read
+without Dagster; this module uses its constants.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from lens_assets.science.shards import MANIFEST_FILE, ROWS_FILE
+
+__all__ = ["Parts", "COMPLETE_MARKER", "PROMOTION_FILE", "relative", "simulation_drop", "templates", "PLACES"]
+
+Parts = tuple[str, ...]
+
+COMPLETE_MARKER = "_COMPLETE"  # an empty file a producer writes last in a drop folder
+PROMOTION_FILE = "promotion.json"
+
+
+def relative(parts: Parts) -> str:
+    """``parts`` as a path relative to the root with ``/`` separators (how tables and manifests store paths)."""
+    return "/".join(parts)
+
+
+def simulation_drop(family: str, seed: int) -> str:
+    """The drop folder under ``raw/<survey>/`` of a simulation: ``sim-<seed>`` for the ``baseline`` family,
+    ``sim-<family>-<seed>`` otherwise."""
+    return f"sim-{seed}" if family == "baseline" else f"sim-{family}-{seed}"
+
+
+# --------------------------------------------------------------------------- the inbox (producers, the sensor)
+
+def inbox_root() -> Parts:
+    return ("inbox",)
+
+
+def inbox_survey(survey: str) -> Parts:
+    return ("inbox", survey)
+
+
+def inbox_drop(survey: str, drop: str) -> Parts:
+    return ("inbox", survey, drop)
+
+
+def complete_marker(survey: str, drop: str) -> Parts:
+    return (*inbox_drop(survey, drop), COMPLETE_MARKER)
+
+
+# --------------------------------------------------------------------------- raw cutouts and the catalog
+
+def raw_survey(survey: str) -> Parts:
+    """Every FITS file below it is ingested by ``cutout_catalog``."""
+    return ("raw", survey)
+
+
+def raw_drop(survey: str, drop: str) -> Parts:
+    """A folder of cutouts under ``raw/<survey>/`` (a simulation writes :func:`simulation_drop`)."""
+    return ("raw", survey, drop)
+
+
+def catalog_dir(survey: str) -> Parts:
+    return ("catalog", survey)
+
+
+def catalog_table(survey: str) -> Parts:
+    return (*catalog_dir(survey), "cutout_catalog.parquet")
+
+
+def quarantine_table(survey: str) -> Parts:
+    return (*catalog_dir(survey), "quarantine.parquet")
+
+
+# --------------------------------------------------------------------------- datasets
+
+def shards_dir(survey: str) -> Parts:
+    return ("shards", survey)
+
+
+def shards_manifest(survey: str) -> Parts:
+    return (*shards_dir(survey), MANIFEST_FILE)
+
+
+def shards_rows(survey: str) -> Parts:
+    return (*shards_dir(survey), ROWS_FILE)
+
+
+def splits_dir(survey: str) -> Parts:
+    return ("splits", survey)
+
+
+def splits_table(survey: str) -> Parts:
+    return (*splits_dir(survey), "dataset_splits.parquet")
+
+
+# --------------------------------------------------------------------------- models, scores, calibrators
+
+def models_dir(survey: str) -> Parts:
+    return ("models", survey)
+
+
+def member_dir(survey: str, member: str) -> Parts:
+    """One ensemble member's training folder (checkpoints, run.json, summary.json, logs)."""
+    return (*models_dir(survey), member)
+
+
+def ensemble_manifest(survey: str) -> Parts:
+    return (*models_dir(survey), "ensemble.json")
+
+
+def scores_dir(survey: str) -> Parts:
+    return ("scores", survey)
+
+
+def ensemble_scores(survey: str) -> Parts:
+    return (*scores_dir(survey), "ensemble_logits.parquet")
+
+
+def calibrators_dir(survey: str) -> Parts:
+    return ("calibrators", survey)
+
+
+def calibrator_doc(survey: str) -> Parts:
+    return (*calibrators_dir(survey), "calibrator.json")
+
+
+# --------------------------------------------------------------------------- reports
+
+def simulated_gallery(survey: str, drop: str) -> Parts:
+    return ("reports", survey, f"simulated_{drop}_gallery.png")
+
+
+def calibration_reliability(survey: str) -> Parts:
+    return ("reports", survey, "calibration_reliability_val.png")
+
+
+def shortcut_dir(survey: str) -> Parts:
+    return ("reports", survey, "shortcut")
+
+
+def shortcut_doc(survey: str) -> Parts:
+    return (*shortcut_dir(survey), "shortcut.json")
+
+
+def shortcut_features(survey: str) -> Parts:
+    return (*shortcut_dir(survey), "features.parquet")
+
+
+def shortcut_importance(survey: str) -> Parts:
+    return (*shortcut_dir(survey), "importance.png")
+
+
+def report_dir(survey: str) -> Parts:
+    return ("reports", survey, "bologna")
+
+
+def report_json(survey: str) -> Parts:
+    return (*report_dir(survey), "report.json")
+
+
+def report_md(survey: str) -> Parts:
+    return (*report_dir(survey), "report.md")
+
+
+def report_roc(survey: str) -> Parts:
+    return (*report_dir(survey), "roc.png")
+
+
+def report_score_histograms(survey: str) -> Parts:
+    return (*report_dir(survey), "score_histograms.png")
+
+
+def report_reliability(survey: str) -> Parts:
+    return (*report_dir(survey), "reliability.png")
+
+
+# --------------------------------------------------------------------------- the promoted model
+
+def promoted_dir(survey: str) -> Parts:
+    """Replaced as one folder by ``promoted_model``."""
+    return ("promoted", survey)
+
+
+def promoted_ensemble(survey: str) -> Parts:
+    return (*promoted_dir(survey), "ensemble.json")
+
+
+def promoted_calibrator(survey: str) -> Parts:
+    return (*promoted_dir(survey), "calibrator.json")
+
+
+def promoted_checkpoint(survey: str, member: str) -> Parts:
+    return (*promoted_dir(survey), f"{member}.ckpt")
+
+
+def promotion_doc(survey: str) -> Parts:
+    return (*promoted_dir(survey), PROMOTION_FILE)
+
+
+# --------------------------------------------------------------------------- candidates of a drop
+
+def candidates_dir(survey: str, drop: str) -> Parts:
+    return ("candidates", survey, drop)
+
+
+def candidate_table(survey: str, drop: str) -> Parts:
+    return (*candidates_dir(survey, drop), "candidate_scores.parquet")
+
+
+def candidate_quarantine(survey: str, drop: str) -> Parts:
+    return (*candidates_dir(survey, drop), "quarantine.parquet")
+
+
+def candidate_histogram(survey: str, drop: str) -> Parts:
+    return (*candidates_dir(survey, drop), "score_histogram.png")
+
+
+def candidate_gallery(survey: str, drop: str) -> Parts:
+    return (*candidates_dir(survey, drop), "top_candidates.png")
+
+
+# every function above that names a place, by name
+PLACES = {name: fn for name, fn in list(globals().items())
+          if inspect.isfunction(fn) and fn.__module__ == __name__ and fn.__annotations__.get("return") == "Parts"}
+
+
+def templates() -> dict[str, str]:
+    """Each place as a template with its arguments as placeholders: ``catalog_table`` ->
+    ``catalog/<survey>/cutout_catalog.parquet``."""
+    return {name: relative(fn(*(f"<{p}>" for p in inspect.signature(fn).parameters)))
+            for name, fn in PLACES.items()}
