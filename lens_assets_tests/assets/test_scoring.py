@@ -343,6 +343,7 @@ dg.materialize([candidate_scores], partition_key=str(scoring_key(survey, drop)),
 """
 
 
+@pytest.mark.slow  # a scoring run killed in a process of its own
 def test_a_scoring_run_killed_mid_way_leaves_the_last_complete_table_and_its_retry_writes_one(model_storage):
     """A re-scoring run SIGKILLed after writing its new tables: readers still see the previous complete folder
     (byte for byte); re-executing the partition (what run_retries does) writes one complete table of every file."""
