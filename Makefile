@@ -6,7 +6,9 @@ PY := $(VENV)/bin/python
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 export LENS_DATA_ROOT ?= $(CURDIR)/data
 SURVEY ?= des
-# pytest-xdist processes for `make test`; the tests that read the shared trained survey run on one of them
+# pytest-xdist processes for `make test`. Whole files go to a worker (module fixtures are built once), in collection
+# order; the files that read the session's trained survey go as one unit (lens_assets_tests/conftest.py). Not
+# --dist loadgroup: with pytest 9.2, xdist 3.8 ignores xdist_group marks (pytest-xdist#1386).
 TEST_WORKERS ?= 2
 
 .PHONY: setup demo test dev bench clean
@@ -30,7 +32,7 @@ demo: setup
 	$(PY) -m lens_assets.demo --survey $(SURVEY)
 
 test: setup
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 dev: setup
 	$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000

@@ -9,6 +9,50 @@ import pytest
 os.environ.setdefault("DAGSTER_HOME", "")
 
 
+def _pin_xdist_worker_to_its_share_of_the_cpus() -> None:
+    """Under pytest-xdist, worker k of n (and every process it starts: training jobs, pools) runs on every n-th
+    CPU of the affinity mask from the k-th on. torch sizes its thread pool by that mask, so two workers no longer
+    run two pools as large as the machine on the same cores (oversubscribed, each training costs about twice the
+    CPU)."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not worker.startswith("gw") or count < 2 or not hasattr(os, "sched_setaffinity"):
+        return
+    cpus, k = sorted(os.sched_getaffinity(0)), int(worker[2:])
+    os.sched_setaffinity(0, cpus[k::count] or [cpus[k % len(cpus)]])
+
+
+_pin_xdist_worker_to_its_share_of_the_cpus()  # before torch is imported (collection imports it)
+
+
+# The test files that read the session's trained survey (``trained_survey``): under ``--dist loadfile`` they form one
+# work unit, so the worker that builds the survey runs them all and no other worker sits waiting on its lock.
+SHARED_SURVEY_FILES = ("lens_assets_tests/assets/test_evaluation.py", "lens_assets_tests/assets/test_scoring.py",
+                       "lens_assets_tests/assets/test_training.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        path = item.nodeid.split("::", 1)[0]
+        if "trained_survey" in getattr(item, "fixturenames", ()) and path not in SHARED_SURVEY_FILES:
+            raise pytest.UsageError(f"{item.nodeid} uses trained_survey: add {path} to SHARED_SURVEY_FILES in "
+                                    f"{Path(__file__).name} so that pytest-xdist runs it on the worker that builds it")
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadfile``, with the SHARED_SURVEY_FILES in one unit (scheduled where the first of them is
+    collected); other modes are xdist's own."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class SharedSurveyOneUnit(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = super()._split_scope(nodeid)
+            return "trained_survey" if path in SHARED_SURVEY_FILES else path
+
+    return SharedSurveyOneUnit(config, log)
+
+
 @pytest.fixture(autouse=True)
 def _dagster_home_of_its_own(tmp_path_factory, monkeypatch):
     """A fresh DAGSTER_HOME per test, whatever the environment (``make`` exports one): tests running in parallel

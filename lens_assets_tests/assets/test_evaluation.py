@@ -26,7 +26,6 @@ from lens_assets_tests.helpers import TRAINED_MEMBER as MEMBER
 from lens_assets_tests.helpers import TRAINED_N_HELDOUT as N_HELDOUT
 from lens_assets_tests.helpers import TRAINED_SURVEY as SURVEY
 
-pytestmark = pytest.mark.xdist_group("trained_survey")  # one worker runs the tests that read the shared survey
 DESIGN_KEYS = ("auroc", "auprc", "tpr0", "tpr10", "tpr_at_fpr_0.1", "ece", "fnr_flux_ratio_lt_0.1",
                "n_test_lenses", "n_test_nonlenses", "heldout_auroc", "heldout_tpr0", "heldout_tpr10")
 CHECKS = {"auroc_at_least_gate", "tpr10_at_least_gate", "ece_at_most_gate"}

@@ -36,8 +36,6 @@ SCORING_CONFIG = {"ops": {"candidate_scores": {"config": {"workers": 1, "batch_s
 PASSING_GATES = {"min_auroc": 0.0, "min_tpr10": 0.0, "max_ece": 1.0, "min_heldout_auroc": None,
                  "min_lensing_only_auroc": None, "max_fnr_flux_ratio_lt_0_1": None, "n_boot": 10}
 
-pytestmark = pytest.mark.xdist_group("trained_survey")  # one worker runs the tests that read the shared survey
-
 
 @pytest.fixture(scope="module")
 def model_storage(trained_survey, tmp_path_factory):

@@ -34,6 +34,8 @@ def tiny_inputs(tmp_path_factory):
     dg.materialize([simulated_cutouts, cutout_catalog, psf_matched_shards, dataset_splits], partition_key="sdss",
                    resources={"storage": storage}, instance=dg.DagsterInstance.ephemeral(),
                    run_config={"ops": {"simulated_cutouts": {"config": {"n_cutouts": 24, "seed": 3, "workers": 1}},
+                                       "cutout_catalog": {"config": {"workers": 1}},
+                                       "psf_matched_shards": {"config": {"workers": 1}},
                                        "dataset_splits": {"config": {"min_groups_per_stratum": 3}}}})
     return storage.root_path
 
@@ -69,13 +71,12 @@ def test_training_job_runs_under_pipes_and_resumes(storage, tiny_inputs):
     assert second["resnet10t/resumed_after_epochs"] == 1 and second["resnet10t/epochs_run"] == 2
 
 
-@pytest.mark.xdist_group("trained_survey")  # beside the other readers of the shared survey
-def test_film_precision_and_initial_weights_reach_the_training_job(storage, tiny_inputs, trained_survey, tmp_path):
+def test_film_precision_and_initial_weights_reach_the_training_job(trained_survey_copy, tmp_path):
     """The asset's config is the job's: a FiLM member in float32, initialized from another member's checkpoint
-    (the resnet10t member of the session's trained survey, on the same SDSS bands and cutout size)."""
-    _copy_inputs(tiny_inputs, storage)
+    (a copy of the session's trained survey, whose resnet10t member trained first in the same folder)."""
+    storage = trained_survey_copy.storage()
     resources = {"storage": storage, "launcher": LocalSubprocessLauncher()}
-    first = _meta(trained_survey.run)
+    first = _meta(trained_survey_copy.run)
     init = tmp_path / "stage1.ckpt"
     shutil.copy(first["resnet10t/checkpoint"], init)
     second = _meta(_train(resources, {"members": ["resnet10t"], "epochs": 1, "batch_size": 8, "film": True,
