@@ -6,14 +6,20 @@ PY := $(VENV)/bin/python
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 export LENS_DATA_ROOT ?= $(CURDIR)/data
 SURVEY ?= des
+# pytest-xdist processes for `make test`. Whole files go to a worker (module fixtures are built once), in collection
+# order; the files that read the session's trained survey go as one unit (lens_assets_tests/conftest.py). Not
+# --dist loadgroup: with pytest 9.2, xdist 3.8 ignores xdist_group marks (pytest-xdist#1386).
+TEST_WORKERS ?= 2
 
 .PHONY: setup demo test dev bench clean
 
-# Re-installs only when pyproject.toml changes; uv makes a warm re-install take seconds.
+# Re-installs only when pyproject.toml changes; uv makes a warm re-install take seconds. Bytecode is compiled at
+# install: every test and training process imports torch and Lightning, which costs seconds more per process when
+# the .pyc files are missing (uv writes none by default, nor does Python under PYTHONDONTWRITEBYTECODE).
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install --quiet --disable-pip-version-check uv
-	$(VENV)/bin/uv pip install --python $(PY) --quiet -e '.[dev]'
+	$(VENV)/bin/uv pip install --python $(PY) --quiet --compile-bytecode -e '.[dev]'
 	@touch $@
 
 $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
@@ -26,7 +32,7 @@ demo: setup
 	$(PY) -m lens_assets.demo --survey $(SURVEY)
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 dev: setup
 	$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000

@@ -28,3 +28,77 @@ def write_promotion(storage, survey: str, version: str) -> None:
     path = storage.path("promoted", survey, "promotion.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"survey": survey, "version": version}))
+
+
+# ---------------------------------------------------------------- one trained survey shared by the tests that read it
+
+TRAINED_SURVEY = "sdss"
+TRAINED_MEMBER = "resnet10t"
+TRAINED_N_HELDOUT = 60
+# every gate the report has, set so that the tiny survey passes them and is promoted (None: not gated, as the tiny
+# test split's FNR bin may hold no lens)
+PERMISSIVE_GATES = {"min_auroc": 0.0, "min_tpr10": 0.0, "max_ece": 1.0, "min_heldout_auroc": 0.0,
+                    "min_lensing_only_auroc": 0.0, "max_fnr_flux_ratio_lt_0_1": None}
+
+
+def trained_survey_run_config() -> dict:
+    """The run config of the whole graph on 200 simulated SDSS cutouts (and 60 of the held-out family): one
+    resnet10t member trained for one epoch, calibrated, reported on with PERMISSIVE_GATES and promoted."""
+    return {"ops": {
+        "simulated_cutouts": {"config": {"n_cutouts": 200, "n_heldout": TRAINED_N_HELDOUT, "seed": 5, "workers": 1}},
+        "cutout_catalog": {"config": {"workers": 1}},
+        "psf_matched_shards": {"config": {"workers": 1}},
+        "dataset_splits": {"config": {"min_groups_per_stratum": 3}},
+        "lens_classifier": {"config": {"members": [TRAINED_MEMBER], "epochs": 1, "batch_size": 32, "patience": 2}},
+        "score_calibrator": {"config": {"batch_size": 48}},
+        "bologna_report": {"config": PERMISSIVE_GATES},
+    }}
+
+
+class RunRecord:
+    """What a finished ``dg.materialize`` reported, kept after its process is gone: each node's materializations
+    and the asset check evaluations, read with the same two methods as dagster's ``ExecuteInProcessResult``."""
+
+    def __init__(self, materializations: dict, check_evaluations: list):
+        self._materializations, self._check_evaluations = materializations, check_evaluations
+
+    @classmethod
+    def of(cls, result, nodes) -> "RunRecord":
+        return cls({n: result.asset_materializations_for_node(n) for n in nodes}, result.get_asset_check_evaluations())
+
+    def asset_materializations_for_node(self, node_name: str) -> list:
+        return list(self._materializations[node_name])
+
+    def get_asset_check_evaluations(self) -> list:
+        return list(self._check_evaluations)
+
+    def write(self, path: Path) -> None:
+        import dagster as dg
+
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(dg.serialize_value({"materializations": self._materializations,
+                                           "check_evaluations": self._check_evaluations}))
+        tmp.replace(path)
+
+    @classmethod
+    def read(cls, path: Path) -> "RunRecord":
+        import dagster as dg
+
+        doc = dg.deserialize_value(path.read_text())
+        return cls({k: list(v) for k, v in doc["materializations"].items()}, list(doc["check_evaluations"]))
+
+
+def build_trained_survey(root: Path) -> RunRecord:
+    """Materialize the whole graph (``trained_survey_run_config``) into a LocalStorage at ``root``."""
+    import dagster as dg
+
+    from lens_assets.definitions import ASSETS
+    from lens_assets.resources.launchers import LocalSubprocessLauncher
+    from lens_assets.resources.storage import LocalStorage
+
+    storage = LocalStorage(root=str(root))
+    result = dg.materialize(ASSETS, partition_key=TRAINED_SURVEY, run_config=trained_survey_run_config(),
+                            resources={"storage": storage, "launcher": LocalSubprocessLauncher()},
+                            instance=dg.DagsterInstance.ephemeral())
+    assert result.success
+    return RunRecord.of(result, [a.op.name for a in ASSETS])

@@ -1,7 +1,9 @@
 """The whole graph on a tiny SDSS survey: ensemble scores, the calibrator and the Bologna report.
 
-One materialization (module fixture) feeds every test; the report figures are
-recomputed here from the scores table with scikit-learn and numpy.
+One materialization (the session's ``trained_survey``) feeds every test; a test
+that rewrites a file or re-materializes an asset works on a private copy
+(``graph_copy``). The report figures are recomputed here from the scores table
+with scikit-learn and numpy.
 """
 
 import hashlib
@@ -17,17 +19,13 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from lens_assets.assets.evaluation import SCORED_SPLITS, bologna_report, score_calibrator
 from lens_assets.model_registry import load_scoring
-from lens_assets.definitions import ASSETS
-from lens_assets.resources.launchers import LocalSubprocessLauncher
-from lens_assets.resources.storage import LocalStorage
 from lens_assets.science.calibration import Calibrator
 from lens_assets.science.metrics import FLUX_RATIO_BINS
+from lens_assets_tests.helpers import PERMISSIVE_GATES as PERMISSIVE
+from lens_assets_tests.helpers import TRAINED_MEMBER as MEMBER
+from lens_assets_tests.helpers import TRAINED_N_HELDOUT as N_HELDOUT
+from lens_assets_tests.helpers import TRAINED_SURVEY as SURVEY
 
-SURVEY = "sdss"
-MEMBER = "resnet10t"
-N_HELDOUT = 60
-PERMISSIVE = {"min_auroc": 0.0, "min_tpr10": 0.0, "max_ece": 1.0, "min_heldout_auroc": 0.0,
-              "min_lensing_only_auroc": 0.0, "max_fnr_flux_ratio_lt_0_1": None}  # None: not gated (tiny test split)
 DESIGN_KEYS = ("auroc", "auprc", "tpr0", "tpr10", "tpr_at_fpr_0.1", "ece", "fnr_flux_ratio_lt_0.1",
                "n_test_lenses", "n_test_nonlenses", "heldout_auroc", "heldout_tpr0", "heldout_tpr10")
 CHECKS = {"auroc_at_least_gate", "tpr10_at_least_gate", "ece_at_most_gate"}
@@ -41,28 +39,20 @@ def _metadata(result, key):
 
 def _checks(result, names=CHECKS, asset="bologna_report"):
     """``asset``'s checks among ``names``: name -> passed."""
-    return {e.event_specific_data.check_name: e.event_specific_data.passed
-            for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"
-            and e.event_specific_data.asset_key == dg.AssetKey(asset) and e.event_specific_data.check_name in names}
+    return {e.check_name: e.passed for e in result.get_asset_check_evaluations()
+            if e.asset_key == dg.AssetKey(asset) and e.check_name in names}
 
 
-@pytest.fixture(scope="module")
-def graph(tmp_path_factory):
-    storage = LocalStorage(root=str(tmp_path_factory.mktemp("evaluation") / "data"))
-    run_config = {"ops": {
-        "simulated_cutouts": {"config": {"n_cutouts": 200, "n_heldout": N_HELDOUT, "seed": 5, "workers": 1}},
-        "cutout_catalog": {"config": {"workers": 1}},
-        "psf_matched_shards": {"config": {"workers": 1}},
-        "dataset_splits": {"config": {"min_groups_per_stratum": 3}},
-        "lens_classifier": {"config": {"members": [MEMBER], "epochs": 1, "batch_size": 32, "patience": 2}},
-        "score_calibrator": {"config": {"batch_size": 48}},
-        "bologna_report": {"config": PERMISSIVE},
-    }}
-    result = dg.materialize(ASSETS, partition_key=SURVEY, run_config=run_config,
-                            resources={"storage": storage, "launcher": LocalSubprocessLauncher()},
-                            instance=dg.DagsterInstance.ephemeral())
-    assert result.success
-    return storage, result
+@pytest.fixture
+def graph(trained_survey):
+    """(storage, run record) of the shared trained survey: read only."""
+    return trained_survey.storage(), trained_survey.run
+
+
+@pytest.fixture
+def graph_copy(trained_survey_copy):
+    """(storage, run record) of a private copy of the trained survey, for tests that change its files."""
+    return trained_survey_copy.storage(), trained_survey_copy.run
 
 
 def _report_only(storage, gates):
@@ -175,8 +165,8 @@ def test_test_rows_are_the_test_split_and_heldout_rows_the_heldout_family(graph)
     assert training_family.nunique() == 1 and training_family.iloc[0] not in ("heldout", "galsim", "lensing_only")
 
 
-def test_checks_follow_the_gates(graph):
-    storage, result = graph
+def test_checks_follow_the_gates(graph_copy):
+    storage, result = graph_copy
     assert _checks(result) == dict.fromkeys(CHECKS, True)  # permissive gates (the original three; new ones below)
     meta = _metadata(result, "bologna_report")
     auroc, tpr10, ece = meta["auroc"], meta["tpr10"], meta["ece"]
@@ -239,8 +229,8 @@ def test_ensemble_json_lists_members_with_checkpoints_relative_to_the_storage_ro
     assert member["sha256"] == _metadata(result, "lens_classifier")[f"{MEMBER}/checkpoint_sha256"]
 
 
-def test_load_scoring_fails_when_a_checkpoint_changed_after_calibration(graph):
-    storage, _ = graph
+def test_load_scoring_fails_when_a_checkpoint_changed_after_calibration(graph_copy):
+    storage, _ = graph_copy
     ckpt = storage.path("models", SURVEY, MEMBER, "best.ckpt")
     original = ckpt.read_bytes()
     changed = bytearray(original)
@@ -255,8 +245,8 @@ def test_load_scoring_fails_when_a_checkpoint_changed_after_calibration(graph):
     load_scoring(storage, SURVEY)  # restored: loads again
 
 
-def test_load_scoring_fails_when_the_calibrator_was_fit_for_other_checkpoints(graph):
-    storage, _ = graph
+def test_load_scoring_fails_when_the_calibrator_was_fit_for_other_checkpoints(graph_copy):
+    storage, _ = graph_copy
     path = storage.path("calibrators", SURVEY, "calibrator.json")
     original = path.read_text()
     doc = json.loads(original)
@@ -313,8 +303,8 @@ def test_shortcut_audit_scores_the_test_split_and_each_heldout_family_from_the_t
     assert _metadata(result, "bologna_report")["shortcut_auroc"] == pytest.approx(meta["shortcut_auroc"])
 
 
-def test_shortcut_audit_gate_follows_its_config(graph):
-    storage, _ = graph
+def test_shortcut_audit_gate_follows_its_config(graph_copy):
+    storage, _ = graph_copy
     auroc = json.loads(storage.path("reports", SURVEY, "shortcut", "shortcut.json").read_text())["auroc"]["test"]
     for gate, passed in ((auroc, True), (float(np.nextafter(auroc, -1)), False)):
         from lens_assets.assets.evaluation import shortcut_audit
@@ -367,11 +357,11 @@ def test_report_has_every_heldout_family_and_bootstrap_intervals_around_the_poin
                                            "fnr_flux_ratio_lt_0_1_at_most_gate": True}
 
 
-def test_new_gates_pass_at_the_measured_values_and_fail_just_beyond(graph):
+def test_new_gates_pass_at_the_measured_values_and_fail_just_beyond(graph_copy):
     """Held-out AUROC and FNR(flux ratio < 0.1) gates at their measured values pass, one ulp beyond fail. The tiny
     fixture may hold no faint-arc test lens, so a third of its test lenses are given flux ratio 0.05 (their logits
     stay as scored): the FNR is then measured on real scores."""
-    storage, _ = graph
+    storage, _ = graph_copy
     path = storage.path("scores", SURVEY, "ensemble_logits.parquet")
     original = path.read_bytes()
     scores = pd.read_parquet(path)
@@ -394,13 +384,10 @@ def test_new_gates_pass_at_the_measured_values_and_fail_just_beyond(graph):
         assert _checks(beyond, checks) == expected  # an FNR of 0 cannot be beaten: that gate still passes
     finally:
         path.write_bytes(original)
-        dg.materialize([bologna_report], partition_key=SURVEY, resources={"storage": storage},
-                       run_config={"ops": {"bologna_report": {"config": PERMISSIVE}}},
-                       instance=dg.DagsterInstance.ephemeral())
 
 
-def test_lensing_only_pairs_give_the_auroc_and_win_rate_of_lenses_over_their_twins(graph):
-    storage, _ = graph
+def test_lensing_only_pairs_give_the_auroc_and_win_rate_of_lenses_over_their_twins(graph_copy):
+    storage, _ = graph_copy
     path = storage.path("scores", SURVEY, "ensemble_logits.parquet")
     original = path.read_bytes()
     scores = pd.read_parquet(path)
@@ -429,13 +416,10 @@ def test_lensing_only_pairs_give_the_auroc_and_win_rate_of_lenses_over_their_twi
         assert _checks(strict, {"lensing_only_auroc_at_least_gate"}) == {"lensing_only_auroc_at_least_gate": False}
     finally:
         path.write_bytes(original)
-        dg.materialize([bologna_report], partition_key=SURVEY, resources={"storage": storage},
-                       run_config={"ops": {"bologna_report": {"config": PERMISSIVE}}},
-                       instance=dg.DagsterInstance.ephemeral())
 
 
-def test_report_without_a_shortcut_audit_says_not_run(graph):
-    storage, _ = graph
+def test_report_without_a_shortcut_audit_says_not_run(graph_copy):
+    storage, _ = graph_copy
     path = storage.path("reports", SURVEY, "shortcut", "shortcut.json")
     original = path.read_bytes()
     try:
@@ -446,9 +430,6 @@ def test_report_without_a_shortcut_audit_says_not_run(graph):
                 in meta["summary"])
     finally:
         path.write_bytes(original)
-        dg.materialize([bologna_report], partition_key=SURVEY, resources={"storage": storage},
-                       run_config={"ops": {"bologna_report": {"config": PERMISSIVE}}},
-                       instance=dg.DagsterInstance.ephemeral())
 
 
 def test_shortcut_audit_without_splits_is_a_clear_failure(storage):

@@ -1,7 +1,8 @@
 """candidate_scores end to end on a tiny SDSS survey: an inbox drop goes through the sensor and is scored.
 
-One module fixture trains, calibrates, reports on and promotes a one-member
-ensemble on 100 simulated cutouts (gates set to pass), publishes an
+One module fixture copies the session's trained survey (a one-member ensemble
+trained, calibrated, reported on and promoted on 200 simulated cutouts, gates
+set to pass), publishes an
 unlabeled drop of 40 cutouts plus three broken files and a duplicate, runs one tick of
 survey_inbox_sensor and materializes the partition it asks for. The tests check
 the table against an independent recomputation (the shard pipeline's stages on
@@ -21,9 +22,7 @@ from astropy.io import fits
 
 from lens_assets.assets.scoring import candidate_scores
 from lens_assets.inbox import COMPLETE_MARKER
-from lens_assets.definitions import ASSETS
 from lens_assets.inbox import publish_drop, simulate_drop
-from lens_assets.resources.launchers import LocalSubprocessLauncher
 from lens_assets.resources.storage import LocalStorage
 from lens_assets.sensors.inbox import survey_inbox_sensor
 
@@ -39,25 +38,13 @@ PASSING_GATES = {"min_auroc": 0.0, "min_tpr10": 0.0, "max_ece": 1.0, "min_heldou
 
 
 @pytest.fixture(scope="module")
-def model_storage(tmp_path_factory):
-    """A trained, calibrated and promoted one-member SDSS ensemble (the report's gates set to let it through)."""
-    storage = LocalStorage(root=str(tmp_path_factory.mktemp("scoring") / "data"))
-    run_config = {"ops": {
-        "simulated_cutouts": {"config": {"n_cutouts": 100, "n_heldout": 0, "seed": 5, "workers": 1}},
-        "cutout_catalog": {"config": {"workers": 1}},
-        "psf_matched_shards": {"config": {"workers": 1}},
-        "dataset_splits": {"config": {"min_groups_per_stratum": 3}},
-        "lens_classifier": {"config": {"members": [MEMBER], "epochs": 1, "batch_size": 32, "patience": 2}},
-        "score_calibrator": {"config": {"batch_size": 48, "heldout_families": []}},
-        "bologna_report": {"config": PASSING_GATES},
-    }}
-    graph = [a for a in ASSETS if a.key != dg.AssetKey("shortcut_audit")]
-    result = dg.materialize(graph, partition_key=SURVEY, run_config=run_config,
-                            resources={"storage": storage, "launcher": LocalSubprocessLauncher()},
-                            instance=dg.DagsterInstance.ephemeral())
-    assert result.success
+def model_storage(trained_survey, tmp_path_factory):
+    """A trained, calibrated and promoted one-member SDSS ensemble (the report's gates set to let it through): a
+    copy of the session's trained survey, which this module's tests add drops to and recalibrate."""
+    assert trained_survey.member == MEMBER and trained_survey.survey == SURVEY
+    storage = trained_survey.copy_to(tmp_path_factory.mktemp("scoring") / "data").storage()
     # score_calibrator's data version is the calibrator_version that candidate rows carry (checked below)
-    calibrator_mat = result.asset_materializations_for_node("score_calibrator")[0]
+    calibrator_mat = trained_survey.run.asset_materializations_for_node("score_calibrator")[0]
     calibrator_bytes = storage.path("calibrators", SURVEY, "calibrator.json").read_bytes()
     assert calibrator_mat.tags["dagster/data_version"] == hashlib.sha256(calibrator_bytes).hexdigest()[:16]
     return storage
@@ -354,6 +341,7 @@ dg.materialize([candidate_scores], partition_key=str(scoring_key(survey, drop)),
 """
 
 
+@pytest.mark.slow  # a scoring run killed in a process of its own
 def test_a_scoring_run_killed_mid_way_leaves_the_last_complete_table_and_its_retry_writes_one(model_storage):
     """A re-scoring run SIGKILLed after writing its new tables: readers still see the previous complete folder
     (byte for byte); re-executing the partition (what run_retries does) writes one complete table of every file."""

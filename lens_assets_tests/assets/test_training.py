@@ -34,6 +34,8 @@ def tiny_inputs(tmp_path_factory):
     dg.materialize([simulated_cutouts, cutout_catalog, psf_matched_shards, dataset_splits], partition_key="sdss",
                    resources={"storage": storage}, instance=dg.DagsterInstance.ephemeral(),
                    run_config={"ops": {"simulated_cutouts": {"config": {"n_cutouts": 24, "seed": 3, "workers": 1}},
+                                       "cutout_catalog": {"config": {"workers": 1}},
+                                       "psf_matched_shards": {"config": {"workers": 1}},
                                        "dataset_splits": {"config": {"min_groups_per_stratum": 3}}}})
     return storage.root_path
 
@@ -51,6 +53,7 @@ def _train(resources, cfg):
                           run_config={"ops": {"lens_classifier": {"config": cfg}}})
 
 
+@pytest.mark.slow  # two Pipes training jobs of its own settings (batch size 8, 1 then 2 epochs)
 def test_training_job_runs_under_pipes_and_resumes(storage, tiny_inputs):
     resources = {"storage": storage, "launcher": LocalSubprocessLauncher()}
     _copy_inputs(tiny_inputs, storage)
@@ -68,11 +71,12 @@ def test_training_job_runs_under_pipes_and_resumes(storage, tiny_inputs):
     assert second["resnet10t/resumed_after_epochs"] == 1 and second["resnet10t/epochs_run"] == 2
 
 
-def test_film_precision_and_initial_weights_reach_the_training_job(storage, tiny_inputs, tmp_path):
-    """The asset's config is the job's: a FiLM member in float32, initialized from another member's checkpoint."""
-    _copy_inputs(tiny_inputs, storage)
+def test_film_precision_and_initial_weights_reach_the_training_job(trained_survey_copy, tmp_path):
+    """The asset's config is the job's: a FiLM member in float32, initialized from another member's checkpoint
+    (a copy of the session's trained survey, whose resnet10t member trained first in the same folder)."""
+    storage = trained_survey_copy.storage()
     resources = {"storage": storage, "launcher": LocalSubprocessLauncher()}
-    first = _meta(_train(resources, {"members": ["resnet10t"], "epochs": 1, "batch_size": 8}))
+    first = _meta(trained_survey_copy.run)
     init = tmp_path / "stage1.ckpt"
     shutil.copy(first["resnet10t/checkpoint"], init)
     second = _meta(_train(resources, {"members": ["resnet10t"], "epochs": 1, "batch_size": 8, "film": True,
@@ -110,6 +114,7 @@ dg.materialize([lens_classifier, psf_matched_shards.to_source_asset(), dataset_s
 """
 
 
+@pytest.mark.slow  # a run killed mid-training in a process of its own, then resumed
 def test_killed_training_resumes_from_its_checkpoint_on_rematerialization(storage, tiny_inputs, tmp_path):
     resources = {"storage": storage, "launcher": LocalSubprocessLauncher()}
     _copy_inputs(tiny_inputs, storage)

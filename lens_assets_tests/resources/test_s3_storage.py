@@ -489,6 +489,7 @@ def test_a_partly_failed_delete_is_an_error_naming_the_keys():
         check_deleted({"Deleted": [], "Errors": errors}, "b")
 
 
+@pytest.mark.slow  # the graph and two training jobs over S3
 def test_a_training_job_on_another_disk_pulls_its_inputs_and_pushes_checkpoints_it_resumes_from(
         make_storage, bucket, prefix, tmp_path):
     """The ECS data path on one machine: the job runs the remote entry point with a cache of its own, pulls
