@@ -166,10 +166,8 @@ def make_splits(catalog: pd.DataFrame, *, reference_band: str, fractions=(0.70, 
     group_factors = factors.iloc[first].reset_index(drop=True)  # a group takes its first member's stratum
     # a group holding lenses and non-lenses (a lens and its twin share a sky position) is its own label class,
     # so such groups are spread over the splits among themselves and every split keeps the lens fraction
-    by_group = pd.Series(cat["label"].to_numpy()).groupby(groups)
-    mixed = (by_group.min() != by_group.max())
-    group_label = by_group.first().where(~mixed, MIXED_LABEL)
-    group_factors.loc[mixed.reindex(groups).to_numpy(), "label"] = "mixed"
+    group_label = _group_label_class(pd.DataFrame({"sky_group": groups, "label": cat["label"].to_numpy()}))
+    group_factors.loc[(group_label == MIXED_LABEL).reindex(groups).to_numpy(), "label"] = "mixed"
 
     level = np.full(len(cat), len(FACTORS))
     key = _key(group_factors, len(FACTORS))
@@ -198,12 +196,9 @@ def make_splits(catalog: pd.DataFrame, *, reference_band: str, fractions=(0.70, 
         for g in order:
             n = sizes[g]
             seen = overall.setdefault(int(group_label[g]), np.zeros(3))
-            deficit = targets * (assigned.sum() + n) - assigned
-            label_deficit = targets * (seen.sum() + n) - seen
             # the split furthest behind its share, in this stratum and over all strata of this label together;
             # ties at random
-            score = deficit + label_deficit
-            best = np.flatnonzero(np.isclose(score, score.max()))
+            best = _furthest_behind(targets, n, assigned, seen)
             s = int(best[0] if len(best) == 1 else rng.choice(best))
             assigned[s] += n
             seen[s] += n
@@ -248,6 +243,13 @@ def split_checks(table: pd.DataFrame, *, tolerance: float = 0.02) -> dict:
         "sky_groups_across_splits": int((group_splits > 1).sum()),
         "counts": {s: int(counts.get(s, 0)) for s in SPLITS},
     }
+
+
+def _furthest_behind(targets: np.ndarray, n: int, *counts: np.ndarray) -> np.ndarray:
+    """Indices of the bins furthest behind their target shares once ``n`` more rows are placed, summing each
+    tally's deficit ``targets * (total + n) - tally`` over ``counts`` (ties: every best index, in order)."""
+    score = sum(targets * (c.sum() + n) - c for c in counts)
+    return np.flatnonzero(np.isclose(score, score.max()))
 
 
 def _group_label_class(table: pd.DataFrame) -> pd.Series:
@@ -299,8 +301,7 @@ def assign_val_roles(table: pd.DataFrame, *, calibrate_fraction: float = 0.5) ->
         assigned = np.zeros(2)
         for g in groups[in_class][order]:
             n = sizes[g]
-            score = targets * (assigned.sum() + n) - assigned + targets * (overall.sum() + n) - overall
-            r = int(np.flatnonzero(np.isclose(score, score.max()))[0])
+            r = int(_furthest_behind(targets, n, assigned, overall)[0])
             assigned[r] += n
             overall[r] += n
             role_of_group[g] = VAL_ROLES[r]
