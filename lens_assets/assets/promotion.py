@@ -4,7 +4,6 @@ import dagster as dg
 
 from lens_assets import layout
 from lens_assets.assets._common import survey_asset
-from lens_assets.assets.evaluation import bologna_report
 from lens_assets.model_registry import no_retry, promote
 from lens_assets.resources.storage import LocalStorage
 from lens_assets.science.surveys import get_survey
@@ -16,7 +15,7 @@ PROMOTION_CODE_VERSION = "promote-1"
     group_name="release",
     kinds={"python", "pytorch"},
     code_version=PROMOTION_CODE_VERSION,
-    deps=[bologna_report],
+    deps=[dg.AssetKey("bologna_report")],  # by key: release needs the report's records, not its code
 )
 def promoted_model(context: dg.AssetExecutionContext, storage: LocalStorage) -> dg.MaterializeResult:
     """The survey's promoted ensemble and calibrator (promoted/<survey>/): checkpoints, calibrator.json and the

@@ -5,7 +5,6 @@ from pydantic import Field
 
 from lens_assets import layout
 from lens_assets.assets._common import OWNERS, counts_markdown, gallery_from_files, png_markdown
-from lens_assets.assets.promotion import promoted_model
 from lens_assets.model_registry import load_promoted, no_retry
 from lens_assets.partitions import scoring_partitions
 from lens_assets.resources.storage import LocalStorage
@@ -40,7 +39,8 @@ class ScoringConfig(dg.Config):
     group_name="scoring",
     kinds={"python", "pytorch", "parquet"},
     code_version=SCORING_CODE_VERSION,
-    deps=[dg.AssetDep(promoted_model, partition_mapping=_per_survey)],
+    # by key: this module imports nothing of the training side (promotion, evaluation, training)
+    deps=[dg.AssetDep(dg.AssetKey("promoted_model"), partition_mapping=_per_survey)],
     automation_condition=RESCORE_ON_NEW_MODEL,
     # a transient failure (a worker killed for memory, a store that timed out) is retried within the run; the
     # table is written under a temporary name and renamed, so a retry never finds half of one
