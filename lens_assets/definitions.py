@@ -17,6 +17,7 @@ ASSETS = [simulated_cutouts, cutout_catalog, psf_matched_shards, dataset_splits,
           score_calibrator, bologna_report, promoted_model]
 
 MAX_PIPELINE_RUNTIME_S = 12 * 3600  # the full profile takes under 2 h on 2 CPU cores
+MAX_TRAINING_RUNTIME_S = 8 * 3600  # one ensemble's Pipes jobs; a hung or runaway training run is cancelled
 
 survey_pipeline = dg.define_asset_job(
     "survey_pipeline",
@@ -27,6 +28,15 @@ survey_pipeline = dg.define_asset_job(
                 "ensemble (Pipes jobs), calibrate, write the Bologna report and, when every gate passes, promote "
                 "the ensemble for scoring new drops. Run configs: lens_assets.profiles.",
 )
+
+train_ensemble = dg.define_asset_job(
+    "train_ensemble",
+    selection=dg.AssetSelection.assets(lens_classifier),
+    tags={"dagster/max_runtime": str(MAX_TRAINING_RUNTIME_S)},
+    description="Retrain a survey's ensemble alone (one Pipes job per member) on the current shards and splits; "
+                "calibrate, report and promote with survey_pipeline afterwards.",
+)
+
 
 def training_launcher():
     """``LENS_LAUNCHER=ecs`` (with ``LENS_ECS_CLUSTER``, ``LENS_ECS_TASK_DEFINITION``) in deployment; local
@@ -58,7 +68,7 @@ def storage_from_env() -> LocalStorage:
 
 defs = dg.Definitions(
     assets=[*ASSETS, candidate_scores],
-    jobs=[survey_pipeline, score_drops_job],
+    jobs=[survey_pipeline, train_ensemble, score_drops_job],
     sensors=[survey_inbox_sensor, rescore_on_model_change],
     schedules=[rescore_nightly],
     resources={"storage": storage_from_env(), "launcher": training_launcher()},

@@ -62,3 +62,32 @@ def test_dagster_definitions_validate_passes(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "lens_assets" in out.stdout + out.stderr
+
+
+def test_the_embedded_instance_retries_crashed_runs_monitors_workers_and_bounds_every_runtime(tmp_path):
+    """dagster.yaml (the file `make` copies into DAGSTER_HOME) as Dagster reads it."""
+    import shutil
+
+    shutil.copy(REPO / "dagster.yaml", tmp_path / "dagster.yaml")
+    instance = dg.DagsterInstance.from_config(str(tmp_path))
+    try:
+        assert instance.run_retries_enabled and instance.run_retries_max_retries == 2
+        # a failed release gate or a bad input must not re-run the whole graph: steps retry by their own policy
+        assert instance.run_retries_retry_on_asset_or_op_failure is False
+        assert instance.run_monitoring_enabled
+        assert instance.run_monitoring_max_runtime_seconds == 12 * 3600
+    finally:
+        instance.dispose()
+
+
+def test_training_and_scoring_steps_retry_and_training_runs_carry_a_max_runtime():
+    from lens_assets.definitions import MAX_PIPELINE_RUNTIME_S, MAX_TRAINING_RUNTIME_S
+
+    graph = defs.resolve_asset_graph()
+    for key, retries in (("lens_classifier", 1), ("candidate_scores", 2)):
+        policy = graph.get(dg.AssetKey(key)).assets_def.op.retry_policy
+        assert policy is not None and policy.max_retries == retries, key
+    assert defs.resolve_job_def("survey_pipeline").tags["dagster/max_runtime"] == str(MAX_PIPELINE_RUNTIME_S)
+    train = defs.resolve_job_def("train_ensemble")
+    assert train.tags["dagster/max_runtime"] == str(MAX_TRAINING_RUNTIME_S)
+    assert {k.to_user_string() for k in train.asset_layer.executable_asset_keys} == {"lens_classifier"}
