@@ -387,3 +387,48 @@ def test_a_scoring_run_killed_mid_way_leaves_the_last_complete_table_and_its_ret
     assert sorted(Path(f).name for f in table["source_file"]) == [p.name for p in files]
     assert list(table["rank"]) == list(range(1, len(files) + 1))
     assert {"candidate_scores.parquet", "quarantine.parquet", "score_histogram.png"} <= set(retried)
+
+
+def test_a_drop_that_arrives_before_its_survey_has_a_model_is_scored_after_the_first_promotion(trained_survey_copy):
+    """No promotion yet: the sensor holds the drop. promoted_model then promotes the survey's reported pair (its
+    page says which version and why) and the next tick sends the held drop, which is scored by that pair."""
+    import shutil
+
+    from lens_assets.assets.promotion import promoted_model
+
+    storage = trained_survey_copy.storage()
+    promotion_file = storage.path("promoted", SURVEY, "promotion.json")
+    shutil.rmtree(promotion_file.parent)
+    staging = LocalStorage(root=str(trained_survey_copy.root.parent / "producer-early"))
+    simulate_drop(staging, SURVEY, "staged", n=5, seed=7, workers=1)
+    publish_drop(storage, SURVEY, "before-any-model", sorted(staging.path("inbox", SURVEY, "staged").glob("*.fits")))
+
+    instance = dg.DagsterInstance.ephemeral()
+    with dg.build_sensor_context(instance=instance, resources={"storage": storage}) as context:
+        held = survey_inbox_sensor(context)
+    assert held.run_requests == []
+    assert not storage.path("candidates", SURVEY, "before-any-model").exists()
+
+    promoted = dg.materialize([promoted_model], partition_key=SURVEY, instance=instance, resources={"storage": storage})
+    (mat,) = promoted.asset_materializations_for_node("promoted_model")
+    promotion = json.loads(promotion_file.read_text())
+    meta = {k: v.value for k, v in mat.metadata.items()}
+    assert meta["model_version"] == promotion["model_version"] and meta["promoted_version"] == promotion["version"]
+    assert meta["calibrator_version"] == promotion["calibrator_version"] and meta["previous_version"] == ""
+    assert "every gate of bologna_report" in meta["why"]
+    for gate in ("auroc_at_least_gate", "tpr10_at_least_gate", "ece_at_most_gate"):
+        assert f"| {gate} |" in meta["why"] and promotion["checks"][gate]["passed"], gate
+
+    with dg.build_sensor_context(instance=instance, cursor=held.cursor, resources={"storage": storage}) as context:
+        tick = survey_inbox_sensor(context)
+    (req,) = tick.run_requests
+    assert req.tags["lens/drop"] == "before-any-model" and req.tags["lens/promoted_version"] == promotion["version"]
+    for add in tick.dynamic_partitions_requests:
+        instance.add_dynamic_partitions(add.partitions_def_name, list(add.partition_keys))
+    run = dg.materialize([candidate_scores], partition_key=str(req.partition_key), instance=instance,
+                         resources={"storage": storage}, run_config=SCORING_CONFIG, tags=req.tags)
+    assert run.success
+    table = pd.read_parquet(storage.path("candidates", SURVEY, "before-any-model", "candidate_scores.parquet"))
+    assert len(table) == 5
+    assert set(table["model_version"]) == {promotion["model_version"]}
+    assert set(table["calibrator_version"]) == {promotion["calibrator_version"]}
