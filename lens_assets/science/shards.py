@@ -8,8 +8,14 @@ the centred ``footprint_px`` square, zeros around before PSF matching), ``objid`
 the labels, and the per-row PSF table (``fwhm_before``, ``fwhm_after``,
 ``residual`` in arcsec, ``psf_matched``).
 A shard is written under a temporary name and renamed when complete;
-``manifest.json`` lists files, row counts and sha256, and its own sha256 is the
-data version. ``rows.parquet`` is the per-row table of all shards. Every file
+``manifest.json`` lists files, row counts, the sha256 of each file's bytes (what
+a copy is checked against) and of its content (``content_sha256``: every
+dataset's name, dtype, shape and values, and the attributes), and its own
+``sha256`` is the data version: a hash of the manifest with the file-byte hashes
+left out. HDF5 does not promise the same bytes for the same data (the library
+writes parts of its metadata blocks from memory it does not clear), so the data
+version is made from content alone and does not depend on which process wrote a
+shard. ``rows.parquet`` is the per-row table of all shards. Every file
 is renamed into place complete (:mod:`.fileio`), ``manifest.json`` last, so a
 folder whose manifest exists holds every file it names.
 """
@@ -34,7 +40,8 @@ from .psf import homogenize, target_fwhm_arcsec
 from .surveys import SurveySpec, get_survey
 
 __all__ = ["ShardSettings", "FLAG_BITS", "build_shards", "process_batch", "match_batch", "shard_settings",
-           "read_manifest", "SHARD_FORMAT_VERSION", "MANIFEST_FILE", "ROWS_FILE"]
+           "read_manifest", "manifest_data_version", "shard_content_sha256", "SHARD_FORMAT_VERSION", "MANIFEST_FILE",
+           "ROWS_FILE"]
 
 MANIFEST_FILE = "manifest.json"  # in every shard folder, renamed into place last
 ROWS_FILE = "rows.parquet"  # objid -> shard, index, per-band PSF facts
@@ -190,6 +197,8 @@ class _ShardWriter:
                                       compression=comp, shuffle=comp is not None)
         self._small: dict[str, list] = {k: [] for k, _ in SMALL_DATASETS}
         self._small["objid"] = []
+        # the big datasets are hashed as their rows arrive (C order, row after row: the bytes of the dataset)
+        self._digest = {"images": hashlib.sha256(), "variance": hashlib.sha256()}
         attrs = self._file.attrs
         attrs["survey"], attrs["bands"] = self.settings.survey, ",".join(self.bands)
         attrs["target_fwhm_arcsec"] = self.settings.target_fwhm_arcsec
@@ -205,8 +214,10 @@ class _ShardWriter:
                 self._open()
             take = min(total - start, self._size - self._n)
             sl = slice(start, start + take)
-            self._file["images"][self._n:self._n + take] = batch["image"][sl]
-            self._file["variance"][self._n:self._n + take] = batch["variance"][sl]
+            for key, src in (("images", "image"), ("variance", "variance")):
+                rows = np.ascontiguousarray(batch[src][sl], dtype=np.float32)
+                self._file[key][self._n:self._n + take] = rows
+                self._digest[key].update(rows.tobytes())
             for key in self._small:
                 self._small[key].append(batch[key][sl])
             self.rows.append(pd.DataFrame({
@@ -229,18 +240,26 @@ class _ShardWriter:
         if self._file is None:
             return
         s = min(1024, self._size)
+        nb, side = len(self.bands), self.settings.cutout_size_px
+        content = {key: ["<f4", [self._n, nb, side, side], self._digest[key].hexdigest()]
+                   for key in ("images", "variance")}
         for key, dtype in SMALL_DATASETS:
-            data = np.concatenate(self._small[key])
-            self._file.create_dataset(key, data=data.astype(dtype), chunks=(s, *data.shape[1:]))
-        self._file.create_dataset("objid", data=np.concatenate(self._small["objid"]).astype(object),
-                                  dtype=h5py.string_dtype(), chunks=(s,))
+            data = np.ascontiguousarray(np.concatenate(self._small[key]).astype(dtype))
+            self._file.create_dataset(key, data=data, chunks=(s, *data.shape[1:]))
+            content[key] = [data.dtype.str, list(data.shape), hashlib.sha256(data.tobytes()).hexdigest()]
+        objids = [str(o) for o in np.concatenate(self._small["objid"])]
+        self._file.create_dataset("objid", data=np.array(objids, dtype=object), dtype=h5py.string_dtype(),
+                                  chunks=(s,))
+        content["objid"] = ["utf-8", [len(objids)], hashlib.sha256(json.dumps(objids).encode()).hexdigest()]
+        attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in self._file.attrs.items()}
         self._file.close()
         self._file = None
         sha = sha256_file(self._tmp)  # streamed: a full shard is ~1 GB
         with open(self._tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(self._tmp, self._path)
-        self.shards.append({"file": self._path.name, "rows": int(self._n), "sha256": sha})
+        self.shards.append({"file": self._path.name, "rows": int(self._n), "sha256": sha,
+                            "content_sha256": shard_content_sha256(content, attrs)})
 
     def finish(self) -> None:
         self._close()
@@ -286,10 +305,26 @@ def build_shards(catalog: pd.DataFrame, survey: SurveySpec, *, root: Path, out_d
         "n_band_matched": n_matched, "n_band_broader_than_target": n_broader, "seconds": seconds,
         "rows_table": ROWS_FILE, "rows_table_sha256": sha256_file(out_dir / ROWS_FILE),
     }
-    text = json.dumps({k: v for k, v in manifest.items() if k != "seconds"}, indent=2, sort_keys=True)
-    manifest["sha256"] = hashlib.sha256(text.encode()).hexdigest()
+    manifest["sha256"] = manifest_data_version(manifest)
     write_text_atomic(out_dir / MANIFEST_FILE, json.dumps(manifest, indent=2, sort_keys=True))  # last
     return manifest
+
+
+def shard_content_sha256(datasets: dict[str, list], attrs: dict) -> str:
+    """sha256 of a shard's content: ``datasets`` maps name -> [dtype, shape, sha256 of its C-order bytes (objid:
+    of its JSON list)], ``attrs`` the file attributes. The same data give the same hash whatever the HDF5 bytes."""
+    text = json.dumps({"datasets": datasets, "attrs": attrs}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def manifest_data_version(manifest: dict) -> str:
+    """The data version of a shard folder: sha256 of its manifest without the build time, its own hash and the
+    hashes of the files' bytes (each shard's content_sha256 stands for its data; the rows table is made from the
+    same rows)."""
+    content = {k: v for k, v in manifest.items() if k not in ("seconds", "sha256", "rows_table_sha256")}
+    content["shards"] = [{k: v for k, v in e.items() if k != "sha256"} for e in manifest["shards"]]
+    text = json.dumps(content, indent=2, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def read_manifest(shard_dir: Path) -> dict:

@@ -8,6 +8,7 @@ flux conservation and the PSF actually reached.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
 import shutil
@@ -23,8 +24,8 @@ from lens_assets.science.families import load_family
 from lens_assets.science.fits_contract import BandHDUs, read_cutout, write_cutout
 from lens_assets.science.ingest import find_fits, ingest_files
 from lens_assets.science.psf import measure_fwhm_px, psf_kernel
-from lens_assets.science.shards import (FLAG_BITS, SHARD_FORMAT_VERSION, build_shards, match_batch, matched_psf_fwhm,
-                                        read_manifest, shard_settings)
+from lens_assets.science.shards import (FLAG_BITS, SHARD_FORMAT_VERSION, build_shards, manifest_data_version,
+                                        match_batch, matched_psf_fwhm, read_manifest, shard_settings)
 from lens_assets.science.simulation import simulate_to_directory
 from lens_assets.science.surveys import get_survey
 
@@ -195,11 +196,31 @@ def test_missing_catalog_columns_are_named(built, tmp_path):
 # --------------------------------------------------------------------------- 2. determinism
 
 
+def content_sha256_of_file(path: Path) -> str:
+    """A shard's content hash recomputed from the file with h5py alone (every dataset read back whole)."""
+    datasets = {}
+    with h5py.File(path, "r") as f:
+        for key in f:
+            if key == "objid":
+                objids = list(f["objid"].asstr()[:])
+                datasets[key] = ["utf-8", [len(objids)], hashlib.sha256(json.dumps(objids).encode()).hexdigest()]
+            else:
+                data = np.ascontiguousarray(f[key][:])
+                datasets[key] = [data.dtype.str, list(data.shape), hashlib.sha256(data.tobytes()).hexdigest()]
+        attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+    return hashlib.sha256(json.dumps({"datasets": datasets, "attrs": attrs}, sort_keys=True,
+                                     default=str).encode()).hexdigest()
+
+
 def test_same_shards_with_one_or_two_workers(built):
     root, catalog, out, settings, manifest = built
     m2 = build_shards(catalog, SDSS, root=root, out_dir=root / "shards-w2", settings=settings, workers=2,
                       progress=False)
-    assert [s["sha256"] for s in m2["shards"]] == [s["sha256"] for s in manifest["shards"]]
+    a, b = read_shards(out, manifest), read_shards(root / "shards-w2", m2)
+    for key in a:  # the data are the same ...
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    # ... so their content hashes and the data version are; the file bytes need not be (HDF5 metadata blocks)
+    assert [s["content_sha256"] for s in m2["shards"]] == [s["content_sha256"] for s in manifest["shards"]]
     assert m2["sha256"] == manifest["sha256"]  # the data version ignores the build time
     assert m2["seconds"] >= 0 and "seconds" in manifest
     for entry in m2["shards"]:
@@ -217,9 +238,32 @@ def test_data_version_independent_of_workers_for_larger_catalogs(sim):
     a, b = read_shards(root / "det-w1", m1), read_shards(root / "det-w2", m2)
     for key in a:  # the data are the same ...
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-    # ... so the files and the data version should be too
-    assert [s["sha256"] for s in m1["shards"]] == [s["sha256"] for s in m2["shards"]]
+    # ... so the content hashes and the data version should be too
+    assert [s["content_sha256"] for s in m1["shards"]] == [s["content_sha256"] for s in m2["shards"]]
     assert m1["sha256"] == m2["sha256"]
+
+
+def test_content_hash_is_the_data_read_back_and_the_data_version_follows_content_not_file_bytes(built, tmp_path):
+    root, catalog, out, settings, manifest = built
+    for entry in manifest["shards"]:
+        assert HEX64.match(entry["content_sha256"])
+        assert content_sha256_of_file(out / entry["file"]) == entry["content_sha256"]
+    assert manifest_data_version(manifest) == manifest["sha256"]
+    # other bytes, same content (as another HDF5 process state could write): same data version
+    rebytes = json.loads(json.dumps(manifest))
+    for entry in rebytes["shards"]:
+        entry["sha256"] = "f" * 64
+    rebytes["rows_table_sha256"] = "e" * 64
+    assert manifest_data_version(rebytes) == manifest["sha256"]
+    # one changed value in one shard: another content hash and another data version
+    changed = tmp_path / "changed"
+    shutil.copytree(out, changed)
+    with h5py.File(changed / "shard-00001.h5", "r+") as f:
+        f["theta_e"][3] = f["theta_e"][3] + 0.5
+    assert content_sha256_of_file(changed / "shard-00001.h5") != manifest["shards"][1]["content_sha256"]
+    edited = json.loads(json.dumps(manifest))
+    edited["shards"][1]["content_sha256"] = content_sha256_of_file(changed / "shard-00001.h5")
+    assert manifest_data_version(edited) != manifest["sha256"]
 
 
 # --------------------------------------------------------------------------- 3. flux in nanomaggies
