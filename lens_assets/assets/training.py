@@ -30,6 +30,8 @@ class TrainConfig(dg.Config):
                            "else 32-true), 'bf16-mixed' or '32-true'")
     film: bool = Field(default=False, description="condition each member's pooled features on the observing "
                        "conditions (PSF FWHM before matching, noise, band presence) with FiLM")
+    colour_residual: bool = Field(default=False, description="add the RingFinder band difference (bluest band minus "
+                                  "the reference band scaled to cancel the deflector's centre) as an input channel")
     weights_path: str = Field(default="", description="initial backbone weights, a file the training job can read "
                               "(state dict, safetensors or another member's checkpoint); '' for random weights")
 
@@ -119,6 +121,7 @@ def lens_classifier(context: dg.AssetExecutionContext, config: TrainConfig, stor
                   "settings": {"backbone": member, "epochs": config.epochs, "batch_size": config.batch_size,
                                "lr": config.lr, "seed": config.seed, "patience": config.patience,
                                "precision": config.precision, "film": config.film,
+                               "colour_residual": config.colour_residual,
                                "weights_path": config.weights_path}}
         if store:  # a job elsewhere: where the store is and the keys of what it reads and writes
             extras["storage"] = store
@@ -146,6 +149,7 @@ def lens_classifier(context: dg.AssetExecutionContext, config: TrainConfig, stor
             f"{member}/device": s["device"],
             f"{member}/precision": s.get("precision", ""),
             f"{member}/film": bool(s.get("film", False)),
+            f"{member}/residual_bands": ",".join(s.get("residual_bands", [])),
             f"{member}/weights_path": s.get("weights_path", ""),
             f"{member}/batch_size": s["batch_size"],
             f"{member}/peak_memory_mb": s["peak_memory_mb"],

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from .backbones import create_backbone
 
-__all__ = ["LensClassifier", "scale_input", "median_measured_variance", "augment", "observing_conditions", "FiLM"]
+__all__ = ["LensClassifier", "scale_input", "median_measured_variance", "augment", "observing_conditions", "FiLM",
+           "colour_residual"]
 
 
 def median_measured_variance(variance: torch.Tensor, start_dim: int) -> torch.Tensor:
@@ -36,6 +37,30 @@ def scale_input(image: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
     """``asinh(image / s)`` with ``s`` the cutout's median per-pixel noise over all bands (measured pixels only)."""
     s = torch.sqrt(median_measured_variance(variance, 1).clamp_min(1e-20)).to(image.dtype)
     return torch.asinh(image / s[:, None, None, None])
+
+
+def colour_residual(image: torch.Tensor, variance: torch.Tensor, *, blue: int, red: int,
+                    half_box_px: int = 3) -> torch.Tensor:
+    """The scaled band difference of RingFinder (Gavazzi et al. 2014, ApJ 785, 144), one channel per cutout.
+
+    ``blue - alpha * red`` with ``alpha`` the blue/red flux ratio of the central
+    ``(2 half_box_px + 1)``-pixel box, so the deflector's light cancels where its colour
+    is uniform and what is bluer than it (arcs, lensed images; also blue companions
+    and star-forming knots) remains. Returned as ``asinh(residual / s)``, ``s`` the
+    median noise of the difference (``var_blue + alpha^2 var_red``, measured pixels
+    only), shape (n, 1, H, W). ``alpha`` is clipped to [0, 10]; a centre with no red
+    flux gives 0 (the blue band itself). PSF-matched inputs make the difference
+    meaningful: both bands share one PSF.
+    """
+    c, h = image.shape[-1] // 2, half_box_px
+    centre = (slice(None), slice(c - h, c + h + 1), slice(c - h, c + h + 1))
+    b, r = image[:, blue].float(), image[:, red].float()
+    fb, fr = b[centre].sum(dim=(1, 2)), r[centre].sum(dim=(1, 2))
+    alpha = torch.where(fr > 0, fb / fr.clamp_min(1e-30), torch.zeros_like(fr)).clamp(0.0, 10.0)[:, None, None]
+    diff = b - alpha * r
+    var = variance[:, blue].float() + alpha**2 * variance[:, red].float()
+    s = torch.sqrt(median_measured_variance(var[:, None], 1).clamp_min(1e-20))
+    return torch.asinh(diff / s[:, None, None])[:, None].to(image.dtype)
 
 
 def observing_conditions(variance: torch.Tensor, fwhm_before: torch.Tensor, band_flags: torch.Tensor) -> torch.Tensor:
@@ -94,12 +119,19 @@ class LensClassifier(L.LightningModule):
 
     def __init__(self, *, backbone: str = "resnet10t", in_chans: int = 5, img_size: int = 64, lr: float = 1e-3,
                  weight_decay: float = 0.05, max_epochs: int = 10, augment: bool = True, film: bool = False,
-                 weights_path: str | None = None):
+                 residual_bands: tuple[int, int] | None = None, weights_path: str | None = None):
         super().__init__()
+        if residual_bands is not None:
+            blue, red = (int(i) for i in residual_bands)
+            if not (0 <= blue < in_chans and 0 <= red < in_chans and blue != red):
+                raise ValueError(f"residual_bands {tuple(residual_bands)} must be two different band indices "
+                                 f"below in_chans={in_chans}")
+            residual_bands = (blue, red)
         # weights_path only initializes a new run: a checkpoint holds the weights, and a scorer need not see the file
         self.save_hyperparameters(ignore=["weights_path"])
-        self.net = create_backbone(backbone, in_chans=in_chans, img_size=img_size, num_classes=1,
-                                   weights_path=weights_path or None)
+        # the colour residual (colour_residual) is one more input channel after the bands
+        self.net = create_backbone(backbone, in_chans=in_chans + (residual_bands is not None), img_size=img_size,
+                                   num_classes=1, weights_path=weights_path or None)
         self.film = FiLM(3 * in_chans, self.net.get_classifier().in_features) if film else None
         self.memory_format = torch.contiguous_format  # channels_last is set by train() and the scorer
         self._val_scores: list = []
@@ -120,7 +152,11 @@ class LensClassifier(L.LightningModule):
 
     def forward(self, image: torch.Tensor, variance: torch.Tensor, fwhm_before: torch.Tensor | None = None,
                 band_flags: torch.Tensor | None = None) -> torch.Tensor:
-        x = scale_input(image, variance).contiguous(memory_format=self.memory_format)
+        x = scale_input(image, variance)
+        bands = self.hparams.get("residual_bands")
+        if bands is not None:
+            x = torch.cat([x, colour_residual(image, variance, blue=bands[0], red=bands[1])], dim=1)
+        x = x.contiguous(memory_format=self.memory_format)
         if self.film is None:
             return self.net(x).squeeze(1)
         if fwhm_before is None or band_flags is None:

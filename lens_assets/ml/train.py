@@ -59,6 +59,7 @@ class TrainSettings:
     progress: bool = True
     precision: str = "auto"  # "auto" | "bf16-mixed" | "32-true" (auto: bf16 on a GPU or a bf16 CPU)
     film: bool = False  # FiLM conditioning of the pooled features on the observing conditions
+    colour_residual: bool = False  # one more input channel: the RingFinder band difference (module.colour_residual)
     weights_path: str = ""  # initial backbone weights (a local file), "" for a random initialization
     max_minutes: float = 0.0  # wall-clock budget (Lightning max_time, counted over resumed starts too), 0 for none
 
@@ -67,6 +68,18 @@ class TrainSettings:
 
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision {self.precision!r} is not one of {list(PRECISIONS)}")
+
+
+def residual_band_indices(survey: str, bands: list[str]) -> tuple[int, int]:
+    """(blue, red) band indices of the colour residual: the survey's bluest band and its reference band (the
+    reddest band when the reference is the bluest)."""
+    from lens_assets.science.surveys import get_survey
+
+    if len(bands) < 2:
+        raise ValueError(f"colour_residual needs two bands; {survey} shards have {bands}")
+    ref = get_survey(survey).reference_band
+    red = next((i for i, b in enumerate(bands) if b.lower() == ref.lower()), len(bands) - 1)
+    return 0, (red if red != 0 else len(bands) - 1)
 
 
 def _loaders(shard_dir: Path, splits_path: Path, s: TrainSettings, batch_size: int):
@@ -123,9 +136,11 @@ def train(shard_dir: str | Path, splits_path: str | Path, out_dir: str | Path, s
     train_loader, val_loader, train_ds = _loaders(shard_dir, splits_path, settings, settings.batch_size)
     with h5py.File(shard_dir / train_ds.shard_names[0]) as f:
         in_chans, img_size = f["images"].shape[1], f["images"].shape[-1]
+        shard_survey, shard_bands = str(f.attrs["survey"]), str(f.attrs["bands"]).split(",")
+    residual = residual_band_indices(shard_survey, shard_bands) if settings.colour_residual else None
     model = LensClassifier(backbone=settings.backbone, in_chans=in_chans, img_size=img_size, lr=settings.lr,
                            weight_decay=settings.weight_decay, max_epochs=settings.epochs, augment=settings.augment,
-                           film=settings.film, weights_path=settings.weights_path or None)
+                           film=settings.film, residual_bands=residual, weights_path=settings.weights_path or None)
     gpu = torch.cuda.is_available() and settings.accelerator in ("auto", "gpu", "cuda")
     precision = resolve_precision(settings.precision, gpu=gpu)
     model.use_channels_last()
@@ -184,6 +199,7 @@ def train(shard_dir: str | Path, splits_path: str | Path, out_dir: str | Path, s
         "n_train": len(train_ds), "n_val_stop": len(val_loader.dataset), "settings": asdict(settings), "seconds": seconds,
         "batch_size": batch_size, "batch_size_probe": probe,
         "precision": precision, "threads": threads, "channels_last": channels_last, "film": settings.film,
+        "residual_bands": [shard_bands[i] for i in residual] if residual else [],
         "weights_path": settings.weights_path,
         "train_img_per_s": len(train_ds) * epochs_now / seconds if seconds > 0 else 0.0,
         "peak_memory_mb": (torch.cuda.max_memory_allocated() / 2**20 if gpu

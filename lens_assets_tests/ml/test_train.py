@@ -1,6 +1,7 @@
 """Training runs as plain Lightning on tiny shards and resumes from its last checkpoint."""
 
 import json
+import math
 import re
 
 import numpy as np
@@ -351,3 +352,49 @@ def test_an_unreadable_run_json_is_an_error_naming_file_field_and_value(tmp_path
     with pytest.raises(ValueError, match=match):
         _previous_fingerprint(tmp_path)
     assert _previous_fingerprint(tmp_path / "nothing-here") is None
+
+
+# --- colour residual (RingFinder band difference) ---------------------------------------------------------
+
+
+def test_colour_residual_cancels_a_uniform_colour_deflector_and_keeps_what_is_bluer():
+    from lens_assets.ml.module import colour_residual
+
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    deflector = torch.exp(-((yy - 16) ** 2 + (xx - 16) ** 2) / (2 * 3.0**2))
+    arc = torch.zeros(32, 32)
+    arc[6, 8:24] = 0.2  # far from the centre box: it does not change alpha
+    image = torch.zeros(2, 3, 32, 32)
+    image[:, 0] = 0.4 * deflector  # blue = 0.4 red: the deflector's colour
+    image[:, 2] = deflector
+    image[1, 0] += arc  # the second cutout has a blue arc
+    variance = torch.full_like(image, 0.01**2)
+    out = colour_residual(image, variance, blue=0, red=2)
+    assert out.shape == (2, 1, 32, 32)
+    s = math.sqrt(0.01**2 * (1 + 0.4**2))  # noise of blue - 0.4 red
+    torch.testing.assert_close(out[0, 0], torch.zeros(32, 32), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[1, 0], torch.asinh(arc / s), atol=1e-4, rtol=1e-5)
+    # a centre with no red flux: alpha 0, the residual is the blue band itself
+    empty = torch.zeros_like(image)
+    empty[:, 0] = 1.0
+    torch.testing.assert_close(colour_residual(empty, variance, blue=0, red=2)[:, 0],
+                               torch.full((2, 32, 32), math.asinh(1.0 / 0.01)))
+
+
+def test_a_colour_residual_member_trains_with_one_more_channel_and_scores(data, tmp_path):
+    from lens_assets.ml.data import ShardDataset
+    from lens_assets.ml.module import LensClassifier
+    from lens_assets.ml.score import load_member, member_logits
+
+    s = train(data / "shards", data / "splits.parquet", tmp_path / "residual",
+              TrainSettings(backbone="resnet10t", epochs=1, batch_size=16, progress=False, colour_residual=True))
+    assert s["residual_bands"] == ["u", "r"]  # sdss: the bluest band and the reference band
+    member = load_member(s["best_checkpoint"])
+    assert tuple(member.hparams.residual_bands) == (0, 2)
+    first = next(p for p in member.net.parameters() if p.dim() == 4)
+    assert first.shape[1] == 6  # five bands and the residual
+    z = member_logits([member], ShardDataset(data / "shards"), device="cpu")
+    assert z.shape == (32, 1) and np.isfinite(z).all()
+    with pytest.raises(ValueError, match=r"residual_bands \(2, 2\) must be two different band indices below "
+                                         r"in_chans=5"):
+        LensClassifier(backbone="resnet10t", in_chans=5, residual_bands=(2, 2))
