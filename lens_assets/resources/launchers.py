@@ -5,9 +5,18 @@ messages (its training summary). A job on this machine reads and writes the
 storage cache directly (``lens_assets.ml.train``); a job elsewhere (ECS) runs
 ``lens_assets.resources.train_remote``, which pulls its inputs from the S3 store
 and pushes its checkpoints back (``shares_filesystem`` is False).
+
+Two Dagster issues are guarded here for the ECS path (``GuardedEcsClient`` wraps
+the boto ECS client of the Pipes client): a tag value that ECS refuses (the
+``dagster/partition`` tag of a multi-partition key such as ``drop|survey``,
+dagster#28066) is sanitised before RunTask, and a RunTask that answers with
+``failures`` and no task (no GPU capacity, a bad task definition) raises
+``EcsRunTaskFailed`` naming each failure's reason and arn, where dagster-aws would
+fail on an empty task list (dagster#32936).
 """
 
 import sys
+import unicodedata
 from typing import Any
 
 import dagster as dg
@@ -78,13 +87,61 @@ class EcsLauncher(TrainingLauncher):
                 "subnets": self.subnets, "securityGroups": self.security_groups, "assignPublicIp": "DISABLED"}}
         if self.capacity_provider:
             params["capacityProviderStrategy"] = [{"capacityProvider": self.capacity_provider, "weight": 1}]
-        else:
-            params["launchType"] = "EC2"
+        # else neither launchType nor a strategy: ECS uses the cluster's default capacity provider strategy (the GPU
+        # Auto Scaling group of deploy/ecs/stack.yaml, which scales out for a task waiting in PROVISIONING); an
+        # explicit launchType "EC2" would bypass the capacity provider and fail while the group has no instance
         return params
 
-    def launch(self, context: dg.AssetExecutionContext, *, extras: dict[str, Any]) -> list:
+    def pipes_client(self):
+        """The dagster-aws Pipes client of a launch: its boto ECS client is wrapped by ``GuardedEcsClient``."""
+        import boto3
         from dagster_aws.pipes import PipesECSClient
 
-        invocation = PipesECSClient().run(context=context, run_task_params=self.run_task_params(), extras=extras,
-                                          pipes_container_name=self.container_name)
+        return PipesECSClient(client=GuardedEcsClient(boto3.client("ecs")))
+
+    def launch(self, context: dg.AssetExecutionContext, *, extras: dict[str, Any]) -> list:
+        invocation = self.pipes_client().run(context=context, run_task_params=self.run_task_params(), extras=extras,
+                                             pipes_container_name=self.container_name)
         return invocation.get_custom_messages()
+
+
+# ECS tags (RunTask ``tags``): a key of 1-128 and a value of 0-256 characters, each a letter, a number, a space or
+# one of these (the pattern of the ECS API reference, Tag)
+ECS_TAG_PUNCTUATION = frozenset("_.:/=+-@")
+ECS_TAG_KEY_MAX, ECS_TAG_VALUE_MAX = 128, 256
+
+
+def ecs_tag_safe(text: str, max_len: int) -> str:
+    """``text`` with each character that ECS refuses in a tag replaced by ``_``, cut to ``max_len`` characters
+    (``2026-11-21|des`` -> ``2026-11-21_des``)."""
+    # \p{L}, \p{Z}, \p{N} of the pattern: Unicode letters, separators (not tabs or newlines), numbers
+    return "".join(c if unicodedata.category(c)[0] in "LZN" or c in ECS_TAG_PUNCTUATION else "_"
+                   for c in str(text))[:max_len]
+
+
+class EcsRunTaskFailed(RuntimeError):
+    """ECS RunTask started no task; the message names each failure's reason, arn and detail."""
+
+
+class GuardedEcsClient:
+    """A boto ECS client whose ``run_task`` sends only tags that ECS accepts and raises ``EcsRunTaskFailed`` when
+    the answer has no task; every other attribute is the wrapped client's."""
+
+    def __init__(self, client):
+        self._client = client
+
+    def __getattr__(self, name: str):
+        return getattr(self._client, name)
+
+    def run_task(self, **params):
+        if params.get("tags"):
+            params["tags"] = [{"key": ecs_tag_safe(t["key"], ECS_TAG_KEY_MAX) or "_",
+                               "value": ecs_tag_safe(t.get("value", ""), ECS_TAG_VALUE_MAX)} for t in params["tags"]]
+        response = self._client.run_task(**params)
+        if not response.get("tasks"):
+            failures = response.get("failures") or []
+            said = "; ".join(f"reason {f.get('reason')!r} for {f.get('arn')}"
+                             + (f" ({f['detail']})" if f.get("detail") else "") for f in failures)
+            raise EcsRunTaskFailed(f"ECS RunTask of {params.get('taskDefinition')} on cluster "
+                                   f"{params.get('cluster')} started no task: " + (said or "no failure reported"))
+        return response
