@@ -92,6 +92,27 @@ def scored(model_storage, tmp_path_factory):
             "table": table, "truth": truth, "good": [p.name for p in good], "quarantined": quarantined}
 
 
+def _publish_staged_drop(storage, drop: str, *, n: int, seed: int) -> None:
+    """A drop of ``n`` simulated cutouts, staged by a producer elsewhere and published into ``storage``'s inbox."""
+    staging = LocalStorage(root=str(storage.root_path.parent / f"producer-{drop}"))
+    simulate_drop(staging, SURVEY, "staged", n=n, seed=seed, workers=1)
+    publish_drop(storage, SURVEY, drop, sorted(staging.path("inbox", SURVEY, "staged").glob("*.fits")))
+
+
+def _tick_and_score(storage, instance, drop: str, *, cursor=None):
+    """One survey_inbox_sensor tick; the run it requests for ``drop`` materialized as the daemon would.
+    Returns (request, the drop's candidate table)."""
+    with dg.build_sensor_context(instance=instance, cursor=cursor, resources={"storage": storage}) as context:
+        tick = survey_inbox_sensor(context)
+    (req,) = [r for r in tick.run_requests if r.tags["lens/drop"] == drop]
+    for add in tick.dynamic_partitions_requests:
+        instance.add_dynamic_partitions(add.partitions_def_name, list(add.partition_keys))
+    run = dg.materialize([candidate_scores], partition_key=str(req.partition_key), instance=instance,
+                         resources={"storage": storage}, run_config=SCORING_CONFIG, tags=req.tags)
+    assert run.success
+    return req, pd.read_parquet(storage.path("candidates", SURVEY, drop, "candidate_scores.parquet"))
+
+
 def test_the_sensor_requests_the_drop_and_the_run_materializes_that_partition(scored):
     req, mat, instance = scored["request"], scored["materialization"], scored["instance"]
     assert req.run_key == f"{SURVEY}|{DROP}" and str(req.partition_key) == f"{DROP}|{SURVEY}"
@@ -257,19 +278,9 @@ def test_a_model_whose_report_fails_a_gate_is_never_promoted_nor_used_for_a_new_
     assert "is not promoted: auroc_at_least_gate failed" in failure.event_specific_data.error.message
     assert json.loads(storage.path("promoted", SURVEY, "promotion.json").read_text()) == before
 
-    staging = LocalStorage(root=str(storage.root_path.parent / "producer-2"))
-    simulate_drop(staging, SURVEY, "staged", n=6, seed=99, workers=1)
-    publish_drop(storage, SURVEY, "after-failed-gate", sorted(staging.path("inbox", SURVEY, "staged").glob("*.fits")))
-    with dg.build_sensor_context(instance=instance, cursor=None, resources={"storage": storage}) as context:
-        tick = survey_inbox_sensor(context)
-    (req,) = [r for r in tick.run_requests if r.tags["lens/drop"] == "after-failed-gate"]
+    _publish_staged_drop(storage, "after-failed-gate", n=6, seed=99)
+    req, table = _tick_and_score(storage, instance, "after-failed-gate")
     assert req.tags["lens/promoted_version"] == before["version"]
-    for add in tick.dynamic_partitions_requests:
-        instance.add_dynamic_partitions(add.partitions_def_name, list(add.partition_keys))
-    scored_run = dg.materialize([candidate_scores], partition_key=str(req.partition_key), instance=instance,
-                                resources={"storage": storage}, run_config=SCORING_CONFIG, tags=req.tags)
-    assert scored_run.success
-    table = pd.read_parquet(storage.path("candidates", SURVEY, "after-failed-gate", "candidate_scores.parquet"))
     assert len(table) == 6
     assert set(table["calibrator_version"]) == {before["calibrator_version"]}
     assert set(table["model_version"]) == {before["model_version"]}
@@ -401,9 +412,7 @@ def test_a_drop_that_arrives_before_its_survey_has_a_model_is_scored_after_the_f
     storage = trained_survey_copy.storage()
     promotion_file = storage.path("promoted", SURVEY, "promotion.json")
     shutil.rmtree(promotion_file.parent)
-    staging = LocalStorage(root=str(trained_survey_copy.root.parent / "producer-early"))
-    simulate_drop(staging, SURVEY, "staged", n=5, seed=7, workers=1)
-    publish_drop(storage, SURVEY, "before-any-model", sorted(staging.path("inbox", SURVEY, "staged").glob("*.fits")))
+    _publish_staged_drop(storage, "before-any-model", n=5, seed=7)
 
     instance = dg.DagsterInstance.ephemeral()
     with dg.build_sensor_context(instance=instance, resources={"storage": storage}) as context:
@@ -421,16 +430,8 @@ def test_a_drop_that_arrives_before_its_survey_has_a_model_is_scored_after_the_f
     for gate in ("auroc_at_least_gate", "tpr10_at_least_gate", "ece_at_most_gate"):
         assert f"| {gate} |" in meta["why"] and promotion["checks"][gate]["passed"], gate
 
-    with dg.build_sensor_context(instance=instance, cursor=held.cursor, resources={"storage": storage}) as context:
-        tick = survey_inbox_sensor(context)
-    (req,) = tick.run_requests
-    assert req.tags["lens/drop"] == "before-any-model" and req.tags["lens/promoted_version"] == promotion["version"]
-    for add in tick.dynamic_partitions_requests:
-        instance.add_dynamic_partitions(add.partitions_def_name, list(add.partition_keys))
-    run = dg.materialize([candidate_scores], partition_key=str(req.partition_key), instance=instance,
-                         resources={"storage": storage}, run_config=SCORING_CONFIG, tags=req.tags)
-    assert run.success
-    table = pd.read_parquet(storage.path("candidates", SURVEY, "before-any-model", "candidate_scores.parquet"))
+    req, table = _tick_and_score(storage, instance, "before-any-model", cursor=held.cursor)
+    assert req.tags["lens/promoted_version"] == promotion["version"]
     assert len(table) == 5
     assert set(table["model_version"]) == {promotion["model_version"]}
     assert set(table["calibrator_version"]) == {promotion["calibrator_version"]}
