@@ -142,3 +142,13 @@ def local_pg_env(db_name: str) -> dict[str, str]:
             "DAGSTER_POSTGRES_USER": PG["user"], "DAGSTER_POSTGRES_PASSWORD": "", "DAGSTER_POSTGRES_DB": db_name,
             # nothing listens there: the compute log manager is built, never called
             "DAGSTER_S3_ENDPOINT_URL": "http://127.0.0.1:9"}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test that uses ``local_deployment`` (test_deployment.py) reports the tail of each service's log."""
+    outcome = yield
+    report = outcome.get_result()
+    deployment = getattr(item, "funcargs", {}).get("local_deployment")
+    if report.failed and hasattr(deployment, "diagnostics"):
+        report.sections.append(("local deployment: service logs", deployment.diagnostics()))
