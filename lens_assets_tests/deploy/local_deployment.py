@@ -116,23 +116,19 @@ class S3Mock:
 def _stop(proc: subprocess.Popen, *, grace: float = 10) -> None:
     """SIGTERM to the process group this helper started (the process and its children: the code server's gRPC
     server and run workers), SIGKILL after ``grace`` seconds."""
-    if proc.poll() is None:
+    def signal_group_and_wait(sig: int) -> None:
         try:
-            os.killpg(proc.pid, signal.SIGTERM)
+            os.killpg(proc.pid, sig)
         except ProcessLookupError:
             pass
         try:
             proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             pass
-    try:  # children left in the group (a run worker) go too
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        pass
+
+    if proc.poll() is None:
+        signal_group_and_wait(signal.SIGTERM)
+    signal_group_and_wait(signal.SIGKILL)  # children left in the group (a run worker) go too
 
 
 def deployment_env(*, home: Path, db_name: str, s3_endpoint: str, cache: Path) -> dict[str, str]:

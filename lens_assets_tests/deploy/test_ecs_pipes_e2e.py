@@ -273,7 +273,7 @@ def aws(tmp_path, monkeypatch):
     the mock. Yields (endpoint, LocalEcs, task definition); the server and every task process end afterwards."""
     import boto3
 
-    from lens_assets_tests.resources.test_s3_storage import MOTO_SERVER, _start_moto
+    from lens_assets_tests.resources.test_s3_storage import MOTO_SERVER, _start_moto, _stop_moto
 
     if not MOTO_SERVER.exists():
         pytest.skip(f"{MOTO_SERVER} not installed (pip install 'moto[server]')")
@@ -318,12 +318,7 @@ def aws(tmp_path, monkeypatch):
     finally:
         if ecs is not None:
             ecs.close()
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop_moto(proc)
 
 
 @pytest.fixture

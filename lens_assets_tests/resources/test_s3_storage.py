@@ -75,12 +75,17 @@ def s3_server(tmp_path_factory):
             _client(endpoint).create_bucket(Bucket=BUCKET)
             yield endpoint
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            _stop_moto(proc)
+
+
+def _stop_moto(proc) -> None:
+    """Terminate a moto server process; kill it if it has not exited 10 s later."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _client(endpoint):
