@@ -15,7 +15,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from .backbones import create_backbone
+from .backbones import create_backbone, widen_first_conv
 
 __all__ = ["LensClassifier", "scale_input", "median_measured_variance", "augment", "observing_conditions", "FiLM",
            "colour_residual"]
@@ -129,9 +129,13 @@ class LensClassifier(L.LightningModule):
             residual_bands = (blue, red)
         # weights_path only initializes a new run: a checkpoint holds the weights, and a scorer need not see the file
         self.save_hyperparameters(ignore=["weights_path"])
-        # the colour residual (colour_residual) is one more input channel after the bands
-        self.net = create_backbone(backbone, in_chans=in_chans + (residual_bands is not None), img_size=img_size,
-                                   num_classes=1, weights_path=weights_path or None)
+        # the colour residual (colour_residual) is one more input channel after the bands. Initial weights are
+        # weights for the bands: loaded as they are, with a zero-weight residual channel added after them
+        widen = residual_bands is not None and bool(weights_path)
+        self.net = create_backbone(backbone, in_chans=in_chans + (residual_bands is not None and not widen),
+                                   img_size=img_size, num_classes=1, weights_path=weights_path or None)
+        if widen:
+            widen_first_conv(self.net, 1)
         self.film = FiLM(3 * in_chans, self.net.get_classifier().in_features) if film else None
         self.memory_format = torch.contiguous_format  # channels_last is set by train() and the scorer
         self._val_scores: list = []

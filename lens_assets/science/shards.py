@@ -170,8 +170,9 @@ class _ShardWriter:
     """Writes batches into shard files of ``rows_per_shard`` rows; each is renamed into place when full.
 
     Datasets are created at their final size and the per-row scalars are written
-    once when a shard closes, so a shard's bytes do not depend on how its rows
-    were batched (the sha256 is a data version).
+    once when a shard closes, so a shard's content does not depend on how its rows
+    were batched; ``content_sha256`` (what the data version is made of) hashes that
+    content as the rows arrive.
     """
 
     def __init__(self, out_dir: Path, settings: ShardSettings, bands: tuple[str, ...], n_total: int):

@@ -398,3 +398,41 @@ def test_a_colour_residual_member_trains_with_one_more_channel_and_scores(data, 
     with pytest.raises(ValueError, match=r"residual_bands \(2, 2\) must be two different band indices below "
                                          r"in_chans=5"):
         LensClassifier(backbone="resnet10t", in_chans=5, residual_bands=(2, 2))
+
+
+def test_initial_weights_for_the_bands_are_kept_and_the_residual_channel_starts_at_zero(tmp_path):
+    from lens_assets.ml.module import LensClassifier
+
+    torch.manual_seed(3)
+    stage1 = LensClassifier(backbone="resnet10t", in_chans=5, img_size=48)
+    torch.save(stage1.state_dict(), tmp_path / "stage1.pt")
+    member = LensClassifier(backbone="resnet10t", in_chans=5, img_size=48, residual_bands=(0, 2),
+                            weights_path=str(tmp_path / "stage1.pt"))
+    before, after = stage1.net.conv1[0].weight, member.net.conv1[0].weight
+    assert after.shape[1] == 6 and member.net.conv1[0].in_channels == 6
+    torch.testing.assert_close(after[:, :5], before)  # per-band filters as trained, not averaged
+    assert (after[:, 5] == 0).all()
+    # so the widened member answers as the stage-1 model does, whatever the residual channel holds
+    image, variance = torch.rand(4, 5, 48, 48), torch.full((4, 5, 48, 48), 0.01)
+    torch.testing.assert_close(member.eval()(image, variance), stage1.eval()(image, variance))
+
+
+def test_the_run_fingerprint_follows_the_shards_data_version_and_the_settings_that_change_training(data, tmp_path):
+    import shutil
+
+    from lens_assets.ml.train import run_fingerprint
+
+    base = TrainSettings(backbone="resnet10t")
+    fp = run_fingerprint(data / "shards", data / "splits.parquet", base)
+    rebuilt = tmp_path / "shards"
+    shutil.copytree(data / "shards", rebuilt)
+    manifest = json.loads((rebuilt / "manifest.json").read_text())
+    manifest["seconds"] += 12.5  # a rebuild of the same data: another build time, the same data version
+    (rebuilt / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    assert run_fingerprint(rebuilt, data / "splits.parquet", base) == fp
+    manifest["sha256"] = "0" * 64  # other data
+    (rebuilt / "manifest.json").write_text(json.dumps(manifest))
+    assert run_fingerprint(rebuilt, data / "splits.parquet", base) != fp
+    assert run_fingerprint(data / "shards", data / "splits.parquet",
+                           TrainSettings(backbone="resnet10t", colour_residual=True)) != fp
+    assert run_fingerprint(data / "shards", data / "splits.parquet", TrainSettings(backbone="resnet10t", epochs=3)) == fp
