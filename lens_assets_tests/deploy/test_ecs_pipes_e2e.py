@@ -40,6 +40,7 @@ import dagster as dg
 import pytest
 
 from lens_assets import layout
+from lens_assets.resources.launchers import TRAIN_REMOTE_MODULE
 from lens_assets_tests.deploy.conftest import container, load_stack, resolve
 
 pytestmark = pytest.mark.slow  # three training jobs over S3, each a process importing torch and Lightning
@@ -58,29 +59,51 @@ DRAIN_EVENT = "[test harness] end of the stream (ends the Pipes log reader threa
 
 # ------------------------------------------------------------------------------------------------ the ECS agent
 
+# the training image's command with one change: S3Sync.push_outputs SIGKILLs the process when it has returned
+DIE_AFTER_FIRST_PUSH = """
+import os, signal
+from lens_assets.resources import train_remote
+
+push = train_remote.S3Sync.push_outputs
+
+
+def push_then_die(self):
+    push(self)
+    print("pushed the first checkpoint; SIGKILL", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+train_remote.S3Sync.push_outputs = push_then_die
+train_remote.main()
+"""
+
+
 class LocalTask:
     """One placed task: its container's command as a process here, its output shipped to CloudWatch Logs."""
 
     def __init__(self, ecs: "LocalEcs", task: dict, command: list[str], env: dict[str, str], disk: Path,
-                 log_group: str, log_stream: str, kill_when=None):
+                 log_group: str, log_stream: str, dies_after_first_push: bool = False):
         self.ecs, self.arn, self.task_id = ecs, task["taskArn"], task["taskArn"].rsplit("/", 1)[-1]
         self.cluster = task["clusterArn"]
         self.command, self.env, self.disk = command, env, disk
         self.log_group, self.log_stream = log_group, log_stream
         self.runtime_id = f"local-{self.task_id}"
         self.exit_code: int | None = None
-        self.killed_after_push = False  # SIGKILLed by the test's trigger while it was still running
+        self.dies_after_first_push = dies_after_first_push
+        self.killed_after_push = False  # SIGKILLed right after its first checkpoint push, as planned
         self.timed_out = False
         self.lines: list[str] = []
         disk.mkdir(parents=True)
         ecs.logs.create_log_stream(logGroupName=log_group, logStreamName=log_stream)  # as the awslogs driver does
+        if dies_after_first_push:  # the image's command, with S3Sync.push_outputs SIGKILLing the process once done
+            assert command == ["python", "-m", TRAIN_REMOTE_MODULE], command
+            command = ["python", "-c", DIE_AFTER_FIRST_PUSH]
         self.proc = subprocess.Popen(command, env=env, cwd=disk, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      start_new_session=True)
         self._shippers = [threading.Thread(target=self._ship, args=(stream,), daemon=True)
                           for stream in (self.proc.stdout, self.proc.stderr)]
         for t in self._shippers:
             t.start()
-        self._kill_when = kill_when
         self._agent = threading.Thread(target=self._supervise, daemon=True)
         self._agent.start()
 
@@ -94,29 +117,19 @@ class LocalTask:
                                          logEvents=[{"timestamp": int(time.time() * 1000), "message": line}])
         stream.close()
 
-    def _kill_now(self) -> bool:
-        try:
-            return self._kill_when is not None and bool(self._kill_when())
-        except Exception:  # noqa: BLE001 (the bucket not answering this time: ask again)
-            return False
-
     def _supervise(self) -> None:
         deadline = time.monotonic() + TASK_TIMEOUT_S
         try:
             while self.proc.poll() is None:
-                if self._kill_now():
-                    self.killed_after_push = True
-                    break
                 if time.monotonic() > deadline:
                     self.timed_out = True
                     break
                 time.sleep(0.1)
         finally:
-            if self.proc.poll() is None:  # the trigger, the deadline, or this thread failing: the task ends here
+            if self.proc.poll() is None:  # the deadline, or this thread failing: the task ends here
                 self.proc.send_signal(signal.SIGKILL)
-            elif self.killed_after_push:
-                self.killed_after_push = False  # it had ended on its own before the trigger: the assertions say so
             rc = self.proc.wait()
+            self.killed_after_push = self.dies_after_first_push and rc == -signal.SIGKILL and not self.timed_out
             for t in self._shippers:  # every line is in the stream before the task is seen stopped
                 t.join(timeout=30)
             self.exit_code = 128 - rc if rc < 0 else rc  # a signal's exit status as Docker reports it (SIGKILL: 137)
@@ -152,14 +165,15 @@ class LocalEcs:
         self.tasks: dict[str, LocalTask] = {}
         self.run_task_requests: list[dict] = []
         self.waiters: list[_BoundedWaiter] = []
-        self._kill_when = None
+        self._die_after_first_push = False
 
     def __getattr__(self, name):
         return getattr(self.client, name)
 
-    def kill_next_task_when(self, predicate) -> None:
-        """The next task started is SIGKILLed as soon as ``predicate()`` is true (polled every 0.1 s)."""
-        self._kill_when = predicate
+    def kill_next_task_after_its_first_push(self) -> None:
+        """The next task started SIGKILLs itself as soon as its first checkpoint push has returned (a reclaimed
+        instance at the worst moment for a run that did not push: deterministic, whatever the machine's speed)."""
+        self._die_after_first_push = True
 
     def run_task(self, **params):
         self.run_task_requests.append(copy.deepcopy(params))
@@ -185,8 +199,8 @@ class LocalEcs:
                 self, task, override.get("command") or spec["command"], env, disk,
                 log_group=log["options"]["awslogs-group"],
                 log_stream=f"{log['options']['awslogs-stream-prefix']}/{spec['name']}/{task_id}",
-                kill_when=self._kill_when)
-            self._kill_when = None
+                dies_after_first_push=self._die_after_first_push)
+            self._die_after_first_push = False
         return response
 
     def describe_tasks(self, **params):
@@ -495,11 +509,13 @@ def test_lens_classifier_trains_on_ecs_through_pipes_and_resumes_after_a_killed_
     #    and the new task, on a fresh disk, resumes from the checkpoint in the bucket. The killed task had resumed
     #    after run 1's one epoch and pushed once it had trained the second: the checkpoint has 2 epochs done.
     before = {name: etag(name) for name in ("last.ckpt", "run.json")}
-    ecs.kill_next_task_when(lambda: all(etag(name) not in (None, before[name]) for name in before))
+    ecs.kill_next_task_after_its_first_push()
     result, storage, resumed, logged = materialize(epochs=3)
     assert result.success, _error_text(result)
     killed = list(ecs.tasks.values())[-2]
     assert killed.killed_after_push and killed.exit_code == 137, killed.lines[-30:]
+    assert "pushed the first checkpoint; SIGKILL" in killed.lines
+    assert all(etag(name) not in (None, before[name]) for name in before)  # run 1's checkpoint was replaced
     failed = _error_text(result, "STEP_UP_FOR_RETRY")  # dagster-aws names the container's runtime id, not its code
     assert "Some ECS containers finished with non-zero exit code" in failed and killed.runtime_id in failed
     (described,) = ecs.describe_tasks(cluster=CLUSTER, tasks=[killed.arn])["tasks"]
