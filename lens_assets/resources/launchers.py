@@ -69,6 +69,8 @@ class EcsLauncher(TrainingLauncher):
     security_groups: list[str] = Field(default_factory=list)
     gpu_count: int = 1
     capacity_provider: str | None = None
+    log_poll_interval_s: float = Field(default=1.0, ge=0.0, description="pause before each CloudWatch GetLogEvents "
+                                       "of the Pipes readers (dagster-aws polls without one)")
 
     def run_task_params(self) -> dict:
         """The ECS RunTask request: the training module as the container command, with GPUs reserved."""
@@ -93,11 +95,15 @@ class EcsLauncher(TrainingLauncher):
         return params
 
     def pipes_client(self):
-        """The dagster-aws Pipes client of a launch: its boto ECS client is wrapped by ``GuardedEcsClient``."""
+        """The dagster-aws Pipes client of a launch: its boto ECS client is wrapped by ``GuardedEcsClient``, and its
+        CloudWatch Logs client (the message reader's, which the container log readers share) by
+        ``PacedLogsClient``."""
         import boto3
-        from dagster_aws.pipes import PipesECSClient
+        from dagster_aws.pipes import PipesCloudWatchMessageReader, PipesECSClient
 
-        return PipesECSClient(client=GuardedEcsClient(boto3.client("ecs")))
+        logs = PacedLogsClient(boto3.client("logs"), interval_s=self.log_poll_interval_s)
+        return PipesECSClient(client=GuardedEcsClient(boto3.client("ecs")),
+                              message_reader=PipesCloudWatchMessageReader(client=logs))
 
     def launch(self, context: dg.AssetExecutionContext, *, extras: dict[str, Any]) -> list:
         invocation = self.pipes_client().run(context=context, run_task_params=self.run_task_params(), extras=extras,
@@ -145,3 +151,26 @@ class GuardedEcsClient:
             raise EcsRunTaskFailed(f"ECS RunTask of {params.get('taskDefinition')} on cluster "
                                    f"{params.get('cluster')} started no task: " + (said or "no failure reported"))
         return response
+
+
+class PacedLogsClient:
+    """A boto CloudWatch Logs client whose ``get_log_events`` waits ``interval_s`` before each call.
+
+    dagster-aws's CloudWatch readers (0.29) call GetLogEvents in a loop without a pause
+    until the task's log stream ends, which a real account answers with throttling
+    (dagster#30032, #31226); one call a second per reader is far inside the API's rate.
+    Every other attribute is the wrapped client's.
+    """
+
+    def __init__(self, client, *, interval_s: float = 1.0, sleep=None):
+        import time
+
+        self._client, self.interval_s, self._sleep = client, interval_s, sleep or time.sleep
+
+    def __getattr__(self, name: str):
+        return getattr(self._client, name)
+
+    def get_log_events(self, **params):
+        if self.interval_s > 0:
+            self._sleep(self.interval_s)
+        return self._client.get_log_events(**params)

@@ -22,8 +22,11 @@ from botocore.stub import Stubber
 from botocore.validate import ParamValidator
 
 from lens_assets.resources.launchers import (ECS_TAG_VALUE_MAX, EcsLauncher, EcsRunTaskFailed, GuardedEcsClient,
-                                             TrainingLauncher, ecs_tag_safe)
+                                             PacedLogsClient, TrainingLauncher, ecs_tag_safe)
 from lens_assets_tests.deploy.conftest import container, load_stack, resolve
+
+# the launcher's own method, taken before any fixture here replaces it with one that returns a stubbed client
+REAL_PIPES_CLIENT = EcsLauncher.pipes_client
 
 REGION = "us-east-1"
 CLUSTER_ARN = f"arn:aws:ecs:{REGION}:123456789012:cluster/lens"
@@ -267,10 +270,29 @@ def test_ecs_tag_safe_keeps_valid_text_and_cuts_to_the_limit():
     assert len(ecs_tag_safe("x" * 300, ECS_TAG_VALUE_MAX)) == 256
 
 
-def test_the_launcher_wraps_its_ecs_client_in_the_guard():
-    client = EcsLauncher(cluster="lens", task_definition="lens-train").pipes_client()
+def test_the_launcher_wraps_its_ecs_client_in_the_guard_and_paces_its_log_readers():
+    client = REAL_PIPES_CLIENT(EcsLauncher(cluster="lens", task_definition="lens-train", log_poll_interval_s=2.5))
     assert isinstance(client._client, GuardedEcsClient)
     assert client._client.meta.service_model.service_name == "ecs"
+    logs = client._message_reader.client  # the container log readers are given this client too
+    assert isinstance(logs, PacedLogsClient) and logs.interval_s == 2.5
+    assert logs.meta.service_model.service_name == "logs"
+
+
+def test_paced_logs_client_waits_before_each_get_log_events_and_passes_everything_else_through():
+    calls = []
+    inner = SimpleNamespace(get_log_events=lambda **p: calls.append(("get", p)) or {"events": [], **p},
+                            describe_log_streams=lambda **p: ("described", p))
+    paced = PacedLogsClient(inner, interval_s=1.0, sleep=lambda s: calls.append(("sleep", s)))
+    assert paced.get_log_events(logGroupName="/lens/train", logStreamName="s") == {
+        "events": [], "logGroupName": "/lens/train", "logStreamName": "s"}
+    paced.get_log_events(logGroupName="/lens/train", logStreamName="s")
+    assert calls == [("sleep", 1.0), ("get", {"logGroupName": "/lens/train", "logStreamName": "s"})] * 2
+    assert paced.describe_log_streams(logGroupName="g") == ("described", {"logGroupName": "g"})  # not paced
+    assert len(calls) == 4
+    unpaced = PacedLogsClient(inner, interval_s=0.0, sleep=lambda s: calls.append(("sleep", s)))
+    unpaced.get_log_events(logGroupName="g", logStreamName="s")
+    assert calls[-1][0] == "get" and len(calls) == 5
 
 
 def test_multi_partitioned_assets_do_not_train_through_the_launcher():

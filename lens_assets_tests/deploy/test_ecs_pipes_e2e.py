@@ -17,10 +17,9 @@ first checkpoint push: that attempt fails naming the exit code, and lens_classif
 cut to 0) starts the step again, whose new task resumes from the pushed checkpoint. (``dg.materialize`` always runs
 with retries enabled, so the retry is what a deployment's run does too.)
 
-Two things are paced for a local server (dagster-aws's ``PipesCloudWatchLogReader`` polls GetLogEvents in a loop
-with no pause, and only notices that its session closed when another event arrives, dagster#30032, dagster#31226):
-the reader's GetLogEvents waits 0.2 s per call, as CloudWatch's own latency and quota would make it, and after each
-run one more event is written to each stream so its reader thread ends. The ``tasks_stopped`` waiter polls every
+dagster-aws's ``PipesCloudWatchLogReader`` polls GetLogEvents in a loop and only notices that its session closed
+when another event arrives (dagster#30032, dagster#31226): ``EcsLauncher`` paces its readers (``PacedLogsClient``,
+1 s a call), and after each run one more event is written to each stream so its reader thread ends. The ``tasks_stopped`` waiter polls every
 second instead of every 6.
 """
 
@@ -237,21 +236,6 @@ class LocalEcs:
             local.kill()
 
 
-class PacedLogs:
-    """The mock's CloudWatch Logs client for the Pipes reader, each GetLogEvents taking 0.2 s (see the module
-    docstring)."""
-
-    def __init__(self, client):
-        self.client = client
-
-    def __getattr__(self, name):
-        return getattr(self.client, name)
-
-    def get_log_events(self, **params):
-        time.sleep(0.2)
-        return self.client.get_log_events(**params)
-
-
 # ------------------------------------------------------------------------------------------------ the mock
 
 def _moto_api(endpoint: str, path: str, body: dict) -> None:
@@ -283,7 +267,7 @@ def _train_task_definition() -> dict:
 @pytest.fixture
 def aws(tmp_path, monkeypatch):
     """The moto server with the stack's cluster (an EC2 container instance), training task definition and log group,
-    and an empty bucket; ``boto3.client`` gives ``LocalEcs`` for ECS and ``PacedLogs`` for CloudWatch Logs, both on
+    and an empty bucket; ``boto3.client`` gives ``LocalEcs`` for ECS and the mock's CloudWatch Logs client, both on
     the mock. Yields (endpoint, LocalEcs, task definition); the server and every task process end afterwards."""
     import boto3
 
@@ -324,7 +308,7 @@ def aws(tmp_path, monkeypatch):
             if service_name == "ecs":
                 return ecs
             if service_name == "logs":
-                return PacedLogs(real_client("logs", *args, **{"endpoint_url": endpoint, **kwargs}))
+                return real_client("logs", *args, **{"endpoint_url": endpoint, **kwargs})
             return real_client(service_name, *args, **kwargs)
 
         monkeypatch.setattr(boto3, "client", client)
