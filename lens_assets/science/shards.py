@@ -218,7 +218,7 @@ class _ShardWriter:
             for key, src in (("images", "image"), ("variance", "variance")):
                 rows = np.ascontiguousarray(batch[src][sl], dtype=np.float32)
                 self._file[key][self._n:self._n + take] = rows
-                self._digest[key].update(rows.tobytes())
+                self._digest[key].update(rows)  # the buffer itself: no copy of the rows
             for key in self._small:
                 self._small[key].append(batch[key][sl])
             self.rows.append(pd.DataFrame({
@@ -247,7 +247,7 @@ class _ShardWriter:
         for key, dtype in SMALL_DATASETS:
             data = np.ascontiguousarray(np.concatenate(self._small[key]).astype(dtype))
             self._file.create_dataset(key, data=data, chunks=(s, *data.shape[1:]))
-            content[key] = [data.dtype.str, list(data.shape), hashlib.sha256(data.tobytes()).hexdigest()]
+            content[key] = [data.dtype.str, list(data.shape), hashlib.sha256(data).hexdigest()]
         objids = [str(o) for o in np.concatenate(self._small["objid"])]
         self._file.create_dataset("objid", data=np.array(objids, dtype=object), dtype=h5py.string_dtype(),
                                   chunks=(s,))

@@ -25,7 +25,8 @@ from lens_assets.science.fits_contract import BandHDUs, read_cutout, write_cutou
 from lens_assets.science.ingest import find_fits, ingest_files
 from lens_assets.science.psf import measure_fwhm_px, psf_kernel
 from lens_assets.science.shards import (FLAG_BITS, SHARD_FORMAT_VERSION, build_shards, manifest_data_version,
-                                        match_batch, matched_psf_fwhm, read_manifest, shard_settings)
+                                        match_batch, matched_psf_fwhm, read_manifest, shard_content_sha256,
+                                        shard_settings)
 from lens_assets.science.simulation import simulate_to_directory
 from lens_assets.science.surveys import get_survey
 
@@ -197,7 +198,8 @@ def test_missing_catalog_columns_are_named(built, tmp_path):
 
 
 def content_sha256_of_file(path: Path) -> str:
-    """A shard's content hash recomputed from the file with h5py alone (every dataset read back whole)."""
+    """A shard's content hash from the file: every dataset read back whole with h5py and hashed here, combined by
+    ``shard_content_sha256`` (the writer hashes the rows as they arrive instead)."""
     datasets = {}
     with h5py.File(path, "r") as f:
         for key in f:
@@ -208,8 +210,7 @@ def content_sha256_of_file(path: Path) -> str:
                 data = np.ascontiguousarray(f[key][:])
                 datasets[key] = [data.dtype.str, list(data.shape), hashlib.sha256(data.tobytes()).hexdigest()]
         attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
-    return hashlib.sha256(json.dumps({"datasets": datasets, "attrs": attrs}, sort_keys=True,
-                                     default=str).encode()).hexdigest()
+    return shard_content_sha256(datasets, attrs)
 
 
 def test_same_shards_with_one_or_two_workers(built):
