@@ -214,9 +214,6 @@ def train(shard_dir: str | Path, splits_path: str | Path, out_dir: str | Path, s
 # max_batch_size only caps the GPU batch size, which the memory probe picks from the free memory at each start
 _FINGERPRINT_EXCLUDES = ("num_workers", "progress", "accelerator", "epochs", "patience", "max_batch_size",
                          "max_minutes")
-# settings added after runs were made: at their default they leave the fingerprint as it was, so adding one does
-# not make every existing run stale
-_FINGERPRINT_OMIT_AT_DEFAULT = {"colour_residual": False}
 
 
 def run_fingerprint(shard_dir: Path, splits_path: Path, settings: TrainSettings) -> str:
@@ -233,9 +230,8 @@ def run_fingerprint(shard_dir: Path, splits_path: Path, settings: TrainSettings)
     else:
         h.update(b"no manifest")
     update_from_file(h, splits_path)
-    fields = {k: v for k, v in asdict(settings).items() if k not in _FINGERPRINT_EXCLUDES
-              and not (k in _FINGERPRINT_OMIT_AT_DEFAULT and v == _FINGERPRINT_OMIT_AT_DEFAULT[k])}
-    h.update(json.dumps(fields, sort_keys=True).encode())
+    h.update(json.dumps({k: v for k, v in asdict(settings).items() if k not in _FINGERPRINT_EXCLUDES},
+                        sort_keys=True).encode())
     return h.hexdigest()
 
 
