@@ -1,5 +1,10 @@
-"""Test data builders shared across test modules."""
+"""Test data builders and local servers shared across test modules."""
 
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 from lens_assets.science.families import load_family
@@ -102,3 +107,43 @@ def build_trained_survey(root: Path) -> RunRecord:
                             instance=dg.DagsterInstance.ephemeral())
     assert result.success
     return RunRecord.of(result, [a.op.name for a in ASSETS])
+
+
+# a local S3 (and ECS, CloudWatch Logs) mock: moto's server, installed with the dev extra's moto[server]
+MOTO_SERVER = Path(sys.executable).with_name("moto_server")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 free right now (another process can still take it before it is bound)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_moto(log_path: Path) -> tuple[subprocess.Popen, str]:
+    """A moto server process on a free port, its output in ``log_path``; (process, endpoint URL) once it answers."""
+    for _ in range(3):  # the port could be taken between choosing and binding it
+        port = free_port()
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen([str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(port)],
+                                    stdout=log, stderr=subprocess.STDOUT)
+        endpoint = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                urllib.request.urlopen(endpoint + "/moto-api/", timeout=1).close()
+                return proc, endpoint
+            except OSError:
+                time.sleep(0.1)
+        stop_moto(proc)
+    raise RuntimeError(f"moto_server did not start: {Path(log_path).read_text(errors='replace')[-2000:]}")
+
+
+def stop_moto(proc: subprocess.Popen) -> None:
+    """Terminate a moto server process; kill it if it has not exited 10 s later."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -16,7 +16,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,18 +29,12 @@ import yaml
 
 from lens_assets_tests.deploy.conftest import (COMPOSE, DEPLOY, LOCAL_INSTANCE, PG, WORKSPACE, env_example,
                                                load_yaml)
+from lens_assets_tests.helpers import free_port, start_moto, stop_moto
 
 VENV_BIN = Path(sys.executable).parent
-MOTO_SERVER = VENV_BIN / "moto_server"
 START_DAEMON = DEPLOY / "images" / "start-daemon.sh"
 # the env vars the processes must not inherit from whoever runs the tests (a real AWS profile, another instance)
 _INHERITED_PREFIXES_DROPPED = ("AWS_", "DAGSTER_", "LENS_", "PYTEST_")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(check: Callable[[], object], *, timeout: float, what: str, interval: float = 0.25,
@@ -89,28 +82,12 @@ class S3Mock:
     log: Path
 
     @classmethod
-    def start(cls, log: Path, *, timeout: float = 30) -> S3Mock:
-        for _ in range(3):  # the port can be taken between choosing and binding it
-            port = free_port()
-            with open(log, "wb") as out:
-                proc = subprocess.Popen([str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(port)], stdout=out,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
-            endpoint = f"http://127.0.0.1:{port}"
-
-            def up():
-                urllib.request.urlopen(endpoint + "/moto-api/", timeout=2).close()
-                return True
-
-            try:
-                wait_until(up, timeout=timeout, what="moto_server",
-                           alive=lambda: "moto_server" if proc.poll() is not None else None)
-                return cls(endpoint, proc, log)
-            except AssertionError:
-                _stop(proc)
-        raise RuntimeError(f"moto_server did not start: {log.read_text(errors='replace')[-2000:]}")
+    def start(cls, log: Path) -> S3Mock:
+        proc, endpoint = start_moto(log)
+        return cls(endpoint, proc, log)
 
     def stop(self) -> None:
-        _stop(self.proc)
+        stop_moto(self.proc)
 
 
 def _stop(proc: subprocess.Popen, *, grace: float = 10) -> None:

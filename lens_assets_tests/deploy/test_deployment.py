@@ -30,7 +30,8 @@ from pathlib import Path
 import pytest
 
 from lens_assets_tests.deploy.conftest import DEPLOY, PG, env_example, load_yaml
-from lens_assets_tests.deploy.local_deployment import MOTO_SERVER, LocalDeployment, S3Mock
+from lens_assets_tests.deploy.local_deployment import LocalDeployment, S3Mock
+from lens_assets_tests.helpers import MOTO_SERVER
 
 pytestmark = pytest.mark.slow
 
@@ -190,10 +191,6 @@ def test_the_services_run_compose_commands_on_the_local_instance_file(local_depl
 def test_dagster_definitions_validate_passes_against_the_deploy_workspace_with_the_code_server_up(local_deployment):
     """`dagster definitions validate` on deploy/workspace.yaml (the code server's address moved to this machine),
     with the deployment's environment: the location loads from the running gRPC server and validates."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     exe = Path(sys.executable).parent / "dagster"
     out = subprocess.run([str(exe), "definitions", "validate", "-w", str(local_deployment.app / "workspace.yaml")],
                          cwd=local_deployment.app, env=local_deployment.env, capture_output=True, text=True,

@@ -271,7 +271,7 @@ def aws(tmp_path, monkeypatch):
     the mock. Yields (endpoint, LocalEcs, task definition); the server and every task process end afterwards."""
     import boto3
 
-    from lens_assets_tests.resources.test_s3_storage import MOTO_SERVER, _start_moto, _stop_moto
+    from lens_assets_tests.helpers import MOTO_SERVER, start_moto, stop_moto
 
     if not MOTO_SERVER.exists():
         pytest.skip(f"{MOTO_SERVER} not installed (pip install 'moto[server]')")
@@ -283,7 +283,7 @@ def aws(tmp_path, monkeypatch):
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
                  "AWS_ENDPOINT_URL_ECS", "AWS_ENDPOINT_URL_CLOUDWATCH_LOGS"):
         monkeypatch.delenv(name, raising=False)
-    proc, endpoint = _start_moto(tmp_path / "moto.log")
+    proc, endpoint = start_moto(tmp_path / "moto.log")
     ecs = None
     try:
         # the mock's tasks advance a state on every DescribeTasks by default; here only StopTask stops one
@@ -316,7 +316,7 @@ def aws(tmp_path, monkeypatch):
     finally:
         if ecs is not None:
             ecs.close()
-        _stop_moto(proc)
+        stop_moto(proc)
 
 
 @pytest.fixture

@@ -11,11 +11,7 @@ import json
 import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -24,35 +20,9 @@ import pandas as pd
 import pytest
 
 from lens_assets.resources.s3_storage import ChecksumMismatch, S3Storage, parse_s3_url
+from lens_assets_tests.helpers import MOTO_SERVER, start_moto, stop_moto
 
 BUCKET = "lens-test"
-MOTO_SERVER = Path(sys.executable).with_name("moto_server")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_moto(log_path: Path) -> tuple[subprocess.Popen, str]:
-    for _ in range(3):  # the port could be taken between choosing and binding it
-        port = _free_port()
-        log = open(log_path, "wb")
-        proc = subprocess.Popen([str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(port)],
-                                stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        endpoint = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                urllib.request.urlopen(endpoint + "/moto-api/", timeout=1).close()
-                return proc, endpoint
-            except OSError:
-                time.sleep(0.1)
-        proc.kill()
-        proc.wait()
-    raise RuntimeError(f"moto_server did not start: {log_path.read_text(errors='replace')[-2000:]}")
 
 
 @pytest.fixture(scope="module")
@@ -70,22 +40,12 @@ def s3_server(tmp_path_factory):
         nowhere = str(tmp_path_factory.mktemp("aws") / "none")
         mp.setenv("AWS_CONFIG_FILE", nowhere)
         mp.setenv("AWS_SHARED_CREDENTIALS_FILE", nowhere)
-        proc, endpoint = _start_moto(tmp_path_factory.mktemp("moto") / "moto.log")
+        proc, endpoint = start_moto(tmp_path_factory.mktemp("moto") / "moto.log")
         try:
             _client(endpoint).create_bucket(Bucket=BUCKET)
             yield endpoint
         finally:
-            _stop_moto(proc)
-
-
-def _stop_moto(proc) -> None:
-    """Terminate a moto server process; kill it if it has not exited 10 s later."""
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+            stop_moto(proc)
 
 
 def _client(endpoint):
