@@ -24,8 +24,9 @@ sky's (for ``population = "physical"`` families, ``families/physical.toml``):
   size–luminosity–redshift relation of star-forming galaxies of Shibuya et al.
   (2015, ApJS 219, 15).
 * Selection as in Collett (2015, ApJ 811, 20): a scene is kept only when the
-  survey could see its lensing (arc S/N, total magnification, θE against the
-  seeing). Non-lenses are drawn from the same selected scenes, so the galaxy,
+  survey could see its lensing (arc S/N, total magnification, and images
+  resolved: θE² > r_s² + (s/2)² for source half-light radius r_s and seeing
+  FWHM s). Non-lenses are drawn from the same selected scenes, so the galaxy,
   source and environment populations are the same for both classes.
 
 Non-lenses (``build_system``): a *twin* is the same scene with the deflection
@@ -340,6 +341,11 @@ def draw_scene(family: Family, survey: SurveySpec, rng: np.random.Generator) -> 
         re_kpc = (d(src, "r_l_star_kpc", rng) * (1.0 + z_s) ** (-d(src, "size_z_slope", rng))
                   * lum ** d(src, "size_l_slope", rng) * math.exp(rng.normal(0, d(src, "size_ln_scatter", rng))))
         re_src = float(np.clip(re_kpc / tables.da_s_kpc[j] * RAD_TO_ARCSEC, 0.03, 1.5))
+        # Collett (2015): the images are resolved when theta_E^2 > r_s^2 + (s/2)^2 (source half-light radius r_s,
+        # seeing FWHM s); the cheap theta_E >= s/2 test above is this with r_s = 0
+        if theta_e**2 < (d(sel, "min_theta_e_over_fwhm", rng) * fwhm[ref.name]) ** 2 + (
+                d(sel, "source_size_in_resolution", rng) * re_src) ** 2:
+            continue
         clumpy = rng.uniform() < d(src, "clumpy_fraction", rng)
         f_clumps = d(src, "clump_flux_fraction", rng) if clumpy else 0.0
         comps = [LightComponent("SERSIC_ELLIPSE", _sersic(xy, n=d(src, "sersic_n", rng), r_eff=re_src,

@@ -77,6 +77,9 @@ def test_every_scene_passes_the_selection():
         assert s.magnification >= sel["min_magnification"].sample(rng)
         assert s.arc_snr_ref >= sel["min_arc_snr"].sample(rng)
         assert sel["min_theta_e_over_fwhm"].sample(rng) * fwhm <= s.theta_e_arcsec <= 3.0
+        # Collett's resolution: theta_E^2 > r_s^2 + (s/2)^2, with the source's Sersic half-light radius
+        r_s = s.source_components[0].shape["R_sersic"]
+        assert s.theta_e_arcsec**2 >= r_s**2 + (0.5 * fwhm) ** 2
         assert s.z_source > s.z_lens + 0.05
 
 
