@@ -26,8 +26,8 @@ from lens_assets.model_registry import calibrator_version, read_ensemble
 from lens_assets.resources.storage import LocalStorage
 from lens_assets.science.fileio import atomic_path, write_text_atomic
 from lens_assets.science.calibration import cross_fit, fit_calibrator
-from lens_assets.science.metrics import (bologna_metrics, bootstrap_interval, expected_calibration_error,
-                                         paired_win_rate)
+from lens_assets.science.metrics import (auroc_by_kind, bologna_metrics, bootstrap_interval,
+                                         expected_calibration_error, paired_win_rate)
 from lens_assets.science.simulation import LENSING_ONLY  # SIMFAM of the lens/twin pairs
 from lens_assets.science.splits import require_both_labels, val_roles
 from lens_assets.science.surveys import get_survey
@@ -427,6 +427,11 @@ def report_figures(scores: pd.DataFrame, *, heldout_families=("heldout",), n_boo
         part = held[family == f]
         out["families"][f] = with_ci(part) if evaluable(part) else {}
     out["heldout"] = next((v for v in out["families"].values() if v), {})
+    # which non-lens types the finder takes for lenses: every lens of a set against each type of its non-lenses
+    kinds = {"test": test, **{f: held[family == f] for f, v in out["families"].items() if v}}
+    out["by_kind"] = {name: auroc_by_kind(part["label"].to_numpy(), part["logit"].to_numpy(),
+                                          part["sim_kind"] if "sim_kind" in part else [None] * len(part))
+                      for name, part in kinds.items() if evaluable(part)}
     pairs = scores[scores["split"] == LENSING_ONLY]
     lo = {"n_pairs": 0.0, "win_rate": float("nan"), "auroc": float("nan"), "n_rows_not_in_complete_pairs": 0.0}
     if not pairs.empty:
@@ -477,6 +482,23 @@ def summary_table(figures: dict, shortcut: dict | None) -> str:
     return "\n".join(lines) + f"\n\n{n}. Intervals: stratified bootstrap 95%. Lensing-only: one set of pairs.\n"
 
 
+def by_kind_table(by_kind: dict) -> str:
+    """Markdown: AUROC of the lenses against each non-lens type (rows), per set (columns: the test split, each
+    held-out family), with the count of that type; "no objects" where a set has none of it."""
+    if not by_kind:
+        return ""
+    names = list(by_kind)
+    kinds = sorted({k for v in by_kind.values() for k in v},
+                   key=lambda k: min(v[k]["auroc"] for v in by_kind.values() if k in v))
+    lines = ["| non-lens type | " + " | ".join("test split" if n == "test" else f"held-out: {n}" for n in names)
+             + " |", "|---" * (len(names) + 1) + "|"]
+    for k in kinds:
+        cells = [f"{by_kind[n][k]['auroc']:.3f} ({by_kind[n][k]['n']:.0f})" if k in by_kind[n] else NO_OBJECTS
+                 for n in names]
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def report_markdown(survey: str, figures: dict, calibrator: dict, shortcut: dict | None = None) -> str:
     ind, held = figures["in_distribution"], figures.get("heldout", {})
     lines = [f"# Bologna report: {survey}", "", summary_table(figures, shortcut), "",
@@ -513,6 +535,10 @@ def report_markdown(survey: str, figures: dict, calibrator: dict, shortcut: dict
             lines.append(f"| {b.replace('_', '–').replace('lt–', '< ').replace('ge–', '≥ ')} | "
                          f"{ind[f'recall_{key}_{b}']:.3f} | {ind[f'n_lenses_{key}_{b}']:.0f} | "
                          f"{held.get(f'recall_{key}_{b}', nan):.3f} | {held.get(f'n_lenses_{key}_{b}', 0):.0f} |")
+    if figures.get("by_kind"):
+        lines += ["", "## AUROC against each non-lens type", "",
+                  "Every lens of a set against the non-lenses of one type (their count in brackets), lowest first: "
+                  "the types the finder takes for lenses.", "", by_kind_table(figures["by_kind"])]
     lines += ["", f"Calibrator: {calibrator['calibrator']['method']} after {calibrator['fusion']['method']} fusion "
               f"of {', '.join(m['name'] for m in calibrator['members'])}; {_fit_rows_text(calibrator)}", "", "![ROC](roc.png)", "", "![scores](score_histograms.png)", "",
               "![reliability](reliability.png)", ""]
@@ -590,7 +616,7 @@ def bologna_report(context: dg.AssetExecutionContext, config: ReportConfig,
     gates = {k: getattr(config, k) for k in ("min_auroc", "min_tpr10", "max_ece", "min_heldout_auroc",
                                              "min_lensing_only_auroc", "max_fnr_flux_ratio_lt_0_1")}
     report = {"survey": survey.name, "in_distribution": ind, "heldout": held, "families": figures["families"],
-              "lensing_only": pairs, "shortcut": shortcut and {k: shortcut[k] for k in ("auroc", "n_lenses",
+              "lensing_only": pairs, "by_kind": figures.get("by_kind", {}), "shortcut": shortcut and {k: shortcut[k] for k in ("auroc", "n_lenses",
                                                                                        "n_nonlenses")},
               "gap": {k: ind[k] - held[k] for k in ("auroc", "tpr0", "tpr10") if k in held},
               "calibrator": calibrator, "scores_path": str(path), "gates": gates}
@@ -614,6 +640,8 @@ def bologna_report(context: dg.AssetExecutionContext, config: ReportConfig,
     for f, fig in figures["families"].items():
         for k in ("auroc", "tpr0", "tpr10"):
             metadata[f"heldout_{f}_{k}"] = float(fig.get(k, nan))
+    if figures.get("by_kind"):
+        metadata["auroc_by_nonlens_type"] = dg.MetadataValue.md(by_kind_table(figures["by_kind"]))
     metadata["lensing_only_auroc"] = float(pairs["auroc"])
     metadata["lensing_only_win_rate"] = float(pairs["win_rate"])
     metadata["n_lensing_only_pairs"] = float(pairs["n_pairs"])

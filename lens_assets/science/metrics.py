@@ -23,7 +23,8 @@ import numpy as np
 
 __all__ = ["threshold_at_n_false_positives", "tpr_at_n_false_positives", "tpr0", "tpr10", "tpr_at_fpr",
            "expected_calibration_error", "fnr_by_bins", "noise_limited_fnr", "FLUX_RATIO_BINS", "THETA_E_BINS",
-           "ARC_SNR_BINS", "bologna_metrics", "bootstrap_interval", "BOOTSTRAP_METRICS", "paired_win_rate"]
+           "ARC_SNR_BINS", "bologna_metrics", "bootstrap_interval", "BOOTSTRAP_METRICS", "paired_win_rate",
+           "auroc_by_kind"]
 
 FLUX_RATIO_BINS = (("lt_0.1", 0.0, 0.1), ("0.1_0.3", 0.1, 0.3), ("ge_0.3", 0.3, np.inf))
 # Einstein radius (arcsec): below ~0.8" a ground-based survey's seeing hides the arcs
@@ -253,3 +254,23 @@ def paired_win_rate(pair_ids, labels, scores) -> dict:
     out["win_rate"] = float(((diff > 0) + 0.5 * (diff == 0)).mean())
     out["auroc"] = float(roc_auc_score(pairs["y"], pairs["s"]))
     return out
+
+
+def auroc_by_kind(labels, scores, kinds) -> dict:
+    """AUROC of every lens against the non-lenses of each kind: ``{kind: {"auroc", "n"}}`` (``n`` the non-lenses of
+    that kind), kinds in order of AUROC, lowest first: which non-lens types a finder takes for lenses. Empty
+    when there are no lenses; a blank or missing kind counts as ``"unknown"``."""
+    from sklearn.metrics import roc_auc_score
+
+    labels, scores = np.asarray(labels), np.asarray(scores, dtype=float)
+    kinds = np.array(["unknown" if k is None or (isinstance(k, float) and np.isnan(k)) or k == "" else str(k)
+                      for k in kinds], dtype=object)
+    pos = scores[labels == 1]
+    if not len(pos):
+        return {}
+    out = {}
+    for kind in sorted(set(kinds[labels == 0])):
+        neg = scores[(labels == 0) & (kinds == kind)]
+        y = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
+        out[kind] = {"auroc": float(roc_auc_score(y, np.r_[pos, neg])), "n": float(len(neg))}
+    return dict(sorted(out.items(), key=lambda kv: kv[1]["auroc"]))

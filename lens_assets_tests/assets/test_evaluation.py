@@ -135,6 +135,20 @@ def test_report_figures_equal_metrics_recomputed_from_the_scores(graph):
         float(np.mean(s[strong] > thr10)) if strong.any() else float("nan"), nan_ok=True)
     assert "noise floor" in (storage.path("reports", SURVEY, "bologna", "report.md")).read_text()
 
+    # AUROC against each non-lens type: every test lens against that type's test non-lenses, in the report and
+    # as the report page's table
+    by_kind = json.loads(storage.path("reports", SURVEY, "bologna", "report.json").read_text())["by_kind"]["test"]
+    kinds = test["sim_kind"].to_numpy()
+    assert set(by_kind) == set(kinds[y == 0]) and len(by_kind) >= 2
+    for kind, fig in by_kind.items():
+        neg = s[(y == 0) & (kinds == kind)]
+        assert fig["n"] == len(neg)
+        assert fig["auroc"] == pytest.approx(roc_auc_score(np.r_[np.ones((y == 1).sum()), np.zeros(len(neg))],
+                                                           np.r_[s[y == 1], neg])), kind
+    assert [v["auroc"] for v in by_kind.values()] == sorted(v["auroc"] for v in by_kind.values())
+    assert "## AUROC against each non-lens type" in (storage.path("reports", SURVEY, "bologna", "report.md")).read_text()
+    assert f"| {next(iter(by_kind))} | " in meta["auroc_by_nonlens_type"]
+
     held = scores[scores["split"] == "heldout"]
     hy, hs = held["label"].to_numpy(), held["logit"].to_numpy()
     assert 0 < hy.sum() < len(hy)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from lens_assets.science.metrics import (FLUX_RATIO_BINS, bologna_metrics, bootstrap_interval,
+from lens_assets.science.metrics import (FLUX_RATIO_BINS, auroc_by_kind, bologna_metrics, bootstrap_interval,
                                          expected_calibration_error, fnr_by_bins, paired_win_rate,
                                          threshold_at_n_false_positives, tpr0, tpr10, tpr_at_fpr)
 
@@ -248,3 +248,19 @@ def test_paired_win_rate_by_hand():
 def test_paired_win_rate_without_pairs_is_nan():
     out = paired_win_rate(["", ""], [1, 0], [1.0, 0.0])
     assert out["n_pairs"] == 0.0 and np.isnan(out["win_rate"]) and np.isnan(out["auroc"])
+
+
+def test_auroc_by_kind_by_hand_lowest_first():
+    # lenses score 2 and 4. Rings at 3 and 5: of the 4 lens-ring pairs the lenses win one (4 > 3) -> 0.25.
+    # Twins at 0 and 1: both lenses win all 4 pairs -> 1.0
+    labels = [1, 1, 0, 0, 0, 0, 0]
+    scores = [2.0, 4.0, 3.0, 5.0, 0.0, 1.0, 4.0]
+    kinds = ["extended", "quasar", "ring", "ring", "twin", "twin", None]
+    out = auroc_by_kind(labels, scores, kinds)
+    assert list(out) == ["ring", "unknown", "twin"]
+    assert out["ring"] == {"auroc": pytest.approx(0.25), "n": 2.0}
+    assert out["twin"] == {"auroc": pytest.approx(1.0), "n": 2.0}
+    # one unknown non-lens at 4: beats lens 2, ties lens 4 -> (0 + 0.5) / 2
+    assert out["unknown"]["auroc"] == pytest.approx(0.25)
+    assert out["ring"]["auroc"] == pytest.approx(roc_auc_score([1, 1, 0, 0], [2.0, 4.0, 3.0, 5.0]))
+    assert auroc_by_kind([0, 0], [1.0, 2.0], ["ring", "twin"]) == {}
