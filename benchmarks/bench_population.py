@@ -9,8 +9,11 @@ the quantiles (10/25/50/75/90 %) of θE, σ, z_l, z_s, the deflector's and the l
 magnitudes, the scene-level flux ratio (lensed source / (lensed source + deflector), from the magnitudes) and the
 total magnification, side by side for each selection variant in ``--variants``:
 
-* ``collett``: the family as packaged: images resolved when θE² > r_s² + (s/2)² (Collett 2015, ApJ 811, 20).
-* ``no_source_size``: the same without the source's size in that test (θE > s/2 alone).
+* ``collett``: the family as packaged (Collett 2015, ApJ 811, 20): arc S/N against the sky and the deflector's
+  photon noise, images resolved when θE² > r_s² + (s/2)².
+* ``no_deflector_noise``: the arcs' S/N against sky, read and source noise alone.
+* ``no_source_size``: the resolution test without the source's size (θE > s/2 alone).
+* ``neither``: both of the above (the selection before either was added).
 
 Beside them, the scenes drawn per second and the tries per kept scene (the selection's cost). Published samples
 to set beside it (θE): SLACS 0.7-1.6″ (Bolton et al. 2008, ApJ 682, 964), HSC/SuGOHI and DES candidates mostly
@@ -20,7 +23,6 @@ above 1″ where the seeing is ~0.7-1″.
 from __future__ import annotations
 
 import argparse
-import math
 import re
 import sys
 import tempfile
@@ -33,20 +35,25 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from _util import report  # noqa: E402
 
-VARIANTS = {"collett": None, "no_source_size": 0.0}
+# variant -> [selection] keys replaced in physical.toml (None: the family as packaged)
+VARIANTS = {"collett": None,
+            "no_deflector_noise": {"deflector_photon_noise": "0"},
+            "no_source_size": {"source_size_in_resolution": "0.0"},
+            "neither": {"deflector_photon_noise": "0", "source_size_in_resolution": "0.0"}}
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 
 
 def _family(variant: str, tmp: Path):
     from lens_assets.science.families import FAMILY_DIR, load_family
 
-    value = VARIANTS[variant]
-    if value is None:
+    edits = VARIANTS[variant]
+    if edits is None:
         return load_family("physical")
     text = (FAMILY_DIR / "physical.toml").read_text()
-    text, n = re.subn(r"(?m)^source_size_in_resolution\s*=.*$", f"source_size_in_resolution = {value}", text)
-    if n != 1:
-        raise KeyError("physical.toml has no source_size_in_resolution")
+    for key, value in edits.items():
+        text, n = re.subn(rf"(?m)^{key}\s*=.*$", f"{key} = {value}", text)
+        if n != 1:
+            raise KeyError(f"physical.toml has no {key}")
     path = tmp / f"physical_{variant}.toml"
     path.write_text(text)
     return load_family(path)

@@ -24,7 +24,8 @@ sky's (for ``population = "physical"`` families, ``families/physical.toml``):
   size–luminosity–redshift relation of star-forming galaxies of Shibuya et al.
   (2015, ApJS 219, 15).
 * Selection as in Collett (2015, ApJ 811, 20): a scene is kept only when the
-  survey could see its lensing (arc S/N, total magnification, and images
+  survey could see its lensing (arc S/N against the sky and the deflector's
+  photon noise, total magnification, and images
   resolved: θE² > r_s² + (s/2)² for source half-light radius r_s and seeing
   FWHM s). Non-lenses are drawn from the same selected scenes, so the galaxy,
   source and environment populations are the same for both classes.
@@ -245,13 +246,17 @@ def _point_snr_bound(survey: SurveySpec, mag: float, fwhm_arcsec: float, exposur
 
 
 def lensed_source_check(kwargs_lens, components, *, survey: SurveySpec, fwhm_arcsec: float,
-                        exposure_scale: float = 1.0, supersample: int = 2) -> tuple[float, float]:
+                        exposure_scale: float = 1.0, supersample: int = 2,
+                        foreground=()) -> tuple[float, float]:
     """(total magnification, reference-band S/N) of lensed extended light, quickly, for the selection.
 
     Ray-shoots a supersampled grid through the lens, sums the source's surface
     brightness (magnification = lensed flux on the stamp / unlensed flux),
     smooths the binned image with a Gaussian of the seeing and computes the
-    matched-filter S/N against the survey's sky, read and source noise.
+    matched-filter S/N against the survey's sky, read and source noise, and the
+    photon noise of the unlensed ``foreground`` light components (the deflector:
+    the arcs are seen after its light is subtracted, which leaves its photon noise,
+    as in Collett 2015's Poisson-limited lens subtraction).
     """
     from lenstronomy.LensModel.lens_model import LensModel
     from lenstronomy.LightModel.light_model import LightModel
@@ -274,11 +279,20 @@ def lensed_source_check(kwargs_lens, components, *, survey: SurveySpec, fwhm_arc
         total += LightModel([c.profile]).surface_brightness(bx, by, [dict(c.shape, amp=amp)])
         unlensed += flux
     img = total.reshape(n, supersample, n, supersample).sum(axis=(1, 3)) * (pix / supersample) ** 2
+    # the foreground only adds noise: pixel centres are enough
+    centres = (np.arange(n) + 0.5) * pix - n * pix / 2
+    fx, fy = np.meshgrid(centres, centres)
+    front = np.zeros((n, n))
+    for c in foreground:
+        front += LightModel([c.profile]).surface_brightness(
+            fx.ravel(), fy.ravel(), [dict(c.shape, amp=10 ** (-0.4 * (c.mag_ref - zp)) / _unit_flux(c))]
+        ).reshape(n, n) * pix**2
     mu = float(img.sum() / unlensed) if unlensed > 0 else 0.0
     sigma_px = fwhm_arcsec / pix / 2.3548
     img = gaussian_filter(img, sigma_px, mode="constant")
     noise = SingleBand(**survey.kwargs_single_band(ref.name, exposure_scale=exposure_scale))
-    var = noise.estimate_noise(img) ** 2
+    light = img + gaussian_filter(front, sigma_px, mode="constant") if len(foreground) else img
+    var = noise.estimate_noise(light) ** 2
     return mu, float(np.sqrt(np.sum(img**2 / var)))
 
 
@@ -363,8 +377,12 @@ def draw_scene(family: Family, survey: SurveySpec, rng: np.random.Generator) -> 
         # no magnification a source could plausibly get brings it to min_arc_snr: skip the ray tracing
         if _point_snr_bound(survey, src_mag, fwhm[ref.name], exposure) * MAX_MAGNIFICATION < d(sel, "min_arc_snr", rng):
             continue
+        deflector = ([LightComponent("SERSIC_ELLIPSE", _sersic((0.0, 0.0), n=galaxy["n"], r_eff=galaxy["r_eff"],
+                                                               q=galaxy["q"], pa=galaxy["pa"]),
+                                     gal_mag, beta_l, lensed=False)]
+                     if d(sel, "deflector_photon_noise", rng) else [])
         mu, snr = lensed_source_check(kwargs_lens, comps, survey=survey, fwhm_arcsec=fwhm[ref.name],
-                                      exposure_scale=exposure)
+                                      exposure_scale=exposure, foreground=deflector)
         if mu < d(sel, "min_magnification", rng) or snr < d(sel, "min_arc_snr", rng):
             continue
         # a share of the selected sources host a quasar (drawn after the selection, so the share is the prior's)

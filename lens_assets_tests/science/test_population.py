@@ -200,3 +200,23 @@ def test_pair_layout_refuses_more_twins_than_lenses(tmp_path):
     bad.write_text(text.replace("lens_fraction = 0.5", "lens_fraction = 0.2").replace("twin = 0.40", "twin = 5.0"))
     with pytest.raises(ValueError, match=r"every twin needs its lens"):
         pop.pair_layout(load_family(bad))
+
+
+def test_the_arcs_snr_counts_the_deflectors_photon_noise():
+    from lens_assets.science.simulation import LightComponent, _sersic
+
+    kwargs_lens = ({"theta_E": 1.0, "e1": 0.0, "e2": 0.0, "center_x": 0.0, "center_y": 0.0},
+                   {"gamma1": 0.0, "gamma2": 0.0, "ra_0": 0.0, "dec_0": 0.0})
+    source = [LightComponent("SERSIC_ELLIPSE", _sersic((0.05, 0.0), n=1.0, r_eff=0.2, q=1.0, pa=0.0), 23.0, 0.0,
+                             lensed=True)]
+
+    def deflector(mag):
+        return [LightComponent("SERSIC_ELLIPSE", _sersic((0.0, 0.0), n=4.0, r_eff=1.0, q=1.0, pa=0.0), mag, 2.0,
+                               lensed=False)]
+
+    check = dict(survey=DES, fwhm_arcsec=1.0)
+    mu, snr = pop.lensed_source_check(kwargs_lens, source, **check)
+    mu_faint, snr_faint = pop.lensed_source_check(kwargs_lens, source, foreground=deflector(40.0), **check)
+    _, snr_bright = pop.lensed_source_check(kwargs_lens, source, foreground=deflector(17.0), **check)
+    assert mu_faint == mu and snr_faint == pytest.approx(snr, rel=1e-9)  # no light, no noise
+    assert snr_bright < 0.9 * snr  # a 17th-magnitude deflector's photons bury part of the arcs
