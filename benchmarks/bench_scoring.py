@@ -5,7 +5,8 @@
 1. One simulated DES drop (``--n`` unlabeled cutouts). Each stage is timed alone on
    the same drop in this run, each with every core: FITS read + validation
    (``ingest_files``), PSF matching + normalization of cutouts already read
-   (``match_batch``), the ensemble forward on preloaded arrays (``--members``, default
+   (``match_batch``; the cutouts travel to the worker processes with their tasks),
+   the ensemble forward on preloaded arrays (``--members``, default
    ``lens_classifier``'s; bf16 autocast where the CPU has native bf16, ``channels_last`` CNNs),
    fusion + calibration, the Parquet write. End to end is what ``candidate_scores``
    runs: ``score_files`` (each file read once, validated and matched by worker
@@ -34,14 +35,13 @@ from _util import cores, report  # noqa: E402
 from lens_assets import layout  # noqa: E402
 
 
-_PREREAD: list = []  # cutouts read before the matching stage is timed; forked workers inherit them
-
-
 def _match_preread(args):
+    """Match cutouts read before the stage is timed. They travel with the task: pool workers come from a
+    forkserver (``science.parallel``), so they do not inherit this process's memory."""
     from lens_assets.science.shards import match_batch
 
-    lo, hi, rows, settings = args
-    return match_batch(rows, _PREREAD[lo:hi], settings)
+    rows, cutouts, settings = args
+    return match_batch(rows, cutouts, settings)
 
 
 def drop_section(root: Path, n: int, batch: int = 256, repeats: int = 3, member_names=("resnet10t",)) -> dict:
@@ -90,12 +90,14 @@ def drop_section(root: Path, n: int, batch: int = 256, repeats: int = 3, member_
     for _ in range(repeats):  # every stage and end to end once per round: a slow spell hits them alike
         ing, r = rate(lambda: ingest_files(files, survey, root=storage.root_path, workers=0, progress=False))
         runs.setdefault("ingest_per_s", []).append(r)
-        _PREREAD[:] = [read_one(p, nm, survey)[2] for p, nm in zip(paths, names)]
+        preread = {nm: read_one(p, nm, survey)[2] for p, nm in zip(paths, names)}
         records = ing.catalog.to_dict("records")
-        tasks = [(i, i + batch, records[i:i + batch], settings) for i in range(0, len(records), batch)]
+        cutouts = [preread[row["source_file"]] for row in records]  # the catalog's rows, in its order
+        tasks = [(records[i:i + batch], cutouts[i:i + batch], settings) for i in range(0, len(records), batch)]
+        del preread
         batches, r = rate(lambda: list(bounded_imap(_match_preread, tasks, workers=0, progress=False)))
         runs.setdefault("match_per_s", []).append(r)
-        _PREREAD.clear()
+        del tasks, cutouts
         logits_of_batch(members, batches[0]["image"][:8], batches[0]["variance"][:8], device=device)
         logits, r = rate(lambda: np.concatenate(
             [logits_of_batch(members, b["image"], b["variance"], device=device) for b in batches]))
