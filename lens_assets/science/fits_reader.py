@@ -23,31 +23,45 @@ __all__ = ["read_cutout"]
 
 class _PlainHDU:
     """One uncompressed, unscaled image HDU located by :func:`_scan_plain_hdus` (the parts of astropy's
-    ``ImageHDU`` the reader uses: ``fileinfo()`` and a ``header`` parsed on demand)."""
+    ``ImageHDU`` the reader uses: ``fileinfo()`` and a ``header`` parsed on demand), with the text of its
+    cards before ``END`` as the scanner checked them."""
 
-    __slots__ = ("_raw", "_info", "name")
+    __slots__ = ("_raw", "_hdr_loc", "_dat_loc", "name", "text")
 
-    def __init__(self, raw: bytes, hdr_loc: int, dat_loc: int, name: str = ""):
-        self._raw, self._info, self.name = raw, {"hdrLoc": hdr_loc, "datLoc": dat_loc}, name
+    def __init__(self, raw: bytes, hdr_loc: int, dat_loc: int, name: str = "", text: str | None = None):
+        self._raw, self._hdr_loc, self._dat_loc, self.name, self.text = raw, hdr_loc, dat_loc, name, text
 
     def fileinfo(self) -> dict:
-        return self._info
+        return {"hdrLoc": self._hdr_loc, "datLoc": self._dat_loc}
 
     @property
     def header(self):
         from astropy.io import fits
 
-        return fits.Header.fromstring(self._raw[self._info["hdrLoc"]:self._info["datLoc"]].decode("ascii"))
+        return fits.Header.fromstring(self._raw[self._hdr_loc:self._dat_loc].decode("ascii"))
 
 
 _STRUCTURE_KEYS = ("SIMPLE", "XTENSION", "BITPIX", "NAXIS", "PCOUNT", "GCOUNT", "GROUPS", "EXTNAME")
 _SCALING_KEYS = ("BSCALE", "BZERO", "BLANK", "ZIMAGE", "THEAP")
 _BITPIX_DTYPE = {8: "u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8"}
-# cards a plain header may hold before END: a standard keyword (left-justified in columns 1-8, value
-# indicator in 9-10) or a commentary card; printable ASCII throughout
-_PLAIN_CARDS = re.compile(r"(?:(?!CONTINUE|HIERARCH)(?=[A-Z0-9_-]{1,8} *= )[A-Z0-9_ -]{8}= [ -~]{70}"
-                          r"|(?:COMMENT |HISTORY | {8})[ -~]{72})*")
+# the cards a plain header may hold before END, on the file's bytes: a standard keyword (left-justified in
+# columns 1-8, value indicator in 9-10) or a commentary card, printable ASCII throughout, none keyed END.
+# Matched from a header's start, it stops at the first card that is not plain or is keyed END (which must
+# then be the END card itself).
+_PLAIN_HEADER = re.compile(rb"(?:(?!END {5})(?:(?!CONTINUE|HIERARCH)(?=[A-Z0-9_-]{1,8} *= )[A-Z0-9_ -]{8}= "
+                           rb"[ -~]{70}|(?:COMMENT |HISTORY | {8})[ -~]{72}))*")
+# over the text of plain cards, one match per card: the card when it holds a structural or scaling keyword
+# (a keyword of _STRUCTURE_KEYS or _SCALING_KEYS, or NAXISn), "" otherwise. A plain card is a keyword card
+# (keyword and blanks in columns 1-8, "= " in 9-10) or a commentary card, so either branch takes 80 characters.
+_STRUCTURAL_CARDS = re.compile("((?:" + "|".join(k + "[A-Z0-9_-]*" if k == "NAXIS" else k
+                                                 for k in _STRUCTURE_KEYS + _SCALING_KEYS) + ") *= .{70})|.{80}",
+                               re.S)
+# the same, for every keyword card: (card, keyword), or ("", "") for a commentary card
+_KEYWORD_CARDS = re.compile(r"(([A-Z0-9_-]{1,8}) *= .{70})|.{80}", re.S)
 _END_CARD = "END" + " " * 77
+_END_CARD_BYTES = _END_CARD.encode("ascii")
+_LAYOUTS: dict = {}  # (first HDU?, structural cards) -> _layout(...), for headers parsed without astropy
+_MAX_LAYOUTS = 1024
 
 
 def _scan_plain_hdus(data: bytes) -> tuple[_PlainHDU, dict] | None:
@@ -70,69 +84,91 @@ def _scan_plain_hdus(data: bytes) -> tuple[_PlainHDU, dict] | None:
     long strings, ``HIERARCH`` keywords, lower-case or misplaced keywords, odd
     ``END`` padding, non-ASCII bytes, a repeated structural keyword or two
     extensions with the same ``EXTNAME``. Arrays are read-only views of ``data``.
+
+    Each header is checked by one regular-expression match over its cards, its
+    structural cards are picked out by one ``findall``, and what they say (dtype,
+    shape, name) is remembered by their text: a survey's files repeat them.
     """
-    if len(data) % FITS_BLOCK:
+    size = len(data)
+    if size % FITS_BLOCK:
         return None
     out: dict = {}
     primary = None
     pos, first = 0, True
-    while pos < len(data):
-        keys: dict[str, str] = {}
-        hdr_loc, end = pos, None
-        while end is None:
-            if pos + FITS_BLOCK > len(data):
-                return None
+    while pos < size:
+        hdr_loc = pos
+        cards_end = _PLAIN_HEADER.match(data, pos).end()  # the cards before END, all plain
+        if not data.startswith(_END_CARD_BYTES, cards_end):
+            return None  # a card that is not plain, an END card with text, or no END before the file ends
+        after = cards_end + 80
+        end = after + (hdr_loc - after) % FITS_BLOCK  # the END card's block ends the header
+        if data.count(b" ", after, end) != end - after:  # rare: anything but spaces after END
             try:
-                block = data[pos:pos + FITS_BLOCK].decode("ascii")
+                rest = data[after:end].decode("ascii")
             except UnicodeDecodeError:
                 return None
-            pos += FITS_BLOCK
-            n_cards = FITS_BLOCK
-            for i in range(0, FITS_BLOCK, 80):
-                card = block[i:i + 80]
-                key = card[:8].rstrip()
-                if key == "END":
-                    if card != _END_CARD or block[i + 80:].strip():
-                        return None  # END with text after it, or cards after END: let astropy decide
-                    end, n_cards = pos, i
-                    break
-                if card[8:10] == "= " and (key in _STRUCTURE_KEYS or key.startswith("NAXIS") or key in _SCALING_KEYS):
-                    if key in keys:
-                        return None  # a repeated structural keyword: let astropy decide what it means
-                    keys[key] = card
-            if not _PLAIN_CARDS.fullmatch(block, 0, n_cards):
-                return None  # CONTINUE, HIERARCH, no value indicator, a non-standard keyword, control bytes
-        if any(k in keys for k in _SCALING_KEYS):
+            if rest.strip():
+                return None  # cards after END: let astropy decide
+        text = data[hdr_loc:cards_end].decode("ascii")
+        key = (first, *filter(None, _STRUCTURAL_CARDS.findall(text)))
+        layout = _LAYOUTS.get(key, _MISSING)
+        if layout is _MISSING:
+            layout = _layout(key[1:], first=first)
+            if all(card in _VALUES for card in key[1:]):  # no value needed astropy: the same cards, the same answer
+                if len(_LAYOUTS) >= _MAX_LAYOUTS:
+                    _LAYOUTS.clear()
+                _LAYOUTS[key] = layout
+        if layout is None:
             return None
-        try:
-            if first:
-                if _card_value(keys["SIMPLE"]) is not True or "GROUPS" in keys:
-                    return None
-            elif _card_value(keys["XTENSION"]) != "IMAGE" or _card_value(keys.get("PCOUNT", "PCOUNT  = 0")) != 0 \
-                    or _card_value(keys.get("GCOUNT", "GCOUNT  = 1")) != 1:
-                return None
-            dtype = _BITPIX_DTYPE.get(_card_value(keys["BITPIX"]))
-            naxis = _card_value(keys["NAXIS"])
-            if not isinstance(naxis, int) or not 0 <= naxis <= 999:
-                return None
-            shape = tuple(_card_value(keys[f"NAXIS{j}"]) for j in range(naxis, 0, -1))
-            name = _card_value(keys["EXTNAME"]) if "EXTNAME" in keys else ("PRIMARY" if first else "")
-        except (KeyError, TypeError, ValueError, QuarantineError):
+        dtype, shape, nbytes, name = layout
+        if (name and name.upper() in out) or end + nbytes > size:
             return None
-        if dtype is None or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape) \
-                or not isinstance(name, str) or name != name.strip() or (name and name.upper() in out):
-            return None
-        count = math.prod(shape) if shape else 0  # Python integers: no overflow on absurd NAXISn
-        nbytes = count * np.dtype(dtype).itemsize
-        if end + nbytes > len(data):
-            return None
-        arr = np.frombuffer(data, dtype=dtype, count=count, offset=end).reshape(shape) if count else None
-        hdu = _PlainHDU(data, hdr_loc, end, name)
+        arr = np.ndarray(shape, dtype, buffer=data, offset=end) if nbytes else None
+        hdu = _PlainHDU(data, hdr_loc, end, name, text)
         primary = primary or hdu
         out[name.upper()] = (hdu, arr)
         pos = end + -(-nbytes // FITS_BLOCK) * FITS_BLOCK
         first = False
     return primary, out
+
+
+_MISSING = object()
+
+
+def _layout(cards: tuple[str, ...], *, first: bool) -> tuple | None:
+    """``(dtype, shape, nbytes, name)`` of a plain image HDU from its structural cards (in header order), or
+    ``None`` when they do not describe one: a repeated structural keyword, a scaling keyword, a primary HDU
+    that is not ``SIMPLE = T`` or has random groups, an extension that is not a plain ``IMAGE``, a ``BITPIX``,
+    ``NAXIS`` or ``NAXISn`` out of the standard, an ``EXTNAME`` with blanks around it."""
+    keys: dict[str, str] = {}
+    for card in cards:
+        key = card[:8].rstrip()
+        if key in keys:
+            return None  # a repeated structural keyword: let astropy decide what it means
+        keys[key] = card
+    if any(k in keys for k in _SCALING_KEYS):
+        return None
+    try:
+        if first:
+            if _card_value(keys["SIMPLE"]) is not True or "GROUPS" in keys:
+                return None
+        elif _card_value(keys["XTENSION"]) != "IMAGE" or _card_value(keys.get("PCOUNT", "PCOUNT  = 0")) != 0 \
+                or _card_value(keys.get("GCOUNT", "GCOUNT  = 1")) != 1:
+            return None
+        dtype = _BITPIX_DTYPE.get(_card_value(keys["BITPIX"]))
+        naxis = _card_value(keys["NAXIS"])
+        if not isinstance(naxis, int) or not 0 <= naxis <= 999:
+            return None
+        shape = tuple(_card_value(keys[f"NAXIS{j}"]) for j in range(naxis, 0, -1))
+        name = _card_value(keys["EXTNAME"]) if "EXTNAME" in keys else ("PRIMARY" if first else "")
+    except (KeyError, TypeError, ValueError, QuarantineError):
+        return None
+    if dtype is None or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape) \
+            or not isinstance(name, str) or name != name.strip():
+        return None
+    dtype = np.dtype(dtype)
+    count = math.prod(shape) if shape else 0  # Python integers: no overflow on absurd NAXISn
+    return dtype, shape, count * dtype.itemsize, name
 
 
 def _open(data: bytes, name: str, *, fast_path: bool = True):
@@ -202,13 +238,37 @@ _INT = re.compile(r"^[+-]?\d+$")
 _FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([ED][+-]?\d+)?$")
 
 
+_VALUES: dict[str, object] = {}  # card image -> value, for the values parsed without astropy
+_MAX_VALUES = 4096
+_ASTROPY = object()  # _plain_value's answer for a card astropy must parse
+
+
 def _card_value(card: str):
     """Value of one 80-character card image: FITS fixed/free format for str, bool, int and float.
 
     Anything else (complex values, text after a closing quote, odd layouts) is handed to
     astropy's parser; a value it cannot parse either is ``bad_header_value``, and an
     undefined value (nothing after ``= ``) is ``None``, as astropy's ``Header`` gives it.
+
+    Values of the plain forms are remembered by card image (they are immutable and the
+    same card always reads the same): the structural cards of a survey's files
+    (``BITPIX``, ``NAXISn``, ``XTENSION``, ``BAND``, ``BUNIT``...) repeat in every file.
     """
+    try:
+        return _VALUES[card]
+    except KeyError:
+        pass
+    value = _plain_value(card)
+    if value is _ASTROPY:
+        return _astropy_value(card)
+    if len(_VALUES) >= _MAX_VALUES:
+        _VALUES.clear()
+    _VALUES[card] = value
+    return value
+
+
+def _plain_value(card: str):
+    """:func:`_card_value` of a card in the plain forms, or ``_ASTROPY``."""
     text = card[10:]
     stripped = text.lstrip()
     if stripped.startswith("'"):
@@ -234,6 +294,11 @@ def _card_value(card: str):
             return int(token)
         if _FLOAT.match(token.upper()):
             return float(token.upper().replace("D", "E"))
+    return _ASTROPY
+
+
+def _astropy_value(card: str):
+    """:func:`_card_value` of a card astropy parses."""
     from astropy.io import fits
 
     try:
@@ -257,15 +322,9 @@ def _cards(hdu, raw: bytes, keywords: tuple[str, ...], *, where: str = "header")
     header block (``fileinfo`` gives its byte range). A keyword given twice is
     ``duplicate_keyword``; ``where`` names the header in errors.
     """
-    info = hdu.fileinfo()
-    block = raw[info["hdrLoc"]:info["datLoc"]].decode("ascii", errors="replace")
     wanted, out, repeated = set(keywords), {}, []
-    for i in range(0, len(block) - 79, 80):
-        card = block[i:i + 80]
-        key = card[:8].rstrip()
-        if key == "END":
-            break
-        if key in wanted and card[8:10] == "= ":
+    for key, card in _keyword_cards(hdu, raw):
+        if key in wanted:
             if key in out:
                 repeated.append(key)
                 continue
@@ -274,6 +333,24 @@ def _cards(hdu, raw: bytes, keywords: tuple[str, ...], *, where: str = "header")
             except QuarantineError as err:
                 raise QuarantineError(err.reason, f"{where}: {key}: {err.message}") from None
     return _unique(out, repeated, where)
+
+
+def _keyword_cards(hdu, raw: bytes):
+    """``(keyword, card)`` of every card before ``END`` with the value indicator in columns 9-10: from the
+    text the scanner checked for a :class:`_PlainHDU`, from the header block for any other HDU."""
+    if isinstance(hdu, _PlainHDU) and hdu.text is not None:
+        return [(key, card) for card, key in _KEYWORD_CARDS.findall(hdu.text) if key]
+    info = hdu.fileinfo()
+    block = raw[info["hdrLoc"]:info["datLoc"]].decode("ascii", errors="replace")
+    found = []
+    for i in range(0, len(block) - 79, 80):
+        card = block[i:i + 80]
+        key = card[:8].rstrip()
+        if key == "END":
+            break
+        if card[8:10] == "= ":
+            found.append((key, card))
+    return found
 
 
 def _header_values(header, keywords: tuple[str, ...], *, where: str) -> dict:

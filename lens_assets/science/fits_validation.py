@@ -167,6 +167,21 @@ def _non_finite(values: np.ndarray, bad: np.ndarray) -> str:
             f"more than {MAX_NAN_FRACTION:.0%} non-finite)")
 
 
+def median_of_few(values) -> float:
+    """``float(np.median(values))`` of a few numbers: the middle one, or the mean of the two middle ones,
+    summed from 0.0 as ``np.mean`` sums (without numpy's per-call overhead)."""
+    if any(v != v for v in values):  # NaN: numpy's answer
+        return float(np.median(values))
+    ordered = sorted(values)
+    k = len(ordered) // 2
+    return float(0.0 + ordered[k] if len(ordered) % 2 else (0.0 + ordered[k - 1] + ordered[k]) / 2.0)
+
+
+def _fraction(n_bad: int, bad: np.ndarray) -> float:
+    """``bad.mean()`` from its count of True (``n_bad``): the same division numpy makes, without its overhead."""
+    return n_bad / bad.size if bad.size else bad.mean()
+
+
 def validate_cutout(primary: dict, arrays: Mapping[str, tuple], *, name: str, survey: SurveySpec,
                     band_header: Callable[[object], dict]) -> Cutout:
     """Check a file's header values and arrays against the contract for ``survey``.
@@ -242,14 +257,16 @@ def _read_bands(primary, arrays, band_header, *, name, survey: SurveySpec, objid
             flags[band] = ["missing"]
             fwhm[i] = spec.seeing_fwhm_arcsec
             continue
-        ext, hdr, arr = found[band]
+        ext, hdr, src = found[band]
         bflags: list[str] = []
         where = f"{name}: IMAGE_{band}"
-        arr = arr.astype(np.float32, copy=True)
-        bad = ~np.isfinite(arr)
-        if bad.mean() > MAX_NAN_FRACTION:
+        arr, bad = image[i], nan_mask[i]  # filled in place: src.astype(np.float32) and ~np.isfinite(arr)
+        np.copyto(arr, src, casting="unsafe")
+        np.logical_not(np.isfinite(arr, out=bad), out=bad)
+        n_bad = np.count_nonzero(bad)
+        if _fraction(n_bad, bad) > MAX_NAN_FRACTION:
             raise QuarantineError("mostly_nan", f"{where} is {_non_finite(arr, bad)}")
-        if bad.any():
+        if n_bad:
             arr[bad] = 0.0
             bflags.append("nan_masked")
         magzp = hdr.get("MAGZP")
@@ -257,20 +274,25 @@ def _read_bands(primary, arrays, band_header, *, name, survey: SurveySpec, objid
         pixel_scales.append(_pixel_scale(hdr, name, band))
         var_entry = arrays.get(f"VAR_{ext}")
         if var_entry is not None and var_entry[1] is not None:
-            var = var_entry[1].astype(np.float32, copy=True)
-            if var.shape != shape:
-                raise QuarantineError("shape_mismatch", f"{name}: VAR_{band} has shape {var.shape}, "
+            if var_entry[1].shape != shape:
+                raise QuarantineError("shape_mismatch", f"{name}: VAR_{band} has shape {var_entry[1].shape}, "
                                                         f"IMAGE_{band} {shape}")
+            var = variance[i]  # filled in place: var_entry[1].astype(np.float32)
+            np.copyto(var, var_entry[1], casting="unsafe")
             vbad = ~np.isfinite(var)
-            if (var[~vbad] < 0).any():
+            n_vbad = np.count_nonzero(vbad)
+            if (var[~vbad] < 0).any() if n_vbad else (var < 0).any():
                 raise QuarantineError("negative_variance", f"{name}: VAR_{band} has {(var[~vbad] < 0).sum()} "
                                                            f"negative pixels (min {var[~vbad].min():.3g})")
-            bad |= vbad
-            if bad.mean() > MAX_NAN_FRACTION:
+            if n_vbad:
+                bad |= vbad
+                n_bad = np.count_nonzero(bad)
+            if _fraction(n_bad, bad) > MAX_NAN_FRACTION:
                 raise QuarantineError("mostly_nan", f"{where} with VAR_{band} is {_non_finite(var, bad)}")
-            arr[bad] = 0.0
-            var[bad] = 0.0
-            if vbad.any() and "nan_masked" not in bflags:
+            if n_bad:  # else there is nothing to zero
+                arr[bad] = 0.0
+                var[bad] = 0.0
+            if n_vbad and "nan_masked" not in bflags:
                 bflags.append("nan_masked")
         else:
             try:
@@ -281,7 +303,8 @@ def _read_bands(primary, arrays, band_header, *, name, survey: SurveySpec, objid
             gain = hdr.get("GAIN", primary.get("GAIN"))
             if gain is not None:
                 gain = _number({"GAIN": gain}, "GAIN", where, low=GAIN_RANGE[0], high=GAIN_RANGE[1])
-            var = derived_variance(arr, sky, gain_e_per_unit=gain)
+            var = variance[i]
+            var[...] = derived_variance(arr, sky, gain_e_per_unit=gain)
             bflags.append("var_derived")
             bflags.append("var_poisson" if gain is not None else "var_sky_only")
             if not sky.source_masked:
@@ -290,11 +313,14 @@ def _read_bands(primary, arrays, band_header, *, name, survey: SurveySpec, objid
         psf = None
         if psf_entry is not None and psf_entry[1] is not None:
             psf = psf_entry[1].astype(np.float64)
-            if (psf.ndim != 2 or psf.shape[0] != psf.shape[1] or psf.shape[0] % 2 == 0
-                    or not np.isfinite(psf).all() or psf.sum() <= 0):
+            total = None
+            if not (psf.ndim != 2 or psf.shape[0] != psf.shape[1] or psf.shape[0] % 2 == 0
+                    or not np.isfinite(psf).all()):
+                total = psf.sum()
+            if total is None or total <= 0:
                 raise QuarantineError("bad_psf", f"{name}: PSF_{band} has shape {psf.shape}; it must be an odd "
                                                  f"square finite image with positive sum")
-            psf = psf / psf.sum()
+            psf = psf / total
         if "PSFFWHM" in hdr:
             fwhm[i] = _number(hdr, "PSFFWHM", where, low=1e-4, high=60.0)
         elif psf is not None:
@@ -303,13 +329,13 @@ def _read_bands(primary, arrays, band_header, *, name, survey: SurveySpec, objid
         else:
             fwhm[i] = spec.seeing_fwhm_arcsec
             bflags.append("fwhm_nominal")
-        image[i], variance[i], nan_mask[i], psfs[i] = arr, var, bad, psf
+        psfs[i] = psf  # image[i], variance[i] and nan_mask[i] were filled in place
         if bflags:
             flags[band] = bflags
     if max(pixel_scales) > 1.01 * min(pixel_scales):
         raise QuarantineError("pixscale_mismatch", f"{name}: band pixel scales {pixel_scales} arcsec differ by "
                                                    f"more than 1%")
-    pix = float(np.median(pixel_scales))
+    pix = median_of_few(pixel_scales)
     side_arcsec = shape[0] * pix
     if side_arcsec < survey.min_cutout_arcsec - SIZE_TOLERANCE_ARCSEC:
         raise QuarantineError("too_small", f"{name}: images are {shape[0]}x{shape[1]} px at {pix:g}\"/px = "

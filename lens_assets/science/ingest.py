@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from .fits_contract import LABEL_SOURCE_PREFIXES, Cutout, QuarantineError, read_cutout
+from .fits_validation import median_of_few
 from .parallel import parallel_map
 from .surveys import SurveySpec, get_survey
 
@@ -119,8 +120,8 @@ def catalog_row(c: Cutout, *, sha256: str, survey: SurveySpec) -> dict:
         "pixel_scale": c.pixel_scale_arcsec,
         "cutout_px": int(c.image.shape[-1]),
         "seeing": float(c.psf_fwhm_arcsec[ref]),
-        "psf_fwhm": float(np.median(c.psf_fwhm_arcsec[present])) if present.any() else float("nan"),
-        "n_nan_pixels": int(c.nan_mask.sum()),
+        "psf_fwhm": median_of_few(c.psf_fwhm_arcsec[present].tolist()) if present.any() else float("nan"),
+        "n_nan_pixels": int(np.count_nonzero(c.nan_mask)),
         "variance_map_available": not any("var_derived" in f or "missing" in f for f in c.band_flags.values()),
         "psf_image_available": all(c.psf[i] is not None for i in range(len(c.bands)) if present[i]),
         "psf_matched": False,

@@ -133,7 +133,10 @@ def match_batch(rows: list[dict], cutouts: list, settings: ShardSettings) -> dic
         side = min(norm.image.shape[-1], work)
         groups.setdefault(side, []).append((j, c, norm))
     n, nb = len(rows), survey.n_bands
-    out = {"image": np.zeros((n, nb, size, size), np.float32), "variance": np.zeros((n, nb, size, size), np.float32),
+    # a batch whose files all have the survey's size is one group holding every row in order: homogenize's
+    # arrays are the batch's as they are, with no zeroed copy to fill (the usual case)
+    whole = len(groups) == 1 and size in groups and len(groups[size]) == n
+    out = {"image": None, "variance": None,
            "band_flags": np.zeros((n, nb), np.uint16), "footprint_px": np.zeros(n, np.int16),
            "fwhm_before": np.zeros((n, nb), np.float32),
            "fwhm_after": np.zeros((n, nb), np.float32), "residual": np.zeros((n, nb), np.float32),
@@ -144,16 +147,27 @@ def match_batch(rows: list[dict], cutouts: list, settings: ShardSettings) -> dic
         res = homogenize(imgs, vars_, [m[2].psf for m in members], np.stack([m[1].psf_fwhm_arcsec for m in members]),
                          np.stack([m[1].present for m in members]), pixel_scale_arcsec=survey.pixel_scale_arcsec,
                          target_fwhm=settings.target_fwhm_arcsec, kernel_size=settings.kernel_size)
+        rows_of = [m[0] for m in members]  # the batch rows of this group, in order
+        if whole and all(a.dtype == np.float32 and a.shape == (n, nb, size, size) and a.flags.c_contiguous
+                         for a in (res.image, res.variance)):
+            out["image"], out["variance"] = res.image, res.variance
+        else:
+            if out["image"] is None:
+                out["image"] = np.zeros((n, nb, size, size), np.float32)
+                out["variance"] = np.zeros((n, nb, size, size), np.float32)
+            out["image"][rows_of] = center_crop(res.image, size)
+            out["variance"][rows_of] = center_crop(res.variance, size)
+        out["fwhm_before"][rows_of] = res.fwhm_before
+        out["fwhm_after"][rows_of] = res.fwhm_after
+        out["residual"][rows_of] = res.residual
+        out["psf_matched"][rows_of] = res.matched
         for k, (j, c, norm) in enumerate(members):
-            out["image"][j] = center_crop(res.image[k], size)
-            out["variance"][j] = center_crop(res.variance[k], size)
-            out["fwhm_before"][j] = res.fwhm_before[k]
-            out["fwhm_after"][j] = res.fwhm_after[k]
-            out["residual"][j] = res.residual[k]
-            out["psf_matched"][j] = res.matched[k]
             out["footprint_px"][j] = min(norm.footprint_px, size)
             out["band_flags"][j] = _flag_bits(c.band_flags, c.bands, broader=res.residual[k] > 0,
                                               resampled=norm.resampled)
+    if out["image"] is None:  # no cutouts
+        out["image"] = np.zeros((n, nb, size, size), np.float32)
+        out["variance"] = np.zeros((n, nb, size, size), np.float32)
     out["objid"] = np.array([r["objid"] for r in rows], dtype=object)
     for col in LABEL_COLUMNS:
         out[col] = np.array([r[col] for r in rows], dtype=np.float32 if col != "label" else np.int8)

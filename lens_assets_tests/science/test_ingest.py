@@ -795,6 +795,26 @@ def test_plain_reader_views_do_not_leak_into_the_cutout(tmp_path):
     assert read(raw).image[0, 0, 0] != 123.0
 
 
+def test_scanner_remembers_header_layouts_but_checks_each_file(tmp_path):
+    """What a header's structural cards say is remembered from file to file; the file's own length, its
+    extension names and every header's cards are still checked each time."""
+    from lens_assets.science.fits_reader import _LAYOUTS, _scan_plain_hdus
+
+    raw = make_file(tmp_path / "a.fits")
+    _LAYOUTS.clear()
+    first, again = _scan_plain_hdus(raw), _scan_plain_hdus(raw)  # the second from remembered layouts
+    assert _LAYOUTS
+    assert [(k, h.fileinfo(), None if a is None else (a.dtype, a.shape)) for k, (h, a) in first[1].items()] == \
+        [(k, h.fileinfo(), None if a is None else (a.dtype, a.shape)) for k, (h, a) in again[1].items()]
+    assert _scan_plain_hdus(raw[:-2880]) is None  # the same headers, the last extension's data cut short
+    i = raw.index(b"EXTNAME = 'VAR_g")
+    assert _scan_plain_hdus(raw[:i] + b"EXTNAME = 'IMAGE_g'".ljust(80) + raw[i + 80:]) is None  # a name twice
+    j = raw.index(b"BUNIT   =", i - i % 2880)
+    assert _scan_plain_hdus(raw[:j] + b"BUNIT   =  'adu' junk".ljust(80) + raw[j + 80:]) is not None
+    assert _scan_plain_hdus(raw[:j] + b"bunit   = 'adu'".ljust(80) + raw[j + 80:]) is None  # not a plain card
+    assert read(raw).primary == read_cutout(raw, name="inbox/des/test.fits", survey=DES, fast_path=False).primary
+
+
 def test_pair_id_comes_from_pairid_and_is_empty_without_it(tmp_path):
     from lens_assets.science.ingest import catalog_row
 
