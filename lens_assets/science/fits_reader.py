@@ -370,9 +370,19 @@ def _header_values(header, keywords: tuple[str, ...], *, where: str) -> dict:
             try:
                 out[key] = _defined(card.rawvalue)
             except Exception as err:  # astropy raises VerifyError for an unparsable value
-                raise QuarantineError("bad_header_value", f"{where}: {key} card {str(card.image).rstrip()!r} "
+                raise QuarantineError("bad_header_value", f"{where}: {key} card {_card_text(card)!r} "
                                                           f"cannot be parsed ({type(err).__name__}: {err})") from None
     return _unique(out, repeated, where)
+
+
+def _card_text(card) -> str:
+    """The card's 80 characters for a message. astropy refuses to rebuild them for a card with control bytes
+    (``ValueError``, and ``VerifyError`` for its value), so then the text it was read from stands in."""
+    try:
+        return str(card.image).rstrip()
+    except Exception:
+        raw = getattr(card, "_image", None)  # the card as read from the file
+        return str(raw).rstrip() if raw else f"{card.rawkeyword} = (unreadable)"
 
 
 def _unique(values: dict, repeated: list[str], where: str) -> dict:

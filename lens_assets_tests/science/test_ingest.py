@@ -390,6 +390,21 @@ def test_bad_magzp_is_quarantined_not_fatal(tmp_path, magzp):
     assert result.quarantine["reason"].iloc[0] == "bad_header_value"
 
 
+def test_a_control_byte_in_a_header_value_is_quarantined_not_fatal(tmp_path):
+    # astropy will not even print such a card: the file is quarantined with the card's keyword and raw value,
+    # and the files beside it are ingested
+    make_file(tmp_path / "a_good.fits", objid="good")
+    raw = bytearray(make_file(tmp_path / "b_bad.fits", objid="bad",
+                              bands={"r": band_hdus(header={"BUNIT": "count/s", "MAGZP": 30.0})}))
+    at = raw.find(b"MAGZP   = ") + 25
+    raw[at] = 0x7F
+    (tmp_path / "b_bad.fits").write_bytes(bytes(raw))
+    result = ingest_files(find_fits(tmp_path), DES, root=tmp_path, workers=1, progress=False)
+    assert list(result.catalog["objid"]) == ["good"] and len(result.quarantine) == 1
+    q = result.quarantine.iloc[0]
+    assert q["reason"] == "bad_header_value" and "b_bad.fits: IMAGE_r" in q["message"]
+    assert "MAGZP card 'MAGZP   =" in q["message"] and "\\x7f30.0" in q["message"], q["message"]
+
 # --------------------------------------------------------------------------- 3. accepted with flags
 
 
