@@ -7,6 +7,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import bench_calibration  # noqa: E402
 import bench_ingest  # noqa: E402
+import bench_population  # noqa: E402
 import bench_shards  # noqa: E402
 import bench_simulation  # noqa: E402
 import bench_scoring  # noqa: E402
@@ -15,6 +16,7 @@ import noise_floor  # noqa: E402
 
 if __name__ == "__main__":
     bench_simulation.main([])
+    bench_population.main([])
     bench_ingest.main([])
     bench_shards.main([])
     bench_training.main([])

@@ -1,0 +1,27 @@
+"""bench_population's selection variants are the packaged family with the named [selection] keys changed."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+
+import bench_population  # noqa: E402
+
+
+def test_variants_edit_the_selection_and_the_tables_hold_every_scene(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench_population, "report", lambda *a, **k: None)  # no results file from a test
+    fam = bench_population._family("neither", tmp_path)
+    sel = fam.sections["selection"]
+    rng = np.random.default_rng(0)
+    assert sel["deflector_photon_noise"].sample(rng) == 0 and sel["source_size_in_resolution"].sample(rng) == 0.0
+    assert fam.name == "physical"  # the same random streams as the packaged family
+    packaged = bench_population._family("collett", tmp_path)
+    assert packaged.sections["selection"]["source_size_in_resolution"].sample(rng) == 1.0
+    out = bench_population.main(["--n", "3", "--survey", "lsst", "--variants", "collett,neither"])
+    assert list(out) == ["collett", "neither"]
+    for variant in out.values():
+        table = variant["table"]
+        assert all(len(v) == 3 for v in table.values()) and (table["magnification"] >= 3.0).all()
+        assert ((table["flux_ratio"] > 0) & (table["flux_ratio"] < 1)).all()
