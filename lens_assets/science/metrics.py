@@ -159,6 +159,14 @@ def bologna_metrics(labels, scores, *, flux_ratio=None, theta_e=None, arc_snr=No
         for name, v in fnr_by_bins(labels, scores, flux_ratio, FLUX_RATIO_BINS, threshold=thr).items():
             out[f"fnr_flux_ratio_{name}"] = v["fnr"]
             out[f"n_lenses_flux_ratio_{name}"] = float(v["n_lenses"])
+        # the ranking behind that FNR, which stays informative where the FNR is 1: the bin's lenses against every
+        # non-lens (NaN for an empty bin)
+        y, s, fr = np.asarray(labels), np.asarray(scores, dtype=float), np.asarray(flux_ratio, dtype=float)
+        for name, lo, hi in FLUX_RATIO_BINS:
+            m = (y == 1) & (fr >= lo) & (fr < hi)
+            out[f"auroc_flux_ratio_{name}"] = (float(roc_auc_score(np.r_[np.ones(m.sum()), np.zeros(len(neg))],
+                                                                   np.r_[s[m], neg]))
+                                               if m.any() and len(neg) else float("nan"))
     if theta_e is not None:
         thr = threshold_at_n_false_positives(labels, scores, 9)
         for name, v in fnr_by_bins(labels, scores, theta_e, THETA_E_BINS, threshold=thr).items():

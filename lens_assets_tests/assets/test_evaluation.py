@@ -119,6 +119,9 @@ def test_report_figures_equal_metrics_recomputed_from_the_scores(graph):
     faint = (y == 1) & (test["flux_ratio"].to_numpy() >= 0) & (test["flux_ratio"].to_numpy() < 0.1)
     fnr = float(np.mean(s[faint] <= thr10)) if faint.any() else float("nan")
     assert meta["fnr_flux_ratio_lt_0.1"] == pytest.approx(fnr, nan_ok=True)
+    faint_auroc = (roc_auc_score(np.r_[np.ones(faint.sum()), np.zeros((y == 0).sum())], np.r_[s[faint], s[y == 0]])
+                   if faint.any() else float("nan"))
+    assert meta["auroc_flux_ratio_lt_0.1"] == pytest.approx(faint_auroc, nan_ok=True)
     assert (meta["n_test_lenses"], meta["n_test_nonlenses"]) == (float(y.sum()), float((y == 0).sum()))
     # the noise floor: matched-filter misses at the TPR10 false-alarm rate, from each lens's simulated arc S/N
     from scipy.stats import norm
@@ -341,7 +344,8 @@ def test_report_leads_with_the_summary_table_and_says_no_objects_for_an_absent_f
     auroc_row = next(line for line in lines if line.startswith("| AUROC |")).split(" | ")
     assert auroc_row[1] == f"{meta['auroc']:.3f} [{meta['auroc_ci_low']:.3f}, {meta['auroc_ci_high']:.3f}]"
     assert auroc_row[2].startswith(f"{meta['heldout_auroc']:.3f} [") and auroc_row[3] == "no objects |"
-    for name in ("AUPRC", "TPR0", "TPR10", "ECE", "FNR (flux ratio < 0.1)", "lensing-only AUROC", "shortcut AUROC"):
+    for name in ("AUPRC", "TPR0", "TPR10", "ECE", "FNR (flux ratio < 0.1)", "AUROC, lenses of flux ratio < 0.1",
+                 "lensing-only AUROC", "shortcut AUROC"):
         assert any(line.startswith(f"| {name}") for line in lines), name
     assert "nan" not in table
     md = storage.path("reports", SURVEY, "bologna", "report.md").read_text()

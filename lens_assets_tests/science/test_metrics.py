@@ -69,6 +69,20 @@ def test_fnr_by_flux_ratio_bins_at_a_threshold():
     assert out["ge_0.3"] == {"n_lenses": 1, "fnr": 1.0}
 
 
+def test_auroc_per_flux_ratio_bin_by_hand():
+    # two faint lenses (0.2, 0.9) against the non-lenses (0.5, 0.3): they win 0 + 2 of 4 pairs -> 0.5;
+    # the one mid-flux lens (0.6) wins both -> 1.0; the bright one (0.1) loses both -> 0.0
+    labels = [1, 1, 1, 1, 0, 0]
+    scores = [0.2, 0.9, 0.6, 0.1, 0.5, 0.3]
+    flux = [0.05, 0.05, 0.2, 0.5, 0.0, 0.0]
+    m = bologna_metrics(labels, scores, flux_ratio=flux)
+    assert m["auroc_flux_ratio_lt_0.1"] == pytest.approx(0.5)
+    assert m["auroc_flux_ratio_0.1_0.3"] == pytest.approx(1.0)
+    assert m["auroc_flux_ratio_ge_0.3"] == pytest.approx(0.0)
+    assert m["auroc_flux_ratio_lt_0.1"] == pytest.approx(roc_auc_score([1, 1, 0, 0], [0.2, 0.9, 0.5, 0.3]))
+    assert np.isnan(bologna_metrics([1, 0], [0.4, 0.1], flux_ratio=[0.5, 0.0])["auroc_flux_ratio_lt_0.1"])
+
+
 @pytest.mark.parametrize("labels,scores,match", [
     ([1, 0], [0.5], r"labels and scores must be 1-D of one length"),
     ([1, 2], [0.5, 0.1], r"labels must be 0 or 1, got values \[2\]"),
