@@ -211,3 +211,27 @@ def test_unknown_scoring_precision_is_a_clear_error(trained):
     root, ckpt = trained
     with pytest.raises(ValueError, match=r"precision 'fp16' is not one of \['auto', 'bf16-mixed', '32-true'\]"):
         member_logits([load_member(ckpt)], ShardDataset(root / "shards"), device="cpu", precision="fp16")
+
+
+def test_scoring_leaves_the_cores_of_its_worker_processes_to_them(monkeypatch):
+    import torch
+
+    from lens_assets.ml import precision, score
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(precision, "available_cores", lambda: 8)
+    try:
+        with score._threads_beside_workers("cpu", 3):
+            assert torch.get_num_threads() == 5
+        assert torch.get_num_threads() == before
+        with score._threads_beside_workers("cpu", 8):  # every core has a worker: the model keeps one
+            assert torch.get_num_threads() == 1
+        with score._threads_beside_workers("cpu", 1):  # one worker reads in this process: nothing to share
+            assert torch.get_num_threads() == before
+        with score._threads_beside_workers("cuda", 8):  # the model runs on the GPU
+            assert torch.get_num_threads() == before
+        with pytest.raises(RuntimeError), score._threads_beside_workers("cpu", 3):
+            raise RuntimeError("a failed batch")
+        assert torch.get_num_threads() == before  # restored on the way out of an error too
+    finally:
+        torch.set_num_threads(before)
