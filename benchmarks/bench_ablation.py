@@ -29,6 +29,7 @@ Training levers (the physical population, the member changed):
 
 * ``film``: the member with FiLM conditioning on the observing conditions (``film: true``).
 * ``colour_residual``: the member with the RingFinder band difference as one more input channel.
+* ``radial_residual``: the member with each band less its radial median profile as more input channels.
 * ``member=<backbone>``: another backbone in place of ``--members`` (e.g. ``member=regnetx_002``), at the
   same epochs; the wall time and training img/s say what it costs.
 """
@@ -47,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _util import report  # noqa: E402
 
 LEVERS = ("physical", "baseline", "no_twins", "no_environment", "no_observation")
-TRAINING_LEVERS = ("film", "colour_residual", "member=<backbone>")  # the physical population, another training choice
+TRAINING_LEVERS = ("film", "colour_residual", "radial_residual", "member=<backbone>")  # the physical population, another training choice
 
 
 def training_overrides(lever: str) -> dict:
@@ -56,6 +57,8 @@ def training_overrides(lever: str) -> dict:
         return {"film": True}
     if lever == "colour_residual":
         return {"colour_residual": True}
+    if lever == "radial_residual":
+        return {"radial_residual": True}
     if lever.startswith("member="):
         from lens_assets.ml.backbones import get_spec
 

@@ -32,6 +32,8 @@ class TrainConfig(dg.Config):
                        "conditions (PSF FWHM before matching, noise, band presence) with FiLM")
     colour_residual: bool = Field(default=False, description="add the RingFinder band difference (bluest band minus "
                                   "the reference band scaled to cancel the deflector's centre) as an input channel")
+    radial_residual: bool = Field(default=False, description="add each band less its radial median profile about "
+                                  "the centre (the round deflector removed, faint arcs kept) as input channels")
     weights_path: str = Field(default="", description="initial backbone weights, a file the training job can read "
                               "(state dict, safetensors or another member's checkpoint); '' for random weights")
 
@@ -122,6 +124,7 @@ def lens_classifier(context: dg.AssetExecutionContext, config: TrainConfig, stor
                                "lr": config.lr, "seed": config.seed, "patience": config.patience,
                                "precision": config.precision, "film": config.film,
                                "colour_residual": config.colour_residual,
+                               "radial_residual": config.radial_residual,
                                "weights_path": config.weights_path}}
         if store:  # a job elsewhere: where the store is and the keys of what it reads and writes
             extras["storage"] = store
@@ -150,6 +153,7 @@ def lens_classifier(context: dg.AssetExecutionContext, config: TrainConfig, stor
             f"{member}/precision": s.get("precision", ""),
             f"{member}/film": bool(s.get("film", False)),
             f"{member}/residual_bands": ",".join(s.get("residual_bands", [])),
+            f"{member}/radial_residual": bool(s.get("radial_residual", False)),
             f"{member}/weights_path": s.get("weights_path", ""),
             f"{member}/batch_size": s["batch_size"],
             f"{member}/peak_memory_mb": s["peak_memory_mb"],

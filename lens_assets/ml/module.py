@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .backbones import create_backbone, widen_first_conv
 
 __all__ = ["LensClassifier", "scale_input", "median_measured_variance", "augment", "observing_conditions", "FiLM",
-           "colour_residual"]
+           "colour_residual", "radial_residual", "radial_median_model"]
 
 
 def median_measured_variance(variance: torch.Tensor, start_dim: int) -> torch.Tensor:
@@ -61,6 +61,41 @@ def colour_residual(image: torch.Tensor, variance: torch.Tensor, *, blue: int, r
     var = variance[:, blue].float() + alpha**2 * variance[:, red].float()
     s = torch.sqrt(median_measured_variance(var[:, None], 1).clamp_min(1e-20))
     return torch.asinh(diff / s[:, None, None])[:, None].to(image.dtype)
+
+
+def radial_median_model(image: torch.Tensor, *, n_angles: int = 64) -> torch.Tensor:
+    """Each band's median over position angle at each radius about the stamp's centre, as an image.
+
+    The stamp is sampled on a polar grid (radii every half pixel to the edge, ``n_angles`` angles, bilinear),
+    the median over angle is taken per radius, and the profile is interpolated back to every pixel's radius.
+    A round deflector is reproduced; arcs, which cover a minority of the angles at their radius, are not
+    (a complete ring is, and stays in the model). Shape as ``image``.
+    """
+    import math
+
+    n, b, h, w = image.shape
+    r_steps = h  # half-pixel steps out to the edge
+    r = (torch.arange(r_steps, dtype=torch.float32, device=image.device) + 0.5) / 2
+    t = torch.arange(n_angles, dtype=torch.float32, device=image.device) * (2 * math.pi / n_angles)
+    grid = torch.stack([r[:, None] * torch.cos(t)[None] / (w / 2), r[:, None] * torch.sin(t)[None] / (h / 2)], -1)
+    polar = F.grid_sample(image.float(), grid[None].expand(n, r_steps, n_angles, 2), mode="bilinear",
+                          padding_mode="border", align_corners=False)
+    profile = polar.median(dim=-1).values  # (n, b, r_steps)
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32, device=image.device) - (h - 1) / 2,
+                            torch.arange(w, dtype=torch.float32, device=image.device) - (w - 1) / 2, indexing="ij")
+    pos = (2 * torch.sqrt(xx**2 + yy**2) - 0.5).clamp(0, r_steps - 1)
+    i0 = pos.floor().long().clamp(max=r_steps - 2)
+    frac = pos - i0
+    return (profile[..., i0] * (1 - frac) + profile[..., i0 + 1] * frac).to(image.dtype)
+
+
+def radial_residual(image: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
+    """Every band less its radial median profile (:func:`radial_median_model`), as ``asinh(residual / s)`` with
+    the cutout's noise scale ``s`` of :func:`scale_input`: the deflector's round light removed so that faint
+    arcs on a bright galaxy stand out. One channel per band, shape as ``image``."""
+    s = torch.sqrt(median_measured_variance(variance, 1).clamp_min(1e-20))
+    resid = image.float() - radial_median_model(image.float())
+    return torch.asinh(resid / s[:, None, None, None]).to(image.dtype)
 
 
 def observing_conditions(variance: torch.Tensor, fwhm_before: torch.Tensor, band_flags: torch.Tensor) -> torch.Tensor:
@@ -119,7 +154,8 @@ class LensClassifier(L.LightningModule):
 
     def __init__(self, *, backbone: str = "resnet10t", in_chans: int = 5, img_size: int = 64, lr: float = 1e-3,
                  weight_decay: float = 0.05, max_epochs: int = 10, augment: bool = True, film: bool = False,
-                 residual_bands: tuple[int, int] | None = None, weights_path: str | None = None):
+                 residual_bands: tuple[int, int] | None = None, radial_residual: bool = False,
+                 weights_path: str | None = None):
         super().__init__()
         if residual_bands is not None:
             blue, red = (int(i) for i in residual_bands)
@@ -129,13 +165,15 @@ class LensClassifier(L.LightningModule):
             residual_bands = (blue, red)
         # weights_path only initializes a new run: a checkpoint holds the weights, and a scorer need not see the file
         self.save_hyperparameters(ignore=["weights_path"])
-        # the colour residual (colour_residual) is one more input channel after the bands. Initial weights are
-        # weights for the bands: loaded as they are, with a zero-weight residual channel added after them
-        widen = residual_bands is not None and bool(weights_path)
-        self.net = create_backbone(backbone, in_chans=in_chans + (residual_bands is not None and not widen),
+        # the colour residual (colour_residual) is one more input channel after the bands, the radial residual
+        # one per band after that. Initial weights are weights for the bands: loaded as they are, with
+        # zero-weight channels added after them for the residuals
+        extra = (residual_bands is not None) + (in_chans if radial_residual else 0)
+        widen = extra > 0 and bool(weights_path)
+        self.net = create_backbone(backbone, in_chans=in_chans + (0 if widen else extra),
                                    img_size=img_size, num_classes=1, weights_path=weights_path or None)
         if widen:
-            widen_first_conv(self.net, 1)
+            widen_first_conv(self.net, extra)
         self.film = FiLM(3 * in_chans, self.net.get_classifier().in_features) if film else None
         self.memory_format = torch.contiguous_format  # channels_last is set by train() and the scorer
         self._val_scores: list = []
@@ -160,6 +198,8 @@ class LensClassifier(L.LightningModule):
         bands = self.hparams.get("residual_bands")
         if bands is not None:
             x = torch.cat([x, colour_residual(image, variance, blue=bands[0], red=bands[1])], dim=1)
+        if self.hparams.get("radial_residual"):
+            x = torch.cat([x, radial_residual(image, variance)], dim=1)
         x = x.contiguous(memory_format=self.memory_format)
         if self.film is None:
             return self.net(x).squeeze(1)

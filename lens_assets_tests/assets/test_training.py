@@ -80,14 +80,17 @@ def test_film_precision_and_initial_weights_reach_the_training_job(trained_surve
     init = tmp_path / "stage1.ckpt"
     shutil.copy(first["resnet10t/checkpoint"], init)
     second = _meta(_train(resources, {"members": ["resnet10t"], "epochs": 1, "batch_size": 8, "film": True,
-                                      "colour_residual": True, "precision": "32-true", "weights_path": str(init)}))
+                                      "colour_residual": True, "radial_residual": True, "precision": "32-true",
+                                      "weights_path": str(init)}))
     assert second["resnet10t/precision"] == "32-true" and second["resnet10t/resumed_after_epochs"] == 0
     assert second["resnet10t/residual_bands"] == "u,r"  # sdss: the bluest band and the reference band
     ckpt = torch.load(second["resnet10t/checkpoint"], map_location="cpu", weights_only=True)
     assert ckpt["hyper_parameters"]["film"] is True and any(k.startswith("film.") for k in ckpt["state_dict"])
     assert tuple(ckpt["hyper_parameters"]["residual_bands"]) == (0, 2)
-    # the 5-band first-stage weights initialize a 6-channel first convolution (bands + residual)
-    assert ckpt["state_dict"]["net.conv1.0.weight"].shape[1] == 6
+    assert ckpt["hyper_parameters"]["radial_residual"] is True and second["resnet10t/radial_residual"] is True
+    # the 5-band first-stage weights initialize an 11-channel first convolution (bands, colour residual, one
+    # radial residual per band)
+    assert ckpt["state_dict"]["net.conv1.0.weight"].shape[1] == 11
     summary = json.loads((Path(second["resnet10t/checkpoint"]).parent / "summary.json").read_text())
     assert summary["weights_path"] == str(init) and summary["film"] is True
 

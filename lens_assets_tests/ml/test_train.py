@@ -400,6 +400,50 @@ def test_a_colour_residual_member_trains_with_one_more_channel_and_scores(data, 
         LensClassifier(backbone="resnet10t", in_chans=5, residual_bands=(2, 2))
 
 
+def test_the_radial_residual_removes_a_round_deflector_and_keeps_an_arc():
+    from lens_assets.ml.module import radial_median_model, radial_residual
+
+    h = 64
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32) - 31.5, torch.arange(h, dtype=torch.float32) - 31.5,
+                            indexing="ij")
+    r, theta = torch.sqrt(xx**2 + yy**2), torch.atan2(yy, xx)
+    deflector = 100.0 * torch.exp(-(r**2) / (2 * 6.0**2))  # round: its own radial profile
+    arc = 5.0 * torch.exp(-((r - 12.0) ** 2) / 2.0) * (theta.abs() < 0.6)  # a fifth of the circle at 12 px
+    image = torch.stack([deflector, deflector + arc])[:, None].repeat(1, 2, 1, 1)  # (2 cutouts, 2 bands)
+    model = radial_median_model(image)
+    # the round light is modelled to the interpolation's error (a percent of its peak), the arc is not modelled
+    assert (model[0] - image[0]).abs().max() < 0.01 * 100.0
+    on_arc = arc > 4.0
+    resid = (image - model)[1, 0]
+    assert resid[on_arc].mean() > 0.9 * arc[on_arc].mean()
+    assert resid[(arc < 0.01) & (r < 25)].abs().max() < 1.0
+    variance = torch.full_like(image, 0.5**2)
+    out = radial_residual(image, variance)
+    assert out.shape == image.shape
+    torch.testing.assert_close(out, torch.asinh((image - model) / 0.5), atol=1e-5, rtol=1e-5)
+
+
+def test_a_radial_residual_member_trains_with_a_channel_more_per_band_and_scores(data, tmp_path):
+    from lens_assets.ml.data import ShardDataset
+    from lens_assets.ml.module import LensClassifier
+    from lens_assets.ml.score import load_member, member_logits
+
+    s = train(data / "shards", data / "splits.parquet", tmp_path / "radial",
+              TrainSettings(backbone="resnet10t", epochs=1, batch_size=16, progress=False, radial_residual=True))
+    assert s["radial_residual"] is True
+    member = load_member(s["best_checkpoint"])
+    assert member.hparams.radial_residual
+    first = next(p for p in member.net.parameters() if p.dim() == 4)
+    assert first.shape[1] == 10  # five bands and their residuals
+    z = member_logits([member], ShardDataset(data / "shards"), device="cpu")
+    assert z.shape == (32, 1) and np.isfinite(z).all()
+    # initial weights for the bands: kept, with zero weights on the residual channels
+    torch.save(LensClassifier(backbone="resnet10t", in_chans=5, img_size=48).state_dict(), tmp_path / "s1.pt")
+    both = LensClassifier(backbone="resnet10t", in_chans=5, img_size=48, residual_bands=(0, 2), radial_residual=True,
+                          weights_path=str(tmp_path / "s1.pt"))
+    assert both.net.conv1[0].in_channels == 11 and (both.net.conv1[0].weight[:, 5:] == 0).all()
+
+
 def test_initial_weights_for_the_bands_are_kept_and_the_residual_channel_starts_at_zero(tmp_path):
     from lens_assets.ml.module import LensClassifier
 
@@ -435,4 +479,6 @@ def test_the_run_fingerprint_follows_the_shards_data_version_and_the_settings_th
     assert run_fingerprint(rebuilt, data / "splits.parquet", base) != fp
     assert run_fingerprint(data / "shards", data / "splits.parquet",
                            TrainSettings(backbone="resnet10t", colour_residual=True)) != fp
+    assert run_fingerprint(data / "shards", data / "splits.parquet",
+                           TrainSettings(backbone="resnet10t", radial_residual=True)) != fp
     assert run_fingerprint(data / "shards", data / "splits.parquet", TrainSettings(backbone="resnet10t", epochs=3)) == fp
