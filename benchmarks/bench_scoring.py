@@ -44,7 +44,7 @@ def _match_preread(args):
     return match_batch(rows, cutouts, settings)
 
 
-def drop_section(root: Path, n: int, batch: int = 256, repeats: int = 3, member_names=("resnet10t",)) -> dict:
+def drop_section(root: Path, n: int, batch: int = 128, repeats: int = 3, member_names=("resnet10t",)) -> dict:
     import numpy as np
     import pandas as pd
     import torch

@@ -239,7 +239,7 @@ class ScoredFiles:
 
 
 def score_files(paths, survey, *, root: str | Path, settings, members: list, fusion: "Fusion", calibrator,
-                batch_size: int = 256, workers: int = 0, device: str | None = None,
+                batch_size: int = 128, workers: int = 0, device: str | None = None,
                 progress: bool = True, precision: str = "auto") -> ScoredFiles:
     """Score FITS files end to end, reading each file once: validate it with the catalog's ingest rules
     (a bad file is quarantined with its reason, a repeated OBJID as ``duplicate_objid``), PSF-match and
