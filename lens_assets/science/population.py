@@ -51,7 +51,7 @@ from .families import Family
 from .surveys import SurveySpec
 
 __all__ = ["Scene", "draw_scene", "build_system", "population_system", "pair_layout", "theta_e_sis_arcsec", "lensed_source_check",
-           "redshift_tables", "C_KMS"]
+           "foreground_image", "redshift_tables", "C_KMS"]
 
 C_KMS = 299_792.458
 RAD_TO_ARCSEC = 180.0 / math.pi * 3600.0
@@ -245,6 +245,42 @@ def _point_snr_bound(survey: SurveySpec, mag: float, fwhm_arcsec: float, exposur
     return flux / (_background_sigma(survey) / math.sqrt(exposure_scale) * math.sqrt(n_eff))
 
 
+def foreground_image(components, *, n: int, pixel_scale: float, zero_point: float, supersample: int = 1,
+                     core_px: int = 2, core_supersample: int = 16) -> np.ndarray:
+    """Unlensed light (e-/s per pixel) of ``components`` centred on the stamp, for its photon noise.
+
+    Sampled ``supersample`` times per pixel, and the central ``2 core_px`` pixels square
+    ``core_supersample`` times: a compact deflector's cusp holds much of its light in those
+    pixels, and coarse sampling there loses it (an n = 4, 0.1" Sersic on DES pixels: 54% of
+    its flux sampled at pixel centres, 97.2% with the defaults, 99.7% sampled 16 / 64 times;
+    the noise it sets is then within about 1.5%).
+    """
+    from lenstronomy.LightModel.light_model import LightModel
+
+    from .simulation import _unit_flux
+
+    def light(xs, ys):
+        out = np.zeros(xs.size)
+        for c in components:
+            amp = 10 ** (-0.4 * (c.mag_ref - zero_point)) / _unit_flux(c)
+            out += LightModel([c.profile]).surface_brightness(xs.ravel(), ys.ravel(), [dict(c.shape, amp=amp)])
+        return out
+
+    def binned(first_px: int, size_px: int, sub: int) -> np.ndarray:
+        coords = (np.arange(size_px * sub) + 0.5) / sub * pixel_scale + (first_px - n / 2) * pixel_scale
+        xs, ys = np.meshgrid(coords, coords)
+        return light(xs, ys).reshape(size_px, sub, size_px, sub).sum(axis=(1, 3)) * (pixel_scale / sub) ** 2
+
+    image = np.zeros((n, n))
+    if not components:
+        return image
+    image[...] = binned(0, n, supersample)
+    lo = n // 2 - core_px
+    if lo >= 0:
+        image[lo:lo + 2 * core_px, lo:lo + 2 * core_px] = binned(lo, 2 * core_px, core_supersample)
+    return image
+
+
 def lensed_source_check(kwargs_lens, components, *, survey: SurveySpec, fwhm_arcsec: float,
                         exposure_scale: float = 1.0, supersample: int = 2,
                         foreground=()) -> tuple[float, float]:
@@ -279,14 +315,7 @@ def lensed_source_check(kwargs_lens, components, *, survey: SurveySpec, fwhm_arc
         total += LightModel([c.profile]).surface_brightness(bx, by, [dict(c.shape, amp=amp)])
         unlensed += flux
     img = total.reshape(n, supersample, n, supersample).sum(axis=(1, 3)) * (pix / supersample) ** 2
-    # the foreground only adds noise: pixel centres are enough
-    centres = (np.arange(n) + 0.5) * pix - n * pix / 2
-    fx, fy = np.meshgrid(centres, centres)
-    front = np.zeros((n, n))
-    for c in foreground:
-        front += LightModel([c.profile]).surface_brightness(
-            fx.ravel(), fy.ravel(), [dict(c.shape, amp=10 ** (-0.4 * (c.mag_ref - zp)) / _unit_flux(c))]
-        ).reshape(n, n) * pix**2
+    front = foreground_image(foreground, n=n, pixel_scale=pix, zero_point=zp)
     mu = float(img.sum() / unlensed) if unlensed > 0 else 0.0
     sigma_px = fwhm_arcsec / pix / 2.3548
     img = gaussian_filter(img, sigma_px, mode="constant")
