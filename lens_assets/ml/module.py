@@ -63,11 +63,12 @@ def colour_residual(image: torch.Tensor, variance: torch.Tensor, *, blue: int, r
     return torch.asinh(diff / s[:, None, None])[:, None].to(image.dtype)
 
 
-def radial_median_model(image: torch.Tensor, *, n_angles: int = 64) -> torch.Tensor:
+def radial_median_model(image: torch.Tensor, *, n_angles: int = 65) -> torch.Tensor:
     """Each band's median over position angle at each radius about the stamp's centre, as an image.
 
     The stamp is sampled on a polar grid (radii every half pixel to the edge, ``n_angles`` angles, bilinear),
-    the median over angle is taken per radius, and the profile is interpolated back to every pixel's radius.
+    the median over angle is taken per radius (an odd count: torch's median of an even count is the lower
+    middle value), and the profile is interpolated back to every pixel's radius.
     A round deflector is reproduced; arcs, which cover a minority of the angles at their radius, are not
     (a complete ring is, and stays in the model). Shape as ``image``.
     """
