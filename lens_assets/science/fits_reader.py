@@ -378,9 +378,11 @@ def _header_values(header, keywords: tuple[str, ...], *, where: str) -> dict:
 def _card_text(card) -> str:
     """The card's 80 characters for a message. astropy refuses to rebuild them for a card with control bytes
     (``ValueError``, and ``VerifyError`` for its value), so then the text it was read from stands in."""
+    from astropy.io.fits.verify import VerifyError
+
     try:
         return str(card.image).rstrip()
-    except Exception:
+    except (ValueError, VerifyError):
         raw = getattr(card, "_image", None)  # the card as read from the file
         return str(raw).rstrip() if raw else f"{card.rawkeyword} = (unreadable)"
 
