@@ -199,32 +199,6 @@ def _threads_beside_workers(device: str, n_workers: int):
         torch.set_num_threads(before)
 
 
-def _score_batch(outcomes, batch, seen, rows, quarantined, logits, matched, flags, *, members, device, precision):
-    """Account for one worker batch: quarantined and duplicate files to ``quarantined``, good rows to ``rows``,
-    and their member logits, matched-band counts and band flag bits."""
-    keep, k = [], 0
-    for row, q in outcomes:
-        if row is None:
-            quarantined.append(q)
-            continue
-        dup = seen.duplicate(row)
-        if dup is None:
-            rows.append(row)
-            keep.append(k)
-        else:
-            quarantined.append(dup)
-        k += 1
-    if not keep:
-        return
-    keep = np.asarray(keep) if len(keep) < k else slice(None)
-    logits.append(logits_of_batch(members, batch["image"][keep], batch["variance"][keep], device=device,
-                                  precision=precision, fwhm_before=batch["fwhm_before"][keep],
-                                  band_flags=batch["band_flags"][keep]))
-    matched.append(batch["psf_matched"][keep].sum(axis=1))
-    bits = batch["band_flags"][keep].astype(np.int64)
-    flags.append(np.bitwise_or.reduce(bits, axis=1) if bits.shape[1] else np.zeros(len(bits), np.int64))
-
-
 @dataclass
 class ScoredFiles:
     """``scores``: one row per catalog row (``objid``, ``logit`` fused, ``logit_<j>`` per member, ``score``
@@ -270,8 +244,27 @@ def score_files(paths, survey, *, root: str | Path, settings, members: list, fus
     with _threads_beside_workers(device, min(resolve_workers(workers), len(tasks))):
         for outcomes, batch in bounded_imap(read_and_match, tasks, workers=workers, progress=progress, unit="file",
                                             desc=f"score {survey.name}", weights=[len(t[0]) for t in tasks]):
-            _score_batch(outcomes, batch, seen, rows, quarantined, logits, matched, flags, members=members,
-                         device=device, precision=precision)
+            keep, k = [], 0
+            for row, q in outcomes:
+                if row is None:
+                    quarantined.append(q)
+                    continue
+                dup = seen.duplicate(row)
+                if dup is None:
+                    rows.append(row)
+                    keep.append(k)
+                else:
+                    quarantined.append(dup)
+                k += 1
+            if not keep:
+                continue
+            keep = np.asarray(keep) if len(keep) < k else slice(None)
+            logits.append(logits_of_batch(members, batch["image"][keep], batch["variance"][keep], device=device,
+                                          precision=precision, fwhm_before=batch["fwhm_before"][keep],
+                                          band_flags=batch["band_flags"][keep]))
+            matched.append(batch["psf_matched"][keep].sum(axis=1))
+            bits = batch["band_flags"][keep].astype(np.int64)
+            flags.append(np.bitwise_or.reduce(bits, axis=1) if bits.shape[1] else np.zeros(len(bits), np.int64))
     catalog = catalog_frame(rows, survey)
     z = np.concatenate(logits) if logits else np.empty((0, len(members)), np.float32)
     fused = fusion(z) if len(z) else np.empty(0)
