@@ -325,6 +325,14 @@ def lensed_source_check(kwargs_lens, components, *, survey: SurveySpec, fwhm_arc
     return mu, float(np.sqrt(np.sum(img**2 / var)))
 
 
+def _deflector_light(galaxy: dict, mag: float, beta: float):
+    """The deflector's Sersic light (``galaxy``: n, r_eff, q, pa) at the stamp's centre, unlensed."""
+    from .simulation import LightComponent, _sersic
+
+    return LightComponent("SERSIC_ELLIPSE", _sersic((0.0, 0.0), n=galaxy["n"], r_eff=galaxy["r_eff"], q=galaxy["q"],
+                                                    pa=galaxy["pa"]), mag, beta, lensed=False)
+
+
 def draw_scene(family: Family, survey: SurveySpec, rng: np.random.Generator) -> Scene:
     """Draw a scene the survey could see as a lens (redrawn until the selection keeps it)."""
     from .simulation import LightComponent, _sersic, _polar
@@ -406,10 +414,7 @@ def draw_scene(family: Family, survey: SurveySpec, rng: np.random.Generator) -> 
         # no magnification a source could plausibly get brings it to min_arc_snr: skip the ray tracing
         if _point_snr_bound(survey, src_mag, fwhm[ref.name], exposure) * MAX_MAGNIFICATION < d(sel, "min_arc_snr", rng):
             continue
-        deflector = ([LightComponent("SERSIC_ELLIPSE", _sersic((0.0, 0.0), n=galaxy["n"], r_eff=galaxy["r_eff"],
-                                                               q=galaxy["q"], pa=galaxy["pa"]),
-                                     gal_mag, beta_l, lensed=False)]
-                     if d(sel, "deflector_photon_noise", rng) else [])
+        deflector = [_deflector_light(galaxy, gal_mag, beta_l)] if d(sel, "deflector_photon_noise", rng) else []
         mu, snr = lensed_source_check(kwargs_lens, comps, survey=survey, fwhm_arcsec=fwhm[ref.name],
                                       exposure_scale=exposure, foreground=deflector)
         if mu < d(sel, "min_magnification", rng) or snr < d(sel, "min_arc_snr", rng):
@@ -439,9 +444,7 @@ def build_system(scene: Scene, role: str, family: Family, survey: SurveySpec, rn
                              spiral_knot_positions)
 
     g = scene.galaxy
-    main = LightComponent("SERSIC_ELLIPSE", _sersic((0.0, 0.0), n=g["n"], r_eff=g["r_eff"], q=g["q"], pa=g["pa"]),
-                          scene.galaxy_mag, scene.galaxy_beta, lensed=False)
-    comps: list = [main]
+    comps: list = [_deflector_light(g, scene.galaxy_mag, scene.galaxy_beta)]
     points: list = []
     env_c = [c for c in scene.environment if isinstance(c, LightComponent)]
     env_p = [p for p in scene.environment if isinstance(p, PointComponent)]
