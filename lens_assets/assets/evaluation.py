@@ -423,15 +423,16 @@ def report_figures(scores: pd.DataFrame, *, heldout_families=("heldout",), n_boo
         out["in_distribution"] = with_ci(test)
     held = scores[scores["split"] == "heldout"]
     family = held["sim_family"] if "sim_family" in held else pd.Series("heldout", index=held.index)
+    sets = {"test": test}  # the evaluable sets, for the figures by non-lens type
     for f in [*heldout_families, *sorted(set(family) - set(heldout_families))]:
         part = held[family == f]
         out["families"][f] = with_ci(part) if evaluable(part) else {}
+        sets[f] = part
     out["heldout"] = next((v for v in out["families"].values() if v), {})
     # which non-lens types the finder takes for lenses: every lens of a set against each type of its non-lenses
-    kinds = {"test": test, **{f: held[family == f] for f, v in out["families"].items() if v}}
     out["by_kind"] = {name: auroc_by_kind(part["label"].to_numpy(), part["logit"].to_numpy(),
                                           part["sim_kind"] if "sim_kind" in part else [None] * len(part))
-                      for name, part in kinds.items() if evaluable(part)}
+                      for name, part in sets.items() if evaluable(part)}
     pairs = scores[scores["split"] == LENSING_ONLY]
     lo = {"n_pairs": 0.0, "win_rate": float("nan"), "auroc": float("nan"), "n_rows_not_in_complete_pairs": 0.0}
     if not pairs.empty:
