@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import platform
 import time
 from pathlib import Path
@@ -30,3 +31,18 @@ def report(name: str, rows: list[tuple[str, str]], record: dict) -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=2, default=float))
     print(f"  (written to {RESULTS / (name + '.json')})")
+
+
+def edit_toml_key(text: str, section: str, key: str, value: str) -> str:
+    """``text`` (a family TOML) with ``key = ...`` in ``[section]`` replaced by ``key = value``."""
+    lines, current, done = text.splitlines(), "", False
+    for i, line in enumerate(lines):
+        header = re.fullmatch(r"\[(\w+)\]\s*", line)
+        if header:
+            current = header.group(1)
+        elif current == section and re.match(rf"{re.escape(key)}\s*=", line):
+            lines[i], done = f"{key} = {value}", True
+            break
+    if not done:
+        raise KeyError(f"the family TOML has no {key} in [{section}]")
+    return "\n".join(lines) + "\n"

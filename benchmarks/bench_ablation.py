@@ -22,6 +22,8 @@ Levers (a family file written from ``physical.toml`` with one section changed):
 * ``baseline``: the earlier population (independent priors, no twins, no shared environment).
 * ``no_twins``: physical without counterfactual twins (their weight given to the other non-lens types).
 * ``no_environment``: physical without neighbours, satellites and stars.
+* ``selection_without_collett_terms``: physical selected by θE ≥ FWHM/2 and the arcs' S/N against sky, read and
+  source noise alone (without the source's size in the resolution test and the deflector's photon noise).
 * ``no_observation``: physical without the randomized observing conditions (zero-point error,
   misregistration, gradients, withheld variance maps, small cutouts, sky/read-noise scales, core+wings PSFs).
 
@@ -37,7 +39,6 @@ Training levers (the physical population, the member changed):
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import tempfile
 import time
@@ -45,9 +46,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _util import report  # noqa: E402
+from _util import edit_toml_key as _edit, report  # noqa: E402
 
-LEVERS = ("physical", "baseline", "no_twins", "no_environment", "no_observation")
+LEVERS = ("physical", "baseline", "no_twins", "no_environment", "no_observation", "selection_without_collett_terms")
 TRAINING_LEVERS = ("film", "colour_residual", "radial_residual", "member=<backbone>")  # the physical population, another training choice
 
 
@@ -68,21 +69,6 @@ def training_overrides(lever: str) -> dict:
     return {}
 
 
-def _edit(text: str, section: str, key: str, value: str) -> str:
-    """``text`` (a family TOML) with ``key = ...`` in ``[section]`` replaced by ``key = value``."""
-    lines, current, done = text.splitlines(), "", False
-    for i, line in enumerate(lines):
-        header = re.fullmatch(r"\[(\w+)\]\s*", line)
-        if header:
-            current = header.group(1)
-        elif current == section and re.match(rf"{re.escape(key)}\s*=", line):
-            lines[i], done = f"{key} = {value}", True
-            break
-    if not done:
-        raise KeyError(f"physical.toml has no {key} in [{section}]")
-    return "\n".join(lines) + "\n"
-
-
 def family_file(lever: str, out_dir: Path) -> str:
     """The family (name or TOML path) that trains the ``lever`` run."""
     from lens_assets.science.families import FAMILY_DIR
@@ -99,6 +85,9 @@ def family_file(lever: str, out_dir: Path) -> str:
         text = _edit(text, "environment", "n_neighbours", '{ dist = "randint", low = 0, high = 0 }')
         text = _edit(text, "environment", "satellite_fraction", "0.0")
         text = _edit(text, "environment", "star_fraction", "0.0")
+    elif lever == "selection_without_collett_terms":
+        text = _edit(text, "selection", "deflector_photon_noise", "0")
+        text = _edit(text, "selection", "source_size_in_resolution", "0.0")
     elif lever == "no_observation":
         for key, value in (("zero_point_error_mag", "0.0"), ("misregistration_px", "0.0"),
                            ("background_gradient_sigma", "0.0"), ("variance_withheld_fraction", "0.0"),

@@ -23,7 +23,6 @@ above 1″ where the seeing is ~0.7-1″.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import tempfile
 import time
@@ -33,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _util import report  # noqa: E402
+from _util import edit_toml_key, report  # noqa: E402
 
 # variant -> [selection] keys replaced in physical.toml (None: the family as packaged)
 VARIANTS = {"collett": None,
@@ -51,9 +50,7 @@ def _family(variant: str, tmp: Path):
         return load_family("physical")
     text = (FAMILY_DIR / "physical.toml").read_text()
     for key, value in edits.items():
-        text, n = re.subn(rf"(?m)^{key}\s*=.*$", f"{key} = {value}", text)
-        if n != 1:
-            raise KeyError(f"physical.toml has no {key}")
+        text = edit_toml_key(text, "selection", key, value)
     path = tmp / f"physical_{variant}.toml"
     path.write_text(text)
     return load_family(path)
