@@ -474,9 +474,8 @@ def render_system(system: System, survey: SurveySpec, rng: np.random.Generator) 
             lensed[i] += im.source_surface_brightness(s["kwargs_source"], s["kwargs_lens"])
         if s["kwargs_lens_light"]:
             unlensed[i] += im.lens_surface_brightness(s["kwargs_lens_light"])
-        if s["kwargs_ps"]:
-            target = lensed if system.is_lens else unlensed
-            target[i] += im.point_source(s["kwargs_ps"], s["kwargs_lens"])
+        for k, p in enumerate(system.points):  # lensed images to the lensed light; stars and twins' points not
+            (lensed if p.lensed else unlensed)[i] += im.point_source(s["kwargs_ps"], s["kwargs_lens"], k=k)
         if obs.get("shift_px"):  # the band's sub-pixel misregistration, on the noiseless light
             from scipy.ndimage import shift
 

@@ -56,6 +56,26 @@ def test_sis_puts_two_images_at_theta_e_plus_and_minus_beta(theta_e, beta):
     assert cutout.unlensed.sum() == 0.0
 
 
+def test_a_star_beside_a_lens_is_unlensed_light_not_arcs():
+    """Points go to the lensed or unlensed image by their own flag: a star in a lens's stamp must not count
+    as arcs in the flux ratio or the arc S/N (it did when points followed the system's label)."""
+    from lens_assets.science.simulation import PointComponent
+
+    des = get_survey("des")
+    kwargs_lens = ({"theta_E": 1.0, "e1": 0.0, "e2": 0.0, "center_x": 0.0, "center_y": 0.0},
+                   {"gamma1": 0.0, "gamma2": 0.0, "ra_0": 0.0, "dec_0": 0.0})
+    qso = _lensed_points(kwargs_lens, (0.3, 0.0), 22.0, 0.0, des)
+    star = PointComponent((0.0,), (1.3,), (1.0,), 18.0, 1.0, lensed=False)  # over the images: its noise counts
+    alone = render_system(_system(des, kwargs_lens=kwargs_lens, points=(qso,)), des, np.random.default_rng(0))
+    both = render_system(_system(des, kwargs_lens=kwargs_lens, points=(qso, star)), des, np.random.default_rng(0))
+    np.testing.assert_allclose(both.lensed, alone.lensed, rtol=1e-12, atol=0)
+    assert both.unlensed.sum() > 0 and alone.unlensed.sum() == 0
+    assert both.arc_snr < alone.arc_snr  # the star's photon noise, not its light, enters the arcs' S/N
+    r = des.band_names.index(des.reference_band)
+    assert both.flux_ratio == pytest.approx(both.lensed[r].sum() / (both.lensed[r].sum() + both.unlensed[r].sum()))
+    assert both.flux_ratio < 0.5
+
+
 @pytest.mark.parametrize("survey_name,index", [("des", i) for i in range(6)] + [("hst", 1), ("euclid", 1)])
 def test_flux_ratio_is_lensed_over_total_on_the_noiseless_image(survey_name, index):
     survey = get_survey(survey_name)
