@@ -11,6 +11,7 @@ import bench_population  # noqa: E402
 import bench_shards  # noqa: E402
 import bench_simulation  # noqa: E402
 import bench_scoring  # noqa: E402
+import bench_torch_render  # noqa: E402
 import bench_training  # noqa: E402
 import noise_floor  # noqa: E402
 
@@ -23,3 +24,4 @@ if __name__ == "__main__":
     bench_scoring.main([])
     bench_calibration.main([])
     noise_floor.main([])
+    bench_torch_render.main([])

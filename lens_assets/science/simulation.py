@@ -352,6 +352,20 @@ def _band_mag(mag_ref: float, beta: float, wavelength: float, ref_wavelength: fl
     return mag_ref - 2.5 * beta * math.log10(wavelength / ref_wavelength)
 
 
+def band_flux(mag_ref: float, beta: float, survey: SurveySpec, band: str) -> float:
+    """Total flux (e-/s) in ``band`` of a component of magnitude ``mag_ref`` in the reference band and colour
+    ``beta`` (f_nu ~ lambda^beta), at the band's nominal zero point."""
+    spec, ref = survey.band(band), survey.band(survey.reference_band)
+    mag = _band_mag(mag_ref, beta, spec.wavelength_nm, ref.wavelength_nm)
+    return 10 ** (-0.4 * (mag - spec.magnitude_zero_point))
+
+
+def band_psf(system: "System", survey: SurveySpec, band: str) -> np.ndarray:
+    """The pixel PSF image ``system`` is drawn with in ``band`` (its profile and seeing there)."""
+    fwhm_px = system.psf_fwhm_arcsec[survey.band(band).name] / survey.pixel_scale_arcsec
+    return psf_kernel(system.psf_profile, fwhm_px, moffat_beta=system.moffat_beta, max_size=survey.cutout_size_px - 1)
+
+
 _GRID_CACHE: dict = {}
 _UNIT_FLUX_CACHE: dict = {}
 
@@ -400,29 +414,23 @@ def lenstronomy_band_setup(system: System, survey: SurveySpec, band: str, *,
     from lenstronomy.Data.psf import PSF
 
     spec = survey.band(band)
-    ref = survey.band(survey.reference_band)
     zp = spec.magnitude_zero_point
-    fwhm_px = system.psf_fwhm_arcsec[spec.name] / survey.pixel_scale_arcsec
-    kernel = psf_kernel(system.psf_profile, fwhm_px, moffat_beta=system.moffat_beta,
-                        max_size=survey.cutout_size_px - 1)
+    kernel = band_psf(system, survey, band)
 
     if unit_fluxes is None:
         unit_fluxes = [_unit_flux(c) for c in system.components]
     unit = dict(zip(map(id, system.components), unit_fluxes))
 
     def amp_kwargs(components):
-        out = []
-        for c in components:
-            flux = 10 ** (-0.4 * (_band_mag(c.mag_ref, c.color_beta, spec.wavelength_nm, ref.wavelength_nm) - zp))
-            out.append(dict(c.shape, amp=flux / unit[id(c)]))
-        return out
+        return [dict(c.shape, amp=band_flux(c.mag_ref, c.color_beta, survey, band) / unit[id(c)])
+                for c in components]
 
     source = [c for c in system.components if c.lensed]
     light = [c for c in system.components if not c.lensed]
     lens_model = LensModel(["SIE", "SHEAR"]) if system.kwargs_lens else None
     kwargs_ps, ps_types = [], []
     for p in system.points:
-        flux = 10 ** (-0.4 * (_band_mag(p.mag_ref, p.color_beta, spec.wavelength_nm, ref.wavelength_nm) - zp))
+        flux = band_flux(p.mag_ref, p.color_beta, survey, band)
         ps_types.append("LENSED_POSITION" if p.lensed else "UNLENSED")
         kwargs_ps.append({"ra_image": np.array(p.ra), "dec_image": np.array(p.dec),
                           "point_amp": flux * np.array(p.magnification)})

@@ -1,0 +1,20 @@
+"""bench_torch_render times both renderers on the same objects and checks they agree."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+
+import bench_torch_render  # noqa: E402
+
+
+def test_the_benchmark_renders_the_same_objects_both_ways(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(bench_torch_render, "report", lambda *a, **k: None)  # no results file from a test
+    threads = torch.get_num_threads()
+    rec = bench_torch_render.main(["--batch", "6", "--n-lenstronomy", "3", "--rounds", "1", "--device", "cpu"])
+    assert rec["max_abs_diff_over_peak"] < 1e-2  # the renderers agree on the objects both drew
+    assert rec["lenstronomy_per_s"] > 0 and rec["torch32_truth_over_lenstronomy"] > 0
+    assert rec["pack_and_render_per_s"] < min(rec["pack_per_s"], rec["torch32_truth_per_s"])
+    assert rec["gpu_per_s"] is None and torch.get_num_threads() == threads  # the caller's threads are restored
