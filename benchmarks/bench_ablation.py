@@ -32,6 +32,8 @@ Training levers (the physical population, the member changed):
 * ``film``: the member with FiLM conditioning on the observing conditions (``film: true``).
 * ``colour_residual``: the member with the RingFinder band difference as one more input channel.
 * ``radial_residual``: the member with each band less its radial median profile as more input channels.
+* ``head_dropout`` (``head_dropout=<p>``): the member with dropout (default 0.2) on its pooled features before the
+  classifier, which MC-dropout scoring needs.
 * ``member=<backbone>``: another backbone in place of ``--members`` (e.g. ``member=regnetx_002``), at the
   same epochs; the wall time and training img/s say what it costs.
 """
@@ -49,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _util import edit_toml_key as _edit, report  # noqa: E402
 
 LEVERS = ("physical", "baseline", "no_twins", "no_environment", "no_observation", "selection_without_collett_terms")
-TRAINING_LEVERS = ("film", "colour_residual", "radial_residual", "member=<backbone>")  # the physical population, another training choice
+TRAINING_LEVERS = ("film", "colour_residual", "radial_residual", "head_dropout[=p]", "member=<backbone>")  # the physical population, another training choice
 
 
 def training_overrides(lever: str) -> dict:
@@ -60,6 +62,8 @@ def training_overrides(lever: str) -> dict:
         return {"colour_residual": True}
     if lever == "radial_residual":
         return {"radial_residual": True}
+    if lever.startswith("head_dropout"):
+        return {"head_dropout": float(lever.split("=", 1)[1]) if "=" in lever else 0.2}
     if lever.startswith("member="):
         from lens_assets.ml.backbones import get_spec
 

@@ -40,6 +40,7 @@ def write_promotion(storage, survey: str, version: str) -> None:
 TRAINED_SURVEY = "sdss"
 TRAINED_MEMBER = "resnet10t"
 TRAINED_N_HELDOUT = 60
+TRAINED_HEAD_DROPOUT = 0.2
 # every gate the report has, set so that the tiny survey passes them and is promoted (None: not gated, as the tiny
 # test split's FNR bin may hold no lens)
 PERMISSIVE_GATES = {"min_auroc": 0.0, "min_tpr10": 0.0, "max_ece": 1.0, "min_heldout_auroc": 0.0,
@@ -48,13 +49,15 @@ PERMISSIVE_GATES = {"min_auroc": 0.0, "min_tpr10": 0.0, "max_ece": 1.0, "min_hel
 
 def trained_survey_run_config() -> dict:
     """The run config of the whole graph on 200 simulated SDSS cutouts (and 60 of the held-out family): one
-    resnet10t member trained for one epoch, calibrated, reported on with PERMISSIVE_GATES and promoted."""
+    resnet10t member trained for one epoch with head dropout, calibrated, reported on with PERMISSIVE_GATES and promoted."""
     return {"ops": {
         "simulated_cutouts": {"config": {"n_cutouts": 200, "n_heldout": TRAINED_N_HELDOUT, "seed": 5, "workers": 1}},
         "cutout_catalog": {"config": {"workers": 1}},
         "psf_matched_shards": {"config": {"workers": 1}},
         "dataset_splits": {"config": {"min_groups_per_stratum": 3}},
-        "lens_classifier": {"config": {"members": [TRAINED_MEMBER], "epochs": 1, "batch_size": 32, "patience": 2}},
+        # head dropout: the scored tables carry MC-dropout uncertainties for the tests to check
+        "lens_classifier": {"config": {"members": [TRAINED_MEMBER], "epochs": 1, "batch_size": 32, "patience": 2,
+                                       "head_dropout": TRAINED_HEAD_DROPOUT}},
         "score_calibrator": {"config": {"batch_size": 48}},
         "bologna_report": {"config": PERMISSIVE_GATES},
     }}

@@ -27,12 +27,12 @@ from lens_assets.resources.storage import LocalStorage
 from lens_assets.science.fileio import atomic_path, write_text_atomic
 from lens_assets.science.calibration import cross_fit, fit_calibrator
 from lens_assets.science.metrics import (auroc_by_kind, bologna_metrics, bootstrap_interval,
-                                         expected_calibration_error, paired_win_rate)
+                                         error_rate_by_uncertainty, expected_calibration_error, paired_win_rate)
 from lens_assets.science.simulation import LENSING_ONLY  # SIMFAM of the lens/twin pairs
 from lens_assets.science.splits import require_both_labels, val_roles
 from lens_assets.science.surveys import get_survey
 
-EVALUATION_CODE_VERSION = "eval-4"  # eval-4: fit on the val split's calibrate half, cross-fitted ECE
+EVALUATION_CODE_VERSION = "eval-5"  # eval-4: fit on the val split's calibrate half, cross-fitted ECE; 5: uncertainty
 SHORTCUT_CODE_VERSION = "shortcut-1"
 SCORED_SPLITS = ("val", "test", "heldout", LENSING_ONLY)
 DEFAULT_HELDOUT_FAMILIES = ["heldout", "galsim"]
@@ -52,6 +52,9 @@ class CalibratorConfig(dg.Config):
                                         "scored for robustness (kept out of the splits); absent ones are "
                                         "reported as having no objects")
     batch_size: int = Field(default=256, ge=1)
+    mc_samples: int = Field(default=16, ge=0, description="MC-dropout draws of each member's head per scored row "
+                            "(members trained with head_dropout): the uncertainty the report checks against the "
+                            "errors; 0 for none")
 
 
 class ShortcutConfig(dg.Config):
@@ -259,7 +262,7 @@ def score_calibrator(context: dg.AssetExecutionContext, config: CalibratorConfig
     from scipy.special import expit
 
     from lens_assets.ml.data import ShardDataset
-    from lens_assets.ml.score import default_device, fit_fusion, load_members, member_logits
+    from lens_assets.ml.score import default_device, fit_fusion, load_members, member_scores, uncertainty_columns
     from lens_assets.science.plots import reliability_plot
 
     survey = get_survey(context.partition_key)
@@ -278,8 +281,9 @@ def score_calibrator(context: dg.AssetExecutionContext, config: CalibratorConfig
     import time
 
     t0 = time.perf_counter()
-    logits = member_logits(members, ShardDataset(storage.path(*layout.shards_dir(survey.name)), objids=rows["objid"]),
-                           batch_size=config.batch_size, device=device)
+    logits, mc_std = member_scores(members, ShardDataset(storage.path(*layout.shards_dir(survey.name)),
+                                                         objids=rows["objid"]),
+                                   batch_size=config.batch_size, device=device, mc_samples=config.mc_samples)
     seconds = time.perf_counter() - t0
     fusion = fit_fusion(logits[fit_rows], y_fit, method=config.fusion)
     fused = fusion(logits)
@@ -287,8 +291,11 @@ def score_calibrator(context: dg.AssetExecutionContext, config: CalibratorConfig
                          target_prevalence=config.target_prevalence)
     for j, name in enumerate(names):
         rows[f"logit_{name}"] = logits[:, j]
+        rows[f"logit_std_mc_{name}"] = mc_std[:, j]
     rows["logit"] = fused
     rows["probability"] = cal.predict(fused)
+    for col, values in uncertainty_columns(logits, mc_std, fusion).items():
+        rows[col] = values
     out = storage.write_parquet(rows, *layout.ensemble_scores(survey.name))
 
     before, after = expit(fused[fit_rows]), rows.loc[fit_rows, "probability"].to_numpy()
@@ -444,6 +451,9 @@ def report_figures(scores: pd.DataFrame, *, heldout_families=("heldout",), n_boo
             lo["auroc_ci_low"], lo["auroc_ci_high"] = bootstrap_interval(
                 complete["label"].to_numpy(), complete["logit"].to_numpy(), "auroc", n_boot=n_boot, seed=seed)
     out["lensing_only"] = lo
+    out["uncertainty"] = (error_rate_by_uncertainty(test["label"].to_numpy(), test["probability"].to_numpy(),
+                                                    test["uncertainty"].to_numpy())
+                          if "uncertainty" in test and not test.empty else {})
     return out
 
 
@@ -501,6 +511,24 @@ def by_kind_table(by_kind: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def uncertainty_table(unc: dict) -> str:
+    """Markdown: the test split's error rate per uncertainty decile, or why there is none."""
+    if not unc or not unc.get("bins"):
+        return ("No uncertainty was measured: one member and no head dropout (train with `head_dropout` > 0 for "
+                "MC dropout, or with two members or more for their spread).")
+    def fmt(v):
+        return f"{v:.3f}" if np.isfinite(v) else "undefined (no errors, or no spread)"
+
+    lines = [f"Errors at probability {unc['threshold']:.1f}: {unc['error_rate']:.3f} of {unc['n']} test rows; "
+             f"AUROC of the uncertainty for finding them {fmt(unc['error_auroc'])}, rank correlation of decile "
+             f"and error rate {fmt(unc['spearman'])}.", "",
+             "| decile (least uncertain first) | rows | uncertainty (logit) | error rate |", "|---|---|---|---|"]
+    for b in unc["bins"]:
+        lines.append(f"| {b['bin']} | {b['n']} | {b['uncertainty_low']:.3f}–{b['uncertainty_high']:.3f} | "
+                     f"{b['error_rate']:.3f} |")
+    return "\n".join(lines)
+
+
 def report_markdown(survey: str, figures: dict, calibrator: dict, shortcut: dict | None = None) -> str:
     ind, held = figures["in_distribution"], figures.get("heldout", {})
     lines = [f"# Bologna report: {survey}", "", summary_table(figures, shortcut), "",
@@ -541,6 +569,11 @@ def report_markdown(survey: str, figures: dict, calibrator: dict, shortcut: dict
         lines += ["", "## AUROC against each non-lens type", "",
                   "Every lens of a set against the non-lenses of one type (their count in brackets), lowest first: "
                   "the types the finder takes for lenses.", "", by_kind_table(figures["by_kind"])]
+    if "uncertainty" in figures:
+        lines += ["", "## Error rate by uncertainty decile (test split)", "",
+                  "Uncertainty: the candidates' `uncertainty` column (members' spread and MC dropout, logit units). "
+                  "Flagged-uncertain candidates should be where the errors are: the error rate should rise with "
+                  "the decile.", "", uncertainty_table(figures["uncertainty"])]
     lines += ["", f"Calibrator: {calibrator['calibrator']['method']} after {calibrator['fusion']['method']} fusion "
               f"of {', '.join(m['name'] for m in calibrator['members'])}; {_fit_rows_text(calibrator)}", "", "![ROC](roc.png)", "", "![scores](score_histograms.png)", "",
               "![reliability](reliability.png)", ""]
@@ -618,7 +651,8 @@ def bologna_report(context: dg.AssetExecutionContext, config: ReportConfig,
     gates = {k: getattr(config, k) for k in ("min_auroc", "min_tpr10", "max_ece", "min_heldout_auroc",
                                              "min_lensing_only_auroc", "max_fnr_flux_ratio_lt_0_1")}
     report = {"survey": survey.name, "in_distribution": ind, "heldout": held, "families": figures["families"],
-              "lensing_only": pairs, "by_kind": figures.get("by_kind", {}), "shortcut": shortcut and {k: shortcut[k] for k in ("auroc", "n_lenses",
+              "lensing_only": pairs, "by_kind": figures.get("by_kind", {}),
+              "uncertainty": figures.get("uncertainty", {}), "shortcut": shortcut and {k: shortcut[k] for k in ("auroc", "n_lenses",
                                                                                        "n_nonlenses")},
               "gap": {k: ind[k] - held[k] for k in ("auroc", "tpr0", "tpr10") if k in held},
               "calibrator": calibrator, "scores_path": str(path), "gates": gates}
@@ -644,6 +678,9 @@ def bologna_report(context: dg.AssetExecutionContext, config: ReportConfig,
             metadata[f"heldout_{f}_{k}"] = float(fig.get(k, nan))
     if figures.get("by_kind"):
         metadata["auroc_by_nonlens_type"] = dg.MetadataValue.md(by_kind_table(figures["by_kind"]))
+    unc = figures.get("uncertainty", {})
+    metadata["error_rate_by_uncertainty_decile"] = dg.MetadataValue.md(uncertainty_table(unc))
+    metadata["uncertainty_error_auroc"] = float(unc.get("error_auroc", nan))
     metadata["lensing_only_auroc"] = float(pairs["auroc"])
     metadata["lensing_only_win_rate"] = float(pairs["win_rate"])
     metadata["n_lensing_only_pairs"] = float(pairs["n_pairs"])

@@ -13,7 +13,7 @@ from lens_assets.science.ingest import find_fits
 from lens_assets.science.schemas import candidate_schema
 from lens_assets.science.surveys import get_survey
 
-SCORING_CODE_VERSION = "score-3"  # 3: scored by the promoted pair only
+SCORING_CODE_VERSION = "score-4"  # 3: scored by the promoted pair only; 4: uncertainty columns
 
 # a survey's promoted model feeds every (drop, survey) partition of that survey. Dagster (1.13) resolves this mapping by
 # matching the upstream partitions def against the dimensions, so "survey" documents the intent and is the only
@@ -34,6 +34,9 @@ class ScoringConfig(dg.Config):
                             "memory)")
     workers: int = Field(default=0, description="processes reading and PSF-matching files; 0 = every core")
     gallery_size: int = Field(default=12, ge=0, description="top candidates shown in the gallery")
+    mc_samples: int = Field(default=16, ge=0, description="MC-dropout draws of each member's head per cutout "
+                            "(members trained with head_dropout; the backbone runs once): the logit_std_mc and "
+                            "uncertainty columns; 0 for none")
 
 
 @dg.asset(
@@ -76,7 +79,7 @@ def candidate_scores(context: dg.AssetExecutionContext, config: ScoringConfig,
     # each file is read once: validated (quarantined with a reason if bad), matched, scored, calibrated
     result = score_files(files, survey, root=storage.root_path, settings=ShardSettings(**ensemble["shard_settings"]),
                          members=members, fusion=fusion, calibrator=calibrator, batch_size=config.batch_size,
-                         workers=config.workers, device=device)
+                         workers=config.workers, device=device, mc_samples=config.mc_samples)
     catalog, quarantine, scored, seconds = result.catalog, result.quarantine, result.scores, result.seconds
     calibrator_version = doc["version"]  # also score_calibrator's data version
     table = scored.rename(columns={f"logit_{j}": f"logit_{m['name']}" for j, m in enumerate(ensemble["members"])})
@@ -122,7 +125,9 @@ def candidate_scores(context: dg.AssetExecutionContext, config: ScoringConfig,
     if len(table):
         metadata["n_score_above_0.5"] = int((table["score"] > 0.5).sum())
         metadata["top_candidates"] = dg.MetadataValue.md(
-            table.head(10)[["rank", "objid", "score", "logit", "source_file"]].to_markdown(index=False, floatfmt=".4f"))
+            table.head(10)[["rank", "objid", "score", "logit", "uncertainty", "source_file"]].to_markdown(
+                index=False, floatfmt=".4f"))
+        metadata["n_uncertainty_measured"] = int(table["uncertainty"].notna().sum())
     alts = {"score_histogram": "score histogram", "top_candidates_gallery": "top candidates"}
     metadata.update({key: png_markdown(report_dir / name, alt=alts[key]) for key, name in plots.items()})
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(version))

@@ -34,6 +34,9 @@ class TrainConfig(dg.Config):
                                   "the reference band scaled to cancel the deflector's centre) as an input channel")
     radial_residual: bool = Field(default=False, description="add each band less its radial median profile about "
                                   "the centre (the round deflector removed, faint arcs kept) as input channels")
+    head_dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="dropout on each member's pooled "
+                                "features before its classifier; > 0 also gives candidates an MC-dropout "
+                                "uncertainty (scoring draws the head several times)")
     weights_path: str = Field(default="", description="initial backbone weights, a file the training job can read "
                               "(state dict, safetensors or another member's checkpoint); '' for random weights")
 
@@ -125,6 +128,7 @@ def lens_classifier(context: dg.AssetExecutionContext, config: TrainConfig, stor
                                "precision": config.precision, "film": config.film,
                                "colour_residual": config.colour_residual,
                                "radial_residual": config.radial_residual,
+                               "head_dropout": config.head_dropout,
                                "weights_path": config.weights_path}}
         if store:  # a job elsewhere: where the store is and the keys of what it reads and writes
             extras["storage"] = store
@@ -154,6 +158,7 @@ def lens_classifier(context: dg.AssetExecutionContext, config: TrainConfig, stor
             f"{member}/film": bool(s.get("film", False)),
             f"{member}/residual_bands": ",".join(s.get("residual_bands", [])),
             f"{member}/radial_residual": bool(s.get("radial_residual", False)),
+            f"{member}/head_dropout": float(s.get("head_dropout", 0.0)),
             f"{member}/weights_path": s.get("weights_path", ""),
             f"{member}/batch_size": s["batch_size"],
             f"{member}/peak_memory_mb": s["peak_memory_mb"],

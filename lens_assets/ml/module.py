@@ -156,8 +156,10 @@ class LensClassifier(L.LightningModule):
     def __init__(self, *, backbone: str = "resnet10t", in_chans: int = 5, img_size: int = 64, lr: float = 1e-3,
                  weight_decay: float = 0.05, max_epochs: int = 10, augment: bool = True, film: bool = False,
                  residual_bands: tuple[int, int] | None = None, radial_residual: bool = False,
-                 weights_path: str | None = None):
+                 head_dropout: float = 0.0, weights_path: str | None = None):
         super().__init__()
+        if not 0.0 <= head_dropout < 1.0:
+            raise ValueError(f"head_dropout must be in [0, 1), got {head_dropout}")
         if residual_bands is not None:
             blue, red = (int(i) for i in residual_bands)
             if not (0 <= blue < in_chans and 0 <= red < in_chans and blue != red):
@@ -184,6 +186,10 @@ class LensClassifier(L.LightningModule):
     def needs_conditions(self) -> bool:
         return self.film is not None
 
+    @property
+    def head_dropout(self) -> float:
+        return float(self.hparams.get("head_dropout", 0.0))
+
     def use_channels_last(self) -> "LensClassifier":
         """channels_last weights and inputs, for convolutional backbones (a ViT is left as it is)."""
         from .backbones import get_spec
@@ -193,23 +199,58 @@ class LensClassifier(L.LightningModule):
             self.to(memory_format=torch.channels_last)
         return self
 
-    def forward(self, image: torch.Tensor, variance: torch.Tensor, fwhm_before: torch.Tensor | None = None,
-                band_flags: torch.Tensor | None = None) -> torch.Tensor:
+    def network_input(self, image: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
+        """What the backbone sees: the scaled bands, then the colour and radial residual channels if enabled."""
         x = scale_input(image, variance)
         bands = self.hparams.get("residual_bands")
         if bands is not None:
             x = torch.cat([x, colour_residual(image, variance, blue=bands[0], red=bands[1])], dim=1)
         if self.hparams.get("radial_residual"):
             x = torch.cat([x, radial_residual(image, variance)], dim=1)
-        x = x.contiguous(memory_format=self.memory_format)
-        if self.film is None:
+        return x.contiguous(memory_format=self.memory_format)
+
+    def forward(self, image: torch.Tensor, variance: torch.Tensor, fwhm_before: torch.Tensor | None = None,
+                band_flags: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.network_input(image, variance)
+        if self.film is None and not self.head_dropout:
             return self.net(x).squeeze(1)
+        return self.classify(self._pooled(x, variance, fwhm_before, band_flags), dropout=self.training)
+
+    def _pooled(self, x, variance, fwhm_before, band_flags) -> torch.Tensor:
+        """The backbone's pooled features of the network input ``x`` (FiLM-conditioned for a FiLM member)."""
+        features = self.net.forward_head(self.net.forward_features(x), pre_logits=True)
+        if self.film is None:
+            return features
         if fwhm_before is None or band_flags is None:
             raise ValueError(f"a FiLM member ({self.hparams.backbone}) needs fwhm_before and band_flags with the "
                              "images (the shards' per-row PSF table)")
-        features = self.net.forward_head(self.net.forward_features(x), pre_logits=True)
-        features = self.film(features, observing_conditions(variance, fwhm_before, band_flags))
+        return self.film(features, observing_conditions(variance, fwhm_before, band_flags))
+
+    def classify(self, features: torch.Tensor, *, dropout: bool) -> torch.Tensor:
+        """Logits of pooled ``features``; ``dropout`` drops features at ``head_dropout`` first (training, and
+        the samples of :meth:`mc_dropout_logits`)."""
+        if dropout and self.head_dropout:
+            features = F.dropout(features, p=self.head_dropout, training=True)
         return self.net.get_classifier()(features).squeeze(1)
+
+    def mc_dropout_logits(self, image: torch.Tensor, variance: torch.Tensor, fwhm_before=None, band_flags=None, *,
+                          n_samples: int = 16, generator: torch.Generator | None = None):
+        """The deterministic logit (n,) and ``n_samples`` Monte Carlo dropout logits (n_samples, n).
+
+        MC dropout (Gal & Ghahramani 2016) over the head: the backbone runs once, in eval mode (batch norm
+        with its running statistics), and its pooled features are dropped at the rate the member was trained
+        with, ``n_samples`` times. The samples' spread is the member's epistemic uncertainty per cutout; a
+        member trained without head dropout has none to give (an error says so).
+        """
+        if not self.head_dropout:
+            raise ValueError(f"member {self.hparams.backbone} was trained without head dropout (head_dropout = 0): "
+                             "MC dropout needs a member trained with it")
+        features = self._pooled(self.network_input(image, variance), variance, fwhm_before, band_flags)
+        deterministic = self.classify(features, dropout=False)
+        keep = 1.0 - self.head_dropout
+        draws = torch.rand((n_samples, *features.shape), generator=generator).to(features.device) < keep
+        samples = self.net.get_classifier()(features[None] * draws.to(features.dtype) / keep).squeeze(-1)
+        return deterministic, samples
 
     def _forward_batch(self, batch, image=None, variance=None):
         image = batch["image"] if image is None else image

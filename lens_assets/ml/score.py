@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["load_member", "load_members", "member_logits", "Fusion", "fit_fusion", "FUSION_METHODS",
-           "score_files", "ScoredFiles"]
+__all__ = ["load_member", "load_members", "member_logits", "member_scores", "member_outputs", "Fusion", "fit_fusion",
+           "FUSION_METHODS", "score_files", "ScoredFiles", "uncertainty_columns", "UNCERTAINTY_COLUMNS"]
 
 FUSION_METHODS = ("mean", "val_weights")
 
@@ -65,6 +65,15 @@ def default_device() -> str:
 def member_logits(members: list, dataset, *, batch_size: int = 256, num_workers: int = 0,
                   device: str | None = None, progress: bool = False, precision: str = "auto") -> np.ndarray:
     """Logits of every member for every row of ``dataset`` (a ``ShardDataset``), shape (n, n_members)."""
+    return member_scores(members, dataset, batch_size=batch_size, num_workers=num_workers, device=device,
+                         progress=progress, precision=precision)[0]
+
+
+def member_scores(members: list, dataset, *, batch_size: int = 256, num_workers: int = 0,
+                  device: str | None = None, progress: bool = False, precision: str = "auto",
+                  mc_samples: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Logits (n, n_members) of every member for every row of ``dataset`` and their MC-dropout standard
+    deviations (n, n_members; NaN for a member without head dropout, or all NaN with ``mc_samples`` 0)."""
     import torch
 
     from .data import collate
@@ -73,19 +82,47 @@ def member_logits(members: list, dataset, *, batch_size: int = 256, num_workers:
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                                          collate_fn=collate)
     out = np.empty((len(dataset), len(members)), np.float32)
+    std = np.full((len(dataset), len(members)), np.nan, np.float32)
     if progress:
         from tqdm.auto import tqdm
 
         loader = tqdm(loader, desc="score", unit="batch")
     start = 0
+    generator = torch.Generator().manual_seed(0)  # the same MC draws on every run
     for batch in loader:
         n = len(batch["image"])
-        out[start:start + n] = logits_of_batch(members, batch["image"].numpy(), batch["variance"].numpy(),
-                                               device=device, precision=precision,
-                                               fwhm_before=batch["fwhm_before"].numpy(),
-                                               band_flags=batch["band_flags"].numpy())
+        out[start:start + n], std[start:start + n] = member_outputs(
+            members, batch["image"].numpy(), batch["variance"].numpy(), device=device, precision=precision,
+            fwhm_before=batch["fwhm_before"].numpy(), band_flags=batch["band_flags"].numpy(), mc_samples=mc_samples,
+            generator=generator)
         start += n
-    return out
+    return out, std
+
+
+UNCERTAINTY_COLUMNS = ("logit_std_ensemble", "logit_std_mc", "uncertainty")
+
+
+def uncertainty_columns(logits, mc_std, fusion: "Fusion") -> dict:
+    """Per-row uncertainty of the fused logit, in logit units (docs/assets.md, ``candidate_scores``):
+
+    * ``logit_std_ensemble``: the spread of the members' logits (their standard deviation about their mean;
+      NaN with one member);
+    * ``logit_std_mc``: the MC-dropout standard deviation of the fused logit, ``sqrt(sum_j w_j^2 s_j^2)`` over
+      the members with head dropout (fusion weights ``w_j``; each member's draws are independent); NaN when
+      no member has head dropout;
+    * ``uncertainty``: ``sqrt`` of the sum of the two variances that exist (NaN when neither does).
+    """
+    z = np.asarray(logits, dtype=float)
+    s = np.asarray(mc_std, dtype=float)
+    n, m = z.shape
+    ens = z.std(axis=1) if m > 1 else np.full(n, np.nan)
+    w2 = np.asarray(fusion.weights, dtype=float) ** 2
+    has = np.isfinite(s)
+    mc = np.sqrt(np.where(has, s**2, 0.0) @ w2)
+    mc = np.where(has.any(axis=1), mc, np.nan)
+    both = np.stack([ens**2, mc**2])
+    total = np.where(np.isfinite(both).any(axis=0), np.sqrt(np.nansum(both, axis=0)), np.nan)
+    return {"logit_std_ensemble": ens, "logit_std_mc": mc, "uncertainty": total}
 
 
 @dataclass
@@ -137,6 +174,15 @@ def logits_of_batch(members: list, image, variance, *, device: str, precision: s
 
     ``fwhm_before`` and ``band_flags`` (n, bands) are needed by FiLM members only.
     """
+    return member_outputs(members, image, variance, device=device, precision=precision, fwhm_before=fwhm_before,
+                          band_flags=band_flags)[0]
+
+
+def member_outputs(members: list, image, variance, *, device: str, precision: str = "auto", fwhm_before=None,
+                   band_flags=None, mc_samples: int = 0, generator=None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`logits_of_batch` and, with ``mc_samples`` > 0, each member's MC-dropout standard deviation of its
+    logit over that many draws of its head (``LensClassifier.mc_dropout_logits``; NaN for a member trained
+    without head dropout). Both (n, n_members), float32; the logits are the deterministic ones either way."""
     import torch
 
     from .precision import bf16_autocast
@@ -150,9 +196,18 @@ def logits_of_batch(members: list, image, variance, *, device: str, precision: s
             raise ValueError(f"FiLM member(s) {film} need fwhm_before and band_flags with the images")
         extra = (torch.from_numpy(np.ascontiguousarray(fwhm_before)).to(device),
                  torch.from_numpy(np.ascontiguousarray(band_flags)).to(device))
+    logits, std = [], []
     with torch.inference_mode(), bf16_autocast(device, precision):
-        return np.stack([m(x, v, *(extra if getattr(m, "needs_conditions", False) else ())).float().cpu().numpy()
-                         for m in members], axis=1)
+        for m in members:
+            args = (x, v, *(extra if getattr(m, "needs_conditions", False) else ()))
+            if mc_samples > 0 and getattr(m, "head_dropout", 0.0):
+                det, draws = m.mc_dropout_logits(*args, n_samples=mc_samples, generator=generator)
+                logits.append(det.float().cpu().numpy())
+                std.append(draws.float().std(dim=0).cpu().numpy())
+            else:
+                logits.append(m(*args).float().cpu().numpy())
+                std.append(np.full(len(x), np.nan, np.float32))
+    return np.stack(logits, axis=1), np.stack(std, axis=1).astype(np.float32)
 
 
 def read_and_match(args) -> tuple[list, dict]:
@@ -202,7 +257,7 @@ def _threads_beside_workers(device: str, n_workers: int):
 @dataclass
 class ScoredFiles:
     """``scores``: one row per catalog row (``objid``, ``logit`` fused, ``logit_<j>`` per member, ``score``
-    calibrated, ``psf_matched_bands``, ``band_flag_bits``); ``catalog`` and ``quarantine`` as ``ingest_files``
+    calibrated, the :data:`UNCERTAINTY_COLUMNS`, ``psf_matched_bands``, ``band_flag_bits``); ``catalog`` and ``quarantine`` as ``ingest_files``
     makes them (``len(catalog) + len(quarantine) == n_files``)."""
 
     scores: "object"
@@ -214,11 +269,12 @@ class ScoredFiles:
 
 def score_files(paths, survey, *, root: str | Path, settings, members: list, fusion: "Fusion", calibrator,
                 batch_size: int = 128, workers: int = 0, device: str | None = None,
-                progress: bool = True, precision: str = "auto") -> ScoredFiles:
+                progress: bool = True, precision: str = "auto", mc_samples: int = 16) -> ScoredFiles:
     """Score FITS files end to end, reading each file once: validate it with the catalog's ingest rules
     (a bad file is quarantined with its reason, a repeated OBJID as ``duplicate_objid``), PSF-match and
     normalize it as the training shards were (``settings``, the shards' ``ShardSettings``), run every
-    member, fuse, calibrate.
+    member, fuse, calibrate, and give each row the uncertainty columns of :func:`uncertainty_columns`
+    (``mc_samples`` head draws per member with head dropout).
 
     Files are read and matched by ``workers`` processes in batches of ``batch_size``
     while this process runs the models; at most a few batches are in flight, so
@@ -240,7 +296,10 @@ def score_files(paths, survey, *, root: str | Path, settings, members: list, fus
     import photutils.psf_matching  # noqa: F401
 
     seen = FirstObjid(survey.name)
-    rows, quarantined, logits, matched, flags = [], [], [], [], []
+    rows, quarantined, logits, mc_std, matched, flags = [], [], [], [], [], []
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
     with _threads_beside_workers(device, min(resolve_workers(workers), len(tasks))):
         for outcomes, batch in bounded_imap(read_and_match, tasks, workers=workers, progress=progress, unit="file",
                                             desc=f"score {survey.name}", weights=[len(t[0]) for t in tasks]):
@@ -259,9 +318,11 @@ def score_files(paths, survey, *, root: str | Path, settings, members: list, fus
             if not keep:
                 continue
             keep = np.asarray(keep) if len(keep) < k else slice(None)
-            logits.append(logits_of_batch(members, batch["image"][keep], batch["variance"][keep], device=device,
-                                          precision=precision, fwhm_before=batch["fwhm_before"][keep],
-                                          band_flags=batch["band_flags"][keep]))
+            z, s = member_outputs(members, batch["image"][keep], batch["variance"][keep], device=device,
+                                  precision=precision, fwhm_before=batch["fwhm_before"][keep],
+                                  band_flags=batch["band_flags"][keep], mc_samples=mc_samples, generator=generator)
+            logits.append(z)
+            mc_std.append(s)
             matched.append(batch["psf_matched"][keep].sum(axis=1))
             bits = batch["band_flags"][keep].astype(np.int64)
             flags.append(np.bitwise_or.reduce(bits, axis=1) if bits.shape[1] else np.zeros(len(bits), np.int64))
@@ -272,6 +333,9 @@ def score_files(paths, survey, *, root: str | Path, settings, members: list, fus
     for j in range(len(members)):
         scores[f"logit_{j}"] = z[:, j]
     scores["score"] = calibrator.predict(fused) if len(z) else np.empty(0)
+    sd = np.concatenate(mc_std) if mc_std else np.empty((0, len(members)), np.float32)
+    for name, values in uncertainty_columns(z, sd, fusion).items():
+        scores[name] = values
     scores["psf_matched_bands"] = np.concatenate(matched) if matched else np.empty(0, np.int64)
     scores["band_flag_bits"] = np.concatenate(flags) if flags else np.empty(0, np.int64)
     return ScoredFiles(scores=scores, catalog=catalog, quarantine=quarantine_frame(quarantined), n_files=len(paths),

@@ -24,7 +24,7 @@ import numpy as np
 __all__ = ["threshold_at_n_false_positives", "tpr_at_n_false_positives", "tpr0", "tpr10", "tpr_at_fpr",
            "expected_calibration_error", "fnr_by_bins", "noise_limited_fnr", "FLUX_RATIO_BINS", "THETA_E_BINS",
            "ARC_SNR_BINS", "bologna_metrics", "bootstrap_interval", "BOOTSTRAP_METRICS", "paired_win_rate",
-           "auroc_by_kind"]
+           "auroc_by_kind", "error_rate_by_uncertainty"]
 
 FLUX_RATIO_BINS = (("lt_0.1", 0.0, 0.1), ("0.1_0.3", 0.1, 0.3), ("ge_0.3", 0.3, np.inf))
 # Einstein radius (arcsec): below ~0.8" a ground-based survey's seeing hides the arcs
@@ -282,3 +282,41 @@ def auroc_by_kind(labels, scores, kinds) -> dict:
         y = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
         out[kind] = {"auroc": float(roc_auc_score(y, np.r_[pos, neg])), "n": float(len(neg))}
     return dict(sorted(out.items(), key=lambda kv: kv[1]["auroc"]))
+
+
+def error_rate_by_uncertainty(labels, probs, uncertainty, *, n_bins: int = 10, threshold: float = 0.5) -> dict:
+    """Whether the flagged-uncertain predictions are where the errors are.
+
+    An error is a prediction on the wrong side of ``threshold`` (calibrated probability >= ``threshold`` for a
+    non-lens, below it for a lens). Rows are ordered by ``uncertainty`` and cut into ``n_bins`` equal-count
+    bins (deciles by default), least uncertain first; each bin gives its row count, uncertainty range and mean,
+    and error rate. ``error_auroc`` is the AUROC of the uncertainty as a detector of the errors (0.5: it says
+    nothing about them; NaN without both errors and correct predictions), ``spearman`` the rank correlation of
+    bin order and error rate. Rows with a non-finite uncertainty are left out and counted (``n_unmeasured``);
+    with none measured the bins are empty.
+    """
+    from scipy.stats import spearmanr
+    from sklearn.metrics import roc_auc_score
+
+    y = np.asarray(labels, dtype=int)
+    p = np.asarray(probs, dtype=float)
+    u = np.asarray(uncertainty, dtype=float)
+    ok = np.isfinite(u)
+    out = {"n": int(ok.sum()), "n_unmeasured": int((~ok).sum()), "threshold": float(threshold), "bins": [],
+           "error_auroc": float("nan"), "spearman": float("nan"), "error_rate": float("nan")}
+    if not ok.any():
+        return out
+    y, p, u = y[ok], p[ok], u[ok]
+    wrong = ((p >= threshold).astype(int) != y).astype(float)
+    out["error_rate"] = float(wrong.mean())
+    order = np.argsort(u, kind="stable")
+    for i, idx in enumerate(np.array_split(order, min(n_bins, len(u)))):
+        out["bins"].append({"bin": i + 1, "n": int(len(idx)), "uncertainty_low": float(u[idx].min()),
+                            "uncertainty_high": float(u[idx].max()), "uncertainty_mean": float(u[idx].mean()),
+                            "error_rate": float(wrong[idx].mean())})
+    if 0 < wrong.sum() < len(wrong):
+        out["error_auroc"] = float(roc_auc_score(wrong, u))
+    rates = [b["error_rate"] for b in out["bins"]]
+    if len(rates) > 1 and np.ptp(rates) > 0:
+        out["spearman"] = float(spearmanr(np.arange(len(rates)), rates).statistic)
+    return out

@@ -160,6 +160,29 @@ def test_report_figures_equal_metrics_recomputed_from_the_scores(graph):
     assert meta["heldout_tpr10"] == pytest.approx(_tpr_above(hy, hs, 9)[0])
 
 
+def test_report_gives_the_error_rate_by_uncertainty_decile_of_the_test_split(graph):
+    """The scores carry each row's uncertainty; the report's deciles are recomputed here from them."""
+    storage, result = graph
+    scores = _scores(storage)
+    test = scores[scores["split"] == "test"]
+    assert np.isfinite(scores["uncertainty"]).all() and (scores["uncertainty"] > 0).all()
+    np.testing.assert_allclose(scores["uncertainty"], scores[f"logit_std_mc_{MEMBER}"], rtol=1e-6)
+    unc = json.loads(storage.path("reports", SURVEY, "bologna", "report.json").read_text())["uncertainty"]
+    assert sum(b["n"] for b in unc["bins"]) == len(test) == unc["n"] and len(unc["bins"]) == 10
+    order = np.argsort(test["uncertainty"].to_numpy(), kind="stable")
+    wrong = ((test["probability"].to_numpy() >= 0.5).astype(int) != test["label"].to_numpy())
+    for b, idx in zip(unc["bins"], np.array_split(order, 10)):
+        assert b["error_rate"] == pytest.approx(wrong[idx].mean())
+    assert unc["error_rate"] == pytest.approx(wrong.mean())
+    if 0 < wrong.sum() < len(wrong):
+        assert unc["error_auroc"] == pytest.approx(roc_auc_score(wrong, test["uncertainty"]))
+    md = storage.path("reports", SURVEY, "bologna", "report.md").read_text()
+    assert "## Error rate by uncertainty decile (test split)" in md
+    meta = _metadata(result, "bologna_report")
+    assert "| decile (least uncertain first) |" in meta["error_rate_by_uncertainty_decile"]
+    assert meta["uncertainty_error_auroc"] == pytest.approx(unc["error_auroc"], nan_ok=True)
+
+
 def test_test_rows_are_the_test_split_and_heldout_rows_the_heldout_family(graph):
     storage, result = graph
     meta = _metadata(result, "bologna_report")

@@ -216,6 +216,34 @@ def test_scores_equal_the_shard_pipeline_stage_by_stage(scored):
     assert (got_rank[:, None] < got_rank[None, :])[clearly_above].all()
 
 
+def test_candidates_carry_the_mc_dropout_uncertainty_of_their_fused_logit(scored):
+    """One member trained with head dropout: no ensemble spread, an MC-dropout spread for every row, and the
+    row's uncertainty is that spread; the same member and draws give the same column (seeded)."""
+    import torch
+
+    from lens_assets.ml.score import load_members, member_outputs
+    from lens_assets.science.shards import ShardSettings, process_batch
+    from lens_assets.science.ingest import ingest_files
+    from lens_assets.science.surveys import get_survey
+
+    storage, table = scored["storage"], scored["table"]
+    assert table["logit_std_ensemble"].isna().all()
+    assert (table["logit_std_mc"] > 0).all() and np.isfinite(table["logit_std_mc"]).all()
+    np.testing.assert_allclose(table["uncertainty"], table["logit_std_mc"], rtol=1e-12)
+    # the column is each row's std over the member's head draws (fusion mean of one member: weight 1)
+    ensemble = json.loads(storage.path("promoted", SURVEY, "ensemble.json").read_text())
+    members = load_members([storage.path(m["checkpoint"]) for m in ensemble["members"]], device="cpu")
+    files = [storage.path("inbox", SURVEY, DROP, name) for name in scored["good"][:9]]
+    catalog = ingest_files(files, get_survey(SURVEY), root=storage.root_path, workers=1, progress=False).catalog
+    batch = process_batch((catalog.to_dict("records"), str(storage.root_path),
+                           ShardSettings(**ensemble["shard_settings"])))
+    _, std = member_outputs(members, batch["image"], batch["variance"], device="cpu", mc_samples=400,
+                            generator=torch.Generator().manual_seed(1))
+    got = table.set_index("objid").loc[catalog["objid"], "logit_std_mc"].to_numpy()
+    np.testing.assert_allclose(got, std[:, 0], rtol=0.35)  # 16 draws in the table against 400 here
+    assert scored["meta"]["n_uncertainty_measured"] == len(table)
+
+
 def test_metadata_has_the_score_histogram_and_the_top_candidates_gallery(scored):
     storage, meta, table = scored["storage"], scored["meta"], scored["table"]
     out = storage.path("candidates", SURVEY, DROP)

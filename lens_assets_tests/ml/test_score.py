@@ -235,3 +235,47 @@ def test_scoring_leaves_the_cores_of_its_worker_processes_to_them(monkeypatch):
         assert torch.get_num_threads() == before  # restored on the way out of an error too
     finally:
         torch.set_num_threads(before)
+
+
+# --- uncertainty ------------------------------------------------------------------------------------
+
+
+def test_uncertainty_columns_by_hand():
+    """Two members: their spread is half their difference; MC stds combine through the fusion weights."""
+    from lens_assets.ml.score import uncertainty_columns
+
+    z = np.array([[1.0, 3.0], [0.0, 0.0]])
+    s = np.array([[0.3, 0.4], [np.nan, 0.5]])
+    out = uncertainty_columns(z, s, Fusion("val_weights", [2.0, 1.0], 0.1))
+    np.testing.assert_allclose(out["logit_std_ensemble"], [1.0, 0.0])
+    np.testing.assert_allclose(out["logit_std_mc"], [np.sqrt(4 * 0.09 + 0.16), 0.5])
+    np.testing.assert_allclose(out["uncertainty"], [np.sqrt(1.0 + 0.52), 0.5])
+    one = uncertainty_columns(z[:, :1], np.full((2, 1), np.nan), Fusion.mean(1))
+    assert np.isnan(one["logit_std_ensemble"]).all() and np.isnan(one["logit_std_mc"]).all()
+    assert np.isnan(one["uncertainty"]).all()
+
+
+def test_mc_dropout_draws_average_to_the_deterministic_logit_and_need_head_dropout():
+    """With inverted dropout on the features before a linear classifier, the draws' mean is the deterministic
+    logit (to sampling error); the deterministic logit is the eval-mode forward's."""
+    from lens_assets.ml.score import member_outputs
+
+    torch.manual_seed(0)
+    model = LensClassifier(backbone="resnet10t", in_chans=3, img_size=32, head_dropout=0.3).eval()
+    image = torch.randn(4, 3, 32, 32)
+    variance = torch.ones(4, 3, 32, 32)
+    with torch.inference_mode():
+        det, draws = model.mc_dropout_logits(image, variance, n_samples=4000, generator=torch.Generator().manual_seed(0))
+        forward = model(image, variance)
+    torch.testing.assert_close(det, forward)
+    assert draws.shape == (4000, 4) and (draws.std(dim=0) > 0).all()
+    torch.testing.assert_close(draws.mean(dim=0), det, atol=float(4 * draws.std(dim=0).max() / 4000**0.5), rtol=0)
+    plain = LensClassifier(backbone="resnet10t", in_chans=3, img_size=32).eval()
+    with pytest.raises(ValueError, match="without head dropout"):
+        plain.mc_dropout_logits(image, variance)
+    logits, std = member_outputs([model, plain], image.numpy(), variance.numpy(), device="cpu", mc_samples=8,
+                                 precision="32-true")
+    assert logits.shape == std.shape == (4, 2)
+    assert np.isfinite(std[:, 0]).all() and np.isnan(std[:, 1]).all()
+    with pytest.raises(ValueError, match="head_dropout"):
+        LensClassifier(backbone="resnet10t", in_chans=3, img_size=32, head_dropout=1.0)

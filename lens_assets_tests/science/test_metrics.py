@@ -278,3 +278,26 @@ def test_auroc_by_kind_by_hand_lowest_first():
     assert out["unknown"]["auroc"] == pytest.approx(0.25)
     assert out["ring"]["auroc"] == pytest.approx(roc_auc_score([1, 1, 0, 0], [2.0, 4.0, 3.0, 5.0]))
     assert auroc_by_kind([0, 0], [1.0, 2.0], ["ring", "twin"]) == {}
+
+
+def test_error_rate_by_uncertainty_bins_by_hand():
+    """Ten rows, two bins: the five least uncertain hold one error, the five most uncertain three."""
+    from lens_assets.science.metrics import error_rate_by_uncertainty
+
+    labels = [1, 1, 0, 0, 1, 1, 0, 0, 1, 0, 1]
+    probs = [0.9, 0.8, 0.1, 0.2, 0.3, 0.2, 0.7, 0.9, 0.6, 0.4, 0.5]
+    unc = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, float("nan")]
+    out = error_rate_by_uncertainty(labels, probs, unc, n_bins=2)
+    # errors (p >= 0.5 is a lens): rows 4 (lens at 0.3), 5 (lens at 0.2), 6 and 7 (non-lenses at 0.7, 0.9)
+    assert out["n"] == 10 and out["n_unmeasured"] == 1
+    assert [b["n"] for b in out["bins"]] == [5, 5]
+    assert [b["error_rate"] for b in out["bins"]] == [pytest.approx(0.2), pytest.approx(0.6)]
+    assert out["bins"][0]["uncertainty_low"] == 0.1 and out["bins"][1]["uncertainty_high"] == 1.0
+    assert out["error_rate"] == pytest.approx(0.4)
+    wrong = [0, 0, 0, 0, 1, 1, 1, 1, 0, 0]
+    from sklearn.metrics import roc_auc_score
+
+    assert out["error_auroc"] == pytest.approx(roc_auc_score(wrong, unc[:10]))
+    assert out["spearman"] == pytest.approx(1.0)
+    none = error_rate_by_uncertainty([1, 0], [0.9, 0.1], [float("nan")] * 2)
+    assert none["bins"] == [] and none["n_unmeasured"] == 2 and np.isnan(none["error_auroc"])
