@@ -34,6 +34,7 @@ Training levers (the physical population, the member changed):
 * ``radial_residual``: the member with each band less its radial median profile as more input channels.
 * ``head_dropout`` (``head_dropout=<p>``): the member with dropout (default 0.2) on its pooled features before the
   classifier, which MC-dropout scoring needs.
+* ``upsample=<k>``: the member's input upsampled k times (bilinear) before the backbone, at k² the compute.
 * ``member=<backbone>``: another backbone in place of ``--members`` (e.g. ``member=regnetx_002``), at the
   same epochs; the wall time and training img/s say what it costs.
 """
@@ -51,7 +52,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _util import edit_toml_key as _edit, report  # noqa: E402
 
 LEVERS = ("physical", "baseline", "no_twins", "no_environment", "no_observation", "selection_without_collett_terms")
-TRAINING_LEVERS = ("film", "colour_residual", "radial_residual", "head_dropout[=p]", "member=<backbone>")  # the physical population, another training choice
+TRAINING_LEVERS = ("film", "colour_residual", "radial_residual", "head_dropout[=p]", "upsample=<k>",
+                   "member=<backbone>")  # the physical population, another training choice
 
 
 def training_overrides(lever: str) -> dict:
@@ -62,6 +64,8 @@ def training_overrides(lever: str) -> dict:
         return {"colour_residual": True}
     if lever == "radial_residual":
         return {"radial_residual": True}
+    if lever.startswith("upsample="):
+        return {"upsample": int(lever.split("=", 1)[1])}
     if lever.startswith("head_dropout"):
         return {"head_dropout": float(lever.split("=", 1)[1]) if "=" in lever else 0.2}
     if lever.startswith("member="):

@@ -37,6 +37,9 @@ class TrainConfig(dg.Config):
     head_dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="dropout on each member's pooled "
                                 "features before its classifier; > 0 also gives candidates an MC-dropout "
                                 "uncertainty (scoring draws the head several times)")
+    upsample: int = Field(default=1, ge=1, le=4, description="upsample each member's input this many times "
+                          "(bilinear) before the backbone: more of its feature map for arcs a few pixels wide, at "
+                          "upsample² the compute")
     weights_path: str = Field(default="", description="initial backbone weights, a file the training job can read "
                               "(state dict, safetensors or another member's checkpoint); '' for random weights")
 
@@ -129,6 +132,7 @@ def lens_classifier(context: dg.AssetExecutionContext, config: TrainConfig, stor
                                "colour_residual": config.colour_residual,
                                "radial_residual": config.radial_residual,
                                "head_dropout": config.head_dropout,
+                               "upsample": config.upsample,
                                "weights_path": config.weights_path}}
         if store:  # a job elsewhere: where the store is and the keys of what it reads and writes
             extras["storage"] = store
@@ -159,6 +163,7 @@ def lens_classifier(context: dg.AssetExecutionContext, config: TrainConfig, stor
             f"{member}/residual_bands": ",".join(s.get("residual_bands", [])),
             f"{member}/radial_residual": bool(s.get("radial_residual", False)),
             f"{member}/head_dropout": float(s.get("head_dropout", 0.0)),
+            f"{member}/upsample": int(s.get("upsample", 1)),
             f"{member}/weights_path": s.get("weights_path", ""),
             f"{member}/batch_size": s["batch_size"],
             f"{member}/peak_memory_mb": s["peak_memory_mb"],

@@ -156,10 +156,12 @@ class LensClassifier(L.LightningModule):
     def __init__(self, *, backbone: str = "resnet10t", in_chans: int = 5, img_size: int = 64, lr: float = 1e-3,
                  weight_decay: float = 0.05, max_epochs: int = 10, augment: bool = True, film: bool = False,
                  residual_bands: tuple[int, int] | None = None, radial_residual: bool = False,
-                 head_dropout: float = 0.0, weights_path: str | None = None):
+                 head_dropout: float = 0.0, upsample: int = 1, weights_path: str | None = None):
         super().__init__()
         if not 0.0 <= head_dropout < 1.0:
             raise ValueError(f"head_dropout must be in [0, 1), got {head_dropout}")
+        if upsample not in (1, 2, 3, 4):
+            raise ValueError(f"upsample must be 1, 2, 3 or 4, got {upsample}")
         if residual_bands is not None:
             blue, red = (int(i) for i in residual_bands)
             if not (0 <= blue < in_chans and 0 <= red < in_chans and blue != red):
@@ -174,7 +176,7 @@ class LensClassifier(L.LightningModule):
         extra = (residual_bands is not None) + (in_chans if radial_residual else 0)
         widen = extra > 0 and bool(weights_path)
         self.net = create_backbone(backbone, in_chans=in_chans + (0 if widen else extra),
-                                   img_size=img_size, num_classes=1, weights_path=weights_path or None)
+                                   img_size=img_size * upsample, num_classes=1, weights_path=weights_path or None)
         if widen:
             widen_first_conv(self.net, extra)
         self.film = FiLM(3 * in_chans, self.net.get_classifier().in_features) if film else None
@@ -200,13 +202,18 @@ class LensClassifier(L.LightningModule):
         return self
 
     def network_input(self, image: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
-        """What the backbone sees: the scaled bands, then the colour and radial residual channels if enabled."""
+        """What the backbone sees: the scaled bands, then the colour and radial residual channels if enabled,
+        upsampled bilinearly ``upsample`` times (arcs a few pixels wide keep more of the backbone's feature map
+        before its stride-32 downsampling)."""
         x = scale_input(image, variance)
         bands = self.hparams.get("residual_bands")
         if bands is not None:
             x = torch.cat([x, colour_residual(image, variance, blue=bands[0], red=bands[1])], dim=1)
         if self.hparams.get("radial_residual"):
             x = torch.cat([x, radial_residual(image, variance)], dim=1)
+        up = int(self.hparams.get("upsample", 1))
+        if up > 1:
+            x = F.interpolate(x, scale_factor=up, mode="bilinear", align_corners=False)
         return x.contiguous(memory_format=self.memory_format)
 
     def forward(self, image: torch.Tensor, variance: torch.Tensor, fwhm_before: torch.Tensor | None = None,

@@ -62,6 +62,7 @@ class TrainSettings:
     colour_residual: bool = False  # one more input channel: the RingFinder band difference (module.colour_residual)
     radial_residual: bool = False  # one more channel per band: the band less its radial median (module.radial_residual)
     head_dropout: float = 0.0  # dropout on the pooled features before the classifier; > 0 enables MC-dropout scoring
+    upsample: int = 1  # the network input upsampled this many times (bilinear): more feature map for small arcs
     weights_path: str = ""  # initial backbone weights (a local file), "" for a random initialization
     max_minutes: float = 0.0  # wall-clock budget (Lightning max_time, counted over resumed starts too), 0 for none
 
@@ -143,7 +144,7 @@ def train(shard_dir: str | Path, splits_path: str | Path, out_dir: str | Path, s
     model = LensClassifier(backbone=settings.backbone, in_chans=in_chans, img_size=img_size, lr=settings.lr,
                            weight_decay=settings.weight_decay, max_epochs=settings.epochs, augment=settings.augment,
                            film=settings.film, residual_bands=residual, radial_residual=settings.radial_residual,
-                           head_dropout=settings.head_dropout, weights_path=settings.weights_path or None)
+                           head_dropout=settings.head_dropout, upsample=settings.upsample, weights_path=settings.weights_path or None)
     gpu = torch.cuda.is_available() and settings.accelerator in ("auto", "gpu", "cuda")
     precision = resolve_precision(settings.precision, gpu=gpu)
     model.use_channels_last()
@@ -205,6 +206,7 @@ def train(shard_dir: str | Path, splits_path: str | Path, out_dir: str | Path, s
         "residual_bands": [shard_bands[i] for i in residual] if residual else [],
         "radial_residual": settings.radial_residual,
         "head_dropout": settings.head_dropout,
+        "upsample": settings.upsample,
         "weights_path": settings.weights_path,
         "train_img_per_s": len(train_ds) * epochs_now / seconds if seconds > 0 else 0.0,
         "peak_memory_mb": (torch.cuda.max_memory_allocated() / 2**20 if gpu

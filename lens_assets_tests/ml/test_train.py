@@ -482,3 +482,28 @@ def test_the_run_fingerprint_follows_the_shards_data_version_and_the_settings_th
     assert run_fingerprint(data / "shards", data / "splits.parquet",
                            TrainSettings(backbone="resnet10t", radial_residual=True)) != fp
     assert run_fingerprint(data / "shards", data / "splits.parquet", TrainSettings(backbone="resnet10t", epochs=3)) == fp
+
+
+def test_an_upsampled_member_sees_its_input_interpolated_and_trains_and_scores(data, tmp_path):
+    import torch.nn.functional as F
+
+    from lens_assets.ml.data import ShardDataset
+    from lens_assets.ml.module import LensClassifier
+    from lens_assets.ml.score import load_member, member_logits
+
+    image, variance = torch.rand(2, 5, 16, 16), torch.ones(2, 5, 16, 16)
+    plain = LensClassifier(backbone="resnet10t", in_chans=5, img_size=16)
+    up = LensClassifier(backbone="resnet10t", in_chans=5, img_size=16, upsample=2)
+    x = up.network_input(image, variance)
+    assert x.shape == (2, 5, 32, 32)
+    torch.testing.assert_close(x, F.interpolate(plain.network_input(image, variance), scale_factor=2,
+                                                mode="bilinear", align_corners=False))
+    with pytest.raises(ValueError, match="upsample"):
+        LensClassifier(backbone="resnet10t", in_chans=5, img_size=16, upsample=5)
+    s = train(data / "shards", data / "splits.parquet", tmp_path / "up",
+              TrainSettings(backbone="resnet10t", epochs=1, batch_size=16, progress=False, upsample=2))
+    assert s["upsample"] == 2
+    member = load_member(s["best_checkpoint"])
+    assert member.hparams.upsample == 2
+    z = member_logits([member], ShardDataset(data / "shards"), device="cpu")
+    assert np.isfinite(z).all()
