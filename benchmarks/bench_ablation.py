@@ -34,6 +34,8 @@ Training levers (the physical population, the member changed):
 * ``radial_residual``: the member with each band less its radial median profile as more input channels.
 * ``head_dropout`` (``head_dropout=<p>``): the member with dropout (default 0.2) on its pooled features before the
   classifier, which MC-dropout scoring needs.
+* ``arc_attention``: the member with a tangential self-attention branch about the centre whose logit adds to
+  the backbone's (``module.TangentialAttention``).
 * ``upsample=<k>``: the member's input upsampled k times (bilinear) before the backbone, at k² the compute.
 * ``member=<backbone>``: another backbone in place of ``--members`` (e.g. ``member=regnetx_002``), at the
   same epochs; the wall time and training img/s say what it costs.
@@ -52,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _util import edit_toml_key as _edit, report  # noqa: E402
 
 LEVERS = ("physical", "baseline", "no_twins", "no_environment", "no_observation", "selection_without_collett_terms")
-TRAINING_LEVERS = ("film", "colour_residual", "radial_residual", "head_dropout[=p]", "upsample=<k>",
+TRAINING_LEVERS = ("film", "colour_residual", "radial_residual", "head_dropout[=p]", "upsample=<k>", "arc_attention",
                    "member=<backbone>")  # the physical population, another training choice
 
 
@@ -64,6 +66,8 @@ def training_overrides(lever: str) -> dict:
         return {"colour_residual": True}
     if lever == "radial_residual":
         return {"radial_residual": True}
+    if lever == "arc_attention":
+        return {"arc_attention": True}
     if lever.startswith("upsample="):
         return {"upsample": int(lever.split("=", 1)[1])}
     if lever.startswith("head_dropout"):

@@ -40,6 +40,9 @@ class TrainConfig(dg.Config):
     upsample: int = Field(default=1, ge=1, le=4, description="upsample each member's input this many times "
                           "(bilinear) before the backbone: more of its feature map for arcs a few pixels wide, at "
                           "upsample² the compute")
+    arc_attention: bool = Field(default=False, description="add a tangential self-attention branch about the "
+                                "stamp's centre (polar resampling, attention over angle at each radius) whose logit "
+                                "is added to the backbone's")
     weights_path: str = Field(default="", description="initial backbone weights, a file the training job can read "
                               "(state dict, safetensors or another member's checkpoint); '' for random weights")
 
@@ -133,6 +136,7 @@ def lens_classifier(context: dg.AssetExecutionContext, config: TrainConfig, stor
                                "radial_residual": config.radial_residual,
                                "head_dropout": config.head_dropout,
                                "upsample": config.upsample,
+                               "arc_attention": config.arc_attention,
                                "weights_path": config.weights_path}}
         if store:  # a job elsewhere: where the store is and the keys of what it reads and writes
             extras["storage"] = store
@@ -164,6 +168,7 @@ def lens_classifier(context: dg.AssetExecutionContext, config: TrainConfig, stor
             f"{member}/radial_residual": bool(s.get("radial_residual", False)),
             f"{member}/head_dropout": float(s.get("head_dropout", 0.0)),
             f"{member}/upsample": int(s.get("upsample", 1)),
+            f"{member}/arc_attention": bool(s.get("arc_attention", False)),
             f"{member}/weights_path": s.get("weights_path", ""),
             f"{member}/batch_size": s["batch_size"],
             f"{member}/peak_memory_mb": s["peak_memory_mb"],

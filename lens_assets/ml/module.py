@@ -126,6 +126,67 @@ class FiLM(torch.nn.Module):
         return features * (1 + gamma) + beta
 
 
+class TangentialAttention(torch.nn.Module):
+    """Arc-aware attention: self-attention along the tangential direction about the stamp's centre.
+
+    The network input is resampled onto a polar grid about the centre (``n_radii`` radii out to the stamp's
+    edge, ``n_angles`` angles; bilinear), where an arc about the deflector is a run along the angle axis at
+    one radius. A small convolution (circular along the angle) embeds it; multi-head self-attention then
+    runs over the angles of each radius separately (tokens are angles), with a learned bias per head for each
+    angular separation, so each position sees the whole circle at its radius — an arc's extent, a
+    counter-image opposite, a complete ring — and the branch is invariant to rotations about the centre by
+    multiples of the angular step (so to 90° rotations; mirror images are left to the flips of training). Mean and max over angle, per radius, feed a linear
+    layer that gives a logit added to the backbone's; it starts at zero, so a member starts as the plain one.
+    """
+
+    def __init__(self, in_chans: int, *, dim: int = 32, heads: int = 4, n_radii: int = 16, n_angles: int = 32):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} must be a multiple of heads {heads}")
+        self.n_radii, self.n_angles, self.dim, self.heads = n_radii, n_angles, dim, heads
+        self.embed = torch.nn.Conv2d(in_chans, dim, kernel_size=3, padding=0)
+        # attention written out with matmuls: thousands of 32-token sequences, where the CPU's fused
+        # scaled-dot-product kernel was 10x slower than two batched matmuls in the backward pass
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.proj = torch.nn.Linear(dim, dim)
+        self.norm = torch.nn.LayerNorm(dim)
+        # by angular separation in steps, 0 .. n_angles / 2, the same either way round
+        self.separation_bias = torch.nn.Parameter(torch.zeros(heads, n_angles // 2 + 1))
+        ij = torch.arange(n_angles)
+        d = (ij[None, :] - ij[:, None]) % n_angles
+        self.register_buffer("separation", torch.minimum(d, n_angles - d), persistent=False)
+        self.head = torch.nn.Linear(2 * dim * n_radii, 1)
+        torch.nn.init.zeros_(self.head.weight)
+        torch.nn.init.zeros_(self.head.bias)
+
+    def polar(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (n, c, h, w) on the polar grid: (n, c, n_radii, n_angles), radius along dim 2."""
+        import math
+
+        n, _, h, w = x.shape
+        r = (torch.arange(self.n_radii, dtype=torch.float32, device=x.device) + 0.5) / self.n_radii  # of the edge
+        t = torch.arange(self.n_angles, dtype=torch.float32, device=x.device) * (2 * math.pi / self.n_angles)
+        grid = torch.stack([r[:, None] * torch.cos(t)[None], r[:, None] * torch.sin(t)[None]], -1)
+        return F.grid_sample(x.float(), grid[None].expand(n, -1, -1, -1).to(x.device), mode="bilinear",
+                             padding_mode="zeros", align_corners=False).to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.polar(x.contiguous())
+        p = F.pad(p, (1, 1, 0, 0), mode="circular")  # the angle wraps round
+        p = F.pad(p, (0, 0, 1, 1), mode="replicate")
+        e = F.gelu(self.embed(p))  # (n, dim, radii, angles)
+        n = e.shape[0]
+        tokens = e.permute(0, 2, 3, 1).reshape(n * self.n_radii, self.n_angles, self.dim)
+        m, j = tokens.shape[:2]
+        q, k, v = (t.reshape(m, j, self.heads, -1).transpose(1, 2) for t in self.qkv(tokens).chunk(3, dim=-1))
+        bias = self.separation_bias[:, self.separation].to(q.dtype)  # (heads, angles, angles)
+        w = torch.softmax(q @ k.transpose(-1, -2) / (q.shape[-1] ** 0.5) + bias, dim=-1)
+        att = self.proj((w @ v).transpose(1, 2).reshape(m, j, self.dim))
+        tokens = self.norm(tokens + att).reshape(n, self.n_radii, self.n_angles, self.dim)
+        pooled = torch.cat([tokens.mean(dim=2), tokens.amax(dim=2)], dim=-1)  # (n, radii, 2 dim)
+        return self.head(pooled.flatten(1)).squeeze(1)
+
+
 def augment(image: torch.Tensor, variance: torch.Tensor, *, generator: torch.Generator | None = None,
             max_shift_px: float = 0.5, max_extra_noise: float = 0.5):
     """Photometry-preserving augmentation of a batch (same transform for every band of a cutout)."""
@@ -156,7 +217,8 @@ class LensClassifier(L.LightningModule):
     def __init__(self, *, backbone: str = "resnet10t", in_chans: int = 5, img_size: int = 64, lr: float = 1e-3,
                  weight_decay: float = 0.05, max_epochs: int = 10, augment: bool = True, film: bool = False,
                  residual_bands: tuple[int, int] | None = None, radial_residual: bool = False,
-                 head_dropout: float = 0.0, upsample: int = 1, weights_path: str | None = None):
+                 head_dropout: float = 0.0, upsample: int = 1, arc_attention: bool = False,
+                 weights_path: str | None = None):
         super().__init__()
         if not 0.0 <= head_dropout < 1.0:
             raise ValueError(f"head_dropout must be in [0, 1), got {head_dropout}")
@@ -180,6 +242,7 @@ class LensClassifier(L.LightningModule):
         if widen:
             widen_first_conv(self.net, extra)
         self.film = FiLM(3 * in_chans, self.net.get_classifier().in_features) if film else None
+        self.arc = TangentialAttention(in_chans + extra) if arc_attention else None
         self.memory_format = torch.contiguous_format  # channels_last is set by train() and the scorer
         self._val_scores: list = []
         self._val_labels: list = []
@@ -220,8 +283,10 @@ class LensClassifier(L.LightningModule):
                 band_flags: torch.Tensor | None = None) -> torch.Tensor:
         x = self.network_input(image, variance)
         if self.film is None and not self.head_dropout:
-            return self.net(x).squeeze(1)
-        return self.classify(self._pooled(x, variance, fwhm_before, band_flags), dropout=self.training)
+            logit = self.net(x).squeeze(1)
+        else:
+            logit = self.classify(self._pooled(x, variance, fwhm_before, band_flags), dropout=self.training)
+        return logit if self.arc is None else logit + self.arc(x)
 
     def _pooled(self, x, variance, fwhm_before, band_flags) -> torch.Tensor:
         """The backbone's pooled features of the network input ``x`` (FiLM-conditioned for a FiLM member)."""
@@ -252,11 +317,13 @@ class LensClassifier(L.LightningModule):
         if not self.head_dropout:
             raise ValueError(f"member {self.hparams.backbone} was trained without head dropout (head_dropout = 0): "
                              "MC dropout needs a member trained with it")
-        features = self._pooled(self.network_input(image, variance), variance, fwhm_before, band_flags)
-        deterministic = self.classify(features, dropout=False)
+        x = self.network_input(image, variance)
+        features = self._pooled(x, variance, fwhm_before, band_flags)
+        arc = 0.0 if self.arc is None else self.arc(x)
+        deterministic = self.classify(features, dropout=False) + arc
         keep = 1.0 - self.head_dropout
         draws = torch.rand((n_samples, *features.shape), generator=generator).to(features.device) < keep
-        samples = self.net.get_classifier()(features[None] * draws.to(features.dtype) / keep).squeeze(-1)
+        samples = self.net.get_classifier()(features[None] * draws.to(features.dtype) / keep).squeeze(-1) + arc
         return deterministic, samples
 
     def _forward_batch(self, batch, image=None, variance=None):

@@ -63,6 +63,7 @@ class TrainSettings:
     radial_residual: bool = False  # one more channel per band: the band less its radial median (module.radial_residual)
     head_dropout: float = 0.0  # dropout on the pooled features before the classifier; > 0 enables MC-dropout scoring
     upsample: int = 1  # the network input upsampled this many times (bilinear): more feature map for small arcs
+    arc_attention: bool = False  # a tangential self-attention branch about the centre (module.TangentialAttention)
     weights_path: str = ""  # initial backbone weights (a local file), "" for a random initialization
     max_minutes: float = 0.0  # wall-clock budget (Lightning max_time, counted over resumed starts too), 0 for none
 
@@ -144,7 +145,8 @@ def train(shard_dir: str | Path, splits_path: str | Path, out_dir: str | Path, s
     model = LensClassifier(backbone=settings.backbone, in_chans=in_chans, img_size=img_size, lr=settings.lr,
                            weight_decay=settings.weight_decay, max_epochs=settings.epochs, augment=settings.augment,
                            film=settings.film, residual_bands=residual, radial_residual=settings.radial_residual,
-                           head_dropout=settings.head_dropout, upsample=settings.upsample, weights_path=settings.weights_path or None)
+                           head_dropout=settings.head_dropout, upsample=settings.upsample,
+                           arc_attention=settings.arc_attention, weights_path=settings.weights_path or None)
     gpu = torch.cuda.is_available() and settings.accelerator in ("auto", "gpu", "cuda")
     precision = resolve_precision(settings.precision, gpu=gpu)
     model.use_channels_last()
@@ -207,6 +209,7 @@ def train(shard_dir: str | Path, splits_path: str | Path, out_dir: str | Path, s
         "radial_residual": settings.radial_residual,
         "head_dropout": settings.head_dropout,
         "upsample": settings.upsample,
+        "arc_attention": settings.arc_attention,
         "weights_path": settings.weights_path,
         "train_img_per_s": len(train_ds) * epochs_now / seconds if seconds > 0 else 0.0,
         "peak_memory_mb": (torch.cuda.max_memory_allocated() / 2**20 if gpu

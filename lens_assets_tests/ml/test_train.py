@@ -507,3 +507,37 @@ def test_an_upsampled_member_sees_its_input_interpolated_and_trains_and_scores(d
     assert member.hparams.upsample == 2
     z = member_logits([member], ShardDataset(data / "shards"), device="cpu")
     assert np.isfinite(z).all()
+
+
+def test_the_arc_attention_branch_is_rotation_invariant_starts_at_zero_and_trains(data, tmp_path):
+    from lens_assets.ml.data import ShardDataset
+    from lens_assets.ml.module import LensClassifier, TangentialAttention
+    from lens_assets.ml.score import load_member, member_logits
+
+    torch.manual_seed(0)
+    branch = TangentialAttention(5).double()
+    torch.nn.init.normal_(branch.head.weight)
+    torch.nn.init.normal_(branch.separation_bias)
+    x = torch.randn(3, 5, 64, 64, dtype=torch.float64)
+    out = branch(x)
+    # a 90-degree rotation about the centre rolls the polar grid by a quarter of its angles
+    torch.testing.assert_close(branch(torch.rot90(x, 1, dims=(2, 3))), out, rtol=1e-4, atol=1e-4 * float(out.abs().max()))
+    assert (out - branch(torch.roll(x, 5, dims=3))).abs().max() > 1e-3  # not blind: a shifted stamp differs
+    # the polar grid: a ring of radius 16 px lights the radius index 16 / 32 * 16 = 8 at every angle
+    yy, xx = torch.meshgrid(torch.arange(64.0) - 31.5, torch.arange(64.0) - 31.5, indexing="ij")
+    ring = torch.exp(-((torch.sqrt(xx**2 + yy**2) - 16.0) ** 2) / 2.0)[None, None]
+    polar = TangentialAttention(1).polar(ring)[0, 0]
+    assert int(polar.mean(dim=1).argmax()) in (7, 8) and float(polar[7:9].std(dim=1).max()) < 0.05
+    # zero-initialized head: the member starts as the plain one with the same backbone weights
+    image, variance = torch.rand(4, 5, 32, 32), torch.ones(4, 5, 32, 32)
+    arc = LensClassifier(backbone="resnet10t", in_chans=5, img_size=32, arc_attention=True).eval()
+    plain = LensClassifier(backbone="resnet10t", in_chans=5, img_size=32).eval()
+    plain.load_state_dict({k: v for k, v in arc.state_dict().items() if not k.startswith("arc.")})
+    with torch.no_grad():
+        torch.testing.assert_close(arc(image, variance), plain(image, variance))
+    s = train(data / "shards", data / "splits.parquet", tmp_path / "arc",
+              TrainSettings(backbone="resnet10t", epochs=1, batch_size=16, progress=False, arc_attention=True))
+    assert s["arc_attention"] is True
+    member = load_member(s["best_checkpoint"])
+    assert member.arc is not None and float(member.arc.head.weight.abs().sum()) > 0  # it learned something
+    assert np.isfinite(member_logits([member], ShardDataset(data / "shards"), device="cpu")).all()
