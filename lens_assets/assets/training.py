@@ -43,6 +43,10 @@ class TrainConfig(dg.Config):
     arc_attention: bool = Field(default=False, description="add a tangential self-attention branch about the "
                                 "stamp's centre (polar resampling, attention over angle at each radius) whose logit "
                                 "is added to the backbone's")
+    fresh_fraction: float = Field(default=0.0, ge=0.0, le=1.0, description="share of every training batch "
+                                  "replaced by objects simulated on the fly (simulated, written, read and "
+                                  "PSF-matched as the shards were), deterministic from the seed")
+    fresh_family: str = Field(default="physical", description="simulation family of the fresh objects")
     weights_path: str = Field(default="", description="initial backbone weights, a file the training job can read "
                               "(state dict, safetensors or another member's checkpoint); '' for random weights")
 
@@ -137,6 +141,8 @@ def lens_classifier(context: dg.AssetExecutionContext, config: TrainConfig, stor
                                "head_dropout": config.head_dropout,
                                "upsample": config.upsample,
                                "arc_attention": config.arc_attention,
+                               "fresh_fraction": config.fresh_fraction,
+                               "fresh_family": config.fresh_family,
                                "weights_path": config.weights_path}}
         if store:  # a job elsewhere: where the store is and the keys of what it reads and writes
             extras["storage"] = store
@@ -169,6 +175,8 @@ def lens_classifier(context: dg.AssetExecutionContext, config: TrainConfig, stor
             f"{member}/head_dropout": float(s.get("head_dropout", 0.0)),
             f"{member}/upsample": int(s.get("upsample", 1)),
             f"{member}/arc_attention": bool(s.get("arc_attention", False)),
+            f"{member}/fresh_fraction": float(s.get("fresh_fraction", 0.0)),
+            f"{member}/n_fresh": int(s.get("n_fresh", 0)),
             f"{member}/weights_path": s.get("weights_path", ""),
             f"{member}/batch_size": s["batch_size"],
             f"{member}/peak_memory_mb": s["peak_memory_mb"],

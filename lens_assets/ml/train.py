@@ -64,6 +64,8 @@ class TrainSettings:
     head_dropout: float = 0.0  # dropout on the pooled features before the classifier; > 0 enables MC-dropout scoring
     upsample: int = 1  # the network input upsampled this many times (bilinear): more feature map for small arcs
     arc_attention: bool = False  # a tangential self-attention branch about the centre (module.TangentialAttention)
+    fresh_fraction: float = 0.0  # share of each training batch replaced by objects simulated on the fly (ml/fresh)
+    fresh_family: str = "physical"  # the simulation family the fresh objects are drawn from
     weights_path: str = ""  # initial backbone weights (a local file), "" for a random initialization
     max_minutes: float = 0.0  # wall-clock budget (Lightning max_time, counted over resumed starts too), 0 for none
 
@@ -92,6 +94,13 @@ def _loaders(shard_dir: Path, splits_path: Path, s: TrainSettings, batch_size: i
     from .data import collate, training_datasets
 
     data = training_datasets(shard_dir, splits_path)
+    if s.fresh_fraction > 0:
+        from lens_assets.science.shards import read_manifest
+
+        from .fresh import FreshMix
+
+        data["train"] = FreshMix(data["train"], family=s.fresh_family, fraction=s.fresh_fraction, seed=s.seed,
+                                 shard_settings=read_manifest(shard_dir)["settings"])
     gen = torch.Generator().manual_seed(s.seed)
     train = torch.utils.data.DataLoader(data["train"], batch_size=batch_size, shuffle=True, generator=gen,
                                         num_workers=s.num_workers, collate_fn=collate, drop_last=False)
@@ -116,6 +125,7 @@ def train(shard_dir: str | Path, splits_path: str | Path, out_dir: str | Path, s
 
     from lens_assets.science.fileio import write_json_atomic
 
+    from .fresh import FreshEpoch
     from .module import LensClassifier
     from .precision import available_cores, resolve_precision
 
@@ -174,7 +184,8 @@ def train(shard_dir: str | Path, splits_path: str | Path, out_dir: str | Path, s
         max_time={"seconds": settings.max_minutes * 60} if settings.max_minutes > 0 else None,
         precision=precision, deterministic=not gpu,
         callbacks=[checkpoint, latest, EarlyStopping(monitor="val_auroc", mode="max", patience=settings.patience),
-                   *([_AfterEpoch(after_epoch)] if after_epoch else [])],
+                   *([_AfterEpoch(after_epoch)] if after_epoch else []),
+                   *([FreshEpoch()] if settings.fresh_fraction > 0 else [])],
         logger=CSVLogger(out_dir, name="logs"), enable_progress_bar=settings.progress,  # a new version per (re)start
         log_every_n_steps=1, enable_model_summary=False)
     last = out_dir / "last.ckpt"
@@ -210,6 +221,9 @@ def train(shard_dir: str | Path, splits_path: str | Path, out_dir: str | Path, s
         "head_dropout": settings.head_dropout,
         "upsample": settings.upsample,
         "arc_attention": settings.arc_attention,
+        "fresh_fraction": settings.fresh_fraction,
+        "fresh_family": settings.fresh_family if settings.fresh_fraction > 0 else "",
+        "n_fresh": int(getattr(train_ds, "n_fresh", 0)),  # drawn in this process (0 with loader workers)
         "weights_path": settings.weights_path,
         "train_img_per_s": len(train_ds) * epochs_now / seconds if seconds > 0 else 0.0,
         "peak_memory_mb": (torch.cuda.max_memory_allocated() / 2**20 if gpu

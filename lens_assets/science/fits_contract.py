@@ -44,7 +44,7 @@ from .fits_validation import (BAND_FLAGS, BAND_KEYWORDS, CROP_FLAG_RATIO, FITS_B
                               QuarantineError, _number, _pixel_scale, _read_bands, nanomaggies_per_unit,
                               size_on_survey_grid, validate_cutout)
 from .fits_writer import (_KEYWORD_CHARS, TRUTH_KEYS, BandHDUs, _card, _header_block, _image_hdu,  # noqa: F401
-                          _var_unit, cutout_bytes, write_cutout, write_simulated_cutout)
+                          _var_unit, cutout_bytes, simulated_cutout_bytes, write_cutout, write_simulated_cutout)
 
 __all__ = [
     "BandHDUs",
@@ -56,6 +56,7 @@ __all__ = [
     "CROP_FLAG_RATIO",
     "write_cutout",
     "write_simulated_cutout",
+    "simulated_cutout_bytes",
     "read_cutout",
     "nanomaggies_per_unit",
 ]

@@ -111,6 +111,12 @@ def write_simulated_cutout(path: Path, cutout, *, survey: SurveySpec, family, se
                            labeled: bool = True) -> None:
     """Write a :class:`~.simulation.RenderedCutout` with its truth in the headers
     (``labeled=False``: without, as an unlabeled survey drop would come)."""
+    Path(path).write_bytes(simulated_cutout_bytes(cutout, survey=survey, family=family, seed=seed, labeled=labeled))
+
+
+def simulated_cutout_bytes(cutout, *, survey: SurveySpec, family, seed: int, labeled: bool = True) -> bytes:
+    """The inbox-contract file of a :class:`~.simulation.RenderedCutout` (:func:`write_simulated_cutout`), in
+    memory: the zero-point error, a withheld variance map and the crop of its observation applied."""
     s = cutout.system
     primary = {
         "OBJID": s.objid, "RA": round(s.ra_deg, 7), "DEC": round(s.dec_deg, 7), "SURVEY": survey.name,
@@ -146,6 +152,6 @@ def write_simulated_cutout(path: Path, cutout, *, survey: SurveySpec, family, se
             psf=cutout.psf[i],
             header={"BUNIT": "count/s", "MAGZP": round(cutout.zero_points[i] + zp_error.get(band, 0.0), 5),
                     "PIXSCALE": survey.pixel_scale_arcsec, "PSFFWHM": round(s.psf_fwhm_arcsec[band], 5)})
-    write_cutout(path, primary, bands)
+    return cutout_bytes(primary, bands)
 
 
