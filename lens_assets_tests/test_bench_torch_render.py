@@ -18,3 +18,12 @@ def test_the_benchmark_renders_the_same_objects_both_ways(monkeypatch):
     assert rec["lenstronomy_per_s"] > 0 and rec["torch32_truth_over_lenstronomy"] > 0
     assert rec["pack_and_render_per_s"] < min(rec["pack_per_s"], rec["torch32_truth_per_s"])
     assert rec["gpu_per_s"] is None and torch.get_num_threads() == threads  # the caller's threads are restored
+
+
+def test_bench_fresh_times_both_renderers_and_the_fixed_read(monkeypatch):
+    import bench_fresh
+
+    monkeypatch.setattr(bench_fresh, "report", lambda *a, **k: None)
+    rec = bench_fresh.main(["--n", "3", "--rounds", "1", "--survey", "sdss", "--family", "baseline"])
+    assert all(rec[f"{k}_per_s"] > 0 for k in ("fixed_read", "fresh_torch", "fresh_lenstronomy", "draw_only"))
+    assert rec["torch_over_lenstronomy"] == rec["fresh_torch_per_s"] / rec["fresh_lenstronomy_per_s"]

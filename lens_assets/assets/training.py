@@ -47,6 +47,7 @@ class TrainConfig(dg.Config):
                                   "replaced by objects simulated on the fly (simulated, written, read and "
                                   "PSF-matched as the shards were), deterministic from the seed")
     fresh_family: str = Field(default="physical", description="simulation family of the fresh objects")
+    fresh_renderer: str = Field(default="torch", description="'torch' (batched, ml/torch_render) or 'lenstronomy'")
     weights_path: str = Field(default="", description="initial backbone weights, a file the training job can read "
                               "(state dict, safetensors or another member's checkpoint); '' for random weights")
 
@@ -143,6 +144,7 @@ def lens_classifier(context: dg.AssetExecutionContext, config: TrainConfig, stor
                                "arc_attention": config.arc_attention,
                                "fresh_fraction": config.fresh_fraction,
                                "fresh_family": config.fresh_family,
+                               "fresh_renderer": config.fresh_renderer,
                                "weights_path": config.weights_path}}
         if store:  # a job elsewhere: where the store is and the keys of what it reads and writes
             extras["storage"] = store

@@ -2,8 +2,9 @@
 
 ``FreshMix`` wraps the train split's :class:`~lens_assets.ml.data.ShardDataset`: in each batch it reads the
 fixed rows and replaces a ``fraction`` of them with objects simulated on the fly from a family. A fresh
-object goes the whole way a fixed one went — simulated (``simulate_one``: the same population code,
-priors and selection), written as inbox-contract FITS bytes in memory (zero-point error, withheld variance
+object goes the whole way a fixed one went — drawn by the same population code, priors and selection,
+rendered by the batched torch renderer (``renderer="torch"``, the default; within 5e-4 of lenstronomy's
+pixels, the same noise draws) or by lenstronomy (``simulate_one``), written as inbox-contract FITS bytes in memory (zero-point error, withheld variance
 maps and crops included), read and validated (``read_cutout``) and PSF-matched and normalized with the
 shards' own settings (``match_batch``) — so the network cannot tell fresh rows from fixed ones by how they
 were processed, only by being new.
@@ -23,15 +24,20 @@ import numpy as np
 __all__ = ["FreshMix", "FreshEpoch", "FRESH_SEED_OFFSET"]
 
 FRESH_SEED_OFFSET = 1_000_003  # fresh objects' simulation seed = this + the training seed
+RENDERERS = ("torch", "lenstronomy")  # torch: ml/torch_render, a batch at a time; lenstronomy: simulate_one
 
 
 class FreshMix:
     """The rows of ``base`` with a share ``fraction`` replaced by fresh objects of ``family`` (map-style, with
     ``__getitems__`` like ``ShardDataset``, so the DataLoader's shuffling and batching are unchanged)."""
 
-    def __init__(self, base, *, family: str, fraction: float, seed: int, shard_settings: dict):
+    def __init__(self, base, *, family: str, fraction: float, seed: int, shard_settings: dict,
+                 renderer: str = "torch"):
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"fresh fraction must be in [0, 1], got {fraction}")
+        if renderer not in RENDERERS:
+            raise ValueError(f"fresh renderer {renderer!r} is not one of {list(RENDERERS)}")
+        self.renderer = renderer
         from lens_assets.science.families import load_family
         from lens_assets.science.shards import ShardSettings
 
@@ -68,9 +74,19 @@ class FreshMix:
 
         survey = get_survey(self.settings.survey)
         seed = FRESH_SEED_OFFSET + self.seed
+        if self.renderer == "torch":
+            from lens_assets.science.simulation import _member
+
+            from .torch_render import render_systems
+
+            drawn = [_member(survey, self.family, seed, i) for i in indices]
+            import torch
+
+            rendered = render_systems([d[0] for d in drawn], [d[1] for d in drawn], survey, dtype=torch.float32)
+        else:
+            rendered = [simulate_one(survey, self.family, seed, i) for i in indices]
         rows, cutouts = [], []
-        for i in indices:
-            c = simulate_one(survey, self.family, seed, i)
+        for c in rendered:
             data = simulated_cutout_bytes(c, survey=survey, family=self.family, seed=seed)
             cutouts.append(read_cutout(data, name=f"fresh/{c.system.objid}.fits", survey=survey))
             rows.append({"objid": c.system.objid, "label": int(c.system.is_lens), "label_confidence": 1.0,

@@ -45,7 +45,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-__all__ = ["RenderBatch", "TorchCutouts", "pack_systems", "render", "ray_trace", "solve_images", "sersic_total_flux"]
+__all__ = ["RenderBatch", "TorchCutouts", "pack_systems", "render", "ray_trace", "solve_images", "sersic_total_flux",
+           "render_systems"]
 
 SMOOTHING_ARCSEC = 1e-4  # lenstronomy's Sersic: radii below this are this
 MAX_R_FRAC = 1000.0  # lenstronomy's Sersic: zero beyond this many R_sersic
@@ -536,3 +537,25 @@ def render(batch: RenderBatch, *, noise: bool = True, truth: bool = True,
                          .sum(dim=(1, 2, 3)))
     return TorchCutouts(image=image, variance=variance, lensed=lensed, unlensed=unlensed, flux_ratio=flux_ratio,
                         arc_snr=arc_snr)
+
+
+def render_systems(systems: Sequence, rngs: Sequence, survey, *, dtype: torch.dtype = torch.float64) -> list:
+    """``science.simulation.render_system`` for a batch: the noiseless light by :func:`render`, then each
+    object's noise from its own generator exactly as ``render_system`` draws it (one standard normal per
+    pixel and band, times the square root of the variance, then the background plane), so a cutout does not
+    depend on the batch it was drawn in. Returns ``RenderedCutout`` objects."""
+    from lens_assets.science.simulation import RenderedCutout, band_psf
+
+    out = render(pack_systems(systems, survey, dtype=dtype), noise=False)
+    lensed, unlensed = out.lensed.double().numpy(), out.unlensed.double().numpy()
+    variance, plane_image = out.variance.double().numpy(), out.image.double().numpy()
+    cutouts = []
+    for j, (system, rng) in enumerate(zip(systems, rngs)):
+        noise = rng.standard_normal(lensed[j].shape) * np.sqrt(variance[j])
+        image = plane_image[j] + noise  # the background plane is in out.image already (noise=False)
+        cutouts.append(RenderedCutout(
+            system=system, bands=survey.band_names, image=image, variance=variance[j], lensed=lensed[j],
+            unlensed=unlensed[j], psf=tuple(band_psf(system, survey, b) for b in survey.band_names),
+            zero_points=tuple(survey.band(b).magnitude_zero_point for b in survey.band_names),
+            flux_ratio=float(out.flux_ratio[j])))
+    return cutouts

@@ -66,6 +66,7 @@ class TrainSettings:
     arc_attention: bool = False  # a tangential self-attention branch about the centre (module.TangentialAttention)
     fresh_fraction: float = 0.0  # share of each training batch replaced by objects simulated on the fly (ml/fresh)
     fresh_family: str = "physical"  # the simulation family the fresh objects are drawn from
+    fresh_renderer: str = "torch"  # "torch" (ml/torch_render, batched) or "lenstronomy" (simulate_one)
     weights_path: str = ""  # initial backbone weights (a local file), "" for a random initialization
     max_minutes: float = 0.0  # wall-clock budget (Lightning max_time, counted over resumed starts too), 0 for none
 
@@ -100,7 +101,7 @@ def _loaders(shard_dir: Path, splits_path: Path, s: TrainSettings, batch_size: i
         from .fresh import FreshMix
 
         data["train"] = FreshMix(data["train"], family=s.fresh_family, fraction=s.fresh_fraction, seed=s.seed,
-                                 shard_settings=read_manifest(shard_dir)["settings"])
+                                 shard_settings=read_manifest(shard_dir)["settings"], renderer=s.fresh_renderer)
     gen = torch.Generator().manual_seed(s.seed)
     train = torch.utils.data.DataLoader(data["train"], batch_size=batch_size, shuffle=True, generator=gen,
                                         num_workers=s.num_workers, collate_fn=collate, drop_last=False)

@@ -20,9 +20,9 @@ def data(tmp_path_factory):
     return root
 
 
-def _mix(root, fraction=0.5, seed=0):
+def _mix(root, fraction=0.5, seed=0, renderer="lenstronomy"):
     return FreshMix(ShardDataset(root / "shards"), family="baseline", fraction=fraction, seed=seed,
-                    shard_settings=read_manifest(root / "shards")["settings"])
+                    shard_settings=read_manifest(root / "shards")["settings"], renderer=renderer)
 
 
 def test_fresh_rows_are_what_the_fixed_pipeline_makes_of_the_same_objects(data, tmp_path):
@@ -45,6 +45,37 @@ def test_fresh_rows_are_what_the_fixed_pipeline_makes_of_the_same_objects(data, 
     for key in ("image", "variance", "fwhm_before", "band_flags", "label"):
         np.testing.assert_array_equal(fresh[key], fixed[key])
     assert mix.n_fresh == 3
+
+
+def test_the_torch_renderer_gives_the_same_fresh_rows_to_its_tolerance(data):
+    """The default renderer: the same objects and noise draws, pixels within the renderer's bound of the
+    lenstronomy path's (5e-4 of the peak noiseless; here after matching, in units of each pixel's noise)."""
+    lt, tr = _mix(data).simulate([3, 4, 5, 6]), _mix(data, renderer="torch").simulate([3, 4, 5, 6])
+    np.testing.assert_array_equal(lt["label"], tr["label"])
+    np.testing.assert_array_equal(lt["objid"], tr["objid"])
+    good = lt["variance"] > 0
+    z = np.abs(lt["image"] - tr["image"])[good] / np.sqrt(lt["variance"][good])
+    assert z.max() < 0.05  # a twentieth of the noise at most: the same noise realization, not another
+    np.testing.assert_allclose(tr["variance"], lt["variance"], rtol=1e-2, atol=1e-12)
+    with pytest.raises(ValueError, match="renderer"):
+        _mix(data, renderer="galsim")
+
+
+def test_render_systems_is_render_system_with_the_same_noise_draws():
+    from lens_assets.ml.torch_render import render_systems
+    from lens_assets.science.families import load_family
+    from lens_assets.science.simulation import _member, render_system
+    from lens_assets.science.surveys import get_survey
+
+    survey, family = get_survey("des"), load_family("physical")
+    drawn = [_member(survey, family, 2, i) for i in range(5)]
+    reference = [render_system(s, survey, np.random.default_rng(i)) for i, (s, _) in enumerate(drawn)]
+    batch = render_systems([s for s, _ in drawn], [np.random.default_rng(i) for i in range(5)], survey)
+    for a, b in zip(reference, batch):
+        peak = np.abs(a.noiseless).max()
+        assert np.abs(a.image - b.image).max() < 2e-3 * peak
+        assert b.flux_ratio == pytest.approx(a.flux_ratio, rel=1e-3, abs=1e-6)
+        assert [k.shape for k in b.psf] == [k.shape for k in a.psf] and b.zero_points == a.zero_points
 
 
 def test_which_rows_are_fresh_and_what_replaces_them_follow_the_seed_and_the_epoch(data):
