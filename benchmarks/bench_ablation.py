@@ -38,6 +38,7 @@ Training levers (the physical population, the member changed):
   the backbone's (``module.TangentialAttention``).
 * ``fresh=<share>``: that share of every training batch replaced by physical objects simulated on the fly
   (``ml/fresh.py``); compare at equal CPU time with ``--max-minutes``.
+* ``physics`` (``physics=<w>``): the gated physics-consistency loss at weight w (default 0.1), warm-up 2 epochs.
 * ``upsample=<k>``: the member's input upsampled k times (bilinear) before the backbone, at k² the compute.
 * ``member=<backbone>``: another backbone in place of ``--members`` (e.g. ``member=regnetx_002``), at the
   same epochs; the wall time and training img/s say what it costs.
@@ -57,7 +58,7 @@ from _util import edit_toml_key as _edit, report  # noqa: E402
 
 LEVERS = ("physical", "baseline", "no_twins", "no_environment", "no_observation", "selection_without_collett_terms")
 TRAINING_LEVERS = ("film", "colour_residual", "radial_residual", "head_dropout[=p]", "upsample=<k>", "arc_attention",
-                   "fresh=<share>",
+                   "fresh=<share>", "physics[=w]",
                    "member=<backbone>")  # the physical population, another training choice
 
 
@@ -69,6 +70,8 @@ def training_overrides(lever: str) -> dict:
         return {"colour_residual": True}
     if lever == "radial_residual":
         return {"radial_residual": True}
+    if lever.startswith("physics"):
+        return {"physics_weight": float(lever.split("=", 1)[1]) if "=" in lever else 0.1}
     if lever.startswith("fresh="):
         return {"fresh_fraction": float(lever.split("=", 1)[1])}
     if lever == "arc_attention":

@@ -48,6 +48,12 @@ class TrainConfig(dg.Config):
                                   "PSF-matched as the shards were), deterministic from the seed")
     fresh_family: str = Field(default="physical", description="simulation family of the fresh objects")
     fresh_renderer: str = Field(default="torch", description="'torch' (batched, ml/torch_render) or 'lenstronomy'")
+    physics_weight: float = Field(default=0.0, ge=0.0, description="weight of the physics-consistency loss: a "
+                                  "head regresses an SIE + shear lens and a source, the lensed light they imply is "
+                                  "compared with the deflector-subtracted cutout in noise units, gated by the "
+                                  "predicted lens probability; 0 for none")
+    physics_warmup_epochs: int = Field(default=2, ge=1, description="epochs over which the physics weight rises "
+                                       "from 0 (curriculum)")
     weights_path: str = Field(default="", description="initial backbone weights, a file the training job can read "
                               "(state dict, safetensors or another member's checkpoint); '' for random weights")
 
@@ -145,6 +151,8 @@ def lens_classifier(context: dg.AssetExecutionContext, config: TrainConfig, stor
                                "fresh_fraction": config.fresh_fraction,
                                "fresh_family": config.fresh_family,
                                "fresh_renderer": config.fresh_renderer,
+                               "physics_weight": config.physics_weight,
+                               "physics_warmup_epochs": config.physics_warmup_epochs,
                                "weights_path": config.weights_path}}
         if store:  # a job elsewhere: where the store is and the keys of what it reads and writes
             extras["storage"] = store
@@ -179,6 +187,8 @@ def lens_classifier(context: dg.AssetExecutionContext, config: TrainConfig, stor
             f"{member}/arc_attention": bool(s.get("arc_attention", False)),
             f"{member}/fresh_fraction": float(s.get("fresh_fraction", 0.0)),
             f"{member}/n_fresh": int(s.get("n_fresh", 0)),
+            f"{member}/physics_weight": float(s.get("physics_weight", 0.0)),
+            f"{member}/physics_failures": int(s.get("physics_failures", 0)),
             f"{member}/weights_path": s.get("weights_path", ""),
             f"{member}/batch_size": s["batch_size"],
             f"{member}/peak_memory_mb": s["peak_memory_mb"],

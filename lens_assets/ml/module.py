@@ -11,6 +11,8 @@ variance map; nothing alters colours. The loss is BCE weighted by
 
 from __future__ import annotations
 
+import math
+
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -187,6 +189,56 @@ class TangentialAttention(torch.nn.Module):
         return self.head(pooled.flatten(1)).squeeze(1)
 
 
+LENS_PARAMETERS = ("theta_e_px", "e1", "e2", "gamma1", "gamma2", "source_x_px", "source_y_px", "source_sigma_px")
+
+
+def lens_parameters(raw: torch.Tensor) -> torch.Tensor:
+    """The physics head's raw outputs (n, 8) as an SIE + shear lens and a Gaussian source in pixel units
+    (:data:`LENS_PARAMETERS`): theta_E in (0.5, ~16) px, |e| and |gamma| bounded, the source within ~theta_E of
+    the centre, its size in (0.3, ~5) px."""
+    te = 0.5 + F.softplus(raw[:, 0] + 1.0)
+    e1, e2 = 0.4 * torch.tanh(raw[:, 1]), 0.4 * torch.tanh(raw[:, 2])
+    g1, g2 = 0.15 * torch.tanh(raw[:, 3]), 0.15 * torch.tanh(raw[:, 4])
+    sx, sy = te * torch.tanh(raw[:, 5]), te * torch.tanh(raw[:, 6])
+    sig = 0.3 + F.softplus(raw[:, 7])
+    return torch.stack([te, e1, e2, g1, g2, sx, sy, sig], dim=1)
+
+
+def lensed_template(params: torch.Tensor, size: int, psf_sigma_px: float) -> torch.Tensor:
+    """Unit-amplitude lensed light (n, size, size) of :func:`lens_parameters`: a circular Gaussian source seen
+    through the SIE + shear (caustics' deflections, ``ml/torch_render.ray_trace``) at pixel centres, convolved
+    with a Gaussian PSF of ``psf_sigma_px`` (the shards' matched PSF). Differentiable in every parameter."""
+    from .torch_render import ray_trace
+
+    c = (size - 1) / 2.0
+    ax = torch.arange(size, dtype=params.dtype, device=params.device) - c
+    yy, xx = torch.meshgrid(ax, ax, indexing="ij")
+    zeros = torch.zeros_like(params[:, 0])
+    lens = torch.stack([params[:, 0], params[:, 1], params[:, 2], zeros, zeros, params[:, 3], params[:, 4]], dim=1)
+    bx, by = ray_trace(lens, xx, yy)
+    sx, sy, sig = (params[:, i, None, None] for i in (5, 6, 7))
+    src = torch.exp(-((bx - sx) ** 2 + (by - sy) ** 2) / (2 * sig**2))
+    r = max(1, int(math.ceil(4 * psf_sigma_px)))
+    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=params.dtype, device=params.device) / psf_sigma_px) ** 2)
+    k = k / k.sum()
+    out = F.conv2d(src[:, None], k[None, None, :, None], padding=(r, 0))
+    return F.conv2d(out, k[None, None, None, :], padding=(0, r))[:, 0]
+
+
+def physics_consistency(image: torch.Tensor, variance: torch.Tensor, params: torch.Tensor,
+                        psf_sigma_px: float) -> torch.Tensor:
+    """Per-cutout reduced chi-square (n,) of the lens-light-subtracted cutout against the lensed light that
+    ``params`` imply: each band's amplitude of :func:`lensed_template` is its inverse-variance least-squares
+    fit (at least 0), the deflector's light the radial median model (:func:`radial_median_model`). In noise
+    units: about 1 where the implied arcs account for what the deflector leaves."""
+    resid = image.float() - radial_median_model(image.float())
+    w = torch.where(variance > 0, 1.0 / variance.float().clamp_min(1e-20), torch.zeros_like(variance, dtype=torch.float32))
+    t = lensed_template(params.float(), image.shape[-1], psf_sigma_px)[:, None]  # (n, 1, H, W)
+    amp = ((w * resid * t).sum(dim=(2, 3)) / (w * t * t).sum(dim=(2, 3)).clamp_min(1e-20)).clamp_min(0.0)
+    chi2 = (w * (resid - amp[..., None, None] * t) ** 2).sum(dim=(1, 2, 3))
+    return chi2 / (w > 0).sum(dim=(1, 2, 3)).clamp_min(1)
+
+
 def augment(image: torch.Tensor, variance: torch.Tensor, *, generator: torch.Generator | None = None,
             max_shift_px: float = 0.5, max_extra_noise: float = 0.5):
     """Photometry-preserving augmentation of a batch (same transform for every band of a cutout)."""
@@ -218,6 +270,7 @@ class LensClassifier(L.LightningModule):
                  weight_decay: float = 0.05, max_epochs: int = 10, augment: bool = True, film: bool = False,
                  residual_bands: tuple[int, int] | None = None, radial_residual: bool = False,
                  head_dropout: float = 0.0, upsample: int = 1, arc_attention: bool = False,
+                 physics_weight: float = 0.0, physics_warmup_epochs: int = 2, psf_fwhm_px: float = 4.0,
                  weights_path: str | None = None):
         super().__init__()
         if not 0.0 <= head_dropout < 1.0:
@@ -243,6 +296,10 @@ class LensClassifier(L.LightningModule):
             widen_first_conv(self.net, extra)
         self.film = FiLM(3 * in_chans, self.net.get_classifier().in_features) if film else None
         self.arc = TangentialAttention(in_chans + extra) if arc_attention else None
+        # the physics head regresses an SIE + shear lens and a source (lens_parameters) from the pooled features
+        self.lens_head = (torch.nn.Linear(self.net.get_classifier().in_features, len(LENS_PARAMETERS))
+                          if physics_weight > 0 else None)
+        self.physics_failures = 0
         self.memory_format = torch.contiguous_format  # channels_last is set by train() and the scorer
         self._val_scores: list = []
         self._val_labels: list = []
@@ -336,13 +393,49 @@ class LensClassifier(L.LightningModule):
     def _loss(self, batch, logits):
         return F.binary_cross_entropy_with_logits(logits, batch["label"], weight=batch["label_confidence"])
 
+    def physics_curriculum(self) -> float:
+        """The physics term's weight this epoch: from 0 up to ``physics_weight`` over the warm-up epochs."""
+        warm = max(1, int(self.hparams.get("physics_warmup_epochs", 2)))
+        return float(self.hparams.get("physics_weight", 0.0)) * min(1.0, self.current_epoch / warm)
+
     def training_step(self, batch, batch_idx):
         image, variance = batch["image"], batch["variance"]
         if self.hparams.augment:
             image, variance = augment(image, variance)
-        loss = self._loss(batch, self._forward_batch(batch, image, variance))
+        if self.lens_head is None:
+            loss = self._loss(batch, self._forward_batch(batch, image, variance))
+        else:
+            loss = self._loss_with_physics(batch, image, variance)
         self.log("train_loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(image))
         return loss
+
+    def _loss_with_physics(self, batch, image, variance):
+        """BCE plus the gated physics-consistency term: each cutout's :func:`physics_consistency` of the lens its
+        features imply, weighted by its predicted lens probability (detached: the gate does not teach the
+        classifier to avoid the term) and by the curriculum weight. A batch whose term is not finite is counted
+        (``physics_failures``) and trains on BCE alone; it is never replaced by a constant."""
+        x = self.network_input(image, variance)
+        cond = (batch.get("fwhm_before"), batch.get("band_flags")) if self.film is not None else (None, None)
+        features = self._pooled(x, variance, *cond)
+        logits = self.classify(features, dropout=True)
+        if self.arc is not None:
+            logits = logits + self.arc(x)
+        loss = self._loss(batch, logits)
+        weight = self.physics_curriculum()
+        params = lens_parameters(self.lens_head(features.float()))
+        consistency = physics_consistency(image, variance, params, float(self.hparams.psf_fwhm_px) / 2.3548)
+        gate = torch.sigmoid(logits.detach().float())
+        term = (gate * consistency).sum() / gate.sum().clamp_min(1e-6)
+        n = len(image)
+        self.log("physics_gate_mean", gate.mean(), on_step=False, on_epoch=True, batch_size=n)
+        self.log("physics_weight_now", weight, on_step=False, on_epoch=True, batch_size=n)
+        if not torch.isfinite(term):
+            self.physics_failures += 1
+            self.log("physics_failures", float(self.physics_failures), on_step=False, on_epoch=True, batch_size=n)
+            return loss
+        self.log("physics_consistency", term, on_step=False, on_epoch=True, batch_size=n)
+        self.log("physics_failures", float(self.physics_failures), on_step=False, on_epoch=True, batch_size=n)
+        return loss + weight * term
 
     def validation_step(self, batch, batch_idx):
         logits = self._forward_batch(batch)

@@ -67,6 +67,8 @@ class TrainSettings:
     fresh_fraction: float = 0.0  # share of each training batch replaced by objects simulated on the fly (ml/fresh)
     fresh_family: str = "physical"  # the simulation family the fresh objects are drawn from
     fresh_renderer: str = "torch"  # "torch" (ml/torch_render, batched) or "lenstronomy" (simulate_one)
+    physics_weight: float = 0.0  # weight of the gated physics-consistency loss (module.physics_consistency); 0: off
+    physics_warmup_epochs: int = 2  # the physics weight rises linearly from 0 over these epochs
     weights_path: str = ""  # initial backbone weights (a local file), "" for a random initialization
     max_minutes: float = 0.0  # wall-clock budget (Lightning max_time, counted over resumed starts too), 0 for none
 
@@ -87,6 +89,16 @@ def residual_band_indices(survey: str, bands: list[str]) -> tuple[int, int]:
     ref = get_survey(survey).reference_band
     red = next((i for i, b in enumerate(bands) if b.lower() == ref.lower()), len(bands) - 1)
     return 0, (red if red != 0 else len(bands) - 1)
+
+
+def _matched_psf_fwhm_px(shard_dir: Path, survey: str) -> float:
+    """The FWHM (px) of the PSF the shards were matched to (their manifest's target), 4 px without a manifest."""
+    from lens_assets.science.shards import MANIFEST_FILE, read_manifest
+    from lens_assets.science.surveys import get_survey
+
+    if not (Path(shard_dir) / MANIFEST_FILE).exists():
+        return 4.0
+    return float(read_manifest(shard_dir)["settings"]["target_fwhm_arcsec"]) / get_survey(survey).pixel_scale_arcsec
 
 
 def _loaders(shard_dir: Path, splits_path: Path, s: TrainSettings, batch_size: int):
@@ -157,7 +169,9 @@ def train(shard_dir: str | Path, splits_path: str | Path, out_dir: str | Path, s
                            weight_decay=settings.weight_decay, max_epochs=settings.epochs, augment=settings.augment,
                            film=settings.film, residual_bands=residual, radial_residual=settings.radial_residual,
                            head_dropout=settings.head_dropout, upsample=settings.upsample,
-                           arc_attention=settings.arc_attention, weights_path=settings.weights_path or None)
+                           arc_attention=settings.arc_attention, physics_weight=settings.physics_weight,
+                           physics_warmup_epochs=settings.physics_warmup_epochs,
+                           psf_fwhm_px=_matched_psf_fwhm_px(shard_dir, shard_survey), weights_path=settings.weights_path or None)
     gpu = torch.cuda.is_available() and settings.accelerator in ("auto", "gpu", "cuda")
     precision = resolve_precision(settings.precision, gpu=gpu)
     model.use_channels_last()
@@ -223,6 +237,8 @@ def train(shard_dir: str | Path, splits_path: str | Path, out_dir: str | Path, s
         "upsample": settings.upsample,
         "arc_attention": settings.arc_attention,
         "fresh_fraction": settings.fresh_fraction,
+        "physics_weight": settings.physics_weight,
+        "physics_failures": int(model.physics_failures),
         "fresh_family": settings.fresh_family if settings.fresh_fraction > 0 else "",
         "n_fresh": int(getattr(train_ds, "n_fresh", 0)),  # drawn in this process (0 with loader workers)
         "weights_path": settings.weights_path,

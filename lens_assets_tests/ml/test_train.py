@@ -541,3 +541,43 @@ def test_the_arc_attention_branch_is_rotation_invariant_starts_at_zero_and_train
     member = load_member(s["best_checkpoint"])
     assert member.arc is not None and float(member.arc.head.weight.abs().sum()) > 0  # it learned something
     assert np.isfinite(member_logits([member], ShardDataset(data / "shards"), device="cpu")).all()
+
+
+def test_the_lensed_template_is_an_einstein_ring_and_the_consistency_prefers_the_true_lens():
+    from lens_assets.ml.module import lensed_template, physics_consistency
+
+    # an SIS with the source behind its centre: a ring of radius theta_E
+    ring = lensed_template(torch.tensor([[8.0, 0, 0, 0, 0, 0, 0, 0.7]]), 64, 1.0)[0]
+    yy, xx = torch.meshgrid(torch.arange(64.0) - 31.5, torch.arange(64.0) - 31.5, indexing="ij")
+    r = torch.sqrt(xx**2 + yy**2)
+    profile = torch.stack([ring[(r >= k) & (r < k + 1)].mean() for k in range(16)])
+    assert int(profile.argmax()) in (7, 8) and float(profile[:4].max()) < 0.01 * float(profile.max())
+    # arcs of an off-centre source on a round deflector: the true lens fits better than a wrong one
+    truth = torch.tensor([[7.0, 0.1, -0.05, 0.02, 0.0, 2.0, -1.0, 0.8]])
+    arcs = lensed_template(truth, 64, 1.5)
+    deflector = 50.0 * torch.exp(-(r**2) / (2 * 4.0**2))
+    image = torch.stack([deflector + 3.0 * arcs[0], deflector + 5.0 * arcs[0]])[None]  # (1, 2 bands, H, W)
+    variance = torch.full_like(image, 0.01)
+    wrong = truth.clone()
+    wrong[0, 0] = 10.0
+    good, bad = physics_consistency(image, variance, truth, 1.5), physics_consistency(image, variance, wrong, 1.5)
+    assert float(good) < 0.5 * float(bad)
+
+
+def test_training_with_the_physics_loss_logs_its_terms_and_counts_failures(data, tmp_path, monkeypatch):
+    import lens_assets.ml.module as module
+
+    s = train(data / "shards", data / "splits.parquet", tmp_path / "physics",
+              TrainSettings(backbone="resnet10t", epochs=2, batch_size=16, progress=False, physics_weight=0.1,
+                            physics_warmup_epochs=1))
+    assert s["physics_weight"] == 0.1 and s["physics_failures"] == 0
+    logs = pd.concat(pd.read_csv(p) for p in (tmp_path / "physics" / "logs").rglob("metrics.csv"))
+    for key in ("physics_consistency", "physics_gate_mean", "physics_weight_now"):
+        assert logs[key].notna().any(), key
+    assert sorted(logs["physics_weight_now"].dropna().unique()) == pytest.approx([0.0, 0.1])  # curriculum: 0, then full
+    assert s["best_checkpoint"]
+    # a term that is not finite is counted and that batch trains on BCE alone
+    monkeypatch.setattr(module, "physics_consistency", lambda *a, **k: torch.full((a[0].shape[0],), float("nan")))
+    s = train(data / "shards", data / "splits.parquet", tmp_path / "nan",
+              TrainSettings(backbone="resnet10t", epochs=1, batch_size=16, progress=False, physics_weight=0.1))
+    assert s["physics_failures"] > 0 and s["best_checkpoint"]
