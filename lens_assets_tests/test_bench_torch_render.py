@@ -16,7 +16,6 @@ def test_the_benchmark_renders_the_same_objects_both_ways(monkeypatch):
     rec = bench_torch_render.main(["--batch", "6", "--n-lenstronomy", "3", "--rounds", "1", "--device", "cpu"])
     assert rec["max_abs_diff_over_peak"] < 1e-2  # the renderers agree on the objects both drew
     assert rec["lenstronomy_per_s"] > 0 and rec["torch32_truth_over_lenstronomy"] > 0
-    assert rec["pack_and_render_per_s"] < min(rec["pack_per_s"], rec["torch32_truth_per_s"])
     assert rec["gpu_per_s"] is None and torch.get_num_threads() == threads  # the caller's threads are restored
 
 

@@ -24,7 +24,8 @@ import numpy as np
 __all__ = ["FreshMix", "FreshEpoch", "FRESH_SEED_OFFSET"]
 
 FRESH_SEED_OFFSET = 1_000_003  # fresh objects' simulation seed = this + the training seed
-RENDERERS = ("torch", "lenstronomy")  # torch: ml/torch_render, a batch at a time; lenstronomy: simulate_one
+RENDERERS = ("torch", "lenstronomy")
+HELDOUT_FAMILIES = ("heldout", "galsim")  # kept out of training: the report's figures off the simulator  # torch: ml/torch_render, a batch at a time; lenstronomy: simulate_one
 
 
 class FreshMix:
@@ -43,6 +44,12 @@ class FreshMix:
 
         self.base, self.fraction, self.seed = base, float(fraction), int(seed)
         self.family = load_family(family)  # a clear error for an unknown family, before training starts
+        if self.family.renderer != "lenstronomy":
+            raise ValueError(f"fresh family {family!r} is rendered by {self.family.renderer}; fresh objects are "
+                             "drawn by the lenstronomy population code (physical, baseline or a TOML of those)")
+        if self.family.name in HELDOUT_FAMILIES:
+            raise ValueError(f"fresh family {family!r} is a held-out family: training on it would make its "
+                             "held-out figures meaningless")
         self.settings = ShardSettings(**shard_settings)
         self.epoch = 0
         self.n_fresh = 0  # fresh objects drawn by this copy (a worker process counts its own)

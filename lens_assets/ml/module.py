@@ -194,8 +194,8 @@ LENS_PARAMETERS = ("theta_e_px", "e1", "e2", "gamma1", "gamma2", "source_x_px", 
 
 def lens_parameters(raw: torch.Tensor) -> torch.Tensor:
     """The physics head's raw outputs (n, 8) as an SIE + shear lens and a Gaussian source in pixel units
-    (:data:`LENS_PARAMETERS`): theta_E in (0.5, ~16) px, |e| and |gamma| bounded, the source within ~theta_E of
-    the centre, its size in (0.3, ~5) px."""
+    (:data:`LENS_PARAMETERS`): theta_E above 0.5 px, |e1|, |e2| < 0.4 and |gamma1|, |gamma2| < 0.15, the source
+    within theta_E of the centre on each axis, its Gaussian sigma above 0.3 px."""
     te = 0.5 + F.softplus(raw[:, 0] + 1.0)
     e1, e2 = 0.4 * torch.tanh(raw[:, 1]), 0.4 * torch.tanh(raw[:, 2])
     g1, g2 = 0.15 * torch.tanh(raw[:, 3]), 0.15 * torch.tanh(raw[:, 4])
@@ -410,9 +410,9 @@ class LensClassifier(L.LightningModule):
         return loss
 
     def _loss_with_physics(self, batch, image, variance):
-        """BCE plus the gated physics-consistency term: each cutout's :func:`physics_consistency` of the lens its
-        features imply, weighted by its predicted lens probability (detached: the gate does not teach the
-        classifier to avoid the term) and by the curriculum weight. A batch whose term is not finite is counted
+        """BCE plus the gated physics-consistency term: the batch mean of each cutout's :func:`physics_consistency`
+        of the lens its features imply times its predicted lens probability (detached: the gate does not teach
+        the classifier to avoid the term), times the curriculum weight (skipped while that is 0). A batch whose term is not finite is counted
         (``physics_failures``) and trains on BCE alone; it is never replaced by a constant."""
         x = self.network_input(image, variance)
         cond = (batch.get("fwhm_before"), batch.get("band_flags")) if self.film is not None else (None, None)
@@ -422,20 +422,30 @@ class LensClassifier(L.LightningModule):
             logits = logits + self.arc(x)
         loss = self._loss(batch, logits)
         weight = self.physics_curriculum()
+        n = len(image)
+        self.log("physics_weight_now", weight, on_step=False, on_epoch=True, batch_size=n)
+        if weight <= 0:  # the curriculum's first epochs: the term is neither computed nor trained on
+            return loss
         params = lens_parameters(self.lens_head(features.float()))
         consistency = physics_consistency(image, variance, params, float(self.hparams.psf_fwhm_px) / 2.3548)
         gate = torch.sigmoid(logits.detach().float())
-        term = (gate * consistency).sum() / gate.sum().clamp_min(1e-6)
-        n = len(image)
+        term = (gate * consistency).mean()  # a confident non-lens adds next to nothing
         self.log("physics_gate_mean", gate.mean(), on_step=False, on_epoch=True, batch_size=n)
-        self.log("physics_weight_now", weight, on_step=False, on_epoch=True, batch_size=n)
         if not torch.isfinite(term):
             self.physics_failures += 1
-            self.log("physics_failures", float(self.physics_failures), on_step=False, on_epoch=True, batch_size=n)
+            self.log("physics_failures", float(self.physics_failures), on_step=False, on_epoch=True, batch_size=n,
+                     reduce_fx="max")
             return loss
         self.log("physics_consistency", term, on_step=False, on_epoch=True, batch_size=n)
-        self.log("physics_failures", float(self.physics_failures), on_step=False, on_epoch=True, batch_size=n)
+        self.log("physics_failures", float(self.physics_failures), on_step=False, on_epoch=True, batch_size=n,
+                 reduce_fx="max")
         return loss + weight * term
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["physics_failures"] = int(self.physics_failures)  # a run's total survives a resume
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.physics_failures = int(checkpoint.get("physics_failures", 0))
 
     def validation_step(self, batch, batch_idx):
         logits = self._forward_batch(batch)

@@ -105,8 +105,9 @@ UNCERTAINTY_COLUMNS = ("logit_std_ensemble", "logit_std_mc", "uncertainty")
 def uncertainty_columns(logits, mc_std, fusion: "Fusion") -> dict:
     """Per-row uncertainty of the fused logit, in logit units (docs/assets.md, ``candidate_scores``):
 
-    * ``logit_std_ensemble``: the spread of the members' logits (their standard deviation about their mean;
-      NaN with one member);
+    * ``logit_std_ensemble``: the members' disagreement on the fused logit's scale: the standard deviation over
+      members of ``m w_j z_j`` (``m`` members, fusion weight ``w_j``, logit ``z_j``; their mean is the fused
+      logit less its bias, and with mean fusion they are the logits themselves); NaN with one member;
     * ``logit_std_mc``: the MC-dropout standard deviation of the fused logit, ``sqrt(sum_j w_j^2 s_j^2)`` over
       the members with head dropout (fusion weights ``w_j``; each member's draws are independent); NaN when
       no member has head dropout;
@@ -115,8 +116,9 @@ def uncertainty_columns(logits, mc_std, fusion: "Fusion") -> dict:
     z = np.asarray(logits, dtype=float)
     s = np.asarray(mc_std, dtype=float)
     n, m = z.shape
-    ens = z.std(axis=1) if m > 1 else np.full(n, np.nan)
-    w2 = np.asarray(fusion.weights, dtype=float) ** 2
+    w = np.asarray(fusion.weights, dtype=float)
+    ens = (z * (m * w)).std(axis=1) if m > 1 else np.full(n, np.nan)
+    w2 = w**2
     has = np.isfinite(s)
     mc = np.sqrt(np.where(has, s**2, 0.0) @ w2)
     mc = np.where(has.any(axis=1), mc, np.nan)
@@ -186,6 +188,9 @@ def member_outputs(members: list, image, variance, *, device: str, precision: st
     import torch
 
     from .precision import bf16_autocast
+
+    if mc_samples == 1:
+        raise ValueError("mc_samples must be 0 (no MC dropout) or at least 2: one draw has no spread")
 
     x = torch.from_numpy(np.ascontiguousarray(image)).to(device, non_blocking=True)
     v = torch.from_numpy(np.ascontiguousarray(variance)).to(device, non_blocking=True)

@@ -218,7 +218,11 @@ def subpixel_grid(n_px: int, pixel_scale: float, supersampling: int, *, dtype=to
 
 
 def _q_phi(e1, e2):
-    """lenstronomy's ``ellipticity2phi_q``."""
+    """lenstronomy's ``ellipticity2phi_q``, with finite gradients at e1 = e2 = 0 (a round lens: there |e| and
+    its angle have none, so a round lens is evaluated at |e| = 1e-8 along e1, which moves q by 2e-8)."""
+    round_ = (e1 * e1 + e2 * e2) < 1e-16
+    e1 = torch.where(round_, torch.full_like(e1, 1e-8), e1)
+    e2 = torch.where(round_, torch.zeros_like(e2), e2)
     c = torch.sqrt(e1**2 + e2**2).clamp(max=0.999999)
     return (1.0 - c) / (1.0 + c), 0.5 * torch.atan2(e2, e1)
 

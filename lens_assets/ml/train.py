@@ -217,6 +217,8 @@ def train(shard_dir: str | Path, splits_path: str | Path, out_dir: str | Path, s
         best_path, best_score = _best_in_checkpoint(saved)
         epochs_done, global_step = start_epoch, int(saved["global_step"])
     else:
+        if hasattr(train_ds, "set_epoch"):  # a resumed run's loader workers copy the dataset before any epoch hook
+            train_ds.set_epoch(start_epoch)
         trainer.fit(model, train_loader, val_loader, ckpt_path=str(last) if last.exists() else None)
         best_path, best_score = checkpoint.best_model_path, checkpoint.best_model_score
         epochs_done, global_step = int(trainer.current_epoch), int(trainer.global_step)

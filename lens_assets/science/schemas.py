@@ -113,7 +113,7 @@ def candidate_schema() -> pa.DataFrameSchema:
         "rank": pa.Column(i, pa.Check.ge(1), unique=True, description="1 = most lens-like (by fused logit)"),
         "logit": pa.Column(f, description="fused ensemble logit"),
         "logit_std_ensemble": pa.Column(f, pa.Check.ge(0.0), nullable=True,
-                                        description="spread of the members' logits (NaN with one member)"),
+                                        description="members' spread on the fused logit's scale (NaN with one)"),
         "logit_std_mc": pa.Column(f, pa.Check.ge(0.0), nullable=True,
                                   description="MC-dropout std of the fused logit (NaN: no member has head dropout)"),
         "uncertainty": pa.Column(f, pa.Check.ge(0.0), nullable=True,

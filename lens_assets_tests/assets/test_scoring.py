@@ -240,7 +240,9 @@ def test_candidates_carry_the_mc_dropout_uncertainty_of_their_fused_logit(scored
     _, std = member_outputs(members, batch["image"], batch["variance"], device="cpu", mc_samples=400,
                             generator=torch.Generator().manual_seed(1))
     got = table.set_index("objid").loc[catalog["objid"], "logit_std_mc"].to_numpy()
-    np.testing.assert_allclose(got, std[:, 0], rtol=0.35)  # 16 draws in the table against 400 here
+    # 16 draws in the table against 400 here: a 16-draw std scatters by about 1/sqrt(30) = 18% about the truth
+    ratio = got / std[:, 0]
+    assert abs(ratio.mean() - 1.0) < 0.2 and ((ratio > 0.5) & (ratio < 2.0)).all()
     assert scored["meta"]["n_uncertainty_measured"] == len(table)
 
 

@@ -95,6 +95,10 @@ def test_which_rows_are_fresh_and_what_replaces_them_follow_the_seed_and_the_epo
     assert not np.allclose(got["image"][fresh], base["image"][fresh])
     with pytest.raises(ValueError, match="fraction"):
         _mix(data, fraction=1.5)
+    for held_out, match in (("heldout", "held-out family"), ("galsim", "rendered by galsim")):
+        with pytest.raises(ValueError, match=match):
+            FreshMix(ShardDataset(data / "shards"), family=held_out, fraction=0.5, seed=0,
+                     shard_settings=read_manifest(data / "shards")["settings"])
     with pytest.raises(ValueError, match="unknown simulation family"):
         FreshMix(ShardDataset(data / "shards"), family="no_such_family", fraction=0.5, seed=0,
                  shard_settings=read_manifest(data / "shards")["settings"])
@@ -110,4 +114,5 @@ def test_training_with_fresh_objects_draws_them_every_epoch(data, tmp_path, monk
     assert s["fresh_fraction"] == 0.5 and s["fresh_family"] == "baseline"
     n_train = s["n_train"]
     assert 0.25 * 2 * n_train < s["n_fresh"] < 0.75 * 2 * n_train  # about half the rows of each of two epochs
-    assert s["best_checkpoint"] and epochs == [0, 1]  # the loader's dataset learns each epoch as it starts
+    # the start epoch before fitting (a resumed run's loader workers copy the dataset first), then each epoch
+    assert s["best_checkpoint"] and epochs == [0, 0, 1]

@@ -241,15 +241,18 @@ def test_scoring_leaves_the_cores_of_its_worker_processes_to_them(monkeypatch):
 
 
 def test_uncertainty_columns_by_hand():
-    """Two members: their spread is half their difference; MC stds combine through the fusion weights."""
+    """Two members: their spread on the fused scale (m w_j z_j), and MC stds combined through the fusion weights."""
     from lens_assets.ml.score import uncertainty_columns
 
     z = np.array([[1.0, 3.0], [0.0, 0.0]])
     s = np.array([[0.3, 0.4], [np.nan, 0.5]])
     out = uncertainty_columns(z, s, Fusion("val_weights", [2.0, 1.0], 0.1))
+    # m w_j z_j = (2*2*1, 2*1*3) = (4, 6) and (0, 0): std 1 and 0
     np.testing.assert_allclose(out["logit_std_ensemble"], [1.0, 0.0])
     np.testing.assert_allclose(out["logit_std_mc"], [np.sqrt(4 * 0.09 + 0.16), 0.5])
     np.testing.assert_allclose(out["uncertainty"], [np.sqrt(1.0 + 0.52), 0.5])
+    mean = uncertainty_columns(z, s, Fusion.mean(2))  # mean fusion: the logits' own spread
+    np.testing.assert_allclose(mean["logit_std_ensemble"], [1.0, 0.0])
     one = uncertainty_columns(z[:, :1], np.full((2, 1), np.nan), Fusion.mean(1))
     assert np.isnan(one["logit_std_ensemble"]).all() and np.isnan(one["logit_std_mc"]).all()
     assert np.isnan(one["uncertainty"]).all()
@@ -279,3 +282,5 @@ def test_mc_dropout_draws_average_to_the_deterministic_logit_and_need_head_dropo
     assert np.isfinite(std[:, 0]).all() and np.isnan(std[:, 1]).all()
     with pytest.raises(ValueError, match="head_dropout"):
         LensClassifier(backbone="resnet10t", in_chans=3, img_size=32, head_dropout=1.0)
+    with pytest.raises(ValueError, match="at least 2"):
+        member_outputs([model], image.numpy(), variance.numpy(), device="cpu", mc_samples=1)

@@ -208,6 +208,19 @@ def test_gradients_flow_to_the_lens_parameters():
     assert torch.isfinite(grad).all() and float(grad[0, 0].abs()) > 0
 
 
+def test_a_round_lens_has_finite_gradients():
+    """|e| and its angle have no derivative at e = 0: a round lens must not turn every gradient into NaN."""
+    lens = torch.tensor([[1.2, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    x, y = subpixel_grid(16, 0.2, 1)
+    bx, by = ray_trace(lens, x, y)
+    (bx.sum() + by.sum()).backward()
+    assert torch.isfinite(lens.grad).all()
+    # and the deflection is the SIS's: theta_E along the radius
+    r = torch.sqrt(x**2 + y**2)
+    torch.testing.assert_close(torch.sqrt((x - bx[0]) ** 2 + (y - by[0]) ** 2), torch.full_like(r, 1.2), rtol=1e-6,
+                               atol=1e-6)
+
+
 def test_image_positions_and_magnifications_are_lenstronomys():
     """solve_images against the lenstronomy solver of the simulation: the same number of images, positions
     within 0.05 px (seen: 1e-9 px) and magnifications, for doubles and quads of SIE + shear lenses."""

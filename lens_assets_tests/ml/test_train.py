@@ -579,5 +579,6 @@ def test_training_with_the_physics_loss_logs_its_terms_and_counts_failures(data,
     # a term that is not finite is counted and that batch trains on BCE alone
     monkeypatch.setattr(module, "physics_consistency", lambda *a, **k: torch.full((a[0].shape[0],), float("nan")))
     s = train(data / "shards", data / "splits.parquet", tmp_path / "nan",
-              TrainSettings(backbone="resnet10t", epochs=1, batch_size=16, progress=False, physics_weight=0.1))
+              TrainSettings(backbone="resnet10t", epochs=2, batch_size=16, progress=False, physics_weight=0.1,
+                            physics_warmup_epochs=1))
     assert s["physics_failures"] > 0 and s["best_checkpoint"]
