@@ -543,16 +543,17 @@ def render(batch: RenderBatch, *, noise: bool = True, truth: bool = True,
                         arc_snr=arc_snr)
 
 
-def render_systems(systems: Sequence, rngs: Sequence, survey, *, dtype: torch.dtype = torch.float64) -> list:
+def render_systems(systems: Sequence, rngs: Sequence, survey, *, dtype: torch.dtype = torch.float64,
+                   device=None) -> list:
     """``science.simulation.render_system`` for a batch: the noiseless light by :func:`render`, then each
     object's noise from its own generator exactly as ``render_system`` draws it (one standard normal per
     pixel and band, times the square root of the variance, then the background plane), so a cutout does not
     depend on the batch it was drawn in. Returns ``RenderedCutout`` objects."""
     from lens_assets.science.simulation import RenderedCutout, band_psf
 
-    out = render(pack_systems(systems, survey, dtype=dtype), noise=False)
-    lensed, unlensed = out.lensed.double().numpy(), out.unlensed.double().numpy()
-    variance, plane_image = out.variance.double().numpy(), out.image.double().numpy()
+    out = render(pack_systems(systems, survey, dtype=dtype, device=device), noise=False)
+    lensed, unlensed = out.lensed.double().cpu().numpy(), out.unlensed.double().cpu().numpy()
+    variance, plane_image = out.variance.double().cpu().numpy(), out.image.double().cpu().numpy()
     cutouts = []
     for j, (system, rng) in enumerate(zip(systems, rngs)):
         noise = rng.standard_normal(lensed[j].shape) * np.sqrt(variance[j])
@@ -561,5 +562,5 @@ def render_systems(systems: Sequence, rngs: Sequence, survey, *, dtype: torch.dt
             system=system, bands=survey.band_names, image=image, variance=variance[j], lensed=lensed[j],
             unlensed=unlensed[j], psf=tuple(band_psf(system, survey, b) for b in survey.band_names),
             zero_points=tuple(survey.band(b).magnitude_zero_point for b in survey.band_names),
-            flux_ratio=float(out.flux_ratio[j])))
+            flux_ratio=float(out.flux_ratio[j].cpu())))
     return cutouts
