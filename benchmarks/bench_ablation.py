@@ -135,7 +135,7 @@ def run_lever(lever: str, args, work: Path) -> dict:
     ov = {"simulated_cutouts": {"n_cutouts": args.n_cutouts, "n_heldout": args.n_heldout, "family": family,
                                 "more_heldout_families": args.heldout, "n_pairs": args.n_pairs,
                                 "pairs_family": "physical"},
-          "lens_classifier": {"members": args.members, "epochs": args.epochs,
+          "lens_classifier": {"members": args.members, "epochs": args.epochs, "max_minutes": args.max_minutes,
                               **training_overrides(lever)},
           "score_calibrator": {"fusion": "mean", "heldout_families": ["heldout", *args.heldout]},
           "shortcut_audit": {"heldout_families": ["heldout", *args.heldout]}}
@@ -183,6 +183,9 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--members", default="resnet10t")
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-minutes", type=float, default=0.0,
+                    help="train every lever for this many minutes (equal CPU budget; set --epochs high and the "
+                         "cosine schedule spans --epochs); 0: --epochs decides")
     ap.add_argument("--work", default=None, help="folder for the runs' data (default: a temporary one)")
     args = ap.parse_args(argv)
     args.members = args.members.split(",")

@@ -54,6 +54,8 @@ class TrainConfig(dg.Config):
                                   "predicted lens probability; 0 for none")
     physics_warmup_epochs: int = Field(default=2, ge=1, description="epochs over which the physics weight rises "
                                        "from 0 (curriculum)")
+    max_minutes: float = Field(default=0.0, ge=0.0, description="wall-clock budget of each member's training "
+                               "(counted over resumed starts too); 0 for none: the epochs decide")
     weights_path: str = Field(default="", description="initial backbone weights, a file the training job can read "
                               "(state dict, safetensors or another member's checkpoint); '' for random weights")
 
@@ -153,6 +155,7 @@ def lens_classifier(context: dg.AssetExecutionContext, config: TrainConfig, stor
                                "fresh_renderer": config.fresh_renderer,
                                "physics_weight": config.physics_weight,
                                "physics_warmup_epochs": config.physics_warmup_epochs,
+                               "max_minutes": config.max_minutes,
                                "weights_path": config.weights_path}}
         if store:  # a job elsewhere: where the store is and the keys of what it reads and writes
             extras["storage"] = store
