@@ -33,7 +33,8 @@ Training levers (the physical population, the member changed):
 * ``colour_residual``: the member with the RingFinder band difference as one more input channel.
 * ``radial_residual``: the member with each band less its radial median profile as more input channels.
 * ``head_dropout`` (``head_dropout=<p>``): the member with dropout (default 0.2) on its pooled features before the
-  classifier, which MC-dropout scoring needs.
+  classifier, which MC-dropout scoring needs. The demo profile trains with 0.2 since it was measured, so every
+  lever has it; ``head_dropout=0`` is the member without.
 * ``arc_attention``: the member with a tangential self-attention branch about the centre whose logit adds to
   the backbone's (``module.TangentialAttention``).
 * ``fresh=<share>``: that share of every training batch replaced by physical objects simulated on the fly

@@ -20,6 +20,18 @@ from lens_assets.profiles import PROFILES, run_config
 from lens_assets.science.surveys import SURVEY_NAMES
 
 
+
+def _uncertainty_of_report(report_meta: dict) -> dict:
+    """The report's error rate by uncertainty decile (report.json), or {} when none was measured."""
+    import json
+    from pathlib import Path
+
+    path = Path(str(report_meta.get("report_json", "")))
+    if not path.is_file():
+        return {}
+    unc = json.loads(path.read_text()).get("uncertainty") or {}
+    return unc if unc.get("bins") else {}
+
 def failed_steps(result) -> set[str]:
     return {e.step_key for e in result.all_events if e.event_type_value == "STEP_FAILURE"}
 
@@ -102,6 +114,11 @@ def main(argv=None) -> int:
               f"{r['fnr_flux_ratio_lt_0.1']:.3f}")
         print(f"                      held-out family: AUROC {r['heldout_auroc']:.4f}  TPR0 {r['heldout_tpr0']:.3f}  "
               f"TPR10 {r['heldout_tpr10']:.3f}  (AUROC gap {r['heldout_auroc_gap']:+.4f})")
+        unc = _uncertainty_of_report(r)
+        if unc:
+            print(f"  uncertainty       : test error rate {unc['bins'][0]['error_rate']:.3f} in the least uncertain "
+                  f"tenth, {unc['bins'][-1]['error_rate']:.3f} in the most; AUROC of the uncertainty for the errors "
+                  f"{unc['error_auroc']:.3f}")
         print(f"  report            : {r['report_path']} (and report.json, roc.png, score_histograms.png, "
               "reliability.png beside it)")
         if "summary" in r:  # test split and every held-out family, lensing-only and shortcut figures
@@ -156,9 +173,10 @@ def score_demo_drop(instance, survey: str, *, n: int, seed: int) -> int:
           f"{storage.url(*layout.candidate_table(survey, drop))}")
     print(f"  model {table['model_version'].iloc[0]}, calibrator {table['calibrator_version'].iloc[0]}, "
           f"trained on shards {table['training_manifest_sha256'].iloc[0][:16]}")
-    print("  rank  score   objid                              (simulation truth, not in the files)")
+    print("  rank  score   ±logit  objid                              (simulation truth, not in the files)")
     for r in top.itertuples():
-        print(f"  {r.rank:>4}  {r.score:.3f}   {r.objid:<34} {'lens' if lens.get(r.objid) == 1 else 'non-lens'}")
+        print(f"  {r.rank:>4}  {r.score:.3f}   {r.uncertainty:5.2f}   {r.objid:<34} "
+              f"{'lens' if lens.get(r.objid) == 1 else 'non-lens'}")
     k = len(top)
     print(f"  {sum(lens.get(o) == 1 for o in top['objid'])} of the top {k} are simulated lenses; the drop has "
           f"{int(truth['label'].sum())} lenses in {len(truth)}")
