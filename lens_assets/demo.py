@@ -118,7 +118,8 @@ def main(argv=None) -> int:
         if unc:
             print(f"  uncertainty       : test error rate {unc['bins'][0]['error_rate']:.3f} in the least uncertain "
                   f"tenth, {unc['bins'][-1]['error_rate']:.3f} in the most; AUROC of the uncertainty for the errors "
-                  f"{unc['error_auroc']:.3f}")
+                  f"{unc['error_auroc']:.3f} (the probability's closeness to 0.5 alone: "
+                  f"{unc.get('margin_error_auroc', float('nan')):.3f})")
         print(f"  report            : {r['report_path']} (and report.json, roc.png, score_histograms.png, "
               "reliability.png beside it)")
         if "summary" in r:  # test split and every held-out family, lensing-only and shortcut figures

@@ -294,7 +294,7 @@ def score_calibrator(context: dg.AssetExecutionContext, config: CalibratorConfig
         rows[f"logit_std_mc_{name}"] = mc_std[:, j]
     rows["logit"] = fused
     rows["probability"] = cal.predict(fused)
-    for col, values in uncertainty_columns(logits, mc_std, fusion).items():
+    for col, values in uncertainty_columns(logits, mc_std, fusion, cal.predict).items():
         rows[col] = values
     out = storage.write_parquet(rows, *layout.ensemble_scores(survey.name))
 
@@ -520,8 +520,9 @@ def uncertainty_table(unc: dict) -> str:
         return f"{v:.3f}" if np.isfinite(v) else "undefined (no errors, or no spread)"
 
     lines = [f"Errors at probability {unc['threshold']:.1f}: {unc['error_rate']:.3f} of {unc['n']} test rows; "
-             f"AUROC of the uncertainty for finding them {fmt(unc['error_auroc'])}, rank correlation of decile "
-             f"and error rate {fmt(unc['spearman'])}.", "",
+             f"AUROC of the uncertainty for finding them {fmt(unc['error_auroc'])} (of the probability's closeness "
+             f"to {unc['threshold']:.1f} alone {fmt(unc.get('margin_error_auroc', float('nan')))}), rank correlation "
+             f"of decile and error rate {fmt(unc['spearman'])}.", "",
              "| decile (least uncertain first) | rows | uncertainty (logit) | error rate |", "|---|---|---|---|"]
     for b in unc["bins"]:
         lines.append(f"| {b['bin']} | {b['n']} | {b['uncertainty_low']:.3f}–{b['uncertainty_high']:.3f} | "

@@ -102,8 +102,8 @@ def member_scores(members: list, dataset, *, batch_size: int = 256, num_workers:
 UNCERTAINTY_COLUMNS = ("logit_std_ensemble", "logit_std_mc", "uncertainty")
 
 
-def uncertainty_columns(logits, mc_std, fusion: "Fusion") -> dict:
-    """Per-row uncertainty of the fused logit, in logit units (docs/assets.md, ``candidate_scores``):
+def uncertainty_columns(logits, mc_std, fusion: "Fusion", probability=None) -> dict:
+    """Per-row uncertainty of the fused logit and of the probability (docs/assets.md, ``candidate_scores``):
 
     * ``logit_std_ensemble``: the members' disagreement on the fused logit's scale: the standard deviation over
       members of ``m w_j z_j`` (``m`` members, fusion weight ``w_j``, logit ``z_j``; their mean is the fused
@@ -111,8 +111,18 @@ def uncertainty_columns(logits, mc_std, fusion: "Fusion") -> dict:
     * ``logit_std_mc``: the MC-dropout standard deviation of the fused logit, ``sqrt(sum_j w_j^2 s_j^2)`` over
       the members with head dropout (fusion weights ``w_j``; each member's draws are independent); NaN when
       no member has head dropout;
-    * ``uncertainty``: ``sqrt`` of the sum of the two variances that exist (NaN when neither does).
+    * ``uncertainty``: how far the probability moves within that spread: with ``s`` the root of the sum of the
+      two variances that exist and ``z`` the fused logit, ``(P(z + s) - P(z - s)) / 2``, ``P`` the calibrated
+      probability (``probability``, a callable on fused logits; the logistic function without one). NaN when
+      neither spread exists.
+
+    Why not ``s`` itself: the logit's spread grows with its size (a confident score's features are large, and
+    so is what dropping some of them moves), so in logit units the most confident candidates looked the most
+    uncertain (``make demo``: AUROC 0.39 for finding the errors). The probability's spread is small where the
+    probability is near 0 or 1 and largest at the decision boundary, where the errors are.
     """
+    from scipy.special import expit
+
     z = np.asarray(logits, dtype=float)
     s = np.asarray(mc_std, dtype=float)
     n, m = z.shape
@@ -123,7 +133,13 @@ def uncertainty_columns(logits, mc_std, fusion: "Fusion") -> dict:
     mc = np.sqrt(np.where(has, s**2, 0.0) @ w2)
     mc = np.where(has.any(axis=1), mc, np.nan)
     both = np.stack([ens**2, mc**2])
-    total = np.where(np.isfinite(both).any(axis=0), np.sqrt(np.nansum(both, axis=0)), np.nan)
+    spread = np.where(np.isfinite(both).any(axis=0), np.sqrt(np.nansum(both, axis=0)), np.nan)
+    fused = fusion(z) if len(z) else np.empty(0)
+    prob = probability or expit
+    ok = np.isfinite(spread)
+    total = np.full(n, np.nan)
+    if ok.any():
+        total[ok] = (np.asarray(prob(fused[ok] + spread[ok]), float) - np.asarray(prob(fused[ok] - spread[ok]), float)) / 2
     return {"logit_std_ensemble": ens, "logit_std_mc": mc, "uncertainty": total}
 
 
@@ -339,7 +355,7 @@ def score_files(paths, survey, *, root: str | Path, settings, members: list, fus
         scores[f"logit_{j}"] = z[:, j]
     scores["score"] = calibrator.predict(fused) if len(z) else np.empty(0)
     sd = np.concatenate(mc_std) if mc_std else np.empty((0, len(members)), np.float32)
-    for name, values in uncertainty_columns(z, sd, fusion).items():
+    for name, values in uncertainty_columns(z, sd, fusion, calibrator.predict).items():
         scores[name] = values
     scores["psf_matched_bands"] = np.concatenate(matched) if matched else np.empty(0, np.int64)
     scores["band_flag_bits"] = np.concatenate(flags) if flags else np.empty(0, np.int64)

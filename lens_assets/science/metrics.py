@@ -291,8 +291,9 @@ def error_rate_by_uncertainty(labels, probs, uncertainty, *, n_bins: int = 10, t
     non-lens, below it for a lens). Rows are ordered by ``uncertainty`` and cut into ``n_bins`` equal-count
     bins (deciles by default), least uncertain first; each bin gives its row count, uncertainty range and mean,
     and error rate. ``error_auroc`` is the AUROC of the uncertainty as a detector of the errors (0.5: it says
-    nothing about them; NaN without both errors and correct predictions), ``spearman`` the rank correlation of
-    bin order and error rate. Rows with a non-finite uncertainty are left out and counted (``n_unmeasured``);
+    nothing about them; NaN without both errors and correct predictions), ``margin_error_auroc`` the same for
+    the probability's closeness to the threshold alone (``-|p - threshold|``: what an uncertainty must beat to
+    add anything), ``spearman`` the rank correlation of bin order and error rate. Rows with a non-finite uncertainty are left out and counted (``n_unmeasured``);
     with none measured the bins are empty.
     """
     from scipy.stats import spearmanr
@@ -303,7 +304,8 @@ def error_rate_by_uncertainty(labels, probs, uncertainty, *, n_bins: int = 10, t
     u = np.asarray(uncertainty, dtype=float)
     ok = np.isfinite(u)
     out = {"n": int(ok.sum()), "n_unmeasured": int((~ok).sum()), "threshold": float(threshold), "bins": [],
-           "error_auroc": float("nan"), "spearman": float("nan"), "error_rate": float("nan")}
+           "error_auroc": float("nan"), "margin_error_auroc": float("nan"), "spearman": float("nan"),
+           "error_rate": float("nan")}
     if not ok.any():
         return out
     y, p, u = y[ok], p[ok], u[ok]
@@ -316,6 +318,7 @@ def error_rate_by_uncertainty(labels, probs, uncertainty, *, n_bins: int = 10, t
                             "error_rate": float(wrong[idx].mean())})
     if 0 < wrong.sum() < len(wrong):
         out["error_auroc"] = float(roc_auc_score(wrong, u))
+        out["margin_error_auroc"] = float(roc_auc_score(wrong, -np.abs(p - threshold)))
     rates = [b["error_rate"] for b in out["bins"]]
     if len(rates) > 1 and np.ptp(rates) > 0:
         out["spearman"] = float(spearmanr(np.arange(len(rates)), rates).statistic)

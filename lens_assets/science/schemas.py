@@ -117,7 +117,7 @@ def candidate_schema() -> pa.DataFrameSchema:
         "logit_std_mc": pa.Column(f, pa.Check.ge(0.0), nullable=True,
                                   description="MC-dropout std of the fused logit (NaN: no member has head dropout)"),
         "uncertainty": pa.Column(f, pa.Check.ge(0.0), nullable=True,
-                                 description="sqrt of the two variances above that exist, logit units"),
+                                 description="half the calibrated probability's change over +-1 combined spread"),
         "source_file": pa.Column(s, pa.Check.str_length(min_value=1)),
         "source_sha256": pa.Column(s, pa.Check.str_matches(r"^[0-9a-f]{64}$")),
         "survey": pa.Column(s, pa.Check.isin(SURVEY_NAMES)),

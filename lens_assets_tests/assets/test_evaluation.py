@@ -166,7 +166,11 @@ def test_report_gives_the_error_rate_by_uncertainty_decile_of_the_test_split(gra
     scores = _scores(storage)
     test = scores[scores["split"] == "test"]
     assert np.isfinite(scores["uncertainty"]).all() and (scores["uncertainty"] > 0).all()
-    np.testing.assert_allclose(scores["uncertainty"], scores[f"logit_std_mc_{MEMBER}"], rtol=1e-6)
+    # one member: the spread is its MC-dropout std, seen through the calibrated probability
+    cal = Calibrator.from_dict(json.loads(storage.path("calibrators", SURVEY, "calibrator.json").read_text())["calibrator"])
+    z, s = scores["logit"].to_numpy(), scores[f"logit_std_mc_{MEMBER}"].to_numpy()
+    np.testing.assert_allclose(scores["uncertainty"], (cal.predict(z + s) - cal.predict(z - s)) / 2, rtol=1e-6)
+    np.testing.assert_allclose(scores["logit_std_mc"], s, rtol=1e-6)
     unc = json.loads(storage.path("reports", SURVEY, "bologna", "report.json").read_text())["uncertainty"]
     assert sum(b["n"] for b in unc["bins"]) == len(test) == unc["n"] and len(unc["bins"]) == 10
     order = np.argsort(test["uncertainty"].to_numpy(), kind="stable")

@@ -218,7 +218,7 @@ def test_scores_equal_the_shard_pipeline_stage_by_stage(scored):
 
 def test_candidates_carry_the_mc_dropout_uncertainty_of_their_fused_logit(scored):
     """One member trained with head dropout: no ensemble spread, an MC-dropout spread for every row, and the
-    row's uncertainty is that spread; the same member and draws give the same column (seeded)."""
+    row's uncertainty is how far that spread moves its calibrated probability."""
     import torch
 
     from lens_assets.ml.score import load_members, member_outputs
@@ -229,7 +229,11 @@ def test_candidates_carry_the_mc_dropout_uncertainty_of_their_fused_logit(scored
     storage, table = scored["storage"], scored["table"]
     assert table["logit_std_ensemble"].isna().all()
     assert (table["logit_std_mc"] > 0).all() and np.isfinite(table["logit_std_mc"]).all()
-    np.testing.assert_allclose(table["uncertainty"], table["logit_std_mc"], rtol=1e-12)
+    from lens_assets.science.calibration import Calibrator
+
+    cal = Calibrator.from_dict(json.loads(storage.path("promoted", SURVEY, "calibrator.json").read_text())["calibrator"])
+    z, s = table["logit"].to_numpy(), table["logit_std_mc"].to_numpy()
+    np.testing.assert_allclose(table["uncertainty"], (cal.predict(z + s) - cal.predict(z - s)) / 2, rtol=1e-9)
     # the column is each row's std over the member's head draws (fusion mean of one member: weight 1)
     ensemble = json.loads(storage.path("promoted", SURVEY, "ensemble.json").read_text())
     members = load_members([storage.path(m["checkpoint"]) for m in ensemble["members"]], device="cpu")

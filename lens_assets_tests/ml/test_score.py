@@ -250,7 +250,17 @@ def test_uncertainty_columns_by_hand():
     # m w_j z_j = (2*2*1, 2*1*3) = (4, 6) and (0, 0): std 1 and 0
     np.testing.assert_allclose(out["logit_std_ensemble"], [1.0, 0.0])
     np.testing.assert_allclose(out["logit_std_mc"], [np.sqrt(4 * 0.09 + 0.16), 0.5])
-    np.testing.assert_allclose(out["uncertainty"], [np.sqrt(1.0 + 0.52), 0.5])
+    from scipy.special import expit
+
+    fused = np.array([2 * 1 + 3 + 0.1, 0.1])
+    spread = np.array([np.sqrt(1.0 + 0.52), 0.5])
+    np.testing.assert_allclose(out["uncertainty"], (expit(fused + spread) - expit(fused - spread)) / 2)
+    # with a calibrator's probability map, the spread is that of the calibrated probability
+    steep = uncertainty_columns(z, s, Fusion("val_weights", [2.0, 1.0], 0.1), lambda x: expit(3 * x))
+    np.testing.assert_allclose(steep["uncertainty"], (expit(3 * (fused + spread)) - expit(3 * (fused - spread))) / 2)
+    # near the decision boundary the same logit spread moves the probability most
+    mid = uncertainty_columns(np.array([[0.0], [6.0]]), np.array([[1.0], [1.0]]), Fusion.mean(1))["uncertainty"]
+    assert mid[0] > 5 * mid[1]
     mean = uncertainty_columns(z, s, Fusion.mean(2))  # mean fusion: the logits' own spread
     np.testing.assert_allclose(mean["logit_std_ensemble"], [1.0, 0.0])
     one = uncertainty_columns(z[:, :1], np.full((2, 1), np.nan), Fusion.mean(1))

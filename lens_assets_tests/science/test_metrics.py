@@ -298,6 +298,7 @@ def test_error_rate_by_uncertainty_bins_by_hand():
     from sklearn.metrics import roc_auc_score
 
     assert out["error_auroc"] == pytest.approx(roc_auc_score(wrong, unc[:10]))
+    assert out["margin_error_auroc"] == pytest.approx(roc_auc_score(wrong, -np.abs(np.array(probs[:10]) - 0.5)))
     assert out["spearman"] == pytest.approx(1.0)
     none = error_rate_by_uncertainty([1, 0], [0.9, 0.1], [float("nan")] * 2)
     assert none["bins"] == [] and none["n_unmeasured"] == 2 and np.isnan(none["error_auroc"])
