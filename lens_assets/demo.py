@@ -174,7 +174,7 @@ def score_demo_drop(instance, survey: str, *, n: int, seed: int) -> int:
           f"{storage.url(*layout.candidate_table(survey, drop))}")
     print(f"  model {table['model_version'].iloc[0]}, calibrator {table['calibrator_version'].iloc[0]}, "
           f"trained on shards {table['training_manifest_sha256'].iloc[0][:16]}")
-    print("  rank  score   ±logit  objid                              (simulation truth, not in the files)")
+    print("  rank  score   ±p      objid                              (simulation truth, not in the files)")
     for r in top.itertuples():
         print(f"  {r.rank:>4}  {r.score:.3f}   {r.uncertainty:5.2f}   {r.objid:<34} "
               f"{'lens' if lens.get(r.objid) == 1 else 'non-lens'}")
