@@ -1,13 +1,13 @@
 """Fresh simulated cutouts in every training batch, mixed with the fixed shards at a chosen share.
 
-``FreshMix`` wraps the train split's :class:`~lens_assets.ml.data.ShardDataset`: in each batch it reads the
-fixed rows and replaces a ``fraction`` of them with objects simulated on the fly from a family. A fresh
-object goes the whole way a fixed one went — drawn by the same population code, priors and selection,
-rendered by the batched torch renderer (``renderer="torch"``, the default; within 5e-4 of lenstronomy's
-pixels, the same noise draws) or by lenstronomy (``simulate_one``), written as inbox-contract FITS bytes in memory (zero-point error, withheld variance
-maps and crops included), read and validated (``read_cutout``) and PSF-matched and normalized with the
-shards' own settings (``match_batch``) — so the network cannot tell fresh rows from fixed ones by how they
-were processed, only by being new.
+``FreshMix`` wraps the train split's :class:`~lens_assets.ml.data.ShardDataset`: in each batch it reads the fixed
+rows and replaces a ``fraction`` of them with objects simulated on the fly from a family. A fresh object goes the
+whole way a fixed one went — drawn by the same population code, priors and selection, rendered by the batched torch
+renderer (``renderer="torch"``, the default; within 5e-4 of lenstronomy's pixels, the same noise draws) or by
+lenstronomy (``simulate_one``), written as inbox-contract FITS bytes in memory (zero-point error, withheld variance
+maps and crops included), read and validated (``read_cutout``) and PSF-matched and normalized with the shards' own
+settings (``match_batch``) — so the network cannot tell fresh rows from fixed ones by how they were processed, only
+by being new.
 
 Deterministic from the seed: which rows of a batch are replaced depends on (seed, epoch, row), and the
 object that replaces a row is object ``epoch * n_rows + row`` of the family under the seed
@@ -24,8 +24,8 @@ import numpy as np
 __all__ = ["FreshMix", "FreshEpoch", "FRESH_SEED_OFFSET"]
 
 FRESH_SEED_OFFSET = 1_000_003  # fresh objects' simulation seed = this + the training seed
-RENDERERS = ("torch", "lenstronomy")
-HELDOUT_FAMILIES = ("heldout", "galsim")  # kept out of training: the report's figures off the simulator  # torch: ml/torch_render, a batch at a time; lenstronomy: simulate_one
+RENDERERS = ("torch", "lenstronomy")  # torch: ml/torch_render, a batch at a time; lenstronomy: simulate_one
+HELDOUT_FAMILIES = ("heldout", "galsim")  # kept out of training: the report's figures off the simulator
 
 
 class FreshMix:

@@ -131,14 +131,14 @@ class FiLM(torch.nn.Module):
 class TangentialAttention(torch.nn.Module):
     """Arc-aware attention: self-attention along the tangential direction about the stamp's centre.
 
-    The network input is resampled onto a polar grid about the centre (``n_radii`` radii out to the stamp's
-    edge, ``n_angles`` angles; bilinear), where an arc about the deflector is a run along the angle axis at
-    one radius. A small convolution (circular along the angle) embeds it; multi-head self-attention then
-    runs over the angles of each radius separately (tokens are angles), with a learned bias per head for each
-    angular separation, so each position sees the whole circle at its radius — an arc's extent, a
-    counter-image opposite, a complete ring — and the branch is invariant to rotations about the centre by
-    multiples of the angular step (so to 90° rotations; mirror images are left to the flips of training). Mean and max over angle, per radius, feed a linear
-    layer that gives a logit added to the backbone's; it starts at zero, so a member starts as the plain one.
+    The network input is resampled onto a polar grid about the centre (``n_radii`` radii out to the stamp's edge,
+    ``n_angles`` angles; bilinear), where an arc about the deflector is a run along the angle axis at one radius. A
+    small convolution (circular along the angle) embeds it; multi-head self-attention then runs over the angles of
+    each radius separately (tokens are angles), with a learned bias per head for each angular separation, so each
+    position sees the whole circle at its radius — an arc's extent, a counter-image opposite, a complete ring — and
+    the branch is invariant to rotations about the centre by multiples of the angular step (so to 90° rotations;
+    mirror images are left to the flips of training). Mean and max over angle, per radius, feed a linear layer that
+    gives a logit added to the backbone's; it starts at zero, so a member starts as the plain one.
     """
 
     def __init__(self, in_chans: int, *, dim: int = 32, heads: int = 4, n_radii: int = 16, n_angles: int = 32):
@@ -411,9 +411,9 @@ class LensClassifier(L.LightningModule):
 
     def _loss_with_physics(self, batch, image, variance):
         """BCE plus the gated physics-consistency term: the batch mean of each cutout's :func:`physics_consistency`
-        of the lens its features imply times its predicted lens probability (detached: the gate does not teach
-        the classifier to avoid the term), times the curriculum weight (skipped while that is 0). A batch whose term is not finite is counted
-        (``physics_failures``) and trains on BCE alone; it is never replaced by a constant."""
+        of the lens its features imply times its predicted lens probability (detached: the gate does not teach the
+        classifier to avoid the term), times the curriculum weight (skipped while that is 0). A batch whose term is
+        not finite is counted (``physics_failures``) and trains on BCE alone; it is never replaced by a constant."""
         x = self.network_input(image, variance)
         cond = (batch.get("fwhm_before"), batch.get("band_flags")) if self.film is not None else (None, None)
         features = self._pooled(x, variance, *cond)

@@ -139,7 +139,8 @@ def uncertainty_columns(logits, mc_std, fusion: "Fusion", probability=None) -> d
     ok = np.isfinite(spread)
     total = np.full(n, np.nan)
     if ok.any():
-        total[ok] = (np.asarray(prob(fused[ok] + spread[ok]), float) - np.asarray(prob(fused[ok] - spread[ok]), float)) / 2
+        up, down = prob(fused[ok] + spread[ok]), prob(fused[ok] - spread[ok])
+        total[ok] = (np.asarray(up, float) - np.asarray(down, float)) / 2
     return {"logit_std_ensemble": ens, "logit_std_mc": mc, "uncertainty": total}
 
 
@@ -278,8 +279,8 @@ def _threads_beside_workers(device: str, n_workers: int):
 @dataclass
 class ScoredFiles:
     """``scores``: one row per catalog row (``objid``, ``logit`` fused, ``logit_<j>`` per member, ``score``
-    calibrated, the :data:`UNCERTAINTY_COLUMNS`, ``psf_matched_bands``, ``band_flag_bits``); ``catalog`` and ``quarantine`` as ``ingest_files``
-    makes them (``len(catalog) + len(quarantine) == n_files``)."""
+    calibrated, the :data:`UNCERTAINTY_COLUMNS`, ``psf_matched_bands``, ``band_flag_bits``); ``catalog`` and
+    ``quarantine`` as ``ingest_files`` makes them (``len(catalog) + len(quarantine) == n_files``)."""
 
     scores: "object"
     catalog: "object"

@@ -288,13 +288,13 @@ def error_rate_by_uncertainty(labels, probs, uncertainty, *, n_bins: int = 10, t
     """Whether the flagged-uncertain predictions are where the errors are.
 
     An error is a prediction on the wrong side of ``threshold`` (calibrated probability >= ``threshold`` for a
-    non-lens, below it for a lens). Rows are ordered by ``uncertainty`` and cut into ``n_bins`` equal-count
-    bins (deciles by default), least uncertain first; each bin gives its row count, uncertainty range and mean,
-    and error rate. ``error_auroc`` is the AUROC of the uncertainty as a detector of the errors (0.5: it says
-    nothing about them; NaN without both errors and correct predictions), ``margin_error_auroc`` the same for
-    the probability's closeness to the threshold alone (``-|p - threshold|``: what an uncertainty must beat to
-    add anything), ``spearman`` the rank correlation of bin order and error rate. Rows with a non-finite uncertainty are left out and counted (``n_unmeasured``);
-    with none measured the bins are empty.
+    non-lens, below it for a lens). Rows are ordered by ``uncertainty`` and cut into ``n_bins`` equal-count bins
+    (deciles by default), least uncertain first; each bin gives its row count, uncertainty range and mean, and error
+    rate. ``error_auroc`` is the AUROC of the uncertainty as a detector of the errors (0.5: it says nothing about
+    them; NaN without both errors and correct predictions), ``margin_error_auroc`` the same for the probability's
+    closeness to the threshold alone (``-|p - threshold|``: what an uncertainty must beat to add anything),
+    ``spearman`` the rank correlation of bin order and error rate. Rows with a non-finite uncertainty are left out
+    and counted (``n_unmeasured``); with none measured the bins are empty.
     """
     from scipy.stats import spearmanr
     from sklearn.metrics import roc_auc_score
