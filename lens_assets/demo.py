@@ -20,7 +20,6 @@ from lens_assets.profiles import PROFILES, run_config
 from lens_assets.science.surveys import SURVEY_NAMES
 
 
-
 def _uncertainty_of_report(report_meta: dict) -> dict:
     """The report's error rate by uncertainty decile (report.json), or {} when none was measured."""
     import json
@@ -31,6 +30,7 @@ def _uncertainty_of_report(report_meta: dict) -> dict:
         return {}
     unc = json.loads(path.read_text()).get("uncertainty") or {}
     return unc if unc.get("bins") else {}
+
 
 def failed_steps(result) -> set[str]:
     return {e.step_key for e in result.all_events if e.event_type_value == "STEP_FAILURE"}

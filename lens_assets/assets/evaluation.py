@@ -32,7 +32,7 @@ from lens_assets.science.simulation import LENSING_ONLY  # SIMFAM of the lens/tw
 from lens_assets.science.splits import require_both_labels, val_roles
 from lens_assets.science.surveys import get_survey
 
-EVALUATION_CODE_VERSION = "eval-5"  # eval-4: fit on the val split's calibrate half, cross-fitted ECE; 5: uncertainty
+EVALUATION_CODE_VERSION = "eval-6"  # 4: fit on the val split's calibrate half; 5: uncertainty; 6: in probability units
 SHORTCUT_CODE_VERSION = "shortcut-1"
 SCORED_SPLITS = ("val", "test", "heldout", LENSING_ONLY)
 DEFAULT_HELDOUT_FAMILIES = ["heldout", "galsim"]
@@ -523,7 +523,7 @@ def uncertainty_table(unc: dict) -> str:
              f"AUROC of the uncertainty for finding them {fmt(unc['error_auroc'])} (of the probability's closeness "
              f"to {unc['threshold']:.1f} alone {fmt(unc.get('margin_error_auroc', float('nan')))}), rank correlation "
              f"of decile and error rate {fmt(unc['spearman'])}.", "",
-             "| decile (least uncertain first) | rows | uncertainty (logit) | error rate |", "|---|---|---|---|"]
+             "| decile (least uncertain first) | rows | uncertainty (±p) | error rate |", "|---|---|---|---|"]
     for b in unc["bins"]:
         lines.append(f"| {b['bin']} | {b['n']} | {b['uncertainty_low']:.3f}–{b['uncertainty_high']:.3f} | "
                      f"{b['error_rate']:.3f} |")
@@ -572,7 +572,8 @@ def report_markdown(survey: str, figures: dict, calibrator: dict, shortcut: dict
                   "the types the finder takes for lenses.", "", by_kind_table(figures["by_kind"])]
     if "uncertainty" in figures:
         lines += ["", "## Error rate by uncertainty decile (test split)", "",
-                  "Uncertainty: the candidates' `uncertainty` column (members' spread and MC dropout, logit units). "
+                  "Uncertainty: the candidates' `uncertainty` column, how far the members' spread and MC dropout move "
+                  "the calibrated probability, (P(z + s) - P(z - s)) / 2. "
                   "Flagged-uncertain candidates should be where the errors are: the error rate should rise with "
                   "the decile.", "", uncertainty_table(figures["uncertainty"])]
     lines += ["", f"Calibrator: {calibrator['calibrator']['method']} after {calibrator['fusion']['method']} fusion "

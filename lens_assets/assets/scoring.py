@@ -13,7 +13,7 @@ from lens_assets.science.ingest import find_fits
 from lens_assets.science.schemas import candidate_schema
 from lens_assets.science.surveys import get_survey
 
-SCORING_CODE_VERSION = "score-4"  # 3: scored by the promoted pair only; 4: uncertainty columns
+SCORING_CODE_VERSION = "score-5"  # 3: scored by the promoted pair only; 4: uncertainty columns; 5: in probability units
 
 # a survey's promoted model feeds every (drop, survey) partition of that survey. Dagster (1.13) resolves this mapping by
 # matching the upstream partitions def against the dimensions, so "survey" documents the intent and is the only

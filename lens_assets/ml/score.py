@@ -140,7 +140,7 @@ def uncertainty_columns(logits, mc_std, fusion: "Fusion", probability=None) -> d
     total = np.full(n, np.nan)
     if ok.any():
         up, down = prob(fused[ok] + spread[ok]), prob(fused[ok] - spread[ok])
-        total[ok] = (np.asarray(up, float) - np.asarray(down, float)) / 2
+        total[ok] = np.maximum((np.asarray(up, float) - np.asarray(down, float)) / 2, 0.0)  # rounding at a knot
     return {"logit_std_ensemble": ens, "logit_std_mc": mc, "uncertainty": total}
 
 

@@ -165,7 +165,8 @@ def test_report_gives_the_error_rate_by_uncertainty_decile_of_the_test_split(gra
     storage, result = graph
     scores = _scores(storage)
     test = scores[scores["split"] == "test"]
-    assert np.isfinite(scores["uncertainty"]).all() and (scores["uncertainty"] > 0).all()
+    assert np.isfinite(scores["uncertainty"]).all() and (scores["uncertainty"] >= 0).all()  # isotonic plateaus: 0
+    assert (scores["uncertainty"] > 0).any()
     # one member: the spread is its MC-dropout std, seen through the calibrated probability
     cal = Calibrator.from_dict(json.loads(storage.path("calibrators", SURVEY, "calibrator.json").read_text())["calibrator"])
     z, s = scores["logit"].to_numpy(), scores[f"logit_std_mc_{MEMBER}"].to_numpy()
