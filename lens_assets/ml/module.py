@@ -338,12 +338,19 @@ class LensClassifier(L.LightningModule):
 
     def forward(self, image: torch.Tensor, variance: torch.Tensor, fwhm_before: torch.Tensor | None = None,
                 band_flags: torch.Tensor | None = None) -> torch.Tensor:
+        return self._outputs(image, variance, fwhm_before, band_flags, dropout=self.training)[0]
+
+    def _outputs(self, image, variance, fwhm_before=None, band_flags=None, *, dropout: bool,
+                 features: bool = False):
+        """(logit, pooled features or None, arc-attention logit or 0) of a batch: the one path that the forward
+        pass, MC dropout and the physics loss share. Without FiLM, head dropout or ``features`` the backbone's
+        own head runs (timm's forward)."""
         x = self.network_input(image, variance)
-        if self.film is None and not self.head_dropout:
-            logit = self.net(x).squeeze(1)
-        else:
-            logit = self.classify(self._pooled(x, variance, fwhm_before, band_flags), dropout=self.training)
-        return logit if self.arc is None else logit + self.arc(x)
+        arc = 0.0 if self.arc is None else self.arc(x)
+        if self.film is None and not self.head_dropout and not features:
+            return self.net(x).squeeze(1) + arc, None, arc
+        pooled = self._pooled(x, variance, fwhm_before, band_flags)
+        return self.classify(pooled, dropout=dropout) + arc, pooled, arc
 
     def _pooled(self, x, variance, fwhm_before, band_flags) -> torch.Tensor:
         """The backbone's pooled features of the network input ``x`` (FiLM-conditioned for a FiLM member)."""
@@ -374,10 +381,8 @@ class LensClassifier(L.LightningModule):
         if not self.head_dropout:
             raise ValueError(f"member {self.hparams.backbone} was trained without head dropout (head_dropout = 0): "
                              "MC dropout needs a member trained with it")
-        x = self.network_input(image, variance)
-        features = self._pooled(x, variance, fwhm_before, band_flags)
-        arc = 0.0 if self.arc is None else self.arc(x)
-        deterministic = self.classify(features, dropout=False) + arc
+        deterministic, features, arc = self._outputs(image, variance, fwhm_before, band_flags, dropout=False,
+                                                     features=True)
         keep = 1.0 - self.head_dropout
         draws = torch.rand((n_samples, *features.shape), generator=generator).to(features.device) < keep
         samples = self.net.get_classifier()(features[None] * draws.to(features.dtype) / keep).squeeze(-1) + arc
@@ -414,12 +419,8 @@ class LensClassifier(L.LightningModule):
         of the lens its features imply times its predicted lens probability (detached: the gate does not teach the
         classifier to avoid the term), times the curriculum weight (skipped while that is 0). A batch whose term is
         not finite is counted (``physics_failures``) and trains on BCE alone; it is never replaced by a constant."""
-        x = self.network_input(image, variance)
-        cond = (batch.get("fwhm_before"), batch.get("band_flags")) if self.film is not None else (None, None)
-        features = self._pooled(x, variance, *cond)
-        logits = self.classify(features, dropout=True)
-        if self.arc is not None:
-            logits = logits + self.arc(x)
+        logits, features, _ = self._outputs(image, variance, batch.get("fwhm_before"), batch.get("band_flags"),
+                                            dropout=True, features=True)
         loss = self._loss(batch, logits)
         weight = self.physics_curriculum()
         n = len(image)

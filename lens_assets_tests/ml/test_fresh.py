@@ -7,17 +7,6 @@ from lens_assets.ml.data import ShardDataset
 from lens_assets.ml.fresh import FRESH_SEED_OFFSET, FreshMix
 from lens_assets.ml.train import TrainSettings, train
 from lens_assets.science.shards import read_manifest
-from lens_assets.science.splits import make_splits
-from lens_assets_tests.helpers import make_sdss_shards
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fresh")
-    catalog = make_sdss_shards(root, n=32, seed=4)
-    make_splits(catalog, reference_band="r", seed=0, min_groups_per_stratum=3).table.to_parquet(
-        root / "splits.parquet")
-    return root
 
 
 def _mix(root, fraction=0.5, seed=0, renderer="lenstronomy"):

@@ -11,17 +11,6 @@ import torch
 
 from lens_assets.ml.module import augment, scale_input
 from lens_assets.ml.train import TrainSettings, train
-from lens_assets.science.splits import make_splits
-from lens_assets_tests.helpers import make_sdss_shards
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    catalog = make_sdss_shards(root, n=32, seed=4)
-    make_splits(catalog, reference_band="r", seed=0, min_groups_per_stratum=3).table.to_parquet(
-        root / "splits.parquet")
-    return root
 
 
 def test_scale_input_is_asinh_in_noise_units_and_keeps_colours_when_faint():
@@ -60,8 +49,8 @@ def test_augmentation_preserves_flux_and_colours_and_adds_noise_from_the_varianc
     assert 0.0 < noisy.std() < 0.5 and (var_out >= 1).all()
 
 
-def test_training_writes_checkpoints_logs_and_resumes_after_an_interruption(data):
-    out = data / "run"
+def test_training_writes_checkpoints_logs_and_resumes_after_an_interruption(data, tmp_path):
+    out = tmp_path / "run"
     settings = TrainSettings(backbone="resnet10t", epochs=1, batch_size=8, progress=False, patience=10)
     first = train(data / "shards", data / "splits.parquet", out, settings)
     assert (out / "last.ckpt").exists() and (out / "best.ckpt").exists()
