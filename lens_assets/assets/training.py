@@ -142,21 +142,8 @@ def lens_classifier(context: dg.AssetExecutionContext, config: TrainConfig, stor
     for member in config.members:
         out = storage.path(*layout.member_dir(survey.name, member))
         extras = {"shard_dir": str(shard_dir), "splits_path": str(splits), "out_dir": str(out),
-                  "settings": {"backbone": member, "epochs": config.epochs, "batch_size": config.batch_size,
-                               "lr": config.lr, "seed": config.seed, "patience": config.patience,
-                               "precision": config.precision, "film": config.film,
-                               "colour_residual": config.colour_residual,
-                               "radial_residual": config.radial_residual,
-                               "head_dropout": config.head_dropout,
-                               "upsample": config.upsample,
-                               "arc_attention": config.arc_attention,
-                               "fresh_fraction": config.fresh_fraction,
-                               "fresh_family": config.fresh_family,
-                               "fresh_renderer": config.fresh_renderer,
-                               "physics_weight": config.physics_weight,
-                               "physics_warmup_epochs": config.physics_warmup_epochs,
-                               "max_minutes": config.max_minutes,
-                               "weights_path": config.weights_path}}
+                  # every field of the config is a TrainSettings field of the same name (members: one backbone each)
+                  "settings": {**config.model_dump(exclude={"members"}), "backbone": member}}
         if store:  # a job elsewhere: where the store is and the keys of what it reads and writes
             extras["storage"] = store
             extras["keys"] = {"shards": list(layout.shards_dir(survey.name)),

@@ -181,3 +181,19 @@ def test_weights_path_on_a_launcher_that_does_not_share_the_disk_is_refused(stor
     with pytest.raises(dg.Failure, match=r"weights_path: LocalSubprocessLauncher runs the job where .*w.pt cannot be "
                                          r"read"):
         _train({"storage": storage, "launcher": launcher}, {"weights_path": str(weights)})
+
+
+def test_every_lens_classifier_config_field_reaches_the_training_job_by_name():
+    """lens_classifier passes its config to the job as TrainSettings fields of the same names: a config field
+    the job does not know would fail every launch, one the config lacks could not be set from the UI."""
+    from dataclasses import fields
+
+    from lens_assets.assets.training import TrainConfig
+    from lens_assets.ml.train import TrainSettings
+
+    config = set(TrainConfig.model_fields) - {"members"}
+    settings = {f.name for f in fields(TrainSettings)}
+    assert config <= settings
+    # what the job sets for itself or only the CLI sets (device, loader, the GPU probe's cap, progress bars)
+    assert settings - config == {"backbone", "weight_decay", "num_workers", "augment", "accelerator", "progress",
+                                 "max_batch_size"}
