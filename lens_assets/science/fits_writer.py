@@ -114,9 +114,11 @@ def write_simulated_cutout(path: Path, cutout, *, survey: SurveySpec, family, se
     Path(path).write_bytes(simulated_cutout_bytes(cutout, survey=survey, family=family, seed=seed, labeled=labeled))
 
 
-def simulated_cutout_bytes(cutout, *, survey: SurveySpec, family, seed: int, labeled: bool = True) -> bytes:
+def simulated_cutout_bytes(cutout, *, survey: SurveySpec, family, seed: int, labeled: bool = True,
+                           extra: dict | None = None) -> bytes:
     """The inbox-contract file of a :class:`~.simulation.RenderedCutout` (:func:`write_simulated_cutout`), in
-    memory: the zero-point error, a withheld variance map and the crop of its observation applied."""
+    memory: the zero-point error, a withheld variance map and the crop of its observation applied. ``extra``:
+    more primary-header cards (cluster fields' keys), written after the contract's."""
     s = cutout.system
     primary = {
         "OBJID": s.objid, "RA": round(s.ra_deg, 7), "DEC": round(s.dec_deg, 7), "SURVEY": survey.name,
@@ -137,6 +139,7 @@ def simulated_cutout_bytes(cutout, *, survey: SurveySpec, family, seed: int, lab
         primary["PAIRID"] = s.pair_id
     if not labeled:
         primary = {k: v for k, v in primary.items() if k not in TRUTH_KEYS}
+    primary.update(extra or {})
     obs = getattr(s, "observation", None) or {}
     zp_error = obs.get("zero_point_error_mag", {})
     keep_variance = obs.get("write_variance", True)

@@ -41,6 +41,7 @@ __all__ = [
     "RenderedCutout",
     "draw_system",
     "render_system",
+    "observe",
     "lenstronomy_band_setup",
     "psf_kernel",
     "object_rng",
@@ -106,6 +107,10 @@ class System:
     # misregistration, background gradient, sky and read-noise scales, variance map withheld, smaller cutout
     observation: dict = field(default_factory=dict)
     pair_id: str = ""  # a lens and its twin (the same scene without deflection) share one
+    # cluster fields (science.clusters.fields) draw other mass models on a larger grid without supersampling
+    lens_model_list: tuple[str, ...] = ("SIE", "SHEAR")
+    size_px: int = 0  # the grid's side; 0: the survey's cutout size
+    supersampling: int = SUPERSAMPLING
 
 
 def object_rng(survey: str, family: str, seed: int, index: int) -> np.random.Generator:
@@ -370,13 +375,19 @@ _GRID_CACHE: dict = {}
 _UNIT_FLUX_CACHE: dict = {}
 
 
-def _data_class(survey: SurveySpec):
+def grid_size_px(system: System, survey: SurveySpec) -> int:
+    """The side of the grid ``system`` is drawn on: its own ``size_px``, else the survey's cutout size."""
+    return system.size_px or survey.cutout_size_px
+
+
+def _data_class(survey: SurveySpec, size_px: int | None = None):
     from lenstronomy.Data.imaging_data import ImageData
     from lenstronomy.Util.simulation_util import data_configure_simple
 
-    key = (survey.name, survey.cutout_size_px, survey.pixel_scale_arcsec)
+    n = size_px or survey.cutout_size_px
+    key = (survey.name, n, survey.pixel_scale_arcsec)
     if key not in _GRID_CACHE:
-        kw = data_configure_simple(survey.cutout_size_px, survey.pixel_scale_arcsec, inverse=True)
+        kw = data_configure_simple(n, survey.pixel_scale_arcsec, inverse=True)
         _GRID_CACHE[key] = ImageData(**kw)
     return _GRID_CACHE[key]
 
@@ -427,7 +438,7 @@ def lenstronomy_band_setup(system: System, survey: SurveySpec, band: str, *,
 
     source = [c for c in system.components if c.lensed]
     light = [c for c in system.components if not c.lensed]
-    lens_model = LensModel(["SIE", "SHEAR"]) if system.kwargs_lens else None
+    lens_model = LensModel(list(system.lens_model_list)) if system.kwargs_lens else None
     kwargs_ps, ps_types = [], []
     for p in system.points:
         flux = band_flux(p.mag_ref, p.color_beta, survey, band)
@@ -435,18 +446,18 @@ def lenstronomy_band_setup(system: System, survey: SurveySpec, band: str, *,
         kwargs_ps.append({"ra_image": np.array(p.ra), "dec_image": np.array(p.dec),
                           "point_amp": flux * np.array(p.magnification)})
     image_model = ImageModel(
-        _data_class(survey),
+        _data_class(survey, grid_size_px(system, survey)),
         PSF(psf_type="PIXEL", kernel_point_source=kernel),
         lens_model_class=lens_model,
         source_model_class=LightModel([c.profile for c in source]) if source else None,
         lens_light_model_class=LightModel([c.profile for c in light]) if light else None,
         point_source_class=PointSource(ps_types, lens_model=lens_model) if ps_types else None,
-        kwargs_numerics={"supersampling_factor": SUPERSAMPLING},
+        kwargs_numerics={"supersampling_factor": system.supersampling},
     )
     return {"image_model": image_model, "kwargs_lens": list(system.kwargs_lens) or None,
             "kwargs_source": amp_kwargs(source) or None, "kwargs_lens_light": amp_kwargs(light) or None,
             "kwargs_ps": kwargs_ps or None, "psf": kernel, "zero_point": zp,
-            "lens_model_list": ["SIE", "SHEAR"] if lens_model else None,
+            "lens_model_list": list(system.lens_model_list) if lens_model else None,
             "source_light_model_list": [c.profile for c in source] or None,
             "lens_light_model_list": [c.profile for c in light] or None,
             "point_source_type_list": ps_types or None}
@@ -465,16 +476,12 @@ def _noise_kwargs(survey: SurveySpec, band: str, system: System) -> dict:
 
 def render_system(system: System, survey: SurveySpec, rng: np.random.Generator) -> RenderedCutout:
     """Draw ``system`` in every band, noiseless and with survey noise."""
-    from lenstronomy.SimulationAPI.observation_api import SingleBand
-
-    n = survey.cutout_size_px
+    n = grid_size_px(system, survey)
     nb = survey.n_bands
     lensed = np.zeros((nb, n, n))
     unlensed = np.zeros((nb, n, n))
-    variance = np.zeros((nb, n, n))
     psfs, zps = [], []
     unit_fluxes = [_unit_flux(c) for c in system.components]  # band-independent
-    obs = system.observation
     for i, band in enumerate(survey.band_names):
         s = lenstronomy_band_setup(system, survey, band, unit_fluxes=unit_fluxes)
         im = s["image_model"]
@@ -484,6 +491,21 @@ def render_system(system: System, survey: SurveySpec, rng: np.random.Generator) 
             unlensed[i] += im.lens_surface_brightness(s["kwargs_lens_light"])
         for k, p in enumerate(system.points):  # lensed images to the lensed light; stars and twins' points not
             (lensed if p.lensed else unlensed)[i] += im.point_source(s["kwargs_ps"], s["kwargs_lens"], k=k)
+        psfs.append(s["psf"])
+        zps.append(s["zero_point"])
+    return observe(system, survey, rng, lensed=lensed, unlensed=unlensed, psfs=psfs, zero_points=zps)
+
+
+def observe(system: System, survey: SurveySpec, rng: np.random.Generator, *, lensed: np.ndarray,
+            unlensed: np.ndarray, psfs, zero_points) -> RenderedCutout:
+    """The survey's view of noiseless light (bands, H, W) in e-/s: the object's misregistration, the
+    ``SingleBand`` noise model (its variance from the light), a residual background gradient, and the truth."""
+    from lenstronomy.SimulationAPI.observation_api import SingleBand
+
+    obs = system.observation
+    n = lensed.shape[-1]
+    variance = np.zeros_like(lensed)
+    for i, band in enumerate(survey.band_names):
         if obs.get("shift_px"):  # the band's sub-pixel misregistration, on the noiseless light
             from scipy.ndimage import shift
 
@@ -492,8 +514,6 @@ def render_system(system: System, survey: SurveySpec, rng: np.random.Generator) 
             unlensed[i] = shift(unlensed[i], (dy, dx), order=1, mode="constant")
         noise = SingleBand(**_noise_kwargs(survey, band, system))
         variance[i] = noise.estimate_noise(lensed[i] + unlensed[i]) ** 2
-        psfs.append(s["psf"])
-        zps.append(s["zero_point"])
     image = lensed + unlensed + rng.standard_normal(lensed.shape) * np.sqrt(variance)
     if obs.get("gradient_sigma"):  # a residual background plane, in units of each band's sky noise
         ramp = (np.arange(n) - (n - 1) / 2) / n
@@ -505,7 +525,7 @@ def render_system(system: System, survey: SurveySpec, rng: np.random.Generator) 
     total = float(lensed[r].sum() + unlensed[r].sum())
     flux_ratio = float(lensed[r].sum() / total) if total > 0 else 0.0
     return RenderedCutout(system=system, bands=survey.band_names, image=image, variance=variance,
-                          lensed=lensed, unlensed=unlensed, psf=tuple(psfs), zero_points=tuple(zps),
+                          lensed=lensed, unlensed=unlensed, psf=tuple(psfs), zero_points=tuple(zero_points),
                           flux_ratio=flux_ratio)
 
 
@@ -514,6 +534,9 @@ def render_system(system: System, survey: SurveySpec, rng: np.random.Generator) 
 
 def _member(survey: SurveySpec, family: Family, seed: int, index: int) -> tuple[System, np.random.Generator]:
     """Object ``index`` of the (survey, family, seed) population, and its generator (for its noise)."""
+    if family.population == "cluster":
+        raise ValueError(f"family {family.name} draws cluster fields: simulate them with "
+                         f"science.clusters.fields (the cluster_fields asset), not as galaxy cutouts")
     rng = object_rng(survey.name, family.name, seed, index)
     objid = objid_for(survey.name, family.name, seed, index)
     if family.population == "physical":  # twins are paired with their lenses
