@@ -5,8 +5,9 @@ priors: a plain number is a constant, a table with ``dist`` names a distribution
 ``load_family("baseline")`` reads the packaged file; ``load_family(path)`` reads a
 user's own. A family's ``population`` says how scenes are drawn: ``priors``
 (the default: independent priors per parameter, the sections and keys of
-``families/baseline.toml``) or ``physical`` (the sky's relations in
-:mod:`.population`, the sections and keys of ``families/physical.toml``); an
+``families/baseline.toml``), ``physical`` (the sky's relations in
+:mod:`.population`, the sections and keys of ``families/physical.toml``) or
+``cluster`` (cluster fields, :mod:`.clusters.fields`, ``families/cluster.toml``); an
 unknown or missing key is an error naming it.
 """
 
@@ -21,12 +22,14 @@ from typing import Any, Mapping
 
 import numpy as np
 
-__all__ = ["Prior", "PriorDraws", "Family", "load_family", "available_families", "FAMILY_DIR", "NEGATIVE_TYPES"]
+__all__ = ["Prior", "PriorDraws", "Family", "load_family", "available_families", "FAMILY_DIR", "NEGATIVE_TYPES",
+           "CLUSTER_NEGATIVE_TYPES"]
 
 FAMILY_DIR = Path(__file__).parent / "families"
 DISTRIBUTIONS = ("uniform", "loguniform", "normal", "randint", "choice")
 NEGATIVE_TYPES = ("plain", "companions", "merger", "ring", "spiral", "chance_alignment")
 PHYSICAL_NEGATIVE_TYPES = ("twin", "companion_blob", "blue_core", "binary_nucleus", "star_beside", "ring", "spiral")
+CLUSTER_NEGATIVE_TYPES = ("twin", "interloper", "edge_on_spiral", "tidal", "radial_streak")
 RENDERERS = ("lenstronomy", "galsim")
 POPULATIONS = {  # population -> (reference file, sections, non-lens types)
     "priors": ("baseline.toml", ("lens", "lens_light", "source", "quasar", "psf", "noise", "negatives",
@@ -34,6 +37,9 @@ POPULATIONS = {  # population -> (reference file, sections, non-lens types)
     "physical": ("physical.toml", ("cosmology", "deflector", "lens_light", "source", "quasar", "selection",
                                    "environment", "psf", "noise", "observation", "negatives", "mimics"),
                  PHYSICAL_NEGATIVE_TYPES),
+    # cluster fields (science.clusters.fields)
+    "cluster": ("cluster.toml", ("cosmology", "field", "halo", "bcg", "members", "sources", "group", "selection",
+                                 "contaminants", "psf", "noise", "negatives", "mimics"), CLUSTER_NEGATIVE_TYPES),
 }
 
 

@@ -143,7 +143,7 @@ def test_unknown_population_is_an_error(tmp_path):
     text = (pop.__file__.replace("population.py", "families/physical.toml"))
     bad = tmp_path / "bad.toml"
     bad.write_text(open(text).read().replace('population = "physical"', 'population = "galactic"'))
-    with pytest.raises(ValueError, match=r"population 'galactic' is not one of \['physical', 'priors'\]"):
+    with pytest.raises(ValueError, match=r"population 'galactic' is not one of \['cluster', 'physical', 'priors'\]"):
         load_family(bad)
 
 

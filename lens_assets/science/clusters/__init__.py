@@ -1,0 +1,1 @@
+"""Cluster-scale lensing science: simulated fields, arc segments, features, the XGBoost track and PU learning."""

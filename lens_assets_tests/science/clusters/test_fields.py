@@ -1,0 +1,145 @@
+"""Simulated cluster fields: the Einstein radius, the selection, lenses against their twins, the FITS round trip."""
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from lens_assets.science.clusters import fields as cf
+from lens_assets.science.families import Prior, load_family
+from lens_assets.science.simulation import render_system, simulate_one
+from lens_assets.science.surveys import get_survey
+
+
+@pytest.fixture(scope="module")
+def small():
+    """The cluster family on a 24-arcsec DES field (fast), and one selected scene with its lens and twin."""
+    fam = load_family("cluster")
+    fam = replace(fam, sections={**fam.sections, "field": {"size_arcsec": Prior("constant", {"value": 24.0}, "test")},
+                                 "selection": {**fam.sections["selection"],
+                                               "min_theta_e_arcsec": Prior("constant", {"value": 3.0}, "test")}})
+    survey = get_survey("des")
+    rng = np.random.default_rng(5)
+    scene = cf.draw_cluster_scene(fam, survey, rng)
+    fsurvey = cf._field_survey(fam, survey)
+    lens = render_system(cf.build_cluster_system(scene, "lens", fam, survey, np.random.default_rng(1), objid="a"),
+                         fsurvey, np.random.default_rng(2))
+    twin = render_system(cf.build_cluster_system(scene, "twin", fam, survey, np.random.default_rng(1), objid="b"),
+                         fsurvey, np.random.default_rng(2))
+    return fam, survey, scene, lens, twin
+
+
+def test_einstein_radius_of_a_singular_isothermal_sphere_is_its_theta_e():
+    # an SIS has kappa = theta_E / (2 r): the mean convergence within r is theta_E / r, 1 at r = theta_E
+    from lenstronomy.LensModel.lens_model import LensModel
+
+    for theta_e in (3.0, 7.5):
+        got = cf.einstein_radius_arcsec(LensModel(["SIS"]), [{"theta_E": theta_e, "center_x": 0.0, "center_y": 0.0}],
+                                        max_radius_arcsec=12.0, step_arcsec=0.05)
+        assert got == pytest.approx(theta_e, rel=0.02)
+    # a lens too weak to be critical anywhere has none
+    weak = cf.einstein_radius_arcsec(LensModel(["SIS"]), [{"theta_E": 0.01, "center_x": 0.0, "center_y": 0.0}],
+                                     max_radius_arcsec=5.0, step_arcsec=0.25)
+    assert weak == 0.0
+
+
+def test_field_size_is_the_familys_side_on_the_survey_grid_even():
+    fam = load_family("cluster")
+    assert cf.field_size_px(fam, get_survey("hsc")) == 238  # 40" / 0.168"/px = 238.1
+    assert cf.field_size_px(fam, get_survey("des")) == 152  # 152.1
+    assert cf.field_size_px(fam, get_survey("sdss")) % 2 == 0
+
+
+def test_a_selected_scene_passes_its_selection(small):
+    fam, survey, scene, lens, _ = small
+    sel = fam.sections["selection"]
+    assert sel["min_theta_e_arcsec"].sample(None) <= scene.theta_e_arcsec
+    assert scene.theta_e_arcsec <= sel["max_theta_e_over_field"].sample(None) * 24.0
+    assert scene.arc_snr >= sel["min_arc_snr"].sample(None)
+    assert min(scene.magnifications) >= sel["min_magnification"].sample(None)
+    assert scene.z_source > scene.z_cluster
+    assert len(scene.kwargs_lens) == len(scene.lens_model_list) == 2 + len(scene.cluster_light) - 1
+
+
+def test_the_twin_is_the_same_field_without_deflection(small):
+    _, survey, scene, lens, twin = small
+    # the cluster's light and the contaminants are the same in both: the twin adds only the unlensed sources
+    assert (twin.unlensed - lens.unlensed).min() > -1e-9 * lens.unlensed.max()
+    assert lens.lensed.sum() > 0 and twin.lensed.sum() == 0  # the twin's sources are unlensed light
+    assert twin.system.theta_e_arcsec == 0.0 and twin.system.z_source == -1.0 and twin.system.kwargs_lens == ()
+    assert twin.arc_snr == 0.0 and lens.arc_snr > 0
+    # each source as bright as its arcs: the twin's extra light equals the lens's lensed light (reference band)
+    r = survey.band_names.index(survey.reference_band)
+    extra = twin.unlensed[r].sum() - (lens.unlensed[r].sum())
+    assert extra == pytest.approx(lens.lensed[r].sum(), rel=0.05)
+
+
+def test_fields_are_deterministic_and_every_non_lens_type_renders(small):
+    fam, survey, *_ = small
+    a, _ = cf.cluster_field(fam, survey, 3, 0)
+    b, _ = cf.cluster_field(fam, survey, 3, 0)
+    np.testing.assert_array_equal(a.image, b.image)
+    rng = np.random.default_rng(0)
+    scene = small[2]
+    for role in ("interloper", "edge_on_spiral", "tidal", "radial_streak"):
+        s = cf.build_cluster_system(scene, role, fam, survey, rng, objid=role)
+        assert not s.is_lens and s.kind == role
+        # the mimic adds unlensed structure beyond the cluster, the contaminants and the unlensed sources
+        assert len(s.components) > len(scene.cluster_light) + len(scene.contaminants) + len(scene.sources)
+    with pytest.raises(ValueError, match="unknown cluster role 'ring'; valid are 'lens' and"):
+        cf.build_cluster_system(scene, "ring", fam, survey, rng, objid="x")
+
+
+def test_a_cluster_field_file_reads_back_through_the_inbox_contract(small, tmp_path):
+    from lens_assets.science.fits_contract import read_cutout
+
+    fam, survey, scene, lens, _ = small
+    data = cf.cluster_field_bytes(lens, scene, survey=survey, family=fam, seed=0)
+    fsurvey = cf._field_survey(fam, survey)
+    c = read_cutout(data, name="f.fits", survey=fsurvey)
+    n = lens.image.shape[-1]
+    assert c.image.shape == (survey.n_bands, n, n)
+    assert c.primary["OBJTYPE"] == cf.OBJTYPE_CLUSTER
+    assert c.primary["BCGXPIX"] == c.primary["BCGYPIX"] == pytest.approx((n - 1) / 2 + 1)
+    assert c.primary["NARCS"] == len(scene.sources) and c.primary["NSRC"] == len(scene.sources)
+    assert 15.0 < c.primary["ARCSB"] < 35.0
+    np.testing.assert_allclose(c.image, lens.image.astype(np.float32), rtol=1e-6)
+    unlabeled = read_cutout(cf.cluster_field_bytes(lens, scene, survey=survey, family=fam, seed=0, labeled=False),
+                            name="u.fits", survey=fsurvey)
+    assert unlabeled.primary.get("OBJTYPE") == cf.OBJTYPE_CLUSTER and "NARCS" not in unlabeled.primary
+
+
+def test_galaxy_simulation_refuses_a_cluster_family():
+    with pytest.raises(ValueError, match="draws cluster fields"):
+        simulate_one(get_survey("des"), load_family("cluster"), 0, 0)
+    with pytest.raises(ValueError, match="is not 'cluster'"):
+        cf.cluster_field(load_family("physical"), get_survey("des"), 0, 0)
+
+
+def test_simulate_cluster_fields_writes_one_file_per_field(small, tmp_path):
+    fam, survey, *_ = small
+    truth = cf.simulate_cluster_fields(survey, fam, n_fields=3, seed=1, out_dir=tmp_path)
+    assert len(truth) == 3 and sorted(p.name for p in tmp_path.glob("*.fits")) == sorted(truth["file"])
+    lenses = truth[truth["label"] == 1]
+    assert (lenses["theta_e"] > 0).all() and (truth.loc[truth["label"] == 0, "theta_e"] == 0).all()
+    assert math.isfinite(truth["seconds"].sum())
+
+
+def test_render_field_draws_what_render_system_draws(small):
+    # the rays shot once and the unit images shared by the bands give lenstronomy's ImageModel images per band
+    fam, survey, scene, *_ = small
+    fsurvey = cf._field_survey(fam, survey)
+    for role in ("lens", "tidal"):
+        system = cf.build_cluster_system(scene, role, fam, survey, np.random.default_rng(3), objid=role)
+        want = render_system(system, fsurvey, np.random.default_rng(4))
+        cache: dict = {}
+        for _ in range(2):  # the second render takes every unit image from the cache
+            got = cf.render_field(system, fsurvey, np.random.default_rng(4), cache=cache)
+            for a, b in ((got.lensed, want.lensed), (got.unlensed, want.unlensed)):
+                np.testing.assert_allclose(a, b, rtol=0, atol=1e-9 * want.unlensed.max())
+            np.testing.assert_allclose(got.image, want.image, rtol=0, atol=1e-9 * want.unlensed.max())
+        assert len(cache) > len(system.components)  # the grid, the traced rays (lens) and one image per component
+    star = replace(system, points=(object(),))
+    with pytest.raises(ValueError, match="has point sources"):
+        cf.render_field(star, fsurvey, np.random.default_rng(0))
