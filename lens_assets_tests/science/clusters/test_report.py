@@ -1,0 +1,122 @@
+"""The cluster report's figures, the models' inputs, and the field catalog's reading and splits."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lens_assets.science.clusters import catalog as cc
+from lens_assets.science.clusters.models import colour_features, fit_cluster_models
+from lens_assets.science.clusters.report import cluster_figures, report_markdown, threshold_at_fpr
+from lens_assets.science.surveys import get_survey
+
+
+def test_threshold_at_fpr_allows_that_share_of_false_positives():
+    # ten non-lenses 0..9: FPR <= 0.1 allows one score above the threshold, so the threshold is the 2nd highest
+    labels = [0] * 10 + [1, 1]
+    scores = list(range(10)) + [8.5, 9.5]
+    assert threshold_at_fpr(labels, scores, 0.1) == 8.0
+    assert threshold_at_fpr(labels, scores, 0.0) == 9.0
+    assert threshold_at_fpr(labels, scores, 1.0) == -math.inf
+
+
+def _scores():
+    # test: lenses 1, 2 and 3 arcs at logits 3, 2, 0.5; non-lenses at 0, 1, 2.5 -> AUROC (3 + 2 + 1) / 9
+    rows = [("m", "test", 1, 3.0, 1, 23.0), ("m", "test", 1, 2.0, 2, 24.5), ("m", "test", 1, 0.5, 3, 25.5),
+            ("m", "test", 0, 0.0, 0, 99.0), ("m", "test", 0, 1.0, 0, 99.0), ("m", "test", 0, 2.5, 0, 99.0),
+            ("m", "held", 1, 1.0, 1, 23.0)]
+    return pd.DataFrame(rows, columns=["model", "set", "label", "logit", "n_arcs", "arc_sb"])
+
+
+def test_cluster_figures_by_hand():
+    f = cluster_figures(_scores(), n_boot=50)
+    t = f["m"]["test"]
+    assert t["auroc"] == pytest.approx(6 / 9)
+    assert (t["n_lenses"], t["n_nonlenses"]) == (3, 3)
+    assert t["tpr0"] == pytest.approx(1 / 3)  # only the lens above 2.5
+    # FPR <= 0.1 of three non-lenses allows none: threshold 2.5, so the 1-arc lens (3.0) is found, the others not
+    assert (t["recall_arcs_1"], t["recall_arcs_2"], t["recall_arcs_3+"]) == (1.0, 0.0, 0.0)
+    assert t["recall_arc_sb_lt_24"] == 1.0 and t["n_lenses_arc_sb_ge_25"] == 1
+    lo, hi = t["auroc_ci"]
+    assert lo <= t["auroc"] <= hi
+    assert f["m"]["held"] == {"n_lenses": 1, "n_nonlenses": 0}  # one class only: counts, no figures
+    md = report_markdown(f, survey="des")
+    assert "0.667 [" in md and "no objects of one class" in md
+
+
+def _table(n=240, seed=0):
+    from lens_assets.science.clusters.features import cluster_feature_names
+
+    rng = np.random.default_rng(seed)
+    bands = get_survey("des").band_names
+    feats = cluster_feature_names(bands)
+    y = (np.arange(n) % 2).astype(int)
+    t = pd.DataFrame(rng.normal(size=(n, len(feats))), columns=feats)
+    t["colour_consistency"] = np.clip(0.5 + 0.3 * y + 0.1 * rng.normal(size=n), 0, 1)  # informative
+    t["tangential_alignment"] = np.clip(0.2 * y + 0.3 * rng.normal(size=n), -1, 1)
+    t["label"], t["objid"] = y, [f"f{i}" for i in range(n)]
+    split = np.array(["train"] * 120 + ["val"] * 40 + ["test"] * 40 + ["heldout"] * 40)
+    t["split"], t["val_role"] = split, np.where(split == "val", np.where(np.arange(n) % 4 < 2, "stop", "calibrate"), "")
+    t["sim_family"] = np.where(split == "heldout", "cluster_heldout", "cluster")
+    t["sim_kind"], t["theta_e"], t["n_arcs"], t["arc_sb"] = "single", 5.0 * y, y, np.where(y == 1, 24.0, 99.0)
+    return t, bands
+
+
+def test_models_score_test_and_heldout_for_every_model():
+    table, bands = _table()
+    m = fit_cluster_models(table, bands=bands, pu_labeled=(10, 500))
+    assert set(m.scores["model"]) == {"track_a", "track_a_no_colour", "pu_10"}
+    assert m.notes == ["pu_500: skipped, the training split has 60 lenses"]
+    assert set(m.scores["set"]) == {"test", "cluster_heldout"}
+    assert len(m.scores) == 3 * 80
+    # without the colour features the model cannot see colour_consistency, the strongest one
+    assert "colour_consistency" in colour_features(bands) and "tangential_alignment" not in colour_features(bands)
+    from sklearn.metrics import roc_auc_score
+
+    test = m.scores[m.scores["set"] == "test"]
+    auc = {k: roc_auc_score(g["label"], g["logit"]) for k, g in test.groupby("model")}
+    assert auc["track_a"] > 0.9 and auc["track_a"] > auc["track_a_no_colour"]
+
+
+def test_models_need_both_labels_in_each_split():
+    table, bands = _table()
+    table.loc[(table["split"] == "val") & (table["val_role"] == "stop"), "label"] = 0
+    with pytest.raises(ValueError, match="the val stop rows need lenses and non-lenses"):
+        fit_cluster_models(table, bands=bands)
+    with pytest.raises(ValueError, match="features table lacks columns"):
+        fit_cluster_models(table.drop(columns="arc_sb"), bands=bands)
+
+
+def test_depth_of_a_flat_noise_map_by_hand():
+    # sigma 0.1 nmgy per pixel, FWHM 2.3548 px -> sigma_psf 1 px, noise-equivalent area 4 pi px^2:
+    # 5 sigma flux = 5 * 0.1 * sqrt(4 pi) nmgy
+    got = cc.depth_mag(np.full((10, 10), 0.01), psf_fwhm_px=2.3548, pixel_scale_arcsec=0.2)
+    assert got == pytest.approx(22.5 - 2.5 * math.log10(0.5 * math.sqrt(4 * math.pi)), abs=1e-4)
+    assert math.isnan(cc.depth_mag(np.zeros((4, 4)), psf_fwhm_px=2.0, pixel_scale_arcsec=0.2))
+
+
+def test_an_unreadable_field_is_quarantined_with_its_reason(tmp_path):
+    bad = tmp_path / "bad.fits"
+    bad.write_bytes(b"not a fits file")
+    fields, segments, quarantine = cc.process_fields([bad], ["clusters/raw/des/x/bad.fits"], get_survey("des"),
+                                                     size_px=122, workers=1, progress=False)
+    assert len(fields) == 0 and len(segments) == 0
+    assert quarantine["source_file"].tolist() == ["clusters/raw/des/x/bad.fits"]
+    assert quarantine["reason"].iloc[0] in ("not_fits", "unreadable", "bad_structure")
+
+
+def test_split_fields_keeps_heldout_families_out_and_overlapping_fields_together():
+    n = 120
+    rng = np.random.default_rng(1)
+    fields = pd.DataFrame({
+        "objid": [f"f{i}" for i in range(n)], "survey": "des", "ra": rng.uniform(0, 300, n),
+        "dec": rng.uniform(-40, 0, n), "label": np.arange(n) % 2, "label_source": "sim:lenstronomy",
+        "sim_family": np.where(np.arange(n) < 100, "cluster", "cluster_heldout"), "z_cluster": 0.4,
+        "mag_ref": 18.0, "seeing_arcsec": 0.9, "psf_fwhm_arcsec": 1.0, "pixel_scale_arcsec": 0.263, "size_px": 152})
+    fields.loc[1, ["ra", "dec"]] = fields.loc[0, ["ra", "dec"]].to_numpy() + [5 / 3600, 0]  # overlapping fields
+    s = cc.split_fields(fields, get_survey("des"), seed=0)
+    assert set(s["objid"]) == set(fields.loc[fields["sim_family"] == "cluster", "objid"])
+    split = s.set_index("objid")["split"]
+    assert split["f0"] == split["f1"]
+    assert set(split) == {"train", "val", "test"}
