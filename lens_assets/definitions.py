@@ -3,6 +3,7 @@
 import dagster as dg
 
 from lens_assets.assets.catalog import cutout_catalog
+from lens_assets.assets.clusters import CLUSTER_ASSETS
 from lens_assets.assets.evaluation import bologna_report, score_calibrator, shortcut_audit
 from lens_assets.assets.promotion import promoted_model
 from lens_assets.assets.scoring import candidate_scores
@@ -27,6 +28,15 @@ survey_pipeline = dg.define_asset_job(
     description="The whole graph for one survey: simulate, catalog, PSF-matched shards, splits, train the "
                 "ensemble (Pipes jobs), calibrate, write the Bologna report and, when every gate passes, promote "
                 "the ensemble for scoring new drops. Run configs: lens_assets.profiles.",
+)
+
+cluster_pipeline = dg.define_asset_job(
+    "cluster_pipeline",
+    selection=dg.AssetSelection.assets(*CLUSTER_ASSETS),
+    tags={"dagster/max_runtime": str(MAX_PIPELINE_RUNTIME_S)},
+    description="The cluster-scale track for one survey: simulate cluster fields, segment their arcs, compute the "
+                "physics features, train the XGBoost track (full labels, without colours, PU from few labels) and "
+                "write the cluster report.",
 )
 
 train_ensemble = dg.define_asset_job(
@@ -67,8 +77,8 @@ def storage_from_env() -> LocalStorage:
 
 
 defs = dg.Definitions(
-    assets=[*ASSETS, candidate_scores],
-    jobs=[survey_pipeline, train_ensemble, score_drops_job],
+    assets=[*ASSETS, candidate_scores, *CLUSTER_ASSETS],
+    jobs=[survey_pipeline, cluster_pipeline, train_ensemble, score_drops_job],
     sensors=[survey_inbox_sensor, rescore_on_model_change],
     schedules=[rescore_nightly],
     resources={"storage": storage_from_env(), "launcher": training_launcher()},

@@ -236,6 +236,80 @@ def candidate_gallery(survey: str, drop: str) -> Parts:
     return (*candidates_dir(survey, drop), "top_candidates.png")
 
 
+# --------------------------------------------------------------------------- the cluster track
+
+def cluster_raw_survey(survey: str) -> Parts:
+    """Cluster fields (FITS in the inbox contract with ``OBJTYPE = 'cluster_field'``): kept apart from
+    ``raw/<survey>/``, which ``cutout_catalog`` ingests as galaxy cutouts."""
+    return ("clusters", "raw", survey)
+
+
+def cluster_raw_drop(survey: str, drop: str) -> Parts:
+    """A folder of cluster fields; a simulation's is :func:`simulation_drop`."""
+    return (*cluster_raw_survey(survey), drop)
+
+
+def cluster_segments_dir(survey: str) -> Parts:
+    return ("clusters", "segments", survey)
+
+
+def cluster_fields_table(survey: str) -> Parts:
+    return (*cluster_segments_dir(survey), "fields.parquet")
+
+
+def cluster_segments_table(survey: str) -> Parts:
+    return (*cluster_segments_dir(survey), "segments.parquet")
+
+
+def cluster_quarantine_table(survey: str) -> Parts:
+    return (*cluster_segments_dir(survey), "quarantine.parquet")
+
+
+def cluster_segments_gallery(survey: str) -> Parts:
+    return (*cluster_segments_dir(survey), "segments_gallery.png")
+
+
+def cluster_features_table(survey: str) -> Parts:
+    return ("clusters", "features", survey, "cluster_features.parquet")
+
+
+def cluster_models_dir(survey: str) -> Parts:
+    return ("clusters", "models", survey)
+
+
+def cluster_model_file(survey: str, member: str) -> Parts:
+    """A Track A model (XGBoost JSON; its sidecar ``<member>.meta.json`` beside it)."""
+    return (*cluster_models_dir(survey), f"{member}.json")
+
+
+def cluster_calibrator_file(survey: str, member: str) -> Parts:
+    return (*cluster_models_dir(survey), f"{member}.calibrator.json")
+
+
+def cluster_partial_dependence(survey: str) -> Parts:
+    return (*cluster_models_dir(survey), "partial_dependence.png")
+
+
+def cluster_scores_table(survey: str) -> Parts:
+    return (*cluster_models_dir(survey), "scores.parquet")
+
+
+def cluster_report_dir(survey: str) -> Parts:
+    return ("reports", survey, "cluster")
+
+
+def cluster_report_json(survey: str) -> Parts:
+    return (*cluster_report_dir(survey), "report.json")
+
+
+def cluster_report_md(survey: str) -> Parts:
+    return (*cluster_report_dir(survey), "report.md")
+
+
+def cluster_simulated_gallery(survey: str, drop: str) -> Parts:
+    return (*cluster_report_dir(survey), f"simulated_{drop}_gallery.png")
+
+
 # every function above that names a place, by name
 PLACES = {name: fn for name, fn in list(globals().items())
           if inspect.isfunction(fn) and fn.__module__ == __name__ and fn.__annotations__.get("return") == "Parts"}

@@ -1,0 +1,326 @@
+"""Asset group `clusters`: the cluster-scale track — simulated fields, arc segments, features, models, report."""
+
+import json
+import time
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+from pydantic import Field
+
+from lens_assets import layout
+from lens_assets.assets._common import counts_markdown, png_markdown, sha256_of_strings, survey_asset
+from lens_assets.resources.storage import LocalStorage
+from lens_assets.science.surveys import get_survey
+
+CLUSTER_CODE_VERSION = "cluster-1"
+_SHOWN = 6  # fields in each gallery
+
+
+class ClusterFieldsConfig(dg.Config):
+    n_fields: int = Field(default=200, ge=1, description="fields of the training family")
+    n_heldout: int | None = Field(default=None, ge=0, description="fields of the held-out family; default "
+                                  "n_fields // 4, 0 for none")
+    seed: int = Field(default=0, ge=0, description="population seed; a (survey, family, seed) is reproducible")
+    family: str = Field(default="cluster", description="cluster family (population = 'cluster')")
+    heldout_family: str = Field(default="cluster_heldout", description="held-out cluster family, never trained on")
+    workers: int = Field(default=0, description="processes; 0 = every core")
+
+
+def _field_gallery(paths, names, titles, survey, size_px: int, out):
+    from lens_assets.science.clusters.catalog import field_survey
+    from lens_assets.science.fits_contract import read_cutout
+    from lens_assets.science.plots import cutout_gallery
+
+    fs = field_survey(survey, size_px)
+    images = []
+    for p, name in zip(paths, names):
+        c = read_cutout(p.read_bytes(), name=name, survey=fs)
+        images.append(c.image * c.nmgy_per_unit[:, None, None].astype(np.float32))
+    return cutout_gallery(images, survey.band_names, titles, out)
+
+
+@survey_asset(group_name="clusters", kinds={"python", "fits"}, code_version=CLUSTER_CODE_VERSION)
+def cluster_fields(context: dg.AssetExecutionContext, config: ClusterFieldsConfig,
+                   storage: LocalStorage) -> dg.MaterializeResult:
+    """Simulated cluster fields as inbox-contract FITS (``OBJTYPE = 'cluster_field'``), images in e-/s with MAGZP.
+
+    An elliptical NFW cluster with its BCG and red-sequence members lenses
+    background galaxies (and, in cluster–cluster systems, a background group)
+    into arcs; non-lenses are the same selected scenes with the deflection off
+    (twins) or with arc-like unlensed structure. Written to
+    ``clusters/raw/<survey>/sim-<family>-<seed>/`` for the training family and
+    its held-out family (``families/cluster*.toml``).
+    """
+    from lens_assets.science.clusters.fields import field_size_px, simulate_cluster_fields
+    from lens_assets.science.families import load_family
+
+    survey = get_survey(context.partition_key)
+    family, heldout = load_family(config.family), load_family(config.heldout_family)
+    for fam in (family, heldout):
+        if fam.population != "cluster":
+            raise dg.Failure(f"family {fam.name!r} has population {fam.population!r}; cluster fields need "
+                             f"population = 'cluster' (e.g. 'cluster', 'cluster_heldout')")
+    if heldout.name == family.name:
+        raise dg.Failure(f"held-out family {heldout.name!r} is the training family: choose a different one")
+    n_heldout = config.n_fields // 4 if config.n_heldout is None else config.n_heldout
+    made = {}
+    for fam, n in ((family, config.n_fields), (heldout, n_heldout)):
+        if not n:
+            continue
+        drop = layout.simulation_drop(fam.name, config.seed)
+        t0 = time.perf_counter()
+        with storage.staged_dir(f"{survey.name}-clusters-{drop}") as staged:
+            truth = simulate_cluster_fields(survey, fam, n_fields=n, seed=config.seed, out_dir=staged,
+                                            workers=config.workers, progress=True)
+            dest = storage.publish_dir(staged, *layout.cluster_raw_drop(survey.name, drop))
+        seconds = time.perf_counter() - t0
+        context.log.info(f"simulated {n} {survey.name} cluster fields ({fam.name}) in {seconds:.1f}s into {dest}")
+        made[fam.name] = (drop, dest, truth, seconds)
+    drop, dest, truth, seconds = made[family.name]
+    size = field_size_px(family, survey)
+    shown = truth.groupby("label", group_keys=False).head(_SHOWN // 2).sort_values("label", ascending=False)
+    gallery = _field_gallery([dest / f for f in shown["file"]], [storage.relative(dest / f) for f in shown["file"]],
+                             [f"{k} θE={t:.1f}\"" if lab else k
+                              for k, t, lab in zip(shown["kind"], shown["theta_e"], shown["label"])],
+                             survey, size, storage.path(*layout.cluster_simulated_gallery(survey.name, drop)))
+    storage.push(*layout.cluster_simulated_gallery(survey.name, drop))
+    lenses = truth[truth["label"] == 1]
+    metadata = {
+        "path": dg.MetadataValue.path(str(dest)), "family": family.name, "family_sha256": family.sha256,
+        "heldout_family": heldout.name, "seed": config.seed, "n_fields": len(truth),
+        "n_lenses": len(lenses), "n_nonlenses": int((truth["label"] == 0).sum()), "n_heldout": n_heldout,
+        "field_size_px": size, "by_kind": counts_markdown(truth["kind"].value_counts().to_dict(), key="kind"),
+        "theta_e_median_arcsec": float(lenses["theta_e"].median()) if len(lenses) else float("nan"),
+        "fields_per_s": float(len(truth) / seconds),
+        "seconds_by_family": dg.MetadataValue.json({k: round(v[3], 1) for k, v in made.items()}),
+        "gallery": png_markdown(gallery, alt="simulated cluster fields"),
+    }
+    version = sha256_of_strings([survey.name, str(config.seed), CLUSTER_CODE_VERSION, f"{family.sha256}:{config.n_fields}",
+                                 f"{heldout.sha256}:{n_heldout}"])
+    return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(version[:16]))
+
+
+class ArcSegmentsConfig(dg.Config):
+    field_size_arcsec: float = Field(default=40.0, gt=0, description="side of the grid fields are read on (the "
+                                     "cluster family's field); smaller files are refused, larger ones cropped")
+    light: str = Field(default="median", description="how the cluster's light is removed before segmentation: "
+                       "'median' (box median filter) or 'model' (elliptical radial-median models of the galaxies)")
+    nsigma: float = Field(default=2.0, gt=0, description="detection threshold of the residual, in noise units")
+    workers: int = Field(default=0, description="processes; 0 = every core")
+
+
+@survey_asset(group_name="clusters", kinds={"python", "photutils"}, code_version=CLUSTER_CODE_VERSION,
+              deps=[cluster_fields])
+def arc_segments(context: dg.AssetExecutionContext, config: ArcSegmentsConfig,
+                 storage: LocalStorage) -> dg.MaterializeResult:
+    """Arc segments of every cluster field under ``clusters/raw/<survey>/``: the cluster's light removed, the
+    residual segmented and deblended (photutils), per segment its PSF-matched photometry in every band (nanomaggies,
+    with variance), shape, length, curvature and alignment to the BCG. Every file is a field row or a quarantine
+    row with its reason."""
+    from lens_assets.science.clusters.catalog import process_fields
+    from lens_assets.science.ingest import find_fits, relative_names
+
+    survey = get_survey(context.partition_key)
+    if config.light not in ("median", "model"):
+        raise dg.Failure(f"light {config.light!r} is not one of ['median', 'model']")
+    size = int(round(config.field_size_arcsec / survey.pixel_scale_arcsec))
+    size += size % 2
+    storage.pull(*layout.cluster_raw_survey(survey.name))
+    root = storage.path(*layout.cluster_raw_survey(survey.name))
+    paths, names = relative_names(find_fits(root) if root.exists() else [], storage.root_path)
+    if not paths:
+        raise dg.Failure(f"no cluster fields under {storage.url(*layout.cluster_raw_survey(survey.name))}: "
+                         f"materialize cluster_fields or copy FITS there")
+    t0 = time.perf_counter()
+    fields, segments, quarantine = process_fields(paths, names, survey, size_px=size, light=config.light,
+                                                  nsigma=config.nsigma, workers=config.workers)
+    seconds = time.perf_counter() - t0
+    if len(fields) + len(quarantine) != len(paths):  # every file is one or the other
+        raise dg.Failure(f"{len(paths)} files gave {len(fields)} fields and {len(quarantine)} quarantined")
+    storage.write_parquet(fields, *layout.cluster_fields_table(survey.name))
+    storage.write_parquet(segments, *layout.cluster_segments_table(survey.name))
+    storage.write_parquet(quarantine, *layout.cluster_quarantine_table(survey.name))
+    metadata = {
+        "path": dg.MetadataValue.path(str(storage.path(*layout.cluster_segments_table(survey.name)))),
+        "n_files": len(paths), "n_fields": len(fields), "n_quarantined": len(quarantine),
+        "n_segments": len(segments), "fields_per_s": float(len(paths) / seconds) if seconds else 0.0,
+        "light": config.light, "field_size_px": size,
+    }
+    if len(quarantine):
+        metadata["quarantine_reasons"] = counts_markdown(quarantine["reason"].value_counts().to_dict(), key="reason")
+    if len(fields):
+        per = fields.groupby("label")["n_segments"].median()
+        metadata["median_segments_by_label"] = dg.MetadataValue.json({str(k): float(v) for k, v in per.items()})
+        gallery = _segments_gallery(fields, segments, survey, size, config, storage)
+        metadata["gallery"] = png_markdown(gallery, alt="arc segments")
+    version = sha256_of_strings([CLUSTER_CODE_VERSION, config.light, str(config.nsigma), str(size),
+                                 *sorted(fields["source_sha256"])])
+    return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(version[:16]))
+
+
+def _segments_gallery(fields, segments, survey, size, config, storage):
+    """Segment outlines over a few lenses and non-lenses (the field re-read and segmented again to draw them)."""
+    from lens_assets.science.clusters.catalog import segmented_field, segments_gallery
+
+    shown = fields.groupby("label", group_keys=False).head(_SHOWN // 2).sort_values("label", ascending=False)
+    panels = [segmented_field(storage.path(*f.split("/")), f, survey, size_px=size, light=config.light,
+                              nsigma=config.nsigma) for f in shown["source_file"]]
+    out = storage.path(*layout.cluster_segments_gallery(survey.name))
+    titles = [f"{k} ({n} seg)" for k, n in zip(shown["sim_kind"], shown["n_segments"])]
+    segments_gallery(panels, titles, path=out)
+    storage.push(*layout.cluster_segments_gallery(survey.name))
+    return out
+
+
+class ClusterFeaturesConfig(dg.Config):
+    heldout_families: list[str] = Field(default=["cluster_heldout"], description="families kept out of the splits")
+    fractions: list[float] = Field(default=[0.6, 0.2, 0.2], description="train, val, test shares (val halves: "
+                                   "stop for early stopping, calibrate for the calibrator)")
+    seed: int = Field(default=0, ge=0)
+
+
+@survey_asset(group_name="clusters", kinds={"python", "pandas"}, code_version=CLUSTER_CODE_VERSION,
+              deps=[arc_segments])
+def cluster_features(context: dg.AssetExecutionContext, config: ClusterFeaturesConfig,
+                     storage: LocalStorage) -> dg.MaterializeResult:
+    """Physics features per cluster field (pandera-typed): colour consistency of the segments after the
+    differential-extinction solve (CCM89), colours and their dispersion, tangential alignment, curvature,
+    segment counts and lengths, BCG-distance statistics and the observing context; with each field's split."""
+    from lens_assets.science.clusters.features import cluster_features_schema, cluster_features as features_of
+    from lens_assets.science.clusters.catalog import split_fields
+
+    survey = get_survey(context.partition_key)
+    for parts in (layout.cluster_fields_table(survey.name), layout.cluster_segments_table(survey.name)):
+        storage.pull(*parts)
+    fields = pd.read_parquet(storage.path(*layout.cluster_fields_table(survey.name)))
+    segments = pd.read_parquet(storage.path(*layout.cluster_segments_table(survey.name)))
+    bands, wavelengths = survey.band_names, [b.wavelength_nm for b in survey.bands]
+    by_field = dict(tuple(segments.groupby("objid"))) if len(segments) else {}
+    empty = segments.iloc[0:0]
+    rows = []
+    for f in fields.itertuples(index=False):
+        segs = by_field.get(f.objid, empty).drop(columns="objid")
+        feats = features_of(segs, bands=bands, wavelengths_nm=wavelengths, bcg_xy=(f.bcg_x_px, f.bcg_y_px),
+                            pixel_scale_arcsec=f.pixel_scale_arcsec,
+                            context={"seeing_arcsec": f.seeing_arcsec, "psf_fwhm_arcsec": f.psf_fwhm_arcsec,
+                                     "depth_mag": f.depth_mag})
+        rows.append({"objid": f.objid, "survey": survey.name, "label": int(f.label), **feats})
+    table = pd.DataFrame(rows)
+    schema = cluster_features_schema(bands)
+    table = schema.validate(table[list(schema.columns)])
+    splits = split_fields(fields, survey, fractions=tuple(config.fractions), seed=config.seed,
+                          heldout_families=tuple(config.heldout_families))
+    keep = ["objid", "sim_family", "sim_kind", "theta_e", "n_arcs", "arc_sb", "group", "source_file", "source_sha256"]
+    table = table.merge(fields[keep], on="objid", validate="one_to_one").merge(splits, on="objid", how="left",
+                                                                               validate="one_to_one")
+    # held-out families are scored, never trained on; other rows outside the splits (unlabeled) are left out
+    held = table["sim_family"].isin(config.heldout_families) & table["label"].isin([0, 1])
+    table["split"] = table["split"].fillna(pd.Series(np.where(held, "heldout", "excluded"), index=table.index))
+    table["val_role"] = table["val_role"].fillna("")
+    storage.write_parquet(table, *layout.cluster_features_table(survey.name))
+    counts = table.groupby(["split", "label"]).size().rename("n").reset_index()
+    metadata = {
+        "path": dg.MetadataValue.path(str(storage.path(*layout.cluster_features_table(survey.name)))),
+        "n_fields": len(table),
+        "splits": dg.MetadataValue.md(counts.to_markdown(index=False)),
+        "median_colour_consistency_by_label": dg.MetadataValue.json(
+            {str(k): float(v) for k, v in table.groupby("label")["colour_consistency"].median().items()}),
+        "median_tangential_alignment_by_label": dg.MetadataValue.json(
+            {str(k): float(v) for k, v in table.groupby("label")["tangential_alignment"].median().items()}),
+    }
+    version = sha256_of_strings([CLUSTER_CODE_VERSION, json.dumps(config.model_dump(), sort_keys=True),
+                                 *sorted(table["source_sha256"])])
+    return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(version[:16]))
+
+
+class ClusterClassifierConfig(dg.Config):
+    n_estimators: int = Field(default=400, ge=1)
+    learning_rate: float = Field(default=0.05, gt=0)
+    max_depth: int = Field(default=4, ge=1)
+    early_stopping_rounds: int = Field(default=30, ge=1)
+    pu_labeled: list[int] = Field(default=[10, 50, 200], description="labeled lenses of each PU model")
+    seed: int = Field(default=0, ge=0)
+
+
+@survey_asset(group_name="clusters", kinds={"python", "xgboost"}, code_version=CLUSTER_CODE_VERSION,
+              deps=[cluster_features])
+def cluster_classifier(context: dg.AssetExecutionContext, config: ClusterClassifierConfig,
+                       storage: LocalStorage) -> dg.MaterializeResult:
+    """Track A of the cluster track: XGBoost on the physics features (monotone in colour consistency and
+    tangential alignment, against seeing), early-stopped and isotonically calibrated on separate halves of
+    the val split; the same without colours; and PU-learned models from few labeled lenses. Scores of the
+    test split and the held-out family for every model (``scores.parquet``)."""
+    from lens_assets.science.clusters.models import fit_cluster_models
+    from lens_assets.science.clusters.track_a import TrackAConfig, plot_partial_dependence
+
+    survey = get_survey(context.partition_key)
+    storage.pull(*layout.cluster_features_table(survey.name))
+    table = pd.read_parquet(storage.path(*layout.cluster_features_table(survey.name)))
+    cfg = TrackAConfig(n_estimators=config.n_estimators, learning_rate=config.learning_rate,
+                       max_depth=config.max_depth, early_stopping_rounds=config.early_stopping_rounds,
+                       seed=config.seed)
+    try:
+        models = fit_cluster_models(table, bands=survey.band_names, config=cfg, pu_labeled=tuple(config.pu_labeled),
+                                    seed=config.seed)
+    except ValueError as err:
+        raise dg.Failure(str(err)) from None
+    out_dir = storage.path(*layout.cluster_models_dir(survey.name))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, model in models.track_a.items():
+        model.save(storage.path(*layout.cluster_model_file(survey.name, name)))
+        storage.write_text(json.dumps(models.calibrators[name].to_dict()),
+                           *layout.cluster_calibrator_file(survey.name, name))
+    storage.write_parquet(models.scores, *layout.cluster_scores_table(survey.name))
+    main = models.track_a["track_a"]
+    train = table[table["split"] == "train"]
+    top = main.importance().sort_values("gain", ascending=False)["feature"].head(4).tolist()
+    pd_plot = plot_partial_dependence({f: main.partial_dependence(train, f) for f in top},
+                                      storage.path(*layout.cluster_partial_dependence(survey.name)), title="track_a")
+    storage.push(*layout.cluster_models_dir(survey.name))
+    imp = main.importance().sort_values("gain", ascending=False).head(12)
+    metadata = {
+        "path": dg.MetadataValue.path(str(out_dir)),
+        "models": ",".join(models.scores["model"].unique()),
+        "best_iteration": main.best_iteration,
+        "scale_pos_weight": float(main.scale_pos_weight),
+        "importance": dg.MetadataValue.md(imp.to_markdown(index=False, floatfmt=".3f")),
+        "partial_dependence": png_markdown(pd_plot, alt="partial dependence"),
+        "pu_label_frequency": dg.MetadataValue.json({k: round(float(v.c), 4) for k, v in models.pu.items()}),
+    }
+    if models.notes:
+        metadata["notes"] = dg.MetadataValue.md("\n".join(f"- {n}" for n in models.notes))
+    return dg.MaterializeResult(metadata=metadata)
+
+
+@survey_asset(group_name="clusters", kinds={"python", "markdown"}, code_version=CLUSTER_CODE_VERSION,
+              deps=[cluster_classifier])
+def cluster_report(context: dg.AssetExecutionContext, storage: LocalStorage) -> dg.MaterializeResult:
+    """The cluster track's Bologna figures per model on the test split and the held-out family (AUROC with a
+    bootstrap interval, AUPRC, TPR0, TPR10 with counts, TPR at FPR 0.1), the colour-consistency ablation, PU
+    learning from 10/50/200 labeled lenses against full labels, and recall by number of arcs and arc surface
+    brightness."""
+    from lens_assets.science.clusters.report import cluster_figures, report_markdown
+
+    survey = get_survey(context.partition_key)
+    storage.pull(*layout.cluster_scores_table(survey.name))
+    scores = pd.read_parquet(storage.path(*layout.cluster_scores_table(survey.name)))
+    figures = cluster_figures(scores)
+    md = report_markdown(figures, survey=survey.name, notes=[
+        "track_a: XGBoost on every feature; track_a_no_colour: without the colour features; pu_<n>: Elkan–Noto "
+        "PU learning from n labeled lenses among the training fields",
+        "recall by arcs and surface brightness at each (model, set)'s FPR ≤ 0.1 threshold"])
+    storage.write_text(json.dumps(figures, indent=1), *layout.cluster_report_json(survey.name))
+    storage.write_text(md, *layout.cluster_report_md(survey.name))
+    metadata = {"report_path": dg.MetadataValue.path(str(storage.path(*layout.cluster_report_md(survey.name)))),
+                "summary": dg.MetadataValue.md(md)}
+    for model, sets in figures.items():
+        for name, f in sets.items():
+            if "auroc" in f:
+                prefix = f"{model}_" + ("" if name == "test" else f"{name}_")
+                metadata[f"{prefix}auroc"] = float(f["auroc"])
+                metadata[f"{prefix}tpr10"] = float(f["tpr10"])
+    return dg.MaterializeResult(metadata=metadata)
+
+
+CLUSTER_ASSETS = [cluster_fields, arc_segments, cluster_features, cluster_classifier, cluster_report]

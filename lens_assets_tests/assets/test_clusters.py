@@ -1,0 +1,110 @@
+"""materialize() of the cluster track on tiny DES fields: every file accounted for, typed features, models, report."""
+
+import json
+import re
+
+import dagster as dg
+import pandas as pd
+import pytest
+
+from lens_assets.assets.clusters import CLUSTER_ASSETS, arc_segments
+from lens_assets.science.clusters.features import cluster_features_schema
+from lens_assets.science.families import FAMILY_DIR
+from lens_assets.science.surveys import get_survey
+
+FIELD_ARCSEC = 32.0
+
+
+def _small_family(tmp_path, name: str) -> str:
+    """A packaged cluster family on a 32-arcsec field (fast), as a TOML path."""
+    text = (FAMILY_DIR / f"{name}.toml").read_text()
+    text = re.sub(r"(?m)^size_arcsec = .*$", f"size_arcsec = {FIELD_ARCSEC}", text)
+    text = re.sub(r"(?m)^min_theta_e_arcsec = .*$", "min_theta_e_arcsec = 3.0", text)
+    path = tmp_path / f"{name}.toml"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def cluster_run(tmp_path_factory):
+    from lens_assets.resources.storage import LocalStorage
+
+    tmp = tmp_path_factory.mktemp("clusters")
+    storage = LocalStorage(root=str(tmp / "root"))
+    run_config = {"ops": {
+        "cluster_fields": {"config": {"n_fields": 48, "n_heldout": 8, "seed": 2, "workers": 1,
+                                      "family": _small_family(tmp, "cluster"),
+                                      "heldout_family": _small_family(tmp, "cluster_heldout")}},
+        "arc_segments": {"config": {"field_size_arcsec": FIELD_ARCSEC, "workers": 1}},
+        "cluster_classifier": {"config": {"pu_labeled": [5, 10], "n_estimators": 60}},
+    }}
+    result = dg.materialize(CLUSTER_ASSETS, partition_key="des", resources={"storage": storage},
+                            run_config=run_config, instance=dg.DagsterInstance.ephemeral(), raise_on_error=True)
+    return storage, result
+
+
+def _metadata(result, key):
+    (mat,) = result.asset_materializations_for_node(key)
+    return {k: v.value for k, v in mat.metadata.items()}
+
+
+def test_fields_are_simulated_into_their_own_folder(cluster_run):
+    storage, result = cluster_run
+    meta = _metadata(result, "cluster_fields")
+    assert meta["n_fields"] == 48 and meta["n_lenses"] + meta["n_nonlenses"] == 48
+    files = list(storage.path("clusters", "raw", "des").rglob("*.fits"))
+    assert len(files) == 48 + 8
+    assert not storage.path("raw", "des").exists()  # never where cutout_catalog ingests galaxy cutouts
+
+
+def test_every_file_is_a_field_or_quarantined_and_segments_name_their_field(cluster_run):
+    storage, result = cluster_run
+    meta = _metadata(result, "arc_segments")
+    assert meta["n_files"] == meta["n_fields"] + meta["n_quarantined"] == 56
+    fields = pd.read_parquet(storage.path("clusters", "segments", "des", "fields.parquet"))
+    segments = pd.read_parquet(storage.path("clusters", "segments", "des", "segments.parquet"))
+    assert set(segments["objid"]) <= set(fields["objid"])
+    counts = segments.groupby("objid").size().reindex(fields["objid"], fill_value=0)
+    assert (counts.to_numpy() == fields["n_segments"].to_numpy()).all()
+    # lensed arcs are segments: lenses have more of them than their non-lenses
+    per = fields.groupby("label")["n_segments"].mean()
+    assert per[1] > per[0]
+
+
+def test_features_are_typed_and_split_by_field(cluster_run):
+    storage, _ = cluster_run
+    table = pd.read_parquet(storage.path("clusters", "features", "des", "cluster_features.parquet"))
+    schema = cluster_features_schema(get_survey("des").band_names)
+    schema.validate(table[list(schema.columns)])
+    assert set(table.loc[table["sim_family"] == "cluster_heldout", "split"]) == {"heldout"}
+    train = table[table["sim_family"] != "cluster_heldout"]
+    assert set(train["split"]) == {"train", "val", "test"}
+    assert set(train.loc[train["split"] == "val", "val_role"]) == {"stop", "calibrate"}
+    assert table["objid"].is_unique
+
+
+def test_models_and_report_cover_every_model_and_set(cluster_run):
+    storage, result = cluster_run
+    scores = pd.read_parquet(storage.path("clusters", "models", "des", "scores.parquet"))
+    assert set(scores["model"]) == {"track_a", "track_a_no_colour", "pu_5", "pu_10"}
+    assert set(scores["set"]) == {"test", "cluster_heldout"}
+    assert scores["prob"].between(0, 1).all()
+    report = json.loads(storage.path("reports", "des", "cluster", "report.json").read_text())
+    assert set(report) == set(scores["model"])
+    test = report["track_a"]["test"]
+    assert test["n_lenses"] + test["n_nonlenses"] == int(((scores["model"] == "track_a")
+                                                         & (scores["set"] == "test")).sum())
+    lo, hi = test["auroc_ci"]
+    assert lo <= test["auroc"] <= hi
+    meta = _metadata(result, "cluster_report")
+    assert meta["track_a_auroc"] == pytest.approx(test["auroc"])
+    assert "cluster_heldout" in storage.path("reports", "des", "cluster", "report.md").read_text()
+
+
+def test_arc_segments_refuses_an_empty_folder(tmp_path):
+    from lens_assets.resources.storage import LocalStorage
+
+    storage = LocalStorage(root=str(tmp_path))
+    with pytest.raises(dg.Failure, match="no cluster fields under"):
+        dg.materialize([arc_segments], partition_key="des", resources={"storage": storage},
+                       instance=dg.DagsterInstance.ephemeral())
