@@ -1,0 +1,147 @@
+"""The cluster track end to end, and its speed against the raw library calls, in one run.
+
+    .venv/bin/python benchmarks/bench_clusters.py --survey des --n-fields 600 --root /tmp/clusters
+
+1. Speed, side by side on the same fields (medians over ``--n-speed`` fields of the ``cluster`` family):
+   ``render_field`` (rays shot once for all bands) against lenstronomy's ``ImageModel`` per band
+   (``simulation.render_system``), and ``find_arc_segments`` against photutils' ``detect_sources`` +
+   ``deblend_sources`` alone on the same residual (what the segment table adds: light removal, photometry, shapes).
+2. The graph: materializes ``cluster_fields`` ... ``cluster_report`` under ``--root`` and prints each asset's
+   wall time and the report's figures per model (test split and held-out family).
+
+Results go to ``benchmarks/results/clusters.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _util import report  # noqa: E402
+
+
+def speed(survey_name: str, n: int) -> dict:
+    import numpy as np
+
+    from lens_assets.science.clusters import fields as cf
+    from lens_assets.science.clusters.segments import find_arc_segments, subtract_cluster_light
+    from lens_assets.science.families import load_family
+    from lens_assets.science.simulation import render_system
+    from lens_assets.science.surveys import get_survey
+
+    survey = get_survey(survey_name)
+    fam = load_family("cluster")
+    fsurvey = cf._field_survey(fam, survey)
+    rng = np.random.default_rng(0)
+    t_field, t_system, t_seg, t_raw, diffs = [], [], [], [], []
+    for i in range(n):
+        scene = cf.draw_cluster_scene(fam, survey, rng)
+        system = cf.build_cluster_system(scene, "lens", fam, survey, rng, objid=f"b{i}")
+        t0 = time.perf_counter()
+        got = cf.render_field(system, fsurvey, np.random.default_rng(i))  # no cache: every profile evaluated
+        t1 = time.perf_counter()
+        want = render_system(system, fsurvey, np.random.default_rng(i))
+        t2 = time.perf_counter()
+        t_field.append(t1 - t0)
+        t_system.append(t2 - t1)
+        diffs.append(float(np.abs(got.noiseless - want.noiseless).max() / want.noiseless.max()))
+        image, variance = want.image, want.variance
+        fwhm_px = max(system.psf_fwhm_arcsec.values()) / survey.pixel_scale_arcsec
+        t0 = time.perf_counter()
+        find_arc_segments(image, variance, bands=survey.band_names, pixel_scale_arcsec=survey.pixel_scale_arcsec,
+                          psf_fwhm_px=fwhm_px)
+        t1 = time.perf_counter()
+        resid = subtract_cluster_light(image, variance, pixel_scale_arcsec=survey.pixel_scale_arcsec,
+                                       psf_fwhm_px=fwhm_px)
+        t2 = time.perf_counter()
+        from photutils.segmentation import deblend_sources, detect_sources
+
+        w = 1.0 / np.where(variance > 0, variance, np.inf)
+        snr = (resid * w).sum(0) / np.sqrt(w.sum(0))
+        seg = detect_sources(snr, 2.0, n_pixels=5)
+        if seg is not None:
+            deblend_sources(snr, seg, n_pixels=5, progress_bar=False)
+        t3 = time.perf_counter()
+        t_seg.append(t1 - t0)
+        t_raw.append((t3 - t2) + (t2 - t1))  # the light removal alone plus photutils alone
+    med = statistics.median
+    return {"survey": survey_name, "n_fields": n, "field_px": fsurvey.cutout_size_px,
+            "render_field_s": med(t_field), "render_system_s": med(t_system),
+            "render_speedup": med(t_system) / med(t_field), "render_max_rel_diff": max(diffs),
+            "segments_s": med(t_seg), "light_removal_plus_photutils_s": med(t_raw),
+            "segments_overhead": med(t_seg) / med(t_raw)}
+
+
+def graph(survey: str, n_fields: int, n_heldout: int, root: str, workers: int) -> tuple[dict, dict, dict]:
+    import dagster as dg
+
+    from lens_assets.assets.clusters import CLUSTER_ASSETS
+    from lens_assets.resources.storage import LocalStorage
+
+    storage = LocalStorage(root=root)
+    config = {"ops": {"cluster_fields": {"config": {"n_fields": n_fields, "n_heldout": n_heldout,
+                                                    "workers": workers}},
+                      "arc_segments": {"config": {"workers": workers}}}}
+    instance = dg.DagsterInstance.ephemeral()
+    times, meta = {}, {}
+    for asset in CLUSTER_ASSETS:  # one asset per run: its wall time alone
+        key = asset.key.to_user_string()
+        t0 = time.perf_counter()
+        run = {"ops": {k: v for k, v in config["ops"].items() if k == key}}
+        others = [a.to_source_asset() for a in CLUSTER_ASSETS if a is not asset]
+        result = dg.materialize([asset, *others], partition_key=survey, resources={"storage": storage},
+                                run_config=run, instance=instance, raise_on_error=True)
+        times[key] = time.perf_counter() - t0
+        (mat,) = result.asset_materializations_for_node(key)
+        meta[key] = {k: v.value for k, v in mat.metadata.items()
+                     if isinstance(v.value, (int, float, str)) and not str(v.value).startswith("![")}
+    from lens_assets import layout
+
+    figures = json.loads(storage.path(*layout.cluster_report_json(survey)).read_text())
+    return times, meta, figures
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--survey", default="des")
+    ap.add_argument("--n-fields", type=int, default=600)
+    ap.add_argument("--n-heldout", type=int, default=None, help="default n_fields // 4")
+    ap.add_argument("--n-speed", type=int, default=5, help="fields timed side by side")
+    ap.add_argument("--root", default="data_clusters")
+    ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--skip-graph", action="store_true")
+    args = ap.parse_args(argv)
+    record = {"speed": speed(args.survey, args.n_speed)}
+    s = record["speed"]
+    rows = [("field", f"{s['field_px']} px, {args.survey}"),
+            ("render_field / render_system", f"{s['render_field_s']:.2f} s / {s['render_system_s']:.2f} s per field "
+                                             f"= {s['render_speedup']:.1f}x faster (max diff {s['render_max_rel_diff']:.1e} "
+                                             f"of the peak)"),
+            ("find_arc_segments", f"{s['segments_s']:.2f} s per field, {s['segments_overhead']:.2f}x the light "
+                                  f"removal + photutils detect/deblend alone ({s['light_removal_plus_photutils_s']:.2f} s)")]
+    if not args.skip_graph:
+        n_heldout = args.n_fields // 4 if args.n_heldout is None else args.n_heldout
+        times, meta, figures = graph(args.survey, args.n_fields, n_heldout, args.root, args.workers)
+        record.update(times=times, metadata=meta, figures=figures)
+        for k, v in times.items():
+            rows.append((f"wall {k}", f"{v:.1f} s"))
+        rows.append(("fields/s (simulation, all workers)", f"{meta['cluster_fields'].get('fields_per_s', 0):.2f}"))
+        for model, sets in figures.items():
+            for name, f in sets.items():
+                if "auroc" in f:
+                    lo, hi = f["auroc_ci"]
+                    rows.append((f"{model} {name}", f"AUROC {f['auroc']:.3f} [{lo:.3f}, {hi:.3f}]  TPR10 "
+                                 f"{f['tpr10']:.3f}  TPR@FPR0.1 {f['tpr_at_fpr_0.1']:.3f}  "
+                                 f"({f['n_lenses']} lenses / {f['n_nonlenses']} non-lenses)"))
+    report("clusters", rows, record)
+    return record
+
+
+if __name__ == "__main__":
+    main()
