@@ -1,6 +1,7 @@
 """`make demo`: run the whole graph for one survey on the local Dagster instance and say what it made.
 
     python -m lens_assets.demo [--survey des] [--profile demo|full] [--n-cutouts N] [--epochs N] [--seed 0]
+    python -m lens_assets.demo --track clusters [--survey des] [--n-fields 300]   # the cluster-scale track
 
 Profiles (``lens_assets.profiles``): ``demo`` takes a few minutes on 2 CPU
 cores; ``full`` is the quality run (72k cutouts, 12 epochs; hours on a CPU).
@@ -44,6 +45,35 @@ def only_gates_failed(result) -> bool:
         if e.event_type_value == "STEP_FAILURE")
 
 
+def run_clusters(instance, *, survey: str, n_fields: int, seed: int) -> int:
+    """``cluster_pipeline`` for one survey on the local instance, and what it made."""
+    job = defs.resolve_job_def("cluster_pipeline")
+    config = {"ops": {"cluster_fields": {"config": {"n_fields": n_fields, "seed": seed}}},
+              "loggers": {"console": {"config": {"log_level": "INFO"}}}}
+    t0 = time.perf_counter()
+    result = job.execute_in_process(partition_key=survey, instance=instance, run_config=config, raise_on_error=False)
+    wall = time.perf_counter() - t0
+    if not result.success:
+        print(f"cluster_pipeline failed for {survey} in {sorted(failed_steps(result)) or 'the run'}; see the run "
+              f"{result.run_id} in the UI (make dev)", file=sys.stderr)
+        return 1
+    meta = {}
+    for event in result.get_asset_materialization_events():
+        mat = event.event_specific_data.materialization
+        meta[mat.asset_key.to_user_string()] = {k: v.value for k, v in mat.metadata.items()}
+    f, seg, clf = meta["cluster_fields"], meta["arc_segments"], meta["cluster_classifier"]
+    print()
+    print(f"lens_assets cluster track: survey {survey}, run {result.run_id}, {wall / 60:.1f} min")
+    print(f"  cluster fields : {f['n_fields']} ({f['n_lenses']} lenses, {f['n_nonlenses']} non-lenses) + "
+          f"{f['n_heldout']} of {f['heldout_family']}, {f['field_size_px']} px, median θE "
+          f"{f['theta_e_median_arcsec']:.1f}\" at {f['fields_per_s']:.2f}/s -> {f['path']}")
+    print(f"  arc segments   : {seg['n_segments']} in {seg['n_fields']} fields ({seg['n_quarantined']} files "
+          f"quarantined) at {seg['fields_per_s']:.2f} fields/s -> {seg['path']}")
+    print(f"  models         : {clf['models']} -> {clf['path']}")
+    print("\n" + "\n".join("    " + line for line in str(meta["cluster_report"]["summary"]).splitlines()))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--survey", default="des", choices=SURVEY_NAMES)
@@ -53,9 +83,15 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--drop-size", type=int, default=200, help="cutouts in the unlabeled inbox drop scored at "
                         "the end (0: none)")
+    parser.add_argument("--track", default="galaxy", choices=["galaxy", "clusters"],
+                        help="galaxy: survey_pipeline (the default); clusters: cluster_pipeline")
+    parser.add_argument("--n-fields", type=int, default=300, help="cluster fields of the training family "
+                        "(--track clusters; the held-out family gets a quarter as many)")
     args = parser.parse_args(argv)
 
     instance = dg.DagsterInstance.get()
+    if args.track == "clusters":
+        return run_clusters(instance, survey=args.survey, n_fields=args.n_fields, seed=args.seed)
     job = defs.resolve_job_def("survey_pipeline")
     overrides = {}
     if args.n_cutouts is not None:

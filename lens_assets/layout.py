@@ -269,8 +269,12 @@ def cluster_segments_gallery(survey: str) -> Parts:
     return (*cluster_segments_dir(survey), "segments_gallery.png")
 
 
+def cluster_features_dir(survey: str) -> Parts:
+    return ("clusters", "features", survey)
+
+
 def cluster_features_table(survey: str) -> Parts:
-    return ("clusters", "features", survey, "cluster_features.parquet")
+    return (*cluster_features_dir(survey), "cluster_features.parquet")
 
 
 def cluster_models_dir(survey: str) -> Parts:

@@ -103,7 +103,7 @@ def cluster_fields(context: dg.AssetExecutionContext, config: ClusterFieldsConfi
 
 class ArcSegmentsConfig(dg.Config):
     field_size_arcsec: float = Field(default=40.0, gt=0, description="side of the grid fields are read on (the "
-                                     "cluster family's field); smaller files are refused, larger ones cropped")
+                                     "cluster family's field); smaller files are refused as too_small, larger ones are segmented whole")
     light: str = Field(default="median", description="how the cluster's light is removed before segmentation: "
                        "'median' (box median filter) or 'model' (elliptical radial-median models of the galaxies)")
     nsigma: float = Field(default=2.0, gt=0, description="detection threshold of the residual, in noise units")
@@ -161,20 +161,23 @@ def arc_segments(context: dg.AssetExecutionContext, config: ArcSegmentsConfig,
 
 def _segments_gallery(fields, segments, survey, size, config, storage):
     """Segment outlines over a few lenses and non-lenses (the field re-read and segmented again to draw them)."""
-    from lens_assets.science.clusters.catalog import segmented_field, segments_gallery
+    from lens_assets.science.clusters.catalog import segmented_field
+    from lens_assets.science.clusters.segments import segments_grid
 
     shown = fields.groupby("label", group_keys=False).head(_SHOWN // 2).sort_values("label", ascending=False)
     panels = [segmented_field(storage.path(*f.split("/")), f, survey, size_px=size, light=config.light,
                               nsigma=config.nsigma) for f in shown["source_file"]]
     out = storage.path(*layout.cluster_segments_gallery(survey.name))
     titles = [f"{k} ({n} seg)" for k, n in zip(shown["sim_kind"], shown["n_segments"])]
-    segments_gallery(panels, titles, path=out)
+    segments_grid(panels, titles, path=out)
     storage.push(*layout.cluster_segments_gallery(survey.name))
     return out
 
 
 class ClusterFeaturesConfig(dg.Config):
-    heldout_families: list[str] = Field(default=["cluster_heldout"], description="families kept out of the splits")
+    train_families: list[str] = Field(default=["cluster"], description="simulation families the splits are made "
+                                      "of (with fields of observed labels); every other labeled family is held out: "
+                                      "scored, never trained on")
     fractions: list[float] = Field(default=[0.6, 0.2, 0.2], description="train, val, test shares (val halves: "
                                    "stop for early stopping, calibrate for the calibrator)")
     seed: int = Field(default=0, ge=0)
@@ -209,13 +212,14 @@ def cluster_features(context: dg.AssetExecutionContext, config: ClusterFeaturesC
     table = pd.DataFrame(rows)
     schema = cluster_features_schema(bands)
     table = schema.validate(table[list(schema.columns)])
+    heldout_families = sorted(set(fields["sim_family"]) - set(config.train_families) - {""})
     splits = split_fields(fields, survey, fractions=tuple(config.fractions), seed=config.seed,
-                          heldout_families=tuple(config.heldout_families))
+                          heldout_families=tuple(heldout_families))
     keep = ["objid", "sim_family", "sim_kind", "theta_e", "n_arcs", "arc_sb", "group", "source_file", "source_sha256"]
     table = table.merge(fields[keep], on="objid", validate="one_to_one").merge(splits, on="objid", how="left",
                                                                                validate="one_to_one")
     # held-out families are scored, never trained on; other rows outside the splits (unlabeled) are left out
-    held = table["sim_family"].isin(config.heldout_families) & table["label"].isin([0, 1])
+    held = table["sim_family"].isin(heldout_families) & table["label"].isin([0, 1])
     table["split"] = table["split"].fillna(pd.Series(np.where(held, "heldout", "excluded"), index=table.index))
     table["val_role"] = table["val_role"].fillna("")
     storage.write_parquet(table, *layout.cluster_features_table(survey.name))
@@ -223,6 +227,7 @@ def cluster_features(context: dg.AssetExecutionContext, config: ClusterFeaturesC
     metadata = {
         "path": dg.MetadataValue.path(str(storage.path(*layout.cluster_features_table(survey.name)))),
         "n_fields": len(table),
+        "heldout_families": ",".join(heldout_families),
         "splits": dg.MetadataValue.md(counts.to_markdown(index=False)),
         "median_colour_consistency_by_label": dg.MetadataValue.json(
             {str(k): float(v) for k, v in table.groupby("label")["colour_consistency"].median().items()}),

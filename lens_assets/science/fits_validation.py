@@ -55,6 +55,7 @@ QUARANTINE_REASONS: Mapping[str, str] = {
     "duplicate_extension": "two HDUs share an EXTNAME, or two IMAGE_<band> extensions hold the same band",
     "duplicate_keyword": "a contract keyword is given more than once in one header",
     "non_ascii_header": "a header holds bytes over 0x7f (FITS headers are ASCII text)",
+    "no_bcg": "a cluster field without BCGXPIX/BCGYPIX in which no source stands out near the centre",
 }
 
 LABEL_SOURCE_PREFIXES = ("sim:", "obs:", "weak:", "pretrain:")

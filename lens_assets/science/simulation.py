@@ -503,6 +503,7 @@ def observe(system: System, survey: SurveySpec, rng: np.random.Generator, *, len
     from lenstronomy.SimulationAPI.observation_api import SingleBand
 
     obs = system.observation
+    lensed, unlensed = np.array(lensed, dtype=float), np.array(unlensed, dtype=float)  # never the caller's arrays
     n = lensed.shape[-1]
     variance = np.zeros_like(lensed)
     for i, band in enumerate(survey.band_names):

@@ -2,11 +2,16 @@
 
 A cluster field is read through the galaxy track's FITS contract on the survey's
 grid with the field's side as its cutout size (:func:`field_survey`); a file that
-cannot be read is a quarantine row with the contract's reason. The bands of one
-field are matched to one Gaussian PSF (the field's broadest band, 2% broader) with
-the galaxy track's :func:`..psf.homogenize`, so the segments' colours compare like
-with like. :func:`process_field` returns one catalog row (truth and observing
-context) and the field's arc segments (:func:`.segments.find_arc_segments`).
+cannot be read is a quarantine row with the contract's reason, and so is one whose
+BCG keys are not a position inside the image (``bad_header_value``) or whose BCG
+cannot be found (``no_bcg``). The bands of one field are matched to one Gaussian
+PSF (the field's broadest band, 2% broader) with the galaxy track's
+:func:`..psf.homogenize`, so the segments' colours compare like with like; their
+errors and the depth use the variance before matching (matching correlates the
+noise of neighbouring pixels, and a normalized kernel keeps a region's summed flux,
+so the unmatched variance summed over a segment is its flux variance).
+:func:`process_field` returns one catalog row (truth and observing context) and the
+field's arc segments (:func:`.segments.find_arc_segments`).
 """
 
 from __future__ import annotations
@@ -20,8 +25,8 @@ import pandas as pd
 
 from ..surveys import SurveySpec, get_survey
 
-__all__ = ["field_survey", "process_field", "process_fields", "segmented_field", "split_fields", "segments_gallery",
-           "FIELD_COLUMNS", "depth_mag"]
+__all__ = ["field_survey", "process_field", "process_fields", "segmented_field", "split_fields", "FIELD_COLUMNS",
+           "depth_mag"]
 
 FIELD_COLUMNS = ["objid", "survey", "ra", "dec", "label", "label_source", "sim_family", "sim_kind", "z_cluster",
                  "mag_ref", "theta_e", "arc_snr", "n_arcs", "arc_sb", "group", "bcg_x_px", "bcg_y_px", "size_px",
@@ -68,14 +73,38 @@ def _matched(path, name: str, survey: SurveySpec, size_px: int):
     kernel = int(math.ceil(4 * target / survey.pixel_scale_arcsec)) | 1
     matched = homogenize(norm.image[None], norm.variance[None], [norm.psf], fwhm[None], present[None],
                          pixel_scale_arcsec=survey.pixel_scale_arcsec, target_fwhm=target, kernel_size=kernel)
-    image, variance = matched.image[0], matched.variance[0]
+    image = matched.image[0]
+    variance = np.asarray(norm.variance, dtype=np.float32)  # before matching: see the module docstring
     n = image.shape[-1]
-    p = cut.primary
-    bcg = None  # BCGXPIX/BCGYPIX are FITS 1-based; without them the segments module estimates the BCG
-    if p.get("BCGXPIX") is not None and p.get("BCGYPIX") is not None:
-        off = (n - cut.image.shape[-1]) / 2  # a padded file's pixels moved by the padding
-        bcg = (float(p["BCGXPIX"]) - 1 + off, float(p["BCGYPIX"]) - 1 + off)
+    bcg = _header_bcg(cut, n_out=n, scale_out=survey.pixel_scale_arcsec, name=name)
+    if isinstance(bcg, dict):
+        bcg["source_sha256"] = row["source_sha256"]
+        return bcg
     return row, cut, image, variance, bcg, target / survey.pixel_scale_arcsec
+
+
+def _quarantine(cut, name: str, reason: str, message: str) -> dict:
+    return {"objid": cut.objid, "source_file": name, "source_sha256": "", "reason": reason, "message": message,
+            "survey": cut.survey}
+
+
+def _header_bcg(cut, *, n_out: int, scale_out: float, name: str):
+    """The BCG from ``BCGXPIX``/``BCGYPIX`` (FITS 1-based, the file's pixels) on the survey grid (0-based, after
+    resampling and padding), None when absent, or a quarantine row when it is not a position inside the image."""
+    p = cut.primary
+    if p.get("BCGXPIX") is None and p.get("BCGYPIX") is None:
+        return None
+    try:
+        x, y = float(p["BCGXPIX"]), float(p["BCGYPIX"])
+    except (KeyError, TypeError, ValueError):
+        return _quarantine(cut, name, "bad_header_value", f"{name}: BCGXPIX = {p.get('BCGXPIX')!r}, BCGYPIX = "
+                                                          f"{p.get('BCGYPIX')!r}: both must be numbers (FITS pixels)")
+    n_in = cut.image.shape[-1]
+    if not (0.5 <= x <= n_in + 0.5 and 0.5 <= y <= n_in + 0.5):
+        return _quarantine(cut, name, "bad_header_value", f"{name}: BCGXPIX, BCGYPIX = ({x}, {y}) lies outside "
+                                                          f"the {n_in}x{n_in} image")
+    scale = cut.pixel_scale_arcsec / scale_out  # offsets from the centre keep their angle on the new grid
+    return tuple((v - 1 - (n_in - 1) / 2) * scale + (n_out - 1) / 2 for v in (x, y))
 
 
 def segmented_field(path, name: str, survey: SurveySpec, *, size_px: int, light: str = "median",
@@ -103,10 +132,17 @@ def process_field(path: str | Path, name: str, survey: SurveySpec, *, size_px: i
         return None, None, got
     row, cut, image, variance, bcg, psf_px = got
     n = image.shape[-1]
-    segs, _ = find_arc_segments(image, variance, pixel_scale_arcsec=survey.pixel_scale_arcsec, psf_fwhm_px=psf_px,
-                                bcg_xy=bcg, bands=survey.band_names, light=light, nsigma=nsigma)
-    if bcg is None:
-        bcg = (float(segs.attrs.get("bcg_x_px", (n - 1) / 2)), float(segs.attrs.get("bcg_y_px", (n - 1) / 2)))
+    try:
+        segs, _ = find_arc_segments(image, variance, pixel_scale_arcsec=survey.pixel_scale_arcsec,
+                                    psf_fwhm_px=psf_px, bcg_xy=bcg, bands=survey.band_names, light=light,
+                                    nsigma=nsigma)
+    except ValueError as err:  # no BCG given and none found near the centre
+        if bcg is not None:
+            raise
+        q = _quarantine(cut, name, "no_bcg", f"{name}: {err}")
+        q["source_sha256"] = row["source_sha256"]
+        return None, None, q
+    bcg = segs.attrs["bcg_xy"]
     p = cut.primary
     ref = survey.band(survey.reference_band).name
     ref_i = survey.band_names.index(ref)
@@ -177,25 +213,3 @@ def split_fields(fields: pd.DataFrame, survey: SurveySpec, *, fractions=(0.6, 0.
                          link_arcsec=side, exclude_families=tuple(heldout_families))
     return result.table[["objid", "split", "val_role"]]
 
-
-def segments_gallery(panels, titles, *, path) -> Path:
-    """Fields (asinh stretch of the band sum) with their segments outlined, one panel per (image, segmap, table)."""
-    from ..plots import _pyplot, _save
-
-    plt = _pyplot()
-    n = len(panels)
-    cols = min(3, n)
-    rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 4 * rows), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for ax, (image, segmap, segs), title in zip(axes.ravel(), panels, titles):
-        total = np.asarray(image, dtype=float).sum(axis=0)
-        scale = np.median(np.abs(total - np.median(total))) * 1.4826 or 1.0
-        ax.imshow(np.arcsinh(total / (3 * scale)), origin="lower", cmap="gray")
-        if segmap.max() > 0:
-            ax.contour(segmap > 0, levels=[0.5], colors="orange", linewidths=0.8)
-        for r in segs.itertuples(index=False):
-            ax.text(r.x_px, r.y_px, str(r.segment_id), color="cyan", fontsize=7)
-        ax.set_title(title, fontsize=9)
-    return _save(fig, Path(path))

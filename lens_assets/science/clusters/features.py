@@ -49,7 +49,6 @@ FEATURE_MONOTONE = {
     "colour_consistency": +1,
     "colour_consistency_raw": +1,
     "tangential_alignment": +1,
-    "ellipticity_coherence": +1,
     "seeing_arcsec": -1,
     "psf_fwhm_arcsec": -1,
 }

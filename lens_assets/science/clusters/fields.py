@@ -42,7 +42,7 @@ import numpy as np
 from ..families import Family
 from ..surveys import SurveySpec
 
-__all__ = ["ClusterScene", "draw_cluster_scene", "render_field", "build_cluster_system", "einstein_radius_arcsec", "field_size_px",
+__all__ = ["ClusterScene", "draw_cluster_scene", "render_field", "member_sigma_kms", "build_cluster_system", "einstein_radius_arcsec", "field_size_px",
            "cluster_field", "simulate_cluster_fields", "cluster_field_bytes", "CLUSTER_HEADER_KEYS", "OBJTYPE_CLUSTER"]
 
 OBJTYPE_CLUSTER = "cluster_field"  # primary-header OBJTYPE of a cluster field (the inbox contract's marker)
@@ -65,7 +65,7 @@ class ClusterScene:
     bcg_mag: float
     bcg_beta: float
     sources: list  # LightComponent, lensed=True, at their source-plane positions
-    magnifications: list  # per source: lensed flux / intrinsic flux
+    magnifications: list  # per source: its lensed flux on the field / its intrinsic flux
     group: bool  # the background is a group (a cluster-cluster system)
     contaminants: list  # LightComponent, unlensed, on every field
     seeing: dict
@@ -173,6 +173,12 @@ def einstein_radius_arcsec(lens_model, kwargs_lens, *, max_radius_arcsec: float,
     return float(rs[i - 1] + (m0 - 1.0) / (m0 - m1) * (rs[i] - rs[i - 1]))
 
 
+def member_sigma_kms(abs_mag: float, fj_mag_at_200: float) -> float:
+    """Faber–Jackson velocity dispersion (L ∝ σ⁴) of a galaxy of absolute magnitude ``abs_mag``:
+    ``200 km/s × 10^(-(M - M_200) / 10)``."""
+    return 200.0 * 10 ** (-(abs_mag - fj_mag_at_200) / 10.0)
+
+
 def _red_sequence_beta(family: Family, z: float, rng, section: str, scatter_key: str) -> float:
     b = "bcg"
     return (family.draw(b, "color_beta_at_z0", rng) + family.draw(b, "color_beta_per_z", rng) * z
@@ -193,8 +199,7 @@ def _cluster(family: Family, survey: SurveySpec, rng, half_field: float):
     rest = d("bcg", "rest_wavelength_nm", rng)
     distmod = float(cosmo.distmod(z).value)
     kpc_per_arcsec = float(cosmo.angular_diameter_distance(z).to("kpc").value) / RAD_TO_ARCSEC
-    # the lens model's normalization needs a source redshift; lenstronomy's NFW angles are per D_ls/D_s = 1 of
-    # that pair, so the sources' own redshift is applied in draw_cluster_scene (all sources share z_s)
+    # the lens model's normalization needs the sources' redshift: _lens_kwargs takes it (all sources share z_s)
     q, pa = d("halo", "axis_ratio", rng), d("halo", "position_angle_deg", rng)
     halo = {"m200": 10 ** d("halo", "log10_m200", rng), "c": d("halo", "concentration", rng)}
     e1, e2 = _ellipticity(q, pa)
@@ -203,7 +208,8 @@ def _cluster(family: Family, survey: SurveySpec, rng, half_field: float):
     be1, be2 = _ellipticity(bcg_q, bcg_pa)
     sigma_bcg = d("bcg", "sigma_kms", rng)
     beta_bcg = _red_sequence_beta(family, z, rng, "bcg", "color_beta_scatter")
-    bcg_mag = _observed_mag(d("bcg", "abs_mag", rng), distmod, z, beta_bcg, ref.wavelength_nm, rest)
+    bcg_abs = d("bcg", "abs_mag", rng)
+    bcg_mag = _observed_mag(bcg_abs, distmod, z, beta_bcg, ref.wavelength_nm, rest)
     bcg = {"n": d("bcg", "sersic_n", rng), "r_eff": d("bcg", "r_eff_kpc", rng) / kpc_per_arcsec, "q": bcg_q,
            "pa": bcg_pa % 180.0}
     light = [LightComponent("SERSIC_ELLIPSE", _sersic((0.0, 0.0), n=bcg["n"], r_eff=bcg["r_eff"], q=bcg_q,
@@ -215,9 +221,9 @@ def _cluster(family: Family, survey: SurveySpec, rng, half_field: float):
         r = min(rng.gamma(2.0, scale), 0.95 * half_field)
         ang = rng.uniform(0, 2 * math.pi)
         x, y = r * math.cos(ang), r * math.sin(ang)
-        mag = bcg_mag + d("members", "mag_offset", rng)
-        abs_mag = mag - (bcg_mag - _observed_mag(0.0, distmod, z, beta_bcg, ref.wavelength_nm, rest))
-        sigma = 200.0 * 10 ** (-(abs_mag - fj) / 10.0)  # Faber-Jackson, L ~ sigma^4
+        offset = d("members", "mag_offset", rng)  # same distance and K-correction as the BCG's
+        mag = bcg_mag + offset
+        sigma = member_sigma_kms(bcg_abs + offset, fj)
         beta = _red_sequence_beta(family, z, rng, "members", "color_beta_scatter")
         light.append(LightComponent("SERSIC_ELLIPSE", _sersic(
             (x, y), n=d("members", "sersic_n", rng), r_eff=d("members", "r_eff_kpc", rng) / kpc_per_arcsec,
@@ -246,14 +252,22 @@ def _lens_kwargs(cl: dict, z_source: float):
     return tuple(names), tuple(kwargs)
 
 
-def _sources(family: Family, rng, theta_e: float):
-    """(background LightComponents at their source-plane positions, redshift, is a group)."""
+def _background(family: Family, rng) -> tuple[bool, float]:
+    """(the background is a group, its redshift): drawn before the Einstein radius, which depends on it."""
+    d = family.draw
+    if rng.uniform() < d("group", "probability", rng):
+        return True, d("group", "redshift", rng)
+    return False, d("sources", "redshift", rng)
+
+
+def _sources(family: Family, rng, theta_e: float, group: bool) -> list:
+    """Background LightComponents at their source-plane positions: offsets from the halo's centre in units of
+    ``theta_e`` (near the caustics); a group's members scattered by ``[group] radius_arcsec`` about its centre."""
     from ..simulation import LightComponent, _sersic
 
     d = family.draw
     out = []
-    if rng.uniform() < d("group", "probability", rng):
-        z = d("group", "redshift", rng)
+    if group:
         off = d("sources", "offset_over_theta_e", rng) * theta_e
         ang = rng.uniform(0, 2 * math.pi)
         cx, cy = off * math.cos(ang), off * math.sin(ang)
@@ -265,8 +279,7 @@ def _sources(family: Family, rng, theta_e: float):
                 (x, y), n=rng.uniform(2.5, 4.0), r_eff=d("group", "r_eff_arcsec", rng), q=rng.uniform(0.5, 1.0),
                 pa=rng.uniform(0, 180)), d("group", "mag", rng),
                 beta + rng.normal(0, d("group", "member_color_scatter", rng)), lensed=True))
-        return out, z, True
-    z = d("sources", "redshift", rng)
+        return out
     for _ in range(d("sources", "n_sources", rng)):
         off = d("sources", "offset_over_theta_e", rng) * theta_e
         ang = rng.uniform(0, 2 * math.pi)
@@ -274,7 +287,7 @@ def _sources(family: Family, rng, theta_e: float):
             (off * math.cos(ang), off * math.sin(ang)), n=d("sources", "sersic_n", rng),
             r_eff=d("sources", "r_eff_arcsec", rng), q=d("sources", "axis_ratio", rng), pa=rng.uniform(0, 180)),
             d("sources", "mag", rng), d("sources", "color_beta", rng), lensed=True))
-    return out, z, False
+    return out
 
 
 def _mimic(kind: str, family: Family, rng, *, bcg_beta: float, anchors: list) -> list:
@@ -340,6 +353,8 @@ def draw_cluster_scene(family: Family, survey: SurveySpec, rng: np.random.Genera
     """One selected cluster scene (its lensing visible to ``survey``); raises after ``max_tries`` draws."""
     from lenstronomy.LensModel.lens_model import LensModel
 
+    from ..simulation import band_flux
+
     d = family.draw
     sel = "selection"
     fsurvey = _field_survey(family, survey)
@@ -348,15 +363,14 @@ def draw_cluster_scene(family: Family, survey: SurveySpec, rng: np.random.Genera
     max_theta = d(sel, "max_theta_e_over_field", rng) * 2 * half
     for _ in range(int(d(sel, "max_tries", rng))):
         cl = _cluster(family, survey, rng, half)
-        sources, z_s, group = _sources(family, rng, 1.0)  # offsets in units of theta_E, rescaled below
+        group, z_s = _background(family, rng)
         if z_s <= cl["z"] + 0.1:
             continue
         names, kwargs = _lens_kwargs(cl, z_s)
         theta_e = einstein_radius_arcsec(LensModel(list(names)), kwargs, max_radius_arcsec=max_theta * 1.2)
         if not d(sel, "min_theta_e_arcsec", rng) <= theta_e <= max_theta:
             continue
-        sources = [replace(s, shape={**s.shape, "center_x": s.shape["center_x"] * theta_e,
-                                     "center_y": s.shape["center_y"] * theta_e}) for s in sources]
+        sources = _sources(family, rng, theta_e, group)
         contaminants = []
         anchors = [(0.0, 0.0)] + [(c.shape["center_x"], c.shape["center_y"]) for c in cl["light"][1:]]
         for kind, key in (("interloper", "interloper_probability"), ("edge_on_spiral", "edge_on_probability"),
@@ -374,8 +388,11 @@ def draw_cluster_scene(family: Family, survey: SurveySpec, rng: np.random.Genera
                         size_px=n, sky={"ra_deg": 0.0, "dec_deg": 0.0})
         ref_only = replace(fsurvey, bands=(fsurvey.band(fsurvey.reference_band),))
         cut = render_field(probe, ref_only, rng, cache=scene.render_cache)
-        mus = _magnifications(cut, sources, ref_only)
-        if sum(mus) / len(mus) < d(sel, "min_magnification", rng) or cut.arc_snr < d(sel, "min_arc_snr", rng):
+        mus = _magnifications(scene.render_cache, sources)
+        r = ref_only.band_names[0]
+        intrinsic = [band_flux(c.mag_ref, c.color_beta, ref_only, r) for c in sources]
+        total_mu = float(np.dot(mus, intrinsic) / np.sum(intrinsic))  # lensed flux of all / intrinsic flux of all
+        if total_mu < d(sel, "min_magnification", rng) or cut.arc_snr < d(sel, "min_arc_snr", rng):
             continue
         scene.magnifications, scene.arc_snr = mus, cut.arc_snr
         return scene
@@ -383,15 +400,10 @@ def draw_cluster_scene(family: Family, survey: SurveySpec, rng: np.random.Genera
                        f"{int(d(sel, 'max_tries', rng))} tries on {survey.name}")
 
 
-def _magnifications(cut, sources, survey: SurveySpec) -> list:
-    """Per source: lensed flux on the field / intrinsic flux, in the reference band (sources rendered together,
-    so each gets the mean: lensed flux of all / intrinsic flux of all)."""
-    from ..simulation import band_flux
-
-    r = survey.band_names.index(survey.band(survey.reference_band).name)
-    intrinsic = sum(band_flux(s.mag_ref, s.color_beta, survey, survey.band_names[r]) for s in sources)
-    mu = float(cut.lensed[r].sum() / intrinsic) if intrinsic > 0 else 0.0
-    return [mu] * len(sources)
+def _magnifications(cache: dict, sources) -> list:
+    """Per source, its magnification on the field: the sum of its lensed unit-flux image (:func:`render_field`'s
+    cache; the unlensed profile integrates to 1, so light lensed off the field is not counted)."""
+    return [float(cache[(id(c), True)].sum()) for c in sources]
 
 
 def build_cluster_system(scene: ClusterScene, role: str, family: Family, survey: SurveySpec, rng, *, objid: str,

@@ -24,6 +24,7 @@ import pandas as pd
 from scipy import ndimage
 
 __all__ = ["subtract_cluster_light", "find_arc_segments", "estimate_bcg_xy", "segment_columns", "segment_gallery",
+           "segments_grid",
            "SEGMENT_COLUMNS", "LIGHT_METHODS", "CURVATURE_MIN_SAGITTA_PX", "CURVATURE_MIN_ELONGATION"]
 
 LIGHT_METHODS = ("median", "model")
@@ -552,7 +553,8 @@ def find_arc_segments(image, variance, *, bands: Sequence[str], pixel_scale_arcs
     distance >= sigma_minor) or bends by less than ``CURVATURE_MIN_SAGITTA_PX`` over 4 sigma_major.
     ``curvature_center_offset_arcsec``: distance from the fitted circle's centre to the BCG; NaN when curvature is 0.
 
-    ``bcg_xy`` (x, y) px defaults to :func:`estimate_bcg_xy`. Inputs are not modified.
+    ``bcg_xy`` (x, y) px defaults to :func:`estimate_bcg_xy`; the table's ``attrs["bcg_xy"]`` is the one used.
+    Inputs are not modified.
     """
     _check_choice("light", light, LIGHT_METHODS)
     img, var, valid = _field(image, variance)
@@ -588,34 +590,31 @@ def find_arc_segments(image, variance, *, bands: Sequence[str], pixel_scale_arcs
                       deblend=deblend, contrast=deblend_contrast, merge_saddle_ratio=merge_saddle_ratio,
                       merge_dip_nsigma=merge_dip_nsigma)
     n = int(segmap.max())
-    if n == 0:
-        return _empty_table(bands), segmap
-    feats = _measure(segmap, n, resid, var, S, V, snr_raw, bx, by, pix)
-    keep = feats["r_arcsec"] >= exclude_radius_arcsec
-    relabel = np.zeros(n + 1, dtype=np.int64)
-    relabel[1:][keep] = np.arange(1, int(keep.sum()) + 1)
-    segmap = relabel[segmap]
-    if not keep.any():
-        return _empty_table(bands), segmap
-    feats["segment_id"] = relabel[1:][keep]
-    for k in feats:
-        if k != "segment_id":
-            feats[k] = feats[k][keep]
-    for b, name in enumerate(bands):
-        feats[f"flux_{name}"] = feats.pop(f"flux_{b}")
-        feats[f"flux_err_{name}"] = feats.pop(f"flux_err_{b}")
-    return pd.DataFrame({c: feats[c] for c in segment_columns(bands)}), segmap
+    table = _empty_table(bands)
+    if n > 0:
+        feats = _measure(segmap, n, resid, var, S, V, snr_raw, bx, by, pix)
+        keep = feats["r_arcsec"] >= exclude_radius_arcsec
+        relabel = np.zeros(n + 1, dtype=np.int64)
+        relabel[1:][keep] = np.arange(1, int(keep.sum()) + 1)
+        segmap = relabel[segmap]
+        if keep.any():
+            feats["segment_id"] = relabel[1:][keep]
+            for k in feats:
+                if k != "segment_id":
+                    feats[k] = feats[k][keep]
+            for b, name in enumerate(bands):
+                feats[f"flux_{name}"] = feats.pop(f"flux_{b}")
+                feats[f"flux_err_{name}"] = feats.pop(f"flux_err_{b}")
+            table = pd.DataFrame({c: feats[c] for c in segment_columns(bands)})
+    table.attrs["bcg_xy"] = (bx, by)  # the BCG the geometry is measured about (given or estimated)
+    return table, segmap
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # figure
 
 
-def segment_gallery(image, segmap, segments: pd.DataFrame, *, path=None):
-    """The field (asinh stretch of the band sum) with segment outlines and ids; PNG written to ``path`` (returned),
-    or the matplotlib Figure when ``path`` is None."""
-    from matplotlib.figure import Figure
-
+def _draw_segments(ax, image, segmap, segments: pd.DataFrame) -> None:
     total = np.nan_to_num(np.asarray(image, dtype=float)).sum(axis=0)
     seg = np.asarray(segmap)
     noise = 1.4826 * float(np.median(np.abs(total - np.median(total)))) or 1.0
@@ -624,13 +623,32 @@ def segment_gallery(image, segmap, segments: pd.DataFrame, *, path=None):
     edge = (seg > 0) & (ndimage.minimum_filter(seg, size=3) != ndimage.maximum_filter(seg, size=3))
     overlay = np.zeros((*seg.shape, 4))
     overlay[edge] = (1.0, 0.3, 0.1, 1.0)
-    fig = Figure(figsize=(6, 6))
-    ax = fig.add_subplot()
     ax.imshow(stretched, origin="lower", cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
     ax.imshow(overlay, origin="lower", interpolation="nearest")
     for row in segments.itertuples():
         ax.text(row.x_px, row.y_px, str(row.segment_id), color="yellow", fontsize=7, ha="center", va="center")
     ax.set_axis_off()
+
+
+def segment_gallery(image, segmap, segments: pd.DataFrame, *, path=None):
+    """The field (asinh stretch of the band sum) with segment outlines and ids; PNG written to ``path`` (returned),
+    or the matplotlib Figure when ``path`` is None."""
+    return segments_grid([(image, segmap, segments)], path=path, size_in=6.0)
+
+
+def segments_grid(panels, titles=None, *, path=None, cols: int = 3, size_in: float = 4.0):
+    """:func:`segment_gallery` of several fields, ``panels`` a list of (image, segmap, segments), in a grid."""
+    from matplotlib.figure import Figure
+
+    n = len(panels)
+    cols = min(cols, n)
+    rows = -(-n // cols)
+    fig = Figure(figsize=(size_in * cols, size_in * rows))
+    for i, (image, segmap, segments) in enumerate(panels):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        _draw_segments(ax, image, segmap, segments)
+        if titles:
+            ax.set_title(titles[i], fontsize=9)
     fig.tight_layout(pad=0.2)
     if path is None:
         return fig

@@ -36,13 +36,16 @@ def test_cluster_figures_by_hand():
     assert (t["n_lenses"], t["n_nonlenses"]) == (3, 3)
     assert t["tpr0"] == pytest.approx(1 / 3)  # only the lens above 2.5
     # FPR <= 0.1 of three non-lenses allows none: threshold 2.5, so the 1-arc lens (3.0) is found, the others not
-    assert (t["recall_arcs_1"], t["recall_arcs_2"], t["recall_arcs_3+"]) == (1.0, 0.0, 0.0)
+    assert (t["recall_sources_1"], t["recall_sources_2"], t["recall_sources_3+"]) == (1.0, 0.0, 0.0)
     assert t["recall_arc_sb_lt_24"] == 1.0 and t["n_lenses_arc_sb_ge_25"] == 1
     lo, hi = t["auroc_ci"]
-    assert lo <= t["auroc"] <= hi
+    assert 0.0 <= lo < hi <= 1.0
     assert f["m"]["held"] == {"n_lenses": 1, "n_nonlenses": 0}  # one class only: counts, no figures
     md = report_markdown(f, survey="des")
     assert "0.667 [" in md and "no objects of one class" in md
+    two = cluster_figures(pd.concat([_scores(), _scores().assign(model="track_a", logit=lambda d: d["label"])]),
+                          n_boot=20)
+    assert "| m | test | 0.667 | 1.000 | -0.333 |" in report_markdown(two, survey="des")
 
 
 def _table(n=240, seed=0):
@@ -120,3 +123,53 @@ def test_split_fields_keeps_heldout_families_out_and_overlapping_fields_together
     split = s.set_index("objid")["split"]
     assert split["f0"] == split["f1"]
     assert set(split) == {"train", "val", "test"}
+
+
+def _one_galaxy_field(tmp_path, *, bcg_keys: dict | None, noise_only: bool = False):
+    """A 60-px DES field with one galaxy at the centre, written with the given BCG keys (None: the simulator's)."""
+    from dataclasses import replace
+
+    from lens_assets.science.clusters.fields import render_field
+    from lens_assets.science.families import load_family
+    from lens_assets.science.fits_writer import simulated_cutout_bytes
+    from lens_assets.science.simulation import LightComponent, System
+
+    survey = get_survey("des")
+    fs = cc.field_survey(survey, 60)
+    system = System(objid="one", is_lens=False, kind="twin", theta_e_arcsec=0.0, kwargs_lens=(),
+                    components=(LightComponent("GAUSSIAN", {"sigma": 1.0, "center_x": 0.0, "center_y": 0.0}, 17.0,
+                                               2.0, lensed=False),),
+                    points=(), psf_profile="gaussian", psf_fwhm_arcsec={b: 1.0 for b in survey.band_names},
+                    moffat_beta=3.0, exposure_scale=1.0, z_lens=0.3, z_source=-1.0, ra_deg=10.0, dec_deg=-5.0,
+                    galaxy={"n": 1.0, "r_eff": 1.0, "q": 1.0, "pa": 0.0}, size_px=60)
+    cut = render_field(system, fs, np.random.default_rng(0))
+    if noise_only:
+        cut = replace(cut, image=np.random.default_rng(1).normal(size=cut.image.shape) * np.sqrt(cut.variance))
+    extra = {"OBJTYPE": "cluster_field", **(bcg_keys or {})}
+    path = tmp_path / "one.fits"
+    path.write_bytes(simulated_cutout_bytes(cut, survey=survey, family=load_family("cluster"), seed=0, extra=extra))
+    return path, survey
+
+
+@pytest.mark.parametrize("keys, reason, match", [
+    ({}, None, None),  # no BCG keys: the galaxy at the centre is found
+    ({"BCGXPIX": 30.5, "BCGYPIX": 30.5}, None, None),
+    ({"BCGXPIX": "left", "BCGYPIX": 30.5}, "bad_header_value", "both must be numbers"),
+    ({"BCGXPIX": 500.0, "BCGYPIX": 30.5}, "bad_header_value", "lies outside the 60x60 image"),
+])
+def test_the_bcg_comes_from_the_header_or_the_image_or_the_file_is_quarantined(tmp_path, keys, reason, match):
+    path, survey = _one_galaxy_field(tmp_path, bcg_keys=keys)
+    row, segs, q = cc.process_field(path, "x/one.fits", survey, size_px=60)
+    if reason is None:
+        assert q is None and row["bcg_x_px"] == pytest.approx(29.5, abs=0.5) and row["bcg_y_px"] == pytest.approx(
+            29.5, abs=0.5)
+        assert row["n_segments"] == len(segs)
+    else:
+        assert row is None and q["reason"] == reason and match in q["message"] and "x/one.fits" in q["message"]
+        assert len(q["source_sha256"]) == 64
+
+
+def test_a_field_without_bcg_keys_or_any_source_is_quarantined_as_no_bcg(tmp_path):
+    path, survey = _one_galaxy_field(tmp_path, bcg_keys={}, noise_only=True)
+    row, _, q = cc.process_field(path, "x/one.fits", survey, size_px=60)
+    assert row is None and q["reason"] == "no_bcg" and q["message"].startswith("x/one.fits: ")
