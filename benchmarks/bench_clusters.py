@@ -113,10 +113,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--n-fields", type=int, default=600)
     ap.add_argument("--n-heldout", type=int, default=None, help="default n_fields // 4")
     ap.add_argument("--n-speed", type=int, default=5, help="fields timed side by side")
-    ap.add_argument("--root", default="data_clusters")
+    ap.add_argument("--root", default=None, help="data root of the graph run (default: a new temporary folder)")
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--skip-graph", action="store_true")
     args = ap.parse_args(argv)
+    if args.root is None:
+        import tempfile
+
+        args.root = tempfile.mkdtemp(prefix="lens_clusters_")
     record = {"speed": speed(args.survey, args.n_speed)}
     s = record["speed"]
     rows = [("field", f"{s['field_px']} px, {args.survey}"),

@@ -6,6 +6,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import bench_calibration  # noqa: E402
+import bench_clusters  # noqa: E402
 import bench_fresh  # noqa: E402
 import bench_ingest  # noqa: E402
 import bench_population  # noqa: E402
@@ -27,3 +28,4 @@ if __name__ == "__main__":
     noise_floor.main([])
     bench_torch_render.main([])
     bench_fresh.main([])
+    bench_clusters.main([])

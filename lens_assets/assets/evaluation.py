@@ -474,7 +474,8 @@ def summary_table(figures: dict, shortcut: dict | None) -> str:
     lo = figures["lensing_only"]
     rows = [("AUROC", "auroc"), ("AUPRC", "auprc"), ("TPR0", "tpr0"), ("TPR10", "tpr10"), ("ECE", "ece"),
             ("FNR (flux ratio < 0.1)", "fnr_flux_ratio_lt_0.1"),
-            ("AUROC, lenses of flux ratio < 0.1 vs all non-lenses", "auroc_flux_ratio_lt_0.1")]
+            ("AUROC, lenses of flux ratio < 0.1 vs all non-lenses", "auroc_flux_ratio_lt_0.1"),
+            ("AUROC, lenses of arc S/N ≥ 100 vs all non-lenses", "auroc_arc_snr_ge_100")]
     head = "| figure | " + " | ".join(f"{'test split' if n == 'test' else f'held-out: {n}'}" for n, _ in cols)
     lines = [head + " |", "|---" * (len(cols) + 1) + "|"]
     for title, key in rows:
@@ -692,7 +693,7 @@ def bologna_report(context: dg.AssetExecutionContext, config: ReportConfig,
         metadata[f"heldout_{f}_shortcut_auroc"] = float(sc.get(f, nan))
     for k, v in ind.items():
         if k.startswith(("fnr_flux_ratio_", "auroc_flux_ratio_", "noise_limited_fnr_flux_ratio_", "recall_theta_e_",
-                         "recall_arc_snr_")):
+                         "recall_arc_snr_", "auroc_arc_snr_")):
             metadata[k] = float(v)
     metadata.update({
         "report_path": dg.MetadataValue.path(str(md)),

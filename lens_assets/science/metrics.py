@@ -32,6 +32,9 @@ THETA_E_BINS = (("lt_0.8", 0.0, 0.8), ("0.8_1.2", 0.8, 1.2), ("1.2_2", 1.2, 2.0)
 # matched-filter S/N of the lensed light: below ~3 the arcs are in the noise for any detector
 ARC_SNR_BINS = (("lt_3", 0.0, 3.0), ("3_5", 3.0, 5.0), ("5_10", 5.0, 10.0), ("10_30", 10.0, 30.0),
                 ("ge_30", 30.0, np.inf))
+# lenses whose arcs no survey could miss: their AUROC against every non-lens says whether a finder that fails a
+# set fails it on visibility (the labels of lenses nobody could see) or on learning (it misses plain arcs)
+BRIGHT_ARC_SNR = 100.0
 
 
 def _split(labels, scores):
@@ -135,7 +138,8 @@ def bologna_metrics(labels, scores, *, flux_ratio=None, theta_e=None, arc_snr=No
     Ranking figures use ``scores``; ECE uses ``probs``. FNR per flux-ratio bin and
     recall per θE bin (``recall_theta_e_<bin>``) are taken at the TPR10 threshold.
     With ``arc_snr`` (NaN where unknown): recall per arc-S/N bin
-    (``recall_arc_snr_<bin>``) and, per flux-ratio bin, the noise-limited FNR floor
+    (``recall_arc_snr_<bin>``), the AUROC of the lenses of arc S/N ≥ 100 against every
+    non-lens (``auroc_arc_snr_ge_100``) and, per flux-ratio bin, the noise-limited FNR floor
     (``noise_limited_fnr_flux_ratio_<bin>``, :func:`noise_limited_fnr`) over lenses
     whose arc S/N is known.
     """
@@ -161,12 +165,8 @@ def bologna_metrics(labels, scores, *, flux_ratio=None, theta_e=None, arc_snr=No
             out[f"n_lenses_flux_ratio_{name}"] = float(v["n_lenses"])
         # the ranking behind that FNR, which stays informative where the FNR is 1: the bin's lenses against every
         # non-lens (NaN for an empty bin)
-        y, s, fr = np.asarray(labels), np.asarray(scores, dtype=float), np.asarray(flux_ratio, dtype=float)
         for name, lo, hi in FLUX_RATIO_BINS:
-            m = (y == 1) & (fr >= lo) & (fr < hi)
-            out[f"auroc_flux_ratio_{name}"] = (float(roc_auc_score(np.r_[np.ones(m.sum()), np.zeros(len(neg))],
-                                                                   np.r_[s[m], neg]))
-                                               if m.any() and len(neg) else float("nan"))
+            out[f"auroc_flux_ratio_{name}"] = _auroc_of_bin(labels, scores, flux_ratio, lo, hi)
     if theta_e is not None:
         thr = threshold_at_n_false_positives(labels, scores, 9)
         for name, v in fnr_by_bins(labels, scores, theta_e, THETA_E_BINS, threshold=thr).items():
@@ -177,6 +177,7 @@ def bologna_metrics(labels, scores, *, flux_ratio=None, theta_e=None, arc_snr=No
         for name, v in fnr_by_bins(labels, scores, arc_snr, ARC_SNR_BINS, threshold=thr).items():
             out[f"recall_arc_snr_{name}"] = 1.0 - v["fnr"]
             out[f"n_lenses_arc_snr_{name}"] = float(v["n_lenses"])
+        out["auroc_arc_snr_ge_100"] = _auroc_of_bin(labels, scores, arc_snr, BRIGHT_ARC_SNR, np.inf)
         if flux_ratio is not None:
             y, snr, fr = np.asarray(labels), np.asarray(arc_snr, dtype=float), np.asarray(flux_ratio, dtype=float)
             floor = noise_limited_fnr(snr, n_nonlenses=len(neg))
@@ -184,6 +185,18 @@ def bologna_metrics(labels, scores, *, flux_ratio=None, theta_e=None, arc_snr=No
                 m = (y == 1) & (fr >= lo) & (fr < hi) & np.isfinite(snr)
                 out[f"noise_limited_fnr_flux_ratio_{name}"] = float(floor[m].mean()) if m.any() else float("nan")
     return out
+
+
+def _auroc_of_bin(labels, scores, values, lo: float, hi: float) -> float:
+    """AUROC of the lenses whose ``values`` lie in [lo, hi) against every non-lens; NaN when either is empty."""
+    from sklearn.metrics import roc_auc_score
+
+    y, s, v = np.asarray(labels), np.asarray(scores, dtype=float), np.asarray(values, dtype=float)
+    m = (y == 1) & (v >= lo) & (v < hi)
+    neg = s[y == 0]
+    if not m.any() or not len(neg):
+        return float("nan")
+    return float(roc_auc_score(np.r_[np.ones(m.sum()), np.zeros(len(neg))], np.r_[s[m], neg]))
 
 
 BOOTSTRAP_METRICS = ("auroc", "tpr0", "tpr10")

@@ -83,6 +83,17 @@ def test_auroc_per_flux_ratio_bin_by_hand():
     assert np.isnan(bologna_metrics([1, 0], [0.4, 0.1], flux_ratio=[0.5, 0.0])["auroc_flux_ratio_lt_0.1"])
 
 
+def test_auroc_of_the_bright_arc_lenses_by_hand():
+    # lenses at arc S/N 150 (score 0.2) and 400 (0.9) against non-lenses 0.5, 0.3: 2 of 4 pairs won -> 0.5; the
+    # S/N-20 lens (0.1) is left out, though it would lower the AUROC of all lenses
+    labels = [1, 1, 1, 0, 0]
+    scores = [0.2, 0.9, 0.1, 0.5, 0.3]
+    m = bologna_metrics(labels, scores, arc_snr=[150.0, 400.0, 20.0, 0.0, 0.0])
+    assert m["auroc_arc_snr_ge_100"] == pytest.approx(0.5)
+    assert m["auroc"] == pytest.approx(2 / 6)
+    assert np.isnan(bologna_metrics([1, 0], [0.4, 0.1], arc_snr=[50.0, 0.0])["auroc_arc_snr_ge_100"])
+
+
 @pytest.mark.parametrize("labels,scores,match", [
     ([1, 0], [0.5], r"labels and scores must be 1-D of one length"),
     ([1, 2], [0.5, 0.1], r"labels must be 0 or 1, got values \[2\]"),
