@@ -314,7 +314,7 @@ def cluster_report(context: dg.AssetExecutionContext, storage: LocalStorage) -> 
     md = report_markdown(figures, survey=survey.name, notes=[
         "track_a: XGBoost on every feature; track_a_no_colour: without the colour features; pu_<n>: Elkan–Noto "
         "PU learning from n labeled lenses among the training fields",
-        "recall by arcs and surface brightness at each (model, set)'s FPR ≤ 0.1 threshold"])
+        "recall by lensed sources and arc surface brightness at each (model, set)'s FPR ≤ 0.1 threshold"])
     storage.write_text(json.dumps(figures, indent=1), *layout.cluster_report_json(survey.name))
     storage.write_text(md, *layout.cluster_report_md(survey.name))
     metadata = {"report_path": dg.MetadataValue.path(str(storage.path(*layout.cluster_report_md(survey.name)))),
