@@ -6,10 +6,12 @@ cannot be read is a quarantine row with the contract's reason, and so is one who
 BCG keys are not a position inside the image (``bad_header_value``) or whose BCG
 cannot be found (``no_bcg``). The bands of one field are matched to one Gaussian
 PSF (the field's broadest band, 2% broader) with the galaxy track's
-:func:`..psf.homogenize`, so the segments' colours compare like with like; their
-errors and the depth use the variance before matching (matching correlates the
-noise of neighbouring pixels, and a normalized kernel keeps a region's summed flux,
-so the unmatched variance summed over a segment is its flux variance).
+:func:`..psf.homogenize`, so the segments' colours compare like with like. The
+segmentation (detection S/N, band weights, flux errors, the BCG estimate) and the
+depth use the variance before matching: matching correlates the noise of
+neighbouring pixels, and a normalized kernel keeps a region's summed flux, so the
+unmatched variance summed over a segment is its flux variance, and detection in
+unmatched-variance units is conservative.
 :func:`process_field` returns one catalog row (truth and observing context) and the
 field's arc segments (:func:`.segments.find_arc_segments`).
 """
@@ -75,8 +77,7 @@ def _matched(path, name: str, survey: SurveySpec, size_px: int):
                          pixel_scale_arcsec=survey.pixel_scale_arcsec, target_fwhm=target, kernel_size=kernel)
     image = matched.image[0]
     variance = np.asarray(norm.variance, dtype=np.float32)  # before matching: see the module docstring
-    n = image.shape[-1]
-    bcg = _header_bcg(cut, n_out=n, scale_out=survey.pixel_scale_arcsec, name=name)
+    bcg = _header_bcg(cut, norm, scale_out=survey.pixel_scale_arcsec, name=name)
     if isinstance(bcg, dict):
         bcg["source_sha256"] = row["source_sha256"]
         return bcg
@@ -88,9 +89,10 @@ def _quarantine(cut, name: str, reason: str, message: str) -> dict:
             "survey": cut.survey}
 
 
-def _header_bcg(cut, *, n_out: int, scale_out: float, name: str):
-    """The BCG from ``BCGXPIX``/``BCGYPIX`` (FITS 1-based, the file's pixels) on the survey grid (0-based, after
-    resampling and padding), None when absent, or a quarantine row when it is not a position inside the image."""
+def _header_bcg(cut, norm, *, scale_out: float, name: str):
+    """The BCG from ``BCGXPIX``/``BCGYPIX`` (FITS 1-based, the file's pixels) on the normalized grid (0-based,
+    after ``normalize_cutout``'s resampling and centre padding), None when absent, or a quarantine row when it is
+    not a position inside the image."""
     p = cut.primary
     if p.get("BCGXPIX") is None and p.get("BCGYPIX") is None:
         return None
@@ -103,8 +105,12 @@ def _header_bcg(cut, *, n_out: int, scale_out: float, name: str):
     if not (0.5 <= x <= n_in + 0.5 and 0.5 <= y <= n_in + 0.5):
         return _quarantine(cut, name, "bad_header_value", f"{name}: BCGXPIX, BCGYPIX = ({x}, {y}) lies outside "
                                                           f"the {n_in}x{n_in} image")
-    scale = cut.pixel_scale_arcsec / scale_out  # offsets from the centre keep their angle on the new grid
-    return tuple((v - 1 - (n_in - 1) / 2) * scale + (n_out - 1) / 2 for v in (x, y))
+    # resampling (resample_flux: grids centred on each other) keeps each point's angle from the centre; padding
+    # puts the footprint at (n - fp) // 2
+    fp, n_out = norm.footprint_px, norm.image.shape[-1]
+    scale = cut.pixel_scale_arcsec / scale_out if norm.resampled else 1.0
+    pad = (n_out - fp) // 2
+    return tuple((v - 1 - (n_in - 1) / 2) * scale + (fp - 1) / 2 + pad for v in (x, y))
 
 
 def segmented_field(path, name: str, survey: SurveySpec, *, size_px: int, light: str = "median",
@@ -125,24 +131,22 @@ def segmented_field(path, name: str, survey: SurveySpec, *, size_px: int, light:
 def process_field(path: str | Path, name: str, survey: SurveySpec, *, size_px: int, light: str = "median",
                   nsigma: float = 2.0) -> tuple[dict | None, pd.DataFrame | None, dict | None]:
     """``(field row, segments, None)`` for a readable field, ``(None, None, quarantine row)`` otherwise."""
-    from .segments import find_arc_segments
+    from .segments import estimate_bcg_xy, find_arc_segments
 
     got = _matched(path, name, survey, size_px)
     if isinstance(got, dict):
         return None, None, got
     row, cut, image, variance, bcg, psf_px = got
     n = image.shape[-1]
-    try:
-        segs, _ = find_arc_segments(image, variance, pixel_scale_arcsec=survey.pixel_scale_arcsec,
-                                    psf_fwhm_px=psf_px, bcg_xy=bcg, bands=survey.band_names, light=light,
-                                    nsigma=nsigma)
-    except ValueError as err:  # no BCG given and none found near the centre
-        if bcg is not None:
-            raise
-        q = _quarantine(cut, name, "no_bcg", f"{name}: {err}")
-        q["source_sha256"] = row["source_sha256"]
-        return None, None, q
-    bcg = segs.attrs["bcg_xy"]
+    if bcg is None:
+        try:
+            bcg = estimate_bcg_xy(image, variance, psf_fwhm_px=psf_px)
+        except ValueError as err:  # no source stands out near the centre
+            q = _quarantine(cut, name, "no_bcg", f"{name}: {err}")
+            q["source_sha256"] = row["source_sha256"]
+            return None, None, q
+    segs, _ = find_arc_segments(image, variance, pixel_scale_arcsec=survey.pixel_scale_arcsec, psf_fwhm_px=psf_px,
+                                bcg_xy=bcg, bands=survey.band_names, light=light, nsigma=nsigma)
     p = cut.primary
     ref = survey.band(survey.reference_band).name
     ref_i = survey.band_names.index(ref)

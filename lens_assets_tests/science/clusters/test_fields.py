@@ -66,7 +66,19 @@ def test_the_selection_figures_are_the_reference_bands_from_lenstronomy(small):
     intrinsic = [band_flux(c.mag_ref, c.color_beta, ref, ref.band_names[0]) for c in scene.sources]
     psf_loss = 1.0 - cut.psf[0].sum()  # ~0: a normalized kernel
     assert np.dot(scene.magnifications, intrinsic) == pytest.approx(cut.lensed[0].sum(), rel=0.01 + abs(psf_loss))
+    # the selection, measured on lenstronomy's images: the total magnification, the arcs' S/N, theta_E in the field
+    sel = {k: p.sample(None) for k, p in fam.sections["selection"].items()}
+    assert cut.lensed[0].sum() / sum(intrinsic) >= sel["min_magnification"]
+    assert cut.arc_snr >= sel["min_arc_snr"]
+    assert sel["min_theta_e_arcsec"] <= scene.theta_e_arcsec <= sel["max_theta_e_over_field"] * 24.0
     assert scene.z_source > scene.z_cluster
+    # each source's own magnification: that source alone through the lens, lensed flux / intrinsic flux
+    for c, mu, f in zip(scene.sources, scene.magnifications, intrinsic):
+        alone = replace(probe, components=(c,))
+        lensed = render_system(alone, ref, np.random.default_rng(0)).lensed[0].sum()
+        # the convolved image loses a little light at the field's edges (some images fall mostly outside it)
+        assert mu == pytest.approx(lensed / f, rel=0.02, abs=0.05)
+    assert np.ptp(scene.magnifications) > 0.05 * np.mean(scene.magnifications)  # not one mean for every source
 
 
 def test_halo_normalization_returns_m200_and_c200():

@@ -39,7 +39,7 @@ def test_cluster_figures_by_hand():
     assert (t["recall_sources_1"], t["recall_sources_2"], t["recall_sources_3+"]) == (1.0, 0.0, 0.0)
     assert t["recall_arc_sb_lt_24"] == 1.0 and t["n_lenses_arc_sb_ge_25"] == 1
     lo, hi = t["auroc_ci"]
-    assert 0.0 <= lo < hi <= 1.0
+    assert 0.0 <= lo <= hi <= 1.0
     assert f["m"]["held"] == {"n_lenses": 1, "n_nonlenses": 0}  # one class only: counts, no figures
     md = report_markdown(f, survey="des")
     assert "0.667 [" in md and "no objects of one class" in md
@@ -154,6 +154,7 @@ def _one_galaxy_field(tmp_path, *, bcg_keys: dict | None, noise_only: bool = Fal
 @pytest.mark.parametrize("keys, reason, match", [
     ({}, None, None),  # no BCG keys: the galaxy at the centre is found
     ({"BCGXPIX": 30.5, "BCGYPIX": 30.5}, None, None),
+    ({"BCGXPIX": 20.0, "BCGYPIX": 45.0}, None, None),  # off the centre: the header, not the image, decides
     ({"BCGXPIX": "left", "BCGYPIX": 30.5}, "bad_header_value", "both must be numbers"),
     ({"BCGXPIX": 500.0, "BCGYPIX": 30.5}, "bad_header_value", "lies outside the 60x60 image"),
 ])
@@ -161,8 +162,9 @@ def test_the_bcg_comes_from_the_header_or_the_image_or_the_file_is_quarantined(t
     path, survey = _one_galaxy_field(tmp_path, bcg_keys=keys)
     row, segs, q = cc.process_field(path, "x/one.fits", survey, size_px=60)
     if reason is None:
-        assert q is None and row["bcg_x_px"] == pytest.approx(29.5, abs=0.5) and row["bcg_y_px"] == pytest.approx(
-            29.5, abs=0.5)
+        want = (keys["BCGXPIX"] - 1, keys["BCGYPIX"] - 1) if keys else (29.5, 29.5)  # the estimate: the galaxy
+        assert (row["bcg_x_px"], row["bcg_y_px"]) == (pytest.approx(want[0], abs=1e-9 if keys else 0.5),
+                                                      pytest.approx(want[1], abs=1e-9 if keys else 0.5))
         assert row["n_segments"] == len(segs)
     else:
         assert row is None and q["reason"] == reason and match in q["message"] and "x/one.fits" in q["message"]
@@ -173,3 +175,18 @@ def test_a_field_without_bcg_keys_or_any_source_is_quarantined_as_no_bcg(tmp_pat
     path, survey = _one_galaxy_field(tmp_path, bcg_keys={}, noise_only=True)
     row, _, q = cc.process_field(path, "x/one.fits", survey, size_px=60)
     assert row is None and q["reason"] == "no_bcg" and q["message"].startswith("x/one.fits: ")
+
+
+@pytest.mark.parametrize("n_in, scale_in, fp, n_out, resampled, x, want", [
+    (60, 0.263, 60, 60, False, 20.0, 19.0),  # the file's pixel, 0-based
+    (50, 0.263, 50, 60, False, 20.0, 24.0),  # padded: the footprint starts at (60 - 50) // 2 = 5
+    (120, 0.1315, 60, 60, True, 60.5, 29.5),  # resampled 2:1: the centre stays the centre
+    (120, 0.1315, 60, 60, True, 80.5, 39.5),  # 20 fine pixels right of it are 10 coarse ones
+])
+def test_header_bcg_follows_resampling_and_padding_by_hand(n_in, scale_in, fp, n_out, resampled, x, want):
+    from types import SimpleNamespace
+
+    cut = SimpleNamespace(primary={"BCGXPIX": x, "BCGYPIX": x}, image=np.zeros((1, n_in, n_in)),
+                          pixel_scale_arcsec=scale_in, objid="o", survey="des")
+    norm = SimpleNamespace(footprint_px=fp, image=np.zeros((1, n_out, n_out)), resampled=resampled)
+    assert cc._header_bcg(cut, norm, scale_out=0.263, name="f") == (pytest.approx(want), pytest.approx(want))
