@@ -45,22 +45,32 @@ def only_gates_failed(result) -> bool:
         if e.event_type_value == "STEP_FAILURE")
 
 
-def run_clusters(instance, *, survey: str, n_fields: int, seed: int) -> int:
-    """``cluster_pipeline`` for one survey on the local instance, and what it made."""
-    job = defs.resolve_job_def("cluster_pipeline")
-    config = {"ops": {"cluster_fields": {"config": {"n_fields": n_fields, "seed": seed}}},
-              "loggers": {"console": {"config": {"log_level": "INFO"}}}}
+def run_job(name: str, instance, *, survey: str, ops: dict, tolerate=lambda result: False):
+    """Run job ``name`` for one survey on ``instance``: (result, metadata by asset, wall seconds), or None (the
+    failure printed) when it failed and ``tolerate(result)`` does not accept the failure."""
+    job = defs.resolve_job_def(name)
+    config = {"ops": ops, "loggers": {"console": {"config": {"log_level": "INFO"}}}}
     t0 = time.perf_counter()
     result = job.execute_in_process(partition_key=survey, instance=instance, run_config=config, raise_on_error=False)
     wall = time.perf_counter() - t0
-    if not result.success:
-        print(f"cluster_pipeline failed for {survey} in {sorted(failed_steps(result)) or 'the run'}; see the run "
+    if not result.success and not tolerate(result):
+        print(f"{name} failed for {survey} in {sorted(failed_steps(result)) or 'the run'}; see the run "
               f"{result.run_id} in the UI (make dev)", file=sys.stderr)
-        return 1
+        return None
     meta = {}
     for event in result.get_asset_materialization_events():
         mat = event.event_specific_data.materialization
         meta[mat.asset_key.to_user_string()] = {k: v.value for k, v in mat.metadata.items()}
+    return result, meta, wall
+
+
+def run_clusters(instance, *, survey: str, n_fields: int, seed: int) -> int:
+    """``cluster_pipeline`` for one survey on the local instance, and what it made."""
+    ran = run_job("cluster_pipeline", instance, survey=survey,
+                  ops={"cluster_fields": {"config": {"n_fields": n_fields, "seed": seed}}})
+    if ran is None:
+        return 1
+    result, meta, wall = ran
     f, seg, clf = meta["cluster_fields"], meta["arc_segments"], meta["cluster_classifier"]
     print()
     print(f"lens_assets cluster track: survey {survey}, run {result.run_id}, {wall / 60:.1f} min")
@@ -92,26 +102,16 @@ def main(argv=None) -> int:
     instance = dg.DagsterInstance.get()
     if args.track == "clusters":
         return run_clusters(instance, survey=args.survey, n_fields=args.n_fields, seed=args.seed)
-    job = defs.resolve_job_def("survey_pipeline")
     overrides = {}
     if args.n_cutouts is not None:
         overrides["simulated_cutouts"] = {"n_cutouts": args.n_cutouts}
     if args.epochs is not None:
         overrides["lens_classifier"] = {"epochs": args.epochs}
-    config = {**run_config(args.profile, seed=args.seed, overrides=overrides),
-              "loggers": {"console": {"config": {"log_level": "INFO"}}}}
-    t0 = time.perf_counter()
-    result = job.execute_in_process(partition_key=args.survey, instance=instance, run_config=config,
-                                    raise_on_error=False)
-    wall = time.perf_counter() - t0
-    if not result.success and not only_gates_failed(result):
-        print(f"survey_pipeline failed for {args.survey} in {sorted(failed_steps(result)) or 'the run'}; see the run "
-              f"{result.run_id} in the UI (make dev)", file=sys.stderr)
+    ran = run_job("survey_pipeline", instance, survey=args.survey,
+                  ops=run_config(args.profile, seed=args.seed, overrides=overrides)["ops"], tolerate=only_gates_failed)
+    if ran is None:
         return 1
-    meta = {}
-    for event in result.get_asset_materialization_events():
-        mat = event.event_specific_data.materialization
-        meta[mat.asset_key.to_user_string()] = {k: v.value for k, v in mat.metadata.items()}
+    result, meta, wall = ran
     sim, cat = meta["simulated_cutouts"], meta["cutout_catalog"]
     checks = [e.event_specific_data for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
     print()

@@ -9,7 +9,8 @@ import pandas as pd
 from pydantic import Field
 
 from lens_assets import layout
-from lens_assets.assets._common import counts_markdown, png_markdown, sha256_of_strings, survey_asset
+from lens_assets.assets._common import (counts_markdown, gallery_from_files, png_markdown, sha256_of_strings,
+                                        survey_asset)
 from lens_assets.resources.storage import LocalStorage
 from lens_assets.science.surveys import get_survey
 
@@ -27,19 +28,6 @@ class ClusterFieldsConfig(dg.Config):
     workers: int = Field(default=0, description="processes; 0 = every core")
 
 
-def _field_gallery(paths, names, titles, survey, size_px: int, out):
-    from lens_assets.science.clusters.catalog import field_survey
-    from lens_assets.science.fits_contract import read_cutout
-    from lens_assets.science.plots import cutout_gallery
-
-    fs = field_survey(survey, size_px)
-    images = []
-    for p, name in zip(paths, names):
-        c = read_cutout(p.read_bytes(), name=name, survey=fs)
-        images.append(c.image * c.nmgy_per_unit[:, None, None].astype(np.float32))
-    return cutout_gallery(images, survey.band_names, titles, out)
-
-
 @survey_asset(group_name="clusters", kinds={"python", "fits"}, code_version=CLUSTER_CODE_VERSION)
 def cluster_fields(context: dg.AssetExecutionContext, config: ClusterFieldsConfig,
                    storage: LocalStorage) -> dg.MaterializeResult:
@@ -52,6 +40,7 @@ def cluster_fields(context: dg.AssetExecutionContext, config: ClusterFieldsConfi
     ``clusters/raw/<survey>/sim-<family>-<seed>/`` for the training family and
     its held-out family (``families/cluster*.toml``).
     """
+    from lens_assets.science.clusters.catalog import field_survey
     from lens_assets.science.clusters.fields import field_size_px, simulate_cluster_fields
     from lens_assets.science.families import load_family
 
@@ -80,10 +69,11 @@ def cluster_fields(context: dg.AssetExecutionContext, config: ClusterFieldsConfi
     drop, dest, truth, seconds = made[family.name]
     size = field_size_px(family, survey)
     shown = truth.groupby("label", group_keys=False).head(_SHOWN // 2).sort_values("label", ascending=False)
-    gallery = _field_gallery([dest / f for f in shown["file"]], [storage.relative(dest / f) for f in shown["file"]],
-                             [f"{k} θE={t:.1f}\"" if lab else k
-                              for k, t, lab in zip(shown["kind"], shown["theta_e"], shown["label"])],
-                             survey, size, storage.path(*layout.cluster_simulated_gallery(survey.name, drop)))
+    gallery = gallery_from_files([dest / f for f in shown["file"]], [storage.relative(dest / f) for f in shown["file"]],
+                                 [f"{k} θE={t:.1f}\"" if lab else k
+                                  for k, t, lab in zip(shown["kind"], shown["theta_e"], shown["label"])],
+                                 field_survey(survey, size),
+                                 storage.path(*layout.cluster_simulated_gallery(survey.name, drop)))
     storage.push(*layout.cluster_simulated_gallery(survey.name, drop))
     lenses = truth[truth["label"] == 1]
     metadata = {

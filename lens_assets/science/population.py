@@ -168,12 +168,6 @@ class Scene:
         return self.quasar["beta"] if self.quasar is not None else self.source_components[0].color_beta
 
 
-def _seeing(family: Family, survey: SurveySpec, rng) -> dict:
-    common = rng.normal(0.0, survey.seeing_scatter * family.draw("psf", "seeing_scatter_scale", rng))
-    jitter = family.draw("psf", "band_jitter", rng)
-    return {b.name: b.seeing_fwhm_arcsec * math.exp(common + rng.normal(0.0, jitter)) for b in survey.bands}
-
-
 def _environment(family: Family, rng, galaxy_mag: float) -> list:
     from .simulation import LightComponent, PointComponent, _polar, _sersic
 
@@ -335,7 +329,7 @@ def _deflector_light(galaxy: dict, mag: float, beta: float):
 
 def draw_scene(family: Family, survey: SurveySpec, rng: np.random.Generator) -> Scene:
     """Draw a scene the survey could see as a lens (redrawn until the selection keeps it)."""
-    from .simulation import LightComponent, _sersic, _polar
+    from .simulation import LightComponent, _draw_seeing, _polar, _sersic
 
     d = family.draw
     cos = family.sections["cosmology"]
@@ -349,7 +343,7 @@ def draw_scene(family: Family, survey: SurveySpec, rng: np.random.Generator) -> 
     ref = survey.band(survey.reference_band)
     max_tries = int(d(sel, "max_tries", rng))
     for tries in range(1, max_tries + 1):
-        fwhm = _seeing(family, survey, rng)
+        fwhm = _draw_seeing(family, survey, rng)
         sigma = float(np.interp(rng.uniform(), s_cdf, s_grid))
         j = int(rng.choice(len(tables.zs), p=tables.p_zs))
         w = tables.weight[:, j]

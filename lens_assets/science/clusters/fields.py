@@ -329,12 +329,6 @@ def _mimic(kind: str, family: Family, rng, *, bcg_beta: float, anchors: list) ->
     raise ValueError(f"unknown cluster mimic {kind!r}; valid are interloper, edge_on_spiral, tidal, radial_streak")
 
 
-def _seeing(family: Family, survey: SurveySpec, rng) -> dict:
-    common = rng.normal(0.0, survey.seeing_scatter * family.draw("psf", "seeing_scatter_scale", rng))
-    jitter = family.draw("psf", "band_jitter", rng)
-    return {b.name: b.seeing_fwhm_arcsec * math.exp(common + rng.normal(0.0, jitter)) for b in survey.bands}
-
-
 def _system(scene: ClusterScene, *, objid: str, is_lens: bool, kind: str, components, size_px: int, sky: dict,
             pair_id: str = ""):
     from ..simulation import System
@@ -353,7 +347,7 @@ def draw_cluster_scene(family: Family, survey: SurveySpec, rng: np.random.Genera
     """One selected cluster scene (its lensing visible to ``survey``); raises after ``max_tries`` draws."""
     from lenstronomy.LensModel.lens_model import LensModel
 
-    from ..simulation import band_flux
+    from ..simulation import _draw_seeing, band_flux
 
     d = family.draw
     sel = "selection"
@@ -381,7 +375,7 @@ def draw_cluster_scene(family: Family, survey: SurveySpec, rng: np.random.Genera
             z_cluster=cl["z"], z_source=z_s, theta_e_arcsec=theta_e, lens_model_list=names, kwargs_lens=kwargs,
             cluster_light=cl["light"], bcg=cl["bcg"], bcg_mag=cl["bcg_mag"], bcg_beta=cl["bcg_beta"],
             sources=sources, magnifications=[], group=group, contaminants=contaminants,
-            seeing=_seeing(family, survey, rng), psf_profile=d("psf", "profile", rng),
+            seeing=_draw_seeing(family, survey, rng), psf_profile=d("psf", "profile", rng),
             moffat_beta=d("psf", "moffat_beta", rng), exposure_scale=d("noise", "exposure_scale", rng), arc_snr=0.0)
         # the selection renders the field in the reference band alone (the arcs' noise includes the cluster's light)
         probe = _system(scene, objid="probe", is_lens=True, kind="probe", components=[*cl["light"], *sources],

@@ -19,7 +19,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from ..metrics import bologna_metrics, bootstrap_interval, fnr_by_bins
+from ..metrics import bologna_metrics, bootstrap_interval, fnr_by_bins, threshold_at_n_false_positives
 
 __all__ = ["ARC_COUNT_BINS", "ARC_SB_BINS", "cluster_figures", "threshold_at_fpr", "report_markdown", "HEADLINE"]
 
@@ -29,11 +29,10 @@ HEADLINE = ("auroc", "auprc", "tpr0", "tpr10", "tpr_at_fpr_0.1")
 
 
 def threshold_at_fpr(labels, scores, max_fpr: float) -> float:
-    """The lowest score threshold (a lens counts when its score is strictly above it) whose FPR is ≤ ``max_fpr``."""
-    y = np.asarray(labels)
-    neg = np.sort(np.asarray(scores, dtype=float)[y == 0])[::-1]
-    k = int(math.floor(max_fpr * len(neg)))  # false positives allowed
-    return float(neg[k]) if k < len(neg) else -math.inf
+    """The lowest score threshold (a lens counts when its score is strictly above it) whose FPR is ≤ ``max_fpr``:
+    :func:`..metrics.threshold_at_n_false_positives` with ``floor(max_fpr × non-lenses)`` false positives."""
+    n_neg = int((np.asarray(labels) == 0).sum())
+    return threshold_at_n_false_positives(labels, scores, int(math.floor(max_fpr * n_neg)))
 
 
 def cluster_figures(scores: pd.DataFrame, *, n_boot: int = 500, seed: int = 0) -> dict:
