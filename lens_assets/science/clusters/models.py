@@ -12,7 +12,17 @@ held-out families under ``heldout``):
 * ``pu_<n>`` for each ``n`` of ``pu_labeled``: Elkan–Noto PU learning with ``n``
   labeled lenses among the training fields, the rest unlabeled
   (:mod:`.pu`; its logit is that of g, the probability of being labeled, which
-  ranks as P(lens)).
+  ranks as P(lens));
+* ``anomaly``: Deep SVDD (:mod:`.anomaly`) on every feature, fit on the training
+  split's non-lens fields only (a one-class backstop that needs no lens
+  labels); its logit is the standardized anomaly score (0 = a typical training
+  non-lens), its probability an isotonic calibrator's on the ``calibrate`` rows.
+
+:func:`component_table` lays the val/test/held-out fields out one per row with
+the components a fusion combines (``track_a`` logit, ``anomaly``,
+``colour_consistency``, plus e.g. Track B's logits merged on ``objid``);
+:func:`fuse_scores` fits :func:`.fusion.fit_fusion` on its val rows and returns
+the ``fused`` model's score rows.
 
 Scores are a long table: one row per (model, scored field), ``set`` the test
 split or the held-out family's name.
@@ -25,13 +35,20 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from ..calibration import fit_calibrator
+from .anomaly import DeepSVDD, fit_deep_svdd
 from .features import FEATURE_MONOTONE, cluster_feature_names
+from .fusion import Fusion, fit_fusion
 from .pu import fit_pu, pu_xgboost_fit_fn, simulate_pu_labels
 from .track_a import TrackAConfig, calibrate_track_a, fit_track_a
 
-__all__ = ["colour_features", "fit_cluster_models", "ClusterModels", "TRUTH_COLUMNS"]
+__all__ = ["colour_features", "fit_cluster_models", "ClusterModels", "TRUTH_COLUMNS", "component_table",
+           "fuse_scores", "FUSION_COMPONENTS", "SCORE_COLUMNS"]
 
 TRUTH_COLUMNS = ("objid", "label", "sim_family", "sim_kind", "theta_e", "n_arcs", "arc_sb")
+SCORE_COLUMNS = ("model", "set", *TRUTH_COLUMNS, "logit", "prob")
+# the components fuse_scores combines by default, those present in the component table
+FUSION_COMPONENTS = ("track_a", "track_b", "colour_consistency", "anomaly")
 
 
 def colour_features(bands) -> list[str]:
@@ -45,8 +62,14 @@ class ClusterModels:
     track_a: dict = field(default_factory=dict)  # name -> TrackAModel
     calibrators: dict = field(default_factory=dict)  # name -> Calibrator
     pu: dict = field(default_factory=dict)  # name -> PUModel
+    anomaly: DeepSVDD | None = None  # Deep SVDD on the training non-lenses (its calibrator: calibrators["anomaly"])
     scores: pd.DataFrame | None = None
     notes: list = field(default_factory=list)
+
+
+def _set_names(rows: pd.DataFrame) -> np.ndarray:
+    """``set`` of each row: "val", "test", or the held-out family's name."""
+    return np.where(rows["split"] == "heldout", rows["sim_family"], rows["split"]).astype(object)
 
 
 def _logit(p: np.ndarray) -> np.ndarray:
@@ -97,5 +120,80 @@ def fit_cluster_models(table: pd.DataFrame, *, bands, config: TrackAConfig = Tra
         out.pu[f"pu_{n}"] = pu
         g = np.asarray(pu.g(scored[feats]), dtype=float)
         add(f"pu_{n}", _logit(g), pu.prob(scored[feats]))
+    train_nonlens = train[train["label"].to_numpy(int) == 0]
+    out.anomaly = fit_deep_svdd(train_nonlens[feats], seed=seed)
+    out.notes += [f"anomaly: {n}" for n in out.anomaly.notes]
+    anomaly_cal = fit_calibrator(out.anomaly.standardized_score(cal[feats]), cal["label"].to_numpy(int),
+                                 method="isotonic")
+    out.calibrators["anomaly"] = anomaly_cal
+    z = out.anomaly.standardized_score(scored[feats])
+    add("anomaly", z, anomaly_cal.predict(z))
     out.scores = pd.concat(rows, ignore_index=True) if rows else None
     return out
+
+
+def component_table(table: pd.DataFrame, models: ClusterModels, extra: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per val, test and held-out field of ``table`` with the components a fusion combines.
+
+    Columns: ``split``, ``val_role``, ``set`` ("val", "test" or the held-out
+    family), the :data:`TRUTH_COLUMNS`, and the components ``track_a`` (the
+    logit of ``models.track_a["track_a"]``), ``anomaly`` (``models.anomaly``'s
+    standardized score), ``colour_consistency`` (the feature, NaN where a field
+    has fewer than two usable segments), then every column of ``extra`` but
+    ``objid`` (e.g. ``track_b``: Track B's per-field logits), merged on
+    ``objid``; a field ``extra`` lacks gets NaN there.
+    """
+    need = [c for c in ("split", "val_role", "colour_consistency", *TRUTH_COLUMNS) if c not in table]
+    if need:
+        raise ValueError(f"features table lacks columns {need}")
+    if "track_a" not in models.track_a or models.anomaly is None:
+        raise ValueError("component_table needs models from fit_cluster_models: a 'track_a' model and the anomaly "
+                         f"model (got track_a models {sorted(models.track_a)}, anomaly "
+                         f"{'present' if models.anomaly is not None else 'None'})")
+    rows = table[table["split"].isin(["val", "test", "heldout"])]
+    out = rows[["split", "val_role", *TRUTH_COLUMNS]].reset_index(drop=True)
+    out.insert(2, "set", _set_names(rows))
+    out["track_a"] = models.track_a["track_a"].logit(rows)
+    out["anomaly"] = models.anomaly.standardized_score(rows)
+    out["colour_consistency"] = rows["colour_consistency"].to_numpy(dtype=float, na_value=np.nan)
+    if extra is not None:
+        if "objid" not in extra:
+            raise ValueError(f"extra needs an objid column to merge on, has {list(extra.columns)}")
+        dup = extra["objid"][extra["objid"].duplicated()].unique().tolist()
+        if dup:
+            raise ValueError(f"extra holds objids more than once: {dup[:5]}")
+        clash = sorted(set(extra.columns) - {"objid"} & set(out.columns))
+        if clash:
+            raise ValueError(f"extra's columns {clash} are already in the component table")
+        out = out.merge(extra, on="objid", how="left", validate="one_to_one")
+    return out
+
+
+def fuse_scores(components_table: pd.DataFrame, *, components=None, max_fpr: float = 0.1, seed: int = 0,
+                **fusion_options) -> tuple[pd.DataFrame, Fusion]:
+    """Fit :func:`.fusion.fit_fusion` on the val rows of a :func:`component_table` and score its test and
+    held-out rows: the long score rows of model ``fused`` (columns :data:`SCORE_COLUMNS`, like
+    ``ClusterModels.scores``) and the fitted :class:`.fusion.Fusion`.
+
+    ``components``: the columns to fuse; None takes those of
+    :data:`FUSION_COMPONENTS` the table has (so a table without ``track_b`` is
+    fused without it, which the fusion's notes say). ``fusion_options`` go to
+    :func:`.fusion.fit_fusion` (``objective``, ``tau``, ``n_random``, ``calibration``).
+    """
+    if components is None:
+        components = [c for c in FUSION_COMPONENTS if c in components_table]
+        absent = [c for c in FUSION_COMPONENTS if c not in components_table]
+    else:
+        absent = []
+    missing = [c for c in ("set", *TRUTH_COLUMNS) if c not in components_table]
+    if missing:
+        raise ValueError(f"the component table lacks columns {missing}")
+    fusion = fit_fusion(components_table, components, max_fpr=max_fpr, seed=seed, **fusion_options)
+    if absent:
+        fusion.notes.append(f"fused without {absent}: not in the component table")
+    scored = components_table[components_table["split"].isin(["test", "heldout"])]
+    out = scored[["set", *TRUTH_COLUMNS]].reset_index(drop=True)
+    out.insert(0, "model", "fused")
+    z = fusion.logit(scored)
+    out["logit"], out["prob"] = z, fusion.calibrator.predict(z)
+    return out[list(SCORE_COLUMNS)], fusion

@@ -69,10 +69,10 @@ def _table(n=240, seed=0):
 def test_models_score_test_and_heldout_for_every_model():
     table, bands = _table()
     m = fit_cluster_models(table, bands=bands, pu_labeled=(10, 500))
-    assert set(m.scores["model"]) == {"track_a", "track_a_no_colour", "pu_10"}
+    assert set(m.scores["model"]) == {"track_a", "track_a_no_colour", "pu_10", "anomaly"}
     assert m.notes == ["pu_500: skipped, the training split has 60 lenses"]
     assert set(m.scores["set"]) == {"test", "cluster_heldout"}
-    assert len(m.scores) == 3 * 80
+    assert len(m.scores) == 4 * 80
     # without the colour features the model cannot see colour_consistency, the strongest one
     assert "colour_consistency" in colour_features(bands) and "tangential_alignment" not in colour_features(bands)
     from sklearn.metrics import roc_auc_score
