@@ -3,6 +3,7 @@
 import dagster as dg
 
 from lens_assets.assets.catalog import cutout_catalog
+from lens_assets.assets.cluster_scoring import CLUSTER_SCORING_ASSETS
 from lens_assets.assets.clusters import CLUSTER_ASSETS
 from lens_assets.assets.evaluation import bologna_report, score_calibrator, shortcut_audit
 from lens_assets.assets.promotion import promoted_model
@@ -77,7 +78,7 @@ def storage_from_env() -> LocalStorage:
 
 
 defs = dg.Definitions(
-    assets=[*ASSETS, candidate_scores, *CLUSTER_ASSETS],
+    assets=[*ASSETS, candidate_scores, *CLUSTER_ASSETS, *CLUSTER_SCORING_ASSETS],
     jobs=[survey_pipeline, cluster_pipeline, train_ensemble, score_drops_job],
     sensors=[survey_inbox_sensor, rescore_on_model_change],
     schedules=[rescore_nightly],

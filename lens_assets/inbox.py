@@ -7,6 +7,14 @@ and the ranked candidates that come back in ``candidates/<survey>/<drop>/``.
 
 A real producer copies its ``<objid>.fits`` files into the drop folder and then
 creates the empty ``_COMPLETE`` file; until then ``survey_inbox_sensor`` waits.
+
+A drop of cluster fields (FITS with ``OBJTYPE = 'cluster_field'``) is marked by an
+empty ``_CLUSTER_FIELDS`` file written before ``_COMPLETE`` (``publish_drop(...,
+cluster=True)``); it is scored by ``cluster_candidates`` into
+``candidates/<survey>/<drop>/cluster_candidates.parquet``::
+
+    simulate_cluster_drop(storage, "des", "2026-11-21-clusters", n=20, seed=7)
+    cluster_candidate_table(storage, "des", "2026-11-21-clusters")
 """
 
 from __future__ import annotations
@@ -17,15 +25,17 @@ from pathlib import Path
 import pandas as pd
 
 from lens_assets import layout
-from lens_assets.layout import COMPLETE_MARKER
+from lens_assets.layout import CLUSTER_MARKER, COMPLETE_MARKER
 from lens_assets.partitions import drop_name_problem
 from lens_assets.resources.storage import LocalStorage
 
-__all__ = ["publish_drop", "simulate_drop", "candidate_table", "COMPLETE_MARKER"]
+__all__ = ["publish_drop", "simulate_drop", "candidate_table", "simulate_cluster_drop", "cluster_candidate_table",
+           "COMPLETE_MARKER", "CLUSTER_MARKER"]
 
 
-def publish_drop(storage: LocalStorage, survey: str, drop: str, files: list[Path]) -> Path:
-    """Copy ``files`` into ``inbox/<survey>/<drop>/`` and write ``_COMPLETE`` after the last one."""
+def publish_drop(storage: LocalStorage, survey: str, drop: str, files: list[Path], *, cluster: bool = False) -> Path:
+    """Copy ``files`` into ``inbox/<survey>/<drop>/`` and write ``_COMPLETE`` after the last one; ``cluster``: the
+    files are cluster fields, marked by ``_CLUSTER_FIELDS`` (written before ``_COMPLETE``)."""
     problem = drop_name_problem(drop)
     if problem:
         raise ValueError(f"{storage.url(*layout.inbox_survey(survey))}: {problem}")
@@ -38,6 +48,9 @@ def publish_drop(storage: LocalStorage, survey: str, drop: str, files: list[Path
     for f in files:
         shutil.copyfile(f, dest / Path(f).name)
     storage.push(*layout.inbox_drop(survey, drop))
+    if cluster:
+        storage.path(*layout.cluster_marker(survey, drop)).touch()
+        storage.push(*layout.cluster_marker(survey, drop))
     storage.path(*marker).touch()
     storage.push(*marker)
     return dest
@@ -62,3 +75,29 @@ def simulate_drop(storage: LocalStorage, survey: str, drop: str, *, n: int, seed
 def candidate_table(storage: LocalStorage, survey: str, drop: str) -> pd.DataFrame:
     """The ranked candidates of a drop (pulled from the store when it is remote)."""
     return pd.read_parquet(storage.pull(*layout.candidate_table(survey, drop)))
+
+
+def simulate_cluster_drop(storage: LocalStorage, survey: str, drop: str, *, n: int, seed: int,
+                          family: str = "cluster", workers: int = 0, progress: bool = False) -> pd.DataFrame:
+    """Publish ``n`` simulated cluster fields without their truth as a drop of cluster fields (``_CLUSTER_FIELDS``);
+    returns the truth (for checking). ``family``: a cluster family's name or TOML path."""
+    import tempfile
+
+    from lens_assets.science.clusters.fields import simulate_cluster_fields
+    from lens_assets.science.families import load_family
+    from lens_assets.science.surveys import get_survey
+
+    fam = load_family(family)
+    if fam.population != "cluster":
+        raise ValueError(f"family {fam.name!r} has population {fam.population!r}; a drop of cluster fields needs "
+                         "population = 'cluster' (e.g. 'cluster', 'cluster_heldout')")
+    with tempfile.TemporaryDirectory(dir=storage.root_path if storage.root_path.exists() else None) as tmp:
+        truth = simulate_cluster_fields(get_survey(survey), fam, n_fields=n, seed=seed, out_dir=Path(tmp),
+                                        workers=workers, labeled=False, progress=progress)
+        publish_drop(storage, survey, drop, sorted(Path(tmp).glob("*.fits")), cluster=True)
+    return truth
+
+
+def cluster_candidate_table(storage: LocalStorage, survey: str, drop: str) -> pd.DataFrame:
+    """The ranked cluster-lens candidates of a drop of cluster fields (pulled from the store when it is remote)."""
+    return pd.read_parquet(storage.pull(*layout.cluster_candidate_table(survey, drop)))

@@ -27,11 +27,13 @@ import inspect
 
 from lens_assets.science.shards import MANIFEST_FILE, ROWS_FILE
 
-__all__ = ["Parts", "COMPLETE_MARKER", "PROMOTION_FILE", "relative", "simulation_drop", "templates", "PLACES"]
+__all__ = ["Parts", "COMPLETE_MARKER", "CLUSTER_MARKER", "PROMOTION_FILE", "relative", "simulation_drop", "templates",
+           "PLACES"]
 
 Parts = tuple[str, ...]
 
 COMPLETE_MARKER = "_COMPLETE"  # an empty file a producer writes last in a drop folder
+CLUSTER_MARKER = "_CLUSTER_FIELDS"  # an empty file a producer writes (before _COMPLETE) in a drop of cluster fields
 PROMOTION_FILE = "promotion.json"
 
 
@@ -62,6 +64,11 @@ def inbox_drop(survey: str, drop: str) -> Parts:
 
 def complete_marker(survey: str, drop: str) -> Parts:
     return (*inbox_drop(survey, drop), COMPLETE_MARKER)
+
+
+def cluster_marker(survey: str, drop: str) -> Parts:
+    """Marks a drop of cluster fields (scored by ``cluster_candidates``, not ``candidate_scores``)."""
+    return (*inbox_drop(survey, drop), CLUSTER_MARKER)
 
 
 # --------------------------------------------------------------------------- raw cutouts and the catalog
@@ -236,6 +243,12 @@ def candidate_gallery(survey: str, drop: str) -> Parts:
     return (*candidates_dir(survey, drop), "top_candidates.png")
 
 
+def cluster_candidate_table(survey: str, drop: str) -> Parts:
+    """The ranked cluster-lens candidates of a drop of cluster fields (its quarantine and gallery are
+    :func:`candidate_quarantine` and :func:`candidate_gallery`)."""
+    return (*candidates_dir(survey, drop), "cluster_candidates.parquet")
+
+
 # --------------------------------------------------------------------------- the cluster track
 
 def cluster_raw_survey(survey: str) -> Parts:
@@ -296,6 +309,11 @@ def cluster_partial_dependence(survey: str) -> Parts:
 
 def cluster_scores_table(survey: str) -> Parts:
     return (*cluster_models_dir(survey), "scores.parquet")
+
+
+def cluster_manifest(survey: str) -> Parts:
+    """The vetted cluster model that scores drops of cluster fields (``lens_assets.cluster_registry``)."""
+    return (*cluster_models_dir(survey), "manifest.json")
 
 
 def cluster_report_dir(survey: str) -> Parts:

@@ -37,7 +37,12 @@ def test_definitions_load_with_the_contract_asset_keys_groups_and_owners():
                       "matched_fwhm_within_3pct", "label_fractions_agree", "no_objid_in_two_splits",
                       "no_sky_group_across_splits", "val_halves_hold_both_labels", "auroc_at_least_gate",
                       "tpr10_at_least_gate", "ece_at_most_gate", "heldout_auroc_at_least_gate", "lensing_only_auroc_at_least_gate",
-                      "fnr_flux_ratio_lt_0_1_at_most_gate", "shortcut_auroc_at_most_gate"}
+                      "fnr_flux_ratio_lt_0_1_at_most_gate", "shortcut_auroc_at_most_gate",
+                      "cluster_auroc_at_least_gate", "cluster_heldout_auroc_at_least_gate",
+                      "cluster_tpr_at_fpr_0_1_at_least_gate", "every_model_on_every_set"}
+    # a cluster drop is scored by the model the cluster report vetted, never by one that failed its gates
+    assert specs["cluster_candidates"].group_name == "scoring"
+    assert {d.asset_key for d in specs["cluster_candidates"].deps} == {dg.AssetKey("cluster_report")}
     assert specs["shortcut_audit"].group_name == "evaluation"
     assert {d.asset_key for d in specs["shortcut_audit"].deps} == {dg.AssetKey("psf_matched_shards"),
                                                                    dg.AssetKey("dataset_splits")}  # not the model

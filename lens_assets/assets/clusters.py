@@ -135,7 +135,7 @@ def arc_segments(context: dg.AssetExecutionContext, config: ArcSegmentsConfig,
         "path": dg.MetadataValue.path(str(storage.path(*layout.cluster_segments_table(survey.name)))),
         "n_files": len(paths), "n_fields": len(fields), "n_quarantined": len(quarantine),
         "n_segments": len(segments), "fields_per_s": float(len(paths) / seconds) if seconds else 0.0,
-        "light": config.light, "field_size_px": size,
+        "light": config.light, "field_size_px": size, "nsigma": float(config.nsigma),
     }
     if len(quarantine):
         metadata["quarantine_reasons"] = counts_markdown(quarantine["reason"].value_counts().to_dict(), key="reason")
@@ -288,9 +288,61 @@ def cluster_classifier(context: dg.AssetExecutionContext, config: ClusterClassif
     return dg.MaterializeResult(metadata=metadata)
 
 
+class ClusterReportConfig(dg.Config):
+    min_auroc: float = Field(default=0.80, ge=0, le=1, description="gate: AUROC of the scoring model on the test "
+                             "split")
+    min_heldout_auroc: float = Field(default=0.75, ge=0, le=1, description="gate: AUROC of the scoring model on "
+                                     "every held-out family")
+    min_tpr_at_fpr_0_1: float = Field(default=0.5, ge=0, le=1, description="gate: test TPR at FPR ≤ 0.1 of the "
+                                      "scoring model")
+    scoring_model: str = Field(default="track_a", description="the model whose gates decide whether cluster drops "
+                               "are scored with it: an XGBoost model of cluster_classifier ('track_a' or "
+                               "'track_a_no_colour'); when every gate passes it becomes the survey's scoring model "
+                               "(clusters/models/<survey>/manifest.json)")
+
+
+# blocking: a failed gate fails the run after the report is written, and the model is not made the one that scores
+# cluster drops
+CLUSTER_REPORT_CHECKS = [dg.AssetCheckSpec(name, asset="cluster_report", blocking=True, description=text)
+                         for name, text in (
+    ("cluster_auroc_at_least_gate", "test AUROC of the scoring model ≥ min_auroc"),
+    ("cluster_heldout_auroc_at_least_gate", "AUROC of the scoring model on every held-out family ≥ "
+                                            "min_heldout_auroc (fails when no held-out family has both classes)"),
+    ("cluster_tpr_at_fpr_0_1_at_least_gate", "test TPR at FPR ≤ 0.1 of the scoring model ≥ min_tpr_at_fpr_0_1"),
+    ("every_model_on_every_set", "every model has figures on the test split and on every held-out family"),
+)]
+
+
+def cluster_report_checks(figures: dict, config: ClusterReportConfig) -> list:
+    """The cluster report's gate checks on ``figures`` (:func:`..science.clusters.report.cluster_figures`)."""
+    nan = float("nan")
+    main = figures.get(config.scoring_model, {})
+    test = main.get("test", {})
+    held = {name: f.get("auroc", nan) for name, f in main.items() if name != "test"}
+    sets = sorted({name for sets in figures.values() for name in sets})
+    missing = [f"{m}/{name}" for m, by_set in figures.items() for name in sets if "auroc" not in by_set.get(name, {})]
+    auroc, tpr = float(test.get("auroc", nan)), float(test.get("tpr_at_fpr_0.1", nan))
+    return [
+        dg.AssetCheckResult(check_name="cluster_auroc_at_least_gate", passed=bool(auroc >= config.min_auroc),
+                            metadata={"auroc": auroc, "gate": config.min_auroc, "model": config.scoring_model}),
+        dg.AssetCheckResult(
+            check_name="cluster_heldout_auroc_at_least_gate",
+            passed=bool(held) and all(v >= config.min_heldout_auroc for v in held.values()),
+            metadata={"auroc": dg.MetadataValue.json({k: float(v) for k, v in held.items()}),
+                      "gate": config.min_heldout_auroc, "model": config.scoring_model}),
+        dg.AssetCheckResult(check_name="cluster_tpr_at_fpr_0_1_at_least_gate",
+                            passed=bool(tpr >= config.min_tpr_at_fpr_0_1),
+                            metadata={"tpr_at_fpr_0.1": tpr, "gate": config.min_tpr_at_fpr_0_1,
+                                      "model": config.scoring_model}),
+        dg.AssetCheckResult(check_name="every_model_on_every_set", passed=not missing and bool(sets),
+                            metadata={"missing": ", ".join(missing) or "none", "sets": ", ".join(sets)}),
+    ]
+
+
 @survey_asset(group_name="clusters", kinds={"python", "markdown"}, code_version=CLUSTER_CODE_VERSION,
-              deps=[cluster_classifier])
-def cluster_report(context: dg.AssetExecutionContext, storage: LocalStorage) -> dg.MaterializeResult:
+              deps=[cluster_classifier], check_specs=CLUSTER_REPORT_CHECKS)
+def cluster_report(context: dg.AssetExecutionContext, config: ClusterReportConfig,
+                   storage: LocalStorage) -> dg.MaterializeResult:
     """The cluster track's Bologna figures per model on the test split and the held-out family (AUROC with a
     bootstrap interval, AUPRC, TPR0, TPR10 with counts, TPR at FPR 0.1), the colour-consistency ablation, PU
     learning from 10/50/200 labeled lenses against full labels, and recall by number of arcs and arc surface
@@ -301,6 +353,9 @@ def cluster_report(context: dg.AssetExecutionContext, storage: LocalStorage) -> 
     storage.pull(*layout.cluster_scores_table(survey.name))
     scores = pd.read_parquet(storage.path(*layout.cluster_scores_table(survey.name)))
     figures = cluster_figures(scores)
+    if config.scoring_model not in SCORABLE_MODELS or config.scoring_model not in figures:
+        raise dg.Failure(f"cluster_report config scoring_model {config.scoring_model!r}: cluster drops are scored by "
+                         f"one of {list(SCORABLE_MODELS)}; this report has {sorted(figures)}")
     md = report_markdown(figures, survey=survey.name, notes=[
         "track_a: XGBoost on every feature; track_a_no_colour: without the colour features; pu_<n>: Elkan–Noto "
         "PU learning from n labeled lenses among the training fields",
@@ -315,7 +370,35 @@ def cluster_report(context: dg.AssetExecutionContext, storage: LocalStorage) -> 
                 prefix = f"{model}_" + ("" if name == "test" else f"{name}_")
                 metadata[f"{prefix}auroc"] = float(f["auroc"])
                 metadata[f"{prefix}tpr10"] = float(f["tpr10"])
-    return dg.MaterializeResult(metadata=metadata)
+    checks = cluster_report_checks(figures, config)
+    if all(c.passed for c in checks):  # vetted: it scores the survey's cluster drops from now on
+        manifest = _write_manifest(context, storage, survey.name, config.scoring_model)
+        metadata["cluster_model_version"] = manifest["version"]
+        context.log.info(f"{config.scoring_model} passed every gate: it scores {survey.name}'s cluster drops "
+                         f"(model version {manifest['version']})")
+    else:
+        failed = [c.check_name for c in checks if not c.passed]
+        metadata["cluster_model_version"] = "not vetted: " + ", ".join(failed)
+        context.log.warning(f"{config.scoring_model} failed {failed}: the survey's scoring model is left as it was")
+    return dg.MaterializeResult(metadata=metadata, check_results=checks)
+
+
+SCORABLE_MODELS = ("track_a", "track_a_no_colour")  # what cluster_candidates can run: XGBoost on the features
+
+
+def _write_manifest(context, storage: LocalStorage, survey: str, model: str) -> dict:
+    """The survey's cluster manifest for ``model``, with the ``arc_segments`` settings its fields were read with."""
+    from lens_assets.cluster_registry import write_cluster_manifest
+
+    seg = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=arc_segments.key, asset_partitions=[survey]), limit=1).records
+    if not seg:
+        raise dg.Failure(f"arc_segments of {survey} has no materialization on this instance: its settings (field "
+                         "size, light removal, threshold) go into the manifest, so drops are read the same way")
+    m = seg[0].asset_materialization.metadata
+    return write_cluster_manifest(storage, survey, field_size_px=int(m["field_size_px"].value),
+                                  light=str(m["light"].value), nsigma=float(m["nsigma"].value),
+                                  code_version=CLUSTER_CODE_VERSION, model=model)
 
 
 CLUSTER_ASSETS = [cluster_fields, arc_segments, cluster_features, cluster_classifier, cluster_report]

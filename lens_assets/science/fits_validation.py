@@ -56,6 +56,8 @@ QUARANTINE_REASONS: Mapping[str, str] = {
     "duplicate_keyword": "a contract keyword is given more than once in one header",
     "non_ascii_header": "a header holds bytes over 0x7f (FITS headers are ASCII text)",
     "no_bcg": "a cluster field without BCGXPIX/BCGYPIX in which no source stands out near the centre",
+    "objtype_mismatch": "a file of a drop marked _CLUSTER_FIELDS whose OBJTYPE is not 'cluster_field' (e.g. a "
+                        "galaxy cutout)",
 }
 
 LABEL_SOURCE_PREFIXES = ("sim:", "obs:", "weak:", "pretrain:")

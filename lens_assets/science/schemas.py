@@ -9,7 +9,7 @@ import pandera.pandas as pa
 from .fits_contract import QUARANTINE_REASONS
 from .surveys import SURVEY_NAMES, SurveySpec
 
-__all__ = ["catalog_schema", "catalog_columns", "quarantine_schema", "candidate_schema"]
+__all__ = ["catalog_schema", "catalog_columns", "quarantine_schema", "candidate_schema", "cluster_candidate_schema"]
 
 _HEX64 = r"^[0-9a-f]{64}$"
 
@@ -133,3 +133,35 @@ def candidate_schema() -> pa.DataFrameSchema:
         "n_nan_pixels": pa.Column(i, pa.Check.ge(0)),
         "ra": pa.Column(f), "dec": pa.Column(f),
     }, strict=False, name="candidate_scores")
+
+
+@lru_cache(maxsize=None)
+def cluster_candidate_schema() -> pa.DataFrameSchema:
+    """The ranked cluster-lens candidates of one drop of cluster fields (docs/assets.md: ``cluster_candidates``),
+    with the lineage columns of :func:`candidate_schema`."""
+    s, f, i = str, float, int
+    hex_ = pa.Check.str_matches(r"^[0-9a-f]+$")
+    return pa.DataFrameSchema({
+        "objid": pa.Column(s, unique=True, checks=pa.Check.str_length(min_value=1)),
+        "rank": pa.Column(i, pa.Check.ge(1), unique=True, description="1 = most lens-like (by score, then logit)"),
+        "score": pa.Column(f, pa.Check.in_range(0.0, 1.0), description="calibrated lens probability (track A)"),
+        "logit": pa.Column(f, description="track-A margin"),
+        "n_segments": pa.Column(i, pa.Check.ge(0), description="arc segments found in the field"),
+        "colour_consistency": pa.Column(f, pa.Check.in_range(0.0, 1.0), nullable=True,
+                                        description="consistent fraction of the segments' colours after the "
+                                                    "differential-extinction solve (NaN with < 2 usable segments)"),
+        "tangential_alignment": pa.Column(f, pa.Check.in_range(-1.0, 1.0), nullable=True,
+                                          description="flux-weighted mean cos(2 x tangential misalignment)"),
+        "bcg_x_px": pa.Column(f, description="BCG x on the field's grid, px (0-based)"),
+        "bcg_y_px": pa.Column(f, description="BCG y on the field's grid, px (0-based)"),
+        "ra": pa.Column(f), "dec": pa.Column(f),
+        "source_file": pa.Column(s, pa.Check.str_length(min_value=1)),
+        "source_sha256": pa.Column(s, pa.Check.str_matches(_HEX64)),
+        "survey": pa.Column(s, pa.Check.isin(SURVEY_NAMES)),
+        "drop": pa.Column(s, pa.Check.str_length(min_value=1)),
+        "model_version": pa.Column(s, hex_, description="sha256 prefix of the track-A model file"),
+        "calibrator_version": pa.Column(s, hex_, description="sha256 prefix of the model's calibrator file"),
+        "training_manifest_sha256": pa.Column(s, hex_, description="sha256 of the cluster features table the model "
+                                                                   "was trained on"),
+        "code_version": pa.Column(s),
+    }, strict=False, name="cluster_candidates")

@@ -19,6 +19,13 @@ at most ``LENS_INBOX_MAX_RETRIES`` (default 3) times; then it is logged as given
 up. The attempt number is the number of failed runs of the drop, so a retry
 requested twice is one run key, launched once.
 
+A drop whose producer wrote ``_CLUSTER_FIELDS`` beside ``_COMPLETE`` holds cluster
+fields: it is requested as a ``cluster_candidates`` run instead (same run key,
+tags ``lens/track: cluster`` and ``lens/cluster_model_version``), waits while the
+survey has no cluster manifest (``clusters/models/<survey>/manifest.json``, not the
+galaxy promotion), and is retried in the same way, against ``cluster_candidates``'
+materializations and the manifest's version.
+
 Idempotent: the cursor holds the handled (survey, drop) pairs still in the
 inbox (so it is bounded by what the inbox holds); when it is
 lost (reset, new deployment) it is rebuilt from the run keys of this sensor's
@@ -38,7 +45,9 @@ import time
 import dagster as dg
 
 from lens_assets import layout
+from lens_assets.assets.cluster_scoring import cluster_candidates
 from lens_assets.assets.scoring import candidate_scores
+from lens_assets.cluster_registry import cluster_manifest_version
 from lens_assets.model_registry import promoted_version
 from lens_assets.partitions import drop_name_problem, drop_partitions, scoring_key
 from lens_assets.resources.storage import LocalStorage
@@ -49,6 +58,9 @@ DEFAULT_MAX_DROPS_PER_TICK = 100
 DEFAULT_MAX_RETRIES = 3
 DEFAULT_RETRY_BACKOFF_S = 600
 MODEL_TAG = "lens/promoted_version"  # on each requested run: the promoted pair it was meant to use
+CLUSTER_MODEL_TAG = "lens/cluster_model_version"  # on each cluster run: the cluster manifest's version
+TRACK_TAG = "lens/track"  # "cluster" on the runs of drops of cluster fields (galaxy runs carry no track tag)
+CLUSTER = "cluster"
 FAILED = [dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED]
 
 
@@ -101,47 +113,86 @@ def _failed_runs(instance: dg.DagsterInstance) -> dict[str, list]:
     return out
 
 
-def _retries(instance, handled: set[str], models: dict[str, str | None], *, limit: int, log=None) -> list:
-    """(survey, drop, attempt, reason) for the handled drops whose last run failed and that have no table yet."""
+def _track(run) -> str:
+    return CLUSTER if run.tags.get(TRACK_TAG) == CLUSTER else "galaxy"
+
+
+def _retries(instance, handled: set[str], model_of, *, limit: int, log=None) -> list:
+    """(survey, drop, attempt, reason, track) for the handled drops whose last run failed and that have no table
+    yet; ``model_of(survey, track)`` is the model version that scores the track now (None: none)."""
     failed = _failed_runs(instance) if limit > 0 else {}
     if not failed:
         return []
-    materialized = instance.get_materialized_partitions(candidate_scores.key)
+    materialized: dict[str, set] = {}  # track -> materialized partitions of its asset, read when first needed
     now, backoff, most = time.time(), retry_backoff_s(), max_retries()
     out = []
     for key in sorted(handled & set(failed)):
         survey, drop = key.split("|", 1)
-        if scoring_key(survey, drop) in materialized or models.get(survey) is None:
-            continue
         runs = failed[key]
+        latest = runs[0]
+        track = _track(latest.dagster_run)
+        if track not in materialized:
+            asset = cluster_candidates if track == CLUSTER else candidate_scores
+            materialized[track] = instance.get_materialized_partitions(asset.key)
+        model = model_of(survey, track)
+        if scoring_key(survey, drop) in materialized[track] or model is None:
+            continue
         attempt = len(runs)  # the retry after n failed runs is retry-n: requesting it twice launches it once
         if attempt > most:
             if log:
                 log.warning(f"{key}: gave up after {attempt} failed runs (LENS_INBOX_MAX_RETRIES={most}); "
-                            f"latest {runs[0].dagster_run.run_id}")
+                            f"latest {latest.dagster_run.run_id}")
             continue
-        latest = runs[0]
         ended = latest.end_time or latest.update_timestamp.timestamp()
-        if latest.dagster_run.tags.get(MODEL_TAG) != models[survey]:
-            reason = "a new model was promoted since the failed run"
+        if latest.dagster_run.tags.get(CLUSTER_MODEL_TAG if track == CLUSTER else MODEL_TAG) != model:
+            reason = "a new model was promoted since the failed run" if track != CLUSTER else \
+                "a new cluster model was written since the failed run"
         elif now - ended >= backoff * 2 ** (attempt - 1):
             reason = f"{backoff * 2 ** (attempt - 1)} s since the failed run"
         else:
             continue
-        out.append((survey, drop, attempt, reason))
+        out.append((survey, drop, attempt, reason, track))
         if len(out) >= limit:
             break
     return out
+
+
+def _request(survey: str, drop: str, track: str, model: str, *, attempt: int = 0) -> dg.RunRequest:
+    """The run of one drop: ``candidate_scores`` (tagged with the promoted version) or, for a drop of cluster
+    fields, ``cluster_candidates`` (tagged with the track and the cluster manifest's version)."""
+    key = run_key(survey, drop) + (f"|retry-{attempt}" if attempt else "")
+    if track == CLUSTER:
+        asset, tags = cluster_candidates, {CLUSTER_MODEL_TAG: model, TRACK_TAG: CLUSTER}
+    else:
+        asset, tags = candidate_scores, {MODEL_TAG: model}
+    tags = {"lens/survey": survey, "lens/drop": drop, **tags}
+    if attempt:
+        tags["lens/attempt"] = str(attempt + 1)
+    return dg.RunRequest(run_key=key, partition_key=scoring_key(survey, drop), asset_selection=[asset.key], tags=tags)
 
 
 def inbox_tick(storage, instance: dg.DagsterInstance, cursor: str | None, *, limit: int, log=None) -> dg.SensorResult:
     """One tick's decisions (the sensor body, callable without a sensor context)."""
     handled = set(json.loads(cursor)["handled"]) if cursor else _handled_from_runs(instance)
     registered = set(instance.get_dynamic_partitions(drop_partitions.name))
-    new: list[tuple[str, str]] = []
+    new: list[tuple[str, str, str]] = []
     present: set[str] = set()
-    waiting = no_model = 0
+    waiting = no_model = no_cluster_model = 0
     models: dict[str, str | None] = {}
+    cluster_models: dict[str, str | None] = {}  # read when a survey's cluster drop or retry first needs it
+
+    def model_of(survey: str, track: str) -> str | None:
+        if track != CLUSTER:
+            return models.get(survey)
+        if survey not in cluster_models:
+            try:
+                cluster_models[survey] = cluster_manifest_version(storage, survey)
+            except ValueError as err:  # a broken manifest holds back this survey's cluster drops, not every drop
+                if log:
+                    log.warning(f"{err}; the survey's drops of cluster fields wait")
+                cluster_models[survey] = None
+        return cluster_models[survey]
+
     for survey in storage.list_dirs(*layout.inbox_root()):
         if survey not in SURVEY_NAMES:
             if log:
@@ -163,28 +214,27 @@ def inbox_tick(storage, instance: dg.DagsterInstance, cursor: str | None, *, lim
                 continue
             if not storage.exists(*layout.complete_marker(survey, drop)):
                 waiting += 1
+            elif storage.exists(*layout.cluster_marker(survey, drop)):
+                if model_of(survey, CLUSTER) is None:
+                    no_cluster_model += 1  # not handled: requested on the first tick after the manifest is written
+                else:
+                    new.append((survey, drop, CLUSTER))
             elif models[survey] is None:
                 no_model += 1  # not handled: requested on the first tick after a model is promoted
             else:
-                new.append((survey, drop))
-    retries = _retries(instance, handled & present, models, limit=max(0, limit - len(new)), log=log)
-    to_register = sorted({d for _, d in new} - registered)
-    requests = [dg.RunRequest(run_key=run_key(s, d), partition_key=scoring_key(s, d),
-                              asset_selection=[candidate_scores.key],
-                              tags={"lens/survey": s, "lens/drop": d, MODEL_TAG: models[s]})
-                for s, d in new]
-    requests += [dg.RunRequest(run_key=f"{run_key(s, d)}|retry-{n}", partition_key=scoring_key(s, d),
-                               asset_selection=[candidate_scores.key],
-                               tags={"lens/survey": s, "lens/drop": d, MODEL_TAG: models[s], "lens/attempt": str(n + 1)})
-                 for s, d, n, _ in retries]
+                new.append((survey, drop, "galaxy"))
+    retries = _retries(instance, handled & present, model_of, limit=max(0, limit - len(new)), log=log)
+    to_register = sorted({d for _, d, _ in new} - registered)
+    requests = [_request(s, d, t, model_of(s, t)) for s, d, t in new]
+    requests += [_request(s, d, t, model_of(s, t), attempt=n) for s, d, n, _, t in retries]
     # the cursor keeps the drops still in the inbox: it does not grow with every drop ever seen (a removed
     # drop that comes back under the same name is not run again either way: Dagster keeps its run key)
-    handled = (handled & present) | {run_key(s, d) for s, d in new}
+    handled = (handled & present) | {run_key(s, d) for s, d, _ in new}
     if log:
         log.info(f"{len(new)} new complete drop(s) (limit {limit} per tick), {len(retries)} retried, {waiting} "
-                 f"incomplete waiting, {no_model} waiting for a promoted model, {len(to_register)} partition(s) "
-                 "registered")
-        for s, d, n, reason in retries:
+                 f"incomplete waiting, {no_model} waiting for a promoted model, {no_cluster_model} of cluster "
+                 f"fields waiting for a cluster model manifest, {len(to_register)} partition(s) registered")
+        for s, d, n, reason, _ in retries:
             log.info(f"{run_key(s, d)}: retry {n} ({reason})")
     return dg.SensorResult(
         run_requests=requests,
@@ -193,9 +243,10 @@ def inbox_tick(storage, instance: dg.DagsterInstance, cursor: str | None, *, lim
     )
 
 
-@dg.sensor(name=SENSOR_NAME, asset_selection=[candidate_scores], minimum_interval_seconds=30,
+@dg.sensor(name=SENSOR_NAME, asset_selection=[candidate_scores, cluster_candidates], minimum_interval_seconds=30,
            default_status=dg.DefaultSensorStatus.RUNNING,
-           description="Scores each new complete drop in inbox/<survey>/<drop>/ (one run per drop).")
+           description="Scores each new complete drop in inbox/<survey>/<drop>/ (one run per drop): "
+                       "candidate_scores, or cluster_candidates for a drop marked _CLUSTER_FIELDS.")
 def survey_inbox_sensor(context: dg.SensorEvaluationContext, storage: LocalStorage) -> dg.SensorResult:
     return inbox_tick(storage, context.instance, context.cursor, limit=max_drops_per_tick(), log=context.log)
 
@@ -213,7 +264,9 @@ def rescore_nightly(context: dg.ScheduleEvaluationContext, storage: LocalStorage
         if survey not in SURVEY_NAMES:
             continue
         for drop in storage.list_dirs(*layout.inbox_survey(survey)):
-            if drop in registered and storage.exists(*layout.complete_marker(survey, drop)):
+            # drops of cluster fields are not galaxy cutouts: candidate_scores never scores them
+            if (drop in registered and storage.exists(*layout.complete_marker(survey, drop))
+                    and not storage.exists(*layout.cluster_marker(survey, drop))):
                 yield dg.RunRequest(partition_key=scoring_key(survey, drop),
                                     tags={"lens/survey": survey, "lens/drop": drop, "lens/reason": "nightly"})
 

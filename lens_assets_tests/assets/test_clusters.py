@@ -7,7 +7,7 @@ import dagster as dg
 import pandas as pd
 import pytest
 
-from lens_assets.assets.clusters import CLUSTER_ASSETS, arc_segments
+from lens_assets.assets.clusters import CLUSTER_ASSETS, ClusterReportConfig, arc_segments, cluster_report_checks
 from lens_assets.science.clusters.features import cluster_features_schema
 from lens_assets.science.families import FAMILY_DIR
 from lens_assets.science.surveys import get_survey
@@ -37,6 +37,8 @@ def cluster_run(tmp_path_factory):
                                       "heldout_family": _small_family(tmp, "cluster_heldout")}},
         "arc_segments": {"config": {"field_size_arcsec": FIELD_ARCSEC, "workers": 1}},
         "cluster_classifier": {"config": {"pu_labeled": [5, 10], "n_estimators": 60}},
+        # 48 tiny fields: the gates are the subject of their own tests, not of this run
+        "cluster_report": {"config": {"min_auroc": 0.0, "min_heldout_auroc": 0.0, "min_tpr_at_fpr_0_1": 0.0}},
     }}
     result = dg.materialize(CLUSTER_ASSETS, partition_key="des", resources={"storage": storage},
                             run_config=run_config, instance=dg.DagsterInstance.ephemeral(), raise_on_error=True)
@@ -86,7 +88,7 @@ def test_features_are_typed_and_split_by_field(cluster_run):
 def test_models_and_report_cover_every_model_and_set(cluster_run):
     storage, result = cluster_run
     scores = pd.read_parquet(storage.path("clusters", "models", "des", "scores.parquet"))
-    assert set(scores["model"]) == {"track_a", "track_a_no_colour", "pu_5", "pu_10"}
+    assert set(scores["model"]) == {"track_a", "track_a_no_colour", "pu_5", "pu_10", "anomaly"}
     assert set(scores["set"]) == {"test", "cluster_heldout"}
     assert scores["prob"].between(0, 1).all()
     report = json.loads(storage.path("reports", "des", "cluster", "report.json").read_text())
@@ -108,3 +110,58 @@ def test_arc_segments_refuses_an_empty_folder(tmp_path):
     with pytest.raises(dg.Failure, match="no cluster fields under"):
         dg.materialize([arc_segments], partition_key="des", resources={"storage": storage},
                        instance=dg.DagsterInstance.ephemeral())
+
+
+def test_report_checks_pass_on_the_run_with_zero_gates(cluster_run):
+    _, result = cluster_run
+    evals = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+    assert evals == {"cluster_auroc_at_least_gate": True, "cluster_heldout_auroc_at_least_gate": True,
+                     "cluster_tpr_at_fpr_0_1_at_least_gate": True, "every_model_on_every_set": True}
+    # vetted: the manifest names track_a's files by their hashes and the arc_segments settings drops are read with
+    from lens_assets.cluster_registry import load_cluster_model
+
+    storage, _ = cluster_run
+    manifest, model, calibrator = load_cluster_model(storage, "des")
+    assert manifest["model"] == "track_a" and manifest["light"] == "median" and manifest["nsigma"] == 2.0
+    assert manifest["field_size_px"] == _metadata(result, "arc_segments")["field_size_px"]
+    assert _metadata(result, "cluster_report")["cluster_model_version"] == manifest["version"]
+
+
+def _figs(auroc, tpr, held):
+    return {"track_a": {"test": {"auroc": auroc, "tpr_at_fpr_0.1": tpr},
+                        **{k: {"auroc": v} for k, v in held.items()}},
+            "pu_10": {"test": {"auroc": 0.6}, **{k: {"auroc": 0.6} for k in held}}}
+
+
+def test_report_gates_compare_the_scoring_model_with_each_threshold():
+    config = ClusterReportConfig(min_auroc=0.8, min_heldout_auroc=0.75, min_tpr_at_fpr_0_1=0.5)
+    ok = {c.check_name: c.passed for c in cluster_report_checks(_figs(0.8, 0.5, {"h1": 0.75, "h2": 0.9}), config)}
+    assert all(ok.values())  # a figure equal to its gate passes
+    bad = {c.check_name: c.passed for c in cluster_report_checks(_figs(0.79, 0.49, {"h1": 0.9, "h2": 0.74}), config)}
+    assert bad == {"cluster_auroc_at_least_gate": False, "cluster_heldout_auroc_at_least_gate": False,
+                   "cluster_tpr_at_fpr_0_1_at_least_gate": False, "every_model_on_every_set": True}
+    # the other model's figures do not decide; a missing held-out family or a set without both classes fails
+    assert not {c.check_name: c.passed for c in cluster_report_checks(_figs(0.9, 0.9, {}), config)}[
+        "cluster_heldout_auroc_at_least_gate"]
+    figs = _figs(0.9, 0.9, {"h1": 0.9})
+    figs["pu_10"]["h1"] = {"n_lenses": 3, "n_nonlenses": 0}
+    (every,) = [c for c in cluster_report_checks(figs, config) if c.check_name == "every_model_on_every_set"]
+    assert not every.passed and every.metadata["missing"].value == "pu_10/h1"
+
+
+def test_a_failed_gate_fails_the_run_and_leaves_the_scoring_model(cluster_run):
+    from lens_assets.assets.clusters import cluster_report
+
+    storage, _ = cluster_run
+    manifest = storage.path("clusters", "models", "des", "manifest.json")
+    before = manifest.read_bytes()
+    others = [a.to_source_asset() for a in CLUSTER_ASSETS if a is not cluster_report]
+    result = dg.materialize([cluster_report, *others], partition_key="des", resources={"storage": storage},
+                            run_config={"ops": {"cluster_report": {"config": {"min_auroc": 1.0}}}},
+                            instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+    evals = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+    assert evals["cluster_auroc_at_least_gate"] is False
+    assert not result.success  # blocking
+    assert manifest.read_bytes() == before
+    assert _metadata(result, "cluster_report")["cluster_model_version"].startswith("not vetted: "
+                                                                                   "cluster_auroc_at_least_gate")

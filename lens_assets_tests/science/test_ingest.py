@@ -367,8 +367,9 @@ def test_read_cutout_quarantines(tmp_path, reason, build, pattern):
 def test_every_reason_read_cutout_can_raise_has_a_case():
     covered = {reason for _, reason, _, _ in QUARANTINE_CASES}
     # duplicate_objid needs two files: ingest_files decides it (test_hundred_files_ten_broken); no_bcg is a cluster
-    # field's, decided by arc_segments (science/clusters/test_report.py)
-    assert covered == set(QUARANTINE_REASONS) - {"duplicate_objid", "no_bcg"}
+    # field's, decided by arc_segments (science/clusters/test_report.py); objtype_mismatch is a cluster drop's,
+    # decided by cluster_candidates (assets/test_cluster_scoring.py)
+    assert covered == set(QUARANTINE_REASONS) - {"duplicate_objid", "no_bcg", "objtype_mismatch"}
 
 
 def test_block_aligned_truncation_is_truncated(tmp_path):

@@ -1,0 +1,136 @@
+"""Which cluster model scores a survey's drops of cluster fields: ``clusters/models/<survey>/manifest.json``.
+
+``cluster_classifier`` writes the track-A models and their calibrators to
+``clusters/models/<survey>/``; ``cluster_report``, when every one of its gate
+checks passes for the model it judges (``scoring_model``, default ``track_a``),
+then calls :func:`write_cluster_manifest` (a model that fails a gate leaves the
+previous manifest in place): the model scoring uses, the sha256 of its booster, sidecar and
+calibrator, the training features table's sha256 (the training manifest of the
+cluster track) and the ``arc_segments`` settings, so that a drop is read and
+segmented exactly as the training fields were. A cluster model is
+scoring-ready when its manifest exists, i.e. once it has passed the cluster
+report's gates (the galaxy track's promotion gates are separate); ``cluster_candidates`` reads the model only through
+:func:`load_cluster_model`, which checks every file against the manifest, and
+``survey_inbox_sensor`` holds a survey's cluster drops until it has one.
+
+Like :mod:`lens_assets.model_registry` this module asks :mod:`lens_assets.layout`
+for paths; it imports no dagster (errors are plain exceptions with the file,
+the field and the value), so producers and the sensor can read it cheaply.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from lens_assets import layout
+from lens_assets.science.fileio import sha256_file
+
+__all__ = ["MANIFEST_KEYS", "write_cluster_manifest", "load_cluster_manifest", "cluster_manifest_version",
+           "load_cluster_model", "LIGHT_METHODS"]
+
+LIGHT_METHODS = ("median", "model")  # arc_segments' ways of removing the cluster's light
+MANIFEST_KEYS = ("survey", "model", "model_file", "model_sha256", "model_meta_file", "model_meta_sha256",
+                 "calibrator_file", "calibrator_sha256", "version", "features_file", "features_sha256", "bands",
+                 "field_size_px", "light", "nsigma", "code_version")
+
+
+def _sidecar(parts: tuple[str, ...]) -> tuple[str, ...]:
+    """The ``<member>.meta.json`` beside a track-A model file (``TrackAModel.save``)."""
+    name = parts[-1]
+    return (*parts[:-1], name[: -len(".json")] + ".meta.json")
+
+
+def _version(model_sha: str, meta_sha: str, calibrator_sha: str) -> str:
+    return hashlib.sha256(f"{model_sha}\n{meta_sha}\n{calibrator_sha}\n".encode()).hexdigest()[:16]
+
+
+def write_cluster_manifest(storage, survey: str, *, field_size_px: int, light: str, nsigma: float,
+                           code_version: str, model: str = "track_a", bands=None,
+                           features_sha256: str | None = None) -> dict:
+    """Write ``clusters/models/<survey>/manifest.json`` for the model files ``cluster_classifier`` has written
+    (``model`` and its calibrator; call it after them) and return it.
+
+    ``field_size_px``, ``light``, ``nsigma``: the ``arc_segments`` settings of the
+    training fields. ``bands``: default the survey's. ``features_sha256``: default
+    the sha256 of ``clusters/features/<survey>/cluster_features.parquet``.
+    """
+    from lens_assets.science.surveys import get_survey
+
+    spec = get_survey(survey)
+    if light not in LIGHT_METHODS:
+        raise ValueError(f"light {light!r} is not one of {list(LIGHT_METHODS)}")
+    if not (isinstance(field_size_px, int) and field_size_px > 0):
+        raise ValueError(f"field_size_px must be a positive integer, got {field_size_px!r}")
+    if not (float(nsigma) > 0):
+        raise ValueError(f"nsigma must be positive, got {nsigma!r}")
+    bands = list(spec.band_names if bands is None else bands)
+    files = {"model": layout.cluster_model_file(survey, model),
+             "model_meta": _sidecar(layout.cluster_model_file(survey, model)),
+             "calibrator": layout.cluster_calibrator_file(survey, model)}
+    features = layout.cluster_features_table(survey)
+    if features_sha256 is None:
+        files["features"] = features
+    sha = {}
+    for key, parts in files.items():
+        path = storage.pull(*parts)
+        if not path.exists():
+            raise FileNotFoundError(f"{storage.url(*parts)} does not exist: materialize cluster_classifier for "
+                                    f"{survey} first")
+        sha[key] = sha256_file(path)
+    doc = {
+        "survey": spec.name, "model": model,
+        "model_file": layout.relative(files["model"]), "model_sha256": sha["model"],
+        "model_meta_file": layout.relative(files["model_meta"]), "model_meta_sha256": sha["model_meta"],
+        "calibrator_file": layout.relative(files["calibrator"]), "calibrator_sha256": sha["calibrator"],
+        "version": _version(sha["model"], sha["model_meta"], sha["calibrator"]),
+        "features_file": layout.relative(features), "features_sha256": features_sha256 or sha["features"],
+        "bands": bands, "field_size_px": int(field_size_px), "light": light, "nsigma": float(nsigma),
+        "code_version": code_version,
+    }
+    storage.write_text(json.dumps(doc, indent=2), *layout.cluster_manifest(survey))
+    return doc
+
+
+def load_cluster_manifest(storage, survey: str) -> dict | None:
+    """The survey's cluster manifest, or None when it has none (no cluster model is scoring-ready)."""
+    path = storage.pull(*layout.cluster_manifest(survey))
+    if not path.exists():
+        return None
+    doc = json.loads(path.read_text())
+    missing = [k for k in MANIFEST_KEYS if k not in doc]
+    if missing:
+        raise ValueError(f"{storage.url(*layout.cluster_manifest(survey))} lacks {missing}: materialize "
+                         "cluster_classifier again")
+    return doc
+
+
+def cluster_manifest_version(storage, survey: str) -> str | None:
+    """The manifest's ``version`` (hash of the model, its sidecar and its calibrator), or None without one."""
+    doc = load_cluster_manifest(storage, survey)
+    return doc["version"] if doc else None
+
+
+def load_cluster_model(storage, survey: str):
+    """(manifest, TrackAModel, Calibrator) of the survey's scoring-ready cluster model, each file checked against
+    the manifest's sha256. ``LookupError`` when the survey has no manifest; ``ValueError`` when a file changed."""
+    from lens_assets.science.calibration import Calibrator
+    from lens_assets.science.clusters.track_a import TrackAModel
+
+    doc = load_cluster_manifest(storage, survey)
+    where = storage.url(*layout.cluster_manifest(survey))
+    if doc is None:
+        raise LookupError(f"{where} does not exist: no cluster model of {survey} is scoring-ready (materialize "
+                          "cluster_report: it writes the manifest when its model passes every gate)")
+    storage.pull(*layout.cluster_models_dir(survey))
+    for key in ("model", "model_meta", "calibrator"):
+        rel = doc[f"{key}_file"]
+        path = storage.path(*rel.split("/"))
+        got = sha256_file(path) if path.exists() else "missing"
+        if got != doc[f"{key}_sha256"]:
+            raise ValueError(f"{storage.url(*rel.split('/'))}: sha256 {got[:16]} differs from "
+                             f"{key}_sha256 {doc[f'{key}_sha256'][:16]} in {where}; materialize cluster_classifier "
+                             "and cluster_report again")
+    model = TrackAModel.load(storage.path(*doc["model_file"].split("/")))
+    calibrator = Calibrator.from_dict(json.loads(storage.path(*doc["calibrator_file"].split("/")).read_text()))
+    return doc, model, calibrator
