@@ -78,25 +78,33 @@ def speed(survey_name: str, n: int) -> dict:
             "segments_overhead": med(t_seg) / med(t_raw)}
 
 
-def graph(survey: str, n_fields: int, n_heldout: int, root: str, workers: int) -> tuple[dict, dict, dict]:
+def graph(survey: str, n_fields: int, n_heldout: int, root: str, workers: int,
+          skip_fields: bool = False) -> tuple[dict, dict, dict]:
     import dagster as dg
 
     from lens_assets.assets.clusters import CLUSTER_ASSETS
+    from lens_assets.resources.launchers import LocalSubprocessLauncher
     from lens_assets.resources.storage import LocalStorage
 
     storage = LocalStorage(root=root)
     config = {"ops": {"cluster_fields": {"config": {"n_fields": n_fields, "n_heldout": n_heldout,
                                                     "workers": workers}},
-                      "arc_segments": {"config": {"workers": workers}}}}
+                      "arc_segments": {"config": {"workers": workers}},
+                      "cluster_track_b": {"config": {"workers": workers}}}}
     instance = dg.DagsterInstance.ephemeral()
     times, meta = {}, {}
     for asset in CLUSTER_ASSETS:  # one asset per run: its wall time alone
+        if skip_fields and asset.key.to_user_string() == "cluster_fields":
+            continue  # the fields of an earlier run under --root
         key = asset.key.to_user_string()
         t0 = time.perf_counter()
         run = {"ops": {k: v for k, v in config["ops"].items() if k == key}}
         others = [a.to_source_asset() for a in CLUSTER_ASSETS if a is not asset]
-        result = dg.materialize([asset, *others], partition_key=survey, resources={"storage": storage},
-                                run_config=run, instance=instance, raise_on_error=True)
+        result = dg.materialize([asset, *others], partition_key=survey,
+                                resources={"storage": storage, "launcher": LocalSubprocessLauncher()},
+                                run_config=run, instance=instance, raise_on_error=key != "cluster_report")
+        if key == "cluster_report":  # a failed gate is a figure here, not an error
+            meta["cluster_report_checks"] = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
         times[key] = time.perf_counter() - t0
         (mat,) = result.asset_materializations_for_node(key)
         meta[key] = {k: v.value for k, v in mat.metadata.items()
@@ -116,6 +124,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--root", default=None, help="data root of the graph run (default: a new temporary folder)")
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--skip-graph", action="store_true")
+    ap.add_argument("--skip-fields", action="store_true", help="reuse the cluster fields already under --root")
     args = ap.parse_args(argv)
     if args.root is None:
         import tempfile
@@ -131,11 +140,18 @@ def main(argv=None) -> dict:
                                   f"removal + photutils detect/deblend alone ({s['light_removal_plus_photutils_s']:.2f} s)")]
     if not args.skip_graph:
         n_heldout = args.n_fields // 4 if args.n_heldout is None else args.n_heldout
-        times, meta, figures = graph(args.survey, args.n_fields, n_heldout, args.root, args.workers)
+        times, meta, figures = graph(args.survey, args.n_fields, n_heldout, args.root, args.workers,
+                                     skip_fields=args.skip_fields)
         record.update(times=times, metadata=meta, figures=figures)
         for k, v in times.items():
             rows.append((f"wall {k}", f"{v:.1f} s"))
-        rows.append(("fields/s (simulation, all workers)", f"{meta['cluster_fields'].get('fields_per_s', 0):.2f}"))
+        if "cluster_fields" in meta:
+            rows.append(("fields/s (simulation, all workers)", f"{meta['cluster_fields'].get('fields_per_s', 0):.2f}"))
+        rows.append(("report gates", ", ".join(f"{k} {'pass' if v else 'FAIL'}"
+                                               for k, v in meta.get("cluster_report_checks", {}).items())))
+        rows.append(("fusion weights", str(meta["cluster_fusion"].get("weights", "")).replace("\n", " ")))
+        rows.append(("track_b", f"{meta['cluster_track_b'].get('train_img_per_s', 0):.0f} stamps/s training, "
+                                f"{meta['cluster_track_b'].get('precision', '')}"))
         for model, sets in figures.items():
             for name, f in sets.items():
                 if "auroc" in f:

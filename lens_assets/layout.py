@@ -311,9 +311,69 @@ def cluster_scores_table(survey: str) -> Parts:
     return (*cluster_models_dir(survey), "scores.parquet")
 
 
+def cluster_anomaly_file(survey: str) -> Parts:
+    """The Deep SVDD anomaly model of the cluster features (its calibrator: ``cluster_calibrator_file(s, 'anomaly')``)."""
+    return (*cluster_models_dir(survey), "anomaly.json")
+
+
+def cluster_components_table(survey: str) -> Parts:
+    """Per val, test and held-out field: the scores a fusion combines (track_a, anomaly, colour_consistency)."""
+    return (*cluster_models_dir(survey), "components.parquet")
+
+
+def cluster_fusion_dir(survey: str) -> Parts:
+    return (*cluster_models_dir(survey), "fusion")
+
+
+def cluster_fusion_file(survey: str) -> Parts:
+    """The fusion's weights, standardization, imputation and calibrator (``science.clusters.fusion.Fusion``)."""
+    return (*cluster_fusion_dir(survey), "fusion.json")
+
+
+def cluster_report_scores(survey: str) -> Parts:
+    """Every model's scores the cluster report reads: Track A's table, Track B's and the fused rows."""
+    return (*cluster_fusion_dir(survey), "scores.parquet")
+
+
 def cluster_manifest(survey: str) -> Parts:
     """The vetted cluster model that scores drops of cluster fields (``lens_assets.cluster_registry``)."""
     return (*cluster_models_dir(survey), "manifest.json")
+
+
+def cluster_track_b_dir(survey: str) -> Parts:
+    """Track B of the cluster track (the MIL model over arc-segment stamps): bag cache, checkpoint, scores."""
+    return (*cluster_models_dir(survey), "track_b")
+
+
+def cluster_track_b_bags(survey: str) -> Parts:
+    """Every field's bag of segment stamps, cut once (``lens_assets.ml.mil.write_bag_cache``)."""
+    return (*cluster_track_b_dir(survey), "bags.npz")
+
+
+def cluster_track_b_checkpoint(survey: str) -> Parts:
+    return (*cluster_track_b_dir(survey), "best.ckpt")
+
+
+def cluster_track_b_scores(survey: str) -> Parts:
+    """Track B's scores of the test split and the held-out families, in Track A's long format."""
+    return (*cluster_track_b_dir(survey), "scores.parquet")
+
+
+def cluster_track_b_val_scores(survey: str) -> Parts:
+    """Track B's scores of the val split (``set`` ``val_stop``/``val_calibrate``), for fusing the tracks."""
+    return (*cluster_track_b_dir(survey), "val_scores.parquet")
+
+
+def cluster_track_b_attention(survey: str) -> Parts:
+    return (*cluster_track_b_dir(survey), "attention.parquet")
+
+
+def cluster_track_b_calibrator(survey: str) -> Parts:
+    return (*cluster_track_b_dir(survey), "calibrator.json")
+
+
+def cluster_track_b_gallery(survey: str) -> Parts:
+    return (*cluster_track_b_dir(survey), "attention_gallery.png")
 
 
 def cluster_report_dir(survey: str) -> Parts:

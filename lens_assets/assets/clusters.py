@@ -9,6 +9,7 @@ import pandas as pd
 from pydantic import Field
 
 from lens_assets import layout
+from lens_assets.assets.cluster_track_b import cluster_track_b
 from lens_assets.assets._common import (counts_markdown, gallery_from_files, png_markdown, sha256_of_strings,
                                         survey_asset)
 from lens_assets.resources.storage import LocalStorage
@@ -246,7 +247,7 @@ def cluster_classifier(context: dg.AssetExecutionContext, config: ClusterClassif
     tangential alignment, against seeing), early-stopped and isotonically calibrated on separate halves of
     the val split; the same without colours; and PU-learned models from few labeled lenses. Scores of the
     test split and the held-out family for every model (``scores.parquet``)."""
-    from lens_assets.science.clusters.models import fit_cluster_models
+    from lens_assets.science.clusters.models import component_table, fit_cluster_models
     from lens_assets.science.clusters.track_a import TrackAConfig, plot_partial_dependence
 
     survey = get_survey(context.partition_key)
@@ -267,6 +268,10 @@ def cluster_classifier(context: dg.AssetExecutionContext, config: ClusterClassif
         storage.write_text(json.dumps(models.calibrators[name].to_dict()),
                            *layout.cluster_calibrator_file(survey.name, name))
     storage.write_parquet(models.scores, *layout.cluster_scores_table(survey.name))
+    models.anomaly.save(storage.path(*layout.cluster_anomaly_file(survey.name)))
+    storage.write_text(json.dumps(models.calibrators["anomaly"].to_dict()),
+                       *layout.cluster_calibrator_file(survey.name, "anomaly"))
+    storage.write_parquet(component_table(table, models), *layout.cluster_components_table(survey.name))
     main = models.track_a["track_a"]
     train = table[table["split"] == "train"]
     top = main.importance().sort_values("gain", ascending=False)["feature"].head(4).tolist()
@@ -285,6 +290,60 @@ def cluster_classifier(context: dg.AssetExecutionContext, config: ClusterClassif
     }
     if models.notes:
         metadata["notes"] = dg.MetadataValue.md("\n".join(f"- {n}" for n in models.notes))
+    return dg.MaterializeResult(metadata=metadata)
+
+
+class ClusterFusionConfig(dg.Config):
+    components: list[str] = Field(default=["track_a", "track_b", "colour_consistency", "anomaly"],
+                                  description="per-field scores fused: Track A's and Track B's logits, the colour "
+                                  "consistency feature and the Deep SVDD anomaly score")
+    max_fpr: float = Field(default=0.1, gt=0, le=1, description="the weights maximize the partial AUC up to this "
+                           "false-positive rate on the val split's stop half")
+    seed: int = Field(default=0, ge=0)
+
+
+@survey_asset(group_name="clusters", kinds={"python", "scipy"}, code_version=CLUSTER_CODE_VERSION,
+              deps=[cluster_classifier, cluster_track_b])
+def cluster_fusion(context: dg.AssetExecutionContext, config: ClusterFusionConfig,
+                   storage: LocalStorage) -> dg.MaterializeResult:
+    """The tracks fused: Track A's and Track B's logits, the colour-consistency score and the anomaly score,
+    standardized and weighted to maximize a smooth partial AUC at FPR ≤ ``max_fpr`` on the val split's stop half
+    (scipy ``minimize``), then calibrated (isotonic) on its calibrate half. Writes the fusion and the table of
+    every model's scores the report reads (Track A's models, Track B and ``fused``)."""
+    from lens_assets.science.clusters.models import fuse_scores
+
+    survey = get_survey(context.partition_key)
+    parts = {"components": layout.cluster_components_table(survey.name),
+             "scores": layout.cluster_scores_table(survey.name),
+             "track_b": layout.cluster_track_b_scores(survey.name),
+             "track_b_val": layout.cluster_track_b_val_scores(survey.name)}
+    frames = {}
+    for name, p in parts.items():
+        path = storage.pull(*p)
+        if not path.exists():
+            raise dg.Failure(f"{storage.url(*p)} does not exist: materialize cluster_classifier and cluster_track_b "
+                             f"for {survey.name} first")
+        frames[name] = pd.read_parquet(path)
+    track_b = pd.concat([frames["track_b"], frames["track_b_val"]], ignore_index=True)
+    components = frames["components"].merge(track_b[["objid", "logit"]].rename(columns={"logit": "track_b"}),
+                                            on="objid", how="left", validate="one_to_one")
+    try:
+        fused, fusion = fuse_scores(components, components=list(config.components), max_fpr=config.max_fpr,
+                                    seed=config.seed)
+    except ValueError as err:
+        raise dg.Failure(f"cluster_fusion: {err}") from None
+    storage.write_text(json.dumps(fusion.to_dict()), *layout.cluster_fusion_file(survey.name))
+    scores = pd.concat([frames["scores"], frames["track_b"][frames["scores"].columns], fused], ignore_index=True)
+    storage.write_parquet(scores, *layout.cluster_report_scores(survey.name))
+    weights = pd.DataFrame({"component": list(fusion.weights), "weight": list(fusion.weights.values())})
+    metadata = {
+        "path": dg.MetadataValue.path(str(storage.path(*layout.cluster_fusion_file(survey.name)))),
+        "weights": dg.MetadataValue.md(weights.to_markdown(index=False, floatfmt="+.3f")),
+        "n_stop": int(((components["split"] == "val") & (components["val_role"] == "stop")).sum()),
+        "models": ",".join(scores["model"].unique()),
+    }
+    if fusion.notes:
+        metadata["notes"] = dg.MetadataValue.md("\n".join(f"- {n}" for n in fusion.notes))
     return dg.MaterializeResult(metadata=metadata)
 
 
@@ -340,7 +399,7 @@ def cluster_report_checks(figures: dict, config: ClusterReportConfig) -> list:
 
 
 @survey_asset(group_name="clusters", kinds={"python", "markdown"}, code_version=CLUSTER_CODE_VERSION,
-              deps=[cluster_classifier], check_specs=CLUSTER_REPORT_CHECKS)
+              deps=[cluster_fusion], check_specs=CLUSTER_REPORT_CHECKS)
 def cluster_report(context: dg.AssetExecutionContext, config: ClusterReportConfig,
                    storage: LocalStorage) -> dg.MaterializeResult:
     """The cluster track's Bologna figures per model on the test split and the held-out family (AUROC with a
@@ -350,15 +409,16 @@ def cluster_report(context: dg.AssetExecutionContext, config: ClusterReportConfi
     from lens_assets.science.clusters.report import cluster_figures, report_markdown
 
     survey = get_survey(context.partition_key)
-    storage.pull(*layout.cluster_scores_table(survey.name))
-    scores = pd.read_parquet(storage.path(*layout.cluster_scores_table(survey.name)))
+    scores = pd.read_parquet(storage.pull(*layout.cluster_report_scores(survey.name)))
     figures = cluster_figures(scores)
     if config.scoring_model not in SCORABLE_MODELS or config.scoring_model not in figures:
         raise dg.Failure(f"cluster_report config scoring_model {config.scoring_model!r}: cluster drops are scored by "
                          f"one of {list(SCORABLE_MODELS)}; this report has {sorted(figures)}")
     md = report_markdown(figures, survey=survey.name, notes=[
         "track_a: XGBoost on every feature; track_a_no_colour: without the colour features; pu_<n>: Elkan–Noto "
-        "PU learning from n labeled lenses among the training fields",
+        "PU learning from n labeled lenses among the training fields; anomaly: Deep SVDD distance, fit on training "
+        "non-lenses alone; track_b: attention-pooled CNN over the arc-segment stamps; fused: track_a, track_b, "
+        "colour consistency and anomaly weighted for recall at FPR ≤ 0.1 on the val split",
         "recall by lensed sources and arc surface brightness at each (model, set)'s FPR ≤ 0.1 threshold"])
     storage.write_text(json.dumps(figures, indent=1), *layout.cluster_report_json(survey.name))
     storage.write_text(md, *layout.cluster_report_md(survey.name))
@@ -401,4 +461,5 @@ def _write_manifest(context, storage: LocalStorage, survey: str, model: str) -> 
                                   code_version=CLUSTER_CODE_VERSION, model=model)
 
 
-CLUSTER_ASSETS = [cluster_fields, arc_segments, cluster_features, cluster_classifier, cluster_report]
+CLUSTER_ASSETS = [cluster_fields, arc_segments, cluster_features, cluster_classifier, cluster_track_b, cluster_fusion,
+                  cluster_report]

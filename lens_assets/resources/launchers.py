@@ -35,7 +35,8 @@ class TrainingLauncher(dg.ConfigurableResource):
 
     shares_filesystem: bool = True
 
-    def launch(self, context: dg.AssetExecutionContext, *, extras: dict[str, Any]) -> list:
+    def launch(self, context: dg.AssetExecutionContext, *, extras: dict[str, Any], module: str = TRAIN_MODULE) -> list:
+        """Run ``python -m module`` (default the galaxy training job) under Pipes with ``extras``; its messages."""
         raise NotImplementedError(f"{type(self).__name__} does not launch jobs; use LocalSubprocessLauncher or "
                                   "EcsLauncher")
 
@@ -51,9 +52,11 @@ class LocalSubprocessLauncher(TrainingLauncher):
     python: str = Field(default=sys.executable, description="interpreter that runs the training module")
     env: dict[str, str] = Field(default_factory=dict, description="extra environment of the job")
 
-    def launch(self, context: dg.AssetExecutionContext, *, extras: dict[str, Any]) -> list:
+    def launch(self, context: dg.AssetExecutionContext, *, extras: dict[str, Any], module: str = TRAIN_MODULE) -> list:
         client = dg.PipesSubprocessClient(env=self.env)
-        module = TRAIN_MODULE if self.shares_filesystem else TRAIN_REMOTE_MODULE
+        if not self.shares_filesystem:
+            refuse_remote_module(self, module)
+            module = TRAIN_REMOTE_MODULE
         invocation = client.run(context=context, command=[self.python, "-m", module], extras=extras)
         return invocation.get_custom_messages()
 
@@ -105,10 +108,20 @@ class EcsLauncher(TrainingLauncher):
         return PipesECSClient(client=GuardedEcsClient(boto3.client("ecs")),
                               message_reader=PipesCloudWatchMessageReader(client=logs))
 
-    def launch(self, context: dg.AssetExecutionContext, *, extras: dict[str, Any]) -> list:
+    def launch(self, context: dg.AssetExecutionContext, *, extras: dict[str, Any], module: str = TRAIN_MODULE) -> list:
+        refuse_remote_module(self, module)
         invocation = self.pipes_client().run(context=context, run_task_params=self.run_task_params(), extras=extras,
                                              pipes_container_name=self.container_name)
         return invocation.get_custom_messages()
+
+
+def refuse_remote_module(launcher: TrainingLauncher, module: str) -> None:
+    """A job that does not share the disk runs ``train_remote`` (the galaxy training's S3 sync); any other module
+    has no remote entry point yet."""
+    if module != TRAIN_MODULE:
+        raise ValueError(f"{type(launcher).__name__} (shares_filesystem=False) runs {TRAIN_REMOTE_MODULE}, the remote "
+                         f"entry point of {TRAIN_MODULE}; {module} has none: run it with a launcher that shares the "
+                         "filesystem (LocalSubprocessLauncher)")
 
 
 # ECS tags (RunTask ``tags``): a key of 1-128 and a value of 0-256 characters, each a letter, a number, a space or

@@ -9,6 +9,7 @@ import pytest
 
 from lens_assets.assets.clusters import CLUSTER_ASSETS, ClusterReportConfig, arc_segments, cluster_report_checks
 from lens_assets.science.clusters.features import cluster_features_schema
+from lens_assets.resources.launchers import LocalSubprocessLauncher
 from lens_assets.science.families import FAMILY_DIR
 from lens_assets.science.surveys import get_survey
 
@@ -37,10 +38,14 @@ def cluster_run(tmp_path_factory):
                                       "heldout_family": _small_family(tmp, "cluster_heldout")}},
         "arc_segments": {"config": {"field_size_arcsec": FIELD_ARCSEC, "workers": 1}},
         "cluster_classifier": {"config": {"pu_labeled": [5, 10], "n_estimators": 60}},
+        "cluster_track_b": {"config": {"epochs": 1, "workers": 1}},
+        # a handful of val fields: a high FPR leaves the fusion a false positive to work with
+        "cluster_fusion": {"config": {"max_fpr": 0.5, "components": ["track_a", "track_b", "anomaly"]}},
         # 48 tiny fields: the gates are the subject of their own tests, not of this run
         "cluster_report": {"config": {"min_auroc": 0.0, "min_heldout_auroc": 0.0, "min_tpr_at_fpr_0_1": 0.0}},
     }}
-    result = dg.materialize(CLUSTER_ASSETS, partition_key="des", resources={"storage": storage},
+    result = dg.materialize(CLUSTER_ASSETS, partition_key="des",
+                            resources={"storage": storage, "launcher": LocalSubprocessLauncher()},
                             run_config=run_config, instance=dg.DagsterInstance.ephemeral(), raise_on_error=True)
     return storage, result
 
@@ -87,8 +92,11 @@ def test_features_are_typed_and_split_by_field(cluster_run):
 
 def test_models_and_report_cover_every_model_and_set(cluster_run):
     storage, result = cluster_run
-    scores = pd.read_parquet(storage.path("clusters", "models", "des", "scores.parquet"))
-    assert set(scores["model"]) == {"track_a", "track_a_no_colour", "pu_5", "pu_10", "anomaly"}
+    scores = pd.read_parquet(storage.path("clusters", "models", "des", "fusion", "scores.parquet"))
+    assert set(scores["model"]) == {"track_a", "track_a_no_colour", "pu_5", "pu_10", "anomaly", "track_b", "fused"}
+    # every model scores the same fields
+    per_model = scores.groupby("model")["objid"].apply(frozenset)
+    assert per_model.nunique() == 1
     assert set(scores["set"]) == {"test", "cluster_heldout"}
     assert scores["prob"].between(0, 1).all()
     report = json.loads(storage.path("reports", "des", "cluster", "report.json").read_text())

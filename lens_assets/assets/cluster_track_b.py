@@ -1,0 +1,165 @@
+"""Asset `cluster_track_b` (group `clusters`): Track B of the cluster track, a MIL model over arc-segment stamps."""
+
+import json
+import time
+from typing import Any
+
+import dagster as dg
+import pandas as pd
+from pydantic import Field
+
+from lens_assets import layout
+from lens_assets.assets._common import png_markdown, sha256_of_strings, survey_asset
+from lens_assets.model_registry import no_retry
+from lens_assets.resources.launchers import TrainingLauncher
+from lens_assets.resources.storage import LocalStorage
+from lens_assets.science.fileio import sha256_file
+from lens_assets.science.surveys import get_survey
+
+TRACK_B_CODE_VERSION = "track-b-1"
+TRAIN_MIL_MODULE = "lens_assets.ml.train_mil"
+
+
+class ClusterTrackBConfig(dg.Config):
+    backbone: str = Field(default="regnetx_002", description="timm backbone embedding each stamp "
+                          "(lens_assets.ml.backbones.BACKBONES); the default trains fastest on 32 px stamps on a CPU "
+                          "in either precision (benchmarks/bench_track_b.py)")
+    epochs: int = Field(default=8, ge=1)
+    batch_size: int = Field(default=16, ge=1, description="fields per batch")
+    lr: float = Field(default=1e-3, gt=0)
+    patience: int = Field(default=4, ge=1, description="epochs without a better val AUROC before stopping")
+    stamp_px: int = Field(default=32, ge=8, description="side of each segment's stamp, px")
+    max_instances: int = Field(default=16, ge=1, description="stamps per field: its segments of highest S/N")
+    seed: int = Field(default=0, ge=0)
+    precision: str = Field(default="auto", description="'auto' (bf16-mixed on a GPU or a CPU with native bf16, "
+                           "else 32-true), 'bf16-mixed' or '32-true'")
+    max_minutes: float = Field(default=0.0, ge=0.0, description="wall-clock budget of the training; 0 for none")
+    workers: int = Field(default=0, description="processes cutting the bags; 0 = every core")
+    n_shown: int = Field(default=4, ge=1, description="top-scored test fields drawn with their attention")
+
+
+@survey_asset(group_name="clusters", kinds={"python", "pytorch"}, code_version=TRACK_B_CODE_VERSION,
+              # by key: clusters.py imports this module to put Track B in the cluster graph
+              deps=[dg.AssetKey("cluster_features"), dg.AssetKey("arc_segments")], pool="gpu")
+def cluster_track_b(context: dg.AssetExecutionContext, config: ClusterTrackBConfig, storage: LocalStorage,
+                    launcher: TrainingLauncher) -> dg.MaterializeResult:
+    """Track B of the cluster track: a multiple-instance model over 32×32 px stamps of each field's arc segments
+    (PSF-matched, asinh of the flux over the field's noise); a timm backbone embeds each stamp, gated attention
+    pools them to one logit per field. Trained on the train split by a Pipes job (``lens_assets.ml.train_mil``),
+    the best epoch by val/stop AUROC; scores of the test split and the held-out families in Track A's format,
+    the val rows' scores for fusion, and each instance's attention weight."""
+    from lens_assets.ml.backbones import BACKBONES
+    from lens_assets.ml.mil import MIL_CODE_VERSION, build_bag_cache, read_bag_cache
+    from lens_assets.ml.precision import PRECISIONS
+
+    survey = get_survey(context.partition_key)
+    if config.backbone not in BACKBONES or config.precision not in PRECISIONS:
+        raise no_retry(f"cluster_track_b config: backbone {config.backbone!r} / precision {config.precision!r}; "
+                       f"backbones are {sorted(BACKBONES)}, precisions {list(PRECISIONS)}")
+    if not launcher.shares_filesystem:
+        raise no_retry(f"cluster_track_b: {type(launcher).__name__} runs the job where the bag cache "
+                       f"{storage.url(*layout.cluster_track_b_bags(survey.name))} cannot be read; use a launcher "
+                       "that shares this filesystem")
+    tables = {}
+    for name, parts in (("fields", layout.cluster_fields_table(survey.name)),
+                        ("segments", layout.cluster_segments_table(survey.name)),
+                        ("features", layout.cluster_features_table(survey.name))):
+        path = storage.pull(*parts)
+        if not path.exists():
+            raise no_retry(f"{storage.url(*parts)} does not exist: materialize arc_segments and cluster_features "
+                           f"for {survey.name} first")
+        tables[name] = path
+    features = pd.read_parquet(tables["features"])
+    fields = pd.read_parquet(tables["fields"])
+    used = features.loc[features["split"].isin(["train", "val", "test", "heldout"]), "objid"]
+    fields = fields[fields["objid"].isin(set(used))].sort_values("objid").reset_index(drop=True)
+    if len(fields) < len(used):
+        raise no_retry(f"{len(used) - len(fields)} fields of the features table are not in the fields table "
+                       f"{storage.url(*layout.cluster_fields_table(survey.name))}: materialize them together")
+
+    # the bag cache: cut again only when the fields, their segments or the stamp settings changed
+    key = sha256_of_strings([TRACK_B_CODE_VERSION, MIL_CODE_VERSION, str(config.stamp_px), str(config.max_instances),
+                             sha256_file(tables["segments"]), *fields["source_sha256"]])
+    bags_path = storage.pull(*layout.cluster_track_b_bags(survey.name))
+    reused = bags_path.exists() and read_bag_cache(bags_path).meta.get("key") == key
+    t0 = time.perf_counter()
+    if not reused:
+        storage.pull(*layout.cluster_raw_survey(survey.name))  # the FITS the bags are cut from (S3: downloaded)
+        build_bag_cache(fields, pd.read_parquet(tables["segments"]), root=storage.root_path, survey=survey.name,
+                        out=bags_path, stamp_px=config.stamp_px, max_instances=config.max_instances,
+                        workers=config.workers, progress=True, key=key)
+    bag_seconds = time.perf_counter() - t0
+    bags = read_bag_cache(bags_path)
+    context.log.info(f"{len(bags)} bags ({int(bags.counts.sum())} instances) "
+                     f"{'reused' if reused else f'cut in {bag_seconds:.1f}s'} -> {bags_path}")
+
+    outputs = {"checkpoint": layout.cluster_track_b_checkpoint(survey.name),
+               "scores": layout.cluster_track_b_scores(survey.name),
+               "val_scores": layout.cluster_track_b_val_scores(survey.name),
+               "attention": layout.cluster_track_b_attention(survey.name),
+               "calibrator": layout.cluster_track_b_calibrator(survey.name)}
+    settings = {"backbone": config.backbone, "epochs": config.epochs, "batch_size": config.batch_size,
+                "lr": config.lr, "patience": config.patience, "seed": config.seed, "precision": config.precision,
+                "max_minutes": config.max_minutes}
+    extras = {"bags_path": str(bags_path), "table_path": str(tables["features"]),
+              "outputs": {k: str(storage.path(*v)) for k, v in outputs.items()}, "settings": settings}
+    messages = launcher.launch(context, extras=extras, module=TRAIN_MIL_MODULE)
+    if not messages:
+        raise dg.Failure("the track_b training job reported no summary")
+    s = messages[-1]
+    storage.push(*layout.cluster_track_b_dir(survey.name))
+
+    scores = pd.read_parquet(storage.path(*outputs["scores"]))
+    attention = pd.read_parquet(storage.path(*outputs["attention"]))
+    gallery = _attention_gallery(scores, attention, fields, survey, config.n_shown, storage)
+    checkpoint = storage.path(*outputs["checkpoint"])
+    sha = sha256_file(checkpoint)
+    metadata = {
+        "path": dg.MetadataValue.path(str(storage.path(*layout.cluster_track_b_dir(survey.name)))),
+        "scores": dg.MetadataValue.path(str(storage.path(*outputs["scores"]))),
+        "best_val_auroc": _float(s["best_val_auroc"]), "test_auroc": _float(s["test_auroc"]),
+        "n_test": int(s["n_test"]),
+        "train_img_per_s": float(s["train_instances_per_s"]),  # instances (stamps) per second
+        "train_fields_per_s": float(s["train_fields_per_s"]),
+        "precision": s["precision"], "device": s["device"], "backbone": config.backbone,
+        "epochs_run": int(s["epochs_run"]), "calibration": s["calibration"],
+        "val_auroc_by_epoch": dg.MetadataValue.json(s["val_auroc_by_epoch"]),
+        "n_bags": len(bags), "mean_instances_per_bag": float(bags.counts.mean()),
+        "bags_reused": bool(reused), "bag_seconds": float(bag_seconds),
+        "checkpoint": dg.MetadataValue.path(str(checkpoint)), "checkpoint_sha256": sha,
+    }
+    for family, auroc in s["heldout_auroc"].items():
+        metadata[f"heldout_{family}_auroc"] = _float(auroc)
+    if gallery is not None:
+        metadata["attention_gallery"] = png_markdown(gallery, alt="track_b attention on the top test fields")
+    version = sha256_of_strings([key, sha, json.dumps(settings, sort_keys=True)])
+    return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(version[:16]))
+
+
+def _float(value) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def _attention_gallery(scores, attention, fields, survey, n_shown: int, storage: LocalStorage):
+    """The top-scored test fields with a circle per instance sized and coloured by its attention weight."""
+    from lens_assets.ml.mil import attention_gallery, field_image
+
+    top = scores[scores["set"] == "test"].sort_values("logit", ascending=False).head(n_shown)
+    if top.empty:
+        return None
+    by_id = fields.set_index("objid")
+    images, instances, titles = [], [], []
+    for r in top.itertuples(index=False):
+        f = by_id.loc[r.objid]
+        image, _ = field_image(storage.pull(*f["source_file"].split("/")), f["source_file"], survey.name,
+                               int(f["size_px"]))
+        images.append(image)
+        instances.append(attention[attention["objid"] == r.objid])
+        titles.append(f"{r.objid[-10:]} p={r.prob:.2f} {'lens' if r.label == 1 else 'non-lens'} ({r.sim_kind})")
+    out = storage.path(*layout.cluster_track_b_gallery(survey.name))
+    attention_gallery(images, instances, titles, bands=survey.band_names, path=out)
+    storage.push(*layout.cluster_track_b_gallery(survey.name))
+    return out
+
+
+CLUSTER_TRACK_B_ASSETS = [cluster_track_b]

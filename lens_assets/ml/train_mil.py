@@ -1,0 +1,175 @@
+"""Train and score Track B of the cluster track (the MIL model of :mod:`lens_assets.ml.mil`): CLI or Pipes job.
+
+    python -m lens_assets.ml.train_mil --bags data/clusters/models/des/track_b/bags.npz \\
+        --table data/clusters/features/des/cluster_features.parquet --out runs/des/track_b --epochs 8
+
+Reads the bag cache (cut once by the ``cluster_track_b`` asset) and the features
+table (``objid``, ``label``, ``split``, ``val_role`` and the truth columns),
+trains on the ``train`` split with the best checkpoint by AUROC on the
+val/``stop`` rows, then scores with that checkpoint and writes:
+
+* ``scores``: Track A's long format (``model, set, objid, label, sim_family,
+  sim_kind, theta_e, n_arcs, arc_sb, logit, prob``), ``model = "track_b"``, ``set``
+  ``"test"`` or the held-out family's name; ``prob`` is isotonic-calibrated on
+  the val/``calibrate`` rows (as Track A's), or ``sigmoid(logit)`` when those rows
+  lack a class (``calibration`` in the summary says which);
+* ``val_scores``: the same columns for the val rows, ``set`` ``"val_stop"`` or
+  ``"val_calibrate"`` (what a fusion of the tracks is fit on);
+* ``attention``: one row per scored instance: ``objid, set, instance,
+  segment_id, x_px, y_px, attention`` (``segment_id`` -1: the central stamp of a
+  field without segments);
+* ``calibrator``: the calibrator's JSON (``science.calibration.Calibrator``), when
+  one was fit.
+
+Launched by Dagster Pipes (``cluster_track_b``), the paths and settings come from
+the extras and the summary goes back as a custom message (as :mod:`.train`,
+whose :func:`~.train.launched_by_pipes` it uses). A run starts from scratch: a
+previous checkpoint at the path is replaced (no resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+__all__ = ["run", "default_outputs", "OUTPUTS"]
+
+OUTPUTS = ("checkpoint", "scores", "val_scores", "attention", "calibrator")
+
+
+def default_outputs(out_dir: str | Path) -> dict:
+    """The output paths of a CLI run into ``out_dir`` (the asset passes the layout's paths instead)."""
+    out = Path(out_dir)
+    return {"checkpoint": out / "best.ckpt", "scores": out / "scores.parquet", "val_scores": out / "val_scores.parquet",
+            "attention": out / "attention.parquet", "calibrator": out / "calibrator.json"}
+
+
+def _set_names(part):
+    import numpy as np
+
+    split, role = part["split"].to_numpy(), part["val_role"].to_numpy()
+    return np.where(split == "test", "test", np.where(split == "val", "val_" + role.astype(str), part["sim_family"]))
+
+
+def run(bags_path: str | Path, table_path: str | Path, outputs: dict, settings) -> dict:
+    """Train (:func:`.mil.train_mil`), score the val, test and held-out rows with the best checkpoint
+    (:func:`.mil.score_mil`), calibrate, and write ``outputs`` (:data:`OUTPUTS` -> path); returns the summary."""
+    import numpy as np
+    import pandas as pd
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    from lens_assets.science.calibration import fit_calibrator
+    from lens_assets.science.clusters.models import TRUTH_COLUMNS
+    from lens_assets.science.fileio import atomic_path, write_json_atomic
+
+    from .mil import read_bag_cache, score_mil, train_mil
+
+    missing = [k for k in OUTPUTS if k not in outputs]
+    if missing:
+        raise ValueError(f"outputs lack paths for {missing}")
+    outputs = {k: Path(v) for k, v in outputs.items()}
+    bags = read_bag_cache(bags_path)
+    table = pd.read_parquet(table_path)
+    need = [*TRUTH_COLUMNS, "split", "val_role"]
+    if [c for c in need if c not in table.columns]:
+        raise ValueError(f"{table_path}: lacks columns {[c for c in need if c not in table.columns]}")
+    summary = train_mil(settings, bags=bags, table=table, checkpoint_path=outputs["checkpoint"])
+    scored = table[table["split"].isin(["test", "heldout", "val"])].reset_index(drop=True)
+    gpu = summary["device"] == "cuda"
+    logits, attention = score_mil(summary["checkpoint"], bags, rows=bags.index_of(list(scored["objid"])),
+                                  device="cuda" if gpu else "cpu", precision=settings.precision)
+    sets = _set_names(scored)
+    cal_rows = sets == "val_calibrate"
+    y_cal = scored["label"].to_numpy(int)[cal_rows]
+    if len(np.unique(y_cal)) == 2:
+        calibrator = fit_calibrator(logits[cal_rows], y_cal, method="isotonic")
+        prob = calibrator.predict(logits)
+        write_json_atomic(outputs["calibrator"], calibrator.to_dict())
+        calibration = f"isotonic on {int(cal_rows.sum())} val/calibrate rows"
+    else:
+        calibrator, prob = None, 1.0 / (1.0 + np.exp(-logits))
+        outputs["calibrator"].unlink(missing_ok=True)
+        calibration = (f"sigmoid(logit): the {int(cal_rows.sum())} val/calibrate rows hold labels "
+                       f"{sorted(set(y_cal.tolist()))}, not both")
+    frame = scored[list(TRUTH_COLUMNS)].copy()
+    frame.insert(0, "model", "track_b")
+    frame.insert(1, "set", sets)
+    frame["logit"], frame["prob"] = logits, prob
+    is_val = np.char.startswith(sets.astype(str), "val_")
+    for key, part in (("scores", frame[~is_val]), ("val_scores", frame[is_val])):
+        with atomic_path(outputs[key]) as tmp:
+            part.reset_index(drop=True).to_parquet(tmp, index=False)
+    rows = []
+    for i, (objid, b) in enumerate(zip(scored["objid"], bags.index_of(list(scored["objid"])))):
+        sl = bags.instances(int(b))
+        n = sl.stop - sl.start
+        rows.append(pd.DataFrame({"objid": objid, "set": sets[i], "instance": np.arange(n),
+                                  "segment_id": bags.segment_id[sl], "x_px": bags.xy_px[sl, 0],
+                                  "y_px": bags.xy_px[sl, 1], "attention": attention[i, :n]}))
+    with atomic_path(outputs["attention"]) as tmp:
+        pd.concat(rows, ignore_index=True).to_parquet(tmp, index=False)
+
+    def auroc(sel):
+        y = frame.loc[sel, "label"].to_numpy(int)
+        return float(roc_auc_score(y, frame.loc[sel, "logit"])) if 0 < y.sum() < len(y) else None
+
+    heldout = sorted(set(sets[scored["split"] == "heldout"]))
+    summary.update({
+        "test_auroc": auroc(sets == "test"), "n_test": int((sets == "test").sum()),
+        "heldout_auroc": {f: auroc(sets == f) for f in heldout},
+        "n_heldout": {f: int((sets == f).sum()) for f in heldout},
+        "calibration": calibration, "cuda_available": bool(torch.cuda.is_available()),
+        "outputs": {k: str(v) for k, v in outputs.items() if k != "calibrator" or calibrator is not None},
+    })
+    return summary
+
+
+def _settings(values: dict):
+    from .mil import MILSettings
+
+    return MILSettings(**values)
+
+
+def pipes_main() -> None:
+    """Under Dagster Pipes: extras ``bags_path``, ``table_path``, ``outputs`` (name -> path), ``settings``."""
+    from dagster_pipes import open_dagster_pipes
+
+    with open_dagster_pipes() as pipes:
+        ex = pipes.extras
+        settings = _settings({**ex.get("settings", {}), "progress": False})
+        pipes.log.info(f"training track_b ({settings.backbone}) for {settings.epochs} epochs on {ex['bags_path']}")
+        summary = run(ex["bags_path"], ex["table_path"], ex["outputs"], settings)
+        pipes.log.info(f"track_b: best val AUROC {summary['best_val_auroc']}, test AUROC {summary['test_auroc']}, "
+                       f"{summary['train_instances_per_s']:.0f} instances/s on {summary['device']} "
+                       f"({summary['precision']})")
+        pipes.report_custom_message(summary)
+
+
+def main(argv=None) -> dict:
+    from .mil import MILSettings
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bags", required=True, help="bag cache (.npz) written by cluster_track_b / build_bag_cache")
+    ap.add_argument("--table", required=True, help="cluster features table with split and val_role")
+    ap.add_argument("--out", required=True, help="folder of the checkpoint, scores, attention and calibrator")
+    defaults = asdict(MILSettings())
+    for name, default in defaults.items():
+        if isinstance(default, bool):
+            ap.add_argument(f"--{name.replace('_', '-')}", type=lambda v: v.lower() in ("1", "true", "yes"),
+                            default=default)
+        else:
+            ap.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
+    args = vars(ap.parse_args(argv))
+    summary = run(args["bags"], args["table"], default_outputs(args["out"]),
+                  _settings({k: args[k] for k in defaults}))
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    from .train import launched_by_pipes
+
+    pipes_main() if launched_by_pipes() else main()

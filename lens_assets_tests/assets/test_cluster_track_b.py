@@ -1,0 +1,128 @@
+"""materialize() of cluster_track_b on tiny DES cluster fields: the Pipes job (LocalSubprocessLauncher) trains one
+epoch, writes the checkpoint, the scores in Track A's format, the val scores and the attention weights, and the
+checkpoint scores the same logits when reloaded."""
+
+import re
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import pytest
+
+from lens_assets import layout
+from lens_assets.assets.cluster_track_b import CLUSTER_TRACK_B_ASSETS, cluster_track_b
+from lens_assets.assets.clusters import arc_segments, cluster_features, cluster_fields
+from lens_assets.resources.launchers import LocalSubprocessLauncher
+from lens_assets.resources.storage import LocalStorage
+from lens_assets.science.families import FAMILY_DIR
+
+FIELD_ARCSEC = 32.0
+SLOW = pytest.mark.slow  # one Pipes training job of its own, on fields simulated for it
+SCORE_COLUMNS = ["model", "set", "objid", "label", "sim_family", "sim_kind", "theta_e", "n_arcs", "arc_sb", "logit",
+                 "prob"]
+
+
+def _small_family(tmp_path, name: str) -> str:
+    """A packaged cluster family on a 32-arcsec field (fast), as a TOML path."""
+    text = (FAMILY_DIR / f"{name}.toml").read_text()
+    text = re.sub(r"(?m)^size_arcsec = .*$", f"size_arcsec = {FIELD_ARCSEC}", text)
+    text = re.sub(r"(?m)^min_theta_e_arcsec = .*$", "min_theta_e_arcsec = 3.0", text)
+    path = tmp_path / f"{name}.toml"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def track_b_run(tmp_path_factory):
+    """16 + 4 held-out fields (seed 2: train, val/stop, test and held-out rows hold both labels; the one
+    val/calibrate field is a lens, so the probabilities are sigmoid(logit)) and one epoch of Track B."""
+    tmp = tmp_path_factory.mktemp("track_b")
+    storage = LocalStorage(root=str(tmp / "root"))
+    run_config = {"ops": {
+        "cluster_fields": {"config": {"n_fields": 16, "n_heldout": 4, "seed": 2, "workers": 1,
+                                      "family": _small_family(tmp, "cluster"),
+                                      "heldout_family": _small_family(tmp, "cluster_heldout")}},
+        "arc_segments": {"config": {"field_size_arcsec": FIELD_ARCSEC, "workers": 1}},
+        "cluster_track_b": {"config": {"epochs": 1, "batch_size": 8, "stamp_px": 24, "max_instances": 6,
+                                       "workers": 1, "n_shown": 2}},
+    }}
+    result = dg.materialize([cluster_fields, arc_segments, cluster_features, *CLUSTER_TRACK_B_ASSETS],
+                            partition_key="des", run_config=run_config, instance=dg.DagsterInstance.ephemeral(),
+                            resources={"storage": storage, "launcher": LocalSubprocessLauncher()}, raise_on_error=True)
+    (mat,) = result.asset_materializations_for_node("cluster_track_b")
+    return storage, {k: v.value for k, v in mat.metadata.items()}
+
+
+@SLOW
+def test_the_job_writes_checkpoint_scores_and_attention_and_reports_its_figures(track_b_run):
+    storage, meta = track_b_run
+    for parts in (layout.cluster_track_b_bags("des"), layout.cluster_track_b_checkpoint("des"),
+                  layout.cluster_track_b_scores("des"), layout.cluster_track_b_val_scores("des"),
+                  layout.cluster_track_b_attention("des"), layout.cluster_track_b_gallery("des")):
+        assert storage.path(*parts).is_file(), parts
+    assert meta["epochs_run"] == 1 and meta["precision"] in ("bf16-mixed", "32-true") and meta["device"] == "cpu"
+    assert 0.0 <= meta["best_val_auroc"] <= 1.0 and 0.0 <= meta["test_auroc"] <= 1.0
+    assert meta["train_img_per_s"] > 0 and "heldout_cluster_heldout_auroc" in meta
+    assert meta["attention_gallery"].startswith("![") and meta["bags_reused"] is False
+    # the val/calibrate rows hold lenses only: no calibrator, the probability is the logit's sigmoid
+    assert meta["calibration"].startswith("sigmoid(logit)")
+    assert not storage.path(*layout.cluster_track_b_calibrator("des")).exists()
+
+
+@SLOW
+def test_scores_have_track_a_format_and_cover_the_test_and_held_out_fields(track_b_run):
+    storage, _ = track_b_run
+    features = pd.read_parquet(storage.path(*layout.cluster_features_table("des")))
+    scores = pd.read_parquet(storage.path(*layout.cluster_track_b_scores("des")))
+    val = pd.read_parquet(storage.path(*layout.cluster_track_b_val_scores("des")))
+    assert list(scores.columns) == SCORE_COLUMNS and list(val.columns) == SCORE_COLUMNS
+    assert set(scores["model"]) == set(val["model"]) == {"track_b"}
+    assert set(scores["set"]) == {"test", "cluster_heldout"}
+    assert set(val["set"]) == {"val_stop", "val_calibrate"}
+    assert sorted(scores["objid"]) == sorted(features.loc[features["split"].isin(["test", "heldout"]), "objid"])
+    assert sorted(val["objid"]) == sorted(features.loc[features["split"] == "val", "objid"])
+    roles = features.set_index("objid")["val_role"]
+    assert (val["set"] == "val_" + roles.loc[val["objid"]].to_numpy()).all()
+    np.testing.assert_allclose(scores["prob"], 1 / (1 + np.exp(-scores["logit"])), rtol=1e-12)
+
+
+@SLOW
+def test_attention_weights_are_per_instance_and_sum_to_one_per_field(track_b_run):
+    from lens_assets.ml.mil import read_bag_cache
+
+    storage, _ = track_b_run
+    attention = pd.read_parquet(storage.path(*layout.cluster_track_b_attention("des")))
+    bags = read_bag_cache(storage.path(*layout.cluster_track_b_bags("des")))
+    assert bags.meta["stamp_px"] == 24 and bags.counts.max() <= 6
+    per = attention.groupby("objid")
+    np.testing.assert_allclose(per["attention"].sum().to_numpy(), 1.0, atol=1e-5)
+    counts = per.size()
+    np.testing.assert_array_equal(counts.to_numpy(), bags.counts[bags.index_of(list(counts.index))])
+
+
+@SLOW
+def test_the_checkpoint_reloads_to_the_same_logits(track_b_run):
+    from lens_assets.ml.mil import read_bag_cache, score_mil
+
+    storage, _ = track_b_run
+    scores = pd.read_parquet(storage.path(*layout.cluster_track_b_scores("des")))
+    bags = read_bag_cache(storage.path(*layout.cluster_track_b_bags("des")))
+    logits, attention = score_mil(storage.path(*layout.cluster_track_b_checkpoint("des")), bags,
+                                  rows=bags.index_of(list(scores["objid"])))
+    np.testing.assert_allclose(logits, scores["logit"].to_numpy(), rtol=0, atol=1e-5)
+    assert attention.shape == (len(scores), 6)
+
+
+def test_a_launcher_that_does_not_share_the_disk_is_refused(tmp_path):
+    storage = LocalStorage(root=str(tmp_path))
+    with pytest.raises(dg.Failure, match="runs the job where the bag cache .* cannot be read"):
+        dg.materialize([cluster_track_b], partition_key="des", instance=dg.DagsterInstance.ephemeral(),
+                       resources={"storage": storage, "launcher": LocalSubprocessLauncher(shares_filesystem=False)})
+
+
+def test_an_unknown_backbone_is_refused_with_the_registry(tmp_path):
+    storage = LocalStorage(root=str(tmp_path))
+    with pytest.raises(dg.Failure, match="backbones are .*regnetx_002"):
+        dg.materialize([cluster_track_b], partition_key="des", instance=dg.DagsterInstance.ephemeral(),
+                       resources={"storage": storage, "launcher": LocalSubprocessLauncher()},
+                       run_config={"ops": {"cluster_track_b": {"config": {"backbone": "nope"}}}})

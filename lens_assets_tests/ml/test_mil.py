@@ -1,0 +1,180 @@
+"""Track B's MIL pieces: bags cut from a hand-built field, the zero-segment field, the cache, attention masks,
+permutation invariance and the augmentation's geometry."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from lens_assets.ml import mil
+
+STAMP = 32
+HALF = STAMP // 2
+
+
+def _segments(rows):
+    return pd.DataFrame(rows, columns=list(mil.SEGMENT_BAG_COLUMNS))
+
+
+def _field(h=80, w=100, bands=2):
+    """A blank field with unit variance, so the normalization is asinh(image) exactly (noise scale 1)."""
+    return np.zeros((bands, h, w), dtype=np.float32), np.ones((bands, h, w), dtype=np.float32)
+
+
+def test_stamps_are_centred_on_the_segment_centroid_and_zero_padded_at_the_edge():
+    image, variance = _field()
+    image[0, 25, 40] = 100.0  # (x=40, y=25): row 25, column 40
+    image[1, 3, 2] = 7.0  # near the corner (x=2, y=3)
+    image[1, 0:20, 0:20] += 1.0
+    before = image.copy()
+    segs = _segments([(0, 2.2, 2.6, 9.0, 200.0, 5.0),  # low S/N: second
+                      (1, 40.3, 24.8, 3.0, 30.0, 50.0)])  # brightest: first
+    bag = mil.segment_bags(image, variance, segs, bcg_xy=(50.0, 40.0), pixel_scale_arcsec=0.25, stamp_px=STAMP,
+                           max_instances=4)
+    np.testing.assert_array_equal(image, before)  # the caller's array is not modified
+    assert bag.stamps.shape == (4, 2, STAMP, STAMP) and bag.mask.tolist() == [True, True, False, False]
+    assert bag.segment_id.tolist() == [1, 0, -1, -1]
+    # the centroid (40.3, 24.8) rounds to pixel (40, 25), which lands at the stamp's centre index
+    assert bag.stamps[0, 0, HALF, HALF] == pytest.approx(math.asinh(100.0), rel=1e-6)
+    assert np.count_nonzero(bag.stamps[0, 0]) == 1
+    # the corner segment: rounds to (2, 3); the stamp starts at x = 2 - 16 = -14, y = 3 - 16 = -13
+    corner = bag.stamps[1, 1]
+    assert np.all(corner[:13] == 0) and np.all(corner[:, :14] == 0)  # beyond the edge: zeros
+    assert corner[HALF, HALF] == pytest.approx(math.asinh(8.0), rel=1e-6)  # the field's (2, 3) pixel
+    np.testing.assert_allclose(corner[13:, 14:], np.arcsinh(image[1, 0:STAMP - 13, 0:STAMP - 14]), rtol=1e-6)
+    # positions: r over half the field's side (100 px * 0.25"/2 = 12.5"), cos and sin of phi
+    np.testing.assert_allclose(bag.positions[0], [3.0 / 12.5, math.cos(math.radians(30)), math.sin(math.radians(30))],
+                               rtol=1e-6)
+    np.testing.assert_allclose(bag.positions[1], [9.0 / 12.5, math.cos(math.radians(200)),
+                                                  math.sin(math.radians(200))], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(bag.xy_px[:2], [[40.3, 24.8], [2.2, 2.6]], rtol=1e-6)
+    assert not bag.stamps[2:].any() and not bag.positions[2:].any()  # padding is zeros
+
+
+def test_the_brightest_segments_are_kept_up_to_max_instances():
+    image, variance = _field()
+    segs = _segments([(i, 10.0 + 5 * i, 40.0, 1.0, 0.0, snr) for i, snr in enumerate([3.0, 9.0, 1.0, 9.0, 4.0])])
+    bag = mil.segment_bags(image, variance, segs, bcg_xy=(50.0, 40.0), pixel_scale_arcsec=0.25, max_instances=3)
+    assert bag.segment_id.tolist() == [1, 3, 4]  # snr 9, 9 (ties by id), 4
+    assert bag.mask.all()
+
+
+def test_a_field_without_segments_gets_its_central_stamp():
+    image, variance = _field()
+    image[0, 40, 50] = 20.0  # the BCG at (x=50, y=40)
+    bag = mil.segment_bags(image, variance, _segments([]), bcg_xy=(50.2, 39.9), pixel_scale_arcsec=0.25,
+                           max_instances=5)
+    assert bag.mask.tolist() == [True, False, False, False, False]
+    assert bag.segment_id[0] == -1 and bag.positions[0].tolist() == [0.0, 0.0, 0.0]
+    assert bag.stamps[0, 0, HALF, HALF] == pytest.approx(math.asinh(20.0), rel=1e-6)
+    np.testing.assert_allclose(bag.xy_px[0], [50.2, 39.9], rtol=1e-6)
+
+
+def test_normalization_is_asinh_over_the_fields_median_noise_of_measured_pixels():
+    image, variance = _field(h=40, w=40)
+    variance[:] = 4.0
+    variance[:, :5] = 0.0  # unmeasured pixels do not count
+    image[0, 20, 20] = 6.0
+    np.testing.assert_allclose(mil.normalize_field(image, variance)[0, 20, 20], math.asinh(3.0), rtol=1e-6)
+
+
+def test_bag_errors_name_what_is_wrong():
+    image, variance = _field()
+    with pytest.raises(ValueError, match=r"lacks columns \['snr'\]"):
+        mil.segment_bags(image, variance, pd.DataFrame(columns=["segment_id", "x_px", "y_px", "r_arcsec", "phi_deg"]),
+                         bcg_xy=(1, 1), pixel_scale_arcsec=0.25)
+    with pytest.raises(ValueError, match="expected \\(bands, height, width\\)"):
+        mil.segment_bags(image[0], variance[0], _segments([]), bcg_xy=(1, 1), pixel_scale_arcsec=0.25)
+    with pytest.raises(ValueError, match="bcg_xy must be finite"):
+        mil.segment_bags(image, variance, _segments([]), bcg_xy=(float("nan"), 1), pixel_scale_arcsec=0.25)
+
+
+def test_the_cache_keeps_every_instance_and_pads_on_reading(tmp_path):
+    image, variance = _field()
+    rng = np.random.default_rng(0)
+    image += rng.normal(size=image.shape).astype(np.float32)
+    bags = [mil.segment_bags(image, variance, _segments([(i, 10.0 + 7 * i, 30.0, 1.0, 0.0, 5.0 - i)
+                                                          for i in range(n)]),
+                             bcg_xy=(50.0, 40.0), pixel_scale_arcsec=0.25, max_instances=4) for n in (3, 0, 4)]
+    path = mil.write_bag_cache(tmp_path / "bags.npz", ["a", "b", "c"], bags, meta={"key": "k1"})
+    got = mil.read_bag_cache(path)
+    assert got.objid.tolist() == ["a", "b", "c"] and got.counts.tolist() == [3, 1, 4]
+    assert got.meta["key"] == "k1" and got.meta["max_instances"] == 4 and got.stamp_px == STAMP
+    padded = got.padded([2, 0, 1])
+    assert padded["stamps"].shape == (3, 4, 2, STAMP, STAMP)
+    for b, src in enumerate([bags[2], bags[0], bags[1]]):
+        np.testing.assert_array_equal(padded["mask"][b], src.mask)
+        np.testing.assert_array_equal(padded["stamps"][b], src.stamps)
+        np.testing.assert_array_equal(padded["positions"][b], src.positions)
+    assert got.index_of(["c", "a"]).tolist() == [2, 0]
+    with pytest.raises(KeyError, match="have no bag"):
+        got.index_of(["zzz"])
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    return mil.MILNet(backbone="resnet10t", in_chans=2, stamp_px=16, embed_dim=16, attention_dim=8).eval()
+
+
+def _batch(b=3, k=5, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    stamps = torch.randn(b, k, 2, 16, 16, generator=g)
+    positions = torch.randn(b, k, 3, generator=g)
+    mask = torch.tensor([[True, True, True, False, False], [True, False, False, False, False],
+                         [True, True, True, True, True]])[:b, :k]
+    return stamps, positions, mask
+
+
+def test_masked_instances_get_exactly_zero_attention_and_weights_sum_to_one(net):
+    stamps, positions, mask = _batch()
+    with torch.no_grad():
+        logit, attention = net(stamps, positions, mask)
+        # what padding holds does not matter
+        noisy = stamps.clone()
+        noisy[~mask] = 1e3
+        logit2, attention2 = net(noisy, positions, mask)
+    assert logit.shape == (3,) and attention.shape == (3, 5)
+    assert torch.all(attention[~mask] == 0.0)
+    assert torch.all(attention[mask] > 0)
+    torch.testing.assert_close(attention.sum(dim=1), torch.ones(3), atol=1e-6, rtol=0)
+    assert attention[1, 0] == 1.0  # a single instance takes all the weight
+    torch.testing.assert_close(logit2, logit, atol=0, rtol=0)
+    torch.testing.assert_close(attention2, attention, atol=0, rtol=0)
+
+
+def test_the_field_logit_is_invariant_to_the_order_of_its_instances(net):
+    stamps, positions, mask = _batch()
+    perm = torch.tensor([4, 2, 0, 3, 1])  # real instances and padding shuffled together
+    with torch.no_grad():
+        logit, attention = net(stamps, positions, mask)
+        logit_p, attention_p = net(stamps[:, perm], positions[:, perm], mask[:, perm])
+    torch.testing.assert_close(logit_p, logit, atol=1e-5, rtol=0)
+    torch.testing.assert_close(attention_p, attention[:, perm], atol=1e-5, rtol=0)
+
+
+def test_a_bag_without_instances_is_refused(net):
+    stamps, positions, mask = _batch()
+    mask[1] = False
+    with pytest.raises(ValueError, match="at least one real instance"):
+        net(stamps, positions, mask)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_augmentation_turns_stamps_and_position_angles_together(seed):
+    # a bright pixel 6 px from the stamp's centre at angle phi, and the scalars (r, cos phi, sin phi)
+    phi = math.radians(35.0 + 50 * seed)
+    stamps = torch.zeros(8, 1, 1, STAMP, STAMP)
+    cx = cy = (STAMP - 1) / 2  # rot90 and flip turn about the array's centre
+    x, y = round(cx + 6 * math.cos(phi)), round(cy + 6 * math.sin(phi))
+    stamps[:, 0, 0, y, x] = 1.0
+    positions = torch.tensor([[[0.5, math.cos(phi), math.sin(phi)]]]).repeat(8, 1, 1)
+    out_s, out_p = mil.augment_bags(stamps, positions, generator=torch.Generator().manual_seed(seed))
+    assert torch.all(stamps[:, 0, 0, y, x] == 1.0)  # inputs untouched
+    for b in range(8):
+        yy, xx = (int(v) for v in torch.nonzero(out_s[b, 0, 0])[0])
+        direction = np.array([xx - cx, yy - cy]) / math.hypot(xx - cx, yy - cy)
+        assert float(np.dot(direction, out_p[b, 0, 1:].numpy())) > 0.98
+        assert out_p[b, 0, 0] == 0.5
