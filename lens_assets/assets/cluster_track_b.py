@@ -36,6 +36,10 @@ class ClusterTrackBConfig(dg.Config):
     max_minutes: float = Field(default=0.0, ge=0.0, description="wall-clock budget of the training; 0 for none")
     workers: int = Field(default=0, description="processes cutting the bags; 0 = every core")
     n_shown: int = Field(default=4, ge=1, description="top-scored test fields drawn with their attention")
+    pu_labeled: list[int] = Field(default=[], description="labeled lenses of each Elkan–Noto PU model of the MIL "
+                                  "network (score rows 'pu_b_<n>' beside Track A's 'pu_<n>'), e.g. [10, 50, 200]; "
+                                  "each trains one more network; [] for none; a size above the train split's lenses "
+                                  "is skipped with a note")
 
 
 @survey_asset(group_name="clusters", kinds={"python", "pytorch"}, code_version=TRACK_B_CODE_VERSION,
@@ -47,7 +51,8 @@ def cluster_track_b(context: dg.AssetExecutionContext, config: ClusterTrackBConf
     (PSF-matched, asinh of the flux over the field's noise); a timm backbone embeds each stamp, gated attention
     pools them to one logit per field. Trained on the train split by a Pipes job (``lens_assets.ml.train_mil``),
     the best epoch by val/stop AUROC; scores of the test split and the held-out families in Track A's format,
-    the val rows' scores for fusion, and each instance's attention weight."""
+    the val rows' scores for fusion, and each instance's attention weight. With ``pu_labeled``, Elkan–Noto PU
+    models of the same network from n labeled lenses (``pu_b_<n>`` rows in the scores, test and held-out only)."""
     from lens_assets.ml.backbones import BACKBONES
     from lens_assets.ml.mil import MIL_CODE_VERSION, build_bag_cache, read_bag_cache
     from lens_assets.ml.precision import PRECISIONS
@@ -56,6 +61,9 @@ def cluster_track_b(context: dg.AssetExecutionContext, config: ClusterTrackBConf
     if config.backbone not in BACKBONES or config.precision not in PRECISIONS:
         raise no_retry(f"cluster_track_b config: backbone {config.backbone!r} / precision {config.precision!r}; "
                        f"backbones are {sorted(BACKBONES)}, precisions {list(PRECISIONS)}")
+    if any(n < 2 for n in config.pu_labeled) or len(set(config.pu_labeled)) < len(config.pu_labeled):
+        raise no_retry(f"cluster_track_b config: pu_labeled {config.pu_labeled} must hold distinct sizes >= 2 "
+                       "(1 labeled lens to fit g, 1 held out for the label frequency)")
     if not launcher.shares_filesystem:
         raise no_retry(f"cluster_track_b: {type(launcher).__name__} runs the job where the bag cache "
                        f"{storage.url(*layout.cluster_track_b_bags(survey.name))} cannot be read; use a launcher "
@@ -100,7 +108,7 @@ def cluster_track_b(context: dg.AssetExecutionContext, config: ClusterTrackBConf
                "calibrator": layout.cluster_track_b_calibrator(survey.name)}
     settings = {"backbone": config.backbone, "epochs": config.epochs, "batch_size": config.batch_size,
                 "lr": config.lr, "patience": config.patience, "seed": config.seed, "precision": config.precision,
-                "max_minutes": config.max_minutes}
+                "max_minutes": config.max_minutes, "pu_labeled": list(config.pu_labeled)}
     extras = {"bags_path": str(bags_path), "table_path": str(tables["features"]),
               "outputs": {k: str(storage.path(*v)) for k, v in outputs.items()}, "settings": settings}
     messages = launcher.launch(context, extras=extras, module=TRAIN_MIL_MODULE)
@@ -130,6 +138,12 @@ def cluster_track_b(context: dg.AssetExecutionContext, config: ClusterTrackBConf
     }
     for family, auroc in s["heldout_auroc"].items():
         metadata[f"heldout_{family}_auroc"] = _float(auroc)
+    if config.pu_labeled:
+        metadata["pu_label_frequency"] = dg.MetadataValue.json({
+            name: {"c": round(float(pu["c"]), 4), "n_labeled": int(pu["n_labeled"]),
+                   "n_labeled_holdout": int(pu["n_labeled_holdout"])} for name, pu in s["pu"].items()})
+    if s.get("notes"):
+        metadata["notes"] = dg.MetadataValue.md("\n".join(f"- {n}" for n in s["notes"]))
     if gallery is not None:
         metadata["attention_gallery"] = png_markdown(gallery, alt="track_b attention on the top test fields")
     version = sha256_of_strings([key, sha, json.dumps(settings, sort_keys=True)])
@@ -144,7 +158,8 @@ def _attention_gallery(scores, attention, fields, survey, n_shown: int, storage:
     """The top-scored test fields with a circle per instance sized and coloured by its attention weight."""
     from lens_assets.ml.mil import attention_gallery, field_image
 
-    top = scores[scores["set"] == "test"].sort_values("logit", ascending=False).head(n_shown)
+    top = scores[(scores["model"] == "track_b") & (scores["set"] == "test")]
+    top = top.sort_values("logit", ascending=False).head(n_shown)
     if top.empty:
         return None
     by_id = fields.set_index("objid")

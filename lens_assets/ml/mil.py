@@ -17,6 +17,9 @@ attention weight of each instance (which segments made the call).
   best checkpoint by validation AUROC on the ``val``/``stop`` rows (bf16 autocast
   where :mod:`.precision` says so), and :func:`score_mil` gives logits and
   attention weights from a checkpoint.
+* :func:`train_pu_mil` is Elkan–Noto PU learning
+  (:mod:`lens_assets.science.clusters.pu`) with :func:`train_mil`'s network as g:
+  trained on ``n`` labeled lenses against the unlabeled rest.
 
 Pixel coordinates follow :mod:`lens_assets.science.clusters.segments`: x is the
 column, y the row, angles from +x towards +y.
@@ -41,8 +44,8 @@ from .backbones import create_backbone, get_spec
 
 __all__ = ["Bag", "BagSet", "MILSettings", "MILNet", "MILClassifier", "N_POSITION", "SEGMENT_BAG_COLUMNS",
            "segment_bags", "normalize_field", "field_image", "field_bag", "build_bag_cache", "write_bag_cache",
-           "read_bag_cache", "augment_bags", "collate_bags", "train_mil", "load_mil", "score_mil", "attention_gallery",
-           "MIL_CODE_VERSION"]
+           "read_bag_cache", "augment_bags", "collate_bags", "train_mil", "train_pu_mil", "pu_model_name", "load_mil",
+           "score_mil", "attention_gallery", "MIL_CODE_VERSION"]
 
 MIL_CODE_VERSION = "mil-1"  # changes when a cached bag would be cut differently
 N_POSITION = 3  # per-instance scalars: r / r_scale, cos(phi), sin(phi)
@@ -538,6 +541,8 @@ class MILSettings:
     num_workers: int = 0
     threads: int = 0  # torch threads; 0 = one per core of this process's CPU affinity (ml.precision.available_cores)
     progress: bool = True
+    # labeled lenses of each PU model (train_pu_mil, model "pu_b_<n>"); [] trains none
+    pu_labeled: list[int] = field(default_factory=list)
 
     def __post_init__(self):
         from .backbones import BACKBONES
@@ -550,25 +555,32 @@ class MILSettings:
         for name in ("epochs", "batch_size", "patience", "embed_dim", "attention_dim"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        self.pu_labeled = list(self.pu_labeled)
+        bad = [n for n in self.pu_labeled if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 2]
+        if bad or len(set(self.pu_labeled)) < len(self.pu_labeled):
+            raise ValueError(f"pu_labeled must hold distinct integers >= 2 (1 labeled lens to fit g, 1 held out for "
+                             f"c), got {self.pu_labeled}")
 
 
-def _split_rows(table: pd.DataFrame, bags: BagSet, split: str, val_role: str | None = None):
+def _split_rows(table: pd.DataFrame, bags: BagSet, split: str, val_role: str | None = None,
+                label_column: str = "label"):
     sel = table["split"] == split
     if val_role is not None:
         sel &= table["val_role"] == val_role
     part = table[sel]
-    return bags.index_of(list(part["objid"])), part["label"].to_numpy(dtype=np.float32)
+    return bags.index_of(list(part["objid"])), part[label_column].to_numpy(dtype=np.float32)
 
 
 def train_mil(settings: MILSettings, *, bags: BagSet | str | Path, table: pd.DataFrame,
-              checkpoint_path: str | Path) -> dict:
+              checkpoint_path: str | Path, label_column: str = "label", model_name: str = "track_b") -> dict:
     """Fit :class:`MILClassifier` on ``table``'s ``train`` rows; the best epoch by AUROC on its ``val``/``stop``
     rows is saved to ``checkpoint_path``. Returns a summary (``best_val_auroc``, ``epochs_run``,
     ``train_instances_per_s`` over the training steps, ``train_fields_per_s``, ``checkpoint``, ``device``,
     ``precision``, ...).
 
-    ``table`` has ``objid``, ``label``, ``split``, ``val_role`` (the features table); every train and val row
-    needs a bag in ``bags``. A previous file at ``checkpoint_path`` is replaced.
+    ``table`` has ``objid``, ``split``, ``val_role`` (the features table) and the 0/1 target ``label_column``
+    (train and validation alike: :func:`train_pu_mil` passes its PU labels); every train and val row needs a bag
+    in ``bags``. A previous file at ``checkpoint_path`` is replaced. ``model_name`` is the summary's ``model``.
     """
     import time
 
@@ -577,11 +589,11 @@ def train_mil(settings: MILSettings, *, bags: BagSet | str | Path, table: pd.Dat
     from .precision import available_cores, resolve_precision
 
     bags = read_bag_cache(bags) if not isinstance(bags, BagSet) else bags
-    missing = [c for c in ("objid", "label", "split", "val_role") if c not in table.columns]
+    missing = [c for c in ("objid", label_column, "split", "val_role") if c not in table.columns]
     if missing:
         raise ValueError(f"split table lacks columns {missing}")
-    train_rows, train_y = _split_rows(table, bags, "train")
-    val_rows, val_y = _split_rows(table, bags, "val", "stop")
+    train_rows, train_y = _split_rows(table, bags, "train", label_column=label_column)
+    val_rows, val_y = _split_rows(table, bags, "val", "stop", label_column=label_column)
     for name, y in (("train", train_y), ("val stop", val_y)):
         if len(np.unique(y)) < 2:
             raise ValueError(f"the {name} rows need lenses and non-lenses, got labels {sorted(set(y.tolist()))} in "
@@ -620,7 +632,7 @@ def train_mil(settings: MILSettings, *, bags: BagSet | str | Path, table: pd.Dat
     seconds = time.perf_counter() - t0
     step_s = model.train_step_seconds
     summary = {
-        "model": "track_b", "checkpoint": str(best.best_model_path),
+        "model": model_name, "checkpoint": str(best.best_model_path),
         "best_val_auroc": float(best.best_model_score) if best.best_model_score is not None else None,
         "epochs_run": int(trainer.current_epoch), "val_auroc_by_epoch": model.val_history,
         "device": "cuda" if gpu else "cpu", "precision": precision, "threads": threads,
@@ -632,6 +644,82 @@ def train_mil(settings: MILSettings, *, bags: BagSet | str | Path, table: pd.Dat
         "settings": asdict(settings),
     }
     return summary
+
+
+def pu_model_name(n_labeled: int) -> str:
+    """The score rows' ``model`` of the PU model trained on ``n_labeled`` labeled lenses (Track A's are ``pu_<n>``)."""
+    return f"pu_b_{int(n_labeled)}"
+
+
+def train_pu_mil(settings: MILSettings, *, bags: BagSet | str | Path, table: pd.DataFrame, n_labeled: int,
+                 checkpoint_path: str | Path, holdout_fraction: float = 0.2):
+    """Elkan–Noto PU learning with Track B's network as g = P(s=1 | bag): returns ``(PUModel, summary)``.
+
+    The pieces are :mod:`lens_assets.science.clusters.pu`'s, as Track A's ``pu_<n>``
+    uses them, with ``settings.seed`` as their seed: :func:`~.pu.simulate_pu_labels`
+    labels ``n_labeled`` of the ``train`` split's lenses (s=1), the other fields
+    are unlabeled (s=0); :func:`~.pu.fit_pu` holds out ``holdout_fraction`` of the
+    labeled ones, trains g on the rest with ``fit_fn`` = :func:`train_mil` (the
+    same loop, ``settings``, augmentation and checkpointing as ``track_b``) on s,
+    and estimates c on the held-out ones. The returned model's ``g`` takes a
+    frame with ``objid`` (rows with bags) and gives ``sigmoid`` of the network's
+    logit; its ``prob_from_g`` gives P(lens).
+
+    Early stopping and the best checkpoint use PU labels on the val/``stop`` rows
+    too (no true labels there either): :func:`~.pu.simulate_pu_labels` labels
+    ``round(n_labeled × stop lenses / train lenses)`` of their lenses (at least
+    1: the same label frequency), the rest unlabeled, and the monitored AUROC is
+    labeled vs unlabeled, which under "selected completely at random" is an
+    increasing linear function of the true AUROC, so it picks the same epoch in
+    expectation. ``summary``: ``model`` (:func:`pu_model_name`), ``n_labeled``,
+    ``c``, ``c_fit``, ``n_labeled_fit``, ``n_labeled_holdout``, ``n_unlabeled``,
+    ``n_val_stop_labeled``, ``best_val_pu_auroc``, ``epochs_run``, ``checkpoint``,
+    ``seconds``.
+    """
+    from scipy.special import expit
+
+    from lens_assets.science.clusters.pu import fit_pu, simulate_pu_labels
+
+    bags = read_bag_cache(bags) if not isinstance(bags, BagSet) else bags
+    missing = [c for c in ("objid", "label", "split", "val_role") if c not in table.columns]
+    if missing:
+        raise ValueError(f"split table lacks columns {missing}")
+    train = table[table["split"] == "train"].reset_index(drop=True)
+    stop = table[(table["split"] == "val") & (table["val_role"] == "stop")].reset_index(drop=True)
+    y_train, y_stop = train["label"].to_numpy(int), stop["label"].to_numpy(int)
+    n_pos, n_stop_pos = int(y_train.sum()), int(y_stop.sum())
+    if n_labeled > n_pos:
+        raise ValueError(f"n_labeled={n_labeled} exceeds the {n_pos} lenses of the train split")
+    if n_stop_pos == 0:
+        raise ValueError("the val stop rows hold no lens, so none can be labeled for early stopping")
+    s_train = simulate_pu_labels(y_train, int(n_labeled), seed=settings.seed)
+    n_stop = min(n_stop_pos, max(1, int(round(n_labeled * n_stop_pos / n_pos))))
+    s_stop = simulate_pu_labels(y_stop, n_stop, seed=settings.seed)
+    name = pu_model_name(n_labeled)
+    runs: list[dict] = []
+
+    def fit_fn(X: pd.DataFrame, s: np.ndarray):
+        part = pd.concat([X.assign(pu_label=s), stop.assign(pu_label=s_stop)], ignore_index=True)
+        run = train_mil(settings, bags=bags, table=part, checkpoint_path=checkpoint_path, label_column="pu_label",
+                        model_name=name)
+        runs.append(run)
+        model = load_mil(run["checkpoint"], device=run["device"])
+
+        def g(rows: pd.DataFrame) -> np.ndarray:
+            logits, _ = score_mil(model, bags, rows=bags.index_of(list(rows["objid"])), device=run["device"],
+                                  precision=settings.precision)
+            return expit(logits)
+
+        return g
+
+    pu = fit_pu(train, s_train, fit_fn=fit_fn, holdout_fraction=holdout_fraction, seed=settings.seed)
+    run = runs[-1]
+    summary = {"model": name, "n_labeled": int(n_labeled), "c": pu.c, "c_fit": pu.c_fit,
+               "n_labeled_fit": pu.n_labeled_fit, "n_labeled_holdout": pu.n_labeled_holdout,
+               "n_unlabeled": pu.n_unlabeled, "n_val_stop_labeled": int(n_stop),
+               "best_val_pu_auroc": run["best_val_auroc"], "epochs_run": run["epochs_run"],
+               "checkpoint": run["checkpoint"], "device": run["device"], "seconds": run["seconds"]}
+    return pu, summary
 
 
 def load_mil(checkpoint: str | Path, *, device: str = "cpu"):

@@ -21,6 +21,17 @@ val/``stop`` rows, then scores with that checkpoint and writes:
 * ``calibrator``: the calibrator's JSON (``science.calibration.Calibrator``), when
   one was fit.
 
+With ``pu_labeled`` in the settings, one Elkan–Noto PU model per ``n``
+(:func:`.mil.train_pu_mil`: the same network and training loop on ``n`` labeled
+lenses of the train split against the unlabeled rest, early-stopped on PU labels
+of the val/``stop`` rows) adds rows of model ``pu_b_<n>`` to ``scores`` (the
+same test and held-out fields as ``track_b``): ``logit`` is the logit of g =
+P(labeled | field), ``prob`` P(lens) = g / c by :mod:`lens_assets.science.clusters.pu`'s
+conversion, c estimated on held-out labeled lenses. Its checkpoint is
+``pu_b_<n>.ckpt`` beside ``checkpoint``. An ``n`` above the train split's lenses
+is skipped with a note (``notes`` in the summary), as Track A's ``pu_<n>``;
+``val_scores`` keeps ``track_b`` rows only.
+
 Launched by Dagster Pipes (``cluster_track_b``), the paths and settings come from
 the extras and the summary goes back as a custom message (as :mod:`.train`,
 whose :func:`~.train.launched_by_pipes` it uses). A run starts from scratch: a
@@ -99,7 +110,9 @@ def run(bags_path: str | Path, table_path: str | Path, outputs: dict, settings) 
     frame.insert(1, "set", sets)
     frame["logit"], frame["prob"] = logits, prob
     is_val = np.char.startswith(sets.astype(str), "val_")
-    for key, part in (("scores", frame[~is_val]), ("val_scores", frame[is_val])):
+    pu_frames, pu_summaries, notes = _pu_models(settings, bags, table, scored[~is_val], frame[~is_val],
+                                                 outputs["checkpoint"], gpu=gpu)
+    for key, part in (("scores", pd.concat([frame[~is_val], *pu_frames])), ("val_scores", frame[is_val])):
         with atomic_path(outputs[key]) as tmp:
             part.reset_index(drop=True).to_parquet(tmp, index=False)
     rows = []
@@ -123,8 +136,44 @@ def run(bags_path: str | Path, table_path: str | Path, outputs: dict, settings) 
         "n_heldout": {f: int((sets == f).sum()) for f in heldout},
         "calibration": calibration, "cuda_available": bool(torch.cuda.is_available()),
         "outputs": {k: str(v) for k, v in outputs.items() if k != "calibrator" or calibrator is not None},
+        "pu": pu_summaries, "notes": notes,
     })
     return summary
+
+
+def _pu_models(settings, bags, table, scored, frame, checkpoint, *, gpu: bool):
+    """One :func:`.mil.train_pu_mil` per ``settings.pu_labeled``: (score frames like ``frame`` with model
+    ``pu_b_<n>``, {model: summary with its test AUROC}, notes). ``scored``/``frame``: the test and held-out rows."""
+    import numpy as np
+    from scipy.special import expit
+    from sklearn.metrics import roc_auc_score
+
+    from .mil import pu_model_name, score_mil, train_pu_mil
+
+    checkpoint = Path(checkpoint)
+    for old in checkpoint.parent.glob("pu_b_*.ckpt"):  # a previous run's PU models
+        old.unlink()
+    n_lenses = int((table.loc[table["split"] == "train", "label"].to_numpy(int) == 1).sum())
+    frames, summaries, notes = [], {}, []
+    rows = bags.index_of(list(scored["objid"]))
+    for n in settings.pu_labeled:
+        name = pu_model_name(n)
+        if n > n_lenses:
+            notes.append(f"{name}: skipped, the training split has {n_lenses} lenses")
+            continue
+        pu, s = train_pu_mil(settings, bags=bags, table=table, n_labeled=n,
+                             checkpoint_path=checkpoint.with_name(f"{name}.ckpt"))
+        logits, _ = score_mil(s["checkpoint"], bags, rows=rows, device="cuda" if gpu else "cpu",
+                              precision=settings.precision)
+        part = frame.copy()
+        part["model"] = name
+        part["logit"], part["prob"] = logits, pu.prob_from_g(expit(logits))
+        test = (part["set"] == "test").to_numpy()
+        y = part.loc[test, "label"].to_numpy(int)
+        s["test_auroc"] = float(roc_auc_score(y, logits[test])) if 0 < y.sum() < len(y) else None
+        frames.append(part)
+        summaries[name] = s
+    return frames, summaries, notes
 
 
 def _settings(values: dict):
@@ -145,6 +194,11 @@ def pipes_main() -> None:
         pipes.log.info(f"track_b: best val AUROC {summary['best_val_auroc']}, test AUROC {summary['test_auroc']}, "
                        f"{summary['train_instances_per_s']:.0f} instances/s on {summary['device']} "
                        f"({summary['precision']})")
+        for name, pu in summary["pu"].items():
+            pipes.log.info(f"{name}: c {pu['c']:.3f} from {pu['n_labeled_holdout']} held-out labeled lenses, "
+                           f"test AUROC {pu['test_auroc']}")
+        for note in summary["notes"]:
+            pipes.log.info(note)
         pipes.report_custom_message(summary)
 
 
@@ -157,7 +211,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", required=True, help="folder of the checkpoint, scores, attention and calibrator")
     defaults = asdict(MILSettings())
     for name, default in defaults.items():
-        if isinstance(default, bool):
+        if isinstance(default, list):  # pu_labeled
+            ap.add_argument(f"--{name.replace('_', '-')}", type=int, nargs="*", default=default)
+        elif isinstance(default, bool):
             ap.add_argument(f"--{name.replace('_', '-')}", type=lambda v: v.lower() in ("1", "true", "yes"),
                             default=default)
         else:

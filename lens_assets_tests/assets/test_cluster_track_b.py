@@ -1,6 +1,7 @@
 """materialize() of cluster_track_b on tiny DES cluster fields: the Pipes job (LocalSubprocessLauncher) trains one
-epoch, writes the checkpoint, the scores in Track A's format, the val scores and the attention weights, and the
-checkpoint scores the same logits when reloaded."""
+epoch, writes the checkpoint, the scores in Track A's format (with a PU model's rows), the val scores and the
+attention weights, and the checkpoint scores the same logits when reloaded; cluster_fusion fuses Track B's own rows
+when its scores file holds PU rows too."""
 
 import re
 
@@ -11,7 +12,7 @@ import pytest
 
 from lens_assets import layout
 from lens_assets.assets.cluster_track_b import CLUSTER_TRACK_B_ASSETS, cluster_track_b
-from lens_assets.assets.clusters import arc_segments, cluster_features, cluster_fields
+from lens_assets.assets.clusters import arc_segments, cluster_features, cluster_fields, cluster_fusion
 from lens_assets.resources.launchers import LocalSubprocessLauncher
 from lens_assets.resources.storage import LocalStorage
 from lens_assets.science.families import FAMILY_DIR
@@ -35,7 +36,8 @@ def _small_family(tmp_path, name: str) -> str:
 @pytest.fixture(scope="module")
 def track_b_run(tmp_path_factory):
     """16 + 4 held-out fields (seed 2: train, val/stop, test and held-out rows hold both labels; the one
-    val/calibrate field is a lens, so the probabilities are sigmoid(logit)) and one epoch of Track B."""
+    val/calibrate field is a lens, so the probabilities are sigmoid(logit)) and one epoch of Track B, with a PU
+    model from 2 labeled lenses (and one from 1000, skipped)."""
     tmp = tmp_path_factory.mktemp("track_b")
     storage = LocalStorage(root=str(tmp / "root"))
     run_config = {"ops": {
@@ -44,7 +46,7 @@ def track_b_run(tmp_path_factory):
                                       "heldout_family": _small_family(tmp, "cluster_heldout")}},
         "arc_segments": {"config": {"field_size_arcsec": FIELD_ARCSEC, "workers": 1}},
         "cluster_track_b": {"config": {"epochs": 1, "batch_size": 8, "stamp_px": 24, "max_instances": 6,
-                                       "workers": 1, "n_shown": 2}},
+                                       "workers": 1, "n_shown": 2, "pu_labeled": [2, 1000]}},
     }}
     result = dg.materialize([cluster_fields, arc_segments, cluster_features, *CLUSTER_TRACK_B_ASSETS],
                             partition_key="des", run_config=run_config, instance=dg.DagsterInstance.ephemeral(),
@@ -67,6 +69,12 @@ def test_the_job_writes_checkpoint_scores_and_attention_and_reports_its_figures(
     # the val/calibrate rows hold lenses only: no calibrator, the probability is the logit's sigmoid
     assert meta["calibration"].startswith("sigmoid(logit)")
     assert not storage.path(*layout.cluster_track_b_calibrator("des")).exists()
+    # the PU model: its label frequency and labeled count; the size above the training lenses skipped, noted
+    (name,) = meta["pu_label_frequency"]
+    assert name == "pu_b_2" and 0.0 < meta["pu_label_frequency"][name]["c"] <= 1.0
+    assert meta["pu_label_frequency"][name]["n_labeled"] == 2
+    assert "pu_b_1000: skipped, the training split has" in meta["notes"]
+    assert storage.path(*layout.cluster_track_b_dir("des"), "pu_b_2.ckpt").is_file()
 
 
 @SLOW
@@ -76,7 +84,10 @@ def test_scores_have_track_a_format_and_cover_the_test_and_held_out_fields(track
     scores = pd.read_parquet(storage.path(*layout.cluster_track_b_scores("des")))
     val = pd.read_parquet(storage.path(*layout.cluster_track_b_val_scores("des")))
     assert list(scores.columns) == SCORE_COLUMNS and list(val.columns) == SCORE_COLUMNS
-    assert set(scores["model"]) == set(val["model"]) == {"track_b"}
+    assert set(scores["model"]) == {"track_b", "pu_b_2"} and set(val["model"]) == {"track_b"}
+    pu = scores[scores["model"] == "pu_b_2"].reset_index(drop=True)
+    scores = scores[scores["model"] == "track_b"].reset_index(drop=True)
+    assert pu["objid"].tolist() == scores["objid"].tolist() and pu["prob"].between(0, 1).all()
     assert set(scores["set"]) == {"test", "cluster_heldout"}
     assert set(val["set"]) == {"val_stop", "val_calibrate"}
     assert sorted(scores["objid"]) == sorted(features.loc[features["split"].isin(["test", "heldout"]), "objid"])
@@ -105,7 +116,7 @@ def test_the_checkpoint_reloads_to_the_same_logits(track_b_run):
     from lens_assets.ml.mil import read_bag_cache, score_mil
 
     storage, _ = track_b_run
-    scores = pd.read_parquet(storage.path(*layout.cluster_track_b_scores("des")))
+    scores = pd.read_parquet(storage.path(*layout.cluster_track_b_scores("des"))).query("model == 'track_b'")
     bags = read_bag_cache(storage.path(*layout.cluster_track_b_bags("des")))
     logits, attention = score_mil(storage.path(*layout.cluster_track_b_checkpoint("des")), bags,
                                   rows=bags.index_of(list(scores["objid"])))
@@ -126,3 +137,43 @@ def test_an_unknown_backbone_is_refused_with_the_registry(tmp_path):
         dg.materialize([cluster_track_b], partition_key="des", instance=dg.DagsterInstance.ephemeral(),
                        resources={"storage": storage, "launcher": LocalSubprocessLauncher()},
                        run_config={"ops": {"cluster_track_b": {"config": {"backbone": "nope"}}}})
+
+
+def test_fusion_takes_track_b_rows_alone_when_the_file_holds_pu_rows(tmp_path):
+    """cluster_fusion on hand-made tables: Track B's scores file with pu_b_10 rows for the same fields merges
+    its track_b logits one to one and hands every model's rows to the report."""
+    from lens_assets.science.clusters.models import SCORE_COLUMNS, TRUTH_COLUMNS
+
+    rng = np.random.default_rng(0)
+    parts = [("val", "stop", "val", 20), ("val", "calibrate", "val", 20), ("test", "", "test", 20),
+             ("heldout", "", "cluster_heldout", 10)]
+    ct = pd.concat([pd.DataFrame({"split": split, "val_role": role, "set": name, "objid": [f"{name}{role}{i}"
+                                  for i in range(n)], "label": np.arange(n) % 2}) for split, role, name, n in parts],
+                   ignore_index=True)
+    ct = ct.assign(sim_family="cluster", sim_kind="nfw", theta_e=5.0, n_arcs=1, arc_sb=23.0)
+    ct["track_a"] = 2.0 * ct["label"] + rng.normal(size=len(ct))
+    ct["anomaly"] = ct["label"] + rng.normal(size=len(ct))
+    ct["colour_consistency"] = rng.normal(size=len(ct))
+    ct = ct[["split", "val_role", "set", *TRUTH_COLUMNS, "track_a", "anomaly", "colour_consistency"]]
+
+    def rows(part, model, logit):
+        out = part[["set", *TRUTH_COLUMNS]].assign(model=model, logit=logit, prob=1 / (1 + np.exp(-logit)))
+        return out[list(SCORE_COLUMNS)]
+
+    scored, val = ct[ct["split"] != "val"], ct[ct["split"] == "val"]
+    b_logit = lambda part: 1.5 * part["label"].to_numpy() + rng.normal(size=len(part))  # noqa: E731
+    storage = LocalStorage(root=str(tmp_path))
+    storage.write_parquet(ct, *layout.cluster_components_table("des"))
+    storage.write_parquet(rows(scored, "track_a", scored["track_a"].to_numpy()), *layout.cluster_scores_table("des"))
+    track_b_file = pd.concat([rows(scored, "track_b", b_logit(scored)), rows(scored, "pu_b_10", -b_logit(scored))])
+    storage.write_parquet(track_b_file, *layout.cluster_track_b_scores("des"))
+    storage.write_parquet(rows(val, "track_b", b_logit(val)), *layout.cluster_track_b_val_scores("des"))
+    result = dg.materialize([cluster_fusion], partition_key="des", instance=dg.DagsterInstance.ephemeral(),
+                            resources={"storage": storage}, raise_on_error=True, run_config={"ops": {
+                                "cluster_fusion": {"config": {"max_fpr": 0.5,
+                                                              "components": ["track_a", "track_b", "anomaly"]}}}})
+    (mat,) = result.asset_materializations_for_node("cluster_fusion")
+    assert mat.metadata["models"].value == "track_a,track_b,pu_b_10,fused"
+    report = pd.read_parquet(storage.path(*layout.cluster_report_scores("des")))
+    assert report.groupby("model").size().to_dict() == {"track_a": 30, "track_b": 30, "pu_b_10": 30, "fused": 30}
+    assert "track_b" in mat.metadata["weights"].value

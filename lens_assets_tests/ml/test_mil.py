@@ -178,3 +178,108 @@ def test_augmentation_turns_stamps_and_position_angles_together(seed):
         direction = np.array([xx - cx, yy - cy]) / math.hypot(xx - cx, yy - cy)
         assert float(np.dot(direction, out_p[b, 0, 1:].numpy())) > 0.98
         assert out_p[b, 0, 0] == 0.5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# PU learning (pu_b_<n>) through train_mil.run, on a tiny synthetic bag cache
+
+
+def _pu_table_and_bags(tmp_path):
+    """60 fields (train 24 with 10 lenses, val stop 8 / calibrate 6, test 14, held out 8), 1-3 stamps of 16 px
+    each; a lens's first stamp holds a bright blob, so the network has something to learn."""
+    rng = np.random.default_rng(0)
+    parts = [("train", "", 24, 10), ("val", "stop", 8, 4), ("val", "calibrate", 6, 3), ("test", "", 14, 6),
+             ("heldout", "", 8, 4)]
+    rows, bags = [], []
+    for split, role, n, n_lens in parts:
+        for i in range(n):
+            label = int(i < n_lens)
+            k = int(rng.integers(1, 4))
+            stamps = rng.normal(size=(k, 1, 16, 16)).astype(np.float32)
+            if label:
+                stamps[0, 0, 5:11, 5:11] += 4.0
+            bags.append(mil.Bag(stamps=stamps, positions=rng.normal(size=(k, 3)).astype(np.float32),
+                                mask=np.ones(k, bool), segment_id=np.arange(k, dtype=np.int64),
+                                xy_px=rng.uniform(0, 50, size=(k, 2)).astype(np.float32)))
+            rows.append({"objid": f"{split}{role}{i:02d}", "label": label, "split": split, "val_role": role,
+                         "sim_family": "fam_h" if split == "heldout" else "fam", "sim_kind": "sie",
+                         "theta_e": 5.0 * label, "n_arcs": 2 * label, "arc_sb": 22.0})
+    table = pd.DataFrame(rows)
+    table.to_parquet(tmp_path / "table.parquet", index=False)
+    mil.write_bag_cache(tmp_path / "bags.npz", list(table["objid"]), bags, meta={"max_instances": 3})
+    return table
+
+
+@pytest.fixture(scope="module")
+def pu_run(tmp_path_factory):
+    from lens_assets.ml.train_mil import default_outputs, run
+
+    tmp = tmp_path_factory.mktemp("pu_mil")
+    table = _pu_table_and_bags(tmp)
+    settings = mil.MILSettings(backbone="resnet10t", epochs=1, batch_size=16, embed_dim=16, attention_dim=8,
+                               augment=False, precision="32-true", accelerator="cpu", threads=1, progress=False,
+                               pu_labeled=[3, 500])
+    outputs = default_outputs(tmp / "out")
+    summary = run(tmp / "bags.npz", tmp / "table.parquet", outputs, settings)
+    return table, outputs, summary
+
+
+def test_pu_rows_score_the_same_fields_as_track_b_and_val_scores_keep_track_b_only(pu_run):
+    table, outputs, summary = pu_run
+    scores = pd.read_parquet(outputs["scores"])
+    val = pd.read_parquet(outputs["val_scores"])
+    assert set(scores["model"]) == {"track_b", "pu_b_3"} and set(val["model"]) == {"track_b"}
+    b, pu = scores[scores["model"] == "track_b"], scores[scores["model"] == "pu_b_3"]
+    assert pu["objid"].tolist() == b["objid"].tolist() and pu["set"].tolist() == b["set"].tolist()
+    assert set(b["set"]) == {"test", "fam_h"} and len(b) == 22
+    assert pu["label"].tolist() == b["label"].tolist()
+    # the PU network's checkpoint beside track_b's gives the rows' logits
+    ckpt = outputs["checkpoint"].with_name("pu_b_3.ckpt")
+    assert summary["pu"]["pu_b_3"]["checkpoint"] == str(ckpt)
+    bags = mil.read_bag_cache(outputs["checkpoint"].parent.parent / "bags.npz")
+    logits, _ = mil.score_mil(ckpt, bags, rows=bags.index_of(list(pu["objid"])), precision="32-true")
+    np.testing.assert_allclose(pu["logit"].to_numpy(), logits, rtol=0, atol=1e-5)
+    assert summary["test_auroc"] is not None and "test_auroc" in summary["pu"]["pu_b_3"]
+
+
+def test_pu_prob_is_g_over_c_by_pu_py_and_c_is_a_frequency(pu_run):
+    _, outputs, summary = pu_run
+    s = summary["pu"]["pu_b_3"]
+    assert 0.0 < s["c"] <= 1.0 and 0.0 < s["c_fit"] <= 1.0
+    assert s["n_labeled"] == 3 and s["n_labeled_holdout"] == 1 and s["n_labeled_fit"] == 2
+    assert s["n_unlabeled"] == 21 and s["n_val_stop_labeled"] == 1  # round(3 * 4 / 10)
+    pu = pd.read_parquet(outputs["scores"]).query("model == 'pu_b_3'")
+    g = 1.0 / (1.0 + np.exp(-pu["logit"].to_numpy()))
+    h = s["n_labeled_holdout"] / s["n_labeled"]
+    p = np.clip(g / s["c_fit"], 0.0, 1.0)  # pu.py's PUModel.prob: clip(g / c) corrected for the held-out lenses
+    want = p / (p + (1.0 - p) * (1.0 - h * s["c"]))
+    np.testing.assert_allclose(pu["prob"].to_numpy(), want, rtol=1e-9, atol=1e-12)
+    assert pu["prob"].between(0, 1).all()
+
+
+def test_a_pu_size_above_the_training_lenses_is_skipped_with_a_note(pu_run):
+    _, outputs, summary = pu_run
+    assert summary["notes"] == ["pu_b_500: skipped, the training split has 10 lenses"]
+    assert "pu_b_500" not in summary["pu"]
+    assert not outputs["checkpoint"].with_name("pu_b_500.ckpt").exists()
+
+
+def test_pu_model_prob_from_g_is_prob_and_clip_g_over_c_without_a_holdout():
+    from lens_assets.science.clusters.pu import PUModel
+
+    g = np.array([0.0, 0.1, 0.3, 0.6, 1.0])
+    model = PUModel(g=lambda X: g[np.asarray(X)], c=0.4, c_fit=0.35, holdout_fraction=0.25, n_labeled_fit=3,
+                    n_labeled_holdout=1, n_unlabeled=10, holdout_index=np.array([0]))
+    np.testing.assert_array_equal(model.prob_from_g(g), model.prob(np.arange(5)))
+    flat = PUModel(g=model.g, c=0.4, c_fit=0.4, holdout_fraction=0.0, n_labeled_fit=4, n_labeled_holdout=0,
+                   n_unlabeled=10, holdout_index=np.array([], dtype=int))
+    np.testing.assert_allclose(flat.prob_from_g(g), np.clip(g / 0.4, 0, 1), rtol=1e-12)
+    with pytest.raises(ValueError, match="probabilities"):
+        model.prob_from_g([1.5])
+
+
+def test_pu_sizes_must_be_distinct_and_at_least_two():
+    assert mil.MILSettings().pu_labeled == []
+    for bad in ([1], [10, 10], [2.5]):
+        with pytest.raises(ValueError, match="pu_labeled must hold distinct integers >= 2"):
+            mil.MILSettings(pu_labeled=bad)

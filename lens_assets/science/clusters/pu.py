@@ -82,8 +82,15 @@ class PUModel:
         are missing); its odds are divided by (1 - h c) to undo that. For h c small
         this is clip(g / c, 0, 1).
         """
-        n = len(X)
-        p = np.clip(_probs(self.g, X, n, "g") / self.c_fit, 0.0, 1.0)
+        return self.prob_from_g(_probs(self.g, X, len(X), "g"))
+
+    def prob_from_g(self, g) -> np.ndarray:
+        """:meth:`prob` from values of g already computed (e.g. a network's sigmoid on rows that are not a
+        feature matrix): the same conversion, without calling ``g``."""
+        g = np.asarray(g, dtype=float)
+        if not (np.isfinite(g).all() and (g >= 0).all() and (g <= 1).all()):
+            raise ValueError("g must be probabilities in [0, 1]")
+        p = np.clip(g / self.c_fit, 0.0, 1.0)
         k = 1.0 - self.holdout_fraction * self.c
         return p / (p + (1.0 - p) * k)
 
