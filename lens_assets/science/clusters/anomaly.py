@@ -19,7 +19,26 @@ Inputs are robustly standardized with the training rows' statistics: each
 feature's median and IQR/1.349 (MAD x 1.4826, then the standard deviation, then
 1 where that is 0); NaN (a missing feature) is imputed by the training median
 before standardizing (so it sits at 0), and standardized values are clipped to
-+-``clip``. Non-finite values other than NaN are an error.
++-``clip``. Non-finite values other than NaN are an error. The fit records the
+NaN imputed per feature (``n_imputed_fit``, and a note); :meth:`DeepSVDD.n_imputed`
+counts those of rows being scored, for the caller to record.
+
+The network's input is then the clipped value plus a fixed ``offset`` (default
+``clip``: inputs lie in [0, 2 clip], the training median at ``clip * 1``).
+Without it the training median would be the origin, and a bias-free leaky-ReLU
+network is positively homogeneous (phi(t z) = t phi(z) for t > 0, phi(0) = 0):
+a row at the median (e.g. a field whose missing features were all imputed)
+would score ||c||^2, near the maximum, and rows shrunk towards the median would
+score higher than typical ones. With the offset, the origin is the corner where
+every feature is ``clip`` robust sigmas below its median, far outside the data,
+and the median row is an ordinary inlier. The offset is fixed, not learned; the
+constant part of the input does act like a bias of size ``offset`` in the first
+layer, which the paper's argument warns could let phi approach c everywhere,
+but the data's spread (standardized to 1 per feature) keeps phi from
+collapsing: shifted and widened distributions still stand out (tests;
+``benchmarks/bench_fusion.py``). A smaller offset trades better detection of
+widened distributions in few (< ~10) dimensions for a median row scoring
+higher; models saved before the offset existed load with offset 0.
 
 This module is numpy only: the science layer never imports torch
 (docs/design.md, ``lens_assets_tests/test_layers.py``). The network is a small
@@ -136,23 +155,34 @@ class DeepSVDD:
     negative_slope: float
     score_median: float  # of the training rows' anomaly scores: the standardized score's centre
     score_scale: float  # their robust sigma
+    offset: float = 0.0  # added to the clipped standardized inputs (module docstring); 0.0 in models saved before it
+    n_imputed_fit: dict = field(default_factory=dict)  # feature (name, or index) -> NaN imputed in the training rows
     config: dict = field(default_factory=dict)  # seed, epochs, batch_size, lr, weight_decay, layers, eps
     loss_history: list = field(default_factory=list)  # mean training loss per epoch
     notes: list = field(default_factory=list)
 
     def transform(self, X) -> np.ndarray:
-        """The standardized inputs: (x - median) / scale, NaN imputed by the training median, clipped."""
+        """The network's inputs: (x - median) / scale, NaN imputed by the training median, clipped, plus
+        ``offset`` (so a row at the training medians is ``offset * 1``, not the origin)."""
         a, _ = _as_array(X, self.columns, self.n_features, "X")
         a = np.where(np.isnan(a), self.median, a)
         z = (a - self.median) / self.scale
-        return z if self.clip is None else np.clip(z, -self.clip, self.clip)
+        return (z if self.clip is None else np.clip(z, -self.clip, self.clip)) + self.offset
+
+    def n_imputed(self, X) -> dict:
+        """How many NaN of ``X`` :meth:`score` (and :meth:`transform`) replace by the training median, per feature
+        (name, or column index for a model fit on an array); features without NaN are left out."""
+        a, _ = _as_array(X, self.columns, self.n_features, "X")
+        counts = np.isnan(a).sum(axis=0)
+        return {(self.columns[j] if self.columns else int(j)): int(counts[j]) for j in np.flatnonzero(counts)}
 
     def embed(self, X) -> np.ndarray:
         """phi(x): the network's outputs, shape (n, d)."""
         return _forward(self.weights, self.transform(X), self.negative_slope)[0]
 
     def score(self, X) -> np.ndarray:
-        """Anomaly score ||phi(x) - c||^2 per row (higher = more anomalous)."""
+        """Anomaly score ||phi(x) - c||^2 per row (higher = more anomalous). A NaN feature is imputed by the
+        training median; :meth:`n_imputed` counts them, for the caller to record."""
         d = self.embed(X) - self.c
         return np.sum(d * d, axis=1)
 
@@ -175,6 +205,8 @@ class DeepSVDD:
 
     @classmethod
     def from_dict(cls, d: dict) -> "DeepSVDD":
+        """The inverse of :meth:`to_dict`; a dict without ``offset`` (saved before it existed) loads with offset 0,
+        which is how that model was trained."""
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -185,6 +217,8 @@ class DeepSVDD:
         if missing:
             raise ValueError(f"DeepSVDD dict lacks fields {missing}")
         kw = dict(d)
+        if "n_imputed_fit" in kw and kw.get("columns") is None:  # JSON turned the column indices into strings
+            kw["n_imputed_fit"] = {int(k): v for k, v in kw["n_imputed_fit"].items()}
         kw["weights"] = [np.asarray(w, dtype=float) for w in d["weights"]]
         for k in ("median", "scale", "c"):
             kw[k] = np.asarray(d[k], dtype=float)
@@ -226,7 +260,7 @@ def _check(name: str, value, ok: bool, what: str) -> None:
 
 def fit_deep_svdd(X, *, seed: int, epochs: int = 100, layers=(32, 16), batch_size: int = 128, lr: float = 1e-3,
                   weight_decay: float = 1e-6, eps: float = 0.1, negative_slope: float = 0.1,
-                  clip: float | None = 10.0) -> DeepSVDD:
+                  clip: float | None = 10.0, offset: float | None = None) -> DeepSVDD:
     """Fit Deep SVDD on the rows of ``X`` (a DataFrame of features, or a 2-D array): all of them are inliers.
 
     ``layers``: the widths of the hidden layers and, last, of the output (the
@@ -234,6 +268,8 @@ def fit_deep_svdd(X, *, seed: int, epochs: int = 100, layers=(32, 16), batch_siz
     of ``batch_size`` rows in a fresh random order each epoch; ``weight_decay`` is
     the lambda of the objective (module docstring). ``eps``: the centre's minimum
     |coordinate|. ``clip``: the standardized inputs' bound (None: no clipping).
+    ``offset``: added to the clipped standardized inputs; None means ``clip``
+    (inputs in [0, 2 clip]), or 10 when ``clip`` is None (module docstring).
     """
     is_int = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool)  # noqa: E731
     _check("seed", seed, is_int(seed), "an integer")
@@ -247,6 +283,8 @@ def fit_deep_svdd(X, *, seed: int, epochs: int = 100, layers=(32, 16), batch_siz
     _check("weight_decay", weight_decay, np.isfinite(weight_decay) and weight_decay >= 0, "a finite number >= 0")
     _check("negative_slope", negative_slope, 0 <= negative_slope < 1, "in [0, 1)")
     _check("clip", clip, clip is None or clip > 0, "None or a number > 0")
+    offset = float((10.0 if clip is None else clip) if offset is None else offset)
+    _check("offset", offset, np.isfinite(offset) and offset > 0, "None or a finite number > 0")
     a, names = _as_array(X, None, None, "X")
     n, p = a.shape
     if n < 2 or p < 1:
@@ -259,15 +297,18 @@ def fit_deep_svdd(X, *, seed: int, epochs: int = 100, layers=(32, 16), batch_siz
     median, scale, constant = robust_location_scale(a)
     if constant:
         notes.append(f"constant in the training rows (scale set to 1): {[names[j] if names else j for j in constant]}")
-    n_nan = int(np.isnan(a).sum())
-    if n_nan:
-        notes.append(f"{n_nan} missing values imputed by the training median")
+    nan_counts = np.isnan(a).sum(axis=0)
+    n_imputed_fit = {(names[j] if names else int(j)): int(nan_counts[j]) for j in np.flatnonzero(nan_counts)}
+    if n_imputed_fit:
+        notes.append(f"{int(nan_counts.sum())} missing values of the {n} training rows imputed by the training "
+                     f"median: {n_imputed_fit}")
     model = DeepSVDD(columns=names, n_features=p, median=median, scale=scale, clip=clip, weights=[], c=np.zeros(0),
-                     negative_slope=float(negative_slope), score_median=0.0, score_scale=1.0, notes=notes,
+                     negative_slope=float(negative_slope), score_median=0.0, score_scale=1.0, offset=offset,
+                     n_imputed_fit=n_imputed_fit, notes=notes,
                      config=dict(seed=int(seed), epochs=int(epochs), layers=list(layers), batch_size=int(batch_size),
                                  lr=float(lr), weight_decay=float(weight_decay), eps=float(eps)))
     z = (np.where(np.isnan(a), median, a) - median) / scale
-    z = z if clip is None else np.clip(z, -clip, clip)
+    z = (z if clip is None else np.clip(z, -clip, clip)) + offset
     rng = np.random.default_rng(seed)
     widths = (p, *layers)
     weights = [rng.uniform(-1.0, 1.0, size=(fi, fo)) / np.sqrt(fi) for fi, fo in zip(widths, widths[1:])]

@@ -6,13 +6,34 @@ Components are columns of a per-field table: e.g. ``track_a`` (XGBoost logit),
 
     s(x) = sum_k w_k (x_k - mu_k) / sigma_k,     ||w||_2 = 1,
 
-with mu_k, sigma_k the mean and standard deviation of component k on the val
-``stop`` rows (after imputation: a NaN in component k is replaced by its median
-on the stop rows, recorded in ``Fusion.impute``). w is fit on the stop rows to
-maximize a smooth surrogate of recall at FPR <= ``max_fpr`` (alpha). With P
-lenses and N non-lenses among the stop rows, k = floor(alpha N) false positives
-are allowed, t_m is the (m+1)-th highest non-lens score, and s~ = s / sd(s) (so
-the objective depends on the direction of w only):
+with mu_k, sigma_k the mean and standard deviation of component k on the fit
+rows (after imputation: a NaN in component k is replaced by its median on the
+fit rows, recorded in ``Fusion.impute``; NaN imputed later, when scoring, is
+counted by :meth:`Fusion.n_imputed`). w is fit on the same rows to maximize a
+smooth surrogate of recall at FPR <= ``max_fpr`` (alpha).
+
+Rows used. The fit rows are the val ``calibrate`` rows (``fit_role``), which no
+track selects on: Track A early-stops on the val ``stop`` rows and Track B picks
+its checkpoint by AUROC there, so their logits are optimistic on the stop rows
+and a fusion fit there would over-weight them; on the calibrate rows the tracks
+only fit their calibrators, monotone maps that the fusion does not use (it takes
+logits). The stop rows, the test split and the held-out families are not read.
+The fused score is calibrated out of fold on the calibrate rows: they are cut
+into K folds (``n_folds``, default 5, fewer when a class has fewer rows;
+stratified by label, the assignment drawn from ``seed``); for each fold,
+standardization and weights fit on the other K - 1 folds score it; the
+calibrator (:func:`..calibration.fit_calibrator`, isotonic by default) is fit on
+these out-of-fold fused scores, so it sees scores as noisy as those of fresh
+fields rather than the optimistic in-sample ones. The final standardization and
+weights are fit on all calibrate rows. ``fit_role="stop"`` restores the former
+scheme (weights on the stop rows, calibrator on the fused scores of the
+calibrate rows), for comparison only.
+
+With P lenses and N non-lenses among the fit rows, k = floor(alpha N) false
+positives are allowed (N >= 1 / alpha is required; N < 50 gives a note: k is
+then tiny and the weights noisy; a fold's fit uses at least k = 1), t_m is the
+(m+1)-th highest non-lens score, and s~ = s / sd(s) (so the objective depends on
+the direction of w only):
 
 * ``objective="pauc"`` (default): the normalized partial AUC over FPR in
   [0, k/N], i.e. the mean over m = 0..k-1 of TPR at m false positives,
@@ -30,11 +51,10 @@ treats it as fixed, which is exact wherever the order of the non-lenses does not
 change. As tau -> 0 the surrogate tends to the exact figure
 (:func:`surrogate_objective`, :func:`exact_objective`). The maximization runs
 ``scipy.optimize.minimize`` (L-BFGS-B, analytic gradient) from several starts:
-each component alone (signed by its AUROC on the stop rows), their signed equal
+each component alone (signed by its AUROC on the fit rows), their signed equal
 mix, and ``n_random`` random directions drawn from ``seed``; first at a
 smoother temperature (max(tau, 0.5)), then at ``tau``; the start with the best
-surrogate wins. The fused score is then calibrated on the val ``calibrate`` rows
-with the project's :func:`..calibration.fit_calibrator` (isotonic by default).
+surrogate wins.
 """
 
 from __future__ import annotations
@@ -49,9 +69,11 @@ from scipy.special import expit
 
 from ..calibration import Calibrator, fit_calibrator
 
-__all__ = ["Fusion", "fit_fusion", "surrogate_objective", "exact_objective", "OBJECTIVES"]
+__all__ = ["Fusion", "fit_fusion", "surrogate_objective", "exact_objective", "OBJECTIVES", "FIT_ROLES"]
 
 OBJECTIVES = ("pauc", "tpr")
+FIT_ROLES = ("calibrate", "stop")  # val_role of the rows the weights are fit on (module docstring)
+_FEW_NONLENSES = 50  # fewer non-lenses in the fit rows give a note
 _NORM_PENALTY = 1e-2  # pins ||v|| near 1; the objective itself does not depend on ||v||
 
 
@@ -128,7 +150,11 @@ def exact_objective(labels, scores, *, max_fpr: float = 0.1, objective: str = "p
     non-lens) or the normalized pAUC ("pauc": the mean of TPR at m = 0..k-1 false positives)."""
     _check_options(max_fpr, objective, 1.0)
     y, s = _check_labels(labels, scores, "exact_objective")
-    k = _allowed_false_positives(y, max_fpr, "exact_objective")
+    return _exact(y, s, _allowed_false_positives(y, max_fpr, "exact_objective"), objective)
+
+
+def _exact(y: np.ndarray, s: np.ndarray, k: int, objective: str) -> float:
+    """:func:`exact_objective` with k false positives allowed (k >= 1, fewer than the non-lenses)."""
     pos, neg = s[y == 1], np.sort(s[y == 0])[::-1]
     if objective == "tpr":
         return float(np.mean(pos > neg[k]))
@@ -141,18 +167,32 @@ class Fusion:
 
     components: list
     weights: dict  # component -> w_k on the standardized component (unit L2 norm)
-    mean: dict  # component -> mu_k (stop rows, after imputation)
+    mean: dict  # component -> mu_k (fit rows, after imputation)
     sd: dict  # component -> sigma_k
-    impute: dict  # component -> the stop rows' median, replacing NaN
+    impute: dict  # component -> the fit rows' median, replacing NaN
     calibrator: Calibrator
     max_fpr: float = 0.1
     objective: str = "pauc"
     tau: float = 0.1
     seed: int = 0
-    stop_exact: float = float("nan")  # the exact objective of the fused score on the stop rows
-    stop_single: dict = field(default_factory=dict)  # component -> its exact objective alone (signed) there
-    n_missing: dict = field(default_factory=dict)  # component -> NaN count in the rows it was fit on (stop + cal)
+    fit_role: str = "calibrate"  # val_role of the fit rows ("stop": a fusion of the former scheme)
+    fit_exact: float = float("nan")  # the exact objective of the fused score on the fit rows (in sample)
+    fit_single: dict = field(default_factory=dict)  # component -> its exact objective alone (signed) there
+    oof_exact: float = float("nan")  # the exact objective of the out-of-fold fused scores on the fit rows
+    n_fit_lenses: int = 0
+    n_fit_nonlenses: int = 0
+    k: int = 0  # false positives allowed among the fit rows' non-lenses: floor(max_fpr * n_fit_nonlenses)
+    n_folds: int = 0  # folds of the out-of-fold calibration (0: none, fit_role "stop")
+    n_missing: dict = field(default_factory=dict)  # component -> NaN imputed in the rows fit on (weights, calibrator)
+    n_imputed_scored: dict = field(default_factory=dict)  # set -> component -> NaN imputed when scoring it
     notes: list = field(default_factory=list)
+
+    def n_imputed(self, frame: pd.DataFrame) -> dict:
+        """component -> how many NaN of ``frame`` :meth:`logit` replaces by the fit rows' median."""
+        missing = [c for c in self.components if c not in frame]
+        if missing:
+            raise ValueError(f"the frame lacks the fusion's component columns {missing} (has {list(frame.columns)})")
+        return {c: int(frame[c].isna().sum()) for c in self.components}
 
     def _matrix(self, frame: pd.DataFrame) -> np.ndarray:
         missing = [c for c in self.components if c not in frame]
@@ -169,7 +209,9 @@ class Fusion:
         return np.column_stack(cols) if cols else np.zeros((len(frame), 0))
 
     def logit(self, frame: pd.DataFrame) -> np.ndarray:
-        """The fused score s(x) per row (a ranking score in standardized units, not log-odds; NaN imputed)."""
+        """The fused score s(x) per row (a ranking score in standardized units, not log-odds). A NaN component is
+        imputed by the fit rows' median: count them with :meth:`n_imputed` (``models.fuse_scores`` records them
+        and can refuse them)."""
         return self._matrix(frame) @ np.array([self.weights[c] for c in self.components])
 
     def prob(self, frame: pd.DataFrame) -> np.ndarray:
@@ -183,6 +225,12 @@ class Fusion:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Fusion":
+        """The inverse of :meth:`to_dict`. A dict of the former scheme (``stop_exact``, ``stop_single``: weights fit
+        on the stop rows) loads with ``fit_role="stop"`` and those figures as ``fit_exact``, ``fit_single``."""
+        if "stop_exact" in d or "stop_single" in d:
+            d = {k: v for k, v in d.items() if k not in ("stop_exact", "stop_single")} | {
+                "fit_role": "stop", "fit_exact": d.get("stop_exact", float("nan")),
+                "fit_single": d.get("stop_single", {})}
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -227,16 +275,98 @@ def _fit_direction(Z: np.ndarray, y: np.ndarray, *, k: int, tau: float, objectiv
     return best
 
 
+def _standardization(rows: pd.DataFrame, components: list, what: str) -> tuple[dict, dict, dict]:
+    """Per component, on ``rows``: the median (NaN imputation), then the mean and standard deviation."""
+    impute, mean, sd = {}, {}, {}
+    for c in components:
+        x = rows[c].to_numpy(dtype=float, na_value=np.nan)
+        if np.isinf(x).any():
+            raise ValueError(f"component {c!r} holds +-inf in {int(np.isinf(x).sum())} {what} rows")
+        if np.isnan(x).all():
+            raise ValueError(f"component {c!r} is NaN in all {len(x)} {what} rows; drop it from the components")
+        impute[c] = float(np.nanmedian(x))
+        x = np.where(np.isnan(x), impute[c], x)
+        mean[c], sd[c] = float(x.mean()), float(x.std())
+        if not sd[c] > 0:
+            raise ValueError(f"component {c!r} is constant ({mean[c]}) on the {len(x)} {what} rows (after "
+                             f"imputing NaN by its median); drop it from the components")
+    return impute, mean, sd
+
+
+def _fit_weights(rows: pd.DataFrame, components: list, *, k: int, max_fpr: float, objective: str, tau: float,
+                 seed: int, n_random: int, what: str) -> Fusion:
+    """A :class:`Fusion` whose standardization and weights are fit on ``rows`` (k false positives allowed); its
+    calibrator is a placeholder."""
+    from sklearn.metrics import roc_auc_score
+
+    impute, mean, sd = _standardization(rows, components, what)
+    fusion = Fusion(components=list(components), weights={c: 0.0 for c in components}, mean=mean, sd=sd,
+                    impute=impute, calibrator=Calibrator("temperature"), max_fpr=float(max_fpr), objective=objective,
+                    tau=float(tau), seed=int(seed))
+    y = rows["label"].to_numpy(int)
+    Z = fusion._matrix(rows)
+    signs = np.array([1.0 if roc_auc_score(y, Z[:, j]) >= 0.5 else -1.0 for j in range(Z.shape[1])])
+    fusion.fit_single = {c: _exact(y, signs[j] * Z[:, j], k, objective) for j, c in enumerate(components)}
+    rng = np.random.default_rng(seed)
+    starts = [signs[j] * np.eye(len(components))[j] for j in range(len(components))]
+    starts += [signs / np.sqrt(len(components))]
+    starts += [v / np.linalg.norm(v) for v in rng.normal(size=(n_random, len(components)))]
+    v, _ = _fit_direction(Z, y, k=k, tau=tau, objective=objective, starts=starts)
+    w = v / np.linalg.norm(v)
+    fusion.weights = {c: float(w[j]) for j, c in enumerate(components)}
+    fusion.fit_exact = _exact(y, Z @ w, k, objective)
+    return fusion
+
+
+def _out_of_fold(rows: pd.DataFrame, components: list, *, n_folds: int, max_fpr: float, objective: str,
+                 tau: float, seed: int, n_random: int, what: str) -> tuple[np.ndarray, int, list]:
+    """The fused score of each of ``rows`` from standardization and weights fit on the other folds (stratified
+    K-fold, assignment from ``seed``); the number of folds used and notes."""
+    from sklearn.model_selection import StratifiedKFold
+
+    y = rows["label"].to_numpy(int)
+    n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
+    n_used = min(n_folds, n_pos, n_neg)
+    if n_used < 2:
+        raise ValueError(f"the out-of-fold calibration of the fusion needs at least 2 lenses and 2 non-lenses in "
+                         f"the {what} rows, got {n_pos} and {n_neg}")
+    notes = []
+    if n_used < n_folds:
+        notes.append(f"out-of-fold calibration: {n_used} folds instead of {n_folds} ({what} rows: {n_pos} lenses, "
+                     f"{n_neg} non-lenses)")
+    oof, raised = np.full(len(rows), np.nan), 0
+    for i, (tr, te) in enumerate(StratifiedKFold(n_used, shuffle=True, random_state=seed).split(y, y)):
+        k = _n_allowed(int((y[tr] == 0).sum()), max_fpr)
+        raised += k == 0
+        part = f"{what} (fold {i + 1} of {n_used}: the other folds)"
+        fold = _fit_weights(rows.iloc[tr], components, k=max(k, 1), max_fpr=max_fpr, objective=objective, tau=tau,
+                            seed=seed, n_random=n_random, what=part)
+        oof[te] = fold.logit(rows.iloc[te])
+    if raised:
+        notes.append(f"out-of-fold calibration: in {raised} of {n_used} folds the other folds' non-lenses are too few "
+                     f"for FPR <= {max_fpr} to allow a false positive; those folds' weights allow one")
+    return oof, n_used, notes
+
+
 def fit_fusion(frame: pd.DataFrame, components, *, max_fpr: float = 0.1, seed: int = 0, objective: str = "pauc",
-               tau: float = 0.1, n_random: int = 6, calibration: str = "isotonic") -> Fusion:
-    """Fit the fusion weights on ``frame``'s val ``stop`` rows and its calibrator on the val ``calibrate`` rows.
+               tau: float = 0.1, n_random: int = 6, calibration: str = "isotonic", fit_role: str = "calibrate",
+               n_folds: int = 5) -> Fusion:
+    """Fit the fusion's standardization and weights on ``frame``'s val ``fit_role`` rows and its calibrator on
+    their out-of-fold fused scores (module docstring: the rows used, the objective and the optimizer).
 
     ``frame`` needs ``split``, ``val_role``, ``label`` and every column of
-    ``components``; other rows (test, held-out) are ignored. ``calibration`` is a
-    :func:`..calibration.fit_calibrator` method ("isotonic", "platt",
-    "temperature", "auto"). Module docstring: the objective and the optimizer.
+    ``components``; other rows (the stop rows, test, held-out) are ignored.
+    ``calibration`` is a :func:`..calibration.fit_calibrator` method ("isotonic",
+    "platt", "temperature", "auto"). ``n_folds``: the folds of the out-of-fold
+    calibration (fewer when a class has fewer fit rows). ``fit_role="stop"``:
+    the former scheme (weights on the stop rows, calibrator on the calibrate rows'
+    fused scores; ``n_folds`` unused), for comparison.
     """
     _check_options(max_fpr, objective, tau)
+    if fit_role not in FIT_ROLES:
+        raise ValueError(f"fit_role {fit_role!r} is not one of {list(FIT_ROLES)}")
+    if not (isinstance(n_folds, (int, np.integer)) and not isinstance(n_folds, bool) and n_folds >= 2):
+        raise ValueError(f"n_folds must be an integer >= 2, got {n_folds!r}")
     components = list(components)
     if not components:
         raise ValueError("fit_fusion needs at least one component column")
@@ -246,47 +376,41 @@ def fit_fusion(frame: pd.DataFrame, components, *, max_fpr: float = 0.1, seed: i
     missing = [c for c in ("split", "val_role", "label", *components) if c not in frame]
     if missing:
         raise ValueError(f"the frame lacks columns {missing} (components {components}; has {list(frame.columns)})")
-    stop, cal = _rows(frame, "stop"), _rows(frame, "calibrate")
-    for name, part in (("val stop", stop), ("val calibrate", cal)):
-        if part["label"].nunique() < 2:
-            raise ValueError(f"the {name} rows need lenses and non-lenses, got labels "
-                             f"{sorted(part['label'].unique().tolist())} in {len(part)} rows")
-    y = stop["label"].to_numpy(int)
-    k = _allowed_false_positives(y, max_fpr, "fusion on the val stop rows")
-    impute, mean, sd, n_missing, notes = {}, {}, {}, {}, []
     for c in components:
         if not pd.api.types.is_numeric_dtype(frame[c]):
             raise ValueError(f"component {c!r} has dtype {frame[c].dtype}; components must be numeric")
-        x = stop[c].to_numpy(dtype=float, na_value=np.nan)
-        if np.isinf(x).any():
-            raise ValueError(f"component {c!r} holds +-inf in {int(np.isinf(x).sum())} val stop rows")
-        if np.isnan(x).all():
-            raise ValueError(f"component {c!r} is NaN in all {len(x)} val stop rows; drop it from the components")
-        impute[c] = float(np.nanmedian(x))
-        x = np.where(np.isnan(x), impute[c], x)
-        mean[c], sd[c] = float(x.mean()), float(x.std())
-        if not sd[c] > 0:
-            raise ValueError(f"component {c!r} is constant ({mean[c]}) on the {len(x)} val stop rows (after "
-                             f"imputing NaN by its median); drop it from the components")
-        n_missing[c] = int(stop[c].isna().sum() + cal[c].isna().sum())
+    fit, cal = _rows(frame, fit_role), _rows(frame, "calibrate")
+    what = f"val {fit_role}"
+    for name, part in ((what, fit), *((("val calibrate", cal),) if fit_role == "stop" else ())):
+        if part["label"].nunique() < 2:
+            raise ValueError(f"the {name} rows need lenses and non-lenses, got labels "
+                             f"{sorted(part['label'].unique().tolist())} in {len(part)} rows")
+    y = fit["label"].to_numpy(int)
+    k = _allowed_false_positives(y, max_fpr, f"fusion on the {what} rows")
+    n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
+    options = dict(max_fpr=max_fpr, objective=objective, tau=tau, seed=seed, n_random=n_random)
+    fusion = _fit_weights(fit, components, k=k, what=what, **options)
+    notes = []
+    if n_neg < _FEW_NONLENSES:
+        notes.append(f"the {what} rows hold {n_neg} non-lenses (fewer than {_FEW_NONLENSES}): FPR <= {max_fpr} "
+                     f"allows k = {k} false positive(s), so the weights rest on a few fields")
+    used = fit if fit_role == "calibrate" else pd.concat([fit, cal])
+    n_missing = {c: int(used[c].isna().sum()) for c in components}
+    roles = "calibrate" if fit_role == "calibrate" else "stop and calibrate"
+    for c in components:
         if n_missing[c]:
-            notes.append(f"{c}: {n_missing[c]} NaN in the val rows imputed by the stop rows' median {impute[c]:.6g}")
-    fusion = Fusion(components=components, weights={c: 0.0 for c in components}, mean=mean, sd=sd, impute=impute,
-                    calibrator=Calibrator("temperature"), max_fpr=float(max_fpr), objective=objective, tau=float(tau),
-                    seed=int(seed), n_missing=n_missing, notes=notes)
-    Z = fusion._matrix(stop)
-    from sklearn.metrics import roc_auc_score
-
-    signs = np.array([1.0 if roc_auc_score(y, Z[:, j]) >= 0.5 else -1.0 for j in range(Z.shape[1])])
-    fusion.stop_single = {c: exact_objective(y, signs[j] * Z[:, j], max_fpr=max_fpr, objective=objective)
-                          for j, c in enumerate(components)}
-    rng = np.random.default_rng(seed)
-    starts = [signs[j] * np.eye(len(components))[j] for j in range(len(components))]
-    starts += [signs / np.sqrt(len(components))]
-    starts += [v / np.linalg.norm(v) for v in rng.normal(size=(n_random, len(components)))]
-    v, _ = _fit_direction(Z, y, k=k, tau=tau, objective=objective, starts=starts)
-    w = v / np.linalg.norm(v)
-    fusion.weights = {c: float(w[j]) for j, c in enumerate(components)}
-    fusion.stop_exact = exact_objective(y, Z @ w, max_fpr=max_fpr, objective=objective)
-    fusion.calibrator = fit_calibrator(fusion.logit(cal), cal["label"].to_numpy(int), method=calibration, seed=seed)
+            notes.append(f"{c}: {n_missing[c]} NaN in the val {roles} rows imputed by the {what} rows' median "
+                         f"{fusion.impute[c]:.6g}")
+    if fit_role == "calibrate":
+        oof, fusion.n_folds, fold_notes = _out_of_fold(fit, components, n_folds=n_folds, what=what, **options)
+        notes += fold_notes
+        fusion.oof_exact = _exact(y, oof, k, objective)
+        fusion.calibrator = fit_calibrator(oof, y, method=calibration, seed=seed)
+    else:
+        notes.append("fit_role='stop': weights fit on the rows the tracks select on (early stopping, checkpoint "
+                     "choice), where their logits are optimistic")
+        fusion.calibrator = fit_calibrator(fusion.logit(cal), cal["label"].to_numpy(int), method=calibration,
+                                           seed=seed)
+    fusion.fit_role, fusion.k, fusion.n_fit_lenses, fusion.n_fit_nonlenses = fit_role, k, n_pos, n_neg
+    fusion.n_missing, fusion.notes = n_missing, notes
     return fusion

@@ -17,12 +17,18 @@ held-out families under ``heldout``):
   split's non-lens fields only (a one-class backstop that needs no lens
   labels); its logit is the standardized anomaly score (0 = a typical training
   non-lens), its probability an isotonic calibrator's on the ``calibrate`` rows.
+  Missing features are imputed by the training median: the counts (fit rows,
+  calibrate rows, each scored set) go to the notes.
 
 :func:`component_table` lays the val/test/held-out fields out one per row with
 the components a fusion combines (``track_a`` logit, ``anomaly``,
 ``colour_consistency``, plus e.g. Track B's logits merged on ``objid``);
-:func:`fuse_scores` fits :func:`.fusion.fit_fusion` on its val rows and returns
-the ``fused`` model's score rows.
+:func:`fuse_scores` fits :func:`.fusion.fit_fusion` on its val ``calibrate``
+rows (weights, and a calibrator on their out-of-fold fused scores; the ``stop``
+rows, where the tracks early-stop and pick checkpoints, are not used) and
+returns the ``fused`` model's score rows, recording the NaN it imputed in each
+scored set (``Fusion.n_imputed_scored``) or refusing them for ``required``
+components.
 
 Scores are a long table: one row per (model, scored field), ``set`` the test
 split or the held-out family's name.
@@ -123,6 +129,12 @@ def fit_cluster_models(table: pd.DataFrame, *, bands, config: TrackAConfig = Tra
     train_nonlens = train[train["label"].to_numpy(int) == 0]
     out.anomaly = fit_deep_svdd(train_nonlens[feats], seed=seed)
     out.notes += [f"anomaly: {n}" for n in out.anomaly.notes]
+    sets = _set_names(scored)
+    for name, part in (("val calibrate", cal), *((s, scored[sets == s]) for s in pd.unique(sets))):
+        imputed = out.anomaly.n_imputed(part[feats])
+        if imputed:
+            out.notes.append(f"anomaly: {sum(imputed.values())} missing features of the {len(part)} {name} rows "
+                             f"scored with the training median: {imputed}")
     anomaly_cal = fit_calibrator(out.anomaly.standardized_score(cal[feats]), cal["label"].to_numpy(int),
                                  method="isotonic")
     out.calibrators["anomaly"] = anomaly_cal
@@ -138,7 +150,9 @@ def component_table(table: pd.DataFrame, models: ClusterModels, extra: pd.DataFr
     Columns: ``split``, ``val_role``, ``set`` ("val", "test" or the held-out
     family), the :data:`TRUTH_COLUMNS`, and the components ``track_a`` (the
     logit of ``models.track_a["track_a"]``), ``anomaly`` (``models.anomaly``'s
-    standardized score), ``colour_consistency`` (the feature, NaN where a field
+    standardized score), ``anomaly_n_imputed`` (how many of the field's features
+    the anomaly model imputed by the training median; not a component),
+    ``colour_consistency`` (the feature, NaN where a field
     has fewer than two usable segments), then every column of ``extra`` but
     ``objid`` (e.g. ``track_b``: Track B's per-field logits), merged on
     ``objid``; a field ``extra`` lacks gets NaN there.
@@ -155,6 +169,8 @@ def component_table(table: pd.DataFrame, models: ClusterModels, extra: pd.DataFr
     out.insert(2, "set", _set_names(rows))
     out["track_a"] = models.track_a["track_a"].logit(rows)
     out["anomaly"] = models.anomaly.standardized_score(rows)
+    names = models.anomaly.columns
+    out["anomaly_n_imputed"] = rows[names].isna().sum(axis=1).to_numpy(int) if names else 0
     out["colour_consistency"] = rows["colour_consistency"].to_numpy(dtype=float, na_value=np.nan)
     if extra is not None:
         if "objid" not in extra:
@@ -170,15 +186,20 @@ def component_table(table: pd.DataFrame, models: ClusterModels, extra: pd.DataFr
 
 
 def fuse_scores(components_table: pd.DataFrame, *, components=None, max_fpr: float = 0.1, seed: int = 0,
-                **fusion_options) -> tuple[pd.DataFrame, Fusion]:
-    """Fit :func:`.fusion.fit_fusion` on the val rows of a :func:`component_table` and score its test and
-    held-out rows: the long score rows of model ``fused`` (columns :data:`SCORE_COLUMNS`, like
+                required=(), **fusion_options) -> tuple[pd.DataFrame, Fusion]:
+    """Fit :func:`.fusion.fit_fusion` on the val ``calibrate`` rows of a :func:`component_table` and score its
+    test and held-out rows: the long score rows of model ``fused`` (columns :data:`SCORE_COLUMNS`, like
     ``ClusterModels.scores``) and the fitted :class:`.fusion.Fusion`.
 
     ``components``: the columns to fuse; None takes those of
     :data:`FUSION_COMPONENTS` the table has (so a table without ``track_b`` is
-    fused without it, which the fusion's notes say). ``fusion_options`` go to
-    :func:`.fusion.fit_fusion` (``objective``, ``tau``, ``n_random``, ``calibration``).
+    fused without it, which the fusion's notes say). ``required``: components
+    that must be present (not NaN) in every row of the table (val, test and
+    held-out): a NaN there is a ValueError naming the component and the first
+    objids. Other NaN are imputed by the fit rows' median, and counted per scored
+    set and component in ``fusion.n_imputed_scored`` (``{set: {component: n}}``)
+    and the notes. ``fusion_options`` go to :func:`.fusion.fit_fusion`
+    (``objective``, ``tau``, ``n_random``, ``calibration``, ``fit_role``, ``n_folds``).
     """
     if components is None:
         components = [c for c in FUSION_COMPONENTS if c in components_table]
@@ -188,10 +209,30 @@ def fuse_scores(components_table: pd.DataFrame, *, components=None, max_fpr: flo
     missing = [c for c in ("set", *TRUTH_COLUMNS) if c not in components_table]
     if missing:
         raise ValueError(f"the component table lacks columns {missing}")
+    required = [required] if isinstance(required, str) else list(required)
+    not_fused = [c for c in required if c not in components]
+    if not_fused:
+        raise ValueError(f"required components {not_fused} are not among the fused components {list(components)}")
+    for c in required:
+        if c not in components_table:
+            raise ValueError(f"the component table lacks the required component column {c!r}")
+        nan = components_table[c].isna().to_numpy()
+        if nan.any():
+            objids = components_table.loc[nan, "objid"].tolist()
+            raise ValueError(f"required component {c!r} is missing (NaN) for {len(objids)} fields, e.g. objids "
+                             f"{objids[:5]}")
     fusion = fit_fusion(components_table, components, max_fpr=max_fpr, seed=seed, **fusion_options)
     if absent:
         fusion.notes.append(f"fused without {absent}: not in the component table")
     scored = components_table[components_table["split"].isin(["test", "heldout"])]
+    fusion.n_imputed_scored = {}
+    for name in pd.unique(scored["set"]):
+        counts = fusion.n_imputed(scored[scored["set"] == name])
+        fusion.n_imputed_scored[str(name)] = counts
+        if any(counts.values()):
+            n = int((scored["set"] == name).sum())
+            fusion.notes.append(f"scoring {name} ({n} rows): NaN imputed by the fit rows' median: "
+                                + ", ".join(f"{c} {k}" for c, k in counts.items() if k))
     out = scored[["set", *TRUTH_COLUMNS]].reset_index(drop=True)
     out.insert(0, "model", "fused")
     z = fusion.logit(scored)

@@ -11,7 +11,7 @@ from lens_assets.science.clusters.anomaly import (DeepSVDD, _forward, _loss_and_
 FAST = dict(epochs=30)  # layers (32, 16)
 
 
-def _gaussian(n, seed, p=8, shift=0.0, scale=1.0):
+def _gaussian(n, seed, p=12, shift=0.0, scale=1.0):
     rng = np.random.default_rng(seed)
     return pd.DataFrame(rng.normal(size=(n, p)) * scale + shift, columns=[f"f{i}" for i in range(p)])
 
@@ -30,14 +30,36 @@ def test_points_from_a_shifted_or_wider_distribution_score_higher_than_held_out_
 
 
 def test_the_network_has_no_bias_terms_and_the_centre_keeps_away_from_zero(inlier_model):
-    # bias-free: the weights are matrices only, and phi maps the zero vector (a row at the training medians) to 0,
-    # so that row's score is ||c||^2
-    assert [w.shape for w in inlier_model.weights] == [(8, 32), (32, 16)]
-    assert inlier_model.n_parameters == 8 * 32 + 32 * 16
-    median_row = pd.DataFrame([inlier_model.median], columns=inlier_model.columns)
-    assert np.array_equal(inlier_model.embed(median_row), np.zeros((1, 16)))
-    assert inlier_model.score(median_row)[0] == pytest.approx(float(np.sum(inlier_model.c ** 2)))
+    # bias-free: the weights are matrices only, and phi maps the zero input to 0; the fixed offset puts that input at
+    # the corner where every feature is clip robust sigmas below its median, far from the data
+    assert [w.shape for w in inlier_model.weights] == [(12, 32), (32, 16)]
+    assert inlier_model.n_parameters == 12 * 32 + 32 * 16
+    assert inlier_model.offset == inlier_model.clip == 10.0
+    corner = pd.DataFrame([inlier_model.median - 50 * inlier_model.scale], columns=inlier_model.columns)
+    np.testing.assert_array_equal(inlier_model.transform(corner), np.zeros((1, 12)))
+    assert np.array_equal(inlier_model.embed(corner), np.zeros((1, 16)))
+    assert inlier_model.score(corner)[0] == pytest.approx(float(np.sum(inlier_model.c ** 2)))
+    assert inlier_model.standardized_score(corner)[0] > 10
     assert np.abs(inlier_model.c).min() >= 0.1
+    inputs = inlier_model.transform(_gaussian(500, 1, scale=30.0))
+    assert inputs.min() >= 0 and inputs.max() <= 20
+
+
+def test_the_most_typical_rows_are_not_anomalies(inlier_model):
+    # before the offset, the median row was the origin: it scored ||c||^2 (standardized ~ +26 in 12-D), and inliers
+    # shrunk towards the median scored higher than the inliers themselves (AUROC ~ 1)
+    train_scores = inlier_model.score(_gaussian(2000, 0))
+    median_row = pd.DataFrame([inlier_model.median], columns=inlier_model.columns)
+    assert inlier_model.score(median_row)[0] <= np.median(train_scores)
+    assert inlier_model.standardized_score(median_row)[0] <= 0
+    inliers = _gaussian(500, 1)
+    shrunk = inlier_model.median + 0.3 * (inliers - inlier_model.median)
+    y = np.r_[np.zeros(500), np.ones(500)]
+    assert roc_auc_score(y, np.r_[inlier_model.score(inliers), inlier_model.score(shrunk)]) <= 0.6
+    # a field whose features are all missing is imputed to the median row: typical, not anomalous
+    all_nan = pd.DataFrame(np.nan, index=[0], columns=inlier_model.columns)
+    assert inlier_model.score(all_nan)[0] == inlier_model.score(median_row)[0]
+    assert inlier_model.n_imputed(all_nan) == {c: 1 for c in inlier_model.columns}
 
 
 def test_backpropagation_matches_torch_autograd_on_a_bias_free_mlp():
@@ -95,9 +117,34 @@ def test_nan_is_imputed_by_the_training_median_and_callers_data_is_untouched(inl
     before = holes.copy()
     assert np.array_equal(inlier_model.score(holes), inlier_model.score(filled))
     pd.testing.assert_frame_equal(holes, before)
+    assert inlier_model.n_imputed(holes) == {"f2": 2} and inlier_model.n_imputed(filled) == {}
     # columns are matched by name: order and extra columns do not matter
     shuffled = filled[filled.columns[::-1]].assign(objid="x")
     assert np.array_equal(inlier_model.score(shuffled), inlier_model.score(filled))
+
+
+def test_the_nan_imputed_at_fit_time_are_recorded_per_feature():
+    X = _gaussian(300, 11)
+    X.loc[:9, "f3"] = np.nan
+    X.loc[[5], "f7"] = np.nan
+    m = fit_deep_svdd(X, seed=0, epochs=1)
+    assert m.n_imputed_fit == {"f3": 10, "f7": 1}
+    assert any("11 missing values of the 300 training rows" in n and "'f3': 10" in n for n in m.notes)
+    assert DeepSVDD.from_dict(json.loads(json.dumps(m.to_dict()))).n_imputed_fit == {"f3": 10, "f7": 1}
+    arr = fit_deep_svdd(X.to_numpy(), seed=0, epochs=1)
+    assert arr.n_imputed_fit == {3: 10, 7: 1}
+    assert DeepSVDD.from_dict(json.loads(json.dumps(arr.to_dict()))).n_imputed_fit == {3: 10, 7: 1}
+    assert arr.n_imputed(X.to_numpy()[:6]) == {3: 6, 7: 1}
+    assert fit_deep_svdd(_gaussian(50, 12), seed=0, epochs=1).n_imputed_fit == {}
+
+
+def test_a_model_saved_before_the_offset_loads_with_offset_zero(inlier_model):
+    d = inlier_model.to_dict()
+    old = {k: v for k, v in d.items() if k not in ("offset", "n_imputed_fit")}
+    legacy = DeepSVDD.from_dict(old)
+    assert legacy.offset == 0.0
+    row = pd.DataFrame([inlier_model.median], columns=inlier_model.columns)
+    np.testing.assert_array_equal(legacy.transform(row), np.zeros((1, 12)))
 
 
 def test_the_standardized_score_is_centred_on_the_training_rows(inlier_model):
@@ -131,6 +178,8 @@ def test_errors_name_the_column_or_option():
         m.score(X.drop(columns="f5"))
     with pytest.raises(ValueError, match="pass a DataFrame"):
         m.score(X.to_numpy())
+    with pytest.raises(ValueError, match="offset must be None or a finite number > 0, got -1.0"):
+        fit_deep_svdd(X, seed=0, epochs=1, offset=-1.0)
     arr = fit_deep_svdd(X.to_numpy(), seed=0, epochs=1)
-    with pytest.raises(ValueError, match="has 7 features, the model was fit on 8"):
-        arr.score(X.to_numpy()[:, :7])
+    with pytest.raises(ValueError, match="has 11 features, the model was fit on 12"):
+        arr.score(X.to_numpy()[:, :11])

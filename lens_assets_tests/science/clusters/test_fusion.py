@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from lens_assets.science.calibration import fit_calibrator, nll
 from lens_assets.science.clusters.fusion import Fusion, exact_objective, fit_fusion, surrogate_objective
 from lens_assets.science.metrics import tpr_at_fpr, tpr_at_n_false_positives
 
@@ -46,7 +47,7 @@ def test_complementary_components_fused_beat_each_alone(objective):
     fused = tpr_at_fpr(test["label"], f.logit(test), 0.1)
     singles = [tpr_at_fpr(test["label"], test[c], 0.1) for c in ("a", "b")]
     assert fused > max(singles) + 0.05
-    assert f.stop_exact >= max(f.stop_single.values())  # on the rows it was fit to, never worse than a start
+    assert f.fit_exact >= max(f.fit_single.values())  # on the rows it was fit to, never worse than a start
 
 
 def test_a_component_where_lenses_score_low_gets_a_negative_weight():
@@ -94,27 +95,99 @@ def test_a_seed_gives_the_same_fusion():
     assert a.to_dict() == b.to_dict()
 
 
-def test_nan_is_imputed_by_the_stop_rows_median_and_recorded():
+def test_nan_is_imputed_by_the_fit_rows_median_and_recorded():
     frame = _frame(400, 8, "noise")
-    stop_median = float(np.median(frame.loc[(frame["val_role"] == "stop") & (frame.index % 10 != 0), "b"]))
-    frame.loc[frame.index % 10 == 0, "b"] = np.nan  # 40 NaN: 20 stop rows, 20 calibrate rows
+    cal_median = float(np.median(frame.loc[(frame["val_role"] == "calibrate") & (frame.index % 10 != 1), "b"]))
+    frame.loc[frame.index % 10 == 0, "b"] = np.nan  # 40 NaN in stop rows (not read)
+    frame.loc[frame.index % 10 == 1, "b"] = np.nan  # 40 NaN in calibrate rows
     before = frame.copy()
     f = fit_fusion(frame, ["a", "b"], n_random=1)
     pd.testing.assert_frame_equal(frame, before)  # the caller's frame is untouched
-    assert f.impute["b"] == pytest.approx(stop_median)
+    assert f.impute["b"] == pytest.approx(cal_median)
     assert f.n_missing == {"a": 0, "b": 40}
-    assert any("b: 40 NaN" in n for n in f.notes)
-    row = frame.iloc[[0]]
-    assert f.logit(row) == pytest.approx(f.logit(row.assign(b=stop_median)))
+    assert any("b: 40 NaN in the val calibrate rows" in n for n in f.notes)
+    row = frame.iloc[[1]]
+    assert f.logit(row) == pytest.approx(f.logit(row.assign(b=cal_median)))
+    assert f.n_imputed(frame) == {"a": 0, "b": 80}
 
 
-def test_probabilities_are_calibrated_on_the_calibrate_rows(noise_fusion):
-    assert noise_fusion.calibrator.method == "isotonic"
+def test_probabilities_come_from_out_of_fold_fused_scores_of_the_calibrate_rows(noise_fusion):
+    f = noise_fusion
+    assert f.calibrator.method == "isotonic" and f.fit_role == "calibrate" and f.n_folds == 5
     cal = _frame(1600, 0, "noise").query("val_role == 'calibrate'")
-    p = noise_fusion.prob(cal)
+    assert (f.n_fit_lenses, f.n_fit_nonlenses) == (int(cal["label"].sum()), int((cal["label"] == 0).sum()))
+    assert f.k == int(np.floor(0.1 * f.n_fit_nonlenses))
+    p = f.prob(cal)
     assert p.min() >= 0 and p.max() <= 1
-    assert p.mean() == pytest.approx(cal["label"].mean(), abs=1e-9)  # isotonic regression keeps the mean on its rows
-    assert (np.diff(p[np.argsort(noise_fusion.logit(cal))]) >= 0).all()
+    assert p.mean() == pytest.approx(cal["label"].mean(), abs=0.02)
+    assert (np.diff(p[np.argsort(f.logit(cal))]) >= 0).all()
+    # not the in-sample isotonic fit on the final weights' scores (which keeps the mean exactly)
+    in_sample = fit_calibrator(f.logit(cal), cal["label"].to_numpy(int), method="isotonic")
+    assert not np.allclose(in_sample.predict(f.logit(cal)), p)
+
+
+def _many_weak(n, seed, split="val"):
+    """Five components, only ``c0`` informative (lenses +0.7 sigma), 30 % lenses: few rows overfit the weights."""
+    rng = np.random.default_rng(seed)
+    y = (rng.uniform(size=n) < 0.3).astype(int)
+    comps = {f"c{j}": rng.normal(size=n) + (0.7 * y if j == 0 else 0.0) for j in range(5)}
+    return pd.DataFrame({"label": y, **comps, "split": split, "val_role": "calibrate" if split == "val" else ""})
+
+
+def test_out_of_fold_calibration_is_not_fooled_by_overfit_weights():
+    frame = _many_weak(100, 2)
+    comps = [f"c{j}" for j in range(5)]
+    f = fit_fusion(frame, comps, n_random=0)
+    y, z = frame["label"].to_numpy(int), f.logit(frame)
+    in_sample = fit_calibrator(z, y, method="isotonic")  # the calibrator fit on the fit rows' own fused scores
+    top = int(np.argmax(z))
+    assert in_sample.predict(z)[top] == 1.0 and f.prob(frame)[top] < 0.8
+    assert f.oof_exact < f.fit_exact  # the fit rows flatter the weights
+    fresh = _many_weak(20000, 102, split="test")
+    yf, zf = fresh["label"].to_numpy(int), f.logit(fresh)
+    assert nll(yf, f.prob(fresh)) < nll(yf, in_sample.predict(zf)) - 0.2
+
+
+def _all_splits(seed):
+    """Val stop and calibrate rows, test rows and a held-out family."""
+    parts = [_frame(600, seed, "complementary"), _frame(200, seed + 1, "complementary", split="test"),
+             _frame(200, seed + 2, "complementary", split="heldout")]
+    return pd.concat(parts, ignore_index=True)
+
+
+def test_the_weights_do_not_depend_on_stop_test_or_heldout_rows():
+    frame = _all_splits(20)
+    base = fit_fusion(frame, ["a", "b"], n_random=1).to_dict()
+    rng = np.random.default_rng(0)
+    other = ~(frame["val_role"] == "calibrate")  # stop, test and held-out rows
+    assert other.sum() == 700
+    changed = frame.copy()
+    changed.loc[other, "a"] = rng.normal(size=700) * 5 + 3
+    changed.loc[other, "b"] = np.where(rng.uniform(size=700) < 0.2, np.nan, -changed.loc[other, "b"])
+    changed.loc[other, "label"] = 1 - changed.loc[other, "label"]
+    assert fit_fusion(changed, ["a", "b"], n_random=1).to_dict() == base
+    # the former scheme was fit on the stop rows: there, their values change the weights
+    stop = frame["val_role"] == "stop"
+    old = fit_fusion(frame, ["a", "b"], n_random=1, fit_role="stop")
+    moved = fit_fusion(frame.assign(a=np.where(stop, -frame["a"], frame["a"])), ["a", "b"], n_random=1,
+                       fit_role="stop")
+    assert old.fit_role == "stop" and moved.weights["a"] < 0 < old.weights["a"]
+    assert any("fit_role='stop'" in n for n in old.notes)
+
+
+def test_few_non_lenses_give_a_note_and_too_few_an_error():
+    rng = np.random.default_rng(3)
+    few = pd.DataFrame({"a": np.r_[rng.normal(size=12), rng.normal(size=12) + 2], "label": [0] * 12 + [1] * 12,
+                        "split": "val", "val_role": "calibrate"})
+    f = fit_fusion(few, ["a"], n_random=0)
+    assert (f.n_fit_lenses, f.n_fit_nonlenses, f.k) == (12, 12, 1)
+    assert any("12 non-lenses (fewer than 50)" in n and "k = 1" in n for n in f.notes)
+    # with 5 folds, the other folds hold 9 or 10 non-lenses: folds short of 10 are fit allowing one false positive
+    assert any("too few for FPR <= 0.1 to allow a false positive" in n for n in f.notes)
+    assert not any("fewer than 50" in n for n in fit_fusion(_frame(400, 8, "noise"), ["a"], n_random=0).notes)
+    with pytest.raises(ValueError, match=r"fusion on the val calibrate rows needs lenses and at least 10 non-lenses "
+                                         r".* got 12 lenses and 9 non-lenses"):
+        fit_fusion(few.iloc[3:], ["a"], n_random=0)
 
 
 def test_dict_round_trip_gives_identical_scores(noise_fusion):
@@ -126,6 +199,15 @@ def test_dict_round_trip_gives_identical_scores(noise_fusion):
         Fusion.from_dict({**noise_fusion.to_dict(), "extra": 1})
     with pytest.raises(ValueError, match=r"fusion weights has keys \['a'\], expected the components \['a', 'b'\]"):
         Fusion.from_dict({**noise_fusion.to_dict(), "weights": {"a": 1.0}})
+    # a fusion saved by the former scheme (weights fit on the stop rows) loads, marked as such
+    d = noise_fusion.to_dict()
+    legacy = {k: v for k, v in d.items() if k not in ("fit_role", "fit_exact", "fit_single", "oof_exact",
+                                                       "n_fit_lenses", "n_fit_nonlenses", "k", "n_folds",
+                                                       "n_imputed_scored")}
+    legacy |= {"stop_exact": 0.5, "stop_single": {"a": 0.4, "b": 0.1}}
+    old = Fusion.from_dict(json.loads(json.dumps(legacy)))
+    assert (old.fit_role, old.fit_exact, old.fit_single) == ("stop", 0.5, {"a": 0.4, "b": 0.1})
+    assert np.array_equal(old.prob(test), noise_fusion.prob(test))
 
 
 def test_errors_name_the_column_or_the_split(noise_fusion):
@@ -135,14 +217,21 @@ def test_errors_name_the_column_or_the_split(noise_fusion):
     with pytest.raises(ValueError, match=r"lacks the fusion's component columns \['b'\]"):
         noise_fusion.logit(frame.drop(columns="b"))
     stop = frame["val_role"] == "stop"
-    with pytest.raises(ValueError, match=r"the val stop rows need lenses and non-lenses, got labels \[0\]"):
-        fit_fusion(frame.assign(label=np.where(stop, 0, frame["label"])), ["a", "b"])
     with pytest.raises(ValueError, match=r"the val calibrate rows need lenses and non-lenses, got labels \[1\]"):
         fit_fusion(frame.assign(label=np.where(stop, frame["label"], 1)), ["a", "b"])
-    with pytest.raises(ValueError, match="component 'b' is NaN in all 100 val stop rows"):
-        fit_fusion(frame.assign(b=np.nan), ["a", "b"])
-    with pytest.raises(ValueError, match=r"component 'b' is constant \(2.0\) on the 100 val stop rows"):
-        fit_fusion(frame.assign(b=2.0), ["a", "b"])
+    with pytest.raises(ValueError, match=r"the val stop rows need lenses and non-lenses, got labels \[0\]"):
+        fit_fusion(frame.assign(label=np.where(stop, 0, frame["label"])), ["a", "b"], fit_role="stop")
+    with pytest.raises(ValueError, match="component 'b' is NaN in all 100 val calibrate rows"):
+        fit_fusion(frame.assign(b=np.where(stop, 1.0, np.nan)), ["a", "b"])
+    with pytest.raises(ValueError, match=r"component 'b' is constant \(2.0\) on the 100 val calibrate rows"):
+        fit_fusion(frame.assign(b=np.where(stop, frame["b"], 2.0)), ["a", "b"])
+    with pytest.raises(ValueError, match="fit_role 'test' is not one of"):
+        fit_fusion(frame, ["a"], fit_role="test")
+    with pytest.raises(ValueError, match="n_folds must be an integer >= 2, got 1"):
+        fit_fusion(frame, ["a"], n_folds=1)
+    one_lens = frame[~stop & ((frame["label"] == 0) | (frame.index == frame.index[(frame["label"] == 1) & ~stop][0]))]
+    with pytest.raises(ValueError, match="out-of-fold calibration of the fusion needs at least 2 lenses"):
+        fit_fusion(one_lens, ["a"])
     with pytest.raises(ValueError, match="objective 'auc' is not one of"):
         fit_fusion(frame, ["a"], objective="auc")
     with pytest.raises(ValueError, match=r"components \['a'\] are listed twice"):

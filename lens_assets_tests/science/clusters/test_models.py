@@ -1,5 +1,7 @@
 """fit_cluster_models' anomaly model, and the component table and fused scores built on the models."""
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -88,10 +90,14 @@ def test_fused_scores_cover_test_and_heldout_and_use_track_b_only_when_present(f
     assert any("fused without ['track_b']" in n for n in fusion.notes)
     assert fusion.n_missing["colour_consistency"] > 0  # the NaN colour consistencies were imputed
     assert rows["prob"].between(0, 1).all()
-    # the fused score finds the lenses at least about as well as Track A alone, on the test and held-out rows
+    # the fused score finds the lenses about as well as Track A alone, on the test and held-out rows; the fusion is
+    # fit on the 80 val calibrate rows (40 non-lenses, k = 4), so its recall is noisy (0.52 vs Track A's 0.59 here;
+    # with 1600 fields, 0.616 vs 0.622)
     both = pd.concat([m.scores, rows])
     tpr = {k: tpr_at_fpr(g["label"], g["logit"], 0.1) for k, g in both.groupby("model")}
-    assert tpr["fused"] >= tpr["track_a"] - 0.05
+    assert tpr["fused"] >= tpr["track_a"] - 0.1
+    assert fusion.fit_role == "calibrate" and (fusion.n_fit_nonlenses, fusion.k) == (40, 4)
+    assert any("40 non-lenses (fewer than 50)" in n for n in fusion.notes)
     # a Track B column joins the fusion
     good_b = ct.assign(track_b=ct["label"] * 2.0 + np.random.default_rng(1).normal(size=len(ct)))
     _, with_b = fuse_scores(good_b, seed=0, n_random=2)
@@ -99,3 +105,55 @@ def test_fused_scores_cover_test_and_heldout_and_use_track_b_only_when_present(f
     assert with_b.weights["track_b"] > 0.3
     with pytest.raises(ValueError, match=r"lacks columns \['track_c'\]"):
         fuse_scores(ct, components=["track_a", "track_c"])
+
+
+def test_the_anomaly_models_imputations_are_recorded(fitted):
+    table, m = fitted
+    feats = m.anomaly.columns
+    train_nonlens = table[(table["split"] == "train") & (table["label"] == 0)]
+    assert m.anomaly.n_imputed_fit == {"colour_consistency": int(train_nonlens["colour_consistency"].isna().sum())}
+    test = table[table["split"] == "test"]
+    n_test = int(test["colour_consistency"].isna().sum())
+    assert n_test > 0
+    assert any(f"anomaly: {n_test} missing features of the 160 test rows" in n for n in m.notes)
+    ct = component_table(table, m)
+    rows = table[table["split"] != "train"]
+    np.testing.assert_array_equal(ct["anomaly_n_imputed"], rows[feats].isna().sum(axis=1))
+
+
+def test_fused_scores_record_scoring_imputations_and_refuse_missing_required_components(fitted):
+    table, m = fitted
+    ct = component_table(table, m)
+    ct["track_b"] = ct["label"] * 2.0 + np.random.default_rng(2).normal(size=len(ct))
+    lacking = ct.index[ct["split"] == "heldout"][[3, 7, 11]]
+    ct.loc[lacking, "track_b"] = np.nan
+    _, fusion = fuse_scores(ct, seed=0, n_random=1)
+    want = {s: {c: int(g[c].isna().sum()) for c in fusion.components}
+            for s, g in ct[ct["split"].isin(["test", "heldout"])].groupby("set")}
+    assert fusion.n_imputed_scored == want
+    assert want["cluster_heldout"]["track_b"] == 3 and want["test"]["track_b"] == 0
+    assert any(n.startswith("scoring cluster_heldout (160 rows)") and "track_b 3" in n for n in fusion.notes)
+    assert fusion.to_dict()["n_imputed_scored"] == want
+    objids = ct.loc[lacking, "objid"].tolist()
+    with pytest.raises(ValueError, match=r"required component 'track_b' is missing \(NaN\) for 3 fields, e.g. objids "
+                                         + re.escape(str(objids))):
+        fuse_scores(ct, seed=0, n_random=1, required=("track_b",))
+    complete = ct.assign(track_b=ct["track_b"].fillna(0.0))
+    _, ok = fuse_scores(complete, seed=0, n_random=1, required=("track_b",))
+    assert ok.n_imputed_scored["cluster_heldout"]["track_b"] == 0
+    with pytest.raises(ValueError, match=r"required components \['track_b'\] are not among the fused components"):
+        fuse_scores(complete, components=["track_a", "anomaly"], required=("track_b",))
+
+
+def test_the_fusion_is_fit_on_the_calibrate_rows_not_the_stop_rows(fitted):
+    table, m = fitted
+    ct = component_table(table, m)
+    _, fusion = fuse_scores(ct, seed=0, n_random=1)
+    cal = ct[(ct["split"] == "val") & (ct["val_role"] == "calibrate")]
+    assert fusion.fit_role == "calibrate"
+    assert (fusion.n_fit_lenses, fusion.n_fit_nonlenses) == (int(cal["label"].sum()), int((cal["label"] == 0).sum()))
+    assert fusion.mean["track_a"] == pytest.approx(cal["track_a"].mean())
+    stop = (ct["split"] == "val") & (ct["val_role"] == "stop")
+    moved = ct.assign(track_a=np.where(stop, ct["track_a"] + 5 * ct["label"], ct["track_a"]))  # optimistic there
+    _, again = fuse_scores(moved, seed=0, n_random=1)
+    assert again.weights == fusion.weights
