@@ -1,13 +1,18 @@
 """Which cluster model scores a survey's drops of cluster fields: ``clusters/models/<survey>/manifest.json``.
 
 ``cluster_classifier`` writes the track-A models and their calibrators to
-``clusters/models/<survey>/``; ``cluster_report``, when every one of its gate
-checks passes for the model it judges (``scoring_model``, default ``track_a``),
-then calls :func:`write_cluster_manifest` (a model that fails a gate leaves the
-previous manifest in place): the model scoring uses, the sha256 of its booster, sidecar and
-calibrator, the training features table's sha256 (the training manifest of the
-cluster track) and the ``arc_segments`` settings, so that a drop is read and
-segmented exactly as the training fields were. A cluster model is
+``clusters/models/<survey>/`` (rewritten by every retrain) and what it trained on
+to ``training.json``; ``cluster_report``, when every one of its gate checks passes
+for the model it judges (``scoring_model``, default ``track_a``), then calls
+:func:`write_cluster_manifest`, which copies the model, its sidecar and its
+calibrator into ``clusters/models/<survey>/vetted/<version>/`` (one folder,
+published whole, as ``promoted_model`` copies the galaxy ensemble) and writes the
+manifest pointing at the copies: the model scoring uses, the sha256 of its booster,
+sidecar and calibrator, the training features table's sha256 (the training manifest
+of the cluster track) and the ``arc_segments`` settings of ``training.json``, so that
+a drop is read and segmented exactly as the training fields were. A retrain never
+touches the vetted copies, and a model that fails a gate leaves the previous
+manifest (and the copies it names) in place. A cluster model is
 scoring-ready when its manifest exists, i.e. once it has passed the cluster
 report's gates (the galaxy track's promotion gates are separate); ``cluster_candidates`` reads the model only through
 :func:`load_cluster_model`, which checks every file against the manifest, and
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 
 from lens_assets import layout
 from lens_assets.science.fileio import sha256_file
@@ -47,13 +53,20 @@ def _version(model_sha: str, meta_sha: str, calibrator_sha: str) -> str:
 
 def write_cluster_manifest(storage, survey: str, *, field_size_px: int, light: str, nsigma: float,
                            code_version: str, model: str = "track_a", bands=None,
-                           features_sha256: str | None = None) -> dict:
-    """Write ``clusters/models/<survey>/manifest.json`` for the model files ``cluster_classifier`` has written
-    (``model`` and its calibrator; call it after them) and return it.
+                           features_sha256: str | None = None, trained_sha256: dict | None = None) -> dict:
+    """Copy the model files ``cluster_classifier`` has written (``model``, its sidecar and its calibrator) into
+    ``clusters/models/<survey>/vetted/<version>/``, write ``clusters/models/<survey>/manifest.json`` naming the
+    copies, and return it.
 
     ``field_size_px``, ``light``, ``nsigma``: the ``arc_segments`` settings of the
-    training fields. ``bands``: default the survey's. ``features_sha256``: default
-    the sha256 of ``clusters/features/<survey>/cluster_features.parquet``.
+    training fields. ``bands``: default the survey's. ``features_sha256``: the
+    features table the model was trained on (``cluster_classifier``'s
+    ``training.json``); default the sha256 of the current
+    ``clusters/features/<survey>/cluster_features.parquet``. ``version`` is made of
+    the copies' sha256, so a copy is what the manifest records even when a retrain
+    rewrites the trained files meanwhile. ``trained_sha256``: {relative path: sha256} of the trained files as
+    ``training.json`` recorded them; a copy that differs is refused (``ValueError``: the files were rewritten by
+    a retrain after the one the settings and features describe).
     """
     from lens_assets.science.surveys import get_survey
 
@@ -65,28 +78,48 @@ def write_cluster_manifest(storage, survey: str, *, field_size_px: int, light: s
     if not (float(nsigma) > 0):
         raise ValueError(f"nsigma must be positive, got {nsigma!r}")
     bands = list(spec.band_names if bands is None else bands)
-    files = {"model": layout.cluster_model_file(survey, model),
-             "model_meta": _sidecar(layout.cluster_model_file(survey, model)),
-             "calibrator": layout.cluster_calibrator_file(survey, model)}
+    trained = {"model": layout.cluster_model_file(survey, model),
+               "model_meta": _sidecar(layout.cluster_model_file(survey, model)),
+               "calibrator": layout.cluster_calibrator_file(survey, model)}
     features = layout.cluster_features_table(survey)
-    if features_sha256 is None:
-        files["features"] = features
     sha = {}
-    for key, parts in files.items():
-        path = storage.pull(*parts)
-        if not path.exists():
-            raise FileNotFoundError(f"{storage.url(*parts)} does not exist: materialize cluster_classifier for "
-                                    f"{survey} first")
-        sha[key] = sha256_file(path)
+    with storage.staged_dir(f"cluster-vetted-{survey}") as staged:
+        for key, parts in trained.items():
+            path = storage.pull(*parts)
+            if not path.exists():
+                raise FileNotFoundError(f"{storage.url(*parts)} does not exist: materialize cluster_classifier for "
+                                        f"{survey} first")
+            shutil.copyfile(path, staged / parts[-1])
+            sha[key] = sha256_file(staged / parts[-1])  # the copy's: what scoring will check
+            expected = (trained_sha256 or {}).get(layout.relative(parts), sha[key])
+            if sha[key] != expected:
+                record = layout.relative(layout.cluster_training_doc(survey))
+                raise ValueError(f"{storage.url(*parts)}: sha256 {sha[key][:16]} differs from {expected[:16]} in "
+                                 f"{record}: the file was rewritten after training.json (a cluster_classifier run "
+                                 "in progress?); materialize cluster_report again once cluster_classifier has "
+                                 "finished")
+        if features_sha256 is None:
+            path = storage.pull(*features)
+            if not path.exists():
+                raise FileNotFoundError(f"{storage.url(*features)} does not exist: materialize cluster_features for "
+                                        f"{survey} first")
+            features_sha256 = sha256_file(path)
+        version = _version(sha["model"], sha["model_meta"], sha["calibrator"])
+        folder = layout.cluster_vetted_dir(survey, version)
+        storage.publish_dir(staged, *folder)
+    vetted = {"model": layout.cluster_vetted_model_file(survey, version, model),
+              "model_meta": _sidecar(layout.cluster_vetted_model_file(survey, version, model)),
+              "calibrator": layout.cluster_vetted_calibrator_file(survey, version, model)}
+    assert all(vetted[k][:-1] == folder and vetted[k][-1] == trained[k][-1] for k in trained)  # the copies' names
     doc = {
         "survey": spec.name, "model": model,
-        "model_file": layout.relative(files["model"]), "model_sha256": sha["model"],
-        "model_meta_file": layout.relative(files["model_meta"]), "model_meta_sha256": sha["model_meta"],
-        "calibrator_file": layout.relative(files["calibrator"]), "calibrator_sha256": sha["calibrator"],
-        "version": _version(sha["model"], sha["model_meta"], sha["calibrator"]),
-        "features_file": layout.relative(features), "features_sha256": features_sha256 or sha["features"],
+        "model_file": layout.relative(vetted["model"]), "model_sha256": sha["model"],
+        "model_meta_file": layout.relative(vetted["model_meta"]), "model_meta_sha256": sha["model_meta"],
+        "calibrator_file": layout.relative(vetted["calibrator"]), "calibrator_sha256": sha["calibrator"],
+        "version": version,
+        "features_file": layout.relative(features), "features_sha256": features_sha256,
         "bands": bands, "field_size_px": int(field_size_px), "light": light, "nsigma": float(nsigma),
-        "code_version": code_version,
+        "code_version": code_version, "trained_model_file": layout.relative(trained["model"]),
     }
     storage.write_text(json.dumps(doc, indent=2), *layout.cluster_manifest(survey))
     return doc
@@ -122,10 +155,9 @@ def load_cluster_model(storage, survey: str):
     if doc is None:
         raise LookupError(f"{where} does not exist: no cluster model of {survey} is scoring-ready (materialize "
                           "cluster_report: it writes the manifest when its model passes every gate)")
-    storage.pull(*layout.cluster_models_dir(survey))
     for key in ("model", "model_meta", "calibrator"):
         rel = doc[f"{key}_file"]
-        path = storage.path(*rel.split("/"))
+        path = storage.pull(*rel.split("/"))
         got = sha256_file(path) if path.exists() else "missing"
         if got != doc[f"{key}_sha256"]:
             raise ValueError(f"{storage.url(*rel.split('/'))}: sha256 {got[:16]} differs from "

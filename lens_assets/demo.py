@@ -37,10 +37,10 @@ def failed_steps(result) -> set[str]:
     return {e.step_key for e in result.all_events if e.event_type_value == "STEP_FAILURE"}
 
 
-def only_gates_failed(result) -> bool:
-    """True when the run's only failure is bologna_report's blocking gate checks: the report was written, the
-    ensemble was not promoted; every figure is there to read."""
-    return failed_steps(result) == {"bologna_report"} and any(
+def only_gates_failed(result, report: str = "bologna_report") -> bool:
+    """True when the run's only failure is ``report``'s blocking gate checks: the report was written, the model
+    was not promoted (vetted); every figure is there to read."""
+    return failed_steps(result) == {report} and any(
         "blocking asset check" in str(e.event_specific_data.error) for e in result.all_events
         if e.event_type_value == "STEP_FAILURE")
 
@@ -67,11 +67,13 @@ def run_job(name: str, instance, *, survey: str, ops: dict, tolerate=lambda resu
 def run_clusters(instance, *, survey: str, n_fields: int, seed: int) -> int:
     """``cluster_pipeline`` for one survey on the local instance, and what it made."""
     ran = run_job("cluster_pipeline", instance, survey=survey,
-                  ops={"cluster_fields": {"config": {"n_fields": n_fields, "seed": seed}}})
+                  ops={"cluster_fields": {"config": {"n_fields": n_fields, "seed": seed}}},
+                  tolerate=lambda result: only_gates_failed(result, "cluster_report"))
     if ran is None:
         return 1
     result, meta, wall = ran
     f, seg, clf = meta["cluster_fields"], meta["arc_segments"], meta["cluster_classifier"]
+    tb, fus, rep = meta["cluster_track_b"], meta["cluster_fusion"], meta["cluster_report"]
     print()
     print(f"lens_assets cluster track: survey {survey}, run {result.run_id}, {wall / 60:.1f} min")
     print(f"  cluster fields : {f['n_fields']} ({f['n_lenses']} lenses, {f['n_nonlenses']} non-lenses) + "
@@ -80,8 +82,13 @@ def run_clusters(instance, *, survey: str, n_fields: int, seed: int) -> int:
     print(f"  arc segments   : {seg['n_segments']} in {seg['n_fields']} fields ({seg['n_quarantined']} files "
           f"quarantined) at {seg['fields_per_s']:.2f} fields/s -> {seg['path']}")
     print(f"  models         : {clf['models']} -> {clf['path']}")
+    print(f"  track_b        : {tb['epochs_run']} epochs at {tb['train_img_per_s']:.0f} stamps/s "
+          f"({tb['precision']}), best val AUROC {tb['best_val_auroc']:.3f}")
+    weights = ", ".join(line.strip("| ").replace(" | ", " ") for line in str(fus["weights"]).splitlines()[2:])
+    print(f"  fusion weights : {weights}")
+    print(f"  scoring model  : {rep['cluster_model_version']}")
     print("\n" + "\n".join("    " + line for line in str(meta["cluster_report"]["summary"]).splitlines()))
-    return 0
+    return 1 if str(rep["cluster_model_version"]).startswith("not vetted") else 0
 
 
 def main(argv=None) -> int:

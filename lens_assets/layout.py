@@ -282,6 +282,11 @@ def cluster_segments_gallery(survey: str) -> Parts:
     return (*cluster_segments_dir(survey), "segments_gallery.png")
 
 
+def cluster_segments_settings(survey: str) -> Parts:
+    """The settings ``arc_segments`` read the fields with (field_size_px, light, nsigma, code_version)."""
+    return (*cluster_segments_dir(survey), "settings.json")
+
+
 def cluster_features_dir(survey: str) -> Parts:
     return ("clusters", "features", survey)
 
@@ -301,6 +306,25 @@ def cluster_model_file(survey: str, member: str) -> Parts:
 
 def cluster_calibrator_file(survey: str, member: str) -> Parts:
     return (*cluster_models_dir(survey), f"{member}.calibrator.json")
+
+
+def cluster_training_doc(survey: str) -> Parts:
+    """What ``cluster_classifier`` trained on: the ``arc_segments`` settings and the features table's sha256."""
+    return (*cluster_models_dir(survey), "training.json")
+
+
+def cluster_vetted_dir(survey: str, version: str) -> Parts:
+    """Copies of a model that passed ``cluster_report``'s gates (booster, sidecar, calibrator), by manifest version:
+    a retrain rewrites ``cluster_model_file``, never these."""
+    return (*cluster_models_dir(survey), "vetted", version)
+
+
+def cluster_vetted_model_file(survey: str, version: str, member: str) -> Parts:
+    return (*cluster_vetted_dir(survey, version), f"{member}.json")
+
+
+def cluster_vetted_calibrator_file(survey: str, version: str, member: str) -> Parts:
+    return (*cluster_vetted_dir(survey, version), f"{member}.calibrator.json")
 
 
 def cluster_partial_dependence(survey: str) -> Parts:

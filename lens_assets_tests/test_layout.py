@@ -21,8 +21,8 @@ UNDER_ROOT = sorted([*(PKG / "assets").glob("*.py"), *(PKG / "sensors").glob("*.
 STORAGE_USERS = [PKG / "resources" / "train_remote.py", REPO / "benchmarks" / "bench_scoring.py"]
 
 
-def _places(survey="des", drop="night-1", member="regnetx_002") -> dict:
-    values = {"survey": survey, "drop": drop, "member": member}
+def _places(survey="des", drop="night-1", member="regnetx_002", version="0123456789abcdef") -> dict:
+    values = {"survey": survey, "drop": drop, "member": member, "version": version}
     return {name: fn(*(values[p] for p in inspect.signature(fn).parameters)) for name, fn in layout.PLACES.items()}
 
 
@@ -56,6 +56,9 @@ def test_files_sit_in_the_folders_the_layout_names():
         assert p[name][:-1] == p["report_dir"], name  # bologna_report pushes the folder once
     for name in ("candidate_table", "candidate_quarantine", "candidate_histogram", "candidate_gallery"):
         assert p[name][:-1] == p["candidates_dir"], name
+    for name in ("cluster_vetted_model_file", "cluster_vetted_calibrator_file"):
+        assert p[name][:-1] == p["cluster_vetted_dir"], name  # write_cluster_manifest publishes the folder as one
+    assert p["cluster_vetted_dir"][:-2] == p["cluster_models_dir"]
     assert layout.simulation_drop("baseline", 3) == "sim-3" and layout.simulation_drop("physical", 3) == "sim-physical-3"
 
 

@@ -1,5 +1,7 @@
 """Asset group `clusters`: the cluster-scale track — simulated fields, arc segments, features, models, report."""
 
+import hashlib
+import io
 import json
 import time
 
@@ -13,6 +15,7 @@ from lens_assets.assets.cluster_track_b import cluster_track_b
 from lens_assets.assets._common import (counts_markdown, gallery_from_files, png_markdown, sha256_of_strings,
                                         survey_asset)
 from lens_assets.resources.storage import LocalStorage
+from lens_assets.science.fileio import sha256_file
 from lens_assets.science.surveys import get_survey
 
 CLUSTER_CODE_VERSION = "cluster-1"
@@ -132,6 +135,10 @@ def arc_segments(context: dg.AssetExecutionContext, config: ArcSegmentsConfig,
     storage.write_parquet(fields, *layout.cluster_fields_table(survey.name))
     storage.write_parquet(segments, *layout.cluster_segments_table(survey.name))
     storage.write_parquet(quarantine, *layout.cluster_quarantine_table(survey.name))
+    # what cluster_classifier records as its training fields' settings (the manifest's, so drops are read the same)
+    settings = {"field_size_px": size, "light": config.light, "nsigma": float(config.nsigma),
+                "code_version": CLUSTER_CODE_VERSION}
+    storage.write_text(json.dumps(settings, indent=2), *layout.cluster_segments_settings(survey.name))
     metadata = {
         "path": dg.MetadataValue.path(str(storage.path(*layout.cluster_segments_table(survey.name)))),
         "n_files": len(paths), "n_fields": len(fields), "n_quarantined": len(quarantine),
@@ -251,8 +258,14 @@ def cluster_classifier(context: dg.AssetExecutionContext, config: ClusterClassif
     from lens_assets.science.clusters.track_a import TrackAConfig, plot_partial_dependence
 
     survey = get_survey(context.partition_key)
-    storage.pull(*layout.cluster_features_table(survey.name))
-    table = pd.read_parquet(storage.path(*layout.cluster_features_table(survey.name)))
+    settings_file = storage.pull(*layout.cluster_segments_settings(survey.name))
+    if not settings_file.exists():
+        raise dg.Failure(f"{storage.url(*layout.cluster_segments_settings(survey.name))} does not exist: materialize "
+                         f"arc_segments (and cluster_features) for {survey.name} again; its settings go into the "
+                         "model's training record")
+    segment_settings = json.loads(settings_file.read_text())
+    features_bytes = storage.pull(*layout.cluster_features_table(survey.name)).read_bytes()  # hashed as read
+    table = pd.read_parquet(io.BytesIO(features_bytes))
     cfg = TrackAConfig(n_estimators=config.n_estimators, learning_rate=config.learning_rate,
                        max_depth=config.max_depth, early_stopping_rounds=config.early_stopping_rounds,
                        seed=config.seed)
@@ -277,6 +290,17 @@ def cluster_classifier(context: dg.AssetExecutionContext, config: ClusterClassif
     top = main.importance().sort_values("gain", ascending=False)["feature"].head(4).tolist()
     pd_plot = plot_partial_dependence({f: main.partial_dependence(train, f) for f in top},
                                       storage.path(*layout.cluster_partial_dependence(survey.name)), title="track_a")
+    written = [p for name in models.track_a for p in (layout.cluster_model_file(survey.name, name),
+                                                      _sidecar_of(layout.cluster_model_file(survey.name, name)),
+                                                      layout.cluster_calibrator_file(survey.name, name))]
+    written += [layout.cluster_anomaly_file(survey.name), layout.cluster_calibrator_file(survey.name, "anomaly")]
+    training = {"survey": survey.name, "segments": segment_settings,
+                "features_file": layout.relative(layout.cluster_features_table(survey.name)),
+                "features_sha256": hashlib.sha256(features_bytes).hexdigest(),
+                "files": {layout.relative(p): sha256_file(storage.path(*p)) for p in written},
+                "config": config.model_dump(), "code_version": CLUSTER_CODE_VERSION}
+    # last: a training record names only complete files (write_cluster_manifest checks the copies it vets against it)
+    storage.write_text(json.dumps(training, indent=2), *layout.cluster_training_doc(survey.name))
     storage.push(*layout.cluster_models_dir(survey.name))
     imp = main.importance().sort_values("gain", ascending=False).head(12)
     metadata = {
@@ -290,7 +314,16 @@ def cluster_classifier(context: dg.AssetExecutionContext, config: ClusterClassif
     }
     if models.notes:
         metadata["notes"] = dg.MetadataValue.md("\n".join(f"- {n}" for n in models.notes))
-    return dg.MaterializeResult(metadata=metadata)
+    metadata["features_sha256"] = training["features_sha256"]
+    version = sha256_of_strings([CLUSTER_CODE_VERSION, json.dumps(config.model_dump(), sort_keys=True),
+                                 *(f"{k}:{v}" for k, v in sorted(training["files"].items())),
+                                 sha256_file(storage.path(*layout.cluster_training_doc(survey.name)))])
+    return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(version[:16]))
+
+
+def _sidecar_of(parts: tuple[str, ...]) -> tuple[str, ...]:
+    """The ``<member>.meta.json`` ``TrackAModel.save`` writes beside a model file."""
+    return (*parts[:-1], parts[-1][: -len(".json")] + ".meta.json")
 
 
 class ClusterFusionConfig(dg.Config):
@@ -298,7 +331,8 @@ class ClusterFusionConfig(dg.Config):
                                   description="per-field scores fused: Track A's and Track B's logits, the colour "
                                   "consistency feature and the Deep SVDD anomaly score")
     max_fpr: float = Field(default=0.1, gt=0, le=1, description="the weights maximize the partial AUC up to this "
-                           "false-positive rate on the val split's stop half")
+                           "false-positive rate on the val split's calibrate half (the stop half, on which the "
+                           "tracks were early-stopped and selected, is not used)")
     seed: int = Field(default=0, ge=0)
 
 
@@ -307,9 +341,11 @@ class ClusterFusionConfig(dg.Config):
 def cluster_fusion(context: dg.AssetExecutionContext, config: ClusterFusionConfig,
                    storage: LocalStorage) -> dg.MaterializeResult:
     """The tracks fused: Track A's and Track B's logits, the colour-consistency score and the anomaly score,
-    standardized and weighted to maximize a smooth partial AUC at FPR ≤ ``max_fpr`` on the val split's stop half
-    (scipy ``minimize``), then calibrated (isotonic) on its calibrate half. Writes the fusion and the table of
-    every model's scores the report reads (Track A's models, Track B and ``fused``)."""
+    standardized and weighted to maximize a smooth partial AUC at FPR ≤ ``max_fpr`` on the val split's calibrate
+    half, which no track selected on (scipy ``minimize``), then calibrated (isotonic) on out-of-fold fused scores of
+    the same rows; every field must have a Track B score. Writes the fusion and the table of
+    every model's scores the report reads (Track A's models, Track B's models, ``pu_b_<n>`` included, and
+    ``fused``)."""
     from lens_assets.science.clusters.models import fuse_scores
 
     survey = get_survey(context.partition_key)
@@ -324,12 +360,15 @@ def cluster_fusion(context: dg.AssetExecutionContext, config: ClusterFusionConfi
             raise dg.Failure(f"{storage.url(*p)} does not exist: materialize cluster_classifier and cluster_track_b "
                              f"for {survey.name} first")
         frames[name] = pd.read_parquet(path)
+    # Track B's file also holds its PU models' rows (pu_b_<n>): the track_b component is the track_b model's logit
     track_b = pd.concat([frames["track_b"], frames["track_b_val"]], ignore_index=True)
+    track_b = track_b[track_b["model"] == "track_b"]
     components = frames["components"].merge(track_b[["objid", "logit"]].rename(columns={"logit": "track_b"}),
                                             on="objid", how="left", validate="one_to_one")
     try:
         fused, fusion = fuse_scores(components, components=list(config.components), max_fpr=config.max_fpr,
-                                    seed=config.seed)
+                                    seed=config.seed,
+                                    required=("track_b",) if "track_b" in config.components else ())
     except ValueError as err:
         raise dg.Failure(f"cluster_fusion: {err}") from None
     storage.write_text(json.dumps(fusion.to_dict()), *layout.cluster_fusion_file(survey.name))
@@ -339,12 +378,17 @@ def cluster_fusion(context: dg.AssetExecutionContext, config: ClusterFusionConfi
     metadata = {
         "path": dg.MetadataValue.path(str(storage.path(*layout.cluster_fusion_file(survey.name)))),
         "weights": dg.MetadataValue.md(weights.to_markdown(index=False, floatfmt="+.3f")),
-        "n_stop": int(((components["split"] == "val") & (components["val_role"] == "stop")).sum()),
+        "n_fit_lenses": int(fusion.n_fit_lenses), "n_fit_nonlenses": int(fusion.n_fit_nonlenses),
+        "allowed_false_positives": int(fusion.k),
+        "n_imputed_scored": dg.MetadataValue.json(fusion.n_imputed_scored),
         "models": ",".join(scores["model"].unique()),
     }
     if fusion.notes:
         metadata["notes"] = dg.MetadataValue.md("\n".join(f"- {n}" for n in fusion.notes))
-    return dg.MaterializeResult(metadata=metadata)
+    return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(sha256_of_strings([
+        CLUSTER_CODE_VERSION, json.dumps(config.model_dump(), sort_keys=True),
+        *(sha256_file(storage.path(*p)) for p in (layout.cluster_fusion_file(survey.name),
+                                                  layout.cluster_report_scores(survey.name)))])[:16]))
 
 
 class ClusterReportConfig(dg.Config):
@@ -417,7 +461,8 @@ def cluster_report(context: dg.AssetExecutionContext, config: ClusterReportConfi
     md = report_markdown(figures, survey=survey.name, notes=[
         "track_a: XGBoost on every feature; track_a_no_colour: without the colour features; pu_<n>: Elkan–Noto "
         "PU learning from n labeled lenses among the training fields; anomaly: Deep SVDD distance, fit on training "
-        "non-lenses alone; track_b: attention-pooled CNN over the arc-segment stamps; fused: track_a, track_b, "
+        "non-lenses alone; track_b: attention-pooled CNN over the arc-segment stamps; pu_b_<n>: Track B "
+        "PU-learned from n labeled lenses; fused: track_a, track_b, "
         "colour consistency and anomaly weighted for recall at FPR ≤ 0.1 on the val split",
         "recall by lensed sources and arc surface brightness at each (model, set)'s FPR ≤ 0.1 threshold"])
     storage.write_text(json.dumps(figures, indent=1), *layout.cluster_report_json(survey.name))
@@ -432,7 +477,7 @@ def cluster_report(context: dg.AssetExecutionContext, config: ClusterReportConfi
                 metadata[f"{prefix}tpr10"] = float(f["tpr10"])
     checks = cluster_report_checks(figures, config)
     if all(c.passed for c in checks):  # vetted: it scores the survey's cluster drops from now on
-        manifest = _write_manifest(context, storage, survey.name, config.scoring_model)
+        manifest = _write_manifest(storage, survey.name, config.scoring_model)
         metadata["cluster_model_version"] = manifest["version"]
         context.log.info(f"{config.scoring_model} passed every gate: it scores {survey.name}'s cluster drops "
                          f"(model version {manifest['version']})")
@@ -440,25 +485,34 @@ def cluster_report(context: dg.AssetExecutionContext, config: ClusterReportConfi
         failed = [c.check_name for c in checks if not c.passed]
         metadata["cluster_model_version"] = "not vetted: " + ", ".join(failed)
         context.log.warning(f"{config.scoring_model} failed {failed}: the survey's scoring model is left as it was")
-    return dg.MaterializeResult(metadata=metadata, check_results=checks)
+    version = sha256_of_strings([CLUSTER_CODE_VERSION, json.dumps(config.model_dump(), sort_keys=True),
+                                 metadata["cluster_model_version"],
+                                 sha256_file(storage.path(*layout.cluster_report_json(survey.name)))])
+    return dg.MaterializeResult(metadata=metadata, check_results=checks, data_version=dg.DataVersion(version[:16]))
 
 
 SCORABLE_MODELS = ("track_a", "track_a_no_colour")  # what cluster_candidates can run: XGBoost on the features
 
 
-def _write_manifest(context, storage: LocalStorage, survey: str, model: str) -> dict:
-    """The survey's cluster manifest for ``model``, with the ``arc_segments`` settings its fields were read with."""
+def _write_manifest(storage: LocalStorage, survey: str, model: str) -> dict:
+    """The survey's cluster manifest for ``model`` (its files copied to ``vetted/<version>/``), with the
+    ``arc_segments`` settings and the features table's sha256 that ``cluster_classifier`` recorded in
+    ``training.json`` when it trained the model."""
     from lens_assets.cluster_registry import write_cluster_manifest
 
-    seg = context.instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=arc_segments.key, asset_partitions=[survey]), limit=1).records
-    if not seg:
-        raise dg.Failure(f"arc_segments of {survey} has no materialization on this instance: its settings (field "
-                         "size, light removal, threshold) go into the manifest, so drops are read the same way")
-    m = seg[0].asset_materialization.metadata
-    return write_cluster_manifest(storage, survey, field_size_px=int(m["field_size_px"].value),
-                                  light=str(m["light"].value), nsigma=float(m["nsigma"].value),
-                                  code_version=CLUSTER_CODE_VERSION, model=model)
+    path = storage.pull(*layout.cluster_training_doc(survey))
+    if not path.exists():
+        raise dg.Failure(f"{storage.url(*layout.cluster_training_doc(survey))} does not exist: materialize "
+                         f"cluster_classifier for {survey} again (it records the arc_segments settings and the "
+                         "features the model was trained on, which go into the manifest)")
+    training = json.loads(path.read_text())
+    seg = training["segments"]
+    try:
+        return write_cluster_manifest(storage, survey, field_size_px=int(seg["field_size_px"]), light=str(seg["light"]),
+                                      nsigma=float(seg["nsigma"]), code_version=str(seg["code_version"]), model=model,
+                                      features_sha256=training["features_sha256"], trained_sha256=training["files"])
+    except (ValueError, FileNotFoundError) as err:
+        raise dg.Failure(str(err)) from None
 
 
 CLUSTER_ASSETS = [cluster_fields, arc_segments, cluster_features, cluster_classifier, cluster_track_b, cluster_fusion,

@@ -61,13 +61,18 @@ def candidate_scores(context: dg.AssetExecutionContext, config: ScoringConfig,
     survey's training shards were, scored by the survey's promoted ensemble and
     calibrator (promoted_model: a pair whose Bologna report passed its gates).
     Each row carries its file's sha256 and the model, calibrator, training-data
-    and code versions that produced its score.
+    and code versions that produced its score. A drop marked ``_CLUSTER_FIELDS``
+    is refused (``cluster_candidates`` scores it, in the same folder), and a file
+    with ``OBJTYPE = 'cluster_field'`` is quarantined as ``objtype_mismatch``.
     """
     keys = context.partition_key.keys_by_dimension
     survey, drop = get_survey(keys["survey"]), keys["drop"]
     if not storage.exists(*layout.complete_marker(survey.name, drop)):
         raise no_retry(f"{storage.url(*layout.inbox_drop(survey.name, drop))} has no {layout.COMPLETE_MARKER} marker: "
                        "the drop is not complete")
+    if storage.exists(*layout.cluster_marker(survey.name, drop)):  # publishing here would delete its candidates
+        raise no_retry(f"{storage.url(*layout.inbox_drop(survey.name, drop))} has the {layout.CLUSTER_MARKER} marker: "
+                       "it is a drop of cluster fields, scored by cluster_candidates, not candidate_scores")
     drop_dir = storage.pull(*layout.inbox_drop(survey.name, drop))
     files = find_fits(drop_dir)
     ensemble, fusion, calibrator, doc = load_promoted(storage, survey.name)

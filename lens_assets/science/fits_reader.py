@@ -408,13 +408,16 @@ def _cut_short(data: bytes, caught) -> bool:
     return len(data) % FITS_BLOCK != 0 or any("truncated" in str(w.message) for w in caught)
 
 
-def read_cutout(data: bytes, *, name: str, survey: SurveySpec, fast_path: bool = True) -> Cutout:
+def read_cutout(data: bytes, *, name: str, survey: SurveySpec, fast_path: bool = True,
+                galaxy_only: bool = False) -> Cutout:
     """Validate one file's bytes against the contract for ``survey``.
 
     ``name`` is how errors name the file (e.g. ``raw/des/sim-0/x.fits``).
     Raises :class:`QuarantineError`; returns a :class:`Cutout` otherwise.
     ``fast_path=False`` opens every file with astropy (the reference the
-    plain-HDU scanner is tested against).
+    plain-HDU scanner is tested against). ``galaxy_only``: a cluster field
+    (``OBJTYPE = 'cluster_field'``) is ``objtype_mismatch`` (:func:`.fits_validation.validate_cutout`).
     """
     primary, arrays, band_header = _open(data, name, fast_path=fast_path)
-    return validate_cutout(primary, arrays, name=name, survey=survey, band_header=band_header)
+    return validate_cutout(primary, arrays, name=name, survey=survey, band_header=band_header,
+                           galaxy_only=galaxy_only)

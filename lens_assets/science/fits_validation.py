@@ -20,7 +20,8 @@ from .psf import measure_fwhm_px
 from .surveys import SurveySpec
 
 __all__ = ["Cutout", "QuarantineError", "QUARANTINE_REASONS", "LABEL_SOURCE_PREFIXES", "BAND_FLAGS",
-           "CROP_FLAG_RATIO", "nanomaggies_per_unit", "size_on_survey_grid", "validate_cutout"]
+           "CROP_FLAG_RATIO", "OBJTYPE_CLUSTER", "is_cluster_field", "nanomaggies_per_unit", "size_on_survey_grid",
+           "validate_cutout"]
 
 FITS_BLOCK = 2880
 MAX_NAN_FRACTION = 0.5  # of a band's pixels that may be non-finite (NaN, +inf or -inf)
@@ -30,6 +31,7 @@ MAGZP_RANGE = (10.0, 45.0)  # AB zero points of real instruments in count/s or a
 GAIN_RANGE = (1e-6, 1e12)  # electrons per image unit (count/s images: gain x exposure time)
 CROP_FLAG_RATIO = 1.25  # on-grid side >= 1.25 x the grid: over a third of the file's area is cropped away
 SIZE_TOLERANCE_ARCSEC = 1e-6
+OBJTYPE_CLUSTER = "cluster_field"  # primary-header OBJTYPE of a cluster field (science.clusters.fields writes it)
 
 QUARANTINE_REASONS: Mapping[str, str] = {
     "unreadable": "not a FITS file, or astropy cannot parse it",
@@ -57,7 +59,7 @@ QUARANTINE_REASONS: Mapping[str, str] = {
     "non_ascii_header": "a header holds bytes over 0x7f (FITS headers are ASCII text)",
     "no_bcg": "a cluster field without BCGXPIX/BCGYPIX in which no source stands out near the centre",
     "objtype_mismatch": "a file of a drop marked _CLUSTER_FIELDS whose OBJTYPE is not 'cluster_field' (e.g. a "
-                        "galaxy cutout)",
+                        "galaxy cutout), or a galaxy cutout (catalog, galaxy drop) whose OBJTYPE is 'cluster_field'",
 }
 
 LABEL_SOURCE_PREFIXES = ("sim:", "obs:", "weak:", "pretrain:")
@@ -187,16 +189,28 @@ def _fraction(n_bad: int, bad: np.ndarray) -> float:
     return n_bad / bad.size if bad.size else bad.mean()
 
 
+def is_cluster_field(objtype) -> bool:
+    """Whether a primary header's ``OBJTYPE`` value marks a cluster field (:data:`OBJTYPE_CLUSTER`, any case)."""
+    return isinstance(objtype, str) and objtype.strip().lower() == OBJTYPE_CLUSTER
+
+
 def validate_cutout(primary: dict, arrays: Mapping[str, tuple], *, name: str, survey: SurveySpec,
-                    band_header: Callable[[object], dict]) -> Cutout:
+                    band_header: Callable[[object], dict], galaxy_only: bool = False) -> Cutout:
     """Check a file's header values and arrays against the contract for ``survey``.
 
     ``primary`` holds the values of :data:`PRIMARY_KEYWORDS`; ``arrays`` maps each
     extension's upper-cased ``EXTNAME`` to ``(hdu, array)``; ``band_header(hdu)``
     gives the values of :data:`BAND_KEYWORDS` in an image extension's header.
+    ``galaxy_only`` (the galaxy track's catalog and scoring): a cluster field
+    (``OBJTYPE = 'cluster_field'``) is ``objtype_mismatch``, checked first.
     Raises :class:`QuarantineError`; returns a :class:`Cutout` otherwise.
     """
     objid = primary.get("OBJID")
+    if galaxy_only and is_cluster_field(primary.get("OBJTYPE")):  # the kind of file first, as cluster drops do
+        raise QuarantineError("objtype_mismatch", f"{name}: OBJTYPE is {primary['OBJTYPE']!r}; a cluster field is "
+                                                  "not a galaxy cutout (a drop of cluster fields carries the "
+                                                  "_CLUSTER_FIELDS marker and is scored by cluster_candidates)",
+                              objid="" if objid is None else str(objid).strip())
     if objid is None or str(objid).strip() == "":
         raise QuarantineError("missing_header", f"{name}: primary header lacks OBJID")
     objid = str(objid).strip()

@@ -145,8 +145,14 @@ def catalog_row(c: Cutout, *, sha256: str, survey: SurveySpec) -> dict:
     return row
 
 
-def read_one(path: str | Path, name: str, survey: SurveySpec) -> tuple[dict | None, dict | None, Cutout | None]:
-    """Read and validate one file: ``(catalog row, None, cutout)`` or ``(None, quarantine row, None)``."""
+def read_one(path: str | Path, name: str, survey: SurveySpec, *,
+             cluster: bool = False) -> tuple[dict | None, dict | None, Cutout | None]:
+    """Read and validate one file: ``(catalog row, None, cutout)`` or ``(None, quarantine row, None)``.
+
+    A galaxy cutout by default (the catalog and ``candidate_scores``): a file with
+    ``OBJTYPE = 'cluster_field'`` is quarantined as ``objtype_mismatch``. ``cluster``:
+    the file is read as a cluster field (``arc_segments``, ``cluster_candidates``).
+    """
     try:
         data = Path(path).read_bytes()
     except OSError as err:
@@ -154,7 +160,7 @@ def read_one(path: str | Path, name: str, survey: SurveySpec) -> tuple[dict | No
                       "message": f"{name}: cannot be read ({err.strerror or err})", "survey": survey.name}, None
     sha = hashlib.sha256(data).hexdigest()  # the bytes are parsed next anyway: no second read
     try:
-        cutout = read_cutout(data, name=name, survey=survey)
+        cutout = read_cutout(data, name=name, survey=survey, galaxy_only=not cluster)
         return catalog_row(cutout, sha256=sha, survey=survey), None, cutout
     except QuarantineError as err:
         return None, {"objid": err.objid, "source_file": name, "source_sha256": sha, "reason": err.reason,

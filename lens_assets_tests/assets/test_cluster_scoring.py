@@ -175,12 +175,13 @@ def test_a_drop_without_the_cluster_marker_or_incomplete_or_without_a_manifest_i
         with pytest.raises(dg.Failure, match=r"clusters/models/hsc/manifest.json does not exist: no cluster model "
                                              r"of hsc is scoring-ready"):
             materialize(storage, instance, "fields", survey="hsc")
-        # a model file changed after its manifest was written is refused, naming the file and both hashes
-        storage.path(*layout.cluster_calibrator_file(SURVEY, "track_a")).write_text("{}")
+        # a vetted file changed after its manifest was written is refused, naming the file and both hashes
+        version = load_cluster_manifest(storage, SURVEY)["version"]
+        storage.path(*layout.cluster_vetted_calibrator_file(SURVEY, version, "track_a")).write_text("{}")
         publish_drop(storage, SURVEY, "later", [], cluster=True)
         instance.add_dynamic_partitions("drops", ["later"])
-        with pytest.raises(dg.Failure, match=r"clusters/models/des/track_a.calibrator.json: sha256 [0-9a-f]{16} "
-                                             r"differs from calibrator_sha256 [0-9a-f]{16}"):
+        with pytest.raises(dg.Failure, match=rf"clusters/models/des/vetted/{version}/track_a.calibrator.json: sha256 "
+                                             r"[0-9a-f]{16} differs from calibrator_sha256 [0-9a-f]{16}"):
             materialize(storage, instance, "later")
 
 
@@ -203,9 +204,14 @@ def test_the_manifest_records_the_model_files_hashes_and_the_segmentation_settin
     assert load_cluster_manifest(storage, SURVEY) is None
     doc = write_model(storage)
     assert load_cluster_manifest(storage, SURVEY) == doc
-    assert doc["model"] == "track_a" and doc["model_file"] == "clusters/models/des/track_a.json"
+    # the files are copied to vetted/<version>/, which a retrain never rewrites
+    assert doc["model"] == "track_a"
+    assert doc["model_file"] == f"clusters/models/des/vetted/{doc['version']}/track_a.json"
     assert doc["model_sha256"] == sha256_file(storage.path(*layout.cluster_model_file(SURVEY, "track_a")))
+    assert doc["model_sha256"] == sha256_file(storage.path(*layout.cluster_vetted_model_file(SURVEY, doc["version"],
+                                                                                           "track_a")))
     assert doc["model_meta_sha256"] == sha256_file(storage.path("clusters/models/des/track_a.meta.json"))
+    assert doc["model_meta_file"] == f"clusters/models/des/vetted/{doc['version']}/track_a.meta.json"
     assert (doc["bands"], doc["field_size_px"], doc["light"], doc["nsigma"]) == (["g", "r", "i", "z", "Y"], FIELD_PX,
                                                                                  "median", 2.0)
     assert len(doc["version"]) == 16 and doc["code_version"] == "cluster-1"
@@ -221,3 +227,36 @@ def test_simulate_cluster_drop_refuses_a_galaxy_family(storage):
         simulate_cluster_drop(storage, SURVEY, "d", n=1, seed=0, family="physical")
     size = int(round(FIELD_ARCSEC / 0.263))
     assert size + size % 2 == FIELD_PX  # arc_segments' grid of the field
+
+
+def test_neither_scoring_asset_takes_the_others_drop_so_neither_deletes_the_others_candidates(tmp_path):
+    """A backfill of candidate_scores over a drop of cluster fields (or of cluster_candidates over a galaxy drop)
+    would publish the drop's candidates folder and delete the other asset's table: each refuses the other's drops."""
+    from lens_assets.assets.scoring import candidate_scores
+
+    storage = LocalStorage(root=str(tmp_path / "root"))
+    write_model(storage)
+    publish_drop(storage, SURVEY, "fields", [], cluster=True)
+    publish_drop(storage, SURVEY, "galaxies", [galaxy_cutout(tmp_path / "g.fits")])
+    cluster_table = storage.write_text("cluster", *layout.cluster_candidate_table(SURVEY, "fields"))
+    galaxy_table = storage.write_text("galaxy", *layout.candidate_table(SURVEY, "galaxies"))
+    with dg.DagsterInstance.ephemeral() as instance:
+        instance.add_dynamic_partitions("drops", ["fields", "galaxies"])
+        result = dg.materialize([candidate_scores], partition_key=str(scoring_key(SURVEY, "fields")),
+                                resources={"storage": storage}, instance=instance, raise_on_error=False)
+        assert not result.success
+        (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+        assert (f"{storage.url(*layout.inbox_drop(SURVEY, 'fields'))} has the _CLUSTER_FIELDS marker: it is a drop "
+                "of cluster fields, scored by cluster_candidates, not candidate_scores"
+                in failure.event_specific_data.error.message)
+        # no_retry: the retry policy does not run it again
+        assert not [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
+        result = materialize(storage, instance, "galaxies", raise_on_error=False)
+        assert not result.success
+        (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+        assert "inbox/des/galaxies has no _CLUSTER_FIELDS marker: it is not a drop of cluster fields" in \
+            failure.event_specific_data.error.message
+        assert not [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
+    assert cluster_table.read_text() == "cluster" and galaxy_table.read_text() == "galaxy"
+    assert sorted(p.name for p in storage.path(*layout.candidates_dir(SURVEY, "fields")).iterdir()) == [
+        "cluster_candidates.parquet"]

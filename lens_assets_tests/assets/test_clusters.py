@@ -7,10 +7,12 @@ import dagster as dg
 import pandas as pd
 import pytest
 
+from lens_assets import layout
 from lens_assets.assets.clusters import CLUSTER_ASSETS, ClusterReportConfig, arc_segments, cluster_report_checks
 from lens_assets.science.clusters.features import cluster_features_schema
 from lens_assets.resources.launchers import LocalSubprocessLauncher
 from lens_assets.science.families import FAMILY_DIR
+from lens_assets.science.fileio import sha256_file
 from lens_assets.science.surveys import get_survey
 
 FIELD_ARCSEC = 32.0
@@ -133,6 +135,65 @@ def test_report_checks_pass_on_the_run_with_zero_gates(cluster_run):
     assert manifest["model"] == "track_a" and manifest["light"] == "median" and manifest["nsigma"] == 2.0
     assert manifest["field_size_px"] == _metadata(result, "arc_segments")["field_size_px"]
     assert _metadata(result, "cluster_report")["cluster_model_version"] == manifest["version"]
+    # the settings come from arc_segments' settings.json through cluster_classifier's training.json, and the
+    # manifest names copies in vetted/<version>/ (a retrain rewrites track_a.json, not them)
+    settings = json.loads(storage.path(*layout.cluster_segments_settings("des")).read_text())
+    assert settings == {"field_size_px": manifest["field_size_px"], "light": "median", "nsigma": 2.0,
+                        "code_version": "cluster-1"}
+    training = json.loads(storage.path(*layout.cluster_training_doc("des")).read_text())
+    assert training["segments"] == settings
+    assert training["features_sha256"] == manifest["features_sha256"] == sha256_file(
+        storage.path(*layout.cluster_features_table("des")))
+    assert manifest["model_file"].startswith(f"clusters/models/des/vetted/{manifest['version']}/")
+
+
+def test_retrains_change_the_data_versions_downstream(cluster_run):
+    _, result = cluster_run
+    for node in ("cluster_fields", "arc_segments", "cluster_features", "cluster_classifier", "cluster_fusion",
+                 "cluster_report"):
+        (mat,) = result.asset_materializations_for_node(node)
+        assert len(mat.tags.get("dagster/data_version", "")) == 16, node
+
+
+def test_drop_scoring_features_equal_the_cluster_features_asset_for_the_same_files(cluster_run):
+    """The same FITS files through cluster_candidates' path (process_fields with the manifest's settings, then
+    field_features) and through arc_segments + cluster_features: the same feature rows, and the same logits."""
+    import numpy as np
+
+    from lens_assets.assets.cluster_scoring import CLUSTER_SCORING_ASSETS
+    from lens_assets.cluster_registry import load_cluster_model
+    from lens_assets.inbox import cluster_candidate_table, publish_drop
+    from lens_assets.partitions import scoring_key
+    from lens_assets.science.clusters.catalog import process_fields
+    from lens_assets.science.clusters.features import cluster_feature_names
+    from lens_assets.science.clusters.scoring import field_features
+    from lens_assets.science.ingest import find_fits, relative_names
+
+    storage, _ = cluster_run
+    survey = get_survey("des")
+    manifest, model, _ = load_cluster_model(storage, "des")
+    trained = pd.read_parquet(storage.path(*layout.cluster_features_table("des")))
+    picked = trained.groupby("label", group_keys=False).head(3)  # lenses and non-lenses
+    publish_drop(storage, "des", "same-fields", [storage.path(f) for f in picked["source_file"]], cluster=True)
+    paths, names = relative_names(find_fits(storage.path(*layout.inbox_drop("des", "same-fields"))),
+                                  storage.root_path)
+    fields, segments, quarantine = process_fields(paths, names, survey, size_px=int(manifest["field_size_px"]),
+                                                  light=manifest["light"], nsigma=float(manifest["nsigma"]),
+                                                  workers=1, progress=False)
+    assert quarantine.empty and sorted(fields["objid"]) == sorted(picked["objid"])
+    cols = cluster_feature_names(survey.band_names)
+    scored = field_features(fields, segments, bands=survey.band_names,
+                            wavelengths_nm=[b.wavelength_nm for b in survey.bands]).set_index("objid")
+    expected = trained.set_index("objid").loc[scored.index, cols]
+    np.testing.assert_allclose(scored[cols].to_numpy(float), expected.to_numpy(float), rtol=0, atol=1e-9,
+                               equal_nan=True)
+    with dg.DagsterInstance.ephemeral() as instance:
+        instance.add_dynamic_partitions("drops", ["same-fields"])
+        dg.materialize(CLUSTER_SCORING_ASSETS, partition_key=str(scoring_key("des", "same-fields")),
+                       resources={"storage": storage}, instance=instance,
+                       run_config={"ops": {"cluster_candidates": {"config": {"workers": 1, "gallery_size": 0}}}})
+    table = cluster_candidate_table(storage, "des", "same-fields").set_index("objid").loc[expected.index]
+    np.testing.assert_allclose(table["logit"], model.logit(expected), rtol=0, atol=1e-9)
 
 
 def _figs(auroc, tpr, held):

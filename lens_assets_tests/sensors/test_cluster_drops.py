@@ -152,3 +152,30 @@ def test_the_sensor_targets_both_scoring_assets(storage):
                           resources={"storage": storage})
     graph = defs.resolve_asset_graph()
     assert survey_inbox_sensor.asset_selection.resolve(graph) == {candidate_scores.key, cluster_candidates.key}
+
+
+@pytest.mark.parametrize("track", ["cluster", "galaxy"])
+def test_past_the_retry_limit_a_new_model_does_not_retry_a_drop_of_either_track(storage, instance, monkeypatch,
+                                                                                capfd, track):
+    """The limit is checked before the new-model condition for both tracks (one code path): a drop that failed
+    LENS_INBOX_MAX_RETRIES + 1 times stays given up when a new model (cluster: a new manifest version) appears."""
+    cluster = track == "cluster"
+    (write_manifest if cluster else write_promotion)(storage, "des", "m1")
+    publish_drop(storage, "des", "d1", [], cluster=cluster)
+    first = tick(storage, instance)
+    apply(instance, first)
+    (req,) = first.run_requests
+    asset = cluster_candidates if cluster else candidate_scores
+    assert req.asset_selection == [asset.key]
+    result = dg.materialize([asset], partition_key=str(req.partition_key), instance=instance,
+                            resources={"storage": storage}, raise_on_error=False,
+                            tags={**req.tags, "dagster/sensor_name": SENSOR_NAME, "dagster/run_key": req.run_key})
+    assert not result.success
+    monkeypatch.setenv("LENS_INBOX_MAX_RETRIES", "0")
+    (write_manifest if cluster else write_promotion)(storage, "des", "m2")  # a new model since the failed run
+    capfd.readouterr()
+    assert tick(storage, instance, first.cursor).run_requests == []
+    assert "des|d1: gave up after 1 failed runs (LENS_INBOX_MAX_RETRIES=0)" in capfd.readouterr().err
+    monkeypatch.setenv("LENS_INBOX_MAX_RETRIES", "1")  # under the limit the new model is a reason to retry at once
+    (retry,) = tick(storage, instance, first.cursor).run_requests
+    assert retry.run_key == "des|d1|retry-1" and retry.asset_selection == [asset.key]

@@ -65,7 +65,7 @@ def _matched(path, name: str, survey: SurveySpec, size_px: int):
     from ..psf import homogenize
 
     fs = field_survey(survey, size_px)
-    row, q, cut = read_one(path, name, fs)
+    row, q, cut = read_one(path, name, fs, cluster=True)
     if q is not None:
         return q
     norm = normalize_cutout(cut, fs)

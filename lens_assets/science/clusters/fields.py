@@ -40,12 +40,12 @@ from pathlib import Path
 import numpy as np
 
 from ..families import Family
+from ..fits_validation import OBJTYPE_CLUSTER  # primary-header OBJTYPE of a cluster field (the inbox contract's marker)
 from ..surveys import SurveySpec
 
 __all__ = ["ClusterScene", "draw_cluster_scene", "render_field", "member_sigma_kms", "build_cluster_system", "einstein_radius_arcsec", "field_size_px",
            "cluster_field", "simulate_cluster_fields", "cluster_field_bytes", "CLUSTER_HEADER_KEYS", "OBJTYPE_CLUSTER"]
 
-OBJTYPE_CLUSTER = "cluster_field"  # primary-header OBJTYPE of a cluster field (the inbox contract's marker)
 # primary-header keys a cluster field adds to the inbox contract
 CLUSTER_HEADER_KEYS = ("OBJTYPE", "BCGXPIX", "BCGYPIX", "NARCS", "NSRC", "ARCSB", "CLGROUP")
 _HALO, _BCG = 0, 1  # indices in the lens model list
