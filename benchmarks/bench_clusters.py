@@ -79,7 +79,7 @@ def speed(survey_name: str, n: int) -> dict:
 
 
 def graph(survey: str, n_fields: int, n_heldout: int, root: str, workers: int,
-          skip_fields: bool = False) -> tuple[dict, dict, dict]:
+          skip_fields: bool = False, track_b_pu=()) -> tuple[dict, dict, dict]:
     import dagster as dg
 
     from lens_assets.assets.clusters import CLUSTER_ASSETS
@@ -90,7 +90,7 @@ def graph(survey: str, n_fields: int, n_heldout: int, root: str, workers: int,
     config = {"ops": {"cluster_fields": {"config": {"n_fields": n_fields, "n_heldout": n_heldout,
                                                     "workers": workers}},
                       "arc_segments": {"config": {"workers": workers}},
-                      "cluster_track_b": {"config": {"workers": workers}}}}
+                      "cluster_track_b": {"config": {"workers": workers, "pu_labeled": list(track_b_pu)}}}}
     instance = dg.DagsterInstance.ephemeral()
     times, meta = {}, {}
     for asset in CLUSTER_ASSETS:  # one asset per run: its wall time alone
@@ -125,6 +125,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--skip-graph", action="store_true")
     ap.add_argument("--skip-fields", action="store_true", help="reuse the cluster fields already under --root")
+    ap.add_argument("--track-b-pu", type=int, nargs="*", default=[10, 50, 200],
+                    help="labeled lenses of each Track B PU model (none: no PU training for Track B)")
     args = ap.parse_args(argv)
     if args.root is None:
         import tempfile
@@ -141,7 +143,7 @@ def main(argv=None) -> dict:
     if not args.skip_graph:
         n_heldout = args.n_fields // 4 if args.n_heldout is None else args.n_heldout
         times, meta, figures = graph(args.survey, args.n_fields, n_heldout, args.root, args.workers,
-                                     skip_fields=args.skip_fields)
+                                     skip_fields=args.skip_fields, track_b_pu=args.track_b_pu)
         record.update(times=times, metadata=meta, figures=figures)
         for k, v in times.items():
             rows.append((f"wall {k}", f"{v:.1f} s"))
