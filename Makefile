@@ -29,7 +29,7 @@ $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 setup: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml
 
 demo: setup
-	$(PY) -m lens_assets.demo --survey $(SURVEY)
+	$(PY) -m lens_assets.demo --track all --survey $(SURVEY)
 
 test: setup
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder

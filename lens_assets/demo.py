@@ -64,10 +64,11 @@ def run_job(name: str, instance, *, survey: str, ops: dict, tolerate=lambda resu
     return result, meta, wall
 
 
-def run_clusters(instance, *, survey: str, n_fields: int, seed: int) -> int:
+def run_clusters(instance, *, survey: str, profile: str, n_fields: int | None, seed: int) -> int:
     """``cluster_pipeline`` for one survey on the local instance, and what it made."""
+    overrides = {"cluster_fields": {"n_fields": n_fields}} if n_fields is not None else {}
     ran = run_job("cluster_pipeline", instance, survey=survey,
-                  ops={"cluster_fields": {"config": {"n_fields": n_fields, "seed": seed}}},
+                  ops=run_config(profile, seed=seed, overrides=overrides, track="clusters")["ops"],
                   tolerate=lambda result: only_gates_failed(result, "cluster_report"))
     if ran is None:
         return 1
@@ -100,15 +101,25 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--drop-size", type=int, default=200, help="cutouts in the unlabeled inbox drop scored at "
                         "the end (0: none)")
-    parser.add_argument("--track", default="galaxy", choices=["galaxy", "clusters"],
-                        help="galaxy: survey_pipeline (the default); clusters: cluster_pipeline")
-    parser.add_argument("--n-fields", type=int, default=300, help="cluster fields of the training family "
-                        "(--track clusters; the held-out family gets a quarter as many)")
+    parser.add_argument("--track", default="galaxy", choices=["galaxy", "clusters", "all"],
+                        help="galaxy: survey_pipeline (the default); clusters: cluster_pipeline; all: both, one "
+                        "after the other (make demo)")
+    parser.add_argument("--n-fields", type=int, default=None, help="override the cluster profile's fields of the "
+                        "training family (the held-out family gets a quarter as many)")
     args = parser.parse_args(argv)
 
     instance = dg.DagsterInstance.get()
     if args.track == "clusters":
-        return run_clusters(instance, survey=args.survey, n_fields=args.n_fields, seed=args.seed)
+        return run_clusters(instance, survey=args.survey, profile=args.profile, n_fields=args.n_fields, seed=args.seed)
+    code = run_galaxy(instance, args)
+    if args.track == "all":
+        code = max(code, run_clusters(instance, survey=args.survey, profile=args.profile, n_fields=args.n_fields,
+                                      seed=args.seed))
+    return code
+
+
+def run_galaxy(instance, args) -> int:
+    """``survey_pipeline`` with ``args``' profile, then a drop scored by the promoted model; what it made."""
     overrides = {}
     if args.n_cutouts is not None:
         overrides["simulated_cutouts"] = {"n_cutouts": args.n_cutouts}

@@ -52,7 +52,7 @@ def test_overrides_replace_fields_and_keep_the_others():
 
 
 def test_unknown_profile_is_a_key_error_listing_the_profiles():
-    with pytest.raises(KeyError, match=r"unknown profile 'quick'; profiles are \['demo', 'full'\]"):
+    with pytest.raises(KeyError, match=r"unknown galaxy profile 'quick'; profiles are \['demo', 'full'\]"):
         run_config("quick")
 
 
@@ -69,3 +69,26 @@ def test_full_profile_has_at_least_5000_test_nonlenses():
     mean = sim.n_cutouts * p_nonlens * test_fraction
     sd = test_fraction * math.sqrt(sim.n_cutouts * p_nonlens * (1 - p_nonlens))
     assert mean - 3 * sd >= 5000, (sim.n_cutouts, family.lens_fraction, mean, sd)
+
+
+@pytest.mark.parametrize("profile", ["demo", "full"])
+def test_cluster_profile_is_a_valid_run_config_of_cluster_pipeline(profile):
+    from lens_assets.assets.cluster_track_b import ClusterTrackBConfig
+    from lens_assets.assets.clusters import ClusterClassifierConfig, ClusterFieldsConfig
+    from lens_assets.profiles import CLUSTER_PROFILES
+
+    classes = {"cluster_fields": ClusterFieldsConfig, "cluster_classifier": ClusterClassifierConfig,
+               "cluster_track_b": ClusterTrackBConfig}
+    config = run_config(profile, seed=5, track="clusters")
+    resolved = validate_run_config(defs.resolve_job_def("cluster_pipeline"), config)
+    for op, fields in CLUSTER_PROFILES[profile].items():
+        for field, value in fields.items():
+            assert resolved["ops"][op]["config"][field] == value, (op, field)
+    assert resolved["ops"]["cluster_fields"]["config"]["seed"] == 5
+    for op, cfg in config["ops"].items():
+        classes[op](**cfg["config"])
+    # the fusion fits on the val split's calibrate half (a tenth of the fields, half of them non-lenses) and needs
+    # ten non-lenses there for FPR <= 0.1 to allow one false positive
+    assert CLUSTER_PROFILES[profile]["cluster_fields"]["n_fields"] * 0.1 * 0.5 >= 10
+    with pytest.raises(KeyError, match=r"unknown clusters profile 'quick'"):
+        run_config("quick", track="clusters")

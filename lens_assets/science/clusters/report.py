@@ -19,13 +19,14 @@ import math
 import numpy as np
 import pandas as pd
 
-from ..metrics import bologna_metrics, bootstrap_interval, fnr_by_bins, threshold_at_n_false_positives
+from ..metrics import (bologna_metrics, bootstrap_interval, expected_calibration_error, fnr_by_bins,
+                       threshold_at_n_false_positives)
 
 __all__ = ["ARC_COUNT_BINS", "ARC_SB_BINS", "cluster_figures", "threshold_at_fpr", "report_markdown", "HEADLINE"]
 
 ARC_COUNT_BINS = (("1", 0.5, 1.5), ("2", 1.5, 2.5), ("3+", 2.5, math.inf))  # lensed background sources
 ARC_SB_BINS = (("lt_24", -math.inf, 24.0), ("24_25", 24.0, 25.0), ("ge_25", 25.0, math.inf))  # mag/arcsec²
-HEADLINE = ("auroc", "auprc", "tpr0", "tpr10", "tpr_at_fpr_0.1")
+HEADLINE = ("auroc", "auprc", "tpr0", "tpr10", "tpr_at_fpr_0.1", "ece")
 
 
 def threshold_at_fpr(labels, scores, max_fpr: float) -> float:
@@ -48,6 +49,8 @@ def cluster_figures(scores: pd.DataFrame, *, n_boot: int = 500, seed: int = 0) -
             out.setdefault(model, {})[name] = {"n_lenses": n_pos, "n_nonlenses": n_neg}
             continue
         f = {k: v for k, v in bologna_metrics(y, s).items() if k in HEADLINE}
+        # calibration of the probability the model reports (its calibrator's, or P(lens) = g / c for PU models)
+        f["ece"] = expected_calibration_error(y, part["prob"].to_numpy(float)) if "prob" in part else float("nan")
         f.update(n_lenses=n_pos, n_nonlenses=n_neg)
         f["auroc_ci"] = list(bootstrap_interval(y, s, "auroc", n_boot=n_boot, seed=seed))
         thr = threshold_at_fpr(y, s, 0.1)
@@ -73,11 +76,11 @@ def report_markdown(figures: dict, *, survey: str, notes: list[str] | None = Non
     lines = [f"# Cluster report — {survey}", ""]
     lines += [f"- {n}" for n in notes or []]
     lines += ["", "## Bologna figures (logit ranking; AUROC with its bootstrap 95% interval)", "",
-              "| model | set | lenses | non-lenses | AUROC | AUPRC | TPR0 | TPR10 | TPR at FPR 0.1 |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| model | set | lenses | non-lenses | AUROC | AUPRC | TPR0 | TPR10 | TPR at FPR 0.1 | ECE |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for model, sets in figures.items():
         for name, f in sets.items():
-            cells = [_cell(f, k) for k in HEADLINE] if "auroc" in f else ["no objects of one class"] * 5
+            cells = [_cell(f, k) for k in HEADLINE] if "auroc" in f else ["no objects of one class"] * len(HEADLINE)
             lines.append(f"| {model} | {name} | {f['n_lenses']} | {f['n_nonlenses']} | " + " | ".join(cells) + " |")
     if "track_a" in figures:
         lines += ["", "## AUROC against track_a (full labels, every feature) on the same set", "",

@@ -46,6 +46,17 @@ def test_cluster_figures_by_hand():
     two = cluster_figures(pd.concat([_scores(), _scores().assign(model="track_a", logit=lambda d: d["label"])]),
                           n_boot=20)
     assert "| m | test | 0.667 | 1.000 | -0.333 |" in report_markdown(two, survey="des")
+    assert math.isnan(t["ece"])  # no probability column: no calibration figure
+
+
+def test_cluster_figures_ece_of_the_reported_probability():
+    scores = _scores()[lambda d: d["set"] == "test"].copy()
+    # one equal-mass bin per row (6 rows < 15 bins): ECE = mean |label - prob|
+    scores["prob"] = [0.9, 0.8, 0.6, 0.1, 0.3, 0.5]
+    (ece,) = [cluster_figures(scores, n_boot=10)["m"]["test"]["ece"]]
+    assert ece == pytest.approx((0.1 + 0.2 + 0.4 + 0.1 + 0.3 + 0.5) / 6)
+    scores["prob"] = [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]  # right and sure: no calibration error
+    assert cluster_figures(scores, n_boot=10)["m"]["test"]["ece"] == 0.0
 
 
 def _table(n=240, seed=0):
