@@ -78,6 +78,51 @@ def speed(survey_name: str, n: int) -> dict:
             "segments_overhead": med(t_seg) / med(t_raw)}
 
 
+def track_a_rates(root: str, survey: str, repeats: int = 3) -> dict:
+    """Track A's training and scoring rates on the graph's features table, side by side with the raw library:
+    ``fit_track_a`` (validation, monotone constraints, early stopping) against ``xgboost.train`` for the same
+    number of trees, and ``TrackAModel.logit`` against the booster's ``inplace_predict``."""
+    import numpy as np
+    import pandas as pd
+    import xgboost as xgb
+
+    from lens_assets import layout
+    from lens_assets.science.clusters.features import FEATURE_MONOTONE, cluster_feature_names
+    from lens_assets.science.clusters.track_a import TrackAConfig, fit_track_a
+    from lens_assets.science.surveys import get_survey
+
+    table = pd.read_parquet(Path(root, *layout.cluster_features_table(survey)))
+    cols = cluster_feature_names(get_survey(survey).band_names)
+    train = table[table["split"] == "train"]
+    stop = table[(table["split"] == "val") & (table["val_role"] == "stop")]
+    config = TrackAConfig()
+    fit_s, raw_s, score_s, raw_score_s = [], [], [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model = fit_track_a(train[cols], train["label"], stop[cols], stop["label"], config=config,
+                            monotone=FEATURE_MONOTONE)
+        fit_s.append(time.perf_counter() - t0)
+        params = {"objective": "binary:logistic", "tree_method": "hist", "max_depth": config.max_depth,
+                  "eta": config.learning_rate, "subsample": config.subsample, "nthread": config.n_jobs,
+                  "colsample_bytree": config.colsample_bytree, "seed": config.seed}
+        t0 = time.perf_counter()
+        booster = xgb.train(params, xgb.DMatrix(train[cols].to_numpy(float), label=train["label"].to_numpy()),
+                            num_boost_round=model.best_iteration + 1)
+        raw_s.append(time.perf_counter() - t0)
+        X = table[cols]
+        t0 = time.perf_counter()
+        model.logit(X)
+        score_s.append(time.perf_counter() - t0)
+        a = np.ascontiguousarray(X.to_numpy(float))
+        t0 = time.perf_counter()
+        booster.inplace_predict(a, predict_type="margin")
+        raw_score_s.append(time.perf_counter() - t0)
+    med = statistics.median
+    return {"n_train": len(train), "n_trees": model.best_iteration + 1, "fit_s": med(fit_s), "raw_fit_s": med(raw_s),
+            "fit_overhead": med(fit_s) / med(raw_s), "train_rows_per_s": len(train) / med(fit_s),
+            "score_rows_per_s": len(table) / med(score_s), "score_overhead": med(score_s) / med(raw_score_s)}
+
+
 def graph(survey: str, n_fields: int, n_heldout: int, root: str, workers: int,
           skip_fields: bool = False, track_b_pu=()) -> tuple[dict, dict, dict]:
     import dagster as dg
@@ -154,6 +199,13 @@ def main(argv=None) -> dict:
         rows.append(("fusion weights", str(meta["cluster_fusion"].get("weights", "")).replace("\n", " ")))
         rows.append(("track_b", f"{meta['cluster_track_b'].get('train_img_per_s', 0):.0f} stamps/s training, "
                                 f"{meta['cluster_track_b'].get('precision', '')}"))
+        rates = track_a_rates(args.root, args.survey)
+        record["track_a_rates"] = rates
+        rows.append(("track_a fit", f"{rates['fit_s']:.2f} s for {rates['n_train']} fields ({rates['n_trees']} trees, "
+                                    f"{rates['train_rows_per_s']:.0f} fields/s), {rates['fit_overhead']:.2f}x "
+                                    f"xgboost.train alone with early stopping's tree count ({rates['raw_fit_s']:.2f} s)"))
+        rows.append(("track_a scoring", f"{rates['score_rows_per_s']:.0f} fields/s, {rates['score_overhead']:.2f}x "
+                                        "the booster's inplace_predict"))
         for model, sets in figures.items():
             for name, f in sets.items():
                 if "auroc" in f:
