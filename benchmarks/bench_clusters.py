@@ -124,7 +124,7 @@ def track_a_rates(root: str, survey: str, repeats: int = 3) -> dict:
 
 
 def graph(survey: str, n_fields: int, n_heldout: int, root: str, workers: int,
-          skip_fields: bool = False, track_b_pu=()) -> tuple[dict, dict, dict]:
+          skip_fields: bool = False, track_b_pu=(), fusion_max_fpr: float = 0.1) -> tuple[dict, dict, dict]:
     import dagster as dg
 
     from lens_assets.assets.clusters import CLUSTER_ASSETS
@@ -135,7 +135,8 @@ def graph(survey: str, n_fields: int, n_heldout: int, root: str, workers: int,
     config = {"ops": {"cluster_fields": {"config": {"n_fields": n_fields, "n_heldout": n_heldout,
                                                     "workers": workers}},
                       "arc_segments": {"config": {"workers": workers}},
-                      "cluster_track_b": {"config": {"workers": workers, "pu_labeled": list(track_b_pu)}}}}
+                      "cluster_track_b": {"config": {"workers": workers, "pu_labeled": list(track_b_pu)}},
+                      "cluster_fusion": {"config": {"max_fpr": fusion_max_fpr}}}}
     instance = dg.DagsterInstance.ephemeral()
     times, meta = {}, {}
     for asset in CLUSTER_ASSETS:  # one asset per run: its wall time alone
@@ -170,6 +171,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--skip-graph", action="store_true")
     ap.add_argument("--skip-fields", action="store_true", help="reuse the cluster fields already under --root")
+    ap.add_argument("--fusion-max-fpr", type=float, default=0.1,
+                    help="FPR the fusion's weights aim at (a small run may need more than 0.1 to allow one false "
+                         "positive among the val calibrate non-lenses)")
     ap.add_argument("--track-b-pu", type=int, nargs="*", default=[10, 50, 200],
                     help="labeled lenses of each Track B PU model (none: no PU training for Track B)")
     args = ap.parse_args(argv)
@@ -188,7 +192,8 @@ def main(argv=None) -> dict:
     if not args.skip_graph:
         n_heldout = args.n_fields // 4 if args.n_heldout is None else args.n_heldout
         times, meta, figures = graph(args.survey, args.n_fields, n_heldout, args.root, args.workers,
-                                     skip_fields=args.skip_fields, track_b_pu=args.track_b_pu)
+                                     skip_fields=args.skip_fields, track_b_pu=args.track_b_pu,
+                                     fusion_max_fpr=args.fusion_max_fpr)
         record.update(times=times, metadata=meta, figures=figures)
         for k, v in times.items():
             rows.append((f"wall {k}", f"{v:.1f} s"))
