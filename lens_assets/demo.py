@@ -85,7 +85,8 @@ def run_clusters(instance, *, survey: str, profile: str, n_fields: int | None, s
     print(f"  models         : {clf['models']} -> {clf['path']}")
     print(f"  track_b        : {tb['epochs_run']} epochs at {tb['train_img_per_s']:.0f} stamps/s "
           f"({tb['precision']}), best val AUROC {tb['best_val_auroc']:.3f}")
-    weights = ", ".join(line.strip("| ").replace(" | ", " ") for line in str(fus["weights"]).splitlines()[2:])
+    weights = ", ".join(" ".join(line.strip("| ").replace("|", " ").split()) for line in
+                        str(fus["weights"]).splitlines()[2:])
     print(f"  fusion weights : {weights}")
     print(f"  scoring model  : {rep['cluster_model_version']}")
     print("\n" + "\n".join("    " + line for line in str(meta["cluster_report"]["summary"]).splitlines()))
