@@ -297,7 +297,8 @@ def test_paced_logs_client_waits_before_each_get_log_events_and_passes_everythin
 
 def test_multi_partitioned_assets_do_not_train_through_the_launcher():
     """The other half of dagster#28066's guard: candidate_scores (and any multi-partitioned asset) runs in the run
-    worker, never as an ECS Pipes task; only lens_classifier (one survey per partition) uses the launcher."""
+    worker, never as an ECS Pipes task; only the training assets lens_classifier and cluster_track_b (one survey per
+    partition) use the launcher."""
     from lens_assets.definitions import defs
 
     graph = defs.resolve_asset_graph()
@@ -307,5 +308,6 @@ def test_multi_partitioned_assets_do_not_train_through_the_launcher():
         if "launcher" in node.assets_def.required_resource_keys:
             users.add(key.to_user_string())
             assert not isinstance(node.partitions_def, dg.MultiPartitionsDefinition), key
-    assert users == {"lens_classifier"}
-    assert "launcher" not in graph.get(dg.AssetKey("candidate_scores")).assets_def.required_resource_keys
+    assert users == {"lens_classifier", "cluster_track_b"}
+    for key in ("candidate_scores", "cluster_candidates"):
+        assert "launcher" not in graph.get(dg.AssetKey(key)).assets_def.required_resource_keys
