@@ -282,6 +282,11 @@ def cluster_segments_gallery(survey: str) -> Parts:
     return (*cluster_segments_dir(survey), "segments_gallery.png")
 
 
+def cluster_features_settings(survey: str) -> Parts:
+    """The ``arc_segments`` settings of the segments ``cluster_features`` turned into its table (a copy made then)."""
+    return (*cluster_features_dir(survey), "segment_settings.json")
+
+
 def cluster_segments_settings(survey: str) -> Parts:
     """The settings ``arc_segments`` read the fields with (field_size_px, light, nsigma, code_version)."""
     return (*cluster_segments_dir(survey), "settings.json")

@@ -220,7 +220,14 @@ def cluster_features(context: dg.AssetExecutionContext, config: ClusterFeaturesC
     held = table["sim_family"].isin(heldout_families) & table["label"].isin([0, 1])
     table["split"] = table["split"].fillna(pd.Series(np.where(held, "heldout", "excluded"), index=table.index))
     table["val_role"] = table["val_role"].fillna("")
+    settings_file = storage.pull(*layout.cluster_segments_settings(survey.name))
+    if not settings_file.exists():
+        raise dg.Failure(f"{storage.url(*layout.cluster_segments_settings(survey.name))} does not exist: materialize "
+                         f"arc_segments for {survey.name} again (its settings follow the features to the model)")
+    settings = {**json.loads(settings_file.read_text()),
+                "segments_sha256": sha256_file(storage.path(*layout.cluster_segments_table(survey.name)))}
     storage.write_parquet(table, *layout.cluster_features_table(survey.name))
+    storage.write_text(json.dumps(settings, indent=2), *layout.cluster_features_settings(survey.name))
     counts = table.groupby(["split", "label"]).size().rename("n").reset_index()
     metadata = {
         "path": dg.MetadataValue.path(str(storage.path(*layout.cluster_features_table(survey.name)))),
@@ -258,10 +265,11 @@ def cluster_classifier(context: dg.AssetExecutionContext, config: ClusterClassif
     from lens_assets.science.clusters.track_a import TrackAConfig, plot_partial_dependence
 
     survey = get_survey(context.partition_key)
-    settings_file = storage.pull(*layout.cluster_segments_settings(survey.name))
+    # the settings of the segments the features were made from (cluster_features' copy, not arc_segments' latest)
+    settings_file = storage.pull(*layout.cluster_features_settings(survey.name))
     if not settings_file.exists():
-        raise dg.Failure(f"{storage.url(*layout.cluster_segments_settings(survey.name))} does not exist: materialize "
-                         f"arc_segments (and cluster_features) for {survey.name} again; its settings go into the "
+        raise dg.Failure(f"{storage.url(*layout.cluster_features_settings(survey.name))} does not exist: materialize "
+                         f"cluster_features for {survey.name} again; the arc_segments settings it records go into the "
                          "model's training record")
     segment_settings = json.loads(settings_file.read_text())
     features_bytes = storage.pull(*layout.cluster_features_table(survey.name)).read_bytes()  # hashed as read
@@ -280,6 +288,9 @@ def cluster_classifier(context: dg.AssetExecutionContext, config: ClusterClassif
         model.save(storage.path(*layout.cluster_model_file(survey.name, name)))
         storage.write_text(json.dumps(models.calibrators[name].to_dict()),
                            *layout.cluster_calibrator_file(survey.name, name))
+    # which files each XGBoost model's scores came from: cluster_report vets the file it judged, never a later one
+    shas = {name: sha256_file(storage.path(*layout.cluster_model_file(survey.name, name))) for name in models.track_a}
+    models.scores["model_sha256"] = models.scores["model"].map(shas).fillna("")
     storage.write_parquet(models.scores, *layout.cluster_scores_table(survey.name))
     models.anomaly.save(storage.path(*layout.cluster_anomaly_file(survey.name)))
     storage.write_text(json.dumps(models.calibrators["anomaly"].to_dict()),
@@ -372,7 +383,8 @@ def cluster_fusion(context: dg.AssetExecutionContext, config: ClusterFusionConfi
     except ValueError as err:
         raise dg.Failure(f"cluster_fusion: {err}") from None
     storage.write_text(json.dumps(fusion.to_dict()), *layout.cluster_fusion_file(survey.name))
-    scores = pd.concat([frames["scores"], frames["track_b"][frames["scores"].columns], fused], ignore_index=True)
+    scores = pd.concat([frames["scores"], frames["track_b"].reindex(columns=frames["scores"].columns), fused],
+                       ignore_index=True)
     storage.write_parquet(scores, *layout.cluster_report_scores(survey.name))
     weights = pd.DataFrame({"component": list(fusion.weights), "weight": list(fusion.weights.values())})
     metadata = {
@@ -477,7 +489,8 @@ def cluster_report(context: dg.AssetExecutionContext, config: ClusterReportConfi
                 metadata[f"{prefix}tpr10"] = float(f["tpr10"])
     checks = cluster_report_checks(figures, config)
     if all(c.passed for c in checks):  # vetted: it scores the survey's cluster drops from now on
-        manifest = _write_manifest(storage, survey.name, config.scoring_model)
+        judged = scores.loc[scores["model"] == config.scoring_model, "model_sha256"].dropna().unique().tolist()
+        manifest = _write_manifest(storage, survey.name, config.scoring_model, judged_sha256=judged)
         metadata["cluster_model_version"] = manifest["version"]
         context.log.info(f"{config.scoring_model} passed every gate: it scores {survey.name}'s cluster drops "
                          f"(model version {manifest['version']})")
@@ -494,7 +507,7 @@ def cluster_report(context: dg.AssetExecutionContext, config: ClusterReportConfi
 SCORABLE_MODELS = ("track_a", "track_a_no_colour")  # what cluster_candidates can run: XGBoost on the features
 
 
-def _write_manifest(storage: LocalStorage, survey: str, model: str) -> dict:
+def _write_manifest(storage: LocalStorage, survey: str, model: str, *, judged_sha256: list) -> dict:
     """The survey's cluster manifest for ``model`` (its files copied to ``vetted/<version>/``), with the
     ``arc_segments`` settings and the features table's sha256 that ``cluster_classifier`` recorded in
     ``training.json`` when it trained the model."""
@@ -506,6 +519,10 @@ def _write_manifest(storage: LocalStorage, survey: str, model: str) -> dict:
                          f"cluster_classifier for {survey} again (it records the arc_segments settings and the "
                          "features the model was trained on, which go into the manifest)")
     training = json.loads(path.read_text())
+    trained = training["files"].get(layout.relative(layout.cluster_model_file(survey, model)))
+    if judged_sha256 != [trained]:  # a retrain since cluster_fusion: the gates judged another model
+        raise dg.Failure(f"the report judged {model} {[s[:16] for s in judged_sha256]}, but the trained model is now "
+                         f"{str(trained)[:16]}: materialize cluster_fusion and cluster_report again to judge it")
     seg = training["segments"]
     try:
         return write_cluster_manifest(storage, survey, field_size_px=int(seg["field_size_px"]), light=str(seg["light"]),

@@ -57,7 +57,7 @@ def features_table(seed: int, n: int = 200) -> pd.DataFrame:
 
 
 def train(storage, instance, seed: int) -> dict:
-    """cluster_classifier on a fresh features table (seed) with arc_segments' settings file as given."""
+    """cluster_classifier on a fresh features table (seed) with cluster_features' copy of the settings as given."""
     storage.write_parquet(features_table(seed), *layout.cluster_features_table(SURVEY))
     others = [a.to_source_asset() for a in CLUSTER_ASSETS if a is not cluster_classifier]
     result = dg.materialize([cluster_classifier, *others], partition_key=SURVEY, resources={"storage": storage},
@@ -100,12 +100,13 @@ def vetted(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("vetting")
     storage = LocalStorage(root=str(tmp / "root"))
     instance = dg.DagsterInstance.ephemeral()
-    storage.write_text(json.dumps(TRAINED_SETTINGS), *layout.cluster_segments_settings(SURVEY))
+    storage.write_text(json.dumps(TRAINED_SETTINGS), *layout.cluster_features_settings(SURVEY))
     first = train(storage, instance, seed=0)
     trained_features = sha256_file(storage.path(*layout.cluster_features_table(SURVEY)))
     # after training: arc_segments with another light removal, threshold and grid, and new features
-    storage.write_text(json.dumps({"field_size_px": 200, "light": "model", "nsigma": 3.0,
-                                   "code_version": "cluster-1"}), *layout.cluster_segments_settings(SURVEY))
+    for parts in (layout.cluster_segments_settings(SURVEY), layout.cluster_features_settings(SURVEY)):
+        storage.write_text(json.dumps({"field_size_px": 200, "light": "model", "nsigma": 3.0,
+                                       "code_version": "cluster-1"}), *parts)
     storage.write_parquet(features_table(7), *layout.cluster_features_table(SURVEY))
     passed = report(storage, instance)
     assert passed.success
@@ -188,12 +189,13 @@ def test_a_training_record_that_does_not_match_the_model_files_is_refused(vetted
     before = load_cluster_manifest(storage, SURVEY)
     path = storage.path(*layout.cluster_training_doc(SURVEY))
     doc = json.loads(path.read_text())
-    doc["files"]["clusters/models/des/track_a.json"] = "0" * 64  # as if a retrain were still writing its files
+    # as if a retrain were still writing its files: the model is the judged one, its calibrator not yet
+    doc["files"]["clusters/models/des/track_a.calibrator.json"] = "0" * 64
     path.write_text(json.dumps(doc))
     result = report(storage, instance)
     assert not result.success
     (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
-    assert "clusters/models/des/track_a.json: sha256" in failure.event_specific_data.error.message
+    assert "clusters/models/des/track_a.calibrator.json: sha256" in failure.event_specific_data.error.message
     assert "differs from 0000000000000000 in clusters/models/des/training.json" in \
         failure.event_specific_data.error.message
     assert load_cluster_manifest(storage, SURVEY) == before
@@ -203,11 +205,24 @@ def test_a_training_record_that_does_not_match_the_model_files_is_refused(vetted
     assert "clusters/models/des/training.json does not exist" in failure.event_specific_data.error.message
 
 
+def test_the_report_vets_only_the_model_whose_scores_it_judged(vetted, tmp_path):
+    storage, instance, *_ = vetted
+    storage = copy_of(storage, tmp_path / "copy")
+    before = load_cluster_manifest(storage, SURVEY)
+    judged = pd.read_parquet(storage.path(*layout.cluster_report_scores(SURVEY)))
+    train(storage, instance, seed=3)  # a retrain, and then the report without the fusion: it holds the old scores
+    storage.write_parquet(judged, *layout.cluster_report_scores(SURVEY))
+    result = report(storage, instance)
+    (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert "the report judged track_a" in failure.event_specific_data.error.message
+    assert load_cluster_manifest(storage, SURVEY) == before
+
+
 def test_cluster_classifier_needs_arc_segments_settings(tmp_path):
     storage = LocalStorage(root=str(tmp_path / "root"))
     storage.write_parquet(features_table(0), *layout.cluster_features_table(SURVEY))
     others = [a.to_source_asset() for a in CLUSTER_ASSETS if a is not cluster_classifier]
-    with pytest.raises(dg.Failure, match=r"clusters/segments/des/settings.json does not exist: materialize "
-                                         r"arc_segments"):
+    with pytest.raises(dg.Failure, match=r"clusters/features/des/segment_settings.json does not exist: "
+                                         r"materialize cluster_features"):
         dg.materialize([cluster_classifier, *others], partition_key=SURVEY, resources={"storage": storage},
                        instance=dg.DagsterInstance.ephemeral())

@@ -135,13 +135,15 @@ def test_report_checks_pass_on_the_run_with_zero_gates(cluster_run):
     assert manifest["model"] == "track_a" and manifest["light"] == "median" and manifest["nsigma"] == 2.0
     assert manifest["field_size_px"] == _metadata(result, "arc_segments")["field_size_px"]
     assert _metadata(result, "cluster_report")["cluster_model_version"] == manifest["version"]
-    # the settings come from arc_segments' settings.json through cluster_classifier's training.json, and the
-    # manifest names copies in vetted/<version>/ (a retrain rewrites track_a.json, not them)
+    # the settings come from arc_segments' settings.json through cluster_features' copy (with the segments' sha256)
+    # and cluster_classifier's training.json, and the manifest names copies in vetted/<version>/ (a retrain
+    # rewrites track_a.json, not them)
     settings = json.loads(storage.path(*layout.cluster_segments_settings("des")).read_text())
     assert settings == {"field_size_px": manifest["field_size_px"], "light": "median", "nsigma": 2.0,
                         "code_version": "cluster-1"}
     training = json.loads(storage.path(*layout.cluster_training_doc("des")).read_text())
-    assert training["segments"] == settings
+    assert training["segments"] == {**settings, "segments_sha256": sha256_file(
+        storage.path(*layout.cluster_segments_table("des")))}
     assert training["features_sha256"] == manifest["features_sha256"] == sha256_file(
         storage.path(*layout.cluster_features_table("des")))
     assert manifest["model_file"].startswith(f"clusters/models/des/vetted/{manifest['version']}/")
