@@ -150,3 +150,20 @@ def stop_moto(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+CLUSTER_FIELD_ARCSEC = 32.0  # a small cluster field: the cluster tests' fields simulate and segment fast
+
+
+def small_cluster_family(tmp_path, name: str = "cluster") -> str:
+    """A packaged cluster family on a 32-arcsec field (fast), written under ``tmp_path`` as a TOML path."""
+    import re
+
+    from lens_assets.science.families import FAMILY_DIR
+
+    text = (FAMILY_DIR / f"{name}.toml").read_text()
+    text = re.sub(r"(?m)^size_arcsec = .*$", f"size_arcsec = {CLUSTER_FIELD_ARCSEC}", text)
+    text = re.sub(r"(?m)^min_theta_e_arcsec = .*$", "min_theta_e_arcsec = 3.0", text)
+    path = tmp_path / f"{name}.toml"
+    path.write_text(text)
+    return str(path)

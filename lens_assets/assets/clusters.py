@@ -188,7 +188,8 @@ def cluster_features(context: dg.AssetExecutionContext, config: ClusterFeaturesC
     """Physics features per cluster field (pandera-typed): colour consistency of the segments after the
     differential-extinction solve (CCM89), colours and their dispersion, tangential alignment, curvature,
     segment counts and lengths, BCG-distance statistics and the observing context; with each field's split."""
-    from lens_assets.science.clusters.features import cluster_features_schema, cluster_features as features_of
+    from lens_assets.science.clusters.features import cluster_features_schema
+    from lens_assets.science.clusters.scoring import field_features
     from lens_assets.science.clusters.catalog import split_fields
 
     survey = get_survey(context.partition_key)
@@ -196,18 +197,11 @@ def cluster_features(context: dg.AssetExecutionContext, config: ClusterFeaturesC
         storage.pull(*parts)
     fields = pd.read_parquet(storage.path(*layout.cluster_fields_table(survey.name)))
     segments = pd.read_parquet(storage.path(*layout.cluster_segments_table(survey.name)))
-    bands, wavelengths = survey.band_names, [b.wavelength_nm for b in survey.bands]
-    by_field = dict(tuple(segments.groupby("objid"))) if len(segments) else {}
-    empty = segments.iloc[0:0]
-    rows = []
-    for f in fields.itertuples(index=False):
-        segs = by_field.get(f.objid, empty).drop(columns="objid")
-        feats = features_of(segs, bands=bands, wavelengths_nm=wavelengths, bcg_xy=(f.bcg_x_px, f.bcg_y_px),
-                            pixel_scale_arcsec=f.pixel_scale_arcsec,
-                            context={"seeing_arcsec": f.seeing_arcsec, "psf_fwhm_arcsec": f.psf_fwhm_arcsec,
-                                     "depth_mag": f.depth_mag})
-        rows.append({"objid": f.objid, "survey": survey.name, "label": int(f.label), **feats})
-    table = pd.DataFrame(rows)
+    bands = survey.band_names
+    # the same per-field loop cluster_candidates runs on a drop
+    table = field_features(fields, segments, bands=bands, wavelengths_nm=[b.wavelength_nm for b in survey.bands])
+    table.insert(1, "survey", survey.name)
+    table.insert(2, "label", fields["label"].astype(int).to_numpy())
     schema = cluster_features_schema(bands)
     table = schema.validate(table[list(schema.columns)])
     heldout_families = sorted(set(fields["sim_family"]) - set(config.train_families) - {""})

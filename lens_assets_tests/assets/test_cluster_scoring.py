@@ -9,7 +9,6 @@ scored by the asset.
 """
 
 import json
-import re
 
 import dagster as dg
 import numpy as np
@@ -22,23 +21,16 @@ from lens_assets.cluster_registry import load_cluster_manifest, load_cluster_mod
 from lens_assets.inbox import cluster_candidate_table, publish_drop, simulate_cluster_drop
 from lens_assets.partitions import scoring_key
 from lens_assets.resources.storage import LocalStorage
-from lens_assets.science.families import FAMILY_DIR
 from lens_assets.science.fileio import sha256_file
+from lens_assets_tests.helpers import CLUSTER_FIELD_ARCSEC, small_cluster_family
 
 SURVEY = "des"
-FIELD_ARCSEC = 32.0  # the fast field of test_clusters.py
+FIELD_ARCSEC = CLUSTER_FIELD_ARCSEC  # the family helper's field
 FIELD_PX = 122  # arc_segments' grid of a 32-arcsec field at 0.263"/px (rounded up to even)
 N_FIELDS = 4
 
 
-def small_family(tmp_path, name: str = "cluster") -> str:
-    """A packaged cluster family on a 32-arcsec field (fast), as a TOML path (as test_clusters.py makes it)."""
-    text = (FAMILY_DIR / f"{name}.toml").read_text()
-    text = re.sub(r"(?m)^size_arcsec = .*$", f"size_arcsec = {FIELD_ARCSEC}", text)
-    text = re.sub(r"(?m)^min_theta_e_arcsec = .*$", "min_theta_e_arcsec = 3.0", text)
-    path = tmp_path / f"{name}.toml"
-    path.write_text(text)
-    return str(path)
+small_family = small_cluster_family  # lens_assets_tests.helpers
 
 
 def write_model(storage: LocalStorage, survey: str = SURVEY, *, seed: int = 0) -> dict:

@@ -3,7 +3,6 @@ epoch, writes the checkpoint, the scores in Track A's format (with a PU model's 
 attention weights, and the checkpoint scores the same logits when reloaded; cluster_fusion fuses Track B's own rows
 when its scores file holds PU rows too."""
 
-import re
 
 import dagster as dg
 import numpy as np
@@ -15,22 +14,15 @@ from lens_assets.assets.cluster_track_b import CLUSTER_TRACK_B_ASSETS, cluster_t
 from lens_assets.assets.clusters import arc_segments, cluster_features, cluster_fields, cluster_fusion
 from lens_assets.resources.launchers import LocalSubprocessLauncher
 from lens_assets.resources.storage import LocalStorage
-from lens_assets.science.families import FAMILY_DIR
+from lens_assets_tests.helpers import CLUSTER_FIELD_ARCSEC, small_cluster_family
 
-FIELD_ARCSEC = 32.0
+FIELD_ARCSEC = CLUSTER_FIELD_ARCSEC  # the family helper's field
 SLOW = pytest.mark.slow  # one Pipes training job of its own, on fields simulated for it
 SCORE_COLUMNS = ["model", "set", "objid", "label", "sim_family", "sim_kind", "theta_e", "n_arcs", "arc_sb", "logit",
                  "prob"]
 
 
-def _small_family(tmp_path, name: str) -> str:
-    """A packaged cluster family on a 32-arcsec field (fast), as a TOML path."""
-    text = (FAMILY_DIR / f"{name}.toml").read_text()
-    text = re.sub(r"(?m)^size_arcsec = .*$", f"size_arcsec = {FIELD_ARCSEC}", text)
-    text = re.sub(r"(?m)^min_theta_e_arcsec = .*$", "min_theta_e_arcsec = 3.0", text)
-    path = tmp_path / f"{name}.toml"
-    path.write_text(text)
-    return str(path)
+_small_family = small_cluster_family  # lens_assets_tests.helpers
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """materialize() of the cluster track on tiny DES fields: every file accounted for, typed features, models, report."""
 
 import json
-import re
 
 import dagster as dg
 import pandas as pd
@@ -11,21 +10,14 @@ from lens_assets import layout
 from lens_assets.assets.clusters import CLUSTER_ASSETS, ClusterReportConfig, arc_segments, cluster_report_checks
 from lens_assets.science.clusters.features import cluster_features_schema
 from lens_assets.resources.launchers import LocalSubprocessLauncher
-from lens_assets.science.families import FAMILY_DIR
 from lens_assets.science.fileio import sha256_file
 from lens_assets.science.surveys import get_survey
+from lens_assets_tests.helpers import CLUSTER_FIELD_ARCSEC, small_cluster_family
 
-FIELD_ARCSEC = 32.0
+FIELD_ARCSEC = CLUSTER_FIELD_ARCSEC  # the family helper's field
 
 
-def _small_family(tmp_path, name: str) -> str:
-    """A packaged cluster family on a 32-arcsec field (fast), as a TOML path."""
-    text = (FAMILY_DIR / f"{name}.toml").read_text()
-    text = re.sub(r"(?m)^size_arcsec = .*$", f"size_arcsec = {FIELD_ARCSEC}", text)
-    text = re.sub(r"(?m)^min_theta_e_arcsec = .*$", "min_theta_e_arcsec = 3.0", text)
-    path = tmp_path / f"{name}.toml"
-    path.write_text(text)
-    return str(path)
+_small_family = small_cluster_family  # lens_assets_tests.helpers
 
 
 @pytest.fixture(scope="module")
