@@ -17,6 +17,7 @@ from lens_assets.cluster_registry import MANIFEST_KEYS
 from lens_assets.inbox import CLUSTER_MARKER, publish_drop
 from lens_assets.sensors.inbox import SENSOR_NAME, rescore_nightly, survey_inbox_sensor
 from lens_assets_tests.helpers import write_promotion
+from lens_assets_tests.sensors.test_inbox_sensor import apply, run_keys, tick  # one sensor harness
 
 
 @pytest.fixture
@@ -29,21 +30,6 @@ def instance():
 def _defaults(monkeypatch):
     for name in ("LENS_INBOX_MAX_DROPS_PER_TICK", "LENS_INBOX_MAX_RETRIES", "LENS_INBOX_RETRY_BACKOFF_S"):
         monkeypatch.delenv(name, raising=False)
-
-
-def tick(storage, instance, cursor=None) -> dg.SensorResult:
-    with dg.build_sensor_context(instance=instance, cursor=cursor, resources={"storage": storage}) as context:
-        return survey_inbox_sensor(context)
-
-
-def apply(instance, result: dg.SensorResult) -> None:
-    """What the daemon does with a tick's dynamic-partition requests."""
-    for req in result.dynamic_partitions_requests:
-        instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
-
-
-def run_keys(result: dg.SensorResult) -> list[str]:
-    return [r.run_key for r in result.run_requests]
 
 
 def write_manifest(storage, survey: str, version: str) -> None:
