@@ -16,7 +16,7 @@ from lens_assets.resources.storage import LocalStorage
 from lens_assets.science.fileio import sha256_file
 from lens_assets.science.surveys import get_survey
 
-TRACK_B_CODE_VERSION = "track-b-1"
+TRACK_B_CODE_VERSION = "track-b-2"  # track-b-2: the field-view model
 TRAIN_MIL_MODULE = "lens_assets.ml.train_mil"
 
 
@@ -36,6 +36,15 @@ class ClusterTrackBConfig(dg.Config):
     max_minutes: float = Field(default=0.0, ge=0.0, description="wall-clock budget of the training; 0 for none")
     workers: int = Field(default=0, description="processes cutting the bags; 0 = every core")
     n_shown: int = Field(default=4, ge=1, description="top-scored test fields drawn with their attention")
+    field_view: bool = Field(default=True, description="also train the field-view model (score rows "
+                             "'field_view', a fusion component): the same network and training loop on one instance "
+                             "per field, the whole field averaged to field_view_arcsec_per_px, with a backbone that "
+                             "keeps full resolution in its first stage; it sees arcs that no segment holds")
+    field_view_arcsec_per_px: float = Field(default=1.0, gt=0, description="pixel scale of the field overview "
+                                            "(a 40\" field is 40 px at 1\"/px on every survey)")
+    field_view_backbone: str = Field(default="compact_cnn", description="backbone of the field-view model")
+    field_view_epochs: int = Field(default=30, ge=1, description="epochs of the field-view model (the best by "
+                                   "val/stop AUROC is kept)")
     pu_labeled: list[int] = Field(default=[], description="labeled lenses of each Elkan–Noto PU model of the MIL "
                                   "network (score rows 'pu_b_<n>' beside Track A's 'pu_<n>'), e.g. [10, 50, 200]; "
                                   "each trains one more network; [] for none; a size above the train split's lenses "
@@ -49,7 +58,8 @@ def cluster_track_b(context: dg.AssetExecutionContext, config: ClusterTrackBConf
                     launcher: TrainingLauncher) -> dg.MaterializeResult:
     """Track B of the cluster track: a multiple-instance model over 32×32 px stamps of each field's arc segments
     (PSF-matched, asinh of the flux over the field's noise); a timm backbone embeds each stamp, gated attention
-    pools them to one logit per field. Trained on the train split by a Pipes job (``lens_assets.ml.train_mil``),
+    pools them to one logit per field. Beside it (``field_view``), the field-view model: the same network on one
+    instance per field, the whole field averaged to 1"/px, scored as model ``field_view``. Trained on the train split by a Pipes job (``lens_assets.ml.train_mil``),
     the best epoch by val/stop AUROC; scores of the test split and the held-out families in Track A's format,
     the val rows' scores for fusion, and each instance's attention weight. With ``pu_labeled``, Elkan–Noto PU
     models of the same network from n labeled lenses (``pu_b_<n>`` rows in the scores, test and held-out only)."""
@@ -58,9 +68,11 @@ def cluster_track_b(context: dg.AssetExecutionContext, config: ClusterTrackBConf
     from lens_assets.ml.precision import PRECISIONS
 
     survey = get_survey(context.partition_key)
-    if config.backbone not in BACKBONES or config.precision not in PRECISIONS:
-        raise no_retry(f"cluster_track_b config: backbone {config.backbone!r} / precision {config.precision!r}; "
-                       f"backbones are {sorted(BACKBONES)}, precisions {list(PRECISIONS)}")
+    if (config.backbone not in BACKBONES or config.field_view_backbone not in BACKBONES
+            or config.precision not in PRECISIONS):
+        raise no_retry(f"cluster_track_b config: backbone {config.backbone!r} / field_view_backbone "
+                       f"{config.field_view_backbone!r} / precision {config.precision!r}; backbones are "
+                       f"{sorted(BACKBONES)}, precisions {list(PRECISIONS)}")
     if any(n < 2 for n in config.pu_labeled) or len(set(config.pu_labeled)) < len(config.pu_labeled):
         raise no_retry(f"cluster_track_b config: pu_labeled {config.pu_labeled} must hold distinct sizes >= 2 "
                        "(1 labeled lens to fit g, 1 held out for the label frequency)")
@@ -86,8 +98,9 @@ def cluster_track_b(context: dg.AssetExecutionContext, config: ClusterTrackBConf
                        f"{storage.url(*layout.cluster_fields_table(survey.name))}: materialize them together")
 
     # the bag cache: cut again only when the fields, their segments or the stamp settings changed
+    overview_scale = config.field_view_arcsec_per_px if config.field_view else 0.0
     key = sha256_of_strings([TRACK_B_CODE_VERSION, MIL_CODE_VERSION, str(config.stamp_px), str(config.max_instances),
-                             sha256_file(tables["segments"]), *fields["source_sha256"]])
+                             str(overview_scale), sha256_file(tables["segments"]), *fields["source_sha256"]])
     bags_path = storage.pull(*layout.cluster_track_b_bags(survey.name))
     reused = bags_path.exists() and read_bag_cache(bags_path).meta.get("key") == key
     t0 = time.perf_counter()
@@ -95,7 +108,7 @@ def cluster_track_b(context: dg.AssetExecutionContext, config: ClusterTrackBConf
         storage.pull(*layout.cluster_raw_survey(survey.name))  # the FITS the bags are cut from (S3: downloaded)
         build_bag_cache(fields, pd.read_parquet(tables["segments"]), root=storage.root_path, survey=survey.name,
                         out=bags_path, stamp_px=config.stamp_px, max_instances=config.max_instances,
-                        workers=config.workers, progress=True, key=key)
+                        workers=config.workers, progress=True, key=key, overview_arcsec_per_px=overview_scale)
     bag_seconds = time.perf_counter() - t0
     bags = read_bag_cache(bags_path)
     context.log.info(f"{len(bags)} bags ({int(bags.counts.sum())} instances) "
@@ -108,7 +121,9 @@ def cluster_track_b(context: dg.AssetExecutionContext, config: ClusterTrackBConf
                "calibrator": layout.cluster_track_b_calibrator(survey.name)}
     settings = {"backbone": config.backbone, "epochs": config.epochs, "batch_size": config.batch_size,
                 "lr": config.lr, "patience": config.patience, "seed": config.seed, "precision": config.precision,
-                "max_minutes": config.max_minutes, "pu_labeled": list(config.pu_labeled)}
+                "max_minutes": config.max_minutes, "pu_labeled": list(config.pu_labeled),
+                "field_view": config.field_view, "field_view_backbone": config.field_view_backbone,
+                "field_view_epochs": config.field_view_epochs}
     extras = {"bags_path": str(bags_path), "table_path": str(tables["features"]),
               "outputs": {k: str(storage.path(*v)) for k, v in outputs.items()}, "settings": settings}
     messages = launcher.launch(context, extras=extras, module=TRAIN_MIL_MODULE)
@@ -142,11 +157,20 @@ def cluster_track_b(context: dg.AssetExecutionContext, config: ClusterTrackBConf
         metadata["pu_label_frequency"] = dg.MetadataValue.json({
             name: {"c": round(float(pu["c"]), 4), "n_labeled": int(pu["n_labeled"]),
                    "n_labeled_holdout": int(pu["n_labeled_holdout"])} for name, pu in s["pu"].items()})
+    view = s.get("field_view")
+    if view:
+        metadata.update({"field_view_test_auroc": _float(view["test_auroc"]),
+                         "field_view_best_val_auroc": _float(view["best_val_auroc"]),
+                         "field_view_overview_px": int(view["overview_px"]),
+                         "field_view_seconds": float(view["seconds"]),
+                         "field_view_sha256": sha256_file(storage.path(*outputs["checkpoint"][:-1],
+                                                                       "field_view.ckpt"))})
     if s.get("notes"):
         metadata["notes"] = dg.MetadataValue.md("\n".join(f"- {n}" for n in s["notes"]))
     if gallery is not None:
         metadata["attention_gallery"] = png_markdown(gallery, alt="track_b attention on the top test fields")
-    version = sha256_of_strings([key, sha, json.dumps(settings, sort_keys=True)])
+    version = sha256_of_strings([key, sha, json.dumps(settings, sort_keys=True),
+                                 str(metadata.get("field_view_sha256", ""))])
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(version[:16]))
 
 

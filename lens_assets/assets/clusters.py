@@ -332,9 +332,10 @@ def _sidecar_of(parts: tuple[str, ...]) -> tuple[str, ...]:
 
 
 class ClusterFusionConfig(dg.Config):
-    components: list[str] = Field(default=["track_a", "track_b", "colour_consistency", "anomaly"],
-                                  description="per-field scores fused: Track A's and Track B's logits, the colour "
-                                  "consistency feature and the Deep SVDD anomaly score")
+    components: list[str] = Field(default=["track_a", "track_b", "field_view", "colour_consistency", "anomaly"],
+                                  description="per-field scores fused: Track A's and Track B's logits, the field-view "
+                                  "model's logit (cluster_track_b), the colour consistency feature and the Deep SVDD "
+                                  "anomaly score")
     max_fpr: float = Field(default=0.1, gt=0, le=1, description="the weights maximize the partial AUC up to this "
                            "false-positive rate on the val split's calibrate half (the stop half, on which the "
                            "tracks were early-stopped and selected, is not used)")
@@ -366,14 +367,21 @@ def cluster_fusion(context: dg.AssetExecutionContext, config: ClusterFusionConfi
                              f"for {survey.name} first")
         frames[name] = pd.read_parquet(path)
     # Track B's file also holds its PU models' rows (pu_b_<n>): the track_b component is the track_b model's logit
+    # and the field-view model's (field_view)
     track_b = pd.concat([frames["track_b"], frames["track_b_val"]], ignore_index=True)
-    track_b = track_b[track_b["model"] == "track_b"]
-    components = frames["components"].merge(track_b[["objid", "logit"]].rename(columns={"logit": "track_b"}),
-                                            on="objid", how="left", validate="one_to_one")
+    components = frames["components"]
+    for model in ("track_b", "field_view"):
+        rows = track_b.loc[track_b["model"] == model, ["objid", "logit"]].rename(columns={"logit": model})
+        if model in config.components and rows.empty:
+            raise dg.Failure(f"cluster_fusion: component {model!r} has no scores in "
+                             f"{storage.url(*parts['track_b'])}: materialize cluster_track_b"
+                             f"{' with field_view: true' if model == 'field_view' else ''}, or leave it out of "
+                             "components")
+        components = components.merge(rows, on="objid", how="left", validate="one_to_one")
     try:
         fused, fusion = fuse_scores(components, components=list(config.components), max_fpr=config.max_fpr,
                                     seed=config.seed,
-                                    required=("track_b",) if "track_b" in config.components else ())
+                                    required=[c for c in ("track_b", "field_view") if c in config.components])
     except ValueError as err:
         raise dg.Failure(f"cluster_fusion: {err}") from None
     storage.write_text(json.dumps(fusion.to_dict()), *layout.cluster_fusion_file(survey.name))

@@ -41,6 +41,11 @@ BACKBONES = {
     "efficientnet_b0": _spec("efficientnet_b0", "cnn"),
     "mobilenetv3_small_100": _spec("mobilenetv3_small_100", "cnn"),
     "regnetx_002": _spec("regnetx_002", "cnn"),
+    # output stride 8 (the last stages dilated instead of strided): a 40 px field overview keeps a 5x5 feature map
+    # where the stride-32 models leave 2x2 (cluster_track_b's field view)
+    # full resolution in its first stage (no strided stem): for low-resolution inputs such as cluster_track_b's
+    # 40 px field overview at 1"/px, where a strided stem loses the arcs' few-pixel widths
+    "compact_cnn": BackboneSpec("compact_cnn", "", "cnn"),
     # channels_last off: with torch 2.15 on the CPU its deterministic backward in channels_last corrupts the heap
     # (segfault or "corrupted size vs. prev_size", fp32 and bf16 alike); contiguous it trains fine
     "fastvit_t8": _spec("fastvit_t8", "hybrid", channels_last=False),
@@ -51,6 +56,45 @@ BACKBONES = {
     "vit_tiny_p8": BackboneSpec("vit_tiny_p8", "vit_tiny_patch16_224", "vit", {"patch_size": 8}, needs_img_size=True,
                                 channels_last=False),
 }
+
+
+def _compact_cnn_class():
+    import torch.nn as nn
+
+    class _CompactCNN(nn.Module):
+        """Four stages of two 3x3 convolutions (BatchNorm, GELU), 2x2 max pooling between stages (stride 8 in
+        all), global average pooling and a linear classifier (none when ``num_classes`` is 0: the pooled
+        features). The timm attributes that ``load_weights`` and ``widen_first_conv`` read are set."""
+
+        def __init__(self, *, in_chans: int, num_classes: int = 1, widths=(32, 64, 96, 128)):
+            super().__init__()
+            chans = (in_chans, *widths)
+            self.stages = nn.ModuleList(nn.Sequential(
+                nn.Conv2d(chans[i], chans[i + 1], 3, padding=1, bias=False), nn.BatchNorm2d(chans[i + 1]), nn.GELU(),
+                nn.Conv2d(chans[i + 1], chans[i + 1], 3, padding=1, bias=False), nn.BatchNorm2d(chans[i + 1]),
+                nn.GELU()) for i in range(len(widths)))
+            self.pool = nn.MaxPool2d(2)
+            self.num_features = widths[-1]
+            self.fc = nn.Linear(widths[-1], num_classes) if num_classes else nn.Identity()
+            self.pretrained_cfg = {"first_conv": "stages.0.0", "classifier": "fc"}
+
+        def get_classifier(self):
+            return self.fc
+
+        def forward_features(self, x):
+            for i, stage in enumerate(self.stages):
+                x = stage(x if i == 0 else self.pool(x))
+            return x
+
+        def forward(self, x):
+            return self.fc(self.forward_features(x).mean(dim=(2, 3)))
+
+    return _CompactCNN
+
+
+def CompactCNN(**kwargs):  # noqa: N802 - a class made on first use, so importing this module needs no torch
+    """A compact full-resolution CNN (see ``_compact_cnn_class``)."""
+    return _compact_cnn_class()(**kwargs)
 
 
 def get_spec(name: str) -> BackboneSpec:
@@ -69,8 +113,13 @@ def create_backbone(name: str, *, in_chans: int, img_size: int, num_classes: int
     kwargs = dict(spec.kwargs)
     if spec.needs_img_size:
         kwargs["img_size"] = img_size
-    model = timm.create_model(spec.timm_name, pretrained=pretrained, in_chans=in_chans, num_classes=num_classes,
-                              **kwargs)
+    if not spec.timm_name:  # a backbone of this module
+        if pretrained:
+            raise ValueError(f"backbone {name!r} has no pretrained weights; give weights_path instead")
+        model = CompactCNN(in_chans=in_chans, num_classes=num_classes, **kwargs)
+    else:
+        model = timm.create_model(spec.timm_name, pretrained=pretrained, in_chans=in_chans, num_classes=num_classes,
+                                  **kwargs)
     if weights_path:
         load_weights(model, weights_path)
     return model

@@ -43,11 +43,11 @@ from torch import nn
 from .backbones import create_backbone, get_spec
 
 __all__ = ["Bag", "BagSet", "MILSettings", "MILNet", "MILClassifier", "N_POSITION", "SEGMENT_BAG_COLUMNS",
-           "segment_bags", "normalize_field", "field_image", "field_bag", "build_bag_cache", "write_bag_cache",
+           "segment_bags", "normalize_field", "field_overview", "field_image", "field_bag", "build_bag_cache", "write_bag_cache",
            "read_bag_cache", "augment_bags", "collate_bags", "train_mil", "train_pu_mil", "pu_model_name", "load_mil",
            "score_mil", "attention_gallery", "MIL_CODE_VERSION"]
 
-MIL_CODE_VERSION = "mil-1"  # changes when a cached bag would be cut differently
+MIL_CODE_VERSION = "mil-2"  # changes when a cached bag would be cut differently (mil-2: the field overview)
 N_POSITION = 3  # per-instance scalars: r / r_scale, cos(phi), sin(phi)
 SEGMENT_BAG_COLUMNS = ("segment_id", "x_px", "y_px", "r_arcsec", "phi_deg", "snr")
 
@@ -61,13 +61,15 @@ class Bag:
     """One field's instances, padded to ``max_instances``: ``stamps`` (K, C, S, S) float32, ``positions`` (K, 3)
     float32 (r / r_scale, cos φ, sin φ about the BCG), ``mask`` (K,) bool (True: a real instance), ``segment_id``
     (K,) int64 (the segment's id; -1 for the central stamp of a field without segments, and for padding),
-    ``xy_px`` (K, 2) float32: the stamp's centre in the field's pixels (x, y). Padding rows are zeros."""
+    ``xy_px`` (K, 2) float32: the stamp's centre in the field's pixels (x, y). Padding rows are zeros.
+    ``overview`` (C, P, P) float32 or None: the whole field at low resolution (:func:`field_overview`)."""
 
     stamps: np.ndarray
     positions: np.ndarray
     mask: np.ndarray
     segment_id: np.ndarray
     xy_px: np.ndarray
+    overview: np.ndarray | None = None
 
     @property
     def n_instances(self) -> int:
@@ -83,6 +85,34 @@ def normalize_field(image: np.ndarray, variance: np.ndarray) -> np.ndarray:
     img = torch.as_tensor(np.asarray(image, dtype=np.float32))[None]
     var = torch.as_tensor(np.asarray(variance, dtype=np.float32))[None]
     return scale_input(img, var)[0].numpy().copy()
+
+
+def field_overview(image: np.ndarray, variance: np.ndarray, *, pixel_scale_arcsec: float,
+                   arcsec_per_px: float = 1.0) -> np.ndarray:
+    """The whole field at low resolution, the input of the field-view model: :func:`normalize_field` (the same
+    ``asinh(image / s)`` as the stamps), then averaged over areas to ``P = round(side * pixel_scale_arcsec /
+    arcsec_per_px)`` pixels a side (torch's ``adaptive_avg_pool2d``: a plain block mean when the side is a
+    multiple of P). A (C, P, P) float32 array. At 1"/px a 40" field is 40 px whatever the survey's grid, and an
+    arc a few arcsec long spans several pixels, with its surface brightness averaged rather than sampled."""
+    img = np.asarray(image)
+    if img.ndim != 3 or img.shape[1] != img.shape[2]:
+        raise ValueError(f"image has shape {img.shape}; expected a square (bands, n, n) field")
+    if not (pixel_scale_arcsec > 0 and arcsec_per_px > 0):
+        raise ValueError(f"pixel_scale_arcsec and arcsec_per_px must be positive, got {pixel_scale_arcsec} and "
+                         f"{arcsec_per_px}")
+    side = max(1, int(round(img.shape[1] * float(pixel_scale_arcsec) / float(arcsec_per_px))))
+    if side > img.shape[1]:
+        raise ValueError(f"arcsec_per_px {arcsec_per_px} is finer than the field's pixels ({pixel_scale_arcsec}\"/px)")
+    n = img.shape[1]
+    # adaptive_avg_pool2d's windows, [floor(i n / P), ceil((i + 1) n / P)), as a (P, n) averaging matrix: numpy,
+    # not torch, because this runs in forked worker processes
+    start = (np.arange(side) * n) // side
+    stop = -((-(np.arange(side) + 1) * n) // side)
+    cols = np.arange(n)
+    avg = ((cols >= start[:, None]) & (cols < stop[:, None])).astype(np.float64)
+    avg /= avg.sum(axis=1, keepdims=True)
+    norm = normalize_field(img, variance).astype(np.float64)
+    return np.einsum("ph,chw,qw->cpq", avg, norm, avg).astype(np.float32)
 
 
 def segment_bags(image: np.ndarray, variance: np.ndarray, segments: pd.DataFrame, *, bcg_xy: tuple[float, float],
@@ -183,20 +213,27 @@ def field_image(path: str | Path, name: str, survey: str, size_px: int) -> tuple
 def field_bag(args: tuple) -> Bag:
     """One field's :func:`segment_bags` from its FITS (:func:`field_image`; the worker function of
     :func:`build_bag_cache`): ``args`` = (path, name, survey name, size_px, segments, bcg (x, y), stamp_px,
-    max_instances)."""
+    max_instances, overview arcsec per pixel (0: no overview))."""
+    from dataclasses import replace
+
     from lens_assets.science.surveys import get_survey
 
-    path, name, survey_name, size_px, segments, bcg_xy, stamp_px, max_instances = args
+    path, name, survey_name, size_px, segments, bcg_xy, stamp_px, max_instances, overview_scale = args
     image, variance = field_image(path, name, survey_name, size_px)
-    return segment_bags(image, variance, segments, bcg_xy=bcg_xy,
-                        pixel_scale_arcsec=get_survey(survey_name).pixel_scale_arcsec, stamp_px=stamp_px,
-                        max_instances=max_instances)
+    scale = get_survey(survey_name).pixel_scale_arcsec
+    bag = segment_bags(image, variance, segments, bcg_xy=bcg_xy, pixel_scale_arcsec=scale, stamp_px=stamp_px,
+                       max_instances=max_instances)
+    if overview_scale:
+        bag = replace(bag, overview=field_overview(image, variance, pixel_scale_arcsec=scale,
+                                                   arcsec_per_px=overview_scale))
+    return bag
 
 
 def build_bag_cache(fields: pd.DataFrame, segments: pd.DataFrame, *, root: str | Path, survey: str, out: str | Path,
                     stamp_px: int = 32, max_instances: int = 16, workers: int = 1, progress: bool = False,
-                    key: str = "") -> Path:
+                    key: str = "", overview_arcsec_per_px: float = 0.0) -> Path:
     """Cut every field's bag and write them to ``out`` (:func:`write_bag_cache`); returns ``out``.
+    ``overview_arcsec_per_px`` > 0 also stores each field's :func:`field_overview` at that scale.
 
     ``fields`` has the fields table's ``objid``, ``source_file`` (relative to ``root``), ``size_px``,
     ``bcg_x_px``, ``bcg_y_px``; ``segments`` the segments table (rows matched to fields by ``objid``). ``key``
@@ -215,16 +252,19 @@ def build_bag_cache(fields: pd.DataFrame, segments: pd.DataFrame, *, root: str |
     empty = pd.DataFrame({c: pd.Series(dtype=float) for c in SEGMENT_BAG_COLUMNS})
     jobs = [(str(root.joinpath(*f.source_file.split("/"))), f.source_file, survey, int(f.size_px),
              by_field[f.objid].drop(columns="objid") if f.objid in by_field else empty,
-             (float(f.bcg_x_px), float(f.bcg_y_px)), stamp_px, max_instances) for f in fields.itertuples(index=False)]
+             (float(f.bcg_x_px), float(f.bcg_y_px)), stamp_px, max_instances, float(overview_arcsec_per_px))
+            for f in fields.itertuples(index=False)]
     bags = parallel_map(field_bag, jobs, workers=workers, progress=progress, desc=f"MIL bags {survey}", unit="field")
     return write_bag_cache(out, list(fields["objid"]), bags, meta={
         "survey": survey, "stamp_px": stamp_px, "max_instances": max_instances, "key": key,
-        "code_version": MIL_CODE_VERSION, "normalization": "asinh(image / median noise of the field)"})
+        "code_version": MIL_CODE_VERSION, "normalization": "asinh(image / median noise of the field)",
+        "overview_arcsec_per_px": float(overview_arcsec_per_px)})
 
 
 def write_bag_cache(path: str | Path, objids: Sequence[str], bags: Sequence[Bag], *, meta: dict | None = None) -> Path:
     """Write bags as one ``.npz`` (written atomically): only the real instances, concatenated, with ``offsets``
-    (N + 1) marking each field's; ``objid`` (N), and ``meta`` (JSON) with ``stamp_px`` and ``max_instances``."""
+    (N + 1) marking each field's; ``objid`` (N), and ``meta`` (JSON) with ``stamp_px`` and ``max_instances``;
+    ``overview`` (N, C, P, P) when every bag has one (bags with and without overviews together are an error)."""
     from lens_assets.science.fileio import atomic_path
 
     if len(objids) != len(bags):
@@ -245,6 +285,11 @@ def write_bag_cache(path: str | Path, objids: Sequence[str], bags: Sequence[Bag]
         "xy_px": np.concatenate([b.xy_px[b.mask] for b in bags]).astype(np.float32),
         "meta": np.asarray(json.dumps(meta)),
     }
+    has = [b.overview is not None for b in bags]
+    if any(has) and not all(has):
+        raise ValueError(f"{has.count(False)} of {len(bags)} bags lack the field overview the others have")
+    if all(has):
+        arrays["overview"] = np.stack([b.overview for b in bags]).astype(np.float32)
     path = Path(path)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
@@ -263,6 +308,18 @@ class BagSet:
     segment_id: np.ndarray
     xy_px: np.ndarray
     meta: dict = field(default_factory=dict)
+    overview: np.ndarray | None = None  # (N, C, P, P): each field's field_overview, when the cache has them
+
+    def overview_bags(self) -> "BagSet":
+        """The field-view model's bags: one instance per field, its overview (segment_id -2, position scalars
+        0, the field's centre as ``xy_px``), so the MIL network and training loop serve it unchanged."""
+        if self.overview is None:
+            raise ValueError("this bag cache has no field overviews (cut with overview_arcsec_per_px > 0)")
+        n, side = len(self.objid), int(self.overview.shape[-1])
+        return BagSet(objid=self.objid, offsets=np.arange(n + 1, dtype=np.int64), stamps=self.overview,
+                      positions=np.zeros((n, N_POSITION), dtype=np.float32),
+                      segment_id=np.full(n, -2, dtype=np.int64), xy_px=np.full((n, 2), (side - 1) / 2, np.float32),
+                      meta={**self.meta, "stamp_px": side, "max_instances": 1})
 
     def __len__(self) -> int:
         return len(self.objid)
@@ -310,7 +367,7 @@ def read_bag_cache(path: str | Path) -> BagSet:
     with np.load(Path(path), allow_pickle=False) as z:
         return BagSet(objid=z["objid"].astype(str), offsets=z["offsets"], stamps=z["stamps"],
                       positions=z["positions"], segment_id=z["segment_id"], xy_px=z["xy_px"],
-                      meta=json.loads(str(z["meta"])))
+                      meta=json.loads(str(z["meta"])), overview=z["overview"] if "overview" in z.files else None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -543,6 +600,20 @@ class MILSettings:
     progress: bool = True
     # labeled lenses of each PU model (train_pu_mil, model "pu_b_<n>"); [] trains none
     pu_labeled: list[int] = field(default_factory=list)
+    # the field-view model (score rows "field_view"), trained by train_mil.run when the bag cache has overviews:
+    # the same network and loop on one instance per field, the whole field at low resolution (field_overview),
+    # with a backbone that keeps full resolution in its first stage; patience = its epochs (no early stop)
+    field_view: bool = True
+    field_view_backbone: str = "compact_cnn"
+    field_view_epochs: int = 30
+    field_view_batch_size: int = 32
+
+    def field_view_settings(self) -> "MILSettings":
+        """These settings with the field view's backbone, epochs and batch size, and no PU models."""
+        from dataclasses import replace
+
+        return replace(self, backbone=self.field_view_backbone, epochs=self.field_view_epochs,
+                       batch_size=self.field_view_batch_size, patience=self.field_view_epochs, pu_labeled=[])
 
     def __post_init__(self):
         from .backbones import BACKBONES
@@ -550,9 +621,11 @@ class MILSettings:
 
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision {self.precision!r} is not one of {list(PRECISIONS)}")
-        if self.backbone not in BACKBONES:
-            raise ValueError(f"backbone {self.backbone!r} is not one of {sorted(BACKBONES)}")
-        for name in ("epochs", "batch_size", "patience", "embed_dim", "attention_dim"):
+        for name in ("backbone", "field_view_backbone"):
+            if getattr(self, name) not in BACKBONES:
+                raise ValueError(f"{name} {getattr(self, name)!r} is not one of {sorted(BACKBONES)}")
+        for name in ("epochs", "batch_size", "patience", "embed_dim", "attention_dim", "field_view_epochs",
+                     "field_view_batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         self.pu_labeled = list(self.pu_labeled)

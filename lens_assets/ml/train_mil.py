@@ -45,7 +45,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-__all__ = ["run", "default_outputs", "OUTPUTS"]
+__all__ = ["run", "default_outputs", "OUTPUTS", "field_view_checkpoint"]
 
 OUTPUTS = ("checkpoint", "scores", "val_scores", "attention", "calibrator")
 
@@ -112,7 +112,11 @@ def run(bags_path: str | Path, table_path: str | Path, outputs: dict, settings) 
     is_val = np.char.startswith(sets.astype(str), "val_")
     pu_frames, pu_summaries, notes = _pu_models(settings, bags, table, scored[~is_val], frame[~is_val],
                                                  outputs["checkpoint"], gpu=gpu)
-    for key, part in (("scores", pd.concat([frame[~is_val], *pu_frames])), ("val_scores", frame[is_val])):
+    view_frame, view_summary = _field_view(settings, bags, table, scored, frame, outputs, gpu=gpu)
+    if view_frame is not None:
+        pu_frames.append(view_frame[~is_val])
+    val_part = frame[is_val] if view_frame is None else pd.concat([frame[is_val], view_frame[is_val]])
+    for key, part in (("scores", pd.concat([frame[~is_val], *pu_frames])), ("val_scores", val_part)):
         with atomic_path(outputs[key]) as tmp:
             part.reset_index(drop=True).to_parquet(tmp, index=False)
     rows = []
@@ -136,9 +140,51 @@ def run(bags_path: str | Path, table_path: str | Path, outputs: dict, settings) 
         "n_heldout": {f: int((sets == f).sum()) for f in heldout},
         "calibration": calibration, "cuda_available": bool(torch.cuda.is_available()),
         "outputs": {k: str(v) for k, v in outputs.items() if k != "calibrator" or calibrator is not None},
-        "pu": pu_summaries, "notes": notes,
+        "pu": pu_summaries, "notes": notes, "field_view": view_summary,
     })
     return summary
+
+
+def field_view_checkpoint(checkpoint: str | Path) -> Path:
+    """The field-view model's checkpoint, beside Track B's."""
+    return Path(checkpoint).with_name("field_view.ckpt")
+
+
+def _field_view(settings, bags, table, scored, frame, outputs, *, gpu: bool):
+    """The field-view model (``settings.field_view_settings()`` on ``bags.overview_bags()``): trained like Track
+    B, scored on ``scored``'s rows and calibrated (isotonic) on the val/calibrate rows. Returns (a frame like
+    ``frame`` with model ``field_view``, its summary), or (None, None) when the settings turn it off or the cache
+    has no overviews (its old checkpoint is then removed)."""
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    from lens_assets.science.calibration import fit_calibrator
+
+    from .mil import score_mil, train_mil
+
+    checkpoint = field_view_checkpoint(outputs["checkpoint"])
+    if not settings.field_view or bags.overview is None:
+        checkpoint.unlink(missing_ok=True)
+        return None, None
+    views = bags.overview_bags()
+    s = train_mil(settings.field_view_settings(), bags=views, table=table, checkpoint_path=checkpoint,
+                  model_name="field_view")
+    logits, _ = score_mil(s["checkpoint"], views, rows=views.index_of(list(scored["objid"])),
+                          device="cuda" if gpu else "cpu", precision=settings.precision)
+    part = frame.copy()
+    part["model"] = "field_view"
+    part["logit"] = logits
+    cal = (part["set"] == "val_calibrate").to_numpy()
+    y_cal = part.loc[cal, "label"].to_numpy(int)
+    if len(np.unique(y_cal)) == 2:
+        part["prob"] = fit_calibrator(logits[cal], y_cal, method="isotonic").predict(logits)
+    else:
+        part["prob"] = 1.0 / (1.0 + np.exp(-logits))
+    test = (part["set"] == "test").to_numpy()
+    y = part.loc[test, "label"].to_numpy(int)
+    s["test_auroc"] = float(roc_auc_score(y, logits[test])) if 0 < y.sum() < len(y) else None
+    s["overview_px"] = views.stamp_px
+    return part, s
 
 
 def _pu_models(settings, bags, table, scored, frame, checkpoint, *, gpu: bool):
@@ -197,6 +243,10 @@ def pipes_main() -> None:
         for name, pu in summary["pu"].items():
             pipes.log.info(f"{name}: c {pu['c']:.3f} from {pu['n_labeled_holdout']} held-out labeled lenses, "
                            f"test AUROC {pu['test_auroc']}")
+        if summary.get("field_view"):
+            v = summary["field_view"]
+            pipes.log.info(f"field_view ({v['settings']['backbone']}, {v['overview_px']} px overviews): best val "
+                           f"AUROC {v['best_val_auroc']}, test AUROC {v['test_auroc']}")
         for note in summary["notes"]:
             pipes.log.info(note)
         pipes.report_custom_message(summary)

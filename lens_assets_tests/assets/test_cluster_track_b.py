@@ -14,6 +14,7 @@ from lens_assets.assets.cluster_track_b import CLUSTER_TRACK_B_ASSETS, cluster_t
 from lens_assets.assets.clusters import arc_segments, cluster_features, cluster_fields, cluster_fusion
 from lens_assets.resources.launchers import LocalSubprocessLauncher
 from lens_assets.resources.storage import LocalStorage
+from lens_assets.science.fileio import sha256_file
 from lens_assets_tests.helpers import CLUSTER_FIELD_ARCSEC, small_cluster_family
 
 FIELD_ARCSEC = CLUSTER_FIELD_ARCSEC  # the family helper's field
@@ -38,7 +39,8 @@ def track_b_run(tmp_path_factory):
                                       "heldout_family": _small_family(tmp, "cluster_heldout")}},
         "arc_segments": {"config": {"field_size_arcsec": FIELD_ARCSEC, "workers": 1}},
         "cluster_track_b": {"config": {"epochs": 1, "batch_size": 8, "stamp_px": 24, "max_instances": 6,
-                                       "workers": 1, "n_shown": 2, "pu_labeled": [2, 1000]}},
+                                       "workers": 1, "n_shown": 2, "pu_labeled": [2, 1000],
+                                       "field_view_epochs": 2}},
     }}
     result = dg.materialize([cluster_fields, arc_segments, cluster_features, *CLUSTER_TRACK_B_ASSETS],
                             partition_key="des", run_config=run_config, instance=dg.DagsterInstance.ephemeral(),
@@ -67,6 +69,10 @@ def test_the_job_writes_checkpoint_scores_and_attention_and_reports_its_figures(
     assert meta["pu_label_frequency"][name]["n_labeled"] == 2
     assert "pu_b_1000: skipped, the training split has" in meta["notes"]
     assert storage.path(*layout.cluster_track_b_dir("des"), "pu_b_2.ckpt").is_file()
+    # the field-view model: 40" fields at 1"/px, its checkpoint beside Track B's, the one its sha names
+    assert meta["field_view_overview_px"] == round(FIELD_ARCSEC) and 0.0 <= meta["field_view_test_auroc"] <= 1.0
+    view = storage.path(*layout.cluster_track_b_dir("des"), "field_view.ckpt")
+    assert meta["field_view_sha256"] == sha256_file(view)
 
 
 @SLOW
@@ -76,10 +82,17 @@ def test_scores_have_track_a_format_and_cover_the_test_and_held_out_fields(track
     scores = pd.read_parquet(storage.path(*layout.cluster_track_b_scores("des")))
     val = pd.read_parquet(storage.path(*layout.cluster_track_b_val_scores("des")))
     assert list(scores.columns) == SCORE_COLUMNS and list(val.columns) == SCORE_COLUMNS
-    assert set(scores["model"]) == {"track_b", "pu_b_2"} and set(val["model"]) == {"track_b"}
+    assert set(scores["model"]) == {"track_b", "pu_b_2", "field_view"}
+    assert set(val["model"]) == {"track_b", "field_view"}  # the fusion is fit on both models' val rows
     pu = scores[scores["model"] == "pu_b_2"].reset_index(drop=True)
+    view = scores[scores["model"] == "field_view"].reset_index(drop=True)
+    view_val = val[val["model"] == "field_view"].reset_index(drop=True)
+    val = val[val["model"] == "track_b"].reset_index(drop=True)
     scores = scores[scores["model"] == "track_b"].reset_index(drop=True)
     assert pu["objid"].tolist() == scores["objid"].tolist() and pu["prob"].between(0, 1).all()
+    assert view["objid"].tolist() == scores["objid"].tolist() and view["set"].tolist() == scores["set"].tolist()
+    assert view_val["objid"].tolist() == val["objid"].tolist() and view["prob"].between(0, 1).all()
+    assert not np.allclose(view["logit"], scores["logit"])  # another network, not a copy of Track B's
     assert set(scores["set"]) == {"test", "cluster_heldout"}
     assert set(val["set"]) == {"val_stop", "val_calibrate"}
     assert sorted(scores["objid"]) == sorted(features.loc[features["split"].isin(["test", "heldout"]), "objid"])

@@ -32,9 +32,9 @@ def cluster_run(tmp_path_factory):
                                       "heldout_family": _small_family(tmp, "cluster_heldout")}},
         "arc_segments": {"config": {"field_size_arcsec": FIELD_ARCSEC, "workers": 1}},
         "cluster_classifier": {"config": {"pu_labeled": [5, 10], "n_estimators": 60}},
-        "cluster_track_b": {"config": {"epochs": 1, "workers": 1}},
+        "cluster_track_b": {"config": {"epochs": 1, "workers": 1, "field_view_epochs": 2}},
         # a handful of val fields: a high FPR leaves the fusion a false positive to work with
-        "cluster_fusion": {"config": {"max_fpr": 0.5, "components": ["track_a", "track_b", "anomaly"]}},
+        "cluster_fusion": {"config": {"max_fpr": 0.5, "components": ["track_a", "track_b", "field_view", "anomaly"]}},
         # 48 tiny fields: the gates are the subject of their own tests, not of this run
         "cluster_report": {"config": {"min_auroc": 0.0, "min_heldout_auroc": 0.0, "min_tpr_at_fpr_0_1": 0.0}},
     }}
@@ -87,7 +87,8 @@ def test_features_are_typed_and_split_by_field(cluster_run):
 def test_models_and_report_cover_every_model_and_set(cluster_run):
     storage, result = cluster_run
     scores = pd.read_parquet(storage.path("clusters", "models", "des", "fusion", "scores.parquet"))
-    assert set(scores["model"]) == {"track_a", "track_a_no_colour", "pu_5", "pu_10", "anomaly", "track_b", "fused"}
+    assert set(scores["model"]) == {"track_a", "track_a_no_colour", "pu_5", "pu_10", "anomaly", "track_b",
+                                    "field_view", "fused"}
     # every model scores the same fields
     per_model = scores.groupby("model")["objid"].apply(frozenset)
     assert per_model.nunique() == 1

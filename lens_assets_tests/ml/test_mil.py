@@ -113,6 +113,51 @@ def test_the_cache_keeps_every_instance_and_pads_on_reading(tmp_path):
         got.index_of(["zzz"])
 
 
+@pytest.mark.parametrize("pixel_scale", [0.25, 0.3])  # 100 px -> 25 px (4x4 blocks) and -> 30 px (uneven windows)
+def test_the_field_overview_is_torchs_adaptive_average_of_the_normalized_field(pixel_scale):
+    import torch.nn.functional as F
+
+    image, variance = _field(h=100, w=100)
+    image += np.random.default_rng(3).normal(size=image.shape).astype(np.float32) * 5.0
+    got = mil.field_overview(image, variance, pixel_scale_arcsec=pixel_scale, arcsec_per_px=1.0)
+    side = round(100 * pixel_scale)
+    norm = mil.normalize_field(image, variance)
+    want = F.adaptive_avg_pool2d(torch.from_numpy(norm)[None], side)[0].numpy()
+    assert got.shape == (2, side, side) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    if side == 25:  # divisible: the plain 4x4 block mean
+        np.testing.assert_allclose(got, norm.reshape(2, 25, 4, 25, 4).mean(axis=(2, 4)), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="square"):
+        mil.field_overview(image[:, :90], variance[:, :90], pixel_scale_arcsec=pixel_scale)
+    with pytest.raises(ValueError, match="finer than the field's pixels"):
+        mil.field_overview(image, variance, pixel_scale_arcsec=pixel_scale, arcsec_per_px=0.1)
+
+
+def test_the_cache_keeps_overviews_and_the_field_view_bags_hold_one_instance_each(tmp_path):
+    from dataclasses import replace
+
+    image, variance = _field(h=80, w=80)
+    rng = np.random.default_rng(1)
+    bags = []
+    for n in (2, 0, 3):
+        b = mil.segment_bags(image + rng.normal(size=image.shape).astype(np.float32), variance,
+                             _segments([(i, 10.0 + 9 * i, 30.0, 1.0, 0.0, 5.0 - i) for i in range(n)]),
+                             bcg_xy=(40.0, 40.0), pixel_scale_arcsec=0.25, max_instances=4)
+        bags.append(replace(b, overview=rng.normal(size=(2, 20, 20)).astype(np.float32)))
+    got = mil.read_bag_cache(mil.write_bag_cache(tmp_path / "bags.npz", ["a", "b", "c"], bags))
+    np.testing.assert_array_equal(got.overview, np.stack([b.overview for b in bags]))
+    views = got.overview_bags()
+    assert views.counts.tolist() == [1, 1, 1] and views.stamp_px == 20 and views.meta["max_instances"] == 1
+    np.testing.assert_array_equal(views.padded([2, 0])["stamps"][:, 0], got.overview[[2, 0]])
+    assert (views.segment_id == -2).all() and not views.positions.any() and views.objid.tolist() == ["a", "b", "c"]
+    with pytest.raises(ValueError, match="1 of 3 bags lack the field overview"):
+        mil.write_bag_cache(tmp_path / "mixed.npz", ["a", "b", "c"], [bags[0], replace(bags[1], overview=None),
+                                                                      bags[2]])
+    with pytest.raises(ValueError, match="no field overviews"):
+        mil.read_bag_cache(mil.write_bag_cache(tmp_path / "plain.npz", ["a"], [replace(bags[0], overview=None)])
+                           ).overview_bags()
+
+
 @pytest.fixture(scope="module")
 def net():
     torch.manual_seed(0)
@@ -184,7 +229,7 @@ def test_augmentation_turns_stamps_and_position_angles_together(seed):
 # PU learning (pu_b_<n>) through train_mil.run, on a tiny synthetic bag cache
 
 
-def _pu_table_and_bags(tmp_path):
+def _pu_table_and_bags(tmp_path, overview: bool = False):
     """60 fields (train 24 with 10 lenses, val stop 8 / calibrate 6, test 14, held out 8), 1-3 stamps of 16 px
     each; a lens's first stamp holds a bright blob, so the network has something to learn."""
     rng = np.random.default_rng(0)
@@ -200,7 +245,8 @@ def _pu_table_and_bags(tmp_path):
                 stamps[0, 0, 5:11, 5:11] += 4.0
             bags.append(mil.Bag(stamps=stamps, positions=rng.normal(size=(k, 3)).astype(np.float32),
                                 mask=np.ones(k, bool), segment_id=np.arange(k, dtype=np.int64),
-                                xy_px=rng.uniform(0, 50, size=(k, 2)).astype(np.float32)))
+                                xy_px=rng.uniform(0, 50, size=(k, 2)).astype(np.float32),
+                                overview=stamps[0, :, ::2, ::2].copy() if overview else None))
             rows.append({"objid": f"{split}{role}{i:02d}", "label": label, "split": split, "val_role": role,
                          "sim_family": "fam_h" if split == "heldout" else "fam", "sim_kind": "sie",
                          "theta_e": 5.0 * label, "n_arcs": 2 * label, "arc_sb": 22.0})
@@ -240,6 +286,31 @@ def test_pu_rows_score_the_same_fields_as_track_b_and_val_scores_keep_track_b_on
     logits, _ = mil.score_mil(ckpt, bags, rows=bags.index_of(list(pu["objid"])), precision="32-true")
     np.testing.assert_allclose(pu["logit"].to_numpy(), logits, rtol=0, atol=1e-5)
     assert summary["test_auroc"] is not None and "test_auroc" in summary["pu"]["pu_b_3"]
+
+
+def test_a_cache_with_overviews_adds_the_field_view_model_scored_by_its_own_checkpoint(tmp_path):
+    from lens_assets.ml.train_mil import default_outputs, field_view_checkpoint, run
+
+    table = _pu_table_and_bags(tmp_path, overview=True)
+    settings = mil.MILSettings(backbone="resnet10t", epochs=1, batch_size=16, embed_dim=16, attention_dim=8,
+                               augment=False, precision="32-true", accelerator="cpu", threads=1, progress=False,
+                               field_view_epochs=2)
+    outputs = default_outputs(tmp_path / "out")
+    summary = run(tmp_path / "bags.npz", tmp_path / "table.parquet", outputs, settings)
+    scores, val = pd.read_parquet(outputs["scores"]), pd.read_parquet(outputs["val_scores"])
+    assert set(scores["model"]) == {"track_b", "field_view"} and set(val["model"]) == {"track_b", "field_view"}
+    b, view = scores[scores["model"] == "track_b"], scores[scores["model"] == "field_view"]
+    assert view["objid"].tolist() == b["objid"].tolist() and view["label"].tolist() == b["label"].tolist()
+    ckpt = field_view_checkpoint(outputs["checkpoint"])
+    assert summary["field_view"]["checkpoint"] == str(ckpt) and summary["field_view"]["overview_px"] == 8
+    assert summary["field_view"]["settings"]["backbone"] == "compact_cnn"
+    views = mil.read_bag_cache(tmp_path / "bags.npz").overview_bags()
+    logits, _ = mil.score_mil(ckpt, views, rows=views.index_of(list(view["objid"])), precision="32-true")
+    np.testing.assert_allclose(view["logit"].to_numpy(), logits, rtol=0, atol=1e-5)
+    # turned off, the model is not trained and its old checkpoint goes
+    run(tmp_path / "bags.npz", tmp_path / "table.parquet", outputs,
+        mil.MILSettings(**{**settings.__dict__, "field_view": False}))
+    assert set(pd.read_parquet(outputs["scores"])["model"]) == {"track_b"} and not ckpt.exists()
 
 
 def test_pu_prob_is_g_over_c_by_pu_py_and_c_is_a_frequency(pu_run):

@@ -54,7 +54,7 @@ __all__ = ["colour_features", "fit_cluster_models", "ClusterModels", "TRUTH_COLU
 TRUTH_COLUMNS = ("objid", "label", "sim_family", "sim_kind", "theta_e", "n_arcs", "arc_sb")
 SCORE_COLUMNS = ("model", "set", *TRUTH_COLUMNS, "logit", "prob")
 # the components fuse_scores combines by default, those present in the component table
-FUSION_COMPONENTS = ("track_a", "track_b", "colour_consistency", "anomaly")
+FUSION_COMPONENTS = ("track_a", "track_b", "field_view", "colour_consistency", "anomaly")
 
 
 def colour_features(bands) -> list[str]:

@@ -87,7 +87,7 @@ def test_fused_scores_cover_test_and_heldout_and_use_track_b_only_when_present(f
     assert list(rows.columns) == list(SCORE_COLUMNS) and set(rows["model"]) == {"fused"}
     assert set(rows["set"]) == {"test", "cluster_heldout"} and len(rows) == 320
     assert fusion.components == ["track_a", "colour_consistency", "anomaly"]
-    assert any("fused without ['track_b']" in n for n in fusion.notes)
+    assert any("fused without ['track_b', 'field_view']" in n for n in fusion.notes)
     assert fusion.n_missing["colour_consistency"] > 0  # the NaN colour consistencies were imputed
     assert rows["prob"].between(0, 1).all()
     # the fused score finds the lenses about as well as Track A alone, on the test and held-out rows; the fusion is
