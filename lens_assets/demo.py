@@ -85,6 +85,9 @@ def run_clusters(instance, *, survey: str, profile: str, n_fields: int | None, s
     print(f"  models         : {clf['models']} -> {clf['path']}")
     print(f"  track_b        : {tb['epochs_run']} epochs at {tb['train_img_per_s']:.0f} stamps/s "
           f"({tb['precision']}), best val AUROC {tb['best_val_auroc']:.3f}")
+    if "field_view_best_val_auroc" in tb:
+        print(f"  field_view     : {tb['field_view_overview_px']} px overviews, best val AUROC "
+              f"{tb['field_view_best_val_auroc']:.3f} ({tb['field_view_seconds']:.0f} s)")
     weights = ", ".join(" ".join(line.strip("| ").replace("|", " ").split()) for line in
                         str(fus["weights"]).splitlines()[2:])
     print(f"  fusion weights : {weights}")

@@ -86,8 +86,12 @@ def _compact_cnn_class():
                 x = stage(x if i == 0 else self.pool(x))
             return x
 
+        def forward_head(self, x, pre_logits: bool = False):
+            pooled = x.mean(dim=(2, 3))
+            return pooled if pre_logits else self.fc(pooled)
+
         def forward(self, x):
-            return self.fc(self.forward_features(x).mean(dim=(2, 3)))
+            return self.forward_head(self.forward_features(x))
 
     return _CompactCNN
 

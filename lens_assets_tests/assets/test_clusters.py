@@ -229,3 +229,29 @@ def test_a_failed_gate_fails_the_run_and_leaves_the_scoring_model(cluster_run):
     assert manifest.read_bytes() == before
     assert _metadata(result, "cluster_report")["cluster_model_version"].startswith("not vetted: "
                                                                                    "cluster_auroc_at_least_gate")
+
+
+def test_the_fusion_names_a_component_model_that_has_no_scores(cluster_run, tmp_path):
+    import shutil
+
+    from lens_assets import layout
+    from lens_assets.assets.clusters import cluster_fusion
+    from lens_assets.resources.storage import LocalStorage
+
+    storage, _ = cluster_run
+    copy = LocalStorage(root=str(tmp_path / "root"))
+    shutil.copytree(storage.path("clusters"), copy.path("clusters"))
+    for parts in (layout.cluster_track_b_scores("des"), layout.cluster_track_b_val_scores("des")):
+        path = copy.path(*parts)  # Track B trained with field_view: false
+        frame = pd.read_parquet(path)
+        frame[frame["model"] != "field_view"].to_parquet(path, index=False)
+    others = [a.to_source_asset() for a in CLUSTER_ASSETS if a is not cluster_fusion]
+    with pytest.raises(dg.Failure, match="component 'field_view' has no scores .* with field_view: true"):
+        dg.materialize([cluster_fusion, *others], partition_key="des", resources={"storage": copy},
+                       instance=dg.DagsterInstance.ephemeral())
+    # without it among the components, the same tables fuse
+    result = dg.materialize([cluster_fusion, *others], partition_key="des", resources={"storage": copy},
+                            run_config={"ops": {"cluster_fusion": {"config": {
+                                "max_fpr": 0.5, "components": ["track_a", "track_b", "anomaly"]}}}},
+                            instance=dg.DagsterInstance.ephemeral())
+    assert result.success and "field_view" not in _metadata(result, "cluster_fusion")["weights"]
