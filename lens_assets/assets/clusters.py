@@ -476,8 +476,9 @@ def cluster_report(context: dg.AssetExecutionContext, config: ClusterReportConfi
         "track_a: XGBoost on every feature; track_a_no_colour: without the colour features; pu_<n>: Elkan–Noto "
         "PU learning from n labeled lenses among the training fields; anomaly: Deep SVDD distance, fit on training "
         "non-lenses alone; track_b: attention-pooled CNN over the arc-segment stamps; pu_b_<n>: Track B "
-        "PU-learned from n labeled lenses; fused: track_a, track_b, "
-        "colour consistency and anomaly weighted for recall at FPR ≤ 0.1 on the val split",
+        "PU-learned from n labeled lenses; field_view: CNN over the whole field at 1\"/px; fused: the fusion's "
+        "components (default track_a, track_b, field_view, colour consistency and anomaly) weighted for recall at "
+        "FPR ≤ 0.1 on the val split's calibrate half",
         "recall by lensed sources and arc surface brightness at each (model, set)'s FPR ≤ 0.1 threshold"])
     storage.write_text(json.dumps(figures, indent=1), *layout.cluster_report_json(survey.name))
     storage.write_text(md, *layout.cluster_report_md(survey.name))

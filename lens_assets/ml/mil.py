@@ -112,7 +112,7 @@ def field_overview(image: np.ndarray, variance: np.ndarray, *, pixel_scale_arcse
     avg = ((cols >= start[:, None]) & (cols < stop[:, None])).astype(np.float64)
     avg /= avg.sum(axis=1, keepdims=True)
     norm = normalize_field(img, variance).astype(np.float64)
-    return np.einsum("ph,chw,qw->cpq", avg, norm, avg).astype(np.float32)
+    return (avg @ norm @ avg.T).astype(np.float32)  # two matrix products per band
 
 
 def segment_bags(image: np.ndarray, variance: np.ndarray, segments: pd.DataFrame, *, bcg_xy: tuple[float, float],
