@@ -383,6 +383,11 @@ def cluster_track_b_checkpoint(survey: str) -> Parts:
     return (*cluster_track_b_dir(survey), "best.ckpt")
 
 
+def cluster_field_view_checkpoint(survey: str) -> Parts:
+    """The field-view model beside Track B (``lens_assets.ml.train_mil.field_view_checkpoint`` of Track B's)."""
+    return (*cluster_track_b_dir(survey), "field_view.ckpt")
+
+
 def cluster_track_b_scores(survey: str) -> Parts:
     """Track B's scores of the test split and the held-out families, in Track A's long format."""
     return (*cluster_track_b_dir(survey), "scores.parquet")

@@ -163,8 +163,8 @@ def cluster_track_b(context: dg.AssetExecutionContext, config: ClusterTrackBConf
                          "field_view_best_val_auroc": _float(view["best_val_auroc"]),
                          "field_view_overview_px": int(view["overview_px"]),
                          "field_view_seconds": float(view["seconds"]),
-                         "field_view_sha256": sha256_file(storage.path(*outputs["checkpoint"][:-1],
-                                                                       "field_view.ckpt"))})
+                         "field_view_sha256": sha256_file(storage.path(
+                             *layout.cluster_field_view_checkpoint(survey.name)))})
     if s.get("notes"):
         metadata["notes"] = dg.MetadataValue.md("\n".join(f"- {n}" for n in s["notes"]))
     if gallery is not None:

@@ -71,7 +71,7 @@ def test_the_job_writes_checkpoint_scores_and_attention_and_reports_its_figures(
     assert storage.path(*layout.cluster_track_b_dir("des"), "pu_b_2.ckpt").is_file()
     # the field-view model: 40" fields at 1"/px, its checkpoint beside Track B's, the one its sha names
     assert meta["field_view_overview_px"] == round(FIELD_ARCSEC) and 0.0 <= meta["field_view_test_auroc"] <= 1.0
-    view = storage.path(*layout.cluster_track_b_dir("des"), "field_view.ckpt")
+    view = storage.path(*layout.cluster_field_view_checkpoint("des"))
     assert meta["field_view_sha256"] == sha256_file(view)
 
 
