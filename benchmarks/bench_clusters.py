@@ -204,6 +204,11 @@ def main(argv=None) -> dict:
         rows.append(("fusion weights", str(meta["cluster_fusion"].get("weights", "")).replace("\n", " ")))
         rows.append(("track_b", f"{meta['cluster_track_b'].get('train_img_per_s', 0):.0f} stamps/s training, "
                                 f"{meta['cluster_track_b'].get('precision', '')}"))
+        tb = meta["cluster_track_b"]
+        if "field_view_seconds" in tb:
+            rows.append(("field_view", f"{tb['field_view_seconds']:.0f} s training on {tb['field_view_overview_px']} px "
+                                       f"overviews ({tb['field_view_seconds'] / times['cluster_track_b']:.2f} of "
+                                       f"cluster_track_b's wall time)"))
         rates = track_a_rates(args.root, args.survey)
         record["track_a_rates"] = rates
         rows.append(("track_a fit", f"{rates['fit_s']:.2f} s for {rates['n_train']} fields ({rates['n_trees']} trees, "
