@@ -169,7 +169,8 @@ def loader_section(root: Path, n_rows: int = 4096, batch: int = 64) -> dict:
     from lens_assets.ml.backbones import create_backbone, smallest_backbone
 
     rates = loader_rates(replicated_shards(root, n_rows), batch)
-    name = smallest_backbone(in_chans=SURVEY.n_bands, img_size=SURVEY.cutout_size_px)
+    # the cheapest timm backbone by parameters (compact_cnn has fewer parameters but far more compute per image)
+    name = smallest_backbone(in_chans=SURVEY.n_bands, img_size=SURVEY.cutout_size_px, timm_only=True)
     torch.set_num_threads(cores())
     model = create_backbone(name, in_chans=SURVEY.n_bands, img_size=SURVEY.cutout_size_px)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)

@@ -97,6 +97,13 @@ def cluster_track_b(context: dg.AssetExecutionContext, config: ClusterTrackBConf
         raise no_retry(f"{len(used) - len(fields)} fields of the features table are not in the fields table "
                        f"{storage.url(*layout.cluster_fields_table(survey.name))}: materialize them together")
 
+    if config.field_view:  # compact_cnn pools three times: an overview under 8 px has nothing left to pool
+        sides = (fields["size_px"] * survey.pixel_scale_arcsec / config.field_view_arcsec_per_px).round()
+        if len(sides) and sides.min() < 8:
+            raise no_retry(f"cluster_track_b config: field_view_arcsec_per_px {config.field_view_arcsec_per_px} "
+                           f"makes a {int(fields['size_px'].min())} px field of {survey.name} an overview of "
+                           f"{int(sides.min())} px; it needs at least 8 (at most "
+                           f"{fields['size_px'].min() * survey.pixel_scale_arcsec / 8:.2f}\"/px)")
     # the bag cache: cut again only when the fields, their segments or the stamp settings changed
     overview_scale = config.field_view_arcsec_per_px if config.field_view else 0.0
     key = sha256_of_strings([TRACK_B_CODE_VERSION, MIL_CODE_VERSION, str(config.stamp_px), str(config.max_instances),

@@ -346,7 +346,8 @@ class ClusterFusionConfig(dg.Config):
               deps=[cluster_classifier, cluster_track_b])
 def cluster_fusion(context: dg.AssetExecutionContext, config: ClusterFusionConfig,
                    storage: LocalStorage) -> dg.MaterializeResult:
-    """The tracks fused: Track A's and Track B's logits, the colour-consistency score and the anomaly score,
+    """The tracks fused: Track A's, Track B's and the field-view model's logits, the colour-consistency score and
+    the anomaly score,
     standardized and weighted to maximize a smooth partial AUC at FPR ≤ ``max_fpr`` on the val split's calibrate
     half, which no track selected on (scipy ``minimize``), then calibrated (isotonic) on out-of-fold fused scores of
     the same rows; every field must have a Track B score. Writes the fusion and the table of

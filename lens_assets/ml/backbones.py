@@ -41,8 +41,6 @@ BACKBONES = {
     "efficientnet_b0": _spec("efficientnet_b0", "cnn"),
     "mobilenetv3_small_100": _spec("mobilenetv3_small_100", "cnn"),
     "regnetx_002": _spec("regnetx_002", "cnn"),
-    # output stride 8 (the last stages dilated instead of strided): a 40 px field overview keeps a 5x5 feature map
-    # where the stride-32 models leave 2x2 (cluster_track_b's field view)
     # full resolution in its first stage (no strided stem): for low-resolution inputs such as cluster_track_b's
     # 40 px field overview at 1"/px, where a strided stem loses the arcs' few-pixel widths
     "compact_cnn": BackboneSpec("compact_cnn", "", "cnn"),
@@ -223,7 +221,8 @@ def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def smallest_backbone(*, in_chans: int = 5, img_size: int = 64) -> str:
-    """The registered backbone with the fewest parameters for this input."""
-    sizes = {n: count_parameters(create_backbone(n, in_chans=in_chans, img_size=img_size)) for n in BACKBONES}
+def smallest_backbone(*, in_chans: int = 5, img_size: int = 64, timm_only: bool = False) -> str:
+    """The registered backbone with the fewest parameters for this input (``timm_only``: among timm's models)."""
+    sizes = {n: count_parameters(create_backbone(n, in_chans=in_chans, img_size=img_size)) for n in BACKBONES
+             if BACKBONES[n].timm_name or not timm_only}
     return min(sizes, key=sizes.get)

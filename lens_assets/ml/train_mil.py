@@ -30,7 +30,15 @@ P(labeled | field), ``prob`` P(lens) = g / c by :mod:`lens_assets.science.cluste
 conversion, c estimated on held-out labeled lenses. Its checkpoint is
 ``pu_b_<n>.ckpt`` beside ``checkpoint``. An ``n`` above the train split's lenses
 is skipped with a note (``notes`` in the summary), as Track A's ``pu_<n>``;
-``val_scores`` keeps ``track_b`` rows only.
+``val_scores`` keeps no PU rows.
+
+When the bag cache holds field overviews and ``settings.field_view`` is on, the
+field-view model (``settings.field_view_settings()``: the same network and loop
+on one instance per field, the overview) is trained, selected on the val/``stop``
+rows and calibrated on the val/``calibrate`` rows like ``track_b``; its rows,
+model ``field_view``, join ``scores`` and ``val_scores``, and its checkpoint is
+``field_view.ckpt`` beside ``checkpoint`` (:func:`field_view_checkpoint`).
+``max_minutes`` bounds each network's training, not their sum.
 
 Launched by Dagster Pipes (``cluster_track_b``), the paths and settings come from
 the extras and the summary goes back as a custom message (as :mod:`.train`,
@@ -178,8 +186,10 @@ def _field_view(settings, bags, table, scored, frame, outputs, *, gpu: bool):
     y_cal = part.loc[cal, "label"].to_numpy(int)
     if len(np.unique(y_cal)) == 2:
         part["prob"] = fit_calibrator(logits[cal], y_cal, method="isotonic").predict(logits)
+        s["calibration"] = f"isotonic on {int(cal.sum())} val/calibrate rows"
     else:
         part["prob"] = 1.0 / (1.0 + np.exp(-logits))
+        s["calibration"] = f"sigmoid(logit): the val/calibrate rows hold labels {sorted(set(y_cal.tolist()))}"
     test = (part["set"] == "test").to_numpy()
     y = part.loc[test, "label"].to_numpy(int)
     s["test_auroc"] = float(roc_auc_score(y, logits[test])) if 0 < y.sum() < len(y) else None

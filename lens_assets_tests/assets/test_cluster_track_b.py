@@ -102,6 +102,22 @@ def test_scores_have_track_a_format_and_cover_the_test_and_held_out_fields(track
     np.testing.assert_allclose(scores["prob"], 1 / (1 + np.exp(-scores["logit"])), rtol=1e-12)
 
 
+def test_a_field_view_coarser_than_8_px_is_refused_before_any_bag_is_cut(track_b_run, tmp_path):
+    import shutil
+
+    storage, _ = track_b_run
+    copy = LocalStorage(root=str(tmp_path / "root"))
+    shutil.copytree(storage.path("clusters"), copy.path("clusters"))
+    copy.path(*layout.cluster_track_b_bags("des")).unlink()
+    others = [a.to_source_asset() for a in (cluster_fields, arc_segments, cluster_features)]
+    with pytest.raises(dg.Failure, match=r"field_view_arcsec_per_px 5.0 makes a .* overview of 6 px; it needs at "
+                                         r"least 8"):
+        dg.materialize([cluster_track_b, *others], partition_key="des", instance=dg.DagsterInstance.ephemeral(),
+                       resources={"storage": copy, "launcher": LocalSubprocessLauncher()},
+                       run_config={"ops": {"cluster_track_b": {"config": {"field_view_arcsec_per_px": 5.0}}}})
+    assert not copy.path(*layout.cluster_track_b_bags("des")).exists()
+
+
 @SLOW
 def test_attention_weights_are_per_instance_and_sum_to_one_per_field(track_b_run):
     from lens_assets.ml.mil import read_bag_cache

@@ -45,6 +45,9 @@ def test_smallest_backbone_has_the_fewest_parameters():
     name = smallest_backbone(in_chans=5, img_size=64)
     sizes = {n: count_parameters(create_backbone(n, in_chans=5, img_size=64)) for n in BACKBONES}
     assert sizes[name] == min(sizes.values())
+    timm_name = smallest_backbone(in_chans=5, img_size=64, timm_only=True)
+    assert BACKBONES[timm_name].timm_name and sizes[timm_name] == min(v for n, v in sizes.items()
+                                                                      if BACKBONES[n].timm_name)
 
 
 def test_three_channel_weights_load_into_a_five_band_model_with_the_first_conv_adapted(tmp_path):
