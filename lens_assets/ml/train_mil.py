@@ -80,7 +80,6 @@ def run(bags_path: str | Path, table_path: str | Path, outputs: dict, settings) 
     import torch
     from sklearn.metrics import roc_auc_score
 
-    from lens_assets.science.calibration import fit_calibrator
     from lens_assets.science.clusters.models import TRUTH_COLUMNS
     from lens_assets.science.fileio import atomic_path, write_json_atomic
 
@@ -101,18 +100,11 @@ def run(bags_path: str | Path, table_path: str | Path, outputs: dict, settings) 
     logits, attention = score_mil(summary["checkpoint"], bags, rows=bags.index_of(list(scored["objid"])),
                                   device="cuda" if gpu else "cpu", precision=settings.precision)
     sets = _set_names(scored)
-    cal_rows = sets == "val_calibrate"
-    y_cal = scored["label"].to_numpy(int)[cal_rows]
-    if len(np.unique(y_cal)) == 2:
-        calibrator = fit_calibrator(logits[cal_rows], y_cal, method="isotonic")
-        prob = calibrator.predict(logits)
+    calibrator, prob, calibration = _calibrate(logits, sets, scored["label"].to_numpy(int))
+    if calibrator is not None:
         write_json_atomic(outputs["calibrator"], calibrator.to_dict())
-        calibration = f"isotonic on {int(cal_rows.sum())} val/calibrate rows"
     else:
-        calibrator, prob = None, 1.0 / (1.0 + np.exp(-logits))
         outputs["calibrator"].unlink(missing_ok=True)
-        calibration = (f"sigmoid(logit): the {int(cal_rows.sum())} val/calibrate rows hold labels "
-                       f"{sorted(set(y_cal.tolist()))}, not both")
     frame = scored[list(TRUTH_COLUMNS)].copy()
     frame.insert(0, "model", "track_b")
     frame.insert(1, "set", sets)
@@ -153,6 +145,22 @@ def run(bags_path: str | Path, table_path: str | Path, outputs: dict, settings) 
     return summary
 
 
+def _calibrate(logits, sets, labels):
+    """(calibrator or None, prob, how): isotonic on the rows of set ``val_calibrate``, or ``sigmoid(logit)`` when
+    those rows lack a class; the same for Track B and the field view."""
+    import numpy as np
+
+    from lens_assets.science.calibration import fit_calibrator
+
+    cal = np.asarray(sets) == "val_calibrate"
+    y_cal = np.asarray(labels, dtype=int)[cal]
+    if len(np.unique(y_cal)) == 2:
+        calibrator = fit_calibrator(logits[cal], y_cal, method="isotonic")
+        return calibrator, calibrator.predict(logits), f"isotonic on {int(cal.sum())} val/calibrate rows"
+    return None, 1.0 / (1.0 + np.exp(-logits)), (f"sigmoid(logit): the {int(cal.sum())} val/calibrate rows hold "
+                                                 f"labels {sorted(set(y_cal.tolist()))}, not both")
+
+
 def field_view_checkpoint(checkpoint: str | Path) -> Path:
     """The field-view model's checkpoint, beside Track B's."""
     return Path(checkpoint).with_name("field_view.ckpt")
@@ -163,10 +171,7 @@ def _field_view(settings, bags, table, scored, frame, outputs, *, gpu: bool):
     B, scored on ``scored``'s rows and calibrated (isotonic) on the val/calibrate rows. Returns (a frame like
     ``frame`` with model ``field_view``, its summary), or (None, None) when the settings turn it off or the cache
     has no overviews (its old checkpoint is then removed)."""
-    import numpy as np
     from sklearn.metrics import roc_auc_score
-
-    from lens_assets.science.calibration import fit_calibrator
 
     from .mil import score_mil, train_mil
 
@@ -182,14 +187,7 @@ def _field_view(settings, bags, table, scored, frame, outputs, *, gpu: bool):
     part = frame.copy()
     part["model"] = "field_view"
     part["logit"] = logits
-    cal = (part["set"] == "val_calibrate").to_numpy()
-    y_cal = part.loc[cal, "label"].to_numpy(int)
-    if len(np.unique(y_cal)) == 2:
-        part["prob"] = fit_calibrator(logits[cal], y_cal, method="isotonic").predict(logits)
-        s["calibration"] = f"isotonic on {int(cal.sum())} val/calibrate rows"
-    else:
-        part["prob"] = 1.0 / (1.0 + np.exp(-logits))
-        s["calibration"] = f"sigmoid(logit): the val/calibrate rows hold labels {sorted(set(y_cal.tolist()))}"
+    _, part["prob"], s["calibration"] = _calibrate(logits, part["set"].to_numpy(), part["label"].to_numpy(int))
     test = (part["set"] == "test").to_numpy()
     y = part.loc[test, "label"].to_numpy(int)
     s["test_auroc"] = float(roc_auc_score(y, logits[test])) if 0 < y.sum() < len(y) else None
