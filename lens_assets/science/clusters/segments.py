@@ -295,10 +295,27 @@ def _adaptive_shape(a: np.ndarray, use: np.ndarray, g: dict, iterations: int = 3
         float(math.atan2(evecs[1, 1], evecs[0, 1]))
 
 
-def _model_light(img, var, valid, *, psf_fwhm_px, nsigma, max_elongation, radius_factor, contrast):
-    """Sum of elliptical radial-median models of the detected galaxies, fitted brightest first."""
+def _galaxy_at(galaxies: list, segmap: np.ndarray, xy, max_offset_px: float) -> list:
+    """The one galaxy at ``xy``: the galaxy whose segment holds that pixel, else the nearest centroid within
+    ``max_offset_px``; none if neither."""
+    x, y = xy
+    h, w = segmap.shape
+    xi, yi = int(round(x)), int(round(y))
+    label = int(segmap[yi, xi]) if 0 <= xi < w and 0 <= yi < h else 0
+    hit = [g for g in galaxies if label and g["label"] == label]
+    if hit:
+        return hit
+    near = [g for g in galaxies if math.hypot(g["x"] - x, g["y"] - y) <= max_offset_px]
+    return [min(near, key=lambda g: math.hypot(g["x"] - x, g["y"] - y))] if near else []
+
+
+def _model_light(img, var, valid, *, psf_fwhm_px, nsigma, max_elongation, radius_factor, contrast, only_at=None):
+    """Sum of elliptical radial-median models of the detected galaxies, fitted brightest first (``only_at``
+    (x, y): of the one galaxy there, :func:`_galaxy_at`; the other sources are masked from its fit)."""
     galaxies, segmap = _galaxies(img, var, valid, psf_fwhm_px=psf_fwhm_px, nsigma=nsigma,
                                  max_elongation=max_elongation, contrast=contrast)
+    if only_at is not None:
+        galaxies = _galaxy_at(galaxies, segmap, only_at, 2.0 * psf_fwhm_px)
     nb, h, w = img.shape
     light = np.zeros_like(img)
     if not galaxies:
@@ -346,7 +363,8 @@ def _model_light(img, var, valid, *, psf_fwhm_px, nsigma, max_elongation, radius
 def subtract_cluster_light(image, variance, *, method: str = "median", filter_arcsec: float = 2.0,
                            pixel_scale_arcsec: float, psf_fwhm_px: float | None = None, galaxy_nsigma: float = 5.0,
                            max_galaxy_elongation: float = 3.0, model_radius_factor: float = 8.0,
-                           deblend_contrast: float = 0.001, clip_nsigma: float = 2.0) -> np.ndarray:
+                           deblend_contrast: float = 0.001, clip_nsigma: float = 2.0,
+                           model_only_at: tuple[float, float] | None = None) -> np.ndarray:
     """The field minus the smooth light of the BCG and the cluster members: a (B, H, W) residual in image units.
 
     ``method="median"``: each band minus its box median filter of side ``filter_arcsec`` (in px, made odd). With
@@ -370,12 +388,17 @@ def subtract_cluster_light(image, variance, *, method: str = "median", filter_ar
     elliptically symmetric light, compact cores included. Misses: isophote twists and ellipticity gradients,
     non-elliptical structure (tidal features, spiral arms), galaxies below the threshold or too elongated, and the
     light of masked sources beyond their segments. Arcs are not elliptically symmetric about a galaxy and survive.
+    ``model_only_at`` (x, y) px models only the galaxy there (the one whose segment holds that pixel, else the
+    nearest centroid within 2 FWHM), for a cutout centred on one deflector: every other source, compact lensed
+    images included, stays in the residual.
 
     Pixels without data (variance 0) are 0 in the residual. Inputs are not modified.
     """
     _check_choice("method", method, LIGHT_METHODS)
     pixel_scale_arcsec = _check_positive("pixel_scale_arcsec", pixel_scale_arcsec)
     img, var, valid = _field(image, variance)
+    if model_only_at is not None and method != "model":
+        raise ValueError(f"model_only_at needs method='model', got method={method!r}")
     if method == "median":
         size = _odd_filter_size(_check_positive("filter_arcsec", filter_arcsec), pixel_scale_arcsec)
         if psf_fwhm_px is not None:
@@ -388,7 +411,7 @@ def subtract_cluster_light(image, variance, *, method: str = "median", filter_ar
                              nsigma=_check_positive("galaxy_nsigma", galaxy_nsigma),
                              max_elongation=_check_positive("max_galaxy_elongation", max_galaxy_elongation),
                              radius_factor=_check_positive("model_radius_factor", model_radius_factor),
-                             contrast=deblend_contrast)
+                             contrast=deblend_contrast, only_at=model_only_at)
     return np.where(valid, img - light, 0.0)
 
 
@@ -525,7 +548,8 @@ def find_arc_segments(image, variance, *, bands: Sequence[str], pixel_scale_arcs
                       nsigma: float = 2.0, min_area_px: int | None = None, deblend: bool = True,
                       deblend_contrast: float = 0.001, merge_saddle_ratio: float = 0.7,
                       merge_dip_nsigma: float = 3.0,
-                      exclude_radius_arcsec: float = 2.0) -> tuple[pd.DataFrame, np.ndarray]:
+                      exclude_radius_arcsec: float = 2.0,
+                      model_only_bcg: bool = False) -> tuple[pd.DataFrame, np.ndarray]:
     """Segments of the cluster-light-subtracted field and their features: (table, segmentation map (H, W) int64).
 
     The residual r is :func:`subtract_cluster_light` (``light``, ``filter_arcsec``, ``psf_fwhm_px``). Detection
@@ -554,7 +578,9 @@ def find_arc_segments(image, variance, *, bands: Sequence[str], pixel_scale_arcs
     ``curvature_center_offset_arcsec``: distance from the fitted circle's centre to the BCG; NaN when curvature is 0.
 
     ``bcg_xy`` (x, y) px defaults to :func:`estimate_bcg_xy`; the table's ``attrs["bcg_xy"]`` is the one used.
-    Inputs are not modified.
+    ``model_only_bcg`` (with ``light="model"``) subtracts the light of the galaxy at ``bcg_xy`` alone
+    (:func:`subtract_cluster_light`'s ``model_only_at``): the galaxy-scale case, where compact neighbours of the
+    deflector may be its lensed images. Inputs are not modified.
     """
     _check_choice("light", light, LIGHT_METHODS)
     img, var, valid = _field(image, variance)
@@ -580,7 +606,8 @@ def find_arc_segments(image, variance, *, bands: Sequence[str], pixel_scale_arcs
             raise ValueError(f"bcg_xy must be two finite numbers (x, y) px, got {bcg_xy!r}")
 
     resid = subtract_cluster_light(img, var, method=light, filter_arcsec=filter_arcsec, pixel_scale_arcsec=pix,
-                                   psf_fwhm_px=psf_fwhm_px, deblend_contrast=deblend_contrast)
+                                   psf_fwhm_px=psf_fwhm_px, deblend_contrast=deblend_contrast,
+                                   model_only_at=(bx, by) if model_only_bcg else None)
     inv = np.zeros_like(var)
     inv[valid] = 1.0 / var[valid]
     S, V = (resid * inv).sum(axis=0), inv.sum(axis=0)

@@ -147,6 +147,25 @@ def test_light_methods_keep_the_arc_and_remove_the_galaxy_cores(field, method):
     assert resid[:, on_arc].sum() == pytest.approx(field["arc"][:, on_arc].sum(), rel=0.15)
 
 
+def test_model_only_at_removes_the_galaxy_there_and_keeps_the_members(field):
+    resid = subtract_cluster_light(field["image"], field["variance"], method="model", pixel_scale_arcsec=PIX,
+                                   psf_fwhm_px=FWHM, model_only_at=BCG)
+    core = np.hypot(XX - BCG[0], YY - BCG[1]) < 5.0
+    assert abs(resid[:, core].sum()) < 0.1 * field["galaxies"][:, core].sum()
+    for x, y in MEMBERS:  # left whole: their light is all in the residual
+        member = np.hypot(XX - x, YY - y) < 5.0
+        light = field["image"][:, member].sum() - (field["galaxies"] - _bands([20.0, 50.0, 80.0], sum(
+            _gauss(mx, my, 12.5) for mx, my in MEMBERS)))[:, member].sum()
+        assert resid[:, member].sum() == pytest.approx(light, rel=0.1)
+    # and find_arc_segments passes it on: the members become segments of their own
+    table, _ = _find(field, light="model", model_only_bcg=True)
+    for x, y in MEMBERS:
+        assert np.hypot(table["x_px"] - x, table["y_px"] - y).min() < 3.0
+    with pytest.raises(ValueError, match="model_only_at needs method='model'"):
+        subtract_cluster_light(field["image"], field["variance"], method="median", pixel_scale_arcsec=PIX,
+                               model_only_at=BCG)
+
+
 def test_noise_only_gives_few_segments_and_an_empty_table_has_the_columns():
     rng = np.random.default_rng(1)
     image = rng.normal(size=(3, N, N)) * SIGMA[:, None, None]
