@@ -37,6 +37,10 @@ class ScoringConfig(dg.Config):
     mc_samples: int = Field(default=16, ge=0, description="MC-dropout draws of each member's head per cutout "
                             "(members trained with head_dropout; the backbone runs once): the logit_std_mc and "
                             "uncertainty columns; 0 for none")
+    colour_consistency: bool = Field(default=False, description="add the colour consistency of the residual "
+                                     "structure about each cutout's centre (science/galaxy_colour.py: "
+                                     "colour_consistency, colour_dispersion, n_colour_segments, colour_gate); "
+                                     "tens of cutouts/s per core, so off by default")
 
 
 @dg.asset(
@@ -84,7 +88,8 @@ def candidate_scores(context: dg.AssetExecutionContext, config: ScoringConfig,
     # each file is read once: validated (quarantined with a reason if bad), matched, scored, calibrated
     result = score_files(files, survey, root=storage.root_path, settings=ShardSettings(**ensemble["shard_settings"]),
                          members=members, fusion=fusion, calibrator=calibrator, batch_size=config.batch_size,
-                         workers=config.workers, device=device, mc_samples=config.mc_samples)
+                         workers=config.workers, device=device, mc_samples=config.mc_samples,
+                         colour_consistency=config.colour_consistency)
     catalog, quarantine, scored, seconds = result.catalog, result.quarantine, result.scores, result.seconds
     calibrator_version = doc["version"]  # also score_calibrator's data version
     table = scored.rename(columns={f"logit_{j}": f"logit_{m['name']}" for j, m in enumerate(ensemble["members"])})

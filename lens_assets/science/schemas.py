@@ -7,6 +7,7 @@ from functools import lru_cache
 import pandera.pandas as pa
 
 from .fits_contract import QUARANTINE_REASONS
+from .galaxy_colour import COLOUR_GATES
 from .surveys import SURVEY_NAMES, SurveySpec
 
 __all__ = ["catalog_schema", "catalog_columns", "quarantine_schema", "candidate_schema", "cluster_candidate_schema"]
@@ -132,6 +133,16 @@ def candidate_schema() -> pa.DataFrameSchema:
         "psf_fwhm": pa.Column(f, pa.Check.gt(0.0), description="median PSF FWHM before matching, arcsec"),
         "n_nan_pixels": pa.Column(i, pa.Check.ge(0)),
         "ra": pa.Column(f), "dec": pa.Column(f),
+        # with candidate_scores' colour_consistency option (science/galaxy_colour.py)
+        "colour_consistency": pa.Column(f, pa.Check.in_range(0.0, 1.0), nullable=True, required=False,
+                                        description="consistent share of the residual segments' colours after the "
+                                                    "differential-extinction solve (NaN unless colour_gate is ok)"),
+        "colour_dispersion": pa.Column(f, pa.Check.ge(0.0), nullable=True, required=False,
+                                       description="segments' colour MAD, averaged over colours, mag"),
+        "n_colour_segments": pa.Column(i, pa.Check.ge(0), required=False,
+                                       description="residual segments with usable colours"),
+        "colour_gate": pa.Column(s, pa.Check.isin(list(COLOUR_GATES)), required=False,
+                                 description="why the colour figures are NaN (point_images: lensed quasars)"),
     }, strict=False, name="candidate_scores")
 
 

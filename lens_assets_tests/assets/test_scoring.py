@@ -32,7 +32,7 @@ DROP = "2026-11-21-night"
 N_DROP = 40
 BROKEN = {"truncated.fits": "truncated", "x.fits": "unreadable", "wrong_survey.fits": "survey_mismatch"}
 DUPLICATE_OF = 5  # a copy of the 6th good file, named to sort right after it (mid-batch): duplicate_objid
-SCORING_CONFIG = {"ops": {"candidate_scores": {"config": {"workers": 1, "batch_size": 16}}}}
+SCORING_CONFIG = {"ops": {"candidate_scores": {"config": {"workers": 1, "batch_size": 16, "colour_consistency": True}}}}
 PASSING_GATES = {"min_auroc": 0.0, "min_tpr10": 0.0, "max_ece": 1.0, "min_heldout_auroc": None,
                  "min_lensing_only_auroc": None, "max_fnr_flux_ratio_lt_0_1": None, "n_boot": 10}
 
@@ -248,6 +248,32 @@ def test_candidates_carry_the_mc_dropout_uncertainty_of_their_fused_logit(scored
     ratio = got / std[:, 0]
     assert abs(ratio.mean() - 1.0) < 0.2 and ((ratio > 0.5) & (ratio < 2.0)).all()
     assert scored["meta"]["n_uncertainty_measured"] == len(table)
+
+
+def test_candidates_carry_the_colour_consistency_of_their_matched_cutouts(scored):
+    """With ``colour_consistency`` every row has the colour columns, equal to ``arc_colour_table`` on the arrays
+    the training path's stages give for the same files."""
+    from lens_assets.science.galaxy_colour import COLOUR_GATES, arc_colour_table, survey_colour_kwargs
+    from lens_assets.science.ingest import ingest_files
+    from lens_assets.science.shards import ShardSettings, process_batch
+    from lens_assets.science.surveys import get_survey
+
+    storage, table = scored["storage"], scored["table"]
+    assert set(table["colour_gate"]) <= set(COLOUR_GATES)
+    ok = table["colour_gate"] == "ok"
+    assert table.loc[ok, "colour_consistency"].between(0, 1).all() and table.loc[~ok, "colour_consistency"].isna().all()
+    ensemble = json.loads(storage.path("promoted", SURVEY, "ensemble.json").read_text())
+    settings = ShardSettings(**ensemble["shard_settings"])
+    files = [storage.path("inbox", SURVEY, DROP, name) for name in scored["good"][:12]]
+    survey = get_survey(SURVEY)
+    catalog = ingest_files(files, survey, root=storage.root_path, workers=1, progress=False).catalog
+    batch = process_batch((catalog.to_dict("records"), str(storage.root_path), settings))
+    direct = arc_colour_table(batch["image"], batch["variance"], objids=list(catalog["objid"]),
+                              **survey_colour_kwargs(survey, settings.target_fwhm_arcsec))
+    got = table.set_index("objid").loc[direct["objid"]]
+    assert (got["colour_gate"].to_numpy() == direct["colour_gate"].to_numpy()).all()
+    np.testing.assert_array_equal(got["n_colour_segments"].to_numpy(), direct["n_colour_segments"].to_numpy())
+    np.testing.assert_allclose(got["colour_consistency"], direct["colour_consistency"], rtol=0, atol=1e-12)
 
 
 def test_metadata_has_the_score_histogram_and_the_top_candidates_gallery(scored):
