@@ -8,6 +8,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import bench_calibration  # noqa: E402
 import bench_clusters  # noqa: E402
 import bench_fresh  # noqa: E402
+import bench_galaxy_colour  # noqa: E402
 import bench_ingest  # noqa: E402
 import bench_population  # noqa: E402
 import bench_shards  # noqa: E402
@@ -29,3 +30,4 @@ if __name__ == "__main__":
     bench_torch_render.main([])
     bench_fresh.main([])
     bench_clusters.main([])
+    bench_galaxy_colour.main([])
