@@ -43,6 +43,14 @@ Training levers (the physical population, the member changed):
 * ``upsample=<k>``: the member's input upsampled k times (bilinear) before the backbone, at k² the compute.
 * ``member=<backbone>``: another backbone in place of ``--members`` (e.g. ``member=regnetx_002``), at the
   same epochs; the wall time and training img/s say what it costs.
+
+Shard levers (the physical population and member, the PSF matching changed):
+
+* ``psf_target=<arcsec>``: ``psf_matched_shards``' ``target_fwhm_arcsec`` (default: the broadest band's nominal
+  seeing at its 90th percentile, 1.45" for DES); bands already broader than a narrower target stay unmatched and
+  flagged.
+
+``--train-seed`` changes the members' initialization and batch order while the data stay those of ``--seed``.
 """
 
 from __future__ import annotations
@@ -61,6 +69,14 @@ LEVERS = ("physical", "baseline", "no_twins", "no_environment", "no_observation"
 TRAINING_LEVERS = ("film", "colour_residual", "radial_residual", "head_dropout[=p]", "upsample=<k>", "arc_attention",
                    "fresh=<share>", "physics[=w]",
                    "member=<backbone>")  # the physical population, another training choice
+SHARD_LEVERS = ("psf_target=<arcsec>",)  # the physical population, other PSF-matched shards
+
+
+def shard_overrides(lever: str) -> dict:
+    """``psf_matched_shards`` config of a shard lever (empty for the others)."""
+    if lever.startswith("psf_target="):
+        return {"target_fwhm_arcsec": float(lever.split("=", 1)[1])}
+    return {}
 
 
 def training_overrides(lever: str) -> dict:
@@ -96,7 +112,7 @@ def family_file(lever: str, out_dir: Path) -> str:
 
     if lever in ("physical", "baseline"):
         return lever
-    if training_overrides(lever):
+    if training_overrides(lever) or shard_overrides(lever):
         return "physical"
     text = (FAMILY_DIR / "physical.toml").read_text()
     text = text.replace('name = "physical"', f'name = "physical_{lever}"', 1)
@@ -136,8 +152,9 @@ def run_lever(lever: str, args, work: Path) -> dict:
     ov = {"simulated_cutouts": {"n_cutouts": args.n_cutouts, "n_heldout": args.n_heldout, "family": family,
                                 "more_heldout_families": args.heldout, "n_pairs": args.n_pairs,
                                 "pairs_family": "physical"},
+          "psf_matched_shards": shard_overrides(lever),
           "lens_classifier": {"members": args.members, "epochs": args.epochs, "max_minutes": args.max_minutes,
-                              **training_overrides(lever)},
+                              "seed": getattr(args, "train_seed", 0), **training_overrides(lever)},
           "score_calibrator": {"fusion": "mean", "heldout_families": ["heldout", *args.heldout]},
           "shortcut_audit": {"heldout_families": ["heldout", *args.heldout]}}
     config = run_config("demo", seed=args.seed, overrides=ov)
@@ -184,6 +201,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--members", default="resnet10t")
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--train-seed", type=int, default=0, help="the members' seed (the data follow --seed)")
     ap.add_argument("--max-minutes", type=float, default=0.0,
                     help="train every lever for this many minutes (equal CPU budget; set --epochs high and the "
                          "cosine schedule spans --epochs); 0: --epochs decides")
@@ -192,9 +210,11 @@ def main(argv=None) -> list[dict]:
     args.members = args.members.split(",")
     args.heldout = [f for f in args.heldout.split(",") if f]
     levers = args.levers.split(",")
-    unknown = [lv for lv in levers if lv not in LEVERS and not training_overrides(lv)]  # before hours of runs
+    unknown = [lv for lv in levers if lv not in LEVERS and not training_overrides(lv)
+               and not shard_overrides(lv)]  # before hours of runs
     if unknown:
-        raise SystemExit(f"unknown lever(s) {unknown}; levers are {list(LEVERS) + list(TRAINING_LEVERS)}")
+        raise SystemExit(f"unknown lever(s) {unknown}; levers are "
+                         f"{list(LEVERS) + list(TRAINING_LEVERS) + list(SHARD_LEVERS)}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
