@@ -380,10 +380,11 @@ def score_files(paths, survey, *, root: str | Path, settings, members: list, fus
     scores["psf_matched_bands"] = np.concatenate(matched) if matched else np.empty(0, np.int64)
     scores["band_flag_bits"] = np.concatenate(flags) if flags else np.empty(0, np.int64)
     if colour is not None:
-        from lens_assets.science.galaxy_colour import COLOUR_COLUMNS
+        from lens_assets.science.galaxy_colour import COLOUR_COLUMNS, arc_colour_table
 
-        table = (pd.concat(colours, ignore_index=True) if colours
-                 else pd.DataFrame({c: pd.Series(dtype=float) for c in COLOUR_COLUMNS}))
+        n_bands = survey.n_bands
+        table = (pd.concat(colours, ignore_index=True) if colours else
+                 arc_colour_table(np.empty((0, n_bands, 1, 1)), np.empty((0, n_bands, 1, 1)), **colour))
         for name in COLOUR_COLUMNS:
             scores[name] = table[name].to_numpy()
     return ScoredFiles(scores=scores, catalog=catalog, quarantine=quarantine_frame(quarantined), n_files=len(paths),

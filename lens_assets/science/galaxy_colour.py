@@ -36,11 +36,10 @@ import pandas as pd
 from .clusters.extinction import reddening_vector
 from .clusters.features import robust_colour_consistency, segment_colours
 from .clusters.segments import find_arc_segments
+from .schemas import COLOUR_COLUMNS, COLOUR_GATES
 
 __all__ = ["arc_colour_consistency", "arc_colour_table", "survey_colour_kwargs", "COLOUR_GATES", "COLOUR_COLUMNS"]
 
-COLOUR_GATES = ("ok", "fewer_than_two_segments", "point_images", "fewer_than_two_bands")
-COLOUR_COLUMNS = ("colour_consistency", "colour_dispersion", "n_colour_segments", "colour_gate")
 _FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 
 
@@ -70,8 +69,9 @@ def arc_colour_consistency(image, variance, *, bands: Sequence[str], wavelengths
     and ``max_radius_arcsec`` of the centre; a segment's colours are used when its S/N is at least ``min_snr`` and
     it has positive flux in every band. Returns ``colour_consistency`` (the share of used segments within the
     chi^2 95% level of one dereddened colour; :func:`robust_colour_consistency`'s
-    ``consistent_fraction_dereddened``; without the dust solve, ``dust=False``, or with one band pair, its
-    ``consistent_fraction``), ``colour_dispersion``
+    ``consistent_fraction_dereddened``; its ``consistent_fraction``, without the dust solve, where that solve
+    cannot tell dust from a different source: with two segments, with one band pair, or with ``dust=False``),
+    ``colour_dispersion``
     (mag, the segments' median absolute deviation per colour, averaged), ``n_colour_segments`` (used segments) and
     ``colour_gate`` (:data:`COLOUR_GATES`; the figures are NaN unless it is ``"ok"``).
     """
@@ -102,7 +102,10 @@ def arc_colour_consistency(image, variance, *, bands: Sequence[str], wavelengths
     point_extent_arcsec = point_size_factor * 4.0 * psf_fwhm_px / _FWHM_PER_SIGMA * pixel_scale_arcsec
     if np.all(seg["length_arcsec"].to_numpy()[keep] <= point_extent_arcsec):
         return _gated("point_images", n_used)
-    if len(use_bands) == 2 or not dust:  # one colour: extinction and an intrinsic difference are degenerate
+    # one colour (two bands): extinction and an intrinsic difference are degenerate; two segments: a free E(B-V) per
+    # segment absorbs any difference along the reddening vector, so two arcs of unrelated red and blue spectra would
+    # agree. Only three or more segments over two or more colours can tell dust from another source.
+    if len(use_bands) == 2 or n_used < 3 or not dust:
         cc = robust_colour_consistency(colours, cov)
         consistency = cc["consistent_fraction"]
     else:
@@ -114,13 +117,14 @@ def arc_colour_consistency(image, variance, *, bands: Sequence[str], wavelengths
 
 def arc_colour_table(images, variances, *, objids: Sequence[str] | None = None, **kwargs) -> pd.DataFrame:
     """:func:`arc_colour_consistency` for each (N, B, H, W) cutout: a table with :data:`COLOUR_COLUMNS` (and
-    ``objid`` first when ``objids`` are given), one row per cutout in order."""
+    ``objid`` first when ``objids`` are given), one row per cutout in order; N = 0 gives the empty table with the
+    columns' dtypes."""
     images, variances = np.asarray(images), np.asarray(variances)
     if images.ndim != 4 or images.shape != variances.shape:
         raise ValueError(f"images {images.shape} and variances {variances.shape} must both be (N, B, H, W)")
     rows = [arc_colour_consistency(images[i], variances[i], **kwargs) for i in range(len(images))]
-    table = pd.DataFrame(rows, columns=list(COLOUR_COLUMNS))
-    table["n_colour_segments"] = table["n_colour_segments"].astype(np.int64)
+    table = pd.DataFrame(rows, columns=list(COLOUR_COLUMNS)).astype(
+        {"colour_consistency": float, "colour_dispersion": float, "n_colour_segments": np.int64, "colour_gate": object})
     if objids is not None:
         if len(objids) != len(images):
             raise ValueError(f"{len(objids)} objids for {len(images)} cutouts")

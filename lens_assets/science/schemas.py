@@ -7,10 +7,14 @@ from functools import lru_cache
 import pandera.pandas as pa
 
 from .fits_contract import QUARANTINE_REASONS
-from .galaxy_colour import COLOUR_GATES
 from .surveys import SURVEY_NAMES, SurveySpec
 
-__all__ = ["catalog_schema", "catalog_columns", "quarantine_schema", "candidate_schema", "cluster_candidate_schema"]
+__all__ = ["catalog_schema", "catalog_columns", "quarantine_schema", "candidate_schema", "cluster_candidate_schema",
+           "COLOUR_GATES", "COLOUR_COLUMNS"]
+
+# candidate_scores' optional colour columns (science/galaxy_colour.py) and why a row's colour figures are NaN
+COLOUR_GATES = ("ok", "fewer_than_two_segments", "point_images", "fewer_than_two_bands")
+COLOUR_COLUMNS = ("colour_consistency", "colour_dispersion", "n_colour_segments", "colour_gate")
 
 _HEX64 = r"^[0-9a-f]{64}$"
 
@@ -135,8 +139,9 @@ def candidate_schema() -> pa.DataFrameSchema:
         "ra": pa.Column(f), "dec": pa.Column(f),
         # with candidate_scores' colour_consistency option (science/galaxy_colour.py)
         "colour_consistency": pa.Column(f, pa.Check.in_range(0.0, 1.0), nullable=True, required=False,
-                                        description="consistent share of the residual segments' colours after the "
-                                                    "differential-extinction solve (NaN unless colour_gate is ok)"),
+                                        description="consistent share of the residual segments' colours (after the "
+                                                    "differential-extinction solve with 3+ segments and 3+ bands; "
+                                                    "NaN unless colour_gate is ok)"),
         "colour_dispersion": pa.Column(f, pa.Check.ge(0.0), nullable=True, required=False,
                                        description="segments' colour MAD, averaged over colours, mag"),
         "n_colour_segments": pa.Column(i, pa.Check.ge(0), required=False,

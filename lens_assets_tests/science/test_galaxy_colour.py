@@ -56,8 +56,9 @@ def test_two_arcs_of_one_source_are_consistent():
 
 
 def test_an_arc_of_another_colour_is_inconsistent():
-    # a knot with an emission line in r: g - r bluer and r - i redder by 0.75 mag each, far beyond the errors, and
-    # colours of opposite signs are not the CCM89 reddening vector (all positive), so the dust solve cannot absorb it
+    # a knot with an emission line in r: g - r redder and r - i bluer by 0.75 mag each, far beyond the errors, and
+    # colour changes of opposite signs are not the CCM89 reddening vector (all positive), so the dust solve cannot
+    # absorb them
     line = _sed(0.3) * np.array([1.0, 2.0, 1.0, 1.0, 1.0])
     arcs = [(0.3, 60.0, _sed(0.3), False), (0.3 + 2.1, 50.0, _sed(0.3), False), (0.3 + 4.2, 50.0, line, False)]
     out = arc_colour_consistency(*_cutout(arcs), **KW)
@@ -76,6 +77,15 @@ def test_differential_dust_is_solved_away():
     assert out["colour_gate"] == "ok" and out["n_colour_segments"] == 3
     assert out["colour_consistency"] == 1.0
     assert arc_colour_consistency(img, var, dust=False, **KW)["colour_consistency"] == pytest.approx(2 / 3)
+
+
+def test_two_arcs_of_unrelated_spectra_disagree_without_a_dust_solve():
+    # with two segments a free E(B-V) each would absorb any difference along the reddening vector (a red and a blue
+    # power law differ nearly along it), so two segments are compared without the solve
+    img, var = _cutout([(0.3, 60.0, _sed(0.3), False), (0.3 + math.pi, 60.0, _sed(3.0), False)])
+    out = arc_colour_consistency(img, var, **KW)
+    assert out["colour_gate"] == "ok" and out["n_colour_segments"] == 2
+    assert out["colour_consistency"] == 0.0
 
 
 def test_point_images_are_gated_off():
@@ -97,7 +107,11 @@ def test_bands_without_data_are_left_out():
     var[[0, 4]] = 0.0  # g and Y missing: r, i, z remain
     out = arc_colour_consistency(img, var, **KW)
     assert out["colour_gate"] == "ok" and out["colour_consistency"] == 1.0
-    var[1:4] = 0.0
+    keep_two = var.copy()
+    keep_two[3] = 0.0  # r and i: one colour, compared without the dust solve
+    out = arc_colour_consistency(img, keep_two, **KW)
+    assert out["colour_gate"] == "ok" and out["colour_consistency"] == 1.0
+    var[1:3] = 0.0  # z alone
     assert arc_colour_consistency(img, var, **KW)["colour_gate"] == "fewer_than_two_bands"
 
 
@@ -110,6 +124,9 @@ def test_table_matches_single_calls_and_shapes_are_checked():
         one = arc_colour_consistency(img, var, **KW)
         assert row.colour_gate == one["colour_gate"] and row.n_colour_segments == one["n_colour_segments"]
         assert row.colour_consistency == pytest.approx(one["colour_consistency"], nan_ok=True)
+    empty = arc_colour_table(np.empty((0, 5, 8, 8)), np.empty((0, 5, 8, 8)), **KW)
+    assert len(empty) == 0 and list(empty.columns) == list(COLOUR_COLUMNS)
+    assert empty.dtypes.to_dict() == table.drop(columns="objid").dtypes.to_dict()
     with pytest.raises(ValueError, match="bands=5"):
         arc_colour_consistency(a[0][:4], a[1][:4], **KW)
     with pytest.raises(ValueError, match="objids"):

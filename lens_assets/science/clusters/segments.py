@@ -296,15 +296,15 @@ def _adaptive_shape(a: np.ndarray, use: np.ndarray, g: dict, iterations: int = 3
 
 
 def _galaxy_at(galaxies: list, segmap: np.ndarray, xy, max_offset_px: float) -> list:
-    """The one galaxy at ``xy``: the galaxy whose segment holds that pixel, else the nearest centroid within
-    ``max_offset_px``; none if neither."""
+    """The one galaxy at ``xy``: the galaxy whose segment holds that pixel; where no segment does, the nearest
+    centroid within ``max_offset_px``; none otherwise (a segment there that is no galaxy, e.g. a deflector blended
+    with its ring, is not swapped for a neighbour, which may be a lensed image)."""
     x, y = xy
     h, w = segmap.shape
     xi, yi = int(round(x)), int(round(y))
     label = int(segmap[yi, xi]) if 0 <= xi < w and 0 <= yi < h else 0
-    hit = [g for g in galaxies if label and g["label"] == label]
-    if hit:
-        return hit
+    if label:
+        return [g for g in galaxies if g["label"] == label]
     near = [g for g in galaxies if math.hypot(g["x"] - x, g["y"] - y) <= max_offset_px]
     return [min(near, key=lambda g: math.hypot(g["x"] - x, g["y"] - y))] if near else []
 
@@ -388,8 +388,8 @@ def subtract_cluster_light(image, variance, *, method: str = "median", filter_ar
     elliptically symmetric light, compact cores included. Misses: isophote twists and ellipticity gradients,
     non-elliptical structure (tidal features, spiral arms), galaxies below the threshold or too elongated, and the
     light of masked sources beyond their segments. Arcs are not elliptically symmetric about a galaxy and survive.
-    ``model_only_at`` (x, y) px models only the galaxy there (the one whose segment holds that pixel, else the
-    nearest centroid within 2 FWHM), for a cutout centred on one deflector: every other source, compact lensed
+    ``model_only_at`` (x, y) px models only the galaxy there (the one whose segment holds that pixel; where no
+    segment does, the nearest centroid within 2 FWHM), for a cutout centred on one deflector: every other source, compact lensed
     images included, stays in the residual.
 
     Pixels without data (variance 0) are 0 in the residual. Inputs are not modified.
