@@ -498,7 +498,7 @@ def summary_table(figures: dict, shortcut: dict | None) -> str:
 
 def by_kind_table(by_kind: dict) -> str:
     """Markdown: AUROC of the lenses against each non-lens type (rows), per set (columns: the test split, each
-    held-out family), with the count of that type; "no objects" where a set has none of it."""
+    held-out family), with the count and share of that type; "no objects" where a set has none of it."""
     if not by_kind:
         return ""
     names = list(by_kind)
@@ -507,8 +507,8 @@ def by_kind_table(by_kind: dict) -> str:
     lines = ["| non-lens type | " + " | ".join("test split" if n == "test" else f"held-out: {n}" for n in names)
              + " |", "|---" * (len(names) + 1) + "|"]
     for k in kinds:
-        cells = [f"{by_kind[n][k]['auroc']:.3f} ({by_kind[n][k]['n']:.0f})" if k in by_kind[n] else NO_OBJECTS
-                 for n in names]
+        cells = [f"{by_kind[n][k]['auroc']:.3f} ({by_kind[n][k]['n']:.0f}, {by_kind[n][k]['share']:.0%})"
+                 if k in by_kind[n] else NO_OBJECTS for n in names]
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -570,8 +570,10 @@ def report_markdown(survey: str, figures: dict, calibrator: dict, shortcut: dict
                          f"{held.get(f'recall_{key}_{b}', nan):.3f} | {held.get(f'n_lenses_{key}_{b}', 0):.0f} |")
     if figures.get("by_kind"):
         lines += ["", "## AUROC against each non-lens type", "",
-                  "Every lens of a set against the non-lenses of one type (their count in brackets), lowest first: "
-                  "the types the finder takes for lenses.", "", by_kind_table(figures["by_kind"])]
+                  "Every lens of a set against the non-lenses of one type (their count and share of the set's "
+                  "non-lenses in brackets), lowest first: the types the finder takes for lenses. A set's AUROC is "
+                  "exactly the share-weighted mean of its column, so share × (1 − AUROC) is what a type costs.",
+                  "", by_kind_table(figures["by_kind"])]
     if "uncertainty" in figures:
         lines += ["", "## Error rate by uncertainty decile (test split)", "",
                   "Uncertainty: the candidates' `uncertainty` column, how far the members' spread and MC dropout move "

@@ -278,9 +278,11 @@ def paired_win_rate(pair_ids, labels, scores) -> dict:
 
 
 def auroc_by_kind(labels, scores, kinds) -> dict:
-    """AUROC of every lens against the non-lenses of each kind: ``{kind: {"auroc", "n"}}`` (``n`` the non-lenses of
-    that kind), kinds in order of AUROC, lowest first: which non-lens types a finder takes for lenses. Empty
-    when there are no lenses; a blank or missing kind counts as ``"unknown"``."""
+    """AUROC of every lens against the non-lenses of each kind: ``{kind: {"auroc", "n", "share"}}`` (``n`` the
+    non-lenses of that kind, ``share`` their fraction of all non-lenses), kinds in order of AUROC, lowest first:
+    which non-lens types a finder takes for lenses. The AUROC over all non-lenses is exactly
+    ``sum(share * auroc)`` (each non-lens's pairs with every lens), so ``share * (1 - auroc)`` is what a type costs.
+    Empty when there are no lenses; a blank or missing kind counts as ``"unknown"``."""
     from sklearn.metrics import roc_auc_score
 
     labels, scores = np.asarray(labels), np.asarray(scores, dtype=float)
@@ -293,7 +295,8 @@ def auroc_by_kind(labels, scores, kinds) -> dict:
     for kind in sorted(set(kinds[labels == 0])):
         neg = scores[(labels == 0) & (kinds == kind)]
         y = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
-        out[kind] = {"auroc": float(roc_auc_score(y, np.r_[pos, neg])), "n": float(len(neg))}
+        out[kind] = {"auroc": float(roc_auc_score(y, np.r_[pos, neg])), "n": float(len(neg)),
+                     "share": float(len(neg) / np.count_nonzero(labels == 0))}
     return dict(sorted(out.items(), key=lambda kv: kv[1]["auroc"]))
 
 

@@ -149,6 +149,7 @@ def test_report_figures_equal_metrics_recomputed_from_the_scores(graph):
         assert fig["auroc"] == pytest.approx(roc_auc_score(np.r_[np.ones((y == 1).sum()), np.zeros(len(neg))],
                                                            np.r_[s[y == 1], neg])), kind
     assert [v["auroc"] for v in by_kind.values()] == sorted(v["auroc"] for v in by_kind.values())
+    assert sum(v["share"] * v["auroc"] for v in by_kind.values()) == pytest.approx(roc_auc_score(y, s), abs=1e-9)
     assert "## AUROC against each non-lens type" in (storage.path("reports", SURVEY, "bologna", "report.md")).read_text()
     assert f"| {next(iter(by_kind))} | " in meta["auroc_by_nonlens_type"]
 

@@ -283,12 +283,23 @@ def test_auroc_by_kind_by_hand_lowest_first():
     kinds = ["extended", "quasar", "ring", "ring", "twin", "twin", None]
     out = auroc_by_kind(labels, scores, kinds)
     assert list(out) == ["ring", "unknown", "twin"]
-    assert out["ring"] == {"auroc": pytest.approx(0.25), "n": 2.0}
-    assert out["twin"] == {"auroc": pytest.approx(1.0), "n": 2.0}
+    assert out["ring"] == {"auroc": pytest.approx(0.25), "n": 2.0, "share": pytest.approx(0.4)}
+    assert out["twin"] == {"auroc": pytest.approx(1.0), "n": 2.0, "share": pytest.approx(0.4)}
     # one unknown non-lens at 4: beats lens 2, ties lens 4 -> (0 + 0.5) / 2
     assert out["unknown"]["auroc"] == pytest.approx(0.25)
     assert out["ring"]["auroc"] == pytest.approx(roc_auc_score([1, 1, 0, 0], [2.0, 4.0, 3.0, 5.0]))
     assert auroc_by_kind([0, 0], [1.0, 2.0], ["ring", "twin"]) == {}
+
+
+def test_auroc_is_the_share_weighted_mean_of_the_auroc_by_kind():
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 2, 500)
+    scores = np.round(rng.normal(labels * 0.8, 1.0), 1)  # ties across kinds too
+    kinds = rng.choice(["twin", "ring", "spiral", "blob"], 500, p=[0.4, 0.3, 0.2, 0.1])
+    out = auroc_by_kind(labels, scores, kinds)
+    assert sum(v["share"] for v in out.values()) == pytest.approx(1.0)
+    assert sum(v["share"] * v["auroc"] for v in out.values()) == pytest.approx(roc_auc_score(labels, scores),
+                                                                               abs=1e-12)
 
 
 def test_error_rate_by_uncertainty_bins_by_hand():
