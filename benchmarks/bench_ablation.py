@@ -26,6 +26,9 @@ Levers (a family file written from ``physical.toml`` with one section changed):
   source noise alone (without the source's size in the resolution test and the deflector's photon noise).
 * ``no_observation``: physical without the randomized observing conditions (zero-point error,
   misregistration, gradients, withheld variance maps, small cutouts, sky/read-noise scales, core+wings PSFs).
+* ``deep=<factor>``: physical with the same selected scenes rendered at ``factor`` times the exposure
+  (``[noise] render_exposure_factor``; the noise falls by its square root): a ceiling experiment, what the finder
+  learns when noise hides less. The lens/twin pairs stay those of the default family, at the survey's depth.
 
 Training levers (the physical population, the member changed):
 
@@ -66,6 +69,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _util import edit_toml_key as _edit, report  # noqa: E402
 
 LEVERS = ("physical", "baseline", "no_twins", "no_environment", "no_observation", "selection_without_collett_terms")
+VALUE_LEVERS = ("deep=<factor>",)  # a family written from physical.toml with one value set
 TRAINING_LEVERS = ("film", "colour_residual", "radial_residual", "head_dropout[=p]", "upsample=<k>", "arc_attention",
                    "fresh=<share>", "physics[=w]",
                    "member=<backbone>")  # the physical population, another training choice
@@ -114,9 +118,15 @@ def family_file(lever: str, out_dir: Path) -> str:
         return lever
     if training_overrides(lever) or shard_overrides(lever):
         return "physical"
+    slug = lever.replace("=", "")
     text = (FAMILY_DIR / "physical.toml").read_text()
-    text = text.replace('name = "physical"', f'name = "physical_{lever}"', 1)
-    if lever == "no_twins":
+    text = text.replace('name = "physical"', f'name = "physical_{slug}"', 1)
+    if lever.startswith("deep="):
+        factor = float(lever.split("=", 1)[1])
+        if not factor > 0:
+            raise ValueError(f"lever {lever!r}: the exposure factor must be positive")
+        text = _edit(text, "noise", "render_exposure_factor", repr(factor))
+    elif lever == "no_twins":
         text = _edit(text, "negatives", "twin", "0.0")
     elif lever == "no_environment":
         text = _edit(text, "environment", "n_neighbours", '{ dist = "randint", low = 0, high = 0 }')
@@ -135,8 +145,9 @@ def family_file(lever: str, out_dir: Path) -> str:
         text = _edit(text, "psf", "profile", '{ dist = "choice", values = ["gaussian", "moffat"], p = [0.5, 0.5] }')
         text = _edit(text, "psf", "seeing_scatter_scale", "1.0")
     else:
-        raise ValueError(f"unknown lever {lever!r}; levers are {list(LEVERS) + list(TRAINING_LEVERS)}")
-    path = out_dir / f"physical_{lever}.toml"
+        raise ValueError(f"unknown lever {lever!r}; levers are "
+                         f"{list(LEVERS) + list(VALUE_LEVERS) + list(TRAINING_LEVERS)}")
+    path = out_dir / f"physical_{slug}.toml"
     path.write_text(text)
     return str(path)
 
@@ -210,11 +221,11 @@ def main(argv=None) -> list[dict]:
     args.members = args.members.split(",")
     args.heldout = [f for f in args.heldout.split(",") if f]
     levers = args.levers.split(",")
-    unknown = [lv for lv in levers if lv not in LEVERS and not training_overrides(lv)
+    unknown = [lv for lv in levers if lv not in LEVERS and not lv.startswith("deep=") and not training_overrides(lv)
                and not shard_overrides(lv)]  # before hours of runs
     if unknown:
         raise SystemExit(f"unknown lever(s) {unknown}; levers are "
-                         f"{list(LEVERS) + list(TRAINING_LEVERS) + list(SHARD_LEVERS)}")
+                         f"{list(LEVERS) + list(VALUE_LEVERS) + list(TRAINING_LEVERS) + list(SHARD_LEVERS)}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)

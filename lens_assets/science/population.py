@@ -50,7 +50,8 @@ import numpy as np
 from .families import Family
 from .surveys import SurveySpec
 
-__all__ = ["Scene", "draw_scene", "build_system", "population_system", "pair_layout", "theta_e_sis_arcsec", "lensed_source_check",
+__all__ = ["Scene", "draw_scene", "build_system", "population_system", "pair_layout", "theta_e_sis_arcsec",
+           "lensed_source_check", "render_exposure_factor",
            "foreground_image", "redshift_tables", "C_KMS"]
 
 C_KMS = 299_792.458
@@ -505,8 +506,24 @@ def build_system(scene: Scene, role: str, family: Family, survey: SurveySpec, rn
     return System(objid=objid, is_lens=role == "lens", kind=kind, theta_e_arcsec=theta_e, kwargs_lens=kwargs_lens,
                   components=tuple(comps + env_c), points=tuple(points + env_p), psf_profile=scene.psf_profile,
                   psf_fwhm_arcsec=scene.psf_fwhm_arcsec, moffat_beta=scene.moffat_beta,
-                  exposure_scale=scene.exposure_scale, z_lens=scene.z_lens, z_source=z_source, ra_deg=ra_deg,
+                  exposure_scale=scene.exposure_scale * render_exposure_factor(family), z_lens=scene.z_lens,
+                  z_source=z_source, ra_deg=ra_deg,
                   dec_deg=dec_deg, galaxy=g, observation=scene.observation)
+
+
+def render_exposure_factor(family: Family) -> float:
+    """``[noise] render_exposure_factor``: the rendered cutout's exposure over the one the selection saw (1 where
+    the family has none). Above 1 the same selected scenes are rendered with less noise: a ceiling experiment that
+    separates what noise hides from what the finder does not learn (``bench_ablation.py`` lever ``deep=<f>``)."""
+    try:
+        prior = family.prior("noise", "render_exposure_factor")
+    except KeyError:
+        return 1.0
+    value = prior.params.get("value") if prior.dist == "constant" else None
+    if value is None or not float(value) > 0:
+        raise ValueError(f"family {family.name}: [noise] render_exposure_factor must be a positive number, got "
+                         f"{prior.dist} {dict(prior.params)}")
+    return float(value)
 
 
 def pair_layout(family: Family) -> tuple[float, float, dict]:

@@ -194,6 +194,27 @@ def test_training_twins_are_paired_with_their_lenses():
         assert lens.galaxy == twin.galaxy and lens.z_lens == twin.z_lens
 
 
+def test_render_exposure_factor_renders_the_same_scenes_with_less_noise(tmp_path):
+    text = open(pop.__file__.replace("population.py", "families/physical.toml")).read()
+    assert text.count("render_exposure_factor = 1.0") == 1
+    path = tmp_path / "deep.toml"
+    path.write_text(text.replace("render_exposure_factor = 1.0", "render_exposure_factor = 100.0"))
+    deep = load_family(path)
+    assert pop.render_exposure_factor(PHYSICAL) == 1.0 and pop.render_exposure_factor(deep) == 100.0
+    for index in range(2):
+        a, b = simulate_one(LSST, PHYSICAL, 5, index), simulate_one(LSST, deep, 5, index)
+        assert (a.system.kind, a.system.theta_e_arcsec) == (b.system.kind, b.system.theta_e_arcsec)
+        assert b.system.exposure_scale == pytest.approx(100.0 * a.system.exposure_scale)
+        np.testing.assert_array_equal(a.noiseless, b.noiseless)  # the same scene and light
+        # per pixel, sky and source photon noise fall as 1 / exposure and read noise as 1 / exposure^2
+        measured = a.variance > 0
+        assert (a.variance[measured] / b.variance[measured] >= 100.0 * (1 - 1e-9)).all()
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text.replace("render_exposure_factor = 1.0", "render_exposure_factor = 0.0"))
+    with pytest.raises(ValueError, match=r"render_exposure_factor must be a positive number"):
+        simulate_one(LSST, load_family(bad), 5, 0)
+
+
 def test_pair_layout_refuses_more_twins_than_lenses(tmp_path):
     text = open(pop.__file__.replace("population.py", "families/physical.toml")).read()
     bad = tmp_path / "many_twins.toml"
