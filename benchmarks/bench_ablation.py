@@ -26,9 +26,11 @@ Levers (a family file written from ``physical.toml`` with one section changed):
   source noise alone (without the source's size in the resolution test and the deflector's photon noise).
 * ``no_observation``: physical without the randomized observing conditions (zero-point error,
   misregistration, gradients, withheld variance maps, small cutouts, sky/read-noise scales, core+wings PSFs).
-* ``deep=<factor>``: physical with the same selected scenes rendered at ``factor`` times the exposure
-  (``[noise] render_exposure_factor``; the noise falls by its square root): a ceiling experiment, what the finder
-  learns when noise hides less. The lens/twin pairs stay those of the default family, at the survey's depth.
+* ``deep=<factor>``: physical with the same selected scenes (the family keeps its name, so the same draws)
+  rendered at ``factor`` times the exposure (``[noise] render_exposure_factor``; the noise falls by at least the
+  square root of it): a ceiling experiment, what the finder learns when noise hides less. Only the training
+  population and its val/test splits are deeper: the held-out families and the lens/twin pairs stay at the survey's
+  depth, so their figures measure a finder trained deep and tested at survey depth.
 
 Training levers (the physical population, the member changed):
 
@@ -110,6 +112,17 @@ def training_overrides(lever: str) -> dict:
     return {}
 
 
+def deep_factor(lever: str) -> float:
+    """The exposure factor of a ``deep=<factor>`` lever (a positive number)."""
+    try:
+        factor = float(lever.split("=", 1)[1])
+    except ValueError:
+        factor = float("nan")
+    if not factor > 0:
+        raise ValueError(f"lever {lever!r}: the exposure factor must be a positive number")
+    return factor
+
+
 def family_file(lever: str, out_dir: Path) -> str:
     """The family (name or TOML path) that trains the ``lever`` run."""
     from lens_assets.science.families import FAMILY_DIR
@@ -120,12 +133,10 @@ def family_file(lever: str, out_dir: Path) -> str:
         return "physical"
     slug = lever.replace("=", "")
     text = (FAMILY_DIR / "physical.toml").read_text()
-    text = text.replace('name = "physical"', f'name = "physical_{slug}"', 1)
+    if not lever.startswith("deep="):  # deep keeps the name: objects are seeded by it, so these are the same scenes
+        text = text.replace('name = "physical"', f'name = "physical_{slug}"', 1)
     if lever.startswith("deep="):
-        factor = float(lever.split("=", 1)[1])
-        if not factor > 0:
-            raise ValueError(f"lever {lever!r}: the exposure factor must be positive")
-        text = _edit(text, "noise", "render_exposure_factor", repr(factor))
+        text = _edit(text, "noise", "render_exposure_factor", repr(deep_factor(lever)))
     elif lever == "no_twins":
         text = _edit(text, "negatives", "twin", "0.0")
     elif lever == "no_environment":
@@ -221,6 +232,9 @@ def main(argv=None) -> list[dict]:
     args.members = args.members.split(",")
     args.heldout = [f for f in args.heldout.split(",") if f]
     levers = args.levers.split(",")
+    for lv in levers:
+        if lv.startswith("deep="):
+            deep_factor(lv)  # a bad factor stops here, before hours of runs
     unknown = [lv for lv in levers if lv not in LEVERS and not lv.startswith("deep=") and not training_overrides(lv)
                and not shard_overrides(lv)]  # before hours of runs
     if unknown:

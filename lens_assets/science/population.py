@@ -512,13 +512,10 @@ def build_system(scene: Scene, role: str, family: Family, survey: SurveySpec, rn
 
 
 def render_exposure_factor(family: Family) -> float:
-    """``[noise] render_exposure_factor``: the rendered cutout's exposure over the one the selection saw (1 where
-    the family has none). Above 1 the same selected scenes are rendered with less noise: a ceiling experiment that
+    """``[noise] render_exposure_factor``: the rendered cutout's exposure over the one the selection saw (1 in
+    ``physical.toml``). Above 1 the same selected scenes are rendered with less noise: a ceiling experiment that
     separates what noise hides from what the finder does not learn (``bench_ablation.py`` lever ``deep=<f>``)."""
-    try:
-        prior = family.prior("noise", "render_exposure_factor")
-    except KeyError:
-        return 1.0
+    prior = family.prior("noise", "render_exposure_factor")
     value = prior.params.get("value") if prior.dist == "constant" else None
     if value is None or not float(value) > 0:
         raise ValueError(f"family {family.name}: [noise] render_exposure_factor must be a positive number, got "
