@@ -88,12 +88,13 @@ def normalize_field(image: np.ndarray, variance: np.ndarray) -> np.ndarray:
 
 
 def field_overview(image: np.ndarray, variance: np.ndarray, *, pixel_scale_arcsec: float,
-                   arcsec_per_px: float = 1.0) -> np.ndarray:
+                   arcsec_per_px: float = 1.0, normalized: np.ndarray | None = None) -> np.ndarray:
     """The whole field at low resolution, the input of the field-view model: :func:`normalize_field` (the same
     ``asinh(image / s)`` as the stamps), then averaged over areas to ``P = round(side * pixel_scale_arcsec /
     arcsec_per_px)`` pixels a side (torch's ``adaptive_avg_pool2d``: a plain block mean when the side is a
     multiple of P). A (C, P, P) float32 array. At 1"/px a 40" field is 40 px whatever the survey's grid, and an
-    arc a few arcsec long spans several pixels, with its surface brightness averaged rather than sampled."""
+    arc a few arcsec long spans several pixels, with its surface brightness averaged rather than sampled.
+    ``normalized``: the field's :func:`normalize_field` where the caller has it already (:func:`field_bag`)."""
     img = np.asarray(image)
     if img.ndim != 3 or img.shape[1] != img.shape[2]:
         raise ValueError(f"image has shape {img.shape}; expected a square (bands, n, n) field")
@@ -111,13 +112,13 @@ def field_overview(image: np.ndarray, variance: np.ndarray, *, pixel_scale_arcse
     cols = np.arange(n)
     avg = ((cols >= start[:, None]) & (cols < stop[:, None])).astype(np.float64)
     avg /= avg.sum(axis=1, keepdims=True)
-    norm = normalize_field(img, variance).astype(np.float64)
+    norm = (normalize_field(img, variance) if normalized is None else np.asarray(normalized)).astype(np.float64)
     return (avg @ norm @ avg.T).astype(np.float32)  # two matrix products per band
 
 
 def segment_bags(image: np.ndarray, variance: np.ndarray, segments: pd.DataFrame, *, bcg_xy: tuple[float, float],
                  pixel_scale_arcsec: float, stamp_px: int = 32, max_instances: int = 16,
-                 r_scale_arcsec: float | None = None) -> Bag:
+                 r_scale_arcsec: float | None = None, normalized: np.ndarray | None = None) -> Bag:
     """The bag of one cluster field: a ``stamp_px`` stamp around each segment's centroid.
 
     ``image`` is the field's PSF-matched (C, H, W) image in nanomaggies and
@@ -143,7 +144,7 @@ def segment_bags(image: np.ndarray, variance: np.ndarray, segments: pd.DataFrame
     r_scale_arcsec`` (default half the field's side), ``cos φ``, ``sin φ`` with φ
     the segment's angle about the BCG. A field without segments gets one
     instance, the stamp centred on the BCG, with scalars (0, 0, 0), so no field
-    is dropped.
+    is dropped. ``normalized``: the field's :func:`normalize_field` where the caller has it already.
     """
     img = np.asarray(image)
     if img.ndim != 3:
@@ -163,7 +164,7 @@ def segment_bags(image: np.ndarray, variance: np.ndarray, segments: pd.DataFrame
         r_scale_arcsec = 0.5 * max(h, w) * float(pixel_scale_arcsec)
     if not r_scale_arcsec > 0:
         raise ValueError(f"r_scale_arcsec must be positive, got {r_scale_arcsec}")
-    norm = normalize_field(img, variance)
+    norm = normalize_field(img, variance) if normalized is None else normalized
     half = stamp_px // 2
     padded = np.zeros((c, h + 2 * stamp_px, w + 2 * stamp_px), dtype=np.float32)
     padded[:, stamp_px:stamp_px + h, stamp_px:stamp_px + w] = norm
@@ -221,11 +222,12 @@ def field_bag(args: tuple) -> Bag:
     path, name, survey_name, size_px, segments, bcg_xy, stamp_px, max_instances, overview_scale = args
     image, variance = field_image(path, name, survey_name, size_px)
     scale = get_survey(survey_name).pixel_scale_arcsec
+    norm = normalize_field(image, variance)  # once, for the stamps and the overview
     bag = segment_bags(image, variance, segments, bcg_xy=bcg_xy, pixel_scale_arcsec=scale, stamp_px=stamp_px,
-                       max_instances=max_instances)
+                       max_instances=max_instances, normalized=norm)
     if overview_scale:
         bag = replace(bag, overview=field_overview(image, variance, pixel_scale_arcsec=scale,
-                                                   arcsec_per_px=overview_scale))
+                                                   arcsec_per_px=overview_scale, normalized=norm))
     return bag
 
 
