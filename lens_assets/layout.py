@@ -385,7 +385,9 @@ def cluster_track_b_checkpoint(survey: str) -> Parts:
 
 def cluster_field_view_checkpoint(survey: str) -> Parts:
     """The field-view model beside Track B (``lens_assets.ml.train_mil.field_view_checkpoint`` of Track B's)."""
-    return (*cluster_track_b_dir(survey), "field_view.ckpt")
+    from lens_assets.ml.train_mil import FIELD_VIEW_CHECKPOINT
+
+    return (*cluster_track_b_dir(survey), FIELD_VIEW_CHECKPOINT)
 
 
 def cluster_track_b_scores(survey: str) -> Parts:

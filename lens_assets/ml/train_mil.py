@@ -53,9 +53,10 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-__all__ = ["run", "default_outputs", "OUTPUTS", "field_view_checkpoint"]
+__all__ = ["run", "default_outputs", "OUTPUTS", "FIELD_VIEW_CHECKPOINT", "field_view_checkpoint"]
 
 OUTPUTS = ("checkpoint", "scores", "val_scores", "attention", "calibrator")
+FIELD_VIEW_CHECKPOINT = "field_view.ckpt"  # the field-view model's file, beside Track B's checkpoint
 
 
 def default_outputs(out_dir: str | Path) -> dict:
@@ -163,7 +164,7 @@ def _calibrate(logits, sets, labels):
 
 def field_view_checkpoint(checkpoint: str | Path) -> Path:
     """The field-view model's checkpoint, beside Track B's."""
-    return Path(checkpoint).with_name("field_view.ckpt")
+    return Path(checkpoint).with_name(FIELD_VIEW_CHECKPOINT)
 
 
 def _field_view(settings, bags, table, scored, frame, outputs, *, gpu: bool):
