@@ -122,15 +122,15 @@ def _auroc(labels, scores) -> float:
 
 def evaluate(table, train_mask) -> tuple[list[dict], list[float]]:
     """Per-set AUROCs of the finder, the colour feature and their fusion (fitted on ``train_mask`` rows)."""
-    import numpy as np
-    from sklearn.linear_model import LogisticRegression
+    from lens_assets.ml.score import fit_fusion
 
     t = table.copy()
     t["colour_defined"] = (t["colour_gate"] == "ok").astype(float)
     t["colour_consistency_filled"] = t["colour_consistency"].fillna(0.5)
     x = t[list(FEATURES)].to_numpy(float)
-    fit = LogisticRegression(C=1.0).fit(x[train_mask], t["label"].to_numpy()[train_mask])
-    t["fused"] = fit.decision_function(x)
+    # score_calibrator's val_weights fusion (a logistic regression) with the colour columns as two more inputs
+    fusion = fit_fusion(x[train_mask], t["label"].to_numpy()[train_mask], method="val_weights")
+    t["fused"] = fusion(x)
     rows = []
     for name, g in t[~train_mask].groupby("set", sort=False):
         ok = g["colour_gate"] == "ok"
@@ -140,7 +140,7 @@ def evaluate(table, train_mask) -> tuple[list[dict], list[float]]:
                      "defined_lenses": float(ok[lenses].mean()), "defined_nonlenses": float(ok[~lenses].mean()),
                      "point_images_gated": float((g["colour_gate"] == "point_images").mean()),
                      "fused_auroc": _auroc(g["label"], g["fused"])})
-    return rows, [float(w) for w in fit.coef_[0]]
+    return rows, list(fusion.weights)
 
 
 def _pipeline_root(args, work: Path) -> Path:

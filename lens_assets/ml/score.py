@@ -244,7 +244,8 @@ def read_and_match(args) -> tuple[list, dict]:
     from lens_assets.science.shards import match_batch
     from lens_assets.science.surveys import get_survey
 
-    paths, names, settings, *colour = args
+    paths, names, settings, *rest = args
+    colour = rest[0] if rest else None
     survey = get_survey(settings.survey)
     outcomes, rows, cutouts = [], [], []
     for path, name in zip(paths, names):
@@ -254,10 +255,10 @@ def read_and_match(args) -> tuple[list, dict]:
             rows.append(row)
             cutouts.append(cutout)
     batch = match_batch(rows, cutouts, settings)
-    if colour and colour[0] is not None:  # the galaxy-scale colour consistency of every matched cutout
+    if colour is not None:  # the galaxy-scale colour consistency of every matched cutout
         from lens_assets.science.galaxy_colour import arc_colour_table
 
-        batch["colour"] = arc_colour_table(batch["image"], batch["variance"], **colour[0])
+        batch["colour"] = arc_colour_table(batch["image"], batch["variance"], **colour)
     return outcomes, batch
 
 

@@ -27,7 +27,6 @@ numpy/scipy/pandas only, like the rest of ``science``.
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import numpy as np
@@ -36,11 +35,10 @@ import pandas as pd
 from .clusters.extinction import reddening_vector
 from .clusters.features import robust_colour_consistency, segment_colours
 from .clusters.segments import find_arc_segments
+from .psf import FWHM_PER_SIGMA
 from .schemas import COLOUR_COLUMNS, COLOUR_GATES
 
 __all__ = ["arc_colour_consistency", "arc_colour_table", "survey_colour_kwargs", "COLOUR_GATES", "COLOUR_COLUMNS"]
-
-_FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 
 
 def survey_colour_kwargs(survey, target_fwhm_arcsec: float) -> dict:
@@ -99,7 +97,7 @@ def arc_colour_consistency(image, variance, *, bands: Sequence[str], wavelengths
     n_used = int(keep.sum())
     if n_used < 2:
         return _gated("fewer_than_two_segments", n_used)
-    point_extent_arcsec = point_size_factor * 4.0 * psf_fwhm_px / _FWHM_PER_SIGMA * pixel_scale_arcsec
+    point_extent_arcsec = point_size_factor * 4.0 * psf_fwhm_px / FWHM_PER_SIGMA * pixel_scale_arcsec
     if np.all(seg["length_arcsec"].to_numpy()[keep] <= point_extent_arcsec):
         return _gated("point_images", n_used)
     # one colour (two bands): extinction and an intrinsic difference are degenerate; two segments: a free E(B-V) per
