@@ -7,11 +7,13 @@ Takes the data root of a ``survey_pipeline`` run (shards, splits and ``scores/<s
 from ``score_calibrator``; without ``--root`` it runs the graph at the demo's sizes in a temporary folder, as
 ``bench_ablation.py`` does) and computes :func:`lens_assets.science.galaxy_colour.arc_colour_consistency` for every
 validation, test, held-out and lens/twin-pair cutout. Side by side, per set: the finder's AUROC, the colour
-feature's AUROC on the cutouts where it is defined (and that share, lenses and non-lenses apart), and the AUROC of
-a logistic regression on (finder logit, colour consistency, defined or not) fitted on the validation split's
-``calibrate`` half, the rows the fusion of ``score_calibrator`` is fitted on (its other half is the ``val_stop``
-row). Timing: the feature's cutouts/s and the ensemble's forward pass on the same 256 cutouts in memory, each on
-one core, as a ratio; and the feature's rate over all rows on every core, shard reads included.
+feature's AUROC on the cutouts where it is defined (and that share, lenses and non-lenses apart), and the AUROC,
+TPR10 and FNR(flux ratio < 0.1) of the finder and of a logistic regression on (finder logit, colour
+consistency, defined or not) fitted on the validation split's ``calibrate`` half, the rows the fusion of
+``score_calibrator`` is fitted on (its other half is the ``val_stop`` row). Timing: the feature's cutouts/s and
+the ensemble's forward pass on the same 256 cutouts in memory, each on one core, as a ratio; and the feature's rate
+over all rows on every core, shard reads included. The training population is unchanged, so its shortcut AUROC is
+the run's own (``shortcut_audit``).
 """
 
 from __future__ import annotations
@@ -131,27 +133,34 @@ def evaluate(table, train_mask) -> tuple[list[dict], list[float]]:
     # score_calibrator's val_weights fusion (a logistic regression) with the colour columns as two more inputs
     fusion = fit_fusion(x[train_mask], t["label"].to_numpy()[train_mask], method="val_weights")
     t["fused"] = fusion(x)
+    from lens_assets.science.metrics import bologna_metrics
+
     rows = []
     for name, g in t[~train_mask].groupby("set", sort=False):
         ok = g["colour_gate"] == "ok"
         lenses = g["label"] == 1
-        rows.append({"set": name, "n": len(g), "finder_auroc": _auroc(g["label"], g["logit"]),
-                     "colour_auroc_where_defined": _auroc(g["label"][ok], g["colour_consistency"][ok]),
-                     "defined_lenses": float(ok[lenses].mean()), "defined_nonlenses": float(ok[~lenses].mean()),
-                     "point_images_gated": float((g["colour_gate"] == "point_images").mean()),
-                     "fused_auroc": _auroc(g["label"], g["fused"])})
+        row = {"set": name, "n": len(g), "finder_auroc": _auroc(g["label"], g["logit"]),
+               "colour_auroc_where_defined": _auroc(g["label"][ok], g["colour_consistency"][ok]),
+               "defined_lenses": float(ok[lenses].mean()), "defined_nonlenses": float(ok[~lenses].mean()),
+               "point_images_gated": float((g["colour_gate"] == "point_images").mean()),
+               "fused_auroc": _auroc(g["label"], g["fused"])}
+        for model, score in (("finder", "logit"), ("fused", "fused")):  # the report's TPR10 and faint-arc FNR
+            if g["label"].nunique() == 2:
+                m = bologna_metrics(g["label"].to_numpy(), g[score].to_numpy(), flux_ratio=g["flux_ratio"].to_numpy())
+                row[f"{model}_tpr10"], row[f"{model}_fnr_lt_0.1"] = m["tpr10"], m["fnr_flux_ratio_lt_0.1"]
+        rows.append(row)
     return rows, list(fusion.weights)
 
 
-def _pipeline_root(args, work: Path) -> Path:
-    """Run the graph at the demo's sizes (``bench_ablation.run_lever``) and return its data root."""
+def _pipeline_root(args, work: Path) -> tuple[Path, dict]:
+    """Run the graph at the demo's sizes (``bench_ablation.run_lever``): its data root and its ablation row."""
     from bench_ablation import run_lever
 
     ns = argparse.Namespace(survey=args.survey, n_cutouts=args.n_cutouts, n_heldout=args.n_heldout,
                             heldout=["galsim"], n_pairs=args.n_pairs, members=["regnetx_002"], epochs=args.epochs,
                             max_minutes=0.0, seed=args.seed)
-    run_lever("physical", ns, work)
-    return work / "physical"
+    row = run_lever("physical", ns, work)
+    return work / "physical", row
 
 
 def main(argv=None) -> dict:
@@ -165,11 +174,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(args.root) if args.root else _pipeline_root(args, Path(tmp))
-        return run(root, args.survey)
+        root, row = (Path(args.root), {}) if args.root else _pipeline_root(args, Path(tmp))
+        return run(root, args.survey, shortcut_auroc=row.get("shortcut_auroc"))
 
 
-def run(root: Path, survey_name: str) -> dict:
+def run(root: Path, survey_name: str, *, shortcut_auroc: float | None = None) -> dict:
     import numpy as np
     import pandas as pd
 
@@ -198,7 +207,10 @@ def run(root: Path, survey_name: str) -> dict:
     rate = len(table) / seconds
     lines = [(r["set"], f"n {r['n']}: finder {r['finder_auroc']:.3f}, colour {r['colour_auroc_where_defined']:.3f} "
                         f"where defined (lenses {r['defined_lenses']:.0%}, non-lenses {r['defined_nonlenses']:.0%}; "
-                        f"point images gated {r['point_images_gated']:.0%}), fused {r['fused_auroc']:.3f}")
+                        f"point images gated {r['point_images_gated']:.0%}), fused {r['fused_auroc']:.3f}; TPR10 "
+                        f"{r.get('finder_tpr10', float('nan')):.3f} -> {r.get('fused_tpr10', float('nan')):.3f}, "
+                        f"FNR(<0.1) {r.get('finder_fnr_lt_0.1', float('nan')):.3f} -> "
+                        f"{r.get('fused_fnr_lt_0.1', float('nan')):.3f}")
              for r in results]
     lines.append(("fusion weights", ", ".join(f"{n} {w:+.3f}" for n, w in zip(FEATURES, weights))))
     ratio = rates["finder_per_core"] / rates["colour_per_core"]
@@ -206,8 +218,12 @@ def run(root: Path, survey_name: str) -> dict:
                               f"{rates['finder_per_core']:.0f} cutouts/s on the same cutouts in memory: the feature "
                               f"costs {ratio:.0f}x the finder"))
     lines.append(("all rows", f"colour {rate:.1f} cutouts/s on {cores()} cores, shard reads included"))
+    if shortcut_auroc is not None:
+        lines.append(("shortcut AUROC", f"{shortcut_auroc:.3f} (the training population's; the feature changes "
+                                        f"no training)"))
     record = {"root": str(root), "sets": results, "fusion_weights": dict(zip(FEATURES, weights)),
-              "colour_cutouts_per_s": rate, **rates, "cost_ratio_per_core": ratio, "target_fwhm_arcsec": target}
+              "colour_cutouts_per_s": rate, **rates, "cost_ratio_per_core": ratio, "target_fwhm_arcsec": target,
+              "shortcut_auroc": shortcut_auroc}
     report(f"galaxy_colour_{survey.name}", lines, record)
     return record
 
