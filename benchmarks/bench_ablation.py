@@ -73,7 +73,7 @@ from _util import edit_toml_key as _edit, report  # noqa: E402
 LEVERS = ("physical", "baseline", "no_twins", "no_environment", "no_observation", "selection_without_collett_terms")
 VALUE_LEVERS = ("deep=<factor>",)  # a family written from physical.toml with one value set
 TRAINING_LEVERS = ("film", "colour_residual", "radial_residual", "head_dropout[=p]", "upsample=<k>", "arc_attention",
-                   "fresh=<share>", "physics[=w]",
+                   "fresh=<share>", "physics[=w]", "theta_e_balance=<alpha>",
                    "member=<backbone>")  # the physical population, another training choice
 SHARD_LEVERS = ("psf_target=<arcsec>",)  # the physical population, other PSF-matched shards
 
@@ -95,6 +95,8 @@ def training_overrides(lever: str) -> dict:
         return {"radial_residual": True}
     if lever.startswith("physics"):
         return {"physics_weight": float(lever.split("=", 1)[1]) if "=" in lever else 0.1}
+    if lever.startswith("theta_e_balance="):
+        return {"theta_e_balance": float(lever.split("=", 1)[1])}
     if lever.startswith("fresh="):
         return {"fresh_fraction": float(lever.split("=", 1)[1])}
     if lever == "arc_attention":

@@ -13,7 +13,7 @@ from lens_assets.science.simulation import (LENSING_ONLY, simulate_pairs_to_dire
                                             summarize_truth)
 from lens_assets.science.surveys import get_survey
 
-SIMULATION_CODE_VERSION = "sim-4"  # 4: a lens's stars are unlensed light in its truth (flux ratio, arc S/N)
+SIMULATION_CODE_VERSION = "sim-5"  # 5: SCENE_TE, the scene's Einstein radius, lens or not; 4: a lens's stars are unlensed light in its truth (flux ratio, arc S/N)
 
 
 class SimulationConfig(dg.Config):

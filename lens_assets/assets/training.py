@@ -15,7 +15,7 @@ from lens_assets.resources.storage import LocalStorage
 from lens_assets.science.fileio import sha256_file
 from lens_assets.science.surveys import get_survey
 
-TRAINING_CODE_VERSION = "train-2"  # 2: bf16 on bf16 CPUs, channels_last, noise scale over measured pixels
+TRAINING_CODE_VERSION = "train-3"  # 3: theta_e_balance; 2: bf16 on bf16 CPUs, channels_last, noise scale over measured pixels
 
 
 class TrainConfig(dg.Config):
@@ -48,6 +48,10 @@ class TrainConfig(dg.Config):
                                   "PSF-matched as the shards were), deterministic from the seed")
     fresh_family: str = Field(default="physical", description="simulation family of the fresh objects")
     fresh_renderer: str = Field(default="torch", description="'torch' (batched, ml/torch_render) or 'lenstronomy'")
+    theta_e_balance: float = Field(default=0.0, ge=0.0, le=1.0, description="draw training rows with weight "
+                                   "share^-alpha of their scene's Einstein radius bin (SCENE_TE; a lens and the "
+                                   "non-lenses of its scene alike): 0 the population's own distribution, 1 every "
+                                   "radius bin equally often (weights capped at 10x)")
     physics_weight: float = Field(default=0.0, ge=0.0, description="weight of the physics-consistency loss: a "
                                   "head regresses an SIE + shear lens and a source, the lensed light they imply is "
                                   "compared with the deflector-subtracted cutout in noise units, gated by the "
@@ -177,6 +181,7 @@ def lens_classifier(context: dg.AssetExecutionContext, config: TrainConfig, stor
             f"{member}/arc_attention": bool(s.get("arc_attention", False)),
             f"{member}/fresh_fraction": float(s.get("fresh_fraction", 0.0)),
             f"{member}/n_fresh": int(s.get("n_fresh", 0)),
+            f"{member}/theta_e_balance": float(s.get("theta_e_balance", 0.0)),
             f"{member}/physics_weight": float(s.get("physics_weight", 0.0)),
             f"{member}/physics_failures": int(s.get("physics_failures", 0)),
             f"{member}/weights_path": s.get("weights_path", ""),

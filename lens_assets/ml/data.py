@@ -16,7 +16,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-__all__ = ["ShardDataset", "collate", "training_datasets"]
+__all__ = ["ShardDataset", "collate", "training_datasets", "balance_weights", "THETA_E_BALANCE_EDGES"]
+
+# log-spaced bins of the scene's Einstein radius (arcsec) for ``balance_weights``; values beyond fall in the end bins
+THETA_E_BALANCE_EDGES = tuple(float(x) for x in np.geomspace(0.3, 3.0, 11))
 
 
 class ShardDataset:
@@ -139,3 +142,43 @@ def training_datasets(shard_dir: str | Path, splits_path: str | Path) -> dict:
     except ValueError as err:
         logging.getLogger(__name__).warning(f"{err}; early stopping and checkpoint choice see a constant AUROC")
     return {name: ShardDataset(shard_dir, objids=splits.loc[mask, "objid"]) for name, mask in rows.items()}
+
+
+def balance_weights(values, alpha: float, *, edges=THETA_E_BALANCE_EDGES, max_ratio: float = 10.0) -> np.ndarray:
+    """Sampling weights that flatten ``values``' distribution by ``alpha``: a row in a bin holding the share p
+    of the finite values weighs p^-alpha (0: every row alike; 1: every occupied bin drawn equally often), capped
+    at ``max_ratio`` times the smallest weight so a bin of a few rows is not repeated without end. Rows whose
+    value is NaN (no scene, real data) weigh the mean of the others. Normalized to mean 1.
+
+    Used on the scene's Einstein radius (``scene_theta_e``), which a lens and the non-lenses made from its scene
+    share: both classes are reweighted alike, so the reweighting itself separates nothing."""
+    v = np.asarray(values, dtype=np.float64)
+    if not alpha >= 0:
+        raise ValueError(f"balance alpha must be >= 0, got {alpha}")
+    w = np.ones(len(v))
+    finite = np.isfinite(v)
+    if alpha == 0 or not finite.any():
+        return w
+    inner = np.asarray(edges, dtype=np.float64)[1:-1]
+    b = np.digitize(v[finite], inner)  # 0 .. len(edges) - 2
+    share = np.bincount(b, minlength=len(inner) + 1) / finite.sum()
+    wf = share[b] ** -alpha
+    wf = np.minimum(wf, wf.min() * max_ratio)
+    w[finite] = wf
+    w[~finite] = wf.mean()
+    return w / w.mean()
+
+
+def row_truth(shard_dir: str | Path, objids, column: str) -> np.ndarray:
+    """``column`` of the shards' ``rows.parquet`` for ``objids`` in their order: NaN where missing (the catalog's
+    -1) or where the shards were written without it."""
+    from lens_assets.science.shards import ROWS_FILE
+
+    path = Path(shard_dir) / ROWS_FILE
+    import pyarrow.parquet as pq
+
+    if column not in pq.read_schema(path).names:
+        return np.full(len(objids), np.nan)
+    rows = pd.read_parquet(path, columns=["objid", column]).set_index("objid")
+    v = rows.loc[list(objids), column].to_numpy(dtype=np.float64)
+    return np.where(v < 0, np.nan, v)

@@ -67,6 +67,7 @@ class TrainSettings:
     fresh_fraction: float = 0.0  # share of each training batch replaced by objects simulated on the fly (ml/fresh)
     fresh_family: str = "physical"  # the simulation family the fresh objects are drawn from
     fresh_renderer: str = "torch"  # "torch" (ml/torch_render, batched) or "lenstronomy" (simulate_one)
+    theta_e_balance: float = 0.0  # sampling weight share(scene theta_E bin)^-alpha, both classes alike; 0: uniform
     physics_weight: float = 0.0  # weight of the gated physics-consistency loss (module.physics_consistency); 0: off
     physics_warmup_epochs: int = 2  # the physics weight rises linearly from 0 over these epochs
     weights_path: str = ""  # initial backbone weights (a local file), "" for a random initialization
@@ -115,8 +116,16 @@ def _loaders(shard_dir: Path, splits_path: Path, s: TrainSettings, batch_size: i
         data["train"] = FreshMix(data["train"], family=s.fresh_family, fraction=s.fresh_fraction, seed=s.seed,
                                  shard_settings=read_manifest(shard_dir)["settings"], renderer=s.fresh_renderer)
     gen = torch.Generator().manual_seed(s.seed)
-    train = torch.utils.data.DataLoader(data["train"], batch_size=batch_size, shuffle=True, generator=gen,
-                                        num_workers=s.num_workers, collate_fn=collate, drop_last=False)
+    order = {"shuffle": True}
+    if s.theta_e_balance > 0:  # rows drawn with replacement, as many per epoch as the split has
+        from .data import balance_weights, row_truth
+
+        weights = balance_weights(row_truth(shard_dir, data["train"].objid if s.fresh_fraction == 0 else
+                                            data["train"].base.objid, "scene_theta_e"), s.theta_e_balance)
+        order = {"sampler": torch.utils.data.WeightedRandomSampler(torch.as_tensor(weights), len(weights),
+                                                                    replacement=True, generator=gen)}
+    train = torch.utils.data.DataLoader(data["train"], batch_size=batch_size, generator=gen,
+                                        num_workers=s.num_workers, collate_fn=collate, drop_last=False, **order)
     val = torch.utils.data.DataLoader(data["val"], batch_size=batch_size, shuffle=False,
                                       num_workers=s.num_workers, collate_fn=collate)
     return train, val, data["train"]
@@ -239,6 +248,7 @@ def train(shard_dir: str | Path, splits_path: str | Path, out_dir: str | Path, s
         "upsample": settings.upsample,
         "arc_attention": settings.arc_attention,
         "fresh_fraction": settings.fresh_fraction,
+        "theta_e_balance": settings.theta_e_balance,
         "physics_weight": settings.physics_weight,
         "physics_failures": int(model.physics_failures),
         "fresh_family": settings.fresh_family if settings.fresh_fraction > 0 else "",

@@ -104,7 +104,7 @@ def _var_unit(header: dict) -> str:
 
 TRUTH_KEYS = ("Z_SRC", "LENS", "LABELSRC", "LABELCNF", "FLUXRAT", "THETA_E", "ARCSNR", "SIMFAM", "SIMFAMH",
               "SIMSEED", "SIMKIND", "SERSICN", "RHALF", "AXRATIO", "PA_DEG", "PSFPROF", "EXPSCALE", "MOFFATB",
-              "PAIRID")
+              "PAIRID", "SCENE_TE")
 
 
 def write_simulated_cutout(path: Path, cutout, *, survey: SurveySpec, family, seed: int,
@@ -137,6 +137,8 @@ def simulated_cutout_bytes(cutout, *, survey: SurveySpec, family, seed: int, lab
         primary["MOFFATB"] = round(s.moffat_beta, 4)
     if s.pair_id:
         primary["PAIRID"] = s.pair_id
+    if math.isfinite(s.scene_theta_e_arcsec):
+        primary["SCENE_TE"] = round(s.scene_theta_e_arcsec, 5)
     if not labeled:
         primary = {k: v for k, v in primary.items() if k not in TRUTH_KEYS}
     primary.update(extra or {})

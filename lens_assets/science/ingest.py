@@ -106,6 +106,7 @@ def catalog_row(c: Cutout, *, sha256: str, survey: SurveySpec) -> dict:
         "usable_for_training": labels["usable_for_training"],
         "flux_ratio": _header_float(p, "FLUXRAT", name, low=0.0, high=1.0),
         "theta_e": _header_float(p, "THETA_E", name, low=0.0, high=100.0),
+        "scene_theta_e": _header_float(p, "SCENE_TE", name, low=0.0, high=100.0),
         "arc_snr": _header_float(p, "ARCSNR", name, low=0.0, high=1e9),
         "z_phot": _header_float(p, "Z_PHOT", name, low=0.0, high=20.0),
         "z_spec": _header_float(p, "Z_SPEC", name, low=0.0, high=20.0),

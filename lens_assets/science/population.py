@@ -444,6 +444,7 @@ def build_system(scene: Scene, role: str, family: Family, survey: SurveySpec, rn
     env_c = [c for c in scene.environment if isinstance(c, LightComponent)]
     env_p = [p for p in scene.environment if isinstance(p, PointComponent)]
     theta_e, kwargs_lens, z_source = scene.theta_e_arcsec, scene.kwargs_lens, scene.z_source
+    scene_theta_e = scene.theta_e_arcsec
     mu = scene.magnification
     d = family.draw
     m = "mimics"
@@ -508,7 +509,7 @@ def build_system(scene: Scene, role: str, family: Family, survey: SurveySpec, rn
                   psf_fwhm_arcsec=scene.psf_fwhm_arcsec, moffat_beta=scene.moffat_beta,
                   exposure_scale=scene.exposure_scale * render_exposure_factor(family), z_lens=scene.z_lens,
                   z_source=z_source, ra_deg=ra_deg,
-                  dec_deg=dec_deg, galaxy=g, observation=scene.observation)
+                  dec_deg=dec_deg, galaxy=g, observation=scene.observation, scene_theta_e_arcsec=scene_theta_e)
 
 
 def render_exposure_factor(family: Family) -> float:

@@ -39,6 +39,9 @@ def _base_columns() -> dict[str, pa.Column]:
         "usable_for_training": pa.Column(b),
         "flux_ratio": pa.Column(f, _missing_or(0.0, 1.0), description="lensed-source flux / total flux"),
         "theta_e": pa.Column(f, _missing_or(0.0, 100.0), description="Einstein radius, arcsec"),
+        "scene_theta_e": pa.Column(f, _missing_or(0.0, 100.0), required=False,
+                                   description="Einstein radius of the scene the object was made from, lens or not "
+                                               "(header SCENE_TE; -1 where none)"),
         "arc_snr": pa.Column(f, _missing_or(0.0, 1e9), description="matched-filter S/N of the lensed light "
                                                                    "(simulations; -1 unknown)"),
         "z_phot": pa.Column(f, _missing_or(0.0, 20.0)),

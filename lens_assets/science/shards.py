@@ -45,12 +45,14 @@ __all__ = ["ShardSettings", "FLAG_BITS", "build_shards", "process_batch", "match
 
 MANIFEST_FILE = "manifest.json"  # in every shard folder, renamed into place last
 ROWS_FILE = "rows.parquet"  # objid -> shard, index, per-band PSF facts
-SHARD_FORMAT_VERSION = "2"  # 2: band_flags uint16 with the padding, cropping and noise-estimate bits; footprint_px
+SHARD_FORMAT_VERSION = "3"  # 3: rows.parquet carries scene_theta_e; 2: band_flags uint16 with the padding, cropping and noise-estimate bits; footprint_px
 FLAG_BITS = {"missing": 1, "nan_masked": 2, "var_derived": 4, "fwhm_from_psf": 8, "fwhm_nominal": 16,
              "psf_broader_than_target": 32, "resampled": 64, "padded": 128, "cropped": 256, "var_sky_only": 512,
              "var_poisson": 1024, "var_sky_unmasked": 2048}
 assert set(BAND_FLAGS) <= set(FLAG_BITS), set(BAND_FLAGS) - set(FLAG_BITS)
 LABEL_COLUMNS = ("label", "label_confidence", "flux_ratio", "theta_e")
+# catalog truth carried into ``rows.parquet`` for training (NaN where the catalog has no such column)
+ROW_TRUTH_COLUMNS = ("scene_theta_e",)
 
 
 @dataclass(frozen=True)
@@ -171,6 +173,8 @@ def match_batch(rows: list[dict], cutouts: list, settings: ShardSettings) -> dic
     out["objid"] = np.array([r["objid"] for r in rows], dtype=object)
     for col in LABEL_COLUMNS:
         out[col] = np.array([r[col] for r in rows], dtype=np.float32 if col != "label" else np.int8)
+    for col in ROW_TRUTH_COLUMNS:
+        out[col] = np.array([r.get(col, np.nan) for r in rows], dtype=np.float32)
     return out
 
 
@@ -242,7 +246,8 @@ class _ShardWriter:
                 **{f"psf_matched_{b}": batch["psf_matched"][sl, i] for i, b in enumerate(self.bands)},
                 "max_residual": batch["residual"][sl].max(axis=1),
                 "footprint_px": batch["footprint_px"][sl],
-                "label": batch["label"][sl]}))
+                "label": batch["label"][sl],
+                **{col: batch[col][sl] for col in ROW_TRUTH_COLUMNS}}))
             self._n += take
             self._remaining -= take
             start += take
@@ -293,7 +298,7 @@ def build_shards(catalog: pd.DataFrame, survey: SurveySpec, *, root: Path, out_d
     missing = [c for c in need if c not in catalog.columns]
     if missing:
         raise ValueError(f"catalog lacks columns {missing}")
-    records = catalog[need].to_dict("records")
+    records = catalog[need + [c for c in ROW_TRUTH_COLUMNS if c in catalog.columns]].to_dict("records")
     # small catalogs still make several tasks; the size depends on the catalog only, never on `workers`
     bs = max(16, min(settings.batch_size, -(-len(records) // 8)))
     tasks = [(records[i:i + bs], str(root), settings) for i in range(0, len(records), bs)]

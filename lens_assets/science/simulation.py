@@ -111,6 +111,9 @@ class System:
     lens_model_list: tuple[str, ...] = ("SIE", "SHEAR")
     size_px: int = 0  # the grid's side; 0: the survey's cutout size
     supersampling: int = SUPERSAMPLING
+    # the Einstein radius of the scene the object was made from, lens or not (a twin or mimic keeps its lens's;
+    # NaN where no scene has one): training can balance both classes over it alike (``theta_e_balance``)
+    scene_theta_e_arcsec: float = float("nan")
 
 
 def object_rng(survey: str, family: str, seed: int, index: int) -> np.random.Generator:
@@ -219,7 +222,7 @@ def draw_system(family: Family, survey: SurveySpec, rng: np.random.Generator, *,
                   components=tuple(components), points=tuple(points), psf_profile=profile,
                   psf_fwhm_arcsec=fwhm, moffat_beta=moffat_beta,
                   exposure_scale=d("noise", "exposure_scale", rng), z_lens=z_lens, z_source=z_source,
-                  ra_deg=ra, dec_deg=dec, galaxy=galaxy)
+                  ra_deg=ra, dec_deg=dec, galaxy=galaxy, scene_theta_e_arcsec=theta_e if is_lens else float("nan"))
 
 
 def _sky_position(survey: SurveySpec, rng: np.random.Generator) -> dict:

@@ -2,7 +2,7 @@ import h5py
 import numpy as np
 import pytest
 
-from lens_assets.ml.data import ShardDataset, collate
+from lens_assets.ml.data import THETA_E_BALANCE_EDGES, ShardDataset, balance_weights, collate, row_truth
 from lens_assets_tests.helpers import make_sdss_shards
 
 
@@ -119,3 +119,36 @@ def test_an_empty_stop_half_is_an_error_and_a_one_label_stop_half_a_warning(shar
     table.to_parquet(tmp_path / "no_stop.parquet")
     with pytest.raises(ValueError, match=r"no_stop.parquet: the val split's stop half is empty"):
         training_datasets(shard_dir, tmp_path / "no_stop.parquet")
+
+
+def test_balance_weights_flatten_the_bins_by_alpha_and_leave_nan_rows_neutral():
+    v = np.array([0.5] * 30 + [2.0] * 10 + [np.nan] * 5)  # two bins, 3:1
+    assert np.array_equal(balance_weights(v, 0.0), np.ones(len(v)))
+    w = balance_weights(v, 1.0)
+    assert w.mean() == pytest.approx(1.0)
+    assert w[:30].sum() == pytest.approx(w[30:40].sum())  # alpha 1: each occupied bin drawn equally often
+    assert w[30] / w[0] == pytest.approx(3.0)  # share^-1: (10/40)^-1 over (30/40)^-1
+    assert balance_weights(v, 0.5)[30] / balance_weights(v, 0.5)[0] == pytest.approx(3.0 ** 0.5)
+    assert np.allclose(w[40:], w[:40].mean())  # no scene: the mean weight of the others
+    rare = np.array([0.5] * 999 + [2.0])
+    capped = balance_weights(rare, 1.0)
+    assert capped[-1] / capped[0] == pytest.approx(10.0)  # 999x uncapped
+    outside = balance_weights(np.array([0.01, 0.31, 50.0, 2.9]), 1.0)  # beyond the edges: the end bins
+    assert outside[0] == outside[1] and outside[2] == outside[3]
+    assert len(THETA_E_BALANCE_EDGES) == 11
+    with pytest.raises(ValueError, match="alpha must be >= 0"):
+        balance_weights(v, -1.0)
+
+
+def test_row_truth_is_the_catalogs_scene_theta_e_in_the_order_asked(tmp_path):
+    catalog = make_sdss_shards(tmp_path, n=12, seed=3)
+    shard_dir = tmp_path / "shards"
+    objids = list(catalog["objid"])[::-1]
+    got = row_truth(shard_dir, objids, "scene_theta_e")
+    want = catalog.set_index("objid").loc[objids, "scene_theta_e"].to_numpy()
+    assert np.allclose(got, np.where(want < 0, np.nan, want), equal_nan=True)  # the catalog's -1: missing
+    lens = catalog.set_index("objid").loc[objids, "label"].to_numpy() == 1
+    # independent priors (baseline): a lens's scene is its own theta_E, a non-lens has none
+    assert np.allclose(got[lens], catalog.set_index("objid").loc[objids, "theta_e"].to_numpy()[lens], atol=1e-5)
+    assert np.isnan(got[~lens]).all()
+    assert np.isnan(row_truth(shard_dir, objids, "no_such_column")).all()

@@ -257,6 +257,25 @@ def test_a_film_member_trains_from_shards_and_scores(data, tmp_path):
     assert z.shape == (32, 1) and np.isfinite(z).all()
 
 
+def test_theta_e_balance_draws_train_rows_by_their_scene_weights_and_is_recorded(data, tmp_path):
+    from lens_assets.ml.data import balance_weights, row_truth
+    from lens_assets.ml.train import _loaders
+
+    plain, _, _ = _loaders(data / "shards", data / "splits.parquet", TrainSettings(backbone="resnet10t"), 8)
+    assert isinstance(plain.sampler, torch.utils.data.RandomSampler)
+    loader, _, ds = _loaders(data / "shards", data / "splits.parquet",
+                             TrainSettings(backbone="resnet10t", theta_e_balance=1.0), 8)
+    sampler = loader.sampler
+    assert isinstance(sampler, torch.utils.data.WeightedRandomSampler) and sampler.replacement
+    assert sampler.num_samples == len(ds)
+    want = balance_weights(row_truth(data / "shards", ds.objid, "scene_theta_e"), 1.0)
+    assert np.allclose(sampler.weights.numpy(), want)
+    assert len(set(np.round(want, 6))) > 1  # the tiny set's lenses span more than one radius bin
+    s = train(data / "shards", data / "splits.parquet", tmp_path / "balanced",
+              TrainSettings(backbone="resnet10t", epochs=1, batch_size=16, progress=False, theta_e_balance=1.0))
+    assert s["theta_e_balance"] == 1.0 and s["epochs_run"] == 1
+
+
 # --- two-stage training: initial weights ------------------------------------------------------------------
 
 

@@ -108,6 +108,7 @@ def test_non_lens_types_all_render():
     for role in PHYSICAL.negative_weights:
         s = pop.build_system(scene, role, PHYSICAL, LSST, rng, objid=role, ra_deg=1.0, dec_deg=1.0)
         assert not s.is_lens and s.kind == role and s.theta_e_arcsec == 0.0
+        assert s.scene_theta_e_arcsec == scene.theta_e_arcsec > 0  # the scene's radius, to balance training over
         assert np.isfinite(render_system(s, LSST, rng).image).all()
     with pytest.raises(ValueError, match=r"unknown non-lens type 'cloud'"):
         pop.build_system(scene, "cloud", PHYSICAL, LSST, rng, objid="x", ra_deg=1.0, dec_deg=1.0)
@@ -131,6 +132,9 @@ def test_pairs_share_a_scene_and_are_read_as_the_contract_says(tmp_path):
         cutouts = [read_cutout((tmp_path / f).read_bytes(), name=f, survey=LSST) for f in group["file"]]
         assert {c.primary["PAIRID"] for c in cutouts} == {pid}
         assert {c.primary["SIMFAM"] for c in cutouts} == {LENSING_ONLY}
+        lens_row = group[group["label"] == 1].iloc[0]
+        # both files carry their scene's Einstein radius: the lens's own theta_E
+        assert [c.primary["SCENE_TE"] for c in cutouts] == [pytest.approx(lens_row["theta_e"], abs=1e-5)] * 2
         assert cutouts[0].ra == cutouts[1].ra and cutouts[0].dec == cutouts[1].dec
 
 
