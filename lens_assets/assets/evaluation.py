@@ -32,7 +32,7 @@ from lens_assets.science.simulation import LENSING_ONLY  # SIMFAM of the lens/tw
 from lens_assets.science.splits import require_both_labels, val_roles
 from lens_assets.science.surveys import get_survey
 
-EVALUATION_CODE_VERSION = "eval-8"  # 4: fit on the val split's calibrate half; 5: uncertainty; 6: in probability units;
+EVALUATION_CODE_VERSION = "eval-9"  # 9: AUROC per Einstein-radius bin; 4: fit on the val split's calibrate half; 5: uncertainty; 6: in probability units;
 # 7: the report's AUROC of the lenses with arc S/N >= 100; 8: each non-lens type's share in by_kind
 SHORTCUT_CODE_VERSION = "shortcut-1"
 SCORED_SPLITS = ("val", "test", "heldout", LENSING_ONLY)
@@ -476,7 +476,9 @@ def summary_table(figures: dict, shortcut: dict | None) -> str:
     rows = [("AUROC", "auroc"), ("AUPRC", "auprc"), ("TPR0", "tpr0"), ("TPR10", "tpr10"), ("ECE", "ece"),
             ("FNR (flux ratio < 0.1)", "fnr_flux_ratio_lt_0.1"),
             ("AUROC, lenses of flux ratio < 0.1 vs all non-lenses", "auroc_flux_ratio_lt_0.1"),
-            ("AUROC, lenses of arc S/N ≥ 100 vs all non-lenses", "auroc_arc_snr_ge_100")]
+            ("AUROC, lenses of arc S/N ≥ 100 vs all non-lenses", "auroc_arc_snr_ge_100"),
+            ("AUROC, lenses of θE < 1.2″ vs all non-lenses", "auroc_theta_e_lt_1.2"),
+            ("AUROC, lenses of θE ≥ 1.2″ vs all non-lenses", "auroc_theta_e_ge_1.2")]
     head = "| figure | " + " | ".join(f"{'test split' if n == 'test' else f'held-out: {n}'}" for n, _ in cols)
     lines = [head + " |", "|---" * (len(cols) + 1) + "|"]
     for title, key in rows:
@@ -696,7 +698,7 @@ def bologna_report(context: dg.AssetExecutionContext, config: ReportConfig,
         metadata[f"heldout_{f}_shortcut_auroc"] = float(sc.get(f, nan))
     for k, v in ind.items():
         if k.startswith(("fnr_flux_ratio_", "auroc_flux_ratio_", "noise_limited_fnr_flux_ratio_", "recall_theta_e_",
-                         "recall_arc_snr_", "auroc_arc_snr_")):
+                         "recall_arc_snr_", "auroc_arc_snr_", "auroc_theta_e_")):
             metadata[k] = float(v)
     metadata.update({
         "report_path": dg.MetadataValue.path(str(md)),

@@ -29,6 +29,7 @@ __all__ = ["threshold_at_n_false_positives", "tpr_at_n_false_positives", "tpr0",
 FLUX_RATIO_BINS = (("lt_0.1", 0.0, 0.1), ("0.1_0.3", 0.1, 0.3), ("ge_0.3", 0.3, np.inf))
 # Einstein radius (arcsec): below ~0.8" a ground-based survey's seeing hides the arcs
 THETA_E_BINS = (("lt_0.8", 0.0, 0.8), ("0.8_1.2", 0.8, 1.2), ("1.2_2", 1.2, 2.0), ("ge_2", 2.0, np.inf))
+THETA_E_HALVES = (("lt_1.2", 0.0, 1.2), ("ge_1.2", 1.2, np.inf))  # the summary table's two rows
 # matched-filter S/N of the lensed light: below ~3 the arcs are in the noise for any detector
 ARC_SNR_BINS = (("lt_3", 0.0, 3.0), ("3_5", 3.0, 5.0), ("5_10", 5.0, 10.0), ("10_30", 10.0, 30.0),
                 ("ge_30", 30.0, np.inf))
@@ -136,7 +137,8 @@ def bologna_metrics(labels, scores, *, flux_ratio=None, theta_e=None, arc_snr=No
     """The report's headline figures (report.json and metadata keys: docs/metrics.md).
 
     Ranking figures use ``scores``; ECE uses ``probs``. FNR per flux-ratio bin and
-    recall per θE bin (``recall_theta_e_<bin>``) are taken at the TPR10 threshold.
+    recall per θE bin (``recall_theta_e_<bin>``) are taken at the TPR10 threshold; ``auroc_flux_ratio_<bin>`` and
+    ``auroc_theta_e_<bin>`` rank each bin's lenses against every non-lens.
     With ``arc_snr`` (NaN where unknown): recall per arc-S/N bin
     (``recall_arc_snr_<bin>``), the AUROC of the lenses of arc S/N ≥ 100 against every
     non-lens (``auroc_arc_snr_ge_100``) and, per flux-ratio bin, the noise-limited FNR floor
@@ -172,6 +174,8 @@ def bologna_metrics(labels, scores, *, flux_ratio=None, theta_e=None, arc_snr=No
         for name, v in fnr_by_bins(labels, scores, theta_e, THETA_E_BINS, threshold=thr).items():
             out[f"recall_theta_e_{name}"] = 1.0 - v["fnr"]
             out[f"n_lenses_theta_e_{name}"] = float(v["n_lenses"])
+        for name, lo, hi in THETA_E_BINS + THETA_E_HALVES:  # the bin's lenses against every non-lens (NaN: none)
+            out[f"auroc_theta_e_{name}"] = _auroc_of_bin(labels, scores, theta_e, lo, hi)
     if arc_snr is not None:
         thr = threshold_at_n_false_positives(labels, scores, 9)
         for name, v in fnr_by_bins(labels, scores, arc_snr, ARC_SNR_BINS, threshold=thr).items():

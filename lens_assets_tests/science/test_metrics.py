@@ -83,6 +83,19 @@ def test_auroc_per_flux_ratio_bin_by_hand():
     assert np.isnan(bologna_metrics([1, 0], [0.4, 0.1], flux_ratio=[0.5, 0.0])["auroc_flux_ratio_lt_0.1"])
 
 
+def test_auroc_per_einstein_radius_bin_by_hand():
+    # lenses at theta_E 0.5 (score 0.2), 1.0 (0.9), 1.5 (0.6), 2.5 (0.1) against non-lenses 0.5, 0.3 (theta_E 0)
+    labels = [1, 1, 1, 1, 0, 0]
+    scores = [0.2, 0.9, 0.6, 0.1, 0.5, 0.3]
+    theta = [0.5, 1.0, 1.5, 2.5, 0.0, 0.0]
+    m = bologna_metrics(labels, scores, theta_e=theta)
+    assert (m["auroc_theta_e_lt_0.8"], m["auroc_theta_e_0.8_1.2"]) == (pytest.approx(0.0), pytest.approx(1.0))
+    assert (m["auroc_theta_e_1.2_2"], m["auroc_theta_e_ge_2"]) == (pytest.approx(1.0), pytest.approx(0.0))
+    assert m["auroc_theta_e_lt_1.2"] == pytest.approx(roc_auc_score([1, 1, 0, 0], [0.2, 0.9, 0.5, 0.3]))  # 2 of 4
+    assert m["auroc_theta_e_ge_1.2"] == pytest.approx(0.5)  # 0.6 wins both, 0.1 neither
+    assert np.isnan(bologna_metrics([1, 0], [0.4, 0.1], theta_e=[0.5, 0.0])["auroc_theta_e_ge_1.2"])
+
+
 def test_auroc_of_the_bright_arc_lenses_by_hand():
     # lenses at arc S/N 150 (score 0.2) and 400 (0.9) against non-lenses 0.5, 0.3: 2 of 4 pairs won -> 0.5; the
     # S/N-20 lens (0.1) is left out, though it would lower the AUROC of all lenses
