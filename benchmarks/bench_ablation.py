@@ -31,6 +31,8 @@ Levers (a family file written from ``physical.toml`` with one section changed):
   square root of it): a ceiling experiment, what the finder learns when noise hides less. Only the training
   population and its val/test splits are deeper: the held-out families and the lens/twin pairs stay at the survey's
   depth, so their figures measure a finder trained deep and tested at survey depth.
+* ``group=<fraction>``: physical with that share of deflectors at the centre of a group halo
+  (``[deflector] group_fraction``): group-scale lenses, whose arcs lie further out than the galaxy's light implies.
 
 Training levers (the physical population, the member changed):
 
@@ -71,7 +73,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _util import edit_toml_key as _edit, report  # noqa: E402
 
 LEVERS = ("physical", "baseline", "no_twins", "no_environment", "no_observation", "selection_without_collett_terms")
-VALUE_LEVERS = ("deep=<factor>",)  # a family written from physical.toml with one value set
+VALUE_LEVERS = ("deep=<factor>", "group=<fraction>")  # a family written from physical.toml with one value set
 TRAINING_LEVERS = ("film", "colour_residual", "radial_residual", "head_dropout[=p]", "upsample=<k>", "arc_attention",
                    "fresh=<share>", "physics[=w]", "theta_e_balance=<alpha>",
                    "member=<backbone>")  # the physical population, another training choice
@@ -139,6 +141,11 @@ def family_file(lever: str, out_dir: Path) -> str:
         text = text.replace('name = "physical"', f'name = "physical_{slug}"', 1)
     if lever.startswith("deep="):
         text = _edit(text, "noise", "render_exposure_factor", repr(deep_factor(lever)))
+    elif lever.startswith("group="):
+        share = float(lever.split("=", 1)[1])
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"lever {lever!r}: the group share must be in [0, 1]")
+        text = _edit(text, "deflector", "group_fraction", repr(share))
     elif lever == "no_twins":
         text = _edit(text, "negatives", "twin", "0.0")
     elif lever == "no_environment":
@@ -237,8 +244,8 @@ def main(argv=None) -> list[dict]:
     for lv in levers:
         if lv.startswith("deep="):
             deep_factor(lv)  # a bad factor stops here, before hours of runs
-    unknown = [lv for lv in levers if lv not in LEVERS and not lv.startswith("deep=") and not training_overrides(lv)
-               and not shard_overrides(lv)]  # before hours of runs
+    unknown = [lv for lv in levers if lv not in LEVERS and not lv.startswith(("deep=", "group="))
+               and not training_overrides(lv) and not shard_overrides(lv)]  # before hours of runs
     if unknown:
         raise SystemExit(f"unknown lever(s) {unknown}; levers are "
                          f"{list(LEVERS) + list(VALUE_LEVERS) + list(TRAINING_LEVERS) + list(SHARD_LEVERS)}")

@@ -134,7 +134,8 @@ def _observed_mag(abs_mag: float, distmod: float, z: float, beta: float, wavelen
 class Scene:
     """A deflector, its lensing, a source, the environment and the observing conditions of one object."""
 
-    sigma_kms: float
+    sigma_kms: float  # the deflector galaxy's (its light follows it)
+    group_sigma_kms: float  # the group halo's it sits in (0: none); the lens's theta_E is the sum of both SIS's
     z_lens: float
     z_source: float
     theta_e_arcsec: float
@@ -350,7 +351,16 @@ def draw_scene(family: Family, survey: SurveySpec, rng: np.random.Generator) -> 
         w = tables.weight[:, j]
         i = int(rng.choice(len(tables.zl), p=w / w.sum()))
         z_l, z_s = float(tables.zl[i]), float(tables.zs[j])
+        group_sigma = 0.0
+        group_fraction = d(dfl, "group_fraction", rng)
+        if group_fraction > 0 and rng.uniform() < group_fraction:  # no draw at 0: galaxy-only scenes stay as they were
+            group_sigma = d(dfl, "group_sigma_kms", rng)
+            # the group's central galaxy is a massive early type: its sigma from the same VDF above the floor
+            lo = float(np.interp(d(dfl, "group_central_sigma_min_kms", rng), s_grid, s_cdf))
+            sigma = float(np.interp(lo + rng.uniform() * (1.0 - lo), s_cdf, s_grid))
         theta_e = float(theta_e_sis_arcsec(sigma, tables.dls_over_ds[i, j]))
+        if group_sigma > 0:
+            theta_e += float(theta_e_sis_arcsec(group_sigma, tables.dls_over_ds[i, j]))
         if not (d(sel, "min_theta_e_over_fwhm", rng) * fwhm[ref.name] <= theta_e <= d(sel, "max_theta_e_arcsec", rng)):
             continue
         # deflector light
@@ -422,7 +432,8 @@ def draw_scene(family: Family, survey: SurveySpec, rng: np.random.Generator) -> 
             host = q_mag + d("quasar", "host_mag_offset", rng)
             comps = [replace(c, mag_ref=c.mag_ref + host - src_mag) for c in comps[:1]]
         profile = d("psf", "profile", rng)
-        return Scene(sigma_kms=sigma, z_lens=z_l, z_source=z_s, theta_e_arcsec=theta_e, kwargs_lens=kwargs_lens,
+        return Scene(sigma_kms=sigma, group_sigma_kms=group_sigma, z_lens=z_l, z_source=z_s, theta_e_arcsec=theta_e,
+                     kwargs_lens=kwargs_lens,
                      galaxy=galaxy, galaxy_mag=gal_mag, galaxy_beta=beta_l, source_kind=kind, source_xy=xy,
                      source_components=comps, quasar=quasar, magnification=mu, arc_snr_ref=snr,
                      environment=_environment(family, rng, gal_mag), psf_profile=profile, psf_fwhm_arcsec=fwhm,

@@ -219,6 +219,34 @@ def test_render_exposure_factor_renders_the_same_scenes_with_less_noise(tmp_path
         simulate_one(LSST, load_family(bad), 5, 0)
 
 
+def test_group_scenes_add_the_group_halos_einstein_radius_to_a_massive_centrals(tmp_path):
+    from astropy.cosmology import FlatLambdaCDM
+
+    text = open(pop.__file__.replace("population.py", "families/physical.toml")).read()
+    assert text.count("group_fraction = 0.0") == 1
+    path = tmp_path / "groups.toml"
+    path.write_text(text.replace("group_fraction = 0.0", "group_fraction = 1.0").replace(
+        'name = "physical"', 'name = "physical_groups"'))
+    groups = load_family(path)
+    cosmo = FlatLambdaCDM(H0=70.0, Om0=0.3)
+    for i in range(4):
+        s = pop.draw_scene(groups, LSST, object_rng("lsst", "physical_groups", 0, i))
+        assert 250.0 <= s.group_sigma_kms <= 500.0 and s.sigma_kms >= 220.0  # the group's prior; a massive central
+        ratio = (cosmo.angular_diameter_distance_z1z2(s.z_lens, s.z_source)
+                 / cosmo.angular_diameter_distance(s.z_source)).value
+        # concentric SIS deflections add: theta_E = theta_E(galaxy) + theta_E(group), both 4 pi (sigma/c)^2 D_ls/D_s
+        want = pop.theta_e_sis_arcsec(s.sigma_kms, ratio) + pop.theta_e_sis_arcsec(s.group_sigma_kms, ratio)
+        assert s.theta_e_arcsec == pytest.approx(want, rel=1e-3)
+        assert s.kwargs_lens[0]["theta_E"] == s.theta_e_arcsec
+    # the default draws no group: theta_E is the galaxy's own
+    for i in range(3):
+        s = pop.draw_scene(PHYSICAL, LSST, object_rng("lsst", "physical", 0, i))
+        assert s.group_sigma_kms == 0.0
+        assert s.theta_e_arcsec == pytest.approx(pop.theta_e_sis_arcsec(
+            s.sigma_kms, (cosmo.angular_diameter_distance_z1z2(s.z_lens, s.z_source)
+                          / cosmo.angular_diameter_distance(s.z_source)).value), rel=1e-3)
+
+
 def test_pair_layout_refuses_more_twins_than_lenses(tmp_path):
     text = open(pop.__file__.replace("population.py", "families/physical.toml")).read()
     bad = tmp_path / "many_twins.toml"
