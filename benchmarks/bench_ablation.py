@@ -46,6 +46,8 @@ Training levers (the physical population, the member changed):
   the backbone's (``module.TangentialAttention``).
 * ``fresh=<share>``: that share of every training batch replaced by physical objects simulated on the fly
   (``ml/fresh.py``); compare at equal CPU time with ``--max-minutes``.
+* ``theta_e_balance=<alpha>``: training rows drawn at weight share^-alpha of their scene's Einstein-radius bin
+  (``ml/data.balance_weights``), alpha in [0, 1].
 * ``physics`` (``physics=<w>``): the gated physics-consistency loss at weight w (default 0.1), warm-up 2 epochs.
 * ``upsample=<k>``: the member's input upsampled k times (bilinear) before the backbone, at k² the compute.
 * ``member=<backbone>``: another backbone in place of ``--members`` (e.g. ``member=regnetx_002``), at the
@@ -98,7 +100,10 @@ def training_overrides(lever: str) -> dict:
     if lever.startswith("physics"):
         return {"physics_weight": float(lever.split("=", 1)[1]) if "=" in lever else 0.1}
     if lever.startswith("theta_e_balance="):
-        return {"theta_e_balance": float(lever.split("=", 1)[1])}
+        alpha = float(lever.split("=", 1)[1])
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"lever {lever!r}: alpha must be in [0, 1]")
+        return {"theta_e_balance": alpha}
     if lever.startswith("fresh="):
         return {"fresh_fraction": float(lever.split("=", 1)[1])}
     if lever == "arc_attention":
@@ -127,6 +132,17 @@ def deep_factor(lever: str) -> float:
     return factor
 
 
+def group_share(lever: str) -> float:
+    """The share of a ``group=<fraction>`` lever (a number in [0, 1])."""
+    try:
+        share = float(lever.split("=", 1)[1])
+    except ValueError:
+        share = float("nan")
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"lever {lever!r}: the group share must be a number in [0, 1]")
+    return share
+
+
 def family_file(lever: str, out_dir: Path) -> str:
     """The family (name or TOML path) that trains the ``lever`` run."""
     from lens_assets.science.families import FAMILY_DIR
@@ -142,10 +158,7 @@ def family_file(lever: str, out_dir: Path) -> str:
     if lever.startswith("deep="):
         text = _edit(text, "noise", "render_exposure_factor", repr(deep_factor(lever)))
     elif lever.startswith("group="):
-        share = float(lever.split("=", 1)[1])
-        if not 0.0 <= share <= 1.0:
-            raise ValueError(f"lever {lever!r}: the group share must be in [0, 1]")
-        text = _edit(text, "deflector", "group_fraction", repr(share))
+        text = _edit(text, "deflector", "group_fraction", repr(group_share(lever)))
     elif lever == "no_twins":
         text = _edit(text, "negatives", "twin", "0.0")
     elif lever == "no_environment":
@@ -244,6 +257,8 @@ def main(argv=None) -> list[dict]:
     for lv in levers:
         if lv.startswith("deep="):
             deep_factor(lv)  # a bad factor stops here, before hours of runs
+        if lv.startswith("group="):
+            group_share(lv)
     unknown = [lv for lv in levers if lv not in LEVERS and not lv.startswith(("deep=", "group="))
                and not training_overrides(lv) and not shard_overrides(lv)]  # before hours of runs
     if unknown:

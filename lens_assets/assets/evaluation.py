@@ -32,8 +32,9 @@ from lens_assets.science.simulation import LENSING_ONLY  # SIMFAM of the lens/tw
 from lens_assets.science.splits import require_both_labels, val_roles
 from lens_assets.science.surveys import get_survey
 
-EVALUATION_CODE_VERSION = "eval-9"  # 9: AUROC per Einstein-radius bin; 4: fit on the val split's calibrate half; 5: uncertainty; 6: in probability units;
-# 7: the report's AUROC of the lenses with arc S/N >= 100; 8: each non-lens type's share in by_kind
+EVALUATION_CODE_VERSION = "eval-9"  # 4: fit on the val split's calibrate half; 5: uncertainty; 6: in probability units;
+# 7: the report's AUROC of the lenses with arc S/N >= 100; 8: each non-lens type's share in by_kind; 9: AUROC per
+# Einstein-radius bin
 SHORTCUT_CODE_VERSION = "shortcut-1"
 SCORED_SPLITS = ("val", "test", "heldout", LENSING_ONLY)
 DEFAULT_HELDOUT_FAMILIES = ["heldout", "galsim"]

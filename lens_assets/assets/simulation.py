@@ -13,7 +13,8 @@ from lens_assets.science.simulation import (LENSING_ONLY, simulate_pairs_to_dire
                                             summarize_truth)
 from lens_assets.science.surveys import get_survey
 
-SIMULATION_CODE_VERSION = "sim-5"  # 5: SCENE_TE, the scene's Einstein radius, lens or not; 4: a lens's stars are unlensed light in its truth (flux ratio, arc S/N)
+SIMULATION_CODE_VERSION = "sim-5"  # 4: a lens's stars are unlensed light in its truth (flux ratio, arc S/N);
+# 5: SCENE_TE, the scene's Einstein radius, lens or not
 
 
 class SimulationConfig(dg.Config):

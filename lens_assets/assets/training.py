@@ -15,7 +15,8 @@ from lens_assets.resources.storage import LocalStorage
 from lens_assets.science.fileio import sha256_file
 from lens_assets.science.surveys import get_survey
 
-TRAINING_CODE_VERSION = "train-3"  # 3: theta_e_balance; 2: bf16 on bf16 CPUs, channels_last, noise scale over measured pixels
+TRAINING_CODE_VERSION = "train-3"  # 2: bf16 on bf16 CPUs, channels_last, noise scale over measured pixels;
+# 3: theta_e_balance
 
 
 class TrainConfig(dg.Config):
@@ -49,9 +50,10 @@ class TrainConfig(dg.Config):
     fresh_family: str = Field(default="physical", description="simulation family of the fresh objects")
     fresh_renderer: str = Field(default="torch", description="'torch' (batched, ml/torch_render) or 'lenstronomy'")
     theta_e_balance: float = Field(default=0.0, ge=0.0, le=1.0, description="draw training rows with weight "
-                                   "share^-alpha of their scene's Einstein radius bin (SCENE_TE; a lens and the "
-                                   "non-lenses of its scene alike): 0 the population's own distribution, 1 every "
-                                   "radius bin equally often (weights capped at 10x)")
+                                   "share^-alpha of their scene's Einstein radius bin (SCENE_TE; in the physical "
+                                   "population a lens and the non-lenses of its scene alike, elsewhere non-lenses "
+                                   "have none and weigh the mean): 0 the population's own distribution, 1 every "
+                                   "radius bin equally often (weights capped at 10x); not with fresh_fraction")
     physics_weight: float = Field(default=0.0, ge=0.0, description="weight of the physics-consistency loss: a "
                                   "head regresses an SIE + shear lens and a source, the lensed light they imply is "
                                   "compared with the deflector-subtracted cutout in noise units, gated by the "

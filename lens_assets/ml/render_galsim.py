@@ -820,6 +820,8 @@ def write_galsim_cutout(path: Path, cutout: GalsimCutout, *, survey: SurveySpec,
         "AXRATIO": round(s.galaxy["q"], 4), "PA_DEG": round(s.galaxy["pa"], 3),
         "PSFPROF": s.psf_profile, "EXPSCALE": round(s.exposure_scale, 4),
     }
+    if s.is_lens:  # a lens is its own scene; galsim's non-lenses are drawn without one
+        primary["SCENE_TE"] = round(s.theta_e_arcsec, 5)
     if s.psf_profile == "moffat":
         primary["MOFFATB"] = round(s.moffat_beta, 4)
     elif s.psf_profile == "core_wings":

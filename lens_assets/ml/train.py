@@ -117,11 +117,16 @@ def _loaders(shard_dir: Path, splits_path: Path, s: TrainSettings, batch_size: i
                                  shard_settings=read_manifest(shard_dir)["settings"], renderer=s.fresh_renderer)
     gen = torch.Generator().manual_seed(s.seed)
     order = {"shuffle": True}
+    if not 0.0 <= s.theta_e_balance <= 1.0:
+        raise ValueError(f"theta_e_balance must be in [0, 1], got {s.theta_e_balance}")
+    if s.theta_e_balance > 0 and s.fresh_fraction > 0:
+        # a fresh object replaces a row by (seed, epoch, row): a row drawn n times would bring the same fresh
+        # object n times, and its weight would go to an object of any radius
+        raise ValueError("theta_e_balance and fresh_fraction cannot be combined: set one of them to 0")
     if s.theta_e_balance > 0:  # rows drawn with replacement, as many per epoch as the split has
         from .data import balance_weights, row_truth
 
-        weights = balance_weights(row_truth(shard_dir, data["train"].objid if s.fresh_fraction == 0 else
-                                            data["train"].base.objid, "scene_theta_e"), s.theta_e_balance)
+        weights = balance_weights(row_truth(shard_dir, data["train"].objid, "scene_theta_e"), s.theta_e_balance)
         order = {"sampler": torch.utils.data.WeightedRandomSampler(torch.as_tensor(weights), len(weights),
                                                                     replacement=True, generator=gen)}
     train = torch.utils.data.DataLoader(data["train"], batch_size=batch_size, generator=gen,

@@ -45,7 +45,8 @@ __all__ = ["ShardSettings", "FLAG_BITS", "build_shards", "process_batch", "match
 
 MANIFEST_FILE = "manifest.json"  # in every shard folder, renamed into place last
 ROWS_FILE = "rows.parquet"  # objid -> shard, index, per-band PSF facts
-SHARD_FORMAT_VERSION = "3"  # 3: rows.parquet carries scene_theta_e; 2: band_flags uint16 with the padding, cropping and noise-estimate bits; footprint_px
+SHARD_FORMAT_VERSION = "3"  # 2: band_flags uint16 with the padding, cropping and noise-estimate bits; footprint_px;
+# 3: rows.parquet carries scene_theta_e
 FLAG_BITS = {"missing": 1, "nan_masked": 2, "var_derived": 4, "fwhm_from_psf": 8, "fwhm_nominal": 16,
              "psf_broader_than_target": 32, "resampled": 64, "padded": 128, "cropped": 256, "var_sky_only": 512,
              "var_poisson": 1024, "var_sky_unmasked": 2048}

@@ -162,6 +162,8 @@ def test_every_file_passes_read_cutout(tmp_path, family, name):
         assert cut.objid == row.objid and cut.primary["LABELSRC"] == "sim:galsim"
         assert cut.primary["SIMFAM"] == "galsim" and bool(cut.primary["LENS"]) == bool(row.label)
         assert cut.primary["FLUXRAT"] == pytest.approx(row.flux_ratio, abs=1e-6)
+        # a lens is its own scene; a galsim non-lens has none
+        assert cut.primary.get("SCENE_TE") == (pytest.approx(row.theta_e, abs=1e-5) if row.label else None)
         assert all(p is not None and p.shape[0] % 2 == 1 for p in cut.psf)
         assert not any("var_derived" in f for f in cut.band_flags.values())
 

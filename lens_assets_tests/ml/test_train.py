@@ -271,6 +271,10 @@ def test_theta_e_balance_draws_train_rows_by_their_scene_weights_and_is_recorded
     want = balance_weights(row_truth(data / "shards", ds.objid, "scene_theta_e"), 1.0)
     assert np.allclose(sampler.weights.numpy(), want)
     assert len(set(np.round(want, 6))) > 1  # the tiny set's lenses span more than one radius bin
+    for bad, match in (({"theta_e_balance": 1.5}, r"theta_e_balance must be in \[0, 1\], got 1.5"),
+                       ({"theta_e_balance": 0.5, "fresh_fraction": 0.25}, "cannot be combined")):
+        with pytest.raises(ValueError, match=match):
+            _loaders(data / "shards", data / "splits.parquet", TrainSettings(backbone="resnet10t", **bad), 8)
     s = train(data / "shards", data / "splits.parquet", tmp_path / "balanced",
               TrainSettings(backbone="resnet10t", epochs=1, batch_size=16, progress=False, theta_e_balance=1.0))
     assert s["theta_e_balance"] == 1.0 and s["epochs_run"] == 1
