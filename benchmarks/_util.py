@@ -23,13 +23,29 @@ def cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
+def plain(value):
+    """``value`` as JSON can hold it: dicts, lists and tuples taken apart, numbers and strings kept, numpy scalars
+    as numbers, anything else (e.g. a Dagster ``TableSchema`` in asset metadata, which refuses iteration) as its
+    ``str``."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if type(value) in (list, tuple):
+        return [plain(v) for v in value]
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
 def report(name: str, rows: list[tuple[str, str]], record: dict) -> None:
     width = max(len(k) for k, _ in rows)
     print(f"\n== {name} ({platform.processor() or platform.machine()}, {cores()} cores) ==")
     for k, v in rows:
         print(f"  {k:<{width}}  {v}")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=2, default=float))
+    (RESULTS / f"{name}.json").write_text(json.dumps(plain(record), indent=2))
     print(f"  (written to {RESULTS / (name + '.json')})")
 
 
