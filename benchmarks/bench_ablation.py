@@ -100,10 +100,7 @@ def training_overrides(lever: str) -> dict:
     if lever.startswith("physics"):
         return {"physics_weight": float(lever.split("=", 1)[1]) if "=" in lever else 0.1}
     if lever.startswith("theta_e_balance="):
-        alpha = float(lever.split("=", 1)[1])
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"lever {lever!r}: alpha must be in [0, 1]")
-        return {"theta_e_balance": alpha}
+        return {"theta_e_balance": lever_number(lever, lambda v: 0.0 <= v <= 1.0, "alpha must be a number in [0, 1]")}
     if lever.startswith("fresh="):
         return {"fresh_fraction": float(lever.split("=", 1)[1])}
     if lever == "arc_attention":
@@ -121,26 +118,25 @@ def training_overrides(lever: str) -> dict:
     return {}
 
 
+def lever_number(lever: str, ok, what: str) -> float:
+    """The number after ``=`` in ``lever``; a ``ValueError`` saying ``what`` it must be unless ``ok(number)``."""
+    try:
+        value = float(lever.split("=", 1)[1])
+    except (IndexError, ValueError):
+        value = float("nan")
+    if not ok(value):  # NaN fails every comparison
+        raise ValueError(f"lever {lever!r}: {what}")
+    return value
+
+
 def deep_factor(lever: str) -> float:
     """The exposure factor of a ``deep=<factor>`` lever (a positive number)."""
-    try:
-        factor = float(lever.split("=", 1)[1])
-    except ValueError:
-        factor = float("nan")
-    if not factor > 0:
-        raise ValueError(f"lever {lever!r}: the exposure factor must be a positive number")
-    return factor
+    return lever_number(lever, lambda v: v > 0, "the exposure factor must be a positive number")
 
 
 def group_share(lever: str) -> float:
     """The share of a ``group=<fraction>`` lever (a number in [0, 1])."""
-    try:
-        share = float(lever.split("=", 1)[1])
-    except ValueError:
-        share = float("nan")
-    if not 0.0 <= share <= 1.0:
-        raise ValueError(f"lever {lever!r}: the group share must be a number in [0, 1]")
-    return share
+    return lever_number(lever, lambda v: 0.0 <= v <= 1.0, "the group share must be a number in [0, 1]")
 
 
 def family_file(lever: str, out_dir: Path) -> str:

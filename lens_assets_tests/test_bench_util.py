@@ -21,3 +21,20 @@ def test_a_record_with_a_table_schema_and_numpy_values_is_written_as_json(tmp_pa
     back = json.loads((tmp_path / "t.json").read_text())["metadata"]["cutout_catalog"]
     assert back["n"] == 3 and back["auroc"] == 0.5 and back["bands"] == ["g", "r"] and back["path"] == "/x"
     assert isinstance(back["schema"], str) and "objid" in back["schema"]
+
+
+def test_numeric_ablation_levers_are_checked_before_any_run():
+    import pytest
+
+    import bench_ablation
+
+    assert bench_ablation.deep_factor("deep=100") == 100.0 and bench_ablation.group_share("group=0.25") == 0.25
+    assert bench_ablation.training_overrides("theta_e_balance=0.5") == {"theta_e_balance": 0.5}
+    for lever, what in (("deep=0", "positive"), ("deep=x", "positive"), ("group=1.5", r"\[0, 1\]"),
+                        ("theta_e_balance=-1", r"\[0, 1\]")):
+        with pytest.raises(ValueError, match=what):
+            bench_ablation.deep_factor(lever) if lever.startswith("deep") else (
+                bench_ablation.group_share(lever) if lever.startswith("group") else
+                bench_ablation.training_overrides(lever))
+    with pytest.raises(SystemExit, match="unknown lever"):  # main refuses before any run
+        bench_ablation.main(["--levers", "physical,no_such_lever"])

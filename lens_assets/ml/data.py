@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-__all__ = ["ShardDataset", "collate", "training_datasets", "balance_weights", "THETA_E_BALANCE_EDGES"]
+__all__ = ["ShardDataset", "collate", "training_datasets", "balance_weights", "row_truth", "THETA_E_BALANCE_EDGES"]
 
 # log-spaced bins of the scene's Einstein radius (arcsec) for ``balance_weights``; values beyond fall in the end bins
 THETA_E_BALANCE_EDGES = tuple(float(x) for x in np.geomspace(0.3, 3.0, 11))

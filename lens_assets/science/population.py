@@ -358,9 +358,8 @@ def draw_scene(family: Family, survey: SurveySpec, rng: np.random.Generator) -> 
             # the group's central galaxy is a massive early type: its sigma from the same VDF above the floor
             lo = float(np.interp(d(dfl, "group_central_sigma_min_kms", rng), s_grid, s_cdf))
             sigma = float(np.interp(lo + rng.uniform() * (1.0 - lo), s_cdf, s_grid))
-        theta_e = float(theta_e_sis_arcsec(sigma, tables.dls_over_ds[i, j]))
-        if group_sigma > 0:
-            theta_e += float(theta_e_sis_arcsec(group_sigma, tables.dls_over_ds[i, j]))
+        theta_e = float(theta_e_sis_arcsec(sigma, tables.dls_over_ds[i, j])
+                        + theta_e_sis_arcsec(group_sigma, tables.dls_over_ds[i, j]))  # 0 without a group
         if not (d(sel, "min_theta_e_over_fwhm", rng) * fwhm[ref.name] <= theta_e <= d(sel, "max_theta_e_arcsec", rng)):
             continue
         # deflector light
@@ -455,7 +454,6 @@ def build_system(scene: Scene, role: str, family: Family, survey: SurveySpec, rn
     env_c = [c for c in scene.environment if isinstance(c, LightComponent)]
     env_p = [p for p in scene.environment if isinstance(p, PointComponent)]
     theta_e, kwargs_lens, z_source = scene.theta_e_arcsec, scene.kwargs_lens, scene.z_source
-    scene_theta_e = scene.theta_e_arcsec
     mu = scene.magnification
     d = family.draw
     m = "mimics"
@@ -520,7 +518,7 @@ def build_system(scene: Scene, role: str, family: Family, survey: SurveySpec, rn
                   psf_fwhm_arcsec=scene.psf_fwhm_arcsec, moffat_beta=scene.moffat_beta,
                   exposure_scale=scene.exposure_scale * render_exposure_factor(family), z_lens=scene.z_lens,
                   z_source=z_source, ra_deg=ra_deg,
-                  dec_deg=dec_deg, galaxy=g, observation=scene.observation, scene_theta_e_arcsec=scene_theta_e)
+                  dec_deg=dec_deg, galaxy=g, observation=scene.observation, scene_theta_e_arcsec=scene.theta_e_arcsec)
 
 
 def render_exposure_factor(family: Family) -> float:

@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from .fileio import atomic_path, sha256_file, write_text_atomic
+from .ingest import MISSING  # the catalog's missing value
 from .fits_contract import BAND_FLAGS, read_cutout
 from .normalize import center_crop, normalize_cutout
 from .parallel import bounded_imap
@@ -52,7 +53,7 @@ FLAG_BITS = {"missing": 1, "nan_masked": 2, "var_derived": 4, "fwhm_from_psf": 8
              "var_poisson": 1024, "var_sky_unmasked": 2048}
 assert set(BAND_FLAGS) <= set(FLAG_BITS), set(BAND_FLAGS) - set(FLAG_BITS)
 LABEL_COLUMNS = ("label", "label_confidence", "flux_ratio", "theta_e")
-# catalog truth carried into ``rows.parquet`` for training (NaN where the catalog has no such column)
+# catalog truth carried into ``rows.parquet`` for training (the catalog's -1 where it has no such column)
 ROW_TRUTH_COLUMNS = ("scene_theta_e",)
 
 
@@ -175,7 +176,7 @@ def match_batch(rows: list[dict], cutouts: list, settings: ShardSettings) -> dic
     for col in LABEL_COLUMNS:
         out[col] = np.array([r[col] for r in rows], dtype=np.float32 if col != "label" else np.int8)
     for col in ROW_TRUTH_COLUMNS:
-        out[col] = np.array([r.get(col, np.nan) for r in rows], dtype=np.float32)
+        out[col] = np.array([r.get(col, MISSING) for r in rows], dtype=np.float32)
     return out
 
 
