@@ -224,6 +224,7 @@ def run_lever(lever: str, args, work: Path) -> dict:
            "n_test_nonlenses": r["n_test_nonlenses"],
            "heldout_auroc": r["heldout_auroc"], "lensing_only_auroc": r.get("lensing_only_auroc", float("nan")),
            "shortcut_auroc": meta["shortcut_audit"]["shortcut_auroc"],
+           "shortcut_auroc_without_twins": meta["shortcut_audit"].get("shortcut_auroc_without_twins", float("nan")),
            "train_img_per_s": lc.get(f"{member}/train_img_per_s", float("nan"))}
     for fam in args.heldout:
         row[f"heldout_{fam}_auroc"] = r.get(f"heldout_{fam}_auroc", float("nan"))
@@ -269,7 +270,8 @@ def main(argv=None) -> list[dict]:
             rows.append(run_lever(lever, args, work))
             print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in rows[-1].items()}, flush=True)
     cols = ["auroc", "tpr10", "fnr_flux_ratio_lt_0.1", "auroc_flux_ratio_lt_0.1", "heldout_auroc",
-            *[f"heldout_{f}_auroc" for f in args.heldout], "lensing_only_auroc", "shortcut_auroc"]
+            *[f"heldout_{f}_auroc" for f in args.heldout], "lensing_only_auroc", "shortcut_auroc",
+            "shortcut_auroc_without_twins"]
     head = "| lever | " + " | ".join(cols) + " | wall min |"
     lines = [head, "|" + "---|" * (len(cols) + 2)]
     for row in rows:

@@ -28,6 +28,7 @@ from lens_assets.science.fileio import atomic_path, write_text_atomic
 from lens_assets.science.calibration import cross_fit, fit_calibrator
 from lens_assets.science.metrics import (auroc_by_kind, bologna_metrics, bootstrap_interval,
                                          error_rate_by_uncertainty, expected_calibration_error, paired_win_rate)
+from lens_assets.science.families import TWIN
 from lens_assets.science.simulation import LENSING_ONLY  # SIMFAM of the lens/twin pairs
 from lens_assets.science.splits import require_both_labels, val_roles
 from lens_assets.science.surveys import get_survey
@@ -35,7 +36,7 @@ from lens_assets.science.surveys import get_survey
 EVALUATION_CODE_VERSION = "eval-9"  # 4: fit on the val split's calibrate half; 5: uncertainty; 6: in probability units;
 # 7: the report's AUROC of the lenses with arc S/N >= 100; 8: each non-lens type's share in by_kind; 9: AUROC per
 # Einstein-radius bin
-SHORTCUT_CODE_VERSION = "shortcut-1"
+SHORTCUT_CODE_VERSION = "shortcut-2"  # 2: AUROC per non-lens type, each row's score
 SCORED_SPLITS = ("val", "test", "heldout", LENSING_ONLY)
 DEFAULT_HELDOUT_FAMILIES = ["heldout", "galsim"]
 
@@ -129,13 +130,14 @@ def shortcut_audit(context: dg.AssetExecutionContext, config: ShortcutConfig,
     manifest = read_manifest(shards)
     splits = pd.read_parquet(split_path, columns=["objid", "split"])
     catalog = pd.read_parquet(storage.path(*layout.catalog_table(survey.name)),
-                              columns=["objid", "label", "sim_family"])
+                              columns=["objid", "label", "sim_family", "sim_kind"])
     rows = splits[splits["split"].isin(["train", "test"])].merge(catalog, on="objid", how="left")
     in_shards = set(pd.read_parquet(storage.path(*layout.shards_rows(survey.name)), columns=["objid"])["objid"])
     usable = catalog[catalog["objid"].isin(in_shards) & catalog["label"].isin([0, 1])]
     families = [f for f in config.heldout_families if f != LENSING_ONLY] + [LENSING_ONLY]
     extra = usable[usable["sim_family"].isin(families)].rename(columns={"sim_family": "split"})
-    rows = pd.concat([rows[["objid", "split", "label"]], extra[["objid", "split", "label"]]], ignore_index=True)
+    cols = ["objid", "split", "label", "sim_kind"]
+    rows = pd.concat([rows[cols], extra[cols]], ignore_index=True)
     train = rows[rows["split"] == "train"]
     if config.max_train_rows is not None and len(train) > config.max_train_rows:
         frac = config.max_train_rows / len(train)
@@ -147,20 +149,36 @@ def shortcut_audit(context: dg.AssetExecutionContext, config: ShortcutConfig,
     t_features = time.perf_counter() - t0
     split = rows["split"].to_numpy()
     label = rows["label"].to_numpy().astype(int)
+    kind = rows["sim_kind"].to_numpy()
     eval_names = ["test", *families]
     try:
         result = shortcut_auroc(features[split == "train"], label[split == "train"],
-                                {name: (features[split == name], label[split == name]) for name in eval_names},
+                                {name: (features[split == name], label[split == name], kind[split == name])
+                                 for name in eval_names},
                                 seed=config.seed)
     except ValueError as err:
         raise dg.Failure(f"{split_path}: train split: {err}") from None
+    # the twins differ from their lenses by the deflection alone, which moves the source's light to the Einstein
+    # radius; the statistics see that, so the same classifier is also trained and scored without them: what the
+    # other non-lens types give away
+    keep = kind != TWIN
+    twinless = {name: (features[(split == name) & keep], label[(split == name) & keep]) for name in eval_names
+                if name != LENSING_ONLY}
+    try:
+        without_twins = shortcut_auroc(features[(split == "train") & keep], label[(split == "train") & keep],
+                                       twinless, seed=config.seed)["auroc"]
+    except ValueError:  # too few lenses or non-lenses once the twins are out
+        without_twins = {name: float("nan") for name in twinless}
     seconds = time.perf_counter() - t0
     storage.path(*layout.shortcut_dir(survey.name)).mkdir(parents=True, exist_ok=True)
     table = pd.concat([rows.reset_index(drop=True), features], axis=1)
+    table["shortcut_score"] = np.nan  # the classifier's probability; NaN for the training rows
+    for name, s in result.pop("scores").items():
+        table.loc[split == name, "shortcut_score"] = s
     with atomic_path(storage.path(*layout.shortcut_features(survey.name))) as tmp:
         table.to_parquet(tmp, index=False)
-    doc = {"survey": survey.name, **result, "families": families, "seconds_features": t_features,
-           "seconds": seconds, "n_rows": len(rows), "gate": {"max_shortcut_auroc": config.max_shortcut_auroc}}
+    doc = {"survey": survey.name, **result, "auroc_without_twins": without_twins, "families": families,
+           "seconds_features": t_features, "seconds": seconds, "n_rows": len(rows), "gate": {"max_shortcut_auroc": config.max_shortcut_auroc}}
     doc_path = write_text_atomic(storage.path(*layout.shortcut_doc(survey.name)),
                                  json.dumps(doc, indent=2, default=float))
     plot = importance_plot(result["feature_importance"], storage.path(*layout.shortcut_importance(survey.name)),
@@ -176,22 +194,31 @@ def shortcut_audit(context: dg.AssetExecutionContext, config: ShortcutConfig,
             return "no objects", 0, 0
         return ("one class only" if np.isnan(auroc[name]) else f"{auroc[name]:.3f}"), n1, n0
 
-    md = ["| set | shortcut AUROC | lenses | non-lenses |", "|---|---|---|---|"]
-    md += ["| {} | {} | {} | {} |".format(name, *cell(name)) for name in eval_names]
+    def without(name):
+        return "—" if name not in without_twins else _fmt(without_twins[name])
+
+    md = ["| set | shortcut AUROC | without the twins | lenses | non-lenses |", "|---|---|---|---|---|"]
+    md += ["| {} | {} | {} | {} | {} |".format(name, (c := cell(name))[0], without(name), *c[1:])
+           for name in eval_names]
     top = sorted(result["feature_importance"].items(), key=lambda kv: -kv[1])[:5]
+    kinds_md = by_kind_table(result["auroc_by_kind"])
     metadata = {
         "summary": dg.MetadataValue.md("\n".join(md) + "\n\nmost used statistics: "
-                                       + ", ".join(f"{k} ({v:.2f})" for k, v in top)),
+                                       + ", ".join(f"{k} ({v:.2f})" for k, v in top)
+                                       + "\n\nShortcut AUROC of every lens against each non-lens type (count, "
+                                       "share of the set's non-lenses):\n\n" + kinds_md),
         "shortcut_auroc": float(auroc["test"]),
         "heldout_shortcut_auroc": float(auroc[families[0]]) if len(families) > 1 else float("nan"),
         **{f"heldout_{f}_shortcut_auroc": float(auroc[f]) for f in families if f != LENSING_ONLY},
         "lensing_only_shortcut_auroc": float(auroc[LENSING_ONLY]),
+        "shortcut_auroc_without_twins": float(without_twins["test"]),
         "n_train": result["n_train"],
         "n_features": len(features.columns),
         "seconds": seconds,
         "rows_per_s": len(rows) / t_features if t_features > 0 else float("nan"),
         "path": dg.MetadataValue.path(str(doc_path)),
         "feature_importance": dg.MetadataValue.json(result["feature_importance"]),
+        "shortcut_auroc_by_kind": dg.MetadataValue.json(result["auroc_by_kind"]),
         "importance": png_markdown(plot, alt="shortcut classifier feature importance (gain)"),
     }
     check = dg.AssetCheckResult(
@@ -494,6 +521,10 @@ def summary_table(figures: dict, shortcut: dict | None) -> str:
     else:
         cells = [_fmt(sc.get(n, float("nan"))) for n, _ in cols]
     lines.append("| shortcut AUROC (lensing-agnostic statistics) | " + " | ".join(cells) + " |")
+    if shortcut is not None and "auroc_without_twins" in shortcut:  # an audit before shortcut-2 has no such row
+        wt = shortcut["auroc_without_twins"]
+        lines.append("| shortcut AUROC without the twins (trained and scored without them) | "
+                     + " | ".join(_fmt(wt.get(n, float("nan"))) for n, _ in cols) + " |")
     n = " · ".join(f"{name}: {f.get('n_test_lenses', 0):.0f} lenses / {f.get('n_test_nonlenses', 0):.0f} "
                    "non-lenses" for name, f in cols)
     return "\n".join(lines) + f"\n\n{n}. Intervals: stratified bootstrap 95%. Lensing-only: one set of pairs.\n"
@@ -577,6 +608,13 @@ def report_markdown(survey: str, figures: dict, calibrator: dict, shortcut: dict
                   "non-lenses in brackets), lowest first: the types the finder takes for lenses. A set's AUROC is "
                   "exactly the share-weighted mean of its column, so share × (1 − AUROC) is what a type costs.",
                   "", by_kind_table(figures["by_kind"])]
+    if (shortcut or {}).get("auroc_by_kind"):
+        lines += ["", "## Shortcut AUROC against each non-lens type", "",
+                  "The same for the shortcut audit's classifier on lensing-agnostic statistics: a type it tells "
+                  "from the lenses differs from them in light, colour or shape, not only in lensing. Against the "
+                  "twins (the same scene without deflection) that difference is where the light lies: lensing "
+                  "moves the source's light out to the Einstein radius.", "",
+                  by_kind_table(shortcut["auroc_by_kind"])]
     if "uncertainty" in figures:
         lines += ["", "## Error rate by uncertainty decile (test split)", "",
                   "Uncertainty: the candidates' `uncertainty` column, how far the members' spread and MC dropout move "

@@ -21,6 +21,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from .metrics import auroc_by_kind
+
 __all__ = ["summary_statistics", "shortcut_auroc", "asinh_colour", "feature_names", "importance_plot"]
 
 _POGSON = 2.5 / np.log(10.0)
@@ -176,10 +178,13 @@ def shortcut_auroc(train_X: pd.DataFrame, train_y, eval_sets: Mapping[str, tuple
                    early_stopping_fraction: float = 0.2, n_jobs: int = 1) -> dict:
     """Train an XGBoost classifier on lensing-agnostic features and score each evaluation set.
 
-    ``early_stopping_fraction`` of the training rows (stratified) is held out for
+    ``eval_sets`` maps a name to ``(X, y)`` or ``(X, y, kinds)``, ``kinds`` each row's non-lens type (ignored for
+    lenses). ``early_stopping_fraction`` of the training rows (stratified) is held out for
     early stopping on log loss. Returns ``auroc`` (name -> AUROC, NaN for a set
-    without both classes), ``n_lenses``/``n_nonlenses`` per set, ``feature_importance``
-    (gain, normalized to sum 1), ``n_train`` and ``best_iteration``.
+    without both classes), ``n_lenses``/``n_nonlenses`` per set, ``scores`` (name -> each row's probability),
+    ``auroc_by_kind`` (name -> :func:`~.metrics.auroc_by_kind`, for the sets given with kinds: which non-lens
+    types the statistics alone tell from lenses), ``feature_importance`` (gain, normalized to sum 1), ``n_train``
+    and ``best_iteration``.
     """
     from sklearn.model_selection import train_test_split
     from xgboost import XGBClassifier
@@ -198,7 +203,7 @@ def shortcut_auroc(train_X: pd.DataFrame, train_y, eval_sets: Mapping[str, tuple
                          f"lenses and {counts[0]} non-lenses")
     if not 0 < early_stopping_fraction < 1:
         raise ValueError(f"early_stopping_fraction must lie in (0, 1), got {early_stopping_fraction}")
-    for name, (ex, ey) in eval_sets.items():
+    for name, (ex, ey, *_) in eval_sets.items():
         if list(pd.DataFrame(ex).columns) != list(X.columns):
             raise ValueError(f"eval set {name!r} has columns {list(pd.DataFrame(ex).columns)}, train_X has "
                              f"{list(X.columns)}")
@@ -208,12 +213,17 @@ def shortcut_auroc(train_X: pd.DataFrame, train_y, eval_sets: Mapping[str, tuple
                           subsample=0.8, colsample_bytree=0.8, eval_metric="logloss", early_stopping_rounds=30,
                           tree_method="hist", random_state=seed, n_jobs=n_jobs)
     model.fit(fit_X, fit_y, eval_set=[(stop_X, stop_y)], verbose=False)
-    out = {"auroc": {}, "n_lenses": {}, "n_nonlenses": {}}
-    for name, (ex, ey) in eval_sets.items():
+    out = {"auroc": {}, "n_lenses": {}, "n_nonlenses": {}, "scores": {}, "auroc_by_kind": {}}
+    for name, (ex, ey, *kinds) in eval_sets.items():
         ey = np.asarray(ey).astype(int)
         ex = pd.DataFrame(ex)
         s = model.predict_proba(ex)[:, 1] if len(ex) else np.empty(0)
         out["auroc"][name] = _auroc_or_nan(ey, s)
+        out["scores"][name] = s
+        if kinds:
+            if len(kinds[0]) != len(ey):
+                raise ValueError(f"eval set {name!r} has {len(ey)} rows but {len(kinds[0])} kinds")
+            out["auroc_by_kind"][name] = auroc_by_kind(ey, s, kinds[0])
         out["n_lenses"][name] = int((ey == 1).sum())
         out["n_nonlenses"][name] = int((ey == 0).sum())
     gain = model.get_booster().get_score(importance_type="gain")

@@ -332,7 +332,7 @@ def test_shortcut_audit_scores_the_test_split_and_each_heldout_family_from_the_t
     assert meta["heldout_heldout_shortcut_auroc"] == meta["heldout_shortcut_auroc"]
     assert np.isnan(meta["heldout_galsim_shortcut_auroc"])
     assert meta["lensing_only_shortcut_auroc"] == pytest.approx(doc["auroc"]["lensing_only"], nan_ok=True)
-    assert list(meta)[0] == "summary" and "| galsim | no objects | 0 | 0 |" in meta["summary"]
+    assert list(meta)[0] == "summary" and "| galsim | no objects | no objects | 0 | 0 |" in meta["summary"]
     splits = pd.read_parquet(storage.path("splits", SURVEY, "dataset_splits.parquet"))
     features = pd.read_parquet(storage.path("reports", SURVEY, "shortcut", "features.parquet"))
     assert doc["n_train"] == (splits["split"] == "train").sum()
@@ -347,6 +347,36 @@ def test_shortcut_audit_scores_the_test_split_and_each_heldout_family_from_the_t
     assert checks == {"shortcut_auroc_at_most_gate": meta["shortcut_auroc"] <= 0.65}
     # the report reads the audit
     assert _metadata(result, "bologna_report")["shortcut_auroc"] == pytest.approx(meta["shortcut_auroc"])
+    # each row's score, and the AUROC of every test lens against each non-lens type recomputed from it
+    from sklearn.metrics import roc_auc_score
+
+    assert features.loc[features["split"] == "train", "shortcut_score"].isna().all()
+    test = features[features["split"] == "test"].merge(
+        pd.read_parquet(storage.path("catalog", SURVEY, "cutout_catalog.parquet"), columns=["objid", "sim_kind"]),
+        on="objid", suffixes=("", "_catalog"))
+    assert (test["sim_kind"] == test["sim_kind_catalog"]).all()
+    assert roc_auc_score(test["label"], test["shortcut_score"]) == pytest.approx(doc["auroc"]["test"])
+    by = meta["shortcut_auroc_by_kind"]["test"]
+    assert set(by) == set(test.loc[test["label"] == 0, "sim_kind"])
+    lens = test.loc[test["label"] == 1, "shortcut_score"]
+    for kind, v in by.items():
+        other = test.loc[(test["label"] == 0) & (test["sim_kind"] == kind), "shortcut_score"]
+        assert v["auroc"] == pytest.approx(roc_auc_score(np.r_[np.ones(len(lens)), np.zeros(len(other))],
+                                                         np.r_[lens, other]))
+    assert "Shortcut AUROC of every lens against each non-lens type" in meta["summary"]
+    # the same classifier trained and scored without the twins (the lens/twin pairs have no such figure)
+    from lens_assets.science.shortcut import shortcut_auroc
+
+    cols = list(doc["feature_importance"])
+    nt = features[features["sim_kind"] != "twin"]
+    tr, te = nt[nt["split"] == "train"], nt[nt["split"] == "test"]
+    again = shortcut_auroc(tr[cols], tr["label"], {"test": (te[cols], te["label"])}, seed=0)["auroc"]["test"]
+    assert meta["shortcut_auroc_without_twins"] == pytest.approx(again) == doc["auroc_without_twins"]["test"]
+    assert (features["sim_kind"] == "twin").any() and "lensing_only" not in doc["auroc_without_twins"]
+    report = storage.path("reports", SURVEY, "bologna", "report.md").read_text()
+    assert "## Shortcut AUROC against each non-lens type" in report
+    assert (f"| shortcut AUROC without the twins (trained and scored without them) | "
+            f"{meta['shortcut_auroc_without_twins']:.3f} |") in report
 
 
 def test_shortcut_audit_gate_follows_its_config(graph_copy):

@@ -162,3 +162,36 @@ def test_shortcut_auroc_refuses_eval_sets_with_other_columns():
     X = _table(rng, 40)
     with pytest.raises(ValueError, match=r"eval set 'test' has columns \['a'\], train_X has \['a', 'b', 'c'\]"):
         shortcut_auroc(X, np.repeat([0, 1], 20), {"test": (X[["a"]], np.zeros(40))})
+
+
+def test_shortcut_auroc_by_kind_finds_the_one_type_the_statistics_separate():
+    # lenses and the "plain" non-lenses share one distribution; the "bright" non-lenses sit far off in "a":
+    # against the plain ones the classifier is at chance, against the bright ones perfect, and the set's
+    # AUROC is the share-weighted mean of the two (each non-lens is paired with every lens)
+    rng = np.random.default_rng(3)
+    y = np.repeat([0, 0, 1], 600)
+    kind = np.repeat(["plain", "bright", "lens"], 600)
+    X = _table(rng, 1800)
+    X.loc[kind == "bright", "a"] -= 10
+    ey = np.repeat([0, 0, 1], 300)
+    ekind = np.repeat(["plain", "bright", "lens"], 300)
+    ex = _table(rng, 900)
+    ex.loc[ekind == "bright", "a"] -= 10
+    out = shortcut_auroc(X, y, {"test": (ex, ey, ekind), "no_kinds": (ex, ey)}, seed=0)
+    by = out["auroc_by_kind"]["test"]
+    assert list(by) == ["plain", "bright"]  # lowest AUROC first
+    assert by["bright"]["auroc"] > 0.99 and abs(by["plain"]["auroc"] - 0.5) < 0.1
+    assert by["plain"]["share"] == by["bright"]["share"] == 0.5 and by["plain"]["n"] == 300
+    assert out["auroc"]["test"] == pytest.approx(sum(v["share"] * v["auroc"] for v in by.values()))
+    assert "no_kinds" not in out["auroc_by_kind"]
+    assert out["scores"]["test"].shape == (900,)
+    from sklearn.metrics import roc_auc_score
+
+    assert roc_auc_score(ey, out["scores"]["test"]) == pytest.approx(out["auroc"]["test"])
+
+
+def test_shortcut_auroc_refuses_kinds_of_another_length():
+    rng = np.random.default_rng(0)
+    X = _table(rng, 40)
+    with pytest.raises(ValueError, match=r"eval set 'test' has 40 rows but 3 kinds"):
+        shortcut_auroc(X, np.repeat([0, 1], 20), {"test": (X, np.repeat([0, 1], 20), ["a", "b", "c"])})
