@@ -31,6 +31,8 @@ Levers (a family file written from ``physical.toml`` with one section changed):
   square root of it): a ceiling experiment, what the finder learns when noise hides less. Only the training
   population and its val/test splits are deeper: the held-out families and the lens/twin pairs stay at the survey's
   depth, so their figures measure a finder trained deep and tested at survey depth.
+* ``negatives=<type>:<weight>/...``: physical with those ``[negatives]`` weights (the other types keep theirs), e.g.
+  more of the lens-like mimics (rings, spirals, compact blobs) and fewer twins.
 * ``group=<fraction>``: physical with that share of deflectors at the centre of a group halo
   (``[deflector] group_fraction``): group-scale lenses, whose arcs lie further out than the galaxy's light implies.
 
@@ -65,6 +67,7 @@ Shard levers (the physical population and member, the PSF matching changed):
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import tempfile
 import time
@@ -75,7 +78,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _util import edit_toml_key as _edit, report  # noqa: E402
 
 LEVERS = ("physical", "baseline", "no_twins", "no_environment", "no_observation", "selection_without_collett_terms")
-VALUE_LEVERS = ("deep=<factor>", "group=<fraction>")  # a family written from physical.toml with one value set
+VALUE_LEVERS = ("deep=<factor>", "group=<fraction>", "negatives=<type>:<weight>/...")  # a family written from physical.toml with one value set
 TRAINING_LEVERS = ("film", "colour_residual", "radial_residual", "head_dropout[=p]", "upsample=<k>", "arc_attention",
                    "fresh=<share>", "physics[=w]", "theta_e_balance=<alpha>",
                    "member=<backbone>")  # the physical population, another training choice
@@ -139,6 +142,31 @@ def group_share(lever: str) -> float:
     return lever_number(lever, lambda v: 0.0 <= v <= 1.0, "the group share must be a number in [0, 1]")
 
 
+def lever_slug(lever: str) -> str:
+    """``lever`` as a file and family name: ``=`` dropped, other characters outside ``[A-Za-z0-9_.]`` as ``_``; past
+    32 characters its first 23 and 8 hex digits of its sha1 (a family name is written into each file's header)."""
+    import hashlib
+
+    slug = re.sub(r"[^A-Za-z0-9_.]", "_", lever.replace("=", ""))
+    return slug if len(slug) <= 32 else f"{slug[:23]}_{hashlib.sha1(lever.encode()).hexdigest()[:8]}"
+
+
+def negative_weights(lever: str) -> dict:
+    """The ``[negatives]`` weights a ``negatives=<type>:<weight>/...`` lever sets (the other types keep theirs)."""
+    from lens_assets.science.families import PHYSICAL_NEGATIVE_TYPES
+
+    out = {}
+    for part in lever.split("=", 1)[1].split("/") if "=" in lever else []:
+        kind, _, value = part.partition(":")
+        if kind not in PHYSICAL_NEGATIVE_TYPES:
+            raise ValueError(f"lever {lever!r}: {kind!r} is not a non-lens type of the physical population; the "
+                             f"types are {list(PHYSICAL_NEGATIVE_TYPES)}")
+        out[kind] = lever_number(f"{kind}={value}", lambda v: v >= 0, "each weight must be a number >= 0")
+    if not out:
+        raise ValueError(f"lever {lever!r}: give weights as negatives=<type>:<weight>/<type>:<weight>...")
+    return out
+
+
 def family_file(lever: str, out_dir: Path) -> str:
     """The family (name or TOML path) that trains the ``lever`` run."""
     from lens_assets.science.families import FAMILY_DIR
@@ -147,7 +175,7 @@ def family_file(lever: str, out_dir: Path) -> str:
         return lever
     if training_overrides(lever) or shard_overrides(lever):
         return "physical"
-    slug = lever.replace("=", "")
+    slug = lever_slug(lever)
     text = (FAMILY_DIR / "physical.toml").read_text()
     if not lever.startswith("deep="):  # deep keeps the name: objects are seeded by it, so these are the same scenes
         text = text.replace('name = "physical"', f'name = "physical_{slug}"', 1)
@@ -155,6 +183,9 @@ def family_file(lever: str, out_dir: Path) -> str:
         text = _edit(text, "noise", "render_exposure_factor", repr(deep_factor(lever)))
     elif lever.startswith("group="):
         text = _edit(text, "deflector", "group_fraction", repr(group_share(lever)))
+    elif lever.startswith("negatives="):
+        for kind, weight in negative_weights(lever).items():
+            text = _edit(text, "negatives", kind, repr(weight))
     elif lever == "no_twins":
         text = _edit(text, "negatives", "twin", "0.0")
     elif lever == "no_environment":
@@ -187,7 +218,7 @@ def run_lever(lever: str, args, work: Path) -> dict:
     from lens_assets.definitions import defs
     from lens_assets.profiles import run_config
 
-    root = work / lever
+    root = work / lever_slug(lever)
     family = family_file(lever, work)
     ov = {"simulated_cutouts": {"n_cutouts": args.n_cutouts, "n_heldout": args.n_heldout, "family": family,
                                 "more_heldout_families": args.heldout, "n_pairs": args.n_pairs,
@@ -256,7 +287,9 @@ def main(argv=None) -> list[dict]:
             deep_factor(lv)  # a bad factor stops here, before hours of runs
         if lv.startswith("group="):
             group_share(lv)
-    unknown = [lv for lv in levers if lv not in LEVERS and not lv.startswith(("deep=", "group="))
+        if lv.startswith("negatives="):
+            negative_weights(lv)
+    unknown = [lv for lv in levers if lv not in LEVERS and not lv.startswith(("deep=", "group=", "negatives="))
                and not training_overrides(lv) and not shard_overrides(lv)]  # before hours of runs
     if unknown:
         raise SystemExit(f"unknown lever(s) {unknown}; levers are "

@@ -36,5 +36,16 @@ def test_numeric_ablation_levers_are_checked_before_any_run():
             bench_ablation.deep_factor(lever) if lever.startswith("deep") else (
                 bench_ablation.group_share(lever) if lever.startswith("group") else
                 bench_ablation.training_overrides(lever))
+    assert bench_ablation.negative_weights("negatives=twin:0.2/ring:0.25") == {"twin": 0.2, "ring": 0.25}
+    for lever, what in (("negatives=halo:0.2", "'halo' is not a non-lens type"),
+                        ("negatives=ring:-1", ">= 0"), ("negatives=ring", ">= 0"), ("negatives=", "'' is not a non-lens type")):
+        with pytest.raises(ValueError, match=what):
+            bench_ablation.main(["--levers", f"physical,{lever}"])  # refused before any run
+    with pytest.raises(ValueError, match="give weights as"):
+        bench_ablation.negative_weights("negatives")
+    assert bench_ablation.lever_slug("negatives=twin:0.2/ring:0.25") == "negativestwin_0.2_ring_0.25"
+    long = bench_ablation.lever_slug("negatives=twin:0.2/ring:0.2/spiral:0.2/companion_blob:0.2")
+    assert len(long) == 32 and long.startswith("negativestwin_0.2_ring_")
+    assert long != bench_ablation.lever_slug("negatives=twin:0.2/ring:0.2/spiral:0.2/companion_blob:0.3")
     with pytest.raises(SystemExit, match="unknown lever"):  # main refuses before any run
         bench_ablation.main(["--levers", "physical,no_such_lever"])
