@@ -35,7 +35,8 @@ from lens_assets.science.surveys import get_survey
 
 EVALUATION_CODE_VERSION = "eval-9"  # 4: fit on the val split's calibrate half; 5: uncertainty; 6: in probability units;
 # 7: the report's AUROC of the lenses with arc S/N >= 100; 8: each non-lens type's share in by_kind; 9: AUROC per
-# Einstein-radius bin
+# Einstein-radius bin. score_calibrator keeps it; the report has its own from 10 on
+REPORT_CODE_VERSION = "eval-10"  # 10: the shortcut audit's AUROC per non-lens type and its figure without the twins
 SHORTCUT_CODE_VERSION = "shortcut-2"  # 2: AUROC per non-lens type, each row's score
 SCORED_SPLITS = ("val", "test", "heldout", LENSING_ONLY)
 DEFAULT_HELDOUT_FAMILIES = ["heldout", "galsim"]
@@ -647,7 +648,7 @@ def read_shortcut(storage: LocalStorage, survey: str) -> dict | None:
 @survey_asset(
     group_name="evaluation",
     kinds={"python", "markdown"},
-    code_version=EVALUATION_CODE_VERSION,
+    code_version=REPORT_CODE_VERSION,
     deps=[score_calibrator, shortcut_audit],
     check_specs=REPORT_CHECKS,
 )
