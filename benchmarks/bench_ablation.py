@@ -142,6 +142,13 @@ def group_share(lever: str) -> float:
     return lever_number(lever, lambda v: 0.0 <= v <= 1.0, "the group share must be a number in [0, 1]")
 
 
+def heldout_names(families) -> list[str]:
+    """The family names (``SIMFAM``, what the evaluation selects by) of ``--heldout`` entries, names or TOML paths."""
+    from lens_assets.science.families import load_family
+
+    return [load_family(f).name for f in families]
+
+
 def lever_slug(lever: str) -> str:
     """``lever`` as a file and family name: ``=`` dropped, other characters outside ``[A-Za-z0-9_.]`` as ``_``; past
     32 characters its first 23 and 8 hex digits of its sha1 (a family name is written into each file's header)."""
@@ -217,6 +224,7 @@ def run_lever(lever: str, args, work: Path) -> dict:
 
     from lens_assets.definitions import defs
     from lens_assets.profiles import run_config
+    from lens_assets.science.simulation import LENSING_ONLY
 
     root = work / lever_slug(lever)
     family = family_file(lever, work)
@@ -224,10 +232,11 @@ def run_lever(lever: str, args, work: Path) -> dict:
                                 "more_heldout_families": args.heldout, "n_pairs": args.n_pairs,
                                 "pairs_family": "physical"},
           "psf_matched_shards": shard_overrides(lever),
+          "dataset_splits": {"exclude_families": ["heldout", LENSING_ONLY, *heldout_names(args.heldout)]},
           "lens_classifier": {"members": args.members, "epochs": args.epochs, "max_minutes": args.max_minutes,
                               "seed": getattr(args, "train_seed", 0), **training_overrides(lever)},
-          "score_calibrator": {"fusion": "mean", "heldout_families": ["heldout", *args.heldout]},
-          "shortcut_audit": {"heldout_families": ["heldout", *args.heldout]}}
+          "score_calibrator": {"fusion": "mean", "heldout_families": ["heldout", *heldout_names(args.heldout)]},
+          "shortcut_audit": {"heldout_families": ["heldout", *heldout_names(args.heldout)]}}
     config = run_config("demo", seed=args.seed, overrides=ov)
     config["loggers"] = {"console": {"config": {"log_level": "WARNING"}}}
     from lens_assets.resources.storage import LocalStorage
@@ -257,19 +266,20 @@ def run_lever(lever: str, args, work: Path) -> dict:
            "shortcut_auroc": meta["shortcut_audit"]["shortcut_auroc"],
            "shortcut_auroc_without_twins": meta["shortcut_audit"].get("shortcut_auroc_without_twins", float("nan")),
            "train_img_per_s": lc.get(f"{member}/train_img_per_s", float("nan"))}
-    for fam in args.heldout:
+    for fam in heldout_names(args.heldout):
         row[f"heldout_{fam}_auroc"] = r.get(f"heldout_{fam}_auroc", float("nan"))
     return row
 
 
-def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--levers", default=",".join(LEVERS))
+def arg_parser(description: str = __doc__) -> argparse.ArgumentParser:
+    """The options of one ablation run: the data sizes, held-out families, member, epochs, seeds, work folder."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--survey", default="des")
     ap.add_argument("--n-cutouts", type=int, default=3000)
     ap.add_argument("--n-heldout", type=int, default=600)
     ap.add_argument("--n-pairs", type=int, default=300)
-    ap.add_argument("--heldout", default="galsim", help="further held-out families (comma-separated; '' for none)")
+    ap.add_argument("--heldout", default="galsim",
+                    help="further held-out families, names or TOML paths (comma-separated; '' for none)")
     ap.add_argument("--members", default="resnet10t")
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--seed", type=int, default=0)
@@ -278,6 +288,12 @@ def main(argv=None) -> list[dict]:
                     help="train every lever for this many minutes (equal CPU budget; set --epochs high and the "
                          "cosine schedule spans --epochs); 0: --epochs decides")
     ap.add_argument("--work", default=None, help="folder for the runs' data (default: a temporary one)")
+    return ap
+
+
+def main(argv=None) -> list[dict]:
+    ap = arg_parser()
+    ap.add_argument("--levers", default=",".join(LEVERS))
     args = ap.parse_args(argv)
     args.members = args.members.split(",")
     args.heldout = [f for f in args.heldout.split(",") if f]
@@ -303,7 +319,7 @@ def main(argv=None) -> list[dict]:
             rows.append(run_lever(lever, args, work))
             print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in rows[-1].items()}, flush=True)
     cols = ["auroc", "tpr10", "fnr_flux_ratio_lt_0.1", "auroc_flux_ratio_lt_0.1", "heldout_auroc",
-            *[f"heldout_{f}_auroc" for f in args.heldout], "lensing_only_auroc", "shortcut_auroc",
+            *[f"heldout_{f}_auroc" for f in heldout_names(args.heldout)], "lensing_only_auroc", "shortcut_auroc",
             "shortcut_auroc_without_twins"]
     head = "| lever | " + " | ".join(cols) + " | wall min |"
     lines = [head, "|" + "---|" * (len(cols) + 2)]

@@ -49,3 +49,26 @@ def test_numeric_ablation_levers_are_checked_before_any_run():
     assert long != bench_ablation.lever_slug("negatives=twin:0.2/ring:0.2/spiral:0.2/companion_blob:0.3")
     with pytest.raises(SystemExit, match="unknown lever"):  # main refuses before any run
         bench_ablation.main(["--levers", "physical,no_such_lever"])
+
+
+def test_heldout_variants_each_change_only_their_own_priors(tmp_path):
+    import bench_heldout_attribution as attribution
+
+    from lens_assets.science.families import load_family
+
+    base = load_family("heldout")
+    files = attribution.variant_files(tmp_path)
+    assert set(files) == set(attribution.VARIANTS)
+    for name, path in files.items():
+        fam = load_family(path)
+        assert fam.name == f"heldout_{name}"
+        changed = {(s, k) for s, k, _ in attribution.VARIANTS[name]}
+        for section, priors in base.sections.items():
+            for key, prior in priors.items():
+                new = fam.sections[section][key]
+                same = (new.dist, dict(new.params)) == (prior.dist, dict(prior.params))
+                assert same != ((section, key) in changed), (name, section, key)
+        if ("negatives", "plain") not in changed:
+            assert fam.negative_weights == base.negative_weights
+    plain = load_family(files["plain_negatives"]).negative_weights
+    assert plain["plain"] == 1.0 and sum(plain.values()) == 1.0
