@@ -179,7 +179,8 @@ def shortcut_audit(context: dg.AssetExecutionContext, config: ShortcutConfig,
     with atomic_path(storage.path(*layout.shortcut_features(survey.name))) as tmp:
         table.to_parquet(tmp, index=False)
     doc = {"survey": survey.name, **result, "auroc_without_twins": without_twins, "families": families,
-           "seconds_features": t_features, "seconds": seconds, "n_rows": len(rows), "gate": {"max_shortcut_auroc": config.max_shortcut_auroc}}
+           "seconds_features": t_features, "seconds": seconds, "n_rows": len(rows),
+           "gate": {"max_shortcut_auroc": config.max_shortcut_auroc}}
     doc_path = write_text_atomic(storage.path(*layout.shortcut_doc(survey.name)),
                                  json.dumps(doc, indent=2, default=float))
     plot = importance_plot(result["feature_importance"], storage.path(*layout.shortcut_importance(survey.name)),
@@ -700,8 +701,9 @@ def bologna_report(context: dg.AssetExecutionContext, config: ReportConfig,
                                              "min_lensing_only_auroc", "max_fnr_flux_ratio_lt_0_1")}
     report = {"survey": survey.name, "in_distribution": ind, "heldout": held, "families": figures["families"],
               "lensing_only": pairs, "by_kind": figures.get("by_kind", {}),
-              "uncertainty": figures.get("uncertainty", {}), "shortcut": shortcut and {k: shortcut[k] for k in ("auroc", "n_lenses",
-                                                                                       "n_nonlenses")},
+              "uncertainty": figures.get("uncertainty", {}),
+              "shortcut": shortcut and {k: shortcut[k] for k in ("auroc", "n_lenses", "n_nonlenses",
+                                                                 "auroc_without_twins") if k in shortcut},
               "gap": {k: ind[k] - held[k] for k in ("auroc", "tpr0", "tpr10") if k in held},
               "calibrator": calibrator, "scores_path": str(path), "gates": gates}
     md = storage.path(*layout.report_md(survey.name))

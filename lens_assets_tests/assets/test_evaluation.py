@@ -377,6 +377,9 @@ def test_shortcut_audit_scores_the_test_split_and_each_heldout_family_from_the_t
     assert "## Shortcut AUROC against each non-lens type" in report
     assert (f"| shortcut AUROC without the twins (trained and scored without them) | "
             f"{meta['shortcut_auroc_without_twins']:.3f} |") in report
+    block = json.loads(storage.path("reports", SURVEY, "bologna", "report.json").read_text())["shortcut"]
+    assert block["auroc_without_twins"]["test"] == meta["shortcut_auroc_without_twins"]
+    assert block["auroc"] == doc["auroc"]
 
 
 def test_shortcut_audit_gate_follows_its_config(graph_copy):
