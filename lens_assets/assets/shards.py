@@ -16,7 +16,7 @@ from lens_assets.science.splits import (SPLITS, VAL_ROLES, balance_table, cross_
 from lens_assets.science.surveys import get_survey
 
 SHARDS_CODE_VERSION = f"shards-{SHARD_FORMAT_VERSION}"
-SPLITS_CODE_VERSION = "splits-3"  # splits-3: val_role halves of the val split
+SPLITS_CODE_VERSION = "splits-4"  # splits-3: val_role halves of the val split; 4: the simulation's held-out families
 FWHM_TOLERANCE = 0.03
 
 
@@ -140,6 +140,22 @@ SPLIT_CHECKS = [
 ]
 
 
+def simulated_heldout_families(instance: dg.DagsterInstance, survey: str) -> list[str]:
+    """The held-out families of the latest ``simulated_cutouts`` materialization of ``survey`` on ``instance`` (its
+    ``heldout_families`` metadata; none when it has not run there). ``dataset_splits`` keeps them out of the splits
+    beside its ``exclude_families``, so a held-out family named only in the simulation's config cannot reach
+    training."""
+    from lens_assets.assets.simulation import simulated_cutouts
+
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=simulated_cutouts.key, asset_partitions=[survey]), limit=1).records
+    if not records:
+        return []
+    value = records[0].asset_materialization.metadata.get("heldout_families")
+    text = getattr(value, "value", value) or ""
+    return [f for f in str(text).split(",") if f]
+
+
 @survey_asset(
     group_name="datasets",
     kinds={"python", "parquet"},
@@ -165,10 +181,12 @@ def dataset_splits(context: dg.AssetExecutionContext, config: SplitConfig,
     in_shards = set(pd.read_parquet(rows_path, columns=["objid"])["objid"])
     catalog = catalog[catalog["objid"].isin(in_shards)]
     ref = survey.band(survey.reference_band).name
+    simulated = simulated_heldout_families(context.instance, survey.name)
+    exclude = tuple(dict.fromkeys([*config.exclude_families, *simulated]))
     result = make_splits(catalog, reference_band=ref, fractions=tuple(config.fractions), seed=config.seed,
                          link_arcsec=config.link_arcsec, n_bins=config.n_bins,
                          min_groups_per_stratum=config.min_groups_per_stratum,
-                         exclude_families=tuple(config.exclude_families))
+                         exclude_families=exclude)
     table = result.table
     out = storage.write_parquet(table, *layout.splits_table(survey.name))
     checks = split_checks(table, tolerance=config.label_fraction_tolerance)
@@ -191,6 +209,7 @@ def dataset_splits(context: dg.AssetExecutionContext, config: SplitConfig,
         **{f"lens_fraction_val_{r}": halves[r]["lens_fraction"] for r in VAL_ROLES},
         "splits": dg.MetadataValue.md(summary.to_markdown(index=False)),
         "excluded": dg.MetadataValue.json(result.excluded),
+        "excluded_families": ",".join(exclude),
         "n_strata": int(table["stratum"].nunique()),
         "n_strata_merged": len(result.merged),
         "merged": dg.MetadataValue.md(

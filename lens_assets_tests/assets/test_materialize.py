@@ -140,3 +140,32 @@ def test_a_failed_shard_build_leaves_nothing_half_built(storage):
                        run_config={"ops": {"psf_matched_shards": {"config": {"workers": 1}}}})
     assert not storage.path("shards", "sdss").exists()
     assert list(storage.path("tmp").iterdir()) == []
+
+
+def test_a_heldout_family_named_only_in_the_simulation_config_stays_out_of_the_splits(storage, tmp_path):
+    from lens_assets.assets.shards import dataset_splits, psf_matched_shards, simulated_heldout_families
+    from lens_assets.science.families import FAMILY_DIR
+
+    # a held-out family of the user's own, outside dataset_splits' default exclude_families
+    own = tmp_path / "mine.toml"
+    own.write_text((FAMILY_DIR / "heldout.toml").read_text().replace('name = "heldout"', 'name = "mine"', 1))
+    instance = dg.DagsterInstance.ephemeral()
+    assert simulated_heldout_families(instance, "sdss") == []  # nothing simulated on this instance yet
+    run_config = {"ops": {"simulated_cutouts": {"config": {"n_cutouts": 24, "n_heldout": 6, "n_pairs": 0, "seed": 3,
+                                                           "workers": 1, "more_heldout_families": [str(own)]}},
+                          "cutout_catalog": {"config": {"workers": 1}},
+                          "psf_matched_shards": {"config": {"workers": 1, "rows_per_shard": 20}},
+                          "dataset_splits": {"config": {"min_groups_per_stratum": 3}}}}
+    result = dg.materialize([simulated_cutouts, cutout_catalog, psf_matched_shards, dataset_splits],
+                            partition_key="sdss", resources={"storage": storage}, run_config=run_config,
+                            instance=instance)
+    assert result.success
+    assert simulated_heldout_families(instance, "sdss") == ["heldout", "mine"]
+    assert simulated_heldout_families(instance, "des") == []  # per survey
+    splits = _metadata(result, "dataset_splits")
+    assert splits["excluded_families"] == "heldout,lensing_only,galsim,mine"
+    catalog = pd.read_parquet(_metadata(result, "cutout_catalog")["path"])
+    assert (catalog["sim_family"] == "mine").sum() == 6
+    table = pd.read_parquet(splits["path"])
+    in_splits = set(catalog.loc[catalog["objid"].isin(table["objid"]), "sim_family"])
+    assert in_splits == {"physical"} and len(table) == 24
