@@ -33,6 +33,8 @@ Levers (a family file written from ``physical.toml`` with one section changed):
   depth, so their figures measure a finder trained deep and tested at survey depth.
 * ``negatives=<type>:<weight>/...``: physical with those ``[negatives]`` weights (the other types keep theirs), e.g.
   more of the lens-like mimics (rings, spirals, compact blobs) and fewer twins.
+* ``toml=<section>.<key>:<number>/...``: physical with those numeric keys set (any section; the family loader
+  checks the result), e.g. ``toml=deflector.group_fraction:0.5/deflector.group_central_sigma_min_kms:150``.
 * ``group=<fraction>``: physical with that share of deflectors at the centre of a group halo
   (``[deflector] group_fraction``): group-scale lenses, whose arcs lie further out than the galaxy's light implies.
 
@@ -78,7 +80,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _util import edit_toml_key as _edit, report  # noqa: E402
 
 LEVERS = ("physical", "baseline", "no_twins", "no_environment", "no_observation", "selection_without_collett_terms")
-VALUE_LEVERS = ("deep=<factor>", "group=<fraction>", "negatives=<type>:<weight>/...")  # a family written from physical.toml with one value set
+VALUE_LEVERS = ("deep=<factor>", "group=<fraction>", "negatives=<type>:<weight>/...",
+                "toml=<section>.<key>:<number>/...")  # a family written from physical.toml with one value set
 TRAINING_LEVERS = ("film", "colour_residual", "radial_residual", "head_dropout[=p]", "upsample=<k>", "arc_attention",
                    "fresh=<share>", "physics[=w]", "theta_e_balance=<alpha>",
                    "member=<backbone>")  # the physical population, another training choice
@@ -174,6 +177,21 @@ def negative_weights(lever: str) -> dict:
     return out
 
 
+def toml_edits(lever: str) -> list[tuple[str, str, str]]:
+    """The ``(section, key, value)`` edits of a ``toml=<section>.<key>:<value>/...`` lever; each value a number."""
+    out = []
+    for part in lever.split("=", 1)[1].split("/") if "=" in lever else []:
+        name, _, value = part.partition(":")
+        section, _, key = name.partition(".")
+        if not section or not key:
+            raise ValueError(f"lever {lever!r}: {part!r} is not <section>.<key>:<value>")
+        out.append((section, key, repr(lever_number(f"{name}={value}", lambda v: v == v, "each value must be a "
+                                                    "number"))))
+    if not out:
+        raise ValueError(f"lever {lever!r}: give edits as toml=<section>.<key>:<value>/...")
+    return out
+
+
 def family_file(lever: str, out_dir: Path) -> str:
     """The family (name or TOML path) that trains the ``lever`` run."""
     from lens_assets.science.families import FAMILY_DIR
@@ -190,6 +208,9 @@ def family_file(lever: str, out_dir: Path) -> str:
         text = _edit(text, "noise", "render_exposure_factor", repr(deep_factor(lever)))
     elif lever.startswith("group="):
         text = _edit(text, "deflector", "group_fraction", repr(group_share(lever)))
+    elif lever.startswith("toml="):
+        for section, key, value in toml_edits(lever):
+            text = _edit(text, section, key, value)
     elif lever.startswith("negatives="):
         for kind, weight in negative_weights(lever).items():
             text = _edit(text, "negatives", kind, repr(weight))
@@ -216,6 +237,9 @@ def family_file(lever: str, out_dir: Path) -> str:
                          f"{list(LEVERS) + list(VALUE_LEVERS) + list(TRAINING_LEVERS)}")
     path = out_dir / f"physical_{slug}.toml"
     path.write_text(text)
+    from lens_assets.science.families import load_family
+
+    load_family(path)  # an edit the family refuses stops here, before the run
     return str(path)
 
 
@@ -305,7 +329,10 @@ def main(argv=None) -> list[dict]:
             group_share(lv)
         if lv.startswith("negatives="):
             negative_weights(lv)
-    unknown = [lv for lv in levers if lv not in LEVERS and not lv.startswith(("deep=", "group=", "negatives="))
+        if lv.startswith("toml="):
+            toml_edits(lv)
+    unknown = [lv for lv in levers if lv not in LEVERS
+               and not lv.startswith(("deep=", "group=", "negatives=", "toml="))
                and not training_overrides(lv) and not shard_overrides(lv)]  # before hours of runs
     if unknown:
         raise SystemExit(f"unknown lever(s) {unknown}; levers are "
