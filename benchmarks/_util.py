@@ -62,3 +62,18 @@ def edit_toml_key(text: str, section: str, key: str, value: str) -> str:
     if not done:
         raise KeyError(f"the family TOML has no {key} in [{section}]")
     return "\n".join(lines) + "\n"
+
+
+def write_family(base: str, path: Path, edits, *, name: str | None = None) -> Path:
+    """The packaged family ``base`` written to ``path`` with ``edits`` ((section, key, value) each, values as TOML
+    text) and renamed to ``name`` when given, then loaded, so an edit the family refuses stops here."""
+    from lens_assets.science.families import FAMILY_DIR, load_family
+
+    text = (FAMILY_DIR / f"{base}.toml").read_text()
+    if name is not None:
+        text = text.replace(f'name = "{base}"', f'name = "{name}"', 1)
+    for section, key, value in edits:
+        text = edit_toml_key(text, section, key, value)
+    Path(path).write_text(text)
+    load_family(path)
+    return Path(path)

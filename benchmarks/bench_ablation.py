@@ -77,9 +77,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _util import edit_toml_key as _edit, report  # noqa: E402
+from _util import report, write_family  # noqa: E402
 
 LEVERS = ("physical", "baseline", "no_twins", "no_environment", "no_observation", "selection_without_collett_terms")
+POPULATION_PREFIXES = ("deep=", "group=", "negatives=", "toml=")  # population levers that carry a value
 VALUE_LEVERS = ("deep=<factor>", "group=<fraction>", "negatives=<type>:<weight>/...",
                 "toml=<section>.<key>:<number>/...")  # a family written from physical.toml with one value set
 TRAINING_LEVERS = ("film", "colour_residual", "radial_residual", "head_dropout[=p]", "upsample=<k>", "arc_attention",
@@ -185,62 +186,52 @@ def toml_edits(lever: str) -> list[tuple[str, str, str]]:
         section, _, key = name.partition(".")
         if not section or not key:
             raise ValueError(f"lever {lever!r}: {part!r} is not <section>.<key>:<value>")
-        out.append((section, key, repr(lever_number(f"{name}={value}", lambda v: v == v, "each value must be a "
-                                                    "number"))))
+        lever_number(f"{name}={value}", lambda v: v == v, "each value must be a number")
+        out.append((section, key, value.strip()))  # as written: an integer key stays an integer
     if not out:
         raise ValueError(f"lever {lever!r}: give edits as toml=<section>.<key>:<value>/...")
     return out
 
 
-def family_file(lever: str, out_dir: Path) -> str:
-    """The family (name or TOML path) that trains the ``lever`` run."""
-    from lens_assets.science.families import FAMILY_DIR
+def population_edits(lever: str) -> list[tuple[str, str, str]]:
+    """The ``(section, key, value)`` edits of ``physical.toml`` that make a population lever's family."""
+    if lever.startswith("deep="):
+        return [("noise", "render_exposure_factor", repr(deep_factor(lever)))]
+    if lever.startswith("group="):
+        return [("deflector", "group_fraction", repr(group_share(lever)))]
+    if lever.startswith("toml="):
+        return toml_edits(lever)
+    if lever.startswith("negatives="):
+        return [("negatives", kind, repr(weight)) for kind, weight in negative_weights(lever).items()]
+    if lever == "no_twins":
+        return [("negatives", "twin", "0.0")]
+    if lever == "no_environment":
+        return [("environment", "n_neighbours", '{ dist = "randint", low = 0, high = 0 }'),
+                ("environment", "satellite_fraction", "0.0"), ("environment", "star_fraction", "0.0")]
+    if lever == "selection_without_collett_terms":
+        return [("selection", "deflector_photon_noise", "0"), ("selection", "source_size_in_resolution", "0.0")]
+    if lever == "no_observation":
+        return [*(("observation", key, "0.0") for key in ("zero_point_error_mag", "misregistration_px",
+                                                          "background_gradient_sigma", "variance_withheld_fraction",
+                                                          "small_cutout_fraction")),
+                ("noise", "sky_scale", "1.0"), ("noise", "read_noise_scale", "1.0"),
+                ("psf", "profile", '{ dist = "choice", values = ["gaussian", "moffat"], p = [0.5, 0.5] }'),
+                ("psf", "seeing_scatter_scale", "1.0")]
+    raise ValueError(f"unknown lever {lever!r}; levers are "
+                     f"{list(LEVERS) + list(VALUE_LEVERS) + list(TRAINING_LEVERS)}")
 
+
+def family_file(lever: str, out_dir: Path) -> str:
+    """The family (name or TOML path) that trains the ``lever`` run; a written family is loaded first, so an edit
+    it refuses stops here."""
     if lever in ("physical", "baseline"):
         return lever
     if training_overrides(lever) or shard_overrides(lever):
         return "physical"
     slug = lever_slug(lever)
-    text = (FAMILY_DIR / "physical.toml").read_text()
-    if not lever.startswith("deep="):  # deep keeps the name: objects are seeded by it, so these are the same scenes
-        text = text.replace('name = "physical"', f'name = "physical_{slug}"', 1)
-    if lever.startswith("deep="):
-        text = _edit(text, "noise", "render_exposure_factor", repr(deep_factor(lever)))
-    elif lever.startswith("group="):
-        text = _edit(text, "deflector", "group_fraction", repr(group_share(lever)))
-    elif lever.startswith("toml="):
-        for section, key, value in toml_edits(lever):
-            text = _edit(text, section, key, value)
-    elif lever.startswith("negatives="):
-        for kind, weight in negative_weights(lever).items():
-            text = _edit(text, "negatives", kind, repr(weight))
-    elif lever == "no_twins":
-        text = _edit(text, "negatives", "twin", "0.0")
-    elif lever == "no_environment":
-        text = _edit(text, "environment", "n_neighbours", '{ dist = "randint", low = 0, high = 0 }')
-        text = _edit(text, "environment", "satellite_fraction", "0.0")
-        text = _edit(text, "environment", "star_fraction", "0.0")
-    elif lever == "selection_without_collett_terms":
-        text = _edit(text, "selection", "deflector_photon_noise", "0")
-        text = _edit(text, "selection", "source_size_in_resolution", "0.0")
-    elif lever == "no_observation":
-        for key, value in (("zero_point_error_mag", "0.0"), ("misregistration_px", "0.0"),
-                           ("background_gradient_sigma", "0.0"), ("variance_withheld_fraction", "0.0"),
-                           ("small_cutout_fraction", "0.0")):
-            text = _edit(text, "observation", key, value)
-        text = _edit(text, "noise", "sky_scale", "1.0")
-        text = _edit(text, "noise", "read_noise_scale", "1.0")
-        text = _edit(text, "psf", "profile", '{ dist = "choice", values = ["gaussian", "moffat"], p = [0.5, 0.5] }')
-        text = _edit(text, "psf", "seeing_scatter_scale", "1.0")
-    else:
-        raise ValueError(f"unknown lever {lever!r}; levers are "
-                         f"{list(LEVERS) + list(VALUE_LEVERS) + list(TRAINING_LEVERS)}")
-    path = out_dir / f"physical_{slug}.toml"
-    path.write_text(text)
-    from lens_assets.science.families import load_family
-
-    load_family(path)  # an edit the family refuses stops here, before the run
-    return str(path)
+    # deep keeps the name: objects are seeded by it, so these are the same scenes
+    name = None if lever.startswith("deep=") else f"physical_{slug}"
+    return str(write_family("physical", out_dir / f"physical_{slug}.toml", population_edits(lever), name=name))
 
 
 def run_lever(lever: str, args, work: Path) -> dict:
@@ -248,19 +239,18 @@ def run_lever(lever: str, args, work: Path) -> dict:
 
     from lens_assets.definitions import defs
     from lens_assets.profiles import run_config
-    from lens_assets.science.simulation import LENSING_ONLY
 
     root = work / lever_slug(lever)
+    names = heldout_names(args.heldout)
     family = family_file(lever, work)
     ov = {"simulated_cutouts": {"n_cutouts": args.n_cutouts, "n_heldout": args.n_heldout, "family": family,
                                 "more_heldout_families": args.heldout, "n_pairs": args.n_pairs,
                                 "pairs_family": "physical"},
           "psf_matched_shards": shard_overrides(lever),
-          "dataset_splits": {"exclude_families": ["heldout", LENSING_ONLY, *heldout_names(args.heldout)]},
           "lens_classifier": {"members": args.members, "epochs": args.epochs, "max_minutes": args.max_minutes,
                               "seed": getattr(args, "train_seed", 0), **training_overrides(lever)},
-          "score_calibrator": {"fusion": "mean", "heldout_families": ["heldout", *heldout_names(args.heldout)]},
-          "shortcut_audit": {"heldout_families": ["heldout", *heldout_names(args.heldout)]}}
+          "score_calibrator": {"fusion": "mean", "heldout_families": ["heldout", *names]},
+          "shortcut_audit": {"heldout_families": ["heldout", *names]}}
     config = run_config("demo", seed=args.seed, overrides=ov)
     config["loggers"] = {"console": {"config": {"log_level": "WARNING"}}}
     from lens_assets.resources.storage import LocalStorage
@@ -290,7 +280,7 @@ def run_lever(lever: str, args, work: Path) -> dict:
            "shortcut_auroc": meta["shortcut_audit"]["shortcut_auroc"],
            "shortcut_auroc_without_twins": meta["shortcut_audit"].get("shortcut_auroc_without_twins", float("nan")),
            "train_img_per_s": lc.get(f"{member}/train_img_per_s", float("nan"))}
-    for fam in heldout_names(args.heldout):
+    for fam in names:
         row[f"heldout_{fam}_auroc"] = r.get(f"heldout_{fam}_auroc", float("nan"))
     return row
 
@@ -322,17 +312,12 @@ def main(argv=None) -> list[dict]:
     args.members = args.members.split(",")
     args.heldout = [f for f in args.heldout.split(",") if f]
     levers = args.levers.split(",")
-    for lv in levers:
-        if lv.startswith("deep="):
-            deep_factor(lv)  # a bad factor stops here, before hours of runs
-        if lv.startswith("group="):
-            group_share(lv)
-        if lv.startswith("negatives="):
-            negative_weights(lv)
-        if lv.startswith("toml="):
-            toml_edits(lv)
+    with tempfile.TemporaryDirectory() as tmp:  # every population lever's family is written and loaded
+        for lv in levers:
+            if lv.startswith(POPULATION_PREFIXES) or lv in LEVERS:  # a bad value stops here, before hours of runs
+                family_file(lv, Path(tmp))
     unknown = [lv for lv in levers if lv not in LEVERS
-               and not lv.startswith(("deep=", "group=", "negatives=", "toml="))
+               and not lv.startswith(POPULATION_PREFIXES)
                and not training_overrides(lv) and not shard_overrides(lv)]  # before hours of runs
     if unknown:
         raise SystemExit(f"unknown lever(s) {unknown}; levers are "
@@ -351,7 +336,8 @@ def main(argv=None) -> list[dict]:
     head = "| lever | " + " | ".join(cols) + " | wall min |"
     lines = [head, "|" + "---|" * (len(cols) + 2)]
     for row in rows:
-        lines.append(f"| {row['lever']} | " + " | ".join(f"{row[c]:.3f}" for c in cols) + f" | {row['wall_s'] / 60:.1f} |")
+        lines.append(f"| {row['lever']} | " + " | ".join(f"{row[c]:.3f}" for c in cols)
+                     + f" | {row['wall_s'] / 60:.1f} |")
     print("\n".join(lines))
     report("ablation", [(row["lever"], ", ".join(f"{c} {row[c]:.3f}" for c in cols)) for row in rows],
            {"rows": rows, "settings": {k: v for k, v in vars(args).items()}})

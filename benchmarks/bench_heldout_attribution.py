@@ -7,12 +7,12 @@ scored by one finder trained on the default population.
 The `heldout` family differs from the training population (`physical`) in many priors at once: its PSFs (Moffat
 with heavy wings), its deflectors (bluer, independent of the Einstein radius), its sources (clumpier, more
 quasars), its noise and its non-lenses (rings, spirals, mergers, chance alignments). Each variant below is
-`heldout.toml` with one of them set to the training population's (or, for ``plain_negatives``, with plain galaxies
-as its only non-lenses). The variants are further held-out families of one ``bench_ablation.py`` run (lever
-``physical``), so one trained finder scores them all, beside `heldout` itself, and a variant whose AUROC rises most
-names the difference the finder does not carry over; ``--lever`` trains the finder with another ablation lever
-instead. Each variant has its own name, so its objects are other
-draws than `heldout`'s: differences within about ±0.04 (400 objects) are noise.
+`heldout.toml` with one of them moved to the training population's (see ``VARIANTS``), or, for
+``plain_negatives``, with plain galaxies as its only non-lenses. The variants are further held-out families of
+one ``bench_ablation.py`` run (lever ``physical``), so one trained finder scores them all, beside `heldout` itself,
+and a variant whose AUROC rises most names the difference the finder does not carry over; ``--lever`` trains the
+finder with another ablation lever instead. Each variant has its own name, so its objects are other draws than
+`heldout`'s: each AUROC is within about ±0.04 (400 objects), a difference of two within about ±0.06.
 """
 
 from __future__ import annotations
@@ -23,10 +23,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _util import edit_toml_key as _edit, report  # noqa: E402
+from _util import report, write_family  # noqa: E402
 
 PHYSICAL_NOISE = '{ dist = "loguniform", low = 0.5, high = 2.0 }'
-# variant -> (section, key, value) edits of heldout.toml; values are the physical family's where it has the key
+# variant -> (section, key, value) edits of heldout.toml, each towards the training population: the physical
+# family's value where it has the same key (the noise range, the source clumpiness); one kind for what it mixes
+# (PSFs: only Gaussian, no Moffat wings; physical mixes Gaussian, Moffat with beta 2-5 and core + wings) or draws
+# another way (its red sequence reddens with redshift; here one red colour with some scatter; its lensed quasars
+# are 10% of the sources, here none)
 VARIANTS = {
     "psf_gaussian": [("psf", "profile", '{ dist = "choice", values = ["gaussian"] }')],
     # the red sequence at z ~ 0.5 (physical: beta = 2.0 + 1.2 z with scatter 0.2)
@@ -43,19 +47,8 @@ VARIANTS["all_but_negatives"] = [e for k, v in VARIANTS.items() if k != "plain_n
 
 def variant_files(out_dir: Path) -> dict[str, Path]:
     """Each variant's family TOML, written into ``out_dir`` and named ``heldout_<variant>``."""
-    from lens_assets.science.families import FAMILY_DIR, load_family
-
-    base = (FAMILY_DIR / "heldout.toml").read_text()
-    out = {}
-    for name, edits in VARIANTS.items():
-        text = base.replace('name = "heldout"', f'name = "heldout_{name}"', 1)
-        for section, key, value in edits:
-            text = _edit(text, section, key, value)
-        path = out_dir / f"heldout_{name}.toml"
-        path.write_text(text)
-        load_family(path)  # a bad edit stops here, before the run
-        out[name] = path
-    return out
+    return {name: write_family("heldout", out_dir / f"heldout_{name}.toml", edits, name=f"heldout_{name}")
+            for name, edits in VARIANTS.items()}
 
 
 def main(argv=None) -> dict:
@@ -82,7 +75,8 @@ def main(argv=None) -> dict:
     print("\n".join(lines))
     print(f"lever {args.lever}: test AUROC {row['auroc']:.3f}, lensing-only {row['lensing_only_auroc']:.3f}, "
           f"wall {row['wall_s'] / 60:.1f} min")
-    report(f"heldout_attribution_{bench_ablation.lever_slug(args.lever)}", [(k, f"{v:.3f}") for k, v in row.items() if k.startswith("heldout_")],
+    report(f"heldout_attribution_{bench_ablation.lever_slug(args.lever)}",
+           [(k, f"{v:.3f}") for k, v in row.items() if k.startswith("heldout_")],
            {"row": row, "variants": {k: [list(e) for e in v] for k, v in VARIANTS.items()},
             "settings": {k: v for k, v in vars(args).items()}})
     return row

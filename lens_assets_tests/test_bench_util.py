@@ -38,16 +38,19 @@ def test_numeric_ablation_levers_are_checked_before_any_run(tmp_path):
                 bench_ablation.training_overrides(lever))
     assert bench_ablation.negative_weights("negatives=twin:0.2/ring:0.25") == {"twin": 0.2, "ring": 0.25}
     for lever, what in (("negatives=halo:0.2", "'halo' is not a non-lens type"),
-                        ("negatives=ring:-1", ">= 0"), ("negatives=ring", ">= 0"), ("negatives=", "'' is not a non-lens type")):
+                        ("negatives=ring:-1", ">= 0"), ("negatives=ring", ">= 0"),
+                        ("negatives=", "'' is not a non-lens type")):
         with pytest.raises(ValueError, match=what):
             bench_ablation.main(["--levers", f"physical,{lever}"])  # refused before any run
     assert bench_ablation.toml_edits("toml=deflector.group_fraction:0.5/selection.min_arc_snr:10") == [
-        ("deflector", "group_fraction", "0.5"), ("selection", "min_arc_snr", "10.0")]
+        ("deflector", "group_fraction", "0.5"), ("selection", "min_arc_snr", "10")]  # numbers as written
     for lever, what in (("toml=deflector:0.5", "is not <section>.<key>:<value>"),
                         ("toml=deflector.group_fraction:x", "must be a number"),
                         ("toml=deflector.no_such_key:1", "has no no_such_key in \\[deflector\\]")):
         with pytest.raises((ValueError, KeyError), match=what):
-            bench_ablation.toml_edits(lever) and bench_ablation.family_file(lever, tmp_path)
+            bench_ablation.main(["--levers", f"physical,{lever}"])  # refused before any run
+    written = bench_ablation.family_file("toml=selection.min_arc_snr:10", tmp_path)
+    assert "min_arc_snr = 10\n" in open(written).read()
     with pytest.raises(ValueError, match="give weights as"):
         bench_ablation.negative_weights("negatives")
     assert bench_ablation.lever_slug("negatives=twin:0.2/ring:0.25") == "negativestwin_0.2_ring_0.25"

@@ -119,7 +119,7 @@ def shortcut_audit(context: dg.AssetExecutionContext, config: ShortcutConfig,
     import time
 
     from lens_assets.science.shards import read_manifest
-    from lens_assets.science.shortcut import importance_plot, shortcut_auroc
+    from lens_assets.science.shortcut import MIN_PER_CLASS, importance_plot, shortcut_auroc
 
     survey = get_survey(context.partition_key)
     for parts in (layout.splits_dir(survey.name), layout.catalog_dir(survey.name), layout.shards_dir(survey.name)):
@@ -165,11 +165,17 @@ def shortcut_audit(context: dg.AssetExecutionContext, config: ShortcutConfig,
     keep = kind != TWIN
     twinless = {name: (features[(split == name) & keep], label[(split == name) & keep]) for name in eval_names
                 if name != LENSING_ONLY}
-    try:
-        without_twins = shortcut_auroc(features[(split == "train") & keep], label[(split == "train") & keep],
-                                       twinless, seed=config.seed)["auroc"]
-    except ValueError:  # too few lenses or non-lenses once the twins are out
+    train_kept = label[(split == "train") & keep]
+    n_kept = np.bincount(train_kept, minlength=2)
+    if n_kept.min() >= MIN_PER_CLASS:
+        without_twins = shortcut_auroc(features[(split == "train") & keep], train_kept, twinless,
+                                       seed=config.seed)["auroc"]
+        without_note = ""
+    else:
         without_twins = {name: float("nan") for name in twinless}
+        without_note = (f"not trained: {n_kept[1]} lenses and {n_kept[0]} non-lenses other than twins in the train "
+                        f"split (needs {MIN_PER_CLASS} of each)")
+        context.log.warning(f"{survey.name}: shortcut classifier without the twins {without_note}")
     seconds = time.perf_counter() - t0
     storage.path(*layout.shortcut_dir(survey.name)).mkdir(parents=True, exist_ok=True)
     table = pd.concat([rows.reset_index(drop=True), features], axis=1)
@@ -178,7 +184,8 @@ def shortcut_audit(context: dg.AssetExecutionContext, config: ShortcutConfig,
         table.loc[split == name, "shortcut_score"] = s
     with atomic_path(storage.path(*layout.shortcut_features(survey.name))) as tmp:
         table.to_parquet(tmp, index=False)
-    doc = {"survey": survey.name, **result, "auroc_without_twins": without_twins, "families": families,
+    doc = {"survey": survey.name, **result, "auroc_without_twins": without_twins,
+           **({"without_twins_note": without_note} if without_note else {}), "families": families,
            "seconds_features": t_features, "seconds": seconds, "n_rows": len(rows),
            "gate": {"max_shortcut_auroc": config.max_shortcut_auroc}}
     doc_path = write_text_atomic(storage.path(*layout.shortcut_doc(survey.name)),
@@ -197,13 +204,13 @@ def shortcut_audit(context: dg.AssetExecutionContext, config: ShortcutConfig,
         return ("one class only" if np.isnan(auroc[name]) else f"{auroc[name]:.3f}"), n1, n0
 
     def without(name):
-        return "—" if name not in without_twins else _fmt(without_twins[name])
+        return "—" if name not in without_twins else without_twins_cell(without_twins[name], without_note)
 
     md = ["| set | shortcut AUROC | without the twins | lenses | non-lenses |", "|---|---|---|---|---|"]
     md += ["| {} | {} | {} | {} | {} |".format(name, (c := cell(name))[0], without(name), *c[1:])
            for name in eval_names]
     top = sorted(result["feature_importance"].items(), key=lambda kv: -kv[1])[:5]
-    kinds_md = by_kind_table(result["auroc_by_kind"])
+    kinds_md = by_kind_table({k: v for k, v in result["auroc_by_kind"].items() if k != LENSING_ONLY})
     metadata = {
         "summary": dg.MetadataValue.md("\n".join(md) + "\n\nmost used statistics: "
                                        + ", ".join(f"{k} ({v:.2f})" for k, v in top)
@@ -227,7 +234,8 @@ def shortcut_audit(context: dg.AssetExecutionContext, config: ShortcutConfig,
         check_name="shortcut_auroc_at_most_gate", passed=bool(auroc["test"] <= config.max_shortcut_auroc),
         metadata={"shortcut_auroc": float(auroc["test"]), "gate": config.max_shortcut_auroc,
                   "top_statistics": ", ".join(k for k, _ in top)})
-    version = sha256_of_strings([json.dumps({k: doc[k] for k in ("auroc", "feature_importance")}, default=float)])
+    version = sha256_of_strings([json.dumps({k: doc[k] for k in ("auroc", "feature_importance", "auroc_by_kind",
+                                                                 "auroc_without_twins")}, default=float)])
     return dg.MaterializeResult(metadata=metadata, check_results=[check], data_version=dg.DataVersion(version[:16]))
 
 
@@ -497,6 +505,14 @@ def _fmt(v, lo=None, hi=None) -> str:
     return text
 
 
+def without_twins_cell(value: float, note: str) -> str:
+    """A cell of the shortcut AUROC without the twins: the figure, why the classifier was not trained, or
+    "undefined" (a set without both classes once its twins are out)."""
+    if note:
+        return note.split(":")[0]
+    return f"{value:.3f}" if np.isfinite(value) else "undefined"
+
+
 def summary_table(figures: dict, shortcut: dict | None) -> str:
     """The report's leading table: rows are figures, columns the test split and each held-out family; three
     decimals, ``[lo, hi]`` bootstrap 95% intervals where computed, "no objects" for an empty set or bin."""
@@ -525,8 +541,9 @@ def summary_table(figures: dict, shortcut: dict | None) -> str:
     lines.append("| shortcut AUROC (lensing-agnostic statistics) | " + " | ".join(cells) + " |")
     if shortcut is not None and "auroc_without_twins" in shortcut:  # an audit before shortcut-2 has no such row
         wt = shortcut["auroc_without_twins"]
+        note = shortcut.get("without_twins_note", "")
         lines.append("| shortcut AUROC without the twins (trained and scored without them) | "
-                     + " | ".join(_fmt(wt.get(n, float("nan"))) for n, _ in cols) + " |")
+                     + " | ".join(without_twins_cell(wt.get(n, float("nan")), note) for n, _ in cols) + " |")
     n = " · ".join(f"{name}: {f.get('n_test_lenses', 0):.0f} lenses / {f.get('n_test_nonlenses', 0):.0f} "
                    "non-lenses" for name, f in cols)
     return "\n".join(lines) + f"\n\n{n}. Intervals: stratified bootstrap 95%. Lensing-only: one set of pairs.\n"
@@ -616,7 +633,7 @@ def report_markdown(survey: str, figures: dict, calibrator: dict, shortcut: dict
                   "from the lenses differs from them in light, colour or shape, not only in lensing. Against the "
                   "twins (the same scene without deflection) that difference is where the light lies: lensing "
                   "moves the source's light out to the Einstein radius.", "",
-                  by_kind_table(shortcut["auroc_by_kind"])]
+                  by_kind_table({k: v for k, v in shortcut["auroc_by_kind"].items() if k != LENSING_ONLY})]
     if "uncertainty" in figures:
         lines += ["", "## Error rate by uncertainty decile (test split)", "",
                   "Uncertainty: the candidates' `uncertainty` column, how far the members' spread and MC dropout move "

@@ -141,19 +141,23 @@ SPLIT_CHECKS = [
 
 
 def simulated_heldout_families(instance: dg.DagsterInstance, survey: str) -> list[str]:
-    """The held-out families of the latest ``simulated_cutouts`` materialization of ``survey`` on ``instance`` (its
-    ``heldout_families`` metadata; none when it has not run there). ``dataset_splits`` keeps them out of the splits
-    beside its ``exclude_families``, so a held-out family named only in the simulation's config cannot reach
-    training."""
+    """The held-out families of every ``simulated_cutouts`` materialization of ``survey`` on ``instance`` (their
+    ``heldout_families`` metadata, oldest first; none when it has not run there): an earlier run's held-out drops stay
+    under ``raw/<survey>/`` and are cataloged with the rest. ``dataset_splits`` keeps them out of the splits beside
+    its ``exclude_families``, so a held-out family named only in the simulation's config cannot reach training."""
     from lens_assets.assets.simulation import simulated_cutouts
 
-    records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=simulated_cutouts.key, asset_partitions=[survey]), limit=1).records
-    if not records:
-        return []
-    value = records[0].asset_materialization.metadata.get("heldout_families")
-    text = getattr(value, "value", value) or ""
-    return [f for f in str(text).split(",") if f]
+    found, cursor = [], None
+    while True:
+        result = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=simulated_cutouts.key, asset_partitions=[survey]), limit=500,
+            cursor=cursor, ascending=True)
+        for record in result.records:
+            value = record.asset_materialization.metadata.get("heldout_families")
+            found += [f for f in str(getattr(value, "value", value) or "").split(",") if f]
+        if not result.has_more:
+            return list(dict.fromkeys(found))
+        cursor = result.cursor
 
 
 @survey_asset(

@@ -30,7 +30,7 @@ DISTRIBUTIONS = ("uniform", "loguniform", "normal", "randint", "choice")
 NEGATIVE_TYPES = ("plain", "companions", "merger", "ring", "spiral", "chance_alignment")
 TWIN = "twin"  # the non-lens type made of a lens's own scene with the deflection switched off
 PHYSICAL_NEGATIVE_TYPES = (TWIN, "companion_blob", "blue_core", "binary_nucleus", "star_beside", "ring", "spiral")
-CLUSTER_NEGATIVE_TYPES = ("twin", "interloper", "edge_on_spiral", "tidal", "radial_streak")
+CLUSTER_NEGATIVE_TYPES = (TWIN, "interloper", "edge_on_spiral", "tidal", "radial_streak")
 RENDERERS = ("lenstronomy", "galsim")
 POPULATIONS = {  # population -> (reference file, sections, non-lens types)
     "priors": ("baseline.toml", ("lens", "lens_light", "source", "quasar", "psf", "noise", "negatives",

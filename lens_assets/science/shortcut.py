@@ -23,7 +23,7 @@ import pandas as pd
 
 from .metrics import auroc_by_kind
 
-__all__ = ["summary_statistics", "shortcut_auroc", "asinh_colour", "feature_names", "importance_plot"]
+__all__ = ["summary_statistics", "shortcut_auroc", "MIN_PER_CLASS", "asinh_colour", "feature_names", "importance_plot"]
 
 _POGSON = 2.5 / np.log(10.0)
 MAX_PEAKS = 16  # brightest peaks per object kept for the separation
@@ -173,6 +173,9 @@ def _auroc_or_nan(y, s) -> float:
     return float(roc_auc_score(y, s)) if len(np.unique(y)) == 2 else float("nan")
 
 
+MIN_PER_CLASS = 5  # lenses and non-lenses each that shortcut_auroc needs to train
+
+
 def shortcut_auroc(train_X: pd.DataFrame, train_y, eval_sets: Mapping[str, tuple], *, seed: int = 0,
                    max_depth: int = 3, n_estimators: int = 400, learning_rate: float = 0.1,
                    early_stopping_fraction: float = 0.2, n_jobs: int = 1) -> dict:
@@ -198,15 +201,17 @@ def shortcut_auroc(train_X: pd.DataFrame, train_y, eval_sets: Mapping[str, tuple
         raise ValueError(f"train_y must be 0 or 1, got values {bad[:5]}")
     y = y.astype(int)
     counts = np.bincount(y, minlength=2)
-    if counts.min() < 5:
-        raise ValueError(f"shortcut_auroc needs at least 5 lenses and 5 non-lenses to train, got {counts[1]} "
-                         f"lenses and {counts[0]} non-lenses")
+    if counts.min() < MIN_PER_CLASS:
+        raise ValueError(f"shortcut_auroc needs at least {MIN_PER_CLASS} lenses and {MIN_PER_CLASS} non-lenses to "
+                         f"train, got {counts[1]} lenses and {counts[0]} non-lenses")
     if not 0 < early_stopping_fraction < 1:
         raise ValueError(f"early_stopping_fraction must lie in (0, 1), got {early_stopping_fraction}")
-    for name, (ex, ey, *_) in eval_sets.items():
+    for name, (ex, ey, *kinds) in eval_sets.items():
         if list(pd.DataFrame(ex).columns) != list(X.columns):
             raise ValueError(f"eval set {name!r} has columns {list(pd.DataFrame(ex).columns)}, train_X has "
                              f"{list(X.columns)}")
+        if kinds and len(kinds[0]) != len(ey):
+            raise ValueError(f"eval set {name!r} has {len(ey)} rows but {len(kinds[0])} kinds")
     fit_X, stop_X, fit_y, stop_y = train_test_split(X, y, test_size=early_stopping_fraction, stratify=y,
                                                     random_state=seed)
     model = XGBClassifier(max_depth=max_depth, n_estimators=n_estimators, learning_rate=learning_rate,
@@ -221,8 +226,6 @@ def shortcut_auroc(train_X: pd.DataFrame, train_y, eval_sets: Mapping[str, tuple
         out["auroc"][name] = _auroc_or_nan(ey, s)
         out["scores"][name] = s
         if kinds:
-            if len(kinds[0]) != len(ey):
-                raise ValueError(f"eval set {name!r} has {len(ey)} rows but {len(kinds[0])} kinds")
             out["auroc_by_kind"][name] = auroc_by_kind(ey, s, kinds[0])
         out["n_lenses"][name] = int((ey == 1).sum())
         out["n_nonlenses"][name] = int((ey == 0).sum())

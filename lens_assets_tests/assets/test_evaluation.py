@@ -332,7 +332,7 @@ def test_shortcut_audit_scores_the_test_split_and_each_heldout_family_from_the_t
     assert meta["heldout_heldout_shortcut_auroc"] == meta["heldout_shortcut_auroc"]
     assert np.isnan(meta["heldout_galsim_shortcut_auroc"])
     assert meta["lensing_only_shortcut_auroc"] == pytest.approx(doc["auroc"]["lensing_only"], nan_ok=True)
-    assert list(meta)[0] == "summary" and "| galsim | no objects | no objects | 0 | 0 |" in meta["summary"]
+    assert list(meta)[0] == "summary" and "| galsim | no objects | undefined | 0 | 0 |" in meta["summary"]
     splits = pd.read_parquet(storage.path("splits", SURVEY, "dataset_splits.parquet"))
     features = pd.read_parquet(storage.path("reports", SURVEY, "shortcut", "features.parquet"))
     assert doc["n_train"] == (splits["split"] == "train").sum()
@@ -372,7 +372,10 @@ def test_shortcut_audit_scores_the_test_split_and_each_heldout_family_from_the_t
     tr, te = nt[nt["split"] == "train"], nt[nt["split"] == "test"]
     again = shortcut_auroc(tr[cols], tr["label"], {"test": (te[cols], te["label"])}, seed=0)["auroc"]["test"]
     assert meta["shortcut_auroc_without_twins"] == pytest.approx(again) == doc["auroc_without_twins"]["test"]
-    assert (features["sim_kind"] == "twin").any() and "lensing_only" not in doc["auroc_without_twins"]
+    for part in ("train", "test"):  # else the recomputation would repeat the figure with the twins
+        assert ((features["split"] == part) & (features["sim_kind"] == "twin")).any()
+    assert "lensing_only" not in doc["auroc_without_twins"] and "without_twins_note" not in doc
+    assert "held-out: lensing_only" not in meta["summary"]  # the pairs' one type is their shortcut AUROC
     report = storage.path("reports", SURVEY, "bologna", "report.md").read_text()
     assert "## Shortcut AUROC against each non-lens type" in report
     assert (f"| shortcut AUROC without the twins (trained and scored without them) | "
@@ -519,3 +522,11 @@ def test_shortcut_audit_without_splits_is_a_clear_failure(storage):
                                          rf"{SURVEY} first"):
         dg.materialize([shortcut_audit], partition_key=SURVEY, resources={"storage": storage},
                        instance=dg.DagsterInstance.ephemeral())
+
+
+def test_the_shortcut_figure_without_twins_says_why_it_is_missing():
+    from lens_assets.assets.evaluation import without_twins_cell
+
+    assert without_twins_cell(0.61234, "") == "0.612"
+    assert without_twins_cell(float("nan"), "") == "undefined"
+    assert without_twins_cell(float("nan"), "not trained: 3 lenses and 2 non-lenses") == "not trained"

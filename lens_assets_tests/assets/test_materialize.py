@@ -169,3 +169,9 @@ def test_a_heldout_family_named_only_in_the_simulation_config_stays_out_of_the_s
     table = pd.read_parquet(splits["path"])
     in_splits = set(catalog.loc[catalog["objid"].isin(table["objid"]), "sim_family"])
     assert in_splits == {"physical"} and len(table) == 24
+    # a later simulation without held-out families leaves the earlier drops on disk: they stay excluded
+    again = dg.materialize([simulated_cutouts], partition_key="sdss", resources={"storage": storage},
+                           instance=instance, run_config={"ops": {"simulated_cutouts": {"config": {
+                               "n_cutouts": 4, "n_heldout": 0, "n_pairs": 0, "seed": 4, "workers": 1}}}})
+    assert again.success and "heldout_families" not in _metadata(again, "simulated_cutouts")
+    assert simulated_heldout_families(instance, "sdss") == ["heldout", "mine"]
