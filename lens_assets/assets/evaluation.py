@@ -543,7 +543,8 @@ def summary_table(figures: dict, shortcut: dict | None) -> str:
         wt = shortcut["auroc_without_twins"]
         note = shortcut.get("without_twins_note", "")
         lines.append("| shortcut AUROC without the twins (trained and scored without them) | "
-                     + " | ".join(without_twins_cell(wt.get(n, float("nan")), note) for n, _ in cols) + " |")
+                     + " | ".join(without_twins_cell(wt[n], note) if n in wt else NO_OBJECTS for n, _ in cols)
+                     + " |")
     n = " · ".join(f"{name}: {f.get('n_test_lenses', 0):.0f} lenses / {f.get('n_test_nonlenses', 0):.0f} "
                    "non-lenses" for name, f in cols)
     return "\n".join(lines) + f"\n\n{n}. Intervals: stratified bootstrap 95%. Lensing-only: one set of pairs.\n"

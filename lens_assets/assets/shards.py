@@ -142,21 +142,26 @@ SPLIT_CHECKS = [
 
 def simulated_heldout_families(instance: dg.DagsterInstance, survey: str) -> list[str]:
     """The held-out families of every ``simulated_cutouts`` materialization of ``survey`` on ``instance`` (their
-    ``heldout_families`` metadata, oldest first; none when it has not run there): an earlier run's held-out drops stay
-    under ``raw/<survey>/`` and are cataloged with the rest. ``dataset_splits`` keeps them out of the splits beside
+    ``heldout_families`` metadata, oldest first; none when it has not run there), less the latest one's training
+    ``family``: an earlier run's held-out drops stay under ``raw/<survey>/`` and are cataloged with the rest. ``dataset_splits`` keeps them out of the splits beside
     its ``exclude_families``, so a held-out family named only in the simulation's config cannot reach training."""
     from lens_assets.assets.simulation import simulated_cutouts
 
-    found, cursor = [], None
+    def text(record, key):
+        value = record.asset_materialization.metadata.get(key)
+        return str(getattr(value, "value", value) or "")
+
+    found, cursor, training = [], None, ""
     while True:
         result = instance.fetch_materializations(
             dg.AssetRecordsFilter(asset_key=simulated_cutouts.key, asset_partitions=[survey]), limit=500,
             cursor=cursor, ascending=True)
         for record in result.records:
-            value = record.asset_materialization.metadata.get("heldout_families")
-            found += [f for f in str(getattr(value, "value", value) or "").split(",") if f]
+            found += [f for f in text(record, "heldout_families").split(",") if f]
+            training = text(record, "family")
         if not result.has_more:
-            return list(dict.fromkeys(found))
+            # a family held out by an earlier run and trained on by the latest is the latest's training data
+            return [f for f in dict.fromkeys(found) if f != training]
         cursor = result.cursor
 
 

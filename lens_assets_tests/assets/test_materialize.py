@@ -175,3 +175,10 @@ def test_a_heldout_family_named_only_in_the_simulation_config_stays_out_of_the_s
                                "n_cutouts": 4, "n_heldout": 0, "n_pairs": 0, "seed": 4, "workers": 1}}}})
     assert again.success and "heldout_families" not in _metadata(again, "simulated_cutouts")
     assert simulated_heldout_families(instance, "sdss") == ["heldout", "mine"]
+    # a family held out before and trained on now is training data
+    later = dg.materialize([simulated_cutouts], partition_key="sdss", resources={"storage": storage},
+                           instance=instance, run_config={"ops": {"simulated_cutouts": {"config": {
+                               "n_cutouts": 4, "n_heldout": 0, "n_pairs": 0, "seed": 5, "workers": 1,
+                               "family": str(own)}}}})
+    assert later.success and _metadata(later, "simulated_cutouts")["family"] == "mine"
+    assert simulated_heldout_families(instance, "sdss") == ["heldout"]
