@@ -331,8 +331,8 @@ def main(argv=None) -> list[dict]:
             rows.append(run_lever(lever, args, work))
             print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in rows[-1].items()}, flush=True)
     cols = ["auroc", "tpr10", "fnr_flux_ratio_lt_0.1", "auroc_flux_ratio_lt_0.1", "heldout_auroc",
-            *[f"heldout_{f}_auroc" for f in heldout_names(args.heldout)], "lensing_only_auroc", "shortcut_auroc",
-            "shortcut_auroc_without_twins"]
+            *[k for k in rows[0] if k.startswith("heldout_") and k != "heldout_auroc"], "lensing_only_auroc",
+            "shortcut_auroc", "shortcut_auroc_without_twins"]
     head = "| lever | " + " | ".join(cols) + " | wall min |"
     lines = [head, "|" + "---|" * (len(cols) + 2)]
     for row in rows:

@@ -68,8 +68,8 @@ def main(argv=None) -> dict:
     base = row["heldout_auroc"]
     lines = ["| held-out family | AUROC | change against `heldout` |", "|---|---|---|",
              f"| `heldout` | {base:.3f} | — |"]
-    for fam in bench_ablation.heldout_names(args.heldout):
-        auroc = row[f"heldout_{fam}_auroc"]
+    for key in [k for k in row if k.startswith("heldout_") and k != "heldout_auroc"]:  # run_lever's order
+        fam, auroc = key[len("heldout_"):-len("_auroc")], row[key]
         lines.append(f"| `{fam}` | {auroc:.3f} | {auroc - base:+.3f} |" if fam.startswith("heldout_")
                      else f"| `{fam}` | {auroc:.3f} | (another family) |")
     print("\n".join(lines))

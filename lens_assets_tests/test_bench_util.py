@@ -82,3 +82,18 @@ def test_heldout_variants_each_change_only_their_own_priors(tmp_path):
             assert fam.negative_weights == base.negative_weights
     plain = load_family(files["plain_negatives"]).negative_weights
     assert plain["plain"] == 1.0 and sum(plain.values()) == 1.0
+
+
+def test_the_ablation_table_has_a_column_per_heldout_family_named_as_the_run_scored_it(monkeypatch, tmp_path, capsys):
+    import bench_ablation
+
+    monkeypatch.setattr(_util, "RESULTS", tmp_path)
+    figures = {"auroc": 0.8, "tpr10": 0.1, "fnr_flux_ratio_lt_0.1": 0.9, "auroc_flux_ratio_lt_0.1": 0.7,
+               "heldout_auroc": 0.5, "heldout_galsim_auroc": 0.6, "heldout_mine_auroc": 0.55,
+               "lensing_only_auroc": 0.9, "shortcut_auroc": 0.67, "shortcut_auroc_without_twins": 0.61}
+    monkeypatch.setattr(bench_ablation, "run_lever", lambda lever, args, work: {"lever": lever, "wall_s": 60.0,
+                                                                                **figures})
+    rows = bench_ablation.main(["--levers", "physical", "--work", str(tmp_path)])
+    head = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| lever |"))
+    assert "heldout_galsim_auroc | heldout_mine_auroc | lensing_only_auroc" in head
+    assert rows[0]["heldout_mine_auroc"] == 0.55

@@ -143,8 +143,9 @@ SPLIT_CHECKS = [
 def simulated_heldout_families(instance: dg.DagsterInstance, survey: str) -> list[str]:
     """The held-out families of every ``simulated_cutouts`` materialization of ``survey`` on ``instance`` (their
     ``heldout_families`` metadata, oldest first; none when it has not run there), less the latest one's training
-    ``family``: an earlier run's held-out drops stay under ``raw/<survey>/`` and are cataloged with the rest. ``dataset_splits`` keeps them out of the splits beside
-    its ``exclude_families``, so a held-out family named only in the simulation's config cannot reach training."""
+    ``family``: an earlier run's held-out drops stay under ``raw/<survey>/`` and are cataloged with the rest.
+    ``dataset_splits`` keeps them out of the splits beside its ``exclude_families``, so a held-out family named only
+    in the simulation's config cannot reach training."""
     from lens_assets.assets.simulation import simulated_cutouts
 
     def text(record, key):
