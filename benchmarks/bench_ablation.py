@@ -37,6 +37,10 @@ Levers (a family file written from ``physical.toml`` with one section changed):
   checks the result), e.g. ``toml=deflector.group_fraction:0.5/deflector.group_central_sigma_min_kms:150``.
 * ``group=<fraction>``: physical with that share of deflectors at the centre of a group halo
   (``[deflector] group_fraction``): group-scale lenses, whose arcs lie further out than the galaxy's light implies.
+* ``train_family=<name>``: the packaged family ``<name>`` (e.g. ``heldout``, ``galsim``) trains the run, renamed
+  ``<name>_train`` so that its objects are other draws than the held-out family of that name. Trained on
+  ``heldout``, the ``heldout`` column is that family's in-distribution figure at this budget: the most a finder
+  trained on anything else could be expected to reach there; the other columns say how it transfers.
 
 Training levers (the physical population, the member changed):
 
@@ -80,9 +84,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _util import report, write_family  # noqa: E402
 
 LEVERS = ("physical", "baseline", "no_twins", "no_environment", "no_observation", "selection_without_collett_terms")
-POPULATION_PREFIXES = ("deep=", "group=", "negatives=", "toml=")  # population levers that carry a value
+POPULATION_PREFIXES = ("deep=", "group=", "negatives=", "toml=", "train_family=")  # population levers that carry a value
 VALUE_LEVERS = ("deep=<factor>", "group=<fraction>", "negatives=<type>:<weight>/...",
-                "toml=<section>.<key>:<number>/...")  # a family written from physical.toml with one value set
+                "toml=<section>.<key>:<number>/...", "train_family=<name>")  # a family written from physical.toml with one value set
 TRAINING_LEVERS = ("film", "colour_residual", "radial_residual", "head_dropout[=p]", "upsample=<k>", "arc_attention",
                    "fresh=<share>", "physics[=w]", "theta_e_balance=<alpha>",
                    "member=<backbone>")  # the physical population, another training choice
@@ -226,6 +230,14 @@ def family_file(lever: str, out_dir: Path) -> str:
     it refuses stops here."""
     if lever in ("physical", "baseline"):
         return lever
+    if lever.startswith("train_family="):
+        from lens_assets.science.families import FAMILY_DIR
+
+        base = lever.split("=", 1)[1]
+        if not (FAMILY_DIR / f"{base}.toml").is_file():
+            raise ValueError(f"lever {lever!r}: no packaged family {base!r}; they are "
+                             f"{sorted(p.stem for p in FAMILY_DIR.glob('*.toml'))}")
+        return str(write_family(base, out_dir / f"{base}_train.toml", [], name=f"{base}_train"))
     if training_overrides(lever) or shard_overrides(lever):
         return "physical"
     slug = lever_slug(lever)

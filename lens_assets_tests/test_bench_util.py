@@ -61,6 +61,24 @@ def test_numeric_ablation_levers_are_checked_before_any_run(tmp_path):
         bench_ablation.main(["--levers", "physical,no_such_lever"])
 
 
+def test_a_packaged_family_trains_a_run_as_other_draws_of_the_same_priors(tmp_path):
+    import pytest
+
+    import bench_ablation
+
+    from lens_assets.science.families import load_family
+
+    base, fam = load_family("heldout"), load_family(bench_ablation.family_file("train_family=heldout", tmp_path))
+    assert fam.name == "heldout_train"  # objects are seeded by the family's name: not the held-out family's draws
+    assert fam.sections.keys() == base.sections.keys()
+    for section, priors in base.sections.items():
+        for key, prior in priors.items():
+            new = fam.sections[section][key]
+            assert (new.dist, dict(new.params)) == (prior.dist, dict(prior.params)), (section, key)
+    with pytest.raises(ValueError, match="no packaged family 'nope'"):
+        bench_ablation.main(["--levers", "physical,train_family=nope"])  # refused before any run
+
+
 def test_heldout_variants_each_change_only_their_own_priors(tmp_path):
     import bench_heldout_attribution as attribution
 
