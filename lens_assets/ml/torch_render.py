@@ -51,6 +51,7 @@ __all__ = ["RenderBatch", "TorchCutouts", "pack_systems", "render", "ray_trace",
 SMOOTHING_ARCSEC = 1e-4  # lenstronomy's Sersic: radii below this are this
 MAX_R_FRAC = 1000.0  # lenstronomy's Sersic: zero beyond this many R_sersic
 SIE_CORE_ARCSEC = 1e-10  # lenstronomy's SIE is an NIE with this core
+CHUNK = 16  # objects per sub-pixel light evaluation: (16, 128, 128) float32 temporaries fit a core's cache
 
 
 @dataclass
@@ -355,32 +356,74 @@ def _add_unlensed_gaussians(batch: RenderBatch, out_unlensed) -> None:
     out_unlensed += torch.bmm(rows.transpose(1, 2), gx).reshape(B, K, n, n)
 
 
-def _add_extended(batch: RenderBatch, out_lensed, out_unlensed, kind: str, x, y, bx, by, *,
+def _traced_grid(batch: RenderBatch, x, y):
+    """Source-plane positions of the sub-pixel grid for the objects with lensed extended light only (a non-lens,
+    a twin, needs none), traced :data:`CHUNK` objects at a time: ``(row, bx, by)`` with ``row`` (B,) each object's
+    index into ``bx, by`` (t, H, W), -1 for the untraced."""
+    need = torch.zeros(batch.batch_size, dtype=torch.bool, device=batch.lens.device)
+    for kind in ("sersic", "gauss"):
+        need |= (getattr(batch, f"{kind}_lensed") & (getattr(batch, f"{kind}_flux") != 0).any(dim=-1)).any(dim=1)
+    traced = need.nonzero().squeeze(1)
+    row = torch.full((batch.batch_size,), -1, dtype=torch.long, device=need.device)
+    row[traced] = torch.arange(traced.numel(), device=need.device)
+    if traced.numel() == 0:
+        return row, None, None
+    parts = [ray_trace(batch.lens[traced[j:j + CHUNK]], x, y) for j in range(0, traced.numel(), CHUNK)]
+    return row, torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _add_extended(batch: RenderBatch, out_lensed, out_unlensed, kind: str, x, y, traced, *,
                   lensed_only: bool = False):
     """Add every component of ``kind`` ('sersic' | 'gauss') to the pixel-resolution light (B, K, n, n).
 
-    Component slot ``c`` is drawn only for the objects that have one there (padding has zero flux);
-    ``lensed_only`` skips the unlensed ones (drawn elsewhere)."""
+    Component slot ``c`` is drawn only for the objects that have one there (padding has zero flux), in chunks of
+    :data:`CHUNK` objects so that the sub-pixel temporaries stay in the CPU's cache; ``lensed_only`` skips the
+    unlensed ones (drawn elsewhere); ``traced`` is :func:`_traced_grid`'s result. A component's shape is the same
+    in every band, so each is evaluated once per object at unit flux and the bands are one batched product with
+    the fluxes at the end."""
     import torch.nn.functional as F
 
     par, flux, lensed = getattr(batch, kind), getattr(batch, f"{kind}_flux"), getattr(batch, f"{kind}_lensed")
     unit = _sersic_unit if kind == "sersic" else _gauss_unit
-    s = batch.supersampling
+    s, n = batch.supersampling, batch.n_px
     area = batch.pixel_scale**2
     present = (flux != 0).any(dim=-1)  # (B, C)
     if lensed_only:
         present = present & lensed
+    slots = []
     for c in range(par.shape[1]):
         idx = present[:, c].nonzero().squeeze(1)
         if idx.numel() == 0:
             continue
-        m = lensed[idx, c, None, None]
-        sb = unit(par[idx, c], torch.where(m, bx[idx], x), torch.where(m, by[idx], y))
-        px = F.avg_pool2d(sb[:, None], s)[:, 0] * area if s > 1 else sb * area  # (b, n, n) per unit flux
-        f = flux[idx, c, :, None, None] * px[:, None]
-        mf = m[:, None].to(f.dtype)
-        out_lensed.index_add_(0, idx, f * mf)
-        out_unlensed.index_add_(0, idx, f * (1 - mf))
+        parts = []
+        for j in range(0, idx.numel(), CHUNK):
+            i = idx[j:j + CHUNK]
+            sb = unit(par[i, c], *_grid_for(lensed[i, c], i, x, y, traced))
+            parts.append(F.avg_pool2d(sb[:, None], s)[:, 0] * area if s > 1 else sb * area)  # per unit flux
+        px = parts[0] if len(parts) == 1 else torch.cat(parts)
+        slots.append((c, px.new_zeros(batch.batch_size, n, n).index_copy(0, idx, px)))
+    if not slots:
+        return
+    unit_px = torch.stack([p for _, p in slots], dim=1).flatten(2)  # (B, C', n n)
+    cols = torch.tensor([c for c, _ in slots], device=par.device)
+    w = flux[:, cols] * present[:, cols, None]  # (B, C', K)
+    m = lensed[:, cols, None].to(w.dtype)
+    B, K = w.shape[0], w.shape[-1]
+    out_lensed += torch.bmm((w * m).transpose(1, 2), unit_px).reshape(B, K, n, n)
+    out_unlensed += torch.bmm((w * (1 - m)).transpose(1, 2), unit_px).reshape(B, K, n, n)
+
+
+def _grid_for(m, i, x, y, traced):
+    """The coordinates objects ``i`` evaluate a component at: the traced grid where ``m`` (it is lensed), else the
+    image-plane grid (broadcast, not copied, when none of them is lensed)."""
+    if not bool(m.any()):
+        return x, y
+    row, bx, by = traced
+    tx, ty = bx[row[i].clamp(min=0)], by[row[i].clamp(min=0)]
+    if bool(m.all()):
+        return tx, ty
+    m = m[:, None, None]
+    return torch.where(m, tx, x), torch.where(m, ty, y)
 
 
 def _splat_points(batch: RenderBatch, canvas: torch.Tensor, pad: int) -> None:
@@ -420,18 +463,49 @@ def _fast_size(n: int) -> int:
         n += 1
 
 
-def _convolve(canvas: torch.Tensor, psf: torch.Tensor, n: int, pad: int) -> torch.Tensor:
+def _shift_spectrum(shift: torch.Tensor, size: int, dtype) -> torch.Tensor:
+    """The rfft2 (size x size) of the bilinear shift by ``shift`` (B, K, 2) = (dx, dy) pixels: along each axis
+    output pixel i reads ``in(i - s)`` = (1 - f) in[i - c] + f in[i - c + 1], c = ceil(s), f = c - s, a two-tap
+    kernel; (B, K, size, size // 2 + 1), complex."""
+    def axis(s, freq):  # s (B, K), freq (F,) in cycles per sample
+        c = torch.ceil(s)
+        f = c - s
+        w = -2j * math.pi * freq
+        return (1 - f)[..., None] * torch.exp(w * c[..., None]) + f[..., None] * torch.exp(w * (c - 1)[..., None])
+
+    fy = torch.fft.fftfreq(size, dtype=dtype, device=shift.device)
+    fx = torch.fft.rfftfreq(size, dtype=dtype, device=shift.device)
+    return axis(shift[..., 1], fy)[..., :, None] * axis(shift[..., 0], fx)[..., None, :]
+
+
+def _inside_after_shift(shift: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, K, n, n): 1 where the pixel's shifted source coordinate ``i - s`` lies in the stamp on both axes, else 0
+    (``scipy.ndimage.shift``'s ``mode="constant"`` at order 1)."""
+    i = torch.arange(n, dtype=shift.dtype, device=shift.device)
+    cx, cy = i - shift[..., 0, None], i - shift[..., 1, None]  # (B, K, n)
+    ok_x, ok_y = (cx >= 0) & (cx <= n - 1), (cy >= 0) & (cy <= n - 1)
+    return (ok_y[..., :, None] & ok_x[..., None, :]).to(shift.dtype)
+
+
+def _convolve(canvas: torch.Tensor, psf: torch.Tensor, n: int, pad: int, shift: torch.Tensor | None = None
+              ) -> torch.Tensor:
     """Linear convolution of ``canvas`` (B, P, K, m, m), m = n + 2 pad, with ``psf`` (B, K, k, k), cropped
-    to the stamp (scipy's ``fftconvolve(mode="same")`` on the stamp when ``pad`` is 0)."""
+    to the stamp (scipy's ``fftconvolve(mode="same")`` on the stamp when ``pad`` is 0); with ``shift`` (B, K, 2)
+    each band's result is then shifted bilinearly by (dx, dy) pixels, zero where that reads from beyond the stamp
+    (``scipy.ndimage.shift``, order 1, ``mode="constant"``), the shift applied as a factor of the PSF's spectrum."""
     m, k = canvas.shape[-1], psf.shape[-1]
     size = _fast_size(m + k - 1)
-    f = torch.fft.rfft2(canvas, s=(size, size)) * torch.fft.rfft2(psf, s=(size, size))[:, None]
-    full = torch.fft.irfft2(f, s=(size, size))
+    kernel = torch.fft.rfft2(psf, s=(size, size))
+    if shift is not None:
+        kernel = kernel * _shift_spectrum(shift, size, psf.dtype)
+    full = torch.fft.irfft2(torch.fft.rfft2(canvas, s=(size, size)) * kernel[:, None], s=(size, size))
     o = pad + k // 2
-    return full[..., o:o + n, o:o + n]
+    out = full[..., o:o + n, o:o + n]
+    return out if shift is None else out * _inside_after_shift(shift, n)[:, None]
 
 
-def _convolve_grouped(canvas: torch.Tensor, psf: torch.Tensor, n: int, pad: int) -> torch.Tensor:
+def _convolve_grouped(canvas: torch.Tensor, psf: torch.Tensor, n: int, pad: int,
+                      shift: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`_convolve` with each object's PSF cropped to its own support (zero-padded kernels of a batch
     share the largest size), objects grouped by the FFT size that support needs: the same result in less
     time when seeing varies across the batch."""
@@ -447,7 +521,7 @@ def _convolve_grouped(canvas: torch.Tensor, psf: torch.Tensor, n: int, pad: int)
         idx = (size == sz).nonzero().squeeze(1).to(canvas.device)
         h = int(half[idx].max())
         ker = psf[idx][..., k // 2 - h:k // 2 + h + 1, k // 2 - h:k // 2 + h + 1]
-        out[idx] = _convolve(canvas[idx], ker, n, pad)
+        out[idx] = _convolve(canvas[idx], ker, n, pad, None if shift is None else shift[idx])
     return out
 
 
@@ -466,30 +540,6 @@ def _point_pad(batch: RenderBatch, k: int) -> int:
     return int(min(k // 2, max(0, math.ceil(over) + 1)))
 
 
-def _shift_axis(img: torch.Tensor, s: torch.Tensor, dim: int) -> torch.Tensor:
-    """``img`` (B, K, n, n) shifted by ``s`` (B, K) pixels along ``dim`` (-1: x, -2: y), bilinear, zero
-    where the source coordinate leaves the image (``scipy.ndimage.shift``, order 1, mode 'constant')."""
-    n = img.shape[dim]
-    i = torch.arange(n, device=img.device, dtype=s.dtype)
-    coord = i - s[..., None]  # (B, K, n): where output pixel i reads from
-    lo = torch.floor(coord)
-    f = coord - lo
-    valid = (coord >= 0) & (coord <= n - 1)
-    lo_i = lo.long().clamp(0, n - 1)
-    hi_i = (lo.long() + 1).clamp(0, n - 1)
-    if dim == -1:
-        shape = img.shape[:2] + (1, n)
-        a = torch.gather(img, -1, lo_i.reshape(shape).expand_as(img))
-        b = torch.gather(img, -1, hi_i.reshape(shape).expand_as(img))
-        w, v = f.reshape(shape), valid.reshape(shape)
-    else:
-        shape = img.shape[:2] + (n, 1)
-        a = torch.gather(img, -2, lo_i.reshape(shape).expand_as(img))
-        b = torch.gather(img, -2, hi_i.reshape(shape).expand_as(img))
-        w, v = f.reshape(shape), valid.reshape(shape)
-    return torch.where(v, (1 - w) * a + w * b, torch.zeros((), dtype=img.dtype, device=img.device))
-
-
 def render(batch: RenderBatch, *, noise: bool = True, truth: bool = True,
            generator: torch.Generator | None = None) -> TorchCutouts:
     """Draw every cutout of ``batch`` in every band: noiseless light, variance and (``noise=True``) a noisy
@@ -498,25 +548,22 @@ def render(batch: RenderBatch, *, noise: bool = True, truth: bool = True,
     dtype, device = batch.lens.dtype, batch.lens.device
     n, B, K = batch.n_px, batch.batch_size, batch.n_bands
     x, y = subpixel_grid(n, batch.pixel_scale, batch.supersampling, dtype=dtype, device=device)
-    bx, by = ray_trace(batch.lens, x, y)  # (B, H, W)
+    traced = _traced_grid(batch, x, y)
     k = batch.psf.shape[-1]
     pad = _point_pad(batch, k)
     planes = 2 if truth else 1
     canvas = torch.zeros(B, 2, K, n + 2 * pad, n + 2 * pad, dtype=dtype, device=device)
     lensed_px = torch.zeros(B, K, n, n, dtype=dtype, device=device)
     unlensed_px = torch.zeros_like(lensed_px)
-    _add_extended(batch, lensed_px, unlensed_px, "sersic", x, y, bx, by)
-    _add_extended(batch, lensed_px, unlensed_px, "gauss", x, y, bx, by, lensed_only=True)
+    _add_extended(batch, lensed_px, unlensed_px, "sersic", x, y, traced)
+    _add_extended(batch, lensed_px, unlensed_px, "gauss", x, y, traced, lensed_only=True)
     _add_unlensed_gaussians(batch, unlensed_px)
     canvas[..., pad:pad + n, pad:pad + n] = torch.stack([lensed_px, unlensed_px], dim=1)
     _splat_points(batch, canvas, pad)
     if not truth:
         canvas = canvas.sum(dim=1, keepdim=True)
-    conv = _convolve_grouped(canvas, batch.psf, n, pad)
+    conv = _convolve_grouped(canvas, batch.psf, n, pad, batch.shift_px if bool((batch.shift_px != 0).any()) else None)
     planes_out = [conv[:, i] for i in range(planes)]
-    if bool((batch.shift_px != 0).any()):
-        dx, dy = batch.shift_px[..., 0], batch.shift_px[..., 1]
-        planes_out = [_shift_axis(_shift_axis(p, dy, -2), dx, -1) for p in planes_out]
     total = planes_out[0] + planes_out[1] if truth else planes_out[0]
     variance = batch.background_var[..., None, None] + total.clamp(min=0) * batch.poisson_gain[..., None, None]
     image = total

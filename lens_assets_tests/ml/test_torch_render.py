@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lens_assets.ml.torch_render import (RenderBatch, _convolve_grouped, _shift_axis, pack_systems, ray_trace, render,
+from lens_assets.ml.torch_render import (RenderBatch, _convolve_grouped, pack_systems, ray_trace, render,
                                          sersic_total_flux, solve_images, subpixel_grid)
 from lens_assets.science.families import load_family
 from lens_assets.science.simulation import (LightComponent, PointComponent, System, _lensed_points, _sersic,
@@ -107,15 +107,20 @@ def test_points_are_lenstronomys_bilinear_psf_shift():
     _assert_close_to_lenstronomy(_system(DES, points=[edge]), rel=1e-3)
 
 
-@pytest.mark.parametrize("dx,dy", [(0.3, -0.2), (-0.27, 0.0), (1.6, -2.4)])
-def test_shift_is_scipys_order_one_constant_shift(dx, dy):
+@pytest.mark.parametrize("dx,dy", [(0.3, -0.2), (-0.27, 0.0), (1.6, -2.4), (0.0, 1.0)])
+def test_shifted_convolution_is_fftconvolve_then_scipys_order_one_constant_shift(dx, dy):
+    """The misregistration rides on the PSF's spectrum: the same as convolving, then ``ndimage.shift``."""
     from scipy.ndimage import shift
+    from scipy.signal import fftconvolve
 
-    img = torch.from_numpy(np.random.default_rng(1).normal(size=(1, 1, 20, 20)))
-    out = _shift_axis(_shift_axis(img, torch.tensor([[dy]], dtype=torch.float64), -2),
-                      torch.tensor([[dx]], dtype=torch.float64), -1)
-    np.testing.assert_allclose(out[0, 0].numpy(), shift(img[0, 0].numpy(), (dy, dx), order=1, mode="constant"),
-                               atol=1e-12)
+    rng = np.random.default_rng(1)
+    img = torch.from_numpy(rng.normal(size=(1, 2, 1, 20, 20)))
+    psf = torch.from_numpy(rng.uniform(size=(1, 1, 7, 7)))
+    out = _convolve_grouped(img, psf, 20, 0, torch.tensor([[[dx, dy]]], dtype=torch.float64))
+    for p in range(2):
+        ref = shift(fftconvolve(img[0, p, 0].numpy(), psf[0, 0].numpy(), mode="same"), (dy, dx), order=1,
+                    mode="constant")
+        np.testing.assert_allclose(out[0, p, 0].numpy(), ref, atol=1e-12)
 
 
 def test_grouped_convolution_is_scipys_fftconvolve_same():
