@@ -84,9 +84,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _util import report, write_family  # noqa: E402
 
 LEVERS = ("physical", "baseline", "no_twins", "no_environment", "no_observation", "selection_without_collett_terms")
-POPULATION_PREFIXES = ("deep=", "group=", "negatives=", "toml=", "train_family=")  # population levers that carry a value
+POPULATION_PREFIXES = ("deep=", "group=", "negatives=", "toml=", "train_family=")  # levers that carry a value
 VALUE_LEVERS = ("deep=<factor>", "group=<fraction>", "negatives=<type>:<weight>/...",
-                "toml=<section>.<key>:<number>/...", "train_family=<name>")  # a family written from physical.toml with one value set
+                "toml=<section>.<key>:<number>/...",
+                "train_family=<name>")  # a family written from physical.toml with one value set, or a packaged one
 TRAINING_LEVERS = ("film", "colour_residual", "radial_residual", "head_dropout[=p]", "upsample=<k>", "arc_attention",
                    "fresh=<share>", "physics[=w]", "theta_e_balance=<alpha>",
                    "member=<backbone>")  # the physical population, another training choice

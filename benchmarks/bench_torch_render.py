@@ -13,7 +13,10 @@ so that load from other processes falls on both alike; figures are medians over 
 * torch float64 with the truth (what the validation tests use);
 * ``pack_systems`` (System objects to tensors: PSF images and noise levels from the same numpy and
   lenstronomy helpers), and pack + render, the end-to-end rate from ``System`` objects;
-* torch float32 on every core, and on a GPU when one is present (``--device cuda``).
+* torch float32 on every core, and on a GPU when one is present (``--device cuda``);
+* the limit on these CPUs: the per-band PSF convolution alone (``_convolve_grouped`` on canvases of the batch's
+  shape with its PSFs and misregistration, two planes with the truth, one without), the FFTs any renderer of these
+  cutouts must do; the render's rate as a share of it says how much is left outside the convolution.
 
 Beside the rates: the largest per-pixel difference between the two renderers on the lenstronomy-rendered
 objects, in units of each band's peak (the issue's bound is 1%), and the ratio against the 50x target.
@@ -51,7 +54,7 @@ def _main(argv=None) -> dict:
     import numpy as np
     import torch
 
-    from lens_assets.ml.torch_render import pack_systems, render
+    from lens_assets.ml.torch_render import _convolve_grouped, pack_systems, render
     from lens_assets.science.families import load_family
     from lens_assets.science.simulation import _member, render_system
     from lens_assets.science.surveys import get_survey
@@ -78,7 +81,11 @@ def _main(argv=None) -> dict:
     render(batch32, generator=gen)  # warm-up: imports, allocator
     rng = np.random.default_rng(0)
 
-    t = {k: [] for k in ("lenstronomy", "torch32_truth", "torch32_image", "torch64_truth", "pack", "torch32_all_cores")}
+    t = {k: [] for k in ("lenstronomy", "torch32_truth", "torch32_image", "torch64_truth", "pack", "torch32_all_cores",
+                         "fft_truth", "fft_image")}
+    n, k = batch32.n_px, batch32.psf.shape[-1]
+    canvases = {p: torch.rand(args.batch, p, survey.n_bands, n, n, generator=gen) for p in (1, 2)}
+    shift = batch32.shift_px if bool((batch32.shift_px != 0).any()) else None  # misregistration rides on the PSF
     lt_cutouts = None
     for _ in range(args.rounds):
         t0 = time.perf_counter()
@@ -87,6 +94,8 @@ def _main(argv=None) -> dict:
         t["torch32_truth"].append(_rate(lambda: render(batch32, generator=gen), args.batch))
         t["torch32_image"].append(_rate(lambda: render(batch32, truth=False, generator=gen), args.batch))
         t["torch64_truth"].append(_rate(lambda: render(batch64, generator=gen), args.batch))
+        t["fft_truth"].append(_rate(lambda: _convolve_grouped(canvases[2], batch32.psf, n, 0, shift), args.batch))
+        t["fft_image"].append(_rate(lambda: _convolve_grouped(canvases[1], batch32.psf, n, 0, shift), args.batch))
         t["pack"].append(_rate(lambda: pack_systems(systems, survey, dtype=torch.float32), args.batch))
         torch.set_num_threads(all_threads)
         t["torch32_all_cores"].append(_rate(lambda: render(batch32, generator=gen), args.batch))
@@ -121,6 +130,9 @@ def _main(argv=None) -> dict:
                                              "gauss": int(batch32.gauss.shape[1]),
                                              "points": int(batch32.point_xy.shape[1]), "psf_px": int(batch32.psf.shape[-1])}}
 
+    def share(kind):
+        return rate[f"torch32_{kind}"] / rate[f"fft_{kind}"]
+
     def row(k):
         return f"{rate[k]:8.1f} cutouts/s  {rate[k] / lt:5.1f}x lenstronomy"
 
@@ -133,6 +145,8 @@ def _main(argv=None) -> dict:
         ("lenstronomy render_system", f"{lt:8.1f} cutouts/s  (one object at a time, {n_lt} per round)"),
         ("torch f32, with truth", row("torch32_truth") + "  (target 50x)"),
         ("torch f32, image only", row("torch32_image")),
+        ("limit: PSF convolution alone, truth", row("fft_truth") + f"  (render at {share('truth'):.2f} of it)"),
+        ("limit: PSF convolution alone, image", row("fft_image") + f"  (render at {share('image'):.2f} of it)"),
         ("torch f64, with truth", row("torch64_truth")),
         ("pack_systems", row("pack")),
         ("pack + render (f32, truth)", row("pack_and_render")),
