@@ -11,7 +11,7 @@ families (``heldout`` and any in ``--heldout``, e.g. ``galsim``, rendered by oth
 code) and lens/twin pairs of the default ``physical`` family (``pairs_family``),
 whichever family it trained on. The table puts side by side what says whether a
 finder learned lensing: held-out AUROC per family, lensing-only AUROC (lens vs its
-own scene without deflection) and the shortcut AUROC of the run's own training
+own scene without deflection; also over the pairs of θE ≥ 1.2″) and the shortcut AUROC of the run's own training
 population (how well non-lensing statistics separate its classes), beside the
 in-distribution test AUROC, TPR10, FNR(flux ratio < 0.1) and the AUROC of those faint-arc lenses against every
 non-lens (informative where the FNR is 1), and the wall time.
@@ -290,6 +290,7 @@ def run_lever(lever: str, args, work: Path) -> dict:
            "fnr_flux_ratio_lt_0.1": r["fnr_flux_ratio_lt_0.1"], "auroc_flux_ratio_lt_0.1": r["auroc_flux_ratio_lt_0.1"],
            "n_test_nonlenses": r["n_test_nonlenses"],
            "heldout_auroc": r["heldout_auroc"], "lensing_only_auroc": r.get("lensing_only_auroc", float("nan")),
+           "lensing_only_theta_e_ge_1.2": r.get("lensing_only_auroc_theta_e_ge_1.2", float("nan")),
            "shortcut_auroc": meta["shortcut_audit"]["shortcut_auroc"],
            "shortcut_auroc_without_twins": meta["shortcut_audit"].get("shortcut_auroc_without_twins", float("nan")),
            "train_img_per_s": lc.get(f"{member}/train_img_per_s", float("nan"))}
@@ -345,7 +346,7 @@ def main(argv=None) -> list[dict]:
             print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in rows[-1].items()}, flush=True)
     cols = ["auroc", "tpr10", "fnr_flux_ratio_lt_0.1", "auroc_flux_ratio_lt_0.1", "heldout_auroc",
             *[k for k in rows[0] if k.startswith("heldout_") and k != "heldout_auroc"], "lensing_only_auroc",
-            "shortcut_auroc", "shortcut_auroc_without_twins"]
+            "lensing_only_theta_e_ge_1.2", "shortcut_auroc", "shortcut_auroc_without_twins"]
     head = "| lever | " + " | ".join(cols) + " | wall min |"
     lines = [head, "|" + "---|" * (len(cols) + 2)]
     for row in rows:

@@ -108,7 +108,8 @@ def test_the_ablation_table_has_a_column_per_heldout_family_named_as_the_run_sco
     monkeypatch.setattr(_util, "RESULTS", tmp_path)
     figures = {"auroc": 0.8, "tpr10": 0.1, "fnr_flux_ratio_lt_0.1": 0.9, "auroc_flux_ratio_lt_0.1": 0.7,
                "heldout_auroc": 0.5, "heldout_galsim_auroc": 0.6, "heldout_mine_auroc": 0.55,
-               "lensing_only_auroc": 0.9, "shortcut_auroc": 0.67, "shortcut_auroc_without_twins": 0.61}
+               "lensing_only_auroc": 0.9, "lensing_only_theta_e_ge_1.2": 0.7, "shortcut_auroc": 0.67,
+               "shortcut_auroc_without_twins": 0.61}
     monkeypatch.setattr(bench_ablation, "run_lever", lambda lever, args, work: {"lever": lever, "wall_s": 60.0,
                                                                                 **figures})
     rows = bench_ablation.main(["--levers", "physical", "--work", str(tmp_path)])

@@ -26,8 +26,9 @@ from lens_assets.model_registry import calibrator_version, read_ensemble
 from lens_assets.resources.storage import LocalStorage
 from lens_assets.science.fileio import atomic_path, write_text_atomic
 from lens_assets.science.calibration import cross_fit, fit_calibrator
-from lens_assets.science.metrics import (auroc_by_kind, bologna_metrics, bootstrap_interval,
-                                         error_rate_by_uncertainty, expected_calibration_error, paired_win_rate)
+from lens_assets.science.metrics import (THETA_E_BINS, THETA_E_HALVES, auroc_by_kind, bologna_metrics,
+                                         bootstrap_interval, error_rate_by_uncertainty, expected_calibration_error,
+                                         paired_by_bins, paired_win_rate)
 from lens_assets.science.families import TWIN
 from lens_assets.science.simulation import LENSING_ONLY  # SIMFAM of the lens/twin pairs
 from lens_assets.science.splits import require_both_labels, val_roles
@@ -36,7 +37,8 @@ from lens_assets.science.surveys import get_survey
 EVALUATION_CODE_VERSION = "eval-9"  # 4: fit on the val split's calibrate half; 5: uncertainty; 6: in probability units;
 # 7: the report's AUROC of the lenses with arc S/N >= 100; 8: each non-lens type's share in by_kind; 9: AUROC per
 # Einstein-radius bin. score_calibrator keeps it; the report has its own from 10 on
-REPORT_CODE_VERSION = "eval-10"  # 10: the shortcut audit's AUROC per non-lens type and its figure without the twins
+# 10: the shortcut audit's AUROC per non-lens type and its figure without the twins; 11: lensing-only AUROC per θE bin
+REPORT_CODE_VERSION = "eval-11"
 SHORTCUT_CODE_VERSION = "shortcut-2"  # 2: AUROC per non-lens type, each row's score
 SCORED_SPLITS = ("val", "test", "heldout", LENSING_ONLY)
 DEFAULT_HELDOUT_FAMILIES = ["heldout", "galsim"]
@@ -489,6 +491,11 @@ def report_figures(scores: pd.DataFrame, *, heldout_families=("heldout",), n_boo
         if n_boot and lo["n_pairs"] > 0 and complete["label"].nunique() == 2:
             lo["auroc_ci_low"], lo["auroc_ci_high"] = bootstrap_interval(
                 complete["label"].to_numpy(), complete["logit"].to_numpy(), "auroc", n_boot=n_boot, seed=seed)
+        if "theta_e" in pairs:  # where the finder's lensing skill ends: the pairs by their lens's Einstein radius
+            theta_e = pairs["theta_e"].where(pairs["theta_e"] >= 0, np.nan).to_numpy()
+            for name, r in paired_by_bins(pid.to_numpy(), pairs["label"].to_numpy(), pairs["logit"].to_numpy(),
+                                          theta_e, THETA_E_BINS + THETA_E_HALVES).items():
+                lo[f"auroc_theta_e_{name}"], lo[f"n_pairs_theta_e_{name}"] = r["auroc"], r["n_pairs"]
     out["lensing_only"] = lo
     out["uncertainty"] = (error_rate_by_uncertainty(test["label"].to_numpy(), test["probability"].to_numpy(),
                                                     test["uncertainty"].to_numpy())
@@ -534,6 +541,11 @@ def summary_table(figures: dict, shortcut: dict | None) -> str:
     pairs = (f"{_fmt(lo['auroc'], lo.get('auroc_ci_low'), lo.get('auroc_ci_high'))} (win rate "
              f"{lo['win_rate']:.3f}, {lo['n_pairs']:.0f} pairs)" if lo["n_pairs"] else NO_OBJECTS)
     lines.append("| lensing-only AUROC (lens vs twin pairs) | " + " | ".join([pairs] + ["—"] * (len(cols) - 1)) + " |")
+    for name, label in (("lt_1.2", "θE < 1.2″"), ("ge_1.2", "θE ≥ 1.2″")):
+        n_bin = lo.get(f"n_pairs_theta_e_{name}", 0.0)
+        cell = f"{_fmt(lo[f'auroc_theta_e_{name}'])} ({n_bin:.0f} pairs)" if n_bin else NO_OBJECTS
+        lines.append(f"| lensing-only AUROC, pairs of {label} | " + " | ".join([cell] + ["—"] * (len(cols) - 1))
+                     + " |")
     if shortcut is None:
         cells = ["not run (materialize shortcut_audit)"] * len(cols)
     else:
@@ -622,6 +634,16 @@ def report_markdown(survey: str, figures: dict, calibrator: dict, shortcut: dict
             lines.append(f"| {b.replace('_', '–').replace('lt–', '< ').replace('ge–', '≥ ')} | "
                          f"{ind[f'recall_{key}_{b}']:.3f} | {ind[f'n_lenses_{key}_{b}']:.0f} | "
                          f"{held.get(f'recall_{key}_{b}', nan):.3f} | {held.get(f'n_lenses_{key}_{b}', 0):.0f} |")
+    lo = figures.get("lensing_only", {})
+    if any(f"n_pairs_theta_e_{name}" in lo for name, *_ in THETA_E_BINS):
+        lines += ["", "## Lensing-only AUROC by Einstein radius", "",
+                  "The lens/twin pairs grouped by their lens's θE: where the finder stops telling a lens from the "
+                  "same scene without deflection.", "", "| θE (arcsec) | lensing-only AUROC | pairs |", "|---|---|---|"]
+        for name, *_ in THETA_E_BINS:
+            n_bin = lo.get(f"n_pairs_theta_e_{name}", 0.0)
+            label = name.replace('_', '–').replace('lt–', '< ').replace('ge–', '≥ ')
+            lines.append(f"| {label} | {_fmt(lo.get(f'auroc_theta_e_{name}')) if n_bin else NO_OBJECTS} | "
+                         f"{n_bin:.0f} |")
     if figures.get("by_kind"):
         lines += ["", "## AUROC against each non-lens type", "",
                   "Every lens of a set against the non-lenses of one type (their count and share of the set's "
@@ -752,6 +774,8 @@ def bologna_report(context: dg.AssetExecutionContext, config: ReportConfig,
     metadata["lensing_only_auroc"] = float(pairs["auroc"])
     metadata["lensing_only_win_rate"] = float(pairs["win_rate"])
     metadata["n_lensing_only_pairs"] = float(pairs["n_pairs"])
+    for name, *_ in THETA_E_BINS + THETA_E_HALVES:
+        metadata[f"lensing_only_auroc_theta_e_{name}"] = float(pairs.get(f"auroc_theta_e_{name}", nan))
     sc = (shortcut or {}).get("auroc", {})
     metadata["shortcut_auroc"] = float(sc.get("test", nan))
     for f in figures["families"]:

@@ -24,7 +24,7 @@ import numpy as np
 __all__ = ["threshold_at_n_false_positives", "tpr_at_n_false_positives", "tpr0", "tpr10", "tpr_at_fpr",
            "expected_calibration_error", "fnr_by_bins", "noise_limited_fnr", "FLUX_RATIO_BINS", "THETA_E_BINS",
            "ARC_SNR_BINS", "bologna_metrics", "bootstrap_interval", "BOOTSTRAP_METRICS", "paired_win_rate",
-           "auroc_by_kind", "error_rate_by_uncertainty"]
+           "paired_by_bins", "auroc_by_kind", "error_rate_by_uncertainty"]
 
 FLUX_RATIO_BINS = (("lt_0.1", 0.0, 0.1), ("0.1_0.3", 0.1, 0.3), ("ge_0.3", 0.3, np.inf))
 # Einstein radius (arcsec): below ~0.8" a ground-based survey's seeing hides the arcs
@@ -278,6 +278,23 @@ def paired_win_rate(pair_ids, labels, scores) -> dict:
     diff = wide[1] - wide[0]
     out["win_rate"] = float(((diff > 0) + 0.5 * (diff == 0)).mean())
     out["auroc"] = float(roc_auc_score(pairs["y"], pairs["s"]))
+    return out
+
+
+def paired_by_bins(pair_ids, labels, scores, values, bins) -> dict:
+    """:func:`paired_win_rate` of the complete pairs whose lens member's ``values`` (e.g. θE) falls in each bin of
+    ``bins`` ((name, low, high), low inclusive): ``{name: {"auroc", "win_rate", "n_pairs"}}``, NaN figures and 0
+    pairs for an empty bin. A pair's bin is its lens's: the twin is the same scene, whatever its own row says."""
+    import pandas as pd
+
+    df = pd.DataFrame({"pair": np.asarray(pair_ids, dtype=str), "y": np.asarray(labels),
+                       "s": np.asarray(scores, dtype=float), "v": np.asarray(values, dtype=float)})
+    lens_value = df[df["y"] == 1].groupby("pair")["v"].first()
+    out = {}
+    for name, lo, hi in bins:
+        part = df[df["pair"].isin(lens_value.index[(lens_value >= lo) & (lens_value < hi)])]
+        r = paired_win_rate(part["pair"].to_numpy(), part["y"].to_numpy(), part["s"].to_numpy())
+        out[name] = {k: r[k] for k in ("auroc", "win_rate", "n_pairs")}
     return out
 
 

@@ -530,3 +530,43 @@ def test_the_shortcut_figure_without_twins_says_why_it_is_missing():
     assert without_twins_cell(0.61234, "") == "0.612"
     assert without_twins_cell(float("nan"), "") == "undefined"
     assert without_twins_cell(float("nan"), "not trained: 3 lenses and 2 non-lenses") == "not trained"
+
+
+def test_lensing_only_pairs_are_reported_by_their_lens_einstein_radius():
+    """The pairs' AUROC per θE bin in the figures, the summary table and the page, recomputed with sklearn."""
+    from lens_assets.assets.evaluation import report_figures, report_markdown, summary_table
+    from lens_assets.science.metrics import THETA_E_BINS
+
+    rng = np.random.default_rng(3)
+    n_test, n_pairs = 40, 50
+    theta_e = rng.uniform(0.4, 1.9, n_pairs)  # no pair reaches the >= 2" bin
+    lens_logit = rng.normal(size=n_pairs) + 2.0 * (theta_e < 1.2)
+    twin_logit = rng.normal(size=n_pairs)
+    test = pd.DataFrame({"split": "test", "label": np.tile([1, 0], n_test // 2), "logit": rng.normal(size=n_test),
+                         "pair_id": "", "theta_e": -1.0})
+    pairs = pd.DataFrame({"split": "lensing_only", "label": np.tile([1, 0], n_pairs),
+                          "logit": np.column_stack([lens_logit, twin_logit]).ravel(),
+                          "pair_id": np.repeat([f"p{i}" for i in range(n_pairs)], 2),
+                          "theta_e": np.column_stack([theta_e, np.full(n_pairs, -1.0)]).ravel()})
+    scores = pd.concat([test, pairs], ignore_index=True)
+    scores["probability"] = 1 / (1 + np.exp(-scores["logit"]))
+    scores["flux_ratio"], scores["arc_snr"], scores["sim_family"] = -1.0, -1.0, ""
+    lo = report_figures(scores, heldout_families=())["lensing_only"]
+    for name, low, high in THETA_E_BINS + (("lt_1.2", 0.0, 1.2), ("ge_1.2", 1.2, np.inf)):
+        m = (theta_e >= low) & (theta_e < high)
+        assert lo[f"n_pairs_theta_e_{name}"] == m.sum(), name
+        if m.any():
+            want = roc_auc_score(np.r_[np.ones(m.sum()), np.zeros(m.sum())], np.r_[lens_logit[m], twin_logit[m]])
+            assert lo[f"auroc_theta_e_{name}"] == pytest.approx(want), name
+        else:
+            assert np.isnan(lo[f"auroc_theta_e_{name}"]), name
+    figures = report_figures(scores, heldout_families=())
+    table = summary_table(figures, None)
+    small = (theta_e < 1.2).sum()
+    assert f"| lensing-only AUROC, pairs of θE < 1.2″ | {lo['auroc_theta_e_lt_1.2']:.3f} ({small} pairs) |" in table
+    assert f"| lensing-only AUROC, pairs of θE ≥ 1.2″ | {lo['auroc_theta_e_ge_1.2']:.3f} ({n_pairs - small} pairs) |" \
+        in table
+    md = report_markdown(SURVEY, figures, {"calibrator": {"method": "isotonic"}, "fusion": {"method": "mean"},
+                                           "members": [{"name": "m"}], "n_val": 10})
+    assert "## Lensing-only AUROC by Einstein radius" in md
+    assert "| ≥ 2 | no objects | 0 |" in md and "nan" not in md.split("## Lensing-only AUROC by Einstein radius")[1]

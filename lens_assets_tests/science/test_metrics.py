@@ -3,7 +3,7 @@ import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from lens_assets.science.metrics import (FLUX_RATIO_BINS, auroc_by_kind, bologna_metrics, bootstrap_interval,
-                                         expected_calibration_error, fnr_by_bins, paired_win_rate,
+                                         expected_calibration_error, fnr_by_bins, paired_by_bins, paired_win_rate,
                                          threshold_at_n_false_positives, tpr0, tpr10, tpr_at_fpr)
 
 
@@ -281,6 +281,27 @@ def test_paired_win_rate_by_hand():
     assert out["n_pairs"] == 3.0 and out["n_rows_not_in_complete_pairs"] == 1.0
     assert out["win_rate"] == pytest.approx(0.5)  # (1 + 0.5 + 0) / 3
     assert out["auroc"] == pytest.approx(roc_auc_score([1, 0, 1, 0, 1, 0], [2.0, 1.0, 0.5, 0.5, 0.0, 3.0]))
+
+
+def test_paired_by_bins_groups_pairs_by_their_lens_value_and_matches_sklearn():
+    rng = np.random.default_rng(5)
+    n = 60
+    theta_e = rng.uniform(0.3, 3.0, n)
+    lens_s = rng.normal(size=n) + (theta_e < 1.2)  # the lens wins more often at small radii
+    twin_s = rng.normal(size=n)
+    pairs = np.repeat([f"p{i}" for i in range(n)], 2)
+    labels = np.tile([1, 0], n)
+    scores = np.column_stack([lens_s, twin_s]).ravel()
+    values = np.column_stack([theta_e, np.full(n, -1.0)]).ravel()  # the twin row's own value is ignored
+    bins = (("small", 0.0, 1.2), ("large", 1.2, np.inf), ("none", 5.0, 6.0))
+    out = paired_by_bins(pairs, labels, scores, values, bins)
+    for name, lo, hi in bins[:2]:
+        m = (theta_e >= lo) & (theta_e < hi)
+        assert out[name]["n_pairs"] == m.sum()
+        want = roc_auc_score(np.r_[np.ones(m.sum()), np.zeros(m.sum())], np.r_[lens_s[m], twin_s[m]])
+        assert out[name]["auroc"] == pytest.approx(want)
+        assert out[name]["win_rate"] == pytest.approx(np.mean(lens_s[m] > twin_s[m]))
+    assert out["none"]["n_pairs"] == 0 and np.isnan(out["none"]["auroc"])
 
 
 def test_paired_win_rate_without_pairs_is_nan():
