@@ -45,7 +45,9 @@ Levers (a family file written from ``physical.toml`` with one section changed):
 Training levers (the physical population, the member changed):
 
 * ``film``: the member with FiLM conditioning on the observing conditions (``film: true``).
-* ``colour_residual``: the member with the RingFinder band difference as one more input channel.
+* ``colour_residual`` (``colour_residual=0``): the member with (without) the RingFinder band difference as one more
+  input channel. The demo profile has it since it was measured, so every lever has it; ``colour_residual=0`` is the
+  member without.
 * ``radial_residual``: the member with each band less its radial median profile as more input channels.
 * ``head_dropout`` (``head_dropout=<p>``): the member with dropout (default 0.2) on its pooled features before the
   classifier, which MC-dropout scoring needs. The demo profile trains with 0.2 since it was measured, so every
@@ -88,8 +90,8 @@ POPULATION_PREFIXES = ("deep=", "group=", "negatives=", "toml=", "train_family="
 VALUE_LEVERS = ("deep=<factor>", "group=<fraction>", "negatives=<type>:<weight>/...",
                 "toml=<section>.<key>:<number>/...",
                 "train_family=<name>")  # a family written from physical.toml with one value set, or a packaged one
-TRAINING_LEVERS = ("film", "colour_residual", "radial_residual", "head_dropout[=p]", "upsample=<k>", "arc_attention",
-                   "fresh=<share>", "physics[=w]", "theta_e_balance=<alpha>",
+TRAINING_LEVERS = ("film", "colour_residual[=0]", "radial_residual", "head_dropout[=p]", "upsample=<k>",
+                   "arc_attention", "fresh=<share>", "physics[=w]", "theta_e_balance=<alpha>",
                    "member=<backbone>")  # the physical population, another training choice
 SHARD_LEVERS = ("psf_target=<arcsec>",)  # the physical population, other PSF-matched shards
 
@@ -105,8 +107,8 @@ def training_overrides(lever: str) -> dict:
     """``lens_classifier`` config of a training lever (empty for a population lever)."""
     if lever == "film":
         return {"film": True}
-    if lever == "colour_residual":
-        return {"colour_residual": True}
+    if lever in ("colour_residual", "colour_residual=1", "colour_residual=0"):
+        return {"colour_residual": lever != "colour_residual=0"}
     if lever == "radial_residual":
         return {"radial_residual": True}
     if lever.startswith("physics"):

@@ -44,13 +44,15 @@ def _match_preread(args):
     return match_batch(rows, cutouts, settings)
 
 
-def drop_section(root: Path, n: int, batch: int = 128, repeats: int = 3, member_names=("resnet10t",)) -> dict:
+def drop_section(root: Path, n: int, batch: int = 128, repeats: int = 3, member_names=("resnet10t",),
+                 colour_residual: bool = False) -> dict:
     import numpy as np
     import pandas as pd
     import torch
 
     from lens_assets.inbox import simulate_drop
     from lens_assets.ml.module import LensClassifier
+    from lens_assets.ml.train import residual_band_indices
     from lens_assets.ml.score import Fusion, default_device, logits_of_batch, score_files
     from lens_assets.resources.storage import LocalStorage
     from lens_assets.science.calibration import Calibrator
@@ -66,11 +68,12 @@ def drop_section(root: Path, n: int, batch: int = 128, repeats: int = 3, member_
     files = find_fits(storage.path(*layout.inbox_drop("des", "bench")))
     device = default_device()
     torch.manual_seed(0)
-    members = [LensClassifier(backbone=b, in_chans=survey.n_bands, img_size=survey.cutout_size_px).eval().to(device)
-               .use_channels_last() for b in member_names]
+    residual = residual_band_indices(survey.name, list(survey.band_names)) if colour_residual else None
+    members = [LensClassifier(backbone=b, in_chans=survey.n_bands, img_size=survey.cutout_size_px,
+                              residual_bands=residual).eval().to(device).use_channels_last() for b in member_names]
     fusion, cal = Fusion.mean(len(members)), Calibrator("temperature", temperature=1.7)
     settings = shard_settings(survey)
-    out = {"n": len(files), "device": device, "members": list(member_names),
+    out = {"n": len(files), "device": device, "members": list(member_names), "colour_residual": colour_residual,
            "precision": resolve_precision("auto", gpu=device.startswith("cuda"))}
 
     def rate(fn):
@@ -161,17 +164,25 @@ def main(argv=None) -> dict:
     ap.add_argument("--drops", type=int, default=1000, help="drops present for the sensor ticks")
     ap.add_argument("--repeats", type=int, default=3, help="rounds of every stage and end to end (medians)")
     ap.add_argument("--members", default=None, help="backbones, comma-separated (default: lens_classifier's)")
+    ap.add_argument("--colour-residual", type=int, choices=(0, 1), default=None,
+                    help="members with the colour-residual input channel (default: the demo profile's setting)")
     args = ap.parse_args(argv)
+    if args.colour_residual is None:
+        from lens_assets.profiles import PROFILES
+
+        args.colour_residual = int(PROFILES["demo"]["lens_classifier"].get("colour_residual", False))
     if args.members is None:
         from lens_assets.assets.training import TrainConfig
 
         args.members = ",".join(TrainConfig.model_fields["members"].default)
     with tempfile.TemporaryDirectory() as tmp:
-        drop = drop_section(Path(tmp), args.n, repeats=args.repeats, member_names=args.members.split(","))
+        drop = drop_section(Path(tmp), args.n, repeats=args.repeats, member_names=args.members.split(","),
+                            colour_residual=bool(args.colour_residual))
         sensor = sensor_section(Path(tmp), args.drops)
     rows = [
         ("drop", f"{drop['n']} DES 5-band 64x64 cutouts, {len(drop['members'])} member(s) "
-                 f"({', '.join(drop['members'])}) in {drop['precision']} on {drop['device']}, {cores()} cores"),
+                 f"({', '.join(drop['members'])}{', colour residual' if drop['colour_residual'] else ''}) in "
+                 f"{drop['precision']} on {drop['device']}, {cores()} cores"),
         ("FITS read + validate", f"{drop['ingest_per_s']:.0f} cutouts/s"),
         ("PSF match + normalize (read before)", f"{drop['match_per_s']:.0f} cutouts/s"),
         ("ensemble forward (preloaded)", f"{drop['model_per_s']:.0f} cutouts/s"),

@@ -30,6 +30,8 @@ def test_numeric_ablation_levers_are_checked_before_any_run(tmp_path):
 
     assert bench_ablation.deep_factor("deep=100") == 100.0 and bench_ablation.group_share("group=0.25") == 0.25
     assert bench_ablation.training_overrides("theta_e_balance=0.5") == {"theta_e_balance": 0.5}
+    assert bench_ablation.training_overrides("colour_residual=0") == {"colour_residual": False}  # the default is on
+    assert bench_ablation.training_overrides("colour_residual") == {"colour_residual": True}
     for lever, what in (("deep=0", "positive"), ("deep=x", "positive"), ("group=1.5", r"\[0, 1\]"),
                         ("theta_e_balance=-1", r"\[0, 1\]")):
         with pytest.raises(ValueError, match=what):
