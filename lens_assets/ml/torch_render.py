@@ -51,7 +51,13 @@ __all__ = ["RenderBatch", "TorchCutouts", "pack_systems", "render", "ray_trace",
 SMOOTHING_ARCSEC = 1e-4  # lenstronomy's Sersic: radii below this are this
 MAX_R_FRAC = 1000.0  # lenstronomy's Sersic: zero beyond this many R_sersic
 SIE_CORE_ARCSEC = 1e-10  # lenstronomy's SIE is an NIE with this core
-CHUNK = 16  # objects per sub-pixel light evaluation: (16, 128, 128) float32 temporaries fit a core's cache
+CHUNK = 16  # objects per sub-pixel light evaluation on a CPU: (16, 128, 128) float32 temporaries fit a core's cache
+
+
+def _chunk(device: torch.device, n: int) -> int:
+    """Objects per light evaluation: :data:`CHUNK` on a CPU (cache), all ``n`` at once elsewhere (a GPU wants
+    few, large kernels)."""
+    return CHUNK if device.type == "cpu" else max(n, 1)
 
 
 @dataclass
@@ -358,7 +364,7 @@ def _add_unlensed_gaussians(batch: RenderBatch, out_unlensed) -> None:
 
 def _traced_grid(batch: RenderBatch, x, y):
     """Source-plane positions of the sub-pixel grid for the objects with lensed extended light only (a non-lens,
-    a twin, needs none), traced :data:`CHUNK` objects at a time: ``(row, bx, by)`` with ``row`` (B,) each object's
+    a twin, needs none), traced in groups of :func:`_chunk`: ``(row, bx, by)`` with ``row`` (B,) each object's
     index into ``bx, by`` (t, H, W), -1 for the untraced."""
     need = torch.zeros(batch.batch_size, dtype=torch.bool, device=batch.lens.device)
     for kind in ("sersic", "gauss"):
@@ -368,7 +374,8 @@ def _traced_grid(batch: RenderBatch, x, y):
     row[traced] = torch.arange(traced.numel(), device=need.device)
     if traced.numel() == 0:
         return row, None, None
-    parts = [ray_trace(batch.lens[traced[j:j + CHUNK]], x, y) for j in range(0, traced.numel(), CHUNK)]
+    step = _chunk(traced.device, traced.numel())
+    parts = [ray_trace(batch.lens[traced[j:j + step]], x, y) for j in range(0, traced.numel(), step)]
     return row, torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
@@ -376,8 +383,8 @@ def _add_extended(batch: RenderBatch, out_lensed, out_unlensed, kind: str, x, y,
                   lensed_only: bool = False):
     """Add every component of ``kind`` ('sersic' | 'gauss') to the pixel-resolution light (B, K, n, n).
 
-    Component slot ``c`` is drawn only for the objects that have one there (padding has zero flux), in chunks of
-    :data:`CHUNK` objects so that the sub-pixel temporaries stay in the CPU's cache; ``lensed_only`` skips the
+    Component slot ``c`` is drawn only for the objects that have one there (padding has zero flux), on a CPU in
+    chunks of :data:`CHUNK` objects so that the sub-pixel temporaries stay in the cache; ``lensed_only`` skips the
     unlensed ones (drawn elsewhere); ``traced`` is :func:`_traced_grid`'s result. A component's shape is the same
     in every band, so each is evaluated once per object at unit flux and the bands are one batched product with
     the fluxes at the end."""
@@ -395,9 +402,9 @@ def _add_extended(batch: RenderBatch, out_lensed, out_unlensed, kind: str, x, y,
         idx = present[:, c].nonzero().squeeze(1)
         if idx.numel() == 0:
             continue
-        parts = []
-        for j in range(0, idx.numel(), CHUNK):
-            i = idx[j:j + CHUNK]
+        parts, step = [], _chunk(idx.device, idx.numel())
+        for j in range(0, idx.numel(), step):
+            i = idx[j:j + step]
             sb = unit(par[i, c], *_grid_for(lensed[i, c], i, x, y, traced))
             parts.append(F.avg_pool2d(sb[:, None], s)[:, 0] * area if s > 1 else sb * area)  # per unit flux
         px = parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -415,12 +422,15 @@ def _add_extended(batch: RenderBatch, out_lensed, out_unlensed, kind: str, x, y,
 
 def _grid_for(m, i, x, y, traced):
     """The coordinates objects ``i`` evaluate a component at: the traced grid where ``m`` (it is lensed), else the
-    image-plane grid (broadcast, not copied, when none of them is lensed)."""
-    if not bool(m.any()):
-        return x, y
+    image-plane grid (on a CPU broadcast, not copied, when none of them is lensed; elsewhere no host sync)."""
     row, bx, by = traced
+    if bx is None:  # nothing in the batch is traced, so nothing here is lensed
+        return x, y
+    on_cpu = m.device.type == "cpu"
+    if on_cpu and not bool(m.any()):
+        return x, y
     tx, ty = bx[row[i].clamp(min=0)], by[row[i].clamp(min=0)]
-    if bool(m.all()):
+    if on_cpu and bool(m.all()):
         return tx, ty
     m = m[:, None, None]
     return torch.where(m, tx, x), torch.where(m, ty, y)

@@ -171,10 +171,19 @@ def test_simulated_cutouts_match_lenstronomy_in_one_batch(survey_name, family, s
     assert {c.system.is_lens for c in cutouts} == {True, False}
 
 
-def test_a_batch_renders_each_object_as_alone_and_float32_stays_close():
+def test_a_batch_renders_each_object_as_alone_and_float32_stays_close(monkeypatch):
+    import lens_assets.ml.torch_render as tr
+
+    monkeypatch.setattr(tr, "CHUNK", 2)  # several chunks per component slot and for the ray tracing
     cutouts = [simulate_one(DES, load_family("physical"), 8, i) for i in range(6)]
+    assert sum(c.system.kwargs_lens is not None and c.flux_ratio > 0 for c in cutouts) >= 3  # lenses to trace
     batch = pack_systems([c.system for c in cutouts], DES)
     together = render(batch, noise=False)
+    non_lenses = [j for j, c in enumerate(cutouts) if c.flux_ratio == 0]
+    assert non_lenses  # a batch of non-lenses alone traces nothing and draws the same light
+    only = render(pack_systems([cutouts[j].system for j in non_lenses], DES), noise=False)
+    np.testing.assert_allclose(only.unlensed.numpy(), together.unlensed[non_lenses].numpy(), rtol=1e-9, atol=1e-12)
+    assert float(only.lensed.abs().max()) == 0.0
     for j, c in enumerate(cutouts):
         alone = render(pack_systems([c.system], DES), noise=False)
         np.testing.assert_allclose(together.unlensed[j].numpy(), alone.unlensed[0].numpy(), rtol=1e-9, atol=1e-12)
@@ -194,16 +203,19 @@ def test_gradients_flow_to_the_lens_parameters():
     """The rendering is differentiable: d(light)/d(theta_E) from autograd matches a finite difference."""
     src = LightComponent("SERSIC_ELLIPSE", _sersic((0.1, 0.05), n=1.0, r_eff=0.2, q=0.7, pa=40.0), 21.0, 0.3,
                          lensed=True)
+    from dataclasses import replace
+
     batch = pack_systems([_system(DES, kwargs_lens=_sie(), components=[src])], DES)
+    shift = torch.tensor([[[0.3, -0.2], [0.0, 0.0], [-0.25, 0.1], [0.1, 0.3], [0.0, -0.15]]], dtype=torch.float64)
+    batch = replace(batch, shift_px=shift)  # the misregistration rides on the PSF's spectrum: gradients through it
     weights = torch.from_numpy(np.random.default_rng(3).normal(size=(1, DES.n_bands, 64, 64)))
 
-    def loss(lens):
-        from dataclasses import replace
-
-        return (render(replace(batch, lens=lens), noise=False).lensed * weights).sum()
+    def loss(lens, shift_px=shift):
+        return (render(replace(batch, lens=lens, shift_px=shift_px), noise=False).lensed * weights).sum()
 
     lens = batch.lens.clone().requires_grad_(True)
-    (grad,) = torch.autograd.grad(loss(lens), lens)
+    sh = shift.clone().requires_grad_(True)
+    grad, grad_shift = torch.autograd.grad(loss(lens, sh), (lens, sh))
     h = 1e-5
     up, down = batch.lens.clone(), batch.lens.clone()
     up[0, 0] += h
@@ -211,6 +223,11 @@ def test_gradients_flow_to_the_lens_parameters():
     numeric = (loss(up) - loss(down)) / (2 * h)
     assert float(grad[0, 0]) == pytest.approx(float(numeric), rel=1e-4)
     assert torch.isfinite(grad).all() and float(grad[0, 0].abs()) > 0
+    s_up, s_down = shift.clone(), shift.clone()  # band 0's x shift
+    s_up[0, 0, 0] += h
+    s_down[0, 0, 0] -= h
+    numeric = (loss(batch.lens, s_up) - loss(batch.lens, s_down)) / (2 * h)
+    assert float(grad_shift[0, 0, 0]) == pytest.approx(float(numeric), rel=1e-4) and float(numeric) != 0
 
 
 def test_a_round_lens_has_finite_gradients():
