@@ -542,7 +542,9 @@ def summary_table(figures: dict, shortcut: dict | None) -> str:
              f"{lo['win_rate']:.3f}, {lo['n_pairs']:.0f} pairs)" if lo["n_pairs"] else NO_OBJECTS)
     lines.append("| lensing-only AUROC (lens vs twin pairs) | " + " | ".join([pairs] + ["—"] * (len(cols) - 1)) + " |")
     for name, label in (("lt_1.2", "θE < 1.2″"), ("ge_1.2", "θE ≥ 1.2″")):
-        n_bin = lo.get(f"n_pairs_theta_e_{name}", 0.0)
+        if f"n_pairs_theta_e_{name}" not in lo:  # pairs without θE truth (or none at all): nothing to split by
+            continue
+        n_bin = lo[f"n_pairs_theta_e_{name}"]
         cell = f"{_fmt(lo[f'auroc_theta_e_{name}'])} ({n_bin:.0f} pairs)" if n_bin else NO_OBJECTS
         lines.append(f"| lensing-only AUROC, pairs of {label} | " + " | ".join([cell] + ["—"] * (len(cols) - 1))
                      + " |")

@@ -431,6 +431,8 @@ def test_report_has_every_heldout_family_and_bootstrap_intervals_around_the_poin
         "auroc": float("nan"), "n_pairs": 0.0}
     assert meta["lensing_only_auroc"] == pytest.approx(want["auroc"], nan_ok=True)
     assert meta["n_lensing_only_pairs"] == want["n_pairs"]
+    for name in ("lt_0.8", "0.8_1.2", "1.2_2", "ge_2", "lt_1.2", "ge_1.2"):  # bench_ablation reads ge_1.2
+        assert f"lensing_only_auroc_theta_e_{name}" in meta, name
     doc = json.loads(storage.path("calibrators", SURVEY, "calibrator.json").read_text())
     assert doc["heldout_families"] == ["heldout", "galsim"]
     assert _checks(result, NEW_CHECKS) == {"heldout_auroc_at_least_gate": True,
@@ -569,4 +571,7 @@ def test_lensing_only_pairs_are_reported_by_their_lens_einstein_radius():
     md = report_markdown(SURVEY, figures, {"calibrator": {"method": "isotonic"}, "fusion": {"method": "mean"},
                                            "members": [{"name": "m"}], "n_val": 10})
     assert "## Lensing-only AUROC by Einstein radius" in md
+    no_truth = report_figures(scores.drop(columns="theta_e"), heldout_families=())  # nothing to split the pairs by
+    assert "n_pairs_theta_e_lt_1.2" not in no_truth["lensing_only"]
+    assert "pairs of θE" not in summary_table(no_truth, None)
     assert "| ≥ 2 | no objects | 0 |" in md and "nan" not in md.split("## Lensing-only AUROC by Einstein radius")[1]
