@@ -83,7 +83,7 @@ def _main(argv=None) -> dict:
 
     t = {k: [] for k in ("lenstronomy", "torch32_truth", "torch32_image", "torch64_truth", "pack", "torch32_all_cores",
                          "fft_truth", "fft_image")}
-    n, k = batch32.n_px, batch32.psf.shape[-1]
+    n = batch32.n_px
     canvases = {p: torch.rand(args.batch, p, survey.n_bands, n, n, generator=gen) for p in (1, 2)}
     shift = batch32.shift_px if bool((batch32.shift_px != 0).any()) else None  # misregistration rides on the PSF
     lt_cutouts = None
