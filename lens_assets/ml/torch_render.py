@@ -362,13 +362,18 @@ def _add_unlensed_gaussians(batch: RenderBatch, out_unlensed) -> None:
     out_unlensed += torch.bmm(rows.transpose(1, 2), gx).reshape(B, K, n, n)
 
 
+def _present(batch: RenderBatch, kind: str) -> torch.Tensor:
+    """(B, C) whether each object has a ``kind`` ('sersic' | 'gauss') component in slot c (padding: zero flux)."""
+    return (getattr(batch, f"{kind}_flux") != 0).any(dim=-1)
+
+
 def _traced_grid(batch: RenderBatch, x, y):
     """Source-plane positions of the sub-pixel grid for the objects with lensed extended light only (a non-lens,
     a twin, needs none), traced in groups of :func:`_chunk`: ``(row, bx, by)`` with ``row`` (B,) each object's
     index into ``bx, by`` (t, H, W), -1 for the untraced."""
     need = torch.zeros(batch.batch_size, dtype=torch.bool, device=batch.lens.device)
     for kind in ("sersic", "gauss"):
-        need |= (getattr(batch, f"{kind}_lensed") & (getattr(batch, f"{kind}_flux") != 0).any(dim=-1)).any(dim=1)
+        need |= (_present(batch, kind) & getattr(batch, f"{kind}_lensed")).any(dim=1)
     traced = need.nonzero().squeeze(1)
     row = torch.full((batch.batch_size,), -1, dtype=torch.long, device=need.device)
     row[traced] = torch.arange(traced.numel(), device=need.device)
@@ -394,7 +399,7 @@ def _add_extended(batch: RenderBatch, out_lensed, out_unlensed, kind: str, x, y,
     unit = _sersic_unit if kind == "sersic" else _gauss_unit
     s, n = batch.supersampling, batch.n_px
     area = batch.pixel_scale**2
-    present = (flux != 0).any(dim=-1)  # (B, C)
+    present = _present(batch, kind)
     if lensed_only:
         present = present & lensed
     slots = []
@@ -413,7 +418,7 @@ def _add_extended(batch: RenderBatch, out_lensed, out_unlensed, kind: str, x, y,
         return
     unit_px = torch.stack([p for _, p in slots], dim=1).flatten(2)  # (B, C', n n)
     cols = torch.tensor([c for c, _ in slots], device=par.device)
-    w = flux[:, cols] * present[:, cols, None]  # (B, C', K)
+    w = flux[:, cols]  # (B, C', K); objects without the slot have a zero unit image there
     m = lensed[:, cols, None].to(w.dtype)
     B, K = w.shape[0], w.shape[-1]
     out_lensed += torch.bmm((w * m).transpose(1, 2), unit_px).reshape(B, K, n, n)
