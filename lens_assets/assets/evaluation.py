@@ -512,6 +512,11 @@ def _fmt(v, lo=None, hi=None) -> str:
     return text
 
 
+def _bin_label(name: str) -> str:
+    """A metric bin's name as a table label: ``lt_0.8`` -> "< 0.8", ``1.2_2`` -> "1.2–2", ``ge_2`` -> "≥ 2"."""
+    return name.replace("_", "–").replace("lt–", "< ").replace("ge–", "≥ ")
+
+
 def without_twins_cell(value: float, note: str) -> str:
     """A cell of the shortcut AUROC without the twins: the figure, why the classifier was not trained, or
     "undefined" (a set without both classes once its twins are out)."""
@@ -633,7 +638,7 @@ def report_markdown(survey: str, figures: dict, calibrator: dict, shortcut: dict
                   f"| {unit} | test recall | test lenses | held-out recall | held-out lenses |",
                   "|---|---|---|---|---|"]
         for b in bins:
-            lines.append(f"| {b.replace('_', '–').replace('lt–', '< ').replace('ge–', '≥ ')} | "
+            lines.append(f"| {_bin_label(b)} | "
                          f"{ind[f'recall_{key}_{b}']:.3f} | {ind[f'n_lenses_{key}_{b}']:.0f} | "
                          f"{held.get(f'recall_{key}_{b}', nan):.3f} | {held.get(f'n_lenses_{key}_{b}', 0):.0f} |")
     lo = figures.get("lensing_only", {})
@@ -643,7 +648,7 @@ def report_markdown(survey: str, figures: dict, calibrator: dict, shortcut: dict
                   "same scene without deflection.", "", "| θE (arcsec) | lensing-only AUROC | pairs |", "|---|---|---|"]
         for name, *_ in THETA_E_BINS:
             n_bin = lo.get(f"n_pairs_theta_e_{name}", 0.0)
-            label = name.replace('_', '–').replace('lt–', '< ').replace('ge–', '≥ ')
+            label = _bin_label(name)
             lines.append(f"| {label} | {_fmt(lo.get(f'auroc_theta_e_{name}')) if n_bin else NO_OBJECTS} | "
                          f"{n_bin:.0f} |")
     if figures.get("by_kind"):
