@@ -6,8 +6,8 @@
    the same drop in this run, each with every core: FITS read + validation
    (``ingest_files``), PSF matching + normalization of cutouts already read
    (``match_batch``; the cutouts travel to the worker processes with their tasks),
-   the ensemble forward on preloaded arrays (``--members``, default
-   ``lens_classifier``'s; bf16 autocast where the CPU has native bf16, ``channels_last`` CNNs),
+   the ensemble forward on preloaded arrays (``--members``, default the demo profile's, with its
+   colour residual; bf16 autocast where the CPU has native bf16, ``channels_last`` CNNs),
    fusion + calibration, the Parquet write. End to end is what ``candidate_scores``
    runs: ``score_files`` (each file read once, validated and matched by worker
    processes while this process runs the models), fusion, calibration, write.
@@ -163,18 +163,17 @@ def main(argv=None) -> dict:
     ap.add_argument("--n", type=int, default=1024, help="cutouts in the drop")
     ap.add_argument("--drops", type=int, default=1000, help="drops present for the sensor ticks")
     ap.add_argument("--repeats", type=int, default=3, help="rounds of every stage and end to end (medians)")
-    ap.add_argument("--members", default=None, help="backbones, comma-separated (default: lens_classifier's)")
+    ap.add_argument("--members", default=None, help="backbones, comma-separated (default: the demo profile's)")
     ap.add_argument("--colour-residual", type=int, choices=(0, 1), default=None,
                     help="members with the colour-residual input channel (default: the demo profile's setting)")
     args = ap.parse_args(argv)
+    from lens_assets.profiles import PROFILES
+
+    trained = PROFILES["demo"]["lens_classifier"]  # the members the demo trains, scored as it scores them
     if args.colour_residual is None:
-        from lens_assets.profiles import PROFILES
-
-        args.colour_residual = int(PROFILES["demo"]["lens_classifier"].get("colour_residual", False))
+        args.colour_residual = int(trained.get("colour_residual", False))
     if args.members is None:
-        from lens_assets.assets.training import TrainConfig
-
-        args.members = ",".join(TrainConfig.model_fields["members"].default)
+        args.members = ",".join(trained["members"])
     with tempfile.TemporaryDirectory() as tmp:
         drop = drop_section(Path(tmp), args.n, repeats=args.repeats, member_names=args.members.split(","),
                             colour_residual=bool(args.colour_residual))
