@@ -60,6 +60,8 @@ Training levers (the physical population, the member changed):
   (``ml/data.balance_weights``), alpha in [0, 1].
 * ``physics`` (``physics=<w>``): the gated physics-consistency loss at weight w (default 0.1), warm-up 2 epochs.
 * ``upsample=<k>``: the member's input upsampled k times (bilinear) before the backbone, at k² the compute.
+* ``zoom=<max>``: each training cutout magnified by a factor log-uniform in [1, max] (``module.augment``): larger
+  Einstein radii, deflectors and PSFs than the population draws, for both classes alike.
 * ``member=<backbone>``: another backbone in place of ``--members`` (e.g. ``member=regnetx_002``), at the
   same epochs; the wall time and training img/s say what it costs.
 
@@ -92,7 +94,7 @@ POPULATION_PREFIXES = ("deep=", "group=", "negatives=", "toml=", "train_family="
 VALUE_LEVERS = ("deep=<factor>", "group=<fraction>", "negatives=<type>:<weight>/...",
                 "toml=<section>.<key>:<number>/...",
                 "train_family=<name>")  # a family written from physical.toml with one value set, or a packaged one
-TRAINING_LEVERS = ("film", "colour_residual[=0]", "radial_residual", "head_dropout[=p]", "upsample=<k>",
+TRAINING_LEVERS = ("film", "colour_residual[=0]", "radial_residual", "head_dropout[=p]", "upsample=<k>", "zoom=<max>",
                    "arc_attention", "fresh=<share>", "physics[=w]", "theta_e_balance=<alpha>",
                    "member=<backbone>")  # the physical population, another training choice
 SHARD_LEVERS = ("psf_target=<arcsec>",)  # the physical population, other PSF-matched shards
@@ -125,6 +127,8 @@ def training_overrides(lever: str) -> dict:
         return {"arc_attention": True}
     if lever.startswith("upsample="):
         return {"upsample": int(lever.split("=", 1)[1])}
+    if lever.startswith("zoom="):
+        return {"zoom_max": lever_number(lever, lambda v: 1.0 <= v <= 3.0, "the largest zoom must be in [1, 3]")}
     if lever.startswith("head_dropout"):
         return {"head_dropout": float(lever.split("=", 1)[1]) if "=" in lever else 0.2}
     if lever.startswith("member="):

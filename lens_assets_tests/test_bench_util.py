@@ -32,8 +32,9 @@ def test_numeric_ablation_levers_are_checked_before_any_run(tmp_path):
     assert bench_ablation.training_overrides("theta_e_balance=0.5") == {"theta_e_balance": 0.5}
     assert bench_ablation.training_overrides("colour_residual=0") == {"colour_residual": False}  # the default is on
     assert bench_ablation.training_overrides("colour_residual") == {"colour_residual": True}
+    assert bench_ablation.training_overrides("zoom=1.6") == {"zoom_max": 1.6}
     for lever, what in (("deep=0", "positive"), ("deep=x", "positive"), ("group=1.5", r"\[0, 1\]"),
-                        ("theta_e_balance=-1", r"\[0, 1\]")):
+                        ("theta_e_balance=-1", r"\[0, 1\]"), ("zoom=0.5", r"\[1, 3\]")):
         with pytest.raises(ValueError, match=what):
             bench_ablation.deep_factor(lever) if lever.startswith("deep") else (
                 bench_ablation.group_share(lever) if lever.startswith("group") else

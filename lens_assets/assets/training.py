@@ -41,6 +41,9 @@ class TrainConfig(dg.Config):
     upsample: int = Field(default=1, ge=1, le=4, description="upsample each member's input this many times "
                           "(bilinear) before the backbone: more of its feature map for arcs a few pixels wide, at "
                           "upsample² the compute")
+    zoom_max: float = Field(default=1.0, ge=1.0, le=3.0, description="magnify each training cutout about its "
+                            "centre by a factor drawn log-uniformly from [1, zoom_max] (Einstein radius, deflector "
+                            "and PSF alike; surface brightness kept, the noise restored to the variance); 1: off")
     arc_attention: bool = Field(default=False, description="add a tangential self-attention branch about the "
                                 "stamp's centre (polar resampling, attention over angle at each radius) whose logit "
                                 "is added to the backbone's")
@@ -180,6 +183,7 @@ def lens_classifier(context: dg.AssetExecutionContext, config: TrainConfig, stor
             f"{member}/radial_residual": bool(s.get("radial_residual", False)),
             f"{member}/head_dropout": float(s.get("head_dropout", 0.0)),
             f"{member}/upsample": int(s.get("upsample", 1)),
+            f"{member}/zoom_max": float(s.get("zoom_max", 1.0)),
             f"{member}/arc_attention": bool(s.get("arc_attention", False)),
             f"{member}/fresh_fraction": float(s.get("fresh_fraction", 0.0)),
             f"{member}/n_fresh": int(s.get("n_fresh", 0)),

@@ -240,27 +240,51 @@ def physics_consistency(image: torch.Tensor, variance: torch.Tensor, params: tor
 
 
 def augment(image: torch.Tensor, variance: torch.Tensor, *, generator: torch.Generator | None = None,
-            max_shift_px: float = 0.5, max_extra_noise: float = 0.5):
-    """Photometry-preserving augmentation of a batch (same transform for every band of a cutout)."""
+            max_shift_px: float = 0.5, max_extra_noise: float = 0.5, zoom_max: float = 1.0):
+    """Photometry-preserving augmentation of a batch (same transform for every band of a cutout).
+
+    A 90° turn and a flip, a sub-pixel shift, and extra noise from the variance. With ``zoom_max`` > 1 each
+    cutout is also magnified about its centre by a factor drawn log-uniformly from [1, ``zoom_max``]: angles
+    (the Einstein radius, the deflector's size, the PSF) grow by the factor, surface brightness is kept (a
+    bilinear resampling), and the noise that the resampling smoothed away is added back from the variance, so
+    each pixel's noise again matches its variance."""
     b = image.shape[0]
     dev = image.device
+    if zoom_max < 1.0:
+        raise ValueError(f"zoom_max must be >= 1, got {zoom_max}")
     k = int(torch.randint(0, 4, (1,), generator=generator))
     image, variance = torch.rot90(image, k, dims=(2, 3)), torch.rot90(variance, k, dims=(2, 3))
     if bool(torch.randint(0, 2, (1,), generator=generator)):
         image, variance = image.flip(3), variance.flip(3)
     h, w = image.shape[-2:]
     shift = (torch.rand(b, 2, generator=generator) * 2 - 1).to(dev) * max_shift_px
+    zoom = (torch.exp(torch.rand(b, generator=generator) * math.log(zoom_max)).to(dev) if zoom_max > 1.0
+            else torch.ones(b, device=dev))  # no draw at 1: the default's random stream is as it was
     theta = torch.zeros(b, 2, 3, device=dev)
-    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+    theta[:, 0, 0] = theta[:, 1, 1] = 1.0 / zoom  # output coordinates map to input ones 1/zoom as far out
     theta[:, 0, 2] = shift[:, 0] * 2 / w
     theta[:, 1, 2] = shift[:, 1] * 2 / h
     grid = F.affine_grid(theta, list(image.shape), align_corners=False)
     image = F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     variance = F.grid_sample(variance, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if zoom_max > 1.0:  # white noise resampled bilinearly keeps sum(w^2) of its variance at each pixel
+        image = image + _resampling_noise(grid, variance, generator)
     amp = (torch.rand(b, 1, 1, 1, generator=generator) * max_extra_noise).to(dev)
     noise = torch.randn(image.shape, generator=generator).to(dev)
     image = image + amp * noise * variance.clamp_min(0).sqrt()
     return image, variance * (1 + amp**2)
+
+
+def _resampling_noise(grid: torch.Tensor, variance: torch.Tensor, generator) -> torch.Tensor:
+    """Noise of variance ``variance * (1 - sum(w^2))`` per pixel, ``w`` the bilinear weights ``grid`` samples with
+    (align_corners=False): what interpolating white noise took out of each pixel's variance."""
+    h, w = variance.shape[-2:]
+    x = ((grid[..., 0] + 1) * w - 1) / 2  # input pixel coordinates, (n, H, W)
+    y = ((grid[..., 1] + 1) * h - 1) / 2
+    fx, fy = x - torch.floor(x), y - torch.floor(y)
+    kept = ((1 - fx) ** 2 + fx**2) * ((1 - fy) ** 2 + fy**2)
+    noise = torch.randn(variance.shape, generator=generator).to(variance.device)
+    return noise * (variance.clamp_min(0) * (1 - kept[:, None])).sqrt()
 
 
 class LensClassifier(L.LightningModule):
@@ -271,8 +295,10 @@ class LensClassifier(L.LightningModule):
                  residual_bands: tuple[int, int] | None = None, radial_residual: bool = False,
                  head_dropout: float = 0.0, upsample: int = 1, arc_attention: bool = False,
                  physics_weight: float = 0.0, physics_warmup_epochs: int = 2, psf_fwhm_px: float = 4.0,
-                 weights_path: str | None = None):
+                 weights_path: str | None = None, zoom_max: float = 1.0):
         super().__init__()
+        if zoom_max < 1.0:
+            raise ValueError(f"zoom_max must be >= 1, got {zoom_max}")
         if not 0.0 <= head_dropout < 1.0:
             raise ValueError(f"head_dropout must be in [0, 1), got {head_dropout}")
         if upsample not in (1, 2, 3, 4):
@@ -406,7 +432,7 @@ class LensClassifier(L.LightningModule):
     def training_step(self, batch, batch_idx):
         image, variance = batch["image"], batch["variance"]
         if self.hparams.augment:
-            image, variance = augment(image, variance)
+            image, variance = augment(image, variance, zoom_max=float(self.hparams.get("zoom_max", 1.0)))
         if self.lens_head is None:
             loss = self._loss(batch, self._forward_batch(batch, image, variance))
         else:

@@ -49,6 +49,31 @@ def test_augmentation_preserves_flux_and_colours_and_adds_noise_from_the_varianc
     assert 0.0 < noisy.std() < 0.5 and (var_out >= 1).all()
 
 
+def test_zoom_magnifies_keeping_surface_brightness_and_restores_the_noise_to_the_variance():
+    """A round Gaussian of sigma 3 px magnified by z has sigma 3z and flux z^2 times (surface brightness kept);
+    the zooms span [1, zoom_max]; resampled white noise gets back its variance."""
+    g = torch.Generator().manual_seed(1)
+    yy, xx = torch.meshgrid(torch.arange(64.0) - 31.5, torch.arange(64.0) - 31.5, indexing="ij")
+    blob = torch.exp(-(xx**2 + yy**2) / (2 * 3.0**2))
+    image = blob.expand(200, 1, 64, 64).clone()
+    out, var = augment(image, torch.zeros_like(image), generator=g, max_shift_px=0.0, zoom_max=2.0)
+    flux = out.sum(dim=(2, 3))[:, 0] / blob.sum()
+    size = (out[:, 0] * (xx**2 + yy**2)).sum(dim=(1, 2)) / out[:, 0].sum(dim=(1, 2))
+    zoom = (size / (2 * (3.0**2 + 1 / 6))).sqrt()  # bilinear interpolation adds its kernel's 1/6 px^2 per axis
+    assert torch.allclose(flux, zoom**2, rtol=0.02)
+    assert torch.allclose(out[:, 0, 31:33, 31:33].mean(dim=(1, 2)), blob[31:33, 31:33].mean(), rtol=0.02)
+    assert zoom.min() < 1.05 and zoom.max() > 1.9 and (zoom > 0.99).all() and (zoom < 2.02).all()
+    assert (var == 0).all()
+    noise = torch.randn(64, 1, 64, 64, generator=g)
+    out, var = augment(noise, torch.ones_like(noise), generator=g, max_extra_noise=0.0, zoom_max=2.0)
+    assert out[:, :, 2:-2, 2:-2].std() == pytest.approx(1.0, abs=0.03)
+    assert torch.allclose(var[:, :, 2:-2, 2:-2], torch.ones(1))
+    out, _ = augment(noise, torch.ones_like(noise), generator=g, max_extra_noise=0.0, max_shift_px=0.5)
+    assert out[:, :, 2:-2, 2:-2].std() < 0.9  # without a zoom a sub-pixel shift smooths, and nothing is added
+    with pytest.raises(ValueError, match="zoom_max"):
+        augment(noise, torch.ones_like(noise), zoom_max=0.5)
+
+
 def test_training_writes_checkpoints_logs_and_resumes_after_an_interruption(data, tmp_path):
     out = tmp_path / "run"
     settings = TrainSettings(backbone="resnet10t", epochs=1, batch_size=8, progress=False, patience=10)
