@@ -15,7 +15,7 @@ from lens_assets.science.ingest import find_fits, ingest_files
 from lens_assets.science.schemas import catalog_schema, quarantine_schema
 from lens_assets.science.surveys import get_survey
 
-INGEST_CODE_VERSION = "ingest-4"  # 4: scene_theta_e (SCENE_TE)
+INGEST_CODE_VERSION = "ingest-5"  # 4: scene_theta_e (SCENE_TE); 5: sim_role (SIMROLE)
 LABEL_FRACTION_RANGE = (0.05, 0.95)
 
 # blocking: a catalog that breaks its schema or loses a file fails the run, so shards are never built from it

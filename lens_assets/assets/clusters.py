@@ -58,14 +58,14 @@ def cluster_fields(context: dg.AssetExecutionContext, config: ClusterFieldsConfi
         raise dg.Failure(f"held-out family {heldout.name!r} is the training family: choose a different one")
     n_heldout = config.n_fields // 4 if config.n_heldout is None else config.n_heldout
     made = {}
-    for fam, n in ((family, config.n_fields), (heldout, n_heldout)):
+    for fam, n, role in ((family, config.n_fields, "train"), (heldout, n_heldout, "heldout")):
         if not n:
             continue
         drop = layout.simulation_drop(fam.name, config.seed)
         t0 = time.perf_counter()
         with storage.staged_dir(f"{survey.name}-clusters-{drop}") as staged:
             truth = simulate_cluster_fields(survey, fam, n_fields=n, seed=config.seed, out_dir=staged,
-                                            workers=config.workers, progress=True)
+                                            workers=config.workers, progress=True, role=role)
             dest = storage.publish_dir(staged, *layout.cluster_raw_drop(survey.name, drop))
         seconds = time.perf_counter() - t0
         context.log.info(f"simulated {n} {survey.name} cluster fields ({fam.name}) in {seconds:.1f}s into {dest}")

@@ -16,7 +16,8 @@ from lens_assets.science.splits import (SPLITS, VAL_ROLES, balance_table, cross_
 from lens_assets.science.surveys import get_survey
 
 SHARDS_CODE_VERSION = f"shards-{SHARD_FORMAT_VERSION}"
-SPLITS_CODE_VERSION = "splits-4"  # splits-3: val_role halves of the val split; 4: the simulation's held-out families
+SPLITS_CODE_VERSION = "splits-5"  # splits-3: val_role halves of the val split; 4: the simulation's held-out families;
+# 5: files held out by their SIMROLE
 FWHM_TOLERANCE = 0.03
 
 

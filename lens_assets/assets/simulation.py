@@ -13,8 +13,8 @@ from lens_assets.science.simulation import (LENSING_ONLY, simulate_pairs_to_dire
                                             summarize_truth)
 from lens_assets.science.surveys import get_survey
 
-SIMULATION_CODE_VERSION = "sim-5"  # 4: a lens's stars are unlensed light in its truth (flux ratio, arc S/N);
-# 5: SCENE_TE, the scene's Einstein radius, lens or not
+SIMULATION_CODE_VERSION = "sim-6"  # 4: a lens's stars are unlensed light in its truth (flux ratio, arc S/N);
+# 5: SCENE_TE, the scene's Einstein radius, lens or not; 6: SIMROLE, what each file is for
 
 
 class SimulationConfig(dg.Config):
@@ -74,7 +74,7 @@ def simulated_cutouts(context: dg.AssetExecutionContext, config: SimulationConfi
     if n_pairs and pairs_family.population != "physical":
         context.log.warning(f"family {pairs_family.name} is not physical: no lens/twin pairs (n_pairs ignored)")
         n_pairs = 0
-    runs = [(family, config.n_cutouts)]
+    runs = [(family, config.n_cutouts, "train")]
     heldout = []
     if n_heldout:
         for name in dict.fromkeys([config.heldout_family, *config.more_heldout_families]):
@@ -82,13 +82,13 @@ def simulated_cutouts(context: dg.AssetExecutionContext, config: SimulationConfi
             if fam.name == family.name:
                 raise dg.Failure(f"held-out family {fam.name!r} is the training family: choose a different one")
             heldout.append(fam)
-            runs.append((fam, n_heldout))
+            runs.append((fam, n_heldout, "heldout"))
     made = {}
-    for fam, n in runs:
+    for fam, n, role in runs:
         drop = layout.simulation_drop(fam.name, config.seed)
         with storage.staged_dir(f"{survey.name}-{drop}") as staged:
             truth, seconds = simulate_family(survey, fam, n_cutouts=n, seed=config.seed, out_dir=staged,
-                                             workers=config.workers)
+                                             workers=config.workers, role=role)
             dest = storage.publish_dir(staged, *layout.raw_drop(survey.name, drop))
         context.log.info(f"simulated {len(truth)} {survey.name} cutouts ({fam.name}, seed {config.seed}) "
                          f"in {seconds:.1f}s into {dest}")
@@ -139,5 +139,5 @@ def simulated_cutouts(context: dg.AssetExecutionContext, config: SimulationConfi
         if k in summary:
             metadata[k] = summary[k]
     version = sha256_of_strings([survey.name, str(config.seed), SIMULATION_CODE_VERSION,
-                                 *(f"{f.name}:{f.sha256}:{n}" for f, n in runs), f"pairs:{pairs_family.sha256}:{n_pairs}"])
+                                 *(f"{f.name}:{f.sha256}:{n}" for f, n, _ in runs), f"pairs:{pairs_family.sha256}:{n_pairs}"])
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(version[:16]))

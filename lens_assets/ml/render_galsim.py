@@ -803,10 +803,11 @@ def render_galsim_scene(scene: GalsimScene, survey: SurveySpec, rng: np.random.G
 
 
 def write_galsim_cutout(path: Path, cutout: GalsimCutout, *, survey: SurveySpec, family: GalsimFamily, seed: int,
-                        labeled: bool = True) -> None:
+                        labeled: bool = True, role: str = "train") -> None:
     """Write ``cutout`` as an inbox-contract file with the primary keys of ``write_simulated_cutout``
-    (``LABELSRC = "sim:galsim"``); ``labeled=False`` drops the truth keys (``fits_contract.TRUTH_KEYS``)."""
-    from lens_assets.science.fits_contract import TRUTH_KEYS, BandHDUs, write_cutout
+    (``LABELSRC = "sim:galsim"``; ``SIMROLE`` = ``role``); ``labeled=False`` drops the truth keys
+    (``fits_contract.TRUTH_KEYS``)."""
+    from lens_assets.science.fits_contract import TRUTH_KEYS, BandHDUs, check_sim_role, write_cutout
 
     s = cutout.scene
     primary = {
@@ -816,6 +817,7 @@ def write_galsim_cutout(path: Path, cutout: GalsimCutout, *, survey: SurveySpec,
         "FLUXRAT": round(cutout.flux_ratio, 6), "THETA_E": round(s.theta_e_arcsec, 5),
         "ARCSNR": round(cutout.arc_snr, 4), "REFBAND": survey.band(survey.reference_band).name,
         "SIMFAM": family.name, "SIMFAMH": family.sha256[:16], "SIMSEED": int(seed), "SIMKIND": s.kind,
+        "SIMROLE": check_sim_role(role),
         "SERSICN": round(s.galaxy["n"], 4), "RHALF": round(s.galaxy["r_eff"], 5),
         "AXRATIO": round(s.galaxy["q"], 4), "PA_DEG": round(s.galaxy["pa"], 3),
         "PSFPROF": s.psf_profile, "EXPSCALE": round(s.exposure_scale, 4),
@@ -846,11 +848,11 @@ def simulate_galsim_one(survey: SurveySpec, family: GalsimFamily, seed: int, ind
 
 
 def _simulate_and_write(args) -> dict:
-    survey, family, seed, index, out_dir, labeled = args
+    survey, family, seed, index, out_dir, labeled, role = args
     cutout = simulate_galsim_one(survey, family, seed, index)
     s = cutout.scene
     path = Path(out_dir) / f"{s.objid}.fits"
-    write_galsim_cutout(path, cutout, survey=survey, family=family, seed=seed, labeled=labeled)
+    write_galsim_cutout(path, cutout, survey=survey, family=family, seed=seed, labeled=labeled, role=role)
     return {"objid": s.objid, "file": path.name, "label": int(s.is_lens), "kind": s.kind,
             "flux_ratio": cutout.flux_ratio, "theta_e": s.theta_e_arcsec, "arc_snr": cutout.arc_snr,
             "seeing_ref": s.psf_fwhm_arcsec[survey.band(survey.reference_band).name]}
@@ -858,9 +860,9 @@ def _simulate_and_write(args) -> dict:
 
 def simulate_galsim_to_directory(survey: SurveySpec, family: GalsimFamily, *, n_cutouts: int, seed: int,
                                  out_dir: Path, workers: int = 1, progress: bool = True, start_index: int = 0,
-                                 labeled: bool = True):
+                                 labeled: bool = True, role: str = "train"):
     """Render ``n_cutouts`` objects of the GalSim family and write each as ``<objid>.fits`` in ``out_dir``
-    (``labeled=False`` leaves the truth out of the files).
+    (``labeled=False`` leaves the truth out of the files; ``role``: their ``SIMROLE``).
 
     The signature and the truth columns are those of
     :func:`lens_assets.science.simulation.simulate_to_directory`: returns ``(truth, seconds)``, a DataFrame
@@ -869,6 +871,7 @@ def simulate_galsim_to_directory(survey: SurveySpec, family: GalsimFamily, *, n_
     """
     import pandas as pd
 
+    from lens_assets.science.fits_contract import check_sim_role
     from lens_assets.science.parallel import parallel_map
 
     if n_cutouts < 1:
@@ -880,7 +883,9 @@ def simulate_galsim_to_directory(survey: SurveySpec, family: GalsimFamily, *, n_
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _warm_up()  # imports (pool workers, started by a forkserver, import them on their first task)
-    tasks = [(survey, family, seed, i, str(out_dir), labeled) for i in range(start_index, start_index + n_cutouts)]
+    check_sim_role(role)  # before any worker starts
+    tasks = [(survey, family, seed, i, str(out_dir), labeled, role)
+             for i in range(start_index, start_index + n_cutouts)]
     t0 = time.perf_counter()
     rows = parallel_map(_simulate_and_write, tasks, workers=workers, progress=progress,
                         desc=f"simulate {survey.name}/{family.name} (galsim)", unit="cutout")

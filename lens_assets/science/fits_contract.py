@@ -43,8 +43,9 @@ from .fits_validation import (BAND_FLAGS, BAND_KEYWORDS, CROP_FLAG_RATIO, FITS_B
                               QUARANTINE_REASONS, RESAMPLE_TOLERANCE, SIZE_TOLERANCE_ARCSEC, Cutout,
                               QuarantineError, _number, _pixel_scale, _read_bands, nanomaggies_per_unit,
                               size_on_survey_grid, validate_cutout)
-from .fits_writer import (_KEYWORD_CHARS, TRUTH_KEYS, BandHDUs, _card, _header_block, _image_hdu,  # noqa: F401
-                          _var_unit, cutout_bytes, simulated_cutout_bytes, write_cutout, write_simulated_cutout)
+from .fits_writer import (_KEYWORD_CHARS, SIM_ROLES, TRUTH_KEYS, BandHDUs, _card, _header_block,  # noqa: F401
+                          _image_hdu, _var_unit, check_sim_role, cutout_bytes, simulated_cutout_bytes, write_cutout,
+                          write_simulated_cutout)
 
 __all__ = [
     "BandHDUs",
@@ -57,6 +58,8 @@ __all__ = [
     "write_cutout",
     "write_simulated_cutout",
     "simulated_cutout_bytes",
+    "SIM_ROLES",
+    "check_sim_role",
     "read_cutout",
     "nanomaggies_per_unit",
 ]

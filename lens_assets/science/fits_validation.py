@@ -68,7 +68,7 @@ BAND_FLAGS = ("missing", "nan_masked", "var_derived", "fwhm_from_psf", "fwhm_nom
 FLUX_UNITS = ("nanomaggy", "count/s", "adu")
 PRIMARY_KEYWORDS = ("OBJID", "RA", "DEC", "SURVEY", "INSTRUME", "Z_PHOT", "Z_SPEC", "Z_ERR", "LENS", "LABELSRC",
                     "LABELCNF", "FLUXRAT", "THETA_E", "ARCSNR", "SIMFAM", "SIMKIND", "SERSICN", "RHALF", "AXRATIO",
-                    "PA_DEG", "GAIN", "PAIRID", "SCENE_TE",
+                    "PA_DEG", "GAIN", "PAIRID", "SCENE_TE", "SIMROLE",
                     # cluster fields (science.clusters.fields.CLUSTER_HEADER_KEYS)
                     "OBJTYPE", "BCGXPIX", "BCGYPIX", "NARCS", "NSRC", "ARCSB", "CLGROUP")
 BAND_KEYWORDS = ("BAND", "BUNIT", "MAGZP", "PIXSCALE", "PSFFWHM", "GAIN")

@@ -17,7 +17,8 @@ import numpy as np
 from .fits_validation import FITS_BLOCK
 from .surveys import SurveySpec
 
-__all__ = ["BandHDUs", "write_cutout", "cutout_bytes", "write_simulated_cutout", "TRUTH_KEYS"]
+__all__ = ["BandHDUs", "write_cutout", "cutout_bytes", "write_simulated_cutout", "TRUTH_KEYS", "SIM_ROLES",
+           "check_sim_role"]
 
 
 @dataclass
@@ -104,21 +105,34 @@ def _var_unit(header: dict) -> str:
 
 TRUTH_KEYS = ("Z_SRC", "LENS", "LABELSRC", "LABELCNF", "FLUXRAT", "THETA_E", "ARCSNR", "SIMFAM", "SIMFAMH",
               "SIMSEED", "SIMKIND", "SERSICN", "RHALF", "AXRATIO", "PA_DEG", "PSFPROF", "EXPSCALE", "MOFFATB",
-              "PAIRID", "SCENE_TE")
+              "PAIRID", "SCENE_TE", "SIMROLE")
+
+
+# SIMROLE: what a simulated file is for. "train": a training population; "heldout": a held-out family, scored and
+# never trained on; "pairs": lens/twin pairs of the lensing-only AUROC. dataset_splits keeps the last two out.
+SIM_ROLES = ("train", "heldout", "pairs")
+
+
+def check_sim_role(role: str) -> str:
+    if role not in SIM_ROLES:
+        raise ValueError(f"simulation role {role!r} is not one of {list(SIM_ROLES)}")
+    return role
 
 
 def write_simulated_cutout(path: Path, cutout, *, survey: SurveySpec, family, seed: int,
-                           labeled: bool = True) -> None:
+                           labeled: bool = True, role: str = "train") -> None:
     """Write a :class:`~.simulation.RenderedCutout` with its truth in the headers
-    (``labeled=False``: without, as an unlabeled survey drop would come)."""
-    Path(path).write_bytes(simulated_cutout_bytes(cutout, survey=survey, family=family, seed=seed, labeled=labeled))
+    (``labeled=False``: without, as an unlabeled survey drop would come); ``role``: its ``SIMROLE``."""
+    Path(path).write_bytes(simulated_cutout_bytes(cutout, survey=survey, family=family, seed=seed, labeled=labeled,
+                                                  role=role))
 
 
 def simulated_cutout_bytes(cutout, *, survey: SurveySpec, family, seed: int, labeled: bool = True,
-                           extra: dict | None = None) -> bytes:
+                           extra: dict | None = None, role: str = "train") -> bytes:
     """The inbox-contract file of a :class:`~.simulation.RenderedCutout` (:func:`write_simulated_cutout`), in
     memory: the zero-point error, a withheld variance map and the crop of its observation applied. ``extra``:
-    more primary-header cards (cluster fields' keys), written after the contract's."""
+    more primary-header cards (cluster fields' keys), written after the contract's; ``role``: ``SIMROLE``, one
+    of :data:`SIM_ROLES`."""
     s = cutout.system
     primary = {
         "OBJID": s.objid, "RA": round(s.ra_deg, 7), "DEC": round(s.dec_deg, 7), "SURVEY": survey.name,
@@ -129,6 +143,7 @@ def simulated_cutout_bytes(cutout, *, survey: SurveySpec, family, seed: int, lab
         "ARCSNR": round(cutout.arc_snr, 4),
         "REFBAND": survey.band(survey.reference_band).name,
         "SIMFAM": family.name, "SIMFAMH": family.sha256[:16], "SIMSEED": int(seed), "SIMKIND": s.kind,
+        "SIMROLE": check_sim_role(role),
         "SERSICN": round(s.galaxy["n"], 4), "RHALF": round(s.galaxy["r_eff"], 5),
         "AXRATIO": round(s.galaxy["q"], 4), "PA_DEG": round(s.galaxy["pa"], 3),
         "PSFPROF": s.psf_profile, "EXPSCALE": round(s.exposure_scale, 4),

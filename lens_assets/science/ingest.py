@@ -62,6 +62,17 @@ def _header_float(primary: dict, key: str, name: str, *, low=-math.inf, high=mat
     return v
 
 
+def _sim_role(primary: dict, name: str) -> str:
+    """``SIMROLE`` of a simulated file ("" where absent); any other value than :data:`SIM_ROLES` is quarantined,
+    since a held-out file read as training data would leak into the splits."""
+    from .fits_contract import SIM_ROLES
+
+    role = str(primary.get("SIMROLE", "") or "").strip()
+    if role and role not in SIM_ROLES:
+        raise QuarantineError("bad_header_value", f"{name}: SIMROLE = {role!r} is not one of {list(SIM_ROLES)}")
+    return role
+
+
 def _labels(c: Cutout) -> dict:
     p, name = c.primary, c.name
     notes = []
@@ -113,6 +124,7 @@ def catalog_row(c: Cutout, *, sha256: str, survey: SurveySpec) -> dict:
         "z_err": _header_float(p, "Z_ERR", name, low=0.0, high=20.0),
         "sim_family": str(p.get("SIMFAM", "")),
         "sim_kind": str(p.get("SIMKIND", "")),
+        "sim_role": _sim_role(p, name),
         "pair_id": str(p.get("PAIRID", "")).strip(),
         "bands": ",".join(c.bands),
         "n_bands_present": int(present.sum()),

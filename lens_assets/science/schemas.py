@@ -49,6 +49,9 @@ def _base_columns() -> dict[str, pa.Column]:
         "z_err": pa.Column(f, _missing_or(0.0, 20.0)),
         "sim_family": pa.Column(s),
         "sim_kind": pa.Column(s),
+        "sim_role": pa.Column(s, pa.Check.isin(["", "train", "heldout", "pairs"]), required=False,
+                              description="SIMROLE of a simulated file: train, heldout (a held-out family) or pairs "
+                                          "(lens/twin pairs); empty for real data and older files"),
         "pair_id": pa.Column(s, description="PAIRID: shared by a lens and its twin rendered without deflection "
                                             "(simulated lensing_only pairs); empty otherwise"),
         "bands": pa.Column(s),

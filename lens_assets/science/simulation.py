@@ -559,10 +559,10 @@ def simulate_one(survey: SurveySpec, family: Family, seed: int, index: int) -> R
 def _simulate_and_write(args) -> dict:
     from .fits_contract import write_simulated_cutout
 
-    survey, family, seed, index, out_dir, labeled = args
+    survey, family, seed, index, out_dir, labeled, role = args
     cutout = simulate_one(survey, family, seed, index)
     path = Path(out_dir) / f"{cutout.system.objid}.fits"
-    write_simulated_cutout(path, cutout, survey=survey, family=family, seed=seed, labeled=labeled)
+    write_simulated_cutout(path, cutout, survey=survey, family=family, seed=seed, labeled=labeled, role=role)
     s = cutout.system
     return {"objid": s.objid, "file": path.name, "label": int(s.is_lens), "kind": s.kind,
             "flux_ratio": cutout.flux_ratio, "theta_e": s.theta_e_arcsec, "arc_snr": cutout.arc_snr,
@@ -570,15 +570,18 @@ def _simulate_and_write(args) -> dict:
 
 
 def simulate_to_directory(survey: SurveySpec, family: Family, *, n_cutouts: int, seed: int, out_dir: Path,
-                          workers: int = 1, progress: bool = True, start_index: int = 0, labeled: bool = True):
+                          workers: int = 1, progress: bool = True, start_index: int = 0, labeled: bool = True,
+                          role: str = "train"):
     """Simulate ``n_cutouts`` objects and write each as ``<objid>.fits`` in ``out_dir``
-    (``labeled=False`` leaves the truth out of the files, as in an unlabeled survey drop).
+    (``labeled=False`` leaves the truth out of the files, as in an unlabeled survey drop; ``role``: their
+    ``SIMROLE``, ``"heldout"`` for a held-out family).
 
     Returns ``(truth, seconds)``: a DataFrame with one row per object (objid,
     file, label, kind, flux_ratio, theta_e, seeing_ref) and the wall time.
     """
     import pandas as pd
 
+    from .fits_contract import check_sim_role
     from .parallel import parallel_map
 
     if n_cutouts < 1:
@@ -586,7 +589,9 @@ def simulate_to_directory(survey: SurveySpec, family: Family, *, n_cutouts: int,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _warm_up(survey)  # imports and the pixel grid (pool workers, started by a forkserver, do it themselves)
-    tasks = [(survey, family, seed, i, str(out_dir), labeled) for i in range(start_index, start_index + n_cutouts)]
+    check_sim_role(role)  # before any worker starts
+    tasks = [(survey, family, seed, i, str(out_dir), labeled, role)
+             for i in range(start_index, start_index + n_cutouts)]
     t0 = time.perf_counter()
     rows = parallel_map(_simulate_and_write, tasks, workers=workers, progress=progress,
                         desc=f"simulate {survey.name}/{family.name}", unit="cutout")
@@ -613,7 +618,7 @@ def _simulate_pair_and_write(args) -> list[dict]:
         system = replace(build_system(scene, role, family, survey, rng, objid=f"{base}-{role}", **pos), pair_id=base)
         cutout = render_system(system, survey, rng)
         path = Path(out_dir) / f"{system.objid}.fits"
-        write_simulated_cutout(path, cutout, survey=survey, family=pair_family, seed=seed)
+        write_simulated_cutout(path, cutout, survey=survey, family=pair_family, seed=seed, role="pairs")
         rows.append({"objid": system.objid, "file": path.name, "label": int(system.is_lens), "kind": system.kind,
                      "flux_ratio": cutout.flux_ratio, "theta_e": system.theta_e_arcsec, "arc_snr": cutout.arc_snr,
                      "seeing_ref": system.psf_fwhm_arcsec[survey.band(survey.reference_band).name],
@@ -624,8 +629,8 @@ def _simulate_pair_and_write(args) -> list[dict]:
 def simulate_pairs_to_directory(survey: SurveySpec, family: Family, *, n_pairs: int, seed: int, out_dir: Path,
                                 workers: int = 1, progress: bool = True):
     """``n_pairs`` lens/twin pairs of a physical ``family``: each scene once lensed and once with the deflection
-    switched off (its source unlensed, as bright as its images), the two files sharing ``PAIRID`` and
-    ``SIMFAM = "lensing_only"``. What separates a pair is lensing alone: the finder's AUROC on them is the
+    switched off (its source unlensed, as bright as its images), the two files sharing ``PAIRID``,
+    ``SIMFAM = "lensing_only"`` and ``SIMROLE = "pairs"``. What separates a pair is lensing alone: the finder's AUROC on them is the
     lensing-only AUROC. Returns ``(truth, seconds)`` like :func:`simulate_to_directory`, two rows a pair.
     """
     import pandas as pd

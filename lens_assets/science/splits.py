@@ -8,7 +8,10 @@
   into a coarser one by dropping factors from the least important end
   (:data:`MERGE_ORDER`), never crashing; what merged is reported.
 * ``pretrain:*`` rows, unlabeled rows and held-out simulation families never
-  enter the supervised splits; they are counted by reason.
+  enter the supervised splits; they are counted by reason. A simulated file is
+  held out by its family's name (``exclude_families``) or by its own
+  ``SIMROLE`` (``sim_role`` ``heldout`` or ``pairs``, :data:`HELDOUT_ROLES`),
+  so a held-out drop stays out even where nothing else records what it was.
 * The validation split has two halves (column ``val_role``, :data:`VAL_ROLES`):
   ``stop`` rows serve early stopping and checkpoint choice, ``calibrate`` rows
   fit the fusion weights and the calibrator, so calibration is fit on data the
@@ -29,13 +32,14 @@ import pandas as pd
 
 __all__ = ["SPLITS", "FACTORS", "MERGE_ORDER", "SplitResult", "sky_groups", "stratify_factors", "make_splits",
            "balance_table", "split_checks", "cross_split_pairs", "VAL_ROLES", "assign_val_roles", "val_roles",
-           "val_role_checks", "require_both_labels"]
+           "val_role_checks", "require_both_labels", "HELDOUT_ROLES"]
 
 SPLITS = ("train", "val", "test")
 FACTORS = ("redshift", "magnitude", "seeing", "psf_fwhm", "pixel_scale", "survey", "label")
 # dropped first to last when a stratum is too small; label is the last to go
 MERGE_ORDER = ("psf_fwhm", "pixel_scale", "magnitude", "redshift", "seeing", "survey", "label")
 MIXED_LABEL = 2  # the label class of a sky group with both lenses and non-lenses
+HELDOUT_ROLES = ("heldout", "pairs")  # SIMROLE values kept out of the splits (fits_writer.SIM_ROLES)
 VAL_ROLES = ("stop", "calibrate")  # halves of the val split: early stopping / checkpoint choice, fusion + calibration
 
 
@@ -149,6 +153,9 @@ def make_splits(catalog: pd.DataFrame, *, reference_band: str, fractions=(0.70, 
         "pretrain": catalog["label_source"].str.startswith("pretrain:"),
         "unlabeled": catalog["label"] < 0,
         "heldout_family": catalog["sim_family"].isin(exclude_families),
+        # the file's own SIMROLE: held out whatever its family is called or whoever simulated it
+        "heldout_role": (catalog["sim_role"].isin(HELDOUT_ROLES) if "sim_role" in catalog
+                         else pd.Series(False, index=catalog.index)),
     }
     drop = np.zeros(len(catalog), bool)
     counts = {}

@@ -64,6 +64,9 @@ def test_every_file_is_a_field_or_quarantined_and_segments_name_their_field(clus
     assert meta["n_files"] == meta["n_fields"] + meta["n_quarantined"] == 56
     fields = pd.read_parquet(storage.path("clusters", "segments", "des", "fields.parquet"))
     segments = pd.read_parquet(storage.path("clusters", "segments", "des", "segments.parquet"))
+    # each field's file says what it is for: the held-out family's are "heldout", the training family's "train"
+    assert fields.groupby("sim_family")["sim_role"].agg(set).to_dict() == {"cluster": {"train"},
+                                                                          "cluster_heldout": {"heldout"}}
     assert set(segments["objid"]) <= set(fields["objid"])
     counts = segments.groupby("objid").size().reindex(fields["objid"], fill_value=0)
     assert (counts.to_numpy() == fields["n_segments"].to_numpy()).all()

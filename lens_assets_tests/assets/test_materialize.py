@@ -58,6 +58,9 @@ def test_simulation_and_catalog_materialize_on_a_tiny_survey(storage):
     assert (catalog["label_source"] == "sim:lenstronomy").all()
     assert catalog.loc[catalog["sim_family"] == "baseline", "label"].sum() == sim["n_lenses"]
     assert (catalog["sim_family"] == "heldout").sum() == 1
+    # each file says what it is for: the training family's are "train", the held-out family's "heldout"
+    assert catalog.groupby("sim_family")["sim_role"].agg(set).to_dict() == {"baseline": {"train"},
+                                                                           "heldout": {"heldout"}}
     assert _checks(result) == {"catalog_matches_schema": True, "every_file_accounted_for": True,
                                "label_balance_and_provenance": True}
 

@@ -154,13 +154,14 @@ def test_every_file_passes_read_cutout(tmp_path, family, name):
 
     survey = get_survey(name)
     truth, _ = rg.simulate_galsim_to_directory(survey, family, n_cutouts=2, seed=2, out_dir=tmp_path,
-                                               progress=False)
+                                               progress=False, role="heldout")
     assert list(truth.columns) == ["objid", "file", "label", "kind", "flux_ratio", "theta_e", "arc_snr",
                                    "seeing_ref"]
     for row in truth.itertuples():
         cut = read_cutout((tmp_path / row.file).read_bytes(), name=row.file, survey=survey)
         assert cut.objid == row.objid and cut.primary["LABELSRC"] == "sim:galsim"
         assert cut.primary["SIMFAM"] == "galsim" and bool(cut.primary["LENS"]) == bool(row.label)
+        assert cut.primary["SIMROLE"] == "heldout"
         assert cut.primary["FLUXRAT"] == pytest.approx(row.flux_ratio, abs=1e-6)
         # a lens is its own scene; a galsim non-lens has none
         assert cut.primary.get("SCENE_TE") == (pytest.approx(row.theta_e, abs=1e-5) if row.label else None)
@@ -173,7 +174,9 @@ def test_unlabeled_files_drop_the_truth(tmp_path, family):
     truth, _ = rg.simulate_galsim_to_directory(survey, family, n_cutouts=1, seed=2, out_dir=tmp_path,
                                                progress=False, labeled=False)
     cut = read_cutout((tmp_path / truth["file"][0]).read_bytes(), name="x", survey=survey)
-    assert not set(cut.primary) & set(TRUTH_KEYS)
+    assert not set(cut.primary) & set(TRUTH_KEYS) and "SIMROLE" in TRUTH_KEYS
+    with pytest.raises(ValueError, match=r"simulation role 'test' is not one of"):
+        rg.simulate_galsim_to_directory(survey, family, n_cutouts=1, seed=2, out_dir=tmp_path / "x", role="test")
 
 
 def _family_text(**replace):

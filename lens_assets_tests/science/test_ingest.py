@@ -379,6 +379,18 @@ def test_block_aligned_truncation_is_truncated(tmp_path):
     assert err.value.reason == "truncated", err.value.message
 
 
+def test_simrole_reaches_the_catalog_and_an_unknown_role_is_quarantined(tmp_path):
+    make_file(tmp_path / "a.fits", objid="plain", seed=1)  # real data carry no SIMROLE
+    make_file(tmp_path / "b.fits", objid="held", seed=2, primary={"SIMROLE": "heldout", "SIMFAM": "renamed"})
+    make_file(tmp_path / "c.fits", objid="typo", seed=3, primary={"SIMROLE": "held-out"})
+    result = ingest_files(find_fits(tmp_path), DES, root=tmp_path, workers=1, progress=False)
+    cat = catalog_schema(DES).validate(result.catalog)
+    assert dict(zip(cat["objid"], cat["sim_role"])) == {"plain": "", "held": "heldout"}
+    q = result.quarantine.iloc[0]
+    assert len(result.quarantine) == 1 and q["reason"] == "bad_header_value"
+    assert "c.fits: SIMROLE = 'held-out' is not one of ['train', 'heldout', 'pairs']" in q["message"]
+
+
 @pytest.mark.parametrize("magzp", ["thirty", -1000.0, 1000.0], ids=["non_numeric", "overflow", "underflow"])
 def test_bad_magzp_is_quarantined_not_fatal(tmp_path, magzp):
     make_file(tmp_path / "a_good.fits", objid="good")

@@ -132,6 +132,7 @@ def test_pairs_share_a_scene_and_are_read_as_the_contract_says(tmp_path):
         cutouts = [read_cutout((tmp_path / f).read_bytes(), name=f, survey=LSST) for f in group["file"]]
         assert {c.primary["PAIRID"] for c in cutouts} == {pid}
         assert {c.primary["SIMFAM"] for c in cutouts} == {LENSING_ONLY}
+        assert {c.primary["SIMROLE"] for c in cutouts} == {"pairs"}  # kept out of the splits by the file itself
         lens_row = group[group["label"] == 1].iloc[0]
         # both files carry their scene's Einstein radius: the lens's own theta_E
         assert [c.primary["SCENE_TE"] for c in cutouts] == [pytest.approx(lens_row["theta_e"], abs=1e-5)] * 2

@@ -153,7 +153,7 @@ def test_split_fractions_and_every_row_in_exactly_one_split():
     share = table["split"].value_counts(normalize=True)
     for split, target in zip(SPLITS, (0.70, 0.15, 0.15)):
         assert abs(share[split] - target) <= 0.02, (split, share.to_dict())
-    assert result.excluded == {"pretrain": 0, "unlabeled": 0, "heldout_family": 0}
+    assert result.excluded == {"pretrain": 0, "unlabeled": 0, "heldout_family": 0, "heldout_role": 0}
     # stratum levels are between 0 (everything) and len(FACTORS) (all seven factors)
     assert table["stratum_level"].between(0, len(FACTORS)).all()
     assert (table["stratum_level"] == len(FACTORS)).mean() > 0.5
@@ -440,7 +440,7 @@ def test_exclusions_are_counted_and_never_split():
     ids = set(result.table["objid"])
     assert not any(i.startswith(("pre-", "unl-", "held-")) for i in ids)
     assert ids == {f"obj-{i:06d}" for i in range(300)}
-    assert result.excluded == {"pretrain": 7, "unlabeled": 11, "heldout_family": 13}
+    assert result.excluded == {"pretrain": 7, "unlabeled": 11, "heldout_family": 13, "heldout_role": 0}
     assert (result.table["label"] >= 0).all()
 
 
@@ -451,17 +451,34 @@ def test_exclusion_reasons_do_not_double_count():
     # an unlabeled heldout row counts as unlabeled
     cat.loc[cat["objid"] == "unl-000000", "sim_family"] = "heldout"
     result = make_splits(cat, reference_band=REF, seed=0)
-    assert result.excluded == {"pretrain": 7, "unlabeled": 11, "heldout_family": 13}
+    assert result.excluded == {"pretrain": 7, "unlabeled": 11, "heldout_family": 13, "heldout_role": 0}
     assert sum(result.excluded.values()) == len(cat) - len(result.table)
 
 
 def test_empty_exclude_families_admits_heldout_rows():
     cat = _mixed_catalog()
     result = make_splits(cat, reference_band=REF, seed=0, exclude_families=())
-    assert result.excluded == {"pretrain": 7, "unlabeled": 11, "heldout_family": 0}
+    assert result.excluded == {"pretrain": 7, "unlabeled": 11, "heldout_family": 0, "heldout_role": 0}
     held = {f"held-{i:06d}" for i in range(13)}
     assert held <= set(result.table["objid"])
     assert len(result.table) == 313
+
+
+def test_a_file_held_out_by_its_simrole_stays_out_whatever_its_family_is_called():
+    """SIMROLE heldout or pairs keeps a row out even when no exclude_families names its family (an earlier run's
+    drop under another name); rows with role train, or none (real data, older files), are split."""
+    cat = _mixed_catalog()
+    cat["sim_role"] = ""
+    renamed = cat["objid"].str.startswith("obj-") & (cat.index % 10 == 0)  # 30 training-looking rows
+    cat.loc[renamed, "sim_family"] = "drop_of_last_week"
+    cat.loc[renamed, "sim_role"] = np.where(cat.loc[renamed].index % 20 == 0, "heldout", "pairs")
+    cat.loc[cat["objid"].str.startswith("held-"), "sim_role"] = "heldout"  # named and marked: counted once
+    cat.loc[cat["objid"].str.startswith("obj-") & ~renamed, "sim_role"] = "train"
+    result = make_splits(cat, reference_band=REF, seed=0)
+    assert result.excluded == {"pretrain": 7, "unlabeled": 11, "heldout_family": 13, "heldout_role": 30}
+    assert not set(result.table["objid"]) & set(cat.loc[renamed, "objid"])
+    assert len(result.table) == 270 and sum(result.excluded.values()) == len(cat) - len(result.table)
+    assert make_splits(cat.drop(columns="sim_role"), reference_band=REF, seed=0).excluded["heldout_role"] == 0
 
 
 # --------------------------------------------------------------------------- 7. errors

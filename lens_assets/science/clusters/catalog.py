@@ -30,7 +30,8 @@ from ..surveys import SurveySpec, get_survey
 __all__ = ["field_survey", "process_field", "process_fields", "segmented_field", "split_fields", "FIELD_COLUMNS",
            "depth_mag"]
 
-FIELD_COLUMNS = ["objid", "survey", "ra", "dec", "label", "label_source", "sim_family", "sim_kind", "z_cluster",
+FIELD_COLUMNS = ["objid", "survey", "ra", "dec", "label", "label_source", "sim_family", "sim_kind", "sim_role",
+                 "z_cluster",
                  "mag_ref", "theta_e", "arc_snr", "n_arcs", "arc_sb", "group", "bcg_x_px", "bcg_y_px", "size_px",
                  "seeing_arcsec", "psf_fwhm_arcsec", "pixel_scale_arcsec", "depth_mag", "n_segments", "source_file",
                  "source_sha256"]
@@ -154,7 +155,7 @@ def process_field(path: str | Path, name: str, survey: SurveySpec, *, size_px: i
     out = {
         "objid": row["objid"], "survey": survey.name, "ra": row["ra"], "dec": row["dec"], "label": int(row["label"]),
         "label_source": row["label_source"], "sim_family": row["sim_family"], "sim_kind": row["sim_kind"],
-        "z_cluster": float(row["z_spec"]), "mag_ref": float(row[f"mag_{ref}"]),
+        "sim_role": row["sim_role"], "z_cluster": float(row["z_spec"]), "mag_ref": float(row[f"mag_{ref}"]),
         "theta_e": float(row["theta_e"]), "arc_snr": float(row["arc_snr"]), "n_arcs": int(_header(p, "NARCS", -1)),
         "arc_sb": float(_header(p, "ARCSB")), "group": bool(_header(p, "CLGROUP", False)),
         "bcg_x_px": bcg[0], "bcg_y_px": bcg[1], "size_px": int(n),
@@ -203,13 +204,15 @@ def split_fields(fields: pd.DataFrame, survey: SurveySpec, *, fractions=(0.6, 0.
                  heldout_families=("cluster_heldout",)) -> pd.DataFrame:
     """Train/val/test of the labeled fields (objid, split, val_role) with the galaxy track's
     :func:`..splits.make_splits`: stratified, and grouped on the sky with the field's side as the linking
-    length, so overlapping fields share a split; held-out families and unlabeled fields are left out."""
+    length, so overlapping fields share a split; held-out families (by name, or by the files' ``SIMROLE``) and
+    unlabeled fields are left out."""
     from ..splits import make_splits
 
     side = float((fields["size_px"] * fields["pixel_scale_arcsec"]).max()) if len(fields) else 0.0
     cat = pd.DataFrame({
         "objid": fields["objid"], "label": fields["label"], "label_source": fields["label_source"],
         "sim_family": fields["sim_family"], "ra": fields["ra"], "dec": fields["dec"],
+        "sim_role": fields["sim_role"] if "sim_role" in fields else "",
         "z_spec": fields["z_cluster"], "z_phot": -1.0, f"mag_{survey.reference_band}": fields["mag_ref"],
         "seeing": fields["seeing_arcsec"], "psf_fwhm": fields["psf_fwhm_arcsec"],
         "pixel_scale": fields["pixel_scale_arcsec"], "survey": fields["survey"]})

@@ -454,10 +454,11 @@ def _arc_surface_brightness(cut, survey: SurveySpec) -> float:
 
 
 def cluster_field_bytes(cut, scene: ClusterScene, *, survey: SurveySpec, family: Family, seed: int,
-                        labeled: bool = True) -> bytes:
+                        labeled: bool = True, role: str = "train") -> bytes:
     """The inbox-contract file of a rendered cluster field, with the cluster keys (:data:`CLUSTER_HEADER_KEYS`):
     ``OBJTYPE`` marks a cluster field, ``BCGXPIX``/``BCGYPIX`` the BCG (FITS 1-based pixels), and for labeled
-    files ``NARCS`` (lensed sources), ``NSRC`` (background sources), ``ARCSB`` (mag/arcsec²), ``CLGROUP``."""
+    files ``NARCS`` (lensed sources), ``NSRC`` (background sources), ``ARCSB`` (mag/arcsec²), ``CLGROUP``;
+    ``role``: ``SIMROLE`` (``"heldout"`` for a held-out family)."""
     from ..fits_writer import simulated_cutout_bytes
 
     n = cut.image.shape[-1]
@@ -467,15 +468,17 @@ def cluster_field_bytes(cut, scene: ClusterScene, *, survey: SurveySpec, family:
         extra.update({"NARCS": len(scene.sources) if lens else 0, "NSRC": len(scene.sources),
                       "ARCSB": round(_arc_surface_brightness(cut, survey), 4) if lens else 99.0,
                       "CLGROUP": bool(scene.group)})
-    return simulated_cutout_bytes(cut, survey=survey, family=family, seed=seed, labeled=labeled, extra=extra)
+    return simulated_cutout_bytes(cut, survey=survey, family=family, seed=seed, labeled=labeled, extra=extra,
+                                  role=role)
 
 
 def _simulate_and_write(args) -> dict:
-    survey, family, seed, index, out_dir, labeled = args
+    survey, family, seed, index, out_dir, labeled, role = args
     t0 = time.perf_counter()
     cut, scene = cluster_field(family, survey, seed, index)
     path = Path(out_dir) / f"{cut.system.objid}.fits"
-    path.write_bytes(cluster_field_bytes(cut, scene, survey=survey, family=family, seed=seed, labeled=labeled))
+    path.write_bytes(cluster_field_bytes(cut, scene, survey=survey, family=family, seed=seed, labeled=labeled,
+                                         role=role))
     s = cut.system
     return {"objid": s.objid, "file": path.name, "label": int(s.is_lens), "kind": s.kind,
             "theta_e": s.theta_e_arcsec, "arc_snr": cut.arc_snr, "n_sources": len(scene.sources),
@@ -484,16 +487,19 @@ def _simulate_and_write(args) -> dict:
 
 
 def simulate_cluster_fields(survey: SurveySpec, family: Family, *, n_fields: int, seed: int, out_dir: Path,
-                            workers: int = 1, labeled: bool = True, progress: bool = False):
-    """Write ``n_fields`` fields of ``family`` as inbox-contract FITS into ``out_dir``; returns a DataFrame of
-    their truth (one row per file). Deterministic for (survey, family, seed) whatever ``workers``."""
+                            workers: int = 1, labeled: bool = True, progress: bool = False, role: str = "train"):
+    """Write ``n_fields`` fields of ``family`` as inbox-contract FITS into ``out_dir`` (``SIMROLE`` = ``role``);
+    returns a DataFrame of their truth (one row per file). Deterministic for (survey, family, seed) whatever
+    ``workers``."""
     import pandas as pd
 
+    from ..fits_writer import check_sim_role
     from ..parallel import parallel_map
 
+    check_sim_role(role)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    jobs = [(survey, family, seed, i, out_dir, labeled) for i in range(n_fields)]
+    jobs = [(survey, family, seed, i, out_dir, labeled, role) for i in range(n_fields)]
     rows = parallel_map(_simulate_and_write, jobs, workers=workers, progress=progress,
                         desc=f"cluster fields {survey.name}/{family.name}", unit="field")
     return pd.DataFrame(rows)
