@@ -48,10 +48,10 @@ def build_dataset(root: Path, *, n: int, n_heldout: int, seed: int = 11):
     from lens_assets.science.surveys import get_survey
 
     survey = get_survey("des")
-    for family, count in (("baseline", n), ("heldout", n_heldout)):
+    for family, count, role in (("baseline", n, "train"), ("heldout", n_heldout, "heldout")):
         simulate_to_directory(survey, load_family(family), n_cutouts=count, seed=seed,
                               out_dir=root / "raw" / "des" / f"sim-{family}-{seed}", workers=cores(),
-                              progress=False)
+                              progress=False, role=role)
     catalog = ingest_files(find_fits(root / "raw" / "des"), survey, root=root, workers=cores(),
                            progress=False).catalog
     build_shards(catalog, survey, root=root, out_dir=root / "shards", settings=shard_settings(survey),

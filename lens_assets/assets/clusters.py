@@ -210,8 +210,11 @@ def cluster_features(context: dg.AssetExecutionContext, config: ClusterFeaturesC
     keep = ["objid", "sim_family", "sim_kind", "theta_e", "n_arcs", "arc_sb", "group", "source_file", "source_sha256"]
     table = table.merge(fields[keep], on="objid", validate="one_to_one").merge(splits, on="objid", how="left",
                                                                                validate="one_to_one")
-    # held-out families are scored, never trained on; other rows outside the splits (unlabeled) are left out
-    held = table["sim_family"].isin(heldout_families) & table["label"].isin([0, 1])
+    # held-out families (by name or by the files' SIMROLE) are scored, never trained on; other rows outside the
+    # splits (unlabeled) are left out
+    role = fields.set_index("objid")["sim_role"] if "sim_role" in fields else pd.Series(dtype=str)
+    by_role = table["objid"].map(role).eq("heldout")
+    held = (table["sim_family"].isin(heldout_families) | by_role) & table["label"].isin([0, 1])
     table["split"] = table["split"].fillna(pd.Series(np.where(held, "heldout", "excluded"), index=table.index))
     table["val_role"] = table["val_role"].fillna("")
     settings_file = storage.pull(*layout.cluster_segments_settings(survey.name))

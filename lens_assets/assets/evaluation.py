@@ -31,7 +31,7 @@ from lens_assets.science.metrics import (THETA_E_BINS, THETA_E_HALVES, auroc_by_
                                          paired_by_bins, paired_win_rate)
 from lens_assets.science.families import TWIN
 from lens_assets.science.simulation import LENSING_ONLY  # SIMFAM of the lens/twin pairs
-from lens_assets.science.splits import require_both_labels, val_roles
+from lens_assets.science.splits import has_role, require_both_labels, val_roles
 from lens_assets.science.surveys import get_survey
 
 EVALUATION_CODE_VERSION = "eval-9"  # 4: fit on the val split's calibrate half; 5: uncertainty; 6: in probability units;
@@ -257,13 +257,16 @@ def _rows_to_score(storage: LocalStorage, survey: str, heldout_families) -> pd.D
     names = pq.read_schema(cat_path).names
     truth = [c for c in ("flux_ratio", "theta_e", "arc_snr", "pair_id") if c in names]
     catalog = pd.read_parquet(cat_path, columns=["objid", "label", *truth, "sim_family", "sim_kind", "source_file",
-                                                 "source_sha256"])
+                                                 "source_sha256", *(["sim_role"] if "sim_role" in names else [])])
     if "pair_id" not in catalog:  # a catalog ingested before PAIRID was read
         catalog["pair_id"] = ""
     in_shards = set(pd.read_parquet(storage.path(*layout.shards_rows(survey)), columns=["objid"])["objid"])
     usable = catalog["objid"].isin(in_shards) & catalog["label"].isin([0, 1])
-    held = catalog[catalog["sim_family"].isin([f for f in heldout_families if f != LENSING_ONLY]) & usable]
-    pairs = catalog[(catalog["sim_family"] == LENSING_ONLY) & usable]
+    # a file held out by its SIMROLE alone (a family of another name) is scored too, under its own family
+    is_pair = (catalog["sim_family"] == LENSING_ONLY) | has_role(catalog, "pairs")
+    named = catalog["sim_family"].isin([f for f in heldout_families if f != LENSING_ONLY])
+    held = catalog[(named | has_role(catalog, "heldout")) & ~is_pair & usable]
+    pairs = catalog[is_pair & usable]
     rows = pd.concat([splits[splits["split"].isin(["val", "test"])],
                       pd.DataFrame({"objid": held["objid"], "split": "heldout"}),
                       pd.DataFrame({"objid": pairs["objid"], "split": LENSING_ONLY})], ignore_index=True)
@@ -272,7 +275,8 @@ def _rows_to_score(storage: LocalStorage, survey: str, heldout_families) -> pd.D
     if rows["objid"].duplicated().any():
         raise dg.Failure(f"objects both in the splits and in a held-out family: "
                          f"{rows.loc[rows['objid'].duplicated(), 'objid'].head(5).tolist()}")
-    return rows.merge(catalog, on="objid", how="left", validate="one_to_one")
+    return rows.merge(catalog.drop(columns=["sim_role"], errors="ignore"), on="objid", how="left",
+                      validate="one_to_one")
 
 
 @survey_asset(

@@ -181,7 +181,7 @@ def dataset_splits(context: dg.AssetExecutionContext, config: SplitConfig,
     One row per object: `objid`, `split`, `sky_group`, `stratum`, `label`, and
     `val_role` ("stop": early stopping and checkpoint choice; "calibrate": fusion
     weights and calibrator; "" outside the val split; sky groups kept whole).
-    pretrain:*, unlabeled and held-out-family rows are left out and counted.
+    pretrain:*, unlabeled and held-out rows (by family name or by the file's SIMROLE) are left out and counted.
     """
     survey = get_survey(context.partition_key)
     cat_path = storage.pull(*layout.catalog_table(survey.name))

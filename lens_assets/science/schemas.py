@@ -6,7 +6,7 @@ from functools import lru_cache
 
 import pandera.pandas as pa
 
-from .fits_contract import QUARANTINE_REASONS
+from .fits_contract import QUARANTINE_REASONS, SIM_ROLES
 from .surveys import SURVEY_NAMES, SurveySpec
 
 __all__ = ["catalog_schema", "catalog_columns", "quarantine_schema", "candidate_schema", "cluster_candidate_schema",
@@ -49,7 +49,7 @@ def _base_columns() -> dict[str, pa.Column]:
         "z_err": pa.Column(f, _missing_or(0.0, 20.0)),
         "sim_family": pa.Column(s),
         "sim_kind": pa.Column(s),
-        "sim_role": pa.Column(s, pa.Check.isin(["", "train", "heldout", "pairs"]), required=False,
+        "sim_role": pa.Column(s, pa.Check.isin(["", *SIM_ROLES]), required=False,
                               description="SIMROLE of a simulated file: train, heldout (a held-out family) or pairs "
                                           "(lens/twin pairs); empty for real data and older files"),
         "pair_id": pa.Column(s, description="PAIRID: shared by a lens and its twin rendered without deflection "

@@ -32,7 +32,7 @@ import pandas as pd
 
 __all__ = ["SPLITS", "FACTORS", "MERGE_ORDER", "SplitResult", "sky_groups", "stratify_factors", "make_splits",
            "balance_table", "split_checks", "cross_split_pairs", "VAL_ROLES", "assign_val_roles", "val_roles",
-           "val_role_checks", "require_both_labels", "HELDOUT_ROLES"]
+           "val_role_checks", "require_both_labels", "HELDOUT_ROLES", "has_role"]
 
 SPLITS = ("train", "val", "test")
 FACTORS = ("redshift", "magnitude", "seeing", "psf_fwhm", "pixel_scale", "survey", "label")
@@ -143,6 +143,14 @@ def _key(row_factors: pd.DataFrame, level: int) -> pd.Series:
     return row_factors[keep].astype(str).agg("|".join, axis=1).map(lambda s: s)
 
 
+def has_role(catalog: pd.DataFrame, *roles: str) -> pd.Series:
+    """Rows whose file's ``SIMROLE`` (catalog column ``sim_role``) is one of ``roles``; none in a catalog
+    ingested before the column existed."""
+    if "sim_role" not in catalog:
+        return pd.Series(False, index=catalog.index)
+    return catalog["sim_role"].isin(roles)
+
+
 def make_splits(catalog: pd.DataFrame, *, reference_band: str, fractions=(0.70, 0.15, 0.15), seed: int = 0,
                 link_arcsec: float = 10.0, n_bins: int = 3, min_groups_per_stratum: int = 10,
                 exclude_families: tuple[str, ...] = ("heldout",)) -> SplitResult:
@@ -154,8 +162,7 @@ def make_splits(catalog: pd.DataFrame, *, reference_band: str, fractions=(0.70, 
         "unlabeled": catalog["label"] < 0,
         "heldout_family": catalog["sim_family"].isin(exclude_families),
         # the file's own SIMROLE: held out whatever its family is called or whoever simulated it
-        "heldout_role": (catalog["sim_role"].isin(HELDOUT_ROLES) if "sim_role" in catalog
-                         else pd.Series(False, index=catalog.index)),
+        "heldout_role": has_role(catalog, *HELDOUT_ROLES),
     }
     drop = np.zeros(len(catalog), bool)
     counts = {}

@@ -575,3 +575,34 @@ def test_lensing_only_pairs_are_reported_by_their_lens_einstein_radius():
     assert "n_pairs_theta_e_lt_1.2" not in no_truth["lensing_only"]
     assert "pairs of θE" not in summary_table(no_truth, None)
     assert "| ≥ 2 | no objects | 0 |" in md and "nan" not in md.split("## Lensing-only AUROC by Einstein radius")[1]
+
+
+def test_rows_held_out_by_their_simrole_alone_are_scored_under_their_family(tmp_path):
+    """A held-out drop under a family name no config lists (SIMROLE heldout) and pairs of another name (SIMROLE
+    pairs) are scored as held-out rows and as pairs; training-role rows outside the splits and unlabeled rows are
+    not; a catalog without sim_role scores by family name alone."""
+    from lens_assets import layout
+    from lens_assets.assets.evaluation import _rows_to_score
+    from lens_assets.resources.storage import LocalStorage
+
+    storage = LocalStorage(root=str(tmp_path))
+    ids = [f"o{i}" for i in range(9)]
+    catalog = pd.DataFrame({
+        "objid": ids, "label": [0, 1, 1, 0, 1, 0, 1, 0, -1],
+        "sim_family": ["physical", "physical", "heldout", "heldout", "renamed", "renamed", "twins_b", "twins_b",
+                       "renamed"],
+        "sim_role": ["train", "train", "heldout", "heldout", "heldout", "heldout", "pairs", "pairs", "heldout"],
+        "sim_kind": "", "pair_id": ["", "", "", "", "", "", "p1", "p1", ""], "source_file": ids,
+        "source_sha256": "0" * 64})
+    storage.write_parquet(catalog, *layout.catalog_table("des"))
+    storage.write_parquet(pd.DataFrame({"objid": ids}), *layout.shards_rows("des"))
+    storage.write_parquet(pd.DataFrame({"objid": ["o0", "o1"], "split": ["test", "test"], "sky_group": [0, 1],
+                                        "val_role": ["", ""]}), *layout.splits_table("des"))
+    rows = _rows_to_score(storage, "des", ["heldout"])
+    assert dict(zip(rows["objid"], rows["split"])) == {"o0": "test", "o1": "test", "o2": "heldout",
+                                                        "o3": "heldout", "o4": "heldout", "o5": "heldout",
+                                                        "o6": "lensing_only", "o7": "lensing_only"}
+    assert rows.set_index("objid").loc[["o4", "o5"], "sim_family"].tolist() == ["renamed", "renamed"]
+    assert "sim_role" not in rows
+    storage.write_parquet(catalog.drop(columns="sim_role"), *layout.catalog_table("des"))
+    assert sorted(_rows_to_score(storage, "des", ["heldout"])["objid"]) == ["o0", "o1", "o2", "o3"]
