@@ -151,18 +151,19 @@ def einstein_radius_arcsec(lens_model, kwargs_lens, *, max_radius_arcsec: float,
     """The radius within which the mean convergence about ``center`` is 1; 0 for a sub-critical lens.
 
     Convergence is sampled at the centres of a square grid of ``step_arcsec`` pixels (none on the centre)
-    out to ``max_radius_arcsec``; the enclosed mean is accumulated in radius order and the crossing of 1
-    interpolated.
+    within ``max_radius_arcsec`` (only the pixels inside the circle are evaluated: π/4 of the square); the
+    enclosed mean is accumulated in radius order and the crossing of 1 interpolated.
     """
     r_max = float(max_radius_arcsec)
     m = 2 * math.ceil(r_max / step_arcsec)  # even: pixel centres straddle the centre, never on a singular cusp
     axis = (np.arange(m) - (m - 1) / 2) * step_arcsec
-    xx, yy = np.meshgrid(axis + center[0], axis + center[1])
-    r = np.hypot(xx - center[0], yy - center[1]).ravel()
-    kappa = np.asarray(lens_model.kappa(xx.ravel(), yy.ravel(), list(kwargs_lens)), dtype=float)
+    dx, dy = (a.ravel() for a in np.meshgrid(axis, axis))
+    r = np.hypot(dx, dy)
     inside = r <= r_max
     order = np.argsort(r[inside])
-    rs, ks = r[inside][order], kappa[inside][order]
+    rs = r[inside][order]
+    ks = np.asarray(lens_model.kappa(dx[inside][order] + center[0], dy[inside][order] + center[1],
+                                     list(kwargs_lens)), dtype=float)
     mean = np.cumsum(ks) / np.arange(1, len(ks) + 1)
     # the first drop of the enclosed mean through 1 beyond the innermost pixels (they sit on the BCG's cusp)
     crossing = np.nonzero((mean[1:] < 1.0) & (mean[:-1] >= 1.0) & (rs[1:] > 2 * step_arcsec))[0]

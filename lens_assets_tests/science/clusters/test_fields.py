@@ -44,6 +44,28 @@ def test_einstein_radius_of_a_singular_isothermal_sphere_is_its_theta_e():
     assert weak == 0.0
 
 
+def test_einstein_radius_of_a_cluster_matches_the_whole_square_grid(small):
+    """Evaluating the convergence inside the circle only gives the radius the whole square grid gives (the
+    enclosed mean in radius order, its first drop through 1 beyond the cusp, computed here by hand)."""
+    from lenstronomy.LensModel.lens_model import LensModel
+
+    scene = small[2]
+    lens_model, kwargs = LensModel(list(scene.lens_model_list)), scene.kwargs_lens
+    r_max, step = 2.0 * scene.theta_e_arcsec, 0.25
+    m = 2 * math.ceil(r_max / step)
+    axis = (np.arange(m) - (m - 1) / 2) * step
+    xx, yy = np.meshgrid(axis, axis)
+    kappa = lens_model.kappa(xx.ravel(), yy.ravel(), list(kwargs))
+    r = np.hypot(xx, yy).ravel()
+    order = np.argsort(r[r <= r_max])  # the function's own order among equal radii
+    rs, ks = r[r <= r_max][order], kappa[r <= r_max][order]
+    mean = np.cumsum(ks) / np.arange(1, len(ks) + 1)
+    i = next(j for j in range(1, len(rs)) if mean[j] < 1 <= mean[j - 1] and rs[j] > 2 * step)
+    want = rs[i - 1] + (mean[i - 1] - 1) / (mean[i - 1] - mean[i]) * (rs[i] - rs[i - 1])
+    got = cf.einstein_radius_arcsec(lens_model, kwargs, max_radius_arcsec=r_max, step_arcsec=step)
+    assert scene.theta_e_arcsec > 0 and got == pytest.approx(want, rel=1e-9)
+
+
 def test_field_size_is_the_familys_side_on_the_survey_grid_even():
     fam = load_family("cluster")
     assert cf.field_size_px(fam, get_survey("hsc")) == 238  # 40" / 0.168"/px = 238.1
