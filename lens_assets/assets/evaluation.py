@@ -34,10 +34,11 @@ from lens_assets.science.simulation import LENSING_ONLY  # SIMFAM of the lens/tw
 from lens_assets.science.splits import has_role, require_both_labels, val_roles
 from lens_assets.science.surveys import get_survey
 
-EVALUATION_CODE_VERSION = "eval-9"  # 4: fit on the val split's calibrate half; 5: uncertainty; 6: in probability units;
+EVALUATION_CODE_VERSION = "eval-12"  # 4: fit on the val split's calibrate half; 5: uncertainty; 6: in probability units;
 # 7: the report's AUROC of the lenses with arc S/N >= 100; 8: each non-lens type's share in by_kind; 9: AUROC per
 # Einstein-radius bin. score_calibrator keeps it; the report has its own from 10 on
 # 10: the shortcut audit's AUROC per non-lens type and its figure without the twins; 11: lensing-only AUROC per θE bin
+# 12 (score_calibrator): rows held out or paired by their file's SIMROLE are scored too
 REPORT_CODE_VERSION = "eval-11"
 SHORTCUT_CODE_VERSION = "shortcut-2"  # 2: AUROC per non-lens type, each row's score
 SCORED_SPLITS = ("val", "test", "heldout", LENSING_ONLY)
@@ -243,8 +244,9 @@ def shortcut_audit(context: dg.AssetExecutionContext, config: ShortcutConfig,
 
 def _rows_to_score(storage: LocalStorage, survey: str, heldout_families) -> pd.DataFrame:
     """val/test rows of the splits (with their ``val_role`` and ``sky_group``), labeled rows of each held-out
-    family (split ``heldout``, with their ``sim_family``) and of the lensing-only pairs (split ``lensing_only``,
-    with their ``pair_id``); rows outside the splits have ``val_role`` "" and ``sky_group`` -1."""
+    family and of every file whose ``SIMROLE`` is ``heldout`` (split ``heldout``, with their ``sim_family``) and of
+    the lensing-only pairs, by family or ``SIMROLE`` ``pairs`` (split ``lensing_only``, with their ``pair_id``);
+    rows outside the splits have ``val_role`` "" and ``sky_group`` -1."""
     for parts in (layout.splits_dir(survey), layout.catalog_dir(survey), layout.shards_dir(survey)):
         storage.pull(*parts)
     splits_file = storage.path(*layout.splits_table(survey))
@@ -273,8 +275,9 @@ def _rows_to_score(storage: LocalStorage, survey: str, heldout_families) -> pd.D
     rows["val_role"] = rows["val_role"].fillna("")
     rows["sky_group"] = rows["sky_group"].fillna(-1).astype(int)
     if rows["objid"].duplicated().any():
-        raise dg.Failure(f"objects both in the splits and in a held-out family: "
-                         f"{rows.loc[rows['objid'].duplicated(), 'objid'].head(5).tolist()}")
+        raise dg.Failure(f"objects both in the splits and held out (by family or by their file's SIMROLE): "
+                         f"{rows.loc[rows['objid'].duplicated(), 'objid'].head(5).tolist()}; materialize "
+                         "dataset_splits again")
     return rows.merge(catalog.drop(columns=["sim_role"], errors="ignore"), on="objid", how="left",
                       validate="one_to_one")
 

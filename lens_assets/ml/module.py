@@ -299,9 +299,6 @@ class LensClassifier(L.LightningModule):
         super().__init__()
         if zoom_max < 1.0:
             raise ValueError(f"zoom_max must be >= 1, got {zoom_max}")
-        if zoom_max > 1.0 and (film or physics_weight > 0):  # both take the matched PSF as the image's own
-            raise ValueError(f"zoom_max {zoom_max} widens each cutout's PSF, which FiLM's conditions and the physics "
-                             "term take as the matched PSF: train with zoom_max 1 or without film and physics_weight")
         if not 0.0 <= head_dropout < 1.0:
             raise ValueError(f"head_dropout must be in [0, 1), got {head_dropout}")
         if upsample not in (1, 2, 3, 4):

@@ -120,6 +120,9 @@ def _loaders(shard_dir: Path, splits_path: Path, s: TrainSettings, batch_size: i
     order = {"shuffle": True}
     if not 0.0 <= s.theta_e_balance <= 1.0:
         raise ValueError(f"theta_e_balance must be in [0, 1], got {s.theta_e_balance}")
+    if s.zoom_max > 1.0 and (s.film or s.physics_weight > 0):  # both take the matched PSF as the image's own
+        raise ValueError(f"zoom_max {s.zoom_max} widens each cutout's PSF, which FiLM's conditions and the physics "
+                         "term take as the matched PSF: train with zoom_max 1 or without film and physics_weight")
     if s.theta_e_balance > 0 and s.fresh_fraction > 0:
         # a fresh object replaces a row by (seed, epoch, row): a row drawn n times would bring the same fresh
         # object n times, and its weight would go to an object of any radius

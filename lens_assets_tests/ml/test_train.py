@@ -72,11 +72,6 @@ def test_zoom_magnifies_keeping_surface_brightness_and_restores_the_noise_to_the
     assert out[:, :, 2:-2, 2:-2].std() < 0.9  # without a zoom a sub-pixel shift smooths, and nothing is added
     with pytest.raises(ValueError, match="zoom_max"):
         augment(noise, torch.ones_like(noise), zoom_max=0.5)
-    from lens_assets.ml.module import LensClassifier
-
-    for other in ({"film": True}, {"physics_weight": 0.1}):  # they take the matched PSF as the cutout's own
-        with pytest.raises(ValueError, match="widens each cutout's PSF"):
-            LensClassifier(backbone="resnet10t", in_chans=3, img_size=16, zoom_max=1.5, **other)
 
 
 def test_resampling_noise_restores_each_pixels_variance_at_a_fixed_zoom():
@@ -87,12 +82,12 @@ def test_resampling_noise_restores_each_pixels_variance_at_a_fixed_zoom():
     from lens_assets.ml.module import _resampling_noise
 
     g = torch.Generator().manual_seed(3)
-    n, h = 4000, 12
+    n, h, w = 4000, 12, 15  # not square: x and y mixed up would fail
     theta = torch.tensor([[[1 / 1.37, 0.0, 0.11], [0.0, 1 / 1.37, -0.07]]]).expand(n, 2, 3)
-    grid = F.affine_grid(theta, [n, 1, h, h], align_corners=False)
-    noise = 2.0 * torch.randn(n, 1, h, h, generator=g)
+    grid = F.affine_grid(theta, [n, 1, h, w], align_corners=False)
+    noise = 2.0 * torch.randn(n, 1, h, w, generator=g)
     resampled = F.grid_sample(noise, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    x = ((grid[0, ..., 0] + 1) * h - 1) / 2  # the pixel coordinates each output pixel reads, by hand
+    x = ((grid[0, ..., 0] + 1) * w - 1) / 2  # the pixel coordinates each output pixel reads, by hand
     y = ((grid[0, ..., 1] + 1) * h - 1) / 2
     fx, fy = x - x.floor(), y - y.floor()
     kept = ((1 - fx) ** 2 + fx**2) * ((1 - fy) ** 2 + fy**2)
@@ -100,7 +95,16 @@ def test_resampling_noise_restores_each_pixels_variance_at_a_fixed_zoom():
     assert kept[inner].min() < 0.5 and kept[inner].max() > 0.8  # the offsets vary over the stamp
     assert torch.allclose(resampled[:, 0].var(dim=0)[inner], 4 * kept[inner], rtol=0.1)
     restored = resampled + _resampling_noise(grid, torch.full_like(noise, 4.0), g)
-    assert torch.allclose(restored[:, 0].var(dim=0)[inner], torch.full((h - 4, h - 4), 4.0), rtol=0.1)
+    assert torch.allclose(restored[:, 0].var(dim=0)[inner], torch.full((h - 4, w - 4), 4.0), rtol=0.1)
+
+
+@pytest.mark.parametrize("other", [{"film": True}, {"physics_weight": 0.1}])
+def test_zoom_is_refused_with_film_or_the_physics_term_before_training(data, tmp_path, other):
+    """Both take the matched PSF as the cutout's own, which a zoom widens; nothing is trained or written."""
+    settings = TrainSettings(backbone="resnet10t", epochs=1, batch_size=8, progress=False, zoom_max=1.5, **other)
+    with pytest.raises(ValueError, match="widens each cutout's PSF"):
+        train(data / "shards", data / "splits.parquet", tmp_path / "run", settings)
+    assert not (tmp_path / "run" / "last.ckpt").exists()
 
 
 def test_training_writes_checkpoints_logs_and_resumes_after_an_interruption(data, tmp_path):
