@@ -191,6 +191,7 @@ def cluster_features(context: dg.AssetExecutionContext, config: ClusterFeaturesC
     from lens_assets.science.clusters.features import cluster_features_schema
     from lens_assets.science.clusters.scoring import field_features
     from lens_assets.science.clusters.catalog import split_fields
+    from lens_assets.science.splits import has_role
 
     survey = get_survey(context.partition_key)
     for parts in (layout.cluster_fields_table(survey.name), layout.cluster_segments_table(survey.name)):
@@ -212,8 +213,7 @@ def cluster_features(context: dg.AssetExecutionContext, config: ClusterFeaturesC
                                                                                validate="one_to_one")
     # held-out families (by name or by the files' SIMROLE) are scored, never trained on; other rows outside the
     # splits (unlabeled) are left out
-    role = fields.set_index("objid")["sim_role"] if "sim_role" in fields else pd.Series(dtype=str)
-    by_role = table["objid"].map(role).eq("heldout")
+    by_role = table["objid"].isin(fields.loc[has_role(fields, "heldout"), "objid"])
     held = (table["sim_family"].isin(heldout_families) | by_role) & table["label"].isin([0, 1])
     table["split"] = table["split"].fillna(pd.Series(np.where(held, "heldout", "excluded"), index=table.index))
     table["val_role"] = table["val_role"].fillna("")
