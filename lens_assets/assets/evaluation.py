@@ -40,7 +40,7 @@ EVALUATION_CODE_VERSION = "eval-12"  # 4: fit on the val split's calibrate half;
 # 10: the shortcut audit's AUROC per non-lens type and its figure without the twins; 11: lensing-only AUROC per θE bin
 # 12 (score_calibrator): rows held out or paired by their file's SIMROLE are scored too
 REPORT_CODE_VERSION = "eval-11"
-SHORTCUT_CODE_VERSION = "shortcut-2"  # 2: AUROC per non-lens type, each row's score
+SHORTCUT_CODE_VERSION = "shortcut-3"  # 2: AUROC per non-lens type, each row's score; 3: held-out rows also by SIMROLE
 SCORED_SPLITS = ("val", "test", "heldout", LENSING_ONLY)
 DEFAULT_HELDOUT_FAMILIES = ["heldout", "galsim"]
 
@@ -133,13 +133,20 @@ def shortcut_audit(context: dg.AssetExecutionContext, config: ShortcutConfig,
     shards = storage.path(*layout.shards_dir(survey.name))
     manifest = read_manifest(shards)
     splits = pd.read_parquet(split_path, columns=["objid", "split"])
-    catalog = pd.read_parquet(storage.path(*layout.catalog_table(survey.name)),
-                              columns=["objid", "label", "sim_family", "sim_kind"])
+    cat_path = storage.path(*layout.catalog_table(survey.name))
+    import pyarrow.parquet as pq
+
+    role = ["sim_role"] if "sim_role" in pq.read_schema(cat_path).names else []
+    catalog = pd.read_parquet(cat_path, columns=["objid", "label", "sim_family", "sim_kind", *role])
     rows = splits[splits["split"].isin(["train", "test"])].merge(catalog, on="objid", how="left")
     in_shards = set(pd.read_parquet(storage.path(*layout.shards_rows(survey.name)), columns=["objid"])["objid"])
     usable = catalog[catalog["objid"].isin(in_shards) & catalog["label"].isin([0, 1])]
-    families = [f for f in config.heldout_families if f != LENSING_ONLY] + [LENSING_ONLY]
-    extra = usable[usable["sim_family"].isin(families)].rename(columns={"sim_family": "split"})
+    # the same held-out rows bologna_report scores: by family name or by their file's SIMROLE
+    is_held, is_pair = held_out_masks(usable, config.heldout_families)
+    extra = pd.concat([usable[is_held].rename(columns={"sim_family": "split"}),
+                       usable[is_pair].assign(split=LENSING_ONLY)], ignore_index=True)
+    named = [f for f in config.heldout_families if f != LENSING_ONLY]
+    families = [*named, *sorted(set(extra["split"]) - {*named, LENSING_ONLY}), LENSING_ONLY]
     cols = ["objid", "split", "label", "sim_kind"]
     rows = pd.concat([rows[cols], extra[cols]], ignore_index=True)
     train = rows[rows["split"] == "train"]
@@ -242,6 +249,17 @@ def shortcut_audit(context: dg.AssetExecutionContext, config: ShortcutConfig,
     return dg.MaterializeResult(metadata=metadata, check_results=[check], data_version=dg.DataVersion(version[:16]))
 
 
+def held_out_masks(catalog: pd.DataFrame, heldout_families) -> tuple[pd.Series, pd.Series]:
+    """Catalog rows of the held-out families and of the lensing-only pairs, as two disjoint masks.
+
+    Held out: a family named in ``heldout_families`` or a file whose ``SIMROLE`` is ``heldout`` (a family of another
+    name, scored under its own ``sim_family``). Pairs: ``sim_family`` ``lensing_only`` or ``SIMROLE`` ``pairs``. What
+    ``bologna_report`` scores and what ``shortcut_audit`` scores are chosen by this one rule."""
+    is_pair = (catalog["sim_family"] == LENSING_ONLY) | has_role(catalog, "pairs")
+    named = catalog["sim_family"].isin([f for f in heldout_families if f != LENSING_ONLY])
+    return (named | has_role(catalog, "heldout")) & ~is_pair, is_pair
+
+
 def _rows_to_score(storage: LocalStorage, survey: str, heldout_families) -> pd.DataFrame:
     """val/test rows of the splits (with their ``val_role`` and ``sky_group``), labeled rows of each held-out
     family and of every file whose ``SIMROLE`` is ``heldout`` (split ``heldout``, with their ``sim_family``) and of
@@ -264,10 +282,8 @@ def _rows_to_score(storage: LocalStorage, survey: str, heldout_families) -> pd.D
         catalog["pair_id"] = ""
     in_shards = set(pd.read_parquet(storage.path(*layout.shards_rows(survey)), columns=["objid"])["objid"])
     usable = catalog["objid"].isin(in_shards) & catalog["label"].isin([0, 1])
-    # a file held out by its SIMROLE alone (a family of another name) is scored too, under its own family
-    is_pair = (catalog["sim_family"] == LENSING_ONLY) | has_role(catalog, "pairs")
-    named = catalog["sim_family"].isin([f for f in heldout_families if f != LENSING_ONLY])
-    held = catalog[(named | has_role(catalog, "heldout")) & ~is_pair & usable]
+    is_held, is_pair = held_out_masks(catalog, heldout_families)
+    held = catalog[is_held & usable]
     pairs = catalog[is_pair & usable]
     rows = pd.concat([splits[splits["split"].isin(["val", "test"])],
                       pd.DataFrame({"objid": held["objid"], "split": "heldout"}),

@@ -385,6 +385,30 @@ def test_shortcut_audit_scores_the_test_split_and_each_heldout_family_from_the_t
     assert block["auroc"] == doc["auroc"]
 
 
+def test_shortcut_audit_scores_files_held_out_by_their_simrole_under_their_own_family(graph_copy):
+    """The audit scores the rows bologna_report scores: a held-out family renamed to one no config lists, still
+    SIMROLE heldout, is scored under its new name, with every one of its rows."""
+    from lens_assets.assets.evaluation import shortcut_audit
+
+    storage, _ = graph_copy
+    path = storage.path("catalog", SURVEY, "cutout_catalog.parquet")
+    catalog = pd.read_parquet(path)
+    held = catalog["sim_family"] == "heldout"
+    assert (catalog.loc[held, "sim_role"] == "heldout").all() and held.sum() == N_HELDOUT
+    catalog.loc[held, "sim_family"] = "renamed"
+    catalog.to_parquet(path, index=False)
+    run = dg.materialize([shortcut_audit], partition_key=SURVEY, resources={"storage": storage},
+                         instance=dg.DagsterInstance.ephemeral())
+    doc = json.loads(storage.path("reports", SURVEY, "shortcut", "shortcut.json").read_text())
+    features = pd.read_parquet(storage.path("reports", SURVEY, "shortcut", "features.parquet"))
+    assert doc["families"] == ["heldout", "galsim", "renamed", "lensing_only"]
+    assert (features["split"] == "renamed").sum() == N_HELDOUT and not (features["split"] == "heldout").any()
+    assert set(features.loc[features["split"] == "renamed", "objid"]) == set(catalog.loc[held, "objid"])
+    meta = _metadata(run, "shortcut_audit")
+    assert meta["heldout_renamed_shortcut_auroc"] == pytest.approx(doc["auroc"]["renamed"])
+    assert 0.0 <= doc["auroc"]["renamed"] <= 1.0
+
+
 def test_shortcut_audit_gate_follows_its_config(graph_copy):
     storage, _ = graph_copy
     auroc = json.loads(storage.path("reports", SURVEY, "shortcut", "shortcut.json").read_text())["auroc"]["test"]
