@@ -807,21 +807,12 @@ def write_galsim_cutout(path: Path, cutout: GalsimCutout, *, survey: SurveySpec,
     """Write ``cutout`` as an inbox-contract file with the primary keys of ``write_simulated_cutout``
     (``LABELSRC = "sim:galsim"``; ``SIMROLE`` = ``role``); ``labeled=False`` drops the truth keys
     (``fits_contract.TRUTH_KEYS``)."""
-    from lens_assets.science.fits_contract import TRUTH_KEYS, BandHDUs, check_sim_role, write_cutout
+    from lens_assets.science.fits_contract import BandHDUs, write_cutout
+    from lens_assets.science.fits_writer import simulated_primary, without_truth
 
     s = cutout.scene
-    primary = {
-        "OBJID": s.objid, "RA": round(s.ra_deg, 7), "DEC": round(s.dec_deg, 7), "SURVEY": survey.name,
-        "INSTRUME": survey.instrument, "Z_SPEC": round(s.z_lens, 5), "Z_SRC": round(s.z_source, 5),
-        "LENS": bool(s.is_lens), "LABELSRC": LABEL_SOURCE, "LABELCNF": 1.0,
-        "FLUXRAT": round(cutout.flux_ratio, 6), "THETA_E": round(s.theta_e_arcsec, 5),
-        "ARCSNR": round(cutout.arc_snr, 4), "REFBAND": survey.band(survey.reference_band).name,
-        "SIMFAM": family.name, "SIMFAMH": family.sha256[:16], "SIMSEED": int(seed), "SIMKIND": s.kind,
-        "SIMROLE": check_sim_role(role),
-        "SERSICN": round(s.galaxy["n"], 4), "RHALF": round(s.galaxy["r_eff"], 5),
-        "AXRATIO": round(s.galaxy["q"], 4), "PA_DEG": round(s.galaxy["pa"], 3),
-        "PSFPROF": s.psf_profile, "EXPSCALE": round(s.exposure_scale, 4),
-    }
+    primary = simulated_primary(s, survey=survey, family=family, seed=seed, role=role, label_source=LABEL_SOURCE,
+                                flux_ratio=cutout.flux_ratio, arc_snr=cutout.arc_snr)
     if s.is_lens:  # a lens is its own scene; galsim's non-lenses are drawn without one
         primary["SCENE_TE"] = round(s.theta_e_arcsec, 5)
     if s.psf_profile == "moffat":
@@ -829,7 +820,7 @@ def write_galsim_cutout(path: Path, cutout: GalsimCutout, *, survey: SurveySpec,
     elif s.psf_profile == "core_wings":
         primary["MOFFATB"] = WING_MOFFAT_BETA
     if not labeled:
-        primary = {k: v for k, v in primary.items() if k not in TRUTH_KEYS}
+        primary = without_truth(primary)
     bands = {band: BandHDUs(image=cutout.image[i], variance=cutout.variance[i], psf=cutout.psf[i],
                             header={"BUNIT": "count/s", "MAGZP": round(cutout.zero_points[i], 5),
                                     "PIXSCALE": survey.pixel_scale_arcsec,

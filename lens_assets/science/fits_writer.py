@@ -18,7 +18,7 @@ from .fits_validation import FITS_BLOCK
 from .surveys import SurveySpec
 
 __all__ = ["BandHDUs", "write_cutout", "cutout_bytes", "write_simulated_cutout", "TRUTH_KEYS", "SIM_ROLES",
-           "check_sim_role"]
+           "check_sim_role", "simulated_primary", "without_truth"]
 
 
 @dataclass
@@ -119,6 +119,34 @@ def check_sim_role(role: str) -> str:
     return role
 
 
+def simulated_primary(s, *, survey: SurveySpec, family, seed: int, role: str, label_source: str,
+                      flux_ratio: float, arc_snr: float) -> dict:
+    """The primary-header cards every simulator writes, in the contract's order: the object, its truth and its
+    simulation (family, seed, kind, ``SIMROLE``), the deflector's light and the observation. ``s`` is the
+    simulated object (lenstronomy's ``System`` or GalSim's ``GalsimScene``: the same attribute names); each
+    writer adds its own keys after these (``MOFFATB``, ``PAIRID``, ``SCENE_TE``) and drops the truth keys of an
+    unlabeled file with :func:`without_truth`."""
+    return {
+        "OBJID": s.objid, "RA": round(s.ra_deg, 7), "DEC": round(s.dec_deg, 7), "SURVEY": survey.name,
+        "INSTRUME": survey.instrument,
+        "Z_SPEC": round(s.z_lens, 5), "Z_SRC": round(s.z_source, 5),
+        "LENS": bool(s.is_lens), "LABELSRC": label_source, "LABELCNF": 1.0,
+        "FLUXRAT": round(flux_ratio, 6), "THETA_E": round(s.theta_e_arcsec, 5),
+        "ARCSNR": round(arc_snr, 4),
+        "REFBAND": survey.band(survey.reference_band).name,
+        "SIMFAM": family.name, "SIMFAMH": family.sha256[:16], "SIMSEED": int(seed), "SIMKIND": s.kind,
+        "SIMROLE": check_sim_role(role),
+        "SERSICN": round(s.galaxy["n"], 4), "RHALF": round(s.galaxy["r_eff"], 5),
+        "AXRATIO": round(s.galaxy["q"], 4), "PA_DEG": round(s.galaxy["pa"], 3),
+        "PSFPROF": s.psf_profile, "EXPSCALE": round(s.exposure_scale, 4),
+    }
+
+
+def without_truth(primary: dict) -> dict:
+    """``primary`` less the truth keys (:data:`TRUTH_KEYS`), as an unlabeled survey drop would come."""
+    return {k: v for k, v in primary.items() if k not in TRUTH_KEYS}
+
+
 def write_simulated_cutout(path: Path, cutout, *, survey: SurveySpec, family, seed: int,
                            labeled: bool = True, role: str = "train") -> None:
     """Write a :class:`~.simulation.RenderedCutout` with its truth in the headers
@@ -134,20 +162,8 @@ def simulated_cutout_bytes(cutout, *, survey: SurveySpec, family, seed: int, lab
     more primary-header cards (cluster fields' keys), written after the contract's; ``role``: ``SIMROLE``, one
     of :data:`SIM_ROLES`."""
     s = cutout.system
-    primary = {
-        "OBJID": s.objid, "RA": round(s.ra_deg, 7), "DEC": round(s.dec_deg, 7), "SURVEY": survey.name,
-        "INSTRUME": survey.instrument,
-        "Z_SPEC": round(s.z_lens, 5), "Z_SRC": round(s.z_source, 5),
-        "LENS": bool(s.is_lens), "LABELSRC": "sim:lenstronomy", "LABELCNF": 1.0,
-        "FLUXRAT": round(cutout.flux_ratio, 6), "THETA_E": round(s.theta_e_arcsec, 5),
-        "ARCSNR": round(cutout.arc_snr, 4),
-        "REFBAND": survey.band(survey.reference_band).name,
-        "SIMFAM": family.name, "SIMFAMH": family.sha256[:16], "SIMSEED": int(seed), "SIMKIND": s.kind,
-        "SIMROLE": check_sim_role(role),
-        "SERSICN": round(s.galaxy["n"], 4), "RHALF": round(s.galaxy["r_eff"], 5),
-        "AXRATIO": round(s.galaxy["q"], 4), "PA_DEG": round(s.galaxy["pa"], 3),
-        "PSFPROF": s.psf_profile, "EXPSCALE": round(s.exposure_scale, 4),
-    }
+    primary = simulated_primary(s, survey=survey, family=family, seed=seed, role=role,
+                                label_source="sim:lenstronomy", flux_ratio=cutout.flux_ratio, arc_snr=cutout.arc_snr)
     if s.psf_profile in ("moffat", "core_wings"):
         primary["MOFFATB"] = round(s.moffat_beta, 4)
     if s.pair_id:
@@ -155,7 +171,7 @@ def simulated_cutout_bytes(cutout, *, survey: SurveySpec, family, seed: int, lab
     if math.isfinite(s.scene_theta_e_arcsec):
         primary["SCENE_TE"] = round(s.scene_theta_e_arcsec, 5)
     if not labeled:
-        primary = {k: v for k, v in primary.items() if k not in TRUTH_KEYS}
+        primary = without_truth(primary)
     primary.update(extra or {})
     obs = getattr(s, "observation", None) or {}
     zp_error = obs.get("zero_point_error_mag", {})
