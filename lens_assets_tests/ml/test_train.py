@@ -3,6 +3,7 @@
 import json
 import math
 import re
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -115,8 +116,13 @@ def test_training_writes_checkpoints_logs_and_resumes_after_an_interruption(data
     assert first["resumed_after_epochs"] is None and 0.0 <= first["best_val_auroc"] <= 1.0
     metrics = pd.read_csv(out / "logs" / "version_0" / "metrics.csv")
     assert {"train_loss", "val_loss", "val_auroc"} <= set(metrics.columns)
-    # a later run with more epochs (as a retry after a kill would be) continues from last.ckpt
-    second = train(data / "shards", data / "splits.parquet", out, TrainSettings(**{**settings.__dict__, "epochs": 2}))
+    # a later run with more epochs (as a retry after a kill would be) continues from last.ckpt, without Lightning's
+    # warning that the checkpoint directory is not empty (it holds the run by design)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        second = train(data / "shards", data / "splits.parquet", out,
+                       TrainSettings(**{**settings.__dict__, "epochs": 2}))
+    assert not [w for w in caught if "exists and is not empty" in str(w.message)]
     assert second["resumed_after_epochs"] == 1
     assert (out / "logs" / "version_1" / "metrics.csv").exists() and metrics.equals(
         pd.read_csv(out / "logs" / "version_0" / "metrics.csv"))  # the first run's log is kept
