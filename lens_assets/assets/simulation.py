@@ -13,8 +13,9 @@ from lens_assets.science.simulation import (LENSING_ONLY, simulate_pairs_to_dire
                                             summarize_truth)
 from lens_assets.science.surveys import get_survey
 
-SIMULATION_CODE_VERSION = "sim-6"  # 4: a lens's stars are unlensed light in its truth (flux ratio, arc S/N);
-# 5: SCENE_TE, the scene's Einstein radius, lens or not; 6: SIMROLE, what each file is for
+SIMULATION_CODE_VERSION = "sim-7"  # 4: a lens's stars are unlensed light in its truth (flux ratio, arc S/N);
+# 5: SCENE_TE, the scene's Einstein radius, lens or not; 6: SIMROLE, what each file is for; 7: lensed quasars'
+# image positions reproducible (lenstronomy's solver seeded from its inputs)
 
 
 class SimulationConfig(dg.Config):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import time
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -238,15 +239,38 @@ def _draw_seeing(family: Family, survey: SurveySpec, rng: np.random.Generator) -
     return {b.name: b.seeing_fwhm_arcsec * math.exp(common + rng.normal(0.0, jitter)) for b in survey.bands}
 
 
+def _solver_seed(src, kwargs_lens) -> int:
+    """A seed made from the lens equation's inputs (source position, every lens parameter by name)."""
+    values = [float(src[0]), float(src[1])] + [float(kw[k]) for kw in kwargs_lens for k in sorted(kw)]
+    return zlib.crc32(np.asarray(values, dtype=np.float64).tobytes())
+
+
+@contextmanager
+def _global_numpy_seed(seed: int):
+    """numpy's global random state seeded with ``seed`` inside, restored after.
+
+    lenstronomy's image-position solver redraws a failed Newton step's direction from ``np.random`` (the global
+    state), so the same lens and source gave image positions that differed in the last digits from one call to the
+    next, and so a population was not reproducible for lensed quasars. Seeding from the inputs makes each solution
+    a function of them; restoring the state leaves any caller's own use of ``np.random`` as it was."""
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
+
+
 def _lensed_points(kwargs_lens, src, mag, beta, survey: SurveySpec) -> PointComponent:
     from lenstronomy.LensModel.lens_model import LensModel
     from lenstronomy.LensModel.Solver.lens_equation_solver import LensEquationSolver
 
     lens_model = LensModel(["SIE", "SHEAR"])
     solver = LensEquationSolver(lens_model)
-    x, y = solver.image_position_from_source(
-        src[0], src[1], list(kwargs_lens), min_distance=survey.pixel_scale_arcsec / 4,
-        search_window=survey.cutout_size_arcsec, precision_limit=1e-10, num_iter_max=100)
+    with _global_numpy_seed(_solver_seed(src, kwargs_lens)):
+        x, y = solver.image_position_from_source(
+            src[0], src[1], list(kwargs_lens), min_distance=survey.pixel_scale_arcsec / 4,
+            search_window=survey.cutout_size_arcsec, precision_limit=1e-10, num_iter_max=100)
     mu = np.abs(lens_model.magnification(x, y, list(kwargs_lens)))
     # no image at the SIE's singular core
     keep = np.hypot(x - kwargs_lens[0]["center_x"], y - kwargs_lens[0]["center_y"]) > 1e-6

@@ -188,6 +188,27 @@ def test_simulation_is_deterministic_and_independent_of_worker_count(tmp_path):
     assert not np.array_equal(other.image, simulate_one(survey, BASELINE, seed=3, index=0).image)
 
 
+def test_a_lensed_quasar_is_the_same_on_every_call_and_leaves_numpys_global_state_alone():
+    """lenstronomy's image solver redraws failed Newton steps from np.random: the simulation seeds it from the lens
+    and source, so a lensed quasar's file is a function of (survey, family, seed, index) alone."""
+    from lens_assets.science.fits_writer import simulated_cutout_bytes
+
+    survey, family = get_survey("des"), load_family("physical")
+    index = 1904  # a lensed quasar whose solution takes the solver's random fallback
+    first = simulate_one(survey, family, 0, index)
+    assert first.system.kind == "quasar" and len(first.system.points[0].ra) >= 2
+    np.random.seed(123)
+    state = np.random.get_state()
+    files = {hashlib.sha256(simulated_cutout_bytes(simulate_one(survey, family, 0, index), survey=survey,
+                                                   family=family, seed=0)).hexdigest() for _ in range(3)}
+    assert len(files) == 1
+    after = np.random.get_state()
+    assert after[0] == state[0] and np.array_equal(after[1], state[1]) and after[2:] == state[2:]
+    src = first.system.points[0].source_xy
+    again = [_lensed_points(first.system.kwargs_lens, src, 20.0, 0.0, survey) for _ in range(3)]
+    assert all(p.ra == again[0].ra and p.dec == again[0].dec for p in again)
+
+
 def test_population_has_a_real_hard_share_and_every_negative_type():
     survey = get_survey("des")
     from lens_assets.science.simulation import systems_for
