@@ -71,6 +71,10 @@ Shard levers (the physical population and member, the PSF matching changed):
   seeing at its 90th percentile, 1.45" for DES); bands already broader than a narrower target stay unmatched and
   flagged.
 
+Levers combine with ``+``: ``radial_residual+zoom=1.5`` trains with both, ``group=0.25+theta_e_balance=0.5`` on
+that population with that weighting. A combination holds at most one population lever, and no two parts may set
+the same option.
+
 ``--train-seed`` changes the members' initialization and batch order while the data stay those of ``--seed``.
 """
 
@@ -102,8 +106,42 @@ SHARD_LEVERS = ("psf_target=<arcsec>",)  # the physical population, other PSF-ma
 LO_LARGE = f"lensing_only_auroc_theta_e_{THETA_E_HALVES[1][0]}"
 
 
+def lever_parts(lever: str) -> list[str]:
+    """The levers a combined lever (``a+b``) is made of; a single lever is its own one part."""
+    parts = lever.split("+")
+    if any(not p for p in parts):
+        raise ValueError(f"lever {lever!r}: an empty part; combine levers as <lever>+<lever>")
+    return parts
+
+
+def is_population(lever: str) -> bool:
+    """Whether ``lever`` (one part) chooses the training population."""
+    return lever in LEVERS or lever.startswith(POPULATION_PREFIXES)
+
+
+def _merged(lever: str, overrides) -> dict:
+    """``overrides`` of every part of a combined ``lever`` in one config; a ``ValueError`` where two parts set the
+    same option."""
+    out: dict = {}
+    for part in lever_parts(lever):
+        got = overrides(part)
+        twice = sorted(set(got) & set(out))
+        if twice:
+            raise ValueError(f"lever {lever!r}: {twice} set by two of its parts")
+        out.update(got)
+    return out
+
+
+def unknown_parts(lever: str) -> list[str]:
+    """The parts of ``lever`` that are no lever at all."""
+    return [p for p in lever_parts(lever) if not is_population(p) and not training_overrides(p)
+            and not shard_overrides(p)]
+
+
 def shard_overrides(lever: str) -> dict:
     """``psf_matched_shards`` config of a shard lever (empty for the others)."""
+    if "+" in lever:
+        return _merged(lever, shard_overrides)
     if lever.startswith("psf_target="):
         return {"target_fwhm_arcsec": float(lever.split("=", 1)[1])}
     return {}
@@ -111,6 +149,8 @@ def shard_overrides(lever: str) -> dict:
 
 def training_overrides(lever: str) -> dict:
     """``lens_classifier`` config of a training lever (empty for a population lever)."""
+    if "+" in lever:
+        return _merged(lever, training_overrides)
     if lever == "film":
         return {"film": True}
     if lever in ("colour_residual", "colour_residual=1", "colour_residual=0"):
@@ -238,7 +278,13 @@ def population_edits(lever: str) -> list[tuple[str, str, str]]:
 
 def family_file(lever: str, out_dir: Path) -> str:
     """The family (name or TOML path) that trains the ``lever`` run; a written family is loaded first, so an edit
-    it refuses stops here."""
+    it refuses stops here. A combined lever trains on its population part's family (``physical`` without one)."""
+    if "+" in lever:
+        populations = [p for p in lever_parts(lever) if is_population(p)]
+        if len(populations) > 1:
+            raise ValueError(f"lever {lever!r}: more than one population lever ({populations}); combine one "
+                             "population with training or shard levers")
+        return family_file(populations[0], out_dir) if populations else "physical"
     if lever in ("physical", "baseline"):
         return lever
     if lever.startswith("train_family="):
@@ -336,13 +382,12 @@ def main(argv=None) -> list[dict]:
     args.members = args.members.split(",")
     args.heldout = [f for f in args.heldout.split(",") if f]
     levers = args.levers.split(",")
-    with tempfile.TemporaryDirectory() as tmp:  # every population lever's family is written and loaded
-        for lv in levers:
-            if lv.startswith(POPULATION_PREFIXES) or lv in LEVERS:  # a bad value stops here, before hours of runs
+    unknown = [p for lv in levers for p in unknown_parts(lv)]  # before hours of runs
+    if not unknown:
+        with tempfile.TemporaryDirectory() as tmp:  # every population's family is written and loaded, and every
+            for lv in levers:  # combination's options merged: a bad value or a clash stops here
                 family_file(lv, Path(tmp))
-    unknown = [lv for lv in levers if lv not in LEVERS
-               and not lv.startswith(POPULATION_PREFIXES)
-               and not training_overrides(lv) and not shard_overrides(lv)]  # before hours of runs
+                training_overrides(lv), shard_overrides(lv)
     if unknown:
         raise SystemExit(f"unknown lever(s) {unknown}; levers are "
                          f"{list(LEVERS) + list(VALUE_LEVERS) + list(TRAINING_LEVERS) + list(SHARD_LEVERS)}")

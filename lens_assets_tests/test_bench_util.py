@@ -64,6 +64,31 @@ def test_numeric_ablation_levers_are_checked_before_any_run(tmp_path):
         bench_ablation.main(["--levers", "physical,no_such_lever"])
 
 
+def test_levers_combine_with_a_plus_one_population_at_most_and_no_option_set_twice(tmp_path):
+    import pytest
+
+    import bench_ablation
+
+    from lens_assets.science.families import load_family
+
+    assert bench_ablation.training_overrides("radial_residual+zoom=1.5+colour_residual=0") == {
+        "radial_residual": True, "zoom_max": 1.5, "colour_residual": False}
+    assert bench_ablation.shard_overrides("psf_target=1.15+radial_residual") == {"target_fwhm_arcsec": 1.15}
+    assert bench_ablation.training_overrides("group=0.25+theta_e_balance=0.5") == {"theta_e_balance": 0.5}
+    assert bench_ablation.family_file("radial_residual+zoom=1.5", tmp_path) == "physical"
+    fam = load_family(bench_ablation.family_file("group=0.25+theta_e_balance=0.5", tmp_path))
+    assert fam.name == load_family(bench_ablation.family_file("group=0.25", tmp_path)).name == "physical_group0.25"
+    assert fam.sections["deflector"]["group_fraction"].params["value"] == 0.25
+    assert bench_ablation.lever_slug("radial_residual+zoom=1.5") == "radial_residual_zoom1.5"
+    for lever, what in (("zoom=1.5+zoom=2", r"\['zoom_max'\] set by two"),
+                        ("group=0.25+no_twins", "more than one population lever"),
+                        ("radial_residual+", "an empty part")):
+        with pytest.raises(ValueError, match=what):
+            bench_ablation.main(["--levers", f"physical,{lever}"])  # refused before any run
+    with pytest.raises(SystemExit, match=r"unknown lever\(s\) \['nope'\]"):
+        bench_ablation.main(["--levers", "radial_residual+nope"])
+
+
 def test_a_packaged_family_trains_a_run_as_other_draws_of_the_same_priors(tmp_path):
     import pytest
 
