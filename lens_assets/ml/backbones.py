@@ -41,6 +41,7 @@ BACKBONES = {
     "efficientnet_b0": _spec("efficientnet_b0", "cnn"),
     "mobilenetv3_small_100": _spec("mobilenetv3_small_100", "cnn"),
     "regnetx_002": _spec("regnetx_002", "cnn"),
+    "regnetx_004": _spec("regnetx_004", "cnn"),  # twice regnetx_002's width: the capacity step within its family
     # full resolution in its first stage (no strided stem): for low-resolution inputs such as cluster_track_b's
     # 40 px field overview at 1"/px, where a strided stem loses the arcs' few-pixel widths
     "compact_cnn": BackboneSpec("compact_cnn", "", "cnn"),
