@@ -67,6 +67,10 @@ class TrainConfig(dg.Config):
                                "(counted over resumed starts too); 0 for none: the epochs decide")
     weights_path: str = Field(default="", description="initial backbone weights, a file the training job can read "
                               "(state dict, safetensors or another member's checkpoint); '' for random weights")
+    cache_gb: float = Field(default=-1.0, description="memory (GB) for the training and validation rows kept "
+                            "decompressed after their first read, so later epochs do not decompress them again (the "
+                            "same arrays either way); negative: 0.4 of the memory available when training starts, "
+                            "0: off")
 
 
 def write_ensemble(storage: LocalStorage, survey: str, ensemble: dict):
@@ -193,6 +197,7 @@ def lens_classifier(context: dg.AssetExecutionContext, config: TrainConfig, stor
             f"{member}/weights_path": s.get("weights_path", ""),
             f"{member}/batch_size": s["batch_size"],
             f"{member}/peak_memory_mb": s["peak_memory_mb"],
+            f"{member}/cached_rows": int(s.get("cached_rows", 0)),
             f"{member}/val_auroc_by_epoch": dg.MetadataValue.json(s["val_auroc_by_epoch"]),
         })
     metadata["members"] = ",".join(config.members)

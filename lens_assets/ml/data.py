@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-__all__ = ["ShardDataset", "collate", "training_datasets", "balance_weights", "row_truth", "THETA_E_BALANCE_EDGES"]
+__all__ = ["ShardDataset", "collate", "training_datasets", "balance_weights", "row_truth", "THETA_E_BALANCE_EDGES",
+           "available_memory_bytes"]
 
 # log-spaced bins of the scene's Einstein radius (arcsec) for ``balance_weights``; values beyond fall in the end bins
 THETA_E_BALANCE_EDGES = tuple(float(x) for x in np.geomspace(0.3, 3.0, 11))
@@ -30,9 +31,13 @@ class ShardDataset:
     FiLM member is conditioned on (with the noise level from ``variance``).
 
     ``objids`` (optional) restricts and orders the rows, e.g. one split.
+
+    ``cache_bytes`` > 0 keeps the decompressed images and variances of the first rows that fit in that many bytes
+    in memory once read, so that later epochs copy them instead of decompressing them again (the same arrays
+    either way). A copy sent to a loader worker process streams (its cache would be one more per worker).
     """
 
-    def __init__(self, shard_dir: str | Path, objids=None):
+    def __init__(self, shard_dir: str | Path, objids=None, *, cache_bytes: int = 0):
         self.shard_dir = Path(shard_dir)
         from lens_assets.science.shards import ROWS_FILE
 
@@ -45,6 +50,8 @@ class ShardDataset:
         self.shard = rows["shard"].map(shard_no).to_numpy()
         self.index = rows["index"].to_numpy()
         self._files = None
+        self.cache_bytes = int(cache_bytes)
+        self._cache = None  # (images, variance, filled) for the first rows, made at the first read
 
     def __len__(self) -> int:
         return len(self.objid)
@@ -61,6 +68,15 @@ class ShardDataset:
             self._arrays = [(f["images"], f["variance"]) for f in self._files]
         return self._files
 
+    @property
+    def cached_rows(self) -> int:
+        """Rows held in memory now (0 without a cache)."""
+        return int(self._cache[2].sum()) if self._cache is not None else 0
+
+    def row_bytes(self) -> int:
+        """Bytes of one row's image and variance in memory (float32)."""
+        return 2 * 4 * int(np.prod(self._open()[0]["images"].shape[1:]))
+
     def __getitems__(self, rows: list[int]) -> dict:
         f0 = self._open()[0]
         rows = np.asarray(rows)
@@ -70,6 +86,45 @@ class ShardDataset:
                "label": np.empty(n, np.float32), "label_confidence": np.empty(n, np.float32),
                "fwhm_before": np.empty((n, f0["images"].shape[1]), np.float32),
                "band_flags": np.empty((n, f0["images"].shape[1]), np.int32)}
+        if self.cache_bytes > 0:
+            self._cached_arrays(rows, out["image"], out["variance"])
+        else:
+            self._read_arrays(rows, out["image"], out["variance"])
+        shard, index = self.shard[rows], self.index[rows]
+        for s in np.unique(shard):
+            m = shard == s
+            out["label"][m] = self._labels[s][0][index[m]]
+            out["label_confidence"][m] = self._labels[s][1][index[m]]
+            out["fwhm_before"][m] = self._conditions[s][0][index[m]]
+            out["band_flags"][m] = self._conditions[s][1][index[m]]
+        return out
+
+    def _cached_arrays(self, rows: np.ndarray, image_out: np.ndarray, variance_out: np.ndarray) -> None:
+        """Images and variances of ``rows`` into the outputs: from the cache where it holds them, else read (and
+        kept when the row has a place in the cache)."""
+        if self._cache is None:
+            n = int(min(len(self), self.cache_bytes // self.row_bytes()))
+            shape = image_out.shape[1:]
+            self._cache = (np.empty((n, *shape), np.float32), np.empty((n, *shape), np.float32), np.zeros(n, bool))
+        images, variance, filled = self._cache
+        placed = rows < len(filled)
+        hit = placed.copy()
+        hit[placed] = filled[rows[placed]]
+        if (~hit).any():
+            miss = np.flatnonzero(~hit)
+            got_image = np.empty((len(miss), *image_out.shape[1:]), np.float32)
+            got_variance = np.empty_like(got_image)
+            self._read_arrays(rows[miss], got_image, got_variance)
+            image_out[miss], variance_out[miss] = got_image, got_variance
+            keep = placed[miss]
+            images[rows[miss][keep]], variance[rows[miss][keep]] = got_image[keep], got_variance[keep]
+            filled[rows[miss][keep]] = True
+        if hit.any():
+            image_out[hit], variance_out[hit] = images[rows[hit]], variance[rows[hit]]
+
+    def _read_arrays(self, rows: np.ndarray, image_out: np.ndarray, variance_out: np.ndarray) -> None:
+        """Images and variances of ``rows`` from the shards into the outputs."""
+        n = len(rows)
         shard, index = self.shard[rows], self.index[rows]
         order = np.lexsort((index, shard))  # read each shard front to back
         # read_direct of contiguous runs: h5py's fancy indexing builds a point selection and is ~15x slower
@@ -84,19 +139,12 @@ class ShardDataset:
             src = np.s_[first:first + end - start]
             if end - start == 1 or (np.diff(dest) == 1).all():
                 sl = np.s_[dest[0]:dest[0] + len(dest)]
-                images.read_direct(out["image"], src, sl)
-                variance.read_direct(out["variance"], src, sl)
+                images.read_direct(image_out, src, sl)
+                variance.read_direct(variance_out, src, sl)
             else:
-                out["image"][dest] = images[src]
-                out["variance"][dest] = variance[src]
+                image_out[dest] = images[src]
+                variance_out[dest] = variance[src]
             start = end
-        for s in np.unique(shard):
-            m = shard == s
-            out["label"][m] = self._labels[s][0][index[m]]
-            out["label_confidence"][m] = self._labels[s][1][index[m]]
-            out["fwhm_before"][m] = self._conditions[s][0][index[m]]
-            out["band_flags"][m] = self._conditions[s][1][index[m]]
-        return out
 
     def __getitem__(self, row: int) -> dict:
         return {k: v[0] for k, v in self.__getitems__([row]).items()}
@@ -104,6 +152,7 @@ class ShardDataset:
     def __getstate__(self):  # file handles do not cross process boundaries
         state = dict(self.__dict__)
         state["_files"] = None
+        state["_cache"], state["cache_bytes"] = None, 0  # a worker streams: no cache per worker process
         state.pop("_labels", None)
         state.pop("_arrays", None)
         state.pop("_conditions", None)
@@ -117,13 +166,16 @@ def collate(batch: dict):
     return {k: torch.from_numpy(v) for k, v in batch.items()}
 
 
-def training_datasets(shard_dir: str | Path, splits_path: str | Path) -> dict:
+def training_datasets(shard_dir: str | Path, splits_path: str | Path, *, cache_bytes: int = 0) -> dict:
     """``{"train": ..., "val": ...}`` ShardDatasets: the train split, and the rows of the val split whose
     ``val_role`` is ``stop`` (what early stopping and checkpoint choice see; the ``calibrate`` rows are kept
     out so the calibrator is fit on rows the model was not selected on).
 
     An empty train split or stop half is a ``ValueError`` naming the file; a stop half without lenses or
     without non-lenses is a warning (validation AUROC is then undefined and reads 0.5).
+
+    ``cache_bytes``: memory for decompressed rows (:class:`ShardDataset`), the train split's first, what it leaves
+    to the stop half.
     """
     import logging
 
@@ -141,7 +193,25 @@ def training_datasets(shard_dir: str | Path, splits_path: str | Path) -> dict:
         require_both_labels(splits.loc[rows["val"], "label"], what=f"{splits_path}: the val split's stop half")
     except ValueError as err:
         logging.getLogger(__name__).warning(f"{err}; early stopping and checkpoint choice see a constant AUROC")
-    return {name: ShardDataset(shard_dir, objids=splits.loc[mask, "objid"]) for name, mask in rows.items()}
+    data = {name: ShardDataset(shard_dir, objids=splits.loc[mask, "objid"]) for name, mask in rows.items()}
+    if cache_bytes > 0:
+        data["train"].cache_bytes = int(cache_bytes)
+        data["val"].cache_bytes = max(0, int(cache_bytes) - len(data["train"]) * data["train"].row_bytes())
+    return data
+
+
+def available_memory_bytes() -> int:
+    """Memory the system can give without swapping (``MemAvailable`` of /proc/meminfo; elsewhere the free pages)."""
+    import os
+
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def balance_weights(values, alpha: float, *, edges=THETA_E_BALANCE_EDGES, max_ratio: float = 10.0) -> np.ndarray:

@@ -54,6 +54,9 @@ class TrainSettings:
     weight_decay: float = 0.05
     seed: int = 0
     num_workers: int = 0
+    # memory (GB) for the decompressed training and stop-half rows after their first read; negative: auto (0.4 of
+    # the memory available when training starts), 0: off. The same arrays either way; off with loader workers
+    cache_gb: float = -1.0
     patience: int = 5
     augment: bool = True
     accelerator: str = "auto"
@@ -104,12 +107,27 @@ def _matched_psf_fwhm_px(shard_dir: Path, survey: str) -> float:
     return float(read_manifest(shard_dir)["settings"]["target_fwhm_arcsec"]) / get_survey(survey).pixel_scale_arcsec
 
 
+AUTO_CACHE_SHARE = 0.4  # of the available memory, for cache_gb < 0
+
+
+def cache_bytes(s: TrainSettings) -> int:
+    """Bytes for decompressed rows (``ml.data.ShardDataset``): ``cache_gb``, or with a negative one
+    :data:`AUTO_CACHE_SHARE` of the memory available now; 0 with loader workers (each would hold its own)."""
+    if s.num_workers > 0 or s.cache_gb == 0:
+        return 0
+    if s.cache_gb > 0:
+        return int(s.cache_gb * 1e9)
+    from .data import available_memory_bytes
+
+    return int(AUTO_CACHE_SHARE * available_memory_bytes())
+
+
 def _loaders(shard_dir: Path, splits_path: Path, s: TrainSettings, batch_size: int):
     import torch
 
     from .data import collate, training_datasets
 
-    data = training_datasets(shard_dir, splits_path)
+    data = training_datasets(shard_dir, splits_path, cache_bytes=cache_bytes(s))
     if s.fresh_fraction > 0:
         from lens_assets.science.shards import read_manifest
 
@@ -271,6 +289,8 @@ def train(shard_dir: str | Path, splits_path: str | Path, out_dir: str | Path, s
         "n_fresh": int(getattr(train_ds, "n_fresh", 0)),  # drawn in this process (0 with loader workers)
         "weights_path": settings.weights_path,
         "train_img_per_s": len(train_ds) * epochs_now / seconds if seconds > 0 else 0.0,
+        # rows kept decompressed in memory after their first read (cache_gb), train split and stop half
+        "cached_rows": sum(getattr(getattr(d, "base", d), "cached_rows", 0) for d in (train_ds, val_loader.dataset)),
         "peak_memory_mb": (torch.cuda.max_memory_allocated() / 2**20 if gpu
                            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "val_auroc_by_epoch": _val_auroc_by_epoch(out_dir / "logs"),
@@ -282,7 +302,7 @@ def train(shard_dir: str | Path, splits_path: str | Path, out_dir: str | Path, s
 # settings that change what is trained (not how long, how fast or how verbosely): a run may be extended
 # max_batch_size only caps the GPU batch size, which the memory probe picks from the free memory at each start
 _FINGERPRINT_EXCLUDES = ("num_workers", "progress", "accelerator", "epochs", "patience", "max_batch_size",
-                         "max_minutes")
+                         "max_minutes", "cache_gb")
 
 
 def run_fingerprint(shard_dir: Path, splits_path: Path, settings: TrainSettings) -> str:

@@ -77,6 +77,37 @@ def test_conditions_keep_every_band_flag_bit(shard_dir, tmp_path):
     np.testing.assert_array_equal(batch["fwhm_before"][0], fwhm)
 
 
+def test_a_cache_returns_the_same_arrays_and_reads_each_cached_row_once(shard_dir, monkeypatch):
+    import pickle
+
+    plain = ShardDataset(shard_dir)
+    ds = ShardDataset(shard_dir, cache_bytes=12 * plain.row_bytes() + 1)  # room for the first 12 of 20 rows
+    assert plain.row_bytes() == 2 * 4 * 5 * 48 * 48 and ds.cached_rows == 0
+    read = []
+    original = ShardDataset._read_arrays
+
+    def counting(self, rows, image_out, variance_out):
+        if self is ds:
+            read.extend(int(r) for r in rows)
+        return original(self, rows, image_out, variance_out)
+
+    monkeypatch.setattr(ShardDataset, "_read_arrays", counting)
+    batches = [[19, 3, 8, 3, 4, 0, 13, 5], [3, 8, 19, 11, 12], list(range(20))[::-1], [0, 19, 5]]
+    for rows in batches:
+        got, want = ds.__getitems__(rows), plain.__getitems__(rows)
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key])
+    asked = [r for rows in batches for r in rows]
+    # every row below 12 was read from the shards once (3 twice: it came twice in the batch that first asked for
+    # it); every row from 12 on was read as often as it was asked for
+    assert sorted(r for r in read if r < 12) == sorted([*range(12), 3])
+    assert sorted(r for r in read if r >= 12) == sorted(r for r in asked if r >= 12)
+    assert ds.cached_rows == 12
+    copy = pickle.loads(pickle.dumps(ds))  # a loader worker's copy streams
+    assert copy.cache_bytes == 0 and copy.cached_rows == 0
+    np.testing.assert_array_equal(copy.__getitems__([4])["image"], plain.__getitems__([4])["image"])
+
+
 def _splits_table(shard_dir, labels):
     """20 rows: 8 train, 8 val (4 sky groups in each half, a lens and a non-lens in each), 4 test."""
     import pandas as pd

@@ -140,6 +140,30 @@ def test_training_writes_checkpoints_logs_and_resumes_after_an_interruption(data
     assert third["val_auroc_by_epoch"] == second["val_auroc_by_epoch"]
 
 
+def test_the_row_cache_trains_the_same_weights_and_gives_the_stop_half_what_the_train_split_leaves(data, tmp_path):
+    from lens_assets.ml.data import ShardDataset
+    from lens_assets.ml.train import cache_bytes
+
+    base = dict(backbone="resnet10t", epochs=2, batch_size=8, progress=False, patience=10)
+    runs = {gb: train(data / "shards", data / "splits.parquet", tmp_path / f"run{gb}",
+                      TrainSettings(**base, cache_gb=gb)) for gb in (0.0, 1.0)}
+    assert runs[0.0]["cached_rows"] == 0
+    assert runs[1.0]["cached_rows"] == runs[1.0]["n_train"] + runs[1.0]["n_val_stop"]
+    weights = [torch.load(tmp_path / f"run{gb}" / "last.ckpt", weights_only=True)["state_dict"] for gb in (0.0, 1.0)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    fingerprints = {json.loads((tmp_path / f"run{gb}" / "run.json").read_text())["fingerprint"] for gb in (0.0, 1.0)}
+    assert len(fingerprints) == 1  # how the rows are read is not what is trained: either may resume the other
+    # a budget of the train split alone leaves nothing to the stop half
+    row = ShardDataset(data / "shards").row_bytes()
+    n_train = runs[1.0]["n_train"]
+    only = train(data / "shards", data / "splits.parquet", tmp_path / "only",
+                 TrainSettings(**base, cache_gb=n_train * row / 1e9))
+    assert only["cached_rows"] == n_train
+    assert cache_bytes(TrainSettings(cache_gb=2.0, num_workers=2)) == 0  # each worker would hold its own
+    assert cache_bytes(TrainSettings(cache_gb=-1.0)) > 0
+
+
 def test_last_checkpoint_is_written_every_epoch_even_when_validation_does_not_improve(data, tmp_path):
     """lr = 0: only batch-norm statistics move, and validation AUROC stops improving (here it reaches 1.0 at
     epoch 1 and stays). last.ckpt must still be each epoch's (a retry resumes where the kill happened);
