@@ -1,6 +1,6 @@
 """Training and scoring throughput per ensemble member, against the bare model on the same batches.
 
-    python benchmarks/bench_training.py [--rows 2048] [--members resnet10t,vit_tiny_p8]
+    python benchmarks/bench_training.py [--rows 2048] [--members regnetx_002,resnet10t] [--cache-epochs 3]
 
 Per member, on this machine (GPU when torch sees one, else CPU):
 
@@ -9,6 +9,9 @@ Per member, on this machine (GPU when torch sees one, else CPU):
 2. ``train()`` for one epoch (Lightning, shard loader, photometry-preserving
    augmentation, validation, checkpoints): img/s and its ratio to the bare step.
 3. Data loader headroom: loader samples/s (0 and 2 workers) over the training img/s.
+3b. ``train()`` for ``--cache-epochs`` epochs with the row cache (``cache_gb``, auto) and without (0), alternating
+   for ``--cache-rounds`` rounds: the median img/s of each and their ratio (every epoch after the first copies
+   its rows from memory instead of decompressing them).
 4. Scoring: ``member_logits`` over every row (reading shards, asinh scaling,
    batches of 256) against the raw ``model.net`` forward on the same rows
    already in memory as one preloaded tensor per batch.
@@ -17,6 +20,7 @@ Per member, on this machine (GPU when torch sees one, else CPU):
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -106,7 +110,9 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=2048, help="training rows (cycling over --files simulated files)")
     ap.add_argument("--files", type=int, default=512)
-    ap.add_argument("--members", default="resnet10t,vit_tiny_p8")
+    ap.add_argument("--members", default="regnetx_002")
+    ap.add_argument("--cache-epochs", type=int, default=3, help="epochs of each run with and without the row cache")
+    ap.add_argument("--cache-rounds", type=int, default=2, help="alternating runs with and without it (median)")
     args = ap.parse_args(argv)
     device = default_device()
     torch.set_num_threads(cores())
@@ -135,6 +141,16 @@ def main(argv=None) -> dict:
                    "params": sum(p.numel() for p in create_backbone(name, in_chans=SURVEY.n_bands,
                                                                     img_size=SURVEY.cutout_size_px).parameters()),
                    **scoring_rates(Path(s["best_checkpoint"]), shard_dir, device)}
+            runs = {0.0: [], -1.0: []}
+            for r in range(args.cache_rounds):
+                for gb in runs:  # without, then with: alternating, so the machine's load falls on both alike
+                    runs[gb].append(train(shard_dir, root / "splits.parquet", root / "runs" / f"{name}-{gb}-{r}",
+                                          TrainSettings(backbone=name, epochs=args.cache_epochs, batch_size=64,
+                                                        progress=False, cache_gb=gb)))
+            rec["train_img_per_s_no_cache"] = statistics.median(x["train_img_per_s"] for x in runs[0.0])
+            rec["train_img_per_s_cache"] = statistics.median(x["train_img_per_s"] for x in runs[-1.0])
+            rec["cache_speedup"] = rec["train_img_per_s_cache"] / rec["train_img_per_s_no_cache"]
+            rec["cached_rows"] = runs[-1.0][0]["cached_rows"]
             out["members"][name] = rec
     out["loader_img_per_s"] = loader
     rows_out = [("device", f"{device} ({cores()} cores), DES 5x64x64, {args.rows} rows ({n_train} train)"),
@@ -146,6 +162,9 @@ def main(argv=None) -> dict:
             (f"{name} train()", f"{r['train_img_per_s']:.0f} img/s = {r['train_vs_bare']:.2f}x bare "
                                 "(Lightning + loader + augmentation + validation)"),
             (f"{name} loader headroom", f"{r['loader_headroom']:.1f}x its training rate (target >= 5x)"),
+            (f"{name} row cache", f"{r['train_img_per_s_cache']:.0f} img/s with, {r['train_img_per_s_no_cache']:.0f} "
+                                  f"without -> {r['cache_speedup']:.2f}x over {args.cache_epochs} epochs "
+                                  f"({r['cached_rows']} rows cached; medians of {args.cache_rounds} alternating runs)"),
             (f"{name} scoring", f"{r['score_img_per_s']:.0f} img/s vs raw forward {r['raw_forward_img_per_s']:.0f} "
                                 f"img/s -> {r['ratio']:.2f}x (max |logit diff| {r['max_abs_logit_diff']:.1e})"),
         ]
