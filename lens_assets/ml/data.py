@@ -200,18 +200,35 @@ def training_datasets(shard_dir: str | Path, splits_path: str | Path, *, cache_b
     return data
 
 
-def available_memory_bytes() -> int:
-    """Memory the system can give without swapping (``MemAvailable`` of /proc/meminfo; elsewhere the free pages)."""
+CGROUP_MEMORY = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2
+                 ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"))
+
+
+def available_memory_bytes(*, meminfo: str = "/proc/meminfo", cgroups=CGROUP_MEMORY) -> int:
+    """Memory this process can still take without swapping or being killed: the system's ``MemAvailable`` (elsewhere
+    its free pages), or less where a container's memory limit (cgroup v2 or v1) leaves less above its usage; a
+    container sees the host's /proc/meminfo, so the limit is what keeps an ECS task from being killed."""
     import os
 
+    free = None
     try:
-        with open("/proc/meminfo") as f:
+        with open(meminfo) as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    free = int(line.split()[1]) * 1024
     except OSError:
         pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if free is None:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    for limit_file, usage_file in cgroups:
+        try:
+            limit, usage = (Path(p).read_text().strip() for p in (limit_file, usage_file))
+        except OSError:
+            continue
+        if limit.isdigit() and usage.isdigit():  # "max" (v2) or a huge number (v1) when there is no limit
+            free = min(free, max(0, int(limit) - int(usage)))
+        break
+    return free
 
 
 def balance_weights(values, alpha: float, *, edges=THETA_E_BALANCE_EDGES, max_ratio: float = 10.0) -> np.ndarray:

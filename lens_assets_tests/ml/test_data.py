@@ -183,3 +183,26 @@ def test_row_truth_is_the_catalogs_scene_theta_e_in_the_order_asked(tmp_path):
     assert np.allclose(got[lens], catalog.set_index("objid").loc[objids, "theta_e"].to_numpy()[lens], atol=1e-5)
     assert np.isnan(got[~lens]).all()
     assert np.isnan(row_truth(shard_dir, objids, "no_such_column")).all()
+
+
+def test_available_memory_is_meminfo_or_less_where_a_container_limit_leaves_less(tmp_path):
+    from lens_assets.ml.data import available_memory_bytes
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       32000000 kB\nMemFree:         1000000 kB\nMemAvailable:   20000000 kB\n")
+    v2 = (tmp_path / "memory.max", tmp_path / "memory.current")
+    v1 = (tmp_path / "limit_in_bytes", tmp_path / "usage_in_bytes")
+    cgroups = ((str(v2[0]), str(v2[1])), (str(v1[0]), str(v1[1])))
+    assert available_memory_bytes(meminfo=str(meminfo), cgroups=cgroups) == 20000000 * 1024  # no cgroup files
+    v2[0].write_text("max\n")
+    v2[1].write_text("123\n")
+    assert available_memory_bytes(meminfo=str(meminfo), cgroups=cgroups) == 20000000 * 1024  # v2 without a limit
+    v2[0].write_text(f"{8 * 2**30}\n")
+    v2[1].write_text(f"{3 * 2**30}\n")
+    assert available_memory_bytes(meminfo=str(meminfo), cgroups=cgroups) == 5 * 2**30  # the task's limit decides
+    v2[0].unlink()
+    v1[0].write_text(f"{2**40}\n")  # v1 far above the host: meminfo decides
+    v1[1].write_text(f"{2**30}\n")
+    assert available_memory_bytes(meminfo=str(meminfo), cgroups=cgroups) == 20000000 * 1024
+    v1[0].write_text(f"{2**30}\n")  # usage at the limit: nothing to cache
+    assert available_memory_bytes(meminfo=str(meminfo), cgroups=cgroups) == 0
