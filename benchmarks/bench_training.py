@@ -124,9 +124,11 @@ def main(argv=None) -> dict:
         res = ingest_files(find_fits(root / "raw" / SURVEY.name), SURVEY, root=root, workers=0, progress=False)
         res.catalog.to_parquet(root / "catalog.parquet")
         shard_dir = replicated_shards(root, args.rows)
-        rows = pd.read_parquet(shard_dir / "rows.parquet", columns=["objid"])
+        rows = pd.read_parquet(shard_dir / "rows.parquet", columns=["objid", "label"])
         rng = np.random.default_rng(0)
         rows["split"] = np.where(rng.uniform(size=len(rows)) < 0.9, "train", "val")
+        rows["sky_group"] = np.arange(len(rows))
+        rows["val_role"] = np.where(rows["split"] == "val", "stop", "")  # every val row selects the checkpoint
         rows.to_parquet(root / "splits.parquet")
         n_train = int((rows["split"] == "train").sum())
         loader = loader_rates(shard_dir)
