@@ -661,7 +661,7 @@ def train_mil(settings: MILSettings, *, bags: BagSet | str | Path, table: pd.Dat
 
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
-    from .precision import available_cores, resolve_precision
+    from .precision import available_cores, fit_in_run_folder, resolve_precision
 
     bags = read_bag_cache(bags) if not isinstance(bags, BagSet) else bags
     missing = [c for c in ("objid", label_column, "split", "val_role") if c not in table.columns]
@@ -703,7 +703,7 @@ def train_mil(settings: MILSettings, *, bags: BagSet | str | Path, table: pd.Dat
         enable_model_summary=False,
         callbacks=[best, EarlyStopping(monitor="val_auroc", mode="max", patience=settings.patience)])
     t0 = time.perf_counter()
-    trainer.fit(model, train_loader, val_loader)
+    fit_in_run_folder(trainer, model, train_loader, val_loader)
     seconds = time.perf_counter() - t0
     step_s = model.train_step_seconds
     summary = {

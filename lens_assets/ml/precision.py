@@ -13,7 +13,8 @@ from __future__ import annotations
 import functools
 import os
 
-__all__ = ["PRECISIONS", "cpu_bf16_supported", "cpu_flags", "resolve_precision", "available_cores", "bf16_autocast"]
+__all__ = ["PRECISIONS", "cpu_bf16_supported", "cpu_flags", "resolve_precision", "available_cores", "bf16_autocast",
+           "fit_in_run_folder"]
 
 PRECISIONS = ("auto", "bf16-mixed", "32-true")
 
@@ -75,3 +76,16 @@ def bf16_autocast(device: str, precision: str = "auto"):
     if resolve_precision(precision, gpu=gpu) != "bf16-mixed":
         return contextlib.nullcontext()
     return torch.autocast("cuda" if gpu else "cpu", dtype=torch.bfloat16)
+
+
+def fit_in_run_folder(trainer, *args, **kwargs):
+    """``trainer.fit(*args, **kwargs)`` without Lightning's warning that the checkpoint folder is not empty.
+
+    Both trainers checkpoint into the folder of their run, which holds the run's other files before the first
+    checkpoint (``run.json`` and the logs; a cluster run's bag cache and tables) and the last checkpoint when a run
+    resumes: by design, so the warning says nothing wrong. Only that warning is filtered, only around the fit."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+        return trainer.fit(*args, **kwargs)

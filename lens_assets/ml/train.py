@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -177,7 +176,7 @@ def train(shard_dir: str | Path, splits_path: str | Path, out_dir: str | Path, s
 
     from .fresh import FreshEpoch
     from .module import LensClassifier
-    from .precision import available_cores, resolve_precision
+    from .precision import available_cores, fit_in_run_folder, resolve_precision
 
     class _AfterEpoch(L.Callback):
         """Calls ``fn`` when an epoch after this start's first begins: Lightning saves checkpoints after its
@@ -257,11 +256,7 @@ def train(shard_dir: str | Path, splits_path: str | Path, out_dir: str | Path, s
     else:
         if hasattr(train_ds, "set_epoch"):  # a resumed run's loader workers copy the dataset before any epoch hook
             train_ds.set_epoch(start_epoch)
-        with warnings.catch_warnings():
-            # out_dir holds run.json and the logs before the first checkpoint, and last.ckpt on a resume, by
-            # design: Lightning's "Checkpoint directory ... exists and is not empty" says nothing wrong here
-            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-            trainer.fit(model, train_loader, val_loader, ckpt_path=str(last) if last.exists() else None)
+        fit_in_run_folder(trainer, model, train_loader, val_loader, ckpt_path=str(last) if last.exists() else None)
         best_path, best_score = checkpoint.best_model_path, checkpoint.best_model_score
         epochs_done, global_step = int(trainer.current_epoch), int(trainer.global_step)
     seconds = time.perf_counter() - t0
