@@ -69,8 +69,8 @@ class TrainConfig(dg.Config):
                               "(state dict, safetensors or another member's checkpoint); '' for random weights")
     cache_gb: float = Field(default=-1.0, description="memory (GB) for the training and validation rows kept "
                             "decompressed after their first read, so later epochs do not decompress them again (the "
-                            "same arrays either way); negative: 0.4 of the memory available when training starts, "
-                            "0: off")
+                            "same arrays either way); negative: 0.4 of the memory available when training starts "
+                            "(per training process: jobs started together on one host each take it), 0: off")
 
 
 def write_ensemble(storage: LocalStorage, survey: str, ensemble: dict):

@@ -107,7 +107,7 @@ class ShardDataset:
             shape = image_out.shape[1:]
             self._cache = (np.empty((n, *shape), np.float32), np.empty((n, *shape), np.float32), np.zeros(n, bool))
         images, variance, filled = self._cache
-        placed = rows < len(filled)
+        placed = (rows >= 0) & (rows < len(filled))  # a negative index reads, but never takes another row's place
         hit = placed.copy()
         hit[placed] = filled[rows[placed]]
         if (~hit).any():
@@ -200,14 +200,13 @@ def training_datasets(shard_dir: str | Path, splits_path: str | Path, *, cache_b
     return data
 
 
-CGROUP_MEMORY = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2
-                 ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"))
-
-
-def available_memory_bytes(*, meminfo: str = "/proc/meminfo", cgroups=CGROUP_MEMORY) -> int:
-    """Memory this process can still take without swapping or being killed: the system's ``MemAvailable`` (elsewhere
-    its free pages), or less where a container's memory limit (cgroup v2 or v1) leaves less above its usage; a
-    container sees the host's /proc/meminfo, so the limit is what keeps an ECS task from being killed."""
+def available_memory_bytes(*, meminfo: str = "/proc/meminfo", cgroup_root: str = "/sys/fs/cgroup",
+                           proc_cgroup: str = "/proc/self/cgroup") -> int:
+    """Memory this process can still take without swapping or being killed: the system's ``MemAvailable``, or
+    less where its memory cgroup (v2 or v1, its own limit or an ancestor's) leaves less below the limit. A container
+    or an ECS task sees the host's /proc/meminfo, so the limit is what keeps its job from being killed; reclaimable
+    file cache (``inactive_file``, e.g. shards just copied from S3) is not counted as used. 0 where neither can be
+    read (no cache rather than a guess)."""
     import os
 
     free = None
@@ -219,16 +218,66 @@ def available_memory_bytes(*, meminfo: str = "/proc/meminfo", cgroups=CGROUP_MEM
     except OSError:
         pass
     if free is None:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    for limit_file, usage_file in cgroups:
         try:
-            limit, usage = (Path(p).read_text().strip() for p in (limit_file, usage_file))
-        except OSError:
-            continue
-        if limit.isdigit() and usage.isdigit():  # "max" (v2) or a huge number (v1) when there is no limit
-            free = min(free, max(0, int(limit) - int(usage)))
-        break
-    return free
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):  # macOS has no SC_AVPHYS_PAGES
+            return 0
+    room = _cgroup_room(Path(cgroup_root), Path(proc_cgroup))
+    return free if room is None else min(free, room)
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # "max": no limit
+
+
+def _read_stat(path: Path) -> dict:
+    try:
+        return {k: int(v) for k, v in (line.split() for line in path.read_text().splitlines() if line.strip())}
+    except (OSError, ValueError):
+        return {}
+
+
+def _cgroup_room(root: Path, proc_cgroup: Path) -> int | None:
+    """Bytes the process's memory cgroup leaves below the tightest limit on it or its ancestors, its reclaimable
+    file cache not counted as used; None without a limit or without a cgroup to read."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        lines = []
+    paths = {}
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) == 3:
+            if parts[1] == "":
+                paths["v2"] = parts[2]
+            elif "memory" in parts[1].split(","):
+                paths["v1"] = parts[2]
+    rooms = []
+    if (root / "cgroup.controllers").exists():  # cgroup v2: the group's files and its ancestors', up to the mount
+        group = root / paths.get("v2", "/").lstrip("/")
+        group = group if group.is_dir() else root  # a namespaced view: the mount is the group
+        while True:
+            limit, usage = _read_int(group / "memory.max"), _read_int(group / "memory.current")
+            if limit is not None and usage is not None:
+                cache = _read_stat(group / "memory.stat").get("inactive_file", 0)
+                rooms.append(max(0, limit - max(0, usage - cache)))
+            if group == root or root not in group.parents:
+                break
+            group = group.parent
+    else:  # cgroup v1: memory.stat's hierarchical limit counts the ancestors
+        base = root / "memory"
+        group = base / paths.get("v1", "/").lstrip("/")
+        group = group if (group / "memory.stat").exists() else base
+        stat = _read_stat(group / "memory.stat")
+        limit = stat.get("hierarchical_memory_limit", _read_int(group / "memory.limit_in_bytes"))
+        usage = _read_int(group / "memory.usage_in_bytes")
+        if limit is not None and usage is not None:
+            rooms.append(max(0, limit - max(0, usage - stat.get("total_inactive_file", 0))))
+    return min(rooms) if rooms else None
 
 
 def balance_weights(values, alpha: float, *, edges=THETA_E_BALANCE_EDGES, max_ratio: float = 10.0) -> np.ndarray:

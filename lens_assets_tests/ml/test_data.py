@@ -103,6 +103,9 @@ def test_a_cache_returns_the_same_arrays_and_reads_each_cached_row_once(shard_di
     assert sorted(r for r in read if r < 12) == sorted([*range(12), 3])
     assert sorted(r for r in read if r >= 12) == sorted(r for r in asked if r >= 12)
     assert ds.cached_rows == 12
+    ds._cache[2][11] = False  # a negative index must neither take nor read row 11's place (the last slot)
+    np.testing.assert_array_equal(ds[-1]["image"], plain[19]["image"])
+    assert not ds._cache[2][11]
     copy = pickle.loads(pickle.dumps(ds))  # a loader worker's copy streams
     assert copy.cache_bytes == 0 and copy.cached_rows == 0
     np.testing.assert_array_equal(copy.__getitems__([4])["image"], plain.__getitems__([4])["image"])
@@ -185,24 +188,47 @@ def test_row_truth_is_the_catalogs_scene_theta_e_in_the_order_asked(tmp_path):
     assert np.isnan(row_truth(shard_dir, objids, "no_such_column")).all()
 
 
-def test_available_memory_is_meminfo_or_less_where_a_container_limit_leaves_less(tmp_path):
+def test_available_memory_is_meminfo_or_less_where_a_cgroup_limit_leaves_less(tmp_path):
     from lens_assets.ml.data import available_memory_bytes
 
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       32000000 kB\nMemFree:         1000000 kB\nMemAvailable:   20000000 kB\n")
-    v2 = (tmp_path / "memory.max", tmp_path / "memory.current")
-    v1 = (tmp_path / "limit_in_bytes", tmp_path / "usage_in_bytes")
-    cgroups = ((str(v2[0]), str(v2[1])), (str(v1[0]), str(v1[1])))
-    assert available_memory_bytes(meminfo=str(meminfo), cgroups=cgroups) == 20000000 * 1024  # no cgroup files
-    v2[0].write_text("max\n")
-    v2[1].write_text("123\n")
-    assert available_memory_bytes(meminfo=str(meminfo), cgroups=cgroups) == 20000000 * 1024  # v2 without a limit
-    v2[0].write_text(f"{8 * 2**30}\n")
-    v2[1].write_text(f"{3 * 2**30}\n")
-    assert available_memory_bytes(meminfo=str(meminfo), cgroups=cgroups) == 5 * 2**30  # the task's limit decides
-    v2[0].unlink()
-    v1[0].write_text(f"{2**40}\n")  # v1 far above the host: meminfo decides
-    v1[1].write_text(f"{2**30}\n")
-    assert available_memory_bytes(meminfo=str(meminfo), cgroups=cgroups) == 20000000 * 1024
-    v1[0].write_text(f"{2**30}\n")  # usage at the limit: nothing to cache
-    assert available_memory_bytes(meminfo=str(meminfo), cgroups=cgroups) == 0
+    host = 20000000 * 1024
+    proc = tmp_path / "cgroup"
+    GiB = 2**30
+
+    def avail(root):
+        return available_memory_bytes(meminfo=str(meminfo), cgroup_root=str(root), proc_cgroup=str(proc))
+
+    assert avail(tmp_path / "none") == host  # no cgroup files: meminfo decides
+    # cgroup v2: the process's group has no limit, its parent (an ECS task, a systemd slice) has 8 GiB
+    v2 = tmp_path / "v2"
+    group = v2 / "task" / "container"
+    group.mkdir(parents=True)
+    (v2 / "cgroup.controllers").write_text("memory\n")
+    proc.write_text("0::/task/container\n")
+    for d, limit, usage, inactive in ((v2, "max", 9 * GiB, 0), (v2 / "task", str(8 * GiB), 5 * GiB, GiB),
+                                      (group, "max", 5 * GiB, GiB)):
+        (d / "memory.max").write_text(limit + "\n")
+        (d / "memory.current").write_text(f"{usage}\n")
+        (d / "memory.stat").write_text(f"anon 123\ninactive_file {inactive}\n")
+    assert avail(v2) == 8 * GiB - (5 * GiB - GiB)  # the parent's limit, its file cache not counted as used
+    (v2 / "task" / "memory.max").write_text("max\n")
+    assert avail(v2) == host
+    (group / "memory.max").write_text(f"{2 * GiB}\n")
+    (group / "memory.current").write_text(f"{3 * GiB}\n")  # over the limit but for file cache
+    assert avail(v2) == 2 * GiB - (3 * GiB - GiB)
+    proc.write_text("0::/elsewhere\n")  # a namespaced view: the mount is the group
+    assert avail(v2) == host
+    # cgroup v1: memory.stat's hierarchical limit counts the ancestors
+    v1 = tmp_path / "v1" / "memory"
+    v1.mkdir(parents=True)
+    proc.write_text("4:memory:/process_api/abc\n0::/\n")
+    (v1 / "memory.usage_in_bytes").write_text(f"{3 * GiB}\n")
+    (v1 / "memory.limit_in_bytes").write_text(f"{2**63 - 4096}\n")
+    (v1 / "memory.stat").write_text(f"hierarchical_memory_limit {4 * GiB}\ntotal_inactive_file {GiB}\n")
+    assert avail(tmp_path / "v1") == 4 * GiB - 2 * GiB
+    (v1 / "memory.stat").write_text(f"hierarchical_memory_limit {2**63 - 4096}\ntotal_inactive_file 0\n")
+    assert avail(tmp_path / "v1") == host  # far above the host: meminfo decides
+    (v1 / "memory.stat").write_text(f"hierarchical_memory_limit {GiB}\n")
+    assert avail(tmp_path / "v1") == 0  # usage at the limit: nothing to cache

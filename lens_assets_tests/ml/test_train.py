@@ -158,10 +158,19 @@ def test_the_row_cache_trains_the_same_weights_and_gives_the_stop_half_what_the_
     row = ShardDataset(data / "shards").row_bytes()
     n_train = runs[1.0]["n_train"]
     only = train(data / "shards", data / "splits.parquet", tmp_path / "only",
-                 TrainSettings(**base, cache_gb=n_train * row / 1e9))
+                 TrainSettings(**base, cache_gb=(n_train * row + 1) / 1e9))  # at least n_train rows, not one more
     assert only["cached_rows"] == n_train
     assert cache_bytes(TrainSettings(cache_gb=2.0, num_workers=2)) == 0  # each worker would hold its own
-    assert cache_bytes(TrainSettings(cache_gb=-1.0)) > 0
+    assert cache_bytes(TrainSettings(cache_gb=2.0)) == 2 * 10**9
+
+
+def test_the_automatic_row_cache_is_a_share_of_the_available_memory(monkeypatch):
+    import lens_assets.ml.data as data_module
+    from lens_assets.ml.train import AUTO_CACHE_SHARE, cache_bytes
+
+    monkeypatch.setattr(data_module, "available_memory_bytes", lambda: 10 * 10**9)
+    assert cache_bytes(TrainSettings(cache_gb=-1.0)) == int(AUTO_CACHE_SHARE * 10 * 10**9)
+    assert cache_bytes(TrainSettings(cache_gb=0.0)) == 0
 
 
 def test_last_checkpoint_is_written_every_epoch_even_when_validation_does_not_improve(data, tmp_path):
