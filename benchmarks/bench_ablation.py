@@ -107,8 +107,9 @@ LO_LARGE = f"lensing_only_auroc_theta_e_{THETA_E_HALVES[1][0]}"
 
 
 def lever_parts(lever: str) -> list[str]:
-    """The levers a combined lever (``a+b``) is made of; a single lever is its own one part."""
-    parts = lever.split("+")
+    """The levers a combined lever (``a+b``) is made of; a single lever is its own one part. A ``+`` joins levers
+    where a lever's name follows it, so a number's exponent (``deep=1e+2``) stays in its lever."""
+    parts = re.split(r"\+(?=[A-Za-z_]|$)", lever) if lever else [""]
     if any(not p for p in parts):
         raise ValueError(f"lever {lever!r}: an empty part; combine levers as <lever>+<lever>")
     return parts
@@ -140,7 +141,7 @@ def unknown_parts(lever: str) -> list[str]:
 
 def shard_overrides(lever: str) -> dict:
     """``psf_matched_shards`` config of a shard lever (empty for the others)."""
-    if "+" in lever:
+    if len(lever_parts(lever)) > 1:
         return _merged(lever, shard_overrides)
     if lever.startswith("psf_target="):
         return {"target_fwhm_arcsec": float(lever.split("=", 1)[1])}
@@ -149,7 +150,7 @@ def shard_overrides(lever: str) -> dict:
 
 def training_overrides(lever: str) -> dict:
     """``lens_classifier`` config of a training lever (empty for a population lever)."""
-    if "+" in lever:
+    if len(lever_parts(lever)) > 1:
         return _merged(lever, training_overrides)
     if lever == "film":
         return {"film": True}
@@ -279,7 +280,7 @@ def population_edits(lever: str) -> list[tuple[str, str, str]]:
 def family_file(lever: str, out_dir: Path) -> str:
     """The family (name or TOML path) that trains the ``lever`` run; a written family is loaded first, so an edit
     it refuses stops here. A combined lever trains on its population part's family (``physical`` without one)."""
-    if "+" in lever:
+    if len(lever_parts(lever)) > 1:
         populations = [p for p in lever_parts(lever) if is_population(p)]
         if len(populations) > 1:
             raise ValueError(f"lever {lever!r}: more than one population lever ({populations}); combine one "
@@ -381,7 +382,7 @@ def main(argv=None) -> list[dict]:
     args = ap.parse_args(argv)
     args.members = args.members.split(",")
     args.heldout = [f for f in args.heldout.split(",") if f]
-    levers = args.levers.split(",")
+    levers = [lv for lv in args.levers.split(",") if lv]  # a trailing comma is no lever
     unknown = [p for lv in levers for p in unknown_parts(lv)]  # before hours of runs
     if not unknown:
         with tempfile.TemporaryDirectory() as tmp:  # every population's family is written and loaded, and every

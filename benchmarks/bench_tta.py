@@ -7,7 +7,8 @@ not exactly invariant: averaging its logits over turned copies of each cutout is
 scores the rows of a finished run (``scores/<survey>/ensemble_logits.parquet``: the test split, each held-out family
 and the lens/twin pairs) with its first member in 1, 2 (a half turn), 4 (the four turns) and 8 (turns and flips)
 orientations, all in one pass over the same batches, and prints each set's AUROC beside the forward rate of each
-choice (the cost: a k-view score runs the member k times).
+choice (the cost: a k-view score runs the member k times). The member is the ensemble's first (``ensemble.json``,
+its checkpoint checked against its sha256); a FiLM member gets its observing conditions.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ def main(argv=None) -> dict:
 
     from lens_assets.ml.data import ShardDataset
     from lens_assets.ml.score import load_member, logits_of_batch
+    from lens_assets.model_registry import read_ensemble
+    from lens_assets.resources.storage import LocalStorage
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", required=True, help="data root of a run that has scored its rows (score_calibrator)")
@@ -45,8 +48,9 @@ def main(argv=None) -> dict:
     if not scores_path.exists():
         raise SystemExit(f"{scores_path} does not exist: materialize score_calibrator in {root} first")
     scores = pd.read_parquet(scores_path)
-    member = scores.filter(like="logit_").columns.difference(scores.filter(like="logit_std").columns)[0][len("logit_"):]
-    model = load_member(root / "models" / args.survey / member / "best.ckpt")
+    first = read_ensemble(LocalStorage(root=str(root)), args.survey)["members"][0]  # checkpoint checked by sha256
+    member = first["name"]
+    model = load_member(first["path"])
     dataset = ShardDataset(root / "shards" / args.survey, objids=scores["objid"].tolist())
     views = VIEWS[8]
     logits = np.zeros((len(scores), len(views)), np.float32)
@@ -54,12 +58,13 @@ def main(argv=None) -> dict:
     for start in range(0, len(scores), args.batch):
         batch = dataset.__getitems__(list(range(start, min(start + args.batch, len(scores)))))
         image, variance = torch.as_tensor(batch["image"]), torch.as_tensor(batch["variance"])
+        conditions = {k: torch.as_tensor(batch[k]) for k in ("fwhm_before", "band_flags")}  # for a FiLM member
         for j, (k, flip) in enumerate(views):
             im, var = torch.rot90(image, k, (2, 3)), torch.rot90(variance, k, (2, 3))
             if flip:
                 im, var = im.flip(3), var.flip(3)
             t0 = time.perf_counter()
-            logits[start:start + len(im), j] = logits_of_batch([model], im, var, device="cpu")[:, 0]
+            logits[start:start + len(im), j] = logits_of_batch([model], im, var, device="cpu", **conditions)[:, 0]
             seconds[j] += time.perf_counter() - t0
     one_view_rate = len(scores) / statistics.median(seconds)
     held = scores["split"] == "heldout"
@@ -79,9 +84,9 @@ def main(argv=None) -> dict:
                for k, vs in VIEWS.items()}
         record["auroc"][name] = got
         rows.append((f"AUROC {name} ({len(y)})", ", ".join(f"{k} view{'s' * (k > 1)} {v:.3f}" for k, v in got.items())))
-    stored = scores["logit"].to_numpy()
+    stored = scores[f"logit_{member}"].to_numpy()  # this member's own logits, as score_calibrator wrote them
     record["max_abs_diff_vs_stored"] = float(np.abs(logits[:, 0] - stored).max())
-    rows.append(("one view against the stored logits", f"max |diff| {record['max_abs_diff_vs_stored']:.1e}"))
+    rows.append((f"one view against the stored logit_{member}", f"max |diff| {record['max_abs_diff_vs_stored']:.1e}"))
     report("tta", rows, record)
     return record
 

@@ -80,6 +80,8 @@ def test_levers_combine_with_a_plus_one_population_at_most_and_no_option_set_twi
     assert fam.name == load_family(bench_ablation.family_file("group=0.25", tmp_path)).name == "physical_group0.25"
     assert fam.sections["deflector"]["group_fraction"].params["value"] == 0.25
     assert bench_ablation.lever_slug("radial_residual+zoom=1.5") == "radial_residual_zoom1.5"
+    assert bench_ablation.lever_parts("deep=1e+2+radial_residual") == ["deep=1e+2", "radial_residual"]  # an exponent
+    assert bench_ablation.deep_factor(bench_ablation.lever_parts("deep=1e+2+radial_residual")[0]) == 100.0
     for lever, what in (("zoom=1.5+zoom=2", r"\['zoom_max'\] set by two"),
                         ("group=0.25+no_twins", "more than one population lever"),
                         ("radial_residual+", "an empty part")):

@@ -406,6 +406,9 @@ def test_shortcut_audit_scores_files_held_out_by_their_simrole_under_their_own_f
     assert set(features.loc[features["split"] == "renamed", "objid"]) == set(catalog.loc[held, "objid"])
     meta = _metadata(run, "shortcut_audit")
     assert meta["heldout_renamed_shortcut_auroc"] == pytest.approx(doc["auroc"]["renamed"])
+    # "heldout" and "galsim" have no rows now: the headline held-out figure is the first family that has one
+    assert np.isnan(meta["heldout_heldout_shortcut_auroc"]) and np.isnan(meta["heldout_galsim_shortcut_auroc"])
+    assert meta["heldout_shortcut_auroc"] == meta["heldout_renamed_shortcut_auroc"]
     assert 0.0 <= doc["auroc"]["renamed"] <= 1.0
 
 
