@@ -133,11 +133,8 @@ def shortcut_audit(context: dg.AssetExecutionContext, config: ShortcutConfig,
     shards = storage.path(*layout.shards_dir(survey.name))
     manifest = read_manifest(shards)
     splits = pd.read_parquet(split_path, columns=["objid", "split"])
-    cat_path = storage.path(*layout.catalog_table(survey.name))
-    import pyarrow.parquet as pq
-
-    role = ["sim_role"] if "sim_role" in pq.read_schema(cat_path).names else []
-    catalog = pd.read_parquet(cat_path, columns=["objid", "label", "sim_family", "sim_kind", *role])
+    catalog = _read_catalog(storage.path(*layout.catalog_table(survey.name)),
+                            ["objid", "label", "sim_family", "sim_kind", "sim_role"], optional={"sim_role"})
     rows = splits[splits["split"].isin(["train", "test"])].merge(catalog, on="objid", how="left")
     in_shards = set(pd.read_parquet(storage.path(*layout.shards_rows(survey.name)), columns=["objid"])["objid"])
     usable = catalog[catalog["objid"].isin(in_shards) & catalog["label"].isin([0, 1])]
@@ -251,6 +248,15 @@ def shortcut_audit(context: dg.AssetExecutionContext, config: ShortcutConfig,
     return dg.MaterializeResult(metadata=metadata, check_results=[check], data_version=dg.DataVersion(version[:16]))
 
 
+def _read_catalog(path, columns: list[str], *, optional: set[str]) -> pd.DataFrame:
+    """``columns`` of the catalog at ``path``, in that order; those in ``optional`` only where the catalog has them
+    (one ingested before they existed)."""
+    import pyarrow.parquet as pq
+
+    names = set(pq.read_schema(path).names)
+    return pd.read_parquet(path, columns=[c for c in columns if c not in optional or c in names])
+
+
 def held_out_masks(catalog: pd.DataFrame, heldout_families) -> tuple[pd.Series, pd.Series]:
     """Catalog rows of the held-out families and of the lensing-only pairs, as two disjoint masks.
 
@@ -273,13 +279,10 @@ def _rows_to_score(storage: LocalStorage, survey: str, heldout_families) -> pd.D
     splits = pd.read_parquet(splits_file)
     splits = pd.DataFrame({"objid": splits["objid"], "split": splits["split"], "sky_group": splits["sky_group"],
                            "val_role": val_roles(splits, source=str(splits_file))})
-    cat_path = storage.path(*layout.catalog_table(survey))
-    import pyarrow.parquet as pq
-
-    names = pq.read_schema(cat_path).names
-    truth = [c for c in ("flux_ratio", "theta_e", "arc_snr", "pair_id") if c in names]
-    catalog = pd.read_parquet(cat_path, columns=["objid", "label", *truth, "sim_family", "sim_kind", "source_file",
-                                                 "source_sha256", *(["sim_role"] if "sim_role" in names else [])])
+    truth = ("flux_ratio", "theta_e", "arc_snr", "pair_id")
+    catalog = _read_catalog(storage.path(*layout.catalog_table(survey)),
+                            ["objid", "label", *truth, "sim_family", "sim_kind", "source_file", "source_sha256",
+                             "sim_role"], optional={*truth, "sim_role"})
     if "pair_id" not in catalog:  # a catalog ingested before PAIRID was read
         catalog["pair_id"] = ""
     in_shards = set(pd.read_parquet(storage.path(*layout.shards_rows(survey)), columns=["objid"])["objid"])

@@ -193,11 +193,9 @@ def training_datasets(shard_dir: str | Path, splits_path: str | Path, *, cache_b
         require_both_labels(splits.loc[rows["val"], "label"], what=f"{splits_path}: the val split's stop half")
     except ValueError as err:
         logging.getLogger(__name__).warning(f"{err}; early stopping and checkpoint choice see a constant AUROC")
-    data = {name: ShardDataset(shard_dir, objids=splits.loc[mask, "objid"]) for name, mask in rows.items()}
-    if cache_bytes > 0:
-        data["train"].cache_bytes = int(cache_bytes)
-        data["val"].cache_bytes = max(0, int(cache_bytes) - len(data["train"]) * data["train"].row_bytes())
-    return data
+    train = ShardDataset(shard_dir, objids=splits.loc[rows["train"], "objid"], cache_bytes=cache_bytes)
+    left = max(0, int(cache_bytes) - len(train) * train.row_bytes()) if cache_bytes > 0 else 0
+    return {"train": train, "val": ShardDataset(shard_dir, objids=splits.loc[rows["val"], "objid"], cache_bytes=left)}
 
 
 def available_memory_bytes(*, meminfo: str = "/proc/meminfo", cgroup_root: str = "/sys/fs/cgroup",
