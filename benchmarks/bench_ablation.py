@@ -54,6 +54,8 @@ Training levers (the physical population, the member changed):
   lever has it; ``head_dropout=0`` is the member without.
 * ``arc_attention``: the member with a tangential self-attention branch about the centre whose logit adds to
   the backbone's (``module.TangentialAttention``).
+* ``float32_stem[=0]``: the member's first convolution in float32 under bf16 autocast, so the scaled input is
+  not rounded to bf16 first (``module.float32_first_conv``).
 * ``fresh=<share>``: that share of every training batch replaced by physical objects simulated on the fly
   (``ml/fresh.py``); compare at equal CPU time with ``--max-minutes``.
 * ``theta_e_balance=<alpha>``: training rows drawn at weight share^-alpha of their scene's Einstein-radius bin
@@ -99,7 +101,7 @@ VALUE_LEVERS = ("deep=<factor>", "group=<fraction>", "negatives=<type>:<weight>/
                 "toml=<section>.<key>:<number>/...",
                 "train_family=<name>")  # a family written from physical.toml with one value set, or a packaged one
 TRAINING_LEVERS = ("film", "colour_residual[=0]", "radial_residual", "head_dropout[=p]", "upsample=<k>", "zoom=<max>",
-                   "arc_attention", "fresh=<share>", "physics[=w]", "theta_e_balance=<alpha>",
+                   "arc_attention", "float32_stem[=0]", "fresh=<share>", "physics[=w]", "theta_e_balance=<alpha>",
                    "member=<backbone>")  # the physical population, another training choice
 SHARD_LEVERS = ("psf_target=<arcsec>",)  # the physical population, other PSF-matched shards
 # bologna_report's lensing-only AUROC over the pairs of the upper θE half, by the name it gives it
@@ -166,6 +168,8 @@ def training_overrides(lever: str) -> dict:
         return {"fresh_fraction": float(lever.split("=", 1)[1])}
     if lever == "arc_attention":
         return {"arc_attention": True}
+    if lever in ("float32_stem", "float32_stem=1", "float32_stem=0"):
+        return {"float32_stem": lever != "float32_stem=0"}
     if lever.startswith("upsample="):
         return {"upsample": int(lever.split("=", 1)[1])}
     if lever.startswith("zoom="):

@@ -44,6 +44,9 @@ class TrainConfig(dg.Config):
     zoom_max: float = Field(default=1.0, ge=1.0, le=3.0, description="magnify each training cutout about its "
                             "centre by a factor drawn log-uniformly from [1, zoom_max] (Einstein radius, deflector "
                             "and PSF alike; surface brightness kept, the noise restored to the variance); 1: off")
+    float32_stem: bool = Field(default=False, description="run each member's first convolution in float32 under "
+                               "bf16 autocast: the scaled input is not rounded to bf16, whose step near a bright "
+                               "deflector is as large as the pixel noise; no effect in float32")
     arc_attention: bool = Field(default=False, description="add a tangential self-attention branch about the "
                                 "stamp's centre (polar resampling, attention over angle at each radius) whose logit "
                                 "is added to the backbone's")
@@ -188,6 +191,7 @@ def lens_classifier(context: dg.AssetExecutionContext, config: TrainConfig, stor
             f"{member}/head_dropout": float(s.get("head_dropout", 0.0)),
             f"{member}/upsample": int(s.get("upsample", 1)),
             f"{member}/zoom_max": float(s.get("zoom_max", 1.0)),
+            f"{member}/float32_stem": bool(s.get("float32_stem", False)),
             f"{member}/arc_attention": bool(s.get("arc_attention", False)),
             f"{member}/fresh_fraction": float(s.get("fresh_fraction", 0.0)),
             f"{member}/n_fresh": int(s.get("n_fresh", 0)),

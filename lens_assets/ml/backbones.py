@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = ["BackboneSpec", "BACKBONES", "create_backbone", "smallest_backbone", "count_parameters", "load_weights",
-           "FAMILIES"]
+           "FAMILIES", "first_conv", "widen_first_conv"]
 
 FAMILIES = ("cnn", "hybrid", "vit")  # hybrid: convolutional stem and stages with attention or token mixers
 
@@ -128,19 +128,25 @@ def create_backbone(name: str, *, in_chans: int, img_size: int, num_classes: int
     return model
 
 
+def first_conv(model):
+    """``model``'s first convolution, the module timm's ``pretrained_cfg['first_conv']`` names."""
+    name = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
+    if not name:
+        raise ValueError(f"{type(model).__name__} names no first convolution (timm pretrained_cfg['first_conv'])")
+    return model.get_submodule(name)
+
+
 def widen_first_conv(model, extra: int) -> None:
     """Give ``model``'s first convolution ``extra`` more input channels with zero weights, in place: the model's
     output is unchanged until training moves them (its weights for the existing channels are kept as they are)."""
     import torch
 
-    name = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
-    if not name:
-        raise ValueError(f"{type(model).__name__} names no first convolution (timm pretrained_cfg['first_conv'])")
-    conv = model.get_submodule(name)
+    conv = first_conv(model)
     w = conv.weight
     zeros = torch.zeros(w.shape[0], extra, *w.shape[2:], dtype=w.dtype, device=w.device)
     conv.weight = torch.nn.Parameter(torch.cat([w.detach(), zeros], dim=1))
     conv.in_channels += extra
+
 
 
 def _read_state(path: Path) -> dict:

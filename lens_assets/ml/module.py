@@ -17,10 +17,10 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from .backbones import create_backbone, widen_first_conv
+from .backbones import create_backbone, first_conv, widen_first_conv
 
 __all__ = ["LensClassifier", "scale_input", "median_measured_variance", "augment", "observing_conditions", "FiLM",
-           "colour_residual", "radial_residual", "radial_median_model"]
+           "colour_residual", "radial_residual", "radial_median_model", "Float32Conv2d", "float32_first_conv"]
 
 
 def median_measured_variance(variance: torch.Tensor, start_dim: int) -> torch.Tensor:
@@ -99,6 +99,28 @@ def radial_residual(image: torch.Tensor, variance: torch.Tensor) -> torch.Tensor
     s = torch.sqrt(median_measured_variance(variance, 1).clamp_min(1e-20))
     resid = image.float() - radial_median_model(image.float())
     return torch.asinh(resid / s[:, None, None, None]).to(image.dtype)
+
+
+class Float32Conv2d(torch.nn.Conv2d):
+    """A Conv2d that leaves autocast: float32 input, weights and output (:func:`float32_first_conv`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return super().forward(x.float())
+
+
+def float32_first_conv(model: torch.nn.Module) -> None:
+    """Run ``model``'s first convolution in float32 under autocast, in place (same parameters, same state dict).
+
+    Under bf16 autocast the network input is rounded to bf16 (8 significant bits) at the first convolution: a
+    relative step of 2^-8 on ``asinh(image / noise)``, which near a bright deflector, where faint arcs lie, is as
+    large as the pixel noise (``benchmarks/bench_input_precision.py``). In float32 the stem forms its filters'
+    differences of neighbouring pixels first, and what it passes on is rounded relative to those.
+    """
+    conv = first_conv(model)
+    if type(conv) is not torch.nn.Conv2d:
+        raise ValueError(f"{type(model).__name__}'s first convolution is a {type(conv).__name__}, not a Conv2d")
+    conv.__class__ = Float32Conv2d
 
 
 def observing_conditions(variance: torch.Tensor, fwhm_before: torch.Tensor, band_flags: torch.Tensor) -> torch.Tensor:
@@ -295,7 +317,7 @@ class LensClassifier(L.LightningModule):
                  residual_bands: tuple[int, int] | None = None, radial_residual: bool = False,
                  head_dropout: float = 0.0, upsample: int = 1, arc_attention: bool = False,
                  physics_weight: float = 0.0, physics_warmup_epochs: int = 2, psf_fwhm_px: float = 4.0,
-                 weights_path: str | None = None, zoom_max: float = 1.0):
+                 weights_path: str | None = None, zoom_max: float = 1.0, float32_stem: bool = False):
         super().__init__()
         if zoom_max < 1.0:
             raise ValueError(f"zoom_max must be >= 1, got {zoom_max}")
@@ -320,6 +342,8 @@ class LensClassifier(L.LightningModule):
                                    img_size=img_size * upsample, num_classes=1, weights_path=weights_path or None)
         if widen:
             widen_first_conv(self.net, extra)
+        if float32_stem:
+            float32_first_conv(self.net)
         self.film = FiLM(3 * in_chans, self.net.get_classifier().in_features) if film else None
         self.arc = TangentialAttention(in_chans + extra) if arc_attention else None
         # the physics head regresses an SIE + shear lens and a source (lens_parameters) from the pooled features

@@ -67,6 +67,7 @@ class TrainSettings:
     head_dropout: float = 0.0  # dropout on the pooled features before the classifier; > 0 enables MC-dropout scoring
     upsample: int = 1  # the network input upsampled this many times (bilinear): more feature map for small arcs
     zoom_max: float = 1.0  # training cutouts magnified by a factor log-uniform in [1, zoom_max] (module.augment)
+    float32_stem: bool = False  # the first convolution in float32 under bf16 autocast (module.float32_first_conv)
     arc_attention: bool = False  # a tangential self-attention branch about the centre (module.TangentialAttention)
     fresh_fraction: float = 0.0  # share of each training batch replaced by objects simulated on the fly (ml/fresh)
     fresh_family: str = "physical"  # the simulation family the fresh objects are drawn from
@@ -208,7 +209,7 @@ def train(shard_dir: str | Path, splits_path: str | Path, out_dir: str | Path, s
                            arc_attention=settings.arc_attention, physics_weight=settings.physics_weight,
                            physics_warmup_epochs=settings.physics_warmup_epochs,
                            psf_fwhm_px=_matched_psf_fwhm_px(shard_dir, shard_survey), weights_path=settings.weights_path or None,
-                           zoom_max=settings.zoom_max)
+                           zoom_max=settings.zoom_max, float32_stem=settings.float32_stem)
     gpu = torch.cuda.is_available() and settings.accelerator in ("auto", "gpu", "cuda")
     precision = resolve_precision(settings.precision, gpu=gpu)
     model.use_channels_last()
@@ -275,6 +276,7 @@ def train(shard_dir: str | Path, splits_path: str | Path, out_dir: str | Path, s
         "head_dropout": settings.head_dropout,
         "upsample": settings.upsample,
         "zoom_max": settings.zoom_max,
+        "float32_stem": settings.float32_stem,
         "arc_attention": settings.arc_attention,
         "fresh_fraction": settings.fresh_fraction,
         "theta_e_balance": settings.theta_e_balance,

@@ -691,3 +691,52 @@ def test_training_with_the_physics_loss_logs_its_terms_and_counts_failures(data,
               TrainSettings(backbone="resnet10t", epochs=2, batch_size=16, progress=False, physics_weight=0.1,
                             physics_warmup_epochs=1))
     assert s["physics_failures"] > 0 and s["best_checkpoint"]
+
+
+def test_a_float32_stem_sees_the_input_unrounded_under_bf16_autocast():
+    """Under bf16 autocast a Conv2d rounds its input to 8 significant bits: a pixel difference of 0.01 on a
+    value of 6 (the scaled core of a bright deflector) is lost. The float32 stem keeps it, returns float32, keeps
+    the state dict's keys, and matches the float32 convolution; the layers after it still run in bf16."""
+    from lens_assets.ml.backbones import create_backbone, first_conv
+    from lens_assets.ml.module import Float32Conv2d, float32_first_conv
+
+    net = create_backbone("regnetx_002", in_chans=2, img_size=16, num_classes=1).eval()
+    keys = list(net.state_dict())
+    conv = first_conv(net)
+    x = torch.full((1, 2, 16, 16), 6.0)
+    x[..., 8, 8] += 0.01  # below bf16's step of 2^-5 at 6
+    assert (x.bfloat16().float()[..., 8, 8] == 6.0).all()
+    bump = x.clone()
+    bump[..., 8, 8] = 6.0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rounded, rounded_bump = conv(x), conv(bump)
+    assert rounded.dtype == torch.bfloat16
+    assert torch.equal(rounded, rounded_bump)  # the bump is lost in the rounded input
+    expected = torch.nn.functional.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation,
+                                          conv.groups)
+    float32_first_conv(net)
+    assert type(conv) is Float32Conv2d and list(net.state_dict()) == keys
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        kept, kept_bump = conv(x), conv(bump)
+        logit = net(x)
+    assert kept.dtype == torch.float32 and logit.dtype == torch.bfloat16
+    torch.testing.assert_close(kept, expected)
+    assert (kept - kept_bump).abs().max() > 1e-4  # the bump reaches the stem's output
+    with pytest.raises(ValueError, match="not a Conv2d"):
+        float32_first_conv(net)  # already converted: refused rather than wrapped twice
+
+
+def test_a_float32_stem_member_trains_records_it_and_scores_with_it(data, tmp_path):
+    from lens_assets.ml.data import ShardDataset
+    from lens_assets.ml.module import Float32Conv2d
+    from lens_assets.ml.backbones import first_conv
+    from lens_assets.ml.score import load_member, member_logits
+
+    s = train(data / "shards", data / "splits.parquet", tmp_path / "stem",
+              TrainSettings(backbone="resnet10t", epochs=1, batch_size=16, progress=False, float32_stem=True,
+                            precision="bf16-mixed"))
+    assert s["float32_stem"] is True and s["precision"] == "bf16-mixed"
+    member = load_member(s["best_checkpoint"])
+    assert member.hparams.float32_stem and type(first_conv(member.net)) is Float32Conv2d
+    z = member_logits([member], ShardDataset(data / "shards"), device="cpu")
+    assert z.shape == (32, 1) and np.isfinite(z).all()
