@@ -49,6 +49,7 @@ Training levers (the physical population, the member changed):
   input channel. The demo profile has it since it was measured, so every lever has it; ``colour_residual=0`` is the
   member without.
 * ``radial_residual``: the member with each band less its radial median profile as more input channels.
+* ``elliptical_residual``: the same with the median on ellipses of the deflector's shape (adaptive moments).
 * ``head_dropout`` (``head_dropout=<p>``): the member with dropout (default 0.2) on its pooled features before the
   classifier, which MC-dropout scoring needs. The demo profile trains with 0.2 since it was measured, so every
   lever has it; ``head_dropout=0`` is the member without.
@@ -100,7 +101,8 @@ POPULATION_PREFIXES = ("deep=", "group=", "negatives=", "toml=", "train_family="
 VALUE_LEVERS = ("deep=<factor>", "group=<fraction>", "negatives=<type>:<weight>/...",
                 "toml=<section>.<key>:<number>/...",
                 "train_family=<name>")  # a family written from physical.toml with one value set, or a packaged one
-TRAINING_LEVERS = ("film", "colour_residual[=0]", "radial_residual", "head_dropout[=p]", "upsample=<k>", "zoom=<max>",
+TRAINING_LEVERS = ("film", "colour_residual[=0]", "radial_residual", "elliptical_residual",
+                   "head_dropout[=p]", "upsample=<k>", "zoom=<max>",
                    "arc_attention", "float32_stem[=0]", "fresh=<share>", "physics[=w]", "theta_e_balance=<alpha>",
                    "member=<backbone>")  # the physical population, another training choice
 SHARD_LEVERS = ("psf_target=<arcsec>",)  # the physical population, other PSF-matched shards
@@ -160,6 +162,8 @@ def training_overrides(lever: str) -> dict:
         return {"colour_residual": lever != "colour_residual=0"}
     if lever == "radial_residual":
         return {"radial_residual": True}
+    if lever == "elliptical_residual":
+        return {"elliptical_residual": True}
     if lever.startswith("physics"):
         return {"physics_weight": float(lever.split("=", 1)[1]) if "=" in lever else 0.1}
     if lever.startswith("theta_e_balance="):

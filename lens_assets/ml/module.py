@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from .backbones import create_backbone, first_conv, widen_first_conv
 
 __all__ = ["LensClassifier", "scale_input", "median_measured_variance", "augment", "observing_conditions", "FiLM",
-           "colour_residual", "radial_residual", "radial_median_model", "Float32Conv2d", "float32_first_conv"]
+           "colour_residual", "radial_residual", "radial_median_model", "Float32Conv2d", "float32_first_conv",
+           "deflector_shape", "elliptical_median_model", "elliptical_residual"]
 
 
 def median_measured_variance(variance: torch.Tensor, start_dim: int) -> torch.Tensor:
@@ -121,6 +122,80 @@ def float32_first_conv(model: torch.nn.Module) -> None:
     if type(conv) is not torch.nn.Conv2d:
         raise ValueError(f"{type(model).__name__}'s first convolution is a {type(conv).__name__}, not a Conv2d")
     conv.__class__ = Float32Conv2d
+
+
+def deflector_shape(image: torch.Tensor, *, iterations: int = 6, sigma0_px: float = 3.0):
+    """Axis ratio ``q`` (n,) and major-axis angle ``theta`` (n,, radians from +x towards +y) of the light about the
+    stamp's centre: adaptive moments (an elliptical Gaussian window matched to the light's own second moments,
+    iterated from a round one of ``sigma0_px``) of the band sum, negative pixels counted as 0. The window's
+    size is kept within [0.5 px, a quarter of the stamp]; a cutout with no light in its window stays round."""
+    n, _, h, w = image.shape
+    light = image.float().sum(dim=1).clamp_min(0.0)
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32, device=image.device) - (h - 1) / 2,
+                            torch.arange(w, dtype=torch.float32, device=image.device) - (w - 1) / 2, indexing="ij")
+    cov = torch.eye(2, device=image.device).expand(n, 2, 2) * sigma0_px**2
+    lo, hi = 0.25, (min(h, w) / 4) ** 2
+    for _ in range(iterations):
+        inv = torch.linalg.inv(cov)
+        d2 = (inv[:, 0, 0, None, None] * xx**2 + 2 * inv[:, 0, 1, None, None] * xx * yy
+              + inv[:, 1, 1, None, None] * yy**2)
+        wl = light * torch.exp(-0.5 * d2)
+        total = wl.sum(dim=(1, 2))
+        has = total > 0
+        norm = total.clamp_min(1e-30)
+        mxx, myy, mxy = ((wl * t).sum(dim=(1, 2)) / norm for t in (xx * xx, yy * yy, xx * yy))
+        # the light's own second moments are twice those of the product with a matched Gaussian window
+        new = 2 * torch.stack([torch.stack([mxx, mxy], -1), torch.stack([mxy, myy], -1)], -2)
+        evals, evecs = torch.linalg.eigh(new)
+        new = evecs @ torch.diag_embed(evals.clamp(lo, hi)) @ evecs.transpose(-1, -2)
+        cov = torch.where(has[:, None, None], new, cov)
+    evals, evecs = torch.linalg.eigh(cov)  # ascending: the major axis is the second
+    q = torch.sqrt(evals[:, 0] / evals[:, 1])
+    theta = torch.atan2(evecs[:, 1, 1], evecs[:, 0, 1])
+    return q, theta
+
+
+def elliptical_median_model(image: torch.Tensor, *, n_angles: int = 65, min_q: float = 0.2) -> torch.Tensor:
+    """Each band's median over eccentric angle on each ellipse about the stamp's centre, as an image.
+
+    :func:`radial_median_model` on ellipses of the deflector's shape (:func:`deflector_shape`, axis ratio at
+    least ``min_q``) instead of circles: semi-major axes every half pixel to the edge, ``n_angles`` points on
+    each (bilinear), the median per ellipse, interpolated back to every pixel's elliptical radius. An elliptical
+    deflector is reproduced, where circles leave a quadrupole residual that an arc-finder may take for arcs;
+    arcs, which cover a minority of their ellipse, are not. With a round deflector it is the radial model.
+    """
+    n, b, h, w = image.shape
+    q, theta = deflector_shape(image)
+    q = q.clamp(min_q, 1.0)
+    r_steps = h
+    a = (torch.arange(r_steps, dtype=torch.float32, device=image.device) + 0.5) / 2
+    t = torch.arange(n_angles, dtype=torch.float32, device=image.device) * (2 * math.pi / n_angles)
+    u = a[None, :, None] * torch.cos(t)[None, None]  # (1, r, t) along the major axis
+    v = a[None, :, None] * torch.sin(t)[None, None] * q[:, None, None]  # (n, r, t) along the minor axis
+    ct, st = torch.cos(theta)[:, None, None], torch.sin(theta)[:, None, None]
+    gx, gy = u * ct - v * st, u * st + v * ct
+    grid = torch.stack([gx / (w / 2), gy / (h / 2)], -1)
+    polar = F.grid_sample(image.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    profile = polar.median(dim=-1).values  # (n, b, r_steps)
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32, device=image.device) - (h - 1) / 2,
+                            torch.arange(w, dtype=torch.float32, device=image.device) - (w - 1) / 2, indexing="ij")
+    major = xx * ct + yy * st  # (n, h, w)
+    minor = (-xx * st + yy * ct) / q[:, None, None]
+    pos = (2 * torch.sqrt(major**2 + minor**2) - 0.5).clamp(0, r_steps - 1)  # (n, h, w)
+    i0 = pos.floor().long().clamp(max=r_steps - 2)
+    frac = (pos - i0)[:, None]
+    idx = i0.reshape(n, 1, h * w).expand(n, b, h * w)
+    lower = profile.gather(-1, idx).reshape(n, b, h, w)
+    upper = profile.gather(-1, idx + 1).reshape(n, b, h, w)
+    return (lower * (1 - frac) + upper * frac).to(image.dtype)
+
+
+def elliptical_residual(image: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
+    """Every band less its elliptical median model (:func:`elliptical_median_model`), as ``asinh(residual / s)``
+    with the cutout's noise scale ``s`` of :func:`scale_input`. One channel per band, shape as ``image``."""
+    s = torch.sqrt(median_measured_variance(variance, 1).clamp_min(1e-20))
+    resid = image.float() - elliptical_median_model(image.float())
+    return torch.asinh(resid / s[:, None, None, None]).to(image.dtype)
 
 
 def observing_conditions(variance: torch.Tensor, fwhm_before: torch.Tensor, band_flags: torch.Tensor) -> torch.Tensor:
@@ -317,7 +392,8 @@ class LensClassifier(L.LightningModule):
                  residual_bands: tuple[int, int] | None = None, radial_residual: bool = False,
                  head_dropout: float = 0.0, upsample: int = 1, arc_attention: bool = False,
                  physics_weight: float = 0.0, physics_warmup_epochs: int = 2, psf_fwhm_px: float = 4.0,
-                 weights_path: str | None = None, zoom_max: float = 1.0, float32_stem: bool = False):
+                 weights_path: str | None = None, zoom_max: float = 1.0, float32_stem: bool = False,
+                 elliptical_residual: bool = False):
         super().__init__()
         if zoom_max < 1.0:
             raise ValueError(f"zoom_max must be >= 1, got {zoom_max}")
@@ -325,6 +401,9 @@ class LensClassifier(L.LightningModule):
             raise ValueError(f"head_dropout must be in [0, 1), got {head_dropout}")
         if upsample not in (1, 2, 3, 4):
             raise ValueError(f"upsample must be 1, 2, 3 or 4, got {upsample}")
+        if radial_residual and elliptical_residual:
+            raise ValueError("radial_residual and elliptical_residual are two models of the same deflector light: "
+                             "choose one")
         if residual_bands is not None:
             blue, red = (int(i) for i in residual_bands)
             if not (0 <= blue < in_chans and 0 <= red < in_chans and blue != red):
@@ -333,10 +412,10 @@ class LensClassifier(L.LightningModule):
             residual_bands = (blue, red)
         # weights_path only initializes a new run: a checkpoint holds the weights, and a scorer need not see the file
         self.save_hyperparameters(ignore=["weights_path"])
-        # the colour residual (colour_residual) is one more input channel after the bands, the radial residual
-        # one per band after that. Initial weights are weights for the bands: loaded as they are, with
-        # zero-weight channels added after them for the residuals
-        extra = (residual_bands is not None) + (in_chans if radial_residual else 0)
+        # the colour residual (colour_residual) is one more input channel after the bands, the radial (or the
+        # elliptical) residual one per band after that. Initial weights are weights for the bands: loaded as they
+        # are, with zero-weight channels added after them for the residuals
+        extra = (residual_bands is not None) + (in_chans if radial_residual or elliptical_residual else 0)
         widen = extra > 0 and bool(weights_path)
         self.net = create_backbone(backbone, in_chans=in_chans + (0 if widen else extra),
                                    img_size=img_size * upsample, num_classes=1, weights_path=weights_path or None)
@@ -381,6 +460,8 @@ class LensClassifier(L.LightningModule):
             x = torch.cat([x, colour_residual(image, variance, blue=bands[0], red=bands[1])], dim=1)
         if self.hparams.get("radial_residual"):
             x = torch.cat([x, radial_residual(image, variance)], dim=1)
+        if self.hparams.get("elliptical_residual"):
+            x = torch.cat([x, elliptical_residual(image, variance)], dim=1)
         up = int(self.hparams.get("upsample", 1))
         if up > 1:
             x = F.interpolate(x, scale_factor=up, mode="bilinear", align_corners=False)

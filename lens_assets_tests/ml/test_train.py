@@ -553,6 +553,59 @@ def test_a_radial_residual_member_trains_with_a_channel_more_per_band_and_scores
     assert both.net.conv1[0].in_channels == 11 and (both.net.conv1[0].weight[:, 5:] == 0).all()
 
 
+def test_the_elliptical_residual_removes_an_elliptical_deflector_that_circles_leave_and_keeps_an_arc():
+    """An elliptical Gaussian deflector (q = 0.5 at 0.6 rad) with an arc at 12 px: adaptive moments find its
+    shape; the median on its ellipses reproduces it to 2% of its peak, where the radial median leaves a third of
+    the peak as a quadrupole; the arc survives. A round deflector gets the radial model back."""
+    import math
+
+    from lens_assets.ml.module import (deflector_shape, elliptical_median_model, elliptical_residual,
+                                       radial_median_model)
+
+    h = 64
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32) - 31.5, torch.arange(h, dtype=torch.float32) - 31.5,
+                            indexing="ij")
+    theta, q = 0.6, 0.5
+    u = xx * math.cos(theta) + yy * math.sin(theta)
+    v = -xx * math.sin(theta) + yy * math.cos(theta)
+    deflector = 100.0 * torch.exp(-(u**2 + (v / q) ** 2) / (2 * 5.0**2))
+    r, phi = torch.sqrt(xx**2 + yy**2), torch.atan2(yy, xx)
+    arc = 5.0 * torch.exp(-((r - 12.0) ** 2) / 2.0) * (phi.abs() < 0.6)
+    image = torch.stack([deflector, deflector + arc])[:, None].repeat(1, 3, 1, 1)
+    got_q, got_theta = deflector_shape(image)
+    assert got_q[0] == pytest.approx(q, abs=0.02)
+    assert math.cos(2 * (float(got_theta[0]) - theta)) == pytest.approx(1.0, abs=1e-3)  # an axis: modulo pi
+    model = elliptical_median_model(image)
+    assert (model[0] - image[0]).abs().max() < 0.02 * 100.0
+    assert (radial_median_model(image)[0] - image[0]).abs().max() > 0.3 * 100.0
+    on_arc = arc > 4.0
+    assert (image - model)[1, 0][on_arc].mean() > 0.9 * arc[on_arc].mean()
+    round_ = (100.0 * torch.exp(-(r**2) / (2 * 6.0**2)))[None, None]
+    torch.testing.assert_close(elliptical_median_model(round_), radial_median_model(round_), atol=1e-3, rtol=0)
+    empty = torch.zeros(1, 2, h, h)  # no light: round, finite
+    assert deflector_shape(empty)[0] == pytest.approx(1.0) and torch.isfinite(elliptical_median_model(empty)).all()
+    variance = torch.full_like(image, 0.5**2)
+    torch.testing.assert_close(elliptical_residual(image, variance), torch.asinh((image - model) / 0.5),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_an_elliptical_residual_member_trains_with_a_channel_more_per_band_and_scores(data, tmp_path):
+    from lens_assets.ml.data import ShardDataset
+    from lens_assets.ml.module import LensClassifier
+    from lens_assets.ml.score import load_member, member_logits
+
+    s = train(data / "shards", data / "splits.parquet", tmp_path / "elliptical",
+              TrainSettings(backbone="resnet10t", epochs=1, batch_size=16, progress=False, elliptical_residual=True))
+    assert s["elliptical_residual"] is True
+    member = load_member(s["best_checkpoint"])
+    first = next(p for p in member.net.parameters() if p.dim() == 4)
+    assert first.shape[1] == 10  # five bands and their residuals
+    z = member_logits([member], ShardDataset(data / "shards"), device="cpu")
+    assert z.shape == (32, 1) and np.isfinite(z).all()
+    with pytest.raises(ValueError, match="choose one"):
+        LensClassifier(backbone="resnet10t", in_chans=5, radial_residual=True, elliptical_residual=True)
+
+
 def test_initial_weights_for_the_bands_are_kept_and_the_residual_channel_starts_at_zero(tmp_path):
     from lens_assets.ml.module import LensClassifier
 
@@ -590,6 +643,8 @@ def test_the_run_fingerprint_follows_the_shards_data_version_and_the_settings_th
                            TrainSettings(backbone="resnet10t", colour_residual=True)) != fp
     assert run_fingerprint(data / "shards", data / "splits.parquet",
                            TrainSettings(backbone="resnet10t", radial_residual=True)) != fp
+    assert run_fingerprint(data / "shards", data / "splits.parquet",
+                           TrainSettings(backbone="resnet10t", elliptical_residual=True)) != fp
     assert run_fingerprint(data / "shards", data / "splits.parquet", TrainSettings(backbone="resnet10t", epochs=3)) == fp
 
 
