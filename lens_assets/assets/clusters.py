@@ -19,6 +19,9 @@ from lens_assets.science.fileio import sha256_file
 from lens_assets.science.surveys import get_survey
 
 CLUSTER_CODE_VERSION = "cluster-1"
+# the simulation's own: cluster-2 takes the Einstein radius's enclosed mean within each distinct pixel radius
+# (before, pixels at one radius entered in the order a sort left them, which differs between CPUs)
+CLUSTER_FIELDS_CODE_VERSION = "cluster-2"
 _SHOWN = 6  # fields in each gallery
 
 
@@ -32,7 +35,7 @@ class ClusterFieldsConfig(dg.Config):
     workers: int = Field(default=0, description="processes; 0 = every core")
 
 
-@survey_asset(group_name="clusters", kinds={"python", "fits"}, code_version=CLUSTER_CODE_VERSION)
+@survey_asset(group_name="clusters", kinds={"python", "fits"}, code_version=CLUSTER_FIELDS_CODE_VERSION)
 def cluster_fields(context: dg.AssetExecutionContext, config: ClusterFieldsConfig,
                    storage: LocalStorage) -> dg.MaterializeResult:
     """Simulated cluster fields as inbox-contract FITS (``OBJTYPE = 'cluster_field'``), images in e-/s with MAGZP.

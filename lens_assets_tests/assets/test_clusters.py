@@ -216,18 +216,35 @@ def test_report_gates_compare_the_scoring_model_with_each_threshold():
     assert not every.passed and every.metadata["missing"].value == "pu_10/h1"
 
 
-def test_a_failed_gate_fails_the_run_and_leaves_the_scoring_model(cluster_run):
+def test_a_failed_gate_fails_the_run_and_leaves_the_scoring_model(cluster_run, tmp_path):
+    import shutil
+
+    from sklearn.metrics import roc_auc_score
+
     from lens_assets.assets.clusters import cluster_report
+    from lens_assets.resources.storage import LocalStorage
 
     storage, _ = cluster_run
-    manifest = storage.path("clusters", "models", "des", "manifest.json")
+    copy = LocalStorage(root=str(tmp_path / "root"))
+    shutil.copytree(storage.path("clusters"), copy.path("clusters"))
+    # the scoring model's test logits reversed: its test AUROC is 1 minus what it was, below the gate whatever the
+    # trained model scored on these few fields
+    path = copy.path(*layout.cluster_report_scores("des"))
+    scores = pd.read_parquet(path)
+    rows = (scores["model"] == "track_a") & (scores["set"] == "test")
+    y = scores.loc[rows, "label"].to_numpy(int)
+    auroc = roc_auc_score(y, scores.loc[rows, "logit"])
+    scores.loc[rows, "logit"] = -scores.loc[rows, "logit"]
+    scores.to_parquet(path, index=False)
+    manifest = copy.path("clusters", "models", "des", "manifest.json")
     before = manifest.read_bytes()
     others = [a.to_source_asset() for a in CLUSTER_ASSETS if a is not cluster_report]
-    result = dg.materialize([cluster_report, *others], partition_key="des", resources={"storage": storage},
-                            run_config={"ops": {"cluster_report": {"config": {"min_auroc": 1.0}}}},
+    result = dg.materialize([cluster_report, *others], partition_key="des", resources={"storage": copy},
+                            run_config={"ops": {"cluster_report": {"config": {"min_auroc": 0.6}}}},
                             instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
-    evals = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
-    assert evals["cluster_auroc_at_least_gate"] is False
+    checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert auroc > 0.5 and checks["cluster_auroc_at_least_gate"].passed is False
+    assert checks["cluster_auroc_at_least_gate"].metadata["auroc"].value == pytest.approx(1.0 - auroc)
     assert not result.success  # blocking
     assert manifest.read_bytes() == before
     assert _metadata(result, "cluster_report")["cluster_model_version"].startswith("not vetted: "

@@ -152,7 +152,7 @@ def einstein_radius_arcsec(lens_model, kwargs_lens, *, max_radius_arcsec: float,
 
     Convergence is sampled at the centres of a square grid of ``step_arcsec`` pixels (none on the centre)
     within ``max_radius_arcsec`` (only the pixels inside the circle are evaluated: π/4 of the square); the
-    enclosed mean is accumulated in radius order and the crossing of 1 interpolated.
+    enclosed mean is taken within each distinct pixel radius in turn and the crossing of 1 interpolated.
     """
     r_max = float(max_radius_arcsec)
     m = 2 * math.ceil(r_max / step_arcsec)  # even: pixel centres straddle the centre, never on a singular cusp
@@ -165,6 +165,10 @@ def einstein_radius_arcsec(lens_model, kwargs_lens, *, max_radius_arcsec: float,
     ks = np.asarray(lens_model.kappa(dx[inside][order] + center[0], dy[inside][order] + center[1],
                                      list(kwargs_lens)), dtype=float)
     mean = np.cumsum(ks) / np.arange(1, len(ks) + 1)
+    # the mean within each distinct radius: pixels at one radius (the grid's symmetry makes 4 or 8) all count,
+    # so the result does not depend on the order a sort leaves them in (numpy's sorts differ between CPUs)
+    last = np.append(np.nonzero(np.diff(rs) > 0)[0], len(rs) - 1)
+    rs, mean = rs[last], mean[last]
     # the first drop of the enclosed mean through 1 beyond the innermost pixels (they sit on the BCG's cusp)
     crossing = np.nonzero((mean[1:] < 1.0) & (mean[:-1] >= 1.0) & (rs[1:] > 2 * step_arcsec))[0]
     if len(crossing) == 0:
