@@ -75,22 +75,36 @@ def radial_median_model(image: torch.Tensor, *, n_angles: int = 65) -> torch.Ten
     A round deflector is reproduced; arcs, which cover a minority of the angles at their radius, are not
     (a complete ring is, and stays in the model). Shape as ``image``.
     """
-    import math
+    n = image.shape[0]
+    return _median_on_ellipses(image, torch.ones(n, device=image.device), torch.zeros(n, device=image.device),
+                               n_angles)
 
+
+def _median_on_ellipses(image: torch.Tensor, q: torch.Tensor, theta: torch.Tensor, n_angles: int) -> torch.Tensor:
+    """Each band's median over ``n_angles`` points of each ellipse about the centre (axis ratio ``q``, major axis
+    at ``theta``, per cutout; semi-major axes every half pixel to the edge; bilinear), interpolated back to every
+    pixel's elliptical radius. Circles (q = 1, theta = 0) are the radial model."""
     n, b, h, w = image.shape
     r_steps = h  # half-pixel steps out to the edge
-    r = (torch.arange(r_steps, dtype=torch.float32, device=image.device) + 0.5) / 2
+    a = (torch.arange(r_steps, dtype=torch.float32, device=image.device) + 0.5) / 2
     t = torch.arange(n_angles, dtype=torch.float32, device=image.device) * (2 * math.pi / n_angles)
-    grid = torch.stack([r[:, None] * torch.cos(t)[None] / (w / 2), r[:, None] * torch.sin(t)[None] / (h / 2)], -1)
-    polar = F.grid_sample(image.float(), grid[None].expand(n, r_steps, n_angles, 2), mode="bilinear",
-                          padding_mode="border", align_corners=False)
-    profile = polar.median(dim=-1).values  # (n, b, r_steps)
+    u = (a[:, None] * torch.cos(t)[None])[None]  # (1, r, t) along the major axis
+    v = (a[:, None] * torch.sin(t)[None])[None] * q[:, None, None]  # (n, r, t) along the minor axis
+    ct, st = torch.cos(theta)[:, None, None], torch.sin(theta)[:, None, None]
+    grid = torch.stack([(u * ct - v * st) / (w / 2), (u * st + v * ct) / (h / 2)], -1)
+    polar = F.grid_sample(image.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    profile = polar.median(dim=-1).values  # (n, b, r_steps); an odd count: torch's median of an even one is low
     yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32, device=image.device) - (h - 1) / 2,
                             torch.arange(w, dtype=torch.float32, device=image.device) - (w - 1) / 2, indexing="ij")
-    pos = (2 * torch.sqrt(xx**2 + yy**2) - 0.5).clamp(0, r_steps - 1)
+    major = xx * ct + yy * st  # (n, h, w)
+    minor = (-xx * st + yy * ct) / q[:, None, None]
+    pos = (2 * torch.sqrt(major**2 + minor**2) - 0.5).clamp(0, r_steps - 1)
     i0 = pos.floor().long().clamp(max=r_steps - 2)
-    frac = pos - i0
-    return (profile[..., i0] * (1 - frac) + profile[..., i0 + 1] * frac).to(image.dtype)
+    frac = (pos - i0)[:, None]
+    idx = i0.reshape(n, 1, h * w).expand(n, b, h * w)
+    lower = profile.gather(-1, idx).reshape(n, b, h, w)
+    upper = profile.gather(-1, idx + 1).reshape(n, b, h, w)
+    return (lower * (1 - frac) + upper * frac).to(image.dtype)
 
 
 def radial_residual(image: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
@@ -164,30 +178,8 @@ def elliptical_median_model(image: torch.Tensor, *, n_angles: int = 65, min_q: f
     deflector is reproduced, where circles leave a quadrupole residual that an arc-finder may take for arcs;
     arcs, which cover a minority of their ellipse, are not. With a round deflector it is the radial model.
     """
-    n, b, h, w = image.shape
     q, theta = deflector_shape(image)
-    q = q.clamp(min_q, 1.0)
-    r_steps = h
-    a = (torch.arange(r_steps, dtype=torch.float32, device=image.device) + 0.5) / 2
-    t = torch.arange(n_angles, dtype=torch.float32, device=image.device) * (2 * math.pi / n_angles)
-    u = a[None, :, None] * torch.cos(t)[None, None]  # (1, r, t) along the major axis
-    v = a[None, :, None] * torch.sin(t)[None, None] * q[:, None, None]  # (n, r, t) along the minor axis
-    ct, st = torch.cos(theta)[:, None, None], torch.sin(theta)[:, None, None]
-    gx, gy = u * ct - v * st, u * st + v * ct
-    grid = torch.stack([gx / (w / 2), gy / (h / 2)], -1)
-    polar = F.grid_sample(image.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
-    profile = polar.median(dim=-1).values  # (n, b, r_steps)
-    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32, device=image.device) - (h - 1) / 2,
-                            torch.arange(w, dtype=torch.float32, device=image.device) - (w - 1) / 2, indexing="ij")
-    major = xx * ct + yy * st  # (n, h, w)
-    minor = (-xx * st + yy * ct) / q[:, None, None]
-    pos = (2 * torch.sqrt(major**2 + minor**2) - 0.5).clamp(0, r_steps - 1)  # (n, h, w)
-    i0 = pos.floor().long().clamp(max=r_steps - 2)
-    frac = (pos - i0)[:, None]
-    idx = i0.reshape(n, 1, h * w).expand(n, b, h * w)
-    lower = profile.gather(-1, idx).reshape(n, b, h, w)
-    upper = profile.gather(-1, idx + 1).reshape(n, b, h, w)
-    return (lower * (1 - frac) + upper * frac).to(image.dtype)
+    return _median_on_ellipses(image, q.clamp(min_q, 1.0), theta, n_angles)
 
 
 def elliptical_residual(image: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
