@@ -50,6 +50,8 @@ Training levers (the physical population, the member changed):
   member without.
 * ``radial_residual``: the member with each band less its radial median profile as more input channels.
 * ``elliptical_residual``: the same with the median on ellipses of the deflector's shape (adaptive moments).
+* ``ema=<epochs>``: validation, model selection and scoring with a moving average of the weights over about that
+  many epochs (``module.LensClassifier.update_weight_average``).
 * ``head_dropout`` (``head_dropout=<p>``): the member with dropout (default 0.2) on its pooled features before the
   classifier, which MC-dropout scoring needs. The demo profile trains with 0.2 since it was measured, so every
   lever has it; ``head_dropout=0`` is the member without.
@@ -102,7 +104,7 @@ VALUE_LEVERS = ("deep=<factor>", "group=<fraction>", "negatives=<type>:<weight>/
                 "toml=<section>.<key>:<number>/...",
                 "train_family=<name>")  # a family written from physical.toml with one value set, or a packaged one
 TRAINING_LEVERS = ("film", "colour_residual[=0]", "radial_residual", "elliptical_residual",
-                   "head_dropout[=p]", "upsample=<k>", "zoom=<max>",
+                   "ema=<epochs>", "head_dropout[=p]", "upsample=<k>", "zoom=<max>",
                    "arc_attention", "float32_stem[=0]", "fresh=<share>", "physics[=w]", "theta_e_balance=<alpha>",
                    "member=<backbone>")  # the physical population, another training choice
 SHARD_LEVERS = ("psf_target=<arcsec>",)  # the physical population, other PSF-matched shards
@@ -164,6 +166,8 @@ def training_overrides(lever: str) -> dict:
         return {"radial_residual": True}
     if lever == "elliptical_residual":
         return {"elliptical_residual": True}
+    if lever.startswith("ema="):
+        return {"ema_epochs": lever_number(lever, lambda v: v > 0, "the average's memory in epochs must be > 0")}
     if lever.startswith("physics"):
         return {"physics_weight": float(lever.split("=", 1)[1]) if "=" in lever else 0.1}
     if lever.startswith("theta_e_balance="):

@@ -38,6 +38,9 @@ class TrainConfig(dg.Config):
     elliptical_residual: bool = Field(default=False, description="add each band less its median on ellipses of "
                                       "the deflector's shape (adaptive moments about the centre) as input "
                                       "channels: radial_residual for elliptical deflectors; not with it")
+    ema_epochs: float = Field(default=0.0, ge=0.0, description="validate, select and score with an exponential "
+                              "moving average of each member's weights over about this many epochs (updated every "
+                              "step, batch-norm statistics alike); 0: the weights as trained")
     head_dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="dropout on each member's pooled "
                                 "features before its classifier; > 0 also gives candidates an MC-dropout "
                                 "uncertainty (scoring draws the head several times)")
@@ -192,6 +195,7 @@ def lens_classifier(context: dg.AssetExecutionContext, config: TrainConfig, stor
             f"{member}/residual_bands": ",".join(s.get("residual_bands", [])),
             f"{member}/radial_residual": bool(s.get("radial_residual", False)),
             f"{member}/elliptical_residual": bool(s.get("elliptical_residual", False)),
+            f"{member}/ema_epochs": float(s.get("ema_epochs", 0.0)),
             f"{member}/head_dropout": float(s.get("head_dropout", 0.0)),
             f"{member}/upsample": int(s.get("upsample", 1)),
             f"{member}/zoom_max": float(s.get("zoom_max", 1.0)),

@@ -385,7 +385,7 @@ class LensClassifier(L.LightningModule):
                  head_dropout: float = 0.0, upsample: int = 1, arc_attention: bool = False,
                  physics_weight: float = 0.0, physics_warmup_epochs: int = 2, psf_fwhm_px: float = 4.0,
                  weights_path: str | None = None, zoom_max: float = 1.0, float32_stem: bool = False,
-                 elliptical_residual: bool = False):
+                 elliptical_residual: bool = False, ema_epochs: float = 0.0):
         super().__init__()
         if zoom_max < 1.0:
             raise ValueError(f"zoom_max must be >= 1, got {zoom_max}")
@@ -393,6 +393,8 @@ class LensClassifier(L.LightningModule):
             raise ValueError(f"head_dropout must be in [0, 1), got {head_dropout}")
         if upsample not in (1, 2, 3, 4):
             raise ValueError(f"upsample must be 1, 2, 3 or 4, got {upsample}")
+        if ema_epochs < 0:
+            raise ValueError(f"ema_epochs must be >= 0 (0: no weight average), got {ema_epochs}")
         if radial_residual and elliptical_residual:
             raise ValueError("radial_residual and elliptical_residual are two models of the same deflector light: "
                              "choose one")
@@ -421,9 +423,55 @@ class LensClassifier(L.LightningModule):
         self.lens_head = (torch.nn.Linear(self.net.get_classifier().in_features, len(LENS_PARAMETERS))
                           if physics_weight > 0 else None)
         self.physics_failures = 0
+        # an exponential moving average of the weights that classify (backbone, FiLM, arc branch), which validation
+        # and scoring use (eval mode) while training steps the live weights; its own copies, in the state dict
+        self.ema = None
+        if ema_epochs > 0:
+            import copy
+
+            self.ema = copy.deepcopy(torch.nn.ModuleDict(self._classifying_modules()))
+            self.ema.requires_grad_(False)
+            self.register_buffer("ema_updates", torch.zeros((), dtype=torch.int64))
         self.memory_format = torch.contiguous_format  # channels_last is set by train() and the scorer
         self._val_scores: list = []
         self._val_labels: list = []
+
+    def _classifying_modules(self) -> dict:
+        """The live modules a logit is made of: the backbone, and FiLM and the arc branch where the member has them."""
+        parts = {"net": self.net}
+        if self.film is not None:
+            parts["film"] = self.film
+        if self.arc is not None:
+            parts["arc"] = self.arc
+        return parts
+
+    def _scoring_modules(self):
+        """(backbone, FiLM or None, arc branch or None) that make this forward's logit: the weight average's in eval
+        mode (validation, scoring) when the member keeps one, the live ones otherwise."""
+        parts = self.ema if self.ema is not None and not self.training else self._classifying_modules()
+        return parts["net"], (parts["film"] if "film" in parts else None), (parts["arc"] if "arc" in parts else None)
+
+    @torch.no_grad()
+    def update_weight_average(self, steps_per_epoch: int) -> float:
+        """One step of the weights' exponential moving average, with decay ``1 - 1 / (ema_epochs * steps_per_epoch)``
+        (a memory of ``ema_epochs`` epochs), at most ``(1 + k) / (10 + k)`` after ``k`` updates so that the
+        initial weights are soon forgotten. Batch-norm statistics are averaged alike; counters are copied. Returns
+        the decay used."""
+        k = int(self.ema_updates)
+        decay = min(1.0 - 1.0 / max(1.0, float(self.hparams.ema_epochs) * max(1, steps_per_epoch)), (1 + k) / (10 + k))
+        live = torch.nn.ModuleDict(self._classifying_modules()).state_dict()
+        avg = self.ema.state_dict(keep_vars=True)
+        floats = [n for n, t in avg.items() if t.is_floating_point()]
+        torch._foreach_lerp_([avg[n].data for n in floats], [live[n].detach() for n in floats], 1.0 - decay)
+        for n, t in avg.items():
+            if not t.is_floating_point():
+                t.data.copy_(live[n])
+        self.ema_updates += 1
+        return decay
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.ema is not None:
+            self.update_weight_average(int(self.trainer.num_training_batches))
 
     @property
     def needs_conditions(self) -> bool:
@@ -469,28 +517,30 @@ class LensClassifier(L.LightningModule):
         pass, MC dropout and the physics loss share. Without FiLM, head dropout or ``features`` the backbone's
         own head runs (timm's forward)."""
         x = self.network_input(image, variance)
-        arc = 0.0 if self.arc is None else self.arc(x)
-        if self.film is None and not self.head_dropout and not features:
-            return self.net(x).squeeze(1) + arc, None, arc
+        net, film, arc_branch = self._scoring_modules()
+        arc = 0.0 if arc_branch is None else arc_branch(x)
+        if film is None and not self.head_dropout and not features:
+            return net(x).squeeze(1) + arc, None, arc
         pooled = self._pooled(x, variance, fwhm_before, band_flags)
         return self.classify(pooled, dropout=dropout) + arc, pooled, arc
 
     def _pooled(self, x, variance, fwhm_before, band_flags) -> torch.Tensor:
         """The backbone's pooled features of the network input ``x`` (FiLM-conditioned for a FiLM member)."""
-        features = self.net.forward_head(self.net.forward_features(x), pre_logits=True)
-        if self.film is None:
+        net, film, _ = self._scoring_modules()
+        features = net.forward_head(net.forward_features(x), pre_logits=True)
+        if film is None:
             return features
         if fwhm_before is None or band_flags is None:
             raise ValueError(f"a FiLM member ({self.hparams.backbone}) needs fwhm_before and band_flags with the "
                              "images (the shards' per-row PSF table)")
-        return self.film(features, observing_conditions(variance, fwhm_before, band_flags))
+        return film(features, observing_conditions(variance, fwhm_before, band_flags))
 
     def classify(self, features: torch.Tensor, *, dropout: bool) -> torch.Tensor:
         """Logits of pooled ``features``; ``dropout`` drops features at ``head_dropout`` first (training, and
         the samples of :meth:`mc_dropout_logits`)."""
         if dropout and self.head_dropout:
             features = F.dropout(features, p=self.head_dropout, training=True)
-        return self.net.get_classifier()(features).squeeze(1)
+        return self._scoring_modules()[0].get_classifier()(features).squeeze(1)
 
     def mc_dropout_logits(self, image: torch.Tensor, variance: torch.Tensor, fwhm_before=None, band_flags=None, *,
                           n_samples: int = 16, generator: torch.Generator | None = None):
@@ -508,7 +558,8 @@ class LensClassifier(L.LightningModule):
                                                      features=True)
         keep = 1.0 - self.head_dropout
         draws = torch.rand((n_samples, *features.shape), generator=generator).to(features.device) < keep
-        samples = self.net.get_classifier()(features[None] * draws.to(features.dtype) / keep).squeeze(-1) + arc
+        classifier = self._scoring_modules()[0].get_classifier()
+        samples = classifier(features[None] * draws.to(features.dtype) / keep).squeeze(-1) + arc
         return deterministic, samples
 
     def _forward_batch(self, batch, image=None, variance=None):

@@ -65,6 +65,7 @@ class TrainSettings:
     colour_residual: bool = False  # one more input channel: the RingFinder band difference (module.colour_residual)
     radial_residual: bool = False  # one more channel per band: the band less its radial median (module.radial_residual)
     elliptical_residual: bool = False  # the same on ellipses of the deflector's shape (module.elliptical_residual)
+    ema_epochs: float = 0.0  # validation and scoring use a moving average of the weights over this many epochs; 0: off
     head_dropout: float = 0.0  # dropout on the pooled features before the classifier; > 0 enables MC-dropout scoring
     upsample: int = 1  # the network input upsampled this many times (bilinear): more feature map for small arcs
     zoom_max: float = 1.0  # training cutouts magnified by a factor log-uniform in [1, zoom_max] (module.augment)
@@ -211,7 +212,7 @@ def train(shard_dir: str | Path, splits_path: str | Path, out_dir: str | Path, s
                            physics_warmup_epochs=settings.physics_warmup_epochs,
                            psf_fwhm_px=_matched_psf_fwhm_px(shard_dir, shard_survey), weights_path=settings.weights_path or None,
                            zoom_max=settings.zoom_max, float32_stem=settings.float32_stem,
-                           elliptical_residual=settings.elliptical_residual)
+                           elliptical_residual=settings.elliptical_residual, ema_epochs=settings.ema_epochs)
     gpu = torch.cuda.is_available() and settings.accelerator in ("auto", "gpu", "cuda")
     precision = resolve_precision(settings.precision, gpu=gpu)
     model.use_channels_last()
@@ -276,6 +277,7 @@ def train(shard_dir: str | Path, splits_path: str | Path, out_dir: str | Path, s
         "residual_bands": [shard_bands[i] for i in residual] if residual else [],
         "radial_residual": settings.radial_residual,
         "elliptical_residual": settings.elliptical_residual,
+        "ema_epochs": settings.ema_epochs,
         "head_dropout": settings.head_dropout,
         "upsample": settings.upsample,
         "zoom_max": settings.zoom_max,

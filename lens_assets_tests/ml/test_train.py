@@ -795,3 +795,54 @@ def test_a_float32_stem_member_trains_records_it_and_scores_with_it(data, tmp_pa
     assert member.hparams.float32_stem and type(first_conv(member.net)) is Float32Conv2d
     z = member_logits([member], ShardDataset(data / "shards"), device="cpu")
     assert z.shape == (32, 1) and np.isfinite(z).all()
+
+
+def test_the_weight_average_follows_its_decay_and_is_what_eval_mode_scores():
+    """One update moves every averaged weight and batch-norm statistic by (1 - decay) towards the live one, the
+    decay being 1 - 1/(epochs x steps) after the first updates' faster start; eval mode classifies with the
+    average, training with the live weights; a member without one has no copy."""
+    from lens_assets.ml.module import LensClassifier
+
+    torch.manual_seed(0)
+    m = LensClassifier(backbone="resnet10t", in_chans=2, img_size=32, ema_epochs=2.0)
+    assert LensClassifier(backbone="resnet10t", in_chans=2, img_size=32).ema is None
+    with torch.no_grad():
+        for p in m.net.parameters():
+            p.add_(1.0)
+    before = {k: v.clone() for k, v in m.ema["net"].state_dict().items()}
+    m.ema_updates.fill_(1000)  # past the start: the decay is the memory's
+    decay = m.update_weight_average(steps_per_epoch=50)
+    assert decay == pytest.approx(1 - 1 / 100)
+    after = m.ema["net"].state_dict()
+    for k, v in m.net.state_dict().items():
+        if v.is_floating_point():
+            torch.testing.assert_close(after[k], decay * before[k] + (1 - decay) * v)
+    # the average started as the initial weights, which training then moved by +1: it moves by (1 - decay)
+    torch.testing.assert_close(after["conv1.0.weight"] - before["conv1.0.weight"],
+                               torch.full_like(before["conv1.0.weight"], 1 - decay))
+    m.ema_updates.fill_(0)
+    assert m.update_weight_average(steps_per_epoch=50) == pytest.approx(0.1)  # the first: (1 + 0) / (10 + 0)
+    image, variance = torch.rand(3, 2, 32, 32), torch.ones(3, 2, 32, 32)
+    m.eval()
+    averaged = m(image, variance)
+    torch.testing.assert_close(averaged, m.ema["net"](m.network_input(image, variance)).squeeze(1))
+    assert not torch.allclose(averaged, m.net(m.network_input(image, variance)).squeeze(1))
+    with pytest.raises(ValueError, match="ema_epochs"):
+        LensClassifier(backbone="resnet10t", in_chans=2, ema_epochs=-1.0)
+
+
+def test_a_weight_averaged_member_trains_records_it_and_scores_with_the_average(data, tmp_path):
+    from lens_assets.ml.data import ShardDataset
+    from lens_assets.ml.score import load_member, member_logits
+
+    s = train(data / "shards", data / "splits.parquet", tmp_path / "ema",
+              TrainSettings(backbone="resnet10t", epochs=2, batch_size=16, progress=False, ema_epochs=1.0))
+    assert s["ema_epochs"] == 1.0
+    member = load_member(s["best_checkpoint"])
+    assert int(member.ema_updates) > 0
+    ds = ShardDataset(data / "shards")
+    z = member_logits([member], ds, device="cpu")
+    assert z.shape == (32, 1) and np.isfinite(z).all()
+    # the scores are the average's: the live weights score otherwise
+    member.ema = None
+    assert not np.allclose(member_logits([member], ds, device="cpu"), z)
