@@ -454,11 +454,12 @@ class LensClassifier(L.LightningModule):
     @torch.no_grad()
     def update_weight_average(self, steps_per_epoch: int) -> float:
         """One step of the weights' exponential moving average, with decay ``1 - 1 / (ema_epochs * steps_per_epoch)``
-        (a memory of ``ema_epochs`` epochs), at most ``(1 + k) / (10 + k)`` after ``k`` updates so that the
-        initial weights are soon forgotten. Batch-norm statistics are averaged alike; counters are copied. Returns
-        the decay used."""
+        (a memory of ``ema_epochs`` epochs), at most ``k / (k + 1)`` after ``k`` updates: until the memory is
+        reached the average is the plain mean of the weights after every step so far (the first update copies
+        them; the initial weights never count). Batch-norm statistics are averaged alike; counters are copied.
+        Returns the decay used."""
         k = int(self.ema_updates)
-        decay = min(1.0 - 1.0 / max(1.0, float(self.hparams.ema_epochs) * max(1, steps_per_epoch)), (1 + k) / (10 + k))
+        decay = min(1.0 - 1.0 / max(1.0, float(self.hparams.ema_epochs) * max(1, steps_per_epoch)), k / (k + 1))
         live = torch.nn.ModuleDict(self._classifying_modules()).state_dict()
         avg = self.ema.state_dict(keep_vars=True)
         floats = [n for n, t in avg.items() if t.is_floating_point()]

@@ -799,8 +799,9 @@ def test_a_float32_stem_member_trains_records_it_and_scores_with_it(data, tmp_pa
 
 def test_the_weight_average_follows_its_decay_and_is_what_eval_mode_scores():
     """One update moves every averaged weight and batch-norm statistic by (1 - decay) towards the live one, the
-    decay being 1 - 1/(epochs x steps) after the first updates' faster start; eval mode classifies with the
-    average, training with the live weights; a member without one has no copy."""
+    decay being 1 - 1/(epochs x steps) once that many updates are done and the running mean before: the first
+    update copies the live weights, the k-th weighs them 1/k. Eval mode classifies with the average, training with
+    the live weights; a member without one has no copy."""
     from lens_assets.ml.module import LensClassifier
 
     torch.manual_seed(0)
@@ -821,7 +822,19 @@ def test_the_weight_average_follows_its_decay_and_is_what_eval_mode_scores():
     torch.testing.assert_close(after["conv1.0.weight"] - before["conv1.0.weight"],
                                torch.full_like(before["conv1.0.weight"], 1 - decay))
     m.ema_updates.fill_(0)
-    assert m.update_weight_average(steps_per_epoch=50) == pytest.approx(0.1)  # the first: (1 + 0) / (10 + 0)
+    assert m.update_weight_average(steps_per_epoch=50) == 0.0  # the first copies
+    torch.testing.assert_close(m.ema["net"].state_dict()["conv1.0.weight"], m.net.state_dict()["conv1.0.weight"])
+    first = m.net.state_dict()["conv1.0.weight"].clone()
+    with torch.no_grad():
+        for p in m.net.parameters():
+            p.add_(3.0)
+    assert m.update_weight_average(steps_per_epoch=50) == pytest.approx(0.5)  # the mean of the two
+    torch.testing.assert_close(m.ema["net"].state_dict()["conv1.0.weight"], first + 1.5)
+    # eval mode scores with the average: here another initialization's weights, the live ones a first one's
+    torch.manual_seed(1)
+    m.ema["net"].load_state_dict(LensClassifier(backbone="resnet10t", in_chans=2, img_size=32).net.state_dict())
+    torch.manual_seed(2)
+    m.net.load_state_dict(LensClassifier(backbone="resnet10t", in_chans=2, img_size=32).net.state_dict())
     image, variance = torch.rand(3, 2, 32, 32), torch.ones(3, 2, 32, 32)
     m.eval()
     averaged = m(image, variance)
