@@ -19,8 +19,9 @@ from lens_assets.science.fileio import sha256_file
 from lens_assets.science.surveys import get_survey
 
 CLUSTER_CODE_VERSION = "cluster-1"
-# the simulation's own: cluster-2 takes the Einstein radius's enclosed mean within each distinct pixel radius
-# (before, pixels at one radius entered in the order a sort left them, which differs between CPUs)
+# the simulation's own: cluster-2 takes the Einstein radius's enclosed mean within each distinct pixel radius, in
+# a stable sort's order (before, pixels at one radius entered one by one in the order numpy's default sort left
+# them, which differs between CPUs)
 CLUSTER_FIELDS_CODE_VERSION = "cluster-2"
 _SHOWN = 6  # fields in each gallery
 

@@ -133,6 +133,9 @@ def first_conv(model):
     name = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
     if not name:
         raise ValueError(f"{type(model).__name__} names no first convolution (timm pretrained_cfg['first_conv'])")
+    if not isinstance(name, str):  # e.g. fastvit: parallel branches that all see the input
+        raise ValueError(f"{type(model).__name__} has {len(name)} first convolutions in parallel ({', '.join(name)}): "
+                         "widening or converting one of them alone would be wrong")
     return model.get_submodule(name)
 
 

@@ -67,6 +67,8 @@ def probe_batch_size(model, sample_shape, *, device, max_batch: int = 1024, frac
     first = next(model.parameters(), None)
     home = first.device if first is not None else torch.device("cpu")
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    # a weight average's frozen copies have no gradients or optimizer moments
+    trained_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     was_training = model.training
     gen = torch.Generator(device=device).manual_seed(0)
@@ -107,7 +109,7 @@ def probe_batch_size(model, sample_shape, *, device, max_batch: int = 1024, frac
     free = torch.cuda.mem_get_info(device)[0]
     if home == device:  # the weights sit on the device now; they are counted in fixed_bytes instead
         free += param_bytes
-    fixed = 4 * param_bytes + intercept  # weights, gradients, AdamW's two moments
+    fixed = param_bytes + 3 * trained_bytes + intercept  # weights; the trained ones' gradients and AdamW moments
     batch = batch_from_probe(per_sample, fixed, free, fraction=fraction, max_batch=max_batch)
     return {"batch_size": int(batch), "per_sample_bytes": float(per_sample), "free_bytes": int(free),
             "fixed_bytes": float(fixed)}

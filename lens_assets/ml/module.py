@@ -130,7 +130,8 @@ def float32_first_conv(model: torch.nn.Module) -> None:
     Under bf16 autocast the network input is rounded to bf16 (8 significant bits) at the first convolution: a
     relative step of 2^-8 on ``asinh(image / noise)``, which near a bright deflector, where faint arcs lie, is as
     large as the pixel noise (``benchmarks/bench_input_precision.py``). In float32 the stem forms its filters'
-    differences of neighbouring pixels first, and what it passes on is rounded relative to those.
+    differences of neighbouring pixels first, and what it passes on is rounded relative to those. The arc
+    branch of an ``arc_attention`` member has its own first convolution, which still rounds its input.
     """
     conv = first_conv(model)
     if type(conv) is not torch.nn.Conv2d:
@@ -178,8 +179,9 @@ def elliptical_median_model(image: torch.Tensor, *, n_angles: int = 65, min_q: f
     deflector is reproduced, where circles leave a quadrupole residual that an arc-finder may take for arcs;
     arcs, which cover a minority of their ellipse, are not. With a round deflector it is the radial model.
     """
-    q, theta = deflector_shape(image)
-    return _median_on_ellipses(image, q.clamp(min_q, 1.0), theta, n_angles)
+    with torch.autocast(device_type=image.device.type, enabled=False):  # the shape's matmuls stay float32
+        q, theta = deflector_shape(image.float())
+        return _median_on_ellipses(image, q.clamp(min_q, 1.0), theta, n_angles)
 
 
 def elliptical_residual(image: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
@@ -641,7 +643,9 @@ class LensClassifier(L.LightningModule):
         self.log("val_auroc", auroc, prog_bar=True)
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        # the weight average's copies are not trained (requires_grad False): not the optimizer's
+        opt = torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.hparams.lr,
+                                weight_decay=self.hparams.weight_decay)
         # cosine decay to 0 over this run's epochs. A LambdaLR keeps only its epoch in a checkpoint (not the
         # length, as CosineAnnealingLR does), so a run resumed with more epochs decays over the new length
         # instead of climbing back up the cosine after the first start's end

@@ -577,6 +577,8 @@ def test_the_elliptical_residual_removes_an_elliptical_deflector_that_circles_le
     assert math.cos(2 * (float(got_theta[0]) - theta)) == pytest.approx(1.0, abs=1e-3)  # an axis: modulo pi
     model = elliptical_median_model(image)
     assert (model[0] - image[0]).abs().max() < 0.02 * 100.0
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # training's autocast leaves the model in float32
+        assert torch.equal(elliptical_median_model(image), model)
     assert (radial_median_model(image)[0] - image[0]).abs().max() > 0.3 * 100.0
     on_arc = arc > 4.0
     assert (image - model)[1, 0][on_arc].mean() > 0.9 * arc[on_arc].mean()
@@ -643,8 +645,9 @@ def test_the_run_fingerprint_follows_the_shards_data_version_and_the_settings_th
                            TrainSettings(backbone="resnet10t", colour_residual=True)) != fp
     assert run_fingerprint(data / "shards", data / "splits.parquet",
                            TrainSettings(backbone="resnet10t", radial_residual=True)) != fp
-    assert run_fingerprint(data / "shards", data / "splits.parquet",
-                           TrainSettings(backbone="resnet10t", elliptical_residual=True)) != fp
+    for option in ({"elliptical_residual": True}, {"float32_stem": True}, {"ema_epochs": 1.0}):
+        assert run_fingerprint(data / "shards", data / "splits.parquet",
+                               TrainSettings(backbone="resnet10t", **option)) != fp, option
     assert run_fingerprint(data / "shards", data / "splits.parquet", TrainSettings(backbone="resnet10t", epochs=3)) == fp
 
 
@@ -780,6 +783,12 @@ def test_a_float32_stem_sees_the_input_unrounded_under_bf16_autocast():
     with pytest.raises(ValueError, match="not a Conv2d"):
         float32_first_conv(net)  # already converted: refused rather than wrapped twice
 
+    class TwoStems(torch.nn.Module):  # e.g. fastvit: parallel first convolutions
+        pretrained_cfg = {"first_conv": ("a", "b")}
+
+    with pytest.raises(ValueError, match=r"2 first convolutions in parallel \(a, b\)"):
+        float32_first_conv(TwoStems())
+
 
 def test_a_float32_stem_member_trains_records_it_and_scores_with_it(data, tmp_path):
     from lens_assets.ml.data import ShardDataset
@@ -840,6 +849,22 @@ def test_the_weight_average_follows_its_decay_and_is_what_eval_mode_scores():
     averaged = m(image, variance)
     torch.testing.assert_close(averaged, m.ema["net"](m.network_input(image, variance)).squeeze(1))
     assert not torch.allclose(averaged, m.net(m.network_input(image, variance)).squeeze(1))
+    # training steps the live weights
+    m.train()
+    torch.testing.assert_close(m(image, variance), m.net(m.network_input(image, variance)).squeeze(1))
+    # with head dropout the features and the head are both the average's: deterministic logits and MC samples
+    torch.manual_seed(3)
+    hd = LensClassifier(backbone="resnet10t", in_chans=2, img_size=32, ema_epochs=1.0, head_dropout=0.5)
+    torch.manual_seed(4)
+    hd.ema["net"].load_state_dict(LensClassifier(backbone="resnet10t", in_chans=2, img_size=32).net.state_dict())
+    hd.eval()
+    ema_net = hd.ema["net"]
+    features = ema_net.forward_head(ema_net.forward_features(hd.network_input(image, variance)), pre_logits=True)
+    torch.testing.assert_close(hd(image, variance), ema_net.get_classifier()(features).squeeze(1))
+    det, samples = hd.mc_dropout_logits(image, variance, n_samples=4, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(det, ema_net.get_classifier()(features).squeeze(1))
+    draws = torch.rand((4, *features.shape), generator=torch.Generator().manual_seed(0)) < 0.5
+    torch.testing.assert_close(samples, ema_net.get_classifier()(features[None] * draws / 0.5).squeeze(-1))
     with pytest.raises(ValueError, match="ema_epochs"):
         LensClassifier(backbone="resnet10t", in_chans=2, ema_epochs=-1.0)
 

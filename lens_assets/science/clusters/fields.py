@@ -160,13 +160,15 @@ def einstein_radius_arcsec(lens_model, kwargs_lens, *, max_radius_arcsec: float,
     dx, dy = (a.ravel() for a in np.meshgrid(axis, axis))
     r = np.hypot(dx, dy)
     inside = r <= r_max
-    order = np.argsort(r[inside])
+    if not inside.any():
+        return 0.0
+    order = np.argsort(r[inside], kind="stable")  # one order on every CPU (numpy's default sorts differ by CPU)
     rs = r[inside][order]
     ks = np.asarray(lens_model.kappa(dx[inside][order] + center[0], dy[inside][order] + center[1],
                                      list(kwargs_lens)), dtype=float)
     mean = np.cumsum(ks) / np.arange(1, len(ks) + 1)
-    # the mean within each distinct radius: pixels at one radius (the grid's symmetry makes 4 or 8) all count,
-    # so the result does not depend on the order a sort leaves them in (numpy's sorts differ between CPUs)
+    # the mean within each distinct radius: the pixels at one radius (the grid's symmetry makes 4 or 8) enter
+    # together, so which of them comes first changes the figure only in its last bit (the order of the sum)
     last = np.append(np.nonzero(np.diff(rs) > 0)[0], len(rs) - 1)
     rs, mean = rs[last], mean[last]
     # the first drop of the enclosed mean through 1 beyond the innermost pixels (they sit on the BCG's cusp)

@@ -42,6 +42,9 @@ def test_einstein_radius_of_a_singular_isothermal_sphere_is_its_theta_e():
     weak = cf.einstein_radius_arcsec(LensModel(["SIS"]), [{"theta_E": 0.01, "center_x": 0.0, "center_y": 0.0}],
                                      max_radius_arcsec=5.0, step_arcsec=0.25)
     assert weak == 0.0
+    # no pixel centre within the radius: no crossing either
+    assert cf.einstein_radius_arcsec(LensModel(["SIS"]), [{"theta_E": 1.0, "center_x": 0.0, "center_y": 0.0}],
+                                     max_radius_arcsec=0.1, step_arcsec=0.25) == 0.0
 
 
 def test_einstein_radius_of_a_cluster_matches_the_whole_square_grid(small):
