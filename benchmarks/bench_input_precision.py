@@ -35,20 +35,18 @@ def rounding_over_noise(x, noise):
 def input_figures(shard_dir: Path, rows: int, batch: int = 256) -> dict:
     """Percentiles and shares of the rounding error over the noise, per annulus and class, for the scaled bands
     and the colour residual."""
-    import h5py
     import numpy as np
     import torch
 
     from lens_assets.ml.data import ShardDataset, collate
-    from lens_assets.ml.module import colour_residual, median_measured_variance, scale_input
+    from lens_assets.ml.module import colour_difference, colour_residual, median_measured_variance, scale_input
     from lens_assets.ml.train import residual_band_indices
     from lens_assets.science.surveys import get_survey
 
     ds = ShardDataset(shard_dir)
-    with h5py.File(shard_dir / ds.shard_names[0]) as f:
-        survey, bands = str(f.attrs["survey"]), str(f.attrs["bands"]).split(",")
-    blue, red = residual_band_indices(survey, bands)
-    scale = get_survey(survey).pixel_scale_arcsec
+    layout = ds.layout()
+    blue, red = residual_band_indices(layout["survey"], layout["bands"])
+    scale = get_survey(layout["survey"]).pixel_scale_arcsec
     ratios = {(ch, cls, a): [] for ch in ("bands", "colour residual") for cls in ("lens", "non-lens")
               for a in ANNULI_ARCSEC}
     n = min(rows, len(ds))
@@ -62,13 +60,8 @@ def input_figures(shard_dir: Path, rows: int, batch: int = 256) -> dict:
         x = scale_input(image, var)
         noise = torch.sqrt(var.clamp_min(0)) / s / torch.sqrt(1 + (image / s) ** 2)
         q = rounding_over_noise(x, noise)
-        # the colour residual, its noise in its own units (module.colour_residual)
-        c = image.shape[-1] // 2
-        fb = image[:, blue, c - 3:c + 4, c - 3:c + 4].sum(dim=(1, 2))
-        fr = image[:, red, c - 3:c + 4, c - 3:c + 4].sum(dim=(1, 2))
-        alpha = torch.where(fr > 0, fb / fr.clamp_min(1e-30), torch.zeros_like(fr)).clamp(0, 10)[:, None, None]
-        diff = image[:, blue] - alpha * image[:, red]
-        dvar = var[:, blue] + alpha**2 * var[:, red]
+        # the colour residual, its noise in its own units
+        diff, dvar = colour_difference(image, var, blue=blue, red=red)
         sd = torch.sqrt(median_measured_variance(dvar[:, None], 1).clamp_min(1e-20))[:, None, None]
         xr = colour_residual(image, var, blue=blue, red=red)[:, 0]
         qr = rounding_over_noise(xr, torch.sqrt(dvar.clamp_min(0)) / sd / torch.sqrt(1 + (diff / sd) ** 2))
@@ -87,7 +80,7 @@ def input_figures(shard_dir: Path, rows: int, batch: int = 256) -> dict:
             "pixels": int(v.size), "median": float(np.median(v)), "p90": float(np.percentile(v, 90)),
             "p99": float(np.percentile(v, 99)), "share_above_0.3": float((v > 0.3).mean()),
             "share_above_1": float((v > 1.0).mean())}
-    return {"survey": survey, "rows": n, "by_channel_class_annulus": out}
+    return {"survey": layout["survey"], "rows": n, "by_channel_class_annulus": out}
 
 
 def rates(shard_dir: Path, backbone: str, batch: int, steps: int, rounds: int) -> dict:
@@ -97,12 +90,10 @@ def rates(shard_dir: Path, backbone: str, batch: int, steps: int, rounds: int) -
     from lens_assets.ml.data import ShardDataset, collate
     from lens_assets.ml.module import LensClassifier
     from lens_assets.ml.train import residual_band_indices
-    import h5py
 
     torch.set_num_threads(cores())
     ds = ShardDataset(shard_dir)
-    with h5py.File(shard_dir / ds.shard_names[0]) as f:
-        survey, bands = str(f.attrs["survey"]), str(f.attrs["bands"]).split(",")
+    layout = ds.layout()
     b = collate(ds.__getitems__(list(range(min(batch, len(ds))))))
     image, var, label = b["image"], b["variance"], b["label"].float()
     variants = {"bf16": ("bf16", False), "bf16 + float32 stem": ("bf16", True), "float32": ("fp32", False)}
@@ -110,7 +101,8 @@ def rates(shard_dir: Path, backbone: str, batch: int, steps: int, rounds: int) -
     for name, (_, stem) in variants.items():
         torch.manual_seed(0)
         m = LensClassifier(backbone=backbone, in_chans=image.shape[1], img_size=image.shape[-1],
-                           residual_bands=residual_band_indices(survey, bands), float32_stem=stem)
+                           residual_bands=residual_band_indices(layout["survey"], layout["bands"]),
+                           float32_stem=stem)
         models[name] = m.use_channels_last()
         opts[name] = torch.optim.AdamW(m.parameters(), lr=1e-4)
 

@@ -151,7 +151,6 @@ def widen_first_conv(model, extra: int) -> None:
     conv.in_channels += extra
 
 
-
 def _read_state(path: Path) -> dict:
     import torch
 

@@ -68,6 +68,15 @@ class ShardDataset:
             self._arrays = [(f["images"], f["variance"]) for f in self._files]
         return self._files
 
+    def layout(self) -> dict:
+        """``survey``, ``bands`` (list), ``in_chans`` and ``img_size`` of the shards (their first file's attributes
+        and image shape: every shard of a build shares them)."""
+        import h5py
+
+        with h5py.File(self.shard_dir / self.shard_names[0], "r") as f:
+            return {"survey": str(f.attrs["survey"]), "bands": str(f.attrs["bands"]).split(","),
+                    "in_chans": int(f["images"].shape[1]), "img_size": int(f["images"].shape[-1])}
+
     @property
     def cached_rows(self) -> int:
         """Rows held in memory now (0 without a cache)."""

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .backbones import create_backbone, first_conv, widen_first_conv
 
 __all__ = ["LensClassifier", "scale_input", "median_measured_variance", "augment", "observing_conditions", "FiLM",
-           "colour_residual", "radial_residual", "radial_median_model", "Float32Conv2d", "float32_first_conv",
+           "colour_residual", "radial_residual", "radial_median_model", "colour_difference", "Float32Conv2d", "float32_first_conv",
            "deflector_shape", "elliptical_median_model", "elliptical_residual"]
 
 
@@ -55,15 +55,20 @@ def colour_residual(image: torch.Tensor, variance: torch.Tensor, *, blue: int, r
     flux gives 0 (the blue band itself). PSF-matched inputs make the difference
     meaningful: both bands share one PSF.
     """
+    diff, var = colour_difference(image, variance, blue=blue, red=red, half_box_px=half_box_px)
+    s = torch.sqrt(median_measured_variance(var[:, None], 1).clamp_min(1e-20))
+    return torch.asinh(diff / s[:, None, None])[:, None].to(image.dtype)
+
+
+def colour_difference(image: torch.Tensor, variance: torch.Tensor, *, blue: int, red: int,
+                      half_box_px: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """``blue - alpha * red`` and its variance, (n, H, W) each, float32: :func:`colour_residual` before scaling."""
     c, h = image.shape[-1] // 2, half_box_px
     centre = (slice(None), slice(c - h, c + h + 1), slice(c - h, c + h + 1))
     b, r = image[:, blue].float(), image[:, red].float()
     fb, fr = b[centre].sum(dim=(1, 2)), r[centre].sum(dim=(1, 2))
     alpha = torch.where(fr > 0, fb / fr.clamp_min(1e-30), torch.zeros_like(fr)).clamp(0.0, 10.0)[:, None, None]
-    diff = b - alpha * r
-    var = variance[:, blue].float() + alpha**2 * variance[:, red].float()
-    s = torch.sqrt(median_measured_variance(var[:, None], 1).clamp_min(1e-20))
-    return torch.asinh(diff / s[:, None, None])[:, None].to(image.dtype)
+    return b - alpha * r, variance[:, blue].float() + alpha**2 * variance[:, red].float()
 
 
 def radial_median_model(image: torch.Tensor, *, n_angles: int = 65) -> torch.Tensor:
@@ -111,9 +116,7 @@ def radial_residual(image: torch.Tensor, variance: torch.Tensor) -> torch.Tensor
     """Every band less its radial median profile (:func:`radial_median_model`), as ``asinh(residual / s)`` with
     the cutout's noise scale ``s`` of :func:`scale_input`: the deflector's round light removed so that faint
     arcs on a bright galaxy stand out. One channel per band, shape as ``image``."""
-    s = torch.sqrt(median_measured_variance(variance, 1).clamp_min(1e-20))
-    resid = image.float() - radial_median_model(image.float())
-    return torch.asinh(resid / s[:, None, None, None]).to(image.dtype)
+    return scale_input(image.float() - radial_median_model(image.float()), variance).to(image.dtype)
 
 
 class Float32Conv2d(torch.nn.Conv2d):
@@ -187,9 +190,7 @@ def elliptical_median_model(image: torch.Tensor, *, n_angles: int = 65, min_q: f
 def elliptical_residual(image: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
     """Every band less its elliptical median model (:func:`elliptical_median_model`), as ``asinh(residual / s)``
     with the cutout's noise scale ``s`` of :func:`scale_input`. One channel per band, shape as ``image``."""
-    s = torch.sqrt(median_measured_variance(variance, 1).clamp_min(1e-20))
-    resid = image.float() - elliptical_median_model(image.float())
-    return torch.asinh(resid / s[:, None, None, None]).to(image.dtype)
+    return scale_input(image.float() - elliptical_median_model(image.float()), variance).to(image.dtype)
 
 
 def observing_conditions(variance: torch.Tensor, fwhm_before: torch.Tensor, band_flags: torch.Tensor) -> torch.Tensor:

@@ -169,7 +169,6 @@ def train(shard_dir: str | Path, splits_path: str | Path, out_dir: str | Path, s
     start, once the previous epoch's checkpoints are on disk (a job whose disk does
     not outlive it copies them to the store there, so a retry can resume).
     """
-    import h5py
     import lightning as L
     import torch
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
@@ -200,9 +199,8 @@ def train(shard_dir: str | Path, splits_path: str | Path, out_dir: str | Path, s
     torch.set_num_threads(threads)
     L.seed_everything(settings.seed, workers=True)
     train_loader, val_loader, train_ds = _loaders(shard_dir, splits_path, settings, settings.batch_size)
-    with h5py.File(shard_dir / train_ds.shard_names[0]) as f:
-        in_chans, img_size = f["images"].shape[1], f["images"].shape[-1]
-        shard_survey, shard_bands = str(f.attrs["survey"]), str(f.attrs["bands"]).split(",")
+    layout = getattr(train_ds, "base", train_ds).layout()
+    in_chans, img_size, shard_survey, shard_bands = (layout[k] for k in ("in_chans", "img_size", "survey", "bands"))
     residual = residual_band_indices(shard_survey, shard_bands) if settings.colour_residual else None
     model = LensClassifier(backbone=settings.backbone, in_chans=in_chans, img_size=img_size, lr=settings.lr,
                            weight_decay=settings.weight_decay, max_epochs=settings.epochs, augment=settings.augment,

@@ -232,3 +232,10 @@ def test_available_memory_is_meminfo_or_less_where_a_cgroup_limit_leaves_less(tm
     assert avail(tmp_path / "v1") == host  # far above the host: meminfo decides
     (v1 / "memory.stat").write_text(f"hierarchical_memory_limit {GiB}\n")
     assert avail(tmp_path / "v1") == 0  # usage at the limit: nothing to cache
+
+
+def test_the_layout_of_shards_is_their_survey_bands_and_image_shape(shard_dir):
+    layout = ShardDataset(shard_dir).layout()
+    first = ShardDataset(shard_dir)[0]["image"]
+    assert layout["survey"] == "sdss" and layout["bands"] == ["u", "g", "r", "i", "z"]
+    assert (layout["in_chans"], layout["img_size"]) == (first.shape[0], first.shape[-1])
