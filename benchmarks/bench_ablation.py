@@ -396,14 +396,14 @@ def main(argv=None) -> list[dict]:
     args.heldout = [f for f in args.heldout.split(",") if f]
     levers = [lv for lv in args.levers.split(",") if lv]  # a trailing comma is no lever
     unknown = [p for lv in levers for p in unknown_parts(lv)]  # before hours of runs
-    if not unknown:
-        with tempfile.TemporaryDirectory() as tmp:  # every population's family is written and loaded, and every
-            for lv in levers:  # combination's options merged: a bad value or a clash stops here
-                family_file(lv, Path(tmp))
-                training_overrides(lv), shard_overrides(lv)
     if unknown:
         raise SystemExit(f"unknown lever(s) {unknown}; levers are "
                          f"{list(LEVERS) + list(VALUE_LEVERS) + list(TRAINING_LEVERS) + list(SHARD_LEVERS)}")
+    with tempfile.TemporaryDirectory() as tmp:  # every population's family is written and loaded, and every
+        for lv in levers:  # combination's options merged: a bad value or a clash stops here
+            family_file(lv, Path(tmp))
+            training_overrides(lv)
+            shard_overrides(lv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)

@@ -33,8 +33,9 @@ def main(argv=None) -> dict:
     import torch
     from sklearn.metrics import roc_auc_score
 
+    from lens_assets import layout
     from lens_assets.ml.data import ShardDataset
-    from lens_assets.ml.score import load_member, logits_of_batch
+    from lens_assets.ml.score import default_device, load_member, logits_of_batch
     from lens_assets.model_registry import read_ensemble
     from lens_assets.resources.storage import LocalStorage
 
@@ -44,14 +45,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch", type=int, default=256)
     args = ap.parse_args(argv)
     root = Path(args.root)
-    scores_path = root / "scores" / args.survey / "ensemble_logits.parquet"
+    storage = LocalStorage(root=str(root))
+    scores_path = storage.path(*layout.ensemble_scores(args.survey))
     if not scores_path.exists():
         raise SystemExit(f"{scores_path} does not exist: materialize score_calibrator in {root} first")
     scores = pd.read_parquet(scores_path)
-    first = read_ensemble(LocalStorage(root=str(root)), args.survey)["members"][0]  # checkpoint checked by sha256
+    first = read_ensemble(storage, args.survey)["members"][0]  # checkpoint checked by sha256
     member = first["name"]
-    model = load_member(first["path"])
-    dataset = ShardDataset(root / "shards" / args.survey, objids=scores["objid"].tolist())
+    device = default_device()
+    model = load_member(first["path"], device=device)
+    dataset = ShardDataset(storage.path(*layout.shards_dir(args.survey)), objids=scores["objid"].tolist())
     views = VIEWS[8]
     logits = np.zeros((len(scores), len(views)), np.float32)
     seconds = np.zeros(len(views))
@@ -64,7 +67,7 @@ def main(argv=None) -> dict:
             if flip:
                 im, var = im.flip(3), var.flip(3)
             t0 = time.perf_counter()
-            logits[start:start + len(im), j] = logits_of_batch([model], im, var, device="cpu", **conditions)[:, 0]
+            logits[start:start + len(im), j] = logits_of_batch([model], im, var, device=device, **conditions)[:, 0]
             seconds[j] += time.perf_counter() - t0
     one_view_rate = len(scores) / statistics.median(seconds)
     held = scores["split"] == "heldout"

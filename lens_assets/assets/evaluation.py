@@ -136,12 +136,10 @@ def shortcut_audit(context: dg.AssetExecutionContext, config: ShortcutConfig,
     catalog = _read_catalog(storage.path(*layout.catalog_table(survey.name)),
                             ["objid", "label", "sim_family", "sim_kind", "sim_role"], optional={"sim_role"})
     rows = splits[splits["split"].isin(["train", "test"])].merge(catalog, on="objid", how="left")
-    in_shards = set(pd.read_parquet(storage.path(*layout.shards_rows(survey.name)), columns=["objid"])["objid"])
-    usable = catalog[catalog["objid"].isin(in_shards) & catalog["label"].isin([0, 1])]
     # the same held-out rows bologna_report scores: by family name or by their file's SIMROLE
-    is_held, is_pair = held_out_masks(usable, config.heldout_families)
-    extra = pd.concat([usable[is_held].rename(columns={"sim_family": "split"}),
-                       usable[is_pair].assign(split=LENSING_ONLY)], ignore_index=True)
+    is_held, is_pair = held_out_masks(catalog, config.heldout_families, storage=storage, survey=survey.name)
+    extra = pd.concat([catalog[is_held].rename(columns={"sim_family": "split"}),
+                       catalog[is_pair].assign(split=LENSING_ONLY)], ignore_index=True)
     named = [f for f in config.heldout_families if f != LENSING_ONLY]
     families = [*named, *sorted(set(extra["split"]) - {*named, LENSING_ONLY}), LENSING_ONLY]
     cols = ["objid", "split", "label", "sim_kind"]
@@ -257,15 +255,20 @@ def _read_catalog(path, columns: list[str], *, optional: set[str]) -> pd.DataFra
     return pd.read_parquet(path, columns=[c for c in columns if c not in optional or c in names])
 
 
-def held_out_masks(catalog: pd.DataFrame, heldout_families) -> tuple[pd.Series, pd.Series]:
-    """Catalog rows of the held-out families and of the lensing-only pairs, as two disjoint masks.
+def held_out_masks(catalog: pd.DataFrame, heldout_families, *, storage: LocalStorage,
+                   survey: str) -> tuple[pd.Series, pd.Series]:
+    """Catalog rows of the held-out families and of the lensing-only pairs that can be scored, as two disjoint
+    masks.
 
     Held out: a family named in ``heldout_families`` or a file whose ``SIMROLE`` is ``heldout`` (a family of another
-    name, scored under its own ``sim_family``). Pairs: ``sim_family`` ``lensing_only`` or ``SIMROLE`` ``pairs``. What
-    ``bologna_report`` scores and what ``shortcut_audit`` scores are chosen by this one rule."""
-    is_pair = (catalog["sim_family"] == LENSING_ONLY) | has_role(catalog, "pairs")
+    name, scored under its own ``sim_family``). Pairs: ``sim_family`` ``lensing_only`` or ``SIMROLE`` ``pairs``. Both
+    only with a label (0 or 1) and a row in the survey's shards. What ``bologna_report`` scores and what
+    ``shortcut_audit`` scores are chosen by this one rule."""
+    in_shards = set(pd.read_parquet(storage.path(*layout.shards_rows(survey)), columns=["objid"])["objid"])
+    usable = catalog["objid"].isin(in_shards) & catalog["label"].isin([0, 1])
+    is_pair = ((catalog["sim_family"] == LENSING_ONLY) | has_role(catalog, "pairs")) & usable
     named = catalog["sim_family"].isin([f for f in heldout_families if f != LENSING_ONLY])
-    return (named | has_role(catalog, "heldout")) & ~is_pair, is_pair
+    return (named | has_role(catalog, "heldout")) & usable & ~is_pair, is_pair
 
 
 def _rows_to_score(storage: LocalStorage, survey: str, heldout_families) -> pd.DataFrame:
@@ -285,11 +288,8 @@ def _rows_to_score(storage: LocalStorage, survey: str, heldout_families) -> pd.D
                              "sim_role"], optional={*truth, "sim_role"})
     if "pair_id" not in catalog:  # a catalog ingested before PAIRID was read
         catalog["pair_id"] = ""
-    in_shards = set(pd.read_parquet(storage.path(*layout.shards_rows(survey)), columns=["objid"])["objid"])
-    usable = catalog["objid"].isin(in_shards) & catalog["label"].isin([0, 1])
-    is_held, is_pair = held_out_masks(catalog, heldout_families)
-    held = catalog[is_held & usable]
-    pairs = catalog[is_pair & usable]
+    is_held, is_pair = held_out_masks(catalog, heldout_families, storage=storage, survey=survey)
+    held, pairs = catalog[is_held], catalog[is_pair]
     rows = pd.concat([splits[splits["split"].isin(["val", "test"])],
                       pd.DataFrame({"objid": held["objid"], "split": "heldout"}),
                       pd.DataFrame({"objid": pairs["objid"], "split": LENSING_ONLY})], ignore_index=True)

@@ -121,19 +121,19 @@ class ShardDataset:
         hit[placed] = filled[rows[placed]]
         if (~hit).any():
             miss = np.flatnonzero(~hit)
-            got_image = np.empty((len(miss), *image_out.shape[1:]), np.float32)
-            got_variance = np.empty_like(got_image)
-            self._read_arrays(rows[miss], got_image, got_variance)
-            image_out[miss], variance_out[miss] = got_image, got_variance
-            keep = placed[miss]
-            images[rows[miss][keep]], variance[rows[miss][keep]] = got_image[keep], got_variance[keep]
-            filled[rows[miss][keep]] = True
+            self._read_arrays(rows[miss], image_out, variance_out, at=miss)  # straight into the batch
+            kept = miss[placed[miss]]  # the rows with a place in the cache take a copy
+            images[rows[kept]], variance[rows[kept]] = image_out[kept], variance_out[kept]
+            filled[rows[kept]] = True
         if hit.any():
             image_out[hit], variance_out[hit] = images[rows[hit]], variance[rows[hit]]
 
-    def _read_arrays(self, rows: np.ndarray, image_out: np.ndarray, variance_out: np.ndarray) -> None:
-        """Images and variances of ``rows`` from the shards into the outputs."""
+    def _read_arrays(self, rows: np.ndarray, image_out: np.ndarray, variance_out: np.ndarray, *,
+                     at: np.ndarray | None = None) -> None:
+        """Images and variances of ``rows`` from the shards into the outputs, row ``i`` at position ``at[i]``
+        (default ``i``)."""
         n = len(rows)
+        at = np.arange(n) if at is None else np.asarray(at)
         shard, index = self.shard[rows], self.index[rows]
         order = np.lexsort((index, shard))  # read each shard front to back
         # read_direct of contiguous runs: h5py's fancy indexing builds a point selection and is ~15x slower
@@ -143,7 +143,7 @@ class ShardDataset:
             s, first = shard[order[start]], index[order[start]]
             while end < n and shard[order[end]] == s and index[order[end]] == first + (end - start):
                 end += 1
-            dest = order[start:end]
+            dest = at[order[start:end]]
             images, variance = self._arrays[s]
             src = np.s_[first:first + end - start]
             if end - start == 1 or (np.diff(dest) == 1).all():

@@ -86,10 +86,10 @@ def test_a_cache_returns_the_same_arrays_and_reads_each_cached_row_once(shard_di
     read = []
     original = ShardDataset._read_arrays
 
-    def counting(self, rows, image_out, variance_out):
+    def counting(self, rows, image_out, variance_out, **kwargs):
         if self is ds:
             read.extend(int(r) for r in rows)
-        return original(self, rows, image_out, variance_out)
+        return original(self, rows, image_out, variance_out, **kwargs)
 
     monkeypatch.setattr(ShardDataset, "_read_arrays", counting)
     batches = [[19, 3, 8, 3, 4, 0, 13, 5], [3, 8, 19, 11, 12], list(range(20))[::-1], [0, 19, 5]]
