@@ -502,14 +502,25 @@ def _inside_after_shift(shift: torch.Tensor, n: int) -> torch.Tensor:
     return (ok_y[..., :, None] & ok_x[..., None, :]).to(shift.dtype)
 
 
+def _circular_size(n: int, pad: int, half: int, shift: torch.Tensor | None) -> int:
+    """The circular FFT size :func:`_convolve` needs for a kernel of half-width ``half`` (see there)."""
+    reach = 0 if shift is None else int(math.ceil(float(shift.abs().max()))) + 1
+    return _fast_size(n + pad + half + reach)
+
+
 def _convolve(canvas: torch.Tensor, psf: torch.Tensor, n: int, pad: int, shift: torch.Tensor | None = None
               ) -> torch.Tensor:
     """Linear convolution of ``canvas`` (B, P, K, m, m), m = n + 2 pad, with ``psf`` (B, K, k, k), cropped
     to the stamp (scipy's ``fftconvolve(mode="same")`` on the stamp when ``pad`` is 0); with ``shift`` (B, K, 2)
     each band's result is then shifted bilinearly by (dx, dy) pixels, zero where that reads from beyond the stamp
-    (``scipy.ndimage.shift``, order 1, ``mode="constant"``), the shift applied as a factor of the PSF's spectrum."""
-    m, k = canvas.shape[-1], psf.shape[-1]
-    size = _fast_size(m + k - 1)
+    (``scipy.ndimage.shift``, order 1, ``mode="constant"``), the shift applied as a factor of the PSF's spectrum.
+
+    The FFTs are circular, of the smallest fast size that keeps the stamp free of wrap-around rather than of the
+    full linear result (m + k - 1): output pixel j = o..o+n-1 (o = pad + k // 2) sums canvas pixels j - k + 1..j, so
+    a circular size S >= n + pad + k // 2 folds nothing onto it; a shift by s reads the result up to ceil|s| pixels
+    further out, one more for the second tap. 64 px stamps with 63 px PSFs: 96 instead of 128."""
+    k = psf.shape[-1]
+    size = _circular_size(n, pad, k // 2, shift)
     kernel = torch.fft.rfft2(psf, s=(size, size))
     if shift is not None:
         kernel = kernel * _shift_spectrum(shift, size, psf.dtype)
@@ -529,8 +540,7 @@ def _convolve_grouped(canvas: torch.Tensor, psf: torch.Tensor, n: int, pad: int,
     first = torch.where(rows.any(dim=1), rows.float().argmax(dim=1), torch.full_like(rows[:, 0], k // 2,
                                                                                        dtype=torch.long))
     half = (k // 2 - first).clamp(min=0)  # (B,)
-    m = canvas.shape[-1]
-    size = torch.tensor([_fast_size(m + 2 * int(h)) for h in half.tolist()])
+    size = torch.tensor([_circular_size(n, pad, int(h), shift) for h in half.tolist()])
     out = canvas.new_empty(canvas.shape[:3] + (n, n))
     for sz in size.unique().tolist():
         idx = (size == sz).nonzero().squeeze(1).to(canvas.device)

@@ -139,6 +139,29 @@ def test_grouped_convolution_is_scipys_fftconvolve_same():
                                                                          mode="same"), atol=1e-10)
 
 
+# each case needs a size n + pad + k // 2 (+ ceil|shift| + 1) one above a fast FFT size, so one pixel less would wrap
+@pytest.mark.parametrize("n,pad,k,shift", [(20, 0, 13, None), (20, 5, 33, None), (16, 9, 41, (1.6, -2.4)),
+                                            (20, 3, 25, (-0.3, 0.29)), (32, 16, 31, (0.0, -1.0))])
+def test_circular_convolution_leaves_the_stamp_as_the_linear_one(n, pad, k, shift):
+    """The FFTs are only as large as the stamp needs (``_circular_size``): with a margin of points (``pad``),
+    kernels larger than the stamp and shifts beyond a pixel, the stamp equals scipy's linear convolution of the
+    whole canvas, cropped, then ``ndimage.shift``."""
+    from scipy.ndimage import shift as nd_shift
+    from scipy.signal import fftconvolve
+
+    rng = np.random.default_rng(3)
+    m = n + 2 * pad
+    img = torch.from_numpy(rng.normal(size=(1, 1, 1, m, m)))
+    psf = torch.from_numpy(rng.uniform(size=(1, 1, k, k)))
+    s = None if shift is None else torch.tensor([[shift]], dtype=torch.float64)
+    out = _convolve_grouped(img, psf, n, pad, s)
+    o = pad + k // 2
+    ref = fftconvolve(img[0, 0, 0].numpy(), psf[0, 0].numpy(), mode="full")[o:o + n, o:o + n]
+    if shift is not None:
+        ref = nd_shift(ref, (shift[1], shift[0]), order=1, mode="constant")
+    np.testing.assert_allclose(out[0, 0, 0].numpy(), ref, atol=1e-10)
+
+
 def test_variance_and_noise_follow_lenstronomys_noise_model():
     from lenstronomy.SimulationAPI.observation_api import SingleBand
 
