@@ -534,7 +534,8 @@ def _convolve_grouped(canvas: torch.Tensor, psf: torch.Tensor, n: int, pad: int,
                       shift: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`_convolve` with each object's PSF cropped to its own support (zero-padded kernels of a batch
     share the largest size), objects grouped by the FFT size that support needs: the same result in less
-    time when seeing varies across the batch."""
+    time when seeing varies across the batch. On a CPU each group is transformed :data:`CHUNK` objects at a
+    time (1.07-1.13x the render's rate against whole groups, 256 physical DES cutouts, one core)."""
     k = psf.shape[-1]
     rows = psf.abs().sum(dim=(1, 3)) > 0  # (B, k): kernel rows with light in any band
     first = torch.where(rows.any(dim=1), rows.float().argmax(dim=1), torch.full_like(rows[:, 0], k // 2,
@@ -543,10 +544,13 @@ def _convolve_grouped(canvas: torch.Tensor, psf: torch.Tensor, n: int, pad: int,
     size = torch.tensor([_circular_size(n, pad, int(h), shift) for h in half.tolist()])
     out = canvas.new_empty(canvas.shape[:3] + (n, n))
     for sz in size.unique().tolist():
-        idx = (size == sz).nonzero().squeeze(1).to(canvas.device)
-        h = int(half[idx].max())
-        ker = psf[idx][..., k // 2 - h:k // 2 + h + 1, k // 2 - h:k // 2 + h + 1]
-        out[idx] = _convolve(canvas[idx], ker, n, pad, None if shift is None else shift[idx])
+        group = (size == sz).nonzero().squeeze(1).to(canvas.device)
+        h = int(half[group].max())
+        step = _chunk(canvas.device, group.numel())  # on a CPU the transforms of a few objects stay in cache
+        for j in range(0, group.numel(), step):
+            idx = group[j:j + step]
+            ker = psf[idx][..., k // 2 - h:k // 2 + h + 1, k // 2 - h:k // 2 + h + 1]
+            out[idx] = _convolve(canvas[idx], ker, n, pad, None if shift is None else shift[idx])
     return out
 
 
