@@ -10,6 +10,8 @@ so that load from other processes falls on both alike; figures are medians over 
 * lenstronomy ``render_system`` (the per-core rate the issue's target is relative to);
 * torch float32 with the truth (lensed and unlensed light convolved apart: flux ratio, arc S/N), and
   without it (the image and variance only, what training on fresh data needs);
+* the same with ``compiled=True`` (the sub-pixel light and the ray tracing by ``torch.compile``d kernels; the
+  first call, which compiles, is timed apart and not in the rates);
 * torch float64 with the truth (what the validation tests use);
 * ``pack_systems`` (System objects to tensors: PSF images and noise levels from the same numpy and
   lenstronomy helpers), and pack + render, the end-to-end rate from ``System`` objects;
@@ -79,10 +81,13 @@ def _main(argv=None) -> dict:
     batch64 = batch32.to(dtype=torch.float64)
     gen = torch.Generator().manual_seed(0)
     render(batch32, generator=gen)  # warm-up: imports, allocator
+    t0 = time.perf_counter()
+    render(batch32, generator=gen, compiled=True)  # compiles the kernels (inductor's disk cache may hold them)
+    compile_s = time.perf_counter() - t0
     rng = np.random.default_rng(0)
 
-    t = {k: [] for k in ("lenstronomy", "torch32_truth", "torch32_image", "torch64_truth", "pack", "torch32_all_cores",
-                         "fft_truth", "fft_image")}
+    t = {k: [] for k in ("lenstronomy", "torch32_truth", "torch32_image", "compiled_truth", "compiled_image",
+                         "torch64_truth", "pack", "torch32_all_cores", "fft_truth", "fft_image")}
     n = batch32.n_px
     canvases = {p: torch.rand(args.batch, p, survey.n_bands, n, n, generator=gen) for p in (1, 2)}
     shift = batch32.shift_px if bool((batch32.shift_px != 0).any()) else None  # misregistration rides on the PSF
@@ -93,6 +98,9 @@ def _main(argv=None) -> dict:
         t["lenstronomy"].append(n_lt / (time.perf_counter() - t0))
         t["torch32_truth"].append(_rate(lambda: render(batch32, generator=gen), args.batch))
         t["torch32_image"].append(_rate(lambda: render(batch32, truth=False, generator=gen), args.batch))
+        t["compiled_truth"].append(_rate(lambda: render(batch32, generator=gen, compiled=True), args.batch))
+        t["compiled_image"].append(_rate(lambda: render(batch32, truth=False, generator=gen, compiled=True),
+                                         args.batch))
         t["torch64_truth"].append(_rate(lambda: render(batch64, generator=gen), args.batch))
         t["fft_truth"].append(_rate(lambda: _convolve_grouped(canvases[2], batch32.psf, n, 0, shift), args.batch))
         t["fft_image"].append(_rate(lambda: _convolve_grouped(canvases[1], batch32.psf, n, 0, shift), args.batch))
@@ -125,13 +133,13 @@ def _main(argv=None) -> dict:
            "batch": args.batch, "n_lenstronomy": n_lt, "rounds": args.rounds, "cores": cores(),
            **{f"{k}_per_s": v for k, v in rate.items()},
            **{f"{k}_over_lenstronomy": v / lt for k, v in rate.items() if k != "lenstronomy"},
-           "max_abs_diff_over_peak": worst, "gpu_per_s": gpu, "gpu_over_lenstronomy_core": gpu / lt if gpu else None,
+           "max_abs_diff_over_peak": worst, "compile_s": compile_s, "gpu_per_s": gpu, "gpu_over_lenstronomy_core": gpu / lt if gpu else None,
            "rounds_per_s": t, "components": {"sersic": int(batch32.sersic.shape[1]),
                                              "gauss": int(batch32.gauss.shape[1]),
                                              "points": int(batch32.point_xy.shape[1]), "psf_px": int(batch32.psf.shape[-1])}}
 
-    def share(kind):
-        return rate[f"torch32_{kind}"] / rate[f"fft_{kind}"]
+    def share(kind, prefix="torch32"):
+        return rate[f"{prefix}_{kind}"] / rate[f"fft_{kind}"]
 
     def row(k):
         return f"{rate[k]:8.1f} cutouts/s  {rate[k] / lt:5.1f}x lenstronomy"
@@ -145,8 +153,14 @@ def _main(argv=None) -> dict:
         ("lenstronomy render_system", f"{lt:8.1f} cutouts/s  (one object at a time, {n_lt} per round)"),
         ("torch f32, with truth", row("torch32_truth") + "  (target 50x)"),
         ("torch f32, image only", row("torch32_image")),
-        ("limit: PSF convolution alone, truth", row("fft_truth") + f"  (render at {share('truth'):.2f} of it)"),
-        ("limit: PSF convolution alone, image", row("fft_image") + f"  (render at {share('image'):.2f} of it)"),
+        ("compiled f32, with truth", row("compiled_truth") + f"  ({rate['compiled_truth'] / rate['torch32_truth']:.2f}x "
+                                                             f"eager; first call {compile_s:.1f} s)"),
+        ("compiled f32, image only", row("compiled_image") + f"  ({rate['compiled_image'] / rate['torch32_image']:.2f}x "
+                                                             "eager)"),
+        ("limit: PSF convolution alone, truth", row("fft_truth") + f"  (render at {share('truth'):.2f} of it, "
+                                                                    f"compiled {share('truth', 'compiled'):.2f})"),
+        ("limit: PSF convolution alone, image", row("fft_image") + f"  (render at {share('image'):.2f} of it, "
+                                                                    f"compiled {share('image', 'compiled'):.2f})"),
         ("torch f64, with truth", row("torch64_truth")),
         ("pack_systems", row("pack")),
         ("pack + render (f32, truth)", row("pack_and_render")),
