@@ -67,6 +67,8 @@ Training levers (the physical population, the member changed):
 * ``upsample=<k>``: the member's input upsampled k times (bilinear) before the backbone, at k² the compute.
 * ``zoom=<max>``: each training cutout magnified by a factor log-uniform in [1, max] (``module.augment``): larger
   Einstein radii, deflectors and PSFs than the population draws, for both classes alike.
+* ``lr=<rate>``, ``batch_size=<n>``: the member's peak learning rate (AdamW, cosine schedule; default 1e-3) or
+  its CPU batch size (default 64), at the same epochs.
 * ``member=<backbone>``: another backbone in place of ``--members`` (e.g. ``member=regnetx_002``), at the
   same epochs; the wall time and training img/s say what it costs.
 
@@ -106,7 +108,8 @@ VALUE_LEVERS = ("deep=<factor>", "group=<fraction>", "negatives=<type>:<weight>/
 TRAINING_LEVERS = ("film", "colour_residual[=0]", "radial_residual", "elliptical_residual",
                    "ema=<epochs>", "head_dropout[=p]", "upsample=<k>", "zoom=<max>",
                    "arc_attention", "float32_stem[=0]", "fresh=<share>", "physics[=w]", "theta_e_balance=<alpha>",
-                   "member=<backbone>")  # the physical population, another training choice
+                   "member=<backbone>", "lr=<rate>",
+                   "batch_size=<n>")  # the physical population, another training choice
 SHARD_LEVERS = ("psf_target=<arcsec>",)  # the physical population, other PSF-matched shards
 # bologna_report's lensing-only AUROC over the pairs of the upper θE half, by the name it gives it
 LO_LARGE = f"lensing_only_auroc_theta_e_{THETA_E_HALVES[1][0]}"
@@ -182,6 +185,11 @@ def training_overrides(lever: str) -> dict:
         return {"upsample": int(lever.split("=", 1)[1])}
     if lever.startswith("zoom="):
         return {"zoom_max": lever_number(lever, lambda v: 1.0 <= v <= 3.0, "the largest zoom must be in [1, 3]")}
+    if lever.startswith("lr="):
+        return {"lr": lever_number(lever, lambda v: 0.0 < v < 1.0, "the learning rate must be in (0, 1)")}
+    if lever.startswith("batch_size="):
+        return {"batch_size": int(lever_number(lever, lambda v: v >= 2 and v == int(v),
+                                               "the batch size must be a whole number >= 2"))}
     if lever.startswith("head_dropout"):
         return {"head_dropout": float(lever.split("=", 1)[1]) if "=" in lever else 0.2}
     if lever.startswith("member="):
