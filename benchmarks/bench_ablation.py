@@ -188,7 +188,7 @@ def training_overrides(lever: str) -> dict:
     if lever.startswith("lr="):
         return {"lr": lever_number(lever, lambda v: 0.0 < v < 1.0, "the learning rate must be in (0, 1)")}
     if lever.startswith("batch_size="):
-        return {"batch_size": int(lever_number(lever, lambda v: v >= 2 and v == int(v),
+        return {"batch_size": int(lever_number(lever, lambda v: v >= 2 and v.is_integer(),
                                                "the batch size must be a whole number >= 2"))}
     if lever.startswith("head_dropout"):
         return {"head_dropout": float(lever.split("=", 1)[1]) if "=" in lever else 0.2}

@@ -81,9 +81,13 @@ def _main(argv=None) -> dict:
     batch64 = batch32.to(dtype=torch.float64)
     gen = torch.Generator().manual_seed(0)
     render(batch32, generator=gen)  # warm-up: imports, allocator
-    t0 = time.perf_counter()
-    render(batch32, generator=gen, compiled=True)  # compiles the kernels (inductor's disk cache may hold them)
-    compile_s = time.perf_counter() - t0
+    compile_s, compile_error = None, None
+    try:
+        t0 = time.perf_counter()
+        render(batch32, generator=gen, compiled=True)  # compiles the kernels (inductor's disk cache may hold them)
+        compile_s = time.perf_counter() - t0
+    except Exception as exc:  # e.g. no C++ compiler (inductor's InvalidCxxCompiler): the eager rows only
+        compile_error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
     rng = np.random.default_rng(0)
 
     t = {k: [] for k in ("lenstronomy", "torch32_truth", "torch32_image", "compiled_truth", "compiled_image",
@@ -98,9 +102,10 @@ def _main(argv=None) -> dict:
         t["lenstronomy"].append(n_lt / (time.perf_counter() - t0))
         t["torch32_truth"].append(_rate(lambda: render(batch32, generator=gen), args.batch))
         t["torch32_image"].append(_rate(lambda: render(batch32, truth=False, generator=gen), args.batch))
-        t["compiled_truth"].append(_rate(lambda: render(batch32, generator=gen, compiled=True), args.batch))
-        t["compiled_image"].append(_rate(lambda: render(batch32, truth=False, generator=gen, compiled=True),
-                                         args.batch))
+        if compile_error is None:
+            t["compiled_truth"].append(_rate(lambda: render(batch32, generator=gen, compiled=True), args.batch))
+            t["compiled_image"].append(_rate(lambda: render(batch32, truth=False, generator=gen, compiled=True),
+                                             args.batch))
         t["torch64_truth"].append(_rate(lambda: render(batch64, generator=gen), args.batch))
         t["fft_truth"].append(_rate(lambda: _convolve_grouped(canvases[2], batch32.psf, n, 0, shift), args.batch))
         t["fft_image"].append(_rate(lambda: _convolve_grouped(canvases[1], batch32.psf, n, 0, shift), args.batch))
@@ -108,7 +113,7 @@ def _main(argv=None) -> dict:
         torch.set_num_threads(all_threads)
         t["torch32_all_cores"].append(_rate(lambda: render(batch32, generator=gen), args.batch))
         torch.set_num_threads(1)
-    rate = {k: statistics.median(v) for k, v in t.items()}
+    rate = {k: statistics.median(v) for k, v in t.items() if v}
     rate["pack_and_render"] = 1.0 / (1.0 / rate["pack"] + 1.0 / rate["torch32_truth"])
 
     out = render(batch64, noise=False)
@@ -133,13 +138,25 @@ def _main(argv=None) -> dict:
            "batch": args.batch, "n_lenstronomy": n_lt, "rounds": args.rounds, "cores": cores(),
            **{f"{k}_per_s": v for k, v in rate.items()},
            **{f"{k}_over_lenstronomy": v / lt for k, v in rate.items() if k != "lenstronomy"},
-           "max_abs_diff_over_peak": worst, "compile_s": compile_s, "gpu_per_s": gpu, "gpu_over_lenstronomy_core": gpu / lt if gpu else None,
+           "max_abs_diff_over_peak": worst, "compile_s": compile_s, "compile_error": compile_error,
+           "gpu_per_s": gpu, "gpu_over_lenstronomy_core": gpu / lt if gpu else None,
            "rounds_per_s": t, "components": {"sersic": int(batch32.sersic.shape[1]),
                                              "gauss": int(batch32.gauss.shape[1]),
-                                             "points": int(batch32.point_xy.shape[1]), "psf_px": int(batch32.psf.shape[-1])}}
+                                             "points": int(batch32.point_xy.shape[1]),
+                                             "psf_px": int(batch32.psf.shape[-1])}}
 
     def share(kind, prefix="torch32"):
         return rate[f"{prefix}_{kind}"] / rate[f"fft_{kind}"]
+
+    def compiled_row(kind):
+        if compile_error is not None:
+            return f"not available: {compile_error}"
+        first = f"; first call {compile_s:.1f} s" if kind == "truth" else ""
+        return row(f"compiled_{kind}") + f"  ({rate[f'compiled_{kind}'] / rate[f'torch32_{kind}']:.2f}x eager{first})"
+
+    def limit_row(kind):
+        compiled = "" if compile_error else f", compiled {share(kind, 'compiled'):.2f}"
+        return row(f"fft_{kind}") + f"  (render at {share(kind):.2f} of it{compiled})"
 
     def row(k):
         return f"{rate[k]:8.1f} cutouts/s  {rate[k] / lt:5.1f}x lenstronomy"
@@ -153,14 +170,10 @@ def _main(argv=None) -> dict:
         ("lenstronomy render_system", f"{lt:8.1f} cutouts/s  (one object at a time, {n_lt} per round)"),
         ("torch f32, with truth", row("torch32_truth") + "  (target 50x)"),
         ("torch f32, image only", row("torch32_image")),
-        ("compiled f32, with truth", row("compiled_truth") + f"  ({rate['compiled_truth'] / rate['torch32_truth']:.2f}x "
-                                                             f"eager; first call {compile_s:.1f} s)"),
-        ("compiled f32, image only", row("compiled_image") + f"  ({rate['compiled_image'] / rate['torch32_image']:.2f}x "
-                                                             "eager)"),
-        ("limit: PSF convolution alone, truth", row("fft_truth") + f"  (render at {share('truth'):.2f} of it, "
-                                                                    f"compiled {share('truth', 'compiled'):.2f})"),
-        ("limit: PSF convolution alone, image", row("fft_image") + f"  (render at {share('image'):.2f} of it, "
-                                                                    f"compiled {share('image', 'compiled'):.2f})"),
+        ("compiled f32, with truth", compiled_row("truth")),
+        ("compiled f32, image only", compiled_row("image")),
+        ("limit: PSF convolution alone, truth", limit_row("truth")),
+        ("limit: PSF convolution alone, image", limit_row("image")),
         ("torch f64, with truth", row("torch64_truth")),
         ("pack_systems", row("pack")),
         ("pack + render (f32, truth)", row("pack_and_render")),

@@ -19,6 +19,23 @@ def test_the_benchmark_renders_the_same_objects_both_ways(monkeypatch):
     assert rec["gpu_per_s"] is None and torch.get_num_threads() == threads  # the caller's threads are restored
 
 
+def test_the_benchmark_keeps_its_eager_rows_where_nothing_compiles(monkeypatch):
+    import lens_assets.ml.torch_render as tr
+
+    eager = tr.render
+
+    def render(*args, compiled=False, **kwargs):
+        if compiled:
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+        return eager(*args, **kwargs)
+
+    monkeypatch.setattr(bench_torch_render, "report", lambda *a, **k: None)
+    monkeypatch.setattr(tr, "render", render)
+    rec = bench_torch_render.main(["--batch", "4", "--n-lenstronomy", "2", "--rounds", "1", "--device", "cpu"])
+    assert rec["compile_error"] == "RuntimeError: InvalidCxxCompiler: No working C++ compiler found"
+    assert rec["compile_s"] is None and "compiled_truth_per_s" not in rec and rec["torch32_truth_per_s"] > 0
+
+
 def test_bench_fresh_times_both_renderers_and_the_fixed_read(monkeypatch):
     import bench_fresh
 

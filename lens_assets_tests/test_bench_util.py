@@ -36,7 +36,7 @@ def test_numeric_ablation_levers_are_checked_before_any_run(tmp_path):
     assert bench_ablation.training_overrides("lr=3e-3+batch_size=128") == {"lr": 3e-3, "batch_size": 128}
     for lever, what in (("deep=0", "positive"), ("deep=x", "positive"), ("group=1.5", r"\[0, 1\]"),
                         ("theta_e_balance=-1", r"\[0, 1\]"), ("zoom=0.5", r"\[1, 3\]"), ("lr=0", r"\(0, 1\)"),
-                        ("batch_size=1.5", "whole number")):
+                        ("batch_size=1.5", "whole number"), ("batch_size=inf", "whole number")):
         with pytest.raises(ValueError, match=what):
             bench_ablation.deep_factor(lever) if lever.startswith("deep") else (
                 bench_ablation.group_share(lever) if lever.startswith("group") else

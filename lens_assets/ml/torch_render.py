@@ -51,12 +51,12 @@ __all__ = ["RenderBatch", "TorchCutouts", "pack_systems", "render", "ray_trace",
 SMOOTHING_ARCSEC = 1e-4  # lenstronomy's Sersic: radii below this are this
 MAX_R_FRAC = 1000.0  # lenstronomy's Sersic: zero beyond this many R_sersic
 SIE_CORE_ARCSEC = 1e-10  # lenstronomy's SIE is an NIE with this core
-CHUNK = 16  # objects per sub-pixel light evaluation on a CPU: (16, 128, 128) float32 temporaries fit a core's cache
+CHUNK = 16  # objects per sub-pixel light evaluation and per FFT batch on a CPU: their temporaries fit a core's cache
 
 
 def _chunk(device: torch.device, n: int) -> int:
-    """Objects per light evaluation: :data:`CHUNK` on a CPU (cache), all ``n`` at once elsewhere (a GPU wants
-    few, large kernels)."""
+    """Objects per light evaluation or FFT batch: :data:`CHUNK` on a CPU (cache), all ``n`` at once elsewhere (a
+    GPU wants few, large kernels)."""
     return CHUNK if device.type == "cpu" else max(n, 1)
 
 
@@ -386,7 +386,9 @@ def _kernel(fn, compiled: bool):
     """``fn``, or with ``compiled`` its ``torch.compile`` form (made once per process, dynamic in the batch size):
     the chain of element-wise operations fused into one loop, about 7x faster on a CPU core for the sub-pixel
     Sérsic light (``benchmarks/bench_torch_render.py``). The first call compiles (seconds to a minute; inductor
-    caches the code on disk for later processes) and needs a C++ compiler on a CPU."""
+    caches the code on disk for later processes) and needs a C++ compiler on a CPU (Triton's C compiler on a GPU);
+    without one it raises inductor's error. Each function compiles a few graphs, not one per call: one per rank of
+    the grid (shared or traced), for one-object chunks, per dtype and with gradients."""
     if not compiled:
         return fn
     if fn not in _COMPILED:
@@ -433,7 +435,7 @@ def _add_extended(batch: RenderBatch, out_lensed, out_unlensed, kind: str, x, y,
     present = _present(batch, kind)
     if lensed_only:
         present = present & lensed
-    cols = [c for c in range(par.shape[1]) if bool(present[:, c].any())]
+    cols = present.any(dim=0).nonzero().flatten().tolist()  # the slots some object has (one host sync)
     if not cols:
         return
     B, K = flux.shape[0], flux.shape[-1]
@@ -529,10 +531,9 @@ def _inside_after_shift(shift: torch.Tensor, n: int) -> torch.Tensor:
     return (ok_y[..., :, None] & ok_x[..., None, :]).to(shift.dtype)
 
 
-def _circular_size(n: int, pad: int, half: int, shift: torch.Tensor | None) -> int:
+def _circular_size(n: int, pad: int, half: int) -> int:
     """The circular FFT size :func:`_convolve` needs for a kernel of half-width ``half`` (see there)."""
-    reach = 0 if shift is None else int(math.ceil(float(shift.abs().max()))) + 1
-    return _fast_size(n + pad + half + reach)
+    return _fast_size(n + pad + half)
 
 
 def _convolve(canvas: torch.Tensor, psf: torch.Tensor, n: int, pad: int, shift: torch.Tensor | None = None
@@ -544,10 +545,12 @@ def _convolve(canvas: torch.Tensor, psf: torch.Tensor, n: int, pad: int, shift: 
 
     The FFTs are circular, of the smallest fast size that keeps the stamp free of wrap-around rather than of the
     full linear result (m + k - 1): output pixel j = o..o+n-1 (o = pad + k // 2) sums canvas pixels j - k + 1..j, so
-    a circular size S >= n + pad + k // 2 folds nothing onto it; a shift by s reads the result up to ceil|s| pixels
-    further out, one more for the second tap. 64 px stamps with 63 px PSFs: 96 instead of 128."""
+    a circular size S >= n + pad + k // 2 folds nothing onto it (64 px stamps, 63 px PSFs: 96 instead of 128).
+    Where S is below m or k, ``rfft2(s=)`` drops the canvas's or the kernel's last rows: they reach only pixels
+    beyond the stamp. A shifted pixel that ``_inside_after_shift`` keeps reads stamp pixels only (the second
+    tap one beyond, at weight 0, when the shift is a whole pixel), so the shift needs no margin."""
     k = psf.shape[-1]
-    size = _circular_size(n, pad, k // 2, shift)
+    size = _circular_size(n, pad, k // 2)
     kernel = torch.fft.rfft2(psf, s=(size, size))
     if shift is not None:
         kernel = kernel * _shift_spectrum(shift, size, psf.dtype)
@@ -568,7 +571,7 @@ def _convolve_grouped(canvas: torch.Tensor, psf: torch.Tensor, n: int, pad: int,
     first = torch.where(rows.any(dim=1), rows.float().argmax(dim=1), torch.full_like(rows[:, 0], k // 2,
                                                                                        dtype=torch.long))
     half = (k // 2 - first).clamp(min=0)  # (B,)
-    size = torch.tensor([_circular_size(n, pad, int(h), shift) for h in half.tolist()])
+    size = torch.tensor([_circular_size(n, pad, int(h)) for h in half.tolist()])
     out = canvas.new_empty(canvas.shape[:3] + (n, n))
     for sz in size.unique().tolist():
         group = (size == sz).nonzero().squeeze(1).to(canvas.device)

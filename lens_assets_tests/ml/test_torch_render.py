@@ -1,6 +1,8 @@
 """The torch renderer against lenstronomy: each convention alone, then whole simulated cutouts."""
 
 import math
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -139,9 +141,11 @@ def test_grouped_convolution_is_scipys_fftconvolve_same():
                                                                          mode="same"), atol=1e-10)
 
 
-# each case needs a size n + pad + k // 2 (+ ceil|shift| + 1) one above a fast FFT size, so one pixel less would wrap
+# (20, 0, 13) and (20, 5, 33) need 26 and 41, one above the fast sizes 25 and 40 that a rule one pixel short would
+# use; in the last two the kernel is larger than the FFT (k > S: its last rows dropped), and the last one is even
 @pytest.mark.parametrize("n,pad,k,shift", [(20, 0, 13, None), (20, 5, 33, None), (16, 9, 41, (1.6, -2.4)),
-                                            (20, 3, 25, (-0.3, 0.29)), (32, 16, 31, (0.0, -1.0))])
+                                            (20, 3, 25, (-0.3, 0.29)), (32, 16, 31, (0.0, -1.0)),
+                                            (8, 0, 41, (3.7, -2.2)), (6, 2, 40, (-1.5, 0.5))])
 def test_circular_convolution_leaves_the_stamp_as_the_linear_one(n, pad, k, shift):
     """The FFTs are only as large as the stamp needs (``_circular_size``): with a margin of points (``pad``),
     kernels larger than the stamp and shifts beyond a pixel, the stamp equals scipy's linear convolution of the
@@ -222,10 +226,13 @@ def test_a_batch_renders_each_object_as_alone_and_float32_stays_close(monkeypatc
         image_only.noiseless
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++")),
+                    reason="torch.compile needs a C++ compiler on a CPU")
 def test_compiled_kernels_draw_what_the_eager_ones_do(monkeypatch):
     """``compiled=True`` runs the sub-pixel light and the ray tracing as ``torch.compile``d kernels: the same
-    arithmetic fused, so in float64 the same pixels to rounding; chunks of two sizes (one compiled graph, dynamic
-    in the batch), lensed sources, quasar images and misregistration included."""
+    arithmetic fused, so in float64 the same pixels to rounding; chunks of two sizes (compiled dynamic in the batch
+    size), lensed sources, quasar images and misregistration included."""
     import lens_assets.ml.torch_render as tr
 
     monkeypatch.setattr(tr, "CHUNK", 4)  # chunks of 4 and 2 objects
