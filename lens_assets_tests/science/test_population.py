@@ -274,6 +274,13 @@ def test_the_arcs_snr_counts_the_deflectors_photon_noise():
     _, snr_bright = pop.lensed_source_check(kwargs_lens, source, foreground=deflector(17.0), **check)
     assert mu_faint == mu and snr_faint == pytest.approx(snr, rel=1e-9)  # no light, no noise
     assert snr_bright < 0.9 * snr  # a 17th-magnitude deflector's photons bury part of the arcs
+    # the selection's shortcut: below a threshold the S/N without the deflector's noise (an upper bound) answers
+    image, mu_steps = pop.lensed_image(kwargs_lens, source, survey=DES)
+    bright = deflector(17.0)
+    assert mu_steps == mu and pop.arc_snr(image, foreground=bright, **check) == snr_bright
+    assert pop.arc_snr(image, foreground=bright, below=snr_bright / 2, **check) == snr_bright  # above: the full S/N
+    bound = pop.arc_snr(image, foreground=bright, below=2 * snr, **check)
+    assert bound == pytest.approx(snr, rel=1e-12) and bound > snr_bright  # below: the bound, still under it
 
 
 @pytest.mark.parametrize("r_eff", [0.1, 0.3, 1.0])
