@@ -14,6 +14,8 @@
 * wrapper + FITS: the same and write the inbox-contract file (what the asset does).
 * parallel efficiency: ``simulate_to_directory`` on every core against one core,
   rate(all) / (cores x rate(1)).
+* the asset path with ``renderer: torch`` (``ml/torch_simulation.simulate_to_directory_torch``: the same objects
+  and files, the light by the batched torch renderer), on one core and on every core, against lenstronomy's.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from lens_assets.science.families import load_family  # noqa: E402
 from lens_assets.science.simulation import (_simulate_and_write, lenstronomy_band_setup, simulate_one,  # noqa: E402
                                             simulate_to_directory, systems_for)
 from lens_assets.science.surveys import get_survey  # noqa: E402
+from lens_assets.ml.torch_simulation import simulate_to_directory_torch  # noqa: E402
 
 
 def physical(setup, system):
@@ -99,12 +102,18 @@ def main(argv=None) -> dict:
     _, t_floor = timed(image_floor, setups)
     _, t_wrap = timed(lambda: [simulate_one(survey, family, seed, i) for i in range(args.n)])
     with tempfile.TemporaryDirectory() as tmp:
-        _, t_write = timed(lambda: [_simulate_and_write((survey, family, seed, i, tmp, True)) for i in range(args.n)])
+        _, t_write = timed(lambda: [_simulate_and_write((survey, family, seed, i, tmp, True, "train"))
+                                    for i in range(args.n)])
     with tempfile.TemporaryDirectory() as tmp:
         _, t1 = simulate_to_directory(survey, family, n_cutouts=args.n_parallel, seed=seed, out_dir=Path(tmp) / "a",
                                       workers=1, progress=False)
         _, tn = simulate_to_directory(survey, family, n_cutouts=args.n_parallel, seed=seed, out_dir=Path(tmp) / "b",
                                       workers=0, progress=False)
+        # the same objects and files, the light drawn by the batched torch renderer (renderer: torch)
+        _, t1_torch = simulate_to_directory_torch(survey, family, n_cutouts=args.n_parallel, seed=seed,
+                                                  out_dir=Path(tmp) / "c", workers=1, progress=False)
+        _, tn_torch = simulate_to_directory_torch(survey, family, n_cutouts=args.n_parallel, seed=seed,
+                                                  out_dir=Path(tmp) / "d", workers=0, progress=False)
     n_cores = cores()
     rec = {
         "survey": survey.name, "bands": survey.n_bands, "cutout_px": survey.cutout_size_px, "n": args.n,
@@ -114,6 +123,9 @@ def main(argv=None) -> dict:
         "wrapper_overhead": t_wrap / t_bare - 1.0, "wrapper_fits_overhead": t_write / t_bare - 1.0,
         "one_core_cutouts_per_s": args.n_parallel / t1, "all_cores_cutouts_per_s": args.n_parallel / tn,
         "cores": n_cores, "parallel_efficiency": (t1 / tn) / n_cores,
+        "torch_one_core_cutouts_per_s": args.n_parallel / t1_torch,
+        "torch_all_cores_cutouts_per_s": args.n_parallel / tn_torch,
+        "torch_over_lenstronomy_one_core": t1 / t1_torch, "torch_over_lenstronomy_all_cores": tn / tn_torch,
     }
     report("simulation", [
         ("survey", f"{survey.name}: {survey.n_bands} bands, {survey.cutout_size_px}x{survey.cutout_size_px} px"),
@@ -127,6 +139,10 @@ def main(argv=None) -> dict:
         ("asset path, 1 core", f"{rec['one_core_cutouts_per_s']:.1f} cutouts/s ({args.n_parallel} cutouts)"),
         (f"asset path, {n_cores} cores", f"{rec['all_cores_cutouts_per_s']:.1f} cutouts/s"),
         ("parallel efficiency", f"{rec['parallel_efficiency']:.1%} (target >= 85%)"),
+        ("asset path, torch renderer, 1 core", f"{rec['torch_one_core_cutouts_per_s']:.1f} cutouts/s  "
+                                               f"({rec['torch_over_lenstronomy_one_core']:.2f}x lenstronomy)"),
+        (f"asset path, torch renderer, {n_cores} cores", f"{rec['torch_all_cores_cutouts_per_s']:.1f} cutouts/s  "
+                                                         f"({rec['torch_over_lenstronomy_all_cores']:.2f}x lenstronomy)"),
     ], rec)
     return rec
 

@@ -36,14 +36,26 @@ class SimulationConfig(dg.Config):
                                      "default the training family (set it to compare training families on the "
                                      "same pairs)")
     workers: int = Field(default=0, description="processes; 0 = every core")
+    renderer: str = Field(default="lenstronomy", description="what draws the training family's light: "
+                          "'lenstronomy' (the reference) or 'torch' (ml/torch_render a batch at a time, float32, "
+                          "within 5e-4 of lenstronomy's band peak; the same objects, noise draws and files); held-out "
+                          "families and the lens/twin pairs keep their own renderers")
 
 
-def simulate_family(survey, family, **kwargs):
-    """``simulate_to_directory`` with the family's own renderer (lenstronomy, or GalSim for ``renderer = galsim``)."""
+TRAINING_RENDERERS = ("lenstronomy", "torch")
+
+
+def simulate_family(survey, family, *, renderer: str = "lenstronomy", **kwargs):
+    """``simulate_to_directory`` with the family's own renderer (lenstronomy, or GalSim for ``renderer = galsim``);
+    ``renderer="torch"`` draws a lenstronomy family's light with the batched torch renderer instead."""
     if family.renderer == "galsim":
         from lens_assets.ml.render_galsim import load_galsim_family, simulate_galsim_to_directory
 
         return simulate_galsim_to_directory(survey, load_galsim_family(family.path), **kwargs)
+    if renderer == "torch":
+        from lens_assets.ml.torch_simulation import simulate_to_directory_torch
+
+        return simulate_to_directory_torch(survey, family, **kwargs)
     return simulate_to_directory(survey, family, **kwargs)
 
 
@@ -68,6 +80,8 @@ def simulated_cutouts(context: dg.AssetExecutionContext, config: SimulationConfi
     (``sim-lensing_only-<seed>``) for the lensing-only AUROC.
     """
     survey = get_survey(context.partition_key)
+    if config.renderer not in TRAINING_RENDERERS:
+        raise dg.Failure(f"simulated_cutouts: renderer {config.renderer!r} is not one of {list(TRAINING_RENDERERS)}")
     family = load_family(config.family)
     n_heldout = config.n_cutouts // 5 if config.n_heldout is None else config.n_heldout
     n_pairs = config.n_cutouts // 10 if config.n_pairs is None else config.n_pairs
@@ -89,7 +103,8 @@ def simulated_cutouts(context: dg.AssetExecutionContext, config: SimulationConfi
         drop = layout.simulation_drop(fam.name, config.seed)
         with storage.staged_dir(f"{survey.name}-{drop}") as staged:
             truth, seconds = simulate_family(survey, fam, n_cutouts=n, seed=config.seed, out_dir=staged,
-                                             workers=config.workers, role=role)
+                                             workers=config.workers, role=role,
+                                             renderer=config.renderer if role == "train" else "lenstronomy")
             dest = storage.publish_dir(staged, *layout.raw_drop(survey.name, drop))
         context.log.info(f"simulated {len(truth)} {survey.name} cutouts ({fam.name}, seed {config.seed}) "
                          f"in {seconds:.1f}s into {dest}")
@@ -120,6 +135,7 @@ def simulated_cutouts(context: dg.AssetExecutionContext, config: SimulationConfi
         "n_nonlenses": summary["n_nonlenses"],
         "by_kind": counts_markdown(summary["by_kind"], key="kind"),
         "cutouts_per_s": float(len(truth) / seconds),
+        "renderer": config.renderer,
         "gallery": png_markdown(gallery, alt="simulated cutouts"),
         "n_heldout": n_heldout,
     }
@@ -139,6 +155,8 @@ def simulated_cutouts(context: dg.AssetExecutionContext, config: SimulationConfi
     for k in ("lens_share_flux_ratio_lt_0.1", "lens_share_theta_e_below_seeing"):
         if k in summary:
             metadata[k] = summary[k]
+    renderer = [] if config.renderer == "lenstronomy" else [f"renderer:{config.renderer}"]  # the default's as before
     version = sha256_of_strings([survey.name, str(config.seed), SIMULATION_CODE_VERSION,
-                                 *(f"{f.name}:{f.sha256}:{n}" for f, n, _ in runs), f"pairs:{pairs_family.sha256}:{n_pairs}"])
+                                 *(f"{f.name}:{f.sha256}:{n}" for f, n, _ in runs),
+                                 f"pairs:{pairs_family.sha256}:{n_pairs}", *renderer])
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(version[:16]))

@@ -148,22 +148,24 @@ def without_truth(primary: dict) -> dict:
 
 
 def write_simulated_cutout(path: Path, cutout, *, survey: SurveySpec, family, seed: int,
-                           labeled: bool = True, role: str = "train") -> None:
+                           labeled: bool = True, role: str = "train", label_source: str = "sim:lenstronomy") -> None:
     """Write a :class:`~.simulation.RenderedCutout` with its truth in the headers
-    (``labeled=False``: without, as an unlabeled survey drop would come); ``role``: its ``SIMROLE``."""
+    (``labeled=False``: without, as an unlabeled survey drop would come); ``role``: its ``SIMROLE``;
+    ``label_source``: its ``LABELSRC``, the code that drew it."""
     Path(path).write_bytes(simulated_cutout_bytes(cutout, survey=survey, family=family, seed=seed, labeled=labeled,
-                                                  role=role))
+                                                  role=role, label_source=label_source))
 
 
 def simulated_cutout_bytes(cutout, *, survey: SurveySpec, family, seed: int, labeled: bool = True,
-                           extra: dict | None = None, role: str = "train") -> bytes:
+                           extra: dict | None = None, role: str = "train",
+                           label_source: str = "sim:lenstronomy") -> bytes:
     """The inbox-contract file of a :class:`~.simulation.RenderedCutout` (:func:`write_simulated_cutout`), in
     memory: the zero-point error, a withheld variance map and the crop of its observation applied. ``extra``:
     more primary-header cards (cluster fields' keys), written after the contract's; ``role``: ``SIMROLE``, one
-    of :data:`SIM_ROLES`."""
+    of :data:`SIM_ROLES`; ``label_source``: ``LABELSRC`` (``sim:torch`` for the torch renderer's light)."""
     s = cutout.system
     primary = simulated_primary(s, survey=survey, family=family, seed=seed, role=role,
-                                label_source="sim:lenstronomy", flux_ratio=cutout.flux_ratio, arc_snr=cutout.arc_snr)
+                                label_source=label_source, flux_ratio=cutout.flux_ratio, arc_snr=cutout.arc_snr)
     if s.psf_profile in ("moffat", "core_wings"):
         primary["MOFFATB"] = round(s.moffat_beta, 4)
     if s.pair_id:

@@ -50,30 +50,33 @@ def _pool(workers: int) -> ProcessPoolExecutor:
 
 
 def parallel_map(fn: Callable[[T], R], items: Sequence[T] | Iterable[T], *, workers: int = 1,
-                 progress: bool = True, desc: str = "", unit: str = "it", chunksize: int | None = None) -> list[R]:
+                 progress: bool = True, desc: str = "", unit: str = "it", chunksize: int | None = None,
+                 item_size: Callable[[T], int] | None = None) -> list[R]:
     """``[fn(x) for x in items]`` over ``workers`` processes, in order, with a tqdm bar.
 
     One worker runs in this process (no pool start-up). Worker processes are
     forked by a forkserver that has the science stack imported (:data:`START_METHOD`).
-    An exception in ``fn`` propagates; nothing is skipped.
+    An exception in ``fn`` propagates; nothing is skipped. ``item_size``: how many ``unit`` an item holds (a task
+    of several objects), so the bar counts objects, not tasks.
     """
     items = list(items)
     workers = min(resolve_workers(workers), max(1, len(items)))
-    bar = tqdm(total=len(items), desc=desc, unit=unit, disable=not progress, file=sys.stderr,
+    sizes = [item_size(x) for x in items] if item_size else [1] * len(items)
+    bar = tqdm(total=sum(sizes), desc=desc, unit=unit, disable=not progress, file=sys.stderr,
                mininterval=1.0, dynamic_ncols=True)
     try:
         if workers == 1:
             out = []
-            for x in items:
+            for x, n in zip(items, sizes):
                 out.append(fn(x))
-                bar.update(1)
+                bar.update(n)
             return out
         chunksize = chunksize or max(1, min(16, len(items) // (workers * 8) or 1))
         with _pool(workers) as pool:
             out = []
-            for r in pool.map(fn, items, chunksize=chunksize):
+            for r, n in zip(pool.map(fn, items, chunksize=chunksize), sizes):
                 out.append(r)
-                bar.update(1)
+                bar.update(n)
             return out
     finally:
         bar.close()

@@ -580,17 +580,25 @@ def simulate_one(survey: SurveySpec, family: Family, seed: int, index: int) -> R
     return render_system(system, survey, rng)
 
 
-def _simulate_and_write(args) -> dict:
+def write_cutout(cutout: RenderedCutout, out_dir, *, survey: SurveySpec, family: Family, seed: int,
+                 labeled: bool = True, role: str = "train", label_source: str = "sim:lenstronomy") -> dict:
+    """Write ``cutout`` as ``<out_dir>/<objid>.fits`` (the inbox contract; ``LABELSRC`` ``label_source``, the code
+    that drew its light) and return its truth row (the columns of :func:`simulate_to_directory`'s table)."""
     from .fits_contract import write_simulated_cutout
 
-    survey, family, seed, index, out_dir, labeled, role = args
-    cutout = simulate_one(survey, family, seed, index)
     path = Path(out_dir) / f"{cutout.system.objid}.fits"
-    write_simulated_cutout(path, cutout, survey=survey, family=family, seed=seed, labeled=labeled, role=role)
+    write_simulated_cutout(path, cutout, survey=survey, family=family, seed=seed, labeled=labeled, role=role,
+                           label_source=label_source)
     s = cutout.system
     return {"objid": s.objid, "file": path.name, "label": int(s.is_lens), "kind": s.kind,
             "flux_ratio": cutout.flux_ratio, "theta_e": s.theta_e_arcsec, "arc_snr": cutout.arc_snr,
             "seeing_ref": s.psf_fwhm_arcsec[survey.band(survey.reference_band).name]}
+
+
+def _simulate_and_write(args) -> dict:
+    survey, family, seed, index, out_dir, labeled, role = args
+    return write_cutout(simulate_one(survey, family, seed, index), out_dir, survey=survey, family=family, seed=seed,
+                        labeled=labeled, role=role)
 
 
 def simulate_to_directory(survey: SurveySpec, family: Family, *, n_cutouts: int, seed: int, out_dir: Path,

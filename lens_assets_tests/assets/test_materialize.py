@@ -11,9 +11,9 @@ from lens_assets.science.surveys import get_survey
 
 
 def _materialize(storage, *, survey="sdss", n=8, seed=1, family="baseline", assets=None, instance=None,
-                 n_heldout=0):
+                 n_heldout=0, **sim_config):
     """``n_heldout=None`` leaves the asset's default (n // 5); most tests here want the training drop alone."""
-    sim = {"n_cutouts": n, "seed": seed, "family": family, "workers": 1}
+    sim = {"n_cutouts": n, "seed": seed, "family": family, "workers": 1, **sim_config}
     if n_heldout is not None:
         sim["n_heldout"] = n_heldout
     run_config = {"ops": {"simulated_cutouts": {"config": sim},
@@ -63,6 +63,22 @@ def test_simulation_and_catalog_materialize_on_a_tiny_survey(storage):
                                                                            "heldout": {"heldout"}}
     assert _checks(result) == {"catalog_matches_schema": True, "every_file_accounted_for": True,
                                "label_balance_and_provenance": True}
+
+
+def test_the_torch_renderer_draws_the_training_family_and_says_so(storage):
+    result = _materialize(storage, n=6, n_heldout=2, renderer="torch")
+    sim = _metadata(result, "simulated_cutouts")
+    assert sim["renderer"] == "torch" and sim["n_cutouts"] == 6
+    catalog = pd.read_parquet(_metadata(result, "cutout_catalog")["path"])
+    # the training family's light by torch, the held-out family's by lenstronomy (its own renderer)
+    assert catalog.groupby("sim_family")["label_source"].agg(set).to_dict() == {"baseline": {"sim:torch"},
+                                                                              "heldout": {"sim:lenstronomy"}}
+    default = _materialize(storage, n=6, n_heldout=2)
+    assert (_metadata(default, "simulated_cutouts")["renderer"] == "lenstronomy"
+            and result.asset_materializations_for_node("simulated_cutouts")[0].tags["dagster/data_version"]
+            != default.asset_materializations_for_node("simulated_cutouts")[0].tags["dagster/data_version"])
+    with pytest.raises(dg.Failure, match=r"renderer 'galsim' is not one of \['lenstronomy', 'torch'\]"):
+        _materialize(storage, n=2, renderer="galsim")
 
 
 def test_rematerializing_replaces_the_drop_instead_of_mixing_old_files(storage):
