@@ -29,11 +29,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from _util import cores, report, timed  # noqa: E402
 
+from lens_assets.ml.torch_simulation import simulate_to_directory_torch  # noqa: E402
 from lens_assets.science.families import load_family  # noqa: E402
 from lens_assets.science.simulation import (_simulate_and_write, lenstronomy_band_setup, simulate_one,  # noqa: E402
                                             simulate_to_directory, systems_for)
 from lens_assets.science.surveys import get_survey  # noqa: E402
-from lens_assets.ml.torch_simulation import simulate_to_directory_torch  # noqa: E402
 
 
 def physical(setup, system):
@@ -141,8 +141,9 @@ def main(argv=None) -> dict:
         ("parallel efficiency", f"{rec['parallel_efficiency']:.1%} (target >= 85%)"),
         ("asset path, torch renderer, 1 core", f"{rec['torch_one_core_cutouts_per_s']:.1f} cutouts/s  "
                                                f"({rec['torch_over_lenstronomy_one_core']:.2f}x lenstronomy)"),
-        (f"asset path, torch renderer, {n_cores} cores", f"{rec['torch_all_cores_cutouts_per_s']:.1f} cutouts/s  "
-                                                         f"({rec['torch_over_lenstronomy_all_cores']:.2f}x lenstronomy)"),
+        (f"asset path, torch renderer, {n_cores} cores",
+         f"{rec['torch_all_cores_cutouts_per_s']:.1f} cutouts/s  "
+         f"({rec['torch_over_lenstronomy_all_cores']:.2f}x lenstronomy)"),
     ], rec)
     return rec
 

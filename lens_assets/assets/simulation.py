@@ -1,4 +1,5 @@
-"""Asset group `simulation`: lenstronomy-simulated training cutouts."""
+"""Asset group `simulation`: simulated training cutouts (lenstronomy, or the torch renderer), held-out families and
+lens/twin pairs."""
 
 
 import dagster as dg
@@ -37,9 +38,9 @@ class SimulationConfig(dg.Config):
                                      "same pairs)")
     workers: int = Field(default=0, description="processes; 0 = every core")
     renderer: str = Field(default="lenstronomy", description="what draws the training family's light: "
-                          "'lenstronomy' (the reference) or 'torch' (ml/torch_render a batch at a time, float32, "
-                          "within 5e-4 of lenstronomy's band peak; the same objects, noise draws and files); held-out "
-                          "families and the lens/twin pairs keep their own renderers")
+                          "'lenstronomy' (the reference) or 'torch' (ml/torch_render a batch at a time, float32; the "
+                          "same objects, noise draws and files, the pixels within float32 rendering of lenstronomy's); "
+                          "held-out families and the lens/twin pairs keep their own renderers")
 
 
 TRAINING_RENDERERS = ("lenstronomy", "torch")
@@ -83,6 +84,9 @@ def simulated_cutouts(context: dg.AssetExecutionContext, config: SimulationConfi
     if config.renderer not in TRAINING_RENDERERS:
         raise dg.Failure(f"simulated_cutouts: renderer {config.renderer!r} is not one of {list(TRAINING_RENDERERS)}")
     family = load_family(config.family)
+    if config.renderer == "torch" and family.renderer != "lenstronomy":
+        raise dg.Failure(f"simulated_cutouts: renderer 'torch' draws families rendered by lenstronomy; family "
+                         f"{family.name!r} is rendered by {family.renderer}: leave renderer at 'lenstronomy'")
     n_heldout = config.n_cutouts // 5 if config.n_heldout is None else config.n_heldout
     n_pairs = config.n_cutouts // 10 if config.n_pairs is None else config.n_pairs
     pairs_family = load_family(config.pairs_family) if config.pairs_family else family

@@ -79,6 +79,8 @@ def test_the_torch_renderer_draws_the_training_family_and_says_so(storage):
             != default.asset_materializations_for_node("simulated_cutouts")[0].tags["dagster/data_version"])
     with pytest.raises(dg.Failure, match=r"renderer 'galsim' is not one of \['lenstronomy', 'torch'\]"):
         _materialize(storage, n=2, renderer="galsim")
+    with pytest.raises(dg.Failure, match=r"family 'galsim' is rendered by galsim: leave renderer at 'lenstronomy'"):
+        _materialize(storage, n=2, family="galsim", renderer="torch")  # never GalSim files labelled torch
 
 
 def test_rematerializing_replaces_the_drop_instead_of_mixing_old_files(storage):
