@@ -102,6 +102,9 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", default="demo", choices=sorted(PROFILES))
     parser.add_argument("--n-cutouts", type=int, default=None, help="override the profile's simulation size")
     parser.add_argument("--epochs", type=int, default=None, help="override the profile's training epochs")
+    parser.add_argument("--renderer", default=None, choices=["lenstronomy", "torch"],
+                        help="what draws the training family's light (simulated_cutouts' renderer; default the "
+                        "profile's, lenstronomy)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--drop-size", type=int, default=200, help="cutouts in the unlabeled inbox drop scored at "
                         "the end (0: none)")
@@ -125,8 +128,9 @@ def main(argv=None) -> int:
 def run_galaxy(instance, args) -> int:
     """``survey_pipeline`` with ``args``' profile, then a drop scored by the promoted model; what it made."""
     overrides = {}
-    if args.n_cutouts is not None:
-        overrides["simulated_cutouts"] = {"n_cutouts": args.n_cutouts}
+    sim = {k: v for k, v in (("n_cutouts", args.n_cutouts), ("renderer", args.renderer)) if v is not None}
+    if sim:
+        overrides["simulated_cutouts"] = sim
     if args.epochs is not None:
         overrides["lens_classifier"] = {"epochs": args.epochs}
     ran = run_job("survey_pipeline", instance, survey=args.survey,
@@ -140,7 +144,7 @@ def run_galaxy(instance, args) -> int:
     print(f"lens_assets demo: survey {args.survey}, profile {args.profile}, run {result.run_id}, "
           f"{wall / 60:.1f} min")
     print(f"  simulated cutouts : {sim['n_cutouts']} ({sim['n_lenses']} lenses, {sim['n_nonlenses']} non-lenses) "
-          f"at {sim['cutouts_per_s']:.1f}/s in {sim['path']}")
+          f"at {sim['cutouts_per_s']:.1f}/s ({sim.get('renderer', 'lenstronomy')}) in {sim['path']}")
     print(f"  catalog           : {cat['n_ingested']} rows -> {cat['path']}")
     print(f"  quarantine        : {cat['n_quarantined']} rows -> {cat['quarantine_path']}")
     print(f"  files             : {cat['n_files']} read at {cat['files_per_s']:.0f} files/s")

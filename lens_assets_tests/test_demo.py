@@ -14,3 +14,23 @@ def test_the_demo_reads_the_uncertainty_deciles_or_nothing(tmp_path):
     assert _uncertainty_of_report({"report_json": str(path)}) == {}
     assert _uncertainty_of_report({"report_json": str(tmp_path / "missing.json")}) == {}
     assert _uncertainty_of_report({}) == {}
+
+
+def test_the_demo_passes_its_simulation_overrides_to_the_job(monkeypatch):
+    import argparse
+
+    import lens_assets.demo as demo
+
+    seen = {}
+
+    def run_job(name, instance, *, survey, ops, tolerate):
+        seen.update(name=name, survey=survey, sim=ops["simulated_cutouts"]["config"])
+        return None  # as a run that did not finish: the demo stops there
+
+    monkeypatch.setattr(demo, "run_job", run_job)
+    args = argparse.Namespace(survey="des", profile="demo", seed=0, n_cutouts=50, epochs=None, renderer="torch")
+    assert demo.run_galaxy(None, args) == 1
+    assert seen["name"] == "survey_pipeline" and seen["sim"]["renderer"] == "torch" and seen["sim"]["n_cutouts"] == 50
+    args.renderer, args.n_cutouts = None, None
+    demo.run_galaxy(None, args)
+    assert "renderer" not in seen["sim"] and seen["sim"]["n_cutouts"] == 4000  # the profile's own
