@@ -55,9 +55,9 @@ def main(argv=None) -> dict:
         t["galsim"].append(timed(lambda: [simulate_galsim_one(survey, gfam, seed, i) for i in idx])[1])
         t["lenstronomy"].append(timed(lambda: [simulate_one(survey, lfam, seed, i) for i in idx])[1])
         with tempfile.TemporaryDirectory() as tmp:
-            t["galsim_fits"].append(timed(lambda: [galsim_write((survey, gfam, seed, i, tmp, True))
+            t["galsim_fits"].append(timed(lambda: [galsim_write((survey, gfam, seed, i, tmp, True, "train"))
                                                    for i in idx])[1])
-            t["lenstronomy_fits"].append(timed(lambda: [lenstronomy_write((survey, lfam, seed, i, tmp, True))
+            t["lenstronomy_fits"].append(timed(lambda: [lenstronomy_write((survey, lfam, seed, i, tmp, True, "train"))
                                                         for i in idx])[1])
     rate = {k: args.n / statistics.median(v) for k, v in t.items()}
     n_cores = cores()

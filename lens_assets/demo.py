@@ -1,6 +1,7 @@
 """`make demo`: run the whole graph for one survey on the local Dagster instance and say what it made.
 
     python -m lens_assets.demo [--survey des] [--profile demo|full] [--n-cutouts N] [--epochs N] [--seed 0]
+                               [--renderer lenstronomy|torch]
     python -m lens_assets.demo --track clusters [--survey des] [--n-fields 300]   # the cluster-scale track
 
 Profiles (``lens_assets.profiles``): ``demo`` takes a few minutes on 2 CPU

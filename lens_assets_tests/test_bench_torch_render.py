@@ -3,11 +3,14 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 
 import bench_torch_render  # noqa: E402
 
 
+@pytest.mark.slow  # it compiles the kernels (10-40 s from a cold inductor cache)
 def test_the_benchmark_renders_the_same_objects_both_ways(monkeypatch):
     import torch
 

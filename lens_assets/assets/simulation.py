@@ -39,8 +39,9 @@ class SimulationConfig(dg.Config):
     workers: int = Field(default=0, description="processes; 0 = every core")
     renderer: str = Field(default="lenstronomy", description="what draws the training family's light: "
                           "'lenstronomy' (the reference) or 'torch' (ml/torch_render a batch at a time, float32; the "
-                          "same objects, noise draws and files, the pixels within float32 rendering of lenstronomy's); "
-                          "held-out families and the lens/twin pairs keep their own renderers")
+                          "same objects, noise draws and files, the pixels within 1e-3 of the band's maximum of "
+                          "lenstronomy's, 2e-4 seen); held-out families and the lens/twin pairs keep their own "
+                          "renderers")
 
 
 TRAINING_RENDERERS = ("lenstronomy", "torch")
@@ -159,7 +160,11 @@ def simulated_cutouts(context: dg.AssetExecutionContext, config: SimulationConfi
     for k in ("lens_share_flux_ratio_lt_0.1", "lens_share_theta_e_below_seeing"):
         if k in summary:
             metadata[k] = summary[k]
-    renderer = [] if config.renderer == "lenstronomy" else [f"renderer:{config.renderer}"]  # the default's as before
+    renderer = []  # the default's data version as before; the torch renderer's with its own version
+    if config.renderer == "torch":
+        from lens_assets.ml.torch_simulation import RENDER_VERSION
+
+        renderer = [f"renderer:torch:{RENDER_VERSION}"]
     version = sha256_of_strings([survey.name, str(config.seed), SIMULATION_CODE_VERSION,
                                  *(f"{f.name}:{f.sha256}:{n}" for f, n, _ in runs),
                                  f"pairs:{pairs_family.sha256}:{n_pairs}", *renderer])

@@ -8,7 +8,7 @@ thread per worker. The pixels differ from the lenstronomy-rendered file of the s
 noise (within 1e-3 of the band's maximum in ``lens_assets_tests/ml/test_torch_simulation.py``; 2e-4 of the band's
 peak seen in the noiseless light). A run is reproducible for the same ``n_cutouts`` and ``chunk``, whatever the
 number of workers; an object drawn in another chunk (another run size) differs in float32 rounding only (about
-1e-7 of the pixel: a batch pads its PSFs and canvases to its widest object). ``benchmarks/bench_simulation.py``
+2e-7 of the band's maximum: a batch pads its PSFs and canvases to its widest object). ``benchmarks/bench_simulation.py``
 times both renderers on the same objects.
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 __all__ = ["simulate_to_directory_torch", "CHUNK_OBJECTS"]
 
 CHUNK_OBJECTS = 32  # objects per worker task: one rendered batch
+RENDER_VERSION = "torch-1"  # in simulated_cutouts' data version with renderer torch: bump when the light changes
 LABEL_SOURCE = "sim:torch"  # LABELSRC of its files: the catalog's label_source says which code drew the light
 
 

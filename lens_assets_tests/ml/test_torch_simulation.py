@@ -60,7 +60,7 @@ def test_a_torch_file_does_not_depend_on_the_chunk_it_was_drawn_in(tmp_path):
 
 
 def test_the_torch_path_refuses_what_it_does_not_draw(tmp_path):
-    with pytest.raises(ValueError, match="galsim"):
+    with pytest.raises(ValueError, match="rendered by galsim"):
         simulate_to_directory_torch(DES, load_family("galsim"), n_cutouts=2, seed=0, out_dir=tmp_path)
     with pytest.raises(ValueError, match="chunk must be >= 1"):
         simulate_to_directory_torch(DES, load_family("physical"), n_cutouts=2, seed=0, out_dir=tmp_path, chunk=0)

@@ -47,7 +47,7 @@ def test_worker_functions_and_their_tasks_pickle():
     tasks = [(_ingest_one, ("x.fits", "x.fits", "sdss")),
              (process_batch, ([{"objid": "a", "source_file": "a.fits"}], "/data", settings)),
              (read_and_match, (["/data/a.fits"], ["a.fits"], settings)),
-             (_simulate_and_write, (survey, load_family("baseline"), 0, 1, "/out", True)),
+             (_simulate_and_write, (survey, load_family("baseline"), 0, 1, "/out", True, "train")),
              (_simulate_pair_and_write, (survey, load_family("baseline"), 0, 1, "/out"))]
     for fn, task in tasks:
         assert pickle.loads(pickle.dumps(fn)) is fn
