@@ -82,14 +82,9 @@ class FreshMix:
         survey = get_survey(self.settings.survey)
         seed = FRESH_SEED_OFFSET + self.seed
         if self.renderer == "torch":
-            from lens_assets.science.simulation import _member
+            from .torch_simulation import simulate_torch
 
-            from .torch_render import render_systems
-
-            drawn = [_member(survey, self.family, seed, i) for i in indices]
-            import torch
-
-            rendered = render_systems([d[0] for d in drawn], [d[1] for d in drawn], survey, dtype=torch.float32)
+            rendered = simulate_torch(survey, self.family, seed, indices)
         else:
             rendered = [simulate_one(survey, self.family, seed, i) for i in indices]
         rows, cutouts = [], []

@@ -16,26 +16,36 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-__all__ = ["simulate_to_directory_torch", "CHUNK_OBJECTS"]
+__all__ = ["simulate_torch", "simulate_to_directory_torch", "CHUNK_OBJECTS"]
 
 CHUNK_OBJECTS = 32  # objects per worker task: one rendered batch
 RENDER_VERSION = "torch-1"  # in simulated_cutouts' data version with renderer torch: bump when the light changes
 LABEL_SOURCE = "sim:torch"  # LABELSRC of its files: the catalog's label_source says which code drew the light
 
 
+def simulate_torch(survey, family, seed: int, indices) -> list:
+    """``science.simulation.simulate_one`` for each of ``indices``, the light of all of them rendered in one torch
+    batch (float32): ``RenderedCutout`` objects, in order."""
+    import torch
+
+    from lens_assets.science.simulation import _member
+
+    from .torch_render import render_systems
+
+    drawn = [_member(survey, family, seed, i) for i in indices]
+    return render_systems([d[0] for d in drawn], [d[1] for d in drawn], survey, dtype=torch.float32)
+
+
 def _simulate_chunk(args) -> list[dict]:
     import torch
 
-    from lens_assets.science.simulation import _member, write_cutout
-
-    from .torch_render import render_systems
+    from lens_assets.science.simulation import write_cutout
 
     survey, family, seed, indices, out_dir, labeled, role = args
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one process per core
     try:
-        drawn = [_member(survey, family, seed, i) for i in indices]
-        cutouts = render_systems([d[0] for d in drawn], [d[1] for d in drawn], survey, dtype=torch.float32)
+        cutouts = simulate_torch(survey, family, seed, indices)
     finally:
         torch.set_num_threads(threads)
     return [write_cutout(c, out_dir, survey=survey, family=family, seed=seed, labeled=labeled, role=role,
