@@ -324,6 +324,14 @@ def family_file(lever: str, out_dir: Path) -> str:
     return str(write_family("physical", out_dir / f"physical_{slug}.toml", population_edits(lever), name=name))
 
 
+def renderer_override(family: str) -> dict:
+    """``simulated_cutouts`` fields for the training ``family``: the demo profile's renderer (torch) draws a family
+    that lenstronomy renders; one that other code renders (GalSim: ``train_family=galsim``) keeps its own."""
+    from lens_assets.science.families import load_family
+
+    return {} if load_family(family).renderer == "lenstronomy" else {"renderer": "lenstronomy"}
+
+
 def run_lever(lever: str, args, work: Path) -> dict:
     import dagster as dg
 
@@ -335,7 +343,7 @@ def run_lever(lever: str, args, work: Path) -> dict:
     family = family_file(lever, work)
     ov = {"simulated_cutouts": {"n_cutouts": args.n_cutouts, "n_heldout": args.n_heldout, "family": family,
                                 "more_heldout_families": args.heldout, "n_pairs": args.n_pairs,
-                                "pairs_family": "physical"},
+                                "pairs_family": "physical", **renderer_override(family)},
           "psf_matched_shards": shard_overrides(lever),
           "lens_classifier": {"members": args.members, "epochs": args.epochs, "max_minutes": args.max_minutes,
                               "seed": getattr(args, "train_seed", 0), **training_overrides(lever)},

@@ -17,7 +17,11 @@ PROFILES: dict[str, dict] = {
     # 4k physical cutouts (+ 400 per held-out family, 400 lens/twin pairs): the whole graph in minutes on 2 CPU cores.
     # The gates are set for what this much data can show, not for the quality targets.
     "demo": {
-        "simulated_cutouts": {"n_cutouts": 4000, "n_heldout": 400, "more_heldout_families": ["galsim"]},
+        # the training family's light by the batched torch renderer (lenstronomy's pixels to 2e-4 of the peak, the same
+        # objects and noise draws): on two seeds the demo's figures moved within their noise and its simulation ran
+        # 1.44-1.61x faster (README, Simulation); held-out families and the pairs keep their own renderers
+        "simulated_cutouts": {"n_cutouts": 4000, "n_heldout": 400, "more_heldout_families": ["galsim"],
+                              "renderer": "torch"},
         # one member, regnetx_002 (bench_ablation's best per CPU-minute): the physical population needs data more
         # than members, and a 4-epoch ViT on a few thousand cutouts stayed near chance
         # head dropout 0.2: the candidates' MC-dropout uncertainty; off the simulator it changed nothing beyond the
@@ -35,7 +39,8 @@ PROFILES: dict[str, dict] = {
     # The quality run: >= 5,000 test non-lenses for TPR10 (72,000 x 15% test x 50% non-lenses = 5,400);
     # gates are the release targets.
     "full": {
-        "simulated_cutouts": {"n_cutouts": 72000, "n_heldout": 8000, "more_heldout_families": ["galsim"]},
+        "simulated_cutouts": {"n_cutouts": 72000, "n_heldout": 8000, "more_heldout_families": ["galsim"],
+                              "renderer": "torch"},
         # regnetx_002: at equal epochs it trained 2.1x faster than resnet10t and beat it off the simulator
         # (bench_ablation member= levers, README); the vit_tiny_p8 member stayed near chance on CPU budgets
         "lens_classifier": {"members": ["regnetx_002"], "epochs": 10, "batch_size": 128, "lr": 2e-3, "patience": 4,

@@ -34,6 +34,9 @@ def test_numeric_ablation_levers_are_checked_before_any_run(tmp_path):
     assert bench_ablation.training_overrides("colour_residual") == {"colour_residual": True}
     assert bench_ablation.training_overrides("zoom=1.6") == {"zoom_max": 1.6}
     assert bench_ablation.training_overrides("lr=3e-3+batch_size=128") == {"lr": 3e-3, "batch_size": 128}
+    # the profile's torch renderer for lenstronomy families; a GalSim-rendered training family keeps its renderer
+    assert bench_ablation.renderer_override("physical") == {}
+    assert bench_ablation.renderer_override("galsim") == {"renderer": "lenstronomy"}
     for lever, what in (("deep=0", "positive"), ("deep=x", "positive"), ("group=1.5", r"\[0, 1\]"),
                         ("theta_e_balance=-1", r"\[0, 1\]"), ("zoom=0.5", r"\[1, 3\]"), ("lr=0", r"\(0, 1\)"),
                         ("batch_size=1.5", "whole number"), ("batch_size=inf", "whole number")):

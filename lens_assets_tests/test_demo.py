@@ -33,4 +33,7 @@ def test_the_demo_passes_its_simulation_overrides_to_the_job(monkeypatch):
     assert seen["name"] == "survey_pipeline" and seen["sim"]["renderer"] == "torch" and seen["sim"]["n_cutouts"] == 50
     args.renderer, args.n_cutouts = None, None
     demo.run_galaxy(None, args)
-    assert "renderer" not in seen["sim"] and seen["sim"]["n_cutouts"] == 4000  # the profile's own
+    assert seen["sim"]["renderer"] == "torch" and seen["sim"]["n_cutouts"] == 4000  # the profile's own
+    args.renderer = "lenstronomy"
+    demo.run_galaxy(None, args)
+    assert seen["sim"]["renderer"] == "lenstronomy"  # the reference, when asked for
