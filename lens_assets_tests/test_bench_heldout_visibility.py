@@ -1,0 +1,84 @@
+"""bench_heldout_visibility: held-out objects redrawn from their ids, the training population's selection applied."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+
+import bench_heldout_visibility as bench  # noqa: E402
+
+from lens_assets.science.families import load_family  # noqa: E402
+from lens_assets.science.population import lensed_source_check  # noqa: E402
+from lens_assets.science.simulation import simulate_to_directory  # noqa: E402
+from lens_assets.science.surveys import get_survey  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def heldout_run(tmp_path_factory):
+    survey, family = get_survey("des"), load_family("heldout")
+    truth, _ = simulate_to_directory(survey, family, n_cutouts=12, seed=4, out_dir=tmp_path_factory.mktemp("h"),
+                                     workers=1, progress=False, role="heldout")
+    scores = truth.assign(sim_family=family.name, logit=np.linspace(-1, 1, len(truth)))
+    return survey, family, scores
+
+
+def test_the_selection_is_the_physical_familys_constants():
+    sel = bench.selection_of(load_family("physical"))
+    assert sel == {"min_magnification": 3.0, "min_arc_snr": 20.0, "min_theta_e_over_fwhm": 0.5,
+                   "source_size_in_resolution": 1.0, "max_theta_e_arcsec": 3.0, "deflector_photon_noise": 1.0}
+
+
+def test_each_lens_is_redrawn_and_kept_exactly_when_it_passes_every_test(heldout_run):
+    survey, family, scores = heldout_run
+    sel = bench.selection_of(load_family("physical"))
+    table = bench.visibility_table(scores, survey=survey, family=family, selection=sel)
+    assert len(table) == len(scores) and table["label"].tolist() == scores["label"].tolist()
+    lenses = table[table["label"] == 1]
+    assert len(lenses) >= 2 and lenses["magnification"].notna().all()
+    expected = ((lenses["magnification"] >= 3) & (lenses["selection_snr"] >= 20) & lenses["resolved"].astype(bool)
+                & (lenses["theta_e"] <= 3))
+    assert (lenses["visible"].astype(bool) == expected).all()
+    # the figures are the population's own check on the redrawn scene: its lensed light, the galaxy as foreground
+    row = lenses.iloc[0]
+    system = bench.redraw(row["objid"], survey, family)
+    ref = survey.band(survey.reference_band).name
+    mu, snr = lensed_source_check(system.kwargs_lens, [c for c in system.components if c.lensed], survey=survey,
+                                  fwhm_arcsec=system.psf_fwhm_arcsec[ref], exposure_scale=system.exposure_scale,
+                                  foreground=[c for c in system.components if not c.lensed])
+    assert row["magnification"] == pytest.approx(mu) and row["selection_snr"] == pytest.approx(snr)
+    assert table[table["label"] == 0]["kind"].isin(["plain", "companions", "merger", "ring", "spiral",
+                                                    "chance_alignment"]).all()
+
+
+def test_an_object_whose_truth_differs_from_its_redraw_is_refused(heldout_run):
+    survey, family, scores = heldout_run
+    sel = bench.selection_of(load_family("physical"))
+    lens = scores[scores["label"] == 1].index[0]
+    tampered = scores.copy()
+    tampered.loc[lens, "theta_e"] += 0.1
+    with pytest.raises(RuntimeError, match="redrawn object differs"):
+        bench.visibility_table(tampered, survey=survey, family=family, selection=sel)
+    with pytest.raises(ValueError, match="not an object of family heldout"):
+        bench.redraw("sim-des-physical-s0-000001", survey, family)
+
+
+def test_main_reads_a_runs_scores_and_splits_the_auroc(heldout_run, tmp_path, monkeypatch):
+    import _util
+
+    from lens_assets import layout
+    from lens_assets.resources.storage import LocalStorage
+
+    monkeypatch.setattr(_util, "RESULTS", tmp_path / "results")
+    survey, family, scores = heldout_run
+    path = LocalStorage(root=str(tmp_path)).path(*layout.ensemble_scores("des"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(scores).to_parquet(path)
+    rec = bench.main(["--root", str(tmp_path)])
+    assert rec["n_lenses"] + rec["n_nonlenses"] == len(scores)
+    assert 0.0 <= rec["share_visible"] <= 1.0 and 0.0 <= rec["auroc_all"] <= 1.0
+    with pytest.raises(SystemExit, match="population 'physical'"):
+        bench.main(["--root", str(tmp_path), "--family", "physical"])
