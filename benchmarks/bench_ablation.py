@@ -324,12 +324,15 @@ def family_file(lever: str, out_dir: Path) -> str:
     return str(write_family("physical", out_dir / f"physical_{slug}.toml", population_edits(lever), name=name))
 
 
-def renderer_override(family: str) -> dict:
-    """``simulated_cutouts`` fields for the training ``family``: the demo profile's renderer (torch) draws a family
-    that lenstronomy renders; one that other code renders (GalSim: ``train_family=galsim``) keeps its own."""
+def renderer_override(family: str, renderer: str | None = None) -> dict:
+    """``simulated_cutouts`` fields for the training ``family``: ``renderer`` (default the demo profile's, torch)
+    draws a family that lenstronomy renders; one that other code renders (GalSim: ``train_family=galsim``) keeps its
+    own."""
     from lens_assets.science.families import load_family
 
-    return {} if load_family(family).renderer == "lenstronomy" else {"renderer": "lenstronomy"}
+    if load_family(family).renderer != "lenstronomy":
+        return {"renderer": "lenstronomy"}
+    return {} if renderer is None else {"renderer": renderer}
 
 
 def run_lever(lever: str, args, work: Path) -> dict:
@@ -343,7 +346,8 @@ def run_lever(lever: str, args, work: Path) -> dict:
     family = family_file(lever, work)
     ov = {"simulated_cutouts": {"n_cutouts": args.n_cutouts, "n_heldout": args.n_heldout, "family": family,
                                 "more_heldout_families": args.heldout, "n_pairs": args.n_pairs,
-                                "pairs_family": "physical", **renderer_override(family)},
+                                "pairs_family": "physical",
+                                **renderer_override(family, getattr(args, "renderer", None))},
           "psf_matched_shards": shard_overrides(lever),
           "lens_classifier": {"members": args.members, "epochs": args.epochs, "max_minutes": args.max_minutes,
                               "seed": getattr(args, "train_seed", 0), **training_overrides(lever)},
@@ -378,7 +382,8 @@ def run_lever(lever: str, args, work: Path) -> dict:
            LO_LARGE: r.get(LO_LARGE, float("nan")),
            "shortcut_auroc": meta["shortcut_audit"]["shortcut_auroc"],
            "shortcut_auroc_without_twins": meta["shortcut_audit"].get("shortcut_auroc_without_twins", float("nan")),
-           "train_img_per_s": lc.get(f"{member}/train_img_per_s", float("nan"))}
+           "train_img_per_s": lc.get(f"{member}/train_img_per_s", float("nan")),
+           "renderer": meta["simulated_cutouts"].get("renderer", "lenstronomy")}
     for fam in names:
         row[f"heldout_{fam}_auroc"] = r.get(f"heldout_{fam}_auroc", float("nan"))
     return row
@@ -401,6 +406,9 @@ def arg_parser(description: str = __doc__) -> argparse.ArgumentParser:
                     help="train every lever for this many minutes (equal CPU budget; set --epochs high and the "
                          "cosine schedule spans --epochs); 0: --epochs decides")
     ap.add_argument("--work", default=None, help="folder for the runs' data (default: a temporary one)")
+    ap.add_argument("--renderer", default=None, choices=["lenstronomy", "torch"],
+                    help="what draws the training family's light (default the demo profile's, torch; "
+                         "lenstronomy: the reference, as the runs before the profiles changed)")
     return ap
 
 
@@ -431,11 +439,11 @@ def main(argv=None) -> list[dict]:
     cols = ["auroc", "tpr10", "fnr_flux_ratio_lt_0.1", "auroc_flux_ratio_lt_0.1", "heldout_auroc",
             *[k for k in rows[0] if k.startswith("heldout_") and k != "heldout_auroc"], "lensing_only_auroc",
             LO_LARGE, "shortcut_auroc", "shortcut_auroc_without_twins"]
-    head = "| lever | " + " | ".join(cols) + " | wall min |"
-    lines = [head, "|" + "---|" * (len(cols) + 2)]
+    head = "| lever | " + " | ".join(cols) + " | wall min | renderer |"
+    lines = [head, "|" + "---|" * (len(cols) + 3)]
     for row in rows:
         lines.append(f"| {row['lever']} | " + " | ".join(f"{row[c]:.3f}" for c in cols)
-                     + f" | {row['wall_s'] / 60:.1f} |")
+                     + f" | {row['wall_s'] / 60:.1f} | {row.get('renderer', '')} |")
     print("\n".join(lines))
     report("ablation", [(row["lever"], ", ".join(f"{c} {row[c]:.3f}" for c in cols)) for row in rows],
            {"rows": rows, "settings": {k: v for k, v in vars(args).items()}})

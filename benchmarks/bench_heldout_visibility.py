@@ -8,10 +8,12 @@ beyond the seeing and the source's size, θE ≤ 3″; ``[selection]`` of ``phys
 challenge counted a lens only where its lensed images showed. The ``heldout`` family (independent priors,
 ``population = "priors"``) labels every scene with a source behind the deflector a lens, seen or not. This redraws
 each ``heldout`` object of a finished run from its seed and index (``science.simulation._member``, the same
-draws), applies the training population's selection to its lenses (to the extended light, a quasar's host
-included, as the population does) and splits the run's ``heldout`` AUROC (``scores/<survey>/ensemble_logits.parquet``)
-into the lenses that pass and those that do not, each against all non-lenses and against each non-lens type.
-A finder can be asked to find the lenses that pass; the others bound the family's AUROC from above.
+draws), applies the training population's selection to its lensed galaxies (the population selects a scene on its
+extended source and only then may make it a quasar's host, so lensed quasars, whose point images the selection
+never tests, are reported apart) and splits the run's ``heldout`` AUROC (``scores/<survey>/ensemble_logits.parquet``)
+into the lenses that pass, those that do not and the quasars, each against all non-lenses, and the ones that pass
+against each non-lens type. A finder can be asked to find the lenses that pass; the others bound the family's AUROC
+from above.
 """
 
 from __future__ import annotations
@@ -41,13 +43,17 @@ def selection_of(family) -> dict:
 
 
 def visibility(system, survey, selection: dict) -> dict:
-    """The selection's figures of one lens ``system`` (``science.simulation.System``) and whether it passes."""
+    """The selection's figures of one lens ``system`` and whether it passes: a galaxy lens of a ``priors`` family
+    (``science.simulation.System``, whose unlensed light is the deflector's alone), or anything with its
+    ``components`` (the deflector's light first, unlensed; the source's lensed, its Sersic first), ``kwargs_lens``,
+    ``psf_fwhm_arcsec``, ``exposure_scale`` (the selection's) and ``theta_e_arcsec``."""
     from lens_assets.science.population import lensed_source_check
 
     ref = survey.band(survey.reference_band).name
     fwhm = system.psf_fwhm_arcsec[ref]
     lensed = [c for c in system.components if c.lensed]
-    foreground = [c for c in system.components if not c.lensed] if selection["deflector_photon_noise"] else []
+    unlensed = [c for c in system.components if not c.lensed]
+    foreground = unlensed[:1] if selection["deflector_photon_noise"] else []  # the deflector's photon noise
     if lensed:
         mu, snr = lensed_source_check(system.kwargs_lens, lensed, survey=survey, fwhm_arcsec=fwhm,
                                       exposure_scale=system.exposure_scale, foreground=foreground)
@@ -89,7 +95,7 @@ def visibility_table(scores, *, survey, family, selection: dict):
                                "version drew it")
         rec = {"objid": objid, "label": int(label), "kind": system.kind, "theta_e": system.theta_e_arcsec,
                "logit": float(logit)}
-        if system.is_lens:
+        if system.is_lens and system.kind != "quasar":
             rec.update(visibility(system, survey, selection))
         out.append(rec)
     return pd.DataFrame(out)
@@ -123,8 +129,12 @@ def main(argv=None) -> dict:
     lenses, nonlenses = table[table["label"] == 1], table[table["label"] == 0]
     if lenses.empty or nonlenses.empty:
         raise SystemExit(f"{path}: no {family.name} lenses or non-lenses to score")
-    seen = lenses[lenses["visible"].astype(bool)]
-    unseen = lenses[~lenses["visible"].astype(bool)]
+    quasars = lenses[lenses["kind"] == "quasar"]
+    galaxies = lenses[lenses["kind"] != "quasar"]
+    if galaxies.empty:
+        raise SystemExit(f"{path}: no {family.name} lenses of an extended source to select")
+    seen = galaxies[galaxies["visible"].astype(bool)]
+    unseen = galaxies[~galaxies["visible"].astype(bool)]
 
     def auroc(pos, neg) -> float:
         if pos.empty or neg.empty:
@@ -132,24 +142,26 @@ def main(argv=None) -> dict:
         return float(roc_auc_score(np.r_[np.ones(len(pos)), np.zeros(len(neg))], np.r_[pos["logit"], neg["logit"]]))
 
     record = {"root": args.root, "family": family.name, "selection": selection, "n_lenses": len(lenses),
-              "n_nonlenses": len(nonlenses), "share_visible": len(seen) / len(lenses),
-              "share_magnification_pass": float((lenses["magnification"] >= selection["min_magnification"]).mean()),
-              "share_snr_pass": float((lenses["selection_snr"] >= selection["min_arc_snr"]).mean()),
-              "share_resolved": float(lenses["resolved"].mean()),
+              "n_quasar_lenses": len(quasars), "n_nonlenses": len(nonlenses),
+              "share_visible": len(seen) / len(galaxies),
+              "share_magnification_pass": float((galaxies["magnification"] >= selection["min_magnification"]).mean()),
+              "share_snr_pass": float((galaxies["selection_snr"] >= selection["min_arc_snr"]).mean()),
+              "share_resolved": float(galaxies["resolved"].astype(bool).mean()),
               "auroc_all": auroc(lenses, nonlenses), "auroc_visible": auroc(seen, nonlenses),
-              "auroc_not_visible": auroc(unseen, nonlenses), "by_kind": {}}
-    rows = [("lenses / non-lenses", f"{len(lenses)} / {len(nonlenses)}"),
-            ("lenses the training selection keeps", f"{len(seen)} ({record['share_visible']:.2f}); magnification "
-             f"{record['share_magnification_pass']:.2f}, S/N {record['share_snr_pass']:.2f}, resolved "
-             f"{record['share_resolved']:.2f}"),
+              "auroc_not_visible": auroc(unseen, nonlenses), "auroc_quasar": auroc(quasars, nonlenses), "by_kind": {}}
+    rows = [("lenses (quasars) / non-lenses", f"{len(lenses)} ({len(quasars)}) / {len(nonlenses)}"),
+            ("galaxy lenses the selection keeps", f"{len(seen)} of {len(galaxies)} ({record['share_visible']:.2f}); "
+             f"magnification {record['share_magnification_pass']:.2f}, S/N {record['share_snr_pass']:.2f}, "
+             f"resolved {record['share_resolved']:.2f}"),
             ("AUROC, all lenses", f"{record['auroc_all']:.3f}"),
-            ("AUROC, lenses it keeps", f"{record['auroc_visible']:.3f}"),
-            ("AUROC, lenses it rejects", f"{record['auroc_not_visible']:.3f}")]
+            ("AUROC, galaxy lenses it keeps", f"{record['auroc_visible']:.3f}"),
+            ("AUROC, galaxy lenses it rejects", f"{record['auroc_not_visible']:.3f}"),
+            ("AUROC, lensed quasars", f"{record['auroc_quasar']:.3f}")]
     for kind in sorted(nonlenses["kind"].unique()):
         neg = nonlenses[nonlenses["kind"] == kind]
         record["by_kind"][kind] = {"n": len(neg), "auroc_all": auroc(lenses, neg), "auroc_visible": auroc(seen, neg)}
         rows.append((f"  against {kind} ({len(neg)})", f"all lenses {record['by_kind'][kind]['auroc_all']:.3f}, "
-                     f"kept {record['by_kind'][kind]['auroc_visible']:.3f}"))
+                     f"kept galaxy lenses {record['by_kind'][kind]['auroc_visible']:.3f}"))
     for lo, hi in ((0.0, 1.2), (1.2, np.inf)):
         part = seen[(seen["theta_e"] >= lo) & (seen["theta_e"] < hi)]
         key = f"auroc_visible_theta_e_{'lt_1.2' if lo == 0 else 'ge_1.2'}"

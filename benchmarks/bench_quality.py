@@ -43,6 +43,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--epochs", type=int, default=None, help="override the profile's epochs")
     ap.add_argument("--members", default=None, help="override the profile's members (comma-separated)")
     ap.add_argument("--fusion", default=None, choices=["mean", "val_weights"], help="override the fusion")
+    ap.add_argument("--renderer", default=None, choices=["lenstronomy", "torch"],
+                    help="override what draws the training family's light (the profile's: torch)")
     args = ap.parse_args(argv)
 
     overrides = {}
@@ -52,6 +54,8 @@ def main(argv=None) -> dict:
         overrides.setdefault("lens_classifier", {})["members"] = args.members.split(",")
     if args.fusion:
         overrides.setdefault("score_calibrator", {})["fusion"] = args.fusion
+    if args.renderer:
+        overrides.setdefault("simulated_cutouts", {})["renderer"] = args.renderer
     selected = ASSETS[names.index(args.start):]
     keys = {a.key.to_user_string() for a in selected}
     config = run_config(args.profile, overrides=overrides)

@@ -20,7 +20,7 @@ from lens_assets.science.surveys import get_survey  # noqa: E402
 @pytest.fixture(scope="module")
 def heldout_run(tmp_path_factory):
     survey, family = get_survey("des"), load_family("heldout")
-    truth, _ = simulate_to_directory(survey, family, n_cutouts=12, seed=4, out_dir=tmp_path_factory.mktemp("h"),
+    truth, _ = simulate_to_directory(survey, family, n_cutouts=24, seed=4, out_dir=tmp_path_factory.mktemp("h"),
                                      workers=1, progress=False, role="heldout")
     scores = truth.assign(sim_family=family.name, logit=np.linspace(-1, 1, len(truth)))
     return survey, family, scores
@@ -37,11 +37,14 @@ def test_each_lens_is_redrawn_and_kept_exactly_when_it_passes_every_test(heldout
     sel = bench.selection_of(load_family("physical"))
     table = bench.visibility_table(scores, survey=survey, family=family, selection=sel)
     assert len(table) == len(scores) and table["label"].tolist() == scores["label"].tolist()
-    lenses = table[table["label"] == 1]
+    quasars = table[(table["label"] == 1) & (table["kind"] == "quasar")]
+    lenses = table[(table["label"] == 1) & (table["kind"] != "quasar")]
+    assert len(quasars) >= 1 and quasars["magnification"].isna().all()  # never selected: reported apart
     assert len(lenses) >= 2 and lenses["magnification"].notna().all()
     expected = ((lenses["magnification"] >= 3) & (lenses["selection_snr"] >= 20) & lenses["resolved"].astype(bool)
                 & (lenses["theta_e"] <= 3))
     assert (lenses["visible"].astype(bool) == expected).all()
+    assert lenses["visible"].astype(bool).any() and not lenses["visible"].astype(bool).all()  # both outcomes here
     # the figures are the population's own check on the redrawn scene: its lensed light, the galaxy as foreground
     row = lenses.iloc[0]
     system = bench.redraw(row["objid"], survey, family)
@@ -52,6 +55,30 @@ def test_each_lens_is_redrawn_and_kept_exactly_when_it_passes_every_test(heldout
     assert row["magnification"] == pytest.approx(mu) and row["selection_snr"] == pytest.approx(snr)
     assert table[table["label"] == 0]["kind"].isin(["plain", "companions", "merger", "ring", "spiral",
                                                     "chance_alignment"]).all()
+
+
+def test_every_scene_the_training_population_kept_passes_with_its_own_figures():
+    """The bench's selection against the population's: scenes ``draw_scene`` kept pass ``visibility`` with the
+    magnification and S/N the population recorded."""
+    from types import SimpleNamespace
+
+    from lens_assets.science.population import _deflector_light, draw_scene
+
+    survey, physical = get_survey("des"), load_family("physical")
+    sel = bench.selection_of(physical)
+    rng = np.random.default_rng(11)
+    scenes = [s for s in (draw_scene(physical, survey, rng) for _ in range(12)) if s.source_kind == "extended"]
+    assert len(scenes) >= 5
+    for scene in scenes:
+        system = SimpleNamespace(
+            components=[_deflector_light(scene.galaxy, scene.galaxy_mag, scene.galaxy_beta),
+                        *scene.source_components],
+            kwargs_lens=scene.kwargs_lens, psf_fwhm_arcsec=scene.psf_fwhm_arcsec,
+            exposure_scale=scene.exposure_scale, theta_e_arcsec=scene.theta_e_arcsec)
+        got = bench.visibility(system, survey, sel)
+        assert got["visible"] and got["resolved"]
+        assert got["magnification"] == pytest.approx(scene.magnification, rel=1e-9)
+        assert got["selection_snr"] == pytest.approx(scene.arc_snr_ref, rel=1e-9)
 
 
 def test_an_object_whose_truth_differs_from_its_redraw_is_refused(heldout_run):
@@ -79,6 +106,16 @@ def test_main_reads_a_runs_scores_and_splits_the_auroc(heldout_run, tmp_path, mo
     pd.DataFrame(scores).to_parquet(path)
     rec = bench.main(["--root", str(tmp_path)])
     assert rec["n_lenses"] + rec["n_nonlenses"] == len(scores)
-    assert 0.0 <= rec["share_visible"] <= 1.0 and 0.0 <= rec["auroc_all"] <= 1.0
+    table = bench.visibility_table(scores, survey=survey, family=family, selection=bench.selection_of(
+        load_family("physical")))
+    galaxies = table[(table["label"] == 1) & (table["kind"] != "quasar")]
+    assert rec["n_quasar_lenses"] == int(((table["label"] == 1) & (table["kind"] == "quasar")).sum())
+    assert rec["share_visible"] == pytest.approx(galaxies["visible"].astype(bool).mean())
+    # the AUROCs are sklearn's on the run's logits: the kept galaxy lenses against every non-lens
+    from sklearn.metrics import roc_auc_score
+
+    kept, neg = galaxies[galaxies["visible"].astype(bool)], table[table["label"] == 0]
+    assert rec["auroc_visible"] == pytest.approx(roc_auc_score(
+        np.r_[np.ones(len(kept)), np.zeros(len(neg))], np.r_[kept["logit"], neg["logit"]]))
     with pytest.raises(SystemExit, match="population 'physical'"):
         bench.main(["--root", str(tmp_path), "--family", "physical"])

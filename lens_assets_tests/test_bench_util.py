@@ -37,6 +37,9 @@ def test_numeric_ablation_levers_are_checked_before_any_run(tmp_path):
     # the profile's torch renderer for lenstronomy families; a GalSim-rendered training family keeps its renderer
     assert bench_ablation.renderer_override("physical") == {}
     assert bench_ablation.renderer_override("galsim") == {"renderer": "lenstronomy"}
+    assert bench_ablation.renderer_override("physical", "lenstronomy") == {"renderer": "lenstronomy"}
+    assert bench_ablation.renderer_override("galsim", "torch") == {"renderer": "lenstronomy"}  # never torch
+    assert bench_ablation.arg_parser().parse_args(["--renderer", "lenstronomy"]).renderer == "lenstronomy"
     for lever, what in (("deep=0", "positive"), ("deep=x", "positive"), ("group=1.5", r"\[0, 1\]"),
                         ("theta_e_balance=-1", r"\[0, 1\]"), ("zoom=0.5", r"\[1, 3\]"), ("lr=0", r"\(0, 1\)"),
                         ("batch_size=1.5", "whole number"), ("batch_size=inf", "whole number")):
@@ -146,10 +149,11 @@ def test_the_ablation_table_has_a_column_per_heldout_family_named_as_the_run_sco
                "lensing_only_auroc": 0.9, "lensing_only_auroc_theta_e_ge_1.2": 0.7, "shortcut_auroc": 0.67,
                "shortcut_auroc_without_twins": 0.61}
     monkeypatch.setattr(bench_ablation, "run_lever", lambda lever, args, work: {"lever": lever, "wall_s": 60.0,
-                                                                                **figures})
+                                                                                "renderer": "torch", **figures})
     rows = bench_ablation.main(["--levers", "physical", "--work", str(tmp_path)])
     head = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| lever |"))
     assert "heldout_galsim_auroc | heldout_mine_auroc | lensing_only_auroc" in head
     assert rows[0]["heldout_mine_auroc"] == 0.55
+    assert head.endswith("| wall min | renderer |")  # which code drew the training data, row by row
     # the column is read from bologna_report's metadata under this name (test_evaluation checks the report has it)
     assert bench_ablation.LO_LARGE == "lensing_only_auroc_theta_e_ge_1.2" and bench_ablation.LO_LARGE in head
