@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=None, help="override the profile's training epochs")
     parser.add_argument("--renderer", default=None, choices=["lenstronomy", "torch"],
                         help="what draws the training family's light (simulated_cutouts' renderer; default the "
-                        "profile's: torch in demo and full; lenstronomy is the reference)")
+                        "profile's: torch in demo, lenstronomy, the reference, in full)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--drop-size", type=int, default=200, help="cutouts in the unlabeled inbox drop scored at "
                         "the end (0: none)")
