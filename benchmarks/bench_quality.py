@@ -44,7 +44,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--members", default=None, help="override the profile's members (comma-separated)")
     ap.add_argument("--fusion", default=None, choices=["mean", "val_weights"], help="override the fusion")
     ap.add_argument("--renderer", default=None, choices=["lenstronomy", "torch"],
-                    help="override what draws the training family's light (the profile's: torch in demo, lenstronomy in full)")
+                    help="override what draws the training family's light (the profile's: torch in demo, "
+                         "lenstronomy in full)")
     args = ap.parse_args(argv)
 
     overrides = {}
