@@ -328,9 +328,10 @@ def renderer_override(family: str, renderer: str | None = None) -> dict:
     """``simulated_cutouts`` fields for the training ``family``: ``renderer`` (default the demo profile's, torch)
     draws a family that lenstronomy renders; one that other code renders (GalSim: ``train_family=galsim``) keeps its
     own."""
+    from lens_assets.ml.torch_simulation import torch_refusal
     from lens_assets.science.families import load_family
 
-    if load_family(family).renderer != "lenstronomy":
+    if torch_refusal(load_family(family)):
         return {"renderer": "lenstronomy"}
     return {} if renderer is None else {"renderer": renderer}
 
@@ -406,7 +407,9 @@ def arg_parser(description: str = __doc__) -> argparse.ArgumentParser:
                     help="train every lever for this many minutes (equal CPU budget; set --epochs high and the "
                          "cosine schedule spans --epochs); 0: --epochs decides")
     ap.add_argument("--work", default=None, help="folder for the runs' data (default: a temporary one)")
-    ap.add_argument("--renderer", default=None, choices=["lenstronomy", "torch"],
+    from lens_assets.ml.torch_simulation import RENDERERS
+
+    ap.add_argument("--renderer", default=None, choices=RENDERERS,
                     help="what draws the training family's light (default the demo profile's, torch; "
                          "lenstronomy: the reference, as the runs before the profiles changed)")
     return ap

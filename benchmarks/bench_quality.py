@@ -30,6 +30,7 @@ def main(argv=None) -> dict:
 
     from lens_assets.definitions import ASSETS, training_launcher
     from lens_assets.demo import only_gates_failed
+    from lens_assets.ml.torch_simulation import RENDERERS
     from lens_assets.profiles import PROFILES, run_config
     from lens_assets.resources.storage import LocalStorage
 
@@ -43,7 +44,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--epochs", type=int, default=None, help="override the profile's epochs")
     ap.add_argument("--members", default=None, help="override the profile's members (comma-separated)")
     ap.add_argument("--fusion", default=None, choices=["mean", "val_weights"], help="override the fusion")
-    ap.add_argument("--renderer", default=None, choices=["lenstronomy", "torch"],
+    ap.add_argument("--renderer", default=None, choices=RENDERERS,
                     help="override what draws the training family's light (the profile's: torch in demo, "
                          "lenstronomy in full)")
     args = ap.parse_args(argv)

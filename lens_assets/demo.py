@@ -18,6 +18,7 @@ import dagster as dg
 
 from lens_assets import layout
 from lens_assets.definitions import defs
+from lens_assets.ml.torch_simulation import RENDERERS
 from lens_assets.profiles import PROFILES, run_config
 from lens_assets.science.surveys import SURVEY_NAMES
 
@@ -103,7 +104,7 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", default="demo", choices=sorted(PROFILES))
     parser.add_argument("--n-cutouts", type=int, default=None, help="override the profile's simulation size")
     parser.add_argument("--epochs", type=int, default=None, help="override the profile's training epochs")
-    parser.add_argument("--renderer", default=None, choices=["lenstronomy", "torch"],
+    parser.add_argument("--renderer", default=None, choices=RENDERERS,
                         help="what draws the training family's light (simulated_cutouts' renderer; default the "
                         "profile's: torch in demo, lenstronomy, the reference, in full)")
     parser.add_argument("--seed", type=int, default=0)

@@ -39,6 +39,7 @@ def test_numeric_ablation_levers_are_checked_before_any_run(tmp_path):
     assert bench_ablation.renderer_override("galsim") == {"renderer": "lenstronomy"}
     assert bench_ablation.renderer_override("physical", "lenstronomy") == {"renderer": "lenstronomy"}
     assert bench_ablation.renderer_override("galsim", "torch") == {"renderer": "lenstronomy"}  # never torch
+    assert bench_ablation.renderer_override("cluster", "torch") == {"renderer": "lenstronomy"}
     assert bench_ablation.arg_parser().parse_args(["--renderer", "lenstronomy"]).renderer == "lenstronomy"
     for lever, what in (("deep=0", "positive"), ("deep=x", "positive"), ("group=1.5", r"\[0, 1\]"),
                         ("theta_e_balance=-1", r"\[0, 1\]"), ("zoom=0.5", r"\[1, 3\]"), ("lr=0", r"\(0, 1\)"),

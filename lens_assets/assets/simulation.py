@@ -8,6 +8,7 @@ from pydantic import Field
 from lens_assets import layout
 from lens_assets.assets._common import (counts_markdown, gallery_from_files, png_markdown, sha256_of_strings,
                                         survey_asset)
+from lens_assets.ml.torch_simulation import RENDERERS, torch_refusal
 from lens_assets.resources.storage import LocalStorage
 from lens_assets.science.families import available_families, load_family
 from lens_assets.science.simulation import (LENSING_ONLY, simulate_pairs_to_directory, simulate_to_directory,
@@ -44,20 +45,21 @@ class SimulationConfig(dg.Config):
                           "renderers")
 
 
-TRAINING_RENDERERS = ("lenstronomy", "torch")
+TRAINING_RENDERERS = RENDERERS
 
 
 def simulate_family(survey, family, *, renderer: str = "lenstronomy", **kwargs):
     """``simulate_to_directory`` with the family's own renderer (lenstronomy, or GalSim for ``renderer = galsim``);
-    ``renderer="torch"`` draws a lenstronomy family's light with the batched torch renderer instead."""
-    if family.renderer == "galsim":
-        from lens_assets.ml.render_galsim import load_galsim_family, simulate_galsim_to_directory
-
-        return simulate_galsim_to_directory(survey, load_galsim_family(family.path), **kwargs)
+    ``renderer="torch"`` draws a lenstronomy family's light with the batched torch renderer instead (and refuses any
+    other family)."""
     if renderer == "torch":
         from lens_assets.ml.torch_simulation import simulate_to_directory_torch
 
         return simulate_to_directory_torch(survey, family, **kwargs)
+    if family.renderer == "galsim":
+        from lens_assets.ml.render_galsim import load_galsim_family, simulate_galsim_to_directory
+
+        return simulate_galsim_to_directory(survey, load_galsim_family(family.path), **kwargs)
     return simulate_to_directory(survey, family, **kwargs)
 
 
@@ -85,9 +87,10 @@ def simulated_cutouts(context: dg.AssetExecutionContext, config: SimulationConfi
     if config.renderer not in TRAINING_RENDERERS:
         raise dg.Failure(f"simulated_cutouts: renderer {config.renderer!r} is not one of {list(TRAINING_RENDERERS)}")
     family = load_family(config.family)
-    if config.renderer == "torch" and family.renderer != "lenstronomy":
-        raise dg.Failure(f"simulated_cutouts: renderer 'torch' draws families rendered by lenstronomy; family "
-                         f"{family.name!r} is rendered by {family.renderer}: leave renderer at 'lenstronomy'")
+    refusal = torch_refusal(family) if config.renderer == "torch" else None
+    if refusal:  # before any family is simulated
+        raise dg.Failure(f"simulated_cutouts: renderer 'torch' draws families rendered by lenstronomy; {refusal}: "
+                         "leave renderer at 'lenstronomy'")
     n_heldout = config.n_cutouts // 5 if config.n_heldout is None else config.n_heldout
     n_pairs = config.n_cutouts // 10 if config.n_pairs is None else config.n_pairs
     pairs_family = load_family(config.pairs_family) if config.pairs_family else family

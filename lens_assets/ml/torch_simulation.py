@@ -16,11 +16,22 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-__all__ = ["simulate_torch", "simulate_to_directory_torch", "CHUNK_OBJECTS"]
+__all__ = ["simulate_torch", "simulate_to_directory_torch", "torch_refusal", "CHUNK_OBJECTS", "RENDERERS"]
 
 CHUNK_OBJECTS = 32  # objects per worker task: one rendered batch
 RENDER_VERSION = "torch-1"  # in simulated_cutouts' data version with renderer torch: bump when the light changes
 LABEL_SOURCE = "sim:torch"  # LABELSRC of its files: the catalog's label_source says which code drew the light
+RENDERERS = ("lenstronomy", "torch")  # what can draw a lenstronomy family's galaxy cutouts (simulated_cutouts' renderer)
+
+
+def torch_refusal(family) -> str | None:
+    """Why the torch renderer cannot draw ``family`` (``None``: it can): it draws the galaxy cutouts of families
+    rendered by lenstronomy (population physical or priors), not another code's families nor cluster fields."""
+    if family.renderer != "lenstronomy":
+        return f"family {family.name!r} is rendered by {family.renderer}"
+    if family.population == "cluster":
+        return f"family {family.name!r} draws cluster fields"
+    return None
 
 
 def simulate_torch(survey, family, seed: int, indices) -> list:
@@ -66,10 +77,10 @@ def simulate_to_directory_torch(survey, family, *, n_cutouts: int, seed: int, ou
         raise ValueError(f"n_cutouts must be >= 1, got {n_cutouts}")
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
-    if family.population == "cluster" or family.renderer != "lenstronomy":
-        raise ValueError(f"family {family.name}: the torch renderer draws the galaxy cutouts of families rendered by "
-                         f"lenstronomy (population physical or priors); this one is rendered by {family.renderer}"
-                         + (" and draws cluster fields" if family.population == "cluster" else ""))
+    refusal = torch_refusal(family)
+    if refusal:
+        raise ValueError(f"the torch renderer draws the galaxy cutouts of families rendered by lenstronomy "
+                         f"(population physical or priors); {refusal}")
     check_sim_role(role)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

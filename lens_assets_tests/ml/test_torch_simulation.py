@@ -67,3 +67,16 @@ def test_the_torch_path_refuses_what_it_does_not_draw(tmp_path):
     with pytest.raises(ValueError, match="SIMROLE|role"):
         simulate_to_directory_torch(DES, load_family("physical"), n_cutouts=2, seed=0, out_dir=tmp_path,
                                     role="nonsense")
+
+
+def test_one_rule_says_which_families_the_torch_renderer_draws(tmp_path):
+    from lens_assets.assets.simulation import simulate_family
+    from lens_assets.ml.torch_simulation import torch_refusal
+
+    assert torch_refusal(load_family("physical")) is None and torch_refusal(load_family("baseline")) is None
+    assert torch_refusal(load_family("galsim")) == "family 'galsim' is rendered by galsim"
+    assert torch_refusal(load_family("cluster")) == "family 'cluster' draws cluster fields"
+    # called directly, the family's own renderer never takes over from the one asked for: refused, not GalSim files
+    with pytest.raises(ValueError, match="rendered by galsim"):
+        simulate_family(DES, load_family("galsim"), renderer="torch", n_cutouts=2, seed=0, out_dir=tmp_path)
+    assert not list(tmp_path.iterdir())
