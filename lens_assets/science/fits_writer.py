@@ -31,6 +31,7 @@ class BandHDUs:
     psf: np.ndarray | None = None
 
 
+LENSTRONOMY_LABEL_SOURCE = "sim:lenstronomy"  # LABELSRC of files whose light lenstronomy drew (the default)
 _KEYWORD_CHARS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 
 
@@ -148,7 +149,8 @@ def without_truth(primary: dict) -> dict:
 
 
 def write_simulated_cutout(path: Path, cutout, *, survey: SurveySpec, family, seed: int,
-                           labeled: bool = True, role: str = "train", label_source: str = "sim:lenstronomy") -> None:
+                           labeled: bool = True, role: str = "train",
+                           label_source: str = LENSTRONOMY_LABEL_SOURCE) -> None:
     """Write a :class:`~.simulation.RenderedCutout` with its truth in the headers
     (``labeled=False``: without, as an unlabeled survey drop would come); ``role``: its ``SIMROLE``;
     ``label_source``: its ``LABELSRC``, the code that drew it."""
@@ -158,7 +160,7 @@ def write_simulated_cutout(path: Path, cutout, *, survey: SurveySpec, family, se
 
 def simulated_cutout_bytes(cutout, *, survey: SurveySpec, family, seed: int, labeled: bool = True,
                            extra: dict | None = None, role: str = "train",
-                           label_source: str = "sim:lenstronomy") -> bytes:
+                           label_source: str = LENSTRONOMY_LABEL_SOURCE) -> bytes:
     """The inbox-contract file of a :class:`~.simulation.RenderedCutout` (:func:`write_simulated_cutout`), in
     memory: the zero-point error, a withheld variance map and the crop of its observation applied. ``extra``:
     more primary-header cards (cluster fields' keys), written after the contract's; ``role``: ``SIMROLE``, one

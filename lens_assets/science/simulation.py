@@ -32,6 +32,7 @@ from typing import Sequence
 import numpy as np
 
 from .families import Family
+from .fits_writer import LENSTRONOMY_LABEL_SOURCE
 from .psf import psf_kernel  # noqa: F401  (re-exported: simulation draws PSFs)
 from .surveys import SurveySpec
 
@@ -581,7 +582,7 @@ def simulate_one(survey: SurveySpec, family: Family, seed: int, index: int) -> R
 
 
 def write_cutout(cutout: RenderedCutout, out_dir, *, survey: SurveySpec, family: Family, seed: int,
-                 labeled: bool = True, role: str = "train", label_source: str = "sim:lenstronomy") -> dict:
+                 labeled: bool = True, role: str = "train", label_source: str = LENSTRONOMY_LABEL_SOURCE) -> dict:
     """Write ``cutout`` as ``<out_dir>/<objid>.fits`` (the inbox contract; ``LABELSRC`` ``label_source``, the code
     that drew its light) and return its truth row (the columns of :func:`simulate_to_directory`'s table)."""
     from .fits_contract import write_simulated_cutout
@@ -662,8 +663,9 @@ def simulate_pairs_to_directory(survey: SurveySpec, family: Family, *, n_pairs: 
                                 workers: int = 1, progress: bool = True):
     """``n_pairs`` lens/twin pairs of a physical ``family``: each scene once lensed and once with the deflection
     switched off (its source unlensed, as bright as its images), the two files sharing ``PAIRID``,
-    ``SIMFAM = "lensing_only"`` and ``SIMROLE = "pairs"``. What separates a pair is lensing alone: the finder's AUROC on them is the
-    lensing-only AUROC. Returns ``(truth, seconds)`` like :func:`simulate_to_directory`, two rows a pair.
+    ``SIMFAM = "lensing_only"`` and ``SIMROLE = "pairs"``. What separates a pair is lensing alone: the finder's
+    AUROC on them is the lensing-only AUROC. Returns ``(truth, seconds)`` like :func:`simulate_to_directory`, two
+    rows a pair.
     """
     import pandas as pd
 
