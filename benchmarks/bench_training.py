@@ -6,6 +6,9 @@ Per member, on this machine (GPU when torch sees one, else CPU):
 
 1. Bare training step: forward + backward + AdamW on one preloaded batch of 64
    (no data loading, no augmentation, no Lightning): the ceiling.
+1b. Precision: the bare step in float32 and under bf16 autocast (channels_last for CNNs, as ``train()`` runs them),
+   alternating for ``--precision-rounds`` rounds: the medians and their ratio, beside what ``precision: auto``
+   chooses on this machine (bf16 where the CPU has native bf16, AVX512-BF16 or AMX).
 2. ``train()`` for one epoch (Lightning, shard loader, photometry-preserving
    augmentation, validation, checkpoints): img/s and its ratio to the bare step.
 3. Data loader headroom: loader samples/s (0 and 2 workers) over the training img/s.
@@ -36,7 +39,10 @@ from lens_assets.science.ingest import find_fits, ingest_files  # noqa: E402
 from lens_assets.science.simulation import simulate_to_directory  # noqa: E402
 
 
-def bare_step_rate(model, batch: int, device: str, steps: int = 6) -> float:
+def bare_step_rate(model, batch: int, device: str, steps: int = 6, bf16: bool = False) -> float:
+    """Images/s of forward + backward + AdamW on one preloaded batch; ``bf16``: the forward under bf16 autocast."""
+    import contextlib
+
     import torch
 
     x = torch.randn(batch, SURVEY.n_bands, SURVEY.cutout_size_px, SURVEY.cutout_size_px, device=device)
@@ -45,7 +51,9 @@ def bare_step_rate(model, batch: int, device: str, steps: int = 6) -> float:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
     def step():
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x, v), y)
+        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+            logits = model(x, v)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -57,6 +65,28 @@ def bare_step_rate(model, batch: int, device: str, steps: int = 6) -> float:
         step()
     _sync(device)
     return steps * batch / (time.perf_counter() - t)
+
+
+def precision_rates(model, device: str, rounds: int) -> dict:
+    """The bare step in float32 and under bf16 autocast, alternating ``rounds`` times (medians), in the memory
+    format ``train()`` gives the member; what ``precision: auto`` resolves to here."""
+    import copy
+
+    import torch
+
+    from lens_assets.ml.precision import resolve_precision
+
+    model = copy.deepcopy(model).use_channels_last()
+    rates = {False: [], True: []}
+    for bf16 in rates:  # warm both paths (oneDNN builds its kernels on first use)
+        bare_step_rate(model, 64, device, steps=2, bf16=bf16)
+    for _ in range(rounds):
+        for bf16 in rates:
+            rates[bf16].append(bare_step_rate(model, 64, device, bf16=bf16))
+    fp32, bf16 = statistics.median(rates[False]), statistics.median(rates[True])
+    return {"fp32_step_img_per_s": fp32, "bf16_step_img_per_s": bf16, "bf16_vs_fp32": bf16 / fp32,
+            "memory_format": "channels_last" if model.memory_format == torch.channels_last else "contiguous",
+            "auto_precision": resolve_precision("auto", gpu=device.startswith("cuda"))}
 
 
 def _sync(device: str) -> None:
@@ -113,6 +143,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--members", default="regnetx_002")
     ap.add_argument("--cache-epochs", type=int, default=3, help="epochs of each run with and without the row cache")
     ap.add_argument("--cache-rounds", type=int, default=2, help="alternating runs with and without it (median)")
+    ap.add_argument("--precision-rounds", type=int, default=5,
+                    help="alternating float32 / bf16 bare-step rounds (median)")
     args = ap.parse_args(argv)
     device = default_device()
     torch.set_num_threads(cores())
@@ -135,6 +167,7 @@ def main(argv=None) -> dict:
         for name in args.members.split(","):
             model = LensClassifier(backbone=name, in_chans=SURVEY.n_bands, img_size=SURVEY.cutout_size_px).to(device)
             bare = bare_step_rate(model, 64, device)
+            precision = precision_rates(model, device, args.precision_rounds)
             s = train(shard_dir, root / "splits.parquet", root / "runs" / name,
                       TrainSettings(backbone=name, epochs=1, batch_size=64, progress=False))
             rec = {"bare_step_img_per_s": bare, "train_img_per_s": s["train_img_per_s"],
@@ -142,7 +175,7 @@ def main(argv=None) -> dict:
                    "loader_headroom": max(loader.values()) / s["train_img_per_s"],
                    "params": sum(p.numel() for p in create_backbone(name, in_chans=SURVEY.n_bands,
                                                                     img_size=SURVEY.cutout_size_px).parameters()),
-                   **scoring_rates(Path(s["best_checkpoint"]), shard_dir, device)}
+                   **precision, **scoring_rates(Path(s["best_checkpoint"]), shard_dir, device)}
             runs = {0.0: [], -1.0: []}
             for r in range(args.cache_rounds):
                 for gb in runs:  # without, then with: alternating, so the machine's load falls on both alike
@@ -161,6 +194,10 @@ def main(argv=None) -> dict:
         rows_out += [
             (f"{name} bare step", f"{r['bare_step_img_per_s']:.0f} img/s (fwd+bwd+AdamW, batch 64, "
                                   f"{r['params'] / 1e6:.2f} M params)"),
+            (f"{name} precision", f"bf16 autocast {r['bf16_step_img_per_s']:.0f} img/s, float32 "
+                                  f"{r['fp32_step_img_per_s']:.0f} -> {r['bf16_vs_fp32']:.2f}x (bare step, "
+                                  f"{r['memory_format']}, medians of {args.precision_rounds} alternating rounds); "
+                                  f"precision auto: {r['auto_precision']}"),
             (f"{name} train()", f"{r['train_img_per_s']:.0f} img/s = {r['train_vs_bare']:.2f}x bare "
                                 "(Lightning + loader + augmentation + validation)"),
             (f"{name} loader headroom", f"{r['loader_headroom']:.1f}x its training rate (target >= 5x)"),
