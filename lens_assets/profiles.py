@@ -25,9 +25,10 @@ PROFILES: dict[str, dict] = {
         # one member, regnetx_002 (bench_ablation's best per CPU-minute): the physical population needs data more
         # than members, and a 4-epoch ViT on a few thousand cutouts stayed near chance
         # head dropout 0.2: the candidates' MC-dropout uncertainty; off the simulator it changed nothing beyond the
-        # run-to-run noise in two seeds (bench_ablation head_dropout, README)
+        # run-to-run noise in two seeds (bench_ablation head_dropout, docs/results.md)
         # colour residual: in five runs it raised galsim (other code) every time, by 0.05 on average; in the three
-        # that measured it, the lensing-only AUROC of the theta_E >= 1.2" pairs by 0.07; heldout fell 0.03 (README)
+        # that measured it, the lensing-only AUROC of the theta_E >= 1.2" pairs by 0.07; heldout fell 0.03
+        # (docs/results.md)
         "lens_classifier": {"members": ["regnetx_002"], "epochs": 8, "batch_size": 64, "lr": 2e-3, "patience": 4,
                             "head_dropout": 0.2, "colour_residual": True},
         "score_calibrator": {"fusion": "mean"},
@@ -39,13 +40,13 @@ PROFILES: dict[str, dict] = {
     # The quality run: >= 5,000 test non-lenses for TPR10 (72,000 x 15% test x 50% non-lenses = 5,400);
     # gates are the release targets.
     "full": {
-        # lenstronomy, the reference: side by side on one machine (README, Profiles) the torch renderer saved 6.6 of
-        # 52.3 minutes and moved the figures by their noise (test -0.007, heldout -0.020, galsim +0.006); the
-        # quality run keeps the renderer its history was measured with, the demo takes the time
+        # lenstronomy, the reference: side by side on one machine (docs/results.md, The full profile) the torch
+        # renderer saved 6.6 of 52.3 minutes and moved the figures by their noise (test -0.007, heldout -0.020,
+        # galsim +0.006); the quality run keeps the renderer its history was measured with, the demo takes the time
         "simulated_cutouts": {"n_cutouts": 72000, "n_heldout": 8000, "more_heldout_families": ["galsim"],
                               "renderer": "lenstronomy"},
         # regnetx_002: at equal epochs it trained 2.1x faster than resnet10t and beat it off the simulator
-        # (bench_ablation member= levers, README); the vit_tiny_p8 member stayed near chance on CPU budgets
+        # (bench_ablation member= levers, docs/results.md); the vit_tiny_p8 member stayed near chance on CPU budgets
         "lens_classifier": {"members": ["regnetx_002"], "epochs": 10, "batch_size": 128, "lr": 2e-3, "patience": 4,
                             "head_dropout": 0.2, "colour_residual": True},
         "bologna_report": {"min_auroc": 0.99, "min_tpr10": 0.6, "max_ece": 0.02, "min_heldout_auroc": 0.95,
