@@ -40,10 +40,11 @@ from lens_assets.science.simulation import simulate_to_directory  # noqa: E402
 
 
 def bare_step_rate(model, batch: int, device: str, steps: int = 6, bf16: bool = False) -> float:
-    """Images/s of forward + backward + AdamW on one preloaded batch; ``bf16``: the forward under bf16 autocast."""
-    import contextlib
-
+    """Images/s of forward + backward + AdamW on one preloaded batch (one untimed step first); ``bf16``: the forward
+    under bf16 autocast, as training's ``bf16-mixed`` runs it."""
     import torch
+
+    from lens_assets.ml.precision import bf16_autocast
 
     x = torch.randn(batch, SURVEY.n_bands, SURVEY.cutout_size_px, SURVEY.cutout_size_px, device=device)
     y = torch.rand(batch, device=device)
@@ -51,7 +52,7 @@ def bare_step_rate(model, batch: int, device: str, steps: int = 6, bf16: bool = 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
     def step():
-        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+        with bf16_autocast(device, "bf16-mixed" if bf16 else "32-true"):
             logits = model(x, v)
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), y)
         opt.zero_grad()
@@ -78,8 +79,6 @@ def precision_rates(model, device: str, rounds: int) -> dict:
 
     model = copy.deepcopy(model).use_channels_last()
     rates = {False: [], True: []}
-    for bf16 in rates:  # warm both paths (oneDNN builds its kernels on first use)
-        bare_step_rate(model, 64, device, steps=2, bf16=bf16)
     for _ in range(rounds):
         for bf16 in rates:
             rates[bf16].append(bare_step_rate(model, 64, device, bf16=bf16))

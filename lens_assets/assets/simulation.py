@@ -45,9 +45,6 @@ class SimulationConfig(dg.Config):
                           "renderers")
 
 
-TRAINING_RENDERERS = RENDERERS
-
-
 def simulate_family(survey, family, *, renderer: str = "lenstronomy", **kwargs):
     """``simulate_to_directory`` with the family's own renderer (lenstronomy, or GalSim for ``renderer = galsim``);
     ``renderer="torch"`` draws a lenstronomy family's light with the batched torch renderer instead (and refuses any
@@ -84,8 +81,8 @@ def simulated_cutouts(context: dg.AssetExecutionContext, config: SimulationConfi
     (``sim-lensing_only-<seed>``) for the lensing-only AUROC.
     """
     survey = get_survey(context.partition_key)
-    if config.renderer not in TRAINING_RENDERERS:
-        raise dg.Failure(f"simulated_cutouts: renderer {config.renderer!r} is not one of {list(TRAINING_RENDERERS)}")
+    if config.renderer not in RENDERERS:
+        raise dg.Failure(f"simulated_cutouts: renderer {config.renderer!r} is not one of {list(RENDERERS)}")
     family = load_family(config.family)
     refusal = torch_refusal(family) if config.renderer == "torch" else None
     if refusal:  # before any family is simulated
