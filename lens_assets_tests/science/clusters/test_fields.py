@@ -69,6 +69,32 @@ def test_einstein_radius_of_a_cluster_matches_the_whole_square_grid(small):
     assert scene.theta_e_arcsec > 0 and got == pytest.approx(want, rel=1e-9)
 
 
+def test_cluster_convergence_is_lenstronomys_kappa(small):
+    """The closed forms (elliptical NFW as lenstronomy's cored steep ellipsoids, SIS) and the lenstronomy path
+    for the rest (the BCG's SIE) give lenstronomy's convergence: on a drawn cluster, on a rotated and offset halo
+    alone, and on an SIS's own centre (0 there, as lenstronomy has it)."""
+    from lenstronomy.LensModel.lens_model import LensModel
+
+    scene = small[2]
+    rng = np.random.default_rng(11)
+    x, y = rng.uniform(-15.0, 15.0, size=(2, 4000))
+    member = scene.kwargs_lens[2]
+    x[0], y[0] = member["center_x"], member["center_y"]
+    cases = [(scene.lens_model_list, list(scene.kwargs_lens)),
+             (("NFW_ELLIPSE_CSE",), [{"Rs": 7.0, "alpha_Rs": 2.5, "e1": 0.2, "e2": -0.15, "center_x": 1.3,
+                                      "center_y": -0.7}]),
+             (("SIS", "SIE"), [{"theta_E": 1.1, "center_x": x[1], "center_y": y[1]},
+                               {"theta_E": 2.0, "e1": 0.1, "e2": 0.05, "center_x": 0.0, "center_y": 0.0}])]
+    for names, kwargs in cases:
+        want = LensModel(list(names)).kappa(x, y, kwargs)
+        got = cf.ClusterConvergence(names).kappa(x, y, kwargs)
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=0)
+    assert cf.ClusterConvergence(("SIS",)).kappa(np.array([0.5]), np.array([0.5]),
+                                                 [{"theta_E": 1.0, "center_x": 0.5, "center_y": 0.5}])[0] == 0.0
+    with pytest.raises(ValueError, match="1 kwargs for 2 lens profiles"):
+        cf.ClusterConvergence(("SIS", "SIE")).kappa(x, y, [{"theta_E": 1.0}])
+
+
 def test_field_size_is_the_familys_side_on_the_survey_grid_even():
     fam = load_family("cluster")
     assert cf.field_size_px(fam, get_survey("hsc")) == 238  # 40" / 0.168"/px = 238.1
