@@ -163,7 +163,8 @@ def run_galaxy(instance, args) -> int:
         lc = meta["lens_classifier"]
         for m in lc["members"].split(","):
             print(f"  model {m:<12}: best val AUROC {lc[f'{m}/best_val_auroc']:.4f} after {lc[f'{m}/epochs_run']} "
-                  f"epochs at {lc[f'{m}/train_img_per_s']:.0f} img/s on {lc[f'{m}/device']} -> "
+                  f"epochs at {lc[f'{m}/train_img_per_s']:.0f} img/s on {lc[f'{m}/device']} "
+                  f"({lc.get(f'{m}/precision') or 'precision not recorded'}) -> "
                   f"{lc[f'{m}/checkpoint']}")
     if "score_calibrator" in meta:
         sc = meta["score_calibrator"]
