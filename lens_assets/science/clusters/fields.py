@@ -184,10 +184,14 @@ class ClusterConvergence:
         return self._nfw._normalization(alpha_Rs, Rs, q) / Rs**2 * np.sum(self._a / (2 * d), axis=0)
 
     def kappa(self, x, y, kwargs) -> np.ndarray:
-        x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+        """The convergence at ``x``, ``y`` (scalars or arrays of one shape, broadcast together), in their shape.
+        Array inputs give lenstronomy's array path exactly (its scalar path floors an SIS's r³ at 1e-6)."""
         if len(kwargs) != len(self.names):
             raise ValueError(f"{len(kwargs)} kwargs for {len(self.names)} lens profiles {list(self.names)}")
-        out = np.zeros(np.broadcast(x, y).shape)
+        x, y = np.broadcast_arrays(np.asarray(x, dtype=float), np.asarray(y, dtype=float))
+        shape = x.shape
+        x, y = x.ravel(), y.ravel()  # one row per profile below, one column per point
+        out = np.zeros(x.shape)
         sis = [kw for n, kw in zip(self.names, kwargs) if n == "SIS"]
         if sis:
             theta = np.array([kw["theta_E"] for kw in sis])[:, None]
@@ -201,7 +205,7 @@ class ClusterConvergence:
                 out += self._halo(x, y, **kw)
         if self._rest is not None:
             out += self._rest.kappa(x, y, [kwargs[i] for i in self._others])
-        return out
+        return out.reshape(shape)
 
 
 def einstein_radius_arcsec(lens_model, kwargs_lens, *, max_radius_arcsec: float, step_arcsec: float = 0.25,

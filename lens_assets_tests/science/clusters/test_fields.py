@@ -91,6 +91,16 @@ def test_cluster_convergence_is_lenstronomys_kappa(small):
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=0)
     assert cf.ClusterConvergence(("SIS",)).kappa(np.array([0.5]), np.array([0.5]),
                                                  [{"theta_E": 1.0, "center_x": 0.5, "center_y": 0.5}])[0] == 0.0
+    # any shape comes back in its shape, point by point: a 44 x 44 grid (as many columns as the halo has
+    # ellipsoids) and a scalar
+    names, kwargs = cases[0]
+    grid = np.meshgrid(np.linspace(-9.0, 9.0, 44), np.linspace(-8.0, 8.0, 44))
+    got = cf.ClusterConvergence(names).kappa(*grid, kwargs)
+    assert got.shape == (44, 44)
+    np.testing.assert_allclose(got, LensModel(list(names)).kappa(*grid, kwargs), rtol=1e-12, atol=0)
+    one = cf.ClusterConvergence(names).kappa(3.0, -2.0, kwargs)
+    assert np.shape(one) == () and one == pytest.approx(LensModel(list(names)).kappa(np.array([3.0]), np.array([-2.0]),
+                                                                                   kwargs)[0], rel=1e-12)
     with pytest.raises(ValueError, match="1 kwargs for 2 lens profiles"):
         cf.ClusterConvergence(("SIS", "SIE")).kappa(x, y, [{"theta_E": 1.0}])
 
