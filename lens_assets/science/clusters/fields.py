@@ -185,7 +185,7 @@ class ClusterConvergence:
 
     def kappa(self, x, y, kwargs) -> np.ndarray:
         """The convergence at ``x``, ``y`` (scalars or arrays of one shape, broadcast together), in their shape.
-        Array inputs give lenstronomy's array path exactly (its scalar path floors an SIS's r³ at 1e-6)."""
+        Array inputs give lenstronomy's array path to round-off (its scalar path floors an SIS's r³ at 1e-6)."""
         if len(kwargs) != len(self.names):
             raise ValueError(f"{len(kwargs)} kwargs for {len(self.names)} lens profiles {list(self.names)}")
         x, y = np.broadcast_arrays(np.asarray(x, dtype=float), np.asarray(y, dtype=float))
