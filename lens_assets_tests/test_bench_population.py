@@ -19,8 +19,14 @@ def test_variants_edit_the_selection_and_the_tables_hold_every_scene(tmp_path, m
     assert fam.name == "physical"  # the same random streams as the packaged family
     packaged = bench_population._family("collett", tmp_path)
     assert packaged.sections["selection"]["source_size_in_resolution"].sample(rng) == 1.0
-    out = bench_population.main(["--n", "3", "--survey", "lsst", "--variants", "collett,neither"])
+    out = bench_population.main(["--n", "3", "--survey", "lsst", "--variants", "collett,neither", "--speed-scenes",
+                                 "2", "--rounds", "1"])
+    speed = out.pop("selection_speed")
     assert list(out) == ["collett", "neither"]
+    # both backends drew the same scenes; the ratio is the closed forms' rate over lenstronomy's
+    assert speed["same_scenes"] and speed["max_rel_diff_magnification"] < 1e-12
+    rates = speed["scenes_per_s"]
+    assert speed["ratio"] == rates["closed_form"] / rates["lenstronomy"]
     for variant in out.values():
         table = variant["table"]
         assert all(len(v) == 3 for v in table.values()) and (table["magnification"] >= 3.0).all()

@@ -251,15 +251,14 @@ def foreground_image(components, *, n: int, pixel_scale: float, zero_point: floa
     its flux sampled at pixel centres, 97.2% with the defaults, 99.7% sampled 16 / 64 times;
     the noise it sets is then within about 1.5%).
     """
-    from lenstronomy.LightModel.light_model import LightModel
-
+    from .closed_form import surface_brightness
     from .simulation import _unit_flux
 
     def light(xs, ys):
         out = np.zeros(xs.size)
         for c in components:
             amp = 10 ** (-0.4 * (c.mag_ref - zero_point)) / _unit_flux(c)
-            out += LightModel([c.profile]).surface_brightness(xs.ravel(), ys.ravel(), [dict(c.shape, amp=amp)])
+            out += surface_brightness(xs.ravel(), ys.ravel(), c.profile, dict(c.shape, amp=amp))
         return out
 
     def binned(first_px: int, size_px: int, sub: int) -> np.ndarray:
@@ -297,26 +296,43 @@ def lensed_source_check(kwargs_lens, components, *, survey: SurveySpec, fwhm_arc
                        foreground=foreground)
 
 
-def lensed_image(kwargs_lens, components, *, survey: SurveySpec, supersample: int = 2) -> tuple[np.ndarray, float]:
+def lensed_image(kwargs_lens, components, *, survey: SurveySpec, supersample: int = 2,
+                 backend: str = "closed_form") -> tuple[np.ndarray, float]:
     """The lensed light of ``components`` (e-/s per pixel, reference band, before the seeing) on the survey's stamp,
     from a ``supersample``d grid ray-shot through the SIE + shear, and its total magnification (lensed flux on the
-    stamp / unlensed flux; 0 without flux)."""
-    from lenstronomy.LensModel.lens_model import LensModel
-    from lenstronomy.LightModel.light_model import LightModel
+    stamp / unlensed flux; 0 without flux).
 
+    ``backend``: ``"closed_form"`` (:mod:`lens_assets.science.closed_form`, lenstronomy's profiles written out) or
+    ``"lenstronomy"`` (``LensModel`` and ``LightModel``); the two agree to round-off, and the closed forms take
+    under half the time (``benchmarks/bench_population.py``)."""
     from .simulation import _unit_flux
 
     n, pix = survey.cutout_size_px, survey.pixel_scale_arcsec
     coords = (np.arange(n * supersample) + 0.5) / supersample * pix - n * pix / 2
-    x, y = np.meshgrid(coords, coords)
-    bx, by = LensModel(["SIE", "SHEAR"]).ray_shooting(x.ravel(), y.ravel(), list(kwargs_lens))
+    if backend == "closed_form":
+        from .closed_form import ray_shoot_sie_shear, surface_brightness
+
+        bx, by = ray_shoot_sie_shear(coords, coords, kwargs_lens)
+
+        def light(c, amp):
+            return surface_brightness(bx, by, c.profile, dict(c.shape, amp=amp))
+    elif backend == "lenstronomy":
+        from lenstronomy.LensModel.lens_model import LensModel
+        from lenstronomy.LightModel.light_model import LightModel
+
+        x, y = np.meshgrid(coords, coords)
+        bx, by = LensModel(["SIE", "SHEAR"]).ray_shooting(x.ravel(), y.ravel(), list(kwargs_lens))
+
+        def light(c, amp):
+            return LightModel([c.profile]).surface_brightness(bx, by, [dict(c.shape, amp=amp)]).reshape(x.shape)
+    else:
+        raise ValueError(f"lensed_image: backend {backend!r}; the backends are 'closed_form' and 'lenstronomy'")
     zp = survey.band(survey.reference_band).magnitude_zero_point
-    total = np.zeros(x.size)
+    total = np.zeros((n * supersample, n * supersample))
     unlensed = 0.0
     for c in components:
         flux = 10 ** (-0.4 * (c.mag_ref - zp))  # e-/s
-        amp = flux / _unit_flux(c)
-        total += LightModel([c.profile]).surface_brightness(bx, by, [dict(c.shape, amp=amp)])
+        total += light(c, flux / _unit_flux(c))
         unlensed += flux
     img = total.reshape(n, supersample, n, supersample).sum(axis=(1, 3)) * (pix / supersample) ** 2
     return img, (float(img.sum() / unlensed) if unlensed > 0 else 0.0)
