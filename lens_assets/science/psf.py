@@ -34,6 +34,31 @@ CORE_WINGS_FRACTION = 0.15  # share of the light in the wings of a core_wings PS
 CORE_WINGS_SCALE = 2.0  # wings FWHM / core FWHM
 
 
+def _default_size(profile: str, fwhm_px: float, max_size: int | None) -> int:
+    """``psf_kernel``'s default side: 3 FWHM (Gaussian) or 5 FWHM (Moffat) each side, at least 11, odd, at most
+    ``max_size``."""
+    half = math.ceil((3.0 if profile == "gaussian" else 5.0) * fwhm_px)
+    size = max(11, 2 * half + 1)
+    if max_size is not None:
+        size = min(size, max_size if max_size % 2 else max_size - 1)
+    return size
+
+
+def _moffat_pixels(fwhm_px: float, beta: float, size: int, oversample: int) -> np.ndarray:
+    """A Moffat profile summed over ``oversample`` x ``oversample`` samples in each pixel of a ``size`` (odd) square
+    centred on its middle pixel, unnormalized. The image is symmetric under both flips, so the samples of one
+    quadrant of pixels (the middle row and column included) are drawn and mirrored: a quarter of the transcendental
+    work, the same sums to round-off."""
+    half = size // 2
+    sub = (np.arange((half + 1) * oversample) + 0.5) / oversample - half - 0.5  # pixels 0..half, samples in order
+    alpha = fwhm_px / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
+    a = sub * sub / (alpha * alpha)
+    fine = np.exp(np.log1p(a[:, None] + a[None, :]) * -beta)  # (1 + r^2 / alpha^2)^-beta
+    quad = fine.reshape(half + 1, oversample, half + 1, oversample).sum(axis=(1, 3))
+    rows = np.concatenate([quad, quad[-2::-1]], axis=0)
+    return np.concatenate([rows, rows[:, -2::-1]], axis=1)
+
+
 def psf_kernel(profile: str, fwhm_px: float, *, moffat_beta: float = 3.0, size: int | None = None,
                max_size: int | None = None, oversample: int = 3) -> np.ndarray:
     """A normalized, pixel-integrated Gaussian, Moffat or core-plus-wings PSF image of odd size.
@@ -50,17 +75,14 @@ def psf_kernel(profile: str, fwhm_px: float, *, moffat_beta: float = 3.0, size: 
         raise ValueError(f"psf FWHM must be positive, got {fwhm_px} px")
     if profile == "core_wings":
         if size is None:
-            size = psf_kernel("moffat", CORE_WINGS_SCALE * fwhm_px, moffat_beta=moffat_beta, max_size=max_size).shape[0]
+            size = _default_size("moffat", CORE_WINGS_SCALE * fwhm_px, max_size)
         core = psf_kernel("gaussian", fwhm_px, size=size)
         wings = psf_kernel("moffat", CORE_WINGS_SCALE * fwhm_px, moffat_beta=moffat_beta, size=size,
                            oversample=oversample)
         kernel = (1.0 - CORE_WINGS_FRACTION) * core + CORE_WINGS_FRACTION * wings
         return kernel / kernel.sum()
     if size is None:
-        half = math.ceil((3.0 if profile == "gaussian" else 5.0) * fwhm_px)
-        size = max(11, 2 * half + 1)
-        if max_size is not None:
-            size = min(size, max_size if max_size % 2 else max_size - 1)
+        size = _default_size(profile, fwhm_px, max_size)
     if size % 2 == 0:
         raise ValueError(f"psf size must be odd, got {size}")
     half = size // 2
@@ -72,13 +94,8 @@ def psf_kernel(profile: str, fwhm_px: float, *, moffat_beta: float = 3.0, size: 
         line = np.diff(erf(edges))
         kernel = np.outer(line, line)
     else:
-        sub = (np.arange(size * oversample) + 0.5) / oversample - half - 0.5
-        r2 = sub[:, None] ** 2 + sub[None, :] ** 2
-        alpha = fwhm_px / (2.0 * math.sqrt(2.0 ** (1.0 / moffat_beta) - 1.0))
-        fine = (1.0 + r2 / alpha**2) ** (-moffat_beta)
-        kernel = fine.reshape(size, oversample, size, oversample).sum(axis=(1, 3))
+        kernel = _moffat_pixels(fwhm_px, moffat_beta, size, oversample)
     return kernel / kernel.sum()
-
 
 
 def measure_fwhm_px(psf: np.ndarray, *, upsample: int = 8) -> float:

@@ -162,6 +162,38 @@ def test_psf_kernel_is_normalized_odd_and_has_its_fwhm(profile, fwhm, beta):
     assert measure_fwhm_px(k) == pytest.approx(fwhm, rel=0.02)
 
 
+@pytest.mark.parametrize("fwhm,beta,size,oversample", [(4.0, 2.5, 41, 3), (3.1, 4.5, 21, 1), (6.3, 2.0, 63, 2),
+                                                        (2.2, 3.3, 11, 4)])
+def test_moffat_pixels_are_astropys_moffat_summed_over_each_pixels_samples(fwhm, beta, size, oversample):
+    """The Moffat image is drawn for one quadrant of pixels and mirrored: against astropy's Moffat2D on the whole
+    oversampled grid, odd and even sampling alike."""
+    from astropy.modeling.functional_models import Moffat2D
+
+    half = size // 2
+    sub = (np.arange(size * oversample) + 0.5) / oversample - half - 0.5
+    gamma = fwhm / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
+    assert Moffat2D(1.0, 0.0, 0.0, gamma, beta).fwhm == pytest.approx(fwhm)
+    fine = Moffat2D(1.0, 0.0, 0.0, gamma, beta)(*np.meshgrid(sub, sub))
+    ref = fine.reshape(size, oversample, size, oversample).sum(axis=(1, 3))
+    ours = psf_kernel("moffat", fwhm, moffat_beta=beta, size=size, oversample=oversample)
+    assert np.allclose(ours, ref / ref.sum(), rtol=1e-12, atol=0)
+
+
+def test_core_wings_covers_its_wings_default_size():
+    """The core-plus-wings image is as large as its Moffat wings' default image (twice the core's FWHM), and is the
+    Gaussian core and those wings in their shares."""
+    from lens_assets.science.psf import CORE_WINGS_FRACTION, CORE_WINGS_SCALE
+
+    for fwhm, max_size in ((2.5, None), (3.0, 63), (9.0, 63), (9.0, 48)):
+        k = psf_kernel("core_wings", fwhm, moffat_beta=3.0, max_size=max_size)
+        wings = psf_kernel("moffat", CORE_WINGS_SCALE * fwhm, moffat_beta=3.0, max_size=max_size)
+        assert k.shape == wings.shape
+        core = psf_kernel("gaussian", fwhm, size=k.shape[0])
+        mix = (1 - CORE_WINGS_FRACTION) * core + CORE_WINGS_FRACTION * wings
+        assert np.allclose(k, mix / mix.sum(), rtol=1e-12, atol=0)
+    assert psf_kernel("core_wings", 9.0, max_size=48).shape == (47, 47)
+
+
 def test_psf_kernel_rejects_bad_options():
     with pytest.raises(ValueError, match=r"psf profile 'airy' is not one of \['gaussian', 'moffat', 'core_wings'\]"):
         psf_kernel("airy", 3.0)
