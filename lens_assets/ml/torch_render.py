@@ -127,10 +127,12 @@ class TorchCutouts:
 # --------------------------------------------------------------------------- packing
 
 
-def pack_systems(systems: Sequence, survey, *, dtype: torch.dtype = torch.float64, device=None) -> RenderBatch:
+def pack_systems(systems: Sequence, survey, *, dtype: torch.dtype = torch.float64, device=None,
+                 psfs: Sequence | None = None) -> RenderBatch:
     """The :class:`RenderBatch` of ``systems`` (``science.simulation.System``) on ``survey``'s grid.
 
-    Fluxes, PSF images and noise levels are the ones ``render_system`` uses, from the same helpers.
+    Fluxes, PSF images and noise levels are the ones ``render_system`` uses, from the same helpers. ``psfs``: each
+    system's ``band_psf`` images in the survey's band order, where the caller has drawn them already.
     """
     from lenstronomy.SimulationAPI.observation_api import SingleBand
 
@@ -140,8 +142,11 @@ def pack_systems(systems: Sequence, survey, *, dtype: torch.dtype = torch.float6
         raise ValueError("pack_systems needs at least one system")
     bands = survey.band_names
     nb = len(bands)
-    lens, sersic, gauss, points, psfs, shifts, noise, grads = [], [], [], [], [], [], [], []
-    for s in systems:
+    if psfs is not None and len(psfs) != len(systems):
+        raise ValueError(f"pack_systems: {len(psfs)} rows of PSF images for {len(systems)} systems")
+    drawn, psfs = psfs, []
+    lens, sersic, gauss, points, shifts, noise, grads = [], [], [], [], [], [], []
+    for i, s in enumerate(systems):
         row = [0.0] * 7
         if s.kwargs_lens:
             sie, shear = s.kwargs_lens
@@ -171,7 +176,7 @@ def pack_systems(systems: Sequence, survey, *, dtype: torch.dtype = torch.float6
             for x, y, mu in zip(p.ra, p.dec, p.magnification):
                 pts.append(([x, y], [f * mu for f in flux], p.lensed))
         points.append(pts)
-        psfs.append([band_psf(s, survey, b) for b in bands])
+        psfs.append([band_psf(s, survey, b) for b in bands] if drawn is None else list(drawn[i]))
         shift = s.observation.get("shift_px") or {}
         shifts.append([list(shift.get(b, (0.0, 0.0))) for b in bands])
         row_noise = []
@@ -658,7 +663,8 @@ def render_systems(systems: Sequence, rngs: Sequence, survey, *, dtype: torch.dt
     depend on the batch it was drawn in. Returns ``RenderedCutout`` objects."""
     from lens_assets.science.simulation import RenderedCutout, band_psf
 
-    out = render(pack_systems(systems, survey, dtype=dtype, device=device), noise=False)
+    psfs = [tuple(band_psf(system, survey, b) for b in survey.band_names) for system in systems]
+    out = render(pack_systems(systems, survey, dtype=dtype, device=device, psfs=psfs), noise=False)
     lensed, unlensed = out.lensed.double().cpu().numpy(), out.unlensed.double().cpu().numpy()
     variance, plane_image = out.variance.double().cpu().numpy(), out.image.double().cpu().numpy()
     cutouts = []
@@ -667,7 +673,7 @@ def render_systems(systems: Sequence, rngs: Sequence, survey, *, dtype: torch.dt
         image = plane_image[j] + noise  # the background plane is in out.image already (noise=False)
         cutouts.append(RenderedCutout(
             system=system, bands=survey.band_names, image=image, variance=variance[j], lensed=lensed[j],
-            unlensed=unlensed[j], psf=tuple(band_psf(system, survey, b) for b in survey.band_names),
+            unlensed=unlensed[j], psf=psfs[j],
             zero_points=tuple(survey.band(b).magnitude_zero_point for b in survey.band_names),
             flux_ratio=float(out.flux_ratio[j].cpu())))
     return cutouts

@@ -331,3 +331,20 @@ def test_pack_refuses_what_it_cannot_draw():
     with pytest.raises(ValueError, match="ra_0"):
         pack_systems([_system(DES, kwargs_lens=moved)], DES)
     assert isinstance(pack_systems([_system(DES)], DES), RenderBatch)
+    with pytest.raises(ValueError, match="2 rows of PSF images for 1 systems"):
+        pack_systems([_system(DES)], DES, psfs=[(), ()])
+
+
+def test_pack_takes_the_psf_images_it_is_given():
+    """``render_systems`` draws each system's PSF images once and hands them to ``pack_systems``: the batch holds
+    those images, centred, exactly as it holds the ones it draws itself."""
+    from lens_assets.science.simulation import band_psf
+
+    system = _system(DES)
+    mine = pack_systems([system], DES)
+    drawn = [tuple(band_psf(system, DES, b) for b in DES.band_names)]
+    assert torch.equal(pack_systems([system], DES, psfs=drawn).psf, mine.psf)
+    other = [tuple(np.pad(np.ones((3, 3)) / 9.0, 1) for _ in DES.band_names)]  # a 5x5 box, unlike band_psf's
+    packed = pack_systems([system], DES, psfs=other).psf
+    box = torch.full((3, 3), 1 / 9.0, dtype=packed.dtype)
+    assert packed.shape[-1] == 5 and torch.allclose(packed[0, 0, 1:4, 1:4], box)
