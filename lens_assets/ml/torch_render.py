@@ -176,6 +176,8 @@ def pack_systems(systems: Sequence, survey, *, dtype: torch.dtype = torch.float6
             for x, y, mu in zip(p.ra, p.dec, p.magnification):
                 pts.append(([x, y], [f * mu for f in flux], p.lensed))
         points.append(pts)
+        if drawn is not None and len(drawn[i]) != nb:
+            raise ValueError(f"{s.objid}: {len(drawn[i])} PSF images for the survey's {nb} bands {list(bands)}")
         psfs.append([band_psf(s, survey, b) for b in bands] if drawn is None else list(drawn[i]))
         shift = s.observation.get("shift_px") or {}
         shifts.append([list(shift.get(b, (0.0, 0.0))) for b in bands])

@@ -17,7 +17,7 @@ the same conventions:
 * **GAUSSIAN**: ``amp`` the total flux.
 
 The rotations and the shear act on the grid's two axes apart (an outer sum), so only the transcendental functions
-touch every point. ``lens_assets_tests/test_closed_form.py`` checks each against lenstronomy.
+touch every point. ``lens_assets_tests/science/test_closed_form.py`` checks each against lenstronomy.
 """
 
 from __future__ import annotations
@@ -59,8 +59,8 @@ def ray_shoot_sie_shear(xs: np.ndarray, ys: np.ndarray, kwargs_lens) -> tuple[np
     k = math.sqrt(1.0 - q * q)
     fx = (b / k) * np.arctan(k * xr / (psi + s))
     z = k * yr / (psi + q * q * s)  # |z| <= k < 1: k |yr| < psi
-    # arctanh(z) = log((1 + z) / (1 - z)) / 2; the log loses ~1e-16 / k of fy's size where z <= k is small, so a
-    # nearly round deflector takes log1p (twice log's cost)
+    # arctanh(z) = log((1 + z) / (1 - z)) / 2; the log's absolute error, about 1e-16, becomes b 1e-16 / k in fy, so
+    # a nearly round deflector (small k) takes log1p (twice log's cost)
     fy = (b / (2.0 * k)) * (np.log((1.0 + z) / (1.0 - z)) if k > 0.1 else np.log1p(2.0 * z / (1.0 - z)))
     g1, g2 = float(shear["gamma1"]), float(shear["gamma2"])
     sx = xs - shear.get("ra_0", 0.0)

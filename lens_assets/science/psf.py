@@ -76,6 +76,8 @@ def psf_kernel(profile: str, fwhm_px: float, *, moffat_beta: float = 3.0, size: 
     if profile == "core_wings":
         if size is None:
             size = _default_size("moffat", CORE_WINGS_SCALE * fwhm_px, max_size)
+        if size % 2 == 0 or size < 1:
+            raise ValueError(f"psf size must be odd and positive, got {size}")
         core = psf_kernel("gaussian", fwhm_px, size=size)
         wings = psf_kernel("moffat", CORE_WINGS_SCALE * fwhm_px, moffat_beta=moffat_beta, size=size,
                            oversample=oversample)
@@ -83,8 +85,8 @@ def psf_kernel(profile: str, fwhm_px: float, *, moffat_beta: float = 3.0, size: 
         return kernel / kernel.sum()
     if size is None:
         size = _default_size(profile, fwhm_px, max_size)
-    if size % 2 == 0:
-        raise ValueError(f"psf size must be odd, got {size}")
+    if size % 2 == 0 or size < 1:
+        raise ValueError(f"psf size must be odd and positive, got {size}")
     half = size // 2
     if profile == "gaussian":  # separable: exact pixel integrals from erf
         from scipy.special import erf

@@ -340,11 +340,14 @@ def test_pack_takes_the_psf_images_it_is_given():
     those images, centred, exactly as it holds the ones it draws itself."""
     from lens_assets.science.simulation import band_psf
 
-    system = _system(DES)
-    mine = pack_systems([system], DES)
-    drawn = [tuple(band_psf(system, DES, b) for b in DES.band_names)]
-    assert torch.equal(pack_systems([system], DES, psfs=drawn).psf, mine.psf)
+    systems = [_system(DES), _system(DES, profile="gaussian")]
+    mine = pack_systems(systems, DES)
+    drawn = [tuple(band_psf(s, DES, b) for b in DES.band_names) for s in systems]
+    assert not torch.equal(mine.psf[0], mine.psf[1])  # two PSFs, so a row mixed up would show
+    assert torch.equal(pack_systems(systems, DES, psfs=drawn).psf, mine.psf)
     other = [tuple(np.pad(np.ones((3, 3)) / 9.0, 1) for _ in DES.band_names)]  # a 5x5 box, unlike band_psf's
-    packed = pack_systems([system], DES, psfs=other).psf
+    packed = pack_systems(systems[:1], DES, psfs=other).psf
     box = torch.full((3, 3), 1 / 9.0, dtype=packed.dtype)
     assert packed.shape[-1] == 5 and torch.allclose(packed[0, 0, 1:4, 1:4], box)
+    with pytest.raises(ValueError, match="1 PSF images for the survey's 5 bands"):
+        pack_systems(systems[:1], DES, psfs=[other[0][:1]])

@@ -20,10 +20,12 @@ LENSES = [  # (SIE, SHEAR)
      {"gamma1": 0.0, "gamma2": 0.0, "ra_0": 0.0, "dec_0": 0.0}),
     ({"theta_E": 0.7, "e1": 0.21, "e2": -0.13, "center_x": 0.3, "center_y": -0.45},
      {"gamma1": 0.04, "gamma2": -0.07, "ra_0": 0.2, "dec_0": 0.1}),
-    ({"theta_E": 2.4, "e1": -0.35, "e2": 0.4, "center_x": -1.1, "center_y": 0.6},  # q = 0.16
+    ({"theta_E": 2.4, "e1": -0.35, "e2": 0.4, "center_x": -1.1, "center_y": 0.6},  # q = 0.31
      {"gamma1": -0.12, "gamma2": 0.03, "ra_0": -0.5, "dec_0": 1.5}),
     ({"theta_E": 1.0, "e1": 0.0, "e2": 0.003, "center_x": 0.0, "center_y": 0.0},  # nearly round: log1p's branch
      {"gamma1": 0.02, "gamma2": 0.0, "ra_0": 0.0, "dec_0": 0.0}),
+    ({"theta_E": 0.9, "e1": 0.8, "e2": -0.7, "center_x": 0.1, "center_y": 0.0},  # |e| > 0.9999: capped as there
+     {"gamma1": 0.0, "gamma2": 0.05, "ra_0": 0.0, "dec_0": 0.0}),
 ]
 
 
@@ -53,6 +55,8 @@ SERSICS = [
     {"amp": 0.7, "R_sersic": 0.05, "n_sersic": 4.0, "e1": 0.2, "e2": -0.3, "center_x": 0.13, "center_y": -0.2},
     {"amp": 12.0, "R_sersic": 1.5, "n_sersic": 0.6, "e1": -0.1, "e2": 0.05, "center_x": -2.0, "center_y": 1.0},
     {"amp": 1.0, "R_sersic": 0.003, "n_sersic": 2.5, "e1": 0.0, "e2": 0.1, "center_x": 0.0, "center_y": 0.0},
+    {"amp": 1.0, "R_sersic": 5e-5, "n_sersic": 1.0, "e1": 0.1, "e2": 0.0, "center_x": 0.0, "center_y": 0.0},  # floor
+    {"amp": 1.0, "R_sersic": -0.1, "n_sersic": 1.0, "e1": 0.0, "e2": 0.0, "center_x": 0.0, "center_y": 0.0},  # max(0, .)
 ]
 
 
@@ -67,7 +71,8 @@ def test_sersic_is_lenstronomys(kwargs):
     assert np.allclose(ours, ref, rtol=1e-12, atol=0)
     if kwargs["R_sersic"] < 0.005:
         assert (ref == 0).any() and ((ours == 0) == (ref == 0)).all()
-    assert ours.max() > kwargs["amp"]  # brighter than at R_sersic somewhere: not a constant
+    if kwargs["R_sersic"] > 1e-4:
+        assert ours.max() > kwargs["amp"]  # brighter than at R_sersic somewhere: not a constant
 
 
 def test_gaussian_is_lenstronomys_and_other_profiles_are_refused():
@@ -85,7 +90,8 @@ def test_gaussian_is_lenstronomys_and_other_profiles_are_refused():
 @pytest.mark.parametrize("survey", ["des", "hst"])
 def test_the_selections_lensed_image_is_lenstronomys_on_drawn_scenes(survey):
     """Every candidate the selection ray-shoots while drawing scenes, clumpy sources included, against the same
-    image from lenstronomy: the population drawn is the one lenstronomy's selection draws."""
+    image from lenstronomy: the population drawn is the one lenstronomy's selection draws (unless a value within
+    round-off of a selection threshold fell the other way)."""
     spec = get_survey(survey)
     seen = []
     real = pop.lensed_image

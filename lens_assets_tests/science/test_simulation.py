@@ -199,8 +199,11 @@ def test_psf_kernel_rejects_bad_options():
         psf_kernel("airy", 3.0)
     with pytest.raises(ValueError, match="psf FWHM must be positive, got -1"):
         psf_kernel("gaussian", -1)
-    with pytest.raises(ValueError, match="psf size must be odd, got 10"):
+    with pytest.raises(ValueError, match="psf size must be odd and positive, got 10"):
         psf_kernel("gaussian", 3.0, size=10)
+    for profile in ("gaussian", "moffat", "core_wings"):  # a max_size below 1 leaves no image to draw
+        with pytest.raises(ValueError, match="psf size must be odd and positive, got -1"):
+            psf_kernel(profile, 3.0, max_size=0)
 
 
 def test_simulation_is_deterministic_and_independent_of_worker_count(tmp_path):
