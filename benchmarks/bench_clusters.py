@@ -6,6 +6,8 @@
    ``render_field`` (rays shot once for all bands) against lenstronomy's ``ImageModel`` per band
    (``simulation.render_system``), and ``find_arc_segments`` against photutils' ``detect_sources`` +
    ``deblend_sources`` alone on the same residual (what the segment table adds: light removal, photometry, shapes),
+   the light removal's box median (``segments.box_median``, the 2'' box of ``subtract_cluster_light``, each band)
+   against ``scipy.ndimage.median_filter`` on the same images (the values must be equal),
    and the selection's ``einstein_radius_arcsec`` with ``ClusterConvergence`` (closed-form convergence of the
    halo and members, inside the circle only) against the same function on lenstronomy's ``LensModel.kappa`` (the
    trace of the full hessian) and against lenstronomy's ``kappa`` on the whole square grid it used to evaluate
@@ -45,7 +47,12 @@ def speed(survey_name: str, n: int) -> dict:
     rng = np.random.default_rng(0)
     from lenstronomy.LensModel.lens_model import LensModel
 
+    from lens_assets.science.clusters.segments import _odd_filter_size, box_median
+    from scipy import ndimage
+
     t_field, t_system, t_seg, t_raw, diffs, t_te, t_square, t_lm, te_diffs = [], [], [], [], [], [], [], [], []
+    t_box, t_scipy_median, box_equal = [], [], True
+    box = _odd_filter_size(2.0, survey.pixel_scale_arcsec)  # subtract_cluster_light's default filter_arcsec
     half = fsurvey.cutout_size_px * survey.pixel_scale_arcsec / 2
     r_max = 1.2 * fam.draw("selection", "max_theta_e_over_field", np.random.default_rng(0)) * 2 * half
     for i in range(n):
@@ -93,6 +100,14 @@ def speed(survey_name: str, n: int) -> dict:
         t3 = time.perf_counter()
         t_seg.append(t1 - t0)
         t_raw.append((t3 - t2) + (t2 - t1))  # the light removal alone plus photutils alone
+        t0 = time.perf_counter()
+        ours = [box_median(band, box) for band in image]
+        t1 = time.perf_counter()
+        ref = [ndimage.median_filter(band, size=box, mode="reflect") for band in image]
+        t2 = time.perf_counter()
+        t_box.append(t1 - t0)
+        t_scipy_median.append(t2 - t1)
+        box_equal = box_equal and all(np.array_equal(a, b) for a, b in zip(ours, ref))
     med = statistics.median
     return {"survey": survey_name, "n_fields": n, "field_px": fsurvey.cutout_size_px,
             "render_field_s": med(t_field), "render_system_s": med(t_system),
@@ -101,7 +116,9 @@ def speed(survey_name: str, n: int) -> dict:
             "segments_overhead": med(t_seg) / med(t_raw),
             "einstein_radius_s": med(t_te), "einstein_radius_lensmodel_s": med(t_lm),
             "convergence_speedup": med(t_lm) / med(t_te), "einstein_radius_max_rel_diff": max(te_diffs),
-            "square_grid_kappa_s": med(t_square), "einstein_radius_speedup": med(t_square) / med(t_te)}
+            "square_grid_kappa_s": med(t_square), "einstein_radius_speedup": med(t_square) / med(t_te),
+            "box_px": box, "box_median_s": med(t_box), "median_filter_s": med(t_scipy_median),
+            "box_median_speedup": med(t_scipy_median) / med(t_box), "box_median_equal": box_equal}
 
 
 def track_a_rates(root: str, survey: str, repeats: int = 3) -> dict:
@@ -215,6 +232,9 @@ def main(argv=None) -> dict:
                                              f"of the peak)"),
             ("find_arc_segments", f"{s['segments_s']:.2f} s per field, {s['segments_overhead']:.2f}x the light "
                                   f"removal + photutils detect/deblend alone ({s['light_removal_plus_photutils_s']:.2f} s)"),
+            ("box_median", f"{s['box_median_s'] * 1e3:.1f} ms per field ({s['box_px']} px box, every band), "
+                           f"{s['box_median_speedup']:.2f}x scipy's median_filter "
+                           f"({s['median_filter_s'] * 1e3:.1f} ms); equal: {s['box_median_equal']}"),
             ("einstein_radius_arcsec", f"{s['einstein_radius_s'] * 1e3:.1f} ms per draw, "
                                        f"{s['convergence_speedup']:.1f}x the same on lenstronomy's LensModel.kappa "
                                        f"({s['einstein_radius_lensmodel_s'] * 1e3:.1f} ms; radii agree to "

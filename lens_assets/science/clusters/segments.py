@@ -189,6 +189,28 @@ def _odd_filter_size(filter_arcsec: float, pixel_scale_arcsec: float) -> int:
     return max(3, size if size % 2 else size + 1)
 
 
+BOX_MEDIAN_ROWS = 8  # image rows of windows per np.partition call: 8 x width x size^2 values (9 px on 152: 0.8 MB)
+
+
+def box_median(image: np.ndarray, size: int) -> np.ndarray:
+    """``scipy.ndimage.median_filter(image, size=size, mode="reflect")`` for a 2-D image and an odd ``size``, the same
+    values, in under half the time for the cluster fields' 9 px box on 152 px: every window's values are laid out
+    in a row (``sliding_window_view`` over the edge-reflected image, ``BOX_MEDIAN_ROWS`` image rows at a time) and
+    ``np.partition`` picks each row's middle. An image with NaN, or smaller than the box's half, goes to scipy."""
+    image = np.asarray(image, dtype=float)
+    half = size // 2
+    if image.ndim != 2 or size % 2 == 0 or half >= min(image.shape) or np.isnan(image).any():
+        return ndimage.median_filter(image, size=size, mode="reflect")
+    h, w = image.shape
+    windows = np.lib.stride_tricks.sliding_window_view(np.pad(image, half, mode="symmetric"), (size, size))
+    mid = size * size // 2
+    out = np.empty_like(image)
+    for r in range(0, h, BOX_MEDIAN_ROWS):
+        block = windows[r:r + BOX_MEDIAN_ROWS].reshape(-1, size * size)  # a copy: the rows' windows side by side
+        out[r:r + BOX_MEDIAN_ROWS] = np.partition(block, mid, axis=1)[:, mid].reshape(-1, w)
+    return out
+
+
 def _median_light(img: np.ndarray, var: np.ndarray, valid: np.ndarray, size: int, psf_fwhm_px: float | None,
                   clip_nsigma: float) -> np.ndarray:
     """Box median per band; with a PSF, a second pass that leaves out the pixels of faint sources (see the caller)."""
@@ -197,7 +219,7 @@ def _median_light(img: np.ndarray, var: np.ndarray, valid: np.ndarray, size: int
     for b in range(img.shape[0]):
         fill = float(np.median(img[b][valid[b]])) if valid[b].any() else 0.0
         filled[b] = np.where(valid[b], img[b], fill)
-        light[b] = ndimage.median_filter(filled[b], size=size, mode="reflect")
+        light[b] = box_median(filled[b], size)
     if psf_fwhm_px is None or not valid.any():
         return light
     inv = np.zeros_like(var)
@@ -213,7 +235,7 @@ def _median_light(img: np.ndarray, var: np.ndarray, valid: np.ndarray, size: int
     yy, xx = np.indices(source.shape)
     outlier = np.where((xx + yy) % 2 == 0, np.inf, -np.inf)  # as many above as below: the median skips them
     for b in range(img.shape[0]):
-        second = ndimage.median_filter(np.where(source, outlier, filled[b]), size=size, mode="reflect")
+        second = box_median(np.where(source, outlier, filled[b]), size)
         light[b] = np.where(np.isfinite(second), second, light[b])
     return light
 

@@ -248,3 +248,35 @@ def test_gallery_writes_a_png(found, field, tmp_path):
     path = segment_gallery(field["image"], segmap, table, path=tmp_path / "g" / "segments.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert isinstance(table, pd.DataFrame)
+
+
+@pytest.mark.parametrize("shape,size", [((152, 152), 9), ((37, 50), 9), ((10, 12), 9), ((60, 7), 5), ((33, 33), 3)])
+def test_box_median_is_scipys_median_filter(shape, size):
+    """The same values as ``ndimage.median_filter(mode="reflect")``, edges, ties and the second pass's +-inf
+    placeholders included; a row block boundary falls inside the larger images."""
+    from scipy import ndimage
+
+    from lens_assets.science.clusters.segments import box_median
+
+    rng = np.random.default_rng(sum(shape) + size)
+    img = rng.normal(size=shape)
+    img[rng.random(shape) < 0.1] = np.inf
+    img[rng.random(shape) < 0.1] = -np.inf
+    img[:, :3] = 1.0  # ties
+    out = box_median(img, size)
+    assert np.array_equal(out, ndimage.median_filter(img, size=size, mode="reflect"))
+    assert not np.array_equal(out, img)  # it filters
+
+
+def test_box_median_hands_what_it_does_not_lay_out_to_scipy():
+    """NaN, an even box and a box wider than the image go to scipy, so the answer is scipy's whatever the input."""
+    from scipy import ndimage
+
+    from lens_assets.science.clusters.segments import box_median
+
+    rng = np.random.default_rng(3)
+    img = rng.normal(size=(20, 20))
+    img[4, 5] = np.nan
+    small = rng.normal(size=(6, 30))
+    for x, size in ((img, 5), (rng.normal(size=(20, 20)), 4), (small, 13)):
+        np.testing.assert_array_equal(box_median(x, size), ndimage.median_filter(x, size=size, mode="reflect"))
