@@ -14,7 +14,7 @@ the same conventions:
 * **SERSIC_ELLIPSE**: product-averaged radius ``R_sersic``, ``b_n = 1.9992 n - 0.3271``, ``amp`` the surface
   brightness at ``R_sersic``, radii floored at 1e-4; ``(R / R_sersic)^(1/n)`` as ``exp(log(R / R_sersic) / n)``.
   lenstronomy zeroes the light beyond 1000 ``R_sersic``; so does this.
-* **GAUSSIAN**: ``amp`` the total flux.
+* **GAUSSIAN**: ``amp`` the total flux; evaluated only where its exponential is not exactly 0.
 
 The rotations and the shear act on the grid's two axes apart (an outer sum), so only the transcendental functions
 touch every point. ``lens_assets_tests/science/test_closed_form.py`` checks each against lenstronomy.
@@ -29,6 +29,7 @@ import numpy as np
 S_SCALE = 1e-10  # lenstronomy's SIE: an NIE with this core
 MAX_R_FRAC = 1000.0  # lenstronomy's Sérsic window, in units of R_sersic
 R_FLOOR = 1e-4  # lenstronomy's SersicUtil smoothing
+EXP_UNDERFLOW = -746.0  # np.exp is exactly 0 at and below this (float64's smallest subnormal, 5e-324, is exp(-745.13))
 
 
 def _phi_q(e1: float, e2: float) -> tuple[float, float]:
@@ -77,7 +78,13 @@ def surface_brightness(x: np.ndarray, y: np.ndarray, profile: str, kwargs: dict)
         sigma = float(kwargs["sigma"])
         dx = x - kwargs.get("center_x", 0.0)
         dy = y - kwargs.get("center_y", 0.0)
-        return kwargs["amp"] / (2.0 * math.pi * sigma * sigma) * np.exp((dx * dx + dy * dy) / (-2.0 * sigma * sigma))
+        arg = np.asarray((dx * dx + dy * dy) / (-2.0 * sigma * sigma))
+        # exp underflows to exactly 0 below -745.2: only the points above are evaluated (a clump's lensed light
+        # covers a few per cent of the stamp), the same values as evaluating every point
+        out = np.zeros(arg.shape)
+        near = arg > EXP_UNDERFLOW
+        out[near] = kwargs["amp"] / (2.0 * math.pi * sigma * sigma) * np.exp(arg[near])
+        return out
     if profile != "SERSIC_ELLIPSE":
         raise ValueError(f"no closed form for light profile {profile!r}; the selection draws SERSIC_ELLIPSE and "
                          f"GAUSSIAN")

@@ -83,6 +83,13 @@ def test_gaussian_is_lenstronomys_and_other_profiles_are_refused():
     ref = LightModel(["GAUSSIAN"]).surface_brightness(gx.ravel(), gy.ravel(), [kwargs]).reshape(gx.shape)
     assert np.allclose(ours, ref, rtol=1e-12, atol=1e-300)
     assert ours.sum() * 0.01**2 == pytest.approx(5.0, rel=1e-6)  # amp is the total flux
+    # far out the exponential underflows to exactly 0 and is not evaluated: the same zeros and values as lenstronomy
+    wide = np.linspace(-12, 12, 301)
+    wx, wy = np.meshgrid(wide, wide)
+    far = surface_brightness(wx, wy, "GAUSSIAN", kwargs)
+    ref = LightModel(["GAUSSIAN"]).surface_brightness(wx.ravel(), wy.ravel(), [kwargs]).reshape(wx.shape)
+    assert 0.9 < (ref == 0).mean() < 1.0 and np.array_equal(far == 0, ref == 0)
+    assert np.allclose(far, ref, rtol=1e-12, atol=0)
     with pytest.raises(ValueError, match="HERNQUIST"):
         surface_brightness(gx, gy, "HERNQUIST", {"amp": 1.0})
 
