@@ -47,12 +47,15 @@ def speed(survey_name: str, n: int) -> dict:
     rng = np.random.default_rng(0)
     from lenstronomy.LensModel.lens_model import LensModel
 
+    import inspect
+
     from lens_assets.science.clusters.segments import _odd_filter_size, box_median
     from scipy import ndimage
 
     t_field, t_system, t_seg, t_raw, diffs, t_te, t_square, t_lm, te_diffs = [], [], [], [], [], [], [], [], []
     t_box, t_scipy_median, box_equal = [], [], True
-    box = _odd_filter_size(2.0, survey.pixel_scale_arcsec)  # subtract_cluster_light's default filter_arcsec
+    box = _odd_filter_size(inspect.signature(subtract_cluster_light).parameters["filter_arcsec"].default,
+                           survey.pixel_scale_arcsec)  # the box subtract_cluster_light uses by default
     half = fsurvey.cutout_size_px * survey.pixel_scale_arcsec / 2
     r_max = 1.2 * fam.draw("selection", "max_theta_e_over_field", np.random.default_rng(0)) * 2 * half
     for i in range(n):

@@ -32,18 +32,14 @@ R_FLOOR = 1e-4  # lenstronomy's SersicUtil smoothing
 EXP_UNDERFLOW = -746.0  # np.exp is exactly 0 at and below this (float64's smallest subnormal, 5e-324, is exp(-745.13))
 
 
-def _phi_q(e1: float, e2: float) -> tuple[float, float]:
-    """lenstronomy's ``param_util.ellipticity2phi_q``: orientation (rad) and axis ratio of ``(e1, e2)``."""
-    c = min(math.sqrt(e1 * e1 + e2 * e2), 0.9999)
-    return math.atan2(e2, e1) / 2.0, (1.0 - c) / (1.0 + c)
-
-
 def ray_shoot_sie_shear(xs: np.ndarray, ys: np.ndarray, kwargs_lens) -> tuple[np.ndarray, np.ndarray]:
     """Source-plane positions ``(beta_x, beta_y)``, each of shape ``(len(ys), len(xs))``, of the grid
     ``x = xs[j], y = ys[i]`` through an SIE and an external shear (``kwargs_lens``: lenstronomy's
     ``[{theta_E, e1, e2, center_x, center_y}, {gamma1, gamma2, ra_0, dec_0}]``)."""
+    from lenstronomy.Util.param_util import ellipticity2phi_q
+
     sie, shear = kwargs_lens
-    phi, q = _phi_q(float(sie["e1"]), float(sie["e2"]))
+    phi, q = (float(v) for v in ellipticity2phi_q(float(sie["e1"]), float(sie["e2"])))
     # NIE._theta_E_prod_average2major_axis, then b and s as NIE._param_conv
     b = sie["theta_E"] / math.sqrt((1.0 + q**2) / (2.0 * q)) * math.sqrt((1.0 + q**2) / 2.0)
     s = S_SCALE / math.sqrt(q)
@@ -88,12 +84,11 @@ def surface_brightness(x: np.ndarray, y: np.ndarray, profile: str, kwargs: dict)
     if profile != "SERSIC_ELLIPSE":
         raise ValueError(f"no closed form for light profile {profile!r}; the selection draws SERSIC_ELLIPSE and "
                          f"GAUSSIAN")
-    e1, e2, n = float(kwargs["e1"]), float(kwargs["e2"]), float(kwargs["n_sersic"])
-    norm = math.sqrt(max(abs(1.0 - e1 * e1 - e2 * e2), 0.000001))
-    dx = x - kwargs.get("center_x", 0.0)
-    dy = y - kwargs.get("center_y", 0.0)
-    u = ((1.0 - e1) * dx - e2 * dy) / norm
-    v = (-e2 * dx + (1.0 + e1) * dy) / norm
+    from lenstronomy.Util.param_util import transform_e1e2_product_average
+
+    n = float(kwargs["n_sersic"])
+    u, v = transform_e1e2_product_average(x, y, float(kwargs["e1"]), float(kwargs["e2"]), kwargs.get("center_x", 0.0),
+                                          kwargs.get("center_y", 0.0))  # the product-averaged elliptical frame
     r_frac = np.maximum(R_FLOOR, np.sqrt(u * u + v * v)) / max(R_FLOOR, max(0.0, float(kwargs["R_sersic"])))
     bn = max(1.9992 * n - 0.3271, 0.00001)
     out = kwargs["amp"] * np.exp(-bn * (np.exp(np.log(r_frac) / n) - 1.0))

@@ -73,20 +73,17 @@ def psf_kernel(profile: str, fwhm_px: float, *, moffat_beta: float = 3.0, size: 
         raise ValueError(f"psf profile {profile!r} is not one of {list(PSF_PROFILES)}")
     if fwhm_px <= 0:
         raise ValueError(f"psf FWHM must be positive, got {fwhm_px} px")
+    if size is None:  # core_wings: as large as its Moffat wings' image
+        size = (_default_size("moffat", CORE_WINGS_SCALE * fwhm_px, max_size) if profile == "core_wings"
+                else _default_size(profile, fwhm_px, max_size))
+    if size % 2 == 0 or size < 1:
+        raise ValueError(f"psf size must be odd and positive, got {size}")
     if profile == "core_wings":
-        if size is None:
-            size = _default_size("moffat", CORE_WINGS_SCALE * fwhm_px, max_size)
-        if size % 2 == 0 or size < 1:
-            raise ValueError(f"psf size must be odd and positive, got {size}")
         core = psf_kernel("gaussian", fwhm_px, size=size)
         wings = psf_kernel("moffat", CORE_WINGS_SCALE * fwhm_px, moffat_beta=moffat_beta, size=size,
                            oversample=oversample)
         kernel = (1.0 - CORE_WINGS_FRACTION) * core + CORE_WINGS_FRACTION * wings
         return kernel / kernel.sum()
-    if size is None:
-        size = _default_size(profile, fwhm_px, max_size)
-    if size % 2 == 0 or size < 1:
-        raise ValueError(f"psf size must be odd and positive, got {size}")
     half = size // 2
     if profile == "gaussian":  # separable: exact pixel integrals from erf
         from scipy.special import erf
