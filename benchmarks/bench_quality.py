@@ -28,6 +28,7 @@ FIGURES = {"gallery", "roc", "reliability", "score_histograms", "balance", "shar
 def main(argv=None) -> dict:
     import dagster as dg
 
+    from lens_assets.assets.evaluation import GATE_FIELDS, ReportConfig
     from lens_assets.definitions import ASSETS, training_launcher
     from lens_assets.demo import only_gates_failed
     from lens_assets.ml.torch_simulation import RENDERERS
@@ -83,18 +84,28 @@ def main(argv=None) -> dict:
     wall = time.perf_counter() - t_all
     r = metadata["bologna_report"]
     gates = PROFILES[args.profile]["bologna_report"]
+
+    def gate(check: str) -> str:
+        cfg = ReportConfig(**gates)
+        threshold = getattr(cfg, GATE_FIELDS[check])
+        if threshold is None:
+            return "not gated"
+        sign = ">=" if GATE_FIELDS[check].startswith("min_") else "<="
+        return f"gate {sign} {threshold}" + (", advisory" if check in cfg.advisory else "")
+
     rows = [
         ("profile", f"{args.profile} on {args.survey} (overrides {overrides or 'none'}), data root {args.root}"),
-        ("AUROC", f"{r['auroc']:.4f} (gate >= {gates['min_auroc']})"),
+        ("AUROC", f"{r['auroc']:.4f} ({gate('auroc_at_least_gate')})"),
         ("AUPRC", f"{r['auprc']:.4f}"),
         ("TPR0", f"{r['tpr0']:.4f}"),
         ("TPR10", f"{r['tpr10']:.4f} with {r['n_test_nonlenses']:.0f} test non-lenses, {r['n_test_lenses']:.0f} "
-                  f"lenses (gate >= {gates['min_tpr10']})"),
+                  f"lenses ({gate('tpr10_at_least_gate')})"),
         ("TPR at FPR 0.1 / 1e-3", f"{r['tpr_at_fpr_0.1']:.4f} / {r['tpr_at_fpr_0.001']:.4f}"),
-        ("ECE (calibrated, test)", f"{r['ece']:.4f} (gate <= {gates['max_ece']})"),
+        ("ECE (calibrated, test)", f"{r['ece']:.4f} ({gate('ece_at_most_gate')})"),
         ("FNR by flux ratio", "  ".join(f"{b}: {r[f'fnr_flux_ratio_{b}']:.3f}" for b in ("lt_0.1", "0.1_0.3", "ge_0.3"))
-         + " (gate for lt_0.1 <= 0.3)"),
-        ("held-out family", f"AUROC {r['heldout_auroc']:.4f} (gate >= 0.95), TPR0 {r['heldout_tpr0']:.4f}, "
+         + f" (lt_0.1: {gate('fnr_flux_ratio_lt_0_1_at_most_gate')})"),
+        ("held-out family", f"AUROC {r['heldout_auroc']:.4f} ({gate('heldout_auroc_at_least_gate')}), "
+                            f"TPR0 {r['heldout_tpr0']:.4f}, "
                             f"TPR10 {r['heldout_tpr10']:.4f}; AUROC gap {r['heldout_auroc_gap']:+.4f}"),
         ("report", str(r["report_path"])),
         ("wall time", f"{wall / 60:.1f} min: " + ", ".join(f"{k} {v / 60:.1f}" for k, v in times.items())),

@@ -35,6 +35,18 @@ def _uncertainty_of_report(report_meta: dict) -> dict:
     return unc if unc.get("bins") else {}
 
 
+def check_verdict(evaluation) -> str:
+    """How the demo prints an asset check's evaluation: passed, FAILED (a gate), or a failure that stops nothing."""
+    gate = evaluation.metadata.get("gate")
+    if gate is not None and gate.value == "not gated":
+        return "not gated"
+    if evaluation.passed:
+        return "passed"
+    if evaluation.severity == dg.AssetCheckSeverity.WARN:
+        return "not met (advisory target: WARN, not blocking)"
+    return "FAILED" if evaluation.blocking else "FAILED (not blocking)"
+
+
 def failed_steps(result) -> set[str]:
     return {e.step_key for e in result.all_events if e.event_type_value == "STEP_FAILURE"}
 
@@ -190,13 +202,14 @@ def run_galaxy(instance, args) -> int:
         if "summary" in r:  # test split and every held-out family, lensing-only and shortcut figures
             print("\n" + "\n".join("    " + line for line in str(r["summary"]).splitlines()) + "\n")
     for c in checks:
-        print(f"  check {c.asset_key.to_user_string() + '.' + c.check_name:<48}: {'passed' if c.passed else 'FAILED'}")
+        print(f"  check {c.asset_key.to_user_string() + '.' + c.check_name:<48}: {check_verdict(c)}")
     if "promoted_model" in meta:
         p = meta["promoted_model"]
         print(f"  promoted model    : ensemble {p['model_version']} with calibrator {p['calibrator_version']} "
               f"-> {p['path']} (new drops are scored with it)")
     else:
-        failed = [c.check_name for c in checks if not c.passed and c.asset_key.to_user_string() == "bologna_report"]
+        failed = [c.check_name for c in checks if not c.passed and c.asset_key.to_user_string() == "bologna_report"
+                  and c.severity == dg.AssetCheckSeverity.ERROR]
         print(f"  promoted model    : none: bologna_report failed {', '.join(failed)}; no drop is scored with this "
               "ensemble (the previous promotion, if any, stays in use)")
         return 1

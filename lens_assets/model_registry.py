@@ -124,7 +124,8 @@ def load_promoted(storage: LocalStorage, survey: str):
 
 def promote(storage: LocalStorage, survey: str, *, report: dict, run_id: str) -> dict:
     """Copy the survey's current ensemble and calibrator to ``promoted/<survey>/`` after checking that ``report``
-    (``bologna_report``'s report.json) evaluated exactly this pair and passed every gate; returns the promotion
+    (``bologna_report``'s report.json) evaluated exactly this pair and passed every blocking gate (an advisory gate
+    that failed is recorded, not refused); returns the promotion
     document. The previous promotion stays in place when anything is refused."""
     ensemble, _, _, doc = load_scoring(storage, survey)
     evaluated = report.get("calibrator_version")
@@ -136,7 +137,9 @@ def promote(storage: LocalStorage, survey: str, *, report: dict, run_id: str) ->
     if not checks:
         raise no_retry(f"{layout.relative(layout.report_json(survey))} records no gate results: re-materialize "
                        "bologna_report")
-    failed = {k: v for k, v in checks.items() if not v["passed"]}
+    # a gate blocks unless the report marked it advisory (``blocking`` false); reports written before ``blocking``
+    # was recorded gated every check
+    failed = {k: v for k, v in checks.items() if not v["passed"] and v.get("blocking", True)}
     if failed:
         raise no_retry(f"ensemble {ensemble['version']} with calibrator {doc['version']} is not promoted: "
                        + "; ".join(f"{k} failed ({v['value']} against gate {v['gate']})" for k, v in failed.items()))

@@ -32,10 +32,16 @@ PROFILES: dict[str, dict] = {
         "lens_classifier": {"members": ["regnetx_002"], "epochs": 8, "batch_size": 64, "lr": 2e-3, "patience": 4,
                             "head_dropout": 0.2, "colour_residual": True},
         "score_calibrator": {"fusion": "mean"},
-        # ECE on 270 test rows is mostly sampling noise: with 15 bins of 18 rows a perfectly calibrated model
-        # scores 0.07-0.09 on average and 0.10-0.12 at the 95th percentile (simulated); demo runs gave 0.055-0.094
-        "bologna_report": {"min_auroc": 0.75, "min_tpr10": 0.0, "max_ece": 0.15, "min_heldout_auroc": 0.0,
-                           "min_lensing_only_auroc": 0.0, "max_fnr_flux_ratio_lt_0_1": 1.0},
+        # The report checks the galaxy issue's demo targets (test AUROC >= 0.90, every held-out family >= 0.85) and
+        # the lensing-only gate (0.95) as advisory checks: a miss is shown and recorded (WARN) and does not stop the
+        # promotion, so the demo still runs through promoted_model and scores its drop. The one blocking gate is the
+        # ECE: on 270 test rows it is mostly sampling noise (with 15 bins of 18 rows a perfectly calibrated model
+        # scores 0.07-0.09 on average and 0.10-0.12 at the 95th percentile, simulated; demo runs gave 0.041-0.094),
+        # so 0.15 stops only a broken calibrator. TPR10 and the faint-arc FNR have no demo target: not gated.
+        "bologna_report": {"min_auroc": 0.90, "min_tpr10": None, "max_ece": 0.15, "min_heldout_auroc": 0.85,
+                           "min_lensing_only_auroc": 0.95, "max_fnr_flux_ratio_lt_0_1": None,
+                           "advisory": ["auroc_at_least_gate", "heldout_auroc_at_least_gate",
+                                        "lensing_only_auroc_at_least_gate"]},
     },
     # The quality run: >= 5,000 test non-lenses for TPR10 (72,000 x 15% test x 50% non-lenses = 5,400);
     # gates are the release targets.

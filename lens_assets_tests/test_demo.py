@@ -37,3 +37,22 @@ def test_the_demo_passes_its_simulation_overrides_to_the_job(monkeypatch):
     args.renderer = "lenstronomy"
     demo.run_galaxy(None, args)
     assert seen["sim"]["renderer"] == "lenstronomy"  # the reference, when asked for
+
+
+def test_the_demo_prints_each_check_as_a_gate_a_target_or_not_gated():
+    import dagster as dg
+
+    from lens_assets.demo import check_verdict
+
+    def evaluation(passed, severity, blocking, gate):
+        return dg.AssetCheckEvaluation(asset_key=dg.AssetKey("bologna_report"), check_name="auroc_at_least_gate",
+                                       passed=passed, metadata={"gate": dg.MetadataValue.text(gate)
+                                                                if isinstance(gate, str) else gate},
+                                       severity=severity, blocking=blocking)
+
+    error, warn = dg.AssetCheckSeverity.ERROR, dg.AssetCheckSeverity.WARN
+    assert check_verdict(evaluation(True, error, True, 0.9)) == "passed"
+    assert check_verdict(evaluation(False, error, True, 0.9)) == "FAILED"
+    assert check_verdict(evaluation(False, error, False, 0.65)) == "FAILED (not blocking)"  # the shortcut audit
+    assert check_verdict(evaluation(False, warn, True, 0.9)) == "not met (advisory target: WARN, not blocking)"
+    assert check_verdict(evaluation(True, warn, True, "not gated")) == "not gated"

@@ -5,7 +5,7 @@ import math
 import pytest
 from dagster import DagsterInvalidConfigError, validate_run_config
 
-from lens_assets.assets.evaluation import CalibratorConfig, ReportConfig, ShortcutConfig
+from lens_assets.assets.evaluation import GATE_FIELDS, CalibratorConfig, ReportConfig, ShortcutConfig
 from lens_assets.assets.shards import SplitConfig
 from lens_assets.assets.simulation import SimulationConfig
 from lens_assets.assets.training import TrainConfig
@@ -30,6 +30,25 @@ def test_profile_is_a_valid_run_config_of_survey_pipeline(profile):
     # the schema does not carry the pydantic bounds (ge, le, gt): the config classes check them
     for op, cfg in config["ops"].items():
         CONFIG_CLASSES[op](**cfg["config"])
+
+
+@pytest.mark.parametrize("profile", ["demo", "full"])
+def test_every_gate_of_a_profile_can_fail(profile):
+    """A gate is a threshold some figure in [0, 1] can miss, or None (not gated, and saying so): a minimum of 0 or
+    a maximum of 1 would pass whatever the figure. The full profile's gates all block promotion; the demo's
+    targets are advisory, and at least one of its gates blocks (so a broken calibrator is not promoted)."""
+    cfg = ReportConfig(**run_config(profile)["ops"]["bologna_report"]["config"])
+    gates = {k: v for k, v in cfg.model_dump().items() if k.startswith(("min_", "max_"))}
+    assert len(gates) == 6
+    for name, gate in gates.items():
+        assert gate is None or (gate > 0 if name.startswith("min_") else gate < 1), (name, gate)
+    assert set(gates) == set(GATE_FIELDS.values())
+    blocking = [GATE_FIELDS[c] for c in GATE_FIELDS if c not in cfg.advisory and gates[GATE_FIELDS[c]] is not None]
+    if profile == "full":
+        assert cfg.advisory == [] and None not in gates.values()
+    else:
+        assert blocking == ["max_ece"] and cfg.advisory and gates["min_heldout_auroc"] == 0.85
+        assert gates["min_auroc"] == 0.90  # the galaxy issue's demo targets
 
 
 def test_a_run_config_with_a_misspelt_field_is_rejected_by_the_schema():

@@ -16,7 +16,7 @@ import json
 import dagster as dg
 import numpy as np
 import pandas as pd
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from lens_assets import layout
 from lens_assets.assets._common import png_markdown, sha256_of_strings, survey_asset
@@ -39,7 +39,7 @@ EVALUATION_CODE_VERSION = "eval-12"  # 4: fit on the val split's calibrate half;
 # Einstein-radius bin. score_calibrator keeps it; the report has its own from 10 on
 # 10: the shortcut audit's AUROC per non-lens type and its figure without the twins; 11: lensing-only AUROC per θE bin
 # 12 (score_calibrator): rows held out or paired by their file's SIMROLE are scored too
-REPORT_CODE_VERSION = "eval-11"
+REPORT_CODE_VERSION = "eval-12"
 SHORTCUT_CODE_VERSION = "shortcut-3"  # 2: AUROC per non-lens type, each row's score; 3: held-out rows also by SIMROLE
 SCORED_SPLITS = ("val", "test", "heldout", LENSING_ONLY)
 DEFAULT_HELDOUT_FAMILIES = ["heldout", "galsim"]
@@ -435,10 +435,11 @@ def score_calibrator(context: dg.AssetExecutionContext, config: CalibratorConfig
 
 
 class ReportConfig(dg.Config):
-    min_auroc: float = Field(default=0.99, ge=0, le=1, description="gate of the auroc check")
-    min_tpr10: float = Field(default=0.6, ge=0, le=1, description="gate of the tpr10 check")
-    max_ece: float = Field(default=0.02, ge=0, le=1, description="gate of the ece check")
-    # these three fail when there is nothing to measure; None says on purpose that the figure is not a gate
+    # None says on purpose that a figure is not a gate: its check passes with gate "not gated", never blocking
+    min_auroc: float | None = Field(default=0.99, ge=0, le=1, description="gate of the auroc check; None: not gated")
+    min_tpr10: float | None = Field(default=0.6, ge=0, le=1, description="gate of the tpr10 check; None: not gated")
+    max_ece: float | None = Field(default=0.02, ge=0, le=1, description="gate of the ece check; None: not gated")
+    # these three fail when there is nothing to measure
     min_heldout_auroc: float | None = Field(default=0.95, ge=0, le=1, description="gate of every held-out family's "
                                             "AUROC; None: not gated")
     min_lensing_only_auroc: float | None = Field(default=0.95, ge=0, le=1, description="gate of the lens/twin AUROC; "
@@ -447,10 +448,23 @@ class ReportConfig(dg.Config):
                                                     "lenses with lensed-flux ratio < 0.1 (at the TPR10 threshold); "
                                                     "None: not gated")
     n_boot: int = Field(default=1000, ge=1, description="bootstrap resamples of the 95% intervals")
+    advisory: list[str] = Field(default=[], description="gate checks that are targets, not promotion gates: one that "
+                                "fails is shown and recorded as failed with WARN severity and neither fails the run "
+                                "nor stops promoted_model")
+
+    @field_validator("advisory")
+    @classmethod
+    def _known_checks(cls, names: list[str]) -> list[str]:
+        unknown = sorted(set(names) - {spec.name for spec in REPORT_CHECKS})
+        if unknown:
+            raise ValueError(f"advisory: {', '.join(unknown)} is not a gate check of bologna_report; they are "
+                             f"{', '.join(spec.name for spec in REPORT_CHECKS)}")
+        return names
 
 
 # blocking: a failed gate fails the run after the report is written, and promoted_model (downstream) does not run,
-# so the ensemble is never promoted to score new data
+# so the ensemble is never promoted to score new data; a gate in the config's `advisory` fails with WARN severity,
+# which Dagster does not block on; a gate set to None is not gated: its check passes with gate "not gated"
 REPORT_CHECKS = [dg.AssetCheckSpec(name, asset="bologna_report", blocking=True, description=text) for name, text in (
     ("auroc_at_least_gate", "test AUROC ≥ min_auroc"),
     ("tpr10_at_least_gate", "test TPR10 ≥ min_tpr10"),
@@ -462,6 +476,11 @@ REPORT_CHECKS = [dg.AssetCheckSpec(name, asset="bologna_report", blocking=True, 
     ("fnr_flux_ratio_lt_0_1_at_most_gate", "test FNR of lenses with flux ratio < 0.1 ≤ max_fnr_flux_ratio_lt_0_1 "
                                            "(fails without such lenses)"),
 )]
+# the config field that sets each gate check's threshold
+GATE_FIELDS = {"auroc_at_least_gate": "min_auroc", "tpr10_at_least_gate": "min_tpr10", "ece_at_most_gate": "max_ece",
+               "heldout_auroc_at_least_gate": "min_heldout_auroc",
+               "lensing_only_auroc_at_least_gate": "min_lensing_only_auroc",
+               "fnr_flux_ratio_lt_0_1_at_most_gate": "max_fnr_flux_ratio_lt_0_1"}
 HEADLINE = ("auroc", "auprc", "tpr0", "tpr10", "tpr_at_fpr_0.1", "ece", "fnr_flux_ratio_lt_0.1")
 CI_METRICS = ("auroc", "tpr0", "tpr10")
 NO_OBJECTS = "no objects"
@@ -772,8 +791,7 @@ def bologna_report(context: dg.AssetExecutionContext, config: ReportConfig,
     rel = reliability_plot({"test, sigmoid(fused logit)": (y, expit(t["logit"].to_numpy())),
                             "test, calibrated": (y, t["probability"].to_numpy())},
                            storage.path(*layout.report_reliability(survey.name)))
-    gates = {k: getattr(config, k) for k in ("min_auroc", "min_tpr10", "max_ece", "min_heldout_auroc",
-                                             "min_lensing_only_auroc", "max_fnr_flux_ratio_lt_0_1")}
+    gates = {k: getattr(config, k) for k in GATE_FIELDS.values()}
     report = {"survey": survey.name, "in_distribution": ind, "heldout": held, "families": figures["families"],
               "lensing_only": pairs, "by_kind": figures.get("by_kind", {}),
               "uncertainty": figures.get("uncertainty", {}),
@@ -828,40 +846,39 @@ def bologna_report(context: dg.AssetExecutionContext, config: ReportConfig,
     })
     evaluated = {f: fig["auroc"] for f, fig in figures["families"].items() if fig}
     fnr = ind.get("fnr_flux_ratio_lt_0.1", nan)
-    checks = [
-        dg.AssetCheckResult(check_name="auroc_at_least_gate", passed=bool(ind["auroc"] >= config.min_auroc),
-                            metadata={"auroc": ind["auroc"], "gate": config.min_auroc}),
-        dg.AssetCheckResult(check_name="tpr10_at_least_gate", passed=bool(ind["tpr10"] >= config.min_tpr10),
-                            metadata={"tpr10": ind["tpr10"], "gate": config.min_tpr10,
-                                      "n_test_nonlenses": ind["n_test_nonlenses"]}),
-        dg.AssetCheckResult(check_name="ece_at_most_gate", passed=bool(ind["ece"] <= config.max_ece),
-                            metadata={"ece": ind["ece"], "gate": config.max_ece}),
-        dg.AssetCheckResult(
-            check_name="heldout_auroc_at_least_gate",
-            passed=config.min_heldout_auroc is None or (
-                bool(evaluated) and all(v >= config.min_heldout_auroc for v in evaluated.values())),
-            metadata={"auroc": dg.MetadataValue.json(evaluated), "gate": _gate(config.min_heldout_auroc),
-                      NO_OBJECTS.replace(" ", "_"): ", ".join(f for f, v in figures["families"].items() if not v)
-                      or "none"}),
-        dg.AssetCheckResult(
-            check_name="lensing_only_auroc_at_least_gate",
-            passed=config.min_lensing_only_auroc is None or bool(
-                pairs["n_pairs"] > 0 and pairs["auroc"] >= config.min_lensing_only_auroc),
-            metadata={"lensing_only_auroc": pairs["auroc"], "gate": _gate(config.min_lensing_only_auroc),
-                      "n_pairs": pairs["n_pairs"], "win_rate": pairs["win_rate"]}),
-        dg.AssetCheckResult(
-            check_name="fnr_flux_ratio_lt_0_1_at_most_gate",
-            passed=config.max_fnr_flux_ratio_lt_0_1 is None or bool(
-                np.isfinite(fnr) and fnr <= config.max_fnr_flux_ratio_lt_0_1),
-            metadata={"fnr_flux_ratio_lt_0.1": fnr, "gate": _gate(config.max_fnr_flux_ratio_lt_0_1),
-                      "n_lenses": ind.get("n_lenses_flux_ratio_lt_0.1", 0.0)}),
-    ]
+    # name -> (passed at a threshold, metadata: the compared figure first); a threshold of None is not gated
+    gated = {
+        "auroc_at_least_gate": (lambda g: ind["auroc"] >= g, {"auroc": ind["auroc"]}),
+        "tpr10_at_least_gate": (lambda g: ind["tpr10"] >= g,
+                                {"tpr10": ind["tpr10"], "n_test_nonlenses": ind["n_test_nonlenses"]}),
+        "ece_at_most_gate": (lambda g: ind["ece"] <= g, {"ece": ind["ece"]}),
+        "heldout_auroc_at_least_gate": (
+            lambda g: bool(evaluated) and all(v >= g for v in evaluated.values()),
+            {"auroc": dg.MetadataValue.json(evaluated),
+             NO_OBJECTS.replace(" ", "_"): ", ".join(f for f, v in figures["families"].items() if not v) or "none"}),
+        "lensing_only_auroc_at_least_gate": (
+            lambda g: pairs["n_pairs"] > 0 and pairs["auroc"] >= g,
+            {"lensing_only_auroc": pairs["auroc"], "n_pairs": pairs["n_pairs"], "win_rate": pairs["win_rate"]}),
+        "fnr_flux_ratio_lt_0_1_at_most_gate": (
+            lambda g: np.isfinite(fnr) and fnr <= g,
+            {"fnr_flux_ratio_lt_0.1": fnr, "n_lenses": ind.get("n_lenses_flux_ratio_lt_0.1", 0.0)}),
+    }
+    checks, recorded = [], {}
+    for name, (passes, meta) in gated.items():
+        gate = getattr(config, GATE_FIELDS[name])
+        value = _plain(next(iter(meta.values())))
+        # Dagster needs a result for every declared check: a figure that is not gated passes, saying so
+        advisory = gate is None or name in config.advisory
+        passed = gate is None or bool(passes(gate))
+        checks.append(dg.AssetCheckResult(
+            check_name=name, passed=passed, metadata={**meta, "gate": _gate(gate), "advisory": advisory},
+            severity=dg.AssetCheckSeverity.WARN if advisory else dg.AssetCheckSeverity.ERROR))
+        recorded[name] = {"passed": passed, "value": value, "gate": _gate(gate), "blocking": not advisory}
     version = sha256_of_strings([json.dumps(report["in_distribution"], default=float), calibrator_text,
                                  json.dumps(report["shortcut"], default=float)])[:16]
     # what promoted_model reads: which calibrator (and so which checkpoints) was judged, and how each gate went
     report.update({"version": version, "calibrator_version": calibrator_version(calibrator_text),
-                   "checks": {c.check_name: {"passed": c.passed, "value": _gate_value(c), "gate": c.metadata["gate"].value}
-                              for c in checks}})
+                   "checks": recorded})
     write_text_atomic(report_json, json.dumps(report, indent=2, default=float))  # pushed with the folder
     write_text_atomic(md, report_markdown(survey.name, figures, calibrator, shortcut))
     storage.push(*layout.report_dir(survey.name))
@@ -872,7 +889,7 @@ def _gate(threshold: float | None):
     return "not gated" if threshold is None else threshold
 
 
-def _gate_value(check: dg.AssetCheckResult):
-    """The figure a gate check compared (its first metadata entry), as a plain value."""
-    value = next(iter(check.metadata.values())).value
+def _plain(value):
+    """A gate's figure (a number, or a JSON metadata value) as a plain value for report.json."""
+    value = getattr(value, "value", value)
     return value if isinstance(value, (int, float)) else json.loads(json.dumps(value, default=float))

@@ -229,6 +229,53 @@ def test_checks_follow_the_gates(graph_copy):
     assert _checks(_report_only(storage, PERMISSIVE)) == dict.fromkeys(CHECKS, True)  # leave the report as it was
 
 
+def _evaluations(result, asset="bologna_report"):
+    return {e.check_name: e for e in result.get_asset_check_evaluations() if e.asset_key == dg.AssetKey(asset)}
+
+
+def test_an_advisory_gate_that_fails_warns_without_failing_the_run_and_a_gate_of_none_is_not_gated(graph_copy):
+    """The same missed AUROC gate fails the run as a gate (ERROR, blocking) and only warns as an advisory target;
+    report.json records both as failed, the advisory one as not blocking; a gate of None passes as "not gated"."""
+    storage, result = graph_copy
+    auroc = _metadata(result, "bologna_report")["auroc"]
+    missed = {**PERMISSIVE, "min_auroc": float(np.nextafter(auroc, 2))}
+    report_json = storage.path("reports", SURVEY, "bologna", "report.json")
+    try:
+        gated = _report_only(storage, missed)
+        assert not gated.success
+        check = _evaluations(gated)["auroc_at_least_gate"]
+        assert not check.passed and check.severity == dg.AssetCheckSeverity.ERROR
+        assert json.loads(report_json.read_text())["checks"]["auroc_at_least_gate"] == {
+            "passed": False, "value": auroc, "gate": missed["min_auroc"], "blocking": True}
+
+        advisory = _report_only(storage, {**missed, "min_tpr10": None,
+                                          "advisory": ["auroc_at_least_gate", "ece_at_most_gate"]})
+        assert advisory.success
+        evaluations = _evaluations(advisory)
+        check = evaluations["auroc_at_least_gate"]
+        assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN
+        assert check.metadata["advisory"].value is True and check.metadata["gate"].value == missed["min_auroc"]
+        assert evaluations["ece_at_most_gate"].passed  # advisory and met: passed, as any check
+        tpr10 = evaluations["tpr10_at_least_gate"]
+        assert tpr10.passed and tpr10.severity == dg.AssetCheckSeverity.WARN
+        assert tpr10.metadata["gate"].value == "not gated"
+        recorded = json.loads(report_json.read_text())["checks"]
+        assert recorded["auroc_at_least_gate"] == {"passed": False, "value": auroc, "gate": missed["min_auroc"],
+                                                   "blocking": False}
+        assert recorded["tpr10_at_least_gate"] == {"passed": True, "value": _metadata(advisory, "bologna_report")[
+            "tpr10"], "gate": "not gated", "blocking": False}
+    finally:
+        _report_only(storage, PERMISSIVE)  # leave the report as it was
+
+
+def test_an_advisory_gate_must_name_a_check_of_the_report():
+    from lens_assets.assets.evaluation import ReportConfig
+
+    with pytest.raises(ValueError, match="advisory: auroc_gate is not a gate check of bologna_report"):
+        ReportConfig(advisory=["auroc_gate"])
+    assert ReportConfig(advisory=["heldout_auroc_at_least_gate"]).advisory == ["heldout_auroc_at_least_gate"]
+
+
 def test_calibrator_json_reproduces_the_probabilities_in_the_scores(graph):
     storage, result = graph
     doc = json.loads(storage.path("calibrators", SURVEY, "calibrator.json").read_text())
@@ -465,8 +512,11 @@ def test_report_has_every_heldout_family_and_bootstrap_intervals_around_the_poin
     assert _checks(result, NEW_CHECKS) == {"heldout_auroc_at_least_gate": True,
                                            # without pairs the lensing-only gate cannot pass
                                            "lensing_only_auroc_at_least_gate": want["n_pairs"] > 0,
-                                           # PERMISSIVE does not gate it (None): passes, measured or not
+                                           # PERMISSIVE does not gate it (None): passes, saying so
                                            "fnr_flux_ratio_lt_0_1_at_most_gate": True}
+    recorded = json.loads(storage.path("reports", SURVEY, "bologna", "report.json").read_text())["checks"]
+    fnr = recorded["fnr_flux_ratio_lt_0_1_at_most_gate"]
+    assert (fnr["passed"], fnr["gate"], fnr["blocking"]) == (True, "not gated", False)
 
 
 def test_new_gates_pass_at_the_measured_values_and_fail_just_beyond(graph_copy):
