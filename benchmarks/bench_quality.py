@@ -86,12 +86,12 @@ def main(argv=None) -> dict:
     gates = PROFILES[args.profile]["bologna_report"]
 
     def gate(check: str) -> str:
-        cfg = ReportConfig(**gates)
-        threshold = getattr(cfg, GATE_FIELDS[check])
-        if threshold is None:
-            return "not gated"
-        sign = ">=" if GATE_FIELDS[check].startswith("min_") else "<="
-        return f"gate {sign} {threshold}" + (", advisory" if check in cfg.advisory else "")
+        gate_field, target_field = GATE_FIELDS[check]
+        threshold, target = getattr(ReportConfig(**gates), gate_field), getattr(ReportConfig(**gates), target_field)
+        sign = ">=" if gate_field.startswith("min_") else "<="
+        shown = [f"gate {sign} {threshold}"] if threshold is not None else []
+        shown += [f"target {sign} {target}"] if target is not None else []
+        return ", ".join(shown) or "not gated"
 
     rows = [
         ("profile", f"{args.profile} on {args.survey} (overrides {overrides or 'none'}), data root {args.root}"),

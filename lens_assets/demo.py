@@ -36,15 +36,15 @@ def _uncertainty_of_report(report_meta: dict) -> dict:
 
 
 def check_verdict(evaluation) -> str:
-    """How the demo prints an asset check's evaluation: passed, FAILED (a gate), or a failure that stops nothing."""
-    gate = evaluation.metadata.get("gate")
-    if gate is not None and gate.value == "not gated":
-        return "not gated"
+    """How the demo prints an asset check's evaluation: passed, FAILED (a gate), a missed target (a bologna_report
+    check whose gate is met or absent: WARN, blocking nothing), or not gated."""
+    meta = {k: v.value for k, v in evaluation.metadata.items()}
     if evaluation.passed:
-        return "passed"
-    if evaluation.severity == dg.AssetCheckSeverity.WARN:
-        return "not met (advisory target: WARN, not blocking)"
-    return "FAILED" if evaluation.blocking else "FAILED (not blocking)"
+        return "not gated" if meta.get("gate") == "not gated" and meta.get("target") == "none" else "passed"
+    if meta.get("gate_met") is True and meta.get("target_met") is False:
+        return f"target {meta['target']} not met (advisory: WARN, not blocking)"
+    return "FAILED" if evaluation.blocking and evaluation.severity == dg.AssetCheckSeverity.ERROR else (
+        "FAILED (not blocking)")
 
 
 def failed_steps(result) -> set[str]:

@@ -124,8 +124,8 @@ def load_promoted(storage: LocalStorage, survey: str):
 
 def promote(storage: LocalStorage, survey: str, *, report: dict, run_id: str) -> dict:
     """Copy the survey's current ensemble and calibrator to ``promoted/<survey>/`` after checking that ``report``
-    (``bologna_report``'s report.json) evaluated exactly this pair and passed every blocking gate (an advisory gate
-    that failed is recorded, not refused); returns the promotion
+    (``bologna_report``'s report.json) evaluated exactly this pair and passed every gate (a missed target is
+    recorded, not refused); returns the promotion
     document. The previous promotion stays in place when anything is refused."""
     ensemble, _, _, doc = load_scoring(storage, survey)
     evaluated = report.get("calibrator_version")
@@ -137,8 +137,8 @@ def promote(storage: LocalStorage, survey: str, *, report: dict, run_id: str) ->
     if not checks:
         raise no_retry(f"{layout.relative(layout.report_json(survey))} records no gate results: re-materialize "
                        "bologna_report")
-    # a gate blocks unless the report marked it advisory (``blocking`` false); reports written before ``blocking``
-    # was recorded gated every check
+    # a check that failed blocks unless the report marked it not blocking (a missed target: ``blocking`` false);
+    # reports written before ``blocking`` was recorded gated every check
     failed = {k: v for k, v in checks.items() if not v["passed"] and v.get("blocking", True)}
     if failed:
         raise no_retry(f"ensemble {ensemble['version']} with calibrator {doc['version']} is not promoted: "

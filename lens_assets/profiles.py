@@ -15,7 +15,7 @@ __all__ = ["PROFILES", "CLUSTER_PROFILES", "run_config"]
 
 PROFILES: dict[str, dict] = {
     # 4k physical cutouts (+ 400 per held-out family, 400 lens/twin pairs): the whole graph in minutes on 2 CPU cores.
-    # The gates are set for what this much data can show, not for the quality targets.
+    # The gates are set for what this much data can show; the demo's quality targets are the report's targets.
     "demo": {
         # the training family's light by the batched torch renderer (lenstronomy's pixels to 2e-4 of the peak, the same
         # objects and noise draws): on two seeds the demo's figures moved within their noise and its simulation ran
@@ -32,16 +32,17 @@ PROFILES: dict[str, dict] = {
         "lens_classifier": {"members": ["regnetx_002"], "epochs": 8, "batch_size": 64, "lr": 2e-3, "patience": 4,
                             "head_dropout": 0.2, "colour_residual": True},
         "score_calibrator": {"fusion": "mean"},
-        # The report checks the galaxy issue's demo targets (test AUROC >= 0.90, every held-out family >= 0.85) and
-        # the lensing-only gate (0.95) as advisory checks: a miss is shown and recorded (WARN) and does not stop the
-        # promotion, so the demo still runs through promoted_model and scores its drop. The one blocking gate is the
-        # ECE: on 270 test rows it is mostly sampling noise (with 15 bins of 18 rows a perfectly calibrated model
-        # scores 0.07-0.09 on average and 0.10-0.12 at the 95th percentile, simulated; demo runs gave 0.041-0.094),
-        # so 0.15 stops only a broken calibrator. TPR10 and the faint-arc FNR have no demo target: not gated.
-        "bologna_report": {"min_auroc": 0.90, "min_tpr10": None, "max_ece": 0.15, "min_heldout_auroc": 0.85,
-                           "min_lensing_only_auroc": 0.95, "max_fnr_flux_ratio_lt_0_1": None,
-                           "advisory": ["auroc_at_least_gate", "heldout_auroc_at_least_gate",
-                                        "lensing_only_auroc_at_least_gate"]},
+        # Gates (blocking: a miss stops the promotion) set for what 4,000 cutouts can show, so a broken run is never
+        # promoted: test AUROC >= 0.75 (chance is 0.5) and ECE <= 0.15 (on 600 test rows a perfectly calibrated
+        # model scores 0.053 on average and 0.071 at the 95th percentile, simulated; a constant probability at the
+        # lens fraction 0.06, so the AUROC gate is what stops a model that learned nothing). Targets (advisory: a
+        # miss is a WARN, shown and recorded, blocking nothing): the galaxy issue's demo targets, test AUROC >= 0.90
+        # and every held-out family >= 0.85, and the lensing-only gate of the full profile, 0.95. TPR10 and the
+        # faint-arc FNR have no demo target: not gated.
+        "bologna_report": {"min_auroc": 0.75, "target_auroc": 0.90, "min_tpr10": None, "max_ece": 0.15,
+                           "min_heldout_auroc": None, "target_heldout_auroc": 0.85,
+                           "min_lensing_only_auroc": None, "target_lensing_only_auroc": 0.95,
+                           "max_fnr_flux_ratio_lt_0_1": None},
     },
     # The quality run: >= 5,000 test non-lenses for TPR10 (72,000 x 15% test x 50% non-lenses = 5,400);
     # gates are the release targets.

@@ -44,15 +44,19 @@ def test_the_demo_prints_each_check_as_a_gate_a_target_or_not_gated():
 
     from lens_assets.demo import check_verdict
 
-    def evaluation(passed, severity, blocking, gate):
+    def evaluation(passed, severity, blocking, **meta):
         return dg.AssetCheckEvaluation(asset_key=dg.AssetKey("bologna_report"), check_name="auroc_at_least_gate",
-                                       passed=passed, metadata={"gate": dg.MetadataValue.text(gate)
-                                                                if isinstance(gate, str) else gate},
-                                       severity=severity, blocking=blocking)
+                                       passed=passed, metadata=meta, severity=severity, blocking=blocking)
 
     error, warn = dg.AssetCheckSeverity.ERROR, dg.AssetCheckSeverity.WARN
-    assert check_verdict(evaluation(True, error, True, 0.9)) == "passed"
-    assert check_verdict(evaluation(False, error, True, 0.9)) == "FAILED"
-    assert check_verdict(evaluation(False, error, False, 0.65)) == "FAILED (not blocking)"  # the shortcut audit
-    assert check_verdict(evaluation(False, warn, True, 0.9)) == "not met (advisory target: WARN, not blocking)"
-    assert check_verdict(evaluation(True, warn, True, "not gated")) == "not gated"
+    assert check_verdict(evaluation(True, error, True, gate=0.75, target=0.9, gate_met=True, target_met=True)) == (
+        "passed")
+    assert check_verdict(evaluation(False, error, True, gate=0.75, target=0.9, gate_met=False,
+                                    target_met=False)) == "FAILED"
+    assert check_verdict(evaluation(False, warn, True, gate=0.75, target=0.9, gate_met=True, target_met=False)) == (
+        "target 0.9 not met (advisory: WARN, not blocking)")
+    assert check_verdict(evaluation(True, warn, True, gate="not gated", target="none", gate_met=True,
+                                    target_met=True)) == "not gated"
+    # checks of other assets: the shortcut audit's (not blocking) and a WARN of a blocking check
+    assert check_verdict(evaluation(False, error, False, shortcut_auroc=0.7, gate=0.65)) == "FAILED (not blocking)"
+    assert check_verdict(evaluation(False, warn, True, n=3)) == "FAILED (not blocking)"

@@ -33,22 +33,33 @@ def test_profile_is_a_valid_run_config_of_survey_pipeline(profile):
 
 
 @pytest.mark.parametrize("profile", ["demo", "full"])
-def test_every_gate_of_a_profile_can_fail(profile):
-    """A gate is a threshold some figure in [0, 1] can miss, or None (not gated, and saying so): a minimum of 0 or
-    a maximum of 1 would pass whatever the figure. The full profile's gates all block promotion; the demo's
-    targets are advisory, and at least one of its gates blocks (so a broken calibrator is not promoted)."""
+def test_every_gate_of_a_profile_can_fail_and_a_broken_model_is_never_promoted(profile):
+    """A gate or target is a threshold a figure can miss, or None (not gated, and saying so): a minimum of 0 or a
+    maximum of 1 would pass whatever the figure. Each profile gates the test AUROC above chance, so a model that
+    learned nothing is not promoted; the demo's quality targets are its issue's, as advisory targets."""
     cfg = ReportConfig(**run_config(profile)["ops"]["bologna_report"]["config"])
-    gates = {k: v for k, v in cfg.model_dump().items() if k.startswith(("min_", "max_"))}
-    assert len(gates) == 6
-    for name, gate in gates.items():
-        assert gate is None or (gate > 0 if name.startswith("min_") else gate < 1), (name, gate)
-    assert set(gates) == set(GATE_FIELDS.values())
-    blocking = [GATE_FIELDS[c] for c in GATE_FIELDS if c not in cfg.advisory and gates[GATE_FIELDS[c]] is not None]
-    if profile == "full":
-        assert cfg.advisory == [] and None not in gates.values()
+    fields = {k: getattr(cfg, k) for pair in GATE_FIELDS.values() for k in pair}
+    assert len(fields) == 12
+    for gate_field, target_field in GATE_FIELDS.values():
+        for name in (gate_field, target_field):  # a target lies on its gate's side
+            value = fields[name]
+            assert value is None or (value > 0 if gate_field.startswith("min_") else value < 1), (name, value)
+    assert cfg.min_auroc is not None and cfg.min_auroc >= 0.7
+    if profile == "full":  # the release gates, every one blocking
+        assert all(fields[gate] is not None and fields[target] is None for gate, target in GATE_FIELDS.values())
     else:
-        assert blocking == ["max_ece"] and cfg.advisory and gates["min_heldout_auroc"] == 0.85
-        assert gates["min_auroc"] == 0.90  # the galaxy issue's demo targets
+        assert (cfg.target_auroc, cfg.target_heldout_auroc, cfg.target_lensing_only_auroc) == (0.90, 0.85, 0.95)
+
+
+def test_a_target_easier_than_its_gate_is_refused_and_a_misspelt_one_by_the_schema():
+    with pytest.raises(ValueError, match="target_auroc 0.8 is easier than min_auroc 0.9"):
+        ReportConfig(min_auroc=0.9, target_auroc=0.8)
+    with pytest.raises(ValueError, match="target_ece 0.2 is easier than max_ece 0.1"):
+        ReportConfig(max_ece=0.1, target_ece=0.2)
+    assert ReportConfig(min_auroc=None, target_auroc=0.5).target_auroc == 0.5
+    job = defs.resolve_job_def("survey_pipeline")
+    with pytest.raises(DagsterInvalidConfigError, match=r'unexpected config entry "target_aurc"'):
+        validate_run_config(job, run_config("demo", overrides={"bologna_report": {"target_aurc": 0.9}}))
 
 
 def test_a_run_config_with_a_misspelt_field_is_rejected_by_the_schema():

@@ -16,7 +16,7 @@ import json
 import dagster as dg
 import numpy as np
 import pandas as pd
-from pydantic import Field, field_validator
+from pydantic import Field, model_validator
 
 from lens_assets import layout
 from lens_assets.assets._common import png_markdown, sha256_of_strings, survey_asset
@@ -39,7 +39,9 @@ EVALUATION_CODE_VERSION = "eval-12"  # 4: fit on the val split's calibrate half;
 # Einstein-radius bin. score_calibrator keeps it; the report has its own from 10 on
 # 10: the shortcut audit's AUROC per non-lens type and its figure without the twins; 11: lensing-only AUROC per θE bin
 # 12 (score_calibrator): rows held out or paired by their file's SIMROLE are scored too
-REPORT_CODE_VERSION = "eval-12"
+# 13 (the report): a target beside each gate, `blocking` and `target` per check in report.json, the gates and targets
+# in the data version
+REPORT_CODE_VERSION = "eval-13"
 SHORTCUT_CODE_VERSION = "shortcut-3"  # 2: AUROC per non-lens type, each row's score; 3: held-out rows also by SIMROLE
 SCORED_SPLITS = ("val", "test", "heldout", LENSING_ONLY)
 DEFAULT_HELDOUT_FAMILIES = ["heldout", "galsim"]
@@ -434,7 +436,21 @@ def score_calibrator(context: dg.AssetExecutionContext, config: CalibratorConfig
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(calibrator_version(text)))
 
 
+# the config fields of each gate check: its gate and its target
+GATE_FIELDS = {"auroc_at_least_gate": ("min_auroc", "target_auroc"),
+               "tpr10_at_least_gate": ("min_tpr10", "target_tpr10"),
+               "ece_at_most_gate": ("max_ece", "target_ece"),
+               "heldout_auroc_at_least_gate": ("min_heldout_auroc", "target_heldout_auroc"),
+               "lensing_only_auroc_at_least_gate": ("min_lensing_only_auroc", "target_lensing_only_auroc"),
+               "fnr_flux_ratio_lt_0_1_at_most_gate": ("max_fnr_flux_ratio_lt_0_1", "target_fnr_flux_ratio_lt_0_1")}
+
+
 class ReportConfig(dg.Config):
+    """Each figure has a gate and a target. A gate blocks: a figure that misses it fails its check with ERROR
+    severity, which fails the run after the report is written, and ``promoted_model`` does not promote the pair. A
+    target only tells: a figure that meets the gate (or has none) but misses its target fails the check with WARN
+    severity, shown and recorded, blocking nothing. None: no gate, no target."""
+
     # None says on purpose that a figure is not a gate: its check passes with gate "not gated", never blocking
     min_auroc: float | None = Field(default=0.99, ge=0, le=1, description="gate of the auroc check; None: not gated")
     min_tpr10: float | None = Field(default=0.6, ge=0, le=1, description="gate of the tpr10 check; None: not gated")
@@ -447,24 +463,32 @@ class ReportConfig(dg.Config):
     max_fnr_flux_ratio_lt_0_1: float | None = Field(default=0.3, ge=0, le=1, description="gate of the test FNR of "
                                                     "lenses with lensed-flux ratio < 0.1 (at the TPR10 threshold); "
                                                     "None: not gated")
+    # targets: missed, a WARN that blocks nothing (the demo shows its issue's targets with these)
+    target_auroc: float | None = Field(default=None, ge=0, le=1, description="advisory target of the auroc check")
+    target_tpr10: float | None = Field(default=None, ge=0, le=1, description="advisory target of the tpr10 check")
+    target_ece: float | None = Field(default=None, ge=0, le=1, description="advisory target of the ece check")
+    target_heldout_auroc: float | None = Field(default=None, ge=0, le=1, description="advisory target of every "
+                                               "held-out family's AUROC")
+    target_lensing_only_auroc: float | None = Field(default=None, ge=0, le=1, description="advisory target of the "
+                                                    "lens/twin AUROC")
+    target_fnr_flux_ratio_lt_0_1: float | None = Field(default=None, ge=0, le=1, description="advisory target of the "
+                                                       "test FNR of lenses with flux ratio < 0.1")
     n_boot: int = Field(default=1000, ge=1, description="bootstrap resamples of the 95% intervals")
-    advisory: list[str] = Field(default=[], description="gate checks that are targets, not promotion gates: one that "
-                                "fails is shown and recorded as failed with WARN severity and neither fails the run "
-                                "nor stops promoted_model")
 
-    @field_validator("advisory")
-    @classmethod
-    def _known_checks(cls, names: list[str]) -> list[str]:
-        unknown = sorted(set(names) - {spec.name for spec in REPORT_CHECKS})
-        if unknown:
-            raise ValueError(f"advisory: {', '.join(unknown)} is not a gate check of bologna_report; they are "
-                             f"{', '.join(spec.name for spec in REPORT_CHECKS)}")
-        return names
+    @model_validator(mode="after")
+    def _targets_beyond_gates(self):
+        for gate_field, target_field in GATE_FIELDS.values():
+            gate, target = getattr(self, gate_field), getattr(self, target_field)
+            if gate is not None and target is not None and (
+                    target < gate if gate_field.startswith("min_") else target > gate):
+                raise ValueError(f"{target_field} {target} is easier than {gate_field} {gate}: a target is "
+                                 "at least as hard as its gate")
+        return self
 
 
 # blocking: a failed gate fails the run after the report is written, and promoted_model (downstream) does not run,
-# so the ensemble is never promoted to score new data; a gate in the config's `advisory` fails with WARN severity,
-# which Dagster does not block on; a gate set to None is not gated: its check passes with gate "not gated"
+# so the ensemble is never promoted to score new data; a missed target fails with WARN severity, which Dagster does
+# not block on; a figure with neither gate nor target passes, its gate "not gated"
 REPORT_CHECKS = [dg.AssetCheckSpec(name, asset="bologna_report", blocking=True, description=text) for name, text in (
     ("auroc_at_least_gate", "test AUROC ≥ min_auroc"),
     ("tpr10_at_least_gate", "test TPR10 ≥ min_tpr10"),
@@ -476,11 +500,6 @@ REPORT_CHECKS = [dg.AssetCheckSpec(name, asset="bologna_report", blocking=True, 
     ("fnr_flux_ratio_lt_0_1_at_most_gate", "test FNR of lenses with flux ratio < 0.1 ≤ max_fnr_flux_ratio_lt_0_1 "
                                            "(fails without such lenses)"),
 )]
-# the config field that sets each gate check's threshold
-GATE_FIELDS = {"auroc_at_least_gate": "min_auroc", "tpr10_at_least_gate": "min_tpr10", "ece_at_most_gate": "max_ece",
-               "heldout_auroc_at_least_gate": "min_heldout_auroc",
-               "lensing_only_auroc_at_least_gate": "min_lensing_only_auroc",
-               "fnr_flux_ratio_lt_0_1_at_most_gate": "max_fnr_flux_ratio_lt_0_1"}
 HEADLINE = ("auroc", "auprc", "tpr0", "tpr10", "tpr_at_fpr_0.1", "ece", "fnr_flux_ratio_lt_0.1")
 CI_METRICS = ("auroc", "tpr0", "tpr10")
 NO_OBJECTS = "no objects"
@@ -791,7 +810,7 @@ def bologna_report(context: dg.AssetExecutionContext, config: ReportConfig,
     rel = reliability_plot({"test, sigmoid(fused logit)": (y, expit(t["logit"].to_numpy())),
                             "test, calibrated": (y, t["probability"].to_numpy())},
                            storage.path(*layout.report_reliability(survey.name)))
-    gates = {k: getattr(config, k) for k in GATE_FIELDS.values()}
+    gates = {k: getattr(config, k) for fields in GATE_FIELDS.values() for k in fields}
     report = {"survey": survey.name, "in_distribution": ind, "heldout": held, "families": figures["families"],
               "lensing_only": pairs, "by_kind": figures.get("by_kind", {}),
               "uncertainty": figures.get("uncertainty", {}),
@@ -865,17 +884,22 @@ def bologna_report(context: dg.AssetExecutionContext, config: ReportConfig,
     }
     checks, recorded = [], {}
     for name, (passes, meta) in gated.items():
-        gate = getattr(config, GATE_FIELDS[name])
+        gate, target = (getattr(config, k) for k in GATE_FIELDS[name])
         value = _plain(next(iter(meta.values())))
-        # Dagster needs a result for every declared check: a figure that is not gated passes, saying so
-        advisory = gate is None or name in config.advisory
-        passed = gate is None or bool(passes(gate))
+        gate_met = gate is None or bool(passes(gate))
+        target_met = target is None or bool(passes(target))
+        # a missed gate blocks (ERROR); a missed target or a figure with neither only tells (WARN). Dagster needs a
+        # result for every check this asset declares (1.13 refuses a returned or yielded result without one)
+        blocking = not gate_met or (gate is not None and target_met)
         checks.append(dg.AssetCheckResult(
-            check_name=name, passed=passed, metadata={**meta, "gate": _gate(gate), "advisory": advisory},
-            severity=dg.AssetCheckSeverity.WARN if advisory else dg.AssetCheckSeverity.ERROR))
-        recorded[name] = {"passed": passed, "value": value, "gate": _gate(gate), "blocking": not advisory}
+            check_name=name, passed=gate_met and target_met,
+            metadata={**meta, "gate": _gate(gate), "target": "none" if target is None else target,
+                      "gate_met": gate_met, "target_met": target_met},
+            severity=dg.AssetCheckSeverity.ERROR if blocking else dg.AssetCheckSeverity.WARN))
+        recorded[name] = {"passed": gate_met and target_met, "value": value, "gate": _gate(gate), "target": target,
+                          "blocking": blocking}
     version = sha256_of_strings([json.dumps(report["in_distribution"], default=float), calibrator_text,
-                                 json.dumps(report["shortcut"], default=float)])[:16]
+                                 json.dumps(report["shortcut"], default=float), json.dumps(gates)])[:16]
     # what promoted_model reads: which calibrator (and so which checkpoints) was judged, and how each gate went
     report.update({"version": version, "calibrator_version": calibrator_version(calibrator_text),
                    "checks": recorded})

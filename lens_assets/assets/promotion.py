@@ -24,8 +24,8 @@ def promoted_model(context: dg.AssetExecutionContext, storage: LocalStorage) -> 
     In a run with bologna_report, its blocking gate checks stop this step when
     one fails; run on its own, it reads the gate results the report recorded.
     Materializes only when bologna_report evaluated exactly the current
-    ensemble and calibrator and every one of its blocking gates passed (a gate
-    the report's config made advisory is shown, not enforced); otherwise it
+    ensemble and calibrator and every one of its gates passed (a missed target
+    is shown, not enforced); otherwise it
     fails naming the failed gates and the previously promoted pair stays in
     use. candidate_scores scores with this pair only, and re-scores the drops
     when a new pair is promoted.
@@ -46,7 +46,7 @@ def promoted_model(context: dg.AssetExecutionContext, storage: LocalStorage) -> 
         shown = ", ".join(f"{k} {v:.3f}" for k, v in value.items()) if isinstance(value, dict) else f"{value:.3f}"
         rows.append(f"| {name} | {shown} | {c['gate']} | {_verdict(c)} |")
     metadata = {
-        "why": dg.MetadataValue.md(f"Promoted because every blocking gate of bologna_report (version "
+        "why": dg.MetadataValue.md(f"Promoted because every gate of bologna_report (version "
                                    f"{promotion['report_version']}) passed:\n\n" + "\n".join(rows)),
         "model_version": promotion["model_version"],
         "calibrator_version": promotion["calibrator_version"],
@@ -60,8 +60,6 @@ def promoted_model(context: dg.AssetExecutionContext, storage: LocalStorage) -> 
 
 def _verdict(check: dict) -> str:
     """A recorded gate result as the promotion page shows it."""
-    if check["gate"] == "not gated":
-        return "not gated"
     if check["passed"]:
-        return "yes"
-    return "no (advisory: not blocking)" if not check.get("blocking", True) else "no"
+        return "not gated" if check["gate"] == "not gated" and check.get("target") is None else "yes"
+    return "no (a target, not a gate: not blocking)" if not check.get("blocking", True) else "no"

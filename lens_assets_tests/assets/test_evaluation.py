@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from lens_assets.assets.evaluation import SCORED_SPLITS, bologna_report, score_calibrator
+from lens_assets.assets.evaluation import GATE_FIELDS, SCORED_SPLITS, bologna_report, score_calibrator
 from lens_assets.model_registry import load_scoring
 from lens_assets.science.calibration import Calibrator
 from lens_assets.science.metrics import FLUX_RATIO_BINS
@@ -96,7 +96,7 @@ def test_report_metadata_has_every_design_key_as_a_float_and_the_report_files(gr
     for key in DESIGN_KEYS[:9]:
         assert report["in_distribution"][key] == pytest.approx(meta[key], nan_ok=True), key
     assert report["heldout"]["auroc"] == pytest.approx(meta["heldout_auroc"])
-    assert report["gates"] == PERMISSIVE
+    assert report["gates"] == {**PERMISSIVE, **{target: None for _, target in GATE_FIELDS.values()}}  # no targets
     md = (out_dir / "report.md").read_text()
     assert md.startswith(f"# Bologna report: {SURVEY}") and "![ROC](roc.png)" in md
 
@@ -233,47 +233,51 @@ def _evaluations(result, asset="bologna_report"):
     return {e.check_name: e for e in result.get_asset_check_evaluations() if e.asset_key == dg.AssetKey(asset)}
 
 
-def test_an_advisory_gate_that_fails_warns_without_failing_the_run_and_a_gate_of_none_is_not_gated(graph_copy):
-    """The same missed AUROC gate fails the run as a gate (ERROR, blocking) and only warns as an advisory target;
-    report.json records both as failed, the advisory one as not blocking; a gate of None passes as "not gated"."""
+def test_a_missed_gate_blocks_and_a_missed_target_warns_and_the_pair_is_still_promoted(graph_copy):
+    """The same threshold just above the measured AUROC fails the run as a gate (ERROR, blocking) and, as a target,
+    only warns: the run succeeds and promoted_model promotes the pair, listing the missed target. report.json records
+    the gate, the target and whether the check blocks; a figure with neither passes as "not gated"."""
+    from lens_assets.assets.promotion import promoted_model
+
     storage, result = graph_copy
     auroc = _metadata(result, "bologna_report")["auroc"]
-    missed = {**PERMISSIVE, "min_auroc": float(np.nextafter(auroc, 2))}
+    above = float(np.nextafter(auroc, 2))
     report_json = storage.path("reports", SURVEY, "bologna", "report.json")
     try:
-        gated = _report_only(storage, missed)
+        gated = _report_only(storage, {**PERMISSIVE, "min_auroc": above})
         assert not gated.success
         check = _evaluations(gated)["auroc_at_least_gate"]
         assert not check.passed and check.severity == dg.AssetCheckSeverity.ERROR
         assert json.loads(report_json.read_text())["checks"]["auroc_at_least_gate"] == {
-            "passed": False, "value": auroc, "gate": missed["min_auroc"], "blocking": True}
+            "passed": False, "value": auroc, "gate": above, "target": None, "blocking": True}
 
-        advisory = _report_only(storage, {**missed, "min_tpr10": None,
-                                          "advisory": ["auroc_at_least_gate", "ece_at_most_gate"]})
-        assert advisory.success
-        evaluations = _evaluations(advisory)
+        config = {**PERMISSIVE, "min_auroc": 0.0, "target_auroc": above, "min_tpr10": None, "target_ece": 1.0}
+        run = dg.materialize([bologna_report, promoted_model], partition_key=SURVEY, resources={"storage": storage},
+                             run_config={"ops": {"bologna_report": {"config": config}}},
+                             instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+        assert run.success
+        evaluations = _evaluations(run)
         check = evaluations["auroc_at_least_gate"]
         assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN
-        assert check.metadata["advisory"].value is True and check.metadata["gate"].value == missed["min_auroc"]
-        assert evaluations["ece_at_most_gate"].passed  # advisory and met: passed, as any check
+        assert (check.metadata["gate_met"].value, check.metadata["target_met"].value) == (True, False)
+        assert evaluations["ece_at_most_gate"].passed  # a gate and a target, both met
+        assert evaluations["ece_at_most_gate"].severity == dg.AssetCheckSeverity.ERROR
         tpr10 = evaluations["tpr10_at_least_gate"]
         assert tpr10.passed and tpr10.severity == dg.AssetCheckSeverity.WARN
-        assert tpr10.metadata["gate"].value == "not gated"
+        assert (tpr10.metadata["gate"].value, tpr10.metadata["target"].value) == ("not gated", "none")
         recorded = json.loads(report_json.read_text())["checks"]
-        assert recorded["auroc_at_least_gate"] == {"passed": False, "value": auroc, "gate": missed["min_auroc"],
+        assert recorded["auroc_at_least_gate"] == {"passed": False, "value": auroc, "gate": 0.0, "target": above,
                                                    "blocking": False}
-        assert recorded["tpr10_at_least_gate"] == {"passed": True, "value": _metadata(advisory, "bologna_report")[
-            "tpr10"], "gate": "not gated", "blocking": False}
+        assert recorded["tpr10_at_least_gate"] == {"passed": True, "value": _metadata(run, "bologna_report")["tpr10"],
+                                                   "gate": "not gated", "target": None, "blocking": False}
+        (promoted,) = run.asset_materializations_for_node("promoted_model")
+        why = promoted.metadata["why"].value
+        assert "| auroc_at_least_gate |" in why and "no (a target, not a gate: not blocking)" in why
+        assert "| tpr10_at_least_gate |" in why and "| not gated |" in why
+        promotion = json.loads(storage.path("promoted", SURVEY, "promotion.json").read_text())
+        assert promotion["checks"] == recorded
     finally:
         _report_only(storage, PERMISSIVE)  # leave the report as it was
-
-
-def test_an_advisory_gate_must_name_a_check_of_the_report():
-    from lens_assets.assets.evaluation import ReportConfig
-
-    with pytest.raises(ValueError, match="advisory: auroc_gate is not a gate check of bologna_report"):
-        ReportConfig(advisory=["auroc_gate"])
-    assert ReportConfig(advisory=["heldout_auroc_at_least_gate"]).advisory == ["heldout_auroc_at_least_gate"]
 
 
 def test_calibrator_json_reproduces_the_probabilities_in_the_scores(graph):
@@ -516,7 +520,7 @@ def test_report_has_every_heldout_family_and_bootstrap_intervals_around_the_poin
                                            "fnr_flux_ratio_lt_0_1_at_most_gate": True}
     recorded = json.loads(storage.path("reports", SURVEY, "bologna", "report.json").read_text())["checks"]
     fnr = recorded["fnr_flux_ratio_lt_0_1_at_most_gate"]
-    assert (fnr["passed"], fnr["gate"], fnr["blocking"]) == (True, "not gated", False)
+    assert (fnr["passed"], fnr["gate"], fnr["target"], fnr["blocking"]) == (True, "not gated", None, False)
 
 
 def test_new_gates_pass_at_the_measured_values_and_fail_just_beyond(graph_copy):

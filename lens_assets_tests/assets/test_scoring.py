@@ -352,10 +352,10 @@ def test_a_model_whose_report_fails_a_gate_is_never_promoted_nor_used_for_a_new_
     assert set(table["model_version"]) == {before["model_version"]}
 
 
-def test_promotion_refuses_a_failed_blocking_gate_and_records_a_failed_advisory_one(trained_survey, tmp_path):
-    """promote() reads the gate results report.json recorded: a failed gate refuses (reports written before gates
-    could be advisory carry no ``blocking`` and gate every check); a failed advisory gate and a gate of None are
-    recorded in the promotion and do not stop it."""
+def test_promotion_refuses_a_failed_gate_and_records_a_missed_target(trained_survey, tmp_path):
+    """promote() reads the gate results report.json recorded: a failed gate refuses (reports written before targets
+    carry no ``blocking`` and gate every check); a missed target (``blocking`` false) and a figure that is not gated
+    are recorded in the promotion and do not stop it."""
     from lens_assets.model_registry import promote
 
     storage = trained_survey.copy_to(tmp_path / "data").storage()
@@ -369,12 +369,12 @@ def test_promotion_refuses_a_failed_blocking_gate_and_records_a_failed_advisory_
         with pytest.raises(Exception, match=f"is not promoted: {name} failed"):
             promote(storage, SURVEY, report={**report, "checks": {**checks, name: failed}}, run_id="refused")
         assert promotion_file.read_bytes() == before  # the previous promotion stays
-    advisory = {**checks, name: {**checks[name], "passed": False, "blocking": False},
-                "tpr10_at_least_gate": {**checks["tpr10_at_least_gate"], "passed": True, "gate": "not gated",
-                                        "blocking": False}}
-    promotion = promote(storage, SURVEY, report={**report, "checks": advisory}, run_id="advisory")
-    assert promotion["checks"] == advisory and promotion["run_id"] == "advisory"
-    assert json.loads(promotion_file.read_text())["checks"][name] == advisory[name]
+    missed = {**checks, name: {**checks[name], "passed": False, "target": 0.999, "blocking": False},
+              "tpr10_at_least_gate": {**checks["tpr10_at_least_gate"], "passed": True, "gate": "not gated",
+                                      "target": None, "blocking": False}}
+    promotion = promote(storage, SURVEY, report={**report, "checks": missed}, run_id="target")
+    assert promotion["checks"] == missed and promotion["run_id"] == "target"
+    assert json.loads(promotion_file.read_text())["checks"][name] == missed[name]
 
 
 def test_candidate_scores_is_rescored_when_its_survey_promotes_a_model_and_never_on_an_unvetted_one():
@@ -517,7 +517,7 @@ def test_a_drop_that_arrives_before_its_survey_has_a_model_is_scored_after_the_f
     meta = {k: v.value for k, v in mat.metadata.items()}
     assert meta["model_version"] == promotion["model_version"] and meta["promoted_version"] == promotion["version"]
     assert meta["calibrator_version"] == promotion["calibrator_version"] and meta["previous_version"] == ""
-    assert "every blocking gate of bologna_report" in meta["why"]
+    assert "every gate of bologna_report" in meta["why"]
     for gate in ("auroc_at_least_gate", "tpr10_at_least_gate", "ece_at_most_gate"):
         assert f"| {gate} |" in meta["why"] and promotion["checks"][gate]["passed"], gate
     assert "| fnr_flux_ratio_lt_0_1_at_most_gate | nan | not gated | not gated |" in meta["why"]  # None in the config
