@@ -35,7 +35,7 @@ PROFILES: dict[str, dict] = {
         # Gates (blocking: a miss stops the promotion) set for what 4,000 cutouts can show, so a broken run is never
         # promoted: test AUROC >= 0.75 (chance is 0.5) and ECE <= 0.15 (on 600 test rows a perfectly calibrated
         # model scores 0.053 on average and 0.071 at the 95th percentile, simulated; a constant probability at the
-        # lens fraction 0.06, so the AUROC gate is what stops a model that learned nothing). Targets (advisory: a
+        # lens fraction scores 0.06, so the AUROC gate is what stops a model that learned nothing). Targets (advisory: a
         # miss is a WARN, shown and recorded, blocking nothing): the galaxy issue's demo targets, test AUROC >= 0.90
         # and every held-out family >= 0.85, and the lensing-only gate of the full profile, 0.95. TPR10 and the
         # faint-arc FNR have no demo target: not gated.

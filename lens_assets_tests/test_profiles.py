@@ -41,7 +41,7 @@ def test_every_gate_of_a_profile_can_fail_and_a_broken_model_is_never_promoted(p
     fields = {k: getattr(cfg, k) for pair in GATE_FIELDS.values() for k in pair}
     assert len(fields) == 12
     for gate_field, target_field in GATE_FIELDS.values():
-        for name in (gate_field, target_field):  # a target lies on its gate's side
+        for name in (gate_field, target_field):  # a minimum above 0, a maximum below 1
             value = fields[name]
             assert value is None or (value > 0 if gate_field.startswith("min_") else value < 1), (name, value)
     assert cfg.min_auroc is not None and cfg.min_auroc >= 0.7
@@ -49,6 +49,9 @@ def test_every_gate_of_a_profile_can_fail_and_a_broken_model_is_never_promoted(p
         assert all(fields[gate] is not None and fields[target] is None for gate, target in GATE_FIELDS.values())
     else:
         assert (cfg.target_auroc, cfg.target_heldout_auroc, cfg.target_lensing_only_auroc) == (0.90, 0.85, 0.95)
+        assert {k: v for k, v in fields.items() if not k.startswith("target_")} == {
+            "min_auroc": 0.75, "min_tpr10": None, "max_ece": 0.15, "min_heldout_auroc": None,
+            "min_lensing_only_auroc": None, "max_fnr_flux_ratio_lt_0_1": None}  # as README's Profiles says
 
 
 def test_a_target_easier_than_its_gate_is_refused_and_a_misspelt_one_by_the_schema():

@@ -40,11 +40,12 @@ def promoted_model(context: dg.AssetExecutionContext, storage: LocalStorage) -> 
     promotion = promote(storage, survey.name, report=report, run_id=context.run.run_id)
     context.log.info(f"{survey.name}: promoted ensemble {promotion['model_version']} with calibrator "
                      f"{promotion['calibrator_version']} (replacing {promotion['previous_version'] or 'nothing'})")
-    rows = ["| gate | figure | threshold | passed |", "|---|---|---|---|"]
+    rows = ["| check | figure | gate | target | passed |", "|---|---|---|---|---|"]
     for name, c in promotion["checks"].items():
         value = c["value"]
         shown = ", ".join(f"{k} {v:.3f}" for k, v in value.items()) if isinstance(value, dict) else f"{value:.3f}"
-        rows.append(f"| {name} | {shown} | {c['gate']} | {_verdict(c)} |")
+        target = "none" if c.get("target") is None else c["target"]
+        rows.append(f"| {name} | {shown} | {c['gate']} | {target} | {_verdict(c)} |")
     metadata = {
         "why": dg.MetadataValue.md(f"Promoted because every gate of bologna_report (version "
                                    f"{promotion['report_version']}) passed:\n\n" + "\n".join(rows)),

@@ -239,19 +239,23 @@ def test_a_missed_gate_blocks_and_a_missed_target_warns_and_the_pair_is_still_pr
     the gate, the target and whether the check blocks; a figure with neither passes as "not gated"."""
     from lens_assets.assets.promotion import promoted_model
 
+    from lens_assets.demo import check_verdict
+
     storage, result = graph_copy
-    auroc = _metadata(result, "bologna_report")["auroc"]
+    auroc, held = _metadata(result, "bologna_report")["auroc"], _metadata(result, "bologna_report")["heldout_auroc"]
     above = float(np.nextafter(auroc, 2))
     report_json = storage.path("reports", SURVEY, "bologna", "report.json")
     try:
-        gated = _report_only(storage, {**PERMISSIVE, "min_auroc": above})
+        gated = _report_only(storage, {**PERMISSIVE, "min_auroc": above, "target_auroc": above})
         assert not gated.success
         check = _evaluations(gated)["auroc_at_least_gate"]
-        assert not check.passed and check.severity == dg.AssetCheckSeverity.ERROR
+        assert not check.passed and check.severity == dg.AssetCheckSeverity.ERROR and check_verdict(check) == "FAILED"
         assert json.loads(report_json.read_text())["checks"]["auroc_at_least_gate"] == {
-            "passed": False, "value": auroc, "gate": above, "target": None, "blocking": True}
+            "passed": False, "value": auroc, "gate": above, "target": above, "blocking": True}
 
-        config = {**PERMISSIVE, "min_auroc": 0.0, "target_auroc": above, "min_tpr10": None, "target_ece": 1.0}
+        # the demo's way for the held-out families: no gate, a target
+        config = {**PERMISSIVE, "min_auroc": 0.0, "target_auroc": above, "min_tpr10": None, "target_ece": 1.0,
+                  "min_heldout_auroc": None, "target_heldout_auroc": float(np.nextafter(held, 2))}
         run = dg.materialize([bologna_report, promoted_model], partition_key=SURVEY, resources={"storage": storage},
                              run_config={"ops": {"bologna_report": {"config": config}}},
                              instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
@@ -260,20 +264,29 @@ def test_a_missed_gate_blocks_and_a_missed_target_warns_and_the_pair_is_still_pr
         check = evaluations["auroc_at_least_gate"]
         assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN
         assert (check.metadata["gate_met"].value, check.metadata["target_met"].value) == (True, False)
+        assert check_verdict(check) == f"target {above} not met (advisory: WARN, not blocking)"
+        heldout = evaluations["heldout_auroc_at_least_gate"]
+        assert not heldout.passed and heldout.severity == dg.AssetCheckSeverity.WARN
+        assert heldout.metadata["gate"].value == "not gated" and check_verdict(heldout).startswith("target ")
         assert evaluations["ece_at_most_gate"].passed  # a gate and a target, both met
         assert evaluations["ece_at_most_gate"].severity == dg.AssetCheckSeverity.ERROR
+        assert check_verdict(evaluations["ece_at_most_gate"]) == "passed"
         tpr10 = evaluations["tpr10_at_least_gate"]
         assert tpr10.passed and tpr10.severity == dg.AssetCheckSeverity.WARN
         assert (tpr10.metadata["gate"].value, tpr10.metadata["target"].value) == ("not gated", "none")
+        assert check_verdict(tpr10) == "not gated"
         recorded = json.loads(report_json.read_text())["checks"]
         assert recorded["auroc_at_least_gate"] == {"passed": False, "value": auroc, "gate": 0.0, "target": above,
                                                    "blocking": False}
-        assert recorded["tpr10_at_least_gate"] == {"passed": True, "value": _metadata(run, "bologna_report")["tpr10"],
-                                                   "gate": "not gated", "target": None, "blocking": False}
+        tpr10_value = _metadata(run, "bologna_report")["tpr10"]
+        assert recorded["tpr10_at_least_gate"] == {"passed": True, "value": tpr10_value, "gate": "not gated",
+                                                   "target": None, "blocking": False}
+        assert (recorded["heldout_auroc_at_least_gate"]["passed"], recorded["heldout_auroc_at_least_gate"]["blocking"]
+                ) == (False, False)
         (promoted,) = run.asset_materializations_for_node("promoted_model")
         why = promoted.metadata["why"].value
-        assert "| auroc_at_least_gate |" in why and "no (a target, not a gate: not blocking)" in why
-        assert "| tpr10_at_least_gate |" in why and "| not gated |" in why
+        assert f"| auroc_at_least_gate | {auroc:.3f} | 0.0 | {above} | no (a target, not a gate: not blocking) |" in why
+        assert f"| tpr10_at_least_gate | {tpr10_value:.3f} | not gated | none | not gated |" in why
         promotion = json.loads(storage.path("promoted", SURVEY, "promotion.json").read_text())
         assert promotion["checks"] == recorded
     finally:

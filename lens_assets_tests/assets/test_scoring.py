@@ -353,7 +353,7 @@ def test_a_model_whose_report_fails_a_gate_is_never_promoted_nor_used_for_a_new_
 
 
 def test_promotion_refuses_a_failed_gate_and_records_a_missed_target(trained_survey, tmp_path):
-    """promote() reads the gate results report.json recorded: a failed gate refuses (reports written before targets
+    """promote() reads the gate results report.json recorded: a failed gate refuses (reports written before eval-12
     carry no ``blocking`` and gate every check); a missed target (``blocking`` false) and a figure that is not gated
     are recorded in the promotion and do not stop it."""
     from lens_assets.model_registry import promote
@@ -520,7 +520,7 @@ def test_a_drop_that_arrives_before_its_survey_has_a_model_is_scored_after_the_f
     assert "every gate of bologna_report" in meta["why"]
     for gate in ("auroc_at_least_gate", "tpr10_at_least_gate", "ece_at_most_gate"):
         assert f"| {gate} |" in meta["why"] and promotion["checks"][gate]["passed"], gate
-    assert "| fnr_flux_ratio_lt_0_1_at_most_gate | nan | not gated | not gated |" in meta["why"]  # None in the config
+    assert "| fnr_flux_ratio_lt_0_1_at_most_gate | nan | not gated | none | not gated |" in meta["why"]  # None
 
     req, table = _tick_and_score(storage, instance, "before-any-model", cursor=held.cursor)
     assert req.tags["lens/promoted_version"] == promotion["version"]
