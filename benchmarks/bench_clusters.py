@@ -11,7 +11,9 @@
    and the selection's ``einstein_radius_arcsec`` with ``ClusterConvergence`` (closed-form convergence of the
    halo and members, inside the circle only) against the same function on lenstronomy's ``LensModel.kappa`` (the
    trace of the full hessian) and against lenstronomy's ``kappa`` on the whole square grid it used to evaluate
-   (the scene's lens model, the selection's radius); the radii agree to ``einstein_radius_max_rel_diff``.
+   (the scene's lens model, the selection's radius); the radii agree to ``einstein_radius_max_rel_diff``. Then
+   on ``--n-candidates`` of the selection's candidate clusters (most sub-critical), the radius over the whole disc
+   against only out to the selection's largest radius (``within_arcsec``): the same scenes must be kept.
 2. The graph: materializes ``cluster_fields`` ... ``cluster_report`` under ``--root`` and prints each asset's
    wall time and the report's figures per model (test split and held-out family).
 
@@ -124,6 +126,50 @@ def speed(survey_name: str, n: int) -> dict:
             "box_median_speedup": med(t_scipy_median) / med(t_box), "box_median_equal": box_equal}
 
 
+def selection_einstein(survey_name: str, n: int, rounds: int = 3) -> dict:
+    """The selection's Einstein radius on ``n`` of its candidate clusters (drawn as ``draw_cluster_scene`` draws
+    them, most of them sub-critical and rejected): over the whole disc against only out to the selection's largest
+    radius (``within_arcsec``), alternating which goes first each round; medians of the per-round totals."""
+    import math
+
+    import numpy as np
+
+    from lens_assets.science.clusters import fields as cf
+    from lens_assets.science.families import load_family
+    from lens_assets.science.surveys import get_survey
+
+    fam, survey = load_family("cluster"), get_survey(survey_name)
+    half = cf.field_size_px(fam, survey) * survey.pixel_scale_arcsec / 2
+    max_theta = fam.draw("selection", "max_theta_e_over_field", np.random.default_rng(0)) * 2 * half
+    rng = np.random.default_rng(1)
+    candidates = []
+    for _ in range(n):
+        cl = cf._cluster(fam, survey, rng, half)
+        names, kwargs = cf._lens_kwargs(cl, cl["z"] + rng.uniform(0.3, 2.5))
+        candidates.append((cf.ClusterConvergence(names), kwargs))
+
+    def radii(within):
+        return [cf.einstein_radius_arcsec(c, kw, max_radius_arcsec=1.2 * max_theta, within_arcsec=within)
+                for c, kw in candidates]
+
+    t_whole, t_within = [], []
+    for r in range(rounds):
+        for within in ((None, max_theta) if r % 2 == 0 else (max_theta, None)):
+            t0 = time.perf_counter()
+            got = radii(within)
+            (t_whole if within is None else t_within).append(time.perf_counter() - t0)
+            if within is None:
+                whole = got
+            else:
+                cut = got
+    kept = [w for w in whole if 0 < w <= max_theta]
+    same = all((math.isnan(c) and (w == 0 or w > max_theta)) or c == w for w, c in zip(whole, cut))
+    med = statistics.median
+    return {"n_candidates": n, "subcritical_share": sum(w == 0 for w in whole) / n,
+            "within_share": len(kept) / n, "whole_disc_s": med(t_whole) / n, "within_s": med(t_within) / n,
+            "speedup": med(t_whole) / med(t_within), "same_selection": same}
+
+
 def track_a_rates(root: str, survey: str, repeats: int = 3) -> dict:
     """Track A's training and scoring rates on the graph's features table, side by side with the raw library:
     ``fit_track_a`` (validation, monotone constraints, early stopping) against ``xgboost.train`` for the same
@@ -213,6 +259,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--n-fields", type=int, default=600)
     ap.add_argument("--n-heldout", type=int, default=None, help="default n_fields // 4")
     ap.add_argument("--n-speed", type=int, default=5, help="fields timed side by side")
+    ap.add_argument("--n-candidates", type=int, default=200,
+                    help="candidate clusters of the selection whose Einstein radius is timed both ways")
     ap.add_argument("--root", default=None, help="data root of the graph run (default: a new temporary folder)")
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--skip-graph", action="store_true")
@@ -227,8 +275,9 @@ def main(argv=None) -> dict:
         import tempfile
 
         args.root = tempfile.mkdtemp(prefix="lens_clusters_")
-    record = {"speed": speed(args.survey, args.n_speed)}
-    s = record["speed"]
+    record = {"speed": speed(args.survey, args.n_speed),
+              "selection_einstein": selection_einstein(args.survey, args.n_candidates)}
+    s, e = record["speed"], record["selection_einstein"]
     rows = [("field", f"{s['field_px']} px, {args.survey}"),
             ("render_field / render_system", f"{s['render_field_s']:.2f} s / {s['render_system_s']:.2f} s per field "
                                              f"= {s['render_speedup']:.1f}x faster (max diff {s['render_max_rel_diff']:.1e} "
@@ -243,7 +292,12 @@ def main(argv=None) -> dict:
                                        f"({s['einstein_radius_lensmodel_s'] * 1e3:.1f} ms; radii agree to "
                                        f"{s['einstein_radius_max_rel_diff']:.0e}), "
                                        f"{s['einstein_radius_speedup']:.1f}x lenstronomy kappa on the square grid "
-                                       f"({s['square_grid_kappa_s'] * 1e3:.1f} ms)")]
+                                       f"({s['square_grid_kappa_s'] * 1e3:.1f} ms)"),
+            ("selection's Einstein radius", f"{e['within_s'] * 1e3:.1f} ms per candidate out to the largest radius "
+                                            f"kept against {e['whole_disc_s'] * 1e3:.1f} ms over the whole disc "
+                                            f"({e['speedup']:.2f}x; {e['n_candidates']} candidates, "
+                                            f"{e['subcritical_share']:.0%} sub-critical; same selection: "
+                                            f"{e['same_selection']})")]
     if not args.skip_graph:
         n_heldout = args.n_fields // 4 if args.n_heldout is None else args.n_heldout
         times, meta, figures = graph(args.survey, args.n_fields, n_heldout, args.root, args.workers,

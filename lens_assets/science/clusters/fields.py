@@ -209,7 +209,7 @@ class ClusterConvergence:
 
 
 def einstein_radius_arcsec(lens_model, kwargs_lens, *, max_radius_arcsec: float, step_arcsec: float = 0.25,
-                           center=(0.0, 0.0)) -> float:
+                           center=(0.0, 0.0), within_arcsec: float | None = None) -> float:
     """The radius within which the mean convergence about ``center`` is 1; 0 for a sub-critical lens.
 
     ``lens_model``: anything with lenstronomy's ``kappa(x, y, kwargs)`` (a ``LensModel``, or a
@@ -218,17 +218,28 @@ def einstein_radius_arcsec(lens_model, kwargs_lens, *, max_radius_arcsec: float,
     Convergence is sampled at the centres of a square grid of ``step_arcsec`` pixels (none on the centre)
     within ``max_radius_arcsec`` (only the pixels inside the circle are evaluated: π/4 of the square); the
     enclosed mean is taken within each distinct pixel radius in turn and the crossing of 1 interpolated.
+
+    ``within_arcsec``: for a caller that only keeps radii up to it (the selection). The convergence is evaluated
+    out to the first distinct pixel radius beyond it, not over the whole disc; a radius found there is the one
+    the whole disc gives, bit for bit (the same grid, in the same order); where there is none, NaN: the lens is
+    sub-critical or its radius lies beyond ``within_arcsec``, which the whole disc would tell apart.
     """
     rs, dx, dy, last = _circle_grid(float(max_radius_arcsec), float(step_arcsec))
     if not len(rs):
         return 0.0
-    ks = np.asarray(lens_model.kappa(dx + center[0], dy + center[1], list(kwargs_lens)), dtype=float)
-    mean = np.cumsum(ks) / np.arange(1, len(ks) + 1)
+    cut = False
+    if within_arcsec is not None:
+        beyond = int(np.searchsorted(rs[last], within_arcsec, side="right"))  # the first radius beyond it
+        if beyond + 1 < len(last):
+            last, cut = last[:beyond + 1], True
+    n = int(last[-1]) + 1
+    ks = np.asarray(lens_model.kappa(dx[:n] + center[0], dy[:n] + center[1], list(kwargs_lens)), dtype=float)
+    mean = np.cumsum(ks) / np.arange(1, n + 1)  # a running sum: each prefix is the whole disc's
     rs, mean = rs[last], mean[last]
     # the first drop of the enclosed mean through 1 beyond the innermost pixels (they sit on the BCG's cusp)
     crossing = np.nonzero((mean[1:] < 1.0) & (mean[:-1] >= 1.0) & (rs[1:] > 2 * step_arcsec))[0]
     if len(crossing) == 0:
-        return 0.0
+        return math.nan if cut else 0.0
     i = crossing[0] + 1
     m0, m1 = mean[i - 1], mean[i]
     return float(rs[i - 1] + (m0 - 1.0) / (m0 - m1) * (rs[i] - rs[i - 1]))
@@ -439,7 +450,9 @@ def draw_cluster_scene(family: Family, survey: SurveySpec, rng: np.random.Genera
         if z_s <= cl["z"] + 0.1:
             continue
         names, kwargs = _lens_kwargs(cl, z_s)
-        theta_e = einstein_radius_arcsec(ClusterConvergence(names), kwargs, max_radius_arcsec=max_theta * 1.2)
+        # NaN, sub-critical or beyond max_theta, fails the test as 0 or a larger radius would
+        theta_e = einstein_radius_arcsec(ClusterConvergence(names), kwargs, max_radius_arcsec=max_theta * 1.2,
+                                         within_arcsec=max_theta)
         if not d(sel, "min_theta_e_arcsec", rng) <= theta_e <= max_theta:
             continue
         sources = _sources(family, rng, theta_e, group)

@@ -69,6 +69,41 @@ def test_einstein_radius_of_a_cluster_matches_the_whole_square_grid(small):
     assert scene.theta_e_arcsec > 0 and got == pytest.approx(want, rel=1e-9)
 
 
+def test_einstein_radius_within_a_radius_is_the_whole_discs_bit_for_bit_or_nan_when_beyond():
+    """The selection's candidates (the cluster family on DES, as draw_cluster_scene draws them): evaluated only out
+    to the selection's largest radius, a radius found is the whole disc's exactly; NaN only where the whole disc
+    gives 0 (sub-critical) or a radius beyond it."""
+    fam, survey = load_family("cluster"), get_survey("des")
+    half = cf.field_size_px(fam, survey) * survey.pixel_scale_arcsec / 2
+    max_theta = fam.draw("selection", "max_theta_e_over_field", np.random.default_rng(0)) * 2 * half
+    rng = np.random.default_rng(3)
+    found = beyond = subcritical = 0
+    for _ in range(60):
+        cl = cf._cluster(fam, survey, rng, half)
+        names, kwargs = cf._lens_kwargs(cl, cl["z"] + rng.uniform(0.3, 2.5))
+        convergence = cf.ClusterConvergence(names)
+        whole = cf.einstein_radius_arcsec(convergence, kwargs, max_radius_arcsec=1.2 * max_theta)
+        within = cf.einstein_radius_arcsec(convergence, kwargs, max_radius_arcsec=1.2 * max_theta,
+                                           within_arcsec=max_theta)
+        if math.isnan(within):
+            assert whole == 0.0 or whole > max_theta, whole
+            subcritical += whole == 0.0
+            beyond += whole > max_theta
+        else:
+            assert within == whole  # bit for bit
+            found += 1
+    assert found >= 3 and subcritical >= 3  # both branches met (beyond max_theta is rare)
+    # the whole disc inside within_arcsec: nothing to cut, the radius as before (0 for a weak lens, not NaN)
+    from lenstronomy.LensModel.lens_model import LensModel
+
+    weak = [{"theta_E": 0.01, "center_x": 0.0, "center_y": 0.0}]
+    assert cf.einstein_radius_arcsec(LensModel(["SIS"]), weak, max_radius_arcsec=5.0, within_arcsec=6.0) == 0.0
+    assert math.isnan(cf.einstein_radius_arcsec(LensModel(["SIS"]), weak, max_radius_arcsec=5.0, within_arcsec=2.0))
+    sis = [{"theta_E": 1.5, "center_x": 0.0, "center_y": 0.0}]
+    assert cf.einstein_radius_arcsec(LensModel(["SIS"]), sis, max_radius_arcsec=5.0, within_arcsec=2.0) == (
+        cf.einstein_radius_arcsec(LensModel(["SIS"]), sis, max_radius_arcsec=5.0))
+
+
 def test_cluster_convergence_is_lenstronomys_kappa(small):
     """The closed forms (elliptical NFW as lenstronomy's cored steep ellipsoids, SIS) and the lenstronomy path
     for the rest (the BCG's SIE) give lenstronomy's convergence: on a drawn cluster, on a rotated and offset halo
