@@ -143,9 +143,12 @@ def selection_einstein(survey_name: str, n: int, rounds: int = 3) -> dict:
     max_theta = fam.draw("selection", "max_theta_e_over_field", np.random.default_rng(0)) * 2 * half
     rng = np.random.default_rng(1)
     candidates = []
-    for _ in range(n):
+    while len(candidates) < n:  # the selection's draws up to its Einstein radius, its redshift test included
         cl = cf._cluster(fam, survey, rng, half)
-        names, kwargs = cf._lens_kwargs(cl, cl["z"] + rng.uniform(0.3, 2.5))
+        _, z_s = cf._background(fam, rng)
+        if z_s <= cl["z"] + 0.1:
+            continue
+        names, kwargs = cf._lens_kwargs(cl, z_s)
         candidates.append((cf.ClusterConvergence(names), kwargs))
 
     def radii(within):
@@ -166,6 +169,7 @@ def selection_einstein(survey_name: str, n: int, rounds: int = 3) -> dict:
     same = all((math.isnan(c) and (w == 0 or w > max_theta)) or c == w for w, c in zip(whole, cut))
     med = statistics.median
     return {"n_candidates": n, "subcritical_share": sum(w == 0 for w in whole) / n,
+            "cut_share": sum(math.isnan(c) for c in cut) / n,  # candidates the prefix alone rejected
             "within_share": len(kept) / n, "whole_disc_s": med(t_whole) / n, "within_s": med(t_within) / n,
             "speedup": med(t_whole) / med(t_within), "same_selection": same}
 

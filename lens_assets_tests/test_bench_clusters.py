@@ -26,3 +26,4 @@ def test_selection_einstein_times_both_ways_and_keeps_the_same_scenes():
     assert e["same_selection"] and e["n_candidates"] == 12
     assert e["speedup"] == pytest.approx(e["whole_disc_s"] / e["within_s"], rel=1e-12) and e["within_s"] > 0
     assert 0 <= e["within_share"] <= 1 - e["subcritical_share"]
+    assert e["cut_share"] > 0  # the prefix did reject candidates: the within path was taken

@@ -221,8 +221,9 @@ def einstein_radius_arcsec(lens_model, kwargs_lens, *, max_radius_arcsec: float,
 
     ``within_arcsec``: for a caller that only keeps radii up to it (the selection). The convergence is evaluated
     out to the first distinct pixel radius beyond it, not over the whole disc; a radius found there is the one
-    the whole disc gives, bit for bit (the same grid, in the same order); where there is none, NaN: the lens is
-    sub-critical or its radius lies beyond ``within_arcsec``, which the whole disc would tell apart.
+    the whole disc gives, bit for bit (the same grid, in the same order). Where that prefix stops short of the
+    disc and holds no crossing, NaN: the lens is sub-critical or its radius lies beyond ``within_arcsec``, which
+    the whole disc would tell apart (where the prefix is the whole disc, 0 as without it).
     """
     rs, dx, dy, last = _circle_grid(float(max_radius_arcsec), float(step_arcsec))
     if not len(rs):
@@ -450,7 +451,8 @@ def draw_cluster_scene(family: Family, survey: SurveySpec, rng: np.random.Genera
         if z_s <= cl["z"] + 0.1:
             continue
         names, kwargs = _lens_kwargs(cl, z_s)
-        # NaN, sub-critical or beyond max_theta, fails the test as 0 or a larger radius would
+        # NaN, sub-critical or beyond max_theta, fails the test as 0 or a larger radius would (0 failed it because
+        # min_theta_e_arcsec > 0: 4" in both cluster families)
         theta_e = einstein_radius_arcsec(ClusterConvergence(names), kwargs, max_radius_arcsec=max_theta * 1.2,
                                          within_arcsec=max_theta)
         if not d(sel, "min_theta_e_arcsec", rng) <= theta_e <= max_theta:

@@ -70,9 +70,11 @@ def test_einstein_radius_of_a_cluster_matches_the_whole_square_grid(small):
 
 
 def test_einstein_radius_within_a_radius_is_the_whole_discs_bit_for_bit_or_nan_when_beyond():
-    """The selection's candidates (the cluster family on DES, as draw_cluster_scene draws them): evaluated only out
-    to the selection's largest radius, a radius found is the whole disc's exactly; NaN only where the whole disc
-    gives 0 (sub-critical) or a radius beyond it."""
+    """The selection's candidates (the cluster family on DES, its halo and members as draw_cluster_scene draws them;
+    the source redshift drawn here): evaluated only out to the selection's largest radius, a radius found is the
+    whole disc's exactly; NaN only where the whole disc gives 0 (sub-critical) or a radius beyond it. At the
+    boundary, on an SIS: a radius just inside ``within_arcsec`` (the pixel radius before the crossing) is found,
+    one pixel radius further out is not."""
     fam, survey = load_family("cluster"), get_survey("des")
     half = cf.field_size_px(fam, survey) * survey.pixel_scale_arcsec / 2
     max_theta = fam.draw("selection", "max_theta_e_over_field", np.random.default_rng(0)) * 2 * half
@@ -100,8 +102,18 @@ def test_einstein_radius_within_a_radius_is_the_whole_discs_bit_for_bit_or_nan_w
     assert cf.einstein_radius_arcsec(LensModel(["SIS"]), weak, max_radius_arcsec=5.0, within_arcsec=6.0) == 0.0
     assert math.isnan(cf.einstein_radius_arcsec(LensModel(["SIS"]), weak, max_radius_arcsec=5.0, within_arcsec=2.0))
     sis = [{"theta_E": 1.5, "center_x": 0.0, "center_y": 0.0}]
-    assert cf.einstein_radius_arcsec(LensModel(["SIS"]), sis, max_radius_arcsec=5.0, within_arcsec=2.0) == (
-        cf.einstein_radius_arcsec(LensModel(["SIS"]), sis, max_radius_arcsec=5.0))
+    whole = cf.einstein_radius_arcsec(LensModel(["SIS"]), sis, max_radius_arcsec=5.0)
+    rs, _, _, last = cf._circle_grid(5.0, 0.25)
+    radii = rs[last]
+    i = int(np.searchsorted(radii, whole, side="right"))  # the crossing lies between radii[i - 1] and radii[i]
+    assert radii[i - 1] <= whole <= radii[i]
+    for within in (radii[i - 1], whole, 2.0):
+        assert cf.einstein_radius_arcsec(LensModel(["SIS"]), sis, max_radius_arcsec=5.0, within_arcsec=within) == whole
+    assert math.isnan(cf.einstein_radius_arcsec(LensModel(["SIS"]), sis, max_radius_arcsec=5.0,
+                                                within_arcsec=float(np.nextafter(radii[i - 1], -np.inf))))
+    big = [{"theta_E": 3.0, "center_x": 0.0, "center_y": 0.0}]  # beyond within_arcsec: NaN, not 0
+    assert cf.einstein_radius_arcsec(LensModel(["SIS"]), big, max_radius_arcsec=5.0) > 2.0
+    assert math.isnan(cf.einstein_radius_arcsec(LensModel(["SIS"]), big, max_radius_arcsec=5.0, within_arcsec=2.0))
 
 
 def test_cluster_convergence_is_lenstronomys_kappa(small):
