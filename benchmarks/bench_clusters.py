@@ -143,13 +143,10 @@ def selection_einstein(survey_name: str, n: int, rounds: int = 3) -> dict:
     max_theta = fam.draw("selection", "max_theta_e_over_field", np.random.default_rng(0)) * 2 * half
     rng = np.random.default_rng(1)
     candidates = []
-    while len(candidates) < n:  # the selection's draws up to its Einstein radius, its redshift test included
-        cl = cf._cluster(fam, survey, rng, half)
-        _, z_s = cf._background(fam, rng)
-        if z_s <= cl["z"] + 0.1:
-            continue
-        names, kwargs = cf._lens_kwargs(cl, z_s)
-        candidates.append((cf.ClusterConvergence(names), kwargs))
+    while len(candidates) < n:  # the selection's own draws up to its Einstein radius
+        candidate = cf._candidate(fam, survey, rng, half)
+        if candidate is not None:
+            candidates.append((cf.ClusterConvergence(candidate[3]), candidate[4]))
 
     def radii(within):
         return [cf.einstein_radius_arcsec(c, kw, max_radius_arcsec=1.2 * max_theta, within_arcsec=within)

@@ -85,9 +85,11 @@ def main(argv=None) -> dict:
     r = metadata["bologna_report"]
     gates = PROFILES[args.profile]["bologna_report"]
 
+    report_config = ReportConfig(**gates)
+
     def gate(check: str) -> str:
         gate_field, target_field = GATE_FIELDS[check]
-        threshold, target = getattr(ReportConfig(**gates), gate_field), getattr(ReportConfig(**gates), target_field)
+        threshold, target = getattr(report_config, gate_field), getattr(report_config, target_field)
         sign = ">=" if gate_field.startswith("min_") else "<="
         shown = [f"gate {sign} {threshold}"] if threshold is not None else []
         shown += [f"target {sign} {target}"] if target is not None else []

@@ -36,15 +36,19 @@ def _uncertainty_of_report(report_meta: dict) -> dict:
 
 
 def check_verdict(evaluation) -> str:
-    """How the demo prints an asset check's evaluation: passed, FAILED (a gate), a missed target (a bologna_report
-    check whose gate is met or absent: WARN, blocking nothing), or not gated."""
+    """How the demo prints an asset check's evaluation: a bologna_report gate check as its promotion page does
+    (:func:`~lens_assets.assets.evaluation.gate_verdict`: passed, FAILED, a missed target, not gated), any other
+    check as passed, FAILED or FAILED (not blocking)."""
+    from lens_assets.assets.evaluation import gate_verdict
+
     meta = {k: v.value for k, v in evaluation.metadata.items()}
+    error = evaluation.severity == dg.AssetCheckSeverity.ERROR
+    if "target_met" in meta:  # a gate check of bologna_report: its record in report.json, rebuilt
+        target = None if meta["target"] == "none" else meta["target"]
+        return gate_verdict({"passed": evaluation.passed, "gate": meta["gate"], "target": target, "blocking": error})
     if evaluation.passed:
-        return "not gated" if meta.get("gate") == "not gated" and meta.get("target") == "none" else "passed"
-    if meta.get("gate_met") is True and meta.get("target_met") is False:
-        return f"target {meta['target']} not met (advisory: WARN, not blocking)"
-    return "FAILED" if evaluation.blocking and evaluation.severity == dg.AssetCheckSeverity.ERROR else (
-        "FAILED (not blocking)")
+        return "passed"
+    return "FAILED" if evaluation.blocking and error else "FAILED (not blocking)"
 
 
 def failed_steps(result) -> set[str]:

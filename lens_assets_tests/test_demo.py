@@ -54,7 +54,7 @@ def test_the_demo_prints_each_check_as_a_gate_a_target_or_not_gated():
     assert check_verdict(evaluation(False, error, True, gate=0.75, target=0.9, gate_met=False,
                                     target_met=False)) == "FAILED"
     assert check_verdict(evaluation(False, warn, True, gate=0.75, target=0.9, gate_met=True, target_met=False)) == (
-        "target 0.9 not met (advisory: WARN, not blocking)")
+        "target 0.9 not met (WARN, not blocking)")
     assert check_verdict(evaluation(True, warn, True, gate="not gated", target="none", gate_met=True,
                                     target_met=True)) == "not gated"
     # checks of other assets: the shortcut audit's (not blocking) and a WARN of a blocking check

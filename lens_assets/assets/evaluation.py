@@ -913,6 +913,16 @@ def bologna_report(context: dg.AssetExecutionContext, config: ReportConfig,
     return dg.MaterializeResult(metadata=metadata, check_results=checks, data_version=dg.DataVersion(version))
 
 
+def gate_verdict(check: dict) -> str:
+    """How a gate check reads, from its record in report.json (``passed``, ``gate``, ``target``, ``blocking``): what
+    the promotion page and ``make demo`` print."""
+    if check["passed"]:
+        return "not gated" if check["gate"] == "not gated" and check.get("target") is None else "passed"
+    if not check.get("blocking", True):
+        return f"target {check.get('target')} not met (WARN, not blocking)"
+    return "FAILED"
+
+
 def _gate(threshold: float | None):
     return "not gated" if threshold is None else threshold
 

@@ -4,6 +4,7 @@ import dagster as dg
 
 from lens_assets import layout
 from lens_assets.assets._common import survey_asset
+from lens_assets.assets.evaluation import gate_verdict
 from lens_assets.model_registry import no_retry, promote
 from lens_assets.resources.storage import LocalStorage
 from lens_assets.science.surveys import get_survey
@@ -45,7 +46,7 @@ def promoted_model(context: dg.AssetExecutionContext, storage: LocalStorage) -> 
         value = c["value"]
         shown = ", ".join(f"{k} {v:.3f}" for k, v in value.items()) if isinstance(value, dict) else f"{value:.3f}"
         target = "none" if c.get("target") is None else c["target"]
-        rows.append(f"| {name} | {shown} | {c['gate']} | {target} | {_verdict(c)} |")
+        rows.append(f"| {name} | {shown} | {c['gate']} | {target} | {gate_verdict(c)} |")
     metadata = {
         "why": dg.MetadataValue.md(f"Promoted because every gate of bologna_report (version "
                                    f"{promotion['report_version']}) passed:\n\n" + "\n".join(rows)),
@@ -57,10 +58,3 @@ def promoted_model(context: dg.AssetExecutionContext, storage: LocalStorage) -> 
         "path": dg.MetadataValue.path(storage.url(*layout.promoted_dir(survey.name))),
     }
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(promotion["version"]))
-
-
-def _verdict(check: dict) -> str:
-    """A recorded gate result as the promotion page shows it."""
-    if check["passed"]:
-        return "not gated" if check["gate"] == "not gated" and check.get("target") is None else "yes"
-    return "no (a target, not a gate: not blocking)" if not check.get("blocking", True) else "no"

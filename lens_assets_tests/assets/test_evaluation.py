@@ -264,7 +264,7 @@ def test_a_missed_gate_blocks_and_a_missed_target_warns_and_the_pair_is_still_pr
         check = evaluations["auroc_at_least_gate"]
         assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN
         assert (check.metadata["gate_met"].value, check.metadata["target_met"].value) == (True, False)
-        assert check_verdict(check) == f"target {above} not met (advisory: WARN, not blocking)"
+        assert check_verdict(check) == f"target {above} not met (WARN, not blocking)"
         heldout = evaluations["heldout_auroc_at_least_gate"]
         assert not heldout.passed and heldout.severity == dg.AssetCheckSeverity.WARN
         assert heldout.metadata["gate"].value == "not gated" and check_verdict(heldout).startswith("target ")
@@ -285,7 +285,7 @@ def test_a_missed_gate_blocks_and_a_missed_target_warns_and_the_pair_is_still_pr
                 ) == (False, False)
         (promoted,) = run.asset_materializations_for_node("promoted_model")
         why = promoted.metadata["why"].value
-        assert f"| auroc_at_least_gate | {auroc:.3f} | 0.0 | {above} | no (a target, not a gate: not blocking) |" in why
+        assert f"| auroc_at_least_gate | {auroc:.3f} | 0.0 | {above} | target {above} not met (WARN, not blocking) |" in why
         assert f"| tpr10_at_least_gate | {tpr10_value:.3f} | not gated | none | not gated |" in why
         promotion = json.loads(storage.path("promoted", SURVEY, "promotion.json").read_text())
         assert promotion["checks"] == recorded

@@ -435,6 +435,16 @@ def _system(scene: ClusterScene, *, objid: str, is_lens: bool, kind: str, compon
                   lens_model_list=scene.lens_model_list, size_px=size_px, supersampling=2)
 
 
+def _candidate(family: Family, survey: SurveySpec, rng: np.random.Generator, half: float):
+    """One candidate of the selection before its Einstein radius: ``(cluster, group, z_source, lens names, lens
+    kwargs)``, or None when the background is not behind the cluster (the draws made either way)."""
+    cl = _cluster(family, survey, rng, half)
+    group, z_s = _background(family, rng)
+    if z_s <= cl["z"] + 0.1:
+        return None
+    return (cl, group, z_s, *_lens_kwargs(cl, z_s))
+
+
 def draw_cluster_scene(family: Family, survey: SurveySpec, rng: np.random.Generator) -> ClusterScene:
     """One selected cluster scene (its lensing visible to ``survey``); raises after ``max_tries`` draws."""
     from ..simulation import _draw_seeing, band_flux
@@ -446,11 +456,10 @@ def draw_cluster_scene(family: Family, survey: SurveySpec, rng: np.random.Genera
     half = n * survey.pixel_scale_arcsec / 2
     max_theta = d(sel, "max_theta_e_over_field", rng) * 2 * half
     for _ in range(int(d(sel, "max_tries", rng))):
-        cl = _cluster(family, survey, rng, half)
-        group, z_s = _background(family, rng)
-        if z_s <= cl["z"] + 0.1:
+        candidate = _candidate(family, survey, rng, half)
+        if candidate is None:
             continue
-        names, kwargs = _lens_kwargs(cl, z_s)
+        cl, group, z_s, names, kwargs = candidate
         # NaN, sub-critical or beyond max_theta, fails the test as 0 or a larger radius would (0 failed it because
         # min_theta_e_arcsec > 0: 4" in both cluster families)
         theta_e = einstein_radius_arcsec(ClusterConvergence(names), kwargs, max_radius_arcsec=max_theta * 1.2,

@@ -70,8 +70,7 @@ def test_einstein_radius_of_a_cluster_matches_the_whole_square_grid(small):
 
 
 def test_einstein_radius_within_a_radius_is_the_whole_discs_bit_for_bit_or_nan_when_beyond():
-    """The selection's candidates (the cluster family on DES, its halo and members as draw_cluster_scene draws them;
-    the source redshift drawn here): evaluated only out to the selection's largest radius, a radius found is the
+    """The selection's candidates (the cluster family on DES, drawn as draw_cluster_scene draws them): evaluated only out to the selection's largest radius, a radius found is the
     whole disc's exactly; NaN only where the whole disc gives 0 (sub-critical) or a radius beyond it. At the
     boundary, on an SIS: a radius just inside ``within_arcsec`` (the pixel radius before the crossing) is found,
     one pixel radius further out is not."""
@@ -81,8 +80,10 @@ def test_einstein_radius_within_a_radius_is_the_whole_discs_bit_for_bit_or_nan_w
     rng = np.random.default_rng(3)
     found = beyond = subcritical = 0
     for _ in range(60):
-        cl = cf._cluster(fam, survey, rng, half)
-        names, kwargs = cf._lens_kwargs(cl, cl["z"] + rng.uniform(0.3, 2.5))
+        candidate = None
+        while candidate is None:
+            candidate = cf._candidate(fam, survey, rng, half)
+        _, _, _, names, kwargs = candidate
         convergence = cf.ClusterConvergence(names)
         whole = cf.einstein_radius_arcsec(convergence, kwargs, max_radius_arcsec=1.2 * max_theta)
         within = cf.einstein_radius_arcsec(convergence, kwargs, max_radius_arcsec=1.2 * max_theta,
