@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import multiprocessing.context
 import os
 import sys
+import types
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from typing import Callable, Iterable, Sequence, TypeVar
 
 from tqdm.auto import tqdm
@@ -36,17 +39,61 @@ PRELOAD = ("numpy", "scipy.signal", "astropy.io.fits", "photutils.psf_matching",
            "lens_assets.science.shards")
 
 
-def _context():
+@contextmanager
+def _main_hidden():
+    """``sys.modules["__main__"]`` replaced by an empty module for the block.
+
+    A forkserver or spawn worker imports the parent's main module before it runs anything (multiprocessing's
+    ``spawn.prepare``): the ``dagster`` command, ``python -m lens_assets.demo`` or a script that imports torch,
+    1 to 2.5 s of imports and hundreds of MB in every worker of every pool. A worker started while the main
+    module is hidden imports only what its tasks need. Hidden for the milliseconds a worker takes to start.
+    """
+    main = sys.modules.get("__main__")
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        if main is None:
+            del sys.modules["__main__"]
+        else:
+            sys.modules["__main__"] = main
+
+
+if START_METHOD == "forkserver":
+    class _BareForkServerProcess(multiprocessing.context.ForkServerProcess):
+        """A forkserver worker that does not import the parent's main module (:func:`_main_hidden`)."""
+
+        def start(self):
+            with _main_hidden():
+                super().start()
+
+    class _BareForkServerContext(multiprocessing.context.ForkServerContext):
+        Process = _BareForkServerProcess
+
+
+def _defined_in_main(fn) -> bool:
+    """Whether ``fn`` (or the function a ``functools.partial`` wraps) lives in ``__main__``: its workers need the
+    main module to find it."""
+    while hasattr(fn, "func"):
+        fn = fn.func
+    return getattr(fn, "__module__", None) == "__main__"
+
+
+def _context(*, import_main: bool = True):
     ctx = mp.get_context(START_METHOD)
     if START_METHOD == "forkserver":
         ctx.set_forkserver_preload(list(PRELOAD))  # takes effect when the server starts (the first pool)
+        if not import_main:
+            return _BareForkServerContext()
     return ctx
 
 
-def _pool(workers: int) -> ProcessPoolExecutor:
+def _pool(workers: int, fn=None) -> ProcessPoolExecutor:
     """A pool of ``workers`` processes started by :data:`START_METHOD`; ``fn`` and its items must pickle
-    (module-level functions, plain data)."""
-    return ProcessPoolExecutor(max_workers=workers, mp_context=_context())
+    (module-level functions, plain data). Unless ``fn`` is defined in ``__main__``, the workers do not import the
+    main module (:func:`_main_hidden`): tasks must not carry objects defined there."""
+    return ProcessPoolExecutor(max_workers=workers, mp_context=_context(import_main=fn is None or
+                                                                        _defined_in_main(fn)))
 
 
 def parallel_map(fn: Callable[[T], R], items: Sequence[T] | Iterable[T], *, workers: int = 1,
@@ -72,7 +119,7 @@ def parallel_map(fn: Callable[[T], R], items: Sequence[T] | Iterable[T], *, work
                 bar.update(n)
             return out
         chunksize = chunksize or max(1, min(16, len(items) // (workers * 8) or 1))
-        with _pool(workers) as pool:
+        with _pool(workers, fn) as pool:
             out = []
             for r, n in zip(pool.map(fn, items, chunksize=chunksize), sizes):
                 out.append(r)
@@ -102,7 +149,7 @@ def bounded_imap(fn: Callable[[T], R], items: Sequence[T], *, workers: int = 1, 
                 bar.update(wgt)
             return
         limit = max_in_flight or 2 * workers
-        with _pool(workers) as pool:
+        with _pool(workers, fn) as pool:
             pending: deque = deque()
             it = iter(zip(items, weights))
             for x, wgt in it:

@@ -52,3 +52,52 @@ def test_worker_functions_and_their_tasks_pickle():
     for fn, task in tasks:
         assert pickle.loads(pickle.dumps(fn)) is fn
         assert pickle.loads(pickle.dumps(task)) == task
+
+
+MAIN_SCRIPT = '''
+import os, sys
+with open(sys.argv[1], "a") as f:  # every process that imports this main module leaves a line
+    f.write(f"{os.getpid()}\\n")
+
+
+def in_main(x):
+    return x * 2
+
+
+if __name__ == "__main__":
+    from lens_assets.science.parallel import bounded_imap, parallel_map
+
+    fn = in_main if sys.argv[2] == "main" else abs
+    out = parallel_map(fn, [-1, -2, -3, -4], workers=2, progress=False)
+    out += list(bounded_imap(fn, [-5, -6], workers=2, progress=False))
+    print(out)
+'''
+
+
+def _run_main_script(tmp_path, fn: str) -> tuple[str, list[str]]:
+    import subprocess
+    import sys
+
+    script, log = tmp_path / f"main_{fn}.py", tmp_path / f"imports_{fn}.log"
+    script.write_text(MAIN_SCRIPT)
+    done = subprocess.run([sys.executable, str(script), str(log), fn], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip(), log.read_text().split()
+
+
+def test_workers_do_not_import_the_main_module(tmp_path):
+    """A worker would import the parent's main module before its first task (the ``dagster`` command, the demo,
+    a script importing torch: seconds and hundreds of MB per worker of every pool). A library function's workers
+    skip it: the script's top level runs once, in the parent, over two pools of two workers."""
+    out, imports = _run_main_script(tmp_path, "abs")
+    assert out == "[1, 2, 3, 4, 5, 6]"
+    assert len(imports) == 1
+
+
+def test_workers_of_a_function_defined_in_main_import_it(tmp_path):
+    """A function defined in the main module can only be found there: its workers import the main module, as
+    multiprocessing does (the parent and 2 + 2 workers)."""
+    out, imports = _run_main_script(tmp_path, "main")
+    assert out == "[-2, -4, -6, -8, -10, -12]"
+    assert len(imports) == 5
