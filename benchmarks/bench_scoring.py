@@ -15,7 +15,11 @@
    end run once per round (``--repeats``, default 3) and the medians are reported,
    so a slow spell on a shared machine hits them alike.
    The members have random weights: throughput does not depend on training.
-2. ``survey_inbox_sensor`` ticks with ``--drops`` complete drops present: the first
+2. The same drop scored in a process whose main module is the ``dagster`` command, as in every Dagster run:
+   multiprocessing's workers import the parent's main module before their first task; ``science.parallel``
+   starts them with it hidden. Each way in its own process, side by side: a pool's start-up (two workers, a
+   trivial task) and ``score_files`` end to end (``--repeats`` rounds, medians).
+3. ``survey_inbox_sensor`` ticks with ``--drops`` complete drops present: the first
    tick (none handled yet, 100 requested), a steady tick (all handled), and a tick
    over as many incomplete drops. Target: <= 5 s.
 """
@@ -125,6 +129,66 @@ def drop_section(root: Path, n: int, batch: int = 128, repeats: int = 3, member_
     return out
 
 
+MAIN_SCRIPT = """
+import json, sys, time
+from dagster._cli import main as _dagster  # noqa: F401  (what the `dagster` command, a run's main module, imports)
+
+if __name__ == "__main__":
+    import numpy as np
+    import torch
+
+    from lens_assets.ml.module import LensClassifier
+    from lens_assets.ml.score import Fusion, score_files
+    from lens_assets.ml.train import residual_band_indices
+    from lens_assets.science import parallel
+    from lens_assets.science.calibration import Calibrator
+    from lens_assets.science.shards import shard_settings
+    from lens_assets.science.surveys import get_survey
+
+    root, mode, repeats, members, colour = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
+    if mode == "import":  # multiprocessing's default: every worker imports the main module
+        parallel._defined_in_main = lambda fn: True
+    files = sorted(str(p) for p in __import__("pathlib").Path(root, "inbox").rglob("*.fits"))
+    survey = get_survey("des")
+    torch.manual_seed(0)
+    res = residual_band_indices("des", list(survey.band_names)) if colour == "1" else None
+    nets = [LensClassifier(backbone=b, in_chans=survey.n_bands, img_size=survey.cutout_size_px,
+                           residual_bands=res).eval().use_channels_last() for b in members.split(",")]
+    kw = dict(root=root, settings=shard_settings(survey), members=nets, fusion=Fusion.mean(len(nets)),
+              calibrator=Calibrator("temperature", temperature=1.7), workers=0, progress=False)
+    parallel.parallel_map(abs, range(2), workers=2, progress=False)  # the forkserver starts once per process
+    score_files(files[:64], survey, **kw)
+    pool, e2e = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        parallel.parallel_map(abs, range(2), workers=2, progress=False)
+        pool.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        score_files(files, survey, **kw)
+        e2e.append(len(files) / (time.perf_counter() - t))
+    print(json.dumps({"pool_start_s": float(np.median(pool)), "end_to_end_per_s": float(np.median(e2e))}))
+"""
+
+
+def main_module_section(root: Path, repeats: int, member_names, colour_residual: bool) -> dict:
+    """Pool start-up and end to end scoring of the drop under ``root`` in a process whose main module imports
+    the ``dagster`` command: workers importing it (multiprocessing's default) against workers started with it
+    hidden (``science.parallel``), each in its own process."""
+    import json
+    import subprocess
+
+    script = root / "dagster_main.py"
+    script.write_text(MAIN_SCRIPT)
+    out = {}
+    for mode in ("import", "hidden"):
+        done = subprocess.run([sys.executable, str(script), str(root), mode, str(repeats), ",".join(member_names),
+                               str(int(colour_residual))], capture_output=True, text=True, check=False)
+        if done.returncode:
+            raise RuntimeError(f"{script} {mode} failed:\n{done.stderr[-2000:]}")
+        out[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+    return out
+
+
 def sensor_section(root: Path, n_drops: int) -> dict:
     import json
 
@@ -177,7 +241,9 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         drop = drop_section(Path(tmp), args.n, repeats=args.repeats, member_names=args.members.split(","),
                             colour_residual=bool(args.colour_residual))
+        mains = main_module_section(Path(tmp), args.repeats, args.members.split(","), bool(args.colour_residual))
         sensor = sensor_section(Path(tmp), args.drops)
+    e2e_import, e2e_hidden = (mains[m]["end_to_end_per_s"] for m in ("import", "hidden"))
     rows = [
         ("drop", f"{drop['n']} DES 5-band 64x64 cutouts, {len(drop['members'])} member(s) "
                  f"({', '.join(drop['members'])}{', colour residual' if drop['colour_residual'] else ''}) in "
@@ -193,13 +259,18 @@ def main(argv=None) -> dict:
                        f"{drop['max_abs_logit_diff_vs_stages']:.1e}"),
         ("  by round", ", ".join(f"{r:.2f}x" for r in drop["ratio_to_slowest_by_round"]) + " (end to end / model, "
                        "each round)"),
+        ("pool start, dagster as main", f"{mains['import']['pool_start_s']:.2f} s with workers importing it, "
+                                        f"{mains['hidden']['pool_start_s']:.2f} s with it hidden "
+                                        f"({mains['import']['pool_start_s'] / mains['hidden']['pool_start_s']:.1f}x)"),
+        ("end to end, dagster as main", f"{e2e_import:.0f} cutouts/s with workers importing it, {e2e_hidden:.0f} "
+                                        f"cutouts/s with it hidden ({e2e_hidden / e2e_import:.2f}x)"),
         ("sensor, first tick", f"{sensor['first_tick_s']:.3f} s with {sensor['drops']} complete + "
                                f"{sensor['incomplete_drops']} incomplete drops ({sensor['first_tick_requests']} "
                                "requested; target <= 5 s)"),
         ("sensor, steady tick", f"{sensor['steady_tick_s']:.3f} s (all handled, {sensor['steady_tick_requests']} "
                                 "requested)"),
     ]
-    rec = {"drop": drop, "sensor": sensor}
+    rec = {"drop": drop, "main_module": mains, "sensor": sensor}
     report("scoring", rows, rec)
     return rec
 
