@@ -128,7 +128,7 @@ class SplitConfig(dg.Config):
 SPLIT_CHECKS = [
     dg.AssetCheckSpec("label_fractions_agree", asset="dataset_splits",
                       description="lens fractions of train/val/test within ±2% of each other (or one object's "
-                                  "share of the smallest split)"),
+                                  "share of the smallest split); fails when a split is empty"),
     dg.AssetCheckSpec("no_objid_in_two_splits", asset="dataset_splits", blocking=True,
                       description="no objid has rows in two splits (counted from the written table)"),
     dg.AssetCheckSpec("no_sky_group_across_splits", asset="dataset_splits", blocking=True,
@@ -234,7 +234,8 @@ def dataset_splits(context: dg.AssetExecutionContext, config: SplitConfig,
     results = [
         dg.AssetCheckResult(check_name="label_fractions_agree", passed=checks["label_fractions_agree"],
                             metadata={"spread": checks["label_fraction_spread"],
-                                      "allowed": checks["label_fraction_allowed"]}),
+                                      "allowed": checks["label_fraction_allowed"],
+                                      "empty_splits": ", ".join(checks["empty_splits"]) or "none"}),
         dg.AssetCheckResult(check_name="no_objid_in_two_splits", passed=checks["objids_in_two_splits"] == 0,
                             metadata={"n": checks["objids_in_two_splits"]}),
         dg.AssetCheckResult(

@@ -241,9 +241,11 @@ def split_checks(table: pd.DataFrame, *, tolerance: float = 0.02) -> dict:
 
     The label-fraction tolerance is ``tolerance`` or one object's share of the
     smallest split, whichever is larger (a split of 40 objects cannot be closer
-    than 1/40).
+    than 1/40). An empty split has no label fraction to agree: the fractions do
+    not agree, and ``empty_splits`` names it.
     """
     counts = table["split"].value_counts()
+    empty = [s for s in SPLITS if int(counts.get(s, 0)) == 0]
     fractions = table.groupby("split")["label"].mean()
     spread = float(fractions.max() - fractions.min()) if len(fractions) else 0.0
     allowed = max(tolerance, 1.0 / max(1, int(counts.min()))) if len(counts) else tolerance
@@ -252,7 +254,7 @@ def split_checks(table: pd.DataFrame, *, tolerance: float = 0.02) -> dict:
     return {
         "label_fraction": {s: float(fractions.get(s, float("nan"))) for s in SPLITS},
         "label_fraction_spread": spread, "label_fraction_allowed": allowed,
-        "label_fractions_agree": bool(spread <= allowed),
+        "label_fractions_agree": bool(spread <= allowed) and not empty, "empty_splits": empty,
         "objids_in_two_splits": int((objid_splits > 1).sum()),
         "sky_groups_across_splits": int((group_splits > 1).sum()),
         "counts": {s: int(counts.get(s, 0)) for s in SPLITS},

@@ -223,6 +223,19 @@ def test_split_checks_detect_leaks():
     assert checks["counts"] == {"train": 2, "val": 1, "test": 1}
 
 
+def test_an_empty_split_fails_label_fraction_agreement():
+    """Train and test with the same lens fraction agree; without a val split there is nothing to agree with, and
+    the check names the empty split instead of passing on the two it has."""
+    table = pd.DataFrame({"objid": list("abcdef"), "split": ["train"] * 4 + ["test"] * 2,
+                          "sky_group": range(6), "label": [1, 0, 1, 0, 1, 0]})
+    checks = split_checks(table)
+    assert checks["label_fraction_spread"] == 0.0
+    assert checks["empty_splits"] == ["val"] and not checks["label_fractions_agree"]
+    table.loc[[2, 3], "split"] = "val"  # two objects of each label in each split
+    checks = split_checks(table)
+    assert checks["empty_splits"] == [] and checks["label_fractions_agree"]
+
+
 def _with_positions(table, catalog):
     return table.merge(catalog[["objid", "ra", "dec"]], on="objid", how="left", validate="many_to_one")
 
