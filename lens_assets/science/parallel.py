@@ -6,9 +6,7 @@ import multiprocessing as mp
 import multiprocessing.context
 import os
 import sys
-import types
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
 from typing import Callable, Iterable, Sequence, TypeVar
 
 from tqdm.auto import tqdm
@@ -39,44 +37,66 @@ PRELOAD = ("numpy", "scipy.signal", "astropy.io.fits", "photutils.psf_matching",
            "lens_assets.science.shards")
 
 
-@contextmanager
-def _main_hidden():
-    """``sys.modules["__main__"]`` replaced by an empty module for the block.
-
-    A forkserver or spawn worker imports the parent's main module before it runs anything (multiprocessing's
-    ``spawn.prepare``): the ``dagster`` command, ``python -m lens_assets.demo`` or a script that imports torch,
-    1 to 2.5 s of imports and hundreds of MB in every worker of every pool. A worker started while the main
-    module is hidden imports only what its tasks need. Hidden for the milliseconds a worker takes to start.
-    """
-    main = sys.modules.get("__main__")
-    sys.modules["__main__"] = types.ModuleType("__main__")
-    try:
-        yield
-    finally:
-        if main is None:
-            del sys.modules["__main__"]
-        else:
-            sys.modules["__main__"] = main
-
-
 if START_METHOD == "forkserver":
-    class _BareForkServerProcess(multiprocessing.context.ForkServerProcess):
-        """A forkserver worker that does not import the parent's main module (:func:`_main_hidden`)."""
+    import io
 
-        def start(self):
-            with _main_hidden():
-                super().start()
+    from multiprocessing import forkserver, popen_forkserver, spawn, util
+    from multiprocessing.context import reduction, set_spawning_popen
+
+    class _BarePopen(popen_forkserver.Popen):
+        """Launches a forkserver worker whose preparation leaves out the parent's main module.
+
+        A worker runs multiprocessing's ``spawn.prepare`` before its first task, and that imports the parent's
+        ``__main__`` when the preparation names it (by path, or by module name unless it is a package's
+        ``__main__``): under ``python -m lens_assets.demo`` every asset module (2.5 s per worker), under the
+        ``dagster`` console script dagster's CLI (0.6 s), under a script that imports torch at its top, torch.
+        ``_launch`` is CPython 3.11/3.12's, with the two keys that name the main module dropped; nothing global
+        changes, so other threads and pools are unaffected.
+        """
+
+        def _launch(self, process_obj):
+            prep_data = spawn.get_preparation_data(process_obj._name)
+            prep_data.pop("init_main_from_name", None)
+            prep_data.pop("init_main_from_path", None)
+            buf = io.BytesIO()
+            set_spawning_popen(self)
+            try:
+                reduction.dump(prep_data, buf)
+                reduction.dump(process_obj, buf)
+            finally:
+                set_spawning_popen(None)
+            self.sentinel, w = forkserver.connect_to_new_process(self._fds)
+            _parent_w = os.dup(w)  # the parent's sentinel for the child, as popen_forkserver keeps it
+            self.finalizer = util.Finalize(self, util.close_fds, (_parent_w, self.sentinel))
+            with open(w, "wb", closefd=True) as f:
+                f.write(buf.getbuffer())
+            self.pid = forkserver.read_signed(self.sentinel)
+
+    class _BareForkServerProcess(multiprocessing.context.ForkServerProcess):
+        """A forkserver worker that does not import the parent's main module (:class:`_BarePopen`)."""
+
+        @staticmethod
+        def _Popen(process_obj):
+            return _BarePopen(process_obj)
 
     class _BareForkServerContext(multiprocessing.context.ForkServerContext):
         Process = _BareForkServerProcess
 
 
-def _defined_in_main(fn) -> bool:
-    """Whether ``fn`` (or the function a ``functools.partial`` wraps) lives in ``__main__``: its workers need the
-    main module to find it."""
-    while hasattr(fn, "func"):
-        fn = fn.func
-    return getattr(fn, "__module__", None) == "__main__"
+MAIN_MODULES = ("__main__", "__mp_main__")  # the script's name in this process, and in a worker that imported it
+
+
+def _needs_main(fn, first_item) -> bool:
+    """Whether a worker needs the main module to unpickle ``fn`` or a task like ``first_item``: their pickle names
+    a global of ``__main__`` (a function or class defined in the script run). A false alarm only costs the
+    worker the import."""
+    import pickle
+
+    try:
+        data = pickle.dumps((fn, first_item), protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:  # the pool will raise it where it happens, with its own message
+        return True
+    return any(name.encode() in data for name in MAIN_MODULES)
 
 
 def _context(*, import_main: bool = True):
@@ -88,12 +108,13 @@ def _context(*, import_main: bool = True):
     return ctx
 
 
-def _pool(workers: int, fn=None) -> ProcessPoolExecutor:
+def _pool(workers: int, fn=None, first_item=None) -> ProcessPoolExecutor:
     """A pool of ``workers`` processes started by :data:`START_METHOD`; ``fn`` and its items must pickle
-    (module-level functions, plain data). Unless ``fn`` is defined in ``__main__``, the workers do not import the
-    main module (:func:`_main_hidden`): tasks must not carry objects defined there."""
-    return ProcessPoolExecutor(max_workers=workers, mp_context=_context(import_main=fn is None or
-                                                                        _defined_in_main(fn)))
+    (module-level functions, plain data). With the forkserver, the workers import the parent's main module only
+    when ``fn`` or ``first_item`` (a task like every other) refers to something defined there (:func:`_needs_main`);
+    with spawn they always do."""
+    import_main = fn is None or _needs_main(fn, first_item)
+    return ProcessPoolExecutor(max_workers=workers, mp_context=_context(import_main=import_main))
 
 
 def parallel_map(fn: Callable[[T], R], items: Sequence[T] | Iterable[T], *, workers: int = 1,
@@ -119,7 +140,7 @@ def parallel_map(fn: Callable[[T], R], items: Sequence[T] | Iterable[T], *, work
                 bar.update(n)
             return out
         chunksize = chunksize or max(1, min(16, len(items) // (workers * 8) or 1))
-        with _pool(workers, fn) as pool:
+        with _pool(workers, fn, items[0]) as pool:
             out = []
             for r, n in zip(pool.map(fn, items, chunksize=chunksize), sizes):
                 out.append(r)
@@ -149,7 +170,7 @@ def bounded_imap(fn: Callable[[T], R], items: Sequence[T], *, workers: int = 1, 
                 bar.update(wgt)
             return
         limit = max_in_flight or 2 * workers
-        with _pool(workers, fn) as pool:
+        with _pool(workers, fn, items[0]) as pool:
             pending: deque = deque()
             it = iter(zip(items, weights))
             for x, wgt in it:

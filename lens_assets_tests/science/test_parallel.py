@@ -56,6 +56,8 @@ def test_worker_functions_and_their_tasks_pickle():
 
 MAIN_SCRIPT = '''
 import os, sys
+from dataclasses import dataclass
+
 with open(sys.argv[1], "a") as f:  # every process that imports this main module leaves a line
     f.write(f"{os.getpid()}\\n")
 
@@ -64,40 +66,56 @@ def in_main(x):
     return x * 2
 
 
+@dataclass
+class Job:
+    x: int
+
+
+def nested(x):  # runs in a worker, where this module is __mp_main__, and starts a pool of its own
+    from lens_assets.science.parallel import parallel_map
+
+    return sum(parallel_map(in_main, [x, x], workers=2, progress=False))
+
+
 if __name__ == "__main__":
     from lens_assets.science.parallel import bounded_imap, parallel_map
 
-    fn = in_main if sys.argv[2] == "main" else abs
-    out = parallel_map(fn, [-1, -2, -3, -4], workers=2, progress=False)
-    out += list(bounded_imap(fn, [-5, -6], workers=2, progress=False))
+    fn, items = {"lib": (abs, [-1, -2, -3, -4]), "main": (in_main, [-1, -2, -3, -4]),
+                 "item": (repr, [Job(1), Job(2), Job(3), Job(4)]), "nested": (nested, [1, 2])}[sys.argv[2]]
+    out = parallel_map(fn, items, workers=2, progress=False)
+    out += list(bounded_imap(fn, items[:2], workers=2, progress=False))
     print(out)
 '''
 
 
-def _run_main_script(tmp_path, fn: str) -> tuple[str, list[str]]:
+def _run_main_script(tmp_path, mode: str) -> tuple[str, list[str]]:
     import subprocess
     import sys
 
-    script, log = tmp_path / f"main_{fn}.py", tmp_path / f"imports_{fn}.log"
+    script, log = tmp_path / f"main_{mode}.py", tmp_path / f"imports_{mode}.log"
     script.write_text(MAIN_SCRIPT)
-    done = subprocess.run([sys.executable, str(script), str(log), fn], capture_output=True, text=True, timeout=120,
-                          cwd=tmp_path)
+    done = subprocess.run([sys.executable, str(script), str(log), mode], capture_output=True, text=True,
+                          timeout=180, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     return done.stdout.strip(), log.read_text().split()
 
 
 def test_workers_do_not_import_the_main_module(tmp_path):
-    """A worker would import the parent's main module before its first task (the ``dagster`` command, the demo,
-    a script importing torch: seconds and hundreds of MB per worker of every pool). A library function's workers
+    """A worker would import the parent's main module before its first task (the demo, the ``dagster`` command, a
+    script importing torch: seconds and hundreds of MB per worker of every pool). A library function's workers
     skip it: the script's top level runs once, in the parent, over two pools of two workers."""
-    out, imports = _run_main_script(tmp_path, "abs")
-    assert out == "[1, 2, 3, 4, 5, 6]"
+    out, imports = _run_main_script(tmp_path, "lib")
+    assert out == "[1, 2, 3, 4, 1, 2]"
     assert len(imports) == 1
 
 
-def test_workers_of_a_function_defined_in_main_import_it(tmp_path):
-    """A function defined in the main module can only be found there: its workers import the main module, as
-    multiprocessing does (the parent and 2 + 2 workers)."""
-    out, imports = _run_main_script(tmp_path, "main")
-    assert out == "[-2, -4, -6, -8, -10, -12]"
-    assert len(imports) == 5
+def test_workers_import_the_main_module_when_a_task_needs_it(tmp_path):
+    """A function, or a task's object, defined in the main module can only be found there: those workers import
+    it (the parent and at least one worker of each pool), and a worker that starts a pool of its own with a
+    function of the script (there named ``__mp_main__``) gets it too."""
+    for mode, expected in (("main", "[-2, -4, -6, -8, -2, -4]"),
+                           ("item", "['Job(x=1)', 'Job(x=2)', 'Job(x=3)', 'Job(x=4)', 'Job(x=1)', 'Job(x=2)']"),
+                           ("nested", "[4, 8, 4, 8]")):
+        out, imports = _run_main_script(tmp_path, mode)
+        assert out == expected, mode
+        assert len(imports) >= 3, mode

@@ -231,7 +231,7 @@ def test_an_empty_split_fails_label_fraction_agreement():
     checks = split_checks(table)
     assert checks["label_fraction_spread"] == 0.0
     assert checks["empty_splits"] == ["val"] and not checks["label_fractions_agree"]
-    table.loc[[2, 3], "split"] = "val"  # two objects of each label in each split
+    table.loc[[2, 3], "split"] = "val"  # one lens and one non-lens in each split
     checks = split_checks(table)
     assert checks["empty_splits"] == [] and checks["label_fractions_agree"]
 
