@@ -9,6 +9,8 @@ Per member, on this machine (GPU when torch sees one, else CPU):
 1b. Precision: the bare step in float32 and under bf16 autocast (channels_last for CNNs, as ``train()`` runs them),
    alternating for ``--precision-rounds`` rounds: the medians and their ratio, beside what ``precision: auto``
    chooses on this machine (bf16 where the CPU has native bf16, AVX512-BF16 or AMX).
+1c. Input scaling: the bare step at ``precision: auto`` with the input scaled by ``module.asinh`` and by
+   ``torch.asinh``, alternating (medians).
 2. ``train()`` for one epoch (Lightning, shard loader, photometry-preserving
    augmentation, validation, checkpoints): img/s and its ratio to the bare step.
 3. Data loader headroom: loader samples/s (0 and 2 workers) over the training img/s.
@@ -86,6 +88,30 @@ def precision_rates(model, device: str, rounds: int) -> dict:
     return {"fp32_step_img_per_s": fp32, "bf16_step_img_per_s": bf16, "bf16_vs_fp32": bf16 / fp32,
             "memory_format": "channels_last" if model.memory_format == torch.channels_last else "contiguous",
             "auto_precision": resolve_precision("auto", gpu=device.startswith("cuda"))}
+
+
+def asinh_rates(model, device: str, rounds: int) -> dict:
+    """The bare step at the precision ``auto`` resolves to, with the member's input scaled by ``module.asinh`` and
+    by ``torch.asinh``, alternating ``rounds`` times (medians)."""
+    import copy
+
+    import torch
+
+    from lens_assets.ml import module
+    from lens_assets.ml.precision import resolve_precision
+
+    model = copy.deepcopy(model).use_channels_last()
+    bf16 = resolve_precision("auto", gpu=device.startswith("cuda")) == "bf16-mixed"
+    vectorized, rates = module.asinh, {"vectorized": [], "torch": []}
+    try:
+        for r in range(rounds):
+            for name in (("vectorized", "torch") if r % 2 == 0 else ("torch", "vectorized")):
+                module.asinh = vectorized if name == "vectorized" else torch.asinh
+                rates[name].append(bare_step_rate(model, 64, device, bf16=bf16))
+    finally:
+        module.asinh = vectorized
+    fast, plain = statistics.median(rates["vectorized"]), statistics.median(rates["torch"])
+    return {"asinh_step_img_per_s": fast, "torch_asinh_step_img_per_s": plain, "asinh_speedup": fast / plain}
 
 
 def _sync(device: str) -> None:
@@ -167,6 +193,7 @@ def main(argv=None) -> dict:
             model = LensClassifier(backbone=name, in_chans=SURVEY.n_bands, img_size=SURVEY.cutout_size_px).to(device)
             bare = bare_step_rate(model, 64, device)
             precision = precision_rates(model, device, args.precision_rounds)
+            precision.update(asinh_rates(model, device, args.precision_rounds))
             s = train(shard_dir, root / "splits.parquet", root / "runs" / name,
                       TrainSettings(backbone=name, epochs=1, batch_size=64, progress=False))
             rec = {"bare_step_img_per_s": bare, "train_img_per_s": s["train_img_per_s"],
@@ -197,6 +224,10 @@ def main(argv=None) -> dict:
                                   f"{r['fp32_step_img_per_s']:.0f} -> {r['bf16_vs_fp32']:.2f}x (bare step, "
                                   f"{r['memory_format']}, medians of {args.precision_rounds} alternating rounds); "
                                   f"precision auto: {r['auto_precision']}"),
+            (f"{name} input scaling", f"{r['asinh_step_img_per_s']:.0f} img/s with module.asinh, "
+                                      f"{r['torch_asinh_step_img_per_s']:.0f} with torch.asinh -> "
+                                      f"{r['asinh_speedup']:.2f}x (bare step at precision auto, medians of "
+                                      f"{args.precision_rounds} alternating rounds)"),
             (f"{name} train()", f"{r['train_img_per_s']:.0f} img/s = {r['train_vs_bare']:.2f}x bare "
                                 "(Lightning + loader + augmentation + validation)"),
             (f"{name} loader headroom", f"{r['loader_headroom']:.1f}x its training rate (target >= 5x)"),
