@@ -58,7 +58,7 @@ def drop_section(root: Path, n: int, batch: int = 128, repeats: int = 3, member_
 
     from lens_assets.inbox import simulate_drop
     from lens_assets.ml import module
-    from lens_assets.ml.module import LensClassifier, scale_input
+    from lens_assets.ml.module import LensClassifier, median_measured_variance
     from lens_assets.ml.module import asinh as vectorized_asinh
     from lens_assets.ml.train import residual_band_indices
     from lens_assets.ml.score import Fusion, default_device, logits_of_batch, score_files
@@ -98,7 +98,7 @@ def drop_section(root: Path, n: int, batch: int = 128, repeats: int = 3, member_
     ingest_files(files[:32], survey, root=storage.root_path, workers=0, progress=False)  # warm caches and pools
     paths, names = relative_names(files, storage.root_path)
     runs: dict[str, list] = {}
-    for _ in range(repeats):  # every stage and end to end once per round: a slow spell hits them alike
+    for rnd in range(repeats):  # every stage and end to end once per round: a slow spell hits them alike
         ing, r = rate(lambda: ingest_files(files, survey, root=storage.root_path, workers=0, progress=False))
         runs.setdefault("ingest_per_s", []).append(r)
         preread = {nm: read_one(p, nm, survey)[2] for p, nm in zip(paths, names)}
@@ -110,19 +110,22 @@ def drop_section(root: Path, n: int, batch: int = 128, repeats: int = 3, member_
         runs.setdefault("match_per_s", []).append(r)
         del tasks, cutouts
         logits_of_batch(members, batches[0]["image"][:8], batches[0]["variance"][:8], device=device)
-        logits, r = rate(lambda: np.concatenate(
-            [logits_of_batch(members, b["image"], b["variance"], device=device) for b in batches]))
-        runs.setdefault("model_per_s", []).append(r)
-        module.asinh = torch.asinh  # the input scaling as torch evaluates it, on the same batches
-        try:
-            plain, r = rate(lambda: np.concatenate(
-                [logits_of_batch(members, b["image"], b["variance"], device=device) for b in batches]))
-        finally:
-            module.asinh = vectorized_asinh
-        runs.setdefault("model_torch_asinh_per_s", []).append(r)
+        # the forward with the input scaled by module.asinh and by torch.asinh, on the same batches, in turn
+        scaled = {}
+        ways = [("model_per_s", vectorized_asinh), ("model_torch_asinh_per_s", torch.asinh)]
+        for key, fn in (ways if rnd % 2 == 0 else ways[::-1]):
+            module.asinh = fn
+            try:
+                scaled[key], r = rate(lambda: np.concatenate(
+                    [logits_of_batch(members, b["image"], b["variance"], device=device) for b in batches]))
+            finally:
+                module.asinh = vectorized_asinh
+            runs.setdefault(key, []).append(r)
+        logits = scaled["model_per_s"]
         out["max_abs_logit_diff_torch_asinh"] = max(out.get("max_abs_logit_diff_torch_asinh", 0.0),
-                                                    float(np.abs(plain - logits).max()))
-        x = scale_input(torch.from_numpy(batches[0]["image"]), torch.from_numpy(batches[0]["variance"]))
+                                                    float(np.abs(scaled["model_torch_asinh_per_s"] - logits).max()))
+        image, variance = torch.from_numpy(batches[0]["image"]), torch.from_numpy(batches[0]["variance"])
+        x = image / torch.sqrt(median_measured_variance(variance, 1).clamp_min(1e-20))[:, None, None, None]
         for name, fn in (("asinh_torch_ns", torch.asinh), ("asinh_vectorized_ns", vectorized_asinh)):
             fn(x)
             t = time.perf_counter()
@@ -158,9 +161,7 @@ if __name__ == "__main__":
     import numpy as np
     import torch
 
-    from lens_assets.ml import module
-    from lens_assets.ml.module import LensClassifier, scale_input
-    from lens_assets.ml.module import asinh as vectorized_asinh
+    from lens_assets.ml.module import LensClassifier
     from lens_assets.ml.score import Fusion, default_device, score_files
     from lens_assets.ml.train import residual_band_indices
     from lens_assets.science import parallel
@@ -195,9 +196,9 @@ if __name__ == "__main__":
 
 
 def main_module_section(root: Path, repeats: int, member_names, colour_residual: bool) -> dict:
-    """Pool start-up and end to end scoring of the drop under ``root`` in a process whose main module imports
-    the ``dagster`` command: workers importing it (multiprocessing's default) against workers started with it
-    hidden (``science.parallel``), each in its own process."""
+    """Pool start-up and end to end scoring of the drop under ``root`` in a process whose main module imports what
+    the ``dagster`` console script imports: workers importing it (multiprocessing's default) against workers
+    launched without it (``science.parallel``), each round in its own process, the two ways alternating."""
     import json
     import subprocess
 

@@ -37,7 +37,9 @@ PRELOAD = ("numpy", "scipy.signal", "astropy.io.fits", "photutils.psf_matching",
            "lens_assets.science.shards")
 
 
-if START_METHOD == "forkserver":
+# the launch below is CPython's own (identical in 3.11 to 3.13); elsewhere workers import the main module as before
+BARE_LAUNCH = START_METHOD == "forkserver" and sys.version_info[:2] in ((3, 11), (3, 12), (3, 13))
+if BARE_LAUNCH:
     import io
 
     from multiprocessing import forkserver, popen_forkserver, spawn, util
@@ -103,7 +105,7 @@ def _context(*, import_main: bool = True):
     ctx = mp.get_context(START_METHOD)
     if START_METHOD == "forkserver":
         ctx.set_forkserver_preload(list(PRELOAD))  # takes effect when the server starts (the first pool)
-        if not import_main:
+        if not import_main and BARE_LAUNCH:
             return _BareForkServerContext()
     return ctx
 
@@ -111,8 +113,9 @@ def _context(*, import_main: bool = True):
 def _pool(workers: int, fn=None, first_item=None) -> ProcessPoolExecutor:
     """A pool of ``workers`` processes started by :data:`START_METHOD`; ``fn`` and its items must pickle
     (module-level functions, plain data). With the forkserver, the workers import the parent's main module only
-    when ``fn`` or ``first_item`` (a task like every other) refers to something defined there (:func:`_needs_main`);
-    with spawn they always do."""
+    when ``fn`` or ``first_item`` refers to something defined there (:func:`_needs_main`); with spawn they always
+    do. The tasks of a pool are of one kind: a later task that carries an object of the main module when the
+    first does not fails to unpickle in the worker (``BrokenProcessPool``)."""
     import_main = fn is None or _needs_main(fn, first_item)
     return ProcessPoolExecutor(max_workers=workers, mp_context=_context(import_main=import_main))
 
