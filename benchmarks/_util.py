@@ -6,6 +6,7 @@ import json
 import re
 import platform
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import os
@@ -17,6 +18,20 @@ def timed(fn, *args, **kwargs):
     t0 = time.perf_counter()
     out = fn(*args, **kwargs)
     return out, time.perf_counter() - t0
+
+
+@contextmanager
+def input_asinh(fn):
+    """The members scale their input with ``fn`` (e.g. ``torch.asinh``) instead of ``module.asinh`` for the block:
+    ``scale_input`` and ``colour_residual`` look ``module.asinh`` up at each call."""
+    from lens_assets.ml import module
+
+    kept = module.asinh
+    module.asinh = fn
+    try:
+        yield
+    finally:
+        module.asinh = kept
 
 
 def cores() -> int:

@@ -36,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _util import cores, report  # noqa: E402
+from _util import cores, input_asinh, report  # noqa: E402
 
 from lens_assets import layout  # noqa: E402
 
@@ -57,7 +57,6 @@ def drop_section(root: Path, n: int, batch: int = 128, repeats: int = 3, member_
     import torch
 
     from lens_assets.inbox import simulate_drop
-    from lens_assets.ml import module
     from lens_assets.ml.module import LensClassifier, median_measured_variance
     from lens_assets.ml.module import asinh as vectorized_asinh
     from lens_assets.ml.train import residual_band_indices
@@ -114,12 +113,9 @@ def drop_section(root: Path, n: int, batch: int = 128, repeats: int = 3, member_
         scaled = {}
         ways = [("model_per_s", vectorized_asinh), ("model_torch_asinh_per_s", torch.asinh)]
         for key, fn in (ways if rnd % 2 == 0 else ways[::-1]):
-            module.asinh = fn
-            try:
+            with input_asinh(fn):
                 scaled[key], r = rate(lambda: np.concatenate(
                     [logits_of_batch(members, b["image"], b["variance"], device=device) for b in batches]))
-            finally:
-                module.asinh = vectorized_asinh
             runs.setdefault(key, []).append(r)
         logits = scaled["model_per_s"]
         out["max_abs_logit_diff_torch_asinh"] = max(out.get("max_abs_logit_diff_torch_asinh", 0.0),
@@ -158,7 +154,6 @@ import json, sys, time
 from dagster._cli import main as _dagster  # noqa: F401  (what the `dagster` console script imports)
 
 if __name__ == "__main__":
-    import numpy as np
     import torch
 
     from lens_assets.ml.module import LensClassifier
@@ -169,7 +164,7 @@ if __name__ == "__main__":
     from lens_assets.science.shards import shard_settings
     from lens_assets.science.surveys import get_survey
 
-    root, mode, repeats, members, colour = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
+    root, mode, members, colour = sys.argv[1:5]
     if mode == "import":  # multiprocessing's default: every worker imports the main module
         parallel._needs_main = lambda fn, first_item: True
     files = sorted(str(p) for p in __import__("pathlib").Path(root, "inbox").rglob("*.fits"))
@@ -183,15 +178,12 @@ if __name__ == "__main__":
               calibrator=Calibrator("temperature", temperature=1.7), workers=0, device=device, progress=False)
     parallel.parallel_map(abs, range(2), workers=2, progress=False)  # the forkserver starts once per process
     score_files(files[:64], survey, **kw)
-    pool, e2e = [], []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        parallel.parallel_map(abs, range(2), workers=2, progress=False)
-        pool.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        score_files(files, survey, **kw)
-        e2e.append(len(files) / (time.perf_counter() - t))
-    print(json.dumps({"pool_start_s": float(np.median(pool)), "end_to_end_per_s": float(np.median(e2e))}))
+    t = time.perf_counter()
+    parallel.parallel_map(abs, range(2), workers=2, progress=False)
+    pool_start_s = time.perf_counter() - t
+    t = time.perf_counter()
+    score_files(files, survey, **kw)
+    print(json.dumps({"pool_start_s": pool_start_s, "end_to_end_per_s": len(files) / (time.perf_counter() - t)}))
 """
 
 
@@ -209,7 +201,7 @@ def main_module_section(root: Path, repeats: int, member_names, colour_residual:
     runs: dict[str, list] = {"import": [], "hidden": []}
     for r in range(repeats):  # one round per process, the two ways alternating: a slow spell hits both
         for mode in (("import", "hidden") if r % 2 == 0 else ("hidden", "import")):
-            done = subprocess.run([sys.executable, str(script), str(root), mode, "1", ",".join(member_names),
+            done = subprocess.run([sys.executable, str(script), str(root), mode, ",".join(member_names),
                                    str(int(colour_residual))], capture_output=True, text=True, check=False,
                                   timeout=1800)
             if done.returncode:

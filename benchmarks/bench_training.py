@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _util import cores, report  # noqa: E402
+from _util import cores, input_asinh, report  # noqa: E402
 from bench_shards import SURVEY, loader_rates, replicated_shards  # noqa: E402
 
 from lens_assets.science.families import load_family  # noqa: E402
@@ -97,19 +97,16 @@ def asinh_rates(model, device: str, rounds: int) -> dict:
 
     import torch
 
-    from lens_assets.ml import module
+    from lens_assets.ml.module import asinh
     from lens_assets.ml.precision import resolve_precision
 
     model = copy.deepcopy(model).use_channels_last()
     bf16 = resolve_precision("auto", gpu=device.startswith("cuda")) == "bf16-mixed"
-    vectorized, rates = module.asinh, {"vectorized": [], "torch": []}
-    try:
-        for r in range(rounds):
-            for name in (("vectorized", "torch") if r % 2 == 0 else ("torch", "vectorized")):
-                module.asinh = vectorized if name == "vectorized" else torch.asinh
+    ways, rates = {"vectorized": asinh, "torch": torch.asinh}, {"vectorized": [], "torch": []}
+    for r in range(rounds):
+        for name in (("vectorized", "torch") if r % 2 == 0 else ("torch", "vectorized")):
+            with input_asinh(ways[name]):
                 rates[name].append(bare_step_rate(model, 64, device, bf16=bf16))
-    finally:
-        module.asinh = vectorized
     fast, plain = statistics.median(rates["vectorized"]), statistics.median(rates["torch"])
     return {"asinh_step_img_per_s": fast, "torch_asinh_step_img_per_s": plain, "asinh_speedup": fast / plain}
 

@@ -52,7 +52,7 @@ if BARE_LAUNCH:
         ``__main__`` when the preparation names it (by path, or by module name unless it is a package's
         ``__main__``): under ``python -m lens_assets.demo`` every asset module (2.5 s per worker), under the
         ``dagster`` console script dagster's CLI (0.6 s), under a script that imports torch at its top, torch.
-        ``_launch`` is CPython 3.11/3.12's, with the two keys that name the main module dropped; nothing global
+        ``_launch`` is CPython 3.11–3.13's, with the two keys that name the main module dropped; nothing global
         changes, so other threads and pools are unaffected.
         """
 
@@ -94,11 +94,14 @@ def _needs_main(fn, first_item) -> bool:
     worker the import."""
     import pickle
 
-    try:
-        data = pickle.dumps((fn, first_item), protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception:  # the pool will raise it where it happens, with its own message
-        return True
-    return any(name.encode() in data for name in MAIN_MODULES)
+    for obj in (fn, first_item):  # the function first: when it names the main module, a large task is not pickled
+        try:
+            data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:  # the pool will raise it where it happens, with its own message
+            return True
+        if any(name.encode() in data for name in MAIN_MODULES):
+            return True
+    return False
 
 
 def _context(*, import_main: bool = True):
