@@ -43,6 +43,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--from", dest="start", default=names[0], choices=names,
                     help="first asset to materialize; earlier ones are reused from --root")
     ap.add_argument("--epochs", type=int, default=None, help="override the profile's epochs")
+    ap.add_argument("--n-cutouts", type=int, default=None,
+                    help="override the profile's number of training-family cutouts (held-out families keep theirs)")
     ap.add_argument("--members", default=None, help="override the profile's members (comma-separated)")
     ap.add_argument("--fusion", default=None, choices=["mean", "val_weights"], help="override the fusion")
     ap.add_argument("--renderer", default=None, choices=RENDERERS,
@@ -53,6 +55,8 @@ def main(argv=None) -> dict:
     overrides = {}
     if args.epochs is not None:
         overrides.setdefault("lens_classifier", {})["epochs"] = args.epochs
+    if args.n_cutouts is not None:
+        overrides.setdefault("simulated_cutouts", {})["n_cutouts"] = args.n_cutouts
     if args.members:
         overrides.setdefault("lens_classifier", {})["members"] = args.members.split(",")
     if args.fusion:
