@@ -281,10 +281,12 @@ def main(argv=None) -> dict:
     s, e = record["speed"], record["selection_einstein"]
     rows = [("field", f"{s['field_px']} px, {args.survey}"),
             ("render_field / render_system", f"{s['render_field_s']:.2f} s / {s['render_system_s']:.2f} s per field "
-                                             f"= {s['render_speedup']:.1f}x faster (max diff {s['render_max_rel_diff']:.1e} "
+                                             f"= {s['render_speedup']:.1f}x faster (max diff "
+                                             f"{s['render_max_rel_diff']:.1e} "
                                              f"of the peak)"),
             ("find_arc_segments", f"{s['segments_s']:.2f} s per field, {s['segments_overhead']:.2f}x the light "
-                                  f"removal + photutils detect/deblend alone ({s['light_removal_plus_photutils_s']:.2f} s)"),
+                                  "removal + photutils detect/deblend alone "
+                                  f"({s['light_removal_plus_photutils_s']:.2f} s)"),
             ("box_median", f"{s['box_median_s'] * 1e3:.1f} ms per field ({s['box_px']} px box, every band), "
                            f"{s['box_median_speedup']:.2f}x scipy's median_filter "
                            f"({s['median_filter_s'] * 1e3:.1f} ms); equal: {s['box_median_equal']}"),
@@ -316,14 +318,16 @@ def main(argv=None) -> dict:
                                 f"{meta['cluster_track_b'].get('precision', '')}"))
         tb = meta["cluster_track_b"]
         if "field_view_seconds" in tb:
-            rows.append(("field_view", f"{tb['field_view_seconds']:.0f} s training on {tb['field_view_overview_px']} px "
+            rows.append(("field_view", f"{tb['field_view_seconds']:.0f} s training on "
+                                       f"{tb['field_view_overview_px']} px "
                                        f"overviews ({tb['field_view_seconds'] / times['cluster_track_b']:.2f} of "
                                        f"cluster_track_b's wall time)"))
         rates = track_a_rates(args.root, args.survey)
         record["track_a_rates"] = rates
         rows.append(("track_a fit", f"{rates['fit_s']:.2f} s for {rates['n_train']} fields ({rates['n_trees']} trees, "
                                     f"{rates['train_rows_per_s']:.0f} fields/s), {rates['fit_overhead']:.2f}x "
-                                    f"xgboost.train alone with early stopping's tree count ({rates['raw_fit_s']:.2f} s)"))
+                                    "xgboost.train alone with early stopping's tree count "
+                                    f"({rates['raw_fit_s']:.2f} s)"))
         rows.append(("track_a scoring", f"{rates['score_rows_per_s']:.0f} fields/s, {rates['score_overhead']:.2f}x "
                                         "the booster's inplace_predict"))
         for model, sets in figures.items():

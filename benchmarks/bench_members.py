@@ -133,11 +133,13 @@ def main(argv=None) -> dict:
         out["dataset_seconds"] = time.perf_counter() - t
         n_train = int((splits["split"] == "train").sum())
         out.update({"n_train": n_train, "n_val": int((splits["split"] == "val").sum()), "n_heldout": len(heldout)})
-        print(f"dataset: {n_train} train, {out['n_val']} val, {len(heldout)} held-out in {out['dataset_seconds']:.0f} s",
+        print(f"dataset: {n_train} train, {out['n_val']} val, {len(heldout)} held-out in "
+              f"{out['dataset_seconds']:.0f} s",
               flush=True)
         for name in args.candidates.split(","):
             rate = train_rate(name, shard_dir, args.batch_size)
-            epochs = max(1, int(args.minutes * 60 * rate * 0.5 / n_train))  # 0.5: validation, loader, augmentation, checkpoints
+            # 0.5: validation, loader, augmentation, checkpoints
+            epochs = max(1, int(args.minutes * 60 * rate * 0.5 / n_train))
             settings = TrainSettings(backbone=name, epochs=epochs, batch_size=args.batch_size, lr=args.lr,
                                      patience=epochs, progress=False, max_minutes=args.minutes)
             s = train(shard_dir, splits_path, root / "runs" / name, settings)
@@ -159,7 +161,8 @@ def main(argv=None) -> dict:
     rows.append(("candidate", "params  train img/s  score img/s  epochs  val AUROC  heldout AUROC  "
                               "(heldout-0.5)/CPU-min  train/score vs resnet10t"))
     for name, r in sorted(c.items(), key=lambda kv: -kv[1]["heldout_auroc_gain_per_cpu_minute"]):
-        vs = (f"{r['train_img_per_s'] / ref['train_img_per_s']:.2f}x / {r['score_img_per_s'] / ref['score_img_per_s']:.2f}x"
+        vs = (f"{r['train_img_per_s'] / ref['train_img_per_s']:.2f}x / "
+              f"{r['score_img_per_s'] / ref['score_img_per_s']:.2f}x"
               if ref else "-")
         rows.append((name, f"{r['params_m']:5.2f}M  {r['train_img_per_s']:11.0f}  {r['score_img_per_s']:11.0f}  "
                            f"{r['epochs_run']:6d}  {r['val_auroc']:9.3f}  {r['heldout_auroc']:13.3f}  "

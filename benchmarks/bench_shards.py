@@ -94,7 +94,8 @@ def matching_section(root: Path, n: int, total: int = 2048) -> dict:
     t_all = min(timed(parallel_map, _ours_chunk, tasks, workers=0, progress=False)[1] for _ in range(2))
     n_naive = min(64, len(distinct))
     _, t_naive = timed(naive, _CUTOUTS[:n_naive], settings)
-    return {"n": len(_CUTOUTS), "n_distinct": len(distinct), "ours_1core_per_s": len(_CUTOUTS) / t_one, "ours_all_per_s": len(_CUTOUTS) / t_all,
+    return {"n": len(_CUTOUTS), "n_distinct": len(distinct), "ours_1core_per_s": len(_CUTOUTS) / t_one,
+            "ours_all_per_s": len(_CUTOUTS) / t_all,
             "naive_per_s": n_naive / t_naive, "speedup_1core": (len(_CUTOUTS) / t_one) / (n_naive / t_naive),
             "cores": c}
 

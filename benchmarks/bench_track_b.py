@@ -212,7 +212,8 @@ def main(argv=None) -> dict:
         record["training"]["wall_seconds"] = time.perf_counter() - t0
         rows.append(("track_b training", f"{summary['epochs_run']} epochs, best val AUROC "
                                          f"{summary['best_val_auroc']:.3f}, {summary['train_instances_per_s']:.0f} "
-                                         f"inst/s ({summary['precision']}), {record['training']['wall_seconds']:.0f} s"))
+                                         f"inst/s ({summary['precision']}), "
+                                         f"{record['training']['wall_seconds']:.0f} s"))
         scores = pd.read_parquet(Path(args.root) / "bench_track_b" / "run" / "scores.parquet")
         a_path = storage.path(*layout.cluster_scores_table(args.survey))
         track_a = pd.read_parquet(a_path) if a_path.exists() else None

@@ -341,7 +341,8 @@ def cluster_scores_table(survey: str) -> Parts:
 
 
 def cluster_anomaly_file(survey: str) -> Parts:
-    """The Deep SVDD anomaly model of the cluster features (its calibrator: ``cluster_calibrator_file(s, 'anomaly')``)."""
+    """The Deep SVDD anomaly model of the cluster features (its calibrator:
+    ``cluster_calibrator_file(s, 'anomaly')``)."""
     return (*cluster_models_dir(survey), "anomaly.json")
 
 

@@ -84,7 +84,8 @@ def run_config(profile: str, *, seed: int | None = None, overrides: dict | None 
                track: str = "galaxy") -> dict:
     """The ``ops`` run config of ``profile`` for ``track`` (``galaxy``: :data:`PROFILES`, ``clusters``:
     :data:`CLUSTER_PROFILES`); ``overrides`` maps op -> fields to replace."""
-    profiles, seeded = {"galaxy": (PROFILES, "simulated_cutouts"), "clusters": (CLUSTER_PROFILES, "cluster_fields")}[track]
+    profiles, seeded = {"galaxy": (PROFILES, "simulated_cutouts"),
+                        "clusters": (CLUSTER_PROFILES, "cluster_fields")}[track]
     try:
         ops = copy.deepcopy(profiles[profile])
     except KeyError:

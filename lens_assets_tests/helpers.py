@@ -49,7 +49,8 @@ PERMISSIVE_GATES = {"min_auroc": 0.0, "min_tpr10": 0.0, "max_ece": 1.0, "min_hel
 
 def trained_survey_run_config() -> dict:
     """The run config of the whole graph on 200 simulated SDSS cutouts (and 60 of the held-out family): one
-    resnet10t member trained for one epoch with head dropout, calibrated, reported on with PERMISSIVE_GATES and promoted."""
+    resnet10t member trained for one epoch with head dropout, calibrated, reported on with PERMISSIVE_GATES and
+    promoted."""
     return {"ops": {
         "simulated_cutouts": {"config": {"n_cutouts": 200, "n_heldout": TRAINED_N_HELDOUT, "seed": 5, "workers": 1}},
         "cutout_catalog": {"config": {"workers": 1}},

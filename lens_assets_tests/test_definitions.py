@@ -36,7 +36,8 @@ def test_definitions_load_with_the_contract_asset_keys_groups_and_owners():
     assert checks == {"catalog_matches_schema", "every_file_accounted_for", "label_balance_and_provenance",
                       "matched_fwhm_within_3pct", "label_fractions_agree", "no_objid_in_two_splits",
                       "no_sky_group_across_splits", "val_halves_hold_both_labels", "auroc_at_least_gate",
-                      "tpr10_at_least_gate", "ece_at_most_gate", "heldout_auroc_at_least_gate", "lensing_only_auroc_at_least_gate",
+                      "tpr10_at_least_gate", "ece_at_most_gate", "heldout_auroc_at_least_gate",
+                      "lensing_only_auroc_at_least_gate",
                       "fnr_flux_ratio_lt_0_1_at_most_gate", "shortcut_auroc_at_most_gate",
                       "cluster_auroc_at_least_gate", "cluster_heldout_auroc_at_least_gate",
                       "cluster_tpr_at_fpr_0_1_at_least_gate", "every_model_on_every_set"}

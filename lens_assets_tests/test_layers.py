@@ -1,4 +1,5 @@
-"""The layers of docs/design.md: science never imports dagster or torch; ml never imports dagster (except dagster_pipes)."""
+"""The layers of docs/design.md: science never imports dagster or torch; ml never imports dagster
+(except dagster_pipes)."""
 
 import ast
 from pathlib import Path

@@ -59,7 +59,8 @@ def test_files_sit_in_the_folders_the_layout_names():
     for name in ("cluster_vetted_model_file", "cluster_vetted_calibrator_file"):
         assert p[name][:-1] == p["cluster_vetted_dir"], name  # write_cluster_manifest publishes the folder as one
     assert p["cluster_vetted_dir"][:-2] == p["cluster_models_dir"]
-    assert layout.simulation_drop("baseline", 3) == "sim-3" and layout.simulation_drop("physical", 3) == "sim-physical-3"
+    assert (layout.simulation_drop("baseline", 3) == "sim-3"
+            and layout.simulation_drop("physical", 3) == "sim-physical-3")
 
 
 def test_shard_folder_names_are_the_shard_formats_own():

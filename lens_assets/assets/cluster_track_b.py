@@ -60,7 +60,8 @@ def cluster_track_b(context: dg.AssetExecutionContext, config: ClusterTrackBConf
     (PSF-matched, asinh of the flux over the field's noise); a timm backbone embeds each stamp, gated attention
     pools them to one logit per field. Beside it (``field_view``), the field-view model: the same network on one
     instance per field, the whole field averaged to 1"/px, scored as model ``field_view``. Both are trained on the
-    train split by a Pipes job (``lens_assets.ml.train_mil``), the best epoch by val/stop AUROC; scores of the test split and the held-out families in Track A's format,
+    train split by a Pipes job (``lens_assets.ml.train_mil``), the best epoch by val/stop AUROC; scores of the
+    test split and the held-out families in Track A's format,
     the val rows' scores for fusion, and each instance's attention weight. With ``pu_labeled``, Elkan–Noto PU
     models of the same network from n labeled lenses (``pu_b_<n>`` rows in the scores, test and held-out only)."""
     from lens_assets.ml.backbones import BACKBONES

@@ -94,14 +94,16 @@ def cluster_fields(context: dg.AssetExecutionContext, config: ClusterFieldsConfi
         "seconds_by_family": dg.MetadataValue.json({k: round(v[3], 1) for k, v in made.items()}),
         "gallery": png_markdown(gallery, alt="simulated cluster fields"),
     }
-    version = sha256_of_strings([survey.name, str(config.seed), CLUSTER_CODE_VERSION, f"{family.sha256}:{config.n_fields}",
+    version = sha256_of_strings([survey.name, str(config.seed), CLUSTER_CODE_VERSION,
+                                 f"{family.sha256}:{config.n_fields}",
                                  f"{heldout.sha256}:{n_heldout}"])
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(version[:16]))
 
 
 class ArcSegmentsConfig(dg.Config):
     field_size_arcsec: float = Field(default=40.0, gt=0, description="side of the grid fields are read on (the "
-                                     "cluster family's field); smaller files are refused as too_small, larger ones are segmented whole")
+                                     "cluster family's field); smaller files are refused as too_small, "
+                                     "larger ones are segmented whole")
     light: str = Field(default="median", description="how the cluster's light is removed before segmentation: "
                        "'median' (box median filter) or 'model' (elliptical radial-median models of the galaxies)")
     nsigma: float = Field(default=2.0, gt=0, description="detection threshold of the residual, in noise units")

@@ -34,7 +34,8 @@ from lens_assets.science.simulation import LENSING_ONLY  # SIMFAM of the lens/tw
 from lens_assets.science.splits import has_role, require_both_labels, val_roles
 from lens_assets.science.surveys import get_survey
 
-EVALUATION_CODE_VERSION = "eval-12"  # 4: fit on the val split's calibrate half; 5: uncertainty; 6: in probability units;
+EVALUATION_CODE_VERSION = "eval-12"  # 4: fit on the val split's calibrate half; 5: uncertainty;
+# 6: in probability units;
 # 7: the report's AUROC of the lenses with arc S/N >= 100; 8: each non-lens type's share in by_kind; 9: AUROC per
 # Einstein-radius bin. score_calibrator keeps it; the report has its own from 10 on
 # 10: the shortcut audit's AUROC per non-lens type and its figure without the twins; 11: lensing-only AUROC per θE bin
@@ -741,7 +742,8 @@ def report_markdown(survey: str, figures: dict, calibrator: dict, shortcut: dict
                   "Flagged-uncertain candidates should be where the errors are: the error rate should rise with "
                   "the decile.", "", uncertainty_table(figures["uncertainty"])]
     lines += ["", f"Calibrator: {calibrator['calibrator']['method']} after {calibrator['fusion']['method']} fusion "
-              f"of {', '.join(m['name'] for m in calibrator['members'])}; {_fit_rows_text(calibrator)}", "", "![ROC](roc.png)", "", "![scores](score_histograms.png)", "",
+              f"of {', '.join(m['name'] for m in calibrator['members'])}; {_fit_rows_text(calibrator)}", "",
+              "![ROC](roc.png)", "", "![scores](score_histograms.png)", "",
               "![reliability](reliability.png)", ""]
     return "\n".join(lines)
 

@@ -33,7 +33,8 @@ class SimulationConfig(dg.Config):
     n_heldout: int | None = Field(default=None, ge=0, description="objects per held-out family; default "
                                   "n_cutouts // 5, 0 for none")
     n_pairs: int | None = Field(default=None, ge=0, description="lens/twin pairs of the (physical) training family "
-                                "for the lensing-only AUROC, kept out of the splits; default n_cutouts // 10, 0 for none")
+                                "for the lensing-only AUROC, kept out of the splits; "
+                                "default n_cutouts // 10, 0 for none")
     pairs_family: str | None = Field(default=None, description="physical family the lens/twin pairs are drawn from; "
                                      "default the training family (set it to compare training families on the "
                                      "same pairs)")

@@ -43,7 +43,8 @@ from torch import nn
 from .backbones import create_backbone, get_spec
 
 __all__ = ["Bag", "BagSet", "MILSettings", "MILNet", "MILClassifier", "N_POSITION", "SEGMENT_BAG_COLUMNS",
-           "segment_bags", "normalize_field", "field_overview", "field_image", "field_bag", "build_bag_cache", "write_bag_cache",
+           "segment_bags", "normalize_field", "field_overview", "field_image", "field_bag", "build_bag_cache",
+           "write_bag_cache",
            "read_bag_cache", "augment_bags", "collate_bags", "train_mil", "train_pu_mil", "pu_model_name", "load_mil",
            "score_mil", "attention_gallery", "MIL_CODE_VERSION"]
 

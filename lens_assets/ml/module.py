@@ -19,8 +19,9 @@ import torch.nn.functional as F
 
 from .backbones import create_backbone, first_conv, widen_first_conv
 
-__all__ = ["LensClassifier", "asinh", "scale_input", "median_measured_variance", "augment", "observing_conditions", "FiLM",
-           "colour_residual", "radial_residual", "radial_median_model", "colour_difference", "Float32Conv2d", "float32_first_conv",
+__all__ = ["LensClassifier", "asinh", "scale_input", "median_measured_variance", "augment", "observing_conditions",
+           "FiLM", "colour_residual", "radial_residual", "radial_median_model", "colour_difference", "Float32Conv2d",
+           "float32_first_conv",
            "deflector_shape", "elliptical_median_model", "elliptical_residual"]
 
 
@@ -354,7 +355,8 @@ def physics_consistency(image: torch.Tensor, variance: torch.Tensor, params: tor
     fit (at least 0), the deflector's light the radial median model (:func:`radial_median_model`). In noise
     units: about 1 where the implied arcs account for what the deflector leaves."""
     resid = image.float() - radial_median_model(image.float())
-    w = torch.where(variance > 0, 1.0 / variance.float().clamp_min(1e-20), torch.zeros_like(variance, dtype=torch.float32))
+    w = torch.where(variance > 0, 1.0 / variance.float().clamp_min(1e-20),
+                    torch.zeros_like(variance, dtype=torch.float32))
     t = lensed_template(params.float(), image.shape[-1], psf_sigma_px)[:, None]  # (n, 1, H, W)
     amp = ((w * resid * t).sum(dim=(2, 3)) / (w * t * t).sum(dim=(2, 3)).clamp_min(1e-20)).clamp_min(0.0)
     chi2 = (w * (resid - amp[..., None, None] * t) ** 2).sum(dim=(1, 2, 3))

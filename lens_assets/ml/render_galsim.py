@@ -320,7 +320,8 @@ def draw_galsim_scene(family: GalsimFamily, survey: SurveySpec, rng: np.random.G
 
     fwhm = _draw_seeing(family, survey, rng)
     profile = d("psf", "profile", rng)
-    psf_params = {"moffat_beta": d("psf", "moffat_beta", rng), "wing_flux_fraction": d("psf", "wing_flux_fraction", rng),
+    psf_params = {"moffat_beta": d("psf", "moffat_beta", rng),
+                  "wing_flux_fraction": d("psf", "wing_flux_fraction", rng),
                   "wing_fwhm_scale": d("psf", "wing_fwhm_scale", rng)}
     psf_shear = (d("psf", "ellipticity", rng), d("psf", "ellipticity", rng))
     ra = rng.uniform(0.0, 360.0)
@@ -396,7 +397,8 @@ def _environment(family: GalsimFamily, survey: SurveySpec, rng) -> list[Light]:
     for _ in range(d(e, "n_neighbours", rng)):
         x, y = _polar(min(d(e, "neighbour_distance_arcsec", rng), 1.2 * half), rng.uniform(0, 2 * math.pi))
         out.append(Light("sersic", x, y, d(e, "neighbour_mag", rng), d(e, "neighbour_color_beta", rng),
-                         lensed=False, n=_sersic_n(d(e, "neighbour_sersic_n", rng)), r_eff=d(e, "neighbour_r_eff_arcsec", rng),
+                         lensed=False, n=_sersic_n(d(e, "neighbour_sersic_n", rng)),
+                         r_eff=d(e, "neighbour_r_eff_arcsec", rng),
                          q=rng.uniform(0.3, 1.0), beta_deg=rng.uniform(0, 180), trunc_r_eff=8.0))
     if rng.uniform() < d(e, "star_probability", rng):
         x, y = _polar(min(d(e, "star_distance_arcsec", rng), 1.2 * half), rng.uniform(0, 2 * math.pi))

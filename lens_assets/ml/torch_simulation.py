@@ -21,7 +21,8 @@ __all__ = ["simulate_torch", "simulate_to_directory_torch", "torch_refusal", "CH
 CHUNK_OBJECTS = 32  # objects per worker task: one rendered batch
 RENDER_VERSION = "torch-1"  # in simulated_cutouts' data version with renderer torch: bump when the light changes
 LABEL_SOURCE = "sim:torch"  # LABELSRC of its files: the catalog's label_source says which code drew the light
-RENDERERS = ("lenstronomy", "torch")  # what can draw a lenstronomy family's galaxy cutouts (simulated_cutouts' renderer)
+# what can draw a lenstronomy family's galaxy cutouts (simulated_cutouts' renderer)
+RENDERERS = ("lenstronomy", "torch")
 
 
 def torch_refusal(family) -> str | None:

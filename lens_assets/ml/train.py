@@ -8,7 +8,8 @@ from the Pipes extras and reports its summary as a custom message. A checkpoint
 is written every epoch (``last.ckpt`` plus the best by validation AUROC, on the
 validation split's ``stop`` half only: its ``calibrate`` half is the
 calibrator's, see :func:`lens_assets.ml.data.training_datasets`); when ``out``
-already holds ``last.ckpt`` training resumes from it, so a run killed mid-training continues where it stopped. CSV logs go to
+already holds ``last.ckpt`` training resumes from it, so a run killed
+mid-training continues where it stopped. CSV logs go to
 ``out/logs/version_N`` (one per start, so a resumed run keeps the earlier log).
 ``out/run.json`` records a fingerprint of the shards, splits and settings; a
 checkpoint left by a run with another fingerprint is discarded, not resumed, and
@@ -208,7 +209,8 @@ def train(shard_dir: str | Path, splits_path: str | Path, out_dir: str | Path, s
                            head_dropout=settings.head_dropout, upsample=settings.upsample,
                            arc_attention=settings.arc_attention, physics_weight=settings.physics_weight,
                            physics_warmup_epochs=settings.physics_warmup_epochs,
-                           psf_fwhm_px=_matched_psf_fwhm_px(shard_dir, shard_survey), weights_path=settings.weights_path or None,
+                           psf_fwhm_px=_matched_psf_fwhm_px(shard_dir, shard_survey),
+                           weights_path=settings.weights_path or None,
                            zoom_max=settings.zoom_max, float32_stem=settings.float32_stem,
                            elliptical_residual=settings.elliptical_residual, ema_epochs=settings.ema_epochs)
     gpu = torch.cuda.is_available() and settings.accelerator in ("auto", "gpu", "cuda")
@@ -269,7 +271,8 @@ def train(shard_dir: str | Path, splits_path: str | Path, out_dir: str | Path, s
         "epochs_run": epochs_done, "global_step": global_step,
         "resumed_after_epochs": resumed_after_epochs, "device": "cuda" if gpu else "cpu",
         "fingerprint": fingerprint, "restarted_stale_run": stale,
-        "n_train": len(train_ds), "n_val_stop": len(val_loader.dataset), "settings": asdict(settings), "seconds": seconds,
+        "n_train": len(train_ds), "n_val_stop": len(val_loader.dataset), "settings": asdict(settings),
+        "seconds": seconds,
         "batch_size": batch_size, "batch_size_probe": probe,
         "precision": precision, "threads": threads, "channels_last": channels_last, "film": settings.film,
         "residual_bands": [shard_bands[i] for i in residual] if residual else [],

@@ -36,8 +36,8 @@ re-exports their names.
 
 from __future__ import annotations
 
-from .fits_reader import (_BITPIX_DTYPE, _FLOAT, _INT, _SCALING_KEYS, _STRUCTURE_KEYS, _card_value, _cards,  # noqa: F401
-                          _cut_short, _open, _open_with_astropy, _PlainHDU, _scan_plain_hdus, read_cutout)
+from .fits_reader import (_BITPIX_DTYPE, _FLOAT, _INT, _SCALING_KEYS, _STRUCTURE_KEYS, _card_value,  # noqa: F401
+                          _cards, _cut_short, _open, _open_with_astropy, _PlainHDU, _scan_plain_hdus, read_cutout)
 from .fits_validation import (BAND_FLAGS, BAND_KEYWORDS, CROP_FLAG_RATIO, FITS_BLOCK, FLUX_UNITS,  # noqa: F401
                               GAIN_RANGE, LABEL_SOURCE_PREFIXES, MAGZP_RANGE, MAX_NAN_FRACTION, PRIMARY_KEYWORDS,
                               QUARANTINE_REASONS, RESAMPLE_TOLERANCE, SIZE_TOLERANCE_ARCSEC, Cutout,

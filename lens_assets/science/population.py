@@ -413,7 +413,8 @@ def draw_scene(family: Family, survey: SurveySpec, rng: np.random.Generator) -> 
             continue
         # deflector light
         ll = "lens_light"
-        m_abs = d(ll, "fj_mag_at_200", rng) - 10.0 * math.log10(sigma / 200.0) + rng.normal(0, d(ll, "fj_scatter_mag", rng))
+        m_abs = d(ll, "fj_mag_at_200", rng) - 10.0 * math.log10(sigma / 200.0) + rng.normal(
+            0, d(ll, "fj_scatter_mag", rng))
         beta_l = d(ll, "color_beta_at_z0", rng) + d(ll, "color_beta_per_z", rng) * z_l + rng.normal(
             0, d(ll, "color_beta_scatter", rng))
         gal_mag = _observed_mag(m_abs, tables.dm_l[i], z_l, beta_l, ref.wavelength_nm, d(ll, "rest_wavelength_nm", rng))

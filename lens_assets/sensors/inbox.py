@@ -210,7 +210,8 @@ def inbox_tick(storage, instance: dg.DagsterInstance, cursor: str | None, *, lim
             problem = drop_name_problem(drop)
             if problem:
                 if log:
-                    log.warning(f"{storage.url(*layout.inbox_drop(survey, drop))}: {problem}; the drop is skipped (rename it)")
+                    log.warning(f"{storage.url(*layout.inbox_drop(survey, drop))}: {problem}; "
+                                "the drop is skipped (rename it)")
                 continue
             if not storage.exists(*layout.complete_marker(survey, drop)):
                 waiting += 1

@@ -150,7 +150,8 @@ def test_report_figures_equal_metrics_recomputed_from_the_scores(graph):
                                                            np.r_[s[y == 1], neg])), kind
     assert [v["auroc"] for v in by_kind.values()] == sorted(v["auroc"] for v in by_kind.values())
     assert sum(v["share"] * v["auroc"] for v in by_kind.values()) == pytest.approx(roc_auc_score(y, s), abs=1e-9)
-    assert "## AUROC against each non-lens type" in (storage.path("reports", SURVEY, "bologna", "report.md")).read_text()
+    assert "## AUROC against each non-lens type" in (
+        storage.path("reports", SURVEY, "bologna", "report.md")).read_text()
     assert f"| {next(iter(by_kind))} | " in meta["auroc_by_nonlens_type"]
 
     held = scores[scores["split"] == "heldout"]
@@ -169,7 +170,8 @@ def test_report_gives_the_error_rate_by_uncertainty_decile_of_the_test_split(gra
     assert np.isfinite(scores["uncertainty"]).all() and (scores["uncertainty"] >= 0).all()  # isotonic plateaus: 0
     assert (scores["uncertainty"] > 0).any()
     # one member: the spread is its MC-dropout std, seen through the calibrated probability
-    cal = Calibrator.from_dict(json.loads(storage.path("calibrators", SURVEY, "calibrator.json").read_text())["calibrator"])
+    cal = Calibrator.from_dict(
+        json.loads(storage.path("calibrators", SURVEY, "calibrator.json").read_text())["calibrator"])
     z, s = scores["logit"].to_numpy(), scores[f"logit_std_mc_{MEMBER}"].to_numpy()
     np.testing.assert_allclose(scores["uncertainty"], (cal.predict(z + s) - cal.predict(z - s)) / 2, rtol=1e-6)
     np.testing.assert_allclose(scores["logit_std_mc"], s, rtol=1e-6)
@@ -285,7 +287,8 @@ def test_a_missed_gate_blocks_and_a_missed_target_warns_and_the_pair_is_still_pr
                 ) == (False, False)
         (promoted,) = run.asset_materializations_for_node("promoted_model")
         why = promoted.metadata["why"].value
-        assert f"| auroc_at_least_gate | {auroc:.3f} | 0.0 | {above} | target {above} not met (WARN, not blocking) |" in why
+        assert (f"| auroc_at_least_gate | {auroc:.3f} | 0.0 | {above} | target {above} not met "
+                "(WARN, not blocking) |") in why
         assert f"| tpr10_at_least_gate | {tpr10_value:.3f} | not gated | none | not gated |" in why
         promotion = json.loads(storage.path("promoted", SURVEY, "promotion.json").read_text())
         assert promotion["checks"] == recorded

@@ -234,7 +234,8 @@ def test_candidates_carry_the_mc_dropout_uncertainty_of_their_fused_logit(scored
     assert (table["logit_std_mc"] > 0).all() and np.isfinite(table["logit_std_mc"]).all()
     from lens_assets.science.calibration import Calibrator
 
-    cal = Calibrator.from_dict(json.loads(storage.path("promoted", SURVEY, "calibrator.json").read_text())["calibrator"])
+    cal = Calibrator.from_dict(
+        json.loads(storage.path("promoted", SURVEY, "calibrator.json").read_text())["calibrator"])
     z, s = table["logit"].to_numpy(), table["logit_std_mc"].to_numpy()
     np.testing.assert_allclose(table["uncertainty"], (cal.predict(z + s) - cal.predict(z - s)) / 2, rtol=1e-9)
     # the column is each row's std over the member's head draws (fusion mean of one member: weight 1)

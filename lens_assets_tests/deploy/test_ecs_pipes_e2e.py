@@ -19,7 +19,8 @@ with retries enabled, so the retry is what a deployment's run does too.)
 
 dagster-aws's ``PipesCloudWatchLogReader`` polls GetLogEvents in a loop and only notices that its session closed
 when another event arrives (dagster#30032, dagster#31226): ``EcsLauncher`` paces its readers (``PacedLogsClient``,
-1 s a call), and after each run one more event is written to each stream so its reader thread ends. The ``tasks_stopped`` waiter polls every
+1 s a call), and after each run one more event is written to each stream so its reader thread ends. The
+``tasks_stopped`` waiter polls every
 second instead of every 6.
 """
 

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from lens_assets.ml.backbones import BACKBONES, FAMILIES, count_parameters, create_backbone, load_weights, smallest_backbone
+from lens_assets.ml.backbones import (BACKBONES, FAMILIES, count_parameters, create_backbone, load_weights,
+                                      smallest_backbone)
 
 
 @pytest.mark.parametrize("name", sorted(BACKBONES))

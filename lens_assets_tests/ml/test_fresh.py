@@ -26,7 +26,8 @@ def test_fresh_rows_are_what_the_fixed_pipeline_makes_of_the_same_objects(data, 
     mix = _mix(data)
     fresh = mix.simulate([0, 1, 2])
     survey = get_survey("sdss")
-    simulate_to_directory(survey, load_family("baseline"), n_cutouts=3, seed=FRESH_SEED_OFFSET, out_dir=tmp_path / "raw",
+    simulate_to_directory(survey, load_family("baseline"), n_cutouts=3, seed=FRESH_SEED_OFFSET,
+                          out_dir=tmp_path / "raw",
                           workers=1, progress=False)
     catalog = ingest_files(find_fits(tmp_path / "raw"), survey, root=tmp_path, workers=1, progress=False).catalog
     catalog = catalog.set_index("objid").loc[list(fresh["objid"])].reset_index()

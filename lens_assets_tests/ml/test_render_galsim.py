@@ -57,7 +57,8 @@ SIS = {"theta_e": 1.2, "q": 0.99999, "phi_rad": 0.0, "gamma1": 0.0, "gamma2": 0.
 
 
 def test_sis_point_images_and_magnifications_are_the_textbook_ones():
-    # SIS, source at beta on the x axis: images at beta + theta_E and beta - theta_E, |mu| = |theta| / (|theta| - theta_E)
+    # SIS, source at beta on the x axis: images at beta + theta_E and beta - theta_E,
+    # |mu| = |theta| / (|theta| - theta_E)
     beta, te = 0.5, SIS["theta_e"]
     x, y, mu = rg.solve_lens_equation((beta, 0.0), SIS, window_arcsec=3.0)
     order = np.argsort(x)
@@ -189,12 +190,15 @@ def _family_text(**replace):
 
 @pytest.mark.parametrize("edit,match", [
     ({'renderer = "galsim"': 'renderer = "lenstronomy"'}, r"bad\.toml: renderer = 'lenstronomy'"),
-    ({"shear = { dist": "sheer = { dist"}, r"bad\.toml: \[deflector\] has unknown keys \['sheer'\] and lacks \['shear'\]"),
+    ({"shear = { dist": "sheer = { dist"},
+     r"bad\.toml: \[deflector\] has unknown keys \['sheer'\] and lacks \['shear'\]"),
     ({'"kolmogorov", "moffat", "core_wings"]': '"kolmogorov", "airy", "core_wings"]'},
      r"bad\.toml \[psf\] profile: values \['airy'\] are not among"),
-    ({"lens_fraction = 0.5": "lens_fraction = 1.5"}, r"bad\.toml: lens_fraction must be a number in \[0, 1\], got 1\.5"),
+    ({"lens_fraction = 0.5": "lens_fraction = 1.5"},
+     r"bad\.toml: lens_fraction must be a number in \[0, 1\], got 1\.5"),
     ({"twin = 0.35": "mirage = 0.35"}, r"bad\.toml: \[negatives\] has unknown kinds \['mirage'\]"),
-    ({'max_offset = 0.9': 'max_offset = { dist = "gamma", k = 2 }'}, r"bad\.toml \[source\] max_offset: unknown dist 'gamma'"),
+    ({'max_offset = 0.9': 'max_offset = { dist = "gamma", k = 2 }'},
+     r"bad\.toml \[source\] max_offset: unknown dist 'gamma'"),
 ])
 def test_loader_errors_name_file_section_and_key(tmp_path, edit, match):
     path = tmp_path / "bad.toml"

@@ -278,7 +278,8 @@ def test_mc_dropout_draws_average_to_the_deterministic_logit_and_need_head_dropo
     image = torch.randn(4, 3, 32, 32)
     variance = torch.ones(4, 3, 32, 32)
     with torch.inference_mode():
-        det, draws = model.mc_dropout_logits(image, variance, n_samples=4000, generator=torch.Generator().manual_seed(0))
+        det, draws = model.mc_dropout_logits(image, variance, n_samples=4000,
+                                             generator=torch.Generator().manual_seed(0))
         forward = model(image, variance)
     torch.testing.assert_close(det, forward)
     assert draws.shape == (4000, 4) and (draws.std(dim=0) > 0).all()

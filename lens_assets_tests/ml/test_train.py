@@ -678,7 +678,8 @@ def test_the_run_fingerprint_follows_the_shards_data_version_and_the_settings_th
     for option in ({"elliptical_residual": True}, {"float32_stem": True}, {"ema_epochs": 1.0}):
         assert run_fingerprint(data / "shards", data / "splits.parquet",
                                TrainSettings(backbone="resnet10t", **option)) != fp, option
-    assert run_fingerprint(data / "shards", data / "splits.parquet", TrainSettings(backbone="resnet10t", epochs=3)) == fp
+    assert run_fingerprint(data / "shards", data / "splits.parquet",
+                           TrainSettings(backbone="resnet10t", epochs=3)) == fp
 
 
 def test_an_upsampled_member_sees_its_input_interpolated_and_trains_and_scores(data, tmp_path):
@@ -718,7 +719,8 @@ def test_the_arc_attention_branch_is_rotation_invariant_starts_at_zero_and_train
     x = torch.randn(3, 5, 64, 64, dtype=torch.float64)
     out = branch(x)
     # a 90-degree rotation about the centre rolls the polar grid by a quarter of its angles
-    torch.testing.assert_close(branch(torch.rot90(x, 1, dims=(2, 3))), out, rtol=1e-4, atol=1e-4 * float(out.abs().max()))
+    torch.testing.assert_close(branch(torch.rot90(x, 1, dims=(2, 3))), out, rtol=1e-4,
+                               atol=1e-4 * float(out.abs().max()))
     assert (out - branch(torch.roll(x, 5, dims=3))).abs().max() > 1e-3  # not blind: a shifted stamp differs
     # the polar grid: a ring of radius 16 px lights the radius index 16 / 32 * 16 = 8 at every angle
     yy, xx = torch.meshgrid(torch.arange(64.0) - 31.5, torch.arange(64.0) - 31.5, indexing="ij")

@@ -525,7 +525,8 @@ def _shard_folder(folder: Path, version: str, n_shards: int) -> dict[str, bytes]
     files = {f"shard-{i:05d}.h5": f"{version} shard {i}".encode() * 100 for i in range(n_shards)}
     files["rows.parquet"] = f"{version} rows".encode()
     manifest = {"version": version, "rows_table": "rows.parquet",
-                "rows_table_sha256": hashlib.sha256(files["rows.parquet"]).hexdigest(), "shards": [{"file": k, "rows": 1, "sha256": hashlib.sha256(v).hexdigest()}
+                "rows_table_sha256": hashlib.sha256(files["rows.parquet"]).hexdigest(),
+                "shards": [{"file": k, "rows": 1, "sha256": hashlib.sha256(v).hexdigest()}
                            for k, v in files.items() if k.endswith(".h5")]}
     files["manifest.json"] = json.dumps(manifest).encode()
     folder.mkdir(parents=True, exist_ok=True)

@@ -108,7 +108,8 @@ def test_platt_equals_unpenalized_logistic_regression_of_scikit_learn():
 
 
 def test_platt_corrects_a_shifted_logit_that_temperature_cannot():
-    z, y = _platt_data(20_000, 1.0, -2.0, seed=12)  # right scale, logits 2 too high (e.g. mean fusion of biased members)
+    # right scale, logits 2 too high (e.g. mean fusion of biased members)
+    z, y = _platt_data(20_000, 1.0, -2.0, seed=12)
     zt, yt = _platt_data(20_000, 1.0, -2.0, seed=13)
     platt = fit_calibrator(z, y, method="platt")
     temp = fit_calibrator(z, y, method="temperature")

@@ -56,7 +56,8 @@ SERSICS = [
     {"amp": 12.0, "R_sersic": 1.5, "n_sersic": 0.6, "e1": -0.1, "e2": 0.05, "center_x": -2.0, "center_y": 1.0},
     {"amp": 1.0, "R_sersic": 0.003, "n_sersic": 2.5, "e1": 0.0, "e2": 0.1, "center_x": 0.0, "center_y": 0.0},
     {"amp": 1.0, "R_sersic": 5e-5, "n_sersic": 1.0, "e1": 0.1, "e2": 0.0, "center_x": 0.0, "center_y": 0.0},  # floor
-    {"amp": 1.0, "R_sersic": -0.1, "n_sersic": 1.0, "e1": 0.0, "e2": 0.0, "center_x": 0.0, "center_y": 0.0},  # max(0, .)
+    # max(0, .)
+    {"amp": 1.0, "R_sersic": -0.1, "n_sersic": 1.0, "e1": 0.0, "e2": 0.0, "center_x": 0.0, "center_y": 0.0},
 ]
 
 

@@ -190,7 +190,8 @@ def test_a_wcs_pixel_scale_outside_the_pixscale_range_is_bad_header_value():
                                   name=f"IMAGE_{b}"))
     buf = io.BytesIO()
     fits.HDUList(hdus).writeto(buf)
-    with pytest.raises(QuarantineError, match=r"IMAGE_g: WCS pixel scale = 3\.6\d*e-27 is outside \[1e-06, 3600\.0\]") as err:
+    with pytest.raises(QuarantineError,
+                       match=r"IMAGE_g: WCS pixel scale = 3\.6\d*e-27 is outside \[1e-06, 3600\.0\]") as err:
         read(buf.getvalue())
     assert err.value.reason == "bad_header_value"
 

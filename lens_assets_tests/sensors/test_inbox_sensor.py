@@ -137,7 +137,8 @@ def test_the_cursor_forgets_drops_removed_from_the_inbox_and_keeps_the_rest(stor
 def _run_as_the_sensor_daemon_would(storage, instance, req: dg.RunRequest):
     """Launch the requested run with the tags the daemon puts on sensor runs (as lens_assets.demo does).
 
-    No model files exist in this storage (only the promotion record), so the run fails in candidate_scores; it is recorded with its run key
+    No model files exist in this storage (only the promotion record), so the run fails in candidate_scores; it is
+    recorded with its run key
     all the same, and Dagster does not launch a run key twice whatever became of the run.
     """
     job = dg.Definitions(assets=[candidate_scores], jobs=[score_drops_job],

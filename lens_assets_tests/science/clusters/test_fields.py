@@ -70,7 +70,8 @@ def test_einstein_radius_of_a_cluster_matches_the_whole_square_grid(small):
 
 
 def test_einstein_radius_within_a_radius_is_the_whole_discs_bit_for_bit_or_nan_when_beyond():
-    """The selection's candidates (the cluster family on DES, drawn as draw_cluster_scene draws them): evaluated only out to the selection's largest radius, a radius found is the
+    """The selection's candidates (the cluster family on DES, drawn as draw_cluster_scene draws them): evaluated only
+    out to the selection's largest radius, a radius found is the
     whole disc's exactly; NaN only where the whole disc gives 0 (sub-critical) or a radius beyond it. At the
     boundary, on an SIS: a radius just inside ``within_arcsec`` (the pixel radius before the crossing) is found,
     one pixel radius further out is not."""
