@@ -48,8 +48,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--members", default=None, help="override the profile's members (comma-separated)")
     ap.add_argument("--fusion", default=None, choices=["mean", "val_weights"], help="override the fusion")
     ap.add_argument("--renderer", default=None, choices=RENDERERS,
-                    help="override what draws the training family's light (the profile's: torch in demo, "
-                         "lenstronomy in full)")
+                    help="override what draws the training family's light (both profiles': torch)")
     args = ap.parse_args(argv)
 
     overrides = {}
