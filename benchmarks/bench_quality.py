@@ -44,7 +44,8 @@ def main(argv=None) -> dict:
                     help="first asset to materialize; earlier ones are reused from --root")
     ap.add_argument("--epochs", type=int, default=None, help="override the profile's epochs")
     ap.add_argument("--n-cutouts", type=int, default=None,
-                    help="override the profile's number of training-family cutouts (held-out families keep theirs)")
+                    help="override the profile's number of training-family cutouts (held-out families keep theirs; the "
+                         "lens/twin pairs follow it, n_cutouts // 10); ignored with --from past simulated_cutouts")
     ap.add_argument("--members", default=None, help="override the profile's members (comma-separated)")
     ap.add_argument("--fusion", default=None, choices=["mean", "val_weights"], help="override the fusion")
     ap.add_argument("--renderer", default=None, choices=RENDERERS,
@@ -64,6 +65,11 @@ def main(argv=None) -> dict:
         overrides.setdefault("simulated_cutouts", {})["renderer"] = args.renderer
     selected = ASSETS[names.index(args.start):]
     keys = {a.key.to_user_string() for a in selected}
+    ignored = sorted(op for op in overrides if op not in keys)
+    if ignored:  # the run reuses those assets: their overrides would be recorded but change nothing
+        print(f"ignored: the overrides of {', '.join(ignored)}, which --from {args.start} reuses from --root",
+              flush=True)
+        overrides = {op: fields for op, fields in overrides.items() if op in keys}
     config = run_config(args.profile, overrides=overrides)
     config["ops"] = {k: v for k, v in config["ops"].items() if k in keys}
     resources = {"storage": LocalStorage(root=args.root), "launcher": training_launcher()}

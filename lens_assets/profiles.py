@@ -47,10 +47,11 @@ PROFILES: dict[str, dict] = {
     # The quality run: >= 5,000 test non-lenses for TPR10 (120,000 x 15% test x 50% non-lenses = 9,000);
     # gates are the release targets.
     "full": {
-        # 120,000 cutouts for 12 epochs. More data alone moved nothing (120,000 for 6 epochs, the steps of 72,000 for
-        # 10, gave the same figures); twice the steps on them raised every figure off the simulator well beyond its
-        # interval (heldout 0.588 -> 0.639, galsim 0.793 -> 0.828, lensing-only 0.981 -> 0.987), 72.7 minutes on 2
-        # bf16 cores (docs/results.md, Twice the training steps; 72,000 for 20 epochs was not measured). The torch
+        # 120,000 cutouts for 12 epochs. More data alone moved little (120,000 for 6 epochs, the steps of 72,000 for
+        # 10, gave the 72,000 figures within a few hundredths); twice the steps on them raised both held-out families
+        # and the lensing-only AUROC beyond their intervals (heldout 0.588 -> 0.639, galsim 0.793 -> 0.828,
+        # lensing-only 0.981 -> 0.987), 72.9 minutes on 2 bf16 cores (docs/results.md, Twice the training steps;
+        # one run each; 72,000 for 20 epochs was not measured). The torch
         # renderer takes the time (side by side with lenstronomy at 72,000 it moved the figures by their noise: test
         # -0.007, heldout -0.020, galsim +0.006) and is the demo's; held-out families keep their own renderers
         "simulated_cutouts": {"n_cutouts": 120000, "n_heldout": 8000, "more_heldout_families": ["galsim"],
