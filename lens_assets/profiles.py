@@ -52,8 +52,9 @@ PROFILES: dict[str, dict] = {
         # and the lensing-only AUROC beyond their intervals (heldout 0.588 -> 0.639, galsim 0.793 -> 0.828,
         # lensing-only 0.981 -> 0.987), 72.9 minutes on 2 bf16 cores (docs/results.md, Twice the training steps;
         # one run each; 72,000 for 20 epochs was not measured). The torch
-        # renderer takes the time (side by side with lenstronomy at 72,000 it moved the figures by their noise: test
-        # -0.007, heldout -0.020, galsim +0.006) and is the demo's; held-out families keep their own renderers
+        # renderer takes the time (side by side with lenstronomy at 72,000, one run each: test -0.007, heldout
+        # -0.020, beyond its interval over objects, galsim +0.006) and is the demo's; held-out families keep their own
+        # renderers
         "simulated_cutouts": {"n_cutouts": 120000, "n_heldout": 8000, "more_heldout_families": ["galsim"],
                               "renderer": "torch"},
         # regnetx_002: at equal epochs it trained 2.1x faster than resnet10t and beat it off the simulator
