@@ -51,10 +51,9 @@ PROFILES: dict[str, dict] = {
         # 10, gave the 72,000 figures within a few hundredths); twice the steps on them raised both held-out families
         # and the lensing-only AUROC beyond their intervals (heldout 0.588 -> 0.639, galsim 0.793 -> 0.828,
         # lensing-only 0.981 -> 0.987), 72.9 minutes on 2 bf16 cores (docs/results.md, Twice the training steps;
-        # one run each; 72,000 for 20 epochs was not measured). The torch
-        # renderer takes the time (side by side with lenstronomy at 72,000, one run each: test -0.007, heldout
-        # -0.020, beyond its interval over objects, galsim +0.006) and is the demo's; held-out families keep their own
-        # renderers
+        # one run each; 72,000 for 20 epochs was not measured). The torch renderer takes the time (side by side with
+        # lenstronomy at 72,000, one run each: test -0.007, heldout -0.020, beyond its interval over objects, galsim
+        # +0.006) and is the demo's; held-out families keep their own renderers
         "simulated_cutouts": {"n_cutouts": 120000, "n_heldout": 8000, "more_heldout_families": ["galsim"],
                               "renderer": "torch"},
         # regnetx_002: at equal epochs it trained 2.1x faster than resnet10t and beat it off the simulator

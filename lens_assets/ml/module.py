@@ -21,8 +21,7 @@ from .backbones import create_backbone, first_conv, widen_first_conv
 
 __all__ = ["LensClassifier", "asinh", "scale_input", "median_measured_variance", "augment", "observing_conditions",
            "FiLM", "colour_residual", "radial_residual", "radial_median_model", "colour_difference", "Float32Conv2d",
-           "float32_first_conv",
-           "deflector_shape", "elliptical_median_model", "elliptical_residual"]
+           "float32_first_conv", "deflector_shape", "elliptical_median_model", "elliptical_residual"]
 
 
 def median_measured_variance(variance: torch.Tensor, start_dim: int) -> torch.Tensor:

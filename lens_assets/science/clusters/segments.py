@@ -415,8 +415,7 @@ def subtract_cluster_light(image, variance, *, method: str = "median", filter_ar
     light of masked sources beyond their segments. Arcs are not elliptically symmetric about a galaxy and survive.
     ``model_only_at`` (x, y) px models only the galaxy there (the one whose segment holds that pixel; where no
     segment does, the nearest centroid within 2 FWHM), for a cutout centred on one deflector: every other source,
-    compact lensed
-    images included, stays in the residual.
+    compact lensed images included, stays in the residual.
 
     Pixels without data (variance 0) are 0 in the residual. Inputs are not modified.
     """
