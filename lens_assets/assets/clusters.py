@@ -436,18 +436,30 @@ CLUSTER_REPORT_CHECKS = [dg.AssetCheckSpec(name, asset="cluster_report", blockin
     ("cluster_heldout_auroc_at_least_gate", "AUROC of the scoring model on every held-out family ≥ "
                                             "min_heldout_auroc (fails when no held-out family has both classes)"),
     ("cluster_tpr_at_fpr_0_1_at_least_gate", "test TPR at FPR ≤ 0.1 of the scoring model ≥ min_tpr_at_fpr_0_1"),
-    ("every_model_on_every_set", "every model has figures on the test split and on every held-out family"),
+    ("every_model_on_every_set", "every model (those scored, the scoring model, the fused score and every model "
+                                 "the fusion combined) has figures on the test split and on every held-out family "
+                                 "the components table scored"),
 )]
 
 
-def cluster_report_checks(figures: dict, config: ClusterReportConfig) -> list:
-    """The cluster report's gate checks on ``figures`` (:func:`..science.clusters.report.cluster_figures`)."""
+# fusion components that are a feature of the components table, not a model with rows of its own in the scores
+FEATURE_COMPONENTS = ("colour_consistency",)
+
+
+def cluster_report_checks(figures: dict, config: ClusterReportConfig, *, expected_models: tuple = (),
+                          expected_sets: tuple = ()) -> list:
+    """The cluster report's gate checks on ``figures`` (:func:`..science.clusters.report.cluster_figures`).
+
+    ``expected_models`` and ``expected_sets`` come from outside the scores checked (the fusion's components, the
+    components table's sets): a model or set they name that has no figures at all fails
+    ``every_model_on_every_set``, as does a (model, set) of the figures without both classes."""
     nan = float("nan")
     main = figures.get(config.scoring_model, {})
     test = main.get("test", {})
     held = {name: f.get("auroc", nan) for name, f in main.items() if name != "test"}
-    sets = sorted({name for sets in figures.values() for name in sets})
-    missing = [f"{m}/{name}" for m, by_set in figures.items() for name in sets if "auroc" not in by_set.get(name, {})]
+    sets = sorted({name for sets in figures.values() for name in sets} | set(expected_sets))
+    models = [*figures, *sorted(set(expected_models) - set(figures))]
+    missing = [f"{m}/{name}" for m in models for name in sets if "auroc" not in figures.get(m, {}).get(name, {})]
     auroc, tpr = float(test.get("auroc", nan)), float(test.get("tpr_at_fpr_0.1", nan))
     return [
         dg.AssetCheckResult(check_name="cluster_auroc_at_least_gate", passed=bool(auroc >= config.min_auroc),
@@ -462,7 +474,8 @@ def cluster_report_checks(figures: dict, config: ClusterReportConfig) -> list:
                             metadata={"tpr_at_fpr_0.1": tpr, "gate": config.min_tpr_at_fpr_0_1,
                                       "model": config.scoring_model}),
         dg.AssetCheckResult(check_name="every_model_on_every_set", passed=not missing and bool(sets),
-                            metadata={"missing": ", ".join(missing) or "none", "sets": ", ".join(sets)}),
+                            metadata={"missing": ", ".join(missing) or "none", "sets": ", ".join(sets),
+                                      "models": ", ".join(models)}),
     ]
 
 
@@ -500,7 +513,14 @@ def cluster_report(context: dg.AssetExecutionContext, config: ClusterReportConfi
                 prefix = f"{model}_" + ("" if name == "test" else f"{name}_")
                 metadata[f"{prefix}auroc"] = float(f["auroc"])
                 metadata[f"{prefix}tpr10"] = float(f["tpr10"])
-    checks = cluster_report_checks(figures, config)
+    # what the scores must cover, from outside them: every set the components table scored (val aside) and every
+    # model the fusion combined, besides the scoring model and the fused score
+    components = pd.read_parquet(storage.pull(*layout.cluster_components_table(survey.name)), columns=["set"])
+    fusion = json.loads(storage.pull(*layout.cluster_fusion_file(survey.name)).read_text())
+    checks = cluster_report_checks(
+        figures, config, expected_sets=tuple(sorted(set(components["set"]) - {"val"})),
+        expected_models=(config.scoring_model, "fused",
+                         *(c for c in fusion["components"] if c not in FEATURE_COMPONENTS)))
     if all(c.passed for c in checks):  # vetted: it scores the survey's cluster drops from now on
         judged = scores.loc[scores["model"] == config.scoring_model, "model_sha256"].dropna().unique().tolist()
         manifest = _write_manifest(storage, survey.name, config.scoring_model, judged_sha256=judged)

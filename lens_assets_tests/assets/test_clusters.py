@@ -214,6 +214,16 @@ def test_report_gates_compare_the_scoring_model_with_each_threshold():
     figs["pu_10"]["h1"] = {"n_lenses": 3, "n_nonlenses": 0}
     (every,) = [c for c in cluster_report_checks(figs, config) if c.check_name == "every_model_on_every_set"]
     assert not every.passed and every.metadata["missing"].value == "pu_10/h1"
+    # a model or a set named from outside the scores (the fusion's components, the components table's sets) that
+    # has no figures at all fails too; one that has them passes
+    def missing(**expected):
+        (c,) = [c for c in cluster_report_checks(_figs(0.9, 0.9, {"h1": 0.9}), config, **expected)
+                if c.check_name == "every_model_on_every_set"]
+        return c.passed, c.metadata["missing"].value
+
+    assert missing(expected_models=("track_a", "pu_10"), expected_sets=("test", "h1")) == (True, "none")
+    assert missing(expected_models=("track_a", "track_b")) == (False, "track_b/h1, track_b/test")
+    assert missing(expected_sets=("test", "h1", "h2")) == (False, "track_a/h2, pu_10/h2")
 
 
 def test_a_failed_gate_fails_the_run_and_leaves_the_scoring_model(cluster_run, tmp_path):
