@@ -31,12 +31,11 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _util import cores, input_asinh, report  # noqa: E402
+from _util import cores, input_asinh, report, timed  # noqa: E402
 
 from lens_assets import layout  # noqa: E402
 
@@ -84,9 +83,8 @@ def drop_section(root: Path, n: int, batch: int = 128, repeats: int = 3, member_
            "precision": resolve_precision("auto", gpu=device.startswith("cuda"))}
 
     def rate(fn):
-        t = time.perf_counter()
-        res = fn()
-        return res, len(files) / (time.perf_counter() - t)
+        res, seconds = timed(fn)
+        return res, len(files) / seconds
 
     def end_to_end():
         res = score_files(files, survey, root=storage.root_path, settings=settings, members=members, fusion=fusion,
@@ -124,10 +122,8 @@ def drop_section(root: Path, n: int, batch: int = 128, repeats: int = 3, member_
         x = image / torch.sqrt(median_measured_variance(variance, 1).clamp_min(1e-20))[:, None, None, None]
         for name, fn in (("asinh_torch_ns", torch.asinh), ("asinh_vectorized_ns", vectorized_asinh)):
             fn(x)
-            t = time.perf_counter()
-            for _ in range(5):
-                fn(x)
-            runs.setdefault(name, []).append((time.perf_counter() - t) / 5 / x.numel() * 1e9)
+            _, seconds = timed(lambda: [fn(x) for _ in range(5)])
+            runs.setdefault(name, []).append(seconds / 5 / x.numel() * 1e9)
         _, r = rate(lambda: cal.predict(fusion(logits)))
         runs.setdefault("calibrate_per_s", []).append(r)
         table = pd.DataFrame({"objid": ing.catalog["objid"], "logit": fusion(logits),
@@ -231,14 +227,10 @@ def sensor_section(root: Path, n_drops: int) -> dict:
         inc.mkdir(parents=True)
         (inc / f"obj{i}.fits").write_bytes(b"")
     instance = dg.DagsterInstance.ephemeral()
-    t = time.perf_counter()
-    first = inbox_tick(storage, instance, None, limit=100)
-    first_s = time.perf_counter() - t
+    first, first_s = timed(inbox_tick, storage, instance, None, limit=100)
 
     handled = json.dumps({"handled": [f"des|drop-{i:05d}" for i in range(n_drops)]})
-    t = time.perf_counter()
-    steady = inbox_tick(storage, instance, handled, limit=100)
-    steady_s = time.perf_counter() - t
+    steady, steady_s = timed(inbox_tick, storage, instance, handled, limit=100)
     return {"drops": n_drops, "incomplete_drops": n_drops, "first_tick_s": first_s,
             "first_tick_requests": len(first.run_requests), "steady_tick_s": steady_s,
             "steady_tick_requests": len(steady.run_requests)}
