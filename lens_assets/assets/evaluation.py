@@ -841,6 +841,7 @@ def bologna_report(context: dg.AssetExecutionContext, config: ReportConfig,
         metadata[f"heldout_{k}"] = float(held.get(k, nan))
     metadata["heldout_auroc_gap"] = float(ind["auroc"] - held.get("auroc", nan))
     metadata["n_heldout_nonlenses"] = float(held.get("n_test_nonlenses", 0.0))
+    metadata["heldout_families"] = ",".join(figures["families"])  # the names in heldout_<family>_<figure>
     for f, fig in figures["families"].items():
         for k in ("auroc", "tpr0", "tpr10"):
             metadata[f"heldout_{f}_{k}"] = float(fig.get(k, nan))

@@ -514,6 +514,7 @@ def test_report_leads_with_the_summary_table_and_says_no_objects_for_an_absent_f
 def test_report_has_every_heldout_family_and_bootstrap_intervals_around_the_point_estimates(graph):
     storage, result = graph
     meta = _metadata(result, "bologna_report")
+    assert meta["heldout_families"] == "heldout,galsim"  # what bench_quality reads the families' keys by
     for k in ("auroc", "tpr0", "tpr10"):
         assert meta[f"heldout_heldout_{k}"] == meta[f"heldout_{k}"]
         assert np.isnan(meta[f"heldout_galsim_{k}"])
