@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_quality.py --profile full --survey des --root /data/lens_full
     .venv/bin/python benchmarks/bench_quality.py --profile full --from lens_classifier --epochs 6   # reuse data
+    .venv/bin/python benchmarks/bench_quality.py --profile full --from lens_classifier --train-seed 1   # another seed
 
 Materializes ``simulated_cutouts`` ... ``bologna_report`` (or the part from
 ``--from`` on, reusing what is already under ``--root``) with the profile's run
@@ -46,6 +47,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--n-cutouts", type=int, default=None,
                     help="override the profile's number of training-family cutouts (held-out families keep theirs; the "
                          "lens/twin pairs follow it, n_cutouts // 10); ignored with --from past simulated_cutouts")
+    ap.add_argument("--train-seed", type=int, default=None,
+                    help="override lens_classifier's seed (initialization, data order, augmentation); the data are "
+                         "unchanged")
     ap.add_argument("--members", default=None, help="override the profile's members (comma-separated)")
     ap.add_argument("--fusion", default=None, choices=["mean", "val_weights"], help="override the fusion")
     ap.add_argument("--renderer", default=None, choices=RENDERERS,
@@ -57,6 +61,8 @@ def main(argv=None) -> dict:
         overrides.setdefault("lens_classifier", {})["epochs"] = args.epochs
     if args.n_cutouts is not None:
         overrides.setdefault("simulated_cutouts", {})["n_cutouts"] = args.n_cutouts
+    if args.train_seed is not None:
+        overrides.setdefault("lens_classifier", {})["seed"] = args.train_seed
     if args.members:
         overrides.setdefault("lens_classifier", {})["members"] = args.members.split(",")
     if args.fusion:
