@@ -395,8 +395,8 @@ def cluster_fusion(context: dg.AssetExecutionContext, config: ClusterFusionConfi
     except ValueError as err:
         raise dg.Failure(f"cluster_fusion: {err}") from None
     storage.write_text(json.dumps(fusion.to_dict()), *layout.cluster_fusion_file(survey.name))
-    scores = pd.concat([frames["scores"], frames["track_b"].reindex(columns=frames["scores"].columns), fused],
-                       ignore_index=True)
+    tables = (frames["scores"], frames["track_b"].reindex(columns=frames["scores"].columns), fused)
+    scores = pd.concat([p for p in tables if len(p)], ignore_index=True)  # Track B's file is empty without it
     storage.write_parquet(scores, *layout.cluster_report_scores(survey.name))
     weights = pd.DataFrame({"component": list(fusion.weights), "weight": list(fusion.weights.values())})
     metadata = {

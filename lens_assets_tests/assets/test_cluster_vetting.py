@@ -4,8 +4,9 @@ gates, and records the settings and features the model was trained on.
 ``cluster_classifier`` trains in a few seconds on a synthetic features table (the
 real feature names, labels from colour consistency and tangential alignment,
 splits by row); ``settings.json`` is written by hand as ``arc_segments`` writes it,
-and the report reads Track A's scores table copied where ``cluster_fusion`` writes
-its one. The drop is two simulated fields (test_cluster_scoring.py's family).
+and ``cluster_fusion`` fuses Track A's components alone (Track B's score files are
+written empty) into the table the report reads. The drop is two simulated fields
+(test_cluster_scoring.py's family).
 """
 
 import json
@@ -18,7 +19,7 @@ import pytest
 
 from lens_assets import layout
 from lens_assets.assets.cluster_scoring import CLUSTER_SCORING_ASSETS
-from lens_assets.assets.clusters import CLUSTER_ASSETS, cluster_classifier, cluster_report
+from lens_assets.assets.clusters import CLUSTER_ASSETS, cluster_classifier, cluster_fusion, cluster_report
 from lens_assets.cluster_registry import load_cluster_manifest, load_cluster_model
 from lens_assets.inbox import cluster_candidate_table, simulate_cluster_drop
 from lens_assets.partitions import scoring_key
@@ -63,9 +64,15 @@ def train(storage, instance, seed: int) -> dict:
     result = dg.materialize([cluster_classifier, *others], partition_key=SURVEY, resources={"storage": storage},
                             instance=instance, run_config={"ops": {"cluster_classifier": {"config": {
                                 "n_estimators": 20, "pu_labeled": [], "seed": seed}}}})
-    # the report's table: Track A's models, as cluster_fusion writes it (without Track B and the fusion)
-    storage.write_parquet(pd.read_parquet(storage.path(*layout.cluster_scores_table(SURVEY))),
-                          *layout.cluster_report_scores(SURVEY))
+    # the report's table from cluster_fusion over Track A's components, without Track B (its files empty)
+    from lens_assets.science.clusters.models import SCORE_COLUMNS
+
+    for parts in (layout.cluster_track_b_scores(SURVEY), layout.cluster_track_b_val_scores(SURVEY)):
+        storage.write_parquet(pd.DataFrame(columns=list(SCORE_COLUMNS)), *parts)
+    others = [a.to_source_asset() for a in CLUSTER_ASSETS if a is not cluster_fusion]
+    dg.materialize([cluster_fusion, *others], partition_key=SURVEY, resources={"storage": storage},
+                   instance=instance, run_config={"ops": {"cluster_fusion": {"config": {
+                       "max_fpr": 0.5, "components": ["track_a", "colour_consistency", "anomaly"]}}}})
     return result
 
 
@@ -215,6 +222,23 @@ def test_the_report_vets_only_the_model_whose_scores_it_judged(vetted, tmp_path)
     result = report(storage, instance)
     (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
     assert "the report judged track_a" in failure.event_specific_data.error.message
+    assert load_cluster_manifest(storage, SURVEY) == before
+
+
+def test_a_report_missing_a_model_the_fusion_combined_fails_and_vets_nothing(vetted, tmp_path):
+    storage, instance, *_ = vetted
+    storage = copy_of(storage, tmp_path / "copy")
+    before = load_cluster_manifest(storage, SURVEY)
+    scores = pd.read_parquet(storage.path(*layout.cluster_report_scores(SURVEY)))
+    assert {"track_a", "anomaly", "fused"} <= set(scores["model"])
+    # the anomaly model's rows lost: the figures of the models left are complete among themselves
+    storage.write_parquet(scores[scores["model"] != "anomaly"], *layout.cluster_report_scores(SURVEY))
+    result = report(storage, instance)
+    (check,) = [e.event_specific_data for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"
+                and e.event_specific_data.check_name == "every_model_on_every_set"]
+    assert not check.passed
+    missing = check.metadata["missing"].value.split(", ")
+    assert "anomaly/test" in missing and all(m.startswith("anomaly/") for m in missing)
     assert load_cluster_manifest(storage, SURVEY) == before
 
 
