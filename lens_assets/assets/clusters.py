@@ -396,7 +396,7 @@ def cluster_fusion(context: dg.AssetExecutionContext, config: ClusterFusionConfi
         raise dg.Failure(f"cluster_fusion: {err}") from None
     storage.write_text(json.dumps(fusion.to_dict()), *layout.cluster_fusion_file(survey.name))
     tables = (frames["scores"], frames["track_b"].reindex(columns=frames["scores"].columns), fused)
-    scores = pd.concat([p for p in tables if len(p)], ignore_index=True)  # Track B's file is empty without it
+    scores = pd.concat([p for p in tables if len(p)], ignore_index=True)  # Track B's is empty where it never ran
     storage.write_parquet(scores, *layout.cluster_report_scores(survey.name))
     weights = pd.DataFrame({"component": list(fusion.weights), "weight": list(fusion.weights.values())})
     metadata = {
@@ -438,21 +438,17 @@ CLUSTER_REPORT_CHECKS = [dg.AssetCheckSpec(name, asset="cluster_report", blockin
     ("cluster_tpr_at_fpr_0_1_at_least_gate", "test TPR at FPR ≤ 0.1 of the scoring model ≥ min_tpr_at_fpr_0_1"),
     ("every_model_on_every_set", "every model (those scored, the scoring model, the fused score and every model "
                                  "the fusion combined) has figures on the test split and on every held-out family "
-                                 "the components table scored"),
+                                 "the fusion scored"),
 )]
-
-
-# fusion components that are a feature of the components table, not a model with rows of its own in the scores
-FEATURE_COMPONENTS = ("colour_consistency",)
 
 
 def cluster_report_checks(figures: dict, config: ClusterReportConfig, *, expected_models: tuple = (),
                           expected_sets: tuple = ()) -> list:
     """The cluster report's gate checks on ``figures`` (:func:`..science.clusters.report.cluster_figures`).
 
-    ``expected_models`` and ``expected_sets`` come from outside the scores checked (the fusion's components, the
-    components table's sets): a model or set they name that has no figures at all fails
-    ``every_model_on_every_set``, as does a (model, set) of the figures without both classes."""
+    ``expected_models`` and ``expected_sets`` come from outside the scores checked (the fusion's components and
+    the sets it scored): a model or set they name that has no figures at all fails ``every_model_on_every_set``,
+    as does a (model, set) of the figures without both classes."""
     nan = float("nan")
     main = figures.get(config.scoring_model, {})
     test = main.get("test", {})
@@ -487,6 +483,7 @@ def cluster_report(context: dg.AssetExecutionContext, config: ClusterReportConfi
     bootstrap interval, AUPRC, TPR0, TPR10 with counts, TPR at FPR 0.1), the colour-consistency ablation, PU
     learning from 10/50/200 labeled lenses against full labels, and recall by number of arcs and arc surface
     brightness."""
+    from lens_assets.science.clusters.models import FEATURE_COMPONENTS
     from lens_assets.science.clusters.report import cluster_figures, report_markdown
 
     survey = get_survey(context.partition_key)
@@ -513,12 +510,11 @@ def cluster_report(context: dg.AssetExecutionContext, config: ClusterReportConfi
                 prefix = f"{model}_" + ("" if name == "test" else f"{name}_")
                 metadata[f"{prefix}auroc"] = float(f["auroc"])
                 metadata[f"{prefix}tpr10"] = float(f["tpr10"])
-    # what the scores must cover, from outside them: every set the components table scored (val aside) and every
-    # model the fusion combined, besides the scoring model and the fused score
-    components = pd.read_parquet(storage.pull(*layout.cluster_components_table(survey.name)), columns=["set"])
+    # what the scores must cover, from outside them: every set the fusion scored (the test split and each held-out
+    # family) and every model it combined, besides the scoring model and the fused score
     fusion = json.loads(storage.pull(*layout.cluster_fusion_file(survey.name)).read_text())
     checks = cluster_report_checks(
-        figures, config, expected_sets=tuple(sorted(set(components["set"]) - {"val"})),
+        figures, config, expected_sets=tuple(sorted(fusion.get("n_imputed_scored", {}))),
         expected_models=(config.scoring_model, "fused",
                          *(c for c in fusion["components"] if c not in FEATURE_COMPONENTS)))
     if all(c.passed for c in checks):  # vetted: it scores the survey's cluster drops from now on

@@ -24,6 +24,7 @@ from lens_assets.cluster_registry import load_cluster_manifest, load_cluster_mod
 from lens_assets.inbox import cluster_candidate_table, simulate_cluster_drop
 from lens_assets.partitions import scoring_key
 from lens_assets.resources.storage import LocalStorage
+from lens_assets.science.clusters.models import SCORE_COLUMNS
 from lens_assets.science.fileio import sha256_file
 from lens_assets_tests.assets.test_cluster_scoring import FIELD_PX, small_family
 
@@ -65,8 +66,6 @@ def train(storage, instance, seed: int) -> dict:
                             instance=instance, run_config={"ops": {"cluster_classifier": {"config": {
                                 "n_estimators": 20, "pu_labeled": [], "seed": seed}}}})
     # the report's table from cluster_fusion over Track A's components, without Track B (its files empty)
-    from lens_assets.science.clusters.models import SCORE_COLUMNS
-
     for parts in (layout.cluster_track_b_scores(SURVEY), layout.cluster_track_b_val_scores(SURVEY)):
         storage.write_parquet(pd.DataFrame(columns=list(SCORE_COLUMNS)), *parts)
     others = [a.to_source_asset() for a in CLUSTER_ASSETS if a is not cluster_fusion]

@@ -92,6 +92,12 @@ def test_models_and_report_cover_every_model_and_set(cluster_run):
     scores = pd.read_parquet(storage.path("clusters", "models", "des", "fusion", "scores.parquet"))
     assert set(scores["model"]) == {"track_a", "track_a_no_colour", "pu_5", "pu_10", "anomaly", "track_b",
                                     "field_view", "fused"}
+    # every default fusion component is a model with rows of its own, or a feature (what the report's check
+    # every_model_on_every_set expects rows of)
+    from lens_assets.science.clusters.models import FEATURE_COMPONENTS, FUSION_COMPONENTS
+
+    assert set(FUSION_COMPONENTS) - set(FEATURE_COMPONENTS) <= set(scores["model"])
+    assert not set(FEATURE_COMPONENTS) & set(scores["model"])
     # every model scores the same fields
     per_model = scores.groupby("model")["objid"].apply(frozenset)
     assert per_model.nunique() == 1

@@ -49,12 +49,14 @@ from .pu import fit_pu, pu_xgboost_fit_fn, simulate_pu_labels
 from .track_a import TrackAConfig, calibrate_track_a, fit_track_a
 
 __all__ = ["colour_features", "fit_cluster_models", "ClusterModels", "TRUTH_COLUMNS", "component_table",
-           "fuse_scores", "FUSION_COMPONENTS", "SCORE_COLUMNS"]
+           "fuse_scores", "FUSION_COMPONENTS", "FEATURE_COMPONENTS", "SCORE_COLUMNS"]
 
 TRUTH_COLUMNS = ("objid", "label", "sim_family", "sim_kind", "theta_e", "n_arcs", "arc_sb")
 SCORE_COLUMNS = ("model", "set", *TRUTH_COLUMNS, "logit", "prob")
 # the components fuse_scores combines by default, those present in the component table
 FUSION_COMPONENTS = ("track_a", "track_b", "field_view", "colour_consistency", "anomaly")
+# those of them that are a feature of the component table, not a model with rows of its own in the scores
+FEATURE_COMPONENTS = ("colour_consistency",)
 
 
 def colour_features(bands) -> list[str]:
