@@ -48,13 +48,17 @@ def main(argv=None) -> dict:
                     help="override the profile's number of training-family cutouts (held-out families keep theirs; the "
                          "lens/twin pairs follow it, n_cutouts // 10); ignored with --from past simulated_cutouts")
     ap.add_argument("--train-seed", type=int, default=None,
-                    help="override lens_classifier's seed (initialization, data order, augmentation); the data are "
-                         "unchanged")
+                    help="override lens_classifier's seed (initialization, data order, augmentation, and the "
+                         "fresh objects where fresh_fraction > 0); the shards are unchanged")
     ap.add_argument("--members", default=None, help="override the profile's members (comma-separated)")
     ap.add_argument("--fusion", default=None, choices=["mean", "val_weights"], help="override the fusion")
     ap.add_argument("--renderer", default=None, choices=RENDERERS,
                     help="override what draws the training family's light (both profiles': torch)")
     args = ap.parse_args(argv)
+    for flag, value, least in (("--epochs", args.epochs, 1), ("--n-cutouts", args.n_cutouts, 1),
+                               ("--train-seed", args.train_seed, 0)):
+        if value is not None and value < least:  # refused now, not when the asset is reached an hour in
+            ap.error(f"{flag} {value}: must be at least {least}")
 
     overrides = {}
     if args.epochs is not None:
