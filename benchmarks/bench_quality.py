@@ -33,7 +33,7 @@ def main(argv=None) -> dict:
     from lens_assets.definitions import ASSETS, training_launcher
     from lens_assets.demo import only_gates_failed
     from lens_assets.ml.torch_simulation import RENDERERS
-    from lens_assets.profiles import PROFILES, run_config
+    from lens_assets.profiles import PROFILES, check_run_config, run_config
     from lens_assets.resources.storage import LocalStorage
 
     names = [a.key.to_user_string() for a in ASSETS]
@@ -55,10 +55,6 @@ def main(argv=None) -> dict:
     ap.add_argument("--renderer", default=None, choices=RENDERERS,
                     help="override what draws the training family's light (both profiles': torch)")
     args = ap.parse_args(argv)
-    for flag, value, least in (("--epochs", args.epochs, 1), ("--n-cutouts", args.n_cutouts, 1),
-                               ("--train-seed", args.train_seed, 0)):
-        if value is not None and value < least:  # refused now, not when the asset is reached an hour in
-            ap.error(f"{flag} {value}: must be at least {least}")
 
     overrides = {}
     if args.epochs is not None:
@@ -82,6 +78,10 @@ def main(argv=None) -> dict:
         overrides = {op: fields for op, fields in overrides.items() if op in keys}
     config = run_config(args.profile, overrides=overrides)
     config["ops"] = {k: v for k, v in config["ops"].items() if k in keys}
+    try:  # refused now, not when its asset is reached an hour in
+        check_run_config(selected, config)
+    except ValueError as err:
+        ap.error(str(err))
     resources = {"storage": LocalStorage(root=args.root), "launcher": training_launcher()}
     times, metadata = {}, {}
     t_all = time.perf_counter()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 
-__all__ = ["PROFILES", "CLUSTER_PROFILES", "run_config"]
+__all__ = ["PROFILES", "CLUSTER_PROFILES", "run_config", "check_run_config"]
 
 PROFILES: dict[str, dict] = {
     # 4k physical cutouts (+ 400 per held-out family, 400 lens/twin pairs): the whole graph in minutes on 2 CPU cores.
@@ -99,3 +99,27 @@ def run_config(profile: str, *, seed: int | None = None, overrides: dict | None 
     for op, fields in (overrides or {}).items():
         ops.setdefault(op, {}).update(fields)
     return {"ops": {op: {"config": cfg} for op, cfg in ops.items()}}
+
+
+def check_run_config(assets, config: dict) -> None:
+    """Check each op's config in ``config`` (``{"ops": {op: {"config": {...}}}}``) with its asset's config class,
+    bounds included (``ge``, ``le``, ``gt``: dagster's schema does not carry them, so a bad value would fail only
+    when its asset is reached). Raises ValueError naming every op, field and value refused."""
+    import typing
+
+    import pydantic
+
+    refused = []
+    for asset in assets:
+        name = asset.key.to_user_string()
+        fields = config.get("ops", {}).get(name, {}).get("config")
+        cls = typing.get_type_hints(asset.op.compute_fn.decorated_fn).get("config")
+        if fields is None or cls is None:
+            continue
+        try:
+            cls(**fields)
+        except pydantic.ValidationError as err:
+            refused += [f"{name} config {'.'.join(map(str, e['loc']))} = {e.get('input')!r}: {e['msg']}"
+                        for e in err.errors()]
+    if refused:
+        raise ValueError("; ".join(refused))

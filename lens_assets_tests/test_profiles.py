@@ -5,17 +5,13 @@ import math
 import pytest
 from dagster import DagsterInvalidConfigError, validate_run_config
 
-from lens_assets.assets.evaluation import GATE_FIELDS, CalibratorConfig, ReportConfig, ShortcutConfig
+from lens_assets.assets.evaluation import GATE_FIELDS, ReportConfig
 from lens_assets.assets.shards import SplitConfig
 from lens_assets.assets.simulation import SimulationConfig
-from lens_assets.assets.training import TrainConfig
-from lens_assets.definitions import defs
-from lens_assets.profiles import PROFILES, run_config
+from lens_assets.definitions import ASSETS, defs
+from lens_assets.profiles import PROFILES, check_run_config, run_config
 from lens_assets.science.families import load_family
 
-CONFIG_CLASSES = {"simulated_cutouts": SimulationConfig, "dataset_splits": SplitConfig,
-                  "lens_classifier": TrainConfig, "score_calibrator": CalibratorConfig, "bologna_report": ReportConfig,
-                  "shortcut_audit": ShortcutConfig}
 
 
 @pytest.mark.parametrize("profile", ["demo", "full"])
@@ -28,8 +24,7 @@ def test_profile_is_a_valid_run_config_of_survey_pipeline(profile):
             assert resolved["ops"][op]["config"][field] == value, (op, field)
     assert resolved["ops"]["simulated_cutouts"]["config"]["seed"] == 3
     # the schema does not carry the pydantic bounds (ge, le, gt): the config classes check them
-    for op, cfg in config["ops"].items():
-        CONFIG_CLASSES[op](**cfg["config"])
+    check_run_config(ASSETS, config)
 
 
 @pytest.mark.parametrize("profile", ["demo", "full"])
@@ -125,3 +120,16 @@ def test_cluster_profile_is_a_valid_run_config_of_cluster_pipeline(profile):
     assert CLUSTER_PROFILES[profile]["cluster_fields"]["n_fields"] * 0.1 * 0.5 >= 10
     with pytest.raises(KeyError, match=r"unknown clusters profile 'quick'"):
         run_config("quick", track="clusters")
+
+
+def test_check_run_config_applies_the_config_classes_bounds_that_the_schema_lacks():
+    for profile in ("demo", "full"):
+        check_run_config(ASSETS, run_config(profile))  # the profiles themselves pass
+    bad = run_config("full", overrides={"lens_classifier": {"seed": -1, "epochs": 0},
+                                        "simulated_cutouts": {"n_cutouts": 0}})
+    validate_run_config(defs.resolve_job_def("survey_pipeline"), bad)  # the schema accepts them ...
+    with pytest.raises(ValueError) as err:  # ... the classes do not, each named with its op, field and value
+        check_run_config(ASSETS, bad)
+    for part in ("simulated_cutouts config n_cutouts = 0", "lens_classifier config seed = -1",
+                 "lens_classifier config epochs = 0"):
+        assert part in str(err.value), part
