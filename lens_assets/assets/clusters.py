@@ -511,12 +511,11 @@ def cluster_report(context: dg.AssetExecutionContext, config: ClusterReportConfi
                 metadata[f"{prefix}auroc"] = float(f["auroc"])
                 metadata[f"{prefix}tpr10"] = float(f["tpr10"])
     # what the scores must cover, from outside them: every set the fusion scored (the test split and each held-out
-    # family) and every model it combined, besides the scoring model and the fused score
+    # family), the fused score and every model it combined (the scoring model is required above)
     fusion = json.loads(storage.pull(*layout.cluster_fusion_file(survey.name)).read_text())
     checks = cluster_report_checks(
         figures, config, expected_sets=tuple(sorted(fusion.get("n_imputed_scored", {}))),
-        expected_models=(config.scoring_model, "fused",
-                         *(c for c in fusion["components"] if c not in FEATURE_COMPONENTS)))
+        expected_models=("fused", *(c for c in fusion["components"] if c not in FEATURE_COMPONENTS)))
     if all(c.passed for c in checks):  # vetted: it scores the survey's cluster drops from now on
         judged = scores.loc[scores["model"] == config.scoring_model, "model_sha256"].dropna().unique().tolist()
         manifest = _write_manifest(storage, survey.name, config.scoring_model, judged_sha256=judged)
