@@ -60,3 +60,17 @@ def test_the_demo_prints_each_check_as_a_gate_a_target_or_not_gated():
     # checks of other assets: the shortcut audit's (not blocking) and a WARN of a blocking check
     assert check_verdict(evaluation(False, error, False, shortcut_auroc=0.7, gate=0.65)) == "FAILED (not blocking)"
     assert check_verdict(evaluation(False, warn, True, n=3)) == "FAILED (not blocking)"
+
+
+def test_the_demo_refuses_a_config_its_assets_refuse_before_any_run(monkeypatch, capsys):
+    import lens_assets.demo as demo
+
+    def resolve_job_def(name):
+        raise AssertionError(f"{name} was started with a config its assets refuse")
+
+    monkeypatch.setattr(demo.defs, "resolve_job_def", resolve_job_def)
+    ops = {"lens_classifier": {"config": {"epochs": 0}}, "simulated_cutouts": {"config": {"n_cutouts": -5}}}
+    assert demo.run_job("survey_pipeline", None, survey="des", ops=ops) is None
+    err = capsys.readouterr().err
+    assert "survey_pipeline not started" in err
+    assert "lens_classifier config epochs = 0" in err and "simulated_cutouts config n_cutouts = -5" in err

@@ -123,8 +123,9 @@ def test_cluster_profile_is_a_valid_run_config_of_cluster_pipeline(profile):
 
 
 def test_check_run_config_applies_the_config_classes_bounds_that_the_schema_lacks():
-    for profile in ("demo", "full"):
-        check_run_config(ASSETS, run_config(profile))  # the profiles themselves pass
+    for profile in ("demo", "full"):  # the profiles themselves pass, both tracks (the demo checks both)
+        check_run_config(ASSETS, run_config(profile))
+        check_run_config(ASSETS, run_config(profile, track="clusters"))
     bad = run_config("full", overrides={"lens_classifier": {"seed": -1, "epochs": 0},
                                         "simulated_cutouts": {"n_cutouts": 0}})
     validate_run_config(defs.resolve_job_def("survey_pipeline"), bad)  # the schema accepts them ...
