@@ -1,7 +1,7 @@
 """Ablations of the training population: each lever on and off at the same CPU budget, judged off the simulator.
 
-    .venv/bin/python benchmarks/bench_ablation.py                       # every lever, DES, small budget
-    .venv/bin/python benchmarks/bench_ablation.py --levers physical,no_twins --n-cutouts 4000 --epochs 6
+    .venv/bin/python benchmarks/bench_ablation.py                       # every lever, DES, the demo's sizes
+    .venv/bin/python benchmarks/bench_ablation.py --levers physical,no_twins --n-cutouts 8000 --epochs 6
 
 Each lever is one whole survey_pipeline run (simulation -> catalog -> shards ->
 splits -> shortcut audit -> one member -> calibrator -> report) in its own data
@@ -67,9 +67,9 @@ Training levers (the physical population, the member changed):
 * ``upsample=<k>``: the member's input upsampled k times (bilinear) before the backbone, at k² the compute.
 * ``zoom=<max>``: each training cutout magnified by a factor log-uniform in [1, max] (``module.augment``): larger
   Einstein radii, deflectors and PSFs than the population draws, for both classes alike.
-* ``lr=<rate>``, ``batch_size=<n>``: the member's peak learning rate (AdamW, cosine schedule; default 1e-3) or
-  its CPU batch size (default 64), at the same epochs.
-* ``member=<backbone>``: another backbone in place of ``--members`` (e.g. ``member=regnetx_002``), at the
+* ``lr=<rate>``, ``batch_size=<n>``: the member's peak learning rate (AdamW, cosine schedule; the demo profile's
+  2e-3) or its CPU batch size (the demo profile's 64), at the same epochs.
+* ``member=<backbone>``: another backbone in place of ``--members`` (e.g. ``member=resnet10t``), at the
   same epochs; the wall time and training img/s say what it costs.
 
 Shard levers (the physical population and member, the PSF matching changed):
@@ -391,16 +391,21 @@ def run_lever(lever: str, args, work: Path) -> dict:
 
 
 def arg_parser(description: str = __doc__) -> argparse.ArgumentParser:
-    """The options of one ablation run: the data sizes, held-out families, member, epochs, seeds, work folder."""
+    """The options of one ablation run: the data sizes, held-out families, member, epochs, seeds, work folder. The
+    defaults are the demo profile's cutouts, member and epochs, with 400 objects per held-out family and 400 pairs
+    (docs/results.md's runs)."""
+    from lens_assets.profiles import PROFILES
+
+    demo = PROFILES["demo"]
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--survey", default="des")
-    ap.add_argument("--n-cutouts", type=int, default=3000)
-    ap.add_argument("--n-heldout", type=int, default=600)
-    ap.add_argument("--n-pairs", type=int, default=300)
+    ap.add_argument("--n-cutouts", type=int, default=demo["simulated_cutouts"]["n_cutouts"])
+    ap.add_argument("--n-heldout", type=int, default=400)
+    ap.add_argument("--n-pairs", type=int, default=400)
     ap.add_argument("--heldout", default="galsim",
                     help="further held-out families, names or TOML paths (comma-separated; '' for none)")
-    ap.add_argument("--members", default="resnet10t")
-    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--members", default=",".join(demo["lens_classifier"]["members"]))
+    ap.add_argument("--epochs", type=int, default=demo["lens_classifier"]["epochs"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--train-seed", type=int, default=0, help="the members' seed (the data follow --seed)")
     ap.add_argument("--max-minutes", type=float, default=0.0,
