@@ -17,6 +17,8 @@ from lens_assets.sensors.inbox import rescore_nightly, rescore_on_model_change, 
 
 ASSETS = [simulated_cutouts, cutout_catalog, psf_matched_shards, dataset_splits, shortcut_audit, lens_classifier,
           score_calibrator, bologna_report, promoted_model]
+# every asset of the code location: the galaxy graph, drop scoring and the cluster track with its scoring
+ALL_ASSETS = [*ASSETS, candidate_scores, *CLUSTER_ASSETS, *CLUSTER_SCORING_ASSETS]
 
 MAX_PIPELINE_RUNTIME_S = 12 * 3600  # the full profile takes under 2 h on 2 CPU cores
 MAX_TRAINING_RUNTIME_S = 8 * 3600  # one ensemble's Pipes jobs; a hung or runaway training run is cancelled
@@ -78,7 +80,7 @@ def storage_from_env() -> LocalStorage:
 
 
 defs = dg.Definitions(
-    assets=[*ASSETS, candidate_scores, *CLUSTER_ASSETS, *CLUSTER_SCORING_ASSETS],
+    assets=ALL_ASSETS,
     jobs=[survey_pipeline, cluster_pipeline, train_ensemble, score_drops_job],
     sensors=[survey_inbox_sensor, rescore_on_model_change],
     schedules=[rescore_nightly],

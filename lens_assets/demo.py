@@ -17,7 +17,7 @@ import time
 import dagster as dg
 
 from lens_assets import layout
-from lens_assets.definitions import ASSETS, defs
+from lens_assets.definitions import ALL_ASSETS, defs
 from lens_assets.ml.torch_simulation import RENDERERS
 from lens_assets.profiles import PROFILES, check_run_config, run_config
 from lens_assets.science.surveys import SURVEY_NAMES
@@ -68,7 +68,7 @@ def run_job(name: str, instance, *, survey: str, ops: dict, tolerate=lambda resu
     failure printed) when it failed and ``tolerate(result)`` does not accept the failure. A config its assets'
     classes refuse (a bound dagster's schema does not carry, such as ``epochs: 0``) is refused before the run."""
     try:
-        check_run_config(ASSETS, {"ops": ops})
+        check_run_config(ALL_ASSETS, {"ops": ops})
     except ValueError as err:
         print(f"{name} not started, its run config is refused: {err}", file=sys.stderr)
         return None

@@ -74,3 +74,6 @@ def test_the_demo_refuses_a_config_its_assets_refuse_before_any_run(monkeypatch,
     err = capsys.readouterr().err
     assert "survey_pipeline not started" in err
     assert "lens_classifier config epochs = 0" in err and "simulated_cutouts config n_cutouts = -5" in err
+    clusters = {"cluster_fields": {"config": {"n_fields": 0}}}  # the cluster track's assets are checked too
+    assert demo.run_job("cluster_pipeline", None, survey="des", ops=clusters) is None
+    assert "cluster_pipeline not started" in capsys.readouterr().err

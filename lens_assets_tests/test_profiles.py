@@ -8,7 +8,7 @@ from dagster import DagsterInvalidConfigError, validate_run_config
 from lens_assets.assets.evaluation import GATE_FIELDS, ReportConfig
 from lens_assets.assets.shards import SplitConfig
 from lens_assets.assets.simulation import SimulationConfig
-from lens_assets.definitions import ASSETS, defs
+from lens_assets.definitions import ALL_ASSETS, ASSETS, defs
 from lens_assets.profiles import PROFILES, check_run_config, run_config
 from lens_assets.science.families import load_family
 
@@ -124,8 +124,11 @@ def test_cluster_profile_is_a_valid_run_config_of_cluster_pipeline(profile):
 
 def test_check_run_config_applies_the_config_classes_bounds_that_the_schema_lacks():
     for profile in ("demo", "full"):  # the profiles themselves pass, both tracks (the demo checks both)
-        check_run_config(ASSETS, run_config(profile))
-        check_run_config(ASSETS, run_config(profile, track="clusters"))
+        check_run_config(ALL_ASSETS, run_config(profile))
+        check_run_config(ALL_ASSETS, run_config(profile, track="clusters"))
+    with pytest.raises(ValueError, match="cluster_fields config n_fields = 0"):  # the cluster track's classes too
+        check_run_config(ALL_ASSETS, run_config("demo", track="clusters",
+                                                overrides={"cluster_fields": {"n_fields": 0}}))
     bad = run_config("full", overrides={"lens_classifier": {"seed": -1, "epochs": 0},
                                         "simulated_cutouts": {"n_cutouts": 0}})
     validate_run_config(defs.resolve_job_def("survey_pipeline"), bad)  # the schema accepts them ...
