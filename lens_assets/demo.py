@@ -5,7 +5,7 @@
     python -m lens_assets.demo --track clusters [--survey des] [--n-fields 300]   # the cluster-scale track
 
 Profiles (``lens_assets.profiles``): ``demo`` takes a few minutes on 2 CPU
-cores; ``full`` is the quality run (120,000 cutouts, 12 epochs; 70-73 minutes on 2 bf16 cores).
+cores; ``full`` is the quality run (120,000 cutouts, 18 epochs; about 90 minutes on 2 bf16 cores).
 
 Runs are recorded in $DAGSTER_HOME (SQLite), so `make dev` shows them in the UI.
 """
