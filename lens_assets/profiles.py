@@ -49,10 +49,11 @@ PROFILES: dict[str, dict] = {
     "full": {
         # 120,000 cutouts for 18 epochs. More data alone moved little (120,000 for 6 epochs, the steps of 72,000 for
         # 10, gave the 72,000 figures within a few hundredths); more steps on them raised both held-out families
-        # beyond their intervals and beyond two training seeds' spread: heldout 0.588 (6 epochs), 0.619-0.643
-        # (12, three runs), 0.665 (18); galsim 0.793, 0.823-0.837, 0.853 (docs/results.md, The full profile). 18
-        # epochs fill the 100-minute budget: 90.0 minutes from a fresh clone on 2 bf16 cores (training at 468
-        # img/s), about 94 where the member trains at 406. The torch renderer takes the time (side by side with
+        # beyond their intervals: heldout 0.588 (6 epochs), 0.619-0.643 (12, three runs), 0.665 (18); galsim 0.793,
+        # 0.823-0.837, 0.853 (docs/results.md, The full profile; 18 over the better 12-epoch seed by about the two
+        # seeds' spread). 18 epochs nearly fill the 100-minute budget: 90.1 minutes from a fresh clone on 2 bf16
+        # cores (training at 468 img/s), about 94 estimated on the AMX machine of the 12-epoch runs (406 img/s).
+        # The torch renderer takes the time (side by side with
         # lenstronomy at 72,000, one run each: test -0.007, heldout -0.020, beyond its interval over objects, galsim
         # +0.006) and is the demo's; held-out families keep their own renderers
         "simulated_cutouts": {"n_cutouts": 120000, "n_heldout": 8000, "more_heldout_families": ["galsim"],
