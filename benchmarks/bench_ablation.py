@@ -336,13 +336,10 @@ def renderer_override(family: str, renderer: str | None = None) -> dict:
     return {} if renderer is None else {"renderer": renderer}
 
 
-def run_lever(lever: str, args, work: Path) -> dict:
-    import dagster as dg
-
-    from lens_assets.definitions import defs
+def lever_config(lever: str, args, work: Path) -> dict:
+    """The run config of ``lever``'s survey_pipeline run (its family file written under ``work``)."""
     from lens_assets.profiles import run_config
 
-    root = work / lever_slug(lever)
     names = heldout_names(args.heldout)
     family = family_file(lever, work)
     ov = {"simulated_cutouts": {"n_cutouts": args.n_cutouts, "n_heldout": args.n_heldout, "family": family,
@@ -356,7 +353,19 @@ def run_lever(lever: str, args, work: Path) -> dict:
           "shortcut_audit": {"heldout_families": ["heldout", *names]}}
     config = run_config("demo", seed=args.seed, overrides=ov)
     config["loggers"] = {"console": {"config": {"log_level": "WARNING"}}}
+    return config
+
+
+def run_lever(lever: str, args, work: Path) -> dict:
+    import dagster as dg
+
+    from lens_assets.definitions import defs
     from lens_assets.resources.storage import LocalStorage
+
+    root = work / lever_slug(lever)
+    names = heldout_names(args.heldout)
+    config = lever_config(lever, args, work)
+    family = config["ops"]["simulated_cutouts"]["config"]["family"]
 
     job = defs.resolve_job_def("survey_pipeline")
     t0 = time.perf_counter()
@@ -432,10 +441,15 @@ def main(argv=None) -> list[dict]:
         raise SystemExit(f"unknown lever(s) {unknown}; levers are "
                          f"{list(LEVERS) + list(VALUE_LEVERS) + list(TRAINING_LEVERS) + list(SHARD_LEVERS)}")
     with tempfile.TemporaryDirectory() as tmp:  # every population's family is written and loaded, and every
-        for lv in levers:  # combination's options merged: a bad value or a clash stops here
-            family_file(lv, Path(tmp))
-            training_overrides(lv)
-            shard_overrides(lv)
+        from lens_assets.definitions import ASSETS
+        from lens_assets.profiles import check_run_config
+
+        for lv in levers:  # combination's options merged and bounds checked: a bad value or a clash stops here
+            config = lever_config(lv, args, Path(tmp))  # a bad lever raises here, naming itself
+            try:
+                check_run_config(ASSETS, config)
+            except ValueError as err:
+                raise SystemExit(f"lever {lv!r}: {err}") from None
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)

@@ -158,3 +158,12 @@ def test_the_ablation_table_has_a_column_per_heldout_family_named_as_the_run_sco
     assert head.endswith("| wall min | renderer |")  # which code drew the training data, row by row
     # the column is read from bologna_report's metadata under this name (test_evaluation checks the report has it)
     assert bench_ablation.LO_LARGE == "lensing_only_auroc_theta_e_ge_1.2" and bench_ablation.LO_LARGE in head
+
+
+def test_ablation_refuses_a_config_bound_before_any_run(tmp_path):
+    import bench_ablation
+    import pytest
+
+    with pytest.raises(SystemExit, match="lens_classifier config epochs = 0"):  # the config class's ge=1
+        bench_ablation.main(["--levers", "physical", "--epochs", "0", "--work", str(tmp_path)])
+    assert not (tmp_path / "physical").exists()  # nothing ran
