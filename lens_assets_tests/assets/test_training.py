@@ -46,10 +46,10 @@ def _copy_inputs(tiny_inputs, storage):
         shutil.copytree(tiny_inputs / sub, storage.path(sub))
 
 
-def _train(resources, cfg):
+def _train(resources, cfg, instance=None):
     sources = [a.to_source_asset() for a in (psf_matched_shards, dataset_splits)]
     return dg.materialize([lens_classifier, *sources], partition_key="sdss", resources=resources,
-                          instance=dg.DagsterInstance.ephemeral(),
+                          instance=instance or dg.DagsterInstance.ephemeral(),
                           run_config={"ops": {"lens_classifier": {"config": cfg}}})
 
 
@@ -58,10 +58,18 @@ def test_training_job_runs_under_pipes_and_resumes(storage, tiny_inputs):
     resources = {"storage": storage, "launcher": LocalSubprocessLauncher()}
     _copy_inputs(tiny_inputs, storage)
 
-    def run(epochs):
-        return _train(resources, {"members": ["resnet10t"], "epochs": epochs, "batch_size": 8, "patience": 10})
+    instance = dg.DagsterInstance.ephemeral()
 
-    first = _meta(run(1))
+    def run(epochs):
+        return _train(resources, {"members": ["resnet10t"], "epochs": epochs, "batch_size": 8, "patience": 10},
+                      instance)
+
+    result = run(1)
+    # the job's progress reaches the run's event log, where the UI shows it while the job trains
+    messages = [e.user_message for e in instance.all_logs(result.run_id)]
+    assert [m for m in messages if m.startswith("resnet10t on cpu: ")]
+    assert [m for m in messages if m.startswith("epoch 1/1: train loss ")]
+    first = _meta(result)
     ckpt = first["resnet10t/checkpoint"]
     assert hashlib.sha256(Path(ckpt).read_bytes()).hexdigest() == first["resnet10t/checkpoint_sha256"]
     assert 0.0 <= first["resnet10t/best_val_auroc"] <= 1.0 and first["resnet10t/device"] == "cpu"
