@@ -648,7 +648,8 @@ def _split_rows(table: pd.DataFrame, bags: BagSet, split: str, val_role: str | N
 
 
 def train_mil(settings: MILSettings, *, bags: BagSet | str | Path, table: pd.DataFrame,
-              checkpoint_path: str | Path, label_column: str = "label", model_name: str = "track_b") -> dict:
+              checkpoint_path: str | Path, label_column: str = "label", model_name: str = "track_b",
+              report=None) -> dict:
     """Fit :class:`MILClassifier` on ``table``'s ``train`` rows; the best epoch by AUROC on its ``val``/``stop``
     rows is saved to ``checkpoint_path``. Returns a summary (``best_val_auroc``, ``epochs_run``,
     ``train_instances_per_s`` over the training steps, ``train_fields_per_s``, ``checkpoint``, ``device``,
@@ -657,12 +658,14 @@ def train_mil(settings: MILSettings, *, bags: BagSet | str | Path, table: pd.Dat
     ``table`` has ``objid``, ``split``, ``val_role`` (the features table) and the 0/1 target ``label_column``
     (train and validation alike: :func:`train_pu_mil` passes its PU labels); every train and val row needs a bag
     in ``bags``. A previous file at ``checkpoint_path`` is replaced. ``model_name`` is the summary's ``model``.
+    ``report`` (a callable) receives ``"<model_name>: "`` and :func:`.progress.epoch_line` after every epoch.
     """
     import time
 
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
     from .precision import available_cores, fit_in_run_folder, resolve_precision
+    from .progress import EpochReport
 
     bags = read_bag_cache(bags) if not isinstance(bags, BagSet) else bags
     missing = [c for c in ("objid", label_column, "split", "val_role") if c not in table.columns]
@@ -702,7 +705,9 @@ def train_mil(settings: MILSettings, *, bags: BagSet | str | Path, table: pd.Dat
         max_time={"seconds": settings.max_minutes * 60} if settings.max_minutes > 0 else None,
         deterministic=not gpu, num_sanity_val_steps=0, logger=False, enable_progress_bar=settings.progress,
         enable_model_summary=False,
-        callbacks=[best, EarlyStopping(monitor="val_auroc", mode="max", patience=settings.patience)])
+        callbacks=[best, EarlyStopping(monitor="val_auroc", mode="max", patience=settings.patience),
+                   *([EpochReport(report, len(train_ds), best, label=f"{model_name}: ", unit="fields")]
+                     if report else [])])
     t0 = time.perf_counter()
     fit_in_run_folder(trainer, model, train_loader, val_loader)
     seconds = time.perf_counter() - t0
@@ -728,7 +733,7 @@ def pu_model_name(n_labeled: int) -> str:
 
 
 def train_pu_mil(settings: MILSettings, *, bags: BagSet | str | Path, table: pd.DataFrame, n_labeled: int,
-                 checkpoint_path: str | Path, holdout_fraction: float = 0.2):
+                 checkpoint_path: str | Path, holdout_fraction: float = 0.2, report=None):
     """Elkan–Noto PU learning with Track B's network as g = P(s=1 | bag): returns ``(PUModel, summary)``.
 
     The pieces are :mod:`lens_assets.science.clusters.pu`'s, as Track A's ``pu_<n>``
@@ -777,7 +782,7 @@ def train_pu_mil(settings: MILSettings, *, bags: BagSet | str | Path, table: pd.
     def fit_fn(X: pd.DataFrame, s: np.ndarray):
         part = pd.concat([X.assign(pu_label=s), stop.assign(pu_label=s_stop)], ignore_index=True)
         run = train_mil(settings, bags=bags, table=part, checkpoint_path=checkpoint_path, label_column="pu_label",
-                        model_name=name)
+                        model_name=name, report=report)
         runs.append(run)
         model = load_mil(run["checkpoint"], device=run["device"])
 

@@ -5,7 +5,7 @@
 
 Launched by Dagster Pipes (the ``lens_classifier`` asset) it reads its settings
 from the Pipes extras, logs a line when it starts and after every epoch (``report``,
-:func:`epoch_line`) and reports its summary as a custom message. A checkpoint
+:func:`.progress.epoch_line`) and reports its summary as a custom message. A checkpoint
 is written every epoch (``last.ckpt`` plus the best by validation AUROC, on the
 validation split's ``stop`` half only: its ``calibrate`` half is the
 calibrator's, see :func:`lens_assets.ml.data.training_datasets`); when ``out``
@@ -163,24 +163,6 @@ def _loaders(shard_dir: Path, splits_path: Path, s: TrainSettings, batch_size: i
     return train, val, data["train"]
 
 
-def epoch_line(epoch: int, epochs: int, metrics: dict, best: float | None, epoch_seconds: list[float],
-               n_train: int) -> str:
-    """One line of training progress after ``epoch`` (1-based) of ``epochs``: the epoch's training loss and
-    validation AUROC (``metrics``; a missing figure reads "n/a"), the best validation AUROC so far, the epoch's wall
-    time (training and validation) and images per second over the training rows, and the time the remaining epochs
-    take at this start's median epoch time (early stopping may end the run before)."""
-    def figure(name):
-        value = metrics.get(name)
-        return "n/a" if value is None else f"{float(value):.3f}"
-
-    last = epoch_seconds[-1]
-    per_epoch = sorted(epoch_seconds)[len(epoch_seconds) // 2]
-    left_min = max(0, epochs - epoch) * per_epoch / 60
-    return (f"epoch {epoch}/{epochs}: train loss {figure('train_loss')}, val AUROC {figure('val_auroc')} "
-            f"(best {'n/a' if best is None else f'{float(best):.3f}'}), {last:.0f} s at "
-            f"{n_train / last if last > 0 else 0:.0f} img/s, {left_min:.1f} min left at most")
-
-
 def train(shard_dir: str | Path, splits_path: str | Path, out_dir: str | Path, settings: TrainSettings, *,
           after_epoch: Callable[[], None] | None = None, report: Callable[[str], None] | None = None) -> dict:
     """Fit (or resume) one model; returns a summary with the best checkpoint and its validation AUROC.
@@ -189,8 +171,8 @@ def train(shard_dir: str | Path, splits_path: str | Path, out_dir: str | Path, s
     start, once the previous epoch's checkpoints are on disk (a job whose disk does
     not outlive it copies them to the store there, so a retry can resume).
     ``report`` receives one line when training starts (device, precision, threads, rows, batches) and one after
-    every epoch (:func:`epoch_line`): under Dagster Pipes they go to the run's event log, where a progress bar
-    cannot.
+    every epoch (:func:`.progress.epoch_line`): under Dagster Pipes they go to the run's event log, where a
+    progress bar cannot.
     """
     import lightning as L
     import torch
@@ -202,6 +184,7 @@ def train(shard_dir: str | Path, splits_path: str | Path, out_dir: str | Path, s
     from .fresh import FreshEpoch
     from .module import LensClassifier
     from .precision import available_cores, fit_in_run_folder, resolve_precision
+    from .progress import EpochReport
 
     class _AfterEpoch(L.Callback):
         """Calls ``fn`` when an epoch after this start's first begins: Lightning saves checkpoints after its
@@ -215,21 +198,6 @@ def train(shard_dir: str | Path, splits_path: str | Path, out_dir: str | Path, s
                 self.first = trainer.current_epoch
             else:
                 self.fn()
-
-    class _EpochReport(L.Callback):
-        """Reports :func:`epoch_line` after each epoch, once validation and the checkpoints' monitors have run."""
-
-        def __init__(self, fn, n_train: int):
-            self.fn, self.n_train, self.seconds, self.t0 = fn, n_train, [], None
-
-        def on_train_epoch_start(self, trainer, pl_module):
-            self.t0 = time.perf_counter()
-
-        def on_train_epoch_end(self, trainer, pl_module):
-            self.seconds.append(time.perf_counter() - self.t0)
-            metrics = {k: v for k, v in trainer.callback_metrics.items() if k in ("train_loss", "val_auroc")}
-            self.fn(epoch_line(trainer.current_epoch + 1, trainer.max_epochs, metrics, checkpoint.best_model_score,
-                               self.seconds, self.n_train))
 
     import resource
     import time
@@ -281,7 +249,7 @@ def train(shard_dir: str | Path, splits_path: str | Path, out_dir: str | Path, s
         precision=precision, deterministic=not gpu,
         callbacks=[checkpoint, latest, EarlyStopping(monitor="val_auroc", mode="max", patience=settings.patience),
                    *([_AfterEpoch(after_epoch)] if after_epoch else []),
-                   *([_EpochReport(report, len(train_ds))] if report else []),
+                   *([EpochReport(report, len(train_ds), checkpoint)] if report else []),
                    *([FreshEpoch()] if settings.fresh_fraction > 0 else [])],
         logger=CSVLogger(out_dir, name="logs"), enable_progress_bar=settings.progress,  # a new version per (re)start
         log_every_n_steps=1, enable_model_summary=False)

@@ -73,9 +73,10 @@ def _set_names(part):
     return np.where(split == "test", "test", np.where(split == "val", "val_" + role.astype(str), part["sim_family"]))
 
 
-def run(bags_path: str | Path, table_path: str | Path, outputs: dict, settings) -> dict:
+def run(bags_path: str | Path, table_path: str | Path, outputs: dict, settings, report=None) -> dict:
     """Train (:func:`.mil.train_mil`), score the val, test and held-out rows with the best checkpoint
-    (:func:`.mil.score_mil`), calibrate, and write ``outputs`` (:data:`OUTPUTS` -> path); returns the summary."""
+    (:func:`.mil.score_mil`), calibrate, and write ``outputs`` (:data:`OUTPUTS` -> path); returns the summary.
+    ``report``: a line per epoch of every model trained (:func:`.progress.epoch_line`, after the model's name)."""
     import numpy as np
     import pandas as pd
     import torch
@@ -95,7 +96,7 @@ def run(bags_path: str | Path, table_path: str | Path, outputs: dict, settings) 
     need = [*TRUTH_COLUMNS, "split", "val_role"]
     if [c for c in need if c not in table.columns]:
         raise ValueError(f"{table_path}: lacks columns {[c for c in need if c not in table.columns]}")
-    summary = train_mil(settings, bags=bags, table=table, checkpoint_path=outputs["checkpoint"])
+    summary = train_mil(settings, bags=bags, table=table, checkpoint_path=outputs["checkpoint"], report=report)
     scored = table[table["split"].isin(["test", "heldout", "val"])].reset_index(drop=True)
     gpu = summary["device"] == "cuda"
     logits, attention = score_mil(summary["checkpoint"], bags, rows=bags.index_of(list(scored["objid"])),
@@ -112,8 +113,8 @@ def run(bags_path: str | Path, table_path: str | Path, outputs: dict, settings) 
     frame["logit"], frame["prob"] = logits, prob
     is_val = np.char.startswith(sets.astype(str), "val_")
     pu_frames, pu_summaries, notes = _pu_models(settings, bags, table, scored[~is_val], frame[~is_val],
-                                                 outputs["checkpoint"], gpu=gpu)
-    view_frame, view_summary = _field_view(settings, bags, table, scored, frame, outputs, gpu=gpu)
+                                                 outputs["checkpoint"], gpu=gpu, report=report)
+    view_frame, view_summary = _field_view(settings, bags, table, scored, frame, outputs, gpu=gpu, report=report)
     if view_frame is not None:
         pu_frames.append(view_frame[~is_val])
     val_part = frame[is_val] if view_frame is None else pd.concat([frame[is_val], view_frame[is_val]])
@@ -167,7 +168,7 @@ def field_view_checkpoint(checkpoint: str | Path) -> Path:
     return Path(checkpoint).with_name(FIELD_VIEW_CHECKPOINT)
 
 
-def _field_view(settings, bags, table, scored, frame, outputs, *, gpu: bool):
+def _field_view(settings, bags, table, scored, frame, outputs, *, gpu: bool, report=None):
     """The field-view model (``settings.field_view_settings()`` on ``bags.overview_bags()``): trained like Track
     B, scored on ``scored``'s rows and calibrated (isotonic) on the val/calibrate rows. Returns (a frame like
     ``frame`` with model ``field_view``, its summary), or (None, None) when the settings turn it off or the cache
@@ -182,7 +183,7 @@ def _field_view(settings, bags, table, scored, frame, outputs, *, gpu: bool):
         return None, None
     views = bags.overview_bags()
     s = train_mil(settings.field_view_settings(), bags=views, table=table, checkpoint_path=checkpoint,
-                  model_name="field_view")
+                  model_name="field_view", report=report)
     logits, _ = score_mil(s["checkpoint"], views, rows=views.index_of(list(scored["objid"])),
                           device="cuda" if gpu else "cpu", precision=settings.precision)
     part = frame.copy()
@@ -196,7 +197,7 @@ def _field_view(settings, bags, table, scored, frame, outputs, *, gpu: bool):
     return part, s
 
 
-def _pu_models(settings, bags, table, scored, frame, checkpoint, *, gpu: bool):
+def _pu_models(settings, bags, table, scored, frame, checkpoint, *, gpu: bool, report=None):
     """One :func:`.mil.train_pu_mil` per ``settings.pu_labeled``: (score frames like ``frame`` with model
     ``pu_b_<n>``, {model: summary with its test AUROC}, notes). ``scored``/``frame``: the test and held-out rows."""
     import numpy as np
@@ -217,7 +218,7 @@ def _pu_models(settings, bags, table, scored, frame, checkpoint, *, gpu: bool):
             notes.append(f"{name}: skipped, the training split has {n_lenses} lenses")
             continue
         pu, s = train_pu_mil(settings, bags=bags, table=table, n_labeled=n,
-                             checkpoint_path=checkpoint.with_name(f"{name}.ckpt"))
+                             checkpoint_path=checkpoint.with_name(f"{name}.ckpt"), report=report)
         logits, _ = score_mil(s["checkpoint"], bags, rows=rows, device="cuda" if gpu else "cpu",
                               precision=settings.precision)
         part = frame.copy()
@@ -245,7 +246,7 @@ def pipes_main() -> None:
         ex = pipes.extras
         settings = _settings({**ex.get("settings", {}), "progress": False})
         pipes.log.info(f"training track_b ({settings.backbone}) for {settings.epochs} epochs on {ex['bags_path']}")
-        summary = run(ex["bags_path"], ex["table_path"], ex["outputs"], settings)
+        summary = run(ex["bags_path"], ex["table_path"], ex["outputs"], settings, report=pipes.log.info)
         pipes.log.info(f"track_b: best val AUROC {summary['best_val_auroc']}, test AUROC {summary['test_auroc']}, "
                        f"{summary['train_instances_per_s']:.0f} instances/s on {summary['device']} "
                        f"({summary['precision']})")

@@ -2,6 +2,7 @@
 permutation invariance and the augmentation's geometry."""
 
 import math
+import re
 import warnings
 
 import numpy as np
@@ -267,16 +268,17 @@ def pu_run(tmp_path_factory):
                                augment=False, precision="32-true", accelerator="cpu", threads=1, progress=False,
                                pu_labeled=[3, 500])
     outputs = default_outputs(tmp / "out")
+    lines = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        summary = run(tmp / "bags.npz", tmp / "table.parquet", outputs, settings)
+        summary = run(tmp / "bags.npz", tmp / "table.parquet", outputs, settings, report=lines.append)
     # the run's folder holds its other files by design: no warning that the checkpoint folder is not empty
     assert not [w for w in caught if "exists and is not empty" in str(w.message)]
-    return table, outputs, summary
+    return table, outputs, summary, lines
 
 
 def test_pu_rows_score_the_same_fields_as_track_b_and_val_scores_keep_track_b_only(pu_run):
-    table, outputs, summary = pu_run
+    table, outputs, summary, lines = pu_run
     scores = pd.read_parquet(outputs["scores"])
     val = pd.read_parquet(outputs["val_scores"])
     assert set(scores["model"]) == {"track_b", "pu_b_3"} and set(val["model"]) == {"track_b"}
@@ -291,6 +293,8 @@ def test_pu_rows_score_the_same_fields_as_track_b_and_val_scores_keep_track_b_on
     logits, _ = mil.score_mil(ckpt, bags, rows=bags.index_of(list(pu["objid"])), precision="32-true")
     np.testing.assert_allclose(pu["logit"].to_numpy(), logits, rtol=0, atol=1e-5)
     assert summary["test_auroc"] is not None and "test_auroc" in summary["pu"]["pu_b_3"]
+    # each model's epochs are reported under its name (pu_b_500 is skipped: more than the training lenses)
+    assert [line.split(": epoch ")[0] for line in lines] == ["track_b", "pu_b_3"]
 
 
 def test_a_cache_with_overviews_adds_the_field_view_model_scored_by_its_own_checkpoint(tmp_path):
@@ -301,7 +305,16 @@ def test_a_cache_with_overviews_adds_the_field_view_model_scored_by_its_own_chec
                                augment=False, precision="32-true", accelerator="cpu", threads=1, progress=False,
                                field_view_epochs=2)
     outputs = default_outputs(tmp_path / "out")
-    summary = run(tmp_path / "bags.npz", tmp_path / "table.parquet", outputs, settings)
+    lines = []
+    summary = run(tmp_path / "bags.npz", tmp_path / "table.parquet", outputs, settings, report=lines.append)
+    # a line per epoch of each model, named, in fields/s, with the epoch's validation AUROC as the summary has it
+    assert [line.split(": ")[0] for line in lines] == ["track_b", "field_view", "field_view"]
+    for line, (model, epoch) in zip(lines, [(summary, 0), (summary["field_view"], 0), (summary["field_view"], 1)]):
+        found = re.fullmatch(r"\w+: epoch (\d)/(\d): train loss \d\.\d{3}, val AUROC (\S+) \(best \S+\), \d+ s at "
+                             r"\d+ fields/s, [\d.]+ min left at most", line)
+        assert found, line
+        assert int(found[1]) == epoch + 1 and float(found[3]) == pytest.approx(
+            model["val_auroc_by_epoch"][epoch]["val_auroc"], abs=5e-4)
     scores, val = pd.read_parquet(outputs["scores"]), pd.read_parquet(outputs["val_scores"])
     assert set(scores["model"]) == {"track_b", "field_view"} and set(val["model"]) == {"track_b", "field_view"}
     b, view = scores[scores["model"] == "track_b"], scores[scores["model"] == "field_view"]
@@ -319,7 +332,7 @@ def test_a_cache_with_overviews_adds_the_field_view_model_scored_by_its_own_chec
 
 
 def test_pu_prob_is_g_over_c_by_pu_py_and_c_is_a_frequency(pu_run):
-    _, outputs, summary = pu_run
+    _, outputs, summary, _ = pu_run
     s = summary["pu"]["pu_b_3"]
     assert 0.0 < s["c"] <= 1.0 and 0.0 < s["c_fit"] <= 1.0
     assert s["n_labeled"] == 3 and s["n_labeled_holdout"] == 1 and s["n_labeled_fit"] == 2
@@ -334,7 +347,7 @@ def test_pu_prob_is_g_over_c_by_pu_py_and_c_is_a_frequency(pu_run):
 
 
 def test_a_pu_size_above_the_training_lenses_is_skipped_with_a_note(pu_run):
-    _, outputs, summary = pu_run
+    _, outputs, summary, _ = pu_run
     assert summary["notes"] == ["pu_b_500: skipped, the training split has 10 lenses"]
     assert "pu_b_500" not in summary["pu"]
     assert not outputs["checkpoint"].with_name("pu_b_500.ckpt").exists()

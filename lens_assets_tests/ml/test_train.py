@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from lens_assets.ml.module import asinh, augment, scale_input
-from lens_assets.ml.train import TrainSettings, epoch_line, train
+from lens_assets.ml.progress import epoch_line
+from lens_assets.ml.train import TrainSettings, train
 
 
 def test_asinh_is_torch_asinh_to_its_precision():
