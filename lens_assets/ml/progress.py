@@ -15,9 +15,9 @@ def epoch_line(epoch: int, epochs: int, metrics: dict, best: float | None, epoch
                n_train: int, unit: str = "img") -> str:
     """One line of training progress after ``epoch`` (1-based) of ``epochs``: the epoch's training loss and
     validation AUROC (``metrics``; a missing figure reads "n/a"), the best validation AUROC so far, the epoch's wall
-    time (training and validation) and ``unit``s per second over the ``n_train`` training rows, and the time the
-    remaining epochs take at this start's median epoch time (the upper median; early stopping may end the run
-    before)."""
+    time (``epoch_seconds[-1]``: training, validation and what runs between epochs) and ``unit``s per second over
+    the ``n_train`` training rows, and about the time the remaining epochs take at the median of ``epoch_seconds``
+    (the upper median; early stopping may end the run before)."""
     def figure(value):
         return "n/a" if value is None else f"{float(value):.3f}"
 
@@ -26,23 +26,29 @@ def epoch_line(epoch: int, epochs: int, metrics: dict, best: float | None, epoch
     left_min = max(0, epochs - epoch) * per_epoch / 60
     return (f"epoch {epoch}/{epochs}: train loss {figure(metrics.get('train_loss'))}, val AUROC "
             f"{figure(metrics.get('val_auroc'))} (best {figure(best)}), {last:.0f} s at "
-            f"{n_train / last if last > 0 else 0:.0f} {unit}/s, {left_min:.1f} min left at most")
+            f"{n_train / last if last > 0 else 0:.0f} {unit}/s, about {left_min:.1f} min left")
 
 
 class EpochReport(L.Callback):
-    """Calls ``fn`` with ``label`` + :func:`epoch_line` after each epoch, once validation and the monitoring
-    callbacks have run; ``checkpoint`` is the run's best-by-``val_auroc`` ``ModelCheckpoint``."""
+    """Calls ``fn`` with ``label`` + :func:`epoch_line` at the end of each epoch, after validation. Lightning runs
+    this hook before the monitoring callbacks' (``ModelCheckpoint``, ``EarlyStopping``), so the best so far is the
+    larger of ``checkpoint``'s best ``val_auroc`` (earlier epochs, resumed ones included) and this epoch's. Each
+    epoch's time runs from the previous epoch's report (from the start of training for the first), so checkpoint
+    writes and what runs between epochs (a remote job's upload) count in it."""
 
     def __init__(self, fn: Callable[[str], None], n_train: int, checkpoint, *, label: str = "", unit: str = "img"):
         self.fn, self.n_train, self.checkpoint, self.label, self.unit = fn, n_train, checkpoint, label, unit
         self.seconds: list[float] = []
-        self.t0 = 0.0
+        self.since = time.perf_counter()
 
-    def on_train_epoch_start(self, trainer, pl_module):
-        self.t0 = time.perf_counter()
+    def on_train_start(self, trainer, pl_module):
+        self.since = time.perf_counter()
 
     def on_train_epoch_end(self, trainer, pl_module):
-        self.seconds.append(time.perf_counter() - self.t0)
+        now = time.perf_counter()
+        self.seconds.append(now - self.since)
+        self.since = now
         metrics = {k: v for k, v in trainer.callback_metrics.items() if k in ("train_loss", "val_auroc")}
+        scores = [float(v) for v in (self.checkpoint.best_model_score, metrics.get("val_auroc")) if v is not None]
         self.fn(self.label + epoch_line(trainer.current_epoch + 1, trainer.max_epochs, metrics,
-                                        self.checkpoint.best_model_score, self.seconds, self.n_train, self.unit))
+                                        max(scores) if scores else None, self.seconds, self.n_train, self.unit))

@@ -176,9 +176,9 @@ def test_the_epoch_line_gives_the_figures_and_the_time_left_at_the_median_epoch(
     # the last epoch took 40 s (8000 / 40 = 200 img/s); of two epochs the upper median (100 s) is taken, so the
     # 3 epochs left take at most 300 s
     assert line == ("epoch 2/5: train loss 0.412, val AUROC 0.900 (best 0.950), 40 s at 200 img/s, "
-                    "5.0 min left at most")
-    assert epoch_line(1, 1, {}, None, [30.0], 300) == (
-        "epoch 1/1: train loss n/a, val AUROC n/a (best n/a), 30 s at 10 img/s, 0.0 min left at most")
+                    "about 5.0 min left")
+    assert epoch_line(1, 1, {}, None, [30.0], 300, unit="fields") == (
+        "epoch 1/1: train loss n/a, val AUROC n/a (best n/a), 30 s at 10 fields/s, about 0.0 min left")
 
 
 def test_training_reports_its_set_up_and_every_epoch_with_the_logged_figures(data, tmp_path):
@@ -189,21 +189,23 @@ def test_training_reports_its_set_up_and_every_epoch_with_the_logged_figures(dat
     assert lines[0].startswith(f"resnet10t on cpu: {summary['precision']}, {summary['threads']} threads")
     assert f"{summary['n_train']} training rows in batches of 8; epochs 1 to 2" in lines[0]
     metrics = pd.read_csv(tmp_path / "run" / "logs" / "version_0" / "metrics.csv")
+    val = [e["val_auroc"] for e in summary["val_auroc_by_epoch"]]
     for epoch, line in enumerate(lines[1:]):
         found = re.fullmatch(r"epoch (\d)/2: train loss (\S+), val AUROC (\S+) \(best (\S+)\), \d+ s at \d+ img/s, "
-                             r"([\d.]+) min left at most", line)
+                             r"about ([\d.]+) min left", line)
         assert found, line
         assert int(found[1]) == epoch + 1
         train_loss = metrics.loc[metrics["epoch"] == epoch, "train_loss"].dropna()
         assert float(found[2]) == pytest.approx(float(train_loss.iloc[0]), abs=5e-4)
-        assert float(found[3]) == pytest.approx(summary["val_auroc_by_epoch"][epoch]["val_auroc"], abs=5e-4)
+        assert float(found[3]) == pytest.approx(val[epoch], abs=5e-4)
+        assert float(found[4]) == pytest.approx(max(val[: epoch + 1]), abs=5e-4)  # this epoch's counts
     assert float(found[4]) == pytest.approx(summary["best_val_auroc"], abs=5e-4)
     assert float(found[5]) == 0.0
     # a resumed start says where it resumes; a start with nothing left to train reports nothing
     more = []
     longer = TrainSettings(**{**settings.__dict__, "epochs": 3})
     train(data / "shards", data / "splits.parquet", tmp_path / "run", longer, report=more.append)
-    assert "epochs 3 to 3 (resumed after 2)" in more[0] and more[1].startswith("epoch 3/3: ")
+    assert len(more) == 2 and "epochs 3 to 3 (resumed after 2)" in more[0] and more[1].startswith("epoch 3/3: ")
     none = []
     train(data / "shards", data / "splits.parquet", tmp_path / "run", settings, report=none.append)
     assert none == []
