@@ -13,7 +13,8 @@ extended source and only then may make it a quasar's host, so lensed quasars, wh
 never tests, are reported apart) and splits the run's ``heldout`` AUROC (``scores/<survey>/ensemble_logits.parquet``)
 into the lenses that pass, those that do not and the quasars, each against all non-lenses, and the ones that pass
 against each non-lens type. A finder can be asked to find the lenses that pass; the others bound the family's AUROC
-from above.
+from above. The rings of knots are split by their radius (the knots' largest distance from the centre) at 1.2″,
+where the training population's own rings, at 0.7-1.3 of their scene's Einstein radius, mostly end.
 """
 
 from __future__ import annotations
@@ -78,6 +79,15 @@ def redraw(objid: str, survey, family):
     return _member(survey, family, int(m.group(1)), int(m.group(2)))[0]
 
 
+def knot_extent(system) -> float:
+    """The largest distance (arcsec) of a non-lens's knots (its unlensed Gaussian components) from the centre: a
+    ring's semi-major axis, to within the knots' spacing along it."""
+    import math
+
+    return max((math.hypot(c.shape["center_x"], c.shape["center_y"]) for c in system.components
+                if c.profile == "GAUSSIAN" and not c.lensed), default=float("nan"))
+
+
 def visibility_table(scores, *, survey, family, selection: dict):
     """One row per ``family`` object in ``scores`` (a run's ensemble logits): its label, kind, logit and, for a
     lens, the selection's figures (:func:`visibility`). The redrawn Einstein radius must match the file's."""
@@ -97,6 +107,8 @@ def visibility_table(scores, *, survey, family, selection: dict):
                "logit": float(logit)}
         if system.is_lens and system.kind != "quasar":
             rec.update(visibility(system, survey, selection))
+        if system.kind == "ring":
+            rec["ring_radius"] = knot_extent(system)
         out.append(rec)
     return pd.DataFrame(out)
 
@@ -162,6 +174,14 @@ def main(argv=None) -> dict:
         record["by_kind"][kind] = {"n": len(neg), "auroc_all": auroc(lenses, neg), "auroc_visible": auroc(seen, neg)}
         rows.append((f"  against {kind} ({len(neg)})", f"all lenses {record['by_kind'][kind]['auroc_all']:.3f}, "
                      f"kept galaxy lenses {record['by_kind'][kind]['auroc_visible']:.3f}"))
+    rings = nonlenses[nonlenses["kind"] == "ring"]
+    for lo, hi in ((0.0, 1.2), (1.2, np.inf)) if not rings.empty else ():
+        part = rings[(rings["ring_radius"] >= lo) & (rings["ring_radius"] < hi)]
+        key = f"rings_radius_{'lt_1.2' if lo == 0 else 'ge_1.2'}"
+        record[key] = {"n": len(part), "auroc_all": auroc(lenses, part), "auroc_visible": auroc(seen, part)}
+        rows.append((f"  against rings of radius {'< 1.2' if lo == 0 else '≥ 1.2'}″ ({len(part)})",
+                     f"all lenses {record[key]['auroc_all']:.3f}, kept galaxy lenses "
+                     f"{record[key]['auroc_visible']:.3f}"))
     for lo, hi in ((0.0, 1.2), (1.2, np.inf)):
         part = seen[(seen["theta_e"] >= lo) & (seen["theta_e"] < hi)]
         key = f"auroc_visible_theta_e_{'lt_1.2' if lo == 0 else 'ge_1.2'}"

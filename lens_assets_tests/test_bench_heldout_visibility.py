@@ -117,5 +117,36 @@ def test_main_reads_a_runs_scores_and_splits_the_auroc(heldout_run, tmp_path, mo
     kept, neg = galaxies[galaxies["visible"].astype(bool)], table[table["label"] == 0]
     assert rec["auroc_visible"] == pytest.approx(roc_auc_score(
         np.r_[np.ones(len(kept)), np.zeros(len(neg))], np.r_[kept["logit"], neg["logit"]]))
+    # rings split by their knots' extent: every ring in one bin or the other, each bin sklearn's AUROC
+    rings = table[table["kind"] == "ring"]
+    small = rings[rings["ring_radius"] < 1.2]
+    assert rec["rings_radius_lt_1.2"]["n"] + rec["rings_radius_ge_1.2"]["n"] == len(rings) > 0
+    if len(small):
+        lenses = table[table["label"] == 1]
+        assert rec["rings_radius_lt_1.2"]["auroc_all"] == pytest.approx(roc_auc_score(
+            np.r_[np.ones(len(lenses)), np.zeros(len(small))], np.r_[lenses["logit"], small["logit"]]))
     with pytest.raises(SystemExit, match="population 'physical'"):
         bench.main(["--root", str(tmp_path), "--family", "physical"])
+
+
+def test_a_rings_extent_lies_within_its_priors_and_a_system_without_knots_has_none():
+    import math
+    from dataclasses import replace
+
+    from lens_assets.science.simulation import _member
+
+    survey, family = get_survey("des"), load_family("heldout")
+    found = 0
+    for index in range(60):
+        system = _member(survey, family, 9, index)[0]
+        if system.kind != "ring":
+            continue
+        found += 1
+        extent = bench.knot_extent(system)
+        ring = family.prior("hard_negatives", "ring_radius_arcsec").params
+        q_min = family.prior("hard_negatives", "ring_axis_ratio").params["low"]
+        assert q_min * ring["low"] - 1e-9 <= extent <= ring["high"] + 1e-9
+        assert len([c for c in system.components if c.profile == "GAUSSIAN"]) >= family.prior(
+            "hard_negatives", "ring_n_knots").params["low"]
+    assert found >= 5
+    assert math.isnan(bench.knot_extent(replace(system, components=())))
