@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _util import report  # noqa: E402
+from _util import knot_extent, report  # noqa: E402
 
 SELECTION_KEYS = ("min_magnification", "min_arc_snr", "min_theta_e_over_fwhm", "source_size_in_resolution",
                   "max_theta_e_arcsec", "deflector_photon_noise")
@@ -77,15 +77,6 @@ def redraw(objid: str, survey, family):
     if m is None:
         raise ValueError(f"{objid!r} is not an object of family {family.name} on {survey.name}")
     return _member(survey, family, int(m.group(1)), int(m.group(2)))[0]
-
-
-def knot_extent(system) -> float:
-    """The largest distance (arcsec) of a non-lens's knots (its unlensed Gaussian components) from the centre: a
-    ring's semi-major axis, to within the knots' spacing along it."""
-    import math
-
-    return max((math.hypot(c.shape["center_x"], c.shape["center_y"]) for c in system.components
-                if c.profile == "GAUSSIAN" and not c.lensed), default=float("nan"))
 
 
 def visibility_table(scores, *, survey, family, selection: dict):

@@ -19,7 +19,9 @@ Beside them, the scenes drawn per second and the tries per kept scene (the selec
 ray tracing (``population.lensed_image``, about eight calls per kept scene) with lenstronomy's profiles in closed
 form (the default) against ``LensModel`` / ``LightModel``: the same ``--speed-scenes`` scenes drawn with each,
 alternating (each round in the other order), ``--rounds`` times; medians, their ratio, whether the two drew the
-same scenes, and the largest relative difference between their magnifications. Published samples
+same scenes, and the largest relative difference between their magnifications. Then the rings of knots among the
+first ``--ring-objects`` objects of ``physical`` and of the ``heldout`` family: their radius and their knots' flux
+over their galaxy's (quantiles), and the share of rings reaching 1.2". Published samples
 to set beside it (θE): SLACS 0.7-1.6″ (Bolton et al. 2008, ApJ 682, 964), HSC/SuGOHI and DES candidates mostly
 above 1″ where the seeing is ~0.7-1″.
 """
@@ -117,6 +119,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--speed-scenes", type=int, default=100, help="scenes per backend and round (0: skip)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--ring-objects", type=int, default=2000,
+                    help="objects of physical and heldout whose rings of knots are described (0: skip)")
     args = ap.parse_args(argv)
     from lens_assets.science.surveys import get_survey
 
@@ -156,7 +160,40 @@ def main(argv=None) -> dict:
                                                               f"{r['lenstronomy']:.1f} scenes/s)"))
         record["selection_speed"] = speed
         out["selection_speed"] = speed
+    if args.ring_objects > 0:
+        rings = ring_table(survey, args.ring_objects, args.seed)
+        for name, t in rings.items():
+            extent, share = (np.quantile(t[k], QUANTILES) if len(t[k]) else [np.nan] * len(QUANTILES)
+                             for k in ("extent", "flux_share"))
+            big = float((t["extent"] >= 1.2).mean()) if len(t["extent"]) else float("nan")
+            print(f"rings of {name}: {len(t['extent'])} in {args.ring_objects} objects; radius (arcsec) "
+                  f"{' / '.join(f'{v:.2f}' for v in extent)}, share >= 1.2\" {big:.3f}; knots' flux over the "
+                  f"galaxy's {' / '.join(f'{v:.2f}' for v in share)}")
+            rows.append((f"rings of {name}", f"{len(t['extent'])}, radius median {extent[2]:.2f}\", share >= 1.2\" "
+                                              f"{big:.3f}, flux share median {share[2]:.2f}"))
+            record[f"rings_{name}"] = {"n": len(t["extent"]), "share_radius_ge_1.2": big,
+                                       "radius": [float(v) for v in extent], "flux_share": [float(v) for v in share]}
+        out["rings"] = rings
     report("population", rows, record)
+    return out
+
+
+def ring_table(survey, n_objects: int, seed: int) -> dict:
+    """The rings of knots among the first ``n_objects`` objects of ``physical`` (the training population: rings at
+    0.7-1.3 of their scene's Einstein radius with the lensed arcs' flux) and of ``heldout`` (independent priors):
+    per family, each ring's radius (``_util.knot_extent``) and its knots' flux over its galaxy's
+    (``_util.knot_flux_share``) in the reference band."""
+    from _util import knot_extent, knot_flux_share
+
+    from lens_assets.science.families import load_family
+    from lens_assets.science.simulation import _member
+
+    out = {}
+    for name in ("physical", "heldout"):
+        family = load_family(name)
+        systems = [s for s in (_member(survey, family, seed, i)[0] for i in range(n_objects)) if s.kind == "ring"]
+        out[name] = {"extent": np.array([knot_extent(s) for s in systems]),
+                     "flux_share": np.array([knot_flux_share(s) for s in systems])}
     return out
 
 

@@ -10,6 +10,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 
 import bench_heldout_visibility as bench  # noqa: E402
+from _util import knot_extent  # noqa: E402
 
 from lens_assets.science.families import load_family  # noqa: E402
 from lens_assets.science.population import lensed_source_check  # noqa: E402
@@ -142,11 +143,11 @@ def test_a_rings_extent_lies_within_its_priors_and_a_system_without_knots_has_no
         if system.kind != "ring":
             continue
         found += 1
-        extent = bench.knot_extent(system)
+        extent = knot_extent(system)
         ring = family.prior("hard_negatives", "ring_radius_arcsec").params
         q_min = family.prior("hard_negatives", "ring_axis_ratio").params["low"]
         assert q_min * ring["low"] - 1e-9 <= extent <= ring["high"] + 1e-9
         assert len([c for c in system.components if c.profile == "GAUSSIAN"]) >= family.prior(
             "hard_negatives", "ring_n_knots").params["low"]
     assert found >= 5
-    assert math.isnan(bench.knot_extent(replace(system, components=())))
+    assert math.isnan(knot_extent(replace(system, components=())))
