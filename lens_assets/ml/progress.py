@@ -16,8 +16,8 @@ def epoch_line(epoch: int, epochs: int, metrics: dict, best: float | None, epoch
     """One line of training progress after ``epoch`` (1-based) of ``epochs``: the epoch's training loss and
     validation AUROC (``metrics``; a missing figure reads "n/a"), the best validation AUROC so far, the epoch's wall
     time (``epoch_seconds[-1]``: training, validation and what runs between epochs) and ``unit``s per second over
-    the ``n_train`` training rows, and about the time the remaining epochs take at the median of ``epoch_seconds``
-    (the upper median; early stopping may end the run before)."""
+    the ``n_train`` rows it trained on, and about the time the remaining epochs take at the median of
+    ``epoch_seconds`` (the upper median; early stopping may end the run before)."""
     def figure(value):
         return "n/a" if value is None else f"{float(value):.3f}"
 
@@ -34,15 +34,22 @@ class EpochReport(L.Callback):
     this hook before the monitoring callbacks' (``ModelCheckpoint``, ``EarlyStopping``), so the best so far is the
     larger of ``checkpoint``'s best ``val_auroc`` (earlier epochs, resumed ones included) and this epoch's. Each
     epoch's time runs from the previous epoch's report (from the start of training for the first), so checkpoint
-    writes and what runs between epochs (a remote job's upload) count in it."""
+    writes and what runs between epochs (a remote job's upload) count in it; its rate counts the rows of the
+    batches it trained (a batch's ``label``), so an epoch a time limit cuts short is not credited with every row
+    (``n_train`` where the batches carry no ``label``)."""
 
     def __init__(self, fn: Callable[[str], None], n_train: int, checkpoint, *, label: str = "", unit: str = "img"):
         self.fn, self.n_train, self.checkpoint, self.label, self.unit = fn, n_train, checkpoint, label, unit
         self.seconds: list[float] = []
         self.since = time.perf_counter()
+        self.rows = 0
 
     def on_train_start(self, trainer, pl_module):
         self.since = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if isinstance(batch, dict) and "label" in batch:
+            self.rows += len(batch["label"])
 
     def on_train_epoch_end(self, trainer, pl_module):
         now = time.perf_counter()
@@ -51,4 +58,6 @@ class EpochReport(L.Callback):
         metrics = {k: v for k, v in trainer.callback_metrics.items() if k in ("train_loss", "val_auroc")}
         scores = [float(v) for v in (self.checkpoint.best_model_score, metrics.get("val_auroc")) if v is not None]
         self.fn(self.label + epoch_line(trainer.current_epoch + 1, trainer.max_epochs, metrics,
-                                        max(scores) if scores else None, self.seconds, self.n_train, self.unit))
+                                        max(scores) if scores else None, self.seconds, self.rows or self.n_train,
+                                        self.unit))
+        self.rows = 0

@@ -181,6 +181,34 @@ def test_the_epoch_line_gives_the_figures_and_the_time_left_at_the_median_epoch(
         "epoch 1/1: train loss n/a, val AUROC n/a (best n/a), 30 s at 10 fields/s, about 0.0 min left")
 
 
+def test_the_epoch_report_times_from_report_to_report_and_counts_the_rows_trained(monkeypatch):
+    from types import SimpleNamespace
+
+    from lens_assets.ml import progress
+
+    clock = iter([100.0, 100.0, 112.0, 130.0])  # made, training starts, epoch 1 ends, epoch 2 (cut short) ends
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    lines = []
+    best = SimpleNamespace(best_model_score=None)
+    report = progress.EpochReport(lines.append, 40, best, label="m: ")
+    report.on_train_start(None, None)
+    batch = {"label": torch.zeros(8)}
+    for _ in range(5):  # 40 rows in 12 s
+        report.on_train_batch_end(None, None, None, batch, 0)
+    trainer = SimpleNamespace(callback_metrics={"train_loss": torch.tensor(0.5), "val_auroc": torch.tensor(0.7)},
+                              current_epoch=0, max_epochs=3)
+    report.on_train_epoch_end(trainer, None)
+    best.best_model_score = torch.tensor(0.7)
+    for _ in range(2):  # a time limit stops the next epoch after 16 rows, 18 s later
+        report.on_train_batch_end(None, None, None, batch, 0)
+    trainer.current_epoch, trainer.callback_metrics["val_auroc"] = 1, torch.tensor(0.6)
+    report.on_train_epoch_end(trainer, None)
+    assert lines == ["m: epoch 1/3: train loss 0.500, val AUROC 0.700 (best 0.700), 12 s at 3 img/s, "
+                     "about 0.4 min left",
+                     "m: epoch 2/3: train loss 0.500, val AUROC 0.600 (best 0.700), 18 s at 1 img/s, "
+                     "about 0.3 min left"]
+
+
 def test_training_reports_its_set_up_and_every_epoch_with_the_logged_figures(data, tmp_path):
     lines = []
     settings = TrainSettings(backbone="resnet10t", epochs=2, batch_size=8, progress=False, patience=10)
