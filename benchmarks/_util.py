@@ -94,17 +94,20 @@ def write_family(base: str, path: Path, edits, *, name: str | None = None) -> Pa
     return Path(path)
 
 
+def _knots(system) -> list:
+    """A simulated non-lens's knots: its unlensed Gaussian components."""
+    return [c for c in system.components if c.profile == "GAUSSIAN" and not c.lensed]
+
+
 def knot_extent(system) -> float:
-    """The largest distance (arcsec) of a simulated non-lens's knots (its unlensed Gaussian components) from the
-    centre: a ring's semi-major axis, to within the knots' spacing along it; NaN without knots."""
+    """The largest distance (arcsec) of a simulated non-lens's knots from the centre: a ring's semi-major axis, to
+    within the knots' spacing along it; NaN without knots."""
     import math
 
-    return max((math.hypot(c.shape["center_x"], c.shape["center_y"]) for c in system.components
-                if c.profile == "GAUSSIAN" and not c.lensed), default=float("nan"))
+    return max((math.hypot(c.shape["center_x"], c.shape["center_y"]) for c in _knots(system)), default=float("nan"))
 
 
 def knot_flux_share(system) -> float:
     """A simulated non-lens's knots' flux over its galaxy's (its first component), in the reference band."""
     galaxy = system.components[0]
-    return sum(10 ** (-0.4 * (c.mag_ref - galaxy.mag_ref)) for c in system.components
-               if c.profile == "GAUSSIAN" and not c.lensed)
+    return sum(10 ** (-0.4 * (c.mag_ref - galaxy.mag_ref)) for c in _knots(system))
