@@ -170,8 +170,8 @@ def train(shard_dir: str | Path, splits_path: str | Path, out_dir: str | Path, s
     ``after_epoch`` is called at the start of every epoch after the first of this
     start, once the previous epoch's checkpoints are on disk (a job whose disk does
     not outlive it copies them to the store there, so a retry can resume).
-    ``report`` receives one line when training starts (device, precision, threads, rows, batches) and one after
-    every epoch (:func:`.progress.epoch_line`): under Dagster Pipes they go to the run's event log, where a
+    ``report`` receives one line when training starts (the member, its epochs and out dir, device, precision,
+    threads, rows, batches; or that every epoch is already trained) and one after every epoch (:func:`.progress.epoch_line`): under Dagster Pipes they go to the run's event log, where a
     progress bar cannot.
     """
     import lightning as L
@@ -259,11 +259,13 @@ def train(shard_dir: str | Path, splits_path: str | Path, out_dir: str | Path, s
     if saved is not None:  # Lightning stores the 0-based epoch that had just finished
         resumed_after_epochs = int(saved["epoch"]) + 1
     start_epoch = resumed_after_epochs or 0
-    if report and start_epoch < settings.epochs:
-        report(f"{settings.backbone} on {'cuda' if gpu else 'cpu'}: {precision}, {threads} threads"
-               f"{', channels_last' if channels_last else ''}; {len(train_ds)} training rows in batches of "
-               f"{batch_size}; epochs {start_epoch + 1} to {settings.epochs}"
-               + (f" (resumed after {start_epoch})" if start_epoch else ""))
+    if report:  # the run's one start line: what trains where, and how, or that nothing is left to fit
+        head = f"training {settings.backbone} for {settings.epochs} epochs into {out_dir}"
+        report(f"{head}: all {start_epoch} epochs already trained, nothing to fit" if start_epoch >= settings.epochs
+               else f"{head} on {'cuda' if gpu else 'cpu'}: {precision}, {threads} threads"
+                    f"{', channels_last' if channels_last else ''}; {len(train_ds)} training rows in batches of "
+                    f"{batch_size}; epochs {start_epoch + 1} to {settings.epochs}"
+                    + (f" (resumed after {start_epoch})" if start_epoch else ""))
     t0 = time.perf_counter()
     if start_epoch >= settings.epochs:  # already trained this long: nothing to fit (Lightning refuses to)
         best_path, best_score = _best_in_checkpoint(saved)
@@ -424,7 +426,6 @@ def pipes_main(sync_factory: Callable[[dict], Any] | None = None) -> None:
         sync = sync_factory(ex) if sync_factory else None
         shard_dir, splits_path, out_dir = (sync.pull_inputs() if sync else
                                            (ex["shard_dir"], ex["splits_path"], ex["out_dir"]))
-        pipes.log.info(f"training {settings.backbone} for {settings.epochs} epochs into {out_dir}")
         summary = train(shard_dir, splits_path, out_dir, settings, after_epoch=sync.push_outputs if sync else None,
                         report=pipes.log.info)
         if sync:

@@ -67,7 +67,8 @@ def test_training_job_runs_under_pipes_and_resumes(storage, tiny_inputs):
     result = run(1)
     # the job's progress reaches the run's event log, where the UI shows it while the job trains
     messages = [e.user_message for e in instance.all_logs(result.run_id)]
-    assert [m for m in messages if m.startswith("resnet10t on cpu: ")]
+    started = [m for m in messages if m.startswith("training resnet10t for 1 epochs into ")]
+    assert len(started) == 1 and " on cpu: " in started[0]  # one start line, from train()
     assert [m for m in messages if m.startswith("epoch 1/1: train loss ")]
     first = _meta(result)
     ckpt = first["resnet10t/checkpoint"]

@@ -214,7 +214,8 @@ def test_training_reports_its_set_up_and_every_epoch_with_the_logged_figures(dat
     settings = TrainSettings(backbone="resnet10t", epochs=2, batch_size=8, progress=False, patience=10)
     summary = train(data / "shards", data / "splits.parquet", tmp_path / "run", settings, report=lines.append)
     assert len(lines) == 3
-    assert lines[0].startswith(f"resnet10t on cpu: {summary['precision']}, {summary['threads']} threads")
+    assert lines[0].startswith(f"training resnet10t for 2 epochs into {tmp_path / 'run'} on cpu: "
+                               f"{summary['precision']}, {summary['threads']} threads")
     assert f"{summary['n_train']} training rows in batches of 8; epochs 1 to 2" in lines[0]
     metrics = pd.read_csv(tmp_path / "run" / "logs" / "version_0" / "metrics.csv")
     val = [e["val_auroc"] for e in summary["val_auroc_by_epoch"]]
@@ -229,14 +230,15 @@ def test_training_reports_its_set_up_and_every_epoch_with_the_logged_figures(dat
         assert float(found[4]) == pytest.approx(max(val[: epoch + 1]), abs=5e-4)  # this epoch's counts
     assert float(found[4]) == pytest.approx(summary["best_val_auroc"], abs=5e-4)
     assert float(found[5]) == 0.0
-    # a resumed start says where it resumes; a start with nothing left to train reports nothing
+    # a resumed start says where it resumes; a start with nothing left to train says so
     more = []
     longer = TrainSettings(**{**settings.__dict__, "epochs": 3})
     train(data / "shards", data / "splits.parquet", tmp_path / "run", longer, report=more.append)
     assert len(more) == 2 and "epochs 3 to 3 (resumed after 2)" in more[0] and more[1].startswith("epoch 3/3: ")
     none = []
     train(data / "shards", data / "splits.parquet", tmp_path / "run", settings, report=none.append)
-    assert none == []
+    assert none == [f"training resnet10t for 2 epochs into {tmp_path / 'run'}: all 3 epochs already trained, "
+                    "nothing to fit"]
 
 
 def test_the_row_cache_trains_the_same_weights_and_gives_the_stop_half_what_the_train_split_leaves(data, tmp_path):
