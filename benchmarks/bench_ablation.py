@@ -37,6 +37,8 @@ Levers (a family file written from ``physical.toml`` with one section changed):
   checks the result), e.g. ``toml=deflector.group_fraction:0.5/deflector.group_central_sigma_min_kms:150``.
 * ``group=<fraction>``: physical with that share of deflectors at the centre of a group halo
   (``[deflector] group_fraction``): group-scale lenses, whose arcs lie further out than the galaxy's light implies.
+* ``quasars=<share>``: physical with that share of the selected sources hosting a lensed quasar
+  (``[source] kind``; the default 0.1).
 * ``train_family=<name>``: the packaged family ``<name>`` (e.g. ``heldout``, ``galsim``) trains the run, renamed
   ``<name>_train`` so that its objects are other draws than the held-out family of that name. Trained on
   ``heldout``, the ``heldout`` column is that family's in-distribution figure at this budget: the most a finder
@@ -101,8 +103,9 @@ from _util import report, write_family  # noqa: E402
 from lens_assets.science.metrics import THETA_E_HALVES  # noqa: E402
 
 LEVERS = ("physical", "baseline", "no_twins", "no_environment", "no_observation", "selection_without_collett_terms")
-POPULATION_PREFIXES = ("deep=", "group=", "negatives=", "toml=", "train_family=")  # levers that carry a value
-VALUE_LEVERS = ("deep=<factor>", "group=<fraction>", "negatives=<type>:<weight>/...",
+POPULATION_PREFIXES = ("deep=", "group=", "negatives=", "quasars=", "toml=",
+                       "train_family=")  # levers that carry a value
+VALUE_LEVERS = ("deep=<factor>", "group=<fraction>", "negatives=<type>:<weight>/...", "quasars=<share>",
                 "toml=<section>.<key>:<number>/...",
                 "train_family=<name>")  # a family written from physical.toml with one value set, or a packaged one
 TRAINING_LEVERS = ("film", "colour_residual[=0]", "radial_residual", "elliptical_residual",
@@ -222,6 +225,11 @@ def group_share(lever: str) -> float:
     return lever_number(lever, lambda v: 0.0 <= v <= 1.0, "the group share must be a number in [0, 1]")
 
 
+def quasar_share(lever: str) -> float:
+    """The share of a ``quasars=<share>`` lever (a number in [0, 1])."""
+    return lever_number(lever, lambda v: 0.0 <= v <= 1.0, "the quasar share must be a number in [0, 1]")
+
+
 def heldout_names(families) -> list[str]:
     """The family names (``SIMFAM``, what the evaluation selects by) of ``--heldout`` entries, names or TOML paths."""
     from lens_assets.science.families import load_family
@@ -277,6 +285,10 @@ def population_edits(lever: str) -> list[tuple[str, str, str]]:
         return [("deflector", "group_fraction", repr(group_share(lever)))]
     if lever.startswith("toml="):
         return toml_edits(lever)
+    if lever.startswith("quasars="):
+        share = quasar_share(lever)
+        return [("source", "kind",
+                 f'{{ dist = "choice", values = ["extended", "quasar"], p = [{1.0 - share!r}, {share!r}] }}')]
     if lever.startswith("negatives="):
         return [("negatives", kind, repr(weight)) for kind, weight in negative_weights(lever).items()]
     if lever == "no_twins":

@@ -61,6 +61,13 @@ def test_numeric_ablation_levers_are_checked_before_any_run(tmp_path):
                         ("toml=deflector.no_such_key:1", "has no no_such_key in \\[deflector\\]")):
         with pytest.raises((ValueError, KeyError), match=what):
             bench_ablation.main(["--levers", f"physical,{lever}"])  # refused before any run
+    from lens_assets.science.families import load_family
+
+    quasars = load_family(bench_ablation.family_file("quasars=0.3", tmp_path))  # the loader checks the choice
+    kind, rng = quasars.sections["source"]["kind"], __import__("numpy").random.default_rng(0)
+    assert sum(kind.sample(rng) == "quasar" for _ in range(4000)) / 4000 == pytest.approx(0.3, abs=0.025)
+    with pytest.raises(ValueError, match=r"quasar share must be a number in \[0, 1\]"):
+        bench_ablation.main(["--levers", "physical,quasars=1.5"])  # refused before any run
     written = bench_ablation.family_file("toml=selection.min_arc_snr:10", tmp_path)
     assert "min_arc_snr = 10\n" in open(written).read()
     with pytest.raises(ValueError, match="give weights as"):
