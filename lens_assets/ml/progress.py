@@ -8,7 +8,12 @@ from typing import Callable
 
 import lightning as L
 
-__all__ = ["epoch_line", "EpochReport"]
+__all__ = ["epoch_line", "EpochReport", "figure"]
+
+
+def figure(value) -> str:
+    """A figure for a log line: three decimals, or "n/a" where there is none."""
+    return "n/a" if value is None else f"{float(value):.3f}"
 
 
 def epoch_line(epoch: int, epochs: int, metrics: dict, best: float | None, epoch_seconds: list[float],
@@ -18,9 +23,6 @@ def epoch_line(epoch: int, epochs: int, metrics: dict, best: float | None, epoch
     time (``epoch_seconds[-1]``: training, validation and what runs between epochs) and ``unit``s per second over
     the ``n_train`` rows it trained on, and about the time the remaining epochs take at the median of
     ``epoch_seconds`` (the upper median; early stopping may end the run before)."""
-    def figure(value):
-        return "n/a" if value is None else f"{float(value):.3f}"
-
     last = epoch_seconds[-1]
     per_epoch = sorted(epoch_seconds)[len(epoch_seconds) // 2]
     left_min = max(0, epochs - epoch) * per_epoch / 60

@@ -171,8 +171,9 @@ def train(shard_dir: str | Path, splits_path: str | Path, out_dir: str | Path, s
     start, once the previous epoch's checkpoints are on disk (a job whose disk does
     not outlive it copies them to the store there, so a retry can resume).
     ``report`` receives one line when training starts (the member, its epochs and out dir, device, precision,
-    threads, rows, batches; or that every epoch is already trained) and one after every epoch (:func:`.progress.epoch_line`): under Dagster Pipes they go to the run's event log, where a
-    progress bar cannot.
+    threads, rows, batches; or that every epoch is already trained) and one after every epoch
+    (:func:`.progress.epoch_line`): under Dagster Pipes they go to the run's event log, where a progress bar
+    cannot.
     """
     import lightning as L
     import torch
@@ -420,6 +421,8 @@ def pipes_main(sync_factory: Callable[[dict], Any] | None = None) -> None:
     """
     from dagster_pipes import open_dagster_pipes
 
+    from .progress import figure
+
     with open_dagster_pipes() as pipes:
         ex = pipes.extras
         settings = TrainSettings(**{**ex.get("settings", {}), "progress": False})
@@ -430,7 +433,7 @@ def pipes_main(sync_factory: Callable[[dict], Any] | None = None) -> None:
                         report=pipes.log.info)
         if sync:
             sync.push_outputs()
-        pipes.log.info(f"best val AUROC {summary['best_val_auroc']} at {summary['train_img_per_s']:.0f} img/s "
+        pipes.log.info(f"best val AUROC {figure(summary['best_val_auroc'])} at {summary['train_img_per_s']:.0f} img/s "
                        f"on {summary['device']}")
         pipes.report_custom_message(summary)
 

@@ -242,21 +242,24 @@ def pipes_main() -> None:
     """Under Dagster Pipes: extras ``bags_path``, ``table_path``, ``outputs`` (name -> path), ``settings``."""
     from dagster_pipes import open_dagster_pipes
 
+    from .progress import figure
+
     with open_dagster_pipes() as pipes:
         ex = pipes.extras
         settings = _settings({**ex.get("settings", {}), "progress": False})
         pipes.log.info(f"training track_b ({settings.backbone}) for {settings.epochs} epochs on {ex['bags_path']}")
         summary = run(ex["bags_path"], ex["table_path"], ex["outputs"], settings, report=pipes.log.info)
-        pipes.log.info(f"track_b: best val AUROC {summary['best_val_auroc']}, test AUROC {summary['test_auroc']}, "
+        pipes.log.info(f"track_b: best val AUROC {figure(summary['best_val_auroc'])}, "
+                       f"test AUROC {figure(summary['test_auroc'])}, "
                        f"{summary['train_instances_per_s']:.0f} instances/s on {summary['device']} "
                        f"({summary['precision']})")
         for name, pu in summary["pu"].items():
             pipes.log.info(f"{name}: c {pu['c']:.3f} from {pu['n_labeled_holdout']} held-out labeled lenses, "
-                           f"test AUROC {pu['test_auroc']}")
+                           f"test AUROC {figure(pu['test_auroc'])}")
         if summary.get("field_view"):
             v = summary["field_view"]
             pipes.log.info(f"field_view ({v['settings']['backbone']}, {v['overview_px']} px overviews): best val "
-                           f"AUROC {v['best_val_auroc']}, test AUROC {v['test_auroc']}")
+                           f"AUROC {figure(v['best_val_auroc'])}, test AUROC {figure(v['test_auroc'])}")
         for note in summary["notes"]:
             pipes.log.info(note)
         pipes.report_custom_message(summary)

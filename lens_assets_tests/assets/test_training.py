@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -70,6 +71,7 @@ def test_training_job_runs_under_pipes_and_resumes(storage, tiny_inputs):
     started = [m for m in messages if m.startswith("training resnet10t for 1 epochs into ")]
     assert len(started) == 1 and " on cpu: " in started[0]  # one start line, from train()
     assert [m for m in messages if m.startswith("epoch 1/1: train loss ")]
+    assert [m for m in messages if re.fullmatch(r"best val AUROC \d\.\d{3} at \d+ img/s on cpu", m)]  # rounded
     first = _meta(result)
     ckpt = first["resnet10t/checkpoint"]
     assert hashlib.sha256(Path(ckpt).read_bytes()).hexdigest() == first["resnet10t/checkpoint_sha256"]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lens_assets.ml.module import asinh, augment, scale_input
-from lens_assets.ml.progress import epoch_line
+from lens_assets.ml.progress import epoch_line, figure
 from lens_assets.ml.train import TrainSettings, train
 
 
@@ -177,6 +177,7 @@ def test_the_epoch_line_gives_the_figures_and_the_time_left_at_the_median_epoch(
     # 3 epochs left take at most 300 s
     assert line == ("epoch 2/5: train loss 0.412, val AUROC 0.900 (best 0.950), 40 s at 200 img/s, "
                     "about 5.0 min left")
+    assert figure(0.8380194306373596) == "0.838" and figure(1) == "1.000" and figure(None) == "n/a"
     assert epoch_line(1, 1, {}, None, [30.0], 300, unit="fields") == (
         "epoch 1/1: train loss n/a, val AUROC n/a (best n/a), 30 s at 10 fields/s, about 0.0 min left")
 
