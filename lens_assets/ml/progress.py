@@ -3,6 +3,7 @@ cannot show: :class:`EpochReport` passes :func:`epoch_line` to a callable after 
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable
 
@@ -12,8 +13,8 @@ __all__ = ["epoch_line", "EpochReport", "figure"]
 
 
 def figure(value) -> str:
-    """A figure for a log line: three decimals, or "n/a" where there is none."""
-    return "n/a" if value is None else f"{float(value):.3f}"
+    """A figure for a log line: three decimals, or "n/a" where there is none (None or not finite)."""
+    return "n/a" if value is None or not math.isfinite(float(value)) else f"{float(value):.3f}"
 
 
 def epoch_line(epoch: int, epochs: int, metrics: dict, best: float | None, epoch_seconds: list[float],

@@ -262,7 +262,7 @@ def train(shard_dir: str | Path, splits_path: str | Path, out_dir: str | Path, s
     start_epoch = resumed_after_epochs or 0
     if report:  # the run's one start line: what trains where, and how, or that nothing is left to fit
         head = f"training {settings.backbone} for {settings.epochs} epochs into {out_dir}"
-        report(f"{head}: all {start_epoch} epochs already trained, nothing to fit" if start_epoch >= settings.epochs
+        report(f"{head}: {start_epoch} epochs already trained, nothing to fit" if start_epoch >= settings.epochs
                else f"{head} on {'cuda' if gpu else 'cpu'}: {precision}, {threads} threads"
                     f"{', channels_last' if channels_last else ''}; {len(train_ds)} training rows in batches of "
                     f"{batch_size}; epochs {start_epoch + 1} to {settings.epochs}"

@@ -178,6 +178,7 @@ def test_the_epoch_line_gives_the_figures_and_the_time_left_at_the_median_epoch(
     assert line == ("epoch 2/5: train loss 0.412, val AUROC 0.900 (best 0.950), 40 s at 200 img/s, "
                     "about 5.0 min left")
     assert figure(0.8380194306373596) == "0.838" and figure(1) == "1.000" and figure(None) == "n/a"
+    assert figure(float("nan")) == "n/a"  # an AUROC of a set without both classes
     assert epoch_line(1, 1, {}, None, [30.0], 300, unit="fields") == (
         "epoch 1/1: train loss n/a, val AUROC n/a (best n/a), 30 s at 10 fields/s, about 0.0 min left")
 
@@ -238,7 +239,7 @@ def test_training_reports_its_set_up_and_every_epoch_with_the_logged_figures(dat
     assert len(more) == 2 and "epochs 3 to 3 (resumed after 2)" in more[0] and more[1].startswith("epoch 3/3: ")
     none = []
     train(data / "shards", data / "splits.parquet", tmp_path / "run", settings, report=none.append)
-    assert none == [f"training resnet10t for 2 epochs into {tmp_path / 'run'}: all 3 epochs already trained, "
+    assert none == [f"training resnet10t for 2 epochs into {tmp_path / 'run'}: 3 epochs already trained, "
                     "nothing to fit"]
 
 
