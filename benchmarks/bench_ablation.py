@@ -287,8 +287,8 @@ def population_edits(lever: str) -> list[tuple[str, str, str]]:
         return toml_edits(lever)
     if lever.startswith("quasars="):
         share = quasar_share(lever)
-        return [("source", "kind",
-                 f'{{ dist = "choice", values = ["extended", "quasar"], p = [{1.0 - share!r}, {share!r}] }}')]
+        p = [round(1.0 - share, 12), share]  # rounded: 1 - 0.07 is written 0.93, not 0.9299999999999999
+        return [("source", "kind", f'{{ dist = "choice", values = ["extended", "quasar"], p = {p!r} }}')]
     if lever.startswith("negatives="):
         return [("negatives", kind, repr(weight)) for kind, weight in negative_weights(lever).items()]
     if lever == "no_twins":
