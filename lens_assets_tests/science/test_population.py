@@ -18,6 +18,15 @@ LSST = get_survey("lsst")  # deep and sharp: scenes pass the selection in few tr
 DES = get_survey("des")
 
 
+def _d_ls(cosmo, z1, z2):
+    """astropy's angular diameter distance between two redshifts: ``angular_diameter_distance(z1, z2)`` where
+    astropy has it (8.0 deprecates ``angular_diameter_distance_z1z2``), the older name before."""
+    try:
+        return cosmo.angular_diameter_distance(z1, z2)
+    except TypeError:
+        return cosmo.angular_diameter_distance_z1z2(z1, z2)
+
+
 def test_sis_einstein_radius_by_hand():
     # 4 pi (200 / 299792.458)^2 * 0.5 rad = 2.79640e-6 rad = 0.576798 arcsec
     assert pop.theta_e_sis_arcsec(200.0, 0.5) == pytest.approx(0.576798, rel=1e-5)
@@ -35,7 +44,7 @@ def test_redshift_tables_distances_match_astropy():
         if zl >= zs - 0.05:
             assert t.dls_over_ds[i, j] == 0.0 and t.weight[i, j] == 0.0
             continue
-        ref = (cosmo.angular_diameter_distance_z1z2(zl, zs) / cosmo.angular_diameter_distance(zs)).value
+        ref = (_d_ls(cosmo, zl, zs) / cosmo.angular_diameter_distance(zs)).value
         assert t.dls_over_ds[i, j] == pytest.approx(ref, rel=1e-6)
     assert t.p_zs.sum() == pytest.approx(1.0)
 
@@ -233,7 +242,7 @@ def test_group_scenes_add_the_group_halos_einstein_radius_to_a_massive_centrals(
     for i in range(4):
         s = pop.draw_scene(groups, LSST, object_rng("lsst", "physical_groups", 0, i))
         assert 250.0 <= s.group_sigma_kms <= 500.0 and s.sigma_kms >= 220.0  # the group's prior; a massive central
-        ratio = (cosmo.angular_diameter_distance_z1z2(s.z_lens, s.z_source)
+        ratio = (_d_ls(cosmo, s.z_lens, s.z_source)
                  / cosmo.angular_diameter_distance(s.z_source)).value
         # concentric SIS deflections add: theta_E = theta_E(galaxy) + theta_E(group), both 4 pi (sigma/c)^2 D_ls/D_s
         want = pop.theta_e_sis_arcsec(s.sigma_kms, ratio) + pop.theta_e_sis_arcsec(s.group_sigma_kms, ratio)
@@ -244,7 +253,7 @@ def test_group_scenes_add_the_group_halos_einstein_radius_to_a_massive_centrals(
         s = pop.draw_scene(PHYSICAL, LSST, object_rng("lsst", "physical", 0, i))
         assert s.group_sigma_kms == 0.0
         assert s.theta_e_arcsec == pytest.approx(pop.theta_e_sis_arcsec(
-            s.sigma_kms, (cosmo.angular_diameter_distance_z1z2(s.z_lens, s.z_source)
+            s.sigma_kms, (_d_ls(cosmo, s.z_lens, s.z_source)
                           / cosmo.angular_diameter_distance(s.z_source)).value), rel=1e-3)
 
 
