@@ -793,7 +793,7 @@ def test_the_arc_attention_branch_is_rotation_invariant_starts_at_zero_and_train
     out = branch(x)
     # a 90-degree rotation about the centre rolls the polar grid by a quarter of its angles
     torch.testing.assert_close(branch(torch.rot90(x, 1, dims=(2, 3))), out, rtol=1e-4,
-                               atol=1e-4 * float(out.abs().max()))
+                               atol=1e-4 * float(out.detach().abs().max()))
     assert (out - branch(torch.roll(x, 5, dims=3))).abs().max() > 1e-3  # not blind: a shifted stamp differs
     # the polar grid: a ring of radius 16 px lights the radius index 16 / 32 * 16 = 8 at every angle
     yy, xx = torch.meshgrid(torch.arange(64.0) - 31.5, torch.arange(64.0) - 31.5, indexing="ij")
