@@ -35,6 +35,19 @@ def _uncertainty_of_report(report_meta: dict) -> dict:
     return unc if unc.get("bins") else {}
 
 
+def member_line(member: str, meta: dict) -> str:
+    """The demo's line for one ensemble member from ``lens_classifier``'s metadata: its best validation AUROC, its
+    epochs and the rate they trained at, or, where every epoch was trained by an earlier run (a second ``make
+    demo``), that this run fitted nothing."""
+    m, epochs = member, meta[f"{member}/epochs_run"]
+    fitted_now = epochs > (meta.get(f"{m}/resumed_after_epochs") or 0)
+    rate = (f"at {meta[f'{m}/train_img_per_s']:.0f} img/s" if fitted_now
+            else "(all trained by an earlier run; none fitted in this one)")
+    return (f"  model {m:<12}: best val AUROC {meta[f'{m}/best_val_auroc']:.4f} after {epochs} epochs {rate} on "
+            f"{meta[f'{m}/device']} ({meta.get(f'{m}/precision') or 'precision not recorded'}) -> "
+            f"{meta[f'{m}/checkpoint']}")
+
+
 def check_verdict(evaluation) -> str:
     """How the demo prints an asset check's evaluation: a bologna_report gate check as its promotion page does
     (:func:`~lens_assets.assets.evaluation.gate_verdict`: passed, FAILED, a missed target, not gated), any other
@@ -184,10 +197,7 @@ def run_galaxy(instance, args) -> int:
     if "lens_classifier" in meta:
         lc = meta["lens_classifier"]
         for m in lc["members"].split(","):
-            print(f"  model {m:<12}: best val AUROC {lc[f'{m}/best_val_auroc']:.4f} after {lc[f'{m}/epochs_run']} "
-                  f"epochs at {lc[f'{m}/train_img_per_s']:.0f} img/s on {lc[f'{m}/device']} "
-                  f"({lc.get(f'{m}/precision') or 'precision not recorded'}) -> "
-                  f"{lc[f'{m}/checkpoint']}")
+            print(member_line(m, lc))
     if "score_calibrator" in meta:
         sc = meta["score_calibrator"]
         print(f"  calibrator        : {sc['method']} after {sc['fusion']} fusion, cross-fitted ECE "

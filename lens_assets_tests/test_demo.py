@@ -2,7 +2,7 @@
 
 import json
 
-from lens_assets.demo import _uncertainty_of_report
+from lens_assets.demo import _uncertainty_of_report, member_line
 
 
 def test_the_demo_reads_the_uncertainty_deciles_or_nothing(tmp_path):
@@ -77,3 +77,15 @@ def test_the_demo_refuses_a_config_its_assets_refuse_before_any_run(monkeypatch,
     clusters = {"cluster_fields": {"config": {"n_fields": 0}}}  # the cluster track's assets are checked too
     assert demo.run_job("cluster_pipeline", None, survey="des", ops=clusters) is None
     assert "cluster_pipeline not started" in capsys.readouterr().err
+
+
+def test_the_demo_says_when_a_member_was_trained_by_an_earlier_run():
+    meta = {"m/best_val_auroc": 0.83801, "m/epochs_run": 8, "m/resumed_after_epochs": 0, "m/train_img_per_s": 366.4,
+            "m/device": "cpu", "m/precision": "bf16-mixed", "m/checkpoint": "/d/best.ckpt"}
+    assert member_line("m", meta) == ("  model m           : best val AUROC 0.8380 after 8 epochs at 366 img/s on cpu "
+                                      "(bf16-mixed) -> /d/best.ckpt")
+    resumed = {**meta, "m/resumed_after_epochs": 6, "m/train_img_per_s": 120.0}  # 2 epochs fitted now
+    assert "after 8 epochs at 120 img/s on cpu" in member_line("m", resumed)
+    again = {**meta, "m/resumed_after_epochs": 8, "m/train_img_per_s": 0.0}  # a second make demo: nothing to fit
+    assert member_line("m", again) == ("  model m           : best val AUROC 0.8380 after 8 epochs (all trained by an "
+                                       "earlier run; none fitted in this one) on cpu (bf16-mixed) -> /d/best.ckpt")

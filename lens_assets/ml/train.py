@@ -433,8 +433,10 @@ def pipes_main(sync_factory: Callable[[dict], Any] | None = None) -> None:
                         report=pipes.log.info)
         if sync:
             sync.push_outputs()
-        pipes.log.info(f"best val AUROC {figure(summary['best_val_auroc'])} at {summary['train_img_per_s']:.0f} img/s "
-                       f"on {summary['device']}")
+        fitted_now = summary["epochs_run"] > (summary["resumed_after_epochs"] or 0)
+        pipes.log.info(f"best val AUROC {figure(summary['best_val_auroc'])} "
+                       + (f"at {summary['train_img_per_s']:.0f} img/s" if fitted_now else "(none fitted in this run)")
+                       + f" on {summary['device']}")
         pipes.report_custom_message(summary)
 
 
