@@ -37,12 +37,11 @@ def _uncertainty_of_report(report_meta: dict) -> dict:
 
 def member_line(member: str, meta: dict) -> str:
     """The demo's line for one ensemble member from ``lens_classifier``'s metadata: its best validation AUROC, its
-    epochs and the rate they trained at, or, where every epoch was trained by an earlier run (a second ``make
-    demo``), that this run fitted nothing."""
+    epochs and the rate this run trained at, or, where this run fitted no epoch (an earlier run trained every
+    epoch it could: a second ``make demo``), that it fitted none."""
     m, epochs = member, meta[f"{member}/epochs_run"]
-    fitted_now = epochs > (meta.get(f"{m}/resumed_after_epochs") or 0)
-    rate = (f"at {meta[f'{m}/train_img_per_s']:.0f} img/s" if fitted_now
-            else "(all trained by an earlier run; none fitted in this one)")
+    rate = (f"at {meta[f'{m}/train_img_per_s']:.0f} img/s" if meta[f"{m}/epochs_fitted"]
+            else "(no epoch fitted in this run)")
     return (f"  model {m:<12}: best val AUROC {meta[f'{m}/best_val_auroc']:.4f} after {epochs} epochs {rate} on "
             f"{meta[f'{m}/device']} ({meta.get(f'{m}/precision') or 'precision not recorded'}) -> "
             f"{meta[f'{m}/checkpoint']}")

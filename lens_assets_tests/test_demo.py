@@ -80,12 +80,12 @@ def test_the_demo_refuses_a_config_its_assets_refuse_before_any_run(monkeypatch,
 
 
 def test_the_demo_says_when_a_member_was_trained_by_an_earlier_run():
-    meta = {"m/best_val_auroc": 0.83801, "m/epochs_run": 8, "m/resumed_after_epochs": 0, "m/train_img_per_s": 366.4,
+    meta = {"m/best_val_auroc": 0.83801, "m/epochs_run": 8, "m/epochs_fitted": 8, "m/train_img_per_s": 366.4,
             "m/device": "cpu", "m/precision": "bf16-mixed", "m/checkpoint": "/d/best.ckpt"}
     assert member_line("m", meta) == ("  model m           : best val AUROC 0.8380 after 8 epochs at 366 img/s on cpu "
                                       "(bf16-mixed) -> /d/best.ckpt")
-    resumed = {**meta, "m/resumed_after_epochs": 6, "m/train_img_per_s": 120.0}  # 2 epochs fitted now
+    resumed = {**meta, "m/epochs_fitted": 2, "m/train_img_per_s": 120.0}  # 2 of the 8 epochs fitted now
     assert "after 8 epochs at 120 img/s on cpu" in member_line("m", resumed)
-    again = {**meta, "m/resumed_after_epochs": 8, "m/train_img_per_s": 0.0}  # a second make demo: nothing to fit
-    assert member_line("m", again) == ("  model m           : best val AUROC 0.8380 after 8 epochs (all trained by an "
-                                       "earlier run; none fitted in this one) on cpu (bf16-mixed) -> /d/best.ckpt")
+    again = {**meta, "m/epochs_fitted": 0, "m/train_img_per_s": 0.0}  # a second make demo: nothing to fit
+    assert member_line("m", again) == ("  model m           : best val AUROC 0.8380 after 8 epochs (no epoch fitted in "
+                                       "this run) on cpu (bf16-mixed) -> /d/best.ckpt")

@@ -189,6 +189,7 @@ def lens_classifier(context: dg.AssetExecutionContext, config: TrainConfig, stor
             f"{member}/epochs_run": s["epochs_run"],
             f"{member}/resumed_after_epochs": s["resumed_after_epochs"] if s["resumed_after_epochs"] else 0,
             f"{member}/train_img_per_s": s["train_img_per_s"],
+            f"{member}/epochs_fitted": s["epochs_fitted"],
             f"{member}/device": s["device"],
             f"{member}/precision": s.get("precision", ""),
             f"{member}/film": bool(s.get("film", False)),

@@ -305,6 +305,7 @@ def train(shard_dir: str | Path, splits_path: str | Path, out_dir: str | Path, s
         "n_fresh": int(getattr(train_ds, "n_fresh", 0)),  # drawn in this process (0 with loader workers)
         "weights_path": settings.weights_path,
         "train_img_per_s": len(train_ds) * epochs_now / seconds if seconds > 0 else 0.0,
+        "epochs_fitted": epochs_now,  # by this start: 0 where an earlier run trained every epoch it could
         # rows kept decompressed in memory after their first read (cache_gb), train split and stop half
         "cached_rows": sum(getattr(getattr(d, "base", d), "cached_rows", 0) for d in (train_ds, val_loader.dataset)),
         "peak_memory_mb": (torch.cuda.max_memory_allocated() / 2**20 if gpu
@@ -433,10 +434,9 @@ def pipes_main(sync_factory: Callable[[dict], Any] | None = None) -> None:
                         report=pipes.log.info)
         if sync:
             sync.push_outputs()
-        fitted_now = summary["epochs_run"] > (summary["resumed_after_epochs"] or 0)
         pipes.log.info(f"best val AUROC {figure(summary['best_val_auroc'])} "
-                       + (f"at {summary['train_img_per_s']:.0f} img/s" if fitted_now else "(none fitted in this run)")
-                       + f" on {summary['device']}")
+                       + (f"at {summary['train_img_per_s']:.0f} img/s" if summary["epochs_fitted"]
+                          else "(no epoch fitted in this run)") + f" on {summary['device']}")
         pipes.report_custom_message(summary)
 
 

@@ -83,8 +83,11 @@ def test_training_job_runs_under_pipes_and_resumes(storage, tiny_inputs):
     again = run(2)  # the same run again (a second make demo): every epoch trained, the job says it fitted none
     messages = [e.user_message for e in instance.all_logs(again.run_id)]
     assert [m for m in messages if m.endswith(": 2 epochs already trained, nothing to fit")]
-    assert [m for m in messages if re.fullmatch(r"best val AUROC \d\.\d{3} \(none fitted in this run\) on cpu", m)]
-    assert _meta(again)["resnet10t/resumed_after_epochs"] == _meta(again)["resnet10t/epochs_run"] == 2
+    assert [m for m in messages if re.fullmatch(r"best val AUROC \d\.\d{3} \(no epoch fitted in this run\) on cpu",
+                                                m)]
+    meta = _meta(again)
+    assert meta["resnet10t/resumed_after_epochs"] == meta["resnet10t/epochs_run"] == 2
+    assert meta["resnet10t/epochs_fitted"] == 0 and second["resnet10t/epochs_fitted"] == 1
 
 
 def test_film_precision_and_initial_weights_reach_the_training_job(trained_survey_copy, tmp_path):
