@@ -35,6 +35,16 @@ def _uncertainty_of_report(report_meta: dict) -> dict:
     return unc if unc.get("bins") else {}
 
 
+def precision_note(*, gpu: bool, bf16_cpu: bool) -> str | None:
+    """What the demo says before it starts where training will run in float32 (no GPU, no native bf16), so that a
+    user knows why it takes about twice as long; None where it runs in bf16."""
+    if gpu or bf16_cpu:
+        return None
+    return ("note: this CPU has no native bf16 (AVX512-BF16 or AMX-BF16), so training and scoring run in float32, "
+            "and the demo takes about twice as long as on a CPU with it (docs/results.md, 'make demo from a fresh "
+            "clone', gives the times of both)")
+
+
 def member_line(member: str, meta: dict) -> str:
     """The demo's line for one ensemble member from ``lens_classifier``'s metadata: its best validation AUROC, its
     epochs and the rate this run trained at, or, where this run fitted no epoch (an earlier run trained every
@@ -151,6 +161,13 @@ def main(argv=None) -> int:
                         "training family (the held-out family gets a quarter as many)")
     args = parser.parse_args(argv)
 
+    import torch
+
+    from lens_assets.ml.precision import cpu_bf16_supported
+
+    note = precision_note(gpu=torch.cuda.is_available(), bf16_cpu=cpu_bf16_supported())
+    if note:
+        print(note, flush=True)
     instance = dg.DagsterInstance.get()
     if args.track == "clusters":
         return run_clusters(instance, survey=args.survey, profile=args.profile, n_fields=args.n_fields, seed=args.seed)

@@ -2,7 +2,7 @@
 
 import json
 
-from lens_assets.demo import _uncertainty_of_report, member_line
+from lens_assets.demo import _uncertainty_of_report, member_line, precision_note
 
 
 def test_the_demo_reads_the_uncertainty_deciles_or_nothing(tmp_path):
@@ -89,3 +89,9 @@ def test_the_demo_says_when_a_member_was_trained_by_an_earlier_run():
     again = {**meta, "m/epochs_fitted": 0, "m/train_img_per_s": 0.0}  # a second make demo: nothing to fit
     assert member_line("m", again) == ("  model m           : best val AUROC 0.8380 after 8 epochs (no epoch fitted in "
                                        "this run) on cpu (bf16-mixed) -> /d/best.ckpt")
+
+
+def test_the_demo_warns_before_it_trains_in_float32():
+    assert precision_note(gpu=True, bf16_cpu=False) is None and precision_note(gpu=False, bf16_cpu=True) is None
+    note = precision_note(gpu=False, bf16_cpu=False)
+    assert note.startswith("note: this CPU has no native bf16") and "float32" in note
