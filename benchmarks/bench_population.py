@@ -186,12 +186,11 @@ def ring_table(survey, n_objects: int, seed: int) -> dict:
     from _util import knot_extent, knot_flux_share
 
     from lens_assets.science.families import load_family
-    from lens_assets.science.simulation import _member
+    from lens_assets.science.simulation import systems_for
 
     out = {}
     for name in ("physical", "heldout"):
-        family = load_family(name)
-        systems = [s for s in (_member(survey, family, seed, i)[0] for i in range(n_objects)) if s.kind == "ring"]
+        systems = [s for s in systems_for(survey, load_family(name), seed, range(n_objects)) if s.kind == "ring"]
         out[name] = {"extent": np.array([knot_extent(s) for s in systems]),
                      "flux_share": np.array([knot_flux_share(s) for s in systems])}
     return out
