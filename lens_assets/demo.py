@@ -35,10 +35,11 @@ def _uncertainty_of_report(report_meta: dict) -> dict:
     return unc if unc.get("bins") else {}
 
 
-def precision_note(*, gpu: bool, bf16_cpu: bool) -> str | None:
-    """What the demo says before it starts where training will run in float32 (no GPU, no native bf16), so that a
-    user knows why it takes about twice as long; None where it runs in bf16."""
-    if gpu or bf16_cpu:
+def precision_note(precision: str) -> str | None:
+    """What the demo says before it starts where training will run in float32 (``precision``, what the training
+    config's "auto" resolves to here: ``ml.precision.resolve_precision``), so that a user knows why it takes about
+    twice as long; None where it runs in bf16."""
+    if precision != "32-true":
         return None
     return ("note: this CPU has no native bf16 (AVX512-BF16 or AMX-BF16), so training and scoring run in float32, "
             "and the demo takes about twice as long as on a CPU with it (docs/results.md, 'make demo from a fresh "
@@ -163,9 +164,9 @@ def main(argv=None) -> int:
 
     import torch
 
-    from lens_assets.ml.precision import cpu_bf16_supported
+    from lens_assets.ml.precision import resolve_precision
 
-    note = precision_note(gpu=torch.cuda.is_available(), bf16_cpu=cpu_bf16_supported())
+    note = precision_note(resolve_precision("auto", gpu=torch.cuda.is_available()))  # the demo trains at "auto"
     if note:
         print(note, flush=True)
     instance = dg.DagsterInstance.get()

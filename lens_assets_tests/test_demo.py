@@ -91,7 +91,15 @@ def test_the_demo_says_when_a_member_was_trained_by_an_earlier_run():
                                        "this run) on cpu (bf16-mixed) -> /d/best.ckpt")
 
 
-def test_the_demo_warns_before_it_trains_in_float32():
-    assert precision_note(gpu=True, bf16_cpu=False) is None and precision_note(gpu=False, bf16_cpu=True) is None
-    note = precision_note(gpu=False, bf16_cpu=False)
+def test_the_demo_warns_before_it_trains_in_float32(monkeypatch):
+    from lens_assets.ml import precision
+
+    assert precision_note("bf16-mixed") is None
+    note = precision_note("32-true")
     assert note.startswith("note: this CPU has no native bf16") and "float32" in note
+    # what "auto" resolves to decides it: a GPU or a bf16 CPU trains in bf16, a CPU without bf16 in float32
+    monkeypatch.setattr(precision, "cpu_bf16_supported", lambda: False)
+    assert precision_note(precision.resolve_precision("auto", gpu=True)) is None
+    assert precision_note(precision.resolve_precision("auto", gpu=False)) == note
+    monkeypatch.setattr(precision, "cpu_bf16_supported", lambda: True)
+    assert precision_note(precision.resolve_precision("auto", gpu=False)) is None
