@@ -37,6 +37,14 @@ def test_tpr_at_fpr_is_the_best_tpr_within_the_fpr_budget_and_not_tpr10():
     assert tpr_at_fpr(labels, scores, 0.1) != tpr10(labels, scores)
 
 
+def test_tpr_at_fpr_admits_a_threshold_at_exactly_the_fpr_budget():
+    # non-lenses 0..9, lenses 8.5 and 9.5: above 8.5 lie both lenses and one non-lens (9), FPR exactly 1/10
+    labels = np.r_[np.zeros(10), 1, 1].astype(int)
+    scores = np.r_[np.arange(10.0), 8.5, 9.5]
+    assert tpr_at_fpr(labels, scores, 0.1) == 1.0
+    assert tpr_at_fpr(labels, scores, 0.099) == 0.5  # only 9.5 without a false positive
+
+
 def test_bologna_metrics_agree_with_scikit_learn():
     rng = np.random.default_rng(1)
     labels = np.r_[np.ones(200), np.zeros(800)].astype(int)
@@ -224,6 +232,21 @@ def test_bootstrap_interval_contains_the_point_estimate(metric):
     point = {"auroc": roc_auc_score(y, s), "tpr0": tpr0(y, s), "tpr10": tpr10(y, s)}[metric]
     lo, hi = bootstrap_interval(y, s, metric, n_boot=400, seed=1)
     assert lo <= point <= hi and lo < hi
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_bootstrap_interval_of_auroc_has_the_width_of_its_level_under_delong(seed):
+    """The percentile interval at level 0.95 spans about 2 x 1.96 DeLong standard errors (DeLong et al. 1988,
+    from the placement values); at level 0.9 it would span 2 x 1.645 of them, 16% less."""
+    from scipy.stats import norm
+
+    y, s = _sample(np.random.default_rng(seed), 2000)
+    pos, neg = s[y == 1], s[y == 0]
+    psi = (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
+    se = np.sqrt(psi.mean(1).var(ddof=1) / len(pos) + psi.mean(0).var(ddof=1) / len(neg))
+    for level in (0.95, 0.9):
+        lo, hi = bootstrap_interval(y, s, "auroc", n_boot=2000, seed=seed, level=level)
+        assert (hi - lo) / (2 * norm.ppf((1 + level) / 2) * se) == pytest.approx(1.0, abs=0.07)
 
 
 def test_bootstrap_interval_of_auroc_narrows_as_one_over_root_n():

@@ -59,6 +59,12 @@ def test_the_anomaly_model_is_fit_on_training_non_lenses_and_scored_like_the_oth
     assert m.calibrators["anomaly"].method == "isotonic"
     odd = scored["total_arc_length_arcsec"].to_numpy() > 4.0
     assert roc_auc_score(odd, rows["logit"]) > 0.9  # the out-of-range lenses stand out without labels
+    # the calibrator maps that score to lens probabilities: the odd fields (all lenses) near 1, the rest at
+    # their lens rate, so the probability ranks lenses above non-lenses
+    prob = rows["prob"].to_numpy()
+    assert prob[odd].mean() > 0.9
+    assert prob[~odd].mean() == pytest.approx(scored["label"].to_numpy()[~odd].mean(), abs=0.1)
+    assert roc_auc_score(scored["label"], prob) > 0.65
 
 
 def test_the_component_table_has_one_row_per_val_test_and_heldout_field(fitted):

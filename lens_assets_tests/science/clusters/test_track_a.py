@@ -144,6 +144,13 @@ def test_isotonic_calibration_is_monotone_in_the_margin_and_bounded(separable_mo
     z = np.sort(np.r_[separable_model.logit(X), -50.0, 50.0])
     p = cal.predict(z)
     assert np.diff(p).min() >= 0 and p.min() >= 0 and p.max() <= 1
+    # on fresh rows the probabilities are the task's own (sigmoid(4 f0 + 3 f1 - 1)), not just some monotone map
+    Xf, yf = _separable(4000, 12)
+    pf = cal.predict(separable_model.logit(Xf))
+    truth = 1 / (1 + np.exp(-(4 * Xf.f0 + 3 * Xf.f1 - 1))).to_numpy()
+    assert np.abs(pf - truth).mean() < 0.06
+    assert pf.mean() == pytest.approx(yf.mean(), abs=0.03)
+    assert roc_auc_score(yf, pf) == pytest.approx(roc_auc_score(yf, separable_model.logit(Xf)), abs=0.01)
     with pytest.raises(ValueError, match="not one of"):
         calibrate_track_a(separable_model, X, y, method="beta")
 
