@@ -49,6 +49,46 @@ def test_ellipticity_of_an_elongated_gaussian_is_a2_minus_b2_over_a2_plus_b2():
     np.testing.assert_allclose(st["size_arcsec2"], (a**2 + b**2) / 2 * PIX**2, rtol=1e-3)
 
 
+def test_ellipticity_of_a_gaussian_turned_by_45_degrees_is_the_same_through_the_cross_moment():
+    a, b = 4.0, 2.0
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(float) - (SIZE - 1) / 2
+    u, w = (xx + yy) / np.sqrt(2), (yy - xx) / np.sqrt(2)  # axes at 45 degrees: qxx = qyy, all in qxy
+    turned = np.exp(-0.5 * ((u / a) ** 2 + (w / b) ** 2))
+    img, var = _batch(100 * turned / turned.sum())
+    row = _stats(img, var).iloc[0]
+    assert row["ellipticity"] == pytest.approx((a**2 - b**2) / (a**2 + b**2), rel=1e-3)
+    assert row["size_arcsec2"] == pytest.approx((a**2 + b**2) / 2 * PIX**2, rel=1e-3)
+
+
+def test_asymmetry_of_an_off_centre_point_is_one_and_of_a_point_and_its_mirror_image_zero():
+    point = np.zeros((SIZE, SIZE))
+    point[20, 40] = 10.0  # its image under a half turn about the centre, (43, 23), is empty
+    mirrored = point.copy()
+    mirrored[SIZE - 1 - 20, SIZE - 1 - 40] = 10.0
+    img, var = _batch(point, mirrored)
+    assert _stats(img, var)["asymmetry"].tolist() == pytest.approx([1.0, 0.0])
+
+
+def test_concentration_of_a_broad_gaussian_is_its_enclosed_flux_ratio():
+    sigma = 8.0  # px: 1.6 arcsec, so the outer radius (3 arcsec = 15 px) holds only 83% of the flux
+    img, var = _batch(_gauss(sigma, sigma))
+    r1, r3 = 1.0 / PIX, 3.0 / PIX
+    want = (1 - np.exp(-(r1**2) / (2 * sigma**2))) / (1 - np.exp(-(r3**2) / (2 * sigma**2)))
+    assert _stats(img, var).iloc[0]["concentration"] == pytest.approx(want, rel=0.03)
+
+
+def test_central_colour_is_that_of_the_core_not_of_a_ring_around_it():
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(float) - (SIZE - 1) / 2
+    r = np.hypot(xx, yy) * PIX
+    core = np.exp(-0.5 * (r / 0.2) ** 2)  # inside 1 arcsec
+    ring = np.exp(-0.5 * ((r - 2.0) / 0.15) ** 2)  # at 2 arcsec, inside the outer radius
+    img = np.stack([0.1 * core + ring, core + ring, core + 0.1 * ring])[None] * 100  # g, r, i: red core, blue ring
+    row = _stats(img, np.full_like(img, 1e-10)).iloc[0]
+    assert row["colour_central_g_i"] == pytest.approx(2.5, abs=1e-3)  # g - i of the core: -2.5 log10(0.1)
+    total_g, total_i = img[0, 0].sum(), img[0, 2].sum()
+    assert row["colour_central_minus_total_g_i"] == pytest.approx(2.5 + 2.5 * np.log10(total_g / total_i), abs=1e-3)
+
+
 def test_one_blob_has_one_peak_and_two_blobs_two_peaks_at_their_separation():
     one = _gauss(2, 2, x0=32.0, y0=32.0)  # centred on a pixel: one maximum, not a plateau of four
     two = _gauss(2, 2, x0=20.0, y0=32.0) + _gauss(2, 2, x0=44.0, y0=32.0)
