@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from lens_assets.science.surveys import (SURVEY_NAMES, SURVEYS, get_survey, limiting_magnitude,
@@ -50,6 +51,27 @@ def test_written_out_surveys_reproduce_their_cited_depths(survey, depths):
     s = get_survey(survey)
     for band, depth in depths.items():
         assert limiting_magnitude(s.band(band), s.pixel_scale_arcsec) == pytest.approx(depth, abs=0.01)
+
+
+@pytest.mark.parametrize("survey,band", [("des", "r"), ("hsc", "i"), ("kids", "g"), ("sdss", "r")])
+def test_limiting_magnitude_is_a_5_sigma_matched_filter_detection_on_the_pixel_grid(survey, band):
+    """Independent of the closed form: a Gaussian PSF integrated over each pixel, every pixel's variance its own
+    source, sky and read-noise electrons, and the optimal (inverse-variance, PSF-weighted) S/N sqrt(sum s^2 / var)."""
+    s = get_survey(survey)
+    b, pix = s.band(band), s.pixel_scale_arcsec
+    m5 = limiting_magnitude(b, pix)
+    t = b.exposure_time_s * b.num_exposures
+    sigma = b.seeing_fwhm_arcsec / (2 * np.sqrt(2 * np.log(2))) / pix  # px
+    sub = 8  # sub-pixels per pixel side, for the pixel integral
+    n = int(np.ceil(12 * sigma)) | 1
+    c = (np.arange(n * sub) + 0.5) / sub - n / 2
+    g = np.exp(-0.5 * (c[:, None] ** 2 + c[None, :] ** 2) / sigma**2)
+    psf = g.reshape(n, sub, n, sub).sum(axis=(1, 3))
+    psf /= psf.sum()
+    signal = 10 ** (-0.4 * (m5 - b.magnitude_zero_point)) * t * psf
+    var = signal + 10 ** (-0.4 * (b.sky_brightness - b.magnitude_zero_point)) * pix**2 * t \
+        + b.num_exposures * b.read_noise_e**2
+    assert np.sqrt((signal**2 / var).sum()) == pytest.approx(5.0, rel=0.03)
 
 
 def test_zero_point_and_depth_are_inverse():
