@@ -68,6 +68,27 @@ def test_observed_magnitude_of_a_flat_spectrum_is_the_bandwidth_term_alone():
                                                                                         620.0)
 
 
+@pytest.mark.parametrize("beta,z", [(2.0, 1.0), (-1.5, 0.4)])
+def test_observed_magnitude_from_the_redshifted_spectrum_in_astropy_units(beta, z):
+    """From first principles: L_nu(lambda) = C lambda^beta normalized to the absolute AB magnitude at the rest
+    wavelength (10 pc), observed as f_nu(lambda_obs) = (1 + z) L_nu(lambda_obs / (1 + z)) / (4 pi D_L^2)."""
+    import astropy.units as u
+    from astropy.cosmology import Planck18
+
+    abs_mag, lam_obs, lam_rest = -21.0, 800.0 * u.nm, 620.0 * u.nm
+    ab_zero = 3631 * u.Jy
+    l_rest = 10 ** (-0.4 * abs_mag) * ab_zero * 4 * np.pi * (10 * u.pc) ** 2  # L_nu at lam_rest
+
+    def l_nu(lam):
+        return l_rest * (lam / lam_rest).decompose().value ** beta
+
+    d_l = Planck18.luminosity_distance(z)
+    f_nu = (1 + z) * l_nu(lam_obs / (1 + z)) / (4 * np.pi * d_l**2)
+    want = -2.5 * np.log10((f_nu / ab_zero).decompose().value)
+    got = pop._observed_mag(abs_mag, Planck18.distmod(z).value, z, beta, lam_obs.value, lam_rest.value)
+    assert got == pytest.approx(want, abs=1e-6)
+
+
 def test_power_law_counts_by_hand():
     rng = np.random.default_rng(1)
     m = np.array([pop._power_law_mag(rng, 0.3, 20.0, 26.0) for _ in range(20000)])
