@@ -121,6 +121,24 @@ def test_nonnegative_ebv_constraint_clips_at_zero():
     assert np.all(res["ebv"] >= 0.0)
 
 
+def test_the_nonnegative_ebv_is_the_free_gls_fit_clipped_at_zero_row_by_row():
+    from lens_assets.science.clusters.features import _fit_ebv
+
+    rng = np.random.default_rng(4)
+    v = reddening_vector(LAM)
+    resid = rng.normal(size=(50, len(v))) + 0.1 * v  # segments on both sides of the reddening vector
+    a = rng.normal(size=(50, len(v), len(v)))
+    inv = a @ a.transpose(0, 2, 1) + np.eye(len(v))  # a symmetric positive-definite weight per segment
+    free = _fit_ebv(resid, inv, v, False)
+    # the weighted least-squares E of r = E v + noise by numpy's solver, through the weight's Cholesky factor
+    for i in (0, 17, 42):
+        chol = np.linalg.cholesky(inv[i])
+        want = np.linalg.lstsq(chol.T @ v[:, None], chol.T @ resid[i], rcond=None)[0][0]
+        assert free[i] == pytest.approx(want, rel=1e-10)
+    assert (free < 0).sum() >= 10 and (free > 0).sum() >= 10
+    np.testing.assert_array_equal(_fit_ebv(resid, inv, v, True), np.maximum(free, 0.0))
+
+
 def test_huber_centroid_resists_a_three_mag_outlier_by_hand():
     c0 = 0.6
     x = c0 + np.r_[np.linspace(-0.04, 0.04, 9), 3.0]
