@@ -151,12 +151,34 @@ def test_report_checks_pass_on_the_run_with_zero_gates(cluster_run):
     assert manifest["model_file"].startswith(f"clusters/models/des/vetted/{manifest['version']}/")
 
 
-def test_retrains_change_the_data_versions_downstream(cluster_run):
-    _, result = cluster_run
+def test_data_versions_follow_the_content_each_asset_read_and_wrote(cluster_run):
+    """A data version changes when what an asset read or wrote changes (so a retrain shows downstream, see
+    test_cluster_vetting for the classifier and report before and after one): here, the segments' version is that
+    of the field files on disk, hashed apart from the asset, and the fusion's that of the files it wrote."""
+    import hashlib
+
+    from lens_assets.assets._common import sha256_of_strings
+    from lens_assets.assets.clusters import CLUSTER_CODE_VERSION, ClusterFusionConfig
+
+    storage, result = cluster_run
+    versions = {}
     for node in ("cluster_fields", "arc_segments", "cluster_features", "cluster_classifier", "cluster_fusion",
                  "cluster_report"):
         (mat,) = result.asset_materializations_for_node(node)
-        assert len(mat.tags.get("dagster/data_version", "")) == 16, node
+        versions[node] = mat.tags.get("dagster/data_version", "")
+        assert len(versions[node]) == 16 and int(versions[node], 16) >= 0, node
+    assert len(set(versions.values())) == len(versions)
+    files = sorted(storage.path(*layout.cluster_raw_survey("des")).rglob("*.fits"))
+    assert len(files) == 48 + 8
+    on_disk = sorted(hashlib.sha256(f.read_bytes()).hexdigest() for f in files)
+    size = _metadata(result, "arc_segments")["field_size_px"]
+    assert versions["arc_segments"] == sha256_of_strings(
+        [CLUSTER_CODE_VERSION, "median", "2.0", str(size), *on_disk])[:16]
+    written = [hashlib.sha256(storage.path(*p).read_bytes()).hexdigest()
+               for p in (layout.cluster_fusion_file("des"), layout.cluster_report_scores("des"))]
+    config = json.dumps(ClusterFusionConfig(max_fpr=0.5, components=["track_a", "track_b", "field_view",
+                                                                     "anomaly"]).model_dump(), sort_keys=True)
+    assert versions["cluster_fusion"] == sha256_of_strings([CLUSTER_CODE_VERSION, config, *written])[:16]
 
 
 def test_drop_scoring_features_equal_the_cluster_features_asset_for_the_same_files(cluster_run):
