@@ -41,6 +41,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from datetime import datetime, timezone
 
 import dagster as dg
 
@@ -62,6 +63,10 @@ CLUSTER_MODEL_TAG = "lens/cluster_model_version"  # on each cluster run: the clu
 TRACK_TAG = "lens/track"  # "cluster" on the runs of drops of cluster fields (galaxy runs carry no track tag)
 CLUSTER = "cluster"
 FAILED = [dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED]
+IN_PROGRESS = [dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.STARTING,
+               dg.DagsterRunStatus.STARTED]
+RETRY_NUMBER_TAG = "dagster/retry_number"  # on the runs the run-retry daemon re-executes (run_retries)
+WILL_RETRY_TAG = "dagster/will_retry"  # "true" on a failed run the run-retry daemon is going to re-execute
 
 
 def _env_int(name: str, default: int, *, minimum: int) -> int:
@@ -102,11 +107,12 @@ def _handled_from_runs(instance: dg.DagsterInstance) -> set[str]:
     return {drop_of_run_key(r.tags["dagster/run_key"]) for r in runs if "dagster/run_key" in r.tags}
 
 
-def _failed_runs(instance: dg.DagsterInstance) -> dict[str, list]:
-    """drop -> run records of this sensor's failed or cancelled runs of it, newest first."""
+def _sensor_runs(instance: dg.DagsterInstance, statuses) -> dict[str, list]:
+    """drop -> run records of this sensor's runs of it in ``statuses``, newest first. The run-retry daemon's
+    re-executions carry the sensor's tags too (run_retries in dagster.yaml)."""
     out: dict[str, list] = {}
     for rec in instance.get_run_records(filters=dg.RunsFilter(tags={"dagster/sensor_name": SENSOR_NAME},
-                                                              statuses=FAILED)):
+                                                              statuses=statuses)):
         key = rec.dagster_run.tags.get("dagster/run_key")
         if key:
             out.setdefault(drop_of_run_key(key), []).append(rec)
@@ -119,17 +125,24 @@ def _track(run) -> str:
 
 def _retries(instance, handled: set[str], model_of, *, limit: int, log=None) -> list:
     """(survey, drop, attempt, reason, track) for the handled drops whose last run failed and that have no table
-    yet; ``model_of(survey, track)`` is the model version that scores the track now (None: none)."""
-    failed = _failed_runs(instance) if limit > 0 else {}
+    yet; ``model_of(survey, track)`` is the model version that scores the track now (None: none).
+
+    A drop with a run of it queued or running, or whose failed run the run-retry daemon is about to re-execute,
+    waits for that run. ``attempt`` counts the sensor's own failed launches (the daemon's re-executions of them
+    are not attempts of their own)."""
+    failed = _sensor_runs(instance, FAILED) if limit > 0 else {}
     if not failed:
         return []
+    running = set(_sensor_runs(instance, IN_PROGRESS))
     materialized: dict[str, set] = {}  # track -> materialized partitions of its asset, read when first needed
     now, backoff, most = time.time(), retry_backoff_s(), max_retries()
     out = []
-    for key in sorted(handled & set(failed)):
+    for key in sorted((handled & set(failed)) - running):
         survey, drop = key.split("|", 1)
-        runs = failed[key]
-        latest = runs[0]
+        latest = failed[key][0]
+        if latest.dagster_run.tags.get(WILL_RETRY_TAG) == "true":
+            continue
+        runs = [r for r in failed[key] if RETRY_NUMBER_TAG not in r.dagster_run.tags]
         track = _track(latest.dagster_run)
         if track not in materialized:
             asset = cluster_candidates if track == CLUSTER else candidate_scores
@@ -256,22 +269,33 @@ score_drops_job = dg.define_asset_job("score_drops", selection=[candidate_scores
                                       description="Score survey drops with the current calibrated ensemble.")
 
 
-@dg.schedule(name="rescore_nightly", cron_schedule="0 3 * * *", target=[candidate_scores],
+@dg.schedule(name="rescore_nightly", cron_schedule="0 3 * * *", job=score_drops_job,
              default_status=dg.DefaultScheduleStatus.STOPPED,
-             description="Optional: re-score every registered drop each night (03:00 UTC).")
+             description="Optional: re-score every registered complete drop of galaxy cutouts each night (03:00 "
+                         "UTC) with its survey's promoted model; surveys without one are skipped.")
 def rescore_nightly(context: dg.ScheduleEvaluationContext, storage: LocalStorage):
     registered = set(context.instance.get_dynamic_partitions(drop_partitions.name))
+    night = (context.scheduled_execution_time or datetime.now(timezone.utc)).strftime("%Y%m%d")
     for survey in storage.list_dirs(*layout.inbox_root()):
         if survey not in SURVEY_NAMES:
+            continue
+        model = promoted_version(storage, survey)
+        if model is None:
+            context.log.info(f"{survey}: no promoted model, its drops are not re-scored")
             continue
         for drop in storage.list_dirs(*layout.inbox_survey(survey)):
             # drops of cluster fields are not galaxy cutouts: candidate_scores never scores them
             if (drop in registered and storage.exists(*layout.complete_marker(survey, drop))
                     and not storage.exists(*layout.cluster_marker(survey, drop))):
-                yield dg.RunRequest(partition_key=scoring_key(survey, drop),
-                                    tags={"lens/survey": survey, "lens/drop": drop, "lens/reason": "nightly"})
+                # a run key per drop and night: a schedule's several requests each need one, and a tick
+                # evaluated twice launches each drop's run once
+                yield dg.RunRequest(run_key=f"nightly|{night}|{run_key(survey, drop)}",
+                                    partition_key=scoring_key(survey, drop),
+                                    tags={"lens/survey": survey, "lens/drop": drop, "lens/reason": "nightly",
+                                          MODEL_TAG: model})
 
 
 rescore_on_model_change = dg.AutomationConditionSensorDefinition(
     "rescore_on_model_change", target=[candidate_scores], default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Re-scores every drop of a survey when its lens_classifier or score_calibrator changes.")
+    description="Re-scores every drop of a survey when its promoted model changes (a newly vetted ensemble and "
+                "calibrator); retraining alone, without promotion, re-scores nothing.")

@@ -283,28 +283,49 @@ def test_the_per_tick_limit_defaults_to_100_and_reads_the_environment(monkeypatc
     assert max_drops_per_tick() == 7
 
 
-def nightly(storage: LocalStorage, instance) -> list:
-    with dg.build_schedule_context(instance=instance, resources={"storage": storage}) as context:
-        return list(rescore_nightly(context))
+def nightly(storage: LocalStorage, instance, when=None) -> list:
+    """The schedule's tick as the daemon evaluates it (``evaluate_tick`` checks what a direct call does not,
+    e.g. that several requests each carry a run key)."""
+    from datetime import datetime, timezone
+
+    from lens_assets.definitions import defs
+
+    when = when or datetime(2026, 12, 7, 3, tzinfo=timezone.utc)
+    with dg.build_schedule_context(instance=instance, resources={"storage": storage},
+                                   scheduled_execution_time=when,
+                                   repository_def=defs.get_repository_def()) as context:
+        return list(rescore_nightly.evaluate_tick(context).run_requests or [])
 
 
-def test_rescore_nightly_requests_every_registered_complete_drop(storage):
+def test_rescore_nightly_requests_every_registered_complete_drop_of_a_survey_with_a_model(storage):
+    import shutil
+    from datetime import datetime, timezone
+
     publish_drop(storage, "des", "d1", [])
     publish_drop(storage, "sdss", "d1", [])
     publish_drop(storage, "des", "d2", [])
     publish_drop(storage, "des", "not-registered", [])  # complete, but the sensor has not registered it yet
     incomplete_drop(storage, "hsc", "d2")  # registered (by des/d2) but incomplete here
+    publish_drop(storage, "kids", "d1", [])  # registered (by des/d1), complete, but kids has no promoted model
+    shutil.rmtree(storage.path("promoted", "kids"))
     publish_drop(storage, "nosuchsurvey", "d1", [])
     # build_schedule_context needs a persistent instance (an ephemeral one has no instance ref)
     with dg.instance_for_test() as instance:
         assert nightly(storage, instance) == []  # nothing registered: nothing to re-score
         instance.add_dynamic_partitions("drops", ["d1", "d2"])
         requests = nightly(storage, instance)
+        next_night = nightly(storage, instance, datetime(2026, 12, 8, 3, tzinfo=timezone.utc))
     assert all(isinstance(r, dg.RunRequest) for r in requests)
     assert sorted(str(r.partition_key) for r in requests) == ["d1|des", "d1|sdss", "d2|des"]
     for r in requests:
         drop, survey = str(r.partition_key).split("|")
-        assert r.tags == {"lens/survey": survey, "lens/drop": drop, "lens/reason": "nightly"}
+        assert {k: v for k, v in r.tags.items() if k.startswith("lens/")} == {
+            "lens/survey": survey, "lens/drop": drop, "lens/reason": "nightly", "lens/promoted_version": "v1"}
+        assert r.tags["dagster/schedule_name"] == "rescore_nightly"
+        assert r.run_key == f"nightly|20261207|{survey}|{drop}"
+    # one run key per drop and night: the next night's runs are launched again
+    assert sorted(r.run_key for r in next_night) == [
+        "nightly|20261208|des|d1", "nightly|20261208|des|d2", "nightly|20261208|sdss|d1"]
 
 
 def test_drops_of_a_survey_without_a_promoted_model_wait_and_are_requested_after_the_first_promotion(
@@ -366,6 +387,38 @@ def test_a_failed_drop_is_retried_after_a_promotion_or_the_backoff_and_given_up_
     assert "des|d1: gave up after 3 failed runs" in capfd.readouterr().err
     # the lost cursor is rebuilt from the retries' run keys too: nothing new is requested
     assert json.loads(tick(storage, instance, None).cursor) == {"handled": ["des|d1"]}
+
+
+def _recorded_run(instance, req, status, **tags):
+    """A run of ``req`` as the instance records it, in ``status``, with the sensor's tags and ``tags``."""
+    import uuid
+
+    from dagster._core.storage.dagster_run import DagsterRun
+
+    run = DagsterRun(job_name=score_drops_job.name, run_id=str(uuid.uuid4()), status=status,
+                     tags={**req.tags, "dagster/sensor_name": SENSOR_NAME, "dagster/run_key": req.run_key, **tags})
+    return instance.add_run(run)
+
+
+def test_a_failed_drop_waits_for_its_run_in_progress_and_for_the_run_retry_daemon(storage, instance, monkeypatch):
+    monkeypatch.setenv("LENS_INBOX_RETRY_BACKOFF_S", "0")
+    publish_drop(storage, "des", "d1", [])
+    first = tick(storage, instance)
+    apply(instance, first)
+    (req,) = first.run_requests
+    failed = _fail_run(storage, instance, req)
+    # the run-retry daemon is about to re-execute the failed run: the sensor leaves the drop to it
+    instance.add_run_tags(failed.run_id, {"dagster/will_retry": "true"})
+    assert tick(storage, instance, first.cursor).run_requests == []
+    # its re-execution is running: still no second run of the same partition
+    instance.add_run_tags(failed.run_id, {"dagster/will_retry": "false"})
+    again = _recorded_run(instance, req, dg.DagsterRunStatus.STARTED, **{"dagster/retry_number": "1"})
+    assert tick(storage, instance, first.cursor).run_requests == []
+    # the re-execution failed as well: the sensor's retry is its first, not its second
+    instance.handle_run_event(again.run_id, dg.DagsterEvent(
+        event_type_value=dg.DagsterEventType.RUN_FAILURE.value, job_name=again.job_name, message="failed"))
+    assert instance.get_run_by_id(again.run_id).status == dg.DagsterRunStatus.FAILURE
+    assert run_keys(tick(storage, instance, first.cursor)) == ["des|d1|retry-1"]
 
 
 def test_a_drop_with_a_candidate_table_is_not_retried_after_an_earlier_failed_run(storage, instance, monkeypatch):
