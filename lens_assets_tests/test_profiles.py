@@ -66,6 +66,25 @@ def test_a_run_config_with_a_misspelt_field_is_rejected_by_the_schema():
         validate_run_config(job, run_config("demo", overrides={"lens_classifier": {"epoch": 2}}))
 
 
+@pytest.mark.parametrize("track,op,field,value", [
+    ("galaxy", "simulated_cutouts", "renderer", "galsim"),
+    ("galaxy", "psf_matched_shards", "compression", "zip"),
+    ("galaxy", "lens_classifier", "precision", "fp16"),
+    ("galaxy", "lens_classifier", "fresh_renderer", "numpy"),
+    ("galaxy", "score_calibrator", "method", "sigmoid"),
+    ("galaxy", "score_calibrator", "fusion", "median"),
+    ("clusters", "arc_segments", "light", "box"),
+    ("clusters", "cluster_track_b", "precision", "fp16"),
+    ("clusters", "cluster_report", "scoring_model", "fused"),
+])
+def test_a_choice_outside_its_options_is_refused_by_the_schema_before_any_step_runs(track, op, field, value):
+    """Choices are Literal types, so the launchpad and the run's config check refuse them at launch (before, a
+    misspelt calibration method failed only after the ensemble had scored every row)."""
+    job = defs.resolve_job_def("survey_pipeline" if track == "galaxy" else "cluster_pipeline")
+    with pytest.raises(DagsterInvalidConfigError, match=rf"{op}:config:{field} not in enum type Literal"):
+        validate_run_config(job, run_config("demo", track=track, overrides={op: {field: value}}))
+
+
 def test_overrides_replace_fields_and_keep_the_others():
     base = run_config("demo")["ops"]
     out = run_config("demo", overrides={"lens_classifier": {"epochs": 1, "members": ["resnet10t"]},

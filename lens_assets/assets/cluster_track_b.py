@@ -2,7 +2,7 @@
 
 import json
 import time
-from typing import Any
+from typing import Any, Literal
 
 import dagster as dg
 import pandas as pd
@@ -10,6 +10,7 @@ from pydantic import Field
 
 from lens_assets import layout
 from lens_assets.assets._common import png_markdown, sha256_of_strings, survey_asset
+from lens_assets.ml.precision import PRECISIONS
 from lens_assets.model_registry import no_retry
 from lens_assets.resources.launchers import TrainingLauncher
 from lens_assets.resources.storage import LocalStorage
@@ -31,8 +32,9 @@ class ClusterTrackBConfig(dg.Config):
     stamp_px: int = Field(default=32, ge=8, description="side of each segment's stamp, px")
     max_instances: int = Field(default=16, ge=1, description="stamps per field: its segments of highest S/N")
     seed: int = Field(default=0, ge=0)
-    precision: str = Field(default="auto", description="'auto' (bf16-mixed on a GPU or a CPU with native bf16, "
-                           "else 32-true), 'bf16-mixed' or '32-true'")
+    precision: Literal[PRECISIONS] = Field(
+        default="auto", description="'auto' (bf16-mixed on a GPU or a CPU with native bf16, else 32-true), "
+        "'bf16-mixed' or '32-true'")
     max_minutes: float = Field(default=0.0, ge=0.0, description="wall-clock budget of the training; 0 for none")
     workers: int = Field(default=0, description="processes cutting the bags; 0 = every core")
     n_shown: int = Field(default=4, ge=1, description="top-scored test fields drawn with their attention")

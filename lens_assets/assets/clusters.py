@@ -4,6 +4,7 @@ import hashlib
 import io
 import json
 import time
+from typing import Literal
 
 import dagster as dg
 import numpy as np
@@ -15,10 +16,12 @@ from lens_assets.assets.cluster_track_b import cluster_track_b
 from lens_assets.assets._common import (counts_markdown, gallery_from_files, png_markdown, sha256_of_strings,
                                         survey_asset)
 from lens_assets.resources.storage import LocalStorage
+from lens_assets.science.clusters.segments import LIGHT_METHODS
 from lens_assets.science.fileio import sha256_file
 from lens_assets.science.surveys import get_survey
 
 CLUSTER_CODE_VERSION = "cluster-1"
+SCORABLE_MODELS = ("track_a", "track_a_no_colour")  # what cluster_candidates can run: XGBoost on the features
 # the simulation's own: cluster-2 takes the Einstein radius's enclosed mean within each distinct pixel radius, in
 # a stable sort's order (before, pixels at one radius entered one by one in the order numpy's default sort left
 # them, which differs between CPUs)
@@ -104,8 +107,9 @@ class ArcSegmentsConfig(dg.Config):
     field_size_arcsec: float = Field(default=40.0, gt=0, description="side of the grid fields are read on (the "
                                      "cluster family's field); smaller files are refused as too_small, "
                                      "larger ones are segmented whole")
-    light: str = Field(default="median", description="how the cluster's light is removed before segmentation: "
-                       "'median' (box median filter) or 'model' (elliptical radial-median models of the galaxies)")
+    light: Literal[LIGHT_METHODS] = Field(
+        default="median", description="how the cluster's light is removed before segmentation: 'median' (box "
+        "median filter) or 'model' (elliptical radial-median models of the galaxies)")
     nsigma: float = Field(default=2.0, gt=0, description="detection threshold of the residual, in noise units")
     workers: int = Field(default=0, description="processes; 0 = every core")
 
@@ -422,10 +426,10 @@ class ClusterReportConfig(dg.Config):
                                      "every held-out family")
     min_tpr_at_fpr_0_1: float = Field(default=0.5, ge=0, le=1, description="gate: test TPR at FPR ≤ 0.1 of the "
                                       "scoring model")
-    scoring_model: str = Field(default="track_a", description="the model whose gates decide whether cluster drops "
-                               "are scored with it: an XGBoost model of cluster_classifier ('track_a' or "
-                               "'track_a_no_colour'); when every gate passes it becomes the survey's scoring model "
-                               "(clusters/models/<survey>/manifest.json)")
+    scoring_model: Literal[SCORABLE_MODELS] = Field(
+        default="track_a", description="the model whose gates decide whether cluster drops are scored with it: an "
+        "XGBoost model of cluster_classifier ('track_a' or 'track_a_no_colour'); when every gate passes it becomes "
+        "the survey's scoring model (clusters/models/<survey>/manifest.json)")
 
 
 # blocking: a failed gate fails the run after the report is written, and the model is not made the one that scores
@@ -530,9 +534,6 @@ def cluster_report(context: dg.AssetExecutionContext, config: ClusterReportConfi
                                  metadata["cluster_model_version"],
                                  sha256_file(storage.path(*layout.cluster_report_json(survey.name)))])
     return dg.MaterializeResult(metadata=metadata, check_results=checks, data_version=dg.DataVersion(version[:16]))
-
-
-SCORABLE_MODELS = ("track_a", "track_a_no_colour")  # what cluster_candidates can run: XGBoost on the features
 
 
 def _write_manifest(storage: LocalStorage, survey: str, model: str, *, judged_sha256: list) -> dict:

@@ -12,6 +12,7 @@ the audit: nothing is scored twice.
 """
 
 import json
+from typing import Literal
 
 import dagster as dg
 import numpy as np
@@ -25,7 +26,8 @@ from lens_assets.assets.training import lens_classifier
 from lens_assets.model_registry import calibrator_version, read_ensemble
 from lens_assets.resources.storage import LocalStorage
 from lens_assets.science.fileio import atomic_path, write_text_atomic
-from lens_assets.science.calibration import cross_fit, fit_calibrator
+from lens_assets.ml.score import FUSION_METHODS
+from lens_assets.science.calibration import METHODS, cross_fit, fit_calibrator
 from lens_assets.science.metrics import (THETA_E_BINS, THETA_E_HALVES, auroc_by_kind, bologna_metrics,
                                          bootstrap_interval, error_rate_by_uncertainty, expected_calibration_error,
                                          paired_by_bins, paired_win_rate)
@@ -50,10 +52,11 @@ DEFAULT_HELDOUT_FAMILIES = ["heldout", "galsim"]
 
 
 class CalibratorConfig(dg.Config):
-    method: str = Field(default="auto", description="temperature, platt, isotonic, or auto (lowest "
-                        "cross-validated NLL)")
-    fusion: str = Field(default="mean", description="mean (of member logits) or val_weights (logistic "
-                        "regression on the validation split's calibrate half)")
+    method: Literal[("auto", *METHODS)] = Field(
+        default="auto", description="temperature, platt, isotonic, or auto (lowest cross-validated NLL)")
+    fusion: Literal[FUSION_METHODS] = Field(
+        default="mean", description="mean (of member logits) or val_weights (logistic regression on the validation "
+        "split's calibrate half)")
     n_folds: int = Field(default=5, ge=2, description="folds (by sky group) of the cross-validated choice and of "
                          "the cross-fitted ECE within the calibrate half")
     target_prevalence: float | None = Field(

@@ -1,6 +1,7 @@
 """Asset group `datasets`: PSF-matched HDF5 shards and leak-free train/val/test splits."""
 
 import json
+from typing import Literal
 
 import dagster as dg
 import pandas as pd
@@ -10,7 +11,8 @@ from lens_assets import layout
 from lens_assets.assets._common import sha256_of_strings, survey_asset
 from lens_assets.assets.catalog import cutout_catalog
 from lens_assets.resources.storage import LocalStorage
-from lens_assets.science.shards import SHARD_FORMAT_VERSION, build_shards, matched_psf_fwhm, shard_settings
+from lens_assets.science.shards import (COMPRESSIONS, SHARD_FORMAT_VERSION, build_shards, matched_psf_fwhm,
+                                        shard_settings)
 from lens_assets.science.splits import (SPLITS, VAL_ROLES, balance_table, cross_split_pairs, make_splits,
                                         split_checks, val_role_checks)
 from lens_assets.science.surveys import get_survey
@@ -27,7 +29,7 @@ class ShardConfig(dg.Config):
     percentile: float = Field(default=90.0, gt=0, lt=100, description="seeing percentile of the default target")
     rows_per_shard: int = Field(default=4096, ge=1)
     batch_size: int = Field(default=256, ge=1, description="cutouts per worker task (bounds memory)")
-    compression: str = Field(default="lzf", description="one of lzf, gzip, none")
+    compression: Literal[COMPRESSIONS] = Field(default="lzf", description="HDF5 compression of the shards")
     workers: int = Field(default=0, description="processes; 0 = every core")
 
 

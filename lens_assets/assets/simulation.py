@@ -2,6 +2,8 @@
 lens/twin pairs."""
 
 
+from typing import Literal
+
 import dagster as dg
 from pydantic import Field
 
@@ -39,7 +41,7 @@ class SimulationConfig(dg.Config):
                                      "default the training family (set it to compare training families on the "
                                      "same pairs)")
     workers: int = Field(default=0, description="processes; 0 = every core")
-    renderer: str = Field(default="lenstronomy", description="what draws the training family's light: "
+    renderer: Literal[RENDERERS] = Field(default="lenstronomy", description="what draws the training family's light: "
                           "'lenstronomy' (the reference) or 'torch' (ml/torch_render a batch at a time, float32; the "
                           "same objects, noise draws and files, the pixels within 1e-3 of the band's maximum of "
                           "lenstronomy's, 2e-4 seen); held-out families and the lens/twin pairs keep their own "
@@ -82,8 +84,6 @@ def simulated_cutouts(context: dg.AssetExecutionContext, config: SimulationConfi
     (``sim-lensing_only-<seed>``) for the lensing-only AUROC.
     """
     survey = get_survey(context.partition_key)
-    if config.renderer not in RENDERERS:
-        raise dg.Failure(f"simulated_cutouts: renderer {config.renderer!r} is not one of {list(RENDERERS)}")
     family = load_family(config.family)
     refusal = torch_refusal(family) if config.renderer == "torch" else None
     if refusal:  # before any family is simulated

@@ -2,6 +2,7 @@
 
 import json
 from pathlib import Path
+from typing import Literal
 
 import dagster as dg
 from pydantic import Field
@@ -9,6 +10,8 @@ from pydantic import Field
 from lens_assets import layout
 from lens_assets.assets._common import sha256_of_strings, survey_asset
 from lens_assets.assets.shards import dataset_splits, psf_matched_shards
+from lens_assets.ml.fresh import RENDERERS as FRESH_RENDERERS
+from lens_assets.ml.precision import PRECISIONS
 from lens_assets.model_registry import no_retry
 from lens_assets.resources.launchers import TrainingLauncher
 from lens_assets.resources.storage import LocalStorage
@@ -27,8 +30,9 @@ class TrainConfig(dg.Config):
     lr: float = Field(default=1e-3, gt=0)
     seed: int = Field(default=0, ge=0)
     patience: int = Field(default=5, ge=1, description="epochs without a better validation AUROC before stopping")
-    precision: str = Field(default="auto", description="'auto' (bf16-mixed on a GPU or a CPU with native bf16, "
-                           "else 32-true), 'bf16-mixed' or '32-true'")
+    precision: Literal[PRECISIONS] = Field(
+        default="auto", description="'auto' (bf16-mixed on a GPU or a CPU with native bf16, else 32-true), "
+        "'bf16-mixed' or '32-true'")
     film: bool = Field(default=False, description="condition each member's pooled features on the observing "
                        "conditions (PSF FWHM before matching, noise, band presence) with FiLM")
     colour_residual: bool = Field(default=False, description="add the RingFinder band difference (bluest band minus "
@@ -60,7 +64,8 @@ class TrainConfig(dg.Config):
                                   "replaced by objects simulated on the fly (simulated, written, read and "
                                   "PSF-matched as the shards were), deterministic from the seed")
     fresh_family: str = Field(default="physical", description="simulation family of the fresh objects")
-    fresh_renderer: str = Field(default="torch", description="'torch' (batched, ml/torch_render) or 'lenstronomy'")
+    fresh_renderer: Literal[FRESH_RENDERERS] = Field(default="torch", description="'torch' (batched, "
+                                                     "ml/torch_render) or 'lenstronomy'")
     theta_e_balance: float = Field(default=0.0, ge=0.0, le=1.0, description="draw training rows with weight "
                                    "share^-alpha of their scene's Einstein radius bin (SCENE_TE; in the physical "
                                    "population a lens and the non-lenses of its scene alike, elsewhere non-lenses "

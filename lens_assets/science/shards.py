@@ -42,10 +42,11 @@ from .surveys import SurveySpec, get_survey
 
 __all__ = ["ShardSettings", "FLAG_BITS", "build_shards", "process_batch", "match_batch", "shard_settings",
            "read_manifest", "manifest_data_version", "shard_content_sha256", "SHARD_FORMAT_VERSION", "MANIFEST_FILE",
-           "ROWS_FILE"]
+           "ROWS_FILE", "COMPRESSIONS"]
 
 MANIFEST_FILE = "manifest.json"  # in every shard folder, renamed into place last
 ROWS_FILE = "rows.parquet"  # objid -> shard, index, per-band PSF facts
+COMPRESSIONS = ("lzf", "gzip", "none")  # of the shards' HDF5 datasets
 SHARD_FORMAT_VERSION = "3"  # 2: band_flags uint16 with the padding, cropping and noise-estimate bits; footprint_px;
 # 3: rows.parquet carries scene_theta_e
 FLAG_BITS = {"missing": 1, "nan_masked": 2, "var_derived": 4, "fwhm_from_psf": 8, "fwhm_nominal": 16,
@@ -74,8 +75,8 @@ def shard_settings(survey: SurveySpec, *, target_fwhm_arcsec: float | None = Non
                    rows_per_shard: int = 4096, batch_size: int = 256, compression: str = "lzf") -> ShardSettings:
     """Defaults: target = the broadest band's nominal FWHM at the ``percentile`` of the survey's seeing
     scatter; kernel support = 3 target FWHM each side (odd, at most the cutout size minus one)."""
-    if compression not in ("lzf", "gzip", "none"):
-        raise ValueError(f"compression {compression!r} is not one of ['lzf', 'gzip', 'none']")
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"compression {compression!r} is not one of {list(COMPRESSIONS)}")
     if target_fwhm_arcsec is None:
         target_fwhm_arcsec = target_fwhm_arcsec_default(survey, percentile=percentile)
     if target_fwhm_arcsec <= 0:
