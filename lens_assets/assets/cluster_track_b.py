@@ -12,7 +12,7 @@ from lens_assets import layout
 from lens_assets.assets._common import png_markdown, sha256_of_strings, survey_asset
 from lens_assets.ml.precision import PRECISIONS
 from lens_assets.model_registry import no_retry
-from lens_assets.resources.launchers import TrainingLauncher
+from lens_assets.resources.launchers import LocalSubprocessLauncher, TrainingLauncher
 from lens_assets.resources.storage import LocalStorage
 from lens_assets.science.fileio import sha256_file
 from lens_assets.science.surveys import get_survey
@@ -68,21 +68,19 @@ def cluster_track_b(context: dg.AssetExecutionContext, config: ClusterTrackBConf
     models of the same network from n labeled lenses (``pu_b_<n>`` rows in the scores, test and held-out only)."""
     from lens_assets.ml.backbones import BACKBONES
     from lens_assets.ml.mil import MIL_CODE_VERSION, build_bag_cache, read_bag_cache
-    from lens_assets.ml.precision import PRECISIONS
 
     survey = get_survey(context.partition_key)
-    if (config.backbone not in BACKBONES or config.field_view_backbone not in BACKBONES
-            or config.precision not in PRECISIONS):
+    if config.backbone not in BACKBONES or config.field_view_backbone not in BACKBONES:
         raise no_retry(f"cluster_track_b config: backbone {config.backbone!r} / field_view_backbone "
-                       f"{config.field_view_backbone!r} / precision {config.precision!r}; backbones are "
-                       f"{sorted(BACKBONES)}, precisions {list(PRECISIONS)}")
+                       f"{config.field_view_backbone!r}; backbones are {sorted(BACKBONES)}")
     if any(n < 2 for n in config.pu_labeled) or len(set(config.pu_labeled)) < len(config.pu_labeled):
         raise no_retry(f"cluster_track_b config: pu_labeled {config.pu_labeled} must hold distinct sizes >= 2 "
                        "(1 labeled lens to fit g, 1 held out for the label frequency)")
-    if not launcher.shares_filesystem:
-        raise no_retry(f"cluster_track_b: {type(launcher).__name__} runs the job where the bag cache "
-                       f"{storage.url(*layout.cluster_track_b_bags(survey.name))} cannot be read; use a launcher "
-                       "that shares this filesystem")
+    if not launcher.shares_filesystem:  # e.g. EcsLauncher in the deployment: Track B is small enough for the CPU
+        context.log.info(f"cluster_track_b trains in this run worker (LocalSubprocessLauncher): "
+                         f"{type(launcher).__name__} runs jobs where the bag cache "
+                         f"{storage.url(*layout.cluster_track_b_bags(survey.name))} cannot be read")
+        launcher = LocalSubprocessLauncher()
     tables = {}
     for name, parts in (("fields", layout.cluster_fields_table(survey.name)),
                         ("segments", layout.cluster_segments_table(survey.name)),

@@ -145,11 +145,19 @@ def test_the_checkpoint_reloads_to_the_same_logits(track_b_run):
     assert attention.shape == (len(scores), 6)
 
 
-def test_a_launcher_that_does_not_share_the_disk_is_refused(tmp_path):
+def test_with_a_launcher_that_does_not_share_the_disk_track_b_trains_in_the_run_worker(tmp_path):
+    """The deployment's EcsLauncher runs jobs where the bag cache cannot be read: Track B then trains in a
+    subprocess of the run worker, says so, and goes on (here to the missing tables of an empty store)."""
     storage = LocalStorage(root=str(tmp_path))
-    with pytest.raises(dg.Failure, match="runs the job where the bag cache .* cannot be read"):
-        dg.materialize([cluster_track_b], partition_key="des", instance=dg.DagsterInstance.ephemeral(),
-                       resources={"storage": storage, "launcher": LocalSubprocessLauncher(shares_filesystem=False)})
+    instance = dg.DagsterInstance.ephemeral()
+    not_sharing = LocalSubprocessLauncher(shares_filesystem=False)
+    result = dg.materialize([cluster_track_b], partition_key="des", instance=instance, raise_on_error=False,
+                            resources={"storage": storage, "launcher": not_sharing})
+    (failure,) = [e for e in result.all_events if e.is_step_failure]
+    assert "does not exist: materialize arc_segments and cluster_features" in failure.step_failure_data.error.message
+    logs = [r.user_message for r in instance.all_logs(result.run_id)]
+    assert any(m.startswith("cluster_track_b trains in this run worker (LocalSubprocessLauncher): "
+                            "LocalSubprocessLauncher runs jobs where the bag cache") for m in logs)
 
 
 def test_an_unknown_backbone_is_refused_with_the_registry(tmp_path):

@@ -213,6 +213,21 @@ def test_run_worker_may_do_what_pipes_ecs_needs_and_pass_only_the_training_roles
         "s3:ListBucket", "s3:GetObject", "s3:PutObject", "s3:DeleteObject"}
 
 
+@pytest.mark.parametrize("role", ["CodeTaskRole", "RunTaskRole"])
+def test_the_tasks_that_log_through_dagster_may_write_their_compute_logs(template, role):
+    """Runs (run worker) and sensor and schedule ticks (code server: their context.log) upload their logs with the
+    instance's S3ComputeLogManager under DAGSTER_COMPUTE_LOGS_PREFIX; without the grant the UI shows none."""
+    logs = {"Fn::Sub": "${DataBucket.Arn}/dagster/compute-logs/*"}
+    granted = _actions_and_resources(_statements(template)[role])
+    assert logs in granted["s3:PutObject"] and logs in granted["s3:GetObject"]
+    listing = [st for st in _statements(template)[role] if "s3:ListBucket" in _as_list(st["Action"])]
+    assert any("dagster/compute-logs/*" in _as_list(st["Condition"]["StringLike"]["s3:prefix"]) for st in listing)
+    prefixes = {e["Value"] for r in template["Resources"].values() if r["Type"] == "AWS::ECS::TaskDefinition"
+                for c in r["Properties"]["ContainerDefinitions"] for e in c.get("Environment", [])
+                if e["Name"] == "DAGSTER_COMPUTE_LOGS_PREFIX"}
+    assert prefixes == {"dagster/compute-logs"}
+
+
 def test_database_is_private_encrypted_and_its_password_is_in_secrets_manager(template):
     db = template["Resources"]["Database"]
     props = db["Properties"]
