@@ -26,6 +26,12 @@ def png_markdown(path: Path, *, alt: str) -> dg.MetadataValue:
     return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{data})\n\n`{path}`")
 
 
+def path_metadata(storage, path: Path) -> dg.MetadataValue:
+    """A file or folder the asset wrote, as metadata: where it lives for people and lineage (``s3://`` on S3
+    storage), not the run worker's local copy."""
+    return dg.MetadataValue.path(storage.url_of(path))
+
+
 def counts_markdown(counts: Mapping[str, int], *, key: str, value: str = "count") -> dg.MetadataValue:
     rows = "\n".join(f"| {k} | {v} |" for k, v in counts.items())
     return dg.MetadataValue.md(f"| {key} | {value} |\n|---|---|\n{rows}\n")

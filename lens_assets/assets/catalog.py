@@ -8,7 +8,7 @@ from dagster_pandera import pandera_schema_to_dagster_type
 from pydantic import Field
 
 from lens_assets import layout
-from lens_assets.assets._common import counts_markdown, sha256_of_strings, survey_asset
+from lens_assets.assets._common import counts_markdown, path_metadata, sha256_of_strings, survey_asset
 from lens_assets.assets.simulation import simulated_cutouts
 from lens_assets.resources.storage import LocalStorage
 from lens_assets.science.ingest import find_fits, ingest_files
@@ -69,8 +69,8 @@ def cutout_catalog(context: dg.AssetExecutionContext, config: CatalogConfig,
     reasons = quarantine["reason"].value_counts().sort_index()
     labeled = catalog[catalog["label"] >= 0]
     metadata = {
-        "path": dg.MetadataValue.path(str(cat_path)),
-        "quarantine_path": dg.MetadataValue.path(str(q_path)),
+        "path": path_metadata(storage, cat_path),
+        "quarantine_path": path_metadata(storage, q_path),
         "n_files": result.n_files,
         "n_ingested": len(catalog),
         "n_quarantined": len(quarantine),

@@ -9,7 +9,7 @@ import pandas as pd
 from pydantic import Field
 
 from lens_assets import layout
-from lens_assets.assets._common import png_markdown, sha256_of_strings, survey_asset
+from lens_assets.assets._common import path_metadata, png_markdown, sha256_of_strings, survey_asset
 from lens_assets.ml.precision import PRECISIONS
 from lens_assets.model_registry import no_retry
 from lens_assets.resources.launchers import LocalSubprocessLauncher, TrainingLauncher
@@ -146,8 +146,8 @@ def cluster_track_b(context: dg.AssetExecutionContext, config: ClusterTrackBConf
     checkpoint = storage.path(*outputs["checkpoint"])
     sha = sha256_file(checkpoint)
     metadata = {
-        "path": dg.MetadataValue.path(str(storage.path(*layout.cluster_track_b_dir(survey.name)))),
-        "scores": dg.MetadataValue.path(str(storage.path(*outputs["scores"]))),
+        "path": dg.MetadataValue.path(storage.url(*layout.cluster_track_b_dir(survey.name))),
+        "scores": dg.MetadataValue.path(storage.url(*outputs["scores"])),
         "best_val_auroc": _float(s["best_val_auroc"]), "test_auroc": _float(s["test_auroc"]),
         "n_test": int(s["n_test"]),
         "train_img_per_s": float(s["train_instances_per_s"]),  # instances (stamps) per second
@@ -157,7 +157,7 @@ def cluster_track_b(context: dg.AssetExecutionContext, config: ClusterTrackBConf
         "val_auroc_by_epoch": dg.MetadataValue.json(s["val_auroc_by_epoch"]),
         "n_bags": len(bags), "mean_instances_per_bag": float(bags.counts.mean()),
         "bags_reused": bool(reused), "bag_seconds": float(bag_seconds),
-        "checkpoint": dg.MetadataValue.path(str(checkpoint)), "checkpoint_sha256": sha,
+        "checkpoint": path_metadata(storage, checkpoint), "checkpoint_sha256": sha,
     }
     for family, auroc in s["heldout_auroc"].items():
         metadata[f"heldout_{family}_auroc"] = _float(auroc)

@@ -13,8 +13,8 @@ from pydantic import Field
 
 from lens_assets import layout
 from lens_assets.assets.cluster_track_b import cluster_track_b
-from lens_assets.assets._common import (counts_markdown, gallery_from_files, png_markdown, sha256_of_strings,
-                                        survey_asset)
+from lens_assets.assets._common import (counts_markdown, gallery_from_files, path_metadata, png_markdown,
+                                        sha256_of_strings, survey_asset)
 from lens_assets.resources.storage import LocalStorage
 from lens_assets.science.clusters.segments import LIGHT_METHODS
 from lens_assets.science.fileio import sha256_file
@@ -88,7 +88,7 @@ def cluster_fields(context: dg.AssetExecutionContext, config: ClusterFieldsConfi
     storage.push(*layout.cluster_simulated_gallery(survey.name, drop))
     lenses = truth[truth["label"] == 1]
     metadata = {
-        "path": dg.MetadataValue.path(str(dest)), "family": family.name, "family_sha256": family.sha256,
+        "path": path_metadata(storage, dest), "family": family.name, "family_sha256": family.sha256,
         "heldout_family": heldout.name, "seed": config.seed, "n_fields": len(truth),
         "n_lenses": len(lenses), "n_nonlenses": int((truth["label"] == 0).sum()), "n_heldout": n_heldout,
         "field_size_px": size, "by_kind": counts_markdown(truth["kind"].value_counts().to_dict(), key="kind"),
@@ -150,7 +150,7 @@ def arc_segments(context: dg.AssetExecutionContext, config: ArcSegmentsConfig,
                 "code_version": CLUSTER_CODE_VERSION}
     storage.write_text(json.dumps(settings, indent=2), *layout.cluster_segments_settings(survey.name))
     metadata = {
-        "path": dg.MetadataValue.path(str(storage.path(*layout.cluster_segments_table(survey.name)))),
+        "path": dg.MetadataValue.path(storage.url(*layout.cluster_segments_table(survey.name))),
         "n_files": len(paths), "n_fields": len(fields), "n_quarantined": len(quarantine),
         "n_segments": len(segments), "fields_per_s": float(len(paths) / seconds) if seconds else 0.0,
         "light": config.light, "field_size_px": size, "nsigma": float(config.nsigma),
@@ -237,7 +237,7 @@ def cluster_features(context: dg.AssetExecutionContext, config: ClusterFeaturesC
     storage.write_text(json.dumps(settings, indent=2), *layout.cluster_features_settings(survey.name))
     counts = table.groupby(["split", "label"]).size().rename("n").reset_index()
     metadata = {
-        "path": dg.MetadataValue.path(str(storage.path(*layout.cluster_features_table(survey.name)))),
+        "path": dg.MetadataValue.path(storage.url(*layout.cluster_features_table(survey.name))),
         "n_fields": len(table),
         "heldout_families": ",".join(heldout_families),
         "splits": dg.MetadataValue.md(counts.to_markdown(index=False)),
@@ -322,7 +322,7 @@ def cluster_classifier(context: dg.AssetExecutionContext, config: ClusterClassif
     storage.push(*layout.cluster_models_dir(survey.name))
     imp = main.importance().sort_values("gain", ascending=False).head(12)
     metadata = {
-        "path": dg.MetadataValue.path(str(out_dir)),
+        "path": path_metadata(storage, out_dir),
         "models": ",".join(models.scores["model"].unique()),
         "best_iteration": main.best_iteration,
         "scale_pos_weight": float(main.scale_pos_weight),
@@ -404,7 +404,7 @@ def cluster_fusion(context: dg.AssetExecutionContext, config: ClusterFusionConfi
     storage.write_parquet(scores, *layout.cluster_report_scores(survey.name))
     weights = pd.DataFrame({"component": list(fusion.weights), "weight": list(fusion.weights.values())})
     metadata = {
-        "path": dg.MetadataValue.path(str(storage.path(*layout.cluster_fusion_file(survey.name)))),
+        "path": dg.MetadataValue.path(storage.url(*layout.cluster_fusion_file(survey.name))),
         "weights": dg.MetadataValue.md(weights.to_markdown(index=False, floatfmt="+.3f")),
         "n_fit_lenses": int(fusion.n_fit_lenses), "n_fit_nonlenses": int(fusion.n_fit_nonlenses),
         "allowed_false_positives": int(fusion.k),
@@ -506,7 +506,7 @@ def cluster_report(context: dg.AssetExecutionContext, config: ClusterReportConfi
         "recall by lensed sources and arc surface brightness at each (model, set)'s FPR ≤ 0.1 threshold"])
     storage.write_text(json.dumps(figures, indent=1), *layout.cluster_report_json(survey.name))
     storage.write_text(md, *layout.cluster_report_md(survey.name))
-    metadata = {"report_path": dg.MetadataValue.path(str(storage.path(*layout.cluster_report_md(survey.name)))),
+    metadata = {"report_path": dg.MetadataValue.path(storage.url(*layout.cluster_report_md(survey.name))),
                 "summary": dg.MetadataValue.md(md)}
     for model, sets in figures.items():
         for name, f in sets.items():

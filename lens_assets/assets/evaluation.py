@@ -20,7 +20,7 @@ import pandas as pd
 from pydantic import Field, model_validator
 
 from lens_assets import layout
-from lens_assets.assets._common import png_markdown, sha256_of_strings, survey_asset
+from lens_assets.assets._common import path_metadata, png_markdown, sha256_of_strings, survey_asset
 from lens_assets.assets.shards import dataset_splits, psf_matched_shards
 from lens_assets.assets.training import lens_classifier
 from lens_assets.model_registry import calibrator_version, read_ensemble
@@ -239,7 +239,7 @@ def shortcut_audit(context: dg.AssetExecutionContext, config: ShortcutConfig,
         "n_features": len(features.columns),
         "seconds": seconds,
         "rows_per_s": len(rows) / t_features if t_features > 0 else float("nan"),
-        "path": dg.MetadataValue.path(str(doc_path)),
+        "path": path_metadata(storage, doc_path),
         "feature_importance": dg.MetadataValue.json(result["feature_importance"]),
         "shortcut_auroc_by_kind": dg.MetadataValue.json(result["auroc_by_kind"]),
         "importance": png_markdown(plot, alt="shortcut classifier feature importance (gain)"),
@@ -414,8 +414,8 @@ def score_calibrator(context: dg.AssetExecutionContext, config: CalibratorConfig
                               "sigmoid(fused logit)": [crossfit["before"], ece_before],
                               f"calibrated ({cal.method})": [crossfit["after"], ece_after]})
     metadata = {
-        "path": dg.MetadataValue.path(str(path)),
-        "scores_path": dg.MetadataValue.path(str(out)),
+        "path": path_metadata(storage, path),
+        "scores_path": path_metadata(storage, out),
         "method": cal.method,
         "temperature": cal.temperature if cal.method == "temperature" else float("nan"),
         **{k: getattr(cal, k) if cal.method == "platt" else float("nan") for k in ("platt_a", "platt_b")},
@@ -867,8 +867,8 @@ def bologna_report(context: dg.AssetExecutionContext, config: ReportConfig,
                          "recall_arc_snr_", "auroc_arc_snr_", "auroc_theta_e_")):
             metadata[k] = float(v)
     metadata.update({
-        "report_path": dg.MetadataValue.path(str(md)),
-        "report_json": dg.MetadataValue.path(str(report_json)),
+        "report_path": path_metadata(storage, md),
+        "report_json": path_metadata(storage, report_json),
         "roc": png_markdown(roc, alt="ROC"),
         "score_histograms": png_markdown(hist, alt="score histograms"),
         "reliability": png_markdown(rel, alt="reliability diagram"),

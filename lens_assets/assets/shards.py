@@ -8,7 +8,7 @@ import pandas as pd
 from pydantic import Field
 
 from lens_assets import layout
-from lens_assets.assets._common import sha256_of_strings, survey_asset
+from lens_assets.assets._common import path_metadata, sha256_of_strings, survey_asset
 from lens_assets.assets.catalog import cutout_catalog
 from lens_assets.resources.storage import LocalStorage
 from lens_assets.science.shards import (COMPRESSIONS, SHARD_FORMAT_VERSION, build_shards, matched_psf_fwhm,
@@ -77,8 +77,8 @@ def psf_matched_shards(context: dg.AssetExecutionContext, config: ShardConfig,
                        target_fwhm_arcsec=settings.target_fwhm_arcsec)
     n_planes = manifest["n_rows"] * survey.n_bands
     metadata = {
-        "path": dg.MetadataValue.path(str(dest)),
-        "manifest": dg.MetadataValue.path(str(storage.path(*layout.shards_manifest(survey.name)))),
+        "path": path_metadata(storage, dest),
+        "manifest": dg.MetadataValue.path(storage.url(*layout.shards_manifest(survey.name))),
         "manifest_sha256": manifest["sha256"],
         "n_rows": manifest["n_rows"],
         "n_shards": len(manifest["shards"]),
@@ -215,7 +215,7 @@ def dataset_splits(context: dg.AssetExecutionContext, config: SplitConfig,
     summary = pd.DataFrame({"split": list(SPLITS), "n": [checks["counts"][s] for s in SPLITS],
                             "lens_fraction": [checks["label_fraction"][s] for s in SPLITS]})
     metadata = {
-        "path": dg.MetadataValue.path(str(out)),
+        "path": path_metadata(storage, out),
         **{f"n_{s}": checks["counts"][s] for s in SPLITS},
         **{f"lens_fraction_{s}": checks["label_fraction"][s] for s in SPLITS},
         **{f"n_val_{r}": halves[r]["n"] for r in VAL_ROLES},

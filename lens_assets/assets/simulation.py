@@ -8,8 +8,8 @@ import dagster as dg
 from pydantic import Field
 
 from lens_assets import layout
-from lens_assets.assets._common import (counts_markdown, gallery_from_files, png_markdown, sha256_of_strings,
-                                        survey_asset)
+from lens_assets.assets._common import (counts_markdown, gallery_from_files, path_metadata, png_markdown,
+                                        sha256_of_strings, survey_asset)
 from lens_assets.ml.torch_simulation import RENDERERS, torch_refusal
 from lens_assets.resources.storage import LocalStorage
 from lens_assets.science.families import available_families, load_family
@@ -132,7 +132,7 @@ def simulated_cutouts(context: dg.AssetExecutionContext, config: SimulationConfi
         survey, storage.path(*layout.simulated_gallery(survey.name, drop)))
     storage.push(*layout.simulated_gallery(survey.name, drop))
     metadata = {
-        "path": dg.MetadataValue.path(str(dest)),
+        "path": path_metadata(storage, dest),
         "family": family.name,
         "family_sha256": family.sha256,
         "seed": config.seed,
@@ -148,14 +148,14 @@ def simulated_cutouts(context: dg.AssetExecutionContext, config: SimulationConfi
     if heldout:
         first = heldout[0]
         metadata.update({"heldout_family": first.name, "heldout_family_sha256": first.sha256,
-                         "heldout_path": dg.MetadataValue.path(str(made[first.name][1]))})
+                         "heldout_path": path_metadata(storage, made[first.name][1])})
         for fam in heldout[1:]:
-            metadata[f"heldout_{fam.name}_path"] = dg.MetadataValue.path(str(made[fam.name][1]))
+            metadata[f"heldout_{fam.name}_path"] = path_metadata(storage, made[fam.name][1])
             metadata[f"heldout_{fam.name}_family_sha256"] = fam.sha256
         metadata["heldout_families"] = ",".join(f.name for f in heldout)
     metadata["n_pairs"] = n_pairs
     if n_pairs:
-        metadata["pairs_path"] = dg.MetadataValue.path(str(pairs_dest))
+        metadata["pairs_path"] = path_metadata(storage, pairs_dest)
     metadata["seconds_by_family"] = dg.MetadataValue.json(
         {**{k: round(v[3], 1) for k, v in made.items()}, **({LENSING_ONLY: round(p_seconds, 1)} if n_pairs else {})})
     for k in ("lens_share_flux_ratio_lt_0.1", "lens_share_theta_e_below_seeing"):

@@ -8,7 +8,7 @@ import dagster as dg
 from pydantic import Field
 
 from lens_assets import layout
-from lens_assets.assets._common import sha256_of_strings, survey_asset
+from lens_assets.assets._common import path_metadata, sha256_of_strings, survey_asset
 from lens_assets.assets.shards import dataset_splits, psf_matched_shards
 from lens_assets.ml.fresh import RENDERERS as FRESH_RENDERERS
 from lens_assets.ml.precision import PRECISIONS
@@ -166,6 +166,7 @@ def lens_classifier(context: dg.AssetExecutionContext, config: TrainConfig, stor
         storage.pull(*layout.shards_dir(survey.name))
     metadata: dict = {}
     hashes = []
+    best_checkpoints: dict[str, Path] = {}
     for member in config.members:
         out = storage.path(*layout.member_dir(survey.name, member))
         extras = {"shard_dir": str(shard_dir), "splits_path": str(splits), "out_dir": str(out),
@@ -187,9 +188,10 @@ def lens_classifier(context: dg.AssetExecutionContext, config: TrainConfig, stor
         best = str(out / Path(s["best_checkpoint"] or s["last_checkpoint"]).name)  # the job's paths may be its own
         sha = sha256_file(Path(best))
         hashes.append(f"{member}:{sha}")
+        best_checkpoints[member] = Path(best)
         metadata.update({
             f"{member}/best_val_auroc": s["best_val_auroc"],
-            f"{member}/checkpoint": dg.MetadataValue.path(best),
+            f"{member}/checkpoint": path_metadata(storage, Path(best)),
             f"{member}/checkpoint_sha256": sha,
             f"{member}/epochs_run": s["epochs_run"],
             f"{member}/resumed_after_epochs": s["resumed_after_epochs"] if s["resumed_after_epochs"] else 0,
@@ -220,8 +222,9 @@ def lens_classifier(context: dg.AssetExecutionContext, config: TrainConfig, stor
         })
     metadata["members"] = ",".join(config.members)
     ensemble = {"survey": survey.name, "version": sha256_of_strings(hashes)[:16], "members": [
-        {"name": m, "checkpoint": storage.relative(metadata[f"{m}/checkpoint"].value),
+        {"name": m, "checkpoint": storage.relative(best_checkpoints[m]),
          "sha256": metadata[f"{m}/checkpoint_sha256"]} for m in config.members],
         **training_lineage(storage, survey.name)}
-    metadata["ensemble"] = dg.MetadataValue.path(str(write_ensemble(storage, survey.name, ensemble)))
+    write_ensemble(storage, survey.name, ensemble)
+    metadata["ensemble"] = dg.MetadataValue.path(storage.url(*layout.ensemble_manifest(survey.name)))
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(sha256_of_strings(hashes)[:16]))

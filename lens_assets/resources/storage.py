@@ -48,6 +48,10 @@ class LocalStorage(dg.ConfigurableResource):
     def relative(self, path: Path) -> str:
         return str(Path(path).resolve().relative_to(self.root_path))
 
+    def url_of(self, path: Path) -> str:
+        """:meth:`url` of a file or folder under the root given by its local path (one written or pulled)."""
+        return self.url(*Path(self.relative(path)).parts)
+
     def url(self, *parts: str) -> str:
         """Where ``parts`` lives for people and lineage: a local path here, ``s3://...`` on S3."""
         return str(self.path(*parts))

@@ -428,6 +428,11 @@ def test_simulated_cutouts_and_cutout_catalog_round_trip_through_the_bucket(make
     assert not [k for k in remote if k.startswith("tmp/")]
     first = pd.read_parquet(writer.path("catalog", "sdss", "cutout_catalog.parquet"))
     assert sorted(first["source_file"]) == fits and len(first) == 7
+    # the metadata names where the files live for people and lineage, not the run worker's local copies
+    (mat,) = result.asset_materializations_for_node("cutout_catalog")
+    assert mat.metadata["path"].value == f"s3://{BUCKET}/{prefix}/catalog/sdss/cutout_catalog.parquet"
+    (sim,) = result.asset_materializations_for_node("simulated_cutouts")
+    assert sim.metadata["path"].value == f"s3://{BUCKET}/{prefix}/raw/sdss/sim-physical-1"
 
     # another machine: empty cache, pulls raw/ from the bucket and writes the same catalog back
     reader = make_storage("reader")
@@ -496,6 +501,8 @@ def test_a_training_job_on_another_disk_pulls_its_inputs_and_pushes_checkpoints_
     (member,) = ensemble["members"]
     assert member["checkpoint"] == "models/sdss/resnet10t/best.ckpt"
     assert hashlib.sha256(remote["best.ckpt"]).hexdigest() == member["sha256"] == meta["resnet10t/checkpoint_sha256"]
+    assert meta["resnet10t/checkpoint"] == storage.url("models", "sdss", "resnet10t", "best.ckpt")
+    assert meta["resnet10t/checkpoint"].startswith("s3://")
     assert storage.path(member["checkpoint"]).read_bytes() == remote["best.ckpt"]  # pulled back to the orchestrator
 
     shutil.rmtree(job_cache)  # the retried task lands on a fresh disk: only the bucket remembers
