@@ -42,6 +42,18 @@ def test_branches_join_continuously():
         assert lo == pytest.approx(hi, rel=1e-3)
 
 
+@pytest.mark.parametrize("r_v", [2.5, 3.1, 5.0])
+def test_every_branch_equals_dust_extinctions_ccm89_from_125_to_3333_nm(r_v):
+    """The infrared, optical, ultraviolet and far-ultraviolet (x >= 5.9) branches against the astropy-affiliated
+    dust_extinction package's CCM89 (Gordon 2024), over the whole range."""
+    import astropy.units as u
+    from dust_extinction.parameter_averages import CCM89
+
+    lam = np.geomspace(125.01, 3333.0, 400)
+    assert (1000.0 / lam >= 5.9).sum() >= 20  # the far-ultraviolet curvature terms are exercised
+    np.testing.assert_allclose(ccm89_a_lambda_over_a_v(lam, r_v=r_v), CCM89(Rv=r_v)(lam * u.nm), rtol=1e-10)
+
+
 def test_ultraviolet_bump_near_217_nm():
     # the 2175 A bump: A/A_V at 217.5 nm (x = 4.6) exceeds its neighbours at 250 nm and 180 nm
     a = ccm89_a_lambda_over_a_v([250.0, 217.5, 180.0])
