@@ -41,7 +41,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from datetime import datetime, timezone
 
 import dagster as dg
 
@@ -275,7 +274,7 @@ score_drops_job = dg.define_asset_job("score_drops", selection=[candidate_scores
                          "UTC) with its survey's promoted model; surveys without one are skipped.")
 def rescore_nightly(context: dg.ScheduleEvaluationContext, storage: LocalStorage):
     registered = set(context.instance.get_dynamic_partitions(drop_partitions.name))
-    night = (context.scheduled_execution_time or datetime.now(timezone.utc)).strftime("%Y%m%d")
+    night = context.scheduled_execution_time.strftime("%Y%m%d")  # the daemon's tick time (UTC)
     for survey in storage.list_dirs(*layout.inbox_root()):
         if survey not in SURVEY_NAMES:
             continue

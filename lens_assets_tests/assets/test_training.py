@@ -114,14 +114,15 @@ def test_film_precision_and_initial_weights_reach_the_training_job(trained_surve
     assert summary["weights_path"] == str(init) and summary["film"] is True
 
 
-@pytest.mark.parametrize("cfg, message", [
-    ({"members": ["resnet10t", "nope"]}, r"members \['nope'\] not known; backbones are \["),
-    ({"precision": "fp16"}, r"precision 'fp16' not known; .*precisions \['auto', 'bf16-mixed', '32-true'\]"),
-    ({"weights_path": "/nonexistent/w.pt"}, r"weights_path: /nonexistent/w.pt is not a file"),
+@pytest.mark.parametrize("cfg, error, message", [
+    ({"members": ["resnet10t", "nope"]}, dg.Failure, r"members \['nope'\] not known; backbones are \["),
+    ({"precision": "fp16"}, dg.DagsterInvalidConfigError,
+     r"precision not in enum type Literal\['auto', 'bf16-mixed', '32-true'\] got fp16"),
+    ({"weights_path": "/nonexistent/w.pt"}, dg.Failure, r"weights_path: /nonexistent/w.pt is not a file"),
 ])
-def test_bad_training_config_fails_before_any_job_starts(storage, tiny_inputs, cfg, message):
+def test_bad_training_config_fails_before_any_job_starts(storage, tiny_inputs, cfg, error, message):
     _copy_inputs(tiny_inputs, storage)
-    with pytest.raises(dg.Failure, match=message):
+    with pytest.raises(error, match=message):
         _train({"storage": storage, "launcher": LocalSubprocessLauncher()}, cfg)
 
 

@@ -15,9 +15,9 @@ from lens_assets.assets.cluster_scoring import cluster_candidates
 from lens_assets.assets.scoring import candidate_scores
 from lens_assets.cluster_registry import MANIFEST_KEYS
 from lens_assets.inbox import CLUSTER_MARKER, publish_drop
-from lens_assets.sensors.inbox import SENSOR_NAME, rescore_nightly, survey_inbox_sensor
+from lens_assets.sensors.inbox import SENSOR_NAME, survey_inbox_sensor
 from lens_assets_tests.helpers import write_promotion
-from lens_assets_tests.sensors.test_inbox_sensor import apply, run_keys, tick  # one sensor harness
+from lens_assets_tests.sensors.test_inbox_sensor import apply, nightly, run_keys, tick  # one sensor harness
 
 
 @pytest.fixture
@@ -126,10 +126,10 @@ def test_a_failed_cluster_drop_is_retried_against_cluster_candidates_and_the_man
 def test_rescore_nightly_leaves_drops_of_cluster_fields_to_their_own_asset(storage):
     publish_drop(storage, "des", "night-1", [])
     publish_drop(storage, "des", "fields-1", [], cluster=True)
+    write_promotion(storage, "des", "v1")  # the galaxy drops of a survey with a promoted model are re-scored
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions("drops", ["night-1", "fields-1"])
-        with dg.build_schedule_context(instance=instance, resources={"storage": storage}) as context:
-            requests = list(rescore_nightly(context))
+        requests = nightly(storage, instance)
     assert [str(r.partition_key) for r in requests] == ["night-1|des"]
 
 
