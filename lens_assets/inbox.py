@@ -39,6 +39,12 @@ def publish_drop(storage: LocalStorage, survey: str, drop: str, files: list[Path
     problem = drop_name_problem(drop)
     if problem:
         raise ValueError(f"{storage.url(*layout.inbox_survey(survey))}: {problem}")
+    names: dict[str, Path] = {}
+    for f in files:  # the drop is flat: two files of one name would leave one of them
+        first = names.setdefault(Path(f).name, Path(f))
+        if first != Path(f):
+            raise ValueError(f"publish_drop: {first} and {f} share the name {Path(f).name!r} in "
+                             f"{storage.url(*layout.inbox_drop(survey, drop))}; rename one")
     dest = storage.path(*layout.inbox_drop(survey, drop))
     marker = layout.complete_marker(survey, drop)
     if storage.exists(*marker):

@@ -226,6 +226,15 @@ def test_publish_drop_refuses_a_name_that_cannot_be_a_partition_key(storage):
     assert storage.list_dirs("inbox", "des") == []
 
 
+def test_publish_drop_refuses_two_files_of_one_name_before_copying_either(storage, tmp_path):
+    for night in ("night1", "night2"):
+        (tmp_path / night).mkdir()
+        (tmp_path / night / "cutout.fits").write_bytes(night.encode())
+    with pytest.raises(ValueError, match=r"night1/cutout.fits and .*night2/cutout.fits share the name 'cutout.fits'"):
+        publish_drop(storage, "des", "d1", [tmp_path / "night1" / "cutout.fits", tmp_path / "night2" / "cutout.fits"])
+    assert not storage.path("inbox", "des", "d1").exists()  # nothing half-published, no marker
+
+
 def test_many_drops_are_spread_over_ticks_by_the_per_tick_limit(storage, instance, monkeypatch):
     monkeypatch.setenv(ENV, "10")
     expected = set()
