@@ -7,10 +7,12 @@ whose errors and warnings become the quarantine reason of a broken file.
 
 from __future__ import annotations
 
+import gzip
 import io
 import math
 import re
 import warnings
+import zlib
 
 import numpy as np
 
@@ -418,6 +420,11 @@ def read_cutout(data: bytes, *, name: str, survey: SurveySpec, fast_path: bool =
     plain-HDU scanner is tested against). ``galaxy_only``: a cluster field
     (``OBJTYPE = 'cluster_field'``) is ``objtype_mismatch`` (:func:`.fits_validation.validate_cutout`).
     """
+    if name.lower().endswith(".gz"):  # a gzip-compressed file (find_fits takes *.fits.gz): read decompressed
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as err:
+            raise QuarantineError("unreadable", f"{name}: not a readable gzip file ({err})") from None
     primary, arrays, band_header = _open(data, name, fast_path=fast_path)
     return validate_cutout(primary, arrays, name=name, survey=survey, band_header=band_header,
                            galaxy_only=galaxy_only)

@@ -30,6 +30,8 @@ RESAMPLE_TOLERANCE = 0.01  # pixel scales within 1% of the survey's are used as 
 MAGZP_RANGE = (10.0, 45.0)  # AB zero points of real instruments in count/s or adu lie well inside this
 GAIN_RANGE = (1e-6, 1e12)  # electrons per image unit (count/s images: gain x exposure time)
 CROP_FLAG_RATIO = 1.25  # on-grid side >= 1.25 x the grid: over a third of the file's area is cropped away
+MAX_PIXEL_NMGY = 1e15  # |pixel| in nanomaggies: brighter than -15 mag in one pixel is no flux (and overflows float32
+# once PSF matching sums it over the kernel)
 SIZE_TOLERANCE_ARCSEC = 1e-6
 OBJTYPE_CLUSTER = "cluster_field"  # primary-header OBJTYPE of a cluster field (science.clusters.fields writes it)
 
@@ -53,6 +55,9 @@ QUARANTINE_REASONS: Mapping[str, str] = {
     "pixscale_mismatch": "bands differ in pixel scale by more than 1%",
     "bad_psf": "PSF_<band> is not an odd, square, finite image with positive sum",
     "duplicate_objid": "OBJID already ingested from another file",
+    "bad_file_name": "the file name is not UTF-8 text",
+    "bad_pixel_value": "a finite pixel beyond any flux: |image| over 1e15 nanomaggies (or its variance over 1e30)",
+    "too_coarse": "pixels coarser than the survey's seeing FWHM: the finder's resolution cannot be reached",
     "no_sky_noise": "a band without VAR_<band> has constant pixels: no noise to derive a variance from",
     "duplicate_extension": "two HDUs share an EXTNAME, or two IMAGE_<band> extensions hold the same band",
     "duplicate_keyword": "a contract keyword is given more than once in one header",
@@ -134,6 +139,8 @@ def size_on_survey_grid(size_px: int, pixel_scale_arcsec: float, survey: SurveyS
 
 def _number(primary: dict, key: str, name: str, *, default=None, low=-math.inf, high=math.inf) -> float:
     value = primary.get(key, default)
+    if value is None and key in primary:  # the keyword is there without a value (a card with nothing after "= ")
+        raise QuarantineError("bad_header_value", f"{name}: {key} has no value")
     if value is None:
         raise QuarantineError("missing_header", f"{name}: primary header lacks {key}")
     try:
@@ -143,6 +150,20 @@ def _number(primary: dict, key: str, name: str, *, default=None, low=-math.inf, 
     if not (low <= v <= high) or math.isnan(v):
         raise QuarantineError("bad_header_value", f"{name}: {key} = {value!r} is outside [{low}, {high}]")
     return v
+
+
+def _check_flux_range(values: np.ndarray, per_unit: float, where: str, *, unit: str, out_unit: str = "nanomaggies",
+                      limit: float = MAX_PIXEL_NMGY) -> None:
+    """QuarantineError ``bad_pixel_value`` when a finite pixel of ``values`` (non-finite ones are zeroed by now)
+    times ``per_unit`` exceeds ``limit`` in magnitude, naming the pixel and its value."""
+    if not values.size:
+        return
+    flat = int(np.argmax(np.abs(values)))
+    peak = float(values.flat[flat])
+    if abs(peak) * per_unit > limit:
+        y, x = np.unravel_index(flat, values.shape)
+        raise QuarantineError("bad_pixel_value", f"{where}: pixel (y={y}, x={x}) = {peak:.3g} {unit} is "
+                                                 f"{peak * per_unit:.3g} {out_unit}, beyond +/-{limit:.0e}")
 
 
 def _pixel_scale(header: dict, name: str, band: str) -> float:
@@ -290,6 +311,7 @@ def _read_bands(primary, arrays, band_header, *, name, survey: SurveySpec, objid
             bflags.append("nan_masked")
         magzp = hdr.get("MAGZP")
         scale[i] = nanomaggies_per_unit(str(hdr.get("BUNIT", "")), magzp, where=where)
+        _check_flux_range(arr, float(scale[i]), where, unit=str(hdr.get("BUNIT", "")))
         pixel_scales.append(_pixel_scale(hdr, name, band))
         var_entry = arrays.get(f"VAR_{ext}")
         if var_entry is not None and var_entry[1] is not None:
@@ -311,6 +333,8 @@ def _read_bands(primary, arrays, band_header, *, name, survey: SurveySpec, objid
             if n_bad:  # else there is nothing to zero
                 arr[bad] = 0.0
                 var[bad] = 0.0
+            _check_flux_range(var, float(scale[i]) ** 2, f"{name}: VAR_{band}", unit=f"({hdr.get('BUNIT', '')})^2",
+                              out_unit="nanomaggies^2", limit=MAX_PIXEL_NMGY**2)
             if n_vbad and "nan_masked" not in bflags:
                 bflags.append("nan_masked")
         else:
@@ -355,6 +379,11 @@ def _read_bands(primary, arrays, band_header, *, name, survey: SurveySpec, objid
         raise QuarantineError("pixscale_mismatch", f"{name}: band pixel scales {pixel_scales} arcsec differ by "
                                                    f"more than 1%")
     pix = median_of_few(pixel_scales)
+    seeing = survey.band(survey.reference_band).seeing_fwhm_arcsec  # the coarsest pixels a cutout may have
+    if pix > seeing:
+        raise QuarantineError("too_coarse", f"{name}: pixel scale {pix:g}\"/px is coarser than the {survey.name} "
+                                            f"{survey.reference_band} seeing FWHM {seeing:g}\" (PIXSCALE is in "
+                                            f"arcsec per pixel)")
     side_arcsec = shape[0] * pix
     if side_arcsec < survey.min_cutout_arcsec - SIZE_TOLERANCE_ARCSEC:
         raise QuarantineError("too_small", f"{name}: images are {shape[0]}x{shape[1]} px at {pix:g}\"/px = "

@@ -42,12 +42,18 @@ class IngestResult:
         return self.n_files / self.seconds if self.seconds > 0 else float("nan")
 
 
+FITS_SUFFIXES = (".fits", ".fit", ".fits.gz", ".fit.gz")  # any case; gzip-compressed files are read decompressed
+
+
 def find_fits(root: Path) -> list[Path]:
-    """Every ``*.fits`` (any case) below ``root``, sorted: the order ingest sees them in."""
+    """Every FITS file below ``root`` (:data:`FITS_SUFFIXES`, any case), sorted: the order ingest sees them in.
+    A link of such a name whose target is missing is listed too, so that it is quarantined as ``unreadable``
+    instead of passing unseen."""
     root = Path(root)
     if not root.exists():
         return []
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in (".fits", ".fit"))
+    return sorted(p for p in root.rglob("*") if p.name.lower().endswith(FITS_SUFFIXES)
+                  and (p.is_file() or (p.is_symlink() and not p.exists())))
 
 
 def _header_float(primary: dict, key: str, name: str, *, low=-math.inf, high=math.inf) -> float:
@@ -166,12 +172,20 @@ def read_one(path: str | Path, name: str, survey: SurveySpec, *,
     ``OBJTYPE = 'cluster_field'`` is quarantined as ``objtype_mismatch``. ``cluster``:
     the file is read as a cluster field (``arc_segments``, ``cluster_candidates``).
     """
+    def refused(reason, message, sha=""):
+        return None, {"objid": "", "source_file": name, "source_sha256": sha, "reason": reason, "message": message,
+                      "survey": survey.name}, None
+
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # a file name of bytes that are not UTF-8: no table could hold it as it is
+        name = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        return refused("bad_file_name", f"{name}: the file name is not UTF-8 text; rename the file")
     try:
         data = Path(path).read_bytes()
     except OSError as err:
-        return None, {"objid": "", "source_file": name, "source_sha256": "", "reason": "unreadable",
-                      "message": f"{name}: cannot be read ({err.strerror or err})", "survey": survey.name}, None
-    sha = hashlib.sha256(data).hexdigest()  # the bytes are parsed next anyway: no second read
+        return refused("unreadable", f"{name}: cannot be read ({err.strerror or err})")
+    sha = hashlib.sha256(data).hexdigest()  # of the file as stored; the bytes are parsed next: no second read
     try:
         cutout = read_cutout(data, name=name, survey=survey, galaxy_only=not cluster)
         return catalog_row(cutout, sha256=sha, survey=survey), None, cutout

@@ -276,6 +276,31 @@ def _missing_pixscale(tmp):
                                                                                          "PIXSCALE"]
 
 
+def _bad_pixel_value(tmp):
+    img = synthetic_image(5, SIZE)
+    img[32, 40] = 1e38  # finite in float32; PSF matching would sum it over the kernel into inf and NaN
+    return make_file(tmp / "f.fits", bands={"i": band_hdus(image=img)}), ["IMAGE_i", "(y=32, x=40)", "1e+38"]
+
+
+def _bad_variance_value(tmp):
+    var = np.ones((SIZE, SIZE), dtype=np.float32)
+    var[5, 6] = 3e31
+    return make_file(tmp / "f.fits", bands={"z": band_hdus(variance=var)}), ["VAR_z", "(y=5, x=6)", "3e+31"]
+
+
+def _too_coarse(tmp):  # PIXSCALE given in arcmin by mistake: 0.263' = 15.78"
+    return make_file(tmp / "f.fits", header={"PIXSCALE": 15.78}), ["15.78\"/px", "seeing FWHM", "arcsec"]
+
+
+def _empty_psffwhm(tmp):  # the card is there with no value after "= " (astropy writes None so)
+    from astropy.io import fits
+
+    make_file(tmp / "f.fits")
+    with fits.open(tmp / "f.fits", mode="update") as hdul:
+        hdul["IMAGE_g"].header["PSFFWHM"] = None
+    return (tmp / "f.fits").read_bytes(), ["IMAGE_g", "PSFFWHM"]
+
+
 def _pixscale_mismatch(tmp):
     return make_file(tmp / "f.fits", bands={"r": band_hdus(header={"PIXSCALE": 0.3})}), ["0.263", "0.3"]
 
@@ -341,6 +366,12 @@ QUARANTINE_CASES = [
     ("bad_bunit", "bad_bunit", _bad_bunit, r"BUNIT 'Jy' is not one of"),
     ("missing_pixscale", "missing_pixscale", _missing_pixscale, r"neither PIXSCALE nor a celestial WCS"),
     ("pixscale_mismatch", "pixscale_mismatch", _pixscale_mismatch, r"differ by more than 1%"),
+    ("bad_pixel_value", "bad_pixel_value", _bad_pixel_value, r"IMAGE_i: pixel \(y=32, x=40\) = 1e\+38 nanomaggy is "
+                                                             r"1e\+38 nanomaggies, beyond \+/-1e\+15"),
+    ("bad_pixel_value-var", "bad_pixel_value", _bad_variance_value, r"VAR_z: pixel \(y=5, x=6\) = 3e\+31 "
+                                                                    r"\(nanomaggy\)\^2 is 3e\+31 nanomaggies\^2"),
+    ("too_coarse", "too_coarse", _too_coarse, r"pixel scale 15\.78\"/px is coarser than the des i seeing FWHM"),
+    ("bad_header_value-empty", "bad_header_value", _empty_psffwhm, r"IMAGE_g: PSFFWHM has no value"),
     ("bad_psf", "bad_psf", _bad_psf, r"odd square finite image"),
     ("duplicate_extension", "duplicate_extension", _duplicate_extension, r"HDUs 4 and 16 are both named 'IMAGE_R'"),
     ("duplicate_keyword", "duplicate_keyword", _duplicate_keyword, r"primary header: RA is given more than once"),
@@ -369,7 +400,8 @@ def test_every_reason_read_cutout_can_raise_has_a_case():
     # duplicate_objid needs two files: ingest_files decides it (test_hundred_files_ten_broken); no_bcg is a cluster
     # field's, decided by arc_segments (science/clusters/test_report.py); objtype_mismatch is a cluster drop's,
     # decided by cluster_candidates (assets/test_cluster_scoring.py)
-    assert covered == set(QUARANTINE_REASONS) - {"duplicate_objid", "no_bcg", "objtype_mismatch"}
+    # bad_file_name is read_one's, before any byte is read (test_a_file_name_that_is_not_utf8_is_quarantined)
+    assert covered == set(QUARANTINE_REASONS) - {"duplicate_objid", "no_bcg", "objtype_mismatch", "bad_file_name"}
 
 
 def test_block_aligned_truncation_is_truncated(tmp_path):
@@ -643,6 +675,52 @@ def _write_inbox(inbox: Path, simulated) -> dict[str, str]:
 
 def _sorted(df: pd.DataFrame, key: str) -> pd.DataFrame:
     return df.sort_values(key).reset_index(drop=True)
+
+
+def test_gzipped_files_are_read_decompressed_and_links_to_nothing_are_quarantined_not_passed_over(tmp_path):
+    """find_fits lists *.fits.gz and a dangling link of a FITS name too, so every one is counted: the gzipped
+    file is ingested as its decompressed bytes (its sha256 is the stored file's), a corrupt one and the link are
+    quarantined as unreadable."""
+    import gzip
+    import hashlib
+
+    inbox = tmp_path / "inbox"
+    plain = make_file(inbox / "a.fits", objid="obj-a")
+    gz = gzip.compress(make_file(tmp_path / "b.fits", objid="obj-b"))
+    (inbox / "b.FITS.gz").write_bytes(gz)
+    (inbox / "c.fits.gz").write_bytes(b"not gzip at all")
+    (inbox / "d.fits").symlink_to(tmp_path / "gone.fits")
+    (inbox / "notes.txt").write_text("not a cutout")
+    paths = find_fits(inbox)
+    assert [p.name for p in paths] == ["a.fits", "b.FITS.gz", "c.fits.gz", "d.fits"]
+    result = ingest_files(paths, DES, root=tmp_path, workers=1, progress=False)
+    assert result.n_files == 4 == len(result.catalog) + len(result.quarantine)
+    cat = result.catalog.set_index("objid")
+    assert cat.loc["obj-b", "source_file"] == "inbox/b.FITS.gz"
+    assert cat.loc["obj-b", "source_sha256"] == hashlib.sha256(gz).hexdigest()
+    assert cat.loc["obj-a", "source_sha256"] == hashlib.sha256(plain).hexdigest()
+    quar = result.quarantine.set_index("source_file")
+    assert quar.loc["inbox/c.fits.gz", "reason"] == "unreadable"
+    assert quar.loc["inbox/c.fits.gz", "message"].startswith("inbox/c.fits.gz: not a readable gzip file")
+    assert quar.loc["inbox/d.fits", "reason"] == "unreadable"
+    assert quar.loc["inbox/d.fits", "message"].startswith("inbox/d.fits: cannot be read (No such file")
+
+
+def test_a_file_name_that_is_not_utf8_is_quarantined_with_the_name_escaped(tmp_path):
+    import os
+
+    inbox = tmp_path / "inbox"
+    make_file(inbox / "good.fits", objid="obj-good")
+    data = make_file(tmp_path / "x.fits", objid="obj-cafe")
+    with open(os.path.join(os.fsencode(inbox), b"caf\xe9.fits"), "wb") as f:  # Latin-1 bytes on a UTF-8 system
+        f.write(data)
+    result = ingest_files(find_fits(inbox), DES, root=tmp_path, workers=1, progress=False)
+    assert result.n_files == 2 and list(result.catalog["objid"]) == ["obj-good"]
+    (q,) = result.quarantine.to_dict("records")
+    assert q["reason"] == "bad_file_name" and q["source_file"] == "inbox/caf\\xe9.fits"
+    assert q["message"] == "inbox/caf\\xe9.fits: the file name is not UTF-8 text; rename the file"
+    quarantine_schema().validate(result.quarantine)
+    result.quarantine.to_parquet(tmp_path / "q.parquet")  # a table can hold it
 
 
 def test_hundred_files_ten_broken(tmp_path, simulated):
