@@ -49,8 +49,16 @@ class LocalStorage(dg.ConfigurableResource):
         return str(Path(path).resolve().relative_to(self.root_path))
 
     def url_of(self, path: Path) -> str:
-        """:meth:`url` of a file or folder under the root given by its local path (one written or pulled)."""
-        return self.url(*Path(self.relative(path)).parts)
+        """:meth:`url` of a file or folder under the root given by its local path (one written or pulled); a path
+        that is not under the root (a link out of it) is given as it is."""
+        path = Path(path)
+        rel = path.relative_to(self.root_path) if path.is_relative_to(self.root_path) else None
+        if rel is None:
+            try:
+                rel = Path(self.relative(path))
+            except ValueError:
+                return str(path)
+        return self.url(*rel.parts)
 
     def url(self, *parts: str) -> str:
         """Where ``parts`` lives for people and lineage: a local path here, ``s3://...`` on S3."""

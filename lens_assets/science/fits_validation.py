@@ -57,7 +57,7 @@ QUARANTINE_REASONS: Mapping[str, str] = {
     "duplicate_objid": "OBJID already ingested from another file",
     "bad_file_name": "the file name is not UTF-8 text",
     "bad_pixel_value": "a finite pixel beyond any flux: |image| over 1e15 nanomaggies (or its variance over 1e30)",
-    "too_coarse": "pixels coarser than the survey's seeing FWHM: the finder's resolution cannot be reached",
+    "too_coarse": "pixels coarser than the broadest seeing FWHM of the survey's bands",
     "no_sky_noise": "a band without VAR_<band> has constant pixels: no noise to derive a variance from",
     "duplicate_extension": "two HDUs share an EXTNAME, or two IMAGE_<band> extensions hold the same band",
     "duplicate_keyword": "a contract keyword is given more than once in one header",
@@ -379,11 +379,13 @@ def _read_bands(primary, arrays, band_header, *, name, survey: SurveySpec, objid
         raise QuarantineError("pixscale_mismatch", f"{name}: band pixel scales {pixel_scales} arcsec differ by "
                                                    f"more than 1%")
     pix = median_of_few(pixel_scales)
-    seeing = survey.band(survey.reference_band).seeing_fwhm_arcsec  # the coarsest pixels a cutout may have
-    if pix > seeing:
+    # the coarsest pixels a cutout may have: the broadest seeing of the survey's bands (a file may hold only the
+    # bands of its coarser camera, e.g. Euclid's NISP at 0.3"/px beside VIS at 0.1")
+    broadest = max(survey.bands, key=lambda b: b.seeing_fwhm_arcsec)
+    if pix > broadest.seeing_fwhm_arcsec:
         raise QuarantineError("too_coarse", f"{name}: pixel scale {pix:g}\"/px is coarser than the {survey.name} "
-                                            f"{survey.reference_band} seeing FWHM {seeing:g}\" (PIXSCALE is in "
-                                            f"arcsec per pixel)")
+                                            f"{broadest.name} seeing FWHM {broadest.seeing_fwhm_arcsec:g}\", the "
+                                            f"broadest of its bands (PIXSCALE is in arcsec per pixel)")
     side_arcsec = shape[0] * pix
     if side_arcsec < survey.min_cutout_arcsec - SIZE_TOLERANCE_ARCSEC:
         raise QuarantineError("too_small", f"{name}: images are {shape[0]}x{shape[1]} px at {pix:g}\"/px = "

@@ -63,7 +63,7 @@ TRACK_TAG = "lens/track"  # "cluster" on the runs of drops of cluster fields (ga
 CLUSTER = "cluster"
 FAILED = [dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED]
 IN_PROGRESS = [dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.STARTING,
-               dg.DagsterRunStatus.STARTED]
+               dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]
 RETRY_NUMBER_TAG = "dagster/retry_number"  # on the runs the run-retry daemon re-executes (run_retries)
 WILL_RETRY_TAG = "dagster/will_retry"  # "true" on a failed run the run-retry daemon is going to re-execute
 

@@ -42,9 +42,13 @@ def track_b_run(tmp_path_factory):
                                        "workers": 1, "n_shown": 2, "pu_labeled": [2, 1000],
                                        "field_view_epochs": 2}},
     }}
+    # a launcher that does not share the disk, as the deployment's EcsLauncher: Track B trains in a subprocess of
+    # the run (were it handed to this launcher, its remote entry point would refuse the MIL module)
     result = dg.materialize([cluster_fields, arc_segments, cluster_features, *CLUSTER_TRACK_B_ASSETS],
                             partition_key="des", run_config=run_config, instance=dg.DagsterInstance.ephemeral(),
-                            resources={"storage": storage, "launcher": LocalSubprocessLauncher()}, raise_on_error=True)
+                            resources={"storage": storage,
+                                       "launcher": LocalSubprocessLauncher(shares_filesystem=False)},
+                            raise_on_error=True)
     (mat,) = result.asset_materializations_for_node("cluster_track_b")
     return storage, {k: v.value for k, v in mat.metadata.items()}
 

@@ -370,7 +370,8 @@ QUARANTINE_CASES = [
                                                              r"1e\+38 nanomaggies, beyond \+/-1e\+15"),
     ("bad_pixel_value-var", "bad_pixel_value", _bad_variance_value, r"VAR_z: pixel \(y=5, x=6\) = 3e\+31 "
                                                                     r"\(nanomaggy\)\^2 is 3e\+31 nanomaggies\^2"),
-    ("too_coarse", "too_coarse", _too_coarse, r"pixel scale 15\.78\"/px is coarser than the des i seeing FWHM"),
+    ("too_coarse", "too_coarse", _too_coarse, r"pixel scale 15\.78\"/px is coarser than the des \w+ seeing FWHM "
+                                              r"[\d.]+\", the broadest of its bands"),
     ("bad_header_value-empty", "bad_header_value", _empty_psffwhm, r"IMAGE_g: PSFFWHM has no value"),
     ("bad_psf", "bad_psf", _bad_psf, r"odd square finite image"),
     ("duplicate_extension", "duplicate_extension", _duplicate_extension, r"HDUs 4 and 16 are both named 'IMAGE_R'"),
@@ -704,6 +705,28 @@ def test_gzipped_files_are_read_decompressed_and_links_to_nothing_are_quarantine
     assert quar.loc["inbox/c.fits.gz", "message"].startswith("inbox/c.fits.gz: not a readable gzip file")
     assert quar.loc["inbox/d.fits", "reason"] == "unreadable"
     assert quar.loc["inbox/d.fits", "message"].startswith("inbox/d.fits: cannot be read (No such file")
+
+
+def test_pixels_as_coarse_as_a_band_of_the_survey_are_read_and_coarser_ones_refused(tmp_path):
+    """Euclid's NISP bands (0.3"/px) beside VIS (0.1"/px): a file of the NISP bands alone is read (VIS missing),
+    a pixel coarser than every band's seeing is too_coarse."""
+    from lens_assets.science.surveys import get_survey
+
+    euclid = get_survey("euclid")
+    nisp = [b for b in euclid.bands if b.native_pixel_scale_arcsec >= 0.3]
+    assert nisp and all(b.native_pixel_scale_arcsec <= max(x.seeing_fwhm_arcsec for x in euclid.bands) for b in nisp)
+    prim = {"OBJID": "nisp-1", "RA": 10.0, "DEC": -20.0, "SURVEY": "euclid"}
+
+    def write(scale):
+        bands = {b.name: band_hdus(size=48, header={"PIXSCALE": scale}) for b in nisp}
+        write_cutout(tmp_path / "n.fits", prim, bands)
+        return (tmp_path / "n.fits").read_bytes()
+
+    cut = read_cutout(write(0.3), name="n.fits", survey=euclid)
+    assert cut.pixel_scale_arcsec == 0.3 and "missing" in cut.band_flags[euclid.reference_band]
+    with pytest.raises(QuarantineError, match=r"n.fits: pixel scale 1\.5\"/px is coarser") as err:
+        read_cutout(write(1.5), name="n.fits", survey=euclid)
+    assert err.value.reason == "too_coarse"
 
 
 def test_a_file_name_that_is_not_utf8_is_quarantined_with_the_name_escaped(tmp_path):
