@@ -368,9 +368,24 @@ def score_files(paths, survey, *, root: str | Path, settings, members: list, fus
             flags.append(np.bitwise_or.reduce(bits, axis=1) if bits.shape[1] else np.zeros(len(bits), np.int64))
             if colour is not None:
                 colours.append(batch["colour"].iloc[keep] if isinstance(keep, np.ndarray) else batch["colour"])
-    catalog = catalog_frame(rows, survey)
     z = np.concatenate(logits) if logits else np.empty((0, len(members)), np.float32)
     fused = fusion(z) if len(z) else np.empty(0)
+    unscored = np.flatnonzero(~np.isfinite(fused))
+    for i in unscored:  # one file the members cannot score is quarantined, never the drop's whole table lost
+        r = rows[i]
+        quarantined.append({"objid": r["objid"], "source_file": r["source_file"], "source_sha256": r["source_sha256"],
+                            "reason": "not_scorable", "survey": survey.name,
+                            "message": f"{r['source_file']}: the ensemble's logit is {float(fused[i])} (members "
+                                       f"{[float(v) for v in z[i]]}): its matched pixels hold values the members "
+                                       f"cannot score"})
+    if len(unscored):
+        kept = np.setdiff1d(np.arange(len(rows)), unscored)
+        rows, z, fused = [rows[i] for i in kept], z[kept], fused[kept]
+        mc_std = [np.concatenate(mc_std)[kept]]
+        matched, flags = [np.concatenate(matched)[kept]], [np.concatenate(flags)[kept]]
+        if colour is not None:
+            colours = [pd.concat(colours, ignore_index=True).iloc[kept]]
+    catalog = catalog_frame(rows, survey)
     scores = pd.DataFrame({"objid": catalog["objid"].to_numpy(), "logit": fused})
     for j in range(len(members)):
         scores[f"logit_{j}"] = z[:, j]

@@ -57,6 +57,7 @@ QUARANTINE_REASONS: Mapping[str, str] = {
     "duplicate_objid": "OBJID already ingested from another file",
     "bad_file_name": "the file name is not UTF-8 text",
     "bad_pixel_value": "a finite pixel beyond any flux: |image| over 1e15 nanomaggies (or its variance over 1e30)",
+    "not_scorable": "read and matched, but the ensemble's score of it is not finite (scoring only)",
     "too_coarse": "pixels coarser than the broadest seeing FWHM of the survey's bands",
     "no_sky_noise": "a band without VAR_<band> has constant pixels: no noise to derive a variance from",
     "duplicate_extension": "two HDUs share an EXTNAME, or two IMAGE_<band> extensions hold the same band",

@@ -295,3 +295,38 @@ def test_mc_dropout_draws_average_to_the_deterministic_logit_and_need_head_dropo
         LensClassifier(backbone="resnet10t", in_chans=3, img_size=32, head_dropout=1.0)
     with pytest.raises(ValueError, match="at least 2"):
         member_outputs([model], image.numpy(), variance.numpy(), device="cpu", mc_samples=1)
+
+
+def test_a_file_the_members_cannot_score_is_quarantined_and_the_rest_of_the_drop_scored(tmp_path, monkeypatch):
+    """A non-finite logit (here forced for the second file) makes that file a not_scorable quarantine row naming
+    it and the members' logits; the other files keep their scores and every file is accounted for."""
+    from lens_assets.ml import score as score_module
+    from lens_assets.ml.score import Fusion, score_files
+    from lens_assets.science.calibration import Calibrator
+    from lens_assets.science.ingest import find_fits
+    from lens_assets.science.shards import shard_settings
+    from lens_assets.science.surveys import get_survey
+    from lens_assets_tests.fuzz_drop import random_member
+    from lens_assets_tests.science.test_ingest import make_file
+
+    for k in range(4):
+        make_file(tmp_path / "drop" / f"f{k}.fits", objid=f"obj-{k}", seed=k)
+    real = score_module.member_outputs
+
+    def nan_for_the_second(*args, **kwargs):
+        z, s = real(*args, **kwargs)
+        z = z.copy()
+        z[1] = np.nan
+        return z, s
+
+    monkeypatch.setattr(score_module, "member_outputs", nan_for_the_second)
+    des = get_survey("des")
+    res = score_files(find_fits(tmp_path / "drop"), des, root=tmp_path, settings=shard_settings(des),
+                      members=[random_member()], fusion=Fusion.mean(1), calibrator=Calibrator("temperature"),
+                      batch_size=8, workers=1, device="cpu", progress=False, precision="32-true", mc_samples=2)
+    assert res.n_files == 4 == len(res.scores) + len(res.quarantine)
+    assert list(res.scores["objid"]) == ["obj-0", "obj-2", "obj-3"] == list(res.catalog["objid"])
+    (q,) = res.quarantine.to_dict("records")
+    assert q["reason"] == "not_scorable" and q["objid"] == "obj-1" and q["source_file"] == "drop/f1.fits"
+    assert q["message"].startswith("drop/f1.fits: the ensemble's logit is nan (members [nan])")
+    assert np.isfinite(res.scores[["logit", "logit_0", "score"]].to_numpy()).all()

@@ -401,8 +401,10 @@ def test_every_reason_read_cutout_can_raise_has_a_case():
     # duplicate_objid needs two files: ingest_files decides it (test_hundred_files_ten_broken); no_bcg is a cluster
     # field's, decided by arc_segments (science/clusters/test_report.py); objtype_mismatch is a cluster drop's,
     # decided by cluster_candidates (assets/test_cluster_scoring.py)
-    # bad_file_name is read_one's, before any byte is read (test_a_file_name_that_is_not_utf8_is_quarantined)
-    assert covered == set(QUARANTINE_REASONS) - {"duplicate_objid", "no_bcg", "objtype_mismatch", "bad_file_name"}
+    # bad_file_name is read_one's, before any byte is read (test_a_file_name_that_is_not_utf8_is_quarantined);
+    # not_scorable is score_files' (ml/test_score.py)
+    assert covered == set(QUARANTINE_REASONS) - {"duplicate_objid", "no_bcg", "objtype_mismatch", "bad_file_name",
+                                                 "not_scorable"}
 
 
 def test_block_aligned_truncation_is_truncated(tmp_path):
