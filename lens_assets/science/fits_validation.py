@@ -49,6 +49,7 @@ QUARANTINE_REASONS: Mapping[str, str] = {
     "too_small": "covers less sky than the survey's min_cutout_arcsec",
     "mostly_nan": "more than half of a band's pixels are non-finite (NaN or +/-inf)",
     "negative_variance": "a VAR_<band> pixel is negative",
+    "zero_variance": "a VAR_<band> is zero in every finite pixel",
     "missing_magzp": "BUNIT count/s or adu without MAGZP",
     "bad_bunit": "BUNIT is not one of nanomaggy, count/s, adu",
     "missing_pixscale": "neither PIXSCALE nor a celestial WCS",
@@ -326,6 +327,10 @@ def _read_bands(primary, arrays, band_header, *, name, survey: SurveySpec, objid
             if (var[~vbad] < 0).any() if n_vbad else (var < 0).any():
                 raise QuarantineError("negative_variance", f"{name}: VAR_{band} has {(var[~vbad] < 0).sum()} "
                                                            f"negative pixels (min {var[~vbad].min():.3g})")
+            if not (var[~vbad] > 0).any() if n_vbad else not var.any():
+                raise QuarantineError("zero_variance", f"{name}: VAR_{band} is zero in every finite pixel: no noise "
+                                                       f"model (leave VAR_{band} out to have it derived from the "
+                                                       f"sky)")
             if n_vbad:
                 bad |= vbad
                 n_bad = np.count_nonzero(bad)

@@ -262,6 +262,11 @@ def _negative_variance(tmp):
     return make_file(tmp / "f.fits", bands={"r": band_hdus(variance=var)}), ["VAR_r", "1 negative", "-2.5"]
 
 
+def _zero_variance(tmp):
+    return (make_file(tmp / "f.fits", bands={"g": band_hdus(variance=np.zeros((SIZE, SIZE), np.float32))}),
+            ["VAR_g", "zero in every finite pixel"])
+
+
 def _missing_magzp(tmp):
     return (make_file(tmp / "f.fits", bands={"r": band_hdus(header={"BUNIT": "count/s"})}),
             ["IMAGE_r", "'count/s'", "MAGZP"])
@@ -362,6 +367,7 @@ QUARANTINE_CASES = [
     ("mostly_nan", "mostly_nan", _mostly_nan, r"62% non-finite \(2560 NaN, 0 \+inf, 0 -inf of 4096 pixels; "
                                                r"more than 50% non-finite\)"),
     ("negative_variance", "negative_variance", _negative_variance, r"negative pixels"),
+    ("zero_variance", "zero_variance", _zero_variance, r"VAR_g is zero in every finite pixel: no noise model"),
     ("missing_magzp", "missing_magzp", _missing_magzp, r"needs MAGZP"),
     ("bad_bunit", "bad_bunit", _bad_bunit, r"BUNIT 'Jy' is not one of"),
     ("missing_pixscale", "missing_pixscale", _missing_pixscale, r"neither PIXSCALE nor a celestial WCS"),
