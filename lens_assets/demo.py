@@ -23,12 +23,15 @@ from lens_assets.profiles import PROFILES, check_run_config, run_config
 from lens_assets.science.surveys import SURVEY_NAMES
 
 
-def _uncertainty_of_report(report_meta: dict) -> dict:
-    """The report's error rate by uncertainty decile (report.json), or {} when none was measured."""
+def _uncertainty_of_report(storage, survey: str) -> dict:
+    """The report's error rate by uncertainty decile (report.json, pulled from ``storage``: the metadata names it by
+    its storage URL, ``s3://`` on S3), or {} when none was measured."""
     import json
-    from pathlib import Path
 
-    path = Path(str(report_meta.get("report_json", "")))
+    try:
+        path = storage.pull(*layout.report_json(survey))
+    except FileNotFoundError:
+        return {}
     if not path.is_file():
         return {}
     unc = json.loads(path.read_text()).get("uncertainty") or {}
@@ -228,7 +231,7 @@ def run_galaxy(instance, args) -> int:
               f"{r['fnr_flux_ratio_lt_0.1']:.3f}")
         print(f"                      held-out family: AUROC {r['heldout_auroc']:.4f}  TPR0 {r['heldout_tpr0']:.3f}  "
               f"TPR10 {r['heldout_tpr10']:.3f}  (AUROC gap {r['heldout_auroc_gap']:+.4f})")
-        unc = _uncertainty_of_report(r)
+        unc = _uncertainty_of_report(defs.resources["storage"], args.survey)
         if unc:
             print(f"  uncertainty       : test error rate {unc['bins'][0]['error_rate']:.3f} in the least uncertain "
                   f"tenth, {unc['bins'][-1]['error_rate']:.3f} in the most; AUROC of the uncertainty for the errors "

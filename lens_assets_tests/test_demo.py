@@ -5,15 +5,19 @@ import json
 from lens_assets.demo import _uncertainty_of_report, member_line, precision_note
 
 
-def test_the_demo_reads_the_uncertainty_deciles_or_nothing(tmp_path):
-    path = tmp_path / "report.json"
+def test_the_demo_reads_the_uncertainty_deciles_from_the_storage_or_nothing(tmp_path):
+    from lens_assets import layout
+    from lens_assets.resources.storage import LocalStorage
+
+    storage = LocalStorage(root=str(tmp_path))
+    assert _uncertainty_of_report(storage, "des") == {}  # no report yet
+    path = storage.path(*layout.report_json("des"))
+    path.parent.mkdir(parents=True)
     bins = [{"bin": 1, "error_rate": 0.1}, {"bin": 2, "error_rate": 0.4}]
     path.write_text(json.dumps({"uncertainty": {"bins": bins, "error_auroc": 0.7}}))
-    assert _uncertainty_of_report({"report_json": str(path)})["bins"] == bins
+    assert _uncertainty_of_report(storage, "des")["bins"] == bins
     path.write_text(json.dumps({"uncertainty": {"bins": [], "n_unmeasured": 5}}))  # one member, no dropout
-    assert _uncertainty_of_report({"report_json": str(path)}) == {}
-    assert _uncertainty_of_report({"report_json": str(tmp_path / "missing.json")}) == {}
-    assert _uncertainty_of_report({}) == {}
+    assert _uncertainty_of_report(storage, "des") == {}
 
 
 def test_the_demo_passes_its_simulation_overrides_to_the_job(monkeypatch):
