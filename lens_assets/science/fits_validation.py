@@ -50,6 +50,7 @@ QUARANTINE_REASONS: Mapping[str, str] = {
     "mostly_nan": "more than half of a band's pixels are non-finite (NaN or +/-inf)",
     "negative_variance": "a VAR_<band> pixel is negative",
     "zero_variance": "a VAR_<band> is zero in every finite pixel",
+    "no_data": "every band's image and variance are zero: the file holds no data",
     "missing_magzp": "BUNIT count/s or adu without MAGZP",
     "bad_bunit": "BUNIT is not one of nanomaggy, count/s, adu",
     "missing_pixscale": "neither PIXSCALE nor a celestial WCS",
@@ -327,10 +328,6 @@ def _read_bands(primary, arrays, band_header, *, name, survey: SurveySpec, objid
             if (var[~vbad] < 0).any() if n_vbad else (var < 0).any():
                 raise QuarantineError("negative_variance", f"{name}: VAR_{band} has {(var[~vbad] < 0).sum()} "
                                                            f"negative pixels (min {var[~vbad].min():.3g})")
-            if not (var[~vbad] > 0).any() if n_vbad else not var.any():
-                raise QuarantineError("zero_variance", f"{name}: VAR_{band} is zero in every finite pixel: no noise "
-                                                       f"model (leave VAR_{band} out to have it derived from the "
-                                                       f"sky)")
             if n_vbad:
                 bad |= vbad
                 n_bad = np.count_nonzero(bad)
@@ -339,6 +336,14 @@ def _read_bands(primary, arrays, band_header, *, name, survey: SurveySpec, objid
             if n_bad:  # else there is nothing to zero
                 arr[bad] = 0.0
                 var[bad] = 0.0
+            if not var.any():  # zero in every finite pixel (the non-finite ones are zero by now)
+                if not arr.any():  # no data at all in this band (e.g. outside its footprint): as if absent
+                    flags[band] = ["missing"]
+                    fwhm[i] = spec.seeing_fwhm_arcsec
+                    continue
+                raise QuarantineError("zero_variance", f"{name}: VAR_{band} is zero in every finite pixel while "
+                                                       f"IMAGE_{band} is not: no noise model (leave VAR_{band} out "
+                                                       f"to have it derived from the sky)")
             _check_flux_range(var, float(scale[i]) ** 2, f"{name}: VAR_{band}", unit=f"({hdr.get('BUNIT', '')})^2",
                               out_unit="nanomaggies^2", limit=MAX_PIXEL_NMGY**2)
             if n_vbad and "nan_masked" not in bflags:
@@ -381,6 +386,9 @@ def _read_bands(primary, arrays, band_header, *, name, survey: SurveySpec, objid
         psfs[i] = psf  # image[i], variance[i] and nan_mask[i] were filled in place
         if bflags:
             flags[band] = bflags
+    if all("missing" in flags.get(b, ()) for b in survey.band_names):
+        raise QuarantineError("no_data", f"{name}: every band's image and variance are zero in every finite pixel "
+                                         f"(bands {sorted(found)}): the file holds no data")
     if max(pixel_scales) > 1.01 * min(pixel_scales):
         raise QuarantineError("pixscale_mismatch", f"{name}: band pixel scales {pixel_scales} arcsec differ by "
                                                    f"more than 1%")

@@ -267,6 +267,11 @@ def _zero_variance(tmp):
             ["VAR_g", "zero in every finite pixel"])
 
 
+def _no_data(tmp):
+    zeros = np.zeros((SIZE, SIZE), np.float32)
+    return make_file(tmp / "f.fits", image=zeros, variance=zeros), ["every band", "holds no data"]
+
+
 def _missing_magzp(tmp):
     return (make_file(tmp / "f.fits", bands={"r": band_hdus(header={"BUNIT": "count/s"})}),
             ["IMAGE_r", "'count/s'", "MAGZP"])
@@ -367,7 +372,8 @@ QUARANTINE_CASES = [
     ("mostly_nan", "mostly_nan", _mostly_nan, r"62% non-finite \(2560 NaN, 0 \+inf, 0 -inf of 4096 pixels; "
                                                r"more than 50% non-finite\)"),
     ("negative_variance", "negative_variance", _negative_variance, r"negative pixels"),
-    ("zero_variance", "zero_variance", _zero_variance, r"VAR_g is zero in every finite pixel: no noise model"),
+    ("no_data", "no_data", _no_data, r"every band's image and variance are zero in every finite pixel"),
+    ("zero_variance", "zero_variance", _zero_variance, r"VAR_g is zero in every finite pixel while IMAGE_g is not"),
     ("missing_magzp", "missing_magzp", _missing_magzp, r"needs MAGZP"),
     ("bad_bunit", "bad_bunit", _bad_bunit, r"BUNIT 'Jy' is not one of"),
     ("missing_pixscale", "missing_pixscale", _missing_pixscale, r"neither PIXSCALE nor a celestial WCS"),
@@ -735,6 +741,18 @@ def test_pixels_as_coarse_as_a_band_of_the_survey_are_read_and_coarser_ones_refu
     with pytest.raises(QuarantineError, match=r"n.fits: pixel scale 1\.5\"/px is coarser") as err:
         read_cutout(write(1.5), name="n.fits", survey=euclid)
     assert err.value.reason == "too_coarse"
+
+
+def test_a_band_of_zeros_in_image_and_variance_is_missing_and_an_all_nan_variance_mostly_nan(tmp_path):
+    zeros = np.zeros((SIZE, SIZE), np.float32)
+    cut = read_cutout(make_file(tmp_path / "a.fits", bands={"z": band_hdus(image=zeros, variance=zeros)}),
+                      name="a.fits", survey=DES)
+    assert cut.band_flags["z"] == ["missing"] and cut.present.sum() == DES.n_bands - 1
+    nan_var = np.full((SIZE, SIZE), np.nan, np.float32)
+    with pytest.raises(QuarantineError, match=r"VAR_r is 100% non-finite") as err:
+        read_cutout(make_file(tmp_path / "b.fits", bands={"r": band_hdus(variance=nan_var)}), name="b.fits",
+                    survey=DES)
+    assert err.value.reason == "mostly_nan"
 
 
 def test_a_file_name_that_is_not_utf8_is_quarantined_with_the_name_escaped(tmp_path):
