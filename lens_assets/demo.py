@@ -28,10 +28,7 @@ def _uncertainty_of_report(storage, survey: str) -> dict:
     its storage URL, ``s3://`` on S3), or {} when none was measured."""
     import json
 
-    try:
-        path = storage.pull(*layout.report_json(survey))
-    except FileNotFoundError:
-        return {}
+    path = storage.pull(*layout.report_json(survey))  # a key missing from the bucket leaves no file
     if not path.is_file():
         return {}
     unc = json.loads(path.read_text()).get("uncertainty") or {}

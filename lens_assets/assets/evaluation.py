@@ -23,10 +23,10 @@ from lens_assets import layout
 from lens_assets.assets._common import path_metadata, png_markdown, sha256_of_strings, survey_asset
 from lens_assets.assets.shards import dataset_splits, psf_matched_shards
 from lens_assets.assets.training import lens_classifier
+from lens_assets.ml.score import FUSION_METHODS
 from lens_assets.model_registry import calibrator_version, read_ensemble
 from lens_assets.resources.storage import LocalStorage
 from lens_assets.science.fileio import atomic_path, write_text_atomic
-from lens_assets.ml.score import FUSION_METHODS
 from lens_assets.science.calibration import METHODS, cross_fit, fit_calibrator
 from lens_assets.science.metrics import (THETA_E_BINS, THETA_E_HALVES, auroc_by_kind, bologna_metrics,
                                          bootstrap_interval, error_rate_by_uncertainty, expected_calibration_error,

@@ -51,14 +51,10 @@ class LocalStorage(dg.ConfigurableResource):
     def url_of(self, path: Path) -> str:
         """:meth:`url` of a file or folder under the root given by its local path (one written or pulled); a path
         that is not under the root (a link out of it) is given as it is."""
-        path = Path(path)
-        rel = path.relative_to(self.root_path) if path.is_relative_to(self.root_path) else None
-        if rel is None:
-            try:
-                rel = Path(self.relative(path))
-            except ValueError:
-                return str(path)
-        return self.url(*rel.parts)
+        for p in (Path(path), Path(path).resolve()):  # as given, then with links resolved (as relative() does)
+            if p.is_relative_to(self.root_path):
+                return self.url(*p.relative_to(self.root_path).parts)
+        return str(path)
 
     def url(self, *parts: str) -> str:
         """Where ``parts`` lives for people and lineage: a local path here, ``s3://...`` on S3."""

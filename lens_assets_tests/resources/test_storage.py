@@ -176,3 +176,15 @@ def test_a_shard_build_killed_mid_way_leaves_nothing_or_the_old_version_whole(sh
     assert dest.is_dir(), f"{dest} is missing after a kill during {kill_at}"
     now = _complete_version(dest)
     assert now["sha256"] == v1["sha256"] if kill_at == "build" else now["sha256"] != v1["sha256"]
+
+
+def test_url_of_a_local_path_is_the_url_of_its_parts_and_a_path_outside_the_root_is_given_as_it_is(tmp_path):
+    from lens_assets.resources.storage import LocalStorage
+
+    store = LocalStorage(root=str(tmp_path / "root"))
+    (tmp_path / "root" / "a").mkdir(parents=True)
+    assert store.url_of(store.path("a", "b.fits")) == store.url("a", "b.fits")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "root" / "a")  # a link from outside into the root resolves into it
+    assert store.url_of(tmp_path / "link" / "c.json") == store.url("a", "c.json")
+    assert store.url_of(tmp_path / "elsewhere" / "d.txt") == str(tmp_path / "elsewhere" / "d.txt")
