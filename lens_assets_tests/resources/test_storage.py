@@ -179,8 +179,6 @@ def test_a_shard_build_killed_mid_way_leaves_nothing_or_the_old_version_whole(sh
 
 
 def test_url_of_a_local_path_is_the_url_of_its_parts_and_a_path_outside_the_root_is_given_as_it_is(tmp_path):
-    from lens_assets.resources.storage import LocalStorage
-
     store = LocalStorage(root=str(tmp_path / "root"))
     (tmp_path / "root" / "a").mkdir(parents=True)
     assert store.url_of(store.path("a", "b.fits")) == store.url("a", "b.fits")
