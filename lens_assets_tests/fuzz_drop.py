@@ -163,6 +163,13 @@ def _wrong_shape(rng, objid: str) -> bytes:
     return cutout_bytes(_primary(objid), bands)
 
 
+def _non_square(rng, objid: str) -> bytes:
+    """Every band 64 x 61 px, as a cutout clipped at a survey tile's edge: padded to square and read."""
+    bands = {b: BandHDUs(image=h.image[:, 3:], header=h.header, variance=h.variance[:, 3:], psf=h.psf)
+             for b, h in _bands(rng).items()}
+    return cutout_bytes(_primary(objid), bands)
+
+
 def _flipped_header_bytes(rng, objid: str) -> bytes:
     data = bytearray(_valid(rng, objid))
     for _ in range(int(rng.integers(1, 4))):  # high-bit bytes in the primary header's OBJID..SURVEY cards
@@ -214,6 +221,7 @@ KINDS: dict[str, tuple[Callable, str]] = {
     "hierarch_cards": (_hierarch, INGESTED),
     "end_nul_padding": (_end_nul_padding, INGESTED),
     "missing_band": (_missing_band, INGESTED),
+    "non_square": (_non_square, INGESTED),
     "truncated": (_truncated, "truncated"),
     "bad_block_padding": (_bad_block_padding, "truncated"),
     "duplicate_extension": (_duplicate_extension, "duplicate_extension"),
@@ -222,7 +230,7 @@ KINDS: dict[str, tuple[Callable, str]] = {
     "inf_image": (_inf_image, "mostly_nan"),
     "wrong_bunit": (_wrong_bunit, "bad_bunit"),
     "wrong_magzp": (_wrong_magzp, "bad_header_value"),
-    "wrong_shape": (_wrong_shape, "not_square"),
+    "wrong_shape": (_wrong_shape, "shape_mismatch"),
     "flipped_header_bytes": (_flipped_header_bytes, "non_ascii_header"),
     "empty_file": (_empty, "unreadable"),
     "not_fits": (_not_fits, "unreadable"),

@@ -44,7 +44,8 @@ QUARANTINE_REASONS: Mapping[str, str] = {
     "no_image_hdu": "no IMAGE_<band> extension",
     "no_known_band": "IMAGE_<band> extensions exist but none is a band of the survey",
     "not_2d": "an image is not 2-D",
-    "not_square": "an image is not square",
+    "not_square": "an image is not square (retired: kept for earlier quarantine tables; a non-square cutout is now "
+                  "padded to square and flagged padded_square)",
     "shape_mismatch": "bands, variance or PSF images disagree in shape",
     "too_small": "covers less sky than the survey's min_cutout_arcsec",
     "mostly_nan": "more than half of a band's pixels are non-finite (NaN or +/-inf)",
@@ -72,7 +73,7 @@ QUARANTINE_REASONS: Mapping[str, str] = {
 
 LABEL_SOURCE_PREFIXES = ("sim:", "obs:", "weak:", "pretrain:")
 BAND_FLAGS = ("missing", "nan_masked", "var_derived", "fwhm_from_psf", "fwhm_nominal",
-              "var_sky_only", "var_poisson", "var_sky_unmasked", "padded", "cropped")
+              "var_sky_only", "var_poisson", "var_sky_unmasked", "padded", "cropped", "padded_square")
 FLUX_UNITS = ("nanomaggy", "count/s", "adu")
 PRIMARY_KEYWORDS = ("OBJID", "RA", "DEC", "SURVEY", "INSTRUME", "Z_PHOT", "Z_SPEC", "Z_ERR", "LENS", "LABELSRC",
                     "LABELCNF", "FLUXRAT", "THETA_E", "ARCSNR", "SIMFAM", "SIMKIND", "SERSICN", "RHALF", "AXRATIO",
@@ -115,6 +116,13 @@ class Cutout:
     band_flags: dict = field(default_factory=dict)  # band -> list of BAND_FLAGS
     ignored_bands: tuple[str, ...] = ()
     notes: list = field(default_factory=list)
+    file_shape: tuple[int, int] = (0, 0)  # (H, W) of the file's images (default: image's); image is H x W unless
+    # padded_square
+    square_offset_px: tuple[int, int] = (0, 0)  # (dy, dx): where the file's pixel (0, 0) lies in image
+
+    def __post_init__(self):
+        if self.file_shape == (0, 0):
+            self.file_shape = tuple(int(n) for n in self.image.shape[-2:])
 
     @property
     def present(self) -> np.ndarray:
@@ -279,8 +287,6 @@ def _read_bands(primary, arrays, band_header, *, name, survey: SurveySpec, objid
         if arr is None or arr.ndim != 2:
             raise QuarantineError("not_2d", f"{name}: IMAGE_{band} has shape "
                                             f"{None if arr is None else arr.shape}; cutouts must be 2-D")
-        if arr.shape[0] != arr.shape[1]:
-            raise QuarantineError("not_square", f"{name}: IMAGE_{band} has shape {arr.shape}; cutouts must be square")
         if shape is not None and arr.shape != shape:
             raise QuarantineError("shape_mismatch", f"{name}: IMAGE_{band} has shape {arr.shape}, "
                                                     f"other bands {shape}")
@@ -400,21 +406,31 @@ def _read_bands(primary, arrays, band_header, *, name, survey: SurveySpec, objid
         raise QuarantineError("too_coarse", f"{name}: pixel scale {pix:g}\"/px is coarser than the {survey.name} "
                                             f"{broadest.name} seeing FWHM {broadest.seeing_fwhm_arcsec:g}\", the "
                                             f"broadest of its bands (PIXSCALE is in arcsec per pixel)")
-    side_arcsec = shape[0] * pix
+    side_arcsec = min(shape) * pix  # the sky covered in every direction from the centre
     if side_arcsec < survey.min_cutout_arcsec - SIZE_TOLERANCE_ARCSEC:
         raise QuarantineError("too_small", f"{name}: images are {shape[0]}x{shape[1]} px at {pix:g}\"/px = "
                                            f"{side_arcsec:.2f}\" across, less than the {survey.name} minimum "
                                            f"min_cutout_arcsec = {survey.min_cutout_arcsec:g}\" (its grid is "
                                            f"{survey.cutout_size_px} px = {survey.cutout_size_arcsec:.2f}\"; "
                                            f"cutouts from the minimum up are padded)")
-    on_grid = size_on_survey_grid(shape[0], pix, survey)
-    geometry = ("padded" if on_grid < survey.cutout_size_px
-                else "cropped" if on_grid >= CROP_FLAG_RATIO * survey.cutout_size_px else None)
-    if geometry is not None:
+    offset = (0, 0)
+    if shape[0] != shape[1]:  # every pixel kept: the shorter axis is zero-padded to the longer, centred
+        from .normalize import center_pad  # normalize imports this module
+
+        side = max(shape)
+        offset = ((side - shape[0]) // 2, (side - shape[1]) // 2)
+        image, variance = center_pad(image, side), center_pad(variance, side)
+        nan_mask = center_pad(nan_mask, side)
+    on_grid = size_on_survey_grid(max(shape), pix, survey)
+    geometry = [g for g, on in (("padded", on_grid < survey.cutout_size_px),
+                                ("cropped", on_grid >= CROP_FLAG_RATIO * survey.cutout_size_px),
+                                ("padded_square", shape[0] != shape[1])) if on]
+    if geometry:
         for band in survey.band_names:
-            flags.setdefault(band, []).append(geometry)
+            flags.setdefault(band, []).extend(geometry)
         flags = {b: flags[b] for b in survey.band_names if b in flags}  # band order, as without geometry
     return Cutout(name=name, objid=objid, ra=ra, dec=dec, survey=survey.name, primary=primary,
                   bands=survey.band_names, image=image, variance=variance, nan_mask=nan_mask, psf=psfs,
                   psf_fwhm_arcsec=fwhm, nmgy_per_unit=scale, pixel_scale_arcsec=pix,
-                  band_flags=flags, ignored_bands=tuple(sorted(ignored)))
+                  band_flags=flags, ignored_bands=tuple(sorted(ignored)), file_shape=(int(shape[0]), int(shape[1])),
+                  square_offset_px=offset)

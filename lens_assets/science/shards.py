@@ -4,7 +4,8 @@ Each shard ``shard-NNNNN.h5`` holds ``images`` (N, bands, H, W) float32 in
 nanomaggies, ``variance`` (same, nanomaggies^2), ``band_flags`` (N, bands) uint16
 (bits in :data:`FLAG_BITS`), ``footprint_px`` (N,) the side of the file's data on
 the survey grid (smaller than the cutout when the row is ``padded``: the data are
-the centred ``footprint_px`` square, zeros around before PSF matching), ``objid``,
+the centred ``footprint_px`` square, zeros around before PSF matching; a ``padded_square`` row's data are a
+centred rectangle whose long side this is), ``objid``,
 the labels, and the per-row PSF table (``fwhm_before``, ``fwhm_after``,
 ``residual`` in arcsec, ``psf_matched``).
 A shard is written under a temporary name and renamed when complete;
@@ -51,7 +52,7 @@ SHARD_FORMAT_VERSION = "3"  # 2: band_flags uint16 with the padding, cropping an
 # 3: rows.parquet carries scene_theta_e
 FLAG_BITS = {"missing": 1, "nan_masked": 2, "var_derived": 4, "fwhm_from_psf": 8, "fwhm_nominal": 16,
              "psf_broader_than_target": 32, "resampled": 64, "padded": 128, "cropped": 256, "var_sky_only": 512,
-             "var_poisson": 1024, "var_sky_unmasked": 2048}
+             "var_poisson": 1024, "var_sky_unmasked": 2048, "padded_square": 4096}
 assert set(BAND_FLAGS) <= set(FLAG_BITS), set(BAND_FLAGS) - set(FLAG_BITS)
 LABEL_COLUMNS = ("label", "label_confidence", "flux_ratio", "theta_e")
 # catalog truth carried into ``rows.parquet`` for training (the catalog's -1 where it has no such column)

@@ -225,9 +225,9 @@ def _not_2d(tmp):
     return (tmp / "cube.fits").read_bytes(), ["IMAGE_r", "(3, 64, 64)"]
 
 
-def _not_square(tmp):
+def _one_band_not_square(tmp):
     img = np.zeros((64, 63), dtype=np.float32)
-    return make_file(tmp / "f.fits", bands={"r": band_hdus(image=img)}), ["IMAGE_r", "(64, 63)"]
+    return make_file(tmp / "f.fits", bands={"r": band_hdus(image=img)}), ["(64, 63)", "(64, 64)"]
 
 
 def _shape_mismatch_bands(tmp):
@@ -363,7 +363,8 @@ QUARANTINE_CASES = [
     ("no_image_hdu", "no_image_hdu", _no_image_hdu, r"no IMAGE_<band> extension"),
     ("no_known_band", "no_known_band", _no_known_band, r"bands \['F999'\] are not des bands"),
     ("not_2d", "not_2d", _not_2d, r"must be 2-D"),
-    ("not_square", "not_square", _not_square, r"\(64, 63\); cutouts must be square"),
+    ("shape_mismatch-one_band_not_square", "shape_mismatch", _one_band_not_square,
+     r"IMAGE_r has shape \(64, 63\), other bands \(64, 64\)|IMAGE_\w has shape \(64, 64\), other bands \(64, 63\)"),
     ("shape_mismatch", "shape_mismatch", _shape_mismatch_bands, r"IMAGE_r has shape \(70, 70\)"),
     ("shape_mismatch-var", "shape_mismatch", _shape_mismatch_var, r"VAR_r has shape \(66, 66\)"),
     ("too_small", "too_small", _too_small, r"32x32 px at 0\.263\"/px = 8\.42\" across, less than the des "
@@ -414,9 +415,9 @@ def test_every_reason_read_cutout_can_raise_has_a_case():
     # field's, decided by arc_segments (science/clusters/test_report.py); objtype_mismatch is a cluster drop's,
     # decided by cluster_candidates (assets/test_cluster_scoring.py)
     # bad_file_name is read_one's, before any byte is read (test_a_file_name_that_is_not_utf8_is_quarantined);
-    # not_scorable is score_files' (ml/test_score.py)
+    # not_scorable is score_files' (ml/test_score.py); not_square is retired (test_a_non_square_cutout_is_padded)
     assert covered == set(QUARANTINE_REASONS) - {"duplicate_objid", "no_bcg", "objtype_mismatch", "bad_file_name",
-                                                 "not_scorable"}
+                                                 "not_scorable", "not_square"}
 
 
 def test_block_aligned_truncation_is_truncated(tmp_path):
@@ -568,6 +569,43 @@ def test_just_under_the_minimum_is_too_small(tmp_path):
     assert err.value.reason == "too_small"
 
 
+@pytest.mark.parametrize("shape,offset,flags", [
+    ((64, 50), (0, 7), ["padded_square"]),  # 64 px on the grid: neither padded nor cropped
+    ((64, 61), (0, 1), ["padded_square"]),  # odd difference: one column before, two after (center_pad's rounding)
+    ((45, 60), (7, 0), ["padded", "padded_square"]),  # 60 < 64 px: padded to the grid later too
+    ((90, 120), (15, 0), ["cropped", "padded_square"]),  # 120 >= 1.25 x 64: its centre is kept
+])
+def test_a_non_square_cutout_is_padded_to_square_keeping_every_pixel(tmp_path, shape, offset, flags):
+    rng = np.random.default_rng(7)
+    images = {b: rng.normal(5.0, 1.0, shape).astype(np.float32) for b in BANDS}
+    variances = {b: rng.uniform(0.5, 2.0, shape).astype(np.float32) for b in BANDS}
+    c = read(make_file(tmp_path / "f.fits", bands={b: band_hdus(image=images[b], variance=variances[b])
+                                                   for b in BANDS}))
+    side = max(shape)
+    dy, dx = offset
+    assert c.file_shape == shape and c.square_offset_px == offset and c.image.shape == (5, side, side)
+    inside = np.s_[dy:dy + shape[0], dx:dx + shape[1]]
+    for i, b in enumerate(BANDS):
+        np.testing.assert_array_equal(c.image[i][inside], images[b])
+        np.testing.assert_array_equal(c.variance[i][inside], variances[b])
+    outside = np.ones((side, side), bool)
+    outside[inside] = False
+    assert outside.sum() == side * side - shape[0] * shape[1]
+    assert (c.image[:, outside] == 0).all() and (c.variance[:, outside] == 0).all() and not c.nan_mask.any()
+    assert c.band_flags == {b: flags for b in BANDS}
+
+
+def test_a_non_square_cutout_is_too_small_by_its_shorter_side(tmp_path):
+    # 64 px is 16.8" but 37 px is 9.73": a lens at the edge of the finder's area would be cut off across
+    img = synthetic_image(0)[:, :37].copy()
+    with pytest.raises(QuarantineError, match=r"images are 64x37 px at 0\.263\"/px = 9\.73\" across, less than "
+                                              r"the des minimum") as err:
+        read(make_file(tmp_path / "f.fits", bands={b: band_hdus(image=img) for b in BANDS}))
+    assert err.value.reason == "too_small"
+    assert read(make_file(tmp_path / "g.fits", bands={b: band_hdus(image=synthetic_image(0)[:, :39].copy())
+                                                      for b in BANDS})).file_shape == (64, 39)
+
+
 @pytest.mark.parametrize("size,sigma_px", [(11, 1.5), (21, 2.0)])
 def test_missing_fwhm_is_measured_from_psf(tmp_path, size, sigma_px):
     psf = gaussian_psf(size, sigma_px)
@@ -672,9 +710,9 @@ def _write_inbox(inbox: Path, simulated) -> dict[str, str]:
     broken["bad_dec.fits"] = "bad_header_value"
     make_file(inbox / "bad_survey.fits", objid="bad-survey", seed=104, primary={"SURVEY": "hsc"})
     broken["bad_survey.fits"] = "survey_mismatch"
-    make_file(inbox / "bad_not_square.fits", objid="bad-square", seed=105,
+    make_file(inbox / "bad_one_band_not_square.fits", objid="bad-square", seed=105,
               bands={"i": band_hdus(image=np.zeros((64, 63), np.float32))})
-    broken["bad_not_square.fits"] = "not_square"
+    broken["bad_one_band_not_square.fits"] = "shape_mismatch"
     make_file(inbox / "bad_small.fits", objid="bad-small", seed=106, size=32)
     broken["bad_small.fits"] = "too_small"
     nan_img = synthetic_image(107)

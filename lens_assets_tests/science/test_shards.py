@@ -8,6 +8,7 @@ flux conservation and the PSF actually reached.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import re
@@ -18,6 +19,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
+from astropy.io import fits
 from scipy.special import erf
 
 from lens_assets.science.families import load_family
@@ -296,12 +298,13 @@ def test_simulated_flux_is_kept(built):
     assert n_bright >= 20 and n_unmatched >= 5
 
 
-def _pixel_gaussian(size: int, fwhm_px: float, total: float) -> np.ndarray:
-    """A pixel-integrated circular Gaussian of total ``total`` centred on the (even or odd) image centre."""
+def _pixel_gaussian(size: int | tuple[int, int], fwhm_px: float, total: float) -> np.ndarray:
+    """A pixel-integrated circular Gaussian of total ``total`` centred on the (even or odd) image centre;
+    ``size`` is the side, or (height, width)."""
     sigma = fwhm_px / (2.0 * math.sqrt(2.0 * math.log(2.0)))
-    edges = (np.arange(size + 1) - size / 2) / (math.sqrt(2.0) * sigma)
-    line = np.diff(erf(edges)) / 2.0
-    return total * np.outer(line, line)
+    h, w = (size, size) if isinstance(size, int) else size
+    lines = [np.diff(erf((np.arange(n + 1) - n / 2) / (math.sqrt(2.0) * sigma))) / 2.0 for n in (h, w)]
+    return total * np.outer(*lines)
 
 
 GALAXY_FWHM = 0.6  # arcsec, intrinsic
@@ -538,16 +541,17 @@ HST_NATIVE = 0.04  # arcsec/px of the HST test files; the hst grid is 160 px at 
 NO_LABEL = {"label": -1, "label_confidence": 0.0, "flux_ratio": -1.0, "theta_e": -1.0}
 
 
-def _own_size_file(path: Path, survey, size: int, pixel_scale: float, *, bands, psf_fwhm_arcsec: float,
-                   seed: int = 0, total_nmgy: float = 100.0, noise: float = 0.001) -> bytes:
+def _own_size_file(path: Path, survey, size: int | tuple[int, int], pixel_scale: float, *, bands,
+                   psf_fwhm_arcsec: float, seed: int = 0, total_nmgy: float = 100.0, noise: float = 0.001) -> bytes:
     """A centred Gaussian galaxy (FWHM 3 x the PSF) of ``total_nmgy`` per band, uniform variance noise**2,
-    a Gaussian PSF image: ``size`` px at ``pixel_scale``."""
+    a Gaussian PSF image: ``size`` px (a side, or (height, width)) at ``pixel_scale``."""
     rng = np.random.default_rng(seed)
+    shape = (size, size) if isinstance(size, int) else size
     hdus = {}
     for band in bands:
         observed_px = math.hypot(3 * psf_fwhm_arcsec, psf_fwhm_arcsec) / pixel_scale
-        image = _pixel_gaussian(size, observed_px, total_nmgy) + rng.normal(0.0, noise, (size, size))
-        hdus[band] = BandHDUs(image=image.astype(np.float32), variance=np.full((size, size), noise**2, np.float32),
+        image = _pixel_gaussian(shape, observed_px, total_nmgy) + rng.normal(0.0, noise, shape)
+        hdus[band] = BandHDUs(image=image.astype(np.float32), variance=np.full(shape, noise**2, np.float32),
                               psf=psf_kernel("gaussian", psf_fwhm_arcsec / pixel_scale, size=25).astype(np.float32),
                               header={"BUNIT": "nanomaggy", "PIXSCALE": pixel_scale, "PSFFWHM": psf_fwhm_arcsec})
     write_cutout(path, {"OBJID": path.stem, "RA": 150.0, "DEC": 2.0, "SURVEY": survey.name}, hdus)
@@ -609,6 +613,30 @@ def test_hst_96px_at_004_one_band_is_resampled_and_padded_to_160(tmp_path):
     cols = slice(lo + reach, lo + reach + 48)
     assert var[lo, cols].mean() < var[lo + reach:lo + reach + 4, cols].mean()  # lower at the edge (narrow kernel)
     assert (out["image"][0, 1] == 0).all() and (out["variance"][0, 1] == 0).all()  # the missing band
+
+
+def test_hst_96x140px_at_004_is_padded_to_square_then_resampled_and_padded_to_160(tmp_path):
+    """A real HST cutout's shape: 96 rows, 140 columns at 0.04"/px (3.84" by 5.6"), one band with a PSF image."""
+    data = _own_size_file(tmp_path / "hst96x140.fits", HST, (96, 140), HST_NATIVE, bands=["F814W"],
+                          psf_fwhm_arcsec=0.09)
+    c = read_cutout(data, name="inbox/hst/hst96x140.fits", survey=HST)
+    assert c.file_shape == (96, 140) and c.square_offset_px == (22, 0) and c.image.shape == (2, 140, 140)
+    assert c.band_flags == {"F814W": ["padded", "padded_square"], "F160W": ["missing", "padded", "padded_square"]}
+    with fits.open(io.BytesIO(data)) as hdul:
+        file_image = hdul["IMAGE_F814W"].data.astype(np.float32)
+    np.testing.assert_array_equal(c.image[0, 22:118], file_image)  # every pixel of the file, rows moved by 22
+    for pad in (np.s_[:22], np.s_[118:]):
+        assert (c.image[0, pad] == 0).all() and (c.variance[0, pad] == 0).all() and not c.nan_mask[0, pad].any()
+    out = match_batch([_row(c.objid)], [c], shard_settings(HST))
+    assert out["image"].shape == (1, 2, 160, 160) and out["footprint_px"][0] == 112  # 140 x 0.04 / 0.05
+    bits = int(out["band_flags"][0, 0])
+    assert bits == FLAG_BITS["padded"] | FLAG_BITS["resampled"] | FLAG_BITS["padded_square"]
+    image = out["image"][0, 0].astype(np.float64)
+    # flux kept, and the galaxy at the file's centre stays at the grid's centre (H - W is even: no half pixel)
+    assert image.sum() == pytest.approx(100.0, rel=0.01)
+    y, x = np.mgrid[:160, :160]
+    assert (image * y).sum() / image.sum() == pytest.approx(79.5, abs=0.05)
+    assert (image * x).sum() / image.sum() == pytest.approx(79.5, abs=0.05)
 
 
 def test_hst_40px_is_too_small_naming_size_and_minimum(tmp_path):

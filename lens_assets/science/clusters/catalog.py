@@ -103,9 +103,12 @@ def _header_bcg(cut, norm, *, scale_out: float, name: str):
         return _quarantine(cut, name, "bad_header_value", f"{name}: BCGXPIX = {p.get('BCGXPIX')!r}, BCGYPIX = "
                                                           f"{p.get('BCGYPIX')!r}: both must be numbers (FITS pixels)")
     n_in = cut.image.shape[-1]
-    if not (0.5 <= x <= n_in + 0.5 and 0.5 <= y <= n_in + 0.5):
+    h, w = cut.file_shape
+    if not (0.5 <= x <= w + 0.5 and 0.5 <= y <= h + 0.5):
         return _quarantine(cut, name, "bad_header_value", f"{name}: BCGXPIX, BCGYPIX = ({x}, {y}) lies outside "
-                                                          f"the {n_in}x{n_in} image")
+                                                          f"the {h}x{w} image")
+    # a non-square file is padded to square on reading (padded_square): its pixel (0, 0) moves to the offset
+    x, y = x + cut.square_offset_px[1], y + cut.square_offset_px[0]
     # resampling (resample_flux: grids centred on each other) keeps each point's angle from the centre; padding
     # puts the footprint at (n - fp) // 2
     fp, n_out = norm.footprint_px, norm.image.shape[-1]

@@ -198,6 +198,41 @@ def test_header_bcg_follows_resampling_and_padding_by_hand(n_in, scale_in, fp, n
     from types import SimpleNamespace
 
     cut = SimpleNamespace(primary={"BCGXPIX": x, "BCGYPIX": x}, image=np.zeros((1, n_in, n_in)),
-                          pixel_scale_arcsec=scale_in, objid="o", survey="des")
+                          pixel_scale_arcsec=scale_in, objid="o", survey="des", file_shape=(n_in, n_in),
+                          square_offset_px=(0, 0))
     norm = SimpleNamespace(footprint_px=fp, image=np.zeros((1, n_out, n_out)), resampled=resampled)
     assert cc._header_bcg(cut, norm, scale_out=0.263, name="f") == (pytest.approx(want), pytest.approx(want))
+
+
+def test_header_bcg_of_a_non_square_field_moves_with_its_padding_to_square():
+    from types import SimpleNamespace
+
+    # 50 rows x 60 columns, padded to 60 x 60 with the rows at (60 - 50) // 2 = 5: x as in the file, y + 5
+    cut = SimpleNamespace(primary={"BCGXPIX": 20.0, "BCGYPIX": 20.0}, image=np.zeros((1, 60, 60)),
+                          pixel_scale_arcsec=0.263, objid="o", survey="des", file_shape=(50, 60),
+                          square_offset_px=(5, 0))
+    norm = SimpleNamespace(footprint_px=60, image=np.zeros((1, 60, 60)), resampled=False)
+    assert cc._header_bcg(cut, norm, scale_out=0.263, name="f") == (pytest.approx(19.0), pytest.approx(24.0))
+    cut.primary = {"BCGXPIX": 20.0, "BCGYPIX": 55.0}  # inside the padded square, outside the file's 50 rows
+    q = cc._header_bcg(cut, norm, scale_out=0.263, name="f")
+    assert q["reason"] == "bad_header_value" and "lies outside the 50x60 image" in q["message"]
+
+
+@pytest.mark.parametrize("with_keys", [True, False])
+def test_a_non_square_field_is_read_and_its_bcg_found_where_the_galaxy_is(tmp_path, with_keys):
+    from astropy.io import fits
+
+    path, survey = _one_galaxy_field(tmp_path, bcg_keys={})
+    with fits.open(path) as hdul:  # cut the first 10 columns: 60 rows x 50 columns, the galaxy at x = 19.5
+        for hdu in hdul[1:]:
+            if hdu.name.startswith(("IMAGE_", "VAR_")):
+                hdu.data = hdu.data[:, 10:]
+        if with_keys:
+            hdul[0].header["BCGXPIX"], hdul[0].header["BCGYPIX"] = 20.5, 30.5  # FITS 1-based
+        hdul.writeto(tmp_path / "cut.fits")
+    # read on a 50-px grid (a field must cover its grid: 50 columns do); larger fields are read whole
+    row, _, q = cc.process_field(tmp_path / "cut.fits", "x/cut.fits", survey, size_px=50)
+    assert q is None
+    # padded to 60 x 60 with the columns at (60 - 50) // 2 = 5: the galaxy at x = 24.5, y = 29.5 (0-based)
+    tol = 1e-9 if with_keys else 0.5
+    assert (row["bcg_x_px"], row["bcg_y_px"]) == (pytest.approx(24.5, abs=tol), pytest.approx(29.5, abs=tol))
