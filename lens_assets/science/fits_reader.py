@@ -16,6 +16,7 @@ import zlib
 
 import numpy as np
 
+from . import fits_validation
 from .fits_validation import (BAND_KEYWORDS, FITS_BLOCK, PRIMARY_KEYWORDS, Cutout, QuarantineError,
                               validate_cutout)
 from .surveys import SurveySpec
@@ -410,6 +411,21 @@ def _cut_short(data: bytes, caught) -> bool:
     return len(data) % FITS_BLOCK != 0 or any("truncated" in str(w.message) for w in caught)
 
 
+def _gunzip(data: bytes, name: str) -> bytes:
+    """``data`` decompressed (every gzip member), stopping past :data:`MAX_FILE_BYTES` (``too_large``) so that a
+    small file that expands without bound never fills the worker's memory."""
+    limit = fits_validation.MAX_FILE_BYTES
+    try:
+        with gzip.GzipFile(fileobj=io.BytesIO(data)) as f:
+            out = f.read(limit + 1)
+    except (OSError, EOFError, zlib.error) as err:
+        raise QuarantineError("unreadable", f"{name}: not a readable gzip file ({err})") from None
+    if len(out) > limit:
+        raise QuarantineError("too_large", f"{name}: decompresses to more than {limit:,} bytes (MAX_FILE_BYTES) "
+                                           f"from {len(data):,}")
+    return out
+
+
 def read_cutout(data: bytes, *, name: str, survey: SurveySpec, fast_path: bool = True,
                 galaxy_only: bool = False) -> Cutout:
     """Validate one file's bytes against the contract for ``survey``.
@@ -421,10 +437,7 @@ def read_cutout(data: bytes, *, name: str, survey: SurveySpec, fast_path: bool =
     (``OBJTYPE = 'cluster_field'``) is ``objtype_mismatch`` (:func:`.fits_validation.validate_cutout`).
     """
     if name.lower().endswith(".gz"):  # a gzip-compressed file (find_fits takes *.fits.gz): read decompressed
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError, zlib.error) as err:
-            raise QuarantineError("unreadable", f"{name}: not a readable gzip file ({err})") from None
+        data = _gunzip(data, name)
     primary, arrays, band_header = _open(data, name, fast_path=fast_path)
     return validate_cutout(primary, arrays, name=name, survey=survey, band_header=band_header,
                            galaxy_only=galaxy_only)

@@ -20,7 +20,7 @@ from .psf import measure_fwhm_px
 from .surveys import SurveySpec
 
 __all__ = ["Cutout", "QuarantineError", "QUARANTINE_REASONS", "LABEL_SOURCE_PREFIXES", "BAND_FLAGS",
-           "CROP_FLAG_RATIO", "OBJTYPE_CLUSTER", "is_cluster_field", "nanomaggies_per_unit", "size_on_survey_grid",
+           "CROP_FLAG_RATIO", "MAX_FILE_BYTES", "OBJTYPE_CLUSTER", "is_cluster_field", "nanomaggies_per_unit", "size_on_survey_grid",
            "validate_cutout"]
 
 FITS_BLOCK = 2880
@@ -33,6 +33,8 @@ CROP_FLAG_RATIO = 1.25  # on-grid side >= 1.25 x the grid: over a third of the f
 MAX_PIXEL_NMGY = 1e15  # |pixel| in nanomaggies: brighter than -15 mag in one pixel is no flux (and overflows float32
 # once PSF matching sums it over the kernel)
 SIZE_TOLERANCE_ARCSEC = 1e-6
+MAX_FILE_BYTES = 2**30  # a file, or a .gz file decompressed: a 5-band float64 cutout with variance of 4,000 x 4,000
+# px is 1.3 GB, two orders beyond any galaxy cutout or cluster field of the contract; larger is read into no worker
 OBJTYPE_CLUSTER = "cluster_field"  # primary-header OBJTYPE of a cluster field (science.clusters.fields writes it)
 
 QUARANTINE_REASONS: Mapping[str, str] = {
@@ -62,6 +64,7 @@ QUARANTINE_REASONS: Mapping[str, str] = {
     "bad_pixel_value": "a finite pixel beyond any flux: |image| over 1e15 nanomaggies (or its variance over 1e30)",
     "not_scorable": "read and matched, but the ensemble's score of it is not finite (scoring only)",
     "too_coarse": "pixels coarser than the broadest seeing FWHM of the survey's bands",
+    "too_large": "the file, or a .gz file decompressed, is over MAX_FILE_BYTES (1 GiB)",
     "no_sky_noise": "a band without VAR_<band> has constant pixels: no noise to derive a variance from",
     "duplicate_extension": "two HDUs share an EXTNAME, or two IMAGE_<band> extensions hold the same band",
     "duplicate_keyword": "a contract keyword is given more than once in one header",

@@ -415,9 +415,10 @@ def test_every_reason_read_cutout_can_raise_has_a_case():
     # field's, decided by arc_segments (science/clusters/test_report.py); objtype_mismatch is a cluster drop's,
     # decided by cluster_candidates (assets/test_cluster_scoring.py)
     # bad_file_name is read_one's, before any byte is read (test_a_file_name_that_is_not_utf8_is_quarantined);
-    # not_scorable is score_files' (ml/test_score.py); not_square is retired (test_a_non_square_cutout_is_padded)
+    # not_scorable is score_files' (ml/test_score.py); not_square is retired (test_a_non_square_cutout_is_padded);
+    # too_large needs the limit lowered (test_a_file_or_gzip_beyond_max_file_bytes_is_too_large_and_never_read_whole)
     assert covered == set(QUARANTINE_REASONS) - {"duplicate_objid", "no_bcg", "objtype_mismatch", "bad_file_name",
-                                                 "not_scorable", "not_square"}
+                                                 "not_scorable", "not_square", "too_large"}
 
 
 def test_block_aligned_truncation_is_truncated(tmp_path):
@@ -757,6 +758,43 @@ def test_gzipped_files_are_read_decompressed_and_links_to_nothing_are_quarantine
     assert quar.loc["inbox/c.fits.gz", "message"].startswith("inbox/c.fits.gz: not a readable gzip file")
     assert quar.loc["inbox/d.fits", "reason"] == "unreadable"
     assert quar.loc["inbox/d.fits", "message"].startswith("inbox/d.fits: cannot be read (No such file")
+
+
+def test_a_file_or_gzip_beyond_max_file_bytes_is_too_large_and_never_read_whole(tmp_path, monkeypatch):
+    """A stored file over MAX_FILE_BYTES is refused from its size alone; a .gz file is decompressed only up to the
+    limit (a small file that expands without bound never fills the worker's memory)."""
+    import gzip
+
+    from lens_assets.science import fits_validation
+    from lens_assets.science.clusters.scoring import objtype_quarantine
+
+    inbox = tmp_path / "inbox"
+    small = make_file(inbox / "a.fits", objid="obj-a", size=40)
+    big = make_file(inbox / "b.fits", objid="obj-b", size=64)
+    bomb = gzip.compress(make_file(tmp_path / "c.fits", objid="obj-c", size=64), compresslevel=9)
+    (inbox / "c.fits.gz").write_bytes(bomb)
+    (inbox / "d.fits.gz").write_bytes(gzip.compress(make_file(tmp_path / "d.fits", objid="obj-d", size=40)))
+    limit = len(small) + 2880
+    assert len(bomb) < limit < len(big)
+    monkeypatch.setattr(fits_validation, "MAX_FILE_BYTES", limit)
+    read_whole = Path.read_bytes
+
+    def read_bytes(self):
+        assert self.name != "b.fits", "an oversized file was read into memory"
+        return read_whole(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    result = ingest_files(find_fits(inbox), DES, root=tmp_path, workers=1, progress=False)
+    assert result.n_files == 4 == len(result.catalog) + len(result.quarantine)
+    assert sorted(result.catalog["objid"]) == ["obj-a", "obj-d"]
+    quar = result.quarantine.set_index("source_file")
+    assert (quar["reason"] == "too_large").all() and sorted(quar.index) == ["inbox/b.fits", "inbox/c.fits.gz"]
+    assert quar.loc["inbox/b.fits", "message"] == (f"inbox/b.fits: {len(big):,} bytes, more than {limit:,} "
+                                                   f"(MAX_FILE_BYTES)")
+    assert quar.loc["inbox/c.fits.gz", "message"] == (f"inbox/c.fits.gz: decompresses to more than {limit:,} bytes "
+                                                      f"(MAX_FILE_BYTES) from {len(bomb):,}")
+    # the cluster track's OBJTYPE check leaves an oversized file to the contract's reader, unread
+    assert objtype_quarantine(inbox / "b.fits", "inbox/b.fits", survey="des") is None
 
 
 def test_pixels_as_coarse_as_a_band_of_the_survey_are_read_and_coarser_ones_refused(tmp_path):

@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from .. import fits_validation
 from .features import cluster_feature_names, cluster_features
 from .fields import OBJTYPE_CLUSTER
 
@@ -36,6 +37,8 @@ def objtype_quarantine(path: str | Path, name: str, *, survey: str) -> dict | No
     from astropy.io import fits
 
     try:
+        if Path(path).stat().st_size > fits_validation.MAX_FILE_BYTES:
+            return None  # not read into memory here: the contract's reader quarantines it as too_large
         data = Path(path).read_bytes()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
