@@ -20,8 +20,8 @@ from .psf import measure_fwhm_px
 from .surveys import SurveySpec
 
 __all__ = ["Cutout", "QuarantineError", "QUARANTINE_REASONS", "LABEL_SOURCE_PREFIXES", "BAND_FLAGS",
-           "CROP_FLAG_RATIO", "MAX_FILE_BYTES", "OBJTYPE_CLUSTER", "is_cluster_field", "nanomaggies_per_unit", "size_on_survey_grid",
-           "validate_cutout"]
+           "CROP_FLAG_RATIO", "MAX_FILE_BYTES", "OBJTYPE_CLUSTER", "is_cluster_field", "nanomaggies_per_unit",
+           "size_on_survey_grid", "validate_cutout"]
 
 FITS_BLOCK = 2880
 MAX_NAN_FRACTION = 0.5  # of a band's pixels that may be non-finite (NaN, +inf or -inf)
