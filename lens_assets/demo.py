@@ -50,9 +50,10 @@ def member_line(member: str, meta: dict) -> str:
     """The demo's line for one ensemble member from ``lens_classifier``'s metadata: its best validation AUROC, its
     epochs and the rate this run trained at, or, where this run fitted no epoch (an earlier run trained every
     epoch it could: a second ``make demo``), that it fitted none."""
+    from lens_assets.ml.progress import rate_text
+
     m, epochs = member, meta[f"{member}/epochs_run"]
-    rate = (f"at {meta[f'{m}/train_img_per_s']:.0f} img/s" if meta[f"{m}/epochs_fitted"]
-            else "(no epoch fitted in this run)")
+    rate = rate_text(meta[f"{m}/train_img_per_s"], meta[f"{m}/epochs_fitted"])
     return (f"  model {m:<12}: best val AUROC {meta[f'{m}/best_val_auroc']:.4f} after {epochs} epochs {rate} on "
             f"{meta[f'{m}/device']} ({meta.get(f'{m}/precision') or 'precision not recorded'}) -> "
             f"{meta[f'{m}/checkpoint']}")

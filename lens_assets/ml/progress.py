@@ -9,12 +9,18 @@ from typing import Callable
 
 import lightning as L
 
-__all__ = ["epoch_line", "EpochReport", "figure"]
+__all__ = ["epoch_line", "EpochReport", "figure", "rate_text"]
 
 
 def figure(value) -> str:
     """A figure for a log line: three decimals, or "n/a" where there is none (None or not finite)."""
     return "n/a" if value is None or not math.isfinite(float(value)) else f"{float(value):.3f}"
+
+
+def rate_text(img_per_s: float, epochs_fitted: int) -> str:
+    """How fast a run trained, for a summary line: "at N img/s", or that it fitted no epoch (an earlier run trained
+    every epoch it could, so this one only reloaded the checkpoint)."""
+    return f"at {img_per_s:.0f} img/s" if epochs_fitted else "(no epoch fitted in this run)"
 
 
 def epoch_line(epoch: int, epochs: int, metrics: dict, best: float | None, epoch_seconds: list[float],

@@ -422,7 +422,7 @@ def pipes_main(sync_factory: Callable[[dict], Any] | None = None) -> None:
     """
     from dagster_pipes import open_dagster_pipes
 
-    from .progress import figure
+    from .progress import figure, rate_text
 
     with open_dagster_pipes() as pipes:
         ex = pipes.extras
@@ -435,8 +435,7 @@ def pipes_main(sync_factory: Callable[[dict], Any] | None = None) -> None:
         if sync:
             sync.push_outputs()
         pipes.log.info(f"best val AUROC {figure(summary['best_val_auroc'])} "
-                       + (f"at {summary['train_img_per_s']:.0f} img/s" if summary["epochs_fitted"]
-                          else "(no epoch fitted in this run)") + f" on {summary['device']}")
+                       f"{rate_text(summary['train_img_per_s'], summary['epochs_fitted'])} on {summary['device']}")
         pipes.report_custom_message(summary)
 
 
