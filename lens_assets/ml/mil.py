@@ -199,13 +199,13 @@ def segment_bags(image: np.ndarray, variance: np.ndarray, segments: pd.DataFrame
 
 
 def field_image(path: str | Path, name: str, survey: str, size_px: int) -> tuple[np.ndarray, np.ndarray]:
-    """(PSF-matched image, variance) of one cluster field in nanomaggies, read through the inbox contract on its
-    grid exactly as ``arc_segments`` read it (``catalog._matched``); a file that no longer reads is a
-    ``ValueError`` naming it and its quarantine reason."""
+    """(PSF-matched image, variance) of one cluster field in nanomaggies, read through the inbox contract at its
+    own side ``size_px`` (the fields row's) exactly as ``arc_segments`` read it (``catalog._matched``); a file
+    that no longer reads is a ``ValueError`` naming it and its quarantine reason."""
     from lens_assets.science.clusters.catalog import _matched
     from lens_assets.science.surveys import get_survey
 
-    got = _matched(path, name, get_survey(survey), int(size_px))
+    got = _matched(path, name, get_survey(survey), int(size_px), own_size=True)
     if isinstance(got, dict):
         raise ValueError(f"{name}: cannot be read ({got['reason']}): {got['message']}")
     _, _, image, variance, _, _ = got

@@ -424,9 +424,9 @@ def _read_bands(primary, arrays, band_header, *, name, survey: SurveySpec, objid
         offset = ((side - shape[0]) // 2, (side - shape[1]) // 2)
         image, variance = center_pad(image, side), center_pad(variance, side)
         nan_mask = center_pad(nan_mask, side)
-    on_grid = size_on_survey_grid(max(shape), pix, survey)
-    geometry = [g for g, on in (("padded", on_grid < survey.cutout_size_px),
-                                ("cropped", on_grid >= CROP_FLAG_RATIO * survey.cutout_size_px),
+    short, long = (size_on_survey_grid(n, pix, survey) for n in (min(shape), max(shape)))
+    geometry = [g for g, on in (("padded", short < survey.cutout_size_px),  # rows or columns without data
+                                ("cropped", long >= CROP_FLAG_RATIO * survey.cutout_size_px),
                                 ("padded_square", shape[0] != shape[1])) if on]
     if geometry:
         for band in survey.band_names:

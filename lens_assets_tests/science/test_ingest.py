@@ -571,10 +571,11 @@ def test_just_under_the_minimum_is_too_small(tmp_path):
 
 
 @pytest.mark.parametrize("shape,offset,flags", [
-    ((64, 50), (0, 7), ["padded_square"]),  # 64 px on the grid: neither padded nor cropped
-    ((64, 61), (0, 1), ["padded_square"]),  # odd difference: one column before, two after (center_pad's rounding)
-    ((45, 60), (7, 0), ["padded", "padded_square"]),  # 60 < 64 px: padded to the grid later too
+    ((64, 50), (0, 7), ["padded", "padded_square"]),  # 50 columns of the grid's 64 hold data: padded
+    ((61, 64), (1, 0), ["padded", "padded_square"]),  # odd difference: one row before, two after (center_pad)
+    ((70, 64), (0, 3), ["padded_square"]),  # both sides cover the grid: neither padded nor cropped
     ((90, 120), (15, 0), ["cropped", "padded_square"]),  # 120 >= 1.25 x 64: its centre is kept
+    ((52, 200), (74, 0), ["padded", "cropped", "padded_square"]),  # 52 rows of 64 with data, 200 columns cut
 ])
 def test_a_non_square_cutout_is_padded_to_square_keeping_every_pixel(tmp_path, shape, offset, flags):
     rng = np.random.default_rng(7)

@@ -58,14 +58,20 @@ def _header(p: dict, key: str, default=float("nan")):
     return default if v is None else v
 
 
-def _matched(path, name: str, survey: SurveySpec, size_px: int):
+def _matched(path, name: str, survey: SurveySpec, size_px: int, *, own_size: bool = False):
     """Read one field and match its bands to one Gaussian PSF: (catalog row, cutout, image, variance, BCG (x, y)
-    or None, matched FWHM in px) in nanomaggies, or the quarantine row."""
+    or None, matched FWHM in px) in nanomaggies, or the quarantine row.
+
+    ``own_size``: ``size_px`` is the field's own side from its fields row (the side of the image a first read on
+    a grid of at most that gave), so any field that read then reads back to the same image: a non-square field,
+    whose shorter side is below its padded side, included."""
     from ..ingest import read_one
     from ..normalize import normalize_cutout
     from ..psf import homogenize
 
     fs = field_survey(survey, size_px)
+    if own_size:
+        fs = replace(fs, min_cutout_arcsec=survey.pixel_scale_arcsec)
     row, q, cut = read_one(path, name, fs, cluster=True)
     if q is not None:
         return q

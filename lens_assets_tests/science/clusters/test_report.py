@@ -236,3 +236,11 @@ def test_a_non_square_field_is_read_and_its_bcg_found_where_the_galaxy_is(tmp_pa
     # padded to 60 x 60 with the columns at (60 - 50) // 2 = 5: the galaxy at x = 24.5, y = 29.5 (0-based)
     tol = 1e-9 if with_keys else 0.5
     assert (row["bcg_x_px"], row["bcg_y_px"]) == (pytest.approx(24.5, abs=tol), pytest.approx(29.5, abs=tol))
+    # Track B reads the field again at the fields row's size_px (60, its padded side; its shorter side is 50)
+    from lens_assets.ml.mil import field_image
+
+    image, variance = field_image(tmp_path / "cut.fits", "x/cut.fits", "des", row["size_px"])
+    _, _, first, first_var, _, _ = cc._matched(tmp_path / "cut.fits", "x/cut.fits", survey, 50)
+    assert row["size_px"] == 60 and image.shape[-1] == 60
+    np.testing.assert_array_equal(image, first)
+    np.testing.assert_array_equal(variance, first_var)
