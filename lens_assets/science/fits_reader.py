@@ -21,7 +21,7 @@ from .fits_validation import (BAND_KEYWORDS, FITS_BLOCK, PRIMARY_KEYWORDS, Cutou
                               validate_cutout)
 from .surveys import SurveySpec
 
-__all__ = ["read_cutout"]
+__all__ = ["read_cutout", "gunzip"]
 
 
 class _PlainHDU:
@@ -196,7 +196,10 @@ def _open_with_astropy(data: bytes, name: str):
         try:
             hdul = fits.open(io.BytesIO(data), memmap=False, lazy_load_hdus=False)
             hdus = [(h.name.upper(), h) for h in hdul]
+            _check_declared_size(hdul, name)  # before .data: a tile-compressed image is decompressed there
             arrays = {ext: (h, h.data) for ext, h in hdus}  # arrays are copied once, to float32
+        except QuarantineError:
+            raise
         except Exception as err:  # astropy raises many types for corrupt input; report the message
             if _cut_short(data, caught):
                 raise QuarantineError("truncated", f"{name}: file length {len(data)} bytes is shorter than its "
@@ -215,6 +218,20 @@ def _open_with_astropy(data: bytes, name: str):
     primary = _header_values(hdul[0].header, PRIMARY_KEYWORDS, where=f"{name}: primary header")
     _check_unique_names([ext for ext, _ in hdus], name, objid=_objid_text(primary))
     return primary, arrays, lambda hdu: _header_values(hdu.header, BAND_KEYWORDS, where=f"{name}: {hdu.name}")
+
+
+def _check_declared_size(hdul, name: str) -> None:
+    """``too_large`` when the images' headers declare more than :data:`MAX_FILE_BYTES` of pixels in all: only a
+    compressed file (tile-compressed HDUs) can, since a stored file's data lie within its bytes."""
+    declared = 0
+    for h in hdul:
+        if h.is_image and h.header.get("NAXIS", 0):
+            declared += abs(int(h.header.get("BITPIX", 8))) // 8 * math.prod(
+                int(h.header.get(f"NAXIS{j}", 0)) for j in range(1, int(h.header["NAXIS"]) + 1))
+    limit = fits_validation.MAX_FILE_BYTES
+    if declared > limit:
+        raise QuarantineError("too_large", f"{name}: its images declare {declared:,} bytes of pixels, more than "
+                                           f"{limit:,} (MAX_FILE_BYTES)")
 
 
 def _first_non_ascii(data: bytes, hdul) -> tuple[int, int]:
@@ -411,19 +428,26 @@ def _cut_short(data: bytes, caught) -> bool:
     return len(data) % FITS_BLOCK != 0 or any("truncated" in str(w.message) for w in caught)
 
 
-def _gunzip(data: bytes, name: str) -> bytes:
+_GZIP_CHUNK = 1 << 22  # 4 MiB
+
+
+def gunzip(data: bytes, name: str) -> bytes:
     """``data`` decompressed (every gzip member), stopping past :data:`MAX_FILE_BYTES` (``too_large``) so that a
     small file that expands without bound never fills the worker's memory."""
     limit = fits_validation.MAX_FILE_BYTES
+    chunks, total = [], 0
     try:
         with gzip.GzipFile(fileobj=io.BytesIO(data)) as f:
-            out = f.read(limit + 1)
+            # in chunks: read(limit + 1) would reserve the whole limit for every file, however small
+            while chunk := f.read(_GZIP_CHUNK):
+                total += len(chunk)
+                if total > limit:
+                    raise QuarantineError("too_large", f"{name}: decompresses to more than {limit:,} bytes "
+                                                       f"(MAX_FILE_BYTES) from {len(data):,}")
+                chunks.append(chunk)
     except (OSError, EOFError, zlib.error) as err:
         raise QuarantineError("unreadable", f"{name}: not a readable gzip file ({err})") from None
-    if len(out) > limit:
-        raise QuarantineError("too_large", f"{name}: decompresses to more than {limit:,} bytes (MAX_FILE_BYTES) "
-                                           f"from {len(data):,}")
-    return out
+    return b"".join(chunks)
 
 
 def read_cutout(data: bytes, *, name: str, survey: SurveySpec, fast_path: bool = True,
@@ -437,7 +461,7 @@ def read_cutout(data: bytes, *, name: str, survey: SurveySpec, fast_path: bool =
     (``OBJTYPE = 'cluster_field'``) is ``objtype_mismatch`` (:func:`.fits_validation.validate_cutout`).
     """
     if name.lower().endswith(".gz"):  # a gzip-compressed file (find_fits takes *.fits.gz): read decompressed
-        data = _gunzip(data, name)
+        data = gunzip(data, name)
     primary, arrays, band_header = _open(data, name, fast_path=fast_path)
     return validate_cutout(primary, arrays, name=name, survey=survey, band_header=band_header,
                            galaxy_only=galaxy_only)

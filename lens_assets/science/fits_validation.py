@@ -64,7 +64,8 @@ QUARANTINE_REASONS: Mapping[str, str] = {
     "bad_pixel_value": "a finite pixel beyond any flux: |image| over 1e15 nanomaggies (or its variance over 1e30)",
     "not_scorable": "read and matched, but the ensemble's score of it is not finite (scoring only)",
     "too_coarse": "pixels coarser than the broadest seeing FWHM of the survey's bands",
-    "too_large": "the file, or a .gz file decompressed, is over MAX_FILE_BYTES (1 GiB)",
+    "too_large": "the file, a .gz file decompressed, or a tile-compressed file's declared pixels, is over "
+                 "MAX_FILE_BYTES (1 GiB)",
     "no_sky_noise": "a band without VAR_<band> has constant pixels: no noise to derive a variance from",
     "duplicate_extension": "two HDUs share an EXTNAME, or two IMAGE_<band> extensions hold the same band",
     "duplicate_keyword": "a contract keyword is given more than once in one header",

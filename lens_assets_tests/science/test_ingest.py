@@ -794,8 +794,38 @@ def test_a_file_or_gzip_beyond_max_file_bytes_is_too_large_and_never_read_whole(
                                                    f"(MAX_FILE_BYTES)")
     assert quar.loc["inbox/c.fits.gz", "message"] == (f"inbox/c.fits.gz: decompresses to more than {limit:,} bytes "
                                                       f"(MAX_FILE_BYTES) from {len(bomb):,}")
-    # the cluster track's OBJTYPE check leaves an oversized file to the contract's reader, unread
-    assert objtype_quarantine(inbox / "b.fits", "inbox/b.fits", survey="des") is None
+    # the cluster track's OBJTYPE check leaves an oversized file to the contract's reader, unread: a cluster
+    # field's OBJTYPE would otherwise be read from it (and a galaxy cutout's absence of one)
+    field = make_file(tmp_path / "e.fits", objid="obj-e", size=64, primary={"OBJTYPE": "galaxy"})
+    assert len(field) > limit
+    assert objtype_quarantine(tmp_path / "e.fits", "e.fits", survey="des") is None
+    monkeypatch.setattr(fits_validation, "MAX_FILE_BYTES", 2**30)
+    assert objtype_quarantine(tmp_path / "e.fits", "e.fits", survey="des")["reason"] == "objtype_mismatch"
+
+
+def test_a_tile_compressed_file_declaring_more_pixels_than_max_file_bytes_is_too_large(tmp_path, monkeypatch):
+    """A tile-compressed image expands without bound as astropy decompresses it: its declared size decides first."""
+    from astropy.io import fits
+
+    from lens_assets.science import fits_validation
+
+    prim = fits.Header([("OBJID", "x"), ("RA", 1.0), ("DEC", 2.0), ("SURVEY", "des")])
+    band = fits.Header([("BAND", "g"), ("BUNIT", "nanomaggy"), ("PIXSCALE", PIX), ("PSFFWHM", 1.0)])
+    zeros = np.zeros((1000, 1000), np.float32)
+    zeros[500, 500] = 1.0
+    raw = _astropy_file([fits.PrimaryHDU(header=prim), fits.CompImageHDU(zeros, header=band, name="IMAGE_g"),
+                         fits.CompImageHDU(np.ones_like(zeros), name="VAR_g")])
+    assert len(raw) < 400_000 < zeros.nbytes
+    monkeypatch.setattr(fits_validation, "MAX_FILE_BYTES", 400_000)
+    decompressed = []
+    real = fits.CompImageHDU.data
+    monkeypatch.setattr(fits.CompImageHDU, "data", property(lambda h: decompressed.append(1) or real.fget(h)))
+    with pytest.raises(QuarantineError, match=r"its images declare 8,000,000 bytes of pixels, more than 400,000 "
+                                              r"\(MAX_FILE_BYTES\)") as err:
+        read(raw)
+    assert err.value.reason == "too_large" and decompressed == []
+    monkeypatch.setattr(fits_validation, "MAX_FILE_BYTES", 8_000_000)
+    assert read(raw).image.shape == (5, 1000, 1000) and decompressed  # at the limit: read
 
 
 def test_pixels_as_coarse_as_a_band_of_the_survey_are_read_and_coarser_ones_refused(tmp_path):

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from .. import fits_validation
+from ..fits_reader import gunzip
 from .features import cluster_feature_names, cluster_features
 from .fields import OBJTYPE_CLUSTER
 
@@ -40,9 +41,11 @@ def objtype_quarantine(path: str | Path, name: str, *, survey: str) -> dict | No
         if Path(path).stat().st_size > fits_validation.MAX_FILE_BYTES:
             return None  # not read into memory here: the contract's reader quarantines it as too_large
         data = Path(path).read_bytes()
+        # a .gz file as the contract's reader reads it (astropy does not decompress bytes in memory)
+        raw = gunzip(data, name) if name.lower().endswith(".gz") else data
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with fits.open(io.BytesIO(data), lazy_load_hdus=True) as hdul:
+            with fits.open(io.BytesIO(raw), lazy_load_hdus=True) as hdul:
                 header = hdul[0].header
                 value, objid = header.get("OBJTYPE"), header.get("OBJID", "")
     except Exception:  # noqa: BLE001 - the contract reader gives such a file its reason (unreadable, truncated, ...)

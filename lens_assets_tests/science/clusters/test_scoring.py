@@ -28,6 +28,19 @@ def test_a_file_that_is_not_a_cluster_field_is_an_objtype_mismatch_naming_file_k
                             "have OBJTYPE = 'cluster_field'")
 
 
+def test_a_gzipped_galaxy_cutout_is_an_objtype_mismatch_and_a_gzipped_field_is_not(tmp_path):
+    import gzip
+    import hashlib
+
+    for stem, primary in (("galaxy", {}), ("field", {"OBJTYPE": "cluster_field"})):
+        (tmp_path / f"{stem}.fits.gz").write_bytes(gzip.compress(_file(tmp_path / f"{stem}.fits", **primary)
+                                                                 .read_bytes()))
+    q = objtype_quarantine(tmp_path / "galaxy.fits.gz", "d/galaxy.fits.gz", survey="des")
+    assert q["reason"] == "objtype_mismatch" and q["objid"] == "o-1"
+    assert q["source_sha256"] == hashlib.sha256((tmp_path / "galaxy.fits.gz").read_bytes()).hexdigest()  # as stored
+    assert objtype_quarantine(tmp_path / "field.fits.gz", "d/field.fits.gz", survey="des") is None
+
+
 def test_a_cluster_field_or_an_unreadable_file_is_left_to_the_contract_reader(tmp_path):
     assert objtype_quarantine(_file(tmp_path / "c.fits", OBJTYPE="cluster_field"), "c.fits", survey="des") is None
     assert objtype_quarantine(_file(tmp_path / "u.fits", OBJTYPE=" Cluster_Field "), "u.fits", survey="des") is None
