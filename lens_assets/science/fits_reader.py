@@ -221,11 +221,13 @@ def _open_with_astropy(data: bytes, name: str):
 
 
 def _check_declared_size(hdul, name: str) -> None:
-    """``too_large`` when the images' headers declare more than :data:`MAX_FILE_BYTES` of pixels in all: only a
-    compressed file (tile-compressed HDUs) can, since a stored file's data lie within its bytes."""
+    """``too_large`` when the tile-compressed images' headers declare more than :data:`MAX_FILE_BYTES` of pixels
+    in all. (An uncompressed HDU's data lie within the file's bytes, or the file is ``truncated``.)"""
+    from astropy.io import fits
+
     declared = 0
     for h in hdul:
-        if h.is_image and h.header.get("NAXIS", 0):
+        if isinstance(h, fits.CompImageHDU) and h.header.get("NAXIS", 0):
             declared += abs(int(h.header.get("BITPIX", 8))) // 8 * math.prod(
                 int(h.header.get(f"NAXIS{j}", 0)) for j in range(1, int(h.header["NAXIS"]) + 1))
     limit = fits_validation.MAX_FILE_BYTES
