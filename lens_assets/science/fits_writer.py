@@ -180,10 +180,10 @@ def simulated_cutout_bytes(cutout, *, survey: SurveySpec, family, seed: int, lab
     obs = getattr(s, "observation", None) or {}
     zp_error = obs.get("zero_point_error_mag", {})
     keep_variance = obs.get("write_variance", True)
-    crop = obs.get("crop_px", 0)
+    crop = obs.get("crop_px", 0)  # a side, or (rows, columns): the centre is kept
+    h, w = (crop, crop) if isinstance(crop, int) else crop
     n = cutout.image.shape[-1]
-    lo = (n - crop) // 2 if crop else 0
-    sl = np.s_[lo:lo + crop, lo:lo + crop] if crop else np.s_[:, :]
+    sl = np.s_[(n - h) // 2:(n - h) // 2 + h, (n - w) // 2:(n - w) // 2 + w] if crop else np.s_[:, :]
     bands = {}
     for i, band in enumerate(cutout.bands):
         # the file states the zero point with the survey's calibration error (the data are in the true one)

@@ -214,7 +214,11 @@ def _observation(family: Family, survey: SurveySpec, rng) -> dict:
     if rng.uniform() < d(o, "small_cutout_fraction", rng):
         # never below the area the finder needs (ingest refuses those as too_small)
         floor = math.ceil((survey.min_cutout_arcsec or survey.cutout_size_arcsec) / survey.pixel_scale_arcsec)
-        out["crop_px"] = max(floor, int(round(survey.cutout_size_px * d(o, "small_cutout_scale", rng))))
+        side = max(floor, int(round(survey.cutout_size_px * d(o, "small_cutout_scale", rng))))
+        out["crop_px"] = side
+        if rng.uniform() < d(o, "small_cutout_non_square_fraction", rng):  # one axis only: (rows, columns)
+            n = survey.cutout_size_px
+            out["crop_px"] = (side, n) if rng.uniform() < 0.5 else (n, side)
     return out
 
 

@@ -210,6 +210,28 @@ def test_small_cutouts_are_padded_back_at_ingest(tmp_path):
     read = read_cutout(path.read_bytes(), name="small.fits", survey=DES)
     assert read.image.shape[-1] == 48  # the file's own size; the shards pad it to the 64 px grid
     assert 48 * DES.pixel_scale_arcsec >= DES.min_cutout_arcsec
+    # cropped along one axis: the file is 48 x 64 px around the same centre, padded to square on reading
+    c.system = replace(c.system, observation=dict(c.system.observation, crop_px=(48, 64)))
+    write_simulated_cutout(path, c, survey=DES, family=PHYSICAL, seed=0)
+    read = read_cutout(path.read_bytes(), name="small.fits", survey=DES)
+    assert read.file_shape == (48, 64) and read.square_offset_px == (8, 0) and read.image.shape[-1] == 64
+    assert all(f[-2:] == ["padded", "padded_square"] for f in read.band_flags.values())
+    full = c.image[0]  # the rendered band, in the file's units (count/s)
+    np.testing.assert_allclose(read.image[0, 8:56], full[8:56], rtol=1e-6, atol=1e-6 * np.abs(full).max())
+    assert (read.image[:, :8] == 0).all() and (read.image[:, 56:] == 0).all()
+
+
+def test_a_share_of_small_training_cutouts_is_cropped_along_one_axis():
+    rng = np.random.default_rng(0)
+    crops = [pop._observation(PHYSICAL, DES, rng)["crop_px"] for _ in range(4000)]
+    small = [c for c in crops if c]
+    non_square = [c for c in small if not isinstance(c, int)]
+    floor = math.ceil(DES.min_cutout_arcsec / DES.pixel_scale_arcsec)
+    # 10% small (binomial sd 0.005), half of those along one axis (sd 0.035 at ~400)
+    assert len(small) / len(crops) == pytest.approx(0.1, abs=0.02)
+    assert len(non_square) / len(small) == pytest.approx(0.5, abs=0.1)
+    assert all(64 in c and floor <= min(c) < 64 for c in non_square)
+    assert 0.35 < np.mean([c[0] < 64 for c in non_square]) < 0.65  # rows or columns, alike
 
 
 def test_training_twins_are_paired_with_their_lenses():
