@@ -216,7 +216,8 @@ def _observation(family: Family, survey: SurveySpec, rng) -> dict:
         floor = math.ceil((survey.min_cutout_arcsec or survey.cutout_size_arcsec) / survey.pixel_scale_arcsec)
         side = max(floor, int(round(survey.cutout_size_px * d(o, "small_cutout_scale", rng))))
         out["crop_px"] = side
-        if rng.uniform() < d(o, "small_cutout_non_square_fraction", rng):  # one axis only: (rows, columns)
+        non_square = d(o, "small_cutout_non_square_fraction", rng)
+        if non_square > 0 and rng.uniform() < non_square:  # one axis only: (rows, columns); at 0 no draw is made
             n = survey.cutout_size_px
             out["crop_px"] = (side, n) if rng.uniform() < 0.5 else (n, side)
     return out

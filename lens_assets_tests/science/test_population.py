@@ -2,6 +2,7 @@
 
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from lens_assets.science.simulation import (LENSING_ONLY, object_rng, render_sys
 from lens_assets.science.surveys import get_survey
 
 PHYSICAL = load_family("physical")
+PHYSICAL_PATH = Path(PHYSICAL.path)
 LSST = get_survey("lsst")  # deep and sharp: scenes pass the selection in few tries
 DES = get_survey("des")
 
@@ -221,9 +223,14 @@ def test_small_cutouts_are_padded_back_at_ingest(tmp_path):
     assert (read.image[:, :8] == 0).all() and (read.image[:, 56:] == 0).all()
 
 
-def test_a_share_of_small_training_cutouts_is_cropped_along_one_axis():
+def test_a_share_of_small_training_cutouts_is_cropped_along_one_axis(tmp_path):
+    assert PHYSICAL.prior("observation", "small_cutout_non_square_fraction").sample(None) == 0.0  # the default
+    text = PHYSICAL_PATH.read_text().replace("small_cutout_non_square_fraction = 0.0",
+                                             "small_cutout_non_square_fraction = 0.5")
+    (tmp_path / "half.toml").write_text(text)
+    half = load_family(tmp_path / "half.toml")
     rng = np.random.default_rng(0)
-    crops = [pop._observation(PHYSICAL, DES, rng)["crop_px"] for _ in range(4000)]
+    crops = [pop._observation(half, DES, rng)["crop_px"] for _ in range(4000)]
     small = [c for c in crops if c]
     non_square = [c for c in small if not isinstance(c, int)]
     floor = math.ceil(DES.min_cutout_arcsec / DES.pixel_scale_arcsec)
