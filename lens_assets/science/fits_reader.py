@@ -196,7 +196,7 @@ def _open_with_astropy(data: bytes, name: str):
         try:
             hdul = fits.open(io.BytesIO(data), memmap=False, lazy_load_hdus=False)
             hdus = [(h.name.upper(), h) for h in hdul]
-            _check_declared_size(hdul, name)  # before .data: a tile-compressed image is decompressed there
+            _check_declared_size(hdul, data, name)  # before .data: a tile-compressed image is decompressed there
             arrays = {ext: (h, h.data) for ext, h in hdus}  # arrays are copied once, to float32
         except QuarantineError:
             raise
@@ -220,7 +220,7 @@ def _open_with_astropy(data: bytes, name: str):
     return primary, arrays, lambda hdu: _header_values(hdu.header, BAND_KEYWORDS, where=f"{name}: {hdu.name}")
 
 
-def _check_declared_size(hdul, name: str) -> None:
+def _check_declared_size(hdul, data: bytes, name: str) -> None:
     """``too_large`` when the tile-compressed images' headers declare more than :data:`MAX_FILE_BYTES` of pixels
     in all. (An uncompressed HDU's data lie within the file's bytes, or the file is ``truncated``.)"""
     from astropy.io import fits
@@ -234,6 +234,36 @@ def _check_declared_size(hdul, name: str) -> None:
     if declared > limit:
         raise QuarantineError("too_large", f"{name}: its images declare {declared:,} bytes of pixels, more than "
                                            f"{limit:,} (MAX_FILE_BYTES)")
+    if any(isinstance(h, fits.CompImageHDU) and str(h.compression_type).upper().startswith("GZIP") for h in hdul):
+        _check_gzip_tiles(data, name)
+
+
+_TILE_COLUMNS = ("COMPRESSED_DATA", "GZIP_COMPRESSED_DATA")  # the second: tiles that could not be quantized
+
+
+def _check_gzip_tiles(data: bytes, name: str) -> None:
+    """``unreadable`` when a GZIP tile of a tile-compressed image decompresses past the bytes its tile holds.
+
+    astropy decompresses each GZIP tile whole and only then compares it with the tile's shape, so a tile of a
+    small declared image can expand without bound; here each is decompressed at most one byte past its bound,
+    from the compressed table as stored (``disable_image_compression``), before astropy decodes any."""
+    from astropy.io import fits
+
+    with fits.open(io.BytesIO(data), memmap=False, disable_image_compression=True) as raw:
+        for i, h in enumerate(raw):
+            if not (h.header.get("ZIMAGE") and str(h.header.get("ZCMPTYPE", "")).upper().startswith("GZIP")):
+                continue
+            # ZTILE1 defaults to the row (ZNAXIS1), the others to 1 (the tiled-image convention)
+            tile = math.prod(int(h.header.get(f"ZTILE{j}", h.header.get("ZNAXIS1", 1) if j == 1 else 1))
+                             for j in range(1, int(h.header.get("ZNAXIS", 0)) + 1))
+            bound = tile * max(4, abs(int(h.header.get("ZBITPIX", 8))) // 8)  # quantized floats: 4-byte integers
+            for column in (c for c in _TILE_COLUMNS if c in h.columns.names):
+                for k, cell in enumerate(h.data[column]):
+                    out = zlib.decompressobj(zlib.MAX_WBITS | 32).decompress(bytes(cell), bound + 1)
+                    if len(out) > bound:
+                        raise QuarantineError("unreadable", f"{name}: HDU {i} ({h.name}): GZIP tile {k} "
+                                                            f"decompresses past the {bound:,} bytes of its "
+                                                            f"{tile:,}-pixel tile; the file is corrupt")
 
 
 def _first_non_ascii(data: bytes, hdul) -> tuple[int, int]:
@@ -437,19 +467,19 @@ def gunzip(data: bytes, name: str) -> bytes:
     """``data`` decompressed (every gzip member), stopping past :data:`MAX_FILE_BYTES` (``too_large``) so that a
     small file that expands without bound never fills the worker's memory."""
     limit = fits_validation.MAX_FILE_BYTES
-    chunks, total = [], 0
+    total = 0
     try:
+        # two passes: the size first, in chunks kept by no one (read(limit + 1) would reserve the whole limit for
+        # every file, and joining kept chunks would hold the data twice), then the data in one piece
         with gzip.GzipFile(fileobj=io.BytesIO(data)) as f:
-            # in chunks: read(limit + 1) would reserve the whole limit for every file, however small
             while chunk := f.read(_GZIP_CHUNK):
                 total += len(chunk)
                 if total > limit:
                     raise QuarantineError("too_large", f"{name}: decompresses to more than {limit:,} bytes "
                                                        f"(MAX_FILE_BYTES) from {len(data):,}")
-                chunks.append(chunk)
+        return gzip.decompress(data)
     except (OSError, EOFError, zlib.error) as err:
         raise QuarantineError("unreadable", f"{name}: not a readable gzip file ({err})") from None
-    return b"".join(chunks)
 
 
 def read_cutout(data: bytes, *, name: str, survey: SurveySpec, fast_path: bool = True,

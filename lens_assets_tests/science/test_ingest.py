@@ -828,6 +828,39 @@ def test_a_tile_compressed_file_declaring_more_pixels_than_max_file_bytes_is_too
     assert read(raw).image.shape == (5, 1000, 1000) and decompressed  # at the limit: read
 
 
+def test_a_gzip_tile_that_expands_past_its_tile_is_refused_before_astropy_decompresses_it():
+    """A tile-compressed image that declares 10 x 10 px but holds one GZIP tile of 16 MiB: astropy would decompress
+    the tile whole before checking its shape. Each tile is decompressed at most one byte past its 400 bytes."""
+    import gzip
+    import io
+    import tracemalloc
+
+    from astropy.io import fits
+
+    payload = gzip.compress(b"\0" * (16 << 20), compresslevel=9)  # 16 KB
+    col = fits.Column(name="COMPRESSED_DATA", format="1PB()",
+                      array=np.array([np.frombuffer(payload, np.uint8)], dtype=object))
+    tiles = fits.BinTableHDU.from_columns([col], name="IMAGE_g")
+    for key, value in (("ZIMAGE", True), ("ZBITPIX", -32), ("ZNAXIS", 2), ("ZNAXIS1", 10), ("ZNAXIS2", 10),
+                       ("ZTILE1", 10), ("ZTILE2", 10), ("ZCMPTYPE", "GZIP_1"), ("BAND", "g"),
+                       ("BUNIT", "nanomaggy"), ("PIXSCALE", PIX), ("PSFFWHM", 1.0)):
+        tiles.header[key] = value
+    prim = fits.PrimaryHDU(header=fits.Header([("OBJID", "x"), ("RA", 1.0), ("DEC", 2.0), ("SURVEY", "des")]))
+    out = io.BytesIO()
+    fits.HDUList([prim, tiles]).writeto(out)
+    with fits.open(io.BytesIO(out.getvalue())) as hdul:
+        assert type(hdul[1]).__name__ == "CompImageHDU" and hdul[1].header["NAXIS1"] == 10  # astropy's view
+    tracemalloc.start()
+    try:
+        with pytest.raises(QuarantineError, match=r"HDU 1 \(IMAGE_G\): GZIP tile 0 decompresses past the 400 bytes "
+                                                  r"of its 100-pixel tile; the file is corrupt") as err:
+            read(out.getvalue())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert err.value.reason == "unreadable" and peak < 4 << 20  # astropy alone peaks over 16 MiB here
+
+
 def test_pixels_as_coarse_as_a_band_of_the_survey_are_read_and_coarser_ones_refused(tmp_path):
     """Euclid's NISP bands (0.3"/px) beside VIS (0.1"/px): a file of the NISP bands alone is read (VIS missing),
     a pixel coarser than every band's seeing is too_coarse."""
@@ -1020,7 +1053,8 @@ def test_plain_reader_takes_integer_and_double_images_as_astropy_does():
     assert c.image.dtype == np.float32 and c.band_flags["g"] == ["var_derived", "var_sky_only"]
 
 
-@pytest.mark.parametrize("variant", ["bzero", "bscale", "table", "compressed", "groups_like_primary_extname"])
+@pytest.mark.parametrize("variant", ["bzero", "bscale", "table", "compressed", "compressed_gzip_1",
+                                     "compressed_gzip_2", "groups_like_primary_extname"])
 def test_files_outside_the_plain_subset_are_left_to_astropy(variant):
     from astropy.io import fits
 
@@ -1040,6 +1074,10 @@ def test_files_outside_the_plain_subset_are_left_to_astropy(variant):
                 fits.BinTableHDU.from_columns([fits.Column(name="a", format="E", array=np.ones(3))], name="EXTRA")]
     elif variant == "compressed":
         hdus = [fits.PrimaryHDU(header=prim), fits.CompImageHDU(img, header=band, name="IMAGE_g")]
+    elif variant.startswith("compressed_gzip"):  # GZIP tiles pass the check of each tile's decompressed size
+        hdus = [fits.PrimaryHDU(header=prim), fits.CompImageHDU(img, header=band, name="IMAGE_g",
+                                                                compression_type=variant[11:].upper(),
+                                                                tile_shape=(16, SIZE))]
     else:
         prim["EXTNAME"] = " PRIM"  # a leading blank is significant in FITS strings: astropy decides the name
         hdus = [fits.PrimaryHDU(header=prim), fits.ImageHDU(img, header=band, name="IMAGE_g")]
