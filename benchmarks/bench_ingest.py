@@ -8,11 +8,15 @@
 * ingest without variance, 1 worker: the same files rewritten without their
   ``VAR_<b>`` extensions, so every band's variance is derived from its sky pixels
   (science/noise.py); what that costs per file is reported beside the plain rate.
+* ingest of gzip-compressed files, 1 worker: the same files as ``*.fits.gz``, read through the bounded
+  decompression (``fits_reader.gunzip``: the size counted in a first pass, so a file that expands past
+  ``MAX_FILE_BYTES`` is refused before it is held); beside it ``gunzip`` against ``gzip.decompress`` alone
+  over those files (what the bound costs).
 * pool start-up: ingest of one file per core over a fresh pool (``workers=0``), the
   first pool of the process apart from the later ones (a forkserver starts once
   per process), median of ``--startup-repeats``.
 Figures: ingest(1) / bare (target >= 0.7), ingest(all) / ingest(1) (scaling),
-ingest without variance / with, and the pool start-up medians.
+ingest without variance / with, gzip / plain, gunzip / gzip.decompress, and the pool start-up medians.
 The files are simulated first (untimed) and read once before timing so every
 variant sees a warm page cache.
 """
@@ -62,6 +66,23 @@ def without_variance(paths, out_dir: Path) -> list[Path]:
     return out
 
 
+def gzipped(paths, out_dir: Path) -> list[Path]:
+    """The files compressed as ``<name>.gz`` under ``out_dir``."""
+    import gzip
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = []
+    for p in paths:
+        (out_dir / f"{p.name}.gz").write_bytes(gzip.compress(p.read_bytes(), compresslevel=6))
+        out.append(out_dir / f"{p.name}.gz")
+    return out
+
+
+def decompress_all(blobs, fn) -> None:
+    for name, data in blobs:
+        fn(data, name)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--survey", default="des")
@@ -95,12 +116,27 @@ def main(argv=None) -> dict:
         t_novar = min(t for _, t in novar_results)
         flags = novar_results[0][0].catalog["band_flags"]
         assert len(novar_results[0][0].catalog) == len(novar) and flags.str.contains("var_derived").all()
+        import gzip
+
+        from lens_assets.science.fits_reader import gunzip
+
+        gz = gzipped(paths, root / "gz" / survey.name)
+        gz_results = [timed(ingest_files, gz, survey, root=root, workers=1, progress=False)
+                      for _ in range(args.repeats)]
+        t_gz = min(t for _, t in gz_results)
+        assert len(gz_results[0][0].catalog) == len(gz)
+        blobs = [(p.name, p.read_bytes()) for p in gz]
+        t_gunzip = [timed(decompress_all, blobs, gunzip)[1] for _ in range(3)]
+        t_plain_gz = [timed(decompress_all, blobs, lambda d, _n: gzip.decompress(d))[1] for _ in range(3)]
     n, c = len(paths), cores()
     rec = {"survey": survey.name, "n_files": n, "mb": size_mb, "cores": c,
            "bare_files_per_s": n / t_bare, "ingest_1_files_per_s": n / t_one, "ingest_all_files_per_s": n / t_all,
            "ingest_1_over_bare": t_bare / t_one, "scaling": t_one / t_all,
            "ingest_1_novar_files_per_s": n / t_novar, "novar_ms_per_file": 1e3 * (t_novar - t_one) / n,
            "novar_over_var": t_one / t_novar,
+           "ingest_1_gz_files_per_s": n / t_gz, "gz_over_plain": t_one / t_gz,
+           "gunzip_ms_per_file": 1e3 * statistics.median(t_gunzip) / n,
+           "gzip_decompress_ms_per_file": 1e3 * statistics.median(t_plain_gz) / n,
            "pool_start_method": getattr(parallel, "START_METHOD", "fork"),
            "pool_first_startup_s": startup[0], "pool_startup_median_s": statistics.median(startup[1:]),
            "ingest_all_median_s": statistics.median(t for _, t in results)}
@@ -115,6 +151,11 @@ def main(argv=None) -> dict:
                                                   f"{rec['novar_over_var']:.2f}x with variance, "
                                                   f"+{rec['novar_ms_per_file']:.2f} ms/file for {survey.n_bands} "
                                                   f"sky-noise estimates"),
+        ("ingest_files of *.fits.gz, 1 worker", f"{rec['ingest_1_gz_files_per_s']:.0f} files/s  -> "
+                                                f"{rec['gz_over_plain']:.2f}x the plain files"),
+        ("bounded gunzip vs gzip.decompress (median of 3)",
+         f"{rec['gunzip_ms_per_file']:.3f} vs {rec['gzip_decompress_ms_per_file']:.3f} ms/file -> "
+         f"{rec['gunzip_ms_per_file'] / rec['gzip_decompress_ms_per_file']:.2f}x"),
         (f"pool start-up ({rec['pool_start_method']}, {c} files)",
          f"first {rec['pool_first_startup_s'] * 1e3:.0f} ms, then median {rec['pool_startup_median_s'] * 1e3:.0f} ms "
          f"({args.startup_repeats} pools)"),
