@@ -225,6 +225,39 @@ def _fraction(n_bad: int, bad: np.ndarray) -> float:
     return n_bad / bad.size if bad.size else bad.mean()
 
 
+def _pad_at(array: np.ndarray, side: int, offset: tuple[int, int]) -> np.ndarray:
+    """``array`` (..., H, W) in a zero ``side`` x ``side`` square with its pixel (0, 0) at ``offset`` (dy, dx)."""
+    out = np.zeros((*array.shape[:-2], side, side), dtype=array.dtype)
+    dy, dx = offset
+    out[..., dy:dy + array.shape[-2], dx:dx + array.shape[-1]] = array
+    return out
+
+
+def _object_pixel(found: dict, ra: float, dec: float, shape: tuple[int, int]) -> tuple[float, float] | None:
+    """(y, x), 0-based, of RA/DEC in the first band whose header has a celestial WCS, where it falls on the image;
+    None without such a WCS (the object is then taken to be at the centre, as the contract has it)."""
+    from astropy.wcs import WCS
+
+    for _, hdr, _ in found.values():
+        header = hdr["_hdu"].header
+        if "CTYPE1" not in header:
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                wcs = WCS(header)
+                if not wcs.has_celestial:
+                    continue
+                # to 1e-6 px: the transform's round-off would otherwise tip a half-pixel centre to the next side
+                x, y = (round(float(v), 6) for v in wcs.celestial.wcs_world2pix(ra, dec, 0))
+            except Exception:  # noqa: BLE001 - an unreadable WCS leaves the contract's centre
+                return None
+        if -0.5 <= y <= shape[0] - 0.5 and -0.5 <= x <= shape[1] - 0.5:
+            return y, x
+        return None
+    return None
+
+
 def is_cluster_field(objtype) -> bool:
     """Whether a primary header's ``OBJTYPE`` value marks a cluster field (:data:`OBJTYPE_CLUSTER`, any case)."""
     return isinstance(objtype, str) and objtype.strip().lower() == OBJTYPE_CLUSTER
@@ -410,22 +443,30 @@ def _read_bands(primary, arrays, band_header, *, name, survey: SurveySpec, objid
         raise QuarantineError("too_coarse", f"{name}: pixel scale {pix:g}\"/px is coarser than the {survey.name} "
                                             f"{broadest.name} seeing FWHM {broadest.seeing_fwhm_arcsec:g}\", the "
                                             f"broadest of its bands (PIXSCALE is in arcsec per pixel)")
-    side_arcsec = min(shape) * pix  # the sky covered in every direction from the centre
+    side, offset, at = max(shape), (0, 0), None
+    if shape[0] != shape[1]:  # a non-square file: where is the object? RA/DEC through a band's WCS, if it has one
+        at = _object_pixel(found, ra, dec, shape)
+    # the data around the object in every direction, in px: a clipped cutout holds less on its clipped side
+    y0, x0 = at if at is not None else ((shape[0] - 1) / 2, (shape[1] - 1) / 2)
+    covered = 2 * min(y0 + 0.5, shape[0] - 0.5 - y0, x0 + 0.5, shape[1] - 0.5 - x0)
+    side_arcsec = covered * pix
     if side_arcsec < survey.min_cutout_arcsec - SIZE_TOLERANCE_ARCSEC:
+        where = "" if at is None else (f" around the object at (x={x0:.1f}, y={y0:.1f}) px (RA, DEC through the "
+                                       f"WCS)")
         raise QuarantineError("too_small", f"{name}: images are {shape[0]}x{shape[1]} px at {pix:g}\"/px = "
-                                           f"{side_arcsec:.2f}\" across, less than the {survey.name} minimum "
+                                           f"{side_arcsec:.2f}\" across{where}, less than the {survey.name} minimum "
                                            f"min_cutout_arcsec = {survey.min_cutout_arcsec:g}\" (its grid is "
                                            f"{survey.cutout_size_px} px = {survey.cutout_size_arcsec:.2f}\"; "
                                            f"cutouts from the minimum up are padded)")
-    offset = (0, 0)
-    if shape[0] != shape[1]:  # every pixel kept: the shorter axis is zero-padded to the longer, centred
-        from .normalize import center_pad  # normalize imports this module
-
-        side = max(shape)
-        offset = ((side - shape[0]) // 2, (side - shape[1]) // 2)
-        image, variance = center_pad(image, side), center_pad(variance, side)
-        nan_mask = center_pad(nan_mask, side)
-    short, long = (size_on_survey_grid(n, pix, survey) for n in (min(shape), max(shape)))
+    if shape[0] != shape[1]:  # every pixel kept: zero-padded to a square with the object at its centre
+        if at is None:  # the object at the file's centre, as the contract has it
+            offset = ((side - shape[0]) // 2, (side - shape[1]) // 2)
+        else:  # a clipped cutout: the square grows until the object can sit at its centre (to the pixel)
+            side = max(side, *(math.ceil(2 * max(v + 0.5, n - 0.5 - v)) for v, n in ((y0, shape[0]), (x0, shape[1]))))
+            offset = tuple(min(max(int(round((side - 1) / 2 - v)), 0), side - n)
+                           for v, n in ((y0, shape[0]), (x0, shape[1])))
+        image, variance, nan_mask = (_pad_at(a, side, offset) for a in (image, variance, nan_mask))
+    short, long = (size_on_survey_grid(n, pix, survey) for n in (int(covered), side))
     geometry = [g for g, on in (("padded", short < survey.cutout_size_px),  # rows or columns without data
                                 ("cropped", long >= CROP_FLAG_RATIO * survey.cutout_size_px),
                                 ("padded_square", shape[0] != shape[1])) if on]

@@ -597,6 +597,45 @@ def test_a_non_square_cutout_is_padded_to_square_keeping_every_pixel(tmp_path, s
     assert c.band_flags == {b: flags for b in BANDS}
 
 
+def _clipped(tmp_path, *, keep_from: int, name: str = "f.fits", wcs: bool = True,
+             rows_up: int = 0) -> tuple[bytes, np.ndarray]:
+    """A 64 x 64 cutout around a blob at its centre (RA 10, DEC -20) with its first ``keep_from`` columns cut off,
+    as a survey's cutout service clips at a tile's edge; its WCS (``wcs``) still puts RA/DEC on the blob."""
+    full = synthetic_image(3)
+    kept = full[:, keep_from:].copy()
+    hdr = {}
+    if wcs:  # the blob at 0-based (31.5, 31.5) of the full cutout: FITS CRPIX 32.5 - keep_from in the clipped one
+        hdr = {**{k: v for k, v in WCS_CD.items()}, "CRPIX1": 32.5 - keep_from, "CRPIX2": 32.5 - rows_up}
+    bands = {b: band_hdus(image=kept, header=hdr) for b in BANDS}
+    return make_file(tmp_path / name, bands=bands, primary={"RA": 10.0, "DEC": -20.0}), full
+
+
+def test_a_clipped_cutout_is_padded_with_its_object_at_the_centre_by_its_wcs(tmp_path):
+    data, full = _clipped(tmp_path, keep_from=8)  # 64 x 56: the blob 8 px left of the array's centre
+    c = read(data)
+    assert c.file_shape == (64, 56) and c.square_offset_px == (0, 8) and c.image.shape == (5, 64, 64)
+    np.testing.assert_array_equal(c.image[0, :, 8:], full[:, 8:])  # every kept pixel where the full cutout had it
+    assert (c.image[:, :, :8] == 0).all() and (c.variance[:, :, :8] == 0).all()
+    # 48 px of data on the clipped side of the blob, 12.6" across: read, padded (8 columns of the grid empty)
+    assert c.band_flags == {b: ["padded", "padded_square"] for b in BANDS}
+    # without a WCS the object is taken to be at the file's centre (the contract): centred padding, 4 px each side
+    assert read(_clipped(tmp_path, keep_from=8, name="g.fits", wcs=False)[0]).square_offset_px == (0, 4)
+    # the WCS puts the object 4 rows below the centre too: the square grows to 72 px to hold it at its centre,
+    # the object's pixel (27.5, 23.5) moving to (35.5, 35.5)
+    c = read(_clipped(tmp_path, keep_from=8, name="h.fits", rows_up=4)[0])
+    assert c.image.shape == (5, 72, 72) and c.square_offset_px == (8, 12)
+
+
+def test_a_clipped_cutout_whose_object_lies_near_the_cut_is_too_small(tmp_path):
+    # 64 x 40: the blob 7.5 px from the cut, so 16 px (4.2") of data around it, under DES's 10"
+    data, _ = _clipped(tmp_path, keep_from=24)
+    with pytest.raises(QuarantineError, match=r"images are 64x40 px at 0\.263\"/px = 4\.21\" across around the "
+                                              r"object at \(x=7\.5, y=31\.5\) px \(RA, DEC through the WCS\), less "
+                                              r"than the des minimum") as err:
+        read(data)
+    assert err.value.reason == "too_small"
+
+
 def test_a_non_square_cutout_is_too_small_by_its_shorter_side(tmp_path):
     # 64 px is 16.8" but 37 px is 9.73": a lens at the edge of the finder's area would be cut off across
     img = synthetic_image(0)[:, :37].copy()
