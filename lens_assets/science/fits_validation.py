@@ -21,7 +21,7 @@ from .surveys import SurveySpec
 
 __all__ = ["Cutout", "QuarantineError", "QUARANTINE_REASONS", "LABEL_SOURCE_PREFIXES", "BAND_FLAGS",
            "CROP_FLAG_RATIO", "MAX_FILE_BYTES", "OBJTYPE_CLUSTER", "is_cluster_field", "nanomaggies_per_unit",
-           "size_on_survey_grid", "validate_cutout"]
+           "size_on_survey_grid", "validate_cutout", "pad_at"]
 
 FITS_BLOCK = 2880
 MAX_NAN_FRACTION = 0.5  # of a band's pixels that may be non-finite (NaN, +inf or -inf)
@@ -225,7 +225,7 @@ def _fraction(n_bad: int, bad: np.ndarray) -> float:
     return n_bad / bad.size if bad.size else bad.mean()
 
 
-def _pad_at(array: np.ndarray, side: int, offset: tuple[int, int]) -> np.ndarray:
+def pad_at(array: np.ndarray, side: int, offset: tuple[int, int]) -> np.ndarray:
     """``array`` (..., H, W) in a zero ``side`` x ``side`` square with its pixel (0, 0) at ``offset`` (dy, dx)."""
     out = np.zeros((*array.shape[:-2], side, side), dtype=array.dtype)
     dy, dx = offset
@@ -465,7 +465,7 @@ def _read_bands(primary, arrays, band_header, *, name, survey: SurveySpec, objid
             side = max(side, *(math.ceil(2 * max(v + 0.5, n - 0.5 - v)) for v, n in ((y0, shape[0]), (x0, shape[1]))))
             offset = tuple(min(max(int(round((side - 1) / 2 - v)), 0), side - n)
                            for v, n in ((y0, shape[0]), (x0, shape[1])))
-        image, variance, nan_mask = (_pad_at(a, side, offset) for a in (image, variance, nan_mask))
+        image, variance, nan_mask = (pad_at(a, side, offset) for a in (image, variance, nan_mask))
     short, long = (size_on_survey_grid(n, pix, survey) for n in (int(covered), side))
     geometry = [g for g, on in (("padded", short < survey.cutout_size_px),  # rows or columns without data
                                 ("cropped", long >= CROP_FLAG_RATIO * survey.cutout_size_px),

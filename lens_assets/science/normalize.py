@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .fits_contract import RESAMPLE_TOLERANCE, Cutout, size_on_survey_grid
+from .fits_validation import pad_at
 from .surveys import SurveySpec
 
 __all__ = ["overlap_matrix", "resample_flux", "center_crop", "center_pad", "NormalizedCutout", "normalize_cutout",
@@ -77,10 +78,7 @@ def center_pad(array: np.ndarray, size: int) -> np.ndarray:
     h, w = array.shape[-2:]
     if h > size or w > size:
         raise ValueError(f"cannot pad {h}x{w} to {size}x{size}")
-    out = np.zeros((*array.shape[:-2], size, size), dtype=array.dtype)
-    y, x = (size - h) // 2, (size - w) // 2
-    out[..., y:y + h, x:x + w] = array
-    return out
+    return pad_at(array, size, ((size - h) // 2, (size - w) // 2))
 
 
 @dataclass
