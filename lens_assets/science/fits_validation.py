@@ -234,10 +234,13 @@ def pad_at(array: np.ndarray, side: int, offset: tuple[int, int]) -> np.ndarray:
 
 
 def _object_pixel(found: dict, ra: float, dec: float, shape: tuple[int, int]) -> tuple[float, float] | None:
-    """(y, x), 0-based, of RA/DEC in the first band whose header has a celestial WCS, where it falls on the image;
-    None without such a WCS (the object is then taken to be at the centre, as the contract has it)."""
+    """(y, x), 0-based, of the object (ICRS RA/DEC) through the first band's celestial WCS that places it on the
+    image (astropy's ``world_to_pixel``: the axis order, the frame and SIP distortion included); None where no band's
+    WCS does (the object is then at the centre, as the contract has it)."""
+    from astropy.coordinates import SkyCoord
     from astropy.wcs import WCS
 
+    target = None
     for _, hdr, _ in found.values():
         header = hdr["_hdu"].header
         if "CTYPE1" not in header:
@@ -248,13 +251,13 @@ def _object_pixel(found: dict, ra: float, dec: float, shape: tuple[int, int]) ->
                 wcs = WCS(header)
                 if not wcs.has_celestial:
                     continue
-                # to 1e-6 px: the transform's round-off would otherwise tip a half-pixel centre to the next side
-                x, y = (round(float(v), 6) for v in wcs.celestial.wcs_world2pix(ra, dec, 0))
-            except Exception:  # noqa: BLE001 - an unreadable WCS leaves the contract's centre
-                return None
+                if target is None:
+                    target = SkyCoord(ra, dec, unit="deg", frame="icrs")
+                x, y = (float(v) for v in wcs.celestial.world_to_pixel(target))
+            except Exception:  # noqa: BLE001 - a WCS astropy cannot use: the next band's, or the centre
+                continue
         if -0.5 <= y <= shape[0] - 0.5 and -0.5 <= x <= shape[1] - 0.5:
             return y, x
-        return None
     return None
 
 
@@ -443,30 +446,32 @@ def _read_bands(primary, arrays, band_header, *, name, survey: SurveySpec, objid
         raise QuarantineError("too_coarse", f"{name}: pixel scale {pix:g}\"/px is coarser than the {survey.name} "
                                             f"{broadest.name} seeing FWHM {broadest.seeing_fwhm_arcsec:g}\", the "
                                             f"broadest of its bands (PIXSCALE is in arcsec per pixel)")
-    side, offset, at = max(shape), (0, 0), None
-    if shape[0] != shape[1]:  # a non-square file: where is the object? RA/DEC through a band's WCS, if it has one
+    shift = (0, 0)  # whole pixels (rows, columns) the object lies from the file's centre
+    if shape[0] != shape[1]:  # a non-square file: where is the object? RA/DEC through a band's WCS, if one has it
         at = _object_pixel(found, ra, dec, shape)
-    # the data around the object in every direction, in px: a clipped cutout holds less on its clipped side
-    y0, x0 = at if at is not None else ((shape[0] - 1) / 2, (shape[1] - 1) / 2)
-    covered = 2 * min(y0 + 0.5, shape[0] - 0.5 - y0, x0 + 0.5, shape[1] - 0.5 - x0)
+        if at is not None:  # rounded half up: a sub-pixel offset (any service's centring) is no shift
+            shift = tuple(math.floor(v - (n - 1) / 2 + 0.5) for v, n in zip(at, shape))
+    covered = min(n - 2 * abs(r) for n, r in zip(shape, shift))  # px of data on both sides of the object
     side_arcsec = covered * pix
     if side_arcsec < survey.min_cutout_arcsec - SIZE_TOLERANCE_ARCSEC:
-        where = "" if at is None else (f" around the object at (x={x0:.1f}, y={y0:.1f}) px (RA, DEC through the "
-                                       f"WCS)")
+        where = "" if shift == (0, 0) else (f" around the object, which its WCS puts {shift[1]:+d}, {shift[0]:+d} "
+                                            f"px (x, y) from the file's centre")
         raise QuarantineError("too_small", f"{name}: images are {shape[0]}x{shape[1]} px at {pix:g}\"/px = "
                                            f"{side_arcsec:.2f}\" across{where}, less than the {survey.name} minimum "
                                            f"min_cutout_arcsec = {survey.min_cutout_arcsec:g}\" (its grid is "
                                            f"{survey.cutout_size_px} px = {survey.cutout_size_arcsec:.2f}\"; "
                                            f"cutouts from the minimum up are padded)")
-    if shape[0] != shape[1]:  # every pixel kept: zero-padded to a square with the object at its centre
-        if at is None:  # the object at the file's centre, as the contract has it
-            offset = ((side - shape[0]) // 2, (side - shape[1]) // 2)
-        else:  # a clipped cutout: the square grows until the object can sit at its centre (to the pixel)
-            side = max(side, *(math.ceil(2 * max(v + 0.5, n - 0.5 - v)) for v, n in ((y0, shape[0]), (x0, shape[1]))))
-            offset = tuple(min(max(int(round((side - 1) / 2 - v)), 0), side - n)
-                           for v, n in ((y0, shape[0]), (x0, shape[1])))
+    side, offset = max(shape), (0, 0)
+    if shape[0] != shape[1]:  # every pixel kept: zero-padded to a square, the object where a centred one would be
+
+        def offsets(side: int) -> tuple[int, ...]:
+            return tuple((side - n) // 2 - r for n, r in zip(shape, shift))
+
+        while not all(0 <= o <= side - n for o, n in zip(offsets(side), shape)):  # grown until the object fits
+            side += 1
+        offset = offsets(side)
         image, variance, nan_mask = (pad_at(a, side, offset) for a in (image, variance, nan_mask))
-    short, long = (size_on_survey_grid(n, pix, survey) for n in (int(covered), side))
+    short, long = (size_on_survey_grid(n, pix, survey) for n in (covered, max(shape)))
     geometry = [g for g, on in (("padded", short < survey.cutout_size_px),  # rows or columns without data
                                 ("cropped", long >= CROP_FLAG_RATIO * survey.cutout_size_px),
                                 ("padded_square", shape[0] != shape[1])) if on]

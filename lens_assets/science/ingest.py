@@ -138,7 +138,7 @@ def catalog_row(c: Cutout, *, sha256: str, survey: SurveySpec) -> dict:
         "band_flags": ";".join(f"{b}:{'|'.join(f)}" for b, f in c.band_flags.items()),
         "ignored_bands": ",".join(c.ignored_bands),
         "pixel_scale": c.pixel_scale_arcsec,
-        "cutout_px": int(c.image.shape[-1]),  # the side as read: a non-square file's longer side (padded_square)
+        "cutout_px": int(c.image.shape[-1]),  # the side as read: a non-square file's padded square's (padded_square)
         "seeing": float(c.psf_fwhm_arcsec[ref]),
         "psf_fwhm": median_of_few(c.psf_fwhm_arcsec[present].tolist()) if present.any() else float("nan"),
         "n_nan_pixels": int(np.count_nonzero(c.nan_mask)),

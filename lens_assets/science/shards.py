@@ -4,8 +4,9 @@ Each shard ``shard-NNNNN.h5`` holds ``images`` (N, bands, H, W) float32 in
 nanomaggies, ``variance`` (same, nanomaggies^2), ``band_flags`` (N, bands) uint16
 (bits in :data:`FLAG_BITS`), ``footprint_px`` (N,) the side of the file's data on
 the survey grid (smaller than the cutout when the row is ``padded``: the data are
-the centred ``footprint_px`` square, zeros around before PSF matching; a ``padded_square`` row's data are a
-centred rectangle whose long side this is, padded on reading, so it may be ``padded`` at the grid's side), ``objid``,
+the centred ``footprint_px`` square, zeros around before PSF matching; a
+``padded_square`` row's data are a rectangle inside the square it was padded to on
+reading, whose side this is, and may be ``padded`` within it), ``objid``,
 the labels, and the per-row PSF table (``fwhm_before``, ``fwhm_after``,
 ``residual`` in arcsec, ``psf_matched``).
 A shard is written under a temporary name and renamed when complete;

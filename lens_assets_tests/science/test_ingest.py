@@ -620,18 +620,80 @@ def test_a_clipped_cutout_is_padded_with_its_object_at_the_centre_by_its_wcs(tmp
     assert c.band_flags == {b: ["padded", "padded_square"] for b in BANDS}
     # without a WCS the object is taken to be at the file's centre (the contract): centred padding, 4 px each side
     assert read(_clipped(tmp_path, keep_from=8, name="g.fits", wcs=False)[0]).square_offset_px == (0, 4)
-    # the WCS puts the object 4 rows below the centre too: the square grows to 72 px to hold it at its centre,
-    # the object's pixel (27.5, 23.5) moving to (35.5, 35.5)
+    # the WCS puts the object 4 rows below the centre too: the square grows to the smallest that holds it where a
+    # centred file's centre would be, 71 px, the object's pixel (27.5, 23.5) moving to (34.5, 34.5), as the centre
+    # of 64 px moves in 71 (half a pixel before the odd square's centre, the padding's rounding)
     c = read(_clipped(tmp_path, keep_from=8, name="h.fits", rows_up=4)[0])
-    assert c.image.shape == (5, 72, 72) and c.square_offset_px == (8, 12)
+    assert c.image.shape == (5, 71, 71) and c.square_offset_px == (7, 11)
+    assert c.band_flags["g"] == ["padded", "padded_square"]
+
+
+def test_a_sub_pixel_offset_of_the_wcs_is_no_shift_and_refuses_nothing(tmp_path):
+    """Cutout services centre on the nearest pixel, so RA/DEC often lie a fraction of a pixel off the centre: that
+    is read as the centred file it is (the cluster track needs the whole grid on the shorter side)."""
+    from lens_assets.science.clusters.catalog import field_survey
+
+    img = synthetic_image(3)[:, 4:60].copy()  # 64 x 56, the blob at the centre
+    hdr = {**WCS_CD, "CRPIX1": 28.5 + 0.3, "CRPIX2": 32.5 - 0.2}  # RA/DEC 0.3 px right of, 0.2 px above it
+    data = make_file(tmp_path / "f.fits", bands={b: band_hdus(image=img, header=hdr) for b in BANDS},
+                     primary={"RA": 10.0, "DEC": -20.0})
+    c = read(data)
+    assert c.square_offset_px == (0, 4) and c.image.shape[-1] == 64
+    field = read_cutout(data, name="f.fits", survey=field_survey(DES, 56))  # min_cutout = the whole 56 px grid
+    assert field.square_offset_px == (0, 4) and field.band_flags["g"] == ["padded_square"]
+
+
+def _band_header(extra: dict, ctype=("RA---TAN", "DEC--TAN")):
+    from astropy.io import fits
+
+    h = fits.Header()
+    h.update({"NAXIS": 2, "NAXIS1": 56, "NAXIS2": 64, "CTYPE1": ctype[0], "CTYPE2": ctype[1], "CRVAL1": 10.0,
+              "CRVAL2": -20.0, "CD1_1": -PIX / 3600, "CD1_2": 0.0, "CD2_1": 0.0, "CD2_2": PIX / 3600, **extra})
+    return h
+
+
+def _object_at(*headers, ra: float, dec: float):
+    from types import SimpleNamespace
+
+    from lens_assets.science.fits_validation import _object_pixel
+
+    found = {f"b{i}": (f"b{i}", {"_hdu": SimpleNamespace(header=h)}, None) for i, h in enumerate(headers)}
+    return _object_pixel(found, ra, dec, (64, 56))
+
+
+def test_the_object_pixel_follows_astropy_through_sip_swapped_axes_frames_and_later_bands():
+    from astropy.coordinates import SkyCoord
+    from astropy.wcs import WCS
+
+    # a cutout keeping its CCD's reference pixel 1,500 px away, with SIP distortion: the object truly at (28, 31.5)
+    sip = _band_header({"CRPIX1": -1500.0, "CRPIX2": -1500.0, "A_ORDER": 2, "B_ORDER": 2, "A_2_0": 2e-6,
+                        "A_0_2": 1e-6, "B_2_0": 1e-6, "B_0_2": 2e-6}, ("RA---TAN-SIP", "DEC--TAN-SIP"))
+    ra, dec = (float(v) for v in WCS(sip).all_pix2world(28.0, 31.5, 0))
+    assert _object_at(sip, ra=ra, dec=dec) == (pytest.approx(31.5, abs=1e-6), pytest.approx(28.0, abs=1e-6))
+    # the first axis DEC, the second RA: RA 10, DEC -20 at CRPIX (x=31.5, y=23.5)
+    swapped = _band_header({"CRPIX1": 32.5, "CRPIX2": 24.5, "CRVAL1": -20.0, "CRVAL2": 10.0, "CD1_1": PIX / 3600,
+                            "CD2_2": -PIX / 3600}, ("DEC--TAN", "RA---TAN"))
+    assert _object_at(swapped, ra=10.0, dec=-20.0) == (pytest.approx(23.5), pytest.approx(31.5))
+    # a galactic WCS: the ICRS position converted, not taken for (l, b)
+    gal = SkyCoord(10.0, -20.0, unit="deg").galactic
+    galactic = _band_header({"CRPIX1": 20.5, "CRPIX2": 30.5, "CRVAL1": gal.l.deg, "CRVAL2": gal.b.deg},
+                            ("GLON-TAN", "GLAT-TAN"))
+    assert _object_at(galactic, ra=10.0, dec=-20.0) == (pytest.approx(29.5, abs=1e-6), pytest.approx(19.5, abs=1e-6))
+    # a first band whose WCS misses the image or cannot be read leaves the decision to the next band's
+    good = _band_header({"CRPIX1": 20.5, "CRPIX2": 30.5})
+    far = _band_header({"CRPIX1": 5000.0, "CRPIX2": 30.5})
+    broken = _band_header({"CRPIX1": 20.5, "CRPIX2": 30.5, "CTYPE1": "RA---XYZ"})
+    for first in (far, broken):
+        assert _object_at(first, good, ra=10.0, dec=-20.0) == (pytest.approx(29.5), pytest.approx(19.5))
+    assert _object_at(far, ra=10.0, dec=-20.0) is None
 
 
 def test_a_clipped_cutout_whose_object_lies_near_the_cut_is_too_small(tmp_path):
     # 64 x 40: the blob 7.5 px from the cut, so 16 px (4.2") of data around it, under DES's 10"
     data, _ = _clipped(tmp_path, keep_from=24)
     with pytest.raises(QuarantineError, match=r"images are 64x40 px at 0\.263\"/px = 4\.21\" across around the "
-                                              r"object at \(x=7\.5, y=31\.5\) px \(RA, DEC through the WCS\), less "
-                                              r"than the des minimum") as err:
+                                              r"object, which its WCS puts -12, \+0 px \(x, y\) from the file's "
+                                              r"centre, less than the des minimum") as err:
         read(data)
     assert err.value.reason == "too_small"
 
