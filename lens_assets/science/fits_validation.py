@@ -233,15 +233,16 @@ def pad_at(array: np.ndarray, side: int, offset: tuple[int, int]) -> np.ndarray:
     return out
 
 
-def _object_pixel(found: dict, ra: float, dec: float, shape: tuple[int, int]) -> tuple[float, float] | None:
-    """(y, x), 0-based, of the object (ICRS RA/DEC) through the first band's celestial WCS that places it on the
-    image (astropy's ``world_to_pixel``: the axis order, the frame and SIP distortion included); None where no band's
-    WCS does (the object is then at the centre, as the contract has it)."""
+def _object_pixel(bands: list, ra: float, dec: float, shape: tuple[int, int]) -> tuple[float, float] | None:
+    """(y, x), 0-based, of the object (ICRS RA/DEC) through the first of ``bands`` (``(ext, header values, array)``
+    in the survey's band order) whose celestial WCS places it on the image (astropy's ``world_to_pixel``: the axis
+    order, the frame and SIP distortion included); None where no band's WCS does (the object is then at the centre,
+    as the contract has it)."""
     from astropy.coordinates import SkyCoord
     from astropy.wcs import WCS
 
     target = None
-    for _, hdr, _ in found.values():
+    for _, hdr, _ in bands:
         header = hdr["_hdu"].header
         if "CTYPE1" not in header:
             continue
@@ -448,9 +449,11 @@ def _read_bands(primary, arrays, band_header, *, name, survey: SurveySpec, objid
                                             f"broadest of its bands (PIXSCALE is in arcsec per pixel)")
     shift = (0, 0)  # whole pixels (rows, columns) the object lies from the file's centre
     if shape[0] != shape[1]:  # a non-square file: where is the object? RA/DEC through a band's WCS, if one has it
-        at = _object_pixel(found, ra, dec, shape)
-        if at is not None:  # rounded half up: a sub-pixel offset (any service's centring) is no shift
-            shift = tuple(math.floor(v - (n - 1) / 2 + 0.5) for v, n in zip(at, shape))
+        at = _object_pixel([found[b] for b in survey.band_names if b in found], ra, dec, shape)
+        if at is not None:  # whole pixels, towards zero: a sub-pixel offset (any service's centring) is no shift,
+            # and the transform's round-off (1e-6 px) cannot tip a whole one
+            shift = tuple(int(math.copysign(math.floor(abs(d) + 1e-6), d))
+                          for d in (v - (n - 1) / 2 for v, n in zip(at, shape)))
     covered = min(n - 2 * abs(r) for n, r in zip(shape, shift))  # px of data on both sides of the object
     side_arcsec = covered * pix
     if side_arcsec < survey.min_cutout_arcsec - SIZE_TOLERANCE_ARCSEC:

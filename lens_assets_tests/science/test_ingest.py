@@ -634,13 +634,34 @@ def test_a_sub_pixel_offset_of_the_wcs_is_no_shift_and_refuses_nothing(tmp_path)
     from lens_assets.science.clusters.catalog import field_survey
 
     img = synthetic_image(3)[:, 4:60].copy()  # 64 x 56, the blob at the centre
-    hdr = {**WCS_CD, "CRPIX1": 28.5 + 0.3, "CRPIX2": 32.5 - 0.2}  # RA/DEC 0.3 px right of, 0.2 px above it
-    data = make_file(tmp_path / "f.fits", bands={b: band_hdus(image=img, header=hdr) for b in BANDS},
-                     primary={"RA": 10.0, "DEC": -20.0})
-    c = read(data)
-    assert c.square_offset_px == (0, 4) and c.image.shape[-1] == 64
-    field = read_cutout(data, name="f.fits", survey=field_survey(DES, 56))  # min_cutout = the whole 56 px grid
-    assert field.square_offset_px == (0, 4) and field.band_flags["g"] == ["padded_square"]
+    # RA/DEC 0.3 px right of it and 0.2 px above; half a pixel off either way on both axes (a tie, decided by
+    # round-off in the last bits if it were rounded); 0.99 px off
+    for i, (dx, dy) in enumerate([(0.3, -0.2), (0.5, 0.5), (-0.5, -0.5), (0.5, -0.5), (0.99, -0.99)]):
+        hdr = {**WCS_CD, "CRPIX1": 28.5 + dx, "CRPIX2": 32.5 + dy}
+        data = make_file(tmp_path / f"f{i}.fits", bands={b: band_hdus(image=img, header=hdr) for b in BANDS},
+                         primary={"RA": 10.0, "DEC": -20.0})
+        c = read(data)
+        assert c.square_offset_px == (0, 4) and c.image.shape[-1] == 64, (dx, dy)
+        field = read_cutout(data, name="f.fits", survey=field_survey(DES, 56))  # min_cutout = the whole 56 px grid
+        assert field.square_offset_px == (0, 4) and field.band_flags["g"] == ["padded_square"], (dx, dy)
+    # 1.7 px off is one whole pixel: the padding moves by one column, and the data around the object lose two
+    hdr = {**WCS_CD, "CRPIX1": 28.5 - 1.7, "CRPIX2": 32.5}
+    c = read(make_file(tmp_path / "g.fits", bands={b: band_hdus(image=img, header=hdr) for b in BANDS},
+                       primary={"RA": 10.0, "DEC": -20.0}))
+    assert c.square_offset_px == (0, 5) and c.band_flags["g"] == ["padded", "padded_square"]
+
+
+def test_the_wcs_is_taken_from_the_first_band_in_the_survey_order_whatever_the_file_order(tmp_path):
+    img = synthetic_image(3)[:, 4:60].copy()
+    wcs = {"g": {**WCS_CD, "CRPIX1": 28.5 + 6, "CRPIX2": 32.5}, "z": {**WCS_CD, "CRPIX1": 28.5 - 6, "CRPIX2": 32.5}}
+    offsets = set()
+    for order in (("z", "g", "r", "i", "Y"), ("g", "r", "i", "z", "Y")):
+        bands = {b: band_hdus(image=img, header=wcs.get(b, {})) for b in order}
+        prim = {"OBJID": "o", "RA": 10.0, "DEC": -20.0, "SURVEY": "des"}
+        write_cutout(tmp_path / "f.fits", prim, bands)
+        offsets.add(read((tmp_path / "f.fits").read_bytes()).square_offset_px)
+    # g's WCS in both orders: the object 6 columns right of the centre, so the square grows to 68 px
+    assert offsets == {(2, 0)}
 
 
 def _band_header(extra: dict, ctype=("RA---TAN", "DEC--TAN")):
@@ -657,8 +678,8 @@ def _object_at(*headers, ra: float, dec: float):
 
     from lens_assets.science.fits_validation import _object_pixel
 
-    found = {f"b{i}": (f"b{i}", {"_hdu": SimpleNamespace(header=h)}, None) for i, h in enumerate(headers)}
-    return _object_pixel(found, ra, dec, (64, 56))
+    bands = [(f"b{i}", {"_hdu": SimpleNamespace(header=h)}, None) for i, h in enumerate(headers)]
+    return _object_pixel(bands, ra, dec, (64, 56))
 
 
 def test_the_object_pixel_follows_astropy_through_sip_swapped_axes_frames_and_later_bands():
