@@ -139,6 +139,8 @@ def catalog_row(c: Cutout, *, sha256: str, survey: SurveySpec) -> dict:
         "ignored_bands": ",".join(c.ignored_bands),
         "pixel_scale": c.pixel_scale_arcsec,
         "cutout_px": int(c.image.shape[-1]),  # the side as read: a non-square file's padded square's (padded_square)
+        "file_height_px": int(c.file_shape[0]),
+        "file_width_px": int(c.file_shape[1]),
         "seeing": float(c.psf_fwhm_arcsec[ref]),
         "psf_fwhm": median_of_few(c.psf_fwhm_arcsec[present].tolist()) if present.any() else float("nan"),
         "n_nan_pixels": int(np.count_nonzero(c.nan_mask)),

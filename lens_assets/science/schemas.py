@@ -59,7 +59,10 @@ def _base_columns() -> dict[str, pa.Column]:
         "band_flags": pa.Column(s, description="band:flag|flag;... for flagged bands"),
         "ignored_bands": pa.Column(s),
         "pixel_scale": pa.Column(f, pa.Check.gt(0.0), description="arcsec/px"),
-        "cutout_px": pa.Column(i, pa.Check.gt(0)),
+        "cutout_px": pa.Column(i, pa.Check.gt(0), description="side of the images as read, px (a non-square file: "
+                                                              "the square it was padded to, flag padded_square)"),
+        "file_height_px": pa.Column(i, pa.Check.gt(0), required=False, description="rows of the file's images"),
+        "file_width_px": pa.Column(i, pa.Check.gt(0), required=False, description="columns of the file's images"),
         "seeing": pa.Column(f, pa.Check.gt(0.0), description="PSF FWHM in the reference band, arcsec"),
         "psf_fwhm": pa.Column(f, pa.Check.gt(0.0), description="median PSF FWHM over present bands, arcsec"),
         "n_nan_pixels": pa.Column(i, pa.Check.ge(0)),

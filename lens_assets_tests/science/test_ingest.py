@@ -614,6 +614,10 @@ def test_a_clipped_cutout_is_padded_with_its_object_at_the_centre_by_its_wcs(tmp
     data, full = _clipped(tmp_path, keep_from=8)  # 64 x 56: the blob 8 px left of the array's centre
     c = read(data)
     assert c.file_shape == (64, 56) and c.square_offset_px == (0, 8) and c.image.shape == (5, 64, 64)
+    from lens_assets.science.ingest import catalog_row
+
+    row = catalog_row(c, sha256="0" * 64, survey=DES)  # the catalog keeps the file's shape beside the side as read
+    assert (row["cutout_px"], row["file_height_px"], row["file_width_px"]) == (64, 64, 56)
     np.testing.assert_array_equal(c.image[0, :, 8:], full[:, 8:])  # every kept pixel where the full cutout had it
     assert (c.image[:, :, :8] == 0).all() and (c.variance[:, :, :8] == 0).all()
     # 48 px of data on the clipped side of the blob, 12.6" across: read, padded (8 columns of the grid empty)
