@@ -920,13 +920,26 @@ def test_a_file_or_gzip_beyond_max_file_bytes_is_too_large_and_never_read_whole(
                                                    f"(MAX_FILE_BYTES)")
     assert quar.loc["inbox/c.fits.gz", "message"] == (f"inbox/c.fits.gz: decompresses to more than {limit:,} bytes "
                                                       f"(MAX_FILE_BYTES) from {len(bomb):,}")
-    # the cluster track's OBJTYPE check leaves an oversized file to the contract's reader, unread: a cluster
-    # field's OBJTYPE would otherwise be read from it (and a galaxy cutout's absence of one)
+    # the cluster track's OBJTYPE check reads only the primary header of any file, oversized or not (the file is
+    # hashed streaming where it is quarantined)
+    import hashlib
+
+    from lens_assets.science.clusters import scoring
+
     field = make_file(tmp_path / "e.fits", objid="obj-e", size=64, primary={"OBJTYPE": "galaxy"})
     assert len(field) > limit
-    assert objtype_quarantine(tmp_path / "e.fits", "e.fits", survey="des") is None
-    monkeypatch.setattr(fits_validation, "MAX_FILE_BYTES", 2**30)
-    assert objtype_quarantine(tmp_path / "e.fits", "e.fits", survey="des")["reason"] == "objtype_mismatch"
+    reads = []
+
+    def spying_open(file, mode="r", *args, **kwargs):
+        f = open(file, mode, *args, **kwargs)
+        real_read = f.read
+        f.read = lambda n=-1: reads.append(n) or real_read(n)
+        return f
+
+    monkeypatch.setattr(scoring, "open", spying_open, raising=False)
+    q = objtype_quarantine(tmp_path / "e.fits", "e.fits", survey="des")
+    assert q["reason"] == "objtype_mismatch" and q["source_sha256"] == hashlib.sha256(field).hexdigest()
+    assert reads == [scoring.PRIMARY_HEADER_MAX_BYTES] and scoring.PRIMARY_HEADER_MAX_BYTES < limit
 
 
 def test_a_tile_compressed_file_declaring_more_pixels_than_max_file_bytes_is_too_large(tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ fields by the calibrated track-A score (:func:`rank_fields`).
 
 from __future__ import annotations
 
-import hashlib
+import gzip
 import io
 import warnings
 from pathlib import Path
@@ -18,8 +18,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from .. import fits_validation
-from ..fits_reader import gunzip
+from ..fileio import sha256_file
+from ..fits_validation import FITS_BLOCK
 from .features import cluster_feature_names, cluster_features
 from .fields import OBJTYPE_CLUSTER
 
@@ -31,30 +31,32 @@ KEY_FEATURES = ("n_segments", "colour_consistency", "tangential_alignment")
 CANDIDATE_FIELD_COLUMNS = ("bcg_x_px", "bcg_y_px", "ra", "dec", "source_file", "source_sha256")
 
 
+PRIMARY_HEADER_MAX_BYTES = 36 * FITS_BLOCK  # read for OBJTYPE: a contract file's primary header is a block or two
+
+
 def objtype_quarantine(path: str | Path, name: str, *, survey: str) -> dict | None:
     """The ``objtype_mismatch`` quarantine row of a file whose primary header is readable and whose ``OBJTYPE`` is
     not ``cluster_field`` (absent in a galaxy cutout); None for a cluster field, and None for a file whose header
-    cannot be read, which the FITS contract's reader then quarantines with its own reason."""
+    cannot be read, which the FITS contract's reader then quarantines with its own reason.
+
+    Only the file's first :data:`PRIMARY_HEADER_MAX_BYTES` are read (decompressed, for a ``.gz`` file): the
+    contract's reader reads every file of the drop next, and a file quarantined here is hashed whole."""
     from astropy.io import fits
 
     try:
-        if Path(path).stat().st_size > fits_validation.MAX_FILE_BYTES:
-            return None  # not read into memory here: the contract's reader quarantines it as too_large
-        data = Path(path).read_bytes()
-        # a .gz file as the contract's reader reads it (astropy does not decompress bytes in memory)
-        raw = gunzip(data, name) if name.lower().endswith(".gz") else data
+        with (gzip.open if name.lower().endswith(".gz") else open)(path, "rb") as f:
+            head = f.read(PRIMARY_HEADER_MAX_BYTES)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with fits.open(io.BytesIO(raw), lazy_load_hdus=True) as hdul:
-                header = hdul[0].header
-                value, objid = header.get("OBJTYPE"), header.get("OBJID", "")
+            header = fits.Header.fromfile(io.BytesIO(head), padding=False)
+        value, objid = header.get("OBJTYPE"), header.get("OBJID", "")
     except Exception:  # noqa: BLE001 - the contract reader gives such a file its reason (unreadable, truncated, ...)
         return None
     if isinstance(value, str) and value.strip().lower() == OBJTYPE_CLUSTER:
         return None
     shown = "absent (a galaxy cutout has none)" if value is None else f"{value!r}"
     return {"objid": str(objid).strip() if isinstance(objid, str) else "", "source_file": name,
-            "source_sha256": hashlib.sha256(data).hexdigest(), "reason": "objtype_mismatch",
+            "source_sha256": sha256_file(path), "reason": "objtype_mismatch",
             "message": f"{name}: OBJTYPE is {shown}; every file of a drop of cluster fields must have "
                        f"OBJTYPE = '{OBJTYPE_CLUSTER}'",
             "survey": survey}
