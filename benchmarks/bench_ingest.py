@@ -9,9 +9,9 @@
   ``VAR_<b>`` extensions, so every band's variance is derived from its sky pixels
   (science/noise.py); what that costs per file is reported beside the plain rate.
 * ingest of gzip-compressed files, 1 worker: the same files as ``*.fits.gz``, read through the bounded
-  decompression (``fits_reader.gunzip``: the size counted in a first pass, so a file that expands past
-  ``MAX_FILE_BYTES`` is refused before it is held); beside it ``gunzip`` against ``gzip.decompress`` alone
-  over those files (what the bound costs).
+  decompression (``fits_reader.gunzip``: zlib's ``max_length`` stops a file that expands past
+  ``MAX_FILE_BYTES`` before it is held); beside it ``gunzip`` against ``gzip.decompress`` alone over those
+  files (what the bound costs).
 * pool start-up: ingest of one file per core over a fresh pool (``workers=0``), the
   first pool of the process apart from the later ones (a forkserver starts once
   per process), median of ``--startup-repeats``.

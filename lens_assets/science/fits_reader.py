@@ -7,7 +7,6 @@ whose errors and warnings become the quarantine reason of a broken file.
 
 from __future__ import annotations
 
-import gzip
 import io
 import math
 import re
@@ -460,26 +459,29 @@ def _cut_short(data: bytes, caught) -> bool:
     return len(data) % FITS_BLOCK != 0 or any("truncated" in str(w.message) for w in caught)
 
 
-_GZIP_CHUNK = 1 << 22  # 4 MiB
-
-
 def gunzip(data: bytes, name: str) -> bytes:
-    """``data`` decompressed (every gzip member), stopping past :data:`MAX_FILE_BYTES` (``too_large``) so that a
-    small file that expands without bound never fills the worker's memory."""
+    """``data`` decompressed (every gzip member; NUL padding between and after them skipped, as
+    ``gzip.decompress`` does), stopping one byte past :data:`MAX_FILE_BYTES` (``too_large``) so that a small file
+    that expands without bound never fills the worker's memory. One pass: zlib's ``max_length`` bounds each
+    member's output as it grows, and a file of one member is returned without a copy."""
     limit = fits_validation.MAX_FILE_BYTES
-    total = 0
-    try:
-        # two passes: the size first, in chunks kept by no one (read(limit + 1) would reserve the whole limit for
-        # every file, and joining kept chunks would hold the data twice), then the data in one piece
-        with gzip.GzipFile(fileobj=io.BytesIO(data)) as f:
-            while chunk := f.read(_GZIP_CHUNK):
-                total += len(chunk)
-                if total > limit:
-                    raise QuarantineError("too_large", f"{name}: decompresses to more than {limit:,} bytes "
-                                                       f"(MAX_FILE_BYTES) from {len(data):,}")
-        return gzip.decompress(data)
-    except (OSError, EOFError, zlib.error) as err:
-        raise QuarantineError("unreadable", f"{name}: not a readable gzip file ({err})") from None
+    members, rest, total = [], data, 0
+    while rest:
+        d = zlib.decompressobj(16 + zlib.MAX_WBITS)  # a gzip member: header, deflate data, CRC and length checked
+        try:
+            out = d.decompress(rest, limit - total + 1)
+        except zlib.error as err:
+            raise QuarantineError("unreadable", f"{name}: not a readable gzip file ({err})") from None
+        total += len(out)
+        if total > limit:
+            raise QuarantineError("too_large", f"{name}: decompresses to more than {limit:,} bytes "
+                                               f"(MAX_FILE_BYTES) from {len(data):,}")
+        if not d.eof:
+            raise QuarantineError("unreadable", f"{name}: not a readable gzip file (compressed file ended before "
+                                                f"the end-of-stream marker was reached)")
+        members.append(out)
+        rest = d.unused_data.lstrip(b"\0")
+    return b"".join(members)
 
 
 def read_cutout(data: bytes, *, name: str, survey: SurveySpec, fast_path: bool = True,

@@ -967,6 +967,36 @@ def test_a_tile_compressed_file_declaring_more_pixels_than_max_file_bytes_is_too
     assert read(raw).image.shape == (5, 1000, 1000) and decompressed  # at the limit: read
 
 
+def _gzip_cases():
+    import gzip
+
+    a, b = b"SIMPLE  = T" + bytes(range(256)) * 40, b"second member" * 100
+    one = gzip.compress(a)
+    bad_crc = bytearray(one)
+    bad_crc[-8] ^= 0xFF
+    return {"one member": one, "two members": one + gzip.compress(b), "NULs after": one + b"\0" * 700,
+            "NULs between": one + b"\0" * 3 + gzip.compress(b), "empty": b"", "truncated": one[:-20],
+            "no trailer": one[:-8], "bad CRC": bytes(bad_crc), "garbage after": one + b"not gzip",
+            "not gzip": b"plain bytes"}
+
+
+@pytest.mark.parametrize("case", list(_gzip_cases()))
+def test_gunzip_gives_what_gzip_decompress_gives_or_refuses_what_it_refuses(case):
+    import gzip
+
+    from lens_assets.science.fits_reader import gunzip
+
+    data = _gzip_cases()[case]
+    try:
+        want = gzip.decompress(data)
+    except (OSError, EOFError) as err:
+        with pytest.raises(QuarantineError, match=r"^x\.gz: not a readable gzip file") as got:
+            gunzip(data, "x.gz")
+        assert got.value.reason == "unreadable", err
+    else:
+        assert gunzip(data, "x.gz") == want
+
+
 def test_a_gzip_tile_that_expands_past_its_tile_is_refused_before_astropy_decompresses_it():
     """A tile-compressed image that declares 10 x 10 px but holds one GZIP tile of 16 MiB: astropy would decompress
     the tile whole before checking its shape. Each tile is decompressed at most one byte past its 400 bytes."""
