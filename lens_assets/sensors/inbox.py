@@ -26,6 +26,11 @@ survey has no cluster manifest (``clusters/models/<survey>/manifest.json``, not 
 galaxy promotion), and is retried in the same way, against ``cluster_candidates``'
 materializations and the manifest's version.
 
+A drop whose partition someone registered and scored by hand before the sensor
+saw it (a ``candidate_scores`` or ``cluster_candidates`` materialization of it
+exists) is handled without a run, and logged; one whose hand-launched run is
+still queued or running waits for that run, and is requested only if it fails.
+
 Idempotent: the cursor holds the handled (survey, drop) pairs still in the
 inbox (so it is bounded by what the inbox holds); when it is
 lost (reset, new deployment) it is rebuilt from the run keys of this sensor's
@@ -190,6 +195,26 @@ def inbox_tick(storage, instance: dg.DagsterInstance, cursor: str | None, *, lim
     new: list[tuple[str, str, str]] = []
     present: set[str] = set()
     waiting = no_model = no_cluster_model = 0
+    scored_by_hand: list[tuple[str, str]] = []  # registered and materialized before this sensor saw the drop
+    materialized: dict[str, set] = {}  # track -> materialized partitions of its asset, read when first needed
+    running: set[str] | None = None  # partitions with a run queued or running, whoever launched it
+
+    def done_or_running(survey: str, drop: str, track: str) -> str | None:
+        """"scored" or "running" for a drop whose partition someone added and scored (or is scoring) without
+        this sensor; None otherwise. Only a registered partition can have been."""
+        nonlocal running
+        if drop not in registered:
+            return None
+        key = scoring_key(survey, drop)
+        if track not in materialized:
+            asset = cluster_candidates if track == CLUSTER else candidate_scores
+            materialized[track] = instance.get_materialized_partitions(asset.key)
+        if key in materialized[track]:
+            return "scored"
+        if running is None:
+            running = {r.tags.get("dagster/partition") for r in instance.get_runs(
+                filters=dg.RunsFilter(statuses=IN_PROGRESS))}
+        return "running" if key in running else None
     models: dict[str, str | None] = {}
     cluster_models: dict[str, str | None] = {}  # read when a survey's cluster drop or retry first needs it
 
@@ -227,26 +252,34 @@ def inbox_tick(storage, instance: dg.DagsterInstance, cursor: str | None, *, lim
                 continue
             if not storage.exists(*layout.complete_marker(survey, drop)):
                 waiting += 1
-            elif storage.exists(*layout.cluster_marker(survey, drop)):
-                if model_of(survey, CLUSTER) is None:
-                    no_cluster_model += 1  # not handled: requested on the first tick after the manifest is written
-                else:
-                    new.append((survey, drop, CLUSTER))
-            elif models[survey] is None:
+                continue
+            track = CLUSTER if storage.exists(*layout.cluster_marker(survey, drop)) else "galaxy"
+            state = done_or_running(survey, drop, track)
+            if state == "scored":
+                scored_by_hand.append((survey, drop))  # handled: its table exists, a second run would redo it
+            elif state == "running":
+                waiting += 1  # not handled: scored, or requested if that run fails, on a later tick
+            elif track == CLUSTER and model_of(survey, CLUSTER) is None:
+                no_cluster_model += 1  # not handled: requested on the first tick after the manifest is written
+            elif track != CLUSTER and models[survey] is None:
                 no_model += 1  # not handled: requested on the first tick after a model is promoted
             else:
-                new.append((survey, drop, "galaxy"))
+                new.append((survey, drop, track))
     retries = _retries(instance, handled & present, model_of, limit=max(0, limit - len(new)), log=log)
     to_register = sorted({d for _, d, _ in new} - registered)
     requests = [_request(s, d, t, model_of(s, t)) for s, d, t in new]
     requests += [_request(s, d, t, model_of(s, t), attempt=n) for s, d, n, _, t in retries]
     # the cursor keeps the drops still in the inbox: it does not grow with every drop ever seen (a removed
     # drop that comes back under the same name is not run again either way: Dagster keeps its run key)
-    handled = (handled & present) | {run_key(s, d) for s, d, _ in new}
+    handled = (handled & present) | {run_key(s, d) for s, d, _ in new} | {run_key(s, d) for s, d in scored_by_hand}
     if log:
         log.info(f"{len(new)} new complete drop(s) (limit {limit} per tick), {len(retries)} retried, {waiting} "
-                 f"incomplete waiting, {no_model} waiting for a promoted model, {no_cluster_model} of cluster "
-                 f"fields waiting for a cluster model manifest, {len(to_register)} partition(s) registered")
+                 f"incomplete or being scored by another run waiting, {no_model} waiting for a promoted model, "
+                 f"{no_cluster_model} of cluster fields waiting for a cluster model manifest, "
+                 f"{len(scored_by_hand)} already scored without this sensor, {len(to_register)} partition(s) "
+                 "registered")
+        for s, d in scored_by_hand:
+            log.info(f"{run_key(s, d)}: already scored (partition {scoring_key(s, d)}), not requested again")
         for s, d, n, reason, _ in retries:
             log.info(f"{run_key(s, d)}: retry {n} ({reason})")
     return dg.SensorResult(

@@ -165,3 +165,19 @@ def test_past_the_retry_limit_a_new_model_does_not_retry_a_drop_of_either_track(
     monkeypatch.setenv("LENS_INBOX_MAX_RETRIES", "1")  # under the limit the new model is a reason to retry at once
     (retry,) = tick(storage, instance, first.cursor).run_requests
     assert retry.run_key == "des|d1|retry-1" and retry.asset_selection == [asset.key]
+
+
+def test_a_cluster_drop_scored_by_hand_is_handled_and_a_galaxy_table_of_it_does_not_count(storage, instance):
+    write_promotion(storage, "des", "v1")
+    write_manifest(storage, "des", "c1")
+    publish_drop(storage, "des", "fields-1", [], cluster=True)
+    instance.add_dynamic_partitions("drops", ["fields-1"])
+    # a galaxy table of the partition is not the cluster track's: the drop is still requested
+    instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=candidate_scores.key,
+                                                                partition="fields-1|des"))
+    assert run_keys(tick(storage, instance)) == ["des|fields-1"]
+    instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=cluster_candidates.key,
+                                                                partition="fields-1|des"))
+    result = tick(storage, instance)
+    assert result.run_requests == []
+    assert json.loads(result.cursor) == {"handled": ["des|fields-1"]}

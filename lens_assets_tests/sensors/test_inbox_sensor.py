@@ -450,3 +450,45 @@ def test_bad_retry_settings_are_clear_errors(storage, instance, monkeypatch, nam
     _fail_run(storage, instance, first.run_requests[0])
     with pytest.raises(ValueError, match=f"{name}.*{message}"):
         tick(storage, instance, first.cursor)
+
+
+def _hand_run(instance, partition: str, status):
+    """A run of ``partition`` launched from the UI, not by the sensor (no sensor or run-key tags)."""
+    import uuid
+
+    from dagster._core.storage.dagster_run import DagsterRun
+
+    return instance.add_run(DagsterRun(job_name=score_drops_job.name, run_id=str(uuid.uuid4()), status=status,
+                                       tags={"dagster/partition": partition}))
+
+
+def test_a_drop_scored_by_hand_before_the_sensor_saw_it_is_handled_without_a_second_run(storage, instance, capfd):
+    publish_drop(storage, "des", "d1", [])
+    publish_drop(storage, "des", "d2", [])
+    instance.add_dynamic_partitions(drop_partitions.name, ["d1"])  # registered and scored from the UI
+    instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=candidate_scores.key, partition="d1|des"))
+    capfd.readouterr()
+    result = tick(storage, instance)
+    assert run_keys(result) == ["des|d2"]
+    assert json.loads(result.cursor) == {"handled": ["des|d1", "des|d2"]}
+    err = capfd.readouterr().err
+    assert "1 already scored without this sensor" in err
+    assert "des|d1: already scored (partition d1|des), not requested again" in err
+    # the same drop's table under another survey is another partition: that drop is still requested
+    publish_drop(storage, "hsc", "d1", [])
+    assert run_keys(tick(storage, instance, result.cursor)) == ["hsc|d1"]
+
+
+def test_a_drop_being_scored_by_a_hand_launched_run_waits_for_it_and_is_requested_if_it_fails(storage, instance):
+    publish_drop(storage, "des", "d1", [])
+    publish_drop(storage, "des", "d2", [])
+    instance.add_dynamic_partitions(drop_partitions.name, ["d1", "d2"])
+    run = _hand_run(instance, "d1|des", dg.DagsterRunStatus.STARTED)
+    _hand_run(instance, "d9|des", dg.DagsterRunStatus.STARTED)  # another partition's run holds nothing back
+    waiting = tick(storage, instance)
+    assert run_keys(waiting) == ["des|d2"]
+    assert json.loads(waiting.cursor) == {"handled": ["des|d2"]}  # d1 not handled: looked at again next tick
+    assert tick(storage, instance, waiting.cursor).run_requests == []
+    instance.handle_run_event(run.run_id, dg.DagsterEvent(
+        event_type_value=dg.DagsterEventType.RUN_FAILURE.value, job_name=run.job_name, message="failed"))
+    assert run_keys(tick(storage, instance, waiting.cursor)) == ["des|d1"]
