@@ -36,6 +36,7 @@ import pandas as pd
 
 from .fileio import atomic_path, sha256_file, write_text_atomic
 from .ingest import MISSING  # the catalog's missing value
+from . import fits_validation
 from .fits_contract import BAND_FLAGS, read_cutout
 from .normalize import center_crop, normalize_cutout
 from .parallel import bounded_imap
@@ -115,7 +116,13 @@ def process_batch(args) -> dict:
     cutouts = []
     for row in rows:
         # the bytes are parsed below, so hashing them in memory costs no second read (a cutout is ~100 kB)
-        data = (Path(root) / row["source_file"]).read_bytes()
+        path = Path(root) / row["source_file"]
+        size = path.stat().st_size
+        if size > fits_validation.MAX_FILE_BYTES:  # the catalog read it, so it was no larger: not read whole now
+            raise ValueError(f"{row['source_file']}: now {size:,} bytes, over MAX_FILE_BYTES "
+                             f"({fits_validation.MAX_FILE_BYTES:,}), where the catalog read it; the file changed "
+                             f"after cataloging: re-materialize cutout_catalog")
+        data = path.read_bytes()
         sha = hashlib.sha256(data).hexdigest()
         if sha != row["source_sha256"]:
             raise ValueError(f"{row['source_file']}: sha256 {sha[:12]}… differs from the catalog's "

@@ -22,6 +22,7 @@ import pytest
 from astropy.io import fits
 from scipy.special import erf
 
+from lens_assets.science import fits_validation
 from lens_assets.science.families import load_family
 from lens_assets.science.fits_contract import BandHDUs, read_cutout, write_cutout
 from lens_assets.science.ingest import find_fits, ingest_files
@@ -477,6 +478,22 @@ def test_file_changed_after_cataloging_raises(sim, tmp_path):
                      progress=False)
     assert changed in str(err.value) and "re-materialize cutout_catalog" in str(err.value)
     assert not (tmp_path / "bad/manifest.json").exists()
+
+
+def test_a_file_swapped_for_one_over_the_size_limit_is_refused_unread(sim, tmp_path, monkeypatch):
+    root, catalog = sim
+    part = catalog.iloc[:2]
+    _copy_files(root, tmp_path, part["source_file"])
+    changed = tmp_path / part["source_file"].iloc[1]
+    changed.write_bytes(changed.read_bytes() * 3)  # larger than any file the catalog read, under the lowered limit
+    monkeypatch.setattr(fits_validation, "MAX_FILE_BYTES", (changed.stat().st_size // 3) * 2)
+    read = []
+    monkeypatch.setattr(Path, "read_bytes", lambda self: read.append(self.name) or open(self, "rb").read())
+    with pytest.raises(ValueError, match=r"over MAX_FILE_BYTES .* changed after cataloging") as err:
+        build_shards(part, SDSS, root=tmp_path, out_dir=tmp_path / "bad", settings=shard_settings(SDSS), workers=1,
+                     progress=False)
+    assert part["source_file"].iloc[1] in str(err.value)
+    assert changed.name not in read  # refused from its size
 
 
 # --------------------------------------------------------------------------- 7. settings
