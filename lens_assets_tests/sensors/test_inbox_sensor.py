@@ -398,15 +398,20 @@ def test_a_failed_drop_is_retried_after_a_promotion_or_the_backoff_and_given_up_
     assert json.loads(tick(storage, instance, None).cursor) == {"handled": ["des|d1"]}
 
 
-def _recorded_run(instance, req, status, **tags):
-    """A run of ``req`` as the instance records it, in ``status``, with the sensor's tags and ``tags``."""
+def _added_run(instance, status, tags: dict):
+    """A run the instance records in ``status`` with ``tags``, as if launched and left there."""
     import uuid
 
     from dagster._core.storage.dagster_run import DagsterRun
 
-    run = DagsterRun(job_name=score_drops_job.name, run_id=str(uuid.uuid4()), status=status,
-                     tags={**req.tags, "dagster/sensor_name": SENSOR_NAME, "dagster/run_key": req.run_key, **tags})
-    return instance.add_run(run)
+    return instance.add_run(DagsterRun(job_name=score_drops_job.name, run_id=str(uuid.uuid4()), status=status,
+                                       tags=tags))
+
+
+def _recorded_run(instance, req, status, **tags):
+    """A run of ``req`` as the instance records it, in ``status``, with the sensor's tags and ``tags``."""
+    return _added_run(instance, status, {**req.tags, "dagster/sensor_name": SENSOR_NAME,
+                                         "dagster/run_key": req.run_key, **tags})
 
 
 def test_a_failed_drop_waits_for_its_run_in_progress_and_for_the_run_retry_daemon(storage, instance, monkeypatch):
@@ -454,12 +459,7 @@ def test_bad_retry_settings_are_clear_errors(storage, instance, monkeypatch, nam
 
 def _hand_run(instance, partition: str, status):
     """A run of ``partition`` launched from the UI, not by the sensor (no sensor or run-key tags)."""
-    import uuid
-
-    from dagster._core.storage.dagster_run import DagsterRun
-
-    return instance.add_run(DagsterRun(job_name=score_drops_job.name, run_id=str(uuid.uuid4()), status=status,
-                                       tags={"dagster/partition": partition}))
+    return _added_run(instance, status, {"dagster/partition": partition})
 
 
 def test_a_drop_scored_by_hand_before_the_sensor_saw_it_is_handled_without_a_second_run(storage, instance, capfd):
