@@ -146,3 +146,36 @@ def test_matched_variance_is_never_negative_next_to_zero_variance_padding():
                      target_fwhm=0.8, kernel_size=21)
     assert (out.variance >= 0).all()
     assert out.variance[:, :, :, 30:].min() > 0  # real pixels keep a (smoothed, smaller) variance
+
+
+def _fwhm_of_whole_image(psf: np.ndarray, upsample: int = 8) -> float:
+    """measure_fwhm_px's definition on the whole image: cubic-spline zoom, half-maximum area, pixel removed."""
+    from scipy import ndimage
+
+    fine = ndimage.zoom(psf, upsample, order=3, grid_mode=True, mode="grid-constant")
+    area = np.count_nonzero(fine >= 0.5 * fine.max()) / upsample**2
+    return math.sqrt(max(4 * area / math.pi - 1 / 12 * FWHM_PER_SIGMA**2, 0.0))
+
+
+@pytest.mark.parametrize("profile,fwhm,beta", [("gaussian", 1.2, 3), ("gaussian", 3.0, 3), ("gaussian", 9.0, 3),
+                                               ("moffat", 2.0, 2.0), ("moffat", 5.5, 2.0), ("moffat", 4.0, 5.0)])
+@pytest.mark.parametrize("size", [15, 41, 83])
+def test_fwhm_measured_on_the_core_equals_the_whole_images(profile, fwhm, beta, size):
+    from scipy import ndimage
+
+    psf = psf_kernel(profile, fwhm, moffat_beta=beta, size=size)
+    # centred, off-centre by whole and by sub-pixels, and next to an edge (the core's box is clipped there)
+    for shift in [(0, 0), (3, -2), (0.4, 0.3), (size // 2 - 2, -(size // 2 - 2))]:
+        shifted = np.clip(ndimage.shift(psf, shift, order=3), 0, None)
+        assert measure_fwhm_px(shifted) == pytest.approx(_fwhm_of_whole_image(shifted), rel=1e-3)
+
+
+def test_fwhm_of_an_elongated_psf_with_a_second_peak_is_the_whole_images():
+    rng = np.random.default_rng(3)
+    y, x = np.mgrid[:61, :61] - 30.0
+    for _ in range(20):
+        sx, sy = rng.uniform(1, 4, 2)
+        dx, dy = rng.uniform(-15, 15, 2)
+        img = np.exp(-0.5 * ((x / sx) ** 2 + (y / sy) ** 2)) + rng.uniform(0.05, 0.8) * np.exp(
+            -0.5 * (((x - dx) / 1.5) ** 2 + ((y - dy) / 1.5) ** 2))
+        assert measure_fwhm_px(img) == pytest.approx(_fwhm_of_whole_image(img), rel=1e-3)
