@@ -8,7 +8,8 @@ from dagster_pandera import pandera_schema_to_dagster_type
 from pydantic import Field
 
 from lens_assets import layout
-from lens_assets.assets._common import counts_markdown, path_metadata, sha256_of_strings, survey_asset
+from lens_assets.assets._common import counts_markdown, path_metadata, sha256_of_strings, survey_asset, \
+    unread_files_metadata
 from lens_assets.assets.simulation import simulated_cutouts
 from lens_assets.resources.storage import LocalStorage
 from lens_assets.science.ingest import find_fits, ingest_files
@@ -55,6 +56,7 @@ def cutout_catalog(context: dg.AssetExecutionContext, config: CatalogConfig,
     if not files:
         raise dg.Failure(f"no FITS files under {raw}: materialize simulated_cutouts for {survey.name} "
                          f"or put inbox-contract files there")
+    unread = unread_files_metadata(context, storage, raw, what="cutouts")
     result = ingest_files(files, survey, root=storage.root_path, workers=config.workers)
     catalog, quarantine = result.catalog, result.quarantine
     schema = catalog_schema(survey)
@@ -74,6 +76,7 @@ def cutout_catalog(context: dg.AssetExecutionContext, config: CatalogConfig,
         "n_files": result.n_files,
         "n_ingested": len(catalog),
         "n_quarantined": len(quarantine),
+        **unread,
         "quarantine_reasons": counts_markdown({k: int(v) for k, v in reasons.items()}, key="reason"),
         "quarantine_preview": dg.MetadataValue.md(quarantine.head(20)[["source_file", "reason", "message"]]
                                                   .to_markdown(index=False) if len(quarantine) else "none"),

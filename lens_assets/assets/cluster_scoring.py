@@ -11,7 +11,7 @@ import dagster as dg
 from pydantic import Field
 
 from lens_assets import layout
-from lens_assets.assets._common import OWNERS, counts_markdown, gallery_from_files, png_markdown
+from lens_assets.assets._common import OWNERS, counts_markdown, gallery_from_files, png_markdown, unread_files_metadata
 from lens_assets.model_registry import no_retry
 from lens_assets.partitions import scoring_partitions
 from lens_assets.resources.storage import LocalStorage
@@ -74,7 +74,9 @@ def cluster_candidates(context: dg.AssetExecutionContext, config: ClusterScoring
         raise no_retry(f"{storage.url(*layout.cluster_manifest(survey.name))}: bands {manifest['bands']} are not "
                        f"the survey's {list(survey.band_names)}")
 
-    paths, names = relative_names(find_fits(storage.pull(*layout.inbox_drop(survey.name, drop))), storage.root_path)
+    drop_dir = storage.pull(*layout.inbox_drop(survey.name, drop))
+    paths, names = relative_names(find_fits(drop_dir), storage.root_path)
+    unread = unread_files_metadata(context, storage, drop_dir, what="cluster fields")
     t0 = time.perf_counter()
     # the kind of file first: a galaxy cutout in a drop of cluster fields says so, not "too_small" or "no_bcg"
     mismatched = [objtype_quarantine(p, n, survey=survey.name) for p, n in zip(paths, names)]
@@ -123,6 +125,7 @@ def cluster_candidates(context: dg.AssetExecutionContext, config: ClusterScoring
         "n_files": len(paths),
         "n_scored": len(table),
         "n_quarantined": len(quarantine),
+        **unread,
         "quarantine_reasons": counts_markdown(quarantine["reason"].value_counts().to_dict(), key="reason"),
         "model_version": manifest["model_sha256"][:16],
         "calibrator_version": manifest["calibrator_sha256"][:16],

@@ -14,7 +14,7 @@ from pydantic import Field
 from lens_assets import layout
 from lens_assets.assets.cluster_track_b import cluster_track_b
 from lens_assets.assets._common import (counts_markdown, gallery_from_files, path_metadata, png_markdown,
-                                        sha256_of_strings, survey_asset)
+                                        sha256_of_strings, survey_asset, unread_files_metadata)
 from lens_assets.resources.storage import LocalStorage
 from lens_assets.science.clusters.segments import LIGHT_METHODS
 from lens_assets.science.fileio import sha256_file
@@ -133,6 +133,7 @@ def arc_segments(context: dg.AssetExecutionContext, config: ArcSegmentsConfig,
     storage.pull(*layout.cluster_raw_survey(survey.name))
     root = storage.path(*layout.cluster_raw_survey(survey.name))
     paths, names = relative_names(find_fits(root) if root.exists() else [], storage.root_path)
+    unread = unread_files_metadata(context, storage, root, what="cluster fields")
     if not paths:
         raise dg.Failure(f"no cluster fields under {storage.url(*layout.cluster_raw_survey(survey.name))}: "
                          f"materialize cluster_fields or copy FITS there")
@@ -151,7 +152,7 @@ def arc_segments(context: dg.AssetExecutionContext, config: ArcSegmentsConfig,
     storage.write_text(json.dumps(settings, indent=2), *layout.cluster_segments_settings(survey.name))
     metadata = {
         "path": dg.MetadataValue.path(storage.url(*layout.cluster_segments_table(survey.name))),
-        "n_files": len(paths), "n_fields": len(fields), "n_quarantined": len(quarantine),
+        "n_files": len(paths), "n_fields": len(fields), "n_quarantined": len(quarantine), **unread,
         "n_segments": len(segments), "fields_per_s": float(len(paths) / seconds) if seconds else 0.0,
         "light": config.light, "field_size_px": size, "nsigma": float(config.nsigma),
     }

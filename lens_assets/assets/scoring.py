@@ -4,7 +4,7 @@ import dagster as dg
 from pydantic import Field
 
 from lens_assets import layout
-from lens_assets.assets._common import OWNERS, counts_markdown, gallery_from_files, png_markdown
+from lens_assets.assets._common import OWNERS, counts_markdown, gallery_from_files, png_markdown, unread_files_metadata
 from lens_assets.model_registry import load_promoted, no_retry
 from lens_assets.partitions import scoring_partitions
 from lens_assets.resources.storage import LocalStorage
@@ -79,6 +79,7 @@ def candidate_scores(context: dg.AssetExecutionContext, config: ScoringConfig,
                        "it is a drop of cluster fields, scored by cluster_candidates, not candidate_scores")
     drop_dir = storage.pull(*layout.inbox_drop(survey.name, drop))
     files = find_fits(drop_dir)
+    unread = unread_files_metadata(context, storage, drop_dir, what="cutouts")
     ensemble, fusion, calibrator, doc = load_promoted(storage, survey.name)
     from lens_assets.ml.score import default_device, load_members, score_files
     from lens_assets.science.shards import ShardSettings
@@ -121,6 +122,7 @@ def candidate_scores(context: dg.AssetExecutionContext, config: ScoringConfig,
         "n_files": len(files),
         "n_scored": len(table),
         "n_quarantined": len(quarantine),
+        **unread,
         "quarantine_reasons": counts_markdown(quarantine["reason"].value_counts().to_dict(), key="reason"),
         "model_version": ensemble["version"],
         "calibrator_version": calibrator_version,

@@ -11,7 +11,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -22,8 +22,9 @@ from .fits_validation import median_of_few
 from .parallel import parallel_map
 from .surveys import SurveySpec, get_survey
 
-__all__ = ["IngestResult", "ingest_files", "read_one", "FirstObjid", "relative_names", "find_fits", "catalog_row",
-           "catalog_frame", "quarantine_frame", "QUARANTINE_COLUMNS", "SCHEMA_VERSION", "WEAK_CONFIDENCE_MAX"]
+__all__ = ["IngestResult", "ingest_files", "read_one", "FirstObjid", "relative_names", "find_fits", "unread_files",
+           "catalog_row", "catalog_frame", "quarantine_frame", "QUARANTINE_COLUMNS", "SCHEMA_VERSION",
+           "WEAK_CONFIDENCE_MAX"]
 
 SCHEMA_VERSION = "2.0"
 WEAK_CONFIDENCE_MAX = 0.49
@@ -43,7 +44,8 @@ class IngestResult:
         return self.n_files / self.seconds if self.seconds > 0 else float("nan")
 
 
-FITS_SUFFIXES = (".fits", ".fit", ".fits.gz", ".fit.gz")  # any case; gzip-compressed files are read decompressed
+# any case; gzip-compressed files are read decompressed, fpack's (.fz: tile-compressed HDUs) through astropy
+FITS_SUFFIXES = (".fits", ".fit", ".fits.gz", ".fit.gz", ".fits.fz", ".fit.fz")
 
 
 def find_fits(root: Path) -> list[Path]:
@@ -55,6 +57,18 @@ def find_fits(root: Path) -> list[Path]:
         return []
     return sorted(p for p in root.rglob("*") if p.name.lower().endswith(FITS_SUFFIXES)
                   and (p.is_file() or (p.is_symlink() and not p.exists())))
+
+
+def unread_files(root: Path, *, ignore: Iterable[str] = ()) -> list[Path]:
+    """The files below ``root`` that :func:`find_fits` does not list (their names are not FITS cutout names),
+    sorted, less those named in ``ignore`` (a drop's markers): what a folder holds that is not read, to be
+    reported rather than passed over in silence."""
+    root, ignore = Path(root), set(ignore)
+    if not root.exists():
+        return []
+    listed = set(find_fits(root))
+    return sorted(p for p in root.rglob("*") if (p.is_file() or p.is_symlink()) and p not in listed
+                  and p.name not in ignore)
 
 
 def _header_float(primary: dict, key: str, name: str, *, low=-math.inf, high=math.inf) -> float:

@@ -182,11 +182,14 @@ def test_an_empty_drop_of_cluster_fields_gives_an_empty_typed_table(tmp_path):
 
     storage = LocalStorage(root=str(tmp_path / "root"))
     write_model(storage)
-    publish_drop(storage, SURVEY, "empty", [], cluster=True)
+    fz = tmp_path / "field-1.fits.bz2"  # a compression the reader does not take: not read, and said so
+    fz.write_bytes(b"BZh9")
+    publish_drop(storage, SURVEY, "empty", [fz], cluster=True)
     with dg.DagsterInstance.ephemeral() as instance:
         instance.add_dynamic_partitions("drops", ["empty"])
         meta = _metadata(materialize(storage, instance, "empty"))
     assert (meta["n_files"], meta["n_scored"], meta["n_quarantined"]) == (0, 0, 0)
+    assert meta["n_unread_files"] == 1 and "field-1.fits.bz2" in meta["unread_files"]
     table = cluster_candidate_table(storage, SURVEY, "empty")
     assert table.empty and list(table.columns) == [*cluster_candidate_schema().columns]
 

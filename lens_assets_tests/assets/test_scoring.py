@@ -77,7 +77,10 @@ def scored(model_storage, tmp_path_factory):
     good = sorted(staging.path("inbox", SURVEY, "staged").glob("*.fits"))
     broken = _broken_files(good, tmp_path_factory.mktemp("broken"))
     quarantined = {**BROKEN, broken[-1].name: "duplicate_objid"}
-    publish_drop(storage, SURVEY, DROP, [*good, *broken])  # _COMPLETE after the last file
+    unread = tmp_path_factory.mktemp("unread")  # files a drop may hold that are not cutouts by their names
+    (unread / "README.txt").write_text("observing log")
+    (unread / "obj-9.fits.bz2").write_bytes(b"BZh9")
+    publish_drop(storage, SURVEY, DROP, [*good, *broken, *sorted(unread.iterdir())])  # _COMPLETE after the last
 
     instance = dg.DagsterInstance.ephemeral()
     with dg.build_sensor_context(instance=instance, resources={"storage": storage}) as context:
@@ -146,6 +149,10 @@ def test_every_good_file_is_scored_once_and_the_broken_ones_are_quarantined_with
     assert dup["message"].str.contains(scored["good"][DUPLICATE_OF], regex=False).all()
     for reason in quarantined.values():
         assert f"| {reason} | 1 |" in meta["quarantine_reasons"]
+    # the two files whose names are not FITS names are not read, and the metadata names them (the marker aside)
+    assert meta["n_unread_files"] == 2
+    assert meta["unread_files"].splitlines() == [f"- `{storage.url('inbox', SURVEY, DROP, n)}`"
+                                                 for n in ("README.txt", "obj-9.fits.bz2")]
 
 
 def test_scores_are_probabilities_and_rank_follows_the_fused_logit(scored):

@@ -887,6 +887,37 @@ def test_gzipped_files_are_read_decompressed_and_links_to_nothing_are_quarantine
     assert quar.loc["inbox/d.fits", "message"].startswith("inbox/d.fits: cannot be read (No such file")
 
 
+def test_fpack_files_are_read_and_files_of_other_names_are_listed_as_unread(tmp_path):
+    """A ``.fits.fz`` file (fpack: an empty primary HDU with the primary keywords, each extension a
+    tile-compressed image, RICE_1 quantized) is ingested like its plain file, within the quantization; files
+    whose names are not FITS cutout names are not read, and ``unread_files`` names them (the markers aside)."""
+    import io
+
+    from astropy.io import fits
+
+    from lens_assets.science.ingest import unread_files
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    plain = make_file(tmp_path / "plain" / "a.fits", objid="obj-a")
+    with fits.open(io.BytesIO(plain)) as hdul:
+        hdus = [fits.PrimaryHDU(header=hdul[0].header)] + [
+            fits.CompImageHDU(h.data, header=h.header, name=h.name, compression_type="RICE_1") for h in hdul[1:]]
+        fits.HDUList(hdus).writeto(inbox / "a.fits.fz")
+    for name in ("notes.txt", "b.fits.bz2", "_COMPLETE"):
+        (inbox / name).write_bytes(b"x")
+    assert [p.name for p in find_fits(inbox)] == ["a.fits.fz"]
+    assert [p.name for p in unread_files(inbox, ignore=("_COMPLETE",))] == ["b.fits.bz2", "notes.txt"]
+    result = ingest_files(find_fits(inbox), DES, root=tmp_path, workers=1, progress=False)
+    assert result.quarantine.empty and list(result.catalog["objid"]) == ["obj-a"]
+    fz, ref = read((inbox / "a.fits.fz").read_bytes(), "inbox/a.fits.fz"), read(plain)
+    noise = np.sqrt(ref.variance)
+    assert np.abs(fz.image - ref.image).max() < 0.5 * noise.min()  # RICE_1 quantizes to a fraction of the noise
+    assert np.abs(fz.image - ref.image).max() > 0  # it was compressed, lossily, and read back through astropy
+    row = result.catalog.iloc[0]
+    assert row["source_file"] == "inbox/a.fits.fz" and row["cutout_px"] == ref.image.shape[-1]
+
+
 def test_a_file_or_gzip_beyond_max_file_bytes_is_too_large_and_never_read_whole(tmp_path, monkeypatch):
     """A stored file over MAX_FILE_BYTES is refused from its size alone; a .gz file is decompressed only up to the
     limit (a small file that expands without bound never fills the worker's memory)."""
