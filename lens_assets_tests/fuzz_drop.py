@@ -214,6 +214,26 @@ def _survey_mismatch(rng, objid: str) -> bytes:
     return cutout_bytes(_primary(objid, SURVEY="hsc"), _bands(rng))
 
 
+def _gzip(rng, objid: str) -> bytes:
+    """A valid file gzip-compressed, named ``*.fits.gz`` (:data:`SUFFIXES`): read decompressed."""
+    return gzip.compress(_valid(rng, objid))
+
+
+def _fpack(rng, objid: str) -> bytes:
+    """A valid file as fpack writes it, named ``*.fits.fz``: an empty primary HDU with its keywords, each extension
+    a RICE_1 tile-compressed image (read through astropy)."""
+    from astropy.io import fits
+
+    with fits.open(io.BytesIO(_valid(rng, objid))) as hdul:
+        hdus = [fits.PrimaryHDU(header=hdul[0].header)] + [
+            fits.CompImageHDU(h.data, header=h.header, name=h.name, compression_type="RICE_1") for h in hdul[1:]]
+        buf = io.BytesIO()
+        fits.HDUList(hdus).writeto(buf)
+    return buf.getvalue()
+
+
+SUFFIXES = {"gzip": ".fits.gz", "fpack": ".fits.fz"}  # kind -> its files' suffix (".fits" for the rest)
+
 # kind -> (builder, expected outcome)
 KINDS: dict[str, tuple[Callable, str]] = {
     "valid": (_valid, INGESTED),
@@ -222,6 +242,8 @@ KINDS: dict[str, tuple[Callable, str]] = {
     "end_nul_padding": (_end_nul_padding, INGESTED),
     "missing_band": (_missing_band, INGESTED),
     "non_square": (_non_square, INGESTED),
+    "gzip": (_gzip, INGESTED),
+    "fpack": (_fpack, INGESTED),
     "truncated": (_truncated, "truncated"),
     "bad_block_padding": (_bad_block_padding, "truncated"),
     "duplicate_extension": (_duplicate_extension, "duplicate_extension"),
@@ -257,7 +279,7 @@ def write_fuzz_drop(out_dir: Path, *, n_files: int, seed: int = 0, kinds: tuple[
     for i in range(n_files):
         kind = "valid" if i == 0 else kinds[i % len(kinds)]
         objid = FIRST_OBJID if i == 0 else f"fuzz-{i:05d}"
-        name = f"{i:05d}-{kind}.fits"
+        name = f"{i:05d}-{kind}{SUFFIXES.get(kind, '.fits')}"
         (out_dir / name).write_bytes(KINDS[kind][0](rng, objid))
         written[name] = kind
     return written
