@@ -29,7 +29,9 @@ materializations and the manifest's version.
 A drop whose partition someone registered and scored by hand before the sensor
 saw it (a ``candidate_scores`` or ``cluster_candidates`` materialization of it
 exists) is handled without a run, and logged; one whose hand-launched run is
-still queued or running waits for that run, and is requested only if it fails.
+still queued or running, or failed and about to be re-executed by Dagster's run
+retries, waits for that run, and is requested only if it fails for good. A
+backfill's partitions not launched yet are not runs, and are not waited for.
 
 Idempotent: the cursor holds the handled (survey, drop) pairs still in the
 inbox (so it is bounded by what the inbox holds); when it is
@@ -127,7 +129,29 @@ def _track(run) -> str:
     return CLUSTER if run.tags.get(TRACK_TAG) == CLUSTER else "galaxy"
 
 
-def _retries(instance, handled: set[str], model_of, *, limit: int, log=None) -> list:
+class _Partitions:
+    """What one tick reads of the scoring partitions, each read once and when first needed: the partitions with
+    a run of them queued or running, or failed and about to be re-executed by the run-retry daemon, whoever
+    launched it (``active``), and each track's materialized partitions (``materialized``)."""
+
+    def __init__(self, instance: dg.DagsterInstance):
+        self._instance, self._active, self._materialized = instance, None, {}
+
+    def active(self) -> set:
+        if self._active is None:
+            runs = [*self._instance.get_runs(filters=dg.RunsFilter(statuses=IN_PROGRESS)),
+                    *self._instance.get_runs(filters=dg.RunsFilter(statuses=FAILED, tags={WILL_RETRY_TAG: "true"}))]
+            self._active = {r.tags.get("dagster/partition") for r in runs}
+        return self._active
+
+    def materialized(self, track: str) -> set:
+        if track not in self._materialized:
+            asset = cluster_candidates if track == CLUSTER else candidate_scores
+            self._materialized[track] = self._instance.get_materialized_partitions(asset.key)
+        return self._materialized[track]
+
+
+def _retries(instance, handled: set[str], model_of, partitions: _Partitions, *, limit: int, log=None) -> list:
     """(survey, drop, attempt, reason, track) for the handled drops whose last run failed and that have no table
     yet; ``model_of(survey, track)`` is the model version that scores the track now (None: none).
 
@@ -138,7 +162,6 @@ def _retries(instance, handled: set[str], model_of, *, limit: int, log=None) -> 
     if not failed:
         return []
     running = set(_sensor_runs(instance, IN_PROGRESS))
-    materialized: dict[str, set] = {}  # track -> materialized partitions of its asset, read when first needed
     now, backoff, most = time.time(), retry_backoff_s(), max_retries()
     out = []
     for key in sorted((handled & set(failed)) - running):
@@ -148,11 +171,8 @@ def _retries(instance, handled: set[str], model_of, *, limit: int, log=None) -> 
             continue
         runs = [r for r in failed[key] if RETRY_NUMBER_TAG not in r.dagster_run.tags]
         track = _track(latest.dagster_run)
-        if track not in materialized:
-            asset = cluster_candidates if track == CLUSTER else candidate_scores
-            materialized[track] = instance.get_materialized_partitions(asset.key)
         model = model_of(survey, track)
-        if scoring_key(survey, drop) in materialized[track] or model is None:
+        if scoring_key(survey, drop) in partitions.materialized(track) or model is None:
             continue
         attempt = len(runs)  # the retry after n failed runs is retry-n: requesting it twice launches it once
         if attempt > most:
@@ -196,25 +216,19 @@ def inbox_tick(storage, instance: dg.DagsterInstance, cursor: str | None, *, lim
     present: set[str] = set()
     waiting = no_model = no_cluster_model = 0
     scored_by_hand: list[tuple[str, str]] = []  # registered and materialized before this sensor saw the drop
-    materialized: dict[str, set] = {}  # track -> materialized partitions of its asset, read when first needed
-    running: set[str] | None = None  # partitions with a run queued or running, whoever launched it
+    partitions = _Partitions(instance)
 
     def done_or_running(survey: str, drop: str, track: str) -> str | None:
         """"scored" or "running" for a drop whose partition someone added and scored (or is scoring) without
-        this sensor; None otherwise. Only a registered partition can have been."""
-        nonlocal running
+        this sensor; None otherwise. Only a registered partition can have been. The runs are read before the
+        materializations: a run that ends between the two reads is seen as the table it wrote."""
         if drop not in registered:
             return None
         key = scoring_key(survey, drop)
-        if track not in materialized:
-            asset = cluster_candidates if track == CLUSTER else candidate_scores
-            materialized[track] = instance.get_materialized_partitions(asset.key)
-        if key in materialized[track]:
+        active = partitions.active()
+        if key in partitions.materialized(track):
             return "scored"
-        if running is None:
-            running = {r.tags.get("dagster/partition") for r in instance.get_runs(
-                filters=dg.RunsFilter(statuses=IN_PROGRESS))}
-        return "running" if key in running else None
+        return "running" if key in active else None
     models: dict[str, str | None] = {}
     cluster_models: dict[str, str | None] = {}  # read when a survey's cluster drop or retry first needs it
 
@@ -265,7 +279,7 @@ def inbox_tick(storage, instance: dg.DagsterInstance, cursor: str | None, *, lim
                 no_model += 1  # not handled: requested on the first tick after a model is promoted
             else:
                 new.append((survey, drop, track))
-    retries = _retries(instance, handled & present, model_of, limit=max(0, limit - len(new)), log=log)
+    retries = _retries(instance, handled & present, model_of, partitions, limit=max(0, limit - len(new)), log=log)
     to_register = sorted({d for _, d, _ in new} - registered)
     requests = [_request(s, d, t, model_of(s, t)) for s, d, t in new]
     requests += [_request(s, d, t, model_of(s, t), attempt=n) for s, d, n, _, t in retries]

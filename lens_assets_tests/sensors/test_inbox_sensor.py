@@ -491,4 +491,36 @@ def test_a_drop_being_scored_by_a_hand_launched_run_waits_for_it_and_is_requeste
     assert tick(storage, instance, waiting.cursor).run_requests == []
     instance.handle_run_event(run.run_id, dg.DagsterEvent(
         event_type_value=dg.DagsterEventType.RUN_FAILURE.value, job_name=run.job_name, message="failed"))
+    # failed, and Dagster's run retries are about to re-execute it: still that run's partition
+    instance.add_run_tags(run.run_id, {"dagster/will_retry": "true"})
+    assert tick(storage, instance, waiting.cursor).run_requests == []
+    instance.add_run_tags(run.run_id, {"dagster/will_retry": "false"})  # failed for good: the sensor's turn
     assert run_keys(tick(storage, instance, waiting.cursor)) == ["des|d1"]
+
+
+def test_a_hand_run_that_ends_while_the_sensor_reads_is_seen_as_its_table(storage, instance, monkeypatch):
+    """The runs are read before the materializations: a run that succeeds between the two reads is found as the
+    table it wrote (read the other way round, it would be in neither and requested again)."""
+    publish_drop(storage, "des", "d1", [])
+    instance.add_dynamic_partitions(drop_partitions.name, ["d1"])
+    run = _hand_run(instance, "d1|des", dg.DagsterRunStatus.STARTED)
+    ended = []
+
+    def then_the_run_ends(read):
+        def wrapped(*args, **kwargs):
+            found = read(*args, **kwargs)
+            if not ended:  # after the first of the two reads, whichever it is
+                instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=candidate_scores.key,
+                                                                            partition="d1|des"))
+                instance.handle_run_event(run.run_id, dg.DagsterEvent(
+                    event_type_value=dg.DagsterEventType.RUN_SUCCESS.value, job_name=run.job_name, message="ok"))
+                ended.append(read.__name__)
+            return found
+        return wrapped
+
+    monkeypatch.setattr(instance, "get_runs", then_the_run_ends(instance.get_runs))
+    monkeypatch.setattr(instance, "get_materialized_partitions",
+                        then_the_run_ends(instance.get_materialized_partitions))
+    # with a cursor: the tick reads no runs of its own before these two (a lost cursor is rebuilt from runs)
+    assert tick(storage, instance, json.dumps({"handled": []})).run_requests == []
+    assert ended == ["get_runs"]
