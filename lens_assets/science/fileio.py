@@ -2,6 +2,7 @@
 
 * :func:`sha256_file` hashes a file in fixed-size chunks (``hashlib.file_digest``),
   so a 1 GB shard or checkpoint is never read whole into memory.
+* :func:`read_within` reads a file only where its stored size is within a bound.
 * :func:`atomic_path` / :func:`write_text_atomic` / :func:`write_json_atomic` write
   to a temporary name in the destination's own directory and ``os.replace`` it
   into place: a reader sees the old file or the new one, never a half-written
@@ -23,7 +24,7 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["sha256_file", "update_from_file", "atomic_path", "write_text_atomic", "write_bytes_atomic",
+__all__ = ["sha256_file", "read_within", "update_from_file", "atomic_path", "write_text_atomic", "write_bytes_atomic",
            "write_json_atomic", "exchange_dirs", "tmp_name"]
 
 
@@ -31,6 +32,13 @@ def sha256_file(path: str | Path) -> str:
     """Hex sha256 of the file at ``path``, read in chunks (memory does not grow with the file)."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def read_within(path: str | Path, limit: int) -> tuple[bytes | None, int]:
+    """``(bytes, size)`` of the file at ``path``, or ``(None, size)`` where its stored size is over ``limit``
+    bytes: such a file is refused from its size and never read (ingest's and the shard builder's bound)."""
+    size = Path(path).stat().st_size
+    return (None if size > limit else Path(path).read_bytes()), size
 
 
 def update_from_file(h, path: str | Path, *, chunk_bytes: int = 1 << 20):

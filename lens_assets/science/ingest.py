@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from . import fits_validation
+from .fileio import read_within
 from .fits_contract import LABEL_SOURCE_PREFIXES, Cutout, QuarantineError, read_cutout
 from .fits_validation import median_of_few
 from .parallel import parallel_map
@@ -199,11 +200,10 @@ def read_one(path: str | Path, name: str, survey: SurveySpec, *,
         name = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
         return refused("bad_file_name", f"{name}: the file name is not UTF-8 text; rename the file")
     try:
-        size = Path(path).stat().st_size
-        if size > fits_validation.MAX_FILE_BYTES:  # refused before a byte is read: no sha256 either
+        data, size = read_within(path, fits_validation.MAX_FILE_BYTES)
+        if data is None:  # refused before a byte is read: no sha256 either
             return refused("too_large", f"{name}: {size:,} bytes, more than {fits_validation.MAX_FILE_BYTES:,} "
                                         f"(MAX_FILE_BYTES)")
-        data = Path(path).read_bytes()
     except OSError as err:
         return refused("unreadable", f"{name}: cannot be read ({err.strerror or err})")
     sha = hashlib.sha256(data).hexdigest()  # of the file as stored; the bytes are parsed next: no second read

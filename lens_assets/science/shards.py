@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .fileio import atomic_path, sha256_file, write_text_atomic
+from .fileio import atomic_path, read_within, sha256_file, write_text_atomic
 from .ingest import MISSING  # the catalog's missing value
 from . import fits_validation
 from .fits_contract import BAND_FLAGS, read_cutout
@@ -116,13 +116,11 @@ def process_batch(args) -> dict:
     cutouts = []
     for row in rows:
         # the bytes are parsed below, so hashing them in memory costs no second read (a cutout is ~100 kB)
-        path = Path(root) / row["source_file"]
-        size = path.stat().st_size
-        if size > fits_validation.MAX_FILE_BYTES:  # the catalog read it, so it was no larger: not read whole now
+        data, size = read_within(Path(root) / row["source_file"], fits_validation.MAX_FILE_BYTES)
+        if data is None:  # the catalog read it, so it was no larger: not read now
             raise ValueError(f"{row['source_file']}: now {size:,} bytes, over MAX_FILE_BYTES "
                              f"({fits_validation.MAX_FILE_BYTES:,}), where the catalog read it; the file changed "
                              f"after cataloging: re-materialize cutout_catalog")
-        data = path.read_bytes()
         sha = hashlib.sha256(data).hexdigest()
         if sha != row["source_sha256"]:
             raise ValueError(f"{row['source_file']}: sha256 {sha[:12]}… differs from the catalog's "
