@@ -37,22 +37,25 @@ def counts_markdown(counts: Mapping[str, int], *, key: str, value: str = "count"
     return dg.MetadataValue.md(f"| {key} | {value} |\n|---|---|\n{rows}\n")
 
 
-def unread_files_metadata(context, storage, root: Path, *, what: str) -> dict:
-    """The files under ``root`` that are not read (names that are not FITS cutout names; the inbox markers aside):
-    a warning naming them, and metadata ``n_unread_files`` and ``unread_files`` (the first 20), so that a drop of
-    ``.fits.bz2`` files, say, does not pass as an empty one."""
+def unread_files_metadata(context, storage, root: Path, files: list[Path], *, what: str) -> dict:
+    """The files under ``root`` that are not read (``files``: what ``find_fits`` listed there; names that are not
+    FITS cutout names, the inbox markers aside): a warning naming them (the first 20), and metadata
+    ``n_unread_files`` and ``unread_files``, so that a drop of ``.fits.bz2`` files, say, does not pass as an empty
+    one."""
     from lens_assets.layout import CLUSTER_MARKER, COMPLETE_MARKER
     from lens_assets.science.ingest import FITS_SUFFIXES, unread_files
 
-    unread = unread_files(root, ignore=(COMPLETE_MARKER, CLUSTER_MARKER))
+    unread = unread_files(root, listed=files, ignore=(COMPLETE_MARKER, CLUSTER_MARKER))
+    if not unread:
+        return {"n_unread_files": 0, "unread_files": "none"}
     names = [storage.url_of(p) for p in unread[:20]]
-    if unread:
-        more = f" and {len(unread) - len(names)} more" if len(unread) > len(names) else ""
-        context.log.warning(f"{len(unread)} file(s) under {storage.url_of(root)} are not read as {what}: their names "
-                            f"do not end in {', '.join(FITS_SUFFIXES)} (any case): {', '.join(names)}{more}")
+    more = len(unread) - len(names)
+    context.log.warning(f"{len(unread)} file(s) under {storage.url_of(root)} are not read as {what}: their names "
+                        f"do not end in {', '.join(FITS_SUFFIXES)} (any case): {', '.join(names)}"
+                        + (f" and {more} more" if more else ""))
     return {"n_unread_files": len(unread),
-            "unread_files": dg.MetadataValue.md("\n".join(f"- `{n}`" for n in names) + (
-                f"\n- … {len(unread) - len(names)} more" if len(unread) > len(names) else "") if unread else "none")}
+            "unread_files": dg.MetadataValue.md("\n".join(f"- `{n}`" for n in names)
+                                                + (f"\n- … {more} more" if more else ""))}
 
 
 def sha256_of_strings(items: Iterable[str]) -> str:

@@ -53,10 +53,12 @@ def cutout_catalog(context: dg.AssetExecutionContext, config: CatalogConfig,
     survey = get_survey(context.partition_key)
     raw = storage.pull(*layout.raw_survey(survey.name))
     files = find_fits(raw)
+    unread = unread_files_metadata(context, storage, raw, files, what="cutouts")
     if not files:
-        raise dg.Failure(f"no FITS files under {raw}: materialize simulated_cutouts for {survey.name} "
+        others = (f" ({unread['n_unread_files']} other file(s) there are not read, named in the warning above: "
+                  "their names are not FITS names)" if unread["n_unread_files"] else "")
+        raise dg.Failure(f"no FITS files under {raw}{others}: materialize simulated_cutouts for {survey.name} "
                          f"or put inbox-contract files there")
-    unread = unread_files_metadata(context, storage, raw, what="cutouts")
     result = ingest_files(files, survey, root=storage.root_path, workers=config.workers)
     catalog, quarantine = result.catalog, result.quarantine
     schema = catalog_schema(survey)

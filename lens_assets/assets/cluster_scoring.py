@@ -75,8 +75,9 @@ def cluster_candidates(context: dg.AssetExecutionContext, config: ClusterScoring
                        f"the survey's {list(survey.band_names)}")
 
     drop_dir = storage.pull(*layout.inbox_drop(survey.name, drop))
-    paths, names = relative_names(find_fits(drop_dir), storage.root_path)
-    unread = unread_files_metadata(context, storage, drop_dir, what="cluster fields")
+    files = find_fits(drop_dir)
+    paths, names = relative_names(files, storage.root_path)
+    unread = unread_files_metadata(context, storage, drop_dir, files, what="cluster fields")
     t0 = time.perf_counter()
     # the kind of file first: a galaxy cutout in a drop of cluster fields says so, not "too_small" or "no_bcg"
     mismatched = [objtype_quarantine(p, n, survey=survey.name) for p, n in zip(paths, names)]

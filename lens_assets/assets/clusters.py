@@ -132,8 +132,9 @@ def arc_segments(context: dg.AssetExecutionContext, config: ArcSegmentsConfig,
     size += size % 2
     storage.pull(*layout.cluster_raw_survey(survey.name))
     root = storage.path(*layout.cluster_raw_survey(survey.name))
-    paths, names = relative_names(find_fits(root) if root.exists() else [], storage.root_path)
-    unread = unread_files_metadata(context, storage, root, what="cluster fields")
+    files = find_fits(root) if root.exists() else []
+    paths, names = relative_names(files, storage.root_path)
+    unread = unread_files_metadata(context, storage, root, files, what="cluster fields")
     if not paths:
         raise dg.Failure(f"no cluster fields under {storage.url(*layout.cluster_raw_survey(survey.name))}: "
                          f"materialize cluster_fields or copy FITS there")

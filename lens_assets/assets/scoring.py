@@ -79,7 +79,7 @@ def candidate_scores(context: dg.AssetExecutionContext, config: ScoringConfig,
                        "it is a drop of cluster fields, scored by cluster_candidates, not candidate_scores")
     drop_dir = storage.pull(*layout.inbox_drop(survey.name, drop))
     files = find_fits(drop_dir)
-    unread = unread_files_metadata(context, storage, drop_dir, what="cutouts")
+    unread = unread_files_metadata(context, storage, drop_dir, files, what="cutouts")
     ensemble, fusion, calibrator, doc = load_promoted(storage, survey.name)
     from lens_assets.ml.score import default_device, load_members, score_files
     from lens_assets.science.shards import ShardSettings

@@ -1,5 +1,7 @@
 """materialize() smoke tests of the simulation and ingestion assets on a tiny survey in a temp dir."""
 
+import re
+
 import pandas as pd
 import pytest
 import dagster as dg
@@ -109,9 +111,16 @@ def test_catalog_quarantines_a_broken_file_and_still_accounts_for_every_file(sto
     assert _checks(result)["every_file_accounted_for"] is True
 
 
-def test_catalog_without_any_file_fails_with_a_clear_message(storage):
+def test_catalog_without_any_file_fails_with_a_clear_message(storage, capfd):
     with pytest.raises(dg.Failure, match=r"no FITS files under .*raw/sdss: materialize simulated_cutouts"):
         _materialize(storage, assets=[cutout_catalog])
+    # files there whose names are not FITS names: counted in the failure and named in the warning before it
+    storage.path("raw", "sdss", "x").mkdir(parents=True)
+    storage.path("raw", "sdss", "x", "a.fits.bz2").write_bytes(b"BZh9")
+    with pytest.raises(dg.Failure, match=r"no FITS files under .*raw/sdss \(1 other file\(s\) there are not read"):
+        _materialize(storage, assets=[cutout_catalog])
+    assert re.search(r"1 file\(s\) under \S+raw/sdss are not read as cutouts: .*raw/sdss/x/a\.fits\.bz2",
+                     capfd.readouterr().err)
 
 
 def test_heldout_family_goes_to_its_own_drop_and_is_labeled_in_the_catalog(storage):

@@ -908,6 +908,19 @@ def test_fpack_files_are_read_and_files_of_other_names_are_listed_as_unread(tmp_
         (inbox / name).write_bytes(b"x")
     assert [p.name for p in find_fits(inbox)] == ["a.fits.fz"]
     assert [p.name for p in unread_files(inbox, ignore=("_COMPLETE",))] == ["b.fits.bz2", "notes.txt"]
+    # folders and links to folders are walked, not listed, whatever their names; a marker's name counts only in the
+    # folder itself; a link to no file of another name is listed
+    (inbox / "sub.fits").mkdir()
+    (inbox / "sub.fits" / "_COMPLETE").write_bytes(b"x")
+    (inbox / "linked.fits").symlink_to(inbox / "sub.fits", target_is_directory=True)
+    (inbox / "gone.txt").symlink_to(tmp_path / "nothing")
+    unread = [str(p.relative_to(inbox)) for p in unread_files(inbox, ignore=("_COMPLETE",))]
+    assert "sub.fits" not in unread and "linked.fits" not in unread
+    assert {"sub.fits/_COMPLETE", "gone.txt", "b.fits.bz2", "notes.txt"} <= set(unread)
+    assert unread_files(inbox, listed=[], ignore=("_COMPLETE",))[0].name == "a.fits.fz"  # the caller's list
+    (inbox / "linked.fits").unlink()
+    (inbox / "gone.txt").unlink()
+    shutil.rmtree(inbox / "sub.fits")
     result = ingest_files(find_fits(inbox), DES, root=tmp_path, workers=1, progress=False)
     assert result.quarantine.empty and list(result.catalog["objid"]) == ["obj-a"]
     fz, ref = read((inbox / "a.fits.fz").read_bytes(), "inbox/a.fits.fz"), read(plain)

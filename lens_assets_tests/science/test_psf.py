@@ -170,6 +170,15 @@ def test_fwhm_measured_on_the_core_equals_the_whole_images(profile, fwhm, beta, 
         assert measure_fwhm_px(shifted) == pytest.approx(_fwhm_of_whole_image(shifted), rel=1e-3)
 
 
+def test_fwhm_of_a_noisy_star_stamp_is_the_whole_images():
+    rng = np.random.default_rng(4)
+    for fwhm in (2.0, 3.5, 5.0):
+        psf = psf_kernel("moffat", fwhm, moffat_beta=2.5, size=41)
+        for _ in range(10):
+            noisy = psf + rng.normal(0.0, 0.01 * psf.max(), psf.shape)  # a star's stamp at S/N 100 at the peak
+            assert measure_fwhm_px(noisy) == pytest.approx(_fwhm_of_whole_image(noisy), rel=1e-3)
+
+
 def test_fwhm_of_an_elongated_psf_with_a_second_peak_is_the_whole_images():
     rng = np.random.default_rng(3)
     y, x = np.mgrid[:61, :61] - 30.0
