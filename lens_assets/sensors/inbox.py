@@ -45,6 +45,7 @@ unparseable and fail every tick, holding back every other drop).
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import time
@@ -73,6 +74,7 @@ IN_PROGRESS = [dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.QUEUED, dg.D
                dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]
 RETRY_NUMBER_TAG = "dagster/retry_number"  # on the runs the run-retry daemon re-executes (run_retries)
 WILL_RETRY_TAG = "dagster/will_retry"  # "true" on a failed run the run-retry daemon is going to re-execute
+AUTO_RETRY_RUN_TAG = "dagster/auto_retry_run_id"  # on a failed run the daemon has re-executed: the new run's id
 
 
 def _env_int(name: str, default: int, *, minimum: int) -> int:
@@ -132,40 +134,51 @@ def _track(run) -> str:
 class _Partitions:
     """What one tick reads of the scoring partitions, each read once and when first needed: the partitions with
     a run of them queued or running, or failed and about to be re-executed by the run-retry daemon, whoever
-    launched it (``active``), and each track's materialized partitions (``materialized``)."""
+    launched it (``active``), and each track's materialized partitions (``materialized``). The runs are always
+    read before the tables: a run that ends between the two reads is seen as the table it wrote."""
 
     def __init__(self, instance: dg.DagsterInstance):
         self._instance, self._active, self._materialized = instance, None, {}
 
     def active(self) -> set:
         if self._active is None:
+            # a failed run keeps dagster/will_retry = "true" after the daemon has re-executed it; then it carries
+            # the re-execution's id (dagster/auto_retry_run_id), and the re-execution is a run of its own. A day
+            # bounds the read: the daemon re-executes within its tick, and the tag stays on every retried run.
+            since = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=1)
+            retried = self._instance.get_runs(filters=dg.RunsFilter(
+                statuses=FAILED, tags={WILL_RETRY_TAG: "true"}, updated_after=since))
             runs = [*self._instance.get_runs(filters=dg.RunsFilter(statuses=IN_PROGRESS)),
-                    *self._instance.get_runs(filters=dg.RunsFilter(statuses=FAILED, tags={WILL_RETRY_TAG: "true"}))]
+                    *(r for r in retried if AUTO_RETRY_RUN_TAG not in r.tags)]
             self._active = {r.tags.get("dagster/partition") for r in runs}
         return self._active
 
     def materialized(self, track: str) -> set:
+        self.active()  # the runs first (see the class)
         if track not in self._materialized:
             asset = cluster_candidates if track == CLUSTER else candidate_scores
             self._materialized[track] = self._instance.get_materialized_partitions(asset.key)
         return self._materialized[track]
 
 
-def _retries(instance, handled: set[str], model_of, partitions: _Partitions, *, limit: int, log=None) -> list:
+def _retries(instance, handled: set[str], model_of, *, limit: int, log=None) -> list:
     """(survey, drop, attempt, reason, track) for the handled drops whose last run failed and that have no table
     yet; ``model_of(survey, track)`` is the model version that scores the track now (None: none).
 
     A drop with a run of it queued or running, or whose failed run the run-retry daemon is about to re-execute,
-    waits for that run. ``attempt`` counts the sensor's own failed launches (the daemon's re-executions of them
-    are not attempts of their own)."""
+    waits for that run, whoever launched it. ``attempt`` counts the sensor's own failed launches (the daemon's
+    re-executions of them are not attempts of their own)."""
     failed = _sensor_runs(instance, FAILED) if limit > 0 else {}
     if not failed:
         return []
     running = set(_sensor_runs(instance, IN_PROGRESS))
+    partitions = _Partitions(instance)  # read after the failed runs: a table written since is seen
     now, backoff, most = time.time(), retry_backoff_s(), max_retries()
     out = []
     for key in sorted((handled & set(failed)) - running):
         survey, drop = key.split("|", 1)
+        if scoring_key(survey, drop) in partitions.active():  # a run of it someone else launched, in progress
+            continue
         latest = failed[key][0]
         if latest.dagster_run.tags.get(WILL_RETRY_TAG) == "true":
             continue
@@ -279,7 +292,7 @@ def inbox_tick(storage, instance: dg.DagsterInstance, cursor: str | None, *, lim
                 no_model += 1  # not handled: requested on the first tick after a model is promoted
             else:
                 new.append((survey, drop, track))
-    retries = _retries(instance, handled & present, model_of, partitions, limit=max(0, limit - len(new)), log=log)
+    retries = _retries(instance, handled & present, model_of, limit=max(0, limit - len(new)), log=log)
     to_register = sorted({d for _, d, _ in new} - registered)
     requests = [_request(s, d, t, model_of(s, t)) for s, d, t in new]
     requests += [_request(s, d, t, model_of(s, t), attempt=n) for s, d, n, _, t in retries]

@@ -494,8 +494,15 @@ def test_a_drop_being_scored_by_a_hand_launched_run_waits_for_it_and_is_requeste
     # failed, and Dagster's run retries are about to re-execute it: still that run's partition
     instance.add_run_tags(run.run_id, {"dagster/will_retry": "true"})
     assert tick(storage, instance, waiting.cursor).run_requests == []
-    instance.add_run_tags(run.run_id, {"dagster/will_retry": "false"})  # failed for good: the sensor's turn
-    assert run_keys(tick(storage, instance, waiting.cursor)) == ["des|d1"]
+    # re-executed as the daemon does it: the failed run keeps will_retry "true" and gets the new run's id
+    again = _hand_run(instance, "d1|des", dg.DagsterRunStatus.STARTED)
+    instance.add_run_tags(again.run_id, {"dagster/retry_number": "1"})
+    instance.add_run_tags(run.run_id, {"dagster/auto_retry_run_id": again.run_id})
+    assert tick(storage, instance, waiting.cursor).run_requests == []
+    instance.handle_run_event(again.run_id, dg.DagsterEvent(
+        event_type_value=dg.DagsterEventType.RUN_FAILURE.value, job_name=again.job_name, message="failed"))
+    instance.add_run_tags(again.run_id, {"dagster/will_retry": "false"})  # its retries spent: failed for good
+    assert run_keys(tick(storage, instance, waiting.cursor)) == ["des|d1"]  # the sensor's turn
 
 
 def test_a_hand_run_that_ends_while_the_sensor_reads_is_seen_as_its_table(storage, instance, monkeypatch):
@@ -524,3 +531,31 @@ def test_a_hand_run_that_ends_while_the_sensor_reads_is_seen_as_its_table(storag
     # with a cursor: the tick reads no runs of its own before these two (a lost cursor is rebuilt from runs)
     assert tick(storage, instance, json.dumps({"handled": []})).run_requests == []
     assert ended == ["get_runs"]
+
+
+def test_a_retry_waits_for_a_hand_run_of_its_drop_and_sees_a_table_written_during_the_tick(storage, instance,
+                                                                                              monkeypatch):
+    monkeypatch.setenv("LENS_INBOX_RETRY_BACKOFF_S", "0")
+    publish_drop(storage, "des", "d1", [])
+    first = tick(storage, instance)
+    apply(instance, first)
+    _fail_run(storage, instance, first.run_requests[0])
+    hand = _hand_run(instance, "d1|des", dg.DagsterRunStatus.STARTED)  # someone scores it from the UI meanwhile
+    assert tick(storage, instance, first.cursor).run_requests == []
+    instance.handle_run_event(hand.run_id, dg.DagsterEvent(
+        event_type_value=dg.DagsterEventType.RUN_FAILURE.value, job_name=hand.job_name, message="failed"))
+    assert run_keys(tick(storage, instance, first.cursor)) == ["des|d1|retry-1"]
+    # a drop registered by hand makes the tick read the tables early; d1's table is written after that read, while
+    # the sensor reads its failed runs: the retry's own read sees it
+    publish_drop(storage, "des", "d2", [])
+    instance.add_dynamic_partitions(drop_partitions.name, ["d2"])
+    records = instance.get_run_records
+
+    def failed_runs_then_the_table(*args, **kwargs):
+        found = records(*args, **kwargs)
+        instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=candidate_scores.key,
+                                                                    partition="d1|des"))
+        return found
+
+    monkeypatch.setattr(instance, "get_run_records", failed_runs_then_the_table)
+    assert run_keys(tick(storage, instance, first.cursor)) == ["des|d2"]
