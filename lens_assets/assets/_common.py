@@ -50,9 +50,12 @@ def unread_files_metadata(context, storage, root: Path, files: list[Path], *, wh
         return {"n_unread_files": 0, "unread_files": "none"}
     names = [storage.url_of(p) for p in unread[:20]]
     more = len(unread) - len(names)
-    context.log.warning(f"{len(unread)} file(s) under {storage.url_of(root)} are not read as {what}: their names "
-                        f"do not end in {', '.join(FITS_SUFFIXES)} (any case): {', '.join(names)}"
-                        + (f" and {more} more" if more else ""))
+    links = sum(p.is_dir() for p in unread)  # links to folders (folders themselves are walked, not listed)
+    why = " or ".join([*([f"their names do not end in {', '.join(FITS_SUFFIXES)} (any case)"]
+                         if links < len(unread) else []),
+                       *(["they are links to folders, which are not followed"] if links else [])])
+    context.log.warning(f"{len(unread)} file(s) under {storage.url_of(root)} are not read as {what}: {why}: "
+                        f"{', '.join(names)}" + (f" and {more} more" if more else ""))
     return {"n_unread_files": len(unread),
             "unread_files": dg.MetadataValue.md("\n".join(f"- `{n}`" for n in names)
                                                 + (f"\n- … {more} more" if more else ""))}

@@ -61,15 +61,16 @@ def find_fits(root: Path) -> list[Path]:
 
 
 def unread_files(root: Path, *, listed: Iterable[Path] | None = None, ignore: Iterable[str] = ()) -> list[Path]:
-    """The files below ``root`` that :func:`find_fits` does not list (``listed``: its list, where the caller has
-    it), sorted: files, and links to no file, whose names are not FITS cutout names; folders, and links to
-    folders, are walked, not listed. ``ignore``: names left out in ``root`` itself (a drop's markers). What a
-    folder holds that is not read, to be reported rather than passed over in silence."""
+    """What is below ``root`` that :func:`find_fits` does not list (``listed``: its list, where the caller has
+    it), sorted: files, and links to no file, whose names are not FITS cutout names, and links to folders, which
+    neither follows (``rglob`` does not), whatever their names. Folders are walked, not listed. ``ignore``: names
+    left out in ``root`` itself (a drop's markers). What a folder holds that is not read, to be reported rather
+    than passed over in silence."""
     root, ignore = Path(root), set(ignore)
     if not root.exists():
         return []
     listed = set(find_fits(root) if listed is None else listed)
-    return sorted(p for p in root.rglob("*") if not p.is_dir() and p not in listed
+    return sorted(p for p in root.rglob("*") if (p.is_symlink() or not p.is_dir()) and p not in listed
                   and not (p.parent == root and p.name in ignore))
 
 
