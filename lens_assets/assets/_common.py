@@ -38,10 +38,10 @@ def counts_markdown(counts: Mapping[str, int], *, key: str, value: str = "count"
 
 
 def unread_files_metadata(context, storage, root: Path, files: list[Path], *, what: str) -> dict:
-    """The files under ``root`` that are not read (``files``: what ``find_fits`` listed there; names that are not
-    FITS cutout names, the inbox markers aside): a warning naming them (the first 20), and metadata
-    ``n_unread_files`` and ``unread_files``, so that a drop of ``.fits.bz2`` files, say, does not pass as an empty
-    one."""
+    """What is under ``root`` and not read (``files``: what ``find_fits`` listed there): files whose names are not
+    FITS cutout names and links to folders (:func:`~lens_assets.science.ingest.unread_files`; the inbox markers
+    aside). A warning naming them (the first 20) and saying why, and metadata ``n_unread_files`` and
+    ``unread_files``, so that a drop of ``.fits.bz2`` files, say, does not pass as an empty one."""
     from lens_assets.layout import CLUSTER_MARKER, COMPLETE_MARKER
     from lens_assets.science.ingest import FITS_SUFFIXES, unread_files
 
@@ -54,7 +54,7 @@ def unread_files_metadata(context, storage, root: Path, files: list[Path], *, wh
     why = " or ".join([*([f"their names do not end in {', '.join(FITS_SUFFIXES)} (any case)"]
                          if links < len(unread) else []),
                        *(["they are links to folders, which are not followed"] if links else [])])
-    context.log.warning(f"{len(unread)} file(s) under {storage.url_of(root)} are not read as {what}: {why}: "
+    context.log.warning(f"{len(unread)} item(s) under {storage.url_of(root)} are not read as {what}: {why}: "
                         f"{', '.join(names)}" + (f" and {more} more" if more else ""))
     return {"n_unread_files": len(unread),
             "unread_files": dg.MetadataValue.md("\n".join(f"- `{n}`" for n in names)

@@ -55,8 +55,8 @@ def cutout_catalog(context: dg.AssetExecutionContext, config: CatalogConfig,
     files = find_fits(raw)
     unread = unread_files_metadata(context, storage, raw, files, what="cutouts")
     if not files:
-        others = (f" ({unread['n_unread_files']} other file(s) there are not read, named in the warning above: "
-                  "their names are not FITS names)" if unread["n_unread_files"] else "")
+        others = (f" ({unread['n_unread_files']} other item(s) there are not read: the warning above names them "
+                  "and says why)" if unread["n_unread_files"] else "")
         raise dg.Failure(f"no FITS files under {raw}{others}: materialize simulated_cutouts for {survey.name} "
                          f"or put inbox-contract files there")
     result = ingest_files(files, survey, root=storage.root_path, workers=config.workers)

@@ -17,7 +17,8 @@ once a different model has been promoted since the failed run or after a
 backoff (``LENS_INBOX_RETRY_BACKOFF_S``, default 600 s, doubling per attempt),
 at most ``LENS_INBOX_MAX_RETRIES`` (default 3) times; then it is logged as given
 up. The attempt number is the number of failed runs of the drop, so a retry
-requested twice is one run key, launched once.
+requested twice is one run key, launched once. A drop with a run of its
+partition in progress, whoever launched it, waits for that run instead (below).
 
 A drop whose producer wrote ``_CLUSTER_FIELDS`` beside ``_COMPLETE`` holds cluster
 fields: it is requested as a ``cluster_candidates`` run instead (same run key,
@@ -30,8 +31,11 @@ A drop whose partition someone registered and scored by hand before the sensor
 saw it (a ``candidate_scores`` or ``cluster_candidates`` materialization of it
 exists) is handled without a run, and logged; one whose hand-launched run is
 still queued or running, or failed and about to be re-executed by Dagster's run
-retries, waits for that run, and is requested only if it fails for good. A
-backfill's partitions not launched yet are not runs, and are not waited for.
+retries, waits for that run, and is requested only if it fails for good. A run
+that failed more than a day ago no longer counts as about to be retried (the
+daemon re-executes within its tick while it runs; it leaves the mark on runs it
+gives up on). A backfill's partitions not launched yet are not runs, and are
+not waited for.
 
 Idempotent: the cursor holds the handled (survey, drop) pairs still in the
 inbox (so it is bounded by what the inbox holds); when it is
@@ -144,7 +148,8 @@ class _Partitions:
         if self._active is None:
             # a failed run keeps dagster/will_retry = "true" after the daemon has re-executed it; then it carries
             # the re-execution's id (dagster/auto_retry_run_id), and the re-execution is a run of its own. A day
-            # bounds the read: the daemon re-executes within its tick, and the tag stays on every retried run.
+            # (since the run's last status or tag change) bounds the read: a running daemon re-executes within
+            # its tick, the mark stays on every retried run, and on runs the daemon gave up on without a retry.
             since = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=1)
             retried = self._instance.get_runs(filters=dg.RunsFilter(
                 statuses=FAILED, tags={WILL_RETRY_TAG: "true"}, updated_after=since))

@@ -235,7 +235,7 @@ def test_unread_files_are_named_with_why_they_are_not_read(tmp_path):
     context = types.SimpleNamespace(log=types.SimpleNamespace(warning=warnings.append))
     meta = unread_files_metadata(context, storage, drop, find_fits(drop), what="cutouts")
     assert meta["n_unread_files"] == 1 and "notes.txt" in meta["unread_files"].value
-    assert warnings == [f"1 file(s) under {storage.url('inbox', 'des', 'd1')} are not read as cutouts: their names "
+    assert warnings == [f"1 item(s) under {storage.url('inbox', 'des', 'd1')} are not read as cutouts: their names "
                         f"do not end in .fits, .fit, .fits.gz, .fit.gz, .fits.fz, .fit.fz (any case): "
                         f"{storage.url('inbox', 'des', 'd1', 'notes.txt')}"]
     (tmp_path / "batch").mkdir()

@@ -117,9 +117,9 @@ def test_catalog_without_any_file_fails_with_a_clear_message(storage, capfd):
     # files there whose names are not FITS names: counted in the failure and named in the warning before it
     storage.path("raw", "sdss", "x").mkdir(parents=True)
     storage.path("raw", "sdss", "x", "a.fits.bz2").write_bytes(b"BZh9")
-    with pytest.raises(dg.Failure, match=r"no FITS files under .*raw/sdss \(1 other file\(s\) there are not read"):
+    with pytest.raises(dg.Failure, match=r"no FITS files under .*raw/sdss \(1 other item\(s\) there are not read"):
         _materialize(storage, assets=[cutout_catalog])
-    assert re.search(r"1 file\(s\) under \S+raw/sdss are not read as cutouts: .*raw/sdss/x/a\.fits\.bz2",
+    assert re.search(r"1 item\(s\) under \S+raw/sdss are not read as cutouts: .*raw/sdss/x/a\.fits\.bz2",
                      capfd.readouterr().err)
 
 

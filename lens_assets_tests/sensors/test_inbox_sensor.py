@@ -559,3 +559,25 @@ def test_a_retry_waits_for_a_hand_run_of_its_drop_and_sees_a_table_written_durin
 
     monkeypatch.setattr(instance, "get_run_records", failed_runs_then_the_table)
     assert run_keys(tick(storage, instance, first.cursor)) == ["des|d2"]
+
+
+def test_a_failed_run_marked_will_retry_more_than_a_day_ago_no_longer_holds_its_drop(storage, instance):
+    """The run-retry daemon leaves dagster/will_retry on runs it gives up on: such a mark counts for a day."""
+    import datetime
+
+    from dagster._core.storage.runs.schema import RunsTable
+
+    publish_drop(storage, "des", "d1", [])
+    instance.add_dynamic_partitions(drop_partitions.name, ["d1"])
+    run = _added_run(instance, dg.DagsterRunStatus.FAILURE, {"dagster/partition": "d1|des",
+                                                             "dagster/will_retry": "true"})
+
+    def marked_days_ago(days: float) -> None:
+        when = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None) - datetime.timedelta(days=days)
+        with instance.run_storage.connect() as conn:
+            conn.execute(RunsTable.update().where(RunsTable.c.run_id == run.run_id).values(update_timestamp=when))
+
+    marked_days_ago(0.9)
+    assert tick(storage, instance).run_requests == []
+    marked_days_ago(1.1)
+    assert run_keys(tick(storage, instance)) == ["des|d1"]
