@@ -176,17 +176,14 @@ def _retries(instance, handled: set[str], model_of, *, limit: int, log=None) -> 
     failed = _sensor_runs(instance, FAILED) if limit > 0 else {}
     if not failed:
         return []
-    running = set(_sensor_runs(instance, IN_PROGRESS))
-    partitions = _Partitions(instance)  # read after the failed runs: a table written since is seen
+    partitions = _Partitions(instance)  # read after the failed runs: a run or table since is seen
     now, backoff, most = time.time(), retry_backoff_s(), max_retries()
     out = []
-    for key in sorted((handled & set(failed)) - running):
+    for key in sorted(handled & set(failed)):
         survey, drop = key.split("|", 1)
-        if scoring_key(survey, drop) in partitions.active():  # a run of it someone else launched, in progress
+        if scoring_key(survey, drop) in partitions.active():  # a run of it in progress or about to be retried
             continue
         latest = failed[key][0]
-        if latest.dagster_run.tags.get(WILL_RETRY_TAG) == "true":
-            continue
         runs = [r for r in failed[key] if RETRY_NUMBER_TAG not in r.dagster_run.tags]
         track = _track(latest.dagster_run)
         model = model_of(survey, track)
@@ -238,15 +235,14 @@ def inbox_tick(storage, instance: dg.DagsterInstance, cursor: str | None, *, lim
 
     def done_or_running(survey: str, drop: str, track: str) -> str | None:
         """"scored" or "running" for a drop whose partition someone added and scored (or is scoring) without
-        this sensor; None otherwise. Only a registered partition can have been. The runs are read before the
-        materializations: a run that ends between the two reads is seen as the table it wrote."""
+        this sensor; None otherwise. Only a registered partition can have been (``_Partitions`` reads the runs
+        before the tables)."""
         if drop not in registered:
             return None
         key = scoring_key(survey, drop)
-        active = partitions.active()
         if key in partitions.materialized(track):
             return "scored"
-        return "running" if key in active else None
+        return "running" if key in partitions.active() else None
     models: dict[str, str | None] = {}
     cluster_models: dict[str, str | None] = {}  # read when a survey's cluster drop or retry first needs it
 

@@ -411,7 +411,8 @@ def _added_run(instance, status, tags: dict):
 def _recorded_run(instance, req, status, **tags):
     """A run of ``req`` as the instance records it, in ``status``, with the sensor's tags and ``tags``."""
     return _added_run(instance, status, {**req.tags, "dagster/sensor_name": SENSOR_NAME,
-                                         "dagster/run_key": req.run_key, **tags})
+                                         "dagster/run_key": req.run_key, "dagster/partition": str(req.partition_key),
+                                         **tags})
 
 
 def test_a_failed_drop_waits_for_its_run_in_progress_and_for_the_run_retry_daemon(storage, instance, monkeypatch):
