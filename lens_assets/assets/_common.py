@@ -37,17 +37,18 @@ def counts_markdown(counts: Mapping[str, int], *, key: str, value: str = "count"
     return dg.MetadataValue.md(f"| {key} | {value} |\n|---|---|\n{rows}\n")
 
 
-def unread_files_metadata(context, storage, root: Path, files: list[Path], *, what: str) -> dict:
-    """What is under ``root`` and not read (``files``: what ``find_fits`` listed there): files whose names are not
-    FITS cutout names and links to folders (:func:`~lens_assets.science.ingest.unread_files`; the inbox markers
-    aside). A warning naming them (the first 20) and saying why, and metadata ``n_unread_files`` and
-    ``unread_files``, so that a drop of ``.fits.bz2`` files, say, does not pass as an empty one."""
+def scan_inbox_folder(context, storage, root: Path, *, what: str) -> tuple[list[Path], dict]:
+    """The FITS files under ``root`` (``find_fits``' list) and, from the same walk, what is there and not read:
+    files whose names are not FITS cutout names and links to folders
+    (:func:`~lens_assets.science.ingest.scan_folder`; the inbox markers in ``root`` aside). A warning naming those
+    (the first 20) and saying why, and metadata ``n_unread_files`` and ``unread_files``, so that a drop of
+    ``.fits.bz2`` files, say, does not pass as an empty one."""
     from lens_assets.layout import CLUSTER_MARKER, COMPLETE_MARKER
-    from lens_assets.science.ingest import FITS_SUFFIXES, unread_files
+    from lens_assets.science.ingest import FITS_SUFFIXES, scan_folder
 
-    unread = unread_files(root, listed=files, ignore=(COMPLETE_MARKER, CLUSTER_MARKER))
+    files, unread = scan_folder(root, ignore=(COMPLETE_MARKER, CLUSTER_MARKER))
     if not unread:
-        return {"n_unread_files": 0, "unread_files": "none"}
+        return files, {"n_unread_files": 0, "unread_files": "none"}
     names = [storage.url_of(p) for p in unread[:20]]
     more = len(unread) - len(names)
     links = sum(p.is_dir() for p in unread)  # links to folders (folders themselves are walked, not listed)
@@ -56,9 +57,9 @@ def unread_files_metadata(context, storage, root: Path, files: list[Path], *, wh
                        *(["they are links to folders, which are not followed"] if links else [])])
     context.log.warning(f"{len(unread)} item(s) under {storage.url_of(root)} are not read as {what}: {why}: "
                         f"{', '.join(names)}" + (f" and {more} more" if more else ""))
-    return {"n_unread_files": len(unread),
-            "unread_files": dg.MetadataValue.md("\n".join(f"- `{n}`" for n in names)
-                                                + (f"\n- … {more} more" if more else ""))}
+    return files, {"n_unread_files": len(unread),
+                   "unread_files": dg.MetadataValue.md("\n".join(f"- `{n}`" for n in names)
+                                                       + (f"\n- … {more} more" if more else ""))}
 
 
 def sha256_of_strings(items: Iterable[str]) -> str:

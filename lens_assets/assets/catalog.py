@@ -8,11 +8,11 @@ from dagster_pandera import pandera_schema_to_dagster_type
 from pydantic import Field
 
 from lens_assets import layout
-from lens_assets.assets._common import counts_markdown, path_metadata, sha256_of_strings, survey_asset, \
-    unread_files_metadata
+from lens_assets.assets._common import counts_markdown, path_metadata, scan_inbox_folder, sha256_of_strings, \
+    survey_asset
 from lens_assets.assets.simulation import simulated_cutouts
 from lens_assets.resources.storage import LocalStorage
-from lens_assets.science.ingest import find_fits, ingest_files
+from lens_assets.science.ingest import ingest_files
 from lens_assets.science.schemas import catalog_schema, quarantine_schema
 from lens_assets.science.surveys import get_survey
 
@@ -52,8 +52,7 @@ def cutout_catalog(context: dg.AssetExecutionContext, config: CatalogConfig,
     """
     survey = get_survey(context.partition_key)
     raw = storage.pull(*layout.raw_survey(survey.name))
-    files = find_fits(raw)
-    unread = unread_files_metadata(context, storage, raw, files, what="cutouts")
+    files, unread = scan_inbox_folder(context, storage, raw, what="cutouts")
     if not files:
         others = (f" ({unread['n_unread_files']} other item(s) there are not read: the warning above names them "
                   "and says why)" if unread["n_unread_files"] else "")

@@ -11,7 +11,7 @@ import dagster as dg
 from pydantic import Field
 
 from lens_assets import layout
-from lens_assets.assets._common import OWNERS, counts_markdown, gallery_from_files, png_markdown, unread_files_metadata
+from lens_assets.assets._common import OWNERS, counts_markdown, gallery_from_files, png_markdown, scan_inbox_folder
 from lens_assets.model_registry import no_retry
 from lens_assets.partitions import scoring_partitions
 from lens_assets.resources.storage import LocalStorage
@@ -55,7 +55,7 @@ def cluster_candidates(context: dg.AssetExecutionContext, config: ClusterScoring
     from lens_assets.cluster_registry import load_cluster_model
     from lens_assets.science.clusters.catalog import process_fields
     from lens_assets.science.clusters.scoring import field_features, objtype_quarantine, rank_fields
-    from lens_assets.science.ingest import find_fits, quarantine_frame, relative_names
+    from lens_assets.science.ingest import quarantine_frame, relative_names
     from lens_assets.science.schemas import cluster_candidate_schema
 
     keys = context.partition_key.keys_by_dimension
@@ -75,9 +75,8 @@ def cluster_candidates(context: dg.AssetExecutionContext, config: ClusterScoring
                        f"the survey's {list(survey.band_names)}")
 
     drop_dir = storage.pull(*layout.inbox_drop(survey.name, drop))
-    files = find_fits(drop_dir)
+    files, unread = scan_inbox_folder(context, storage, drop_dir, what="cluster fields")
     paths, names = relative_names(files, storage.root_path)
-    unread = unread_files_metadata(context, storage, drop_dir, files, what="cluster fields")
     t0 = time.perf_counter()
     # the kind of file first: a galaxy cutout in a drop of cluster fields says so, not "too_small" or "no_bcg"
     mismatched = [objtype_quarantine(p, n, survey=survey.name) for p, n in zip(paths, names)]

@@ -14,7 +14,7 @@ from pydantic import Field
 from lens_assets import layout
 from lens_assets.assets.cluster_track_b import cluster_track_b
 from lens_assets.assets._common import (counts_markdown, gallery_from_files, path_metadata, png_markdown,
-                                        sha256_of_strings, survey_asset, unread_files_metadata)
+                                        sha256_of_strings, scan_inbox_folder, survey_asset)
 from lens_assets.resources.storage import LocalStorage
 from lens_assets.science.clusters.segments import LIGHT_METHODS
 from lens_assets.science.fileio import sha256_file
@@ -123,7 +123,7 @@ def arc_segments(context: dg.AssetExecutionContext, config: ArcSegmentsConfig,
     with variance), shape, length, curvature and alignment to the BCG. Every file is a field row or a quarantine
     row with its reason."""
     from lens_assets.science.clusters.catalog import process_fields
-    from lens_assets.science.ingest import find_fits, relative_names
+    from lens_assets.science.ingest import relative_names
 
     survey = get_survey(context.partition_key)
     if config.light not in ("median", "model"):
@@ -132,9 +132,8 @@ def arc_segments(context: dg.AssetExecutionContext, config: ArcSegmentsConfig,
     size += size % 2
     storage.pull(*layout.cluster_raw_survey(survey.name))
     root = storage.path(*layout.cluster_raw_survey(survey.name))
-    files = find_fits(root) if root.exists() else []
+    files, unread = scan_inbox_folder(context, storage, root, what="cluster fields")
     paths, names = relative_names(files, storage.root_path)
-    unread = unread_files_metadata(context, storage, root, files, what="cluster fields")
     if not paths:
         raise dg.Failure(f"no cluster fields under {storage.url(*layout.cluster_raw_survey(survey.name))}: "
                          f"materialize cluster_fields or copy FITS there")

@@ -4,12 +4,11 @@ import dagster as dg
 from pydantic import Field
 
 from lens_assets import layout
-from lens_assets.assets._common import OWNERS, counts_markdown, gallery_from_files, png_markdown, unread_files_metadata
+from lens_assets.assets._common import OWNERS, counts_markdown, gallery_from_files, png_markdown, scan_inbox_folder
 from lens_assets.model_registry import load_promoted, no_retry
 from lens_assets.partitions import scoring_partitions
 from lens_assets.resources.storage import LocalStorage
 from lens_assets.science.fileio import sha256_file
-from lens_assets.science.ingest import find_fits
 from lens_assets.science.schemas import candidate_schema
 from lens_assets.science.surveys import get_survey
 
@@ -78,8 +77,7 @@ def candidate_scores(context: dg.AssetExecutionContext, config: ScoringConfig,
         raise no_retry(f"{storage.url(*layout.inbox_drop(survey.name, drop))} has the {layout.CLUSTER_MARKER} marker: "
                        "it is a drop of cluster fields, scored by cluster_candidates, not candidate_scores")
     drop_dir = storage.pull(*layout.inbox_drop(survey.name, drop))
-    files = find_fits(drop_dir)
-    unread = unread_files_metadata(context, storage, drop_dir, files, what="cutouts")
+    files, unread = scan_inbox_folder(context, storage, drop_dir, what="cutouts")
     ensemble, fusion, calibrator, doc = load_promoted(storage, survey.name)
     from lens_assets.ml.score import default_device, load_members, score_files
     from lens_assets.science.shards import ShardSettings

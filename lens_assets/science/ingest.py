@@ -23,7 +23,7 @@ from .fits_validation import median_of_few
 from .parallel import parallel_map
 from .surveys import SurveySpec, get_survey
 
-__all__ = ["IngestResult", "ingest_files", "read_one", "FirstObjid", "relative_names", "find_fits", "unread_files",
+__all__ = ["IngestResult", "ingest_files", "read_one", "FirstObjid", "relative_names", "find_fits", "scan_folder",
            "catalog_row", "catalog_frame", "quarantine_frame", "QUARANTINE_COLUMNS", "SCHEMA_VERSION",
            "WEAK_CONFIDENCE_MAX"]
 
@@ -53,25 +53,25 @@ def find_fits(root: Path) -> list[Path]:
     """Every FITS file below ``root`` (:data:`FITS_SUFFIXES`, any case), sorted: the order ingest sees them in.
     A link of such a name whose target is missing is listed too, so that it is quarantined as ``unreadable``
     instead of passing unseen."""
-    root = Path(root)
-    if not root.exists():
-        return []
-    return sorted(p for p in root.rglob("*") if p.name.lower().endswith(FITS_SUFFIXES)
-                  and (p.is_file() or (p.is_symlink() and not p.exists())))
+    return scan_folder(root)[0]
 
 
-def unread_files(root: Path, *, listed: Iterable[Path] | None = None, ignore: Iterable[str] = ()) -> list[Path]:
-    """What is below ``root`` that :func:`find_fits` does not list (``listed``: its list, where the caller has
-    it), sorted: files, and links to no file, whose names are not FITS cutout names, and links to folders, which
-    neither follows (``rglob`` does not), whatever their names. Folders are walked, not listed. ``ignore``: names
-    left out in ``root`` itself (a drop's markers). What a folder holds that is not read, to be reported rather
-    than passed over in silence."""
+def scan_folder(root: Path, *, ignore: Iterable[str] = ()) -> tuple[list[Path], list[Path]]:
+    """One walk of ``root``: (:func:`find_fits`' list, what else is there and is not read), each sorted. The second
+    holds files, and links to no file, whose names are not FITS cutout names, and links to folders, which the walk
+    does not follow (``rglob`` does not), whatever their names; folders are walked, not listed. ``ignore``: names
+    left out of it in ``root`` itself (a drop's markers). What a folder holds that is not read is to be reported
+    rather than passed over in silence."""
     root, ignore = Path(root), set(ignore)
     if not root.exists():
-        return []
-    listed = set(find_fits(root) if listed is None else listed)
-    return sorted(p for p in root.rglob("*") if (p.is_symlink() or not p.is_dir()) and p not in listed
-                  and not (p.parent == root and p.name in ignore))
+        return [], []
+    fits, unread = [], []
+    for p in root.rglob("*"):
+        if p.name.lower().endswith(FITS_SUFFIXES) and (p.is_file() or (p.is_symlink() and not p.exists())):
+            fits.append(p)
+        elif (p.is_symlink() or not p.is_dir()) and not (p.parent == root and p.name in ignore):
+            unread.append(p)
+    return sorted(fits), sorted(unread)
 
 
 def _header_float(primary: dict, key: str, name: str, *, low=-math.inf, high=math.inf) -> float:

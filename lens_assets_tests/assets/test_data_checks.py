@@ -222,9 +222,8 @@ def test_unread_files_are_named_with_why_they_are_not_read(tmp_path):
     each said as such; the markers in the folder itself aside."""
     import types
 
-    from lens_assets.assets._common import unread_files_metadata
+    from lens_assets.assets._common import scan_inbox_folder
     from lens_assets.resources.storage import LocalStorage
-    from lens_assets.science.ingest import find_fits
 
     storage = LocalStorage(root=str(tmp_path / "root"))
     drop = storage.path("inbox", "des", "d1")
@@ -233,19 +232,20 @@ def test_unread_files_are_named_with_why_they_are_not_read(tmp_path):
         (drop / name).write_bytes(b"x")
     warnings = []
     context = types.SimpleNamespace(log=types.SimpleNamespace(warning=warnings.append))
-    meta = unread_files_metadata(context, storage, drop, find_fits(drop), what="cutouts")
+    files, meta = scan_inbox_folder(context, storage, drop, what="cutouts")
+    assert [f.name for f in files] == ["a.fits"]
     assert meta["n_unread_files"] == 1 and "notes.txt" in meta["unread_files"].value
     assert warnings == [f"1 item(s) under {storage.url('inbox', 'des', 'd1')} are not read as cutouts: their names "
                         f"do not end in .fits, .fit, .fits.gz, .fit.gz, .fits.fz, .fit.fz (any case): "
                         f"{storage.url('inbox', 'des', 'd1', 'notes.txt')}"]
     (tmp_path / "batch").mkdir()
     (drop / "batch").symlink_to(tmp_path / "batch", target_is_directory=True)
-    meta = unread_files_metadata(context, storage, drop, find_fits(drop), what="cutouts")
+    meta = scan_inbox_folder(context, storage, drop, what="cutouts")[1]
     assert meta["n_unread_files"] == 2
     assert "or they are links to folders, which are not followed: " in warnings[-1]
     (drop / "notes.txt").unlink()
-    assert unread_files_metadata(context, storage, drop, find_fits(drop), what="cutouts")["n_unread_files"] == 1
+    assert scan_inbox_folder(context, storage, drop, what="cutouts")[1]["n_unread_files"] == 1
     assert ": they are links to folders, which are not followed: " in warnings[-1]
     (drop / "batch").unlink()
-    assert unread_files_metadata(context, storage, drop, find_fits(drop), what="cutouts") == {
+    assert scan_inbox_folder(context, storage, drop, what="cutouts")[1] == {
         "n_unread_files": 0, "unread_files": "none"}
